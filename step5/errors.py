@@ -1,0 +1,113 @@
+"""One flat exception hierarchy for Step 5.
+
+Every class carries the process exit code the CLIs use when it escapes to the top, and
+job-level failures carry an ``error_type`` that travels over the worker protocol.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+#: ``error_type`` values a training job may fail with (SPEC section 6).
+JOB_ERROR_TYPES = ("bad_request", "data_error", "train_error", "out_of_memory")
+
+
+class Step5Error(Exception):
+    """Raised for any failure that Step 5 reports to the user; base of the hierarchy."""
+
+    exit_code = 1
+
+
+class UsageError(Step5Error):
+    """Raised when command-line arguments are inconsistent (exit code 64, like EX_USAGE)."""
+
+    exit_code = 64
+
+
+class DataError(Step5Error):
+    """Raised when an input file (survivors, history, NPZ) is missing or malformed."""
+
+
+class PolicyError(Step5Error):
+    """Raised when ``watcher_policies.json`` cannot be read or fails validation."""
+
+
+class DegenerateSignalError(Step5Error):
+    """Raised when the target has no usable signal; a degenerate sidecar is written (exit 2)."""
+
+    exit_code = 2
+
+
+class JobError(Step5Error):
+    """Raised when a training job fails deterministically (bad data, bad params, OOM).
+
+    Such a job is not retried: retrying the same request would fail the same way. It fails
+    the trial that owns it, with the message the worker (or one-shot trainer) gave.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        error_type: str = "train_error",
+        *,
+        trial_number: int | None = None,
+        fold_idx: int | None = None,
+        job_id: Any = None,
+        traceback: str | None = None,
+    ) -> None:
+        if error_type not in JOB_ERROR_TYPES:
+            raise ValueError(f"`error_type` must be one of {JOB_ERROR_TYPES}, got {error_type!r}")
+        super().__init__(message)
+        self.message = message
+        self.error_type = error_type
+        self.trial_number = trial_number
+        self.fold_idx = fold_idx
+        self.job_id = job_id
+        self.traceback = traceback
+
+    def to_dict(self) -> dict[str, Any]:
+        """The protocol's error response for this failure."""
+        out: dict[str, Any] = {
+            "status": "error",
+            "error": self.message,
+            "error_type": self.error_type,
+            "trial_number": self.trial_number,
+            "fold_idx": self.fold_idx,
+            "job_id": self.job_id,
+        }
+        if self.traceback:
+            out["traceback"] = self.traceback
+        return out
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> "JobError":
+        """Rebuild the error from a worker's ``{"status": "error", ...}`` response."""
+        error_type = payload.get("error_type")
+        if error_type not in JOB_ERROR_TYPES:
+            error_type = "train_error"
+        return cls(
+            str(payload.get("error", "unknown error")),
+            error_type,
+            trial_number=payload.get("trial_number"),
+            fold_idx=payload.get("fold_idx"),
+            job_id=payload.get("job_id"),
+            traceback=payload.get("traceback"),
+        )
+
+
+class BadRequest(JobError):
+    """Raised when a protocol request is malformed (bad JSON, wrong types, unknown command)."""
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, "bad_request", **kwargs)
+
+
+class WorkerCrashed(Step5Error):
+    """Raised when a worker process dies, hangs past its timeout or breaks the protocol.
+
+    Unlike :class:`JobError` this is not the job's fault: the job is retried elsewhere.
+    """
+
+    def __init__(self, message: str, *, exit_status: str | None = None, stderr_tail: str = "") -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+        self.stderr_tail = stderr_tail

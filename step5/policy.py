@@ -1,0 +1,129 @@
+"""``watcher_policies.json``: loading and validation (SPEC section 8).
+
+An unreadable or invalid policy file is a :class:`PolicyError`, never a silent default.
+Absent *keys* do have defaults; notably ``training.use_persistent_workers`` absent means
+``False`` (backward compatible with the S96A subprocess-per-fold path).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from step5.errors import DataError, PolicyError
+from step5.jsonio import read_json_file
+
+DEFAULT_POLICY_PATH = "watcher_policies.json"
+
+
+@dataclass(frozen=True)
+class TrainingPolicy:
+    """The ``training`` section: how Step 5 runs its neural-net folds."""
+
+    use_persistent_workers: bool = False  # the S96B kill switch; absent -> False
+    worker_job_timeout_s: float = 600.0  # a job running longer marks its worker hung
+    worker_ready_timeout_s: float = 120.0  # boot (import torch, init CUDA) must finish by then
+    max_worker_restarts: int = 1  # restarts per device before falling back to subprocesses
+    fuse_folds: bool = False  # train a trial's K folds in one batched pass
+
+
+@dataclass(frozen=True)
+class WatcherPolicy:
+    """The ``watcher`` section: how the WATCHER runs and judges a step."""
+
+    step_timeout_s: float = 7200.0  # the whole step subprocess, workers included
+    max_retries: int = 1  # re-runs after a RETRY decision
+    retry_trials_multiplier: float = 1.0  # a retry runs trials * this (>= 1)
+    retry_seed_increment: int = 1  # a retry runs with seed + this, so it really explores anew
+    max_consecutive_critical: int = 3  # a model type over this many is added to the skip registry
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The whole policy file, validated."""
+
+    training: TrainingPolicy = field(default_factory=TrainingPolicy)
+    watcher: WatcherPolicy = field(default_factory=WatcherPolicy)
+    training_diagnostics: dict[str, float] = field(default_factory=dict)
+    acceptance_rules: dict[str, dict[str, float]] = field(default_factory=dict)
+    source: str | None = None  # the file it was read from, for messages and the sidecar
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_section(raw: dict[str, Any], name: str, path: str) -> dict[str, Any]:
+    section = raw.get(name, {})
+    if not isinstance(section, dict):
+        raise PolicyError(f"{path}: `{name}` must be an object, got {type(section).__name__}")
+    return section
+
+
+def _typed(section: dict[str, Any], cls: type, where: str) -> Any:
+    """Build a policy dataclass from ``section``, checking each key's type against the default."""
+    values: dict[str, Any] = {}
+    defaults = cls()
+    for key, value in section.items():
+        if key.startswith("_"):  # "_comment" style keys are documentation
+            continue
+        if not hasattr(defaults, key):
+            known = sorted(k for k in vars(defaults))
+            raise PolicyError(f"{where}: unknown key `{key}`; expected one of {known}")
+        default = getattr(defaults, key)
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+            expected = "true or false"
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            expected = "a non-negative int"
+        else:
+            ok = (
+                isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value) and value > 0
+            )
+            expected = "a positive number"
+        if not ok:
+            raise PolicyError(f"{where}.{key} must be {expected}, got {value!r}")
+        values[key] = float(value) if isinstance(default, float) else value
+    return cls(**values)
+
+
+def _number_map(section: dict[str, Any], where: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in section.items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise PolicyError(f"{where}.{key} must be a finite number, got {value!r}")
+        out[key] = float(value)
+    return out
+
+
+def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
+    """Validate an already-parsed policy object."""
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{source}: the policy must be a JSON object, got {type(raw).__name__}")
+    training = _typed(_check_section(raw, "training", source), TrainingPolicy, f"{source}: training")
+    watcher = _typed(_check_section(raw, "watcher", source), WatcherPolicy, f"{source}: watcher")
+    if watcher.retry_trials_multiplier < 1:
+        raise PolicyError(f"{source}: watcher.retry_trials_multiplier must be >= 1, got {watcher.retry_trials_multiplier}")
+    diagnostics = _number_map(_check_section(raw, "training_diagnostics", source), f"{source}: training_diagnostics")
+    rules_raw = _check_section(raw, "acceptance_rules", source)
+    rules: dict[str, dict[str, float]] = {}
+    for step, section in rules_raw.items():
+        if step.startswith("_"):
+            continue
+        if not isinstance(section, dict):
+            raise PolicyError(f"{source}: acceptance_rules.{step} must be an object, got {type(section).__name__}")
+        rules[step] = _number_map(section, f"{source}: acceptance_rules.{step}")
+    return Policy(training, watcher, diagnostics, rules, source, raw)
+
+
+def load_policy(path: str | Path | None = DEFAULT_POLICY_PATH) -> Policy:
+    """Read and validate a policy file. ``None`` means "no policy": every default applies."""
+    if path is None:
+        return Policy()
+    try:
+        raw = read_json_file(path, "policy")
+    except DataError as exc:
+        raise PolicyError(str(exc)) from None
+    return parse_policy(raw, str(path))

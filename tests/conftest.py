@@ -1,0 +1,43 @@
+"""Suite-wide fixtures: sample data, a repo-root path, and a guard that no test leaves a
+child process behind (workers, one-shot trainers, step subprocesses)."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_children():
+    """Fail any test after which a child process of the test runner is still alive."""
+    yield
+    me = psutil.Process(os.getpid())
+    deadline = time.monotonic() + 10.0
+    alive = [p for p in me.children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [p for p in me.children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    if alive:
+        described = [f"pid {p.pid}: {' '.join(p.cmdline()[:4])}" for p in alive]
+        for p in alive:
+            p.kill()
+        pytest.fail(f"test left child processes running: {described}")
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture
+def python() -> str:
+    """The interpreter the tests run under; subprocess CLIs are run with it."""
+    return sys.executable
