@@ -41,3 +41,21 @@ def repo_root() -> Path:
 def python() -> str:
     """The interpreter the tests run under; subprocess CLIs are run with it."""
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def sample_inputs(tmp_path_factory):
+    """Small generated inputs with a planted signal: (survivors_path, history_path)."""
+    from step5.data.sample import write_sample
+
+    out = tmp_path_factory.mktemp("sample")
+    return write_sample(out, n_survivors=600, n_features=24, seed=7)
+
+
+@pytest.fixture(scope="session")
+def degenerate_inputs(tmp_path_factory):
+    """Generated inputs whose target is constant: (survivors_path, history_path)."""
+    from step5.data.sample import write_sample
+
+    out = tmp_path_factory.mktemp("degenerate")
+    return write_sample(out, n_survivors=200, n_features=12, seed=7, degenerate=True)
