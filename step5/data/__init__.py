@@ -1,0 +1,33 @@
+"""Input data for Step 5 (torch-free): survivors and history loaders, the sample
+generator, seeded splits and fold NPZ files."""
+from __future__ import annotations
+
+from step5.data.history import draws_from_data, load_history
+from step5.data.sample import write_sample
+from step5.data.splits import FoldFiles, holdout_split, kfold_splits, write_fold_npz
+from step5.data.survivors import (
+    DEFAULT_TARGET,
+    LEAKAGE_COLUMNS,
+    SurvivorTable,
+    feature_matrix_from_records,
+    load_feature_matrix,
+    load_survivors,
+    table_from_records,
+)
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "LEAKAGE_COLUMNS",
+    "FoldFiles",
+    "SurvivorTable",
+    "draws_from_data",
+    "feature_matrix_from_records",
+    "holdout_split",
+    "kfold_splits",
+    "load_feature_matrix",
+    "load_history",
+    "load_survivors",
+    "table_from_records",
+    "write_fold_npz",
+    "write_sample",
+]

@@ -1,0 +1,198 @@
+"""Seeded row splits and the NPZ files that carry one fold to a trainer process.
+
+The optimizer holds out a test set once (:func:`holdout_split`), runs K-fold CV on the rest
+(:func:`kfold_splits`), and hands each fold to a worker or one-shot trainer as an NPZ file
+(:func:`write_fold_npz`) inside a private temp directory that :class:`FoldFiles` removes
+when the run ends, however it ends.
+
+NPZ layout (read with ``np.load(path, allow_pickle=False)``): ``X_train``/``X_val`` and
+optional ``X_test`` as float32 (n, d); ``y_*`` as float64 (n,); optional ``feature_names``
+as a fixed-width unicode array. Uncompressed: the files are short-lived and a trainer
+should not spend its time inflating them. Values are written as given (NaN included):
+judging the data is the trainer's job, and the tests of its error path need such files.
+
+sklearn is imported inside the split functions, not at module level, so a process that
+only writes or reads NPZ files does not pay for importing it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FOLD_DIR_PREFIX = "step5_nn_"
+
+
+def _check_int(name: str, value: object, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise ValueError(f"`{name}` must be an int >= {lo}, got {value!r}")
+    return int(value)
+
+
+def holdout_split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``range(n)`` into (dev, test) row indices, each sorted; the same seed, the same split.
+
+    ``test_fraction`` is the share of rows held out, strictly between 0 and 1; both parts
+    must end up non-empty.
+    """
+    from sklearn.model_selection import train_test_split
+
+    n = _check_int("n", n, 2)
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"`test_fraction` must be a number in (0, 1), got {test_fraction!r}")
+    n_test = int(np.ceil(n * test_fraction))  # sklearn's rounding for a float test_size
+    if n_test >= n:
+        raise ValueError(f"`test_fraction`={test_fraction} of {n} rows leaves no rows for development")
+    dev_idx, test_idx = train_test_split(
+        np.arange(n), test_size=float(test_fraction), random_state=seed, shuffle=True
+    )
+    return np.sort(dev_idx), np.sort(test_idx)
+
+
+def kfold_splits(n: int, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``k`` shuffled folds over ``range(n)`` as (train_idx, val_idx) pairs (sklearn ``KFold``).
+
+    The validation parts are disjoint and together cover every row exactly once.
+    """
+    from sklearn.model_selection import KFold
+
+    n = _check_int("n", n, 2)
+    k = _check_int("k", k, 2)
+    if k > n:
+        raise ValueError(f"`k`={k} folds need at least {k} rows, got n={n}")
+    kf = KFold(n_splits=k, shuffle=True, random_state=seed)
+    return [(train_idx, val_idx) for train_idx, val_idx in kf.split(np.arange(n))]
+
+
+def _as_xy(name: str, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    X = np.asarray(X, dtype=np.float32)
+    y = np.asarray(y, dtype=np.float64)
+    if X.ndim != 2:
+        raise ValueError(f"`X_{name}` must be 2-D (rows, features), got shape {X.shape}")
+    if y.ndim != 1:
+        raise ValueError(f"`y_{name}` must be 1-D, got shape {y.shape}")
+    if X.shape[0] != y.shape[0]:
+        raise ValueError(f"`X_{name}` has {X.shape[0]} rows but `y_{name}` has {y.shape[0]}")
+    if X.shape[0] == 0:
+        raise ValueError(f"`X_{name}` has no rows")
+    return X, y
+
+
+def write_fold_npz(
+    path: str | os.PathLike[str],
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    X_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    X_test: np.ndarray | None = None,
+    y_test: np.ndarray | None = None,
+    feature_names: Sequence[str] | None = None,
+) -> Path:
+    """Write one fold as an uncompressed NPZ at exactly ``path`` (no ``.npz`` is appended).
+
+    Raises ``ValueError`` for inconsistent shapes (naming the array) so a bad fold fails in
+    the parent, not later in a worker.
+    """
+    arrays: dict[str, np.ndarray] = {}
+    arrays["X_train"], arrays["y_train"] = _as_xy("train", X_train, y_train)
+    arrays["X_val"], arrays["y_val"] = _as_xy("val", X_val, y_val)
+    if (X_test is None) != (y_test is None):
+        raise ValueError("`X_test` and `y_test` must be given together")
+    if X_test is not None:
+        arrays["X_test"], arrays["y_test"] = _as_xy("test", X_test, y_test)
+    d = arrays["X_train"].shape[1]
+    for key in ("X_val", "X_test"):
+        if key in arrays and arrays[key].shape[1] != d:
+            raise ValueError(f"`{key}` has {arrays[key].shape[1]} features but `X_train` has {d}")
+    if feature_names is not None:
+        names = list(feature_names)
+        if len(names) != d or not all(isinstance(s, str) for s in names):
+            raise ValueError(f"`feature_names` must be {d} strings (one per column), got {len(names)} items")
+        arrays["feature_names"] = np.array(names, dtype=np.str_)
+    p = Path(path)
+    with open(p, "wb") as fh:  # a file object keeps np.savez from renaming the file
+        np.savez(fh, **arrays)
+    return p
+
+
+class FoldFiles:
+    """A private temp directory of fold NPZ files, removed on exit (exception or not).
+
+    ::
+
+        with FoldFiles() as folds:
+            path = folds.write("t3_f0", X_tr, y_tr, X_va, y_va)
+            ...  # hand `path` to a trainer
+        # the directory and every file in it are gone here
+    """
+
+    def __init__(self, *, dir: str | os.PathLike[str] | None = None) -> None:
+        # `dir` lets a caller put the files on a RAM disk (e.g. /dev/shm); default: $TMPDIR
+        self.path = Path(tempfile.mkdtemp(prefix=FOLD_DIR_PREFIX, dir=dir))
+        self._closed = False
+
+    def write(
+        self,
+        name: str,
+        X_train: np.ndarray,
+        y_train: np.ndarray,
+        X_val: np.ndarray,
+        y_val: np.ndarray,
+        *,
+        X_test: np.ndarray | None = None,
+        y_test: np.ndarray | None = None,
+        feature_names: Sequence[str] | None = None,
+    ) -> Path:
+        """Write ``<dir>/<name>.npz`` (``.npz`` added when missing) and return its path."""
+        if self._closed:
+            raise RuntimeError(f"FoldFiles {self.path} is closed; cannot write {name!r}")
+        if not isinstance(name, str) or not name or os.sep in name or "/" in name or name in (".", ".."):
+            raise ValueError(f"`name` must be a plain file name, got {name!r}")
+        filename = name if name.endswith(".npz") else f"{name}.npz"
+        return write_fold_npz(
+            self.path / filename,
+            X_train,
+            y_train,
+            X_val,
+            y_val,
+            X_test=X_test,
+            y_test=y_test,
+            feature_names=feature_names,
+        )
+
+    def close(self) -> None:
+        """Remove the directory and its files; safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self.path.exists():  # pragma: no cover - only if something holds files open on odd filesystems
+            logger.warning("could not fully remove fold directory %s", self.path)
+
+    @property
+    def closed(self) -> bool:
+        """True once the directory has been removed."""
+        return self._closed
+
+    def __enter__(self) -> "FoldFiles":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"FoldFiles({str(self.path)!r}{', closed' if self._closed else ''})"
