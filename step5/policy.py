@@ -37,6 +37,7 @@ class WatcherPolicy:
     retry_trials_multiplier: float = 1.0  # a retry runs trials * this (>= 1)
     retry_seed_increment: int = 1  # a retry runs with seed + this, so it really explores anew
     max_consecutive_critical: int = 3  # a model type over this many is added to the skip registry
+    kill_grace_s: float = 10.0  # on timeout / Ctrl-C: SIGTERM the step's group, SIGKILL after this long
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,14 @@
 
 The WATCHER records one result per model type per judged step run; Step 5's compare runs
 read the registry and leave out every model type whose run of consecutive critical results
-has reached the policy's ``watcher.max_consecutive_critical``. A non-critical result resets
+is over the policy's ``watcher.max_consecutive_critical``. A non-critical result resets
 the count, so running a skipped model on its own (``--model-type X``) and passing brings it
 back.
 
 File shape::
 
     {"schema_version": 1, "updated_at": "2026-02-18T16:02:58Z",
-     "models": {"catboost": {"consecutive_critical": 3, "total_runs": 4, "total_critical": 3,
+     "models": {"catboost": {"consecutive_critical": 4, "total_runs": 5, "total_critical": 4,
                              "last_result": "critical", "last_reason": "cv_r2 -0.12 < min 0.0",
                              "last_updated": "2026-02-18T16:02:58Z", "skipped": true}}}
 
@@ -102,19 +102,17 @@ def load_skip_registry(path: str | os.PathLike[str] = DEFAULT_REGISTRY_PATH) -> 
 
 
 def skipped_model_types(registry: dict[str, Any], max_consecutive_critical: int) -> set[str]:
-    """Model types whose consecutive critical results have reached the limit.
+    """Model types whose run of consecutive critical results is over the limit.
 
-    ``max_consecutive_critical`` is the most consecutive critical runs a model type gets:
-    once it has had that many, compare runs leave it out. ``0`` disables skipping.
+    "Over" as SPEC section 9 says: with the default limit 3, the fourth critical result in a
+    row gets a model type skipped; with 0, the first one does.
     """
     _check_max(max_consecutive_critical)
-    if max_consecutive_critical == 0:
-        return set()
     models = registry.get("models", {}) if isinstance(registry, dict) else {}
     return {
         model_type
         for model_type, entry in models.items()
-        if isinstance(entry, dict) and int(entry.get("consecutive_critical", 0)) >= max_consecutive_critical
+        if isinstance(entry, dict) and int(entry.get("consecutive_critical", 0)) > max_consecutive_critical
     }
 
 
@@ -166,9 +164,7 @@ def record_result(
         entry["last_result"] = "critical" if critical else "ok"
         entry["last_reason"] = str(reason)
         entry["last_updated"] = now
-        entry["skipped"] = (
-            max_consecutive_critical > 0 and entry["consecutive_critical"] >= max_consecutive_critical
-        )
+        entry["skipped"] = entry["consecutive_critical"] > max_consecutive_critical
         registry["models"][model_type] = entry
         registry["updated_at"] = now
         write_json_atomic(p, registry)
