@@ -1,0 +1,405 @@
+"""What Step 5 leaves behind for Step 6 and the WATCHER: the checkpoint name and the sidecar.
+
+The sidecar ``best_model.meta.json`` (SPEC section 4) describes one saved model::
+
+    {"schema_version": "1.0", "model_type": "neural_net",
+     "checkpoint_path": "best_model.pth", "checkpoint_format": "pytorch_tensors",
+     "feature_schema": {"feature_names": [...], "feature_count": 90, "ordering": "lexicographic",
+                        "feature_schema_hash": "<16 hex>", "excluded_features": [...],
+                        "source_file": "survivors_with_scores.json"},
+     "signal_quality": {"signal_status": "healthy", "prediction_allowed": true, ...},
+     "data_context": {"fingerprint_hash": "<16 hex>", "training_window_draws": 500, ...},
+     "training_metrics": {"cv_r2_mean": ..., "test_r2": ..., "overfit_ratio": ..., ...},
+     "hyperparameters": {...}, "optuna": {...}, "execution": {...},
+     "outcome": "SUCCESS", "provenance": {...}}
+
+A degenerate run (no usable target signal) writes the same shape with ``outcome``
+``DEGENERATE_SIGNAL``, ``prediction_allowed`` false, no checkpoint (``checkpoint_path`` and
+``checkpoint_format`` null) and null metrics.
+
+``checkpoint_path`` is relative to the sidecar's folder, so a model directory can be moved
+or copied as a whole; :func:`resolve_checkpoint` turns it into a path.
+
+Torch-free and light (hashlib, numpy, :mod:`step5.jsonio`): the optimizer, the WATCHER and
+Step 6 all import it. :func:`validate_sidecar` is the one definition of "a valid sidecar".
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from step5.errors import DataError
+from step5.jsonio import dumps, read_json_file, write_json_atomic
+
+SCHEMA_VERSION = "1.0"
+SIDECAR_NAME = "best_model.meta.json"
+
+MODEL_TYPES = ("neural_net", "xgboost", "lightgbm", "catboost")
+
+#: File name of each model type's checkpoint (SPEC section 4).
+CHECKPOINT_FILENAMES: dict[str, str] = {
+    "neural_net": "best_model.pth",
+    "xgboost": "best_model.json",
+    "lightgbm": "best_model.txt",
+    "catboost": "best_model.cbm",
+}
+
+#: What is inside each checkpoint file, so a reader knows how to open it.
+CHECKPOINT_FORMATS: dict[str, str] = {
+    "neural_net": "pytorch_tensors",  # torch.save of tensors + plain data; weights_only=True loads it
+    "xgboost": "xgboost_json",
+    "lightgbm": "lightgbm_text",
+    "catboost": "catboost_cbm",
+}
+
+OUTCOMES = ("SUCCESS", "DEGENERATE_SIGNAL")
+SIGNAL_STATUSES = ("healthy", "weak", "degenerate")
+EXECUTION_MODES = ("persistent_workers", "subprocess", "inline")
+
+#: How feature columns are ordered in ``feature_schema.feature_names`` (and the model input).
+FEATURE_ORDERING = "lexicographic"
+
+HASH_HEX_CHARS = 16
+
+
+def feature_schema_hash(feature_names: Sequence[str]) -> str:
+    """sha256 of the comma-joined feature names, first 16 hex characters (SPEC section 4)."""
+    return hashlib.sha256(",".join(feature_names).encode("utf-8")).hexdigest()[:HASH_HEX_CHARS]
+
+
+def build_feature_schema(
+    feature_names: Sequence[str], excluded_features: Sequence[str], source_file: str
+) -> dict[str, Any]:
+    """The sidecar's ``feature_schema`` block."""
+    names = list(feature_names)
+    return {
+        "feature_names": names,
+        "feature_count": len(names),
+        "ordering": FEATURE_ORDERING,
+        "feature_schema_hash": feature_schema_hash(names),
+        "excluded_features": list(excluded_features),
+        "source_file": str(source_file),
+    }
+
+
+def data_fingerprint(
+    X: np.ndarray,
+    y: np.ndarray,
+    feature_names: Sequence[str],
+    draws: Sequence[int],
+    *,
+    target: str,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """A 16-hex fingerprint of exactly the data a model was trained on.
+
+    Hashes the feature matrix and target bytes (so any changed value changes it), the feature
+    schema, the target name, the training window (the history draws) and ``extra`` (the
+    prng type / mod / holdout draws the run records). Two runs on the same inputs get the
+    same fingerprint, which is what lets the default study name resume a study.
+    """
+    h = hashlib.sha256()
+    header = {
+        "n": int(X.shape[0]),
+        "d": int(X.shape[1]) if X.ndim == 2 else None,
+        "features": feature_schema_hash(feature_names),
+        "target": target,
+        "extra": dict(extra or {}),
+    }
+    h.update(dumps(header))
+    h.update(np.ascontiguousarray(X, dtype=np.float32).tobytes())
+    h.update(np.ascontiguousarray(y, dtype=np.float64).tobytes())
+    h.update(np.asarray(list(draws), dtype=np.int64).tobytes())
+    return h.hexdigest()[:HASH_HEX_CHARS]
+
+
+def checkpoint_filename(model_type: str) -> str:
+    """``best_model.pth`` / ``.json`` / ``.txt`` / ``.cbm`` for ``model_type``."""
+    try:
+        return CHECKPOINT_FILENAMES[model_type]
+    except KeyError:
+        raise ValueError(f"`model_type` must be one of {list(MODEL_TYPES)}, got {model_type!r}") from None
+
+
+def write_sidecar(path: str | os.PathLike[str], sidecar: Mapping[str, Any]) -> Path:
+    """Validate and atomically write a sidecar; raises ``ValueError`` listing the problems.
+
+    Refusing to write an invalid sidecar keeps a bug here from becoming a confusing error in
+    Step 6 or a wrong WATCHER decision.
+    """
+    problems = validate_sidecar(dict(sidecar))
+    if problems:
+        raise ValueError("refusing to write an invalid sidecar:\n  " + "\n  ".join(problems))
+    return write_json_atomic(path, sidecar)
+
+
+def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate a sidecar; a missing, unparsable or invalid file is a :class:`DataError`."""
+    obj = read_json_file(path, "sidecar")
+    if not isinstance(obj, dict):
+        raise DataError(f"sidecar {path} must hold a JSON object, got {type(obj).__name__}")
+    problems = validate_sidecar(obj)
+    if problems:
+        raise DataError(f"sidecar {path} is invalid:\n  " + "\n  ".join(problems))
+    return obj
+
+
+def resolve_checkpoint(sidecar_path: str | os.PathLike[str], sidecar: Mapping[str, Any]) -> Path:
+    """The checkpoint file a sidecar names, relative paths taken from the sidecar's folder."""
+    ckpt = sidecar.get("checkpoint_path")
+    if not isinstance(ckpt, str) or not ckpt:
+        raise DataError(f"sidecar {sidecar_path} names no checkpoint (outcome {sidecar.get('outcome')!r})")
+    p = Path(ckpt)
+    return p if p.is_absolute() else Path(sidecar_path).parent / p
+
+
+# --------------------------------------------------------------------------- validation
+
+_Check = Callable[[Any], bool]
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_dict(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+def _is_list(v: Any) -> bool:
+    return isinstance(v, list)
+
+
+def _or_none(check: _Check) -> _Check:
+    return lambda v: v is None or check(v)
+
+
+def _is_hex16(v: Any) -> bool:
+    return isinstance(v, str) and len(v) == HASH_HEX_CHARS and all(c in "0123456789abcdef" for c in v)
+
+
+_EXPECTED_NAMES: dict[_Check, str] = {}
+
+
+def _expect(check: _Check, description: str) -> _Check:
+    _EXPECTED_NAMES[check] = description
+    return check
+
+
+STR = _expect(_is_str, "a string")
+BOOL = _expect(_is_bool, "true or false")
+INT = _expect(_is_int, "an int")
+NUM = _expect(_is_num, "a finite number")
+DICT = _expect(_is_dict, "an object")
+LIST = _expect(_is_list, "an array")
+HEX16 = _expect(_is_hex16, "16 lowercase hex characters")
+OPT_STR = _expect(_or_none(_is_str), "a string or null")
+OPT_INT = _expect(_or_none(_is_int), "an int or null")
+OPT_NUM = _expect(_or_none(_is_num), "a finite number or null")
+STR_LIST = _expect(lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "an array of strings")
+
+#: Top-level keys and their types (SPEC section 4). Nested blocks are checked below.
+TOP_LEVEL: dict[str, _Check] = {
+    "schema_version": STR,
+    "model_type": STR,
+    "checkpoint_path": OPT_STR,
+    "checkpoint_format": OPT_STR,
+    "feature_schema": DICT,
+    "signal_quality": DICT,
+    "data_context": DICT,
+    "training_metrics": DICT,
+    "hyperparameters": DICT,
+    "optuna": DICT,
+    "execution": DICT,
+    "outcome": STR,
+    "provenance": DICT,
+}
+
+FEATURE_SCHEMA_KEYS: dict[str, _Check] = {
+    "feature_names": STR_LIST,
+    "feature_count": INT,
+    "ordering": STR,
+    "feature_schema_hash": HEX16,
+    "excluded_features": STR_LIST,
+    "source_file": STR,
+}
+
+SIGNAL_QUALITY_KEYS: dict[str, _Check] = {
+    "signal_status": STR,
+    "prediction_allowed": BOOL,
+    "target_mean": OPT_NUM,
+    "target_std": OPT_NUM,
+    "target_variance": OPT_NUM,
+    "unique_target_values": INT,
+    "sample_size": INT,
+}
+
+DATA_CONTEXT_KEYS: dict[str, _Check] = {
+    "fingerprint_hash": HEX16,
+    "training_window_draws": INT,  # the history length: draws the survivors were scored on
+    "survivor_count": INT,
+    "prng_type": OPT_STR,
+    "mod": OPT_INT,
+    "holdout_draws": OPT_INT,
+    "target": STR,
+}
+
+#: Metrics every sidecar carries; null in a degenerate sidecar, numbers in a SUCCESS one
+#: (``overfit_ratio`` may be null when the train MSE is 0 and the ratio is undefined).
+TRAINING_METRIC_KEYS: tuple[str, ...] = (
+    "cv_r2_mean", "cv_r2_std", "train_r2", "val_r2", "test_r2", "train_mse", "val_mse", "test_mse",
+    "overfit_ratio",
+)
+_NULLABLE_ON_SUCCESS = frozenset({"overfit_ratio"})
+
+OPTUNA_KEYS: dict[str, _Check] = {
+    "study_name": OPT_STR,
+    "storage": OPT_STR,
+    "trials_run": INT,
+    "best_trial_number": OPT_INT,
+    "best_value": OPT_NUM,
+}
+
+EXECUTION_KEYS: dict[str, _Check] = {
+    "mode": OPT_STR,
+    "workers": LIST,
+    "devices": LIST,
+    "fallbacks": LIST,
+    "timings": DICT,
+}
+
+PROVENANCE_KEYS: dict[str, _Check] = {
+    "run_id": STR,
+    "parent_run_id": OPT_STR,
+    "command_line": STR_LIST,
+    "created_at": STR,
+    "versions": DICT,
+}
+
+
+def _check_block(obj: Mapping[str, Any], keys: Mapping[str, _Check], where: str, problems: list[str]) -> None:
+    for key, check in keys.items():
+        if key not in obj:
+            problems.append(f"missing key `{where}{key}`")
+        elif not check(obj[key]):
+            expected = _EXPECTED_NAMES.get(check, "a valid value")
+            problems.append(f"`{where}{key}` must be {expected}, got {obj[key]!r:.80}")
+
+
+def validate_sidecar(obj: dict[str, Any]) -> list[str]:
+    """Every problem with a sidecar, as readable lines; an empty list means it is valid.
+
+    Checks every SPEC section 4 key and its type, the allowed enum values, and the
+    cross-field rules: the feature hash matches the names, a SUCCESS sidecar names its
+    model type's checkpoint and has numeric metrics, a degenerate one allows no prediction.
+    """
+    if not isinstance(obj, dict):
+        return [f"the sidecar must be a JSON object, got {type(obj).__name__}"]
+    problems: list[str] = []
+    _check_block(obj, TOP_LEVEL, "", problems)
+
+    outcome = obj.get("outcome")
+    if isinstance(outcome, str) and outcome not in OUTCOMES:
+        problems.append(f"`outcome` must be one of {list(OUTCOMES)}, got {outcome!r}")
+    model_type = obj.get("model_type")
+    if isinstance(model_type, str) and model_type not in MODEL_TYPES:
+        problems.append(f"`model_type` must be one of {list(MODEL_TYPES)}, got {model_type!r}")
+
+    fs = obj.get("feature_schema")
+    if isinstance(fs, dict):
+        _check_block(fs, FEATURE_SCHEMA_KEYS, "feature_schema.", problems)
+        names = fs.get("feature_names")
+        if STR_LIST(names):
+            if _is_int(fs.get("feature_count")) and fs["feature_count"] != len(names):
+                problems.append(
+                    f"`feature_schema.feature_count` is {fs['feature_count']} but "
+                    f"`feature_schema.feature_names` has {len(names)} names"
+                )
+            if _is_hex16(fs.get("feature_schema_hash")) and fs["feature_schema_hash"] != feature_schema_hash(names):
+                problems.append(
+                    f"`feature_schema.feature_schema_hash` {fs['feature_schema_hash']!r} does not match the "
+                    f"feature names (expected {feature_schema_hash(names)!r})"
+                )
+            if not names and outcome == "SUCCESS":
+                problems.append("`feature_schema.feature_names` is empty in a SUCCESS sidecar")
+
+    sq = obj.get("signal_quality")
+    if isinstance(sq, dict):
+        _check_block(sq, SIGNAL_QUALITY_KEYS, "signal_quality.", problems)
+        status = sq.get("signal_status")
+        if isinstance(status, str) and status not in SIGNAL_STATUSES:
+            problems.append(f"`signal_quality.signal_status` must be one of {list(SIGNAL_STATUSES)}, got {status!r}")
+
+    dc = obj.get("data_context")
+    if isinstance(dc, dict):
+        _check_block(dc, DATA_CONTEXT_KEYS, "data_context.", problems)
+
+    tm = obj.get("training_metrics")
+    if isinstance(tm, dict):
+        for key in TRAINING_METRIC_KEYS:
+            if key not in tm:
+                problems.append(f"missing key `training_metrics.{key}`")
+                continue
+            value = tm[key]
+            if outcome == "SUCCESS" and key not in _NULLABLE_ON_SUCCESS:
+                if not _is_num(value):
+                    problems.append(f"`training_metrics.{key}` must be a finite number in a SUCCESS sidecar, got {value!r}")
+            elif not OPT_NUM(value):
+                problems.append(f"`training_metrics.{key}` must be a finite number or null, got {value!r}")
+
+    op = obj.get("optuna")
+    if isinstance(op, dict):
+        _check_block(op, OPTUNA_KEYS, "optuna.", problems)
+
+    ex = obj.get("execution")
+    if isinstance(ex, dict):
+        _check_block(ex, EXECUTION_KEYS, "execution.", problems)
+        mode = ex.get("mode")
+        if isinstance(mode, str) and mode not in EXECUTION_MODES:
+            problems.append(f"`execution.mode` must be one of {list(EXECUTION_MODES)} or null, got {mode!r}")
+
+    pv = obj.get("provenance")
+    if isinstance(pv, dict):
+        _check_block(pv, PROVENANCE_KEYS, "provenance.", problems)
+
+    # Cross-field rules: what makes a sidecar usable (or safely unusable) by Step 6.
+    if outcome == "SUCCESS":
+        if isinstance(model_type, str) and model_type in MODEL_TYPES:
+            if obj.get("checkpoint_format") != CHECKPOINT_FORMATS[model_type]:
+                problems.append(
+                    f"`checkpoint_format` must be {CHECKPOINT_FORMATS[model_type]!r} for model type "
+                    f"{model_type!r}, got {obj.get('checkpoint_format')!r}"
+                )
+            ckpt = obj.get("checkpoint_path")
+            if not isinstance(ckpt, str) or Path(ckpt).name != CHECKPOINT_FILENAMES[model_type]:
+                problems.append(
+                    f"`checkpoint_path` must name {CHECKPOINT_FILENAMES[model_type]!r} for model type "
+                    f"{model_type!r}, got {ckpt!r}"
+                )
+        if isinstance(sq, dict) and sq.get("prediction_allowed") is False:
+            problems.append("`signal_quality.prediction_allowed` is false in a SUCCESS sidecar")
+        if isinstance(op, dict) and op.get("best_trial_number") is None:
+            problems.append("`optuna.best_trial_number` is null in a SUCCESS sidecar")
+    elif outcome == "DEGENERATE_SIGNAL":
+        if isinstance(sq, dict) and sq.get("prediction_allowed") is not False:
+            problems.append("`signal_quality.prediction_allowed` must be false in a DEGENERATE_SIGNAL sidecar")
+        if obj.get("checkpoint_path") is not None:
+            problems.append("`checkpoint_path` must be null in a DEGENERATE_SIGNAL sidecar (no model is saved)")
+    return problems
