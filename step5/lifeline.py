@@ -1,0 +1,126 @@
+"""Make a child process exit when its parent dies (torch-free).
+
+A persistent worker must never outlive the optimizer that started it, even when the
+optimizer is SIGKILLed and gets no chance to shut it down. Two mechanisms, because each
+one alone has a gap:
+
+* Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)``: the kernel kills us the moment the parent
+  goes. It does not help when the parent died *before* the call ran, and it does not
+  exist elsewhere. (It fires when the parent *thread* that forked us exits, which is why
+  the pool spawns every worker from one long-lived thread.)
+* A daemon thread polling ``os.getppid()``: when we are re-parented (to init or a
+  subreaper), or when the pid the parent wrote into ``STEP5_PARENT_PID`` no longer
+  exists, the process exits. This covers the race and non-Linux systems.
+
+The parent records its pid in the child's environment (:data:`PARENT_PID_ENV`) so the
+child compares against the process that really asked for it, not whoever it finds.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Callable
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable holding the pid of the process whose death must end the child.
+PARENT_PID_ENV = "STEP5_PARENT_PID"
+
+#: Exit status of a child that found itself orphaned (nobody is left to read it; it only
+#: makes the cause visible when a human runs the worker by hand).
+EXIT_ORPHANED = 3
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+    """Ask the Linux kernel to send ``sig`` to this process when its parent exits.
+
+    Returns whether it could be installed (False off Linux or without libc's ``prctl``).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            logger.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(err))
+            return False
+    except (OSError, AttributeError) as exc:
+        logger.warning("prctl(PR_SET_PDEATHSIG) unavailable: %s", exc)
+        return False
+    return True
+
+
+def expected_parent_pid(environ: dict[str, str] | None = None) -> int | None:
+    """The pid from :data:`PARENT_PID_ENV`, or ``None`` when unset or not a positive int."""
+    raw = (os.environ if environ is None else environ).get(PARENT_PID_ENV)
+    if raw is None or not raw.strip():
+        return None
+    try:
+        pid = int(raw)
+    except ValueError:
+        logger.warning("ignoring %s=%r: not an integer pid", PARENT_PID_ENV, raw)
+        return None
+    return pid if pid > 0 else None
+
+
+def _default_on_orphan() -> None:
+    os._exit(EXIT_ORPHANED)
+
+
+def install_lifeline(
+    parent_pid: int | None = None,
+    *,
+    poll_s: float = 0.5,
+    on_orphan: Callable[[], None] | None = None,
+) -> threading.Thread:
+    """Arrange for this process to end when its parent dies; returns the watch thread.
+
+    ``parent_pid`` defaults to :data:`PARENT_PID_ENV`, else to the current parent.
+    ``on_orphan`` (default: ``os._exit(EXIT_ORPHANED)``) runs in the watch thread once the
+    parent is found gone; tests pass their own to observe it.
+    """
+    original_ppid = os.getppid()
+    watched = parent_pid if parent_pid is not None else expected_parent_pid()
+    if watched is None:
+        watched = original_ppid
+    set_parent_death_signal(signal.SIGKILL)
+    act = on_orphan or _default_on_orphan
+
+    def orphaned() -> str | None:
+        ppid = os.getppid()
+        if ppid != original_ppid:
+            return f"re-parented from pid {original_ppid} to {ppid}"
+        if not _pid_alive(watched):
+            return f"parent pid {watched} no longer exists"
+        return None
+
+    def watch() -> None:
+        while True:
+            reason = orphaned()
+            if reason is not None:
+                logger.warning("parent process is gone (%s); exiting", reason)
+                act()
+                return
+            time.sleep(poll_s)
+
+    thread = threading.Thread(target=watch, name="step5-lifeline", daemon=True)
+    thread.start()
+    return thread

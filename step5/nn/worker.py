@@ -1,0 +1,374 @@
+"""The persistent training worker (S96B): boot torch once, then serve jobs over NDJSON.
+
+::
+
+    parent (pool, no torch)                         this process
+    ─────────────────────────                       ───────────────────────────────────
+    stdin  ── {"command": "train", ...}\\n ──▶  LineReader ─▶ Dispatcher ─▶ TorchBackend
+    stdout ◀─ {"status": "complete", ...}\\n ──  LineWriter ◀─┘             (run_train_job)
+    stderr ◀─ logs, warnings, library banners (fd 1 is pointed here at start-up)
+
+Three layers, kept apart (see :mod:`step5.framing`):
+
+* framing: bytes <-> lines, with a size bound (an oversize line is answered and skipped);
+* :class:`Dispatcher`: lines -> dicts -> responses. One response per request line, in
+  order (``train_folds`` answers one line per job). A malformed request gets an error
+  response and the worker keeps serving. It knows nothing about torch;
+* :class:`TorchBackend`: the one training core (:func:`step5.nn.job.run_train_job`, the
+  same function the one-shot trainer calls), a dataset cache shared between jobs, and
+  memory cleanup after each job.
+
+Lifecycle: ``ready`` once (with ``boot_s``), then requests until ``shutdown`` (answered,
+then exit 0) or EOF on stdin (exit 0). The process also exits when its parent dies
+(:mod:`step5.lifeline`).
+
+Module-level imports are torch-free on purpose: :func:`main` must claim stdout *before*
+torch (or CUDA) gets a chance to print anything.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from typing import Any, Protocol, Sequence
+
+from step5.errors import BadRequest, JobError
+from step5.framing import FrameTooLarge, LineReader, LineWriter
+from step5.jsonio import loads
+from step5.protocol import COMMANDS, MAX_REQUEST_BYTES, PROTOCOL_VERSION, TrainRequest
+
+logger = logging.getLogger(__name__)
+
+_START = time.time()  # fallback origin for boot_s when the process start time is unknown
+
+
+class JobBackend(Protocol):
+    """What the dispatcher needs to run jobs; the real one is :class:`TorchBackend`."""
+
+    device: str  # as reported in ``ready`` / ``pong``: "cuda:0 (NAME)" or "cpu"
+
+    def train(self, request: TrainRequest) -> dict[str, Any]:
+        """Train one fold; raise :class:`JobError` for a deterministic failure."""
+        ...
+
+    def train_folds(self, requests: Sequence[TrainRequest]) -> list[dict[str, Any]]:
+        """Train several folds in one fused pass; results in request order."""
+        ...
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is a (CUDA or host) out-of-memory failure."""
+        ...
+
+    def release_memory(self) -> None:
+        """Free what a job left behind (Python garbage, the CUDA caching allocator)."""
+        ...
+
+
+def _echo(raw: Any) -> dict[str, Any]:
+    """Identifying fields of a request that may be malformed, safe to send back."""
+    if not isinstance(raw, dict):
+        return {"trial_number": None, "fold_idx": None, "job_id": None}
+
+    def ok_int(v: Any) -> Any:
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    job_id = raw.get("job_id")
+    return {
+        "trial_number": ok_int(raw.get("trial_number")),
+        "fold_idx": ok_int(raw.get("fold_idx")),
+        "job_id": job_id if isinstance(job_id, (str, int)) and not isinstance(job_id, bool) else None,
+    }
+
+
+def _with_echo(error: JobError, request: TrainRequest | None = None, raw: Any = None) -> dict[str, Any]:
+    """The error response, its identifying fields filled from the request when missing."""
+    echo = (
+        {"trial_number": request.trial_number, "fold_idx": request.fold_idx, "job_id": request.job_id}
+        if request is not None else _echo(raw)
+    )
+    out = error.to_dict()
+    for key, value in echo.items():
+        if out.get(key) is None:
+            out[key] = value
+    return out
+
+
+class Dispatcher:
+    """Turns request lines into response dicts; never raises for a bad request."""
+
+    def __init__(self, backend: JobBackend) -> None:
+        self.backend = backend
+        self.jobs_done = 0
+        self.shutdown_requested = False
+        self._started = time.monotonic()
+
+    # -- entry points -------------------------------------------------------------------
+
+    def handle_line(self, line: bytes) -> list[dict[str, Any]]:
+        """All responses to one request line (one, except for ``train_folds``)."""
+        try:
+            raw = loads(line)
+        except ValueError as exc:
+            preview = line[:80].decode("utf-8", errors="replace")
+            return [BadRequest(f"request is not valid JSON ({exc}): {preview!r}").to_dict()]
+        if not isinstance(raw, dict):
+            return [BadRequest(f"a request must be a JSON object, got {type(raw).__name__}").to_dict()]
+        command = raw.get("command")
+        if command is None:
+            return [_with_echo(BadRequest(f"request has no `command`; expected one of {list(COMMANDS)}"), raw=raw)]
+        if command == "train":
+            return [self._train(raw)]
+        if command == "train_folds":
+            return self._train_folds(raw)
+        if command == "ping":
+            return [self._pong(raw)]
+        if command == "shutdown":
+            self.shutdown_requested = True
+            return [{"status": "shutdown", "reason": "command", "jobs_done": self.jobs_done, "pid": os.getpid()}]
+        return [_with_echo(BadRequest(f"unknown `command` {command!r}; expected one of {list(COMMANDS)}"), raw=raw)]
+
+    def oversize(self, exc: FrameTooLarge) -> dict[str, Any]:
+        """The response to a line that was too long to read (and has been skipped)."""
+        return BadRequest(
+            f"request line of {exc.seen} bytes exceeds the {exc.limit}-byte limit; it was discarded"
+        ).to_dict()
+
+    # -- commands -----------------------------------------------------------------------
+
+    def _pong(self, raw: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "status": "pong",
+            "pid": os.getpid(),
+            "device": self.backend.device,
+            "jobs_done": self.jobs_done,
+            "uptime_s": round(time.monotonic() - self._started, 3),
+        }
+        echo = _echo(raw)["job_id"]
+        if echo is not None:
+            out["job_id"] = echo
+        return out
+
+    def _failure(self, exc: BaseException, request: TrainRequest) -> dict[str, Any]:
+        """Map an exception raised by a job to its error response."""
+        if isinstance(exc, JobError):
+            return _with_echo(exc, request)
+        if self.backend.is_out_of_memory(exc):
+            self.backend.release_memory()
+            logger.warning("job %s ran out of memory on %s: %s", request.job_id, self.backend.device, exc)
+            return _with_echo(JobError(f"out of memory on {self.backend.device}: {exc}", "out_of_memory"), request)
+        tb = traceback.format_exc()
+        logger.error("job %s failed:\n%s", request.job_id, tb)
+        return _with_echo(
+            JobError(f"{type(exc).__name__}: {exc}", "train_error", traceback=tb), request,
+        )
+
+    def _train(self, raw: dict[str, Any]) -> dict[str, Any]:
+        try:
+            request = TrainRequest.from_dict(raw)
+        except JobError as exc:
+            return _with_echo(exc, raw=raw)
+        try:
+            result = dict(self.backend.train(request))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a response
+            return self._failure(exc, request)
+        finally:
+            self.backend.release_memory()
+        self.jobs_done += 1
+        result.setdefault("status", "complete")
+        result["job_id"] = request.job_id
+        return result
+
+    def _train_folds(self, raw: dict[str, Any]) -> list[dict[str, Any]]:
+        unknown = sorted(set(raw) - {"command", "jobs"})
+        jobs = raw.get("jobs")
+        if unknown or not isinstance(jobs, list) or not jobs:
+            why = f"unknown key(s) {unknown}" if unknown else f"`jobs` must be a non-empty list, got {jobs!r:.80}"
+            return [BadRequest(f"bad `train_folds` request: {why}").to_dict()]
+        # Validate every job first: invalid ones are answered in place, the rest run fused.
+        responses: list[dict[str, Any] | None] = [None] * len(jobs)
+        valid: list[tuple[int, TrainRequest]] = []
+        for i, job in enumerate(jobs):
+            if isinstance(job, dict) and job.get("command", "train") != "train":
+                responses[i] = _with_echo(
+                    BadRequest(f"`jobs[{i}]` has `command` {job.get('command')!r}; only train jobs can be fused"),
+                    raw=job,
+                )
+                continue
+            try:
+                valid.append((i, TrainRequest.from_dict(job)))
+            except JobError as exc:
+                exc.message = f"`jobs[{i}]`: {exc.message}"
+                responses[i] = _with_echo(exc, raw=job)
+        if valid:
+            requests = [r for _, r in valid]
+            try:
+                results = list(self.backend.train_folds(requests))
+                if len(results) != len(requests):
+                    raise RuntimeError(f"fused training returned {len(results)} results for {len(requests)} jobs")
+            except Exception as exc:  # noqa: BLE001 - the whole group fails alike
+                for i, request in valid:
+                    responses[i] = self._failure(exc, request)
+            else:
+                for (i, request), result in zip(valid, results):
+                    result = dict(result)
+                    result.setdefault("status", "complete")
+                    result["job_id"] = request.job_id
+                    responses[i] = result
+                    self.jobs_done += 1
+            finally:
+                self.backend.release_memory()
+        assert all(r is not None for r in responses)
+        return [r for r in responses if r is not None]
+
+
+def serve(reader: LineReader, writer: LineWriter, dispatcher: Dispatcher) -> int:
+    """Answer requests until ``shutdown`` or end of input; returns the exit status (0)."""
+    while True:
+        try:
+            line = reader.read_line()
+        except FrameTooLarge as exc:
+            logger.warning("discarded an oversize request line (%d bytes)", exc.seen)
+            writer.write_message(dispatcher.oversize(exc))
+            if exc.at_eof:
+                return 0
+            continue  # never fall through to a previous message
+        if line is None:
+            logger.info("stdin closed after %d job(s); exiting", dispatcher.jobs_done)
+            return 0
+        if not line.strip():
+            continue  # blank lines are keep-alives, not requests
+        for response in dispatcher.handle_line(line):
+            writer.write_message(response)
+        if dispatcher.shutdown_requested:
+            logger.info("shutdown requested after %d job(s)", dispatcher.jobs_done)
+            return 0
+
+
+class TorchBackend:
+    """Runs jobs with the shared training core on this process's one device."""
+
+    def __init__(self) -> None:
+        import torch
+
+        from step5.nn import job
+
+        self._torch = torch
+        self._job = job
+        _apply_torch_threads(torch)
+        self.torch_device = _pick_device(torch)
+        if self.torch_device.type == "cuda":
+            # Create the CUDA context now, once, so that the first job does not pay for it.
+            torch.zeros(1, device=self.torch_device)
+            torch.cuda.synchronize(self.torch_device)
+        self.device = job.describe_device(self.torch_device)
+        self.cache = job.DataCache()
+
+    def train(self, request: TrainRequest) -> dict[str, Any]:
+        return self._job.run_train_job(request, device=self.torch_device, cache=self.cache)
+
+    def train_folds(self, requests: Sequence[TrainRequest]) -> list[dict[str, Any]]:
+        run_fold_group = getattr(self._job, "run_fold_group", None)
+        if run_fold_group is None:
+            # The training core has no fused path: train the folds one by one, same results.
+            return [self.train(r) for r in requests]
+        return run_fold_group(list(requests), device=self.torch_device, cache=self.cache)
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        if isinstance(exc, MemoryError):
+            return True
+        oom_type = getattr(getattr(self._torch, "cuda", None), "OutOfMemoryError", None)
+        if oom_type is not None and isinstance(exc, oom_type):
+            return True
+        return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+    def release_memory(self) -> None:
+        gc.collect()
+        if self.torch_device.type == "cuda":
+            self._torch.cuda.empty_cache()
+
+
+def _apply_torch_threads(torch: Any) -> None:
+    """Honour STEP5_TORCH_THREADS (the pool splits the cores between CPU workers)."""
+    from step5.devices import TORCH_THREADS_ENV
+
+    raw = os.environ.get(TORCH_THREADS_ENV)
+    if not raw:
+        return
+    try:
+        n = int(raw)
+    except ValueError:
+        logger.warning("ignoring %s=%r: not an integer", TORCH_THREADS_ENV, raw)
+        return
+    if n >= 1:
+        torch.set_num_threads(n)
+
+
+def _pick_device(torch: Any) -> Any:
+    """``cuda:0`` (the one GPU CUDA_VISIBLE_DEVICES leaves us) when usable, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda:0")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible and not visible.strip().startswith("-"):
+        logger.warning("CUDA_VISIBLE_DEVICES=%r but CUDA is not available; this worker trains on the CPU", visible)
+    return torch.device("cpu")
+
+
+def _boot_seconds() -> float:
+    """Seconds since this process started (interpreter start -> now)."""
+    try:
+        import psutil
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - psutil is optional here; fall back to import time
+        return time.time() - _START
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``nn_gpu_worker.py``; returns the process exit status."""
+    # First of all: keep fd 1 for protocol lines, before torch/CUDA can print anything.
+    from step5.stdout_guard import claim_stdout
+
+    wire = claim_stdout()
+    parser = argparse.ArgumentParser(description="Persistent Step 5 neural-net worker (NDJSON on stdin/stdout).")
+    parser.add_argument("--log-level", default=os.environ.get("STEP5_WORKER_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s worker[{os.getpid()}] %(name)s: %(message)s",
+    )
+
+    from step5.lifeline import expected_parent_pid, install_lifeline
+
+    if expected_parent_pid() is not None:
+        # Started by the pool: Ctrl-C in the terminal reaches the whole process group, but
+        # stopping workers is the parent's job (it sends `shutdown` or kills them).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    install_lifeline()
+
+    writer = LineWriter(wire)
+    reader = LineReader(sys.stdin.buffer, MAX_REQUEST_BYTES)
+    backend = TorchBackend()
+    ready: dict[str, Any] = {
+        "status": "ready",
+        "device": backend.device,
+        "pid": os.getpid(),
+        "protocol": PROTOCOL_VERSION,
+        "torch_version": str(backend._torch.__version__),
+        "torch_threads": backend._torch.get_num_threads(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "boot_s": round(_boot_seconds(), 4),
+    }
+    try:
+        writer.write_message(ready)
+        logger.info("ready on %s after %.2fs", backend.device, ready["boot_s"])
+        return serve(reader, writer, Dispatcher(backend))
+    except BrokenPipeError:
+        # The parent closed our stdout: nobody is listening any more.
+        logger.warning("stdout closed by the parent; exiting")
+        return 0
