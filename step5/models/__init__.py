@@ -1,0 +1,34 @@
+"""Tree models trained in-process (xgboost, lightgbm, catboost): search spaces, one-fold
+training, checkpoints. Neural nets live on the torch side (:mod:`step5.nn`); this package
+never imports torch, and imports each tree library only when it is used."""
+from __future__ import annotations
+
+from step5.models.trees import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_SUFFIX,
+    DEFAULT_EARLY_STOPPING_ROUNDS,
+    TREE_MODEL_TYPES,
+    TreeModel,
+    checkpoint_name,
+    final_n_rounds,
+    load_model,
+    resolve_device,
+    save_model,
+    suggest_params,
+    train_fold,
+)
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_SUFFIX",
+    "DEFAULT_EARLY_STOPPING_ROUNDS",
+    "TREE_MODEL_TYPES",
+    "TreeModel",
+    "checkpoint_name",
+    "final_n_rounds",
+    "load_model",
+    "resolve_device",
+    "save_model",
+    "suggest_params",
+    "train_fold",
+]
