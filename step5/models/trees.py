@@ -47,27 +47,19 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from step5.artifacts import CHECKPOINT_FILENAMES, CHECKPOINT_FORMATS
 from step5.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 TREE_MODEL_TYPES: tuple[str, ...] = ("xgboost", "lightgbm", "catboost")
 
-#: File suffix of ``best_model.*`` per model type (SPEC section 4).
-CHECKPOINT_SUFFIX: dict[str, str] = {
-    "neural_net": ".pth",
-    "xgboost": ".json",
-    "lightgbm": ".txt",
-    "catboost": ".cbm",
-}
+#: File suffix of ``best_model.*`` per model type (SPEC section 4); the file names and
+#: formats are defined once, in :mod:`step5.artifacts`, which writes and checks sidecars.
+CHECKPOINT_SUFFIX: dict[str, str] = {mt: Path(name).suffix for mt, name in CHECKPOINT_FILENAMES.items()}
 
 #: The sidecar's ``checkpoint_format`` per model type.
-CHECKPOINT_FORMAT: dict[str, str] = {
-    "neural_net": "torch_state_dict",
-    "xgboost": "xgboost_json",
-    "lightgbm": "lightgbm_text",
-    "catboost": "catboost_cbm",
-}
+CHECKPOINT_FORMAT: dict[str, str] = dict(CHECKPOINT_FORMATS)
 
 #: Rounds without improvement on the validation fold before boosting stops.
 DEFAULT_EARLY_STOPPING_ROUNDS = 50
@@ -315,10 +307,10 @@ def _as_xy(name: str, X: Any, y: Any, n_features: int | None = None) -> tuple[np
         raise ValueError(f"`X_{name}` has {X.shape[1]} features but `X_train` has {n_features}")
     if not np.isfinite(X).all():
         row, col = (int(v) for v in np.argwhere(~np.isfinite(X))[0])
-        raise ValueError(f"`X_{name}` has a non-finite value {X[row, col]!r} at row {row}, column {col}")
+        raise ValueError(f"`X_{name}` has a non-finite value {float(X[row, col])!r} at row {row}, column {col}")
     if not np.isfinite(y).all():
         row = int(np.flatnonzero(~np.isfinite(y))[0])
-        raise ValueError(f"`y_{name}` has a non-finite value {y[row]!r} at row {row}")
+        raise ValueError(f"`y_{name}` has a non-finite value {float(y[row])!r} at row {row}")
     return X, y
 
 

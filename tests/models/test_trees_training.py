@@ -1,0 +1,224 @@
+"""Tree models: search spaces, one-fold training, early stopping, devices and bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import optuna
+import pytest
+
+from step5.data.sample import generate_arrays
+from step5.devices import detect_gpus
+from step5.models import trees
+
+FAST = {"n_estimators": 80, "early_stopping_rounds": 10, "learning_rate": 0.1}
+FAST_PARAMS = {
+    "xgboost": {**FAST, "max_depth": 3},
+    "lightgbm": {**FAST, "num_leaves": 8, "min_data_in_leaf": 10},
+    "catboost": {**FAST, "depth": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """The sample generator's planted signal, split train/val/test (240/80/80 rows)."""
+    arrays = generate_arrays(400, 16, seed=11)
+    X = arrays["X"].astype(np.float32)
+    y = arrays["holdout_quality"]
+    return (X[:240], y[:240]), (X[240:320], y[240:320]), (X[320:], y[320:])
+
+
+def _fit(model_type, planted, params=None, **kwargs):
+    (Xtr, ytr), (Xva, yva), (Xte, yte) = planted
+    kwargs.setdefault("n_threads", 1)
+    kwargs.setdefault("device", "cpu")
+    return trees.train_fold(
+        model_type, params or FAST_PARAMS[model_type], Xtr, ytr, Xva, yva,
+        seed=3, X_test=Xte, y_test=yte, **kwargs,
+    )
+
+
+@pytest.mark.parametrize("model_type", trees.TREE_MODEL_TYPES)
+def test_train_fold_learns_the_planted_signal_and_reports_every_metric(model_type, planted):
+    metrics, model = _fit(model_type, planted)
+
+    expected = {"r2", "val_mse", "train_mse", "train_r2", "test_r2", "test_mse", "duration",
+                "best_iteration", "n_iterations", "device", "model_type", "early_stopped"}
+    assert expected <= set(metrics)
+    json.dumps(metrics)  # the optimizer stores these as trial attributes
+    assert metrics["model_type"] == model_type
+    assert metrics["device"] == "cpu" and metrics["device_fallback"] is None
+    assert metrics["r2"] > 0.15 and metrics["test_r2"] > 0.15, metrics
+    assert metrics["train_r2"] >= metrics["r2"]  # boosting fits its own rows at least as well
+    assert metrics["n_iterations"] == metrics["best_iteration"] + 1 == model.n_iterations
+    assert 1 <= metrics["n_iterations"] <= 80
+
+    # the metrics describe exactly the returned model (cut to its best round)
+    (_, _), (Xva, yva), (Xte, yte) = planted
+    r2, mse = trees.r2_mse(yte, model.predict(Xte))
+    assert r2 == pytest.approx(metrics["test_r2"]) and mse == pytest.approx(metrics["test_mse"])
+    assert trees.r2_mse(yva, model.predict(Xva))[0] == pytest.approx(metrics["r2"])
+
+
+@pytest.mark.parametrize("model_type", trees.TREE_MODEL_TYPES)
+def test_same_seed_same_model_different_seed_different_model(model_type, planted):
+    params = {**FAST_PARAMS[model_type]}
+    # sampling makes the seed matter; without it some libraries are seed-independent
+    params.update({"xgboost": {"subsample": 0.7}, "lightgbm": {"bagging_fraction": 0.7, "bagging_freq": 1},
+                   "catboost": {"bagging_temperature": 1.0}}[model_type])
+    (_, _), (_, _), (Xte, _) = planted
+    m1, a = _fit(model_type, planted, params)
+    m2, b = _fit(model_type, planted, params)
+    np.testing.assert_array_equal(a.predict(Xte), b.predict(Xte))
+    assert {k: v for k, v in m1.items() if k != "duration"} == {k: v for k, v in m2.items() if k != "duration"}
+
+    (Xtr, ytr), (Xva, yva), _ = planted
+    _, c = trees.train_fold(model_type, params, Xtr, ytr, Xva, yva, seed=4, n_threads=1, device="cpu")
+    assert not np.array_equal(a.predict(Xte), c.predict(Xte))
+
+
+@pytest.mark.parametrize("model_type", trees.TREE_MODEL_TYPES)
+def test_early_stopping_on_noise_keeps_only_the_best_rounds(model_type, tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 5)).astype(np.float32)
+    y = rng.normal(size=200)  # nothing to learn: validation loss bottoms out early
+    params = {"n_estimators": 400, "early_stopping_rounds": 5, "learning_rate": 0.3}
+    metrics, model = trees.train_fold(model_type, params, X[:150], y[:150], X[150:], y[150:],
+                                      seed=0, n_threads=1, device="cpu")
+    assert metrics["early_stopped"] is True
+    assert metrics["n_iterations"] < 100
+    # the checkpoint holds the same number of rounds as the metrics describe
+    path = trees.save_model(model, model_type, tmp_path / trees.checkpoint_name(model_type))
+    assert trees.load_model(path, model_type).n_iterations == metrics["n_iterations"]
+
+
+@pytest.mark.parametrize("model_type", trees.TREE_MODEL_TYPES)
+def test_n_rounds_trains_exactly_that_many_rounds(model_type, planted):
+    metrics, model = _fit(model_type, planted, n_rounds=7)
+    assert metrics["n_iterations"] == model.n_iterations == 7
+    assert metrics["early_stopped"] is False
+
+
+def test_final_n_rounds_is_the_mean_kept_round_count():
+    assert trees.final_n_rounds([9, 19, 29]) == 20
+    assert trees.final_n_rounds([0]) == 1
+    with pytest.raises(ValueError, match="best_iterations"):
+        trees.final_n_rounds([])
+
+
+@pytest.mark.parametrize("model_type", trees.TREE_MODEL_TYPES)
+def test_search_space_samples_are_accepted_by_train_fold(model_type, planted):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = []
+    for _ in range(5):
+        trial = study.ask()
+        params = trees.suggest_params(trial, model_type)
+        json.dumps(params)
+        assert set(params) <= set(trees._LIBRARY_KEYS[model_type]) | {"n_estimators", "early_stopping_rounds"}
+        assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in params.values())
+        seen.append(params)
+        study.tell(trial, 0.0)
+    assert len({json.dumps(p, sort_keys=True) for p in seen}) == 5  # it really searches
+    # a sampled point trains (cap the rounds: the search's caps are for real data sizes)
+    params = {**seen[0], "n_estimators": 30}
+    metrics, _ = _fit(model_type, planted, params)
+    assert np.isfinite(metrics["r2"])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"params": {"n_estimatorz": 5}}, r"unknown xgboost parameter\(s\) \['n_estimatorz'\]"),
+        ({"params": {"max_depth": "deep"}}, "`max_depth` must be a finite number"),
+        ({"params": {"n_estimators": 0}}, "`n_estimators` must be an int >= 1"),
+        ({"X_val": np.full((10, 4), np.nan, dtype=np.float32)}, r"`X_val` has a non-finite value nan at row 0, column 0"),
+        ({"X_val": np.zeros((10, 3), dtype=np.float32)}, "`X_val` has 3 features but `X_train` has 4"),
+        ({"y_train": np.zeros(7)}, "`X_train` has 20 rows but `y_train` has 7"),
+        ({"X_test": np.zeros((5, 4), dtype=np.float32)}, "`X_test` and `y_test` must be given together"),
+        ({"seed": "1"}, "`seed` must be an int"),
+        ({"n_threads": 0}, "`n_threads` must be an int >= 1"),
+        ({"device": "tpu"}, "`device` must be 'cpu', 'cuda' or 'cuda:N'"),
+    ],
+)
+def test_bad_input_is_a_clear_error(change, message):
+    rng = np.random.default_rng(0)
+    args = {
+        "params": {"n_estimators": 5},
+        "X_train": rng.normal(size=(20, 4)).astype(np.float32), "y_train": rng.normal(size=20),
+        "X_val": rng.normal(size=(10, 4)).astype(np.float32), "y_val": rng.normal(size=10),
+        "seed": 0, "n_threads": 1,
+    }
+    args.update(change)
+    params = args.pop("params")
+    with pytest.raises(ValueError, match=message):
+        trees.train_fold("xgboost", params, **args)
+
+
+def test_neural_net_and_unknown_model_types_are_refused():
+    with pytest.raises(ValueError, match="'neural_net' is not a tree model"):
+        trees.suggest_params(optuna.create_study().ask(), "neural_net")
+    with pytest.raises(ValueError, match="must be one of"):
+        trees.train_fold("random_forest", {}, np.zeros((4, 1)), np.zeros(4), np.zeros((4, 1)), np.zeros(4), seed=0)
+
+
+def test_r2_is_finite_for_a_constant_target():
+    assert trees.r2_mse(np.ones(4), np.ones(4)) == (1.0, 0.0)
+    assert trees.r2_mse(np.ones(4), np.zeros(4)) == (0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------ devices
+
+def test_no_visible_gpu_means_cpu(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    for model_type in trees.TREE_MODEL_TYPES:
+        assert trees.resolve_device(model_type) == "cpu"
+    assert trees.resolve_device("xgboost", "cuda") == "cuda:0"
+    assert trees.resolve_device("catboost", "cuda:1") == "cuda:1"
+
+
+def test_visible_gpu_picks_the_first_visible_ordinal(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.setattr(trees, "_GPU_BROKEN", {})
+    assert trees.resolve_device("xgboost") == "cuda:0"  # physical GPU 3 is ordinal 0 in-process
+
+
+def test_lightgbm_without_gpu_support_trains_on_cpu(monkeypatch, caplog):
+    monkeypatch.setattr(trees, "_GPU_BROKEN", {})
+    monkeypatch.setattr(trees, "lightgbm_gpu_supported", lambda gpu_id=0: (False, "No OpenCL device found"))
+    with caplog.at_level("INFO", logger="step5.models.trees"):
+        assert trees.resolve_device("lightgbm", "cuda") == "cpu"
+    assert "No OpenCL device found" in caplog.text
+
+
+def test_a_failing_gpu_fit_falls_back_to_cpu_once(monkeypatch, planted, caplog):
+    monkeypatch.setattr(trees, "_GPU_BROKEN", {})
+    calls = []
+    real = trees._FITTERS["xgboost"]
+
+    def flaky(*args, device, **kwargs):
+        calls.append(device)
+        if device != "cpu":
+            raise RuntimeError("CUDA driver version is insufficient")
+        return real(*args, device=device, **kwargs)
+
+    monkeypatch.setitem(trees._FITTERS, "xgboost", flaky)
+    with caplog.at_level("WARNING", logger="step5.models.trees"):
+        metrics, _ = _fit("xgboost", planted, device="cuda")
+    assert metrics["device"] == "cpu"
+    assert "CUDA driver version is insufficient" in metrics["device_fallback"]
+    assert "falling back to CPU" in caplog.text
+    # the next fold does not try the GPU again
+    metrics, _ = _fit("xgboost", planted, device="cuda")
+    assert calls == ["cuda:0", "cpu", "cpu"] and metrics["device_fallback"] is None
+
+
+@pytest.mark.skipif(not detect_gpus(), reason="needs a GPU")
+@pytest.mark.parametrize("model_type", ["xgboost", "catboost"])
+def test_gpu_training_when_a_gpu_is_present(model_type, planted, tmp_path):
+    metrics, model = _fit(model_type, planted, device=None)
+    assert metrics["device"] == "cuda", metrics
+    assert metrics["test_r2"] > 0.15
+    path = trees.save_model(model, model_type, tmp_path / trees.checkpoint_name(model_type))
+    loaded = trees.load_model(path, model_type)
+    (_, _), (_, _), (Xte, _) = planted
+    np.testing.assert_allclose(loaded.predict(Xte), model.predict(Xte), rtol=1e-6, atol=1e-7)
