@@ -1,0 +1,1 @@
+"""Pipeline agents; the WATCHER's code lives in :mod:`step5.watcher`."""

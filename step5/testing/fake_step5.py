@@ -1,0 +1,224 @@
+"""A fake Step 5 for the WATCHER's tests: same CLI as the real optimizer (SPEC section 3),
+no training; what it does is chosen by environment variables.
+
+``FAKE_STEP5_MODE``:
+
+==============  ==============================================================
+ok (default)    valid SUCCESS sidecar + checkpoint, good metrics, exit 0
+fail            message on stderr, exit 1
+usage           exit 64
+no_sidecar      exit 0, writes nothing
+bad_sidecar     exit 0, sidecar missing required keys
+not_json        exit 0, sidecar is not JSON
+degenerate      degenerate sidecar, exit 2
+reject          metrics below the acceptance rules, exit 0
+reject_first    like ``reject`` while ``--seed`` is 42 (the default), ``ok`` otherwise
+hang            starts a child that ignores SIGTERM and a child that leaves the
+                group (``setsid``), writes their pids, then sleeps forever
+leak            ``ok``, but leaves a sleeping child behind
+==============  ==============================================================
+
+``FAKE_STEP5_CALLS``: a file to which each invocation appends its argv as one JSON line.
+``FAKE_STEP5_PIDS``: where ``hang`` writes ``{"pid", "pgid", "children": [...]}``.
+``FAKE_STEP5_BAD_MODELS``: comma list of model types that score below the rules in
+``--compare-models`` runs. Compare runs read the skip registry like the real step does.
+
+:func:`make_sidecar` builds a SPEC section 4 sidecar; the tests use it for judge cases.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+MODEL_TYPES = ("neural_net", "xgboost", "lightgbm", "catboost")
+FEATURES = ["lane_agreement_8", "skip_max", "skip_min"]
+
+GOOD_METRICS = {"cv_r2_mean": 0.42, "cv_r2_std": 0.03, "train_r2": 0.5, "val_r2": 0.41,
+                "test_r2": 0.4, "train_mse": 0.010, "val_mse": 0.012, "test_mse": 0.012,
+                "overfit_ratio": 1.2}
+BAD_METRICS = {"cv_r2_mean": -0.05, "cv_r2_std": 0.1, "train_r2": 0.9, "val_r2": -0.05,
+               "test_r2": -0.1, "train_mse": 0.002, "val_mse": 0.02, "test_mse": 0.021,
+               "overfit_ratio": 10.0}
+
+
+def make_sidecar(
+    model_type: str = "neural_net",
+    *,
+    metrics: dict[str, float] | None = None,
+    outcome: str = "SUCCESS",
+    mode: str = "persistent_workers",
+    parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """A sidecar as SPEC section 4 and :func:`step5.artifacts.validate_sidecar` want it."""
+    from step5.artifacts import CHECKPOINT_FORMATS, SCHEMA_VERSION, build_feature_schema, checkpoint_filename
+
+    degenerate = outcome == "DEGENERATE_SIGNAL"
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model_type": model_type,
+        "checkpoint_path": None if degenerate else checkpoint_filename(model_type),
+        "checkpoint_format": None if degenerate else CHECKPOINT_FORMATS[model_type],
+        "feature_schema": build_feature_schema(
+            FEATURES, ["confidence", "holdout_hits", "holdout_quality", "score"], "survivors_with_scores.json"
+        ),
+        "signal_quality": {
+            "signal_status": "degenerate" if degenerate else "healthy", "prediction_allowed": not degenerate,
+            "target_mean": 0.27, "target_std": 0.0 if degenerate else 0.05,
+            "target_variance": 0.0 if degenerate else 0.0025,
+            "unique_target_values": 1 if degenerate else 600, "sample_size": 600,
+        },
+        "data_context": {"fingerprint_hash": "feedfacecafebeef", "training_window_draws": 100,
+                         "survivor_count": 600, "prng_type": "java_lcg", "mod": 1000,
+                         "holdout_draws": None, "target": "holdout_quality"},
+        "training_metrics": dict.fromkeys(GOOD_METRICS) if degenerate else dict(metrics or GOOD_METRICS),
+        "hyperparameters": {} if degenerate else {"hidden_layers": [64, 32], "learning_rate": 0.001},
+        "optuna": {"study_name": "fake", "storage": "sqlite:///fake.db", "trials_run": 0 if degenerate else 2,
+                   "best_trial_number": None if degenerate else 0, "best_value": None if degenerate else 0.4},
+        "execution": {"mode": mode, "workers": [], "devices": ["cpu"], "fallbacks": [], "timings": {}},
+        "outcome": outcome,
+        "provenance": {"run_id": "fakerun", "parent_run_id": parent_run_id, "command_line": sys.argv,
+                       "created_at": "2026-02-18T16:02:58Z", "versions": {}},
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fake_step5")
+    p.error = lambda message: (sys.stderr.write(f"fake_step5: error: {message}\n"), sys.exit(64))  # type: ignore[method-assign]
+    p.add_argument("--survivors", required=True)
+    p.add_argument("--lottery-data", required=True)
+    p.add_argument("--model-type", default="neural_net", choices=MODEL_TYPES)
+    p.add_argument("--compare-models", action="store_true")
+    p.add_argument("--trials", type=int, default=50)
+    p.add_argument("--k-folds", type=int, default=5)
+    p.add_argument("--test-holdout", type=float, default=0.2)
+    p.add_argument("--output-dir", default="models/reinforcement")
+    p.add_argument("--study-name")
+    p.add_argument("--storage")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--target")
+    p.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--policy", default="watcher_policies.json")
+    p.add_argument("--gpus")
+    p.add_argument("--cpu-workers", type=int)
+    p.add_argument("--normalize-features", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--use-leaky-relu", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--enable-diagnostics", action="store_true")
+    p.add_argument("--prng-type")
+    p.add_argument("--mod", type=int)
+    p.add_argument("--holdout-draws", type=int)
+    p.add_argument("--parent-run-id")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _write_model(out: Path, model_type: str, metrics: dict[str, float], args: argparse.Namespace,
+                 mode: str = "persistent_workers") -> None:
+    from step5.artifacts import checkpoint_filename
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / checkpoint_filename(model_type)).write_bytes(b"fake checkpoint")
+    _write_json(out / "best_model.meta.json",
+                make_sidecar(model_type, metrics=metrics, mode=mode, parent_run_id=args.parent_run_id))
+
+
+def _compare(args: argparse.Namespace, out: Path) -> int:
+    from step5.policy import load_policy
+    from step5.watcher.registry import load_skip_registry, skipped_model_types
+
+    limit = load_policy(args.policy).watcher.max_consecutive_critical
+    skipped = skipped_model_types(load_skip_registry(), limit)
+    bad = {m for m in os.environ.get("FAKE_STEP5_BAD_MODELS", "").split(",") if m}
+    models: dict[str, Any] = {}
+    for model_type in MODEL_TYPES:
+        if model_type in skipped:
+            models[model_type] = {"status": "skipped", "reason": "model skip registry"}
+            continue
+        metrics = dict(BAD_METRICS if model_type in bad else GOOD_METRICS)
+        metrics["cv_r2_mean"] += 0.01 * MODEL_TYPES.index(model_type)  # a strict order for "best"
+        models[model_type] = {"status": "ok", "training_metrics": metrics}
+    ran = {m: e for m, e in models.items() if e["status"] == "ok"}
+    if not ran:
+        sys.stderr.write("fake_step5: every model type is skipped by the registry\n")
+        return 1
+    best = max(ran, key=lambda m: ran[m]["training_metrics"]["cv_r2_mean"])
+    _write_json(Path("diagnostics_outputs") / "compare_models_summary.json",
+                {"best_model_type": best, "models": models})
+    _write_model(out, best, ran[best]["training_metrics"], args,
+                 "persistent_workers" if best == "neural_net" else "inline")
+    return 0
+
+
+def _hang() -> None:
+    ignore_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    stubborn = subprocess.Popen([sys.executable, "-c", ignore_term])
+    escaped = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    time.sleep(0.3)  # let the stubborn child install its handler before anyone signals it
+    pids_file = os.environ.get("FAKE_STEP5_PIDS")
+    if pids_file:
+        _write_json(Path(pids_file), {"pid": os.getpid(), "pgid": os.getpgid(0),
+                                      "children": [stubborn.pid, escaped.pid]})
+    sys.stderr.write("fake_step5: hanging\n")
+    sys.stderr.flush()
+    while True:
+        time.sleep(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    calls = os.environ.get("FAKE_STEP5_CALLS")
+    if calls:
+        with open(calls, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(argv) + "\n")
+    args = _parser().parse_args(argv)
+    mode = os.environ.get("FAKE_STEP5_MODE", "ok")
+    out = Path(args.output_dir)
+    model_type = args.model_type
+    sys.stderr.write(f"fake_step5: mode={mode} trials={args.trials} seed={args.seed}\n")
+    if mode == "fail":
+        sys.stderr.write("fake_step5: error: survivors record 3 key 'features' is missing\n")
+        return 1
+    if mode == "usage":
+        return 64
+    if mode == "hang":
+        _hang()
+    if mode == "no_sidecar":
+        return 0
+    if mode == "bad_sidecar":
+        sidecar = make_sidecar(model_type, parent_run_id=args.parent_run_id)
+        del sidecar["feature_schema"], sidecar["outcome"]
+        _write_json(out / "best_model.meta.json", sidecar)
+        return 0
+    if mode == "not_json":
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "best_model.meta.json").write_text("{not json")
+        return 0
+    if mode == "degenerate":
+        _write_json(out / "best_model.meta.json",
+                    make_sidecar(model_type, outcome="DEGENERATE_SIGNAL", parent_run_id=args.parent_run_id))
+        return 2
+    if args.compare_models:
+        return _compare(args, out)
+    rejected = mode == "reject" or (mode == "reject_first" and args.seed == 42)
+    _write_model(out, model_type, BAD_METRICS if rejected else GOOD_METRICS, args)
+    if mode == "leak":
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""Judging one run of a step: exit code + sidecar + policy -> a decision with reasons.
+
+Decisions (and the WATCHER's exit code when the decision is final):
+
+=============  ====  ===========================================================
+PROCEED        0     the model is accepted; the pipeline may go on
+RETRY          -     never final: the step is re-run (more trials, new seed)
+DEGENERATE     2     the step exited 2 and wrote a valid degenerate sidecar
+SKIP_MODEL     3     the model stays below the acceptance rules after its retries
+ESCALATE       4     a person must look: crash after retries, timeout, interrupt,
+                     usage error, missing / invalid / stale sidecar
+=============  ====  ===========================================================
+
+Thresholds come from the policy and are validated when it is loaded:
+
+* ``acceptance_rules.<step>``: ``min_<metric>`` / ``max_<metric>``; a breach rejects the model;
+* ``training_diagnostics``: ``min_<metric>_<level>`` / ``max_<metric>_<level>`` with level
+  ``warning`` (noted, decision unchanged) or ``critical`` (rejects the model, like a rule).
+
+A rejected model is a *critical* result for the skip registry; see :mod:`.registry`.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from step5.artifacts import TRAINING_METRIC_KEYS, resolve_checkpoint, validate_sidecar
+from step5.errors import DataError, PolicyError
+from step5.jsonio import loads
+from step5.policy import Policy
+from step5.watcher.process import StepRun
+from step5.watcher.steps import StepSpec
+
+
+class Decision(str, Enum):
+    """What the WATCHER decided about one run of a step."""
+
+    PROCEED = "PROCEED"
+    RETRY = "RETRY"
+    SKIP_MODEL = "SKIP_MODEL"
+    ESCALATE = "ESCALATE"
+    DEGENERATE = "DEGENERATE"
+
+
+EXIT_CODES: dict[Decision, int] = {
+    Decision.PROCEED: 0,
+    Decision.DEGENERATE: 2,
+    Decision.SKIP_MODEL: 3,
+    Decision.ESCALATE: 4,
+}
+EXIT_INTERRUPTED = 130
+
+# Metric names the policy may use -> key in the sidecar's ``training_metrics``. ``cv_r2`` is
+# the short name the acceptance rules use (``min_cv_r2``) for the CV mean.
+METRIC_KEYS: dict[str, str] = {"cv_r2": "cv_r2_mean", **{k: k for k in TRAINING_METRIC_KEYS}}
+
+_RULE_RE = re.compile(r"^(min|max)_([a-z0-9_]+?)(?:_(warning|critical))?$")
+
+#: Where compare runs write their per-model results (relative to the working directory).
+COMPARE_SUMMARY_PATH = Path("diagnostics_outputs") / "compare_models_summary.json"
+
+#: What identifies one version of a file: (inode, size, mtime in ns). Taken before a run and
+#: compared after it, it tells whether the run wrote the file, with no clock slack to tune.
+FileSignature = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """One numeric rule from the policy."""
+
+    key: str  # as written in the policy, e.g. "max_overfit_ratio_critical"
+    metric: str  # e.g. "overfit_ratio"
+    bound: str  # "min" | "max"
+    level: str  # "accept" | "warning" | "critical"
+    value: float
+
+    def breached(self, x: float) -> bool:
+        return x < self.value if self.bound == "min" else x > self.value
+
+    def describe(self, x: float) -> str:
+        op = "<" if self.bound == "min" else ">"
+        return f"{self.metric} {x:.4g} {op} {self.key} {self.value:g}"
+
+
+def _parse_thresholds(section: dict[str, float], level: str | None, where: str) -> list[Threshold]:
+    out = []
+    for key, value in section.items():
+        m = _RULE_RE.match(key)
+        problem = None
+        if m is None:
+            problem = "expected min_<metric> or max_<metric>"
+        else:
+            bound, metric, key_level = m.groups()
+            if level is None and key_level is None:
+                problem = "expected min_<metric>_warning|critical or max_<metric>_warning|critical"
+            elif level is not None and key_level is not None:
+                problem = "expected min_<metric> or max_<metric> (no level suffix in acceptance rules)"
+            elif metric not in METRIC_KEYS:
+                problem = f"unknown metric `{metric}`; known: {sorted(METRIC_KEYS)}"
+        if problem:
+            raise PolicyError(f"{where}.{key}: {problem}")
+        out.append(Threshold(key, metric, bound, level or key_level, float(value)))
+    return out
+
+
+def thresholds_for(policy: Policy, step: StepSpec) -> list[Threshold]:
+    """The step's acceptance rules and the diagnostics thresholds; raises :class:`PolicyError`
+    for a key that would otherwise be silently ignored (a typo in a metric name)."""
+    source = policy.source or "<policy>"
+    rules = policy.acceptance_rules.get(step.acceptance_key, {})
+    return _parse_thresholds(rules, "accept", f"{source}: acceptance_rules.{step.acceptance_key}") + \
+        _parse_thresholds(policy.training_diagnostics, None, f"{source}: training_diagnostics")
+
+
+def metric_value(metrics: Any, metric: str) -> float | None:
+    """The metric's number from a ``training_metrics`` object, or None when absent."""
+    value = metrics.get(METRIC_KEYS[metric]) if isinstance(metrics, dict) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+@dataclass
+class ModelVerdict:
+    """How one model type's metrics fare against the thresholds."""
+
+    model_type: str
+    critical: bool
+    reasons: list[str] = field(default_factory=list)  # why critical, or why accepted
+    warnings: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # acceptance rules that could not be checked
+
+    def summary(self) -> str:
+        return "; ".join(self.reasons) or ("critical" if self.critical else "ok")
+
+
+def assess_metrics(model_type: str, metrics: Any, thresholds: list[Threshold]) -> ModelVerdict:
+    """Apply every threshold to one model's ``training_metrics``."""
+    verdict = ModelVerdict(model_type, critical=False)
+    passed = []
+    for t in thresholds:
+        x = metric_value(metrics, t.metric)
+        if x is None:
+            if t.level == "accept":
+                verdict.missing.append(f"cannot check {t.key}: training_metrics.{METRIC_KEYS[t.metric]} is not a number")
+            continue
+        if not t.breached(x):
+            if t.level == "accept":
+                passed.append(f"{t.metric} {x:.4g} within {t.key} {t.value:g}")
+            continue
+        if t.level == "warning":
+            verdict.warnings.append(f"{model_type}: {t.describe(x)}")
+        else:
+            verdict.critical = True
+            verdict.reasons.append(f"{model_type}: {t.describe(x)}")
+    if not verdict.critical:
+        verdict.reasons = [f"{model_type} accepted: " + (", ".join(passed) or "no acceptance rules")]
+    return verdict
+
+
+def sidecar_problems(obj: Any) -> list[str]:
+    """Everything wrong with a sidecar object; empty means valid. The definition is the
+    optimizer's (:func:`step5.artifacts.validate_sidecar`), so the two cannot drift."""
+    return list(validate_sidecar(obj))
+
+
+@dataclass
+class Judgement:
+    """The decision about one run, with everything the log and the registry need."""
+
+    decision: Decision
+    reasons: list[str]
+    warnings: list[str] = field(default_factory=list)
+    sidecar: dict[str, Any] | None = None
+    verdicts: dict[str, ModelVerdict] = field(default_factory=dict)  # model type -> result to record
+    skipped_models: list[str] = field(default_factory=list)  # left out of a compare run by the registry
+
+    @property
+    def final(self) -> bool:
+        return self.decision is not Decision.RETRY
+
+
+def _tail_hint(run: StepRun) -> str:
+    lines = [line for line in run.output_tail if line.strip()]
+    return f": {lines[-1]}" if lines else ""
+
+
+def file_signature(path: Path) -> FileSignature | None:
+    """The file's current version, or None when there is no file."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _written_by_run(path: Path, before: FileSignature | None) -> bool:
+    now = file_signature(path)
+    return now is not None and now != before
+
+
+def _load_sidecar(path: Path, before: FileSignature | None) -> tuple[dict[str, Any] | None, str | None]:
+    """The sidecar written by *this* run, or why there is none."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None, f"no sidecar at {path}"
+    except OSError as exc:
+        return None, f"cannot read sidecar {path}: {exc}"
+    if not _written_by_run(path, before):
+        return None, f"the sidecar {path} is the one from before this run: the step did not write one"
+    try:
+        obj = loads(raw)
+    except ValueError as exc:
+        return None, f"sidecar {path} is not valid JSON: {exc}"
+    if not isinstance(obj, dict):
+        return None, f"sidecar {path} must be a JSON object, got {type(obj).__name__}"
+    return obj, None
+
+
+def _checkpoint_exists(sidecar: dict[str, Any], sidecar_path: Path) -> bool:
+    try:
+        return resolve_checkpoint(sidecar_path, sidecar).is_file()
+    except DataError:
+        return False
+
+
+def _summary_entries(summary: Any) -> dict[str, dict[str, Any]]:
+    """Per-model entries of ``compare_models_summary.json``: ``{"models": {type: {...}}}`` or
+    ``{"models": [{"model_type": type, ...}]}``."""
+    models = summary.get("models") if isinstance(summary, dict) else None
+    if isinstance(models, dict):
+        return {k: v for k, v in models.items() if isinstance(v, dict)}
+    if isinstance(models, list):
+        return {e["model_type"]: e for e in models if isinstance(e, dict) and isinstance(e.get("model_type"), str)}
+    return {}
+
+
+def compare_verdicts(
+    summary_path: Path, before: FileSignature | None, thresholds: list[Threshold]
+) -> tuple[dict[str, ModelVerdict], list[str], list[str]]:
+    """Verdicts for every model a compare run trained, from its (fresh) summary file.
+
+    Returns (verdicts, skipped model types, notes). Models the run skipped are not judged:
+    a skipped model has no new result, so its count stays where it is.
+    """
+    try:
+        summary = loads(summary_path.read_bytes())
+        if not _written_by_run(summary_path, before):
+            return {}, [], [f"{summary_path} is from before this run; only the best model's result is recorded"]
+    except FileNotFoundError:
+        return {}, [], [f"no {summary_path}; only the best model's result is recorded"]
+    except (OSError, ValueError) as exc:
+        return {}, [], [f"cannot read {summary_path}: {exc}"]
+    verdicts: dict[str, ModelVerdict] = {}
+    skipped: list[str] = []
+    for model_type, entry in sorted(_summary_entries(summary).items()):
+        status = str(entry.get("status", "ok")).lower()
+        if status == "skipped":
+            skipped.append(model_type)
+            continue
+        if status in ("failed", "error"):
+            why = entry.get("error") or entry.get("reason") or status
+            verdicts[model_type] = ModelVerdict(model_type, True, [f"{model_type} failed in the compare run: {why}"])
+            continue
+        metrics = entry.get("training_metrics", entry.get("metrics", entry))
+        verdict = assess_metrics(model_type, metrics, thresholds)
+        if verdict.missing:  # nothing reliable to record for this model
+            continue
+        verdicts[model_type] = verdict
+    return verdicts, skipped, []
+
+
+def judge(
+    run: StepRun,
+    *,
+    step: StepSpec,
+    policy: Policy,
+    sidecar_path: Path,
+    summary_path: Path | None,
+    can_retry: bool,
+    sidecar_before: FileSignature | None = None,
+    summary_before: FileSignature | None = None,
+    run_id: str | None = None,
+    expect_persistent_workers: bool | None = None,
+) -> Judgement:
+    """Decide about one run. ``can_retry`` says whether a RETRY is still allowed; when it is
+    not, a retryable problem becomes final (ESCALATE for a crash, SKIP_MODEL for a model
+    below the rules). ``*_before`` are the files' signatures taken just before the run, so
+    a file left by an earlier run is never judged as this run's. ``run_id`` is what the
+    step was given as ``--parent-run-id``."""
+    timeout = policy.watcher.step_timeout_s
+    if run.interrupted:
+        return Judgement(Decision.ESCALATE, [f"interrupted by {run.interrupted}; the step's process group was stopped"])
+    if run.timed_out:
+        return Judgement(Decision.ESCALATE, [
+            f"step {step.number} timed out after {timeout:g}s (watcher.step_timeout_s); its process group was stopped"
+        ])
+    rc = run.returncode
+    if rc == 64:
+        return Judgement(Decision.ESCALATE, [f"step {step.number} rejected its command line (exit 64){_tail_hint(run)}"])
+
+    if rc not in (0, 2):
+        reason = f"step {step.number} failed with {run.exit_status}{_tail_hint(run)}"
+        return Judgement(Decision.RETRY if can_retry else Decision.ESCALATE, [reason])
+
+    sidecar, why = _load_sidecar(sidecar_path, sidecar_before)
+    if sidecar is None:
+        return Judgement(Decision.ESCALATE, [f"step {step.number} exited {rc} but {why}"])
+    problems = sidecar_problems(sidecar)
+    if problems:
+        return Judgement(Decision.ESCALATE, [f"invalid sidecar {sidecar_path}: {p}" for p in problems], sidecar=sidecar)
+    provenance = sidecar.get("provenance") or {}
+    written_for = provenance.get("parent_run_id") if isinstance(provenance, dict) else None
+    if run_id is not None and written_for is not None and written_for != run_id:
+        return Judgement(Decision.ESCALATE, [
+            f"sidecar {sidecar_path} belongs to run {written_for!r}, not this run {run_id!r}"
+        ], sidecar=sidecar)
+
+    outcome = sidecar.get("outcome")
+    if rc == 2:
+        if outcome != "DEGENERATE_SIGNAL":
+            return Judgement(Decision.ESCALATE, [
+                f"step {step.number} exited 2 (degenerate) but the sidecar's outcome is {outcome!r}"
+            ], sidecar=sidecar)
+        sq = sidecar.get("signal_quality") or {}
+        return Judgement(Decision.DEGENERATE, [
+            f"target has no usable signal (signal_status={sq.get('signal_status')!r}, "
+            f"unique_target_values={sq.get('unique_target_values')!r}); no model was trained"
+        ], sidecar=sidecar)
+    if outcome != "SUCCESS":
+        return Judgement(Decision.ESCALATE, [f"step {step.number} exited 0 but the sidecar's outcome is {outcome!r}"],
+                         sidecar=sidecar)
+    if not _checkpoint_exists(sidecar, sidecar_path):
+        return Judgement(Decision.ESCALATE, [
+            f"sidecar {sidecar_path} names checkpoint {sidecar.get('checkpoint_path')!r}, which does not exist"
+        ], sidecar=sidecar)
+
+    thresholds = thresholds_for(policy, step)
+    model_type = str(sidecar["model_type"])
+    verdict = assess_metrics(model_type, sidecar.get("training_metrics"), thresholds)
+    # A valid SUCCESS sidecar has every metric but ``overfit_ratio`` (null when the train MSE
+    # is 0): a rule on an undefined metric is noted, not a reason to stop the pipeline.
+    warnings = verdict.missing + verdict.warnings
+    sq = sidecar.get("signal_quality") or {}
+    if sq.get("signal_status") == "weak":
+        warnings.append("signal_quality.signal_status is 'weak'")
+    execution = sidecar.get("execution") or {}
+    mode = execution.get("mode") if isinstance(execution, dict) else None
+    if expect_persistent_workers and model_type == "neural_net" and mode != "persistent_workers":
+        warnings.append(f"persistent workers were asked for but the step ran in mode {mode!r}")
+    if isinstance(execution, dict) and execution.get("fallbacks"):
+        warnings.append(f"worker fallbacks during the run: {execution.get('fallbacks')!r}")
+
+    verdicts = {model_type: verdict}
+    if summary_path is not None:
+        others, skipped, notes = compare_verdicts(summary_path, summary_before, thresholds)
+        warnings += notes
+        for other_type, other in others.items():
+            if other_type != model_type:
+                verdicts[other_type] = other
+                warnings += other.warnings
+    else:
+        skipped = []
+    if verdict.critical:
+        decision = Decision.RETRY if can_retry else Decision.SKIP_MODEL
+        return Judgement(decision, verdict.reasons, warnings, sidecar, verdicts, skipped)
+    return Judgement(Decision.PROCEED, verdict.reasons, warnings, sidecar, verdicts, skipped)

@@ -1,0 +1,255 @@
+"""Running one step as a subprocess in its own process group, with a timeout.
+
+::
+
+    watcher ──Popen(start_new_session=True)──> step (group leader, pgid == pid)
+       │  stdout+stderr pipe ──> tee thread ──> our stderr + last lines kept      ├─ worker 0
+       │  wait(0.5 s) loop: timeout? Ctrl-C? remember descendants               └─ worker 1
+       └─ end: SIGTERM the group ─ grace ─> SIGKILL the group (+ any remembered descendant
+               that left the group), then reap. Runs on every exit path, also a clean one,
+               so nothing the step started can outlive the WATCHER's judgement.
+
+The step gets its own session so a terminal's Ctrl-C reaches only the WATCHER, which then
+stops the whole group in order (SIGTERM lets Step 5 shut its workers down politely).
+Descendants are remembered while the step runs because a process that called ``setsid``
+itself is no longer in the group, and after the leader dies it can no longer be found by
+parentage.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import IO
+
+import psutil
+
+logger = logging.getLogger(__name__)
+
+_POLL_S = 0.5  # how often the descendants are re-listed while the step runs
+_TAIL_LINES = 40
+_TAIL_LINE_CHARS = 500
+
+
+@dataclass
+class StepRun:
+    """What happened to one step process."""
+
+    command: list[str]
+    pid: int
+    returncode: int | None
+    started_at: float  # wall clock (time.time()) just before the step was started
+    duration_s: float
+    timed_out: bool = False
+    interrupted: str | None = None  # "SIGINT" / "SIGTERM" when the WATCHER was interrupted
+    leftovers: int = 0  # processes of the step still alive after it ended (we stopped them)
+    output_tail: list[str] = field(default_factory=list)
+
+    @property
+    def exit_status(self) -> str:
+        """``EXIT(1)``, ``SIGKILL(-9)``, ``TIMEOUT`` ... as read from the OS."""
+        if self.timed_out:
+            return "TIMEOUT"
+        if self.interrupted:
+            return f"INTERRUPTED({self.interrupted})"
+        rc = self.returncode
+        if rc is None:
+            return "NOT_STARTED"
+        if rc < 0:
+            try:
+                return f"{signal.Signals(-rc).name}({rc})"
+            except ValueError:
+                return f"SIGNAL({rc})"
+        return f"EXIT({rc})"
+
+
+def _pump(stream: IO[bytes], tail: deque[str], echo: bool) -> None:
+    """Copy the step's output to our stderr line by line, keeping the last lines."""
+    try:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            tail.append(line.rstrip("\n")[:_TAIL_LINE_CHARS])
+            if echo:
+                try:
+                    sys.stderr.write(line)
+                    sys.stderr.flush()
+                except (OSError, ValueError):
+                    echo = False  # our stderr went away; keep draining so the step never blocks
+    finally:
+        stream.close()
+
+
+def _remember_descendants(pid: int, known: dict[int, psutil.Process]) -> None:
+    try:
+        for child in psutil.Process(pid).children(recursive=True):
+            known.setdefault(child.pid, child)
+    except psutil.Error:
+        pass
+
+
+def _group_members(pgid: int) -> list[psutil.Process]:
+    """Live (non-zombie) processes whose process group is ``pgid``."""
+    members = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                members.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return members
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except psutil.Error:
+            continue
+    return out
+
+
+def _signal_all(pgid: int, strays: list[psutil.Process], sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError as exc:  # pragma: no cover - a group we cannot signal is not ours
+        logger.warning("cannot signal process group %d: %s", pgid, exc)
+    for proc in strays:
+        try:
+            proc.send_signal(sig)
+        except psutil.Error:
+            pass
+
+
+def _remaining(popen: subprocess.Popen[bytes], pgid: int, known: dict[int, psutil.Process]) -> list[psutil.Process]:
+    popen.poll()  # reap the leader, so it does not count as a live zombie
+    me = os.getpid()
+    found = {p.pid: p for p in _group_members(pgid)}
+    for proc in _alive(list(known.values())):
+        found.setdefault(proc.pid, proc)
+    found.pop(me, None)
+    return list(found.values())
+
+
+def stop_group(
+    popen: subprocess.Popen[bytes], known: dict[int, psutil.Process], grace_s: float
+) -> int:
+    """Stop the step's group and remembered descendants: SIGTERM, ``grace_s``, SIGKILL.
+
+    Returns how many processes (leader included) were still alive and had to be stopped.
+    A second Ctrl-C during the grace period skips straight to SIGKILL.
+    """
+    pgid = popen.pid
+    _remember_descendants(popen.pid, known)
+    targets = _remaining(popen, pgid, known)
+    if not targets and popen.returncode is not None:
+        return 0
+    count = len(targets)
+    logger.info("stopping %d process(es) of step group %d (SIGTERM, then SIGKILL after %.1fs)",
+                count, pgid, grace_s)
+    strays = [p for p in targets if p.pid != pgid]
+    _signal_all(pgid, strays, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    try:
+        while time.monotonic() < deadline:
+            if not _remaining(popen, pgid, known):
+                break
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        logger.warning("interrupted again: killing step group %d now", pgid)
+    left = _remaining(popen, pgid, known)
+    if left:
+        logger.warning("%d process(es) of step group %d ignored SIGTERM; sending SIGKILL", len(left), pgid)
+        _signal_all(pgid, [p for p in left if p.pid != pgid], signal.SIGKILL)
+        # The leader is reaped by Popen only: psutil reaping it would lose its exit status.
+        psutil.wait_procs([p for p in left if p.pid != pgid], timeout=5.0)
+    popen.wait()
+    return count
+
+
+def run_in_group(
+    command: list[str],
+    *,
+    timeout_s: float,
+    grace_s: float,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    echo: bool = True,
+) -> StepRun:
+    """Run ``command`` in a new session; stop its whole group on timeout, Ctrl-C (or the
+    SIGTERM the CLI turns into one) and after it ends. Never raises for the step's failure:
+    the result says what happened and the judge decides."""
+    known: dict[int, psutil.Process] = {}
+    tail: deque[str] = deque(maxlen=_TAIL_LINES)
+    started_at = time.time()
+    t0 = time.monotonic()
+    popen = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+        cwd=cwd,
+    )
+    assert popen.stdout is not None
+    pump = threading.Thread(target=_pump, args=(popen.stdout, tail, echo), name="step-output", daemon=True)
+    pump.start()
+    run = StepRun(command=list(command), pid=popen.pid, returncode=None, started_at=started_at, duration_s=0.0)
+    deadline = t0 + timeout_s
+    try:
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    run.timed_out = True
+                    logger.error("step pid %d timed out after %.1fs; stopping its process group",
+                                 popen.pid, timeout_s)
+                    break
+                try:
+                    popen.wait(timeout=min(_POLL_S, remaining))
+                    break
+                except subprocess.TimeoutExpired:
+                    _remember_descendants(popen.pid, known)
+        except KeyboardInterrupt:
+            run.interrupted = _pending_signal_name()
+            logger.error("interrupted (%s): stopping step group %d", run.interrupted, popen.pid)
+    finally:
+        stopped = stop_group(popen, known, grace_s)
+        pump.join(timeout=5.0)
+    run.returncode = popen.returncode
+    run.duration_s = round(time.monotonic() - t0, 3)
+    run.output_tail = list(tail)
+    if not run.timed_out and not run.interrupted and stopped:
+        run.leftovers = stopped
+        logger.warning("step pid %d exited but left %d process(es) running; they were stopped",
+                       popen.pid, stopped)
+    return run
+
+
+# The CLI turns SIGTERM into KeyboardInterrupt so one code path stops the step group;
+# it records which signal arrived here so the decision log can say so.
+_last_signal: list[str] = []
+
+
+def _pending_signal_name() -> str:
+    return _last_signal.pop() if _last_signal else "SIGINT"
+
+
+def install_sigterm_as_interrupt() -> None:
+    """Make SIGTERM to the WATCHER behave like Ctrl-C (main thread only)."""
+
+    def _handler(signum: int, _frame: object) -> None:
+        _last_signal.append(signal.Signals(signum).name)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _handler)
