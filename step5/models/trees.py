@@ -48,7 +48,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from step5.artifacts import CHECKPOINT_FILENAMES, CHECKPOINT_FORMATS
-from step5.errors import DataError
+from step5.errors import DataError, JobError
 
 logger = logging.getLogger(__name__)
 
@@ -424,6 +424,27 @@ def _fit_catboost(
 _FITTERS = {"xgboost": _fit_xgboost, "lightgbm": _fit_lightgbm, "catboost": _fit_catboost}
 
 
+def _library_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes the three libraries raise for a fit they reject."""
+    import catboost
+    import lightgbm
+    import xgboost
+
+    return (xgboost.core.XGBoostError, lightgbm.basic.LightGBMError, catboost.CatBoostError)
+
+
+def _as_job_error(model_type: str, exc: Exception) -> Exception:
+    """A library's refusal (bad parameter value, out of memory) as a deterministic
+    :class:`JobError` that fails the trial, not the run; anything else (a bug) unchanged."""
+    if isinstance(exc, MemoryError):
+        return JobError(f"{model_type} ran out of memory: {exc}", "out_of_memory")
+    if isinstance(exc, _library_errors()):
+        text = str(exc).strip()
+        kind = "out_of_memory" if "out of memory" in text.lower() else "train_error"
+        return JobError(f"{model_type} training failed: {type(exc).__name__}: {text}", kind)
+    return exc
+
+
 def train_fold(
     model_type: str,
     params: Mapping[str, Any],
@@ -452,6 +473,10 @@ def train_fold(
     scoring), ``best_iteration`` (0-based index of the last kept round), ``n_iterations``,
     ``early_stopped``, ``device`` ("cpu" or "cuda"), ``device_fallback`` (why a GPU fit
     ended on CPU, or None), ``model_type``, ``seed``, ``n_train``, ``n_val``.
+
+    Raises ``ValueError`` for bad arguments (naming the argument), and
+    :class:`~step5.errors.JobError` when the library rejects the fit (a parameter value it
+    refuses, out of memory): deterministic failures that should fail the trial.
     """
     _check_model_type(model_type)
     started = time.perf_counter()
@@ -479,15 +504,18 @@ def train_fold(
                             seed=seed, n_threads=n_threads, device=where)
     except Exception as exc:
         if where == "cpu":
-            raise
+            raise _as_job_error(model_type, exc) from exc
         # A broken driver or a build without GPU support must not cost the run; the same
         # params are tried on CPU, and later folds skip the GPU straight away.
         fallback = f"{type(exc).__name__}: {exc}"
         _GPU_BROKEN[model_type] = fallback
         logger.warning("%s GPU fit failed (%s); falling back to CPU for this process", model_type, fallback)
         where = "cpu"
-        booster, kept = fit(lib, X_tr, y_tr, X_va, y_va, n_rounds=rounds, early_stopping=early,
-                            seed=seed, n_threads=n_threads, device="cpu")
+        try:
+            booster, kept = fit(lib, X_tr, y_tr, X_va, y_va, n_rounds=rounds, early_stopping=early,
+                                seed=seed, n_threads=n_threads, device="cpu")
+        except Exception as exc2:
+            raise _as_job_error(model_type, exc2) from exc2
 
     kind = "cpu" if where == "cpu" else "cuda"
     model = TreeModel(model_type, booster, n_features=X_tr.shape[1], n_iterations=kept, device=kind)

@@ -222,3 +222,15 @@ def test_gpu_training_when_a_gpu_is_present(model_type, planted, tmp_path):
     loaded = trees.load_model(path, model_type)
     (_, _), (_, _), (Xte, _) = planted
     np.testing.assert_allclose(loaded.predict(Xte), model.predict(Xte), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "params"),
+    [("xgboost", {"max_depth": -3}), ("lightgbm", {"num_leaves": 1}), ("catboost", {"depth": 99})],
+)
+def test_a_fit_the_library_rejects_is_a_job_error(model_type, params, planted):
+    from step5.errors import JobError
+
+    with pytest.raises(JobError, match=f"{model_type} training failed") as info:
+        _fit(model_type, planted, {"n_estimators": 5, **params})
+    assert info.value.error_type == "train_error"
