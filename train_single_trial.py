@@ -1,0 +1,18 @@
+#!/usr/bin/env python3
+"""One-shot neural-net trainer (the S96A path): one fold, one process, one JSON line.
+
+A thin door into :mod:`step5.nn.oneshot`; flags and output are described there and in
+docs/training.md. Stdout is claimed before anything else is imported, so only the result
+line can reach it.
+"""
+from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__":
+    from step5.stdout_guard import claim_stdout
+
+    claim_stdout()
+    from step5.nn.oneshot import main
+
+    sys.exit(main())
