@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from step5.errors import UsageError
+
 MODEL_TYPES = ("neural_net", "xgboost", "lightgbm", "catboost")
 
 
@@ -45,6 +47,44 @@ class OptimizerConfig:
     diagnostics_dir: Path = Path("diagnostics_outputs")  # relative to the working directory
     fuse_folds: bool | None = None  # None: the policy's training.fuse_folds decides
     fuse_trials: int = 1  # trials asked from Optuna at once and fused by layer shape
+    nn_max_epochs: int = 200  # NN search space: the epoch cap every trial trains under (early stopping ends sooner)
+    command_line: list[str] | None = None  # argv as the user typed it, for the sidecar's provenance
+
+
+def validate_config(config: OptimizerConfig) -> None:
+    """Reject settings no run could honour, naming the flag; raises :class:`UsageError`.
+
+    argparse checks types; this checks ranges and combinations, so a config built in code
+    (compare runs, tests) gets the same checks as one parsed from the command line.
+    """
+    if config.model_type not in MODEL_TYPES:
+        raise UsageError(f"--model-type must be one of {list(MODEL_TYPES)}, got {config.model_type!r}")
+    if config.trials < 1:
+        raise UsageError(f"--trials must be >= 1, got {config.trials}")
+    if config.k_folds < 2:
+        raise UsageError(f"--k-folds must be >= 2, got {config.k_folds}")
+    if not 0.0 < config.test_holdout < 1.0:
+        raise UsageError(f"--test-holdout must be a fraction strictly between 0 and 1, got {config.test_holdout}")
+    if config.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {config.seed}")
+    if config.cpu_workers is not None and config.cpu_workers < 1:
+        raise UsageError(f"--cpu-workers must be >= 1, got {config.cpu_workers}")
+    if config.dropout is not None and not 0.0 <= config.dropout < 1.0:
+        raise UsageError(f"--dropout must be in [0, 1), got {config.dropout}")
+    if config.mod is not None and config.mod < 1:
+        raise UsageError(f"--mod must be >= 1, got {config.mod}")
+    if config.holdout_draws is not None and config.holdout_draws < 0:
+        raise UsageError(f"--holdout-draws must be >= 0, got {config.holdout_draws}")
+    if config.fuse_trials < 1:
+        raise UsageError(f"--fuse-trials must be >= 1, got {config.fuse_trials}")
+    if config.nn_max_epochs < 1:
+        raise UsageError(f"--nn-max-epochs must be >= 1, got {config.nn_max_epochs}")
+    if config.study_name is not None and not config.study_name.strip():
+        raise UsageError("--study-name must not be empty")
+    if config.storage is not None and "://" not in config.storage:
+        raise UsageError(
+            f"--storage must be an Optuna storage URL such as sqlite:///path/optuna.db, got {config.storage!r}"
+        )
 
 
 @dataclass

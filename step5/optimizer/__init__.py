@@ -1,0 +1,23 @@
+"""The Step 5 optimizer (torch-free): config, study, objective, the run, the CLI.
+
+Re-exports only; the modules are ``config`` (settings and outcome), ``study`` (open /
+resume), ``search_space`` (NN hyperparameters), ``objective`` (anti-overfit score and the
+model backends), ``optimizer`` (one run, start to sidecar), ``diagnostics``, ``plots`` and
+``cli``.
+"""
+from __future__ import annotations
+
+from step5.optimizer.config import MODEL_TYPES, OptimizerConfig, RunOutcome, validate_config
+from step5.optimizer.objective import OBJECTIVE_FORMULA, OVERFIT_PENALTY, anti_overfit_score
+from step5.optimizer.optimizer import AntiOverfitMetaOptimizer
+
+__all__ = [
+    "MODEL_TYPES",
+    "OBJECTIVE_FORMULA",
+    "OVERFIT_PENALTY",
+    "AntiOverfitMetaOptimizer",
+    "OptimizerConfig",
+    "RunOutcome",
+    "anti_overfit_score",
+    "validate_config",
+]

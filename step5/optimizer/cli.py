@@ -1,0 +1,262 @@
+"""The Step 5 command line (SPEC section 3): parse, configure logging, run, map to an exit code.
+
+Exit codes:
+
+* 0  success (model + sidecar written);
+* 1  error (a :class:`~step5.errors.Step5Error`: bad input file, bad policy, failed run);
+     the message goes to stderr;
+* 2  degenerate target signal (a degenerate sidecar is written, no model);
+* 64 command-line usage error (argparse errors and flag conflicts, like ``EX_USAGE``);
+* 130 / 143 interrupted by Ctrl-C / SIGTERM (workers and temp files are cleaned up first).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn, Sequence
+
+from step5.devices import parse_gpu_list
+from step5.errors import DegenerateSignalError, Step5Error, UsageError
+from step5.optimizer.config import MODEL_TYPES, OptimizerConfig, validate_config
+
+logger = logging.getLogger("step5.optimizer")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_DEGENERATE = 2
+EXIT_USAGE = 64
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class _UsageExitParser(argparse.ArgumentParser):
+    """argparse, but a usage error exits 64 (EX_USAGE) instead of argparse's 2.
+
+    Exit code 2 means "degenerate signal" to the WATCHER; a typo must not look like one.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction strictly between 0 and 1, got {value}")
+    return value
+
+
+def _dropout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a dropout probability in [0, 1), got {value}")
+    return value
+
+
+def _gpus(text: str) -> list[str]:
+    if text.strip().lower() in ("none", "cpu"):
+        return []  # explicit "no GPU": CPU workers only
+    try:
+        return parse_gpu_list(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> argparse.ArgumentParser:
+    """The SPEC section 3 parser (plus the documented extras ``--nn-max-epochs`` and fusion flags)."""
+    p = _UsageExitParser(
+        prog=prog,
+        description=(
+            "Step 5: Optuna search for a regressor of each survivor's holdout quality, with an "
+            "anti-overfit objective; saves best_model.* and best_model.meta.json."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = p.add_argument_group("inputs")
+    data.add_argument("--survivors", type=Path, required=True, help="survivors_with_scores.json")
+    data.add_argument("--lottery-data", type=Path, required=True, help="train_history.json (draw history)")
+    data.add_argument("--target", default="holdout_quality", help="target column (features[NAME] or the record's NAME)")
+    data.add_argument("--prng-type", default=None, help="recorded in data_context (default: from survivors metadata)")
+    data.add_argument("--mod", type=_positive_int, default=None, help="recorded in data_context (default: from metadata)")
+    data.add_argument("--holdout-draws", type=_non_negative_int, default=None, help="draws held out upstream, recorded")
+
+    search = p.add_argument_group("search")
+    search.add_argument("--model-type", choices=MODEL_TYPES, default=None, help="model family [neural_net]")
+    search.add_argument("--compare-models", action="store_true", help="run all four model types and keep the best")
+    search.add_argument("--trials", type=_positive_int, default=50,
+                        help="complete trials the study must hold (a resumed study runs only the missing ones)")
+    search.add_argument("--k-folds", type=_positive_int, default=5, help="CV folds per trial (>= 2)")
+    search.add_argument("--test-holdout", type=_fraction, default=0.2, help="fraction of rows held out as the test set")
+    search.add_argument("--seed", type=_non_negative_int, default=42, help="seeds the splits, the sampler and training")
+    search.add_argument("--study-name", default=None, help="Optuna study name [derived from model type, data and setup]")
+    search.add_argument("--storage", default=None,
+                        help="Optuna storage URL [sqlite:///<output-dir>/optuna_step5.db, so a re-run resumes]")
+
+    nn = p.add_argument_group("neural net")
+    nn.add_argument("--normalize-features", action=argparse.BooleanOptionalAction, default=True,
+                    help="standardise features with training-fold statistics")
+    nn.add_argument("--use-leaky-relu", action=argparse.BooleanOptionalAction, default=True,
+                    help="LeakyReLU instead of ReLU")
+    nn.add_argument("--dropout", type=_dropout, default=None, help="fix dropout instead of searching it")
+    nn.add_argument("--nn-max-epochs", type=_positive_int, default=200,
+                    help="epoch cap of every NN trial and of the final model (early stopping ends sooner)")
+
+    ex = p.add_argument_group("execution")
+    ex.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, default=None,
+                    help="persistent NN workers (S96B) or one subprocess per fold (S96A) [policy decides]")
+    ex.add_argument("--policy", type=Path, default=Path("watcher_policies.json"), help="policy file")
+    ex.add_argument("--gpus", type=_gpus, default=None,
+                    help="GPU indices like 0,1, or 'none' [detected without torch]")
+    ex.add_argument("--cpu-workers", type=_positive_int, default=None, help="NN workers when there is no GPU [one per core, max 8]")
+    ex.add_argument("--fuse-folds", action=argparse.BooleanOptionalAction, default=None,
+                    help="train a trial's folds in one fused pass (not implemented yet) [policy decides]")
+    ex.add_argument("--fuse-trials", type=_positive_int, default=1, help="trials fused per pass (not implemented yet)")
+
+    out = p.add_argument_group("outputs")
+    out.add_argument("--output-dir", type=Path, default=Path("models/reinforcement"), help="where the model and sidecar go")
+    out.add_argument("--enable-diagnostics", action="store_true", help="per-trial/per-fold diagnostics under diagnostics_outputs/")
+    out.add_argument("--parent-run-id", default=None, help="pipeline run id, recorded in provenance")
+    out.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO", help="logging level (stderr)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, command_line: Sequence[str]) -> OptimizerConfig:
+    """Turn parsed flags into a validated :class:`OptimizerConfig`; conflicts are :class:`UsageError`."""
+    if args.compare_models and args.model_type is not None:
+        raise UsageError("--compare-models runs every model type; do not combine it with --model-type")
+    config = OptimizerConfig(
+        survivors=args.survivors,
+        lottery_data=args.lottery_data,
+        model_type=args.model_type or "neural_net",
+        compare_models=args.compare_models,
+        trials=args.trials,
+        k_folds=args.k_folds,
+        test_holdout=args.test_holdout,
+        output_dir=args.output_dir,
+        study_name=args.study_name,
+        storage=args.storage,
+        seed=args.seed,
+        target=args.target,
+        persistent_workers=args.persistent_workers,
+        policy_path=args.policy,
+        gpus=args.gpus,
+        cpu_workers=args.cpu_workers,
+        normalize_features=args.normalize_features,
+        use_leaky_relu=args.use_leaky_relu,
+        dropout=args.dropout,
+        enable_diagnostics=args.enable_diagnostics,
+        prng_type=args.prng_type,
+        mod=args.mod,
+        holdout_draws=args.holdout_draws,
+        parent_run_id=args.parent_run_id,
+        log_level=args.log_level,
+        fuse_folds=args.fuse_folds,
+        fuse_trials=args.fuse_trials,
+        nn_max_epochs=args.nn_max_epochs,
+        command_line=list(command_line),
+    )
+    validate_config(config)
+    return config
+
+
+def configure_logging(level: str) -> None:
+    """Everything to stderr in one format; Optuna's records go through the same handler."""
+    import optuna
+
+    logging.basicConfig(
+        stream=sys.stderr, level=level, force=True,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    # Our per-trial progress line replaces Optuna's "Trial N finished"; its warnings
+    # ("Trial N failed with parameters ... because ...") stay.
+    optuna.logging.set_verbosity(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, delivered as an interrupt so that every ``finally`` (workers, temp dirs,
+    Optuna's trial bookkeeping, which treats KeyboardInterrupt as a failed trial) runs."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated()
+
+
+def run_config(config: OptimizerConfig) -> int:
+    """Run one configured Step 5 invocation and return its exit code."""
+    if config.compare_models:
+        try:
+            from step5.optimizer.compare import run_compare
+        except ImportError as exc:
+            raise Step5Error(f"--compare-models is not available yet: {exc}") from None
+        return int(run_compare(config))
+    from step5.optimizer.optimizer import AntiOverfitMetaOptimizer
+
+    AntiOverfitMetaOptimizer(config).run()
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """Entry point of ``meta_prediction_optimizer_anti_overfit.py``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(prog or Path(sys.argv[0]).name or "meta_prediction_optimizer_anti_overfit.py")
+    args = parser.parse_args(argv)  # exits 64 on a usage error, 0 for --help
+    configure_logging(args.log_level)
+    previous: Any = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (e.g. called from a test harness thread)
+        previous = None
+    try:
+        config = config_from_args(args, [sys.argv[0], *argv])
+        return run_config(config)
+    except DegenerateSignalError as exc:
+        print(f"degenerate signal: {exc}", file=sys.stderr)
+        return EXIT_DEGENERATE
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Step5Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except _Terminated:
+        logger.error("terminated by SIGTERM; workers and temporary files were cleaned up")
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        logger.error("interrupted; workers and temporary files were cleaned up")
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,411 @@
+"""The anti-overfit objective and the model backends that train one trial's folds.
+
+::
+
+    Optuna trial ──▶ AntiOverfitObjective
+                       │ backend.suggest(trial)          -> params (a plain dict)
+                       │ backend.run_folds(n, params)    -> K fold results
+                       │   ├─ NNBackend:   K TrainRequests ──▶ FoldRunner (workers or
+                       │   │               one-shot subprocesses; the parent never imports torch)
+                       │   └─ TreeBackend: K in-process fits via step5.models.trees
+                       ▼
+                     anti_overfit_score(val R², train R²) -> the trial's value
+
+Objective (maximised)::
+
+    objective = mean_k(val_r2_k) - 0.5 * max(0, mean_k(train_r2_k) - mean_k(val_r2_k))
+
+It rewards generalisation (mean validation R² over the K folds) and charges half of the
+train/validation gap, so of two configurations with the same validation R², the one that
+fits its training rows less suspiciously well wins; a model that fits train *worse* than
+validation is not rewarded for it (the gap is clipped at 0).
+
+Both backends share one shape: ``suggest``, ``run_folds``, ``train_final``, ``summary`` and
+``close``, so the optimizer never asks which model family it is running. Fold data is
+prepared once per run (:class:`CVData`): the NN backend writes each fold's NPZ file once
+and every trial reuses it (workers cache them by path).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import optuna
+
+from step5.data.splits import FoldFiles
+from step5.errors import JobError, Step5Error
+from step5.execution.runner import FoldRunner
+from step5.protocol import NNParams, TrainRequest
+from step5.optimizer.search_space import suggest_nn_params
+
+logger = logging.getLogger(__name__)
+
+#: Weight of the (clipped) train/validation R² gap in the objective.
+OVERFIT_PENALTY = 0.5
+OBJECTIVE_FORMULA = (
+    f"objective = mean_k(val_r2_k) - {OVERFIT_PENALTY} * max(0, mean_k(train_r2_k) - mean_k(val_r2_k))"
+)
+
+#: ``fold_idx`` of the final model's request (distinct from every CV fold, for logs and seeds).
+FINAL_FOLD_IDX = 1_000_000
+
+#: The metric keys every fold result carries, whatever the backend.
+FOLD_METRIC_KEYS = ("r2", "val_mse", "train_mse", "train_r2", "duration")
+
+
+def anti_overfit_score(val_r2: Sequence[float], train_r2: Sequence[float]) -> float:
+    """The objective above, for one trial's folds; NaN when any fold's metric is not finite."""
+    val = np.asarray(val_r2, dtype=np.float64)
+    train = np.asarray(train_r2, dtype=np.float64)
+    if val.size == 0 or val.shape != train.shape:
+        raise ValueError(f"need one val and one train R² per fold, got {val.size} and {train.size}")
+    if not (np.isfinite(val).all() and np.isfinite(train).all()):
+        return float("nan")
+    mean_val, mean_train = float(val.mean()), float(train.mean())
+    return mean_val - OVERFIT_PENALTY * max(0.0, mean_train - mean_val)
+
+
+def fold_seed(base_seed: int, trial_number: int, fold_idx: int) -> int:
+    """A training seed per (run seed, trial, fold): distinct streams, same inputs -> same seed."""
+    state = np.random.SeedSequence([int(base_seed), int(trial_number), int(fold_idx)]).generate_state(2, np.uint32)
+    return (int(state[0]) << 30) | (int(state[1]) >> 2)  # 62 bits: within the protocol's seed < 2**63
+
+
+@dataclass
+class CVData:
+    """The rows of one run, split once: K CV folds of the dev rows, the final split, the test set.
+
+    Indices are positions in ``X_dev``/``y_dev``. The test rows are never part of a fold.
+    """
+
+    X_dev: np.ndarray  # (n_dev, d) float32
+    y_dev: np.ndarray  # (n_dev,) float64
+    X_test: np.ndarray  # (n_test, d) held out: scored by the final model only
+    y_test: np.ndarray
+    folds: list[tuple[np.ndarray, np.ndarray]]  # K (train_idx, val_idx) pairs over dev rows
+    final_fit_idx: np.ndarray  # dev rows the final model is fitted on
+    final_es_idx: np.ndarray  # dev rows the final model early-stops on (~1/K of dev)
+    feature_names: list[str]
+
+    @property
+    def k(self) -> int:
+        return len(self.folds)
+
+
+def r2_from_mse(mse: float, y: np.ndarray) -> float:
+    """R² = 1 - MSE / Var(y): the train R² when a trainer reports only the train MSE."""
+    var = float(np.var(y))
+    return float("nan") if var <= 0.0 else 1.0 - float(mse) / var
+
+
+class ModelBackend(Protocol):
+    """One model family's way of training a trial's folds and the final model."""
+
+    model_type: str
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        """This trial's hyperparameters, as the plain dict stored in the trial and the sidecar."""
+        ...
+
+    def run_folds(self, trial_number: int, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """Train and score every CV fold; one metrics dict per fold, in fold order.
+
+        Raises :class:`JobError` when a fold fails deterministically.
+        """
+        ...
+
+    def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
+        """Fit on the final split with exactly ``params``, score on the test set, save the model."""
+        ...
+
+    def summary(self) -> dict[str, Any]:
+        """The sidecar's ``execution`` block (mode, workers, devices, fallbacks, timings)."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class NNBackend:
+    """Neural-net folds as :class:`TrainRequest` jobs for a :class:`FoldRunner`.
+
+    The K fold NPZ files and the final-model NPZ are written once, here, into ``files``;
+    every trial sends requests naming the same paths.
+    """
+
+    model_type = "neural_net"
+
+    def __init__(
+        self,
+        runner: FoldRunner,
+        cv: CVData,
+        files: FoldFiles,
+        *,
+        seed: int,
+        normalize_features: bool,
+        use_leaky_relu: bool,
+        dropout: float | None,
+        max_epochs: int,
+        batch_mode: str = "auto",
+    ) -> None:
+        self.runner = runner
+        self.cv = cv
+        self.seed = seed
+        self.normalize_features = normalize_features
+        self.use_leaky_relu = use_leaky_relu
+        self.dropout = dropout
+        self.max_epochs = max_epochs
+        self.batch_mode = batch_mode
+        start = time.perf_counter()
+        self.fold_paths: list[str] = []
+        for f, (tr, va) in enumerate(cv.folds):
+            path = files.write(
+                f"fold_{f}", cv.X_dev[tr], cv.y_dev[tr], cv.X_dev[va], cv.y_dev[va], feature_names=cv.feature_names,
+            )
+            self.fold_paths.append(str(path))
+        self.final_path = str(
+            files.write(
+                "final",
+                cv.X_dev[cv.final_fit_idx], cv.y_dev[cv.final_fit_idx],
+                cv.X_dev[cv.final_es_idx], cv.y_dev[cv.final_es_idx],
+                X_test=cv.X_test, y_test=cv.y_test, feature_names=cv.feature_names,
+            )
+        )
+        self.write_s = time.perf_counter() - start
+        logger.info("wrote %d fold NPZ files + the final split to %s in %.2fs", cv.k, files.path, self.write_s)
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        return suggest_nn_params(trial, max_epochs=self.max_epochs, fixed_dropout=self.dropout).to_dict()
+
+    def _request(self, trial_number: int, fold_idx: int, params: NNParams, path: str, **extra: Any) -> TrainRequest:
+        return TrainRequest(
+            data_path=path,
+            params=params,
+            trial_number=trial_number,
+            fold_idx=fold_idx,
+            normalize_features=self.normalize_features,
+            use_leaky_relu=self.use_leaky_relu,
+            batch_mode=self.batch_mode,
+            seed=fold_seed(self.seed, trial_number, fold_idx),
+            job_id=f"t{trial_number}-f{fold_idx}",
+            **extra,
+        )
+
+    def run_folds(self, trial_number: int, params: dict[str, Any]) -> list[dict[str, Any]]:
+        nn_params = NNParams.from_dict(params)
+        requests = [self._request(trial_number, f, nn_params, p) for f, p in enumerate(self.fold_paths)]
+        results = self.runner.run_jobs(requests)
+        for (tr, _va), res in zip(self.cv.folds, results):
+            if "train_r2" not in res and "train_mse" in res:
+                res["train_r2"] = r2_from_mse(res["train_mse"], self.cv.y_dev[tr])
+        return results
+
+    def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
+        request = self._request(
+            trial_number, FINAL_FOLD_IDX, NNParams.from_dict(params), self.final_path,
+            save_model_path=str(checkpoint_path),
+        )
+        (result,) = self.runner.run_jobs([request])
+        if "train_r2" not in result and "train_mse" in result:
+            result["train_r2"] = r2_from_mse(result["train_mse"], self.cv.y_dev[self.cv.final_fit_idx])
+        if not Path(checkpoint_path).is_file():
+            raise Step5Error(f"the final neural-net job reported success but wrote no checkpoint at {checkpoint_path}")
+        return result
+
+    def training_options(self) -> dict[str, Any]:
+        """Flags every request of this run carried (recorded in the sidecar)."""
+        return {
+            "normalize_features": self.normalize_features,
+            "use_leaky_relu": self.use_leaky_relu,
+            "batch_mode": self.batch_mode,
+            "dropout_fixed": self.dropout,
+            "nn_max_epochs": self.max_epochs,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        return self.runner.summary()
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def _load_trees_module() -> Any:
+    try:
+        from step5.models import trees
+    except ImportError as exc:
+        raise Step5Error(
+            f"tree models are not available yet: step5.models.trees cannot be imported ({exc}); "
+            "use --model-type neural_net"
+        ) from None
+    return trees
+
+
+class TreeBackend:
+    """xgboost / lightgbm / catboost folds fitted in-process through :mod:`step5.models.trees`.
+
+    Gradient-boosted trees do not touch torch or CUDA state in the parent, so they need no
+    subprocess; execution mode is ``inline``.
+    """
+
+    def __init__(self, model_type: str, cv: CVData, *, seed: int) -> None:
+        self.model_type = model_type
+        self.cv = cv
+        self.seed = seed
+        self.trees = _load_trees_module()
+        self._jobs = 0
+        self._compute_s = 0.0
+        self._wall_s = 0.0
+        self._devices: set[str] = set()
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        return dict(self.trees.suggest_params(trial, self.model_type))
+
+    def _fit(
+        self, trial_number: int, fold_idx: int, params: dict[str, Any], tr: np.ndarray, va: np.ndarray, **test: Any
+    ) -> tuple[dict[str, Any], Any]:
+        start = time.perf_counter()
+        try:
+            metrics, model = self.trees.train_fold(
+                self.model_type, dict(params),
+                self.cv.X_dev[tr], self.cv.y_dev[tr], self.cv.X_dev[va], self.cv.y_dev[va],
+                seed=fold_seed(self.seed, trial_number, fold_idx), **test,
+            )
+        except JobError as exc:
+            # The library rejected these params or this data: deterministic, fails the trial.
+            exc.trial_number = trial_number if exc.trial_number is None else exc.trial_number
+            exc.fold_idx = fold_idx if exc.fold_idx is None else exc.fold_idx
+            raise
+        elapsed = time.perf_counter() - start
+        self._jobs += 1
+        self._wall_s += elapsed
+        metrics = dict(metrics)
+        metrics.setdefault("duration", elapsed)
+        self._compute_s += float(metrics["duration"])
+        metrics.update(model_type=self.model_type, trial_number=trial_number, fold_idx=fold_idx)
+        metrics.setdefault("device", "cpu")
+        self._devices.add(str(metrics["device"]))
+        return metrics, model
+
+    def run_folds(self, trial_number: int, params: dict[str, Any]) -> list[dict[str, Any]]:
+        return [self._fit(trial_number, f, params, tr, va)[0] for f, (tr, va) in enumerate(self.cv.folds)]
+
+    def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
+        metrics, model = self._fit(
+            trial_number, FINAL_FOLD_IDX, params, self.cv.final_fit_idx, self.cv.final_es_idx,
+            X_test=self.cv.X_test, y_test=self.cv.y_test,
+        )
+        self.trees.save_model(model, self.model_type, checkpoint_path)
+        metrics["model_path"] = str(checkpoint_path)
+        return metrics
+
+    def training_options(self) -> dict[str, Any]:
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "mode": "inline",
+            "workers": [],
+            "devices": sorted(self._devices) or ["cpu"],
+            "fallbacks": [],
+            "timings": {
+                "jobs": self._jobs,
+                "wall_s": round(self._wall_s, 4),
+                "compute_s": round(self._compute_s, 4),
+                "overhead_s": round(max(0.0, self._wall_s - self._compute_s), 4),
+                "spawn_s": 0.0,
+            },
+        }
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class TrialSummary:
+    """What one completed trial measured across its folds (stored in ``trial.user_attrs``)."""
+
+    value: float
+    val_r2_mean: float
+    val_r2_std: float
+    train_r2_mean: float
+    val_mse_mean: float
+    train_mse_mean: float
+    folds: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "value": self.value,
+            "val_r2_mean": self.val_r2_mean,
+            "val_r2_std": self.val_r2_std,
+            "train_r2_mean": self.train_r2_mean,
+            "val_mse_mean": self.val_mse_mean,
+            "train_mse_mean": self.train_mse_mean,
+        }
+
+
+#: Per-fold keys kept in the study (small, JSON-able); the rest of a result is log detail.
+_KEPT_FOLD_KEYS = (
+    "fold_idx", "r2", "train_r2", "val_mse", "train_mse", "duration", "load_s", "train_s", "device",
+    "epochs_run", "best_epoch", "n_train", "n_val",
+)
+
+
+def summarize_folds(results: Sequence[dict[str, Any]]) -> TrialSummary:
+    """Reduce K fold results to the trial's objective and its means."""
+    for i, res in enumerate(results):
+        missing = [k for k in ("r2", "train_r2", "val_mse", "train_mse") if k not in res]
+        if missing:
+            raise Step5Error(f"fold {i} result lacks {missing}: {sorted(res)}")
+    val = [float(r["r2"]) for r in results]
+    train = [float(r["train_r2"]) for r in results]
+    kept = [{k: r[k] for k in _KEPT_FOLD_KEYS if k in r} for r in results]
+    return TrialSummary(
+        value=anti_overfit_score(val, train),
+        val_r2_mean=float(np.mean(val)),
+        val_r2_std=float(np.std(val)),
+        train_r2_mean=float(np.mean(train)),
+        val_mse_mean=float(np.mean([r["val_mse"] for r in results])),
+        train_mse_mean=float(np.mean([r["train_mse"] for r in results])),
+        folds=kept,
+    )
+
+
+class AntiOverfitObjective:
+    """The callable handed to ``study.optimize``: one trial = K folds = one anti-overfit score.
+
+    A deterministic fold failure (:class:`JobError`) is recorded on the trial
+    (``user_attrs["fail_reason"]``) and re-raised; ``study.optimize(catch=(JobError,))`` then
+    marks the trial FAILED, logs "Trial N failed with parameters ... because ..." and goes on.
+    Anything else (a bug, Ctrl-C) fails the trial too and stops the study.
+    """
+
+    def __init__(self, backend: ModelBackend, *, on_result: Callable[[optuna.Trial, TrialSummary], None] | None = None):
+        self.backend = backend
+        self.on_result = on_result
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = self.backend.suggest(trial)
+        trial.set_user_attr("params", params)
+        trial.set_user_attr("model_type", self.backend.model_type)
+        start = time.perf_counter()
+        try:
+            results = self.backend.run_folds(trial.number, params)
+        except JobError as exc:
+            where = f" (fold {exc.fold_idx})" if exc.fold_idx is not None else ""
+            trial.set_user_attr("fail_reason", f"{exc.error_type}{where}: {exc.message}")
+            raise
+        summary = summarize_folds(results)
+        trial.set_user_attr("cv", summary.to_dict())
+        trial.set_user_attr("folds", summary.folds)
+        trial.set_user_attr("wall_s", round(time.perf_counter() - start, 4))
+        if self.on_result is not None:
+            self.on_result(trial, summary)
+        if not math.isfinite(summary.value):
+            # Optuna fails a trial whose value is NaN; say why first.
+            trial.set_user_attr("fail_reason", "a fold's R² is not finite (training diverged)")
+        return summary.value

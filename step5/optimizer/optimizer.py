@@ -1,0 +1,537 @@
+"""``AntiOverfitMetaOptimizer``: one Step 5 run for one model type, start to sidecar.
+
+::
+
+    load survivors + history ─▶ assess signal ──degenerate──▶ degenerate sidecar, exit 2
+            │ healthy / weak
+            ▼
+    seeded holdout split (test rows: no trial ever sees them)
+    K-fold splits of the dev rows + the final split, written ONCE to a private temp dir
+            │
+            ▼
+    Optuna study (SQLite by default: a re-run resumes) ──▶ N - complete new trials
+            │   each trial: K folds ─▶ backend (NN: FoldRunner = workers | one-shot
+            │                                   subprocesses; trees: in-process)
+            ▼
+    final model: the best trial's exact params, fitted on dev minus an early-stopping
+    slice (~1/K of dev), early-stopped on that slice, scored on the test rows
+            │
+            ▼
+    best_model.<ext> + best_model.meta.json (+ history PNG, + diagnostics when asked)
+
+The fold runner and the fold files are released in ``finally`` blocks, whatever ends the
+run (an error, Ctrl-C, SIGTERM turned into KeyboardInterrupt by the CLI). The parent never
+imports torch: neural-net work happens only in worker / one-shot subprocesses.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from step5 import artifacts
+from step5.data.history import load_history
+from step5.data.splits import FoldFiles, holdout_split, kfold_splits
+from step5.data.survivors import SurvivorTable, load_survivors
+from step5.devices import plan_slots
+from step5.errors import DataError, DegenerateSignalError, PolicyError, Step5Error, UsageError
+from step5.execution.factory import make_fold_runner, resolve_persistent_workers
+from step5.policy import Policy, load_policy
+from step5.signal_quality import assess_signal
+from step5.optimizer.config import OptimizerConfig, RunOutcome, validate_config
+from step5.optimizer.diagnostics import write_run_diagnostics
+from step5.optimizer.objective import (
+    OBJECTIVE_FORMULA,
+    OVERFIT_PENALTY,
+    AntiOverfitObjective,
+    CVData,
+    ModelBackend,
+    NNBackend,
+    TreeBackend,
+    TrialSummary,
+)
+from step5.optimizer.plots import plot_optimization_history
+from step5.optimizer.study import OpenedStudy, best_complete_trial, count_states, default_storage_url, default_study_name, open_study, redact_storage
+
+logger = logging.getLogger(__name__)
+
+HISTORY_PNG_NAME = "best_model.history.png"
+STAGING_PREFIX = ".staging-"
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+OVERFIT_RATIO_DEFINITION = (
+    "mean CV train R² / mean CV val R² of the best trial; null when the val R² is <= 0 (undefined)"
+)
+
+
+def overfit_ratio(train_r2: float | None, val_r2: float | None) -> float | None:
+    """train R² / val R²: 1.0 generalises as well as it fits; 1.5 fits 50% "better" than it
+    generalises. Undefined (None) when val R² <= 0: there is nothing to be a ratio of."""
+    if train_r2 is None or val_r2 is None or not val_r2 > 0.0:
+        return None
+    return float(train_r2) / float(val_r2)
+
+
+def check_fusion_request(config: OptimizerConfig, policy: Policy) -> None:
+    """Fused folds / fused trials are accepted on the command line but not built yet: say so.
+
+    Silently training unfused when fusion was asked for would misreport what ran, so a
+    request (flag, or the policy's ``training.fuse_folds``) is refused with a clear message.
+    """
+    fuse_folds = policy.training.fuse_folds if config.fuse_folds is None else config.fuse_folds
+    if fuse_folds or config.fuse_trials > 1:
+        what = []
+        if fuse_folds:
+            source = "--fuse-folds" if config.fuse_folds else f"the policy's training.fuse_folds ({policy.source})"
+            what.append(f"fused folds (requested by {source})")
+        if config.fuse_trials > 1:
+            what.append(f"fused trials (--fuse-trials {config.fuse_trials})")
+        message = (
+            f"{' and '.join(what)} are not implemented yet in this optimizer; "
+            "run without them (--no-fuse-folds, --fuse-trials 1)"
+        )
+        logger.error(message)
+        if config.fuse_folds is None and config.fuse_trials == 1:
+            raise PolicyError(message)
+        raise UsageError(message)
+
+
+class AntiOverfitMetaOptimizer:
+    """Search hyperparameters for one model type and save the best model with its sidecar.
+
+    ``run()`` returns a :class:`RunOutcome` on success and raises :class:`Step5Error`
+    subclasses otherwise: :class:`DataError` for bad inputs, :class:`DegenerateSignalError`
+    (after writing the degenerate sidecar; the exception carries ``.outcome``) when the
+    target has nothing to learn, :class:`UsageError` for impossible settings.
+    """
+
+    def __init__(self, config: OptimizerConfig) -> None:
+        validate_config(config)
+        self.config = config
+        self.run_id = uuid.uuid4().hex
+        self.output_dir = Path(config.output_dir)
+        self.timings: dict[str, float] = {}
+        self.policy: Policy | None = None
+        self._t0 = time.perf_counter()
+
+    # ------------------------------------------------------------------ public
+
+    def run(self) -> RunOutcome:
+        cfg = self.config
+        self._t0 = time.perf_counter()
+        logger.info(
+            "Step 5 run %s: model %s, %d trials, %d folds, test holdout %.2f, seed %d",
+            self.run_id[:8], cfg.model_type, cfg.trials, cfg.k_folds, cfg.test_holdout, cfg.seed,
+        )
+        self.policy = policy = load_policy(cfg.policy_path)
+        check_fusion_request(cfg, policy)
+
+        start = time.perf_counter()
+        table = load_survivors(cfg.survivors, cfg.target)
+        draws = load_history(cfg.lottery_data)
+        self.timings["load_s"] = time.perf_counter() - start
+        logger.info(
+            "loaded %d survivors x %d features (%d excluded: %s) and %d history draws in %.2fs",
+            table.n_records, table.n_features, len(table.excluded_features), table.excluded_features,
+            len(draws), self.timings["load_s"],
+        )
+
+        signal = assess_signal(table.y)
+        data_context = self._data_context(table, draws)
+        feature_schema = artifacts.build_feature_schema(table.feature_names, table.excluded_features, table.source_file)
+        setup = self._setup()
+        study_name = cfg.study_name or default_study_name(cfg.model_type, data_context["fingerprint_hash"], setup)
+        storage_url = cfg.storage or default_storage_url(self.output_dir)
+
+        if not signal["prediction_allowed"]:
+            outcome = self._write_degenerate(signal, data_context, feature_schema, study_name, storage_url)
+            exc = DegenerateSignalError(
+                f"target {cfg.target!r} has no usable signal ({signal['reason']}); "
+                f"wrote the degenerate sidecar {outcome.sidecar_path}, no model"
+            )
+            exc.outcome = outcome  # type: ignore[attr-defined]
+            raise exc
+
+        start = time.perf_counter()
+        cv = self._split(table)
+        self.timings["split_s"] = time.perf_counter() - start
+
+        opened = open_study(study_name=study_name, storage_url=storage_url, setup=setup, seed=cfg.seed)
+        with contextlib.ExitStack() as stack:
+            files = stack.enter_context(FoldFiles())
+            backend = self._make_backend(cv, files)
+            stack.callback(backend.close)  # workers shut down however the run ends
+            self._search(opened, backend)
+            best = best_complete_trial(opened.study)
+            if best is None:
+                raise Step5Error(self._no_complete_trial_message(opened.study))
+            final = self._train_final(best, backend)
+            execution = self._execution(backend)
+        # Fold files and workers are gone here; only the outputs remain.
+        return self._write_success(
+            opened, best, final, cv, signal, data_context, feature_schema, execution, backend,
+        )
+
+    # ------------------------------------------------------------------ data
+
+    def _data_context(self, table: SurvivorTable, draws: list[int]) -> dict[str, Any]:
+        cfg = self.config
+        prng_type = cfg.prng_type if cfg.prng_type is not None else table.prng_type
+        mod = cfg.mod if cfg.mod is not None else table.mod
+        extra = {"prng_type": prng_type, "mod": mod, "holdout_draws": cfg.holdout_draws}
+        fingerprint = artifacts.data_fingerprint(
+            table.X, table.y, table.feature_names, draws, target=table.target, extra=extra,
+        )
+        return {
+            "fingerprint_hash": fingerprint,
+            "training_window_draws": len(draws),
+            "survivor_count": table.n_records,
+            "prng_type": prng_type,
+            "mod": mod,
+            "holdout_draws": cfg.holdout_draws,
+            "target": table.target,
+            "missing_feature_fills": table.missing_fills,
+            "survivors_file": str(cfg.survivors),
+            "lottery_data_file": str(cfg.lottery_data),
+        }
+
+    def _setup(self) -> dict[str, Any]:
+        """What makes two runs' objective values comparable (see :mod:`step5.optimizer.study`)."""
+        cfg = self.config
+        setup: dict[str, Any] = {
+            "model_type": cfg.model_type,
+            "seed": cfg.seed,
+            "k_folds": cfg.k_folds,
+            "test_holdout": cfg.test_holdout,
+            "target": cfg.target,
+            "objective": OBJECTIVE_FORMULA,
+        }
+        if cfg.model_type == "neural_net":
+            setup.update(
+                normalize_features=cfg.normalize_features, use_leaky_relu=cfg.use_leaky_relu,
+                dropout=cfg.dropout, nn_max_epochs=cfg.nn_max_epochs,
+            )
+        return setup
+
+    def _split(self, table: SurvivorTable) -> CVData:
+        """Holdout test rows, K folds of the dev rows, and the final model's early-stopping slice."""
+        from sklearn.model_selection import train_test_split
+
+        cfg = self.config
+        n = table.n_records
+        n_test = int(np.ceil(n * cfg.test_holdout))
+        n_dev = n - n_test
+        # Each CV validation fold (and the final early-stopping slice) needs >= 2 rows for an R².
+        if n_dev < 2 * cfg.k_folds:
+            raise DataError(
+                f"survivors file {table.source_file}: {n} records leave {n_dev} development rows after "
+                f"holding out {cfg.test_holdout:.0%} for testing; {cfg.k_folds}-fold CV needs at least "
+                f"{2 * cfg.k_folds}. Use fewer --k-folds, a smaller --test-holdout or more data."
+            )
+        dev_idx, test_idx = holdout_split(n, cfg.test_holdout, cfg.seed)
+        folds = kfold_splits(len(dev_idx), cfg.k_folds, cfg.seed + 1)
+        fit_pos, es_pos = train_test_split(
+            np.arange(len(dev_idx)), test_size=1.0 / cfg.k_folds, random_state=cfg.seed + 2, shuffle=True,
+        )
+        logger.info(
+            "split %d rows: %d dev (%d folds of ~%d validation rows), %d test; final model fits %d, "
+            "early-stops on %d",
+            n, len(dev_idx), cfg.k_folds, len(dev_idx) // cfg.k_folds, len(test_idx), len(fit_pos), len(es_pos),
+        )
+        return CVData(
+            X_dev=table.X[dev_idx], y_dev=table.y[dev_idx], X_test=table.X[test_idx], y_test=table.y[test_idx],
+            folds=folds, final_fit_idx=np.sort(fit_pos), final_es_idx=np.sort(es_pos),
+            feature_names=list(table.feature_names),
+        )
+
+    # ------------------------------------------------------------------ search
+
+    def _make_backend(self, cv: CVData, files: FoldFiles) -> ModelBackend:
+        cfg = self.config
+        if cfg.model_type != "neural_net":
+            return TreeBackend(cfg.model_type, cv, seed=cfg.seed)
+        policy = self.policy
+        assert policy is not None, "run() loads the policy before making the backend"
+        slots = plan_slots(cfg.gpus, cfg.cpu_workers)
+        persistent = resolve_persistent_workers(cfg.persistent_workers, policy.training)
+        logger.info(
+            "neural-net folds run on %s via %s",
+            ", ".join(s.label for s in slots), "persistent workers (S96B)" if persistent else "one-shot subprocesses (S96A)",
+        )
+        start = time.perf_counter()
+        try:
+            runner = make_fold_runner(slots, policy.training, persistent=persistent)
+        except ImportError as exc:
+            raise Step5Error(
+                f"persistent workers are not available ({exc}); run with --no-persistent-workers"
+            ) from None
+        self.timings["runner_start_s"] = time.perf_counter() - start
+        try:
+            return NNBackend(
+                runner, cv, files, seed=cfg.seed, normalize_features=cfg.normalize_features,
+                use_leaky_relu=cfg.use_leaky_relu, dropout=cfg.dropout, max_epochs=cfg.nn_max_epochs,
+            )
+        except BaseException:
+            runner.close()
+            raise
+
+    def _search(self, opened: OpenedStudy, backend: ModelBackend) -> None:
+        cfg = self.config
+        n_new = max(0, cfg.trials - opened.complete_before)
+        self._first_new_number = opened.trials_before
+        self._new_trials = 0
+        start = time.perf_counter()
+        if n_new == 0:
+            logger.info(
+                "study %r already has %d complete trials (--trials %d): no new trials; rebuilding the final model",
+                opened.study_name, opened.complete_before, cfg.trials,
+            )
+        else:
+            logger.info("running %d new trial(s) (study has %d complete)", n_new, opened.complete_before)
+
+            def on_result(trial: optuna.Trial, summary: TrialSummary) -> None:
+                logger.debug("trial %d folds: %s", trial.number, summary.folds)
+
+            def progress(study: optuna.Study, trial: FrozenTrial) -> None:
+                self._new_trials += 1
+                done = self._new_trials
+                best = best_complete_trial(study)
+                best_txt = f"best {best.value:.4f} (trial {best.number})" if best is not None else "no complete trial yet"
+                if trial.state == TrialState.COMPLETE:
+                    cvm = trial.user_attrs.get("cv", {})
+                    logger.info(
+                        "[%d/%d] trial %d: objective %.4f (val R² %.4f ± %.4f, train R² %.4f) in %.1fs; %s",
+                        done, n_new, trial.number, trial.value, cvm.get("val_r2_mean", float("nan")),
+                        cvm.get("val_r2_std", float("nan")), cvm.get("train_r2_mean", float("nan")),
+                        trial.user_attrs.get("wall_s", 0.0), best_txt,
+                    )
+                else:
+                    logger.warning(
+                        "[%d/%d] trial %d %s: %s; %s", done, n_new, trial.number, trial.state.name,
+                        trial.user_attrs.get("fail_reason", "see the error above"), best_txt,
+                    )
+
+            from step5.errors import JobError
+
+            opened.study.optimize(
+                AntiOverfitObjective(backend, on_result=on_result),
+                n_trials=n_new,
+                catch=(JobError,),
+                callbacks=[progress],
+                gc_after_trial=False,
+            )
+        self.timings["search_s"] = time.perf_counter() - start
+
+    @staticmethod
+    def _no_complete_trial_message(study: optuna.Study) -> str:
+        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        reasons = [f"trial {t.number}: {t.user_attrs.get('fail_reason', 'unknown')}" for t in failed[-3:]]
+        return (
+            f"study {study.study_name!r} has no complete trial ({len(failed)} failed), so there is no model to build"
+            + (". Last failures:\n  " + "\n  ".join(reasons) if reasons else "")
+        )
+
+    # ------------------------------------------------------------------ final model
+
+    def _train_final(self, best: FrozenTrial, backend: ModelBackend) -> dict[str, Any]:
+        """Fit the best trial's exact params on the final split; stage the checkpoint.
+
+        The checkpoint is written into a staging folder inside the output dir and moved into
+        place only after the job succeeded, so a failed final fit never replaces a good model.
+        """
+        params = best.user_attrs.get("params")
+        if not isinstance(params, dict):
+            raise Step5Error(f"best trial {best.number} of the study has no recorded `params`; cannot rebuild it")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.output_dir))
+        name = artifacts.checkpoint_filename(self.config.model_type)
+        logger.info("training the final model with trial %d's params: %s", best.number, params)
+        start = time.perf_counter()
+        try:
+            result = backend.train_final(best.number, params, staging / name)
+            os.replace(staging / name, self.output_dir / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.timings["final_s"] = time.perf_counter() - start
+        result["params"] = params
+        logger.info(
+            "final model: train R² %.4f, early-stop R² %.4f, test R² %.4f (%.1fs)",
+            result.get("train_r2", float("nan")), result.get("r2", float("nan")),
+            result.get("test_r2", float("nan")), self.timings["final_s"],
+        )
+        return result
+
+    # ------------------------------------------------------------------ outputs
+
+    def _execution(self, backend: ModelBackend) -> dict[str, Any]:
+        summary = dict(backend.summary())
+        timings = dict(summary.get("timings", {}))
+        timings.update({k: round(v, 4) for k, v in self.timings.items()})
+        summary["timings"] = timings
+        return summary
+
+    def _optuna_block(self, study_name: str, storage_url: str, study: optuna.Study | None, best: FrozenTrial | None,
+                      opened: OpenedStudy | None) -> dict[str, Any]:
+        counts = count_states(study) if study is not None else {"complete": 0, "fail": 0}
+        return {
+            "study_name": study_name,
+            "storage": redact_storage(storage_url),
+            "trials_run": counts["complete"],
+            "trials_failed": counts["fail"],
+            "trials_new": getattr(self, "_new_trials", 0),
+            "trials_requested": self.config.trials,
+            "resumed": bool(opened.resumed) if opened is not None else False,
+            "best_trial_number": best.number if best is not None else None,
+            "best_value": float(best.value) if best is not None and best.value is not None else None,
+            "direction": "maximize",
+            "sampler": "TPESampler",
+            "sampler_seed": opened.sampler_seed if opened is not None else None,
+            "objective_formula": OBJECTIVE_FORMULA,
+        }
+
+    def _provenance(self) -> dict[str, Any]:
+        cfg = self.config
+        return artifacts.build_provenance(
+            run_id=self.run_id,
+            parent_run_id=cfg.parent_run_id,
+            command_line=cfg.command_line if cfg.command_line is not None else [sys.executable, *sys.argv],
+            created_at=_utc_now(),
+            extra={"cwd": os.getcwd(), "policy_file": str(cfg.policy_path) if cfg.policy_path else None},
+        )
+
+    def _write_degenerate(
+        self, signal: dict[str, Any], data_context: dict[str, Any], feature_schema: dict[str, Any],
+        study_name: str, storage_url: str,
+    ) -> RunOutcome:
+        cfg = self.config
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        stale = self.output_dir / artifacts.checkpoint_filename(cfg.model_type)
+        if stale.exists():
+            # The sidecar about to be written says "no model"; a checkpoint from an earlier
+            # run beside it would contradict it.
+            logger.warning("removing %s from an earlier run: this run's data has no usable signal", stale)
+            stale.unlink()
+        self.timings["total_s"] = time.perf_counter() - self._t0
+        sidecar = artifacts.build_sidecar(
+            model_type=cfg.model_type,
+            outcome="DEGENERATE_SIGNAL",
+            checkpoint_path=None,
+            feature_schema=feature_schema,
+            signal_quality=signal,
+            data_context=data_context,
+            training_metrics=artifacts.null_training_metrics(),
+            hyperparameters={},
+            optuna=self._optuna_block(study_name, storage_url, None, None, None),
+            execution={"mode": None, "workers": [], "devices": [], "fallbacks": [],
+                       "timings": {k: round(v, 4) for k, v in self.timings.items()}},
+            provenance=self._provenance(),
+        )
+        path = artifacts.write_sidecar(self.output_dir / artifacts.SIDECAR_NAME, sidecar)
+        logger.error("degenerate target signal: %s; wrote %s (no model)", signal["reason"], path)
+        return RunOutcome(
+            model_type=cfg.model_type, status="DEGENERATE_SIGNAL", sidecar=sidecar, sidecar_path=path,
+            wall_s=self.timings["total_s"],
+        )
+
+    def _write_success(
+        self,
+        opened: OpenedStudy,
+        best: FrozenTrial,
+        final: dict[str, Any],
+        cv: CVData,
+        signal: dict[str, Any],
+        data_context: dict[str, Any],
+        feature_schema: dict[str, Any],
+        execution: dict[str, Any],
+        backend: ModelBackend,
+    ) -> RunOutcome:
+        cfg = self.config
+        best_cv = best.user_attrs.get("cv", {})
+        overfit = overfit_ratio(best_cv.get("train_r2_mean"), best_cv.get("val_r2_mean"))
+        final_overfit = overfit_ratio(final.get("train_r2"), final.get("r2"))
+        metrics = {
+            "cv_r2_mean": best_cv.get("val_r2_mean"),
+            "cv_r2_std": best_cv.get("val_r2_std"),
+            "cv_train_r2_mean": best_cv.get("train_r2_mean"),
+            "cv_val_mse_mean": best_cv.get("val_mse_mean"),
+            "cv_train_mse_mean": best_cv.get("train_mse_mean"),
+            "train_r2": final.get("train_r2"),
+            "val_r2": final.get("r2"),
+            "test_r2": final.get("test_r2"),
+            "train_mse": final.get("train_mse"),
+            "val_mse": final.get("val_mse"),
+            "test_mse": final.get("test_mse"),
+            "overfit_ratio": overfit,
+            "overfit_ratio_definition": OVERFIT_RATIO_DEFINITION,
+            "final_overfit_ratio": final_overfit,
+            "objective_value": best.value,
+            "objective_formula": OBJECTIVE_FORMULA,
+            "overfit_penalty": OVERFIT_PENALTY,
+            "k_folds": cfg.k_folds,
+            "n_dev": int(len(cv.y_dev)),
+            "n_fit": int(len(cv.final_fit_idx)),
+            "n_early_stop": int(len(cv.final_es_idx)),
+            "n_test": int(len(cv.y_test)),
+            "epochs_run": final.get("epochs_run"),
+            "best_epoch": final.get("best_epoch"),
+        }
+        name = artifacts.checkpoint_filename(cfg.model_type)
+        self.timings["total_s"] = time.perf_counter() - self._t0
+        execution["timings"]["total_s"] = round(self.timings["total_s"], 4)
+        sidecar = artifacts.build_sidecar(
+            model_type=cfg.model_type,
+            outcome="SUCCESS",
+            checkpoint_path=name,
+            feature_schema=feature_schema,
+            signal_quality=signal,
+            data_context=data_context,
+            training_metrics=metrics,
+            hyperparameters=final["params"],
+            optuna=self._optuna_block(opened.study_name, opened.storage_url, opened.study, best, opened),
+            execution=execution,
+            provenance=self._provenance(),
+            training_options=backend.training_options(),
+        )
+        try:
+            sidecar_path = artifacts.write_sidecar(self.output_dir / artifacts.SIDECAR_NAME, sidecar)
+        except ValueError as exc:  # a trainer result lacking a metric the sidecar requires
+            raise Step5Error(f"the final model's results cannot make a valid sidecar: {exc}") from None
+        trials = opened.study.get_trials(deepcopy=False)
+        plot_optimization_history(
+            trials, self.output_dir / HISTORY_PNG_NAME,
+            title=f"Step 5 {cfg.model_type}: {opened.study_name}",
+        )
+        if cfg.enable_diagnostics:
+            write_run_diagnostics(
+                cfg.diagnostics_dir, model_type=cfg.model_type, run_id=self.run_id, trials=trials,
+                first_new_number=getattr(self, "_first_new_number", 0), execution=execution,
+                final_metrics=metrics,
+                extra={"study_name": opened.study_name, "objective_formula": OBJECTIVE_FORMULA},
+            )
+        logger.info(
+            "saved %s and %s: CV R² %.4f ± %.4f, test R² %.4f, objective %.4f (trial %d); run took %.1fs",
+            self.output_dir / name, sidecar_path, metrics["cv_r2_mean"], metrics["cv_r2_std"],
+            metrics["test_r2"], best.value, best.number, self.timings["total_s"],
+        )
+        return RunOutcome(
+            model_type=cfg.model_type, status="SUCCESS", sidecar=sidecar,
+            checkpoint_path=self.output_dir / name, sidecar_path=sidecar_path,
+            cv_score=best.value, test_r2=metrics["test_r2"], trials_run=sidecar["optuna"]["trials_run"],
+            wall_s=self.timings["total_s"],
+        )

@@ -1,0 +1,62 @@
+"""The neural-net hyperparameter search space: what Optuna may try for one trial.
+
+:func:`suggest_nn_params` turns a trial into a validated :class:`~step5.protocol.NNParams`.
+The ranges suit small tabular MLPs (tens of features, thousands to millions of rows):
+
+============================  =====================================================
+``n_layers``                   1 .. 3 hidden layers
+``width_l{i}``                 32, 64, 128 or 256 units per layer (shrinking not forced)
+``learning_rate``              1e-4 .. 1e-2, log scale
+``dropout``                    0.0 .. 0.5, or fixed by ``--dropout`` (not searched then)
+``weight_decay``               1e-6 .. 1e-2, log scale
+``optimizer``                  adam or adamw (plain SGD needs far more tuning to compete)
+``batch_size``                 64, 128, 256 or 512 (mini-batch mode only)
+``early_stopping_patience``    5 .. 20 epochs
+``gradient_clip``              0.5 .. 5.0
+``epochs``                     not searched: the cap ``--nn-max-epochs`` [200]; early
+                               stopping decides how many actually run
+============================  =====================================================
+
+The epoch cap is a search-space bound, not a test hook: it bounds every trial's (and the
+final model's) training time, and a user with little time or data lowers it honestly.
+The full parameter object of each trial is stored in its ``user_attrs["params"]``, so the
+final model is rebuilt from exactly what the trial trained with, even after the search
+space changes between a run and its resumption.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+from step5.protocol import NNParams
+
+LAYER_WIDTHS = (32, 64, 128, 256)
+MAX_LAYERS = 3
+BATCH_SIZES = (64, 128, 256, 512)
+NN_OPTIMIZERS = ("adam", "adamw")
+
+
+def suggest_nn_params(
+    trial: optuna.Trial,
+    *,
+    max_epochs: int,
+    fixed_dropout: float | None = None,
+) -> NNParams:
+    """Ask ``trial`` for one MLP configuration; ``fixed_dropout`` pins dropout instead of searching it."""
+    n_layers = trial.suggest_int("n_layers", 1, MAX_LAYERS)
+    hidden = tuple(trial.suggest_categorical(f"width_l{i}", LAYER_WIDTHS) for i in range(n_layers))
+    dropout = fixed_dropout if fixed_dropout is not None else trial.suggest_float("dropout", 0.0, 0.5)
+    raw: dict[str, Any] = {
+        "hidden_layers": list(hidden),
+        "learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True),
+        "dropout": float(dropout),
+        "epochs": int(max_epochs),
+        "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
+        "optimizer": trial.suggest_categorical("optimizer", NN_OPTIMIZERS),
+        "batch_size": trial.suggest_categorical("batch_size", BATCH_SIZES),
+        "early_stopping_patience": trial.suggest_int("early_stopping_patience", 5, 20),
+        "gradient_clip": trial.suggest_float("gradient_clip", 0.5, 5.0),
+    }
+    # The same validation the worker applies: a bad range here fails in the parent, loudly.
+    return NNParams.from_dict(raw)
