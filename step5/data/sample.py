@@ -42,6 +42,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import orjson
 
+from step5.data.survivors import _gc_paused
 from step5.jsonio import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -235,6 +236,7 @@ def _records(
         }
 
 
+@_gc_paused()  # millions of short-lived dicts/floats: the cyclic GC only slows this down
 def _write_survivors(path: Path, arrays: dict[str, np.ndarray], names: Sequence[str], prng_type: str, mod: int) -> None:
     """Stream the records as one JSON array, chunk by chunk, via a temp file + rename."""
     n = len(arrays["seed"])

@@ -24,14 +24,16 @@ Decisions where the spec is silent:
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
 from operator import itemgetter
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import numpy as np
 
@@ -47,6 +49,7 @@ LEAKAGE_COLUMNS: tuple[str, ...] = ("score", "confidence", "holdout_hits", "hold
 DEFAULT_TARGET = "holdout_quality"
 
 _NUMBER_TYPES = frozenset((int, float))
+_FLOAT64_MAX = float(np.finfo(np.float64).max)
 _MISSING = object()
 
 
@@ -73,8 +76,31 @@ class SurvivorTable:
         return int(self.X.shape[1])
 
 
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC while millions of acyclic objects are built.
+
+    Parsing and tabulating creates a dict per record and a tuple per row; every few hundred
+    allocations the collector would walk all of them again, which doubles the load time of
+    a 200k-record file (about 12 s instead of 6 s). Nothing built here forms cycles.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _is_number(v: Any) -> bool:
-    return type(v) in _NUMBER_TYPES and math.isfinite(v)
+    """A finite JSON number that fits a float64 (bools are not numbers here)."""
+    t = type(v)
+    if t is float:
+        return math.isfinite(v)
+    if t is int:
+        return -_FLOAT64_MAX <= v <= _FLOAT64_MAX
+    return False
 
 
 def _describe(v: Any) -> str:
@@ -153,7 +179,6 @@ def _to_matrix(
         X64 = np.fromiter(chain.from_iterable(rows), dtype=np.float64, count=n * d).reshape(n, d)
     except OverflowError:  # an int too large for a float64
         _locate_bad_feature(feature_dicts, names, source)
-        raise AssertionError("unreachable: the scan must raise")  # pragma: no cover
     if not np.isfinite(X64).all():
         _locate_bad_feature(feature_dicts, names, source)
     with np.errstate(over="ignore"):
@@ -161,13 +186,13 @@ def _to_matrix(
     if not np.isfinite(X).all():
         i, j = (int(v) for v in np.argwhere(~np.isfinite(X))[0])
         raise DataError(
-            f"survivors file {source}: record {i}: feature {names[j]!r} = {X64[i, j]!r} "
+            f"survivors file {source}: record {i}: feature {names[j]!r} = {float(X64[i, j])!r} "
             f"does not fit in float32 (max {float(np.finfo(np.float32).max):.3g})"
         )
     return X
 
 
-def _locate_bad_feature(feature_dicts: Sequence[dict[str, Any]], names: Sequence[str], source: str) -> None:
+def _locate_bad_feature(feature_dicts: Sequence[dict[str, Any]], names: Sequence[str], source: str) -> NoReturn:
     """Raise a :class:`DataError` naming the first record and key holding a bad value."""
     for i, feats in enumerate(feature_dicts):
         for k in names:
@@ -176,8 +201,6 @@ def _locate_bad_feature(feature_dicts: Sequence[dict[str, Any]], names: Sequence
                 raise DataError(
                     f"survivors file {source}: record {i}: feature {k!r} must be a finite number, got {_describe(v)}"
                 )
-            if abs(v) > 1.7976931348623157e308:  # int beyond float64
-                raise DataError(f"survivors file {source}: record {i}: feature {k!r} = {v} is too large for a float")
     raise AssertionError("bulk check failed but no bad value was found")  # pragma: no cover
 
 
@@ -200,6 +223,7 @@ def _most_common(counts: Counter[Any]) -> Any:
     return min(v for v, c in counts.items() if c == top)
 
 
+@_gc_paused()
 def table_from_records(
     records: Any, target: str = DEFAULT_TARGET, *, source: str = "<records>"
 ) -> SurvivorTable:
@@ -239,7 +263,7 @@ def table_from_records(
             if type(m) is int:
                 mod_counts[m] += 1
 
-    if not set(map(type, targets)) <= _NUMBER_TYPES or not all(map(math.isfinite, targets)):
+    if not all(map(_is_number, targets)):
         for i, t in enumerate(targets):
             if not _is_number(t):
                 raise DataError(
@@ -282,10 +306,12 @@ def load_survivors(path: str | os.PathLike[str], target: str = DEFAULT_TARGET) -
     Raises :class:`DataError` naming the file, record index and key for malformed input.
     """
     source = os.fspath(path)
-    data = read_json_file(path, "survivors")
-    return table_from_records(data, target, source=source)
+    with _gc_paused():
+        data = read_json_file(path, "survivors")
+        return table_from_records(data, target, source=source)
 
 
+@_gc_paused()
 def feature_matrix_from_records(
     records: Any, feature_names: Sequence[str], *, source: str = "<records>"
 ) -> np.ndarray:
@@ -313,5 +339,6 @@ def load_feature_matrix(path: str | os.PathLike[str], feature_names: Sequence[st
 
     Used to predict on new survivors with a trained model's feature schema.
     """
-    data = read_json_file(path, "survivors")
-    return feature_matrix_from_records(data, feature_names, source=os.fspath(path))
+    with _gc_paused():
+        data = read_json_file(path, "survivors")
+        return feature_matrix_from_records(data, feature_names, source=os.fspath(path))

@@ -1,0 +1,70 @@
+"""History loader: both accepted shapes, and every malformed file names its element."""
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from step5.data.history import draws_from_data, load_history
+from step5.errors import DataError
+
+
+def write(tmp_path, payload):
+    p = tmp_path / "train_history.json"
+    p.write_bytes(payload if isinstance(payload, bytes) else orjson.dumps(payload))
+    return p
+
+
+def test_array_of_ints(tmp_path):
+    assert load_history(write(tmp_path, [978, 123, 456, 0])) == [978, 123, 456, 0]
+
+
+def test_array_of_objects_keeps_order_and_ignores_other_keys(tmp_path):
+    data = [
+        {"date": "2025-09-07", "session": "midday", "draw": 978},
+        {"date": "2025-09-07", "session": "evening", "draw": 12, "extra": [1]},
+    ]
+    assert load_history(write(tmp_path, data)) == [978, 12]
+
+
+BAD = [
+    ("not_json", b"[1, 2", ["not valid JSON"]),
+    ("not_array", {"draw": 1}, ["expected a JSON array", "dict"]),
+    ("empty", [], ["empty"]),
+    ("bool", [1, True], ["element 1", "bool"]),
+    ("float", [1, 2, 978.0], ["element 2", "float"]),
+    ("string", ["978"], ["element 0", "str"]),
+    ("null", [1, None], ["element 1", "None"]),
+    ("missing_draw", [{"draw": 1}, {"date": "2025-01-01"}], ["element 1", "no `draw` key"]),
+    ("float_draw", [{"draw": 1}, {"draw": 2.5}], ["element 1", "`draw`", "float"]),
+    ("bool_draw", [{"draw": False}], ["element 0", "`draw`", "bool"]),
+    ("mixed_object_then_int", [{"draw": 1}, 5], ["element 1", "object with a `draw` key"]),
+    ("mixed_int_then_object", [5, {"draw": 1}], ["element 1", "dict"]),
+]
+
+
+@pytest.mark.parametrize("payload,expected", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_history_names_file_and_index(tmp_path, payload, expected):
+    path = write(tmp_path, payload)
+    with pytest.raises(DataError) as info:
+        load_history(path)
+    msg = str(info.value)
+    assert str(path) in msg
+    for part in expected:
+        assert part in msg, f"{part!r} not in {msg!r}"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="history file not found"):
+        load_history(tmp_path / "absent.json")
+
+
+def test_parsed_data_uses_source_name():
+    with pytest.raises(DataError, match=r"history file <h>: element 0"):
+        draws_from_data([1.5], source="<h>")
+
+
+def test_generated_history_loads(sample_inputs):
+    _, history_path = sample_inputs
+    draws = load_history(history_path)
+    assert len(draws) == 500
+    assert all(0 <= d < 1000 for d in draws)

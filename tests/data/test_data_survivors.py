@@ -1,0 +1,250 @@
+"""Survivors loader: shapes it accepts, every malformed input it must name, fills, leakage."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from step5.data.survivors import (
+    LEAKAGE_COLUMNS,
+    feature_matrix_from_records,
+    load_feature_matrix,
+    load_survivors,
+    table_from_records,
+)
+from step5.errors import DataError
+
+
+def rec(features: dict, **top) -> dict:
+    out = {"seed": 1, "score": 0.5, "features": features, "metadata": {"prng_type": "java_lcg", "mod": 1000}}
+    out.update(top)
+    return out
+
+
+def good(i: int = 0, **extra) -> dict:
+    feats = {"score": 0.5, "confidence": 0.1, "b_feat": 1.0 + i, "a_feat": 2.0 * i}
+    feats.update(extra)
+    return rec(feats, holdout_hits=0.001, holdout_quality=0.1 * i)
+
+
+def write(tmp_path: Path, payload, name: str = "survivors.json") -> Path:
+    p = tmp_path / name
+    p.write_bytes(payload if isinstance(payload, bytes) else orjson.dumps(payload))
+    return p
+
+
+def test_loads_matrix_target_and_schema(tmp_path):
+    path = write(tmp_path, [good(0), good(1), good(2)])
+    t = load_survivors(path)
+    assert t.feature_names == ["a_feat", "b_feat"]  # sorted, leakage removed
+    assert t.excluded_features == ["confidence", "score"]  # only leakage keys actually present
+    assert t.X.dtype == np.float32 and t.X.shape == (3, 2)
+    assert t.y.dtype == np.float64
+    np.testing.assert_allclose(t.X, [[0.0, 1.0], [2.0, 2.0], [4.0, 3.0]])
+    np.testing.assert_allclose(t.y, [0.0, 0.1, 0.2])
+    assert t.n_records == 3 and t.n_features == 2
+    assert t.missing_fills == 0
+    assert t.source_file == str(path)
+    assert t.target == "holdout_quality"
+    assert (t.prng_type, t.mod) == ("java_lcg", 1000)
+
+
+def test_leakage_never_becomes_a_feature(tmp_path):
+    feats = {k: 0.3 for k in LEAKAGE_COLUMNS} | {"x": 1.0}
+    path = write(tmp_path, [rec(feats), rec(dict(feats, x=2.0))])
+    t = load_survivors(path)
+    assert t.feature_names == ["x"]
+    assert t.excluded_features == sorted(LEAKAGE_COLUMNS)
+
+
+def test_key_order_does_not_matter_and_ints_are_numbers(tmp_path):
+    r0 = rec({"b": 1, "a": 2.5}, holdout_quality=0.1)
+    r1 = rec({"a": 7, "b": -3.25}, holdout_quality=1)
+    t = load_survivors(write(tmp_path, [r0, r1]))
+    np.testing.assert_allclose(t.X, [[2.5, 1.0], [7.0, -3.25]])
+    np.testing.assert_allclose(t.y, [0.1, 1.0])
+
+
+def test_missing_keys_filled_with_zero_and_counted(tmp_path, caplog):
+    r0 = rec({"a": 1.0, "b": 2.0, "c": 3.0}, holdout_quality=0.1)
+    r1 = rec({"a": 4.0}, holdout_quality=0.2)  # lacks b and c
+    r2 = rec({"c": 5.0, "d": 6.0}, holdout_quality=0.3)  # lacks a and b; d only here
+    with caplog.at_level(logging.WARNING, logger="step5.data.survivors"):
+        t = load_survivors(write(tmp_path, [r0, r1, r2]))
+    assert t.feature_names == ["a", "b", "c", "d"]  # union of keys over all records
+    np.testing.assert_array_equal(t.X, [[1, 2, 3, 0], [4, 0, 0, 0], [0, 0, 5, 6]])
+    assert t.missing_fills == 1 + 3 + 2
+    assert any("filled 6 value(s) with 0.0" in r.getMessage() for r in caplog.records)
+
+
+def test_target_from_features_wins_over_top_level(tmp_path):
+    r0 = rec({"x": 1.0, "holdout_quality": 0.9}, holdout_quality=0.1)
+    r1 = rec({"x": 2.0}, holdout_quality=0.2)  # only top level
+    t = load_survivors(write(tmp_path, [r0, r1]))
+    np.testing.assert_allclose(t.y, [0.9, 0.2])
+
+
+def test_custom_target_is_excluded_from_features(tmp_path):
+    r0 = rec({"x": 1.0, "lane": 0.4}, holdout_quality=0.1)
+    r1 = rec({"x": 2.0, "lane": 0.6}, holdout_quality=0.2)
+    t = load_survivors(write(tmp_path, [r0, r1]), target="lane")
+    np.testing.assert_allclose(t.y, [0.4, 0.6])
+    assert t.feature_names == ["x"]
+    assert "lane" in t.excluded_features
+    assert t.target == "lane"
+
+
+def test_custom_top_level_target(tmp_path):
+    t = load_survivors(write(tmp_path, [good(1), good(2)]), target="holdout_hits")
+    np.testing.assert_allclose(t.y, [0.001, 0.001])
+
+
+def test_metadata_most_common_and_absent(tmp_path):
+    recs = [good(i) for i in range(3)]
+    recs[0]["metadata"] = {"prng_type": "xorshift32", "mod": 100}
+    del recs[2]["metadata"]
+    t = load_survivors(write(tmp_path, recs))
+    assert t.prng_type_counts == {"xorshift32": 1, "java_lcg": 1}
+    assert t.prng_type == "java_lcg"  # tie broken by the smallest value, independent of order
+    assert t.mod == 100
+    bare = [{"features": {"x": 1.0}, "holdout_quality": 0.5}]
+    t2 = load_survivors(write(tmp_path, bare, "bare.json"))
+    assert (t2.prng_type, t2.mod) == (None, None)
+
+
+def test_single_feature_column(tmp_path):
+    t = load_survivors(write(tmp_path, [rec({"only": 3.0}, holdout_quality=0.5)]))
+    assert t.X.shape == (1, 1) and t.X[0, 0] == 3.0
+
+
+BAD_INPUTS = [
+    # (id, payload, substrings the message must contain)
+    ("not_json", b"[{", ["not valid JSON"]),
+    ("not_array", {"features": {}}, ["expected a JSON array", "dict"]),
+    ("empty_array", [], ["empty"]),
+    ("record_not_object", [good(0), 5], ["record 1", "must be a JSON object", "int"]),
+    ("no_features", [good(0), {"holdout_quality": 0.1}], ["record 1", "`features`"]),
+    ("features_not_object", [good(0), rec([1, 2], holdout_quality=0.1)], ["record 1", "`features`", "list"]),
+    ("string_value", [good(0), good(1, a_feat="1.5")], ["record 1", "'a_feat'", "'1.5'", "str"]),
+    ("bool_value", [good(0), good(1, b_feat=True)], ["record 1", "'b_feat'", "bool"]),
+    ("null_value", [good(0), good(1), good(2, a_feat=None)], ["record 2", "'a_feat'", "None"]),
+    ("list_value", [good(0, b_feat=[1.0])], ["record 0", "'b_feat'", "list"]),
+    ("object_value", [good(0), good(1, b_feat={"v": 1})], ["record 1", "'b_feat'", "dict"]),
+    # orjson refuses 1e999 / NaN while parsing, so in a file it is a JSON error with a position
+    ("infinite_value", b'[{"features": {"x": 1e999}, "holdout_quality": 0.1}]', ["not valid JSON", "infinity"]),
+    ("float32_overflow", [good(0), good(1, a_feat=1e300)], ["record 1", "'a_feat'", "float32"]),
+    ("missing_target", [good(0), rec({"x": 1.0})], ["record 1", "'holdout_quality'", "no target"]),
+    ("string_target", [good(0), rec({"x": 1.0}, holdout_quality="high")], ["record 1", "'holdout_quality'", "str"]),
+    ("null_target", [rec({"x": 1.0}, holdout_quality=None)], ["record 0", "'holdout_quality'", "None"]),
+    ("bool_target", [rec({"x": 1.0}, holdout_quality=False)], ["record 0", "'holdout_quality'", "bool"]),
+    ("nan_literal", b'[{"features": {"x": NaN}, "holdout_quality": 0.1}]', ["not valid JSON"]),
+    ("only_leakage", [rec({"score": 0.1, "confidence": 0.2}, holdout_quality=0.1)], ["no feature columns"]),
+]
+
+
+@pytest.mark.parametrize("payload,expected", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_names_file_record_and_key(tmp_path, payload, expected):
+    path = write(tmp_path, payload)
+    with pytest.raises(DataError) as info:
+        load_survivors(path)
+    msg = str(info.value)
+    assert str(path) in msg
+    for part in expected:
+        assert part in msg, f"{part!r} not in {msg!r}"
+
+
+def test_missing_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_survivors(tmp_path / "nope.json")
+
+
+def test_first_bad_value_in_file_order_is_reported(tmp_path):
+    recs = [good(i) for i in range(50)]
+    recs[17]["features"]["b_feat"] = "x"
+    recs[40]["features"]["a_feat"] = None
+    with pytest.raises(DataError, match=r"record 17: feature 'b_feat'"):
+        load_survivors(write(tmp_path, recs))
+
+
+def test_bad_value_in_a_filled_record_is_still_found(tmp_path):
+    recs = [good(0), rec({"a_feat": "bad"}, holdout_quality=0.1)]  # lacks b_feat and is bad
+    with pytest.raises(DataError, match=r"record 1: feature 'a_feat'"):
+        load_survivors(write(tmp_path, recs))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_in_parsed_records(bad):
+    """Records built in memory (not parsed by orjson) can carry NaN/inf: both are named."""
+    with pytest.raises(DataError, match=r"record 1: feature 'x' must be a finite number"):
+        table_from_records([{"features": {"x": 1.0}, "t": 0.0}, {"features": {"x": bad}, "t": 0.0}], "t")
+    with pytest.raises(DataError, match=r"record 0: target 't' must be a finite number"):
+        table_from_records([{"features": {"x": 1.0}, "t": bad}], "t")
+    with pytest.raises(DataError, match=r"record 0: feature 'x'"):
+        feature_matrix_from_records([{"features": {"x": bad}}], ["x"])
+
+
+def test_int_beyond_float64_is_named():
+    with pytest.raises(DataError, match=r"record 0: feature 'x' must be a finite number"):
+        table_from_records([{"features": {"x": 10**400}, "t": 0.0}], "t")
+    with pytest.raises(DataError, match=r"record 0: target 't' must be a finite number"):
+        table_from_records([{"features": {"x": 1}, "t": -(10**400)}], "t")
+
+
+def test_in_memory_records_use_the_given_source_name():
+    with pytest.raises(DataError, match=r"survivors file <mine>: record 0"):
+        table_from_records([{"features": {"x": "s"}, "holdout_quality": 1.0}], source="<mine>")
+    with pytest.raises(ValueError, match="`target`"):
+        table_from_records([good(0)], target="")
+
+
+def test_feature_matrix_for_prediction(tmp_path, caplog):
+    recs = [
+        {"features": {"b": 1.0, "a": 2.0, "unknown": 9.0}},  # no target needed, unknown ignored
+        {"features": {"a": 3}},  # b missing -> 0.0
+    ]
+    path = write(tmp_path, recs)
+    with caplog.at_level(logging.WARNING, logger="step5.data.survivors"):
+        X = load_feature_matrix(path, ["b", "a"])  # caller's order, not sorted
+    assert X.dtype == np.float32
+    np.testing.assert_array_equal(X, [[1.0, 2.0], [0.0, 3.0]])
+    assert any("filled 1 value(s)" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "records,expected",
+    [
+        ([{"features": {"a": "x"}}], ["record 0", "'a'", "str"]),
+        ([{"features": {"a": 1.0}}, {"nofeatures": 1}], ["record 1", "`features`"]),
+        ({"a": 1}, ["expected a JSON array"]),
+        ([], ["empty"]),
+    ],
+    ids=["bad_value", "no_features", "not_array", "empty"],
+)
+def test_feature_matrix_bad_input(tmp_path, records, expected):
+    path = write(tmp_path, records)
+    with pytest.raises(DataError) as info:
+        load_feature_matrix(path, ["a"])
+    assert str(path) in str(info.value)
+    for part in expected:
+        assert part in str(info.value)
+
+
+@pytest.mark.parametrize("names", [[], ["a", "a"], ["a", 3]])
+def test_feature_matrix_rejects_bad_schema(names):
+    with pytest.raises(ValueError, match="`feature_names`"):
+        feature_matrix_from_records([{"features": {"a": 1.0}}], names)
+
+
+def test_loads_generated_sample_with_its_fills(sample_inputs):
+    survivors_path, _ = sample_inputs
+    t = load_survivors(survivors_path)
+    assert t.n_records == 600 and t.n_features == 24
+    assert t.missing_fills == 3  # the generator drops one key in 1 record of 200
+    assert t.excluded_features == ["confidence", "score"]
+    assert not set(t.feature_names) & set(LEAKAGE_COLUMNS)
+    assert t.feature_names == sorted(t.feature_names)
+    X = load_feature_matrix(survivors_path, t.feature_names)
+    np.testing.assert_array_equal(X, t.X)
