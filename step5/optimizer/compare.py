@@ -1,0 +1,495 @@
+"""``--compare-models``: one study per model type, the best held-out model kept.
+
+::
+
+    OptimizerConfig (compare_models=True)
+        │  skip registry (diagnostics_outputs/model_skip_registry.json) + policy limit
+        ▼
+    for each of neural_net, xgboost, lightgbm, catboost not skipped:
+        dataclasses.replace(config, model_type=mt, compare_models=False,
+                            output_dir=<out>/compare_runs/<mt>, study_name=<name>_<mt>)
+        AntiOverfitMetaOptimizer(sub).run()  ──▶ SUCCESS | DEGENERATE_SIGNAL | FAILED
+        │      (a failure is recorded with its error; the next model type still runs)
+        ▼
+    winner = highest held-out test R² among SUCCESS runs (ties: higher CV objective,
+             then MODEL_TYPES order)
+        ├─▶ <out>/best_model.<ext> + best_model.meta.json (+ a `compare_models` block)
+        ├─▶ <out>/compare_archive/<mt>/…  every other model type's outputs
+        └─▶ <diagnostics>/compare_models_summary.json + compare_models_summary.png
+
+Why these choices:
+
+* **Every flag reaches every sub-run** because each sub-config is the user's config with
+  only the four fields above replaced.
+* **Comparable scores.** Every sub-run uses the same seed, so the same rows are held out
+  as the test set for every model type, and the test set is one no trial saw: it is the
+  fair judge between model types. The CV objective (each type's best trial) measures how
+  well a type's *search* went and only breaks ties.
+* **Resumable.** With no ``--storage``, the four studies share the SQLite file a single run
+  would use (``<out>/optuna_step5.db``), and with no ``--study-name`` each keeps the default
+  name a single ``--model-type`` run gives it, so a compare run resumes those studies.
+* **A failure cannot win and cannot stop the others**: each run is wrapped in
+  ``try/except Exception`` (Ctrl-C still stops everything). A SUCCESS whose checkpoint or
+  sidecar is missing is demoted to FAILED.
+* **Exit code**: 0 when there is a winner; otherwise 2 when a run found the target
+  degenerate (the data has nothing to learn, whichever model runs), else 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from step5 import artifacts
+from step5.errors import DegenerateSignalError
+from step5.jsonio import read_json_file, write_json_atomic
+from step5.optimizer.config import MODEL_TYPES, OptimizerConfig, RunOutcome
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_NAME = "compare_models_summary.json"
+PLOT_NAME = "compare_models_summary.png"
+REGISTRY_NAME = "model_skip_registry.json"
+STAGING_DIRNAME = "compare_runs"
+ARCHIVE_DIRNAME = "compare_archive"
+SUMMARY_SCHEMA_VERSION = 1
+
+#: The selection rule, as it is written into the summary and the winner's sidecar.
+CRITERION: dict[str, Any] = {
+    "primary": "test_r2",
+    "tie_break": ["cv_score", "model_type_order"],
+    "description": (
+        "highest R^2 of the final model on the held-out test rows (the same rows for every model "
+        "type: same --seed and --test-holdout; no trial ever saw them); ties go to the higher "
+        "best-trial CV objective, then to the earlier model type in "
+        f"{list(MODEL_TYPES)}. Only SUCCESS runs can win."
+    ),
+}
+
+#: Statuses a candidate can end with (RunOutcome's three, plus SKIPPED by the registry).
+STATUSES = ("SUCCESS", "DEGENERATE_SIGNAL", "FAILED", "SKIPPED")
+
+OptimizerFactory = Callable[[OptimizerConfig], Any]  # returns an object with .run() -> RunOutcome
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One model type's part in a compare run."""
+
+    model_type: str
+    status: str  # one of STATUSES
+    cv_score: float | None = None  # best trial's anti-overfit objective
+    test_r2: float | None = None  # final model on the held-out test rows
+    wall_s: float = 0.0  # the sub-run's wall time, as measured here
+    trials_run: int = 0  # COMPLETE trials in its study
+    error: str | None = None  # why it failed / was skipped / was degenerate
+    staging_dir: Path | None = None  # the sub-run's output_dir
+    checkpoint_path: Path | None = None  # where its checkpoint is now (after promotion/archiving)
+    sidecar_path: Path | None = None  # where its sidecar is now
+    rank: int | None = None  # 1 = winner, among SUCCESS runs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_type": self.model_type,
+            "status": self.status,
+            "cv_score": self.cv_score,
+            "test_r2": self.test_r2,
+            "wall_s": round(self.wall_s, 3),
+            "trials_run": self.trials_run,
+            "rank": self.rank,
+            "error": self.error,
+            "checkpoint_path": str(self.checkpoint_path) if self.checkpoint_path else None,
+            "sidecar_path": str(self.sidecar_path) if self.sidecar_path else None,
+        }
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def select_winner(candidates: Iterable[Candidate]) -> Candidate | None:
+    """The candidate :data:`CRITERION` picks, or None when no SUCCESS run has a test R^2.
+
+    Sets ``rank`` (1 = winner) on every eligible candidate.
+    """
+    order = {mt: i for i, mt in enumerate(MODEL_TYPES)}
+    eligible = [c for c in candidates if c.status == "SUCCESS" and _finite(c.test_r2) is not None]
+    eligible.sort(key=lambda c: (
+        -float(c.test_r2),  # type: ignore[arg-type]
+        -(_finite(c.cv_score) if _finite(c.cv_score) is not None else -math.inf),
+        order.get(c.model_type, len(order)),
+    ))
+    for i, c in enumerate(eligible, start=1):
+        c.rank = i
+    return eligible[0] if eligible else None
+
+
+def _default_factory() -> OptimizerFactory:
+    # Imported here: the optimizer module dispatches to this one, so a module-level import
+    # would be circular, and unit tests inject a fake instead.
+    from step5.optimizer.optimizer import AntiOverfitMetaOptimizer
+
+    return AntiOverfitMetaOptimizer
+
+
+def sub_config(config: OptimizerConfig, model_type: str) -> OptimizerConfig:
+    """The config of one model type's run: the user's config with four fields replaced
+    (and the default storage pinned to the compare run's output folder)."""
+    from step5.optimizer.study import default_storage_url
+
+    return dataclasses.replace(
+        config,
+        model_type=model_type,
+        compare_models=False,
+        output_dir=Path(config.output_dir) / STAGING_DIRNAME / model_type,
+        # None: the optimizer's default name, step5_<model type>_<data>_<setup>, per type
+        study_name=f"{config.study_name}_{model_type}" if config.study_name else None,
+        storage=config.storage or default_storage_url(Path(config.output_dir)),
+    )
+
+
+def skipped_by_registry(config: OptimizerConfig) -> dict[str, str]:
+    """Model types the WATCHER's skip registry rules out, each with the reason.
+
+    The limit is the policy's ``watcher.max_consecutive_critical``. A malformed registry or
+    policy is an error (:class:`~step5.errors.DataError` / ``PolicyError``), not "skip nothing".
+    """
+    from step5.policy import load_policy
+    from step5.watcher.registry import load_skip_registry, skipped_model_types
+
+    path = Path(config.diagnostics_dir) / REGISTRY_NAME
+    limit = load_policy(config.policy_path).watcher.max_consecutive_critical
+    registry = load_skip_registry(path)
+    out = {}
+    for mt in sorted(skipped_model_types(registry, limit)):
+        entry = registry.get("models", {}).get(mt, {})
+        out[mt] = (
+            f"skip registry {path}: {entry.get('consecutive_critical')} consecutive critical results "
+            f"(limit {limit}); last: {entry.get('last_reason', 'n/a')}"
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------ files
+
+def _model_files(folder: Path) -> list[Path]:
+    """The run's ``best_model.*`` files in ``folder`` (checkpoint, sidecar, history plot)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.startswith("best_model."))
+
+
+def _known_model_names() -> set[str]:
+    return set(artifacts.CHECKPOINT_FILENAMES.values()) | {artifacts.SIDECAR_NAME}
+
+
+def _clear_model_files(folder: Path, extra_names: Iterable[str] = ()) -> None:
+    """Remove stale checkpoints/sidecars (of *any* model type) so they cannot contradict a
+    new sidecar; other files are left alone."""
+    for name in _known_model_names() | set(extra_names):
+        p = folder / name
+        if p.is_file():
+            logger.info("removing %s from an earlier run", p)
+            p.unlink()
+
+
+def _read_sidecar(candidate: Candidate, outcome: RunOutcome | None) -> dict[str, Any] | None:
+    if candidate.sidecar_path is not None and candidate.sidecar_path.is_file():
+        obj = read_json_file(candidate.sidecar_path, "sidecar")
+        if isinstance(obj, dict):
+            return obj
+    if outcome is not None and outcome.sidecar:
+        return dict(outcome.sidecar)
+    return None
+
+
+def _annotate_sidecar(path: Path, sidecar: dict[str, Any], role: str, block: dict[str, Any]) -> None:
+    """Rewrite a sidecar with the compare run's block; the checkpoint path becomes the bare
+    file name (relative to the sidecar's folder, where the checkpoint now lies)."""
+    sidecar = dict(sidecar)
+    if sidecar.get("checkpoint_path"):
+        sidecar["checkpoint_path"] = Path(sidecar["checkpoint_path"]).name
+    sidecar["compare_models"] = {**block, "role": role}
+    artifacts.write_sidecar(path, sidecar)
+
+
+# ------------------------------------------------------------------------------ running
+
+def _run_one(factory: OptimizerFactory, config: OptimizerConfig) -> tuple[Candidate, RunOutcome | None]:
+    mt = config.model_type
+    staging = Path(config.output_dir)
+    if staging.exists():
+        shutil.rmtree(staging)  # a fresh folder: nothing stale can pass for this run's output
+    start = time.perf_counter()
+    outcome: RunOutcome | None = None
+    try:
+        outcome = factory(config).run()
+    except DegenerateSignalError as exc:
+        outcome = getattr(exc, "outcome", None) or RunOutcome(model_type=mt, status="DEGENERATE_SIGNAL")
+        outcome.error = outcome.error or str(exc)
+    except Exception as exc:  # noqa: BLE001 - one model type's failure must not stop the others
+        logger.error("compare: %s failed: %s: %s", mt, type(exc).__name__, exc, exc_info=True)
+        cand = Candidate(mt, "FAILED", error=f"{type(exc).__name__}: {exc}", staging_dir=staging)
+        cand.wall_s = time.perf_counter() - start
+        return cand, None
+    wall = time.perf_counter() - start
+
+    status = outcome.status if outcome.status in ("SUCCESS", "DEGENERATE_SIGNAL", "FAILED") else "FAILED"
+    cand = Candidate(
+        mt, status, cv_score=_finite(outcome.cv_score), test_r2=_finite(outcome.test_r2), wall_s=wall,
+        trials_run=int(outcome.trials_run or 0), error=outcome.error, staging_dir=staging,
+        checkpoint_path=Path(outcome.checkpoint_path) if outcome.checkpoint_path else None,
+        sidecar_path=Path(outcome.sidecar_path) if outcome.sidecar_path else None,
+    )
+    if outcome.status not in STATUSES:
+        cand.error = f"run returned an unknown status {outcome.status!r}"
+    if cand.status == "SUCCESS":
+        problem = None
+        if cand.checkpoint_path is None or not cand.checkpoint_path.is_file():
+            problem = f"its checkpoint {cand.checkpoint_path} does not exist"
+        elif cand.sidecar_path is None or not cand.sidecar_path.is_file():
+            problem = f"its sidecar {cand.sidecar_path} does not exist"
+        elif cand.test_r2 is None:
+            problem = f"it reported no finite test R^2 ({outcome.test_r2!r})"
+        if problem:
+            logger.error("compare: %s reported SUCCESS but %s; it cannot win", mt, problem)
+            cand.status, cand.error = "FAILED", f"reported SUCCESS but {problem}"
+    return cand, outcome
+
+
+def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory | None = None) -> int:
+    """Run every model type not skipped, keep the winner; returns the process exit code.
+
+    0: a winner was promoted to ``config.output_dir``; 2: no winner and the target was found
+    degenerate (a degenerate sidecar is left, no model); 1: every run failed or was skipped.
+    ``optimizer_factory`` builds the per-type optimizer (default
+    :class:`~step5.optimizer.optimizer.AntiOverfitMetaOptimizer`).
+    """
+    factory = optimizer_factory or _default_factory()
+    out_dir = Path(config.output_dir)
+    started = time.perf_counter()
+    created_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    skipped = skipped_by_registry(config)
+    configs = {mt: sub_config(config, mt) for mt in MODEL_TYPES}
+    try:
+        from step5.optimizer.config import validate_config
+    except ImportError:  # pragma: no cover - the config module always has it now
+        validate_config = None
+    if validate_config is not None:
+        for sub in configs.values():
+            validate_config(sub)  # a usage error shows before any model trains (exit 64)
+
+    to_run = [mt for mt in MODEL_TYPES if mt not in skipped]
+    logger.info(
+        "compare: running %s%s; winner by %s", ", ".join(to_run) or "nothing",
+        f" (skipped by the registry: {', '.join(sorted(skipped))})" if skipped else "", CRITERION["primary"],
+    )
+    candidates: dict[str, Candidate] = {}
+    outcomes: dict[str, RunOutcome | None] = {}
+    for i, mt in enumerate(MODEL_TYPES, start=1):
+        if mt in skipped:
+            logger.warning("compare: skipping %s: %s", mt, skipped[mt])
+            candidates[mt] = Candidate(mt, "SKIPPED", error=skipped[mt])
+            outcomes[mt] = None
+            continue
+        logger.info("compare: [%d/%d] %s -> %s", i, len(MODEL_TYPES), mt, configs[mt].output_dir)
+        candidates[mt], outcomes[mt] = _run_one(factory, configs[mt])
+        c = candidates[mt]
+        logger.info(
+            "compare: %s %s in %.1fs (CV %s, test R^2 %s)%s", mt, c.status, c.wall_s,
+            _fmt(c.cv_score), _fmt(c.test_r2), f": {c.error}" if c.error else "",
+        )
+
+    winner = select_winner(candidates.values())
+    degenerate = [c for c in candidates.values() if c.status == "DEGENERATE_SIGNAL"]
+    exit_code = 0 if winner is not None else (2 if degenerate else 1)
+    block = {
+        "criterion": CRITERION,
+        "winner": winner.model_type if winner else None,
+        "candidates": {mt: _candidate_brief(c) for mt, c in candidates.items()},
+        "summary_path": str(Path(config.diagnostics_dir) / SUMMARY_NAME),
+    }
+
+    # Promote the winner (or, with no winner, the degenerate sidecar that says why), then
+    # archive everything else; stale files from earlier runs are removed first.
+    keep = winner or (degenerate[0] if degenerate else None)
+    archive_root = out_dir / ARCHIVE_DIRNAME
+    if any(c.staging_dir is not None for c in candidates.values()) and archive_root.is_dir():
+        shutil.rmtree(archive_root)  # the archive records this compare run, not an older one
+    if keep is not None:
+        _promote(keep, outcomes.get(keep.model_type), out_dir, block)
+    for mt, c in candidates.items():
+        if c is not keep:
+            _archive(c, outcomes.get(mt), out_dir, block)
+    _remove_empty_staging(out_dir / STAGING_DIRNAME)
+
+    summary = {
+        "schema_version": SUMMARY_SCHEMA_VERSION,
+        "created_at": created_at,
+        "criterion": CRITERION,
+        "winner": winner.model_type if winner else None,
+        "exit_code": exit_code,
+        "output_dir": str(out_dir),
+        "wall_s": round(time.perf_counter() - started, 3),
+        "settings": {
+            "trials": config.trials, "k_folds": config.k_folds, "test_holdout": config.test_holdout,
+            "seed": config.seed, "target": config.target, "study_name": config.study_name,
+            "survivors": str(config.survivors), "lottery_data": str(config.lottery_data),
+        },
+        "models": {mt: candidates[mt].to_dict() for mt in MODEL_TYPES},
+        "plot": None,
+    }
+    diag = Path(config.diagnostics_dir)
+    plot = plot_comparison(list(candidates.values()), diag / PLOT_NAME, winner=summary["winner"])
+    summary["plot"] = str(plot) if plot else None
+    write_json_atomic(diag / SUMMARY_NAME, summary)
+
+    _log_table(candidates, winner)
+    if winner is not None:
+        logger.info(
+            "compare: winner %s (test R^2 %.4f); saved as %s; summary %s",
+            winner.model_type, winner.test_r2, winner.checkpoint_path, diag / SUMMARY_NAME,
+        )
+    elif degenerate:
+        logger.error("compare: no model: the target signal is degenerate (%s)", degenerate[0].error)
+    else:
+        logger.error("compare: no model type produced a model; see %s", diag / SUMMARY_NAME)
+    return exit_code
+
+
+def _candidate_brief(c: Candidate) -> dict[str, Any]:
+    return {"status": c.status, "cv_score": c.cv_score, "test_r2": c.test_r2,
+            "wall_s": round(c.wall_s, 3), "trials_run": c.trials_run, "error": c.error}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _promote(c: Candidate, outcome: RunOutcome | None, out_dir: Path, block: dict[str, Any]) -> None:
+    assert c.staging_dir is not None, "only a run candidate can be promoted"
+    files = _model_files(c.staging_dir)
+    sidecar = _read_sidecar(c, outcome)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clear_model_files(out_dir, [p.name for p in files])
+    for p in files:
+        os.replace(p, out_dir / p.name)
+    c.sidecar_path = out_dir / artifacts.SIDECAR_NAME
+    if c.checkpoint_path is not None:
+        c.checkpoint_path = out_dir / c.checkpoint_path.name
+    if sidecar is not None:
+        _annotate_sidecar(c.sidecar_path, sidecar, "winner" if c.status == "SUCCESS" else "degenerate", block)
+    _move_rest(c, out_dir / ARCHIVE_DIRNAME / c.model_type)
+
+
+def _archive(c: Candidate, outcome: RunOutcome | None, out_dir: Path, block: dict[str, Any]) -> None:
+    target = out_dir / ARCHIVE_DIRNAME / c.model_type
+    if c.staging_dir is None or not c.staging_dir.is_dir():
+        c.checkpoint_path = c.sidecar_path = None
+        return
+    sidecar = _read_sidecar(c, outcome) if c.status in ("SUCCESS", "DEGENERATE_SIGNAL") else None
+    _move_rest(c, target)
+    c.sidecar_path = target / artifacts.SIDECAR_NAME if (target / artifacts.SIDECAR_NAME).is_file() else None
+    c.checkpoint_path = target / c.checkpoint_path.name if c.checkpoint_path is not None else None
+    if c.status != "SUCCESS":
+        c.checkpoint_path = None
+    if sidecar is not None and c.sidecar_path is not None:
+        try:
+            _annotate_sidecar(c.sidecar_path, sidecar, "archived", block)
+        except ValueError as exc:  # an archived sidecar is a record, not an input: keep it as is
+            logger.warning("compare: left the archived %s sidecar unannotated: %s", c.model_type, exc)
+
+
+def _move_rest(c: Candidate, target: Path) -> None:
+    """Move what is left of a sub-run's folder (its model files, history plot...) to ``target``."""
+    if c.staging_dir is None or not c.staging_dir.is_dir():
+        return
+    left = list(c.staging_dir.iterdir())
+    if left:
+        target.mkdir(parents=True, exist_ok=True)
+        for p in left:
+            os.replace(p, target / p.name)
+    c.staging_dir.rmdir()
+
+
+def _remove_empty_staging(staging_root: Path) -> None:
+    try:
+        staging_root.rmdir()
+    except OSError:
+        pass  # absent, or something unexpected was left: keep it for inspection
+
+
+def _log_table(candidates: dict[str, Candidate], winner: Candidate | None) -> None:
+    lines = [f"{'model':<11} {'status':<17} {'CV score':>9} {'test R^2':>9} {'wall s':>8} {'trials':>6}"]
+    for mt in MODEL_TYPES:
+        c = candidates[mt]
+        mark = "  <- winner" if winner is c else ""
+        lines.append(
+            f"{mt:<11} {c.status:<17} {_fmt(c.cv_score):>9} {_fmt(c.test_r2):>9} {c.wall_s:>8.1f} "
+            f"{c.trials_run:>6}{mark}"
+        )
+    logger.info("compare-models results:\n  %s", "\n  ".join(lines))
+
+
+# ------------------------------------------------------------------------------ picture
+
+def plot_comparison(candidates: list[Candidate], path: Path, *, winner: str | None) -> Path | None:
+    """Two panels per model type: test R^2 and CV objective; wall time. Non-SUCCESS runs are
+    labelled with their status. A drawing failure is logged and returns None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        from matplotlib.figure import Figure
+
+        names = [c.model_type for c in candidates]
+        ys = list(range(len(candidates)))
+        fig = Figure(figsize=(11, 1.2 + 0.8 * len(candidates)))
+        ax_score, ax_time = fig.subplots(1, 2, sharey=True)
+        h = 0.38
+        test = [c.test_r2 if c.test_r2 is not None else 0.0 for c in candidates]
+        cv = [c.cv_score if c.cv_score is not None else 0.0 for c in candidates]
+        ax_score.barh([y - h / 2 for y in ys], test, height=h, color="tab:blue", label="test R² (criterion)")
+        ax_score.barh([y + h / 2 for y in ys], cv, height=h, color="tab:gray", label="CV objective (tie-break)")
+        for y, c in zip(ys, candidates):
+            if c.status != "SUCCESS":
+                ax_score.text(0, y, f"  {c.status}", va="center", ha="left", color="tab:red", fontsize=9)
+            elif c.test_r2 is not None:
+                ax_score.text(c.test_r2, y - h / 2, f" {c.test_r2:.3f}", va="center", fontsize=8)
+        ax_score.axvline(0, color="black", linewidth=0.8)
+        ax_score.set_xlabel("score (higher is better)")
+        ax_score.set_title("held-out test R² and CV objective")
+        ax_score.legend(loc="lower right", fontsize=8)
+
+        walls = [c.wall_s for c in candidates]
+        colors = ["tab:green" if c.model_type == winner else "tab:orange" for c in candidates]
+        ax_time.barh(ys, walls, color=colors)
+        for y, c in zip(ys, candidates):
+            label = "skipped" if c.status == "SKIPPED" else f"{c.wall_s:.1f}s, {c.trials_run} trials"
+            ax_time.text(c.wall_s, y, f" {label}", va="center", fontsize=8)
+        ax_time.set_xlabel("wall time (s)")
+        ax_time.set_title("time per model type")
+        ax_score.set_yticks(ys, [f"{n} (winner)" if n == winner else n for n in names])
+        ax_score.invert_yaxis()
+        for ax in (ax_score, ax_time):
+            ax.grid(axis="x", alpha=0.3)
+            ax.margins(x=0.18)  # room for the value labels at the bars' ends
+        fig.suptitle(f"Step 5 --compare-models: winner {winner or 'none'}")
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)  # readers never see half a PNG
+        return path
+    except Exception as exc:  # noqa: BLE001 - the picture is a courtesy, the summary is the product
+        logger.warning("compare: could not draw %s: %s: %s", path, type(exc).__name__, exc)
+        return None

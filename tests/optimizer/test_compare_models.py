@@ -1,0 +1,295 @@
+"""--compare-models with an injected fake optimizer: selection, failures, skips, files."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from step5 import artifacts
+from step5.errors import DegenerateSignalError, UsageError
+from step5.optimizer import compare
+from step5.optimizer.config import MODEL_TYPES, OptimizerConfig, RunOutcome
+
+FEATURES = ["a", "b", "c"]
+
+
+def make_sidecar(model_type: str, outcome: str, test_r2: float | None, cv: float | None) -> dict:
+    """A valid sidecar (artifacts.validate_sidecar passes) for a fake run."""
+    success = outcome == "SUCCESS"
+    metrics = artifacts.null_training_metrics()
+    if success:
+        metrics.update(cv_r2_mean=cv, cv_r2_std=0.01, train_r2=0.9, val_r2=cv, test_r2=test_r2,
+                       train_mse=0.001, val_mse=0.002, test_mse=0.002, overfit_ratio=2.0)
+    return artifacts.build_sidecar(
+        model_type=model_type,
+        outcome=outcome,
+        checkpoint_path=artifacts.checkpoint_filename(model_type) if success else None,
+        feature_schema=artifacts.build_feature_schema(FEATURES, ["score"], "survivors.json"),
+        signal_quality={"signal_status": "healthy" if success else "degenerate", "prediction_allowed": success,
+                        "target_mean": 0.3, "target_std": 0.1 if success else 0.0,
+                        "target_variance": 0.01 if success else 0.0, "unique_target_values": 50 if success else 1,
+                        "sample_size": 100},
+        data_context={"fingerprint_hash": "0123456789abcdef", "training_window_draws": 10, "survivor_count": 100,
+                      "prng_type": None, "mod": None, "holdout_draws": None, "target": "holdout_quality"},
+        training_metrics=metrics,
+        hyperparameters={"fake": 1} if success else {},
+        optuna={"study_name": "s", "storage": None, "trials_run": 2 if success else 0,
+                "best_trial_number": 0 if success else None, "best_value": cv},
+        execution={"mode": "inline", "workers": [], "devices": [], "fallbacks": [], "timings": {}},
+        provenance={"run_id": "r", "parent_run_id": None, "command_line": [], "created_at": "now", "versions": {}},
+    )
+
+
+class FakeOptimizer:
+    """Plays one model type's run from a script: ("ok", test_r2, cv) | ("raise", exc) |
+    ("degenerate",) | ("no_checkpoint", test_r2, cv). Records every config it was given."""
+
+    script: dict = {}
+    configs: list[OptimizerConfig] = []
+
+    def __init__(self, config: OptimizerConfig) -> None:
+        FakeOptimizer.configs.append(config)
+        self.config = config
+
+    def run(self) -> RunOutcome:
+        cfg = self.config
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        mt = cfg.model_type
+        kind, *args = self.script[mt]
+        if kind == "raise":
+            (out / "partial.log").write_text("half a run")
+            raise args[0]
+        if kind == "degenerate":
+            sidecar = make_sidecar(mt, "DEGENERATE_SIGNAL", None, None)
+            path = artifacts.write_sidecar(out / artifacts.SIDECAR_NAME, sidecar)
+            exc = DegenerateSignalError("target is constant")
+            exc.outcome = RunOutcome(mt, "DEGENERATE_SIGNAL", sidecar=sidecar, sidecar_path=path)
+            raise exc
+        test_r2, cv = args
+        ckpt = out / artifacts.checkpoint_filename(mt)
+        if kind != "no_checkpoint":
+            ckpt.write_text(f"{mt} model")
+        (out / "best_model.history.png").write_bytes(b"png")
+        sidecar = make_sidecar(mt, "SUCCESS", test_r2, cv)
+        path = artifacts.write_sidecar(out / artifacts.SIDECAR_NAME, sidecar)
+        return RunOutcome(mt, "SUCCESS", sidecar=sidecar, checkpoint_path=ckpt, sidecar_path=path,
+                          cv_score=cv, test_r2=test_r2, trials_run=cfg.trials, wall_s=0.1)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    monkeypatch.setattr(FakeOptimizer, "configs", [])
+    monkeypatch.setattr(FakeOptimizer, "script", {})
+    return FakeOptimizer
+
+
+@pytest.fixture
+def config(tmp_path) -> OptimizerConfig:
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"watcher": {"max_consecutive_critical": 2}}))
+    return OptimizerConfig(
+        survivors=tmp_path / "survivors.json", lottery_data=tmp_path / "history.json",
+        compare_models=True, trials=3, k_folds=3, output_dir=tmp_path / "out", seed=7,
+        policy_path=policy, diagnostics_dir=tmp_path / "diag", persistent_workers=False, cpu_workers=2,
+        study_name="mystudy", normalize_features=False, dropout=0.2, gpus=["0"],
+    )
+
+
+def summary_of(config: OptimizerConfig) -> dict:
+    return json.loads((config.diagnostics_dir / compare.SUMMARY_NAME).read_text())
+
+
+def test_the_best_test_r2_wins_and_is_left_as_best_model(fake, config):
+    fake.script = {"neural_net": ("ok", 0.30, 0.35), "xgboost": ("ok", 0.42, 0.20),
+                   "lightgbm": ("ok", 0.40, 0.50), "catboost": ("ok", 0.10, 0.45)}
+    assert compare.run_compare(config, optimizer_factory=fake) == 0
+
+    out = config.output_dir
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
+        "best_model.history.png", "best_model.json", "best_model.meta.json"]
+    sidecar = artifacts.read_sidecar(out / artifacts.SIDECAR_NAME)  # still valid
+    assert sidecar["model_type"] == "xgboost"
+    assert artifacts.resolve_checkpoint(out / artifacts.SIDECAR_NAME, sidecar).read_text() == "xgboost model"
+    block = sidecar["compare_models"]
+    assert block["winner"] == "xgboost" and block["role"] == "winner"
+    assert block["criterion"]["primary"] == "test_r2"
+    assert set(block["candidates"]) == set(MODEL_TYPES)
+
+    # the others are archived, each loadable from its own folder
+    for mt in ("neural_net", "lightgbm", "catboost"):
+        folder = out / compare.ARCHIVE_DIRNAME / mt
+        archived = artifacts.read_sidecar(folder / artifacts.SIDECAR_NAME)
+        assert archived["model_type"] == mt and archived["compare_models"]["role"] == "archived"
+        assert artifacts.resolve_checkpoint(folder / artifacts.SIDECAR_NAME, archived).read_text() == f"{mt} model"
+    assert not (out / compare.STAGING_DIRNAME).exists()
+
+    summary = summary_of(config)
+    assert summary["winner"] == "xgboost" and summary["exit_code"] == 0
+    assert {mt: m["rank"] for mt, m in summary["models"].items()} == {
+        "xgboost": 1, "lightgbm": 2, "neural_net": 3, "catboost": 4}
+    for mt, m in summary["models"].items():
+        assert m["status"] == "SUCCESS" and m["trials_run"] == 3 and m["wall_s"] >= 0
+        assert set(m) >= {"cv_score", "test_r2", "wall_s", "trials_run", "status", "error"}
+    assert summary["models"]["xgboost"]["checkpoint_path"] == str(out / "best_model.json")
+    png = Path(summary["plot"])
+    assert png == config.diagnostics_dir / compare.PLOT_NAME
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_flag_reaches_every_sub_run(fake, config):
+    fake.script = {mt: ("ok", 0.1, 0.1) for mt in MODEL_TYPES}
+    compare.run_compare(config, optimizer_factory=fake)
+    assert [c.model_type for c in fake.configs] == list(MODEL_TYPES)
+    changed = {"model_type", "compare_models", "output_dir", "study_name", "storage"}
+    for sub in fake.configs:
+        for f in dataclasses.fields(OptimizerConfig):
+            if f.name not in changed:
+                assert getattr(sub, f.name) == getattr(config, f.name), f.name
+        assert sub.compare_models is False
+        assert sub.study_name == f"mystudy_{sub.model_type}"
+        assert sub.output_dir == config.output_dir / compare.STAGING_DIRNAME / sub.model_type
+        # one SQLite file for the four studies, where a single run keeps its study
+        assert sub.storage == f"sqlite:///{config.output_dir.resolve() / 'optuna_step5.db'}"
+
+
+def test_an_explicit_storage_and_no_study_name_are_kept(fake, config):
+    fake.script = {mt: ("ok", 0.1, 0.1) for mt in MODEL_TYPES}
+    config = dataclasses.replace(config, storage="sqlite:////tmp/x.db", study_name=None)
+    compare.run_compare(config, optimizer_factory=fake)
+    assert {c.storage for c in fake.configs} == {"sqlite:////tmp/x.db"}
+    assert {c.study_name for c in fake.configs} == {None}  # the optimizer's per-type default
+
+
+def test_ties_go_to_the_better_cv_score_then_model_order(fake, config):
+    fake.script = {"neural_net": ("ok", 0.4, 0.1), "xgboost": ("ok", 0.4, 0.3),
+                   "lightgbm": ("ok", 0.4, 0.3), "catboost": ("ok", 0.2, 0.9)}
+    assert compare.run_compare(config, optimizer_factory=fake) == 0
+    assert summary_of(config)["winner"] == "xgboost"  # beats neural_net on CV, lightgbm on order
+
+
+def test_a_failing_model_type_is_reported_and_the_others_go_on(fake, config, caplog):
+    fake.script = {"neural_net": ("raise", RuntimeError("worker pool exploded")),
+                   "xgboost": ("ok", 0.2, 0.2), "lightgbm": ("no_checkpoint", 0.9, 0.9),
+                   "catboost": ("ok", 0.3, 0.1)}
+    with caplog.at_level("ERROR", logger="step5.optimizer.compare"):
+        assert compare.run_compare(config, optimizer_factory=fake) == 0
+    summary = summary_of(config)
+    assert summary["winner"] == "catboost"
+    nn = summary["models"]["neural_net"]
+    assert nn["status"] == "FAILED" and nn["error"] == "RuntimeError: worker pool exploded"
+    assert nn["rank"] is None and nn["checkpoint_path"] is None
+    # claimed SUCCESS with the best score, but no checkpoint on disk: cannot win
+    lgb = summary["models"]["lightgbm"]
+    assert lgb["status"] == "FAILED" and "checkpoint" in lgb["error"]
+    assert "worker pool exploded" in caplog.text
+    # what the failed run left is archived for inspection, not in the output folder
+    assert (config.output_dir / compare.ARCHIVE_DIRNAME / "neural_net" / "partial.log").is_file()
+    assert artifacts.read_sidecar(config.output_dir / artifacts.SIDECAR_NAME)["model_type"] == "catboost"
+
+
+def test_all_failed_is_exit_1_and_leaves_the_previous_model_alone(fake, config):
+    config.output_dir.mkdir(parents=True)
+    (config.output_dir / "best_model.pth").write_text("yesterday's model")
+    fake.script = {mt: ("raise", ValueError(f"{mt} broke")) for mt in MODEL_TYPES}
+    assert compare.run_compare(config, optimizer_factory=fake) == 1
+    summary = summary_of(config)
+    assert summary["winner"] is None and summary["exit_code"] == 1
+    assert {m["status"] for m in summary["models"].values()} == {"FAILED"}
+    assert (config.output_dir / "best_model.pth").read_text() == "yesterday's model"
+    assert Path(summary["plot"]).is_file()
+
+
+def test_degenerate_target_is_exit_2_with_a_degenerate_sidecar_and_no_model(fake, config):
+    config.output_dir.mkdir(parents=True)
+    (config.output_dir / "best_model.cbm").write_text("stale")
+    fake.script = {mt: ("degenerate",) for mt in MODEL_TYPES}
+    assert compare.run_compare(config, optimizer_factory=fake) == 2
+    sidecar = artifacts.read_sidecar(config.output_dir / artifacts.SIDECAR_NAME)
+    assert sidecar["outcome"] == "DEGENERATE_SIGNAL" and sidecar["compare_models"]["winner"] is None
+    assert sorted(p.name for p in config.output_dir.iterdir() if p.is_file()) == ["best_model.meta.json"]
+    assert {m["status"] for m in summary_of(config)["models"].values()} == {"DEGENERATE_SIGNAL"}
+
+
+def test_a_new_winner_replaces_a_stale_model_of_another_type(fake, config):
+    config.output_dir.mkdir(parents=True)
+    (config.output_dir / "best_model.pth").write_text("old nn")
+    (config.output_dir / "notes.txt").write_text("the user's file")
+    fake.script = {mt: ("ok", 0.5 if mt == "lightgbm" else 0.1, 0.1) for mt in MODEL_TYPES}
+    assert compare.run_compare(config, optimizer_factory=fake) == 0
+    names = sorted(p.name for p in config.output_dir.iterdir() if p.is_file())
+    assert names == ["best_model.history.png", "best_model.meta.json", "best_model.txt", "notes.txt"]
+
+
+def test_registry_skips_are_logged_and_cannot_win(fake, config, caplog):
+    from step5.watcher.registry import record_result
+
+    registry = config.diagnostics_dir / compare.REGISTRY_NAME
+    for _ in range(3):  # over the policy's limit of 2
+        record_result(registry, "xgboost", True, "cv_r2 -0.3 < min 0.0", 2)
+    record_result(registry, "catboost", True, "cv_r2 -0.1 < min 0.0", 2)  # under the limit
+    fake.script = {mt: ("ok", 0.9 if mt == "xgboost" else 0.2, 0.1) for mt in MODEL_TYPES}
+    with caplog.at_level("WARNING", logger="step5.optimizer.compare"):
+        assert compare.run_compare(config, optimizer_factory=fake) == 0
+    assert "xgboost" not in [c.model_type for c in fake.configs]
+    assert "compare: skipping xgboost" in caplog.text
+    summary = summary_of(config)
+    assert summary["models"]["xgboost"]["status"] == "SKIPPED"
+    assert "3 consecutive critical" in summary["models"]["xgboost"]["error"]
+    assert summary["models"]["catboost"]["status"] == "SUCCESS"
+    assert summary["winner"] != "xgboost"
+
+
+def test_everything_skipped_is_exit_1(fake, config):
+    from step5.watcher.registry import record_result
+
+    for mt in MODEL_TYPES:
+        for _ in range(3):
+            record_result(config.diagnostics_dir / compare.REGISTRY_NAME, mt, True, "bad", 2)
+    assert compare.run_compare(config, optimizer_factory=fake) == 1
+    assert fake.configs == []
+    assert {m["status"] for m in summary_of(config)["models"].values()} == {"SKIPPED"}
+
+
+def test_a_malformed_registry_is_an_error_not_skip_nothing(fake, config):
+    from step5.errors import DataError
+
+    config.diagnostics_dir.mkdir(parents=True)
+    (config.diagnostics_dir / compare.REGISTRY_NAME).write_text("{not json")
+    with pytest.raises(DataError, match="skip registry"):
+        compare.run_compare(config, optimizer_factory=fake)
+    assert fake.configs == []
+
+
+def test_a_usage_error_stops_before_any_model_trains(fake, config):
+    with pytest.raises(UsageError, match="--k-folds"):
+        compare.run_compare(dataclasses.replace(config, k_folds=1), optimizer_factory=fake)
+    assert fake.configs == []
+
+
+def test_ctrl_c_is_not_swallowed(fake, config):
+    fake.script = {mt: ("raise", KeyboardInterrupt()) for mt in MODEL_TYPES}
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_compare(config, optimizer_factory=fake)
+    assert len(fake.configs) == 1
+
+
+def test_a_rerun_replaces_the_archive(fake, config):
+    fake.script = {mt: ("ok", 0.5 if mt == "catboost" else 0.1, 0.1) for mt in MODEL_TYPES}
+    compare.run_compare(config, optimizer_factory=fake)
+    fake.script = {mt: ("ok", 0.5 if mt == "neural_net" else 0.1, 0.1) for mt in MODEL_TYPES}
+    compare.run_compare(config, optimizer_factory=fake)
+    archive = config.output_dir / compare.ARCHIVE_DIRNAME
+    assert sorted(p.name for p in archive.iterdir()) == ["catboost", "lightgbm", "xgboost"]
+    assert (archive / "catboost" / "best_model.cbm").is_file()
+    assert artifacts.read_sidecar(config.output_dir / artifacts.SIDECAR_NAME)["model_type"] == "neural_net"
+
+
+def test_select_winner_ignores_non_success_and_non_finite_scores():
+    C = compare.Candidate
+    cands = [C("neural_net", "FAILED", test_r2=0.99), C("xgboost", "SUCCESS", test_r2=float("nan")),
+             C("lightgbm", "DEGENERATE_SIGNAL"), C("catboost", "SUCCESS", test_r2=-0.5, cv_score=None)]
+    assert compare.select_winner(cands).model_type == "catboost"
+    assert compare.select_winner(cands[:3]) is None
