@@ -90,18 +90,21 @@ def install_lifeline(
     *,
     poll_s: float = 0.5,
     on_orphan: Callable[[], None] | None = None,
+    use_prctl: bool = True,
 ) -> threading.Thread:
     """Arrange for this process to end when its parent dies; returns the watch thread.
 
     ``parent_pid`` defaults to :data:`PARENT_PID_ENV`, else to the current parent.
     ``on_orphan`` (default: ``os._exit(EXIT_ORPHANED)``) runs in the watch thread once the
-    parent is found gone; tests pass their own to observe it.
+    parent is found gone; tests pass their own to observe it, and ``use_prctl=False`` to
+    check the polling path alone.
     """
     original_ppid = os.getppid()
     watched = parent_pid if parent_pid is not None else expected_parent_pid()
     if watched is None:
         watched = original_ppid
-    set_parent_death_signal(signal.SIGKILL)
+    if use_prctl:
+        set_parent_death_signal(signal.SIGKILL)
     act = on_orphan or _default_on_orphan
 
     def orphaned() -> str | None:

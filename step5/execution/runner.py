@@ -26,7 +26,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Mapping, MutableSet, Protocol, Sequence
 
 from step5.devices import DeviceSlot
 from step5.errors import JobError, WorkerCrashed
@@ -76,12 +76,17 @@ def tail_lines(text: str, n: int = STDERR_TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-n:])
 
 
-def oneshot_command(request: TrainRequest, python: str = sys.executable) -> list[str]:
-    """The ``train_single_trial.py`` command line equivalent to a ``train`` request."""
+def oneshot_command(
+    request: TrainRequest, python: str = sys.executable, *, script: str | Path = ONESHOT_SCRIPT,
+) -> list[str]:
+    """The ``train_single_trial.py`` command line equivalent to a ``train`` request.
+
+    ``script`` replaces the trainer (tests pass the fake worker, which accepts the same flags).
+    """
     from step5.jsonio import dumps
 
     cmd = [
-        python, str(ONESHOT_SCRIPT),
+        python, str(script),
         "--model-type", "neural_net",
         "--data-path", request.data_path,
         "--params", dumps(request.params.to_dict()).decode(),
@@ -110,27 +115,45 @@ def run_oneshot_job(
     *,
     timeout_s: float,
     python: str = sys.executable,
+    script: str | Path = ONESHOT_SCRIPT,
+    env: Mapping[str, str] | None = None,
+    live: MutableSet[subprocess.Popen[bytes]] | None = None,
 ) -> dict[str, Any]:
     """Train one fold in a fresh ``train_single_trial.py`` process pinned to ``slot``.
 
     Returns the result dict (``job_id`` attached). Raises :class:`JobError` when the
     trainer reports a job failure, :class:`WorkerCrashed` when the process dies, times
     out or prints something that is not its one JSON line.
+
+    ``env`` replaces ``slot.environment()``; while the process runs it is a member of
+    ``live``, so an owner shutting down (the worker pool on Ctrl-C) can kill it.
     """
-    cmd = oneshot_command(request, python)
+    cmd = oneshot_command(request, python, script=script)
+    proc = subprocess.Popen(
+        cmd, env=slot.environment() if env is None else dict(env),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    if live is not None:
+        live.add(proc)
     try:
-        proc = subprocess.run(
-            cmd, env=slot.environment(), stdin=subprocess.DEVNULL, capture_output=True,
-            timeout=timeout_s, check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        stderr = (exc.stderr or b"").decode(errors="replace")
-        raise WorkerCrashed(
-            f"one-shot trainer on {slot.label} exceeded the {timeout_s:g}s job timeout",
-            exit_status="TIMEOUT", stderr_tail=tail_lines(stderr),
-        ) from None
-    stderr = proc.stderr.decode(errors="replace")
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+        try:
+            stdout, stderr_b = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr_b = proc.communicate()
+            raise WorkerCrashed(
+                f"one-shot trainer on {slot.label} exceeded the {timeout_s:g}s job timeout",
+                exit_status="TIMEOUT", stderr_tail=tail_lines(stderr_b.decode(errors="replace")),
+            ) from None
+        except BaseException:  # Ctrl-C while waiting: do not leave the trainer behind
+            proc.kill()
+            proc.wait()
+            raise
+    finally:
+        if live is not None:
+            live.discard(proc)
+    stderr = stderr_b.decode(errors="replace")
+    lines = [line for line in stdout.splitlines() if line.strip()]
     payload: Any = None
     if len(lines) == 1:
         try:

@@ -1,0 +1,274 @@
+"""A torch-free fake of ``nn_gpu_worker.py`` (and of ``train_single_trial.py``) for tests.
+
+As a worker it speaks the real protocol (ready, train, train_folds, ping, shutdown) with
+the real framing, and can be told to misbehave on a chosen job::
+
+    fake_worker.py --fault hang     --after 2    # answer 2 jobs, then hang on the 3rd
+    fake_worker.py --fault sigkill               # SIGKILL itself on the first job
+    fake_worker.py --fault exit --exit-code 42   # exit 42 on the first job
+    fake_worker.py --fault garbage               # print a non-JSON line instead of a result
+    fake_worker.py --boot hang                   # never say ready
+    fake_worker.py --fault sigkill --faulty-starts 1 --state-dir D
+                                                 # only the first launch misbehaves
+
+"Results" are a pure function of the request (minus ``job_id``), so a job retried on a
+restarted worker or through the one-shot fallback gives exactly the same numbers.
+A request whose ``X_train_path`` does not exist fails deterministically with a
+``data_error``, as the real worker does.
+
+Started with ``train_single_trial.py``'s arguments (``--data-path ...``) it acts as a
+one-shot trainer: one JSON line on stdout, exit 0 (or an error line and exit 1). Setting
+``STEP5_FAKE_ONESHOT=crash`` makes that mode die with ``EXIT(7)`` and no output.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, BinaryIO, Sequence
+
+if __name__ == "__main__":  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from step5.errors import BadRequest, JobError  # noqa: E402
+from step5.framing import FrameTooLarge, LineReader, LineWriter  # noqa: E402
+from step5.jsonio import dumps, loads  # noqa: E402
+from step5.protocol import MAX_REQUEST_BYTES, PROTOCOL_VERSION, NNParams, TrainRequest  # noqa: E402
+
+FAULTS = ("none", "hang", "garbage", "exit", "sigkill", "oversize", "wrong_job_id", "close_stdout")
+BOOT_FAULTS = ("none", "hang", "exit", "garbage")
+ONESHOT_ENV = "STEP5_FAKE_ONESHOT"
+
+
+def fake_metrics(request: TrainRequest) -> dict[str, Any]:
+    """Deterministic pseudo-metrics for ``request`` (``job_id`` and paths' identity only)."""
+    wire = request.to_dict()
+    wire.pop("job_id", None)
+    digest = hashlib.sha256(dumps(wire)).digest()
+    u = [int.from_bytes(digest[i:i + 4], "big") / 2**32 for i in (0, 4, 8)]
+    return {
+        "status": "complete",
+        "model_type": "neural_net",
+        "r2": round(u[0] * 0.8 - 0.1, 6),
+        "val_mse": round(0.5 + u[1], 6),
+        "train_mse": round(0.4 + u[2], 6),
+        "epochs_run": request.params.epochs,
+        "trial_number": request.trial_number,
+        "fold_idx": request.fold_idx,
+        "job_id": request.job_id,
+    }
+
+
+def train(request: TrainRequest, device: str, job_s: float) -> dict[str, Any]:
+    """Pretend to train: check the data file exists, sleep ``job_s``, return fake metrics."""
+    start = time.perf_counter()
+    if not os.path.exists(request.data_path):
+        raise JobError(f"NPZ file not found: {request.data_path}", "data_error")
+    time.sleep(job_s)
+    result = fake_metrics(request)
+    result.update(
+        device=device, duration=round(time.perf_counter() - start, 6), worker_pid=os.getpid(),
+        # Where it ran, so tests can see that each slot's environment reached its process.
+        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        torch_threads=os.environ.get("STEP5_TORCH_THREADS"),
+    )
+    return result
+
+
+def _launch_number(state_dir: str | None) -> int:
+    """1 for the first launch that shares ``state_dir``, 2 for the next, ... (0 without one)."""
+    if not state_dir:
+        return 0
+    path = Path(state_dir) / "launches"
+    # O_APPEND writes of one byte are atomic: concurrent launches each get their own count.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, b".")
+    finally:
+        os.close(fd)
+    return path.stat().st_size
+
+
+class FakeWorker:
+    def __init__(self, args: argparse.Namespace, wire: BinaryIO) -> None:
+        self.args = args
+        self.wire = wire
+        self.writer = LineWriter(wire)
+        self.jobs_seen = 0
+        launch = _launch_number(args.state_dir)
+        self.faulty = args.faulty_starts is None or launch <= args.faulty_starts
+        self.device = args.device
+
+    def log(self, msg: str) -> None:
+        sys.stderr.write(f"fake-worker[{os.getpid()}] {msg}\n")
+        sys.stderr.flush()
+
+    def misbehave(self, request: TrainRequest) -> bool:
+        """Apply the configured fault if this job is the one; True when a fault replaced the answer."""
+        fault = self.args.fault if self.faulty else "none"
+        if fault == "none" or self.jobs_seen <= self.args.after:
+            return False
+        self.log(f"fault {fault!r} on job {request.job_id!r}")
+        if fault == "hang":
+            while True:
+                time.sleep(3600)
+        if fault == "garbage":
+            self.writer.write_line(b"Traceback (most recent call last): <this is not JSON>")
+            return True
+        if fault == "exit":
+            sys.stderr.flush()
+            os._exit(self.args.exit_code)
+        if fault == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if fault == "oversize":
+            self.writer.write_line(b"{" + b" " * (self.args.oversize_bytes) + b"}")
+            return True
+        if fault == "wrong_job_id":
+            self.writer.write_message({**fake_metrics(request), "job_id": "not-yours"})
+            return True
+        if fault == "close_stdout":
+            self.wire.close()
+            while True:  # alive but mute: the parent sees EOF on a live process
+                time.sleep(3600)
+        raise AssertionError(f"unhandled fault {fault!r}")
+
+    def answer(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            request = TrainRequest.from_dict(raw)
+        except JobError as exc:
+            return exc.to_dict()
+        self.jobs_seen += 1
+        for _ in range(self.args.stderr_lines):
+            self.log(f"chatter for job {request.job_id!r} " + "." * 200)
+        if self.misbehave(request):
+            return None
+        try:
+            return train(request, self.device, self.args.job_s)
+        except JobError as exc:
+            exc.trial_number, exc.fold_idx, exc.job_id = request.trial_number, request.fold_idx, request.job_id
+            return exc.to_dict()
+
+    def serve(self) -> int:
+        boot = self.args.boot if self.faulty else "none"
+        time.sleep(self.args.boot_s)
+        if boot == "hang":
+            while True:
+                time.sleep(3600)
+        if boot == "exit":
+            self.log("failing at boot")
+            return 1
+        if boot == "garbage":
+            self.writer.write_line(b"CUDA banner on the wire")
+        self.writer.write_message({
+            "status": "ready", "device": self.device, "pid": os.getpid(), "protocol": PROTOCOL_VERSION,
+            "boot_s": self.args.boot_s, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "torch_threads": os.environ.get("STEP5_TORCH_THREADS"), "fake": True,
+        })
+        reader = LineReader(sys.stdin.buffer, MAX_REQUEST_BYTES)
+        while True:
+            try:
+                line = reader.read_line()
+            except FrameTooLarge:
+                self.writer.write_message(BadRequest("request line too long; discarded").to_dict())
+                continue
+            if line is None:
+                return 0
+            if not line.strip():
+                continue
+            try:
+                raw = loads(line)
+            except ValueError:
+                self.writer.write_message(BadRequest("request is not valid JSON").to_dict())
+                continue
+            command = raw.get("command") if isinstance(raw, dict) else None
+            if command == "shutdown":
+                self.writer.write_message({"status": "shutdown", "reason": "command", "jobs_done": self.jobs_seen})
+                return 0
+            if command == "ping":
+                self.writer.write_message({"status": "pong", "pid": os.getpid(), "device": self.device})
+                continue
+            if command == "train":
+                jobs = [raw]
+            elif command == "train_folds" and isinstance(raw.get("jobs"), list) and raw["jobs"]:
+                jobs = raw["jobs"]
+            else:
+                self.writer.write_message(BadRequest(f"unsupported request {command!r}").to_dict())
+                continue
+            for job in jobs:
+                response = self.answer(job)
+                if response is not None:
+                    self.writer.write_message(response)
+
+
+def oneshot_main(argv: Sequence[str]) -> int:
+    """Behave like ``train_single_trial.py``: one JSON line out, exit 0 / 1."""
+    if os.environ.get(ONESHOT_ENV) == "crash":
+        sys.stderr.write("fake one-shot trainer crashing on purpose\n")
+        return 7
+    p = argparse.ArgumentParser()
+    p.add_argument("--model-type")
+    p.add_argument("--data-path", required=True)
+    p.add_argument("--params", required=True)
+    p.add_argument("--trial-number", type=int)
+    p.add_argument("--fold-idx", type=int)
+    p.add_argument("--normalize-features", action="store_true")
+    p.add_argument("--use-leaky-relu", action="store_true")
+    p.add_argument("--batch-mode", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-model", action="store_true")
+    p.add_argument("--model-output-dir")
+    a = p.parse_args(list(argv))
+    request = TrainRequest(
+        data_path=a.data_path, params=NNParams.from_dict(loads(a.params)), trial_number=a.trial_number,
+        fold_idx=a.fold_idx, normalize_features=a.normalize_features, use_leaky_relu=a.use_leaky_relu,
+        batch_mode=a.batch_mode, seed=a.seed,
+        save_model_path=str(Path(a.model_output_dir) / "best_model.pth") if a.save_model else None,
+    )
+    try:
+        result = train(request, "fake-oneshot", 0.0)
+    except JobError as exc:
+        exc.trial_number, exc.fold_idx = request.trial_number, request.fold_idx
+        sys.stdout.write(dumps(exc.to_dict()).decode() + "\n")
+        return 1
+    sys.stdout.write(dumps(result).decode() + "\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--data-path" in argv:
+        return oneshot_main(argv)
+    p = argparse.ArgumentParser(description="Fake Step 5 worker for tests.")
+    p.add_argument("--fault", choices=FAULTS, default="none", help="what to do instead of answering a job")
+    p.add_argument("--after", type=int, default=0, help="answer this many jobs normally before the fault")
+    p.add_argument("--exit-code", type=int, default=42)
+    p.add_argument("--boot", choices=BOOT_FAULTS, default="none", help="misbehave before `ready`")
+    p.add_argument("--boot-s", type=float, default=0.0, help="pretend boot time before `ready`")
+    p.add_argument("--job-s", type=float, default=0.01, help="pretend training time per job")
+    p.add_argument("--faulty-starts", type=int, default=None,
+                   help="only the first N launches sharing --state-dir misbehave (default: all)")
+    p.add_argument("--state-dir", default=None)
+    p.add_argument("--stderr-lines", type=int, default=0, help="lines of stderr chatter per job")
+    p.add_argument("--oversize-bytes", type=int, default=2 * MAX_REQUEST_BYTES)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+
+    from step5.lifeline import install_lifeline
+    from step5.stdout_guard import claim_stdout
+
+    wire = claim_stdout()
+    if os.environ.get("STEP5_PARENT_PID"):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    install_lifeline(poll_s=0.2)
+    try:
+        return FakeWorker(args, wire).serve()
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

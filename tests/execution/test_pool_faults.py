@@ -1,0 +1,215 @@
+"""WorkerPool fault handling against the fake worker: every crash case is one table row.
+
+SPEC section 7: a worker that dies, hangs or breaks the protocol is killed and restarted
+once; if it fails again the slot falls back to one-shot subprocesses for good, logging
+`[S96B] Worker CPU-0 died, falling back to subprocess mode`. The job that was running is
+retried, so every job's result is the undisturbed one and none is counted twice.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import psutil
+import pytest
+
+from step5.devices import DeviceSlot
+from step5.errors import JobError
+from step5.execution.pool import WorkerPool
+from step5.protocol import NNParams, TrainRequest
+from step5.testing import FAKE_WORKER, fake_worker_command
+from step5.testing.fake_worker import fake_metrics
+
+JOB_TIMEOUT_S = 2.0
+READY_TIMEOUT_S = 10.0  # the fake boots in well under a second; generous for a busy CI box
+METRICS = ("r2", "val_mse", "train_mse", "trial_number", "fold_idx", "job_id")
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Path:
+    path = tmp_path / "fold.npz"
+    path.write_bytes(b"fake workers only check that the file exists")
+    return path
+
+
+def make_requests(data_file: Path, n: int = 4, trial: int = 0) -> list[TrainRequest]:
+    return [
+        TrainRequest(str(data_file), NNParams(hidden_layers=(8,), epochs=3 + i), trial_number=trial, fold_idx=i,
+                     seed=11, job_id=f"t{trial}-f{i}")
+        for i in range(n)
+    ]
+
+
+def expected(requests: list[TrainRequest]) -> list[dict]:
+    return [{k: fake_metrics(r)[k] for k in METRICS} for r in requests]
+
+
+def metrics(results: list[dict]) -> list[dict]:
+    return [{k: r[k] for k in METRICS} for r in results]
+
+
+def cpu_slots(n: int) -> list[DeviceSlot]:
+    return [DeviceSlot(f"CPU-{i}", "cpu", "", 1) for i in range(n)]
+
+
+def make_pool(*options: str, slots: int = 1, tmp_path: Path | None = None, **kwargs) -> WorkerPool:
+    opts = list(options)
+    if tmp_path is not None:
+        opts += ["--state-dir", str(tmp_path)]
+    kwargs.setdefault("job_timeout_s", JOB_TIMEOUT_S)
+    kwargs.setdefault("ready_timeout_s", READY_TIMEOUT_S)
+    kwargs.setdefault("max_restarts", 1)
+    return WorkerPool(cpu_slots(slots), worker_command=fake_worker_command(*opts), oneshot_script=FAKE_WORKER,
+                      shutdown_timeout_s=3.0, **kwargs)
+
+
+# Each row: fake-worker options, then what the pool must report.
+#   restarts / fallback: the slot's state afterwards; kind / status: the first crash record.
+FAULTS = [
+    pytest.param(["--fault", "sigkill", "--after", "1", "--faulty-starts", "1"], 1, False, "crash", "SIGKILL(-9)",
+                 id="sigkill-once-restarts"),
+    pytest.param(["--fault", "exit", "--exit-code", "42", "--after", "1", "--faulty-starts", "1"], 1, False,
+                 "crash", "EXIT(42)", id="exit42-once-restarts"),
+    pytest.param(["--fault", "hang", "--after", "1", "--faulty-starts", "1"], 1, False, "hang", "SIGKILL(-9)",
+                 id="hang-once-killed-restarts"),
+    pytest.param(["--fault", "garbage", "--after", "1", "--faulty-starts", "1"], 1, False, "protocol",
+                 "SIGKILL(-9)", id="garbage-once-restarts"),
+    pytest.param(["--fault", "wrong_job_id", "--faulty-starts", "1"], 1, False, "protocol", "SIGKILL(-9)",
+                 id="wrong-job-id-restarts"),
+    pytest.param(["--fault", "oversize", "--oversize-bytes", str(17 << 20), "--faulty-starts", "1"], 1, False,
+                 "protocol", "SIGKILL(-9)", id="oversize-answer-restarts"),
+    pytest.param(["--fault", "close_stdout", "--faulty-starts", "1"], 1, False, "crash", "SIGKILL(-9)",
+                 id="eof-while-alive-restarts"),
+    pytest.param(["--fault", "sigkill", "--after", "1"], 1, True, "crash", "SIGKILL(-9)",
+                 id="sigkill-twice-falls-back"),
+    pytest.param(["--fault", "exit", "--exit-code", "3"], 1, True, "crash", "EXIT(3)",
+                 id="exit-every-time-falls-back"),
+    pytest.param(["--boot", "exit", "--faulty-starts", "1"], 1, False, "crash", "EXIT(1)",
+                 id="boot-crash-once-restarts"),
+    pytest.param(["--boot", "garbage"], 1, True, "protocol", "SIGKILL(-9)", id="boot-garbage-falls-back"),
+]
+
+
+@pytest.mark.parametrize("options, restarts, fallback, kind, status", FAULTS)
+def test_fault_is_recovered_and_every_job_gets_its_undisturbed_result(
+    options, restarts, fallback, kind, status, data_file, tmp_path, caplog,
+):
+    requests = make_requests(data_file)
+    caplog.set_level(logging.WARNING, logger="step5.execution.pool")
+    with make_pool(*options, tmp_path=tmp_path) as pool:
+        results = pool.run_jobs(requests)
+        summary = pool.summary()
+    assert metrics(results) == expected(requests)
+    (worker,) = summary["workers"]
+    assert (worker["restarts"], worker["fallback"]) == (restarts, fallback)
+    assert summary["timings"]["jobs"] == len(requests)  # the retried job counted once
+    assert worker["jobs"] + worker["oneshot_jobs"] == len(requests)
+    first = summary["crashes"][0]
+    assert (first["kind"], first["status"]) == (kind, status)
+    fallback_line = "[S96B] Worker CPU-0 died, falling back to subprocess mode"
+    assert (fallback_line in caplog.messages) == fallback
+    if fallback:
+        (record,) = summary["fallbacks"]
+        assert record["label"] == "CPU-0" and record["exit_status"]
+        assert any(r["device"] == "fake-oneshot" for r in results)
+    else:
+        assert summary["fallbacks"] == []
+
+
+def test_hang_at_boot_times_out_then_falls_back(data_file, caplog):
+    caplog.set_level(logging.WARNING, logger="step5.execution.pool")
+    requests = make_requests(data_file, n=2)
+    with make_pool("--boot", "hang", ready_timeout_s=1.0) as pool:
+        summary = pool.summary()
+        assert [c["kind"] for c in summary["crashes"]] == ["boot", "boot"]
+        assert summary["workers"][0]["fallback"] is True
+        assert metrics(pool.run_jobs(requests)) == expected(requests)
+    assert "[S96B] Worker CPU-0 died, falling back to subprocess mode" in caplog.messages
+
+
+def test_crash_report_names_exit_status_and_last_stderr_lines(data_file, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="step5.execution.pool")
+    with make_pool("--fault", "exit", "--exit-code", "42", "--faulty-starts", "1", "--stderr-lines", "3",
+                   tmp_path=tmp_path) as pool:
+        pool.run_jobs(make_requests(data_file, n=1))
+        crash = pool.summary()["crashes"][0]
+    assert "EXIT(42)" in crash["error"]
+    report = "\n".join(caplog.messages)
+    assert "EXIT(42)" in report and "fault 'exit'" in report and "chatter for job" in report
+
+
+def test_chatty_worker_does_not_block_on_a_full_stderr_pipe(data_file):
+    # ~200 KB of stderr per job, several times a pipe's buffer: the drain thread must keep up.
+    requests = make_requests(data_file, n=3)
+    with make_pool("--stderr-lines", "1000") as pool:
+        assert metrics(pool.run_jobs(requests)) == expected(requests)
+        assert pool.summary()["crashes"] == []
+
+
+def test_job_error_fails_only_that_job_without_retry_or_restart(data_file, tmp_path):
+    good = make_requests(data_file, n=3)
+    bad = TrainRequest(str(tmp_path / "missing.npz"), trial_number=0, fold_idx=9, job_id="bad")
+    with make_pool(slots=2) as pool:
+        pids = sorted(pool.worker_pids())
+        with pytest.raises(JobError) as info:
+            pool.run_jobs([good[0], bad, good[1], good[2]])
+        assert info.value.error_type == "data_error"
+        assert "missing.npz" in info.value.message and info.value.job_id == "bad"
+        summary = pool.summary()
+        # Not the worker's fault: no restart, same processes, and the others all ran.
+        assert sorted(pool.worker_pids()) == pids
+        assert summary["crashes"] == [] and all(w["restarts"] == 0 for w in summary["workers"])
+        assert summary["timings"]["jobs"] == 3
+        # The pool keeps serving.
+        assert metrics(pool.run_jobs(good)) == expected(good)
+
+
+def test_fallback_trainer_crashing_too_fails_the_job_after_bounded_retries(data_file, monkeypatch):
+    monkeypatch.setenv("STEP5_FAKE_ONESHOT", "crash")
+    with make_pool("--fault", "sigkill") as pool:
+        with pytest.raises(JobError, match=r"EXIT\(7\).*gave up after 2"):
+            pool.run_jobs(make_requests(data_file, n=1))
+        summary = pool.summary()
+    assert summary["workers"][0]["fallback"] is True
+    assert [c["kind"] for c in summary["crashes"]] == ["crash", "crash", "oneshot", "oneshot"]
+
+
+def test_zero_restarts_falls_back_on_first_fault(data_file, caplog):
+    caplog.set_level(logging.WARNING, logger="step5.execution.pool")
+    requests = make_requests(data_file, n=2)
+    with make_pool("--fault", "sigkill", max_restarts=0) as pool:
+        assert metrics(pool.run_jobs(requests)) == expected(requests)
+        assert pool.summary()["workers"][0]["restarts"] == 0
+    assert "[S96B] Worker CPU-0 died, falling back to subprocess mode" in caplog.messages
+
+
+def test_other_slot_keeps_its_worker_when_one_falls_back(data_file, tmp_path):
+    # Two slots share the fake's launch counter: the first two launches misbehave at once.
+    requests = make_requests(data_file, n=6)
+    with make_pool("--fault", "sigkill", "--faulty-starts", "3", "--job-s", "0.05", slots=2,
+                   tmp_path=tmp_path) as pool:
+        results = pool.run_jobs(requests)
+        summary = pool.summary()
+    assert metrics(results) == expected(requests)
+    states = sorted((w["fallback"], w["restarts"]) for w in summary["workers"])
+    assert states == [(False, 1), (True, 1)]
+    assert summary["timings"]["jobs"] == 6
+
+
+def test_killing_a_worker_from_outside_mid_batch_loses_no_job(data_file):
+    requests = make_requests(data_file, n=6)
+    with make_pool("--job-s", "0.4", slots=2) as pool:
+        victim = pool.worker_pids()[0]
+        import threading
+
+        killer = threading.Timer(0.5, lambda: psutil.Process(victim).kill())
+        killer.start()
+        try:
+            results = pool.run_jobs(requests)
+        finally:
+            killer.cancel()
+        summary = pool.summary()
+    assert metrics(results) == expected(requests)
+    assert summary["timings"]["jobs"] == 6
+    assert [c["status"] for c in summary["crashes"]] == ["SIGKILL(-9)"]
+    assert sum(w["restarts"] for w in summary["workers"]) == 1

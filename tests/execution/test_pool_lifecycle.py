@@ -1,0 +1,258 @@
+"""WorkerPool lifecycle: spawn, concurrent dispatch, shutdown, Ctrl-C, and no orphans.
+
+The fake worker stands in for nn_gpu_worker.py so each test takes about a second; the
+autouse fixture in conftest.py fails any test that leaves a child process running.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from step5.devices import DeviceSlot, plan_slots
+from step5.execution.pool import PoolClosed, WorkerPool
+from step5.lifeline import install_lifeline
+from step5.protocol import NNParams, TrainRequest
+from step5.testing import FAKE_WORKER, fake_worker_command
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Path:
+    path = tmp_path / "fold.npz"
+    path.write_bytes(b"x")
+    return path
+
+
+def requests_for(data_file: Path, n: int) -> list[TrainRequest]:
+    return [TrainRequest(str(data_file), NNParams(epochs=2), trial_number=0, fold_idx=i, job_id=i) for i in range(n)]
+
+
+def pool_of(slots: list[DeviceSlot], *options: str, **kwargs) -> WorkerPool:
+    kwargs.setdefault("job_timeout_s", 5.0)
+    kwargs.setdefault("ready_timeout_s", 10.0)
+    kwargs.setdefault("max_restarts", 1)
+    kwargs.setdefault("shutdown_timeout_s", 3.0)
+    return WorkerPool(slots, worker_command=fake_worker_command(*options), oneshot_script=FAKE_WORKER, **kwargs)
+
+
+def cpu_slots(n: int) -> list[DeviceSlot]:
+    return [DeviceSlot(f"CPU-{i}", "cpu", "", 1) for i in range(n)]
+
+
+def wait_gone(pids: list[int], timeout_s: float = 5.0) -> list[int]:
+    """Pids still running (zombies count as gone) after waiting up to ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def test_two_gpu_slots_pin_different_cuda_visible_devices_and_split_threads(data_file):
+    slots = plan_slots(["0", "1"], None, cpu_count=4)  # what --gpus 0,1 plans, no GPU needed
+    with pool_of(slots, "--job-s", "0.3") as pool:
+        results = pool.run_jobs(requests_for(data_file, 4))
+        summary = pool.summary()
+    by_slot = {(r["cuda_visible_devices"], r["torch_threads"]) for r in results}
+    assert by_slot == {("0", "2"), ("1", "2")}
+    assert [w["label"] for w in summary["workers"]] == ["GPU-0", "GPU-1"]
+    assert [w["cuda_visible_devices"] for w in summary["workers"]] == ["0", "1"]
+
+
+def test_folds_run_concurrently_across_workers(data_file):
+    with pool_of(cpu_slots(2), "--job-s", "0.4") as pool:
+        results = pool.run_jobs(requests_for(data_file, 4))
+    assert [r["job_id"] for r in results] == [0, 1, 2, 3]  # request order kept
+    assert len({r["worker_pid"] for r in results}) == 2  # both workers took jobs
+
+
+def test_summary_is_the_execution_block(data_file):
+    with pool_of(cpu_slots(2)) as pool:
+        pool.run_jobs(requests_for(data_file, 3))
+        summary = pool.summary()
+    assert summary["mode"] == "persistent_workers" == pool.mode
+    assert summary["devices"] == ["CPU-0", "CPU-1"]
+    assert summary["fallbacks"] == []
+    for w in summary["workers"]:
+        assert {"label", "device", "pid", "jobs", "restarts", "fallback"} <= set(w)
+        assert w["device"] == "cpu" and w["restarts"] == 0 and w["fallback"] is False
+    assert sum(w["jobs"] for w in summary["workers"]) == 3
+    timings = summary["timings"]
+    assert set(timings) >= {"spawn_s", "compute_s", "wall_s", "overhead_s", "jobs"}
+    assert timings["jobs"] == 3 and timings["spawn_s"] > 0 and timings["compute_s"] > 0
+
+
+def test_close_says_shutdown_and_reaps_every_worker(data_file, caplog):
+    caplog.set_level(logging.WARNING, logger="step5.execution.pool")
+    pool = pool_of(cpu_slots(2))
+    pool.run_jobs(requests_for(data_file, 2))
+    pids = pool.worker_pids()
+    procs = [st.worker.proc for st in pool._states]  # noqa: SLF001 - checking exit codes
+    pool.close()
+    assert [p.returncode for p in procs] == [0, 0]  # a planned exit, after the goodbye
+    assert not any("without a shutdown reply" in m for m in caplog.messages)
+    assert wait_gone(pids, 0.1) == []
+    pool.close()  # idempotent
+    with pytest.raises(PoolClosed):
+        pool.run_jobs(requests_for(data_file, 1))
+
+
+def test_close_while_a_job_hangs_terminates_the_worker(data_file):
+    pool = pool_of(cpu_slots(1), "--fault", "hang", job_timeout_s=60.0, shutdown_timeout_s=0.5)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            pool.run_jobs(requests_for(data_file, 1))
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            errors.append(exc)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    time.sleep(0.5)
+    pids = pool.worker_pids()
+    start = time.monotonic()
+    pool.close()
+    runner.join(timeout=10)
+    assert time.monotonic() - start < 5
+    assert not runner.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], PoolClosed)
+    assert wait_gone(pids, 0.1) == []
+
+
+def test_ctrl_c_in_run_jobs_kills_every_worker_before_propagating(data_file):
+    pool = pool_of(cpu_slots(2), "--fault", "hang", job_timeout_s=60.0)
+    pids = pool.worker_pids()
+    assert len(pids) == 2
+    timer = threading.Timer(0.5, os.kill, args=(os.getpid(), signal.SIGINT))
+    timer.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pool.run_jobs(requests_for(data_file, 2))
+    finally:
+        timer.cancel()
+    assert time.monotonic() - start < 5
+    assert pool.closed
+    assert wait_gone(pids, 0.5) == []
+
+
+def test_constructor_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="at least one"):
+        WorkerPool([], job_timeout_s=1, ready_timeout_s=1, max_restarts=1)
+    with pytest.raises(ValueError, match="unique"):
+        WorkerPool([DeviceSlot("CPU-0", "cpu", ""), DeviceSlot("CPU-0", "cpu", "")],
+                   job_timeout_s=1, ready_timeout_s=1, max_restarts=1)
+    with pytest.raises(ValueError, match="job_timeout_s"):
+        WorkerPool(cpu_slots(1), job_timeout_s=0, ready_timeout_s=1, max_restarts=1)
+    with pytest.raises(ValueError, match="max_restarts"):
+        WorkerPool(cpu_slots(1), job_timeout_s=1, ready_timeout_s=1, max_restarts=-1)
+
+
+# A parent process holding a pool of two fake workers: prints their pids, then either
+# sleeps (to be SIGKILLed by the test) or returns without close() (atexit must clean up).
+PARENT = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {repo!r})
+    from step5.devices import DeviceSlot
+    from step5.execution.pool import WorkerPool
+    from step5.testing import FAKE_WORKER, fake_worker_command
+    pool = WorkerPool([DeviceSlot("CPU-0", "cpu", "", 1), DeviceSlot("CPU-1", "cpu", "", 1)],
+                      job_timeout_s=5, ready_timeout_s=20, max_restarts=1,
+                      worker_command=fake_worker_command(), oneshot_script=FAKE_WORKER)
+    print(" ".join(map(str, pool.worker_pids())), flush=True)
+    if sys.argv[1] == "sleep":
+        time.sleep(60)
+""").format(repo=str(REPO_ROOT))
+
+
+def start_parent(mode: str) -> tuple[subprocess.Popen[str], list[int]]:
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, mode], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    line = parent.stdout.readline()
+    pids = [int(p) for p in line.split()]
+    assert len(pids) == 2, f"parent printed {line!r}"
+    for pid in pids:
+        assert psutil.Process(pid).ppid() == parent.pid
+    return parent, pids
+
+
+def test_no_worker_outlives_a_sigkilled_parent():
+    parent, pids = start_parent("sleep")
+    parent.kill()  # SIGKILL: no atexit, no finally, no close()
+    parent.wait()
+    parent.stdout.close()
+    assert wait_gone(pids, 5.0) == [], "workers survived their SIGKILLed parent"
+
+
+def test_pool_left_open_is_shut_down_at_interpreter_exit():
+    parent, pids = start_parent("exit")
+    assert parent.wait(timeout=20) == 0
+    parent.stdout.close()
+    assert wait_gone(pids, 1.0) == []
+
+
+# The lifeline alone, both mechanisms, in a grandchild whose parent the test SIGKILLs.
+CHILD = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {repo!r})
+    from step5.lifeline import install_lifeline, set_parent_death_signal
+    if sys.argv[1] == "prctl":
+        assert set_parent_death_signal()
+    else:
+        install_lifeline(use_prctl=False, poll_s=0.1)
+    print("armed", flush=True)
+    time.sleep(60)
+""").format(repo=str(REPO_ROOT))
+
+MIDDLE = textwrap.dedent("""
+    import subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "armed"
+    print(child.pid, flush=True)
+    time.sleep(60)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux-only")
+@pytest.mark.parametrize("mechanism", ["prctl", "poll"])
+def test_lifeline_ends_the_child_when_its_parent_is_killed(mechanism):
+    middle = subprocess.Popen([sys.executable, "-c", MIDDLE, CHILD, mechanism], stdout=subprocess.PIPE, text=True)
+    child_pid = int(middle.stdout.readline())
+    middle.kill()
+    middle.wait()
+    middle.stdout.close()
+    assert wait_gone([child_pid], 5.0) == []
+
+
+def test_lifeline_notices_a_parent_pid_that_is_gone():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    fired = threading.Event()
+    install_lifeline(dead.pid, poll_s=0.05, on_orphan=fired.set, use_prctl=False)
+    assert fired.wait(2.0)
+
+
+def test_lifeline_stays_quiet_while_the_parent_lives():
+    fired = threading.Event()
+    thread = install_lifeline(os.getppid(), poll_s=0.05, on_orphan=fired.set, use_prctl=False)
+    assert not fired.wait(0.3)
+    assert thread.daemon and thread.is_alive()
