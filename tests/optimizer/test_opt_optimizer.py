@@ -1,0 +1,313 @@
+"""AntiOverfitMetaOptimizer in-process, with a fake fold runner standing in for the trainers.
+
+The fake reads the fold NPZ files it is handed (so the tests see exactly what a worker
+would), answers with metrics derived from the params, writes a checkpoint when asked, and
+can fail chosen trials deterministically (JobError) or blow up (RuntimeError, Ctrl-C).
+The real-trainer runs are in test_opt_cli_end_to_end.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from step5 import artifacts
+from step5.errors import DegenerateSignalError, JobError, PolicyError, Step5Error, UsageError
+from step5.jsonio import read_json_file, write_json_atomic
+from step5.optimizer import AntiOverfitMetaOptimizer, OptimizerConfig
+from step5.optimizer import optimizer as optimizer_module
+from step5.optimizer.objective import FINAL_FOLD_IDX
+from step5.protocol import TrainRequest
+
+
+class FakeRunner:
+    """A FoldRunner that trains nothing: metrics are a smooth function of the params."""
+
+    mode = "subprocess"
+
+    def __init__(self, *, fail_trials: Sequence[int] = (), explode_on_trial: int | None = None,
+                 explosion: type[BaseException] = RuntimeError) -> None:
+        self.fail_trials = set(fail_trials)
+        self.explode_on_trial = explode_on_trial
+        self.explosion = explosion
+        self.requests: list[TrainRequest] = []
+        self.arrays: dict[str, dict[str, np.ndarray]] = {}
+        self.closed = False
+
+    def _result(self, req: TrainRequest) -> dict[str, Any]:
+        with np.load(req.data_path, allow_pickle=False) as npz:
+            self.arrays[req.data_path] = {k: npz[k] for k in npz.files}
+        lr = req.params.learning_rate
+        # Best near lr = 1e-3; deeper nets overfit a little more.
+        val = 0.6 - 0.1 * abs(np.log10(lr) + 3.0)
+        train = val + 0.05 * len(req.params.hidden_layers)
+        out = {"status": "complete", "model_type": "neural_net", "r2": val, "train_r2": train,
+               "val_mse": 1.0 - val, "train_mse": 1.0 - train, "duration": 0.01, "device": "cpu",
+               "trial_number": req.trial_number, "fold_idx": req.fold_idx, "job_id": req.job_id,
+               "epochs_run": 7, "best_epoch": 4}
+        if "X_test" in self.arrays[req.data_path]:
+            out["test_r2"], out["test_mse"] = val - 0.01, 1.01 - val
+        if req.save_model_path:
+            Path(req.save_model_path).write_bytes(b"fake checkpoint")
+            out["model_path"] = req.save_model_path
+        return out
+
+    def run_jobs(self, requests: Sequence[TrainRequest]) -> list[dict[str, Any]]:
+        assert not self.closed
+        self.requests.extend(requests)
+        trial = requests[0].trial_number
+        if trial == self.explode_on_trial:
+            raise self.explosion("the runner blew up")
+        if trial in self.fail_trials:
+            raise JobError("NaN in X_train row 3", "data_error", trial_number=trial, fold_idx=1)
+        return [self._result(r) for r in requests]
+
+    def summary(self) -> dict[str, Any]:
+        return {"mode": self.mode, "workers": [], "devices": ["CPU-0"], "fallbacks": [],
+                "timings": {"jobs": len(self.requests)}}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def fake_runner(monkeypatch):
+    """Install a FakeRunner factory; returns the list of runners created."""
+    made: list[FakeRunner] = []
+    options: dict[str, Any] = {}
+
+    def factory(slots, policy, *, persistent):
+        runner = FakeRunner(**options)
+        runner.persistent = persistent
+        made.append(runner)
+        return runner
+
+    monkeypatch.setattr(optimizer_module, "make_fold_runner", factory)
+    made_options = options
+    return made, made_options
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """Point tempfile at a private folder so leftover fold dirs can be seen."""
+    import tempfile
+
+    d = tmp_path / "tmp"
+    d.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    return d
+
+
+def _config(sample_inputs, tmp_path, **kw) -> OptimizerConfig:
+    survivors, history = sample_inputs
+    base = dict(survivors=Path(survivors), lottery_data=Path(history), trials=3, k_folds=3,
+                output_dir=tmp_path / "out", policy_path=None, cpu_workers=1, seed=11,
+                diagnostics_dir=tmp_path / "diag", command_line=["test"])
+    base.update(kw)
+    return OptimizerConfig(**base)
+
+
+def _study(cfg: OptimizerConfig, outcome) -> optuna.Study:
+    return optuna.load_study(study_name=outcome.sidecar["optuna"]["study_name"],
+                             storage=f"sqlite:///{(cfg.output_dir / 'optuna_step5.db').resolve()}")
+
+
+def test_run_builds_final_model_from_best_trial_and_never_shows_test_rows(sample_inputs, tmp_path, fake_runner, private_tmp):
+    made, _ = fake_runner
+    cfg = _config(sample_inputs, tmp_path, dropout=0.25, normalize_features=False, use_leaky_relu=False)
+    outcome = AntiOverfitMetaOptimizer(cfg).run()
+    assert outcome.status == "SUCCESS"
+    (runner,) = made
+    assert runner.closed and runner.persistent is False  # no policy file: the kill switch is off
+    assert list(private_tmp.iterdir()) == []  # fold files removed
+
+    cv_requests = [r for r in runner.requests if r.fold_idx != FINAL_FOLD_IDX]
+    (final,) = [r for r in runner.requests if r.fold_idx == FINAL_FOLD_IDX]
+    assert len(cv_requests) == 3 * 3
+    # Fold files are written once and reused by every trial.
+    assert len({r.data_path for r in cv_requests}) == 3
+    # Flags and fixed dropout reach every request; seeds differ per (trial, fold).
+    for r in runner.requests:
+        assert (r.normalize_features, r.use_leaky_relu, r.params.dropout) == (False, False, 0.25)
+    assert len({r.seed for r in runner.requests}) == len(runner.requests)
+
+    sidecar = read_json_file(cfg.output_dir / artifacts.SIDECAR_NAME, "sidecar")
+    assert artifacts.validate_sidecar(sidecar) == []
+    best = _study(cfg, outcome).best_trial
+    assert sidecar["optuna"]["best_trial_number"] == best.number
+    # Exactly the best trial's params, saved through the runner into the output dir.
+    assert final.params.to_dict() == best.user_attrs["params"] == sidecar["hyperparameters"]
+    assert final.trial_number == best.number and final.save_model_path.endswith("best_model.pth")
+    assert (cfg.output_dir / "best_model.pth").read_bytes() == b"fake checkpoint"
+    assert not any(p.name.startswith(".staging-") for p in cfg.output_dir.iterdir())
+    assert (cfg.output_dir / "best_model.history.png").stat().st_size > 0
+
+    # The final split: fit + early-stop rows = dev rows; the test rows are in no fold file.
+    fin = runner.arrays[final.data_path]
+    n = sidecar["data_context"]["survivor_count"]
+    n_test = sidecar["training_metrics"]["n_test"]
+    assert n_test == int(np.ceil(n * cfg.test_holdout)) == len(fin["y_test"])
+    assert len(fin["y_train"]) + len(fin["y_val"]) == n - n_test
+    assert abs(len(fin["y_val"]) - (n - n_test) / cfg.k_folds) <= 1
+    test_rows = {row.tobytes() for row in fin["X_test"]}
+    for path in {r.data_path for r in cv_requests}:
+        arrays = runner.arrays[path]
+        assert "X_test" not in arrays
+        for key in ("X_train", "X_val"):
+            assert not test_rows & {row.tobytes() for row in arrays[key]}
+        assert list(arrays["feature_names"]) == sidecar["feature_schema"]["feature_names"]
+
+    tm = sidecar["training_metrics"]
+    assert tm["test_r2"] == pytest.approx(outcome.test_r2)
+    assert tm["objective_formula"].startswith("objective = mean_k(val_r2_k) - 0.5")
+    assert tm["overfit_ratio"] == pytest.approx(tm["cv_train_r2_mean"] / tm["cv_r2_mean"])
+    assert sidecar["execution"]["timings"]["total_s"] > 0
+    assert sidecar["provenance"]["command_line"] == ["test"]
+
+
+def test_job_error_fails_that_trial_with_its_message_and_the_study_goes_on(
+    sample_inputs, tmp_path, fake_runner, caplog
+):
+    made, options = fake_runner
+    options["fail_trials"] = [1]
+    cfg = _config(sample_inputs, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        outcome = AntiOverfitMetaOptimizer(cfg).run()
+    study = _study(cfg, outcome)
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert "NaN in X_train row 3" in study.trials[1].user_attrs["fail_reason"]
+    assert "Trial 1 failed with parameters" in caplog.text and "NaN in X_train row 3" in caplog.text
+    assert outcome.sidecar["optuna"]["trials_failed"] == 1
+    assert outcome.sidecar["optuna"]["best_trial_number"] != 1
+    assert made[0].closed
+
+
+def test_all_trials_failing_is_an_error_naming_the_reason(sample_inputs, tmp_path, fake_runner):
+    made, options = fake_runner
+    options["fail_trials"] = [0, 1]
+    with pytest.raises(Step5Error, match="(?s)no complete trial.*NaN in X_train"):
+        AntiOverfitMetaOptimizer(_config(sample_inputs, tmp_path, trials=2)).run()
+    assert made[0].closed
+    assert not (tmp_path / "out" / "best_model.pth").exists()
+
+
+@pytest.mark.parametrize("explosion", [RuntimeError, KeyboardInterrupt])
+def test_crash_or_ctrl_c_cleans_up_and_leaves_no_trial_running(
+    sample_inputs, tmp_path, fake_runner, private_tmp, explosion
+):
+    made, options = fake_runner
+    options.update(explode_on_trial=1, explosion=explosion)
+    cfg = _config(sample_inputs, tmp_path)
+    with pytest.raises(explosion, match="the runner blew up"):
+        AntiOverfitMetaOptimizer(cfg).run()
+    assert made[0].closed
+    assert list(private_tmp.iterdir()) == []  # the fold dir is removed even on failure
+    storage = f"sqlite:///{(cfg.output_dir / 'optuna_step5.db').resolve()}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    states = [t.state for t in optuna.load_study(study_name=summary.study_name, storage=storage).trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL]
+    assert not (cfg.output_dir / artifacts.SIDECAR_NAME).exists()
+
+
+def test_resume_counts_complete_trials_and_rebuilds_the_final_model(sample_inputs, tmp_path, fake_runner):
+    made, _ = fake_runner
+    cfg = _config(sample_inputs, tmp_path, trials=2)
+    first = AntiOverfitMetaOptimizer(cfg).run()
+    assert first.sidecar["optuna"]["trials_new"] == 2 and not first.sidecar["optuna"]["resumed"]
+    (cfg.output_dir / "best_model.pth").unlink()
+
+    again = AntiOverfitMetaOptimizer(cfg).run()
+    assert again.sidecar["optuna"]["study_name"] == first.sidecar["optuna"]["study_name"]
+    assert again.sidecar["optuna"]["resumed"] is True
+    assert again.sidecar["optuna"]["trials_new"] == 0
+    assert again.sidecar["optuna"]["trials_run"] == 2
+    assert [r.fold_idx for r in made[1].requests] == [FINAL_FOLD_IDX]  # only the final model
+    assert (cfg.output_dir / "best_model.pth").exists()
+    assert again.sidecar["hyperparameters"] == first.sidecar["hyperparameters"]
+
+    more = AntiOverfitMetaOptimizer(dataclasses.replace(cfg, trials=4)).run()
+    assert more.sidecar["optuna"]["trials_new"] == 2 and more.sidecar["optuna"]["trials_run"] == 4
+    # The resumed sampler is not reseeded to replay the first run's start-up configurations.
+    assert more.sidecar["optuna"]["sampler_seed"] != first.sidecar["optuna"]["sampler_seed"]
+    study = _study(cfg, more)
+    lrs = [t.params["learning_rate"] for t in study.trials]
+    assert len(set(lrs)) == 4
+
+
+def test_changed_setup_gets_a_new_default_study_and_an_explicit_name_refuses(sample_inputs, tmp_path, fake_runner):
+    cfg = _config(sample_inputs, tmp_path, trials=1)
+    a = AntiOverfitMetaOptimizer(cfg).run()
+    b = AntiOverfitMetaOptimizer(dataclasses.replace(cfg, k_folds=2)).run()
+    assert a.sidecar["optuna"]["study_name"] != b.sidecar["optuna"]["study_name"]
+    named = dataclasses.replace(cfg, study_name="mine")
+    AntiOverfitMetaOptimizer(named).run()
+    with pytest.raises(UsageError, match="k_folds: study has 3, this run 2"):
+        AntiOverfitMetaOptimizer(dataclasses.replace(named, k_folds=2)).run()
+
+
+def test_degenerate_target_writes_degenerate_sidecar_and_removes_a_stale_model(degenerate_inputs, tmp_path, fake_runner):
+    made, _ = fake_runner
+    cfg = _config(degenerate_inputs, tmp_path)
+    cfg.output_dir.mkdir(parents=True)
+    (cfg.output_dir / "best_model.pth").write_bytes(b"from an earlier run")
+    with pytest.raises(DegenerateSignalError) as info:
+        AntiOverfitMetaOptimizer(cfg).run()
+    assert info.value.exit_code == 2
+    assert info.value.outcome.status == "DEGENERATE_SIGNAL"
+    sidecar = read_json_file(cfg.output_dir / artifacts.SIDECAR_NAME, "sidecar")
+    assert artifacts.validate_sidecar(sidecar) == []
+    assert sidecar["outcome"] == "DEGENERATE_SIGNAL"
+    assert sidecar["signal_quality"]["prediction_allowed"] is False
+    assert not (cfg.output_dir / "best_model.pth").exists()
+    assert made == []  # nothing was trained, no process started
+
+
+def test_fusion_requests_are_refused_not_ignored(sample_inputs, tmp_path, fake_runner):
+    with pytest.raises(UsageError, match="fused folds .*not implemented"):
+        AntiOverfitMetaOptimizer(_config(sample_inputs, tmp_path, fuse_folds=True)).run()
+    with pytest.raises(UsageError, match="fused trials"):
+        AntiOverfitMetaOptimizer(_config(sample_inputs, tmp_path, fuse_trials=4)).run()
+    policy = tmp_path / "policy.json"
+    write_json_atomic(policy, {"training": {"fuse_folds": True}})
+    with pytest.raises(PolicyError, match="training.fuse_folds"):
+        AntiOverfitMetaOptimizer(_config(sample_inputs, tmp_path, policy_path=policy)).run()
+
+
+def test_policy_kill_switch_and_cli_override_reach_the_runner_factory(sample_inputs, tmp_path, fake_runner):
+    made, _ = fake_runner
+    policy = tmp_path / "policy.json"
+    write_json_atomic(policy, {"training": {"use_persistent_workers": True}})
+    AntiOverfitMetaOptimizer(_config(sample_inputs, tmp_path, trials=1, policy_path=policy)).run()
+    AntiOverfitMetaOptimizer(
+        _config(sample_inputs, tmp_path, trials=1, policy_path=policy, persistent_workers=False)
+    ).run()
+    assert [r.persistent for r in made] == [True, False]
+
+
+def test_diagnostics_written_per_run(sample_inputs, tmp_path, fake_runner):
+    cfg = _config(sample_inputs, tmp_path, trials=2, enable_diagnostics=True)
+    outcome = AntiOverfitMetaOptimizer(cfg).run()
+    (folder,) = list(cfg.diagnostics_dir.iterdir())
+    data = read_json_file(folder / "trials.json", "diagnostics")
+    assert data["run_id"] == outcome.sidecar["provenance"]["run_id"]
+    assert [t["state"] for t in data["trials"]] == ["COMPLETE", "COMPLETE"]
+    assert len(data["trials"][0]["folds"]) == cfg.k_folds
+    assert {"r2", "train_r2", "val_mse", "duration"} <= set(data["trials"][0]["folds"][0])
+    assert (folder / "timings.png").stat().st_size > 0
+
+
+def test_too_few_rows_for_the_folds_is_a_data_error(tmp_path, fake_runner):
+    from step5.data.sample import write_sample
+    from step5.errors import DataError
+
+    survivors, history = write_sample(tmp_path / "tiny", n_survivors=12, n_features=6, seed=1)
+    cfg = _config((survivors, history), tmp_path, k_folds=5, test_holdout=0.5)
+    with pytest.raises(DataError, match="5-fold CV needs at least 10"):
+        AntiOverfitMetaOptimizer(cfg).run()
