@@ -164,7 +164,9 @@ def run_oneshot_job(
     if proc.returncode == 0 and status == "complete":
         payload["job_id"] = request.job_id
         return payload
-    if proc.returncode == 1 and status == "error":
+    # The trainer exits 1 for a failed job and 64 (EX_USAGE) for a request it rejects; both
+    # print their error object, and neither would go differently on a retry.
+    if proc.returncode in (1, 64) and status == "error":
         payload["job_id"] = request.job_id
         raise JobError.from_dict(payload)
     raise WorkerCrashed(

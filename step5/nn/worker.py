@@ -28,7 +28,6 @@ torch (or CUDA) gets a chance to print anything.
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import signal
@@ -215,11 +214,12 @@ class Dispatcher:
                     responses[i] = self._failure(exc, request)
             else:
                 for (i, request), result in zip(valid, results):
+                    # A fold that failed alone comes back as its error object, in its place.
                     result = dict(result)
                     result.setdefault("status", "complete")
                     result["job_id"] = request.job_id
                     responses[i] = result
-                    self.jobs_done += 1
+                    self.jobs_done += result["status"] == "complete"
             finally:
                 self.backend.release_memory()
         assert all(r is not None for r in responses)
@@ -256,10 +256,12 @@ class TorchBackend:
         import torch
 
         from step5.nn import job
+        from step5.nn.trainer import configure_torch_threads
 
         self._torch = torch
         self._job = job
-        _apply_torch_threads(torch)
+        self.torch_version = str(torch.__version__)
+        self.threads = configure_torch_threads()  # STEP5_TORCH_THREADS: the pool splits the cores
         self.torch_device = _pick_device(torch)
         if self.torch_device.type == "cuda":
             # Create the CUDA context now, once, so that the first job does not pay for it.
@@ -272,11 +274,10 @@ class TorchBackend:
         return self._job.run_train_job(request, device=self.torch_device, cache=self.cache)
 
     def train_folds(self, requests: Sequence[TrainRequest]) -> list[dict[str, Any]]:
-        run_fold_group = getattr(self._job, "run_fold_group", None)
-        if run_fold_group is None:
-            # The training core has no fused path: train the folds one by one, same results.
-            return [self.train(r) for r in requests]
-        return run_fold_group(list(requests), device=self.torch_device, cache=self.cache)
+        try:
+            return self._job.run_fold_group(list(requests), device=self.torch_device, cache=self.cache)
+        except ValueError as exc:  # the group disagrees on a shape-fixing field: the sender's mistake
+            raise BadRequest(f"`train_folds` jobs cannot be fused: {exc}") from None
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         if isinstance(exc, MemoryError):
@@ -287,25 +288,10 @@ class TorchBackend:
         return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
     def release_memory(self) -> None:
-        gc.collect()
-        if self.torch_device.type == "cuda":
-            self._torch.cuda.empty_cache()
-
-
-def _apply_torch_threads(torch: Any) -> None:
-    """Honour STEP5_TORCH_THREADS (the pool splits the cores between CPU workers)."""
-    from step5.devices import TORCH_THREADS_ENV
-
-    raw = os.environ.get(TORCH_THREADS_ENV)
-    if not raw:
-        return
-    try:
-        n = int(raw)
-    except ValueError:
-        logger.warning("ignoring %s=%r: not an integer", TORCH_THREADS_ENV, raw)
-        return
-    if n >= 1:
-        torch.set_num_threads(n)
+        # The core already empties the CUDA cache after each job; this also covers jobs that
+        # failed before reaching it. No gc.collect(): job tensors are freed by refcounting,
+        # and a full collection would cost a big process a noticeable pause per job.
+        self._job.release_memory(self.torch_device)
 
 
 def _pick_device(torch: Any) -> Any:
@@ -359,8 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "device": backend.device,
         "pid": os.getpid(),
         "protocol": PROTOCOL_VERSION,
-        "torch_version": str(backend._torch.__version__),
-        "torch_threads": backend._torch.get_num_threads(),
+        "torch_version": backend.torch_version,
+        "torch_threads": backend.threads,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "boot_s": round(_boot_seconds(), 4),
     }

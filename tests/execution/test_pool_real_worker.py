@@ -1,0 +1,96 @@
+"""The pool with the real nn_gpu_worker.py and train_single_trial.py (acceptance test 3).
+
+One slot, real training on the CPU: an undisturbed run, then the same jobs while the
+worker is SIGKILLed mid-run (restart), then again (fallback to one-shot trainers). Every
+run must give exactly the undisturbed numbers: no job lost, none counted twice, and the
+three execution paths share one training core.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from step5.data.splits import write_fold_npz
+from step5.devices import DeviceSlot
+from step5.execution.factory import make_fold_runner
+from step5.execution.pool import WorkerPool, _WorkerProcess
+from step5.policy import TrainingPolicy
+from step5.protocol import NNParams, TrainRequest
+
+METRICS = ("r2", "val_mse", "train_mse", "epochs_run", "trial_number", "fold_idx", "job_id")
+
+
+@pytest.fixture(scope="module")
+def requests(tmp_path_factory) -> list[TrainRequest]:
+    out = tmp_path_factory.mktemp("pool_real")
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(400, 6)).astype(np.float32)
+    y = X[:, 0] - 0.5 * X[:, 2] + 0.1 * rng.normal(size=400)
+    paths = [
+        write_fold_npz(out / "f0.npz", X[:300], y[:300], X[300:], y[300:]),
+        write_fold_npz(out / "f1.npz", X[100:], y[100:], X[:100], y[:100]),
+    ]
+    # No early stop: every path must run the same 150 epochs.
+    params = NNParams(hidden_layers=(32, 16), learning_rate=0.01, epochs=150, early_stopping_patience=0)
+    return [TrainRequest(str(p), params, trial_number=0, fold_idx=i, batch_mode="full", seed=3, job_id=f"f{i}")
+            for i, p in enumerate(paths)]
+
+
+@pytest.fixture
+def kill_during_second_job(monkeypatch):
+    """SIGKILL the worker right after it was sent the 2nd job of a batch (armed per batch).
+
+    Hooking the send makes the kill land inside a job on any machine, fast or slow; the
+    kill itself comes from outside the pool, as an OOM killer's would.
+    """
+    sends = {"n": 0, "armed": False}
+    original = _WorkerProcess.send
+
+    def send(self, message, doing):
+        original(self, message, doing)
+        if sends["armed"] and message.get("command") == "train":
+            sends["n"] += 1
+            if sends["n"] == 2:
+                sends["armed"] = False
+                psutil.Process(self.pid).kill()
+
+    monkeypatch.setattr(_WorkerProcess, "send", send)
+
+    def arm() -> None:
+        sends.update(n=0, armed=True)
+
+    return arm
+
+
+def test_worker_killed_mid_run_restarts_then_falls_back_with_identical_results(
+    requests, caplog, kill_during_second_job,
+):
+    caplog.set_level(logging.WARNING, logger="step5.execution.pool")
+    policy = TrainingPolicy(use_persistent_workers=True, worker_job_timeout_s=120, worker_ready_timeout_s=120,
+                            max_worker_restarts=1)
+    with make_fold_runner([DeviceSlot("CPU-0", "cpu", "", 1)], policy, persistent=True) as pool:
+        assert isinstance(pool, WorkerPool) and pool.mode == "persistent_workers"
+        undisturbed = [{k: r[k] for k in METRICS} for r in pool.run_jobs(requests)]
+
+        kill_during_second_job()
+        restarted = pool.run_jobs(requests)
+        assert [{k: r[k] for k in METRICS} for r in restarted] == undisturbed
+        assert pool.summary()["workers"][0]["restarts"] == 1
+
+        kill_during_second_job()
+        fallen_back = pool.run_jobs(requests)
+        assert [{k: r[k] for k in METRICS} for r in fallen_back] == undisturbed
+        summary = pool.summary()
+
+    assert "[S96B] Worker CPU-0 died, falling back to subprocess mode" in caplog.messages
+    (worker,) = summary["workers"]
+    assert worker["fallback"] is True and worker["device"] == "cpu"
+    assert [c["status"] for c in summary["crashes"]] == ["SIGKILL(-9)", "SIGKILL(-9)"]
+    assert summary["fallbacks"][0]["exit_status"] == "SIGKILL(-9)"
+    # Each of the 3 batches counted each job once, whatever path finally ran it.
+    assert summary["timings"]["jobs"] == 3 * len(requests)
+    assert worker["oneshot_jobs"] >= 1
