@@ -43,7 +43,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -248,6 +248,31 @@ def resolve_device(model_type: str, device: str | None = None) -> str:
     return device
 
 
+def device_for_gpus(gpus: Sequence[str] | None, env: Mapping[str, str] | None = None) -> str | None:
+    """The ``device`` argument that honours ``--gpus`` for an in-process tree fit.
+
+    ``None`` (no flag) -> None: detect. ``[]`` (``--gpus none``) -> ``"cpu"``. Otherwise the
+    first listed GPU, as a CUDA ordinal of this process: its position in
+    ``CUDA_VISIBLE_DEVICES`` when that is set (CUDA renumbers the visible GPUs from 0),
+    else the index itself. A GPU that is not visible is a ``ValueError`` naming it.
+    """
+    if gpus is None:
+        return None
+    if len(gpus) == 0:
+        return "cpu"
+    env = os.environ if env is None else env
+    first = str(gpus[0]).strip()
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [part.strip() for part in visible.split(",") if part.strip()]
+        if first not in ids:
+            raise ValueError(f"--gpus asks for GPU {first}, but CUDA_VISIBLE_DEVICES={visible!r} hides it")
+        return f"cuda:{ids.index(first)}"
+    if not first.isdigit():
+        raise ValueError(f"`gpus` must hold GPU indices like '0', got {first!r}")
+    return f"cuda:{int(first)}"
+
+
 # --------------------------------------------------------------------------------------
 # The fitted model
 # --------------------------------------------------------------------------------------
@@ -265,6 +290,7 @@ class TreeModel:
     n_features: int
     n_iterations: int  # boosting rounds kept (the best round + 1 after early stopping)
     device: str = "cpu"  # where it was trained: "cpu" or "cuda"
+    feature_names: list[str] | None = None  # stored in the checkpoint, so Step 6 can check the schema
     info: dict[str, Any] = field(default_factory=dict)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
@@ -314,6 +340,30 @@ def _as_xy(name: str, X: Any, y: Any, n_features: int | None = None) -> tuple[np
     return X, y
 
 
+#: Characters xgboost ("[", "]", "<") or lightgbm (JSON punctuation) refuse in feature names.
+_NAME_FORBIDDEN = frozenset('[]<>{}:,"')
+
+
+def _checked_feature_names(names: Sequence[str] | None, n_features: int, model_type: str) -> list[str] | None:
+    """``feature_names`` as a list, or None when absent or not storable by every library.
+
+    Names a library would reject are left out of the model (with a log line) rather than
+    failing the fit: they are a safety check for Step 6, not an input of the model.
+    """
+    if names is None:
+        return None
+    out = [str(n) for n in names]
+    if len(out) != n_features:
+        raise ValueError(f"`feature_names` has {len(out)} names but `X_train` has {n_features} columns")
+    if len(set(out)) != len(out):
+        raise ValueError("`feature_names` must be unique")
+    bad = [n for n in out if not n or any(ch in _NAME_FORBIDDEN or ch.isspace() for ch in n)]
+    if bad:
+        logger.info("%s: feature names such as %r cannot be stored in the model; storing none", model_type, bad[0])
+        return None
+    return out
+
+
 def r2_mse(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
     """(R^2, MSE). R^2 of a constant ``y_true`` is 1.0 for a perfect fit, else 0.0
     (sklearn's ``force_finite`` convention), so a metric is never NaN or infinite."""
@@ -330,6 +380,7 @@ def r2_mse(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
 def _fit_xgboost(
     lib: dict[str, Any], X_tr: np.ndarray, y_tr: np.ndarray, X_va: np.ndarray, y_va: np.ndarray,
     *, n_rounds: int, early_stopping: int | None, seed: int, n_threads: int | None, device: str,
+    names: list[str] | None = None,
 ) -> tuple[Any, int]:
     import xgboost as xgb
 
@@ -344,8 +395,8 @@ def _fit_xgboost(
     }
     if n_threads is not None:
         params["nthread"] = n_threads
-    dtrain = xgb.DMatrix(X_tr, label=y_tr)
-    dval = xgb.DMatrix(X_va, label=y_va)
+    dtrain = xgb.DMatrix(X_tr, label=y_tr, feature_names=names)
+    dval = xgb.DMatrix(X_va, label=y_va, feature_names=names)
     booster = xgb.train(
         params, dtrain, num_boost_round=n_rounds, evals=[(dval, "val")],
         early_stopping_rounds=early_stopping, verbose_eval=False,
@@ -360,6 +411,7 @@ def _fit_xgboost(
 def _fit_lightgbm(
     lib: dict[str, Any], X_tr: np.ndarray, y_tr: np.ndarray, X_va: np.ndarray, y_va: np.ndarray,
     *, n_rounds: int, early_stopping: int | None, seed: int, n_threads: int | None, device: str,
+    names: list[str] | None = None,
 ) -> tuple[Any, int]:
     import lightgbm as lgb
 
@@ -377,7 +429,7 @@ def _fit_lightgbm(
         params.update(device_type="gpu", gpu_device_id=int(device[5:]))
     if n_threads is not None:
         params["num_threads"] = n_threads
-    train_set = lgb.Dataset(X_tr, label=y_tr, free_raw_data=True)
+    train_set = lgb.Dataset(X_tr, label=y_tr, feature_name=names or "auto", free_raw_data=True)
     val_set = lgb.Dataset(X_va, label=y_va, reference=train_set)
     callbacks = []
     if early_stopping is not None:
@@ -397,6 +449,7 @@ def _fit_lightgbm(
 def _fit_catboost(
     lib: dict[str, Any], X_tr: np.ndarray, y_tr: np.ndarray, X_va: np.ndarray, y_va: np.ndarray,
     *, n_rounds: int, early_stopping: int | None, seed: int, n_threads: int | None, device: str,
+    names: list[str] | None = None,
 ) -> tuple[Any, int]:
     from catboost import CatBoostRegressor, Pool
 
@@ -414,7 +467,7 @@ def _fit_catboost(
         kwargs.update(task_type="GPU", devices=device[5:])
     model = CatBoostRegressor(**kwargs)
     model.fit(
-        Pool(X_tr, y_tr), eval_set=Pool(X_va, y_va),
+        Pool(X_tr, y_tr, feature_names=names), eval_set=Pool(X_va, y_va, feature_names=names),
         early_stopping_rounds=early_stopping,
         use_best_model=early_stopping is not None,  # shrinks the model to its best round
     )
@@ -459,6 +512,7 @@ def train_fold(
     n_threads: int | None = None,
     device: str | None = None,
     n_rounds: int | None = None,
+    feature_names: Sequence[str] | None = None,
 ) -> tuple[dict[str, Any], TreeModel]:
     """Train one fold of ``model_type`` and score it; returns (metrics, model).
 
@@ -466,7 +520,9 @@ def train_fold(
     unless ``n_rounds`` is given: then exactly that many rounds are trained and the
     validation set is only scored. ``seed`` seeds the library (same data, params, seed and
     device -> same model on CPU). ``n_threads=None`` lets the library choose; ``device``:
-    see :func:`resolve_device`.
+    see :func:`resolve_device` (and :func:`device_for_gpus` for ``--gpus``).
+    ``feature_names`` (one per column) are stored in the model and its checkpoint, so that
+    Step 6 can check a checkpoint against its sidecar's feature schema.
 
     Metrics: ``r2`` (validation R^2), ``val_mse``, ``train_r2``, ``train_mse``,
     ``test_r2``/``test_mse`` (when the test set is given), ``duration`` (seconds, fit and
@@ -493,6 +549,7 @@ def train_fold(
         raise ValueError("`X_test` and `y_test` must be given together")
     test = _as_xy("test", X_test, y_test, X_tr.shape[1]) if X_test is not None else None
 
+    names = _checked_feature_names(feature_names, X_tr.shape[1], model_type)
     rounds = int(n_rounds) if n_rounds is not None else n_estimators
     early = None if n_rounds is not None else early_rounds
     seed = int(seed)
@@ -501,7 +558,7 @@ def train_fold(
     fit = _FITTERS[model_type]
     try:
         booster, kept = fit(lib, X_tr, y_tr, X_va, y_va, n_rounds=rounds, early_stopping=early,
-                            seed=seed, n_threads=n_threads, device=where)
+                            seed=seed, n_threads=n_threads, device=where, names=names)
     except Exception as exc:
         if where == "cpu":
             raise _as_job_error(model_type, exc) from exc
@@ -513,12 +570,13 @@ def train_fold(
         where = "cpu"
         try:
             booster, kept = fit(lib, X_tr, y_tr, X_va, y_va, n_rounds=rounds, early_stopping=early,
-                                seed=seed, n_threads=n_threads, device="cpu")
+                                seed=seed, n_threads=n_threads, device="cpu", names=names)
         except Exception as exc2:
             raise _as_job_error(model_type, exc2) from exc2
 
     kind = "cpu" if where == "cpu" else "cuda"
-    model = TreeModel(model_type, booster, n_features=X_tr.shape[1], n_iterations=kept, device=kind)
+    model = TreeModel(model_type, booster, n_features=X_tr.shape[1], n_iterations=kept, device=kind,
+                      feature_names=names)
     train_r2, train_mse = r2_mse(y_tr, model.predict(X_tr))
     val_r2, val_mse = r2_mse(y_va, model.predict(X_va))
     metrics: dict[str, Any] = {
@@ -615,17 +673,32 @@ def load_model(path: str | os.PathLike[str], model_type: str) -> TreeModel:
             booster.load_model(str(p))
             booster.set_param({"device": "cpu"})
             n_features, n_iter = booster.num_features(), booster.num_boosted_rounds()
+            names = booster.feature_names
         elif model_type == "lightgbm":
             import lightgbm as lgb
 
             booster = lgb.Booster(model_file=str(p))
             n_features, n_iter = booster.num_feature(), booster.current_iteration()
+            names = booster.feature_name()
         else:
             from catboost import CatBoostRegressor
 
             booster = CatBoostRegressor()
             booster.load_model(str(p), format="cbm")
             n_features, n_iter = len(booster.feature_names_), int(booster.tree_count_)
+            names = booster.feature_names_
     except Exception as exc:
         raise DataError(f"cannot load {model_type} checkpoint {p}: {type(exc).__name__}: {exc}") from exc
-    return TreeModel(model_type, booster, n_features=int(n_features), n_iterations=int(n_iter))
+    return TreeModel(model_type, booster, n_features=int(n_features), n_iterations=int(n_iter),
+                     feature_names=_stored_names(names, int(n_features)))
+
+
+def _stored_names(names: Sequence[str] | None, n_features: int) -> list[str] | None:
+    """The feature names a checkpoint carries, or None when the library made them up
+    (lightgbm ``Column_0``..., catboost ``0``...: the model was trained without names)."""
+    if not names:
+        return None
+    names = [str(n) for n in names]
+    if names in ([f"Column_{i}" for i in range(n_features)], [str(i) for i in range(n_features)]):
+        return None
+    return names

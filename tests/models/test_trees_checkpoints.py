@@ -91,3 +91,43 @@ def test_predict_checks_the_feature_count(fitted):
     with pytest.raises(ValueError, match="`X` must be 2-D"):
         models["lightgbm"].predict(X_new[0])
     assert models["catboost"].predict(X_new[:0]).shape == (0,)
+
+
+@pytest.mark.parametrize("model_type", trees.TREE_MODEL_TYPES)
+def test_feature_names_travel_in_the_checkpoint(model_type, tmp_path):
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(80, 3)).astype(np.float32)
+    y = X[:, 0] + 0.1 * rng.normal(size=80)
+    names = ["lane_agreement_8", "skip_mean", "temporal_stability_mid"]
+    _, model = trees.train_fold(model_type, {"n_estimators": 10}, X[:60], y[:60], X[60:], y[60:],
+                                seed=0, n_threads=1, device="cpu", feature_names=names)
+    assert model.feature_names == names
+    path = trees.save_model(model, model_type, tmp_path / trees.checkpoint_name(model_type))
+    assert trees.load_model(path, model_type).feature_names == names
+
+    # trained without names: the library's made-up ones (Column_0, "0") are not reported
+    _, nameless = trees.train_fold(model_type, {"n_estimators": 10}, X[:60], y[:60], X[60:], y[60:],
+                                   seed=0, n_threads=1, device="cpu")
+    path = trees.save_model(nameless, model_type, tmp_path / ("nameless" + trees.CHECKPOINT_SUFFIX[model_type]))
+    assert trees.load_model(path, model_type).feature_names is None
+
+
+def test_feature_names_are_checked_and_unstorable_ones_are_dropped():
+    X = np.zeros((10, 2), dtype=np.float32)
+    y = np.arange(10, dtype=np.float64)
+    with pytest.raises(ValueError, match="`feature_names` has 3 names but `X_train` has 2 columns"):
+        trees.train_fold("xgboost", {"n_estimators": 2}, X, y, X, y, seed=0, feature_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match="unique"):
+        trees.train_fold("xgboost", {"n_estimators": 2}, X, y, X, y, seed=0, feature_names=["a", "a"])
+    _, model = trees.train_fold("lightgbm", {"n_estimators": 2}, X, y, X, y, seed=0, n_threads=1,
+                                feature_names=["ok", "bad[name]"])
+    assert model.feature_names is None
+
+
+def test_device_for_gpus_maps_the_flag_to_an_ordinal():
+    assert trees.device_for_gpus(None) is None
+    assert trees.device_for_gpus([]) == "cpu"
+    assert trees.device_for_gpus(["1", "0"], env={}) == "cuda:1"
+    assert trees.device_for_gpus(["5"], env={"CUDA_VISIBLE_DEVICES": "3,5"}) == "cuda:1"
+    with pytest.raises(ValueError, match="hides it"):
+        trees.device_for_gpus(["0"], env={"CUDA_VISIBLE_DEVICES": "3,5"})
