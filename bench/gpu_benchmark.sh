@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Run the fold-runner benchmark on a GPU machine; the printed report also goes to
+# bench/results/gpu_table.txt (and benchmark.json / benchmark.png beside it).
+#
+#   bash bench/gpu_benchmark.sh                 # default workload, every detected GPU
+#   bash bench/gpu_benchmark.sh --trials 5      # extra arguments go to bench.run_benchmark
+#
+# torch must be a CUDA build. requirements.txt pins torch==2.13.0; from PyPI on Linux
+# x86_64 that version is the CUDA build, but a machine whose pip is pointed at a CPU-only
+# wheel (like the development machine) gets the CPU one. If torch cannot see a GPU, this
+# script stops and says so; install the CUDA build of the same version, e.g.
+#
+#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 bash bench/gpu_benchmark.sh
+#
+# which installs torch==<pinned> from that index into .venv (with its CUDA libraries),
+# then re-applies requirements.txt so every other pin holds (2.13.0+cu128 satisfies
+# torch==2.13.0). Pick the cuXXX that the driver supports: nvidia-smi prints the highest
+# CUDA version it can run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh  # .venv with the pinned requirements (idempotent)
+PY=.venv/bin/python
+
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    pinned=$(grep -E '^torch==' requirements.txt | cut -d= -f3)
+    echo "installing torch==${pinned} from ${TORCH_INDEX_URL}" >&2
+    "$PY" -m pip install --quiet --force-reinstall "torch==${pinned}" --index-url "$TORCH_INDEX_URL"
+    "$PY" -m pip install --quiet -r requirements.txt
+fi
+
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+    echo "gpu_benchmark.sh: nvidia-smi not found; this script is for a GPU machine" >&2
+    echo "(on a CPU machine run: $PY -m bench.run_benchmark)" >&2
+    exit 1
+fi
+nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader >&2
+
+# A check process (not the benchmark's parent, which never imports torch).
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    "$PY" -c 'import torch; print(f"torch {torch.__version__}, CUDA build: {torch.version.cuda}")' >&2
+    echo "gpu_benchmark.sh: torch cannot use the GPU (a CPU-only build?)." >&2
+    echo "Re-run with TORCH_INDEX_URL=https://download.pytorch.org/whl/cuXXX (see the top of this script)." >&2
+    exit 1
+fi
+
+mkdir -p bench/results
+# --gpus auto: one worker per visible GPU, found as Step 5 finds them (CUDA_VISIBLE_DEVICES
+# or nvidia-smi). GPU kernels may round differently from run to run in the last bits, so
+# the metric cross-check allows a small relative difference.
+"$PY" -m bench.run_benchmark --gpus auto --rtol 1e-4 --out bench/results \
+    --table-out bench/results/gpu_table.txt "$@"
+echo "table written to bench/results/gpu_table.txt" >&2

@@ -1,0 +1,246 @@
+"""The mode table: every way the benchmark runs the workload, one entry each.
+
+A mode takes the :class:`BenchContext` (workload, device slots, limits) and returns a
+:class:`ModeRun`: the timed wall, the untimed startup (starting processes and one warm-up
+round, so that every mode is measured warm), and one result dict per job. The report
+compares the results across modes job by job, so a mode cannot quietly train something
+else.
+
+Adding a mode is one :class:`Mode` entry in :data:`MODES` (e.g. fused folds through
+``WorkerPool.run_fused``).
+
+How the runner modes submit work: like the optimizer, one ``run_jobs`` call per trial
+(its K folds), trial after trial (``--dispatch trial``), or all jobs in one call
+(``--dispatch all``), the shape a runner sees when trials run concurrently.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from step5.devices import DeviceSlot
+from step5.protocol import TrainRequest
+
+from bench.workload import Workload
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchContext:
+    """What a mode needs to run the workload."""
+
+    workload: Workload
+    slots: list[DeviceSlot]  # the runners' processes: one per GPU, or the CPU workers
+    job_timeout_s: float = 600.0
+    ready_timeout_s: float = 300.0
+    python: str = sys.executable
+    dispatch: str = "trial"  # "trial": one run_jobs per trial; "all": one call for every job
+
+    @property
+    def batches(self) -> list[list[TrainRequest]]:
+        """The request lists handed to a runner, one call each."""
+        if self.dispatch == "all":
+            return [self.workload.requests]
+        return [list(t) for t in self.workload.trials]
+
+
+@dataclass
+class ModeRun:
+    """One mode's measurements."""
+
+    name: str
+    processes: int
+    wall_s: float  # the timed section: first job submitted -> last result back
+    startup_s: float  # untimed: processes started and warmed up
+    results: list[dict[str, Any]]  # one per job (any order; keyed by job_id)
+    extra: dict[str, Any] = field(default_factory=dict)  # runner summary, process info
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One row of the benchmark."""
+
+    name: str
+    summary: str  # one line for the table's legend and the docs
+    processes: Callable[[BenchContext], int]
+    run: Callable[[BenchContext], ModeRun]
+    single_process: bool = False  # compared with the single-process limit, not the N-process one
+
+
+def _n_slots(ctx: BenchContext) -> int:
+    return len(ctx.slots)
+
+
+def _one(ctx: BenchContext) -> int:
+    return 1
+
+
+def _run_batches(runner: Any, ctx: BenchContext) -> tuple[float, list[dict[str, Any]]]:
+    """The timed section shared by the runner modes."""
+    results: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    for batch in ctx.batches:
+        results.extend(runner.run_jobs(batch))
+    return time.perf_counter() - start, results
+
+
+def _warm_round(ctx: BenchContext) -> list[TrainRequest]:
+    """One warm-up job per process (distinct job ids; the warm-up fold file)."""
+    w = ctx.workload.warmup
+    return [
+        TrainRequest(
+            data_path=w.data_path, params=w.params, trial_number=w.trial_number, fold_idx=i,
+            seed=w.seed, job_id=f"warmup-{i}",
+        )
+        for i in range(len(ctx.slots))
+    ]
+
+
+def run_s96a(ctx: BenchContext) -> ModeRun:
+    """One fresh ``train_single_trial.py`` process per fold, one at a time per slot."""
+    from step5.execution.runner import SubprocessRunner
+
+    start = time.perf_counter()
+    with SubprocessRunner(ctx.slots, job_timeout_s=ctx.job_timeout_s, max_retries=0, python=ctx.python) as runner:
+        # No process outlives a job, so nothing stays warm; this round only warms the
+        # OS page cache for the interpreter and torch libraries, as for every mode.
+        runner.run_jobs(_warm_round(ctx))
+        startup_s = time.perf_counter() - start
+        wall_s, results = _run_batches(runner, ctx)
+        summary = runner.summary()
+    return ModeRun("s96a", len(ctx.slots), wall_s, startup_s, results, {"runner": summary})
+
+
+def run_s96b(ctx: BenchContext) -> ModeRun:
+    """Persistent workers: boot once, then fold after fold over NDJSON pipes."""
+    from step5.execution.pool import WorkerPool
+
+    start = time.perf_counter()
+    with WorkerPool(
+        ctx.slots, job_timeout_s=ctx.job_timeout_s, ready_timeout_s=ctx.ready_timeout_s, max_restarts=0,
+        python=ctx.python,
+    ) as pool:
+        pool.run_jobs(_warm_round(ctx))
+        startup_s = time.perf_counter() - start
+        wall_s, results = _run_batches(pool, ctx)
+        summary = pool.summary()
+    fallbacks = summary.get("fallbacks") or []
+    if fallbacks:
+        # A worker fell back to one-shot subprocesses: the row would not measure S96B.
+        raise RuntimeError(f"s96b: workers fell back to subprocesses during the benchmark: {fallbacks}")
+    return ModeRun("s96b", len(ctx.slots), wall_s, startup_s, results, {"runner": summary})
+
+
+def run_loky(ctx: BenchContext) -> ModeRun:
+    """joblib's reusable loky process pool: what a user would reach for instead."""
+    from joblib import Parallel, delayed
+
+    from bench.inproc import loky_train, loky_warmup
+
+    n = len(ctx.slots)
+    threads = ctx.slots[0].torch_threads
+    # loky workers cannot be pinned one per GPU: on a GPU machine they all train on the
+    # first slot's GPU (a fair peer on one GPU; on several it would use only one of them).
+    visible = ctx.slots[0].cuda_visible_devices
+    start = time.perf_counter()
+    executor: Any = None
+    try:
+        with Parallel(n_jobs=n, backend="loky") as parallel:
+            # Warm every worker: torch imported and one dry job each (repeat until each
+            # of the n processes has answered, since loky hands tasks to whoever is free).
+            warm = ctx.workload.warmup.to_dict()
+            pids: set[int] = set()
+            for _ in range(5):
+                pids |= set(parallel(delayed(loky_warmup)(warm, threads, visible, 0.5) for _ in range(n)))
+                if len(pids) >= n:
+                    break
+            # joblib keeps the executor for reuse; hold on to it so it can be ended below.
+            executor = getattr(getattr(parallel, "_backend", None), "_workers", None)
+            startup_s = time.perf_counter() - start
+            results: list[dict[str, Any]] = []
+            t0 = time.perf_counter()
+            for batch in ctx.batches:
+                results.extend(parallel(delayed(loky_train)(r.to_dict(), threads, visible) for r in batch))
+            wall_s = time.perf_counter() - t0
+    finally:
+        shutdown_loky(executor)
+    return ModeRun("loky", n, wall_s, startup_s, results, {"worker_pids": sorted(pids)})
+
+
+def shutdown_loky(executor: Any) -> None:
+    """End joblib's reusable loky executor: workers stopped, its temp folder removed.
+
+    ``terminate`` (joblib's MemmappingExecutor) also deletes the memmapping folder that
+    a plain ``shutdown`` leaves for an atexit hook; the resource trackers are stopped at
+    the end of the run (:func:`stop_resource_trackers`).
+    """
+    if executor is not None and hasattr(executor, "terminate"):
+        executor.terminate(kill_workers=False)
+        return
+    from joblib.externals.loky import get_reusable_executor
+
+    get_reusable_executor().shutdown(wait=True)
+
+
+def stop_resource_trackers() -> None:
+    """Stop the resource-tracker processes loky and multiprocessing started for us.
+
+    They would exit with the benchmark anyway (they read a pipe until EOF); stopping them
+    here means no helper process outlives the run itself, in-process callers included.
+    Private APIs of both libraries, hence best effort.
+    """
+    import gc
+
+    gc.collect()  # finalize queues/barriers first so their semaphores are unregistered
+    for module in ("joblib.externals.loky.backend.resource_tracker", "multiprocessing.resource_tracker"):
+        mod = sys.modules.get(module)
+        tracker = getattr(mod, "_resource_tracker", None)
+        if tracker is None:
+            continue
+        try:
+            tracker._stop()
+        except Exception as exc:  # noqa: BLE001 - best effort, see above
+            logger.debug("could not stop %s: %s", module, exc)
+
+
+def _limit(ctx: BenchContext, slots: Sequence[DeviceSlot], name: str) -> ModeRun:
+    from bench.limit import run_limit
+
+    sync = ctx.dispatch == "trial"
+    trials = [[r.to_dict() for r in batch] for batch in ctx.batches]
+    out = run_limit(
+        trials, ctx.workload.warmup.to_dict(), slots, sync_trials=sync, ready_timeout_s=ctx.ready_timeout_s,
+        run_timeout_s=ctx.job_timeout_s * max(1, ctx.workload.n_jobs),
+    )
+    return ModeRun(name, len(slots), out["wall_s"], out["startup_s"], out["results"],
+                   {"processes": out["processes"], "sync_trials": sync})
+
+
+def run_limit_n(ctx: BenchContext) -> ModeRun:
+    """The limit with the runners' process count: N warm processes, no IPC while timed."""
+    return _limit(ctx, ctx.slots, "limit")
+
+
+def run_limit_1(ctx: BenchContext) -> ModeRun:
+    """The single-process limit: every fold in one warm process, one after another."""
+    return _limit(ctx, ctx.slots[:1], "limit1")
+
+
+MODES: dict[str, Mode] = {
+    m.name: m
+    for m in (
+        Mode("limit1", "every fold in one already-warm process, no IPC (single-process limit)", _one, run_limit_1,
+             single_process=True),
+        Mode("limit", "N already-warm processes share the folds, no IPC while timed (the bar)", _n_slots, run_limit_n),
+        Mode("s96b", "persistent workers (nn_gpu_worker.py) over NDJSON pipes", _n_slots, run_s96b),
+        Mode("loky", "joblib Parallel, loky backend (reusable process pool)", _n_slots, run_loky),
+        Mode("s96a", "one train_single_trial.py subprocess per fold", _n_slots, run_s96a),
+    )
+}
+
+#: The order modes run and print in (cheapest first).
+DEFAULT_MODES = tuple(MODES)
