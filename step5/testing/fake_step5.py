@@ -15,11 +15,11 @@ reject          metrics below the acceptance rules, exit 0
 reject_first    like ``reject`` while ``--seed`` is 42 (the default), ``ok`` otherwise
 hang            starts a child that ignores SIGTERM and a child that leaves the
                 group (``setsid``), writes their pids, then sleeps forever
-leak            ``ok``, but leaves a sleeping child behind
+leak            ``ok``, but leaves a sleeping child behind (its pid in FAKE_STEP5_PIDS)
 ==============  ==============================================================
 
 ``FAKE_STEP5_CALLS``: a file to which each invocation appends its argv as one JSON line.
-``FAKE_STEP5_PIDS``: where ``hang`` writes ``{"pid", "pgid", "children": [...]}``.
+``FAKE_STEP5_PIDS``: where ``hang`` / ``leak`` write ``{"pid", "pgid", "children": [...]}``.
 ``FAKE_STEP5_BAD_MODELS``: comma list of model types that score below the rules in
 ``--compare-models`` runs. Compare runs read the skip registry like the real step does.
 
@@ -137,29 +137,37 @@ def _write_model(out: Path, model_type: str, metrics: dict[str, float], args: ar
 
 
 def _compare(args: argparse.Namespace, out: Path) -> int:
+    """Like :func:`step5.optimizer.compare.run_compare`: skip what the registry rules out,
+    keep the best, archive the others' sidecars, write the summary."""
     from step5.policy import load_policy
     from step5.watcher.registry import load_skip_registry, skipped_model_types
 
     limit = load_policy(args.policy).watcher.max_consecutive_critical
     skipped = skipped_model_types(load_skip_registry(), limit)
     bad = {m for m in os.environ.get("FAKE_STEP5_BAD_MODELS", "").split(",") if m}
+    metrics: dict[str, dict[str, float]] = {}
+    for i, model_type in enumerate(MODEL_TYPES):
+        if model_type not in skipped:
+            metrics[model_type] = dict(BAD_METRICS if model_type in bad else GOOD_METRICS)
+            metrics[model_type]["test_r2"] += 0.01 * i  # a strict order for "best"
+    if not metrics:
+        sys.stderr.write("fake_step5: every model type is skipped by the registry\n")
+        return 1
+    best = max(metrics, key=lambda m: metrics[m]["test_r2"])
     models: dict[str, Any] = {}
     for model_type in MODEL_TYPES:
         if model_type in skipped:
-            models[model_type] = {"status": "skipped", "reason": "model skip registry"}
+            models[model_type] = {"model_type": model_type, "status": "SKIPPED", "error": "skip registry",
+                                  "sidecar_path": None}
             continue
-        metrics = dict(BAD_METRICS if model_type in bad else GOOD_METRICS)
-        metrics["cv_r2_mean"] += 0.01 * MODEL_TYPES.index(model_type)  # a strict order for "best"
-        models[model_type] = {"status": "ok", "training_metrics": metrics}
-    ran = {m: e for m, e in models.items() if e["status"] == "ok"}
-    if not ran:
-        sys.stderr.write("fake_step5: every model type is skipped by the registry\n")
-        return 1
-    best = max(ran, key=lambda m: ran[m]["training_metrics"]["cv_r2_mean"])
+        folder = out if model_type == best else out / "compare_archive" / model_type
+        _write_model(folder, model_type, metrics[model_type], args,
+                     "persistent_workers" if model_type == "neural_net" else "inline")
+        models[model_type] = {"model_type": model_type, "status": "SUCCESS",
+                              "test_r2": metrics[model_type]["test_r2"], "error": None,
+                              "sidecar_path": str(folder / "best_model.meta.json")}
     _write_json(Path("diagnostics_outputs") / "compare_models_summary.json",
-                {"best_model_type": best, "models": models})
-    _write_model(out, best, ran[best]["training_metrics"], args,
-                 "persistent_workers" if best == "neural_net" else "inline")
+                {"schema_version": 1, "winner": best, "models": models})
     return 0
 
 
@@ -216,7 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     rejected = mode == "reject" or (mode == "reject_first" and args.seed == 42)
     _write_model(out, model_type, BAD_METRICS if rejected else GOOD_METRICS, args)
     if mode == "leak":
-        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        leaked = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        pids_file = os.environ.get("FAKE_STEP5_PIDS")
+        if pids_file:
+            _write_json(Path(pids_file), {"pid": os.getpid(), "pgid": os.getpgid(0), "children": [leaked.pid]})
     return 0
 
 

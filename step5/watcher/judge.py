@@ -230,8 +230,8 @@ def _checkpoint_exists(sidecar: dict[str, Any], sidecar_path: Path) -> bool:
 
 
 def _summary_entries(summary: Any) -> dict[str, dict[str, Any]]:
-    """Per-model entries of ``compare_models_summary.json``: ``{"models": {type: {...}}}`` or
-    ``{"models": [{"model_type": type, ...}]}``."""
+    """Per-model entries of ``compare_models_summary.json``: ``{"models": {type: {...}}}``
+    (what :mod:`step5.optimizer.compare` writes) or ``{"models": [{"model_type": type, ...}]}``."""
     models = summary.get("models") if isinstance(summary, dict) else None
     if isinstance(models, dict):
         return {k: v for k, v in models.items() if isinstance(v, dict)}
@@ -240,13 +240,30 @@ def _summary_entries(summary: Any) -> dict[str, dict[str, Any]]:
     return {}
 
 
+def _entry_metrics(entry: dict[str, Any]) -> Any:
+    """A compare entry's ``training_metrics``: inline, or from the sidecar it points to (the
+    winner's, or the archived one of a model that lost)."""
+    if isinstance(entry.get("training_metrics"), dict):
+        return entry["training_metrics"]
+    path = entry.get("sidecar_path")
+    if isinstance(path, str) and path:
+        try:
+            sidecar = loads(Path(path).read_bytes())
+        except (OSError, ValueError):
+            return None
+        if isinstance(sidecar, dict):
+            return sidecar.get("training_metrics")
+    return None
+
+
 def compare_verdicts(
     summary_path: Path, before: FileSignature | None, thresholds: list[Threshold]
 ) -> tuple[dict[str, ModelVerdict], list[str], list[str]]:
     """Verdicts for every model a compare run trained, from its (fresh) summary file.
 
-    Returns (verdicts, skipped model types, notes). Models the run skipped are not judged:
-    a skipped model has no new result, so its count stays where it is.
+    Returns (verdicts, skipped model types, notes). A model the run skipped has no new
+    result, and a degenerate one is the data's fault: neither is recorded. A failed one is
+    critical.
     """
     try:
         summary = loads(summary_path.read_bytes())
@@ -258,21 +275,21 @@ def compare_verdicts(
         return {}, [], [f"cannot read {summary_path}: {exc}"]
     verdicts: dict[str, ModelVerdict] = {}
     skipped: list[str] = []
+    notes: list[str] = []
     for model_type, entry in sorted(_summary_entries(summary).items()):
-        status = str(entry.get("status", "ok")).lower()
-        if status == "skipped":
+        status = str(entry.get("status", "SUCCESS")).upper()
+        if status == "SKIPPED":
             skipped.append(model_type)
-            continue
-        if status in ("failed", "error"):
-            why = entry.get("error") or entry.get("reason") or status
+        elif status in ("FAILED", "ERROR"):
+            why = entry.get("error") or status
             verdicts[model_type] = ModelVerdict(model_type, True, [f"{model_type} failed in the compare run: {why}"])
-            continue
-        metrics = entry.get("training_metrics", entry.get("metrics", entry))
-        verdict = assess_metrics(model_type, metrics, thresholds)
-        if verdict.missing:  # nothing reliable to record for this model
-            continue
-        verdicts[model_type] = verdict
-    return verdicts, skipped, []
+        elif status == "SUCCESS":
+            verdict = assess_metrics(model_type, _entry_metrics(entry), thresholds)
+            if verdict.missing:
+                notes.append(f"{model_type}: no metrics in {summary_path}; its result is not recorded")
+            else:
+                verdicts[model_type] = verdict
+    return verdicts, skipped, notes
 
 
 def judge(

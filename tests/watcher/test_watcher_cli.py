@@ -1,0 +1,337 @@
+"""The WATCHER as a user runs it: ``agents/watcher_agent.py`` in a scratch working directory.
+
+Step 5 is replaced by ``step5/testing/fake_step5.py`` (hidden ``--step-command``), whose
+behaviour is set by ``FAKE_STEP5_MODE``; test_watcher_real_step5.py runs the real optimizer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from step5.watcher.registry import load_skip_registry, record_result
+
+REPO = Path(__file__).resolve().parents[2]
+WATCHER = REPO / "agents" / "watcher_agent.py"
+FAKE = REPO / "step5" / "testing" / "fake_step5.py"
+
+POLICY = {
+    "training": {"use_persistent_workers": True, "worker_job_timeout_s": 120, "worker_ready_timeout_s": 120},
+    "watcher": {"step_timeout_s": 60, "max_retries": 1, "retry_trials_multiplier": 1.5,
+                "retry_seed_increment": 1, "max_consecutive_critical": 3, "kill_grace_s": 1},
+    "training_diagnostics": {"max_overfit_ratio_warning": 1.3, "max_overfit_ratio_critical": 2.0},
+    "acceptance_rules": {"step5": {"min_cv_r2": 0.0, "max_overfit_ratio": 1.5}},
+}
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """A scratch working directory holding the policy: diagnostics_outputs/ lands here."""
+    monkeypatch.chdir(tmp_path)
+    write_policy(tmp_path)
+    return tmp_path
+
+
+def write_policy(folder: Path, **watcher) -> Path:
+    policy = json.loads(json.dumps(POLICY))
+    policy["watcher"].update(watcher)
+    path = folder / "policy.json"
+    path.write_text(json.dumps(policy))
+    return path
+
+
+def watcher_cmd(*args: str, params: dict | None = None, fake: bool = True) -> list[str]:
+    cmd = [sys.executable, str(WATCHER), "--run-pipeline", "--start-step", "5", "--end-step", "5",
+           "--params", json.dumps({"trials": 2} if params is None else params), "--policy", "policy.json"]
+    if fake:
+        cmd += ["--step-command", str(FAKE)]
+    return cmd + list(args)
+
+
+def fake_env(work: Path, mode: str = "ok", **extra: str) -> dict[str, str]:
+    env = dict(os.environ, FAKE_STEP5_MODE=mode, FAKE_STEP5_CALLS=str(work / "calls.jsonl"),
+               FAKE_STEP5_PIDS=str(work / "pids.json"), **extra)
+    env.pop("PYTHONPATH", None)  # the WATCHER must make step5 importable for the step itself
+    return env
+
+
+def watch(work: Path, mode: str = "ok", *args: str, params: dict | None = None, timeout: float = 60,
+          **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(watcher_cmd(*args, params=params), cwd=work, env=fake_env(work, mode, **extra),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def decisions(work: Path) -> list[dict]:
+    path = work / "diagnostics_outputs" / "watcher_decisions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def calls(work: Path) -> list[list[str]]:
+    path = work / "calls.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def flag(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+def result_line(proc: subprocess.CompletedProcess[str]) -> dict:
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout + proc.stderr
+    return json.loads(lines[0])
+
+
+def test_passing_run(work):
+    proc = watch(work)
+    assert proc.returncode == 0, proc.stderr
+    out = result_line(proc)
+    assert out["decision"] == "PROCEED" and out["attempts"] == 1
+    [record] = decisions(work)
+    assert record["decision"] == "PROCEED" and record["final"] and record["exit_status"] == "EXIT(0)"
+    assert record["model_type"] == "neural_net" and record["training_metrics"]["cv_r2_mean"] > 0
+    assert record["run_id"] == out["run_id"]
+    [argv] = calls(work)
+    assert flag(argv, "--policy") == "policy.json"  # the WATCHER's policy reaches the step
+    assert flag(argv, "--survivors") == "survivors_with_scores.json"
+    assert flag(argv, "--lottery-data") == "train_history.json"
+    assert flag(argv, "--parent-run-id") == out["run_id"]
+    assert "fake_step5: mode=ok" in proc.stderr  # the step's output is echoed to stderr
+    entry = load_skip_registry()["models"]["neural_net"]
+    assert entry["consecutive_critical"] == 0 and entry["total_runs"] == 1
+
+
+def test_failing_step_is_retried_then_escalated(work):
+    proc = watch(work, "fail")
+    assert proc.returncode == 4, proc.stderr
+    assert [r["decision"] for r in decisions(work)] == ["RETRY", "ESCALATE"]
+    assert "record 3" in decisions(work)[-1]["reasons"][0]
+    assert any("record 3" in line for line in decisions(work)[-1]["output_tail"])
+    assert len(calls(work)) == 2
+    assert not (work / "diagnostics_outputs" / "model_skip_registry.json").exists()  # not the model's fault
+
+
+@pytest.mark.parametrize("mode, words", [
+    ("no_sidecar", "no sidecar"),
+    ("bad_sidecar", "missing key `feature_schema`"),
+    ("not_json", "not valid JSON"),
+    ("usage", "exit 64"),
+])
+def test_missing_or_invalid_sidecar_escalates_without_retry(work, mode, words):
+    proc = watch(work, mode)
+    assert proc.returncode == 4, proc.stderr
+    [record] = decisions(work)
+    assert record["decision"] == "ESCALATE" and words in " ".join(record["reasons"])
+    assert len(calls(work)) == 1
+
+
+def test_a_sidecar_left_by_an_earlier_run_is_not_accepted(work):
+    assert watch(work, "ok").returncode == 0
+    proc = watch(work, "no_sidecar")
+    assert proc.returncode == 4
+    assert "from before this run" in decisions(work)[-1]["reasons"][0]
+
+
+def test_degenerate_step(work):
+    proc = watch(work, "degenerate")
+    assert proc.returncode == 2, proc.stderr
+    assert result_line(proc)["decision"] == "DEGENERATE"
+    assert [r["decision"] for r in decisions(work)] == ["DEGENERATE"]
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"trials": 2, "compare_model": True}, "did you mean `compare_models`"),
+    ({"trials": "20"}, "`trials`"),
+    ({"compare_models": "true"}, "true or false"),
+    ({"policy": "x.json"}, "--policy"),
+])
+def test_bad_params_are_usage_errors_and_nothing_runs(work, params, words):
+    proc = watch(work, params=params)
+    assert proc.returncode == 64
+    assert words in proc.stderr
+    assert calls(work) == [] and decisions(work) == []
+
+
+def test_params_not_json(work):
+    proc = subprocess.run(watcher_cmd() [:5] + ["--params", "{trials: 2}", "--policy", "policy.json"],
+                          cwd=work, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 64 and "not valid JSON" in proc.stderr
+
+
+def test_retry_really_reruns_with_more_trials_and_a_new_seed(work):
+    proc = watch(work, "reject_first", params={"trials": 4})
+    assert proc.returncode == 0, proc.stderr
+    first, second = calls(work)
+    assert flag(first, "--trials") == "4" and flag(first, "--seed") is None  # the step's default, 42
+    assert flag(second, "--trials") == "6" and flag(second, "--seed") == "43"
+    retry, final = decisions(work)
+    assert retry["decision"] == "RETRY" and "min_cv_r2" in retry["reasons"][0] and not retry["final"]
+    assert final["decision"] == "PROCEED" and final["attempt"] == 2
+    assert retry["registry"] == {}  # only the final result is recorded
+    assert final["registry"]["neural_net"]["critical"] is False
+
+
+def test_rejected_after_retries_skips_the_model_and_counts_it(work):
+    proc = watch(work, "reject")
+    assert proc.returncode == 3, proc.stderr
+    assert [r["decision"] for r in decisions(work)] == ["RETRY", "SKIP_MODEL"]
+    assert load_skip_registry()["models"]["neural_net"]["consecutive_critical"] == 1
+
+
+def test_no_retries_when_the_policy_says_none(work):
+    write_policy(work, max_retries=0)
+    assert watch(work, "fail").returncode == 4
+    assert len(calls(work)) == 1 and decisions(work)[0]["max_attempts"] == 1
+
+
+def _group_alive(pgid: int) -> list[int]:
+    found = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
+                found.append(p.pid)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def _all_gone(info: dict) -> bool:
+    for pid in [info["pid"], *info["children"]]:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            continue
+    return not _group_alive(info["pgid"])
+
+
+def test_timeout_escalates_and_leaves_no_process(work):
+    write_policy(work, step_timeout_s=2, kill_grace_s=1)
+    t0 = time.monotonic()
+    proc = watch(work, "hang")
+    assert proc.returncode == 4, proc.stderr
+    assert time.monotonic() - t0 < 20
+    [record] = decisions(work)  # a timeout is not retried: it would time out again
+    assert record["decision"] == "ESCALATE" and record["timed_out"] and "timed out after 2s" in record["reasons"][0]
+    info = json.loads((work / "pids.json").read_text())
+    assert _all_gone(info), info  # the SIGTERM-ignoring child and the one that left the group too
+
+
+@pytest.mark.parametrize("sig, name", [(signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM")])
+def test_interrupting_the_watcher_stops_the_step(work, sig, name):
+    popen = subprocess.Popen(watcher_cmd(), cwd=work, env=fake_env(work, "hang"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (work / "pids.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (work / "pids.json").exists()
+        popen.send_signal(sig)
+        _, err = popen.communicate(timeout=30)
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+            popen.communicate()
+    assert popen.returncode == 130, err
+    [record] = decisions(work)
+    assert record["decision"] == "ESCALATE" and name in record["reasons"][0]
+    assert _all_gone(json.loads((work / "pids.json").read_text()))
+
+
+def test_processes_left_by_a_finished_step_are_stopped(work):
+    proc = watch(work, "leak")
+    assert proc.returncode == 0, proc.stderr
+    assert decisions(work)[0]["leftover_processes"] == 1
+    assert _all_gone(json.loads((work / "pids.json").read_text()))
+
+
+def test_registry_makes_compare_runs_skip_a_model(work):
+    """catboost keeps scoring below the rules; once over the limit, compare runs leave it out."""
+    write_policy(work, max_consecutive_critical=1, max_retries=0)
+    params = {"compare_models": True, "trials": 2}
+    for run in (1, 2):
+        proc = watch(work, "ok", params=params, FAKE_STEP5_BAD_MODELS="catboost")
+        assert proc.returncode == 0, proc.stderr
+        assert result_line(proc)["skipped_models"] == []
+        entry = load_skip_registry()["models"]["catboost"]
+        assert entry["consecutive_critical"] == run
+    assert entry["skipped"]  # 2 > limit 1
+    assert load_skip_registry()["models"]["lightgbm"]["consecutive_critical"] == 0
+
+    proc = watch(work, "ok", params=params, FAKE_STEP5_BAD_MODELS="catboost")
+    assert proc.returncode == 0, proc.stderr
+    assert result_line(proc)["skipped_models"] == ["catboost"]
+    summary = json.loads((work / "diagnostics_outputs" / "compare_models_summary.json").read_text())
+    assert summary["models"]["catboost"]["status"] == "SKIPPED"
+    assert load_skip_registry()["models"]["catboost"]["total_runs"] == 2  # a skipped model gets no new result
+
+
+def test_a_registry_written_elsewhere_is_honoured(work):
+    for _ in range(4):
+        record_result("diagnostics_outputs/model_skip_registry.json", "xgboost", True, "overfit", 3)
+    proc = watch(work, "ok", params={"compare_models": True, "trials": 2})
+    assert proc.returncode == 0, proc.stderr
+    assert result_line(proc)["skipped_models"] == ["xgboost"]
+
+
+def test_dry_run_prints_the_command_and_runs_nothing(work):
+    proc = watch(work, "ok", "--dry-run", params={"compare_models": True, "trials": 20, "persistent_workers": False,
+                                                   "gpus": [0, 1]})
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip()
+    assert "--compare-models" in line and "--trials 20" in line and "--no-persistent-workers" in line
+    assert "--gpus 0,1" in line and "--policy policy.json" in line
+    assert calls(work) == [] and decisions(work) == []
+
+
+def test_status_shows_decisions_and_registry(work):
+    watch(work, "reject")
+    proc = subprocess.run([sys.executable, str(WATCHER), "--status", "--policy", "policy.json"],
+                          cwd=work, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "RETRY" in proc.stdout and "SKIP_MODEL" in proc.stdout
+    assert "neural_net" in proc.stdout and "consecutive_critical=1" in proc.stdout
+    assert "skipped: none" in proc.stdout
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["--start-step", "4", "--end-step", "5"], 64, "step 4 is not shipped"),
+    (["--start-step", "5", "--end-step", "6"], 64, "step 6 is not shipped"),
+    (["--bogus"], 64, "unrecognized arguments"),
+])
+def test_usage_errors(work, args, code, words):
+    proc = subprocess.run(watcher_cmd(*args), cwd=work, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code and words in proc.stderr
+    assert decisions(work) == []
+
+
+@pytest.mark.parametrize("policy, words", [
+    ("{broken", "not valid JSON"),
+    ('{"watcher": {"step_timeout": 5}}', "unknown key `step_timeout`"),
+    ('{"watcher": {"max_retries": -1}}', "max_retries"),
+    ('{"acceptance_rules": {"step5": {"min_cv_r3": 0}}}', "unknown metric `cv_r3`"),
+])
+def test_invalid_policy_is_a_clear_error_before_anything_runs(work, policy, words):
+    (work / "policy.json").write_text(policy)
+    proc = watch(work)
+    assert proc.returncode == 1 and words in proc.stderr and "policy.json" in proc.stderr
+    assert calls(work) == []
+
+
+def test_missing_policy_file(work):
+    (work / "policy.json").unlink()
+    proc = watch(work)
+    assert proc.returncode == 1 and "not found" in proc.stderr
+
+
+def test_persistent_worker_switch_reaches_the_step(work):
+    watch(work, "ok", params={"trials": 2, "persistent_workers": False})
+    [argv] = calls(work)
+    assert "--no-persistent-workers" in argv
+    assert decisions(work)[0]["use_persistent_workers"] is False

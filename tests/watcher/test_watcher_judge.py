@@ -1,0 +1,223 @@
+"""Judging one run: exit code, sidecar (SPEC section 4), acceptance rules, diagnostics."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from step5.errors import PolicyError
+from step5.policy import parse_policy
+from step5.testing.fake_step5 import BAD_METRICS, GOOD_METRICS, make_sidecar
+from step5.watcher.judge import Decision, file_signature, judge, thresholds_for
+from step5.watcher.process import StepRun
+from step5.watcher.steps import get_step
+
+STEP5 = get_step(5)
+
+POLICY = {
+    "watcher": {"step_timeout_s": 60},
+    "training_diagnostics": {"max_overfit_ratio_warning": 1.3, "max_overfit_ratio_critical": 2.0,
+                             "min_test_r2_warning": 0.0, "min_test_r2_critical": -0.5},
+    "acceptance_rules": {"step5": {"min_cv_r2": 0.0, "max_overfit_ratio": 1.5}},
+}
+
+
+def policy(**overrides):
+    raw = json.loads(json.dumps(POLICY))
+    for section, values in overrides.items():
+        raw[section] = values
+    return parse_policy(raw, "test-policy.json")
+
+
+def step_run(returncode=0, **kw) -> StepRun:
+    return StepRun(command=["step"], pid=1, returncode=returncode, started_at=0.0, duration_s=1.0, **kw)
+
+
+def write_sidecar(out: Path, sidecar: dict, checkpoint: bool = True) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "best_model.meta.json"
+    path.write_text(json.dumps(sidecar))
+    if checkpoint and sidecar.get("checkpoint_path"):
+        (out / sidecar["checkpoint_path"]).write_bytes(b"ckpt")
+    return path
+
+
+def run_judge(tmp_path, run, sidecar=None, *, pol=None, can_retry=True, before=None, checkpoint=True,
+              run_id=None, summary=None):
+    out = tmp_path / "out"
+    path = out / "best_model.meta.json"
+    if sidecar is not None:
+        write_sidecar(out, sidecar, checkpoint)
+    summary_path = None
+    if summary is not None:
+        summary_path = tmp_path / "compare_models_summary.json"
+        summary_path.write_text(json.dumps(summary))
+    return judge(run, step=STEP5, policy=pol or policy(), sidecar_path=path, summary_path=summary_path,
+                 can_retry=can_retry, sidecar_before=before, run_id=run_id)
+
+
+def metrics(**changes):
+    return {**GOOD_METRICS, **changes}
+
+
+def test_good_run_proceeds(tmp_path):
+    j = run_judge(tmp_path, step_run(0), make_sidecar())
+    assert j.decision is Decision.PROCEED and j.final
+    assert "neural_net accepted" in j.reasons[0] and j.warnings == []
+    assert j.verdicts["neural_net"].critical is False
+
+
+@pytest.mark.parametrize("can_retry, decision", [(True, Decision.RETRY), (False, Decision.SKIP_MODEL)])
+def test_below_acceptance_rules(tmp_path, can_retry, decision):
+    j = run_judge(tmp_path, step_run(0), make_sidecar(metrics=metrics(cv_r2_mean=-0.02)), can_retry=can_retry)
+    assert j.decision is decision
+    assert j.reasons == ["neural_net: cv_r2 -0.02 < min_cv_r2 0"]
+    assert j.verdicts["neural_net"].critical
+
+
+def test_critical_diagnostic_rejects_and_warning_only_notes(tmp_path):
+    j = run_judge(tmp_path, step_run(0), make_sidecar(metrics=metrics(test_r2=-0.7)))
+    assert j.decision is Decision.RETRY
+    assert any("min_test_r2_critical" in r for r in j.reasons)
+    j = run_judge(tmp_path, step_run(0), make_sidecar(metrics=metrics(test_r2=-0.1, overfit_ratio=1.4)))
+    assert j.decision is Decision.PROCEED
+    assert any("min_test_r2_warning" in w for w in j.warnings)
+    assert any("max_overfit_ratio_warning" in w for w in j.warnings)
+
+
+def test_undefined_overfit_ratio_is_noted_not_fatal(tmp_path):
+    j = run_judge(tmp_path, step_run(0), make_sidecar(metrics=metrics(overfit_ratio=None)))
+    assert j.decision is Decision.PROCEED
+    assert any("cannot check max_overfit_ratio" in w for w in j.warnings)
+
+
+@pytest.mark.parametrize("can_retry, decision", [(True, Decision.RETRY), (False, Decision.ESCALATE)])
+@pytest.mark.parametrize("returncode, status", [(1, "EXIT(1)"), (-9, "SIGKILL(-9)"), (3, "EXIT(3)")])
+def test_failed_step(tmp_path, returncode, status, can_retry, decision):
+    run = step_run(returncode, output_tail=["loading", "error: survivors record 3: key `features` missing"])
+    j = run_judge(tmp_path, run, can_retry=can_retry)
+    assert j.decision is decision
+    assert status in j.reasons[0] and "record 3" in j.reasons[0]
+    assert j.verdicts == {}  # a crash is not held against the model type
+
+
+def test_usage_error_timeout_and_interrupt_escalate_without_retry(tmp_path):
+    assert run_judge(tmp_path, step_run(64)).decision is Decision.ESCALATE
+    j = run_judge(tmp_path, step_run(None, timed_out=True))
+    assert j.decision is Decision.ESCALATE and "timed out after 60s" in j.reasons[0]
+    j = run_judge(tmp_path, step_run(-15, interrupted="SIGTERM"))
+    assert j.decision is Decision.ESCALATE and "SIGTERM" in j.reasons[0]
+
+
+def test_missing_sidecar(tmp_path):
+    j = run_judge(tmp_path, step_run(0))
+    assert j.decision is Decision.ESCALATE and "no sidecar" in j.reasons[0]
+
+
+def test_invalid_sidecar_lists_the_problems(tmp_path):
+    sidecar = make_sidecar()
+    del sidecar["feature_schema"]
+    sidecar["outcome"] = "MAYBE"
+    j = run_judge(tmp_path, step_run(0), sidecar)
+    assert j.decision is Decision.ESCALATE
+    text = " ".join(j.reasons)
+    assert "feature_schema" in text and "MAYBE" in text
+
+
+def test_sidecar_not_json(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "best_model.meta.json").write_text("{oops")
+    j = judge(step_run(0), step=STEP5, policy=policy(), sidecar_path=out / "best_model.meta.json",
+              summary_path=None, can_retry=True)
+    assert j.decision is Decision.ESCALATE and "not valid JSON" in j.reasons[0]
+
+
+def test_sidecar_from_an_earlier_run_is_not_judged(tmp_path):
+    path = write_sidecar(tmp_path / "out", make_sidecar())
+    j = run_judge(tmp_path, step_run(0), before=file_signature(path))
+    assert j.decision is Decision.ESCALATE and "from before this run" in j.reasons[0]
+
+
+def test_sidecar_of_another_run_is_not_judged(tmp_path):
+    j = run_judge(tmp_path, step_run(0), make_sidecar(parent_run_id="other"), run_id="mine")
+    assert j.decision is Decision.ESCALATE and "'other'" in j.reasons[0]
+
+
+def test_missing_checkpoint(tmp_path):
+    j = run_judge(tmp_path, step_run(0), make_sidecar(), checkpoint=False)
+    assert j.decision is Decision.ESCALATE and "best_model.pth" in j.reasons[0]
+
+
+def test_degenerate(tmp_path):
+    j = run_judge(tmp_path, step_run(2), make_sidecar(outcome="DEGENERATE_SIGNAL"))
+    assert j.decision is Decision.DEGENERATE and "no usable signal" in j.reasons[0]
+    assert j.verdicts == {}  # the data's fault, not the model type's
+
+
+def test_exit_2_without_a_degenerate_sidecar_escalates(tmp_path):
+    assert run_judge(tmp_path / "a", step_run(2)).decision is Decision.ESCALATE
+    j = run_judge(tmp_path / "b", step_run(2), make_sidecar())
+    assert j.decision is Decision.ESCALATE and "SUCCESS" in j.reasons[0]
+    j = run_judge(tmp_path / "c", step_run(0), make_sidecar(outcome="DEGENERATE_SIGNAL"))
+    assert j.decision is Decision.ESCALATE
+
+
+def test_compare_summary_gives_every_model_a_verdict(tmp_path):
+    archived = write_sidecar(tmp_path / "archive" / "xgboost", make_sidecar("xgboost", metrics=BAD_METRICS))
+    summary = {"winner": "neural_net", "models": {
+        "neural_net": {"status": "SUCCESS", "training_metrics": GOOD_METRICS},
+        "xgboost": {"status": "SUCCESS", "sidecar_path": str(archived)},
+        "lightgbm": {"status": "FAILED", "error": "boom"},
+        "catboost": {"status": "SKIPPED", "error": "registry"},
+    }}
+    j = run_judge(tmp_path, step_run(0), make_sidecar(), summary=summary)
+    assert j.decision is Decision.PROCEED
+    assert {m: v.critical for m, v in j.verdicts.items()} == {"neural_net": False, "xgboost": True, "lightgbm": True}
+    assert "boom" in j.verdicts["lightgbm"].summary()
+    assert j.skipped_models == ["catboost"]
+
+
+def test_compare_summary_as_a_list_and_degenerate_entries(tmp_path):
+    summary = {"models": [{"model_type": "xgboost", "training_metrics": BAD_METRICS},
+                          {"model_type": "catboost", "status": "DEGENERATE_SIGNAL"},
+                          {"model_type": "lightgbm", "status": "SUCCESS", "sidecar_path": "gone.json"}]}
+    j = run_judge(tmp_path, step_run(0), make_sidecar(), summary=summary)
+    assert j.verdicts["xgboost"].critical
+    assert "catboost" not in j.verdicts  # the data's fault
+    assert "lightgbm" not in j.verdicts and any("lightgbm: no metrics" in w for w in j.warnings)
+
+
+def test_stale_compare_summary_is_ignored(tmp_path):
+    path = tmp_path / "compare_models_summary.json"
+    path.write_text(json.dumps({"models": {"xgboost": {"status": "FAILED"}}}))
+    out = tmp_path / "out"
+    write_sidecar(out, make_sidecar())
+    j = judge(step_run(0), step=STEP5, policy=policy(), sidecar_path=out / "best_model.meta.json",
+              summary_path=path, summary_before=file_signature(path), can_retry=True)
+    assert j.decision is Decision.PROCEED and set(j.verdicts) == {"neural_net"}
+    assert any("from before this run" in w for w in j.warnings)
+
+
+@pytest.mark.parametrize(
+    "section, rules, words",
+    [
+        ("acceptance_rules", {"step5": {"min_cv_r3": 0.0}}, "unknown metric `cv_r3`"),
+        ("acceptance_rules", {"step5": {"at_least_cv_r2": 0.0}}, "expected min_<metric>"),
+        ("acceptance_rules", {"step5": {"min_cv_r2_warning": 0.0}}, "no level suffix"),
+        ("training_diagnostics", {"max_overfit_ratio": 2.0}, "warning|critical"),
+        ("training_diagnostics", {"max_overfit_ratio_severe": 2.0}, "warning|critical"),
+    ],
+)
+def test_policy_rules_are_validated(section, rules, words):
+    with pytest.raises(PolicyError) as info:
+        thresholds_for(policy(**{section: rules}), STEP5)
+    assert words in str(info.value) and "test-policy.json" in str(info.value)
+
+
+def test_shipped_policy_rules_are_valid(repo_root):
+    from step5.policy import load_policy
+
+    keys = {t.key for t in thresholds_for(load_policy(repo_root / "watcher_policies.json"), STEP5)}
+    assert {"min_cv_r2", "max_overfit_ratio", "max_overfit_ratio_critical"} <= keys

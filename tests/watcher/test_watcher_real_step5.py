@@ -1,0 +1,87 @@
+"""The WATCHER running the real Step 5 (``meta_prediction_optimizer_anti_overfit.py``) on
+tiny generated data, as a user would: in a scratch working directory, through the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from step5.watcher.registry import load_skip_registry
+
+REPO = Path(__file__).resolve().parents[2]
+WATCHER = REPO / "agents" / "watcher_agent.py"
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_policy(tmp_path)
+    return tmp_path
+
+
+def write_policy(folder: Path, **watcher) -> None:
+    policy = json.loads((REPO / "watcher_policies.json").read_text())
+    policy["watcher"].update({"step_timeout_s": 200, "kill_grace_s": 5, **watcher})
+    (folder / "policy.json").write_text(json.dumps(policy))
+
+
+def decisions(work: Path) -> list[dict]:
+    path = work / "diagnostics_outputs" / "watcher_decisions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def result_line(proc: subprocess.CompletedProcess[str]) -> dict:
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout + proc.stderr[-3000:]
+    return json.loads(lines[0])
+
+
+def run_real(work: Path, params: dict, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    cmd = [sys.executable, str(WATCHER), "--run-pipeline", "--start-step", "5", "--end-step", "5",
+           "--params", json.dumps(params), "--policy", "policy.json"]
+    return subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_real_step5_end_to_end(work, sample_inputs):
+    write_policy(work, max_retries=0, step_timeout_s=200)
+    survivors, history = sample_inputs
+    proc = run_real(work, {"survivors": str(survivors), "lottery_data": str(history), "trials": 2,
+                           "k_folds": 2, "cpu_workers": 1, "output_dir": "models"})
+    out = result_line(proc)
+    # Two trials on tiny data may or may not pass the acceptance rules; either way the
+    # WATCHER judged a valid sidecar written by this run (never ESCALATE).
+    assert out["decision"] in ("PROCEED", "SKIP_MODEL"), proc.stderr[-3000:]
+    [record] = decisions(work)
+    assert record["model_type"] == "neural_net" and record["outcome"] == "SUCCESS"
+    assert record["execution_mode"] == "persistent_workers"  # the policy's switch reached step 5
+    assert (work / "models" / "best_model.pth").is_file()
+    sidecar = json.loads((work / "models" / "best_model.meta.json").read_text())
+    assert sidecar["provenance"]["parent_run_id"] == out["run_id"]
+    assert "neural_net" in load_skip_registry()["models"]
+
+
+def test_real_step5_degenerate_input(work, degenerate_inputs):
+    survivors, history = degenerate_inputs
+    proc = run_real(work, {"survivors": str(survivors), "lottery_data": str(history), "trials": 2,
+                           "cpu_workers": 1, "output_dir": "models"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert result_line(proc)["decision"] == "DEGENERATE"
+    assert [r["decision"] for r in decisions(work)] == ["DEGENERATE"]
+
+
+def test_real_step5_bad_input_escalates_with_its_message(work):
+    (work / "bad.json").write_text('[{"seed": 1, "features": {"a": "x"}, "holdout_quality": 0.1}]')
+    (work / "history.json").write_text("[1, 2, 3]")
+    write_policy(work, max_retries=0)
+    proc = run_real(work, {"survivors": "bad.json", "lottery_data": "history.json", "trials": 2})
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    [record] = decisions(work)
+    assert record["decision"] == "ESCALATE" and record["exit_status"] == "EXIT(1)"
+    assert "bad.json" in " ".join(record["reasons"] + record.get("output_tail", []))
