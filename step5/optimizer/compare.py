@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterable
 from step5 import artifacts
 from step5.errors import DegenerateSignalError
 from step5.jsonio import read_json_file, write_json_atomic
-from step5.optimizer.config import MODEL_TYPES, OptimizerConfig, RunOutcome
+from step5.optimizer.config import MODEL_TYPES, OptimizerConfig, RunOutcome, validate_config
 
 logger = logging.getLogger(__name__)
 
@@ -280,13 +280,8 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
 
     skipped = skipped_by_registry(config)
     configs = {mt: sub_config(config, mt) for mt in MODEL_TYPES}
-    try:
-        from step5.optimizer.config import validate_config
-    except ImportError:  # pragma: no cover - the config module always has it now
-        validate_config = None
-    if validate_config is not None:
-        for sub in configs.values():
-            validate_config(sub)  # a usage error shows before any model trains (exit 64)
+    for sub in configs.values():
+        validate_config(sub)  # a usage error shows before any model trains (exit 64)
 
     to_run = [mt for mt in MODEL_TYPES if mt not in skipped]
     logger.info(
