@@ -1,0 +1,139 @@
+"""The Step 5 CLI's exit codes, as a user (or the WATCHER) sees them: 0 / 1 / 2 / 64.
+
+None of these runs trains a model; the end-to-end training runs are in
+test_opt_cli_end_to_end.py.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from step5 import artifacts
+
+SCRIPT = "meta_prediction_optimizer_anti_overfit.py"
+
+
+def _run(repo_root: Path, python: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [python, str(repo_root / SCRIPT), *args], cwd=cwd or repo_root, capture_output=True, text=True, timeout=120,
+    )
+
+
+def _inputs(sample_inputs) -> list[str]:
+    survivors, history = sample_inputs
+    return ["--survivors", str(survivors), "--lottery-data", str(history)]
+
+
+def test_help_exits_0_and_lists_every_spec_flag(repo_root, python):
+    proc = _run(repo_root, python, "--help")
+    assert proc.returncode == 0
+    for flag in (
+        "--survivors", "--lottery-data", "--model-type", "--compare-models", "--trials", "--k-folds",
+        "--test-holdout", "--output-dir", "--study-name", "--storage", "--seed", "--target",
+        "--persistent-workers", "--no-persistent-workers", "--policy", "--gpus", "--cpu-workers",
+        "--normalize-features", "--no-normalize-features", "--use-leaky-relu", "--no-use-leaky-relu",
+        "--dropout", "--enable-diagnostics", "--prng-type", "--mod", "--holdout-draws", "--parent-run-id",
+        "--log-level", "--fuse-folds", "--no-fuse-folds", "--fuse-trials",
+    ):
+        assert flag in proc.stdout, flag
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+        (["--model-type", "svm"], "invalid choice: 'svm'"),
+        (["--trials", "0"], "expected an integer >= 1"),
+        (["--k-folds", "1"], "--k-folds must be >= 2"),
+        (["--test-holdout", "1.5"], "strictly between 0 and 1"),
+        (["--dropout", "1.0"], "dropout probability in [0, 1)"),
+        (["--gpus", "0,x"], "comma-separated list of GPU indices"),
+        (["--compare-models", "--model-type", "xgboost"], "do not combine it with --model-type"),
+        (["--fuse-folds"], "fused folds (requested by --fuse-folds) are not implemented yet"),
+        (["--fuse-trials", "3"], "fused trials (--fuse-trials 3) are not implemented yet"),
+        (["--storage", "not-a-url"], "--storage must be an Optuna storage URL"),
+    ],
+)
+def test_usage_errors_exit_64(repo_root, python, sample_inputs, tmp_path, extra, message):
+    proc = _run(repo_root, python, *_inputs(sample_inputs), "--output-dir", str(tmp_path / "out"),
+                "--policy", str(repo_root / "watcher_policies.json"), *extra)
+    assert proc.returncode == 64, proc.stderr
+    assert message in proc.stderr
+    assert not (tmp_path / "out" / artifacts.SIDECAR_NAME).exists()
+
+
+def test_missing_required_flag_exits_64(repo_root, python):
+    proc = _run(repo_root, python, "--trials", "3")
+    assert proc.returncode == 64
+    assert "--survivors" in proc.stderr
+
+
+def test_missing_survivors_file_exits_1_naming_it(repo_root, python, sample_inputs, tmp_path):
+    _, history = sample_inputs
+    missing = tmp_path / "nope.json"
+    proc = _run(repo_root, python, "--survivors", str(missing), "--lottery-data", str(history),
+                "--output-dir", str(tmp_path / "out"), "--policy", str(repo_root / "watcher_policies.json"))
+    assert proc.returncode == 1
+    assert f"survivors file not found: {missing}" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('[{"seed": 1, "features": {"a": 1.0}, "holdout_quality": 0.1', "is not valid JSON"),
+        ('{"not": "an array"}', "expected a JSON array of records"),
+        ('[{"seed": 1, "features": {"a": "x"}, "holdout_quality": 0.1}]', "record 0: feature 'a' must be a finite number"),
+        ('[{"seed": 1, "features": {"a": 1.0}}]', "record 0 has no target 'holdout_quality'"),
+    ],
+)
+def test_bad_survivors_json_exits_1_with_a_clear_message(repo_root, python, sample_inputs, tmp_path, content, message):
+    _, history = sample_inputs
+    bad = tmp_path / "survivors.json"
+    bad.write_text(content)
+    proc = _run(repo_root, python, "--survivors", str(bad), "--lottery-data", str(history),
+                "--output-dir", str(tmp_path / "out"), "--policy", str(repo_root / "watcher_policies.json"))
+    assert proc.returncode == 1, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_history_and_bad_policy_exit_1(repo_root, python, sample_inputs, tmp_path):
+    survivors, _ = sample_inputs
+    history = tmp_path / "history.json"
+    history.write_text('[978, "x"]')
+    proc = _run(repo_root, python, "--survivors", str(survivors), "--lottery-data", str(history),
+                "--output-dir", str(tmp_path / "out"), "--policy", str(repo_root / "watcher_policies.json"))
+    assert proc.returncode == 1 and "history file" in proc.stderr and "element 1" in proc.stderr
+
+    policy = tmp_path / "policy.json"
+    policy.write_text('{"training": {"use_persistent_workers": "yes"}}')
+    proc = _run(repo_root, python, *_inputs(sample_inputs), "--output-dir", str(tmp_path / "out"),
+                "--policy", str(policy))
+    assert proc.returncode == 1 and "use_persistent_workers must be true or false" in proc.stderr
+
+
+def test_degenerate_target_exits_2_with_a_degenerate_sidecar_and_no_model(repo_root, python, degenerate_inputs, tmp_path):
+    survivors, history = degenerate_inputs
+    out = tmp_path / "out"
+    proc = _run(repo_root, python, "--survivors", str(survivors), "--lottery-data", str(history),
+                "--output-dir", str(out), "--trials", "2", "--policy", str(repo_root / "watcher_policies.json"),
+                "--parent-run-id", "pipeline-7")
+    assert proc.returncode == 2, proc.stderr
+    assert "degenerate" in proc.stderr
+    sidecar = json.loads((out / artifacts.SIDECAR_NAME).read_text())
+    assert artifacts.validate_sidecar(sidecar) == []
+    assert sidecar["outcome"] == "DEGENERATE_SIGNAL"
+    assert sidecar["signal_quality"]["signal_status"] == "degenerate"
+    assert sidecar["provenance"]["parent_run_id"] == "pipeline-7"
+    assert not any(p.name.startswith("best_model.") and p.name != artifacts.SIDECAR_NAME for p in out.iterdir())
+
+    # Step 6 refuses to predict from it, with its own exit code 2.
+    pred = subprocess.run(
+        [python, "-m", "step5.predictor", "--model-dir", str(out), "--survivors", str(survivors)],
+        cwd=repo_root, capture_output=True, text=True, timeout=120,
+    )
+    assert pred.returncode == 2
+    assert "prediction is not allowed" in pred.stderr
