@@ -1,0 +1,276 @@
+"""Jobs: fold files in, protocol results out; errors, cache, checkpoints, fused groups."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from step5.data import kfold_splits, load_survivors, write_fold_npz
+from step5.errors import DataError, JobError
+from step5.nn import job as job_module
+from step5.nn.checkpoint import load_checkpoint, save_checkpoint
+from step5.nn.job import DataCache, describe_device, load_fold, run_fold_group, run_train_job
+from step5.protocol import TrainRequest
+
+CPU = torch.device("cpu")
+COMPLETE_KEYS = {
+    "status", "model_type", "r2", "val_mse", "train_mse", "train_r2", "duration", "load_s", "train_s", "device",
+    "trial_number", "fold_idx", "job_id", "epochs_run", "best_epoch", "n_train", "n_val",
+}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def arrays(seed: int = 0, n_train: int = 120, n_val: int = 40, d: int = 6) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n_train + n_val, d)).astype(np.float32)
+    y = (X[:, 0] - 0.5 * X[:, 1] ** 2 + 0.2 * rng.normal(size=len(X))).astype(np.float32)
+    return {"X_train": X[:n_train], "y_train": y[:n_train], "X_val": X[n_train:], "y_val": y[n_train:]}
+
+
+def npz(path: Path, **arrs: np.ndarray) -> str:
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrs)
+    return str(path)
+
+
+def request(path: str, **overrides) -> TrainRequest:
+    params = {"hidden_layers": [16, 8], "epochs": 12, "learning_rate": 1e-2, "early_stopping_patience": 4}
+    params.update(overrides.pop("params", {}))
+    raw = {"X_train_path": path, "params": params, "trial_number": 7, "fold_idx": 2, "job_id": "t7-f2", "seed": 5}
+    raw.update(overrides)
+    return TrainRequest.from_dict(raw)
+
+
+def test_result_message_has_the_protocol_fields(tmp_path):
+    path = npz(tmp_path / "f.npz", **arrays())
+    res = run_train_job(request(path), device=CPU)
+    assert set(res) == COMPLETE_KEYS
+    assert (res["status"], res["model_type"], res["device"]) == ("complete", "neural_net", "cpu")
+    assert (res["trial_number"], res["fold_idx"], res["job_id"]) == (7, 2, "t7-f2")
+    assert (res["n_train"], res["n_val"]) == (120, 40)
+    assert 1 <= res["best_epoch"] <= res["epochs_run"] <= 12
+    assert all(isinstance(res[k], float) and math.isfinite(res[k]) for k in ("r2", "val_mse", "train_mse", "train_r2"))
+    assert res["duration"] >= res["train_s"] > 0
+
+
+def test_test_arrays_are_scored_when_present(tmp_path):
+    a = arrays()
+    extra = arrays(seed=1, n_train=2, n_val=30)
+    path = npz(tmp_path / "f.npz", **a, X_test=extra["X_val"], y_test=extra["y_val"])
+    res = run_train_job(request(path), device=CPU)
+    assert {"test_r2", "test_mse"} <= set(res)
+    without = run_train_job(request(npz(tmp_path / "g.npz", **a)), device=CPU)
+    assert res["r2"] == without["r2"], "test rows must not influence training"
+
+
+def _bad_cases(tmp_path: Path) -> dict[str, tuple[str, str]]:
+    """name -> (path, a fragment the error message must contain)."""
+    a = arrays()
+    nan = dict(a, X_train=a["X_train"].copy())
+    nan["X_train"][3, 1] = np.nan
+    inf_y = dict(a, y_val=a["y_val"].copy())
+    inf_y["y_val"][0] = np.inf
+    (tmp_path / "garbage.npz").write_bytes(b"this is not a zip archive")
+    return {
+        "missing file": (str(tmp_path / "absent.npz"), "not found"),
+        "not an npz": (str(tmp_path / "garbage.npz"), "garbage.npz"),
+        "missing key": (npz(tmp_path / "nokey.npz", X_train=a["X_train"], y_train=a["y_train"], X_val=a["X_val"]),
+                        "y_val"),
+        "pickled object array": (npz(tmp_path / "obj.npz", **dict(a, y_train=np.array([{"a": 1}] * 120, dtype=object))),
+                                 "pickled"),
+        "NaN feature": (npz(tmp_path / "nan.npz", **nan), "row 3, column 1"),
+        "inf target": (npz(tmp_path / "inf.npz", **inf_y), "y_val"),
+        "1-D X": (npz(tmp_path / "flat.npz", **dict(a, X_train=a["X_train"][:, 0])), "X_train"),
+        "row mismatch": (npz(tmp_path / "rows.npz", **dict(a, y_train=a["y_train"][:-1])), "rows"),
+        "feature mismatch": (npz(tmp_path / "cols.npz", **dict(a, X_val=a["X_val"][:, :-1])), "features"),
+        "string array": (npz(tmp_path / "str.npz", **dict(a, y_val=np.array(["x"] * 40))), "numeric"),
+        "too few rows": (npz(tmp_path / "few.npz", **dict(a, X_val=a["X_val"][:1], y_val=a["y_val"][:1])), "X_val"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "missing file", "not an npz", "missing key", "pickled object array", "NaN feature", "inf target", "1-D X",
+    "row mismatch", "feature mismatch", "string array", "too few rows",
+])
+def test_bad_fold_files_are_data_errors(tmp_path, case):
+    path, fragment = _bad_cases(tmp_path)[case]
+    with pytest.raises(JobError) as info:
+        run_train_job(request(path), device=CPU)
+    err = info.value
+    assert err.error_type == "data_error", err.message
+    assert fragment in err.message and path in err.message, err.message
+    assert (err.trial_number, err.fold_idx, err.job_id) == (7, 2, "t7-f2")
+
+
+def test_divergence_is_a_train_error(tmp_path):
+    path = npz(tmp_path / "f.npz", **arrays())
+    req = request(path, params={"optimizer": "sgd", "learning_rate": 1e30, "gradient_clip": 0.0})
+    with pytest.raises(JobError) as info:
+        run_train_job(req, device=CPU)
+    assert info.value.error_type == "train_error" and "diverged" in info.value.message
+    assert info.value.job_id == "t7-f2"
+
+
+def test_out_of_memory_is_classified(tmp_path, monkeypatch):
+    path = npz(tmp_path / "f.npz", **arrays())
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(job_module, "train_models", oom)
+    with pytest.raises(JobError) as info:
+        run_train_job(request(path), device=CPU)
+    assert info.value.error_type == "out_of_memory"
+    assert job_module._as_job_error(torch.OutOfMemoryError("CUDA out of memory"), "x").error_type == "out_of_memory"
+    bug = job_module._as_job_error(KeyError("boom"), "training")
+    assert bug.error_type == "train_error" and "KeyError" in bug.traceback
+
+
+def test_data_cache_reuses_and_invalidates(tmp_path):
+    path = npz(tmp_path / "f.npz", **arrays())
+    cache = DataCache(max_entries=2)
+    first = run_train_job(request(path), device=CPU, cache=cache)
+    second = run_train_job(request(path), device=CPU, cache=cache)
+    assert second["load_s"] == 0.0 and cache.hits == 1
+    assert second["r2"] == first["r2"]
+    npz(Path(path), **arrays(seed=9))  # rewritten in place: a new (mtime, size) key
+    os.utime(path, ns=(1, 1))
+    data, load_s = load_fold(path, cache)
+    assert load_s > 0.0 and np.array_equal(data.X_train, arrays(seed=9)["X_train"])
+    for i in range(3):
+        load_fold(npz(tmp_path / f"o{i}.npz", **arrays(seed=i)), cache)
+    assert len(cache) == 2
+    assert not data.X_train.flags.writeable, "cached arrays are shared and must be read-only"
+
+
+def test_checkpoint_loads_weights_only_and_predicts_like_training(tmp_path):
+    a = arrays(d=5)
+    names = [f"feat_{i}" for i in range(5)]
+    path = npz(tmp_path / "f.npz", **a, feature_names=np.array(names))
+    ckpt = tmp_path / "out" / "best_model.pth"
+    res = run_train_job(request(path, save_model_path=str(ckpt), use_leaky_relu=False), device=CPU)
+    assert res["model_path"] == str(ckpt)
+    raw = torch.load(ckpt, weights_only=True)
+    assert raw["feature_names"] == names and raw["architecture"]["hidden_layers"] == [16, 8]
+    assert raw["architecture"]["use_leaky_relu"] is False
+    model = load_checkpoint(ckpt)
+    pred = model.predict(a["X_val"])
+    y = a["y_val"].astype(np.float64)
+    assert pred.shape == (40,) and pred.dtype == np.float64
+    assert np.mean((y - pred) ** 2) == pytest.approx(res["val_mse"], rel=1e-5)
+    assert 1 - np.sum((y - pred) ** 2) / np.sum((y - y.mean()) ** 2) == pytest.approx(res["r2"], rel=1e-5)
+    with pytest.raises(ValueError, match=r"\(n, 5\)"):
+        model.predict(a["X_val"][:, :4])
+
+
+def test_bad_checkpoints_are_data_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_checkpoint(tmp_path / "none.pth")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(DataError, match="not a step5-mlp checkpoint"):
+        load_checkpoint(tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="feature scaler"):
+        save_checkpoint(tmp_path / "x.pth", state_dict={}, n_features=3, hidden_layers=[2], use_leaky_relu=True,
+                        dropout=0.0, feature_mean=np.zeros(2), feature_scale=np.ones(3), target_mean=0.0,
+                        target_std=1.0)
+
+
+def test_describe_device_on_cpu():
+    assert describe_device(CPU) == "cpu"
+
+
+# ---------------------------------------------------------------- fused groups (phase 2)
+
+
+def _group_requests(tmp_path: Path) -> list[TrainRequest]:
+    sizes = [(130, 40), (117, 53), (101, 35)]
+    reqs = []
+    for i, (n_tr, n_va) in enumerate(sizes):
+        path = npz(tmp_path / f"fold{i}.npz", **arrays(seed=20 + i, n_train=n_tr, n_val=n_va))
+        params = {"epochs": 30, "learning_rate": (5e-2, 2e-2, 5e-3)[i], "dropout": (0.0, 0.2, 0.4)[i],
+                  "weight_decay": (0.0, 1e-3, 1e-2)[i], "early_stopping_patience": (2, 3, 0)[i],
+                  "gradient_clip": (1.0, 0.5, 0.0)[i]}
+        reqs.append(request(path, params=params, fold_idx=i, job_id=f"t7-f{i}", seed=100 + i, batch_mode="mini"))
+    return reqs
+
+
+def test_fold_group_equals_separate_jobs(tmp_path):
+    reqs = _group_requests(tmp_path)
+    fused = run_fold_group(reqs, device=CPU)
+    assert [r["job_id"] for r in fused] == ["t7-f0", "t7-f1", "t7-f2"]
+    for got, req in zip(fused, reqs):
+        alone = run_train_job(req, device=CPU)
+        assert set(got) == set(alone)
+        assert (got["epochs_run"], got["best_epoch"], got["fold_idx"]) == (
+            alone["epochs_run"], alone["best_epoch"], alone["fold_idx"])
+        for k in ("r2", "val_mse", "train_mse", "train_r2"):
+            assert math.isclose(got[k], alone[k], rel_tol=1e-5, abs_tol=1e-9), (k, got[k], alone[k])
+    assert len({r["epochs_run"] for r in fused}) > 1, "early stopping should fire at different epochs"
+
+
+def test_fold_group_isolates_a_bad_fold(tmp_path):
+    reqs = _group_requests(tmp_path)
+    bad = request(str(tmp_path / "absent.npz"), fold_idx=9, job_id="bad", batch_mode="mini",
+                  params=dict(reqs[0].params.to_dict()))
+    out = run_fold_group([reqs[0], bad, reqs[2]], device=CPU)
+    assert [o["status"] for o in out] == ["complete", "error", "complete"]
+    assert out[1]["error_type"] == "data_error" and out[1]["job_id"] == "bad" and out[1]["fold_idx"] == 9
+    alone = run_train_job(reqs[2], device=CPU)
+    assert math.isclose(out[2]["r2"], alone["r2"], rel_tol=1e-5)
+
+
+def test_fold_group_with_different_feature_counts_trains_in_separate_passes(tmp_path):
+    reqs = _group_requests(tmp_path)[:2]
+    wide = npz(tmp_path / "wide.npz", **arrays(seed=3, d=9))
+    reqs.append(request(wide, batch_mode="mini", params=dict(reqs[0].params.to_dict()), job_id="wide"))
+    out = run_fold_group(reqs, device=CPU)
+    assert [o["status"] for o in out] == ["complete"] * 3
+    alone = run_train_job(reqs[2], device=CPU)
+    assert math.isclose(out[2]["r2"], alone["r2"], rel_tol=1e-5)
+
+
+def test_fold_group_rejects_unfusable_requests(tmp_path):
+    reqs = _group_requests(tmp_path)
+    other = request(reqs[1].data_path, batch_mode="mini", params={"hidden_layers": [4]}, job_id="x")
+    with pytest.raises(ValueError, match="hidden_layers"):
+        run_fold_group([reqs[0], other], device=CPU)
+    assert run_fold_group([], device=CPU) == []
+
+
+def test_fold_group_out_of_memory_retries_models_one_at_a_time(tmp_path, monkeypatch):
+    reqs = _group_requests(tmp_path)
+    real = job_module.train_models
+
+    def oom_when_fused(config, specs, folds, *, device):
+        if len(specs) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(config, specs, folds, device=device)
+
+    monkeypatch.setattr(job_module, "train_models", oom_when_fused)
+    out = run_fold_group(reqs, device=CPU)
+    assert [o["status"] for o in out] == ["complete"] * 3
+    monkeypatch.setattr(job_module, "train_models", real)
+    assert out[1]["r2"] == run_train_job(reqs[1], device=CPU)["r2"]
+
+
+def test_learns_the_planted_signal_of_the_sample_generator(sample_inputs, tmp_path):
+    table = load_survivors(sample_inputs[0])
+    (train_idx, val_idx), = kfold_splits(len(table.y), 5, seed=0)[:1]
+    path = write_fold_npz(tmp_path / "sample.npz", table.X[train_idx], table.y[train_idx], table.X[val_idx],
+                          table.y[val_idx], feature_names=table.feature_names)
+    req = request(str(path), batch_mode="mini", params={
+        "hidden_layers": [32, 16], "epochs": 40, "learning_rate": 5e-3, "dropout": 0.1, "batch_size": 64,
+        "early_stopping_patience": 8})
+    res = run_train_job(req, device=CPU)
+    assert res["r2"] > 0.3, res

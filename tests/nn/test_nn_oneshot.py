@@ -1,0 +1,136 @@
+"""The one-shot trainer as a user runs it, and the stdout guard it stands on."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from step5.errors import BadRequest
+from step5.nn.job import run_train_job
+from step5.nn.oneshot import _UsageFailure, build_parser, request_from_args
+
+CPU = torch.device("cpu")
+PARAMS = {"hidden_layers": [16, 8], "epochs": 10, "learning_rate": 1e-2, "dropout": 0.1, "batch_size": 32}
+
+
+@pytest.fixture(scope="module")
+def fold(tmp_path_factory) -> str:
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(160, 6)).astype(np.float32)
+    y = (X[:, 0] + np.sin(X[:, 1]) + 0.1 * rng.normal(size=160)).astype(np.float32)
+    path = tmp_path_factory.mktemp("oneshot") / "fold.npz"
+    with open(path, "wb") as fh:
+        np.savez(fh, X_train=X[:120], y_train=y[:120], X_val=X[120:], y_val=y[120:])
+    return str(path)
+
+
+def run_cli(repo_root: Path, *args: str) -> tuple[int, list[str], str]:
+    env = dict(os.environ, STEP5_TORCH_THREADS="1", PYTHONPATH=str(repo_root))
+    proc = subprocess.run(
+        [sys.executable, str(repo_root / "train_single_trial.py"), *args],
+        capture_output=True, text=True, env=env, cwd=repo_root, timeout=120, check=False,
+    )
+    return proc.returncode, proc.stdout.splitlines(), proc.stderr
+
+
+def test_cli_prints_one_result_line_equal_to_the_in_process_job(repo_root, fold, tmp_path):
+    out_dir = tmp_path / "model"
+    code, lines, stderr = run_cli(
+        repo_root, "--model-type", "neural_net", "--data-path", fold, "--params", json.dumps(PARAMS),
+        "--trial-number", "4", "--fold-idx", "1", "--normalize-features", "--use-leaky-relu", "--batch-mode", "mini",
+        "--seed", "9", "--save-model", "--model-output-dir", str(out_dir), "--output-path", str(tmp_path / "r.json"),
+    )
+    assert code == 0, stderr
+    assert len(lines) == 1, lines
+    result = json.loads(lines[0])
+    assert result == json.loads((tmp_path / "r.json").read_text())
+    assert result["status"] == "complete" and (result["trial_number"], result["fold_idx"]) == (4, 1)
+    assert result["model_path"] == str(out_dir / "best_model.pth") and (out_dir / "best_model.pth").is_file()
+    assert "1 torch threads" in stderr  # logs go to stderr
+
+    from step5.protocol import TrainRequest
+
+    request = TrainRequest.from_dict({
+        "X_train_path": fold, "params": PARAMS, "trial_number": 4, "fold_idx": 1, "normalize_features": True,
+        "use_leaky_relu": True, "batch_mode": "mini", "seed": 9,
+    })
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same thread count as the subprocess: bit-identical metrics
+    try:
+        here = run_train_job(request, device=CPU)
+    finally:
+        torch.set_num_threads(before)
+    for key in ("r2", "val_mse", "train_mse", "train_r2", "epochs_run", "best_epoch", "n_train", "n_val"):
+        assert result[key] == here[key], key
+
+
+def test_cli_job_failure_exits_1_with_an_error_line(repo_root, tmp_path):
+    code, lines, _ = run_cli(
+        repo_root, "--model-type", "neural_net", "--data-path", str(tmp_path / "missing.npz"), "--params", "{}",
+        "--trial-number", "3", "--fold-idx", "0",
+    )
+    assert code == 1 and len(lines) == 1
+    err = json.loads(lines[0])
+    assert (err["status"], err["error_type"], err["trial_number"], err["fold_idx"]) == ("error", "data_error", 3, 0)
+    assert "missing.npz" in err["error"]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--model-type", "neural_net", "--data-path", "x.npz"], "--params"),
+    (["--model-type", "neural_net", "--data-path", "x.npz", "--params", "{}", "--bogus"], "--bogus"),
+    (["--model-type", "xgboost", "--data-path", "x.npz", "--params", "{}"], "only neural_net"),
+    (["--model-type", "neural_net", "--data-path", "x.npz", "--params", "{not json"], "not valid JSON"),
+    (["--model-type", "neural_net", "--data-path", "x.npz", "--params", '{"epochs": 0}'], "epochs"),
+    (["--model-type", "neural_net", "--data-path", "x.npz", "--params", "{}", "--save-model"], "--model-output-dir"),
+])
+def test_cli_usage_errors_exit_64_with_an_error_line(repo_root, args, fragment):
+    code, lines, _ = run_cli(repo_root, *args)
+    assert code == 64 and len(lines) == 1, lines
+    err = json.loads(lines[0])
+    assert err["status"] == "error" and err["error_type"] == "bad_request"
+    assert fragment in err["error"], err["error"]
+
+
+def test_dropout_flag_overrides_params():
+    args = build_parser().parse_args([
+        "--model-type", "neural_net", "--data-path", "f.npz", "--params", '{"dropout": 0.5}', "--dropout", "0.25",
+    ])
+    req = request_from_args(args)
+    # --normalize-features / --use-leaky-relu are store_true flags: absent means off.
+    assert req.params.dropout == 0.25 and not req.normalize_features and not req.use_leaky_relu
+    with pytest.raises(BadRequest, match="dropout"):
+        request_from_args(build_parser().parse_args([
+            "--model-type", "neural_net", "--data-path", "f.npz", "--params", "{}", "--dropout", "1.5"]))
+    with pytest.raises(_UsageFailure):
+        build_parser().parse_args(["--model-type"])
+
+
+def test_stdout_guard_keeps_stray_output_off_the_wire(repo_root):
+    script = textwrap.dedent("""
+        import ctypes, os, subprocess, sys, warnings
+        from step5.stdout_guard import claim_stdout
+        wire = claim_stdout()
+        print("stray print")
+        os.write(1, b"raw fd-1 write\\n")
+        libc = ctypes.CDLL(None)
+        libc.puts(b"libc banner")
+        libc.fflush(None)
+        warnings.warn("a warning")
+        subprocess.run(["sh", "-c", "echo child output"], check=True)
+        assert claim_stdout() is wire
+        wire.write(b'{"status": "ready"}\\n')
+        wire.flush()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(repo_root)), check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == '{"status": "ready"}\n'
+    for noise in ("stray print", "raw fd-1 write", "libc banner", "a warning", "child output"):
+        assert noise in proc.stderr

@@ -1,0 +1,195 @@
+"""The training core: determinism, learning, and fused (M-model) runs equal to lone runs."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from step5.nn.model import FusedMLP, build_reference_mlp
+from step5.nn.trainer import (
+    AUTO_FULL_BATCH_MAX_ROWS,
+    THREADS_ENV,
+    Fold,
+    ModelSpec,
+    TrainConfig,
+    configure_torch_threads,
+    make_generator,
+    resolve_batch_mode,
+    train_models,
+)
+
+CPU = torch.device("cpu")
+REL = 1e-5  # the contract: a fused model's metrics equal its lone run within 1e-5 relative
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and a busy 2-core machine makes a second
+    OpenMP thread wait for a core on every op."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def synthetic_fold(seed: int, n_train: int, n_val: int, d: int = 8, noise: float = 0.3) -> Fold:
+    """A fold with a planted nonlinear signal in the first four columns."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n_train + n_val, d)).astype(np.float32) * 3.0 + 5.0  # unstandardised
+    z = (X - 5.0) / 3.0
+    y = z[:, 0] + 0.6 * np.tanh(2 * z[:, 1]) + 0.4 * z[:, 2] * z[:, 3] + noise * rng.normal(size=len(X))
+    y = (0.5 + 0.1 * y).astype(np.float32)  # a small-scale target like holdout_quality
+    return Fold(X[:n_train], y[:n_train], X[n_train:], y[n_train:])
+
+
+def assert_close(a: float, b: float, what: str) -> None:
+    assert math.isclose(a, b, rel_tol=REL, abs_tol=1e-9), f"{what}: {a!r} vs {b!r}"
+
+
+def test_same_seed_is_bit_identical_and_seed_matters():
+    fold = synthetic_fold(0, 200, 60)
+    cfg = TrainConfig(hidden_layers=(16, 8), epochs=8, batch_mode="mini", batch_size=32)
+    spec = ModelSpec(learning_rate=3e-3, dropout=0.2, seed=11)
+    a, b = (train_models(cfg, [spec], [fold], device=CPU)[0] for _ in range(2))
+    assert a.metrics == b.metrics
+    assert (a.epochs_run, a.best_epoch) == (b.epochs_run, b.best_epoch)
+    for k in a.state_dict:
+        assert torch.equal(a.state_dict[k], b.state_dict[k]), k
+    c = train_models(cfg, [ModelSpec(learning_rate=3e-3, dropout=0.2, seed=12)], [fold], device=CPU)[0]
+    assert c.metrics["r2"] != a.metrics["r2"]
+
+
+def test_learns_a_planted_signal_and_not_noise():
+    fold = synthetic_fold(1, 400, 150, noise=0.2)
+    cfg = TrainConfig(hidden_layers=(32, 16), epochs=40, batch_mode="mini", batch_size=64)
+    spec = ModelSpec(learning_rate=5e-3, dropout=0.1, seed=0, patience=8)
+    good = train_models(cfg, [spec], [fold], device=CPU)[0]
+    assert good.metrics["r2"] > 0.6, good.metrics
+    assert good.metrics["train_r2"] > 0.6
+    # The same features with the targets shuffled carry nothing to learn.
+    rng = np.random.default_rng(0)
+    noise = Fold(fold.X_train, rng.permutation(fold.y_train), fold.X_val, rng.permutation(fold.y_val))
+    bad = train_models(cfg, [spec], [noise], device=CPU)[0]
+    assert bad.metrics["r2"] < 0.1, bad.metrics
+
+
+def test_metrics_are_on_the_original_target_scale():
+    fold = synthetic_fold(2, 150, 50)
+    res = train_models(TrainConfig(hidden_layers=(8,), epochs=5), [ModelSpec(seed=1)], [fold], device=CPU)[0]
+    y = fold.y_val.astype(np.float64)
+    assert res.val_pred is not None and res.val_pred.shape == (50,)
+    assert res.metrics["val_mse"] == pytest.approx(np.mean((y - res.val_pred) ** 2), rel=1e-12)
+    r2 = 1 - np.sum((y - res.val_pred) ** 2) / np.sum((y - y.mean()) ** 2)
+    assert res.metrics["r2"] == pytest.approx(r2, rel=1e-9)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+@pytest.mark.parametrize("batch_mode", ["full", "mini"])
+def test_fused_models_equal_their_lone_runs(optimizer, batch_mode):
+    """Three folds of unequal length, each with its own lr / weight decay / dropout / seed /
+    patience / clip, trained as one pass, equal three M=1 runs; early stopping fires at
+    different epochs, so frozen models must stay frozen while the others go on."""
+    folds = [synthetic_fold(10, 230, 50), synthetic_fold(11, 197, 61), synthetic_fold(12, 161, 40)]
+    lr = {"adam": (2e-2, 4e-2, 5e-3), "adamw": (2e-2, 4e-2, 5e-3), "sgd": (5e-2, 1e-1, 2e-2)}[optimizer]
+    specs = [
+        ModelSpec(learning_rate=lr[0], weight_decay=1e-2, dropout=0.2, seed=1, patience=2, gradient_clip=1.0),
+        ModelSpec(learning_rate=lr[1], weight_decay=0.0, dropout=0.0, seed=2, patience=4, gradient_clip=0.5),
+        ModelSpec(learning_rate=lr[2], weight_decay=1e-3, dropout=0.4, seed=3, patience=0, gradient_clip=0.0),
+    ]
+    cfg = TrainConfig(hidden_layers=(16, 8), optimizer=optimizer, epochs=30, batch_mode=batch_mode, batch_size=48)
+    fused = train_models(cfg, specs, folds, device=CPU)
+    alone = [train_models(cfg, [s], [f], device=CPU)[0] for s, f in zip(specs, folds)]
+    for m, (a, b) in enumerate(zip(fused, alone)):
+        assert a.error is None and b.error is None
+        assert (a.epochs_run, a.best_epoch) == (b.epochs_run, b.best_epoch), f"model {m}"
+        assert a.metrics.keys() == b.metrics.keys()
+        for k in a.metrics:
+            assert_close(a.metrics[k], b.metrics[k], f"model {m} {k}")
+    assert fused[2].epochs_run == 30  # patience 0 never stops
+    assert min(r.epochs_run for r in fused) < 30, "early stopping should fire for some model"
+
+
+def test_weight_decay_and_dropout_are_applied_per_model():
+    fold = synthetic_fold(3, 120, 40)
+    cfg = TrainConfig(hidden_layers=(8,), optimizer="adamw", epochs=5, batch_mode="full")
+    base = ModelSpec(learning_rate=1e-2, dropout=0.0, seed=4, patience=0)
+    runs = [
+        base,
+        ModelSpec(learning_rate=1e-2, dropout=0.0, seed=4, patience=0, weight_decay=5.0),
+        ModelSpec(learning_rate=1e-2, dropout=0.5, seed=4, patience=0),
+    ]
+    out = train_models(cfg, runs, [fold] * 3, device=CPU)
+    assert out[1].metrics["train_mse"] != out[0].metrics["train_mse"]
+    assert out[2].metrics["train_mse"] != out[0].metrics["train_mse"]
+
+
+def test_a_diverging_model_fails_alone():
+    folds = [synthetic_fold(4, 100, 30), synthetic_fold(5, 100, 30)]
+    cfg = TrainConfig(hidden_layers=(8,), optimizer="sgd", epochs=6, batch_mode="full")
+    specs = [ModelSpec(learning_rate=1e-2, seed=1), ModelSpec(learning_rate=1e30, gradient_clip=0.0, seed=2)]
+    ok, diverged = train_models(cfg, specs, folds, device=CPU)
+    assert diverged.error is not None and "diverged" in diverged.error and diverged.metrics == {}
+    alone = train_models(cfg, specs[:1], folds[:1], device=CPU)[0]
+    assert ok.error is None
+    for k in ok.metrics:
+        assert_close(ok.metrics[k], alone.metrics[k], k)
+
+
+def test_exported_weights_reproduce_the_fused_forward():
+    gens = [make_generator(s, CPU) for s in (1, 2)]
+    fused = FusedMLP(5, (7, 3), use_leaky_relu=True, generators=gens, device=CPU)
+    with torch.no_grad():  # non-trivial BatchNorm state
+        for t in fused.running_stats():
+            t.uniform_(0.5, 1.5)
+    x = torch.randn(2, 11, 5)
+    want = fused.eval()(x)[..., 0]
+    for m in range(2):
+        ref = build_reference_mlp(5, (7, 3), use_leaky_relu=True, dropout=0.3)
+        ref.load_state_dict(fused.export_model(m))
+        got = ref.eval()(x[m])[:, 0]
+        torch.testing.assert_close(got, want[m], rtol=1e-5, atol=1e-6)
+
+
+def test_batch_mode_resolution():
+    assert resolve_batch_mode("auto", AUTO_FULL_BATCH_MAX_ROWS) == "full"
+    assert resolve_batch_mode("auto", AUTO_FULL_BATCH_MAX_ROWS + 1) == "mini"
+    assert resolve_batch_mode("mini", 10) == "mini"
+    with pytest.raises(ValueError, match="batch_mode"):
+        resolve_batch_mode("huge", 10)
+
+
+def test_inconsistent_inputs_are_value_errors():
+    cfg = TrainConfig(hidden_layers=(4,), epochs=1)
+    with pytest.raises(ValueError, match="features"):
+        train_models(cfg, [ModelSpec(), ModelSpec()], [synthetic_fold(0, 20, 5, d=4), synthetic_fold(0, 20, 5, d=5)],
+                     device=CPU)
+    with pytest.raises(ValueError, match="one fold per model"):
+        train_models(cfg, [ModelSpec()], [], device=CPU)
+
+
+def test_thread_count_comes_from_the_environment():
+    before = torch.get_num_threads()
+    try:
+        assert configure_torch_threads({THREADS_ENV: "1"}) == 1
+        assert torch.get_num_threads() == 1
+        assert configure_torch_threads({}) == 1  # unset: leave torch's setting alone
+        for bad in ("0", "two", "-3"):
+            with pytest.raises(ValueError, match=THREADS_ENV):
+                configure_torch_threads({THREADS_ENV: bad})
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_small_fold_trains_quickly():
+    fold = synthetic_fold(6, 500, 100, d=20)
+    cfg = TrainConfig(hidden_layers=(64, 32), epochs=20, batch_mode="full")
+    spec = ModelSpec(seed=0, patience=0)
+    train_models(cfg, [spec], [fold], device=CPU)  # warm-up (first-call allocations)
+    start = time.perf_counter()
+    train_models(cfg, [spec], [fold], device=CPU)
+    elapsed = time.perf_counter() - start
+    # Typically ~0.05 s; the bound leaves room for a busy shared machine.
+    assert elapsed < 2.0, f"500 rows x 20 epochs took {elapsed:.2f}s"
