@@ -453,6 +453,9 @@ class WorkerPool:
             st.worker, st.pid, st.device = worker, worker.pid, str(message.get("device", "?"))
             st.boot_s = message.get("boot_s")
         logger.info("worker %s (pid %d) ready on %s in %.2fs", st.label, worker.pid, st.device, elapsed)
+        if st.slot.kind == "cuda" and not st.device.startswith("cuda"):
+            logger.warning("worker %s was given GPU %s but trains on %s (CUDA unavailable in the worker)",
+                           st.label, st.slot.cuda_visible_devices, st.device)
         return worker
 
     def _ensure_worker(self, st: _SlotState) -> _WorkerProcess | None:

@@ -76,6 +76,13 @@ def test_worker_killed_mid_run_restarts_then_falls_back_with_identical_results(
         assert isinstance(pool, WorkerPool) and pool.mode == "persistent_workers"
         undisturbed = [{k: r[k] for k in METRICS} for r in pool.run_jobs(requests)]
 
+        # Phase 2: the same folds fused into one pass on the worker match the unfused runs.
+        (fused,) = pool.run_fused([requests])
+        for f, u in zip(fused, undisturbed):
+            assert (f["job_id"], f["epochs_run"]) == (u["job_id"], u["epochs_run"])
+            for key in ("r2", "val_mse", "train_mse"):
+                assert f[key] == pytest.approx(u[key], rel=1e-4, abs=1e-6)
+
         kill_during_second_job()
         restarted = pool.run_jobs(requests)
         assert [{k: r[k] for k in METRICS} for r in restarted] == undisturbed
@@ -91,6 +98,6 @@ def test_worker_killed_mid_run_restarts_then_falls_back_with_identical_results(
     assert worker["fallback"] is True and worker["device"] == "cpu"
     assert [c["status"] for c in summary["crashes"]] == ["SIGKILL(-9)", "SIGKILL(-9)"]
     assert summary["fallbacks"][0]["exit_status"] == "SIGKILL(-9)"
-    # Each of the 3 batches counted each job once, whatever path finally ran it.
-    assert summary["timings"]["jobs"] == 3 * len(requests)
+    # Each of the 4 batches counted each job once, whatever path finally ran it.
+    assert summary["timings"]["jobs"] == 4 * len(requests)
     assert worker["oneshot_jobs"] >= 1

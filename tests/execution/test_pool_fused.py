@@ -1,0 +1,101 @@
+"""WorkerPool.run_fused: a group of folds per worker in one `train_folds` request.
+
+A group whose fused pass fails in any way is re-run fold by fold through run_jobs, so the
+caller gets the same results (or the same JobError) as without fusing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from step5.devices import DeviceSlot
+from step5.errors import JobError
+from step5.execution.pool import WorkerPool
+from step5.protocol import NNParams, TrainRequest
+from step5.testing import FAKE_WORKER, fake_worker_command
+from step5.testing.fake_worker import fake_metrics
+
+METRICS = ("r2", "val_mse", "train_mse", "trial_number", "fold_idx", "job_id")
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Path:
+    path = tmp_path / "fold.npz"
+    path.write_bytes(b"x")
+    return path
+
+
+def group(data_file: Path | str, trial: int, n: int = 3) -> list[TrainRequest]:
+    return [TrainRequest(str(data_file), NNParams(epochs=4), trial_number=trial, fold_idx=i, seed=trial,
+                         job_id=f"t{trial}-f{i}") for i in range(n)]
+
+
+def expected(groups: list[list[TrainRequest]]) -> list[list[dict]]:
+    return [[{k: fake_metrics(r)[k] for k in METRICS} for r in g] for g in groups]
+
+
+def metrics(results: list[list[dict]]) -> list[list[dict]]:
+    return [[{k: r[k] for k in METRICS} for r in g] for g in results]
+
+
+def pool_of(n_slots: int, *options: str, tmp_path: Path | None = None, **kwargs) -> WorkerPool:
+    opts = list(options) + (["--state-dir", str(tmp_path)] if tmp_path else [])
+    return WorkerPool([DeviceSlot(f"CPU-{i}", "cpu", "", 1) for i in range(n_slots)], job_timeout_s=3.0,
+                      ready_timeout_s=10.0, max_restarts=kwargs.pop("max_restarts", 1),
+                      worker_command=fake_worker_command(*opts), oneshot_script=FAKE_WORKER,
+                      shutdown_timeout_s=3.0, **kwargs)
+
+
+def test_each_group_runs_on_one_worker_concurrently(data_file):
+    groups = [group(data_file, 0), group(data_file, 1)]
+    with pool_of(2, "--job-s", "0.2") as pool:
+        results = pool.run_fused(groups)
+        summary = pool.summary()
+    assert metrics(results) == expected(groups)
+    pids = [{r["worker_pid"] for r in g} for g in results]
+    assert all(len(p) == 1 for p in pids)  # a group stays on one worker
+    assert pids[0] != pids[1]  # the two groups ran on the two workers
+    assert summary["timings"]["jobs"] == 6 and summary["crashes"] == []
+
+
+def test_group_with_a_failing_fold_is_rerun_unfused_and_raises_that_fold_error(data_file, tmp_path):
+    bad = group(data_file, 1)
+    bad[1] = TrainRequest(str(tmp_path / "gone.npz"), trial_number=1, fold_idx=1, job_id="t1-f1")
+    good = group(data_file, 0)
+    with pool_of(2) as pool:
+        with pytest.raises(JobError) as info:
+            pool.run_fused([good, bad])
+        assert info.value.error_type == "data_error" and info.value.job_id == "t1-f1"
+        summary = pool.summary()
+        assert summary["crashes"] == []  # a job error is not a worker fault
+        # The healthy group is kept fused; the bad group's two healthy folds ran again unfused.
+        assert summary["timings"]["jobs"] == 3 + 2
+        assert metrics(pool.run_fused([good])) == expected([good])
+
+
+def test_worker_crash_during_a_fused_group_restarts_and_reruns_it(data_file, tmp_path):
+    groups = [group(data_file, 0, n=4)]
+    with pool_of(1, "--fault", "sigkill", "--after", "2", "--faulty-starts", "1", tmp_path=tmp_path) as pool:
+        results = pool.run_fused(groups)
+        summary = pool.summary()
+    assert metrics(results) == expected(groups)
+    assert summary["workers"][0]["restarts"] == 1
+    assert summary["timings"]["jobs"] == 4  # the rerun counted once
+    assert [c["status"] for c in summary["crashes"]] == ["SIGKILL(-9)"]
+
+
+def test_fallen_back_slot_runs_groups_through_one_shot_trainers(data_file):
+    groups = [group(data_file, 2, n=2)]
+    with pool_of(1, "--boot", "exit", max_restarts=0) as pool:
+        assert pool.summary()["workers"][0]["fallback"] is True
+        results = pool.run_fused(groups)
+    assert metrics(results) == expected(groups)
+    assert all(r["device"] == "fake-oneshot" for r in results[0])
+
+
+def test_empty_group_is_rejected(data_file):
+    with pool_of(1) as pool:
+        with pytest.raises(ValueError, match="empty group"):
+            pool.run_fused([group(data_file, 0), []])
+        assert pool.run_fused([]) == []
