@@ -38,7 +38,7 @@ import numpy as np
 import optuna
 
 from step5.data.splits import FoldFiles
-from step5.errors import JobError, Step5Error
+from step5.errors import JobError, Step5Error, UsageError
 from step5.execution.runner import FoldRunner
 from step5.protocol import NNParams, TrainRequest
 from step5.optimizer.search_space import suggest_nn_params
@@ -252,11 +252,16 @@ class TreeBackend:
     subprocess; execution mode is ``inline``.
     """
 
-    def __init__(self, model_type: str, cv: CVData, *, seed: int) -> None:
+    def __init__(self, model_type: str, cv: CVData, *, seed: int, gpus: list[str] | None = None) -> None:
         self.model_type = model_type
         self.cv = cv
         self.seed = seed
         self.trees = _load_trees_module()
+        try:
+            # --gpus: None detects, [] forces CPU, ["1", ...] trains on the first listed GPU.
+            self.device: str | None = self.trees.device_for_gpus(gpus)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         self._jobs = 0
         self._compute_s = 0.0
         self._wall_s = 0.0
@@ -273,7 +278,8 @@ class TreeBackend:
             metrics, model = self.trees.train_fold(
                 self.model_type, dict(params),
                 self.cv.X_dev[tr], self.cv.y_dev[tr], self.cv.X_dev[va], self.cv.y_dev[va],
-                seed=fold_seed(self.seed, trial_number, fold_idx), **test,
+                seed=fold_seed(self.seed, trial_number, fold_idx), device=self.device,
+                feature_names=self.cv.feature_names, **test,
             )
         except JobError as exc:
             # The library rejected these params or this data: deterministic, fails the trial.
@@ -304,7 +310,7 @@ class TreeBackend:
         return metrics
 
     def training_options(self) -> dict[str, Any]:
-        return {}
+        return {"device_request": self.device or "auto"}
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -265,7 +265,7 @@ class AntiOverfitMetaOptimizer:
     def _make_backend(self, cv: CVData, files: FoldFiles) -> ModelBackend:
         cfg = self.config
         if cfg.model_type != "neural_net":
-            return TreeBackend(cfg.model_type, cv, seed=cfg.seed)
+            return TreeBackend(cfg.model_type, cv, seed=cfg.seed, gpus=cfg.gpus)
         policy = self.policy
         assert policy is not None, "run() loads the policy before making the backend"
         slots = plan_slots(cfg.gpus, cfg.cpu_workers)

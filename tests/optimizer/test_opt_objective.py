@@ -1,0 +1,56 @@
+"""The anti-overfit objective, fold seeds and the NN search space."""
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+
+from step5.optimizer.objective import OVERFIT_PENALTY, anti_overfit_score, fold_seed, summarize_folds
+from step5.optimizer.search_space import suggest_nn_params
+
+
+def test_score_rewards_val_r2_and_charges_half_the_gap():
+    assert anti_overfit_score([0.5, 0.5], [0.5, 0.5]) == pytest.approx(0.5)
+    assert anti_overfit_score([0.4, 0.6], [0.9, 0.9]) == pytest.approx(0.5 - OVERFIT_PENALTY * 0.4)
+    # Same validation R²: the one that fits train less suspiciously wins.
+    assert anti_overfit_score([0.5], [0.6]) > anti_overfit_score([0.5], [0.95])
+    # Fitting train worse than validation is not rewarded (the gap is clipped at 0).
+    assert anti_overfit_score([0.5], [0.3]) == pytest.approx(0.5)
+    assert math.isnan(anti_overfit_score([0.5, float("nan")], [0.5, 0.5]))
+    with pytest.raises(ValueError):
+        anti_overfit_score([0.5], [0.5, 0.5])
+
+
+def test_summarize_folds_means_and_missing_keys():
+    folds = [{"r2": 0.4, "train_r2": 0.6, "val_mse": 2.0, "train_mse": 1.0, "duration": 0.1, "junk": 1},
+             {"r2": 0.6, "train_r2": 0.8, "val_mse": 4.0, "train_mse": 3.0, "duration": 0.2}]
+    s = summarize_folds(folds)
+    assert s.val_r2_mean == pytest.approx(0.5) and s.train_r2_mean == pytest.approx(0.7)
+    assert s.val_mse_mean == pytest.approx(3.0) and s.value == pytest.approx(0.5 - OVERFIT_PENALTY * 0.2)
+    assert "junk" not in s.folds[0]
+    from step5.errors import Step5Error
+
+    with pytest.raises(Step5Error, match="lacks"):
+        summarize_folds([{"r2": 0.1}])
+
+
+def test_fold_seeds_are_deterministic_distinct_and_in_protocol_range():
+    seeds = {fold_seed(42, t, f) for t in range(20) for f in range(5)}
+    assert len(seeds) == 100
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert fold_seed(42, 3, 1) == fold_seed(42, 3, 1) != fold_seed(43, 3, 1)
+
+
+def test_search_space_gives_valid_params_and_fixed_dropout_is_not_searched():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(10):
+        trial = study.ask()
+        params = suggest_nn_params(trial, max_epochs=17, fixed_dropout=0.2)
+        assert params.epochs == 17 and params.dropout == 0.2
+        assert "dropout" not in trial.params
+        assert 1 <= len(params.hidden_layers) <= 3
+        study.tell(trial, 0.0)
+    trial = study.ask()
+    assert 0.0 <= suggest_nn_params(trial, max_epochs=5).dropout <= 0.5
+    assert "dropout" in trial.params
