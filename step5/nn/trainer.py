@@ -185,6 +185,7 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, f
 def _pad_rows(arrays: Sequence[np.ndarray], device: torch.device) -> tuple[Tensor, Tensor]:
     """Stack per-model arrays of unequal length into (M, N_max, ...) plus a (M, N_max)
     float row mask (1 = real row, 0 = padding). Padding is zeros, so it stays finite."""
+    # Host->device: the one upload of this data for the whole pass.
     n_max = max(a.shape[0] for a in arrays)
     out = np.zeros((len(arrays), n_max, *arrays[0].shape[1:]), dtype=np.float32)
     mask = np.zeros((len(arrays), n_max), dtype=np.float32)
@@ -380,7 +381,7 @@ def train_models(
     )
     params = list(model.parameters())
 
-    def per_model(values: Sequence[float]) -> Tensor:
+    def per_model(values: Sequence[float]) -> Tensor:  # host->device, once per pass
         return torch.tensor(values, dtype=torch.float32, device=device).view(M, 1, 1)
 
     opt = FunctionalOptimizer(
@@ -459,7 +460,7 @@ def train_models(
                 if specs[m].patience > 0 and stale[m] >= specs[m].patience:
                     stopped[m] = True
         if improved.any():
-            keep = torch.from_numpy(improved).to(device).view(M, 1, 1)
+            keep = torch.from_numpy(improved).to(device).view(M, 1, 1)  # host->device: M bools
             for b, t in zip(best_state, state):
                 b.copy_(torch.where(keep, t.detach(), b))
 
