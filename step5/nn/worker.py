@@ -315,7 +315,8 @@ def _boot_seconds() -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``nn_gpu_worker.py``; returns the process exit status."""
+    """Entry point of ``nn_gpu_worker.py``: serve, then exit the process (0 after ``shutdown``
+    or EOF) without interpreter teardown, see :func:`_exit_now`."""
     # First of all: keep fd 1 for protocol lines, before torch/CUDA can print anything.
     from step5.stdout_guard import claim_stdout
 
@@ -353,8 +354,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         writer.write_message(ready)
         logger.info("ready on %s after %.2fs", backend.device, ready["boot_s"])
-        return serve(reader, writer, Dispatcher(backend))
+        rc = serve(reader, writer, Dispatcher(backend))
     except BrokenPipeError:
         # The parent closed our stdout: nobody is listening any more.
         logger.warning("stdout closed by the parent; exiting")
-        return 0
+        rc = 0
+    _exit_now(rc, wire)
+    return rc  # not reached
+
+
+def _exit_now(rc: int, wire: Any) -> None:
+    """Leave without interpreter teardown once every answer is flushed.
+
+    Tearing down torch's modules takes a second or more, which the parent would wait for
+    on every shutdown; nothing is left to clean up that the OS does not reclaim (the CUDA
+    context included), so flush what we wrote and exit at once, as forked pool workers do.
+    """
+    logging.shutdown()
+    for stream in (wire, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(rc)
