@@ -155,3 +155,32 @@ def test_worker_one_shot_and_in_process_give_the_same_metrics(folds):
         assert fused["status"] == "complete" and fused["job_id"] == alone["job_id"]
         for key in ("r2", "val_mse", "train_mse"):
             assert fused[key] == pytest.approx(alone[key], rel=1e-4, abs=1e-6)
+
+
+# A worker whose jobs write to stdout on purpose, from Python and from the C level (as a
+# CUDA or BLAS banner would): only protocol lines may reach the parent.
+NOISY_WORKER = """
+import os, sys
+sys.path.insert(0, {repo!r})
+from step5.nn import worker
+
+real_train = worker.TorchBackend.train
+
+def noisy_train(self, request):
+    print("stray print from a job")
+    os.write(1, b"C-level banner on fd 1\\n")
+    return real_train(self, request)
+
+worker.TorchBackend.train = noisy_train
+worker.main()
+"""
+
+
+def test_stray_output_in_a_job_never_reaches_the_wire(folds):
+    data = dumps(train(folds["f0"], 0)) + b"\n" + dumps({"command": "shutdown"}) + b"\n"
+    proc = subprocess.run([sys.executable, "-c", NOISY_WORKER.format(repo=str(REPO_ROOT))], input=data,
+                          capture_output=True, timeout=180, env={**os.environ, "STEP5_TORCH_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert [loads(line)["status"] for line in proc.stdout.splitlines()] == ["ready", "complete", "shutdown"]
+    stderr = proc.stderr.decode()
+    assert "stray print from a job" in stderr and "C-level banner on fd 1" in stderr
