@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from step5.errors import Step5Error
+from step5.jsonio import dumps
 from step5.policy import Policy, load_policy
 from step5.watcher.decision_log import append_decision
 from step5.watcher.judge import (
@@ -223,8 +224,6 @@ def run_pipeline(
     policy is valid, the step scripts exist. Stops at the first step that does not PROCEED.
     ``out`` receives the CLI output: the commands (dry run) or one JSON line per step.
     """
-    from step5.jsonio import dumps
-
     out = out or sys.stdout
     steps = steps_in_range(start, end)
     params_by_step = {s.number: validate_params(s, raw_params) for s in steps}

@@ -228,8 +228,15 @@ def effective(step: StepSpec, params: dict[str, Any], key: str) -> Any:
 def retry_params(step: StepSpec, params: dict[str, Any], retry: int, *, trials_multiplier: float,
                  seed_increment: int) -> dict[str, Any]:
     """Params for retry number ``retry`` (1 = first re-run): more trials and a new seed, so a
-    retry explores afresh instead of repeating the run that was rejected."""
+    retry explores afresh instead of repeating the run that was rejected.
+
+    A study is bound to its setup (seed included): Step 5's default study name follows the
+    setup, so a new seed gets a new study by itself; a study name the user chose gets a
+    ``_retryN`` suffix, since resuming it under another seed is refused (exit 64).
+    """
     out = dict(params)
+    if "study_name" in params:
+        out["study_name"] = f"{params['study_name']}_retry{retry}"
     trials = effective(step, params, "trials")
     seed = effective(step, params, "seed")
     if trials is not None:

@@ -119,6 +119,11 @@ def test_retry_changes_trials_and_seed():
     assert params == {"trials": 20, "seed": 7}  # the original is untouched
 
 
+def test_retry_of_a_named_study_uses_a_new_study():
+    params = validate_params(STEP5, {"study_name": "nightly"})
+    assert retry_params(STEP5, params, 2, trials_multiplier=1.0, seed_increment=1)["study_name"] == "nightly_retry2"
+
+
 def test_retry_starts_from_the_step_defaults_when_absent():
     retried = retry_params(STEP5, {}, 1, trials_multiplier=1.0, seed_increment=3)
     assert retried == {"trials": 50, "seed": 45}
