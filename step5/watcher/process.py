@@ -30,6 +30,8 @@ from typing import IO
 
 import psutil
 
+from step5.errors import Step5Error
+
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.5  # how often the descendants are re-listed while the step runs
@@ -187,20 +189,24 @@ def run_in_group(
 ) -> StepRun:
     """Run ``command`` in a new session; stop its whole group on timeout, Ctrl-C (or the
     SIGTERM the CLI turns into one) and after it ends. Never raises for the step's failure:
-    the result says what happened and the judge decides."""
+    the result says what happened and the judge decides. A command that cannot be started
+    at all is a :class:`Step5Error`."""
     known: dict[int, psutil.Process] = {}
     tail: deque[str] = deque(maxlen=_TAIL_LINES)
     started_at = time.time()
     t0 = time.monotonic()
-    popen = subprocess.Popen(
-        command,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env=env,
-        cwd=cwd,
-    )
+    try:
+        popen = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+            cwd=cwd,
+        )
+    except OSError as exc:
+        raise Step5Error(f"cannot start {command[0]!r}: {exc}") from None
     assert popen.stdout is not None
     pump = threading.Thread(target=_pump, args=(popen.stdout, tail, echo), name="step-output", daemon=True)
     pump.start()

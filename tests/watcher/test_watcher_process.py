@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from step5.errors import Step5Error
 from step5.watcher.pipeline import step_env
 from step5.watcher.process import run_in_group
 
@@ -52,6 +53,11 @@ def test_clean_exit_reports_code_and_output(tmp_path):
     assert run.returncode == 3 and run.exit_status == "EXIT(3)"
     assert run.output_tail == ["hello"]
     assert not run.timed_out and run.leftovers == 0
+
+
+def test_a_command_that_cannot_start_is_a_clear_error(tmp_path):
+    with pytest.raises(Step5Error, match="cannot start"):
+        run_in_group([str(tmp_path / "no-such-python")], timeout_s=5, grace_s=1, echo=False)
 
 
 def test_death_by_signal_is_read_from_the_os():
