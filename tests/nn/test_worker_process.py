@@ -132,7 +132,7 @@ def test_acceptance_1_malformed_requests_get_errors_and_the_worker_keeps_serving
     assert good["status"] == "complete" and good["job_id"] == "good"
 
 
-def test_worker_one_shot_and_in_process_give_the_same_metrics(folds):
+def test_worker_and_one_shot_give_the_same_metrics_and_fused_folds_match(folds):
     """One training core: the same request gives the same numbers on every path."""
     request = train(folds["f1"], 1, trial=4, seed=9)
     fused_twin = train(folds["f0"], 0, trial=4, seed=9)
