@@ -66,8 +66,14 @@ def _cache_hit(result: Mapping[str, Any]) -> bool:
     return float(result.get("load_s", 0.0)) == 0.0
 
 
-def handoff_stats(workload: Workload, results_by_mode: Mapping[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Per-fold hand-off costs: parent NPZ write, request size, worker NPZ load miss/hit."""
+def handoff_stats(
+    workload: Workload,
+    results_by_mode: Mapping[str, list[dict[str, Any]]],
+    runner_timings: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Per-fold hand-off costs: parent NPZ write, request size, worker NPZ load miss/hit,
+    and each runner's own count of what a job cost beyond its work (``runner_timings``:
+    the ``timings`` block of ``summary()``: job wall as the runner saw it - duration)."""
     request_bytes = [len(dumps_line(r.to_dict())) for r in workload.requests]
     per_mode: dict[str, Any] = {}
     for name, results in results_by_mode.items():
@@ -79,6 +85,12 @@ def handoff_stats(workload: Workload, results_by_mode: Mapping[str, list[dict[st
             "load_ms_miss_median": round(median(miss) * 1e3, 3) if miss else None,
             "load_ms_hit_median": round(median(hit) * 1e3, 3) if hit else None,
         }
+        timings = (runner_timings or {}).get(name)
+        if timings and timings.get("jobs"):
+            # The runner's totals include the warm-up round; per job it is the same cost.
+            per_mode[name]["runner_overhead_ms_per_job"] = round(
+                float(timings.get("overhead_s", 0.0)) / int(timings["jobs"]) * 1e3, 3
+            )
     return {
         "npz_write_ms_median": round(median(workload.fold_write_s) * 1e3, 3),
         "npz_kb": round(median([float(b) for b in workload.fold_bytes]) / 1024, 1),

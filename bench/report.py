@@ -261,7 +261,10 @@ def format_datapath(data: Mapping[str, Any]) -> str:
         for name, w in h["worker_load"].items():
             miss = "-" if w["load_ms_miss_median"] is None else f"{w['load_ms_miss_median']:.2f} ms"
             hit = "-" if w["load_ms_hit_median"] is None else f"{w['load_ms_hit_median']:.3f} ms"
-            lines.append(f"    {name:<7} NPZ load: miss {miss} (x{w['misses']}), cache hit {hit} (x{w['hits']})")
+            line = f"    {name:<7} NPZ load: miss {miss} (x{w['misses']}), cache hit {hit} (x{w['hits']})"
+            if w.get("runner_overhead_ms_per_job") is not None:
+                line += f"; per job beyond its own work, as the runner saw it: {w['runner_overhead_ms_per_job']:.1f} ms"
+            lines.append(line)
     return "\n".join(lines)
 
 

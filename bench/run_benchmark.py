@@ -146,7 +146,11 @@ def run(args: argparse.Namespace) -> int:
             runs[name] = run_
             logger.info("mode %s: wall %.2fs (startup %.2fs), %d jobs", name, run_.wall_s, run_.startup_s,
                         len(run_.results))
-        handoff = handoff_stats(workload, {n: r.results for n, r in runs.items() if n in ("s96b", "s96a", "loky")})
+        handed = [n for n in runs if n in ("s96b", "s96a", "loky")]
+        handoff = handoff_stats(
+            workload, {n: runs[n].results for n in handed},
+            {n: runs[n].extra["runner"]["timings"] for n in handed if "runner" in runs[n].extra},
+        )
         workload_info = workload.describe()
     load_after_modes = os.getloadavg()
     survivors_load = (
