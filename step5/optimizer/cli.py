@@ -210,6 +210,9 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # Further SIGTERMs are ignored so they cannot interrupt the cleanup this one starts;
+    # a supervisor that will not wait still has SIGKILL (workers have a parent-death lifeline).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise _Terminated()
 
 

@@ -46,7 +46,7 @@ from step5.data.history import load_history
 from step5.data.splits import FoldFiles, holdout_split, kfold_splits
 from step5.data.survivors import SurvivorTable, load_survivors
 from step5.devices import plan_slots
-from step5.errors import DataError, DegenerateSignalError, PolicyError, Step5Error, UsageError
+from step5.errors import DataError, DegenerateSignalError, JobError, PolicyError, Step5Error, UsageError
 from step5.execution.factory import make_fold_runner, resolve_persistent_workers
 from step5.policy import Policy, load_policy
 from step5.signal_quality import assess_signal
@@ -63,7 +63,15 @@ from step5.optimizer.objective import (
     TrialSummary,
 )
 from step5.optimizer.plots import plot_optimization_history
-from step5.optimizer.study import OpenedStudy, best_complete_trial, count_states, default_storage_url, default_study_name, open_study, redact_storage
+from step5.optimizer.study import (
+    OpenedStudy,
+    best_complete_trial,
+    count_states,
+    default_storage_url,
+    default_study_name,
+    open_study,
+    redact_storage,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +136,8 @@ class AntiOverfitMetaOptimizer:
         self.output_dir = Path(config.output_dir)
         self.timings: dict[str, float] = {}
         self.policy: Policy | None = None
+        self._first_new_number = 0  # trials numbered from here on were run by this invocation
+        self._new_trials = 0  # trials (any end state) this invocation ran
         self._t0 = time.perf_counter()
 
     # ------------------------------------------------------------------ public
@@ -327,8 +337,6 @@ class AntiOverfitMetaOptimizer:
                         trial.user_attrs.get("fail_reason", "see the error above"), best_txt,
                     )
 
-            from step5.errors import JobError
-
             opened.study.optimize(
                 AntiOverfitObjective(backend, on_result=on_result),
                 n_trials=n_new,
@@ -394,7 +402,7 @@ class AntiOverfitMetaOptimizer:
             "storage": redact_storage(storage_url),
             "trials_run": counts["complete"],
             "trials_failed": counts["fail"],
-            "trials_new": getattr(self, "_new_trials", 0),
+            "trials_new": self._new_trials,
             "trials_requested": self.config.trials,
             "resumed": bool(opened.resumed) if opened is not None else False,
             "best_trial_number": best.number if best is not None else None,
@@ -520,7 +528,7 @@ class AntiOverfitMetaOptimizer:
         if cfg.enable_diagnostics:
             write_run_diagnostics(
                 cfg.diagnostics_dir, model_type=cfg.model_type, run_id=self.run_id, trials=trials,
-                first_new_number=getattr(self, "_first_new_number", 0), execution=execution,
+                first_new_number=self._first_new_number, execution=execution,
                 final_metrics=metrics,
                 extra={"study_name": opened.study_name, "objective_formula": OBJECTIVE_FORMULA},
             )
