@@ -311,3 +311,23 @@ def test_too_few_rows_for_the_folds_is_a_data_error(tmp_path, fake_runner):
     cfg = _config((survivors, history), tmp_path, k_folds=5, test_holdout=0.5)
     with pytest.raises(DataError, match="5-fold CV needs at least 10"):
         AntiOverfitMetaOptimizer(cfg).run()
+
+
+def test_target_storage_and_data_context_flags_are_honoured(sample_inputs, tmp_path, fake_runner):
+    storage = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    cfg = _config(sample_inputs, tmp_path, trials=1, target="lane_agreement_8", storage=storage,
+                  study_name="named", prng_type="xorshift32", mod=997, holdout_draws=25, parent_run_id="p-1")
+    outcome = AntiOverfitMetaOptimizer(cfg).run()
+    sc = outcome.sidecar
+    assert sc["data_context"]["target"] == "lane_agreement_8"
+    assert "lane_agreement_8" in sc["feature_schema"]["excluded_features"]
+    assert "lane_agreement_8" not in sc["feature_schema"]["feature_names"]
+    assert (sc["data_context"]["prng_type"], sc["data_context"]["mod"], sc["data_context"]["holdout_draws"]) == (
+        "xorshift32", 997, 25)
+    assert sc["optuna"]["study_name"] == "named" and sc["optuna"]["storage"] == storage
+    assert optuna.load_study(study_name="named", storage=storage).trials[0].state == TrialState.COMPLETE
+    assert not (cfg.output_dir / "optuna_step5.db").exists()
+    assert sc["provenance"]["parent_run_id"] == "p-1"
+    # The recorded prng type / mod are part of the data fingerprint.
+    other = AntiOverfitMetaOptimizer(dataclasses.replace(cfg, mod=1000, study_name="named2")).run()
+    assert other.sidecar["data_context"]["fingerprint_hash"] != sc["data_context"]["fingerprint_hash"]
