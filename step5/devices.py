@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from step5.errors import UsageError
+from step5.lifeline import PARENT_PID_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class DeviceSlot:
         """The environment a process serving this slot is started with."""
         env = dict(os.environ if base is None else base)
         env["CUDA_VISIBLE_DEVICES"] = self.cuda_visible_devices
+        # Lets the child watch this process and exit when it dies (step5.lifeline).
+        env[PARENT_PID_ENV] = str(os.getpid())
         if self.torch_threads is not None:
             env[TORCH_THREADS_ENV] = str(self.torch_threads)
             # OpenMP/MKL pools are sized at import time; keep them in line with torch's.

@@ -8,8 +8,9 @@
         [--save-model --model-output-dir D] [--output-path result.json]
 
 Stdout carries exactly one JSON line: the ``complete`` object :func:`run_train_job`
-returns (exit 0), or an ``error`` object (exit 1 for a failed job, 64 for a usage error:
-bad flags, ``--params`` that is not valid JSON or not valid params). Everything else --
+returns (exit 0), or an ``error`` object (exit 1, as SPEC section 5 says for any failure:
+a failed job, or a usage error such as bad flags or ``--params`` that is not valid JSON or
+not valid params, which is answered with ``error_type`` ``bad_request``). Everything else --
 logs, warnings, a library's banner -- goes to stderr: stdout is claimed before torch is
 imported. ``STEP5_TORCH_THREADS`` sets torch's thread count (see docs/training.md).
 """
@@ -28,12 +29,12 @@ logger = logging.getLogger("step5.oneshot")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-EXIT_USAGE = 64
+EXIT_USAGE = EXIT_FAILED  # SPEC section 5: every failure exits 1; bad_request tells usage apart
 CHECKPOINT_NAME = "best_model.pth"
 
 
 class _UsageFailure(Exception):
-    """Raised instead of argparse's exit(2): usage errors must exit 64 with a JSON line."""
+    """Raised instead of argparse's exit(2): usage errors must still print one JSON line."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -144,6 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code. Always prints exactly one JSON line on stdout
     (except for ``--help``)."""
     wire = claim_stdout()
+    from step5.lifeline import expected_parent_pid, install_lifeline
+
+    if expected_parent_pid() is not None:
+        # Started by Step 5 (which records its pid): die with it rather than finish a fold
+        # nobody will read. Run by hand, the trainer has no such parent to watch.
+        install_lifeline()
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

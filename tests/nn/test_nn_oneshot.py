@@ -90,9 +90,9 @@ def test_cli_job_failure_exits_1_with_an_error_line(repo_root, tmp_path):
     (["--model-type", "neural_net", "--data-path", "x.npz", "--params", '{"epochs": 0}'], "epochs"),
     (["--model-type", "neural_net", "--data-path", "x.npz", "--params", "{}", "--save-model"], "--model-output-dir"),
 ])
-def test_cli_usage_errors_exit_64_with_an_error_line(repo_root, args, fragment):
+def test_cli_usage_errors_exit_1_with_a_bad_request_line(repo_root, args, fragment):
     code, lines, _ = run_cli(repo_root, *args)
-    assert code == 64 and len(lines) == 1, lines
+    assert code == 1 and len(lines) == 1, lines
     err = json.loads(lines[0])
     assert err["status"] == "error" and err["error_type"] == "bad_request"
     assert fragment in err["error"], err["error"]
@@ -134,3 +134,21 @@ def test_stdout_guard_keeps_stray_output_off_the_wire(repo_root):
     assert proc.stdout == '{"status": "ready"}\n'
     for noise in ("stray print", "raw fd-1 write", "libc banner", "a warning", "child output"):
         assert noise in proc.stderr
+
+
+def test_a_trainer_started_by_step5_exits_when_its_parent_is_gone(repo_root, fold):
+    """A fallback one-shot trainer must not outlive a SIGKILLed optimizer: given a parent
+    pid (as DeviceSlot.environment records it) that no longer exists, it exits promptly
+    instead of training a long fold nobody will read."""
+    from step5.lifeline import EXIT_ORPHANED, PARENT_PID_ENV
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    env = dict(os.environ, STEP5_TORCH_THREADS="1", PYTHONPATH=str(repo_root), **{PARENT_PID_ENV: str(gone.pid)})
+    long_fold = dict(PARAMS, epochs=100_000, early_stopping_patience=0)
+    proc = subprocess.run(
+        [sys.executable, str(repo_root / "train_single_trial.py"), "--model-type", "neural_net",
+         "--data-path", fold, "--params", json.dumps(long_fold), "--batch-mode", "mini"],
+        capture_output=True, text=True, env=env, cwd=repo_root, timeout=60, check=False,
+    )
+    assert proc.returncode == EXIT_ORPHANED, (proc.returncode, proc.stderr[-2000:])
