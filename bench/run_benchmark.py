@@ -164,6 +164,11 @@ def run(args: argparse.Namespace) -> int:
     targets = judge_targets(runs)
     torch_in_parent = "torch" in sys.modules  # the parent must stay torch-free, like Step 5's
 
+    # The 1-minute load average: before we start it is someone else's; after the modes it
+    # also counts our own processes (one per slot), so only what exceeds that is foreign.
+    cores = machine["cpu_cores"] or 1
+    busy = load_before[0] > 0.5 * cores or load_after_modes[0] > len(slots) + 0.5 * cores
+    busy_note = " — BUSY: other processes competed for the cores; rerun on a quiet machine" if busy else ""
     title = (
         f"{workload_info['trials']} trials x {workload_info['folds']} folds, {workload_info['survivors']} survivors x "
         f"{workload_info['features']} features, {len(slots)} {'GPU' if slots[0].kind == 'cuda' else 'CPU'} "
@@ -174,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
         [
             title,
             f"load average before {load_before[0]:.2f}, after the modes {load_after_modes[0]:.2f} "
-            f"({machine['cpu_cores']} cores)",
+            f"({machine['cpu_cores']} cores)" + busy_note,
             "",
             format_table(rows, metrics),
             "",
