@@ -3,7 +3,6 @@ atomic writes so a reader never sees half a file."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import numpy as np
 import orjson
 
 from step5.errors import DataError
+from step5.fsutil import atomic_output
 
 _DUMP_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
@@ -57,19 +57,9 @@ def read_json_file(path: str | os.PathLike[str], what: str) -> Any:
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: bool = True) -> Path:
     """Write JSON to ``path`` via a temp file in the same folder and ``os.replace``."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(dumps(obj, indent=indent))
-            fh.write(b"\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_output(p) as tmp, open(tmp, "wb") as fh:
+        fh.write(dumps(obj, indent=indent))
+        fh.write(b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
     return p

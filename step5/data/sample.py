@@ -35,7 +35,6 @@ import datetime as dt
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -43,6 +42,7 @@ import numpy as np
 import orjson
 
 from step5.data.survivors import _gc_paused
+from step5.fsutil import atomic_output
 from step5.jsonio import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -240,24 +240,15 @@ def _records(
 def _write_survivors(path: Path, arrays: dict[str, np.ndarray], names: Sequence[str], prng_type: str, mod: int) -> None:
     """Stream the records as one JSON array, chunk by chunk, via a temp file + rename."""
     n = len(arrays["seed"])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(b"[")
-            for start in range(0, n, _CHUNK_RECORDS):
-                stop = min(n, start + _CHUNK_RECORDS)
-                chunk = orjson.dumps(list(_records(arrays, names, prng_type, mod, start, stop)))
-                if start:
-                    fh.write(b",")
-                fh.write(chunk[1:-1])  # strip the chunk's own brackets
-            fh.write(b"]\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(b"[")
+        for start in range(0, n, _CHUNK_RECORDS):
+            stop = min(n, start + _CHUNK_RECORDS)
+            chunk = orjson.dumps(list(_records(arrays, names, prng_type, mod, start, stop)))
+            if start:
+                fh.write(b",")
+            fh.write(chunk[1:-1])  # strip the chunk's own brackets
+        fh.write(b"]\n")
 
 
 def make_history(n_draws: int, seed: int, mod: int = 1000) -> list[dict]:

@@ -39,7 +39,6 @@ import functools
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ import numpy as np
 
 from step5.artifacts import CHECKPOINT_FILENAMES, CHECKPOINT_FORMATS
 from step5.errors import DataError, JobError
+from step5.fsutil import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -635,22 +635,12 @@ def save_model(model: TreeModel, model_type: str, path: str | os.PathLike[str]) 
         raise ValueError(f"`model` is a {model.model_type} model, but `model_type` is {model_type!r}")
     p = Path(path)
     _check_suffix(p, model_type)
-    p.parent.mkdir(parents=True, exist_ok=True)
     # xgboost picks its format from the file extension, so the temp name keeps the suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=".tmp" + p.suffix, dir=p.parent)
-    os.close(fd)
-    try:
+    with atomic_output(p, keep_suffix=True) as tmp:
         if model_type == "catboost":
-            model.booster.save_model(tmp, format="cbm")
+            model.booster.save_model(str(tmp), format="cbm")
         else:
-            model.booster.save_model(tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            model.booster.save_model(str(tmp))
     return p
 
 

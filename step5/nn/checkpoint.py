@@ -19,7 +19,6 @@ validation predictions made during training.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from step5.errors import DataError
+from step5.fsutil import atomic_output
 from step5.nn.model import build_reference_mlp
 
 CHECKPOINT_FORMAT = "step5-mlp"
@@ -87,18 +87,8 @@ def save_checkpoint(
         "training": dict(training) if training else {},
     }
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_output(p) as tmp, open(tmp, "wb") as fh:
+        torch.save(payload, fh)
     return p
 
 

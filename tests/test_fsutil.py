@@ -1,0 +1,26 @@
+"""Atomic output: the file is replaced whole or left as it was, and no temp file remains."""
+from __future__ import annotations
+
+import pytest
+
+from step5.fsutil import atomic_output
+
+
+def test_success_replaces_the_file_and_keeps_the_suffix_when_asked(tmp_path):
+    target = tmp_path / "sub" / "model.json"
+    with atomic_output(target, keep_suffix=True) as tmp:
+        assert tmp.parent == target.parent and tmp.name.endswith(".json") and tmp != target
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+    assert [p.name for p in target.parent.iterdir()] == ["model.json"]
+
+
+def test_failure_leaves_the_old_file_and_no_temp_file(tmp_path):
+    target = tmp_path / "best_model.pth"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="writer broke"):
+        with atomic_output(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("writer broke")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["best_model.pth"]
