@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from types import TracebackType
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -72,7 +72,8 @@ def kfold_splits(n: int, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray
     return [(train_idx, val_idx) for train_idx, val_idx in kf.split(np.arange(n))]
 
 
-def _as_xy(name: str, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def as_xy(name: str, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``X_<name>``/``y_<name>`` as float32 (rows, features) and float64 (rows,), shapes checked."""
     X = np.asarray(X, dtype=np.float32)
     y = np.asarray(y, dtype=np.float64)
     if X.ndim != 2:
@@ -103,12 +104,12 @@ def write_fold_npz(
     the parent, not later in a worker.
     """
     arrays: dict[str, np.ndarray] = {}
-    arrays["X_train"], arrays["y_train"] = _as_xy("train", X_train, y_train)
-    arrays["X_val"], arrays["y_val"] = _as_xy("val", X_val, y_val)
+    arrays["X_train"], arrays["y_train"] = as_xy("train", X_train, y_train)
+    arrays["X_val"], arrays["y_val"] = as_xy("val", X_val, y_val)
     if (X_test is None) != (y_test is None):
         raise ValueError("`X_test` and `y_test` must be given together")
     if X_test is not None:
-        arrays["X_test"], arrays["y_test"] = _as_xy("test", X_test, y_test)
+        arrays["X_test"], arrays["y_test"] = as_xy("test", X_test, y_test)
     d = arrays["X_train"].shape[1]
     for key in ("X_val", "X_test"):
         if key in arrays and arrays[key].shape[1] != d:

@@ -47,6 +47,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from step5.artifacts import CHECKPOINT_FILENAMES, CHECKPOINT_FORMATS
+from step5.data.splits import as_xy
 from step5.errors import DataError, JobError
 from step5.fsutil import atomic_output
 
@@ -319,14 +320,8 @@ class TreeModel:
 # --------------------------------------------------------------------------------------
 
 def _as_xy(name: str, X: Any, y: Any, n_features: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    X = np.asarray(X, dtype=np.float32)
-    y = np.asarray(y, dtype=np.float64)
-    if X.ndim != 2:
-        raise ValueError(f"`X_{name}` must be 2-D (rows, features), got shape {X.shape}")
-    if y.ndim != 1:
-        raise ValueError(f"`y_{name}` must be 1-D, got shape {y.shape}")
-    if X.shape[0] != y.shape[0]:
-        raise ValueError(f"`X_{name}` has {X.shape[0]} rows but `y_{name}` has {y.shape[0]}")
+    """The fold-file shape checks (:func:`step5.data.splits.as_xy`), plus what a fit needs."""
+    X, y = as_xy(name, X, y)
     if X.shape[0] < 2:
         raise ValueError(f"`X_{name}` needs at least 2 rows, got {X.shape[0]}")
     if n_features is not None and X.shape[1] != n_features:
