@@ -591,9 +591,18 @@ class WorkerPool:
         Any other exception escaping here (Ctrl-C included) kills every worker first.
         """
         self._check_open()
+        return self._dispatch_all(self._run_one, requests)
+
+    def _dispatch_all(self, fn: Any, items: Sequence[Any]) -> list[Any]:
+        """Run ``fn(item)`` for every item on the dispatch threads; results in order.
+
+        The first error is raised once every item has finished, so no job is still running
+        when a trial is reported failed; anything escaping the wait itself (Ctrl-C) stops
+        every worker first.
+        """
         start = time.perf_counter()
         try:
-            futures = [self._dispatch.submit(self._run_one, r) for r in requests]
+            futures = [self._dispatch.submit(fn, item) for item in items]
             results, first_error = _gather(futures)
         except BaseException:
             logger.warning("interrupted: stopping every worker")
@@ -664,18 +673,7 @@ class WorkerPool:
         groups = [list(g) for g in groups]
         if any(not g for g in groups):
             raise ValueError("run_fused() got an empty group")
-        start = time.perf_counter()
-        try:
-            futures = [self._dispatch.submit(self._run_group_fused, g) for g in groups]
-            fused, first_error = _gather(futures)
-        except BaseException:
-            logger.warning("interrupted: stopping every worker")
-            self._close(grace_s=0.0)
-            raise
-        finally:
-            self._wall_s += time.perf_counter() - start
-        if first_error is not None:
-            raise first_error
+        fused = self._dispatch_all(self._run_group_fused, groups)
         # Re-run failed groups here, on the caller's thread: doing it inside a dispatch
         # thread would wait on the same executor it occupies.
         redo = [i for i, r in enumerate(fused) if r is None]
