@@ -9,6 +9,11 @@ else.
 Adding a mode is one :class:`Mode` entry in :data:`MODES` (e.g. fused folds through
 ``WorkerPool.run_fused``).
 
+Modes run in rounds (``--rounds``), interleaved — limit1, limit, s96b, loky, s96a, then
+limit1, limit, s96b, loky again — so that a disturbance from outside (a shared machine)
+falls on every mode alike; each mode's row is its median round. S96A is too slow to
+repeat and its ratios are far from any threshold, so it runs in the first round only.
+
 How the runner modes submit work: like the optimizer, one ``run_jobs`` call per trial
 (its K folds), trial after trial (``--dispatch trial``), or all jobs in one call
 (``--dispatch all``), the shape a runner sees when trials run concurrently.
@@ -60,6 +65,17 @@ class ModeRun:
     extra: dict[str, Any] = field(default_factory=dict)  # runner summary, process info
 
 
+def median_round(rounds: Sequence[ModeRun]) -> ModeRun:
+    """The round with the median wall (the lower middle for an even count); every
+    round's wall is kept in ``extra["rounds_wall_s"]``, in the order they ran."""
+    if not rounds:
+        raise ValueError("median_round() needs at least one round")
+    ranked = sorted(rounds, key=lambda r: r.wall_s)
+    chosen = ranked[(len(ranked) - 1) // 2]
+    chosen.extra["rounds_wall_s"] = [r.wall_s for r in rounds]
+    return chosen
+
+
 @dataclass(frozen=True)
 class Mode:
     """One row of the benchmark."""
@@ -69,6 +85,7 @@ class Mode:
     processes: Callable[[BenchContext], int]
     run: Callable[[BenchContext], ModeRun]
     single_process: bool = False  # compared with the single-process limit, not the N-process one
+    repeat: bool = True  # runs in every round (--rounds); False: first round only (too slow to repeat)
 
 
 def _n_slots(ctx: BenchContext) -> int:
@@ -238,7 +255,7 @@ MODES: dict[str, Mode] = {
         Mode("limit", "N already-warm processes share the folds, no IPC while timed (the bar)", _n_slots, run_limit_n),
         Mode("s96b", "persistent workers (nn_gpu_worker.py) over NDJSON pipes", _n_slots, run_s96b),
         Mode("loky", "joblib Parallel, loky backend (reusable process pool)", _n_slots, run_loky),
-        Mode("s96a", "one train_single_trial.py subprocess per fold", _n_slots, run_s96a),
+        Mode("s96a", "one train_single_trial.py subprocess per fold", _n_slots, run_s96a, repeat=False),
     )
 }
 

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from bench.modes import MODES, ModeRun
+from bench.modes import MODES, ModeRun, median_round
 from bench.report import compare_metrics, judge_targets
 from bench.workload import params_sequence
 
@@ -45,6 +45,13 @@ def test_metric_check_flags_a_mode_that_trained_something_else():
     assert not missing["ok"] and math.isinf(missing["max_rel_diff"]["loky"])
 
 
+def test_a_mode_row_is_its_median_round():
+    rounds = [ModeRun("s96b", 2, w, 0.0, []) for w in (3.0, 1.0, 2.0)]
+    chosen = median_round(rounds)
+    assert chosen.wall_s == 2.0
+    assert chosen.extra["rounds_wall_s"] == [3.0, 1.0, 2.0]  # in the order they ran
+
+
 def test_targets_are_judged_only_when_their_modes_ran():
     runs = {n: ModeRun(n, 2, w, 0.0, []) for n, w in (("s96a", 50.0), ("s96b", 5.0), ("limit", 4.0), ("loky", 6.0))}
     verdicts = {t["name"]: t for t in judge_targets(runs)}
@@ -61,7 +68,7 @@ def test_benchmark_runs_every_mode_on_a_tiny_workload(tmp_path, repo_root):
     proc = subprocess.run(
         [sys.executable, "-m", "bench.run_benchmark", "--trials", "1", "--folds", "2", "--survivors", "200",
          "--features", "12", "--gpus", "none", "--workers", "2", "--modes", ALL_MODES, "--big-survivors", "0",
-         "--out", str(out), "--log-level", "WARNING"],
+         "--rounds", "1", "--out", str(out), "--log-level", "WARNING"],
         cwd=repo_root, capture_output=True, text=True, timeout=600, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
