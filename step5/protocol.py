@@ -37,6 +37,15 @@ BATCH_MODES = ("auto", "full", "mini")
 #: must not make the worker allocate unbounded memory).
 MAX_REQUEST_BYTES = 1 << 20
 
+#: Request fields that fix the tensor shapes or the loop of a training pass: requests fused
+#: into one pass (``train_folds``) must agree on all of them, while learning_rate,
+#: weight_decay, dropout, seed, patience and gradient_clip may differ per model. Defined
+#: here, torch-free, so the parent can group trials for fusion with the very list the
+#: worker's ``step5.nn.job.run_fold_group`` checks.
+FUSE_KEYS = (
+    "hidden_layers", "optimizer", "batch_mode", "epochs", "batch_size", "normalize_features", "use_leaky_relu",
+)
+
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -244,3 +253,17 @@ class ErrorMessage(TypedDict, total=False):
     fold_idx: int | None
     job_id: Any
     traceback: str
+
+
+def fusion_key(request: TrainRequest) -> tuple[Any, ...]:
+    """The values of :data:`FUSE_KEYS` for ``request``: equal keys can share one fused pass.
+
+    Each key is read from the request's ``params`` when it is a hyperparameter, else from
+    the request itself (``batch_mode``, ``normalize_features``, ``use_leaky_relu``).
+    """
+    values = []
+    for name in FUSE_KEYS:
+        source: Any = request.params if hasattr(request.params, name) else request
+        value = getattr(source, name)
+        values.append(tuple(value) if isinstance(value, (list, tuple)) else value)
+    return tuple(values)

@@ -30,19 +30,12 @@ import torch
 from step5.errors import JobError
 from step5.nn.checkpoint import save_checkpoint
 from step5.nn.trainer import Fold, ModelSpec, TrainConfig, TrainedModel, resolve_batch_mode, train_models
-from step5.protocol import TrainRequest
+from step5.protocol import FUSE_KEYS, TrainRequest  # FUSE_KEYS: torch-free, shared with the parent
 
 logger = logging.getLogger(__name__)
 
 REQUIRED_ARRAYS = ("X_train", "y_train", "X_val", "y_val")
 OPTIONAL_ARRAYS = ("X_test", "y_test")
-
-#: Request fields that fix the tensor shapes or the loop of a pass; requests fused into one
-#: pass must agree on all of them (learning_rate, weight_decay, dropout, seed, patience and
-#: gradient_clip may differ per model).
-FUSE_KEYS = (
-    "hidden_layers", "optimizer", "batch_mode", "epochs", "batch_size", "normalize_features", "use_leaky_relu",
-)
 
 
 # ---------------------------------------------------------------------------- data
