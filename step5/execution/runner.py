@@ -13,10 +13,18 @@ A runner takes the K fold requests of a trial, trains them concurrently across i
 slots, and returns one result per request in order. A deterministic job failure (bad
 data) raises :class:`~step5.errors.JobError` once every job of the batch has finished, so
 no process is still busy when the trial is reported failed. A crashed process is not the
-job's fault: the job is retried.
+job's fault: the job is retried. Anything else that reaches ``run_jobs`` (Ctrl-C, SIGTERM
+turned into ``KeyboardInterrupt``, a bug) kills every running trainer, reaps it and
+propagates at once; the runner is closed after that.
+
+``run_fused(groups)`` is the fused-training entry point the optimizer calls when folds (or
+same-shape trials) should share one batched pass. A one-shot process trains one fold, so
+this runner is the null object there: same interface, every group trained fold by fold,
+same results (a fused pass equals its unfused runs within 1e-5), and one log line saying so.
 """
 from __future__ import annotations
 
+import collections.abc
 import logging
 import queue
 import signal
@@ -24,9 +32,9 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Mapping, MutableSet, Protocol, Sequence
+from typing import Any, Iterator, Mapping, MutableSet, Protocol, Sequence
 
 from step5.devices import DeviceSlot
 from step5.errors import JobError, WorkerCrashed
@@ -48,6 +56,13 @@ class FoldRunner(Protocol):
 
     def run_jobs(self, requests: Sequence[TrainRequest]) -> list[dict[str, Any]]:
         """Train every request (concurrently where slots allow); results in request order."""
+        ...
+
+    def run_fused(self, groups: Sequence[Sequence[TrainRequest]]) -> list[list[dict[str, Any]]]:
+        """Train each group in one fused pass where the runner can (else fold by fold);
+        one result list per group, in request order. Requests of a group agree on
+        :data:`step5.protocol.FUSE_KEYS`. Raises the first :class:`JobError` after every
+        group finished."""
         ...
 
     def summary(self) -> dict[str, Any]:
@@ -176,6 +191,64 @@ def run_oneshot_job(
     )
 
 
+class _LiveProcesses(collections.abc.MutableSet):  # type: ignore[type-arg]
+    """The one-shot trainers running now, killable all at once.
+
+    Handed to :func:`run_oneshot_job` as its ``live`` set. Once :meth:`abort` ran, a
+    process added later (a thread that was between its abort check and ``Popen``) is
+    killed on arrival, so no trainer can slip past an abort.
+    """
+
+    def __init__(self) -> None:
+        self._procs: set[subprocess.Popen[bytes]] = set()
+        self._lock = threading.Lock()
+        self.aborted = False
+
+    def __contains__(self, proc: object) -> bool:
+        with self._lock:
+            return proc in self._procs
+
+    def __iter__(self) -> Iterator[subprocess.Popen[bytes]]:
+        with self._lock:
+            return iter(list(self._procs))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._procs)
+
+    def add(self, proc: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self._procs.add(proc)
+            if not self.aborted:
+                return
+        _kill(proc)
+
+    def discard(self, proc: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self._procs.discard(proc)
+
+    def abort(self) -> list[subprocess.Popen[bytes]]:
+        """Refuse new trainers and SIGKILL the running ones; returns those killed."""
+        with self._lock:
+            self.aborted = True
+            procs = list(self._procs)
+        for proc in procs:
+            _kill(proc)
+        return procs
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+
+
+class _Aborted(Exception):
+    """Raised inside a runner thread whose batch was aborted (never reaches a caller)."""
+
+
 class SubprocessRunner:
     """S96A: every fold in a fresh ``train_single_trial.py`` process, one per free slot.
 
@@ -192,23 +265,30 @@ class SubprocessRunner:
         job_timeout_s: float = 600.0,
         max_retries: int = 1,
         python: str = sys.executable,
+        script: str | Path = ONESHOT_SCRIPT,
     ) -> None:
+        """``script`` replaces ``train_single_trial.py`` (tests pass a fake trainer)."""
         if not slots:
             raise ValueError("SubprocessRunner needs at least one device slot")
         self.slots = list(slots)
         self.job_timeout_s = job_timeout_s
         self.max_retries = max_retries
         self.python = python
+        self.script = script
         self._free: queue.Queue[DeviceSlot] = queue.Queue()
         for slot in self.slots:
             self._free.put(slot)
         self._executor = ThreadPoolExecutor(max_workers=len(self.slots), thread_name_prefix="oneshot")
+        self._live = _LiveProcesses()
         self._lock = threading.Lock()
         self._jobs = 0
         self._crashes: list[dict[str, Any]] = []
         self._compute_s = 0.0
         self._job_wall_s = 0.0
         self._wall_s = 0.0
+        self._fused_groups = 0
+        self._fused_jobs = 0
+        self._warned_no_fusion = False
         self._closed = False
 
     def __enter__(self) -> "SubprocessRunner":
@@ -221,10 +301,17 @@ class SubprocessRunner:
         slot = self._free.get()
         try:
             for attempt in range(self.max_retries + 1):
+                if self._live.aborted:
+                    raise _Aborted()
                 start = time.perf_counter()
                 try:
-                    result = run_oneshot_job(request, slot, timeout_s=self.job_timeout_s, python=self.python)
+                    result = run_oneshot_job(
+                        request, slot, timeout_s=self.job_timeout_s, python=self.python, script=self.script,
+                        live=self._live,
+                    )
                 except WorkerCrashed as exc:
+                    if self._live.aborted:  # we killed it: not a crash, and not to be retried
+                        raise _Aborted() from None
                     with self._lock:
                         self._crashes.append({"slot": slot.label, "status": exc.exit_status, "error": str(exc)})
                     logger.warning("%s (attempt %d); stderr tail:\n%s", exc, attempt + 1, exc.stderr_tail)
@@ -248,21 +335,58 @@ class SubprocessRunner:
             self._free.put(slot)
 
     def run_jobs(self, requests: Sequence[TrainRequest]) -> list[dict[str, Any]]:
+        """Train every request across the slots; results in request order.
+
+        A :class:`JobError` is raised once every job of the batch has finished. Anything
+        else -- Ctrl-C while waiting, a bug in a runner thread -- aborts the batch: every
+        running trainer is killed and reaped, queued jobs are dropped, the runner is closed,
+        and the exception propagates without waiting for the other folds.
+        """
         if self._closed:
             raise RuntimeError("run_jobs() on a closed SubprocessRunner")
         start = time.perf_counter()
-        futures = [self._executor.submit(self._run_one, r) for r in requests]
-        results: list[dict[str, Any]] = []
-        first_error: BaseException | None = None
-        for fut in futures:  # wait for all before raising, so nothing is left running
-            try:
-                results.append(fut.result())
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                first_error = first_error or exc
-        self._wall_s += time.perf_counter() - start
-        if first_error is not None:
-            raise first_error
-        return results
+        try:
+            futures = [self._executor.submit(self._run_one, r) for r in requests]
+            # Wait for every job before raising a JobError, so nothing is left running; but
+            # any other exception from a job is raised (and the batch aborted) as it happens.
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for fut in done:
+                    exc = fut.exception()
+                    if exc is not None and not isinstance(exc, JobError):
+                        raise exc
+        except BaseException:
+            self._abort()
+            raise
+        finally:
+            self._wall_s += time.perf_counter() - start
+        errors = [e for e in (f.exception() for f in futures) if e is not None]
+        if errors:
+            raise errors[0]  # the first JobError in request order
+        return [f.result() for f in futures]
+
+    def run_fused(self, groups: Sequence[Sequence[TrainRequest]]) -> list[list[dict[str, Any]]]:
+        """The null object of fused training: every group's folds run one by one.
+
+        A one-shot process trains a single fold, so there is no pass to share. The folds of
+        all groups go to :meth:`run_jobs` together (concurrently across the slots); the
+        results equal a fused run's within float rounding, so the caller need not know.
+        """
+        groups = [list(g) for g in groups]
+        if any(not g for g in groups):
+            raise ValueError("run_fused() got an empty group")
+        if not self._warned_no_fusion:
+            self._warned_no_fusion = True
+            logger.warning(
+                "fused training asked for, but one-shot subprocesses (S96A) train one fold per process and "
+                "cannot fuse: every fused group runs fold by fold (same results; use persistent workers to fuse)"
+            )
+        with self._lock:
+            self._fused_groups += len(groups)
+            self._fused_jobs += sum(len(g) for g in groups)
+        flat = iter(self.run_jobs([r for g in groups for r in g]))
+        return [[next(flat) for _ in g] for g in groups]
 
     def summary(self) -> dict[str, Any]:
         with self._lock:
@@ -272,6 +396,9 @@ class SubprocessRunner:
                 "devices": [s.label for s in self.slots],
                 "fallbacks": [],
                 "crashes": list(self._crashes),
+                # Groups handed to run_fused; none of them could share a pass here.
+                "fused": {"groups": self._fused_groups, "jobs": self._fused_jobs, "fused_groups": 0,
+                          "unfused_groups": self._fused_groups},
                 "timings": {
                     "jobs": self._jobs,
                     "wall_s": round(self._wall_s, 4),
@@ -282,6 +409,21 @@ class SubprocessRunner:
                     "spawn_s": 0.0,
                 },
             }
+
+    def _abort(self) -> None:
+        """Kill and reap every running trainer, drop queued jobs, close the runner."""
+        self._closed = True
+        killed = self._live.abort()
+        if killed:
+            logger.warning("interrupted: killed %d running one-shot trainer(s)", len(killed))
+        for proc in killed:
+            try:
+                proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                logger.error("one-shot trainer %d did not die after SIGKILL", proc.pid)
+        # The threads see their trainer die (or the abort flag) and end at once; waiting for
+        # them means no thread can start a process after we return.
+        self._executor.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> None:
         if not self._closed:

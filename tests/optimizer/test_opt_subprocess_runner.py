@@ -1,0 +1,162 @@
+"""SubprocessRunner (the S96A runner the optimizer holds when persistent workers are off):
+Ctrl-C and bugs abort a batch at once with no trainer left behind; job errors still wait
+for the batch; run_fused is the null object of fused training.
+
+The trainers are fakes: ``step5/testing/fake_worker.py`` in its one-shot mode, and a tiny
+script that hangs, written per test.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from step5.devices import DeviceSlot
+from step5.errors import JobError
+from step5.execution.runner import SubprocessRunner
+from step5.protocol import NNParams, TrainRequest
+from step5.testing import FAKE_WORKER
+from step5.testing.fake_worker import fake_metrics
+
+HANG_SCRIPT = """\
+import os, sys, time
+open(os.path.join({folder!r}, f"started-{{os.getpid()}}"), "w").close()
+time.sleep(120)
+"""
+
+
+def _slots(n: int) -> list[DeviceSlot]:
+    return [DeviceSlot(f"CPU-{i}", "cpu", "", 1) for i in range(n)]
+
+
+def _request(path: Path | str, trial: int, fold: int, **kw) -> TrainRequest:
+    return TrainRequest(str(path), NNParams(epochs=3), trial_number=trial, fold_idx=fold, seed=trial * 10 + fold,
+                        job_id=f"t{trial}-f{fold}", **kw)
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Path:
+    path = tmp_path / "fold.npz"
+    path.write_bytes(b"the fake trainer only checks that the file exists")
+    return path
+
+
+@pytest.fixture
+def hang_script(tmp_path: Path) -> tuple[Path, Path]:
+    started = tmp_path / "started"
+    started.mkdir()
+    script = tmp_path / "hang.py"
+    script.write_text(HANG_SCRIPT.format(folder=str(started)))
+    return script, started
+
+
+def _wait_for(predicate, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.02)
+
+
+def _children() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True)
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.fixture
+def sigint_raises():
+    """SIGINT -> KeyboardInterrupt in the main thread, whatever the test runner installed."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_kills_running_trainers_and_propagates_at_once(hang_script, data_file, sigint_raises):
+    script, started = hang_script
+    runner = SubprocessRunner(_slots(2), job_timeout_s=300, max_retries=1, script=script)
+    main = threading.main_thread().ident
+    pids: list[int] = []
+
+    def press_ctrl_c() -> None:
+        _wait_for(lambda: len(list(started.iterdir())) == 2)  # both trainers are running
+        pids.extend(p.pid for p in _children())
+        signal.pthread_kill(main, signal.SIGINT)
+
+    presser = threading.Thread(target=press_ctrl_c, daemon=True)
+    presser.start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_jobs([_request(data_file, 0, f) for f in range(3)])  # the third never starts
+    elapsed = time.monotonic() - start
+    presser.join(timeout=5)
+    assert elapsed < 20, f"Ctrl-C took {elapsed:.1f}s to come through"
+    assert len(pids) == 2
+    assert _children() == []  # killed and reaped before the interrupt propagated
+    assert len(list(started.iterdir())) == 2  # nothing was started (or retried) after Ctrl-C
+    assert runner.summary()["crashes"] == []  # our kill is not a trainer crash
+    with pytest.raises(RuntimeError, match="closed"):
+        runner.run_jobs([_request(data_file, 0, 0)])
+    runner.close()
+
+
+def test_a_bug_in_one_job_aborts_the_batch_without_waiting_for_the_others(hang_script, data_file):
+    script, started = hang_script
+    bad = _request(data_file, 1, 1, save_model_path=str(data_file.parent / "not_best_model.pth"))
+    with SubprocessRunner(_slots(2), job_timeout_s=300, script=script) as runner:
+        start = time.monotonic()
+        with pytest.raises(ValueError, match="saves only best_model.pth"):
+            # The second request is rejected before its process starts; the first hangs.
+            runner.run_jobs([_request(data_file, 1, 0), bad])
+        assert time.monotonic() - start < 20
+        assert _children() == []
+
+
+def test_job_error_waits_for_the_batch_and_keeps_the_runner(data_file, tmp_path):
+    good = [_request(data_file, 2, f) for f in range(3)]
+    missing = _request(tmp_path / "gone.npz", 2, 3)
+    with SubprocessRunner(_slots(2), job_timeout_s=60, script=FAKE_WORKER) as runner:
+        with pytest.raises(JobError) as info:
+            runner.run_jobs([*good, missing])
+        assert info.value.error_type == "data_error" and info.value.fold_idx == 3
+        assert runner.summary()["timings"]["jobs"] == 3  # every healthy fold ran to the end
+        results = runner.run_jobs(good)  # still usable
+    assert [r["r2"] for r in results] == [fake_metrics(r)["r2"] for r in good]
+
+
+def test_run_fused_is_the_null_object_same_results_fold_by_fold_and_one_warning(data_file, caplog):
+    groups = [[_request(data_file, 3, f) for f in range(3)], [_request(data_file, 4, f) for f in range(2)]]
+    with SubprocessRunner(_slots(2), job_timeout_s=60, script=FAKE_WORKER) as runner:
+        with caplog.at_level(logging.WARNING, logger="step5.execution.runner"):
+            fused = runner.run_fused(groups)
+            again = runner.run_fused(groups[:1])
+        unfused = runner.run_jobs([r for g in groups for r in g])
+        summary = runner.summary()
+    assert [[r["job_id"] for r in g] for g in fused] == [[r.job_id for r in g] for g in groups]
+    flat = [r for g in fused for r in g]
+    for a, b in zip(flat, unfused):
+        assert {k: a[k] for k in ("r2", "val_mse", "train_mse")} == {k: b[k] for k in ("r2", "val_mse", "train_mse")}
+    assert again[0][0]["r2"] == fused[0][0]["r2"]
+    assert caplog.text.count("cannot fuse") == 1  # said once per runner, not per trial
+    assert summary["fused"] == {"groups": 3, "jobs": 8, "fused_groups": 0, "unfused_groups": 3}
+    with pytest.raises(ValueError, match="empty group"):
+        SubprocessRunner(_slots(1), script=FAKE_WORKER).run_fused([[]])
+
+
+def test_the_hang_script_is_a_real_hang(hang_script):
+    """Guard for the tests above: the fake really does hang (so a quick return means an abort)."""
+    import subprocess
+
+    script, _ = hang_script
+    proc = subprocess.Popen([sys.executable, str(script)])
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=1.0)
+    finally:
+        proc.kill()
+        proc.wait()
