@@ -137,10 +137,15 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
     ex.add_argument("--policy", type=Path, default=Path("watcher_policies.json"), help="policy file")
     ex.add_argument("--gpus", type=_gpus, default=None,
                     help="GPU indices like 0,1, or 'none' [detected without torch]")
-    ex.add_argument("--cpu-workers", type=_positive_int, default=None, help="NN workers when there is no GPU [one per core, max 8]")
+    ex.add_argument("--cpu-workers", type=_positive_int, default=None,
+                    help="NN workers when there is no GPU [one per core, max 8]; for tree models, the "
+                         "library's thread count [library default]")
     ex.add_argument("--fuse-folds", action=argparse.BooleanOptionalAction, default=None,
-                    help="train a trial's folds in one fused pass (not implemented yet) [policy decides]")
-    ex.add_argument("--fuse-trials", type=_positive_int, default=1, help="trials fused per pass (not implemented yet)")
+                    help="train a trial's K folds in one batched pass on one worker (same results within "
+                         "1e-5; one-shot subprocesses cannot fuse and run them fold by fold) [policy decides]")
+    ex.add_argument("--fuse-trials", type=_positive_int, default=1,
+                    help="ask Optuna for up to N trials at a time and train same-shape trials' folds in one "
+                         "batched pass; N > 1 implies --fuse-folds")
 
     out = p.add_argument_group("outputs")
     out.add_argument("--output-dir", type=Path, default=Path("models/reinforcement"), help="where the model and sidecar go")

@@ -46,7 +46,7 @@ class OptimizerConfig:
     log_level: str = "INFO"
     diagnostics_dir: Path = Path("diagnostics_outputs")  # relative to the working directory
     fuse_folds: bool | None = None  # None: the policy's training.fuse_folds decides
-    fuse_trials: int = 1  # trials asked from Optuna at once and fused by layer shape
+    fuse_trials: int = 1  # trials asked from Optuna at once and fused by layer shape (> 1 implies fuse_folds)
     nn_max_epochs: int = 200  # NN search space: the epoch cap every trial trains under (early stopping ends sooner)
     command_line: list[str] | None = None  # argv as the user typed it, for the sidecar's provenance
 
@@ -77,6 +77,11 @@ def validate_config(config: OptimizerConfig) -> None:
         raise UsageError(f"--holdout-draws must be >= 0, got {config.holdout_draws}")
     if config.fuse_trials < 1:
         raise UsageError(f"--fuse-trials must be >= 1, got {config.fuse_trials}")
+    if config.fuse_trials > 1 and config.fuse_folds is False:
+        raise UsageError(
+            f"--fuse-trials {config.fuse_trials} trains the folds of several trials in one fused pass, which "
+            "--no-fuse-folds forbids; drop one of them"
+        )
     if config.nn_max_epochs < 1:
         raise UsageError(f"--nn-max-epochs must be >= 1, got {config.nn_max_epochs}")
     if config.study_name is not None and not config.study_name.strip():

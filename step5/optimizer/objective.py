@@ -20,10 +20,22 @@ train/validation gap, so of two configurations with the same validation R², the
 fits its training rows less suspiciously well wins; a model that fits train *worse* than
 validation is not rewarded for it (the gap is clipped at 0).
 
-Both backends share one shape: ``suggest``, ``run_folds``, ``train_final``, ``summary`` and
-``close``, so the optimizer never asks which model family it is running. Fold data is
-prepared once per run (:class:`CVData`): the NN backend writes each fold's NPZ file once
-and every trial reuses it (workers cache them by path).
+Both backends share one shape: ``suggest``, ``run_folds``, ``run_trial_batch``,
+``train_final``, ``summary`` and ``close``, so the optimizer never asks which model family
+it is running. Fold data is prepared once per run (:class:`CVData`): the NN backend writes
+each fold's NPZ file once and every trial reuses it (workers cache them by path).
+
+Fused training (NN only)::
+
+    --fuse-folds          run_folds(trial)        ─▶ runner.run_fused([K folds])        one pass
+    --fuse-trials N       run_trial_batch(trials) ─▶ group trials by FUSE_KEYS values
+                                                     (layer shapes, optimizer, batch size)
+                                                  ─▶ runner.run_fused([all folds of group 1],
+                                                                      [all folds of group 2], ...)
+
+Every fold keeps its unfused request (same seed, same NPZ), so a fused result equals the
+unfused one within 1e-5 relative. Runners that cannot fuse (one-shot subprocesses) train
+each group fold by fold behind the same ``run_fused`` call.
 """
 from __future__ import annotations
 
@@ -32,7 +44,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import optuna
@@ -40,7 +52,7 @@ import optuna
 from step5.data.splits import FoldFiles
 from step5.errors import JobError, Step5Error, UsageError
 from step5.execution.runner import FoldRunner
-from step5.protocol import NNParams, TrainRequest
+from step5.protocol import NNParams, TrainRequest, fusion_key
 from step5.optimizer.search_space import suggest_nn_params
 
 logger = logging.getLogger(__name__)
@@ -119,6 +131,11 @@ class ModelBackend(Protocol):
         """
         ...
 
+    def run_trial_batch(self, trials: Sequence[tuple[int, dict[str, Any]]]) -> list[list[dict[str, Any]] | JobError]:
+        """Train the folds of several trials together; per trial (input order) its fold
+        results or the :class:`JobError` that failed it. A failing trial fails only itself."""
+        ...
+
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
         """Fit on the final split with exactly ``params``, score on the test set, save the model."""
         ...
@@ -131,11 +148,40 @@ class ModelBackend(Protocol):
         ...
 
 
+def fusion_groups(trial_requests: Mapping[int, Sequence[TrainRequest]], max_groups: int = 1) -> list[list[int]]:
+    """Group trials whose folds can share one fused pass; returns lists of trial numbers.
+
+    Trials are grouped by the :data:`~step5.protocol.FUSE_KEYS` values of their requests
+    (layer widths, optimizer, batch size, ...; learning rate, weight decay and dropout may
+    differ per model). Groups keep the order in which their first trial appears. When there
+    are fewer groups than ``max_groups`` (device slots), the largest groups are split by
+    whole trials so that every slot gets work; one fused pass per device is the point.
+    """
+    by_key: dict[tuple[Any, ...], list[int]] = {}
+    for number, requests in trial_requests.items():
+        keys = {fusion_key(r) for r in requests}
+        assert len(keys) == 1, f"trial {number}'s folds disagree on the fused-pass keys: {keys}"
+        by_key.setdefault(keys.pop(), []).append(number)
+    groups = list(by_key.values())
+    while len(groups) < max_groups:
+        largest = max(range(len(groups)), key=lambda i: len(groups[i]))
+        if len(groups[largest]) < 2:
+            break
+        g = groups[largest]
+        groups[largest:largest + 1] = [g[: len(g) // 2 + len(g) % 2], g[len(g) // 2 + len(g) % 2:]]
+    return groups
+
+
+#: Trial-batch re-runs described individually in the sidecar (the count is always kept).
+_MAX_RERUN_RECORDS = 20
+
+
 class NNBackend:
     """Neural-net folds as :class:`TrainRequest` jobs for a :class:`FoldRunner`.
 
     The K fold NPZ files and the final-model NPZ are written once, here, into ``files``;
-    every trial sends requests naming the same paths.
+    every trial sends requests naming the same paths. With ``fuse_folds`` a trial's K folds
+    go to the runner as one fused group; :meth:`run_trial_batch` fuses several trials.
     """
 
     model_type = "neural_net"
@@ -152,6 +198,9 @@ class NNBackend:
         dropout: float | None,
         max_epochs: int,
         batch_mode: str = "auto",
+        fuse_folds: bool = False,
+        fuse_trials: int = 1,
+        parallel_groups: int = 1,
     ) -> None:
         self.runner = runner
         self.cv = cv
@@ -161,6 +210,12 @@ class NNBackend:
         self.dropout = dropout
         self.max_epochs = max_epochs
         self.batch_mode = batch_mode
+        self.fuse_folds = fuse_folds
+        self.fuse_trials = fuse_trials
+        self.parallel_groups = max(1, parallel_groups)  # device slots: split big groups to fill them
+        self._fusion = {"trial_batches": 0, "fused_calls": 0, "groups": 0, "jobs": 0, "largest_group": 0,
+                        "batch_reruns": 0}
+        self._reruns: list[dict[str, Any]] = []
         start = time.perf_counter()
         self.fold_paths: list[str] = []
         for f, (tr, va) in enumerate(cv.folds):
@@ -196,14 +251,86 @@ class NNBackend:
             **extra,
         )
 
-    def run_folds(self, trial_number: int, params: dict[str, Any]) -> list[dict[str, Any]]:
+    def fold_requests(self, trial_number: int, params: dict[str, Any]) -> list[TrainRequest]:
+        """The K fold jobs of one trial: the same requests whether they run fused or not."""
         nn_params = NNParams.from_dict(params)
-        requests = [self._request(trial_number, f, nn_params, p) for f, p in enumerate(self.fold_paths)]
-        results = self.runner.run_jobs(requests)
+        return [self._request(trial_number, f, nn_params, p) for f, p in enumerate(self.fold_paths)]
+
+    def _with_train_r2(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for (tr, _va), res in zip(self.cv.folds, results):
             if "train_r2" not in res and "train_mse" in res:
                 res["train_r2"] = r2_from_mse(res["train_mse"], self.cv.y_dev[tr])
         return results
+
+    def _run_fused(self, groups: list[list[TrainRequest]]) -> list[list[dict[str, Any]]]:
+        self._fusion["fused_calls"] += 1
+        self._fusion["groups"] += len(groups)
+        self._fusion["jobs"] += sum(len(g) for g in groups)
+        self._fusion["largest_group"] = max([self._fusion["largest_group"], *(len(g) for g in groups)])
+        return self.runner.run_fused(groups)
+
+    def run_folds(self, trial_number: int, params: dict[str, Any]) -> list[dict[str, Any]]:
+        requests = self.fold_requests(trial_number, params)
+        if self.fuse_folds:
+            (results,) = self._run_fused([requests])
+        else:
+            results = self.runner.run_jobs(requests)
+        return self._with_train_r2(results)
+
+    def run_trial_batch(self, trials: Sequence[tuple[int, dict[str, Any]]]) -> list[list[dict[str, Any]] | JobError]:
+        """Train several trials' folds in one ``run_fused`` call, grouped by layer shapes.
+
+        The runner raises the first :class:`JobError` of a call and keeps no other result,
+        so when a batch fails, the failing trial (named by the error) is set aside and the
+        rest of the batch runs again without it: one failing trial fails only itself, at the
+        cost of a re-run. An error that names no trial of the batch makes every trial run
+        alone, so each gets its own outcome.
+        """
+        self._fusion["trial_batches"] += 1
+        requests = {number: self.fold_requests(number, params) for number, params in trials}
+        outcome: dict[int, list[dict[str, Any]] | JobError] = {}
+        pending = [number for number, _ in trials]
+        while pending:
+            groups = fusion_groups({n: requests[n] for n in pending}, self.parallel_groups)
+            try:
+                results = self._run_fused([[r for n in g for r in requests[n]] for g in groups])
+            except JobError as exc:
+                culprit = pending[0] if len(pending) == 1 else exc.trial_number
+                self._note_rerun(pending, culprit, exc)
+                if culprit in pending:
+                    outcome[culprit] = exc
+                    pending.remove(culprit)
+                    if pending:
+                        logger.warning(
+                            "trial %d failed inside a fused batch (%s: %s); re-running the batch's other "
+                            "trial(s) %s without it", culprit, exc.error_type, exc.message, pending,
+                        )
+                    continue
+                logger.warning(
+                    "a fused batch failed with an error naming no trial of it (%s: %s); running trials %s "
+                    "one at a time", exc.error_type, exc.message, pending,
+                )
+                for n in pending:
+                    try:
+                        (alone,) = self._run_fused([requests[n]])
+                        outcome[n] = self._with_train_r2(alone)
+                    except JobError as one:
+                        outcome[n] = one
+                break
+            for g, group_results in zip(groups, results):
+                it = iter(group_results)
+                for n in g:
+                    outcome[n] = self._with_train_r2([next(it) for _ in requests[n]])
+            break
+        return [outcome[number] for number, _ in trials]
+
+    def _note_rerun(self, pending: list[int], culprit: int | None, exc: JobError) -> None:
+        self._fusion["batch_reruns"] += 1
+        if len(self._reruns) < _MAX_RERUN_RECORDS:
+            self._reruns.append({
+                "trials": list(pending), "failed_trial": culprit, "error_type": exc.error_type,
+                "error": exc.message[:300],
+            })
 
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
         request = self._request(
@@ -227,8 +354,19 @@ class NNBackend:
             "nn_max_epochs": self.max_epochs,
         }
 
+    def fusion_summary(self) -> dict[str, Any]:
+        """The sidecar's ``execution.fusion`` block: what was asked and what ran fused."""
+        return {
+            "fuse_folds": self.fuse_folds,
+            "fuse_trials": self.fuse_trials,
+            **self._fusion,
+            "reruns": [dict(r) for r in self._reruns],
+        }
+
     def summary(self) -> dict[str, Any]:
-        return self.runner.summary()
+        summary = dict(self.runner.summary())
+        summary["fusion"] = self.fusion_summary()
+        return summary
 
     def close(self) -> None:
         self.runner.close()
@@ -249,13 +387,17 @@ class TreeBackend:
     """xgboost / lightgbm / catboost folds fitted in-process through :mod:`step5.models.trees`.
 
     Gradient-boosted trees do not touch torch or CUDA state in the parent, so they need no
-    subprocess; execution mode is ``inline``.
+    subprocess; execution mode is ``inline``. ``n_threads`` (``--cpu-workers``) is the
+    library's thread count; None lets the library choose.
     """
 
-    def __init__(self, model_type: str, cv: CVData, *, seed: int, gpus: list[str] | None = None) -> None:
+    def __init__(
+        self, model_type: str, cv: CVData, *, seed: int, gpus: list[str] | None = None, n_threads: int | None = None,
+    ) -> None:
         self.model_type = model_type
         self.cv = cv
         self.seed = seed
+        self.n_threads = n_threads
         self.trees = _load_trees_module()
         try:
             # --gpus: None detects, [] forces CPU, ["1", ...] trains on the first listed GPU.
@@ -279,7 +421,7 @@ class TreeBackend:
                 self.model_type, dict(params),
                 self.cv.X_dev[tr], self.cv.y_dev[tr], self.cv.X_dev[va], self.cv.y_dev[va],
                 seed=fold_seed(self.seed, trial_number, fold_idx), device=self.device,
-                feature_names=self.cv.feature_names, **test,
+                feature_names=self.cv.feature_names, n_threads=self.n_threads, **test,
             )
         except JobError as exc:
             # The library rejected these params or this data: deterministic, fails the trial.
@@ -300,6 +442,16 @@ class TreeBackend:
     def run_folds(self, trial_number: int, params: dict[str, Any]) -> list[dict[str, Any]]:
         return [self._fit(trial_number, f, params, tr, va)[0] for f, (tr, va) in enumerate(self.cv.folds)]
 
+    def run_trial_batch(self, trials: Sequence[tuple[int, dict[str, Any]]]) -> list[list[dict[str, Any]] | JobError]:
+        """Nothing to fuse in-process: the trials' folds are fitted one after another."""
+        out: list[list[dict[str, Any]] | JobError] = []
+        for number, params in trials:
+            try:
+                out.append(self.run_folds(number, params))
+            except JobError as exc:
+                out.append(exc)
+        return out
+
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
         metrics, model = self._fit(
             trial_number, FINAL_FOLD_IDX, params, self.cv.final_fit_idx, self.cv.final_es_idx,
@@ -310,7 +462,7 @@ class TreeBackend:
         return metrics
 
     def training_options(self) -> dict[str, Any]:
-        return {"device_request": self.device or "auto"}
+        return {"device_request": self.device or "auto", "n_threads": self.n_threads}
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -325,6 +477,9 @@ class TreeBackend:
                 "overhead_s": round(max(0.0, self._wall_s - self._compute_s), 4),
                 "spawn_s": 0.0,
             },
+            # Fusion is a neural-net feature; recorded so every sidecar has the same block.
+            "fusion": {"fuse_folds": False, "fuse_trials": 1, "trial_batches": 0, "fused_calls": 0, "groups": 0,
+                       "jobs": 0, "largest_group": 0, "batch_reruns": 0, "reruns": []},
         }
 
     def close(self) -> None:
@@ -381,6 +536,24 @@ def summarize_folds(results: Sequence[dict[str, Any]]) -> TrialSummary:
     )
 
 
+def fail_reason(exc: JobError) -> str:
+    """How a trial failed by a fold's :class:`JobError`, as stored in ``user_attrs["fail_reason"]``."""
+    where = f" (fold {exc.fold_idx})" if exc.fold_idx is not None else ""
+    return f"{exc.error_type}{where}: {exc.message}"
+
+
+def record_trial(trial: optuna.Trial, results: Sequence[dict[str, Any]], *, wall_s: float) -> TrialSummary:
+    """Store one trial's fold results in its ``user_attrs``; returns its summary (value may be NaN)."""
+    summary = summarize_folds(results)
+    trial.set_user_attr("cv", summary.to_dict())
+    trial.set_user_attr("folds", summary.folds)
+    trial.set_user_attr("wall_s", round(wall_s, 4))
+    if not math.isfinite(summary.value):
+        # Optuna fails a trial whose value is NaN; say why first.
+        trial.set_user_attr("fail_reason", "a fold's R² is not finite (training diverged)")
+    return summary
+
+
 class AntiOverfitObjective:
     """The callable handed to ``study.optimize``: one trial = K folds = one anti-overfit score.
 
@@ -402,16 +575,9 @@ class AntiOverfitObjective:
         try:
             results = self.backend.run_folds(trial.number, params)
         except JobError as exc:
-            where = f" (fold {exc.fold_idx})" if exc.fold_idx is not None else ""
-            trial.set_user_attr("fail_reason", f"{exc.error_type}{where}: {exc.message}")
+            trial.set_user_attr("fail_reason", fail_reason(exc))
             raise
-        summary = summarize_folds(results)
-        trial.set_user_attr("cv", summary.to_dict())
-        trial.set_user_attr("folds", summary.folds)
-        trial.set_user_attr("wall_s", round(time.perf_counter() - start, 4))
+        summary = record_trial(trial, results, wall_s=time.perf_counter() - start)
         if self.on_result is not None:
             self.on_result(trial, summary)
-        if not math.isfinite(summary.value):
-            # Optuna fails a trial whose value is NaN; say why first.
-            trial.set_user_attr("fail_reason", "a fold's R² is not finite (training diverged)")
         return summary.value

@@ -12,6 +12,8 @@
     Optuna study (SQLite by default: a re-run resumes) ──▶ N - complete new trials
             │   each trial: K folds ─▶ backend (NN: FoldRunner = workers | one-shot
             │                                   subprocesses; trees: in-process)
+            │   --fuse-folds:    a trial's K folds in one fused pass (runner.run_fused)
+            │   --fuse-trials M: ask M trials, fuse same-shape ones, tell each exactly once
             ▼
     final model: the best trial's exact params, fitted on dev minus an early-stopping
     slice (~1/K of dev), early-stopped on that slice, scored on the test rows
@@ -27,15 +29,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
 import uuid
+import warnings
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import optuna
@@ -46,7 +51,7 @@ from step5.data.history import load_history
 from step5.data.splits import FoldFiles, holdout_split, kfold_splits
 from step5.data.survivors import SurvivorTable, load_survivors
 from step5.devices import plan_slots
-from step5.errors import DataError, DegenerateSignalError, JobError, PolicyError, Step5Error, UsageError
+from step5.errors import DataError, DegenerateSignalError, JobError, Step5Error
 from step5.execution.factory import make_fold_runner, resolve_persistent_workers
 from step5.policy import Policy, load_policy
 from step5.signal_quality import assess_signal
@@ -61,6 +66,8 @@ from step5.optimizer.objective import (
     NNBackend,
     TreeBackend,
     TrialSummary,
+    fail_reason,
+    record_trial,
 )
 from step5.optimizer.plots import plot_optimization_history
 from step5.optimizer.study import (
@@ -71,6 +78,7 @@ from step5.optimizer.study import (
     default_study_name,
     open_study,
     redact_storage,
+    trial_heartbeats,
 )
 
 logger = logging.getLogger(__name__)
@@ -88,6 +96,12 @@ OVERFIT_RATIO_DEFINITION = (
 )
 
 
+def _log_failed_trial(trial: optuna.Trial, reason: str) -> None:
+    """Optuna's own failure line, for trials the batched loop tells FAIL itself."""
+    logger.warning("Trial %d failed with parameters: %s because of the following error: %s.",
+                   trial.number, trial.params, reason)
+
+
 def overfit_ratio(train_r2: float | None, val_r2: float | None) -> float | None:
     """train R² / val R²: 1.0 generalises as well as it fits; 1.5 fits 50% "better" than it
     generalises. Undefined (None) when val R² <= 0: there is nothing to be a ratio of."""
@@ -96,28 +110,52 @@ def overfit_ratio(train_r2: float | None, val_r2: float | None) -> float | None:
     return float(train_r2) / float(val_r2)
 
 
-def check_fusion_request(config: OptimizerConfig, policy: Policy) -> None:
-    """Fused folds / fused trials are accepted on the command line but not built yet: say so.
+@dataclass(frozen=True)
+class FusionPlan:
+    """How this run trains its neural-net folds: fused or not, and how many trials at once."""
 
-    Silently training unfused when fusion was asked for would misreport what ran, so a
-    request (flag, or the policy's ``training.fuse_folds``) is refused with a clear message.
+    fuse_folds: bool  # a trial's K folds share one batched pass (runner.run_fused)
+    fuse_trials: int  # trials asked from Optuna at once and fused by layer shape (1: one at a time)
+    source: str  # what decided fuse_folds, for the log
+
+
+def resolve_fusion(config: OptimizerConfig, policy: Policy) -> FusionPlan:
+    """``--fuse-folds`` / ``--no-fuse-folds`` win over the policy's ``training.fuse_folds``.
+
+    ``--fuse-trials N`` (N > 1) trains every fold of a group of trials in one pass, which
+    is fused folds by definition: it implies ``--fuse-folds`` (over the policy too). Its
+    combination with an explicit ``--no-fuse-folds`` is refused by ``validate_config``.
     """
-    fuse_folds = policy.training.fuse_folds if config.fuse_folds is None else config.fuse_folds
-    if fuse_folds or config.fuse_trials > 1:
-        what = []
-        if fuse_folds:
-            source = "--fuse-folds" if config.fuse_folds else f"the policy's training.fuse_folds ({policy.source})"
-            what.append(f"fused folds (requested by {source})")
-        if config.fuse_trials > 1:
-            what.append(f"fused trials (--fuse-trials {config.fuse_trials})")
-        message = (
-            f"{' and '.join(what)} are not implemented yet in this optimizer; "
-            "run without them (--no-fuse-folds, --fuse-trials 1)"
-        )
-        logger.error(message)
-        if config.fuse_folds is None and config.fuse_trials == 1:
-            raise PolicyError(message)
-        raise UsageError(message)
+    if config.fuse_trials > 1:
+        source = "--fuse-folds" if config.fuse_folds else f"--fuse-trials {config.fuse_trials} (implies --fuse-folds)"
+        return FusionPlan(True, config.fuse_trials, source)
+    if config.fuse_folds is not None:
+        return FusionPlan(config.fuse_folds, 1, "--fuse-folds" if config.fuse_folds else "--no-fuse-folds")
+    return FusionPlan(policy.training.fuse_folds, 1, f"the policy's training.fuse_folds ({policy.source or 'defaults'})")
+
+
+#: Flags that configure neural-net training only: (config field, default, spellings).
+_NN_ONLY_FLAGS: tuple[tuple[str, Any, tuple[str, ...]], ...] = (
+    ("normalize_features", True, ("--normalize-features", "--no-normalize-features")),
+    ("use_leaky_relu", True, ("--use-leaky-relu", "--no-use-leaky-relu")),
+    ("dropout", None, ("--dropout",)),
+    ("nn_max_epochs", 200, ("--nn-max-epochs",)),
+    ("persistent_workers", None, ("--persistent-workers", "--no-persistent-workers")),
+    ("fuse_folds", None, ("--fuse-folds", "--no-fuse-folds")),
+    ("fuse_trials", 1, ("--fuse-trials",)),
+)
+
+
+def nn_only_settings(config: OptimizerConfig) -> list[str]:
+    """The neural-net-only flags this run was given, typed on the command line (when it is
+    known) or set away from their defaults in code: ``["--dropout=0.2", ...]``."""
+    typed = {arg.split("=", 1)[0] for arg in (config.command_line or []) if arg.startswith("--")}
+    given = []
+    for name, default, spellings in _NN_ONLY_FLAGS:
+        value = getattr(config, name)
+        if value != default or typed & set(spellings):
+            given.append(f"--{name.replace('_', '-')}={value}")
+    return given
 
 
 class AntiOverfitMetaOptimizer:
@@ -126,7 +164,7 @@ class AntiOverfitMetaOptimizer:
     ``run()`` returns a :class:`RunOutcome` on success and raises :class:`Step5Error`
     subclasses otherwise: :class:`DataError` for bad inputs, :class:`DegenerateSignalError`
     (after writing the degenerate sidecar; the exception carries ``.outcome``) when the
-    target has nothing to learn, :class:`UsageError` for impossible settings.
+    target has nothing to learn, :class:`~step5.errors.UsageError` for impossible settings.
     """
 
     def __init__(self, config: OptimizerConfig) -> None:
@@ -136,6 +174,7 @@ class AntiOverfitMetaOptimizer:
         self.output_dir = Path(config.output_dir)
         self.timings: dict[str, float] = {}
         self.policy: Policy | None = None
+        self.fusion = FusionPlan(False, 1, "not resolved yet")
         self._first_new_number = 0  # trials numbered from here on were run by this invocation
         self._new_trials = 0  # trials (any end state) this invocation ran
         self._t0 = time.perf_counter()
@@ -150,7 +189,7 @@ class AntiOverfitMetaOptimizer:
             self.run_id[:8], cfg.model_type, cfg.trials, cfg.k_folds, cfg.test_holdout, cfg.seed,
         )
         self.policy = policy = load_policy(cfg.policy_path)
-        check_fusion_request(cfg, policy)
+        self.fusion = resolve_fusion(cfg, policy)
 
         start = time.perf_counter()
         table = load_survivors(cfg.survivors, cfg.target)
@@ -275,7 +314,17 @@ class AntiOverfitMetaOptimizer:
     def _make_backend(self, cv: CVData, files: FoldFiles) -> ModelBackend:
         cfg = self.config
         if cfg.model_type != "neural_net":
-            return TreeBackend(cfg.model_type, cv, seed=cfg.seed, gpus=cfg.gpus)
+            not_applicable = nn_only_settings(cfg)
+            if not_applicable:
+                # Accepted for every model type (compare runs share one command line), but
+                # never silently ignored.
+                logger.info(
+                    "neural-net settings do not apply to %s and are ignored: %s",
+                    cfg.model_type, ", ".join(not_applicable),
+                )
+            if cfg.cpu_workers is not None:
+                logger.info("%s trains with %d thread(s) (--cpu-workers)", cfg.model_type, cfg.cpu_workers)
+            return TreeBackend(cfg.model_type, cv, seed=cfg.seed, gpus=cfg.gpus, n_threads=cfg.cpu_workers)
         policy = self.policy
         assert policy is not None, "run() loads the policy before making the backend"
         slots = plan_slots(cfg.gpus, cfg.cpu_workers)
@@ -292,10 +341,18 @@ class AntiOverfitMetaOptimizer:
                 f"persistent workers are not available ({exc}); run with --no-persistent-workers"
             ) from None
         self.timings["runner_start_s"] = time.perf_counter() - start
+        fusion = self.fusion
+        if fusion.fuse_folds:
+            logger.info(
+                "fused training: %s; %s", "each trial's folds in one batched pass" if fusion.fuse_trials == 1 else
+                f"up to {fusion.fuse_trials} trials at a time, same-shape trials' folds in one batched pass",
+                f"decided by {fusion.source}",
+            )
         try:
             return NNBackend(
                 runner, cv, files, seed=cfg.seed, normalize_features=cfg.normalize_features,
                 use_leaky_relu=cfg.use_leaky_relu, dropout=cfg.dropout, max_epochs=cfg.nn_max_epochs,
+                fuse_folds=fusion.fuse_folds, fuse_trials=fusion.fuse_trials, parallel_groups=len(slots),
             )
         except BaseException:
             runner.close()
@@ -318,33 +375,128 @@ class AntiOverfitMetaOptimizer:
             def on_result(trial: optuna.Trial, summary: TrialSummary) -> None:
                 logger.debug("trial %d folds: %s", trial.number, summary.folds)
 
-            def progress(study: optuna.Study, trial: FrozenTrial) -> None:
-                self._new_trials += 1
-                done = self._new_trials
-                best = best_complete_trial(study)
-                best_txt = f"best {best.value:.4f} (trial {best.number})" if best is not None else "no complete trial yet"
-                if trial.state == TrialState.COMPLETE:
-                    cvm = trial.user_attrs.get("cv", {})
-                    logger.info(
-                        "[%d/%d] trial %d: objective %.4f (val R² %.4f ± %.4f, train R² %.4f) in %.1fs; %s",
-                        done, n_new, trial.number, trial.value, cvm.get("val_r2_mean", float("nan")),
-                        cvm.get("val_r2_std", float("nan")), cvm.get("train_r2_mean", float("nan")),
-                        trial.user_attrs.get("wall_s", 0.0), best_txt,
-                    )
-                else:
-                    logger.warning(
-                        "[%d/%d] trial %d %s: %s; %s", done, n_new, trial.number, trial.state.name,
-                        trial.user_attrs.get("fail_reason", "see the error above"), best_txt,
-                    )
-
-            opened.study.optimize(
-                AntiOverfitObjective(backend, on_result=on_result),
-                n_trials=n_new,
-                catch=(JobError,),
-                callbacks=[progress],
-                gc_after_trial=False,
-            )
+            progress = self._progress_callback(n_new)
+            batch = self.fusion.fuse_trials if backend.model_type == "neural_net" else 1
+            if batch > 1:
+                self._search_batched(opened, backend, n_new, batch, progress)
+            else:
+                opened.study.optimize(
+                    AntiOverfitObjective(backend, on_result=on_result),
+                    n_trials=n_new,
+                    catch=(JobError,),
+                    callbacks=[progress],
+                    gc_after_trial=False,
+                )
         self.timings["search_s"] = time.perf_counter() - start
+
+    def _progress_callback(self, n_new: int) -> Callable[[optuna.Study, FrozenTrial], None]:
+        """The per-trial progress line, as an Optuna callback (also called by the batched loop)."""
+
+        def progress(study: optuna.Study, trial: FrozenTrial) -> None:
+            self._new_trials += 1
+            done = self._new_trials
+            best = best_complete_trial(study)
+            best_txt = f"best {best.value:.4f} (trial {best.number})" if best is not None else "no complete trial yet"
+            if trial.state == TrialState.COMPLETE:
+                cvm = trial.user_attrs.get("cv", {})
+                logger.info(
+                    "[%d/%d] trial %d: objective %.4f (val R² %.4f ± %.4f, train R² %.4f) in %.1fs; %s",
+                    done, n_new, trial.number, trial.value, cvm.get("val_r2_mean", float("nan")),
+                    cvm.get("val_r2_std", float("nan")), cvm.get("train_r2_mean", float("nan")),
+                    trial.user_attrs.get("wall_s", 0.0), best_txt,
+                )
+            else:
+                logger.warning(
+                    "[%d/%d] trial %d %s: %s; %s", done, n_new, trial.number, trial.state.name,
+                    trial.user_attrs.get("fail_reason", "see the error above"), best_txt,
+                )
+
+        return progress
+
+    def _search_batched(
+        self, opened: OpenedStudy, backend: ModelBackend, n_new: int, batch: int,
+        progress: Callable[[optuna.Study, FrozenTrial], None],
+    ) -> None:
+        """``--fuse-trials``: ask up to ``batch`` trials, train them in one fused call, tell each once.
+
+        Same bookkeeping as ``study.optimize``: ``n_new`` trials are run in all, whatever
+        their end state; each is told exactly once -- COMPLETE with its value, or FAIL
+        with its reason (logged "Trial N failed with parameters ... because ...") -- and
+        whatever escapes (an exception, Ctrl-C, SIGTERM) first tells FAIL to every trial of
+        the batch not yet told, then propagates: no trial is left RUNNING.
+        """
+        study = opened.study
+        asked = 0
+        batch_index = 0
+        while asked < n_new:
+            size = min(batch, n_new - asked)
+            # What study.optimize does before each trial: fail trials a killed run left RUNNING.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+            trials: list[optuna.Trial] = []
+            told: set[int] = set()
+            try:
+                # Ask and suggest trial by trial: the sampler sees the same sequence of calls
+                # as in one-at-a-time runs, so its start-up (random) trials are identical.
+                params: list[dict[str, Any]] = []
+                for _ in range(size):
+                    with warnings.catch_warnings():
+                        # Optuna warns that heartbeats are meant for study.optimize; this loop
+                        # records them itself (trial_heartbeats below).
+                        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+                        trial = study.ask()
+                    trials.append(trial)
+                    asked += 1
+                    p = backend.suggest(trial)
+                    trial.set_user_attr("params", p)
+                    trial.set_user_attr("model_type", backend.model_type)
+                    params.append(p)
+                numbers = [t.number for t in trials]
+                for t in trials:
+                    t.set_user_attr("batch", {"index": batch_index, "trials": numbers})
+                logger.info("batch %d: trials %s (same-shape trials share one fused pass)", batch_index, numbers)
+                start = time.perf_counter()
+                with trial_heartbeats(opened, numbers):
+                    outcomes = backend.run_trial_batch(list(zip(numbers, params)))
+                wall_s = time.perf_counter() - start
+                if len(outcomes) != len(trials):
+                    raise Step5Error(f"the backend returned {len(outcomes)} outcomes for a batch of {len(trials)} trials")
+                for trial, outcome in zip(trials, outcomes):
+                    frozen = self._tell(study, trial, outcome, wall_s=wall_s)
+                    told.add(trial.number)
+                    progress(study, frozen)
+            except BaseException as exc:
+                self._fail_untold(study, [t for t in trials if t.number not in told], exc)
+                raise
+            batch_index += 1
+
+    @staticmethod
+    def _tell(study: optuna.Study, trial: optuna.Trial, outcome: list[dict[str, Any]] | JobError,
+              *, wall_s: float) -> FrozenTrial:
+        """Tell Optuna how one trial of a batch ended; returns the finished trial."""
+        if isinstance(outcome, JobError):
+            reason = fail_reason(outcome)
+            trial.set_user_attr("fail_reason", reason)
+        else:
+            summary = record_trial(trial, outcome, wall_s=wall_s)
+            if math.isfinite(summary.value):
+                return study.tell(trial, summary.value)
+            reason = trial.user_attrs.get("fail_reason", "the objective is not finite")
+        _log_failed_trial(trial, reason)
+        return study.tell(trial, state=TrialState.FAIL)
+
+    @staticmethod
+    def _fail_untold(study: optuna.Study, trials: list[optuna.Trial], error: BaseException) -> None:
+        """Tell FAIL to trials a batch asked but never finished (the batch was interrupted)."""
+        reason = f"the batch was interrupted before this trial was told: {error!r}"
+        for trial in trials:
+            try:
+                trial.set_user_attr("fail_reason", reason)
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                _log_failed_trial(trial, reason)
+            except Exception:  # noqa: BLE001 - keep failing the others; the original error propagates
+                logger.exception("could not record trial %d as FAILED", trial.number)
 
     @staticmethod
     def _no_complete_trial_message(study: optuna.Study) -> str:

@@ -17,16 +17,23 @@ Resume semantics, in one place:
   reproducible from ``--seed``, and a resumed one does not replay the random start-up
   configurations its first run already tried.
 * The RDB storage runs Optuna's heartbeat, so a trial left RUNNING by a killed process is
-  marked FAILED by a later run once its heartbeat is stale.
+  marked FAILED by a later run once its heartbeat is stale. Trials asked in a batch
+  (``--fuse-trials``) get their heartbeats from :func:`trial_heartbeats`.
+* With ``--fuse-trials N`` the trials of a batch are asked before any of them is told.
+  Optuna 5's TPE runs with ``constant_liar`` by default, which keeps them from all landing
+  on the same configuration; its random start-up trials (the first 10 complete ones) are
+  the same configurations, with the same fold seeds, whether batched or not.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import optuna
 from optuna.trial import TrialState
@@ -81,6 +88,7 @@ class OpenedStudy:
     complete_before: int  # COMPLETE trials found when the study was opened
     trials_before: int  # trials of any state found when the study was opened
     sampler_seed: int
+    storage: optuna.storages.BaseStorage | None = None  # the RDB storage the study lives in
 
 
 def count_states(study: optuna.Study) -> dict[str, int]:
@@ -162,6 +170,7 @@ def open_study(
     return OpenedStudy(
         study=study, study_name=study_name, storage_url=storage_url, resumed=resumed,
         complete_before=counts["complete"], trials_before=trials_before, sampler_seed=sampler_seed,
+        storage=storage,
     )
 
 
@@ -178,3 +187,40 @@ def best_complete_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     if not complete:
         return None
     return study.best_trial
+
+
+@contextlib.contextmanager
+def trial_heartbeats(opened: OpenedStudy, trial_numbers: Sequence[int]) -> Iterator[None]:
+    """Record Optuna heartbeats for several RUNNING trials while the block runs.
+
+    ``study.optimize`` runs one heartbeat thread per trial; trials asked in a batch need
+    the same, or a process killed with SIGKILL mid-batch would leave them RUNNING for good
+    (a later run fails only trials whose heartbeat went stale). Uses only the storage's
+    public heartbeat methods; a storage without heartbeats makes this a no-op.
+    """
+    storage = opened.storage
+    interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+    if storage is None or not interval or not trial_numbers:
+        yield
+        return
+    study_id = storage.get_study_id_from_name(opened.study_name)
+    trial_ids = [storage.get_trial_id_from_study_id_trial_number(study_id, n) for n in trial_numbers]
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            for trial_id in trial_ids:
+                try:
+                    storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+                except Exception:  # noqa: BLE001 - a missed beat is harmless; the next one retries
+                    logger.debug("recording a heartbeat for trial id %d failed", trial_id, exc_info=True)
+            if stop.wait(timeout=interval):
+                return
+
+    thread = threading.Thread(target=beat, name="step5-trial-heartbeats", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

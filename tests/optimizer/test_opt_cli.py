@@ -52,8 +52,8 @@ def test_help_exits_0_and_lists_every_spec_flag(repo_root, python):
         (["--dropout", "1.0"], "dropout probability in [0, 1)"),
         (["--gpus", "0,x"], "comma-separated list of GPU indices"),
         (["--compare-models", "--model-type", "xgboost"], "do not combine it with --model-type"),
-        (["--fuse-folds"], "fused folds (requested by --fuse-folds) are not implemented yet"),
-        (["--fuse-trials", "3"], "fused trials (--fuse-trials 3) are not implemented yet"),
+        (["--fuse-trials", "3", "--no-fuse-folds"], "--no-fuse-folds forbids"),
+        (["--fuse-trials", "0"], "expected an integer >= 1"),
         (["--storage", "not-a-url"], "--storage must be an Optuna storage URL"),
     ],
 )

@@ -18,7 +18,7 @@ import pytest
 from optuna.trial import TrialState
 
 from step5 import artifacts
-from step5.errors import DegenerateSignalError, JobError, PolicyError, Step5Error, UsageError
+from step5.errors import DegenerateSignalError, JobError, Step5Error, UsageError
 from step5.jsonio import read_json_file, write_json_atomic
 from step5.optimizer import AntiOverfitMetaOptimizer, OptimizerConfig
 from step5.optimizer import optimizer as optimizer_module
@@ -269,15 +269,22 @@ def test_degenerate_target_writes_degenerate_sidecar_and_removes_a_stale_model(d
     assert made == []  # nothing was trained, no process started
 
 
-def test_fusion_requests_are_refused_not_ignored(sample_inputs, tmp_path, fake_runner):
-    with pytest.raises(UsageError, match="fused folds .*not implemented"):
-        AntiOverfitMetaOptimizer(_config(sample_inputs, tmp_path, fuse_folds=True)).run()
-    with pytest.raises(UsageError, match="fused trials"):
-        AntiOverfitMetaOptimizer(_config(sample_inputs, tmp_path, fuse_trials=4)).run()
-    policy = tmp_path / "policy.json"
-    write_json_atomic(policy, {"training": {"fuse_folds": True}})
-    with pytest.raises(PolicyError, match="training.fuse_folds"):
-        AntiOverfitMetaOptimizer(_config(sample_inputs, tmp_path, policy_path=policy)).run()
+def test_fusion_flags_win_over_the_policy_and_fuse_trials_implies_fused_folds(tmp_path):
+    from step5.optimizer.optimizer import resolve_fusion
+    from step5.policy import load_policy
+
+    policy_on = tmp_path / "on.json"
+    write_json_atomic(policy_on, {"training": {"fuse_folds": True}})
+    on, off = load_policy(policy_on), load_policy(None)
+    cfg = OptimizerConfig(survivors=Path("s.json"), lottery_data=Path("h.json"))
+    plan = lambda policy, **kw: resolve_fusion(dataclasses.replace(cfg, **kw), policy)  # noqa: E731
+    assert (plan(off).fuse_folds, plan(off).fuse_trials) == (False, 1)  # off by default
+    assert plan(on).fuse_folds is True and "training.fuse_folds" in plan(on).source
+    assert plan(on, fuse_folds=False).fuse_folds is False  # the flag wins
+    assert plan(off, fuse_folds=True).fuse_folds is True
+    assert (plan(off, fuse_trials=4).fuse_folds, plan(off, fuse_trials=4).fuse_trials) == (True, 4)
+    with pytest.raises(UsageError, match="--no-fuse-folds forbids"):
+        AntiOverfitMetaOptimizer(dataclasses.replace(cfg, fuse_trials=4, fuse_folds=False))
 
 
 def test_policy_kill_switch_and_cli_override_reach_the_runner_factory(sample_inputs, tmp_path, fake_runner):

@@ -1,0 +1,460 @@
+"""Fused training through the optimizer (issue 7): --fuse-folds and --fuse-trials N.
+
+In-process runs with fake fold runners: a fake that records every ``run_fused`` group and
+answers like the pool does (the first JobError of a call, after the call; nothing else
+kept), and the real WorkerPool driving the fake worker script, whose results are a pure
+function of the request. The real trainers are in test_opt_fused_cli.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from step5 import artifacts
+from step5.devices import DeviceSlot
+from step5.errors import JobError
+from step5.execution.pool import WorkerPool
+from step5.jsonio import read_json_file
+from step5.optimizer import AntiOverfitMetaOptimizer, OptimizerConfig
+from step5.optimizer import objective as objective_module
+from step5.optimizer import optimizer as optimizer_module
+from step5.optimizer.objective import FINAL_FOLD_IDX, fold_seed, fusion_groups
+from step5.protocol import FUSE_KEYS, NNParams, TrainRequest, fusion_key
+from step5.testing import FAKE_WORKER, fake_worker_command
+
+
+class FusingFakeRunner:
+    """A FoldRunner with ``run_fused``; metrics are a function of the params and the seed."""
+
+    mode = "persistent_workers"
+
+    def __init__(self, *, fail_trials: Sequence[int] = (), name_the_trial: bool = True,
+                 explode_on_trial: int | None = None, explosion: type[BaseException] = RuntimeError) -> None:
+        self.fail_trials = set(fail_trials)
+        self.name_the_trial = name_the_trial
+        self.explode_on_trial = explode_on_trial
+        self.explosion = explosion
+        self.jobs: list[TrainRequest] = []  # run_jobs requests
+        self.fused_calls: list[list[list[TrainRequest]]] = []
+        self.closed = False
+
+    def _result(self, req: TrainRequest) -> dict[str, Any]:
+        lr = req.params.learning_rate
+        # Best near lr = 1e-3; the seed term makes a wrong fold seed visible in the values.
+        val = 0.6 - 0.1 * abs(np.log10(lr) + 3.0) + (req.seed % 997) * 1e-6
+        train = val + 0.05 * len(req.params.hidden_layers)
+        out = {"status": "complete", "model_type": "neural_net", "r2": val, "train_r2": train,
+               "val_mse": 1.0 - val, "train_mse": 1.0 - train, "duration": 0.01, "device": "cpu",
+               "trial_number": req.trial_number, "fold_idx": req.fold_idx, "job_id": req.job_id,
+               "epochs_run": 7, "best_epoch": 4}
+        if req.save_model_path:
+            Path(req.save_model_path).write_bytes(b"fake checkpoint")
+            out.update(model_path=req.save_model_path, test_r2=val - 0.01, test_mse=1.01 - val)
+        return out
+
+    def _check(self, requests: Sequence[TrainRequest]) -> None:
+        trials = {r.trial_number for r in requests}
+        if self.explode_on_trial in trials:
+            raise self.explosion("the runner blew up")
+        failing = sorted(trials & self.fail_trials)
+        if failing:
+            raise JobError("loss diverged to NaN at epoch 3", "train_error",
+                           trial_number=failing[0] if self.name_the_trial else None, fold_idx=0)
+
+    def run_jobs(self, requests: Sequence[TrainRequest]) -> list[dict[str, Any]]:
+        assert not self.closed
+        self.jobs.extend(requests)
+        self._check(requests)
+        return [self._result(r) for r in requests]
+
+    def run_fused(self, groups: Sequence[Sequence[TrainRequest]]) -> list[list[dict[str, Any]]]:
+        assert not self.closed
+        self.fused_calls.append([list(g) for g in groups])
+        for g in groups:  # what the worker checks before fusing
+            assert len({fusion_key(r) for r in g}) == 1, "a group mixes layer shapes"
+        self._check([r for g in groups for r in g])
+        return [[self._result(r) for r in g] for g in groups]
+
+    def summary(self) -> dict[str, Any]:
+        return {"mode": self.mode, "workers": [], "devices": ["CPU-0", "CPU-1"], "fallbacks": [],
+                "timings": {"jobs": len(self.jobs)}}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def runners(monkeypatch):
+    """Install a FusingFakeRunner factory; returns (runners made, options for the next ones)."""
+    made: list[FusingFakeRunner] = []
+    options: dict[str, Any] = {}
+
+    def factory(slots, policy, *, persistent):
+        runner = FusingFakeRunner(**options)
+        made.append(runner)
+        return runner
+
+    monkeypatch.setattr(optimizer_module, "make_fold_runner", factory)
+    return made, options
+
+
+def _config(sample_inputs, tmp_path: Path, name: str = "out", **kw) -> OptimizerConfig:
+    survivors, history = sample_inputs
+    base = dict(survivors=Path(survivors), lottery_data=Path(history), trials=3, k_folds=3,
+                output_dir=tmp_path / name, policy_path=None, cpu_workers=2, seed=11,
+                diagnostics_dir=tmp_path / "diag", command_line=["test"])
+    base.update(kw)
+    return OptimizerConfig(**base)
+
+
+def _study(cfg: OptimizerConfig, outcome) -> optuna.Study:
+    return optuna.load_study(study_name=outcome.sidecar["optuna"]["study_name"],
+                             storage=f"sqlite:///{(cfg.output_dir / 'optuna_step5.db').resolve()}")
+
+
+def _table(study: optuna.Study) -> list[tuple[int, str, float | None, dict]]:
+    return [(t.number, t.state.name, t.value, t.user_attrs.get("params")) for t in study.trials]
+
+
+# ---------------------------------------------------------------------------- grouping
+
+
+def _req(trial: int, fold: int, hidden: Sequence[int], lr: float = 1e-3, optimizer: str = "adam") -> TrainRequest:
+    return TrainRequest("f.npz", NNParams(hidden_layers=tuple(hidden), learning_rate=lr, optimizer=optimizer),
+                        trial_number=trial, fold_idx=fold)
+
+
+def test_fusion_key_mirrors_the_worker_list_and_ignores_per_model_params():
+    assert FUSE_KEYS == ("hidden_layers", "optimizer", "batch_mode", "epochs", "batch_size",
+                         "normalize_features", "use_leaky_relu")
+    a, b = _req(0, 0, [64, 32], lr=1e-3), _req(1, 0, [64, 32], lr=5e-3)
+    assert fusion_key(a) == fusion_key(dataclasses.replace(b, seed=99))  # lr, seed: per model
+    assert fusion_key(a) != fusion_key(_req(2, 0, [64, 64]))
+    assert fusion_key(a) != fusion_key(_req(3, 0, [64, 32], optimizer="adamw"))
+    assert fusion_key(a) != fusion_key(dataclasses.replace(a, use_leaky_relu=False))
+
+
+def test_fusion_groups_by_shape_then_splits_to_fill_the_device_slots():
+    trials = {0: [_req(0, f, [64]) for f in range(2)], 1: [_req(1, f, [128]) for f in range(2)],
+              2: [_req(2, f, [64], lr=0.01) for f in range(2)], 3: [_req(3, f, [64]) for f in range(2)],
+              4: [_req(4, f, [32, 32]) for f in range(2)]}
+    assert fusion_groups(trials, 1) == [[0, 2, 3], [1], [4]]
+    assert fusion_groups(trials, 4) == [[0, 2], [3], [1], [4]]  # the biggest group split in place, by trials
+    assert fusion_groups({0: trials[0]}, 4) == [[0]]  # a lone trial is never split
+    assert sorted(sum(fusion_groups(trials, 8), [])) == [0, 1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------- --fuse-folds
+
+
+def test_fuse_folds_sends_each_trial_as_one_group_with_the_unfused_requests(sample_inputs, tmp_path, runners):
+    made, _ = runners
+    plain = AntiOverfitMetaOptimizer(_config(sample_inputs, tmp_path, "plain")).run()
+    fused_cfg = _config(sample_inputs, tmp_path, "fused", fuse_folds=True)
+    fused = AntiOverfitMetaOptimizer(fused_cfg).run()
+    unfused_runner, fused_runner = made
+
+    assert _table(_study(fused_cfg, fused)) == _table(_study(_config(sample_inputs, tmp_path, "plain"), plain))
+    assert fused.sidecar["optuna"]["best_value"] == plain.sidecar["optuna"]["best_value"]
+    # One run_fused call per trial, one group of its K folds; only the final model unfused.
+    assert [[len(g) for g in call] for call in fused_runner.fused_calls] == [[3], [3], [3]]
+    assert [r.fold_idx for r in fused_runner.jobs] == [FINAL_FOLD_IDX]
+    sent = [r for call in fused_runner.fused_calls for g in call for r in g]
+    assert [(r.trial_number, r.fold_idx, r.seed, Path(r.data_path).name) for r in sent] == [
+        (r.trial_number, r.fold_idx, r.seed, Path(r.data_path).name)
+        for r in unfused_runner.jobs if r.fold_idx != FINAL_FOLD_IDX
+    ]
+    fusion = fused.sidecar["execution"]["fusion"]
+    assert fusion["fuse_folds"] is True and fusion["fuse_trials"] == 1
+    assert (fusion["fused_calls"], fusion["groups"], fusion["jobs"], fusion["largest_group"]) == (3, 3, 9, 3)
+    assert plain.sidecar["execution"]["fusion"]["fuse_folds"] is False
+    assert artifacts.validate_sidecar(fused.sidecar) == []
+
+
+def test_policy_fuse_folds_reaches_the_backend(sample_inputs, tmp_path, runners):
+    from step5.jsonio import write_json_atomic
+
+    made, _ = runners
+    policy = tmp_path / "policy.json"
+    write_json_atomic(policy, {"training": {"fuse_folds": True}})
+    AntiOverfitMetaOptimizer(_config(sample_inputs, tmp_path, "a", trials=1, policy_path=policy)).run()
+    AntiOverfitMetaOptimizer(_config(sample_inputs, tmp_path, "b", trials=1, policy_path=policy,
+                                     fuse_folds=False)).run()
+    assert [len(r.fused_calls) for r in made] == [1, 0]  # the policy fuses; --no-fuse-folds wins
+
+
+# ---------------------------------------------------------------------------- --fuse-trials
+
+
+def test_trial_batches_tell_every_trial_exactly_once_with_the_unfused_values(sample_inputs, tmp_path, runners):
+    made, _ = runners
+    plain_cfg = _config(sample_inputs, tmp_path, "plain", trials=7, k_folds=2)
+    plain = AntiOverfitMetaOptimizer(plain_cfg).run()
+    cfg = _config(sample_inputs, tmp_path, "batched", trials=7, k_folds=2, fuse_trials=3)
+    outcome = AntiOverfitMetaOptimizer(cfg).run()
+    runner = made[1]
+    study = _study(cfg, outcome)
+
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 7  # none RUNNING, none twice
+    assert outcome.sidecar["optuna"]["trials_run"] == 7 and outcome.sidecar["optuna"]["trials_new"] == 7
+    # Batches of 3, 3, 1 trials; every trial's 2 folds sent exactly once, with the unfused seeds.
+    per_call = [sorted({r.trial_number for g in call for r in g}) for call in runner.fused_calls]
+    assert per_call == [[0, 1, 2], [3, 4, 5], [6]]
+    sent = sorted((r.trial_number, r.fold_idx, r.seed) for call in runner.fused_calls for g in call for r in g)
+    assert sent == [(t, f, fold_seed(cfg.seed, t, f)) for t in range(7) for f in range(2)]
+    for call in runner.fused_calls:
+        for g in call:  # a group holds whole trials
+            trials = {r.trial_number for r in g}
+            assert len(g) == 2 * len(trials)
+    assert [t.user_attrs["batch"]["trials"] for t in study.trials] == [[0, 1, 2]] * 3 + [[3, 4, 5]] * 3 + [[6]]
+    # The sampler's start-up trials are the same configurations: same params, same values.
+    assert _table(study) == _table(_study(plain_cfg, plain))
+    fusion = outcome.sidecar["execution"]["fusion"]
+    assert (fusion["fuse_folds"], fusion["fuse_trials"], fusion["trial_batches"], fusion["jobs"]) == (True, 3, 3, 14)
+    assert fusion["batch_reruns"] == 0
+
+
+def test_trial_batches_group_same_shapes_into_one_group(sample_inputs, tmp_path, runners, monkeypatch):
+    made, _ = runners
+    shapes = {0: [64], 1: [128], 2: [64], 3: [64]}
+    real = objective_module.NNBackend.suggest
+
+    def suggest(self, trial):
+        # The search space rarely draws two equal shapes in 4 trials; pin them (and the
+        # other shape-fixing params), keep the per-model ones as drawn.
+        params = real(self, trial)
+        params.update(hidden_layers=shapes[trial.number], optimizer="adam", batch_size=128)
+        return params
+
+    monkeypatch.setattr(objective_module.NNBackend, "suggest", suggest)
+    cfg = _config(sample_inputs, tmp_path, trials=4, k_folds=2, fuse_trials=4, cpu_workers=1)
+    AntiOverfitMetaOptimizer(cfg).run()
+    (call,) = made[0].fused_calls
+    assert [sorted({r.trial_number for r in g}) for g in call] == [[0, 2, 3], [1]]
+    assert len({(r.params.learning_rate, r.params.weight_decay) for r in call[0]}) == 3  # per-model values
+
+
+def test_a_failing_trial_in_a_batch_fails_only_itself(sample_inputs, tmp_path, runners, caplog):
+    made, options = runners
+    options["fail_trials"] = [1]
+    cfg = _config(sample_inputs, tmp_path, trials=4, k_folds=2, fuse_trials=4)
+    with caplog.at_level(logging.WARNING):
+        outcome = AntiOverfitMetaOptimizer(cfg).run()
+    study = _study(cfg, outcome)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert "loss diverged to NaN" in study.trials[1].user_attrs["fail_reason"]
+    assert "Trial 1 failed with parameters" in caplog.text and "loss diverged to NaN" in caplog.text
+    # The batch ran once with trial 1, then once more without it.
+    calls = [sorted({r.trial_number for g in c for r in g}) for c in made[0].fused_calls]
+    assert calls == [[0, 1, 2, 3], [0, 2, 3]]
+    fusion = outcome.sidecar["execution"]["fusion"]
+    assert fusion["batch_reruns"] == 1 and fusion["reruns"][0]["failed_trial"] == 1
+    assert outcome.sidecar["optuna"]["trials_failed"] == 1 and outcome.sidecar["optuna"]["trials_run"] == 3
+
+
+def test_an_error_naming_no_trial_runs_each_trial_of_the_batch_alone(sample_inputs, tmp_path, runners):
+    made, options = runners
+    options.update(fail_trials=[2], name_the_trial=False)
+    cfg = _config(sample_inputs, tmp_path, trials=3, k_folds=2, fuse_trials=3)
+    outcome = AntiOverfitMetaOptimizer(cfg).run()
+    assert [t.state.name for t in _study(cfg, outcome).trials] == ["COMPLETE", "COMPLETE", "FAIL"]
+    calls = [sorted({r.trial_number for g in c for r in g}) for c in made[0].fused_calls]
+    assert calls == [[0, 1, 2], [0], [1], [2]]
+
+
+def test_a_batch_whose_trials_all_fail_is_an_error_naming_the_reason(sample_inputs, tmp_path, runners):
+    from step5.errors import Step5Error
+
+    _, options = runners
+    options["fail_trials"] = [0, 1]
+    with pytest.raises(Step5Error, match="(?s)no complete trial.*loss diverged"):
+        AntiOverfitMetaOptimizer(_config(sample_inputs, tmp_path, trials=2, fuse_trials=2)).run()
+
+
+@pytest.mark.parametrize("explosion", [RuntimeError, KeyboardInterrupt])
+def test_crash_or_ctrl_c_mid_batch_fails_the_whole_batch_and_leaves_no_trial_running(
+    sample_inputs, tmp_path, runners, explosion, caplog
+):
+    import tempfile
+
+    made, options = runners
+    options.update(explode_on_trial=4, explosion=explosion)
+    private = tmp_path / "tmp"
+    private.mkdir()
+    cfg = _config(sample_inputs, tmp_path, trials=6, k_folds=2, fuse_trials=3)
+    old = tempfile.tempdir
+    tempfile.tempdir = str(private)
+    try:
+        with caplog.at_level(logging.WARNING), pytest.raises(explosion, match="the runner blew up"):
+            AntiOverfitMetaOptimizer(cfg).run()
+    finally:
+        tempfile.tempdir = old
+    assert made[0].closed and list(private.iterdir()) == []
+    storage = f"sqlite:///{(cfg.output_dir / 'optuna_step5.db').resolve()}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3 + ["FAIL"] * 3
+    assert all("interrupted" in t.user_attrs["fail_reason"] for t in trials[3:])
+    assert "Trial 5 failed with parameters" in caplog.text
+
+
+def test_resumed_study_is_topped_up_in_batches(sample_inputs, tmp_path, runners):
+    made, _ = runners
+    cfg = _config(sample_inputs, tmp_path, trials=2, k_folds=2)
+    first = AntiOverfitMetaOptimizer(cfg).run()
+    more = AntiOverfitMetaOptimizer(dataclasses.replace(cfg, trials=5, fuse_trials=2)).run()
+    # Fusion does not change what a trial measures: the same study is resumed.
+    assert more.sidecar["optuna"]["study_name"] == first.sidecar["optuna"]["study_name"]
+    assert more.sidecar["optuna"]["trials_new"] == 3 and more.sidecar["optuna"]["trials_run"] == 5
+    calls = [sorted({r.trial_number for g in c for r in g}) for c in made[1].fused_calls]
+    assert calls == [[2, 3], [4]]
+    again = AntiOverfitMetaOptimizer(dataclasses.replace(cfg, trials=5, fuse_trials=2)).run()
+    assert again.sidecar["optuna"]["trials_new"] == 0 and made[2].fused_calls == []
+
+
+def test_tree_models_say_that_neural_net_flags_do_not_apply(sample_inputs, tmp_path, caplog, monkeypatch):
+    from step5.models import trees
+
+    seen: list[dict] = []
+    real = trees.train_fold
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trees, "train_fold", spy)
+    cfg = _config(sample_inputs, tmp_path, model_type="lightgbm", trials=1, k_folds=2, fuse_trials=3,
+                  dropout=0.2, cpu_workers=1, command_line=["step5", "--normalize-features"])
+    with caplog.at_level(logging.INFO, logger="step5.optimizer.optimizer"):
+        outcome = AntiOverfitMetaOptimizer(cfg).run()
+    lines = [r.getMessage() for r in caplog.records if "do not apply to lightgbm" in r.getMessage()]
+    assert len(lines) == 1
+    for flag in ("normalize-features=True", "dropout=0.2", "fuse-trials=3"):
+        assert flag in lines[0]
+    assert "use-leaky-relu" not in lines[0]  # neither typed nor changed
+    # --cpu-workers is the library's thread count; feature names reach every fit.
+    assert seen and all(k["n_threads"] == 1 for k in seen)
+    assert all(k["feature_names"] == outcome.sidecar["feature_schema"]["feature_names"] for k in seen)
+    assert outcome.sidecar["execution"]["fusion"]["fuse_folds"] is False
+    assert outcome.sidecar["training_options"]["n_threads"] == 1
+
+
+# ---------------------------------------------------------------------------- the real pool
+
+
+class _PoolWithFakeCheckpoint(WorkerPool):
+    """The real pool over the fake worker, which trains nothing and so saves no model:
+    the final job's checkpoint is faked here, everything else is the pool's."""
+
+    def run_jobs(self, requests):
+        results = super().run_jobs(requests)
+        for req, res in zip(requests, results):
+            if req.save_model_path:
+                Path(req.save_model_path).write_bytes(b"fake checkpoint")
+                res.update(test_r2=res["r2"], test_mse=res["val_mse"])
+        return results
+
+
+def _install_fake_pool(monkeypatch, *options: str) -> list[WorkerPool]:
+    made: list[WorkerPool] = []
+
+    def factory(slots, policy, *, persistent):
+        pool = _PoolWithFakeCheckpoint(
+            [DeviceSlot(f"CPU-{i}", "cpu", "", 1) for i in range(2)], job_timeout_s=10.0, ready_timeout_s=20.0,
+            max_restarts=1, worker_command=fake_worker_command(*options), oneshot_script=FAKE_WORKER,
+            shutdown_timeout_s=5.0,
+        )
+        made.append(pool)
+        return pool
+
+    monkeypatch.setattr(optimizer_module, "make_fold_runner", factory)
+    return made
+
+
+def _spy_fold_requests(monkeypatch) -> dict[int, list[TrainRequest]]:
+    sent: dict[int, list[TrainRequest]] = {}
+    real = objective_module.NNBackend.fold_requests
+
+    def fold_requests(self, trial_number, params):
+        sent[trial_number] = real(self, trial_number, params)
+        return sent[trial_number]
+
+    monkeypatch.setattr(objective_module.NNBackend, "fold_requests", fold_requests)
+    return sent
+
+
+def test_pool_worker_crash_in_a_fused_group_falls_back_with_the_undisturbed_results(
+    sample_inputs, tmp_path, monkeypatch
+):
+    from step5.testing.fake_worker import fake_metrics
+
+    # Both workers' first launches SIGKILL themselves after one answer: mid fused group.
+    state = tmp_path / "state"
+    state.mkdir()
+    _install_fake_pool(monkeypatch, "--fault", "sigkill", "--after", "1", "--faulty-starts", "2",
+                       "--state-dir", str(state))
+    sent = _spy_fold_requests(monkeypatch)
+    cfg = _config(sample_inputs, tmp_path, trials=4, k_folds=2, fuse_trials=2)
+    outcome = AntiOverfitMetaOptimizer(cfg).run()
+    study = _study(cfg, outcome)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    for t in study.trials:  # the fake's results are a pure function of the request
+        assert [f["r2"] for f in t.user_attrs["folds"]] == [fake_metrics(r)["r2"] for r in sent[t.number]]
+    execution = outcome.sidecar["execution"]
+    assert any(c["status"] == "SIGKILL(-9)" for c in execution["crashes"])
+    assert execution["fusion"]["trial_batches"] == 2 and execution["fusion"]["batch_reruns"] == 0
+
+
+def test_pool_job_error_in_a_fused_batch_fails_only_that_trial(sample_inputs, tmp_path, monkeypatch):
+    """A trial whose fold data is missing: the worker answers data_error, the pool re-runs the
+    group unfused and raises it, the optimizer re-runs the rest of the batch without it."""
+    _install_fake_pool(monkeypatch)
+    real = objective_module.NNBackend.fold_requests
+
+    def fold_requests(self, trial_number, params):
+        requests = real(self, trial_number, params)
+        if trial_number == 2:
+            requests[1] = dataclasses.replace(requests[1], data_path=str(tmp_path / "gone.npz"))
+        return requests
+
+    monkeypatch.setattr(objective_module.NNBackend, "fold_requests", fold_requests)
+    cfg = _config(sample_inputs, tmp_path, trials=4, k_folds=2, fuse_trials=4)
+    outcome = AntiOverfitMetaOptimizer(cfg).run()
+    study = _study(cfg, outcome)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
+    assert "data_error (fold 1): NPZ file not found" in study.trials[2].user_attrs["fail_reason"]
+    assert outcome.sidecar["execution"]["fusion"]["batch_reruns"] == 1
+    sidecar = read_json_file(cfg.output_dir / artifacts.SIDECAR_NAME, "sidecar")
+    assert artifacts.validate_sidecar(sidecar) == []
+
+
+def test_batched_trials_get_heartbeats_so_a_killed_batch_is_failed_later(tmp_path):
+    """A batch's trials are asked outside study.optimize; their heartbeats are what lets a
+    later run fail them if this process is SIGKILLed mid-batch."""
+    import time
+    import warnings
+
+    from step5.optimizer.study import OpenedStudy, trial_heartbeats
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'hb.db'}", heartbeat_interval=1, grace_period=1)
+        study = optuna.create_study(storage=storage, study_name="hb", direction="maximize")
+        beaten, silent = study.ask(), study.ask()
+    opened = OpenedStudy(study=study, study_name="hb", storage_url="", resumed=False, complete_before=0,
+                         trials_before=0, sampler_seed=0, storage=storage)
+    with trial_heartbeats(opened, [beaten.number]):
+        time.sleep(0.2)
+    time.sleep(2.5)  # past the grace period: the beaten trial's heartbeat is stale now
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optuna.storages.fail_stale_trials(study)
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states == {beaten.number: TrialState.FAIL, silent.number: TrialState.RUNNING}
