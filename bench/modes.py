@@ -9,10 +9,10 @@ else.
 Adding a mode is one :class:`Mode` entry in :data:`MODES` (e.g. fused folds through
 ``WorkerPool.run_fused``).
 
-Modes run in rounds (``--rounds``), interleaved — limit1, limit, s96b, loky, s96a, then
-limit1, limit, s96b, loky again — so that a disturbance from outside (a shared machine)
-falls on every mode alike; each mode's row is its median round. S96A is too slow to
-repeat and its ratios are far from any threshold, so it runs in the first round only.
+Modes run in rounds (``--rounds``), interleaved — limit1, limit, s96b, loky, then again —
+so that a disturbance from outside (a shared machine) falls on every mode alike; each
+mode's row is its median round. S96A is too slow to repeat and its ratios are far from
+any threshold, so it runs once, after the rounds.
 
 How the runner modes submit work: like the optimizer, one ``run_jobs`` call per trial
 (its K folds), trial after trial (``--dispatch trial``), or all jobs in one call

@@ -143,14 +143,15 @@ def run(args: argparse.Namespace) -> int:
             dispatch=args.dispatch,
         )
         rounds: dict[str, list[ModeRun]] = {name: [] for name in args.mode_list}
-        for r in range(args.rounds):
-            for name in args.mode_list:
-                if r and not MODES[name].repeat:
-                    continue
-                run_ = _run_mode(name, ctx, out if args.profile == name and r == 0 else None)
-                rounds[name].append(run_)
-                logger.info("round %d/%d, mode %s: wall %.2fs (startup %.2fs), %d jobs", r + 1, args.rounds, name,
-                            run_.wall_s, run_.startup_s, len(run_.results))
+        # The repeatable modes' rounds back to back (minutes apart at most, so they see the
+        # same machine), then the slow once-only modes (S96A takes minutes).
+        schedule = [(r, n) for r in range(args.rounds) for n in args.mode_list if MODES[n].repeat]
+        schedule += [(0, n) for n in args.mode_list if not MODES[n].repeat]
+        for r, name in schedule:
+            run_ = _run_mode(name, ctx, out if args.profile == name and r == 0 else None)
+            rounds[name].append(run_)
+            logger.info("round %d/%d, mode %s: wall %.2fs (startup %.2fs), %d jobs", r + 1, args.rounds, name,
+                        run_.wall_s, run_.startup_s, len(run_.results))
         runs = {name: median_round(rs) for name, rs in rounds.items()}
         handed = [n for n in runs if n in ("s96b", "s96a", "loky")]
         handoff = handoff_stats(
