@@ -37,14 +37,18 @@ BATCH_MODES = ("auto", "full", "mini")
 #: must not make the worker allocate unbounded memory).
 MAX_REQUEST_BYTES = 1 << 20
 
+#: ``batch_mode="auto"`` trains full-batch when a fold has at most this many training rows
+#: (one step per epoch is then the fastest path, and a 10k x 90 fold is ~4 MB), and in
+#: shuffled mini-batches of ``batch_size`` above it. Torch-free so the parent can tell
+#: which folds share a batch plan.
+AUTO_FULL_BATCH_MAX_ROWS = 10_000
+
 #: Request fields that fix the tensor shapes or the loop of a training pass: requests fused
-#: into one pass (``train_folds``) must agree on all of them, while learning_rate,
-#: weight_decay, dropout, seed, patience and gradient_clip may differ per model. Defined
-#: here, torch-free, so the parent can group trials for fusion with the very list the
-#: worker's ``step5.nn.job.run_fold_group`` checks.
-FUSE_KEYS = (
-    "hidden_layers", "optimizer", "batch_mode", "epochs", "batch_size", "normalize_features", "use_leaky_relu",
-)
+#: into one pass (``train_folds``) must agree on all of them and on their batch plan
+#: (:func:`batch_plan`), while learning_rate, weight_decay, dropout, seed, patience and
+#: gradient_clip may differ per model. Defined here, torch-free, so the parent groups
+#: trials for fusion with the very list the worker's ``step5.nn.job.run_fold_group`` checks.
+FUSE_KEYS = ("hidden_layers", "optimizer", "epochs", "normalize_features", "use_leaky_relu")
 
 
 def _is_int(v: Any) -> bool:
@@ -255,15 +259,38 @@ class ErrorMessage(TypedDict, total=False):
     traceback: str
 
 
-def fusion_key(request: TrainRequest) -> tuple[Any, ...]:
-    """The values of :data:`FUSE_KEYS` for ``request``: equal keys can share one fused pass.
+def resolve_batch_mode(batch_mode: str, n_train: int) -> str:
+    """``full`` or ``mini`` for a fold of ``n_train`` rows (``auto`` decided by size)."""
+    if batch_mode == "auto":
+        return "full" if n_train <= AUTO_FULL_BATCH_MAX_ROWS else "mini"
+    if batch_mode not in ("full", "mini"):
+        raise ValueError(f"`batch_mode` must be one of {list(BATCH_MODES)}, got {batch_mode!r}")
+    return batch_mode
+
+
+def batch_plan(request: TrainRequest, n_train: int | None) -> tuple[str, int | None]:
+    """How an epoch is cut into steps: ``("full", None)`` or ``("mini", batch_size)``.
+
+    ``batch_size`` matters only in mini-batch mode, so two full-batch requests share a plan
+    whatever their batch sizes. With ``n_train`` unknown an ``auto`` request cannot be
+    resolved, and its plan is ``("auto", batch_size)``: equal only to the same request's.
+    """
+    if n_train is None and request.batch_mode == "auto":
+        return ("auto", request.params.batch_size)
+    mode = resolve_batch_mode(request.batch_mode, n_train if n_train is not None else 0)
+    return (mode, request.params.batch_size if mode == "mini" else None)
+
+
+def fusion_key(request: TrainRequest, n_train: int | None = None) -> tuple[Any, ...]:
+    """The values of :data:`FUSE_KEYS` plus the batch plan: equal keys share one fused pass.
 
     Each key is read from the request's ``params`` when it is a hyperparameter, else from
-    the request itself (``batch_mode``, ``normalize_features``, ``use_leaky_relu``).
+    the request itself (``normalize_features``, ``use_leaky_relu``). ``n_train``, the
+    fold's training rows, resolves an ``auto`` batch mode.
     """
-    values = []
+    values: list[Any] = []
     for name in FUSE_KEYS:
         source: Any = request.params if hasattr(request.params, name) else request
         value = getattr(source, name)
         values.append(tuple(value) if isinstance(value, (list, tuple)) else value)
-    return tuple(values)
+    return (*values, batch_plan(request, n_train))

@@ -29,8 +29,8 @@ import torch
 
 from step5.errors import JobError
 from step5.nn.checkpoint import save_checkpoint
-from step5.nn.trainer import Fold, ModelSpec, TrainConfig, TrainedModel, resolve_batch_mode, train_models
-from step5.protocol import FUSE_KEYS, TrainRequest  # FUSE_KEYS: torch-free, shared with the parent
+from step5.nn.trainer import Fold, ModelSpec, TrainConfig, TrainedModel, padded_rows, train_models
+from step5.protocol import FUSE_KEYS, TrainRequest, batch_plan, fusion_key  # FUSE_KEYS: torch-free, shared with the parent
 
 logger = logging.getLogger(__name__)
 
@@ -303,13 +303,9 @@ def _spec(request: TrainRequest) -> ModelSpec:
 
 
 def _fuse_key(request: TrainRequest) -> tuple[Any, ...]:
-    p = request.params
-    values = {
-        "hidden_layers": tuple(p.hidden_layers), "optimizer": p.optimizer, "batch_mode": request.batch_mode,
-        "epochs": p.epochs, "batch_size": p.batch_size, "normalize_features": request.normalize_features,
-        "use_leaky_relu": request.use_leaky_relu,
-    }
-    return tuple(values[k] for k in FUSE_KEYS)
+    """The shape-fixing part of :func:`step5.protocol.fusion_key` (the batch plan needs the
+    fold's row count, so :func:`_run_requests` splits passes by it after loading)."""
+    return fusion_key(request)[: len(FUSE_KEYS)]
 
 
 def _train_pass(
@@ -373,8 +369,11 @@ def _run_requests(
     requests: Sequence[TrainRequest], device: torch.device, cache: DataCache | None
 ) -> list[dict[str, Any] | JobError]:
     """Load every request's fold, train the loadable ones in as few passes as their shapes
-    allow (one per (n_features, resolved batch mode)), and return a result or an error
-    per request, in order."""
+    allow, and return a result or an error per request, in order.
+
+    One pass per (n_features, batch plan, padded train and validation lengths): models
+    whose tensors have the same shapes round exactly as they would alone.
+    """
     out: list[dict[str, Any] | JobError | None] = [None] * len(requests)
     loaded: dict[int, tuple[FoldData, float]] = {}
     device_name = describe_device(device)
@@ -386,11 +385,12 @@ def _run_requests(
                 out[i] = _echo(exc, r)
             except MemoryError as exc:
                 out[i] = _echo(_as_job_error(exc, f"loading {r.data_path}"), r)
-        passes: dict[tuple[int, str], list[int]] = {}
+        passes: dict[tuple[Any, ...], list[int]] = {}
         for i, (data, _) in loaded.items():
-            mode = resolve_batch_mode(requests[i].batch_mode, data.X_train.shape[0])
-            passes.setdefault((data.n_features, mode), []).append(i)
-        for (_, mode), idx in passes.items():
+            n_train, n_val = data.X_train.shape[0], data.X_val.shape[0]
+            plan = batch_plan(requests[i], n_train)
+            passes.setdefault((data.n_features, plan, padded_rows(n_train), padded_rows(n_val)), []).append(i)
+        for (_, (mode, _), *_), idx in passes.items():
             t0 = time.perf_counter()
             trained = _train_pass([requests[i] for i in idx], [loaded[i][0] for i in idx], mode, device)
             train_s = (time.perf_counter() - t0) / len(idx)  # a fused pass's time, shared equally

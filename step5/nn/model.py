@@ -144,7 +144,12 @@ class FusedMLP(nn.Module):
             h = nn.functional.leaky_relu(h, LEAKY_SLOPE) if self.use_leaky_relu else torch.relu(h)
             if training and dropout_masks is not None and dropout_masks[i] is not None:
                 h = h * dropout_masks[i]
-        return torch.baddbmm(self.head_bias, h, self.head_weight)  # (M, N, 1)
+        # The 1-wide head as multiply + sum over the last dim, not a matmul: for one model,
+        # bmm with a single output column takes a matrix-vector kernel whose rounding
+        # differs from the batched kernel used for several models, which breaks "fused
+        # equals unfused" after a few epochs. A last-dim sum rounds the same for any M.
+        head_row = self.head_weight.transpose(1, 2)  # (M, 1, W_last)
+        return (h * head_row).sum(dim=2, keepdim=True) + self.head_bias  # (M, N, 1)
 
     @torch.no_grad()
     def export_model(self, m: int, *, num_batches_tracked: int = 0) -> dict[str, Tensor]:

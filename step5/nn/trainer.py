@@ -39,19 +39,21 @@ from sklearn.metrics import mean_squared_error, r2_score
 from torch import Tensor
 
 from step5.nn.model import FusedMLP
+from step5.protocol import AUTO_FULL_BATCH_MAX_ROWS, resolve_batch_mode  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
-#: ``batch_mode="auto"`` trains full-batch when a fold has at most this many training rows
-#: (one step per epoch is then the fastest path and a 10k x 90 fold is ~4 MB), and in
-#: shuffled mini-batches of ``batch_size`` above it, where more steps per epoch matter.
-AUTO_FULL_BATCH_MAX_ROWS = 10_000
 #: Evaluation runs over at most this many rows at a time, bounding activation memory.
 EVAL_CHUNK_ROWS = 65_536
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 SGD_MOMENTUM = 0.9
 CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
+#: Row counts are padded (masked) up to a multiple of this, in a lone run as in a fused
+#: pass, so a model's tensors have the same length whichever models share its pass: a
+#: matmul or a sum then adds in the same order, and a fused model is bit-identical to its
+#: lone run on CPU. step5.nn.job trains folds whose padded lengths differ in separate passes.
+ROW_BUCKET = 64
 THREADS_ENV = "STEP5_TORCH_THREADS"
 
 
@@ -133,13 +135,9 @@ def configure_torch_threads(environ: Mapping[str, str] | None = None) -> int:
     return torch.get_num_threads()
 
 
-def resolve_batch_mode(batch_mode: str, n_train: int) -> str:
-    """``full`` or ``mini`` for a fold of ``n_train`` rows (``auto`` decided by size)."""
-    if batch_mode == "auto":
-        return "full" if n_train <= AUTO_FULL_BATCH_MAX_ROWS else "mini"
-    if batch_mode not in ("full", "mini"):
-        raise ValueError(f"`batch_mode` must be one of ['auto', 'full', 'mini'], got {batch_mode!r}")
-    return batch_mode
+def padded_rows(n: int) -> int:
+    """``n`` rounded up to a multiple of :data:`ROW_BUCKET` (the padded tensor length)."""
+    return -(-n // ROW_BUCKET) * ROW_BUCKET
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -186,7 +184,7 @@ def _pad_rows(arrays: Sequence[np.ndarray], device: torch.device) -> tuple[Tenso
     """Stack per-model arrays of unequal length into (M, N_max, ...) plus a (M, N_max)
     float row mask (1 = real row, 0 = padding). Padding is zeros, so it stays finite."""
     # Host->device: the one upload of this data for the whole pass.
-    n_max = max(a.shape[0] for a in arrays)
+    n_max = max(padded_rows(a.shape[0]) for a in arrays)
     out = np.zeros((len(arrays), n_max, *arrays[0].shape[1:]), dtype=np.float32)
     mask = np.zeros((len(arrays), n_max), dtype=np.float32)
     for m, a in enumerate(arrays):
@@ -212,7 +210,13 @@ def masked_mse(pred: Tensor, y: Tensor, mask: Tensor, count: Tensor) -> Tensor:
 def clip_grads_per_model(grads: list[Tensor], max_norm: Tensor) -> list[Tensor]:
     """Scale each model's gradients so their joint L2 norm is at most ``max_norm`` (M,1,1);
     a model with max_norm 0 is not clipped. Same rule as clip_grad_norm_, per model."""
-    sq = torch.stack([g.pow(2).sum(dim=(1, 2)) for g in grads]).sum(dim=0)  # (M,)
+    # Accumulate tensor by tensor, in a fixed order: a stack(...).sum(dim=0) over the
+    # (tensors, M) stack reduces contiguously (vectorised, reordered) when M == 1 but
+    # strided when M > 1, so a lone model and the same model in a fused pass would round
+    # their gradient norms differently.
+    sq = grads[0].pow(2).sum(dim=(1, 2))  # (M,)
+    for g in grads[1:]:
+        sq = sq + g.pow(2).sum(dim=(1, 2))
     norm = sq.sqrt().view(-1, 1, 1)
     coef = (max_norm / (norm + CLIP_EPS)).clamp(max=1.0)
     coef = torch.where(max_norm > 0, coef, torch.ones_like(coef))

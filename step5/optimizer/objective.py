@@ -148,20 +148,28 @@ class ModelBackend(Protocol):
         ...
 
 
-def fusion_groups(trial_requests: Mapping[int, Sequence[TrainRequest]], max_groups: int = 1) -> list[list[int]]:
+def fusion_groups(
+    trial_requests: Mapping[int, Sequence[TrainRequest]],
+    max_groups: int = 1,
+    n_train: Mapping[str, int] | None = None,
+) -> list[list[int]]:
     """Group trials whose folds can share one fused pass; returns lists of trial numbers.
 
-    Trials are grouped by the :data:`~step5.protocol.FUSE_KEYS` values of their requests
-    (layer widths, optimizer, batch size, ...; learning rate, weight decay and dropout may
-    differ per model). Groups keep the order in which their first trial appears. When there
-    are fewer groups than ``max_groups`` (device slots), the largest groups are split by
-    whole trials so that every slot gets work; one fused pass per device is the point.
+    Trials are grouped by :func:`~step5.protocol.fusion_key` of their fold requests (layer
+    widths, optimizer, epochs, batch plan, ...; learning rate, weight decay and dropout may
+    differ per model). ``n_train`` maps a fold file to its training rows, which resolves an
+    ``auto`` batch mode, so full-batch trials group whatever their (unused) batch sizes.
+    Groups keep the order in which their first trial appears. When there are fewer groups
+    than ``max_groups`` (device slots), the largest groups are split by whole trials so
+    that every slot gets work; one fused pass per device is the point.
     """
-    by_key: dict[tuple[Any, ...], list[int]] = {}
+    rows = n_train or {}
+    by_key: dict[frozenset[tuple[Any, ...]], list[int]] = {}
     for number, requests in trial_requests.items():
-        keys = {fusion_key(r) for r in requests}
-        assert len(keys) == 1, f"trial {number}'s folds disagree on the fused-pass keys: {keys}"
-        by_key.setdefault(keys.pop(), []).append(number)
+        # A trial's folds may resolve to different batch plans (sizes straddling the auto
+        # threshold); the worker then splits the pass, so group on the whole set of keys.
+        keys = frozenset(fusion_key(r, rows.get(r.data_path)) for r in requests)
+        by_key.setdefault(keys, []).append(number)
     groups = list(by_key.values())
     while len(groups) < max_groups:
         largest = max(range(len(groups)), key=lambda i: len(groups[i]))
@@ -223,6 +231,7 @@ class NNBackend:
                 f"fold_{f}", cv.X_dev[tr], cv.y_dev[tr], cv.X_dev[va], cv.y_dev[va], feature_names=cv.feature_names,
             )
             self.fold_paths.append(str(path))
+        self.fold_rows = {p: len(tr) for p, (tr, _) in zip(self.fold_paths, cv.folds)}  # resolves "auto" batch mode
         self.final_path = str(
             files.write(
                 "final",
@@ -291,7 +300,7 @@ class NNBackend:
         outcome: dict[int, list[dict[str, Any]] | JobError] = {}
         pending = [number for number, _ in trials]
         while pending:
-            groups = fusion_groups({n: requests[n] for n in pending}, self.parallel_groups)
+            groups = fusion_groups({n: requests[n] for n in pending}, self.parallel_groups, self.fold_rows)
             try:
                 results = self._run_fused([[r for n in g for r in requests[n]] for g in groups])
             except JobError as exc:

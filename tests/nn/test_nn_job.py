@@ -1,6 +1,7 @@
 """Jobs: fold files in, protocol results out; errors, cache, checkpoints, fused groups."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -238,6 +239,20 @@ def test_fold_group_with_different_feature_counts_trains_in_separate_passes(tmp_
     assert [o["status"] for o in out] == ["complete"] * 3
     alone = run_train_job(reqs[2], device=CPU)
     assert math.isclose(out[2]["r2"], alone["r2"], rel_tol=1e-5)
+
+
+def test_batch_size_splits_a_group_only_in_mini_batch_mode(tmp_path):
+    """Full-batch folds ignore batch_size, so they share a pass; mini-batch folds with other
+    batch sizes train in separate passes. Either way each equals its lone run."""
+    reqs = _group_requests(tmp_path)
+    for mode in ("full", "mini"):
+        group = [dataclasses.replace(r, batch_mode=mode,
+                                     params=dataclasses.replace(r.params, batch_size=16 * (i + 1)))
+                 for i, r in enumerate(reqs)]
+        out = run_fold_group(group, device=CPU)
+        for got, req in zip(out, group):
+            alone = run_train_job(req, device=CPU)
+            assert (got["r2"], got["epochs_run"]) == (alone["r2"], alone["epochs_run"]), (mode, req.job_id)
 
 
 def test_fold_group_rejects_unfusable_requests(tmp_path):

@@ -132,8 +132,7 @@ def _req(trial: int, fold: int, hidden: Sequence[int], lr: float = 1e-3, optimiz
 
 
 def test_fusion_key_mirrors_the_worker_list_and_ignores_per_model_params():
-    assert FUSE_KEYS == ("hidden_layers", "optimizer", "batch_mode", "epochs", "batch_size",
-                         "normalize_features", "use_leaky_relu")
+    assert FUSE_KEYS == ("hidden_layers", "optimizer", "epochs", "normalize_features", "use_leaky_relu")
     a, b = _req(0, 0, [64, 32], lr=1e-3), _req(1, 0, [64, 32], lr=5e-3)
     assert fusion_key(a) == fusion_key(dataclasses.replace(b, seed=99))  # lr, seed: per model
     assert fusion_key(a) != fusion_key(_req(2, 0, [64, 64]))
@@ -149,6 +148,18 @@ def test_fusion_groups_by_shape_then_splits_to_fill_the_device_slots():
     assert fusion_groups(trials, 4) == [[0, 2], [3], [1], [4]]  # the biggest group split in place, by trials
     assert fusion_groups({0: trials[0]}, 4) == [[0]]  # a lone trial is never split
     assert sorted(sum(fusion_groups(trials, 8), [])) == [0, 1, 2, 3, 4]
+
+
+def test_batch_size_separates_trials_only_when_their_folds_train_in_mini_batches():
+    small, big = _req(0, 0, [64]), dataclasses.replace(_req(1, 0, [64]), params=NNParams(hidden_layers=(64,), batch_size=64))
+    trials = {0: [small], 1: [big]}
+    # "auto" resolves to full batch for a 500-row fold: batch_size is unused, the trials fuse.
+    assert fusion_groups(trials, 1, {"f.npz": 500}) == [[0, 1]]
+    assert fusion_key(small, 500) == fusion_key(big, 500)
+    # Above the auto threshold the folds train in mini-batches of different sizes: no fusing.
+    assert fusion_groups(trials, 1, {"f.npz": 20_000}) == [[0], [1]]
+    # Unknown fold size: "auto" cannot be resolved, so only identical batch sizes fuse.
+    assert fusion_groups(trials, 1) == [[0], [1]]
 
 
 # ---------------------------------------------------------------------------- --fuse-folds
