@@ -654,8 +654,9 @@ class WorkerPool:
                 message["job_id"] = request.job_id
                 results.append(message)
             with self._lock:
-                # A fused pass reports one duration per job for the shared pass; count it once.
-                self._compute_s += max(_duration(m) for m in results)
+                # Each fused result's duration carries 1/M of the shared pass (its train_s is
+                # the pass time divided by M), so the sum is the pass's real compute time.
+                self._compute_s += sum(_duration(m) for m in results)
                 self._completed += len(results)
             return results
         finally:

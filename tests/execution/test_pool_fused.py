@@ -57,6 +57,9 @@ def test_each_group_runs_on_one_worker_concurrently(data_file):
     assert all(len(p) == 1 for p in pids)  # a group stays on one worker
     assert pids[0] != pids[1]  # the two groups ran on the two workers
     assert summary["timings"]["jobs"] == 6 and summary["crashes"] == []
+    # Every fused result carries its share of the pass, so compute time is their sum.
+    durations = sum(r["duration"] for g in results for r in g)
+    assert summary["timings"]["compute_s"] == pytest.approx(durations, abs=1e-3)
 
 
 def test_group_with_a_failing_fold_is_rerun_unfused_and_raises_that_fold_error(data_file, tmp_path):
