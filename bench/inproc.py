@@ -109,9 +109,9 @@ def limit_process_main(
     sequential optimizer must. Results go back only after the clock has stopped.
 
     After the warm-up the heap is frozen (``gc.freeze``): the ~250k objects that importing
-    torch leaves behind are then skipped by the full collection the training core runs
-    after every job, which otherwise costs more than a small fold's training on a CPU.
-    A limit must not pay for what a well-kept long-lived process need not pay for.
+    torch leaves behind are then skipped by any full collection (one costs more than a
+    small fold's training on a CPU), whether the interpreter or the training core starts
+    it. A limit must not pay for what a well-kept long-lived process need not pay for.
     """
     from step5.lifeline import install_lifeline
 
