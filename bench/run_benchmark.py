@@ -20,9 +20,9 @@ import pstats
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from step5.devices import parse_gpu_list, plan_slots
+from step5.devices import DeviceSlot, parse_gpu_list, plan_slots
 from step5.errors import Step5Error
 from step5.jsonio import write_json_atomic
 
@@ -96,7 +96,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _slots(args: argparse.Namespace) -> list:
+def _slots(args: argparse.Namespace) -> list[DeviceSlot]:
     if args.gpus == "auto":
         gpus = None  # plan_slots detects, without importing torch
     elif args.gpus == "none":
