@@ -153,8 +153,13 @@ def run_s96b(ctx: BenchContext) -> ModeRun:
 
 
 def run_loky(ctx: BenchContext) -> ModeRun:
-    """joblib's reusable loky process pool: what a user would reach for instead."""
-    from joblib import Parallel, delayed
+    """joblib's reusable loky process pool: what a user would reach for instead.
+
+    The executor is used directly, not through ``joblib.Parallel``: with ``n_jobs=1`` (one
+    GPU) Parallel runs tasks sequentially in the calling process, which would import torch
+    in the benchmark's parent and measure no pool at all.
+    """
+    from joblib.externals.loky import get_reusable_executor
 
     from bench.inproc import loky_train, loky_warmup
 
@@ -166,41 +171,32 @@ def run_loky(ctx: BenchContext) -> ModeRun:
     start = time.perf_counter()
     executor: Any = None
     try:
-        with Parallel(n_jobs=n, backend="loky") as parallel:
-            # Warm every worker: torch imported and one dry job each (repeat until each
-            # of the n processes has answered, since loky hands tasks to whoever is free).
-            warm = ctx.workload.warmup.to_dict()
-            pids: set[int] = set()
-            for _ in range(5):
-                pids |= set(parallel(delayed(loky_warmup)(warm, threads, visible, 0.5) for _ in range(n)))
-                if len(pids) >= n:
-                    break
-            # joblib keeps the executor for reuse; hold on to it so it can be ended below.
-            executor = getattr(getattr(parallel, "_backend", None), "_workers", None)
-            startup_s = time.perf_counter() - start
-            results: list[dict[str, Any]] = []
-            t0 = time.perf_counter()
-            for batch in ctx.batches:
-                results.extend(parallel(delayed(loky_train)(r.to_dict(), threads, visible) for r in batch))
-            wall_s = time.perf_counter() - t0
+        executor = get_reusable_executor(max_workers=n)
+        # Warm every worker: torch imported and one dry job each (repeat until each of
+        # the n processes has answered, since loky hands tasks to whoever is free).
+        warm = ctx.workload.warmup.to_dict()
+        pids: set[int] = set()
+        for _ in range(5):
+            pids |= set(executor.map(loky_warmup, *zip(*[(warm, threads, visible, 0.5)] * n)))
+            if len(pids) >= n:
+                break
+        startup_s = time.perf_counter() - start
+        results: list[dict[str, Any]] = []
+        t0 = time.perf_counter()
+        for batch in ctx.batches:
+            futures = [executor.submit(loky_train, r.to_dict(), threads, visible) for r in batch]
+            results.extend(f.result() for f in futures)
+        wall_s = time.perf_counter() - t0
     finally:
         shutdown_loky(executor)
     return ModeRun("loky", n, wall_s, startup_s, results, {"worker_pids": sorted(pids)})
 
 
 def shutdown_loky(executor: Any) -> None:
-    """End joblib's reusable loky executor: workers stopped, its temp folder removed.
-
-    ``terminate`` (joblib's MemmappingExecutor) also deletes the memmapping folder that
-    a plain ``shutdown`` leaves for an atexit hook; the resource trackers are stopped at
-    the end of the run (:func:`stop_resource_trackers`).
-    """
-    if executor is not None and hasattr(executor, "terminate"):
-        executor.terminate(kill_workers=False)
-        return
-    from joblib.externals.loky import get_reusable_executor
-
-    get_reusable_executor().shutdown(wait=True)
+    """End the reusable loky executor (its workers stopped); the resource trackers are
+    stopped at the end of the run (:func:`stop_resource_trackers`)."""
+    if executor is not None:
+        executor.shutdown(wait=True)
 
 
 def stop_resource_trackers() -> None:
@@ -254,7 +250,7 @@ MODES: dict[str, Mode] = {
              single_process=True),
         Mode("limit", "N already-warm processes share the folds, no IPC while timed (the bar)", _n_slots, run_limit_n),
         Mode("s96b", "persistent workers (nn_gpu_worker.py) over NDJSON pipes", _n_slots, run_s96b),
-        Mode("loky", "joblib Parallel, loky backend (reusable process pool)", _n_slots, run_loky),
+        Mode("loky", "joblib's reusable loky executor (process pool)", _n_slots, run_loky),
         Mode("s96a", "one train_single_trial.py subprocess per fold", _n_slots, run_s96a, repeat=False),
     )
 }

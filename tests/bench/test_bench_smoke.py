@@ -87,6 +87,23 @@ def test_benchmark_runs_every_mode_on_a_tiny_workload(tmp_path, repo_root):
     assert (out / "benchmark.txt").read_text().strip() in proc.stdout
 
 
+@pytest.mark.slow
+def test_a_one_process_peer_still_trains_in_a_child_process(tmp_path, repo_root):
+    """One device means one worker: joblib.Parallel(n_jobs=1) would train in the parent
+    (importing torch there); the loky peer must still use a real pool process."""
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run_benchmark", "--trials", "1", "--folds", "2", "--survivors", "200",
+         "--features", "12", "--gpus", "none", "--workers", "1", "--modes", "limit1,loky", "--big-survivors", "0",
+         "--rounds", "1", "--out", str(out), "--log-level", "WARNING"],
+        cwd=repo_root, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "benchmark.json").read_text())
+    assert report["torch_imported_in_parent"] is False
+    assert report["metrics"]["ok"] is True
+
+
 def test_unknown_mode_is_a_usage_error(repo_root):
     proc = subprocess.run(
         [sys.executable, "-m", "bench.run_benchmark", "--modes", "s96b,warp-drive"],
