@@ -16,13 +16,22 @@
 # then re-applies requirements.txt so every other pin holds (2.13.0+cu128 satisfies
 # torch==2.13.0). Pick the cuXXX that the driver supports: nvidia-smi prints the highest
 # CUDA version it can run.
+#
+# On a machine with no package index but a Python that already has a CUDA torch (a GPU
+# image), skip the venv: STEP5_PYTHON=python3 bash bench/gpu_benchmark.sh — that
+# interpreter then needs the other requirements (orjson, numpy, scikit-learn, joblib,
+# matplotlib, psutil) importable, e.g. from wheels on PYTHONPATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/setup.sh  # .venv with the pinned requirements (idempotent)
-PY=.venv/bin/python
+if [ -n "${STEP5_PYTHON:-}" ]; then
+    PY=$STEP5_PYTHON
+else
+    bash scripts/setup.sh  # .venv with the pinned requirements (idempotent)
+    PY=.venv/bin/python
+fi
 
-if [ -n "${TORCH_INDEX_URL:-}" ]; then
+if [ -n "${TORCH_INDEX_URL:-}" ] && [ -z "${STEP5_PYTHON:-}" ]; then
     pinned=$(grep -E '^torch==' requirements.txt | cut -d= -f3)
     echo "installing torch==${pinned} from ${TORCH_INDEX_URL}" >&2
     "$PY" -m pip install --quiet --force-reinstall "torch==${pinned}" --index-url "$TORCH_INDEX_URL"

@@ -6,8 +6,9 @@ round, so that every mode is measured warm), and one result dict per job. The re
 compares the results across modes job by job, so a mode cannot quietly train something
 else.
 
-Adding a mode is one :class:`Mode` entry in :data:`MODES` (e.g. fused folds through
-``WorkerPool.run_fused``).
+Adding a mode is one :class:`Mode` entry in :data:`MODES`; the fused modes (``s96b-ff``,
+``s96b-ft``) go through ``WorkerPool.run_fused`` as the optimizer's ``--fuse-folds`` and
+``--fuse-trials`` do.
 
 Modes run in rounds (``--rounds``), interleaved — limit1, limit, s96b, loky, then again —
 so that a disturbance from outside (a shared machine) falls on every mode alike; each
@@ -132,8 +133,33 @@ def run_s96a(ctx: BenchContext) -> ModeRun:
     return ModeRun("s96a", len(ctx.slots), wall_s, startup_s, results, {"runner": summary})
 
 
-def run_s96b(ctx: BenchContext) -> ModeRun:
-    """Persistent workers: boot once, then fold after fold over NDJSON pipes."""
+def _fused_calls(ctx: BenchContext, by_trial: bool) -> list[list[list[TrainRequest]]]:
+    """The ``run_fused`` calls of a fused mode: per call, its groups of requests.
+
+    ``by_trial`` (fused folds): each trial's K folds are one group, one call per batch, as
+    ``--fuse-folds`` sends them. Otherwise (fused trials): every trial of a batch whose
+    fusion key matches (same layer shapes, epochs, optimizer, batch plan) joins one group,
+    as ``--fuse-trials`` sends them.
+    """
+    from step5.protocol import fusion_key
+
+    calls: list[list[list[TrainRequest]]] = []
+    for batch in ctx.batches:
+        if by_trial:
+            trials: dict[Any, list[TrainRequest]] = {}
+            for r in batch:
+                trials.setdefault(r.trial_number, []).append(r)
+            calls.append(list(trials.values()))
+        else:
+            groups: dict[Any, list[TrainRequest]] = {}
+            for r in batch:
+                groups.setdefault(fusion_key(r, ctx.workload.n_train), []).append(r)
+            calls.append(list(groups.values()))
+    return calls
+
+
+def _run_pool(ctx: BenchContext, name: str, fused: str | None = None) -> ModeRun:
+    """Persistent workers, each job alone (``fused=None``) or fused ("folds" / "trials")."""
     from step5.execution.pool import WorkerPool
 
     start = time.perf_counter()
@@ -143,13 +169,36 @@ def run_s96b(ctx: BenchContext) -> ModeRun:
     ) as pool:
         pool.run_jobs(_warm_round(ctx))
         startup_s = time.perf_counter() - start
-        wall_s, results = _run_batches(pool, ctx)
+        if fused is None:
+            wall_s, results = _run_batches(pool, ctx)
+        else:
+            calls = _fused_calls(ctx, by_trial=fused == "folds")
+            results = []
+            t0 = time.perf_counter()
+            for groups in calls:
+                results.extend(r for group in pool.run_fused(groups) for r in group)
+            wall_s = time.perf_counter() - t0
         summary = pool.summary()
     fallbacks = summary.get("fallbacks") or []
     if fallbacks:
         # A worker fell back to one-shot subprocesses: the row would not measure S96B.
-        raise RuntimeError(f"s96b: workers fell back to subprocesses during the benchmark: {fallbacks}")
-    return ModeRun("s96b", len(ctx.slots), wall_s, startup_s, results, {"runner": summary})
+        raise RuntimeError(f"{name}: workers fell back to subprocesses during the benchmark: {fallbacks}")
+    return ModeRun(name, len(ctx.slots), wall_s, startup_s, results, {"runner": summary})
+
+
+def run_s96b(ctx: BenchContext) -> ModeRun:
+    """Persistent workers: boot once, then fold after fold over NDJSON pipes."""
+    return _run_pool(ctx, "s96b")
+
+
+def run_s96b_fused_folds(ctx: BenchContext) -> ModeRun:
+    """Persistent workers, each trial's K folds trained as one batched pass (train_folds)."""
+    return _run_pool(ctx, "s96b-ff", fused="folds")
+
+
+def run_s96b_fused_trials(ctx: BenchContext) -> ModeRun:
+    """Persistent workers, same-shape trials of a batch trained as one batched pass."""
+    return _run_pool(ctx, "s96b-ft", fused="trials")
 
 
 def run_loky(ctx: BenchContext) -> ModeRun:
@@ -250,6 +299,10 @@ MODES: dict[str, Mode] = {
              single_process=True),
         Mode("limit", "N already-warm processes share the folds, no IPC while timed (the bar)", _n_slots, run_limit_n),
         Mode("s96b", "persistent workers (nn_gpu_worker.py) over NDJSON pipes", _n_slots, run_s96b),
+        Mode("s96b-ff", "persistent workers, each trial's folds in one fused pass (--fuse-folds)", _n_slots,
+             run_s96b_fused_folds),
+        Mode("s96b-ft", "persistent workers, same-shape trials fused per call (--fuse-trials)", _n_slots,
+             run_s96b_fused_trials),
         Mode("loky", "joblib's reusable loky executor (process pool)", _n_slots, run_loky),
         Mode("s96a", "one train_single_trial.py subprocess per fold", _n_slots, run_s96a, repeat=False),
     )
