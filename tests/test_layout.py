@@ -1,0 +1,53 @@
+"""The architecture's one hard line: only the torch side (step5/nn, and Step 6's predictor)
+imports torch; everything the parent optimizer, the pool and the WATCHER load stays
+torch-free, so the parent never creates a CUDA context."""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = REPO_ROOT / "step5"
+TORCH_SIDE = {PACKAGE / "nn", PACKAGE / "predictor.py"}
+
+
+def _torch_free_modules() -> list[Path]:
+    return sorted(
+        p for p in PACKAGE.rglob("*.py")
+        if not any(p == side or side in p.parents for side in TORCH_SIDE)
+    )
+
+
+def _imports_torch(path: Path) -> list[int]:
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "torch" for a in node.names):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "torch":
+            lines.append(node.lineno)
+    return lines
+
+
+def test_no_torch_free_module_imports_torch_even_lazily():
+    offenders = {str(p.relative_to(REPO_ROOT)): _imports_torch(p) for p in _torch_free_modules()}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_importing_every_torch_free_module_loads_no_torch():
+    names = [
+        ".".join(p.relative_to(REPO_ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for p in _torch_free_modules()
+    ]
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {names!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == []
