@@ -84,13 +84,15 @@ def _launch_number(state_dir: str | None) -> int:
     if not state_dir:
         return 0
     path = Path(state_dir) / "launches"
-    # O_APPEND writes of one byte are atomic: concurrent launches each get their own count.
+    # An O_APPEND write of one byte is atomic and leaves this descriptor's offset just past
+    # *our* byte, so concurrent launches each read their own count. (The file's size read
+    # afterwards would not do: two launches appending at once would both see the total.)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         os.write(fd, b".")
+        return os.lseek(fd, 0, os.SEEK_CUR)
     finally:
         os.close(fd)
-    return path.stat().st_size
 
 
 class FakeWorker:
