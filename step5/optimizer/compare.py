@@ -50,6 +50,7 @@ from step5 import artifacts
 from step5.errors import DegenerateSignalError
 from step5.jsonio import read_json_file, write_json_atomic
 from step5.optimizer.config import MODEL_TYPES, OptimizerConfig, RunOutcome, validate_config
+from step5.optimizer.plots import save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -463,7 +464,8 @@ def plot_comparison(candidates: list[Candidate], path: Path, *, winner: str | No
         ax_score.axvline(0, color="black", linewidth=0.8)
         ax_score.set_xlabel("score (higher is better)")
         ax_score.set_title("held-out test R² and CV objective")
-        ax_score.legend(loc="lower right", fontsize=8)
+        # Below the panel: inside it, the legend would cover the last model's bars.
+        ax_score.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, fontsize=8, frameon=False)
 
         walls = [c.wall_s for c in candidates]
         colors = ["tab:green" if c.model_type == winner else "tab:orange" for c in candidates]
@@ -480,11 +482,7 @@ def plot_comparison(candidates: list[Candidate], path: Path, *, winner: str | No
             ax.margins(x=0.18)  # room for the value labels at the bars' ends
         fig.suptitle(f"Step 5 --compare-models: winner {winner or 'none'}")
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)  # readers never see half a PNG
-        return path
+        return save_figure(fig, path)
     except Exception as exc:  # noqa: BLE001 - the picture is a courtesy, the summary is the product
         logger.warning("compare: could not draw %s: %s: %s", path, type(exc).__name__, exc)
         return None

@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 from optuna.trial import FrozenTrial, TrialState
 
+from step5.fsutil import atomic_output
+
 logger = logging.getLogger(__name__)
 
 
@@ -25,11 +27,10 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)  # readers never see half a PNG
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write ``fig`` as a PNG atomically: readers never see half a picture."""
+    with atomic_output(path, keep_suffix=True) as tmp:  # savefig picks the format by suffix
+        fig.savefig(tmp, dpi=110)
     return path
 
 
@@ -60,7 +61,7 @@ def plot_optimization_history(trials: Sequence[FrozenTrial], path: Path, *, titl
             ax.grid(alpha=0.3)
             ax.legend(loc="lower right")
             fig.tight_layout()
-            return _save(fig, path)
+            return save_figure(fig, path)
         finally:
             plt.close(fig)
     except Exception as exc:  # noqa: BLE001 - a picture must never fail a run
@@ -89,7 +90,7 @@ def plot_trial_timings(records: Sequence[dict[str, Any]], path: Path, *, title: 
             ax.grid(alpha=0.3, axis="y")
             ax.legend(loc="upper right")
             fig.tight_layout()
-            return _save(fig, path)
+            return save_figure(fig, path)
         finally:
             plt.close(fig)
     except Exception as exc:  # noqa: BLE001
