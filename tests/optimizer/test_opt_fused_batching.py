@@ -10,16 +10,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy as np
 import optuna
 import pytest
 from optuna.trial import TrialState
 
 from step5 import artifacts
 from step5.devices import DeviceSlot
-from step5.errors import JobError
 from step5.execution.pool import WorkerPool
 from step5.jsonio import read_json_file
 from step5.optimizer import AntiOverfitMetaOptimizer, OptimizerConfig
@@ -28,81 +26,16 @@ from step5.optimizer import optimizer as optimizer_module
 from step5.optimizer.objective import FINAL_FOLD_IDX, fold_seed, fusion_groups
 from step5.protocol import FUSE_KEYS, NNParams, TrainRequest, fusion_key
 from step5.testing import FAKE_WORKER, fake_worker_command
-
-
-class FusingFakeRunner:
-    """A FoldRunner with ``run_fused``; metrics are a function of the params and the seed."""
-
-    mode = "persistent_workers"
-
-    def __init__(self, *, fail_trials: Sequence[int] = (), name_the_trial: bool = True,
-                 explode_on_trial: int | None = None, explosion: type[BaseException] = RuntimeError) -> None:
-        self.fail_trials = set(fail_trials)
-        self.name_the_trial = name_the_trial
-        self.explode_on_trial = explode_on_trial
-        self.explosion = explosion
-        self.jobs: list[TrainRequest] = []  # run_jobs requests
-        self.fused_calls: list[list[list[TrainRequest]]] = []
-        self.closed = False
-
-    def _result(self, req: TrainRequest) -> dict[str, Any]:
-        lr = req.params.learning_rate
-        # Best near lr = 1e-3; the seed term makes a wrong fold seed visible in the values.
-        val = 0.6 - 0.1 * abs(np.log10(lr) + 3.0) + (req.seed % 997) * 1e-6
-        train = val + 0.05 * len(req.params.hidden_layers)
-        out = {"status": "complete", "model_type": "neural_net", "r2": val, "train_r2": train,
-               "val_mse": 1.0 - val, "train_mse": 1.0 - train, "duration": 0.01, "device": "cpu",
-               "trial_number": req.trial_number, "fold_idx": req.fold_idx, "job_id": req.job_id,
-               "epochs_run": 7, "best_epoch": 4}
-        if req.save_model_path:
-            Path(req.save_model_path).write_bytes(b"fake checkpoint")
-            out.update(model_path=req.save_model_path, test_r2=val - 0.01, test_mse=1.01 - val)
-        return out
-
-    def _check(self, requests: Sequence[TrainRequest]) -> None:
-        trials = {r.trial_number for r in requests}
-        if self.explode_on_trial in trials:
-            raise self.explosion("the runner blew up")
-        failing = sorted(trials & self.fail_trials)
-        if failing:
-            raise JobError("loss diverged to NaN at epoch 3", "train_error",
-                           trial_number=failing[0] if self.name_the_trial else None, fold_idx=0)
-
-    def run_jobs(self, requests: Sequence[TrainRequest]) -> list[dict[str, Any]]:
-        assert not self.closed
-        self.jobs.extend(requests)
-        self._check(requests)
-        return [self._result(r) for r in requests]
-
-    def run_fused(self, groups: Sequence[Sequence[TrainRequest]]) -> list[list[dict[str, Any]]]:
-        assert not self.closed
-        self.fused_calls.append([list(g) for g in groups])
-        for g in groups:  # what the worker checks before fusing
-            assert len({fusion_key(r) for r in g}) == 1, "a group mixes layer shapes"
-        self._check([r for g in groups for r in g])
-        return [[self._result(r) for r in g] for g in groups]
-
-    def summary(self) -> dict[str, Any]:
-        return {"mode": self.mode, "workers": [], "devices": ["CPU-0", "CPU-1"], "fallbacks": [],
-                "timings": {"jobs": len(self.jobs)}}
-
-    def close(self) -> None:
-        self.closed = True
+from step5.testing.fake_runner import install_fake_runner
 
 
 @pytest.fixture
 def runners(monkeypatch):
-    """Install a FusingFakeRunner factory; returns (runners made, options for the next ones)."""
-    made: list[FusingFakeRunner] = []
-    options: dict[str, Any] = {}
-
-    def factory(slots, policy, *, persistent):
-        runner = FusingFakeRunner(**options)
-        made.append(runner)
-        return runner
-
-    monkeypatch.setattr(optimizer_module, "make_fold_runner", factory)
-    return made, options
+    """Install a FakeFoldRunner factory; returns (runners made, options for the next ones)."""
+    return install_fake_runner(
+        monkeypatch, mode="persistent_workers", seed_in_metrics=True,
+        failure=("loss diverged to NaN at epoch 3", "train_error", 0),
+    )
 
 
 def _config(sample_inputs, tmp_path: Path, name: str = "out", **kw) -> OptimizerConfig:
@@ -176,11 +109,11 @@ def test_fuse_folds_sends_each_trial_as_one_group_with_the_unfused_requests(samp
     assert fused.sidecar["optuna"]["best_value"] == plain.sidecar["optuna"]["best_value"]
     # One run_fused call per trial, one group of its K folds; only the final model unfused.
     assert [[len(g) for g in call] for call in fused_runner.fused_calls] == [[3], [3], [3]]
-    assert [r.fold_idx for r in fused_runner.jobs] == [FINAL_FOLD_IDX]
+    assert [r.fold_idx for r in fused_runner.requests] == [FINAL_FOLD_IDX]
     sent = [r for call in fused_runner.fused_calls for g in call for r in g]
     assert [(r.trial_number, r.fold_idx, r.seed, Path(r.data_path).name) for r in sent] == [
         (r.trial_number, r.fold_idx, r.seed, Path(r.data_path).name)
-        for r in unfused_runner.jobs if r.fold_idx != FINAL_FOLD_IDX
+        for r in unfused_runner.requests if r.fold_idx != FINAL_FOLD_IDX
     ]
     fusion = fused.sidecar["execution"]["fusion"]
     assert fusion["fuse_folds"] is True and fusion["fuse_trials"] == 1

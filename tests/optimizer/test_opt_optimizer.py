@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Sequence
 
 import numpy as np
 import optuna
@@ -18,79 +17,17 @@ import pytest
 from optuna.trial import TrialState
 
 from step5 import artifacts
-from step5.errors import DegenerateSignalError, JobError, Step5Error, UsageError
+from step5.errors import DegenerateSignalError, Step5Error, UsageError
 from step5.jsonio import read_json_file, write_json_atomic
 from step5.optimizer import AntiOverfitMetaOptimizer, OptimizerConfig
-from step5.optimizer import optimizer as optimizer_module
 from step5.optimizer.objective import FINAL_FOLD_IDX
-from step5.protocol import TrainRequest
-
-
-class FakeRunner:
-    """A FoldRunner that trains nothing: metrics are a smooth function of the params."""
-
-    mode = "subprocess"
-
-    def __init__(self, *, fail_trials: Sequence[int] = (), explode_on_trial: int | None = None,
-                 explosion: type[BaseException] = RuntimeError) -> None:
-        self.fail_trials = set(fail_trials)
-        self.explode_on_trial = explode_on_trial
-        self.explosion = explosion
-        self.requests: list[TrainRequest] = []
-        self.arrays: dict[str, dict[str, np.ndarray]] = {}
-        self.closed = False
-
-    def _result(self, req: TrainRequest) -> dict[str, Any]:
-        with np.load(req.data_path, allow_pickle=False) as npz:
-            self.arrays[req.data_path] = {k: npz[k] for k in npz.files}
-        lr = req.params.learning_rate
-        # Best near lr = 1e-3; deeper nets overfit a little more.
-        val = 0.6 - 0.1 * abs(np.log10(lr) + 3.0)
-        train = val + 0.05 * len(req.params.hidden_layers)
-        out = {"status": "complete", "model_type": "neural_net", "r2": val, "train_r2": train,
-               "val_mse": 1.0 - val, "train_mse": 1.0 - train, "duration": 0.01, "device": "cpu",
-               "trial_number": req.trial_number, "fold_idx": req.fold_idx, "job_id": req.job_id,
-               "epochs_run": 7, "best_epoch": 4}
-        if "X_test" in self.arrays[req.data_path]:
-            out["test_r2"], out["test_mse"] = val - 0.01, 1.01 - val
-        if req.save_model_path:
-            Path(req.save_model_path).write_bytes(b"fake checkpoint")
-            out["model_path"] = req.save_model_path
-        return out
-
-    def run_jobs(self, requests: Sequence[TrainRequest]) -> list[dict[str, Any]]:
-        assert not self.closed
-        self.requests.extend(requests)
-        trial = requests[0].trial_number
-        if trial == self.explode_on_trial:
-            raise self.explosion("the runner blew up")
-        if trial in self.fail_trials:
-            raise JobError("NaN in X_train row 3", "data_error", trial_number=trial, fold_idx=1)
-        return [self._result(r) for r in requests]
-
-    def summary(self) -> dict[str, Any]:
-        return {"mode": self.mode, "workers": [], "devices": ["CPU-0"], "fallbacks": [],
-                "timings": {"jobs": len(self.requests)}}
-
-    def close(self) -> None:
-        self.closed = True
+from step5.testing.fake_runner import install_fake_runner
 
 
 @pytest.fixture
 def fake_runner(monkeypatch):
-    """Install a FakeRunner factory; returns the list of runners created."""
-    made: list[FakeRunner] = []
-    options: dict[str, Any] = {}
-
-    def factory(slots, policy, *, persistent):
-        runner = FakeRunner(**options)
-        runner.persistent = persistent
-        made.append(runner)
-        return runner
-
-    monkeypatch.setattr(optimizer_module, "make_fold_runner", factory)
-    made_options = options
-    return made, made_options
+    """Install a FakeFoldRunner factory; returns (runners made, options for the next ones)."""
+    return install_fake_runner(monkeypatch)
 
 
 @pytest.fixture

@@ -1,0 +1,115 @@
+"""A fake :class:`~step5.execution.runner.FoldRunner` for in-process optimizer tests.
+
+It trains nothing: each fold's metrics are a smooth function of its params (best near a
+learning rate of 1e-3, deeper nets overfit a little more), so a study has a known best
+trial. It records every request and every ``run_fused`` group, reads the fold files the
+optimizer wrote (so tests can check what went into them), and can fail chosen trials with
+a :class:`~step5.errors.JobError` or blow up with any exception.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from step5.errors import JobError
+from step5.protocol import TrainRequest, fusion_key
+
+
+class FakeFoldRunner:
+    """A FoldRunner with ``run_jobs`` and ``run_fused`` and no processes."""
+
+    def __init__(
+        self,
+        *,
+        mode: str = "subprocess",
+        fail_trials: Sequence[int] = (),
+        failure: tuple[str, str, int] = ("NaN in X_train row 3", "data_error", 1),  # message, type, fold
+        name_the_trial: bool = True,  # whether the JobError says which trial failed
+        explode_on_trial: int | None = None,
+        explosion: type[BaseException] = RuntimeError,
+        seed_in_metrics: bool = False,  # a tiny seed term makes a wrong fold seed visible in the values
+    ) -> None:
+        self.mode = mode
+        self.fail_trials = set(fail_trials)
+        self.failure = failure
+        self.name_the_trial = name_the_trial
+        self.explode_on_trial = explode_on_trial
+        self.explosion = explosion
+        self.seed_in_metrics = seed_in_metrics
+        self.requests: list[TrainRequest] = []  # every run_jobs request, in order
+        self.fused_calls: list[list[list[TrainRequest]]] = []  # every run_fused call's groups
+        self.arrays: dict[str, dict[str, np.ndarray]] = {}  # fold file -> its arrays
+        self.persistent: bool | None = None  # set by install_fake_runner's factory
+        self.closed = False
+
+    def _result(self, req: TrainRequest) -> dict[str, Any]:
+        with np.load(req.data_path, allow_pickle=False) as npz:
+            self.arrays[req.data_path] = {k: npz[k] for k in npz.files}
+        val = 0.6 - 0.1 * abs(np.log10(req.params.learning_rate) + 3.0)
+        if self.seed_in_metrics:
+            val += (req.seed % 997) * 1e-6
+        train = val + 0.05 * len(req.params.hidden_layers)
+        out = {"status": "complete", "model_type": "neural_net", "r2": val, "train_r2": train,
+               "val_mse": 1.0 - val, "train_mse": 1.0 - train, "duration": 0.01, "device": "cpu",
+               "trial_number": req.trial_number, "fold_idx": req.fold_idx, "job_id": req.job_id,
+               "epochs_run": 7, "best_epoch": 4}
+        if "X_test" in self.arrays[req.data_path]:
+            out["test_r2"], out["test_mse"] = val - 0.01, 1.01 - val
+        if req.save_model_path:
+            Path(req.save_model_path).write_bytes(b"fake checkpoint")
+            out["model_path"] = req.save_model_path
+        return out
+
+    def _check(self, requests: Sequence[TrainRequest]) -> None:
+        trials = {r.trial_number for r in requests}
+        if self.explode_on_trial in trials:
+            raise self.explosion("the runner blew up")
+        failing = sorted(trials & self.fail_trials)
+        if failing:
+            message, error_type, fold = self.failure
+            raise JobError(message, error_type, trial_number=failing[0] if self.name_the_trial else None,
+                           fold_idx=fold)
+
+    def run_jobs(self, requests: Sequence[TrainRequest]) -> list[dict[str, Any]]:
+        assert not self.closed
+        self.requests.extend(requests)
+        self._check(requests)
+        return [self._result(r) for r in requests]
+
+    def run_fused(self, groups: Sequence[Sequence[TrainRequest]]) -> list[list[dict[str, Any]]]:
+        assert not self.closed
+        self.fused_calls.append([list(g) for g in groups])
+        for g in groups:  # what the worker checks before fusing
+            assert len({fusion_key(r) for r in g}) == 1, "a group mixes layer shapes"
+        self._check([r for g in groups for r in g])
+        return [[self._result(r) for r in g] for g in groups]
+
+    def summary(self) -> dict[str, Any]:
+        return {"mode": self.mode, "workers": [], "devices": ["CPU-0"], "fallbacks": [],
+                "timings": {"jobs": len(self.requests)}}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def install_fake_runner(monkeypatch: Any, **defaults: Any) -> tuple[list[FakeFoldRunner], dict[str, Any]]:
+    """Make the optimizer build :class:`FakeFoldRunner` s instead of real runners.
+
+    Returns the list of runners made and an options dict: what a test puts there overrides
+    ``defaults`` for the runners made after it.
+    """
+    from step5.optimizer import optimizer as optimizer_module
+
+    made: list[FakeFoldRunner] = []
+    options: dict[str, Any] = {}
+
+    def factory(slots: Any, policy: Any, *, persistent: bool) -> FakeFoldRunner:
+        runner = FakeFoldRunner(**{**defaults, **options})
+        runner.persistent = persistent
+        made.append(runner)
+        return runner
+
+    monkeypatch.setattr(optimizer_module, "make_fold_runner", factory)
+    return made, options
