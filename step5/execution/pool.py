@@ -462,8 +462,9 @@ class WorkerPool:
         """The slot's live worker, (re)started if needed; ``None`` once the slot fell back."""
         while not st.fallback:
             self._check_open()
-            if st.worker is not None:
-                return st.worker
+            worker = st.worker  # one read: close() may clear it concurrently
+            if worker is not None:
+                return worker
             try:
                 return self._spawn(st)
             except _WorkerFault as fault:
@@ -478,11 +479,14 @@ class WorkerPool:
 
     def _on_fault(self, st: _SlotState, fault: _WorkerFault, job: TrainRequest | None) -> None:
         """Record a fault of ``st``'s worker (already killed); restart it or fall back."""
-        if st.worker is not None:
-            st.worker.kill()
+        # close() may clear st.worker from another thread at any moment: work on one reference.
+        worker = st.worker
+        if worker is not None:
+            worker.kill()
             with self._lock:
-                self._procs.discard(st.worker.proc)
-            st.worker = None
+                self._procs.discard(worker.proc)
+                if st.worker is worker:
+                    st.worker = None
         self._check_open()  # a fault caused by close() itself is not the worker's
         where = "" if job is None or job.job_id is None else f" [job {job.job_id!r}]"
         tail = fault.stderr_tail or "(no stderr output)"

@@ -138,6 +138,48 @@ def test_close_while_a_job_hangs_terminates_the_worker(data_file):
     assert wait_gone(pids, 0.1) == []
 
 
+def test_close_racing_a_fault_still_reports_pool_closed(data_file, monkeypatch):
+    """close() may clear a slot's worker while a dispatch thread is handling that worker's fault.
+
+    CI once hit this interleaving (close() ran between the fault's kill and its bookkeeping)
+    and got an AttributeError instead of PoolClosed; force it here deterministically.
+    """
+    pool = pool_of(cpu_slots(1), "--fault", "hang", job_timeout_s=60.0, shutdown_timeout_s=0.5)
+    st = pool._states[0]
+    worker = st.worker
+    real_kill = type(worker).kill
+
+    dispatch_kills = []
+
+    def kill_then_close(self) -> None:
+        real_kill(self)
+        if threading.current_thread().name.startswith("step5-dispatch"):
+            dispatch_kills.append(self)
+            # The first kill comes from describing the fault, the second from the pool's
+            # fault handling: close() lands between that kill and the pool's bookkeeping.
+            if len(dispatch_kills) == 2:
+                pool.close()
+
+    monkeypatch.setattr(type(worker), "kill", kill_then_close)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            pool.run_jobs(requests_for(data_file, 1))
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            errors.append(exc)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    time.sleep(0.5)
+    os.kill(worker.pid, signal.SIGKILL)  # the fault: the worker dies mid-job
+    runner.join(timeout=10)
+    assert not runner.is_alive()
+    assert len(dispatch_kills) >= 2
+    assert len(errors) == 1 and isinstance(errors[0], PoolClosed), errors
+    assert pool.closed and pool.worker_pids() == []
+
+
 def test_ctrl_c_in_run_jobs_kills_every_worker_before_propagating(data_file):
     pool = pool_of(cpu_slots(2), "--fault", "hang", job_timeout_s=60.0)
     pids = pool.worker_pids()
