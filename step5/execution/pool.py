@@ -63,6 +63,7 @@ from step5.devices import DeviceSlot
 from step5.errors import JOB_ERROR_TYPES, JobError, Step5Error, WorkerCrashed
 from step5.execution.runner import (
     ONESHOT_SCRIPT,
+    LiveProcesses,
     REPO_ROOT,
     STDERR_TAIL_LINES,
     describe_exit,
@@ -372,7 +373,7 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._closed = False
         self._procs: set[subprocess.Popen[bytes]] = set()  # every worker ever spawned and not reaped
-        self._oneshots: set[subprocess.Popen[bytes]] = set()  # fallback trainers running now
+        self._oneshots = LiveProcesses()  # fallback trainers running now; close() aborts them
         self._job_ids = itertools.count()
         self._fallbacks: list[dict[str, Any]] = []
         self._crashes: list[dict[str, Any]] = []
@@ -741,7 +742,8 @@ class WorkerPool:
             strays = [p for p in self._procs if all(p is not w.proc for w in workers)]
         _LIVE_POOLS.discard(self)
         # Fallback trainers and half-booted workers have nothing to say goodbye with.
-        for proc in strays + list(self._oneshots):
+        # abort() also kills a fallback trainer started after this point, so none slips past.
+        for proc in strays + self._oneshots.abort():
             _kill_and_reap(proc)
         if grace_s > 0:
             for w in workers:

@@ -191,7 +191,7 @@ def run_oneshot_job(
     )
 
 
-class _LiveProcesses(collections.abc.MutableSet):  # type: ignore[type-arg]
+class LiveProcesses(collections.abc.MutableSet):  # type: ignore[type-arg]
     """The one-shot trainers running now, killable all at once.
 
     Handed to :func:`run_oneshot_job` as its ``live`` set. Once :meth:`abort` ran, a
@@ -279,7 +279,7 @@ class SubprocessRunner:
         for slot in self.slots:
             self._free.put(slot)
         self._executor = ThreadPoolExecutor(max_workers=len(self.slots), thread_name_prefix="oneshot")
-        self._live = _LiveProcesses()
+        self._live = LiveProcesses()
         self._lock = threading.Lock()
         self._jobs = 0
         self._crashes: list[dict[str, Any]] = []

@@ -18,7 +18,8 @@ A request whose ``X_train_path`` does not exist fails deterministically with a
 
 Started with ``train_single_trial.py``'s arguments (``--data-path ...``) it acts as a
 one-shot trainer: one JSON line on stdout, exit 0 (or an error line and exit 1). Setting
-``STEP5_FAKE_ONESHOT=crash`` makes that mode die with ``EXIT(7)`` and no output.
+``STEP5_FAKE_ONESHOT=crash`` makes that mode die with ``EXIT(7)`` and no output, and
+``STEP5_FAKE_ONESHOT=hang`` makes it hang forever.
 """
 from __future__ import annotations
 
@@ -211,6 +212,11 @@ def oneshot_main(argv: Sequence[str]) -> int:
     if os.environ.get(ONESHOT_ENV) == "crash":
         sys.stderr.write("fake one-shot trainer crashing on purpose\n")
         return 7
+    if os.environ.get(ONESHOT_ENV) == "hang":
+        sys.stderr.write("fake one-shot trainer hanging on purpose\n")
+        sys.stderr.flush()
+        while True:
+            time.sleep(60)
     p = argparse.ArgumentParser()
     p.add_argument("--model-type")
     p.add_argument("--data-path", required=True)

@@ -180,6 +180,43 @@ def test_close_racing_a_fault_still_reports_pool_closed(data_file, monkeypatch):
     assert pool.closed and pool.worker_pids() == []
 
 
+def test_close_while_a_fallback_trainer_hangs_kills_it(data_file, monkeypatch):
+    monkeypatch.setenv("STEP5_FAKE_ONESHOT", "hang")
+    pool = pool_of(cpu_slots(1), "--fault", "sigkill", max_restarts=0, job_timeout_s=60.0)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            pool.run_jobs(requests_for(data_file, 1))
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            errors.append(exc)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    me = psutil.Process()
+
+    def oneshot_running() -> bool:
+        for child in me.children():
+            try:
+                if "--data-path" in child.cmdline():
+                    return True
+            except psutil.Error:  # the killed worker, a zombie until reaped
+                pass
+        return False
+
+    deadline = time.monotonic() + 10
+    while not oneshot_running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pool.summary()["workers"][0]["fallback"] is True
+    start = time.monotonic()
+    pool.close()
+    runner.join(timeout=10)
+    assert time.monotonic() - start < 5
+    assert not runner.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], PoolClosed), errors
+    assert me.children() == []
+
+
 def test_ctrl_c_in_run_jobs_kills_every_worker_before_propagating(data_file):
     pool = pool_of(cpu_slots(2), "--fault", "hang", job_timeout_s=60.0)
     pids = pool.worker_pids()
