@@ -93,8 +93,10 @@ def mode_row(run: ModeRun, runs: Mapping[str, ModeRun]) -> dict[str, Any]:
     mode = MODES.get(run.name)
     single = run.processes == 1 or (mode is not None and mode.single_process)
     limit = runs.get("limit1") if single else runs.get("limit")
-    if limit is None and run.processes == 1:
-        limit = runs.get("limit1")
+    if limit is None:
+        # With one process (one GPU) `limit` is itself a one-process limit: either serves.
+        limit = next((runs[name] for name in ("limit1", "limit")
+                      if name in runs and runs[name].processes == run.processes), None)
     ratio = run.wall_s / limit.wall_s if limit is not None and limit.wall_s > 0 else None
     r2 = [float(r["r2"]) for r in run.results if "r2" in r]
     return {

@@ -111,3 +111,14 @@ def test_unknown_mode_is_a_usage_error(repo_root):
     )
     assert proc.returncode == 2  # argparse's usage-error status
     assert "warp-drive" in proc.stderr
+
+
+def test_one_process_rows_are_measured_against_whichever_one_process_limit_ran():
+    # On one GPU every mode has one process: `limit` is then the one-process limit too.
+    from bench.report import mode_row
+
+    runs = {n: ModeRun(n, 1, w, 0.0, []) for n, w in (("limit", 4.0), ("s96b", 5.0), ("s96b-ff", 1.0))}
+    assert mode_row(runs["s96b"], runs)["x_limit"] == pytest.approx(1.25)
+    assert mode_row(runs["s96b-ff"], runs)["x_limit"] == pytest.approx(0.25)
+    two = {"limit1": ModeRun("limit1", 1, 4.0, 0.0, []), "s96b": ModeRun("s96b", 2, 5.0, 0.0, [])}
+    assert mode_row(two["s96b"], two)["x_limit"] is None  # no two-process limit ran
