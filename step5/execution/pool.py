@@ -264,16 +264,24 @@ class _WorkerProcess:
         self._close_pipes()
 
     def _saw_goodbye(self) -> bool:
+        """Whether the worker's last words included the ``shutdown`` reply (drains the queue).
+
+        EOF goes back in the queue: a dispatch thread may be waiting in :meth:`receive` on
+        this worker, and must see the EOF rather than wait out its whole job timeout.
+        """
         self._reader.join(timeout=_STDERR_SETTLE_S)
+        goodbye = False
         while True:
             try:
                 kind, payload = self._lines.get_nowait()
             except queue.Empty:
-                return False
+                return goodbye
+            if kind == "eof":
+                self._lines.put(("eof", None))
+                return goodbye
             if kind == "line":
                 try:
-                    if loads(payload).get("status") == "shutdown":
-                        return True
+                    goodbye = goodbye or loads(payload).get("status") == "shutdown"
                 except (ValueError, AttributeError):
                     pass
 

@@ -217,6 +217,26 @@ def test_close_while_a_fallback_trainer_hangs_kills_it(data_file, monkeypatch):
     assert me.children() == []
 
 
+def test_shutdown_leaves_eof_for_a_thread_still_waiting_on_the_worker():
+    """close() drains a worker's messages looking for its goodbye while a dispatch thread may
+    be waiting on the same queue for a result: the EOF must stay for that thread, or it
+    waits out its whole job timeout (CI saw close() take 60 s under load)."""
+    from step5.execution.pool import _WorkerFault, _WorkerProcess
+
+    # A worker hung on a job: it ignores the shutdown and is terminated, without a goodbye.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    worker = _WorkerProcess("CPU-0", proc)
+    worker.finish_shutdown(time.monotonic() + 0.2)
+    assert proc.returncode == -signal.SIGTERM
+    start = time.monotonic()
+    with pytest.raises(_WorkerFault) as info:
+        worker.receive(30.0, "running a job")
+    assert info.value.kind == "crash" and time.monotonic() - start < 5
+
+
 def test_ctrl_c_in_run_jobs_kills_every_worker_before_propagating(data_file):
     pool = pool_of(cpu_slots(2), "--fault", "hang", job_timeout_s=60.0)
     pids = pool.worker_pids()
