@@ -161,6 +161,7 @@ def _fused_calls(ctx: BenchContext, by_trial: bool) -> list[list[list[TrainReque
 def _run_pool(ctx: BenchContext, name: str, fused: str | None = None) -> ModeRun:
     """Persistent workers, each job alone (``fused=None``) or fused ("folds" / "trials")."""
     from step5.execution.pool import WorkerPool
+    from step5.execution.runner import raise_first_job_error
 
     start = time.perf_counter()
     with WorkerPool(
@@ -176,7 +177,8 @@ def _run_pool(ctx: BenchContext, name: str, fused: str | None = None) -> ModeRun
             results = []
             t0 = time.perf_counter()
             for groups in calls:
-                results.extend(r for group in pool.run_fused(groups) for r in group)
+                # Outcomes hold a JobError in a failed job's place; the benchmark's jobs must all train.
+                results.extend(raise_first_job_error([r for group in pool.run_fused(groups) for r in group]))
             wall_s = time.perf_counter() - t0
         summary = pool.summary()
     fallbacks = summary.get("fallbacks") or []

@@ -63,10 +63,12 @@ from step5.devices import DeviceSlot
 from step5.errors import JOB_ERROR_TYPES, JobError, Step5Error, WorkerCrashed
 from step5.execution.runner import (
     ONESHOT_SCRIPT,
+    JobOutcome,
     LiveProcesses,
     REPO_ROOT,
     STDERR_TAIL_LINES,
     describe_exit,
+    raise_first_job_error,
     run_oneshot_job,
 )
 from step5.framing import FrameTooLarge, LineReader, LineWriter
@@ -604,33 +606,41 @@ class WorkerPool:
         Any other exception escaping here (Ctrl-C included) kills every worker first.
         """
         self._check_open()
-        return self._dispatch_all(self._run_one, requests)
+        return raise_first_job_error(self._dispatch_all(self._run_one, requests))
 
     def _dispatch_all(self, fn: Any, items: Sequence[Any]) -> list[Any]:
-        """Run ``fn(item)`` for every item on the dispatch threads; results in order.
+        """Run ``fn(item)`` for every item on the dispatch threads; outcomes in order.
 
-        The first error is raised once every item has finished, so no job is still running
-        when a trial is reported failed; anything escaping the wait itself (Ctrl-C) stops
-        every worker first.
+        Waits for every item, so no job is still running when a trial is reported failed.
+        A :class:`JobError` stays in its item's place; any other error is raised once all
+        finished, and anything escaping the wait itself (Ctrl-C) stops every worker first.
         """
         start = time.perf_counter()
         try:
             futures = [self._dispatch.submit(fn, item) for item in items]
-            results, first_error = _gather(futures)
+            outcomes = _gather(futures)
         except BaseException:
             logger.warning("interrupted: stopping every worker")
             self._close(grace_s=0.0)
             raise
         finally:
             self._wall_s += time.perf_counter() - start
-        if first_error is not None:
-            raise first_error
-        return results
+        for outcome in outcomes:
+            if isinstance(outcome, Exception) and not isinstance(outcome, JobError):
+                raise outcome
+        return outcomes
 
     # -- fused folds ----------------------------------------------------------------------
 
-    def _run_group_fused(self, group: Sequence[TrainRequest]) -> list[dict[str, Any]] | None:
-        """One ``train_folds`` request on one worker; ``None`` when it must be re-run unfused."""
+    def _run_group_fused(self, group: Sequence[TrainRequest]) -> list[JobOutcome] | None:
+        """One ``train_folds`` request on one worker: each job's result or its JobError.
+
+        ``None`` when the group must be re-run unfused: the worker faulted, the slot fell
+        back, or every job of a multi-job group failed alike (the shared pass itself broke,
+        so each fold deserves its own verdict). A job that failed alone (its data, its
+        model diverging) keeps its error: the worker trains each model of a pass
+        independently, so alone it would fail the same way.
+        """
         st = self._free.get()
         try:
             worker = self._ensure_worker(st)
@@ -647,7 +657,10 @@ class WorkerPool:
                 }, doing)
                 answers = [worker.receive(deadline - time.monotonic(), doing) for _ in group]
                 for message, wire_id in zip(answers, wire_ids):
-                    if message.get("job_id") != wire_id or message.get("status") not in ("complete", "error"):
+                    status = message.get("status")
+                    if message.get("job_id") != wire_id or status not in ("complete", "error") or (
+                        status == "error" and message.get("error_type") not in JOB_ERROR_TYPES
+                    ):
                         raise worker.violation(message, doing)
             except _WorkerFault as fault:
                 self._on_fault(st, fault, group[0])
@@ -657,31 +670,31 @@ class WorkerPool:
                 st.jobs += len(group)
                 worker.jobs += len(group)
                 self._job_wall_s += elapsed
-            failed = [m for m in answers if m.get("status") != "complete"]
-            if failed:
-                logger.warning("fused jobs on %s failed (%s); re-running the group unfused",
-                               st.label, failed[0].get("error"))
-                return None
-            results = []
             for message, request in zip(answers, group):
                 message["job_id"] = request.job_id
-                results.append(message)
+            failed = [m for m in answers if m.get("status") != "complete"]
+            if len(group) > 1 and len(failed) == len(group) and len({m.get("error") for m in failed}) == 1:
+                logger.warning("the fused pass of %d jobs on %s failed as a whole (%s); re-running them unfused",
+                               len(group), st.label, failed[0].get("error"))
+                return None
+            done = [m for m in answers if m.get("status") == "complete"]
             with self._lock:
                 # Each fused result's duration carries 1/M of the shared pass (its train_s is
                 # the pass time divided by M), so the sum is the pass's real compute time.
-                self._compute_s += sum(_duration(m) for m in results)
-                self._completed += len(results)
-            return results
+                self._compute_s += sum(_duration(m) for m in done)
+                self._completed += len(done)
+            return [m if m.get("status") == "complete" else JobError.from_dict(m) for m in answers]
         finally:
             self._free.put(st)
 
-    def run_fused(self, groups: Sequence[Sequence[TrainRequest]]) -> list[list[dict[str, Any]]]:
+    def run_fused(self, groups: Sequence[Sequence[TrainRequest]]) -> list[list[JobOutcome]]:
         """Train each group of folds in one ``train_folds`` pass on one worker.
 
-        Groups run concurrently across workers. A group whose fused pass fails in any way
-        (a job error, a worker fault, a slot that fell back) is re-run with
-        :meth:`run_jobs`, fold by fold; its JobError, if any, is raised after every group
-        finished. Results are per group, in request order.
+        Groups run concurrently across workers. Per group, in request order, each job's
+        result or the :class:`JobError` it failed with (returned in place, not raised, so
+        one failing fold costs no other fold's result). A group whose pass could not run
+        (a worker fault, a slot that fell back, a pass that failed as a whole) is re-run
+        fold by fold, as :meth:`run_jobs` would, once every group finished.
         """
         self._check_open()
         groups = [list(g) for g in groups]
@@ -692,11 +705,11 @@ class WorkerPool:
         # thread would wait on the same executor it occupies.
         redo = [i for i, r in enumerate(fused) if r is None]
         if redo:
-            flat = [req for i in redo for req in groups[i]]
-            redone = iter(self.run_jobs(flat))
+            self._check_open()
+            redone = iter(self._dispatch_all(self._run_one, [req for i in redo for req in groups[i]]))
             for i in redo:
                 fused[i] = [next(redone) for _ in groups[i]]
-        return [r for r in fused if r is not None]
+        return fused
 
     # -- reporting ------------------------------------------------------------------------
 
@@ -800,18 +813,16 @@ def _duration(result: dict[str, Any]) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
-def _gather(futures: Sequence[Future[Any]]) -> tuple[list[Any], Exception | None]:
-    """Every future's result, in order, and the first job exception (after all finished).
+def _gather(futures: Sequence[Future[Any]]) -> list[Any]:
+    """Every future's result or ``Exception``, in order, once all finished.
 
     Only ``Exception`` is collected: a ``KeyboardInterrupt`` raised while waiting
     propagates at once so the caller can stop the workers.
     """
-    results: list[Any] = []
-    first_error: Exception | None = None
+    outcomes: list[Any] = []
     for fut in futures:
         try:
-            results.append(fut.result())
-        except Exception as exc:  # noqa: BLE001 - re-raised by the caller after all finished
-            first_error = first_error or exc
-            results.append(None)
-    return results, first_error
+            outcomes.append(fut.result())
+        except Exception as exc:  # noqa: BLE001 - sorted out by the caller after all finished
+            outcomes.append(exc)
+    return outcomes

@@ -20,7 +20,8 @@ propagates at once; the runner is closed after that.
 ``run_fused(groups)`` is the fused-training entry point the optimizer calls when folds (or
 same-shape trials) should share one batched pass. A one-shot process trains one fold, so
 this runner is the null object there: same interface, every group trained fold by fold,
-same results (a fused pass equals its unfused runs within 1e-5), and one log line saying so.
+the same outcomes (a fused pass equals its unfused runs: bit for bit on a CPU, up to
+cuBLAS rounding on a GPU), and one log line saying so.
 """
 from __future__ import annotations
 
@@ -49,6 +50,18 @@ CHECKPOINT_NAME = "best_model.pth"
 STDERR_TAIL_LINES = 20
 
 
+#: What one job of a batch came to: its result, or the JobError it failed with.
+JobOutcome = dict[str, Any] | JobError
+
+
+def raise_first_job_error(outcomes: Sequence[JobOutcome]) -> list[dict[str, Any]]:
+    """The results of a batch whose outcomes hold no error; else raise the first JobError."""
+    for outcome in outcomes:
+        if isinstance(outcome, JobError):
+            raise outcome
+    return list(outcomes)  # type: ignore[arg-type]
+
+
 class FoldRunner(Protocol):
     """What the optimizer needs from whatever trains its neural-net folds."""
 
@@ -58,11 +71,13 @@ class FoldRunner(Protocol):
         """Train every request (concurrently where slots allow); results in request order."""
         ...
 
-    def run_fused(self, groups: Sequence[Sequence[TrainRequest]]) -> list[list[dict[str, Any]]]:
-        """Train each group in one fused pass where the runner can (else fold by fold);
-        one result list per group, in request order. Requests of a group agree on
-        :data:`step5.protocol.FUSE_KEYS`. Raises the first :class:`JobError` after every
-        group finished."""
+    def run_fused(self, groups: Sequence[Sequence[TrainRequest]]) -> list[list[JobOutcome]]:
+        """Train each group in one fused pass where the runner can (else fold by fold).
+
+        One outcome list per group, in request order: each job's result, or the
+        :class:`JobError` it failed with, returned in its place rather than raised, so a
+        batch of trials learns every trial's fate from one call. Requests of a group agree
+        on :data:`step5.protocol.FUSE_KEYS`. Other errors are raised."""
         ...
 
     def summary(self) -> dict[str, Any]:
@@ -342,6 +357,10 @@ class SubprocessRunner:
         running trainer is killed and reaped, queued jobs are dropped, the runner is closed,
         and the exception propagates without waiting for the other folds.
         """
+        return raise_first_job_error(self._run_batch(requests))
+
+    def _run_batch(self, requests: Sequence[TrainRequest]) -> list[JobOutcome]:
+        """Every request's result or JobError, in order (see :meth:`run_jobs`)."""
         if self._closed:
             raise RuntimeError("run_jobs() on a closed SubprocessRunner")
         start = time.perf_counter()
@@ -361,17 +380,15 @@ class SubprocessRunner:
             raise
         finally:
             self._wall_s += time.perf_counter() - start
-        errors = [e for e in (f.exception() for f in futures) if e is not None]
-        if errors:
-            raise errors[0]  # the first JobError in request order
-        return [f.result() for f in futures]
+        # Every future is done and any error left is a JobError: keep it in its place.
+        return [f.result() if f.exception() is None else f.exception() for f in futures]
 
-    def run_fused(self, groups: Sequence[Sequence[TrainRequest]]) -> list[list[dict[str, Any]]]:
+    def run_fused(self, groups: Sequence[Sequence[TrainRequest]]) -> list[list[JobOutcome]]:
         """The null object of fused training: every group's folds run one by one.
 
         A one-shot process trains a single fold, so there is no pass to share. The folds of
-        all groups go to :meth:`run_jobs` together (concurrently across the slots); the
-        results equal a fused run's within float rounding, so the caller need not know.
+        all groups run together (concurrently across the slots); the outcomes equal a fused
+        run's within float rounding, so the caller need not know.
         """
         groups = [list(g) for g in groups]
         if any(not g for g in groups):
@@ -385,7 +402,7 @@ class SubprocessRunner:
         with self._lock:
             self._fused_groups += len(groups)
             self._fused_jobs += sum(len(g) for g in groups)
-        flat = iter(self.run_jobs([r for g in groups for r in g]))
+        flat = iter(self._run_batch([r for g in groups for r in g]))
         return [[next(flat) for _ in g] for g in groups]
 
     def summary(self) -> dict[str, Any]:

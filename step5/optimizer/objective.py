@@ -34,7 +34,7 @@ Fused training (NN only)::
                                                                       [all folds of group 2], ...)
 
 Every fold keeps its unfused request (same seed, same NPZ), so a fused result equals the
-unfused one within 1e-5 relative. Runners that cannot fuse (one-shot subprocesses) train
+unfused one: bit for bit on a CPU, up to cuBLAS rounding on a GPU. Runners that cannot fuse (one-shot subprocesses) train
 each group fold by fold behind the same ``run_fused`` call.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ import optuna
 
 from step5.data.splits import FoldFiles
 from step5.errors import JobError, Step5Error, UsageError
-from step5.execution.runner import FoldRunner
+from step5.execution.runner import FoldRunner, JobOutcome, raise_first_job_error
 from step5.protocol import NNParams, TrainRequest, fusion_key
 from step5.optimizer.search_space import suggest_nn_params
 
@@ -180,9 +180,6 @@ def fusion_groups(
     return groups
 
 
-#: Trial-batch re-runs described individually in the sidecar (the count is always kept).
-_MAX_RERUN_RECORDS = 20
-
 
 class NNBackend:
     """Neural-net folds as :class:`TrainRequest` jobs for a :class:`FoldRunner`.
@@ -222,8 +219,7 @@ class NNBackend:
         self.fuse_trials = fuse_trials
         self.parallel_groups = max(1, parallel_groups)  # device slots: split big groups to fill them
         self._fusion = {"trial_batches": 0, "fused_calls": 0, "groups": 0, "jobs": 0, "largest_group": 0,
-                        "batch_reruns": 0}
-        self._reruns: list[dict[str, Any]] = []
+                        "failed_jobs": 0}
         start = time.perf_counter()
         self.fold_paths: list[str] = []
         for f, (tr, va) in enumerate(cv.folds):
@@ -271,17 +267,23 @@ class NNBackend:
                 res["train_r2"] = r2_from_mse(res["train_mse"], self.cv.y_dev[tr])
         return results
 
-    def _run_fused(self, groups: list[list[TrainRequest]]) -> list[list[dict[str, Any]]]:
+    def _run_fused(self, groups: list[list[TrainRequest]]) -> list[list[JobOutcome]]:
         self._fusion["fused_calls"] += 1
         self._fusion["groups"] += len(groups)
         self._fusion["jobs"] += sum(len(g) for g in groups)
         self._fusion["largest_group"] = max([self._fusion["largest_group"], *(len(g) for g in groups)])
-        return self.runner.run_fused(groups)
+        outcomes = self.runner.run_fused(groups)
+        if [len(o) for o in outcomes] != [len(g) for g in groups]:
+            raise Step5Error(f"the fold runner returned {[len(o) for o in outcomes]} outcomes for groups of "
+                             f"{[len(g) for g in groups]} jobs")
+        self._fusion["failed_jobs"] += sum(isinstance(o, JobError) for group in outcomes for o in group)
+        return outcomes
 
     def run_folds(self, trial_number: int, params: dict[str, Any]) -> list[dict[str, Any]]:
         requests = self.fold_requests(trial_number, params)
         if self.fuse_folds:
-            (results,) = self._run_fused([requests])
+            (outcomes,) = self._run_fused([requests])
+            results = raise_first_job_error(outcomes)
         else:
             results = self.runner.run_jobs(requests)
         return self._with_train_r2(results)
@@ -289,57 +291,24 @@ class NNBackend:
     def run_trial_batch(self, trials: Sequence[tuple[int, dict[str, Any]]]) -> list[list[dict[str, Any]] | JobError]:
         """Train several trials' folds in one ``run_fused`` call, grouped by layer shapes.
 
-        The runner raises the first :class:`JobError` of a call and keeps no other result,
-        so when a batch fails, the failing trial (named by the error) is set aside and the
-        rest of the batch runs again without it: one failing trial fails only itself, at the
-        cost of a re-run. An error that names no trial of the batch makes every trial run
-        alone, so each gets its own outcome.
+        Each trial's outcome is its fold results, or the first :class:`JobError` among its
+        folds: the runner returns every job's outcome in place, so a failing trial fails
+        only itself and costs the others nothing.
         """
         self._fusion["trial_batches"] += 1
         requests = {number: self.fold_requests(number, params) for number, params in trials}
-        outcome: dict[int, list[dict[str, Any]] | JobError] = {}
-        pending = [number for number, _ in trials]
-        while pending:
-            groups = fusion_groups({n: requests[n] for n in pending}, self.parallel_groups, self.fold_rows)
-            try:
-                results = self._run_fused([[r for n in g for r in requests[n]] for g in groups])
-            except JobError as exc:
-                culprit = pending[0] if len(pending) == 1 else exc.trial_number
-                self._note_rerun(pending, culprit, exc)
-                if culprit in pending:
-                    outcome[culprit] = exc
-                    pending.remove(culprit)
-                    if pending:
-                        logger.warning(
-                            "trial %d failed inside a fused batch (%s: %s); re-running the batch's other "
-                            "trial(s) %s without it", culprit, exc.error_type, exc.message, pending,
-                        )
-                    continue
-                logger.warning(
-                    "a fused batch failed with an error naming no trial of it (%s: %s); running trials %s "
-                    "one at a time", exc.error_type, exc.message, pending,
-                )
-                for n in pending:
-                    try:
-                        (alone,) = self._run_fused([requests[n]])
-                        outcome[n] = self._with_train_r2(alone)
-                    except JobError as one:
-                        outcome[n] = one
-                break
-            for g, group_results in zip(groups, results):
-                it = iter(group_results)
-                for n in g:
-                    outcome[n] = self._with_train_r2([next(it) for _ in requests[n]])
-            break
-        return [outcome[number] for number, _ in trials]
-
-    def _note_rerun(self, pending: list[int], culprit: int | None, exc: JobError) -> None:
-        self._fusion["batch_reruns"] += 1
-        if len(self._reruns) < _MAX_RERUN_RECORDS:
-            self._reruns.append({
-                "trials": list(pending), "failed_trial": culprit, "error_type": exc.error_type,
-                "error": exc.message[:300],
-            })
+        groups = fusion_groups(requests, self.parallel_groups, self.fold_rows)
+        outcomes = self._run_fused([[r for n in g for r in requests[n]] for g in groups])
+        by_trial: dict[int, list[dict[str, Any]] | JobError] = {}
+        for g, group_outcomes in zip(groups, outcomes):
+            it = iter(group_outcomes)
+            for n in g:
+                folds = [next(it) for _ in requests[n]]
+                try:
+                    by_trial[n] = self._with_train_r2(raise_first_job_error(folds))
+                except JobError as exc:
+                    by_trial[n] = exc
+        return [by_trial[number] for number, _ in trials]
 
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
         request = self._request(
@@ -369,7 +338,6 @@ class NNBackend:
             "fuse_folds": self.fuse_folds,
             "fuse_trials": self.fuse_trials,
             **self._fusion,
-            "reruns": [dict(r) for r in self._reruns],
         }
 
     def summary(self) -> dict[str, Any]:
@@ -488,7 +456,7 @@ class TreeBackend:
             },
             # Fusion is a neural-net feature; recorded so every sidecar has the same block.
             "fusion": {"fuse_folds": False, "fuse_trials": 1, "trial_batches": 0, "fused_calls": 0, "groups": 0,
-                       "jobs": 0, "largest_group": 0, "batch_reruns": 0, "reruns": []},
+                       "jobs": 0, "largest_group": 0, "failed_jobs": 0},
         }
 
     def close(self) -> None:

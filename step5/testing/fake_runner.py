@@ -3,8 +3,9 @@
 It trains nothing: each fold's metrics are a smooth function of its params (best near a
 learning rate of 1e-3, deeper nets overfit a little more), so a study has a known best
 trial. It records every request and every ``run_fused`` group, reads the fold files the
-optimizer wrote (so tests can check what went into them), and can fail chosen trials with
-a :class:`~step5.errors.JobError` or blow up with any exception.
+optimizer wrote (so tests can check what went into them), and can fail one fold of chosen
+trials with a :class:`~step5.errors.JobError` (raised by ``run_jobs``, returned in place by
+``run_fused``, as the real runners do) or blow up with any exception.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from step5.errors import JobError
+from step5.execution.runner import raise_first_job_error
 from step5.protocol import TrainRequest, fusion_key
 
 
@@ -26,7 +28,6 @@ class FakeFoldRunner:
         mode: str = "subprocess",
         fail_trials: Sequence[int] = (),
         failure: tuple[str, str, int] = ("NaN in X_train row 3", "data_error", 1),  # message, type, fold
-        name_the_trial: bool = True,  # whether the JobError says which trial failed
         explode_on_trial: int | None = None,
         explosion: type[BaseException] = RuntimeError,
         seed_in_metrics: bool = False,  # a tiny seed term makes a wrong fold seed visible in the values
@@ -34,7 +35,6 @@ class FakeFoldRunner:
         self.mode = mode
         self.fail_trials = set(fail_trials)
         self.failure = failure
-        self.name_the_trial = name_the_trial
         self.explode_on_trial = explode_on_trial
         self.explosion = explosion
         self.seed_in_metrics = seed_in_metrics
@@ -62,29 +62,29 @@ class FakeFoldRunner:
             out["model_path"] = req.save_model_path
         return out
 
-    def _check(self, requests: Sequence[TrainRequest]) -> None:
-        trials = {r.trial_number for r in requests}
-        if self.explode_on_trial in trials:
+    def _outcome(self, req: TrainRequest) -> dict[str, Any] | JobError:
+        message, error_type, fold = self.failure
+        if req.trial_number in self.fail_trials and req.fold_idx == fold:
+            return JobError(message, error_type, trial_number=req.trial_number, fold_idx=fold, job_id=req.job_id)
+        return self._result(req)
+
+    def _explode(self, requests: Sequence[TrainRequest]) -> None:
+        if self.explode_on_trial in {r.trial_number for r in requests}:
             raise self.explosion("the runner blew up")
-        failing = sorted(trials & self.fail_trials)
-        if failing:
-            message, error_type, fold = self.failure
-            raise JobError(message, error_type, trial_number=failing[0] if self.name_the_trial else None,
-                           fold_idx=fold)
 
     def run_jobs(self, requests: Sequence[TrainRequest]) -> list[dict[str, Any]]:
         assert not self.closed
         self.requests.extend(requests)
-        self._check(requests)
-        return [self._result(r) for r in requests]
+        self._explode(requests)
+        return raise_first_job_error([self._outcome(r) for r in requests])
 
-    def run_fused(self, groups: Sequence[Sequence[TrainRequest]]) -> list[list[dict[str, Any]]]:
+    def run_fused(self, groups: Sequence[Sequence[TrainRequest]]) -> list[list[dict[str, Any] | JobError]]:
         assert not self.closed
         self.fused_calls.append([list(g) for g in groups])
         for g in groups:  # what the worker checks before fusing
             assert len({fusion_key(r) for r in g}) == 1, "a group mixes layer shapes"
-        self._check([r for g in groups for r in g])
-        return [[self._result(r) for r in g] for g in groups]
+        self._explode([r for g in groups for r in g])
+        return [[self._outcome(r) for r in g] for g in groups]
 
     def summary(self) -> dict[str, Any]:
         return {"mode": self.mode, "workers": [], "devices": ["CPU-0"], "fallbacks": [],

@@ -8,6 +8,8 @@ the real framing, and can be told to misbehave on a chosen job::
     fake_worker.py --fault exit --exit-code 42   # exit 42 on the first job
     fake_worker.py --fault garbage               # print a non-JSON line instead of a result
     fake_worker.py --boot hang                   # never say ready
+    fake_worker.py --fault pass_error            # a fused pass (train_folds of 2+ jobs) fails
+                                                 # as a whole: every job the same train_error
     fake_worker.py --fault sigkill --faulty-starts 1 --state-dir D
                                                  # only the first launch misbehaves
 
@@ -40,7 +42,7 @@ from step5.framing import FrameTooLarge, LineReader, LineWriter  # noqa: E402
 from step5.jsonio import dumps, loads  # noqa: E402
 from step5.protocol import MAX_REQUEST_BYTES, PROTOCOL_VERSION, NNParams, TrainRequest  # noqa: E402
 
-FAULTS = ("none", "hang", "garbage", "exit", "sigkill", "oversize", "wrong_job_id", "close_stdout")
+FAULTS = ("none", "hang", "garbage", "exit", "sigkill", "oversize", "wrong_job_id", "close_stdout", "pass_error")
 BOOT_FAULTS = ("none", "hang", "exit", "garbage")
 ONESHOT_ENV = "STEP5_FAKE_ONESHOT"
 
@@ -113,7 +115,7 @@ class FakeWorker:
     def misbehave(self, request: TrainRequest) -> bool:
         """Apply the configured fault if this job is the one; True when a fault replaced the answer."""
         fault = self.args.fault if self.faulty else "none"
-        if fault == "none" or self.jobs_seen <= self.args.after:
+        if fault in ("none", "pass_error") or self.jobs_seen <= self.args.after:  # pass_error: see serve()
             return False
         self.log(f"fault {fault!r} on job {request.job_id!r}")
         if fault == "hang":
@@ -198,6 +200,13 @@ class FakeWorker:
                 jobs = [raw]
             elif command == "train_folds" and isinstance(raw.get("jobs"), list) and raw["jobs"]:
                 jobs = raw["jobs"]
+                if self.faulty and self.args.fault == "pass_error" and len(jobs) > 1:
+                    # What the real worker answers when the shared pass itself raises.
+                    for job in jobs:
+                        failure = JobError("RuntimeError: the fused pass broke", "train_error",
+                                           job_id=job.get("job_id") if isinstance(job, dict) else None)
+                        self.writer.write_message(failure.to_dict())
+                    continue
             else:
                 self.writer.write_message(BadRequest(f"unsupported request {command!r}").to_dict())
                 continue

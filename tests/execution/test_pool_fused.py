@@ -1,7 +1,8 @@
 """WorkerPool.run_fused: a group of folds per worker in one `train_folds` request.
 
-A group whose fused pass fails in any way is re-run fold by fold through run_jobs, so the
-caller gets the same results (or the same JobError) as without fusing.
+Every job comes back as its result or its JobError, in place. A group whose pass could not
+run (a worker fault, a fallen-back slot, a pass that failed as a whole) is re-run fold by
+fold, so the caller gets the same outcomes as without fusing.
 """
 from __future__ import annotations
 
@@ -62,19 +63,33 @@ def test_each_group_runs_on_one_worker_concurrently(data_file):
     assert summary["timings"]["compute_s"] == pytest.approx(durations, abs=1e-3)
 
 
-def test_group_with_a_failing_fold_is_rerun_unfused_and_raises_that_fold_error(data_file, tmp_path):
+def test_a_failing_fold_comes_back_as_its_job_error_in_place_and_nothing_reruns(data_file, tmp_path):
     bad = group(data_file, 1)
     bad[1] = TrainRequest(str(tmp_path / "gone.npz"), trial_number=1, fold_idx=1, job_id="t1-f1")
     good = group(data_file, 0)
     with pool_of(2) as pool:
-        with pytest.raises(JobError) as info:
-            pool.run_fused([good, bad])
-        assert info.value.error_type == "data_error" and info.value.job_id == "t1-f1"
+        got_good, got_bad = pool.run_fused([good, bad])
+        error = got_bad[1]
+        assert isinstance(error, JobError)
+        assert error.error_type == "data_error" and error.job_id == "t1-f1" and "gone.npz" in error.message
+        assert metrics([got_good, [got_bad[0], got_bad[2]]]) == expected([good, [bad[0], bad[2]]])
         summary = pool.summary()
         assert summary["crashes"] == []  # a job error is not a worker fault
-        # The healthy group is kept fused; the bad group's two healthy folds ran again unfused.
-        assert summary["timings"]["jobs"] == 3 + 2
-        assert metrics(pool.run_fused([good])) == expected([good])
+        assert summary["timings"]["jobs"] == 3 + 2  # each healthy fold trained once, fused
+        with pytest.raises(JobError, match="gone.npz"):  # run_jobs still raises it
+            pool.run_jobs(bad)
+
+
+def test_a_pass_that_fails_as_a_whole_is_rerun_fold_by_fold(data_file, caplog):
+    groups = [group(data_file, 0), group(data_file, 1, n=1)]
+    with pool_of(1, "--fault", "pass_error") as pool:
+        results = pool.run_fused(groups)
+        summary = pool.summary()
+    # Alone, each fold trains fine (a one-job group is not a shared pass).
+    assert metrics(results) == expected(groups)
+    assert summary["crashes"] == [] and summary["workers"][0]["restarts"] == 0
+    assert summary["timings"]["jobs"] == 4
+    assert "failed as a whole" in caplog.text and "the fused pass broke" in caplog.text
 
 
 def test_worker_crash_during_a_fused_group_restarts_and_reruns_it(data_file, tmp_path):

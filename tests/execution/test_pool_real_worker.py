@@ -7,6 +7,7 @@ three execution paths share one training core.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 
 from step5.data.splits import write_fold_npz
 from step5.devices import DeviceSlot
+from step5.errors import JobError
 from step5.execution.factory import make_fold_runner
 from step5.execution.pool import WorkerPool, _WorkerProcess
 from step5.policy import TrainingPolicy
@@ -83,6 +85,14 @@ def test_worker_killed_mid_run_restarts_then_falls_back_with_identical_results(
             for key in ("r2", "val_mse", "train_mse"):
                 assert f[key] == pytest.approx(u[key], rel=1e-4, abs=1e-6)
 
+        # A fold whose data is gone fails alone, in its place; its group-mate still trains.
+        gone = dataclasses.replace(requests[1], data_path=requests[1].data_path + ".gone", job_id="gone")
+        (mixed,) = pool.run_fused([[requests[0], gone]])
+        assert isinstance(mixed[1], JobError) and mixed[1].error_type == "data_error"
+        assert mixed[1].job_id == "gone" and ".gone" in mixed[1].message
+        assert {k: mixed[0][k] for k in METRICS} == undisturbed[0]
+        assert pool.summary()["crashes"] == []
+
         kill_during_second_job()
         restarted = pool.run_jobs(requests)
         assert [{k: r[k] for k in METRICS} for r in restarted] == undisturbed
@@ -98,6 +108,7 @@ def test_worker_killed_mid_run_restarts_then_falls_back_with_identical_results(
     assert worker["fallback"] is True and worker["device"] == "cpu"
     assert [c["status"] for c in summary["crashes"]] == ["SIGKILL(-9)", "SIGKILL(-9)"]
     assert summary["fallbacks"][0]["exit_status"] == "SIGKILL(-9)"
-    # Each of the 4 batches counted each job once, whatever path finally ran it.
-    assert summary["timings"]["jobs"] == 4 * len(requests)
+    # Each of the 4 full batches counted each job once, whatever path finally ran it, and
+    # the mixed batch its one healthy fold.
+    assert summary["timings"]["jobs"] == 4 * len(requests) + 1
     assert worker["oneshot_jobs"] >= 1

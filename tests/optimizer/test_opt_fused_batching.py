@@ -162,7 +162,7 @@ def test_trial_batches_tell_every_trial_exactly_once_with_the_unfused_values(sam
     assert _table(study) == _table(_study(plain_cfg, plain))
     fusion = outcome.sidecar["execution"]["fusion"]
     assert (fusion["fuse_folds"], fusion["fuse_trials"], fusion["trial_batches"], fusion["jobs"]) == (True, 3, 3, 14)
-    assert fusion["batch_reruns"] == 0
+    assert fusion["failed_jobs"] == 0
 
 
 def test_trial_batches_group_same_shapes_into_one_group(sample_inputs, tmp_path, runners, monkeypatch):
@@ -195,22 +195,12 @@ def test_a_failing_trial_in_a_batch_fails_only_itself(sample_inputs, tmp_path, r
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert "loss diverged to NaN" in study.trials[1].user_attrs["fail_reason"]
     assert "Trial 1 failed with parameters" in caplog.text and "loss diverged to NaN" in caplog.text
-    # The batch ran once with trial 1, then once more without it.
+    # One call trained the whole batch: trial 1's failure cost the others nothing.
     calls = [sorted({r.trial_number for g in c for r in g}) for c in made[0].fused_calls]
-    assert calls == [[0, 1, 2, 3], [0, 2, 3]]
+    assert calls == [[0, 1, 2, 3]]
     fusion = outcome.sidecar["execution"]["fusion"]
-    assert fusion["batch_reruns"] == 1 and fusion["reruns"][0]["failed_trial"] == 1
+    assert fusion["failed_jobs"] == 1
     assert outcome.sidecar["optuna"]["trials_failed"] == 1 and outcome.sidecar["optuna"]["trials_run"] == 3
-
-
-def test_an_error_naming_no_trial_runs_each_trial_of_the_batch_alone(sample_inputs, tmp_path, runners):
-    made, options = runners
-    options.update(fail_trials=[2], name_the_trial=False)
-    cfg = _config(sample_inputs, tmp_path, trials=3, k_folds=2, fuse_trials=3)
-    outcome = AntiOverfitMetaOptimizer(cfg).run()
-    assert [t.state.name for t in _study(cfg, outcome).trials] == ["COMPLETE", "COMPLETE", "FAIL"]
-    calls = [sorted({r.trial_number for g in c for r in g}) for c in made[0].fused_calls]
-    assert calls == [[0, 1, 2], [0], [1], [2]]
 
 
 def test_a_batch_whose_trials_all_fail_is_an_error_naming_the_reason(sample_inputs, tmp_path, runners):
@@ -353,12 +343,12 @@ def test_pool_worker_crash_in_a_fused_group_falls_back_with_the_undisturbed_resu
         assert [f["r2"] for f in t.user_attrs["folds"]] == [fake_metrics(r)["r2"] for r in sent[t.number]]
     execution = outcome.sidecar["execution"]
     assert any(c["status"] == "SIGKILL(-9)" for c in execution["crashes"])
-    assert execution["fusion"]["trial_batches"] == 2 and execution["fusion"]["batch_reruns"] == 0
+    assert execution["fusion"]["trial_batches"] == 2 and execution["fusion"]["failed_jobs"] == 0
 
 
 def test_pool_job_error_in_a_fused_batch_fails_only_that_trial(sample_inputs, tmp_path, monkeypatch):
-    """A trial whose fold data is missing: the worker answers data_error, the pool re-runs the
-    group unfused and raises it, the optimizer re-runs the rest of the batch without it."""
+    """A trial whose fold data is missing: the worker answers data_error in that job's place,
+    and the pool hands it back beside the other jobs' results: nothing is trained twice."""
     _install_fake_pool(monkeypatch)
     real = objective_module.NNBackend.fold_requests
 
@@ -374,7 +364,10 @@ def test_pool_job_error_in_a_fused_batch_fails_only_that_trial(sample_inputs, tm
     study = _study(cfg, outcome)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
     assert "data_error (fold 1): NPZ file not found" in study.trials[2].user_attrs["fail_reason"]
-    assert outcome.sidecar["execution"]["fusion"]["batch_reruns"] == 1
+    assert outcome.sidecar["execution"]["fusion"]["failed_jobs"] == 1
+    execution = outcome.sidecar["execution"]
+    # 4 trials x 2 folds in the one batch, each trained once (fused), then the final model.
+    assert execution["timings"]["jobs"] == 7 + 1
     sidecar = read_json_file(cfg.output_dir / artifacts.SIDECAR_NAME, "sidecar")
     assert artifacts.validate_sidecar(sidecar) == []
 

@@ -68,7 +68,7 @@ def test_fused_runs_give_the_unfused_study_and_say_how_they_fused(sample_inputs,
         assert run["sidecar"]["optuna"]["best_value"] == reference["sidecar"]["optuna"]["best_value"], name
         assert run["sidecar"]["optuna"]["best_trial_number"] == reference["sidecar"]["optuna"]["best_trial_number"]
         fusion = run["sidecar"]["execution"]["fusion"]
-        assert fusion["fuse_folds"] is True and fusion["batch_reruns"] == 0, name
+        assert fusion["fuse_folds"] is True and fusion["failed_jobs"] == 0, name
         assert fusion["jobs"] == 6, name  # 3 trials x 2 folds went through run_fused
 
     fusion = runs["fuse_trials"]["sidecar"]["execution"]["fusion"]
