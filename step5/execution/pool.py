@@ -393,6 +393,7 @@ class WorkerPool:
         self._job_wall_s = 0.0
         self._wall_s = 0.0
         self._completed = 0
+        self._fused = {"groups": 0, "jobs": 0, "fused_groups": 0, "unfused_groups": 0}  # run_fused's groups
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step5-spawner")
         self._dispatch = ThreadPoolExecutor(max_workers=len(self._states), thread_name_prefix="step5-dispatch")
         _LIVE_POOLS.add(self)
@@ -704,6 +705,11 @@ class WorkerPool:
         # Re-run failed groups here, on the caller's thread: doing it inside a dispatch
         # thread would wait on the same executor it occupies.
         redo = [i for i, r in enumerate(fused) if r is None]
+        with self._lock:
+            self._fused["groups"] += len(groups)
+            self._fused["jobs"] += sum(len(g) for g in groups)
+            self._fused["fused_groups"] += len(groups) - len(redo)
+            self._fused["unfused_groups"] += len(redo)
         if redo:
             self._check_open()
             redone = iter(self._dispatch_all(self._run_one, [req for i in redo for req in groups[i]]))
@@ -729,6 +735,8 @@ class WorkerPool:
                 "devices": [st.label for st in self._states],
                 "fallbacks": [dict(f) for f in self._fallbacks],
                 "crashes": [dict(c) for c in self._crashes],
+                # Groups handed to run_fused: trained in one pass, or re-run fold by fold.
+                "fused": dict(self._fused),
                 "timings": {
                     "jobs": self._completed,
                     "spawn_s": round(self._spawn_s, 4),

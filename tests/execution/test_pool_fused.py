@@ -58,6 +58,7 @@ def test_each_group_runs_on_one_worker_concurrently(data_file):
     assert all(len(p) == 1 for p in pids)  # a group stays on one worker
     assert pids[0] != pids[1]  # the two groups ran on the two workers
     assert summary["timings"]["jobs"] == 6 and summary["crashes"] == []
+    assert summary["fused"] == {"groups": 2, "jobs": 6, "fused_groups": 2, "unfused_groups": 0}
     # Every fused result carries its share of the pass, so compute time is their sum.
     durations = sum(r["duration"] for g in results for r in g)
     assert summary["timings"]["compute_s"] == pytest.approx(durations, abs=1e-3)
@@ -89,6 +90,8 @@ def test_a_pass_that_fails_as_a_whole_is_rerun_fold_by_fold(data_file, caplog):
     assert metrics(results) == expected(groups)
     assert summary["crashes"] == [] and summary["workers"][0]["restarts"] == 0
     assert summary["timings"]["jobs"] == 4
+    # The one-job group is a pass of one model and runs fine; the three-job one re-ran.
+    assert summary["fused"] == {"groups": 2, "jobs": 4, "fused_groups": 1, "unfused_groups": 1}
     assert "failed as a whole" in caplog.text and "the fused pass broke" in caplog.text
 
 
