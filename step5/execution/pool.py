@@ -19,9 +19,10 @@
   DEBUG) so a chatty worker can never fill its pipe and block.
 * ``_SlotState`` — what the pool knows of one device across worker restarts: the live
   worker, restarts used, whether it fell back to one-shot subprocesses for good.
-* the spawner — a single long-lived thread that performs every ``Popen``: Linux's
+* ``_Spawner`` — a single long-lived daemon thread that performs every ``Popen``: Linux's
   parent-death signal (set by the worker, :mod:`step5.lifeline`) fires when the *thread*
-  that forked the worker exits, so workers must not be forked from short-lived threads.
+  that forked the worker exits, so workers must not be forked from short-lived threads
+  (nor from executor threads, which interpreter shutdown joins before atexit runs).
 * ``WorkerPool`` — spawns the workers (concurrently, waiting for every ``ready``), runs
   batches of jobs across free slots, handles faults, summarises, shuts down.
 
@@ -300,6 +301,55 @@ class _WorkerProcess:
             _close_quietly(self.proc.stderr)
 
 
+class _Spawner:
+    """One long-lived daemon thread that performs every ``Popen`` of a pool.
+
+    Linux's parent-death signal (armed by each worker, :mod:`step5.lifeline`) fires when
+    the *thread* that forked the worker exits. A ``ThreadPoolExecutor`` thread is joined at
+    interpreter shutdown *before* atexit handlers run, which would SIGKILL the workers of a
+    pool left open before its atexit close could say goodbye; a daemon thread lives until
+    :meth:`shutdown` (the pool's close) or the end of the process.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.Queue[tuple[Any, Future[Any]] | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Any, *args: Any) -> Future[Any]:
+        """Run ``fn(*args)`` on the spawner thread; raises RuntimeError once shut down."""
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("the spawner is shut down")
+            self._calls.put((lambda: fn(*args), future))
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            call = self._calls.get()
+            if call is None:
+                return
+            fn, future = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+                future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        """Run what was already submitted, then end the thread (and wait for it); idempotent."""
+        with self._lock:
+            if not self._stopped:
+                self._stopped = True
+                self._calls.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+
 # --------------------------------------------------------------------------------------
 # The pool
 # --------------------------------------------------------------------------------------
@@ -394,7 +444,7 @@ class WorkerPool:
         self._wall_s = 0.0
         self._completed = 0
         self._fused = {"groups": 0, "jobs": 0, "fused_groups": 0, "unfused_groups": 0}  # run_fused's groups
-        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step5-spawner")
+        self._spawner = _Spawner("step5-spawner")
         self._dispatch = ThreadPoolExecutor(max_workers=len(self._states), thread_name_prefix="step5-dispatch")
         _LIVE_POOLS.add(self)
         start = time.perf_counter()
@@ -787,7 +837,7 @@ class WorkerPool:
             for st in self._states:
                 st.worker = None
             self._procs.clear()
-        self._spawner.shutdown(wait=True, cancel_futures=True)
+        self._spawner.shutdown()
         # Dispatch threads still busy see dead pipes or PoolClosed and end on their own; an
         # abort (grace 0, e.g. Ctrl-C) does not wait for them, and no thread waits on itself.
         in_dispatch = threading.current_thread().name.startswith("step5-dispatch")
