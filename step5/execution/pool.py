@@ -87,6 +87,8 @@ MAX_RESPONSE_BYTES = 16 << 20
 _STDERR_SETTLE_S = 1.0
 #: After EOF on stdout, how long to wait for the process itself to exit before killing it.
 _EXIT_AFTER_EOF_S = 2.0
+#: How long to wait for a SIGKILLed process to be reaped before giving up on it (logged).
+_REAP_TIMEOUT_S = 5.0
 
 FALLBACK_LOG = "[S96B] Worker %s died, falling back to subprocess mode"
 
@@ -225,15 +227,23 @@ class _WorkerProcess:
 
     # -- ending it ----------------------------------------------------------------------
 
+    def signal_kill(self) -> None:
+        """SIGKILL without waiting (the first half of :meth:`kill`)."""
+        _sigkill(self.proc)
+
     def kill(self) -> None:
         """SIGKILL and reap; idempotent."""
-        if self.proc.poll() is None:
-            try:
-                self.proc.kill()
-            except ProcessLookupError:
-                pass
-        self.proc.wait()
+        self.signal_kill()
+        self._reap()
         self._close_pipes()
+
+    def _reap(self) -> None:
+        # Bounded: a process stuck in the kernel (a wedged GPU driver) may not die at once,
+        # and nobody should block forever on it -- not Ctrl-C, not close(), not a fault.
+        try:
+            self.proc.wait(timeout=_REAP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            logger.error("worker %s (pid %d) did not die %gs after SIGKILL", self.label, self.pid, _REAP_TIMEOUT_S)
 
     def request_shutdown(self) -> None:
         """Say goodbye: ``shutdown``, then close stdin (EOF ends the worker too)."""
@@ -256,8 +266,8 @@ class _WorkerProcess:
             try:
                 self.proc.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                self.signal_kill()
+                self._reap()
         goodbye = self._saw_goodbye()
         if self.proc.returncode != 0 or not goodbye:
             logger.warning(
@@ -668,8 +678,13 @@ class WorkerPool:
         """
         start = time.perf_counter()
         try:
-            futures = [self._dispatch.submit(fn, item) for item in items]
+            try:
+                futures = [self._dispatch.submit(fn, item) for item in items]
+            except RuntimeError as exc:  # the executor is shut down: close() ran since _check_open()
+                raise PoolClosed("the worker pool is closed") from exc
             outcomes = _gather(futures)
+        except PoolClosed:
+            raise
         except BaseException:
             logger.warning("interrupted: stopping every worker")
             self._close(grace_s=0.0)
@@ -678,6 +693,9 @@ class WorkerPool:
             self._wall_s += time.perf_counter() - start
         for outcome in outcomes:
             if isinstance(outcome, Exception) and not isinstance(outcome, JobError):
+                if self._closed and not isinstance(outcome, PoolClosed):
+                    # e.g. a queued job cancelled by close(): the pool's closing, not a bug.
+                    raise PoolClosed("the worker pool was closed while jobs were running") from outcome
                 raise outcome
         return outcomes
 
@@ -820,19 +838,28 @@ class WorkerPool:
             workers = [st.worker for st in self._states if st.worker is not None]
             strays = [p for p in self._procs if all(p is not w.proc for w in workers)]
         _LIVE_POOLS.discard(self)
-        # Fallback trainers and half-booted workers have nothing to say goodbye with.
-        # abort() also kills a fallback trainer started after this point, so none slips past.
-        for proc in strays + self._oneshots.abort():
-            _kill_and_reap(proc)
-        if grace_s > 0:
-            for w in workers:
-                w.request_shutdown()
-            deadline = time.monotonic() + grace_s
-            for w in workers:
-                w.finish_shutdown(deadline)
-        else:
-            for w in workers:
-                w.kill()
+        try:
+            # Fallback trainers and half-booted workers have nothing to say goodbye with.
+            # abort() also kills a fallback trainer started after this point, so none slips past.
+            for proc in strays + self._oneshots.abort():
+                _kill_and_reap(proc)
+            if grace_s > 0:
+                for w in workers:
+                    w.request_shutdown()
+                deadline = time.monotonic() + grace_s
+                for w in workers:
+                    w.finish_shutdown(deadline)
+            else:
+                for w in workers:  # every worker gets its signal before any is waited for
+                    w.signal_kill()
+                for w in workers:
+                    w.kill()
+        except BaseException:
+            # Interrupted while waiting (Ctrl-C during close): the pool is already marked
+            # closed, so no later close() would come back for these. SIGKILL them now.
+            for proc in [w.proc for w in workers] + strays:
+                _sigkill(proc)
+            raise
         with self._lock:
             for st in self._states:
                 st.worker = None
@@ -854,14 +881,18 @@ def _close_quietly(stream: Any) -> None:
         pass
 
 
-def _kill_and_reap(proc: subprocess.Popen[bytes]) -> None:
+def _sigkill(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         try:
             proc.kill()
         except ProcessLookupError:
             pass
+
+
+def _kill_and_reap(proc: subprocess.Popen[bytes]) -> None:
+    _sigkill(proc)
     try:
-        proc.wait(timeout=5.0)
+        proc.wait(timeout=_REAP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         logger.error("process %d did not die after SIGKILL", proc.pid)
 

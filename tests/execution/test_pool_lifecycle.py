@@ -237,6 +237,57 @@ def test_shutdown_leaves_eof_for_a_thread_still_waiting_on_the_worker():
     assert info.value.kind == "crash" and time.monotonic() - start < 5
 
 
+def test_jobs_cancelled_by_a_racing_close_report_pool_closed(data_file, monkeypatch):
+    """close() cancels the jobs still queued behind a busy slot; the caller must get
+    PoolClosed, not concurrent.futures' CancelledError."""
+    pool = pool_of(cpu_slots(1))
+    real = WorkerPool._run_one
+
+    def run_one_then_close(self, request):
+        result = real(self, request)
+        if request.job_id == 0:
+            self.close()  # lands while jobs 1 and 2 wait for the slot
+        return result
+
+    monkeypatch.setattr(WorkerPool, "_run_one", run_one_then_close)
+    with pytest.raises(PoolClosed):
+        pool.run_jobs(requests_for(data_file, 3))
+    with pytest.raises(PoolClosed):
+        pool.run_jobs(requests_for(data_file, 1))
+
+
+def test_ctrl_c_during_close_still_kills_every_worker(data_file, monkeypatch):
+    """A KeyboardInterrupt while close() waits for a worker must not leave the workers
+    running: the pool is already marked closed, so no later close() would come back."""
+    from step5.execution.pool import _WorkerProcess
+
+    pool = pool_of(cpu_slots(2), "--fault", "hang", job_timeout_s=60.0)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            pool.run_jobs(requests_for(data_file, 2))
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            errors.append(exc)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    time.sleep(0.5)
+    pids = pool.worker_pids()
+    assert len(pids) == 2
+
+    def interrupted(self, deadline):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_WorkerProcess, "finish_shutdown", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pool.close()
+    assert wait_gone(pids, 5.0) == []
+    runner.join(timeout=10)
+    assert not runner.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], PoolClosed), errors
+
+
 def test_ctrl_c_in_run_jobs_kills_every_worker_before_propagating(data_file):
     pool = pool_of(cpu_slots(2), "--fault", "hang", job_timeout_s=60.0)
     pids = pool.worker_pids()
