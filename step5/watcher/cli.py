@@ -17,7 +17,7 @@ from step5.policy import DEFAULT_POLICY_PATH, load_policy
 from step5.watcher.decision_log import DEFAULT_DECISION_LOG, read_decisions
 from step5.watcher.judge import EXIT_INTERRUPTED
 from step5.watcher.pipeline import run_pipeline
-from step5.watcher.process import install_sigterm_as_interrupt
+from step5.watcher.process import install_termination_as_interrupt
 from step5.watcher.registry import DEFAULT_REGISTRY_PATH, load_skip_registry, skipped_model_types
 
 logger = logging.getLogger("step5.watcher")
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=args.log_level,
                         format="%(asctime)s %(levelname)s watcher: %(message)s")
-    install_sigterm_as_interrupt()
+    install_termination_as_interrupt()
     try:
         if args.status:
             print_status(decision_log=args.decision_log, policy_path=args.policy, last=args.last, out=sys.stdout)

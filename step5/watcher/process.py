@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 _POLL_S = 0.5  # how often the descendants are re-listed while the step runs
 _TAIL_LINES = 40
 _TAIL_LINE_CHARS = 500
+_REAP_TIMEOUT_S = 5.0  # how long to wait for the SIGKILLed leader before giving up on it (logged)
 
 
 @dataclass
@@ -144,38 +145,46 @@ def _remaining(popen: subprocess.Popen[bytes], pgid: int, known: dict[int, psuti
 
 def stop_group(
     popen: subprocess.Popen[bytes], known: dict[int, psutil.Process], grace_s: float
-) -> int:
+) -> tuple[int, str | None]:
     """Stop the step's group and remembered descendants: SIGTERM, ``grace_s``, SIGKILL.
 
-    Returns how many processes (leader included) were still alive and had to be stopped.
-    A second Ctrl-C during the grace period skips straight to SIGKILL.
+    Returns how many processes (leader included) were still alive and had to be stopped,
+    and the interrupt (``"SIGINT"``, ``"SIGTERM"``, ...) that arrived during the grace
+    period, if any: it skips straight to SIGKILL, and is reported rather than lost, so a
+    timed-out step that the user then interrupts is not retried.
     """
     pgid = popen.pid
     _remember_descendants(popen.pid, known)
     targets = _remaining(popen, pgid, known)
     if not targets and popen.returncode is not None:
-        return 0
+        return 0, None
     count = len(targets)
     logger.info("stopping %d process(es) of step group %d (SIGTERM, then SIGKILL after %.1fs)",
                 count, pgid, grace_s)
     strays = [p for p in targets if p.pid != pgid]
     _signal_all(pgid, strays, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
+    interrupted = None
     try:
         while time.monotonic() < deadline:
             if not _remaining(popen, pgid, known):
                 break
             time.sleep(0.05)
     except KeyboardInterrupt:
-        logger.warning("interrupted again: killing step group %d now", pgid)
+        interrupted = _pending_signal_name()
+        logger.warning("interrupted (%s) while the step group stopped: killing step group %d now",
+                       interrupted, pgid)
     left = _remaining(popen, pgid, known)
     if left:
         logger.warning("%d process(es) of step group %d ignored SIGTERM; sending SIGKILL", len(left), pgid)
         _signal_all(pgid, [p for p in left if p.pid != pgid], signal.SIGKILL)
         # The leader is reaped by Popen only: psutil reaping it would lose its exit status.
         psutil.wait_procs([p for p in left if p.pid != pgid], timeout=5.0)
-    popen.wait()
-    return count
+    try:
+        popen.wait(timeout=_REAP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:  # stuck in the kernel even after SIGKILL
+        logger.error("step pid %d did not die %gs after SIGKILL", popen.pid, _REAP_TIMEOUT_S)
+    return count, interrupted
 
 
 def run_in_group(
@@ -230,8 +239,9 @@ def run_in_group(
             run.interrupted = _pending_signal_name()
             logger.error("interrupted (%s): stopping step group %d", run.interrupted, popen.pid)
     finally:
-        stopped = stop_group(popen, known, grace_s)
+        stopped, interrupted_while_stopping = stop_group(popen, known, grace_s)
         pump.join(timeout=5.0)
+    run.interrupted = run.interrupted or interrupted_while_stopping
     run.returncode = popen.returncode
     run.duration_s = round(time.monotonic() - t0, 3)
     run.output_tail = list(tail)
@@ -251,11 +261,17 @@ def _pending_signal_name() -> str:
     return _last_signal.pop() if _last_signal else "SIGINT"
 
 
-def install_sigterm_as_interrupt() -> None:
-    """Make SIGTERM to the WATCHER behave like Ctrl-C (main thread only)."""
+def install_termination_as_interrupt() -> None:
+    """Make SIGTERM and SIGHUP to the WATCHER behave like Ctrl-C (main thread only).
+
+    The step runs in its own session, so a closed terminal (SIGHUP) reaches only the
+    WATCHER: left to its default action it would end the WATCHER and leave the step and
+    its workers running unwatched, past any timeout.
+    """
 
     def _handler(signum: int, _frame: object) -> None:
         _last_signal.append(signal.Signals(signum).name)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGHUP, _handler)

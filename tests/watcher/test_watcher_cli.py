@@ -223,7 +223,10 @@ def test_timeout_escalates_and_leaves_no_process(work):
     assert _all_gone(info), info  # the SIGTERM-ignoring child and the one that left the group too
 
 
-@pytest.mark.parametrize("sig, name", [(signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM")])
+# SIGHUP: the terminal closed. The step is in its own session and never sees it, so the
+# WATCHER must stop the step itself rather than die and leave it running unwatched.
+@pytest.mark.parametrize("sig, name", [(signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM"),
+                                       (signal.SIGHUP, "SIGHUP")])
 def test_interrupting_the_watcher_stops_the_step(work, sig, name):
     popen = subprocess.Popen(watcher_cmd(), cwd=work, env=fake_env(work, "hang"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -120,3 +120,29 @@ def test_output_is_echoed_to_stderr(capfd, exit_code):
     out, err = capfd.readouterr()
     assert out == ""  # the WATCHER's stdout stays its own
     assert "to stdout" in err and "to stderr" in err
+
+
+def test_an_interrupt_during_the_grace_period_is_reported_not_lost(tmp_path, monkeypatch):
+    """The step timed out; while its group gets its grace period the user presses Ctrl-C.
+    That skips to SIGKILL, and the run says it was interrupted, so nobody retries it."""
+    from step5.watcher import process as process_module
+
+    real = process_module._remaining
+    calls = {"n": 0}
+
+    def remaining_then_interrupt(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first check inside the grace loop
+            process_module._last_signal.append("SIGINT")
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(process_module, "_remaining", remaining_then_interrupt)
+    t0 = time.monotonic()
+    run = run_in_group(fake_cmd(), timeout_s=2.0, grace_s=30.0, env=fake_env(tmp_path, "hang"),
+                       cwd=str(tmp_path), echo=False)
+    info = json.loads((tmp_path / "pids.json").read_text())
+    assert run.timed_out and run.interrupted == "SIGINT"
+    assert time.monotonic() - t0 < 15  # not the 30 s grace: the interrupt went straight to SIGKILL
+    assert group_alive(info["pgid"]) == []
+    assert not any(pid_alive(pid) for pid in [info["pid"], *info["children"]])
