@@ -37,6 +37,8 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Iterator, Mapping, MutableSet, Protocol, Sequence
 
+import psutil
+
 from step5.devices import DeviceSlot
 from step5.errors import JobError, WorkerCrashed
 from step5.jsonio import loads
@@ -48,6 +50,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 ONESHOT_SCRIPT = REPO_ROOT / "train_single_trial.py"
 CHECKPOINT_NAME = "best_model.pth"
 STDERR_TAIL_LINES = 20
+#: How long to wait for a SIGKILLed trainer (and its pipes) before giving up on it, logged.
+_REAP_TIMEOUT_S = 5.0
 
 
 #: What one job of a batch came to: its result, or the JobError it failed with.
@@ -169,15 +173,15 @@ def run_oneshot_job(
         try:
             stdout, stderr_b = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            _, stderr_b = proc.communicate()
+            _kill(proc)
+            stderr_b = _stderr_after_kill(proc)
             raise WorkerCrashed(
                 f"one-shot trainer on {slot.label} exceeded the {timeout_s:g}s job timeout",
                 exit_status="TIMEOUT", stderr_tail=tail_lines(stderr_b.decode(errors="replace")),
             ) from None
         except BaseException:  # Ctrl-C while waiting: do not leave the trainer behind
-            proc.kill()
-            proc.wait()
+            _kill(proc)
+            _reap(proc)
             raise
     finally:
         if live is not None:
@@ -253,11 +257,48 @@ class LiveProcesses(collections.abc.MutableSet):  # type: ignore[type-arg]
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
+    """SIGKILL a trainer and every process it started.
+
+    The descendants are listed first: once the trainer is dead they are reparented out of
+    reach, and one of them holding the trainer's stdout/stderr would keep its pipes open.
+    """
+    if proc.poll() is not None:
+        return
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    try:
+        proc.kill()
+    except ProcessLookupError:
+        pass
+    for child in descendants:
         try:
-            proc.kill()
-        except ProcessLookupError:
+            child.kill()
+        except psutil.Error:
             pass
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for a SIGKILLed trainer, but not forever (a process stuck in a GPU driver)."""
+    try:
+        proc.wait(timeout=_REAP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        logger.error("one-shot trainer %d did not die %gs after SIGKILL", proc.pid, _REAP_TIMEOUT_S)
+
+
+def _stderr_after_kill(proc: subprocess.Popen[bytes]) -> bytes:
+    """What a killed trainer left on stderr; gives up (closing the pipes) after a bound."""
+    try:
+        _, stderr_b = proc.communicate(timeout=_REAP_TIMEOUT_S)
+        return stderr_b or b""
+    except subprocess.TimeoutExpired:
+        logger.error("one-shot trainer %d: pipes still open %gs after SIGKILL; giving up on its output",
+                     proc.pid, _REAP_TIMEOUT_S)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+        return b""
 
 
 class _Aborted(Exception):
@@ -434,10 +475,7 @@ class SubprocessRunner:
         if killed:
             logger.warning("interrupted: killed %d running one-shot trainer(s)", len(killed))
         for proc in killed:
-            try:
-                proc.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                logger.error("one-shot trainer %d did not die after SIGKILL", proc.pid)
+            _reap(proc)
         # The threads see their trainer die (or the abort flag) and end at once; waiting for
         # them means no thread can start a process after we return.
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -160,3 +160,37 @@ def test_the_hang_script_is_a_real_hang(hang_script):
     finally:
         proc.kill()
         proc.wait()
+
+
+# A trainer that starts a helper process sharing its stdout/stderr, then hangs.
+SPAWNING_HANG_SCRIPT = """\
+import os, subprocess, sys, time
+helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+with open(os.path.join({folder!r}, "helper.pid"), "w") as f:
+    f.write(str(helper.pid))
+time.sleep(120)
+"""
+
+
+def test_a_timed_out_trainer_is_killed_with_the_processes_it_started(tmp_path, data_file):
+    """A grandchild holding the trainer's pipes must neither outlive the job nor make the
+    runner wait on those pipes past the timeout."""
+    from step5.errors import WorkerCrashed
+    from step5.execution.runner import run_oneshot_job
+
+    script = tmp_path / "spawning_hang.py"
+    script.write_text(SPAWNING_HANG_SCRIPT.format(folder=str(tmp_path)))
+    start = time.monotonic()
+    with pytest.raises(WorkerCrashed, match="exceeded the 2s job timeout") as info:
+        run_oneshot_job(_request(data_file, 0, 0), _slots(1)[0], timeout_s=2.0, script=script)
+    assert info.value.exit_status == "TIMEOUT"
+    assert time.monotonic() - start < 10  # not the helper's 120 s
+    helper = int((tmp_path / "helper.pid").read_text())
+
+    def helper_gone() -> bool:
+        try:
+            return psutil.Process(helper).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    _wait_for(helper_gone, timeout_s=5.0)
