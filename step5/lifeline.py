@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 #: Environment variable holding the pid of the process whose death must end the child.
 PARENT_PID_ENV = "STEP5_PARENT_PID"
+#: Set by the WATCHER for the step it runs: the step stops (as on SIGTERM) if the WATCHER dies.
+SUPERVISOR_PID_ENV = "STEP5_SUPERVISOR_PID"
 
 #: Exit status of a child that found itself orphaned (nobody is left to read it; it only
 #: makes the cause visible when a human runs the worker by hand).
@@ -68,15 +70,15 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
     return True
 
 
-def expected_parent_pid(environ: dict[str, str] | None = None) -> int | None:
-    """The pid from :data:`PARENT_PID_ENV`, or ``None`` when unset or not a positive int."""
-    raw = (os.environ if environ is None else environ).get(PARENT_PID_ENV)
+def expected_parent_pid(environ: dict[str, str] | None = None, name: str = PARENT_PID_ENV) -> int | None:
+    """The pid from the variable ``name``, or ``None`` when unset or not a positive int."""
+    raw = (os.environ if environ is None else environ).get(name)
     if raw is None or not raw.strip():
         return None
     try:
         pid = int(raw)
     except ValueError:
-        logger.warning("ignoring %s=%r: not an integer pid", PARENT_PID_ENV, raw)
+        logger.warning("ignoring %s=%r: not an integer pid", name, raw)
         return None
     return pid if pid > 0 else None
 
@@ -91,20 +93,22 @@ def install_lifeline(
     poll_s: float = 0.5,
     on_orphan: Callable[[], None] | None = None,
     use_prctl: bool = True,
+    death_signal: int = signal.SIGKILL,
 ) -> threading.Thread:
     """Arrange for this process to end when its parent dies; returns the watch thread.
 
     ``parent_pid`` defaults to :data:`PARENT_PID_ENV`, else to the current parent.
     ``on_orphan`` (default: ``os._exit(EXIT_ORPHANED)``) runs in the watch thread once the
     parent is found gone; tests pass their own to observe it, and ``use_prctl=False`` to
-    check the polling path alone.
+    check the polling path alone. ``death_signal`` is what the kernel sends when the parent
+    goes (SIGKILL for workers; a process with cleanup to do asks for SIGTERM).
     """
     original_ppid = os.getppid()
     watched = parent_pid if parent_pid is not None else expected_parent_pid()
     if watched is None:
         watched = original_ppid
     if use_prctl:
-        set_parent_death_signal(signal.SIGKILL)
+        set_parent_death_signal(death_signal)
     act = on_orphan or _default_on_orphan
 
     def orphaned() -> str | None:
@@ -127,3 +131,20 @@ def install_lifeline(
     thread = threading.Thread(target=watch, name="step5-lifeline", daemon=True)
     thread.start()
     return thread
+
+
+def install_supervisor_lifeline(environ: dict[str, str] | None = None) -> threading.Thread | None:
+    """End this process as on SIGTERM when the supervisor in :data:`SUPERVISOR_PID_ENV` dies.
+
+    The WATCHER runs a step in a session of its own so that Ctrl-C reaches only the
+    WATCHER, which then stops the step; but a WATCHER that is SIGKILLed (or OOM-killed)
+    stops nothing, and the step would train on, unwatched and past its timeout. With this,
+    the step takes its normal SIGTERM path (fail the running trials, close the workers,
+    remove temp files). A step run by hand has no supervisor: nothing is installed.
+    """
+    supervisor = expected_parent_pid(environ, SUPERVISOR_PID_ENV)
+    if supervisor is None:
+        return None
+    return install_lifeline(
+        supervisor, death_signal=signal.SIGTERM, on_orphan=lambda: os.kill(os.getpid(), signal.SIGTERM),
+    )

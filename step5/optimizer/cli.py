@@ -21,6 +21,7 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from step5.devices import parse_gpu_list
 from step5.errors import DegenerateSignalError, Step5Error, UsageError
+from step5.lifeline import install_supervisor_lifeline
 from step5.optimizer.config import MODEL_TYPES, OptimizerConfig, validate_config
 
 logger = logging.getLogger("step5.optimizer")
@@ -245,6 +246,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread (e.g. called from a test harness thread)
         previous = None
+    if previous is not None:
+        install_supervisor_lifeline()  # run by the WATCHER: stop as on SIGTERM if it dies
     try:
         config = config_from_args(args, [sys.argv[0], *argv])
         return run_config(config)

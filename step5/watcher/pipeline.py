@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from step5.errors import Step5Error
+from step5.lifeline import SUPERVISOR_PID_ENV
 from step5.jsonio import dumps
 from step5.policy import Policy, load_policy
 from step5.watcher.decision_log import append_decision
@@ -74,10 +75,12 @@ def _now() -> str:
 
 
 def step_env() -> dict[str, str]:
-    """The step's environment: ours, with the repository importable (``import step5``)."""
+    """The step's environment: ours, with the repository importable (``import step5``) and
+    our pid as its supervisor, so the step stops if the WATCHER dies without stopping it."""
     env = dict(os.environ)
     parts = [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
+    env[SUPERVISOR_PID_ENV] = str(os.getpid())
     return env
 
 

@@ -146,3 +146,11 @@ def test_an_interrupt_during_the_grace_period_is_reported_not_lost(tmp_path, mon
     assert time.monotonic() - t0 < 15  # not the 30 s grace: the interrupt went straight to SIGKILL
     assert group_alive(info["pgid"]) == []
     assert not any(pid_alive(pid) for pid in [info["pid"], *info["children"]])
+
+
+def test_the_step_is_told_who_supervises_it_and_a_step_run_by_hand_has_no_supervisor():
+    from step5.lifeline import SUPERVISOR_PID_ENV, install_supervisor_lifeline
+
+    assert step_env()[SUPERVISOR_PID_ENV] == str(os.getpid())
+    assert install_supervisor_lifeline({}) is None
+    assert install_supervisor_lifeline({SUPERVISOR_PID_ENV: "not-a-pid"}) is None

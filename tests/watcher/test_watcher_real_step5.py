@@ -85,3 +85,46 @@ def test_real_step5_bad_input_escalates_with_its_message(work):
     [record] = decisions(work)
     assert record["decision"] == "ESCALATE" and record["exit_status"] == "EXIT(1)"
     assert "bad.json" in " ".join(record["reasons"] + record.get("output_tail", []))
+
+
+@pytest.mark.slow
+def test_a_sigkilled_watcher_takes_the_step_and_its_workers_with_it(work, sample_inputs):
+    """The step runs in its own session, so nothing but the WATCHER stops it; a WATCHER that
+    is SIGKILLed (or OOM-killed) cannot. The step's supervisor lifeline must end it, through
+    its SIGTERM path, and its workers with it."""
+    import time
+
+    import psutil
+
+    survivors, history = sample_inputs
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    cmd = [sys.executable, str(WATCHER), "--run-pipeline", "--start-step", "5", "--end-step", "5",
+           "--params", json.dumps({"survivors": str(survivors), "lottery_data": str(history), "trials": 5000,
+                                   "k_folds": 2, "cpu_workers": 1, "output_dir": "models"}),
+           "--policy", "policy.json"]
+    watcher = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    family: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until the step's persistent worker is up
+            family = psutil.Process(watcher.pid).children(recursive=True)
+            if any("nn_gpu_worker.py" in " ".join(p.cmdline()) for p in family if p.is_running()):
+                break
+            assert watcher.poll() is None, "the WATCHER ended before the step's worker started"
+            time.sleep(0.2)
+        else:
+            pytest.fail("the step's worker never started")
+        watcher.kill()
+        watcher.wait()
+        gone, alive = psutil.wait_procs(family, timeout=30)
+        assert alive == [], [p.cmdline() for p in alive]
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+        for p in family:  # whatever a failure left behind
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
