@@ -453,7 +453,8 @@ class WorkerPool:
         self._job_wall_s = 0.0
         self._wall_s = 0.0
         self._completed = 0
-        self._fused = {"groups": 0, "jobs": 0, "fused_groups": 0, "unfused_groups": 0}  # run_fused's groups
+        # run_fused's groups: passes that ran, passes that could not, failed jobs re-run alone.
+        self._fused = {"groups": 0, "jobs": 0, "fused_groups": 0, "unfused_groups": 0, "rerun_jobs": 0}
         self._spawner = _Spawner("step5-spawner")
         self._dispatch = ThreadPoolExecutor(max_workers=len(self._states), thread_name_prefix="step5-dispatch")
         _LIVE_POOLS.add(self)
@@ -704,11 +705,7 @@ class WorkerPool:
     def _run_group_fused(self, group: Sequence[TrainRequest]) -> list[JobOutcome] | None:
         """One ``train_folds`` request on one worker: each job's result or its JobError.
 
-        ``None`` when the group must be re-run unfused: the worker faulted, the slot fell
-        back, or every job of a multi-job group failed alike (the shared pass itself broke,
-        so each fold deserves its own verdict). A job that failed alone (its data, its
-        model diverging) keeps its error: the worker trains each model of a pass
-        independently, so alone it would fail the same way.
+        ``None`` when the pass could not run at all (the worker faulted, the slot fell back).
         """
         st = self._free.get()
         try:
@@ -741,11 +738,6 @@ class WorkerPool:
                 self._job_wall_s += elapsed
             for message, request in zip(answers, group):
                 message["job_id"] = request.job_id
-            failed = [m for m in answers if m.get("status") != "complete"]
-            if len(group) > 1 and len(failed) == len(group) and len({m.get("error") for m in failed}) == 1:
-                logger.warning("the fused pass of %d jobs on %s failed as a whole (%s); re-running them unfused",
-                               len(group), st.label, failed[0].get("error"))
-                return None
             done = [m for m in answers if m.get("status") == "complete"]
             with self._lock:
                 # Each fused result's duration carries 1/M of the shared pass (its train_s is
@@ -761,29 +753,40 @@ class WorkerPool:
 
         Groups run concurrently across workers. Per group, in request order, each job's
         result or the :class:`JobError` it failed with (returned in place, not raised, so
-        one failing fold costs no other fold's result). A group whose pass could not run
-        (a worker fault, a slot that fell back, a pass that failed as a whole) is re-run
-        fold by fold, as :meth:`run_jobs` would, once every group finished.
+        one failing fold costs no other fold's result). Once every group finished, what
+        did not come out of a pass is re-run unfused, as :meth:`run_jobs` would run it:
+        every job of a group whose pass could not run (a worker fault, a slot that fell
+        back), and every job that failed inside a pass -- its unfused run is its verdict
+        (a pass that broke as a whole gets each fold's own outcome; a model that diverged
+        in a batch on a GPU, where fused kernels round differently, gets its lone run).
         """
         self._check_open()
         groups = [list(g) for g in groups]
         if any(not g for g in groups):
             raise ValueError("run_fused() got an empty group")
         fused = self._dispatch_all(self._run_group_fused, groups)
-        # Re-run failed groups here, on the caller's thread: doing it inside a dispatch
-        # thread would wait on the same executor it occupies.
-        redo = [i for i, r in enumerate(fused) if r is None]
+        outcomes = [list(r) if r is not None else [None] * len(g) for r, g in zip(fused, groups)]
+        redo = [(i, j) for i, group_outcomes in enumerate(outcomes)
+                for j, outcome in enumerate(group_outcomes) if outcome is None or isinstance(outcome, JobError)]
+        failed_in_pass = sum(1 for i, j in redo if fused[i] is not None)
         with self._lock:
             self._fused["groups"] += len(groups)
             self._fused["jobs"] += sum(len(g) for g in groups)
-            self._fused["fused_groups"] += len(groups) - len(redo)
-            self._fused["unfused_groups"] += len(redo)
+            self._fused["fused_groups"] += sum(r is not None for r in fused)
+            self._fused["unfused_groups"] += sum(r is None for r in fused)
+            self._fused["rerun_jobs"] += failed_in_pass
+        if failed_in_pass:
+            first = next(outcomes[i][j] for i, j in redo if fused[i] is not None)
+            logger.warning("%d fused job(s) failed (first: %s); re-running them alone for their unfused verdict",
+                           failed_in_pass, first)
         if redo:
+            # Here, on the caller's thread: a dispatch thread waiting on the executor it
+            # occupies could deadlock.
             self._check_open()
-            redone = iter(self._dispatch_all(self._run_one, [req for i in redo for req in groups[i]]))
-            for i in redo:
-                fused[i] = [next(redone) for _ in groups[i]]
-        return fused
+            redone = self._dispatch_all(self._run_one, [groups[i][j] for i, j in redo])
+            for (i, j), outcome in zip(redo, redone):
+                outcomes[i][j] = outcome
+        return outcomes
 
     # -- reporting ------------------------------------------------------------------------
 

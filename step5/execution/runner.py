@@ -456,7 +456,7 @@ class SubprocessRunner:
                 "crashes": list(self._crashes),
                 # Groups handed to run_fused; none of them could share a pass here.
                 "fused": {"groups": self._fused_groups, "jobs": self._fused_jobs, "fused_groups": 0,
-                          "unfused_groups": self._fused_groups},
+                          "unfused_groups": self._fused_groups, "rerun_jobs": 0},
                 "timings": {
                     "jobs": self._jobs,
                     "wall_s": round(self._wall_s, 4),

@@ -1,8 +1,8 @@
 """WorkerPool.run_fused: a group of folds per worker in one `train_folds` request.
 
-Every job comes back as its result or its JobError, in place. A group whose pass could not
-run (a worker fault, a fallen-back slot, a pass that failed as a whole) is re-run fold by
-fold, so the caller gets the same outcomes as without fusing.
+Every job comes back as its result or its JobError, in place. What did not come out of a
+pass (a group whose pass could not run: a worker fault, a fallen-back slot; a job that
+failed inside a pass) is re-run unfused, so the caller gets the unfused outcomes.
 """
 from __future__ import annotations
 
@@ -58,13 +58,13 @@ def test_each_group_runs_on_one_worker_concurrently(data_file):
     assert all(len(p) == 1 for p in pids)  # a group stays on one worker
     assert pids[0] != pids[1]  # the two groups ran on the two workers
     assert summary["timings"]["jobs"] == 6 and summary["crashes"] == []
-    assert summary["fused"] == {"groups": 2, "jobs": 6, "fused_groups": 2, "unfused_groups": 0}
+    assert summary["fused"] == {"groups": 2, "jobs": 6, "fused_groups": 2, "unfused_groups": 0, "rerun_jobs": 0}
     # Every fused result carries its share of the pass, so compute time is their sum.
     durations = sum(r["duration"] for g in results for r in g)
     assert summary["timings"]["compute_s"] == pytest.approx(durations, abs=1e-3)
 
 
-def test_a_failing_fold_comes_back_as_its_job_error_in_place_and_nothing_reruns(data_file, tmp_path):
+def test_a_failing_fold_is_rerun_alone_and_its_error_comes_back_in_place(data_file, tmp_path):
     bad = group(data_file, 1)
     bad[1] = TrainRequest(str(tmp_path / "gone.npz"), trial_number=1, fold_idx=1, job_id="t1-f1")
     good = group(data_file, 0)
@@ -77,6 +77,9 @@ def test_a_failing_fold_comes_back_as_its_job_error_in_place_and_nothing_reruns(
         summary = pool.summary()
         assert summary["crashes"] == []  # a job error is not a worker fault
         assert summary["timings"]["jobs"] == 3 + 2  # each healthy fold trained once, fused
+        # Only the failed fold ran again, alone: its unfused run is its verdict.
+        assert summary["fused"] == {"groups": 2, "jobs": 6, "fused_groups": 2, "unfused_groups": 0,
+                                    "rerun_jobs": 1}
         with pytest.raises(JobError, match="gone.npz"):  # run_jobs still raises it
             pool.run_jobs(bad)
 
@@ -90,9 +93,11 @@ def test_a_pass_that_fails_as_a_whole_is_rerun_fold_by_fold(data_file, caplog):
     assert metrics(results) == expected(groups)
     assert summary["crashes"] == [] and summary["workers"][0]["restarts"] == 0
     assert summary["timings"]["jobs"] == 4
-    # The one-job group is a pass of one model and runs fine; the three-job one re-ran.
-    assert summary["fused"] == {"groups": 2, "jobs": 4, "fused_groups": 1, "unfused_groups": 1}
-    assert "failed as a whole" in caplog.text and "the fused pass broke" in caplog.text
+    # The one-job group is a pass of one model and runs fine; the three jobs of the broken
+    # pass each ran again alone.
+    assert summary["fused"] == {"groups": 2, "jobs": 4, "fused_groups": 2, "unfused_groups": 0,
+                                "rerun_jobs": 3}
+    assert "3 fused job(s) failed" in caplog.text and "the fused pass broke" in caplog.text
 
 
 def test_worker_crash_during_a_fused_group_restarts_and_reruns_it(data_file, tmp_path):

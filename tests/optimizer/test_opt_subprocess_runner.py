@@ -143,7 +143,7 @@ def test_run_fused_is_the_null_object_same_results_fold_by_fold_and_one_warning(
         assert {k: a[k] for k in ("r2", "val_mse", "train_mse")} == {k: b[k] for k in ("r2", "val_mse", "train_mse")}
     assert again[0][0]["r2"] == fused[0][0]["r2"]
     assert caplog.text.count("cannot fuse") == 1  # said once per runner, not per trial
-    assert summary["fused"] == {"groups": 3, "jobs": 8, "fused_groups": 0, "unfused_groups": 3}
+    assert summary["fused"] == {"groups": 3, "jobs": 8, "fused_groups": 0, "unfused_groups": 3, "rerun_jobs": 0}
     with pytest.raises(ValueError, match="empty group"):
         SubprocessRunner(_slots(1), script=FAKE_WORKER).run_fused([[]])
 
