@@ -70,7 +70,9 @@ from step5.execution.runner import (
     STDERR_TAIL_LINES,
     describe_exit,
     raise_first_job_error,
+    reap_killed,
     run_oneshot_job,
+    sigkill,
 )
 from step5.framing import FrameTooLarge, LineReader, LineWriter
 from step5.jsonio import loads
@@ -87,8 +89,6 @@ MAX_RESPONSE_BYTES = 16 << 20
 _STDERR_SETTLE_S = 1.0
 #: After EOF on stdout, how long to wait for the process itself to exit before killing it.
 _EXIT_AFTER_EOF_S = 2.0
-#: How long to wait for a SIGKILLed process to be reaped before giving up on it (logged).
-_REAP_TIMEOUT_S = 5.0
 
 FALLBACK_LOG = "[S96B] Worker %s died, falling back to subprocess mode"
 
@@ -229,7 +229,7 @@ class _WorkerProcess:
 
     def signal_kill(self) -> None:
         """SIGKILL without waiting (the first half of :meth:`kill`)."""
-        _sigkill(self.proc)
+        sigkill(self.proc)
 
     def kill(self) -> None:
         """SIGKILL and reap; idempotent."""
@@ -240,10 +240,7 @@ class _WorkerProcess:
     def _reap(self) -> None:
         # Bounded: a process stuck in the kernel (a wedged GPU driver) may not die at once,
         # and nobody should block forever on it -- not Ctrl-C, not close(), not a fault.
-        try:
-            self.proc.wait(timeout=_REAP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            logger.error("worker %s (pid %d) did not die %gs after SIGKILL", self.label, self.pid, _REAP_TIMEOUT_S)
+        reap_killed(self.proc, f"worker {self.label}")
 
     def request_shutdown(self) -> None:
         """Say goodbye: ``shutdown``, then close stdin (EOF ends the worker too)."""
@@ -861,7 +858,7 @@ class WorkerPool:
             # Interrupted while waiting (Ctrl-C during close): the pool is already marked
             # closed, so no later close() would come back for these. SIGKILL them now.
             for proc in [w.proc for w in workers] + strays:
-                _sigkill(proc)
+                sigkill(proc)
             raise
         with self._lock:
             for st in self._states:
@@ -884,20 +881,9 @@ def _close_quietly(stream: Any) -> None:
         pass
 
 
-def _sigkill(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        try:
-            proc.kill()
-        except ProcessLookupError:
-            pass
-
-
 def _kill_and_reap(proc: subprocess.Popen[bytes]) -> None:
-    _sigkill(proc)
-    try:
-        proc.wait(timeout=_REAP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        logger.error("process %d did not die after SIGKILL", proc.pid)
+    sigkill(proc)
+    reap_killed(proc, "process")
 
 
 def _duration(result: dict[str, Any]) -> float:

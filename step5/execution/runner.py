@@ -50,8 +50,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 ONESHOT_SCRIPT = REPO_ROOT / "train_single_trial.py"
 CHECKPOINT_NAME = "best_model.pth"
 STDERR_TAIL_LINES = 20
-#: How long to wait for a SIGKILLed trainer (and its pipes) before giving up on it, logged.
-_REAP_TIMEOUT_S = 5.0
+#: How long to wait for a SIGKILLed process (and its pipes) before giving up on it, logged.
+REAP_TIMEOUT_S = 5.0
 
 
 #: What one job of a batch came to: its result, or the JobError it failed with.
@@ -181,7 +181,7 @@ def run_oneshot_job(
             ) from None
         except BaseException:  # Ctrl-C while waiting: do not leave the trainer behind
             _kill(proc)
-            _reap(proc)
+            reap_killed(proc, "one-shot trainer")
             raise
     finally:
         if live is not None:
@@ -256,6 +256,23 @@ class LiveProcesses(collections.abc.MutableSet):  # type: ignore[type-arg]
         return procs
 
 
+def sigkill(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``proc`` if it is still running; never waits."""
+    if proc.poll() is None:
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+
+
+def reap_killed(proc: subprocess.Popen[bytes], what: str) -> None:
+    """Wait for a SIGKILLed process, but not forever (one stuck in a GPU driver); logged."""
+    try:
+        proc.wait(timeout=REAP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        logger.error("%s (pid %d) did not die %gs after SIGKILL", what, proc.pid, REAP_TIMEOUT_S)
+
+
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     """SIGKILL a trainer and every process it started.
 
@@ -268,10 +285,7 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
         descendants = psutil.Process(proc.pid).children(recursive=True)
     except psutil.Error:
         descendants = []
-    try:
-        proc.kill()
-    except ProcessLookupError:
-        pass
+    sigkill(proc)
     for child in descendants:
         try:
             child.kill()
@@ -279,22 +293,14 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
             pass
 
 
-def _reap(proc: subprocess.Popen[bytes]) -> None:
-    """Wait for a SIGKILLed trainer, but not forever (a process stuck in a GPU driver)."""
-    try:
-        proc.wait(timeout=_REAP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        logger.error("one-shot trainer %d did not die %gs after SIGKILL", proc.pid, _REAP_TIMEOUT_S)
-
-
 def _stderr_after_kill(proc: subprocess.Popen[bytes]) -> bytes:
     """What a killed trainer left on stderr; gives up (closing the pipes) after a bound."""
     try:
-        _, stderr_b = proc.communicate(timeout=_REAP_TIMEOUT_S)
+        _, stderr_b = proc.communicate(timeout=REAP_TIMEOUT_S)
         return stderr_b or b""
     except subprocess.TimeoutExpired:
         logger.error("one-shot trainer %d: pipes still open %gs after SIGKILL; giving up on its output",
-                     proc.pid, _REAP_TIMEOUT_S)
+                     proc.pid, REAP_TIMEOUT_S)
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
@@ -475,7 +481,7 @@ class SubprocessRunner:
         if killed:
             logger.warning("interrupted: killed %d running one-shot trainer(s)", len(killed))
         for proc in killed:
-            _reap(proc)
+            reap_killed(proc, "one-shot trainer")
         # The threads see their trainer die (or the abort flag) and end at once; waiting for
         # them means no thread can start a process after we return.
         self._executor.shutdown(wait=True, cancel_futures=True)
