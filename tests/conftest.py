@@ -1,5 +1,5 @@
-"""Suite-wide fixtures: sample data, a repo-root path, and a guard that no test leaves a
-child process behind (workers, one-shot trainers, step subprocesses)."""
+"""Suite-wide fixtures: sample data, a fake fold file, a repo-root path, and a guard that
+no test leaves a child process behind (workers, one-shot trainers, step subprocesses)."""
 from __future__ import annotations
 
 import os
@@ -13,6 +13,14 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Path:
+    """A fold file for the fake worker and fake one-shot trainer, which only check it exists."""
+    path = tmp_path / "fold.npz"
+    path.write_bytes(b"fake trainers only check that the file exists")
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -25,13 +25,6 @@ READY_TIMEOUT_S = 10.0  # the fake boots in well under a second; generous for a 
 METRICS = ("r2", "val_mse", "train_mse", "trial_number", "fold_idx", "job_id")
 
 
-@pytest.fixture
-def data_file(tmp_path: Path) -> Path:
-    path = tmp_path / "fold.npz"
-    path.write_bytes(b"fake workers only check that the file exists")
-    return path
-
-
 def make_requests(data_file: Path, n: int = 4, trial: int = 0) -> list[TrainRequest]:
     return [
         TrainRequest(str(data_file), NNParams(hidden_layers=(8,), epochs=3 + i), trial_number=trial, fold_idx=i,

@@ -20,13 +20,6 @@ from step5.testing.fake_worker import fake_metrics
 METRICS = ("r2", "val_mse", "train_mse", "trial_number", "fold_idx", "job_id")
 
 
-@pytest.fixture
-def data_file(tmp_path: Path) -> Path:
-    path = tmp_path / "fold.npz"
-    path.write_bytes(b"x")
-    return path
-
-
 def group(data_file: Path | str, trial: int, n: int = 3) -> list[TrainRequest]:
     return [TrainRequest(str(data_file), NNParams(epochs=4), trial_number=trial, fold_idx=i, seed=trial,
                          job_id=f"t{trial}-f{i}") for i in range(n)]

@@ -27,13 +27,6 @@ from step5.testing import FAKE_WORKER, fake_worker_command
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def data_file(tmp_path: Path) -> Path:
-    path = tmp_path / "fold.npz"
-    path.write_bytes(b"x")
-    return path
-
-
 def requests_for(data_file: Path, n: int) -> list[TrainRequest]:
     return [TrainRequest(str(data_file), NNParams(epochs=2), trial_number=0, fold_idx=i, job_id=i) for i in range(n)]
 
@@ -44,6 +37,21 @@ def pool_of(slots: list[DeviceSlot], *options: str, **kwargs) -> WorkerPool:
     kwargs.setdefault("max_restarts", 1)
     kwargs.setdefault("shutdown_timeout_s", 3.0)
     return WorkerPool(slots, worker_command=fake_worker_command(*options), oneshot_script=FAKE_WORKER, **kwargs)
+
+
+def run_jobs_in_background(pool: WorkerPool, requests: list[TrainRequest]) -> tuple[threading.Thread, list]:
+    """Start ``pool.run_jobs(requests)`` on a thread; the list collects what it raised."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            pool.run_jobs(requests)
+        except BaseException as exc:  # noqa: BLE001 - inspected by the test
+            errors.append(exc)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    return runner, errors
 
 
 def cpu_slots(n: int) -> list[DeviceSlot]:
@@ -117,16 +125,7 @@ def test_close_says_shutdown_and_reaps_every_worker(data_file, caplog):
 
 def test_close_while_a_job_hangs_terminates_the_worker(data_file):
     pool = pool_of(cpu_slots(1), "--fault", "hang", job_timeout_s=60.0, shutdown_timeout_s=0.5)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            pool.run_jobs(requests_for(data_file, 1))
-        except BaseException as exc:  # noqa: BLE001 - inspected below
-            errors.append(exc)
-
-    runner = threading.Thread(target=run)
-    runner.start()
+    runner, errors = run_jobs_in_background(pool, requests_for(data_file, 1))
     time.sleep(0.5)
     pids = pool.worker_pids()
     start = time.monotonic()
@@ -161,16 +160,7 @@ def test_close_racing_a_fault_still_reports_pool_closed(data_file, monkeypatch):
                 pool.close()
 
     monkeypatch.setattr(type(worker), "kill", kill_then_close)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            pool.run_jobs(requests_for(data_file, 1))
-        except BaseException as exc:  # noqa: BLE001 - inspected below
-            errors.append(exc)
-
-    runner = threading.Thread(target=run)
-    runner.start()
+    runner, errors = run_jobs_in_background(pool, requests_for(data_file, 1))
     time.sleep(0.5)
     os.kill(worker.pid, signal.SIGKILL)  # the fault: the worker dies mid-job
     runner.join(timeout=10)
@@ -183,16 +173,7 @@ def test_close_racing_a_fault_still_reports_pool_closed(data_file, monkeypatch):
 def test_close_while_a_fallback_trainer_hangs_kills_it(data_file, monkeypatch):
     monkeypatch.setenv("STEP5_FAKE_ONESHOT", "hang")
     pool = pool_of(cpu_slots(1), "--fault", "sigkill", max_restarts=0, job_timeout_s=60.0)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            pool.run_jobs(requests_for(data_file, 1))
-        except BaseException as exc:  # noqa: BLE001 - inspected below
-            errors.append(exc)
-
-    runner = threading.Thread(target=run)
-    runner.start()
+    runner, errors = run_jobs_in_background(pool, requests_for(data_file, 1))
     me = psutil.Process()
 
     def oneshot_running() -> bool:
@@ -262,16 +243,7 @@ def test_ctrl_c_during_close_still_kills_every_worker(data_file, monkeypatch):
     from step5.execution.pool import _WorkerProcess
 
     pool = pool_of(cpu_slots(2), "--fault", "hang", job_timeout_s=60.0)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            pool.run_jobs(requests_for(data_file, 2))
-        except BaseException as exc:  # noqa: BLE001 - inspected below
-            errors.append(exc)
-
-    runner = threading.Thread(target=run)
-    runner.start()
+    runner, errors = run_jobs_in_background(pool, requests_for(data_file, 2))
     time.sleep(0.5)
     pids = pool.worker_pids()
     assert len(pids) == 2

@@ -41,13 +41,6 @@ def _request(path: Path | str, trial: int, fold: int, **kw) -> TrainRequest:
 
 
 @pytest.fixture
-def data_file(tmp_path: Path) -> Path:
-    path = tmp_path / "fold.npz"
-    path.write_bytes(b"the fake trainer only checks that the file exists")
-    return path
-
-
-@pytest.fixture
 def hang_script(tmp_path: Path) -> tuple[Path, Path]:
     started = tmp_path / "started"
     started.mkdir()
