@@ -163,8 +163,10 @@ def test_checkpoint_loads_weights_only_and_predicts_like_training(tmp_path):
     res = run_train_job(request(path, save_model_path=str(ckpt), use_leaky_relu=False), device=CPU)
     assert res["model_path"] == str(ckpt)
     raw = torch.load(ckpt, weights_only=True)
-    assert raw["feature_names"] == names and raw["architecture"]["hidden_layers"] == [16, 8]
-    assert raw["architecture"]["use_leaky_relu"] is False
+    assert raw["feature_names"] == names and raw["hidden_layers"] == [16, 8]
+    assert raw["use_leaky_relu"] is False and raw["feature_count"] == raw["input_dim"] == 5
+    assert raw["config"]["hidden_layers"] == [16, 8]  # the hyperparameters that trained it
+    assert "network.0.bias" in raw["state_dict"] and not raw["state_dict"]["network.0.bias"].any()
     model = load_checkpoint(ckpt)
     pred = model.predict(a["X_val"])
     y = a["y_val"].astype(np.float64)
