@@ -203,3 +203,14 @@ def test_keys_are_exactly_the_optimizer_flags():
     flags = {f[2:].replace("-", "_") for a in parser._actions for f in a.option_strings
              if f.startswith("--") and not f.startswith("--no-") and f not in ("--help", "--policy")}
     assert {p.name for p in STEP5.params} == flags
+
+
+def test_a_flag_added_to_the_optimizer_later_is_a_key_by_itself():
+    from step5.watcher.steps import params_from_parser
+
+    parser = build_parser()
+    parser.add_argument("--brand-new-knob", type=int, default=3)
+    specs = {p.name: p for p in params_from_parser(parser, reserved={"policy": "x"},
+                                                   required_defaults={"survivors": "s", "lottery_data": "h"})}
+    assert specs["brand_new_knob"].to_argv(-4) == ["--brand-new-knob=-4"]
+    assert specs["brand_new_knob"].default == 3 and "policy" not in specs
