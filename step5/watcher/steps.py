@@ -76,6 +76,7 @@ class StepSpec:
     script: str  # path relative to the repository root
     acceptance_key: str  # section of ``acceptance_rules`` in the policy
     parser_factory: Callable[[], argparse.ArgumentParser]  # the step's own command line
+    command_check: Callable[[argparse.Namespace, list[str]], Any]  # the step's own whole-command checks
     required_defaults: dict[str, Any] = field(default_factory=dict)  # values for flags the step requires
     sidecar_name: str = "best_model.meta.json"
     reserved: dict[str, str] = field(default_factory=dict)  # key -> why it is not a params key
@@ -131,12 +132,19 @@ def _step5_parser() -> argparse.ArgumentParser:
     return build_parser()
 
 
+def _step5_check(args: argparse.Namespace, argv: list[str]) -> None:
+    from step5.optimizer.cli import config_from_args  # raises the UsageError step 5 would exit 64 with
+
+    config_from_args(args, argv)
+
+
 _STEP5 = StepSpec(
     number=PIPELINE_STEP,
     name=PIPELINE_STEP_NAME,
     script="meta_prediction_optimizer_anti_overfit.py",
     acceptance_key="step5",
     parser_factory=_step5_parser,
+    command_check=_step5_check,
     # The proposal's Test 4 passes neither; these are the pipeline's file names.
     required_defaults={"survivors": "survivors_with_scores.json", "lottery_data": "train_history.json"},
     reserved={"policy": "use the watcher's own --policy PATH; it is passed through to the step"},
@@ -217,8 +225,6 @@ def _effective_value(spec: ParamSpec, value: Any) -> Any:
 def _check_with_step(step: StepSpec, argv: list[str]) -> None:
     """Parse ``argv`` with the step's own parser and config checks, so that a combination the
     step refuses (``k_folds`` 1, ``compare_models`` with ``model_type``) is refused here."""
-    from step5.optimizer.cli import config_from_args
-
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors):
@@ -228,7 +234,7 @@ def _check_with_step(step: StepSpec, argv: list[str]) -> None:
         raise UsageError(f"--params give step {step.number} a command it refuses: "
                          f"{lines[-1] if lines else 'usage error'}") from None
     try:
-        config_from_args(args, argv)
+        step.command_check(args, argv)
     except UsageError as exc:
         raise UsageError(f"--params give step {step.number} a command it refuses: {exc}") from None
 
