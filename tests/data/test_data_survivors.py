@@ -133,14 +133,16 @@ BAD_INPUTS = [
     ("null_value", [good(0), good(1), good(2, a_feat=None)], ["record 2", "'a_feat'", "None"]),
     ("list_value", [good(0, b_feat=[1.0])], ["record 0", "'b_feat'", "list"]),
     ("object_value", [good(0), good(1, b_feat={"v": 1})], ["record 1", "'b_feat'", "dict"]),
-    # orjson refuses 1e999 / NaN while parsing, so in a file it is a JSON error with a position
-    ("infinite_value", b'[{"features": {"x": 1e999}, "holdout_quality": 0.1}]', ["not valid JSON", "infinity"]),
+    # 1e999 reads as infinity (as Python's json reads it): a non-finite value, named like any bad value
+    ("infinite_value", b'[{"features": {"x": 1e999}, "holdout_quality": 0.1}]', ["record 0", "'x'", "inf (float)"]),
     ("float32_overflow", [good(0), good(1, a_feat=1e300)], ["record 1", "'a_feat'", "float32"]),
     ("missing_target", [good(0), rec({"x": 1.0})], ["record 1", "'holdout_quality'", "no target"]),
     ("string_target", [good(0), rec({"x": 1.0}, holdout_quality="high")], ["record 1", "'holdout_quality'", "str"]),
     ("null_target", [rec({"x": 1.0}, holdout_quality=None)], ["record 0", "'holdout_quality'", "None"]),
     ("bool_target", [rec({"x": 1.0}, holdout_quality=False)], ["record 0", "'holdout_quality'", "bool"]),
-    ("nan_literal", b'[{"features": {"x": NaN}, "holdout_quality": 0.1}]', ["not valid JSON"]),
+    ("nan_literal", b'[{"seed": 7, "features": {"x": NaN}, "holdout_quality": 0.1}]', ["record 0", "'x'", "nan", "seed 7"]),
+    ("syntax_error", b'[{"features": {"x": 1.0}, "holdout_quality": 0.1},\n {"features": {"x": 2.0}} x]',
+     ["not valid JSON", "line 2 column 27"]),
     ("only_leakage", [rec({"score": 0.1, "confidence": 0.2}, holdout_quality=0.1)], ["no feature columns"]),
 ]
 
