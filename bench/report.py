@@ -257,7 +257,8 @@ def format_survivors_datapath(data: Mapping[str, Any]) -> list[str]:
     k = data["kinds"]
     lines = [
         f"  survivors file: {data['records']} records x {data['features']} features, json.dump indent=2, "
-        f"{data['file_mib']} MiB; median of {data['rounds']} round(s), each kind in a fresh process; "
+        f"{data['file_mib']} MiB; median of {data['rounds']} round(s) (ratios: median of each round's ratio), "
+        f"each kind in a fresh process; "
         f"load average {data['load_average'][0]:.2f} before, {data['load_average'][1]:.2f} after "
         f"({data['cpu_cores']} cores)",
         f"    {'reader':<18} {'seconds':>8} {'x json.load':>12} {'CPU s':>7} {'x json.load':>12} {'peak MiB':>9} "

@@ -319,13 +319,17 @@ class _MatrixParts:
         fills: Counter[str] = Counter()
         filled_records = 0
         row = 0
+        layouts: dict[tuple[str, ...], tuple[list[int], list[str]]] = {}  # part names -> (columns, lacking)
         self._parts.reverse()
         while self._parts:  # pop as we go: the parts and X are not both held in full
             part, part_names, part_fills, part_filled = self._parts.pop()
+            if part_names not in layouts:
+                present = set(part_names)
+                layouts[part_names] = ([column[k] for k in part_names], [k for k in names if k not in present])
+            columns, lacking = layouts[part_names]
             m = len(part)
-            X[row : row + m, [column[k] for k in part_names]] = part
+            X[row : row + m, columns] = part
             fills.update(part_fills)
-            lacking = [k for k in names if k not in set(part_names)]
             for k in lacking:
                 fills[k] += m
             filled_records += m if lacking else part_filled
@@ -345,6 +349,9 @@ class _TableBuilder:
         self.prng_counts: Counter[str] = Counter()
         self.mod_counts: Counter[int] = Counter()
         self._decoder: RecordDecoder | None = None
+        self._names: tuple[str, ...] = ()  # the decoder's feature columns ...
+        self._take: list[int] = []  # ... and where they sit among its columns
+        self._target_column: int | None = None  # the target's column when `features` holds it
 
     def _is_feature(self, key: str) -> bool:
         return key not in LEAKAGE_COLUMNS and key != self.target
@@ -355,8 +362,11 @@ class _TableBuilder:
         if self.target in RESERVED_KEYS:
             return None
         if self._decoder is None or len(self._decoder.layout.columns) != len(self.keys):
-            layout = RecordLayout(tuple(self.keys), closed=True, target=self.target, metadata=True)
-            self._decoder = RecordDecoder(layout)
+            columns = tuple(self.keys)
+            self._decoder = RecordDecoder(RecordLayout(columns, closed=True, target=self.target, metadata=True))
+            self._take = [j for j, k in enumerate(columns) if self._is_feature(k)]
+            self._names = tuple(columns[j] for j in self._take)
+            self._target_column = columns.index(self.target) if self.target in columns else None
         return self._decoder
 
     def _count_metadata(self, prng_types: Sequence[Any], mods: Sequence[Any]) -> None:
@@ -415,22 +425,21 @@ class _TableBuilder:
 
     def add_decoded(self, piece: DecodedPiece, base: int) -> None:
         """Add a piece decoded with :meth:`decoder` (its values are finite floats or NaN = absent)."""
-        assert self._decoder is not None
-        columns = self._decoder.layout.columns
-        where = _Where(self.source, base, piece.seeds)
-        y = piece.values[:, columns.index(self.target)] if self.target in columns else np.full(piece.n, np.nan)
         assert piece.top_target is not None
-        y = np.where(np.isnan(y), piece.top_target, y)
+        where = _Where(self.source, base, piece.seeds)
+        y = piece.top_target
+        if self._target_column is not None:
+            in_features = piece.values[:, self._target_column]
+            y = np.where(np.isnan(in_features), y, in_features)
         if np.isnan(y).any():
             k = int(np.flatnonzero(np.isnan(y))[0])
             raise DataError(
                 f"survivors file {self.source}: record {base + k} has no target {self.target!r} "
                 f"(looked in `features` and at the top level){_seed_note(piece.seeds[k])}"
             )
-        names = tuple(k for k in columns if self._is_feature(k))
-        F = piece.values[:, [columns.index(k) for k in names]]
-        fills, filled_records = _fill_absent(F, names)
-        self.parts.add(_to_float32(F, names, where), names, fills, filled_records)
+        F = piece.values[:, self._take]
+        fills, filled_records = _fill_absent(F, self._names)
+        self.parts.add(_to_float32(F, self._names, where), self._names, fills, filled_records)
         self.ys.append(y)
         self._count_metadata(piece.prng_types, piece.mods)
 
