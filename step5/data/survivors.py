@@ -10,7 +10,7 @@ A survivors file is a JSON array of records shaped like (SPEC section 2)::
 Real files hold ~90 feature keys and up to millions of records (700 MiB for 200k records
 as ``json.dump(..., indent=2)`` writes them), so the file is never parsed whole::
 
-    file --ArrayReader--> pieces of ~8 MiB --RecordDecoder (msgspec structs)--> float columns --+
+    file --ArrayReader--> pieces of ~1 MiB --RecordDecoder (msgspec structs)--> float columns --+
                               |                                                                  +--> X, y
                               +--(piece does not decode)--> stdlib json, record by record --> checks-+
 
@@ -21,8 +21,9 @@ Any piece that does not decode cleanly (a ``NaN`` token, a string value, a key n
 before, a record that is not an object, a syntax error) is parsed again exactly, record by
 record, by the standard library, and checked with the same code as records built in memory
 (:func:`table_from_records`): that is where every error message is made, naming the file,
-the record index, its seed and the key. Peak memory is the matrix plus about two blocks
-of the file, not the file.
+the record index, its seed and the key. Peak memory is about twice the float32 matrix
+(the pieces' blocks, then the assembled matrix) plus two blocks of the file, not a
+multiple of the file (docs/data.md has the measurements).
 
 Decisions where the spec is silent:
 
