@@ -44,6 +44,7 @@ class RecordLayout:
 
     columns: tuple[str, ...]  # keys of `features` read as floats, in this order (NaN when absent)
     closed: bool  # True: another key in `features` fails the decode (so new keys are noticed)
+    unread: frozenset[str] = frozenset()  # columns no one reads (leakage): null is allowed there, as NaN
     target: str | None = None  # a top-level key read as a float (NaN when absent)
     metadata: bool = False  # read metadata.prng_type / metadata.mod
 
@@ -73,7 +74,8 @@ class RecordDecoder:
         # Field names are c0, c1, ... renamed to the keys: keys need not be identifiers.
         features = msgspec.defstruct(
             "Features",
-            [(f"c{j}", float, math.nan) for j in range(len(layout.columns))],
+            [(f"c{j}", float | None if key in layout.unread else float, math.nan)
+             for j, key in enumerate(layout.columns)],
             rename={f"c{j}": key for j, key in enumerate(layout.columns)},
             forbid_unknown_fields=layout.closed,
             gc=False,
@@ -89,6 +91,9 @@ class RecordDecoder:
         record = msgspec.defstruct("Record", fields, rename=rename, kw_only=True, gc=False)
         self._decoder = msgspec.json.Decoder(list[record])
         self._msgpack = msgspec.msgpack.Encoder()
+        self._read_columns = [j for j, key in enumerate(layout.columns) if key not in layout.unread]
+        fields = [f"c{j}" for j in self._read_columns]
+        self._read_getter = (lambda s: (getattr(s, fields[0]),)) if len(fields) == 1 else attrgetter(*fields)
 
     def decode(self, piece: Any) -> DecodedPiece:
         """Decode a piece (bytes-like); raises one of :data:`DECODE_ERRORS` if it does not fit."""
@@ -107,20 +112,39 @@ class RecordDecoder:
         return DecodedPiece(values, top_target, list(map(_SEED, records)), prng_types, mods)
 
     def _float_rows(self, structs: Sequence[Any]) -> np.ndarray:
-        """The structs' fields as an (n, d) float64 matrix, via one MessagePack encoding."""
+        """The structs' fields as an (n, d) float64 matrix, via one MessagePack encoding.
+
+        A null in an unread column (a ``NaN`` token there, see :func:`null_non_finite_tokens`)
+        breaks the fixed stride; then only the read columns are taken, and the unread ones
+        are NaN (nobody reads them).
+        """
         n, d = len(structs), len(self.layout.columns)
-        rows = list(map(msgspec.structs.astuple, structs))
         if n == 0 or d == 0:
             return np.zeros((n, d), dtype=np.float64)
+        values = self._strided(list(map(msgspec.structs.astuple, structs)), d)
+        if values is not None:
+            return values
+        read = self._read_columns
+        values = np.full((n, d), np.nan)
+        if read:
+            taken = self._strided([self._read_getter(s) for s in structs], len(read))
+            assert taken is not None, "read columns are typed float"
+            values[:, read] = taken
+        return values
+
+    def _strided(self, rows: list[tuple[Any, ...]], d: int) -> np.ndarray | None:
+        """``rows`` (n tuples of d floats) as an (n, d) float64 matrix; None if some value
+        is not a float (a None)."""
+        n = len(rows)
         blob = self._msgpack.encode(rows)
         outer = _array_header_size(n)
         inner = _array_header_size(d)
         stride = inner + 9 * d
-        if len(blob) != outer + n * stride:  # pragma: no cover - every field is a float
-            return np.asarray(rows, dtype=np.float64)
+        if len(blob) != outer + n * stride:
+            return None
         kinds = np.ndarray((n, d), dtype=np.uint8, buffer=blob, offset=outer + inner, strides=(stride, 9))
-        if not (kinds == _MSGPACK_FLOAT64).all():  # pragma: no cover - every field is a float
-            return np.asarray(rows, dtype=np.float64)
+        if not (kinds == _MSGPACK_FLOAT64).all():  # pragma: no cover - a None changes the length
+            return None
         big_endian = np.ndarray((n, d), dtype=">f8", buffer=blob, offset=outer + inner + 1, strides=(stride, 9))
         return big_endian.astype(np.float64)
 
@@ -132,3 +156,42 @@ def _array_header_size(length: int) -> int:
     if length < 1 << 16:
         return 3
     return 5
+
+
+_MINUS = ord("-")
+
+
+def null_non_finite_tokens(piece: Any) -> bytes | None:
+    """The piece with each ``NaN`` / ``Infinity`` / ``-Infinity`` token outside strings
+    replaced by ``null``, or None when it has none (or holds a backslash, which would make
+    telling strings apart by counting quotes unsafe).
+
+    msgspec refuses these tokens wherever they are, even under a key it skips; Python's
+    json.dump writes them for missing floats. With them as ``null``, a piece decodes when
+    they sit where nothing is read (a leakage key typed ``float | None``, metadata, an
+    unknown key); where a feature or the target is read, ``null`` still fails the decode,
+    and the exact path names the value.
+    """
+    data = bytes(piece)
+    if b"\\" in data:
+        return None
+    spans = []  # bytes.find, not a regex: a regex alternation tries every byte, 20x slower
+    for token in (b"NaN", b"Infinity"):
+        i = data.find(token)
+        while i >= 0:
+            start = i - 1 if token == b"Infinity" and i > 0 and data[i - 1] == _MINUS else i
+            spans.append((start, i + len(token)))
+            i = data.find(token, i + len(token))
+    if not spans:
+        return None
+    spans.sort()
+    out: list[bytes] = []
+    quotes = 0  # quotes before the token: odd means it is inside a string
+    prev = 0
+    for start, end in spans:
+        quotes += data.count(b'"', prev, start)
+        out.append(data[prev:start])
+        out.append(data[start:end] if quotes % 2 else b"null")
+        prev = end
+    out.append(data[prev:])
+    return b"".join(out)

@@ -53,7 +53,14 @@ from typing import Any, Callable, Iterator, NoReturn, Sequence
 import numpy as np
 
 from step5.data.arrayreader import ArrayReader
-from step5.data.recorddecoder import DECODE_ERRORS, RESERVED_KEYS, DecodedPiece, RecordDecoder, RecordLayout
+from step5.data.recorddecoder import (
+    DECODE_ERRORS,
+    RESERVED_KEYS,
+    DecodedPiece,
+    RecordDecoder,
+    RecordLayout,
+    null_non_finite_tokens,
+)
 from step5.errors import DataError
 from step5.jsonio import read_json_file
 
@@ -364,7 +371,9 @@ class _TableBuilder:
             return None
         if self._decoder is None or len(self._decoder.layout.columns) != len(self.keys):
             columns = tuple(self.keys)
-            self._decoder = RecordDecoder(RecordLayout(columns, closed=True, target=self.target, metadata=True))
+            unread = frozenset(k for k in columns if not self._is_feature(k) and k != self.target)
+            layout = RecordLayout(columns, closed=True, unread=unread, target=self.target, metadata=True)
+            self._decoder = RecordDecoder(layout)
             self._take = [j for j, k in enumerate(columns) if self._is_feature(k)]
             self._names = tuple(columns[j] for j in self._take)
             self._target_column = columns.index(self.target) if self.target in columns else None
@@ -498,7 +507,8 @@ class _FeaturesBuilder:
         present = set(order)
         order += [k for k in self.names if k not in present]
         column = {k: j for j, k in enumerate(order)}
-        self._decoder = RecordDecoder(RecordLayout(tuple(order), closed=False))
+        unread = frozenset(order) - set(self.names)
+        self._decoder = RecordDecoder(RecordLayout(tuple(order), closed=False, unread=unread))
         self._take = [column[k] for k in self.names]
 
     def add_records(self, records: Sequence[Any], base: int) -> None:
@@ -562,11 +572,23 @@ def _read_file(path: str | os.PathLike[str], builder: _TableBuilder | _FeaturesB
 
 
 def _decode(decoder: RecordDecoder | None, piece: Any) -> DecodedPiece | None:
-    """The piece decoded, or None when it needs the exact path."""
+    """The piece decoded, or None when it needs the exact path.
+
+    A piece that fails only because of ``NaN`` / ``Infinity`` tokens where nothing is read
+    (what Python's json.dump writes for a missing float) is decoded again with those tokens
+    as ``null``, so such files keep the fast path.
+    """
     if decoder is None:
         return None
     try:
         return decoder.decode(piece)
+    except DECODE_ERRORS:
+        pass
+    nulled = null_non_finite_tokens(piece)
+    if nulled is None:
+        return None
+    try:
+        return decoder.decode(nulled)
     except DECODE_ERRORS:
         return None
 

@@ -401,3 +401,36 @@ def test_a_target_named_like_a_record_field_is_still_read(tmp_path, small_pieces
     recs = [rec({"a_feat": float(i)}, seed=i) for i in range(100)]
     t = load_survivors(write_json(tmp_path, recs), target="seed")
     np.testing.assert_array_equal(t.y, np.arange(100, dtype=np.float64))
+
+
+def test_nan_tokens_where_nothing_is_read_keep_the_fast_path(tmp_path, small_pieces, monkeypatch):
+    """json.dump writes NaN for a missing float; in a leakage key, metadata or an unknown
+    key it is ignored, and the pieces still decode (only the first record goes exact)."""
+    from step5.data.arrayreader import ArrayReader
+
+    calls = []
+    real = ArrayReader.parse_elements
+    monkeypatch.setattr(ArrayReader, "parse_elements", lambda self: calls.append(self.index) or real(self))
+    recs = [good(i, c_feat=float(i)) for i in range(300)]
+    for r in recs[1:]:
+        r["features"]["score"] = float("nan")
+        r["holdout_hits"] = -float("inf")
+        r["metadata"] = {"prng_type": "NaN-lcg Infinity", "mod": 1000, "extra": float("inf")}
+    path = write_json(tmp_path, recs)
+    t = load_survivors(path)
+    assert calls == [0]
+    assert_same_table(t, table_from_records(recs, source=str(path)))
+    assert t.prng_type_counts == {"java_lcg": 1, "NaN-lcg Infinity": 299}  # strings untouched
+    calls.clear()
+    got = load_features(path, ["c_feat", "a_feat"])
+    assert calls == [0]
+    np.testing.assert_array_equal(got.X, feature_matrix_from_records(recs, ["c_feat", "a_feat"]))
+
+
+def test_null_non_finite_tokens_touches_only_tokens_outside_strings():
+    from step5.data.recorddecoder import null_non_finite_tokens
+
+    got = null_non_finite_tokens(b'[{"NaN": NaN, "s": "a NaN, -Infinity", "x": -Infinity, "y": Infinity}]')
+    assert got == b'[{"NaN": null, "s": "a NaN, -Infinity", "x": null, "y": null}]'
+    assert null_non_finite_tokens(b'[{"x": 1.0}]') is None  # nothing to do
+    assert null_non_finite_tokens(b'[{"s": "\\" NaN", "x": NaN}]') is None  # escapes: not safe to count quotes
