@@ -252,14 +252,44 @@ def format_targets(targets: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_survivors_datapath(data: Mapping[str, Any]) -> list[str]:
+    """The data-path report lines for :func:`survivors_datapath`'s result."""
+    k = data["kinds"]
+    lines = [
+        f"  survivors file: {data['records']} records x {data['features']} features, json.dump indent=2, "
+        f"{data['file_mib']} MiB; median of {data['rounds']} round(s) (ratios: median of each round's ratio), "
+        f"each kind in a fresh process; "
+        f"load average {data['load_average'][0]:.2f} before, {data['load_average'][1]:.2f} after "
+        f"({data['cpu_cores']} cores)",
+        f"    {'reader':<18} {'seconds':>8} {'x json.load':>12} {'CPU s':>7} {'x json.load':>12} {'peak MiB':>9} "
+        f"{'x file':>7}   rounds (s)",
+    ]
+    labels = {"json_load": "json.load", "load_survivors": "load_survivors", "predictor_reader": "predictor reader"}
+    for kind, v in k.items():
+        x = "1.00" if kind == "json_load" else f"{v['x_json_load']:.2f}"
+        cx = "1.00" if kind == "json_load" else f"{v['cpu_x_json_load']:.2f}"
+        rounds = ", ".join(f"{s:.2f}" for s in v["seconds_rounds"])
+        lines.append(
+            f"    {labels[kind]:<18} {v['seconds']:>8.2f} {x:>12} {v['cpu_seconds']:>7.2f} {cx:>12} "
+            f"{v['peak_mib']:>9.0f} {v['peak_x_file']:>7.2f}   {rounds}"
+        )
+    for t in data["targets"]:
+        word = "HOLDS " if t["held"] else "MISSED"
+        lines.append(f"  {word}  {t['text']}: {t['value']:.2f} (target {t['op']} {t['bound']:g})")
+    cores = data["cpu_cores"] or 1
+    if max(data["load_average"]) > 0.5 * cores:
+        lines.append(
+            "  BUSY: other processes competed for the cores, so wall times are inflated and noisy; "
+            "the CPU-second columns show each reader's own work"
+        )
+    return lines
+
+
 def format_datapath(data: Mapping[str, Any]) -> str:
     lines = []
-    big = data.get("survivors_load")
+    big = data.get("survivors")
     if big:
-        lines.append(
-            f"  load_survivors: {big['records']} records x {big['features']} features "
-            f"({big['file_mb']} MB) in {big['load_s']:.2f} s ({big['mb_per_s']} MB/s)"
-        )
+        lines += format_survivors_datapath(big)
     h = data.get("handoff")
     if h:
         lines.append(

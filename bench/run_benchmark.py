@@ -26,7 +26,7 @@ from step5.devices import DeviceSlot, parse_gpu_list, plan_slots
 from step5.errors import Step5Error
 from step5.jsonio import write_json_atomic
 
-from bench.datapath import handoff_stats, time_survivors_load
+from bench.datapath import handoff_stats, survivors_datapath
 from bench.modes import DEFAULT_MODES, MODES, BenchContext, ModeRun, median_round, stop_resource_trackers
 from bench.report import (
     compare_metrics,
@@ -68,7 +68,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dispatch", choices=("trial", "all"), default="trial",
                    help="'trial': one run_jobs call per trial, as the optimizer does; 'all': every job in one call")
     p.add_argument("--big-survivors", type=int, default=200_000,
-                   help="records in the survivors file whose load is timed; 0 skips it [200000]")
+                   help="records in the json.dump indent=2 survivors file whose reading is timed against "
+                        "json.load (one round; `python -m bench.datapath` for more); 0 skips it [200000]")
     p.add_argument("--rtol", type=float, default=1e-6,
                    help="largest relative metric difference between modes that still counts as a match [1e-6]")
     p.add_argument("--job-timeout", type=float, default=600.0, help="per-job timeout, seconds [600]")
@@ -160,8 +161,9 @@ def run(args: argparse.Namespace) -> int:
         )
         workload_info = workload.describe()
     load_after_modes = os.getloadavg()
-    survivors_load = (
-        time_survivors_load(out / "data", args.big_survivors, args.features, args.seed) if args.big_survivors else None
+    survivors_read = (
+        survivors_datapath(out / "data", args.big_survivors, args.features, args.seed, rounds=1)
+        if args.big_survivors else None
     )
 
     # Reference for the metric check: the single-process limit when it ran. Every round of
@@ -200,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
             *(f"  {m}" for m in metrics["mismatches"]),
             "",
             "data path:",
-            format_datapath({"survivors_load": survivors_load, "handoff": handoff}),
+            format_datapath({"survivors": survivors_read, "handoff": handoff}),
         ]
     )
     print(report, flush=True)
@@ -221,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
             "rows": rows,
             "targets": targets,
             "metrics": metrics,
-            "data_path": {"survivors_load": survivors_load, "handoff": handoff},
+            "data_path": {"survivors": survivors_read, "handoff": handoff},
             "torch_imported_in_parent": torch_in_parent,
             "rounds": args.rounds,
             "modes": {

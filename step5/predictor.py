@@ -34,13 +34,16 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 import numpy as np
 
 from step5.artifacts import SIDECAR_NAME, feature_schema_hash, read_sidecar, resolve_checkpoint
 from step5.errors import DataError, Step5Error
-from step5.jsonio import read_json_file, write_json_atomic
+from step5.jsonio import write_json_atomic
+
+if TYPE_CHECKING:
+    from step5.data.survivors import SurvivorFeatures
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +165,17 @@ class _UsageExitParser(argparse.ArgumentParser):
         self.exit(64, f"{self.prog}: error: {message}\n")
 
 
+def _read_survivors(path: Path, feature_names: Sequence[str]) -> SurvivorFeatures:
+    """The survivors file's inputs in the model's column order, and each record's seed.
+
+    Read piece by piece straight into the matrix (no dict per record), so a file of
+    millions of records needs about the matrix's memory, not several times the file's.
+    """
+    from step5.data.survivors import load_features
+
+    return load_features(path, feature_names)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _UsageExitParser(
         prog="python -m step5.predictor",
@@ -179,10 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         predictor = load_predictor(args.model_dir)
-        records = read_json_file(args.survivors, "survivors")
-        preds = predictor.predict_records(records, source=str(args.survivors))
-        # feature_matrix_from_records has checked every record is an object with features.
-        rows = [{"seed": rec.get("seed"), "prediction": float(v)} for rec, v in zip(records, preds)]
+        survivors = _read_survivors(args.survivors, predictor.feature_names)
+        preds = predictor.predict(survivors.X)
+        rows = [{"seed": seed, "prediction": float(v)} for seed, v in zip(survivors.seeds, preds)]
         if args.output is not None:
             write_json_atomic(args.output, rows)
             logger.info("wrote %d predictions to %s", len(rows), args.output)

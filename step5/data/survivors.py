@@ -7,11 +7,23 @@ A survivors file is a JSON array of records shaped like (SPEC section 2)::
      "metadata": {"prng_type": "java_lcg", "mod": 1000},
      "holdout_hits": 0.001, "holdout_quality": 0.2742}
 
-Real files hold ~90 feature keys and up to millions of records, so the loader is built for
-speed: orjson parses the file, one Python pass per record does only C-level work
-(``operator.itemgetter`` pulls the values in column order, whatever the record's key
-order), and value types are checked for the whole matrix at once. Only when that bulk
-check fails does a slow per-record scan run, to name the first bad record and key.
+Real files hold ~90 feature keys and up to millions of records (700 MiB for 200k records
+as ``json.dump(..., indent=2)`` writes them), so the file is never parsed whole::
+
+    file --ArrayReader--> pieces of ~1 MiB --RecordDecoder (msgspec structs)--> float columns --+
+                              |                                                                  +--> X, y
+                              +--(piece does not decode)--> stdlib json, record by record --> checks-+
+
+:class:`~step5.data.arrayreader.ArrayReader` holds one block of the file at a time and cuts
+it into pieces of whole records; :class:`~step5.data.recorddecoder.RecordDecoder` decodes a
+piece into float columns with a decoder built from the key names (no dict per record).
+Any piece that does not decode cleanly (a ``NaN`` token, a string value, a key not seen
+before, a record that is not an object, a syntax error) is parsed again exactly, record by
+record, by the standard library, and checked with the same code as records built in memory
+(:func:`table_from_records`): that is where every error message is made, naming the file,
+the record index, its seed and the key. Peak memory is about twice the float32 matrix
+(the pieces' blocks, then the assembled matrix) plus two blocks of the file, not a
+multiple of the file (docs/data.md has the measurements).
 
 Decisions where the spec is silent:
 
@@ -20,6 +32,9 @@ Decisions where the spec is silent:
 * besides the leakage set, the target column is never an input: with ``--target
   lane_agreement_8`` that key is excluded from the features too;
 * ints are numbers, bools are not (``true`` is not a feature value);
+* ``NaN`` / ``Infinity`` / ``-Infinity`` tokens (what Python's ``json`` writes for
+  non-finite floats) are read; such a value where a feature or the target is read is an
+  error, anywhere else (a leakage key, metadata) it is ignored like the key itself;
 * a value that is finite as a float64 but overflows float32 (the matrix dtype) is an error.
 """
 from __future__ import annotations
@@ -37,6 +52,15 @@ from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import numpy as np
 
+from step5.data.arrayreader import ArrayReader
+from step5.data.recorddecoder import (
+    DECODE_ERRORS,
+    RESERVED_KEYS,
+    DecodedPiece,
+    RecordDecoder,
+    RecordLayout,
+    null_non_finite_tokens,
+)
 from step5.errors import DataError
 from step5.jsonio import read_json_file
 
@@ -69,6 +93,7 @@ class SurvivorTable:
     mod: int | None = None  # most common metadata.mod, None if never given
     prng_type_counts: dict[str, int] = field(default_factory=dict)  # every prng_type seen
     mod_counts: dict[int, int] = field(default_factory=dict)  # every mod seen
+    missing_by_feature: dict[str, int] = field(default_factory=dict)  # feature -> cells filled (only > 0)
 
     @property
     def n_features(self) -> int:
@@ -76,13 +101,30 @@ class SurvivorTable:
         return int(self.X.shape[1])
 
 
+@dataclass
+class SurvivorFeatures:
+    """A survivors file read for prediction: inputs in a given column order, and the seeds."""
+
+    X: np.ndarray  # (n, d) float32, columns in ``feature_names`` order
+    seeds: list[Any]  # each record's `seed` in file order (None where a record has none)
+    feature_names: list[str]  # the column order asked for
+    missing_fills: int  # number of (record, key) cells filled with 0.0
+    missing_by_feature: dict[str, int]  # feature -> cells filled (only features with fills)
+    source_file: str  # the path as given
+
+    @property
+    def n_records(self) -> int:
+        return int(self.X.shape[0])
+
+
 @contextmanager
 def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic GC while millions of acyclic objects are built.
+    """Pause the cyclic GC while many acyclic objects are built.
 
-    Parsing and tabulating creates a dict per record and a tuple per row; every few hundred
-    allocations the collector would walk all of them again, which doubles the load time of
-    a 200k-record file (about 12 s instead of 6 s). Nothing built here forms cycles.
+    Records parsed into dicts (records built in memory, pieces that need the exact path)
+    would otherwise make the collector walk all of them again every few hundred
+    allocations, which doubled the load time of a 200k-record file when every record was
+    a dict. Nothing built here forms cycles.
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -118,23 +160,34 @@ def _records_list(data: Any, source: str) -> list[Any]:
     return data
 
 
+def _seed_note(seed: Any) -> str:
+    """`` [seed 123]``, appended to an error about a record; empty when it has no seed."""
+    if seed is None:
+        return ""
+    text = repr(seed)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f" [seed {text}]"
+
+
 def _features_of(rec: Any, i: int, source: str) -> dict[str, Any]:
     if not isinstance(rec, dict):
         raise DataError(f"survivors file {source}: record {i} must be a JSON object, got {type(rec).__name__}")
     feats = rec.get("features", _MISSING)
     if feats is _MISSING:
-        raise DataError(f"survivors file {source}: record {i} has no `features` object")
+        raise DataError(f"survivors file {source}: record {i} has no `features` object{_seed_note(rec.get('seed'))}")
     if not isinstance(feats, dict):
         raise DataError(
             f"survivors file {source}: record {i}: `features` must be a JSON object, got {type(feats).__name__}"
+            + _seed_note(rec.get("seed"))
         )
     return feats
 
 
 def _gather_rows(
     feature_dicts: Sequence[dict[str, Any]], names: Sequence[str]
-) -> tuple[list[tuple[Any, ...]], int, int]:
-    """Pull each record's values in ``names`` order; returns (rows, cells filled, records filled).
+) -> tuple[list[tuple[Any, ...]], Counter[str], int]:
+    """Pull each record's values in ``names`` order; returns (rows, fills per key, records filled).
 
     ``itemgetter`` does the lookups in C and does not care about the record's key order;
     a ``KeyError`` sends only that record down the slower filling path.
@@ -142,19 +195,20 @@ def _gather_rows(
     if len(names) == 1:  # itemgetter with one key returns a bare value, not a tuple
         key = names[0]
         getter: Callable[[dict[str, Any]], tuple[Any, ...]] = lambda d: (d[key],)  # noqa: E731
+    elif not names:
+        getter = lambda d: ()  # noqa: E731
     else:
         getter = itemgetter(*names)
     rows: list[tuple[Any, ...]] = []
     append = rows.append
-    fills = 0
+    fills: Counter[str] = Counter()
     filled_records = 0
     for feats in feature_dicts:
         try:
             append(getter(feats))
         except KeyError:
             row = tuple(feats.get(k, _MISSING) for k in names)
-            n_missing = sum(1 for v in row if v is _MISSING)
-            fills += n_missing
+            fills.update(k for k, v in zip(names, row) if v is _MISSING)
             filled_records += 1
             append(tuple(0.0 if v is _MISSING else v for v in row))
     return rows, fills, filled_records
@@ -164,7 +218,7 @@ def _to_matrix(
     rows: list[tuple[Any, ...]],
     feature_dicts: Sequence[dict[str, Any]],
     names: Sequence[str],
-    source: str,
+    where: _Where,
 ) -> np.ndarray:
     """Validate all values at once and build the (n, d) float32 matrix.
 
@@ -174,34 +228,52 @@ def _to_matrix(
     n, d = len(rows), len(names)
     types = set(map(type, chain.from_iterable(rows)))
     if not types <= _NUMBER_TYPES:
-        _locate_bad_feature(feature_dicts, names, source)
+        _locate_bad_feature(feature_dicts, names, where)
     try:
         X64 = np.fromiter(chain.from_iterable(rows), dtype=np.float64, count=n * d).reshape(n, d)
     except OverflowError:  # an int too large for a float64
-        _locate_bad_feature(feature_dicts, names, source)
+        _locate_bad_feature(feature_dicts, names, where)
     if not np.isfinite(X64).all():
-        _locate_bad_feature(feature_dicts, names, source)
+        _locate_bad_feature(feature_dicts, names, where)
+    return _to_float32(X64, names, where)
+
+
+def _to_float32(X64: np.ndarray, names: Sequence[str], where: _Where) -> np.ndarray:
+    """The finite float64 matrix as float32; a value beyond float32's range is an error."""
     with np.errstate(over="ignore"):
         X = X64.astype(np.float32)
     if not np.isfinite(X).all():
         i, j = (int(v) for v in np.argwhere(~np.isfinite(X))[0])
         raise DataError(
-            f"survivors file {source}: record {i}: feature {names[j]!r} = {float(X64[i, j])!r} "
-            f"does not fit in float32 (max {float(np.finfo(np.float32).max):.3g})"
+            f"survivors file {where.source}: record {where.base + i}: feature {names[j]!r} = {float(X64[i, j])!r} "
+            f"does not fit in float32 (max {float(np.finfo(np.float32).max):.3g}){_seed_note(where.seeds[i])}"
         )
     return X
 
 
-def _locate_bad_feature(feature_dicts: Sequence[dict[str, Any]], names: Sequence[str], source: str) -> NoReturn:
+def _locate_bad_feature(feature_dicts: Sequence[dict[str, Any]], names: Sequence[str], where: _Where) -> NoReturn:
     """Raise a :class:`DataError` naming the first record and key holding a bad value."""
     for i, feats in enumerate(feature_dicts):
         for k in names:
             v = feats.get(k, 0.0)
             if not _is_number(v):
                 raise DataError(
-                    f"survivors file {source}: record {i}: feature {k!r} must be a finite number, got {_describe(v)}"
+                    f"survivors file {where.source}: record {where.base + i}: feature {k!r} must be a finite number, "
+                    f"got {_describe(v)}{_seed_note(where.seeds[i])}"
                 )
     raise AssertionError("bulk check failed but no bad value was found")  # pragma: no cover
+
+
+def _fill_absent(F: np.ndarray, names: Sequence[str]) -> tuple[Counter[str], int]:
+    """Set the NaN cells (keys a decoded record lacked) of ``F`` to 0.0, in place;
+    returns (fills per key, records filled)."""
+    absent = np.isnan(F)
+    if not absent.any():
+        return Counter(), 0
+    per_key = absent.sum(axis=0)
+    F[absent] = 0.0
+    fills = Counter({names[j]: int(c) for j, c in enumerate(per_key) if c})
+    return fills, int(absent.any(axis=1).sum())
 
 
 def _log_fills(fills: int, filled_records: int, n: int, source: str) -> None:
@@ -223,6 +295,319 @@ def _most_common(counts: Counter[Any]) -> Any:
     return min(v for v, c in counts.items() if c == top)
 
 
+@dataclass
+class _Where:
+    """Where a batch of records sits, for error messages."""
+
+    source: str
+    base: int  # file index of the batch's first record
+    seeds: Sequence[Any]  # the batch's seeds
+
+
+class _MatrixParts:
+    """The matrix's rows as they arrive, batch by batch, each batch with the columns known then.
+
+    A key first seen in a later batch is a column the earlier batches lack: assembling
+    fills it with 0.0 for them and counts the fills, exactly as if every record had been
+    read before the columns were fixed.
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[tuple[np.ndarray, tuple[str, ...], Counter[str], int]] = []
+        self.n = 0
+
+    def add(self, X: np.ndarray, names: tuple[str, ...], fills: Counter[str], filled_records: int) -> None:
+        self._parts.append((X, names, fills, filled_records))
+        self.n += len(X)
+
+    def assemble(self, names: Sequence[str]) -> tuple[np.ndarray, Counter[str], int]:
+        """The (n, d) float32 matrix in ``names`` order; (matrix, fills per key, records filled)."""
+        column = {k: j for j, k in enumerate(names)}
+        X = np.zeros((self.n, len(names)), dtype=np.float32)
+        fills: Counter[str] = Counter()
+        filled_records = 0
+        row = 0
+        layouts: dict[tuple[str, ...], tuple[list[int], list[str]]] = {}  # part names -> (columns, lacking)
+        self._parts.reverse()
+        while self._parts:  # pop as we go: the parts and X are not both held in full
+            part, part_names, part_fills, part_filled = self._parts.pop()
+            if part_names not in layouts:
+                present = set(part_names)
+                layouts[part_names] = ([column[k] for k in part_names], [k for k in names if k not in present])
+            columns, lacking = layouts[part_names]
+            m = len(part)
+            X[row : row + m, columns] = part
+            fills.update(part_fills)
+            for k in lacking:
+                fills[k] += m
+            filled_records += m if lacking else part_filled
+            row += m
+        return X, fills, filled_records
+
+
+class _TableBuilder:
+    """Collects a survivors file for training: features, target and metadata counts."""
+
+    def __init__(self, target: str, source: str) -> None:
+        self.target = target
+        self.source = source
+        self.keys: dict[str, None] = {}  # every key seen in `features`, in first-seen order
+        self.parts = _MatrixParts()
+        self.ys: list[np.ndarray] = []
+        self.prng_counts: Counter[str] = Counter()
+        self.mod_counts: Counter[int] = Counter()
+        self._decoder: RecordDecoder | None = None
+        self._names: tuple[str, ...] = ()  # the decoder's feature columns ...
+        self._take: list[int] = []  # ... and where they sit among its columns
+        self._target_column: int | None = None  # the target's column when `features` holds it
+
+    def _is_feature(self, key: str) -> bool:
+        return key not in LEAKAGE_COLUMNS and key != self.target
+
+    def decoder(self) -> RecordDecoder | None:
+        """The typed decoder for the keys seen so far (rebuilt when a key is added); None
+        for a target the decoder cannot read (every batch then takes the exact path)."""
+        if self.target in RESERVED_KEYS:
+            return None
+        if self._decoder is None or len(self._decoder.layout.columns) != len(self.keys):
+            columns = tuple(self.keys)
+            unread = frozenset(k for k in columns if not self._is_feature(k) and k != self.target)
+            layout = RecordLayout(columns, closed=True, unread=unread, target=self.target, metadata=True)
+            self._decoder = RecordDecoder(layout)
+            self._take = [j for j, k in enumerate(columns) if self._is_feature(k)]
+            self._names = tuple(columns[j] for j in self._take)
+            self._target_column = columns.index(self.target) if self.target in columns else None
+        return self._decoder
+
+    def _count_metadata(self, prng_types: Sequence[Any], mods: Sequence[Any]) -> None:
+        """Count string prng_types and int mods (anything else is ignored, never an error)."""
+        try:  # counted in C, keyed by (type, value): 1000, 1000.0 and True stay apart
+            prng = Counter(zip(map(type, prng_types), prng_types))
+            mod = Counter(zip(map(type, mods), mods))
+        except TypeError:  # an unhashable value (a list, an object): filter first
+            prng = Counter((str, p) for p in prng_types if isinstance(p, str))
+            mod = Counter((int, m) for m in mods if type(m) is int)
+        self.prng_counts.update({v: c for (t, v), c in prng.items() if t is str})
+        self.mod_counts.update({v: c for (t, v), c in mod.items() if t is int})
+
+    def add_records(self, records: Sequence[Any], base: int) -> None:
+        """Check and add parsed records (dicts); ``base`` is the first one's index in the file."""
+        feature_dicts: list[dict[str, Any]] = []
+        targets: list[Any] = []
+        seeds: list[Any] = []
+        prng_types: list[Any] = []
+        mods: list[Any] = []
+        target = self.target
+        for i, rec in enumerate(records, start=base):
+            feats = _features_of(rec, i, self.source)
+            seed = rec.get("seed")
+            feature_dicts.append(feats)
+            seeds.append(seed)
+            if not feats.keys() <= self.keys.keys():
+                self.keys.update(dict.fromkeys(feats))
+            t = feats.get(target, _MISSING)
+            if t is _MISSING:
+                t = rec.get(target, _MISSING)
+            if t is _MISSING:
+                raise DataError(
+                    f"survivors file {self.source}: record {i} has no target {target!r} "
+                    f"(looked in `features` and at the top level){_seed_note(seed)}"
+                )
+            targets.append(t)
+            meta = rec.get("metadata")
+            if isinstance(meta, dict):
+                prng_types.append(meta.get("prng_type"))
+                mods.append(meta.get("mod"))
+        where = _Where(self.source, base, seeds)
+        if not all(map(_is_number, targets)):
+            for k, t in enumerate(targets):
+                if not _is_number(t):
+                    raise DataError(
+                        f"survivors file {self.source}: record {base + k}: target {target!r} must be a finite number, "
+                        f"got {_describe(t)}{_seed_note(seeds[k])}"
+                    )
+        names = tuple(k for k in self.keys if self._is_feature(k))
+        rows, fills, filled_records = _gather_rows(feature_dicts, names)
+        X = _to_matrix(rows, feature_dicts, names, where)
+        self.parts.add(X, names, fills, filled_records)
+        self.ys.append(np.asarray(targets, dtype=np.float64))
+        self._count_metadata(prng_types, mods)
+
+    def add_decoded(self, piece: DecodedPiece, base: int) -> None:
+        """Add a piece decoded with :meth:`decoder` (its values are finite floats or NaN = absent)."""
+        assert piece.top_target is not None
+        where = _Where(self.source, base, piece.seeds)
+        y = piece.top_target
+        if self._target_column is not None:
+            in_features = piece.values[:, self._target_column]
+            y = np.where(np.isnan(in_features), y, in_features)
+        if np.isnan(y).any():
+            k = int(np.flatnonzero(np.isnan(y))[0])
+            raise DataError(
+                f"survivors file {self.source}: record {base + k} has no target {self.target!r} "
+                f"(looked in `features` and at the top level){_seed_note(piece.seeds[k])}"
+            )
+        F = piece.values[:, self._take]
+        fills, filled_records = _fill_absent(F, self._names)
+        self.parts.add(_to_float32(F, self._names, where), self._names, fills, filled_records)
+        self.ys.append(y)
+        self._count_metadata(piece.prng_types, piece.mods)
+
+    def finish(self) -> SurvivorTable:
+        excluded = sorted(k for k in self.keys if not self._is_feature(k))
+        names = sorted(k for k in self.keys if self._is_feature(k))
+        if not names:
+            raise DataError(
+                f"survivors file {self.source}: no feature columns left after excluding {excluded} "
+                f"(leakage keys {list(LEAKAGE_COLUMNS)} and the target are never inputs)"
+            )
+        n = self.parts.n
+        X, fills, filled_records = self.parts.assemble(names)
+        total = sum(fills.values())
+        _log_fills(total, filled_records, n, self.source)
+        return SurvivorTable(
+            X=X,
+            y=np.concatenate(self.ys),
+            feature_names=names,
+            excluded_features=excluded,
+            missing_fills=total,
+            source_file=self.source,
+            target=self.target,
+            n_records=n,
+            prng_type=_most_common(self.prng_counts),
+            mod=_most_common(self.mod_counts),
+            prng_type_counts=dict(self.prng_counts),
+            mod_counts=dict(self.mod_counts),
+            missing_by_feature=dict(fills),
+        )
+
+
+class _FeaturesBuilder:
+    """Collects a survivors file for prediction: the given columns (others ignored) and seeds."""
+
+    def __init__(self, names: Sequence[str], source: str) -> None:
+        self.names = tuple(names)
+        self.source = source
+        self.parts = _MatrixParts()
+        self.seeds: list[Any] = []
+        self._decoder: RecordDecoder | None = None
+        self._take: list[int] = []  # decoder column of each name
+
+    def decoder(self) -> RecordDecoder | None:
+        return self._decoder
+
+    def _make_decoder(self, first: dict[str, Any]) -> None:
+        # Every key of the first record, in the order the file writes them, then the names
+        # it lacks: the decoder finds each key where it expects it instead of searching all
+        # fields for it (keys it does not know, such as `score`, cost it such a search; the
+        # predictor reader took 30 % more CPU time skipping two of them per record). Keys
+        # other records add are skipped; a non-number under a key the model does not read
+        # only sends that piece down the exact path.
+        order = list(first)
+        present = set(order)
+        order += [k for k in self.names if k not in present]
+        column = {k: j for j, k in enumerate(order)}
+        unread = frozenset(order) - set(self.names)
+        self._decoder = RecordDecoder(RecordLayout(tuple(order), closed=False, unread=unread))
+        self._take = [column[k] for k in self.names]
+
+    def add_records(self, records: Sequence[Any], base: int) -> None:
+        feature_dicts = [_features_of(rec, i, self.source) for i, rec in enumerate(records, start=base)]
+        seeds = [rec.get("seed") for rec in records]
+        if self._decoder is None and feature_dicts:
+            self._make_decoder(feature_dicts[0])
+        rows, fills, filled_records = _gather_rows(feature_dicts, self.names)
+        X = _to_matrix(rows, feature_dicts, self.names, _Where(self.source, base, seeds))
+        self.parts.add(X, self.names, fills, filled_records)
+        self.seeds.extend(seeds)
+
+    def add_decoded(self, piece: DecodedPiece, base: int) -> None:
+        F = piece.values[:, self._take]
+        fills, filled_records = _fill_absent(F, self.names)
+        X = _to_float32(F, self.names, _Where(self.source, base, piece.seeds))
+        self.parts.add(X, self.names, fills, filled_records)
+        self.seeds.extend(piece.seeds)
+
+    def finish(self) -> SurvivorFeatures:
+        n = self.parts.n
+        X, fills, filled_records = self.parts.assemble(self.names)
+        total = sum(fills.values())
+        _log_fills(total, filled_records, n, self.source)
+        return SurvivorFeatures(
+            X=X,
+            seeds=self.seeds,
+            feature_names=list(self.names),
+            missing_fills=total,
+            missing_by_feature=dict(fills),
+            source_file=self.source,
+        )
+
+
+def _read_file(path: str | os.PathLike[str], builder: _TableBuilder | _FeaturesBuilder) -> None:
+    """Feed a survivors file to ``builder``, piece by piece (see the module docstring)."""
+    source = os.fspath(path)
+    try:
+        fh = open(source, "rb")
+    except FileNotFoundError:
+        raise DataError(f"survivors file not found: {source}") from None
+    except OSError as exc:
+        raise DataError(f"cannot read survivors file {source}: {exc}") from None
+    with fh:
+        reader = ArrayReader(fh, source, "survivors")
+        if not reader.open_array():
+            # Not an array (or not JSON): parse it whole for the message. A file that still
+            # turns out to hold an array (e.g. after a byte-order mark) is read as one batch.
+            builder.add_records(_records_list(read_json_file(path, "survivors"), source), 0)
+            return
+        # The first record fixes the decoder's columns; the empty-array error comes from here too.
+        builder.add_records(_records_list(reader.parse_elements(), source), 0)
+        while (piece := reader.next_piece()) is not None:
+            base = reader.index
+            decoded = _decode(builder.decoder(), piece)
+            if decoded is None:
+                builder.add_records(reader.parse_elements(), base)
+            else:
+                reader.accept(decoded.n)
+                builder.add_decoded(decoded, base)
+
+
+def _decode(decoder: RecordDecoder | None, piece: Any) -> DecodedPiece | None:
+    """The piece decoded, or None when it needs the exact path.
+
+    A piece that fails only because of ``NaN`` / ``Infinity`` tokens where nothing is read
+    (what Python's json.dump writes for a missing float) is decoded again with those tokens
+    as ``null``, so such files keep the fast path.
+    """
+    if decoder is None:
+        return None
+    try:
+        return decoder.decode(piece)
+    except DECODE_ERRORS:
+        pass
+    nulled = null_non_finite_tokens(piece)
+    if nulled is None:
+        return None
+    try:
+        return decoder.decode(nulled)
+    except DECODE_ERRORS:
+        return None
+
+
+def _check_target(target: Any) -> None:
+    if not isinstance(target, str) or not target:
+        raise ValueError(f"`target` must be a non-empty string, got {target!r}")
+
+
+def _check_feature_names(feature_names: Sequence[str]) -> list[str]:
+    names = list(feature_names)
+    if not names or not all(isinstance(k, str) for k in names):
+        raise ValueError(f"`feature_names` must be a non-empty list of strings, got {feature_names!r}")
+    if len(set(names)) != len(names):
+        dupes = sorted(k for k, c in Counter(names).items() if c > 1)
+        raise ValueError(f"`feature_names` has duplicates: {dupes}")
+    return names
+
+
 @_gc_paused()
 def table_from_records(
     records: Any, target: str = DEFAULT_TARGET, *, source: str = "<records>"
@@ -231,84 +616,22 @@ def table_from_records(
 
     ``source`` names the records in error messages and becomes ``source_file``.
     """
-    if not isinstance(target, str) or not target:
-        raise ValueError(f"`target` must be a non-empty string, got {target!r}")
-    records = _records_list(records, source)
-    n = len(records)
-
-    feature_dicts: list[dict[str, Any]] = []
-    targets: list[Any] = []
-    all_keys: set[str] = set()
-    prng_counts: Counter[str] = Counter()
-    mod_counts: Counter[int] = Counter()
-    for i, rec in enumerate(records):
-        feats = _features_of(rec, i, source)
-        feature_dicts.append(feats)
-        all_keys.update(feats)
-        t = feats.get(target, _MISSING)
-        if t is _MISSING:
-            t = rec.get(target, _MISSING)
-        if t is _MISSING:
-            raise DataError(
-                f"survivors file {source}: record {i} has no target {target!r} "
-                f"(looked in `features` and at the top level)"
-            )
-        targets.append(t)
-        meta = rec.get("metadata")
-        if isinstance(meta, dict):
-            p = meta.get("prng_type")
-            if isinstance(p, str):
-                prng_counts[p] += 1
-            m = meta.get("mod")
-            if type(m) is int:
-                mod_counts[m] += 1
-
-    if not all(map(_is_number, targets)):
-        for i, t in enumerate(targets):
-            if not _is_number(t):
-                raise DataError(
-                    f"survivors file {source}: record {i}: target {target!r} must be a finite number, got {_describe(t)}"
-                )
-    y = np.asarray(targets, dtype=np.float64)
-
-    excluded = sorted(k for k in all_keys if k in LEAKAGE_COLUMNS or k == target)
-    names = sorted(k for k in all_keys if k not in LEAKAGE_COLUMNS and k != target)
-    if not names:
-        raise DataError(
-            f"survivors file {source}: no feature columns left after excluding {excluded} "
-            f"(leakage keys {list(LEAKAGE_COLUMNS)} and the target are never inputs)"
-        )
-
-    rows, fills, filled_records = _gather_rows(feature_dicts, names)
-    X = _to_matrix(rows, feature_dicts, names, source)
-    del rows
-    _log_fills(fills, filled_records, n, source)
-
-    return SurvivorTable(
-        X=X,
-        y=y,
-        feature_names=names,
-        excluded_features=excluded,
-        missing_fills=fills,
-        source_file=source,
-        target=target,
-        n_records=n,
-        prng_type=_most_common(prng_counts),
-        mod=_most_common(mod_counts),
-        prng_type_counts=dict(prng_counts),
-        mod_counts=dict(mod_counts),
-    )
+    _check_target(target)
+    builder = _TableBuilder(target, source)
+    builder.add_records(_records_list(records, source), 0)
+    return builder.finish()
 
 
 def load_survivors(path: str | os.PathLike[str], target: str = DEFAULT_TARGET) -> SurvivorTable:
     """Read a survivors file into inputs ``X`` and target ``y``; see the module docstring.
 
-    Raises :class:`DataError` naming the file, record index and key for malformed input.
+    Raises :class:`DataError` naming the file, record index, seed and key for malformed input.
     """
-    source = os.fspath(path)
+    _check_target(target)
+    builder = _TableBuilder(target, os.fspath(path))
     with _gc_paused():
-        data = read_json_file(path, "survivors")
-        return table_from_records(data, target, source=source)
+        _read_file(path, builder)
+        return builder.finish()
 
 
 @_gc_paused()
@@ -320,18 +643,22 @@ def feature_matrix_from_records(
     For prediction (Step 6): no target is needed, keys not in ``feature_names`` are ignored,
     missing keys are filled with 0.0 (and counted in a warning), bad values are errors.
     """
-    names = list(feature_names)
-    if not names or not all(isinstance(k, str) for k in names):
-        raise ValueError(f"`feature_names` must be a non-empty list of strings, got {feature_names!r}")
-    if len(set(names)) != len(names):
-        dupes = sorted(k for k, c in Counter(names).items() if c > 1)
-        raise ValueError(f"`feature_names` has duplicates: {dupes}")
-    records = _records_list(records, source)
-    feature_dicts = [_features_of(rec, i, source) for i, rec in enumerate(records)]
-    rows, fills, filled_records = _gather_rows(feature_dicts, names)
-    X = _to_matrix(rows, feature_dicts, names, source)
-    _log_fills(fills, filled_records, len(records), source)
-    return X
+    builder = _FeaturesBuilder(_check_feature_names(feature_names), source)
+    builder.add_records(_records_list(records, source), 0)
+    return builder.finish().X
+
+
+def load_features(path: str | os.PathLike[str], feature_names: Sequence[str]) -> SurvivorFeatures:
+    """Read a survivors file for prediction: the given columns in that order, and each
+    record's seed (what the predictor writes beside each prediction).
+
+    Same reading, fills and errors as :func:`load_survivors`; no target is needed and keys
+    not in ``feature_names`` are ignored.
+    """
+    builder = _FeaturesBuilder(_check_feature_names(feature_names), os.fspath(path))
+    with _gc_paused():
+        _read_file(path, builder)
+        return builder.finish()
 
 
 def load_feature_matrix(path: str | os.PathLike[str], feature_names: Sequence[str]) -> np.ndarray:
@@ -339,6 +666,4 @@ def load_feature_matrix(path: str | os.PathLike[str], feature_names: Sequence[st
 
     Used to predict on new survivors with a trained model's feature schema.
     """
-    with _gc_paused():
-        data = read_json_file(path, "survivors")
-        return feature_matrix_from_records(data, feature_names, source=os.fspath(path))
+    return load_features(path, feature_names).X

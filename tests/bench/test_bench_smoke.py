@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -122,3 +123,24 @@ def test_one_process_rows_are_measured_against_whichever_one_process_limit_ran()
     assert mode_row(runs["s96b-ff"], runs)["x_limit"] == pytest.approx(0.25)
     two = {"limit1": ModeRun("limit1", 1, 4.0, 0.0, []), "s96b": ModeRun("s96b", 2, 5.0, 0.0, [])}
     assert mode_row(two["s96b"], two)["x_limit"] is None  # no two-process limit ran
+
+
+def test_datapath_benchmark_runs_every_reader_side_by_side(tmp_path, repo_root, python):
+    """The data-path benchmark on a tiny file: every reader measured in its own process,
+    the same record count, memory read from /proc, the four targets judged. No timing asserted."""
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [python, "-m", "bench.datapath", "--records", "300", "--features", "12", "--rounds", "1", "--out", str(out)],
+        cwd=repo_root, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((out / "datapath.json").read_text())
+    assert list(data["kinds"]) == ["json_load", "load_survivors", "predictor_reader"]
+    assert {v["records"] for v in data["kinds"].values()} == {300}
+    assert all(v["seconds"] > 0 and v["peak_mib"] >= 0 for v in data["kinds"].values())
+    assert len(data["targets"]) == 4
+    text = (out / "datapath.txt").read_text()
+    assert text == proc.stdout
+    assert "json.dump indent=2" in text and text.count("HOLDS") + text.count("MISSED") == 4
+    first = (Path(data["path"])).read_text()[:20]
+    assert first.startswith("[\n  {\n    \"seed\"")  # written by json.dump(..., indent=2)

@@ -12,6 +12,7 @@ from step5.data.survivors import (
     LEAKAGE_COLUMNS,
     feature_matrix_from_records,
     load_feature_matrix,
+    load_features,
     load_survivors,
     table_from_records,
 )
@@ -133,14 +134,16 @@ BAD_INPUTS = [
     ("null_value", [good(0), good(1), good(2, a_feat=None)], ["record 2", "'a_feat'", "None"]),
     ("list_value", [good(0, b_feat=[1.0])], ["record 0", "'b_feat'", "list"]),
     ("object_value", [good(0), good(1, b_feat={"v": 1})], ["record 1", "'b_feat'", "dict"]),
-    # orjson refuses 1e999 / NaN while parsing, so in a file it is a JSON error with a position
-    ("infinite_value", b'[{"features": {"x": 1e999}, "holdout_quality": 0.1}]', ["not valid JSON", "infinity"]),
+    # 1e999 reads as infinity (as Python's json reads it): a non-finite value, named like any bad value
+    ("infinite_value", b'[{"features": {"x": 1e999}, "holdout_quality": 0.1}]', ["record 0", "'x'", "inf (float)"]),
     ("float32_overflow", [good(0), good(1, a_feat=1e300)], ["record 1", "'a_feat'", "float32"]),
     ("missing_target", [good(0), rec({"x": 1.0})], ["record 1", "'holdout_quality'", "no target"]),
     ("string_target", [good(0), rec({"x": 1.0}, holdout_quality="high")], ["record 1", "'holdout_quality'", "str"]),
     ("null_target", [rec({"x": 1.0}, holdout_quality=None)], ["record 0", "'holdout_quality'", "None"]),
     ("bool_target", [rec({"x": 1.0}, holdout_quality=False)], ["record 0", "'holdout_quality'", "bool"]),
-    ("nan_literal", b'[{"features": {"x": NaN}, "holdout_quality": 0.1}]', ["not valid JSON"]),
+    ("nan_literal", b'[{"seed": 7, "features": {"x": NaN}, "holdout_quality": 0.1}]', ["record 0", "'x'", "nan", "seed 7"]),
+    ("syntax_error", b'[{"features": {"x": 1.0}, "holdout_quality": 0.1},\n {"features": {"x": 2.0}} x]',
+     ["not valid JSON", "line 2 column 27"]),
     ("only_leakage", [rec({"score": 0.1, "confidence": 0.2}, holdout_quality=0.1)], ["no feature columns"]),
 ]
 
@@ -248,3 +251,186 @@ def test_loads_generated_sample_with_its_fills(sample_inputs):
     assert t.feature_names == sorted(t.feature_names)
     X = load_feature_matrix(survivors_path, t.feature_names)
     np.testing.assert_array_equal(X, t.X)
+
+
+# -- reading the file piece by piece --------------------------------------------------------
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """Pieces of ~2 KB, so a few hundred records span many pieces."""
+    from step5.data import arrayreader
+
+    monkeypatch.setattr(arrayreader, "DEFAULT_BLOCK_SIZE", 2048)
+
+
+def write_json(tmp_path: Path, records, *, indent=2, name: str = "survivors.json") -> Path:
+    """Written as the upstream pipeline does: Python's json.dump (NaN/Infinity tokens allowed)."""
+    import json
+
+    p = tmp_path / name
+    with open(p, "w") as fh:
+        json.dump(records, fh, indent=indent)
+    return p
+
+
+def varied_records(n: int = 400) -> list[dict]:
+    """Records that exercise every path: key order varies, keys go missing, a key first
+    appears late, ints, metadata of odd shapes, a NaN in an unused (leakage) key."""
+    recs = []
+    for i in range(n):
+        feats = {"score": 0.1 * i, "confidence": 0.5, "b_feat": 1.0 + i, "a_feat": 2 * i, "c_feat": -0.25 * i}
+        if i % 7 == 3:
+            feats = dict(reversed(list(feats.items())))
+        if i % 11 == 5:
+            del feats["c_feat"]
+        if i >= 300:
+            feats["late_feat"] = float(i)  # a column no earlier record has
+        recs.append(rec(feats, seed=1000 + i, holdout_hits=0.001, holdout_quality=0.01 * (i % 50)))
+    recs[123]["metadata"] = ["not", "an", "object"]  # ignored
+    recs[124]["metadata"] = {"prng_type": 5, "mod": 1000.0}  # not a str / not an int: ignored
+    del recs[125]["metadata"]
+    recs[200]["features"]["score"] = float("nan")  # leakage: never read, so no error
+    recs[201]["holdout_hits"] = float("inf")  # not the target: ignored
+    return recs
+
+
+def assert_same_table(a, b):
+    for name in ("feature_names", "excluded_features", "missing_fills", "n_records", "target", "prng_type", "mod",
+                 "prng_type_counts", "mod_counts", "missing_by_feature"):
+        assert getattr(a, name) == getattr(b, name), name
+    np.testing.assert_array_equal(a.X, b.X)
+    np.testing.assert_array_equal(a.y, b.y)
+    assert a.X.dtype == np.float32 and a.y.dtype == np.float64
+
+
+@pytest.mark.parametrize("indent", [2, None])
+def test_file_read_in_pieces_equals_records_read_whole(tmp_path, small_pieces, indent):
+    recs = varied_records()
+    path = write_json(tmp_path, recs, indent=indent)
+    t = load_survivors(path)
+    assert_same_table(t, table_from_records(recs, source=str(path)))
+    assert t.feature_names == ["a_feat", "b_feat", "c_feat", "late_feat"]
+    assert t.missing_by_feature == {"c_feat": 36, "late_feat": 300}
+    assert t.mod_counts == {1000: 397}
+
+
+def test_predictor_reader_in_pieces_equals_records_read_whole(tmp_path, small_pieces, caplog):
+    recs = varied_records()
+    path = write_json(tmp_path, recs)
+    names = ["late_feat", "a_feat", "absent_feat"]  # the model's order; one key no record has
+    with caplog.at_level(logging.WARNING, logger="step5.data.survivors"):
+        got = load_features(path, names)
+    np.testing.assert_array_equal(got.X, feature_matrix_from_records(recs, names))
+    assert got.seeds == [r["seed"] for r in recs]
+    assert got.feature_names == names and got.n_records == len(recs)
+    assert got.missing_by_feature == {"late_feat": 300, "absent_feat": 400}
+    assert got.missing_fills == 700
+    assert any("filled 700 value(s)" in r.getMessage() for r in caplog.records)
+
+
+def test_clean_file_is_decoded_in_pieces_not_record_by_record(tmp_path, small_pieces, monkeypatch):
+    """Only the first record (it fixes the columns) takes the exact, per-record path."""
+    from step5.data.arrayreader import ArrayReader
+
+    calls = []
+    real = ArrayReader.parse_elements
+    monkeypatch.setattr(ArrayReader, "parse_elements", lambda self: calls.append(self.index) or real(self))
+    recs = [good(i, c_feat=float(i)) for i in range(300)]
+    t = load_survivors(write_json(tmp_path, recs))
+    assert t.n_records == 300 and calls == [0]
+
+
+@pytest.mark.parametrize(
+    "value,shown", [(float("nan"), "nan (float)"), (float("inf"), "inf (float)"), (-float("inf"), "-inf (float)")]
+)
+def test_non_finite_tokens_from_python_json_are_named(tmp_path, small_pieces, value, shown):
+    """json.dump writes NaN / Infinity / -Infinity: read, then refused by record, seed and key."""
+    recs = [rec({"a_feat": 1.0, "b_feat": 2.0}, seed=5000 + i, holdout_quality=0.1) for i in range(200)]
+    recs[150]["features"]["b_feat"] = value
+    path = write_json(tmp_path, recs)
+    with pytest.raises(DataError) as info:
+        load_survivors(path)
+    msg = str(info.value)
+    assert f"survivors file {path}: record 150: feature 'b_feat' must be a finite number, got {shown}" in msg
+    assert "seed 5150" in msg
+    assert "not valid JSON" not in msg
+    with pytest.raises(DataError, match=r"record 150: feature 'b_feat'.*seed 5150"):
+        load_features(path, ["b_feat"])
+
+
+def test_non_finite_target_token_is_named(tmp_path, small_pieces):
+    recs = [rec({"a_feat": 1.0}, seed=i, holdout_quality=0.1) for i in range(100)]
+    recs[42]["holdout_quality"] = float("nan")
+    with pytest.raises(DataError, match=r"record 42: target 'holdout_quality' must be a finite number, got nan.*seed 42"):
+        load_survivors(write_json(tmp_path, recs))
+
+
+def test_errors_in_a_late_piece_carry_the_file_index_and_seed(tmp_path, small_pieces):
+    recs = [good(i) for i in range(300)]
+    for i, r in enumerate(recs):
+        r["seed"] = 9000 + i
+    recs[271]["features"]["a_feat"] = "oops"
+    with pytest.raises(DataError, match=r"record 271: feature 'a_feat' must be a finite number, got 'oops' \(str\) \[seed 9271\]"):
+        load_survivors(write_json(tmp_path, recs))
+    recs[271]["features"]["a_feat"] = 1e300
+    with pytest.raises(DataError, match=r"record 271: feature 'a_feat' = 1e\+300 does not fit in float32.*seed 9271"):
+        load_survivors(write_json(tmp_path, recs))
+    recs[271]["features"]["a_feat"] = 1.0
+    del recs[288]["holdout_quality"]
+    with pytest.raises(DataError, match=r"record 288 has no target 'holdout_quality'.*seed 9288"):
+        load_survivors(write_json(tmp_path, recs))
+    recs[288]["holdout_quality"] = 0.5
+    recs[299] = 7
+    with pytest.raises(DataError, match=r"record 299 must be a JSON object, got int"):
+        load_survivors(write_json(tmp_path, recs))
+
+
+def test_syntax_error_deep_in_the_file_names_its_line(tmp_path, small_pieces):
+    text = write_json(tmp_path, [good(i) for i in range(200)]).read_text()
+    lines = text.split("\n")
+    lines[1500] = lines[1500].replace(":", "", 1)  # a key without its colon
+    path = tmp_path / "broken.json"
+    path.write_text("\n".join(lines))
+    with pytest.raises(DataError, match=r"broken.json is not valid JSON: Expecting ':' delimiter: line 1501 column"):
+        load_survivors(path)
+
+
+def test_a_target_named_like_a_record_field_is_still_read(tmp_path, small_pieces):
+    """`seed` cannot be a decoded column; such a target makes every piece take the exact path."""
+    recs = [rec({"a_feat": float(i)}, seed=i) for i in range(100)]
+    t = load_survivors(write_json(tmp_path, recs), target="seed")
+    np.testing.assert_array_equal(t.y, np.arange(100, dtype=np.float64))
+
+
+def test_nan_tokens_where_nothing_is_read_keep_the_fast_path(tmp_path, small_pieces, monkeypatch):
+    """json.dump writes NaN for a missing float; in a leakage key, metadata or an unknown
+    key it is ignored, and the pieces still decode (only the first record goes exact)."""
+    from step5.data.arrayreader import ArrayReader
+
+    calls = []
+    real = ArrayReader.parse_elements
+    monkeypatch.setattr(ArrayReader, "parse_elements", lambda self: calls.append(self.index) or real(self))
+    recs = [good(i, c_feat=float(i)) for i in range(300)]
+    for r in recs[1:]:
+        r["features"]["score"] = float("nan")
+        r["holdout_hits"] = -float("inf")
+        r["metadata"] = {"prng_type": "NaN-lcg Infinity", "mod": 1000, "extra": float("inf")}
+    path = write_json(tmp_path, recs)
+    t = load_survivors(path)
+    assert calls == [0]
+    assert_same_table(t, table_from_records(recs, source=str(path)))
+    assert t.prng_type_counts == {"java_lcg": 1, "NaN-lcg Infinity": 299}  # strings untouched
+    calls.clear()
+    got = load_features(path, ["c_feat", "a_feat"])
+    assert calls == [0]
+    np.testing.assert_array_equal(got.X, feature_matrix_from_records(recs, ["c_feat", "a_feat"]))
+
+
+def test_null_non_finite_tokens_touches_only_tokens_outside_strings():
+    from step5.data.recorddecoder import null_non_finite_tokens
+
+    got = null_non_finite_tokens(b'[{"NaN": NaN, "s": "a NaN, -Infinity", "x": -Infinity, "y": Infinity}]')
+    assert got == b'[{"NaN": null, "s": "a NaN, -Infinity", "x": null, "y": null}]'
+    assert null_non_finite_tokens(b'[{"x": 1.0}]') is None  # nothing to do
+    assert null_non_finite_tokens(b'[{"s": "\\" NaN", "x": NaN}]') is None  # escapes: not safe to count quotes

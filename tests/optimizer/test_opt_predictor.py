@@ -90,3 +90,36 @@ def test_cli_usage_error_exits_64(repo_root):
     proc = subprocess.run([sys.executable, "-m", "step5.predictor", "--survivors", "x.json"],
                           cwd=repo_root, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 64 and "--model-dir" in proc.stderr
+
+
+def test_cli_reads_what_python_json_writes_and_names_a_non_finite_feature(lightgbm_run, sample_inputs, repo_root,
+                                                                          tmp_path):
+    """A file from json.dump(indent=2) with NaN tokens: NaN in a key the model does not read
+    is fine; NaN in a model feature is exit 1 naming the record, its seed and the key."""
+    _, out = lightgbm_run
+    survivors, _ = sample_inputs
+    records = json.loads(survivors.read_text())
+    for r in records[::3]:
+        r["features"]["score"] = float("nan")  # leakage: never a model input
+    path = tmp_path / "new_survivors.json"
+    path.write_text(json.dumps(records, indent=2))
+
+    def run():
+        return subprocess.run(
+            [sys.executable, "-m", "step5.predictor", "--model-dir", str(out), "--survivors", str(path)],
+            cwd=repo_root, capture_output=True, text=True, timeout=120,
+        )
+
+    proc = run()
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert [r["seed"] for r in rows] == [r["seed"] for r in records]
+    np.testing.assert_allclose([r["prediction"] for r in rows], load_predictor(out).predict_file(survivors))
+
+    key = load_predictor(out).feature_names[0]
+    records[7]["features"][key] = float("inf")
+    path.write_text(json.dumps(records, indent=2))
+    proc = run()
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert f"record 7: feature {key!r} must be a finite number, got inf (float) [seed {records[7]['seed']}]" in proc.stderr
