@@ -220,15 +220,29 @@ def configure_logging(level: str) -> None:
     # ("Trial N failed with parameters ... because ...") stay.
     optuna.logging.set_verbosity(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     for handler in logging.getLogger().handlers:
-        handler.addFilter(_no_interrupt_tracebacks)
+        handler.addFilter(InterruptedTrialFilter())
 
 
-def _no_interrupt_tracebacks(record: logging.LogRecord) -> bool:
-    """Drop log records that carry a Ctrl-C / SIGTERM traceback (Optuna logs one when it
-    fails the interrupted trial): an interrupt ends the run with one line from :func:`main`,
-    and the trial keeps its ``fail_reason``."""
-    exc_type = record.exc_info[0] if record.exc_info else None
-    return not (exc_type is not None and issubclass(exc_type, KeyboardInterrupt))
+class InterruptedTrialFilter(logging.Filter):
+    """Drops Optuna's two lines about the trial an interrupt stopped: "Trial N failed with
+    parameters ... KeyboardInterrupt()" (with a traceback) and "Trial N failed with value
+    None.". An interrupt ends the run with one line from :func:`main`; the trial keeps its
+    ``fail_reason``. Any other record, and any other failure's traceback, passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._drop_prefix: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc_type = record.exc_info[0] if record.exc_info else None
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            trial = record.getMessage().split(" failed with parameters", 1)[0]  # "Trial 7"
+            self._drop_prefix = f"{trial} failed with value"
+            return False
+        if self._drop_prefix is not None and record.getMessage().startswith(self._drop_prefix):
+            self._drop_prefix = None
+            return False
+        return True
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:

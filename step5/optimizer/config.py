@@ -34,7 +34,8 @@ class OptimizerConfig:
     seed: int = 42  # splits, sampler and training seeds derive from it
     target: str = "holdout_quality"
     persistent_workers: bool | None = None  # None: the policy's kill switch decides
-    # None: no policy file, every default applies. The CLI fills it (step5.policy.find_policy).
+    # Default: ./watcher_policies.json if there is one, else the project's own
+    # (step5.policy.find_policy); None: no policy file, every default applies.
     policy_path: Path | None = field(default_factory=lambda: find_policy()[0])
     gpus: list[str] | None = None  # None: detect without torch
     cpu_workers: int | None = None  # workers when there is no GPU; None: one per core

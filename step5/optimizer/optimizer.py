@@ -510,7 +510,8 @@ class AntiOverfitMetaOptimizer:
             try:
                 trial.set_user_attr("fail_reason", reason)
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-                _log_failed_trial(trial, reason)
+                if not isinstance(error, KeyboardInterrupt):  # an interrupt is reported in one line by the CLI
+                    _log_failed_trial(trial, reason)
             except Exception:  # noqa: BLE001 - keep failing the others; the original error propagates
                 logger.exception("could not record trial %d as FAILED", trial.number)
 
@@ -579,7 +580,7 @@ class AntiOverfitMetaOptimizer:
             parent_run_id=cfg.parent_run_id,
             command_line=cfg.command_line if cfg.command_line is not None else [sys.executable, *sys.argv],
             created_at=_utc_now(),
-            extra={"cwd": os.getcwd(), "policy_file": str(cfg.policy_path) if cfg.policy_path else None},
+            extra={"cwd": os.getcwd(), "policy_file": self.policy.source if self.policy is not None else None},
         )
 
     def _write_degenerate(

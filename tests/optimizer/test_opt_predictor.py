@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -33,6 +35,10 @@ def test_tree_run_sidecar_and_round_trip(lightgbm_run, sample_inputs):
     assert outcome.sidecar["execution"]["mode"] == "inline"
     assert outcome.sidecar["checkpoint_path"] == "best_model.txt"
     assert outcome.test_r2 > 0.2
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("best_model.txt", artifacts.SIDECAR_NAME, artifacts.HISTORY_PNG_NAME):  # not mkstemp's 0600
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, name
 
     by_dir = load_predictor(out)
     by_sidecar = load_predictor(out / artifacts.SIDECAR_NAME)
