@@ -126,6 +126,11 @@ class StagedSet:
         previous = _pointer_target(self.sets_dir)
         if previous is None:
             previous = _migrate_plain_files(self.output_dir)
+        else:  # a migration that was interrupted half-way: finish it (same bytes behind each name)
+            for name in MODEL_SET_NAMES:
+                plain = self.output_dir / name
+                if plain.is_file() and not plain.is_symlink() and (self.sets_dir / previous / name).is_file():
+                    _replace_with_link(plain, LINK_PREFIX + name)
         for name in names:  # the fixed names (a new one dangles until the swap below)
             link = self.output_dir / name
             if not _is_our_link(link):

@@ -101,3 +101,26 @@ def test_an_unwritable_output_dir_is_a_step5_error(tmp_path):
     with pytest.raises(Step5Error, match="cannot write the model to output dir"):
         with model_set.stage(blocker / "out"):
             pass
+
+
+def test_a_migration_interrupted_half_way_is_finished_by_the_next_commit(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "best_model.pth").write_text("old nn")
+    (out / "best_model.meta.json").write_text("old sidecar")
+    real = model_set._replace_with_link
+    calls = []
+
+    def die_after_the_pointer(path, target):  # the pointer swap, then one name, then "killed"
+        calls.append(path.name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real(path, target)
+
+    monkeypatch.setattr(model_set, "_replace_with_link", die_after_the_pointer)
+    with pytest.raises(KeyboardInterrupt):
+        _commit(out, {"best_model.json": "xgb", "best_model.meta.json": "new sidecar"})
+    monkeypatch.setattr(model_set, "_replace_with_link", real)
+    assert _shown(out) == {"best_model.meta.json": "old sidecar", "best_model.pth": "old nn"}  # still the old set
+    _commit(out, {"best_model.json": "xgb", "best_model.meta.json": "new sidecar"})
+    assert _shown(out) == {"best_model.json": "xgb", "best_model.meta.json": "new sidecar"}
