@@ -24,7 +24,10 @@ A degenerate run (no usable target signal) writes the same shape with ``outcome`
 ``checkpoint_format`` null) and null metrics.
 
 ``checkpoint_path`` is relative to the sidecar's folder, so a model directory can be moved
-or copied as a whole; :func:`resolve_checkpoint` turns it into a path.
+or copied as a whole; :func:`resolve_checkpoint` turns it into a path. ``checkpoint_sha256``
+(SPEC section 10) is the checkpoint file's SHA-256: Step 6 refuses a pair that does not match.
+``training_metrics.beats_mean`` says whether the final model's test R² is above 0, i.e.
+better than predicting the training mean for every row.
 
 Torch-free and light (hashlib, numpy, :mod:`step5.jsonio`): the optimizer, the WATCHER and
 Step 6 all import it. :func:`validate_sidecar` is the one definition of "a valid sidecar".
@@ -44,6 +47,11 @@ from step5.jsonio import dumps, read_json_file, write_json_atomic
 
 SCHEMA_VERSION = "1.0"
 SIDECAR_NAME = "best_model.meta.json"
+HISTORY_PNG_NAME = "best_model.history.png"
+
+#: Folder under ``--output-dir`` for per-run diagnostics and the compare summary.
+DIAGNOSTICS_DIRNAME = "diagnostics_outputs"
+COMPARE_SUMMARY_NAME = "compare_models_summary.json"
 
 MODEL_TYPES = ("neural_net", "xgboost", "lightgbm", "catboost")
 
@@ -62,6 +70,9 @@ CHECKPOINT_FORMATS: dict[str, str] = {
     "lightgbm": "lightgbm_text",
     "catboost": "catboost_cbm",
 }
+
+#: Every file a model set may hold (see :mod:`step5.model_set`).
+MODEL_SET_NAMES = frozenset({*CHECKPOINT_FILENAMES.values(), SIDECAR_NAME, HISTORY_PNG_NAME})
 
 OUTCOMES = ("SUCCESS", "DEGENERATE_SIGNAL")
 SIGNAL_STATUSES = ("healthy", "weak", "degenerate")
@@ -128,6 +139,27 @@ def data_fingerprint(
     return h.hexdigest()[:HASH_HEX_CHARS]
 
 
+def compare_summary_path(output_dir: str | os.PathLike[str]) -> Path:
+    """Where a ``--compare-models`` run with this ``--output-dir`` writes its summary."""
+    return Path(output_dir) / DIAGNOSTICS_DIRNAME / COMPARE_SUMMARY_NAME
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def beats_mean(test_r2: float | None) -> bool | None:
+    """Whether a test R² is better than predicting the mean (R² > 0); None when unknown."""
+    if test_r2 is None or not math.isfinite(test_r2):
+        return None
+    return bool(test_r2 > 0.0)
+
+
 def checkpoint_filename(model_type: str) -> str:
     """``best_model.pth`` / ``.json`` / ``.txt`` / ``.cbm`` for ``model_type``."""
     try:
@@ -160,12 +192,27 @@ def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def resolve_checkpoint(sidecar_path: str | os.PathLike[str], sidecar: Mapping[str, Any]) -> Path:
-    """The checkpoint file a sidecar names, relative paths taken from the sidecar's folder."""
+    """The checkpoint file a sidecar names, relative paths taken from the sidecar's folder.
+
+    The sidecar's real path is used (``best_model.meta.json`` in an output dir is a link
+    into the current model set), so the checkpoint comes from the sidecar's own set.
+    """
     ckpt = sidecar.get("checkpoint_path")
     if not isinstance(ckpt, str) or not ckpt:
         raise DataError(f"sidecar {sidecar_path} names no checkpoint (outcome {sidecar.get('outcome')!r})")
     p = Path(ckpt)
-    return p if p.is_absolute() else Path(sidecar_path).parent / p
+    return p if p.is_absolute() else Path(os.path.realpath(sidecar_path)).parent / p
+
+
+def verify_checkpoint(sidecar_path: str | os.PathLike[str], sidecar: Mapping[str, Any], checkpoint: Path) -> None:
+    """Raise :class:`DataError` unless ``checkpoint``'s SHA-256 is the sidecar's ``checkpoint_sha256``."""
+    expected = sidecar.get("checkpoint_sha256")
+    actual = file_sha256(checkpoint)
+    if actual != expected:
+        raise DataError(
+            f"checkpoint {checkpoint} does not match its sidecar {sidecar_path}: SHA-256 {actual[:16]}... "
+            f"but the sidecar records {str(expected)[:16]}...; the model and sidecar come from different runs"
+        )
 
 
 # --------------------------------------------------------------------------- validation
@@ -205,6 +252,10 @@ def _is_hex16(v: Any) -> bool:
     return isinstance(v, str) and len(v) == HASH_HEX_CHARS and all(c in "0123456789abcdef" for c in v)
 
 
+def _is_sha256(v: Any) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
 _EXPECTED_NAMES: dict[_Check, str] = {}
 
 
@@ -220,6 +271,7 @@ NUM = _expect(_is_num, "a finite number")
 DICT = _expect(_is_dict, "an object")
 LIST = _expect(_is_list, "an array")
 HEX16 = _expect(_is_hex16, "16 lowercase hex characters")
+SHA256 = _expect(_is_sha256, "64 lowercase hex characters (a SHA-256)")
 OPT_STR = _expect(_or_none(_is_str), "a string or null")
 OPT_INT = _expect(_or_none(_is_int), "an int or null")
 OPT_NUM = _expect(_or_none(_is_num), "a finite number or null")
@@ -411,6 +463,20 @@ def validate_sidecar(obj: dict[str, Any]) -> list[str]:
 
     # Cross-field rules: what makes a sidecar usable (or safely unusable) by Step 6.
     if outcome == "SUCCESS":
+        if not _is_sha256(obj.get("checkpoint_sha256")):
+            problems.append(
+                f"`checkpoint_sha256` must be {_EXPECTED_NAMES[SHA256]} in a SUCCESS sidecar, "
+                f"got {obj.get('checkpoint_sha256')!r:.80}"
+            )
+        if isinstance(tm, dict) and _is_num(tm.get("test_r2")):
+            expected_flag = beats_mean(tm["test_r2"])
+            if "beats_mean" not in tm:
+                problems.append("missing key `training_metrics.beats_mean` in a SUCCESS sidecar")
+            elif tm["beats_mean"] is not expected_flag:
+                problems.append(
+                    f"`training_metrics.beats_mean` must be {str(expected_flag).lower()} for test R² "
+                    f"{tm['test_r2']!r} (true only above 0), got {tm['beats_mean']!r}"
+                )
         if isinstance(model_type, str) and model_type in MODEL_TYPES:
             if obj.get("checkpoint_format") != CHECKPOINT_FORMATS[model_type]:
                 problems.append(
@@ -432,6 +498,8 @@ def validate_sidecar(obj: dict[str, Any]) -> list[str]:
             problems.append("`signal_quality.prediction_allowed` must be false in a DEGENERATE_SIGNAL sidecar")
         if obj.get("checkpoint_path") is not None:
             problems.append("`checkpoint_path` must be null in a DEGENERATE_SIGNAL sidecar (no model is saved)")
+        if obj.get("checkpoint_sha256") is not None:
+            problems.append("`checkpoint_sha256` must be null in a DEGENERATE_SIGNAL sidecar (no model is saved)")
     return problems
 
 
@@ -509,6 +577,7 @@ def build_sidecar(
     optuna: Mapping[str, Any],
     execution: Mapping[str, Any],
     provenance: Mapping[str, Any],
+    checkpoint_sha256: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """Assemble a sidecar in SPEC order; ``checkpoint_format`` follows from the model type and
@@ -518,6 +587,7 @@ def build_sidecar(
         "model_type": model_type,
         "checkpoint_path": checkpoint_path,
         "checkpoint_format": CHECKPOINT_FORMATS.get(model_type) if checkpoint_path is not None else None,
+        "checkpoint_sha256": checkpoint_sha256,
         "feature_schema": dict(feature_schema),
         "signal_quality": dict(signal_quality),
         "data_context": dict(data_context),

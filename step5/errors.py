@@ -11,6 +11,16 @@ from typing import Any
 JOB_ERROR_TYPES = ("bad_request", "data_error", "train_error", "out_of_memory")
 
 
+class Terminated(KeyboardInterrupt):
+    """Raised (by the CLI's signal handler) when SIGTERM arrives: an interrupt, so that every
+    ``finally`` (workers, temp dirs, Optuna's trial bookkeeping) runs as on Ctrl-C."""
+
+
+def interrupt_reason(exc: BaseException) -> str:
+    """The ``fail_reason`` of a trial an interrupt stopped."""
+    return "interrupted by SIGTERM" if isinstance(exc, Terminated) else "interrupted by Ctrl-C (SIGINT)"
+
+
 class Step5Error(Exception):
     """Raised for any failure that Step 5 reports to the user; base of the hierarchy."""
 

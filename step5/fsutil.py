@@ -1,11 +1,48 @@
-"""Atomic file output: a reader sees the old file or the complete new one, never half."""
+"""Atomic file output: a reader sees the old file or the complete new one, never half.
+
+Files are created with mode ``0o666`` filtered by the process umask (``0644`` under the usual
+umask 022), like ``open(path, "w")`` would: a model directory shared with the group that runs
+Step 6 must be readable by it. (``tempfile.mkstemp`` would give every output ``0600``.)
+"""
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Iterator
+
+#: Mode new files are created with before the umask applies (what ``open()`` uses).
+FILE_MODE = 0o666
+#: Mode new folders are created with before the umask applies (what ``mkdir`` uses).
+DIR_MODE = 0o777
+
+
+def create_temp_file(folder: Path, prefix: str, suffix: str) -> Path:
+    """Create a new empty file with a random name in ``folder``, with the umask's mode."""
+    for _ in range(100):
+        path = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return path
+    raise FileExistsError(f"could not create a temporary file in {folder}")  # pragma: no cover
+
+
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
+    """Make a rename / link / unlink inside ``folder`` durable (best effort where unsupported)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -19,9 +56,7 @@ def atomic_output(path: str | os.PathLike[str], *, keep_suffix: bool = False) ->
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".tmp" + (target.suffix if keep_suffix else "")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = create_temp_file(target.parent, f".{target.name}.", suffix)
     try:
         yield tmp
         os.replace(tmp, target)

@@ -3,6 +3,11 @@
 An unreadable or invalid policy file is a :class:`PolicyError`, never a silent default.
 Absent *keys* do have defaults; notably ``training.use_persistent_workers`` absent means
 ``False`` (backward compatible with the S96A subprocess-per-fold path).
+
+Which file (SPEC section 10): an explicit ``--policy`` must exist; without it,
+``watcher_policies.json`` in the working directory when there is one, else the project's own
+(:data:`PROJECT_POLICY_PATH`, found from this package's location, so a run started from any
+directory gets the same policy).
 """
 from __future__ import annotations
 
@@ -15,6 +20,9 @@ from step5.errors import DataError, PolicyError
 from step5.jsonio import read_json_file
 
 DEFAULT_POLICY_PATH = "watcher_policies.json"
+#: The project's own policy: ``watcher_policies.json`` at the root of the project holding
+#: this package (beside ``step5/``), wherever the working directory is.
+PROJECT_POLICY_PATH = Path(__file__).resolve().parent.parent / DEFAULT_POLICY_PATH
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,14 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
             raise PolicyError(f"{source}: acceptance_rules.{step} must be an object, got {type(section).__name__}")
         rules[step] = _number_map(section, f"{source}: acceptance_rules.{step}")
     return Policy(training, watcher, diagnostics, rules, source, raw)
+
+
+def find_policy() -> tuple[Path, str]:
+    """The policy file a run without ``--policy`` uses, and why (for the log)."""
+    local = Path(DEFAULT_POLICY_PATH)
+    if local.is_file():
+        return local, f"{DEFAULT_POLICY_PATH} in the working directory"
+    return PROJECT_POLICY_PATH, f"the project's own (no {DEFAULT_POLICY_PATH} in the working directory)"
 
 
 def load_policy(path: str | Path | None = DEFAULT_POLICY_PATH) -> Policy:

@@ -8,6 +8,7 @@
 CLI::
 
     python -m step5.predictor --model-dir DIR --survivors FILE [--output preds.json]
+        [--max-missing-fraction F]
 
 writes ``[{"seed": ..., "prediction": ...}, ...]`` (to stdout without ``--output``).
 Exit codes: 0 success, 1 error (bad files, schema mismatch), 2 the sidecar forbids
@@ -18,10 +19,19 @@ What is checked before anything is predicted:
 * the sidecar is valid (:func:`step5.artifacts.validate_sidecar`);
 * ``signal_quality.prediction_allowed`` is true (a degenerate run saved no model, and its
   sidecar says so: refused with exit 2 rather than predicting a constant);
+* the sidecar and the checkpoint are read from one model set: the sidecar's real path is
+  resolved first (in an output dir it is a link into the current set, see
+  :mod:`step5.model_set`), and the checkpoint's SHA-256 must be the sidecar's
+  ``checkpoint_sha256``: a checkpoint from another run beside this sidecar is an error;
 * the checkpoint's own feature names (a ``.pth`` stores them) hash to the sidecar's
-  ``feature_schema_hash``: a checkpoint from another run beside this sidecar is an error;
-* new survivors are read in the sidecar's feature order (missing keys are filled with 0.0
-  and counted, extra keys are ignored).
+  ``feature_schema_hash``;
+* a model flagged ``training_metrics.beats_mean: false`` (test R² <= 0) loads with a warning;
+* new survivors are read in the sidecar's feature order (extra keys are ignored; a missing
+  key is filled with 0.0 and counted, and when more than ``--max-missing-fraction``
+  [0.01] of the model's feature cells are missing the survivors are refused, naming the
+  most-missing keys);
+* a pandas DataFrame is matched by column name (any order, extra columns ignored; a
+  missing one is an error naming it); an array must have exactly the schema's width.
 
 This is Step 6 code, not the Step 5 parent: it imports torch (lazily, for a neural-net
 checkpoint only) and the tree libraries (for their checkpoints only).
@@ -32,13 +42,14 @@ import argparse
 import logging
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 import numpy as np
 
-from step5.artifacts import SIDECAR_NAME, feature_schema_hash, read_sidecar, resolve_checkpoint
+from step5.artifacts import SIDECAR_NAME, feature_schema_hash, read_sidecar, resolve_checkpoint, verify_checkpoint
 from step5.errors import DataError, Step5Error
 from step5.jsonio import write_json_atomic
 
@@ -46,6 +57,13 @@ if TYPE_CHECKING:
     from step5.data.survivors import SurvivorFeatures
 
 logger = logging.getLogger(__name__)
+
+#: Default of ``--max-missing-fraction``: the share of the model's feature cells (records x
+#: features) that may be missing from new survivors. One feature absent from every record of
+#: a 90-feature model is 1.1%: refused, because the model would see 0.0 for it everywhere.
+DEFAULT_MAX_MISSING_FRACTION = 0.01
+#: How many of the most-missing keys an error or warning names.
+MISSING_KEYS_SHOWN = 5
 
 
 class PredictionNotAllowed(Step5Error):
@@ -62,6 +80,7 @@ class Predictor:
     sidecar_path: Path
     checkpoint_path: Path
     model: Any  # has .predict(X: (n, d) float32) -> (n,) float64
+    max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION  # see predict_records
 
     @property
     def model_type(self) -> str:
@@ -71,24 +90,82 @@ class Predictor:
     def feature_names(self) -> list[str]:
         return list(self.sidecar["feature_schema"]["feature_names"])
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        """Predict for a matrix whose columns are :attr:`feature_names`, in that order."""
+    def predict(self, X: Any) -> np.ndarray:
+        """Predict for a pandas DataFrame (columns matched by name, in any order; extra columns
+        ignored) or a matrix whose columns are :attr:`feature_names`, in that order."""
+        names = self.feature_names
+        if hasattr(X, "columns") and hasattr(X, "loc"):  # a DataFrame; pandas is not imported here
+            missing = [k for k in names if k not in X.columns]
+            if missing:
+                raise ValueError(
+                    f"the DataFrame lacks {len(missing)} of the model's {len(names)} feature columns: "
+                    f"{missing[:10]}{' ...' if len(missing) > 10 else ''}"
+                )
+            X = X.loc[:, names].to_numpy(dtype=np.float32)
         X = np.asarray(X, dtype=np.float32)
-        if X.ndim != 2 or X.shape[1] != len(self.feature_names):
-            raise ValueError(f"X must have shape (n, {len(self.feature_names)}), got {X.shape}")
+        if X.ndim != 2 or X.shape[1] != len(names):
+            raise ValueError(
+                f"X must have shape (n, {len(names)}): one column per feature of the model's schema, "
+                f"in its order; got shape {X.shape}"
+            )
         return np.asarray(self.model.predict(X), dtype=np.float64).reshape(-1)
 
-    def predict_records(self, records: Any, *, source: str = "<records>") -> np.ndarray:
-        """Predict for already-parsed survivor records (same shape as the survivors file)."""
-        from step5.data.survivors import feature_matrix_from_records
+    def predict_records(
+        self, records: Any, *, source: str = "<records>", max_missing_fraction: float | None = None,
+    ) -> np.ndarray:
+        """Predict for already-parsed survivor records (same shape as the survivors file).
 
-        return self.predict(feature_matrix_from_records(records, self.feature_names, source=source))
+        More than ``max_missing_fraction`` (default :attr:`max_missing_fraction`) of the
+        model's feature cells missing is a :class:`DataError` naming the most-missing keys.
+        """
+        from step5.data.survivors import features_from_records
 
-    def predict_file(self, survivors_path: str | os.PathLike[str]) -> np.ndarray:
+        return self.predict_survivors(features_from_records(records, self.feature_names, source=source),
+                                      max_missing_fraction=max_missing_fraction)
+
+    def predict_file(
+        self, survivors_path: str | os.PathLike[str], *, max_missing_fraction: float | None = None,
+    ) -> np.ndarray:
         """Predict for every record of a survivors file, in file order."""
-        from step5.data.survivors import load_feature_matrix
+        return self.predict_survivors(read_survivors(survivors_path, self.feature_names),
+                                      max_missing_fraction=max_missing_fraction)
 
-        return self.predict(load_feature_matrix(survivors_path, self.feature_names))
+    def predict_survivors(self, survivors: SurvivorFeatures, *, max_missing_fraction: float | None = None) -> np.ndarray:
+        """Predict for survivors already read in this model's column order, after the missing-cell check."""
+        limit = self.max_missing_fraction if max_missing_fraction is None else max_missing_fraction
+        check_missing_features(survivors, limit)
+        return self.predict(survivors.X)
+
+
+def read_survivors(path: str | os.PathLike[str], feature_names: Sequence[str]) -> SurvivorFeatures:
+    """The survivors file's inputs in the model's column order, and each record's seed.
+
+    Read piece by piece straight into the matrix (no dict per record), so a file of
+    millions of records needs about the matrix's memory, not several times the file's.
+    """
+    from step5.data.survivors import load_features
+
+    return load_features(path, feature_names)
+
+
+def check_missing_features(survivors: SurvivorFeatures, max_fraction: float) -> None:
+    """Raise :class:`DataError` when more than ``max_fraction`` of the model's feature cells
+    were missing from the survivors (and filled with 0.0), naming the most-missing keys."""
+    counts = Counter(survivors.missing_by_feature)
+    total = sum(counts.values())
+    if not total:
+        return
+    n = survivors.n_records
+    cells = n * len(survivors.feature_names)
+    fraction = total / cells
+    if fraction <= max_fraction:
+        return  # the reader has already warned about the fills
+    worst = ", ".join(f"{k!r} (missing in {c} of {n})" for k, c in counts.most_common(MISSING_KEYS_SHOWN))
+    raise DataError(
+        f"survivors {survivors.source_file}: {total} of {cells} feature cells ({fraction:.1%}) are missing, "
+        f"more than --max-missing-fraction {max_fraction:g} allows; the model would see 0.0 for them. Most "
+        f"missing: {worst}. Do these survivors come from the pipeline version the model was trained on?"
+    )
 
 
 def _sidecar_path(model_dir_or_sidecar: str | os.PathLike[str]) -> Path:
@@ -117,6 +194,9 @@ def load_predictor(model_dir_or_sidecar_path: str | os.PathLike[str]) -> Predict
     schema mismatch, :class:`PredictionNotAllowed` for a degenerate sidecar.
     """
     sidecar_path = _sidecar_path(model_dir_or_sidecar_path)
+    # In an output dir the sidecar is a link into the current model set: resolve it once, so
+    # the sidecar and the checkpoint come from the same set even if a commit lands meanwhile.
+    sidecar_path = Path(os.path.realpath(sidecar_path))
     sidecar = read_sidecar(sidecar_path)
     signal = sidecar["signal_quality"]
     if not signal["prediction_allowed"] or sidecar["outcome"] != "SUCCESS":
@@ -128,6 +208,7 @@ def load_predictor(model_dir_or_sidecar_path: str | os.PathLike[str]) -> Predict
     checkpoint = resolve_checkpoint(sidecar_path, sidecar)
     if not checkpoint.is_file():
         raise DataError(f"{sidecar_path} names checkpoint {checkpoint}, which does not exist")
+    verify_checkpoint(sidecar_path, sidecar, checkpoint)
     model_type = sidecar["model_type"]
     model = _load_model(model_type, checkpoint)
 
@@ -153,6 +234,12 @@ def load_predictor(model_dir_or_sidecar_path: str | os.PathLike[str]) -> Predict
         "loaded %s model %s (%d features, schema %s)", model_type, checkpoint, schema["feature_count"],
         schema["feature_schema_hash"],
     )
+    metrics = sidecar["training_metrics"]
+    if metrics.get("beats_mean") is False:
+        logger.warning(
+            "this model is no better than predicting the mean (test R² %s <= 0; sidecar %s): treat its "
+            "predictions with care", metrics.get("test_r2"), sidecar_path,
+        )
     return Predictor(sidecar=sidecar, sidecar_path=sidecar_path, checkpoint_path=checkpoint, model=model)
 
 
@@ -165,15 +252,14 @@ class _UsageExitParser(argparse.ArgumentParser):
         self.exit(64, f"{self.prog}: error: {message}\n")
 
 
-def _read_survivors(path: Path, feature_names: Sequence[str]) -> SurvivorFeatures:
-    """The survivors file's inputs in the model's column order, and each record's seed.
-
-    Read piece by piece straight into the matrix (no dict per record), so a file of
-    millions of records needs about the matrix's memory, not several times the file's.
-    """
-    from step5.data.survivors import load_features
-
-    return load_features(path, feature_names)
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", type=Path, required=True, help="folder holding best_model.meta.json (or the sidecar path)")
     p.add_argument("--survivors", type=Path, required=True, help="survivors JSON file to predict for")
     p.add_argument("--output", type=Path, default=None, help='write [{"seed", "prediction"}] here [stdout]')
+    p.add_argument("--max-missing-fraction", type=_fraction, default=DEFAULT_MAX_MISSING_FRACTION,
+                   help="refuse survivors when more than this share of the model's feature cells are missing "
+                        f"(a missing cell is filled with 0.0; 1 allows any) [{DEFAULT_MAX_MISSING_FRACTION}]")
     p.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO")
     return p
 
@@ -193,8 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         predictor = load_predictor(args.model_dir)
-        survivors = _read_survivors(args.survivors, predictor.feature_names)
-        preds = predictor.predict(survivors.X)
+        survivors = read_survivors(args.survivors, predictor.feature_names)
+        preds = predictor.predict_survivors(survivors, max_missing_fraction=args.max_missing_fraction)
         rows = [{"seed": seed, "prediction": float(v)} for seed, v in zip(survivors.seeds, preds)]
         if args.output is not None:
             write_json_atomic(args.output, rows)

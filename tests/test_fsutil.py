@@ -24,3 +24,21 @@ def test_failure_leaves_the_old_file_and_no_temp_file(tmp_path):
             raise RuntimeError("writer broke")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["best_model.pth"]
+
+
+@pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_outputs_get_the_mode_the_umask_gives_not_the_temp_file_0600(tmp_path, umask, expected):
+    import os
+    import stat
+
+    from step5.jsonio import write_json_atomic
+
+    old = os.umask(umask)
+    try:
+        write_json_atomic(tmp_path / "sidecar.json", {"a": 1})
+        with atomic_output(tmp_path / "model.bin") as tmp:
+            tmp.write_bytes(b"weights")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "sidecar.json").stat().st_mode) == expected
+    assert stat.S_IMODE((tmp_path / "model.bin").stat().st_mode) == expected

@@ -635,17 +635,24 @@ def load_survivors(path: str | os.PathLike[str], target: str = DEFAULT_TARGET) -
 
 
 @_gc_paused()
-def feature_matrix_from_records(
+def features_from_records(
     records: Any, feature_names: Sequence[str], *, source: str = "<records>"
-) -> np.ndarray:
-    """Build the (n, d) float32 matrix of already-parsed records in ``feature_names`` order.
+) -> SurvivorFeatures:
+    """Already-parsed records read for prediction, as :func:`load_features` reads a file.
 
     For prediction (Step 6): no target is needed, keys not in ``feature_names`` are ignored,
-    missing keys are filled with 0.0 (and counted in a warning), bad values are errors.
+    missing keys are filled with 0.0 (and counted), bad values are errors.
     """
     builder = _FeaturesBuilder(_check_feature_names(feature_names), source)
     builder.add_records(_records_list(records, source), 0)
-    return builder.finish().X
+    return builder.finish()
+
+
+def feature_matrix_from_records(
+    records: Any, feature_names: Sequence[str], *, source: str = "<records>"
+) -> np.ndarray:
+    """The (n, d) float32 matrix of already-parsed records in ``feature_names`` order."""
+    return features_from_records(records, feature_names, source=source).X
 
 
 def load_features(path: str | os.PathLike[str], feature_names: Sequence[str]) -> SurvivorFeatures:

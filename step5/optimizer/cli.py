@@ -7,7 +7,12 @@ Exit codes:
      the message goes to stderr;
 * 2  degenerate target signal (a degenerate sidecar is written, no model);
 * 64 command-line usage error (argparse errors and flag conflicts, like ``EX_USAGE``);
-* 130 / 143 interrupted by Ctrl-C / SIGTERM (workers and temp files are cleaned up first).
+* 130 / 143 interrupted by Ctrl-C / SIGTERM (workers and temp files are cleaned up first);
+  one line says so, no traceback, and the interrupted trial is recorded FAIL with a
+  ``fail_reason``.
+
+Before any data is loaded, :func:`step5.optimizer.preflight.preflight` proves the outputs can
+be written (exit 1 with one line naming ``--output-dir`` / ``--storage`` otherwise).
 """
 from __future__ import annotations
 
@@ -20,9 +25,11 @@ from types import FrameType
 from typing import Any, Callable, NoReturn, Sequence
 
 from step5.devices import parse_gpu_list
-from step5.errors import DegenerateSignalError, Step5Error, UsageError
+from step5.errors import DegenerateSignalError, Step5Error, Terminated, UsageError
 from step5.lifeline import install_supervisor_lifeline
 from step5.optimizer.config import MODEL_TYPES, OptimizerConfig, validate_config
+from step5.optimizer.preflight import preflight
+from step5.policy import find_policy
 
 logger = logging.getLogger("step5.optimizer")
 
@@ -147,7 +154,8 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
     ex = p.add_argument_group("execution")
     ex.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, default=None,
                     help="persistent NN workers (S96B) or one subprocess per fold (S96A) [policy decides]")
-    ex.add_argument("--policy", type=Path, default=Path("watcher_policies.json"), help="policy file")
+    ex.add_argument("--policy", type=Path, default=None,
+                    help="policy file [./watcher_policies.json if there is one, else the project's own]")
     ex.add_argument("--gpus", type=_gpus, default=None,
                     help="GPU indices like 0,1, or 'none' [detected without torch]")
     ex.add_argument("--cpu-workers", type=_positive_int, default=None,
@@ -186,6 +194,10 @@ def config_from_args(args: argparse.Namespace, command_line: Sequence[str]) -> O
     if args.device is not None and args.gpus is not None:
         raise UsageError("--device and --gpus both choose the GPUs; give one of them")
     gpus = args.device if args.device is not None else args.gpus
+    policy_path = args.policy
+    if policy_path is None:
+        policy_path, why = find_policy()
+        logger.info("policy: %s (%s)", policy_path, why)
     config = OptimizerConfig(
         survivors=args.survivors,
         lottery_data=args.lottery_data,
@@ -200,7 +212,7 @@ def config_from_args(args: argparse.Namespace, command_line: Sequence[str]) -> O
         seed=args.seed,
         target=args.target,
         persistent_workers=args.persistent_workers,
-        policy_path=args.policy,
+        policy_path=policy_path,
         gpus=gpus,
         cpu_workers=args.cpu_workers,
         normalize_features=args.normalize_features,
@@ -259,18 +271,37 @@ def configure_logging(level: str) -> None:
     # Our per-trial progress line replaces Optuna's "Trial N finished"; its warnings
     # ("Trial N failed with parameters ... because ...") stay.
     optuna.logging.set_verbosity(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(InterruptedTrialFilter())
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, delivered as an interrupt so that every ``finally`` (workers, temp dirs,
-    Optuna's trial bookkeeping, which treats KeyboardInterrupt as a failed trial) runs."""
+class InterruptedTrialFilter(logging.Filter):
+    """Drops Optuna's two lines about the trial an interrupt stopped: "Trial N failed with
+    parameters ... KeyboardInterrupt()" (with a traceback) and "Trial N failed with value
+    None.". An interrupt ends the run with one line from :func:`main`; the trial keeps its
+    ``fail_reason``. Any other record, and any other failure's traceback, passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._drop_prefix: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc_type = record.exc_info[0] if record.exc_info else None
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            trial = record.getMessage().split(" failed with parameters", 1)[0]  # "Trial 7"
+            self._drop_prefix = f"{trial} failed with value"
+            return False
+        if self._drop_prefix is not None and record.getMessage().startswith(self._drop_prefix):
+            self._drop_prefix = None
+            return False
+        return True
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     # Further SIGTERMs are ignored so they cannot interrupt the cleanup this one starts;
     # a supervisor that will not wait still has SIGKILL (workers have a parent-death lifeline).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise _Terminated()
+    raise Terminated()
 
 
 def run_config(config: OptimizerConfig) -> int:
@@ -303,6 +334,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         install_supervisor_lifeline()  # run by the WATCHER: stop as on SIGTERM if it dies
     try:
         config = config_from_args(args, [sys.argv[0], *argv])
+        # argparse stores the default object itself when a flag is not given.
+        preflight(config.output_dir, config.storage,
+                  output_dir_given=args.output_dir is not parser.get_default("output_dir"))
         return run_config(config)
     except DegenerateSignalError as exc:
         print(f"degenerate signal: {exc}", file=sys.stderr)
@@ -314,11 +348,11 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     except Step5Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except _Terminated:
+    except Terminated:
         logger.error("terminated by SIGTERM; workers and temporary files were cleaned up")
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        logger.error("interrupted; workers and temporary files were cleaned up")
+        logger.error("interrupted (Ctrl-C); workers and temporary files were cleaned up")
         return 130
     finally:
         if previous is not None:

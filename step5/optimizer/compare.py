@@ -3,11 +3,12 @@
 ::
 
     OptimizerConfig (compare_models=True)
-        │  skip registry (diagnostics_outputs/model_skip_registry.json) + policy limit
+        │  skip registry (the WATCHER's diagnostics_outputs/model_skip_registry.json) + policy limit
         ▼
     for each of neural_net, xgboost, lightgbm, catboost not skipped:
         dataclasses.replace(config, model_type=mt, compare_models=False,
-                            output_dir=<out>/compare_runs/<mt>, study_name=<name>_<mt>)
+                            output_dir=<out>/compare_runs/<mt>, study_name=<name>_<mt>,
+                            storage=<out's default>, diagnostics_dir=<out>/diagnostics_outputs)
         AntiOverfitMetaOptimizer(sub).run()  ──▶ SUCCESS | DEGENERATE_SIGNAL | FAILED
         │      (a failure is recorded with its error; the next model type still runs)
         ▼
@@ -15,12 +16,15 @@
              then MODEL_TYPES order)
         ├─▶ <out>/best_model.<ext> + best_model.meta.json (+ a `compare_models` block)
         ├─▶ <out>/compare_archive/<mt>/…  every other model type's outputs
-        └─▶ <diagnostics>/compare_models_summary.json + compare_models_summary.png
+        └─▶ <out>/diagnostics_outputs/compare_models_summary.json + .png
 
 Why these choices:
 
 * **Every flag reaches every sub-run** because each sub-config is the user's config with
-  only the four fields above replaced.
+  only the fields above replaced.
+* **Model sets, not files**: the winner's files are committed to ``<out>`` as one model set
+  (:mod:`step5.model_set`), so the folder shows the old winner or the new one, never a mix;
+  each archived type gets a set of its own under ``compare_archive/<mt>``.
 * **Comparable scores.** Every sub-run uses the same seed, so the same rows are held out
   as the test set for every model type, and the test set is one no trial saw: it is the
   fair judge between model types. The CV objective (each type's best trial) measures how
@@ -46,7 +50,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from step5 import artifacts
+from step5 import artifacts, model_set
 from step5.errors import DegenerateSignalError
 from step5.jsonio import read_json_file, write_json_atomic
 from step5.optimizer.config import MODEL_TYPES, OptimizerConfig, RunOutcome, validate_config
@@ -54,7 +58,7 @@ from step5.optimizer.plots import save_figure
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_NAME = "compare_models_summary.json"
+SUMMARY_NAME = artifacts.COMPARE_SUMMARY_NAME
 PLOT_NAME = "compare_models_summary.png"
 REGISTRY_NAME = "model_skip_registry.json"
 STAGING_DIRNAME = "compare_runs"
@@ -154,6 +158,7 @@ def sub_config(config: OptimizerConfig, model_type: str) -> OptimizerConfig:
         # None: the optimizer's default name, step5_<model type>_<data>_<setup>, per type
         study_name=f"{config.study_name}_{model_type}" if config.study_name else None,
         storage=config.storage or default_storage_url(Path(config.output_dir)),
+        diagnostics_dir=config.diagnostics_folder,
     )
 
 
@@ -164,9 +169,9 @@ def skipped_by_registry(config: OptimizerConfig) -> dict[str, str]:
     policy is an error (:class:`~step5.errors.DataError` / ``PolicyError``), not "skip nothing".
     """
     from step5.policy import load_policy
-    from step5.watcher.registry import load_skip_registry, skipped_model_types
+    from step5.watcher.registry import DEFAULT_REGISTRY_PATH, load_skip_registry, skipped_model_types
 
-    path = Path(config.diagnostics_dir) / REGISTRY_NAME
+    path = Path(config.skip_registry if config.skip_registry is not None else DEFAULT_REGISTRY_PATH)
     limit = load_policy(config.policy_path).watcher.max_consecutive_critical
     registry = load_skip_registry(path)
     out = {}
@@ -181,27 +186,6 @@ def skipped_by_registry(config: OptimizerConfig) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------ files
 
-def _model_files(folder: Path) -> list[Path]:
-    """The run's ``best_model.*`` files in ``folder`` (checkpoint, sidecar, history plot)."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.startswith("best_model."))
-
-
-def _known_model_names() -> set[str]:
-    return set(artifacts.CHECKPOINT_FILENAMES.values()) | {artifacts.SIDECAR_NAME}
-
-
-def _clear_model_files(folder: Path, extra_names: Iterable[str] = ()) -> None:
-    """Remove stale checkpoints/sidecars (of *any* model type) so they cannot contradict a
-    new sidecar; other files are left alone."""
-    for name in _known_model_names() | set(extra_names):
-        p = folder / name
-        if p.is_file():
-            logger.info("removing %s from an earlier run", p)
-            p.unlink()
-
-
 def _read_sidecar(candidate: Candidate, outcome: RunOutcome | None) -> dict[str, Any] | None:
     if candidate.sidecar_path is not None and candidate.sidecar_path.is_file():
         obj = read_json_file(candidate.sidecar_path, "sidecar")
@@ -212,14 +196,31 @@ def _read_sidecar(candidate: Candidate, outcome: RunOutcome | None) -> dict[str,
     return None
 
 
-def _annotate_sidecar(path: Path, sidecar: dict[str, Any], role: str, block: dict[str, Any]) -> None:
-    """Rewrite a sidecar with the compare run's block; the checkpoint path becomes the bare
-    file name (relative to the sidecar's folder, where the checkpoint now lies)."""
+def _annotated(sidecar: dict[str, Any], role: str, block: dict[str, Any]) -> dict[str, Any]:
+    """The sidecar with the compare run's block; the checkpoint path becomes the bare file
+    name (relative to the sidecar's folder, where the checkpoint now lies)."""
     sidecar = dict(sidecar)
     if sidecar.get("checkpoint_path"):
         sidecar["checkpoint_path"] = Path(sidecar["checkpoint_path"]).name
     sidecar["compare_models"] = {**block, "role": role}
-    artifacts.write_sidecar(path, sidecar)
+    return sidecar
+
+
+def _commit_set(folder: Path, files: dict[str, Path], sidecar: dict[str, Any] | None, role: str,
+                block: dict[str, Any]) -> None:
+    """Commit a sub-run's model files to ``folder`` as one model set, its sidecar annotated."""
+    with model_set.stage(folder) as staged:
+        model_set.copy_files(staged, {n: p for n, p in files.items() if sidecar is None or n != artifacts.SIDECAR_NAME})
+        if sidecar is not None:
+            try:
+                artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, _annotated(sidecar, role, block))
+            except ValueError as exc:
+                if role != "archived":
+                    raise
+                # An archived sidecar is a record, not an input: keep it as it was.
+                logger.warning("compare: left the archived %s sidecar unannotated: %s", sidecar.get("model_type"), exc)
+                model_set.copy_files(staged, {artifacts.SIDECAR_NAME: files[artifacts.SIDECAR_NAME]})
+        staged.commit()
 
 
 # ------------------------------------------------------------------------------ running
@@ -312,7 +313,7 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
         "criterion": CRITERION,
         "winner": winner.model_type if winner else None,
         "candidates": {mt: _candidate_brief(c) for mt, c in candidates.items()},
-        "summary_path": str(Path(config.diagnostics_dir) / SUMMARY_NAME),
+        "summary_path": str(config.diagnostics_folder / SUMMARY_NAME),
     }
 
     # Promote the winner (or, with no winner, the degenerate sidecar that says why), then
@@ -344,7 +345,7 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
         "models": {mt: candidates[mt].to_dict() for mt in MODEL_TYPES},
         "plot": None,
     }
-    diag = Path(config.diagnostics_dir)
+    diag = config.diagnostics_folder
     plot = plot_comparison(list(candidates.values()), diag / PLOT_NAME, winner=summary["winner"])
     summary["plot"] = str(plot) if plot else None
     write_json_atomic(diag / SUMMARY_NAME, summary)
@@ -373,18 +374,12 @@ def _fmt(value: float | None) -> str:
 
 def _promote(c: Candidate, outcome: RunOutcome | None, out_dir: Path, block: dict[str, Any]) -> None:
     assert c.staging_dir is not None, "only a run candidate can be promoted"
-    files = _model_files(c.staging_dir)
-    sidecar = _read_sidecar(c, outcome)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clear_model_files(out_dir, [p.name for p in files])
-    for p in files:
-        os.replace(p, out_dir / p.name)
+    files = model_set.current_files(c.staging_dir)
+    _commit_set(out_dir, files, _read_sidecar(c, outcome), "winner" if c.status == "SUCCESS" else "degenerate", block)
     c.sidecar_path = out_dir / artifacts.SIDECAR_NAME
     if c.checkpoint_path is not None:
         c.checkpoint_path = out_dir / c.checkpoint_path.name
-    if sidecar is not None:
-        _annotate_sidecar(c.sidecar_path, sidecar, "winner" if c.status == "SUCCESS" else "degenerate", block)
-    _move_rest(c, out_dir / ARCHIVE_DIRNAME / c.model_type)
+    _move_rest(c, out_dir / ARCHIVE_DIRNAME / c.model_type, committed=set(files))
 
 
 def _archive(c: Candidate, outcome: RunOutcome | None, out_dir: Path, block: dict[str, Any]) -> None:
@@ -392,29 +387,32 @@ def _archive(c: Candidate, outcome: RunOutcome | None, out_dir: Path, block: dic
     if c.staging_dir is None or not c.staging_dir.is_dir():
         c.checkpoint_path = c.sidecar_path = None
         return
-    sidecar = _read_sidecar(c, outcome) if c.status in ("SUCCESS", "DEGENERATE_SIGNAL") else None
-    _move_rest(c, target)
+    files: dict[str, Path] = {}
+    if c.status in ("SUCCESS", "DEGENERATE_SIGNAL"):
+        files = model_set.current_files(c.staging_dir)
+        if files:
+            _commit_set(target, files, _read_sidecar(c, outcome), "archived", block)
+    _move_rest(c, target, committed=set(files))
     c.sidecar_path = target / artifacts.SIDECAR_NAME if (target / artifacts.SIDECAR_NAME).is_file() else None
     c.checkpoint_path = target / c.checkpoint_path.name if c.checkpoint_path is not None else None
     if c.status != "SUCCESS":
         c.checkpoint_path = None
-    if sidecar is not None and c.sidecar_path is not None:
-        try:
-            _annotate_sidecar(c.sidecar_path, sidecar, "archived", block)
-        except ValueError as exc:  # an archived sidecar is a record, not an input: keep it as is
-            logger.warning("compare: left the archived %s sidecar unannotated: %s", c.model_type, exc)
 
 
-def _move_rest(c: Candidate, target: Path) -> None:
-    """Move what is left of a sub-run's folder (its model files, history plot...) to ``target``."""
+def _move_rest(c: Candidate, target: Path, committed: set[str]) -> None:
+    """Move what a sub-run left besides its model set (logs, partial files...) to ``target``,
+    then remove the sub-run's folder."""
     if c.staging_dir is None or not c.staging_dir.is_dir():
         return
-    left = list(c.staging_dir.iterdir())
+    left = [
+        p for p in c.staging_dir.iterdir()
+        if p.name != model_set.SETS_DIRNAME and p.name not in committed and not p.is_symlink()
+    ]
     if left:
         target.mkdir(parents=True, exist_ok=True)
         for p in left:
             os.replace(p, target / p.name)
-    c.staging_dir.rmdir()
+    shutil.rmtree(c.staging_dir)
 
 
 def _remove_empty_staging(staging_root: Path) -> None:

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from step5.artifacts import DIAGNOSTICS_DIRNAME
 from step5.errors import UsageError
+from step5.policy import find_policy
 
 MODEL_TYPES = ("neural_net", "xgboost", "lightgbm", "catboost")
 
@@ -32,7 +34,9 @@ class OptimizerConfig:
     seed: int = 42  # splits, sampler and training seeds derive from it
     target: str = "holdout_quality"
     persistent_workers: bool | None = None  # None: the policy's kill switch decides
-    policy_path: Path | None = Path("watcher_policies.json")
+    # Default: ./watcher_policies.json if there is one, else the project's own
+    # (step5.policy.find_policy); None: no policy file, every default applies.
+    policy_path: Path | None = field(default_factory=lambda: find_policy()[0])
     gpus: list[str] | None = None  # None: detect without torch
     cpu_workers: int | None = None  # workers when there is no GPU; None: one per core
     normalize_features: bool = True
@@ -44,11 +48,18 @@ class OptimizerConfig:
     holdout_draws: int | None = None  # draws held out upstream, recorded in data_context
     parent_run_id: str | None = None  # provenance link to the pipeline run
     log_level: str = "INFO"
-    diagnostics_dir: Path = Path("diagnostics_outputs")  # relative to the working directory
+    diagnostics_dir: Path | None = None  # None: <output_dir>/diagnostics_outputs
+    skip_registry: Path | None = None  # the WATCHER's skip registry; None: its default path
     fuse_folds: bool | None = None  # None: the policy's training.fuse_folds decides
     fuse_trials: int = 1  # trials asked from Optuna at once and fused by layer shape (> 1 implies fuse_folds)
     nn_max_epochs: int = 200  # NN search space: the epoch cap every trial trains under (early stopping ends sooner)
     command_line: list[str] | None = None  # argv as the user typed it, for the sidecar's provenance
+
+
+    @property
+    def diagnostics_folder(self) -> Path:
+        """Where per-run diagnostics and the compare summary go: under ``--output-dir``."""
+        return self.diagnostics_dir if self.diagnostics_dir is not None else Path(self.output_dir) / DIAGNOSTICS_DIRNAME
 
 
 def validate_config(config: OptimizerConfig) -> None:

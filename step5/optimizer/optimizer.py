@@ -19,7 +19,9 @@
     slice (~1/K of dev), early-stopped on that slice, scored on the test rows
             │
             ▼
-    best_model.<ext> + best_model.meta.json (+ history PNG, + diagnostics when asked)
+    best_model.<ext> + best_model.meta.json + history PNG, committed as one model set
+    (step5.model_set: at every instant the output dir shows the old set or the new one)
+    (+ diagnostics under <output-dir>/diagnostics_outputs when asked)
 
 The fold runner and the fold files are released in ``finally`` blocks, whatever ends the
 run (an error, Ctrl-C, SIGTERM turned into KeyboardInterrupt by the CLI). The parent never
@@ -31,9 +33,7 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 import warnings
@@ -46,12 +46,12 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from step5 import artifacts
+from step5 import artifacts, model_set
 from step5.data.history import load_history
 from step5.data.splits import FoldFiles, holdout_split, kfold_splits
 from step5.data.survivors import SurvivorTable, load_survivors
 from step5.devices import plan_slots
-from step5.errors import DataError, DegenerateSignalError, JobError, Step5Error
+from step5.errors import DataError, DegenerateSignalError, JobError, Step5Error, interrupt_reason
 from step5.execution.factory import make_fold_runner, resolve_persistent_workers
 from step5.policy import Policy, load_policy
 from step5.signal_quality import assess_signal
@@ -83,8 +83,7 @@ from step5.optimizer.study import (
 
 logger = logging.getLogger(__name__)
 
-HISTORY_PNG_NAME = "best_model.history.png"
-STAGING_PREFIX = ".staging-"
+HISTORY_PNG_NAME = artifacts.HISTORY_PNG_NAME
 
 
 def _utc_now() -> str:
@@ -100,6 +99,20 @@ def _log_failed_trial(trial: optuna.Trial, reason: str) -> None:
     """Optuna's own failure line, for trials the batched loop tells FAIL itself."""
     logger.warning("Trial %d failed with parameters: %s because of the following error: %s.",
                    trial.number, trial.params, reason)
+
+
+def recording_interrupts(objective: Callable[[optuna.Trial], float]) -> Callable[[optuna.Trial], float]:
+    """``objective``, but a trial that Ctrl-C / SIGTERM stops gets a ``fail_reason`` before
+    Optuna records it FAIL and the interrupt goes on."""
+
+    def run(trial: optuna.Trial) -> float:
+        try:
+            return objective(trial)
+        except KeyboardInterrupt as exc:
+            trial.set_user_attr("fail_reason", interrupt_reason(exc))
+            raise
+
+    return run
 
 
 def overfit_ratio(train_r2: float | None, val_r2: float | None) -> float | None:
@@ -222,20 +235,22 @@ class AntiOverfitMetaOptimizer:
         self.timings["split_s"] = time.perf_counter() - start
 
         opened = open_study(study_name=study_name, storage_url=storage_url, setup=setup, seed=cfg.seed)
-        with contextlib.ExitStack() as stack:
-            files = stack.enter_context(FoldFiles())
-            backend = self._make_backend(cv, files)
-            stack.callback(backend.close)  # workers shut down however the run ends
-            self._search(opened, backend)
-            best = best_complete_trial(opened.study)
-            if best is None:
-                raise Step5Error(self._no_complete_trial_message(opened.study))
-            final = self._train_final(best, backend)
-            execution = self._execution(backend)
-        # Fold files and workers are gone here; only the outputs remain.
-        return self._write_success(
-            opened, best, final, cv, signal, data_context, feature_schema, execution, backend,
-        )
+        with contextlib.ExitStack() as outputs:  # the new model set: discarded unless committed
+            with contextlib.ExitStack() as stack:
+                files = stack.enter_context(FoldFiles())
+                backend = self._make_backend(cv, files)
+                stack.callback(backend.close)  # workers shut down however the run ends
+                self._search(opened, backend)
+                best = best_complete_trial(opened.study)
+                if best is None:
+                    raise Step5Error(self._no_complete_trial_message(opened.study))
+                staged = outputs.enter_context(model_set.stage(self.output_dir))
+                final = self._train_final(best, backend, staged.path)
+                execution = self._execution(backend)
+            # Fold files and workers are gone here; only the outputs remain.
+            return self._write_success(
+                opened, best, final, cv, signal, data_context, feature_schema, execution, backend, staged,
+            )
 
     # ------------------------------------------------------------------ data
 
@@ -381,7 +396,7 @@ class AntiOverfitMetaOptimizer:
                 self._search_batched(opened, backend, n_new, batch, progress)
             else:
                 opened.study.optimize(
-                    AntiOverfitObjective(backend, on_result=on_result),
+                    recording_interrupts(AntiOverfitObjective(backend, on_result=on_result)),
                     n_trials=n_new,
                     catch=(JobError,),
                     callbacks=[progress],
@@ -489,12 +504,14 @@ class AntiOverfitMetaOptimizer:
     @staticmethod
     def _fail_untold(study: optuna.Study, trials: list[optuna.Trial], error: BaseException) -> None:
         """Tell FAIL to trials a batch asked but never finished (the batch was interrupted)."""
-        reason = f"the batch was interrupted before this trial was told: {error!r}"
+        cause = interrupt_reason(error) if isinstance(error, KeyboardInterrupt) else repr(error)
+        reason = f"the batch was interrupted before this trial was told: {cause}"
         for trial in trials:
             try:
                 trial.set_user_attr("fail_reason", reason)
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-                _log_failed_trial(trial, reason)
+                if not isinstance(error, KeyboardInterrupt):  # an interrupt is reported in one line by the CLI
+                    _log_failed_trial(trial, reason)
             except Exception:  # noqa: BLE001 - keep failing the others; the original error propagates
                 logger.exception("could not record trial %d as FAILED", trial.number)
 
@@ -509,25 +526,16 @@ class AntiOverfitMetaOptimizer:
 
     # ------------------------------------------------------------------ final model
 
-    def _train_final(self, best: FrozenTrial, backend: ModelBackend) -> dict[str, Any]:
-        """Fit the best trial's exact params on the final split; stage the checkpoint.
-
-        The checkpoint is written into a staging folder inside the output dir and moved into
-        place only after the job succeeded, so a failed final fit never replaces a good model.
-        """
+    def _train_final(self, best: FrozenTrial, backend: ModelBackend, staging: Path) -> dict[str, Any]:
+        """Fit the best trial's exact params on the final split; its checkpoint goes to ``staging``
+        (the new model set's folder), so a failed final fit never replaces a good model."""
         params = best.user_attrs.get("params")
         if not isinstance(params, dict):
             raise Step5Error(f"best trial {best.number} of the study has no recorded `params`; cannot rebuild it")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.output_dir))
         name = artifacts.checkpoint_filename(self.config.model_type)
         logger.info("training the final model with trial %d's params: %s", best.number, params)
         start = time.perf_counter()
-        try:
-            result = backend.train_final(best.number, params, staging / name)
-            os.replace(staging / name, self.output_dir / name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        result = backend.train_final(best.number, params, staging / name)
         self.timings["final_s"] = time.perf_counter() - start
         result["params"] = params
         logger.info(
@@ -572,7 +580,7 @@ class AntiOverfitMetaOptimizer:
             parent_run_id=cfg.parent_run_id,
             command_line=cfg.command_line if cfg.command_line is not None else [sys.executable, *sys.argv],
             created_at=_utc_now(),
-            extra={"cwd": os.getcwd(), "policy_file": str(cfg.policy_path) if cfg.policy_path else None},
+            extra={"cwd": os.getcwd(), "policy_file": self.policy.source if self.policy is not None else None},
         )
 
     def _write_degenerate(
@@ -580,13 +588,11 @@ class AntiOverfitMetaOptimizer:
         study_name: str, storage_url: str,
     ) -> RunOutcome:
         cfg = self.config
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         stale = self.output_dir / artifacts.checkpoint_filename(cfg.model_type)
         if stale.exists():
-            # The sidecar about to be written says "no model"; a checkpoint from an earlier
-            # run beside it would contradict it.
-            logger.warning("removing %s from an earlier run: this run's data has no usable signal", stale)
-            stale.unlink()
+            # The set about to be committed holds only a sidecar that says "no model"; the
+            # commit removes the earlier run's checkpoint from what the output dir shows.
+            logger.warning("replacing the model from an earlier run (%s): this run's data has no usable signal", stale)
         self.timings["total_s"] = time.perf_counter() - self._t0
         sidecar = artifacts.build_sidecar(
             model_type=cfg.model_type,
@@ -602,7 +608,10 @@ class AntiOverfitMetaOptimizer:
                        "timings": {k: round(v, 4) for k, v in self.timings.items()}},
             provenance=self._provenance(),
         )
-        path = artifacts.write_sidecar(self.output_dir / artifacts.SIDECAR_NAME, sidecar)
+        with model_set.stage(self.output_dir) as staged:
+            artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, sidecar)
+            staged.commit()
+        path = self.output_dir / artifacts.SIDECAR_NAME
         logger.error("degenerate target signal: %s; wrote %s (no model)", signal["reason"], path)
         return RunOutcome(
             model_type=cfg.model_type, status="DEGENERATE_SIGNAL", sidecar=sidecar, sidecar_path=path,
@@ -620,6 +629,7 @@ class AntiOverfitMetaOptimizer:
         feature_schema: dict[str, Any],
         execution: dict[str, Any],
         backend: ModelBackend,
+        staged: model_set.StagedSet,
     ) -> RunOutcome:
         cfg = self.config
         best_cv = best.user_attrs.get("cv", {})
@@ -634,6 +644,7 @@ class AntiOverfitMetaOptimizer:
             "train_r2": final.get("train_r2"),
             "val_r2": final.get("r2"),
             "test_r2": final.get("test_r2"),
+            "beats_mean": artifacts.beats_mean(final.get("test_r2")),
             "train_mse": final.get("train_mse"),
             "val_mse": final.get("val_mse"),
             "test_mse": final.get("test_mse"),
@@ -666,20 +677,29 @@ class AntiOverfitMetaOptimizer:
             optuna=self._optuna_block(opened.study_name, opened.storage_url, opened.study, best, opened),
             execution=execution,
             provenance=self._provenance(),
+            checkpoint_sha256=artifacts.file_sha256(staged.path / name),
             training_options=backend.training_options(),
         )
         try:
-            sidecar_path = artifacts.write_sidecar(self.output_dir / artifacts.SIDECAR_NAME, sidecar)
+            artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, sidecar)
         except ValueError as exc:  # a trainer result lacking a metric the sidecar requires
             raise Step5Error(f"the final model's results cannot make a valid sidecar: {exc}") from None
         trials = opened.study.get_trials(deepcopy=False)
         plot_optimization_history(
-            trials, self.output_dir / HISTORY_PNG_NAME,
+            trials, staged.path / HISTORY_PNG_NAME,
             title=f"Step 5 {cfg.model_type}: {opened.study_name}",
         )
+        staged.commit()
+        sidecar_path = self.output_dir / artifacts.SIDECAR_NAME
+        if metrics["beats_mean"] is False:
+            logger.warning(
+                "the final model is no better than predicting the mean: test R² %.4f <= 0 (CV R² %.4f); "
+                "the sidecar flags it (training_metrics.beats_mean = false). More data or more trials may help",
+                metrics["test_r2"], metrics["cv_r2_mean"],
+            )
         if cfg.enable_diagnostics:
             write_run_diagnostics(
-                cfg.diagnostics_dir, model_type=cfg.model_type, run_id=self.run_id, trials=trials,
+                cfg.diagnostics_folder, model_type=cfg.model_type, run_id=self.run_id, trials=trials,
                 first_new_number=self._first_new_number, execution=execution,
                 final_metrics=metrics,
                 extra={"study_name": opened.study_name, "objective_formula": OBJECTIVE_FORMULA},

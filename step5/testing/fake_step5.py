@@ -28,6 +28,7 @@ leak            ``ok``, but leaves a sleeping child behind (its pid in FAKE_STEP
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -38,6 +39,8 @@ from typing import Any
 
 from step5.artifacts import MODEL_TYPES
 
+FAKE_CHECKPOINT = b"fake checkpoint"
+FAKE_CHECKPOINT_SHA256 = hashlib.sha256(FAKE_CHECKPOINT).hexdigest()
 FEATURES = ["lane_agreement_8", "skip_max", "skip_min"]
 
 GOOD_METRICS = {"cv_r2_mean": 0.42, "cv_r2_std": 0.03, "train_r2": 0.5, "val_r2": 0.41,
@@ -62,6 +65,9 @@ def make_sidecar(
     )
 
     degenerate = outcome == "DEGENERATE_SIGNAL"
+    training_metrics = dict.fromkeys(GOOD_METRICS) if degenerate else dict(metrics or GOOD_METRICS)
+    if not degenerate:
+        training_metrics["beats_mean"] = training_metrics["test_r2"] > 0
     provenance = {"run_id": "fakerun", "parent_run_id": parent_run_id, "command_line": sys.argv,
                   "created_at": "2026-02-18T16:02:58Z", "versions": {}}
     return {
@@ -69,6 +75,7 @@ def make_sidecar(
         "model_type": model_type,
         "checkpoint_path": None if degenerate else checkpoint_filename(model_type),
         "checkpoint_format": None if degenerate else CHECKPOINT_FORMATS[model_type],
+        "checkpoint_sha256": None if degenerate else FAKE_CHECKPOINT_SHA256,
         "feature_schema": build_feature_schema(
             FEATURES, ["confidence", "holdout_hits", "holdout_quality", "score"], "survivors_with_scores.json"
         ),
@@ -81,7 +88,7 @@ def make_sidecar(
         "data_context": {"fingerprint_hash": "feedfacecafebeef", "training_window_draws": 100,
                          "survivor_count": 600, "prng_type": "java_lcg", "mod": 1000,
                          "holdout_draws": None, "target": "holdout_quality"},
-        "training_metrics": dict.fromkeys(GOOD_METRICS) if degenerate else dict(metrics or GOOD_METRICS),
+        "training_metrics": training_metrics,
         "hyperparameters": {} if degenerate else {"hidden_layers": [64, 32], "learning_rate": 0.001},
         "optuna": {"study_name": "fake", "storage": "sqlite:///fake.db", "trials_run": 0 if degenerate else 2,
                    "best_trial_number": None if degenerate else 0, "best_value": None if degenerate else 0.4},
@@ -111,7 +118,7 @@ def _write_model(out: Path, model_type: str, metrics: dict[str, float], args: ar
     from step5.artifacts import checkpoint_filename
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / checkpoint_filename(model_type)).write_bytes(b"fake checkpoint")
+    (out / checkpoint_filename(model_type)).write_bytes(FAKE_CHECKPOINT)
     _write_json(out / "best_model.meta.json",
                 make_sidecar(model_type, metrics=metrics, mode=mode, parent_run_id=args.parent_run_id))
 
@@ -146,7 +153,7 @@ def _compare(args: argparse.Namespace, out: Path) -> int:
         models[model_type] = {"model_type": model_type, "status": "SUCCESS",
                               "test_r2": metrics[model_type]["test_r2"], "error": None,
                               "sidecar_path": str(folder / "best_model.meta.json")}
-    _write_json(Path("diagnostics_outputs") / "compare_models_summary.json",
+    _write_json(out / "diagnostics_outputs" / "compare_models_summary.json",
                 {"schema_version": 1, "winner": best, "models": models})
     return 0
 

@@ -60,9 +60,6 @@ METRIC_KEYS: dict[str, str] = {"cv_r2": "cv_r2_mean", **{k: k for k in TRAINING_
 
 _RULE_RE = re.compile(r"^(min|max)_([a-z0-9_]+?)(?:_(warning|critical))?$")
 
-#: Where compare runs write their per-model results (relative to the working directory).
-COMPARE_SUMMARY_PATH = Path("diagnostics_outputs") / "compare_models_summary.json"
-
 #: What identifies one version of a file: (inode, size, mtime in ns). Taken before a run and
 #: compared after it, it tells whether the run wrote the file, with no clock slack to tune.
 FileSignature = tuple[int, int, int]

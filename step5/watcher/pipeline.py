@@ -25,13 +25,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
+from step5.artifacts import compare_summary_path
 from step5.errors import Step5Error
 from step5.lifeline import SUPERVISOR_PID_ENV
 from step5.jsonio import dumps
 from step5.policy import Policy, load_policy
 from step5.watcher.decision_log import append_decision
 from step5.watcher.judge import (
-    COMPARE_SUMMARY_PATH,
     EXIT_CODES,
     EXIT_INTERRUPTED,
     Decision,
@@ -160,8 +160,9 @@ def run_step(
     params = dict(params)
     params.setdefault("parent_run_id", run_id)
     persistent = bool(params.get("persistent_workers", policy.training.use_persistent_workers))
-    sidecar_path = Path(str(effective(step, params, "output_dir"))) / step.sidecar_name
-    summary_path = COMPARE_SUMMARY_PATH if params.get("compare_models") else None
+    output_dir = Path(str(effective(step, params, "output_dir")))
+    sidecar_path = output_dir / step.sidecar_name
+    summary_path = compare_summary_path(output_dir) if params.get("compare_models") else None
     attempt_params = params
     for attempt in range(1, max_attempts + 1):
         if attempt > 1:

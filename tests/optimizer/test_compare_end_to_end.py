@@ -18,6 +18,7 @@ def _config(sample_inputs, tmp_path, repo_root, **overrides) -> OptimizerConfig:
     settings = dict(
         survivors=survivors, lottery_data=history, compare_models=True, trials=2, k_folds=3, seed=5,
         output_dir=tmp_path / "out", diagnostics_dir=tmp_path / "diag", cpu_workers=1,
+        skip_registry=tmp_path / "diag" / compare.REGISTRY_NAME,
         policy_path=repo_root / "watcher_policies.json", nn_max_epochs=5, command_line=["test"],
     )
     settings.update(overrides)
@@ -31,7 +32,7 @@ def _skip_neural_net(config: OptimizerConfig) -> None:
 
     limit = load_policy(config.policy_path).watcher.max_consecutive_critical
     for _ in range(limit + 1):
-        record_result(config.diagnostics_dir / compare.REGISTRY_NAME, "neural_net", True, "test", limit)
+        record_result(config.skip_registry, "neural_net", True, "test", limit)
 
 
 @pytest.fixture
@@ -78,7 +79,8 @@ def test_trees_compete_and_a_failing_type_cannot_stop_or_win(sample_inputs, tmp_
     assert sidecar["model_type"] == best and sidecar["compare_models"]["winner"] == best
     assert sidecar["training_metrics"]["test_r2"] == pytest.approx(done[best]["test_r2"])
     ckpt = artifacts.resolve_checkpoint(out / artifacts.SIDECAR_NAME, sidecar)
-    assert ckpt == out / trees.checkpoint_name(best)
+    assert ckpt.samefile(out / trees.checkpoint_name(best))  # read from the sidecar's own model set
+    assert artifacts.file_sha256(ckpt) == sidecar["checkpoint_sha256"]
     model = trees.load_model(ckpt, best)
     assert model.n_features == sidecar["feature_schema"]["feature_count"]
 
@@ -115,7 +117,9 @@ def test_cli_compare_models_runs_all_four(sample_inputs, tmp_path, repo_root, py
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == ""  # logs go to stderr
 
-    summary = json.loads((tmp_path / "diagnostics_outputs" / compare.SUMMARY_NAME).read_text())
+    # everything the run writes is under --output-dir (issue 13), the working dir stays clean
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+    summary = json.loads((tmp_path / "models" / "diagnostics_outputs" / compare.SUMMARY_NAME).read_text())
     assert {mt: m["status"] for mt, m in summary["models"].items()} == {mt: "SUCCESS" for mt in MODEL_TYPES}
     ranked = sorted(MODEL_TYPES, key=lambda mt: -summary["models"][mt]["test_r2"])
     assert summary["winner"] == ranked[0]
@@ -125,5 +129,5 @@ def test_cli_compare_models_runs_all_four(sample_inputs, tmp_path, repo_root, py
     assert (tmp_path / "models" / artifacts.checkpoint_filename(summary["winner"])).is_file()
     for mt in ranked[1:]:
         assert (tmp_path / "models" / compare.ARCHIVE_DIRNAME / mt / artifacts.checkpoint_filename(mt)).is_file()
-    assert (tmp_path / "diagnostics_outputs" / compare.PLOT_NAME).is_file()
+    assert (tmp_path / "models" / "diagnostics_outputs" / compare.PLOT_NAME).is_file()
     assert "compare-models results" in proc.stderr

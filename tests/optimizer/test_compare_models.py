@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -21,7 +22,8 @@ def make_sidecar(model_type: str, outcome: str, test_r2: float | None, cv: float
     metrics = artifacts.null_training_metrics()
     if success:
         metrics.update(cv_r2_mean=cv, cv_r2_std=0.01, train_r2=0.9, val_r2=cv, test_r2=test_r2,
-                       train_mse=0.001, val_mse=0.002, test_mse=0.002, overfit_ratio=2.0)
+                       train_mse=0.001, val_mse=0.002, test_mse=0.002, overfit_ratio=2.0,
+                       beats_mean=artifacts.beats_mean(test_r2))
     return artifacts.build_sidecar(
         model_type=model_type,
         outcome=outcome,
@@ -39,6 +41,7 @@ def make_sidecar(model_type: str, outcome: str, test_r2: float | None, cv: float
                 "best_trial_number": 0 if success else None, "best_value": cv},
         execution={"mode": "inline", "workers": [], "devices": [], "fallbacks": [], "timings": {}},
         provenance={"run_id": "r", "parent_run_id": None, "command_line": [], "created_at": "now", "versions": {}},
+        checkpoint_sha256=hashlib.sha256(f"{model_type} model".encode()).hexdigest() if success else None,
     )
 
 
@@ -93,7 +96,7 @@ def config(tmp_path) -> OptimizerConfig:
     return OptimizerConfig(
         survivors=tmp_path / "survivors.json", lottery_data=tmp_path / "history.json",
         compare_models=True, trials=3, k_folds=3, output_dir=tmp_path / "out", seed=7,
-        policy_path=policy, diagnostics_dir=tmp_path / "diag", persistent_workers=False, cpu_workers=2,
+        policy_path=policy, diagnostics_dir=tmp_path / "diag", skip_registry=tmp_path / "diag" / "registry.json", persistent_workers=False, cpu_workers=2,
         study_name="mystudy", normalize_features=False, dropout=0.2, gpus=["0"],
     )
 
@@ -226,7 +229,7 @@ def test_a_new_winner_replaces_a_stale_model_of_another_type(fake, config):
 def test_registry_skips_are_logged_and_cannot_win(fake, config, caplog):
     from step5.watcher.registry import record_result
 
-    registry = config.diagnostics_dir / compare.REGISTRY_NAME
+    registry = config.skip_registry
     for _ in range(3):  # over the policy's limit of 2
         record_result(registry, "xgboost", True, "cv_r2 -0.3 < min 0.0", 2)
     record_result(registry, "catboost", True, "cv_r2 -0.1 < min 0.0", 2)  # under the limit
@@ -247,7 +250,7 @@ def test_everything_skipped_is_exit_1(fake, config):
 
     for mt in MODEL_TYPES:
         for _ in range(3):
-            record_result(config.diagnostics_dir / compare.REGISTRY_NAME, mt, True, "bad", 2)
+            record_result(config.skip_registry, mt, True, "bad", 2)
     assert compare.run_compare(config, optimizer_factory=fake) == 1
     assert fake.configs == []
     assert {m["status"] for m in summary_of(config)["models"].values()} == {"SKIPPED"}
@@ -256,8 +259,8 @@ def test_everything_skipped_is_exit_1(fake, config):
 def test_a_malformed_registry_is_an_error_not_skip_nothing(fake, config):
     from step5.errors import DataError
 
-    config.diagnostics_dir.mkdir(parents=True)
-    (config.diagnostics_dir / compare.REGISTRY_NAME).write_text("{not json")
+    config.skip_registry.parent.mkdir(parents=True)
+    config.skip_registry.write_text("{not json")
     with pytest.raises(DataError, match="skip registry"):
         compare.run_compare(config, optimizer_factory=fake)
     assert fake.configs == []

@@ -15,6 +15,7 @@ NAMES = ["lane_agreement_8", "skip_mean", "skip_min"]
 
 def _valid_sidecar(outcome: str = "SUCCESS") -> dict:
     metrics = {k: 0.5 for k in artifacts.TRAINING_METRIC_KEYS}
+    metrics["beats_mean"] = True
     if outcome != "SUCCESS":
         metrics = artifacts.null_training_metrics()
     return artifacts.build_sidecar(
@@ -41,6 +42,7 @@ def _valid_sidecar(outcome: str = "SUCCESS") -> dict:
         provenance=artifacts.build_provenance(
             run_id="r1", parent_run_id=None, command_line=["x"], created_at="2026-01-01T00:00:00Z",
         ),
+        checkpoint_sha256="ab" * 32 if outcome == "SUCCESS" else None,
     )
 
 
@@ -185,3 +187,17 @@ def test_data_fingerprint_follows_the_data():
     assert fp != artifacts.data_fingerprint(X, y2, NAMES, [1, 2, 3], target="holdout_quality")
     assert fp != artifacts.data_fingerprint(X, y, NAMES, [1, 2, 3, 4], target="holdout_quality")
     assert fp != artifacts.data_fingerprint(X, y, NAMES, [1, 2, 3], target="other")
+
+
+def test_success_sidecars_carry_the_checkpoint_hash_and_an_honest_beats_mean_flag():
+    sidecar = _valid_sidecar()
+    del sidecar["checkpoint_sha256"]
+    assert any("checkpoint_sha256" in p for p in artifacts.validate_sidecar(sidecar))
+    sidecar = _valid_sidecar()
+    sidecar["training_metrics"].update(test_r2=-0.3, beats_mean=True)
+    assert any("beats_mean` must be false" in p for p in artifacts.validate_sidecar(sidecar))
+    del sidecar["training_metrics"]["beats_mean"]
+    assert any("beats_mean" in p for p in artifacts.validate_sidecar(sidecar))
+    degenerate = _valid_sidecar("DEGENERATE_SIGNAL")
+    degenerate["checkpoint_sha256"] = "ab" * 32
+    assert any("checkpoint_sha256" in p for p in artifacts.validate_sidecar(degenerate))

@@ -139,6 +139,30 @@ def test_degenerate_target_exits_2_with_a_degenerate_sidecar_and_no_model(repo_r
     assert "prediction is not allowed" in pred.stderr
 
 
+def test_without_policy_a_run_from_any_folder_uses_the_projects_own(repo_root, python, sample_inputs, tmp_path):
+    _, history = sample_inputs
+    missing = tmp_path / "nope.json"  # the run stops at the survivors file, after loading the policy
+    proc = _run(repo_root, python, "--survivors", str(missing), "--lottery-data", str(history),
+                "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert f"policy: {repo_root / 'watcher_policies.json'} (the project's own" in proc.stderr
+    assert f"survivors file not found: {missing}" in proc.stderr
+
+
+def test_without_policy_the_working_directorys_file_wins_and_an_explicit_missing_one_is_an_error(
+        repo_root, python, sample_inputs, tmp_path):
+    (tmp_path / "watcher_policies.json").write_text('{"training": {"use_persistent_workers": "yes"}}')
+    proc = _run(repo_root, python, *_inputs(sample_inputs), "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "policy: watcher_policies.json (watcher_policies.json in the working directory)" in proc.stderr
+    assert "use_persistent_workers must be true or false" in proc.stderr
+
+    proc = _run(repo_root, python, *_inputs(sample_inputs), "--output-dir", str(tmp_path / "out"),
+                "--policy", str(tmp_path / "missing_policy.json"), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert f"policy file not found: {tmp_path / 'missing_policy.json'}" in proc.stderr
+
+
 # ----------------------------------------------------------------- the existing optimizer's flags
 
 

@@ -162,7 +162,8 @@ def test_persistent_workers_match_the_one_shot_path_and_the_parent_never_imports
     # Same seed, params and data through the worker as through train_single_trial.py.
     assert sidecar["optuna"]["best_value"] == pytest.approx(first["optuna"]["best_value"], abs=1e-6)
     assert sidecar["training_metrics"]["test_r2"] == pytest.approx(first["training_metrics"]["test_r2"], abs=1e-6)
-    (diag,) = list((tmp_path / "diagnostics_outputs").iterdir())
+    (diag,) = list((out / "diagnostics_outputs").iterdir())  # under --output-dir, not the working dir
+    assert not (tmp_path / "diagnostics_outputs").exists()
     assert (diag / "trials.json").exists() and (diag / "timings.png").exists()
 
 
@@ -188,9 +189,14 @@ def test_sigterm_mid_search_cleans_up_and_leaves_no_trial_running(sample_inputs,
             proc.wait()
     assert rc == 128 + signal.SIGTERM, "".join(seen)[-2000:] + rest[-2000:]
     assert "terminated by SIGTERM" in rest
+    assert "Traceback" not in rest  # one line, no traceback
     assert list((tmp_path / "tmpdir").iterdir()) == []
     storage = f"sqlite:///{(out / 'optuna_step5.db').resolve()}"
     (summary,) = optuna.get_all_study_summaries(storage)
-    states = {t.state for t in optuna.load_study(study_name=summary.study_name, storage=storage).trials}
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    states = {t.state for t in trials}
     assert TrialState.RUNNING not in states and TrialState.COMPLETE in states
+    for t in trials:  # the trial the signal stopped (if one was running) says why it failed
+        if t.state == TrialState.FAIL:
+            assert t.user_attrs["fail_reason"] == "interrupted by SIGTERM"
     assert not (out / artifacts.SIDECAR_NAME).exists()

@@ -8,6 +8,7 @@ The real-trainer runs are in test_opt_cli_end_to_end.py.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from step5 import artifacts
+from step5 import artifacts, model_set
 from step5.errors import DegenerateSignalError, Step5Error, UsageError
 from step5.jsonio import read_json_file, write_json_atomic
 from step5.optimizer import AntiOverfitMetaOptimizer, OptimizerConfig
@@ -82,7 +83,9 @@ def test_run_builds_final_model_from_best_trial_and_never_shows_test_rows(sample
     assert final.params.to_dict() == best.user_attrs["params"] == sidecar["hyperparameters"]
     assert final.trial_number == best.number and final.save_model_path.endswith("best_model.pth")
     assert (cfg.output_dir / "best_model.pth").read_bytes() == b"fake checkpoint"
-    assert not any(p.name.startswith(".staging-") for p in cfg.output_dir.iterdir())
+    assert sidecar["checkpoint_sha256"] == hashlib.sha256(b"fake checkpoint").hexdigest()
+    sets = cfg.output_dir / model_set.SETS_DIRNAME  # one committed set, nothing half-written
+    assert sorted(p.name for p in sets.iterdir()) == sorted([model_set.POINTER_NAME, model_set.current_dir(cfg.output_dir).name])
     assert (cfg.output_dir / "best_model.history.png").stat().st_size > 0
 
     # The final split: fit + early-stop rows = dev rows; the test rows are in no fold file.

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -33,6 +35,10 @@ def test_tree_run_sidecar_and_round_trip(lightgbm_run, sample_inputs):
     assert outcome.sidecar["execution"]["mode"] == "inline"
     assert outcome.sidecar["checkpoint_path"] == "best_model.txt"
     assert outcome.test_r2 > 0.2
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("best_model.txt", artifacts.SIDECAR_NAME, artifacts.HISTORY_PNG_NAME):  # not mkstemp's 0600
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, name
 
     by_dir = load_predictor(out)
     by_sidecar = load_predictor(out / artifacts.SIDECAR_NAME)
@@ -79,7 +85,7 @@ def test_refusals_and_errors(lightgbm_run, tmp_path):
         load_predictor(broken)
 
     degenerate = json.loads((out / artifacts.SIDECAR_NAME).read_text())
-    degenerate.update(outcome="DEGENERATE_SIGNAL", checkpoint_path=None, checkpoint_format=None)
+    degenerate.update(outcome="DEGENERATE_SIGNAL", checkpoint_path=None, checkpoint_format=None, checkpoint_sha256=None)
     degenerate["signal_quality"].update(prediction_allowed=False, signal_status="degenerate")
     (broken / artifacts.SIDECAR_NAME).write_text(json.dumps(degenerate))
     with pytest.raises(PredictionNotAllowed, match="prediction is not allowed"):
@@ -123,3 +129,97 @@ def test_cli_reads_what_python_json_writes_and_names_a_non_finite_feature(lightg
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert f"record 7: feature {key!r} must be a finite number, got inf (float) [seed {records[7]['seed']}]" in proc.stderr
+
+
+def _plain_copy(out, dest):
+    """The model set ``out`` shows, as plain files in ``dest`` (what `cp -rL` would give)."""
+    import shutil
+
+    dest.mkdir()
+    for name in (artifacts.SIDECAR_NAME, "best_model.txt"):
+        shutil.copyfile(out / name, dest / name)
+    return dest
+
+
+def test_a_checkpoint_that_is_not_the_sidecars_is_refused(lightgbm_run, tmp_path):
+    _, out = lightgbm_run
+    other = _plain_copy(out, tmp_path / "other")
+    # another run's checkpoint beside this sidecar: same features, so only the hash can tell
+    with open(other / "best_model.txt", "a") as fh:
+        fh.write("\n")
+    with pytest.raises(DataError, match="does not match its sidecar"):
+        load_predictor(other)
+    # and the sidecar must record a hash at all
+    sidecar = json.loads((out / artifacts.SIDECAR_NAME).read_text())
+    sidecar["checkpoint_sha256"] = None
+    (other / artifacts.SIDECAR_NAME).write_text(json.dumps(sidecar))
+    with pytest.raises(DataError, match="checkpoint_sha256"):
+        load_predictor(other)
+
+
+def test_dataframes_are_matched_by_column_name_and_arrays_by_exact_width(lightgbm_run, sample_inputs):
+    pd = pytest.importorskip("pandas")
+    _, out = lightgbm_run
+    survivors, _ = sample_inputs
+    predictor = load_predictor(out)
+    names = predictor.feature_names
+    records = json.loads(survivors.read_text())[:20]
+    X = np.array([[r["features"].get(k, 0.0) for k in names] for r in records], dtype=np.float32)
+    expected = predictor.predict(X)
+
+    df = pd.DataFrame(X, columns=names)
+    reversed_df = df[list(reversed(names))].assign(unrelated=1.0)  # any order, extra columns ignored
+    np.testing.assert_array_equal(predictor.predict(reversed_df), expected)
+    with pytest.raises(ValueError, match=f"lacks 2 of the model's {len(names)} feature columns: .*{names[0]!r}"):
+        predictor.predict(df.drop(columns=names[:2]))
+    for width in (len(names) - 1, len(names) + 1):
+        with pytest.raises(ValueError, match=f"must have shape \\(n, {len(names)}\\)"):
+            predictor.predict(np.zeros((3, width)))
+
+
+def test_survivors_missing_too_many_feature_cells_are_refused_naming_the_keys(lightgbm_run, sample_inputs, tmp_path,
+                                                                             repo_root):
+    _, out = lightgbm_run
+    survivors, _ = sample_inputs
+    predictor = load_predictor(out)
+    dropped = predictor.feature_names[:2]
+    records = json.loads(survivors.read_text())
+    for r in records:  # upstream renamed two features: every record lacks them
+        for k in dropped:
+            r["features"].pop(k, None)
+    with pytest.raises(DataError, match=f"more than --max-missing-fraction 0.01 allows.*{dropped[0]!r}"):
+        predictor.predict_records(records)
+    assert predictor.predict_records(records, max_missing_fraction=1.0).shape == (len(records),)
+
+    path = tmp_path / "renamed.json"
+    path.write_text(json.dumps(records))
+    cmd = [sys.executable, "-m", "step5.predictor", "--model-dir", str(out), "--survivors", str(path)]
+    proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"{dropped[0]!r} (missing in {len(records)} of {len(records)})" in proc.stderr
+    proc = subprocess.run([*cmd, "--max-missing-fraction", "1"], cwd=repo_root, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_model_no_better_than_the_mean_is_flagged_and_warned_about(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    records = [{"seed": i, "features": {f"f{j}": float(rng.normal()) for j in range(4)},
+                "holdout_quality": float(rng.normal())} for i in range(10)]
+    survivors = tmp_path / "tiny.json"
+    survivors.write_text(json.dumps(records))
+    history = tmp_path / "history.json"
+    history.write_text(json.dumps(list(range(50))))
+    cfg = OptimizerConfig(
+        survivors=survivors, lottery_data=history, model_type="lightgbm", trials=2, k_folds=2,
+        output_dir=tmp_path / "out", policy_path=None, seed=3, gpus=[], command_line=["test"],
+    )
+    with caplog.at_level("WARNING"):
+        outcome = AntiOverfitMetaOptimizer(cfg).run()
+    metrics = outcome.sidecar["training_metrics"]
+    assert metrics["test_r2"] <= 0 and metrics["beats_mean"] is False
+    assert "no better than predicting the mean" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="step5.predictor"):
+        load_predictor(cfg.output_dir)
+    assert "no better than predicting the mean" in caplog.text

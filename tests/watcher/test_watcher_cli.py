@@ -276,7 +276,8 @@ def test_registry_makes_compare_runs_skip_a_model(work):
     proc = watch(work, "ok", params=params, FAKE_STEP5_BAD_MODELS="catboost")
     assert proc.returncode == 0, proc.stderr
     assert result_line(proc)["skipped_models"] == ["catboost"]
-    summary = json.loads((work / "diagnostics_outputs" / "compare_models_summary.json").read_text())
+    # the summary lies under the step's --output-dir; the registry stays the WATCHER's own
+    summary = json.loads((work / "models" / "reinforcement" / "diagnostics_outputs" / "compare_models_summary.json").read_text())
     assert summary["models"]["catboost"]["status"] == "SKIPPED"
     assert load_skip_registry()["models"]["catboost"]["total_runs"] == 2  # a skipped model gets no new result
 

@@ -1,0 +1,263 @@
+"""The model directory: a model set (checkpoint, sidecar, pictures) committed as one unit.
+
+``--output-dir`` after a run::
+
+    best_model.meta.json   -> .model_sets/current/best_model.meta.json    relative symlinks,
+    best_model.pth         -> .model_sets/current/best_model.pth           made once, never
+    best_model.history.png -> .model_sets/current/best_model.history.png   changed by a commit
+    .model_sets/current    -> 20261130T034600Z-1a2b3c4d                    THE pointer
+    .model_sets/20261130T034600Z-1a2b3c4d/   the committed set: its files never change
+    .model_sets/<the set before it>/         kept, for a reader that is half-way through it
+
+A run writes its whole set into a fresh hidden folder (``.partial-<host>-<pid>-<token>``),
+flushes it, renames it to its version name and then swaps the pointer with one ``rename``:
+the only step that changes what the fixed names show. Until that rename every name shows the
+complete old set, after it the complete new one, whatever kills the run in between (Ctrl-C,
+SIGTERM, SIGKILL, a full disk). Step 6 keeps reading ``best_model.pth`` and
+``best_model.meta.json`` in the output dir; a reader that resolves the sidecar's real path
+first (:func:`step5.artifacts.resolve_checkpoint` does) reads both files from one set even
+if a commit lands between its two reads.
+
+A folder written before this layout existed (regular ``best_model.*`` files) is migrated on
+the first commit: its files are hard-linked into a set of their own and each name is swapped
+for a link to the same content, so that migration, too, never shows a mixed pair.
+Requires a filesystem with symlinks (any POSIX one).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Mapping
+
+from step5.artifacts import MODEL_SET_NAMES
+from step5.errors import Step5Error
+from step5.fsutil import DIR_MODE, fsync_dir
+
+SETS_DIRNAME = ".model_sets"
+POINTER_NAME = "current"
+PARTIAL_PREFIX = ".partial-"
+#: What a top-level name links to: the file of the same name in the current set.
+LINK_PREFIX = f"{SETS_DIRNAME}/{POINTER_NAME}/"
+
+
+def _version_name() -> str:
+    return f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(4)}"
+
+
+def _partial_name() -> str:
+    return f"{PARTIAL_PREFIX}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _is_our_link(path: Path) -> bool:
+    return path.is_symlink() and os.readlink(path).startswith(LINK_PREFIX)
+
+
+def _pointer_target(sets_dir: Path) -> str | None:
+    try:
+        return os.readlink(sets_dir / POINTER_NAME)
+    except OSError:
+        return None
+
+
+def _replace_with_link(path: Path, target: str) -> None:
+    """Make ``path`` a symlink to ``target`` in one rename (whatever was there before)."""
+    tmp = path.with_name(f".{path.name}.link-{secrets.token_hex(4)}")
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(src, dst)
+
+
+def _fsync_files(folder: Path) -> None:
+    for p in folder.iterdir():
+        if p.is_file() and not p.is_symlink():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(folder)
+
+
+@dataclass
+class StagedSet:
+    """A model set being written: put its files in :attr:`path`, then :meth:`commit`."""
+
+    output_dir: Path
+    path: Path  # the hidden folder the set's files are written to
+    version: Path | None = field(default=None, init=False)  # set once renamed to its version name
+    committed: bool = field(default=False, init=False)
+
+    @property
+    def sets_dir(self) -> Path:
+        return self.output_dir / SETS_DIRNAME
+
+    def commit(self) -> Path:
+        """Make this set the one the output dir shows; returns the committed set's folder.
+
+        A filesystem error is a :class:`~step5.errors.Step5Error` naming the output dir.
+        """
+        try:
+            return self._commit()
+        except OSError as exc:
+            raise Step5Error(f"cannot write the model to output dir {self.output_dir}: {exc}") from None
+
+    def _commit(self) -> Path:
+        names = sorted(p.name for p in self.path.iterdir())
+        if not names:
+            raise ValueError(f"refusing to commit an empty model set from {self.path}")
+        _fsync_files(self.path)
+        self.version = self.sets_dir / _version_name()
+        os.rename(self.path, self.version)
+        fsync_dir(self.sets_dir)
+        previous = _pointer_target(self.sets_dir)
+        if previous is None:
+            previous = _migrate_plain_files(self.output_dir)
+        else:  # a migration that was interrupted half-way: finish it (same bytes behind each name)
+            for name in MODEL_SET_NAMES:
+                plain = self.output_dir / name
+                if plain.is_file() and not plain.is_symlink() and (self.sets_dir / previous / name).is_file():
+                    _replace_with_link(plain, LINK_PREFIX + name)
+        for name in names:  # the fixed names (a new one dangles until the swap below)
+            link = self.output_dir / name
+            if not _is_our_link(link):
+                _replace_with_link(link, LINK_PREFIX + name)
+        # THE commit: one rename swaps what every fixed name shows.
+        _replace_with_link(self.sets_dir / POINTER_NAME, self.version.name)
+        self.committed = True
+        fsync_dir(self.sets_dir)
+        for p in self.output_dir.iterdir():  # names only the old set had now dangle: remove them
+            if p.name not in names and _is_our_link(p):
+                p.unlink()
+        fsync_dir(self.output_dir)
+        _collect_garbage(self.sets_dir, keep={self.version.name, previous or ""})
+        return self.version
+
+    def discard(self) -> None:
+        """Remove an uncommitted set (never the one the pointer shows)."""
+        for folder in (self.path, self.version):
+            if folder is None or not folder.exists():
+                continue
+            if _pointer_target(self.sets_dir) == folder.name:
+                self.committed = True  # interrupted right after the swap: it *is* committed
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def stage(output_dir: str | os.PathLike[str]) -> Iterator[StagedSet]:
+    """A fresh hidden folder for a new model set in ``output_dir``.
+
+    Leaving the block without :meth:`StagedSet.commit` (an error, an interrupt) removes the
+    folder and leaves the output dir showing what it showed before. A filesystem error is a
+    :class:`~step5.errors.Step5Error` naming the output dir.
+    """
+    out = Path(output_dir)
+    sets_dir = out / SETS_DIRNAME
+    try:
+        sets_dir.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        path = sets_dir / _partial_name()
+        path.mkdir(mode=DIR_MODE)
+    except OSError as exc:
+        raise Step5Error(f"cannot write the model to output dir {out}: {exc.strerror or exc}") from None
+    staged = StagedSet(out, path)
+    try:
+        yield staged
+    finally:
+        if not staged.committed:
+            staged.discard()
+
+
+def current_dir(output_dir: str | os.PathLike[str]) -> Path | None:
+    """The folder of the set the output dir shows now, or None when it holds no set."""
+    sets_dir = Path(output_dir) / SETS_DIRNAME
+    target = _pointer_target(sets_dir)
+    return sets_dir / target if target else None
+
+
+def current_files(output_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """``{name: file}`` of the model set ``output_dir`` shows: the current set's files, or,
+    in a folder without a set, its regular model files (``best_model.*``)."""
+    out = Path(output_dir)
+    folder = current_dir(out)
+    if folder is not None:
+        return {p.name: p for p in sorted(folder.iterdir()) if p.is_file()} if folder.is_dir() else {}
+    if not out.is_dir():
+        return {}
+    return {p.name: p for p in sorted(out.iterdir()) if p.name in MODEL_SET_NAMES and p.is_file() and not p.is_symlink()}
+
+
+def copy_files(staged: StagedSet, files: Mapping[str, Path]) -> None:
+    """Put ``files`` (name -> source) into a staged set: hard links where possible."""
+    for name, src in files.items():
+        _link_or_copy(Path(src), staged.path / name)
+
+
+def _migrate_plain_files(out: Path) -> str | None:
+    """Move a pre-set folder's regular model files into a set of their own (see the module
+    docstring); returns that set's name, or None when there was nothing to migrate."""
+    plain = {p.name: p for p in out.iterdir() if p.name in MODEL_SET_NAMES and p.is_file() and not p.is_symlink()}
+    if not plain:
+        return None
+    sets_dir = out / SETS_DIRNAME
+    partial = sets_dir / _partial_name()
+    partial.mkdir(mode=DIR_MODE)
+    for name, p in plain.items():
+        _link_or_copy(p, partial / name)
+    _fsync_files(partial)
+    version = sets_dir / _version_name()
+    os.rename(partial, version)
+    _replace_with_link(sets_dir / POINTER_NAME, version.name)
+    fsync_dir(sets_dir)
+    for name in plain:  # each swap shows the same bytes as before it
+        _replace_with_link(out / name, LINK_PREFIX + name)
+    fsync_dir(out)
+    return version.name
+
+
+def _collect_garbage(sets_dir: Path, keep: set[str]) -> None:
+    """Remove committed sets other than ``keep`` and partial sets of dead processes."""
+    host = socket.gethostname()
+    for p in sets_dir.iterdir():
+        if p.name in keep or p.name == POINTER_NAME or p.is_symlink() or not p.is_dir():
+            continue
+        if p.name.startswith(PARTIAL_PREFIX):
+            if not _partial_is_orphan(p.name, host):
+                continue  # another run on this output dir is writing it
+        elif p.name.startswith("."):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _partial_is_orphan(name: str, host: str) -> bool:
+    """A partial set whose writer (this host, that pid) is gone; other hosts' are kept."""
+    rest = name[len(PARTIAL_PREFIX):]
+    try:
+        writer_host, pid_text, _token = rest.rsplit("-", 2)
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if writer_host != host:
+        return False
+    if pid == os.getpid():
+        return True  # this process commits one set at a time; any other one is left over
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -1,0 +1,104 @@
+"""Checks that run before any data is loaded or any trial starts: can this run write its outputs?
+
+A run that trains for an hour and then cannot save its model has wasted the hour, so the
+output dir (model set, default SQLite study, diagnostics) and an explicit SQLite
+``--storage`` are tried first: each folder is created if missing and a probe file is
+written and removed. A problem is one :class:`~step5.errors.Step5Error` line (exit 1) that
+names what the user gave: ``--output-dir PATH`` or ``--storage URL`` when they typed it,
+"the default output dir" when they did not (the default study file lives there, so a
+problem with it is never blamed on a ``--storage`` nobody passed).
+"""
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from step5.errors import Step5Error
+from step5.fsutil import DIR_MODE, create_temp_file
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if exc.errno == errno.EROFS:
+        return "the filesystem is read-only"
+    if exc.errno == errno.ENOSPC:
+        return "no space left on the device"
+    return exc.strerror or str(exc)
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """``folder`` itself or the first of its ancestors that exists but is not a folder."""
+    for p in [*reversed(folder.parents), folder]:
+        if p.exists() and not p.is_dir():
+            return p
+        if not p.exists():
+            return None
+    return None
+
+
+def check_writable_dir(folder: str | os.PathLike[str], what: str) -> Path:
+    """Create ``folder`` if needed and prove a file can be written in it; ``what`` names it
+    in the error (``--output-dir models/x``)."""
+    path = Path(folder)
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        where = "it is a file, not a folder" if blocker == path else f"{blocker} is a file, not a folder"
+        raise Step5Error(f"{what}: {where}")
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    except OSError as exc:
+        raise Step5Error(f"{what}: cannot create the folder: {_reason(exc)}") from None
+    try:
+        create_temp_file(path, ".step5-preflight-", "").unlink()
+    except OSError as exc:
+        raise Step5Error(f"{what}: cannot write files in {path}: {_reason(exc)}") from None
+    return path
+
+
+def sqlite_path(storage_url: str) -> Path | None:
+    """The database file of a file-backed SQLite URL, None for any other storage."""
+    if not storage_url.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url  # Optuna's own dependency; parses every URL form
+
+    try:
+        database = make_url(storage_url).database
+    except Exception:  # noqa: BLE001 - a malformed URL is Optuna's to report when it opens it
+        return None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def check_sqlite_storage(storage_url: str, what: str) -> None:
+    """A SQLite ``--storage``: its folder exists and is writable, and the file is writable."""
+    db = sqlite_path(storage_url)
+    if db is None:
+        return
+    folder = db.parent
+    blocker = _file_in_the_way(folder)
+    if blocker is not None:
+        raise Step5Error(f"{what}: {blocker} is a file, not a folder")
+    if not folder.is_dir():
+        raise Step5Error(f"{what}: the folder {folder} does not exist")
+    if db.exists() and not db.is_file():
+        raise Step5Error(f"{what}: {db} is not a file")
+    try:
+        create_temp_file(folder, ".step5-preflight-", "").unlink()  # SQLite writes its journal here
+        if db.exists():
+            with open(db, "r+b"):
+                pass
+    except OSError as exc:
+        raise Step5Error(f"{what}: cannot write the study database {db}: {_reason(exc)}") from None
+
+
+def preflight(output_dir: Path, storage: str | None, *, output_dir_given: bool) -> None:
+    """Every check, in the order a run would hit them; raises :class:`Step5Error` on the first problem."""
+    what = f"--output-dir {output_dir}" if output_dir_given else (
+        f"the default output dir {output_dir} (choose another with --output-dir)"
+    )
+    check_writable_dir(output_dir, what)
+    if storage is not None:
+        check_sqlite_storage(storage, f"--storage {storage}")

@@ -1,0 +1,81 @@
+"""Ctrl-C and SIGTERM: one line, no traceback, and the interrupted trial says why it failed."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from step5.errors import Terminated
+from step5.optimizer.cli import InterruptedTrialFilter
+from step5.optimizer.optimizer import recording_interrupts
+
+
+@pytest.mark.parametrize("interrupt, reason", [(Terminated, "interrupted by SIGTERM"),
+                                               (KeyboardInterrupt, "interrupted by Ctrl-C (SIGINT)")])
+def test_an_interrupted_trial_is_failed_with_a_reason(interrupt, reason):
+    study = optuna.create_study()
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.suggest_float("x", 0, 1)
+        raise interrupt()
+
+    with pytest.raises(interrupt):
+        study.optimize(recording_interrupts(objective), n_trials=3)
+    (trial,) = study.trials
+    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == reason
+
+
+def test_the_log_filter_drops_only_the_interrupted_trials_lines():
+    def record(message: str, exc: BaseException | None = None) -> logging.LogRecord:
+        return logging.LogRecord("optuna", logging.WARNING, __file__, 1, message, None,
+                                 (type(exc), exc, None) if exc is not None else None)
+
+    keep = InterruptedTrialFilter().filter
+    for exc in (KeyboardInterrupt(), Terminated()):
+        assert not keep(record(f"Trial 3 failed with parameters: {{}} because of the following error: {exc!r}.", exc))
+        assert not keep(record("Trial 3 failed with value None."))
+    assert keep(record("Trial 4 failed with parameters: {} because ...", RuntimeError("keeps its traceback")))
+    assert keep(record("Trial 4 failed with value None."))
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_search_prints_one_line_and_fails_the_trial_with_a_reason(sample_inputs, tmp_path, repo_root):
+    survivors, history = sample_inputs
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(repo_root / "meta_prediction_optimizer_anti_overfit.py"),
+           "--survivors", str(survivors), "--lottery-data", str(history), "--model-type", "xgboost",
+           "--trials", "500", "--k-folds", "3", "--cpu-workers", "1", "--output-dir", str(out)]
+    # A terminal's Ctrl-C signals the whole foreground process group.
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stderr:
+            if "[2/500]" in line or time.monotonic() > deadline:
+                break
+        time.sleep(0.3)  # into the next trial
+        os.killpg(proc.pid, signal.SIGINT)
+        rest = proc.stderr.read()
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 130, rest[-2000:]
+    assert "Traceback" not in rest and " failed" not in rest
+    assert [line for line in rest.splitlines() if "interrupted" in line] == [
+        next(line for line in rest.splitlines() if "interrupted (Ctrl-C)" in line)]
+    storage = f"sqlite:///{(out / 'optuna_step5.db').resolve()}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    assert TrialState.RUNNING not in {t.state for t in trials}
+    for t in trials:
+        if t.state == TrialState.FAIL:
+            assert t.user_attrs["fail_reason"] == "interrupted by Ctrl-C (SIGINT)"

@@ -1,0 +1,126 @@
+"""Model sets (step5.model_set): the output dir shows the complete old set or the complete new one."""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from step5 import model_set
+from step5.errors import Step5Error
+
+
+def _commit(out, files: dict[str, str]):
+    with model_set.stage(out) as staged:
+        for name, text in files.items():
+            (staged.path / name).write_text(text)
+        return staged.commit()
+
+
+def _shown(out) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def test_a_commit_shows_the_new_set_under_the_fixed_names(tmp_path):
+    out = tmp_path / "out"
+    first = _commit(out, {"best_model.pth": "w1", "best_model.meta.json": "s1"})
+    assert _shown(out) == {"best_model.meta.json": "s1", "best_model.pth": "w1"}
+    assert (out / "best_model.pth").is_symlink() and model_set.current_dir(out) == first
+    second = _commit(out, {"best_model.pth": "w2", "best_model.meta.json": "s2"})
+    assert _shown(out) == {"best_model.meta.json": "s2", "best_model.pth": "w2"}
+    # the set before is kept for a reader half-way through it; older ones are removed
+    third = _commit(out, {"best_model.pth": "w3", "best_model.meta.json": "s3"})
+    assert sorted(p.name for p in (out / model_set.SETS_DIRNAME).iterdir()) == sorted(
+        [model_set.POINTER_NAME, second.name, third.name])
+
+
+def test_names_only_the_old_set_had_disappear(tmp_path):
+    out = tmp_path / "out"
+    _commit(out, {"best_model.pth": "nn", "best_model.meta.json": "s1", "best_model.history.png": "p"})
+    _commit(out, {"best_model.json": "xgb", "best_model.meta.json": "s2"})
+    assert _shown(out) == {"best_model.json": "xgb", "best_model.meta.json": "s2"}
+    assert not os.path.lexists(out / "best_model.pth")
+
+
+def test_a_folder_of_plain_files_is_migrated_and_other_files_are_left_alone(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "best_model.pth").write_text("old")
+    (out / "best_model.meta.json").write_text("old sidecar")
+    (out / "notes.txt").write_text("the user's")
+    _commit(out, {"best_model.txt": "lgb", "best_model.meta.json": "new sidecar"})
+    assert _shown(out) == {"best_model.meta.json": "new sidecar", "best_model.txt": "lgb", "notes.txt": "the user's"}
+
+
+def test_leaving_the_block_without_commit_keeps_the_old_set(tmp_path):
+    out = tmp_path / "out"
+    _commit(out, {"best_model.pth": "good", "best_model.meta.json": "good"})
+    with pytest.raises(RuntimeError, match="final fit broke"):
+        with model_set.stage(out) as staged:
+            (staged.path / "best_model.pth").write_text("half")
+            raise RuntimeError("final fit broke")
+    assert _shown(out) == {"best_model.meta.json": "good", "best_model.pth": "good"}
+    assert not [p for p in (out / model_set.SETS_DIRNAME).iterdir() if p.name.startswith(model_set.PARTIAL_PREFIX)]
+
+
+def test_a_killed_writer_leaves_a_partial_set_that_the_next_commit_removes(tmp_path):
+    out = tmp_path / "out"
+    _commit(out, {"best_model.pth": "a", "best_model.meta.json": "a"})
+    dead = out / model_set.SETS_DIRNAME / f"{model_set.PARTIAL_PREFIX}{os.uname().nodename}-999999999-dead"
+    dead.mkdir()
+    (dead / "best_model.pth").write_text("orphan")
+    _commit(out, {"best_model.pth": "b", "best_model.meta.json": "b"})
+    assert not dead.exists()
+
+
+def test_current_files_reads_a_set_or_a_plain_folder(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "best_model.cbm").write_text("plain")
+    (out / "other.txt").write_text("not a model file")
+    assert sorted(model_set.current_files(out)) == ["best_model.cbm"]
+    _commit(out, {"best_model.pth": "w", "best_model.meta.json": "s"})
+    files = model_set.current_files(out)
+    assert sorted(files) == ["best_model.meta.json", "best_model.pth"]
+    assert all(p.parent == model_set.current_dir(out) for p in files.values())
+
+
+def test_folders_and_files_get_the_umask_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        folder = _commit(out, {"best_model.pth": "w"})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+
+
+def test_an_unwritable_output_dir_is_a_step5_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(Step5Error, match="cannot write the model to output dir"):
+        with model_set.stage(blocker / "out"):
+            pass
+
+
+def test_a_migration_interrupted_half_way_is_finished_by_the_next_commit(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "best_model.pth").write_text("old nn")
+    (out / "best_model.meta.json").write_text("old sidecar")
+    real = model_set._replace_with_link
+    calls = []
+
+    def die_after_the_pointer(path, target):  # the pointer swap, then one name, then "killed"
+        calls.append(path.name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real(path, target)
+
+    monkeypatch.setattr(model_set, "_replace_with_link", die_after_the_pointer)
+    with pytest.raises(KeyboardInterrupt):
+        _commit(out, {"best_model.json": "xgb", "best_model.meta.json": "new sidecar"})
+    monkeypatch.setattr(model_set, "_replace_with_link", real)
+    assert _shown(out) == {"best_model.meta.json": "old sidecar", "best_model.pth": "old nn"}  # still the old set
+    _commit(out, {"best_model.json": "xgb", "best_model.meta.json": "new sidecar"})
+    assert _shown(out) == {"best_model.json": "xgb", "best_model.meta.json": "new sidecar"}
