@@ -24,12 +24,10 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from step5.errors import UsageError
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from step5.launch import OPTIMIZER_MODULE, module_command
 
 MODEL_TYPES = ("neural_net", "xgboost", "lightgbm", "catboost")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -68,7 +66,7 @@ class StepSpec:
 
     number: int
     name: str
-    script: str  # path relative to the repository root
+    module: str  # run as ``python -P -m MODULE`` (step5.launch), so an installed package works
     params: tuple[ParamSpec, ...]
     acceptance_key: str  # section of ``acceptance_rules`` in the policy
     sidecar_name: str = "best_model.meta.json"
@@ -76,10 +74,6 @@ class StepSpec:
 
     def spec(self, key: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == key), None)
-
-    @property
-    def script_path(self) -> Path:
-        return REPO_ROOT / self.script
 
 
 def _is_int(v: Any) -> bool:
@@ -93,7 +87,7 @@ def _is_number(v: Any) -> bool:
 _STEP5 = StepSpec(
     number=5,
     name="anti_overfit_meta_optimizer",
-    script="meta_prediction_optimizer_anti_overfit.py",
+    module=OPTIMIZER_MODULE,
     acceptance_key="step5",
     params=(
         ParamSpec("survivors", "str", "survivors_with_scores.json", always=True),
@@ -207,7 +201,7 @@ def build_command(
     python: str = sys.executable,
 ) -> list[str]:
     """The step's argv for validated ``params``; ``script`` replaces the real step (tests)."""
-    argv = [python, str(script if script is not None else step.script_path)]
+    argv = module_command(step.module, python) if script is None else [python, str(script)]
     for spec in step.params:
         if spec.name in params:
             argv += spec.to_argv(params[spec.name])

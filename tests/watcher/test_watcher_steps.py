@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
 from step5.errors import UsageError
+from step5.launch import child_environment, module_command
 from step5.testing.fake_step5 import _parser as fake_step5_parser
 from step5.watcher.steps import (
     MODEL_TYPES,
@@ -21,7 +21,10 @@ STEP5 = get_step(5)
 
 
 def argv_for(params: dict, policy: str = "pol.json") -> list[str]:
-    return build_command(STEP5, validate_params(STEP5, params), policy_path=policy, python="py")[2:]
+    argv = build_command(STEP5, validate_params(STEP5, params), policy_path=policy, python="py")
+    program = module_command(STEP5.module, "py")
+    assert argv[:len(program)] == program
+    return argv[len(program):]
 
 
 def test_defaults_and_policy_pass_through():
@@ -162,7 +165,8 @@ def test_every_key_is_covered_and_accepted_by_a_spec_cli():
 def test_every_flag_exists_in_the_real_step5():
     """The mapping must not produce a flag the real optimizer does not have."""
     help_text = subprocess.run(
-        [sys.executable, str(STEP5.script_path), "--help"], capture_output=True, text=True, timeout=120,
+        [*module_command(STEP5.module), "--help"], capture_output=True, text=True, timeout=120,
+        env=child_environment(),
     ).stdout
     for flag in argv_for(_every_key()):
         if flag.startswith("--"):
