@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from step5.errors import UsageError
+from step5.models.trees import require_libraries
 
 MODEL_TYPES = ("neural_net", "xgboost", "lightgbm", "catboost")
 
@@ -52,7 +53,8 @@ class OptimizerConfig:
 
 
 def validate_config(config: OptimizerConfig) -> None:
-    """Reject settings no run could honour, naming the flag; raises :class:`UsageError`.
+    """Reject settings no run could honour, naming the flag; raises :class:`UsageError`
+    (:class:`~step5.errors.MissingDependency` for a tree model type without its library).
 
     argparse checks types; this checks ranges and combinations, so a config built in code
     (compare runs, tests) gets the same checks as one parsed from the command line.
@@ -90,6 +92,8 @@ def validate_config(config: OptimizerConfig) -> None:
         raise UsageError(
             f"--storage must be an Optuna storage URL such as sqlite:///path/optuna.db, got {config.storage!r}"
         )
+    # Before any data is loaded: a missing optional library is not found an hour into a run.
+    require_libraries(MODEL_TYPES if config.compare_models else (config.model_type,))
 
 
 @dataclass
