@@ -430,7 +430,9 @@ class WorkerPool:
         self.max_restarts = int(max_restarts)
         self.shutdown_timeout_s = float(shutdown_timeout_s)
         self.python = python
-        self.worker_command = list(worker_command) if worker_command is not None else module_command(WORKER_MODULE, python)
+        self.worker_command = (
+            list(worker_command) if worker_command is not None else module_command(WORKER_MODULE, python)
+        )
         self.oneshot_script = oneshot_script
         self._states = [_SlotState(slot) for slot in slots]
         self._free: queue.Queue[_SlotState] = queue.Queue()
