@@ -13,21 +13,22 @@
 #   TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 bash bench/gpu_benchmark.sh
 #
 # which installs torch==<pinned> from that index into .venv (with its CUDA libraries),
-# then re-applies requirements.txt so every other pin holds (2.13.0+cu128 satisfies
-# torch==2.13.0). Pick the cuXXX that the driver supports: nvidia-smi prints the highest
+# then re-installs the checkout with the lock (requirements.txt) as constraints, so every
+# other pin holds (2.13.0+cu128 satisfies torch==2.13.0). Pick the cuXXX that the driver supports: nvidia-smi prints the highest
 # CUDA version it can run.
 #
 # On a machine with no package index but a Python that already has a CUDA torch (a GPU
 # image), skip the venv: STEP5_PYTHON=python3 bash bench/gpu_benchmark.sh — that
-# interpreter then needs the other requirements (orjson, numpy, scikit-learn, joblib,
-# matplotlib, psutil) importable, e.g. from wheels on PYTHONPATH.
+# interpreter then needs the other dependencies (pyproject.toml: orjson, numpy,
+# scikit-learn, matplotlib, psutil, ...) importable, e.g. from wheels on PYTHONPATH; the
+# workers import this checkout's step5 (step5.launch puts it on their PYTHONPATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ -n "${STEP5_PYTHON:-}" ]; then
     PY=$STEP5_PYTHON
 else
-    bash scripts/setup.sh  # .venv with the pinned requirements (idempotent)
+    bash scripts/setup.sh  # .venv with this checkout and the locked versions (idempotent)
     PY=.venv/bin/python
 fi
 
@@ -35,7 +36,7 @@ if [ -n "${TORCH_INDEX_URL:-}" ] && [ -z "${STEP5_PYTHON:-}" ]; then
     pinned=$(grep -E '^torch==' requirements.txt | cut -d= -f3)
     echo "installing torch==${pinned} from ${TORCH_INDEX_URL}" >&2
     "$PY" -m pip install --quiet --force-reinstall "torch==${pinned}" --index-url "$TORCH_INDEX_URL"
-    "$PY" -m pip install --quiet -r requirements.txt
+    "$PY" -m pip install --quiet -c requirements.txt -e ".[trees,test]"
 fi
 
 if ! command -v nvidia-smi >/dev/null 2>&1; then

@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# Create .venv and install the pinned dependencies (idempotent; fast when already done).
+# Create .venv and install this checkout into it, editable, with the locked versions
+# (idempotent; fast when already done).
+#
+# Editable (-e): the venv's step5 IS this checkout. The tests import step5 from here and
+# start workers with `python -m step5.nn.worker`, and the console scripts (step5-optimize,
+# ...) run the code being edited, with no reinstall after each change. What is installed
+# only changes with pyproject.toml (dependencies, entry points) or the lock, so those two
+# files make the stamp. tests/test_install.py installs a clean clone NON-editable into a
+# fresh venv, which is what a user gets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-# The stamp skips pip when the requirement files have not changed since the last install.
-stamp=.venv/.requirements.sha256
-want=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+stamp=.venv/.install.sha256
+want=$(cat pyproject.toml requirements.txt | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -r requirements-dev.txt
+    .venv/bin/python -m pip install --quiet -c requirements.txt -e ".[trees,test]"
     echo "$want" > "$stamp"
 fi

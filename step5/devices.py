@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from step5.errors import UsageError
+from step5.launch import child_environment
 from step5.lifeline import PARENT_PID_ENV
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,8 @@ class DeviceSlot:
     torch_threads: int | None = None  # torch intra-op threads for the process; None = torch's default
 
     def environment(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
-        """The environment a process serving this slot is started with."""
-        env = dict(os.environ if base is None else base)
+        """The environment a process serving this slot is started with (this step5 importable)."""
+        env = child_environment(base)
         env["CUDA_VISIBLE_DEVICES"] = self.cuda_visible_devices
         # Lets the child watch this process and exit when it dies (step5.lifeline).
         env[PARENT_PID_ENV] = str(os.getpid())

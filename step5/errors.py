@@ -37,6 +37,11 @@ class DataError(Step5Error):
     """Raised when an input file (survivors, history, NPZ) is missing or malformed."""
 
 
+class MissingDependency(Step5Error):
+    """Raised when an optional part is used without its extra installed (a tree model type
+    without ``step5[trees]``)."""
+
+
 class PolicyError(Step5Error):
     """Raised when ``watcher_policies.json`` cannot be read or fails validation."""
 

@@ -20,9 +20,9 @@ from step5.errors import DataError, PolicyError
 from step5.jsonio import read_json_file
 
 DEFAULT_POLICY_PATH = "watcher_policies.json"
-#: The project's own policy: ``watcher_policies.json`` at the root of the project holding
-#: this package (beside ``step5/``), wherever the working directory is.
-PROJECT_POLICY_PATH = Path(__file__).resolve().parent.parent / DEFAULT_POLICY_PATH
+#: The project's own policy, shipped inside the package (in a checkout, a link to the
+#: repository's watcher_policies.json), so an installed step5 has it in any directory.
+PROJECT_POLICY_PATH = Path(__file__).resolve().with_name(DEFAULT_POLICY_PATH)
 
 
 @dataclass(frozen=True)

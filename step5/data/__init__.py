@@ -1,9 +1,13 @@
-"""Input data for Step 5 (torch-free): survivors and history loaders, the sample
-generator, seeded splits and fold NPZ files."""
+"""Input data for Step 5 (torch-free): survivors and history loaders, seeded splits and
+fold NPZ files.
+
+The sample generator, :mod:`step5.data.sample`, is not re-exported: it is also run as
+``python -m step5.data.sample``, and a package that imports it first makes runpy warn
+that the module was found in ``sys.modules`` before it ran.
+"""
 from __future__ import annotations
 
 from step5.data.history import draws_from_data, load_history
-from step5.data.sample import write_sample
 from step5.data.splits import FoldFiles, holdout_split, kfold_splits, write_fold_npz
 from step5.data.survivors import (
     DEFAULT_TARGET,
@@ -33,5 +37,4 @@ __all__ = [
     "load_survivors",
     "table_from_records",
     "write_fold_npz",
-    "write_sample",
 ]

@@ -63,10 +63,8 @@ from typing import Any, Sequence
 from step5.devices import DeviceSlot
 from step5.errors import JOB_ERROR_TYPES, JobError, Step5Error, WorkerCrashed
 from step5.execution.runner import (
-    ONESHOT_SCRIPT,
     JobOutcome,
     LiveProcesses,
-    REPO_ROOT,
     STDERR_TAIL_LINES,
     describe_exit,
     raise_first_job_error,
@@ -76,12 +74,11 @@ from step5.execution.runner import (
 )
 from step5.framing import FrameTooLarge, LineReader, LineWriter
 from step5.jsonio import loads
+from step5.launch import WORKER_MODULE, module_command
 from step5.lifeline import PARENT_PID_ENV
 from step5.protocol import PROTOCOL_VERSION, TrainRequest
 
 logger = logging.getLogger(__name__)
-
-WORKER_SCRIPT = REPO_ROOT / "nn_gpu_worker.py"
 
 #: Responses are small; a longer line from a worker is garbage, not a result.
 MAX_RESPONSE_BYTES = 16 << 20
@@ -409,13 +406,13 @@ class WorkerPool:
         max_restarts: int,
         python: str = sys.executable,
         worker_command: Sequence[str] | None = None,
-        oneshot_script: str | Path = ONESHOT_SCRIPT,
+        oneshot_script: str | Path | None = None,
         shutdown_timeout_s: float = 5.0,
     ) -> None:
         """Spawn one worker per slot and wait until each says ``ready`` (or has fallen back).
 
-        ``worker_command`` replaces ``[python, nn_gpu_worker.py]`` and ``oneshot_script``
-        the fallback's ``train_single_trial.py`` (tests pass the fake worker for both).
+        ``worker_command`` replaces ``python -m step5.nn.worker`` and ``oneshot_script`` the
+        fallback's one-shot trainer (tests pass the fake worker for both).
         """
         if not slots:
             raise ValueError("WorkerPool needs at least one device slot")
@@ -433,7 +430,9 @@ class WorkerPool:
         self.max_restarts = int(max_restarts)
         self.shutdown_timeout_s = float(shutdown_timeout_s)
         self.python = python
-        self.worker_command = list(worker_command) if worker_command is not None else [python, str(WORKER_SCRIPT)]
+        self.worker_command = (
+            list(worker_command) if worker_command is not None else module_command(WORKER_MODULE, python)
+        )
         self.oneshot_script = oneshot_script
         self._states = [_SlotState(slot) for slot in slots]
         self._free: queue.Queue[_SlotState] = queue.Queue()

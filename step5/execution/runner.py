@@ -4,8 +4,8 @@
 
     optimizer ──run_jobs([req, req, ...])──▶ SubprocessRunner
                                                │  one thread per device slot
-                                               ├─▶ python train_single_trial.py ... (slot CPU-0)
-                                               └─▶ python train_single_trial.py ... (slot CPU-1)
+                                               ├─▶ python -m step5.nn.oneshot ... (slot CPU-0)
+                                               └─▶ python -m step5.nn.oneshot ... (slot CPU-1)
                                                       │ one JSON line on stdout, exit 0 / 1
     optimizer ◀──results, in request order─────────────┘
 
@@ -42,12 +42,11 @@ import psutil
 from step5.devices import DeviceSlot
 from step5.errors import JobError, WorkerCrashed
 from step5.jsonio import loads
+from step5.launch import ONESHOT_MODULE, module_command
 from step5.protocol import TrainRequest
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-ONESHOT_SCRIPT = REPO_ROOT / "train_single_trial.py"
 CHECKPOINT_NAME = "best_model.pth"
 STDERR_TAIL_LINES = 20
 #: How long to wait for a SIGKILLed process (and its pipes) before giving up on it, logged.
@@ -111,16 +110,18 @@ def tail_lines(text: str, n: int = STDERR_TAIL_LINES) -> str:
 
 
 def oneshot_command(
-    request: TrainRequest, python: str = sys.executable, *, script: str | Path = ONESHOT_SCRIPT,
+    request: TrainRequest, python: str = sys.executable, *, script: str | Path | None = None,
 ) -> list[str]:
-    """The ``train_single_trial.py`` command line equivalent to a ``train`` request.
+    """The one-shot trainer's command line (``python -m step5.nn.oneshot``, the module behind
+    ``train_single_trial.py``) equivalent to a ``train`` request.
 
     ``script`` replaces the trainer (tests pass the fake worker, which accepts the same flags).
     """
     from step5.jsonio import dumps
 
+    program = module_command(ONESHOT_MODULE, python) if script is None else [python, str(script)]
     cmd = [
-        python, str(script),
+        *program,
         "--model-type", "neural_net",
         "--data-path", request.data_path,
         "--params", dumps(request.params.to_dict()).decode(),
@@ -149,7 +150,7 @@ def run_oneshot_job(
     *,
     timeout_s: float,
     python: str = sys.executable,
-    script: str | Path = ONESHOT_SCRIPT,
+    script: str | Path | None = None,
     env: Mapping[str, str] | None = None,
     live: MutableSet[subprocess.Popen[bytes]] | None = None,
 ) -> dict[str, Any]:
@@ -327,7 +328,7 @@ class SubprocessRunner:
         job_timeout_s: float = 600.0,
         max_retries: int = 1,
         python: str = sys.executable,
-        script: str | Path = ONESHOT_SCRIPT,
+        script: str | Path | None = None,
     ) -> None:
         """``script`` replaces ``train_single_trial.py`` (tests pass a fake trainer)."""
         if not slots:

@@ -36,6 +36,7 @@ Decisions:
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import logging
 import math
@@ -43,13 +44,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from step5.artifacts import CHECKPOINT_FILENAMES, CHECKPOINT_FORMATS
 from step5.data.splits import as_xy
-from step5.errors import DataError, JobError
+from step5.errors import DataError, JobError, MissingDependency
 from step5.fsutil import atomic_output
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,22 @@ _LIBRARY_KEYS: dict[str, tuple[str, ...]] = {
         "learning_rate", "depth", "l2_leaf_reg", "random_strength", "bagging_temperature",
     ),
 }
+
+
+def require_libraries(model_types: Iterable[str]) -> None:
+    """Raise :class:`MissingDependency` naming each tree library ``model_types`` need that is
+    not installed. They are the optional ``trees`` extra: a neural-net-only install lacks them.
+
+    Each model type's library is the module (and PyPI package) of the same name.
+    """
+    missing = [mt for mt in dict.fromkeys(model_types)
+               if mt in TREE_MODEL_TYPES and importlib.util.find_spec(mt) is None]
+    if missing:
+        raise MissingDependency(
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; the tree model types "
+            "come with the `trees` extra: pip install -c requirements.txt 'step5[trees]' "
+            "(or the checkout: pip install -c requirements.txt '.[trees]')"
+        )
 
 
 def _check_model_type(model_type: str) -> str:
@@ -473,13 +490,20 @@ def _fit_catboost(
 _FITTERS = {"xgboost": _fit_xgboost, "lightgbm": _fit_lightgbm, "catboost": _fit_catboost}
 
 
-def _library_errors() -> tuple[type[BaseException], ...]:
-    """The exception classes the three libraries raise for a fit they reject."""
-    import catboost
-    import lightgbm
-    import xgboost
+def _library_error(model_type: str) -> type[BaseException]:
+    """The exception class ``model_type``'s library raises for a fit it rejects (only that
+    library is imported: the others may not be installed)."""
+    if model_type == "xgboost":
+        import xgboost
 
-    return (xgboost.core.XGBoostError, lightgbm.basic.LightGBMError, catboost.CatBoostError)
+        return xgboost.core.XGBoostError
+    if model_type == "lightgbm":
+        import lightgbm
+
+        return lightgbm.basic.LightGBMError
+    import catboost
+
+    return catboost.CatBoostError
 
 
 def _as_job_error(model_type: str, exc: Exception) -> Exception:
@@ -487,7 +511,7 @@ def _as_job_error(model_type: str, exc: Exception) -> Exception:
     :class:`JobError` that fails the trial, not the run; anything else (a bug) unchanged."""
     if isinstance(exc, MemoryError):
         return JobError(f"{model_type} ran out of memory: {exc}", "out_of_memory")
-    if isinstance(exc, _library_errors()):
+    if isinstance(exc, _library_error(model_type)):
         text = str(exc).strip()
         kind = "out_of_memory" if "out of memory" in text.lower() else "train_error"
         return JobError(f"{model_type} training failed: {type(exc).__name__}: {text}", kind)
@@ -674,6 +698,7 @@ def load_model(path: str | os.PathLike[str], model_type: str) -> TreeModel:
     _check_suffix(p, model_type)
     if not p.is_file():
         raise DataError(f"{model_type} checkpoint not found: {p}")
+    require_libraries([model_type])
     try:
         if model_type == "xgboost":
             import xgboost as xgb

@@ -188,3 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wire.write(dumps_line(payload))
     wire.flush()
     return code
+
+
+if __name__ == "__main__":  # python -m step5.nn.oneshot (what the runner starts)
+    sys.exit(main())

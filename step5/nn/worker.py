@@ -41,7 +41,7 @@ from step5.framing import FrameTooLarge, LineReader, LineWriter
 from step5.jsonio import loads
 from step5.protocol import COMMANDS, MAX_REQUEST_BYTES, PROTOCOL_VERSION, TrainRequest
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("step5.nn.worker")  # not __name__: run with -m it is "__main__"
 
 _START = time.time()  # fallback origin for boot_s when the process start time is unknown
 
@@ -377,3 +377,7 @@ def _exit_now(rc: int, wire: Any) -> None:
         except (OSError, ValueError):
             pass
     os._exit(rc)
+
+
+if __name__ == "__main__":  # python -m step5.nn.worker (what the pool starts)
+    raise SystemExit(main())

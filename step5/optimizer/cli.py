@@ -51,6 +51,39 @@ class _UsageExitParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's real default once, as a closing ``[value]`` (SPEC section 3's notation).
+
+    argparse's ArgumentDefaultsHelpFormatter printed "(default: None)" beside a default
+    the help text already names ("model family [neural_net]"). Here a help text that
+    ends with a bracketed default keeps it; otherwise a default that is a real value
+    (not None, not a store_true's False) is appended; on/off flags read ``[on]``/``[off]``.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        # Python 3.11's BooleanOptionalAction appends its own "(default: ...)": drop it.
+        text = text.replace(" (default: %(default)s)", "")
+        default = action.default
+        shown = text.rstrip().endswith("]") or default is None or default is argparse.SUPPRESS or action.nargs == 0
+        if isinstance(action, argparse.BooleanOptionalAction) and isinstance(default, bool):
+            text += " [on]" if default else " [off]"
+        elif not shown:
+            text += " [" + str(default).replace("%", "%%") + "]"
+        return text
+
+
+#: --help's closing lines: an example command and the input format, one line each.
+_EPILOG = """\
+example:
+  %(prog)s --survivors survivors_with_scores.json --lottery-data train_history.json --model-type neural_net --trials 20
+
+input: --survivors is a JSON array of {"seed": 1, "features": {"name": 0.12, ...}, "holdout_quality": 0.27} \
+records (features numeric; target from features[--target] or the record's own key); --lottery-data a JSON \
+array of draws, [978, 123] or [{"draw": 978}, ...]. Sample files: python -m step5.data.sample --out sample_data
+"""
+
+
 def _int_at_least(lowest: int) -> Callable[[str], int]:
     """An argparse ``type`` accepting integers >= ``lowest``."""
 
@@ -116,21 +149,22 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
     p = _UsageExitParser(
         prog=prog,
         description=(
-            "Step 5: Optuna search for a regressor of each survivor's holdout quality, with an "
+            "Step 5: Optuna search for a regressor of each survivor's holdout quality, with an\n"
             "anti-overfit objective; saves best_model.* and best_model.meta.json."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=_EPILOG,
+        formatter_class=_HelpFormatter,
     )
     data = p.add_argument_group("inputs")
     data.add_argument("--survivors", type=Path, required=True, help="survivors_with_scores.json")
     data.add_argument("--lottery-data", type=Path, required=True, help="train_history.json (draw history)")
     data.add_argument("--target", default="holdout_quality", help="target column (features[NAME] or the record's NAME)")
-    data.add_argument("--prng-type", default=None, help="recorded in data_context (default: from survivors metadata)")
-    data.add_argument("--mod", type=_positive_int, default=None, help="recorded in data_context (default: from metadata)")
+    data.add_argument("--prng-type", default=None, help="recorded in data_context [from the survivors' metadata]")
+    data.add_argument("--mod", type=_positive_int, default=None, help="recorded in data_context [from the survivors' metadata]")
     data.add_argument("--holdout-draws", type=_non_negative_int, default=None, help="draws held out upstream, recorded")
 
     search = p.add_argument_group("search")
-    search.add_argument("--model-type", choices=MODEL_TYPES, default=None, help="model family [neural_net]")
+    search.add_argument("--model-type", choices=MODEL_TYPES, default=None, help=f"model family [{OptimizerConfig.model_type}]")
     search.add_argument("--compare-models", action="store_true", help="run all four model types and keep the best")
     search.add_argument("--trials", type=_positive_int, default=50,
                         help="complete trials the study must hold (a resumed study runs only the missing ones)")

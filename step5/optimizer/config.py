@@ -13,6 +13,7 @@ from typing import Any
 from step5.artifacts import DIAGNOSTICS_DIRNAME
 from step5.errors import UsageError
 from step5.policy import find_policy
+from step5.models.trees import require_libraries
 
 MODEL_TYPES = ("neural_net", "xgboost", "lightgbm", "catboost")
 
@@ -63,7 +64,8 @@ class OptimizerConfig:
 
 
 def validate_config(config: OptimizerConfig) -> None:
-    """Reject settings no run could honour, naming the flag; raises :class:`UsageError`.
+    """Reject settings no run could honour, naming the flag; raises :class:`UsageError`
+    (:class:`~step5.errors.MissingDependency` for a tree model type without its library).
 
     argparse checks types; this checks ranges and combinations, so a config built in code
     (compare runs, tests) gets the same checks as one parsed from the command line.
@@ -101,6 +103,8 @@ def validate_config(config: OptimizerConfig) -> None:
         raise UsageError(
             f"--storage must be an Optuna storage URL such as sqlite:///path/optuna.db, got {config.storage!r}"
         )
+    # Before any data is loaded: a missing optional library is not found an hour into a run.
+    require_libraries(MODEL_TYPES if config.compare_models else (config.model_type,))
 
 
 @dataclass

@@ -29,6 +29,7 @@ from step5.artifacts import compare_summary_path
 from step5.errors import Step5Error
 from step5.lifeline import SUPERVISOR_PID_ENV
 from step5.jsonio import dumps
+from step5.launch import child_environment
 from step5.policy import Policy, load_policy
 from step5.watcher.decision_log import append_decision
 from step5.watcher.judge import (
@@ -43,7 +44,6 @@ from step5.watcher.judge import (
 from step5.watcher.process import StepRun, run_in_group
 from step5.watcher.registry import DEFAULT_REGISTRY_PATH, load_skip_registry, record_result
 from step5.watcher.steps import (
-    REPO_ROOT,
     StepSpec,
     build_command,
     effective,
@@ -75,11 +75,9 @@ def _now() -> str:
 
 
 def step_env() -> dict[str, str]:
-    """The step's environment: ours, with the repository importable (``import step5``) and
+    """The step's environment: ours, with this step5 importable (:mod:`step5.launch`) and
     our pid as its supervisor, so the step stops if the WATCHER dies without stopping it."""
-    env = dict(os.environ)
-    parts = [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
+    env = child_environment()
     env[SUPERVISOR_PID_ENV] = str(os.getpid())
     return env
 
@@ -225,19 +223,17 @@ def run_pipeline(
     """Run steps ``start``..``end``; returns the exit code stating the decision.
 
     Everything that can be checked before running is: the steps exist, the params map, the
-    policy is valid, the step scripts exist. Stops at the first step that does not PROCEED.
+    policy is valid, a replacement ``script`` exists. Stops at the first step that does not PROCEED.
     ``out`` receives the CLI output: the commands (dry run) or one JSON line per step.
     """
     out = out or sys.stdout
     steps = steps_in_range(start, end)
     params_by_step = {s.number: validate_params(s, raw_params) for s in steps}
     policy = load_checked_policy(policy_path, steps)
-    for s in steps:
-        path = Path(script) if script is not None else s.script_path
-        if not path.is_file():
-            if not dry_run:
-                raise Step5Error(f"step {s.number} script not found: {path}")
-            logger.warning("step %d script not found: %s", s.number, path)
+    if script is not None and not Path(script).is_file():
+        if not dry_run:
+            raise Step5Error(f"step script not found: {script}")
+        logger.warning("step script not found: %s", script)
     if dry_run:
         for s in steps:
             print(shlex.join(build_command(s, params_by_step[s.number], policy_path=policy_path, script=script)),

@@ -33,13 +33,11 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from step5.artifacts import PIPELINE_STEP, PIPELINE_STEP_NAME
 from step5.errors import UsageError
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from step5.launch import OPTIMIZER_MODULE, module_command
 
 SWITCH = "switch"  # store_true / store_const: true -> --flag, false -> nothing
 ON_OFF = "on_off"  # BooleanOptionalAction: true -> --flag, false -> --no-flag
@@ -73,7 +71,7 @@ class StepSpec:
 
     number: int
     name: str
-    script: str  # path relative to the repository root
+    module: str  # run as ``python -P -m MODULE`` (step5.launch), so an installed package works
     acceptance_key: str  # section of ``acceptance_rules`` in the policy
     parser_factory: Callable[[], argparse.ArgumentParser]  # the step's own command line
     command_check: Callable[[argparse.Namespace, list[str]], Any]  # the step's own whole-command checks
@@ -91,10 +89,6 @@ class StepSpec:
 
     def spec(self, key: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == key), None)
-
-    @property
-    def script_path(self) -> Path:
-        return REPO_ROOT / self.script
 
 
 def params_from_parser(
@@ -141,7 +135,7 @@ def _step5_check(args: argparse.Namespace, argv: list[str]) -> None:
 _STEP5 = StepSpec(
     number=PIPELINE_STEP,
     name=PIPELINE_STEP_NAME,
-    script="meta_prediction_optimizer_anti_overfit.py",
+    module=OPTIMIZER_MODULE,
     acceptance_key="step5",
     parser_factory=_step5_parser,
     command_check=_step5_check,
@@ -287,7 +281,7 @@ def build_command(
     python: str = sys.executable,
 ) -> list[str]:
     """The step's argv for validated ``params``; ``script`` replaces the real step (tests)."""
-    argv = [python, str(script if script is not None else step.script_path)]
+    argv = module_command(step.module, python) if script is None else [python, str(script)]
     return argv + _flags(step, params) + ["--policy", str(policy_path)]
 
 

@@ -1,4 +1,4 @@
-"""The pool with the real nn_gpu_worker.py and train_single_trial.py (acceptance test 3).
+"""The pool with the real worker and one-shot trainer (`python -m step5.nn.worker` / `.oneshot`).
 
 One slot, real training on the CPU: an undisturbed run, then the same jobs while the
 worker is SIGKILLed mid-run (restart), then again (fallback to one-shot trainers). Every

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from step5.launch import WORKER_MODULE
 from step5.watcher.registry import load_skip_registry
 
 REPO = Path(__file__).resolve().parents[2]
@@ -109,7 +110,7 @@ def test_a_sigkilled_watcher_takes_the_step_and_its_workers_with_it(work, sample
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # until the step's persistent worker is up
             family = psutil.Process(watcher.pid).children(recursive=True)
-            if any("nn_gpu_worker.py" in " ".join(p.cmdline()) for p in family if p.is_running()):
+            if any(WORKER_MODULE in p.cmdline() for p in family if p.is_running()):
                 break
             assert watcher.poll() is None, "the WATCHER ended before the step's worker started"
             time.sleep(0.2)

@@ -7,6 +7,7 @@ import argparse
 import pytest
 
 from step5.errors import UsageError
+from step5.launch import module_command
 from step5.optimizer.cli import build_parser, config_from_args
 from step5.watcher.steps import (
     build_command,
@@ -20,7 +21,10 @@ STEP5 = get_step(5)
 
 
 def argv_for(params: dict, policy: str = "pol.json") -> list[str]:
-    return build_command(STEP5, validate_params(STEP5, params), policy_path=policy, python="py")[2:]
+    argv = build_command(STEP5, validate_params(STEP5, params), policy_path=policy, python="py")
+    program = module_command(STEP5.module, "py")
+    assert argv[:len(program)] == program
+    return argv[len(program):]
 
 
 def test_defaults_and_policy_pass_through():
