@@ -8,6 +8,7 @@ the real framing, and can be told to misbehave on a chosen job::
     fake_worker.py --fault exit --exit-code 42   # exit 42 on the first job
     fake_worker.py --fault garbage               # print a non-JSON line instead of a result
     fake_worker.py --boot hang                   # never say ready
+    fake_worker.py --job-s 30                    # a slow job: heartbeats answered, no result
     fake_worker.py --fault pass_error            # a fused pass (train_folds of 2+ jobs) fails
                                                  # as a whole: every job the same train_error
     fake_worker.py --fault sigkill --faulty-starts 1 --state-dir D
@@ -28,8 +29,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, BinaryIO, Sequence
@@ -107,6 +110,7 @@ class FakeWorker:
         launch = _launch_number(args.state_dir)
         self.faulty = args.faulty_starts is None or launch <= args.faulty_starts
         self.device = args.device
+        self.hung = False
 
     def log(self, msg: str) -> None:
         sys.stderr.write(f"fake-worker[{os.getpid()}] {msg}\n")
@@ -119,6 +123,7 @@ class FakeWorker:
             return False
         self.log(f"fault {fault!r} on job {request.job_id!r}")
         if fault == "hang":
+            self.hung = True  # a hung process: no answers, not even to heartbeats
             while True:
                 time.sleep(3600)
         if fault == "garbage":
@@ -157,6 +162,36 @@ class FakeWorker:
             exc.trial_number, exc.fold_idx, exc.job_id = request.trial_number, request.fold_idx, request.job_id
             return exc.to_dict()
 
+    def _start_reader(self) -> "queue.Queue[tuple[str, bytes | None]]":
+        """Read stdin on a thread that answers heartbeats at once (as the real worker does)
+        unless this process plays hung; everything else is queued for :meth:`serve`."""
+        lines: queue.Queue[tuple[str, bytes | None]] = queue.Queue()
+        reader = LineReader(sys.stdin.buffer, MAX_REQUEST_BYTES)
+
+        def read() -> None:
+            try:
+                while True:
+                    try:
+                        line = reader.read_line()
+                    except FrameTooLarge:
+                        lines.put(("oversize", None))
+                        continue
+                    if line is None:
+                        break
+                    if b"heartbeat" in line:
+                        raw = loads(line)
+                        if not self.hung:
+                            self.writer.write_message({"status": "alive", "job_id": raw.get("job_id")})
+                        continue
+                    lines.put(("line", line))
+            except (OSError, ValueError):
+                pass
+            finally:
+                lines.put(("eof", None))
+
+        threading.Thread(target=read, daemon=True).start()
+        return lines
+
     def serve(self) -> int:
         boot = self.args.boot if self.faulty else "none"
         time.sleep(self.args.boot_s)
@@ -173,11 +208,10 @@ class FakeWorker:
             "boot_s": self.args.boot_s, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "torch_threads": os.environ.get("STEP5_TORCH_THREADS"), "fake": True,
         })
-        reader = LineReader(sys.stdin.buffer, MAX_REQUEST_BYTES)
+        lines = self._start_reader()
         while True:
-            try:
-                line = reader.read_line()
-            except FrameTooLarge:
+            kind, line = lines.get()
+            if kind == "oversize":
                 self.writer.write_message(BadRequest("request line too long; discarded").to_dict())
                 continue
             if line is None:
