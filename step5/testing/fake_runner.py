@@ -16,7 +16,7 @@ import numpy as np
 
 from step5.errors import JobError
 from step5.execution.runner import check_groups
-from step5.execution.summary import RunnerStats, Timings
+from step5.execution.summary import FusionRecord, RunnerStats, Timings
 from step5.protocol import TrainRequest, fusion_key
 
 
@@ -94,7 +94,10 @@ class FakeFoldRunner:
         return [[self._outcome(r) for r in g] for g in groups]
 
     def summary(self) -> RunnerStats:
-        return RunnerStats(mode=self.mode, devices=["CPU-0"], timings=Timings(jobs=len(self.requests)))
+        groups = [g for call in self.calls for g in call]
+        fusion = FusionRecord(groups=len(groups), jobs=len(self.requests), fused_groups=len(self.fused_groups),
+                              largest_group=max([0, *(len(g) for g in groups)]))
+        return RunnerStats(mode=self.mode, devices=["CPU-0"], fusion=fusion, timings=Timings(jobs=len(self.requests)))
 
     def close(self) -> None:
         self.closed = True

@@ -19,7 +19,8 @@ from step5.data.splits import write_fold_npz
 from step5.devices import DeviceSlot
 from step5.errors import JobError
 from step5.execution.factory import make_fold_runner
-from step5.execution.pool import WorkerPool, _WorkerProcess
+from step5.execution.pool import WorkerPool
+from step5.execution.worker_process import WorkerProcess
 from step5.policy import TrainingPolicy
 from step5.testing import run_each, summary_of
 from step5.protocol import NNParams, TrainRequest
@@ -51,7 +52,7 @@ def kill_during_second_job(monkeypatch):
     kill itself comes from outside the pool, as an OOM killer's would.
     """
     sends = {"n": 0, "armed": False}
-    original = _WorkerProcess.send
+    original = WorkerProcess.send
 
     def send(self, message, doing):
         original(self, message, doing)
@@ -61,7 +62,7 @@ def kill_during_second_job(monkeypatch):
                 sends["armed"] = False
                 psutil.Process(self.pid).kill()
 
-    monkeypatch.setattr(_WorkerProcess, "send", send)
+    monkeypatch.setattr(WorkerProcess, "send", send)
 
     def arm() -> None:
         sends.update(n=0, armed=True)
