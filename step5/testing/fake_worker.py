@@ -51,9 +51,11 @@ ONESHOT_ENV = "STEP5_FAKE_ONESHOT"
 
 
 def fake_metrics(request: TrainRequest) -> dict[str, Any]:
-    """Deterministic pseudo-metrics for ``request`` (``job_id`` and paths' identity only)."""
+    """Deterministic pseudo-metrics for ``request``: a hash of the request without its
+    ``job_id`` and with only the data file's name (runs in different temp dirs agree)."""
     wire = request.to_dict()
     wire.pop("job_id", None)
+    wire["X_train_path"] = os.path.basename(wire["X_train_path"])
     digest = hashlib.sha256(dumps(wire)).digest()
     u = [int.from_bytes(digest[i:i + 4], "big") / 2**32 for i in (0, 4, 8)]
     return {

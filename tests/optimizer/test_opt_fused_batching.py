@@ -408,3 +408,23 @@ def test_batched_trials_get_heartbeats_so_a_killed_batch_is_failed_later(tmp_pat
         optuna.storages.fail_stale_trials(study)
     states = {t.number: t.state for t in study.get_trials()}
     assert states == {beaten.number: TrialState.FAIL, silent.number: TrialState.RUNNING}
+
+
+@pytest.mark.parametrize("fuse", [{}, {"fuse_trials": 3}], ids=["fold-by-fold", "fused-trials"])
+def test_same_seed_and_trials_in_flight_give_the_same_study_with_several_workers(
+    sample_inputs, tmp_path, monkeypatch, fuse,
+):
+    """Two workers finish jobs in whatever order they like; the loop tells trials in ask
+    order and the sampler (TPE, constant liar) sees the same history at every ask, so a
+    re-run is the same study: same params, same values, same best trial."""
+    _install_fake_pool(monkeypatch, "--job-s", "0.02")
+    tables, best = [], []
+    for name in ("first", "second"):
+        cfg = _config(sample_inputs, tmp_path, name, trials=13, k_folds=2, trials_in_flight=3, **fuse)
+        outcome = AntiOverfitMetaOptimizer(cfg).run()
+        tables.append(_table(_study(cfg, outcome)))
+        best.append((outcome.sidecar["optuna"]["best_trial_number"], outcome.sidecar["optuna"]["best_value"]))
+        assert outcome.sidecar["execution"]["search"]["trials_in_flight"] == 3
+    assert len(tables[0]) == 13 and all(state == "COMPLETE" for _, state, _, _ in tables[0])
+    assert tables[0] == tables[1]
+    assert best[0] == best[1]
