@@ -75,7 +75,7 @@ def test_a_failing_fold_is_rerun_alone_and_its_error_comes_back_in_place(data_fi
         # Only the failed fold ran again, alone: its unfused run is its verdict.
         assert summary["fusion"] == {"groups": 2, "jobs": 6, "fused_groups": 2, "unfused_groups": 0,
                                      "rerun_jobs": 1, "largest_group": 3}
-        with pytest.raises(JobError, match="gone.npz"):  # run_jobs still raises it
+        with pytest.raises(JobError, match="gone.npz"):  # run_each raises it
             run_each(pool, bad)
 
 

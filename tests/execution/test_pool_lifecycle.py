@@ -39,7 +39,7 @@ def pool_of(slots: list[DeviceSlot], *options: str, **kwargs) -> WorkerPool:
     return WorkerPool(slots, worker_command=fake_worker_command(*options), oneshot_script=FAKE_WORKER, **kwargs)
 
 
-def run_jobs_in_background(pool: WorkerPool, requests: list[TrainRequest]) -> tuple[threading.Thread, list]:
+def run_in_background(pool: WorkerPool, requests: list[TrainRequest]) -> tuple[threading.Thread, list]:
     """Start ``run_each(pool, requests)`` on a thread; the list collects what it raised."""
     errors: list[BaseException] = []
 
@@ -125,7 +125,7 @@ def test_close_says_shutdown_and_reaps_every_worker(data_file, caplog):
 
 def test_close_while_a_job_hangs_terminates_the_worker(data_file):
     pool = pool_of(cpu_slots(1), "--fault", "hang", job_timeout_s=60.0, shutdown_timeout_s=0.5)
-    runner, errors = run_jobs_in_background(pool, requests_for(data_file, 1))
+    runner, errors = run_in_background(pool, requests_for(data_file, 1))
     time.sleep(0.5)
     pids = pool.worker_pids()
     start = time.monotonic()
@@ -160,7 +160,7 @@ def test_close_racing_a_fault_still_reports_pool_closed(data_file, monkeypatch):
                 pool.close()
 
     monkeypatch.setattr(type(worker), "kill", kill_then_close)
-    runner, errors = run_jobs_in_background(pool, requests_for(data_file, 1))
+    runner, errors = run_in_background(pool, requests_for(data_file, 1))
     time.sleep(0.5)
     os.kill(worker.pid, signal.SIGKILL)  # the fault: the worker dies mid-job
     runner.join(timeout=10)
@@ -173,7 +173,7 @@ def test_close_racing_a_fault_still_reports_pool_closed(data_file, monkeypatch):
 def test_close_while_a_fallback_trainer_hangs_kills_it(data_file, monkeypatch):
     monkeypatch.setenv("STEP5_FAKE_ONESHOT", "hang")
     pool = pool_of(cpu_slots(1), "--fault", "sigkill", max_restarts=0, job_timeout_s=60.0)
-    runner, errors = run_jobs_in_background(pool, requests_for(data_file, 1))
+    runner, errors = run_in_background(pool, requests_for(data_file, 1))
     me = psutil.Process()
 
     def oneshot_running() -> bool:
@@ -243,7 +243,7 @@ def test_ctrl_c_during_close_still_kills_every_worker(data_file, monkeypatch):
     from step5.execution.worker_process import WorkerProcess
 
     pool = pool_of(cpu_slots(2), "--fault", "hang", job_timeout_s=60.0)
-    runner, errors = run_jobs_in_background(pool, requests_for(data_file, 2))
+    runner, errors = run_in_background(pool, requests_for(data_file, 2))
     time.sleep(0.5)
     pids = pool.worker_pids()
     assert len(pids) == 2
@@ -260,7 +260,7 @@ def test_ctrl_c_during_close_still_kills_every_worker(data_file, monkeypatch):
     assert len(errors) == 1 and isinstance(errors[0], PoolClosed), errors
 
 
-def test_ctrl_c_in_run_jobs_kills_every_worker_before_propagating(data_file):
+def test_ctrl_c_in_run_kills_every_worker_before_propagating(data_file):
     pool = pool_of(cpu_slots(2), "--fault", "hang", job_timeout_s=60.0)
     pids = pool.worker_pids()
     assert len(pids) == 2
