@@ -36,7 +36,6 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -359,6 +358,7 @@ class AntiOverfitMetaOptimizer:
         n_new = max(0, cfg.trials - opened.complete_before)
         self._first_new_number = opened.trials_before
         self._new_trials = 0
+        self._search_record = self.plan.record()  # what a search would have been, if none runs
         start = time.perf_counter()
         if n_new == 0:
             logger.info(
@@ -367,7 +367,6 @@ class AntiOverfitMetaOptimizer:
             )
         else:
             logger.info("running %d new trial(s) (study has %d complete)", n_new, opened.complete_before)
-
             self._search_record = run_search(opened, backend, self.plan, n_new, self._progress_callback(n_new))
         self.timings["search_s"] = time.perf_counter() - start
 

@@ -57,6 +57,7 @@ def make_sidecar(
 ) -> dict[str, Any]:
     """A sidecar as SPEC section 4 and :func:`step5.artifacts.validate_sidecar` want it."""
     from step5.artifacts import CHECKPOINT_FORMATS, SCHEMA_VERSION, build_feature_schema, checkpoint_filename
+    from step5.execution.summary import RunnerStats, build_execution_summary
 
     degenerate = outcome == "DEGENERATE_SIGNAL"
     return {
@@ -80,7 +81,7 @@ def make_sidecar(
         "hyperparameters": {} if degenerate else {"hidden_layers": [64, 32], "learning_rate": 0.001},
         "optuna": {"study_name": "fake", "storage": "sqlite:///fake.db", "trials_run": 0 if degenerate else 2,
                    "best_trial_number": None if degenerate else 0, "best_value": None if degenerate else 0.4},
-        "execution": {"mode": mode, "workers": [], "devices": ["cpu"], "fallbacks": [], "timings": {}},
+        "execution": build_execution_summary(None if degenerate else RunnerStats(mode=mode, devices=["cpu"])).to_dict(),
         "outcome": outcome,
         "provenance": {"run_id": "fakerun", "parent_run_id": parent_run_id, "command_line": sys.argv,
                        "created_at": "2026-02-18T16:02:58Z", "versions": {}},

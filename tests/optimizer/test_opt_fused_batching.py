@@ -101,6 +101,24 @@ def test_batch_size_separates_trials_only_when_their_folds_train_in_mini_batches
     assert fusion_groups(trials, 1) == [[0], [1]]
 
 
+def test_plan_groups_makes_one_path_for_every_fusion_setting_longest_first():
+    trials = {0: [_req(0, f, [64]) for f in range(2)], 1: [_req(1, f, [128, 64]) for f in range(2)],
+              2: [_req(2, f, [64], lr=0.01) for f in range(2)]}
+
+    def shape(groups):
+        return [[(r.trial_number, r.fold_idx) for r in g] for g in groups]
+
+    # Fold by fold: six groups of one, the widest trial's folds first (estimated cost).
+    alone = plan_groups(trials, fuse_folds=False, fuse_trials=False, capacity=2)
+    assert shape(alone) == [[(1, 0)], [(1, 1)], [(0, 0)], [(0, 1)], [(2, 0)], [(2, 1)]]
+    # Fused folds: one group per trial.
+    assert shape(plan_groups(trials, fuse_folds=True, fuse_trials=False, capacity=2)) == [
+        [(1, 0), (1, 1)], [(0, 0), (0, 1)], [(2, 0), (2, 1)]]
+    # Fused trials: same shapes together (0 and 2); the wider trial 1 is still the costlier group.
+    assert shape(plan_groups(trials, fuse_folds=True, fuse_trials=True, capacity=1)) == [
+        [(1, 0), (1, 1)], [(0, 0), (0, 1), (2, 0), (2, 1)]]
+
+
 # ---------------------------------------------------------------------------- --fuse-folds
 
 
