@@ -181,10 +181,14 @@ class FakeWorker:
                     if line is None:
                         break
                     if b"heartbeat" in line:
-                        raw = loads(line)
-                        if not self.hung:
-                            self.writer.write_message({"status": "alive", "job_id": raw.get("job_id")})
-                        continue
+                        try:
+                            raw = loads(line)
+                        except ValueError:
+                            raw = None
+                        if isinstance(raw, dict) and raw.get("command") == "heartbeat":
+                            if not self.hung:
+                                self.writer.write_message({"status": "alive", "job_id": raw.get("job_id")})
+                            continue
                     lines.put(("line", line))
             except (OSError, ValueError):
                 pass
