@@ -15,9 +15,10 @@
 
 The wall is ``t1 - t0``: what training the folds costs when there is nothing else to pay
 for. With one process it is the single-process limit; with N processes (the runners'
-count) it is the bar for the runners. The per-trial barrier is on by default because the
-optimizer's trials are sequential (trial t+1's parameters depend on trial t's score): no
-runner can start trial t+1's folds early, so neither may the limit.
+count) it is the bar for the runners. The barrier between the lists handed in (the
+optimizer's batches of B trials) is on by default because batches are sequential (batch
+b+1's parameters depend on batch b's scores): no runner can start them early, so neither
+may the limit.
 """
 from __future__ import annotations
 

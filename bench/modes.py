@@ -6,21 +6,23 @@ round, so that every mode is measured warm), and one result dict per job. The re
 compares the results across modes job by job, so a mode cannot quietly train something
 else.
 
-Adding a mode is one :class:`Mode` entry in :data:`MODES`; the fused modes (``s96b-ff``,
-``s96b-ft``) go through ``WorkerPool.run_fused`` as the optimizer's ``--fuse-folds`` and
-``--fuse-trials`` do.
+Adding a mode is one :class:`Mode` entry in :data:`MODES`.
 
 Modes run in rounds (``--rounds``), interleaved — limit1, limit, s96b, loky, then again —
 so that a disturbance from outside (a shared machine) falls on every mode alike; each
 mode's row is its median round. S96A is too slow to repeat and its ratios are far from
 any threshold, so it runs once, after the rounds.
 
-How the runner modes submit work: like the optimizer, one ``run_jobs`` call per trial
-(its K folds), trial after trial (``--dispatch trial``), or all jobs in one call
-(``--dispatch all``), the shape a runner sees when trials run concurrently.
+How the runner modes submit work: exactly as the optimizer's ask/tell loop does. The
+trials go in batches of ``--trials-in-flight`` B (default: one per process, the
+optimizer's default); each batch becomes groups by the optimizer's own
+:func:`~step5.optimizer.grouping.plan_groups` (fold by fold, fused folds or fused trials)
+and is one ``runner.run(groups)`` call. The limit gets the same batches, with a barrier
+between them, since the loop cannot ask batch b+1 before batch b was told.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -44,14 +46,30 @@ class BenchContext:
     job_timeout_s: float = 600.0
     ready_timeout_s: float = 300.0
     python: str = sys.executable
-    dispatch: str = "trial"  # "trial": one run_jobs per trial; "all": one call for every job
+    trials_in_flight: int = 0  # B, trials per run() call; 0: one per process (the optimizer's default)
+
+    @property
+    def in_flight(self) -> int:
+        return self.trials_in_flight or len(self.slots)
+
+    def groups(self, fuse: str | None = None) -> list[list[list[TrainRequest]]]:
+        """Per batch of B trials, the groups the optimizer would send (``fuse``: None,
+        "folds" or "trials")."""
+        from step5.optimizer.grouping import plan_groups
+
+        trials = self.workload.trials
+        rows = {r.data_path: self.workload.n_train for t in trials for r in t}  # every fold has n_train rows
+        out = []
+        for start in range(0, len(trials), self.in_flight):
+            batch = {t[0].trial_number: list(t) for t in trials[start:start + self.in_flight]}
+            out.append(plan_groups(batch, fuse_folds=fuse is not None, fuse_trials=fuse == "trials",
+                                   capacity=len(self.slots), n_train=rows))
+        return out
 
     @property
     def batches(self) -> list[list[TrainRequest]]:
-        """The request lists handed to a runner, one call each."""
-        if self.dispatch == "all":
-            return [self.workload.requests]
-        return [list(t) for t in self.workload.trials]
+        """Per batch, its requests in the order the runners get them (longest first)."""
+        return [[r for g in groups for r in g] for groups in self.groups()]
 
 
 @dataclass
@@ -97,13 +115,23 @@ def _one(ctx: BenchContext) -> int:
     return 1
 
 
-def _run_batches(runner: Any, ctx: BenchContext) -> tuple[float, list[dict[str, Any]]]:
-    """The timed section shared by the runner modes."""
+def _run_batches(runner: Any, ctx: BenchContext, fuse: str | None = None) -> tuple[float, list[dict[str, Any]]]:
+    """The timed section shared by the runner modes: one ``run(groups)`` per batch."""
+    from step5.execution.runner import raise_first_job_error
+
+    calls = ctx.groups(fuse)
     results: list[dict[str, Any]] = []
     start = time.perf_counter()
-    for batch in ctx.batches:
-        results.extend(runner.run_jobs(batch))
+    for groups in calls:
+        # Outcomes hold a JobError in a failed job's place; the benchmark's jobs must all train.
+        results.extend(raise_first_job_error([o for outcomes in runner.run(groups) for o in outcomes]))
     return time.perf_counter() - start, results
+
+
+def _warm(runner: Any, ctx: BenchContext) -> None:
+    from step5.execution.runner import raise_first_job_error
+
+    raise_first_job_error([o for (o,) in runner.run([[r] for r in _warm_round(ctx)])])
 
 
 def _warm_round(ctx: BenchContext) -> list[TrainRequest]:
@@ -126,61 +154,26 @@ def run_s96a(ctx: BenchContext) -> ModeRun:
     with SubprocessRunner(ctx.slots, job_timeout_s=ctx.job_timeout_s, max_retries=0, python=ctx.python) as runner:
         # No process outlives a job, so nothing stays warm; this round only warms the
         # OS page cache for the interpreter and torch libraries, as for every mode.
-        runner.run_jobs(_warm_round(ctx))
+        _warm(runner, ctx)
         startup_s = time.perf_counter() - start
         wall_s, results = _run_batches(runner, ctx)
-        summary = runner.summary()
+        summary = dataclasses.asdict(runner.summary())
     return ModeRun("s96a", len(ctx.slots), wall_s, startup_s, results, {"runner": summary})
-
-
-def _fused_calls(ctx: BenchContext, by_trial: bool) -> list[list[list[TrainRequest]]]:
-    """The ``run_fused`` calls of a fused mode: per call, its groups of requests.
-
-    ``by_trial`` (fused folds): each trial's K folds are one group, one call per batch, as
-    ``--fuse-folds`` sends them. Otherwise (fused trials): every trial of a batch whose
-    fusion key matches (same layer shapes, epochs, optimizer, batch plan) joins one group,
-    as ``--fuse-trials`` sends them.
-    """
-    from step5.protocol import fusion_key
-
-    calls: list[list[list[TrainRequest]]] = []
-    for batch in ctx.batches:
-        if by_trial:
-            trials: dict[Any, list[TrainRequest]] = {}
-            for r in batch:
-                trials.setdefault(r.trial_number, []).append(r)
-            calls.append(list(trials.values()))
-        else:
-            groups: dict[Any, list[TrainRequest]] = {}
-            for r in batch:
-                groups.setdefault(fusion_key(r, ctx.workload.n_train), []).append(r)
-            calls.append(list(groups.values()))
-    return calls
 
 
 def _run_pool(ctx: BenchContext, name: str, fused: str | None = None) -> ModeRun:
     """Persistent workers, each job alone (``fused=None``) or fused ("folds" / "trials")."""
     from step5.execution.pool import WorkerPool
-    from step5.execution.runner import raise_first_job_error
 
     start = time.perf_counter()
     with WorkerPool(
         ctx.slots, job_timeout_s=ctx.job_timeout_s, ready_timeout_s=ctx.ready_timeout_s, max_restarts=0,
         python=ctx.python,
     ) as pool:
-        pool.run_jobs(_warm_round(ctx))
+        _warm(pool, ctx)
         startup_s = time.perf_counter() - start
-        if fused is None:
-            wall_s, results = _run_batches(pool, ctx)
-        else:
-            calls = _fused_calls(ctx, by_trial=fused == "folds")
-            results = []
-            t0 = time.perf_counter()
-            for groups in calls:
-                # Outcomes hold a JobError in a failed job's place; the benchmark's jobs must all train.
-                results.extend(raise_first_job_error([r for group in pool.run_fused(groups) for r in group]))
-            wall_s = time.perf_counter() - t0
-        summary = pool.summary()
+        wall_s, results = _run_batches(pool, ctx, fused)
+        summary = dataclasses.asdict(pool.summary())
     fallbacks = summary.get("fallbacks") or []
     if fallbacks:
         # A worker fell back to one-shot subprocesses: the row would not measure S96B.
@@ -274,7 +267,7 @@ def stop_resource_trackers() -> None:
 def _limit(ctx: BenchContext, slots: Sequence[DeviceSlot], name: str) -> ModeRun:
     from bench.limit import run_limit
 
-    sync = ctx.dispatch == "trial"
+    sync = len(ctx.batches) > 1
     trials = [[r.to_dict() for r in batch] for batch in ctx.batches]
     out = run_limit(
         trials, ctx.workload.warmup.to_dict(), slots, sync_trials=sync, ready_timeout_s=ctx.ready_timeout_s,

@@ -125,32 +125,35 @@ class Target:
     name: str
     text: str
     needs: tuple[str, ...]
-    value: Callable[[Mapping[str, float]], float]
+    value: Callable[[Mapping[str, float], Mapping[str, int]], float]  # (walls, processes) -> ratio
     op: str  # ">=" or "<="
     bound: float
 
-    def judge(self, walls: Mapping[str, float]) -> dict[str, Any]:
+    def judge(self, walls: Mapping[str, float], processes: Mapping[str, int] | None = None) -> dict[str, Any]:
         if not all(n in walls for n in self.needs):
             return {"name": self.name, "text": self.text, "value": None, "bound": self.bound, "op": self.op,
                     "held": None}
-        v = self.value(walls)
+        v = self.value(walls, processes or {})
         held = v >= self.bound if self.op == ">=" else v <= self.bound
         return {"name": self.name, "text": self.text, "value": v, "bound": self.bound, "op": self.op, "held": held}
 
 
 TARGETS = (
     Target("s96b_speedup_vs_s96a", "S96B at least 5x faster than S96A (s96a wall / s96b wall)",
-           ("s96a", "s96b"), lambda w: w["s96a"] / w["s96b"], ">=", 5.0),
+           ("s96a", "s96b"), lambda w, n: w["s96a"] / w["s96b"], ">=", 5.0),
+    Target("s96b_vs_ideal", "S96B within 1.05x of the ideal parallel limit (s96b / (limit1 / N processes))",
+           ("s96b", "limit1"), lambda w, n: w["s96b"] / (w["limit1"] / n["s96b"]), "<=", 1.05),
     Target("s96b_vs_limit", "S96B within 1.15x of the limit with the same processes (s96b / limit)",
-           ("s96b", "limit"), lambda w: w["s96b"] / w["limit"], "<=", 1.15),
+           ("s96b", "limit"), lambda w, n: w["s96b"] / w["limit"], "<=", 1.15),
     Target("s96b_vs_loky", "S96B no slower than the loky peer (s96b / loky)",
-           ("s96b", "loky"), lambda w: w["s96b"] / w["loky"], "<=", 1.0),
+           ("s96b", "loky"), lambda w, n: w["s96b"] / w["loky"], "<=", 1.0),
 )
 
 
 def judge_targets(runs: Mapping[str, ModeRun]) -> list[dict[str, Any]]:
     walls = {name: run.wall_s for name, run in runs.items()}
-    return [t.judge(walls) for t in TARGETS]
+    processes = {name: run.processes for name, run in runs.items()}
+    return [t.judge(walls, processes) for t in TARGETS]
 
 
 # -- machine -------------------------------------------------------------------------------

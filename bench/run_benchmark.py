@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.run_benchmark [--trials 20 --folds 5 --survivors 2000]
         [--workers N | --gpus auto|none|0,1] [--modes limit1,limit,s96b,loky,s96a]
-        [--dispatch trial|all] [--big-survivors 200000] [--out bench/results]
+        [--trials-in-flight B] [--big-survivors 200000] [--out bench/results]
 
 Prints the table, the targets (HOLDS / MISSED) and the data-path timings on stdout; logs
 go to stderr. Writes ``benchmark.json``, ``benchmark.png`` and ``benchmark.txt`` (the
@@ -65,8 +65,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(MODES)} [{','.join(DEFAULT_MODES)}]")
     p.add_argument("--rounds", type=int, default=3,
                    help="interleaved rounds of the repeatable modes; each row is the mode's median round [3]")
-    p.add_argument("--dispatch", choices=("trial", "all"), default="trial",
-                   help="'trial': one run_jobs call per trial, as the optimizer does; 'all': every job in one call")
+    p.add_argument("--trials-in-flight", type=int, default=0,
+                   help="trials per run() call, as the optimizer's --trials-in-flight [0: one per process, "
+                        "the optimizer's default]")
     p.add_argument("--big-survivors", type=int, default=200_000,
                    help="records in the json.dump indent=2 survivors file whose reading is timed against "
                         "json.load (one round; `python -m bench.datapath` for more); 0 skips it [200000]")
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     ) as workload:
         ctx = BenchContext(
             workload=workload, slots=slots, job_timeout_s=args.job_timeout, ready_timeout_s=args.ready_timeout,
-            dispatch=args.dispatch,
+            trials_in_flight=args.trials_in_flight,
         )
         rounds: dict[str, list[ModeRun]] = {name: [] for name in args.mode_list}
         # The repeatable modes' rounds back to back (minutes apart at most, so they see the
@@ -183,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     title = (
         f"{workload_info['trials']} trials x {workload_info['folds']} folds, {workload_info['survivors']} survivors x "
         f"{workload_info['features']} features, {len(slots)} {'GPU' if slots[0].kind == 'cuda' else 'CPU'} "
-        f"process(es), dispatch={args.dispatch}, median of {args.rounds} round(s) — {machine['cpu_model']}, {machine['cpu_cores']} cores, "
+        f"process(es), {ctx.in_flight} trial(s) in flight, median of {args.rounds} round(s) — {machine['cpu_model']}, {machine['cpu_cores']} cores, "
         f"torch {machine['torch']}" + (f", GPU {machine['gpus'][0]}" if machine["gpus"] else "")
     )
     report = "\n".join(
@@ -218,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
             "machine": machine,
             "load_average": {"before": load_before, "after_modes": load_after_modes, "end": os.getloadavg()},
             "slots": [{"label": s.label, "kind": s.kind, "torch_threads": s.torch_threads} for s in slots],
-            "dispatch": args.dispatch,
+            "trials_in_flight": ctx.in_flight,
             "workload": workload_info,
             "rows": rows,
             "targets": targets,

@@ -43,6 +43,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from step5.errors import DataError
+from step5.execution.summary import EXECUTION_MODES, execution_problems  # noqa: F401 - re-exported
 from step5.jsonio import dumps, read_json_file, write_json_atomic
 
 SCHEMA_VERSION = "1.0"
@@ -76,7 +77,6 @@ MODEL_SET_NAMES = frozenset({*CHECKPOINT_FILENAMES.values(), SIDECAR_NAME, HISTO
 
 OUTCOMES = ("SUCCESS", "DEGENERATE_SIGNAL")
 SIGNAL_STATUSES = ("healthy", "weak", "degenerate")
-EXECUTION_MODES = ("persistent_workers", "subprocess", "inline")
 
 #: How feature columns are ordered in ``feature_schema.feature_names`` (and the model input).
 FEATURE_ORDERING = "lexicographic"
@@ -340,14 +340,6 @@ OPTUNA_KEYS: dict[str, _Check] = {
     "best_value": OPT_NUM,
 }
 
-EXECUTION_KEYS: dict[str, _Check] = {
-    "mode": OPT_STR,
-    "workers": LIST,
-    "devices": LIST,
-    "fallbacks": LIST,
-    "timings": DICT,
-}
-
 PROVENANCE_KEYS: dict[str, _Check] = {
     "run_id": STR,
     "parent_run_id": OPT_STR,
@@ -441,10 +433,8 @@ def validate_sidecar(obj: dict[str, Any]) -> list[str]:
 
     ex = obj.get("execution")
     if isinstance(ex, dict):
-        _check_block(ex, EXECUTION_KEYS, "execution.", problems)
-        mode = ex.get("mode")
-        if isinstance(mode, str) and mode not in EXECUTION_MODES:
-            problems.append(f"`execution.mode` must be one of {list(EXECUTION_MODES)} or null, got {mode!r}")
+        # Every key of the typed block (step5.execution.summary), nested records included.
+        problems.extend(execution_problems(ex))
 
     pv = obj.get("provenance")
     if isinstance(pv, dict):

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-#: ``error_type`` values a training job may fail with (SPEC section 6).
-JOB_ERROR_TYPES = ("bad_request", "data_error", "train_error", "out_of_memory")
+#: ``error_type`` values a training job may fail with (SPEC section 6). ``timeout`` is the
+#: parent's verdict on a job that ran past its timeout twice; no trainer sends it.
+JOB_ERROR_TYPES = ("bad_request", "data_error", "train_error", "out_of_memory", "timeout")
 
 
 class Terminated(KeyboardInterrupt):
@@ -125,4 +126,18 @@ class WorkerCrashed(Step5Error):
     def __init__(self, message: str, *, exit_status: str | None = None, stderr_tail: str = "") -> None:
         super().__init__(message)
         self.exit_status = exit_status
+        self.stderr_tail = stderr_tail
+
+
+class JobTimedOut(Step5Error):
+    """Raised when a job runs past its timeout while its process is otherwise healthy.
+
+    Not a worker fault: the job is retried once, and its second timeout fails it (a
+    :class:`JobError` with ``error_type`` ``timeout``); the slot keeps its worker mode.
+    """
+
+    def __init__(self, message: str, *, timeout_s: float, stderr_tail: str = "") -> None:
+        super().__init__(message)
+        self.timeout_s = timeout_s
+        self.exit_status = "TIMEOUT"
         self.stderr_tail = stderr_tail

@@ -34,6 +34,7 @@ class TrainingPolicy:
     worker_ready_timeout_s: float = 120.0  # boot (import torch, init CUDA) must finish by then
     max_worker_restarts: int = 1  # restarts per device before falling back to subprocesses
     fuse_folds: bool = False  # train a trial's K folds in one batched pass
+    trials_in_flight: int = 0  # trials per ask/run/tell batch; 0: one per device slot
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ Request (parent -> worker), one JSON object per line::
      "use_leaky_relu": true, "batch_mode": "auto", "seed": 42, "job_id": "t0-f0"}
 
 Responses (worker -> parent): ``ready`` once, then exactly one ``complete`` / ``error`` /
-``pong`` / ``shutdown`` per request line, in order.
+``pong`` / ``shutdown`` per request line, in order; ``heartbeat`` is answered with
+``{"status": "alive", "job_id": ...}`` as soon as it is read, even while a job trains.
 
 The NPZ named by ``X_train_path`` holds ``X_train``, ``y_train``, ``X_val``, ``y_val`` and,
 optionally, ``X_test``/``y_test`` (scored after training, never used for fitting or early
@@ -29,7 +30,10 @@ from step5.errors import BadRequest
 
 PROTOCOL_VERSION = 1
 
-COMMANDS = ("train", "train_folds", "ping", "shutdown")
+COMMANDS = ("train", "train_folds", "ping", "heartbeat", "shutdown")
+#: Answered at once by the worker's reader thread, even while a job trains (the only
+#: request answered out of order): the parent's way to tell a slow job from a hung worker.
+OUT_OF_BAND_COMMANDS = ("heartbeat",)
 OPTIMIZERS = ("adam", "adamw", "sgd")
 BATCH_MODES = ("auto", "full", "mini")
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from step5.data.survivors import load_feature_matrix
+from step5.launch import module_command
 from step5.models import trees
 from step5.optimizer.cli import build_parser, config_from_args
 from step5.predictor import load_predictor
@@ -170,7 +171,8 @@ def test_manifest_params_and_bounds_build_a_command_step5_accepts():
     step = get_step(5)
     params = {**MANIFEST_DEFAULTS, "normalize_features": False, "use_leaky_relu": False, "dropout": 0.25,
               "dropout_override": 0.25, "batch_size_nn": 4, "survivors": "s.json", "lottery_data": "h.json"}
-    argv = build_command(step, validate_params(step, params), policy_path="p.json", python="py")[2:]
+    argv = build_command(step, validate_params(step, params), policy_path="p.json", python="py")
+    argv = argv[len(module_command(step.module, "py")):]
     config = config_from_args(build_parser().parse_args(argv), argv)
     assert (config.trials, config.k_folds, config.model_type, config.compare_models) == (2, 2, "neural_net", False)
     assert config.output_dir == Path("models/reinforcement") and config.enable_diagnostics

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 import traceback
@@ -207,6 +208,14 @@ def read_fold_npz(path: str) -> FoldData:
     )
 
 
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 def load_fold(path: str, cache: DataCache | None = None) -> tuple[FoldData, float]:
     """A validated fold and the seconds spent reading it (0.0 on a cache hit)."""
     try:
@@ -215,6 +224,10 @@ def load_fold(path: str, cache: DataCache | None = None) -> tuple[FoldData, floa
         raise _data_error(f"fold file not found: {path}") from None
     except OSError as exc:
         raise _data_error(f"cannot stat fold file {path}: {exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        # A FIFO or a device would block np.load (and the whole worker) forever.
+        raise _data_error(f"fold file {path} is not a regular file ({_file_kind(st.st_mode)}); "
+                          "fold files must be regular NPZ files")
     key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
     if cache is not None:
         hit = cache.get(key)

@@ -30,8 +30,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 import traceback
 from typing import Any, Protocol, Sequence
@@ -126,6 +128,8 @@ class Dispatcher:
             return self._train_folds(raw)
         if command == "ping":
             return [self._pong(raw)]
+        if command == "heartbeat":
+            return [self.alive(raw)]
         if command == "shutdown":
             self.shutdown_requested = True
             return [{"status": "shutdown", "reason": "command", "jobs_done": self.jobs_done, "pid": os.getpid()}]
@@ -151,6 +155,10 @@ class Dispatcher:
         if echo is not None:
             out["job_id"] = echo
         return out
+
+    def alive(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """The answer to a ``heartbeat``: this process still reads its requests."""
+        return {"status": "alive", "pid": os.getpid(), "job_id": _echo(raw)["job_id"], "jobs_done": self.jobs_done}
 
     def _failure(self, exc: BaseException, request: TrainRequest) -> dict[str, Any]:
         """Map an exception raised by a job to its error response."""
@@ -227,26 +235,63 @@ class Dispatcher:
 
 
 def serve(reader: LineReader, writer: LineWriter, dispatcher: Dispatcher) -> int:
-    """Answer requests until ``shutdown`` or end of input; returns the exit status (0)."""
-    while True:
+    """Answer requests until ``shutdown`` or end of input; returns the exit status (0).
+
+    A reader thread takes every line off stdin as it arrives: it answers ``heartbeat`` at
+    once (so the parent can tell a long job from a hung worker) and queues everything
+    else, which this thread answers in order.
+    """
+    lines: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+    def read() -> None:
         try:
-            line = reader.read_line()
-        except FrameTooLarge as exc:
-            logger.warning("discarded an oversize request line (%d bytes)", exc.seen)
-            writer.write_message(dispatcher.oversize(exc))
-            if exc.at_eof:
-                return 0
+            while True:
+                try:
+                    line = reader.read_line()
+                except FrameTooLarge as exc:
+                    lines.put(("oversize", exc))
+                    if exc.at_eof:
+                        break
+                    continue
+                if line is None:
+                    break
+                if not line.strip():
+                    continue  # blank lines are keep-alives, not requests
+                if _is_heartbeat(line):
+                    writer.write_message(dispatcher.alive(loads(line)))
+                    continue
+                lines.put(("line", line))
+        except (OSError, ValueError) as exc:  # stdin closed under us: same as EOF
+            logger.debug("stdin reader stopped: %s", exc)
+        finally:
+            lines.put(("eof", None))
+
+    threading.Thread(target=read, name="step5-worker-stdin", daemon=True).start()
+    while True:
+        kind, payload = lines.get()
+        if kind == "oversize":
+            logger.warning("discarded an oversize request line (%d bytes)", payload.seen)
+            writer.write_message(dispatcher.oversize(payload))
             continue  # never fall through to a previous message
-        if line is None:
+        if kind == "eof":
             logger.info("stdin closed after %d job(s); exiting", dispatcher.jobs_done)
             return 0
-        if not line.strip():
-            continue  # blank lines are keep-alives, not requests
-        for response in dispatcher.handle_line(line):
+        for response in dispatcher.handle_line(payload):
             writer.write_message(response)
         if dispatcher.shutdown_requested:
             logger.info("shutdown requested after %d job(s)", dispatcher.jobs_done)
             return 0
+
+
+def _is_heartbeat(line: bytes) -> bool:
+    """Whether a request line is a ``heartbeat`` (cheap check first: most lines are jobs)."""
+    if b"heartbeat" not in line or len(line) > 1024:
+        return False
+    try:
+        raw = loads(line)
+    except ValueError:
+        return False
+    return isinstance(raw, dict) and raw.get("command") == "heartbeat"
 
 
 class TorchBackend:

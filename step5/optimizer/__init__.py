@@ -1,7 +1,8 @@
 """The Step 5 optimizer (torch-free): config, study, objective, the run, the CLI.
 
 Re-exports only; the modules are ``config`` (settings and outcome), ``study`` (open /
-resume), ``search_space`` (NN hyperparameters), ``objective`` (anti-overfit score and the
+resume), ``search`` (the one ask/tell loop), ``grouping`` (a batch's folds -> the runner's
+groups), ``search_space`` (NN hyperparameters), ``objective`` (anti-overfit score and the
 model backends), ``optimizer`` (one run, start to sidecar), ``diagnostics``, ``plots`` and
 ``cli``.
 """

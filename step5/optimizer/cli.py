@@ -199,8 +199,13 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
                     help="train a trial's K folds in one batched pass on one worker (same results within "
                          "1e-5; one-shot subprocesses cannot fuse and run them fold by fold) [policy decides]")
     ex.add_argument("--fuse-trials", "--batch-size-nn", type=_positive_int, default=1,
-                    help="ask Optuna for up to N trials at a time and train same-shape trials' folds in one "
-                         "batched pass; N > 1 implies --fuse-folds (--batch-size-nn: the existing optimizer's name)")
+                    help="run N trials at a time and train same-shape trials' folds in one batched pass; "
+                         "N > 1 implies --fuse-folds and --trials-in-flight N (--batch-size-nn: the existing "
+                         "optimizer's name)")
+    ex.add_argument("--trials-in-flight", type=_positive_int, default=None,
+                    help="trials asked from Optuna and trained together per batch (the sampler knows the "
+                         "pending ones); same seed and value give the same study [policy's "
+                         "training.trials_in_flight; 0 there: one per device slot]")
 
     compat = p.add_argument_group(
         "compatibility", "flags of the optimizer this one replaces, so its scripts run unchanged (docs/compatibility.md)")
@@ -260,6 +265,7 @@ def config_from_args(args: argparse.Namespace, command_line: Sequence[str]) -> O
         log_level=args.log_level,
         fuse_folds=args.fuse_folds,
         fuse_trials=args.fuse_trials,
+        trials_in_flight=args.trials_in_flight,
         nn_max_epochs=args.nn_max_epochs,
         command_line=list(command_line),
     )

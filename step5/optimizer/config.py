@@ -52,7 +52,8 @@ class OptimizerConfig:
     diagnostics_dir: Path | None = None  # None: <output_dir>/diagnostics_outputs
     skip_registry: Path | None = None  # the WATCHER's skip registry; None: its default path
     fuse_folds: bool | None = None  # None: the policy's training.fuse_folds decides
-    fuse_trials: int = 1  # trials asked from Optuna at once and fused by layer shape (> 1 implies fuse_folds)
+    fuse_trials: int = 1  # > 1: fuse same-shape trials, this many in flight (implies fuse_folds)
+    trials_in_flight: int | None = None  # trials per ask/run/tell batch; None: the policy decides
     nn_max_epochs: int = 200  # NN search space: the epoch cap every trial trains under (early stopping ends sooner)
     command_line: list[str] | None = None  # argv as the user typed it, for the sidecar's provenance
 
@@ -94,6 +95,13 @@ def validate_config(config: OptimizerConfig) -> None:
         raise UsageError(
             f"--fuse-trials {config.fuse_trials} trains the folds of several trials in one fused pass, which "
             "--no-fuse-folds forbids; drop one of them"
+        )
+    if config.trials_in_flight is not None and config.trials_in_flight < 1:
+        raise UsageError(f"--trials-in-flight must be >= 1, got {config.trials_in_flight}")
+    if config.fuse_trials > 1 and config.trials_in_flight not in (None, config.fuse_trials):
+        raise UsageError(
+            f"--fuse-trials {config.fuse_trials} runs {config.fuse_trials} trials in flight, but "
+            f"--trials-in-flight is {config.trials_in_flight}; drop one of them"
         )
     if config.nn_max_epochs < 1:
         raise UsageError(f"--nn-max-epochs must be >= 1, got {config.nn_max_epochs}")

@@ -1,15 +1,13 @@
-"""The anti-overfit objective and the model backends that train one trial's folds.
+"""The anti-overfit objective and the model backends that train a batch of trials' folds.
 
 ::
 
-    Optuna trial ──▶ AntiOverfitObjective
-                       │ backend.suggest(trial)          -> params (a plain dict)
-                       │ backend.run_folds(n, params)    -> K fold results
-                       │   ├─ NNBackend:   K TrainRequests ──▶ FoldRunner (workers or
-                       │   │               one-shot subprocesses; the parent never imports torch)
-                       │   └─ TreeBackend: K in-process fits via step5.models.trees
-                       ▼
-                     anti_overfit_score(val R², train R²) -> the trial's value
+    search loop ──▶ backend.suggest(trial)              -> params (a plain dict)
+                    backend.run_trials([(n, params)])   -> per trial: K fold results | JobError
+                      ├─ NNBackend:   K TrainRequests per trial ─▶ plan_groups ─▶ runner.run(groups)
+                      │               (workers or one-shot subprocesses; the parent never imports torch)
+                      └─ TreeBackend: K in-process fits per trial via step5.models.trees
+                    anti_overfit_score(val R², train R²) -> the trial's value
 
 Objective (maximised)::
 
@@ -20,22 +18,10 @@ train/validation gap, so of two configurations with the same validation R², the
 fits its training rows less suspiciously well wins; a model that fits train *worse* than
 validation is not rewarded for it (the gap is clipped at 0).
 
-Both backends share one shape: ``suggest``, ``run_folds``, ``run_trial_batch``,
-``train_final``, ``summary`` and ``close``, so the optimizer never asks which model family
-it is running. Fold data is prepared once per run (:class:`CVData`): the NN backend writes
-each fold's NPZ file once and every trial reuses it (workers cache them by path).
-
-Fused training (NN only)::
-
-    --fuse-folds          run_folds(trial)        ─▶ runner.run_fused([K folds])        one pass
-    --fuse-trials N       run_trial_batch(trials) ─▶ group trials by FUSE_KEYS values
-                                                     (layer shapes, optimizer, batch size)
-                                                  ─▶ runner.run_fused([all folds of group 1],
-                                                                      [all folds of group 2], ...)
-
-Every fold keeps its unfused request (same seed, same NPZ), so a fused result equals the
-unfused one: bit for bit on a CPU, up to cuBLAS rounding on a GPU. Runners that cannot fuse (one-shot subprocesses) train
-each group fold by fold behind the same ``run_fused`` call.
+Both backends share one shape: ``suggest``, ``run_trials``, ``train_final``, ``summary``
+and ``close``, so the search loop (:mod:`step5.optimizer.search`) never asks which model
+family it is running. Fold data is prepared once per run (:class:`CVData`): the NN backend
+writes each fold's NPZ file once and every trial reuses it (workers cache them by path).
 """
 from __future__ import annotations
 
@@ -44,15 +30,17 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import optuna
 
 from step5.data.splits import FoldFiles
 from step5.errors import JobError, Step5Error, UsageError
-from step5.execution.runner import FoldRunner, JobOutcome, raise_first_job_error
-from step5.protocol import NNParams, TrainRequest, fusion_key
+from step5.execution.runner import FoldRunner, raise_first_job_error
+from step5.execution.summary import RunnerStats, Timings
+from step5.optimizer.grouping import plan_groups
+from step5.protocol import NNParams, TrainRequest
 from step5.optimizer.search_space import suggest_nn_params
 
 logger = logging.getLogger(__name__)
@@ -124,69 +112,29 @@ class ModelBackend(Protocol):
         """This trial's hyperparameters, as the plain dict stored in the trial and the sidecar."""
         ...
 
-    def run_folds(self, trial_number: int, params: dict[str, Any]) -> list[dict[str, Any]]:
-        """Train and score every CV fold; one metrics dict per fold, in fold order.
-
-        Raises :class:`JobError` when a fold fails deterministically.
-        """
-        ...
-
-    def run_trial_batch(self, trials: Sequence[tuple[int, dict[str, Any]]]) -> list[list[dict[str, Any]] | JobError]:
-        """Train the folds of several trials together; per trial (input order) its fold
-        results or the :class:`JobError` that failed it. A failing trial fails only itself."""
+    def run_trials(self, trials: Sequence[tuple[int, dict[str, Any]]]) -> list[list[dict[str, Any]] | JobError]:
+        """Train and score every CV fold of each trial; per trial (input order) its fold
+        results in fold order, or the :class:`JobError` that failed it (only it)."""
         ...
 
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
         """Fit on the final split with exactly ``params``, score on the test set, save the model."""
         ...
 
-    def summary(self) -> dict[str, Any]:
-        """The sidecar's ``execution`` block (mode, workers, devices, fallbacks, timings)."""
+    def summary(self) -> RunnerStats:
+        """What trained the folds, for the sidecar's ``execution`` block."""
         ...
 
     def close(self) -> None:
         ...
 
 
-def fusion_groups(
-    trial_requests: Mapping[int, Sequence[TrainRequest]],
-    max_groups: int = 1,
-    n_train: Mapping[str, int] | None = None,
-) -> list[list[int]]:
-    """Group trials whose folds can share one fused pass; returns lists of trial numbers.
-
-    Trials are grouped by :func:`~step5.protocol.fusion_key` of their fold requests (layer
-    widths, optimizer, epochs, batch plan, ...; learning rate, weight decay and dropout may
-    differ per model). ``n_train`` maps a fold file to its training rows, which resolves an
-    ``auto`` batch mode, so full-batch trials group whatever their (unused) batch sizes.
-    Groups keep the order in which their first trial appears. When there are fewer groups
-    than ``max_groups`` (device slots), the largest groups are split by whole trials so
-    that every slot gets work; one fused pass per device is the point.
-    """
-    rows = n_train or {}
-    by_key: dict[frozenset[tuple[Any, ...]], list[int]] = {}
-    for number, requests in trial_requests.items():
-        # A trial's folds may resolve to different batch plans (sizes straddling the auto
-        # threshold); the worker then splits the pass, so group on the whole set of keys.
-        keys = frozenset(fusion_key(r, rows.get(r.data_path)) for r in requests)
-        by_key.setdefault(keys, []).append(number)
-    groups = list(by_key.values())
-    while len(groups) < max_groups:
-        largest = max(range(len(groups)), key=lambda i: len(groups[i]))
-        if len(groups[largest]) < 2:
-            break
-        g = groups[largest]
-        groups[largest:largest + 1] = [g[: len(g) // 2 + len(g) % 2], g[len(g) // 2 + len(g) % 2:]]
-    return groups
-
-
-
 class NNBackend:
     """Neural-net folds as :class:`TrainRequest` jobs for a :class:`FoldRunner`.
 
     The K fold NPZ files and the final-model NPZ are written once, here, into ``files``;
-    every trial sends requests naming the same paths. With ``fuse_folds`` a trial's K folds
-    go to the runner as one fused group; :meth:`run_trial_batch` fuses several trials.
+    every trial sends requests naming the same paths. A batch of trials becomes groups by
+    :func:`~step5.optimizer.grouping.plan_groups` (``fuse_folds``, ``fuse_trials``).
     """
 
     model_type = "neural_net"
@@ -204,8 +152,7 @@ class NNBackend:
         max_epochs: int,
         batch_mode: str = "auto",
         fuse_folds: bool = False,
-        fuse_trials: int = 1,
-        parallel_groups: int = 1,
+        fuse_trials: bool = False,
     ) -> None:
         self.runner = runner
         self.cv = cv
@@ -215,11 +162,8 @@ class NNBackend:
         self.dropout = dropout
         self.max_epochs = max_epochs
         self.batch_mode = batch_mode
-        self.fuse_folds = fuse_folds
+        self.fuse_folds = fuse_folds or fuse_trials  # trials fused share their folds' pass
         self.fuse_trials = fuse_trials
-        self.parallel_groups = max(1, parallel_groups)  # device slots: split big groups to fill them
-        self._fusion = {"trial_batches": 0, "fused_calls": 0, "groups": 0, "jobs": 0, "largest_group": 0,
-                        "failed_jobs": 0}
         start = time.perf_counter()
         self.fold_paths: list[str] = []
         for f, (tr, va) in enumerate(cv.folds):
@@ -267,55 +211,37 @@ class NNBackend:
                 res["train_r2"] = r2_from_mse(res["train_mse"], self.cv.y_dev[tr])
         return results
 
-    def _run_fused(self, groups: list[list[TrainRequest]]) -> list[list[JobOutcome]]:
-        self._fusion["fused_calls"] += 1
-        self._fusion["groups"] += len(groups)
-        self._fusion["jobs"] += sum(len(g) for g in groups)
-        self._fusion["largest_group"] = max([self._fusion["largest_group"], *(len(g) for g in groups)])
-        outcomes = self.runner.run_fused(groups)
-        if [len(o) for o in outcomes] != [len(g) for g in groups]:
-            raise Step5Error(f"the fold runner returned {[len(o) for o in outcomes]} outcomes for groups of "
-                             f"{[len(g) for g in groups]} jobs")
-        self._fusion["failed_jobs"] += sum(isinstance(o, JobError) for group in outcomes for o in group)
-        return outcomes
-
-    def run_folds(self, trial_number: int, params: dict[str, Any]) -> list[dict[str, Any]]:
-        requests = self.fold_requests(trial_number, params)
-        if self.fuse_folds:
-            (outcomes,) = self._run_fused([requests])
-            results = raise_first_job_error(outcomes)
-        else:
-            results = self.runner.run_jobs(requests)
-        return self._with_train_r2(results)
-
-    def run_trial_batch(self, trials: Sequence[tuple[int, dict[str, Any]]]) -> list[list[dict[str, Any]] | JobError]:
-        """Train several trials' folds in one ``run_fused`` call, grouped by layer shapes.
+    def run_trials(self, trials: Sequence[tuple[int, dict[str, Any]]]) -> list[list[dict[str, Any]] | JobError]:
+        """Every fold of every trial in one ``runner.run`` call, grouped by the plan.
 
         Each trial's outcome is its fold results, or the first :class:`JobError` among its
         folds: the runner returns every job's outcome in place, so a failing trial fails
         only itself and costs the others nothing.
         """
-        self._fusion["trial_batches"] += 1
         requests = {number: self.fold_requests(number, params) for number, params in trials}
-        groups = fusion_groups(requests, self.parallel_groups, self.fold_rows)
-        outcomes = self._run_fused([[r for n in g for r in requests[n]] for g in groups])
-        by_trial: dict[int, list[dict[str, Any]] | JobError] = {}
-        for g, group_outcomes in zip(groups, outcomes):
-            it = iter(group_outcomes)
-            for n in g:
-                folds = [next(it) for _ in requests[n]]
-                try:
-                    by_trial[n] = self._with_train_r2(raise_first_job_error(folds))
-                except JobError as exc:
-                    by_trial[n] = exc
-        return [by_trial[number] for number, _ in trials]
+        groups = plan_groups(requests, fuse_folds=self.fuse_folds, fuse_trials=self.fuse_trials,
+                             capacity=self.runner.capacity, n_train=self.fold_rows)
+        outcomes = self.runner.run(groups)
+        if [len(o) for o in outcomes] != [len(g) for g in groups]:
+            raise Step5Error(f"the fold runner returned {[len(o) for o in outcomes]} outcomes for groups of "
+                             f"{[len(g) for g in groups]} jobs")
+        by_job = {(r.trial_number, r.fold_idx): o for g, out in zip(groups, outcomes) for r, o in zip(g, out)}
+        results: list[list[dict[str, Any]] | JobError] = []
+        for number, _ in trials:
+            folds = [by_job[(number, f)] for f in range(len(self.fold_paths))]
+            try:
+                results.append(self._with_train_r2(raise_first_job_error(folds)))
+            except JobError as exc:
+                results.append(exc)
+        return results
 
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
         request = self._request(
             trial_number, FINAL_FOLD_IDX, NNParams.from_dict(params), self.final_path,
             save_model_path=str(checkpoint_path),
         )
-        (result,) = self.runner.run_jobs([request])
+        ((outcome,),) = self.runner.run([[request]])
+        (result,) = raise_first_job_error([outcome])
         if "train_r2" not in result and "train_mse" in result:
             result["train_r2"] = r2_from_mse(result["train_mse"], self.cv.y_dev[self.cv.final_fit_idx])
         if not Path(checkpoint_path).is_file():
@@ -332,18 +258,8 @@ class NNBackend:
             "nn_max_epochs": self.max_epochs,
         }
 
-    def fusion_summary(self) -> dict[str, Any]:
-        """The sidecar's ``execution.fusion`` block: what was asked and what ran fused."""
-        return {
-            "fuse_folds": self.fuse_folds,
-            "fuse_trials": self.fuse_trials,
-            **self._fusion,
-        }
-
-    def summary(self) -> dict[str, Any]:
-        summary = dict(self.runner.summary())
-        summary["fusion"] = self.fusion_summary()
-        return summary
+    def summary(self) -> RunnerStats:
+        return self.runner.summary()
 
     def close(self) -> None:
         self.runner.close()
@@ -416,15 +332,12 @@ class TreeBackend:
         self._devices.add(str(metrics["device"]))
         return metrics, model
 
-    def run_folds(self, trial_number: int, params: dict[str, Any]) -> list[dict[str, Any]]:
-        return [self._fit(trial_number, f, params, tr, va)[0] for f, (tr, va) in enumerate(self.cv.folds)]
-
-    def run_trial_batch(self, trials: Sequence[tuple[int, dict[str, Any]]]) -> list[list[dict[str, Any]] | JobError]:
-        """Nothing to fuse in-process: the trials' folds are fitted one after another."""
+    def run_trials(self, trials: Sequence[tuple[int, dict[str, Any]]]) -> list[list[dict[str, Any]] | JobError]:
+        """In-process, one trial after another (the libraries use every thread they are given)."""
         out: list[list[dict[str, Any]] | JobError] = []
         for number, params in trials:
             try:
-                out.append(self.run_folds(number, params))
+                out.append([self._fit(number, f, params, tr, va)[0] for f, (tr, va) in enumerate(self.cv.folds)])
             except JobError as exc:
                 out.append(exc)
         return out
@@ -441,23 +354,14 @@ class TreeBackend:
     def training_options(self) -> dict[str, Any]:
         return {"device_request": self.device or "auto", "n_threads": self.n_threads}
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "mode": "inline",
-            "workers": [],
-            "devices": sorted(self._devices) or ["cpu"],
-            "fallbacks": [],
-            "timings": {
-                "jobs": self._jobs,
-                "wall_s": round(self._wall_s, 4),
-                "compute_s": round(self._compute_s, 4),
-                "overhead_s": round(max(0.0, self._wall_s - self._compute_s), 4),
-                "spawn_s": 0.0,
-            },
-            # Fusion is a neural-net feature; recorded so every sidecar has the same block.
-            "fusion": {"fuse_folds": False, "fuse_trials": 1, "trial_batches": 0, "fused_calls": 0, "groups": 0,
-                       "jobs": 0, "largest_group": 0, "failed_jobs": 0},
-        }
+    @property
+    def capacity(self) -> int:
+        return 1
+
+    def summary(self) -> RunnerStats:
+        timings = Timings(jobs=self._jobs, wall_s=self._wall_s, compute_s=self._compute_s,
+                          overhead_s=max(0.0, self._wall_s - self._compute_s))
+        return RunnerStats(mode="inline", devices=sorted(self._devices) or ["cpu"], timings=timings)
 
     def close(self) -> None:
         pass
@@ -529,32 +433,3 @@ def record_trial(trial: optuna.Trial, results: Sequence[dict[str, Any]], *, wall
         # Optuna fails a trial whose value is NaN; say why first.
         trial.set_user_attr("fail_reason", "a fold's R² is not finite (training diverged)")
     return summary
-
-
-class AntiOverfitObjective:
-    """The callable handed to ``study.optimize``: one trial = K folds = one anti-overfit score.
-
-    A deterministic fold failure (:class:`JobError`) is recorded on the trial
-    (``user_attrs["fail_reason"]``) and re-raised; ``study.optimize(catch=(JobError,))`` then
-    marks the trial FAILED, logs "Trial N failed with parameters ... because ..." and goes on.
-    Anything else (a bug, Ctrl-C) fails the trial too and stops the study.
-    """
-
-    def __init__(self, backend: ModelBackend, *, on_result: Callable[[optuna.Trial, TrialSummary], None] | None = None):
-        self.backend = backend
-        self.on_result = on_result
-
-    def __call__(self, trial: optuna.Trial) -> float:
-        params = self.backend.suggest(trial)
-        trial.set_user_attr("params", params)
-        trial.set_user_attr("model_type", self.backend.model_type)
-        start = time.perf_counter()
-        try:
-            results = self.backend.run_folds(trial.number, params)
-        except JobError as exc:
-            trial.set_user_attr("fail_reason", fail_reason(exc))
-            raise
-        summary = record_trial(trial, results, wall_s=time.perf_counter() - start)
-        if self.on_result is not None:
-            self.on_result(trial, summary)
-        return summary.value

@@ -10,10 +10,11 @@
             │
             ▼
     Optuna study (SQLite by default: a re-run resumes) ──▶ N - complete new trials
-            │   each trial: K folds ─▶ backend (NN: FoldRunner = workers | one-shot
-            │                                   subprocesses; trees: in-process)
-            │   --fuse-folds:    a trial's K folds in one fused pass (runner.run_fused)
-            │   --fuse-trials M: ask M trials, fuse same-shape ones, tell each exactly once
+            │   one ask/tell loop (step5.optimizer.search): ask B trials, run their
+            │   folds as groups (NN: FoldRunner.run = workers | one-shot subprocesses;
+            │   trees: in-process), tell each exactly once, in ask order
+            │   groups: fold by fold | --fuse-folds (a trial's K folds) | --fuse-trials
+            │   (same-shape trials' folds)
             ▼
     final model: the best trial's exact params, fitted on dev minus an early-stopping
     slice (~1/K of dev), early-stopped on that slice, scored on the test rows
@@ -31,13 +32,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import sys
 import time
 import uuid
-import warnings
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -51,8 +49,9 @@ from step5.data.history import load_history
 from step5.data.splits import FoldFiles, holdout_split, kfold_splits
 from step5.data.survivors import SurvivorTable, load_survivors
 from step5.devices import plan_slots
-from step5.errors import DataError, DegenerateSignalError, JobError, Step5Error, interrupt_reason
+from step5.errors import DataError, DegenerateSignalError, Step5Error
 from step5.execution.factory import make_fold_runner, resolve_persistent_workers
+from step5.execution.summary import ExecutionSummary, SearchRecord, build_execution_summary
 from step5.policy import Policy, load_policy
 from step5.signal_quality import assess_signal
 from step5.optimizer.config import OptimizerConfig, RunOutcome, validate_config
@@ -60,15 +59,12 @@ from step5.optimizer.diagnostics import write_run_diagnostics
 from step5.optimizer.objective import (
     OBJECTIVE_FORMULA,
     OVERFIT_PENALTY,
-    AntiOverfitObjective,
     CVData,
     ModelBackend,
     NNBackend,
     TreeBackend,
-    TrialSummary,
-    fail_reason,
-    record_trial,
 )
+from step5.optimizer.search import SearchPlan, run_search
 from step5.optimizer.plots import plot_optimization_history
 from step5.optimizer.study import (
     OpenedStudy,
@@ -78,7 +74,6 @@ from step5.optimizer.study import (
     default_study_name,
     open_study,
     redact_storage,
-    trial_heartbeats,
 )
 
 logger = logging.getLogger(__name__)
@@ -95,26 +90,6 @@ OVERFIT_RATIO_DEFINITION = (
 )
 
 
-def _log_failed_trial(trial: optuna.Trial, reason: str) -> None:
-    """Optuna's own failure line, for trials the batched loop tells FAIL itself."""
-    logger.warning("Trial %d failed with parameters: %s because of the following error: %s.",
-                   trial.number, trial.params, reason)
-
-
-def recording_interrupts(objective: Callable[[optuna.Trial], float]) -> Callable[[optuna.Trial], float]:
-    """``objective``, but a trial that Ctrl-C / SIGTERM stops gets a ``fail_reason`` before
-    Optuna records it FAIL and the interrupt goes on."""
-
-    def run(trial: optuna.Trial) -> float:
-        try:
-            return objective(trial)
-        except KeyboardInterrupt as exc:
-            trial.set_user_attr("fail_reason", interrupt_reason(exc))
-            raise
-
-    return run
-
-
 def overfit_ratio(train_r2: float | None, val_r2: float | None) -> float | None:
     """train R² / val R²: 1.0 generalises as well as it fits; 1.5 fits 50% "better" than it
     generalises. Undefined (None) when val R² <= 0: there is nothing to be a ratio of."""
@@ -123,28 +98,34 @@ def overfit_ratio(train_r2: float | None, val_r2: float | None) -> float | None:
     return float(train_r2) / float(val_r2)
 
 
-@dataclass(frozen=True)
-class FusionPlan:
-    """How this run trains its neural-net folds: fused or not, and how many trials at once."""
+def resolve_search_plan(config: OptimizerConfig, policy: Policy, capacity: int, *, neural_net: bool) -> SearchPlan:
+    """Trials in flight and fusion for this run; flags win over the policy.
 
-    fuse_folds: bool  # a trial's K folds share one batched pass (runner.run_fused)
-    fuse_trials: int  # trials asked from Optuna at once and fused by layer shape (1: one at a time)
-    source: str  # what decided fuse_folds, for the log
-
-
-def resolve_fusion(config: OptimizerConfig, policy: Policy) -> FusionPlan:
-    """``--fuse-folds`` / ``--no-fuse-folds`` win over the policy's ``training.fuse_folds``.
-
-    ``--fuse-trials N`` (N > 1) trains every fold of a group of trials in one pass, which
-    is fused folds by definition: it implies ``--fuse-folds`` (over the policy too). Its
-    combination with an explicit ``--no-fuse-folds`` is refused by ``validate_config``.
+    ``--fuse-trials N`` (N > 1) fuses same-shape trials, which fuses their folds by
+    definition, with N trials in flight. Otherwise ``--fuse-folds`` / ``--no-fuse-folds``
+    win over ``training.fuse_folds``, and ``--trials-in-flight`` over
+    ``training.trials_in_flight``, whose 0 means "fill the slots": one trial per device
+    slot for neural nets (tree models train in-process, one trial at a time).
+    Fusion applies to neural nets only.
     """
-    if config.fuse_trials > 1:
-        source = "--fuse-folds" if config.fuse_folds else f"--fuse-trials {config.fuse_trials} (implies --fuse-folds)"
-        return FusionPlan(True, config.fuse_trials, source)
-    if config.fuse_folds is not None:
-        return FusionPlan(config.fuse_folds, 1, "--fuse-folds" if config.fuse_folds else "--no-fuse-folds")
-    return FusionPlan(policy.training.fuse_folds, 1, f"the policy's training.fuse_folds ({policy.source or 'defaults'})")
+    fuse_trials = neural_net and config.fuse_trials > 1
+    if fuse_trials:
+        fuse_folds, source = True, f"--fuse-trials {config.fuse_trials}"
+    elif config.fuse_folds is not None:
+        fuse_folds, source = config.fuse_folds, "--fuse-folds" if config.fuse_folds else "--no-fuse-folds"
+    else:
+        fuse_folds = policy.training.fuse_folds
+        source = f"the policy's training.fuse_folds ({policy.source or 'defaults'})"
+    fuse_folds = fuse_folds and neural_net
+    if fuse_trials:
+        in_flight = config.fuse_trials
+    elif config.trials_in_flight is not None:
+        in_flight = config.trials_in_flight
+    elif policy.training.trials_in_flight > 0:
+        in_flight = policy.training.trials_in_flight
+    else:
+        in_flight = max(1, capacity) if neural_net else 1
+    return SearchPlan(in_flight, fuse_folds, fuse_trials, source)
 
 
 #: Flags that configure neural-net training only: (config field, default, spellings).
@@ -187,7 +168,8 @@ class AntiOverfitMetaOptimizer:
         self.output_dir = Path(config.output_dir)
         self.timings: dict[str, float] = {}
         self.policy: Policy | None = None
-        self.fusion = FusionPlan(False, 1, "not resolved yet")
+        self.plan = SearchPlan(1, False, False, "not resolved yet")
+        self._search_record = SearchRecord()
         self._first_new_number = 0  # trials numbered from here on were run by this invocation
         self._new_trials = 0  # trials (any end state) this invocation ran
         self._t0 = time.perf_counter()
@@ -201,8 +183,7 @@ class AntiOverfitMetaOptimizer:
             "Step 5 run %s: model %s, %d trials, %d folds, test holdout %.2f, seed %d",
             self.run_id[:8], cfg.model_type, cfg.trials, cfg.k_folds, cfg.test_holdout, cfg.seed,
         )
-        self.policy = policy = load_policy(cfg.policy_path)
-        self.fusion = resolve_fusion(cfg, policy)
+        self.policy = load_policy(cfg.policy_path)
 
         start = time.perf_counter()
         table = load_survivors(cfg.survivors, cfg.target)
@@ -339,6 +320,7 @@ class AntiOverfitMetaOptimizer:
                 )
             if cfg.cpu_workers is not None:
                 logger.info("%s trains with %d thread(s) (--cpu-workers)", cfg.model_type, cfg.cpu_workers)
+            self.plan = resolve_search_plan(cfg, self.policy, 1, neural_net=False)
             return TreeBackend(cfg.model_type, cv, seed=cfg.seed, gpus=cfg.gpus, n_threads=cfg.cpu_workers)
         policy = self.policy
         assert policy is not None, "run() loads the policy before making the backend"
@@ -356,18 +338,17 @@ class AntiOverfitMetaOptimizer:
                 f"persistent workers are not available ({exc}); run with --no-persistent-workers"
             ) from None
         self.timings["runner_start_s"] = time.perf_counter() - start
-        fusion = self.fusion
-        if fusion.fuse_folds:
-            logger.info(
-                "fused training: %s; %s", "each trial's folds in one batched pass" if fusion.fuse_trials == 1 else
-                f"up to {fusion.fuse_trials} trials at a time, same-shape trials' folds in one batched pass",
-                f"decided by {fusion.source}",
-            )
+        plan = self.plan = resolve_search_plan(cfg, policy, runner.capacity, neural_net=True)
+        logger.info(
+            "%d trial(s) in flight on %d slot(s); %s", plan.trials_in_flight, runner.capacity,
+            "same-shape trials' folds fused in one pass" if plan.fuse_trials else
+            "each trial's folds fused in one pass" if plan.fuse_folds else "fold by fold",
+        )
         try:
             return NNBackend(
                 runner, cv, files, seed=cfg.seed, normalize_features=cfg.normalize_features,
                 use_leaky_relu=cfg.use_leaky_relu, dropout=cfg.dropout, max_epochs=cfg.nn_max_epochs,
-                fuse_folds=fusion.fuse_folds, fuse_trials=fusion.fuse_trials, parallel_groups=len(slots),
+                fuse_folds=plan.fuse_folds, fuse_trials=plan.fuse_trials,
             )
         except BaseException:
             runner.close()
@@ -378,6 +359,7 @@ class AntiOverfitMetaOptimizer:
         n_new = max(0, cfg.trials - opened.complete_before)
         self._first_new_number = opened.trials_before
         self._new_trials = 0
+        self._search_record = self.plan.record()  # what a search would have been, if none runs
         start = time.perf_counter()
         if n_new == 0:
             logger.info(
@@ -386,26 +368,11 @@ class AntiOverfitMetaOptimizer:
             )
         else:
             logger.info("running %d new trial(s) (study has %d complete)", n_new, opened.complete_before)
-
-            def on_result(trial: optuna.Trial, summary: TrialSummary) -> None:
-                logger.debug("trial %d folds: %s", trial.number, summary.folds)
-
-            progress = self._progress_callback(n_new)
-            batch = self.fusion.fuse_trials if backend.model_type == "neural_net" else 1
-            if batch > 1:
-                self._search_batched(opened, backend, n_new, batch, progress)
-            else:
-                opened.study.optimize(
-                    recording_interrupts(AntiOverfitObjective(backend, on_result=on_result)),
-                    n_trials=n_new,
-                    catch=(JobError,),
-                    callbacks=[progress],
-                    gc_after_trial=False,
-                )
+            self._search_record = run_search(opened, backend, self.plan, n_new, self._progress_callback(n_new))
         self.timings["search_s"] = time.perf_counter() - start
 
     def _progress_callback(self, n_new: int) -> Callable[[optuna.Study, FrozenTrial], None]:
-        """The per-trial progress line, as an Optuna callback (also called by the batched loop)."""
+        """The per-trial progress line, called by the search loop as each trial is told."""
 
         def progress(study: optuna.Study, trial: FrozenTrial) -> None:
             self._new_trials += 1
@@ -427,93 +394,6 @@ class AntiOverfitMetaOptimizer:
                 )
 
         return progress
-
-    def _search_batched(
-        self, opened: OpenedStudy, backend: ModelBackend, n_new: int, batch: int,
-        progress: Callable[[optuna.Study, FrozenTrial], None],
-    ) -> None:
-        """``--fuse-trials``: ask up to ``batch`` trials, train them in one fused call, tell each once.
-
-        Same bookkeeping as ``study.optimize``: ``n_new`` trials are run in all, whatever
-        their end state; each is told exactly once -- COMPLETE with its value, or FAIL
-        with its reason (logged "Trial N failed with parameters ... because ...") -- and
-        whatever escapes (an exception, Ctrl-C, SIGTERM) first tells FAIL to every trial of
-        the batch not yet told, then propagates: no trial is left RUNNING.
-        """
-        study = opened.study
-        asked = 0
-        batch_index = 0
-        while asked < n_new:
-            size = min(batch, n_new - asked)
-            # What study.optimize does before each trial: fail trials a killed run left RUNNING.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
-            trials: list[optuna.Trial] = []
-            told: set[int] = set()
-            try:
-                # Ask and suggest trial by trial: the sampler sees the same sequence of calls
-                # as in one-at-a-time runs, so its start-up (random) trials are identical.
-                params: list[dict[str, Any]] = []
-                for _ in range(size):
-                    with warnings.catch_warnings():
-                        # Optuna warns that heartbeats are meant for study.optimize; this loop
-                        # records them itself (trial_heartbeats below).
-                        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-                        trial = study.ask()
-                    trials.append(trial)
-                    asked += 1
-                    p = backend.suggest(trial)
-                    trial.set_user_attr("params", p)
-                    trial.set_user_attr("model_type", backend.model_type)
-                    params.append(p)
-                numbers = [t.number for t in trials]
-                for t in trials:
-                    t.set_user_attr("batch", {"index": batch_index, "trials": numbers})
-                logger.info("batch %d: trials %s (same-shape trials share one fused pass)", batch_index, numbers)
-                start = time.perf_counter()
-                with trial_heartbeats(opened, numbers):
-                    outcomes = backend.run_trial_batch(list(zip(numbers, params)))
-                wall_s = time.perf_counter() - start
-                if len(outcomes) != len(trials):
-                    raise Step5Error(f"the backend returned {len(outcomes)} outcomes for a batch of {len(trials)} trials")
-                for trial, outcome in zip(trials, outcomes):
-                    frozen = self._tell(study, trial, outcome, wall_s=wall_s)
-                    told.add(trial.number)
-                    progress(study, frozen)
-            except BaseException as exc:
-                self._fail_untold(study, [t for t in trials if t.number not in told], exc)
-                raise
-            batch_index += 1
-
-    @staticmethod
-    def _tell(study: optuna.Study, trial: optuna.Trial, outcome: list[dict[str, Any]] | JobError,
-              *, wall_s: float) -> FrozenTrial:
-        """Tell Optuna how one trial of a batch ended; returns the finished trial."""
-        if isinstance(outcome, JobError):
-            reason = fail_reason(outcome)
-            trial.set_user_attr("fail_reason", reason)
-        else:
-            summary = record_trial(trial, outcome, wall_s=wall_s)
-            if math.isfinite(summary.value):
-                return study.tell(trial, summary.value)
-            reason = trial.user_attrs.get("fail_reason", "the objective is not finite")
-        _log_failed_trial(trial, reason)
-        return study.tell(trial, state=TrialState.FAIL)
-
-    @staticmethod
-    def _fail_untold(study: optuna.Study, trials: list[optuna.Trial], error: BaseException) -> None:
-        """Tell FAIL to trials a batch asked but never finished (the batch was interrupted)."""
-        cause = interrupt_reason(error) if isinstance(error, KeyboardInterrupt) else repr(error)
-        reason = f"the batch was interrupted before this trial was told: {cause}"
-        for trial in trials:
-            try:
-                trial.set_user_attr("fail_reason", reason)
-                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-                if not isinstance(error, KeyboardInterrupt):  # an interrupt is reported in one line by the CLI
-                    _log_failed_trial(trial, reason)
-            except Exception:  # noqa: BLE001 - keep failing the others; the original error propagates
-                logger.exception("could not record trial %d as FAILED", trial.number)
 
     @staticmethod
     def _no_complete_trial_message(study: optuna.Study) -> str:
@@ -547,12 +427,11 @@ class AntiOverfitMetaOptimizer:
 
     # ------------------------------------------------------------------ outputs
 
-    def _execution(self, backend: ModelBackend) -> dict[str, Any]:
-        summary = dict(backend.summary())
-        timings = dict(summary.get("timings", {}))
-        timings.update({k: round(v, 4) for k, v in self.timings.items()})
-        summary["timings"] = timings
-        return summary
+    def _execution(self, backend: ModelBackend | None) -> ExecutionSummary:
+        """The sidecar's execution block: what trained (None: nothing did), how, how long."""
+        stats = backend.summary() if backend is not None else None
+        search = self._search_record if backend is not None else SearchRecord()
+        return build_execution_summary(stats, search=search, phases=self.timings)
 
     def _optuna_block(self, study_name: str, storage_url: str, study: optuna.Study | None, best: FrozenTrial | None,
                       opened: OpenedStudy | None) -> dict[str, Any]:
@@ -604,8 +483,7 @@ class AntiOverfitMetaOptimizer:
             training_metrics=artifacts.null_training_metrics(),
             hyperparameters={},
             optuna=self._optuna_block(study_name, storage_url, None, None, None),
-            execution={"mode": None, "workers": [], "devices": [], "fallbacks": [],
-                       "timings": {k: round(v, 4) for k, v in self.timings.items()}},
+            execution=self._execution(None).to_dict(),
             provenance=self._provenance(),
         )
         with model_set.stage(self.output_dir) as staged:
@@ -627,7 +505,7 @@ class AntiOverfitMetaOptimizer:
         signal: dict[str, Any],
         data_context: dict[str, Any],
         feature_schema: dict[str, Any],
-        execution: dict[str, Any],
+        execution_summary: ExecutionSummary,
         backend: ModelBackend,
         staged: model_set.StagedSet,
     ) -> RunOutcome:
@@ -664,7 +542,8 @@ class AntiOverfitMetaOptimizer:
         }
         name = artifacts.checkpoint_filename(cfg.model_type)
         self.timings["total_s"] = time.perf_counter() - self._t0
-        execution["timings"]["total_s"] = round(self.timings["total_s"], 4)
+        execution_summary.timings.total_s = self.timings["total_s"]
+        execution = execution_summary.to_dict()
         sidecar = artifacts.build_sidecar(
             model_type=cfg.model_type,
             outcome="SUCCESS",

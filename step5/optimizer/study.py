@@ -17,12 +17,13 @@ Resume semantics, in one place:
   reproducible from ``--seed``, and a resumed one does not replay the random start-up
   configurations its first run already tried.
 * The RDB storage runs Optuna's heartbeat, so a trial left RUNNING by a killed process is
-  marked FAILED by a later run once its heartbeat is stale. Trials asked in a batch
-  (``--fuse-trials``) get their heartbeats from :func:`trial_heartbeats`.
-* With ``--fuse-trials N`` the trials of a batch are asked before any of them is told.
-  Optuna 5's TPE runs with ``constant_liar`` by default, which keeps them from all landing
-  on the same configuration; its random start-up trials (the first 10 complete ones) are
-  the same configurations, with the same fold seeds, whether batched or not.
+  marked FAILED by a later run once its heartbeat is stale. The search loop's trials get
+  their heartbeats from :func:`trial_heartbeats`.
+* The trials of a batch (``--trials-in-flight B``) are asked before any of them is told.
+  TPE runs with ``constant_liar=True`` (explicitly, whatever the Optuna default), which
+  keeps them from all landing on the same configuration; its random start-up trials (the
+  first 10 complete ones) are the same configurations, with the same fold seeds, for
+  every B.
 """
 from __future__ import annotations
 
@@ -91,6 +92,12 @@ class OpenedStudy:
     storage: optuna.storages.BaseStorage | None = None  # the RDB storage the study lives in
 
 
+def make_sampler(seed: int) -> optuna.samplers.TPESampler:
+    """Seeded TPE that knows about pending trials (constant liar): the search loop asks a
+    batch of trials before telling any, and they must not all land on one configuration."""
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+
+
 def count_states(study: optuna.Study) -> dict[str, int]:
     """Trials per state (``complete``, ``fail``, ``running``, ``pruned``, ``waiting``)."""
     counts = {s.name.lower(): 0 for s in TrialState}
@@ -125,7 +132,7 @@ def open_study(
     try:
         study = optuna.create_study(
             storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
-            sampler=optuna.samplers.TPESampler(seed=seed),
+            sampler=make_sampler(seed),
         )
     except Exception as exc:  # noqa: BLE001
         raise Step5Error(f"cannot open Optuna study {study_name!r} in {redact_storage(storage_url)}: {exc}") from None
@@ -159,7 +166,7 @@ def open_study(
     counts = count_states(study)
     trials_before = sum(counts.values())
     sampler_seed = int(seed) + trials_before
-    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed)
+    study.sampler = make_sampler(sampler_seed)
     if resumed:
         logger.info(
             "resuming study %r (%d complete, %d failed, %d running trials) from %s",

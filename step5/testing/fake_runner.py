@@ -2,10 +2,10 @@
 
 It trains nothing: each fold's metrics are a smooth function of its params (best near a
 learning rate of 1e-3, deeper nets overfit a little more), so a study has a known best
-trial. It records every request and every ``run_fused`` group, reads the fold files the
-optimizer wrote (so tests can check what went into them), and can fail one fold of chosen
-trials with a :class:`~step5.errors.JobError` (raised by ``run_jobs``, returned in place by
-``run_fused``, as the real runners do) or blow up with any exception.
+trial. It records every ``run`` call's groups, reads the fold files the optimizer wrote
+(so tests can check what went into them), and can fail one fold of chosen trials with a
+:class:`~step5.errors.JobError` (returned in place, as the real runners do) or blow up
+with any exception.
 """
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from step5.errors import JobError
-from step5.execution.runner import raise_first_job_error
+from step5.execution.runner import check_groups
+from step5.execution.summary import FusionRecord, RunnerStats, Timings
 from step5.protocol import TrainRequest, fusion_key
 
 
 class FakeFoldRunner:
-    """A FoldRunner with ``run_jobs`` and ``run_fused`` and no processes."""
+    """A FoldRunner with ``run`` and no processes."""
 
     def __init__(
         self,
@@ -31,6 +32,7 @@ class FakeFoldRunner:
         explode_on_trial: int | None = None,
         explosion: type[BaseException] = RuntimeError,
         seed_in_metrics: bool = False,  # a tiny seed term makes a wrong fold seed visible in the values
+        capacity: int = 2,  # device slots it pretends to have
     ) -> None:
         self.mode = mode
         self.fail_trials = set(fail_trials)
@@ -38,8 +40,8 @@ class FakeFoldRunner:
         self.explode_on_trial = explode_on_trial
         self.explosion = explosion
         self.seed_in_metrics = seed_in_metrics
-        self.requests: list[TrainRequest] = []  # every run_jobs request, in order
-        self.fused_calls: list[list[list[TrainRequest]]] = []  # every run_fused call's groups
+        self.capacity = capacity
+        self.calls: list[list[list[TrainRequest]]] = []  # every run() call's groups
         self.arrays: dict[str, dict[str, np.ndarray]] = {}  # fold file -> its arrays
         self.persistent: bool | None = None  # set by install_fake_runner's factory
         self.closed = False
@@ -72,23 +74,30 @@ class FakeFoldRunner:
         if self.explode_on_trial in {r.trial_number for r in requests}:
             raise self.explosion("the runner blew up")
 
-    def run_jobs(self, requests: Sequence[TrainRequest]) -> list[dict[str, Any]]:
-        assert not self.closed
-        self.requests.extend(requests)
-        self._explode(requests)
-        return raise_first_job_error([self._outcome(r) for r in requests])
+    @property
+    def requests(self) -> list[TrainRequest]:
+        """Every request of every call, in the order sent."""
+        return [r for call in self.calls for g in call for r in g]
 
-    def run_fused(self, groups: Sequence[Sequence[TrainRequest]]) -> list[list[dict[str, Any] | JobError]]:
+    @property
+    def fused_groups(self) -> list[list[TrainRequest]]:
+        """Every group of two or more jobs sent."""
+        return [g for call in self.calls for g in call if len(g) > 1]
+
+    def run(self, groups: Sequence[Sequence[TrainRequest]]) -> list[list[dict[str, Any] | JobError]]:
         assert not self.closed
-        self.fused_calls.append([list(g) for g in groups])
+        groups = check_groups(groups)
+        self.calls.append(groups)
         for g in groups:  # what the worker checks before fusing
             assert len({fusion_key(r) for r in g}) == 1, "a group mixes layer shapes"
         self._explode([r for g in groups for r in g])
         return [[self._outcome(r) for r in g] for g in groups]
 
-    def summary(self) -> dict[str, Any]:
-        return {"mode": self.mode, "workers": [], "devices": ["CPU-0"], "fallbacks": [],
-                "timings": {"jobs": len(self.requests)}}
+    def summary(self) -> RunnerStats:
+        groups = [g for call in self.calls for g in call]
+        fusion = FusionRecord(groups=len(groups), jobs=len(self.requests), fused_groups=len(self.fused_groups),
+                              largest_group=max([0, *(len(g) for g in groups)]))
+        return RunnerStats(mode=self.mode, devices=["CPU-0"], fusion=fusion, timings=Timings(jobs=len(self.requests)))
 
     def close(self) -> None:
         self.closed = True

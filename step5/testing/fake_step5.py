@@ -63,6 +63,7 @@ def make_sidecar(
     from step5.artifacts import (
         CHECKPOINT_FORMATS, SCHEMA_VERSION, build_agent_metadata, build_feature_schema, checkpoint_filename,
     )
+    from step5.execution.summary import RunnerStats, build_execution_summary
 
     degenerate = outcome == "DEGENERATE_SIGNAL"
     training_metrics = dict.fromkeys(GOOD_METRICS) if degenerate else dict(metrics or GOOD_METRICS)
@@ -92,7 +93,7 @@ def make_sidecar(
         "hyperparameters": {} if degenerate else {"hidden_layers": [64, 32], "learning_rate": 0.001},
         "optuna": {"study_name": "fake", "storage": "sqlite:///fake.db", "trials_run": 0 if degenerate else 2,
                    "best_trial_number": None if degenerate else 0, "best_value": None if degenerate else 0.4},
-        "execution": {"mode": mode, "workers": [], "devices": ["cpu"], "fallbacks": [], "timings": {}},
+        "execution": build_execution_summary(None if degenerate else RunnerStats(mode=mode, devices=["cpu"])).to_dict(),
         "outcome": outcome,
         "provenance": provenance,
         "agent_metadata": build_agent_metadata(provenance),

@@ -8,6 +8,7 @@ the real framing, and can be told to misbehave on a chosen job::
     fake_worker.py --fault exit --exit-code 42   # exit 42 on the first job
     fake_worker.py --fault garbage               # print a non-JSON line instead of a result
     fake_worker.py --boot hang                   # never say ready
+    fake_worker.py --job-s 30                    # a slow job: heartbeats answered, no result
     fake_worker.py --fault pass_error            # a fused pass (train_folds of 2+ jobs) fails
                                                  # as a whole: every job the same train_error
     fake_worker.py --fault sigkill --faulty-starts 1 --state-dir D
@@ -28,8 +29,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, BinaryIO, Sequence
@@ -48,9 +51,11 @@ ONESHOT_ENV = "STEP5_FAKE_ONESHOT"
 
 
 def fake_metrics(request: TrainRequest) -> dict[str, Any]:
-    """Deterministic pseudo-metrics for ``request`` (``job_id`` and paths' identity only)."""
+    """Deterministic pseudo-metrics for ``request``: a hash of the request without its
+    ``job_id`` and with only the data file's name (runs in different temp dirs agree)."""
     wire = request.to_dict()
     wire.pop("job_id", None)
+    wire["X_train_path"] = os.path.basename(wire["X_train_path"])
     digest = hashlib.sha256(dumps(wire)).digest()
     u = [int.from_bytes(digest[i:i + 4], "big") / 2**32 for i in (0, 4, 8)]
     return {
@@ -107,6 +112,7 @@ class FakeWorker:
         launch = _launch_number(args.state_dir)
         self.faulty = args.faulty_starts is None or launch <= args.faulty_starts
         self.device = args.device
+        self.hung = False
 
     def log(self, msg: str) -> None:
         sys.stderr.write(f"fake-worker[{os.getpid()}] {msg}\n")
@@ -119,6 +125,7 @@ class FakeWorker:
             return False
         self.log(f"fault {fault!r} on job {request.job_id!r}")
         if fault == "hang":
+            self.hung = True  # a hung process: no answers, not even to heartbeats
             while True:
                 time.sleep(3600)
         if fault == "garbage":
@@ -157,6 +164,40 @@ class FakeWorker:
             exc.trial_number, exc.fold_idx, exc.job_id = request.trial_number, request.fold_idx, request.job_id
             return exc.to_dict()
 
+    def _start_reader(self) -> "queue.Queue[tuple[str, bytes | None]]":
+        """Read stdin on a thread that answers heartbeats at once (as the real worker does)
+        unless this process plays hung; everything else is queued for :meth:`serve`."""
+        lines: queue.Queue[tuple[str, bytes | None]] = queue.Queue()
+        reader = LineReader(sys.stdin.buffer, MAX_REQUEST_BYTES)
+
+        def read() -> None:
+            try:
+                while True:
+                    try:
+                        line = reader.read_line()
+                    except FrameTooLarge:
+                        lines.put(("oversize", None))
+                        continue
+                    if line is None:
+                        break
+                    if b"heartbeat" in line:
+                        try:
+                            raw = loads(line)
+                        except ValueError:
+                            raw = None
+                        if isinstance(raw, dict) and raw.get("command") == "heartbeat":
+                            if not self.hung:
+                                self.writer.write_message({"status": "alive", "job_id": raw.get("job_id")})
+                            continue
+                    lines.put(("line", line))
+            except (OSError, ValueError):
+                pass
+            finally:
+                lines.put(("eof", None))
+
+        threading.Thread(target=read, daemon=True).start()
+        return lines
+
     def serve(self) -> int:
         boot = self.args.boot if self.faulty else "none"
         time.sleep(self.args.boot_s)
@@ -173,11 +214,10 @@ class FakeWorker:
             "boot_s": self.args.boot_s, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "torch_threads": os.environ.get("STEP5_TORCH_THREADS"), "fake": True,
         })
-        reader = LineReader(sys.stdin.buffer, MAX_REQUEST_BYTES)
+        lines = self._start_reader()
         while True:
-            try:
-                line = reader.read_line()
-            except FrameTooLarge:
+            kind, line = lines.get()
+            if kind == "oversize":
                 self.writer.write_message(BadRequest("request line too long; discarded").to_dict())
                 continue
             if line is None:

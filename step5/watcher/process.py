@@ -31,13 +31,13 @@ from typing import IO
 import psutil
 
 from step5.errors import Step5Error
+from step5.execution.process import REAP_TIMEOUT_S, describe_exit, reap_killed
 
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.5  # how often the descendants are re-listed while the step runs
 _TAIL_LINES = 40
 _TAIL_LINE_CHARS = 500
-_REAP_TIMEOUT_S = 5.0  # how long to wait for the SIGKILLed leader before giving up on it (logged)
 
 
 @dataclass
@@ -61,15 +61,9 @@ class StepRun:
             return "TIMEOUT"
         if self.interrupted:
             return f"INTERRUPTED({self.interrupted})"
-        rc = self.returncode
-        if rc is None:
+        if self.returncode is None:
             return "NOT_STARTED"
-        if rc < 0:
-            try:
-                return f"{signal.Signals(-rc).name}({rc})"
-            except ValueError:
-                return f"SIGNAL({rc})"
-        return f"EXIT({rc})"
+        return describe_exit(self.returncode)
 
 
 def _pump(stream: IO[bytes], tail: deque[str], echo: bool) -> None:
@@ -179,11 +173,8 @@ def stop_group(
         logger.warning("%d process(es) of step group %d ignored SIGTERM; sending SIGKILL", len(left), pgid)
         _signal_all(pgid, [p for p in left if p.pid != pgid], signal.SIGKILL)
         # The leader is reaped by Popen only: psutil reaping it would lose its exit status.
-        psutil.wait_procs([p for p in left if p.pid != pgid], timeout=5.0)
-    try:
-        popen.wait(timeout=_REAP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:  # stuck in the kernel even after SIGKILL
-        logger.error("step pid %d did not die %gs after SIGKILL", popen.pid, _REAP_TIMEOUT_S)
+        psutil.wait_procs([p for p in left if p.pid != pgid], timeout=REAP_TIMEOUT_S)
+    reap_killed(popen, "step")  # bounded: a process stuck in the kernel even after SIGKILL
     return count, interrupted
 
 

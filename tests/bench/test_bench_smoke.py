@@ -55,8 +55,11 @@ def test_a_mode_row_is_its_median_round():
 
 def test_targets_are_judged_only_when_their_modes_ran():
     runs = {n: ModeRun(n, 2, w, 0.0, []) for n, w in (("s96a", 50.0), ("s96b", 5.0), ("limit", 4.0), ("loky", 6.0))}
+    runs["limit1"] = ModeRun("limit1", 1, 9.8, 0.0, [])
     verdicts = {t["name"]: t for t in judge_targets(runs)}
     assert verdicts["s96b_speedup_vs_s96a"]["held"] is True  # 10x
+    assert verdicts["s96b_vs_ideal"]["value"] == pytest.approx(5.0 / (9.8 / 2))  # 1.02x of limit1 / 2
+    assert verdicts["s96b_vs_ideal"]["held"] is True
     assert verdicts["s96b_vs_limit"]["held"] is False  # 1.25x
     assert verdicts["s96b_vs_loky"]["held"] is True
     partial = {t["name"]: t for t in judge_targets({"s96b": runs["s96b"]})}
@@ -82,7 +85,8 @@ def test_benchmark_runs_every_mode_on_a_tiny_workload(tmp_path, repo_root):
     assert set(report["results"]) == set(MODES)
     for name, results in report["results"].items():
         assert sorted(r["job_id"] for r in results) == ["t0-f0", "t0-f1"], name
-    assert {t["name"] for t in report["targets"]} == {"s96b_speedup_vs_s96a", "s96b_vs_limit", "s96b_vs_loky"}
+    assert {t["name"] for t in report["targets"]} == {"s96b_speedup_vs_s96a", "s96b_vs_ideal", "s96b_vs_limit",
+                                                      "s96b_vs_loky"}
     assert all(t["held"] in (True, False) for t in report["targets"])  # judged, whatever the verdict
     assert (out / "benchmark.png").stat().st_size > 0
     assert (out / "benchmark.txt").read_text().strip() in proc.stdout

@@ -17,10 +17,10 @@ from step5.devices import DeviceSlot
 from step5.errors import JobError
 from step5.execution.pool import WorkerPool
 from step5.protocol import NNParams, TrainRequest
-from step5.testing import FAKE_WORKER, fake_worker_command
+from step5.testing import FAKE_WORKER, fake_worker_command, run_each, summary_of
 from step5.testing.fake_worker import fake_metrics
 
-JOB_TIMEOUT_S = 2.0
+JOB_TIMEOUT_S = 5.0  # one-shot fallbacks boot a Python each: room for a loaded machine
 READY_TIMEOUT_S = 10.0  # the fake boots in well under a second; generous for a busy CI box
 METRICS = ("r2", "val_mse", "train_mse", "trial_number", "fold_idx", "job_id")
 
@@ -90,14 +90,14 @@ def test_fault_is_recovered_and_every_job_gets_its_undisturbed_result(
     requests = make_requests(data_file)
     caplog.set_level(logging.WARNING, logger="step5.execution.pool")
     with make_pool(*options, tmp_path=tmp_path) as pool:
-        results = pool.run_jobs(requests)
-        summary = pool.summary()
+        results = run_each(pool, requests)
+        summary = summary_of(pool)
     assert metrics(results) == expected(requests)
     (worker,) = summary["workers"]
     assert (worker["restarts"], worker["fallback"]) == (restarts, fallback)
     assert summary["timings"]["jobs"] == len(requests)  # the retried job counted once
     assert worker["jobs"] + worker["oneshot_jobs"] == len(requests)
-    first = summary["crashes"][0]
+    first = summary["faults"][0]
     assert (first["kind"], first["status"]) == (kind, status)
     fallback_line = "[S96B] Worker CPU-0 died, falling back to subprocess mode"
     assert (fallback_line in caplog.messages) == fallback
@@ -113,10 +113,10 @@ def test_hang_at_boot_times_out_then_falls_back(data_file, caplog):
     caplog.set_level(logging.WARNING, logger="step5.execution.pool")
     requests = make_requests(data_file, n=2)
     with make_pool("--boot", "hang", ready_timeout_s=1.0) as pool:
-        summary = pool.summary()
-        assert [c["kind"] for c in summary["crashes"]] == ["boot", "boot"]
+        summary = summary_of(pool)
+        assert [c["kind"] for c in summary["faults"]] == ["boot", "boot"]
         assert summary["workers"][0]["fallback"] is True
-        assert metrics(pool.run_jobs(requests)) == expected(requests)
+        assert metrics(run_each(pool, requests)) == expected(requests)
     assert "[S96B] Worker CPU-0 died, falling back to subprocess mode" in caplog.messages
 
 
@@ -124,8 +124,8 @@ def test_crash_report_names_exit_status_and_last_stderr_lines(data_file, tmp_pat
     caplog.set_level(logging.WARNING, logger="step5.execution.pool")
     with make_pool("--fault", "exit", "--exit-code", "42", "--faulty-starts", "1", "--stderr-lines", "3",
                    tmp_path=tmp_path) as pool:
-        pool.run_jobs(make_requests(data_file, n=1))
-        crash = pool.summary()["crashes"][0]
+        run_each(pool, make_requests(data_file, n=1))
+        crash = summary_of(pool)["faults"][0]
     assert "EXIT(42)" in crash["error"]
     report = "\n".join(caplog.messages)
     assert "EXIT(42)" in report and "fault 'exit'" in report and "chatter for job" in report
@@ -135,8 +135,8 @@ def test_chatty_worker_does_not_block_on_a_full_stderr_pipe(data_file):
     # ~200 KB of stderr per job, several times a pipe's buffer: the drain thread must keep up.
     requests = make_requests(data_file, n=3)
     with make_pool("--stderr-lines", "1000") as pool:
-        assert metrics(pool.run_jobs(requests)) == expected(requests)
-        assert pool.summary()["crashes"] == []
+        assert metrics(run_each(pool, requests)) == expected(requests)
+        assert summary_of(pool)["faults"] == []
 
 
 def test_job_error_fails_only_that_job_without_retry_or_restart(data_file, tmp_path):
@@ -145,34 +145,34 @@ def test_job_error_fails_only_that_job_without_retry_or_restart(data_file, tmp_p
     with make_pool(slots=2) as pool:
         pids = sorted(pool.worker_pids())
         with pytest.raises(JobError) as info:
-            pool.run_jobs([good[0], bad, good[1], good[2]])
+            run_each(pool, [good[0], bad, good[1], good[2]])
         assert info.value.error_type == "data_error"
         assert "missing.npz" in info.value.message and info.value.job_id == "bad"
-        summary = pool.summary()
+        summary = summary_of(pool)
         # Not the worker's fault: no restart, same processes, and the others all ran.
         assert sorted(pool.worker_pids()) == pids
-        assert summary["crashes"] == [] and all(w["restarts"] == 0 for w in summary["workers"])
+        assert summary["faults"] == [] and all(w["restarts"] == 0 for w in summary["workers"])
         assert summary["timings"]["jobs"] == 3
         # The pool keeps serving.
-        assert metrics(pool.run_jobs(good)) == expected(good)
+        assert metrics(run_each(pool, good)) == expected(good)
 
 
 def test_fallback_trainer_crashing_too_fails_the_job_after_bounded_retries(data_file, monkeypatch):
     monkeypatch.setenv("STEP5_FAKE_ONESHOT", "crash")
     with make_pool("--fault", "sigkill") as pool:
         with pytest.raises(JobError, match=r"EXIT\(7\).*gave up after 2"):
-            pool.run_jobs(make_requests(data_file, n=1))
-        summary = pool.summary()
+            run_each(pool, make_requests(data_file, n=1))
+        summary = summary_of(pool)
     assert summary["workers"][0]["fallback"] is True
-    assert [c["kind"] for c in summary["crashes"]] == ["crash", "crash", "oneshot", "oneshot"]
+    assert [c["kind"] for c in summary["faults"]] == ["crash", "crash", "oneshot", "oneshot"]
 
 
 def test_zero_restarts_falls_back_on_first_fault(data_file, caplog):
     caplog.set_level(logging.WARNING, logger="step5.execution.pool")
     requests = make_requests(data_file, n=2)
     with make_pool("--fault", "sigkill", max_restarts=0) as pool:
-        assert metrics(pool.run_jobs(requests)) == expected(requests)
-        assert pool.summary()["workers"][0]["restarts"] == 0
+        assert metrics(run_each(pool, requests)) == expected(requests)
+        assert summary_of(pool)["workers"][0]["restarts"] == 0
     assert "[S96B] Worker CPU-0 died, falling back to subprocess mode" in caplog.messages
 
 
@@ -181,8 +181,8 @@ def test_other_slot_keeps_its_worker_when_one_falls_back(data_file, tmp_path):
     requests = make_requests(data_file, n=6)
     with make_pool("--fault", "sigkill", "--faulty-starts", "3", "--job-s", "0.05", slots=2,
                    tmp_path=tmp_path) as pool:
-        results = pool.run_jobs(requests)
-        summary = pool.summary()
+        results = run_each(pool, requests)
+        summary = summary_of(pool)
     assert metrics(results) == expected(requests)
     states = sorted((w["fallback"], w["restarts"]) for w in summary["workers"])
     assert states == [(False, 1), (True, 1)]
@@ -198,11 +198,11 @@ def test_killing_a_worker_from_outside_mid_batch_loses_no_job(data_file):
         killer = threading.Timer(0.5, lambda: psutil.Process(victim).kill())
         killer.start()
         try:
-            results = pool.run_jobs(requests)
+            results = run_each(pool, requests)
         finally:
             killer.cancel()
-        summary = pool.summary()
+        summary = summary_of(pool)
     assert metrics(results) == expected(requests)
     assert summary["timings"]["jobs"] == 6
-    assert [c["status"] for c in summary["crashes"]] == ["SIGKILL(-9)"]
+    assert [c["status"] for c in summary["faults"]] == ["SIGKILL(-9)"]
     assert sum(w["restarts"] for w in summary["workers"]) == 1

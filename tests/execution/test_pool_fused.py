@@ -1,8 +1,9 @@
-"""WorkerPool.run_fused: a group of folds per worker in one `train_folds` request.
+"""WorkerPool.run with groups of several jobs: one `train_folds` request per group, on one worker.
 
 Every job comes back as its result or its JobError, in place. What did not come out of a
 pass (a group whose pass could not run: a worker fault, a fallen-back slot; a job that
-failed inside a pass) is re-run unfused, so the caller gets the unfused outcomes.
+failed inside a pass) is re-run unfused on the same slot, so the caller gets the unfused
+outcomes.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from step5.devices import DeviceSlot
 from step5.errors import JobError
 from step5.execution.pool import WorkerPool
 from step5.protocol import NNParams, TrainRequest
-from step5.testing import FAKE_WORKER, fake_worker_command
+from step5.testing import FAKE_WORKER, fake_worker_command, run_each, summary_of
 from step5.testing.fake_worker import fake_metrics
 
 METRICS = ("r2", "val_mse", "train_mse", "trial_number", "fold_idx", "job_id")
@@ -44,14 +45,15 @@ def pool_of(n_slots: int, *options: str, tmp_path: Path | None = None, **kwargs)
 def test_each_group_runs_on_one_worker_concurrently(data_file):
     groups = [group(data_file, 0), group(data_file, 1)]
     with pool_of(2, "--job-s", "0.2") as pool:
-        results = pool.run_fused(groups)
-        summary = pool.summary()
+        results = pool.run(groups)
+        summary = summary_of(pool)
     assert metrics(results) == expected(groups)
     pids = [{r["worker_pid"] for r in g} for g in results]
     assert all(len(p) == 1 for p in pids)  # a group stays on one worker
     assert pids[0] != pids[1]  # the two groups ran on the two workers
-    assert summary["timings"]["jobs"] == 6 and summary["crashes"] == []
-    assert summary["fused"] == {"groups": 2, "jobs": 6, "fused_groups": 2, "unfused_groups": 0, "rerun_jobs": 0}
+    assert summary["timings"]["jobs"] == 6 and summary["faults"] == []
+    assert summary["fusion"] == {"groups": 2, "jobs": 6, "fused_groups": 2, "unfused_groups": 0, "rerun_jobs": 0,
+                                 "largest_group": 3}
     # Every fused result carries its share of the pass, so compute time is their sum.
     durations = sum(r["duration"] for g in results for r in g)
     assert summary["timings"]["compute_s"] == pytest.approx(durations, abs=1e-3)
@@ -62,53 +64,54 @@ def test_a_failing_fold_is_rerun_alone_and_its_error_comes_back_in_place(data_fi
     bad[1] = TrainRequest(str(tmp_path / "gone.npz"), trial_number=1, fold_idx=1, job_id="t1-f1")
     good = group(data_file, 0)
     with pool_of(2) as pool:
-        got_good, got_bad = pool.run_fused([good, bad])
+        got_good, got_bad = pool.run([good, bad])
         error = got_bad[1]
         assert isinstance(error, JobError)
         assert error.error_type == "data_error" and error.job_id == "t1-f1" and "gone.npz" in error.message
         assert metrics([got_good, [got_bad[0], got_bad[2]]]) == expected([good, [bad[0], bad[2]]])
-        summary = pool.summary()
-        assert summary["crashes"] == []  # a job error is not a worker fault
+        summary = summary_of(pool)
+        assert summary["faults"] == []  # a job error is not a worker fault
         assert summary["timings"]["jobs"] == 3 + 2  # each healthy fold trained once, fused
         # Only the failed fold ran again, alone: its unfused run is its verdict.
-        assert summary["fused"] == {"groups": 2, "jobs": 6, "fused_groups": 2, "unfused_groups": 0,
-                                    "rerun_jobs": 1}
-        with pytest.raises(JobError, match="gone.npz"):  # run_jobs still raises it
-            pool.run_jobs(bad)
+        assert summary["fusion"] == {"groups": 2, "jobs": 6, "fused_groups": 2, "unfused_groups": 0,
+                                     "rerun_jobs": 1, "largest_group": 3}
+        with pytest.raises(JobError, match="gone.npz"):  # run_each raises it
+            run_each(pool, bad)
 
 
 def test_a_pass_that_fails_as_a_whole_is_rerun_fold_by_fold(data_file, caplog):
     groups = [group(data_file, 0), group(data_file, 1, n=1)]
     with pool_of(1, "--fault", "pass_error") as pool:
-        results = pool.run_fused(groups)
-        summary = pool.summary()
+        results = pool.run(groups)
+        summary = summary_of(pool)
     # Alone, each fold trains fine (a one-job group is not a shared pass).
     assert metrics(results) == expected(groups)
-    assert summary["crashes"] == [] and summary["workers"][0]["restarts"] == 0
+    assert summary["faults"] == [] and summary["workers"][0]["restarts"] == 0
     assert summary["timings"]["jobs"] == 4
-    # The one-job group is a pass of one model and runs fine; the three jobs of the broken
-    # pass each ran again alone.
-    assert summary["fused"] == {"groups": 2, "jobs": 4, "fused_groups": 2, "unfused_groups": 0,
-                                "rerun_jobs": 3}
+    # The one-job group is an unfused job and runs fine; the three jobs of the broken pass
+    # each ran again alone.
+    assert summary["fusion"] == {"groups": 2, "jobs": 4, "fused_groups": 1, "unfused_groups": 0,
+                                 "rerun_jobs": 3, "largest_group": 3}
     assert "3 fused job(s) failed" in caplog.text and "the fused pass broke" in caplog.text
 
 
 def test_worker_crash_during_a_fused_group_restarts_and_reruns_it(data_file, tmp_path):
     groups = [group(data_file, 0, n=4)]
     with pool_of(1, "--fault", "sigkill", "--after", "2", "--faulty-starts", "1", tmp_path=tmp_path) as pool:
-        results = pool.run_fused(groups)
-        summary = pool.summary()
+        results = pool.run(groups)
+        summary = summary_of(pool)
     assert metrics(results) == expected(groups)
     assert summary["workers"][0]["restarts"] == 1
     assert summary["timings"]["jobs"] == 4  # the rerun counted once
-    assert [c["status"] for c in summary["crashes"]] == ["SIGKILL(-9)"]
+    assert [c["status"] for c in summary["faults"]] == ["SIGKILL(-9)"]
 
 
 def test_fallen_back_slot_runs_groups_through_one_shot_trainers(data_file):
     groups = [group(data_file, 2, n=2)]
     with pool_of(1, "--boot", "exit", max_restarts=0) as pool:
-        assert pool.summary()["workers"][0]["fallback"] is True
-        results = pool.run_fused(groups)
+        assert summary_of(pool)["workers"][0]["fallback"] is True
+        results = pool.run(groups)
+        assert summary_of(pool)["fusion"]["unfused_groups"] == 1
     assert metrics(results) == expected(groups)
     assert all(r["device"] == "fake-oneshot" for r in results[0])
 
@@ -116,5 +119,5 @@ def test_fallen_back_slot_runs_groups_through_one_shot_trainers(data_file):
 def test_empty_group_is_rejected(data_file):
     with pool_of(1) as pool:
         with pytest.raises(ValueError, match="empty group"):
-            pool.run_fused([group(data_file, 0), []])
-        assert pool.run_fused([]) == []
+            pool.run([group(data_file, 0), []])
+        assert pool.run([]) == []

@@ -22,7 +22,7 @@ from step5.devices import DeviceSlot, plan_slots
 from step5.execution.pool import PoolClosed, WorkerPool
 from step5.lifeline import install_lifeline
 from step5.protocol import NNParams, TrainRequest
-from step5.testing import FAKE_WORKER, fake_worker_command
+from step5.testing import FAKE_WORKER, fake_worker_command, run_each, summary_of
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,13 +39,13 @@ def pool_of(slots: list[DeviceSlot], *options: str, **kwargs) -> WorkerPool:
     return WorkerPool(slots, worker_command=fake_worker_command(*options), oneshot_script=FAKE_WORKER, **kwargs)
 
 
-def run_jobs_in_background(pool: WorkerPool, requests: list[TrainRequest]) -> tuple[threading.Thread, list]:
-    """Start ``pool.run_jobs(requests)`` on a thread; the list collects what it raised."""
+def run_in_background(pool: WorkerPool, requests: list[TrainRequest]) -> tuple[threading.Thread, list]:
+    """Start ``run_each(pool, requests)`` on a thread; the list collects what it raised."""
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            pool.run_jobs(requests)
+            run_each(pool, requests)
         except BaseException as exc:  # noqa: BLE001 - inspected by the test
             errors.append(exc)
 
@@ -77,8 +77,8 @@ def wait_gone(pids: list[int], timeout_s: float = 5.0) -> list[int]:
 def test_two_gpu_slots_pin_different_cuda_visible_devices_and_split_threads(data_file):
     slots = plan_slots(["0", "1"], None, cpu_count=4)  # what --gpus 0,1 plans, no GPU needed
     with pool_of(slots, "--job-s", "0.3") as pool:
-        results = pool.run_jobs(requests_for(data_file, 4))
-        summary = pool.summary()
+        results = run_each(pool, requests_for(data_file, 4))
+        summary = summary_of(pool)
     by_slot = {(r["cuda_visible_devices"], r["torch_threads"]) for r in results}
     assert by_slot == {("0", "2"), ("1", "2")}
     assert [w["label"] for w in summary["workers"]] == ["GPU-0", "GPU-1"]
@@ -87,15 +87,15 @@ def test_two_gpu_slots_pin_different_cuda_visible_devices_and_split_threads(data
 
 def test_folds_run_concurrently_across_workers(data_file):
     with pool_of(cpu_slots(2), "--job-s", "0.4") as pool:
-        results = pool.run_jobs(requests_for(data_file, 4))
+        results = run_each(pool, requests_for(data_file, 4))
     assert [r["job_id"] for r in results] == [0, 1, 2, 3]  # request order kept
     assert len({r["worker_pid"] for r in results}) == 2  # both workers took jobs
 
 
 def test_summary_is_the_execution_block(data_file):
     with pool_of(cpu_slots(2)) as pool:
-        pool.run_jobs(requests_for(data_file, 3))
-        summary = pool.summary()
+        run_each(pool, requests_for(data_file, 3))
+        summary = summary_of(pool)
     assert summary["mode"] == "persistent_workers" == pool.mode
     assert summary["devices"] == ["CPU-0", "CPU-1"]
     assert summary["fallbacks"] == []
@@ -111,21 +111,21 @@ def test_summary_is_the_execution_block(data_file):
 def test_close_says_shutdown_and_reaps_every_worker(data_file, caplog):
     caplog.set_level(logging.WARNING, logger="step5.execution.pool")
     pool = pool_of(cpu_slots(2))
-    pool.run_jobs(requests_for(data_file, 2))
+    run_each(pool, requests_for(data_file, 2))
     pids = pool.worker_pids()
-    procs = [st.worker.proc for st in pool._states]  # noqa: SLF001 - checking exit codes
+    procs = [st.worker.proc for st in pool._slots]  # noqa: SLF001 - checking exit codes
     pool.close()
     assert [p.returncode for p in procs] == [0, 0]  # a planned exit, after the goodbye
     assert not any("without a shutdown reply" in m for m in caplog.messages)
     assert wait_gone(pids, 0.1) == []
     pool.close()  # idempotent
     with pytest.raises(PoolClosed):
-        pool.run_jobs(requests_for(data_file, 1))
+        run_each(pool, requests_for(data_file, 1))
 
 
 def test_close_while_a_job_hangs_terminates_the_worker(data_file):
     pool = pool_of(cpu_slots(1), "--fault", "hang", job_timeout_s=60.0, shutdown_timeout_s=0.5)
-    runner, errors = run_jobs_in_background(pool, requests_for(data_file, 1))
+    runner, errors = run_in_background(pool, requests_for(data_file, 1))
     time.sleep(0.5)
     pids = pool.worker_pids()
     start = time.monotonic()
@@ -144,7 +144,7 @@ def test_close_racing_a_fault_still_reports_pool_closed(data_file, monkeypatch):
     and got an AttributeError instead of PoolClosed; force it here deterministically.
     """
     pool = pool_of(cpu_slots(1), "--fault", "hang", job_timeout_s=60.0, shutdown_timeout_s=0.5)
-    st = pool._states[0]
+    st = pool._slots[0]
     worker = st.worker
     real_kill = type(worker).kill
 
@@ -160,7 +160,7 @@ def test_close_racing_a_fault_still_reports_pool_closed(data_file, monkeypatch):
                 pool.close()
 
     monkeypatch.setattr(type(worker), "kill", kill_then_close)
-    runner, errors = run_jobs_in_background(pool, requests_for(data_file, 1))
+    runner, errors = run_in_background(pool, requests_for(data_file, 1))
     time.sleep(0.5)
     os.kill(worker.pid, signal.SIGKILL)  # the fault: the worker dies mid-job
     runner.join(timeout=10)
@@ -173,7 +173,7 @@ def test_close_racing_a_fault_still_reports_pool_closed(data_file, monkeypatch):
 def test_close_while_a_fallback_trainer_hangs_kills_it(data_file, monkeypatch):
     monkeypatch.setenv("STEP5_FAKE_ONESHOT", "hang")
     pool = pool_of(cpu_slots(1), "--fault", "sigkill", max_restarts=0, job_timeout_s=60.0)
-    runner, errors = run_jobs_in_background(pool, requests_for(data_file, 1))
+    runner, errors = run_in_background(pool, requests_for(data_file, 1))
     me = psutil.Process()
 
     def oneshot_running() -> bool:
@@ -188,7 +188,7 @@ def test_close_while_a_fallback_trainer_hangs_kills_it(data_file, monkeypatch):
     deadline = time.monotonic() + 10
     while not oneshot_running() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert pool.summary()["workers"][0]["fallback"] is True
+    assert summary_of(pool)["workers"][0]["fallback"] is True
     start = time.monotonic()
     pool.close()
     runner.join(timeout=10)
@@ -202,18 +202,18 @@ def test_shutdown_leaves_eof_for_a_thread_still_waiting_on_the_worker():
     """close() drains a worker's messages looking for its goodbye while a dispatch thread may
     be waiting on the same queue for a result: the EOF must stay for that thread, or it
     waits out its whole job timeout (CI saw close() take 60 s under load)."""
-    from step5.execution.pool import _WorkerFault, _WorkerProcess
+    from step5.execution.worker_process import WorkerFault, WorkerProcess
 
     # A worker hung on a job: it ignores the shutdown and is terminated, without a goodbye.
     proc = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(60)"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-    worker = _WorkerProcess("CPU-0", proc)
+    worker = WorkerProcess("CPU-0", proc)
     worker.finish_shutdown(time.monotonic() + 0.2)
     assert proc.returncode == -signal.SIGTERM
     start = time.monotonic()
-    with pytest.raises(_WorkerFault) as info:
+    with pytest.raises(WorkerFault) as info:
         worker.receive(30.0, "running a job")
     assert info.value.kind == "crash" and time.monotonic() - start < 5
 
@@ -222,28 +222,28 @@ def test_jobs_cancelled_by_a_racing_close_report_pool_closed(data_file, monkeypa
     """close() cancels the jobs still queued behind a busy slot; the caller must get
     PoolClosed, not concurrent.futures' CancelledError."""
     pool = pool_of(cpu_slots(1))
-    real = WorkerPool._run_one
+    real = WorkerPool._run_group
 
-    def run_one_then_close(self, request):
-        result = real(self, request)
-        if request.job_id == 0:
+    def run_group_then_close(self, group):
+        result = real(self, group)
+        if group[0].job_id == 0:
             self.close()  # lands while jobs 1 and 2 wait for the slot
         return result
 
-    monkeypatch.setattr(WorkerPool, "_run_one", run_one_then_close)
+    monkeypatch.setattr(WorkerPool, "_run_group", run_group_then_close)
     with pytest.raises(PoolClosed):
-        pool.run_jobs(requests_for(data_file, 3))
+        run_each(pool, requests_for(data_file, 3))
     with pytest.raises(PoolClosed):
-        pool.run_jobs(requests_for(data_file, 1))
+        run_each(pool, requests_for(data_file, 1))
 
 
 def test_ctrl_c_during_close_still_kills_every_worker(data_file, monkeypatch):
     """A KeyboardInterrupt while close() waits for a worker must not leave the workers
     running: the pool is already marked closed, so no later close() would come back."""
-    from step5.execution.pool import _WorkerProcess
+    from step5.execution.worker_process import WorkerProcess
 
     pool = pool_of(cpu_slots(2), "--fault", "hang", job_timeout_s=60.0)
-    runner, errors = run_jobs_in_background(pool, requests_for(data_file, 2))
+    runner, errors = run_in_background(pool, requests_for(data_file, 2))
     time.sleep(0.5)
     pids = pool.worker_pids()
     assert len(pids) == 2
@@ -251,7 +251,7 @@ def test_ctrl_c_during_close_still_kills_every_worker(data_file, monkeypatch):
     def interrupted(self, deadline):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_WorkerProcess, "finish_shutdown", interrupted)
+    monkeypatch.setattr(WorkerProcess, "finish_shutdown", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pool.close()
     assert wait_gone(pids, 5.0) == []
@@ -260,7 +260,7 @@ def test_ctrl_c_during_close_still_kills_every_worker(data_file, monkeypatch):
     assert len(errors) == 1 and isinstance(errors[0], PoolClosed), errors
 
 
-def test_ctrl_c_in_run_jobs_kills_every_worker_before_propagating(data_file):
+def test_ctrl_c_in_run_kills_every_worker_before_propagating(data_file):
     pool = pool_of(cpu_slots(2), "--fault", "hang", job_timeout_s=60.0)
     pids = pool.worker_pids()
     assert len(pids) == 2
@@ -269,7 +269,7 @@ def test_ctrl_c_in_run_jobs_kills_every_worker_before_propagating(data_file):
     start = time.monotonic()
     try:
         with pytest.raises(KeyboardInterrupt):
-            pool.run_jobs(requests_for(data_file, 2))
+            run_each(pool, requests_for(data_file, 2))
     finally:
         timer.cancel()
     assert time.monotonic() - start < 5

@@ -19,8 +19,10 @@ from step5.data.splits import write_fold_npz
 from step5.devices import DeviceSlot
 from step5.errors import JobError
 from step5.execution.factory import make_fold_runner
-from step5.execution.pool import WorkerPool, _WorkerProcess
+from step5.execution.pool import WorkerPool
+from step5.execution.worker_process import WorkerProcess
 from step5.policy import TrainingPolicy
+from step5.testing import run_each, summary_of
 from step5.protocol import NNParams, TrainRequest
 
 METRICS = ("r2", "val_mse", "train_mse", "epochs_run", "trial_number", "fold_idx", "job_id")
@@ -50,7 +52,7 @@ def kill_during_second_job(monkeypatch):
     kill itself comes from outside the pool, as an OOM killer's would.
     """
     sends = {"n": 0, "armed": False}
-    original = _WorkerProcess.send
+    original = WorkerProcess.send
 
     def send(self, message, doing):
         original(self, message, doing)
@@ -60,7 +62,7 @@ def kill_during_second_job(monkeypatch):
                 sends["armed"] = False
                 psutil.Process(self.pid).kill()
 
-    monkeypatch.setattr(_WorkerProcess, "send", send)
+    monkeypatch.setattr(WorkerProcess, "send", send)
 
     def arm() -> None:
         sends.update(n=0, armed=True)
@@ -76,10 +78,10 @@ def test_worker_killed_mid_run_restarts_then_falls_back_with_identical_results(
                             max_worker_restarts=1)
     with make_fold_runner([DeviceSlot("CPU-0", "cpu", "", 1)], policy, persistent=True) as pool:
         assert isinstance(pool, WorkerPool) and pool.mode == "persistent_workers"
-        undisturbed = [{k: r[k] for k in METRICS} for r in pool.run_jobs(requests)]
+        undisturbed = [{k: r[k] for k in METRICS} for r in run_each(pool, requests)]
 
         # Phase 2: the same folds fused into one pass on the worker match the unfused runs.
-        (fused,) = pool.run_fused([requests])
+        (fused,) = pool.run([requests])
         for f, u in zip(fused, undisturbed):
             assert (f["job_id"], f["epochs_run"]) == (u["job_id"], u["epochs_run"])
             for key in ("r2", "val_mse", "train_mse"):
@@ -87,26 +89,26 @@ def test_worker_killed_mid_run_restarts_then_falls_back_with_identical_results(
 
         # A fold whose data is gone fails alone, in its place; its group-mate still trains.
         gone = dataclasses.replace(requests[1], data_path=requests[1].data_path + ".gone", job_id="gone")
-        (mixed,) = pool.run_fused([[requests[0], gone]])
+        (mixed,) = pool.run([[requests[0], gone]])
         assert isinstance(mixed[1], JobError) and mixed[1].error_type == "data_error"
         assert mixed[1].job_id == "gone" and ".gone" in mixed[1].message
         assert {k: mixed[0][k] for k in METRICS} == undisturbed[0]
-        assert pool.summary()["crashes"] == []
+        assert summary_of(pool)["faults"] == []
 
         kill_during_second_job()
-        restarted = pool.run_jobs(requests)
+        restarted = run_each(pool, requests)
         assert [{k: r[k] for k in METRICS} for r in restarted] == undisturbed
-        assert pool.summary()["workers"][0]["restarts"] == 1
+        assert summary_of(pool)["workers"][0]["restarts"] == 1
 
         kill_during_second_job()
-        fallen_back = pool.run_jobs(requests)
+        fallen_back = run_each(pool, requests)
         assert [{k: r[k] for k in METRICS} for r in fallen_back] == undisturbed
-        summary = pool.summary()
+        summary = summary_of(pool)
 
     assert "[S96B] Worker CPU-0 died, falling back to subprocess mode" in caplog.messages
     (worker,) = summary["workers"]
     assert worker["fallback"] is True and worker["device"] == "cpu"
-    assert [c["status"] for c in summary["crashes"]] == ["SIGKILL(-9)", "SIGKILL(-9)"]
+    assert [c["status"] for c in summary["faults"]] == ["SIGKILL(-9)", "SIGKILL(-9)"]
     assert summary["fallbacks"][0]["exit_status"] == "SIGKILL(-9)"
     # Each of the 4 full batches counted each job once, whatever path finally ran it, and
     # the mixed batch its one healthy fold.

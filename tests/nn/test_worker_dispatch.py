@@ -161,3 +161,36 @@ def test_malformed_train_folds_gets_one_error_line(request_obj):
     _, responses, _ = run([frame(request_obj), frame({"command": "ping"})])
     assert [r["status"] for r in responses] == ["error", "pong"]
     assert responses[0]["error_type"] == "bad_request"
+
+
+def test_heartbeat_is_answered_at_once_while_a_job_trains():
+    """The reader thread answers a heartbeat before the job it arrived behind finishes:
+    how the parent tells a long job from a hung worker."""
+    import threading
+
+    release = threading.Event()
+    backend = StubBackend()
+    real_train = backend.train
+
+    def slow_train(request):
+        assert release.wait(10), "the heartbeat was not answered while the job ran"
+        return real_train(request)
+
+    backend.train = slow_train  # type: ignore[method-assign]
+    out = io.BytesIO()
+    writer = LineWriter(out)
+    real_write = writer.write_message
+
+    def write_message(message):
+        real_write(message)
+        if message.get("status") == "alive":
+            release.set()
+
+    writer.write_message = write_message  # type: ignore[method-assign]
+    lines = [frame(train_line()), frame({"command": "heartbeat", "job_id": "beat#1"}), frame({"command": "ping"})]
+    rc = serve(LineReader(io.BytesIO(b"".join(lines)), 4096), writer, Dispatcher(backend))
+    responses = [loads(line) for line in out.getvalue().splitlines()]
+    assert rc == 0
+    # The heartbeat jumps the queue; every other request keeps its order.
+    assert [r["status"] for r in responses] == ["alive", "complete", "pong"]
+    assert responses[0]["job_id"] == "beat#1"

@@ -184,3 +184,17 @@ def test_stray_output_in_a_job_never_reaches_the_wire(folds):
     assert [loads(line)["status"] for line in proc.stdout.splitlines()] == ["ready", "complete", "shutdown"]
     stderr = proc.stderr.decode()
     assert "stray print from a job" in stderr and "C-level banner on fd 1" in stderr
+
+
+def test_a_fifo_as_data_path_is_a_clear_error_and_the_worker_keeps_serving(folds, tmp_path):
+    """A FIFO used to block np.load, and with it the whole worker, forever."""
+    fifo = tmp_path / "fold.fifo"
+    os.mkfifo(fifo)
+    rc, messages, _ = run_worker([train(fifo, 0), train(tmp_path, 1), train(folds["f0"], 2),
+                                  {"command": "shutdown"}], timeout=120)
+    assert rc == 0
+    ready, fifo_error, dir_error, ok, bye = messages
+    assert (fifo_error["status"], fifo_error["error_type"]) == ("error", "data_error")
+    assert "is not a regular file (a FIFO)" in fifo_error["error"] and fifo_error["job_id"] == "t0-f0"
+    assert "is not a regular file (a directory)" in dir_error["error"]
+    assert ok["status"] == "complete" and bye["status"] == "shutdown"

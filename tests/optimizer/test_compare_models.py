@@ -10,6 +10,7 @@ import pytest
 
 from step5 import artifacts
 from step5.errors import DegenerateSignalError, UsageError
+from step5.execution.summary import RunnerStats, build_execution_summary
 from step5.optimizer import compare
 from step5.optimizer.config import MODEL_TYPES, OptimizerConfig, RunOutcome
 
@@ -39,7 +40,7 @@ def make_sidecar(model_type: str, outcome: str, test_r2: float | None, cv: float
         hyperparameters={"fake": 1} if success else {},
         optuna={"study_name": "s", "storage": None, "trials_run": 2 if success else 0,
                 "best_trial_number": 0 if success else None, "best_value": cv},
-        execution={"mode": "inline", "workers": [], "devices": [], "fallbacks": [], "timings": {}},
+        execution=build_execution_summary(RunnerStats(mode="inline", devices=["cpu"])).to_dict(),
         provenance={"run_id": "r", "parent_run_id": None, "command_line": [], "created_at": "now", "versions": {}},
         checkpoint_sha256=hashlib.sha256(f"{model_type} model".encode()).hexdigest() if success else None,
     )

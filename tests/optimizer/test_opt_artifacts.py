@@ -9,6 +9,7 @@ import pytest
 
 from step5 import artifacts
 from step5.errors import DataError
+from step5.execution.summary import RunnerStats, build_execution_summary
 
 NAMES = ["lane_agreement_8", "skip_mean", "skip_min"]
 
@@ -38,7 +39,7 @@ def _valid_sidecar(outcome: str = "SUCCESS") -> dict:
         optuna={"study_name": "s", "storage": "sqlite:///x.db", "trials_run": 3,
                 "best_trial_number": 1 if outcome == "SUCCESS" else None,
                 "best_value": 0.4 if outcome == "SUCCESS" else None},
-        execution={"mode": "subprocess", "workers": [], "devices": ["CPU-0"], "fallbacks": [], "timings": {}},
+        execution=build_execution_summary(RunnerStats(mode="subprocess", devices=["CPU-0"])).to_dict(),
         provenance=artifacts.build_provenance(
             run_id="r1", parent_run_id=None, command_line=["x"], created_at="2026-01-01T00:00:00Z",
         ),
@@ -72,7 +73,9 @@ def test_built_sidecars_are_valid(outcome):
         ("feature_schema", "excluded_features"), ("signal_quality", "prediction_allowed"),
         ("data_context", "fingerprint_hash"), ("data_context", "training_window_draws"),
         ("training_metrics", "test_r2"), ("training_metrics", "overfit_ratio"), ("optuna", "best_value"),
-        ("execution", "fallbacks"), ("provenance", "parent_run_id"), ("provenance", "versions"),
+        ("execution", "fallbacks"), ("execution", "faults"), ("execution", "fusion", "rerun_jobs"),
+        ("execution", "search", "trials_in_flight"), ("execution", "timings", "total_s"),
+        ("provenance", "parent_run_id"), ("provenance", "versions"),
         ("agent_metadata",), ("agent_metadata", "run_id"), ("agent_metadata", "parent_run_id"),
         ("agent_metadata", "pipeline_step"), ("agent_metadata", "pipeline_step_name"),
     ],
@@ -99,6 +102,9 @@ def test_missing_key_is_reported_by_its_dotted_name(path):
         (("training_metrics", "train_mse"), float("nan"), "training_metrics.train_mse"),
         (("optuna", "trials_run"), 2.0, "optuna.trials_run` must be an int"),
         (("execution", "mode"), "threads", "execution.mode` must be one of"),
+        (("execution", "timings", "wall_s"), "1.5", "execution.timings.wall_s` must be a finite number"),
+        (("execution", "search", "fuse_trials"), 1, "execution.search.fuse_trials` must be true or false"),
+        (("execution", "fusion", "jobs"), -1, "execution.fusion.jobs` must be an int"),
         (("outcome",), "MAYBE", "`outcome` must be one of"),
         (("model_type",), "svm", "`model_type` must be one of"),
         (("checkpoint_format",), "pickle", "`checkpoint_format` must be 'pytorch_tensors'"),

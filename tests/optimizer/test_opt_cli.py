@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from step5 import artifacts
+from step5.policy import PROJECT_POLICY_PATH
 
 SCRIPT = "meta_prediction_optimizer_anti_overfit.py"
 
@@ -145,7 +146,7 @@ def test_without_policy_a_run_from_any_folder_uses_the_projects_own(repo_root, p
     proc = _run(repo_root, python, "--survivors", str(missing), "--lottery-data", str(history),
                 "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
-    assert f"policy: {repo_root / 'watcher_policies.json'} (the project's own" in proc.stderr
+    assert f"policy: {PROJECT_POLICY_PATH} (the project's own" in proc.stderr
     assert f"survivors file not found: {missing}" in proc.stderr
 
 

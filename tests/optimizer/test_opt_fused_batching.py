@@ -1,9 +1,9 @@
-"""Fused training through the optimizer (issue 7): --fuse-folds and --fuse-trials N.
+"""Fused training through the one ask/tell loop: --fuse-folds and --fuse-trials N.
 
-In-process runs with fake fold runners: a fake that records every ``run_fused`` group and
-answers like the pool does (the first JobError of a call, after the call; nothing else
-kept), and the real WorkerPool driving the fake worker script, whose results are a pure
-function of the request. The real trainers are in test_opt_fused_cli.py.
+In-process runs with fake fold runners: a fake that records every ``run`` call's groups and
+answers like the pool does (every job's outcome in place), and the real WorkerPool driving
+the fake worker script, whose results are a pure function of the request. The real
+trainers are in test_opt_fused_cli.py.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from step5.jsonio import read_json_file
 from step5.optimizer import AntiOverfitMetaOptimizer, OptimizerConfig
 from step5.optimizer import objective as objective_module
 from step5.optimizer import optimizer as optimizer_module
-from step5.optimizer.objective import FINAL_FOLD_IDX, fold_seed, fusion_groups
+from step5.optimizer.grouping import fusion_groups, plan_groups
+from step5.optimizer.objective import FINAL_FOLD_IDX, fold_seed
 from step5.protocol import FUSE_KEYS, NNParams, TrainRequest, fusion_key
 from step5.testing import FAKE_WORKER, fake_worker_command
 from step5.testing.fake_runner import install_fake_runner
@@ -50,6 +51,11 @@ def _config(sample_inputs, tmp_path: Path, name: str = "out", **kw) -> Optimizer
 def _study(cfg: OptimizerConfig, outcome) -> optuna.Study:
     return optuna.load_study(study_name=outcome.sidecar["optuna"]["study_name"],
                              storage=f"sqlite:///{(cfg.output_dir / 'optuna_step5.db').resolve()}")
+
+
+def _trial_calls(runner) -> list[list[list[TrainRequest]]]:
+    """The runner's calls that trained trials (not the final model)."""
+    return [call for call in runner.calls if all(r.fold_idx != FINAL_FOLD_IDX for g in call for r in g)]
 
 
 def _table(study: optuna.Study) -> list[tuple[int, str, float | None, dict]]:
@@ -95,6 +101,24 @@ def test_batch_size_separates_trials_only_when_their_folds_train_in_mini_batches
     assert fusion_groups(trials, 1) == [[0], [1]]
 
 
+def test_plan_groups_makes_one_path_for_every_fusion_setting_longest_first():
+    trials = {0: [_req(0, f, [64]) for f in range(2)], 1: [_req(1, f, [128, 64]) for f in range(2)],
+              2: [_req(2, f, [64], lr=0.01) for f in range(2)]}
+
+    def shape(groups):
+        return [[(r.trial_number, r.fold_idx) for r in g] for g in groups]
+
+    # Fold by fold: six groups of one, the widest trial's folds first (estimated cost).
+    alone = plan_groups(trials, fuse_folds=False, fuse_trials=False, capacity=2)
+    assert shape(alone) == [[(1, 0)], [(1, 1)], [(0, 0)], [(0, 1)], [(2, 0)], [(2, 1)]]
+    # Fused folds: one group per trial.
+    assert shape(plan_groups(trials, fuse_folds=True, fuse_trials=False, capacity=2)) == [
+        [(1, 0), (1, 1)], [(0, 0), (0, 1)], [(2, 0), (2, 1)]]
+    # Fused trials: same shapes together (0 and 2); the wider trial 1 is still the costlier group.
+    assert shape(plan_groups(trials, fuse_folds=True, fuse_trials=True, capacity=1)) == [
+        [(1, 0), (1, 1)], [(0, 0), (0, 1), (2, 0), (2, 1)]]
+
+
 # ---------------------------------------------------------------------------- --fuse-folds
 
 
@@ -107,18 +131,22 @@ def test_fuse_folds_sends_each_trial_as_one_group_with_the_unfused_requests(samp
 
     assert _table(_study(fused_cfg, fused)) == _table(_study(_config(sample_inputs, tmp_path, "plain"), plain))
     assert fused.sidecar["optuna"]["best_value"] == plain.sidecar["optuna"]["best_value"]
-    # One run_fused call per trial, one group of its K folds; only the final model unfused.
-    assert [[len(g) for g in call] for call in fused_runner.fused_calls] == [[3], [3], [3]]
-    assert [r.fold_idx for r in fused_runner.requests] == [FINAL_FOLD_IDX]
-    sent = [r for call in fused_runner.fused_calls for g in call for r in g]
-    assert [(r.trial_number, r.fold_idx, r.seed, Path(r.data_path).name) for r in sent] == [
+    # Two trials in flight (the fake's two slots): one group of K folds per trial; then the
+    # final model, a group of one.
+    assert [[len(g) for g in call] for call in fused_runner.calls] == [[3, 3], [3], [1]]
+    assert [[len(g) for g in call] for call in unfused_runner.calls] == [[1] * 6, [1] * 3, [1]]
+    sent = sorted((r.trial_number, r.fold_idx, r.seed, Path(r.data_path).name)
+                  for call in _trial_calls(fused_runner) for g in call for r in g)
+    assert sent == sorted(
         (r.trial_number, r.fold_idx, r.seed, Path(r.data_path).name)
         for r in unfused_runner.requests if r.fold_idx != FINAL_FOLD_IDX
-    ]
+    )
+    search = fused.sidecar["execution"]["search"]
+    assert (search["fuse_folds"], search["fuse_trials"], search["trials_in_flight"], search["batches"]) == (
+        True, False, 2, 2)
     fusion = fused.sidecar["execution"]["fusion"]
-    assert fusion["fuse_folds"] is True and fusion["fuse_trials"] == 1
-    assert (fusion["fused_calls"], fusion["groups"], fusion["jobs"], fusion["largest_group"]) == (3, 3, 9, 3)
-    assert plain.sidecar["execution"]["fusion"]["fuse_folds"] is False
+    assert (fusion["groups"], fusion["jobs"], fusion["fused_groups"], fusion["largest_group"]) == (4, 10, 3, 3)
+    assert plain.sidecar["execution"]["search"]["fuse_folds"] is False
     assert artifacts.validate_sidecar(fused.sidecar) == []
 
 
@@ -131,7 +159,7 @@ def test_policy_fuse_folds_reaches_the_backend(sample_inputs, tmp_path, runners)
     AntiOverfitMetaOptimizer(_config(sample_inputs, tmp_path, "a", trials=1, policy_path=policy)).run()
     AntiOverfitMetaOptimizer(_config(sample_inputs, tmp_path, "b", trials=1, policy_path=policy,
                                      fuse_folds=False)).run()
-    assert [len(r.fused_calls) for r in made] == [1, 0]  # the policy fuses; --no-fuse-folds wins
+    assert [len(r.fused_groups) for r in made] == [1, 0]  # the policy fuses; --no-fuse-folds wins
 
 
 # ---------------------------------------------------------------------------- --fuse-trials
@@ -149,20 +177,21 @@ def test_trial_batches_tell_every_trial_exactly_once_with_the_unfused_values(sam
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 7  # none RUNNING, none twice
     assert outcome.sidecar["optuna"]["trials_run"] == 7 and outcome.sidecar["optuna"]["trials_new"] == 7
     # Batches of 3, 3, 1 trials; every trial's 2 folds sent exactly once, with the unfused seeds.
-    per_call = [sorted({r.trial_number for g in call for r in g}) for call in runner.fused_calls]
+    per_call = [sorted({r.trial_number for g in call for r in g}) for call in _trial_calls(runner)]
     assert per_call == [[0, 1, 2], [3, 4, 5], [6]]
-    sent = sorted((r.trial_number, r.fold_idx, r.seed) for call in runner.fused_calls for g in call for r in g)
+    sent = sorted((r.trial_number, r.fold_idx, r.seed) for call in _trial_calls(runner) for g in call for r in g)
     assert sent == [(t, f, fold_seed(cfg.seed, t, f)) for t in range(7) for f in range(2)]
-    for call in runner.fused_calls:
+    for call in _trial_calls(runner):
         for g in call:  # a group holds whole trials
             trials = {r.trial_number for r in g}
             assert len(g) == 2 * len(trials)
     assert [t.user_attrs["batch"]["trials"] for t in study.trials] == [[0, 1, 2]] * 3 + [[3, 4, 5]] * 3 + [[6]]
     # The sampler's start-up trials are the same configurations: same params, same values.
     assert _table(study) == _table(_study(plain_cfg, plain))
-    fusion = outcome.sidecar["execution"]["fusion"]
-    assert (fusion["fuse_folds"], fusion["fuse_trials"], fusion["trial_batches"], fusion["jobs"]) == (True, 3, 3, 14)
-    assert fusion["failed_jobs"] == 0
+    search = outcome.sidecar["execution"]["search"]
+    assert (search["fuse_folds"], search["fuse_trials"], search["trials_in_flight"], search["batches"]) == (
+        True, True, 3, 3)
+    assert outcome.sidecar["execution"]["fusion"]["jobs"] == 14 + 1  # and the final model
 
 
 def test_trial_batches_group_same_shapes_into_one_group(sample_inputs, tmp_path, runners, monkeypatch):
@@ -180,7 +209,7 @@ def test_trial_batches_group_same_shapes_into_one_group(sample_inputs, tmp_path,
     monkeypatch.setattr(objective_module.NNBackend, "suggest", suggest)
     cfg = _config(sample_inputs, tmp_path, trials=4, k_folds=2, fuse_trials=4, cpu_workers=1)
     AntiOverfitMetaOptimizer(cfg).run()
-    (call,) = made[0].fused_calls
+    (call,) = _trial_calls(made[0])
     assert [sorted({r.trial_number for r in g}) for g in call] == [[0, 2, 3], [1]]
     assert len({(r.params.learning_rate, r.params.weight_decay) for r in call[0]}) == 3  # per-model values
 
@@ -196,10 +225,8 @@ def test_a_failing_trial_in_a_batch_fails_only_itself(sample_inputs, tmp_path, r
     assert "loss diverged to NaN" in study.trials[1].user_attrs["fail_reason"]
     assert "Trial 1 failed with parameters" in caplog.text and "loss diverged to NaN" in caplog.text
     # One call trained the whole batch: trial 1's failure cost the others nothing.
-    calls = [sorted({r.trial_number for g in c for r in g}) for c in made[0].fused_calls]
+    calls = [sorted({r.trial_number for g in c for r in g}) for c in _trial_calls(made[0])]
     assert calls == [[0, 1, 2, 3]]
-    fusion = outcome.sidecar["execution"]["fusion"]
-    assert fusion["failed_jobs"] == 1
     assert outcome.sidecar["optuna"]["trials_failed"] == 1 and outcome.sidecar["optuna"]["trials_run"] == 3
 
 
@@ -248,10 +275,10 @@ def test_resumed_study_is_topped_up_in_batches(sample_inputs, tmp_path, runners)
     # Fusion does not change what a trial measures: the same study is resumed.
     assert more.sidecar["optuna"]["study_name"] == first.sidecar["optuna"]["study_name"]
     assert more.sidecar["optuna"]["trials_new"] == 3 and more.sidecar["optuna"]["trials_run"] == 5
-    calls = [sorted({r.trial_number for g in c for r in g}) for c in made[1].fused_calls]
+    calls = [sorted({r.trial_number for g in c for r in g}) for c in _trial_calls(made[1])]
     assert calls == [[2, 3], [4]]
     again = AntiOverfitMetaOptimizer(dataclasses.replace(cfg, trials=5, fuse_trials=2)).run()
-    assert again.sidecar["optuna"]["trials_new"] == 0 and made[2].fused_calls == []
+    assert again.sidecar["optuna"]["trials_new"] == 0 and _trial_calls(made[2]) == []
 
 
 def test_tree_models_say_that_neural_net_flags_do_not_apply(sample_inputs, tmp_path, caplog, monkeypatch):
@@ -277,7 +304,10 @@ def test_tree_models_say_that_neural_net_flags_do_not_apply(sample_inputs, tmp_p
     # --cpu-workers is the library's thread count; feature names reach every fit.
     assert seen and all(k["n_threads"] == 1 for k in seen)
     assert all(k["feature_names"] == outcome.sidecar["feature_schema"]["feature_names"] for k in seen)
-    assert outcome.sidecar["execution"]["fusion"]["fuse_folds"] is False
+    search = outcome.sidecar["execution"]["search"]
+    assert (search["fuse_folds"], search["fuse_trials"], search["trials_in_flight"]) == (False, False, 1)
+    assert outcome.sidecar["execution"]["mode"] == "inline"
+    assert artifacts.validate_sidecar(outcome.sidecar) == []
     assert outcome.sidecar["training_options"]["n_threads"] == 1
 
 
@@ -288,13 +318,14 @@ class _PoolWithFakeCheckpoint(WorkerPool):
     """The real pool over the fake worker, which trains nothing and so saves no model:
     the final job's checkpoint is faked here, everything else is the pool's."""
 
-    def run_jobs(self, requests):
-        results = super().run_jobs(requests)
-        for req, res in zip(requests, results):
-            if req.save_model_path:
-                Path(req.save_model_path).write_bytes(b"fake checkpoint")
-                res.update(test_r2=res["r2"], test_mse=res["val_mse"])
-        return results
+    def run(self, groups):
+        outcomes = super().run(groups)
+        for group, group_outcomes in zip(groups, outcomes):
+            for req, res in zip(group, group_outcomes):
+                if req.save_model_path and isinstance(res, dict):
+                    Path(req.save_model_path).write_bytes(b"fake checkpoint")
+                    res.update(test_r2=res["r2"], test_mse=res["val_mse"])
+        return outcomes
 
 
 def _install_fake_pool(monkeypatch, *options: str) -> list[WorkerPool]:
@@ -343,8 +374,8 @@ def test_pool_worker_crash_in_a_fused_group_falls_back_with_the_undisturbed_resu
     for t in study.trials:  # the fake's results are a pure function of the request
         assert [f["r2"] for f in t.user_attrs["folds"]] == [fake_metrics(r)["r2"] for r in sent[t.number]]
     execution = outcome.sidecar["execution"]
-    assert any(c["status"] == "SIGKILL(-9)" for c in execution["crashes"])
-    assert execution["fusion"]["trial_batches"] == 2 and execution["fusion"]["failed_jobs"] == 0
+    assert any(c["status"] == "SIGKILL(-9)" for c in execution["faults"])
+    assert execution["search"]["batches"] == 2 and execution["fusion"]["rerun_jobs"] == 0
 
 
 def test_pool_job_error_in_a_fused_batch_fails_only_that_trial(sample_inputs, tmp_path, monkeypatch):
@@ -365,8 +396,8 @@ def test_pool_job_error_in_a_fused_batch_fails_only_that_trial(sample_inputs, tm
     study = _study(cfg, outcome)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
     assert "data_error (fold 1): NPZ file not found" in study.trials[2].user_attrs["fail_reason"]
-    assert outcome.sidecar["execution"]["fusion"]["failed_jobs"] == 1
     execution = outcome.sidecar["execution"]
+    assert execution["fusion"]["rerun_jobs"] == 1  # the failed fold's unfused verdict
     # 4 trials x 2 folds in the one batch, each trained once (fused), then the final model.
     assert execution["timings"]["jobs"] == 7 + 1
     sidecar = read_json_file(cfg.output_dir / artifacts.SIDECAR_NAME, "sidecar")
@@ -396,3 +427,23 @@ def test_batched_trials_get_heartbeats_so_a_killed_batch_is_failed_later(tmp_pat
         optuna.storages.fail_stale_trials(study)
     states = {t.number: t.state for t in study.get_trials()}
     assert states == {beaten.number: TrialState.FAIL, silent.number: TrialState.RUNNING}
+
+
+@pytest.mark.parametrize("fuse", [{}, {"fuse_trials": 3}], ids=["fold-by-fold", "fused-trials"])
+def test_same_seed_and_trials_in_flight_give_the_same_study_with_several_workers(
+    sample_inputs, tmp_path, monkeypatch, fuse,
+):
+    """Two workers finish jobs in whatever order they like; the loop tells trials in ask
+    order and the sampler (TPE, constant liar) sees the same history at every ask, so a
+    re-run is the same study: same params, same values, same best trial."""
+    _install_fake_pool(monkeypatch, "--job-s", "0.02")
+    tables, best = [], []
+    for name in ("first", "second"):
+        cfg = _config(sample_inputs, tmp_path, name, trials=13, k_folds=2, trials_in_flight=3, **fuse)
+        outcome = AntiOverfitMetaOptimizer(cfg).run()
+        tables.append(_table(_study(cfg, outcome)))
+        best.append((outcome.sidecar["optuna"]["best_trial_number"], outcome.sidecar["optuna"]["best_value"]))
+        assert outcome.sidecar["execution"]["search"]["trials_in_flight"] == 3
+    assert len(tables[0]) == 13 and all(state == "COMPLETE" for _, state, _, _ in tables[0])
+    assert tables[0] == tables[1]
+    assert best[0] == best[1]

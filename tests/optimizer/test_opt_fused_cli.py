@@ -60,21 +60,21 @@ def test_fused_runs_give_the_unfused_study_and_say_how_they_fused(sample_inputs,
 
     reference = runs["unfused"]
     assert reference["states"] == ["COMPLETE"] * 3
-    assert reference["sidecar"]["execution"]["fusion"]["fuse_folds"] is False
+    assert reference["sidecar"]["execution"]["search"]["fuse_folds"] is False
     for name in ("fuse_folds", "fuse_trials", "oneshot_fuse_folds"):
         run = runs[name]
         assert run["states"] == ["COMPLETE"] * 3, name
         assert run["values"] == reference["values"], name
         assert run["sidecar"]["optuna"]["best_value"] == reference["sidecar"]["optuna"]["best_value"], name
         assert run["sidecar"]["optuna"]["best_trial_number"] == reference["sidecar"]["optuna"]["best_trial_number"]
-        fusion = run["sidecar"]["execution"]["fusion"]
-        assert fusion["fuse_folds"] is True and fusion["failed_jobs"] == 0, name
-        assert fusion["jobs"] == 6, name  # 3 trials x 2 folds went through run_fused
+        execution = run["sidecar"]["execution"]
+        assert execution["search"]["fuse_folds"] is True and execution["fusion"]["rerun_jobs"] == 0, name
+        assert execution["fusion"]["jobs"] == 6 + 1, name  # 3 trials x 2 folds, then the final model
 
-    fusion = runs["fuse_trials"]["sidecar"]["execution"]["fusion"]
-    assert (fusion["fuse_trials"], fusion["trial_batches"], fusion["fused_calls"]) == (3, 1, 1)
+    search = runs["fuse_trials"]["sidecar"]["execution"]["search"]
+    assert (search["fuse_trials"], search["trials_in_flight"], search["batches"]) == (True, 3, 1)
     assert "batch 0: trials [0, 1, 2]" in runs["fuse_trials"]["proc"].stderr
     oneshot = runs["oneshot_fuse_folds"]
     assert oneshot["proc"].stderr.count("cannot fuse") == 1
     assert oneshot["sidecar"]["execution"]["mode"] == "subprocess"
-    assert oneshot["sidecar"]["execution"]["fused"]["unfused_groups"] == 3
+    assert oneshot["sidecar"]["execution"]["fusion"]["unfused_groups"] == 3

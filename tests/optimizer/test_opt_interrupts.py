@@ -14,22 +14,19 @@ from optuna.trial import TrialState
 
 from step5.errors import Terminated
 from step5.optimizer.cli import InterruptedTrialFilter
-from step5.optimizer.optimizer import recording_interrupts
+from step5.optimizer.search import fail_untold
 
 
 @pytest.mark.parametrize("interrupt, reason", [(Terminated, "interrupted by SIGTERM"),
                                                (KeyboardInterrupt, "interrupted by Ctrl-C (SIGINT)")])
 def test_an_interrupted_trial_is_failed_with_a_reason(interrupt, reason):
+    """What the ask/tell loop does with the trials of a batch an interrupt stopped."""
     study = optuna.create_study()
-
-    def objective(trial: optuna.Trial) -> float:
-        trial.suggest_float("x", 0, 1)
-        raise interrupt()
-
-    with pytest.raises(interrupt):
-        study.optimize(recording_interrupts(objective), n_trials=3)
-    (trial,) = study.trials
-    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == reason
+    asked = [study.ask() for _ in range(2)]
+    fail_untold(study, asked, interrupt())
+    assert len(study.trials) == 2
+    for trial in study.trials:
+        assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == reason
 
 
 def test_the_log_filter_drops_only_the_interrupted_trials_lines():

@@ -143,8 +143,8 @@ def test_crash_or_ctrl_c_cleans_up_and_leaves_no_trial_running(
     sample_inputs, tmp_path, fake_runner, private_tmp, explosion
 ):
     made, options = fake_runner
-    options.update(explode_on_trial=1, explosion=explosion)
-    cfg = _config(sample_inputs, tmp_path)
+    options.update(explode_on_trial=3, explosion=explosion)
+    cfg = _config(sample_inputs, tmp_path, trials=5)  # the fake has 2 slots: 2 trials in flight
     with pytest.raises(explosion, match="the runner blew up"):
         AntiOverfitMetaOptimizer(cfg).run()
     assert made[0].closed
@@ -152,7 +152,8 @@ def test_crash_or_ctrl_c_cleans_up_and_leaves_no_trial_running(
     storage = f"sqlite:///{(cfg.output_dir / 'optuna_step5.db').resolve()}"
     (summary,) = optuna.get_all_study_summaries(storage)
     states = [t.state for t in optuna.load_study(study_name=summary.study_name, storage=storage).trials]
-    assert states == [TrialState.COMPLETE, TrialState.FAIL]
+    # Trials 0 and 1 were told; 2 and 3 were in flight together when the runner blew up.
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
     assert not (cfg.output_dir / artifacts.SIDECAR_NAME).exists()
 
 
@@ -209,22 +210,35 @@ def test_degenerate_target_writes_degenerate_sidecar_and_removes_a_stale_model(d
     assert made == []  # nothing was trained, no process started
 
 
-def test_fusion_flags_win_over_the_policy_and_fuse_trials_implies_fused_folds(tmp_path):
-    from step5.optimizer.optimizer import resolve_fusion
+def test_search_plan_flags_win_over_the_policy_and_fuse_trials_sets_the_batch(tmp_path):
+    from step5.optimizer.optimizer import resolve_search_plan
     from step5.policy import load_policy
 
     policy_on = tmp_path / "on.json"
-    write_json_atomic(policy_on, {"training": {"fuse_folds": True}})
+    write_json_atomic(policy_on, {"training": {"fuse_folds": True, "trials_in_flight": 3}})
     on, off = load_policy(policy_on), load_policy(None)
     cfg = OptimizerConfig(survivors=Path("s.json"), lottery_data=Path("h.json"))
-    plan = lambda policy, **kw: resolve_fusion(dataclasses.replace(cfg, **kw), policy)  # noqa: E731
-    assert (plan(off).fuse_folds, plan(off).fuse_trials) == (False, 1)  # off by default
+
+    def plan(policy, capacity=2, neural_net=True, **kw):
+        return resolve_search_plan(dataclasses.replace(cfg, **kw), policy, capacity, neural_net=neural_net)
+
+    assert (plan(off).fuse_folds, plan(off).fuse_trials) == (False, False)  # off by default
+    assert plan(off).trials_in_flight == 2 and plan(off, capacity=5).trials_in_flight == 5  # fills the slots
+    assert plan(off, neural_net=False).trials_in_flight == 1  # trees: in-process, one at a time
     assert plan(on).fuse_folds is True and "training.fuse_folds" in plan(on).source
-    assert plan(on, fuse_folds=False).fuse_folds is False  # the flag wins
+    assert plan(on).trials_in_flight == 3  # the policy's key
+    assert plan(on, trials_in_flight=7).trials_in_flight == 7  # the flag wins
+    assert plan(on, fuse_folds=False).fuse_folds is False
     assert plan(off, fuse_folds=True).fuse_folds is True
-    assert (plan(off, fuse_trials=4).fuse_folds, plan(off, fuse_trials=4).fuse_trials) == (True, 4)
+    fused = plan(off, fuse_trials=4)
+    assert (fused.fuse_folds, fused.fuse_trials, fused.trials_in_flight) == (True, True, 4)
+    assert plan(off, neural_net=False, fuse_trials=4).fuse_trials is False  # fusion is NN-only
     with pytest.raises(UsageError, match="--no-fuse-folds forbids"):
         AntiOverfitMetaOptimizer(dataclasses.replace(cfg, fuse_trials=4, fuse_folds=False))
+    with pytest.raises(UsageError, match="--trials-in-flight is 2"):
+        AntiOverfitMetaOptimizer(dataclasses.replace(cfg, fuse_trials=4, trials_in_flight=2))
+    with pytest.raises(UsageError, match="--trials-in-flight must be >= 1"):
+        AntiOverfitMetaOptimizer(dataclasses.replace(cfg, trials_in_flight=0))
 
 
 def test_policy_kill_switch_and_cli_override_reach_the_runner_factory(sample_inputs, tmp_path, fake_runner):

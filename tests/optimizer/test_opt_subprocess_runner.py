@@ -1,6 +1,6 @@
 """SubprocessRunner (the S96A runner the optimizer holds when persistent workers are off):
 Ctrl-C and bugs abort a batch at once with no trainer left behind; job errors still wait
-for the batch; run_fused is the null object of fused training.
+for the batch; a group of several jobs is the null object of fused training.
 
 The trainers are fakes: ``step5/testing/fake_worker.py`` in its one-shot mode, and a tiny
 script that hangs, written per test.
@@ -21,7 +21,7 @@ from step5.devices import DeviceSlot
 from step5.errors import JobError
 from step5.execution.runner import SubprocessRunner
 from step5.protocol import NNParams, TrainRequest
-from step5.testing import FAKE_WORKER
+from step5.testing import FAKE_WORKER, run_each, summary_of
 from step5.testing.fake_worker import fake_metrics
 
 HANG_SCRIPT = """\
@@ -85,16 +85,16 @@ def test_ctrl_c_kills_running_trainers_and_propagates_at_once(hang_script, data_
     presser.start()
     start = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        runner.run_jobs([_request(data_file, 0, f) for f in range(3)])  # the third never starts
+        run_each(runner, [_request(data_file, 0, f) for f in range(3)])  # the third never starts
     elapsed = time.monotonic() - start
     presser.join(timeout=5)
     assert elapsed < 20, f"Ctrl-C took {elapsed:.1f}s to come through"
     assert len(pids) == 2
     assert _children() == []  # killed and reaped before the interrupt propagated
     assert len(list(started.iterdir())) == 2  # nothing was started (or retried) after Ctrl-C
-    assert runner.summary()["crashes"] == []  # our kill is not a trainer crash
+    assert summary_of(runner)["faults"] == []  # our kill is not a trainer crash
     with pytest.raises(RuntimeError, match="closed"):
-        runner.run_jobs([_request(data_file, 0, 0)])
+        run_each(runner, [_request(data_file, 0, 0)])
     runner.close()
 
 
@@ -105,7 +105,7 @@ def test_a_bug_in_one_job_aborts_the_batch_without_waiting_for_the_others(hang_s
         start = time.monotonic()
         with pytest.raises(ValueError, match="saves only best_model.pth"):
             # The second request is rejected before its process starts; the first hangs.
-            runner.run_jobs([_request(data_file, 1, 0), bad])
+            run_each(runner, [_request(data_file, 1, 0), bad])
         assert time.monotonic() - start < 20
         assert _children() == []
 
@@ -115,30 +115,33 @@ def test_job_error_waits_for_the_batch_and_keeps_the_runner(data_file, tmp_path)
     missing = _request(tmp_path / "gone.npz", 2, 3)
     with SubprocessRunner(_slots(2), job_timeout_s=60, script=FAKE_WORKER) as runner:
         with pytest.raises(JobError) as info:
-            runner.run_jobs([*good, missing])
+            run_each(runner, [*good, missing])
         assert info.value.error_type == "data_error" and info.value.fold_idx == 3
-        assert runner.summary()["timings"]["jobs"] == 3  # every healthy fold ran to the end
-        results = runner.run_jobs(good)  # still usable
+        assert summary_of(runner)["timings"]["jobs"] == 3  # every healthy fold ran to the end
+        results = run_each(runner, good)  # still usable
     assert [r["r2"] for r in results] == [fake_metrics(r)["r2"] for r in good]
 
 
-def test_run_fused_is_the_null_object_same_results_fold_by_fold_and_one_warning(data_file, caplog):
+def test_a_group_is_the_null_object_of_fusion_same_results_fold_by_fold_and_one_warning(data_file, caplog):
     groups = [[_request(data_file, 3, f) for f in range(3)], [_request(data_file, 4, f) for f in range(2)]]
     with SubprocessRunner(_slots(2), job_timeout_s=60, script=FAKE_WORKER) as runner:
         with caplog.at_level(logging.WARNING, logger="step5.execution.runner"):
-            fused = runner.run_fused(groups)
-            again = runner.run_fused(groups[:1])
-        unfused = runner.run_jobs([r for g in groups for r in g])
-        summary = runner.summary()
+            fused = runner.run(groups)
+            again = runner.run(groups[:1])
+        unfused = run_each(runner, [r for g in groups for r in g])
+        summary = summary_of(runner)
     assert [[r["job_id"] for r in g] for g in fused] == [[r.job_id for r in g] for g in groups]
     flat = [r for g in fused for r in g]
     for a, b in zip(flat, unfused):
         assert {k: a[k] for k in ("r2", "val_mse", "train_mse")} == {k: b[k] for k in ("r2", "val_mse", "train_mse")}
     assert again[0][0]["r2"] == fused[0][0]["r2"]
     assert caplog.text.count("cannot fuse") == 1  # said once per runner, not per trial
-    assert summary["fused"] == {"groups": 3, "jobs": 8, "fused_groups": 0, "unfused_groups": 3, "rerun_jobs": 0}
-    with pytest.raises(ValueError, match="empty group"):
-        SubprocessRunner(_slots(1), script=FAKE_WORKER).run_fused([[]])
+    # Three groups of several jobs (none could share a pass), then five groups of one.
+    assert summary["fusion"] == {"groups": 8, "jobs": 13, "fused_groups": 0, "unfused_groups": 3, "rerun_jobs": 0,
+                                 "largest_group": 3}
+    with SubprocessRunner(_slots(1), script=FAKE_WORKER) as runner:
+        with pytest.raises(ValueError, match="empty group"):
+            runner.run([[]])
 
 
 def test_the_hang_script_is_a_real_hang(hang_script):
@@ -168,13 +171,13 @@ time.sleep(120)
 def test_a_timed_out_trainer_is_killed_with_the_processes_it_started(tmp_path, data_file):
     """A grandchild holding the trainer's pipes must neither outlive the job nor make the
     runner wait on those pipes past the timeout."""
-    from step5.errors import WorkerCrashed
-    from step5.execution.runner import run_oneshot_job
+    from step5.errors import JobTimedOut
+    from step5.execution.oneshot import run_oneshot_job
 
     script = tmp_path / "spawning_hang.py"
     script.write_text(SPAWNING_HANG_SCRIPT.format(folder=str(tmp_path)))
     start = time.monotonic()
-    with pytest.raises(WorkerCrashed, match="exceeded the 2s job timeout") as info:
+    with pytest.raises(JobTimedOut, match="exceeded the 2s job timeout") as info:
         run_oneshot_job(_request(data_file, 0, 0), _slots(1)[0], timeout_s=2.0, script=script)
     assert info.value.exit_status == "TIMEOUT"
     assert time.monotonic() - start < 10  # not the helper's 120 s

@@ -1,0 +1,238 @@
+"""The sidecar's ``execution`` block: typed records, built in one place, checked key by key.
+
+Every run writes the same shape, whatever trained it (persistent workers, one-shot
+subprocesses, tree models in-process) and however it ended (SUCCESS or DEGENERATE_SIGNAL)::
+
+    ExecutionSummary
+      mode        "persistent_workers" | "subprocess" | "inline" | null (no training ran)
+      devices     slot labels ["GPU-0", ...]
+      workers     [WorkerRecord]   one per persistent-worker slot
+      fallbacks   [FallbackRecord] slots that fell back to one-shot subprocesses
+      faults      [FaultRecord]    every worker/trainer fault and job timeout, in order
+      fusion      FusionRecord     groups handed to the runner and how they ran
+      search      SearchRecord     the ask/tell loop's settings (trials in flight, fusion)
+      timings     Timings          runner and run-phase seconds
+
+A runner reports :class:`RunnerStats` (everything but ``search`` and the run phases);
+:func:`build_execution_summary` adds the rest. :func:`execution_problems` is what the
+sidecar validator (:mod:`step5.artifacts`) runs on the block, so a key added here is
+checked there without a second list.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+EXECUTION_MODES = ("persistent_workers", "subprocess", "inline")
+
+
+@dataclass
+class WorkerRecord:
+    """One persistent-worker slot across the life of the pool."""
+
+    label: str  # "GPU-0" / "CPU-1"
+    device: str | None  # as the worker reported it in `ready`
+    pid: int | None  # current (or last) worker pid
+    jobs: int  # jobs answered by workers on this slot (results and job errors)
+    oneshot_jobs: int  # jobs run through the one-shot fallback
+    restarts: int  # restarts after worker faults (not after job timeouts)
+    fallback: bool  # fell back to one-shot subprocesses for good
+    boot_s: float | None  # interpreter start -> ready, as the last worker measured it
+    cuda_visible_devices: str  # what the slot's processes were given
+
+
+@dataclass
+class FallbackRecord:
+    """Why a slot fell back to one-shot subprocesses."""
+
+    label: str
+    reason: str
+    kind: str  # the last fault's kind
+    exit_status: str | None
+    stderr_tail: str
+    after_jobs: int
+    restarts: int
+
+
+@dataclass
+class FaultRecord:
+    """A worker fault (crash, hang, protocol, boot), a one-shot crash, or a job timeout."""
+
+    slot: str
+    kind: str  # crash | hang | protocol | boot | oneshot | timeout
+    status: str | None  # SIGKILL(-9), EXIT(1), TIMEOUT, ...
+    error: str
+
+
+@dataclass
+class FusionRecord:
+    """Groups handed to ``run()``; a group of one is an unfused job."""
+
+    groups: int = 0  # groups of any size
+    jobs: int = 0  # jobs in them
+    fused_groups: int = 0  # groups of 2+ jobs trained in one pass
+    unfused_groups: int = 0  # groups of 2+ jobs whose pass could not run (trained job by job)
+    rerun_jobs: int = 0  # jobs that failed inside a pass and were re-run alone for their verdict
+    largest_group: int = 0
+
+
+@dataclass
+class SearchRecord:
+    """How the optimizer's ask/tell loop ran its trials."""
+
+    trials_in_flight: int = 0  # trials asked and run together (B); 0 when no search ran
+    fuse_folds: bool = False  # a trial's K folds share one pass
+    fuse_trials: bool = False  # same-shape trials of a batch share one pass
+    batches: int = 0  # ask/run/tell rounds
+    trials: int = 0  # trials told (any end state)
+
+
+@dataclass
+class Timings:
+    """Seconds. The runner's fields first; the run phases are 0.0 where they did not happen."""
+
+    jobs: int = 0  # jobs with a result (a retried job counts once)
+    spawn_s: float = 0.0  # starting persistent workers (restarts included)
+    wall_s: float = 0.0  # inside run() calls
+    compute_s: float = 0.0  # the jobs' own time in their processes
+    overhead_s: float = 0.0  # job time outside training: IPC, NPZ hand-off, one-shot boots
+    load_s: float = 0.0
+    split_s: float = 0.0
+    runner_start_s: float = 0.0
+    search_s: float = 0.0
+    final_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass
+class RunnerStats:
+    """What a runner knows about itself; ``summary()`` of every runner returns one."""
+
+    mode: str
+    devices: list[str]
+    workers: list[WorkerRecord] = field(default_factory=list)
+    fallbacks: list[FallbackRecord] = field(default_factory=list)
+    faults: list[FaultRecord] = field(default_factory=list)
+    fusion: FusionRecord = field(default_factory=FusionRecord)
+    timings: Timings = field(default_factory=Timings)
+
+
+@dataclass
+class ExecutionSummary:
+    """The whole ``execution`` block."""
+
+    mode: str | None
+    devices: list[str]
+    workers: list[WorkerRecord]
+    fallbacks: list[FallbackRecord]
+    faults: list[FaultRecord]
+    fusion: FusionRecord
+    search: SearchRecord
+    timings: Timings
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["timings"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in out["timings"].items()}
+        return out
+
+
+def build_execution_summary(
+    stats: RunnerStats | None, *, search: SearchRecord | None = None, phases: Mapping[str, float] | None = None,
+) -> ExecutionSummary:
+    """The execution block of a run: the runner's stats (None: nothing trained, e.g. a
+    degenerate target), the loop's settings, and the run's phase timings."""
+    timings = dataclasses.replace(stats.timings) if stats is not None else Timings()
+    for name, seconds in (phases or {}).items():
+        if name not in _TIMING_PHASES:
+            raise ValueError(f"unknown run phase {name!r}; expected one of {sorted(_TIMING_PHASES)}")
+        setattr(timings, name, float(seconds))
+    return ExecutionSummary(
+        mode=stats.mode if stats is not None else None,
+        devices=list(stats.devices) if stats is not None else [],
+        workers=list(stats.workers) if stats is not None else [],
+        fallbacks=list(stats.fallbacks) if stats is not None else [],
+        faults=list(stats.faults) if stats is not None else [],
+        fusion=dataclasses.replace(stats.fusion) if stats is not None else FusionRecord(),
+        search=search if search is not None else SearchRecord(),
+        timings=timings,
+    )
+
+
+_TIMING_PHASES = frozenset(("load_s", "split_s", "runner_start_s", "search_s", "final_s", "total_s"))
+
+
+# ------------------------------------------------------------------------- validation
+
+
+def _type_check(annotation: str) -> tuple[str, Any]:
+    """A readable expectation and a check, for a field's annotation string."""
+    optional = annotation.endswith("| None")
+    base = annotation.replace("| None", "").strip()
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    checks = {
+        "str": ("a string", lambda v: isinstance(v, str)),
+        "int": ("an int", lambda v: is_int(v) and v >= 0),
+        "float": ("a finite number >= 0", lambda v: (is_int(v) or isinstance(v, float)) and math.isfinite(v) and v >= 0),
+        "bool": ("true or false", lambda v: isinstance(v, bool)),
+        "list[str]": ("an array of strings", lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v)),
+    }
+    expected, check = checks[base]
+    if optional:
+        return f"{expected} or null", lambda v: v is None or check(v)
+    return expected, check
+
+
+def _record_problems(obj: Any, cls: type, where: str, problems: list[str]) -> None:
+    if not isinstance(obj, dict):
+        problems.append(f"`{where}` must be an object, got {obj!r:.80}")
+        return
+    for f in dataclasses.fields(cls):
+        key = f"{where}.{f.name}"
+        if f.name not in obj:
+            problems.append(f"missing key `{key}`")
+            continue
+        expected, check = _type_check(str(f.type))
+        if not check(obj[f.name]):
+            problems.append(f"`{key}` must be {expected}, got {obj[f.name]!r:.80}")
+    extra = sorted(set(obj) - {f.name for f in dataclasses.fields(cls)})
+    if extra:
+        problems.append(f"unknown key(s) in `{where}`: {extra}")
+
+
+def execution_problems(obj: Any, where: str = "execution") -> list[str]:
+    """Every problem with an ``execution`` block, as readable lines (empty: valid)."""
+    problems: list[str] = []
+    if not isinstance(obj, dict):
+        return [f"`{where}` must be an object, got {type(obj).__name__}"]
+    expected_keys = [f.name for f in dataclasses.fields(ExecutionSummary)]
+    for key in expected_keys:
+        if key not in obj:
+            problems.append(f"missing key `{where}.{key}`")
+    extra = sorted(set(obj) - set(expected_keys))
+    if extra:
+        problems.append(f"unknown key(s) in `{where}`: {extra}")
+    mode = obj.get("mode")
+    if "mode" in obj and mode is not None and mode not in EXECUTION_MODES:
+        problems.append(f"`{where}.mode` must be one of {list(EXECUTION_MODES)} or null, got {mode!r}")
+    if "devices" in obj:
+        _, check = _type_check("list[str]")
+        if not check(obj["devices"]):
+            problems.append(f"`{where}.devices` must be an array of strings, got {obj['devices']!r:.80}")
+    for key, cls in (("workers", WorkerRecord), ("fallbacks", FallbackRecord), ("faults", FaultRecord)):
+        items = obj.get(key)
+        if key not in obj:
+            continue
+        if not isinstance(items, list):
+            problems.append(f"`{where}.{key}` must be an array, got {items!r:.80}")
+            continue
+        for i, item in enumerate(items):
+            _record_problems(item, cls, f"{where}.{key}[{i}]", problems)
+    for key, cls in (("fusion", FusionRecord), ("search", SearchRecord), ("timings", Timings)):
+        if key in obj:
+            _record_problems(obj[key], cls, f"{where}.{key}", problems)
+    return problems

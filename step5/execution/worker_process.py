@@ -1,0 +1,355 @@
+"""One persistent worker process as the parent sees it, and the thread that forks workers.
+
+* :class:`WorkerProcess` — the process and the two threads that keep its pipes moving: a
+  stdout reader feeding a queue (so the parent waits on "a line, EOF or a timeout" in one
+  place, like loky) and a stderr drain into a bounded tail (forwarded to logging at DEBUG)
+  so a chatty worker can never fill its pipe and block. While a job runs, the parent sends
+  ``heartbeat`` requests, which the worker answers at once from its reader thread; a worker
+  that stops answering them is hung (a :class:`WorkerFault`), while a job that outlives
+  its timeout on a worker that still answers is a :class:`~step5.errors.JobTimedOut`.
+* :class:`Spawner` — one long-lived daemon thread that performs every ``Popen``.
+
+Every failure kills the process before it is raised, so the caller never holds a half-dead
+worker: it only decides what comes next (:mod:`step5.execution.slot`).
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import queue
+import subprocess
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Callable, Sequence
+
+from step5.errors import JobTimedOut, WorkerCrashed
+from step5.execution.process import STDERR_TAIL_LINES, describe_exit, reap_killed, sigkill
+from step5.framing import FrameTooLarge, LineReader, LineWriter
+from step5.jsonio import loads
+
+logger = logging.getLogger(__name__)
+
+#: Responses are small; a longer line from a worker is garbage, not a result.
+MAX_RESPONSE_BYTES = 16 << 20
+#: How long an exited worker's stderr drain may take to deliver the last lines.
+_STDERR_SETTLE_S = 1.0
+#: After EOF on stdout, how long to wait for the process itself to exit before killing it.
+_EXIT_AFTER_EOF_S = 2.0
+
+_beat_ids = itertools.count()
+
+
+class WorkerFault(WorkerCrashed):
+    """Raised when a worker crashed, hung, broke the protocol or failed to boot; ``kind``
+    says which (:data:`step5.execution.slot.WORKER_FAULTS`). The process is already dead."""
+
+    def __init__(self, message: str, *, kind: str, exit_status: str | None, stderr_tail: str) -> None:
+        super().__init__(message, exit_status=exit_status, stderr_tail=stderr_tail)
+        self.kind = kind
+
+
+class WorkerProcess:
+    """A running worker: its process, a queue of stdout lines, a tail of its stderr."""
+
+    def __init__(self, label: str, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        self.label = label
+        self.proc = proc
+        self.pid = proc.pid
+        self.ready: dict[str, Any] = {}
+        self._writer = LineWriter(proc.stdin)
+        self._lines: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._reader = threading.Thread(target=self._read_stdout, name=f"step5-{label}-stdout", daemon=True)
+        self._drain = threading.Thread(target=self._drain_stderr, name=f"step5-{label}-stderr", daemon=True)
+        self._reader.start()
+        self._drain.start()
+
+    def __repr__(self) -> str:
+        return f"<worker {self.label} pid {self.pid}>"
+
+    # -- pipe threads -------------------------------------------------------------------
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        reader = LineReader(self.proc.stdout, MAX_RESPONSE_BYTES)
+        try:
+            while True:
+                try:
+                    line = reader.read_line()
+                except FrameTooLarge as exc:
+                    self._lines.put(("oversize", exc.seen))
+                    continue
+                if line is None:
+                    break
+                if line.strip():
+                    self._lines.put(("line", line))
+        except (OSError, ValueError):
+            pass  # the pipe was closed under us (kill / close): same as EOF
+        finally:
+            self._lines.put(("eof", None))
+
+    def _drain_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        try:
+            while True:
+                raw = self.proc.stderr.readline(1 << 16)
+                if not raw:
+                    return
+                text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                self._stderr.append(text)
+                logger.debug("[%s pid %d] %s", self.label, self.pid, text)
+        except (OSError, ValueError):
+            return
+
+    def stderr_tail(self) -> str:
+        return "\n".join(self._stderr)
+
+    # -- talking to it ------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def send(self, message: dict[str, Any], doing: str) -> None:
+        """Write one request; a dead reader is a crash."""
+        try:
+            self._writer.write_message(message)
+        except (BrokenPipeError, ConnectionResetError, OSError, ValueError):
+            raise self._fault("crash", f"broken pipe while {doing}") from None
+
+    def receive(self, timeout_s: float, doing: str, *, hang_kind: str = "hang") -> dict[str, Any]:
+        """The next message; a :class:`WorkerFault` on EOF, exit, garbage or silence."""
+        try:
+            kind, payload = self._lines.get(timeout=max(0.0, timeout_s))
+        except queue.Empty:
+            raise self._fault(hang_kind, f"hung: nothing within the {timeout_s:g}s timeout while {doing}") from None
+        return self._decode(kind, payload, doing)
+
+    def await_answers(
+        self, count: int, *, timeout_s: float, heartbeat_interval_s: float, heartbeat_grace_s: float, doing: str,
+    ) -> list[dict[str, Any]]:
+        """The next ``count`` answers (heartbeat replies skipped), within ``timeout_s``.
+
+        After ``heartbeat_interval_s`` of silence a ``heartbeat`` is sent; no message within
+        ``heartbeat_grace_s`` of it is a hang (:class:`WorkerFault`). Past ``timeout_s`` with
+        the worker still answering, the job is the problem: the worker is killed (nothing
+        else stops a running job) and :class:`JobTimedOut` is raised.
+        """
+        answers: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout_s
+        beat_sent_at: float | None = None  # a heartbeat is outstanding since then
+        while len(answers) < count:
+            now = time.monotonic()
+            if now >= deadline:
+                raise self._timed_out(timeout_s, doing)
+            if beat_sent_at is None:
+                wait = heartbeat_interval_s
+            else:
+                wait = beat_sent_at + heartbeat_grace_s - now
+            try:
+                kind, payload = self._lines.get(timeout=max(0.0, min(wait, deadline - now)))
+            except queue.Empty:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise self._timed_out(timeout_s, doing) from None
+                if beat_sent_at is None:
+                    self.send({"command": "heartbeat", "job_id": f"beat#{next(_beat_ids)}"}, doing)
+                    beat_sent_at = now
+                elif now >= beat_sent_at + heartbeat_grace_s:
+                    raise self._fault(
+                        "hang", f"hung: stopped answering heartbeats ({heartbeat_grace_s:g}s) while {doing}",
+                    ) from None
+                continue
+            message = self._decode(kind, payload, doing)
+            beat_sent_at = None  # any message shows the worker is alive
+            if message.get("status") == "alive":
+                continue
+            answers.append(message)
+        return answers
+
+    def _decode(self, kind: str, payload: Any, doing: str) -> dict[str, Any]:
+        if kind == "eof":
+            self._lines.put(("eof", None))  # keep EOF sticky for any later reader
+            return self._raise_died(doing)
+        if kind == "oversize":
+            raise self._fault("protocol", f"broke the protocol: sent a {payload}-byte line while {doing}")
+        try:
+            message = loads(payload)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict):
+            preview = payload[:120].decode("utf-8", errors="replace")
+            raise self._fault("protocol", f"broke the protocol: sent {preview!r} while {doing}")
+        return message
+
+    def _raise_died(self, doing: str) -> dict[str, Any]:
+        try:
+            self.proc.wait(timeout=_EXIT_AFTER_EOF_S)
+        except subprocess.TimeoutExpired:
+            raise self._fault("crash", f"closed its stdout but kept running while {doing}") from None
+        raise self._fault("crash", f"died with {describe_exit(self.proc.returncode)} while {doing}")
+
+    def violation(self, message: dict[str, Any], doing: str) -> WorkerFault:
+        """A protocol fault for a well-formed but unexpected ``message``; kills the worker."""
+        shown = {k: message.get(k) for k in ("status", "job_id", "error") if k in message}
+        return self._fault("protocol", f"broke the protocol: unexpected answer {shown!r} while {doing}")
+
+    def _fault(self, kind: str, what: str) -> WorkerFault:
+        """Kill the worker (if still running), reap it, and describe what happened."""
+        self.kill()  # also lets the stderr drain deliver the last lines
+        status = describe_exit(self.proc.returncode)
+        message = f"worker {self.label} (pid {self.pid}) {what}"
+        if kind != "crash":
+            message += f"; killed ({status})"
+        return WorkerFault(message, kind=kind, exit_status=status, stderr_tail=self.stderr_tail())
+
+    def _timed_out(self, timeout_s: float, doing: str) -> JobTimedOut:
+        self.kill()
+        return JobTimedOut(
+            f"worker {self.label} (pid {self.pid}) answered heartbeats but did not finish within the "
+            f"{timeout_s:g}s job timeout while {doing}; killed to stop the job",
+            timeout_s=timeout_s, stderr_tail=self.stderr_tail(),
+        )
+
+    # -- ending it ----------------------------------------------------------------------
+
+    def signal_kill(self) -> None:
+        """SIGKILL without waiting (the first half of :meth:`kill`)."""
+        sigkill(self.proc)
+
+    def kill(self) -> None:
+        """SIGKILL and reap (bounded: a process stuck in a GPU driver may not die at once); idempotent."""
+        self.signal_kill()
+        reap_killed(self.proc, f"worker {self.label}")
+        self._close_pipes()
+
+    def request_shutdown(self) -> None:
+        """Say goodbye: ``shutdown``, then close stdin (EOF ends the worker too)."""
+        try:
+            self._writer.write_message({"command": "shutdown"})
+        except (OSError, ValueError):
+            pass
+        try:
+            self._writer.close()
+        except (OSError, ValueError):
+            pass
+
+    def finish_shutdown(self, deadline: float) -> None:
+        """Wait for the worker to exit by ``deadline``; then terminate, then kill. Reaps."""
+        try:
+            self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            logger.warning("worker %s (pid %d) ignored shutdown; terminating it", self.label, self.pid)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                self.signal_kill()
+                reap_killed(self.proc, f"worker {self.label}")
+        goodbye = self._saw_goodbye()
+        if self.proc.returncode != 0 or not goodbye:
+            logger.warning(
+                "worker %s (pid %d) ended with %s%s", self.label, self.pid, describe_exit(self.proc.returncode),
+                "" if goodbye else " without a shutdown reply",
+            )
+        self._close_pipes()
+
+    def _saw_goodbye(self) -> bool:
+        """Whether the worker's last words included the ``shutdown`` reply (drains the queue).
+
+        EOF goes back in the queue: the slot's holder may be waiting on this worker and
+        must see the EOF rather than wait out its whole job timeout.
+        """
+        self._reader.join(timeout=_STDERR_SETTLE_S)
+        goodbye = False
+        while True:
+            try:
+                kind, payload = self._lines.get_nowait()
+            except queue.Empty:
+                return goodbye
+            if kind == "eof":
+                self._lines.put(("eof", None))
+                return goodbye
+            if kind == "line":
+                try:
+                    goodbye = goodbye or loads(payload).get("status") == "shutdown"
+                except (ValueError, AttributeError):
+                    pass
+
+    def _close_pipes(self) -> None:
+        """Close our pipe ends once the process is gone (reaped)."""
+        _close_quietly(self.proc.stdin)
+        # The reader threads hit EOF as soon as the process is gone; closing a stream that
+        # another thread is still reading can block, so only close the ones they released.
+        self._reader.join(timeout=_STDERR_SETTLE_S)
+        self._drain.join(timeout=_STDERR_SETTLE_S)
+        if not self._reader.is_alive():
+            _close_quietly(self.proc.stdout)
+        if not self._drain.is_alive():
+            _close_quietly(self.proc.stderr)
+
+
+def _close_quietly(stream: Any) -> None:
+    if stream is None:
+        return
+    try:
+        stream.close()
+    except (OSError, ValueError):
+        pass
+
+
+class Spawner:
+    """One long-lived daemon thread that performs every ``Popen`` of a pool.
+
+    Linux's parent-death signal (armed by each worker, :mod:`step5.lifeline`) fires when
+    the *thread* that forked the worker exits. A ``ThreadPoolExecutor`` thread is joined at
+    interpreter shutdown *before* atexit handlers run, which would SIGKILL the workers of a
+    pool left open before its atexit close could say goodbye; a daemon thread lives until
+    :meth:`shutdown` (the pool's close) or the end of the process.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.Queue[tuple[Callable[[], Any], Future[Any]] | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run ``fn(*args)`` on the spawner thread; raises RuntimeError once shut down."""
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("the spawner is shut down")
+            self._calls.put((lambda: fn(*args), future))
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            call = self._calls.get()
+            if call is None:
+                return
+            fn, future = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+                future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        """Run what was already submitted, then end the thread (and wait for it); idempotent."""
+        with self._lock:
+            if not self._stopped:
+                self._stopped = True
+                self._calls.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+
+def popen_worker(command: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start a worker process with its three pipes (called on the spawner thread)."""
+    return subprocess.Popen(list(command), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)

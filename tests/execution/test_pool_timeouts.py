@@ -1,0 +1,113 @@
+"""A job timeout is not a worker fault (issue 10).
+
+A job that outlives its timeout on a worker that still answers heartbeats is retried once
+on a fresh worker; its second timeout is its verdict (a ``timeout`` JobError), reached
+within about twice the timeout, and the slot never leaves worker mode for it. A worker that
+stops answering heartbeats is hung: that is a fault, restart then fallback, as before.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from step5.devices import DeviceSlot
+from step5.errors import JobError
+from step5.execution.pool import WorkerPool
+from step5.execution.runner import SubprocessRunner
+from step5.protocol import NNParams, TrainRequest
+from step5.testing import FAKE_WORKER, fake_worker_command, run_each, summary_of
+
+TIMEOUT_S = 1.5
+
+
+def request(data_file: Path, fold: int = 0) -> TrainRequest:
+    return TrainRequest(str(data_file), NNParams(epochs=2), trial_number=0, fold_idx=fold, job_id=f"t0-f{fold}")
+
+
+def slow_pool(job_s: float, **kwargs) -> WorkerPool:
+    """A pool whose fake workers take ``job_s`` per job and answer heartbeats meanwhile."""
+    kwargs.setdefault("max_restarts", 1)
+    return WorkerPool([DeviceSlot("CPU-0", "cpu", "", 1)], job_timeout_s=TIMEOUT_S, ready_timeout_s=10.0,
+                      worker_command=fake_worker_command("--job-s", str(job_s)), oneshot_script=FAKE_WORKER,
+                      shutdown_timeout_s=2.0, heartbeat_interval_s=0.2, heartbeat_grace_s=1.0, **kwargs)
+
+
+def test_a_job_that_never_finishes_fails_within_twice_its_timeout_and_keeps_the_slot(data_file, caplog):
+    caplog.set_level(logging.WARNING, logger="step5.execution.pool")
+    with slow_pool(job_s=60.0) as pool:
+        start = time.monotonic()
+        ((outcome,),) = pool.run([[request(data_file)]])
+        elapsed = time.monotonic() - start
+        summary = summary_of(pool)
+        # The slot kept its worker mode and its whole restart budget.
+        (worker,) = summary["workers"]
+        assert (worker["restarts"], worker["fallback"]) == (0, False)
+        assert summary["fallbacks"] == []
+    assert isinstance(outcome, JobError) and outcome.error_type == "timeout"
+    assert outcome.job_id == "t0-f0" and "1.5s timeout 2 time(s)" in outcome.message
+    # Two timeouts plus a worker boot or two, not four timeouts and a fallback.
+    assert 2 * TIMEOUT_S <= elapsed < 2 * TIMEOUT_S + 5.0
+    assert [f["kind"] for f in summary["faults"]] == ["timeout", "timeout"]
+    assert "[S96B] Worker CPU-0 died, falling back to subprocess mode" not in caplog.messages
+
+
+def test_a_timed_out_job_is_retried_once_and_a_timeout_does_not_use_the_restart_budget(data_file, tmp_path):
+    # A timed-out group is retried on a new worker: with a zero restart budget a fault would
+    # have sent the slot to one-shot mode, a timeout does not.
+    with slow_pool(job_s=60.0, max_restarts=0) as pool:
+        ((first,),) = pool.run([[request(data_file)]])
+        assert isinstance(first, JobError) and first.error_type == "timeout"
+        assert summary_of(pool)["workers"][0]["fallback"] is False
+
+
+def test_a_slow_job_within_its_timeout_is_not_a_hang(data_file):
+    # Heartbeats every 0.2 s with a 1 s grace, a 1.2 s job: the worker answers them while
+    # it trains, so the job finishes normally.
+    with slow_pool(job_s=1.2) as pool:
+        (result,) = run_each(pool, [request(data_file)])
+        summary = summary_of(pool)
+    assert result["status"] == "complete"
+    assert summary["faults"] == [] and summary["workers"][0]["restarts"] == 0
+
+
+def test_a_worker_that_stops_answering_heartbeats_is_a_hang_fault(data_file, tmp_path):
+    pool = WorkerPool([DeviceSlot("CPU-0", "cpu", "", 1)], job_timeout_s=30.0, ready_timeout_s=10.0, max_restarts=1,
+                      worker_command=fake_worker_command("--fault", "hang", "--faulty-starts", "1",
+                                                         "--state-dir", str(tmp_path)),
+                      oneshot_script=FAKE_WORKER, heartbeat_interval_s=0.2, heartbeat_grace_s=0.8)
+    with pool:
+        start = time.monotonic()
+        (result,) = run_each(pool, [request(data_file)])
+        elapsed = time.monotonic() - start
+        summary = summary_of(pool)
+    assert result["status"] == "complete"  # on the restarted worker
+    assert elapsed < 10.0  # found by its silence, long before the 30 s job timeout
+    assert [f["kind"] for f in summary["faults"]] == ["hang"]
+    assert summary["workers"][0]["restarts"] == 1
+
+
+def test_a_one_shot_trainer_that_times_out_is_retried_once(data_file, monkeypatch):
+    monkeypatch.setenv("STEP5_FAKE_ONESHOT", "hang")
+    with SubprocessRunner([DeviceSlot("CPU-0", "cpu", "", 1)], job_timeout_s=1.0, max_retries=3,
+                          script=FAKE_WORKER) as runner:
+        start = time.monotonic()
+        ((outcome,),) = runner.run([[request(data_file)]])
+        elapsed = time.monotonic() - start
+        summary = summary_of(runner)
+    assert isinstance(outcome, JobError) and outcome.error_type == "timeout"
+    assert elapsed < 2 * 1.0 + 5.0  # two attempts, not max_retries + 1
+    assert [f["kind"] for f in summary["faults"]] == ["timeout", "timeout"]
+
+
+def test_the_fallback_times_out_like_the_workers(data_file, monkeypatch):
+    # A slot that fell back (its worker never boots) runs one-shot trainers; one that hangs
+    # gets the same verdict through the one retrying path.
+    monkeypatch.setenv("STEP5_FAKE_ONESHOT", "hang")
+    with WorkerPool([DeviceSlot("CPU-0", "cpu", "", 1)], job_timeout_s=1.0, ready_timeout_s=10.0, max_restarts=0,
+                    worker_command=fake_worker_command("--boot", "exit"), oneshot_script=FAKE_WORKER) as pool:
+        assert summary_of(pool)["workers"][0]["fallback"] is True
+        ((outcome,),) = pool.run([[request(data_file)]])
+        kinds = [f["kind"] for f in summary_of(pool)["faults"]]
+    assert isinstance(outcome, JobError) and outcome.error_type == "timeout"
+    assert kinds == ["crash", "timeout", "timeout"]
