@@ -11,7 +11,13 @@ The sidecar ``best_model.meta.json`` (SPEC section 4) describes one saved model:
      "data_context": {"fingerprint_hash": "<16 hex>", "training_window_draws": 500, ...},
      "training_metrics": {"cv_r2_mean": ..., "test_r2": ..., "overfit_ratio": ..., ...},
      "hyperparameters": {...}, "optuna": {...}, "execution": {...},
-     "outcome": "SUCCESS", "provenance": {...}}
+     "outcome": "SUCCESS", "provenance": {...},
+     "agent_metadata": {"pipeline_step": 5, "pipeline_step_name": "anti_overfit_training",
+                        "run_id": "<provenance.run_id>", "parent_run_id": "<provenance.parent_run_id>"}}
+
+``agent_metadata`` is the block the existing pipeline's Step 6 reads for lineage (it takes
+``run_id`` as its own parent run id); it repeats the provenance ids, and the validator
+checks that it agrees with them (docs/compatibility.md).
 
 A degenerate run (no usable target signal) writes the same shape with ``outcome``
 ``DEGENERATE_SIGNAL``, ``prediction_allowed`` false, no checkpoint (``checkpoint_path`` and
@@ -65,6 +71,10 @@ SIGNAL_STATUSES = ("healthy", "weak", "degenerate")
 FEATURE_ORDERING = "lexicographic"
 
 HASH_HEX_CHARS = 16
+
+#: This step's number and name in the pipeline (``agent_metadata``; the WATCHER's step 5).
+PIPELINE_STEP = 5
+PIPELINE_STEP_NAME = "anti_overfit_training"
 
 
 def feature_schema_hash(feature_names: Sequence[str]) -> str:
@@ -230,6 +240,7 @@ TOP_LEVEL: dict[str, _Check] = {
     "execution": DICT,
     "outcome": STR,
     "provenance": DICT,
+    "agent_metadata": DICT,
 }
 
 FEATURE_SCHEMA_KEYS: dict[str, _Check] = {
@@ -283,6 +294,14 @@ PROVENANCE_KEYS: dict[str, _Check] = {
     "command_line": STR_LIST,
     "created_at": STR,
     "versions": DICT,
+}
+
+
+AGENT_METADATA_KEYS: dict[str, _Check] = {
+    "pipeline_step": INT,
+    "pipeline_step_name": STR,
+    "run_id": STR,
+    "parent_run_id": OPT_STR,
 }
 
 
@@ -369,6 +388,17 @@ def validate_sidecar(obj: dict[str, Any]) -> list[str]:
     if isinstance(pv, dict):
         _check_block(pv, PROVENANCE_KEYS, "provenance.", problems)
 
+    am = obj.get("agent_metadata")
+    if isinstance(am, dict):
+        _check_block(am, AGENT_METADATA_KEYS, "agent_metadata.", problems)
+        for key, want in (("pipeline_step", PIPELINE_STEP), ("pipeline_step_name", PIPELINE_STEP_NAME)):
+            if key in am and am[key] != want:
+                problems.append(f"`agent_metadata.{key}` must be {want!r}, got {am[key]!r}")
+        if isinstance(pv, dict):
+            for key in ("run_id", "parent_run_id"):
+                if key in am and key in pv and am[key] != pv[key]:
+                    problems.append(f"`agent_metadata.{key}` {am[key]!r} differs from `provenance.{key}` {pv[key]!r}")
+
     # Cross-field rules: what makes a sidecar usable (or safely unusable) by Step 6.
     if outcome == "SUCCESS":
         if isinstance(model_type, str) and model_type in MODEL_TYPES:
@@ -441,6 +471,16 @@ def build_provenance(
     }
 
 
+def build_agent_metadata(provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``agent_metadata`` block the existing pipeline reads: this step and the provenance ids."""
+    return {
+        "pipeline_step": PIPELINE_STEP,
+        "pipeline_step_name": PIPELINE_STEP_NAME,
+        "run_id": provenance["run_id"],
+        "parent_run_id": provenance.get("parent_run_id"),
+    }
+
+
 def null_training_metrics() -> dict[str, Any]:
     """``training_metrics`` of a run that trained nothing (every metric null)."""
     return {key: None for key in TRAINING_METRIC_KEYS}
@@ -461,7 +501,8 @@ def build_sidecar(
     provenance: Mapping[str, Any],
     **extra: Any,
 ) -> dict[str, Any]:
-    """Assemble a sidecar in SPEC order; ``checkpoint_format`` follows from the model type."""
+    """Assemble a sidecar in SPEC order; ``checkpoint_format`` follows from the model type and
+    ``agent_metadata`` from the provenance."""
     return {
         "schema_version": SCHEMA_VERSION,
         "model_type": model_type,
@@ -476,5 +517,6 @@ def build_sidecar(
         "execution": dict(execution),
         "outcome": outcome,
         "provenance": dict(provenance),
+        "agent_metadata": build_agent_metadata(provenance),
         **extra,
     }

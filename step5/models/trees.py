@@ -36,6 +36,7 @@ Decisions:
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -634,9 +635,32 @@ def save_model(model: TreeModel, model_type: str, path: str | os.PathLike[str]) 
     with atomic_output(p, keep_suffix=True) as tmp:
         if model_type == "catboost":
             model.booster.save_model(str(tmp), format="cbm")
+        elif model_type == "xgboost":
+            _unnamed_xgboost(model.booster).save_model(str(tmp))
         else:
             model.booster.save_model(str(tmp))
     return p
+
+
+#: Booster attribute holding the feature names of a saved xgboost model (see _unnamed_xgboost).
+XGBOOST_NAMES_ATTR = "step5_feature_names"
+
+
+def _unnamed_xgboost(booster: Any) -> Any:
+    """A copy of ``booster`` without feature names, which is what gets saved.
+
+    A booster saved with names refuses ``predict(xgb.DMatrix(X))`` on a plain array ("data
+    did not contain feature names"), and that is how the existing Step 6 predicts: on a
+    float32 array in schema order. The names belong in the sidecar; a copy is also kept in
+    a booster attribute, which prediction ignores, so that this project's loader can still
+    check the checkpoint against its sidecar.
+    """
+    names = booster.feature_names
+    unnamed = booster.copy()
+    unnamed.feature_names = None
+    unnamed.feature_types = None
+    unnamed.set_attr(**{XGBOOST_NAMES_ATTR: json.dumps(list(names)) if names else None})
+    return unnamed
 
 
 def load_model(path: str | os.PathLike[str], model_type: str) -> TreeModel:
@@ -658,7 +682,8 @@ def load_model(path: str | os.PathLike[str], model_type: str) -> TreeModel:
             booster.load_model(str(p))
             booster.set_param({"device": "cpu"})
             n_features, n_iter = booster.num_features(), booster.num_boosted_rounds()
-            names = booster.feature_names
+            stored = booster.attr(XGBOOST_NAMES_ATTR)
+            names = json.loads(stored) if stored else booster.feature_names
         elif model_type == "lightgbm":
             import lightgbm as lgb
 

@@ -2,19 +2,27 @@
 
 The file is a plain dict of tensors, strings, numbers and lists, so
 ``torch.load(path, weights_only=True)`` reads it -- no pickled classes, no code runs on
-load. Layout::
+load. Its keys are the ones the existing pipeline's Step 6 reads, in its layout, so that
+loader and this one build the same function from the same single copy of the weights::
 
-    {"format": "step5-mlp", "format_version": 1,
-     "state_dict": {...},             # build_reference_mlp(...).state_dict() of the model
-     "architecture": {"n_features", "hidden_layers", "use_leaky_relu", "dropout"},
-     "feature_scaler": {"mean": (D,) float64, "scale": (D,) float64, "normalize_features"},
-     "target_scaler": {"mean": float, "std": float},
+    {"format": "step5-mlp", "format_version": 2,
+     "state_dict": {"network.0.weight", "network.0.bias", "network.1.weight", ...},
+                                      # ReferenceMLP(...).state_dict(): per hidden layer
+                                      # Linear -> BatchNorm1d -> (Leaky)ReLU -> Dropout, then Linear(W, 1)
+     "feature_count": D, "input_dim": D,            # the same number, under both names Step 6 tries
+     "hidden_layers": [W, ...], "dropout": p, "use_leaky_relu": bool,
+     "config": {...},                               # the hyperparameters that trained it
+     "y_mean": float, "y_std": float,               # prediction = z * y_std + y_mean
+     "normalize_features": bool,
+     "scaler_mean": [D floats], "scaler_scale": [D floats],   # x_std = (x - mean) / scale
      "feature_names": [str, ...] | None,
-     "training": {...}}               # plain metadata (params, metrics, seed), optional
+     "training": {...}}                             # plain metadata (seed, metrics, epochs)
 
-Prediction = standardise X with the train-fold scaler (in float32, as in training) ->
-eval-mode MLP -> ``z * std + mean`` in float64, so a loaded model reproduces the
-validation predictions made during training.
+``scaler_*`` are plain float lists (float64 values), usable as they are by numpy or
+torch; with ``normalize_features`` off they are zeros and ones, so applying them or not
+gives the same input. Prediction = standardise X with the train-fold scaler (in float32,
+as in training) -> eval-mode MLP -> ``z * y_std + y_mean`` in float64, so a loaded model
+reproduces the validation predictions made during training.
 """
 from __future__ import annotations
 
@@ -25,14 +33,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from step5.errors import DataError
 from step5.fsutil import atomic_output
-from step5.nn.model import build_reference_mlp
+from step5.nn.model import ReferenceMLP, build_reference_mlp
 
 CHECKPOINT_FORMAT = "step5-mlp"
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2
 #: Rows per forward pass when predicting, bounding activation memory on big inputs.
 PREDICT_CHUNK_ROWS = 65_536
 
@@ -51,12 +59,14 @@ def save_checkpoint(
     target_std: float,
     normalize_features: bool = True,
     feature_names: Sequence[str] | None = None,
+    config: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a weights-only checkpoint atomically (temp file + rename) and return its path.
 
-    ``training`` is optional plain metadata (params, metrics, seed); it must hold only
-    JSON-like values so that the file stays loadable with ``weights_only=True``.
+    ``config`` (the hyperparameters) and ``training`` (seed, metrics) are optional plain
+    metadata; they must hold only JSON-like values so that the file stays loadable with
+    ``weights_only=True``.
     """
     mean = np.asarray(feature_mean, dtype=np.float64)
     scale = np.asarray(feature_scale, dtype=np.float64)
@@ -71,18 +81,17 @@ def save_checkpoint(
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
-        "architecture": {
-            "n_features": int(n_features),
-            "hidden_layers": [int(w) for w in hidden_layers],
-            "use_leaky_relu": bool(use_leaky_relu),
-            "dropout": float(dropout),
-        },
-        "feature_scaler": {
-            "mean": torch.from_numpy(mean.copy()),
-            "scale": torch.from_numpy(scale.copy()),
-            "normalize_features": bool(normalize_features),
-        },
-        "target_scaler": {"mean": float(target_mean), "std": float(target_std)},
+        "feature_count": int(n_features),
+        "input_dim": int(n_features),
+        "hidden_layers": [int(w) for w in hidden_layers],
+        "dropout": float(dropout),
+        "use_leaky_relu": bool(use_leaky_relu),
+        "config": dict(config or {}),
+        "y_mean": float(target_mean),
+        "y_std": float(target_std),
+        "normalize_features": bool(normalize_features),
+        "scaler_mean": [float(v) for v in mean],
+        "scaler_scale": [float(v) for v in scale],
         "feature_names": names,
         "training": dict(training) if training else {},
     }
@@ -96,7 +105,7 @@ def save_checkpoint(
 class LoadedModel:
     """A checkpoint ready to predict on the original target scale."""
 
-    module: nn.Sequential  # eval mode, on ``device``
+    module: ReferenceMLP  # eval mode, on ``device``
     n_features: int
     hidden_layers: tuple[int, ...]
     use_leaky_relu: bool
@@ -106,6 +115,7 @@ class LoadedModel:
     target_mean: float
     target_std: float
     feature_names: list[str] | None
+    config: dict[str, Any]  # the hyperparameters that trained it
     training: dict[str, Any]
     device: torch.device
 
@@ -151,28 +161,26 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
     if payload.get("format_version") != CHECKPOINT_FORMAT_VERSION:
         raise DataError(
             f"{p} has checkpoint format_version {payload.get('format_version')!r}; "
-            f"this code reads version {CHECKPOINT_FORMAT_VERSION}"
+            f"this code reads version {CHECKPOINT_FORMAT_VERSION} (re-run Step 5 to write one)"
         )
     try:
-        arch = payload["architecture"]
-        fs = payload["feature_scaler"]
-        ts = payload["target_scaler"]
         module = build_reference_mlp(
-            arch["n_features"], arch["hidden_layers"],
-            use_leaky_relu=arch["use_leaky_relu"], dropout=arch["dropout"],
+            payload["feature_count"], payload["hidden_layers"],
+            use_leaky_relu=payload["use_leaky_relu"], dropout=payload["dropout"],
         )
-        module.load_state_dict(payload["state_dict"])
+        module.load_state_dict(payload["state_dict"])  # strict: every key, nothing extra
         loaded = LoadedModel(
             module=module.to(dev).eval(),
-            n_features=int(arch["n_features"]),
-            hidden_layers=tuple(int(w) for w in arch["hidden_layers"]),
-            use_leaky_relu=bool(arch["use_leaky_relu"]),
-            dropout=float(arch["dropout"]),
-            feature_mean=fs["mean"].cpu().numpy().astype(np.float64),
-            feature_scale=fs["scale"].cpu().numpy().astype(np.float64),
-            target_mean=float(ts["mean"]),
-            target_std=float(ts["std"]),
+            n_features=int(payload["feature_count"]),
+            hidden_layers=tuple(int(w) for w in payload["hidden_layers"]),
+            use_leaky_relu=bool(payload["use_leaky_relu"]),
+            dropout=float(payload["dropout"]),
+            feature_mean=np.asarray(payload["scaler_mean"], dtype=np.float64),
+            feature_scale=np.asarray(payload["scaler_scale"], dtype=np.float64),
+            target_mean=float(payload["y_mean"]),
+            target_std=float(payload["y_std"]),
             feature_names=payload.get("feature_names"),
+            config=dict(payload.get("config") or {}),
             training=dict(payload.get("training") or {}),
             device=dev,
         )

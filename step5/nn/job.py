@@ -359,9 +359,9 @@ def _result(
                 dropout=request.params.dropout, feature_mean=trained.feature_mean,
                 feature_scale=trained.feature_scale, target_mean=trained.target_mean,
                 target_std=trained.target_std, normalize_features=request.normalize_features,
-                feature_names=data.feature_names,
+                feature_names=data.feature_names, config=request.params.to_dict(),
                 training={
-                    "params": request.params.to_dict(), "seed": request.seed, "batch_mode": request.batch_mode,
+                    "seed": request.seed, "batch_mode": request.batch_mode,
                     "epochs_run": trained.epochs_run, "best_epoch": trained.best_epoch,
                     "metrics": dict(trained.metrics), "data_path": request.data_path,
                 },

@@ -16,9 +16,12 @@ fused runs drift from lone ones). BatchNorm's own shift plays the bias's role.
   Padded rows (folds of unequal length) are excluded from BatchNorm statistics by a row
   mask; dropout masks are drawn by the trainer (from per-model generators) and passed in,
   so this module is a pure function of its inputs and weights.
-* :func:`build_reference_mlp` is the plain ``nn.Sequential`` of one model. Checkpoints
-  store a single model's weights in its ``state_dict`` layout
-  (:meth:`FusedMLP.export_model`), so Step 6 predicts with ordinary torch modules.
+* :func:`build_reference_mlp` is one model as ordinary torch modules: an ``nn.Sequential``
+  under the attribute ``network``, hidden Linear layers *with* a bias (stored as zeros),
+  which is the layout the existing pipeline's Step 6 rebuilds and loads strictly
+  (``network.0.weight``, ``network.0.bias``, ``network.1.running_mean``, ...). A zero
+  bias followed by BatchNorm is the same function as no bias. Checkpoints store a single
+  model's weights in this ``state_dict`` layout (:meth:`FusedMLP.export_model`).
 """
 from __future__ import annotations
 
@@ -33,22 +36,36 @@ BN_EPS = 1e-5  # nn.BatchNorm1d defaults, so exported weights behave the same th
 BN_MOMENTUM = 0.1
 
 
+class ReferenceMLP(nn.Module):
+    """One model as plain torch modules, in the layout checkpoints are stored in."""
+
+    def __init__(
+        self, n_features: int, hidden_layers: Sequence[int], *, use_leaky_relu: bool, dropout: float
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        d_in = n_features
+        for width in hidden_layers:
+            layers += [
+                nn.Linear(d_in, width),  # its bias stays zero: training has none (see the module doc)
+                nn.BatchNorm1d(width, eps=BN_EPS, momentum=BN_MOMENTUM),
+                nn.LeakyReLU(LEAKY_SLOPE) if use_leaky_relu else nn.ReLU(),
+                nn.Dropout(dropout),
+            ]
+            d_in = width
+        layers.append(nn.Linear(d_in, 1))
+        self.network = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Standardised features (N, D) -> standardised predictions (N, 1)."""
+        return self.network(x)
+
+
 def build_reference_mlp(
     n_features: int, hidden_layers: Sequence[int], *, use_leaky_relu: bool, dropout: float
-) -> nn.Sequential:
-    """One model as a plain ``nn.Sequential``: the layout checkpoints are stored in."""
-    layers: list[nn.Module] = []
-    d_in = n_features
-    for width in hidden_layers:
-        layers += [
-            nn.Linear(d_in, width, bias=False),  # BatchNorm's shift is the bias
-            nn.BatchNorm1d(width, eps=BN_EPS, momentum=BN_MOMENTUM),
-            nn.LeakyReLU(LEAKY_SLOPE) if use_leaky_relu else nn.ReLU(),
-            nn.Dropout(dropout),
-        ]
-        d_in = width
-    layers.append(nn.Linear(d_in, 1))
-    return nn.Sequential(*layers)
+) -> ReferenceMLP:
+    """One model as plain torch modules: the layout checkpoints are stored in."""
+    return ReferenceMLP(n_features, hidden_layers, use_leaky_relu=use_leaky_relu, dropout=dropout)
 
 
 class FusedMLP(nn.Module):
@@ -157,15 +174,16 @@ class FusedMLP(nn.Module):
         if not 0 <= m < self.n_models:
             raise IndexError(f"model index {m} out of range for {self.n_models} models")
         sd: dict[str, Tensor] = {}
-        for i in range(len(self.hidden_layers)):
-            lin, bn = 4 * i, 4 * i + 1
+        for i, width in enumerate(self.hidden_layers):
+            lin, bn = f"network.{4 * i}", f"network.{4 * i + 1}"
             sd[f"{lin}.weight"] = self.weights[i][m].t().contiguous().cpu()  # (W, D_in) as nn.Linear
+            sd[f"{lin}.bias"] = torch.zeros(width, dtype=self.weights[i].dtype)  # BatchNorm's shift is the bias
             sd[f"{bn}.weight"] = self.bn_weights[i][m, 0].clone().cpu()
             sd[f"{bn}.bias"] = self.bn_biases[i][m, 0].clone().cpu()
             sd[f"{bn}.running_mean"] = getattr(self, f"running_mean_{i}")[m, 0].clone().cpu()
             sd[f"{bn}.running_var"] = getattr(self, f"running_var_{i}")[m, 0].clone().cpu()
             sd[f"{bn}.num_batches_tracked"] = torch.tensor(num_batches_tracked, dtype=torch.long)
-        head = 4 * len(self.hidden_layers)
+        head = f"network.{4 * len(self.hidden_layers)}"
         sd[f"{head}.weight"] = self.head_weight[m].t().contiguous().cpu()  # (1, W_last)
         sd[f"{head}.bias"] = self.head_bias[m, 0].clone().cpu()  # (1,)
         return sd

@@ -92,6 +92,18 @@ def _gpus(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _device(text: str) -> list[str]:
+    """``--device`` of the existing optimizer: ``cpu`` (no GPU), ``cuda`` or ``cuda:N`` (GPU N)."""
+    value = text.strip().lower()
+    if value == "cpu":
+        return []
+    if value == "cuda":
+        return ["0"]
+    if value.startswith("cuda:") and value[5:].isdigit():
+        return [str(int(value[5:]))]
+    raise argparse.ArgumentTypeError(f"expected 'cpu', 'cuda' or 'cuda:N', got {text!r}")
+
+
 def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> argparse.ArgumentParser:
     """The SPEC section 3 parser (plus the documented extras ``--nn-max-epochs`` and fusion flags)."""
     p = _UsageExitParser(
@@ -127,7 +139,8 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
                     help="standardise features with training-fold statistics")
     nn.add_argument("--use-leaky-relu", action=argparse.BooleanOptionalAction, default=True,
                     help="LeakyReLU instead of ReLU")
-    nn.add_argument("--dropout", type=_dropout, default=None, help="fix dropout instead of searching it")
+    nn.add_argument("--dropout", "--dropout-override", type=_dropout, default=None,
+                    help="fix dropout instead of searching it (--dropout-override: the existing optimizer's name)")
     nn.add_argument("--nn-max-epochs", type=_positive_int, default=200,
                     help="epoch cap of every NN trial and of the final model (early stopping ends sooner)")
 
@@ -143,13 +156,25 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
     ex.add_argument("--fuse-folds", action=argparse.BooleanOptionalAction, default=None,
                     help="train a trial's K folds in one batched pass on one worker (same results within "
                          "1e-5; one-shot subprocesses cannot fuse and run them fold by fold) [policy decides]")
-    ex.add_argument("--fuse-trials", type=_positive_int, default=1,
+    ex.add_argument("--fuse-trials", "--batch-size-nn", type=_positive_int, default=1,
                     help="run N trials at a time and train same-shape trials' folds in one batched pass; "
-                         "N > 1 implies --fuse-folds and --trials-in-flight N")
+                         "N > 1 implies --fuse-folds and --trials-in-flight N (--batch-size-nn: the existing "
+                         "optimizer's name)")
     ex.add_argument("--trials-in-flight", type=_positive_int, default=None,
                     help="trials asked from Optuna and trained together per batch (the sampler knows the "
                          "pending ones); same seed and value give the same study [policy's "
                          "training.trials_in_flight; 0 there: one per device slot]")
+
+    compat = p.add_argument_group(
+        "compatibility", "flags of the optimizer this one replaces, so its scripts run unchanged (docs/compatibility.md)")
+    compat.add_argument("--device", type=_device, default=None,
+                        help="cpu, or cuda:N to train on the N-th visible GPU only (like --gpus; without that GPU "
+                             "the run trains on the CPU, with a warning)")
+    compat.add_argument("--enable-vmap", dest="fuse_folds", action="store_const", const=True,
+                        help="the same as --fuse-folds")
+    compat.add_argument("--allow-inline-nn-fallback", action="store_true",
+                        help="accepted and logged as not applying: the parent never trains; a dead worker "
+                             "already falls back to one-shot subprocesses")
 
     out = p.add_argument_group("outputs")
     out.add_argument("--output-dir", type=Path, default=Path("models/reinforcement"), help="where the model and sidecar go")
@@ -163,6 +188,9 @@ def config_from_args(args: argparse.Namespace, command_line: Sequence[str]) -> O
     """Turn parsed flags into a validated :class:`OptimizerConfig`; conflicts are :class:`UsageError`."""
     if args.compare_models and args.model_type is not None:
         raise UsageError("--compare-models runs every model type; do not combine it with --model-type")
+    if args.device is not None and args.gpus is not None:
+        raise UsageError("--device and --gpus both choose the GPUs; give one of them")
+    gpus = args.device if args.device is not None else args.gpus
     config = OptimizerConfig(
         survivors=args.survivors,
         lottery_data=args.lottery_data,
@@ -178,7 +206,7 @@ def config_from_args(args: argparse.Namespace, command_line: Sequence[str]) -> O
         target=args.target,
         persistent_workers=args.persistent_workers,
         policy_path=args.policy,
-        gpus=args.gpus,
+        gpus=gpus,
         cpu_workers=args.cpu_workers,
         normalize_features=args.normalize_features,
         use_leaky_relu=args.use_leaky_relu,
@@ -197,6 +225,31 @@ def config_from_args(args: argparse.Namespace, command_line: Sequence[str]) -> O
     )
     validate_config(config)
     return config
+
+
+def apply_compatibility_flags(args: argparse.Namespace) -> None:
+    """Give the existing optimizer's flags their meaning here; none is silently ignored.
+
+    ``--device cuda:N`` counts GPUs as CUDA does, among the visible ones, so it becomes the
+    N-th GPU :func:`~step5.devices.detect_gpus` finds; with no such GPU the run trains on
+    the CPU, with a warning.
+    """
+    if args.allow_inline_nn_fallback:
+        logger.warning(
+            "--allow-inline-nn-fallback does not apply: this optimizer never trains in the parent; a worker that "
+            "dies is restarted and then replaced by one-shot subprocesses (train_single_trial.py)"
+        )
+    if args.device:
+        from step5.devices import detect_gpus
+
+        ordinal = int(args.device[0])
+        visible = detect_gpus()
+        if ordinal < len(visible):
+            args.device = [visible[ordinal]]
+        else:
+            logger.warning("--device cuda:%d: %d GPU(s) visible here, so this run trains on the CPU",
+                           ordinal, len(visible))
+            args.device = []
 
 
 def configure_logging(level: str) -> None:
@@ -246,6 +299,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     parser = build_parser(prog or Path(sys.argv[0]).name or "meta_prediction_optimizer_anti_overfit.py")
     args = parser.parse_args(argv)  # exits 64 on a usage error, 0 for --help
     configure_logging(args.log_level)
+    apply_compatibility_flags(args)
     previous: Any = None
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)

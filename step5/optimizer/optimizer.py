@@ -134,11 +134,11 @@ def resolve_search_plan(config: OptimizerConfig, policy: Policy, capacity: int, 
 _NN_ONLY_FLAGS: tuple[tuple[str, Any, tuple[str, ...]], ...] = (
     ("normalize_features", True, ("--normalize-features", "--no-normalize-features")),
     ("use_leaky_relu", True, ("--use-leaky-relu", "--no-use-leaky-relu")),
-    ("dropout", None, ("--dropout",)),
+    ("dropout", None, ("--dropout", "--dropout-override")),
     ("nn_max_epochs", 200, ("--nn-max-epochs",)),
     ("persistent_workers", None, ("--persistent-workers", "--no-persistent-workers")),
-    ("fuse_folds", None, ("--fuse-folds", "--no-fuse-folds")),
-    ("fuse_trials", 1, ("--fuse-trials",)),
+    ("fuse_folds", None, ("--fuse-folds", "--no-fuse-folds", "--enable-vmap")),
+    ("fuse_trials", 1, ("--fuse-trials", "--batch-size-nn")),
 )
 
 

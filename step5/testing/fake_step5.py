@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-MODEL_TYPES = ("neural_net", "xgboost", "lightgbm", "catboost")
+from step5.artifacts import MODEL_TYPES
+
 FEATURES = ["lane_agreement_8", "skip_max", "skip_min"]
 
 GOOD_METRICS = {"cv_r2_mean": 0.42, "cv_r2_std": 0.03, "train_r2": 0.5, "val_r2": 0.41,
@@ -56,9 +57,13 @@ def make_sidecar(
     parent_run_id: str | None = None,
 ) -> dict[str, Any]:
     """A sidecar as SPEC section 4 and :func:`step5.artifacts.validate_sidecar` want it."""
-    from step5.artifacts import CHECKPOINT_FORMATS, SCHEMA_VERSION, build_feature_schema, checkpoint_filename
+    from step5.artifacts import (
+        CHECKPOINT_FORMATS, SCHEMA_VERSION, build_agent_metadata, build_feature_schema, checkpoint_filename,
+    )
 
     degenerate = outcome == "DEGENERATE_SIGNAL"
+    provenance = {"run_id": "fakerun", "parent_run_id": parent_run_id, "command_line": sys.argv,
+                  "created_at": "2026-02-18T16:02:58Z", "versions": {}}
     return {
         "schema_version": SCHEMA_VERSION,
         "model_type": model_type,
@@ -82,40 +87,16 @@ def make_sidecar(
                    "best_trial_number": None if degenerate else 0, "best_value": None if degenerate else 0.4},
         "execution": {"mode": mode, "workers": [], "devices": ["cpu"], "fallbacks": [], "timings": {}},
         "outcome": outcome,
-        "provenance": {"run_id": "fakerun", "parent_run_id": parent_run_id, "command_line": sys.argv,
-                       "created_at": "2026-02-18T16:02:58Z", "versions": {}},
+        "provenance": provenance,
+        "agent_metadata": build_agent_metadata(provenance),
     }
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fake_step5")
-    p.error = lambda message: (sys.stderr.write(f"fake_step5: error: {message}\n"), sys.exit(64))  # type: ignore[method-assign]
-    p.add_argument("--survivors", required=True)
-    p.add_argument("--lottery-data", required=True)
-    p.add_argument("--model-type", default="neural_net", choices=MODEL_TYPES)
-    p.add_argument("--compare-models", action="store_true")
-    p.add_argument("--trials", type=int, default=50)
-    p.add_argument("--k-folds", type=int, default=5)
-    p.add_argument("--test-holdout", type=float, default=0.2)
-    p.add_argument("--output-dir", default="models/reinforcement")
-    p.add_argument("--study-name")
-    p.add_argument("--storage")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--target")
-    p.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--policy", default="watcher_policies.json")
-    p.add_argument("--gpus")
-    p.add_argument("--cpu-workers", type=int)
-    p.add_argument("--normalize-features", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--use-leaky-relu", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--enable-diagnostics", action="store_true")
-    p.add_argument("--prng-type")
-    p.add_argument("--mod", type=int)
-    p.add_argument("--holdout-draws", type=int)
-    p.add_argument("--parent-run-id")
-    p.add_argument("--log-level", default="INFO")
-    return p
+    """The real optimizer's parser, so that the fake accepts exactly what step 5 accepts."""
+    from step5.optimizer.cli import build_parser
+
+    return build_parser(prog="fake_step5")
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -194,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     mode = os.environ.get("FAKE_STEP5_MODE", "ok")
     out = Path(args.output_dir)
-    model_type = args.model_type
+    model_type = args.model_type or "neural_net"
     sys.stderr.write(f"fake_step5: mode={mode} trials={args.trials} seed={args.seed}\n")
     if mode == "fail":
         sys.stderr.write("fake_step5: error: survivors record 3 key 'features' is missing\n")

@@ -3,63 +3,68 @@
 This project ships step 5 only; asking for any other step is a :class:`UsageError` (exit 64)
 raised before anything runs.
 
-Mapping rules (SPEC section 9): a ``--params`` key is the snake_case name of one of the
-step's flags (``k_folds`` -> ``--k-folds``). Each key has one type and a wrong type is an
-error naming the key; an unknown key is an error (with a "did you mean"), never dropped.
+Step 5's ``--params`` keys are derived from the optimizer's own parser
+(:func:`step5.optimizer.cli.build_parser`), so every flag it has -- today's and any added
+later, aliases of the existing optimizer included -- is a key, by its long option name
+in snake_case (``k_folds`` -> ``--k-folds``, ``dropout_override`` -> ``--dropout-override``),
+and nothing else is:
 
-* ``int`` / ``float`` / ``str`` keys -> ``--flag VALUE``;
-* on/off pairs (``normalize_features``) -> ``--normalize-features`` or ``--no-normalize-features``;
-* store_true flags (``compare_models``) accept only booleans: ``true`` -> ``--compare-models``,
-  ``false`` -> nothing;
-* ``gpus`` accepts ``"0,1"`` or ``[0, 1]``.
+* on/off pairs (``normalize_features``) take true/false -> ``--normalize-features`` /
+  ``--no-normalize-features``;
+* switches (``compare_models``, ``enable_vmap``) take true/false; ``false`` adds nothing;
+* every other flag takes a string or a number (a list is joined with commas, so ``gpus``
+  may be ``[0, 1]``), passed as ``--flag=VALUE`` so that a value starting with ``-`` stays a
+  value; it is checked by the optimizer's own argparse type and choices, and the whole
+  command by the optimizer's own :func:`~step5.optimizer.cli.config_from_args`, so the
+  WATCHER refuses exactly what step 5 would refuse, before it runs.
 
-``policy`` is not a params key: the WATCHER's own ``--policy`` is passed through, so the
-step runs and is judged under the same file.
+An unknown key is an error (with a "did you mean"), never dropped. ``policy`` is not a
+params key: the WATCHER's own ``--policy`` is passed through, so the step runs and is judged
+under the same file.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import difflib
+import functools
+import io
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from step5.artifacts import PIPELINE_STEP, PIPELINE_STEP_NAME
 from step5.errors import UsageError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-MODEL_TYPES = ("neural_net", "xgboost", "lightgbm", "catboost")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-_GPUS_RE = re.compile(r"^\d+(,\d+)*$")
+SWITCH = "switch"  # store_true / store_const: true -> --flag, false -> nothing
+ON_OFF = "on_off"  # BooleanOptionalAction: true -> --flag, false -> --no-flag
+VALUE = "value"  # takes a value: --flag=VALUE
 
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One ``--params`` key of a step."""
+    """One ``--params`` key: one long option of the step's parser."""
 
-    name: str  # snake_case key; the flag is --kebab-case of it
-    kind: str  # int | float | str | bool_pair | store_true | gpus
-    default: Any = None  # the step's own default (used for retry arithmetic), None = none
-    always: bool = False  # pass the default even when the key is absent
-    choices: tuple[str, ...] | None = None
-    check: Callable[[Any], bool] | None = None  # extra range check on an already typed value
-    expect: str = ""  # words for the error when ``check`` fails
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+    name: str  # snake_case key
+    flag: str  # the option string the key turns into, e.g. "--k-folds"
+    kind: str  # SWITCH | ON_OFF | VALUE
+    dest: str  # where the step stores it; an alias shares its flag's dest
+    default: Any = None  # the step's own default (for retry arithmetic and output_dir)
+    always: Any = None  # a value passed even when the key is absent (the step requires the flag)
+    action: argparse.Action | None = field(default=None, compare=False, repr=False)
 
     def to_argv(self, value: Any) -> list[str]:
         """The step's flags for an already validated value."""
-        if self.kind == "store_true":
+        if self.kind == SWITCH:
             return [self.flag] if value else []
-        if self.kind == "bool_pair":
-            return [self.flag] if value else ["--no-" + self.name.replace("_", "-")]
-        return [self.flag, str(value)]
+        if self.kind == ON_OFF:
+            return [self.flag] if value else ["--no-" + self.flag[2:]]
+        return [f"{self.flag}={_as_text(value)}"]
 
 
 @dataclass(frozen=True)
@@ -69,10 +74,20 @@ class StepSpec:
     number: int
     name: str
     script: str  # path relative to the repository root
-    params: tuple[ParamSpec, ...]
     acceptance_key: str  # section of ``acceptance_rules`` in the policy
+    parser_factory: Callable[[], argparse.ArgumentParser]  # the step's own command line
+    command_check: Callable[[argparse.Namespace, list[str]], Any]  # the step's own whole-command checks
+    required_defaults: dict[str, Any] = field(default_factory=dict)  # values for flags the step requires
     sidecar_name: str = "best_model.meta.json"
     reserved: dict[str, str] = field(default_factory=dict)  # key -> why it is not a params key
+
+    @functools.cached_property
+    def parser(self) -> argparse.ArgumentParser:
+        return self.parser_factory()
+
+    @functools.cached_property
+    def params(self) -> tuple[ParamSpec, ...]:
+        return params_from_parser(self.parser, reserved=self.reserved, required_defaults=self.required_defaults)
 
     def spec(self, key: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == key), None)
@@ -82,45 +97,56 @@ class StepSpec:
         return REPO_ROOT / self.script
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def params_from_parser(
+    parser: argparse.ArgumentParser, *, reserved: dict[str, str], required_defaults: dict[str, Any]
+) -> tuple[ParamSpec, ...]:
+    """One :class:`ParamSpec` per long option of ``parser`` (``--no-x`` is the ``x`` key's false)."""
+    specs: list[ParamSpec] = []
+    for action in parser._actions:  # argparse offers no public walk over its actions
+        if isinstance(action, argparse._HelpAction) or action.dest == argparse.SUPPRESS:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            kind = ON_OFF
+        elif action.nargs == 0:
+            kind = SWITCH
+        else:
+            kind = VALUE
+        for flag in action.option_strings:
+            if not flag.startswith("--") or (kind == ON_OFF and flag.startswith("--no-")):
+                continue
+            name = flag[2:].replace("-", "_")
+            if name in reserved:
+                continue
+            if action.required and name not in required_defaults:
+                raise AssertionError(f"step flag {flag} is required but the WATCHER has no value for it")
+            specs.append(ParamSpec(
+                name=name, flag=flag, kind=kind, dest=action.dest, default=action.default,
+                always=required_defaults.get(name) if action.required else None, action=action,
+            ))
+    return tuple(specs)
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _step5_parser() -> argparse.ArgumentParser:
+    from step5.optimizer.cli import build_parser  # the optimizer's own parser: one definition of its flags
+
+    return build_parser()
+
+
+def _step5_check(args: argparse.Namespace, argv: list[str]) -> None:
+    from step5.optimizer.cli import config_from_args  # raises the UsageError step 5 would exit 64 with
+
+    config_from_args(args, argv)
 
 
 _STEP5 = StepSpec(
-    number=5,
-    name="anti_overfit_meta_optimizer",
+    number=PIPELINE_STEP,
+    name=PIPELINE_STEP_NAME,
     script="meta_prediction_optimizer_anti_overfit.py",
     acceptance_key="step5",
-    params=(
-        ParamSpec("survivors", "str", "survivors_with_scores.json", always=True),
-        ParamSpec("lottery_data", "str", "train_history.json", always=True),
-        ParamSpec("model_type", "str", "neural_net", choices=MODEL_TYPES),
-        ParamSpec("compare_models", "store_true", False),
-        ParamSpec("trials", "int", 50, check=lambda v: v >= 1, expect="an int >= 1"),
-        ParamSpec("k_folds", "int", 5, check=lambda v: v >= 2, expect="an int >= 2"),
-        ParamSpec("test_holdout", "float", 0.2, check=lambda v: 0 < v < 1, expect="a number in (0, 1)"),
-        ParamSpec("output_dir", "str", "models/reinforcement"),
-        ParamSpec("study_name", "str"),
-        ParamSpec("storage", "str"),
-        ParamSpec("seed", "int", 42, check=lambda v: v >= 0, expect="a non-negative int"),
-        ParamSpec("target", "str"),
-        ParamSpec("persistent_workers", "bool_pair"),
-        ParamSpec("gpus", "gpus"),
-        ParamSpec("cpu_workers", "int", check=lambda v: v >= 1, expect="an int >= 1"),
-        ParamSpec("normalize_features", "bool_pair", True),
-        ParamSpec("use_leaky_relu", "bool_pair", True),
-        ParamSpec("dropout", "float", check=lambda v: 0 <= v < 1, expect="a number in [0, 1)"),
-        ParamSpec("enable_diagnostics", "store_true", False),
-        ParamSpec("prng_type", "str"),
-        ParamSpec("mod", "int", check=lambda v: v >= 1, expect="an int >= 1"),
-        ParamSpec("holdout_draws", "int", check=lambda v: v >= 0, expect="a non-negative int"),
-        ParamSpec("parent_run_id", "str"),
-        ParamSpec("log_level", "str", choices=LOG_LEVELS),
-    ),
+    parser_factory=_step5_parser,
+    command_check=_step5_check,
+    # The proposal's Test 4 passes neither; these are the pipeline's file names.
+    required_defaults={"survivors": "survivors_with_scores.json", "lottery_data": "train_history.json"},
     reserved={"policy": "use the watcher's own --policy PATH; it is passed through to the step"},
 )
 
@@ -144,37 +170,73 @@ def steps_in_range(start: int, end: int) -> list[StepSpec]:
     return [get_step(n) for n in range(start, end + 1)]
 
 
+def _is_scalar(v: Any) -> bool:
+    return isinstance(v, (str, int, float)) and not isinstance(v, bool)
+
+
+def _as_text(value: Any) -> str:
+    """A JSON value as the step's command line spells it (lists joined with commas)."""
+    if isinstance(value, list):
+        return ",".join(_as_text(v) for v in value)
+    return repr(value) if isinstance(value, float) else str(value)
+
+
 def _check_value(step: StepSpec, spec: ParamSpec, value: Any) -> Any:
-    """Type-check one value; returns it normalised (``gpus`` list -> "0,1", int -> float)."""
+    """Check one value with the step's own argparse type and choices; returns it with a
+    list turned into its comma-joined text."""
     where = f"--params key `{spec.name}` (step {step.number} flag {spec.flag})"
-    kind = spec.kind
-    if kind in ("store_true", "bool_pair"):
+    if spec.kind in (SWITCH, ON_OFF):
         if not isinstance(value, bool):
             raise UsageError(f"{where} must be true or false, got {value!r}")
         return value
-    if kind == "int":
-        if not _is_int(value):
-            raise UsageError(f"{where} must be an int, got {value!r}")
-    elif kind == "float":
-        if not _is_number(value):
-            raise UsageError(f"{where} must be a finite number, got {value!r}")
-        value = float(value)
-    elif kind == "str":
-        if not isinstance(value, str) or not value:
-            raise UsageError(f"{where} must be a non-empty string, got {value!r}")
-        if spec.choices and value not in spec.choices:
-            raise UsageError(f"{where} must be one of {list(spec.choices)}, got {value!r}")
-    elif kind == "gpus":
-        if isinstance(value, list) and value and all(_is_int(g) and g >= 0 for g in value):
-            return ",".join(str(g) for g in value)
-        if isinstance(value, str) and _GPUS_RE.match(value):
-            return value
-        raise UsageError(f'{where} must be a GPU list like "0,1" or [0, 1], got {value!r}')
-    else:  # pragma: no cover - the table above is the only source of kinds
-        raise AssertionError(f"unknown ParamSpec kind {kind!r}")
-    if spec.check is not None and not spec.check(value):
-        raise UsageError(f"{where} must be {spec.expect}, got {value!r}")
+    if isinstance(value, list) and value and all(_is_scalar(v) for v in value):
+        value = _as_text(value)
+    if not _is_scalar(value):
+        raise UsageError(f"{where} takes a string or a number, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{where} must be a finite number, got {value!r}")
+    text = _as_text(value)
+    if not text.strip():
+        raise UsageError(f"{where} must not be empty")
+    action = spec.action
+    assert action is not None
+    converted: Any = text
+    if action.type is not None:
+        try:
+            converted = action.type(text)  # type: ignore[operator]
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
+            raise UsageError(f"{where}: {exc}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise UsageError(f"{where} must be one of {list(action.choices)}, got {value!r}")
     return value
+
+
+def _effective_value(spec: ParamSpec, value: Any) -> Any:
+    """What ``value`` sets the step's ``dest`` to; None when a false switch sets nothing."""
+    if spec.kind == SWITCH:
+        assert spec.action is not None
+        return spec.action.const if value else None
+    if spec.kind == ON_OFF:
+        return value
+    assert spec.action is not None
+    return spec.action.type(_as_text(value)) if spec.action.type is not None else _as_text(value)  # type: ignore[operator]
+
+
+def _check_with_step(step: StepSpec, argv: list[str]) -> None:
+    """Parse ``argv`` with the step's own parser and config checks, so that a combination the
+    step refuses (``k_folds`` 1, ``compare_models`` with ``model_type``) is refused here."""
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            args = step.parser.parse_args(argv)
+    except SystemExit:
+        lines = errors.getvalue().strip().splitlines()
+        raise UsageError(f"--params give step {step.number} a command it refuses: "
+                         f"{lines[-1] if lines else 'usage error'}") from None
+    try:
+        step.command_check(args, argv)
+    except UsageError as exc:
+        raise UsageError(f"--params give step {step.number} a command it refuses: {exc}") from None
 
 
 def validate_params(step: StepSpec, params: Any) -> dict[str, Any]:
@@ -183,19 +245,37 @@ def validate_params(step: StepSpec, params: Any) -> dict[str, Any]:
         raise UsageError(f"--params must be a JSON object, got {type(params).__name__}")
     out: dict[str, Any] = {}
     known = [p.name for p in step.params]
+    set_by: dict[str, tuple[str, Any]] = {}  # dest -> (key, value it sets): aliases must agree
     for key, value in params.items():
         if key in step.reserved:
             raise UsageError(f"--params key `{key}` is not accepted: {step.reserved[key]}")
         spec = step.spec(key)
         if spec is None:
-            close = difflib.get_close_matches(key.replace("-", "_"), known, n=1)
+            close = difflib.get_close_matches(str(key).replace("-", "_"), known, n=1)
             hint = f"; did you mean `{close[0]}`?" if close else ""
             raise UsageError(
                 f"unknown --params key `{key}` for step {step.number} ({step.name}){hint} "
                 f"known keys: {', '.join(sorted(known))}"
             )
         out[key] = _check_value(step, spec, value)
+        effect = _effective_value(spec, out[key])
+        if effect is not None:
+            other = set_by.setdefault(spec.dest, (key, effect))
+            if other[1] != effect:
+                raise UsageError(f"--params keys `{other[0]}` and `{key}` set the same step {step.number} "
+                                 f"setting to different values; give one of them")
+    _check_with_step(step, _flags(step, out))
     return out
+
+
+def _flags(step: StepSpec, params: dict[str, Any]) -> list[str]:
+    argv: list[str] = []
+    for spec in step.params:
+        if spec.name in params:
+            argv += spec.to_argv(params[spec.name])
+        elif spec.always is not None:
+            argv += spec.to_argv(spec.always)
+    return argv
 
 
 def build_command(
@@ -208,13 +288,7 @@ def build_command(
 ) -> list[str]:
     """The step's argv for validated ``params``; ``script`` replaces the real step (tests)."""
     argv = [python, str(script if script is not None else step.script_path)]
-    for spec in step.params:
-        if spec.name in params:
-            argv += spec.to_argv(params[spec.name])
-        elif spec.always:
-            argv += spec.to_argv(spec.default)
-    argv += ["--policy", str(policy_path)]
-    return argv
+    return argv + _flags(step, params) + ["--policy", str(policy_path)]
 
 
 def effective(step: StepSpec, params: dict[str, Any], key: str) -> Any:
@@ -239,8 +313,8 @@ def retry_params(step: StepSpec, params: dict[str, Any], retry: int, *, trials_m
         out["study_name"] = f"{params['study_name']}_retry{retry}"
     trials = effective(step, params, "trials")
     seed = effective(step, params, "seed")
-    if trials is not None:
-        out["trials"] = max(int(trials), math.ceil(trials * trials_multiplier ** retry))
+    if trials is not None:  # an int, or its text: the step's own type accepts both
+        out["trials"] = max(int(trials), math.ceil(int(trials) * trials_multiplier ** retry))
     if seed is not None:
         out["seed"] = int(seed) + seed_increment * retry
     return out

@@ -163,8 +163,10 @@ def test_checkpoint_loads_weights_only_and_predicts_like_training(tmp_path):
     res = run_train_job(request(path, save_model_path=str(ckpt), use_leaky_relu=False), device=CPU)
     assert res["model_path"] == str(ckpt)
     raw = torch.load(ckpt, weights_only=True)
-    assert raw["feature_names"] == names and raw["architecture"]["hidden_layers"] == [16, 8]
-    assert raw["architecture"]["use_leaky_relu"] is False
+    assert raw["feature_names"] == names and raw["hidden_layers"] == [16, 8]
+    assert raw["use_leaky_relu"] is False and raw["feature_count"] == raw["input_dim"] == 5
+    assert raw["config"]["hidden_layers"] == [16, 8]  # the hyperparameters that trained it
+    assert "network.0.bias" in raw["state_dict"] and not raw["state_dict"]["network.0.bias"].any()
     model = load_checkpoint(ckpt)
     pred = model.predict(a["X_val"])
     y = a["y_val"].astype(np.float64)
@@ -181,6 +183,9 @@ def test_bad_checkpoints_are_data_errors(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pth")
     with pytest.raises(DataError, match="not a step5-mlp checkpoint"):
         load_checkpoint(tmp_path / "other.pth")
+    torch.save({"format": "step5-mlp", "format_version": 1, "architecture": {}}, tmp_path / "v1.pth")
+    with pytest.raises(DataError, match="format_version 1.*re-run Step 5"):
+        load_checkpoint(tmp_path / "v1.pth")
     with pytest.raises(ValueError, match="feature scaler"):
         save_checkpoint(tmp_path / "x.pth", state_dict={}, n_features=3, hidden_layers=[2], use_leaky_relu=True,
                         dropout=0.0, feature_mean=np.zeros(2), feature_scale=np.ones(3), target_mean=0.0,

@@ -45,6 +45,12 @@ def _valid_sidecar(outcome: str = "SUCCESS") -> dict:
     )
 
 
+def test_agent_metadata_repeats_the_provenance_ids_for_the_existing_step6():
+    sidecar = _valid_sidecar()
+    assert sidecar["agent_metadata"] == {"pipeline_step": 5, "pipeline_step_name": "anti_overfit_training",
+                                         "run_id": "r1", "parent_run_id": None}
+
+
 def test_feature_schema_hash_is_sha256_of_comma_joined_names_first_16_hex():
     expected = hashlib.sha256(b"lane_agreement_8,skip_mean,skip_min").hexdigest()[:16]
     assert artifacts.feature_schema_hash(NAMES) == expected
@@ -68,6 +74,8 @@ def test_built_sidecars_are_valid(outcome):
         ("execution", "fallbacks"), ("execution", "faults"), ("execution", "fusion", "rerun_jobs"),
         ("execution", "search", "trials_in_flight"), ("execution", "timings", "total_s"),
         ("provenance", "parent_run_id"), ("provenance", "versions"),
+        ("agent_metadata",), ("agent_metadata", "run_id"), ("agent_metadata", "parent_run_id"),
+        ("agent_metadata", "pipeline_step"), ("agent_metadata", "pipeline_step_name"),
     ],
 )
 def test_missing_key_is_reported_by_its_dotted_name(path):
@@ -101,6 +109,10 @@ def test_missing_key_is_reported_by_its_dotted_name(path):
         (("checkpoint_path",), "model.bin", "`checkpoint_path` must name 'best_model.pth'"),
         (("data_context", "fingerprint_hash"), "XYZ", "must be 16 lowercase hex"),
         (("provenance", "command_line"), "python x.py", "provenance.command_line` must be an array of strings"),
+        (("agent_metadata", "pipeline_step"), 6, "`agent_metadata.pipeline_step` must be 5"),
+        (("agent_metadata", "pipeline_step_name"), "step5", "must be 'anti_overfit_training'"),
+        (("agent_metadata", "run_id"), "other", "`agent_metadata.run_id` 'other' differs from `provenance.run_id`"),
+        (("agent_metadata", "parent_run_id"), "p9", "`agent_metadata.parent_run_id` 'p9' differs"),
     ],
 )
 def test_mistyped_value_is_reported(path, value, fragment):

@@ -137,3 +137,63 @@ def test_degenerate_target_exits_2_with_a_degenerate_sidecar_and_no_model(repo_r
     )
     assert pred.returncode == 2
     assert "prediction is not allowed" in pred.stderr
+
+
+# ----------------------------------------------------------------- the existing optimizer's flags
+
+
+def _config(*flags: str):
+    from step5.optimizer.cli import build_parser, config_from_args
+
+    argv = ["--survivors", "s.json", "--lottery-data", "h.json", *flags]
+    return config_from_args(build_parser().parse_args(argv), argv)
+
+
+def test_help_says_the_existing_flags_are_for_compatibility(repo_root, python):
+    out = _run(repo_root, python, "--help").stdout
+    assert "compatibility" in out
+    for flag in ("--device", "--enable-vmap", "--allow-inline-nn-fallback", "--dropout-override", "--batch-size-nn"):
+        assert flag in out
+
+
+@pytest.mark.parametrize("flags, field, value", [
+    (("--device", "cpu"), "gpus", []),
+    (("--device", "cuda:1"), "gpus", ["1"]),  # the ordinal; main() maps it onto the visible GPUs
+    (("--device", "cuda"), "gpus", ["0"]),
+    (("--enable-vmap",), "fuse_folds", True),
+    ((), "fuse_folds", None),  # without it the policy decides, as before
+    (("--dropout-override", "0.3"), "dropout", 0.3),
+    (("--batch-size-nn", "4"), "fuse_trials", 4),
+])
+def test_existing_flags_mean_what_they_meant(flags, field, value):
+    assert getattr(_config(*flags), field) == value
+
+
+def test_device_and_gpus_together_are_a_usage_error():
+    from step5.errors import UsageError
+
+    with pytest.raises(UsageError, match="give one of them"):
+        _config("--device", "cpu", "--gpus", "0")
+
+
+def test_device_counts_the_visible_gpus_and_falls_back_to_the_cpu(monkeypatch, caplog):
+    import argparse
+
+    import step5.devices
+    from step5.optimizer.cli import apply_compatibility_flags
+
+    monkeypatch.setattr(step5.devices, "detect_gpus", lambda: ["2", "5"])  # e.g. CUDA_VISIBLE_DEVICES=2,5
+    args = argparse.Namespace(device=["1"], allow_inline_nn_fallback=False)
+    apply_compatibility_flags(args)
+    assert args.device == ["5"]  # cuda:1 is the second visible GPU, as CUDA counts
+    args = argparse.Namespace(device=["2"], allow_inline_nn_fallback=True)
+    with caplog.at_level("WARNING", logger="step5.optimizer"):
+        apply_compatibility_flags(args)
+    assert args.device == []  # no third GPU: the run trains on the CPU ...
+    assert "cuda:2" in caplog.text and "trains on the CPU" in caplog.text  # ... with a warning
+    assert "--allow-inline-nn-fallback does not apply" in caplog.text
+
+
+def test_a_bad_device_is_a_usage_error(repo_root, python, sample_inputs):
+    proc = _run(repo_root, python, *_inputs(sample_inputs), "--device", "tpu:0")
+    assert proc.returncode == 64 and "--device" in proc.stderr

@@ -79,7 +79,13 @@ def calls(work: Path) -> list[list[str]]:
 
 
 def flag(argv: list[str], name: str) -> str | None:
-    return argv[argv.index(name) + 1] if name in argv else None
+    """The value of ``name`` in ``argv``, spelled ``--name=VALUE`` (the WATCHER's way) or ``--name VALUE``."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(name + "="):
+            return arg[len(name) + 1:]
+        if arg == name:
+            return argv[i + 1]
+    return None
 
 
 def result_line(proc: subprocess.CompletedProcess[str]) -> dict:
@@ -147,7 +153,7 @@ def test_degenerate_step(work):
 
 @pytest.mark.parametrize("params, words", [
     ({"trials": 2, "compare_model": True}, "did you mean `compare_models`"),
-    ({"trials": "20"}, "`trials`"),
+    ({"trials": "twenty"}, "`trials`"),
     ({"compare_models": "true"}, "true or false"),
     ({"policy": "x.json"}, "--policy"),
 ])
@@ -288,8 +294,8 @@ def test_dry_run_prints_the_command_and_runs_nothing(work):
                                                    "gpus": [0, 1]})
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip()
-    assert "--compare-models" in line and "--trials 20" in line and "--no-persistent-workers" in line
-    assert "--gpus 0,1" in line and "--policy policy.json" in line
+    assert "--compare-models" in line and "--trials=20" in line and "--no-persistent-workers" in line
+    assert "--gpus=0,1" in line and "--policy policy.json" in line
     assert calls(work) == [] and decisions(work) == []
 
 

@@ -1,15 +1,14 @@
-"""--params -> step 5 flags: types, unknown keys, defaults, retries, the step registry."""
+"""--params -> step 5 flags: derived from the optimizer's parser, types, unknown keys,
+defaults, retries, the step registry."""
 from __future__ import annotations
 
-import subprocess
-import sys
+import argparse
 
 import pytest
 
 from step5.errors import UsageError
-from step5.testing.fake_step5 import _parser as fake_step5_parser
+from step5.optimizer.cli import build_parser, config_from_args
 from step5.watcher.steps import (
-    MODEL_TYPES,
     build_command,
     get_step,
     retry_params,
@@ -26,31 +25,39 @@ def argv_for(params: dict, policy: str = "pol.json") -> list[str]:
 
 def test_defaults_and_policy_pass_through():
     argv = argv_for({})
-    assert argv == ["--survivors", "survivors_with_scores.json", "--lottery-data", "train_history.json",
+    assert argv == ["--survivors=survivors_with_scores.json", "--lottery-data=train_history.json",
                     "--policy", "pol.json"]
 
 
 def test_proposal_test4_params():
     argv = argv_for({"compare_models": True, "trials": 20})
-    assert "--compare-models" in argv
-    assert argv[argv.index("--trials") + 1] == "20"
+    assert "--compare-models" in argv and "--trials=20" in argv
 
 
 @pytest.mark.parametrize(
     "params, expected",
     [
-        ({"k_folds": 3}, ["--k-folds", "3"]),
-        ({"test_holdout": 0.25}, ["--test-holdout", "0.25"]),
-        ({"dropout": 0}, ["--dropout", "0.0"]),  # an int is a fine float
-        ({"model_type": "xgboost"}, ["--model-type", "xgboost"]),
+        ({"k_folds": 3}, ["--k-folds=3"]),
+        ({"test_holdout": 0.25}, ["--test-holdout=0.25"]),
+        ({"dropout": 0}, ["--dropout=0"]),  # an int is a fine float
+        ({"model_type": "xgboost"}, ["--model-type=xgboost"]),
         ({"persistent_workers": True}, ["--persistent-workers"]),
         ({"persistent_workers": False}, ["--no-persistent-workers"]),
         ({"normalize_features": False}, ["--no-normalize-features"]),
         ({"use_leaky_relu": True}, ["--use-leaky-relu"]),
         ({"enable_diagnostics": True}, ["--enable-diagnostics"]),
-        ({"gpus": "0,1"}, ["--gpus", "0,1"]),
-        ({"gpus": [0, 2]}, ["--gpus", "0,2"]),
-        ({"survivors": "s.json"}, ["--survivors", "s.json"]),
+        ({"gpus": "0,1"}, ["--gpus=0,1"]),
+        ({"gpus": [0, 2]}, ["--gpus=0,2"]),
+        ({"gpus": "none"}, ["--gpus=none"]),  # valid for the optimizer, so valid here
+        ({"survivors": "s.json"}, ["--survivors=s.json"]),
+        ({"study_name": "-nightly"}, ["--study-name=-nightly"]),  # a leading "-" stays a value
+        ({"fuse_folds": False}, ["--no-fuse-folds"]),
+        ({"fuse_trials": 4}, ["--fuse-trials=4"]),
+        ({"nn_max_epochs": 30}, ["--nn-max-epochs=30"]),
+        ({"enable_vmap": True}, ["--enable-vmap"]),
+        ({"batch_size_nn": 8}, ["--batch-size-nn=8"]),
+        ({"dropout_override": 0.3}, ["--dropout-override=0.3"]),
+        ({"device": "cuda:1"}, ["--device=cuda:1"]),
     ],
 )
 def test_each_kind_maps_to_its_flag(params, expected):
@@ -62,26 +69,38 @@ def test_each_kind_maps_to_its_flag(params, expected):
 def test_store_true_false_adds_nothing():
     assert "--compare-models" not in argv_for({"compare_models": False})
     assert "--enable-diagnostics" not in argv_for({"enable_diagnostics": False})
+    assert "--enable-vmap" not in argv_for({"enable_vmap": False})
 
 
 @pytest.mark.parametrize(
     "params, words",
     [
-        ({"trials": "20"}, "`trials`"),
-        ({"trials": 2.5}, "must be an int"),
-        ({"trials": True}, "must be an int"),
-        ({"trials": 0}, "an int >= 1"),
+        ({"trials": "twenty"}, "`trials`"),
+        ({"trials": 2.5}, "expected an integer"),
+        ({"trials": True}, "takes a string or a number"),
+        ({"trials": None}, "takes a string or a number"),
+        ({"trials": 0}, "expected an integer >= 1"),
         ({"compare_models": 1}, "true or false"),
         ({"compare_models": "yes"}, "true or false"),
         ({"persistent_workers": "false"}, "true or false"),
-        ({"test_holdout": 1.5}, "(0, 1)"),
+        ({"test_holdout": 1.5}, "strictly between 0 and 1"),
         ({"test_holdout": float("nan")}, "finite number"),
         ({"model_type": "random_forest"}, "must be one of"),
-        ({"gpus": "0;1"}, "GPU list"),
-        ({"gpus": [0, -1]}, "GPU list"),
-        ({"gpus": []}, "GPU list"),
-        ({"survivors": ""}, "non-empty string"),
+        ({"gpus": "0;1"}, "comma-separated list of GPU indices"),
+        ({"gpus": [0, -1]}, "comma-separated list of GPU indices"),
+        ({"gpus": []}, "takes a string or a number"),
+        ({"gpus": {"0": 1}}, "takes a string or a number"),
+        ({"survivors": ""}, "must not be empty"),
         ({"log_level": "LOUD"}, "must be one of"),
+        ({"device": "tpu"}, "'cpu', 'cuda' or 'cuda:N'"),
+        # Checks that need the whole command are the optimizer's own (config_from_args).
+        ({"k_folds": 1}, "--k-folds must be >= 2"),
+        ({"compare_models": True, "model_type": "xgboost"}, "do not combine it with --model-type"),
+        ({"fuse_trials": 2, "fuse_folds": False}, "--no-fuse-folds"),
+        ({"device": "cpu", "gpus": "0"}, "give one of them"),
+        # An alias and its flag must agree.
+        ({"dropout": 0.2, "dropout_override": 0.3}, "`dropout` and `dropout_override`"),
+        ({"enable_vmap": True, "fuse_folds": False}, "`enable_vmap` and `fuse_folds`"),
     ],
 )
 def test_wrong_types_are_usage_errors_naming_the_key(params, words):
@@ -139,31 +158,59 @@ def test_only_step_5_is_shipped():
         steps_in_range(5, 4)
 
 
-def _every_key() -> dict:
-    return {
-        "survivors": "s.json", "lottery_data": "h.json", "model_type": "lightgbm", "compare_models": True,
-        "trials": 3, "k_folds": 2, "test_holdout": 0.3, "output_dir": "out", "study_name": "st",
-        "storage": "sqlite:///x.db", "seed": 1, "target": "holdout_quality", "persistent_workers": False,
-        "gpus": [0], "cpu_workers": 2, "normalize_features": True, "use_leaky_relu": False, "dropout": 0.1,
-        "enable_diagnostics": True, "prng_type": "java_lcg", "mod": 1000, "holdout_draws": 50,
-        "parent_run_id": "abc", "log_level": "DEBUG",
-    }
+def test_an_alias_that_agrees_with_its_flag_is_fine():
+    argv = argv_for({"dropout": 0.2, "dropout_override": 0.2, "enable_vmap": True, "fuse_folds": True})
+    assert "--dropout=0.2" in argv and "--enable-vmap" in argv and "--fuse-folds" in argv
 
 
-def test_every_key_is_covered_and_accepted_by_a_spec_cli():
-    params = _every_key()
-    assert set(params) == {p.name for p in STEP5.params}
-    args = fake_step5_parser().parse_args(argv_for(params))
-    assert args.model_type in MODEL_TYPES
-    assert args.persistent_workers is False and args.use_leaky_relu is False
-    assert args.gpus == "0" and args.policy == "pol.json" and args.holdout_draws == 50
+def _value_for(action: argparse.Action):
+    """A valid JSON value for one optimizer flag (what a manifest would pass)."""
+    if isinstance(action, argparse.BooleanOptionalAction) or action.nargs == 0:
+        return True
+    if action.choices:
+        return list(action.choices)[-1]
+    special = {"gpus": [0], "device": "cuda:0", "storage": "sqlite:///x.db", "test_holdout": 0.3,
+               "dropout": 0.1, "k_folds": 3}
+    return special.get(action.dest, 2 if action.type is not None and action.type not in (str,) else "text")
 
 
-def test_every_flag_exists_in_the_real_step5():
-    """The mapping must not produce a flag the real optimizer does not have."""
-    help_text = subprocess.run(
-        [sys.executable, str(STEP5.script_path), "--help"], capture_output=True, text=True, timeout=120,
-    ).stdout
-    for flag in argv_for(_every_key()):
-        if flag.startswith("--"):
-            assert flag in help_text, f"step 5 --help does not mention {flag}"
+def test_every_optimizer_flag_is_reachable_through_the_watcher():
+    """Walks the optimizer's own parser: every long option (aliases included) is a key, and
+    the key's flag reaches the optimizer with the value the key gave."""
+    parser = build_parser()
+    reached = 0
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        for flag in action.option_strings:
+            if flag.startswith("--no-") or flag == "--policy":
+                continue
+            key = flag[2:].replace("-", "_")
+            value = _value_for(action)
+            argv = argv_for({key: value})
+            expected = flag if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction) else (
+                f"{flag}={','.join(map(str, value)) if isinstance(value, list) else value}")
+            assert expected in argv, (key, argv)
+            args = parser.parse_args(argv[:-2])  # without --policy
+            config_from_args(args, argv)  # the optimizer's own checks accept it
+            reached += 1
+    assert reached >= 30  # every SPEC flag, the extras and the compatibility aliases
+    assert get_step(5).spec("policy") is None  # the watcher's own --policy is passed through
+
+
+def test_keys_are_exactly_the_optimizer_flags():
+    parser = build_parser()
+    flags = {f[2:].replace("-", "_") for a in parser._actions for f in a.option_strings
+             if f.startswith("--") and not f.startswith("--no-") and f not in ("--help", "--policy")}
+    assert {p.name for p in STEP5.params} == flags
+
+
+def test_a_flag_added_to_the_optimizer_later_is_a_key_by_itself():
+    from step5.watcher.steps import params_from_parser
+
+    parser = build_parser()
+    parser.add_argument("--brand-new-knob", type=int, default=3)
+    specs = {p.name: p for p in params_from_parser(parser, reserved={"policy": "x"},
+                                                   required_defaults={"survivors": "s", "lottery_data": "h"})}
+    assert specs["brand_new_knob"].to_argv(-4) == ["--brand-new-knob=-4"]
+    assert specs["brand_new_knob"].default == 3 and "policy" not in specs
