@@ -2,7 +2,7 @@
 
 ::
 
-    ┌─▶ under the study lock: fail trials of dead processes (queue their re-runs),
+    ┌─▶ fail trials of dead processes (queue their re-runs); under the study lock,
     │   count the study's COMPLETE + RUNNING trials (every process's), and ask as many
     │   trials as fit: min(B, --trials - complete - running); re-runs are asked first
     │     none fit: others' trials are in flight; wait for them and look again
@@ -109,8 +109,8 @@ def run_search(
         trials: list[optuna.Trial] = []
         told: set[int] = set()
         try:
+            reclaim_dead_trials(study)  # safe without the lock: each trial is failed once, by one process
             with study_lock(opened.storage, opened.study_name):
-                reclaim_dead_trials(study)
                 counts = count_states(study)
                 if counts["complete"] >= goal.complete:
                     break

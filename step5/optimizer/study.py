@@ -314,12 +314,13 @@ def reclaim_dead_trials(study: optuna.Study) -> int:
     whose recorded owner is a dead process on this host is failed at once.
     """
     storage = study._storage  # what optuna.storages.fail_stale_trials uses too
+    running_before = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        before = count_states(study)["fail"]
         optuna.storages.fail_stale_trials(study)
-    reclaimed = count_states(study)["fail"] - before
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    reclaimed = max(0, running_before - len(running))
+    for trial in running:
         owner = ProcessIdentity.from_dict(trial.user_attrs.get(OWNER_ATTR) or {})
         if owner is None or not is_local(owner) or is_alive(owner):
             continue
