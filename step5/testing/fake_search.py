@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import sys
 import time
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from step5.jsonio import write_json_atomic
@@ -51,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m step5.testing.fake_search")
     parser.add_argument("--job-sleep-s", type=float, default=0.0, help="how long each fake fold job sleeps")
     parser.add_argument("--timings-out", default=None, help="write the loop's coordination timings here (JSON)")
+    parser.add_argument("--ready-file", default=None,
+                        help="touch this file once the heavy imports are done, then wait for --go-file")
+    parser.add_argument("--go-file", default=None, help="start the run when this file exists")
     parser.add_argument("optimizer_args", nargs=argparse.REMAINDER, help="-- then the optimizer's flags")
     args = parser.parse_args(argv)
     rest = args.optimizer_args[1:] if args.optimizer_args[:1] == ["--"] else args.optimizer_args
@@ -65,6 +69,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     optimizer_module.make_fold_runner = factory  # type: ignore[assignment]
     timings: dict[str, list[list[float]]] = {"ask": [], "poll": [], "tell": []}
     _instrument(timings)
+    if args.ready_file:
+        # A simulation starts many processes on a few cores; a barrier after the imports
+        # makes them start searching together, so throughput is measured on the search.
+        import psycopg  # noqa: F401
+        import sklearn.model_selection  # noqa: F401
+
+        Path(args.ready_file).touch()
+        while args.go_file and not Path(args.go_file).exists():
+            time.sleep(0.05)
     started = time.time()
     try:
         return cli.main(rest, prog="fake_search")
