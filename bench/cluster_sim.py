@@ -68,8 +68,8 @@ def run_one(pg: Any, n_procs: int, args: argparse.Namespace, inputs: tuple[Path,
                "--storage", url, "--study-name", "sim", "--search-only", "--log-level", "WARNING",
                "--output-dir", str(folder / f"out{i}")]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TMPDIR": str(folder)}
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                                      stderr=open(folder / f"stderr{i}.log", "w")))
+        with open(folder / f"stderr{i}.log", "w") as stderr:
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr))
     while not all((folder / f"ready{i}").exists() for i in range(n_procs)):
         if any(p.poll() is not None for p in procs):
             break

@@ -188,7 +188,7 @@ def test_three_processes_on_postgres_survive_a_killed_helper_and_refuse_other_da
     configuration twice, one final model; a fourth process with other data is refused."""
     from step5.data.sample import write_sample
 
-    n = 6
+    n = 5
     survivors, history = sample_inputs
     policy = tmp_path / "policy.json"
     write_json_atomic(policy, {"training": {"use_persistent_workers": True, "heartbeat_interval_s": 1,
@@ -197,7 +197,7 @@ def test_three_processes_on_postgres_survive_a_killed_helper_and_refuse_other_da
 
     def command(name: str, *extra: str, inputs=(survivors, history)) -> list[str]:
         return [python, str(repo_root / SCRIPT), "--survivors", str(inputs[0]), "--lottery-data", str(inputs[1]),
-                "--model-type", "neural_net", "--trials", str(n), "--k-folds", "2", "--nn-max-epochs", "15",
+                "--model-type", "neural_net", "--trials", str(n), "--k-folds", "2", "--nn-max-epochs", "10",
                 "--cpu-workers", "1", "--seed", "5", "--policy", str(policy), "--storage", postgres_url,
                 "--study-name", "shared", "--output-dir", str(tmp_path / name), *extra]
 
