@@ -379,8 +379,9 @@ class AntiOverfitMetaOptimizer:
             )
         else:
             logger.info("up to %d new trial(s) (study has %d complete)", n_new, opened.complete_before)
-            goal = SearchGoal(complete=cfg.trials, new_trials=n_new,
-                              poll_s=min(1.0, self.policy.training.heartbeat_interval_s))
+            interval = self.policy.training.heartbeat_interval_s
+            goal = SearchGoal(complete=cfg.trials, new_trials=n_new, poll_s=min(1.0, interval),
+                              reclaim_every_s=min(10.0, interval))
             self._search_record = run_search(opened, backend, self.plan, goal, self._progress_callback(n_new))
         self.timings["search_s"] = time.perf_counter() - start
 

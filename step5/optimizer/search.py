@@ -2,7 +2,7 @@
 
 ::
 
-    ┌─▶ fail trials of dead processes (queue their re-runs); under the study lock,
+    ┌─▶ every few seconds, fail trials of dead processes (queue their re-runs); under the study lock,
     │   count the study's COMPLETE + RUNNING trials (every process's), and ask as many
     │   trials as fit: min(B, --trials - complete - running); re-runs are asked first
     │     none fit: others' trials are in flight; wait for them and look again
@@ -91,6 +91,7 @@ class SearchGoal:
     complete: int  # --trials
     new_trials: int  # fresh trials this process may ask (re-runs of dead processes' trials are extra)
     poll_s: float = 1.0  # how often a process with nothing to ask looks at the study again
+    reclaim_every_s: float = 10.0  # how often a busy process looks for dead processes' trials
 
 
 def run_search(
@@ -105,11 +106,16 @@ def run_search(
     record = plan.record()
     fresh_asked = 0
     waited_since: float | None = None
+    reclaimed_at = time.monotonic()  # open_study has just reclaimed
     while True:
         trials: list[optuna.Trial] = []
         told: set[int] = set()
         try:
-            reclaim_dead_trials(study)  # safe without the lock: each trial is failed once, by one process
+            # Dead processes show on the time scale of heartbeats; looking once per poll
+            # period (and whenever this process waits) keeps the storage queries per trial low.
+            if waited_since is not None or time.monotonic() - reclaimed_at >= goal.reclaim_every_s:
+                reclaim_dead_trials(study)  # safe without the lock: each trial is failed once, by one process
+                reclaimed_at = time.monotonic()
             with study_lock(opened.storage, opened.study_name):
                 counts = count_states(study)
                 if counts["complete"] >= goal.complete:

@@ -151,7 +151,9 @@ def _engine_kwargs(storage_url: str) -> dict[str, Any]:
     """SQLite: writers of several processes wait for each other instead of failing at once."""
     if storage_url.startswith("sqlite"):
         return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
-    return {"pool_pre_ping": True}
+    # No pool_pre_ping: it costs a round trip per storage call (a quarter of a trial's
+    # queries, measured with bench.cluster_sim); connections are recycled hourly instead.
+    return {"pool_recycle": 3600}
 
 
 def open_storage(storage_url: str, training: TrainingPolicy) -> optuna.storages.RDBStorage:
