@@ -127,9 +127,9 @@ def run_search(
                         # Optuna warns that heartbeats are meant for study.optimize; this loop
                         # records them itself (claim_trial, trial_heartbeats).
                         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-                        trial = study.ask()
-                    claim_trial(opened, trial)
-                    trials.append(trial)
+                        trials.append(study.ask())
+            for trial in trials:  # outside the lock: the lock guards only the count and the asks
+                claim_trial(opened, trial)
             if not trials:
                 if counts["running"] == 0 and room > 0:
                     logger.warning(
