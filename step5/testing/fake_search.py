@@ -7,8 +7,7 @@ the cluster simulation (``bench/cluster_sim.py``) run many of these at once.
 
 Everything but the training is real: data loading, the study (its lock, heartbeats,
 retries), the ask/tell loop, the final model's bookkeeping. ``--timings-out`` writes what the
-loop spent coordinating: each locked ask (wait for the lock, reclaim dead trials, count,
-ask) and each tell, with wall-clock end times, so a caller can compute latencies and rates.
+loop spent coordinating: each locked ask (wait for the lock, count, ask) and each tell, with wall-clock end times, so a caller can compute latencies and rates.
 """
 from __future__ import annotations
 
@@ -25,19 +24,21 @@ from step5.jsonio import write_json_atomic
 def _instrument(timings: dict[str, list[list[float]]]) -> None:
     from step5.optimizer import search
 
-    real_lock, real_tell, real_claim = search.study_lock, search.tell, search.claim_trial
-    claimed = [0]
+    import optuna
+
+    real_lock, real_tell, real_ask = search.study_lock, search.tell, optuna.Study.ask
+    asked = [0]
 
     @contextlib.contextmanager
     def timed_lock(*args: Any, **kwargs: Any) -> Iterator[None]:
-        start, before = time.perf_counter(), claimed[0]
+        start, before = time.perf_counter(), asked[0]
         with real_lock(*args, **kwargs):
             yield
-        timings["ask" if claimed[0] > before else "poll"].append([time.perf_counter() - start, time.time()])
+        timings["ask" if asked[0] > before else "poll"].append([time.perf_counter() - start, time.time()])
 
-    def timed_claim(*args: Any, **kwargs: Any) -> None:
-        claimed[0] += 1
-        real_claim(*args, **kwargs)
+    def counted_ask(self: Any, *args: Any, **kwargs: Any) -> Any:
+        asked[0] += 1
+        return real_ask(self, *args, **kwargs)
 
     def timed_tell(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
@@ -45,7 +46,8 @@ def _instrument(timings: dict[str, list[list[float]]]) -> None:
         timings["tell"].append([time.perf_counter() - start, time.time()])
         return frozen
 
-    search.study_lock, search.tell, search.claim_trial = timed_lock, timed_tell, timed_claim  # type: ignore[assignment]
+    search.study_lock, search.tell = timed_lock, timed_tell  # type: ignore[assignment]
+    optuna.Study.ask = counted_ask  # type: ignore[method-assign]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
