@@ -253,3 +253,44 @@ def test_three_processes_on_postgres_survive_a_killed_helper_and_refuse_other_da
     assert fourth.returncode == 1, fourth.stderr[-2000:]
     assert "fingerprint_hash: study has" in fourth.stderr and "survivor_count" in fourth.stderr
     assert _states(optuna.load_study(study_name="shared", storage=postgres_url)).get("COMPLETE") == n
+
+
+def test_a_rerun_after_sigkill_reruns_the_killed_trial_and_removes_its_fold_folder(
+    sample_inputs, tmp_path, repo_root, python,
+):
+    """Within the heartbeat grace period: the dead run's trial is failed at once (its owner
+    was a process of this host), re-run with the same params, and its fold folder removed."""
+    out = tmp_path / "out"
+    write_json_atomic(tmp_path / "none.json", {})
+    cmd = _fake_search(python, out, sample_inputs, "--trials", "3", sleep=1.0)
+    env = _env(tmp_path, repo_root)
+    storage = f"sqlite:///{(out / 'optuna_step5.db').resolve()}"
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        running = []
+        while not running and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.2)
+            try:
+                (summary,) = optuna.get_all_study_summaries(storage)
+                study = optuna.load_study(study_name=summary.study_name, storage=storage)
+                running = [t for t in study.trials if t.state == TrialState.RUNNING and OWNER_ATTR in t.user_attrs]
+            except Exception:  # noqa: BLE001 - the study is not created yet
+                running = []
+        assert running, "the first run never had a trial running"
+        first.kill()
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert [p.name for p in (tmp_path / "tmpdir").iterdir()]  # the dead run's fold folder is left behind
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert second.returncode == 0, second.stderr[-3000:]
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    states = _states(study)
+    assert states["COMPLETE"] == 3 and "RUNNING" not in states and states["FAIL"] == 1, states
+    (failed,) = [t for t in study.trials if t.state == TrialState.FAIL]
+    (rerun,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == failed.number]
+    assert rerun.state == TrialState.COMPLETE and rerun.params == failed.params
+    assert list((tmp_path / "tmpdir").iterdir()) == []  # removed by the re-run
