@@ -1,7 +1,7 @@
 """Scale-out simulation: P optimizer processes ("hosts") on one PostgreSQL study.
 
-    .venv/bin/python -m bench.cluster_sim [--processes 1,2,4,8,16,32] [--trials-per-process 6]
-        [--job-sleep-s 1.0] [--k-folds 2] [--out bench/results]
+    .venv/bin/python -m bench.cluster_sim [--processes 1,2,4,8,16,32] [--trials-per-process 8]
+        [--job-sleep-s 2.0] [--k-folds 3] [--out bench/results]
 
 Each process is the real optimizer CLI (``--search-only``, one CPU slot, one trial in
 flight) with a fake fold runner whose jobs sleep (:mod:`step5.testing.fake_search`), so
@@ -132,9 +132,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cluster_sim", description=__doc__.splitlines()[0])
     parser.add_argument("--processes", default="1,2,4,8,16,32", help="process counts to run, comma-separated")
-    parser.add_argument("--trials-per-process", type=int, default=10)
-    parser.add_argument("--job-sleep-s", type=float, default=1.0, help="how long each fake fold job sleeps")
-    parser.add_argument("--k-folds", type=int, default=2)
+    parser.add_argument("--trials-per-process", type=int, default=8)
+    parser.add_argument("--job-sleep-s", type=float, default=2.0, help="how long each fake fold job sleeps")
+    parser.add_argument("--k-folds", type=int, default=3)
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per process count")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
