@@ -18,6 +18,6 @@ stamp=.venv/.install.sha256
 want=$(cat pyproject.toml requirements.txt | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -c requirements.txt -e ".[trees,test]"
+    .venv/bin/python -m pip install --quiet -c requirements.txt -e ".[trees,postgres,test]"
     echo "$want" > "$stamp"
 fi

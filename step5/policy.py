@@ -35,6 +35,8 @@ class TrainingPolicy:
     max_worker_restarts: int = 1  # restarts per device before falling back to subprocesses
     fuse_folds: bool = False  # train a trial's K folds in one batched pass
     trials_in_flight: int = 0  # trials per ask/run/tell batch; 0: one per device slot
+    heartbeat_interval_s: float = 30.0  # a running trial's Optuna heartbeat period
+    heartbeat_grace_s: float = 120.0  # no heartbeat this long: its process is dead, the trial is failed and re-run
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,11 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
     watcher = _typed(_check_section(raw, "watcher", source), WatcherPolicy, f"{source}: watcher")
     if watcher.retry_trials_multiplier < 1:
         raise PolicyError(f"{source}: watcher.retry_trials_multiplier must be >= 1, got {watcher.retry_trials_multiplier}")
+    if training.heartbeat_grace_s <= training.heartbeat_interval_s:
+        raise PolicyError(
+            f"{source}: training.heartbeat_grace_s ({training.heartbeat_grace_s}) must exceed "
+            f"training.heartbeat_interval_s ({training.heartbeat_interval_s}), or a live trial would look dead"
+        )
     diagnostics = _number_map(_check_section(raw, "training_diagnostics", source), f"{source}: training_diagnostics")
     rules_raw = _check_section(raw, "acceptance_rules", source)
     rules: dict[str, dict[str, float]] = {}

@@ -67,3 +67,32 @@ def degenerate_inputs(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("degenerate")
     return write_sample(out, n_survivors=200, n_features=12, seed=7, degenerate=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server on loopback for the whole session (step5.testing.postgres).
+
+    With CI=true it must start (a failure fails the tests that need it); elsewhere a machine
+    without PostgreSQL skips them, saying why.
+    """
+    from step5.testing.postgres import PostgresUnavailable, TemporaryPostgres
+
+    server = TemporaryPostgres()
+    try:
+        server.start()
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true and PostgreSQL cannot start: {exc}")
+        pytest.skip(f"PostgreSQL cannot start here: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server, request) -> str:
+    """A fresh database on the session's PostgreSQL server, one per test."""
+    import re
+
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50] + f"_{os.getpid()}"
+    return postgres_server.create_database(name)

@@ -3,7 +3,8 @@
 The optimizer holds out a test set once (:func:`holdout_split`), runs K-fold CV on the rest
 (:func:`kfold_splits`), and hands each fold to a worker or one-shot trainer as an NPZ file
 (:func:`write_fold_npz`) inside a private temp directory that :class:`FoldFiles` removes
-when the run ends, however it ends.
+when the run ends, however it ends. A run killed with SIGKILL cannot remove its own; the
+folder records its owner (``.owner.json``) and the next run on the host removes it.
 
 NPZ layout (read with ``np.load(path, allow_pickle=False)``): ``X_train``/``X_val`` and
 optional ``X_test`` as float32 (n, d); ``y_*`` as float64 (n,); optional ``feature_names``
@@ -26,9 +27,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from step5.jsonio import read_json_file, write_json_atomic
+from step5.owner import ProcessIdentity, is_alive, is_local, this_process
+
 logger = logging.getLogger(__name__)
 
 FOLD_DIR_PREFIX = "step5_nn_"
+OWNER_FILE = ".owner.json"
 
 
 def _check_int(name: str, value: object, lo: int) -> int:
@@ -125,6 +130,31 @@ def write_fold_npz(
     return p
 
 
+def remove_orphaned_fold_dirs(dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Remove fold folders whose owner process died on this host (SIGKILL, a crash); returns them.
+
+    Folders of live processes, of other hosts sharing the folder, and folders without an
+    owner record are left alone.
+    """
+    root = Path(dir if dir is not None else tempfile.gettempdir())
+    removed: list[Path] = []
+    try:
+        candidates = [p for p in root.iterdir() if p.name.startswith(FOLD_DIR_PREFIX) and p.is_dir()]
+    except OSError:
+        return removed
+    for path in candidates:
+        try:
+            owner = ProcessIdentity.from_dict(read_json_file(path / OWNER_FILE, "fold folder owner"))
+        except Exception:  # noqa: BLE001 - no readable owner record: not ours to judge
+            continue
+        if owner is None or not is_local(owner) or is_alive(owner):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        logger.info("removed fold folder %s of a dead run (pid %d)", path, owner.pid)
+        removed.append(path)
+    return removed
+
+
 class FoldFiles:
     """A private temp directory of fold NPZ files, removed on exit (exception or not).
 
@@ -138,8 +168,10 @@ class FoldFiles:
 
     def __init__(self, *, dir: str | os.PathLike[str] | None = None) -> None:
         # `dir` lets a caller put the files on a RAM disk (e.g. /dev/shm); default: $TMPDIR
+        remove_orphaned_fold_dirs(dir)
         self.path = Path(tempfile.mkdtemp(prefix=FOLD_DIR_PREFIX, dir=dir))
         self._closed = False
+        write_json_atomic(self.path / OWNER_FILE, this_process().to_dict())
 
     def write(
         self,

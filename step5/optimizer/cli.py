@@ -173,7 +173,13 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
     search.add_argument("--seed", type=_non_negative_int, default=42, help="seeds the splits, the sampler and training")
     search.add_argument("--study-name", default=None, help="Optuna study name [derived from model type, data and setup]")
     search.add_argument("--storage", default=None,
-                        help="Optuna storage URL [sqlite:///<output-dir>/optuna_step5.db, so a re-run resumes]")
+                        help="Optuna storage URL [sqlite:///<output-dir>/optuna_step5.db, so a re-run resumes]; "
+                             "several processes or hosts share a study through one URL such as "
+                             "postgresql+psycopg://user:pw@host/db (docs/cluster.md)")
+    search.add_argument("--search-only", action="store_true",
+                        help="helper role for a shared study (--storage, --study-name): train trials until the "
+                             "study holds --trials complete ones, exit 0, write no model; the process without "
+                             "this flag builds the final model")
 
     nn = p.add_argument_group("neural net")
     nn.add_argument("--normalize-features", action=argparse.BooleanOptionalAction, default=True,
@@ -266,6 +272,7 @@ def config_from_args(args: argparse.Namespace, command_line: Sequence[str]) -> O
         fuse_folds=args.fuse_folds,
         fuse_trials=args.fuse_trials,
         trials_in_flight=args.trials_in_flight,
+        search_only=args.search_only,
         nn_max_epochs=args.nn_max_epochs,
         command_line=list(command_line),
     )

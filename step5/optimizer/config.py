@@ -54,6 +54,7 @@ class OptimizerConfig:
     fuse_folds: bool | None = None  # None: the policy's training.fuse_folds decides
     fuse_trials: int = 1  # > 1: fuse same-shape trials, this many in flight (implies fuse_folds)
     trials_in_flight: int | None = None  # trials per ask/run/tell batch; None: the policy decides
+    search_only: bool = False  # helper role of a shared study: search until it holds `trials` complete, no model
     nn_max_epochs: int = 200  # NN search space: the epoch cap every trial trains under (early stopping ends sooner)
     command_line: list[str] | None = None  # argv as the user typed it, for the sidecar's provenance
 
@@ -105,6 +106,11 @@ def validate_config(config: OptimizerConfig) -> None:
         )
     if config.nn_max_epochs < 1:
         raise UsageError(f"--nn-max-epochs must be >= 1, got {config.nn_max_epochs}")
+    if config.search_only and config.compare_models:
+        raise UsageError(
+            "--search-only helps one study; --compare-models runs four. Start a helper per model type with "
+            "--model-type and the main run's --storage and --study-name"
+        )
     if config.study_name is not None and not config.study_name.strip():
         raise UsageError("--study-name must not be empty")
     if config.storage is not None and "://" not in config.storage:
@@ -120,7 +126,7 @@ class RunOutcome:
     """What one model type's run produced; compare runs collect one per model type."""
 
     model_type: str
-    status: str  # "SUCCESS" | "DEGENERATE_SIGNAL" | "FAILED"
+    status: str  # "SUCCESS" | "DEGENERATE_SIGNAL" | "FAILED" | "SEARCH_ONLY" (a helper: no model)
     sidecar: dict[str, Any] = field(default_factory=dict)
     checkpoint_path: Path | None = None
     sidecar_path: Path | None = None

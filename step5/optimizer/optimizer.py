@@ -64,7 +64,7 @@ from step5.optimizer.objective import (
     NNBackend,
     TreeBackend,
 )
-from step5.optimizer.search import SearchPlan, run_search
+from step5.optimizer.search import SearchGoal, SearchPlan, run_search
 from step5.optimizer.plots import plot_optimization_history
 from step5.optimizer.study import (
     OpenedStudy,
@@ -215,13 +215,18 @@ class AntiOverfitMetaOptimizer:
         cv = self._split(table)
         self.timings["split_s"] = time.perf_counter() - start
 
-        opened = open_study(study_name=study_name, storage_url=storage_url, setup=setup, seed=cfg.seed)
+        opened = open_study(
+            study_name=study_name, storage_url=storage_url, setup=setup, seed=cfg.seed,
+            data=self._study_data(data_context), training=self.policy.training,
+        )
         with contextlib.ExitStack() as outputs:  # the new model set: discarded unless committed
             with contextlib.ExitStack() as stack:
                 files = stack.enter_context(FoldFiles())
                 backend = self._make_backend(cv, files)
                 stack.callback(backend.close)  # workers shut down however the run ends
                 self._search(opened, backend)
+                if cfg.search_only:
+                    return self._search_only_outcome(opened)
                 best = best_complete_trial(opened.study)
                 if best is None:
                     raise Step5Error(self._no_complete_trial_message(opened.study))
@@ -255,6 +260,12 @@ class AntiOverfitMetaOptimizer:
             "survivors_file": str(cfg.survivors),
             "lottery_data_file": str(cfg.lottery_data),
         }
+
+    @staticmethod
+    def _study_data(data_context: dict[str, Any]) -> dict[str, Any]:
+        """What a shared study records about its data; every process that joins must match it."""
+        keys = ("fingerprint_hash", "survivor_count", "training_window_draws")
+        return {k: data_context[k] for k in keys}
 
     def _setup(self) -> dict[str, Any]:
         """What makes two runs' objective values comparable (see :mod:`step5.optimizer.study`)."""
@@ -363,13 +374,28 @@ class AntiOverfitMetaOptimizer:
         start = time.perf_counter()
         if n_new == 0:
             logger.info(
-                "study %r already has %d complete trials (--trials %d): no new trials; rebuilding the final model",
+                "study %r already has %d complete trials (--trials %d): no new trials; %s",
                 opened.study_name, opened.complete_before, cfg.trials,
+                "nothing to do (--search-only)" if cfg.search_only else "rebuilding the final model",
             )
         else:
-            logger.info("running %d new trial(s) (study has %d complete)", n_new, opened.complete_before)
-            self._search_record = run_search(opened, backend, self.plan, n_new, self._progress_callback(n_new))
+            logger.info("up to %d new trial(s) (study has %d complete)", n_new, opened.complete_before)
+            interval = self.policy.training.heartbeat_interval_s
+            goal = SearchGoal(complete=cfg.trials, new_trials=n_new, poll_s=min(1.0, interval),
+                              reclaim_every_s=min(10.0, interval))
+            self._search_record = run_search(opened, backend, self.plan, goal, self._progress_callback(n_new))
         self.timings["search_s"] = time.perf_counter() - start
+
+    def _search_only_outcome(self, opened: OpenedStudy) -> RunOutcome:
+        """A --search-only helper ends here: the study is searched, the default-role process builds the model."""
+        counts = count_states(opened.study)
+        self.timings["total_s"] = time.perf_counter() - self._t0
+        logger.info(
+            "search-only: study %r holds %d complete trials (--trials %d); this process ran %d; no model written",
+            opened.study_name, counts["complete"], self.config.trials, self._new_trials,
+        )
+        return RunOutcome(model_type=self.config.model_type, status="SEARCH_ONLY", trials_run=counts["complete"],
+                          wall_s=self.timings["total_s"])
 
     def _progress_callback(self, n_new: int) -> Callable[[optuna.Study, FrozenTrial], None]:
         """The per-trial progress line, called by the search loop as each trial is told."""

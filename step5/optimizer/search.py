@@ -2,22 +2,28 @@
 
 ::
 
-    ┌─▶ ask B trials (TPE, constant liar: the pending ones steer it away from themselves)
-    │     each: suggest params, record them on the trial
+    ┌─▶ every few seconds, fail trials of dead processes (queue their re-runs); under the study lock,
+    │   count the study's COMPLETE + RUNNING trials (every process's), and ask as many
+    │   trials as fit: min(B, --trials - complete - running); re-runs are asked first
+    │     none fit: others' trials are in flight; wait for them and look again
+    │   suggest params for each (outside the lock: the sampler's cost is not serialised)
     │   backend.run_trials([(number, params), ...])    NN: plan_groups -> runner.run(groups)
     │     per trial: its K fold results, or the JobError that failed it
     │   tell each trial exactly once, in ask order: COMPLETE with its objective, or FAIL
-    └── until n_new trials were told
+    └── until the study holds --trials COMPLETE trials (or this process may ask no more
+        and nothing is in flight)
 
 Every mode runs this loop: fold by fold, fused folds and fused trials differ only in how
-the backend groups a batch (:mod:`step5.optimizer.grouping`). It is deterministic for a
-given seed and B: the sampler sees the same trials in the same states at every ask, and
-fold results do not depend on which slot trained them or when.
+the backend groups a batch (:mod:`step5.optimizer.grouping`). One process alone is
+deterministic for a given seed and B: the sampler sees the same trials in the same states
+at every ask, and fold results do not depend on which slot trained them or when. Several
+processes share a study the same way (docs/cluster.md): the count before each ask keeps
+them from overshooting ``--trials``, and a trial of a process that died is re-run.
 
 No code path leaves a trial RUNNING: whatever escapes a batch (an exception, Ctrl-C,
 SIGTERM) first tells FAIL to every trial of the batch not yet told, then propagates.
-While a batch runs, its trials get storage heartbeats, so a batch killed with SIGKILL is
-failed by the next run.
+Each trial records its owner and gets storage heartbeats from its ask on, so a batch
+killed with SIGKILL is failed and re-run by the next process that looks.
 """
 from __future__ import annotations
 
@@ -34,7 +40,14 @@ from optuna.trial import FrozenTrial, TrialState
 from step5.errors import JobError, Step5Error, interrupt_reason
 from step5.execution.summary import SearchRecord
 from step5.optimizer.objective import fail_reason, record_trial
-from step5.optimizer.study import OpenedStudy, trial_heartbeats
+from step5.optimizer.study import (
+    OpenedStudy,
+    claim_trial,
+    count_states,
+    reclaim_dead_trials,
+    study_lock,
+    trial_heartbeats,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,36 +83,72 @@ def log_failed_trial(trial: optuna.Trial, reason: str) -> None:
                    trial.number, trial.params, reason)
 
 
+@dataclass(frozen=True)
+class SearchGoal:
+    """When the loop stops: the study holds ``complete`` COMPLETE trials, or this process
+    has asked ``new_trials`` fresh trials and nothing of others' is left in flight."""
+
+    complete: int  # --trials
+    new_trials: int  # fresh trials this process may ask (re-runs of dead processes' trials are extra)
+    poll_s: float = 1.0  # how often a process with nothing to ask looks at the study again
+    reclaim_every_s: float = 10.0  # how often a busy process looks for dead processes' trials
+
+
 def run_search(
     opened: OpenedStudy,
     backend: TrialBackend,
     plan: SearchPlan,
-    n_new: int,
+    goal: SearchGoal,
     on_told: Callable[[optuna.Study, FrozenTrial], None],
 ) -> SearchRecord:
-    """Ask, run and tell ``n_new`` trials, ``plan.trials_in_flight`` at a time."""
+    """Ask, run and tell trials, ``plan.trials_in_flight`` at a time, until ``goal`` is met."""
     study = opened.study
     record = plan.record()
-    told_total = 0
-    while told_total < n_new:
-        size = min(plan.trials_in_flight, n_new - told_total)
-        # What study.optimize does before each trial: fail trials a killed run left RUNNING.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
+    fresh_asked = 0
+    waited_since: float | None = None
+    reclaimed_at = time.monotonic()  # open_study has just reclaimed
+    while True:
         trials: list[optuna.Trial] = []
         told: set[int] = set()
         try:
-            # Ask and suggest trial by trial: the sampler sees the same sequence of calls
-            # whatever B is, so its start-up (random) trials are identical.
+            # Dead processes show on the time scale of heartbeats; looking once per poll
+            # period (and whenever this process waits) keeps the storage queries per trial low.
+            if waited_since is not None or time.monotonic() - reclaimed_at >= goal.reclaim_every_s:
+                reclaim_dead_trials(study)  # safe without the lock: each trial is failed once, by one process
+                reclaimed_at = time.monotonic()
+            with study_lock(opened.storage, opened.study_name):
+                counts = count_states(study)
+                if counts["complete"] >= goal.complete:
+                    break
+                room = goal.complete - counts["complete"] - counts["running"]
+                size = min(plan.trials_in_flight, room, counts["waiting"] + goal.new_trials - fresh_asked)
+                for _ in range(max(0, size)):
+                    with warnings.catch_warnings():
+                        # Optuna warns that heartbeats are meant for study.optimize; this loop
+                        # records them itself (claim_trial, trial_heartbeats).
+                        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+                        trials.append(study.ask())
+            for trial in trials:  # outside the lock: the lock guards only the count and the asks
+                claim_trial(opened, trial)
+            if not trials:
+                if counts["running"] == 0 and room > 0:
+                    logger.warning(
+                        "study %r holds %d of %d complete trials; this process asked its %d new trial(s) "
+                        "and no other trial is in flight", opened.study_name, counts["complete"], goal.complete,
+                        goal.new_trials)
+                    break
+                if waited_since is None:
+                    waited_since = time.perf_counter()
+                    logger.info("waiting for %d trial(s) in flight in other processes (%d of %d complete)",
+                                counts["running"], counts["complete"], goal.complete)
+                time.sleep(goal.poll_s)
+                continue
+            waited_since = None
+            fresh_asked += max(0, len(trials) - counts["waiting"])  # ask() takes the queued re-runs first
+            # Suggest trial by trial in ask order: the sampler sees the same sequence of
+            # calls whatever B is, so its start-up (random) trials are identical.
             params: list[dict[str, Any]] = []
-            for _ in range(size):
-                with warnings.catch_warnings():
-                    # Optuna warns that heartbeats are meant for study.optimize; this loop
-                    # records them itself (trial_heartbeats below).
-                    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-                    trial = study.ask()
-                trials.append(trial)
+            for trial in trials:
                 p = backend.suggest(trial)
                 trial.set_user_attr("params", p)
                 trial.set_user_attr("model_type", backend.model_type)
@@ -107,7 +156,7 @@ def run_search(
             numbers = [t.number for t in trials]
             for t in trials:
                 t.set_user_attr("batch", {"index": record.batches, "trials": numbers})
-            if size > 1:
+            if len(trials) > 1:
                 logger.info("batch %d: trials %s in flight", record.batches, numbers)
             start = time.perf_counter()
             with trial_heartbeats(opened, numbers):
@@ -123,24 +172,43 @@ def run_search(
             fail_untold(study, [t for t in trials if t.number not in told], exc)
             raise
         finally:
-            told_total += len(trials)
             record.trials += len(told)
         record.batches += 1
     return record
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, *, wall_s: float) -> FrozenTrial:
-    """Tell Optuna how one trial ended; returns the finished trial."""
-    if isinstance(outcome, JobError):
-        reason = fail_reason(outcome)
-        trial.set_user_attr("fail_reason", reason)
+    """Tell Optuna how one trial ended; returns the finished trial.
+
+    A trial another process already failed (its heartbeats were late past the grace
+    period, so it was taken for dead and queued for a re-run) keeps that verdict: the
+    re-run stands for it, and counting this result too would count the trial twice.
+    """
+    try:
+        if isinstance(outcome, JobError):
+            reason = fail_reason(outcome)
+            trial.set_user_attr("fail_reason", reason)
+            value = None
+        else:
+            summary = record_trial(trial, outcome, wall_s=wall_s)
+            value = summary.value if math.isfinite(summary.value) else None
+            reason = trial.user_attrs.get("fail_reason", "the objective is not finite")
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return _finished_elsewhere(study, trial)
+    if value is not None:
+        frozen = study.tell(trial, value, skip_if_finished=True)
     else:
-        summary = record_trial(trial, outcome, wall_s=wall_s)
-        if math.isfinite(summary.value):
-            return study.tell(trial, summary.value)
-        reason = trial.user_attrs.get("fail_reason", "the objective is not finite")
-    log_failed_trial(trial, reason)
-    return study.tell(trial, state=TrialState.FAIL)
+        log_failed_trial(trial, reason)
+        frozen = study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+    if frozen.state == TrialState.FAIL and value is not None:
+        return _finished_elsewhere(study, trial)
+    return frozen
+
+
+def _finished_elsewhere(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
+    logger.warning("trial %d was failed by another process meanwhile (its heartbeats were late); its result is "
+                   "dropped and its re-run counts instead", trial.number)
+    return study._storage.get_trial(trial._trial_id)
 
 
 def fail_untold(study: optuna.Study, trials: list[optuna.Trial], error: BaseException) -> None:

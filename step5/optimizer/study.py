@@ -24,30 +24,58 @@ Resume semantics, in one place:
   keeps them from all landing on the same configuration; its random start-up trials (the
   first 10 complete ones) are the same configurations, with the same fold seeds, for
   every B.
+* Shared studies (docs/cluster.md): any number of processes, on one host or many, may run
+  the same study through one storage. The data fingerprint is recorded beside the setup
+  when the study is created (``user_attrs["step5_data"]``); a process with other data or
+  another setup is refused (:class:`StudyMismatchError`, exit 1) naming the differences.
+  Every process that joins takes the next *process index* (``step5_processes``); the first
+  one samples with ``seed + len(study.trials)`` as before, later ones with a stream mixed
+  from their index, so no two processes draw the same configurations.
+* Asking is serialised per study (:func:`study_lock`: a lock file beside a SQLite file, a
+  PostgreSQL advisory lock), so the count "complete + running" a process reads before it
+  asks is still true when it asks: together the processes never exceed ``--trials``.
+* Dead processes: every running trial records its owner (:mod:`step5.owner`) and gets
+  Optuna heartbeats (policy ``training.heartbeat_interval_s`` / ``heartbeat_grace_s``).
+  :func:`reclaim_dead_trials` fails a RUNNING trial whose heartbeat is stale (any host) or
+  whose owner is a dead process on this host (at once, no grace period), and queues a
+  retry with the same params (WAITING), which the next ask of any process picks up.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from step5.errors import Step5Error, UsageError
 from step5.jsonio import dumps
+from step5.owner import ProcessIdentity, is_alive, is_local, this_process
+from step5.policy import TrainingPolicy
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_DB_NAME = "optuna_step5.db"
 SETUP_ATTR = "step5_setup"
-HEARTBEAT_INTERVAL_S = 30
-HEARTBEAT_GRACE_S = 120
+DATA_ATTR = "step5_data"
+PROCESSES_ATTR = "step5_processes"
+OWNER_ATTR = "owner"
+MAX_RETRIES = 2  # re-runs of a trial whose process died; a trial that kills its process every time stops there
+SQLITE_BUSY_TIMEOUT_S = 120
+SCHEMA_RACE_ATTEMPTS = 5  # how long a SQLite writer waits for another process's write to end
+
+
+class StudyMismatchError(Step5Error):
+    """Raised when a process's data or setup differs from what the shared study recorded (exit 1)."""
 
 
 def default_storage_url(output_dir: Path) -> str:
@@ -90,6 +118,7 @@ class OpenedStudy:
     trials_before: int  # trials of any state found when the study was opened
     sampler_seed: int
     storage: optuna.storages.BaseStorage | None = None  # the RDB storage the study lives in
+    process_index: int = 0  # 0 for the first process that ran this study, then 1, 2, ...
 
 
 def make_sampler(seed: int) -> optuna.samplers.TPESampler:
@@ -99,8 +128,25 @@ def make_sampler(seed: int) -> optuna.samplers.TPESampler:
 
 
 def count_states(study: optuna.Study) -> dict[str, int]:
-    """Trials per state (``complete``, ``fail``, ``running``, ``pruned``, ``waiting``)."""
+    """Trials per state (``complete``, ``fail``, ``running``, ``pruned``, ``waiting``).
+
+    On an RDB storage one ``GROUP BY`` query on Optuna's ``trials`` table: every ask of
+    every process counts, and loading thousands of trials each time would cost more than
+    the ask itself.
+    """
     counts = {s.name.lower(): 0 for s in TrialState}
+    engine = getattr(getattr(study._storage, "_backend", study._storage), "engine", None)
+    if engine is not None:
+        from sqlalchemy import text
+
+        with engine.connect() as connection:
+            rows = connection.execute(
+                text("SELECT state, COUNT(*) FROM trials WHERE study_id = :study_id GROUP BY state"),
+                {"study_id": study._study_id},
+            ).all()
+        for state, n in rows:
+            counts[str(getattr(state, "name", state)).lower()] += int(n)
+        return counts
     for t in study.get_trials(deepcopy=False):
         counts[t.state.name.lower()] += 1
     return counts
@@ -111,22 +157,50 @@ def _diff(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
     return [f"{k}: study has {stored.get(k)!r}, this run {wanted.get(k)!r}" for k in keys if stored.get(k) != wanted.get(k)]
 
 
+def _engine_kwargs(storage_url: str) -> dict[str, Any]:
+    """SQLite: writers of several processes wait for each other instead of failing at once."""
+    if storage_url.startswith("sqlite"):
+        return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    # No pool_pre_ping: it costs a round trip per storage call (a quarter of a trial's
+    # queries, measured with bench.cluster_sim); connections are recycled hourly instead.
+    return {"pool_recycle": 3600}
+
+
+def open_storage(storage_url: str, training: TrainingPolicy) -> optuna.storages.RDBStorage:
+    """The RDB storage with heartbeats and retries of dead processes' trials; a bad URL is a UsageError."""
+    for attempt in range(SCHEMA_RACE_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat is "experimental"
+                return optuna.storages.RDBStorage(
+                    storage_url, engine_kwargs=_engine_kwargs(storage_url),
+                    heartbeat_interval=training.heartbeat_interval_s,  # type: ignore[arg-type] - seconds, floats work
+                    grace_period=training.heartbeat_grace_s,  # type: ignore[arg-type]
+                    heartbeat_stale_trial_callback=retry_failed_trial,
+                )
+        except Exception as exc:  # noqa: BLE001 - sqlalchemy/optuna raise many types for a bad URL
+            # Processes that start together on an empty database race to create Optuna's
+            # tables; the losers find them made on the next try.
+            if attempt + 1 < SCHEMA_RACE_ATTEMPTS and any(m in str(exc) for m in ("already exists", "duplicate key")):
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise UsageError(
+                f"--storage {redact_storage(storage_url)!r} cannot be opened: {type(exc).__name__}: {exc}"
+            ) from None
+    raise AssertionError("unreachable")
+
+
 def open_study(
     *,
     study_name: str,
     storage_url: str,
     setup: Mapping[str, Any],
+    data: Mapping[str, Any],
     seed: int,
+    training: TrainingPolicy | None = None,
 ) -> OpenedStudy:
-    """Create the study, or load it when it exists and its stored setup matches ``setup``."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat is "experimental"
-            storage = optuna.storages.RDBStorage(
-                storage_url, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=HEARTBEAT_GRACE_S,
-            )
-    except Exception as exc:  # noqa: BLE001 - sqlalchemy/optuna raise many types for a bad URL
-        raise UsageError(f"--storage {redact_storage(storage_url)!r} cannot be opened: {type(exc).__name__}: {exc}") from None
+    """Create the study, or join it when it exists and its stored setup and data match."""
+    storage = open_storage(storage_url, training or TrainingPolicy())
     existing = set(optuna.get_all_study_names(storage))
     resumed = study_name in existing
     try:
@@ -139,46 +213,165 @@ def open_study(
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise UsageError(f"study {study_name!r} exists but minimises; Step 5 studies maximise the anti-overfit objective")
 
-    wanted = dict(setup)
-    stored = study.user_attrs.get(SETUP_ATTR)
-    if stored is None:
-        if resumed and study.trials:
-            raise UsageError(
-                f"study {study_name!r} already has {len(study.trials)} trials but no Step 5 setup record; "
-                "pick another --study-name"
-            )
-        study.set_user_attr(SETUP_ATTR, wanted)
-    else:
-        # JSON round trip so that tuples/lists and ints/floats compare as stored.
-        differences = _diff(stored, optuna_json(wanted))
-        if differences:
-            raise UsageError(
-                f"study {study_name!r} was run with a different setup; its trials are not comparable with "
-                "this run's. Differences:\n  " + "\n  ".join(differences)
-                + "\nUse another --study-name (or none: the default name follows the setup)."
-            )
+    with study_lock(storage, study_name):
+        # Under the lock: two processes creating the study at once cannot both record theirs.
+        _check_or_record(study, study_name, dict(setup), dict(data))
+        process_index = int(study.user_attrs.get(PROCESSES_ATTR, 0))
+        study.set_user_attr(PROCESSES_ATTR, process_index + 1)
+        reclaim_dead_trials(study)
+        counts = count_states(study)
 
-    # Trials left RUNNING by a killed process whose heartbeat is stale become FAILED now.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-
-    counts = count_states(study)
     trials_before = sum(counts.values())
-    sampler_seed = int(seed) + trials_before
+    if process_index == 0:
+        sampler_seed = int(seed) + trials_before
+    else:
+        # Another process runs (or ran) this study: draw a stream of our own, or two
+        # processes started together would propose the same configurations.
+        sampler_seed = int(np.random.SeedSequence([int(seed), trials_before, process_index]).generate_state(1)[0])
     study.sampler = make_sampler(sampler_seed)
     if resumed:
         logger.info(
-            "resuming study %r (%d complete, %d failed, %d running trials) from %s",
-            study_name, counts["complete"], counts["fail"], counts["running"], redact_storage(storage_url),
+            "joined study %r as process %d (%d complete, %d failed, %d running, %d waiting trials) in %s",
+            study_name, process_index, counts["complete"], counts["fail"], counts["running"], counts["waiting"],
+            redact_storage(storage_url),
         )
     else:
         logger.info("created study %r in %s", study_name, redact_storage(storage_url))
     return OpenedStudy(
         study=study, study_name=study_name, storage_url=storage_url, resumed=resumed,
         complete_before=counts["complete"], trials_before=trials_before, sampler_seed=sampler_seed,
-        storage=storage,
+        storage=storage, process_index=process_index,
     )
+
+
+def _check_or_record(study: optuna.Study, study_name: str, setup: dict[str, Any], data: dict[str, Any]) -> None:
+    """Record the setup and data of a new study; refuse a process whose differ, naming each difference."""
+    attrs = study.user_attrs
+    stored_setup = attrs.get(SETUP_ATTR)
+    if stored_setup is None:
+        if study.trials:
+            raise UsageError(
+                f"study {study_name!r} already has {len(study.trials)} trials but no Step 5 setup record; "
+                "pick another --study-name"
+            )
+        study.set_user_attr(SETUP_ATTR, setup)
+        study.set_user_attr(DATA_ATTR, data)
+        return
+    stored_data = attrs.get(DATA_ATTR)
+    if stored_data is None:  # a study from before data records: record ours from now on
+        study.set_user_attr(DATA_ATTR, data)
+        stored_data = optuna_json(data)
+    # JSON round trip so that tuples/lists and ints/floats compare as stored.
+    differences = _diff(stored_data, optuna_json(data)) + _diff(stored_setup, optuna_json(setup))
+    if differences:
+        raise StudyMismatchError(
+            f"study {study_name!r} was created with other data or another setup; this process's trials "
+            "would not be comparable with its trials. Differences:\n  " + "\n  ".join(differences)
+            + "\nRun every process of a shared study with the same input files and flags, or use another "
+            "--study-name (or none: the default name follows the data and the setup)."
+        )
+
+
+def _lock_key(study_name: str) -> int:
+    return int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
+
+
+_warned_no_lock: set[str] = set()
+
+
+@contextlib.contextmanager
+def study_lock(storage: optuna.storages.BaseStorage | None, study_name: str) -> Iterator[None]:
+    """Hold the study's cross-process lock: a lock file beside a SQLite file (one host), a
+    PostgreSQL advisory lock (any host). Other databases get no lock (logged once): processes
+    racing for the last trials may then overshoot ``--trials`` by a batch each."""
+    engine = getattr(storage, "engine", None)
+    if engine is None:
+        yield
+        return
+    if engine.name == "sqlite":
+        database = engine.url.database
+        if not database or database == ":memory:":
+            yield
+            return
+        with open(f"{database}.lock", "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    if engine.name == "postgresql":
+        from sqlalchemy import text
+
+        # A transaction-level lock: released by the commit below, or by the server when
+        # this process dies and its connection drops.
+        with engine.begin() as connection:
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(study_name)})
+            yield
+        return
+    if engine.name not in _warned_no_lock:
+        _warned_no_lock.add(engine.name)
+        logger.warning("no cross-process study lock for %s storages; only SQLite and PostgreSQL have one", engine.name)
+    yield
+
+
+def retry_failed_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue a trial whose process died for a re-run with the same params (a WAITING trial).
+
+    Optuna's RetryHeartbeatStaleTrialCallback, except that the dead owner and its failure
+    reason are not copied onto the retry, and at most :data:`MAX_RETRIES` re-runs.
+    """
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    if len(history) > MAX_RETRIES:
+        logger.warning("trial %d's process died; it was re-run %d times already and is not re-run again",
+                       trial.number, MAX_RETRIES)
+        return
+    system_attrs = {"failed_trial": trial.system_attrs.get("failed_trial", trial.number), **trial.system_attrs,
+                    "retry_history": history}
+    user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in (OWNER_ATTR, "fail_reason", "batch")}
+    study.add_trial(optuna.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        user_attrs=user_attrs, system_attrs=system_attrs,
+    ))
+    logger.warning("trial %d's process died; its params are queued for a re-run", trial.number)
+
+
+def reclaim_dead_trials(study: optuna.Study) -> int:
+    """Fail the RUNNING trials of dead processes and queue their re-runs; returns how many.
+
+    Stale heartbeats find dead processes on any host (after the grace period); a trial
+    whose recorded owner is a dead process on this host is failed at once.
+    """
+    storage = study._storage  # what optuna.storages.fail_stale_trials uses too
+    running_before = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    reclaimed = max(0, running_before - len(running))
+    for trial in running:
+        owner = ProcessIdentity.from_dict(trial.user_attrs.get(OWNER_ATTR) or {})
+        if owner is None or not is_local(owner) or is_alive(owner):
+            continue
+        reason = f"its process (pid {owner.pid} on {owner.host}) died"
+        try:
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another process got there first
+        logger.warning("trial %d failed: %s", trial.number, reason)
+        reclaimed += 1
+        retry_failed_trial(study, storage.get_trial(trial._trial_id))
+    return reclaimed
+
+
+def claim_trial(opened: OpenedStudy, trial: optuna.Trial) -> None:
+    """Mark a just-asked trial as this process's: its owner and a first heartbeat."""
+    trial.set_user_attr(OWNER_ATTR, this_process().to_dict())
+    storage = opened.storage
+    if storage is not None and hasattr(storage, "record_heartbeat") and storage.get_heartbeat_interval():
+        storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
 
 
 def optuna_json(obj: Mapping[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ with any exception.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,6 +34,7 @@ class FakeFoldRunner:
         explosion: type[BaseException] = RuntimeError,
         seed_in_metrics: bool = False,  # a tiny seed term makes a wrong fold seed visible in the values
         capacity: int = 2,  # device slots it pretends to have
+        job_sleep_s: float = 0.0,  # each job "trains" this long (its slot's jobs one after another)
     ) -> None:
         self.mode = mode
         self.fail_trials = set(fail_trials)
@@ -41,6 +43,7 @@ class FakeFoldRunner:
         self.explosion = explosion
         self.seed_in_metrics = seed_in_metrics
         self.capacity = capacity
+        self.job_sleep_s = job_sleep_s
         self.calls: list[list[list[TrainRequest]]] = []  # every run() call's groups
         self.arrays: dict[str, dict[str, np.ndarray]] = {}  # fold file -> its arrays
         self.persistent: bool | None = None  # set by install_fake_runner's factory
@@ -91,6 +94,9 @@ class FakeFoldRunner:
         for g in groups:  # what the worker checks before fusing
             assert len({fusion_key(r) for r in g}) == 1, "a group mixes layer shapes"
         self._explode([r for g in groups for r in g])
+        if self.job_sleep_s > 0:
+            # Groups share the slots; a slot trains its groups one after another.
+            time.sleep(self.job_sleep_s * -(-len(groups) // max(1, self.capacity)))
         return [[self._outcome(r) for r in g] for g in groups]
 
     def summary(self) -> RunnerStats:

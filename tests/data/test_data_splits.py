@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from step5.data.splits import FOLD_DIR_PREFIX, FoldFiles, holdout_split, kfold_splits, write_fold_npz
+from step5.data.splits import FOLD_DIR_PREFIX, OWNER_FILE, FoldFiles, holdout_split, kfold_splits, write_fold_npz
 
 
 @pytest.mark.parametrize("n,frac", [(10, 0.2), (101, 0.25), (2, 0.5), (1000, 0.01)])
@@ -154,7 +154,7 @@ def test_fold_files_rejects_path_like_names(name):
     with FoldFiles() as folds:
         with pytest.raises(ValueError, match="plain file name"):
             folds.write(name, X, y, X, y)
-        assert os.listdir(folds.path) == []
+        assert os.listdir(folds.path) == [OWNER_FILE]  # only the record of who owns the folder
 
 
 def test_fold_files_custom_base_dir(tmp_path):

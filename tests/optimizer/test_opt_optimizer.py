@@ -22,6 +22,7 @@ from step5.errors import DegenerateSignalError, Step5Error, UsageError
 from step5.jsonio import read_json_file, write_json_atomic
 from step5.optimizer import AntiOverfitMetaOptimizer, OptimizerConfig
 from step5.optimizer.objective import FINAL_FOLD_IDX
+from step5.optimizer.study import StudyMismatchError
 from step5.testing.fake_runner import install_fake_runner
 
 
@@ -189,8 +190,9 @@ def test_changed_setup_gets_a_new_default_study_and_an_explicit_name_refuses(sam
     assert a.sidecar["optuna"]["study_name"] != b.sidecar["optuna"]["study_name"]
     named = dataclasses.replace(cfg, study_name="mine")
     AntiOverfitMetaOptimizer(named).run()
-    with pytest.raises(UsageError, match="k_folds: study has 3, this run 2"):
+    with pytest.raises(StudyMismatchError, match="k_folds: study has 3, this run 2") as info:
         AntiOverfitMetaOptimizer(dataclasses.replace(named, k_folds=2)).run()
+    assert info.value.exit_code == 1  # a run error, not a usage error: a shared study may refuse a helper
 
 
 def test_degenerate_target_writes_degenerate_sidecar_and_removes_a_stale_model(degenerate_inputs, tmp_path, fake_runner):

@@ -1,0 +1,78 @@
+"""Who owns a thing (a trial, a temp folder), and whether that owner is still alive.
+
+A process is identified by its host, its PID namespace, its PID and its start time, so a
+PID reused by a later process is not mistaken for the owner. Whether an owner is alive can
+only be known on its own host and in its own PID namespace (:func:`is_local`); elsewhere a
+dead owner shows only through its stale Optuna heartbeats.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+import psutil
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    host: str  # socket.gethostname()
+    pid_namespace: str  # /proc/self/ns/pid: two containers on one host do not share one
+    pid: int
+    started: int  # the process's start time, whole seconds since the epoch
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ProcessIdentity | None":
+        """The identity recorded in ``data``, or None when it is not one."""
+        try:
+            return cls(str(data["host"]), str(data["pid_namespace"]), int(data["pid"]), int(data["started"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        return int(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _this_process(pid: int) -> ProcessIdentity:
+    return ProcessIdentity(socket.gethostname(), _pid_namespace(), pid, _start_time(pid) or 0)
+
+
+def this_process() -> ProcessIdentity:
+    """This process's identity (cached per PID, so a fork gets its own)."""
+    return _this_process(os.getpid())
+
+
+def is_local(owner: ProcessIdentity) -> bool:
+    """Whether ``owner`` lives where this process can see whether it is alive."""
+    me = this_process()
+    return owner.host == me.host and owner.pid_namespace == me.pid_namespace
+
+
+def is_alive(owner: ProcessIdentity) -> bool:
+    """Whether a *local* owner still runs (a reused PID with another start time does not count)."""
+    started = _start_time(owner.pid)
+    if started is None:
+        return False
+    try:
+        if psutil.Process(owner.pid).status() == psutil.STATUS_ZOMBIE:
+            return False
+    except psutil.Error:
+        return False
+    return abs(started - owner.started) <= 1

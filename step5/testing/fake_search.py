@@ -1,0 +1,92 @@
+"""The real optimizer CLI with a fake fold runner whose jobs sleep: shared-study tests and
+the cluster simulation (``bench/cluster_sim.py``) run many of these at once.
+
+::
+
+    python -m step5.testing.fake_search --job-sleep-s 1.0 [--timings-out F.json] -- <optimizer flags>
+
+Everything but the training is real: data loading, the study (its lock, heartbeats,
+retries), the ask/tell loop, the final model's bookkeeping. ``--timings-out`` writes what the
+loop spent coordinating: each locked ask (wait for the lock, count, ask) and each tell, with wall-clock end times, so a caller can compute latencies and rates.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from step5.jsonio import write_json_atomic
+
+
+def _instrument(timings: dict[str, list[list[float]]]) -> None:
+    from step5.optimizer import search
+
+    import optuna
+
+    real_lock, real_tell, real_ask = search.study_lock, search.tell, optuna.Study.ask
+    asked = [0]
+
+    @contextlib.contextmanager
+    def timed_lock(*args: Any, **kwargs: Any) -> Iterator[None]:
+        start, before = time.perf_counter(), asked[0]
+        with real_lock(*args, **kwargs):
+            yield
+        timings["ask" if asked[0] > before else "poll"].append([time.perf_counter() - start, time.time()])
+
+    def counted_ask(self: Any, *args: Any, **kwargs: Any) -> Any:
+        asked[0] += 1
+        return real_ask(self, *args, **kwargs)
+
+    def timed_tell(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        frozen = real_tell(*args, **kwargs)
+        timings["tell"].append([time.perf_counter() - start, time.time()])
+        return frozen
+
+    search.study_lock, search.tell = timed_lock, timed_tell  # type: ignore[assignment]
+    optuna.Study.ask = counted_ask  # type: ignore[method-assign]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m step5.testing.fake_search")
+    parser.add_argument("--job-sleep-s", type=float, default=0.0, help="how long each fake fold job sleeps")
+    parser.add_argument("--timings-out", default=None, help="write the loop's coordination timings here (JSON)")
+    parser.add_argument("--ready-file", default=None,
+                        help="touch this file once the heavy imports are done, then wait for --go-file")
+    parser.add_argument("--go-file", default=None, help="start the run when this file exists")
+    parser.add_argument("optimizer_args", nargs=argparse.REMAINDER, help="-- then the optimizer's flags")
+    args = parser.parse_args(argv)
+    rest = args.optimizer_args[1:] if args.optimizer_args[:1] == ["--"] else args.optimizer_args
+
+    from step5.optimizer import cli
+    from step5.optimizer import optimizer as optimizer_module
+    from step5.testing.fake_runner import FakeFoldRunner
+
+    def factory(slots: Any, policy: Any, *, persistent: bool) -> FakeFoldRunner:
+        return FakeFoldRunner(capacity=len(slots), job_sleep_s=args.job_sleep_s)
+
+    optimizer_module.make_fold_runner = factory  # type: ignore[assignment]
+    timings: dict[str, list[list[float]]] = {"ask": [], "poll": [], "tell": []}
+    _instrument(timings)
+    if args.ready_file:
+        # A simulation starts many processes on a few cores; a barrier after the imports
+        # makes them start searching together, so throughput is measured on the search.
+        import psycopg  # noqa: F401
+        import sklearn.model_selection  # noqa: F401
+
+        Path(args.ready_file).touch()
+        while args.go_file and not Path(args.go_file).exists():
+            time.sleep(0.05)
+    started = time.time()
+    try:
+        return cli.main(rest, prog="fake_search")
+    finally:
+        if args.timings_out:
+            write_json_atomic(args.timings_out, {"started": started, "ended": time.time(), **timings})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

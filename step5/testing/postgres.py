@@ -1,0 +1,133 @@
+"""A throwaway PostgreSQL server on loopback, for the shared-study tests and the cluster simulation.
+
+::
+
+    with TemporaryPostgres() as pg:
+        url = pg.create_database("study")  # postgresql+psycopg://step5@127.0.0.1:PORT/study
+
+``initdb`` and ``pg_ctl`` are found on PATH (or in ``$STEP5_PG_BIN``, or under
+``/usr/lib/postgresql/*/bin``). PostgreSQL refuses to run as root, so as root (CI on a
+fresh clone) the server runs as the ``postgres`` user through ``runuser``, in a data folder
+under /tmp that user owns. Durability is switched off (``fsync=off``): the data is thrown
+away when the server stops.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+SERVER_USER = "postgres"  # who runs the server when we are root
+DB_USER = "step5"  # the superuser initdb creates; loopback connections are trusted
+START_TIMEOUT_S = 60
+
+
+class PostgresUnavailable(RuntimeError):
+    """Raised when no PostgreSQL server can be started here (no initdb, or it failed)."""
+
+
+def find_pg_bin() -> Path | None:
+    """The folder holding ``initdb`` and ``pg_ctl``, or None."""
+    candidates = [os.environ.get("STEP5_PG_BIN", "")]
+    initdb = shutil.which("initdb")
+    if initdb:
+        candidates.append(str(Path(initdb).parent))
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    for folder in candidates:
+        if folder and (Path(folder) / "initdb").is_file() and (Path(folder) / "pg_ctl").is_file():
+            return Path(folder)
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class TemporaryPostgres:
+    """Start a PostgreSQL server on 127.0.0.1 and a free port; :meth:`stop` removes it all."""
+
+    def __init__(self, *, max_connections: int = 300) -> None:
+        self.max_connections = max_connections
+        self.bin = find_pg_bin()
+        self.root: Path | None = None
+        self.port = 0
+        self._running = False
+
+    def _command(self, *args: str) -> list[str]:
+        if os.geteuid() == 0:
+            return ["runuser", "-u", SERVER_USER, "--", *args]
+        return list(args)
+
+    def _run(self, *args: str) -> None:
+        proc = subprocess.run(self._command(*args), capture_output=True, text=True, timeout=START_TIMEOUT_S)
+        if proc.returncode != 0:
+            log = ""
+            if self.root is not None and (self.root / "server.log").exists():
+                log = (self.root / "server.log").read_text(errors="replace")[-2000:]
+            raise PostgresUnavailable(
+                f"{' '.join(args[:2])} exited {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}\n{log}"
+            )
+
+    def start(self) -> "TemporaryPostgres":
+        if self.bin is None:
+            raise PostgresUnavailable("initdb/pg_ctl not found (PATH, $STEP5_PG_BIN, /usr/lib/postgresql/*/bin)")
+        self.root = Path(tempfile.mkdtemp(prefix="step5-pg-", dir="/tmp"))
+        if os.geteuid() == 0:
+            try:
+                user = pwd.getpwnam(SERVER_USER)
+            except KeyError:
+                raise PostgresUnavailable(f"running as root and there is no {SERVER_USER!r} user to run the server") from None
+            os.chown(self.root, user.pw_uid, user.pw_gid)
+        data = self.root / "data"
+        self._run(str(self.bin / "initdb"), "-D", str(data), "-U", DB_USER, "--auth=trust", "-E", "UTF8",
+                  "--no-sync", "--no-instructions")
+        for _ in range(3):  # a port taken between probing and binding: try another
+            self.port = _free_port()
+            options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
+                       f"-c synchronous_commit=off -c full_page_writes=off -c max_connections={self.max_connections}")
+            try:
+                self._run(str(self.bin / "pg_ctl"), "-D", str(data), "-l", str(self.root / "server.log"),
+                          "-o", options, "-w", "-t", str(START_TIMEOUT_S), "start")
+            except PostgresUnavailable:
+                continue
+            self._running = True
+            return self
+        self.stop()
+        raise PostgresUnavailable(f"pg_ctl could not start a server; see {self.root / 'server.log'}")
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://{DB_USER}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        """Create database ``name`` and return its SQLAlchemy URL."""
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user={DB_USER} dbname=postgres",
+                             autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def stop(self) -> None:
+        """Stop the server (immediate: nothing needs saving) and remove its folder."""
+        if self._running and self.bin is not None and self.root is not None:
+            subprocess.run(self._command(str(self.bin / "pg_ctl"), "-D", str(self.root / "data"), "-m", "immediate",
+                                         "-w", "stop"), capture_output=True, timeout=START_TIMEOUT_S)
+            self._running = False
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None
+
+    def __enter__(self) -> "TemporaryPostgres":
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

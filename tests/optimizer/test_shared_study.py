@@ -1,0 +1,296 @@
+"""Several optimizer processes on one study (docs/cluster.md): exactly --trials complete,
+no duplicate configurations, dead processes' trials re-run, other data refused.
+
+The SQLite tests run the real CLI with a fake fold runner whose jobs sleep
+(``python -m step5.testing.fake_search``); the PostgreSQL test runs the real CLI with real
+workers against a throwaway server (the ``postgres_url`` fixture).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+from optuna.trial import TrialState
+
+from step5 import artifacts
+from step5.data.splits import OWNER_FILE, FoldFiles
+from step5.errors import UsageError
+from step5.jsonio import write_json_atomic
+from step5.optimizer.study import (
+    DATA_ATTR,
+    OWNER_ATTR,
+    StudyMismatchError,
+    open_study,
+    reclaim_dead_trials,
+)
+from step5.owner import ProcessIdentity, this_process
+from step5.policy import TrainingPolicy
+
+SCRIPT = "meta_prediction_optimizer_anti_overfit.py"
+SETUP = {"model_type": "neural_net", "seed": 1, "k_folds": 2}
+DATA = {"fingerprint_hash": "abc", "survivor_count": 10, "training_window_draws": 5}
+
+
+def _dead_identity() -> ProcessIdentity:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = int(psutil.Process(child.pid).create_time())
+    child.wait()
+    me = this_process()
+    return ProcessIdentity(me.host, me.pid_namespace, child.pid, started)
+
+
+def _states(study: optuna.Study) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in study.trials:
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    return out
+
+
+def _complete_params(study: optuna.Study) -> list[tuple]:
+    return [tuple(sorted(t.params.items())) for t in study.trials if t.state == TrialState.COMPLETE]
+
+
+# ---------------------------------------------------------------- study level (in-process)
+
+
+def test_a_dead_local_owners_trial_is_failed_at_once_and_rerun_with_the_same_params(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    opened = open_study(study_name="s", storage_url=url, setup=SETUP, data=DATA, seed=1)
+    trial = opened.study.ask()
+    lr = trial.suggest_float("learning_rate", 1e-5, 1e-1, log=True)
+    trial.set_user_attr(OWNER_ATTR, _dead_identity().to_dict())
+    assert reclaim_dead_trials(opened.study) == 1  # no waiting for a grace period
+    (failed, queued) = opened.study.trials
+    assert failed.state == TrialState.FAIL and "died" in failed.user_attrs["fail_reason"]
+    assert queued.state == TrialState.WAITING and queued.params == {"learning_rate": lr}
+    assert OWNER_ATTR not in queued.user_attrs and "fail_reason" not in queued.user_attrs
+    retry = opened.study.ask()  # a later ask takes the queued re-run first
+    assert retry.number == queued.number
+    assert retry.suggest_float("learning_rate", 1e-5, 1e-1, log=True) == lr
+    # A live owner's trial is left alone.
+    retry.set_user_attr(OWNER_ATTR, this_process().to_dict())
+    assert reclaim_dead_trials(opened.study) == 0
+
+
+def test_a_stale_heartbeat_fails_a_trial_of_another_host_and_queues_its_rerun(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    policy = TrainingPolicy(heartbeat_interval_s=1.0, heartbeat_grace_s=2.0)
+    opened = open_study(study_name="s", storage_url=url, setup=SETUP, data=DATA, seed=1, training=policy)
+    trial = opened.study.ask()
+    trial.suggest_int("n", 1, 100)
+    other_host = {**_dead_identity().to_dict(), "host": "elsewhere"}
+    trial.set_user_attr(OWNER_ATTR, other_host)
+    opened.storage.record_heartbeat(trial._trial_id)
+    assert reclaim_dead_trials(opened.study) == 0  # not stale yet, and not ours to judge
+    time.sleep(3.2)
+    assert reclaim_dead_trials(opened.study) == 1
+    assert _states(opened.study) == {"FAIL": 1, "WAITING": 1}
+
+
+def test_other_data_or_setup_is_refused_naming_the_difference(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    first = open_study(study_name="s", storage_url=url, setup=SETUP, data=DATA, seed=1)
+    assert first.study.user_attrs[DATA_ATTR] == DATA and first.process_index == 0
+    with pytest.raises(StudyMismatchError, match="fingerprint_hash: study has 'abc', this run 'xyz'") as info:
+        open_study(study_name="s", storage_url=url, setup=SETUP, data={**DATA, "fingerprint_hash": "xyz"}, seed=1)
+    assert info.value.exit_code == 1
+    with pytest.raises(StudyMismatchError, match="k_folds: study has 2, this run 3"):
+        open_study(study_name="s", storage_url=url, setup={**SETUP, "k_folds": 3}, data=DATA, seed=1)
+    # Each process that joins gets its own index and, from the second on, its own sampler stream.
+    second = open_study(study_name="s", storage_url=url, setup=SETUP, data=DATA, seed=1)
+    assert second.process_index == 1 and second.sampler_seed != first.sampler_seed
+
+
+def test_a_bad_heartbeat_policy_is_refused(tmp_path):
+    from step5.errors import PolicyError
+    from step5.policy import load_policy
+
+    path = tmp_path / "p.json"
+    write_json_atomic(path, {"training": {"heartbeat_interval_s": 30, "heartbeat_grace_s": 10}})
+    with pytest.raises(PolicyError, match="heartbeat_grace_s"):
+        load_policy(path)
+
+
+def test_fold_folders_of_dead_runs_are_removed_by_the_next_run(tmp_path):
+    dead = tmp_path / "step5_nn_dead"
+    dead.mkdir()
+    (dead / "t0_f0.npz").write_bytes(b"x")
+    write_json_atomic(dead / OWNER_FILE, _dead_identity().to_dict())
+    foreign = tmp_path / "step5_nn_foreign"  # another host's: not ours to judge
+    foreign.mkdir()
+    write_json_atomic(foreign / OWNER_FILE, {**_dead_identity().to_dict(), "host": "elsewhere"})
+    with FoldFiles(dir=tmp_path) as live:
+        assert not dead.exists() and foreign.exists()
+        with FoldFiles(dir=tmp_path):
+            assert live.path.exists()  # a live run's folder stays
+
+
+def test_search_only_with_compare_models_is_a_usage_error(sample_inputs):
+    from step5.optimizer import OptimizerConfig
+    from step5.optimizer.config import validate_config
+
+    survivors, history = sample_inputs
+    with pytest.raises(UsageError, match="--search-only helps one study"):
+        validate_config(OptimizerConfig(survivors=Path(survivors), lottery_data=Path(history),
+                                        compare_models=True, search_only=True))
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _fake_search(python: str, out: Path, sample_inputs, *extra: str, sleep: float = 0.2) -> list[str]:
+    survivors, history = sample_inputs
+    return [python, "-m", "step5.testing.fake_search", "--job-sleep-s", str(sleep), "--",
+            "--survivors", str(survivors), "--lottery-data", str(history), "--model-type", "neural_net",
+            "--k-folds", "2", "--cpu-workers", "1", "--seed", "3", "--policy", "none.json",
+            "--output-dir", str(out), *extra]
+
+
+def _env(tmp_path: Path, repo_root: Path) -> dict[str, str]:
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir(exist_ok=True)
+    return {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(repo_root)}
+
+
+def test_two_identical_runs_at_once_on_one_sqlite_study(sample_inputs, tmp_path, repo_root, python):
+    out = tmp_path / "out"
+    write_json_atomic(tmp_path / "none.json", {})
+    cmd = _fake_search(python, out, sample_inputs, "--trials", "8")
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path, repo_root), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    storage = f"sqlite:///{(out / 'optuna_step5.db').resolve()}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    assert _states(study) == {"COMPLETE": 8}
+    params = _complete_params(study)
+    assert len(set(params)) == 8  # the two processes drew different configurations
+    owners = {t.user_attrs[OWNER_ATTR]["pid"] for t in study.trials}
+    assert owners == {p.pid for p in procs}  # both searched
+    assert list((tmp_path / "tmpdir").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_three_processes_on_postgres_survive_a_killed_helper_and_refuse_other_data(
+    sample_inputs, tmp_path, repo_root, python, postgres_url,
+):
+    """The issue's acceptance run: one default process and two --search-only helpers (one CPU
+    worker each, the real CLI and trainers) on one PostgreSQL study; one helper is SIGKILLed
+    while it trains a trial. The study ends with exactly N complete trials, none running, no
+    configuration twice, one final model; a fourth process with other data is refused."""
+    from step5.data.sample import write_sample
+
+    n = 5
+    survivors, history = sample_inputs
+    policy = tmp_path / "policy.json"
+    write_json_atomic(policy, {"training": {"use_persistent_workers": True, "heartbeat_interval_s": 1,
+                                            "heartbeat_grace_s": 4}})
+    env = _env(tmp_path, repo_root)
+
+    def command(name: str, *extra: str, inputs=(survivors, history)) -> list[str]:
+        return [python, str(repo_root / SCRIPT), "--survivors", str(inputs[0]), "--lottery-data", str(inputs[1]),
+                "--model-type", "neural_net", "--trials", str(n), "--k-folds", "2", "--nn-max-epochs", "10",
+                "--cpu-workers", "1", "--seed", "5", "--policy", str(policy), "--storage", postgres_url,
+                "--study-name", "shared", "--output-dir", str(tmp_path / name), *extra]
+
+    def start(name: str, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen(command(name, *extra), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    main = start("main")
+    helpers = [start(f"helper{i}", "--search-only") for i in range(2)]
+    victim = helpers[0]
+    study = None
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:  # wait until the victim trains a trial
+            try:
+                study = optuna.load_study(study_name="shared", storage=postgres_url)
+                running = [t for t in study.get_trials(states=(TrialState.RUNNING,))
+                           if t.user_attrs.get(OWNER_ATTR, {}).get("pid") == victim.pid]
+            except KeyError:
+                running = []
+            if running or victim.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert victim.poll() is None, "the helper ended before it could be killed"
+        os.killpg(victim.pid, signal.SIGKILL)  # the helper and its worker, as a lost host
+        victim.wait(timeout=30)
+        errs = {p.pid: p.communicate(timeout=300)[1] for p in (main, helpers[1])}
+    finally:
+        for p in (main, *helpers):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert main.returncode == 0, errs[main.pid][-3000:]
+    assert helpers[1].returncode == 0, errs[helpers[1].pid][-3000:]
+    study = optuna.load_study(study_name="shared", storage=postgres_url)
+    states = _states(study)
+    assert states.get("COMPLETE") == n and "RUNNING" not in states, states
+    assert states.get("FAIL", 0) >= 1  # the victim's trial, failed and re-run
+    params = _complete_params(study)
+    assert len(set(params)) == n
+    rerun = [t for t in study.trials if t.state == TrialState.COMPLETE and "failed_trial" in t.system_attrs]
+    assert rerun, "the killed helper's trial was re-run"
+    assert rerun[0].params == study.trials[rerun[0].system_attrs["failed_trial"]].params
+    assert (tmp_path / "main" / "best_model.pth").exists()
+    assert (tmp_path / "main" / artifacts.SIDECAR_NAME).exists()
+    for helper in ("helper0", "helper1"):
+        assert not (tmp_path / helper / "best_model.pth").exists()
+        assert not (tmp_path / helper / artifacts.SIDECAR_NAME).exists()
+
+    other = write_sample(tmp_path / "other", n_survivors=300, n_features=24, seed=99)
+    fourth = subprocess.run(command("fourth", "--search-only", inputs=other), cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert fourth.returncode == 1, fourth.stderr[-2000:]
+    assert "fingerprint_hash: study has" in fourth.stderr and "survivor_count" in fourth.stderr
+    assert _states(optuna.load_study(study_name="shared", storage=postgres_url)).get("COMPLETE") == n
+
+
+def test_a_rerun_after_sigkill_reruns_the_killed_trial_and_removes_its_fold_folder(
+    sample_inputs, tmp_path, repo_root, python,
+):
+    """Within the heartbeat grace period: the dead run's trial is failed at once (its owner
+    was a process of this host), re-run with the same params, and its fold folder removed."""
+    out = tmp_path / "out"
+    write_json_atomic(tmp_path / "none.json", {})
+    cmd = _fake_search(python, out, sample_inputs, "--trials", "3", sleep=1.0)
+    env = _env(tmp_path, repo_root)
+    storage = f"sqlite:///{(out / 'optuna_step5.db').resolve()}"
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        running = []
+        while not running and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.2)
+            try:
+                (summary,) = optuna.get_all_study_summaries(storage)
+                study = optuna.load_study(study_name=summary.study_name, storage=storage)
+                running = [t for t in study.trials if t.state == TrialState.RUNNING and OWNER_ATTR in t.user_attrs]
+            except Exception:  # noqa: BLE001 - the study is not created yet
+                running = []
+        assert running, "the first run never had a trial running"
+        first.kill()
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert [p.name for p in (tmp_path / "tmpdir").iterdir()]  # the dead run's fold folder is left behind
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert second.returncode == 0, second.stderr[-3000:]
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    states = _states(study)
+    assert states["COMPLETE"] == 3 and "RUNNING" not in states and states["FAIL"] == 1, states
+    (failed,) = [t for t in study.trials if t.state == TrialState.FAIL]
+    (rerun,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == failed.number]
+    assert rerun.state == TrialState.COMPLETE and rerun.params == failed.params
+    assert list((tmp_path / "tmpdir").iterdir()) == []  # removed by the re-run
