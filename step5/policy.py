@@ -25,6 +25,13 @@ DEFAULT_POLICY_PATH = "watcher_policies.json"
 PROJECT_POLICY_PATH = Path(__file__).resolve().with_name(DEFAULT_POLICY_PATH)
 
 
+#: ``training.pruner`` / ``--pruner`` values (step5.optimizer.pruning makes the Optuna pruner).
+PRUNER_NAMES = ("none", "median", "successive_halving")
+
+#: String keys and the values each accepts.
+_CHOICES = {"pruner": PRUNER_NAMES}
+
+
 @dataclass(frozen=True)
 class TrainingPolicy:
     """The ``training`` section: how Step 5 runs its neural-net folds."""
@@ -35,6 +42,7 @@ class TrainingPolicy:
     max_worker_restarts: int = 1  # restarts per device before falling back to subprocesses
     fuse_folds: bool = False  # train a trial's K folds in one batched pass
     trials_in_flight: int = 0  # trials per ask/run/tell batch; 0: one per device slot
+    pruner: str = "none"  # fold-level pruning of hopeless trials (PRUNER_NAMES)
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,10 @@ def _typed(section: dict[str, Any], cls: type, where: str) -> Any:
         if isinstance(default, bool):
             ok = isinstance(value, bool)
             expected = "true or false"
+        elif isinstance(default, str):
+            choices = _CHOICES[key]
+            ok = value in choices
+            expected = "one of " + ", ".join(f'"{c}"' for c in choices)
         elif isinstance(default, int):
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
             expected = "a non-negative int"

@@ -4,9 +4,11 @@
 
     ┌─▶ ask B trials (TPE, constant liar: the pending ones steer it away from themselves)
     │     each: suggest params, record them on the trial
-    │   backend.run_trials([(number, params), ...])    NN: plan_groups -> runner.run(groups)
-    │     per trial: its K fold results, or the JobError that failed it
-    │   tell each trial exactly once, in ask order: COMPLETE with its objective, or FAIL
+    │   backend.run_trials([(number, params), ...], gate)  NN: plan_groups -> runner.run(groups)
+    │     per trial: its K fold results, the JobError that failed it, or Pruned
+    │     (with a pruner, folds run in waves and the gate reports each and may prune;
+    │     step5.optimizer.pruning)
+    │   tell each trial exactly once, in ask order: COMPLETE with its objective, FAIL or PRUNED
     └── until n_new trials were told
 
 Every mode runs this loop: fold by fold, fused folds and fused trials differ only in how
@@ -33,13 +35,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from step5.errors import JobError, Step5Error, interrupt_reason
 from step5.execution.summary import SearchRecord
-from step5.optimizer.objective import fail_reason, record_trial
+from step5.optimizer.objective import FoldGate, Pruned, TrialOutcome, fail_reason, record_trial
+from step5.optimizer.pruning import fold_gate, make_pruner, report_folds
 from step5.optimizer.study import OpenedStudy, trial_heartbeats
 
 logger = logging.getLogger(__name__)
-
-#: What a backend returns per trial: its fold results in fold order, or why it failed.
-TrialOutcome = list[dict[str, Any]] | JobError
 
 
 class TrialBackend(Protocol):
@@ -47,7 +47,9 @@ class TrialBackend(Protocol):
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]: ...
 
-    def run_trials(self, trials: Sequence[tuple[int, dict[str, Any]]]) -> list[TrialOutcome]: ...
+    def run_trials(
+        self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate | None = None,
+    ) -> list[TrialOutcome]: ...
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class SearchPlan:
     fuse_folds: bool  # a trial's K folds share one pass
     fuse_trials: bool  # same-shape trials of a batch share one pass
     source: str  # what decided, for the log
+    pruner: str = "none"  # step5.policy.PRUNER_NAMES: "none" runs every fold of every trial
 
     def record(self) -> SearchRecord:
         return SearchRecord(trials_in_flight=self.trials_in_flight, fuse_folds=self.fuse_folds,
@@ -79,6 +82,7 @@ def run_search(
 ) -> SearchRecord:
     """Ask, run and tell ``n_new`` trials, ``plan.trials_in_flight`` at a time."""
     study = opened.study
+    study.pruner = make_pruner(plan.pruner)
     record = plan.record()
     told_total = 0
     while told_total < n_new:
@@ -110,13 +114,14 @@ def run_search(
             if size > 1:
                 logger.info("batch %d: trials %s in flight", record.batches, numbers)
             start = time.perf_counter()
+            gate = fold_gate(trials, prune=True) if plan.pruner != "none" else None
             with trial_heartbeats(opened, numbers):
-                outcomes = backend.run_trials(list(zip(numbers, params)))
+                outcomes = backend.run_trials(list(zip(numbers, params)), gate)
             wall_s = time.perf_counter() - start
             if len(outcomes) != len(trials):
                 raise Step5Error(f"the backend returned {len(outcomes)} outcomes for a batch of {len(trials)} trials")
             for trial, outcome in zip(trials, outcomes):
-                frozen = tell(study, trial, outcome, wall_s=wall_s)
+                frozen = tell(study, trial, outcome, wall_s=wall_s, gated=gate is not None)
                 told.add(trial.number)
                 on_told(study, frozen)
         except BaseException as exc:
@@ -129,18 +134,34 @@ def run_search(
     return record
 
 
-def tell(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, *, wall_s: float) -> FrozenTrial:
-    """Tell Optuna how one trial ended; returns the finished trial."""
+def tell(
+    study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, *, wall_s: float, gated: bool = False,
+) -> FrozenTrial:
+    """Tell Optuna how one trial ended; returns the finished trial.
+
+    ``gated``: a fold gate already reported every fold but the last (see
+    :mod:`step5.optimizer.pruning`); otherwise every fold is reported here, in fold order.
+    """
+    if isinstance(outcome, Pruned):
+        return tell_pruned(study, trial, outcome, wall_s=wall_s)
     if isinstance(outcome, JobError):
         reason = fail_reason(outcome)
         trial.set_user_attr("fail_reason", reason)
     else:
+        report_folds(trial, outcome, first_step=len(outcome) - 1 if gated else 0)
         summary = record_trial(trial, outcome, wall_s=wall_s)
         if math.isfinite(summary.value):
             return study.tell(trial, summary.value)
         reason = trial.user_attrs.get("fail_reason", "the objective is not finite")
     log_failed_trial(trial, reason)
     return study.tell(trial, state=TrialState.FAIL)
+
+
+def tell_pruned(study: optuna.Study, trial: optuna.Trial, outcome: Pruned, *, wall_s: float) -> FrozenTrial:
+    """Tell PRUNED (its value is its last reported step, and it is never the best trial)."""
+    trial.set_user_attr("pruned_after_folds", len(outcome.folds))
+    trial.set_user_attr("wall_s", round(wall_s, 4))
+    return study.tell(trial, state=TrialState.PRUNED)
 
 
 def fail_untold(study: optuna.Study, trials: list[optuna.Trial], error: BaseException) -> None:
