@@ -473,6 +473,8 @@ class AntiOverfitMetaOptimizer:
             "best_value": float(best.value) if best is not None and best.value is not None else None,
             "direction": "maximize",
             "sampler": "TPESampler",
+            "pruner": self.plan.pruner,
+            "trials_pruned": len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))) if study is not None else 0,
             "sampler_seed": opened.sampler_seed if opened is not None else None,
             "objective_formula": OBJECTIVE_FORMULA,
         }

@@ -76,6 +76,8 @@ def test_median_pruner_prunes_in_fold_waves_and_sends_no_pruned_fold(sample_inpu
         assert t.value == pytest.approx(t.intermediate_values[steps[-1]])
     assert study.best_trial.state == TrialState.COMPLETE
     assert outcome.sidecar["optuna"]["best_trial_number"] in {t.number for t in complete}
+    assert outcome.sidecar["optuna"]["pruner"] == "median"
+    assert outcome.sidecar["optuna"]["trials_pruned"] == len(pruned)
     # Waves: every runner call trains one fold index.
     calls = [c for c in made[0].calls if all(r.fold_idx != FINAL_FOLD_IDX for g in c for r in g)]
     assert all(len({r.fold_idx for g in c for r in g}) == 1 for c in calls)
