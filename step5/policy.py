@@ -25,6 +25,13 @@ DEFAULT_POLICY_PATH = "watcher_policies.json"
 PROJECT_POLICY_PATH = Path(__file__).resolve().with_name(DEFAULT_POLICY_PATH)
 
 
+#: ``training.pruner`` / ``--pruner`` values (step5.optimizer.pruning makes the Optuna pruner).
+PRUNER_NAMES = ("none", "median", "successive_halving")
+
+#: String keys and the values each accepts.
+_CHOICES = {"pruner": PRUNER_NAMES}
+
+
 @dataclass(frozen=True)
 class TrainingPolicy:
     """The ``training`` section: how Step 5 runs its neural-net folds."""
@@ -37,6 +44,7 @@ class TrainingPolicy:
     trials_in_flight: int = 0  # trials per ask/run/tell batch; 0: one per device slot
     heartbeat_interval_s: float = 30.0  # a running trial's Optuna heartbeat period
     heartbeat_grace_s: float = 120.0  # no heartbeat this long: its process is dead, the trial is failed and re-run
+    pruner: str = "none"  # fold-level pruning of hopeless trials (PRUNER_NAMES)
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,10 @@ def _typed(section: dict[str, Any], cls: type, where: str) -> Any:
         if isinstance(default, bool):
             ok = isinstance(value, bool)
             expected = "true or false"
+        elif isinstance(default, str):
+            choices = _CHOICES[key]
+            ok = value in choices
+            expected = "one of " + ", ".join(f'"{c}"' for c in choices)
         elif isinstance(default, int):
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
             expected = "a non-negative int"

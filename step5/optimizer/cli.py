@@ -29,7 +29,7 @@ from step5.errors import DegenerateSignalError, Step5Error, Terminated, UsageErr
 from step5.lifeline import install_supervisor_lifeline
 from step5.optimizer.config import MODEL_TYPES, OptimizerConfig, validate_config
 from step5.optimizer.preflight import preflight
-from step5.policy import find_policy
+from step5.policy import PRUNER_NAMES, find_policy
 
 logger = logging.getLogger("step5.optimizer")
 
@@ -212,6 +212,10 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
                     help="trials asked from Optuna and trained together per batch (the sampler knows the "
                          "pending ones); same seed and value give the same study [policy's "
                          "training.trials_in_flight; 0 there: one per device slot]")
+    ex.add_argument("--pruner", choices=PRUNER_NAMES, default=None,
+                    help="stop a trial whose running objective over its first folds is hopeless (Optuna "
+                         "pruning on fold-level values; its remaining folds are not trained) [policy's "
+                         "training.pruner]")
 
     compat = p.add_argument_group(
         "compatibility", "flags of the optimizer this one replaces, so its scripts run unchanged (docs/compatibility.md)")
@@ -273,6 +277,7 @@ def config_from_args(args: argparse.Namespace, command_line: Sequence[str]) -> O
         fuse_trials=args.fuse_trials,
         trials_in_flight=args.trials_in_flight,
         search_only=args.search_only,
+        pruner=args.pruner,
         nn_max_epochs=args.nn_max_epochs,
         command_line=list(command_line),
     )

@@ -12,7 +12,7 @@ from typing import Any
 
 from step5.artifacts import DIAGNOSTICS_DIRNAME
 from step5.errors import UsageError
-from step5.policy import find_policy
+from step5.policy import PRUNER_NAMES, find_policy
 from step5.models.trees import require_libraries
 
 MODEL_TYPES = ("neural_net", "xgboost", "lightgbm", "catboost")
@@ -55,6 +55,7 @@ class OptimizerConfig:
     fuse_trials: int = 1  # > 1: fuse same-shape trials, this many in flight (implies fuse_folds)
     trials_in_flight: int | None = None  # trials per ask/run/tell batch; None: the policy decides
     search_only: bool = False  # helper role of a shared study: search until it holds `trials` complete, no model
+    pruner: str | None = None  # --pruner (step5.policy.PRUNER_NAMES); None: the policy decides
     nn_max_epochs: int = 200  # NN search space: the epoch cap every trial trains under (early stopping ends sooner)
     command_line: list[str] | None = None  # argv as the user typed it, for the sidecar's provenance
 
@@ -97,6 +98,8 @@ def validate_config(config: OptimizerConfig) -> None:
             f"--fuse-trials {config.fuse_trials} trains the folds of several trials in one fused pass, which "
             "--no-fuse-folds forbids; drop one of them"
         )
+    if config.pruner is not None and config.pruner not in PRUNER_NAMES:
+        raise UsageError(f"--pruner must be one of {', '.join(PRUNER_NAMES)}, got {config.pruner!r}")
     if config.trials_in_flight is not None and config.trials_in_flight < 1:
         raise UsageError(f"--trials-in-flight must be >= 1, got {config.trials_in_flight}")
     if config.fuse_trials > 1 and config.trials_in_flight not in (None, config.fuse_trials):

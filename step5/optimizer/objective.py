@@ -3,7 +3,7 @@
 ::
 
     search loop ──▶ backend.suggest(trial)              -> params (a plain dict)
-                    backend.run_trials([(n, params)])   -> per trial: K fold results | JobError
+                    backend.run_trials([(n, params)], gate) -> per trial: K fold results | JobError | Pruned
                       ├─ NNBackend:   K TrainRequests per trial ─▶ plan_groups ─▶ runner.run(groups)
                       │               (workers or one-shot subprocesses; the parent never imports torch)
                       └─ TreeBackend: K in-process fits per trial via step5.models.trees
@@ -30,7 +30,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import optuna
@@ -56,6 +56,22 @@ FINAL_FOLD_IDX = 1_000_000
 
 #: The metric keys every fold result carries, whatever the backend.
 FOLD_METRIC_KEYS = ("r2", "val_mse", "train_mse", "train_r2", "duration")
+
+
+#: ``gate(trial_number, fold_results_so_far)`` -> True to train the trial's next fold
+#: (:mod:`step5.optimizer.pruning` reports the fold and asks the pruner).
+FoldGate = Callable[[int, Sequence[dict[str, Any]]], bool]
+
+
+@dataclass
+class Pruned:
+    """A trial the pruner stopped: its folds trained so far (fold order); the rest never ran."""
+
+    folds: list[dict[str, Any]] = field(default_factory=list)
+
+
+#: What a backend returns per trial: its K fold results, the JobError that failed it, or Pruned.
+TrialOutcome = list[dict[str, Any]] | JobError | Pruned
 
 
 def anti_overfit_score(val_r2: Sequence[float], train_r2: Sequence[float]) -> float:
@@ -112,9 +128,14 @@ class ModelBackend(Protocol):
         """This trial's hyperparameters, as the plain dict stored in the trial and the sidecar."""
         ...
 
-    def run_trials(self, trials: Sequence[tuple[int, dict[str, Any]]]) -> list[list[dict[str, Any]] | JobError]:
+    def run_trials(
+        self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate | None = None,
+    ) -> list[TrialOutcome]:
         """Train and score every CV fold of each trial; per trial (input order) its fold
-        results in fold order, or the :class:`JobError` that failed it (only it)."""
+        results in fold order, or the :class:`JobError` that failed it (only it). With a
+        ``gate``, it is called after each fold of a trial, in fold order (and, for a batch,
+        in trial order after each fold of every trial is known); a False stops the trial,
+        which comes back :class:`Pruned`."""
         ...
 
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
@@ -211,22 +232,31 @@ class NNBackend:
                 res["train_r2"] = r2_from_mse(res["train_mse"], self.cv.y_dev[tr])
         return results
 
-    def run_trials(self, trials: Sequence[tuple[int, dict[str, Any]]]) -> list[list[dict[str, Any]] | JobError]:
-        """Every fold of every trial in one ``runner.run`` call, grouped by the plan.
-
-        Each trial's outcome is its fold results, or the first :class:`JobError` among its
-        folds: the runner returns every job's outcome in place, so a failing trial fails
-        only itself and costs the others nothing.
-        """
-        requests = {number: self.fold_requests(number, params) for number, params in trials}
+    def _run_requests(self, requests: dict[int, list[TrainRequest]]) -> dict[tuple[int, int], Any]:
+        """One ``runner.run`` call for these trials' requests, grouped by the plan; each job's
+        outcome (result or JobError) by (trial number, fold index)."""
         groups = plan_groups(requests, fuse_folds=self.fuse_folds, fuse_trials=self.fuse_trials,
                              capacity=self.runner.capacity, n_train=self.fold_rows)
         outcomes = self.runner.run(groups)
         if [len(o) for o in outcomes] != [len(g) for g in groups]:
             raise Step5Error(f"the fold runner returned {[len(o) for o in outcomes]} outcomes for groups of "
                              f"{[len(g) for g in groups]} jobs")
-        by_job = {(r.trial_number, r.fold_idx): o for g, out in zip(groups, outcomes) for r, o in zip(g, out)}
-        results: list[list[dict[str, Any]] | JobError] = []
+        return {(r.trial_number, r.fold_idx): o for g, out in zip(groups, outcomes) for r, o in zip(g, out)}
+
+    def run_trials(
+        self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate | None = None,
+    ) -> list[TrialOutcome]:
+        """Every fold of every trial in one ``runner.run`` call, grouped by the plan; with a
+        ``gate``, in waves (:meth:`_run_waves`).
+
+        Each trial's outcome is its fold results, or the first :class:`JobError` among its
+        folds: the runner returns every job's outcome in place, so a failing trial fails
+        only itself and costs the others nothing.
+        """
+        if gate is not None:
+            return self._run_waves(trials, gate)
+        by_job = self._run_requests({number: self.fold_requests(number, params) for number, params in trials})
+        results: list[TrialOutcome] = []
         for number, _ in trials:
             folds = [by_job[(number, f)] for f in range(len(self.fold_paths))]
             try:
@@ -234,6 +264,32 @@ class NNBackend:
             except JobError as exc:
                 results.append(exc)
         return results
+
+    def _run_waves(self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate) -> list[TrialOutcome]:
+        """Fold k of every live trial in one ``runner.run`` call, then the gate for each, in
+        trial order; a trial the gate stops (or a fold fails) sends no more folds.
+
+        The same requests as :meth:`run_trials` (a wave holds one fold per trial, so
+        ``--fuse-folds`` has nothing to fuse; ``--fuse-trials`` fuses same-shape trials'
+        fold k)."""
+        requests = {number: self.fold_requests(number, params) for number, params in trials}
+        done: dict[int, list[dict[str, Any]]] = {number: [] for number, _ in trials}
+        ended: dict[int, TrialOutcome] = {}
+        for fold in range(len(self.fold_paths)):
+            live = [number for number, _ in trials if number not in ended]
+            if not live:
+                break
+            by_job = self._run_requests({number: [requests[number][fold]] for number in live})
+            for number in live:
+                outcome = by_job[(number, fold)]
+                if isinstance(outcome, JobError):
+                    ended[number] = outcome
+                    continue
+                done[number].append(outcome)
+                self._with_train_r2(done[number])
+                if fold < len(self.fold_paths) - 1 and not gate(number, done[number]):
+                    ended[number] = Pruned(done[number])
+        return [ended.get(number, done[number]) for number, _ in trials]
 
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
         request = self._request(
@@ -332,14 +388,24 @@ class TreeBackend:
         self._devices.add(str(metrics["device"]))
         return metrics, model
 
-    def run_trials(self, trials: Sequence[tuple[int, dict[str, Any]]]) -> list[list[dict[str, Any]] | JobError]:
-        """In-process, one trial after another (the libraries use every thread they are given)."""
-        out: list[list[dict[str, Any]] | JobError] = []
+    def run_trials(
+        self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate | None = None,
+    ) -> list[TrialOutcome]:
+        """In-process, one trial after another (the libraries use every thread they are
+        given), fold by fold; the ``gate`` after each fold but the last may stop the trial."""
+        out: list[TrialOutcome] = []
         for number, params in trials:
+            folds: list[dict[str, Any]] = []
+            outcome: TrialOutcome = folds
             try:
-                out.append([self._fit(number, f, params, tr, va)[0] for f, (tr, va) in enumerate(self.cv.folds)])
+                for f, (tr, va) in enumerate(self.cv.folds):
+                    folds.append(self._fit(number, f, params, tr, va)[0])
+                    if gate is not None and f < self.cv.k - 1 and not gate(number, folds):
+                        outcome = Pruned(folds)
+                        break
             except JobError as exc:
-                out.append(exc)
+                outcome = exc
+            out.append(outcome)
         return out
 
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
@@ -378,6 +444,19 @@ class TrialSummary:
     val_mse_mean: float
     train_mse_mean: float
     folds: list[dict[str, Any]] = field(default_factory=list)
+
+    def flat_attrs(self) -> dict[str, float]:
+        """Scalar user attributes, so ``study.trials_dataframe()`` shows them as columns
+        (``user_attrs_cv_val_r2_mean``, ...); ``overfit_gap`` is mean train R² - mean val R²
+        (unclipped; the objective charges half of its positive part)."""
+        return {
+            "cv_val_r2_mean": self.val_r2_mean,
+            "cv_val_r2_std": self.val_r2_std,
+            "cv_train_r2_mean": self.train_r2_mean,
+            "cv_val_mse_mean": self.val_mse_mean,
+            "cv_train_mse_mean": self.train_mse_mean,
+            "overfit_gap": self.train_r2_mean - self.val_r2_mean,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -426,7 +505,9 @@ def fail_reason(exc: JobError) -> str:
 def record_trial(trial: optuna.Trial, results: Sequence[dict[str, Any]], *, wall_s: float) -> TrialSummary:
     """Store one trial's fold results in its ``user_attrs``; returns its summary (value may be NaN)."""
     summary = summarize_folds(results)
-    trial.set_user_attr("cv", summary.to_dict())
+    trial.set_user_attr("cv", summary.to_dict())  # read by the sidecar, the progress line, diagnostics
+    for key, value in summary.flat_attrs().items():
+        trial.set_user_attr(key, value)
     trial.set_user_attr("folds", summary.folds)
     trial.set_user_attr("wall_s", round(wall_s, 4))
     if not math.isfinite(summary.value):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
 import time
@@ -106,7 +107,7 @@ def resolve_search_plan(config: OptimizerConfig, policy: Policy, capacity: int, 
     win over ``training.fuse_folds``, and ``--trials-in-flight`` over
     ``training.trials_in_flight``, whose 0 means "fill the slots": one trial per device
     slot for neural nets (tree models train in-process, one trial at a time).
-    Fusion applies to neural nets only.
+    Fusion applies to neural nets only. ``--pruner`` wins over ``training.pruner``.
     """
     fuse_trials = neural_net and config.fuse_trials > 1
     if fuse_trials:
@@ -125,7 +126,8 @@ def resolve_search_plan(config: OptimizerConfig, policy: Policy, capacity: int, 
         in_flight = policy.training.trials_in_flight
     else:
         in_flight = max(1, capacity) if neural_net else 1
-    return SearchPlan(in_flight, fuse_folds, fuse_trials, source)
+    pruner = config.pruner if config.pruner is not None else policy.training.pruner
+    return SearchPlan(in_flight, fuse_folds, fuse_trials, source, pruner=pruner)
 
 
 #: Flags that configure neural-net training only: (config field, default, spellings).
@@ -150,6 +152,17 @@ def nn_only_settings(config: OptimizerConfig) -> list[str]:
         if value != default or typed & set(spellings):
             given.append(f"--{name.replace('_', '-')}={value}")
     return given
+
+
+def elapsed_and_eta(elapsed_s: float, done: int, total: int) -> str:
+    """``"elapsed 1m05s, ETA 2m10s"``: the ETA assumes the remaining trials take the mean so far."""
+    def clock(seconds: float) -> str:
+        minutes, secs = divmod(int(round(seconds)), 60)
+        hours, minutes = divmod(minutes, 60)
+        return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+    eta = elapsed_s / done * (total - done) if done > 0 else float("nan")
+    return f"elapsed {clock(elapsed_s)}, ETA {clock(eta) if math.isfinite(eta) else '?'}"
 
 
 class AntiOverfitMetaOptimizer:
@@ -351,10 +364,13 @@ class AntiOverfitMetaOptimizer:
         self.timings["runner_start_s"] = time.perf_counter() - start
         plan = self.plan = resolve_search_plan(cfg, policy, runner.capacity, neural_net=True)
         logger.info(
-            "%d trial(s) in flight on %d slot(s); %s", plan.trials_in_flight, runner.capacity,
+            "%d trial(s) in flight on %d slot(s); %s; pruner %s", plan.trials_in_flight, runner.capacity,
             "same-shape trials' folds fused in one pass" if plan.fuse_trials else
-            "each trial's folds fused in one pass" if plan.fuse_folds else "fold by fold",
+            "each trial's folds fused in one pass" if plan.fuse_folds else "fold by fold", plan.pruner,
         )
+        if plan.pruner != "none" and plan.fuse_folds and not plan.fuse_trials:
+            logger.info("--pruner %s runs the folds in waves (fold k of every trial in flight), so a trial's "
+                        "folds are not fused (--fuse-trials still fuses same-shape trials' fold k)", plan.pruner)
         try:
             return NNBackend(
                 runner, cv, files, seed=cfg.seed, normalize_features=cfg.normalize_features,
@@ -400,11 +416,14 @@ class AntiOverfitMetaOptimizer:
     def _progress_callback(self, n_new: int) -> Callable[[optuna.Study, FrozenTrial], None]:
         """The per-trial progress line, called by the search loop as each trial is told."""
 
+        start = time.perf_counter()
+
         def progress(study: optuna.Study, trial: FrozenTrial) -> None:
             self._new_trials += 1
             done = self._new_trials
             best = best_complete_trial(study)
             best_txt = f"best {best.value:.4f} (trial {best.number})" if best is not None else "no complete trial yet"
+            best_txt += "; " + elapsed_and_eta(time.perf_counter() - start, done, n_new)
             if trial.state == TrialState.COMPLETE:
                 cvm = trial.user_attrs.get("cv", {})
                 logger.info(
@@ -412,6 +431,12 @@ class AntiOverfitMetaOptimizer:
                     done, n_new, trial.number, trial.value, cvm.get("val_r2_mean", float("nan")),
                     cvm.get("val_r2_std", float("nan")), cvm.get("train_r2_mean", float("nan")),
                     trial.user_attrs.get("wall_s", 0.0), best_txt,
+                )
+            elif trial.state == TrialState.PRUNED:
+                logger.info(
+                    "[%d/%d] trial %d pruned after %d fold(s) (running objective %.4f); %s", done, n_new,
+                    trial.number, trial.user_attrs.get("pruned_after_folds", 0),
+                    trial.value if trial.value is not None else float("nan"), best_txt,
                 )
             else:
                 logger.warning(
@@ -474,6 +499,8 @@ class AntiOverfitMetaOptimizer:
             "best_value": float(best.value) if best is not None and best.value is not None else None,
             "direction": "maximize",
             "sampler": "TPESampler",
+            "pruner": self.plan.pruner,
+            "trials_pruned": len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))) if study is not None else 0,
             "sampler_seed": opened.sampler_seed if opened is not None else None,
             "objective_formula": OBJECTIVE_FORMULA,
         }

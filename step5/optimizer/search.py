@@ -7,9 +7,11 @@
     │   trials as fit: min(B, --trials - complete - running); re-runs are asked first
     │     none fit: others' trials are in flight; wait for them and look again
     │   suggest params for each (outside the lock: the sampler's cost is not serialised)
-    │   backend.run_trials([(number, params), ...])    NN: plan_groups -> runner.run(groups)
-    │     per trial: its K fold results, or the JobError that failed it
-    │   tell each trial exactly once, in ask order: COMPLETE with its objective, or FAIL
+    │   backend.run_trials([(number, params), ...], gate)  NN: plan_groups -> runner.run(groups)
+    │     per trial: its K fold results, the JobError that failed it, or Pruned
+    │     (with a pruner, folds run in waves and the gate reports each and may prune;
+    │     step5.optimizer.pruning)
+    │   tell each trial exactly once, in ask order: COMPLETE with its objective, FAIL or PRUNED
     └── until the study holds --trials COMPLETE trials (or this process may ask no more
         and nothing is in flight)
 
@@ -39,7 +41,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from step5.errors import JobError, Step5Error, interrupt_reason
 from step5.execution.summary import SearchRecord
-from step5.optimizer.objective import fail_reason, record_trial
+from step5.optimizer.objective import FoldGate, Pruned, TrialOutcome, fail_reason, record_trial
+from step5.optimizer.pruning import fold_gate, make_pruner, report_folds
 from step5.optimizer.study import (
     OpenedStudy,
     claim_trial,
@@ -51,16 +54,15 @@ from step5.optimizer.study import (
 
 logger = logging.getLogger(__name__)
 
-#: What a backend returns per trial: its fold results in fold order, or why it failed.
-TrialOutcome = list[dict[str, Any]] | JobError
-
 
 class TrialBackend(Protocol):
     model_type: str
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]: ...
 
-    def run_trials(self, trials: Sequence[tuple[int, dict[str, Any]]]) -> list[TrialOutcome]: ...
+    def run_trials(
+        self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate | None = None,
+    ) -> list[TrialOutcome]: ...
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class SearchPlan:
     fuse_folds: bool  # a trial's K folds share one pass
     fuse_trials: bool  # same-shape trials of a batch share one pass
     source: str  # what decided, for the log
+    pruner: str = "none"  # step5.policy.PRUNER_NAMES: "none" runs every fold of every trial
 
     def record(self) -> SearchRecord:
         return SearchRecord(trials_in_flight=self.trials_in_flight, fuse_folds=self.fuse_folds,
@@ -103,6 +106,7 @@ def run_search(
 ) -> SearchRecord:
     """Ask, run and tell trials, ``plan.trials_in_flight`` at a time, until ``goal`` is met."""
     study = opened.study
+    study.pruner = make_pruner(plan.pruner)
     record = plan.record()
     fresh_asked = 0
     waited_since: float | None = None
@@ -159,13 +163,14 @@ def run_search(
             if len(trials) > 1:
                 logger.info("batch %d: trials %s in flight", record.batches, numbers)
             start = time.perf_counter()
+            gate = fold_gate(trials, prune=True) if plan.pruner != "none" else None
             with trial_heartbeats(opened, numbers):
-                outcomes = backend.run_trials(list(zip(numbers, params)))
+                outcomes = backend.run_trials(list(zip(numbers, params)), gate)
             wall_s = time.perf_counter() - start
             if len(outcomes) != len(trials):
                 raise Step5Error(f"the backend returned {len(outcomes)} outcomes for a batch of {len(trials)} trials")
             for trial, outcome in zip(trials, outcomes):
-                frozen = tell(study, trial, outcome, wall_s=wall_s)
+                frozen = tell(study, trial, outcome, wall_s=wall_s, gated=gate is not None)
                 told.add(trial.number)
                 on_told(study, frozen)
         except BaseException as exc:
@@ -177,19 +182,27 @@ def run_search(
     return record
 
 
-def tell(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, *, wall_s: float) -> FrozenTrial:
+def tell(
+    study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, *, wall_s: float, gated: bool = False,
+) -> FrozenTrial:
     """Tell Optuna how one trial ended; returns the finished trial.
+
+    ``gated``: a fold gate already reported every fold but the last (see
+    :mod:`step5.optimizer.pruning`); otherwise every fold is reported here, in fold order.
 
     A trial another process already failed (its heartbeats were late past the grace
     period, so it was taken for dead and queued for a re-run) keeps that verdict: the
     re-run stands for it, and counting this result too would count the trial twice.
     """
     try:
+        if isinstance(outcome, Pruned):
+            return tell_pruned(study, trial, outcome, wall_s=wall_s)
         if isinstance(outcome, JobError):
             reason = fail_reason(outcome)
             trial.set_user_attr("fail_reason", reason)
             value = None
         else:
+            report_folds(trial, outcome, first_step=len(outcome) - 1 if gated else 0)
             summary = record_trial(trial, outcome, wall_s=wall_s)
             value = summary.value if math.isfinite(summary.value) else None
             reason = trial.user_attrs.get("fail_reason", "the objective is not finite")
@@ -209,6 +222,13 @@ def _finished_elsewhere(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial
     logger.warning("trial %d was failed by another process meanwhile (its heartbeats were late); its result is "
                    "dropped and its re-run counts instead", trial.number)
     return study._storage.get_trial(trial._trial_id)
+
+
+def tell_pruned(study: optuna.Study, trial: optuna.Trial, outcome: Pruned, *, wall_s: float) -> FrozenTrial:
+    """Tell PRUNED (its value is its last reported step, and it is never the best trial)."""
+    trial.set_user_attr("pruned_after_folds", len(outcome.folds))
+    trial.set_user_attr("wall_s", round(wall_s, 4))
+    return study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
 
 
 def fail_untold(study: optuna.Study, trials: list[optuna.Trial], error: BaseException) -> None:

@@ -166,6 +166,10 @@ def _engine_kwargs(storage_url: str) -> dict[str, Any]:
     return {"pool_recycle": 3600}
 
 
+#: What losing the race to create Optuna's tables looks like, by database.
+_SCHEMA_RACE_MARKERS = ("already exists", "duplicate key", "unique constraint failed")
+
+
 def open_storage(storage_url: str, training: TrainingPolicy) -> optuna.storages.RDBStorage:
     """The RDB storage with heartbeats and retries of dead processes' trials; a bad URL is a UsageError."""
     for attempt in range(SCHEMA_RACE_ATTEMPTS):
@@ -181,7 +185,8 @@ def open_storage(storage_url: str, training: TrainingPolicy) -> optuna.storages.
         except Exception as exc:  # noqa: BLE001 - sqlalchemy/optuna raise many types for a bad URL
             # Processes that start together on an empty database race to create Optuna's
             # tables; the losers find them made on the next try.
-            if attempt + 1 < SCHEMA_RACE_ATTEMPTS and any(m in str(exc) for m in ("already exists", "duplicate key")):
+            # (PostgreSQL says "already exists" / "duplicate key", SQLite "UNIQUE constraint failed").
+            if attempt + 1 < SCHEMA_RACE_ATTEMPTS and any(m in str(exc).lower() for m in _SCHEMA_RACE_MARKERS):
                 time.sleep(0.2 * (attempt + 1))
                 continue
             raise UsageError(

@@ -1,0 +1,163 @@
+"""Fold-level intermediate values, --pruner, flat per-trial attributes and the progress line.
+
+In-process runs with the fake fold runner (each fold's R² is a function of the learning
+rate, so the median pruner has hopeless trials to stop), and one real CLI run with
+persistent torch workers (slow).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from step5 import artifacts
+from step5.errors import PolicyError
+from step5.jsonio import write_json_atomic
+from step5.optimizer import AntiOverfitMetaOptimizer, OptimizerConfig
+from step5.optimizer.objective import FINAL_FOLD_IDX
+from step5.optimizer.optimizer import elapsed_and_eta, resolve_search_plan
+from step5.policy import load_policy, parse_policy
+from step5.testing.fake_runner import install_fake_runner
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def runners(monkeypatch):
+    return install_fake_runner(monkeypatch, mode="persistent_workers", seed_in_metrics=True)
+
+
+def _config(sample_inputs, tmp_path: Path, name: str = "out", **kw) -> OptimizerConfig:
+    survivors, history = sample_inputs
+    base = dict(survivors=Path(survivors), lottery_data=Path(history), trials=16, k_folds=5,
+                output_dir=tmp_path / name, policy_path=None, cpu_workers=2, seed=3,
+                diagnostics_dir=tmp_path / "diag", command_line=["test"])
+    base.update(kw)
+    return OptimizerConfig(**base)
+
+
+def _study(cfg: OptimizerConfig, outcome) -> optuna.Study:
+    return optuna.load_study(study_name=outcome.sidecar["optuna"]["study_name"],
+                             storage=f"sqlite:///{(cfg.output_dir / 'optuna_step5.db').resolve()}")
+
+
+def _trial_requests(runner) -> list:
+    return [r for r in runner.requests if r.fold_idx != FINAL_FOLD_IDX]
+
+
+def test_median_pruner_prunes_in_fold_waves_and_sends_no_pruned_fold(sample_inputs, tmp_path, runners):
+    made, _ = runners
+    cfg = _config(sample_inputs, tmp_path, pruner="median")
+    outcome = AntiOverfitMetaOptimizer(cfg).run()
+    study = _study(cfg, outcome)
+    trials = study.trials
+    assert len(trials) == 16
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert pruned and len(pruned) + len(complete) == 16
+    assert all(t.intermediate_values for t in trials)
+    for t in complete:  # every fold reported, in order; the last step is the trial's value
+        assert sorted(t.intermediate_values) == [0, 1, 2, 3, 4]
+        assert t.intermediate_values[4] == pytest.approx(t.value)
+    sent = {}
+    for r in _trial_requests(made[0]):
+        sent.setdefault(r.trial_number, []).append(r.fold_idx)
+    for t in pruned:  # the folds after the pruning step were never sent
+        steps = sorted(t.intermediate_values)
+        assert steps == list(range(t.user_attrs["pruned_after_folds"]))
+        assert sent[t.number] == steps and len(steps) < 5
+        assert t.value == pytest.approx(t.intermediate_values[steps[-1]])
+    assert study.best_trial.state == TrialState.COMPLETE
+    assert outcome.sidecar["optuna"]["best_trial_number"] in {t.number for t in complete}
+    assert outcome.sidecar["optuna"]["pruner"] == "median"
+    assert outcome.sidecar["optuna"]["trials_pruned"] == len(pruned)
+    # Waves: every runner call trains one fold index.
+    calls = [c for c in made[0].calls if all(r.fold_idx != FINAL_FOLD_IDX for g in c for r in g)]
+    assert all(len({r.fold_idx for g in c for r in g}) == 1 for c in calls)
+    # Deterministic for a seed and B: a second fresh study makes the same decisions.
+    again = _config(sample_inputs, tmp_path, name="again", pruner="median")
+    study2 = _study(again, AntiOverfitMetaOptimizer(again).run())
+    assert [(t.state, t.value, t.intermediate_values) for t in study2.trials] == \
+        [(t.state, t.value, t.intermediate_values) for t in trials]
+
+
+def test_without_a_pruner_every_trial_reports_every_fold_and_has_flat_means(sample_inputs, tmp_path, runners):
+    made, _ = runners
+    cfg = _config(sample_inputs, tmp_path, trials=4, k_folds=3, pruner="none")
+    study = _study(cfg, AntiOverfitMetaOptimizer(cfg).run())
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    for t in study.trials:
+        assert sorted(t.intermediate_values) == [0, 1, 2]
+        assert t.intermediate_values[2] == pytest.approx(t.value)
+        gap = t.user_attrs["cv_train_r2_mean"] - t.user_attrs["cv_val_r2_mean"]
+        assert t.user_attrs["overfit_gap"] == pytest.approx(gap)
+    # One runner call per batch (all folds together), as before pruning existed.
+    calls = [c for c in made[0].calls if all(r.fold_idx != FINAL_FOLD_IDX for g in c for r in g)]
+    assert len(calls) == 2 and all(len({r.fold_idx for g in c for r in g}) == 3 for c in calls)
+    frame = study.trials_dataframe()
+    for column in ("user_attrs_cv_val_r2_mean", "user_attrs_cv_train_r2_mean", "user_attrs_cv_val_r2_std",
+                   "user_attrs_overfit_gap"):
+        assert frame[column].notna().all(), column
+
+
+def test_the_flag_wins_over_the_policy_key_and_the_policy_rejects_unknown_pruners(tmp_path):
+    cfg = _config(("s.json", "h.json"), tmp_path)
+    policy_file = tmp_path / "p.json"
+    write_json_atomic(policy_file, {"training": {"pruner": "median"}})
+    policy = load_policy(policy_file)
+    assert policy.training.pruner == "median"
+    assert load_policy(None).training.pruner == "none"
+    assert resolve_search_plan(cfg, policy, 2, neural_net=True).pruner == "median"
+    flagged = dataclasses.replace(cfg, pruner="none")
+    assert resolve_search_plan(flagged, policy, 2, neural_net=True).pruner == "none"
+    with pytest.raises(PolicyError, match=r"training.pruner must be one of \"none\", \"median\""):
+        parse_policy({"training": {"pruner": "hyperband!"}}, "p.json")
+    with pytest.raises(PolicyError, match="training.pruner"):
+        parse_policy({"training": {"pruner": 1}}, "p.json")
+
+
+def test_elapsed_and_eta():
+    assert elapsed_and_eta(30.0, 1, 3) == "elapsed 30s, ETA 1m00s"
+    assert elapsed_and_eta(3725.0, 5, 5) == "elapsed 1h02m05s, ETA 0s"
+    assert elapsed_and_eta(0.0, 0, 5) == "elapsed 0s, ETA ?"
+
+
+def test_trees_report_fold_values_and_can_be_pruned(sample_inputs, tmp_path):
+    cfg = _config(sample_inputs, tmp_path, model_type="lightgbm", trials=8, k_folds=3, pruner="median",
+                  cpu_workers=1)
+    study = _study(cfg, AntiOverfitMetaOptimizer(cfg).run())
+    assert all(t.intermediate_values for t in study.trials)
+    for t in study.trials:
+        if t.state == TrialState.COMPLETE:
+            assert sorted(t.intermediate_values) == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_cli_median_pruner_on_16_trials_of_5_folds_with_real_workers(sample_inputs, tmp_path):
+    """The issue's bar: real torch workers, 16 trials x 5 folds, --pruner median."""
+    survivors, history = sample_inputs
+    cmd = [
+        sys.executable, str(REPO_ROOT / "meta_prediction_optimizer_anti_overfit.py"),
+        "--survivors", str(survivors), "--lottery-data", str(history), "--model-type", "neural_net",
+        "--trials", "16", "--k-folds", "5", "--nn-max-epochs", "8", "--cpu-workers", "2", "--seed", "5",
+        "--pruner", "median", "--output-dir", str(tmp_path / "out"),
+        "--policy", str(REPO_ROOT / "watcher_policies.json"),
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "TMPDIR": str(tmp_path)}, capture_output=True,
+                          text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sidecar = json.loads((tmp_path / "out" / artifacts.SIDECAR_NAME).read_text())
+    storage = f"sqlite:///{(tmp_path / 'out' / 'optuna_step5.db').resolve()}"
+    study = optuna.load_study(study_name=sidecar["optuna"]["study_name"], storage=storage)
+    states = [t.state for t in study.trials]
+    assert len(states) == 16 and TrialState.PRUNED in states, states
+    assert all(t.intermediate_values for t in study.trials)
+    assert study.best_trial.state == TrialState.COMPLETE
+    assert "pruned after" in proc.stderr and "ETA" in proc.stderr and "elapsed" in proc.stderr
