@@ -125,7 +125,8 @@ def resolve_search_plan(config: OptimizerConfig, policy: Policy, capacity: int, 
         in_flight = policy.training.trials_in_flight
     else:
         in_flight = max(1, capacity) if neural_net else 1
-    return SearchPlan(in_flight, fuse_folds, fuse_trials, source)
+    return SearchPlan(in_flight, fuse_folds, fuse_trials, source,
+                      max_consecutive_failures=policy.training.max_consecutive_failed_trials)
 
 
 #: Flags that configure neural-net training only: (config field, default, spellings).

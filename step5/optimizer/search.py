@@ -7,12 +7,15 @@
     │   backend.run_trials([(number, params), ...])    NN: plan_groups -> runner.run(groups)
     │     per trial: its K fold results, or the JobError that failed it
     │   tell each trial exactly once, in ask order: COMPLETE with its objective, or FAIL
-    └── until n_new trials were told
+    └── until n_new trials are COMPLETE: a failed trial is replaced by the next ask; after
+        ``max_consecutive_failures`` failed trials in a row (ask order) the run stops
+        (:class:`TooManyFailedTrials`, exit 1) instead of replacing them forever
 
 Every mode runs this loop: fold by fold, fused folds and fused trials differ only in how
 the backend groups a batch (:mod:`step5.optimizer.grouping`). It is deterministic for a
 given seed and B: the sampler sees the same trials in the same states at every ask, and
-fold results do not depend on which slot trained them or when.
+fold results do not depend on which slot trained them or when (nor on a worker killed
+under them: the runner re-runs such a job with the same request and seed).
 
 No code path leaves a trial RUNNING: whatever escapes a batch (an exception, Ctrl-C,
 SIGTERM) first tells FAIL to every trial of the batch not yet told, then propagates.
@@ -58,10 +61,39 @@ class SearchPlan:
     fuse_folds: bool  # a trial's K folds share one pass
     fuse_trials: bool  # same-shape trials of a batch share one pass
     source: str  # what decided, for the log
+    max_consecutive_failures: int = 10  # failed trials in a row that stop the run (policy)
 
     def record(self) -> SearchRecord:
         return SearchRecord(trials_in_flight=self.trials_in_flight, fuse_folds=self.fuse_folds,
                             fuse_trials=self.fuse_trials)
+
+
+class TooManyFailedTrials(Step5Error):
+    """Raised when so many trials failed in a row that replacing them looks endless."""
+
+
+@dataclass
+class FailureStreak:
+    """Failed trials in a row, in ask order; past the limit the search stops."""
+
+    limit: int
+    count: int = 0
+    last_reason: str = ""
+
+    def note(self, trial: FrozenTrial) -> None:
+        if trial.state == TrialState.COMPLETE:
+            self.count, self.last_reason = 0, ""
+        else:
+            self.count += 1
+            self.last_reason = str(trial.user_attrs.get("fail_reason", "unknown"))
+
+    def check(self, complete: int, wanted: int) -> None:
+        if self.count >= self.limit:
+            raise TooManyFailedTrials(
+                f"{self.count} trials failed in a row (training.max_consecutive_failed_trials = {self.limit}), "
+                f"so the search stops instead of replacing them: {complete} of the {wanted} complete trials "
+                f"asked for were reached. The last failure: {self.last_reason}"
+            )
 
 
 def log_failed_trial(trial: optuna.Trial, reason: str) -> None:
@@ -77,12 +109,15 @@ def run_search(
     n_new: int,
     on_told: Callable[[optuna.Study, FrozenTrial], None],
 ) -> SearchRecord:
-    """Ask, run and tell ``n_new`` trials, ``plan.trials_in_flight`` at a time."""
+    """Ask, run and tell trials, ``plan.trials_in_flight`` at a time, until ``n_new`` of them
+    are COMPLETE (failed ones are replaced; :class:`FailureStreak` bounds that)."""
     study = opened.study
     record = plan.record()
-    told_total = 0
-    while told_total < n_new:
-        size = min(plan.trials_in_flight, n_new - told_total)
+    complete = 0
+    streak = FailureStreak(plan.max_consecutive_failures)
+    while complete < n_new:
+        record.replaced_trials = record.failed_trials  # the loop goes on: every failure so far is replaced
+        size = min(plan.trials_in_flight, n_new - complete)
         # What study.optimize does before each trial: fail trials a killed run left RUNNING.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -118,15 +153,25 @@ def run_search(
             for trial, outcome in zip(trials, outcomes):
                 frozen = tell(study, trial, outcome, wall_s=wall_s)
                 told.add(trial.number)
+                complete += count_outcome(record, streak, frozen)
                 on_told(study, frozen)
+            streak.check(complete, n_new)
         except BaseException as exc:
             fail_untold(study, [t for t in trials if t.number not in told], exc)
             raise
         finally:
-            told_total += len(trials)
             record.trials += len(told)
         record.batches += 1
     return record
+
+
+def count_outcome(record: SearchRecord, streak: FailureStreak, trial: FrozenTrial) -> int:
+    """Count a told trial in the record and the streak; 1 if it is COMPLETE."""
+    streak.note(trial)
+    if trial.state == TrialState.COMPLETE:
+        return 1
+    record.failed_trials += 1
+    return 0
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, *, wall_s: float) -> FrozenTrial:
