@@ -121,7 +121,7 @@ class FaultBudget:
             raise ValueError(f"`max_reruns` must be >= 0, got {max_reruns!r}")
         self.max_reruns = max_reruns
         self.reruns = 0  # re-runs granted
-        self.refused = 0  # re-runs refused because the budget was spent
+        self.refused = 0  # re-runs refused (the budget was spent, or the job's own limit reached)
         self._lock = threading.Lock()
 
     def take(self) -> bool:
@@ -132,6 +132,11 @@ class FaultBudget:
                 return True
             self.refused += 1
             return False
+
+    def refuse(self) -> None:
+        """Count a re-run refused by the job's own limit (the budget itself had one left)."""
+        with self._lock:
+            self.refused += 1
 
 
 @dataclass
@@ -155,6 +160,7 @@ class JobAttempts:
         self.faults += 1
         if self.faults > self.max_reruns:
             self.refused = f"its own limit of {self.max_reruns} re-run(s) is reached (training.max_job_reruns)"
+            self.budget.refuse()
             return JobVerdict.GIVE_UP
         if not self.budget.take():
             self.refused = (f"the run's fault budget of {self.budget.max_reruns} re-run(s) is spent "

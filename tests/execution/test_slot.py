@@ -107,3 +107,5 @@ def test_the_fault_budget_is_shared_by_every_job_of_the_run():
     assert first.on_fault() is JobVerdict.RETRY and second.on_fault() is JobVerdict.RETRY
     assert third.on_fault() is JobVerdict.GIVE_UP and "fault budget of 2" in third.refused
     assert (budget.reruns, budget.refused) == (2, 1)
+    JobAttempts(0, budget).on_fault()  # the job's own limit refuses too
+    assert (budget.reruns, budget.refused) == (2, 2)
