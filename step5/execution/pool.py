@@ -441,7 +441,10 @@ class WorkerPool:
         try:
             self._check_open()
             outcomes = self._run_on_slot(st, group)
-            if len(group) > 1 and st.worker is not None:
+            # On a worker (not in the fallback, whose one-shot jobs each had their own run),
+            # every job that failed in or with a pass gets its unfused verdict: a job whose
+            # process kept dying must not fail its group-mates with it.
+            if len(group) > 1 and not st.machine.fallback:
                 failed = [i for i, o in enumerate(outcomes) if isinstance(o, JobError) and o.error_type != "timeout"]
                 if failed:
                     logger.warning("%d fused job(s) failed (first: %s); re-running them alone for their unfused "

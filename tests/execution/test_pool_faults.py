@@ -253,3 +253,13 @@ def test_a_fallen_back_slot_is_re_promoted_after_its_cool_down(data_file, caplog
     assert worker["oneshot_jobs"] == 1 and worker["jobs"] == 2
     assert summary["recovery"]["repromotions"] == 1
     assert "trying a fresh persistent worker again" in caplog.text
+
+
+def test_a_poisoned_job_in_a_fused_group_does_not_fail_its_group_mates(data_file, monkeypatch):
+    monkeypatch.setenv("STEP5_FAKE_POISON_TRIAL", "7")
+    good = make_requests(data_file, n=2, trial=0)
+    (poison,) = make_requests(data_file, n=1, trial=7)
+    with make_pool(max_restarts=9, max_job_reruns=1) as pool:
+        ((a, bad, b),) = pool.run([[good[0], poison, good[1]]])
+    assert metrics([a, b]) == expected(good)  # their unfused verdicts, run alone
+    assert isinstance(bad, JobError) and "training.max_job_reruns" in bad.message
