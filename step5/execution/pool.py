@@ -34,8 +34,8 @@ subprocess mode``, until its cool-down has passed and it tries a fresh worker ag
 (re-promotion, :class:`~step5.execution.slot.SlotMachine`). The group that was running is
 re-run with the same requests and seeds while the job's and the run's fault budgets last
 (:class:`~step5.execution.slot.FaultBudget`), else its jobs fail with a reason that says so;
-only returned results count. A job (a group of M jobs: M timeouts' worth) that outlives its timeout on
-a worker that still answers heartbeats is not a fault: the worker is replaced without
+only returned results count. A job (a group of M jobs: M timeouts' worth) that outlives
+its timeout on a worker that still answers heartbeats is not a fault: the worker is replaced without
 using the restart budget, the group is retried once, and a second timeout is each job's
 verdict (a ``timeout`` JobError). A job error (the worker's ``{"status": "error"}``) is
 returned in the job's place; a job that failed inside a fused pass is re-run alone, on the
@@ -198,8 +198,8 @@ class WorkerPool:
         self._workers: set[WorkerProcess] = set()  # live workers (close() says goodbye to them)
         self._procs: set[subprocess.Popen[bytes]] = set()  # every worker process not yet reaped
         self._oneshot = OneshotTrainer(
-            timeout_s=self.job_timeout_s, budget=self._budget, max_job_reruns=self.max_job_reruns, check_open=self._check_open,
-            record=self._record_fault, python=python, script=oneshot_script,
+            timeout_s=self.job_timeout_s, budget=self._budget, max_job_reruns=self.max_job_reruns,
+            check_open=self._check_open, record=self._record_fault, python=python, script=oneshot_script,
         )
         self._job_ids = itertools.count()
         self._fallbacks: list[FallbackRecord] = []

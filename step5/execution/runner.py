@@ -125,8 +125,8 @@ class SubprocessRunner:
         self._closed = False
         self._budget = FaultBudget(max_fault_reruns)
         self._trainer = OneshotTrainer(
-            timeout_s=job_timeout_s, budget=self._budget, max_job_reruns=max_job_reruns, check_open=self._check_not_aborted,
-            record=self._record_fault, python=python, script=script,
+            timeout_s=job_timeout_s, budget=self._budget, max_job_reruns=max_job_reruns,
+            check_open=self._check_not_aborted, record=self._record_fault, python=python, script=script,
         )
 
     def __enter__(self) -> "SubprocessRunner":
