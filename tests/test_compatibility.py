@@ -148,7 +148,7 @@ def test_manifest_default_params_run_through_the_watcher(manifest_run, sample_in
     sidecar = assert_step6_reads(work / "models" / "reinforcement", sample_inputs[0])
     # Step 6 takes agent_metadata.run_id as its parent for lineage; the WATCHER's run is ours.
     assert sidecar["agent_metadata"]["parent_run_id"] == decision["run_id"]
-    assert sidecar["execution"]["fusion"]["fuse_folds"] is True  # enable_vmap meant --fuse-folds
+    assert sidecar["execution"]["search"]["fuse_folds"] is True  # enable_vmap meant --fuse-folds
 
 
 @pytest.mark.slow
@@ -160,7 +160,7 @@ def test_existing_optimizer_flags_run_with_their_meaning(existing_flags_run, sam
     assert sidecar["agent_metadata"]["parent_run_id"] == "pipeline-7"
     assert sidecar["hyperparameters"]["dropout"] == 0.1  # --dropout-override fixed it
     assert all(d.startswith("CPU-") for d in sidecar["execution"]["devices"])  # --device cpu
-    assert sidecar["execution"]["fusion"]["fuse_folds"] is True  # --enable-vmap
+    assert sidecar["execution"]["search"]["fuse_folds"] is True  # --enable-vmap
     assert sidecar["execution"]["fusion"]["fuse_trials"] == 2  # --batch-size-nn
     ckpt = torch.load(out / "best_model.pth", weights_only=True)
     assert ckpt["use_leaky_relu"] is False and ckpt["normalize_features"] is True
