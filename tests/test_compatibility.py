@@ -161,7 +161,8 @@ def test_existing_optimizer_flags_run_with_their_meaning(existing_flags_run, sam
     assert sidecar["hyperparameters"]["dropout"] == 0.1  # --dropout-override fixed it
     assert all(d.startswith("CPU-") for d in sidecar["execution"]["devices"])  # --device cpu
     assert sidecar["execution"]["search"]["fuse_folds"] is True  # --enable-vmap
-    assert sidecar["execution"]["fusion"]["fuse_trials"] == 2  # --batch-size-nn
+    assert sidecar["execution"]["search"]["fuse_trials"] is True  # --batch-size-nn 2
+    assert sidecar["execution"]["search"]["trials_in_flight"] == 2
     ckpt = torch.load(out / "best_model.pth", weights_only=True)
     assert ckpt["use_leaky_relu"] is False and ckpt["normalize_features"] is True
 
