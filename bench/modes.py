@@ -151,7 +151,7 @@ def run_s96a(ctx: BenchContext) -> ModeRun:
     from step5.execution.runner import SubprocessRunner
 
     start = time.perf_counter()
-    with SubprocessRunner(ctx.slots, job_timeout_s=ctx.job_timeout_s, max_retries=0, python=ctx.python) as runner:
+    with SubprocessRunner(ctx.slots, job_timeout_s=ctx.job_timeout_s, max_job_reruns=0, python=ctx.python) as runner:
         # No process outlives a job, so nothing stays warm; this round only warms the
         # OS page cache for the interpreter and torch libraries, as for every mode.
         _warm(runner, ctx)

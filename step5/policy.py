@@ -40,6 +40,11 @@ class TrainingPolicy:
     worker_job_timeout_s: float = 600.0  # a job running longer marks its worker hung
     worker_ready_timeout_s: float = 120.0  # boot (import torch, init CUDA) must finish by then
     max_worker_restarts: int = 1  # restarts per device before falling back to subprocesses
+    worker_repromote_after_s: float = 60.0  # a fallen-back slot tries a fresh worker after this (x2 each time)
+    max_worker_repromotions: int = 3  # then the slot stays in the fallback; 0: never re-promote
+    max_fault_reruns: int = 50  # re-runs of jobs hit by infrastructure faults, per run (all slots)
+    max_job_reruns: int = 3  # ... and per job; past either, the job's trial fails
+    max_consecutive_failed_trials: int = 10  # failed trials are replaced; this many in a row stop the run
     fuse_folds: bool = False  # train a trial's K folds in one batched pass
     trials_in_flight: int = 0  # trials per ask/run/tell batch; 0: one per device slot
     heartbeat_interval_s: float = 30.0  # a running trial's Optuna heartbeat period
@@ -135,6 +140,9 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
             f"{source}: training.heartbeat_grace_s ({training.heartbeat_grace_s}) must exceed "
             f"training.heartbeat_interval_s ({training.heartbeat_interval_s}), or a live trial would look dead"
         )
+    if training.max_consecutive_failed_trials < 1:
+        raise PolicyError(f"{source}: training.max_consecutive_failed_trials must be >= 1, "
+                          f"got {training.max_consecutive_failed_trials}")
     diagnostics = _number_map(_check_section(raw, "training_diagnostics", source), f"{source}: training_diagnostics")
     rules_raw = _check_section(raw, "acceptance_rules", source)
     rules: dict[str, dict[str, float]] = {}

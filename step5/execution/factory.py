@@ -32,8 +32,13 @@ def make_fold_runner(
             job_timeout_s=policy.worker_job_timeout_s,
             ready_timeout_s=policy.worker_ready_timeout_s,
             max_restarts=policy.max_worker_restarts,
+            max_job_reruns=policy.max_job_reruns,
+            max_fault_reruns=policy.max_fault_reruns,
+            repromote_after_s=policy.worker_repromote_after_s,
+            max_repromotions=policy.max_worker_repromotions,
             python=python,
         )
     return SubprocessRunner(
-        slots, job_timeout_s=policy.worker_job_timeout_s, max_retries=policy.max_worker_restarts, python=python,
+        slots, job_timeout_s=policy.worker_job_timeout_s, max_job_reruns=policy.max_job_reruns,
+        max_fault_reruns=policy.max_fault_reruns, python=python,
     )

@@ -4,7 +4,8 @@ Used by :class:`~step5.execution.runner.SubprocessRunner` (S96A) for every job a
 worker pool for a slot that fell back. :func:`oneshot_command` is the one place the
 trainer's command line is built; :func:`run_oneshot_job` runs one attempt;
 :class:`OneshotTrainer` retries: a crashed trainer (no result line, a signal, an exit
-other than 0/1/64) up to ``max_retries`` times, a timed-out one once
+other than 0/1/64: an infrastructure fault) is re-run with the same request and seed while
+the job's and the run's fault budgets last, a timed-out one once
 (:class:`~step5.execution.slot.JobAttempts`); a job error is never retried.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from step5.errors import JobError, JobTimedOut, WorkerCrashed
 from step5.execution.process import (
     REAP_TIMEOUT_S, LiveProcesses, describe_exit, kill_tree, reap_killed, tail_lines,
 )
-from step5.execution.slot import JobAttempts, JobVerdict
+from step5.execution.slot import FaultBudget, JobAttempts, JobVerdict
 from step5.execution.summary import FaultRecord
 from step5.jsonio import dumps, loads
 from step5.launch import ONESHOT_MODULE, module_command
@@ -155,15 +156,22 @@ class OneshotTrainer:
     """
 
     timeout_s: float
-    max_retries: int
+    budget: FaultBudget  # the run's, shared with the pool's workers
+    max_job_reruns: int
     check_open: Callable[[], None]
     record: Callable[[FaultRecord], None]
     python: str = sys.executable
     script: str | Path | None = None
     live: LiveProcesses = field(default_factory=LiveProcesses)
 
-    def run(self, request: TrainRequest, slot: DeviceSlot, env: Mapping[str, str] | None = None) -> dict[str, Any]:
-        attempts = JobAttempts(self.max_retries)
+    def run(
+        self, request: TrainRequest, slot: DeviceSlot, env: Mapping[str, str] | None = None,
+        attempts: JobAttempts | None = None,
+    ) -> dict[str, Any]:
+        """The job's result; a :class:`JobError` for its verdict. ``attempts`` carries the
+        faults a job already met on a persistent worker before its slot fell back."""
+        if attempts is None:
+            attempts = JobAttempts(self.max_job_reruns, self.budget)
         while True:
             self.check_open()
             try:
@@ -179,15 +187,13 @@ class OneshotTrainer:
                     raise timeout_error(request, self.timeout_s, attempts.timeouts) from exc
             except WorkerCrashed as exc:
                 self.check_open()
-                verdict = attempts.on_oneshot_crash()
+                verdict = attempts.on_fault()
                 self.record(FaultRecord(slot.label, "oneshot", exc.exit_status, str(exc)))
-                logger.warning("%s (attempt %d); stderr tail:\n%s", exc, attempts.oneshot_crashes,
-                               exc.stderr_tail or "(none)")
+                logger.warning("%s (fault %d of this job; %s); stderr tail:\n%s", exc, attempts.faults,
+                               "re-running it with the same request and seed" if verdict is JobVerdict.RETRY
+                               else "not re-run", exc.stderr_tail or "(none)")
                 if verdict is JobVerdict.GIVE_UP:
-                    raise JobError(
-                        f"{exc} (gave up after {attempts.oneshot_crashes} one-shot attempts)", "train_error",
-                        trial_number=request.trial_number, fold_idx=request.fold_idx, job_id=request.job_id,
-                    ) from exc
+                    raise fault_error(request, exc, attempts) from exc
 
 
 def timeout_error(request: TrainRequest, timeout_s: float, attempts: int) -> JobError:
@@ -196,4 +202,13 @@ def timeout_error(request: TrainRequest, timeout_s: float, attempts: int) -> Job
         f"job {request.job_id!r} (trial {request.trial_number}, fold {request.fold_idx}) ran past its "
         f"{timeout_s:g}s timeout {attempts} time(s); raise training.worker_job_timeout_s or lower the epochs",
         "timeout", trial_number=request.trial_number, fold_idx=request.fold_idx, job_id=request.job_id,
+    )
+
+
+def fault_error(request: TrainRequest, fault: BaseException, attempts: JobAttempts) -> JobError:
+    """The verdict on a job whose processes kept dying until no re-run was left."""
+    return JobError(
+        f"job {request.job_id!r} (trial {request.trial_number}, fold {request.fold_idx}) was hit by "
+        f"{attempts.faults} infrastructure fault(s), the last: {fault}; not re-run again: {attempts.refused}",
+        "train_error", trial_number=request.trial_number, fold_idx=request.fold_idx, job_id=request.job_id,
     )

@@ -29,10 +29,13 @@ shared, each behind ``_lock``.
 **Faults and timeouts** (SPEC section 7, issue 10). A worker that crashes (EOF, broken
 pipe, exit), hangs (stops answering heartbeats), breaks the protocol or fails to boot is
 killed and restarted, up to ``max_restarts`` times per slot; the next fault makes the slot
-fall back to one-shot subprocesses for good, logging ``[S96B] Worker GPU-{N} died, falling
-back to subprocess mode``. The group that was running is retried, and only returned
-results count. A job (a group of M jobs: M timeouts' worth) that outlives its timeout on
-a worker that still answers heartbeats is not a fault: the worker is replaced without
+fall back to one-shot subprocesses, logging ``[S96B] Worker GPU-{N} died, falling back to
+subprocess mode``, until its cool-down has passed and it tries a fresh worker again
+(re-promotion, :class:`~step5.execution.slot.SlotMachine`). The group that was running is
+re-run with the same requests and seeds while the job's and the run's fault budgets last
+(:class:`~step5.execution.slot.FaultBudget`), else its jobs fail with a reason that says so;
+only returned results count. A job (a group of M jobs: M timeouts' worth) that outlives
+its timeout on a worker that still answers heartbeats is not a fault: the worker is replaced without
 using the restart budget, the group is retried once, and a second timeout is each job's
 verdict (a ``timeout`` JobError). A job error (the worker's ``{"status": "error"}``) is
 returned in the job's place; a job that failed inside a fused pass is re-run alone, on the
@@ -63,12 +66,12 @@ from typing import Any, Sequence
 
 from step5.devices import DeviceSlot
 from step5.errors import JOB_ERROR_TYPES, JobError, JobTimedOut, Step5Error
-from step5.execution.oneshot import OneshotTrainer, timeout_error
+from step5.execution.oneshot import OneshotTrainer, fault_error, timeout_error
 from step5.execution.process import kill_and_reap, sigkill
 from step5.execution.runner import JobOutcome, check_groups
-from step5.execution.slot import JobAttempts, JobVerdict, SlotAction, SlotMachine
+from step5.execution.slot import FaultBudget, JobAttempts, JobVerdict, SlotAction, SlotMachine
 from step5.execution.summary import (
-    FallbackRecord, FaultRecord, FusionRecord, RunnerStats, Timings, WorkerRecord,
+    FallbackRecord, FaultRecord, FusionRecord, RunnerStats, Timings, WorkerRecord, recovery_record,
 )
 from step5.execution.worker_process import Spawner, WorkerFault, WorkerProcess, popen_worker
 from step5.launch import WORKER_MODULE, module_command
@@ -79,6 +82,7 @@ logger = logging.getLogger(__name__)
 
 
 FALLBACK_LOG = "[S96B] Worker %s died, falling back to subprocess mode"
+REPROMOTE_LOG = "[S96B] Worker %s: trying a fresh persistent worker again after %.0fs in subprocess mode (%d of %d)"
 
 
 class PoolClosed(Step5Error):
@@ -111,7 +115,8 @@ class _Slot:
     def record(self) -> WorkerRecord:
         return WorkerRecord(
             label=self.label, device=self.device, pid=self.pid, jobs=self.jobs, oneshot_jobs=self.oneshot_jobs,
-            restarts=self.machine.restarts, fallback=self.machine.fallback, boot_s=self.boot_s,
+            restarts=self.machine.restarts, fallback=self.machine.fallback,
+            repromotions=self.machine.repromotions, boot_s=self.boot_s,
             cuda_visible_devices=self.slot.cuda_visible_devices,
         )
 
@@ -142,6 +147,10 @@ class WorkerPool:
         job_timeout_s: float,
         ready_timeout_s: float,
         max_restarts: int,
+        max_job_reruns: int = 3,
+        max_fault_reruns: int = 50,
+        repromote_after_s: float = 60.0,
+        max_repromotions: int = 3,
         python: str = sys.executable,
         worker_command: Sequence[str] | None = None,
         oneshot_script: str | Path | None = None,
@@ -155,7 +164,9 @@ class WorkerPool:
         fallback's ``train_single_trial.py`` (tests pass the fake worker for both). A
         heartbeat goes out after ``heartbeat_interval_s`` of silence during a job
         [min(5, timeout/4)]; no answer within ``heartbeat_grace_s`` [min(30, timeout/2)]
-        is a hang.
+        is a hang. A job hit by a fault is re-run up to ``max_job_reruns`` times,
+        ``max_fault_reruns`` in all; a fallen-back slot tries a fresh worker after
+        ``repromote_after_s`` (doubling), at most ``max_repromotions`` times.
         """
         if not slots:
             raise ValueError("WorkerPool needs at least one device slot")
@@ -175,15 +186,20 @@ class WorkerPool:
         self.heartbeat_interval_s = heartbeat_interval_s or min(5.0, self.job_timeout_s / 4)
         self.heartbeat_grace_s = heartbeat_grace_s or min(30.0, self.job_timeout_s / 2)
         self.worker_command = list(worker_command) if worker_command is not None else default_worker_command(python)
-        self._slots = [_Slot(slot, SlotMachine(self.max_restarts)) for slot in slots]
+        self._slots = [
+            _Slot(slot, SlotMachine(self.max_restarts, cooldown_s=repromote_after_s, max_repromotions=max_repromotions))
+            for slot in slots
+        ]
+        self.max_job_reruns = int(max_job_reruns)
+        self._budget = FaultBudget(max_fault_reruns)
         self._free: queue.Queue[_Slot] = queue.Queue()
         self._closed = False
         self._lock = threading.Lock()  # guards the statistics and _workers/_procs below
         self._workers: set[WorkerProcess] = set()  # live workers (close() says goodbye to them)
         self._procs: set[subprocess.Popen[bytes]] = set()  # every worker process not yet reaped
         self._oneshot = OneshotTrainer(
-            timeout_s=self.job_timeout_s, max_retries=self.max_restarts, check_open=self._check_open,
-            record=self._record_fault, python=python, script=oneshot_script,
+            timeout_s=self.job_timeout_s, budget=self._budget, max_job_reruns=self.max_job_reruns,
+            check_open=self._check_open, record=self._record_fault, python=python, script=oneshot_script,
         )
         self._job_ids = itertools.count()
         self._fallbacks: list[FallbackRecord] = []
@@ -271,7 +287,12 @@ class WorkerPool:
         return worker
 
     def _ensure_worker(self, st: _Slot) -> WorkerProcess | None:
-        """The slot's live worker, (re)started if needed; ``None`` once the slot fell back."""
+        """The slot's live worker, (re)started if needed; ``None`` while the slot is in the
+        fallback (a fallen-back slot past its cool-down is re-promoted here first)."""
+        if st.machine.fallback:
+            waited = time.monotonic() - (st.machine.fell_back_at or 0.0)
+            if st.machine.try_repromote(time.monotonic()):
+                logger.warning(REPROMOTE_LOG, st.label, waited, st.machine.repromotions, st.machine.max_repromotions)
         while not st.machine.fallback:
             self._check_open()
             if st.worker is not None:
@@ -311,7 +332,7 @@ class WorkerPool:
         self._check_open()  # a fault caused by close() itself is not the worker's
         where = "" if not group else f" [job {group[0].job_id!r}" + (f" +{len(group) - 1}]" if len(group) > 1 else "]")
         self._record_fault(FaultRecord(st.label, fault.kind, fault.exit_status, str(fault)))
-        action = st.machine.on_fault(fault.kind)
+        action = st.machine.on_fault(fault.kind, time.monotonic())
         logger.warning("%s%s; last stderr lines:\n%s", fault, where, fault.stderr_tail or "(no stderr output)")
         if action is SlotAction.RESTART:
             logger.warning("restarting worker %s (restart %d of %d)", st.label, st.machine.restarts, self.max_restarts)
@@ -374,12 +395,12 @@ class WorkerPool:
                 self._fusion.fused_groups += 1
         return outcomes
 
-    def _run_oneshot(self, st: _Slot, request: TrainRequest) -> JobOutcome:
+    def _run_oneshot(self, st: _Slot, request: TrainRequest, attempts: JobAttempts) -> JobOutcome:
         env = st.slot.environment()
         env[PARENT_PID_ENV] = str(os.getpid())
         start = time.perf_counter()
         try:
-            result = self._oneshot.run(request, st.slot, env)
+            result = self._oneshot.run(request, st.slot, env, attempts)
         except JobError as exc:
             return exc
         finally:
@@ -393,18 +414,23 @@ class WorkerPool:
 
     def _run_on_slot(self, st: _Slot, group: Sequence[TrainRequest]) -> list[JobOutcome]:
         """Train ``group`` on the held slot until every job has its verdict."""
-        attempts = JobAttempts(self.max_restarts)
+        attempts = JobAttempts(self.max_job_reruns, self._budget)
         while True:
             worker = self._ensure_worker(st)
             if worker is None:
                 if len(group) > 1:
                     with self._lock:
                         self._fusion.unfused_groups += 1
-                return [self._run_oneshot(st, r) for r in group]
+                # Each job carries the faults the group met so far into its own attempts.
+                return [self._run_oneshot(st, r, dataclasses.replace(attempts)) for r in group]
             try:
                 return self._train_on(st, worker, group)
             except WorkerFault as fault:
-                self._on_fault(st, fault, group)  # then retry the same group
+                self._on_fault(st, fault, group)
+                if attempts.on_fault() is JobVerdict.GIVE_UP:
+                    logger.warning("not re-running %d job(s) hit by %s: %s", len(group), fault, attempts.refused)
+                    return [fault_error(r, fault, attempts) for r in group]
+                # else re-run the same group (same requests and seeds) on the new worker or the fallback
             except JobTimedOut as exc:
                 if self._on_timeout(st, exc, attempts) is JobVerdict.GIVE_UP:
                     return [timeout_error(r, self.job_timeout_s * len(group), attempts.timeouts) for r in group]
@@ -415,7 +441,10 @@ class WorkerPool:
         try:
             self._check_open()
             outcomes = self._run_on_slot(st, group)
-            if len(group) > 1 and st.worker is not None:
+            # On a worker (not in the fallback, whose one-shot jobs each had their own run),
+            # every job that failed in or with a pass gets its unfused verdict: a job whose
+            # process kept dying must not fail its group-mates with it.
+            if len(group) > 1 and not st.machine.fallback:
                 failed = [i for i, o in enumerate(outcomes) if isinstance(o, JobError) and o.error_type != "timeout"]
                 if failed:
                     logger.warning("%d fused job(s) failed (first: %s); re-running them alone for their unfused "
@@ -476,6 +505,8 @@ class WorkerPool:
                 mode=self.mode, devices=[st.label for st in self._slots],
                 workers=[st.record() for st in self._slots], fallbacks=list(self._fallbacks),
                 faults=list(self._faults), fusion=dataclasses.replace(self._fusion), timings=timings,
+                recovery=recovery_record(self._faults, self._budget,
+                                         sum(st.machine.repromotions for st in self._slots)),
             )
 
     @property

@@ -39,7 +39,8 @@ from step5.devices import DeviceSlot
 from step5.errors import JobError
 from step5.execution.oneshot import OneshotTrainer
 from step5.execution.process import reap_killed
-from step5.execution.summary import FaultRecord, FusionRecord, RunnerStats, Timings
+from step5.execution.slot import FaultBudget
+from step5.execution.summary import FaultRecord, FusionRecord, RunnerStats, Timings, recovery_record
 from step5.protocol import TrainRequest
 
 logger = logging.getLogger(__name__)
@@ -100,11 +101,13 @@ class SubprocessRunner:
         slots: Sequence[DeviceSlot],
         *,
         job_timeout_s: float = 600.0,
-        max_retries: int = 1,
+        max_job_reruns: int = 3,
+        max_fault_reruns: int = 50,
         python: str = sys.executable,
         script: str | Path | None = None,
     ) -> None:
-        """``script`` replaces ``train_single_trial.py`` (tests pass a fake trainer)."""
+        """``script`` replaces ``train_single_trial.py`` (tests pass a fake trainer); a crashed
+        trainer's job is re-run up to ``max_job_reruns`` times, ``max_fault_reruns`` in all."""
         if not slots:
             raise ValueError("SubprocessRunner needs at least one device slot")
         self.slots = list(slots)
@@ -120,9 +123,10 @@ class SubprocessRunner:
         self._job_wall_s = 0.0
         self._warned_no_fusion = False
         self._closed = False
+        self._budget = FaultBudget(max_fault_reruns)
         self._trainer = OneshotTrainer(
-            timeout_s=job_timeout_s, max_retries=max_retries, check_open=self._check_not_aborted,
-            record=self._record_fault, python=python, script=script,
+            timeout_s=job_timeout_s, budget=self._budget, max_job_reruns=max_job_reruns,
+            check_open=self._check_not_aborted, record=self._record_fault, python=python, script=script,
         )
 
     def __enter__(self) -> "SubprocessRunner":
@@ -207,7 +211,8 @@ class SubprocessRunner:
             # init, spawn/wait -- the overhead S96B removes.
             timings.overhead_s = max(0.0, self._job_wall_s - timings.compute_s)
             return RunnerStats(mode=self.mode, devices=[s.label for s in self.slots], faults=list(self._faults),
-                               fusion=dataclasses.replace(self._fusion), timings=timings)
+                               fusion=dataclasses.replace(self._fusion), timings=timings,
+                               recovery=recovery_record(self._faults, self._budget))
 
     def _abort(self) -> None:
         """Kill and reap every running trainer, drop queued jobs, close the runner."""

@@ -5,9 +5,11 @@
                  fault, restarts < max                fault, restarts == max
       ┌────────────── restart ──────────────┐     ┌──────── fall back ────────┐
       ▼                                     │     │                           ▼
-    WORKER ──job timeout──▶ replace the worker (restarts unchanged)      FALLBACK (for good:
-      ▲                         │                                        one-shot subprocesses)
-      └─────────────────────────┘
+    WORKER ──job timeout──▶ replace the worker (restarts unchanged)      FALLBACK (one-shot
+      ▲  ▲                      │                                        subprocesses)
+      │  └──────────────────────┘                                            │
+      └──── re-promote: one fresh worker, after the cool-down ───────────────┘
+            (cool-down x2 each time; at most `max_repromotions` times, then for good)
 
 A *fault* is the worker's: it crashed (EOF, broken pipe, exit), hung (stopped answering
 heartbeats), broke the protocol, or failed to boot. A *job timeout* is the job's: the
@@ -17,12 +19,27 @@ budget and never falls back for it. The job itself is retried once; its second t
 its verdict (:data:`JobVerdict`), so a job that can never finish costs about twice its
 timeout, not four timeouts and a demoted slot.
 
+A fallen-back slot is not demoted for good at once: after ``cooldown_s`` it tries one
+fresh persistent worker again (a *re-promotion*), so one transient fault does not cost a
+long run the persistent speed. The re-promoted worker gets no new restart budget: its
+first fault falls back again, and the next cool-down is twice as long; after
+``max_repromotions`` re-promotions the slot stays in the fallback, since its workers keep
+dying.
+
+A job hit by an infrastructure fault (its worker or one-shot trainer was killed, the pipe
+broke, the worker stopped answering) is re-run with the same request and seed: the fault
+was not the job's. The re-runs are bounded per job (``max_job_reruns``) and per run
+(:class:`FaultBudget`, shared by every slot); past either the job fails. A job error (the
+trainer's own answer: bad data, invalid parameters, a loss that is not finite, an OOM the
+job raised) is never re-run: it would fail the same way.
+
 The pool asks these objects what to do and acts; only the thread that holds the slot
 calls them (the ownership rule in :mod:`step5.execution.pool`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from enum import Enum
 
 #: Kinds of worker fault (each one counts against the slot's restart budget).
@@ -45,15 +62,39 @@ class SlotMachine:
     """A slot's restart budget and mode."""
 
     max_restarts: int
+    cooldown_s: float = float("inf")  # first fallback -> re-promotion wait; doubles each time
+    max_repromotions: int = 0
     restarts: int = 0
     fallback: bool = False
+    repromotions: int = 0
+    fell_back_at: float | None = None  # the clock's reading at the last fallback
 
     def __post_init__(self) -> None:
         if self.max_restarts < 0:
             raise ValueError(f"`max_restarts` must be >= 0, got {self.max_restarts!r}")
+        if self.max_repromotions < 0:
+            raise ValueError(f"`max_repromotions` must be >= 0, got {self.max_repromotions!r}")
+        if not self.cooldown_s > 0:
+            raise ValueError(f"`cooldown_s` must be > 0, got {self.cooldown_s!r}")
 
-    def on_fault(self, kind: str) -> SlotAction:
-        """The worker faulted (its process is already gone)."""
+    def current_cooldown_s(self) -> float:
+        """How long the slot waits in the fallback before its next re-promotion."""
+        return self.cooldown_s * 2 ** self.repromotions
+
+    def try_repromote(self, now: float) -> bool:
+        """Before a fallen-back slot's next job: try a fresh worker again? (``now``: the
+        same clock :meth:`on_fault` was given.)"""
+        if not self.fallback or self.repromotions >= self.max_repromotions:
+            return False
+        assert self.fell_back_at is not None
+        if now - self.fell_back_at < self.current_cooldown_s():
+            return False
+        self.fallback = False
+        self.repromotions += 1
+        return True
+
+    def on_fault(self, kind: str, now: float = 0.0) -> SlotAction:
+        """The worker faulted (its process is already gone) at ``now`` (a monotonic clock)."""
         if kind not in WORKER_FAULTS:
             raise ValueError(f"unknown worker fault kind {kind!r}; expected one of {WORKER_FAULTS}")
         if self.fallback:
@@ -62,6 +103,7 @@ class SlotMachine:
             self.restarts += 1
             return SlotAction.RESTART
         self.fallback = True
+        self.fell_back_at = now
         return SlotAction.FALLBACK
 
     def on_job_timeout(self) -> SlotAction:
@@ -71,19 +113,57 @@ class SlotMachine:
         return SlotAction.REPLACE
 
 
+class FaultBudget:
+    """The run's re-runs after infrastructure faults, shared by every slot (thread-safe)."""
+
+    def __init__(self, max_reruns: int) -> None:
+        if max_reruns < 0:
+            raise ValueError(f"`max_reruns` must be >= 0, got {max_reruns!r}")
+        self.max_reruns = max_reruns
+        self.reruns = 0  # re-runs granted
+        self.refused = 0  # re-runs refused (the budget was spent, or the job's own limit reached)
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        """One re-run, if the budget has one left."""
+        with self._lock:
+            if self.reruns < self.max_reruns:
+                self.reruns += 1
+                return True
+            self.refused += 1
+            return False
+
+    def refuse(self) -> None:
+        """Count a re-run refused by the job's own limit (the budget itself had one left)."""
+        with self._lock:
+            self.refused += 1
+
+
 @dataclass
 class JobAttempts:
-    """One job's retries: worker faults retry it (the slot's budget bounds them), a timeout
-    retries it once, and one-shot crashes retry it ``max_oneshot_retries`` times."""
+    """One job's retries: an infrastructure fault re-runs it up to ``max_reruns`` times while
+    the run's :class:`FaultBudget` lasts; a timeout retries it once."""
 
-    max_oneshot_retries: int
+    max_reruns: int
+    budget: FaultBudget
     timeouts: int = 0
-    oneshot_crashes: int = 0
+    faults: int = 0
+    #: Why the last re-run was refused ("" while none was): for the job's failure message.
+    refused: str = field(default="")
 
     def on_timeout(self) -> JobVerdict:
         self.timeouts += 1
         return JobVerdict.RETRY if self.timeouts < 2 else JobVerdict.GIVE_UP
 
-    def on_oneshot_crash(self) -> JobVerdict:
-        self.oneshot_crashes += 1
-        return JobVerdict.RETRY if self.oneshot_crashes <= self.max_oneshot_retries else JobVerdict.GIVE_UP
+    def on_fault(self) -> JobVerdict:
+        """The job's process died under it (not the job's doing)."""
+        self.faults += 1
+        if self.faults > self.max_reruns:
+            self.refused = f"its own limit of {self.max_reruns} re-run(s) is reached (training.max_job_reruns)"
+            self.budget.refuse()
+            return JobVerdict.GIVE_UP
+        if not self.budget.take():
+            self.refused = (f"the run's fault budget of {self.budget.max_reruns} re-run(s) is spent "
+                            "(training.max_fault_reruns)")
+            return JobVerdict.GIVE_UP
+        return JobVerdict.RETRY

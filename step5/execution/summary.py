@@ -10,6 +10,7 @@ subprocesses, tree models in-process) and however it ended (SUCCESS or DEGENERAT
       fallbacks   [FallbackRecord] slots that fell back to one-shot subprocesses
       faults      [FaultRecord]    every worker/trainer fault and job timeout, in order
       fusion      FusionRecord     groups handed to the runner and how they ran
+      recovery    RecoveryRecord   faults, re-runs of the jobs they hit, re-promoted slots
       search      SearchRecord     the ask/tell loop's settings (trials in flight, fusion)
       timings     Timings          runner and run-phase seconds
 
@@ -38,7 +39,8 @@ class WorkerRecord:
     jobs: int  # jobs answered by workers on this slot (results and job errors)
     oneshot_jobs: int  # jobs run through the one-shot fallback
     restarts: int  # restarts after worker faults (not after job timeouts)
-    fallback: bool  # fell back to one-shot subprocesses for good
+    fallback: bool  # in the fallback (one-shot subprocesses) when the run ended
+    repromotions: int  # times the slot left the fallback for a fresh worker
     boot_s: float | None  # interpreter start -> ready, as the last worker measured it
     cuda_visible_devices: str  # what the slot's processes were given
 
@@ -79,6 +81,25 @@ class FusionRecord:
 
 
 @dataclass
+class RecoveryRecord:
+    """What infrastructure faults cost the run (a job timeout is not one)."""
+
+    faults: int = 0  # worker and one-shot trainer faults (crash, hang, protocol, boot, oneshot)
+    reruns: int = 0  # re-runs of jobs those faults hit (same request, same seed)
+    max_fault_reruns: int = 0  # the run's budget for them (training.max_fault_reruns)
+    refused_reruns: int = 0  # re-runs refused (budget or the job's own limit): each failed its job
+    repromotions: int = 0  # fallen-back slots that tried a fresh persistent worker again
+
+
+def recovery_record(faults: list[FaultRecord], budget: Any, repromotions: int = 0) -> RecoveryRecord:
+    """The recovery counts from a runner's fault list and its :class:`~step5.execution.slot.FaultBudget`."""
+    return RecoveryRecord(
+        faults=sum(1 for f in faults if f.kind != "timeout"), reruns=budget.reruns,
+        max_fault_reruns=budget.max_reruns, refused_reruns=budget.refused, repromotions=repromotions,
+    )
+
+
+@dataclass
 class SearchRecord:
     """How the optimizer's ask/tell loop ran its trials."""
 
@@ -87,6 +108,8 @@ class SearchRecord:
     fuse_trials: bool = False  # same-shape trials of a batch share one pass
     batches: int = 0  # ask/run/tell rounds
     trials: int = 0  # trials told (any end state)
+    failed_trials: int = 0  # trials told FAIL
+    replaced_trials: int = 0  # failed trials the loop asked a replacement for (--trials counts complete ones)
 
 
 @dataclass
@@ -117,6 +140,7 @@ class RunnerStats:
     faults: list[FaultRecord] = field(default_factory=list)
     fusion: FusionRecord = field(default_factory=FusionRecord)
     timings: Timings = field(default_factory=Timings)
+    recovery: RecoveryRecord = field(default_factory=RecoveryRecord)
 
 
 @dataclass
@@ -129,6 +153,7 @@ class ExecutionSummary:
     fallbacks: list[FallbackRecord]
     faults: list[FaultRecord]
     fusion: FusionRecord
+    recovery: RecoveryRecord
     search: SearchRecord
     timings: Timings
 
@@ -155,6 +180,7 @@ def build_execution_summary(
         fallbacks=list(stats.fallbacks) if stats is not None else [],
         faults=list(stats.faults) if stats is not None else [],
         fusion=dataclasses.replace(stats.fusion) if stats is not None else FusionRecord(),
+        recovery=dataclasses.replace(stats.recovery) if stats is not None else RecoveryRecord(),
         search=search if search is not None else SearchRecord(),
         timings=timings,
     )
@@ -232,7 +258,8 @@ def execution_problems(obj: Any, where: str = "execution") -> list[str]:
             continue
         for i, item in enumerate(items):
             _record_problems(item, cls, f"{where}.{key}[{i}]", problems)
-    for key, cls in (("fusion", FusionRecord), ("search", SearchRecord), ("timings", Timings)):
+    for key, cls in (("fusion", FusionRecord), ("recovery", RecoveryRecord), ("search", SearchRecord),
+                     ("timings", Timings)):
         if key in obj:
             _record_problems(obj[key], cls, f"{where}.{key}", problems)
     return problems

@@ -127,7 +127,8 @@ def resolve_search_plan(config: OptimizerConfig, policy: Policy, capacity: int, 
     else:
         in_flight = max(1, capacity) if neural_net else 1
     pruner = config.pruner if config.pruner is not None else policy.training.pruner
-    return SearchPlan(in_flight, fuse_folds, fuse_trials, source, pruner=pruner)
+    return SearchPlan(in_flight, fuse_folds, fuse_trials, source, pruner=pruner,
+                      max_consecutive_failures=policy.training.max_consecutive_failed_trials)
 
 
 #: Flags that configure neural-net training only: (config field, default, spellings).

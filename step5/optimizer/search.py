@@ -13,12 +13,16 @@
     │     step5.optimizer.pruning)
     │   tell each trial exactly once, in ask order: COMPLETE with its objective, FAIL or PRUNED
     └── until the study holds --trials COMPLETE trials (or this process may ask no more
-        and nothing is in flight)
+        and nothing is in flight). A trial this process saw fail or pruned is replaced: it
+        may ask one more fresh trial for each; after ``max_consecutive_failures`` failed
+        trials in a row (ask order) the run stops (:class:`TooManyFailedTrials`, exit 1)
+        instead of replacing them forever
 
 Every mode runs this loop: fold by fold, fused folds and fused trials differ only in how
 the backend groups a batch (:mod:`step5.optimizer.grouping`). One process alone is
 deterministic for a given seed and B: the sampler sees the same trials in the same states
-at every ask, and fold results do not depend on which slot trained them or when. Several
+at every ask, and fold results do not depend on which slot trained them or when (nor on a
+worker killed under them: the runner re-runs such a job with the same request and seed). Several
 processes share a study the same way (docs/cluster.md): the count before each ask keeps
 them from overshooting ``--trials``, and a trial of a process that died is re-run.
 
@@ -74,10 +78,41 @@ class SearchPlan:
     fuse_trials: bool  # same-shape trials of a batch share one pass
     source: str  # what decided, for the log
     pruner: str = "none"  # step5.policy.PRUNER_NAMES: "none" runs every fold of every trial
+    max_consecutive_failures: int = 10  # failed trials in a row that stop the run (policy)
 
     def record(self) -> SearchRecord:
         return SearchRecord(trials_in_flight=self.trials_in_flight, fuse_folds=self.fuse_folds,
                             fuse_trials=self.fuse_trials)
+
+
+class TooManyFailedTrials(Step5Error):
+    """Raised when so many trials failed in a row that replacing them looks endless."""
+
+
+@dataclass
+class FailureStreak:
+    """Failed trials in a row, in ask order; past the limit the search stops."""
+
+    limit: int
+    count: int = 0
+    last_reason: str = ""
+
+    def note(self, trial: FrozenTrial) -> None:
+        if trial.state == TrialState.PRUNED:
+            return  # the pruner's verdict on a hopeless trial, not a failure
+        if trial.state == TrialState.COMPLETE:
+            self.count, self.last_reason = 0, ""
+        else:
+            self.count += 1
+            self.last_reason = str(trial.user_attrs.get("fail_reason", "unknown"))
+
+    def check(self, complete: int, wanted: int) -> None:
+        if self.count >= self.limit:
+            raise TooManyFailedTrials(
+                f"{self.count} trials failed in a row (training.max_consecutive_failed_trials = {self.limit}), "
+                f"so the search stops instead of replacing them: {complete} of the {wanted} complete trials "
+                f"asked for were reached. The last failure: {self.last_reason}"
+            )
 
 
 def log_failed_trial(trial: optuna.Trial, reason: str) -> None:
@@ -104,11 +139,14 @@ def run_search(
     goal: SearchGoal,
     on_told: Callable[[optuna.Study, FrozenTrial], None],
 ) -> SearchRecord:
-    """Ask, run and tell trials, ``plan.trials_in_flight`` at a time, until ``goal`` is met."""
+    """Ask, run and tell trials, ``plan.trials_in_flight`` at a time, until ``goal`` is met
+    (failed and pruned trials are replaced; :class:`FailureStreak` bounds that)."""
     study = opened.study
     study.pruner = make_pruner(plan.pruner)
     record = plan.record()
     fresh_asked = 0
+    replaced = 0  # trials this process told FAIL or PRUNED: each may be replaced by a fresh one
+    streak = FailureStreak(plan.max_consecutive_failures)
     waited_since: float | None = None
     reclaimed_at = time.monotonic()  # open_study has just reclaimed
     while True:
@@ -125,7 +163,7 @@ def run_search(
                 if counts["complete"] >= goal.complete:
                     break
                 room = goal.complete - counts["complete"] - counts["running"]
-                size = min(plan.trials_in_flight, room, counts["waiting"] + goal.new_trials - fresh_asked)
+                size = min(plan.trials_in_flight, room, counts["waiting"] + goal.new_trials + replaced - fresh_asked)
                 for _ in range(max(0, size)):
                     with warnings.catch_warnings():
                         # Optuna warns that heartbeats are meant for study.optimize; this loop
@@ -172,7 +210,10 @@ def run_search(
             for trial, outcome in zip(trials, outcomes):
                 frozen = tell(study, trial, outcome, wall_s=wall_s, gated=gate is not None)
                 told.add(trial.number)
+                replaced += count_outcome(record, streak, frozen)
                 on_told(study, frozen)
+            record.replaced_trials = record.failed_trials  # the loop goes on: every failure so far is replaced
+            streak.check(counts["complete"], goal.complete)
         except BaseException as exc:
             fail_untold(study, [t for t in trials if t.number not in told], exc)
             raise
@@ -180,6 +221,16 @@ def run_search(
             record.trials += len(told)
         record.batches += 1
     return record
+
+
+def count_outcome(record: SearchRecord, streak: FailureStreak, trial: FrozenTrial) -> int:
+    """Count a told trial in the record and the streak; 1 if it will be replaced (FAIL, PRUNED)."""
+    streak.note(trial)
+    if trial.state == TrialState.COMPLETE:
+        return 0
+    if trial.state == TrialState.FAIL:
+        record.failed_trials += 1
+    return 1
 
 
 def tell(

@@ -23,6 +23,9 @@ Started with ``train_single_trial.py``'s arguments (``--data-path ...``) it acts
 one-shot trainer: one JSON line on stdout, exit 0 (or an error line and exit 1). Setting
 ``STEP5_FAKE_ONESHOT=crash`` makes that mode die with ``EXIT(7)`` and no output, and
 ``STEP5_FAKE_ONESHOT=hang`` makes it hang forever.
+
+``STEP5_FAKE_POISON_TRIAL=N`` makes every job of trial N SIGKILL its own process, worker
+or one-shot trainer alike, on every attempt (a job that kills its process every time).
 """
 from __future__ import annotations
 
@@ -48,6 +51,16 @@ from step5.protocol import MAX_REQUEST_BYTES, PROTOCOL_VERSION, NNParams, TrainR
 FAULTS = ("none", "hang", "garbage", "exit", "sigkill", "oversize", "wrong_job_id", "close_stdout", "pass_error")
 BOOT_FAULTS = ("none", "hang", "exit", "garbage")
 ONESHOT_ENV = "STEP5_FAKE_ONESHOT"
+POISON_ENV = "STEP5_FAKE_POISON_TRIAL"
+
+
+def kill_self_if_poisoned(trial_number: int | None) -> None:
+    """SIGKILL this process when ``trial_number`` is the poisoned trial (see the module doc)."""
+    poison = os.environ.get(POISON_ENV)
+    if poison is not None and trial_number is not None and int(poison) == trial_number:
+        sys.stderr.write(f"fake trainer: trial {trial_number} is poisoned, killing myself\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fake_metrics(request: TrainRequest) -> dict[str, Any]:
@@ -120,6 +133,7 @@ class FakeWorker:
 
     def misbehave(self, request: TrainRequest) -> bool:
         """Apply the configured fault if this job is the one; True when a fault replaced the answer."""
+        kill_self_if_poisoned(request.trial_number)
         fault = self.args.fault if self.faulty else "none"
         if fault in ("none", "pass_error") or self.jobs_seen <= self.args.after:  # pass_error: see serve()
             return False
@@ -285,6 +299,7 @@ def oneshot_main(argv: Sequence[str]) -> int:
         batch_mode=a.batch_mode, seed=a.seed,
         save_model_path=str(Path(a.model_output_dir) / "best_model.pth") if a.save_model else None,
     )
+    kill_self_if_poisoned(request.trial_number)
     try:
         result = train(request, "fake-oneshot", 0.0)
     except JobError as exc:

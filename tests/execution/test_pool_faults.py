@@ -160,7 +160,7 @@ def test_job_error_fails_only_that_job_without_retry_or_restart(data_file, tmp_p
 def test_fallback_trainer_crashing_too_fails_the_job_after_bounded_retries(data_file, monkeypatch):
     monkeypatch.setenv("STEP5_FAKE_ONESHOT", "crash")
     with make_pool("--fault", "sigkill") as pool:
-        with pytest.raises(JobError, match=r"EXIT\(7\).*gave up after 2"):
+        with pytest.raises(JobError, match=r"hit by 4 infrastructure fault.*EXIT\(7\).*max_job_reruns"):
             run_each(pool, make_requests(data_file, n=1))
         summary = summary_of(pool)
     assert summary["workers"][0]["fallback"] is True
@@ -206,3 +206,60 @@ def test_killing_a_worker_from_outside_mid_batch_loses_no_job(data_file):
     assert summary["timings"]["jobs"] == 6
     assert [c["status"] for c in summary["faults"]] == ["SIGKILL(-9)"]
     assert sum(w["restarts"] for w in summary["workers"]) == 1
+
+
+def test_a_job_that_kills_its_process_every_time_fails_alone_once_its_reruns_are_spent(data_file, monkeypatch):
+    monkeypatch.setenv("STEP5_FAKE_POISON_TRIAL", "7")
+    good = make_requests(data_file, n=2, trial=0)
+    (poison,) = make_requests(data_file, n=1, trial=7)
+    with make_pool(max_restarts=1, max_job_reruns=2, repromote_after_s=600) as pool:
+        outcomes = pool.run([[good[0]], [poison], [good[1]]])
+        summary = summary_of(pool)
+        # The run goes on: the slot (in the fallback now) still trains.
+        assert metrics(run_each(pool, good)) == expected(good)
+    (bad,) = outcomes[1]
+    assert isinstance(bad, JobError) and bad.error_type == "train_error" and bad.trial_number == 7
+    assert "hit by 3 infrastructure fault(s)" in bad.message and "SIGKILL(-9)" in bad.message
+    assert "its own limit of 2 re-run(s) is reached (training.max_job_reruns)" in bad.message
+    assert metrics([outcomes[0][0], outcomes[2][0]]) == expected(good)
+    # crash (restart), crash (fall back), then the one-shot trainer: 2 re-runs, the third refused.
+    assert [f["kind"] for f in summary["faults"]] == ["crash", "crash", "oneshot"]
+    assert summary["recovery"] == {"faults": 3, "reruns": 2, "max_fault_reruns": 50, "refused_reruns": 1,
+                                   "repromotions": 0}
+
+
+def test_the_runs_fault_budget_bounds_reruns_across_jobs(data_file, monkeypatch):
+    monkeypatch.setenv("STEP5_FAKE_POISON_TRIAL", "7")
+    (poison,) = make_requests(data_file, n=1, trial=7)
+    with make_pool(max_restarts=5, max_job_reruns=9, max_fault_reruns=1) as pool:
+        ((bad,),) = pool.run([[poison]])
+        summary = summary_of(pool)
+    assert isinstance(bad, JobError)
+    assert "the run's fault budget of 1 re-run(s) is spent (training.max_fault_reruns)" in bad.message
+    assert summary["recovery"]["reruns"] == 1 and summary["recovery"]["refused_reruns"] == 1
+
+
+def test_a_fallen_back_slot_is_re_promoted_after_its_cool_down(data_file, caplog):
+    caplog.set_level(logging.WARNING, logger="step5.execution.pool")
+    requests = make_requests(data_file, n=3)
+    # The first launch SIGKILLs itself on its first job; with no restarts the slot falls
+    # back, runs that job one-shot, and re-promotes a fresh (healthy) worker afterwards.
+    with make_pool("--fault", "sigkill", "--faulty-starts", "1", tmp_path=data_file.parent,
+                   max_restarts=0, repromote_after_s=0.01) as pool:
+        assert metrics(run_each(pool, requests)) == expected(requests)
+        summary = summary_of(pool)
+    (worker,) = summary["workers"]
+    assert worker["repromotions"] == 1 and worker["fallback"] is False
+    assert worker["oneshot_jobs"] == 1 and worker["jobs"] == 2
+    assert summary["recovery"]["repromotions"] == 1
+    assert "trying a fresh persistent worker again" in caplog.text
+
+
+def test_a_poisoned_job_in_a_fused_group_does_not_fail_its_group_mates(data_file, monkeypatch):
+    monkeypatch.setenv("STEP5_FAKE_POISON_TRIAL", "7")
+    good = make_requests(data_file, n=2, trial=0)
+    (poison,) = make_requests(data_file, n=1, trial=7)
+    with make_pool(max_restarts=9, max_job_reruns=1) as pool:
+        ((a, bad, b),) = pool.run([[good[0], poison, good[1]]])
+    assert metrics([a, b]) == expected(good)  # their unfused verdicts, run alone
+    assert isinstance(bad, JobError) and "training.max_job_reruns" in bad.message

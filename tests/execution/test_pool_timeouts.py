@@ -89,7 +89,7 @@ def test_a_worker_that_stops_answering_heartbeats_is_a_hang_fault(data_file, tmp
 
 def test_a_one_shot_trainer_that_times_out_is_retried_once(data_file, monkeypatch):
     monkeypatch.setenv("STEP5_FAKE_ONESHOT", "hang")
-    with SubprocessRunner([DeviceSlot("CPU-0", "cpu", "", 1)], job_timeout_s=1.0, max_retries=3,
+    with SubprocessRunner([DeviceSlot("CPU-0", "cpu", "", 1)], job_timeout_s=1.0, max_job_reruns=3,
                           script=FAKE_WORKER) as runner:
         start = time.monotonic()
         ((outcome,),) = runner.run([[request(data_file)]])

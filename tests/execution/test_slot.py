@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from step5.execution.slot import JobAttempts, JobVerdict, SlotAction, SlotMachine
+from step5.execution.slot import FaultBudget, JobAttempts, JobVerdict, SlotAction, SlotMachine
 
 R, F, X = SlotAction.RESTART, SlotAction.FALLBACK, SlotAction.REPLACE
 
@@ -44,20 +44,68 @@ def test_bad_arguments_are_rejected():
         SlotMachine(1).on_fault("timeout")  # a timeout is not a worker fault
 
 
-# Each row: max one-shot retries, events, verdicts.
+# Re-promotion. Each row: (max_restarts, cooldown_s, max_repromotions), events as
+# ("fault", t) or ("job", t) (a job about to start on the slot at time t), what each
+# produced (an action for a fault, True/False "re-promoted?" for a job), and
+# (restarts, fallback, repromotions) at the end.
+PROMOTE_TABLE = [
+    pytest.param((0, 10.0, 3), [("fault", 0), ("job", 5), ("job", 10)], [F, False, True], (0, False, 1),
+                 id="re-promoted-after-the-cool-down"),
+    pytest.param((0, 10.0, 3), [("fault", 0), ("job", 10), ("fault", 12), ("job", 25), ("job", 32)],
+                 [F, True, F, False, True], (0, False, 2), id="cool-down-doubles"),
+    pytest.param((0, 1.0, 1), [("fault", 0), ("job", 1), ("fault", 1), ("job", 100)], [F, True, F, False],
+                 (0, True, 1), id="cap-reached-stays-in-fallback"),
+    pytest.param((0, 1.0, 0), [("fault", 0), ("job", 1e9)], [F, False], (0, True, 0), id="zero-never-re-promotes"),
+    pytest.param((1, 1.0, 2), [("fault", 0), ("fault", 1), ("job", 2), ("fault", 3)], [R, F, True, F],
+                 (1, True, 1), id="re-promoted-worker-gets-no-new-restart"),
+    pytest.param((1, 1.0, 2), [("job", 100), ("fault", 0)], [False, R], (1, False, 0), id="a-worker-slot-is-not-promoted"),
+]
+
+
+@pytest.mark.parametrize("config, events, produced, end", PROMOTE_TABLE)
+def test_slot_re_promotion_table(config, events, produced, end):
+    max_restarts, cooldown_s, max_repromotions = config
+    machine = SlotMachine(max_restarts, cooldown_s=cooldown_s, max_repromotions=max_repromotions)
+    got = [machine.on_fault("crash", t) if e == "fault" else machine.try_repromote(t) for e, t in events]
+    assert got == produced
+    assert (machine.restarts, machine.fallback, machine.repromotions) == end
+
+
+def test_bad_re_promotion_arguments_are_rejected():
+    with pytest.raises(ValueError, match="cooldown_s"):
+        SlotMachine(1, cooldown_s=0.0)
+    with pytest.raises(ValueError, match="max_repromotions"):
+        SlotMachine(1, max_repromotions=-1)
+
+
+# Each row: (max job re-runs, run budget), events ("timeout" / "fault"), verdicts, why the last re-run was refused.
 JOB_TABLE = [
-    pytest.param(1, ["timeout", "timeout"], ["retry", "give_up"], id="timeout-retried-once"),
-    pytest.param(5, ["timeout", "timeout"], ["retry", "give_up"], id="timeout-budget-ignores-crash-budget"),
-    pytest.param(1, ["crash", "crash"], ["retry", "give_up"], id="oneshot-crash-retried-max-times"),
-    pytest.param(0, ["crash"], ["give_up"], id="no-oneshot-retries"),
-    pytest.param(2, ["crash", "timeout", "crash", "timeout"], ["retry", "retry", "retry", "give_up"],
+    pytest.param((1, 9), ["timeout", "timeout"], ["retry", "give_up"], "", id="timeout-retried-once"),
+    pytest.param((5, 9), ["timeout", "timeout"], ["retry", "give_up"], "", id="timeout-ignores-fault-budget"),
+    pytest.param((1, 9), ["fault", "fault"], ["retry", "give_up"], "max_job_reruns", id="job-limit"),
+    pytest.param((0, 9), ["fault"], ["give_up"], "max_job_reruns", id="no-job-reruns"),
+    pytest.param((9, 2), ["fault", "fault", "fault"], ["retry", "retry", "give_up"], "max_fault_reruns",
+                 id="run-budget-spent"),
+    pytest.param((2, 9), ["fault", "timeout", "fault", "timeout"], ["retry", "retry", "retry", "give_up"], "",
                  id="separate-budgets"),
 ]
 
 
-@pytest.mark.parametrize("max_retries, events, verdicts", JOB_TABLE)
-def test_job_attempts_table(max_retries, events, verdicts):
-    attempts = JobAttempts(max_retries)
-    got = [(attempts.on_timeout() if e == "timeout" else attempts.on_oneshot_crash()).value for e in events]
+@pytest.mark.parametrize("limits, events, verdicts, refused", JOB_TABLE)
+def test_job_attempts_table(limits, events, verdicts, refused):
+    max_reruns, budget = limits
+    attempts = JobAttempts(max_reruns, FaultBudget(budget))
+    got = [(attempts.on_timeout() if e == "timeout" else attempts.on_fault()).value for e in events]
     assert got == verdicts
     assert all(isinstance(JobVerdict(v), JobVerdict) for v in got)
+    assert (refused in attempts.refused) if refused else attempts.refused == ""
+
+
+def test_the_fault_budget_is_shared_by_every_job_of_the_run():
+    budget = FaultBudget(2)
+    first, second, third = (JobAttempts(5, budget) for _ in range(3))
+    assert first.on_fault() is JobVerdict.RETRY and second.on_fault() is JobVerdict.RETRY
+    assert third.on_fault() is JobVerdict.GIVE_UP and "fault budget of 2" in third.refused
+    assert (budget.reruns, budget.refused) == (2, 1)
+    JobAttempts(0, budget).on_fault()  # the job's own limit refuses too
+    assert (budget.reruns, budget.refused) == (2, 2)

@@ -221,21 +221,22 @@ def test_a_failing_trial_in_a_batch_fails_only_itself(sample_inputs, tmp_path, r
     with caplog.at_level(logging.WARNING):
         outcome = AntiOverfitMetaOptimizer(cfg).run()
     study = _study(cfg, outcome)
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    # Trial 1 failed and was replaced (trial 4): --trials 4 means four COMPLETE trials.
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
     assert "loss diverged to NaN" in study.trials[1].user_attrs["fail_reason"]
     assert "Trial 1 failed with parameters" in caplog.text and "loss diverged to NaN" in caplog.text
     # One call trained the whole batch: trial 1's failure cost the others nothing.
     calls = [sorted({r.trial_number for g in c for r in g}) for c in _trial_calls(made[0])]
-    assert calls == [[0, 1, 2, 3]]
-    assert outcome.sidecar["optuna"]["trials_failed"] == 1 and outcome.sidecar["optuna"]["trials_run"] == 3
+    assert calls == [[0, 1, 2, 3], [4]]
+    assert outcome.sidecar["optuna"]["trials_failed"] == 1 and outcome.sidecar["optuna"]["trials_run"] == 4
 
 
-def test_a_batch_whose_trials_all_fail_is_an_error_naming_the_reason(sample_inputs, tmp_path, runners):
+def test_batches_whose_trials_all_fail_stop_the_run_naming_the_reason(sample_inputs, tmp_path, runners):
     from step5.errors import Step5Error
 
     _, options = runners
-    options["fail_trials"] = [0, 1]
-    with pytest.raises(Step5Error, match="(?s)no complete trial.*loss diverged"):
+    options["fail_trials"] = range(100)
+    with pytest.raises(Step5Error, match="(?s)10 trials failed in a row.*0 of the 2 complete.*loss diverged"):
         AntiOverfitMetaOptimizer(_config(sample_inputs, tmp_path, trials=2, fuse_trials=2)).run()
 
 
@@ -394,12 +395,14 @@ def test_pool_job_error_in_a_fused_batch_fails_only_that_trial(sample_inputs, tm
     cfg = _config(sample_inputs, tmp_path, trials=4, k_folds=2, fuse_trials=4)
     outcome = AntiOverfitMetaOptimizer(cfg).run()
     study = _study(cfg, outcome)
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert "data_error (fold 1): NPZ file not found" in study.trials[2].user_attrs["fail_reason"]
     execution = outcome.sidecar["execution"]
     assert execution["fusion"]["rerun_jobs"] == 1  # the failed fold's unfused verdict
-    # 4 trials x 2 folds in the one batch, each trained once (fused), then the final model.
-    assert execution["timings"]["jobs"] == 7 + 1
+    # 4 trials x 2 folds in the first batch, each trained once (fused), trial 2's
+    # replacement (2 folds), then the final model.
+    assert execution["timings"]["jobs"] == 7 + 2 + 1
+    assert execution["search"]["replaced_trials"] == 1
     sidecar = read_json_file(cfg.output_dir / artifacts.SIDECAR_NAME, "sidecar")
     assert artifacts.validate_sidecar(sidecar) == []
 
@@ -447,3 +450,26 @@ def test_same_seed_and_trials_in_flight_give_the_same_study_with_several_workers
     assert len(tables[0]) == 13 and all(state == "COMPLETE" for _, state, _, _ in tables[0])
     assert tables[0] == tables[1]
     assert best[0] == best[1]
+
+
+def test_a_trial_whose_jobs_kill_their_process_every_time_fails_alone_and_is_replaced(
+    sample_inputs, tmp_path, monkeypatch
+):
+    from step5.testing.fake_worker import fake_metrics
+
+    monkeypatch.setenv("STEP5_FAKE_POISON_TRIAL", "1")
+    _install_fake_pool(monkeypatch)
+    sent = _spy_fold_requests(monkeypatch)
+    cfg = _config(sample_inputs, tmp_path, trials=3, k_folds=2)
+    outcome = AntiOverfitMetaOptimizer(cfg).run()
+    study = _study(cfg, outcome)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    reason = study.trials[1].user_attrs["fail_reason"]
+    assert "infrastructure fault(s)" in reason and "SIGKILL(-9)" in reason
+    assert "training.max_job_reruns" in reason
+    for t in study.trials:  # the complete trials are untouched by the faults
+        if t.state.name == "COMPLETE":
+            assert [f["r2"] for f in t.user_attrs["folds"]] == [fake_metrics(r)["r2"] for r in sent[t.number]]
+    execution = outcome.sidecar["execution"]
+    assert execution["search"]["failed_trials"] == 1 and execution["search"]["replaced_trials"] == 1
+    assert execution["recovery"]["refused_reruns"] >= 1 and execution["recovery"]["faults"] >= 4

@@ -122,19 +122,28 @@ def test_job_error_fails_that_trial_with_its_message_and_the_study_goes_on(
         outcome = AntiOverfitMetaOptimizer(cfg).run()
     study = _study(cfg, outcome)
     states = [t.state for t in study.trials]
-    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    # --trials 3 means three COMPLETE trials: the failed one is replaced.
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     assert "NaN in X_train row 3" in study.trials[1].user_attrs["fail_reason"]
     assert "Trial 1 failed with parameters" in caplog.text and "NaN in X_train row 3" in caplog.text
     assert outcome.sidecar["optuna"]["trials_failed"] == 1
+    assert outcome.sidecar["optuna"]["trials_run"] == 3
+    search = outcome.sidecar["execution"]["search"]
+    assert (search["trials"], search["failed_trials"], search["replaced_trials"]) == (4, 1, 1)
     assert outcome.sidecar["optuna"]["best_trial_number"] != 1
     assert made[0].closed
 
 
-def test_all_trials_failing_is_an_error_naming_the_reason(sample_inputs, tmp_path, fake_runner):
+def test_failed_trials_in_a_row_stop_the_run_naming_the_reason(sample_inputs, tmp_path, fake_runner):
     made, options = fake_runner
-    options["fail_trials"] = [0, 1]
-    with pytest.raises(Step5Error, match="(?s)no complete trial.*NaN in X_train"):
-        AntiOverfitMetaOptimizer(_config(sample_inputs, tmp_path, trials=2)).run()
+    options["fail_trials"] = range(100)
+    policy = tmp_path / "policy.json"
+    policy.write_text('{"training": {"max_consecutive_failed_trials": 4}}')
+    cfg = _config(sample_inputs, tmp_path, trials=2, policy_path=policy)
+    with pytest.raises(Step5Error, match=r"(?s)4 trials failed in a row \(training.max_consecutive_failed_trials = 4\)"
+                                         r".*0 of the 2 complete trials.*NaN in X_train") as info:
+        AntiOverfitMetaOptimizer(cfg).run()
+    assert info.value.exit_code == 1
     assert made[0].closed
     assert not (tmp_path / "out" / "best_model.pth").exists()
 

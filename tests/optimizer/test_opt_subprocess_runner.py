@@ -72,7 +72,7 @@ def sigint_raises():
 
 def test_ctrl_c_kills_running_trainers_and_propagates_at_once(hang_script, data_file, sigint_raises):
     script, started = hang_script
-    runner = SubprocessRunner(_slots(2), job_timeout_s=300, max_retries=1, script=script)
+    runner = SubprocessRunner(_slots(2), job_timeout_s=300, max_job_reruns=1, script=script)
     main = threading.main_thread().ident
     pids: list[int] = []
 
