@@ -115,8 +115,8 @@ def write_survivors(ds: Dataset, folder: Path) -> tuple[Path, Path]:
 
 def run_baselines(ds: Dataset) -> dict[str, float]:
     """Each baseline's test R², fitted on the development rows Step 5 uses."""
-    from sklearn.ensemble import HistGradientBoostingRegressor
-    from sklearn.exceptions import ConvergenceWarning, RandomForestRegressor
+    from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import RidgeCV
     from sklearn.metrics import r2_score
     from sklearn.model_selection import GridSearchCV, KFold
