@@ -64,8 +64,33 @@ class FoldData:
         arrays = (self.X_train, self.y_train, self.X_val, self.y_val, self.X_test, self.y_test)
         return sum(a.nbytes for a in arrays if a is not None)
 
-    def as_fold(self) -> Fold:
-        return Fold(self.X_train, self.y_train, self.X_val, self.y_val, self.X_test, self.y_test)
+    def as_fold(self, early_stopping: bool = True, seed: int = 0) -> Fold:
+        """The core's fold. With ``early_stopping`` a seeded slice of the training rows
+        (:func:`early_stopping_split`) becomes the early-stopping rows and is not fitted,
+        so the validation rows only score the model; without it every training row is fitted."""
+        if not early_stopping:
+            return Fold(self.X_train, self.y_train, self.X_val, self.y_val, self.X_test, self.y_test)
+        fit, stop = early_stopping_split(self.X_train.shape[0], seed)
+        return Fold(self.X_train[fit], self.y_train[fit], self.X_val, self.y_val, self.X_test, self.y_test,
+                    X_stop=self.X_train[stop], y_stop=self.y_train[stop])
+
+
+#: Share of a training fold carved off (seeded) for early stopping; the rest is fitted.
+EARLY_STOPPING_FRACTION = 0.2
+
+
+def early_stopping_split(n_train: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, early-stopping rows) of a training fold of ``n_train`` rows, both sorted.
+
+    The slice is ~:data:`EARLY_STOPPING_FRACTION` of the rows (at least 1, and at least 2
+    rows stay to fit), drawn from ``seed`` alone, so a fold's split is the same in a lone
+    run, a fused pass, a worker or the one-shot trainer.
+    """
+    n_stop = min(max(1, round(n_train * EARLY_STOPPING_FRACTION)), n_train - 2)
+    if n_stop < 1:
+        raise ValueError(f"a training fold of {n_train} rows cannot spare early-stopping rows")
+    order = np.random.default_rng(seed).permutation(n_train)
+    return np.sort(order[n_stop:]), np.sort(order[:n_stop])
 
 
 class DataCache:
@@ -307,12 +332,34 @@ def _config(request: TrainRequest, mode: str) -> TrainConfig:
     )
 
 
-def _spec(request: TrainRequest) -> ModelSpec:
+def _early_stops(request: TrainRequest, data: FoldData) -> bool:
+    """Patience > 0 early-stops on rows carved from the training fold; patience 0 trains
+    exactly ``epochs`` epochs on every training row and keeps the last weights (the final
+    refit; a fold too small to spare rows does the same)."""
+    return request.params.early_stopping_patience > 0 and data.X_train.shape[0] >= 3
+
+
+def _spec(request: TrainRequest, data: FoldData) -> ModelSpec:
     p = request.params
     return ModelSpec(
         learning_rate=p.learning_rate, weight_decay=p.weight_decay, dropout=p.dropout, seed=request.seed,
         patience=p.early_stopping_patience, gradient_clip=p.gradient_clip,
+        restore_best=_early_stops(request, data),
     )
+
+
+def _fold(request: TrainRequest, data: FoldData) -> Fold:
+    return data.as_fold(_early_stops(request, data), request.seed)
+
+
+def _pass_rows(request: TrainRequest, data: FoldData) -> tuple[int, int, int]:
+    """Padded (fit, early-stopping, validation) lengths: models that share a pass must
+    agree on them, so their tensors round as they would alone."""
+    n_train, n_val = data.X_train.shape[0], data.X_val.shape[0]
+    if not _early_stops(request, data):
+        return padded_rows(n_train), padded_rows(n_val), padded_rows(n_val)
+    fit, stop = early_stopping_split(n_train, request.seed)
+    return padded_rows(len(fit)), padded_rows(len(stop)), padded_rows(n_val)
 
 
 def _fuse_key(request: TrainRequest) -> tuple[Any, ...]:
@@ -327,8 +374,8 @@ def _train_pass(
     """One M-model pass; if a fused pass runs out of memory, each model is retried alone
     (same results, less memory), so fusing never makes a job fail that fits by itself."""
     try:
-        return list(train_models(_config(requests[0], mode), [_spec(r) for r in requests],
-                                 [d.as_fold() for d in data], device=device))
+        return list(train_models(_config(requests[0], mode), [_spec(r, d) for r, d in zip(requests, data)],
+                                 [_fold(r, d) for r, d in zip(requests, data)], device=device))
     except Exception as exc:  # noqa: BLE001 - classified below; bugs become train_error with a traceback
         error = _as_job_error(exc, f"training {len(requests)} model(s) on {describe_device(device)}")
     if error.error_type != "out_of_memory" or len(requests) == 1:
@@ -384,8 +431,9 @@ def _run_requests(
     """Load every request's fold, train the loadable ones in as few passes as their shapes
     allow, and return a result or an error per request, in order.
 
-    One pass per (n_features, batch plan, padded train and validation lengths): models
-    whose tensors have the same shapes round exactly as they would alone.
+    One pass per (n_features, batch plan, padded fit / early-stopping / validation lengths,
+    whether the pass has early-stopping rows): models whose tensors have the same shapes
+    round exactly as they would alone.
     """
     out: list[dict[str, Any] | JobError | None] = [None] * len(requests)
     loaded: dict[int, tuple[FoldData, float]] = {}
@@ -400,9 +448,9 @@ def _run_requests(
                 out[i] = _echo(_as_job_error(exc, f"loading {r.data_path}"), r)
         passes: dict[tuple[Any, ...], list[int]] = {}
         for i, (data, _) in loaded.items():
-            n_train, n_val = data.X_train.shape[0], data.X_val.shape[0]
-            plan = batch_plan(requests[i], n_train)
-            passes.setdefault((data.n_features, plan, padded_rows(n_train), padded_rows(n_val)), []).append(i)
+            plan = batch_plan(requests[i], data.X_train.shape[0])
+            key = (data.n_features, plan, _early_stops(requests[i], data), *_pass_rows(requests[i], data))
+            passes.setdefault(key, []).append(i)
         for (_, (mode, _), *_), idx in passes.items():
             t0 = time.perf_counter()
             trained = _train_pass([requests[i] for i in idx], [loaded[i][0] for i in idx], mode, device)

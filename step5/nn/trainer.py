@@ -14,10 +14,15 @@ trial, or several trials whose layer shapes match) each model's metrics equal it
   moments and BatchNorm running statistics untouched) while the others continue.
 
 The loop, per epoch: draw the batches -> for each batch: forward, per-model MSE, backward,
-per-model gradient clipping, functional optimizer step -> evaluate validation MSE ->
-early stopping on the host -> exit when every model has stopped or ``epochs`` is reached.
-The best-validation weights of each model are restored at the end and scored on the
+per-model gradient clipping, functional optimizer step -> evaluate the early-stopping MSE
+-> early stopping on the host -> exit when every model has stopped or ``epochs`` is reached.
+The best early-stopping weights of each model are restored at the end (unless its spec
+says ``restore_best=False``: then the last epoch's weights are kept) and scored on the
 original target scale.
+
+Early stopping decides on ``Fold.X_stop`` when a fold has such rows (step5.nn.job carves
+them from the training fold), so the validation rows only score the model; a fold without
+them stops on its validation rows (direct callers of this core).
 
 Determinism: the same seed, data, params, device and torch thread count give bit-identical
 results in one process and across processes. CPU reductions split work by thread count,
@@ -78,8 +83,9 @@ class ModelSpec:
     weight_decay: float = 0.0  # L2 penalty (adam, sgd) or decoupled decay (adamw)
     dropout: float = 0.3  # dropout probability after each hidden activation
     seed: int = 0  # seeds this model's generator: init, dropout masks, batch order
-    patience: int = 10  # epochs without a validation improvement before stopping; 0 = never
+    patience: int = 10  # epochs without an early-stopping improvement before stopping; 0 = never
     gradient_clip: float = 1.0  # max gradient norm over this model's parameters; 0 = off
+    restore_best: bool = True  # restore the best early-stopping epoch's weights; False keeps the last
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,15 @@ class Fold:
     y_val: np.ndarray
     X_test: np.ndarray | None = None  # scored after training, never used to fit or stop
     y_test: np.ndarray | None = None
+    X_stop: np.ndarray | None = None  # early-stopping rows; None: stop on the validation rows
+    y_stop: np.ndarray | None = None
+
+    @property
+    def stop_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows early stopping decides on."""
+        if self.X_stop is not None and self.y_stop is not None:
+            return self.X_stop, self.y_stop
+        return self.X_val, self.y_val
 
 
 @dataclass
@@ -351,6 +366,9 @@ def train_models(
             raise ValueError(f"fold {m} has {f.X_train.shape[1]} features; fold 0 has {n_features}")
         if f.X_train.shape[0] < 2 or f.X_val.shape[0] < 1:
             raise ValueError(f"fold {m} needs >= 2 training rows and >= 1 validation row")
+        if (f.X_stop is None) != (f.y_stop is None) or (f.X_stop is not None and (
+                f.X_stop.shape[0] < 1 or f.X_stop.shape[1] != n_features)):
+            raise ValueError(f"fold {m} needs both X_stop and y_stop (>= 1 row, {n_features} features) or neither")
     n_train = [f.X_train.shape[0] for f in folds]
     n_val = [f.X_val.shape[0] for f in folds]
     modes = {resolve_batch_mode(config.batch_mode, n) for n in n_train}
@@ -375,7 +393,14 @@ def train_models(
     Xva, mask_va = _pad_rows([f.X_val for f in folds], device)  # (M, Nv, D), (M, Nv)
     Xva = (Xva - x_mean) / x_scale
     yva, _ = _pad_rows([standardize_y(f.y_val, m) for m, f in enumerate(folds)], device)  # (M, Nv)
-    count_va = torch.tensor(n_val, dtype=torch.float32, device=device)  # (M,)
+    # The early-stopping rows: their own tensors, so the validation rows are never consulted.
+    if all(f.X_stop is None for f in folds):
+        Xst, yst, mask_st = Xva, yva, mask_va
+    else:
+        Xst, mask_st = _pad_rows([f.stop_rows[0] for f in folds], device)
+        Xst = (Xst - x_mean) / x_scale
+        yst, _ = _pad_rows([standardize_y(f.stop_rows[1], m) for m, f in enumerate(folds)], device)
+    count_st = torch.tensor([f.stop_rows[0].shape[0] for f in folds], dtype=torch.float32, device=device)  # (M,)
 
     # ---- model and optimizer: per-model generators and per-model hyper-parameters
     generators = [make_generator(s.seed, device) for s in specs]
@@ -442,7 +467,7 @@ def train_models(
             nonfinite |= ~torch.isfinite(loss.detach())
             stat_updates += np.array([r >= 2 for r in rows], dtype=np.int64)
 
-        val_mse = masked_mse(predict_standardized(model, Xva), yva, mask_va, count_va)  # (M,)
+        val_mse = masked_mse(predict_standardized(model, Xst), yst, mask_st, count_st)  # (M,) early-stopping MSE
         # Host/device sync, once per epoch: early stopping and the exit test run on the host.
         val_host, bad_host = torch.stack([val_mse, nonfinite.to(val_mse.dtype)]).cpu().numpy()
         improved = np.zeros(M, dtype=bool)
@@ -455,7 +480,8 @@ def train_models(
                     f"(learning_rate={specs[m].learning_rate:g}, optimizer={config.optimizer}); "
                     "a smaller learning rate or gradient clipping should help"
                 )
-            elif val_host[m] < best_val[m]:
+            elif val_host[m] < best_val[m] or not specs[m].restore_best:
+                # restore_best=False: the "best" is always the latest epoch (no selection)
                 best_val[m], best_epoch[m], stale[m] = val_host[m], epoch, 0
                 best_stat_updates[m] = stat_updates[m]
                 improved[m] = True

@@ -12,8 +12,8 @@
         AntiOverfitMetaOptimizer(sub).run()  ──▶ SUCCESS | DEGENERATE_SIGNAL | FAILED
         │      (a failure is recorded with its error; the next model type still runs)
         ▼
-    winner = highest held-out test R² among SUCCESS runs (ties: higher CV objective,
-             then MODEL_TYPES order)
+    winner = highest CV objective (best trial's value) among SUCCESS runs (ties:
+             MODEL_TYPES order); every type's test R² is reported, never consulted
         ├─▶ <out>/best_model.<ext> + best_model.meta.json (+ a `compare_models` block)
         ├─▶ <out>/compare_archive/<mt>/…  every other model type's outputs
         └─▶ <out>/diagnostics_outputs/compare_models_summary.json + .png
@@ -25,10 +25,12 @@ Why these choices:
 * **Model sets, not files**: the winner's files are committed to ``<out>`` as one model set
   (:mod:`step5.model_set`), so the folder shows the old winner or the new one, never a mix;
   each archived type gets a set of its own under ``compare_archive/<mt>``.
-* **Comparable scores.** Every sub-run uses the same seed, so the same rows are held out
-  as the test set for every model type, and the test set is one no trial saw: it is the
-  fair judge between model types. The CV objective (each type's best trial) measures how
-  well a type's *search* went and only breaks ties.
+* **The test rows only report.** Every sub-run uses the same seed, so the same rows are
+  held out as the test set for every model type and the same development rows feed every
+  CV. The winner is chosen on the CV objective (the same anti-overfit formula for every
+  type, computed on the same folds); choosing by test R² would make the winner's reported
+  test R² biased upward (the test rows would be used for selection). Every type's test R²
+  is still reported, so a reader sees how the choice fared on rows no choice saw.
 * **Resumable.** With no ``--storage``, the four studies share the SQLite file a single run
   would use (``<out>/optuna_step5.db``), and with no ``--study-name`` each keeps the default
   name a single ``--model-type`` run gives it, so a compare run resumes those studies.
@@ -67,13 +69,15 @@ SUMMARY_SCHEMA_VERSION = 1
 
 #: The selection rule, as it is written into the summary and the winner's sidecar.
 CRITERION: dict[str, Any] = {
-    "primary": "test_r2",
-    "tie_break": ["cv_score", "model_type_order"],
+    "primary": "cv_score",
+    "tie_break": ["model_type_order"],
     "description": (
-        "highest R^2 of the final model on the held-out test rows (the same rows for every model "
-        "type: same --seed and --test-holdout; no trial ever saw them); ties go to the higher "
-        "best-trial CV objective, then to the earlier model type in "
-        f"{list(MODEL_TYPES)}. Only SUCCESS runs can win."
+        "highest CV objective of the best trial (the anti-overfit score on the development "
+        "rows' folds: the same rows and folds for every model type, same --seed and "
+        "--test-holdout); ties go to the earlier model type in "
+        f"{list(MODEL_TYPES)}. Only SUCCESS runs can win. The held-out test R^2 of every "
+        "model is reported but never used to choose, so the winner's test R^2 is an unbiased "
+        "estimate."
     ),
 }
 
@@ -121,17 +125,18 @@ def _finite(value: Any) -> float | None:
 
 
 def select_winner(candidates: Iterable[Candidate]) -> Candidate | None:
-    """The candidate :data:`CRITERION` picks, or None when no SUCCESS run has a test R^2.
+    """The candidate :data:`CRITERION` picks, or None when no SUCCESS run has a finite CV
+    objective and a test R^2.
 
-    Sets ``rank`` (1 = winner) on every eligible candidate.
+    Sets ``rank`` (1 = winner) on every eligible candidate. ``test_r2`` is never read to
+    order them: it is the unbiased report of the choice.
     """
     order = {mt: i for i, mt in enumerate(MODEL_TYPES)}
-    eligible = [c for c in candidates if c.status == "SUCCESS" and _finite(c.test_r2) is not None]
-    eligible.sort(key=lambda c: (
-        -float(c.test_r2),  # type: ignore[arg-type]
-        -(_finite(c.cv_score) if _finite(c.cv_score) is not None else -math.inf),
-        order.get(c.model_type, len(order)),
-    ))
+    eligible = [
+        c for c in candidates
+        if c.status == "SUCCESS" and _finite(c.cv_score) is not None and _finite(c.test_r2) is not None
+    ]
+    eligible.sort(key=lambda c: (-float(c.cv_score), order.get(c.model_type, len(order))))  # type: ignore[arg-type]
     for i, c in enumerate(eligible, start=1):
         c.rank = i
     return eligible[0] if eligible else None
@@ -261,6 +266,8 @@ def _run_one(factory: OptimizerFactory, config: OptimizerConfig) -> tuple[Candid
             problem = f"its sidecar {cand.sidecar_path} does not exist"
         elif cand.test_r2 is None:
             problem = f"it reported no finite test R^2 ({outcome.test_r2!r})"
+        elif cand.cv_score is None:
+            problem = f"it reported no finite CV objective ({outcome.cv_score!r})"
         if problem:
             logger.error("compare: %s reported SUCCESS but %s; it cannot win", mt, problem)
             cand.status, cand.error = "FAILED", f"reported SUCCESS but {problem}"
@@ -353,8 +360,9 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
     _log_table(candidates, winner)
     if winner is not None:
         logger.info(
-            "compare: winner %s (test R^2 %.4f); saved as %s; summary %s",
-            winner.model_type, winner.test_r2, winner.checkpoint_path, diag / SUMMARY_NAME,
+            "compare: winner %s by CV objective %.4f (test R^2 %.4f, reported, not used to choose); "
+            "saved as %s; summary %s",
+            winner.model_type, winner.cv_score, winner.test_r2, winner.checkpoint_path, diag / SUMMARY_NAME,
         )
     elif degenerate:
         logger.error("compare: no model: the target signal is degenerate (%s)", degenerate[0].error)
@@ -452,8 +460,8 @@ def plot_comparison(candidates: list[Candidate], path: Path, *, winner: str | No
         h = 0.38
         test = [c.test_r2 if c.test_r2 is not None else 0.0 for c in candidates]
         cv = [c.cv_score if c.cv_score is not None else 0.0 for c in candidates]
-        ax_score.barh([y - h / 2 for y in ys], test, height=h, color="tab:blue", label="test R² (criterion)")
-        ax_score.barh([y + h / 2 for y in ys], cv, height=h, color="tab:gray", label="CV objective (tie-break)")
+        ax_score.barh([y - h / 2 for y in ys], test, height=h, color="tab:blue", label="test R² (reported)")
+        ax_score.barh([y + h / 2 for y in ys], cv, height=h, color="tab:gray", label="CV objective (criterion)")
         for y, c in zip(ys, candidates):
             if c.status != "SUCCESS":
                 ax_score.text(0, y, f"  {c.status}", va="center", ha="left", color="tab:red", fontsize=9)

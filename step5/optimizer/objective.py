@@ -138,8 +138,13 @@ class ModelBackend(Protocol):
         which comes back :class:`Pruned`."""
         ...
 
-    def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
-        """Fit on the final split with exactly ``params``, score on the test set, save the model."""
+    def train_final(
+        self, trial_number: int, params: dict[str, Any], checkpoint_path: Path,
+        cv_folds: Sequence[dict[str, Any]] = (),
+    ) -> dict[str, Any]:
+        """Fit the final model with exactly ``params`` (``cv_folds``: the best trial's kept
+        fold results), score on the test set, save the model. The result may carry
+        ``n_fit``/``n_early_stop`` when the backend fits other rows than the final split."""
         ...
 
     def summary(self) -> RunnerStats:
@@ -193,11 +198,11 @@ class NNBackend:
             )
             self.fold_paths.append(str(path))
         self.fold_rows = {p: len(tr) for p, (tr, _) in zip(self.fold_paths, cv.folds)}  # resolves "auto" batch mode
+        # The final refit fits every dev row for a fixed epoch count: it has no validation
+        # rows, so the file's required validation slot holds the test rows, scored only.
         self.final_path = str(
             files.write(
-                "final",
-                cv.X_dev[cv.final_fit_idx], cv.y_dev[cv.final_fit_idx],
-                cv.X_dev[cv.final_es_idx], cv.y_dev[cv.final_es_idx],
+                "final", cv.X_dev, cv.y_dev, cv.X_test, cv.y_test,
                 X_test=cv.X_test, y_test=cv.y_test, feature_names=cv.feature_names,
             )
         )
@@ -291,15 +296,27 @@ class NNBackend:
                     ended[number] = Pruned(done[number])
         return [ended.get(number, done[number]) for number, _ in trials]
 
-    def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
+    def train_final(
+        self, trial_number: int, params: dict[str, Any], checkpoint_path: Path,
+        cv_folds: Sequence[dict[str, Any]] = (),
+    ) -> dict[str, Any]:
+        """Refit on every dev row for the epoch count the best trial's folds early-stopped
+        at (:func:`refit_epochs`), keeping the last weights: no row is held back and no
+        row scores a decision. ``r2``/``val_mse`` are the trial's CV means (the refit has
+        no validation rows of its own)."""
+        epochs = refit_epochs(cv_folds, cap=int(params["epochs"]))
+        final_params = NNParams.from_dict({**params, "epochs": epochs, "early_stopping_patience": 0})
         request = self._request(
-            trial_number, FINAL_FOLD_IDX, NNParams.from_dict(params), self.final_path,
-            save_model_path=str(checkpoint_path),
+            trial_number, FINAL_FOLD_IDX, final_params, self.final_path, save_model_path=str(checkpoint_path),
         )
         ((outcome,),) = self.runner.run([[request]])
         (result,) = raise_first_job_error([outcome])
         if "train_r2" not in result and "train_mse" in result:
-            result["train_r2"] = r2_from_mse(result["train_mse"], self.cv.y_dev[self.cv.final_fit_idx])
+            result["train_r2"] = r2_from_mse(result["train_mse"], self.cv.y_dev)
+        if cv_folds:
+            result["r2"] = float(np.mean([f["r2"] for f in cv_folds]))
+            result["val_mse"] = float(np.mean([f["val_mse"] for f in cv_folds]))
+        result.update(n_fit=int(len(self.cv.y_dev)), n_early_stop=0, refit_epochs=epochs)
         if not Path(checkpoint_path).is_file():
             raise Step5Error(f"the final neural-net job reported success but wrote no checkpoint at {checkpoint_path}")
         return result
@@ -319,6 +336,17 @@ class NNBackend:
 
     def close(self) -> None:
         self.runner.close()
+
+
+def refit_epochs(cv_folds: Sequence[dict[str, Any]], *, cap: int) -> int:
+    """Epochs for the refit on all dev rows: the median of the folds' early-stopped best
+    epochs (each fold stopped on rows carved from its own training rows), at least 1 and
+    at most ``cap``; ``cap`` when no fold recorded one."""
+    best = [int(f["best_epoch"]) for f in cv_folds if isinstance(f.get("best_epoch"), int) and f["best_epoch"] > 0]
+    if not best:
+        logger.warning("the best trial recorded no fold best_epoch; the refit trains the full %d epochs", cap)
+        return cap
+    return max(1, min(cap, int(round(float(np.median(best))))))
 
 
 def _load_trees_module() -> Any:
@@ -408,7 +436,10 @@ class TreeBackend:
             out.append(outcome)
         return out
 
-    def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
+    def train_final(
+        self, trial_number: int, params: dict[str, Any], checkpoint_path: Path,
+        cv_folds: Sequence[dict[str, Any]] = (),
+    ) -> dict[str, Any]:
         metrics, model = self._fit(
             trial_number, FINAL_FOLD_IDX, params, self.cv.final_fit_idx, self.cv.final_es_idx,
             X_test=self.cv.X_test, y_test=self.cv.y_test,

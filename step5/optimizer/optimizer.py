@@ -467,11 +467,11 @@ class AntiOverfitMetaOptimizer:
         name = artifacts.checkpoint_filename(self.config.model_type)
         logger.info("training the final model with trial %d's params: %s", best.number, params)
         start = time.perf_counter()
-        result = backend.train_final(best.number, params, staging / name)
+        result = backend.train_final(best.number, params, staging / name, cv_folds=best.user_attrs.get("folds") or [])
         self.timings["final_s"] = time.perf_counter() - start
         result["params"] = params
         logger.info(
-            "final model: train R² %.4f, early-stop R² %.4f, test R² %.4f (%.1fs)",
+            "final model: train R² %.4f, val R² %.4f, test R² %.4f (%.1fs)",
             result.get("train_r2", float("nan")), result.get("r2", float("nan")),
             result.get("test_r2", float("nan")), self.timings["final_s"],
         )
@@ -588,8 +588,8 @@ class AntiOverfitMetaOptimizer:
             "overfit_penalty": OVERFIT_PENALTY,
             "k_folds": cfg.k_folds,
             "n_dev": int(len(cv.y_dev)),
-            "n_fit": int(len(cv.final_fit_idx)),
-            "n_early_stop": int(len(cv.final_es_idx)),
+            "n_fit": int(final.get("n_fit", len(cv.final_fit_idx))),
+            "n_early_stop": int(final.get("n_early_stop", len(cv.final_es_idx))),
             "n_test": int(len(cv.y_test)),
             "epochs_run": final.get("epochs_run"),
             "best_epoch": final.get("best_epoch"),

@@ -59,7 +59,7 @@ def test_result_message_has_the_protocol_fields(tmp_path):
     assert set(res) == COMPLETE_KEYS
     assert (res["status"], res["model_type"], res["device"]) == ("complete", "neural_net", "cpu")
     assert (res["trial_number"], res["fold_idx"], res["job_id"]) == (7, 2, "t7-f2")
-    assert (res["n_train"], res["n_val"]) == (120, 40)
+    assert (res["n_train"], res["n_val"]) == (96, 40)  # 24 of the 120 training rows only early-stop
     assert 1 <= res["best_epoch"] <= res["epochs_run"] <= 12
     assert all(isinstance(res[k], float) and math.isfinite(res[k]) for k in ("r2", "val_mse", "train_mse", "train_r2"))
     assert res["duration"] >= res["train_s"] > 0
@@ -294,3 +294,32 @@ def test_learns_the_planted_signal_of_the_sample_generator(sample_inputs, tmp_pa
         "early_stopping_patience": 8})
     res = run_train_job(req, device=CPU)
     assert res["r2"] > 0.3, res
+
+
+def test_the_validation_rows_only_score_the_fold(tmp_path):
+    """Early stopping decides on a seeded slice of the training rows: other validation
+    targets change the reported R^2 but not one step of the training."""
+    base = arrays(seed=3)
+    other = dict(base, y_val=(base["y_val"][::-1] * 3.0 + 1.0).astype(np.float32))
+    params = {"epochs": 40, "early_stopping_patience": 2}
+    a = run_train_job(request(npz(tmp_path / "a.npz", **base), params=params), device=CPU)
+    b = run_train_job(request(npz(tmp_path / "b.npz", **other), params=params), device=CPU)
+    assert a["epochs_run"] < 40  # it did stop early
+    assert (a["epochs_run"], a["best_epoch"], a["train_mse"]) == (b["epochs_run"], b["best_epoch"], b["train_mse"])
+    assert a["r2"] != b["r2"]
+
+
+def test_the_early_stopping_slice_is_seeded_disjoint_and_leaves_rows_to_fit():
+    fit, stop = job_module.early_stopping_split(120, seed=5)
+    assert len(stop) == 24 and len(fit) == 96 and not set(fit) & set(stop)
+    assert sorted([*fit, *stop]) == list(range(120))
+    again = job_module.early_stopping_split(120, seed=5)
+    assert all(np.array_equal(x, y) for x, y in zip((fit, stop), again))
+    assert not np.array_equal(job_module.early_stopping_split(120, seed=6)[1], stop)
+    assert [len(p) for p in job_module.early_stopping_split(3, seed=0)] == [2, 1]
+
+
+def test_patience_zero_fits_every_training_row_for_exactly_the_epochs(tmp_path):
+    path = npz(tmp_path / "f.npz", **arrays())
+    res = run_train_job(request(path, params={"epochs": 7, "early_stopping_patience": 0}), device=CPU)
+    assert res["n_train"] == 120 and res["epochs_run"] == res["best_epoch"] == 7  # the last weights, no selection

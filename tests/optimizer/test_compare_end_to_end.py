@@ -68,7 +68,7 @@ def test_trees_compete_and_a_failing_type_cannot_stop_or_win(sample_inputs, tmp_
     assert models["catboost"]["status"] == "FAILED" and "catboost exploded" in models["catboost"]["error"]
     done = {mt: m for mt, m in models.items() if m["status"] == "SUCCESS"}
     assert set(done) == {"xgboost", "lightgbm"}
-    best = max(done, key=lambda mt: done[mt]["test_r2"])
+    best = max(done, key=lambda mt: done[mt]["cv_score"])  # chosen on CV, never on test R^2
     assert summary["winner"] == best
     for m in done.values():
         assert m["trials_run"] == 2 and m["wall_s"] > 0 and np.isfinite(m["cv_score"])
@@ -121,7 +121,7 @@ def test_cli_compare_models_runs_all_four(sample_inputs, tmp_path, repo_root, py
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
     summary = json.loads((tmp_path / "models" / "diagnostics_outputs" / compare.SUMMARY_NAME).read_text())
     assert {mt: m["status"] for mt, m in summary["models"].items()} == {mt: "SUCCESS" for mt in MODEL_TYPES}
-    ranked = sorted(MODEL_TYPES, key=lambda mt: -summary["models"][mt]["test_r2"])
+    ranked = sorted(MODEL_TYPES, key=lambda mt: -summary["models"][mt]["cv_score"])
     assert summary["winner"] == ranked[0]
     sidecar = artifacts.read_sidecar(tmp_path / "models" / artifacts.SIDECAR_NAME)
     assert sidecar["model_type"] == summary["winner"]

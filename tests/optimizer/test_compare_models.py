@@ -106,9 +106,10 @@ def summary_of(config: OptimizerConfig) -> dict:
     return json.loads((config.diagnostics_dir / compare.SUMMARY_NAME).read_text())
 
 
-def test_the_best_test_r2_wins_and_is_left_as_best_model(fake, config):
-    fake.script = {"neural_net": ("ok", 0.30, 0.35), "xgboost": ("ok", 0.42, 0.20),
-                   "lightgbm": ("ok", 0.40, 0.50), "catboost": ("ok", 0.10, 0.45)}
+def test_the_best_cv_objective_wins_never_the_test_r2_and_is_left_as_best_model(fake, config):
+    # xgboost has the best CV objective and the worst test R^2: the test rows only report
+    fake.script = {"neural_net": ("ok", 0.30, 0.35), "xgboost": ("ok", 0.10, 0.60),
+                   "lightgbm": ("ok", 0.40, 0.50), "catboost": ("ok", 0.42, 0.45)}
     assert compare.run_compare(config, optimizer_factory=fake) == 0
 
     out = config.output_dir
@@ -119,7 +120,8 @@ def test_the_best_test_r2_wins_and_is_left_as_best_model(fake, config):
     assert artifacts.resolve_checkpoint(out / artifacts.SIDECAR_NAME, sidecar).read_text() == "xgboost model"
     block = sidecar["compare_models"]
     assert block["winner"] == "xgboost" and block["role"] == "winner"
-    assert block["criterion"]["primary"] == "test_r2"
+    assert block["criterion"]["primary"] == "cv_score" and "test_r2" not in block["criterion"]["tie_break"]
+    assert block["candidates"]["xgboost"]["test_r2"] == 0.10  # reported as it was
     assert set(block["candidates"]) == set(MODEL_TYPES)
 
     # the others are archived, each loadable from its own folder
@@ -133,7 +135,7 @@ def test_the_best_test_r2_wins_and_is_left_as_best_model(fake, config):
     summary = summary_of(config)
     assert summary["winner"] == "xgboost" and summary["exit_code"] == 0
     assert {mt: m["rank"] for mt, m in summary["models"].items()} == {
-        "xgboost": 1, "lightgbm": 2, "neural_net": 3, "catboost": 4}
+        "xgboost": 1, "lightgbm": 2, "catboost": 3, "neural_net": 4}
     for mt, m in summary["models"].items():
         assert m["status"] == "SUCCESS" and m["trials_run"] == 3 and m["wall_s"] >= 0
         assert set(m) >= {"cv_score", "test_r2", "wall_s", "trials_run", "status", "error"}
@@ -167,17 +169,17 @@ def test_an_explicit_storage_and_no_study_name_are_kept(fake, config):
     assert {c.study_name for c in fake.configs} == {None}  # the optimizer's per-type default
 
 
-def test_ties_go_to_the_better_cv_score_then_model_order(fake, config):
-    fake.script = {"neural_net": ("ok", 0.4, 0.1), "xgboost": ("ok", 0.4, 0.3),
-                   "lightgbm": ("ok", 0.4, 0.3), "catboost": ("ok", 0.2, 0.9)}
+def test_cv_ties_go_to_the_model_order_never_to_the_test_r2(fake, config):
+    fake.script = {"neural_net": ("ok", 0.4, 0.1), "xgboost": ("ok", 0.1, 0.9),
+                   "lightgbm": ("ok", 0.8, 0.9), "catboost": ("ok", 0.2, 0.3)}
     assert compare.run_compare(config, optimizer_factory=fake) == 0
-    assert summary_of(config)["winner"] == "xgboost"  # beats neural_net on CV, lightgbm on order
+    assert summary_of(config)["winner"] == "xgboost"  # ties lightgbm on CV, earlier in the order
 
 
 def test_a_failing_model_type_is_reported_and_the_others_go_on(fake, config, caplog):
     fake.script = {"neural_net": ("raise", RuntimeError("worker pool exploded")),
                    "xgboost": ("ok", 0.2, 0.2), "lightgbm": ("no_checkpoint", 0.9, 0.9),
-                   "catboost": ("ok", 0.3, 0.1)}
+                   "catboost": ("ok", 0.1, 0.3)}
     with caplog.at_level("ERROR", logger="step5.optimizer.compare"):
         assert compare.run_compare(config, optimizer_factory=fake) == 0
     summary = summary_of(config)
@@ -221,7 +223,7 @@ def test_a_new_winner_replaces_a_stale_model_of_another_type(fake, config):
     config.output_dir.mkdir(parents=True)
     (config.output_dir / "best_model.pth").write_text("old nn")
     (config.output_dir / "notes.txt").write_text("the user's file")
-    fake.script = {mt: ("ok", 0.5 if mt == "lightgbm" else 0.1, 0.1) for mt in MODEL_TYPES}
+    fake.script = {mt: ("ok", 0.1, 0.5 if mt == "lightgbm" else 0.1) for mt in MODEL_TYPES}
     assert compare.run_compare(config, optimizer_factory=fake) == 0
     names = sorted(p.name for p in config.output_dir.iterdir() if p.is_file())
     assert names == ["best_model.history.png", "best_model.meta.json", "best_model.txt", "notes.txt"]
@@ -234,7 +236,7 @@ def test_registry_skips_are_logged_and_cannot_win(fake, config, caplog):
     for _ in range(3):  # over the policy's limit of 2
         record_result(registry, "xgboost", True, "cv_r2 -0.3 < min 0.0", 2)
     record_result(registry, "catboost", True, "cv_r2 -0.1 < min 0.0", 2)  # under the limit
-    fake.script = {mt: ("ok", 0.9 if mt == "xgboost" else 0.2, 0.1) for mt in MODEL_TYPES}
+    fake.script = {mt: ("ok", 0.1, 0.9 if mt == "xgboost" else 0.2) for mt in MODEL_TYPES}
     with caplog.at_level("WARNING", logger="step5.optimizer.compare"):
         assert compare.run_compare(config, optimizer_factory=fake) == 0
     assert "xgboost" not in [c.model_type for c in fake.configs]
@@ -281,9 +283,9 @@ def test_ctrl_c_is_not_swallowed(fake, config):
 
 
 def test_a_rerun_replaces_the_archive(fake, config):
-    fake.script = {mt: ("ok", 0.5 if mt == "catboost" else 0.1, 0.1) for mt in MODEL_TYPES}
+    fake.script = {mt: ("ok", 0.1, 0.5 if mt == "catboost" else 0.1) for mt in MODEL_TYPES}
     compare.run_compare(config, optimizer_factory=fake)
-    fake.script = {mt: ("ok", 0.5 if mt == "neural_net" else 0.1, 0.1) for mt in MODEL_TYPES}
+    fake.script = {mt: ("ok", 0.1, 0.5 if mt == "neural_net" else 0.1) for mt in MODEL_TYPES}
     compare.run_compare(config, optimizer_factory=fake)
     archive = config.output_dir / compare.ARCHIVE_DIRNAME
     assert sorted(p.name for p in archive.iterdir()) == ["catboost", "lightgbm", "xgboost"]
@@ -293,7 +295,9 @@ def test_a_rerun_replaces_the_archive(fake, config):
 
 def test_select_winner_ignores_non_success_and_non_finite_scores():
     C = compare.Candidate
-    cands = [C("neural_net", "FAILED", test_r2=0.99), C("xgboost", "SUCCESS", test_r2=float("nan")),
-             C("lightgbm", "DEGENERATE_SIGNAL"), C("catboost", "SUCCESS", test_r2=-0.5, cv_score=None)]
-    assert compare.select_winner(cands).model_type == "catboost"
-    assert compare.select_winner(cands[:3]) is None
+    cands = [C("neural_net", "FAILED", test_r2=0.99, cv_score=0.9),
+             C("xgboost", "SUCCESS", test_r2=float("nan"), cv_score=0.8),
+             C("lightgbm", "DEGENERATE_SIGNAL"), C("catboost", "SUCCESS", test_r2=0.7, cv_score=None),
+             C("neural_net", "SUCCESS", test_r2=-0.5, cv_score=-0.2)]
+    assert compare.select_winner(cands).model_type == "neural_net"
+    assert compare.select_winner(cands[:4]) is None

@@ -21,7 +21,7 @@ from step5 import artifacts, model_set
 from step5.errors import DegenerateSignalError, Step5Error, UsageError
 from step5.jsonio import read_json_file, write_json_atomic
 from step5.optimizer import AntiOverfitMetaOptimizer, OptimizerConfig
-from step5.optimizer.objective import FINAL_FOLD_IDX
+from step5.optimizer.objective import FINAL_FOLD_IDX, refit_epochs
 from step5.optimizer.study import StudyMismatchError
 from step5.testing.fake_runner import install_fake_runner
 
@@ -81,7 +81,10 @@ def test_run_builds_final_model_from_best_trial_and_never_shows_test_rows(sample
     best = _study(cfg, outcome).best_trial
     assert sidecar["optuna"]["best_trial_number"] == best.number
     # Exactly the best trial's params, saved through the runner into the output dir.
-    assert final.params.to_dict() == best.user_attrs["params"] == sidecar["hyperparameters"]
+    # The refit: the best trial's params, for the epochs its folds early-stopped at, no early stopping.
+    epochs = refit_epochs(best.user_attrs["folds"], cap=best.user_attrs["params"]["epochs"])
+    assert final.params.to_dict() == {**best.user_attrs["params"], "epochs": epochs, "early_stopping_patience": 0}
+    assert best.user_attrs["params"] == sidecar["hyperparameters"]
     assert final.trial_number == best.number and final.save_model_path.endswith("best_model.pth")
     assert (cfg.output_dir / "best_model.pth").read_bytes() == b"fake checkpoint"
     assert sidecar["checkpoint_sha256"] == hashlib.sha256(b"fake checkpoint").hexdigest()
@@ -89,13 +92,15 @@ def test_run_builds_final_model_from_best_trial_and_never_shows_test_rows(sample
     assert sorted(p.name for p in sets.iterdir()) == sorted([model_set.POINTER_NAME, model_set.current_dir(cfg.output_dir).name])
     assert (cfg.output_dir / "best_model.history.png").stat().st_size > 0
 
-    # The final split: fit + early-stop rows = dev rows; the test rows are in no fold file.
+    # The final refit fits every dev row; its file's validation slot holds the test rows
+    # (scored only: patience 0 decides nothing); the test rows are in no fold file.
     fin = runner.arrays[final.data_path]
     n = sidecar["data_context"]["survivor_count"]
     n_test = sidecar["training_metrics"]["n_test"]
     assert n_test == int(np.ceil(n * cfg.test_holdout)) == len(fin["y_test"])
-    assert len(fin["y_train"]) + len(fin["y_val"]) == n - n_test
-    assert abs(len(fin["y_val"]) - (n - n_test) / cfg.k_folds) <= 1
+    assert len(fin["y_train"]) == n - n_test == sidecar["training_metrics"]["n_fit"]
+    assert sidecar["training_metrics"]["n_early_stop"] == 0
+    assert np.array_equal(fin["X_val"], fin["X_test"])
     test_rows = {row.tobytes() for row in fin["X_test"]}
     for path in {r.data_path for r in cv_requests}:
         arrays = runner.arrays[path]

@@ -1,0 +1,294 @@
+"""Model quality: Step 5 against tuned scikit-learn baselines on rows it never saw.
+
+Datasets come from what scikit-learn ships, nothing downloaded:
+
+* ``diabetes_s<seed>``: ``load_diabetes`` (442 rows, 10 features), one per split seed;
+* ``friedman1``: ``make_friedman1`` (``--friedman-rows`` rows, 10 features, noise 1.0);
+* ``..._noise80``: the same with 80 uninformative standard-normal columns appended.
+
+Each dataset is written as a survivors file (SPEC section 2: the target is
+``holdout_quality``, features ``x000``, ``x001``, ...) plus a small history file, and:
+
+1. Step 5 runs on it in-process (``AntiOverfitMetaOptimizer``, ``--model-type
+   neural_net``), and with ``--compare`` also ``run_compare`` (all four model types);
+   ``--seed`` is the dataset's split seed, so Step 5 holds out the rows
+   ``step5.data.splits.holdout_split(n, --test-holdout, seed)`` gives;
+2. the baselines are fitted on exactly those development rows and scored on exactly
+   those test rows: RidgeCV (standardised inputs, alphas 1e-3..1e3), HistGradientBoosting
+   (defaults), RandomForest (300 trees), and an MLPRegressor grid (GridSearchCV, 5 folds,
+   standardised inputs, lbfgs, alpha 0.1/1/10 x one layer of 16/64);
+3. the table, the targets of issue 14 (NN test R² within 0.05 of the best baseline on
+   every dataset; compare-models at least the best baseline minus 0.01) and the CV-vs-test
+   optimism of the NN (its best trial's CV mean R² minus its test R²) are printed, and
+   written to ``<out>/quality.json`` and ``<out>/quality.png``.
+
+Usage::
+
+    python -m bench.quality [--trials 30] [--datasets diabetes_s42,friedman1,...]
+        [--compare] [--out bench/results/quality] [--friedman-rows 2000]
+
+A quick run: ``--trials 8 --datasets diabetes_s42,diabetes_noise80``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+logger = logging.getLogger("bench.quality")
+
+NOISE_COLUMNS = 80
+DIABETES_SEEDS = (42, 1, 7)
+TEST_HOLDOUT = 0.2
+K_FOLDS = 5
+NN_TOLERANCE = 0.05  # NN test R² >= best baseline - this
+COMPARE_TOLERANCE = 0.01  # compare-models test R² >= best baseline - this
+BASELINES = ("RidgeCV", "HistGB", "RandomForest", "MLP grid")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    name: str
+    X: np.ndarray
+    y: np.ndarray
+    split_seed: int
+
+
+def _with_noise(X: np.ndarray, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, 80])
+    return np.hstack([X, rng.normal(size=(X.shape[0], NOISE_COLUMNS))])
+
+
+def datasets(friedman_rows: int) -> dict[str, Callable[[], Dataset]]:
+    """Every dataset the benchmark knows, by name, built lazily."""
+    from sklearn.datasets import load_diabetes, make_friedman1
+
+    def diabetes(seed: int, noise: bool) -> Dataset:
+        X, y = load_diabetes(return_X_y=True)
+        name = f"diabetes_s{seed}" if not noise else f"diabetes_noise{NOISE_COLUMNS}"
+        return Dataset(name, _with_noise(X, seed) if noise else X, y, seed)
+
+    def friedman(noise: bool) -> Dataset:
+        X, y = make_friedman1(n_samples=friedman_rows, n_features=10, noise=1.0, random_state=0)
+        name = "friedman1" if not noise else f"friedman1_noise{NOISE_COLUMNS}"
+        return Dataset(name, _with_noise(X, 0) if noise else X, y, 42)
+
+    out: dict[str, Callable[[], Dataset]] = {}
+    for s in DIABETES_SEEDS:
+        out[f"diabetes_s{s}"] = lambda s=s: diabetes(s, False)
+    out["friedman1"] = lambda: friedman(False)
+    out[f"diabetes_noise{NOISE_COLUMNS}"] = lambda: diabetes(42, True)
+    out[f"friedman1_noise{NOISE_COLUMNS}"] = lambda: friedman(True)
+    return out
+
+
+def write_survivors(ds: Dataset, folder: Path) -> tuple[Path, Path]:
+    """The dataset as a survivors file (target ``holdout_quality``) and a history file."""
+    from step5.data.sample import make_history
+    from step5.jsonio import write_json_atomic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    records = [
+        {
+            "seed": i, "score": 0.0,
+            "features": {f"x{j:03d}": float(v) for j, v in enumerate(row)},
+            "metadata": {"prng_type": "java_lcg", "mod": 1000},
+            "holdout_hits": 0.0, "holdout_quality": float(t),
+        }
+        for i, (row, t) in enumerate(zip(ds.X, ds.y))
+    ]
+    survivors, history = folder / "survivors_with_scores.json", folder / "train_history.json"
+    write_json_atomic(survivors, records, indent=False)
+    write_json_atomic(history, make_history(200, 0), indent=False)
+    return survivors, history
+
+
+def run_baselines(ds: Dataset) -> dict[str, float]:
+    """Each baseline's test R², fitted on the development rows Step 5 uses."""
+    from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import RidgeCV
+    from sklearn.metrics import r2_score
+    from sklearn.model_selection import GridSearchCV, KFold
+    from sklearn.neural_network import MLPRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from step5.data.splits import holdout_split
+
+    dev, test = holdout_split(len(ds.y), TEST_HOLDOUT, ds.split_seed)
+    X = ds.X.astype(np.float32).astype(np.float64)  # what the survivors file holds
+    models: dict[str, Any] = {
+        "RidgeCV": make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13))),
+        "HistGB": HistGradientBoostingRegressor(random_state=0),
+        "RandomForest": RandomForestRegressor(n_estimators=300, random_state=0, n_jobs=1),
+        "MLP grid": GridSearchCV(
+            make_pipeline(StandardScaler(), MLPRegressor(max_iter=400, random_state=0, solver="lbfgs")),
+            {"mlpregressor__alpha": [0.1, 1.0, 10.0], "mlpregressor__hidden_layer_sizes": [(16,), (64,)]},
+            cv=KFold(K_FOLDS, shuffle=True, random_state=0), n_jobs=1,
+        ),
+    }
+    out = {}
+    for name, model in models.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # lbfgs at max_iter: a result, not news
+            model.fit(X[dev], ds.y[dev])
+        out[name] = float(r2_score(ds.y[test], model.predict(X[test])))
+    return out
+
+
+def run_step5(ds: Dataset, survivors: Path, history: Path, out: Path, *, trials: int, compare: bool,
+              max_epochs: int) -> dict[str, Any]:
+    """Step 5's NN run (and compare-models): test R², CV mean R², train R² of the final model."""
+    from step5.optimizer.compare import run_compare
+    from step5.optimizer.config import OptimizerConfig
+    from step5.optimizer.optimizer import AntiOverfitMetaOptimizer
+
+    common = dict(
+        survivors=survivors, lottery_data=history, trials=trials, k_folds=K_FOLDS, test_holdout=TEST_HOLDOUT,
+        seed=ds.split_seed, cpu_workers=1, log_level="WARNING", nn_max_epochs=max_epochs,
+        skip_registry=out / "no_registry.json",
+    )
+    res: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    outcome = AntiOverfitMetaOptimizer(OptimizerConfig(output_dir=out / "nn", **common)).run()
+    metrics = outcome.sidecar.get("training_metrics", {})
+    res["nn"] = {
+        "status": outcome.status, "test_r2": outcome.test_r2, "cv_r2_mean": metrics.get("cv_r2_mean"),
+        "train_r2": metrics.get("train_r2"), "cv_objective": outcome.cv_score,
+        "best_epoch": metrics.get("best_epoch"), "hyperparameters": outcome.sidecar.get("hyperparameters"),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    if compare:
+        t0 = time.perf_counter()
+        cfg = OptimizerConfig(output_dir=out / "compare", compare_models=True, **common)
+        run_compare(cfg)
+        summary = json.loads((cfg.diagnostics_folder / "compare_models_summary.json").read_text())
+        winner = summary["winner"]
+        res["compare"] = {
+            "winner": winner,
+            "test_r2": summary["models"][winner]["test_r2"] if winner else None,
+            "by_model": {mt: {"cv_score": m["cv_score"], "test_r2": m["test_r2"]}
+                         for mt, m in summary["models"].items()},
+            "wall_s": round(time.perf_counter() - t0, 1),
+        }
+    return res
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None or not math.isfinite(v) else f"{v:.3f}"
+
+
+def report(rows: list[dict[str, Any]]) -> tuple[str, bool]:
+    """The markdown table, the targets and the optimism; True when every target is met."""
+    head = "| data | Step 5 NN | compare-models (winner) | " + " | ".join(BASELINES) + " | best baseline | NN CV R² | optimism (CV - test) |"
+    lines = [head, "|" + "---|" * (len(BASELINES) + 6)]
+    met = True
+    checks = []
+    for r in rows:
+        best = max(r["baselines"].values())
+        nn = r["nn"]["test_r2"]
+        cmp = r.get("compare", {})
+        cmp_s = f"{_fmt(cmp.get('test_r2'))} ({cmp.get('winner')})" if cmp else "-"
+        opt = None if nn is None or r["nn"]["cv_r2_mean"] is None else r["nn"]["cv_r2_mean"] - nn
+        lines.append(
+            f"| {r['dataset']} | {_fmt(nn)} | {cmp_s} | " + " | ".join(_fmt(r["baselines"][b]) for b in BASELINES)
+            + f" | {_fmt(best)} | {_fmt(r['nn']['cv_r2_mean'])} | {_fmt(opt)} |"
+        )
+        ok_nn = nn is not None and nn >= best - NN_TOLERANCE
+        checks.append(f"{r['dataset']}: NN {_fmt(nn)} >= best baseline {best:.3f} - {NN_TOLERANCE}: "
+                      f"{'met' if ok_nn else 'MISSED'}")
+        met &= ok_nn
+        if cmp:
+            ok_c = cmp.get("test_r2") is not None and cmp["test_r2"] >= best - COMPARE_TOLERANCE
+            checks.append(f"{r['dataset']}: compare-models {_fmt(cmp.get('test_r2'))} >= best baseline "
+                          f"{best:.3f} - {COMPARE_TOLERANCE}: {'met' if ok_c else 'MISSED'}")
+            met &= ok_c
+    return "\n".join(lines) + "\n\nTargets:\n" + "\n".join("  " + c for c in checks), met
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib.figure import Figure
+
+    names = [r["dataset"] for r in rows]
+    series = {"Step 5 NN": [r["nn"]["test_r2"] for r in rows]}
+    if any("compare" in r for r in rows):
+        series["compare-models"] = [r.get("compare", {}).get("test_r2") for r in rows]
+    for b in BASELINES:
+        series[b] = [r["baselines"][b] for r in rows]
+    fig = Figure(figsize=(max(8, 1.9 * len(rows)), 4.5))
+    ax = fig.subplots()
+    w = 0.8 / len(series)
+    for i, (label, vals) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * w for j in range(len(rows))]
+        ax.bar(xs, [v if v is not None else 0.0 for v in vals], width=w, label=label)
+    ax.set_xticks(range(len(rows)), names, rotation=15)
+    ax.set_ylabel("test R² (untouched rows)")
+    ax.set_ylim(bottom=min(0.0, *(v for vals in series.values() for v in vals if v is not None)))
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.legend(fontsize=8, ncol=3)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title("Step 5 vs scikit-learn baselines, same dev rows, same test rows")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=30, help="Optuna trials per Step 5 run [30]")
+    parser.add_argument("--datasets", default=None,
+                        help="comma-separated names (default: all): " + ", ".join(datasets(2000)))
+    parser.add_argument("--compare", action="store_true", help="also run --compare-models on each dataset")
+    parser.add_argument("--friedman-rows", type=int, default=2000, help="rows of make_friedman1 [2000]")
+    parser.add_argument("--nn-max-epochs", type=int, default=200, help="Step 5's NN epoch cap [200]")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/quality"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    known = datasets(args.friedman_rows)
+    names = args.datasets.split(",") if args.datasets else list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(f"unknown dataset(s) {unknown}; known: {list(known)}")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in names:
+        ds = known[name]()
+        folder = args.out / name
+        survivors, history = write_survivors(ds, folder / "data")
+        logger.info("%s: %d rows x %d features; baselines", name, *ds.X.shape)
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"dataset": name, "rows": int(ds.X.shape[0]), "features": int(ds.X.shape[1]),
+                               "split_seed": ds.split_seed, "baselines": run_baselines(ds)}
+        row["baselines_wall_s"] = round(time.perf_counter() - t0, 1)
+        logger.info("%s: baselines %s; Step 5 (%d trials)", name, row["baselines"], args.trials)
+        row.update(run_step5(ds, survivors, history, folder, trials=args.trials, compare=args.compare,
+                             max_epochs=args.nn_max_epochs))
+        logger.info("%s: NN %s", name, row["nn"])
+        rows.append(row)
+        (args.out / "quality.json").write_text(json.dumps(
+            {"settings": {**vars(args), "out": str(args.out)}, "rows": rows}, indent=1, default=str))
+    text, met = report(rows)
+    print(f"Step 5 quality, {args.trials} trials per run, {K_FOLDS} folds, test holdout {TEST_HOLDOUT}:\n")
+    print(text)
+    print(f"\nAll targets met: {met}")
+    plot(rows, args.out / "quality.png")
+    print(f"Results: {args.out / 'quality.json'}; picture: {args.out / 'quality.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
