@@ -34,7 +34,7 @@ SCRIPT = REPO_ROOT / "meta_prediction_optimizer_anti_overfit.py"
 TRAINERS = {"worker": "step5.nn.worker", "oneshot": "step5.nn.oneshot"}
 #: No restart: the first killed worker sends its slot to one-shot trainers (so those get
 #: killed too), and a short cool-down re-promotes it within the run. The killer strikes
-#: every 1-3 s and prefers the one-shot trainer that is running, often the same job's
+#: every 0.5-1.5 s and prefers the one-shot trainer that is running, often the same job's
 #: re-run: a per-job limit of 3 (the default) would fail that job by design (a 40-trial
 #: run did), so the soak raises it and tests the run's budget instead.
 POLICY = {"training": {"use_persistent_workers": True, "max_worker_restarts": 0, "worker_repromote_after_s": 4,
@@ -72,11 +72,16 @@ class Killer(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        next_kill = time.monotonic() + self.rng.uniform(4.0, 8.0)  # the workers boot first
+        next_kill: float | None = None  # set once the first training process shows up
+
         while not self.stop.is_set():
             found = _training_processes(self.root)
             self.seen.update(p.pid for procs in found.values() for p in procs)
-            if len(self.killed) < self.kills and time.monotonic() >= next_kill:
+            if next_kill is None and any(found.values()):
+                # The first kill comes soon after training starts, whatever the machine's speed:
+                # on a quiet machine the whole undisturbed run takes only a few seconds.
+                next_kill = time.monotonic() + self.rng.uniform(1.0, 2.0)
+            if next_kill is not None and len(self.killed) < self.kills and time.monotonic() >= next_kill:
                 wanted = ("oneshot", "worker") if len(self.killed) % 2 else ("worker", "oneshot")
                 kind = next((k for k in wanted if found[k]), None)
                 if kind is not None:
@@ -86,13 +91,13 @@ class Killer(threading.Thread):
                         self.killed.append(kind)
                     except psutil.Error:
                         pass
-                    next_kill = time.monotonic() + self.rng.uniform(1.0, 3.0)
+                    next_kill = time.monotonic() + self.rng.uniform(0.5, 1.5)
             time.sleep(0.05)
 
 
-SOAK_TRIALS = int(os.environ.get("STEP5_SOAK_TRIALS", "3"))
+SOAK_TRIALS = int(os.environ.get("STEP5_SOAK_TRIALS", "6"))
 SOAK_KILLS = int(os.environ.get("STEP5_SOAK_KILLS", "4"))
-SOAK_EPOCHS = os.environ.get("STEP5_SOAK_EPOCHS", "20")
+SOAK_EPOCHS = os.environ.get("STEP5_SOAK_EPOCHS", "40")
 
 
 def _run(sample_inputs, out: Path, trials: int, kills: int = 0) -> tuple[subprocess.CompletedProcess, Killer | None]:
