@@ -188,7 +188,9 @@ def test_three_processes_on_postgres_survive_a_killed_helper_and_refuse_other_da
     configuration twice, one final model; a fourth process with other data is refused."""
     from step5.data.sample import write_sample
 
-    n = 5
+    # Enough trials and epochs that the victim is still training when it is found, on a
+    # quiet machine too (5 trials of 10 epochs were over before the first look).
+    n = 10
     survivors, history = sample_inputs
     policy = tmp_path / "policy.json"
     write_json_atomic(policy, {"training": {"use_persistent_workers": True, "heartbeat_interval_s": 1,
@@ -197,7 +199,7 @@ def test_three_processes_on_postgres_survive_a_killed_helper_and_refuse_other_da
 
     def command(name: str, *extra: str, inputs=(survivors, history)) -> list[str]:
         return [python, str(repo_root / SCRIPT), "--survivors", str(inputs[0]), "--lottery-data", str(inputs[1]),
-                "--model-type", "neural_net", "--trials", str(n), "--k-folds", "2", "--nn-max-epochs", "10",
+                "--model-type", "neural_net", "--trials", str(n), "--k-folds", "2", "--nn-max-epochs", "60",
                 "--cpu-workers", "1", "--seed", "5", "--policy", str(policy), "--storage", postgres_url,
                 "--study-name", "shared", "--output-dir", str(tmp_path / name), *extra]
 
@@ -214,13 +216,15 @@ def test_three_processes_on_postgres_survive_a_killed_helper_and_refuse_other_da
         while time.monotonic() < deadline:  # wait until the victim trains a trial
             try:
                 study = optuna.load_study(study_name="shared", storage=postgres_url)
+                # Training, not still drawing its params (a trial killed mid-suggest is re-run
+                # with the params it had, the rest drawn anew).
                 running = [t for t in study.get_trials(states=(TrialState.RUNNING,))
-                           if t.user_attrs.get(OWNER_ATTR, {}).get("pid") == victim.pid]
+                           if t.user_attrs.get(OWNER_ATTR, {}).get("pid") == victim.pid and "params" in t.user_attrs]
             except KeyError:
                 running = []
             if running or victim.poll() is not None:
                 break
-            time.sleep(0.2)
+            time.sleep(0.05)
         assert victim.poll() is None, "the helper ended before it could be killed"
         os.killpg(victim.pid, signal.SIGKILL)  # the helper and its worker, as a lost host
         victim.wait(timeout=30)
