@@ -337,9 +337,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     install_lifeline(poll_s=0.2)
     try:
-        return FakeWorker(args, wire).serve()
+        rc = FakeWorker(args, wire).serve()
     except BrokenPipeError:
-        return 0
+        rc = 0
+    # Like the real worker: end without interpreter teardown, which aborts (SIGABRT) when the
+    # daemon stdin reader thread still holds stdin's buffer lock.
+    try:
+        wire.flush()
+    except (BrokenPipeError, ValueError):
+        pass
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 if __name__ == "__main__":
