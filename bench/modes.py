@@ -46,11 +46,13 @@ class BenchContext:
     job_timeout_s: float = 600.0
     ready_timeout_s: float = 300.0
     python: str = sys.executable
-    trials_in_flight: int = 0  # B, trials per run() call; 0: one per process (the optimizer's default)
+    trials_in_flight: int = 0  # B, trials per run() call; 0: the optimizer's default for these slots
 
     @property
     def in_flight(self) -> int:
-        return self.trials_in_flight or len(self.slots)
+        from step5.optimizer.grouping import default_trials_in_flight
+
+        return self.trials_in_flight or default_trials_in_flight(len(self.slots))
 
     def groups(self, fuse: str | None = None) -> list[list[list[TrainRequest]]]:
         """Per batch of B trials, the groups the optimizer would send (``fuse``: None,

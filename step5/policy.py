@@ -46,7 +46,7 @@ class TrainingPolicy:
     max_job_reruns: int = 3  # ... and per job; past either, the job's trial fails
     max_consecutive_failed_trials: int = 10  # failed trials are replaced; this many in a row stop the run
     fuse_folds: bool = False  # train a trial's K folds in one batched pass
-    trials_in_flight: int = 0  # trials per ask/run/tell batch; 0: one per device slot
+    trials_in_flight: int = 0  # trials per ask/run/tell batch; 0: two per device slot
     heartbeat_interval_s: float = 30.0  # a running trial's Optuna heartbeat period
     heartbeat_grace_s: float = 120.0  # no heartbeat this long: its process is dead, the trial is failed and re-run
     pruner: str = "none"  # fold-level pruning of hopeless trials (PRUNER_NAMES)

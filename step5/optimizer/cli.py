@@ -211,7 +211,7 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
     ex.add_argument("--trials-in-flight", type=_positive_int, default=None,
                     help="trials asked from Optuna and trained together per batch (the sampler knows the "
                          "pending ones); same seed and value give the same study [policy's "
-                         "training.trials_in_flight; 0 there: one per device slot]")
+                         "training.trials_in_flight; 0 there: two per device slot]")
     ex.add_argument("--pruner", choices=PRUNER_NAMES, default=None,
                     help="stop a trial whose running objective over its first folds is hopeless (Optuna "
                          "pruning on fold-level values; its remaining folds are not trained) [policy's "

@@ -20,6 +20,17 @@ from typing import Any, Mapping, Sequence
 
 from step5.protocol import TrainRequest, fusion_key
 
+#: Trials in flight per device slot when neither the flag nor the policy sets B. With one
+#: trial per slot, every batch ends with the slots idle while the batch's longest fold
+#: finishes; with two, that tail is spread over twice the work (default benchmark, 2 CPU
+#: slots: S96B 1.06x the ideal parallel limit with one, 1.03x with two; docs/benchmark.md).
+TRIALS_IN_FLIGHT_PER_SLOT = 2
+
+
+def default_trials_in_flight(capacity: int) -> int:
+    """B for neural nets when neither ``--trials-in-flight`` nor the policy sets it."""
+    return TRIALS_IN_FLIGHT_PER_SLOT * max(1, capacity)
+
 
 def fusion_groups(
     trial_requests: Mapping[int, Sequence[TrainRequest]],

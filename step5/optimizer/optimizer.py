@@ -57,6 +57,7 @@ from step5.policy import Policy, load_policy
 from step5.signal_quality import assess_signal
 from step5.optimizer.config import OptimizerConfig, RunOutcome, validate_config
 from step5.optimizer.diagnostics import write_run_diagnostics
+from step5.optimizer.grouping import default_trials_in_flight
 from step5.optimizer.objective import (
     OBJECTIVE_FORMULA,
     OVERFIT_PENALTY,
@@ -105,8 +106,9 @@ def resolve_search_plan(config: OptimizerConfig, policy: Policy, capacity: int, 
     ``--fuse-trials N`` (N > 1) fuses same-shape trials, which fuses their folds by
     definition, with N trials in flight. Otherwise ``--fuse-folds`` / ``--no-fuse-folds``
     win over ``training.fuse_folds``, and ``--trials-in-flight`` over
-    ``training.trials_in_flight``, whose 0 means "fill the slots": one trial per device
-    slot for neural nets (tree models train in-process, one trial at a time).
+    ``training.trials_in_flight``, whose 0 means "fill the slots": two trials per device
+    slot for neural nets (``default_trials_in_flight``; tree models train in-process, one
+    trial at a time).
     Fusion applies to neural nets only. ``--pruner`` wins over ``training.pruner``.
     """
     fuse_trials = neural_net and config.fuse_trials > 1
@@ -125,7 +127,7 @@ def resolve_search_plan(config: OptimizerConfig, policy: Policy, capacity: int, 
     elif policy.training.trials_in_flight > 0:
         in_flight = policy.training.trials_in_flight
     else:
-        in_flight = max(1, capacity) if neural_net else 1
+        in_flight = default_trials_in_flight(capacity) if neural_net else 1
     pruner = config.pruner if config.pruner is not None else policy.training.pruner
     return SearchPlan(in_flight, fuse_folds, fuse_trials, source, pruner=pruner,
                       max_consecutive_failures=policy.training.max_consecutive_failed_trials)

@@ -131,10 +131,10 @@ def test_fuse_folds_sends_each_trial_as_one_group_with_the_unfused_requests(samp
 
     assert _table(_study(fused_cfg, fused)) == _table(_study(_config(sample_inputs, tmp_path, "plain"), plain))
     assert fused.sidecar["optuna"]["best_value"] == plain.sidecar["optuna"]["best_value"]
-    # Two trials in flight (the fake's two slots): one group of K folds per trial; then the
-    # final model, a group of one.
-    assert [[len(g) for g in call] for call in fused_runner.calls] == [[3, 3], [3], [1]]
-    assert [[len(g) for g in call] for call in unfused_runner.calls] == [[1] * 6, [1] * 3, [1]]
+    # Four trials in flight (two per slot of the fake's two), so the 3 trials are one batch:
+    # one group of K folds per trial; then the final model, a group of one.
+    assert [[len(g) for g in call] for call in fused_runner.calls] == [[3, 3, 3], [1]]
+    assert [[len(g) for g in call] for call in unfused_runner.calls] == [[1] * 9, [1]]
     sent = sorted((r.trial_number, r.fold_idx, r.seed, Path(r.data_path).name)
                   for call in _trial_calls(fused_runner) for g in call for r in g)
     assert sent == sorted(
@@ -143,7 +143,7 @@ def test_fuse_folds_sends_each_trial_as_one_group_with_the_unfused_requests(samp
     )
     search = fused.sidecar["execution"]["search"]
     assert (search["fuse_folds"], search["fuse_trials"], search["trials_in_flight"], search["batches"]) == (
-        True, False, 2, 2)
+        True, False, 4, 1)
     fusion = fused.sidecar["execution"]["fusion"]
     assert (fusion["groups"], fusion["jobs"], fusion["fused_groups"], fusion["largest_group"]) == (4, 10, 3, 3)
     assert plain.sidecar["execution"]["search"]["fuse_folds"] is False

@@ -159,7 +159,7 @@ def test_crash_or_ctrl_c_cleans_up_and_leaves_no_trial_running(
 ):
     made, options = fake_runner
     options.update(explode_on_trial=3, explosion=explosion)
-    cfg = _config(sample_inputs, tmp_path, trials=5)  # the fake has 2 slots: 2 trials in flight
+    cfg = _config(sample_inputs, tmp_path, trials=5, trials_in_flight=2)
     with pytest.raises(explosion, match="the runner blew up"):
         AntiOverfitMetaOptimizer(cfg).run()
     assert made[0].closed
@@ -239,7 +239,7 @@ def test_search_plan_flags_win_over_the_policy_and_fuse_trials_sets_the_batch(tm
         return resolve_search_plan(dataclasses.replace(cfg, **kw), policy, capacity, neural_net=neural_net)
 
     assert (plan(off).fuse_folds, plan(off).fuse_trials) == (False, False)  # off by default
-    assert plan(off).trials_in_flight == 2 and plan(off, capacity=5).trials_in_flight == 5  # fills the slots
+    assert plan(off).trials_in_flight == 4 and plan(off, capacity=5).trials_in_flight == 10  # 2 per slot
     assert plan(off, neural_net=False).trials_in_flight == 1  # trees: in-process, one at a time
     assert plan(on).fuse_folds is True and "training.fuse_folds" in plan(on).source
     assert plan(on).trials_in_flight == 3  # the policy's key

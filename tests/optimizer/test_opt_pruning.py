@@ -90,7 +90,7 @@ def test_median_pruner_prunes_in_fold_waves_and_sends_no_pruned_fold(sample_inpu
 
 def test_without_a_pruner_every_trial_reports_every_fold_and_has_flat_means(sample_inputs, tmp_path, runners):
     made, _ = runners
-    cfg = _config(sample_inputs, tmp_path, trials=4, k_folds=3, pruner="none")
+    cfg = _config(sample_inputs, tmp_path, trials=4, k_folds=3, pruner="none", trials_in_flight=2)
     study = _study(cfg, AntiOverfitMetaOptimizer(cfg).run())
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
     for t in study.trials:
