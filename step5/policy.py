@@ -43,7 +43,7 @@ class TrainingPolicy:
     worker_repromote_after_s: float = 60.0  # a fallen-back slot tries a fresh worker after this (x2 each time)
     max_worker_repromotions: int = 3  # then the slot stays in the fallback; 0: never re-promote
     max_fault_reruns: int = 50  # re-runs of jobs hit by infrastructure faults, per run (all slots)
-    max_job_reruns: int = 3  # ... and per job; past either, the job's trial fails
+    max_job_reruns: int = 10  # ... and per job (a poisoned job spends at most a fifth of the run's); past either, its trial fails
     max_consecutive_failed_trials: int = 10  # failed trials are replaced; this many in a row stop the run
     fuse_folds: bool = False  # train a trial's K folds in one batched pass
     trials_in_flight: int = 0  # trials per ask/run/tell batch; 0: two per device slot

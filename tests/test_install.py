@@ -97,6 +97,10 @@ def test_pip_install_then_a_persistent_worker_study_from_another_directory(tmp_p
         served = _run([bin_ / "step5-worker"], cwd=elsewhere, input='{"command": "ping"}\n').stdout.splitlines()
         assert [json.loads(line)["status"] for line in served] == ["ready", "pong"]
 
+        # Console scripts name themselves in their usage line.
+        for script in ("step5-train-fold", "step5-optimize"):
+            assert _run([bin_ / script, "--help"], cwd=elsewhere).stdout.startswith(f"usage: {script} ")
+
         # The WATCHER starts its step from the package too: its command runs here.
         dry = _run([bin_ / "step5-watcher", "--run-pipeline", "--dry-run", "--policy", policy,
                     "--params", json.dumps({"survivors": "data/survivors_with_scores.json",

@@ -76,6 +76,7 @@ from step5.execution.summary import (
 from step5.execution.worker_process import Spawner, WorkerFault, WorkerProcess, popen_worker
 from step5.launch import WORKER_MODULE, module_command
 from step5.lifeline import PARENT_PID_ENV
+from step5.policy import TrainingPolicy
 from step5.protocol import PROTOCOL_VERSION, TrainRequest
 
 logger = logging.getLogger(__name__)
@@ -147,10 +148,10 @@ class WorkerPool:
         job_timeout_s: float,
         ready_timeout_s: float,
         max_restarts: int,
-        max_job_reruns: int = 3,
-        max_fault_reruns: int = 50,
-        repromote_after_s: float = 60.0,
-        max_repromotions: int = 3,
+        max_job_reruns: int = TrainingPolicy.max_job_reruns,
+        max_fault_reruns: int = TrainingPolicy.max_fault_reruns,
+        repromote_after_s: float = TrainingPolicy.worker_repromote_after_s,
+        max_repromotions: int = TrainingPolicy.max_worker_repromotions,
         python: str = sys.executable,
         worker_command: Sequence[str] | None = None,
         oneshot_script: str | Path | None = None,

@@ -39,6 +39,7 @@ from step5.devices import DeviceSlot
 from step5.errors import JobError
 from step5.execution.oneshot import OneshotTrainer
 from step5.execution.process import reap_killed
+from step5.policy import TrainingPolicy
 from step5.execution.slot import FaultBudget
 from step5.execution.summary import FaultRecord, FusionRecord, RunnerStats, Timings, recovery_record
 from step5.protocol import TrainRequest
@@ -100,9 +101,9 @@ class SubprocessRunner:
         self,
         slots: Sequence[DeviceSlot],
         *,
-        job_timeout_s: float = 600.0,
-        max_job_reruns: int = 3,
-        max_fault_reruns: int = 50,
+        job_timeout_s: float = TrainingPolicy.worker_job_timeout_s,
+        max_job_reruns: int = TrainingPolicy.max_job_reruns,
+        max_fault_reruns: int = TrainingPolicy.max_fault_reruns,
         python: str = sys.executable,
         script: str | Path | None = None,
     ) -> None:

@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from step5.stdout_guard import claim_stdout
@@ -45,7 +46,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="train_single_trial.py",
+        # The name it was started by: train_single_trial.py, or step5-train-fold when installed.
+        prog=Path(sys.argv[0]).name or "train_single_trial.py",
         description="Train one neural-net fold and print one JSON result line on stdout.",
     )
     p.add_argument("--model-type", required=True, help="must be neural_net (tree models run in the optimizer)")

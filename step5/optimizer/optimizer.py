@@ -417,13 +417,20 @@ class AntiOverfitMetaOptimizer:
                           wall_s=self.timings["total_s"])
 
     def _progress_callback(self, n_new: int) -> Callable[[optuna.Study, FrozenTrial], None]:
-        """The per-trial progress line, called by the search loop as each trial is told."""
+        """The per-trial progress line, called by the search loop as each trial is told.
+
+        ``[i/n]`` counts this process's COMPLETE trials against the ``n`` it must add, so a
+        failed or pruned trial (which the loop replaces) does not push ``i`` past ``n``.
+        """
 
         start = time.perf_counter()
+        completed = 0
 
         def progress(study: optuna.Study, trial: FrozenTrial) -> None:
+            nonlocal completed
             self._new_trials += 1
-            done = self._new_trials
+            completed += trial.state == TrialState.COMPLETE
+            done = completed
             best = best_complete_trial(study)
             best_txt = f"best {best.value:.4f} (trial {best.number})" if best is not None else "no complete trial yet"
             best_txt += "; " + elapsed_and_eta(time.perf_counter() - start, done, n_new)
@@ -437,13 +444,13 @@ class AntiOverfitMetaOptimizer:
                 )
             elif trial.state == TrialState.PRUNED:
                 logger.info(
-                    "[%d/%d] trial %d pruned after %d fold(s) (running objective %.4f); %s", done, n_new,
+                    "[%d/%d] trial %d pruned after %d fold(s) (running objective %.4f), replaced; %s", done, n_new,
                     trial.number, trial.user_attrs.get("pruned_after_folds", 0),
                     trial.value if trial.value is not None else float("nan"), best_txt,
                 )
             else:
                 logger.warning(
-                    "[%d/%d] trial %d %s: %s; %s", done, n_new, trial.number, trial.state.name,
+                    "[%d/%d] trial %d %s, replaced: %s; %s", done, n_new, trial.number, trial.state.name,
                     trial.user_attrs.get("fail_reason", "see the error above"), best_txt,
                 )
 

@@ -159,7 +159,7 @@ def test_job_error_fails_only_that_job_without_retry_or_restart(data_file, tmp_p
 
 def test_fallback_trainer_crashing_too_fails_the_job_after_bounded_retries(data_file, monkeypatch):
     monkeypatch.setenv("STEP5_FAKE_ONESHOT", "crash")
-    with make_pool("--fault", "sigkill") as pool:
+    with make_pool("--fault", "sigkill", max_job_reruns=3) as pool:
         with pytest.raises(JobError, match=r"hit by 4 infrastructure fault.*EXIT\(7\).*max_job_reruns"):
             run_each(pool, make_requests(data_file, n=1))
         summary = summary_of(pool)

@@ -33,12 +33,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "meta_prediction_optimizer_anti_overfit.py"
 TRAINERS = {"worker": "step5.nn.worker", "oneshot": "step5.nn.oneshot"}
 #: No restart: the first killed worker sends its slot to one-shot trainers (so those get
-#: killed too), and a short cool-down re-promotes it within the run. The killer strikes
-#: every 0.5-1.5 s and prefers the one-shot trainer that is running, often the same job's
-#: re-run: a per-job limit of 3 (the default) would fail that job by design (a 40-trial
-#: run did), so the soak raises it and tests the run's budget instead.
+#: killed too), and a short cool-down re-promotes it within the run. The re-run budgets are
+#: the shipped ones: the killer strikes every 0.5-1.5 s and prefers the one-shot trainer
+#: that is running, often the same job's re-run, which the per-job limit must absorb.
 POLICY = {"training": {"use_persistent_workers": True, "max_worker_restarts": 0, "worker_repromote_after_s": 4,
-                       "max_worker_repromotions": 3, "worker_job_timeout_s": 300, "max_job_reruns": 20}}
+                       "max_worker_repromotions": 3, "worker_job_timeout_s": 300}}
 
 
 def _training_processes(root: psutil.Process) -> dict[str, list[psutil.Process]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -453,10 +454,11 @@ def test_same_seed_and_trials_in_flight_give_the_same_study_with_several_workers
 
 
 def test_a_trial_whose_jobs_kill_their_process_every_time_fails_alone_and_is_replaced(
-    sample_inputs, tmp_path, monkeypatch
+    sample_inputs, tmp_path, monkeypatch, caplog
 ):
     from step5.testing.fake_worker import fake_metrics
 
+    caplog.set_level(logging.INFO, logger="step5.optimizer.optimizer")
     monkeypatch.setenv("STEP5_FAKE_POISON_TRIAL", "1")
     _install_fake_pool(monkeypatch)
     sent = _spy_fold_requests(monkeypatch)
@@ -467,6 +469,10 @@ def test_a_trial_whose_jobs_kill_their_process_every_time_fails_alone_and_is_rep
     reason = study.trials[1].user_attrs["fail_reason"]
     assert "infrastructure fault(s)" in reason and "SIGKILL(-9)" in reason
     assert "training.max_job_reruns" in reason
+    # The progress counts complete trials: the replaced one does not push [i/n] past n.
+    progress = [r.getMessage() for r in caplog.records if re.match(r"\[\d+/\d+\]", r.getMessage())]
+    assert [m.split("]")[0] + "]" for m in progress] == ["[1/3]", "[1/3]", "[2/3]", "[3/3]"]
+    assert "trial 1 FAIL, replaced" in progress[1]
     for t in study.trials:  # the complete trials are untouched by the faults
         if t.state.name == "COMPLETE":
             assert [f["r2"] for f in t.user_attrs["folds"]] == [fake_metrics(r)["r2"] for r in sent[t.number]]
