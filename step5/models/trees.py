@@ -53,7 +53,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from step5.artifacts import CHECKPOINT_FILENAMES, CHECKPOINT_FORMATS
-from step5.artifacts import checkpoint_filename as checkpoint_name  # noqa: F401  (re-exported)
+from step5.artifacts import checkpoint_filename as checkpoint_name  # noqa: F401  (trees.checkpoint_name for callers)
 from step5.data.splits import as_xy
 from step5.errors import DataError, JobError, MissingDependency
 from step5.fsutil import atomic_output
