@@ -21,7 +21,9 @@ Any piece that does not decode cleanly (a ``NaN`` token, a string value, a key n
 before, a record that is not an object, a syntax error) is parsed again exactly, record by
 record, by the standard library, and checked with the same code as records built in memory
 (:func:`table_from_records`): that is where every error message is made, naming the file,
-the record index, its seed and the key. Peak memory is about twice the float32 matrix
+the record index, its seed and the key. Those record and value checks, the 0.0 fills and
+the assembly of the matrix from its pieces live in :mod:`step5.data.survivormatrix`; this
+module reads the file, collects the target and the metadata, and builds the tables. Peak memory is about twice the float32 matrix
 (the pieces' blocks, then the assembled matrix) plus two blocks of the file, not a
 multiple of the file (docs/data.md has the measurements).
 
@@ -41,14 +43,11 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import os
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import chain
-from operator import itemgetter
-from typing import Any, Callable, Iterator, NoReturn, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -61,6 +60,20 @@ from step5.data.recorddecoder import (
     RecordLayout,
     null_non_finite_tokens,
 )
+from step5.data.survivormatrix import (
+    MISSING,
+    BatchPlace,
+    MatrixParts,
+    describe_value,
+    features_of,
+    fill_absent,
+    gather_rows,
+    is_number,
+    records_list,
+    seed_note,
+    to_float32,
+    to_matrix,
+)
 from step5.errors import DataError
 from step5.jsonio import read_json_file
 
@@ -71,10 +84,6 @@ LEAKAGE_COLUMNS: tuple[str, ...] = ("score", "confidence", "holdout_hits", "hold
 
 #: Default target column (``--target``).
 DEFAULT_TARGET = "holdout_quality"
-
-_NUMBER_TYPES = frozenset((int, float))
-_FLOAT64_MAX = float(np.finfo(np.float64).max)
-_MISSING = object()
 
 
 @dataclass
@@ -135,147 +144,6 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _is_number(v: Any) -> bool:
-    """A finite JSON number that fits a float64 (bools are not numbers here)."""
-    t = type(v)
-    if t is float:
-        return math.isfinite(v)
-    if t is int:
-        return -_FLOAT64_MAX <= v <= _FLOAT64_MAX
-    return False
-
-
-def _describe(v: Any) -> str:
-    text = repr(v)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{text} ({type(v).__name__})"
-
-
-def _records_list(data: Any, source: str) -> list[Any]:
-    if not isinstance(data, list):
-        raise DataError(f"survivors file {source}: expected a JSON array of records, got {type(data).__name__}")
-    if not data:
-        raise DataError(f"survivors file {source}: the array is empty, there are no records")
-    return data
-
-
-def _seed_note(seed: Any) -> str:
-    """`` [seed 123]``, appended to an error about a record; empty when it has no seed."""
-    if seed is None:
-        return ""
-    text = repr(seed)
-    if len(text) > 40:
-        text = text[:37] + "..."
-    return f" [seed {text}]"
-
-
-def _features_of(rec: Any, i: int, source: str) -> dict[str, Any]:
-    if not isinstance(rec, dict):
-        raise DataError(f"survivors file {source}: record {i} must be a JSON object, got {type(rec).__name__}")
-    feats = rec.get("features", _MISSING)
-    if feats is _MISSING:
-        raise DataError(f"survivors file {source}: record {i} has no `features` object{_seed_note(rec.get('seed'))}")
-    if not isinstance(feats, dict):
-        raise DataError(
-            f"survivors file {source}: record {i}: `features` must be a JSON object, got {type(feats).__name__}"
-            + _seed_note(rec.get("seed"))
-        )
-    return feats
-
-
-def _gather_rows(
-    feature_dicts: Sequence[dict[str, Any]], names: Sequence[str]
-) -> tuple[list[tuple[Any, ...]], Counter[str], int]:
-    """Pull each record's values in ``names`` order; returns (rows, fills per key, records filled).
-
-    ``itemgetter`` does the lookups in C and does not care about the record's key order;
-    a ``KeyError`` sends only that record down the slower filling path.
-    """
-    if len(names) == 1:  # itemgetter with one key returns a bare value, not a tuple
-        key = names[0]
-        getter: Callable[[dict[str, Any]], tuple[Any, ...]] = lambda d: (d[key],)  # noqa: E731
-    elif not names:
-        getter = lambda d: ()  # noqa: E731
-    else:
-        getter = itemgetter(*names)
-    rows: list[tuple[Any, ...]] = []
-    append = rows.append
-    fills: Counter[str] = Counter()
-    filled_records = 0
-    for feats in feature_dicts:
-        try:
-            append(getter(feats))
-        except KeyError:
-            row = tuple(feats.get(k, _MISSING) for k in names)
-            fills.update(k for k, v in zip(names, row) if v is _MISSING)
-            filled_records += 1
-            append(tuple(0.0 if v is _MISSING else v for v in row))
-    return rows, fills, filled_records
-
-
-def _to_matrix(
-    rows: list[tuple[Any, ...]],
-    feature_dicts: Sequence[dict[str, Any]],
-    names: Sequence[str],
-    where: _Where,
-) -> np.ndarray:
-    """Validate all values at once and build the (n, d) float32 matrix.
-
-    ``set(map(type, ...))`` runs in C over every cell; only if it finds a non-number (or the
-    matrix holds a non-finite value) does :func:`_locate_bad_feature` scan record by record.
-    """
-    n, d = len(rows), len(names)
-    types = set(map(type, chain.from_iterable(rows)))
-    if not types <= _NUMBER_TYPES:
-        _locate_bad_feature(feature_dicts, names, where)
-    try:
-        X64 = np.fromiter(chain.from_iterable(rows), dtype=np.float64, count=n * d).reshape(n, d)
-    except OverflowError:  # an int too large for a float64
-        _locate_bad_feature(feature_dicts, names, where)
-    if not np.isfinite(X64).all():
-        _locate_bad_feature(feature_dicts, names, where)
-    return _to_float32(X64, names, where)
-
-
-def _to_float32(X64: np.ndarray, names: Sequence[str], where: _Where) -> np.ndarray:
-    """The finite float64 matrix as float32; a value beyond float32's range is an error."""
-    with np.errstate(over="ignore"):
-        X = X64.astype(np.float32)
-    if not np.isfinite(X).all():
-        i, j = (int(v) for v in np.argwhere(~np.isfinite(X))[0])
-        raise DataError(
-            f"survivors file {where.source}: record {where.base + i}: feature {names[j]!r} = {float(X64[i, j])!r} "
-            f"does not fit in float32 (max {float(np.finfo(np.float32).max):.3g}){_seed_note(where.seeds[i])}"
-        )
-    return X
-
-
-def _locate_bad_feature(feature_dicts: Sequence[dict[str, Any]], names: Sequence[str], where: _Where) -> NoReturn:
-    """Raise a :class:`DataError` naming the first record and key holding a bad value."""
-    for i, feats in enumerate(feature_dicts):
-        for k in names:
-            v = feats.get(k, 0.0)
-            if not _is_number(v):
-                raise DataError(
-                    f"survivors file {where.source}: record {where.base + i}: feature {k!r} must be a finite number, "
-                    f"got {_describe(v)}{_seed_note(where.seeds[i])}"
-                )
-    raise AssertionError("bulk check failed but no bad value was found")  # pragma: no cover
-
-
-def _fill_absent(F: np.ndarray, names: Sequence[str]) -> tuple[Counter[str], int]:
-    """Set the NaN cells (keys a decoded record lacked) of ``F`` to 0.0, in place;
-    returns (fills per key, records filled)."""
-    absent = np.isnan(F)
-    if not absent.any():
-        return Counter(), 0
-    per_key = absent.sum(axis=0)
-    F[absent] = 0.0
-    fills = Counter({names[j]: int(c) for j, c in enumerate(per_key) if c})
-    return fills, int(absent.any(axis=1).sum())
-
-
 def _log_fills(fills: int, filled_records: int, n: int, source: str) -> None:
     if fills:
         logger.warning(
@@ -295,56 +163,6 @@ def _most_common(counts: Counter[Any]) -> Any:
     return min(v for v, c in counts.items() if c == top)
 
 
-@dataclass
-class _Where:
-    """Where a batch of records sits, for error messages."""
-
-    source: str
-    base: int  # file index of the batch's first record
-    seeds: Sequence[Any]  # the batch's seeds
-
-
-class _MatrixParts:
-    """The matrix's rows as they arrive, batch by batch, each batch with the columns known then.
-
-    A key first seen in a later batch is a column the earlier batches lack: assembling
-    fills it with 0.0 for them and counts the fills, exactly as if every record had been
-    read before the columns were fixed.
-    """
-
-    def __init__(self) -> None:
-        self._parts: list[tuple[np.ndarray, tuple[str, ...], Counter[str], int]] = []
-        self.n = 0
-
-    def add(self, X: np.ndarray, names: tuple[str, ...], fills: Counter[str], filled_records: int) -> None:
-        self._parts.append((X, names, fills, filled_records))
-        self.n += len(X)
-
-    def assemble(self, names: Sequence[str]) -> tuple[np.ndarray, Counter[str], int]:
-        """The (n, d) float32 matrix in ``names`` order; (matrix, fills per key, records filled)."""
-        column = {k: j for j, k in enumerate(names)}
-        X = np.zeros((self.n, len(names)), dtype=np.float32)
-        fills: Counter[str] = Counter()
-        filled_records = 0
-        row = 0
-        layouts: dict[tuple[str, ...], tuple[list[int], list[str]]] = {}  # part names -> (columns, lacking)
-        self._parts.reverse()
-        while self._parts:  # pop as we go: the parts and X are not both held in full
-            part, part_names, part_fills, part_filled = self._parts.pop()
-            if part_names not in layouts:
-                present = set(part_names)
-                layouts[part_names] = ([column[k] for k in part_names], [k for k in names if k not in present])
-            columns, lacking = layouts[part_names]
-            m = len(part)
-            X[row : row + m, columns] = part
-            fills.update(part_fills)
-            for k in lacking:
-                fills[k] += m
-            filled_records += m if lacking else part_filled
-            row += m
-        return X, fills, filled_records
-
-
 class _TableBuilder:
     """Collects a survivors file for training: features, target and metadata counts."""
 
@@ -352,7 +170,7 @@ class _TableBuilder:
         self.target = target
         self.source = source
         self.keys: dict[str, None] = {}  # every key seen in `features`, in first-seen order
-        self.parts = _MatrixParts()
+        self.parts = MatrixParts()
         self.ys: list[np.ndarray] = []
         self.prng_counts: Counter[str] = Counter()
         self.mod_counts: Counter[int] = Counter()
@@ -399,36 +217,36 @@ class _TableBuilder:
         mods: list[Any] = []
         target = self.target
         for i, rec in enumerate(records, start=base):
-            feats = _features_of(rec, i, self.source)
+            feats = features_of(rec, i, self.source)
             seed = rec.get("seed")
             feature_dicts.append(feats)
             seeds.append(seed)
             if not feats.keys() <= self.keys.keys():
                 self.keys.update(dict.fromkeys(feats))
-            t = feats.get(target, _MISSING)
-            if t is _MISSING:
-                t = rec.get(target, _MISSING)
-            if t is _MISSING:
+            t = feats.get(target, MISSING)
+            if t is MISSING:
+                t = rec.get(target, MISSING)
+            if t is MISSING:
                 raise DataError(
                     f"survivors file {self.source}: record {i} has no target {target!r} "
-                    f"(looked in `features` and at the top level){_seed_note(seed)}"
+                    f"(looked in `features` and at the top level){seed_note(seed)}"
                 )
             targets.append(t)
             meta = rec.get("metadata")
             if isinstance(meta, dict):
                 prng_types.append(meta.get("prng_type"))
                 mods.append(meta.get("mod"))
-        where = _Where(self.source, base, seeds)
-        if not all(map(_is_number, targets)):
+        where = BatchPlace(self.source, base, seeds)
+        if not all(map(is_number, targets)):
             for k, t in enumerate(targets):
-                if not _is_number(t):
+                if not is_number(t):
                     raise DataError(
                         f"survivors file {self.source}: record {base + k}: target {target!r} must be a finite number, "
-                        f"got {_describe(t)}{_seed_note(seeds[k])}"
+                        f"got {describe_value(t)}{seed_note(seeds[k])}"
                     )
         names = tuple(k for k in self.keys if self._is_feature(k))
-        rows, fills, filled_records = _gather_rows(feature_dicts, names)
-        X = _to_matrix(rows, feature_dicts, names, where)
+        rows, fills, filled_records = gather_rows(feature_dicts, names)
+        X = to_matrix(rows, feature_dicts, names, where)
         self.parts.add(X, names, fills, filled_records)
         self.ys.append(np.asarray(targets, dtype=np.float64))
         self._count_metadata(prng_types, mods)
@@ -436,7 +254,7 @@ class _TableBuilder:
     def add_decoded(self, piece: DecodedPiece, base: int) -> None:
         """Add a piece decoded with :meth:`decoder` (its values are finite floats or NaN = absent)."""
         assert piece.top_target is not None
-        where = _Where(self.source, base, piece.seeds)
+        where = BatchPlace(self.source, base, piece.seeds)
         y = piece.top_target
         if self._target_column is not None:
             in_features = piece.values[:, self._target_column]
@@ -445,11 +263,11 @@ class _TableBuilder:
             k = int(np.flatnonzero(np.isnan(y))[0])
             raise DataError(
                 f"survivors file {self.source}: record {base + k} has no target {self.target!r} "
-                f"(looked in `features` and at the top level){_seed_note(piece.seeds[k])}"
+                f"(looked in `features` and at the top level){seed_note(piece.seeds[k])}"
             )
         F = piece.values[:, self._take]
-        fills, filled_records = _fill_absent(F, self._names)
-        self.parts.add(_to_float32(F, self._names, where), self._names, fills, filled_records)
+        fills, filled_records = fill_absent(F, self._names)
+        self.parts.add(to_float32(F, self._names, where), self._names, fills, filled_records)
         self.ys.append(y)
         self._count_metadata(piece.prng_types, piece.mods)
 
@@ -488,7 +306,7 @@ class _FeaturesBuilder:
     def __init__(self, names: Sequence[str], source: str) -> None:
         self.names = tuple(names)
         self.source = source
-        self.parts = _MatrixParts()
+        self.parts = MatrixParts()
         self.seeds: list[Any] = []
         self._decoder: RecordDecoder | None = None
         self._take: list[int] = []  # decoder column of each name
@@ -512,19 +330,19 @@ class _FeaturesBuilder:
         self._take = [column[k] for k in self.names]
 
     def add_records(self, records: Sequence[Any], base: int) -> None:
-        feature_dicts = [_features_of(rec, i, self.source) for i, rec in enumerate(records, start=base)]
+        feature_dicts = [features_of(rec, i, self.source) for i, rec in enumerate(records, start=base)]
         seeds = [rec.get("seed") for rec in records]
         if self._decoder is None and feature_dicts:
             self._make_decoder(feature_dicts[0])
-        rows, fills, filled_records = _gather_rows(feature_dicts, self.names)
-        X = _to_matrix(rows, feature_dicts, self.names, _Where(self.source, base, seeds))
+        rows, fills, filled_records = gather_rows(feature_dicts, self.names)
+        X = to_matrix(rows, feature_dicts, self.names, BatchPlace(self.source, base, seeds))
         self.parts.add(X, self.names, fills, filled_records)
         self.seeds.extend(seeds)
 
     def add_decoded(self, piece: DecodedPiece, base: int) -> None:
         F = piece.values[:, self._take]
-        fills, filled_records = _fill_absent(F, self.names)
-        X = _to_float32(F, self.names, _Where(self.source, base, piece.seeds))
+        fills, filled_records = fill_absent(F, self.names)
+        X = to_float32(F, self.names, BatchPlace(self.source, base, piece.seeds))
         self.parts.add(X, self.names, fills, filled_records)
         self.seeds.extend(piece.seeds)
 
@@ -557,10 +375,10 @@ def _read_file(path: str | os.PathLike[str], builder: _TableBuilder | _FeaturesB
         if not reader.open_array():
             # Not an array (or not JSON): parse it whole for the message. A file that still
             # turns out to hold an array (e.g. after a byte-order mark) is read as one batch.
-            builder.add_records(_records_list(read_json_file(path, "survivors"), source), 0)
+            builder.add_records(records_list(read_json_file(path, "survivors"), source), 0)
             return
         # The first record fixes the decoder's columns; the empty-array error comes from here too.
-        builder.add_records(_records_list(reader.parse_elements(), source), 0)
+        builder.add_records(records_list(reader.parse_elements(), source), 0)
         while (piece := reader.next_piece()) is not None:
             base = reader.index
             decoded = _decode(builder.decoder(), piece)
@@ -618,7 +436,7 @@ def table_from_records(
     """
     _check_target(target)
     builder = _TableBuilder(target, source)
-    builder.add_records(_records_list(records, source), 0)
+    builder.add_records(records_list(records, source), 0)
     return builder.finish()
 
 
@@ -644,7 +462,7 @@ def features_from_records(
     missing keys are filled with 0.0 (and counted), bad values are errors.
     """
     builder = _FeaturesBuilder(_check_feature_names(feature_names), source)
-    builder.add_records(_records_list(records, source), 0)
+    builder.add_records(records_list(records, source), 0)
     return builder.finish()
 
 

@@ -1,17 +1,20 @@
 """Tree models trained in-process (xgboost, lightgbm, catboost): search spaces, one-fold
-training, checkpoints. Neural nets live on the torch side (:mod:`step5.nn`); this package
-never imports torch, and imports each tree library only when it is used."""
+training, checkpoints. :mod:`step5.models.trees` holds what the libraries share, one
+adapter module per library (``xgboost_adapter`` ...) what differs. Neural nets live on
+the torch side (:mod:`step5.nn`); this package never imports torch, and imports each tree
+library only when it is used."""
 from __future__ import annotations
 
 from step5.models.trees import (
+    ADAPTERS,
     CHECKPOINT_FORMAT,
     CHECKPOINT_SUFFIX,
     DEFAULT_EARLY_STOPPING_ROUNDS,
     TREE_MODEL_TYPES,
+    TreeDevices,
     TreeModel,
     checkpoint_name,
     device_for_gpus,
-    final_n_rounds,
     load_model,
     require_libraries,
     resolve_device,
@@ -21,14 +24,15 @@ from step5.models.trees import (
 )
 
 __all__ = [
+    "ADAPTERS",
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_SUFFIX",
     "DEFAULT_EARLY_STOPPING_ROUNDS",
     "TREE_MODEL_TYPES",
+    "TreeDevices",
     "TreeModel",
     "checkpoint_name",
     "device_for_gpus",
-    "final_n_rounds",
     "load_model",
     "require_libraries",
     "resolve_device",

@@ -381,6 +381,7 @@ class TreeBackend:
             self.device: str | None = self.trees.device_for_gpus(gpus)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        self.tree_devices = self.trees.TreeDevices()  # this run's GPU checks and failures, kept across folds
         self._jobs = 0
         self._compute_s = 0.0
         self._wall_s = 0.0
@@ -398,7 +399,7 @@ class TreeBackend:
                 self.model_type, dict(params),
                 self.cv.X_dev[tr], self.cv.y_dev[tr], self.cv.X_dev[va], self.cv.y_dev[va],
                 seed=fold_seed(self.seed, trial_number, fold_idx), device=self.device,
-                feature_names=self.cv.feature_names, n_threads=self.n_threads, **test,
+                feature_names=self.cv.feature_names, n_threads=self.n_threads, devices=self.tree_devices, **test,
             )
         except JobError as exc:
             # The library rejected these params or this data: deterministic, fails the trial.

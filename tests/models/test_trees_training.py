@@ -93,20 +93,6 @@ def test_early_stopping_on_noise_keeps_only_the_best_rounds(model_type, tmp_path
 
 
 @pytest.mark.parametrize("model_type", trees.TREE_MODEL_TYPES)
-def test_n_rounds_trains_exactly_that_many_rounds(model_type, planted):
-    metrics, model = _fit(model_type, planted, n_rounds=7)
-    assert metrics["n_iterations"] == model.n_iterations == 7
-    assert metrics["early_stopped"] is False
-
-
-def test_final_n_rounds_is_the_mean_kept_round_count():
-    assert trees.final_n_rounds([9, 19, 29]) == 20
-    assert trees.final_n_rounds([0]) == 1
-    with pytest.raises(ValueError, match="best_iterations"):
-        trees.final_n_rounds([])
-
-
-@pytest.mark.parametrize("model_type", trees.TREE_MODEL_TYPES)
 def test_search_space_samples_are_accepted_by_train_fold(model_type, planted):
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = []
@@ -114,7 +100,7 @@ def test_search_space_samples_are_accepted_by_train_fold(model_type, planted):
         trial = study.ask()
         params = trees.suggest_params(trial, model_type)
         json.dumps(params)
-        assert set(params) <= set(trees._LIBRARY_KEYS[model_type]) | {"n_estimators", "early_stopping_rounds"}
+        assert set(params) <= set(trees.ADAPTERS[model_type].library_keys) | {"n_estimators", "early_stopping_rounds"}
         assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in params.values())
         seen.append(params)
         study.tell(trial, 0.0)
@@ -178,22 +164,35 @@ def test_no_visible_gpu_means_cpu(monkeypatch):
 
 def test_visible_gpu_picks_the_first_visible_ordinal(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    monkeypatch.setattr(trees, "_GPU_BROKEN", {})
     assert trees.resolve_device("xgboost") == "cuda:0"  # physical GPU 3 is ordinal 0 in-process
 
 
 def test_lightgbm_without_gpu_support_trains_on_cpu(monkeypatch, caplog):
-    monkeypatch.setattr(trees, "_GPU_BROKEN", {})
-    monkeypatch.setattr(trees, "lightgbm_gpu_supported", lambda gpu_id=0: (False, "No OpenCL device found"))
+    probes = []
+    monkeypatch.setattr(trees.ADAPTERS["lightgbm"], "gpu_unsupported_reason",
+                        lambda gpu_id: probes.append(gpu_id) or "No OpenCL device found")
+    devices = trees.TreeDevices()
     with caplog.at_level("INFO", logger="step5.models.trees"):
-        assert trees.resolve_device("lightgbm", "cuda") == "cpu"
+        assert devices.resolve("lightgbm", "cuda") == "cpu"
     assert "No OpenCL device found" in caplog.text
+    # probed once: later folds sharing these devices go straight to the CPU
+    assert devices.resolve("lightgbm", "cuda:0") == "cpu" and probes == [0]
+    assert devices.gpu_failures == {"lightgbm": "No OpenCL device found"}
+    assert trees.TreeDevices().resolve("xgboost", "cuda") == "cuda:0"  # not probed: fails over on its first fit
+
+
+def test_a_gpu_build_is_probed_once_per_device(monkeypatch):
+    probes = []
+    monkeypatch.setattr(trees.ADAPTERS["lightgbm"], "gpu_unsupported_reason", lambda gpu_id: probes.append(gpu_id))
+    devices = trees.TreeDevices()
+    assert [devices.resolve("lightgbm", d) for d in ("cuda", "cuda:0", "cuda:1")] == ["cuda:0", "cuda:0", "cuda:1"]
+    assert probes == [0, 1]
 
 
 def test_a_failing_gpu_fit_falls_back_to_cpu_once(monkeypatch, planted, caplog):
-    monkeypatch.setattr(trees, "_GPU_BROKEN", {})
     calls = []
-    real = trees._FITTERS["xgboost"]
+    adapter = trees.ADAPTERS["xgboost"]
+    real = adapter.fit
 
     def flaky(*args, device, **kwargs):
         calls.append(device)
@@ -201,15 +200,19 @@ def test_a_failing_gpu_fit_falls_back_to_cpu_once(monkeypatch, planted, caplog):
             raise RuntimeError("CUDA driver version is insufficient")
         return real(*args, device=device, **kwargs)
 
-    monkeypatch.setitem(trees._FITTERS, "xgboost", flaky)
+    monkeypatch.setattr(adapter, "fit", flaky)
+    devices = trees.TreeDevices()  # what the optimizer's tree backend shares across its folds
     with caplog.at_level("WARNING", logger="step5.models.trees"):
-        metrics, _ = _fit("xgboost", planted, device="cuda")
+        metrics, _ = _fit("xgboost", planted, device="cuda", devices=devices)
     assert metrics["device"] == "cpu"
     assert "CUDA driver version is insufficient" in metrics["device_fallback"]
     assert "falling back to CPU" in caplog.text
     # the next fold does not try the GPU again
-    metrics, _ = _fit("xgboost", planted, device="cuda")
+    metrics, _ = _fit("xgboost", planted, device="cuda", devices=devices)
     assert calls == ["cuda:0", "cpu", "cpu"] and metrics["device_fallback"] is None
+    # a fold that shares nothing tries the GPU again
+    _fit("xgboost", planted, device="cuda")
+    assert calls[3:] == ["cuda:0", "cpu"]
 
 
 @pytest.mark.skipif(not detect_gpus(), reason="needs a GPU")
