@@ -266,7 +266,8 @@ def test_a_rerun_after_sigkill_reruns_the_killed_trial_and_removes_its_fold_fold
     was a process of this host), re-run with the same params, and its fold folder removed."""
     out = tmp_path / "out"
     write_json_atomic(tmp_path / "none.json", {})
-    cmd = _fake_search(python, out, sample_inputs, "--trials", "3", sleep=1.0)
+    # One trial in flight, so that exactly one trial is running when the first run is killed.
+    cmd = _fake_search(python, out, sample_inputs, "--trials", "3", "--trials-in-flight", "1", sleep=1.0)
     env = _env(tmp_path, repo_root)
     storage = f"sqlite:///{(out / 'optuna_step5.db').resolve()}"
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
