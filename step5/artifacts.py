@@ -54,6 +54,8 @@ HISTORY_PNG_NAME = "best_model.history.png"
 DIAGNOSTICS_DIRNAME = "diagnostics_outputs"
 COMPARE_SUMMARY_NAME = "compare_models_summary.json"
 
+#: Every model family Step 5 trains, in the order ``--compare-models`` runs them; the one
+#: definition (the optimizer's config and CLI, the WATCHER's fake and Step 6 import it).
 MODEL_TYPES = ("neural_net", "xgboost", "lightgbm", "catboost")
 
 #: File name of each model type's checkpoint (SPEC section 4).

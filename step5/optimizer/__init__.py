@@ -8,7 +8,8 @@ model backends), ``optimizer`` (one run, start to sidecar), ``diagnostics``, ``p
 """
 from __future__ import annotations
 
-from step5.optimizer.config import MODEL_TYPES, OptimizerConfig, RunOutcome, validate_config
+from step5.artifacts import MODEL_TYPES
+from step5.optimizer.config import OptimizerConfig, RunOutcome, validate_config
 from step5.optimizer.objective import OBJECTIVE_FORMULA, OVERFIT_PENALTY, anti_overfit_score
 from step5.optimizer.optimizer import AntiOverfitMetaOptimizer
 

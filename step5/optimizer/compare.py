@@ -53,9 +53,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from step5 import artifacts, model_set
+from step5.artifacts import MODEL_TYPES
 from step5.errors import DegenerateSignalError
 from step5.jsonio import read_json_file, write_json_atomic
-from step5.optimizer.config import MODEL_TYPES, OptimizerConfig, RunOutcome, validate_config
+from step5.optimizer.config import OptimizerConfig, RunOutcome, validate_config
 from step5.optimizer.plots import save_figure
 
 logger = logging.getLogger(__name__)

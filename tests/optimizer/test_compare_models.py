@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from step5 import artifacts
+from step5.artifacts import MODEL_TYPES
 from step5.errors import DegenerateSignalError, UsageError
 from step5.execution.summary import RunnerStats, build_execution_summary
 from step5.optimizer import compare
-from step5.optimizer.config import MODEL_TYPES, OptimizerConfig, RunOutcome
+from step5.optimizer.config import OptimizerConfig, RunOutcome
 
 FEATURES = ["a", "b", "c"]
 
