@@ -12,6 +12,21 @@ from typing import Any
 JOB_ERROR_TYPES = ("bad_request", "data_error", "train_error", "out_of_memory", "timeout")
 
 
+#: How libraries word a failed allocation they report as a generic exception: torch's
+#: ``RuntimeError`` from the CPU allocator, a tree library's own error class.
+_OUT_OF_MEMORY_WORDING = ("out of memory", "can't allocate memory", "defaultcpuallocator")
+
+
+def is_out_of_memory(exc: BaseException, oom_types: tuple[type[BaseException], ...] = ()) -> bool:
+    """Whether ``exc`` is a failed allocation: a ``MemoryError``, one of ``oom_types`` (the
+    torch side passes torch's ``OutOfMemoryError`` classes; this module stays torch-free), or
+    an exception whose message says so. Such a failure is a job's ``out_of_memory``."""
+    if isinstance(exc, (MemoryError, *oom_types)):
+        return True
+    text = str(exc).lower()
+    return any(wording in text for wording in _OUT_OF_MEMORY_WORDING)
+
+
 class Terminated(KeyboardInterrupt):
     """Raised (by the CLI's signal handler) when SIGTERM arrives: an interrupt, so that every
     ``finally`` (workers, temp dirs, Optuna's trial bookkeeping) runs as on Ctrl-C."""

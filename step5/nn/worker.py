@@ -303,7 +303,6 @@ class TorchBackend:
         from step5.nn import job
         from step5.nn.trainer import configure_torch_threads
 
-        self._torch = torch
         self._job = job
         self.torch_version = str(torch.__version__)
         self.threads = configure_torch_threads()  # STEP5_TORCH_THREADS: the pool splits the cores
@@ -325,12 +324,7 @@ class TorchBackend:
             raise BadRequest(f"`train_folds` jobs cannot be fused: {exc}") from None
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
-        if isinstance(exc, MemoryError):
-            return True
-        oom_type = getattr(getattr(self._torch, "cuda", None), "OutOfMemoryError", None)
-        if oom_type is not None and isinstance(exc, oom_type):
-            return True
-        return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+        return self._job.is_out_of_memory(exc)
 
     def release_memory(self) -> None:
         # The core already empties the CUDA cache after each job; this also covers jobs that
