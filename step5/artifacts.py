@@ -45,6 +45,7 @@ import numpy as np
 from step5.errors import DataError
 from step5.execution.summary import EXECUTION_MODES, execution_problems  # noqa: F401 - re-exported
 from step5.jsonio import dumps, read_json_file, write_json_atomic
+from step5.values import is_int, is_number
 
 SCHEMA_VERSION = "1.0"
 SIDECAR_NAME = "best_model.meta.json"
@@ -230,14 +231,6 @@ def _is_bool(v: Any) -> bool:
     return isinstance(v, bool)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _is_dict(v: Any) -> bool:
     return isinstance(v, dict)
 
@@ -268,15 +261,15 @@ def _expect(check: _Check, description: str) -> _Check:
 
 STR = _expect(_is_str, "a string")
 BOOL = _expect(_is_bool, "true or false")
-INT = _expect(_is_int, "an int")
-NUM = _expect(_is_num, "a finite number")
+INT = _expect(is_int, "an int")
+NUM = _expect(is_number, "a finite number")
 DICT = _expect(_is_dict, "an object")
 LIST = _expect(_is_list, "an array")
 HEX16 = _expect(_is_hex16, "16 lowercase hex characters")
 SHA256 = _expect(_is_sha256, "64 lowercase hex characters (a SHA-256)")
 OPT_STR = _expect(_or_none(_is_str), "a string or null")
-OPT_INT = _expect(_or_none(_is_int), "an int or null")
-OPT_NUM = _expect(_or_none(_is_num), "a finite number or null")
+OPT_INT = _expect(_or_none(is_int), "an int or null")
+OPT_NUM = _expect(_or_none(is_number), "a finite number or null")
 STR_LIST = _expect(lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "an array of strings")
 
 #: Top-level keys and their types (SPEC section 4). Nested blocks are checked below.
@@ -392,7 +385,7 @@ def validate_sidecar(obj: dict[str, Any]) -> list[str]:
         _check_block(fs, FEATURE_SCHEMA_KEYS, "feature_schema.", problems)
         names = fs.get("feature_names")
         if STR_LIST(names):
-            if _is_int(fs.get("feature_count")) and fs["feature_count"] != len(names):
+            if is_int(fs.get("feature_count")) and fs["feature_count"] != len(names):
                 problems.append(
                     f"`feature_schema.feature_count` is {fs['feature_count']} but "
                     f"`feature_schema.feature_names` has {len(names)} names"
@@ -424,7 +417,7 @@ def validate_sidecar(obj: dict[str, Any]) -> list[str]:
                 continue
             value = tm[key]
             if outcome == "SUCCESS" and key not in _NULLABLE_ON_SUCCESS:
-                if not _is_num(value):
+                if not is_number(value):
                     problems.append(f"`training_metrics.{key}` must be a finite number in a SUCCESS sidecar, got {value!r}")
             elif not OPT_NUM(value):
                 problems.append(f"`training_metrics.{key}` must be a finite number or null, got {value!r}")
@@ -460,7 +453,7 @@ def validate_sidecar(obj: dict[str, Any]) -> list[str]:
                 f"`checkpoint_sha256` must be {_EXPECTED_NAMES[SHA256]} in a SUCCESS sidecar, "
                 f"got {obj.get('checkpoint_sha256')!r:.80}"
             )
-        if isinstance(tm, dict) and _is_num(tm.get("test_r2")):
+        if isinstance(tm, dict) and is_number(tm.get("test_r2")):
             expected_flag = beats_mean(tm["test_r2"])
             if "beats_mean" not in tm:
                 problems.append("missing key `training_metrics.beats_mean` in a SUCCESS sidecar")

@@ -77,6 +77,7 @@ from step5.execution.worker_process import Spawner, WorkerFault, WorkerProcess, 
 from step5.launch import WORKER_MODULE, module_command
 from step5.lifeline import PARENT_PID_ENV
 from step5.protocol import PROTOCOL_VERSION, TrainRequest
+from step5.values import is_number
 
 logger = logging.getLogger(__name__)
 
@@ -567,7 +568,7 @@ class WorkerPool:
 
 def _duration(result: dict[str, Any]) -> float:
     value = result.get("duration", 0.0)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+    return float(value) if is_number(value) else 0.0
 
 
 def _gather(futures: Sequence[Future[Any]]) -> list[Any]:

@@ -42,6 +42,7 @@ from step5.errors import BadRequest, JobError
 from step5.framing import FrameTooLarge, LineReader, LineWriter
 from step5.jsonio import loads
 from step5.protocol import COMMANDS, MAX_REQUEST_BYTES, PROTOCOL_VERSION, TrainRequest
+from step5.values import is_int
 
 logger = logging.getLogger("step5.nn.worker")  # not __name__: run with -m it is "__main__"
 
@@ -76,7 +77,7 @@ def _echo(raw: Any) -> dict[str, Any]:
         return {"trial_number": None, "fold_idx": None, "job_id": None}
 
     def ok_int(v: Any) -> Any:
-        return v if isinstance(v, int) and not isinstance(v, bool) else None
+        return v if is_int(v) else None
 
     job_id = raw.get("job_id")
     return {

@@ -37,7 +37,6 @@ import os
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,6 +54,7 @@ from step5.execution.factory import make_fold_runner, resolve_persistent_workers
 from step5.execution.summary import ExecutionSummary, SearchRecord, build_execution_summary
 from step5.policy import Policy, load_policy
 from step5.signal_quality import assess_signal
+from step5.values import utc_timestamp
 from step5.optimizer.config import OptimizerConfig, RunOutcome, validate_config
 from step5.optimizer.diagnostics import write_run_diagnostics
 from step5.optimizer.objective import (
@@ -80,10 +80,6 @@ from step5.optimizer.study import (
 logger = logging.getLogger(__name__)
 
 HISTORY_PNG_NAME = artifacts.HISTORY_PNG_NAME
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 OVERFIT_RATIO_DEFINITION = (
@@ -512,7 +508,7 @@ class AntiOverfitMetaOptimizer:
             run_id=self.run_id,
             parent_run_id=cfg.parent_run_id,
             command_line=cfg.command_line if cfg.command_line is not None else [sys.executable, *sys.argv],
-            created_at=_utc_now(),
+            created_at=utc_timestamp(),
             extra={"cwd": os.getcwd(), "policy_file": self.policy.source if self.policy is not None else None},
         )
 
