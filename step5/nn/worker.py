@@ -38,8 +38,8 @@ import time
 import traceback
 from typing import Any, Protocol, Sequence
 
-from step5.errors import BadRequest, JobError
-from step5.framing import FrameTooLarge, LineReader, LineWriter
+from step5.errors import BadRequest, FrameTooLarge, JobError
+from step5.framing import LineReader, LineWriter
 from step5.jsonio import loads
 from step5.protocol import COMMANDS, MAX_REQUEST_BYTES, PROTOCOL_VERSION, TrainRequest
 from step5.values import is_int
