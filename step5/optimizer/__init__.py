@@ -2,9 +2,9 @@
 
 Re-exports only; the modules are ``config`` (settings and outcome), ``study`` (open /
 resume), ``search`` (the one ask/tell loop), ``grouping`` (a batch's folds -> the runner's
-groups), ``search_space`` (NN hyperparameters), ``objective`` (anti-overfit score and the
-model backends), ``optimizer`` (one run, start to sidecar), ``diagnostics``, ``plots`` and
-``cli``.
+groups), ``search_space`` (NN hyperparameters), ``objective`` (the anti-overfit score),
+``backends`` (what trains a trial's folds: NN runner jobs or in-process trees),
+``optimizer`` (one run, start to sidecar), ``diagnostics``, ``plots`` and ``cli``.
 """
 from __future__ import annotations
 

@@ -57,14 +57,8 @@ from step5.signal_quality import assess_signal
 from step5.values import utc_timestamp
 from step5.optimizer.config import OptimizerConfig, RunOutcome, validate_config
 from step5.optimizer.diagnostics import write_run_diagnostics
-from step5.optimizer.objective import (
-    OBJECTIVE_FORMULA,
-    OVERFIT_PENALTY,
-    CVData,
-    ModelBackend,
-    NNBackend,
-    TreeBackend,
-)
+from step5.optimizer.backends import CVData, ModelBackend, NNBackend, TreeBackend
+from step5.optimizer.objective import OBJECTIVE_FORMULA, OVERFIT_PENALTY
 from step5.optimizer.search import SearchGoal, SearchPlan, run_search
 from step5.optimizer.plots import plot_optimization_history
 from step5.optimizer.study import (

@@ -45,7 +45,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from step5.errors import JobError, Step5Error, TooManyFailedTrials, interrupt_reason
 from step5.execution.summary import SearchRecord
-from step5.optimizer.objective import FoldGate, Pruned, TrialOutcome, fail_reason, record_trial
+from step5.optimizer.backends import FoldGate, Pruned, TrialOutcome
+from step5.optimizer.objective import fail_reason, record_trial
 from step5.optimizer.pruning import fold_gate, make_pruner, report_folds
 from step5.optimizer.study import (
     OpenedStudy,
