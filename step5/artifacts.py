@@ -30,7 +30,8 @@ or copied as a whole; :func:`resolve_checkpoint` turns it into a path. ``checkpo
 better than predicting the training mean for every row.
 
 Torch-free and light (hashlib, numpy, :mod:`step5.jsonio`): the optimizer, the WATCHER and
-Step 6 all import it. :func:`validate_sidecar` is the one definition of "a valid sidecar".
+Step 6 all import it. :func:`validate_sidecar` is the one definition of "a valid sidecar";
+:mod:`step5.sidecar` builds one to it.
 """
 from __future__ import annotations
 
@@ -486,102 +487,3 @@ def validate_sidecar(obj: dict[str, Any]) -> list[str]:
         if obj.get("checkpoint_sha256") is not None:
             problems.append("`checkpoint_sha256` must be null in a DEGENERATE_SIGNAL sidecar (no model is saved)")
     return problems
-
-
-# --------------------------------------------------------------------------- building
-
-#: Packages whose versions the sidecar records. Read from installed metadata, never by
-#: importing: the parent must not import torch just to learn its version.
-VERSIONED_PACKAGES = ("optuna", "numpy", "scikit-learn", "torch", "xgboost", "lightgbm", "catboost", "orjson")
-
-
-def package_versions(names: Sequence[str] = VERSIONED_PACKAGES) -> dict[str, str | None]:
-    """``{"torch": "2.13.0", ...}`` from ``importlib.metadata``; None for a package not installed."""
-    from importlib import metadata
-
-    out: dict[str, str | None] = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def build_provenance(
-    *,
-    run_id: str,
-    parent_run_id: str | None,
-    command_line: Sequence[str],
-    created_at: str,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The sidecar's ``provenance`` block: who made this model, how, with what."""
-    import platform
-    import socket
-    import sys
-
-    return {
-        "run_id": run_id,
-        "parent_run_id": parent_run_id,
-        "command_line": [str(a) for a in command_line],
-        "created_at": created_at,
-        "hostname": socket.gethostname(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "versions": package_versions(),
-        **dict(extra or {}),
-    }
-
-
-def build_agent_metadata(provenance: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``agent_metadata`` block the existing pipeline reads: this step and the provenance ids."""
-    return {
-        "pipeline_step": PIPELINE_STEP,
-        "pipeline_step_name": PIPELINE_STEP_NAME,
-        "run_id": provenance["run_id"],
-        "parent_run_id": provenance.get("parent_run_id"),
-    }
-
-
-def null_training_metrics() -> dict[str, Any]:
-    """``training_metrics`` of a run that trained nothing (every metric null)."""
-    return {key: None for key in TRAINING_METRIC_KEYS}
-
-
-def build_sidecar(
-    *,
-    model_type: str,
-    outcome: str,
-    checkpoint_path: str | None,
-    feature_schema: Mapping[str, Any],
-    signal_quality: Mapping[str, Any],
-    data_context: Mapping[str, Any],
-    training_metrics: Mapping[str, Any],
-    hyperparameters: Mapping[str, Any],
-    optuna: Mapping[str, Any],
-    execution: Mapping[str, Any],
-    provenance: Mapping[str, Any],
-    checkpoint_sha256: str | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """Assemble a sidecar in SPEC order; ``checkpoint_format`` follows from the model type and
-    ``agent_metadata`` from the provenance."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "model_type": model_type,
-        "checkpoint_path": checkpoint_path,
-        "checkpoint_format": CHECKPOINT_FORMATS.get(model_type) if checkpoint_path is not None else None,
-        "checkpoint_sha256": checkpoint_sha256,
-        "feature_schema": dict(feature_schema),
-        "signal_quality": dict(signal_quality),
-        "data_context": dict(data_context),
-        "training_metrics": dict(training_metrics),
-        "hyperparameters": dict(hyperparameters),
-        "optuna": dict(optuna),
-        "execution": dict(execution),
-        "outcome": outcome,
-        "provenance": dict(provenance),
-        "agent_metadata": build_agent_metadata(provenance),
-        **extra,
-    }

@@ -53,6 +53,7 @@ from step5.errors import DataError, DegenerateSignalError, Step5Error
 from step5.execution.factory import make_fold_runner, resolve_persistent_workers
 from step5.execution.summary import ExecutionSummary, SearchRecord, build_execution_summary
 from step5.policy import Policy, load_policy
+from step5.sidecar import build_provenance, build_training_metrics, degenerate_sidecar, success_sidecar
 from step5.signal_quality import assess_signal
 from step5.values import utc_timestamp
 from step5.optimizer.config import OptimizerConfig, RunOutcome, validate_config
@@ -74,19 +75,6 @@ from step5.optimizer.study import (
 logger = logging.getLogger(__name__)
 
 HISTORY_PNG_NAME = artifacts.HISTORY_PNG_NAME
-
-
-OVERFIT_RATIO_DEFINITION = (
-    "mean CV train R² / mean CV val R² of the best trial; null when the val R² is <= 0 (undefined)"
-)
-
-
-def overfit_ratio(train_r2: float | None, val_r2: float | None) -> float | None:
-    """train R² / val R²: 1.0 generalises as well as it fits; 1.5 fits 50% "better" than it
-    generalises. Undefined (None) when val R² <= 0: there is nothing to be a ratio of."""
-    if train_r2 is None or val_r2 is None or not val_r2 > 0.0:
-        return None
-    return float(train_r2) / float(val_r2)
 
 
 def resolve_search_plan(config: OptimizerConfig, policy: Policy, capacity: int, *, neural_net: bool) -> SearchPlan:
@@ -498,7 +486,7 @@ class AntiOverfitMetaOptimizer:
 
     def _provenance(self) -> dict[str, Any]:
         cfg = self.config
-        return artifacts.build_provenance(
+        return build_provenance(
             run_id=self.run_id,
             parent_run_id=cfg.parent_run_id,
             command_line=cfg.command_line if cfg.command_line is not None else [sys.executable, *sys.argv],
@@ -517,15 +505,11 @@ class AntiOverfitMetaOptimizer:
             # commit removes the earlier run's checkpoint from what the output dir shows.
             logger.warning("replacing the model from an earlier run (%s): this run's data has no usable signal", stale)
         self.timings["total_s"] = time.perf_counter() - self._t0
-        sidecar = artifacts.build_sidecar(
+        sidecar = degenerate_sidecar(
             model_type=cfg.model_type,
-            outcome="DEGENERATE_SIGNAL",
-            checkpoint_path=None,
             feature_schema=feature_schema,
             signal_quality=signal,
             data_context=data_context,
-            training_metrics=artifacts.null_training_metrics(),
-            hyperparameters={},
             optuna=self._optuna_block(study_name, storage_url, None, None, None),
             execution=self._execution(None).to_dict(),
             provenance=self._provenance(),
@@ -554,54 +538,28 @@ class AntiOverfitMetaOptimizer:
         staged: model_set.StagedSet,
     ) -> RunOutcome:
         cfg = self.config
-        best_cv = best.user_attrs.get("cv", {})
-        overfit = overfit_ratio(best_cv.get("train_r2_mean"), best_cv.get("val_r2_mean"))
-        final_overfit = overfit_ratio(final.get("train_r2"), final.get("r2"))
-        metrics = {
-            "cv_r2_mean": best_cv.get("val_r2_mean"),
-            "cv_r2_std": best_cv.get("val_r2_std"),
-            "cv_train_r2_mean": best_cv.get("train_r2_mean"),
-            "cv_val_mse_mean": best_cv.get("val_mse_mean"),
-            "cv_train_mse_mean": best_cv.get("train_mse_mean"),
-            "train_r2": final.get("train_r2"),
-            "val_r2": final.get("r2"),
-            "test_r2": final.get("test_r2"),
-            "beats_mean": artifacts.beats_mean(final.get("test_r2")),
-            "train_mse": final.get("train_mse"),
-            "val_mse": final.get("val_mse"),
-            "test_mse": final.get("test_mse"),
-            "overfit_ratio": overfit,
-            "overfit_ratio_definition": OVERFIT_RATIO_DEFINITION,
-            "final_overfit_ratio": final_overfit,
-            "objective_value": best.value,
-            "objective_formula": OBJECTIVE_FORMULA,
-            "overfit_penalty": OVERFIT_PENALTY,
-            "k_folds": cfg.k_folds,
-            "n_dev": int(len(cv.y_dev)),
-            "n_fit": int(final.get("n_fit", len(cv.final_fit_idx))),
-            "n_early_stop": int(final.get("n_early_stop", len(cv.final_es_idx))),
-            "n_test": int(len(cv.y_test)),
-            "epochs_run": final.get("epochs_run"),
-            "best_epoch": final.get("best_epoch"),
-        }
+        metrics = build_training_metrics(
+            best.user_attrs.get("cv", {}), final, objective_value=best.value,
+            objective_formula=OBJECTIVE_FORMULA, overfit_penalty=OVERFIT_PENALTY, k_folds=cfg.k_folds,
+            n_dev=len(cv.y_dev), n_fit=len(cv.final_fit_idx), n_early_stop=len(cv.final_es_idx), n_test=len(cv.y_test),
+        )
         name = artifacts.checkpoint_filename(cfg.model_type)
         self.timings["total_s"] = time.perf_counter() - self._t0
         execution_summary.timings.total_s = self.timings["total_s"]
         execution = execution_summary.to_dict()
-        sidecar = artifacts.build_sidecar(
+        sidecar = success_sidecar(
             model_type=cfg.model_type,
-            outcome="SUCCESS",
-            checkpoint_path=name,
+            checkpoint_name=name,
+            checkpoint_sha256=artifacts.file_sha256(staged.path / name),
+            training_metrics=metrics,
+            hyperparameters=final["params"],
+            training_options=backend.training_options(),
             feature_schema=feature_schema,
             signal_quality=signal,
             data_context=data_context,
-            training_metrics=metrics,
-            hyperparameters=final["params"],
             optuna=self._optuna_block(opened.study_name, opened.storage_url, opened.study, best, opened),
             execution=execution,
             provenance=self._provenance(),
-            checkpoint_sha256=artifacts.file_sha256(staged.path / name),
-            training_options=backend.training_options(),
         )
         try:
             artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, sidecar)
