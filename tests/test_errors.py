@@ -30,3 +30,37 @@ class _AllocatorError(RuntimeError):
 )
 def test_is_out_of_memory(exc, oom_types, expected):
     assert is_out_of_memory(exc, oom_types) is expected
+
+
+def _exception_classes_outside_errors_py() -> list[str]:
+    """Public exception classes defined in step5 anywhere but errors.py (step5/testing,
+    test tooling, excepted): a class deriving from a name that ends in Error, Exception,
+    Interrupt or another such class."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "step5"
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path == package / "errors.py" or "testing" in path.relative_to(package).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.ClassDef) or node.name.startswith("_"):
+                continue
+            bases = [b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", "") for b in node.bases]
+            if any(b.endswith(("Error", "Exception", "Interrupt", "Closed", "Crashed", "Fault")) for b in bases):
+                found.append(f"{path.relative_to(package.parent)}:{node.lineno} {node.name}")
+    return found
+
+
+def test_every_public_exception_is_defined_in_errors_py():
+    assert _exception_classes_outside_errors_py() == []
+
+
+def test_every_exception_in_errors_py_is_documented_in_its_table():
+    import step5.errors as errors
+
+    classes = [name for name, obj in vars(errors).items()
+               if isinstance(obj, type) and issubclass(obj, BaseException) and obj.__module__ == errors.__name__]
+    assert classes and all(f"``{name}``" in errors.__doc__ for name in classes)
+    assert all(issubclass(getattr(errors, name), (errors.Step5Error, KeyboardInterrupt)) for name in classes)
