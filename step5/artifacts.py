@@ -30,7 +30,8 @@ or copied as a whole; :func:`resolve_checkpoint` turns it into a path. ``checkpo
 better than predicting the training mean for every row.
 
 Torch-free and light (hashlib, numpy, :mod:`step5.jsonio`): the optimizer, the WATCHER and
-Step 6 all import it. :func:`validate_sidecar` is the one definition of "a valid sidecar".
+Step 6 all import it. :func:`validate_sidecar` is the one definition of "a valid sidecar";
+:mod:`step5.sidecar` builds one to it.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ import numpy as np
 from step5.errors import DataError
 from step5.execution.summary import EXECUTION_MODES, execution_problems  # noqa: F401 - re-exported
 from step5.jsonio import dumps, read_json_file, write_json_atomic
+from step5.values import is_int, is_number
 
 SCHEMA_VERSION = "1.0"
 SIDECAR_NAME = "best_model.meta.json"
@@ -54,6 +56,8 @@ HISTORY_PNG_NAME = "best_model.history.png"
 DIAGNOSTICS_DIRNAME = "diagnostics_outputs"
 COMPARE_SUMMARY_NAME = "compare_models_summary.json"
 
+#: Every model family Step 5 trains, in the order ``--compare-models`` runs them; the one
+#: definition (the optimizer's config and CLI, the WATCHER's fake and Step 6 import it).
 MODEL_TYPES = ("neural_net", "xgboost", "lightgbm", "catboost")
 
 #: File name of each model type's checkpoint (SPEC section 4).
@@ -228,14 +232,6 @@ def _is_bool(v: Any) -> bool:
     return isinstance(v, bool)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _is_dict(v: Any) -> bool:
     return isinstance(v, dict)
 
@@ -266,15 +262,15 @@ def _expect(check: _Check, description: str) -> _Check:
 
 STR = _expect(_is_str, "a string")
 BOOL = _expect(_is_bool, "true or false")
-INT = _expect(_is_int, "an int")
-NUM = _expect(_is_num, "a finite number")
+INT = _expect(is_int, "an int")
+NUM = _expect(is_number, "a finite number")
 DICT = _expect(_is_dict, "an object")
 LIST = _expect(_is_list, "an array")
 HEX16 = _expect(_is_hex16, "16 lowercase hex characters")
 SHA256 = _expect(_is_sha256, "64 lowercase hex characters (a SHA-256)")
 OPT_STR = _expect(_or_none(_is_str), "a string or null")
-OPT_INT = _expect(_or_none(_is_int), "an int or null")
-OPT_NUM = _expect(_or_none(_is_num), "a finite number or null")
+OPT_INT = _expect(_or_none(is_int), "an int or null")
+OPT_NUM = _expect(_or_none(is_number), "a finite number or null")
 STR_LIST = _expect(lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "an array of strings")
 
 #: Top-level keys and their types (SPEC section 4). Nested blocks are checked below.
@@ -390,7 +386,7 @@ def validate_sidecar(obj: dict[str, Any]) -> list[str]:
         _check_block(fs, FEATURE_SCHEMA_KEYS, "feature_schema.", problems)
         names = fs.get("feature_names")
         if STR_LIST(names):
-            if _is_int(fs.get("feature_count")) and fs["feature_count"] != len(names):
+            if is_int(fs.get("feature_count")) and fs["feature_count"] != len(names):
                 problems.append(
                     f"`feature_schema.feature_count` is {fs['feature_count']} but "
                     f"`feature_schema.feature_names` has {len(names)} names"
@@ -422,7 +418,7 @@ def validate_sidecar(obj: dict[str, Any]) -> list[str]:
                 continue
             value = tm[key]
             if outcome == "SUCCESS" and key not in _NULLABLE_ON_SUCCESS:
-                if not _is_num(value):
+                if not is_number(value):
                     problems.append(f"`training_metrics.{key}` must be a finite number in a SUCCESS sidecar, got {value!r}")
             elif not OPT_NUM(value):
                 problems.append(f"`training_metrics.{key}` must be a finite number or null, got {value!r}")
@@ -458,7 +454,7 @@ def validate_sidecar(obj: dict[str, Any]) -> list[str]:
                 f"`checkpoint_sha256` must be {_EXPECTED_NAMES[SHA256]} in a SUCCESS sidecar, "
                 f"got {obj.get('checkpoint_sha256')!r:.80}"
             )
-        if isinstance(tm, dict) and _is_num(tm.get("test_r2")):
+        if isinstance(tm, dict) and is_number(tm.get("test_r2")):
             expected_flag = beats_mean(tm["test_r2"])
             if "beats_mean" not in tm:
                 problems.append("missing key `training_metrics.beats_mean` in a SUCCESS sidecar")
@@ -491,102 +487,3 @@ def validate_sidecar(obj: dict[str, Any]) -> list[str]:
         if obj.get("checkpoint_sha256") is not None:
             problems.append("`checkpoint_sha256` must be null in a DEGENERATE_SIGNAL sidecar (no model is saved)")
     return problems
-
-
-# --------------------------------------------------------------------------- building
-
-#: Packages whose versions the sidecar records. Read from installed metadata, never by
-#: importing: the parent must not import torch just to learn its version.
-VERSIONED_PACKAGES = ("optuna", "numpy", "scikit-learn", "torch", "xgboost", "lightgbm", "catboost", "orjson")
-
-
-def package_versions(names: Sequence[str] = VERSIONED_PACKAGES) -> dict[str, str | None]:
-    """``{"torch": "2.13.0", ...}`` from ``importlib.metadata``; None for a package not installed."""
-    from importlib import metadata
-
-    out: dict[str, str | None] = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def build_provenance(
-    *,
-    run_id: str,
-    parent_run_id: str | None,
-    command_line: Sequence[str],
-    created_at: str,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The sidecar's ``provenance`` block: who made this model, how, with what."""
-    import platform
-    import socket
-    import sys
-
-    return {
-        "run_id": run_id,
-        "parent_run_id": parent_run_id,
-        "command_line": [str(a) for a in command_line],
-        "created_at": created_at,
-        "hostname": socket.gethostname(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "versions": package_versions(),
-        **dict(extra or {}),
-    }
-
-
-def build_agent_metadata(provenance: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``agent_metadata`` block the existing pipeline reads: this step and the provenance ids."""
-    return {
-        "pipeline_step": PIPELINE_STEP,
-        "pipeline_step_name": PIPELINE_STEP_NAME,
-        "run_id": provenance["run_id"],
-        "parent_run_id": provenance.get("parent_run_id"),
-    }
-
-
-def null_training_metrics() -> dict[str, Any]:
-    """``training_metrics`` of a run that trained nothing (every metric null)."""
-    return {key: None for key in TRAINING_METRIC_KEYS}
-
-
-def build_sidecar(
-    *,
-    model_type: str,
-    outcome: str,
-    checkpoint_path: str | None,
-    feature_schema: Mapping[str, Any],
-    signal_quality: Mapping[str, Any],
-    data_context: Mapping[str, Any],
-    training_metrics: Mapping[str, Any],
-    hyperparameters: Mapping[str, Any],
-    optuna: Mapping[str, Any],
-    execution: Mapping[str, Any],
-    provenance: Mapping[str, Any],
-    checkpoint_sha256: str | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """Assemble a sidecar in SPEC order; ``checkpoint_format`` follows from the model type and
-    ``agent_metadata`` from the provenance."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "model_type": model_type,
-        "checkpoint_path": checkpoint_path,
-        "checkpoint_format": CHECKPOINT_FORMATS.get(model_type) if checkpoint_path is not None else None,
-        "checkpoint_sha256": checkpoint_sha256,
-        "feature_schema": dict(feature_schema),
-        "signal_quality": dict(signal_quality),
-        "data_context": dict(data_context),
-        "training_metrics": dict(training_metrics),
-        "hyperparameters": dict(hyperparameters),
-        "optuna": dict(optuna),
-        "execution": dict(execution),
-        "outcome": outcome,
-        "provenance": dict(provenance),
-        "agent_metadata": build_agent_metadata(provenance),
-        **extra,
-    }

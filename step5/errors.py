@@ -1,7 +1,39 @@
-"""One flat exception hierarchy for Step 5.
+"""Every exception Step 5 defines: one flat hierarchy under :class:`Step5Error`.
 
-Every class carries the process exit code the CLIs use when it escapes to the top, and
-job-level failures carry an ``error_type`` that travels over the worker protocol.
+Each class carries the process exit code the CLIs use when it escapes to the top (SPEC:
+0 ok, 1 error, 2 degenerate, 64 usage); job-level failures also carry an ``error_type``
+that travels over the worker protocol (:data:`JOB_ERROR_TYPES`).
+
+==========================  ====  =========================================================
+class                       exit  raised when
+==========================  ====  =========================================================
+``Step5Error``              1     any failure Step 5 reports to the user (the base)
+``UsageError``              64    command-line arguments are inconsistent
+``DataError``               1     an input file (survivors, history, NPZ, sidecar) is
+                                  missing or malformed
+``MissingDependency``       1     a tree model type is used without ``step5[trees]``
+``PolicyError``             1     ``watcher_policies.json`` is unreadable or invalid
+``DegenerateSignalError``   2     the target has no usable signal (degenerate sidecar)
+``PredictionNotAllowed``    2     Step 6 loads a sidecar whose run found no signal
+``StudyMismatchError``      1     a shared study was recorded for other data or setup
+``TooManyFailedTrials``     1     so many trials failed in a row that the search stops
+``JobError``                1     a training job failed deterministically (not retried)
+``BadRequest``              1     a protocol request is malformed (a ``JobError``)
+``WorkerCrashed``           1     a training process died, hung or broke the protocol
+``WorkerFault``             1     the pool's worker did so (a ``WorkerCrashed`` + kind)
+``JobTimedOut``             1     a job ran past its timeout in a healthy process
+``RunnerClosed``            1     a job meets a closed fold runner (pool or one-shot)
+``FrameTooLarge``           --    a protocol line exceeds the reader's bound (handled by
+                                  the reader's owner, never reaches a CLI)
+``Terminated``              --    SIGTERM arrived; a ``KeyboardInterrupt``, not a
+                                  ``Step5Error``, so every ``finally`` runs as on Ctrl-C
+==========================  ====  =========================================================
+
+Not here, on purpose: exceptions private to one module that never leave it
+(``step5.execution.runner._Aborted`` unwinds a runner thread, ``step5.nn.oneshot.
+_UsageFailure`` turns argparse's exit into the one-shot trainer's JSON error line), and
+``step5.testing.postgres.PostgresUnavailable``, test tooling that tells the PostgreSQL
+tests to skip: no Step 5 code path raises it, so it is no failure of the product.
 """
 from __future__ import annotations
 
@@ -10,6 +42,21 @@ from typing import Any
 #: ``error_type`` values a training job may fail with (SPEC section 6). ``timeout`` is the
 #: parent's verdict on a job that ran past its timeout twice; no trainer sends it.
 JOB_ERROR_TYPES = ("bad_request", "data_error", "train_error", "out_of_memory", "timeout")
+
+
+#: How libraries word a failed allocation they report as a generic exception: torch's
+#: ``RuntimeError`` from the CPU allocator, a tree library's own error class.
+_OUT_OF_MEMORY_WORDING = ("out of memory", "can't allocate memory", "defaultcpuallocator")
+
+
+def is_out_of_memory(exc: BaseException, oom_types: tuple[type[BaseException], ...] = ()) -> bool:
+    """Whether ``exc`` is a failed allocation: a ``MemoryError``, one of ``oom_types`` (the
+    torch side passes torch's ``OutOfMemoryError`` classes; this module stays torch-free), or
+    an exception whose message says so. Such a failure is a job's ``out_of_memory``."""
+    if isinstance(exc, (MemoryError, *oom_types)):
+        return True
+    text = str(exc).lower()
+    return any(wording in text for wording in _OUT_OF_MEMORY_WORDING)
 
 
 class Terminated(KeyboardInterrupt):
@@ -51,6 +98,20 @@ class DegenerateSignalError(Step5Error):
     """Raised when the target has no usable signal; a degenerate sidecar is written (exit 2)."""
 
     exit_code = 2
+
+
+class PredictionNotAllowed(Step5Error):
+    """Raised when a sidecar says its run found no usable signal (no model to predict with)."""
+
+    exit_code = 2
+
+
+class StudyMismatchError(Step5Error):
+    """Raised when a process's data or setup differs from what the shared study recorded (exit 1)."""
+
+
+class TooManyFailedTrials(Step5Error):
+    """Raised when so many trials failed in a row that replacing them looks endless."""
 
 
 class JobError(Step5Error):
@@ -141,3 +202,27 @@ class JobTimedOut(Step5Error):
         self.timeout_s = timeout_s
         self.exit_status = "TIMEOUT"
         self.stderr_tail = stderr_tail
+
+
+class WorkerFault(WorkerCrashed):
+    """Raised when a pool worker crashed, hung, broke the protocol or failed to boot; ``kind``
+    says which (:data:`step5.execution.slot.WORKER_FAULTS`). The process is already dead."""
+
+    def __init__(self, message: str, *, kind: str, exit_status: str | None, stderr_tail: str) -> None:
+        super().__init__(message, exit_status=exit_status, stderr_tail=stderr_tail)
+        self.kind = kind
+
+
+class RunnerClosed(Step5Error):
+    """Raised when a job is submitted to, or was running in, a fold runner that has been
+    closed: the worker pool or the one-shot runner (closed by ``close()`` or an abort)."""
+
+
+class FrameTooLarge(Step5Error):
+    """Raised when a line exceeds the reader's bound; the rest of that line was discarded."""
+
+    def __init__(self, limit: int, seen: int, *, at_eof: bool) -> None:
+        super().__init__(f"line of at least {seen} bytes exceeds the {limit}-byte frame limit")
+        self.limit = limit
+        self.seen = seen  # bytes consumed from the stream for this line
+        self.at_eof = at_eof  # the oversize line ran into end of stream (no newline)

@@ -5,7 +5,7 @@ dispatcher's job, :mod:`step5.nn.worker`, and the pool's, :mod:`step5.execution.
 It is torch-free and used on both sides of the pipe:
 
 * :class:`LineReader` reads one line at a time with a hard size bound. A line longer than
-  the bound is *discarded up to its newline* and reported as :class:`FrameTooLarge`, so a
+  the bound is *discarded up to its newline* and reported as :class:`~step5.errors.FrameTooLarge`, so a
   runaway writer cannot make the reader allocate without limit, and the next call starts
   cleanly at the next line (there is no "previous message" to fall back on).
 * :class:`LineWriter` writes one message with one lock, one ``write`` and one ``flush``,
@@ -16,21 +16,12 @@ from __future__ import annotations
 import threading
 from typing import Any, BinaryIO
 
+from step5.errors import FrameTooLarge
 from step5.jsonio import dumps_line
 from step5.protocol import MAX_REQUEST_BYTES
 
 #: Chunk size used while skipping the rest of an oversize line.
 _DISCARD_CHUNK = 1 << 16
-
-
-class FrameTooLarge(Exception):
-    """Raised when a line exceeds the reader's bound; the rest of that line was discarded."""
-
-    def __init__(self, limit: int, seen: int, *, at_eof: bool) -> None:
-        super().__init__(f"line of at least {seen} bytes exceeds the {limit}-byte frame limit")
-        self.limit = limit
-        self.seen = seen  # bytes consumed from the stream for this line
-        self.at_eof = at_eof  # the oversize line ran into end of stream (no newline)
 
 
 class LineReader:

@@ -11,13 +11,13 @@ directory gets the same policy).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from step5.errors import DataError, PolicyError
 from step5.jsonio import read_json_file
+from step5.values import is_int, is_number
 
 DEFAULT_POLICY_PATH = "watcher_policies.json"
 #: The project's own policy, shipped inside the package (in a checkout, a link to the
@@ -102,13 +102,10 @@ def _typed(section: dict[str, Any], cls: type, where: str) -> Any:
             ok = value in choices
             expected = "one of " + ", ".join(f'"{c}"' for c in choices)
         elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            ok = is_int(value) and value >= 0
             expected = "a non-negative int"
         else:
-            ok = (
-                isinstance(value, (int, float)) and not isinstance(value, bool)
-                and math.isfinite(value) and value > 0
-            )
+            ok = is_number(value) and value > 0
             expected = "a positive number"
         if not ok:
             raise PolicyError(f"{where}.{key} must be {expected}, got {value!r}")
@@ -121,7 +118,7 @@ def _number_map(section: dict[str, Any], where: str) -> dict[str, float]:
     for key, value in section.items():
         if key.startswith("_"):
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_number(value):
             raise PolicyError(f"{where}.{key} must be a finite number, got {value!r}")
         out[key] = float(value)
     return out

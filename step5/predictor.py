@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 import numpy as np
 
 from step5.artifacts import SIDECAR_NAME, feature_schema_hash, read_sidecar, resolve_checkpoint, verify_checkpoint
-from step5.errors import DataError, Step5Error
+from step5.errors import DataError, PredictionNotAllowed, Step5Error
 from step5.jsonio import write_json_atomic
 
 if TYPE_CHECKING:
@@ -64,12 +64,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_MISSING_FRACTION = 0.01
 #: How many of the most-missing keys an error or warning names.
 MISSING_KEYS_SHOWN = 5
-
-
-class PredictionNotAllowed(Step5Error):
-    """Raised when a sidecar says its run found no usable signal (no model to predict with)."""
-
-    exit_code = 2
 
 
 @dataclass

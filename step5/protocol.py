@@ -22,11 +22,11 @@ loaded with ``allow_pickle=False``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, TypedDict
 
 from step5.errors import BadRequest
+from step5.values import is_int, is_number
 
 PROTOCOL_VERSION = 1
 
@@ -55,14 +55,6 @@ AUTO_FULL_BATCH_MAX_ROWS = 10_000
 FUSE_KEYS = ("hidden_layers", "optimizer", "epochs", "normalize_features", "use_leaky_relu")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
-
-
 @dataclass(frozen=True)
 class NNParams:
     """Hyperparameters of one survivor-quality MLP (the ``params`` object of a request)."""
@@ -89,7 +81,7 @@ class NNParams:
         values: dict[str, Any] = {}
         if "hidden_layers" in raw:
             hl = raw["hidden_layers"]
-            if not isinstance(hl, (list, tuple)) or not hl or not all(_is_int(w) and w > 0 for w in hl):
+            if not isinstance(hl, (list, tuple)) or not hl or not all(is_int(w) and w > 0 for w in hl):
                 raise BadRequest(f"`hidden_layers` must be a non-empty list of positive ints, got {hl!r}")
             values["hidden_layers"] = tuple(hl)
         for name, lo, lo_inclusive, hi in (
@@ -101,7 +93,7 @@ class NNParams:
             if name not in raw:
                 continue
             v = raw[name]
-            ok = _is_number(v) and (v >= lo if lo_inclusive else v > lo) and (hi is None or v < hi)
+            ok = is_number(v) and (v >= lo if lo_inclusive else v > lo) and (hi is None or v < hi)
             if not ok:
                 bound = f"{'>=' if lo_inclusive else '>'} {lo}" + (f" and < {hi}" if hi is not None else "")
                 raise BadRequest(f"`{name}` must be a finite number {bound}, got {v!r}")
@@ -110,7 +102,7 @@ class NNParams:
             if name not in raw:
                 continue
             v = raw[name]
-            if not (_is_int(v) and v >= lo):
+            if not (is_int(v) and v >= lo):
                 raise BadRequest(f"`{name}` must be an int >= {lo}, got {v!r}")
             values[name] = v
         if "optimizer" in raw:
@@ -151,8 +143,8 @@ class TrainRequest:
             return cls._from_dict(raw)
         except BadRequest as exc:
             # Attach whatever identifying fields were readable, so the parent can match the error.
-            exc.trial_number = echo["trial_number"] if _is_int(echo["trial_number"]) else None
-            exc.fold_idx = echo["fold_idx"] if _is_int(echo["fold_idx"]) else None
+            exc.trial_number = echo["trial_number"] if is_int(echo["trial_number"]) else None
+            exc.fold_idx = echo["fold_idx"] if is_int(echo["fold_idx"]) else None
             exc.job_id = echo["job_id"] if isinstance(echo["job_id"], (str, int)) else None
             raise
 
@@ -171,7 +163,7 @@ class TrainRequest:
         params = NNParams.from_dict(raw.get("params", {}))
         for name in ("trial_number", "fold_idx"):
             v = raw.get(name)
-            if v is not None and not _is_int(v):
+            if v is not None and not is_int(v):
                 raise BadRequest(f"`{name}` must be an int, got {v!r}")
         for name in ("normalize_features", "use_leaky_relu"):
             v = raw.get(name, True)
@@ -181,7 +173,7 @@ class TrainRequest:
         if batch_mode not in BATCH_MODES:
             raise BadRequest(f"`batch_mode` must be one of {list(BATCH_MODES)}, got {batch_mode!r}")
         seed = raw.get("seed", 0)
-        if not (_is_int(seed) and 0 <= seed < 2**63):
+        if not (is_int(seed) and 0 <= seed < 2**63):
             raise BadRequest(f"`seed` must be a non-negative int, got {seed!r}")
         job_id = raw.get("job_id")
         if job_id is not None and not isinstance(job_id, (str, int)):

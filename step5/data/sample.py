@@ -44,6 +44,7 @@ import orjson
 from step5.data.survivors import _gc_paused
 from step5.fsutil import atomic_output
 from step5.jsonio import write_json_atomic
+from step5.values import is_int
 
 logger = logging.getLogger(__name__)
 
@@ -286,7 +287,7 @@ def write_sample(
     ``(survivors_path, history_path)``.
     """
     for name, value, lo in (("n_survivors", n_survivors, 1), ("n_features", n_features, 1), ("n_draws", n_draws, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        if not is_int(value) or value < lo:
             raise ValueError(f"`{name}` must be an int >= {lo}, got {value!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -150,7 +150,7 @@ def _stderr_after_kill(proc: subprocess.Popen[bytes]) -> bytes:
 class OneshotTrainer:
     """Runs a job in one-shot trainers until it has a verdict (the retrying path).
 
-    ``check_open`` raises the owner's "closed" error (the pool's PoolClosed, the runner's
+    ``check_open`` raises the owner's "closed" error (the pool's RunnerClosed, the runner's
     abort) before each attempt and after a failed one: a trainer killed by its owner is
     neither a crash nor a timeout. ``record`` receives every fault, for the summary.
     """

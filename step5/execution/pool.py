@@ -23,7 +23,7 @@
 changed only by the dispatch thread that took it from the free queue, until it puts it
 back. :meth:`WorkerPool.close` changes no slot: it sets the closed flag and kills every
 process; a holder then sees a dead pipe, finds the pool closed, and ends with
-:class:`PoolClosed`. Only the pool-wide statistics and the registry of live processes are
+:class:`RunnerClosed`. Only the pool-wide statistics and the registry of live processes are
 shared, each behind ``_lock``.
 
 **Faults and timeouts** (SPEC section 7, issue 10). A worker that crashes (EOF, broken
@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from step5.devices import DeviceSlot
-from step5.errors import JOB_ERROR_TYPES, JobError, JobTimedOut, Step5Error
+from step5.errors import JOB_ERROR_TYPES, JobError, JobTimedOut, RunnerClosed, WorkerFault
 from step5.execution.oneshot import OneshotTrainer, fault_error, timeout_error
 from step5.execution.process import kill_and_reap, sigkill
 from step5.execution.runner import JobOutcome, check_groups
@@ -73,21 +73,18 @@ from step5.execution.slot import FaultBudget, JobAttempts, JobVerdict, SlotActio
 from step5.execution.summary import (
     FallbackRecord, FaultRecord, FusionRecord, RunnerStats, Timings, WorkerRecord, recovery_record,
 )
-from step5.execution.worker_process import Spawner, WorkerFault, WorkerProcess, popen_worker
+from step5.execution.worker_process import Spawner, WorkerProcess, popen_worker
 from step5.launch import WORKER_MODULE, module_command
 from step5.lifeline import PARENT_PID_ENV
 from step5.policy import TrainingPolicy
 from step5.protocol import PROTOCOL_VERSION, TrainRequest
+from step5.values import is_number
 
 logger = logging.getLogger(__name__)
 
 
 FALLBACK_LOG = "[S96B] Worker %s died, falling back to subprocess mode"
 REPROMOTE_LOG = "[S96B] Worker %s: trying a fresh persistent worker again after %.0fs in subprocess mode (%d of %d)"
-
-
-class PoolClosed(Step5Error):
-    """Raised when a job is submitted to, or was running in, a pool that has been closed."""
 
 
 def default_worker_command(python: str = sys.executable) -> list[str]:
@@ -248,7 +245,7 @@ class WorkerPool:
         env[PARENT_PID_ENV] = str(os.getpid())
         with self._lock:
             if self._closed:
-                raise PoolClosed("the worker pool is closed")
+                raise RunnerClosed("the worker pool is closed")
             proc = popen_worker(self.worker_command, env)
             self._procs.add(proc)
             return proc
@@ -259,7 +256,7 @@ class WorkerPool:
         try:
             proc = self._spawner.submit(self._popen, st).result()
         except RuntimeError:  # the spawner was shut down: the pool is closing
-            raise PoolClosed("the worker pool is closed") from None
+            raise RunnerClosed("the worker pool is closed") from None
         except OSError as exc:
             raise WorkerFault(f"worker {st.label} could not be started: {exc}", kind="boot",
                               exit_status=None, stderr_tail="") from None
@@ -314,7 +311,7 @@ class WorkerPool:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise PoolClosed("the worker pool is closed")
+            raise RunnerClosed("the worker pool is closed")
 
     def _record_fault(self, record: FaultRecord) -> None:
         with self._lock:
@@ -464,7 +461,7 @@ class WorkerPool:
         A group of one is an unfused ``train`` job; a larger group shares one fused pass
         (its requests agree on :data:`step5.protocol.FUSE_KEYS`). Job errors come back in
         place. Anything else escaping (Ctrl-C included) kills every worker first;
-        :class:`PoolClosed` when the pool was closed meanwhile.
+        :class:`RunnerClosed` when the pool was closed meanwhile.
         """
         self._check_open()
         groups = check_groups(groups)
@@ -477,9 +474,9 @@ class WorkerPool:
             try:
                 futures = [self._dispatch.submit(self._run_group, g) for g in groups]
             except RuntimeError as exc:  # the executor is shut down: close() ran since _check_open()
-                raise PoolClosed("the worker pool is closed") from exc
+                raise RunnerClosed("the worker pool is closed") from exc
             outcomes = _gather(futures)
-        except PoolClosed:
+        except RunnerClosed:
             raise
         except BaseException:
             logger.warning("interrupted: stopping every worker")
@@ -490,9 +487,9 @@ class WorkerPool:
                 self._timings.wall_s += time.perf_counter() - start
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
-                if self._closed and not isinstance(outcome, PoolClosed):
+                if self._closed and not isinstance(outcome, RunnerClosed):
                     # e.g. a queued group cancelled by close(): the pool's closing, not a bug.
-                    raise PoolClosed("the worker pool was closed while jobs were running") from outcome
+                    raise RunnerClosed("the worker pool was closed while jobs were running") from outcome
                 raise outcome
         return outcomes
 
@@ -559,7 +556,7 @@ class WorkerPool:
             self._workers.clear()
             self._procs.clear()
         self._spawner.shutdown()
-        # Holders still busy see dead pipes or PoolClosed and end on their own; an abort
+        # Holders still busy see dead pipes or RunnerClosed and end on their own; an abort
         # (grace 0, e.g. Ctrl-C) does not wait for them, and no thread waits on itself.
         in_dispatch = threading.current_thread().name.startswith("step5-dispatch")
         self._dispatch.shutdown(wait=grace_s > 0 and not in_dispatch, cancel_futures=True)
@@ -568,7 +565,7 @@ class WorkerPool:
 
 def _duration(result: dict[str, Any]) -> float:
     value = result.get("duration", 0.0)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+    return float(value) if is_number(value) else 0.0
 
 
 def _gather(futures: Sequence[Future[Any]]) -> list[Any]:

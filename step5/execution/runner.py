@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 from step5.devices import DeviceSlot
-from step5.errors import JobError
+from step5.errors import JobError, RunnerClosed
 from step5.execution.oneshot import OneshotTrainer
 from step5.execution.process import reap_killed
 from step5.policy import TrainingPolicy
@@ -173,7 +173,7 @@ class SubprocessRunner:
         the exception propagates without waiting for the other jobs.
         """
         if self._closed:
-            raise RuntimeError("run() on a closed SubprocessRunner")
+            raise RunnerClosed("the one-shot runner is closed")
         groups = check_groups(groups)
         fused = [g for g in groups if len(g) > 1]
         if fused and not self._warned_no_fusion:

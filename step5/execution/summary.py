@@ -22,9 +22,10 @@ checked there without a second list.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from step5.values import is_int, is_number
 
 EXECUTION_MODES = ("persistent_workers", "subprocess", "inline")
 
@@ -197,13 +198,10 @@ def _type_check(annotation: str) -> tuple[str, Any]:
     optional = annotation.endswith("| None")
     base = annotation.replace("| None", "").strip()
 
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
     checks = {
         "str": ("a string", lambda v: isinstance(v, str)),
         "int": ("an int", lambda v: is_int(v) and v >= 0),
-        "float": ("a finite number >= 0", lambda v: (is_int(v) or isinstance(v, float)) and math.isfinite(v) and v >= 0),
+        "float": ("a finite number >= 0", lambda v: is_number(v) and v >= 0),
         "bool": ("true or false", lambda v: isinstance(v, bool)),
         "list[str]": ("an array of strings", lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v)),
     }

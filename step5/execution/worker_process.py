@@ -24,9 +24,9 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable, Sequence
 
-from step5.errors import JobTimedOut, WorkerCrashed
+from step5.errors import FrameTooLarge, JobTimedOut, WorkerFault
 from step5.execution.process import STDERR_TAIL_LINES, describe_exit, reap_killed, sigkill
-from step5.framing import FrameTooLarge, LineReader, LineWriter
+from step5.framing import LineReader, LineWriter
 from step5.jsonio import loads
 
 logger = logging.getLogger(__name__)
@@ -39,15 +39,6 @@ _STDERR_SETTLE_S = 1.0
 _EXIT_AFTER_EOF_S = 2.0
 
 _beat_ids = itertools.count()
-
-
-class WorkerFault(WorkerCrashed):
-    """Raised when a worker crashed, hung, broke the protocol or failed to boot; ``kind``
-    says which (:data:`step5.execution.slot.WORKER_FAULTS`). The process is already dead."""
-
-    def __init__(self, message: str, *, kind: str, exit_status: str | None, stderr_tail: str) -> None:
-        super().__init__(message, exit_status=exit_status, stderr_tail=stderr_tail)
-        self.kind = kind
 
 
 class WorkerProcess:

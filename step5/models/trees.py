@@ -55,7 +55,7 @@ import numpy as np
 from step5.artifacts import CHECKPOINT_FILENAMES, CHECKPOINT_FORMATS
 from step5.artifacts import checkpoint_filename as checkpoint_name  # noqa: F401  (trees.checkpoint_name for callers)
 from step5.data.splits import as_xy
-from step5.errors import DataError, JobError, MissingDependency
+from step5.errors import DataError, JobError, MissingDependency, is_out_of_memory
 from step5.fsutil import atomic_output
 from step5.models.catboost_adapter import CatBoostAdapter
 from step5.models.lightgbm_adapter import LightGBMAdapter
@@ -342,7 +342,7 @@ def _as_job_error(model_type: str, exc: Exception) -> Exception:
         return JobError(f"{model_type} ran out of memory: {exc}", "out_of_memory")
     if isinstance(exc, ADAPTERS[model_type].library_error()):
         text = str(exc).strip()
-        kind = "out_of_memory" if "out of memory" in text.lower() else "train_error"
+        kind = "out_of_memory" if is_out_of_memory(exc) else "train_error"
         return JobError(f"{model_type} training failed: {type(exc).__name__}: {text}", kind)
     return exc
 

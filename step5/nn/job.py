@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from step5 import errors
 from step5.errors import JobError
 from step5.nn.checkpoint import save_checkpoint
 from step5.nn.trainer import Fold, ModelSpec, TrainConfig, TrainedModel, padded_rows, train_models
@@ -286,25 +287,22 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-_OOM_TYPES: tuple[type[BaseException], ...] = (MemoryError,) + tuple(
+#: torch's own allocation failures (CUDA; recent versions also name a CPU one).
+_TORCH_OOM_TYPES: tuple[type[BaseException], ...] = tuple(
     t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t
 )
 
 
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, _OOM_TYPES):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text or "DefaultCPUAllocator" in text
-    )
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether a training failure was torch (CPU or CUDA) failing to allocate."""
+    return errors.is_out_of_memory(exc, _TORCH_OOM_TYPES)
 
 
 def _as_job_error(exc: BaseException, where: str) -> JobError:
     """Classify an exception raised while training (never a data problem: data is checked)."""
     if isinstance(exc, JobError):
         return exc
-    if _is_oom(exc):
+    if is_out_of_memory(exc):
         return JobError(f"out of memory while {where}: {exc}", "out_of_memory")
     return JobError(
         f"{type(exc).__name__} while {where}: {exc}", "train_error",

@@ -38,10 +38,11 @@ import time
 import traceback
 from typing import Any, Protocol, Sequence
 
-from step5.errors import BadRequest, JobError
-from step5.framing import FrameTooLarge, LineReader, LineWriter
+from step5.errors import BadRequest, FrameTooLarge, JobError
+from step5.framing import LineReader, LineWriter
 from step5.jsonio import loads
 from step5.protocol import COMMANDS, MAX_REQUEST_BYTES, PROTOCOL_VERSION, TrainRequest
+from step5.values import is_int
 
 logger = logging.getLogger("step5.nn.worker")  # not __name__: run with -m it is "__main__"
 
@@ -76,7 +77,7 @@ def _echo(raw: Any) -> dict[str, Any]:
         return {"trial_number": None, "fold_idx": None, "job_id": None}
 
     def ok_int(v: Any) -> Any:
-        return v if isinstance(v, int) and not isinstance(v, bool) else None
+        return v if is_int(v) else None
 
     job_id = raw.get("job_id")
     return {
@@ -303,7 +304,6 @@ class TorchBackend:
         from step5.nn import job
         from step5.nn.trainer import configure_torch_threads
 
-        self._torch = torch
         self._job = job
         self.torch_version = str(torch.__version__)
         self.threads = configure_torch_threads()  # STEP5_TORCH_THREADS: the pool splits the cores
@@ -325,12 +325,7 @@ class TorchBackend:
             raise BadRequest(f"`train_folds` jobs cannot be fused: {exc}") from None
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
-        if isinstance(exc, MemoryError):
-            return True
-        oom_type = getattr(getattr(self._torch, "cuda", None), "OutOfMemoryError", None)
-        if oom_type is not None and isinstance(exc, oom_type):
-            return True
-        return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+        return self._job.is_out_of_memory(exc)
 
     def release_memory(self) -> None:
         # The core already empties the CUDA cache after each job; this also covers jobs that

@@ -24,10 +24,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Callable, NoReturn, Sequence
 
+from step5.artifacts import MODEL_TYPES
 from step5.devices import parse_gpu_list
 from step5.errors import DegenerateSignalError, Step5Error, Terminated, UsageError
 from step5.lifeline import install_supervisor_lifeline
-from step5.optimizer.config import MODEL_TYPES, OptimizerConfig, validate_config
+from step5.optimizer.config import OptimizerConfig, validate_config
 from step5.optimizer.preflight import preflight
 from step5.policy import PRUNER_NAMES, find_policy
 

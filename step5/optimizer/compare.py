@@ -44,19 +44,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import shutil
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from step5 import artifacts, model_set
+from step5.artifacts import MODEL_TYPES
 from step5.errors import DegenerateSignalError
 from step5.jsonio import read_json_file, write_json_atomic
-from step5.optimizer.config import MODEL_TYPES, OptimizerConfig, RunOutcome, validate_config
+from step5.optimizer.config import OptimizerConfig, RunOutcome, validate_config
 from step5.optimizer.plots import save_figure
+from step5.values import finite_or_none, utc_timestamp
 
 logger = logging.getLogger(__name__)
 
@@ -118,12 +118,6 @@ class Candidate:
         }
 
 
-def _finite(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 def select_winner(candidates: Iterable[Candidate]) -> Candidate | None:
     """The candidate :data:`CRITERION` picks, or None when no SUCCESS run has a finite CV
     objective and a test R^2.
@@ -134,7 +128,7 @@ def select_winner(candidates: Iterable[Candidate]) -> Candidate | None:
     order = {mt: i for i, mt in enumerate(MODEL_TYPES)}
     eligible = [
         c for c in candidates
-        if c.status == "SUCCESS" and _finite(c.cv_score) is not None and _finite(c.test_r2) is not None
+        if c.status == "SUCCESS" and finite_or_none(c.cv_score) is not None and finite_or_none(c.test_r2) is not None
     ]
     eligible.sort(key=lambda c: (-float(c.cv_score), order.get(c.model_type, len(order))))  # type: ignore[arg-type]
     for i, c in enumerate(eligible, start=1):
@@ -251,7 +245,7 @@ def _run_one(factory: OptimizerFactory, config: OptimizerConfig) -> tuple[Candid
 
     status = outcome.status if outcome.status in ("SUCCESS", "DEGENERATE_SIGNAL", "FAILED") else "FAILED"
     cand = Candidate(
-        mt, status, cv_score=_finite(outcome.cv_score), test_r2=_finite(outcome.test_r2), wall_s=wall,
+        mt, status, cv_score=finite_or_none(outcome.cv_score), test_r2=finite_or_none(outcome.test_r2), wall_s=wall,
         trials_run=int(outcome.trials_run or 0), error=outcome.error, staging_dir=staging,
         checkpoint_path=Path(outcome.checkpoint_path) if outcome.checkpoint_path else None,
         sidecar_path=Path(outcome.sidecar_path) if outcome.sidecar_path else None,
@@ -285,7 +279,7 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
     factory = optimizer_factory or _default_factory()
     out_dir = Path(config.output_dir)
     started = time.perf_counter()
-    created_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    created_at = utc_timestamp()
 
     skipped = skipped_by_registry(config)
     configs = {mt: sub_config(config, mt) for mt in MODEL_TYPES}

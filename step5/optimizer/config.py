@@ -10,12 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from step5.artifacts import DIAGNOSTICS_DIRNAME
+from step5.artifacts import DIAGNOSTICS_DIRNAME, MODEL_TYPES
 from step5.errors import UsageError
 from step5.policy import PRUNER_NAMES, find_policy
 from step5.models.trees import require_libraries
-
-MODEL_TYPES = ("neural_net", "xgboost", "lightgbm", "catboost")
 
 
 @dataclass(frozen=True)

@@ -32,14 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import optuna
@@ -54,20 +52,17 @@ from step5.errors import DataError, DegenerateSignalError, Step5Error
 from step5.execution.factory import make_fold_runner, resolve_persistent_workers
 from step5.execution.summary import ExecutionSummary, SearchRecord, build_execution_summary
 from step5.policy import Policy, load_policy
+from step5.sidecar import build_provenance, build_training_metrics, degenerate_sidecar, success_sidecar
 from step5.signal_quality import assess_signal
+from step5.values import utc_timestamp
 from step5.optimizer.config import OptimizerConfig, RunOutcome, validate_config
 from step5.optimizer.diagnostics import write_run_diagnostics
 from step5.optimizer.grouping import default_trials_in_flight
-from step5.optimizer.objective import (
-    OBJECTIVE_FORMULA,
-    OVERFIT_PENALTY,
-    CVData,
-    ModelBackend,
-    NNBackend,
-    TreeBackend,
-)
+from step5.optimizer.backends import CVData, ModelBackend, NNBackend, TreeBackend
+from step5.optimizer.objective import OBJECTIVE_FORMULA, OVERFIT_PENALTY
 from step5.optimizer.search import SearchGoal, SearchPlan, run_search
 from step5.optimizer.plots import plot_optimization_history
+from step5.optimizer.progress import TrialProgress
 from step5.optimizer.study import (
     OpenedStudy,
     best_complete_trial,
@@ -81,23 +76,6 @@ from step5.optimizer.study import (
 logger = logging.getLogger(__name__)
 
 HISTORY_PNG_NAME = artifacts.HISTORY_PNG_NAME
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-OVERFIT_RATIO_DEFINITION = (
-    "mean CV train R² / mean CV val R² of the best trial; null when the val R² is <= 0 (undefined)"
-)
-
-
-def overfit_ratio(train_r2: float | None, val_r2: float | None) -> float | None:
-    """train R² / val R²: 1.0 generalises as well as it fits; 1.5 fits 50% "better" than it
-    generalises. Undefined (None) when val R² <= 0: there is nothing to be a ratio of."""
-    if train_r2 is None or val_r2 is None or not val_r2 > 0.0:
-        return None
-    return float(train_r2) / float(val_r2)
 
 
 def resolve_search_plan(config: OptimizerConfig, policy: Policy, capacity: int, *, neural_net: bool) -> SearchPlan:
@@ -157,17 +135,6 @@ def nn_only_settings(config: OptimizerConfig) -> list[str]:
     return given
 
 
-def elapsed_and_eta(elapsed_s: float, done: int, total: int) -> str:
-    """``"elapsed 1m05s, ETA 2m10s"``: the ETA assumes the remaining trials take the mean so far."""
-    def clock(seconds: float) -> str:
-        minutes, secs = divmod(int(round(seconds)), 60)
-        hours, minutes = divmod(minutes, 60)
-        return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-    eta = elapsed_s / done * (total - done) if done > 0 else float("nan")
-    return f"elapsed {clock(elapsed_s)}, ETA {clock(eta) if math.isfinite(eta) else '?'}"
-
-
 class AntiOverfitMetaOptimizer:
     """Search hyperparameters for one model type and save the best model with its sidecar.
 
@@ -187,7 +154,7 @@ class AntiOverfitMetaOptimizer:
         self.plan = SearchPlan(1, False, False, "not resolved yet")
         self._search_record = SearchRecord()
         self._first_new_number = 0  # trials numbered from here on were run by this invocation
-        self._new_trials = 0  # trials (any end state) this invocation ran
+        self._progress = TrialProgress(0)  # counts the trials (any end state) this invocation ran
         self._t0 = time.perf_counter()
 
     # ------------------------------------------------------------------ public
@@ -388,7 +355,7 @@ class AntiOverfitMetaOptimizer:
         cfg = self.config
         n_new = max(0, cfg.trials - opened.complete_before)
         self._first_new_number = opened.trials_before
-        self._new_trials = 0
+        self._progress = TrialProgress(n_new)
         self._search_record = self.plan.record()  # what a search would have been, if none runs
         start = time.perf_counter()
         if n_new == 0:
@@ -402,7 +369,7 @@ class AntiOverfitMetaOptimizer:
             interval = self.policy.training.heartbeat_interval_s
             goal = SearchGoal(complete=cfg.trials, new_trials=n_new, poll_s=min(1.0, interval),
                               reclaim_every_s=min(10.0, interval))
-            self._search_record = run_search(opened, backend, self.plan, goal, self._progress_callback(n_new))
+            self._search_record = run_search(opened, backend, self.plan, goal, self._progress)
         self.timings["search_s"] = time.perf_counter() - start
 
     def _search_only_outcome(self, opened: OpenedStudy) -> RunOutcome:
@@ -411,50 +378,10 @@ class AntiOverfitMetaOptimizer:
         self.timings["total_s"] = time.perf_counter() - self._t0
         logger.info(
             "search-only: study %r holds %d complete trials (--trials %d); this process ran %d; no model written",
-            opened.study_name, counts["complete"], self.config.trials, self._new_trials,
+            opened.study_name, counts["complete"], self.config.trials, self._progress.told,
         )
         return RunOutcome(model_type=self.config.model_type, status="SEARCH_ONLY", trials_run=counts["complete"],
                           wall_s=self.timings["total_s"])
-
-    def _progress_callback(self, n_new: int) -> Callable[[optuna.Study, FrozenTrial], None]:
-        """The per-trial progress line, called by the search loop as each trial is told.
-
-        ``[i/n]`` counts this process's COMPLETE trials against the ``n`` it must add, so a
-        failed or pruned trial (which the loop replaces) does not push ``i`` past ``n``.
-        """
-
-        start = time.perf_counter()
-        completed = 0
-
-        def progress(study: optuna.Study, trial: FrozenTrial) -> None:
-            nonlocal completed
-            self._new_trials += 1
-            completed += trial.state == TrialState.COMPLETE
-            done = completed
-            best = best_complete_trial(study)
-            best_txt = f"best {best.value:.4f} (trial {best.number})" if best is not None else "no complete trial yet"
-            best_txt += "; " + elapsed_and_eta(time.perf_counter() - start, done, n_new)
-            if trial.state == TrialState.COMPLETE:
-                cvm = trial.user_attrs.get("cv", {})
-                logger.info(
-                    "[%d/%d] trial %d: objective %.4f (val R² %.4f ± %.4f, train R² %.4f) in %.1fs; %s",
-                    done, n_new, trial.number, trial.value, cvm.get("val_r2_mean", float("nan")),
-                    cvm.get("val_r2_std", float("nan")), cvm.get("train_r2_mean", float("nan")),
-                    trial.user_attrs.get("wall_s", 0.0), best_txt,
-                )
-            elif trial.state == TrialState.PRUNED:
-                logger.info(
-                    "[%d/%d] trial %d pruned after %d fold(s) (running objective %.4f), replaced; %s", done, n_new,
-                    trial.number, trial.user_attrs.get("pruned_after_folds", 0),
-                    trial.value if trial.value is not None else float("nan"), best_txt,
-                )
-            else:
-                logger.warning(
-                    "[%d/%d] trial %d %s, replaced: %s; %s", done, n_new, trial.number, trial.state.name,
-                    trial.user_attrs.get("fail_reason", "see the error above"), best_txt,
-                )
-
-        return progress
 
     @staticmethod
     def _no_complete_trial_message(study: optuna.Study) -> str:
@@ -502,7 +429,7 @@ class AntiOverfitMetaOptimizer:
             "storage": redact_storage(storage_url),
             "trials_run": counts["complete"],
             "trials_failed": counts["fail"],
-            "trials_new": self._new_trials,
+            "trials_new": self._progress.told,
             "trials_requested": self.config.trials,
             "resumed": bool(opened.resumed) if opened is not None else False,
             "best_trial_number": best.number if best is not None else None,
@@ -517,11 +444,11 @@ class AntiOverfitMetaOptimizer:
 
     def _provenance(self) -> dict[str, Any]:
         cfg = self.config
-        return artifacts.build_provenance(
+        return build_provenance(
             run_id=self.run_id,
             parent_run_id=cfg.parent_run_id,
             command_line=cfg.command_line if cfg.command_line is not None else [sys.executable, *sys.argv],
-            created_at=_utc_now(),
+            created_at=utc_timestamp(),
             extra={"cwd": os.getcwd(), "policy_file": self.policy.source if self.policy is not None else None},
         )
 
@@ -536,15 +463,11 @@ class AntiOverfitMetaOptimizer:
             # commit removes the earlier run's checkpoint from what the output dir shows.
             logger.warning("replacing the model from an earlier run (%s): this run's data has no usable signal", stale)
         self.timings["total_s"] = time.perf_counter() - self._t0
-        sidecar = artifacts.build_sidecar(
+        sidecar = degenerate_sidecar(
             model_type=cfg.model_type,
-            outcome="DEGENERATE_SIGNAL",
-            checkpoint_path=None,
             feature_schema=feature_schema,
             signal_quality=signal,
             data_context=data_context,
-            training_metrics=artifacts.null_training_metrics(),
-            hyperparameters={},
             optuna=self._optuna_block(study_name, storage_url, None, None, None),
             execution=self._execution(None).to_dict(),
             provenance=self._provenance(),
@@ -573,54 +496,28 @@ class AntiOverfitMetaOptimizer:
         staged: model_set.StagedSet,
     ) -> RunOutcome:
         cfg = self.config
-        best_cv = best.user_attrs.get("cv", {})
-        overfit = overfit_ratio(best_cv.get("train_r2_mean"), best_cv.get("val_r2_mean"))
-        final_overfit = overfit_ratio(final.get("train_r2"), final.get("r2"))
-        metrics = {
-            "cv_r2_mean": best_cv.get("val_r2_mean"),
-            "cv_r2_std": best_cv.get("val_r2_std"),
-            "cv_train_r2_mean": best_cv.get("train_r2_mean"),
-            "cv_val_mse_mean": best_cv.get("val_mse_mean"),
-            "cv_train_mse_mean": best_cv.get("train_mse_mean"),
-            "train_r2": final.get("train_r2"),
-            "val_r2": final.get("r2"),
-            "test_r2": final.get("test_r2"),
-            "beats_mean": artifacts.beats_mean(final.get("test_r2")),
-            "train_mse": final.get("train_mse"),
-            "val_mse": final.get("val_mse"),
-            "test_mse": final.get("test_mse"),
-            "overfit_ratio": overfit,
-            "overfit_ratio_definition": OVERFIT_RATIO_DEFINITION,
-            "final_overfit_ratio": final_overfit,
-            "objective_value": best.value,
-            "objective_formula": OBJECTIVE_FORMULA,
-            "overfit_penalty": OVERFIT_PENALTY,
-            "k_folds": cfg.k_folds,
-            "n_dev": int(len(cv.y_dev)),
-            "n_fit": int(final.get("n_fit", len(cv.final_fit_idx))),
-            "n_early_stop": int(final.get("n_early_stop", len(cv.final_es_idx))),
-            "n_test": int(len(cv.y_test)),
-            "epochs_run": final.get("epochs_run"),
-            "best_epoch": final.get("best_epoch"),
-        }
+        metrics = build_training_metrics(
+            best.user_attrs.get("cv", {}), final, objective_value=best.value,
+            objective_formula=OBJECTIVE_FORMULA, overfit_penalty=OVERFIT_PENALTY, k_folds=cfg.k_folds,
+            n_dev=len(cv.y_dev), n_fit=len(cv.final_fit_idx), n_early_stop=len(cv.final_es_idx), n_test=len(cv.y_test),
+        )
         name = artifacts.checkpoint_filename(cfg.model_type)
         self.timings["total_s"] = time.perf_counter() - self._t0
         execution_summary.timings.total_s = self.timings["total_s"]
         execution = execution_summary.to_dict()
-        sidecar = artifacts.build_sidecar(
+        sidecar = success_sidecar(
             model_type=cfg.model_type,
-            outcome="SUCCESS",
-            checkpoint_path=name,
+            checkpoint_name=name,
+            checkpoint_sha256=artifacts.file_sha256(staged.path / name),
+            training_metrics=metrics,
+            hyperparameters=final["params"],
+            training_options=backend.training_options(),
             feature_schema=feature_schema,
             signal_quality=signal,
             data_context=data_context,
-            training_metrics=metrics,
-            hyperparameters=final["params"],
             optuna=self._optuna_block(opened.study_name, opened.storage_url, opened.study, best, opened),
             execution=execution,
             provenance=self._provenance(),
-            checkpoint_sha256=artifacts.file_sha256(staged.path / name),
-            training_options=backend.training_options(),
         )
         try:
             artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, sidecar)

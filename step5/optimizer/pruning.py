@@ -21,7 +21,8 @@ from typing import Any, Sequence
 
 import optuna
 
-from step5.optimizer.objective import FoldGate, anti_overfit_score
+from step5.optimizer.backends import FoldGate
+from step5.optimizer.objective import anti_overfit_score
 from step5.policy import PRUNER_NAMES
 
 #: MedianPruner's start-up: trials that must be complete before any is pruned.

@@ -43,9 +43,10 @@ from typing import Any, Callable, Protocol, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from step5.errors import JobError, Step5Error, interrupt_reason
+from step5.errors import JobError, Step5Error, TooManyFailedTrials, interrupt_reason
 from step5.execution.summary import SearchRecord
-from step5.optimizer.objective import FoldGate, Pruned, TrialOutcome, fail_reason, record_trial
+from step5.optimizer.backends import FoldGate, Pruned, TrialOutcome
+from step5.optimizer.objective import fail_reason, record_trial
 from step5.optimizer.pruning import fold_gate, make_pruner, report_folds
 from step5.optimizer.study import (
     OpenedStudy,
@@ -83,10 +84,6 @@ class SearchPlan:
     def record(self) -> SearchRecord:
         return SearchRecord(trials_in_flight=self.trials_in_flight, fuse_folds=self.fuse_folds,
                             fuse_trials=self.fuse_trials)
-
-
-class TooManyFailedTrials(Step5Error):
-    """Raised when so many trials failed in a row that replacing them looks endless."""
 
 
 @dataclass

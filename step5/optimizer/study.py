@@ -57,7 +57,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from step5.errors import Step5Error, UsageError
+from step5.errors import Step5Error, StudyMismatchError, UsageError
 from step5.jsonio import dumps
 from step5.owner import ProcessIdentity, is_alive, is_local, this_process
 from step5.policy import TrainingPolicy
@@ -72,10 +72,6 @@ OWNER_ATTR = "owner"
 MAX_RETRIES = 2  # re-runs of a trial whose process died; a trial that kills its process every time stops there
 SQLITE_BUSY_TIMEOUT_S = 120
 SCHEMA_RACE_ATTEMPTS = 5  # how long a SQLite writer waits for another process's write to end
-
-
-class StudyMismatchError(Step5Error):
-    """Raised when a process's data or setup differs from what the shared study recorded (exit 1)."""
 
 
 def default_storage_url(output_dir: Path) -> str:

@@ -60,9 +60,8 @@ def make_sidecar(
     parent_run_id: str | None = None,
 ) -> dict[str, Any]:
     """A sidecar as SPEC section 4 and :func:`step5.artifacts.validate_sidecar` want it."""
-    from step5.artifacts import (
-        CHECKPOINT_FORMATS, SCHEMA_VERSION, build_agent_metadata, build_feature_schema, checkpoint_filename,
-    )
+    from step5.artifacts import CHECKPOINT_FORMATS, SCHEMA_VERSION, build_feature_schema, checkpoint_filename
+    from step5.sidecar import build_agent_metadata
     from step5.execution.summary import RunnerStats, build_execution_summary
 
     degenerate = outcome == "DEGENERATE_SIGNAL"

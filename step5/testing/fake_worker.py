@@ -43,8 +43,8 @@ from typing import Any, BinaryIO, Sequence
 if __name__ == "__main__":  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from step5.errors import BadRequest, JobError  # noqa: E402
-from step5.framing import FrameTooLarge, LineReader, LineWriter  # noqa: E402
+from step5.errors import BadRequest, FrameTooLarge, JobError  # noqa: E402
+from step5.framing import LineReader, LineWriter  # noqa: E402
 from step5.jsonio import dumps, loads  # noqa: E402
 from step5.protocol import MAX_REQUEST_BYTES, PROTOCOL_VERSION, NNParams, TrainRequest  # noqa: E402
 

@@ -21,7 +21,6 @@ A rejected model is a *critical* result for the skip registry; see :mod:`.regist
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -32,6 +31,7 @@ from step5.artifacts import TRAINING_METRIC_KEYS, resolve_checkpoint, validate_s
 from step5.errors import DataError, PolicyError
 from step5.jsonio import loads
 from step5.policy import Policy
+from step5.values import finite_or_none
 from step5.watcher.process import StepRun
 from step5.watcher.steps import StepSpec
 
@@ -116,9 +116,7 @@ def thresholds_for(policy: Policy, step: StepSpec) -> list[Threshold]:
 def metric_value(metrics: Any, metric: str) -> float | None:
     """The metric's number from a ``training_metrics`` object, or None when absent."""
     value = metrics.get(METRIC_KEYS[metric]) if isinstance(metrics, dict) else None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
+    return finite_or_none(value)
 
 
 @dataclass

@@ -21,7 +21,6 @@ import shlex
 import sys
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,6 +30,7 @@ from step5.lifeline import SUPERVISOR_PID_ENV
 from step5.jsonio import dumps
 from step5.launch import child_environment
 from step5.policy import Policy, load_policy
+from step5.values import utc_timestamp
 from step5.watcher.decision_log import append_decision
 from step5.watcher.judge import (
     EXIT_CODES,
@@ -70,10 +70,6 @@ class StepResult:
         return EXIT_INTERRUPTED if self.interrupted else EXIT_CODES[self.decision]
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def step_env() -> dict[str, str]:
     """The step's environment: ours, with this step5 importable (:mod:`step5.launch`) and
     our pid as its supervisor, so the step stops if the WATCHER dies without stopping it."""
@@ -108,7 +104,7 @@ def _record(
     sidecar = judgement.sidecar or {}
     execution = sidecar.get("execution") if isinstance(sidecar.get("execution"), dict) else {}
     record: dict[str, Any] = {
-        "timestamp": _now(),
+        "timestamp": utc_timestamp(milliseconds=True),
         "run_id": run_id,
         "step": step.number,
         "step_name": step.name,

@@ -231,7 +231,7 @@ def run_in_group(
             logger.error("interrupted (%s): stopping step group %d", run.interrupted, popen.pid)
     finally:
         stopped, interrupted_while_stopping = stop_group(popen, known, grace_s)
-        pump.join(timeout=5.0)
+        pump.join(timeout=REAP_TIMEOUT_S)  # the pipe ends once the stopped group is reaped
     run.interrupted = run.interrupted or interrupted_while_stopping
     run.returncode = popen.returncode
     run.duration_s = round(time.monotonic() - t0, 3)

@@ -27,12 +27,12 @@ import fcntl
 import logging
 import os
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 from step5.errors import DataError
 from step5.jsonio import read_json_file, write_json_atomic
+from step5.values import is_int, utc_timestamp
 
 logger = logging.getLogger(__name__)
 
@@ -42,21 +42,13 @@ REGISTRY_SCHEMA_VERSION = 1
 _COUNT_KEYS = ("consecutive_critical", "total_runs", "total_critical")
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def empty_registry() -> dict[str, Any]:
     """The registry of a project that has never recorded a result."""
     return {"schema_version": REGISTRY_SCHEMA_VERSION, "updated_at": None, "models": {}}
 
 
 def _check_max(max_consecutive_critical: int) -> None:
-    if (
-        not isinstance(max_consecutive_critical, int)
-        or isinstance(max_consecutive_critical, bool)
-        or max_consecutive_critical < 0
-    ):
+    if not is_int(max_consecutive_critical) or max_consecutive_critical < 0:
         raise ValueError(
             f"`max_consecutive_critical` must be a non-negative int, got {max_consecutive_critical!r}"
         )
@@ -81,7 +73,7 @@ def validate_registry(obj: Any, source: str = "<registry>") -> dict[str, Any]:
             )
         for key in _COUNT_KEYS:
             value = entry.get(key, 0)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not is_int(value) or value < 0:
                 raise DataError(
                     f"skip registry {source}: models.{model_type}.{key} must be a non-negative int, "
                     f"got {value!r}"
@@ -151,7 +143,7 @@ def record_result(
     p = Path(path)
     with _locked(p):
         registry = load_skip_registry(p)
-        now = _now()
+        now = utc_timestamp()
         entry = dict(registry["models"].get(model_type, {}))
         for key in _COUNT_KEYS:
             entry.setdefault(key, 0)

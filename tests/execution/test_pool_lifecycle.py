@@ -19,7 +19,8 @@ import psutil
 import pytest
 
 from step5.devices import DeviceSlot, plan_slots
-from step5.execution.pool import PoolClosed, WorkerPool
+from step5.errors import RunnerClosed, WorkerFault
+from step5.execution.pool import WorkerPool
 from step5.lifeline import install_lifeline
 from step5.protocol import NNParams, TrainRequest
 from step5.testing import FAKE_WORKER, fake_worker_command, run_each, summary_of
@@ -119,7 +120,7 @@ def test_close_says_shutdown_and_reaps_every_worker(data_file, caplog):
     assert not any("without a shutdown reply" in m for m in caplog.messages)
     assert wait_gone(pids, 0.1) == []
     pool.close()  # idempotent
-    with pytest.raises(PoolClosed):
+    with pytest.raises(RunnerClosed):
         run_each(pool, requests_for(data_file, 1))
 
 
@@ -133,7 +134,7 @@ def test_close_while_a_job_hangs_terminates_the_worker(data_file):
     runner.join(timeout=10)
     assert time.monotonic() - start < 5
     assert not runner.is_alive()
-    assert len(errors) == 1 and isinstance(errors[0], PoolClosed)
+    assert len(errors) == 1 and isinstance(errors[0], RunnerClosed)
     assert wait_gone(pids, 0.1) == []
 
 
@@ -141,7 +142,7 @@ def test_close_racing_a_fault_still_reports_pool_closed(data_file, monkeypatch):
     """close() may clear a slot's worker while a dispatch thread is handling that worker's fault.
 
     CI once hit this interleaving (close() ran between the fault's kill and its bookkeeping)
-    and got an AttributeError instead of PoolClosed; force it here deterministically.
+    and got an AttributeError instead of RunnerClosed; force it here deterministically.
     """
     pool = pool_of(cpu_slots(1), "--fault", "hang", job_timeout_s=60.0, shutdown_timeout_s=0.5)
     st = pool._slots[0]
@@ -166,7 +167,7 @@ def test_close_racing_a_fault_still_reports_pool_closed(data_file, monkeypatch):
     runner.join(timeout=10)
     assert not runner.is_alive()
     assert len(dispatch_kills) >= 2
-    assert len(errors) == 1 and isinstance(errors[0], PoolClosed), errors
+    assert len(errors) == 1 and isinstance(errors[0], RunnerClosed), errors
     assert pool.closed and pool.worker_pids() == []
 
 
@@ -194,7 +195,7 @@ def test_close_while_a_fallback_trainer_hangs_kills_it(data_file, monkeypatch):
     runner.join(timeout=10)
     assert time.monotonic() - start < 5
     assert not runner.is_alive()
-    assert len(errors) == 1 and isinstance(errors[0], PoolClosed), errors
+    assert len(errors) == 1 and isinstance(errors[0], RunnerClosed), errors
     assert me.children() == []
 
 
@@ -202,7 +203,7 @@ def test_shutdown_leaves_eof_for_a_thread_still_waiting_on_the_worker():
     """close() drains a worker's messages looking for its goodbye while a dispatch thread may
     be waiting on the same queue for a result: the EOF must stay for that thread, or it
     waits out its whole job timeout (CI saw close() take 60 s under load)."""
-    from step5.execution.worker_process import WorkerFault, WorkerProcess
+    from step5.execution.worker_process import WorkerProcess
 
     # A worker hung on a job: it ignores the shutdown and is terminated, without a goodbye.
     proc = subprocess.Popen(
@@ -220,7 +221,7 @@ def test_shutdown_leaves_eof_for_a_thread_still_waiting_on_the_worker():
 
 def test_jobs_cancelled_by_a_racing_close_report_pool_closed(data_file, monkeypatch):
     """close() cancels the jobs still queued behind a busy slot; the caller must get
-    PoolClosed, not concurrent.futures' CancelledError."""
+    RunnerClosed, not concurrent.futures' CancelledError."""
     pool = pool_of(cpu_slots(1))
     real = WorkerPool._run_group
 
@@ -231,9 +232,9 @@ def test_jobs_cancelled_by_a_racing_close_report_pool_closed(data_file, monkeypa
         return result
 
     monkeypatch.setattr(WorkerPool, "_run_group", run_group_then_close)
-    with pytest.raises(PoolClosed):
+    with pytest.raises(RunnerClosed):
         run_each(pool, requests_for(data_file, 3))
-    with pytest.raises(PoolClosed):
+    with pytest.raises(RunnerClosed):
         run_each(pool, requests_for(data_file, 1))
 
 
@@ -257,7 +258,7 @@ def test_ctrl_c_during_close_still_kills_every_worker(data_file, monkeypatch):
     assert wait_gone(pids, 5.0) == []
     runner.join(timeout=10)
     assert not runner.is_alive()
-    assert len(errors) == 1 and isinstance(errors[0], PoolClosed), errors
+    assert len(errors) == 1 and isinstance(errors[0], RunnerClosed), errors
 
 
 def test_ctrl_c_in_run_kills_every_worker_before_propagating(data_file):

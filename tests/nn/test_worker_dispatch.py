@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import pytest
 
-from step5.errors import JobError
+from step5.errors import JobError, is_out_of_memory
 from step5.framing import LineReader, LineWriter
 from step5.jsonio import dumps, loads
 from step5.nn.worker import Dispatcher, serve
@@ -43,7 +43,7 @@ class StubBackend:
         return [self.train(r) for r in requests]
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
-        return isinstance(exc, RuntimeError) and "out of memory" in str(exc)
+        return is_out_of_memory(exc)
 
     def release_memory(self) -> None:
         self.released += 1

@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from step5.framing import FrameTooLarge, LineReader, LineWriter
+from step5.errors import FrameTooLarge
+from step5.framing import LineReader, LineWriter
 from step5.jsonio import loads
 
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from step5 import artifacts
+from step5.artifacts import MODEL_TYPES
 from step5.models import trees
 from step5.optimizer import compare
-from step5.optimizer.config import MODEL_TYPES, OptimizerConfig
+from step5.optimizer.config import OptimizerConfig
 
 
 def _config(sample_inputs, tmp_path, repo_root, **overrides) -> OptimizerConfig:

@@ -10,6 +10,7 @@ import pytest
 from step5 import artifacts
 from step5.errors import DataError
 from step5.execution.summary import RunnerStats, build_execution_summary
+from step5.sidecar import build_provenance, build_sidecar, null_training_metrics, package_versions
 
 NAMES = ["lane_agreement_8", "skip_mean", "skip_min"]
 
@@ -18,8 +19,8 @@ def _valid_sidecar(outcome: str = "SUCCESS") -> dict:
     metrics = {k: 0.5 for k in artifacts.TRAINING_METRIC_KEYS}
     metrics["beats_mean"] = True
     if outcome != "SUCCESS":
-        metrics = artifacts.null_training_metrics()
-    return artifacts.build_sidecar(
+        metrics = null_training_metrics()
+    return build_sidecar(
         model_type="neural_net",
         outcome=outcome,
         checkpoint_path="best_model.pth" if outcome == "SUCCESS" else None,
@@ -40,7 +41,7 @@ def _valid_sidecar(outcome: str = "SUCCESS") -> dict:
                 "best_trial_number": 1 if outcome == "SUCCESS" else None,
                 "best_value": 0.4 if outcome == "SUCCESS" else None},
         execution=build_execution_summary(RunnerStats(mode="subprocess", devices=["CPU-0"])).to_dict(),
-        provenance=artifacts.build_provenance(
+        provenance=build_provenance(
             run_id="r1", parent_run_id=None, command_line=["x"], created_at="2026-01-01T00:00:00Z",
         ),
         checkpoint_sha256="ab" * 32 if outcome == "SUCCESS" else None,
@@ -175,7 +176,7 @@ def test_provenance_records_torch_version_without_importing_it():
     import sys
 
     had_torch = "torch" in sys.modules
-    versions = artifacts.package_versions()
+    versions = package_versions()
     assert versions["optuna"] and versions["numpy"] and versions["scikit-learn"]
     assert "torch" in versions
     assert ("torch" in sys.modules) == had_torch

@@ -22,10 +22,10 @@ from step5.devices import DeviceSlot
 from step5.execution.pool import WorkerPool
 from step5.jsonio import read_json_file
 from step5.optimizer import AntiOverfitMetaOptimizer, OptimizerConfig
-from step5.optimizer import objective as objective_module
+from step5.optimizer import backends as backends_module
 from step5.optimizer import optimizer as optimizer_module
 from step5.optimizer.grouping import fusion_groups, plan_groups
-from step5.optimizer.objective import FINAL_FOLD_IDX, fold_seed
+from step5.optimizer.backends import FINAL_FOLD_IDX, fold_seed
 from step5.protocol import FUSE_KEYS, NNParams, TrainRequest, fusion_key
 from step5.testing import FAKE_WORKER, fake_worker_command
 from step5.testing.fake_runner import install_fake_runner
@@ -198,7 +198,7 @@ def test_trial_batches_tell_every_trial_exactly_once_with_the_unfused_values(sam
 def test_trial_batches_group_same_shapes_into_one_group(sample_inputs, tmp_path, runners, monkeypatch):
     made, _ = runners
     shapes = {0: [64], 1: [128], 2: [64], 3: [64]}
-    real = objective_module.NNBackend.suggest
+    real = backends_module.NNBackend.suggest
 
     def suggest(self, trial):
         # The search space rarely draws two equal shapes in 4 trials; pin them (and the
@@ -207,7 +207,7 @@ def test_trial_batches_group_same_shapes_into_one_group(sample_inputs, tmp_path,
         params.update(hidden_layers=shapes[trial.number], optimizer="adam", batch_size=128)
         return params
 
-    monkeypatch.setattr(objective_module.NNBackend, "suggest", suggest)
+    monkeypatch.setattr(backends_module.NNBackend, "suggest", suggest)
     cfg = _config(sample_inputs, tmp_path, trials=4, k_folds=2, fuse_trials=4, cpu_workers=1)
     AntiOverfitMetaOptimizer(cfg).run()
     (call,) = _trial_calls(made[0])
@@ -348,13 +348,13 @@ def _install_fake_pool(monkeypatch, *options: str) -> list[WorkerPool]:
 
 def _spy_fold_requests(monkeypatch) -> dict[int, list[TrainRequest]]:
     sent: dict[int, list[TrainRequest]] = {}
-    real = objective_module.NNBackend.fold_requests
+    real = backends_module.NNBackend.fold_requests
 
     def fold_requests(self, trial_number, params):
         sent[trial_number] = real(self, trial_number, params)
         return sent[trial_number]
 
-    monkeypatch.setattr(objective_module.NNBackend, "fold_requests", fold_requests)
+    monkeypatch.setattr(backends_module.NNBackend, "fold_requests", fold_requests)
     return sent
 
 
@@ -384,7 +384,7 @@ def test_pool_job_error_in_a_fused_batch_fails_only_that_trial(sample_inputs, tm
     """A trial whose fold data is missing: the worker answers data_error in that job's place,
     and the pool hands it back beside the other jobs' results: nothing is trained twice."""
     _install_fake_pool(monkeypatch)
-    real = objective_module.NNBackend.fold_requests
+    real = backends_module.NNBackend.fold_requests
 
     def fold_requests(self, trial_number, params):
         requests = real(self, trial_number, params)
@@ -392,7 +392,7 @@ def test_pool_job_error_in_a_fused_batch_fails_only_that_trial(sample_inputs, tm
             requests[1] = dataclasses.replace(requests[1], data_path=str(tmp_path / "gone.npz"))
         return requests
 
-    monkeypatch.setattr(objective_module.NNBackend, "fold_requests", fold_requests)
+    monkeypatch.setattr(backends_module.NNBackend, "fold_requests", fold_requests)
     cfg = _config(sample_inputs, tmp_path, trials=4, k_folds=2, fuse_trials=4)
     outcome = AntiOverfitMetaOptimizer(cfg).run()
     study = _study(cfg, outcome)

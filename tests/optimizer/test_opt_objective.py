@@ -6,7 +6,8 @@ import math
 import optuna
 import pytest
 
-from step5.optimizer.objective import OVERFIT_PENALTY, anti_overfit_score, fold_seed, summarize_folds
+from step5.optimizer.backends import fold_seed
+from step5.optimizer.objective import OVERFIT_PENALTY, anti_overfit_score, summarize_folds
 from step5.optimizer.search_space import suggest_nn_params
 
 
@@ -57,7 +58,7 @@ def test_search_space_gives_valid_params_and_fixed_dropout_is_not_searched():
 
 
 def test_refit_epochs_is_the_median_fold_best_epoch_within_the_cap():
-    from step5.optimizer.objective import refit_epochs
+    from step5.optimizer.backends import refit_epochs
 
     folds = [{"best_epoch": e} for e in (12, 30, 18, 7, 25)]
     assert refit_epochs(folds, cap=200) == 18

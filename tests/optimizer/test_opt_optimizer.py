@@ -18,11 +18,10 @@ import pytest
 from optuna.trial import TrialState
 
 from step5 import artifacts, model_set
-from step5.errors import DegenerateSignalError, Step5Error, UsageError
+from step5.errors import DegenerateSignalError, Step5Error, StudyMismatchError, UsageError
 from step5.jsonio import read_json_file, write_json_atomic
 from step5.optimizer import AntiOverfitMetaOptimizer, OptimizerConfig
-from step5.optimizer.objective import FINAL_FOLD_IDX, refit_epochs
-from step5.optimizer.study import StudyMismatchError
+from step5.optimizer.backends import FINAL_FOLD_IDX, refit_epochs
 from step5.testing.fake_runner import install_fake_runner
 
 

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from step5.devices import DeviceSlot
-from step5.errors import JobError
+from step5.errors import JobError, RunnerClosed
 from step5.execution.runner import SubprocessRunner
 from step5.protocol import NNParams, TrainRequest
 from step5.testing import FAKE_WORKER, run_each, summary_of
@@ -93,9 +93,18 @@ def test_ctrl_c_kills_running_trainers_and_propagates_at_once(hang_script, data_
     assert _children() == []  # killed and reaped before the interrupt propagated
     assert len(list(started.iterdir())) == 2  # nothing was started (or retried) after Ctrl-C
     assert summary_of(runner)["faults"] == []  # our kill is not a trainer crash
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(RunnerClosed):  # the pool's error: the optimizer handles both runners alike
         run_each(runner, [_request(data_file, 0, 0)])
     runner.close()
+
+
+def test_a_closed_runner_refuses_work_with_the_pools_error(data_file):
+    runner = SubprocessRunner(_slots(1), job_timeout_s=60, script=FAKE_WORKER)
+    runner.close()
+    runner.close()  # idempotent
+    with pytest.raises(RunnerClosed, match="closed"):
+        run_each(runner, [_request(data_file, 0, 0)])
+    assert _children() == []
 
 
 def test_a_bug_in_one_job_aborts_the_batch_without_waiting_for_the_others(hang_script, data_file):

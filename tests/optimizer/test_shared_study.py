@@ -21,12 +21,11 @@ from optuna.trial import TrialState
 
 from step5 import artifacts
 from step5.data.splits import OWNER_FILE, FoldFiles
-from step5.errors import UsageError
+from step5.errors import StudyMismatchError, UsageError
 from step5.jsonio import write_json_atomic
 from step5.optimizer.study import (
     DATA_ATTR,
     OWNER_ATTR,
-    StudyMismatchError,
     open_study,
     reclaim_dead_trials,
 )

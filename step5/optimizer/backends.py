@@ -1,0 +1,431 @@
+"""The model backends: how a batch of trials' folds, and the final model, get trained.
+
+::
+
+    search loop ──▶ backend.suggest(trial)              -> params (a plain dict)
+                    backend.run_trials([(n, params)], gate) -> per trial: K fold results | JobError | Pruned
+                      ├─ NNBackend:   K TrainRequests per trial ─▶ plan_groups ─▶ runner.run(groups)
+                      │               (workers or one-shot subprocesses; the parent never imports torch)
+                      └─ TreeBackend: K in-process fits per trial via step5.models.trees
+                    objective.record_trial(fold results) -> the trial's value
+
+Both backends share one shape (:class:`ModelBackend`): ``suggest``, ``run_trials``,
+``train_final``, ``summary`` and ``close``, so the search loop
+(:mod:`step5.optimizer.search`) never asks which model family it is running. Fold data is
+prepared once per run (:class:`CVData`): the NN backend writes each fold's NPZ file once
+and every trial reuses it (workers cache them by path). Scoring the folds is
+:mod:`step5.optimizer.objective`'s job.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import optuna
+
+from step5.data.splits import FoldFiles
+from step5.errors import JobError, Step5Error, UsageError
+from step5.execution.runner import FoldRunner, raise_first_job_error
+from step5.execution.summary import RunnerStats, Timings
+from step5.optimizer.grouping import plan_groups
+from step5.optimizer.objective import r2_from_mse
+from step5.optimizer.search_space import suggest_nn_params
+from step5.protocol import NNParams, TrainRequest
+
+logger = logging.getLogger(__name__)
+
+#: ``fold_idx`` of the final model's request (distinct from every CV fold, for logs and seeds).
+FINAL_FOLD_IDX = 1_000_000
+
+
+#: ``gate(trial_number, fold_results_so_far)`` -> True to train the trial's next fold
+#: (:mod:`step5.optimizer.pruning` reports the fold and asks the pruner).
+FoldGate = Callable[[int, Sequence[dict[str, Any]]], bool]
+
+
+@dataclass
+class Pruned:
+    """A trial the pruner stopped: its folds trained so far (fold order); the rest never ran."""
+
+    folds: list[dict[str, Any]] = field(default_factory=list)
+
+
+#: What a backend returns per trial: its K fold results, the JobError that failed it, or Pruned.
+TrialOutcome = list[dict[str, Any]] | JobError | Pruned
+
+
+def fold_seed(base_seed: int, trial_number: int, fold_idx: int) -> int:
+    """A training seed per (run seed, trial, fold): distinct streams, same inputs -> same seed."""
+    state = np.random.SeedSequence([int(base_seed), int(trial_number), int(fold_idx)]).generate_state(2, np.uint32)
+    return (int(state[0]) << 30) | (int(state[1]) >> 2)  # 62 bits: within the protocol's seed < 2**63
+
+
+@dataclass
+class CVData:
+    """The rows of one run, split once: K CV folds of the dev rows, the final split, the test set.
+
+    Indices are positions in ``X_dev``/``y_dev``. The test rows are never part of a fold.
+    """
+
+    X_dev: np.ndarray  # (n_dev, d) float32
+    y_dev: np.ndarray  # (n_dev,) float64
+    X_test: np.ndarray  # (n_test, d) held out: scored by the final model only
+    y_test: np.ndarray
+    folds: list[tuple[np.ndarray, np.ndarray]]  # K (train_idx, val_idx) pairs over dev rows
+    final_fit_idx: np.ndarray  # dev rows the final model is fitted on
+    final_es_idx: np.ndarray  # dev rows the final model early-stops on (~1/K of dev)
+    feature_names: list[str]
+
+    @property
+    def k(self) -> int:
+        return len(self.folds)
+
+
+class ModelBackend(Protocol):
+    """One model family's way of training a trial's folds and the final model."""
+
+    model_type: str
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        """This trial's hyperparameters, as the plain dict stored in the trial and the sidecar."""
+        ...
+
+    def run_trials(
+        self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate | None = None,
+    ) -> list[TrialOutcome]:
+        """Train and score every CV fold of each trial; per trial (input order) its fold
+        results in fold order, or the :class:`JobError` that failed it (only it). With a
+        ``gate``, it is called after each fold of a trial, in fold order (and, for a batch,
+        in trial order after each fold of every trial is known); a False stops the trial,
+        which comes back :class:`Pruned`."""
+        ...
+
+    def train_final(
+        self, trial_number: int, params: dict[str, Any], checkpoint_path: Path,
+        cv_folds: Sequence[dict[str, Any]] = (),
+    ) -> dict[str, Any]:
+        """Fit the final model with exactly ``params`` (``cv_folds``: the best trial's kept
+        fold results), score on the test set, save the model. The result may carry
+        ``n_fit``/``n_early_stop`` when the backend fits other rows than the final split."""
+        ...
+
+    def summary(self) -> RunnerStats:
+        """What trained the folds, for the sidecar's ``execution`` block."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class NNBackend:
+    """Neural-net folds as :class:`TrainRequest` jobs for a :class:`FoldRunner`.
+
+    The K fold NPZ files and the final-model NPZ are written once, here, into ``files``;
+    every trial sends requests naming the same paths. A batch of trials becomes groups by
+    :func:`~step5.optimizer.grouping.plan_groups` (``fuse_folds``, ``fuse_trials``).
+    """
+
+    model_type = "neural_net"
+
+    def __init__(
+        self,
+        runner: FoldRunner,
+        cv: CVData,
+        files: FoldFiles,
+        *,
+        seed: int,
+        normalize_features: bool,
+        use_leaky_relu: bool,
+        dropout: float | None,
+        max_epochs: int,
+        batch_mode: str = "auto",
+        fuse_folds: bool = False,
+        fuse_trials: bool = False,
+    ) -> None:
+        self.runner = runner
+        self.cv = cv
+        self.seed = seed
+        self.normalize_features = normalize_features
+        self.use_leaky_relu = use_leaky_relu
+        self.dropout = dropout
+        self.max_epochs = max_epochs
+        self.batch_mode = batch_mode
+        self.fuse_folds = fuse_folds or fuse_trials  # trials fused share their folds' pass
+        self.fuse_trials = fuse_trials
+        start = time.perf_counter()
+        self.fold_paths: list[str] = []
+        for f, (tr, va) in enumerate(cv.folds):
+            path = files.write(
+                f"fold_{f}", cv.X_dev[tr], cv.y_dev[tr], cv.X_dev[va], cv.y_dev[va], feature_names=cv.feature_names,
+            )
+            self.fold_paths.append(str(path))
+        self.fold_rows = {p: len(tr) for p, (tr, _) in zip(self.fold_paths, cv.folds)}  # resolves "auto" batch mode
+        # The final refit fits every dev row for a fixed epoch count: it has no validation
+        # rows, so the file's required validation slot holds the test rows, scored only.
+        self.final_path = str(
+            files.write(
+                "final", cv.X_dev, cv.y_dev, cv.X_test, cv.y_test,
+                X_test=cv.X_test, y_test=cv.y_test, feature_names=cv.feature_names,
+            )
+        )
+        self.write_s = time.perf_counter() - start
+        logger.info("wrote %d fold NPZ files + the final split to %s in %.2fs", cv.k, files.path, self.write_s)
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        return suggest_nn_params(trial, max_epochs=self.max_epochs, fixed_dropout=self.dropout).to_dict()
+
+    def _request(self, trial_number: int, fold_idx: int, params: NNParams, path: str, **extra: Any) -> TrainRequest:
+        return TrainRequest(
+            data_path=path,
+            params=params,
+            trial_number=trial_number,
+            fold_idx=fold_idx,
+            normalize_features=self.normalize_features,
+            use_leaky_relu=self.use_leaky_relu,
+            batch_mode=self.batch_mode,
+            seed=fold_seed(self.seed, trial_number, fold_idx),
+            job_id=f"t{trial_number}-f{fold_idx}",
+            **extra,
+        )
+
+    def fold_requests(self, trial_number: int, params: dict[str, Any]) -> list[TrainRequest]:
+        """The K fold jobs of one trial: the same requests whether they run fused or not."""
+        nn_params = NNParams.from_dict(params)
+        return [self._request(trial_number, f, nn_params, p) for f, p in enumerate(self.fold_paths)]
+
+    def _with_train_r2(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for (tr, _va), res in zip(self.cv.folds, results):
+            if "train_r2" not in res and "train_mse" in res:
+                res["train_r2"] = r2_from_mse(res["train_mse"], self.cv.y_dev[tr])
+        return results
+
+    def _run_requests(self, requests: dict[int, list[TrainRequest]]) -> dict[tuple[int, int], Any]:
+        """One ``runner.run`` call for these trials' requests, grouped by the plan; each job's
+        outcome (result or JobError) by (trial number, fold index)."""
+        groups = plan_groups(requests, fuse_folds=self.fuse_folds, fuse_trials=self.fuse_trials,
+                             capacity=self.runner.capacity, n_train=self.fold_rows)
+        outcomes = self.runner.run(groups)
+        if [len(o) for o in outcomes] != [len(g) for g in groups]:
+            raise Step5Error(f"the fold runner returned {[len(o) for o in outcomes]} outcomes for groups of "
+                             f"{[len(g) for g in groups]} jobs")
+        return {(r.trial_number, r.fold_idx): o for g, out in zip(groups, outcomes) for r, o in zip(g, out)}
+
+    def run_trials(
+        self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate | None = None,
+    ) -> list[TrialOutcome]:
+        """Every fold of every trial in one ``runner.run`` call, grouped by the plan; with a
+        ``gate``, in waves (:meth:`_run_waves`).
+
+        Each trial's outcome is its fold results, or the first :class:`JobError` among its
+        folds: the runner returns every job's outcome in place, so a failing trial fails
+        only itself and costs the others nothing.
+        """
+        if gate is not None:
+            return self._run_waves(trials, gate)
+        by_job = self._run_requests({number: self.fold_requests(number, params) for number, params in trials})
+        results: list[TrialOutcome] = []
+        for number, _ in trials:
+            folds = [by_job[(number, f)] for f in range(len(self.fold_paths))]
+            try:
+                results.append(self._with_train_r2(raise_first_job_error(folds)))
+            except JobError as exc:
+                results.append(exc)
+        return results
+
+    def _run_waves(self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate) -> list[TrialOutcome]:
+        """Fold k of every live trial in one ``runner.run`` call, then the gate for each, in
+        trial order; a trial the gate stops (or a fold fails) sends no more folds.
+
+        The same requests as :meth:`run_trials` (a wave holds one fold per trial, so
+        ``--fuse-folds`` has nothing to fuse; ``--fuse-trials`` fuses same-shape trials'
+        fold k)."""
+        requests = {number: self.fold_requests(number, params) for number, params in trials}
+        done: dict[int, list[dict[str, Any]]] = {number: [] for number, _ in trials}
+        ended: dict[int, TrialOutcome] = {}
+        for fold in range(len(self.fold_paths)):
+            live = [number for number, _ in trials if number not in ended]
+            if not live:
+                break
+            by_job = self._run_requests({number: [requests[number][fold]] for number in live})
+            for number in live:
+                outcome = by_job[(number, fold)]
+                if isinstance(outcome, JobError):
+                    ended[number] = outcome
+                    continue
+                done[number].append(outcome)
+                self._with_train_r2(done[number])
+                if fold < len(self.fold_paths) - 1 and not gate(number, done[number]):
+                    ended[number] = Pruned(done[number])
+        return [ended.get(number, done[number]) for number, _ in trials]
+
+    def train_final(
+        self, trial_number: int, params: dict[str, Any], checkpoint_path: Path,
+        cv_folds: Sequence[dict[str, Any]] = (),
+    ) -> dict[str, Any]:
+        """Refit on every dev row for the epoch count the best trial's folds early-stopped
+        at (:func:`refit_epochs`), keeping the last weights: no row is held back and no
+        row scores a decision. ``r2``/``val_mse`` are the trial's CV means (the refit has
+        no validation rows of its own)."""
+        epochs = refit_epochs(cv_folds, cap=int(params["epochs"]))
+        final_params = NNParams.from_dict({**params, "epochs": epochs, "early_stopping_patience": 0})
+        request = self._request(
+            trial_number, FINAL_FOLD_IDX, final_params, self.final_path, save_model_path=str(checkpoint_path),
+        )
+        ((outcome,),) = self.runner.run([[request]])
+        (result,) = raise_first_job_error([outcome])
+        if "train_r2" not in result and "train_mse" in result:
+            result["train_r2"] = r2_from_mse(result["train_mse"], self.cv.y_dev)
+        if cv_folds:
+            result["r2"] = float(np.mean([f["r2"] for f in cv_folds]))
+            result["val_mse"] = float(np.mean([f["val_mse"] for f in cv_folds]))
+        result.update(n_fit=int(len(self.cv.y_dev)), n_early_stop=0, refit_epochs=epochs)
+        if not Path(checkpoint_path).is_file():
+            raise Step5Error(f"the final neural-net job reported success but wrote no checkpoint at {checkpoint_path}")
+        return result
+
+    def training_options(self) -> dict[str, Any]:
+        """Flags every request of this run carried (recorded in the sidecar)."""
+        return {
+            "normalize_features": self.normalize_features,
+            "use_leaky_relu": self.use_leaky_relu,
+            "batch_mode": self.batch_mode,
+            "dropout_fixed": self.dropout,
+            "nn_max_epochs": self.max_epochs,
+        }
+
+    def summary(self) -> RunnerStats:
+        return self.runner.summary()
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def refit_epochs(cv_folds: Sequence[dict[str, Any]], *, cap: int) -> int:
+    """Epochs for the refit on all dev rows: the median of the folds' early-stopped best
+    epochs (each fold stopped on rows carved from its own training rows), at least 1 and
+    at most ``cap``; ``cap`` when no fold recorded one."""
+    best = [int(f["best_epoch"]) for f in cv_folds if isinstance(f.get("best_epoch"), int) and f["best_epoch"] > 0]
+    if not best:
+        logger.warning("the best trial recorded no fold best_epoch; the refit trains the full %d epochs", cap)
+        return cap
+    return max(1, min(cap, int(round(float(np.median(best))))))
+
+
+def _load_trees_module() -> Any:
+    try:
+        from step5.models import trees
+    except ImportError as exc:
+        raise Step5Error(
+            f"tree models are not available yet: step5.models.trees cannot be imported ({exc}); "
+            "use --model-type neural_net"
+        ) from None
+    return trees
+
+
+class TreeBackend:
+    """xgboost / lightgbm / catboost folds fitted in-process through :mod:`step5.models.trees`.
+
+    Gradient-boosted trees do not touch torch or CUDA state in the parent, so they need no
+    subprocess; execution mode is ``inline``. ``n_threads`` (``--cpu-workers``) is the
+    library's thread count; None lets the library choose.
+    """
+
+    def __init__(
+        self, model_type: str, cv: CVData, *, seed: int, gpus: list[str] | None = None, n_threads: int | None = None,
+    ) -> None:
+        self.model_type = model_type
+        self.cv = cv
+        self.seed = seed
+        self.n_threads = n_threads
+        self.trees = _load_trees_module()
+        try:
+            # --gpus: None detects, [] forces CPU, ["1", ...] trains on the first listed GPU.
+            self.device: str | None = self.trees.device_for_gpus(gpus)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        self.tree_devices = self.trees.TreeDevices()  # this run's GPU checks and failures, kept across folds
+        self._jobs = 0
+        self._compute_s = 0.0
+        self._wall_s = 0.0
+        self._devices: set[str] = set()
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        return dict(self.trees.suggest_params(trial, self.model_type))
+
+    def _fit(
+        self, trial_number: int, fold_idx: int, params: dict[str, Any], tr: np.ndarray, va: np.ndarray, **test: Any
+    ) -> tuple[dict[str, Any], Any]:
+        start = time.perf_counter()
+        try:
+            metrics, model = self.trees.train_fold(
+                self.model_type, dict(params),
+                self.cv.X_dev[tr], self.cv.y_dev[tr], self.cv.X_dev[va], self.cv.y_dev[va],
+                seed=fold_seed(self.seed, trial_number, fold_idx), device=self.device,
+                feature_names=self.cv.feature_names, n_threads=self.n_threads, devices=self.tree_devices, **test,
+            )
+        except JobError as exc:
+            # The library rejected these params or this data: deterministic, fails the trial.
+            exc.trial_number = trial_number if exc.trial_number is None else exc.trial_number
+            exc.fold_idx = fold_idx if exc.fold_idx is None else exc.fold_idx
+            raise
+        elapsed = time.perf_counter() - start
+        self._jobs += 1
+        self._wall_s += elapsed
+        metrics = dict(metrics)
+        metrics.setdefault("duration", elapsed)
+        self._compute_s += float(metrics["duration"])
+        metrics.update(model_type=self.model_type, trial_number=trial_number, fold_idx=fold_idx)
+        metrics.setdefault("device", "cpu")
+        self._devices.add(str(metrics["device"]))
+        return metrics, model
+
+    def run_trials(
+        self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate | None = None,
+    ) -> list[TrialOutcome]:
+        """In-process, one trial after another (the libraries use every thread they are
+        given), fold by fold; the ``gate`` after each fold but the last may stop the trial."""
+        out: list[TrialOutcome] = []
+        for number, params in trials:
+            folds: list[dict[str, Any]] = []
+            outcome: TrialOutcome = folds
+            try:
+                for f, (tr, va) in enumerate(self.cv.folds):
+                    folds.append(self._fit(number, f, params, tr, va)[0])
+                    if gate is not None and f < self.cv.k - 1 and not gate(number, folds):
+                        outcome = Pruned(folds)
+                        break
+            except JobError as exc:
+                outcome = exc
+            out.append(outcome)
+        return out
+
+    def train_final(
+        self, trial_number: int, params: dict[str, Any], checkpoint_path: Path,
+        cv_folds: Sequence[dict[str, Any]] = (),
+    ) -> dict[str, Any]:
+        metrics, model = self._fit(
+            trial_number, FINAL_FOLD_IDX, params, self.cv.final_fit_idx, self.cv.final_es_idx,
+            X_test=self.cv.X_test, y_test=self.cv.y_test,
+        )
+        self.trees.save_model(model, self.model_type, checkpoint_path)
+        metrics["model_path"] = str(checkpoint_path)
+        return metrics
+
+    def training_options(self) -> dict[str, Any]:
+        return {"device_request": self.device or "auto", "n_threads": self.n_threads}
+
+    @property
+    def capacity(self) -> int:
+        return 1
+
+    def summary(self) -> RunnerStats:
+        timings = Timings(jobs=self._jobs, wall_s=self._wall_s, compute_s=self._compute_s,
+                          overhead_s=max(0.0, self._wall_s - self._compute_s))
+        return RunnerStats(mode="inline", devices=sorted(self._devices) or ["cpu"], timings=timings)
+
+    def close(self) -> None:
+        pass

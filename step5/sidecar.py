@@ -1,0 +1,203 @@
+"""How a run's measurements become its sidecar: every block, and the two whole documents.
+
+:mod:`step5.artifacts` says what a valid sidecar is (the SPEC section 4 key tables and
+:func:`~step5.artifacts.validate_sidecar`); this module builds one to that schema, so the
+optimizer never spells a sidecar key itself. ``write_sidecar`` validates what is built
+here before anything reaches the disk.
+
+A SUCCESS sidecar carries the final model's checkpoint name and SHA-256, the best trial's
+hyperparameters and the training metrics of :func:`build_training_metrics`; a degenerate
+one (:func:`degenerate_sidecar`) has the same shape with no checkpoint, null metrics and no
+hyperparameters. Torch-free; optuna-free (the optimizer passes the study's numbers in).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from step5.artifacts import CHECKPOINT_FORMATS, PIPELINE_STEP, PIPELINE_STEP_NAME, SCHEMA_VERSION, \
+    TRAINING_METRIC_KEYS, beats_mean
+
+#: Packages whose versions the sidecar records. Read from installed metadata, never by
+#: importing: the parent must not import torch just to learn its version.
+VERSIONED_PACKAGES = ("optuna", "numpy", "scikit-learn", "torch", "xgboost", "lightgbm", "catboost", "orjson")
+
+
+def package_versions(names: Sequence[str] = VERSIONED_PACKAGES) -> dict[str, str | None]:
+    """``{"torch": "2.13.0", ...}`` from ``importlib.metadata``; None for a package not installed."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def build_provenance(
+    *,
+    run_id: str,
+    parent_run_id: str | None,
+    command_line: Sequence[str],
+    created_at: str,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The sidecar's ``provenance`` block: who made this model, how, with what."""
+    import platform
+    import socket
+    import sys
+
+    return {
+        "run_id": run_id,
+        "parent_run_id": parent_run_id,
+        "command_line": [str(a) for a in command_line],
+        "created_at": created_at,
+        "hostname": socket.gethostname(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "versions": package_versions(),
+        **dict(extra or {}),
+    }
+
+
+def build_agent_metadata(provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``agent_metadata`` block the existing pipeline reads: this step and the provenance ids."""
+    return {
+        "pipeline_step": PIPELINE_STEP,
+        "pipeline_step_name": PIPELINE_STEP_NAME,
+        "run_id": provenance["run_id"],
+        "parent_run_id": provenance.get("parent_run_id"),
+    }
+
+
+def null_training_metrics() -> dict[str, Any]:
+    """``training_metrics`` of a run that trained nothing (every metric null)."""
+    return {key: None for key in TRAINING_METRIC_KEYS}
+
+
+def build_sidecar(
+    *,
+    model_type: str,
+    outcome: str,
+    checkpoint_path: str | None,
+    feature_schema: Mapping[str, Any],
+    signal_quality: Mapping[str, Any],
+    data_context: Mapping[str, Any],
+    training_metrics: Mapping[str, Any],
+    hyperparameters: Mapping[str, Any],
+    optuna: Mapping[str, Any],
+    execution: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+    checkpoint_sha256: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Assemble a sidecar in SPEC order; ``checkpoint_format`` follows from the model type and
+    ``agent_metadata`` from the provenance."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model_type": model_type,
+        "checkpoint_path": checkpoint_path,
+        "checkpoint_format": CHECKPOINT_FORMATS.get(model_type) if checkpoint_path is not None else None,
+        "checkpoint_sha256": checkpoint_sha256,
+        "feature_schema": dict(feature_schema),
+        "signal_quality": dict(signal_quality),
+        "data_context": dict(data_context),
+        "training_metrics": dict(training_metrics),
+        "hyperparameters": dict(hyperparameters),
+        "optuna": dict(optuna),
+        "execution": dict(execution),
+        "outcome": outcome,
+        "provenance": dict(provenance),
+        "agent_metadata": build_agent_metadata(provenance),
+        **extra,
+    }
+
+
+OVERFIT_RATIO_DEFINITION = (
+    "mean CV train R² / mean CV val R² of the best trial; null when the val R² is <= 0 (undefined)"
+)
+
+
+def overfit_ratio(train_r2: float | None, val_r2: float | None) -> float | None:
+    """train R² / val R²: 1.0 generalises as well as it fits; 1.5 fits 50% "better" than it
+    generalises. Undefined (None) when val R² <= 0: there is nothing to be a ratio of."""
+    if train_r2 is None or val_r2 is None or not val_r2 > 0.0:
+        return None
+    return float(train_r2) / float(val_r2)
+
+
+def build_training_metrics(
+    best_cv: Mapping[str, Any],
+    final: Mapping[str, Any],
+    *,
+    objective_value: float | None,
+    objective_formula: str,
+    overfit_penalty: float,
+    k_folds: int,
+    n_dev: int,
+    n_fit: int,
+    n_early_stop: int,
+    n_test: int,
+) -> dict[str, Any]:
+    """The SUCCESS sidecar's ``training_metrics``: the best trial's CV means (``best_cv``, its
+    ``cv`` user attribute) and the final model's own scores (``final``, the backend's result).
+
+    ``n_fit``/``n_early_stop`` are the final split's sizes, used unless the final result
+    says which rows it fitted (the NN refit fits every dev row and early-stops on none).
+    """
+    return {
+        "cv_r2_mean": best_cv.get("val_r2_mean"),
+        "cv_r2_std": best_cv.get("val_r2_std"),
+        "cv_train_r2_mean": best_cv.get("train_r2_mean"),
+        "cv_val_mse_mean": best_cv.get("val_mse_mean"),
+        "cv_train_mse_mean": best_cv.get("train_mse_mean"),
+        "train_r2": final.get("train_r2"),
+        "val_r2": final.get("r2"),
+        "test_r2": final.get("test_r2"),
+        "beats_mean": beats_mean(final.get("test_r2")),
+        "train_mse": final.get("train_mse"),
+        "val_mse": final.get("val_mse"),
+        "test_mse": final.get("test_mse"),
+        "overfit_ratio": overfit_ratio(best_cv.get("train_r2_mean"), best_cv.get("val_r2_mean")),
+        "overfit_ratio_definition": OVERFIT_RATIO_DEFINITION,
+        "final_overfit_ratio": overfit_ratio(final.get("train_r2"), final.get("r2")),
+        "objective_value": objective_value,
+        "objective_formula": objective_formula,
+        "overfit_penalty": overfit_penalty,
+        "k_folds": k_folds,
+        "n_dev": int(n_dev),
+        "n_fit": int(final.get("n_fit", n_fit)),
+        "n_early_stop": int(final.get("n_early_stop", n_early_stop)),
+        "n_test": int(n_test),
+        "epochs_run": final.get("epochs_run"),
+        "best_epoch": final.get("best_epoch"),
+    }
+
+
+def success_sidecar(
+    *,
+    model_type: str,
+    checkpoint_name: str,
+    checkpoint_sha256: str,
+    training_metrics: Mapping[str, Any],
+    hyperparameters: Mapping[str, Any],
+    training_options: Mapping[str, Any],
+    **blocks: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The sidecar of a run that saved a model. ``blocks``: ``feature_schema``,
+    ``signal_quality``, ``data_context``, ``optuna``, ``execution``, ``provenance``."""
+    return build_sidecar(
+        model_type=model_type, outcome="SUCCESS", checkpoint_path=checkpoint_name,
+        training_metrics=training_metrics, hyperparameters=hyperparameters,
+        checkpoint_sha256=checkpoint_sha256, training_options=dict(training_options), **blocks,
+    )
+
+
+def degenerate_sidecar(*, model_type: str, **blocks: Mapping[str, Any]) -> dict[str, Any]:
+    """The sidecar of a run whose target has no usable signal: no checkpoint, every metric
+    null, no hyperparameters. ``blocks`` as for :func:`success_sidecar`."""
+    return build_sidecar(
+        model_type=model_type, outcome="DEGENERATE_SIGNAL", checkpoint_path=None,
+        training_metrics=null_training_metrics(), hyperparameters={}, **blocks,
+    )

@@ -1,0 +1,34 @@
+"""Small value helpers every reader and writer of Step 5's JSON shares, defined once.
+
+Type checks for decoded JSON (``bool`` is an ``int`` in Python, but ``true`` is never a
+count or a number in a message, a sidecar or a policy file) and the UTC timestamps Step 5
+writes into its files. Dependency-free, so every side (parent, worker, WATCHER) imports it.
+"""
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from typing import Any
+
+
+def is_int(v: Any) -> bool:
+    """Whether ``v`` is a JSON integer (an ``int``, not a ``bool``)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    """Whether ``v`` is a finite JSON number (``int`` or ``float``, not a ``bool``, not NaN/inf)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def finite_or_none(v: Any) -> float | None:
+    """``v`` as a float when it is a finite number, else None (absent, null, NaN, text)."""
+    return float(v) if is_number(v) else None
+
+
+def utc_timestamp(*, milliseconds: bool = False) -> str:
+    """Now in UTC as ISO 8601 with a ``Z``: ``2026-01-31T12:00:00Z`` (or ``...:00.123Z``)."""
+    now = datetime.now(timezone.utc)
+    if milliseconds:
+        return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
