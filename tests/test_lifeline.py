@@ -4,7 +4,6 @@ the pid variables."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
