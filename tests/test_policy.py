@@ -175,6 +175,8 @@ BAD = [
     ({"training": {"heartbeat_interval_s": 60, "heartbeat_grace_s": 60}},
      "training.heartbeat_grace_s (60.0) must exceed training.heartbeat_interval_s (60.0)"),
     ({"training": {"heartbeat_interval_s": 200}}, "training.heartbeat_grace_s (120.0) must exceed"),
+    ({"training": {"heartbeat_interval_s": 30, "heartbeat_grace_s": 10}},
+     "training.heartbeat_grace_s (10.0) must exceed training.heartbeat_interval_s (30.0), or a live trial would look dead"),
     ({"training": {"max_consecutive_failed_trials": 0}}, "training.max_consecutive_failed_trials must be >= 1, got 0"),
 ]
 
