@@ -2,7 +2,9 @@
 
 :mod:`step5.testing.fake_worker` is a torch-free stand-in for ``nn_gpu_worker.py`` and
 ``train_single_trial.py`` that can answer, hang, print garbage, exit with a code or kill
-itself, so the pool's fault handling can be tested as a table of cases.
+itself, so the pool's fault handling can be tested as a table of cases;
+:mod:`step5.testing.processes` checks what tests that start real processes need (is it
+gone, who is left in a process group, signal a CLI once its log says it is busy).
 """
 from __future__ import annotations
 

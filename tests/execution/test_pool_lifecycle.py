@@ -21,9 +21,9 @@ import pytest
 from step5.devices import DeviceSlot, plan_slots
 from step5.errors import RunnerClosed, WorkerFault
 from step5.execution.pool import WorkerPool
-from step5.lifeline import install_lifeline
 from step5.protocol import NNParams, TrainRequest
 from step5.testing import FAKE_WORKER, fake_worker_command, run_each, summary_of
+from step5.testing.processes import wait_gone
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,22 +57,6 @@ def run_in_background(pool: WorkerPool, requests: list[TrainRequest]) -> tuple[t
 
 def cpu_slots(n: int) -> list[DeviceSlot]:
     return [DeviceSlot(f"CPU-{i}", "cpu", "", 1) for i in range(n)]
-
-
-def wait_gone(pids: list[int], timeout_s: float = 5.0) -> list[int]:
-    """Pids still running (zombies count as gone) after waiting up to ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.05)
 
 
 def test_two_gpu_slots_pin_different_cuda_visible_devices_and_split_threads(data_file):
@@ -334,51 +318,3 @@ def test_pool_left_open_is_shut_down_gracefully_at_interpreter_exit():
     # The atexit close said goodbye: the workers were not SIGKILLed first (as they were when
     # the thread that forked them was joined before atexit handlers ran).
     assert "without a shutdown reply" not in stderr and "SIGKILL" not in stderr, stderr
-
-
-# The lifeline alone, both mechanisms, in a grandchild whose parent the test SIGKILLs.
-CHILD = textwrap.dedent("""
-    import sys, time
-    sys.path.insert(0, {repo!r})
-    from step5.lifeline import install_lifeline, set_parent_death_signal
-    if sys.argv[1] == "prctl":
-        assert set_parent_death_signal()
-    else:
-        install_lifeline(use_prctl=False, poll_s=0.1)
-    print("armed", flush=True)
-    time.sleep(60)
-""").format(repo=str(REPO_ROOT))
-
-MIDDLE = textwrap.dedent("""
-    import subprocess, sys, time
-    child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline().strip() == "armed"
-    print(child.pid, flush=True)
-    time.sleep(60)
-""")
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux-only")
-@pytest.mark.parametrize("mechanism", ["prctl", "poll"])
-def test_lifeline_ends_the_child_when_its_parent_is_killed(mechanism):
-    middle = subprocess.Popen([sys.executable, "-c", MIDDLE, CHILD, mechanism], stdout=subprocess.PIPE, text=True)
-    child_pid = int(middle.stdout.readline())
-    middle.kill()
-    middle.wait()
-    middle.stdout.close()
-    assert wait_gone([child_pid], 5.0) == []
-
-
-def test_lifeline_notices_a_parent_pid_that_is_gone():
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    fired = threading.Event()
-    install_lifeline(dead.pid, poll_s=0.05, on_orphan=fired.set, use_prctl=False)
-    assert fired.wait(2.0)
-
-
-def test_lifeline_stays_quiet_while_the_parent_lives():
-    fired = threading.Event()
-    thread = install_lifeline(os.getppid(), poll_s=0.05, on_orphan=fired.set, use_prctl=False)
-    assert not fired.wait(0.3)
-    assert thread.daemon and thread.is_alive()

@@ -20,6 +20,7 @@ import pytest
 from optuna.trial import TrialState
 
 from step5 import artifacts
+from step5.testing.processes import signal_after_line
 
 SCRIPT = "meta_prediction_optimizer_anti_overfit.py"
 
@@ -173,21 +174,9 @@ def test_sigterm_mid_search_cleans_up_and_leaves_no_trial_running(sample_inputs,
     argv[argv.index("--trials") + 1] = "200"
     proc = subprocess.Popen([python, str(repo_root / SCRIPT), *argv], cwd=tmp_path, env=_env(tmp_path),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seen = []
-    try:
-        deadline = time.monotonic() + 120
-        for line in proc.stderr:  # wait until the search is under way
-            seen.append(line)
-            if "[1/200]" in line or time.monotonic() > deadline:
-                break
-        proc.send_signal(signal.SIGTERM)
-        rest = proc.stderr.read()
-        rc = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert rc == 128 + signal.SIGTERM, "".join(seen)[-2000:] + rest[-2000:]
+    # Once the search is under way.
+    seen, rest, rc = signal_after_line(proc, "[1/200]", lambda: proc.send_signal(signal.SIGTERM))
+    assert rc == 128 + signal.SIGTERM, seen[-2000:] + rest[-2000:]
     assert "terminated by SIGTERM" in rest
     assert "Traceback" not in rest  # one line, no traceback
     assert list((tmp_path / "tmpdir").iterdir()) == []

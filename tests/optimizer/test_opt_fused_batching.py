@@ -21,7 +21,7 @@ from step5 import artifacts
 from step5.devices import DeviceSlot
 from step5.execution.pool import WorkerPool
 from step5.jsonio import read_json_file
-from step5.optimizer import AntiOverfitMetaOptimizer, OptimizerConfig
+from step5.optimizer import AntiOverfitMetaOptimizer
 from step5.optimizer import backends as backends_module
 from step5.optimizer import optimizer as optimizer_module
 from step5.optimizer.grouping import fusion_groups, plan_groups
@@ -32,26 +32,18 @@ from step5.testing.fake_runner import install_fake_runner
 
 
 @pytest.fixture
+def config_defaults() -> dict:
+    """This module's runs: 3 trials x 3 folds on two slots."""
+    return dict(cpu_workers=2)
+
+
+@pytest.fixture
 def runners(monkeypatch):
     """Install a FakeFoldRunner factory; returns (runners made, options for the next ones)."""
     return install_fake_runner(
         monkeypatch, mode="persistent_workers", seed_in_metrics=True,
         failure=("loss diverged to NaN at epoch 3", "train_error", 0),
     )
-
-
-def _config(sample_inputs, tmp_path: Path, name: str = "out", **kw) -> OptimizerConfig:
-    survivors, history = sample_inputs
-    base = dict(survivors=Path(survivors), lottery_data=Path(history), trials=3, k_folds=3,
-                output_dir=tmp_path / name, policy_path=None, cpu_workers=2, seed=11,
-                diagnostics_dir=tmp_path / "diag", command_line=["test"])
-    base.update(kw)
-    return OptimizerConfig(**base)
-
-
-def _study(cfg: OptimizerConfig, outcome) -> optuna.Study:
-    return optuna.load_study(study_name=outcome.sidecar["optuna"]["study_name"],
-                             storage=f"sqlite:///{(cfg.output_dir / 'optuna_step5.db').resolve()}")
 
 
 def _trial_calls(runner) -> list[list[list[TrainRequest]]]:
@@ -123,14 +115,14 @@ def test_plan_groups_makes_one_path_for_every_fusion_setting_longest_first():
 # ---------------------------------------------------------------------------- --fuse-folds
 
 
-def test_fuse_folds_sends_each_trial_as_one_group_with_the_unfused_requests(sample_inputs, tmp_path, runners):
+def test_fuse_folds_sends_each_trial_as_one_group_with_the_unfused_requests(runners, make_config, study_of):
     made, _ = runners
-    plain = AntiOverfitMetaOptimizer(_config(sample_inputs, tmp_path, "plain")).run()
-    fused_cfg = _config(sample_inputs, tmp_path, "fused", fuse_folds=True)
+    plain = AntiOverfitMetaOptimizer(make_config("plain")).run()
+    fused_cfg = make_config("fused", fuse_folds=True)
     fused = AntiOverfitMetaOptimizer(fused_cfg).run()
     unfused_runner, fused_runner = made
 
-    assert _table(_study(fused_cfg, fused)) == _table(_study(_config(sample_inputs, tmp_path, "plain"), plain))
+    assert _table(study_of(fused_cfg, fused)) == _table(study_of(make_config("plain"), plain))
     assert fused.sidecar["optuna"]["best_value"] == plain.sidecar["optuna"]["best_value"]
     # Four trials in flight (two per slot of the fake's two), so the 3 trials are one batch:
     # one group of K folds per trial; then the final model, a group of one.
@@ -151,29 +143,29 @@ def test_fuse_folds_sends_each_trial_as_one_group_with_the_unfused_requests(samp
     assert artifacts.validate_sidecar(fused.sidecar) == []
 
 
-def test_policy_fuse_folds_reaches_the_backend(sample_inputs, tmp_path, runners):
+def test_policy_fuse_folds_reaches_the_backend(tmp_path, runners, make_config):
     from step5.jsonio import write_json_atomic
 
     made, _ = runners
     policy = tmp_path / "policy.json"
     write_json_atomic(policy, {"training": {"fuse_folds": True}})
-    AntiOverfitMetaOptimizer(_config(sample_inputs, tmp_path, "a", trials=1, policy_path=policy)).run()
-    AntiOverfitMetaOptimizer(_config(sample_inputs, tmp_path, "b", trials=1, policy_path=policy,
-                                     fuse_folds=False)).run()
+    AntiOverfitMetaOptimizer(make_config("a", trials=1, policy_path=policy)).run()
+    AntiOverfitMetaOptimizer(make_config("b", trials=1, policy_path=policy,
+                                         fuse_folds=False)).run()
     assert [len(r.fused_groups) for r in made] == [1, 0]  # the policy fuses; --no-fuse-folds wins
 
 
 # ---------------------------------------------------------------------------- --fuse-trials
 
 
-def test_trial_batches_tell_every_trial_exactly_once_with_the_unfused_values(sample_inputs, tmp_path, runners):
+def test_trial_batches_tell_every_trial_exactly_once_with_the_unfused_values(runners, make_config, study_of):
     made, _ = runners
-    plain_cfg = _config(sample_inputs, tmp_path, "plain", trials=7, k_folds=2)
+    plain_cfg = make_config("plain", trials=7, k_folds=2)
     plain = AntiOverfitMetaOptimizer(plain_cfg).run()
-    cfg = _config(sample_inputs, tmp_path, "batched", trials=7, k_folds=2, fuse_trials=3)
+    cfg = make_config("batched", trials=7, k_folds=2, fuse_trials=3)
     outcome = AntiOverfitMetaOptimizer(cfg).run()
     runner = made[1]
-    study = _study(cfg, outcome)
+    study = study_of(cfg, outcome)
 
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 7  # none RUNNING, none twice
     assert outcome.sidecar["optuna"]["trials_run"] == 7 and outcome.sidecar["optuna"]["trials_new"] == 7
@@ -188,14 +180,14 @@ def test_trial_batches_tell_every_trial_exactly_once_with_the_unfused_values(sam
             assert len(g) == 2 * len(trials)
     assert [t.user_attrs["batch"]["trials"] for t in study.trials] == [[0, 1, 2]] * 3 + [[3, 4, 5]] * 3 + [[6]]
     # The sampler's start-up trials are the same configurations: same params, same values.
-    assert _table(study) == _table(_study(plain_cfg, plain))
+    assert _table(study) == _table(study_of(plain_cfg, plain))
     search = outcome.sidecar["execution"]["search"]
     assert (search["fuse_folds"], search["fuse_trials"], search["trials_in_flight"], search["batches"]) == (
         True, True, 3, 3)
     assert outcome.sidecar["execution"]["fusion"]["jobs"] == 14 + 1  # and the final model
 
 
-def test_trial_batches_group_same_shapes_into_one_group(sample_inputs, tmp_path, runners, monkeypatch):
+def test_trial_batches_group_same_shapes_into_one_group(runners, monkeypatch, make_config):
     made, _ = runners
     shapes = {0: [64], 1: [128], 2: [64], 3: [64]}
     real = backends_module.NNBackend.suggest
@@ -208,20 +200,20 @@ def test_trial_batches_group_same_shapes_into_one_group(sample_inputs, tmp_path,
         return params
 
     monkeypatch.setattr(backends_module.NNBackend, "suggest", suggest)
-    cfg = _config(sample_inputs, tmp_path, trials=4, k_folds=2, fuse_trials=4, cpu_workers=1)
+    cfg = make_config(trials=4, k_folds=2, fuse_trials=4, cpu_workers=1)
     AntiOverfitMetaOptimizer(cfg).run()
     (call,) = _trial_calls(made[0])
     assert [sorted({r.trial_number for r in g}) for g in call] == [[0, 2, 3], [1]]
     assert len({(r.params.learning_rate, r.params.weight_decay) for r in call[0]}) == 3  # per-model values
 
 
-def test_a_failing_trial_in_a_batch_fails_only_itself(sample_inputs, tmp_path, runners, caplog):
+def test_a_failing_trial_in_a_batch_fails_only_itself(runners, caplog, make_config, study_of):
     made, options = runners
     options["fail_trials"] = [1]
-    cfg = _config(sample_inputs, tmp_path, trials=4, k_folds=2, fuse_trials=4)
+    cfg = make_config(trials=4, k_folds=2, fuse_trials=4)
     with caplog.at_level(logging.WARNING):
         outcome = AntiOverfitMetaOptimizer(cfg).run()
-    study = _study(cfg, outcome)
+    study = study_of(cfg, outcome)
     # Trial 1 failed and was replaced (trial 4): --trials 4 means four COMPLETE trials.
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
     assert "loss diverged to NaN" in study.trials[1].user_attrs["fail_reason"]
@@ -232,18 +224,18 @@ def test_a_failing_trial_in_a_batch_fails_only_itself(sample_inputs, tmp_path, r
     assert outcome.sidecar["optuna"]["trials_failed"] == 1 and outcome.sidecar["optuna"]["trials_run"] == 4
 
 
-def test_batches_whose_trials_all_fail_stop_the_run_naming_the_reason(sample_inputs, tmp_path, runners):
+def test_batches_whose_trials_all_fail_stop_the_run_naming_the_reason(runners, make_config):
     from step5.errors import Step5Error
 
     _, options = runners
     options["fail_trials"] = range(100)
     with pytest.raises(Step5Error, match="(?s)10 trials failed in a row.*0 of the 2 complete.*loss diverged"):
-        AntiOverfitMetaOptimizer(_config(sample_inputs, tmp_path, trials=2, fuse_trials=2)).run()
+        AntiOverfitMetaOptimizer(make_config(trials=2, fuse_trials=2)).run()
 
 
 @pytest.mark.parametrize("explosion", [RuntimeError, KeyboardInterrupt])
 def test_crash_or_ctrl_c_mid_batch_fails_the_whole_batch_and_leaves_no_trial_running(
-    sample_inputs, tmp_path, runners, explosion, caplog
+    tmp_path, runners, explosion, caplog, make_config,
 ):
     import tempfile
 
@@ -251,7 +243,7 @@ def test_crash_or_ctrl_c_mid_batch_fails_the_whole_batch_and_leaves_no_trial_run
     options.update(explode_on_trial=4, explosion=explosion)
     private = tmp_path / "tmp"
     private.mkdir()
-    cfg = _config(sample_inputs, tmp_path, trials=6, k_folds=2, fuse_trials=3)
+    cfg = make_config(trials=6, k_folds=2, fuse_trials=3)
     old = tempfile.tempdir
     tempfile.tempdir = str(private)
     try:
@@ -269,9 +261,9 @@ def test_crash_or_ctrl_c_mid_batch_fails_the_whole_batch_and_leaves_no_trial_run
     assert ("Trial 5 failed with parameters" in caplog.text) == (explosion is not KeyboardInterrupt)
 
 
-def test_resumed_study_is_topped_up_in_batches(sample_inputs, tmp_path, runners):
+def test_resumed_study_is_topped_up_in_batches(runners, make_config):
     made, _ = runners
-    cfg = _config(sample_inputs, tmp_path, trials=2, k_folds=2)
+    cfg = make_config(trials=2, k_folds=2)
     first = AntiOverfitMetaOptimizer(cfg).run()
     more = AntiOverfitMetaOptimizer(dataclasses.replace(cfg, trials=5, fuse_trials=2)).run()
     # Fusion does not change what a trial measures: the same study is resumed.
@@ -283,7 +275,7 @@ def test_resumed_study_is_topped_up_in_batches(sample_inputs, tmp_path, runners)
     assert again.sidecar["optuna"]["trials_new"] == 0 and _trial_calls(made[2]) == []
 
 
-def test_tree_models_say_that_neural_net_flags_do_not_apply(sample_inputs, tmp_path, caplog, monkeypatch):
+def test_tree_models_say_that_neural_net_flags_do_not_apply(caplog, monkeypatch, make_config):
     from step5.models import trees
 
     seen: list[dict] = []
@@ -294,8 +286,8 @@ def test_tree_models_say_that_neural_net_flags_do_not_apply(sample_inputs, tmp_p
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trees, "train_fold", spy)
-    cfg = _config(sample_inputs, tmp_path, model_type="lightgbm", trials=1, k_folds=2, fuse_trials=3,
-                  dropout=0.2, cpu_workers=1, command_line=["step5", "--normalize-features"])
+    cfg = make_config(model_type="lightgbm", trials=1, k_folds=2, fuse_trials=3,
+                      dropout=0.2, cpu_workers=1, command_line=["step5", "--normalize-features"])
     with caplog.at_level(logging.INFO, logger="step5.optimizer.optimizer"):
         outcome = AntiOverfitMetaOptimizer(cfg).run()
     lines = [r.getMessage() for r in caplog.records if "do not apply to lightgbm" in r.getMessage()]
@@ -359,7 +351,7 @@ def _spy_fold_requests(monkeypatch) -> dict[int, list[TrainRequest]]:
 
 
 def test_pool_worker_crash_in_a_fused_group_falls_back_with_the_undisturbed_results(
-    sample_inputs, tmp_path, monkeypatch
+    tmp_path, monkeypatch, make_config, study_of,
 ):
     from step5.testing.fake_worker import fake_metrics
 
@@ -369,9 +361,9 @@ def test_pool_worker_crash_in_a_fused_group_falls_back_with_the_undisturbed_resu
     _install_fake_pool(monkeypatch, "--fault", "sigkill", "--after", "1", "--faulty-starts", "2",
                        "--state-dir", str(state))
     sent = _spy_fold_requests(monkeypatch)
-    cfg = _config(sample_inputs, tmp_path, trials=4, k_folds=2, fuse_trials=2)
+    cfg = make_config(trials=4, k_folds=2, fuse_trials=2)
     outcome = AntiOverfitMetaOptimizer(cfg).run()
-    study = _study(cfg, outcome)
+    study = study_of(cfg, outcome)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
     for t in study.trials:  # the fake's results are a pure function of the request
         assert [f["r2"] for f in t.user_attrs["folds"]] == [fake_metrics(r)["r2"] for r in sent[t.number]]
@@ -380,7 +372,7 @@ def test_pool_worker_crash_in_a_fused_group_falls_back_with_the_undisturbed_resu
     assert execution["search"]["batches"] == 2 and execution["fusion"]["rerun_jobs"] == 0
 
 
-def test_pool_job_error_in_a_fused_batch_fails_only_that_trial(sample_inputs, tmp_path, monkeypatch):
+def test_pool_job_error_in_a_fused_batch_fails_only_that_trial(tmp_path, monkeypatch, make_config, study_of):
     """A trial whose fold data is missing: the worker answers data_error in that job's place,
     and the pool hands it back beside the other jobs' results: nothing is trained twice."""
     _install_fake_pool(monkeypatch)
@@ -393,9 +385,9 @@ def test_pool_job_error_in_a_fused_batch_fails_only_that_trial(sample_inputs, tm
         return requests
 
     monkeypatch.setattr(backends_module.NNBackend, "fold_requests", fold_requests)
-    cfg = _config(sample_inputs, tmp_path, trials=4, k_folds=2, fuse_trials=4)
+    cfg = make_config(trials=4, k_folds=2, fuse_trials=4)
     outcome = AntiOverfitMetaOptimizer(cfg).run()
-    study = _study(cfg, outcome)
+    study = study_of(cfg, outcome)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert "data_error (fold 1): NPZ file not found" in study.trials[2].user_attrs["fail_reason"]
     execution = outcome.sidecar["execution"]
@@ -435,7 +427,7 @@ def test_batched_trials_get_heartbeats_so_a_killed_batch_is_failed_later(tmp_pat
 
 @pytest.mark.parametrize("fuse", [{}, {"fuse_trials": 3}], ids=["fold-by-fold", "fused-trials"])
 def test_same_seed_and_trials_in_flight_give_the_same_study_with_several_workers(
-    sample_inputs, tmp_path, monkeypatch, fuse,
+    monkeypatch, fuse, make_config, study_of,
 ):
     """Two workers finish jobs in whatever order they like; the loop tells trials in ask
     order and the sampler (TPE, constant liar) sees the same history at every ask, so a
@@ -443,9 +435,9 @@ def test_same_seed_and_trials_in_flight_give_the_same_study_with_several_workers
     _install_fake_pool(monkeypatch, "--job-s", "0.02")
     tables, best = [], []
     for name in ("first", "second"):
-        cfg = _config(sample_inputs, tmp_path, name, trials=13, k_folds=2, trials_in_flight=3, **fuse)
+        cfg = make_config(name, trials=13, k_folds=2, trials_in_flight=3, **fuse)
         outcome = AntiOverfitMetaOptimizer(cfg).run()
-        tables.append(_table(_study(cfg, outcome)))
+        tables.append(_table(study_of(cfg, outcome)))
         best.append((outcome.sidecar["optuna"]["best_trial_number"], outcome.sidecar["optuna"]["best_value"]))
         assert outcome.sidecar["execution"]["search"]["trials_in_flight"] == 3
     assert len(tables[0]) == 13 and all(state == "COMPLETE" for _, state, _, _ in tables[0])
@@ -454,7 +446,7 @@ def test_same_seed_and_trials_in_flight_give_the_same_study_with_several_workers
 
 
 def test_a_trial_whose_jobs_kill_their_process_every_time_fails_alone_and_is_replaced(
-    sample_inputs, tmp_path, monkeypatch, caplog
+    monkeypatch, make_config, study_of, caplog,
 ):
     from step5.testing.fake_worker import fake_metrics
 
@@ -462,9 +454,9 @@ def test_a_trial_whose_jobs_kill_their_process_every_time_fails_alone_and_is_rep
     monkeypatch.setenv("STEP5_FAKE_POISON_TRIAL", "1")
     _install_fake_pool(monkeypatch)
     sent = _spy_fold_requests(monkeypatch)
-    cfg = _config(sample_inputs, tmp_path, trials=3, k_folds=2)
+    cfg = make_config(trials=3, k_folds=2)
     outcome = AntiOverfitMetaOptimizer(cfg).run()
-    study = _study(cfg, outcome)
+    study = study_of(cfg, outcome)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     reason = study.trials[1].user_attrs["fail_reason"]
     assert "infrastructure fault(s)" in reason and "SIGKILL(-9)" in reason

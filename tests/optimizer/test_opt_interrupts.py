@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 from step5.errors import Terminated
 from step5.optimizer.cli import InterruptedTrialFilter
 from step5.optimizer.search import fail_untold
+from step5.testing.processes import signal_after_line
 
 
 @pytest.mark.parametrize("interrupt, reason", [(Terminated, "interrupted by SIGTERM"),
@@ -52,19 +53,12 @@ def test_ctrl_c_mid_search_prints_one_line_and_fails_the_trial_with_a_reason(sam
     # A terminal's Ctrl-C signals the whole foreground process group.
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        for line in proc.stderr:
-            if "[2/500]" in line or time.monotonic() > deadline:
-                break
+
+    def ctrl_c() -> None:
         time.sleep(0.3)  # into the next trial
         os.killpg(proc.pid, signal.SIGINT)
-        rest = proc.stderr.read()
-        rc = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+    _, rest, rc = signal_after_line(proc, "[2/500]", ctrl_c)
     assert rc == 130, rest[-2000:]
     assert "Traceback" not in rest and " failed" not in rest
     assert [line for line in rest.splitlines() if "interrupted" in line] == [

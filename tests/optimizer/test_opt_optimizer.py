@@ -42,23 +42,11 @@ def private_tmp(tmp_path, monkeypatch):
     return d
 
 
-def _config(sample_inputs, tmp_path, **kw) -> OptimizerConfig:
-    survivors, history = sample_inputs
-    base = dict(survivors=Path(survivors), lottery_data=Path(history), trials=3, k_folds=3,
-                output_dir=tmp_path / "out", policy_path=None, cpu_workers=1, seed=11,
-                diagnostics_dir=tmp_path / "diag", command_line=["test"])
-    base.update(kw)
-    return OptimizerConfig(**base)
-
-
-def _study(cfg: OptimizerConfig, outcome) -> optuna.Study:
-    return optuna.load_study(study_name=outcome.sidecar["optuna"]["study_name"],
-                             storage=f"sqlite:///{(cfg.output_dir / 'optuna_step5.db').resolve()}")
-
-
-def test_run_builds_final_model_from_best_trial_and_never_shows_test_rows(sample_inputs, tmp_path, fake_runner, private_tmp):
+def test_run_builds_final_model_from_best_trial_and_never_shows_test_rows(
+    fake_runner, private_tmp, make_config, study_of,
+):
     made, _ = fake_runner
-    cfg = _config(sample_inputs, tmp_path, dropout=0.25, normalize_features=False, use_leaky_relu=False)
+    cfg = make_config(dropout=0.25, normalize_features=False, use_leaky_relu=False)
     outcome = AntiOverfitMetaOptimizer(cfg).run()
     assert outcome.status == "SUCCESS"
     (runner,) = made
@@ -77,7 +65,7 @@ def test_run_builds_final_model_from_best_trial_and_never_shows_test_rows(sample
 
     sidecar = read_json_file(cfg.output_dir / artifacts.SIDECAR_NAME, "sidecar")
     assert artifacts.validate_sidecar(sidecar) == []
-    best = _study(cfg, outcome).best_trial
+    best = study_of(cfg, outcome).best_trial
     assert sidecar["optuna"]["best_trial_number"] == best.number
     # Exactly the best trial's params, saved through the runner into the output dir.
     # The refit: the best trial's params, for the epochs its folds early-stopped at, no early stopping.
@@ -116,15 +104,13 @@ def test_run_builds_final_model_from_best_trial_and_never_shows_test_rows(sample
     assert sidecar["provenance"]["command_line"] == ["test"]
 
 
-def test_job_error_fails_that_trial_with_its_message_and_the_study_goes_on(
-    sample_inputs, tmp_path, fake_runner, caplog
-):
+def test_job_error_fails_that_trial_with_its_message_and_the_study_goes_on(fake_runner, caplog, make_config, study_of):
     made, options = fake_runner
     options["fail_trials"] = [1]
-    cfg = _config(sample_inputs, tmp_path)
+    cfg = make_config()
     with caplog.at_level(logging.WARNING):
         outcome = AntiOverfitMetaOptimizer(cfg).run()
-    study = _study(cfg, outcome)
+    study = study_of(cfg, outcome)
     states = [t.state for t in study.trials]
     # --trials 3 means three COMPLETE trials: the failed one is replaced.
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
@@ -138,12 +124,12 @@ def test_job_error_fails_that_trial_with_its_message_and_the_study_goes_on(
     assert made[0].closed
 
 
-def test_failed_trials_in_a_row_stop_the_run_naming_the_reason(sample_inputs, tmp_path, fake_runner):
+def test_failed_trials_in_a_row_stop_the_run_naming_the_reason(tmp_path, fake_runner, make_config):
     made, options = fake_runner
     options["fail_trials"] = range(100)
     policy = tmp_path / "policy.json"
     policy.write_text('{"training": {"max_consecutive_failed_trials": 4}}')
-    cfg = _config(sample_inputs, tmp_path, trials=2, policy_path=policy)
+    cfg = make_config(trials=2, policy_path=policy)
     with pytest.raises(Step5Error, match=r"(?s)4 trials failed in a row \(training.max_consecutive_failed_trials = 4\)"
                                          r".*0 of the 2 complete trials.*NaN in X_train") as info:
         AntiOverfitMetaOptimizer(cfg).run()
@@ -153,12 +139,10 @@ def test_failed_trials_in_a_row_stop_the_run_naming_the_reason(sample_inputs, tm
 
 
 @pytest.mark.parametrize("explosion", [RuntimeError, KeyboardInterrupt])
-def test_crash_or_ctrl_c_cleans_up_and_leaves_no_trial_running(
-    sample_inputs, tmp_path, fake_runner, private_tmp, explosion
-):
+def test_crash_or_ctrl_c_cleans_up_and_leaves_no_trial_running(fake_runner, private_tmp, explosion, make_config):
     made, options = fake_runner
     options.update(explode_on_trial=3, explosion=explosion)
-    cfg = _config(sample_inputs, tmp_path, trials=5, trials_in_flight=2)
+    cfg = make_config(trials=5, trials_in_flight=2)
     with pytest.raises(explosion, match="the runner blew up"):
         AntiOverfitMetaOptimizer(cfg).run()
     assert made[0].closed
@@ -171,9 +155,9 @@ def test_crash_or_ctrl_c_cleans_up_and_leaves_no_trial_running(
     assert not (cfg.output_dir / artifacts.SIDECAR_NAME).exists()
 
 
-def test_resume_counts_complete_trials_and_rebuilds_the_final_model(sample_inputs, tmp_path, fake_runner):
+def test_resume_counts_complete_trials_and_rebuilds_the_final_model(fake_runner, make_config, study_of):
     made, _ = fake_runner
-    cfg = _config(sample_inputs, tmp_path, trials=2)
+    cfg = make_config(trials=2)
     first = AntiOverfitMetaOptimizer(cfg).run()
     assert first.sidecar["optuna"]["trials_new"] == 2 and not first.sidecar["optuna"]["resumed"]
     (cfg.output_dir / "best_model.pth").unlink()
@@ -191,13 +175,13 @@ def test_resume_counts_complete_trials_and_rebuilds_the_final_model(sample_input
     assert more.sidecar["optuna"]["trials_new"] == 2 and more.sidecar["optuna"]["trials_run"] == 4
     # The resumed sampler is not reseeded to replay the first run's start-up configurations.
     assert more.sidecar["optuna"]["sampler_seed"] != first.sidecar["optuna"]["sampler_seed"]
-    study = _study(cfg, more)
+    study = study_of(cfg, more)
     lrs = [t.params["learning_rate"] for t in study.trials]
     assert len(set(lrs)) == 4
 
 
-def test_changed_setup_gets_a_new_default_study_and_an_explicit_name_refuses(sample_inputs, tmp_path, fake_runner):
-    cfg = _config(sample_inputs, tmp_path, trials=1)
+def test_changed_setup_gets_a_new_default_study_and_an_explicit_name_refuses(fake_runner, make_config):
+    cfg = make_config(trials=1)
     a = AntiOverfitMetaOptimizer(cfg).run()
     b = AntiOverfitMetaOptimizer(dataclasses.replace(cfg, k_folds=2)).run()
     assert a.sidecar["optuna"]["study_name"] != b.sidecar["optuna"]["study_name"]
@@ -208,9 +192,11 @@ def test_changed_setup_gets_a_new_default_study_and_an_explicit_name_refuses(sam
     assert info.value.exit_code == 1  # a run error, not a usage error: a shared study may refuse a helper
 
 
-def test_degenerate_target_writes_degenerate_sidecar_and_removes_a_stale_model(degenerate_inputs, tmp_path, fake_runner):
+def test_degenerate_target_writes_degenerate_sidecar_and_removes_a_stale_model(
+    degenerate_inputs, fake_runner, make_config,
+):
     made, _ = fake_runner
-    cfg = _config(degenerate_inputs, tmp_path)
+    cfg = make_config(inputs=degenerate_inputs)
     cfg.output_dir.mkdir(parents=True)
     (cfg.output_dir / "best_model.pth").write_bytes(b"from an earlier run")
     with pytest.raises(DegenerateSignalError) as info:
@@ -256,19 +242,19 @@ def test_search_plan_flags_win_over_the_policy_and_fuse_trials_sets_the_batch(tm
         AntiOverfitMetaOptimizer(dataclasses.replace(cfg, trials_in_flight=0))
 
 
-def test_policy_kill_switch_and_cli_override_reach_the_runner_factory(sample_inputs, tmp_path, fake_runner):
+def test_policy_kill_switch_and_cli_override_reach_the_runner_factory(tmp_path, fake_runner, make_config):
     made, _ = fake_runner
     policy = tmp_path / "policy.json"
     write_json_atomic(policy, {"training": {"use_persistent_workers": True}})
-    AntiOverfitMetaOptimizer(_config(sample_inputs, tmp_path, trials=1, policy_path=policy)).run()
+    AntiOverfitMetaOptimizer(make_config(trials=1, policy_path=policy)).run()
     AntiOverfitMetaOptimizer(
-        _config(sample_inputs, tmp_path, trials=1, policy_path=policy, persistent_workers=False)
+        make_config(trials=1, policy_path=policy, persistent_workers=False)
     ).run()
     assert [r.persistent for r in made] == [True, False]
 
 
-def test_diagnostics_written_per_run(sample_inputs, tmp_path, fake_runner):
-    cfg = _config(sample_inputs, tmp_path, trials=2, enable_diagnostics=True)
+def test_diagnostics_written_per_run(fake_runner, make_config):
+    cfg = make_config(trials=2, enable_diagnostics=True)
     outcome = AntiOverfitMetaOptimizer(cfg).run()
     (folder,) = list(cfg.diagnostics_dir.iterdir())
     data = read_json_file(folder / "trials.json", "diagnostics")
@@ -279,20 +265,20 @@ def test_diagnostics_written_per_run(sample_inputs, tmp_path, fake_runner):
     assert (folder / "timings.png").stat().st_size > 0
 
 
-def test_too_few_rows_for_the_folds_is_a_data_error(tmp_path, fake_runner):
+def test_too_few_rows_for_the_folds_is_a_data_error(tmp_path, fake_runner, make_config):
     from step5.data.sample import write_sample
     from step5.errors import DataError
 
     survivors, history = write_sample(tmp_path / "tiny", n_survivors=12, n_features=6, seed=1)
-    cfg = _config((survivors, history), tmp_path, k_folds=5, test_holdout=0.5)
+    cfg = make_config(inputs=(survivors, history), k_folds=5, test_holdout=0.5)
     with pytest.raises(DataError, match="5-fold CV needs at least 10"):
         AntiOverfitMetaOptimizer(cfg).run()
 
 
-def test_target_storage_and_data_context_flags_are_honoured(sample_inputs, tmp_path, fake_runner):
+def test_target_storage_and_data_context_flags_are_honoured(tmp_path, fake_runner, make_config):
     storage = f"sqlite:///{tmp_path / 'elsewhere.db'}"
-    cfg = _config(sample_inputs, tmp_path, trials=1, target="lane_agreement_8", storage=storage,
-                  study_name="named", prng_type="xorshift32", mod=997, holdout_draws=25, parent_run_id="p-1")
+    cfg = make_config(trials=1, target="lane_agreement_8", storage=storage,
+                      study_name="named", prng_type="xorshift32", mod=997, holdout_draws=25, parent_run_id="p-1")
     outcome = AntiOverfitMetaOptimizer(cfg).run()
     sc = outcome.sidecar
     assert sc["data_context"]["target"] == "lane_agreement_8"

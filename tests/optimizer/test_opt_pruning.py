@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from step5 import artifacts
 from step5.errors import PolicyError
 from step5.jsonio import write_json_atomic
-from step5.optimizer import AntiOverfitMetaOptimizer, OptimizerConfig
+from step5.optimizer import AntiOverfitMetaOptimizer
 from step5.optimizer.backends import FINAL_FOLD_IDX
 from step5.optimizer.optimizer import resolve_search_plan
 from step5.optimizer.progress import elapsed_and_eta
@@ -31,33 +31,25 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
+def config_defaults() -> dict:
+    """This module's runs: 16 trials x 5 folds on two slots, seed 3."""
+    return dict(trials=16, k_folds=5, cpu_workers=2, seed=3)
+
+
+@pytest.fixture
 def runners(monkeypatch):
     return install_fake_runner(monkeypatch, mode="persistent_workers", seed_in_metrics=True)
-
-
-def _config(sample_inputs, tmp_path: Path, name: str = "out", **kw) -> OptimizerConfig:
-    survivors, history = sample_inputs
-    base = dict(survivors=Path(survivors), lottery_data=Path(history), trials=16, k_folds=5,
-                output_dir=tmp_path / name, policy_path=None, cpu_workers=2, seed=3,
-                diagnostics_dir=tmp_path / "diag", command_line=["test"])
-    base.update(kw)
-    return OptimizerConfig(**base)
-
-
-def _study(cfg: OptimizerConfig, outcome) -> optuna.Study:
-    return optuna.load_study(study_name=outcome.sidecar["optuna"]["study_name"],
-                             storage=f"sqlite:///{(cfg.output_dir / 'optuna_step5.db').resolve()}")
 
 
 def _trial_requests(runner) -> list:
     return [r for r in runner.requests if r.fold_idx != FINAL_FOLD_IDX]
 
 
-def test_median_pruner_prunes_in_fold_waves_and_sends_no_pruned_fold(sample_inputs, tmp_path, runners):
+def test_median_pruner_prunes_in_fold_waves_and_sends_no_pruned_fold(runners, make_config, study_of):
     made, _ = runners
-    cfg = _config(sample_inputs, tmp_path, pruner="median")
+    cfg = make_config(pruner="median")
     outcome = AntiOverfitMetaOptimizer(cfg).run()
-    study = _study(cfg, outcome)
+    study = study_of(cfg, outcome)
     trials = study.trials
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -83,16 +75,16 @@ def test_median_pruner_prunes_in_fold_waves_and_sends_no_pruned_fold(sample_inpu
     calls = [c for c in made[0].calls if all(r.fold_idx != FINAL_FOLD_IDX for g in c for r in g)]
     assert all(len({r.fold_idx for g in c for r in g}) == 1 for c in calls)
     # Deterministic for a seed and B: a second fresh study makes the same decisions.
-    again = _config(sample_inputs, tmp_path, name="again", pruner="median")
-    study2 = _study(again, AntiOverfitMetaOptimizer(again).run())
+    again = make_config(name="again", pruner="median")
+    study2 = study_of(again, AntiOverfitMetaOptimizer(again).run())
     assert [(t.state, t.value, t.intermediate_values) for t in study2.trials] == \
         [(t.state, t.value, t.intermediate_values) for t in trials]
 
 
-def test_without_a_pruner_every_trial_reports_every_fold_and_has_flat_means(sample_inputs, tmp_path, runners):
+def test_without_a_pruner_every_trial_reports_every_fold_and_has_flat_means(runners, make_config, study_of):
     made, _ = runners
-    cfg = _config(sample_inputs, tmp_path, trials=4, k_folds=3, pruner="none", trials_in_flight=2)
-    study = _study(cfg, AntiOverfitMetaOptimizer(cfg).run())
+    cfg = make_config(trials=4, k_folds=3, pruner="none", trials_in_flight=2)
+    study = study_of(cfg, AntiOverfitMetaOptimizer(cfg).run())
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
     for t in study.trials:
         assert sorted(t.intermediate_values) == [0, 1, 2]
@@ -108,8 +100,8 @@ def test_without_a_pruner_every_trial_reports_every_fold_and_has_flat_means(samp
         assert frame[column].notna().all(), column
 
 
-def test_the_flag_wins_over_the_policy_key_and_the_policy_rejects_unknown_pruners(tmp_path):
-    cfg = _config(("s.json", "h.json"), tmp_path)
+def test_the_flag_wins_over_the_policy_key_and_the_policy_rejects_unknown_pruners(tmp_path, make_config):
+    cfg = make_config(inputs=("s.json", "h.json"))
     policy_file = tmp_path / "p.json"
     write_json_atomic(policy_file, {"training": {"pruner": "median"}})
     policy = load_policy(policy_file)
@@ -130,10 +122,9 @@ def test_elapsed_and_eta():
     assert elapsed_and_eta(0.0, 0, 5) == "elapsed 0s, ETA ?"
 
 
-def test_trees_report_fold_values_and_can_be_pruned(sample_inputs, tmp_path):
-    cfg = _config(sample_inputs, tmp_path, model_type="lightgbm", trials=8, k_folds=3, pruner="median",
-                  cpu_workers=1)
-    study = _study(cfg, AntiOverfitMetaOptimizer(cfg).run())
+def test_trees_report_fold_values_and_can_be_pruned(make_config, study_of):
+    cfg = make_config(model_type="lightgbm", trials=8, k_folds=3, pruner="median", cpu_workers=1)
+    study = study_of(cfg, AntiOverfitMetaOptimizer(cfg).run())
     assert all(t.intermediate_values for t in study.trials)
     for t in study.trials:
         if t.state == TrialState.COMPLETE:

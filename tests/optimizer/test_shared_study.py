@@ -107,16 +107,6 @@ def test_other_data_or_setup_is_refused_naming_the_difference(tmp_path):
     assert second.process_index == 1 and second.sampler_seed != first.sampler_seed
 
 
-def test_a_bad_heartbeat_policy_is_refused(tmp_path):
-    from step5.errors import PolicyError
-    from step5.policy import load_policy
-
-    path = tmp_path / "p.json"
-    write_json_atomic(path, {"training": {"heartbeat_interval_s": 30, "heartbeat_grace_s": 10}})
-    with pytest.raises(PolicyError, match="heartbeat_grace_s"):
-        load_policy(path)
-
-
 def test_fold_folders_of_dead_runs_are_removed_by_the_next_run(tmp_path):
     dead = tmp_path / "step5_nn_dead"
     dead.mkdir()

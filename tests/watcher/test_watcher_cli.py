@@ -13,9 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
+from step5.testing.processes import group_members, is_running
 from step5.watcher.registry import load_skip_registry, record_result
 
 REPO = Path(__file__).resolve().parents[2]
@@ -196,25 +196,8 @@ def test_no_retries_when_the_policy_says_none(work):
     assert len(calls(work)) == 1 and decisions(work)[0]["max_attempts"] == 1
 
 
-def _group_alive(pgid: int) -> list[int]:
-    found = []
-    for p in psutil.process_iter(["status"]):
-        try:
-            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
-                found.append(p.pid)
-        except (psutil.Error, OSError):
-            continue
-    return found
-
-
 def _all_gone(info: dict) -> bool:
-    for pid in [info["pid"], *info["children"]]:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                return False
-        except psutil.NoSuchProcess:
-            continue
-    return not _group_alive(info["pgid"])
+    return not any(is_running(pid) for pid in [info["pid"], *info["children"]]) and not group_members(info["pgid"])
 
 
 def test_timeout_escalates_and_leaves_no_process(work):

@@ -9,32 +9,14 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from step5.errors import Step5Error
+from step5.testing.processes import group_members, is_running
 from step5.watcher.pipeline import step_env
 from step5.watcher.process import run_in_group
 
 FAKE = str(Path(__file__).resolve().parents[2] / "step5" / "testing" / "fake_step5.py")
-
-
-def group_alive(pgid: int) -> list[int]:
-    out = []
-    for p in psutil.process_iter(["status"]):
-        try:
-            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
-                out.append(p.pid)
-        except (psutil.Error, OSError):
-            continue
-    return out
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def fake_env(tmp_path: Path, mode: str) -> dict[str, str]:
@@ -75,9 +57,9 @@ def test_timeout_stops_the_whole_group_and_escaped_children(tmp_path):
     assert run.timed_out and run.exit_status == "TIMEOUT"
     assert info["pgid"] == info["pid"] == run.pid  # the step leads its own group
     assert info["pgid"] != os.getpgid(0)
-    assert group_alive(info["pgid"]) == []
+    assert group_members(info["pgid"]) == []
     for pid in [info["pid"], *info["children"]]:  # one ignored SIGTERM, one left the group
-        assert not pid_alive(pid), pid
+        assert not is_running(pid), pid
     assert elapsed < 2.5 + 1.0 + 5.0
     assert any("hanging" in line for line in run.output_tail)
 
@@ -87,7 +69,7 @@ def test_processes_left_after_a_clean_exit_are_stopped(tmp_path):
                        echo=False)
     info = json.loads((tmp_path / "pids.json").read_text())
     assert run.returncode == 0 and run.leftovers == 1
-    assert not pid_alive(info["children"][0])
+    assert not is_running(info["children"][0])
 
 
 def test_interrupt_stops_the_group(tmp_path):
@@ -109,8 +91,8 @@ def test_interrupt_stops_the_group(tmp_path):
         helper.join()
     info = json.loads(pids.read_text())
     assert run.interrupted == "SIGINT" and not run.timed_out
-    assert group_alive(info["pgid"]) == []
-    assert not any(pid_alive(pid) for pid in [info["pid"], *info["children"]])
+    assert group_members(info["pgid"]) == []
+    assert not any(is_running(pid) for pid in [info["pid"], *info["children"]])
 
 
 @pytest.mark.parametrize("exit_code", [0, 1])
@@ -144,8 +126,8 @@ def test_an_interrupt_during_the_grace_period_is_reported_not_lost(tmp_path, mon
     info = json.loads((tmp_path / "pids.json").read_text())
     assert run.timed_out and run.interrupted == "SIGINT"
     assert time.monotonic() - t0 < 15  # not the 30 s grace: the interrupt went straight to SIGKILL
-    assert group_alive(info["pgid"]) == []
-    assert not any(pid_alive(pid) for pid in [info["pid"], *info["children"]])
+    assert group_members(info["pgid"]) == []
+    assert not any(is_running(pid) for pid in [info["pid"], *info["children"]])
 
 
 def test_the_step_is_told_who_supervises_it_and_a_step_run_by_hand_has_no_supervisor():

@@ -1,0 +1,72 @@
+"""Checks for tests that start real processes: is it gone, who is left in a process group,
+and "signal a CLI once its log says it is busy"."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from typing import Callable, Iterable
+
+import psutil
+
+
+def is_running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie has finished: it only waits to be reaped)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_gone(pids: Iterable[int], timeout_s: float = 5.0) -> list[int]:
+    """The pids still running after waiting up to ``timeout_s`` for all of them to end."""
+    pids = list(pids)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [pid for pid in pids if is_running(pid)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live processes of process group ``pgid``."""
+    found = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
+                found.append(p.pid)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def signal_after_line(
+    proc: subprocess.Popen[str],
+    marker: str,
+    send: Callable[[], None],
+    *,
+    wait_s: float = 120.0,
+    exit_timeout_s: float = 60.0,
+) -> tuple[str, str, int]:
+    """Read ``proc``'s stderr (text mode) until a line holds ``marker`` or ``wait_s`` passes,
+    call ``send`` (which signals the process), then read the rest and wait for the exit.
+
+    Returns (stderr up to the marker, stderr after it, exit code). A process still running
+    when this returns or raises is killed and reaped, so no test leaves it behind.
+    """
+    assert proc.stderr is not None, "start the process with stderr=subprocess.PIPE, text=True"
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + wait_s
+        for line in proc.stderr:
+            seen.append(line)
+            if marker in line or time.monotonic() > deadline:
+                break
+        send()
+        rest = proc.stderr.read()
+        return "".join(seen), rest, proc.wait(timeout=exit_timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
