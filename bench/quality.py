@@ -10,9 +10,10 @@ Each dataset is written as a survivors file (SPEC section 2: the target is
 ``holdout_quality``, features ``x000``, ``x001``, ...) plus a small history file, and:
 
 1. Step 5 runs on it in-process (``AntiOverfitMetaOptimizer``, ``--model-type
-   neural_net``), and with ``--compare`` also ``run_compare`` (all four model types);
-   ``--seed`` is the dataset's split seed, so Step 5 holds out the rows
-   ``step5.data.splits.holdout_split(n, --test-holdout, seed)`` gives;
+   neural_net``), or with ``--compare`` ``run_compare`` (all four model types; its
+   neural_net run, the same config, gives the NN row); ``--seed`` is the dataset's split
+   seed, so Step 5 holds out the rows ``step5.data.splits.holdout_split(n, --test-holdout,
+   seed)`` gives;
 2. the baselines are fitted on exactly those development rows and scored on exactly
    those test rows: RidgeCV (standardised inputs, alphas 1e-3..1e3), HistGradientBoosting
    (defaults), RandomForest (300 trees), and an MLPRegressor grid (GridSearchCV, 5 folds,
@@ -26,6 +27,7 @@ Usage::
 
     python -m bench.quality [--trials 30] [--datasets diabetes_s42,friedman1,...]
         [--compare] [--out bench/results/quality] [--friedman-rows 2000]
+    python -m bench.quality --report-from DIR [DIR ...] --out DIR   # join runs split by dataset
 
 A quick run: ``--trials 8 --datasets diabetes_s42,diabetes_noise80``.
 """
