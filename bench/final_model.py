@@ -13,9 +13,11 @@ in this process):
   of the folds' best epochs, patience 0, the seed Step 5's final model gets. Its test R²
   should equal the one the Step 5 run reported (printed side by side as a check).
 
-Hyperparameters, best trial number and split seed come from a ``bench.quality`` output
-folder (``<from>/quality.json``; the data from ``<from>/<dataset>/data``), so this is
-cheap: K + 1 trainings per dataset, no search.
+The hyperparameters and trial number are the best complete trial of the neural-net study
+in a ``bench.quality`` output folder (``<from>/<dataset>/{compare,nn}/optuna_step5.db``;
+the data from ``<from>/<dataset>/data``), so this is cheap: K + 1 trainings per dataset,
+no search, and it works on a run still in progress (its best trial so far). When the run
+has finished, its reported test R² is shown next to the reproduced refit as a check.
 
 Usage::
 
@@ -101,36 +103,61 @@ def compare_final_models(
     )
 
 
-def measure_dataset(folder: Path, row: dict[str, Any], *, test_holdout: float, k_folds: int,
-                    refit_seeds: int) -> dict[str, Any]:
-    """One dataset of a ``bench.quality`` output folder: both candidates from its NN run's best trial."""
+def best_nn_trial(run_dir: Path) -> tuple[int, dict[str, Any], int]:
+    """The neural-net study's best complete trial so far in one dataset's ``bench.quality``
+    folder (its compare or its lone NN run): (trial number, params, complete trials)."""
+    import optuna
+
+    from step5.optimizer.study import DEFAULT_DB_NAME
+
+    for sub in ("compare", "nn"):
+        db = run_dir / sub / DEFAULT_DB_NAME
+        if not db.is_file():
+            continue
+        storage = f"sqlite:///{db.resolve()}"
+        for summary in optuna.get_all_study_summaries(storage):
+            if summary.study_name.startswith("step5_neural_net"):
+                study = optuna.load_study(study_name=summary.study_name, storage=storage)
+                done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                if done:
+                    best = study.best_trial
+                    return best.number, dict(best.user_attrs["params"]), len(done)
+    raise FileNotFoundError(f"no neural-net study with a complete trial under {run_dir}")
+
+
+def measure_dataset(folder: Path, name: str, *, test_holdout: float, k_folds: int, refit_seeds: int) -> dict[str, Any]:
+    """One dataset of a ``bench.quality`` output folder: both candidates from its NN study's best trial."""
+    from bench.quality import datasets
     from step5.data.splits import holdout_split
     from step5.data.survivors import load_survivors
 
-    nn = row["nn"]
-    seed = int(row["split_seed"])
-    table = load_survivors(folder / row["dataset"] / "data" / "survivors_with_scores.json")
+    trial, params, n_done = best_nn_trial(folder / name)
+    seed = datasets(2000)[name]().split_seed
+    table = load_survivors(folder / name / "data" / "survivors_with_scores.json")
     dev, test = holdout_split(table.n_records, test_holdout, seed)
     with tempfile.TemporaryDirectory(prefix="final_model_") as tmp:
-        got = compare_final_models(table.X[dev], table.y[dev], table.X[test], table.y[test], nn["hyperparameters"],
-                                   seed=seed, trial_number=int(nn["best_trial"]), k_folds=k_folds, workdir=Path(tmp),
-                                   refit_seeds=refit_seeds)
-    return {"dataset": row["dataset"], "best_trial": nn["best_trial"], "params": nn["hyperparameters"],
-            "step5_test_r2": nn["test_r2"], **dataclasses.asdict(got)}
+        got = compare_final_models(table.X[dev], table.y[dev], table.X[test], table.y[test], params, seed=seed,
+                                   trial_number=trial, k_folds=k_folds, workdir=Path(tmp), refit_seeds=refit_seeds)
+    finished = folder / "quality.json"
+    rows = json.loads(finished.read_text())["rows"] if finished.is_file() else []
+    reported = [r["nn"]["test_r2"] for r in rows if r["dataset"] == name and r["nn"].get("best_trial") == trial]
+    return {"dataset": name, "best_trial": trial, "trials_complete": n_done, "params": params,
+            "step5_test_r2": reported[0] if reported else None, **dataclasses.asdict(got)}
 
 
 def report(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table: each candidate's test R² per dataset."""
     lines = ["| data | refit (Step 5's final model) | refit, mean over seeds (n) | ensemble of the K fold models "
-             "| fold models alone (mean) | refit epochs (fold best epochs) | Step 5 run's reported test R² |",
-             "|---|---|---|---|---|---|---|"]
+             "| fold models alone (mean) | refit epochs (fold best epochs) | Step 5 run's reported test R² "
+             "| best trial (of complete) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         refits = [r["refit_test_r2"], *r["extra_refit_test_r2"]]
         lines.append(
             f"| {r['dataset']} | {r['refit_test_r2']:.3f} | {np.mean(refits):.3f} ({len(refits)}) "
             f"| {r['ensemble_test_r2']:.3f} | {np.mean(r['fold_test_r2']):.3f} "
             f"| {r['refit_epochs']} ({', '.join(map(str, r['fold_best_epochs']))}) "
-            f"| {r['step5_test_r2']:.3f} |"
+            f"| {'-' if r['step5_test_r2'] is None else format(r['step5_test_r2'], '.3f')} "
+            f"| {r['best_trial']} ({r['trials_complete']}) |"
         )
     return "\n".join(lines)
 
@@ -140,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m bench.final_model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--from", dest="source", type=Path, required=True, help="a bench.quality --out folder")
-    parser.add_argument("--datasets", default=None, help="comma-separated names (default: every finished one)")
+    parser.add_argument("--datasets", default=None, help="comma-separated names (default: every one with a study)")
     parser.add_argument("--refit-seeds", type=int, default=1, help="refits per dataset, each with its own seed [1]")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
@@ -148,15 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)  # small nets; and a shared machine
-    saved = {r["dataset"]: r for r in json.loads((args.source / "quality.json").read_text())["rows"]}
-    names = args.datasets.split(",") if args.datasets else list(saved)
-    missing = [n for n in names if n not in saved]
-    if missing or not names:
-        parser.error(f"no finished dataset {missing or ''} in {args.source / 'quality.json'}")
+    names = args.datasets.split(",") if args.datasets else sorted(
+        p.parent.parent.name for p in args.source.glob("*/*/optuna_step5.db"))
+    if not names:
+        parser.error(f"no dataset with a study under {args.source}")
     rows = []
     for name in names:
         logger.info("%s: K fold models and the refit", name)
-        rows.append(measure_dataset(args.source, saved[name], test_holdout=TEST_HOLDOUT, k_folds=K_FOLDS,
+        rows.append(measure_dataset(args.source, name, test_holdout=TEST_HOLDOUT, k_folds=K_FOLDS,
                                     refit_seeds=args.refit_seeds))
     print(report(rows))
     if args.out is not None:
