@@ -6,10 +6,12 @@ Per model, for each hidden width ``W``::
 
 then ``Linear(W_last, 1)``. Input dropout (on the standardised features, before the first
 Linear) exists only while training: :class:`FusedMLP` applies a mask the trainer passes in,
-and the inference layout below has no module for it, so checkpoints keep the same keys. The hidden Linear layers have no bias: BatchNorm subtracts the
-batch mean right after, so such a bias gets only a rounding-noise gradient -- which Adam
-normalises into full-size steps, making results depend on float summation order (and
-fused runs drift from lone ones). BatchNorm's own shift plays the bias's role.
+and the inference layout below has no module for it, so checkpoints keep the same keys.
+
+The hidden Linear layers have no bias: BatchNorm subtracts the batch mean right after, so
+such a bias gets only a rounding-noise gradient -- which Adam normalises into full-size
+steps, making results depend on float summation order (and fused runs drift from lone
+ones). BatchNorm's own shift plays the bias's role.
 
 * :class:`FusedMLP` holds ``M`` independent models of identical layer shapes. Every
   weight carries a leading model dimension and layers are batched matmuls

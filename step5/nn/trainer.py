@@ -6,7 +6,8 @@ trial, or several trials whose layer shapes match) each model's metrics equal it
 ``M = 1`` run up to float rounding, because nothing one model sees depends on the others:
 
 * randomness: model m owns a ``torch.Generator`` seeded with its seed; init, dropout masks
-  (input, then hidden) and mini-batch order are drawn from it in the same order and shapes as in a lone run;
+  (input, then hidden) and mini-batch order are drawn from it in the same order and shapes
+  as in a lone run;
 * data: folds of unequal length are padded to a common row count and a row mask keeps
   padding out of BatchNorm statistics, losses and gradients (no row is ever dropped);
 * optimisation: per-model learning rate / weight decay / clip are (M, 1, 1) tensors, the
