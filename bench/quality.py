@@ -10,9 +10,10 @@ Each dataset is written as a survivors file (SPEC section 2: the target is
 ``holdout_quality``, features ``x000``, ``x001``, ...) plus a small history file, and:
 
 1. Step 5 runs on it in-process (``AntiOverfitMetaOptimizer``, ``--model-type
-   neural_net``), and with ``--compare`` also ``run_compare`` (all four model types);
-   ``--seed`` is the dataset's split seed, so Step 5 holds out the rows
-   ``step5.data.splits.holdout_split(n, --test-holdout, seed)`` gives;
+   neural_net``), or with ``--compare`` ``run_compare`` (all four model types; its
+   neural_net run, the same config, gives the NN row); ``--seed`` is the dataset's split
+   seed, so Step 5 holds out the rows ``step5.data.splits.holdout_split(n, --test-holdout,
+   seed)`` gives;
 2. the baselines are fitted on exactly those development rows and scored on exactly
    those test rows: RidgeCV (standardised inputs, alphas 1e-3..1e3), HistGradientBoosting
    (defaults), RandomForest (300 trees), and an MLPRegressor grid (GridSearchCV, 5 folds,
@@ -26,6 +27,7 @@ Usage::
 
     python -m bench.quality [--trials 30] [--datasets diabetes_s42,friedman1,...]
         [--compare] [--out bench/results/quality] [--friedman-rows 2000]
+    python -m bench.quality --report-from DIR [DIR ...] --out DIR   # join runs split by dataset
 
 A quick run: ``--trials 8 --datasets diabetes_s42,diabetes_noise80``.
 """
@@ -147,9 +149,25 @@ def run_baselines(ds: Dataset) -> dict[str, float]:
     return out
 
 
+def _nn_row(outcome: Any, wall_s: float) -> dict[str, Any]:
+    metrics = outcome.sidecar.get("training_metrics", {})
+    return {
+        "status": outcome.status, "test_r2": outcome.test_r2, "cv_r2_mean": metrics.get("cv_r2_mean"),
+        "train_r2": metrics.get("train_r2"), "cv_objective": outcome.cv_score,
+        "refit_epochs": metrics.get("epochs_run"),  # the final refit trains exactly this many
+        "best_trial": outcome.sidecar.get("optuna", {}).get("best_trial_number"),
+        "hyperparameters": outcome.sidecar.get("hyperparameters"), "wall_s": round(wall_s, 1),
+    }
+
+
 def run_step5(ds: Dataset, survivors: Path, history: Path, out: Path, *, trials: int, compare: bool,
               max_epochs: int) -> dict[str, Any]:
-    """Step 5's NN run (and compare-models): test R², CV mean R², train R² of the final model."""
+    """Step 5's NN run (and compare-models): test R², CV mean R², train R² of the final model.
+
+    With ``compare``, the NN row is compare-models' own neural_net run: the same config a
+    lone ``--model-type neural_net`` run has (compare replaces only the output folder), so
+    a second, identical search would only double the time.
+    """
     from step5.optimizer.compare import run_compare
     from step5.optimizer.config import OptimizerConfig
     from step5.optimizer.optimizer import AntiOverfitMetaOptimizer
@@ -160,28 +178,36 @@ def run_step5(ds: Dataset, survivors: Path, history: Path, out: Path, *, trials:
         skip_registry=out / "no_registry.json",
     )
     res: dict[str, Any] = {}
+    if not compare:
+        t0 = time.perf_counter()
+        outcome = AntiOverfitMetaOptimizer(OptimizerConfig(output_dir=out / "nn", **common)).run()
+        res["nn"] = _nn_row(outcome, time.perf_counter() - t0)
+        return res
+
+    class KeepNN(AntiOverfitMetaOptimizer):
+        """The default optimizer, keeping the neural_net run's outcome for the NN row."""
+
+        def run(self) -> Any:
+            t0 = time.perf_counter()
+            outcome = super().run()
+            if self.config.model_type == "neural_net":
+                res["nn"] = _nn_row(outcome, time.perf_counter() - t0)
+            return outcome
+
     t0 = time.perf_counter()
-    outcome = AntiOverfitMetaOptimizer(OptimizerConfig(output_dir=out / "nn", **common)).run()
-    metrics = outcome.sidecar.get("training_metrics", {})
-    res["nn"] = {
-        "status": outcome.status, "test_r2": outcome.test_r2, "cv_r2_mean": metrics.get("cv_r2_mean"),
-        "train_r2": metrics.get("train_r2"), "cv_objective": outcome.cv_score,
-        "best_epoch": metrics.get("best_epoch"), "hyperparameters": outcome.sidecar.get("hyperparameters"),
+    cfg = OptimizerConfig(output_dir=out / "compare", compare_models=True, **common)
+    run_compare(cfg, optimizer_factory=KeepNN)
+    if "nn" not in res:
+        raise RuntimeError(f"{ds.name}: compare-models ran no neural_net model")
+    summary = json.loads((cfg.diagnostics_folder / "compare_models_summary.json").read_text())
+    winner = summary["winner"]
+    res["compare"] = {
+        "winner": winner,
+        "test_r2": summary["models"][winner]["test_r2"] if winner else None,
+        "by_model": {mt: {"cv_score": m["cv_score"], "test_r2": m["test_r2"]}
+                     for mt, m in summary["models"].items()},
         "wall_s": round(time.perf_counter() - t0, 1),
     }
-    if compare:
-        t0 = time.perf_counter()
-        cfg = OptimizerConfig(output_dir=out / "compare", compare_models=True, **common)
-        run_compare(cfg)
-        summary = json.loads((cfg.diagnostics_folder / "compare_models_summary.json").read_text())
-        winner = summary["winner"]
-        res["compare"] = {
-            "winner": winner,
-            "test_r2": summary["models"][winner]["test_r2"] if winner else None,
-            "by_model": {mt: {"cv_score": m["cv_score"], "test_r2": m["test_r2"]}
-                         for mt, m in summary["models"].items()},
-            "wall_s": round(time.perf_counter() - t0, 1),
-        }
     return res
 
 
@@ -246,6 +272,32 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _print_report(rows: list[dict[str, Any]], trials: Any, out: Path) -> None:
+    text, met = report(rows)
+    print(f"Step 5 quality, {trials} trials per run, {K_FOLDS} folds, test holdout {TEST_HOLDOUT}:\n")
+    print(text)
+    print(f"\nAll targets met: {met}")
+    plot(rows, out / "quality.png")
+    print(f"Results: {out / 'quality.json'}; picture: {out / 'quality.png'}")
+
+
+def _report_from(folders: list[Path], out: Path) -> int:
+    rows: list[dict[str, Any]] = []
+    trials = set()
+    for folder in folders:
+        saved = json.loads((folder / "quality.json").read_text())
+        trials.add(saved["settings"]["trials"])
+        rows += saved["rows"]
+    order = list(datasets(2000))
+    rows.sort(key=lambda r: order.index(r["dataset"]) if r["dataset"] in order else len(order))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(
+        {"settings": {"report_from": [str(f) for f in folders], "trials": sorted(trials)}, "rows": rows},
+        indent=1, default=str))
+    _print_report(rows, "/".join(map(str, sorted(trials))), out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=30, help="Optuna trials per Step 5 run [30]")
@@ -255,8 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--friedman-rows", type=int, default=2000, help="rows of make_friedman1 [2000]")
     parser.add_argument("--nn-max-epochs", type=int, default=200, help="Step 5's NN epoch cap [200]")
     parser.add_argument("--out", type=Path, default=Path("bench/results/quality"))
+    parser.add_argument("--report-from", type=Path, nargs="+", default=None, metavar="DIR",
+                        help="train nothing: join the quality.json of these --out folders (runs of the same "
+                             "code split by dataset) and print the table, the targets and the picture into --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    if args.report_from:
+        return _report_from(args.report_from, args.out)
     known = datasets(args.friedman_rows)
     names = args.datasets.split(",") if args.datasets else list(known)
     unknown = [n for n in names if n not in known]
@@ -281,12 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         (args.out / "quality.json").write_text(json.dumps(
             {"settings": {**vars(args), "out": str(args.out)}, "rows": rows}, indent=1, default=str))
-    text, met = report(rows)
-    print(f"Step 5 quality, {args.trials} trials per run, {K_FOLDS} folds, test holdout {TEST_HOLDOUT}:\n")
-    print(text)
-    print(f"\nAll targets met: {met}")
-    plot(rows, args.out / "quality.png")
-    print(f"Results: {args.out / 'quality.json'}; picture: {args.out / 'quality.png'}")
+    _print_report(rows, args.trials, args.out)
     return 0
 
 

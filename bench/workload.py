@@ -62,6 +62,8 @@ def params_sequence(n_trials: int, seed: int) -> list[NNParams]:
                 batch_size=256,
                 early_stopping_patience=int(rng.integers(5, 13)),
                 gradient_clip=1.0,
+                # Every mode must reproduce the input-dropout masks too (bit-identical metrics).
+                input_dropout=round(float(rng.uniform(0.0, 0.2)), 3),
             )
         )
     return out

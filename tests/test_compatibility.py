@@ -167,6 +167,27 @@ def test_existing_optimizer_flags_run_with_their_meaning(existing_flags_run, sam
     assert ckpt["use_leaky_relu"] is False and ckpt["normalize_features"] is True
 
 
+def test_a_net_trained_with_input_dropout_loads_strictly_in_the_existing_step6(tmp_path):
+    """Input dropout is training-only: no module, no key, no index shift in ``network.N``."""
+    from step5.nn.checkpoint import load_checkpoint
+    from step5.nn.job import run_train_job
+    from step5.protocol import TrainRequest
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(160, 6)).astype(np.float32)
+    y = (X[:, 0] - 0.5 * X[:, 1] + 0.1 * rng.normal(size=160)).astype(np.float32)
+    data = tmp_path / "fold.npz"
+    np.savez(data, X_train=X[:120], y_train=y[:120], X_val=X[120:], y_val=y[120:])
+    ckpt = tmp_path / "best_model.pth"
+    run_train_job(TrainRequest.from_dict({
+        "X_train_path": str(data), "save_model_path": str(ckpt), "seed": 1,
+        "params": {"hidden_layers": [8, 4], "epochs": 10, "input_dropout": 0.25, "dropout": 0.1}}),
+        device=torch.device("cpu"))
+    theirs = existing_step6_predict(ckpt, X)  # strict load_state_dict inside
+    np.testing.assert_allclose(theirs, load_checkpoint(ckpt).predict(X), rtol=1e-5, atol=1e-6)
+    assert np.std(theirs) > 0
+
+
 def test_manifest_params_and_bounds_build_a_command_step5_accepts():
     """Every param of the existing manifest (defaults and declared bounds) maps to a flag with its meaning."""
     step = get_step(5)

@@ -4,10 +4,14 @@ Per model, for each hidden width ``W``::
 
     Linear(D_in, W, bias=False) -> BatchNorm1d(W) -> LeakyReLU(0.01) | ReLU -> Dropout(p)
 
-then ``Linear(W_last, 1)``. The hidden Linear layers have no bias: BatchNorm subtracts the
-batch mean right after, so such a bias gets only a rounding-noise gradient -- which Adam
-normalises into full-size steps, making results depend on float summation order (and
-fused runs drift from lone ones). BatchNorm's own shift plays the bias's role.
+then ``Linear(W_last, 1)``. Input dropout (on the standardised features, before the first
+Linear) exists only while training: :class:`FusedMLP` applies a mask the trainer passes in,
+and the inference layout below has no module for it, so checkpoints keep the same keys.
+
+The hidden Linear layers have no bias: BatchNorm subtracts the batch mean right after, so
+such a bias gets only a rounding-noise gradient -- which Adam normalises into full-size
+steps, making results depend on float summation order (and fused runs drift from lone
+ones). BatchNorm's own shift plays the bias's role.
 
 * :class:`FusedMLP` holds ``M`` independent models of identical layer shapes. Every
   weight carries a leading model dimension and layers are batched matmuls
@@ -123,6 +127,7 @@ class FusedMLP(nn.Module):
         row_mask: Tensor | None = None,
         row_count: Tensor | None = None,
         dropout_masks: Sequence[Tensor | None] | None = None,
+        input_mask: Tensor | None = None,
         stats_update: Tensor | None = None,
     ) -> Tensor:
         """Predict standardised targets: x (M, N, D) -> (M, N, 1).
@@ -133,13 +138,14 @@ class FusedMLP(nn.Module):
         ``stats_update`` (M, 1, 1) bool says which models fold this batch into their
         running statistics (a frozen model or an empty batch must not).
         ``dropout_masks[i]`` (M, N, W_i), already scaled by 1/(1-p), or None for no
-        dropout at layer ``i``. In eval mode BatchNorm uses the running statistics and
-        every row is independent, so no mask is needed.
+        dropout at layer ``i``; ``input_mask`` (M, N, D), scaled the same way, drops input
+        features (None: no input dropout). In eval mode BatchNorm uses the running
+        statistics and every row is independent, and no dropout applies, so no mask is needed.
         """
         training = self.training
         if training and (row_mask is None or row_count is None or stats_update is None):
             raise ValueError("training-mode forward needs row_mask, row_count and stats_update")
-        h = x  # (M, N, D)
+        h = x * input_mask if training and input_mask is not None else x  # (M, N, D)
         for i in range(len(self.hidden_layers)):
             h = torch.bmm(h, self.weights[i])  # (M, N, W)
             rm = getattr(self, f"running_mean_{i}")

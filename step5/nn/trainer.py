@@ -6,7 +6,8 @@ trial, or several trials whose layer shapes match) each model's metrics equal it
 ``M = 1`` run up to float rounding, because nothing one model sees depends on the others:
 
 * randomness: model m owns a ``torch.Generator`` seeded with its seed; init, dropout masks
-  and mini-batch order are drawn from it in the same order and shapes as in a lone run;
+  (input, then hidden) and mini-batch order are drawn from it in the same order and shapes
+  as in a lone run;
 * data: folds of unequal length are padded to a common row count and a row mask keeps
   padding out of BatchNorm statistics, losses and gradients (no row is ever dropped);
 * optimisation: per-model learning rate / weight decay / clip are (M, 1, 1) tensors, the
@@ -82,6 +83,7 @@ class ModelSpec:
     learning_rate: float = 1e-3  # optimizer step size
     weight_decay: float = 0.0  # L2 penalty (adam, sgd) or decoupled decay (adamw)
     dropout: float = 0.3  # dropout probability after each hidden activation
+    input_dropout: float = 0.0  # dropout probability on the (standardised) input features
     seed: int = 0  # seeds this model's generator: init, dropout masks, batch order
     patience: int = 10  # epochs without an early-stopping improvement before stopping; 0 = never
     gradient_clip: float = 1.0  # max gradient norm over this model's parameters; 0 = off
@@ -418,6 +420,7 @@ def train_models(
     )
     max_norm = per_model([s.gradient_clip for s in specs])
     dropouts = [s.dropout for s in specs]
+    input_dropouts = [s.input_dropout for s in specs]
     state = params + model.running_stats()
     best_state = [t.detach().clone() for t in state]
 
@@ -454,9 +457,11 @@ def train_models(
                 mask = (torch.arange(B, device=device)[None, :] < rows_t[s][:, None]).to(torch.float32)  # (M, B)
             count = rows_t[s].clamp_min(1.0)  # (M,)
             has_rows = (rows_t[s] > 0).view(M, 1, 1)
+            # Input mask first, then the hidden layers', in the same order for a lone run.
+            imask = _draw_dropout(generators, input_dropouts, rows, x.shape[1], n_features, device)
             dmasks = [_draw_dropout(generators, dropouts, rows, x.shape[1], w, device) for w in config.hidden_layers]
             pred = model(
-                x, row_mask=mask[..., None], row_count=count.view(M, 1, 1), dropout_masks=dmasks,
+                x, row_mask=mask[..., None], row_count=count.view(M, 1, 1), dropout_masks=dmasks, input_mask=imask,
                 stats_update=(rows_t[s] >= 2).view(M, 1, 1),  # BatchNorm refuses 1-row batches; so do we
             )[..., 0]  # (M, R)
             loss = masked_mse(pred, y, mask, count)  # (M,)

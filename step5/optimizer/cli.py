@@ -188,7 +188,8 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
     nn.add_argument("--use-leaky-relu", action=argparse.BooleanOptionalAction, default=True,
                     help="LeakyReLU instead of ReLU")
     nn.add_argument("--dropout", "--dropout-override", type=_dropout, default=None,
-                    help="fix dropout instead of searching it (--dropout-override: the existing optimizer's name)")
+                    help="fix the hidden layers' dropout instead of searching it; input dropout is still searched "
+                         "(--dropout-override: the existing optimizer's name)")
     nn.add_argument("--nn-max-epochs", type=_positive_int, default=200,
                     help="epoch cap of every NN trial and of the final model (early stopping ends sooner)")
 

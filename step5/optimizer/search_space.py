@@ -8,6 +8,7 @@ The ranges suit small tabular MLPs (tens of features, thousands to millions of r
 ``width_l{i}``                 8, 16, 32, 64, 128 or 256 units per layer (shrinking not forced)
 ``learning_rate``              1e-4 .. 1e-2, log scale
 ``dropout``                    0.0 .. 0.5, or fixed by ``--dropout`` (not searched then)
+``input_dropout``              0.0 .. 0.3 on the input features (always searched)
 ``weight_decay``               1e-6 .. 1.0, log scale
 ``optimizer``                  adam or adamw (plain SGD needs far more tuning to compete)
 ``batch_size``                 64, 128, 256 or 512 (mini-batch mode only)
@@ -22,6 +23,10 @@ layers (8, 16 units) and weight decay up to 1.0. With Adam's L2 decay, 1.0 is fa
 than scikit-learn's MLPRegressor ``alpha=10`` on a few hundred rows (``alpha / n_rows``
 there), which its grid picks on the diabetes data with many uninformative columns; a cap
 of 1e-2 left the search only overfitting nets there (bench/quality.py measures it).
+Input dropout hides a random part of the features from each training row, so no single
+(possibly uninformative) column can be relied on; it is capped at 0.3 because with ten
+features a higher rate hides most of the signal. ``--dropout`` pins the hidden layers'
+dropout only (the existing optimizer's meaning); input dropout is searched either way.
 
 The epoch cap is a search-space bound, not a test hook: it bounds every trial's (and the
 final model's) training time, and a user with little time or data lowers it honestly.
@@ -39,6 +44,7 @@ from step5.protocol import NNParams
 
 LAYER_WIDTHS = (8, 16, 32, 64, 128, 256)
 WEIGHT_DECAY_RANGE = (1e-6, 1.0)
+INPUT_DROPOUT_RANGE = (0.0, 0.3)
 MAX_LAYERS = 3
 BATCH_SIZES = (64, 128, 256, 512)
 NN_OPTIMIZERS = ("adam", "adamw")
@@ -58,6 +64,7 @@ def suggest_nn_params(
         "hidden_layers": list(hidden),
         "learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True),
         "dropout": float(dropout),
+        "input_dropout": trial.suggest_float("input_dropout", *INPUT_DROPOUT_RANGE),
         "epochs": int(max_epochs),
         "weight_decay": trial.suggest_float("weight_decay", *WEIGHT_DECAY_RANGE, log=True),
         "optimizer": trial.suggest_categorical("optimizer", NN_OPTIMIZERS),

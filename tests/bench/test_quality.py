@@ -33,3 +33,18 @@ def test_the_targets_are_judged_against_the_best_baseline_of_each_dataset():
     assert not met
     text, met = quality.report([_row("c", 0.50, 0.5, (0.50, 0.1, 0.1, 0.1), compare=0.48)])
     assert not met and "compare-models 0.480 >= best baseline 0.500 - 0.01: MISSED" in text
+
+
+def test_runs_split_by_dataset_join_into_one_report(tmp_path, capsys):
+    import json
+
+    for part, names in (("a", ["friedman1", "diabetes_s42"]), ("b", ["diabetes_s1"])):
+        (tmp_path / part).mkdir()
+        rows = [_row(n, 0.5, 0.5, (0.4, 0.5, 0.3, 0.2), compare=0.5) for n in names]
+        (tmp_path / part / "quality.json").write_text(json.dumps({"settings": {"trials": 30}, "rows": rows}))
+    assert quality.main(["--report-from", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "all")]) == 0
+    out = capsys.readouterr().out
+    table = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ") and "data" not in line]
+    assert table == ["| diabetes_s42", "| diabetes_s1", "| friedman1"]  # the benchmark's dataset order
+    assert "All targets met: True" in out and (tmp_path / "all" / "quality.png").is_file()
+    assert len(json.loads((tmp_path / "all" / "quality.json").read_text())["rows"]) == 3

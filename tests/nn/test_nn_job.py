@@ -177,6 +177,26 @@ def test_checkpoint_loads_weights_only_and_predicts_like_training(tmp_path):
         model.predict(a["X_val"][:, :4])
 
 
+def test_input_dropout_is_in_the_config_not_in_the_weights(tmp_path):
+    path = npz(tmp_path / "f.npz", **arrays(d=5))
+    ckpts = [tmp_path / f"m{i}.pth" for i in range(2)]
+    for ckpt, p in zip(ckpts, (0.0, 0.2)):
+        run_train_job(request(path, save_model_path=str(ckpt), params={"input_dropout": p}), device=CPU)
+    plain, dropped = (torch.load(c, weights_only=True) for c in ckpts)
+    assert list(dropped["state_dict"]) == list(plain["state_dict"])
+    assert dropped["config"]["input_dropout"] == 0.2 and plain["config"]["input_dropout"] == 0.0
+    assert not torch.equal(dropped["state_dict"]["network.0.weight"], plain["state_dict"]["network.0.weight"])
+    load_checkpoint(ckpts[1])  # strict load into the inference layout
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1, "0.2", float("nan")])
+def test_input_dropout_out_of_range_is_a_bad_request(value):
+    from step5.errors import BadRequest
+
+    with pytest.raises(BadRequest, match="`input_dropout` must be a finite number >= 0.0 and < 1.0"):
+        request("f.npz", params={"input_dropout": value})
+
+
 def test_bad_checkpoints_are_data_errors(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_checkpoint(tmp_path / "none.pth")
@@ -206,7 +226,7 @@ def _group_requests(tmp_path: Path) -> list[TrainRequest]:
         path = npz(tmp_path / f"fold{i}.npz", **arrays(seed=20 + i, n_train=n_tr, n_val=n_va))
         params = {"epochs": 30, "learning_rate": (5e-2, 2e-2, 5e-3)[i], "dropout": (0.0, 0.2, 0.4)[i],
                   "weight_decay": (0.0, 1e-3, 1e-2)[i], "early_stopping_patience": (2, 3, 0)[i],
-                  "gradient_clip": (1.0, 0.5, 0.0)[i]}
+                  "gradient_clip": (1.0, 0.5, 0.0)[i], "input_dropout": (0.2, 0.0, 0.1)[i]}
         reqs.append(request(path, params=params, fold_idx=i, job_id=f"t7-f{i}", seed=100 + i, batch_mode="mini"))
     return reqs
 
