@@ -288,11 +288,10 @@ class AntiOverfitMetaOptimizer:
         fit_pos, es_pos = train_test_split(
             np.arange(len(dev_idx)), test_size=1.0 / cfg.k_folds, random_state=cfg.seed + 2, shuffle=True,
         )
-        logger.info(
-            "split %d rows: %d dev (%d folds of ~%d validation rows), %d test; final model fits %d, "
-            "early-stops on %d",
-            n, len(dev_idx), cfg.k_folds, len(dev_idx) // cfg.k_folds, len(test_idx), len(fit_pos), len(es_pos),
-        )
+        final = (f"the final net refits all {len(dev_idx)} dev rows" if cfg.model_type == "neural_net"
+                 else f"the final model fits {len(fit_pos)} and early-stops on {len(es_pos)}")
+        logger.info("split %d rows: %d dev (%d folds of ~%d validation rows), %d test; %s",
+                    n, len(dev_idx), cfg.k_folds, len(dev_idx) // cfg.k_folds, len(test_idx), final)
         return CVData(
             X_dev=table.X[dev_idx], y_dev=table.y[dev_idx], X_test=table.X[test_idx], y_test=table.y[test_idx],
             folds=folds, final_fit_idx=np.sort(fit_pos), final_es_idx=np.sort(es_pos),
