@@ -11,6 +11,7 @@ directory gets the same policy).
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,10 +125,27 @@ def _number_map(section: dict[str, Any], where: str) -> dict[str, float]:
     return out
 
 
+#: The top-level sections Step 5 reads; the pipeline's file may hold others (other steps').
+POLICY_SECTIONS = ("training", "watcher", "training_diagnostics", "acceptance_rules")
+
+
+def _refuse_misspelt_sections(raw: dict[str, Any], source: str) -> None:
+    """Another step's section is kept unread, but one spelt almost like ours (``trainng``)
+    would silently leave every default in force, the kill switch included: refuse it."""
+    for name in raw:
+        if name in POLICY_SECTIONS or name.startswith("_"):
+            continue
+        close = difflib.get_close_matches(name, POLICY_SECTIONS, n=1, cutoff=0.8)
+        if close:
+            raise PolicyError(f"{source}: unknown section {name!r}; did you mean {close[0]!r}? "
+                              f"(Step 5 reads {', '.join(POLICY_SECTIONS)})")
+
+
 def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
     """Validate an already-parsed policy object."""
     if not isinstance(raw, dict):
         raise PolicyError(f"{source}: the policy must be a JSON object, got {type(raw).__name__}")
+    _refuse_misspelt_sections(raw, source)
     training = _typed(_check_section(raw, "training", source), TrainingPolicy, f"{source}: training")
     watcher = _typed(_check_section(raw, "watcher", source), WatcherPolicy, f"{source}: watcher")
     if watcher.retry_trials_multiplier < 1:

@@ -80,6 +80,14 @@ def test_comment_keys_are_documentation_and_other_steps_sections_are_kept_unread
     assert policy.raw["step3"] == raw["step3"]
 
 
+@pytest.mark.parametrize("misspelt, meant", [("trainng", "training"), ("Training", "training"),
+                                             ("wacher", "watcher"), ("acceptance_rule", "acceptance_rules")])
+def test_a_section_spelt_almost_like_ours_is_refused_not_silently_ignored(misspelt, meant):
+    with pytest.raises(PolicyError) as info:
+        parse_policy({misspelt: {"use_persistent_workers": False}}, SOURCE)
+    assert str(info.value).startswith(f"{SOURCE}: unknown section {misspelt!r}; did you mean {meant!r}?")
+
+
 # --- which file -------------------------------------------------------------------------
 
 
