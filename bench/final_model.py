@@ -9,7 +9,7 @@ in this process):
 * **folds**: the best trial's K CV fold models, with the seeds the search gave them
   (``fold_seed(seed, trial, fold)``), each early-stopping on a slice of its training rows;
 * **ensemble**: the mean of the K fold models' predictions on the test rows;
-* **refit**: every development row for :func:`~step5.optimizer.objective.refit_epochs`
+* **refit**: every development row for :func:`~step5.optimizer.backends.refit_epochs`
   of the folds' best epochs, patience 0, the seed Step 5's final model gets. Its test R²
   should equal the one the Step 5 run reported (printed side by side as a check).
 
@@ -67,7 +67,7 @@ def compare_final_models(
     from step5.data.splits import kfold_splits, write_fold_npz
     from step5.nn.checkpoint import load_checkpoint
     from step5.nn.job import run_train_job
-    from step5.optimizer.objective import FINAL_FOLD_IDX, fold_seed, refit_epochs
+    from step5.optimizer.backends import FINAL_FOLD_IDX, fold_seed, refit_epochs
     from step5.protocol import NNParams, TrainRequest
 
     cpu = torch.device("cpu")

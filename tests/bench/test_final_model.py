@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from bench.final_model import compare_final_models, report
-from step5.optimizer.objective import refit_epochs
+from step5.optimizer.backends import refit_epochs
 
 PARAMS = {"hidden_layers": [8], "epochs": 40, "learning_rate": 2e-2, "early_stopping_patience": 3,
           "dropout": 0.1, "input_dropout": 0.1, "weight_decay": 1e-3}
