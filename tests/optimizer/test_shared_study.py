@@ -268,7 +268,10 @@ def test_a_rerun_after_sigkill_reruns_the_killed_trial_and_removes_its_fold_fold
             try:
                 (summary,) = optuna.get_all_study_summaries(storage)
                 study = optuna.load_study(study_name=summary.study_name, storage=storage)
-                running = [t for t in study.trials if t.state == TrialState.RUNNING and OWNER_ATTR in t.user_attrs]
+                # Killed while it trains, with its params drawn: a trial killed mid-suggest
+                # is re-run with the params it had, and the rest are drawn afresh.
+                running = [t for t in study.trials if t.state == TrialState.RUNNING and OWNER_ATTR in t.user_attrs
+                           and "params" in t.user_attrs]
             except Exception:  # noqa: BLE001 - the study is not created yet
                 running = []
         assert running, "the first run never had a trial running"
