@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from step5.optimizer.study import best_complete_trial
 
-logger = logging.getLogger("step5.optimizer.optimizer")  # the run's own log lines, one logger
+logger = logging.getLogger(__name__)
 
 
 def elapsed_and_eta(elapsed_s: float, done: int, total: int) -> str:
