@@ -2,12 +2,13 @@
 and "signal a CLI once its log says it is busy"."""
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from typing import Callable, Iterable
 
 import psutil
+
+from step5.watcher import process as watcher_process
 
 
 def is_running(pid: int) -> bool:
@@ -30,15 +31,8 @@ def wait_gone(pids: Iterable[int], timeout_s: float = 5.0) -> list[int]:
 
 
 def group_members(pgid: int) -> list[int]:
-    """The live processes of process group ``pgid``."""
-    found = []
-    for p in psutil.process_iter(["status"]):
-        try:
-            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
-                found.append(p.pid)
-        except (psutil.Error, OSError):
-            continue
-    return found
+    """The pids of the live processes of process group ``pgid`` (the WATCHER's own lookup)."""
+    return [p.pid for p in watcher_process.group_members(pgid)]
 
 
 def signal_after_line(

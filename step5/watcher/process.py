@@ -90,7 +90,7 @@ def _remember_descendants(pid: int, known: dict[int, psutil.Process]) -> None:
         pass
 
 
-def _group_members(pgid: int) -> list[psutil.Process]:
+def group_members(pgid: int) -> list[psutil.Process]:
     """Live (non-zombie) processes whose process group is ``pgid``."""
     members = []
     for proc in psutil.process_iter(["status"]):
@@ -130,7 +130,7 @@ def _signal_all(pgid: int, strays: list[psutil.Process], sig: signal.Signals) ->
 def _remaining(popen: subprocess.Popen[bytes], pgid: int, known: dict[int, psutil.Process]) -> list[psutil.Process]:
     popen.poll()  # reap the leader, so it does not count as a live zombie
     me = os.getpid()
-    found = {p.pid: p for p in _group_members(pgid)}
+    found = {p.pid: p for p in group_members(pgid)}
     for proc in _alive(list(known.values())):
         found.setdefault(proc.pid, proc)
     found.pop(me, None)
