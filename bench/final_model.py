@@ -2,22 +2,24 @@
 
 Issue 14, item 2 asks for "a refit on all [development rows] for the epoch count the CV
 folds found, or the ensemble of the best trial's K fold models (already trained), chosen
-by measurement". Step 5 builds the refit. This script measures both from the same
+by measurement". This script measured both, and Step 5 now ships the ensemble (merged
+into one network, step5.nn.ensemble). It measures both from the same
 hyperparameters, on the same rows, through the same training core (``step5.nn.job``,
 in this process):
 
 * **folds**: the best trial's K CV fold models, with the seeds the search gave them
   (``fold_seed(seed, trial, fold)``), each early-stopping on a slice of its training rows;
-* **ensemble**: the mean of the K fold models' predictions on the test rows;
-* **refit**: every development row for :func:`~step5.optimizer.backends.refit_epochs`
-  of the folds' best epochs, patience 0, the seed Step 5's final model gets. Its test R²
-  should equal the one the Step 5 run reported (printed side by side as a check).
+* **ensemble**: the mean of the K fold models' predictions on the test rows -- Step 5's
+  final model, so its test R² should equal the one the Step 5 run reported (printed
+  side by side as a check);
+* **refit**: every development row for :func:`refit_epochs` of the folds' best epochs,
+  patience 0, with the seed ``fold_seed(seed, trial, FINAL_FOLD_IDX)``.
 
 The hyperparameters and trial number are the best complete trial of the neural-net study
 in a ``bench.quality`` output folder (``<from>/<dataset>/{compare,nn}/optuna_step5.db``;
 the data from ``<from>/<dataset>/data``), so this is cheap: K + 1 trainings per dataset,
 no search, and it works on a run still in progress (its best trial so far). When the run
-has finished, its reported test R² is shown next to the reproduced refit as a check.
+has finished, its reported test R² is shown next to the reproduced ensemble as a check.
 
 Usage::
 
@@ -67,7 +69,7 @@ def compare_final_models(
     from step5.data.splits import kfold_splits, write_fold_npz
     from step5.nn.checkpoint import load_checkpoint
     from step5.nn.job import run_train_job
-    from step5.optimizer.backends import FINAL_FOLD_IDX, fold_seed, refit_epochs
+    from step5.optimizer.backends import FINAL_FOLD_IDX, fold_seed
     from step5.protocol import NNParams, TrainRequest
 
     cpu = torch.device("cpu")
@@ -101,6 +103,17 @@ def compare_final_models(
         refit_epochs=epochs, fold_best_epochs=[int(r["best_epoch"]) for r in fold_results],
         extra_refit_test_r2=r2[1:],
     )
+
+
+def refit_epochs(cv_folds: Sequence[dict[str, Any]], *, cap: int) -> int:
+    """Epochs for the refit on all dev rows: the median of the folds' early-stopped best
+    epochs (each fold stopped on rows carved from its own training rows), at least 1 and
+    at most ``cap``; ``cap`` when no fold recorded one."""
+    best = [int(f["best_epoch"]) for f in cv_folds if isinstance(f.get("best_epoch"), int) and f["best_epoch"] > 0]
+    if not best:
+        logger.warning("the best trial recorded no fold best_epoch; the refit trains the full %d epochs", cap)
+        return cap
+    return max(1, min(cap, int(round(float(np.median(best))))))
 
 
 def best_nn_trial(run_dir: Path) -> tuple[int, dict[str, Any], int]:
@@ -147,7 +160,7 @@ def measure_dataset(folder: Path, name: str, *, test_holdout: float, k_folds: in
 
 def report(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table: each candidate's test R² per dataset."""
-    lines = ["| data | refit (Step 5's final model) | refit, mean over seeds (n) | ensemble of the K fold models "
+    lines = ["| data | refit | refit, mean over seeds (n) | ensemble of the K fold models (Step 5's final model) "
              "| fold models alone (mean) | refit epochs (fold best epochs) | Step 5 run's reported test R² "
              "| best trial (of complete) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -110,6 +110,7 @@ class LoadedModel:
     hidden_layers: tuple[int, ...]
     use_leaky_relu: bool
     dropout: float
+    normalize_features: bool  # whether training standardised X (else the scaler is the identity)
     feature_mean: np.ndarray  # (D,) float64
     feature_scale: np.ndarray  # (D,) float64
     target_mean: float
@@ -136,7 +137,8 @@ class LoadedModel:
         self.module.eval()
         out = []
         for s in range(0, X32.shape[0], PREDICT_CHUNK_ROWS):
-            xb = torch.from_numpy(X32[s : s + PREDICT_CHUNK_ROWS]).to(self.device)
+            # A copy: X may be a read-only view (a memory-mapped NPZ), which torch will not wrap.
+            xb = torch.tensor(X32[s : s + PREDICT_CHUNK_ROWS], device=self.device)
             out.append(self.module((xb - mean) / scale)[:, 0].cpu().numpy())
         z = np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
         return z.astype(np.float64) * self.target_std + self.target_mean
@@ -175,6 +177,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
             hidden_layers=tuple(int(w) for w in payload["hidden_layers"]),
             use_leaky_relu=bool(payload["use_leaky_relu"]),
             dropout=float(payload["dropout"]),
+            normalize_features=bool(payload["normalize_features"]),
             feature_mean=np.asarray(payload["scaler_mean"], dtype=np.float64),
             feature_scale=np.asarray(payload["scaler_scale"], dtype=np.float64),
             target_mean=float(payload["y_mean"]),

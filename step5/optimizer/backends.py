@@ -29,6 +29,8 @@ import optuna
 
 from step5.data.splits import FoldFiles
 from step5.errors import JobError, Step5Error, UsageError
+from step5.execution.ensemble import merge_fold_models
+from step5.execution.oneshot import CHECKPOINT_NAME
 from step5.execution.runner import FoldRunner, raise_first_job_error
 from step5.execution.summary import RunnerStats, Timings
 from step5.optimizer.grouping import plan_groups
@@ -38,7 +40,7 @@ from step5.protocol import NNParams, TrainRequest
 
 logger = logging.getLogger(__name__)
 
-#: ``fold_idx`` of the final model's request (distinct from every CV fold, for logs and seeds).
+#: ``fold_idx`` of a tree model's final fit (distinct from every CV fold, for logs and seeds).
 FINAL_FOLD_IDX = 1_000_000
 
 
@@ -104,13 +106,10 @@ class ModelBackend(Protocol):
         which comes back :class:`Pruned`."""
         ...
 
-    def train_final(
-        self, trial_number: int, params: dict[str, Any], checkpoint_path: Path,
-        cv_folds: Sequence[dict[str, Any]] = (),
-    ) -> dict[str, Any]:
-        """Fit the final model with exactly ``params`` (``cv_folds``: the best trial's kept
-        fold results), score on the test set, save the model. The result may carry
-        ``n_fit``/``n_early_stop`` when the backend fits other rows than the final split."""
+    def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
+        """Build the final model from exactly ``params``, score it on the test set, save it.
+        The result may carry ``n_fit``/``n_early_stop`` when the backend fits other rows
+        than the final split."""
         ...
 
     def summary(self) -> RunnerStats:
@@ -148,6 +147,7 @@ class NNBackend:
     ) -> None:
         self.runner = runner
         self.cv = cv
+        self.files = files
         self.seed = seed
         self.normalize_features = normalize_features
         self.use_leaky_relu = use_leaky_relu
@@ -164,8 +164,8 @@ class NNBackend:
             )
             self.fold_paths.append(str(path))
         self.fold_rows = {p: len(tr) for p, (tr, _) in zip(self.fold_paths, cv.folds)}  # resolves "auto" batch mode
-        # The final refit fits every dev row for a fixed epoch count: it has no validation
-        # rows, so the file's required validation slot holds the test rows, scored only.
+        # What the final model is scored on: every dev row, and the test rows (the file's
+        # required validation slot holds them too). Nothing trains on this file.
         self.final_path = str(
             files.write(
                 "final", cv.X_dev, cv.y_dev, cv.X_test, cv.y_test,
@@ -178,7 +178,8 @@ class NNBackend:
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         return suggest_nn_params(trial, max_epochs=self.max_epochs, fixed_dropout=self.dropout).to_dict()
 
-    def _request(self, trial_number: int, fold_idx: int, params: NNParams, path: str, **extra: Any) -> TrainRequest:
+    def _request(self, trial_number: int, fold_idx: int, params: NNParams, path: str,
+                 save_model_path: Path | None = None) -> TrainRequest:
         return TrainRequest(
             data_path=path,
             params=params,
@@ -188,14 +189,19 @@ class NNBackend:
             use_leaky_relu=self.use_leaky_relu,
             batch_mode=self.batch_mode,
             seed=fold_seed(self.seed, trial_number, fold_idx),
-            job_id=f"t{trial_number}-f{fold_idx}",
-            **extra,
+            job_id=f"t{trial_number}-f{fold_idx}" + ("-final" if save_model_path is not None else ""),
+            save_model_path=None if save_model_path is None else str(save_model_path),
         )
 
-    def fold_requests(self, trial_number: int, params: dict[str, Any]) -> list[TrainRequest]:
-        """The K fold jobs of one trial: the same requests whether they run fused or not."""
+    def fold_requests(
+        self, trial_number: int, params: dict[str, Any], *, save_paths: Sequence[Path] | None = None,
+    ) -> list[TrainRequest]:
+        """The K fold jobs of one trial: the same requests whether they run fused or not;
+        with ``save_paths``, each fold also saves its model there (the final model's folds)."""
         nn_params = NNParams.from_dict(params)
-        return [self._request(trial_number, f, nn_params, p) for f, p in enumerate(self.fold_paths)]
+        saves: Sequence[Path | None] = save_paths if save_paths is not None else [None] * len(self.fold_paths)
+        return [self._request(trial_number, f, nn_params, p, save)
+                for f, (p, save) in enumerate(zip(self.fold_paths, saves))]
 
     def _with_train_r2(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for (tr, _va), res in zip(self.cv.folds, results):
@@ -262,29 +268,28 @@ class NNBackend:
                     ended[number] = Pruned(done[number])
         return [ended.get(number, done[number]) for number, _ in trials]
 
-    def train_final(
-        self, trial_number: int, params: dict[str, Any], checkpoint_path: Path,
-        cv_folds: Sequence[dict[str, Any]] = (),
-    ) -> dict[str, Any]:
-        """Refit on every dev row for the epoch count the best trial's folds early-stopped
-        at (:func:`refit_epochs`), keeping the last weights: no row is held back and no
-        row scores a decision. ``r2``/``val_mse`` are the trial's CV means (the refit has
-        no validation rows of its own)."""
-        epochs = refit_epochs(cv_folds, cap=int(params["epochs"]))
-        final_params = NNParams.from_dict({**params, "epochs": epochs, "early_stopping_patience": 0})
-        request = self._request(
-            trial_number, FINAL_FOLD_IDX, final_params, self.final_path, save_model_path=str(checkpoint_path),
+    def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
+        """The best trial's K fold models, merged into one network that predicts their mean
+        (:mod:`step5.nn.ensemble`; docs/optimizer.md says why not a refit).
+
+        The folds are retrained exactly as the trial trained them (same files, params and
+        seeds: the same models), now each saving its checkpoint, through the same runner
+        and grouping as any trial; a child process then merges them into
+        ``checkpoint_path`` and scores the merged net on every dev row (``train_*``) and
+        on the test rows (``test_*``, scored only). ``r2``/``val_mse`` are the folds' CV
+        means: the ensemble has no validation rows of its own."""
+        folder = self.files.path / "final"
+        paths = [folder / f"fold_{f}" / CHECKPOINT_NAME for f in range(len(self.fold_paths))]
+        for p in paths:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        by_job = self._run_requests({trial_number: self.fold_requests(trial_number, params, save_paths=paths)})
+        folds = self._with_train_r2(raise_first_job_error([by_job[(trial_number, f)] for f in range(len(paths))]))
+        result = merge_fold_models(paths, Path(checkpoint_path), score_path=Path(self.final_path))
+        result.update(
+            r2=float(np.mean([f["r2"] for f in folds])), val_mse=float(np.mean([f["val_mse"] for f in folds])),
+            n_fit=int(len(self.cv.y_dev)), n_early_stop=0, epochs_run=None, best_epoch=None,
+            fold_best_epochs=[f.get("best_epoch") for f in folds],
         )
-        ((outcome,),) = self.runner.run([[request]])
-        (result,) = raise_first_job_error([outcome])
-        if "train_r2" not in result and "train_mse" in result:
-            result["train_r2"] = r2_from_mse(result["train_mse"], self.cv.y_dev)
-        if cv_folds:
-            result["r2"] = float(np.mean([f["r2"] for f in cv_folds]))
-            result["val_mse"] = float(np.mean([f["val_mse"] for f in cv_folds]))
-        result.update(n_fit=int(len(self.cv.y_dev)), n_early_stop=0, refit_epochs=epochs)
-        if not Path(checkpoint_path).is_file():
-            raise Step5Error(f"the final neural-net job reported success but wrote no checkpoint at {checkpoint_path}")
         return result
 
     def training_options(self) -> dict[str, Any]:
@@ -302,17 +307,6 @@ class NNBackend:
 
     def close(self) -> None:
         self.runner.close()
-
-
-def refit_epochs(cv_folds: Sequence[dict[str, Any]], *, cap: int) -> int:
-    """Epochs for the refit on all dev rows: the median of the folds' early-stopped best
-    epochs (each fold stopped on rows carved from its own training rows), at least 1 and
-    at most ``cap``; ``cap`` when no fold recorded one."""
-    best = [int(f["best_epoch"]) for f in cv_folds if isinstance(f.get("best_epoch"), int) and f["best_epoch"] > 0]
-    if not best:
-        logger.warning("the best trial recorded no fold best_epoch; the refit trains the full %d epochs", cap)
-        return cap
-    return max(1, min(cap, int(round(float(np.median(best))))))
 
 
 def _load_trees_module() -> Any:
@@ -403,10 +397,7 @@ class TreeBackend:
             out.append(outcome)
         return out
 
-    def train_final(
-        self, trial_number: int, params: dict[str, Any], checkpoint_path: Path,
-        cv_folds: Sequence[dict[str, Any]] = (),
-    ) -> dict[str, Any]:
+    def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
         metrics, model = self._fit(
             trial_number, FINAL_FOLD_IDX, params, self.cv.final_fit_idx, self.cv.final_es_idx,
             X_test=self.cv.X_test, y_test=self.cv.y_test,

@@ -288,7 +288,7 @@ class AntiOverfitMetaOptimizer:
         fit_pos, es_pos = train_test_split(
             np.arange(len(dev_idx)), test_size=1.0 / cfg.k_folds, random_state=cfg.seed + 2, shuffle=True,
         )
-        final = (f"the final net refits all {len(dev_idx)} dev rows" if cfg.model_type == "neural_net"
+        final = ("the final net is the best trial's fold models merged into one" if cfg.model_type == "neural_net"
                  else f"the final model fits {len(fit_pos)} and early-stops on {len(es_pos)}")
         logger.info("split %d rows: %d dev (%d folds of ~%d validation rows), %d test; %s",
                     n, len(dev_idx), cfg.k_folds, len(dev_idx) // cfg.k_folds, len(test_idx), final)
@@ -402,7 +402,7 @@ class AntiOverfitMetaOptimizer:
         name = artifacts.checkpoint_filename(self.config.model_type)
         logger.info("training the final model with trial %d's params: %s", best.number, params)
         start = time.perf_counter()
-        result = backend.train_final(best.number, params, staging / name, cv_folds=best.user_attrs.get("folds") or [])
+        result = backend.train_final(best.number, params, staging / name)
         self.timings["final_s"] = time.perf_counter() - start
         result["params"] = params
         logger.info(

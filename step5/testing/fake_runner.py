@@ -5,13 +5,14 @@ learning rate of 1e-3, deeper nets overfit a little more), so a study has a know
 trial. It records every ``run`` call's groups, reads the fold files the optimizer wrote
 (so tests can check what went into them), and can fail one fold of chosen trials with a
 :class:`~step5.errors.JobError` (returned in place, as the real runners do) or blow up
-with any exception.
+with any exception. :func:`install_fake_runner` also replaces the merge of the final
+model's fold checkpoints (a torch child process) with :func:`fake_merge_fold_models`.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -46,6 +47,7 @@ class FakeFoldRunner:
         self.job_sleep_s = job_sleep_s
         self.calls: list[list[list[TrainRequest]]] = []  # every run() call's groups
         self.arrays: dict[str, dict[str, np.ndarray]] = {}  # fold file -> its arrays
+        self.merges: list[tuple[list[Path], Path, Path]] = []  # (fold checkpoints, merged, score file)
         self.persistent: bool | None = None  # set by install_fake_runner's factory
         self.closed = False
 
@@ -127,4 +129,39 @@ def install_fake_runner(monkeypatch: Any, **defaults: Any) -> tuple[list[FakeFol
         return runner
 
     monkeypatch.setattr(optimizer_module, "make_fold_runner", factory)
+    install_fake_merge(monkeypatch, record=lambda: made[-1])
     return made, options
+
+
+#: The test R² :func:`fake_merge_fold_models` reports for the merged model.
+FAKE_ENSEMBLE_TEST_R2 = 0.55
+
+
+def fake_merge_fold_models(
+    fold_paths: Sequence[Path], out_path: Path, *, score_path: Path, runner: FakeFoldRunner | None = None,
+) -> dict[str, Any]:
+    """Stands in for :func:`step5.execution.ensemble.merge_fold_models`, whose child process
+    needs real checkpoints: checks that every fold saved one, writes a fake one, and
+    records the call and the score file's arrays on ``runner`` (``merges``, ``arrays``)."""
+    missing = [str(p) for p in fold_paths if not Path(p).is_file()]
+    assert not missing, f"the final model's folds saved no checkpoint at {missing}"
+    with np.load(score_path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    assert "X_test" in arrays, f"the final model's score file {score_path} holds no test rows"
+    if runner is not None:
+        runner.arrays[str(score_path)] = arrays
+        runner.merges.append((list(fold_paths), Path(out_path), Path(score_path)))
+    Path(out_path).write_bytes(b"fake checkpoint")
+    return {"status": "complete", "model_type": "neural_net", "model_path": str(out_path),
+            "train_r2": 0.7, "train_mse": 0.3, "test_r2": FAKE_ENSEMBLE_TEST_R2, "test_mse": 1.0 - FAKE_ENSEMBLE_TEST_R2}
+
+
+def install_fake_merge(monkeypatch: Any, record: Callable[[], FakeFoldRunner | None] = lambda: None) -> None:
+    """Make the NN backend merge its final folds with :func:`fake_merge_fold_models`
+    (``record()``: the runner to record the merge on, if any)."""
+    from step5.optimizer import backends as backends_module
+
+    def merge(fold_paths: Sequence[Path], out_path: Path, *, score_path: Path) -> dict[str, Any]:
+        return fake_merge_fold_models(fold_paths, out_path, score_path=score_path, runner=record())
+
+    monkeypatch.setattr(backends_module, "merge_fold_models", merge)

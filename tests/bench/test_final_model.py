@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.final_model import compare_final_models, report
-from step5.optimizer.backends import refit_epochs
+from bench.final_model import compare_final_models, refit_epochs, report
 
 PARAMS = {"hidden_layers": [8], "epochs": 40, "learning_rate": 2e-2, "early_stopping_patience": 3,
           "dropout": 0.1, "input_dropout": 0.1, "weight_decay": 1e-3}
@@ -32,3 +31,11 @@ def test_both_candidates_are_trained_and_scored_on_the_same_test_rows(tmp_path):
     assert again == got  # the seeds the search gave, so the same numbers
     text = report([{"dataset": "d", "step5_test_r2": None, "best_trial": 2, "trials_complete": 30, **got.__dict__}])
     assert text.splitlines()[2].startswith(f"| d | {got.refit_test_r2:.3f} |")
+
+
+def test_refit_epochs_is_the_median_fold_best_epoch_within_the_cap():
+    folds = [{"best_epoch": e} for e in (12, 30, 18, 7, 25)]
+    assert refit_epochs(folds, cap=200) == 18
+    assert refit_epochs(folds, cap=10) == 10
+    assert refit_epochs([{"best_epoch": 0}, {"r2": 0.3}], cap=50) == 50  # nothing recorded: the cap
+    assert refit_epochs([], cap=50) == 50

@@ -25,10 +25,10 @@ from step5.optimizer import AntiOverfitMetaOptimizer
 from step5.optimizer import backends as backends_module
 from step5.optimizer import optimizer as optimizer_module
 from step5.optimizer.grouping import fusion_groups, plan_groups
-from step5.optimizer.backends import FINAL_FOLD_IDX, fold_seed
+from step5.optimizer.backends import fold_seed
 from step5.protocol import FUSE_KEYS, NNParams, TrainRequest, fusion_key
 from step5.testing import FAKE_WORKER, fake_worker_command
-from step5.testing.fake_runner import install_fake_runner
+from step5.testing.fake_runner import install_fake_merge, install_fake_runner
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def runners(monkeypatch):
 
 def _trial_calls(runner) -> list[list[list[TrainRequest]]]:
     """The runner's calls that trained trials (not the final model)."""
-    return [call for call in runner.calls if all(r.fold_idx != FINAL_FOLD_IDX for g in call for r in g)]
+    return [call for call in runner.calls if all(r.save_model_path is None for g in call for r in g)]
 
 
 def _table(study: optuna.Study) -> list[tuple[int, str, float | None, dict]]:
@@ -125,20 +125,20 @@ def test_fuse_folds_sends_each_trial_as_one_group_with_the_unfused_requests(runn
     assert _table(study_of(fused_cfg, fused)) == _table(study_of(make_config("plain"), plain))
     assert fused.sidecar["optuna"]["best_value"] == plain.sidecar["optuna"]["best_value"]
     # Four trials in flight (two per slot of the fake's two), so the 3 trials are one batch:
-    # one group of K folds per trial; then the final model, a group of one.
-    assert [[len(g) for g in call] for call in fused_runner.calls] == [[3, 3, 3], [1]]
-    assert [[len(g) for g in call] for call in unfused_runner.calls] == [[1] * 9, [1]]
+    # one group of K folds per trial; then the final model: the best trial's K folds again.
+    assert [[len(g) for g in call] for call in fused_runner.calls] == [[3, 3, 3], [3]]
+    assert [[len(g) for g in call] for call in unfused_runner.calls] == [[1] * 9, [1] * 3]
     sent = sorted((r.trial_number, r.fold_idx, r.seed, Path(r.data_path).name)
                   for call in _trial_calls(fused_runner) for g in call for r in g)
     assert sent == sorted(
         (r.trial_number, r.fold_idx, r.seed, Path(r.data_path).name)
-        for r in unfused_runner.requests if r.fold_idx != FINAL_FOLD_IDX
+        for r in unfused_runner.requests if r.save_model_path is None
     )
     search = fused.sidecar["execution"]["search"]
     assert (search["fuse_folds"], search["fuse_trials"], search["trials_in_flight"], search["batches"]) == (
         True, False, 4, 1)
     fusion = fused.sidecar["execution"]["fusion"]
-    assert (fusion["groups"], fusion["jobs"], fusion["fused_groups"], fusion["largest_group"]) == (4, 10, 3, 3)
+    assert (fusion["groups"], fusion["jobs"], fusion["fused_groups"], fusion["largest_group"]) == (4, 12, 4, 3)
     assert plain.sidecar["execution"]["search"]["fuse_folds"] is False
     assert artifacts.validate_sidecar(fused.sidecar) == []
 
@@ -152,7 +152,8 @@ def test_policy_fuse_folds_reaches_the_backend(tmp_path, runners, make_config):
     AntiOverfitMetaOptimizer(make_config("a", trials=1, policy_path=policy)).run()
     AntiOverfitMetaOptimizer(make_config("b", trials=1, policy_path=policy,
                                          fuse_folds=False)).run()
-    assert [len(r.fused_groups) for r in made] == [1, 0]  # the policy fuses; --no-fuse-folds wins
+    # The policy fuses (the trial's folds, then the final model's); --no-fuse-folds wins.
+    assert [len(r.fused_groups) for r in made] == [2, 0]
 
 
 # ---------------------------------------------------------------------------- --fuse-trials
@@ -184,7 +185,7 @@ def test_trial_batches_tell_every_trial_exactly_once_with_the_unfused_values(run
     search = outcome.sidecar["execution"]["search"]
     assert (search["fuse_folds"], search["fuse_trials"], search["trials_in_flight"], search["batches"]) == (
         True, True, 3, 3)
-    assert outcome.sidecar["execution"]["fusion"]["jobs"] == 14 + 1  # and the final model
+    assert outcome.sidecar["execution"]["fusion"]["jobs"] == 14 + 2  # and the final model's 2 folds
 
 
 def test_trial_batches_group_same_shapes_into_one_group(runners, monkeypatch, make_config):
@@ -310,7 +311,8 @@ def test_tree_models_say_that_neural_net_flags_do_not_apply(caplog, monkeypatch,
 
 class _PoolWithFakeCheckpoint(WorkerPool):
     """The real pool over the fake worker, which trains nothing and so saves no model:
-    the final job's checkpoint is faked here, everything else is the pool's."""
+    the final folds' checkpoints are faked here (and their merge, by install_fake_merge),
+    everything else is the pool's."""
 
     def run(self, groups):
         outcomes = super().run(groups)
@@ -335,6 +337,7 @@ def _install_fake_pool(monkeypatch, *options: str) -> list[WorkerPool]:
         return pool
 
     monkeypatch.setattr(optimizer_module, "make_fold_runner", factory)
+    install_fake_merge(monkeypatch)
     return made
 
 
@@ -342,9 +345,11 @@ def _spy_fold_requests(monkeypatch) -> dict[int, list[TrainRequest]]:
     sent: dict[int, list[TrainRequest]] = {}
     real = backends_module.NNBackend.fold_requests
 
-    def fold_requests(self, trial_number, params):
-        sent[trial_number] = real(self, trial_number, params)
-        return sent[trial_number]
+    def fold_requests(self, trial_number, params, *, save_paths=None):
+        requests = real(self, trial_number, params, save_paths=save_paths)
+        if save_paths is None:  # a trial's, not the final model's
+            sent[trial_number] = requests
+        return requests
 
     monkeypatch.setattr(backends_module.NNBackend, "fold_requests", fold_requests)
     return sent
@@ -378,8 +383,8 @@ def test_pool_job_error_in_a_fused_batch_fails_only_that_trial(tmp_path, monkeyp
     _install_fake_pool(monkeypatch)
     real = backends_module.NNBackend.fold_requests
 
-    def fold_requests(self, trial_number, params):
-        requests = real(self, trial_number, params)
+    def fold_requests(self, trial_number, params, *, save_paths=None):
+        requests = real(self, trial_number, params, save_paths=save_paths)
         if trial_number == 2:
             requests[1] = dataclasses.replace(requests[1], data_path=str(tmp_path / "gone.npz"))
         return requests
@@ -393,8 +398,8 @@ def test_pool_job_error_in_a_fused_batch_fails_only_that_trial(tmp_path, monkeyp
     execution = outcome.sidecar["execution"]
     assert execution["fusion"]["rerun_jobs"] == 1  # the failed fold's unfused verdict
     # 4 trials x 2 folds in the first batch, each trained once (fused), trial 2's
-    # replacement (2 folds), then the final model.
-    assert execution["timings"]["jobs"] == 7 + 2 + 1
+    # replacement (2 folds), then the final model's 2 folds.
+    assert execution["timings"]["jobs"] == 7 + 2 + 2
     assert execution["search"]["replaced_trials"] == 1
     sidecar = read_json_file(cfg.output_dir / artifacts.SIDECAR_NAME, "sidecar")
     assert artifacts.validate_sidecar(sidecar) == []

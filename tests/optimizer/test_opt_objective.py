@@ -56,13 +56,3 @@ def test_search_space_gives_valid_params_and_fixed_dropout_is_not_searched():
     trial = study.ask()
     assert 0.0 <= suggest_nn_params(trial, max_epochs=5).dropout <= 0.5
     assert "dropout" in trial.params
-
-
-def test_refit_epochs_is_the_median_fold_best_epoch_within_the_cap():
-    from step5.optimizer.backends import refit_epochs
-
-    folds = [{"best_epoch": e} for e in (12, 30, 18, 7, 25)]
-    assert refit_epochs(folds, cap=200) == 18
-    assert refit_epochs(folds, cap=10) == 10
-    assert refit_epochs([{"best_epoch": 0}, {"r2": 0.3}], cap=50) == 50  # nothing recorded: the cap
-    assert refit_epochs([], cap=50) == 50

@@ -21,8 +21,7 @@ from step5 import artifacts, model_set
 from step5.errors import DegenerateSignalError, Step5Error, StudyMismatchError, UsageError
 from step5.jsonio import read_json_file, write_json_atomic
 from step5.optimizer import AntiOverfitMetaOptimizer, OptimizerConfig
-from step5.optimizer.backends import FINAL_FOLD_IDX, refit_epochs
-from step5.testing.fake_runner import install_fake_runner
+from step5.testing.fake_runner import FAKE_ENSEMBLE_TEST_R2, install_fake_runner
 
 
 @pytest.fixture
@@ -53,40 +52,40 @@ def test_run_builds_final_model_from_best_trial_and_never_shows_test_rows(
     assert runner.closed and runner.persistent is False  # no policy file: the kill switch is off
     assert list(private_tmp.iterdir()) == []  # fold files removed
 
-    cv_requests = [r for r in runner.requests if r.fold_idx != FINAL_FOLD_IDX]
-    (final,) = [r for r in runner.requests if r.fold_idx == FINAL_FOLD_IDX]
+    cv_requests = [r for r in runner.requests if r.save_model_path is None]
+    final = [r for r in runner.requests if r.save_model_path is not None]
     assert len(cv_requests) == 3 * 3
     # Fold files are written once and reused by every trial.
     assert len({r.data_path for r in cv_requests}) == 3
     # Flags and fixed dropout reach every request; seeds differ per (trial, fold).
     for r in runner.requests:
         assert (r.normalize_features, r.use_leaky_relu, r.params.dropout) == (False, False, 0.25)
-    assert len({r.seed for r in runner.requests}) == len(runner.requests)
+    assert len({r.seed for r in cv_requests}) == len(cv_requests)
 
     sidecar = read_json_file(cfg.output_dir / artifacts.SIDECAR_NAME, "sidecar")
     assert artifacts.validate_sidecar(sidecar) == []
     best = study_of(cfg, outcome).best_trial
     assert sidecar["optuna"]["best_trial_number"] == best.number
-    # Exactly the best trial's params, saved through the runner into the output dir.
-    # The refit: the best trial's params, for the epochs its folds early-stopped at, no early stopping.
-    epochs = refit_epochs(best.user_attrs["folds"], cap=best.user_attrs["params"]["epochs"])
-    assert final.params.to_dict() == {**best.user_attrs["params"], "epochs": epochs, "early_stopping_patience": 0}
-    assert best.user_attrs["params"] == sidecar["hyperparameters"]
-    assert final.trial_number == best.number and final.save_model_path.endswith("best_model.pth")
+    # The final model: the best trial's K folds again -- the same files, params and seeds,
+    # so the same models -- each saving a checkpoint, merged into one best_model.pth.
+    best_folds = [r for r in cv_requests if r.trial_number == best.number]
+    assert [(r.data_path, r.seed, r.params) for r in final] == [(r.data_path, r.seed, r.params) for r in best_folds]
+    assert best.user_attrs["params"] == sidecar["hyperparameters"] == final[0].params.to_dict()
+    ((fold_ckpts, merged, score_file),) = runner.merges
+    assert [str(p) for p in fold_ckpts] == [r.save_model_path for r in final]
+    assert merged.name == "best_model.pth" and merged.parent != cfg.output_dir  # staged, then committed
     assert (cfg.output_dir / "best_model.pth").read_bytes() == b"fake checkpoint"
     assert sidecar["checkpoint_sha256"] == hashlib.sha256(b"fake checkpoint").hexdigest()
     sets = cfg.output_dir / model_set.SETS_DIRNAME  # one committed set, nothing half-written
     assert sorted(p.name for p in sets.iterdir()) == sorted([model_set.POINTER_NAME, model_set.current_dir(cfg.output_dir).name])
     assert (cfg.output_dir / "best_model.history.png").stat().st_size > 0
 
-    # The final refit fits every dev row; its file's validation slot holds the test rows
-    # (scored only: patience 0 decides nothing); the test rows are in no fold file.
-    fin = runner.arrays[final.data_path]
+    # The merged model is scored on every dev row and on the test rows, which are in no fold file.
+    fin = runner.arrays[str(score_file)]
     n = sidecar["data_context"]["survivor_count"]
     n_test = sidecar["training_metrics"]["n_test"]
     assert n_test == int(np.ceil(n * cfg.test_holdout)) == len(fin["y_test"])
     assert len(fin["y_train"]) == n - n_test == sidecar["training_metrics"]["n_fit"]
-    assert sidecar["training_metrics"]["n_early_stop"] == 0
     assert np.array_equal(fin["X_val"], fin["X_test"])
     test_rows = {row.tobytes() for row in fin["X_test"]}
     for path in {r.data_path for r in cv_requests}:
@@ -97,7 +96,10 @@ def test_run_builds_final_model_from_best_trial_and_never_shows_test_rows(
         assert list(arrays["feature_names"]) == sidecar["feature_schema"]["feature_names"]
 
     tm = sidecar["training_metrics"]
-    assert tm["test_r2"] == pytest.approx(outcome.test_r2)
+    assert tm["test_r2"] == pytest.approx(outcome.test_r2) == FAKE_ENSEMBLE_TEST_R2
+    # The ensemble's validation score is its folds' CV mean: the same folds as the best trial's.
+    assert tm["val_r2"] == pytest.approx(tm["cv_r2_mean"])
+    assert (tm["epochs_run"], tm["best_epoch"]) == (None, None)  # K models, no one epoch count
     assert tm["objective_formula"].startswith("objective = mean_k(val_r2_k) - 0.5")
     assert tm["overfit_ratio"] == pytest.approx(tm["cv_train_r2_mean"] / tm["cv_r2_mean"])
     assert sidecar["execution"]["timings"]["total_s"] > 0
@@ -167,7 +169,8 @@ def test_resume_counts_complete_trials_and_rebuilds_the_final_model(fake_runner,
     assert again.sidecar["optuna"]["resumed"] is True
     assert again.sidecar["optuna"]["trials_new"] == 0
     assert again.sidecar["optuna"]["trials_run"] == 2
-    assert [r.fold_idx for r in made[1].requests] == [FINAL_FOLD_IDX]  # only the final model
+    assert all(r.save_model_path for r in made[1].requests)  # only the final model's folds
+    assert [r.fold_idx for r in made[1].requests] == [0, 1, 2]
     assert (cfg.output_dir / "best_model.pth").exists()
     assert again.sidecar["hyperparameters"] == first.sidecar["hyperparameters"]
 

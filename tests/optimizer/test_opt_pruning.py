@@ -21,7 +21,6 @@ from step5 import artifacts
 from step5.errors import PolicyError
 from step5.jsonio import write_json_atomic
 from step5.optimizer import AntiOverfitMetaOptimizer
-from step5.optimizer.backends import FINAL_FOLD_IDX
 from step5.optimizer.optimizer import resolve_search_plan
 from step5.optimizer.progress import elapsed_and_eta
 from step5.policy import load_policy, parse_policy
@@ -42,7 +41,7 @@ def runners(monkeypatch):
 
 
 def _trial_requests(runner) -> list:
-    return [r for r in runner.requests if r.fold_idx != FINAL_FOLD_IDX]
+    return [r for r in runner.requests if r.save_model_path is None]
 
 
 def test_median_pruner_prunes_in_fold_waves_and_sends_no_pruned_fold(runners, make_config, study_of):
@@ -72,7 +71,7 @@ def test_median_pruner_prunes_in_fold_waves_and_sends_no_pruned_fold(runners, ma
     assert outcome.sidecar["optuna"]["pruner"] == "median"
     assert outcome.sidecar["optuna"]["trials_pruned"] == len(pruned)
     # Waves: every runner call trains one fold index.
-    calls = [c for c in made[0].calls if all(r.fold_idx != FINAL_FOLD_IDX for g in c for r in g)]
+    calls = [c for c in made[0].calls if all(r.save_model_path is None for g in c for r in g)]
     assert all(len({r.fold_idx for g in c for r in g}) == 1 for c in calls)
     # Deterministic for a seed and B: a second fresh study makes the same decisions.
     again = make_config(name="again", pruner="median")
@@ -92,7 +91,7 @@ def test_without_a_pruner_every_trial_reports_every_fold_and_has_flat_means(runn
         gap = t.user_attrs["cv_train_r2_mean"] - t.user_attrs["cv_val_r2_mean"]
         assert t.user_attrs["overfit_gap"] == pytest.approx(gap)
     # One runner call per batch (all folds together), as before pruning existed.
-    calls = [c for c in made[0].calls if all(r.fold_idx != FINAL_FOLD_IDX for g in c for r in g)]
+    calls = [c for c in made[0].calls if all(r.save_model_path is None for g in c for r in g)]
     assert len(calls) == 2 and all(len({r.fold_idx for g in c for r in g}) == 3 for c in calls)
     frame = study.trials_dataframe()
     for column in ("user_attrs_cv_val_r2_mean", "user_attrs_cv_train_r2_mean", "user_attrs_cv_val_r2_std",

@@ -20,7 +20,8 @@ import pytest
 from optuna.trial import TrialState
 
 from step5 import artifacts
-from step5.data.splits import OWNER_FILE, FoldFiles
+from step5.data.splits import FoldFiles
+from step5.owner import OWNER_FILE
 from step5.errors import StudyMismatchError, UsageError
 from step5.jsonio import write_json_atomic
 from step5.optimizer.study import (

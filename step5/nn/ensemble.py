@@ -1,0 +1,195 @@
+"""The final neural net: the best trial's K fold models, merged into one wider MLP.
+
+The average of K fold models predicts better than one refit on every development row
+(docs/quality.md measures both), but K checkpoints would break the single-network layout
+the predictor and the existing pipeline's Step 6 load (docs/compatibility.md). So the K
+networks become *one* network of that layout that computes exactly their average::
+
+    fold k:  y_k = ys_k * head_k(BN..(W_k (x - mu_k) / s_k)) + ym_k
+    merged:  hidden layer i = the K models' layer i side by side (first layer: stacked
+             rows; deeper layers: block-diagonal), every BatchNorm unit kept as it was
+             (eval-mode BatchNorm is per unit, so it merges exactly), and one head that
+             weights each block by ys_k / (K * ys) -- y = mean_k y_k.
+
+Each fold model standardised its input with its own training fold's scaler; the merged
+checkpoint stores one scaler (the folds' mean) and each block's first layer absorbs the
+difference: its weights are rescaled column-wise and the constant it gains is folded into
+that BatchNorm unit's running mean, so every hidden Linear keeps a zero bias. The merged
+net of K models with widths (W1, W2, ...) has widths (K*W1, K*W2, ...); deeper layers cost
+K times the work of the K models run apart, which for these small nets is nothing.
+
+:func:`build_ensemble` merges fold checkpoints into ``best_model.pth``, checks on real rows
+that the merged net predicts the folds' mean, and scores it. ``python -m step5.nn.ensemble``
+runs it in a child process (the parent never imports torch) and prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from step5.stdout_guard import claim_stdout
+
+logger = logging.getLogger("step5.ensemble")
+
+#: The merged net must reproduce the mean of the fold models' predictions to this
+#: fraction of the target's standard deviation (float32 rounding is ~1e-6 of it).
+MERGE_TOLERANCE = 1e-4
+
+
+def merge_models(models: Sequence[Any]) -> dict[str, Any]:
+    """The keyword arguments of :func:`~step5.nn.checkpoint.save_checkpoint` for one MLP
+    that predicts the mean of ``models`` (:class:`~step5.nn.checkpoint.LoadedModel`)."""
+    import torch
+
+    if not models:
+        raise ValueError("an ensemble needs at least one model")
+    first = models[0]
+    for i, m in enumerate(models[1:], start=1):
+        same = (m.n_features, len(m.hidden_layers), m.use_leaky_relu, m.feature_names)
+        if same != (first.n_features, len(first.hidden_layers), first.use_leaky_relu, first.feature_names):
+            raise ValueError(
+                f"model {i} cannot be merged with model 0: (features, depth, leaky relu, feature names) "
+                f"{same[:3]} != {(first.n_features, len(first.hidden_layers), first.use_leaky_relu)}"
+                + (" and the feature names differ" if m.feature_names != first.feature_names else "")
+            )
+    k, depth = len(models), len(first.hidden_layers)
+    f64 = torch.float64
+    mean = np.mean([m.feature_mean for m in models], axis=0)
+    scale = np.mean([m.feature_scale for m in models], axis=0)
+    target_mean = float(np.mean([m.target_mean for m in models]))
+    target_std = float(np.mean([m.target_std for m in models]))
+    states = [{n: t.detach().to("cpu", f64) for n, t in m.module.state_dict().items()} for m in models]
+
+    merged: dict[str, Any] = {}
+    for i in range(depth):
+        lin, bn = f"network.{4 * i}", f"network.{4 * i + 1}"
+        if i == 0:
+            # x_k = (x - mu_k) / s_k = x_std * (S / s_k) + (M - mu_k) / s_k, with x_std the
+            # merged scaler's output: rescale the columns, move the constant into BN.
+            blocks, offsets = [], []
+            for m, sd in zip(models, states):
+                ratio = torch.from_numpy(scale / m.feature_scale)
+                shift = torch.from_numpy((mean - m.feature_mean) / m.feature_scale)
+                blocks.append(sd[f"{lin}.weight"] * ratio)
+                offsets.append(sd[f"{lin}.weight"] @ shift + sd[f"{lin}.bias"])
+            weight = torch.cat(blocks, dim=0)
+            offset = torch.cat(offsets)
+        else:
+            weight = torch.block_diag(*(sd[f"{lin}.weight"] for sd in states))
+            offset = torch.cat([sd[f"{lin}.bias"] for sd in states])
+        merged[f"{lin}.weight"] = weight
+        merged[f"{lin}.bias"] = torch.zeros(weight.shape[0], dtype=f64)
+        for name in ("weight", "bias", "running_var"):
+            merged[f"{bn}.{name}"] = torch.cat([sd[f"{bn}.{name}"] for sd in states])
+        # BN subtracts its running mean from Wx + b; b moves there (b - rm == -(rm - b)).
+        merged[f"{bn}.running_mean"] = torch.cat([sd[f"{bn}.running_mean"] for sd in states]) - offset
+        merged[f"{bn}.num_batches_tracked"] = max(int(sd[f"{bn}.num_batches_tracked"]) for sd in states)
+    head = f"network.{4 * depth}"
+    ratios = [m.target_std / (k * target_std) for m in models]
+    merged[f"{head}.weight"] = torch.cat([sd[f"{head}.weight"] * r for sd, r in zip(states, ratios)], dim=1)
+    bias = sum((sd[f"{head}.bias"] * m.target_std + m.target_mean - target_mean) / (k * target_std)
+               for sd, m in zip(states, models))
+    merged[f"{head}.bias"] = bias
+    state_dict = {
+        n: (torch.tensor(v, dtype=torch.long) if isinstance(v, int) else v.to(torch.float32))
+        for n, v in merged.items()
+    }
+    return {
+        "state_dict": state_dict,
+        "n_features": first.n_features,
+        "hidden_layers": [sum(m.hidden_layers[i] for m in models) for i in range(depth)],
+        "use_leaky_relu": first.use_leaky_relu,
+        "dropout": first.dropout,
+        "feature_mean": mean,
+        "feature_scale": scale,
+        "target_mean": target_mean,
+        "target_std": target_std,
+        "feature_names": first.feature_names,
+    }
+
+
+def build_ensemble(
+    fold_paths: Sequence[str | Path], out_path: str | Path, *, score_path: str | Path,
+) -> dict[str, Any]:
+    """Merge the fold checkpoints into ``out_path`` and score the merged net.
+
+    ``score_path`` is the final split's NPZ (``X_train``/``y_train``: every development
+    row; ``X_test``/``y_test``: the holdout rows, scored only). The merged net must
+    predict the fold models' mean on all those rows (else ``ValueError``): a wrong merge
+    never ships. Returns the metrics the sidecar reports for the final model.
+    """
+    from step5.nn.checkpoint import load_checkpoint, save_checkpoint
+    from step5.nn.job import read_fold_npz
+    from step5.nn.trainer import regression_metrics
+
+    models = [load_checkpoint(p) for p in fold_paths]
+    data = read_fold_npz(str(score_path))
+    if data.X_test is None or data.y_test is None:
+        raise ValueError(f"{score_path} has no X_test / y_test to score the final model on")
+    merged = merge_models(models)
+    save_checkpoint(
+        out_path, **merged, normalize_features=any(m.normalize_features for m in models), config=models[0].config,
+        training={
+            "final_model": "fold_ensemble",
+            "models": len(models),
+            "fold_hidden_layers": [list(m.hidden_layers) for m in models],
+            "fold_seeds": [m.training.get("seed") for m in models],
+            "fold_epochs_run": [m.training.get("epochs_run") for m in models],
+            "fold_best_epochs": [m.training.get("best_epoch") for m in models],
+        },
+    )
+    ensemble = load_checkpoint(out_path)
+    y_scale = float(np.std(data.y_train)) or 1.0
+    metrics: dict[str, Any] = {}
+    for part, X, y in (("train", data.X_train, data.y_train), ("test", data.X_test, data.y_test)):
+        expected = np.mean([m.predict(X) for m in models], axis=0)
+        got = ensemble.predict(X)
+        worst = float(np.max(np.abs(got - expected), initial=0.0)) / y_scale
+        if not math.isfinite(worst) or worst > MERGE_TOLERANCE:
+            raise ValueError(
+                f"the merged net does not reproduce the mean of its {len(models)} fold models on the "
+                f"{part} rows of {score_path} (worst difference {worst:.2e} target std > {MERGE_TOLERANCE:g})"
+            )
+        metrics[f"{part}_r2"], metrics[f"{part}_mse"] = regression_metrics(y, got)
+    return {
+        "status": "complete", "model_type": "neural_net", "model_path": str(out_path),
+        "models": len(models), "hidden_layers": list(ensemble.hidden_layers), **metrics,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m step5.nn.ensemble --out best_model.pth --score final.npz FOLD.pth ...``:
+    one JSON line on stdout, the :func:`build_ensemble` result (exit 0) or
+    ``{"status": "error", "error": ...}`` (exit 1); logs go to stderr."""
+    wire = claim_stdout()
+    parser = argparse.ArgumentParser(prog="python -m step5.nn.ensemble", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="the merged checkpoint to write")
+    parser.add_argument("--score", type=Path, required=True, help="the final split NPZ (dev rows + test rows)")
+    parser.add_argument("folds", type=Path, nargs="+", help="the fold models' checkpoints")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        from step5.nn.trainer import configure_torch_threads
+
+        configure_torch_threads()
+        result = build_ensemble(args.folds, args.out, score_path=args.score)
+        code = 0
+    except Exception as exc:  # noqa: BLE001 - every failure becomes the one error line
+        from step5.errors import DataError
+
+        kind = "data_error" if isinstance(exc, DataError) else type(exc).__name__
+        result, code = {"status": "error", "error_type": kind, "error": str(exc)}, 1
+    wire.write(json.dumps(result).encode() + b"\n")
+    wire.flush()
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""The final NN: K fold models merged into one MLP of the checkpoint layout (step5.nn.ensemble)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from step5.data.splits import kfold_splits, write_fold_npz
+from step5.launch import ENSEMBLE_MODULE, child_environment, module_command
+from step5.nn.checkpoint import load_checkpoint
+from step5.nn.ensemble import build_ensemble, merge_models
+from step5.nn.job import run_train_job
+from step5.nn.model import build_reference_mlp
+from step5.protocol import NNParams, TrainRequest
+
+PARAMS = dict(hidden_layers=[6, 4], learning_rate=0.01, dropout=0.1, input_dropout=0.1, epochs=15,
+              weight_decay=1e-4, optimizer="adam", batch_size=64, early_stopping_patience=4, gradient_clip=1.0)
+
+
+def _data(n: int = 120, d: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    # Columns on very different scales and offsets, so each fold's scaler differs from the merged one.
+    X = rng.normal(size=(n + 30, d)) * np.array([1.0, 10.0, 0.1, 3.0, 50.0])[:d] + np.arange(d) * 7.0
+    y = X[:, 0] - 0.2 * X[:, 1] + 5.0 * X[:, 2] + rng.normal(scale=0.5, size=n + 30) + 100.0
+    return X[:n], y[:n], X[n:], y[n:]
+
+
+def _fold_models(tmp_path: Path, *, leaky: bool = True, normalize: bool = True, k: int = 3) -> tuple[list[Path], Path]:
+    X, y, X_test, y_test = _data()
+    paths = []
+    for f, (tr, va) in enumerate(kfold_splits(len(y), k, 5)):
+        data = write_fold_npz(tmp_path / f"fold_{f}.npz", X[tr], y[tr], X[va], y[va])
+        ckpt = tmp_path / f"fold_{f}" / "best_model.pth"
+        ckpt.parent.mkdir()
+        request = TrainRequest(data_path=str(data), params=NNParams.from_dict(PARAMS), seed=100 + f,
+                               use_leaky_relu=leaky, normalize_features=normalize, save_model_path=str(ckpt))
+        assert run_train_job(request, device=torch.device("cpu"))["status"] == "complete"
+        paths.append(ckpt)
+    final = write_fold_npz(tmp_path / "final.npz", X, y, X_test, y_test, X_test=X_test, y_test=y_test)
+    return paths, final
+
+
+@pytest.mark.parametrize("leaky,normalize", [(True, True), (False, False)])
+def test_the_merged_net_predicts_the_mean_of_the_fold_models(tmp_path, leaky, normalize):
+    folds, final = _fold_models(tmp_path, leaky=leaky, normalize=normalize)
+    out = tmp_path / "best_model.pth"
+    result = build_ensemble(folds, out, score_path=final)
+
+    merged, models = load_checkpoint(out), [load_checkpoint(p) for p in folds]
+    assert merged.hidden_layers == (18, 12)  # three models of (6, 4) side by side
+    assert merged.normalize_features is normalize and merged.use_leaky_relu is leaky
+    X = np.random.default_rng(3).normal(size=(50, 5)) * 20.0  # rows none of them saw, far out too
+    expected = np.mean([m.predict(X) for m in models], axis=0)
+    np.testing.assert_allclose(merged.predict(X), expected, rtol=1e-5, atol=1e-4)
+    # Every hidden Linear keeps the zero bias of the layout (BatchNorm's shift plays its role).
+    payload = torch.load(out, weights_only=True)
+    assert all(not v.any() for n, v in payload["state_dict"].items() if n in ("network.0.bias", "network.4.bias"))
+    assert payload["training"]["final_model"] == "fold_ensemble"
+    assert payload["training"]["fold_seeds"] == [100, 101, 102]
+    assert payload["config"]["hidden_layers"] == [6, 4]  # the hyperparameters each model trained with
+
+    _, _, X_test, y_test = _data()
+    from sklearn.metrics import r2_score
+
+    fold_mean = np.mean([m.predict(X_test) for m in models], axis=0)
+    assert result["test_r2"] == pytest.approx(r2_score(y_test, fold_mean), abs=1e-6)
+    assert result["models"] == 3 and result["hidden_layers"] == [18, 12]
+
+
+def test_the_merged_checkpoint_loads_strictly_into_the_step6_layout(tmp_path):
+    folds, final = _fold_models(tmp_path, k=2)
+    out = tmp_path / "best_model.pth"
+    build_ensemble(folds, out, score_path=final)
+    payload = torch.load(out, weights_only=True)
+    net = build_reference_mlp(payload["input_dim"], payload["hidden_layers"],
+                              use_leaky_relu=payload["use_leaky_relu"], dropout=payload["dropout"])
+    net.load_state_dict(payload["state_dict"])  # strict: same keys and shapes as any checkpoint
+
+
+def test_models_of_different_inputs_are_refused():
+    a = build_reference_mlp(3, [4], use_leaky_relu=True, dropout=0.0)
+    b = build_reference_mlp(4, [4], use_leaky_relu=True, dropout=0.0)
+
+    class Loaded:
+        def __init__(self, module, d):
+            self.module, self.n_features, self.hidden_layers = module, d, (4,)
+            self.use_leaky_relu, self.feature_names, self.dropout = True, None, 0.0
+            self.feature_mean, self.feature_scale = np.zeros(d), np.ones(d)
+            self.target_mean, self.target_std = 0.0, 1.0
+
+    with pytest.raises(ValueError, match="model 1 cannot be merged"):
+        merge_models([Loaded(a, 3), Loaded(b, 4)])
+    with pytest.raises(ValueError, match="at least one model"):
+        merge_models([])
+
+
+def test_the_child_process_prints_one_json_line_and_names_a_missing_checkpoint(tmp_path):
+    folds, final = _fold_models(tmp_path, k=2)
+    cmd = [*module_command(ENSEMBLE_MODULE), "--out", str(tmp_path / "best_model.pth"), "--score", str(final)]
+    ok = subprocess.run([*cmd, *map(str, folds)], capture_output=True, env=child_environment(), timeout=120)
+    assert ok.returncode == 0, ok.stderr.decode()[-2000:]
+    (line,) = ok.stdout.decode().splitlines()
+    assert json.loads(line)["status"] == "complete"
+
+    missing = tmp_path / "nowhere" / "best_model.pth"
+    bad = subprocess.run([*cmd, str(folds[0]), str(missing)], capture_output=True, env=child_environment(),
+                         timeout=120)
+    assert bad.returncode == 1
+    (line,) = bad.stdout.decode().splitlines()
+    error = json.loads(line)
+    assert error["status"] == "error" and error["error_type"] == "data_error" and str(missing) in error["error"]
+
