@@ -11,6 +11,7 @@ import functools
 import os
 import socket
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import psutil
@@ -76,3 +77,35 @@ def is_alive(owner: ProcessIdentity) -> bool:
     except psutil.Error:
         return False
     return abs(started - owner.started) <= 1
+
+
+#: The owner record a process leaves in a folder it owns (:func:`claim_folder`).
+OWNER_FILE = ".owner.json"
+
+
+def claim_folder(path: Path) -> None:
+    """Record this process as the owner of folder ``path``."""
+    from step5.jsonio import write_json_atomic
+
+    write_json_atomic(path / OWNER_FILE, this_process().to_dict())
+
+
+def orphaned_folders(root: Path, prefix: str) -> list[tuple[Path, ProcessIdentity]]:
+    """Folders ``root/prefix*`` whose recorded owner died on this host (SIGKILL, a crash),
+    with that owner. Folders of live processes, of other hosts sharing ``root``, and
+    folders without a readable owner record are not listed."""
+    from step5.jsonio import read_json_file
+
+    try:
+        candidates = [p for p in root.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    except OSError:
+        return []
+    out: list[tuple[Path, ProcessIdentity]] = []
+    for path in candidates:
+        try:
+            owner = ProcessIdentity.from_dict(read_json_file(path / OWNER_FILE, "folder owner"))
+        except Exception:  # noqa: BLE001 - no readable owner record: not ours to judge
+            continue
+        if owner is not None and is_local(owner) and not is_alive(owner):
+            out.append((path, owner))
+    return out

@@ -27,13 +27,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from step5.jsonio import read_json_file, write_json_atomic
-from step5.owner import ProcessIdentity, is_alive, is_local, this_process
+from step5.owner import claim_folder, orphaned_folders
 
 logger = logging.getLogger(__name__)
 
 FOLD_DIR_PREFIX = "step5_nn_"
-OWNER_FILE = ".owner.json"
 
 
 def _check_int(name: str, value: object, lo: int) -> int:
@@ -138,17 +136,7 @@ def remove_orphaned_fold_dirs(dir: str | os.PathLike[str] | None = None) -> list
     """
     root = Path(dir if dir is not None else tempfile.gettempdir())
     removed: list[Path] = []
-    try:
-        candidates = [p for p in root.iterdir() if p.name.startswith(FOLD_DIR_PREFIX) and p.is_dir()]
-    except OSError:
-        return removed
-    for path in candidates:
-        try:
-            owner = ProcessIdentity.from_dict(read_json_file(path / OWNER_FILE, "fold folder owner"))
-        except Exception:  # noqa: BLE001 - no readable owner record: not ours to judge
-            continue
-        if owner is None or not is_local(owner) or is_alive(owner):
-            continue
+    for path, owner in orphaned_folders(root, FOLD_DIR_PREFIX):
         shutil.rmtree(path, ignore_errors=True)
         logger.info("removed fold folder %s of a dead run (pid %d)", path, owner.pid)
         removed.append(path)
@@ -171,7 +159,7 @@ class FoldFiles:
         remove_orphaned_fold_dirs(dir)
         self.path = Path(tempfile.mkdtemp(prefix=FOLD_DIR_PREFIX, dir=dir))
         self._closed = False
-        write_json_atomic(self.path / OWNER_FILE, this_process().to_dict())
+        claim_folder(self.path)
 
     def write(
         self,

@@ -10,6 +10,11 @@
 fresh clone) the server runs as the ``postgres`` user through ``runuser``, in a data folder
 under /tmp that user owns. Durability is switched off (``fsync=off``): the data is thrown
 away when the server stops.
+
+A test run killed before its teardown (SIGTERM from a timeout, SIGKILL) never stops its
+server. Each folder records the process that started it (:mod:`step5.owner`), and
+:meth:`TemporaryPostgres.start` first stops the servers, and removes the folders, of
+owners that died on this host.
 """
 from __future__ import annotations
 
@@ -23,7 +28,10 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
+from step5.owner import claim_folder, orphaned_folders
+
 SERVER_USER = "postgres"  # who runs the server when we are root
+FOLDER_PREFIX = "step5-pg-"
 DB_USER = "step5"  # the superuser initdb creates; loopback connections are trusted
 START_TIMEOUT_S = 60
 
@@ -79,7 +87,9 @@ class TemporaryPostgres:
     def start(self) -> "TemporaryPostgres":
         if self.bin is None:
             raise PostgresUnavailable("initdb/pg_ctl not found (PATH, $STEP5_PG_BIN, /usr/lib/postgresql/*/bin)")
-        self.root = Path(tempfile.mkdtemp(prefix="step5-pg-", dir="/tmp"))
+        self.stop_orphaned()
+        self.root = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX, dir="/tmp"))
+        claim_folder(self.root)
         if os.geteuid() == 0:
             try:
                 user = pwd.getpwnam(SERVER_USER)
@@ -102,6 +112,18 @@ class TemporaryPostgres:
             return self
         self.stop()
         raise PostgresUnavailable(f"pg_ctl could not start a server; see {self.root / 'server.log'}")
+
+    def stop_orphaned(self) -> list[Path]:
+        """Stop the servers of folders whose owner died on this host, remove those folders;
+        returns them."""
+        stopped = []
+        for folder, _owner in orphaned_folders(Path("/tmp"), FOLDER_PREFIX):
+            if self.bin is not None and (folder / "data" / "postmaster.pid").exists():
+                subprocess.run(self._command(str(self.bin / "pg_ctl"), "-D", str(folder / "data"), "-m", "immediate",
+                                             "-w", "stop"), capture_output=True, timeout=START_TIMEOUT_S)
+            shutil.rmtree(folder, ignore_errors=True)
+            stopped.append(folder)
+        return stopped
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://{DB_USER}@127.0.0.1:{self.port}/{database}"

@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from step5.data.splits import FOLD_DIR_PREFIX, OWNER_FILE, FoldFiles, holdout_split, kfold_splits, write_fold_npz
+from step5.data.splits import FOLD_DIR_PREFIX, FoldFiles, holdout_split, kfold_splits, write_fold_npz
+from step5.owner import OWNER_FILE
 
 
 @pytest.mark.parametrize("n,frac", [(10, 0.2), (101, 0.25), (2, 0.5), (1000, 0.01)])
