@@ -49,8 +49,8 @@ AUTO_FULL_BATCH_MAX_ROWS = 10_000
 
 #: Request fields that fix the tensor shapes or the loop of a training pass: requests fused
 #: into one pass (``train_folds``) must agree on all of them and on their batch plan
-#: (:func:`batch_plan`), while learning_rate, weight_decay, dropout, input_dropout, seed, patience and
-#: gradient_clip may differ per model. Defined here, torch-free, so the parent groups
+#: (:func:`batch_plan`), while learning_rate, weight_decay, dropout, input_dropout, input_sparsity,
+#: seed, patience and gradient_clip may differ per model. Defined here, torch-free, so the parent groups
 #: trials for fusion with the very list the worker's ``step5.nn.job.run_fold_group`` checks.
 FUSE_KEYS = ("hidden_layers", "optimizer", "epochs", "normalize_features", "use_leaky_relu")
 
@@ -63,6 +63,7 @@ class NNParams:
     learning_rate: float = 1e-3  # optimizer step size, > 0
     dropout: float = 0.3  # dropout probability after each hidden activation, in [0, 1)
     input_dropout: float = 0.0  # dropout probability on the input features (training only), in [0, 1)
+    input_sparsity: float = 0.0  # group-lasso strength on the first layer's input columns (training only), >= 0
     epochs: int = 100  # upper bound on passes over the training fold
     weight_decay: float = 0.0  # L2 (adam, sgd) or decoupled (adamw) weight decay, >= 0
     optimizer: str = "adam"  # one of OPTIMIZERS
@@ -89,6 +90,7 @@ class NNParams:
             ("learning_rate", 0.0, False, None),
             ("dropout", 0.0, True, 1.0),
             ("input_dropout", 0.0, True, 1.0),
+            ("input_sparsity", 0.0, True, None),
             ("weight_decay", 0.0, True, None),
             ("gradient_clip", 0.0, True, None),
         ):

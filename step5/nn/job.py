@@ -341,7 +341,7 @@ def _spec(request: TrainRequest, data: FoldData) -> ModelSpec:
     p = request.params
     return ModelSpec(
         learning_rate=p.learning_rate, weight_decay=p.weight_decay, dropout=p.dropout,
-        input_dropout=p.input_dropout, seed=request.seed,
+        input_dropout=p.input_dropout, input_sparsity=p.input_sparsity, seed=request.seed,
         patience=p.early_stopping_patience, gradient_clip=p.gradient_clip,
         restore_best=_early_stops(request, data),
     )

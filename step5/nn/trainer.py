@@ -84,6 +84,7 @@ class ModelSpec:
     weight_decay: float = 0.0  # L2 penalty (adam, sgd) or decoupled decay (adamw)
     dropout: float = 0.3  # dropout probability after each hidden activation
     input_dropout: float = 0.0  # dropout probability on the (standardised) input features
+    input_sparsity: float = 0.0  # group-lasso strength on the first layer's input columns; 0 = off
     seed: int = 0  # seeds this model's generator: init, dropout masks, batch order
     patience: int = 10  # epochs without an early-stopping improvement before stopping; 0 = never
     gradient_clip: float = 1.0  # max gradient norm over this model's parameters; 0 = off
@@ -222,6 +223,12 @@ def masked_mse(pred: Tensor, y: Tensor, mask: Tensor, count: Tensor) -> Tensor:
     """Per-model mean squared error over real rows: (M, N) x3, (M,) -> (M,)."""
     err = pred - y
     return (err * err * mask).sum(dim=1) / count
+
+
+def input_group_norms(first_weights: Tensor) -> Tensor:
+    """Per model, the sum over input features of the L2 norm of that feature's weights in the
+    first layer: (M, D, W) -> (M,). The tiny floor keeps the gradient finite at zero."""
+    return (first_weights.pow(2).sum(dim=2) + 1e-12).sqrt().sum(dim=1)
 
 
 def clip_grads_per_model(grads: list[Tensor], max_norm: Tensor) -> list[Tensor]:
@@ -421,6 +428,10 @@ def train_models(
     max_norm = per_model([s.gradient_clip for s in specs])
     dropouts = [s.dropout for s in specs]
     input_dropouts = [s.input_dropout for s in specs]
+    # Group lasso on the first layer's input columns: pulls a feature's whole column of
+    # weights towards zero together, so uninformative features drop out of the model.
+    # Off (exactly the plain loss) unless a model asks for it.
+    sparsity = per_model([s.input_sparsity for s in specs]).view(M) if any(s.input_sparsity for s in specs) else None
     state = params + model.running_stats()
     best_state = [t.detach().clone() for t in state]
 
@@ -465,6 +476,8 @@ def train_models(
                 stats_update=(rows_t[s] >= 2).view(M, 1, 1),  # BatchNorm refuses 1-row batches; so do we
             )[..., 0]  # (M, R)
             loss = masked_mse(pred, y, mask, count)  # (M,)
+            if sparsity is not None:
+                loss = loss + sparsity * input_group_norms(model.weights[0])
             # Summing keeps each model's gradient its own: d(sum)/d(theta_m) = d(loss_m)/d(theta_m).
             grads = torch.autograd.grad(loss.sum(), params)
             grads = clip_grads_per_model(list(grads), max_norm)

@@ -197,6 +197,14 @@ def test_input_dropout_out_of_range_is_a_bad_request(value):
         request("f.npz", params={"input_dropout": value})
 
 
+@pytest.mark.parametrize("value", [-0.1, "0.2", float("inf"), True])
+def test_input_sparsity_out_of_range_is_a_bad_request(value):
+    from step5.errors import BadRequest
+
+    with pytest.raises(BadRequest, match="`input_sparsity` must be a finite number >= 0.0"):
+        request("f.npz", params={"input_sparsity": value})
+
+
 def test_bad_checkpoints_are_data_errors(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_checkpoint(tmp_path / "none.pth")
@@ -226,7 +234,8 @@ def _group_requests(tmp_path: Path) -> list[TrainRequest]:
         path = npz(tmp_path / f"fold{i}.npz", **arrays(seed=20 + i, n_train=n_tr, n_val=n_va))
         params = {"epochs": 30, "learning_rate": (5e-2, 2e-2, 5e-3)[i], "dropout": (0.0, 0.2, 0.4)[i],
                   "weight_decay": (0.0, 1e-3, 1e-2)[i], "early_stopping_patience": (2, 3, 0)[i],
-                  "gradient_clip": (1.0, 0.5, 0.0)[i], "input_dropout": (0.2, 0.0, 0.1)[i]}
+                  "gradient_clip": (1.0, 0.5, 0.0)[i], "input_dropout": (0.2, 0.0, 0.1)[i],
+                  "input_sparsity": (0.0, 0.02, 0.1)[i]}
         reqs.append(request(path, params=params, fold_idx=i, job_id=f"t7-f{i}", seed=100 + i, batch_mode="mini"))
     return reqs
 

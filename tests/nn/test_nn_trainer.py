@@ -89,13 +89,13 @@ def test_metrics_are_on_the_original_target_scale():
 @pytest.mark.parametrize("batch_mode", ["full", "mini"])
 def test_fused_models_equal_their_lone_runs(optimizer, batch_mode):
     """Three folds of unequal length, each with its own lr / weight decay / dropout / input
-    dropout / seed / patience / clip, trained as one pass, equal three M=1 runs; early stopping fires at
+    dropout / input sparsity / seed / patience / clip, trained as one pass, equal three M=1 runs; early stopping fires at
     different epochs, so frozen models must stay frozen while the others go on."""
     folds = [synthetic_fold(10, 230, 50), synthetic_fold(11, 197, 61), synthetic_fold(12, 161, 40)]
     lr = {"adam": (2e-2, 4e-2, 5e-3), "adamw": (2e-2, 4e-2, 5e-3), "sgd": (5e-2, 1e-1, 2e-2)}[optimizer]
     specs = [
-        ModelSpec(learning_rate=lr[0], weight_decay=1e-2, dropout=0.2, input_dropout=0.1, seed=1, patience=2,
-                  gradient_clip=1.0),
+        ModelSpec(learning_rate=lr[0], weight_decay=1e-2, dropout=0.2, input_dropout=0.1, input_sparsity=0.05,
+                  seed=1, patience=2, gradient_clip=1.0),
         ModelSpec(learning_rate=lr[1], weight_decay=0.0, dropout=0.0, seed=2, patience=4, gradient_clip=0.5),
         ModelSpec(learning_rate=lr[2], weight_decay=1e-3, dropout=0.4, input_dropout=0.25, seed=3, patience=0,
                   gradient_clip=0.0),
@@ -119,8 +119,8 @@ def test_fused_models_are_bit_identical_to_lone_runs_on_cpu_over_long_runs(group
     (a matrix-vector kernel for one model, a reordered reduction) grows over epochs until
     early stopping flips. Groups of 2, 3 and 5 hit different vector/tail paths."""
     folds = [synthetic_fold(40 + i, 180 + (i % 2), 45) for i in range(5)]
-    specs = [ModelSpec(learning_rate=1e-2 * (1 + i), dropout=0.1 * i, input_dropout=0.05 * (i % 3), seed=7 + i,
-                       patience=0, gradient_clip=1.0) for i in range(5)]
+    specs = [ModelSpec(learning_rate=1e-2 * (1 + i), dropout=0.1 * i, input_dropout=0.05 * (i % 3),
+                       input_sparsity=0.01 * (i % 2), seed=7 + i, patience=0, gradient_clip=1.0) for i in range(5)]
     cfg = TrainConfig(hidden_layers=(32, 16), optimizer="adam", epochs=60, batch_mode="full")
     fused = train_models(cfg, [specs[i] for i in group], [folds[i] for i in group], device=CPU)
     for i, got in zip(group, fused):
@@ -158,6 +158,26 @@ def test_input_dropout_acts_in_training_only_and_keeps_the_checkpoint_layout():
     model = FusedMLP(5, (7,), use_leaky_relu=True, generators=[make_generator(1, CPU)], device=CPU).eval()
     x = torch.randn(1, 9, 5)
     torch.testing.assert_close(model(x, input_mask=torch.zeros(1, 9, 5)), model(x), rtol=0, atol=0)
+
+
+def test_input_sparsity_shrinks_the_weights_of_uninformative_features_more():
+    """Group lasso on the first layer: the columns of features the target does not use
+    lose weight relative to the informative ones, and more so the stronger it is."""
+    rng = np.random.default_rng(8)
+    X = rng.normal(size=(300, 12)).astype(np.float32)
+    y = X[:, 0] * 2.0 - X[:, 1] + 0.1 * rng.normal(size=300)  # features 2..11 are noise
+    fold = Fold(X[:240], y[:240], X[240:], y[240:])
+    cfg = TrainConfig(hidden_layers=(16,), optimizer="adam", epochs=80, batch_mode="full")
+    runs = train_models(cfg, [ModelSpec(learning_rate=1e-2, dropout=0.0, input_sparsity=lam, seed=3, patience=0)
+                              for lam in (0.0, 0.05)], [fold] * 2, device=CPU)
+
+    def noise_share(res) -> float:
+        norms = res.state_dict["network.0.weight"].norm(dim=0)  # (D,): one per input feature
+        return float(norms[2:].sum() / norms.sum())
+
+    plain, sparse = runs
+    assert noise_share(sparse) < 0.5 * noise_share(plain)
+    assert sparse.metrics["r2"] > 0.9  # the informative features still carry the fit
 
 
 def test_a_diverging_model_fails_alone():
