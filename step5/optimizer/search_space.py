@@ -8,7 +8,7 @@ The ranges suit small tabular MLPs (tens of features, thousands to millions of r
 ``width_l{i}``                 8, 16, 32, 64, 128 or 256 units per layer (shrinking not forced)
 ``learning_rate``              1e-4 .. 1e-2, log scale
 ``dropout``                    0.0 .. 0.5, or fixed by ``--dropout`` (not searched then)
-``input_dropout``              0.0 .. 0.3 on the input features (always searched)
+``input_dropout``              0.0 .. 0.5 on the input features (always searched)
 ``weight_decay``               1e-6 .. 1.0, log scale
 ``optimizer``                  adam or adamw (plain SGD needs far more tuning to compete)
 ``batch_size``                 64, 128, 256 or 512 (mini-batch mode only)
@@ -24,9 +24,16 @@ than scikit-learn's MLPRegressor ``alpha=10`` on a few hundred rows (``alpha / n
 there), which its grid picks on the diabetes data with many uninformative columns; a cap
 of 1e-2 left the search only overfitting nets there (bench/quality.py measures it).
 Input dropout hides a random part of the features from each training row, so no single
-(possibly uninformative) column can be relied on; it is capped at 0.3 because with ten
-features a higher rate hides most of the signal. ``--dropout`` pins the hidden layers'
-dropout only (the existing optimizer's meaning); input dropout is searched either way.
+(possibly uninformative) column can be relied on. It reaches 0.5 because that is where
+the benefit is on data with many uninformative columns: on diabetes with 80 noise columns
+(353 development rows, 90 features) a 0.3 cap left the best trials of a 30-trial search
+at the cap (0.25 to 0.28) with CV R² 0.27 to 0.30; with 0.5 they chose 0.39 to 0.49 and
+reached CV R² 0.32 to 0.34. The best trial's fold-ensemble test R² rose from 0.337 to
+0.348, and from 0.245 to 0.295 with another sampler seed (bench.quality, issue 14; the
+seed moves it more than the space does). On ten informative features a high rate hides
+much of the signal, and the search chooses less there (0.03 on diabetes, split seed 42,
+whose test R² stayed above the best baseline). ``--dropout`` pins the hidden
+layers' dropout only (the existing optimizer's meaning); input dropout is searched either way.
 
 The epoch cap is a search-space bound, not a test hook: it bounds every trial's (and the
 final model's) training time, and a user with little time or data lowers it honestly.
@@ -44,7 +51,7 @@ from step5.protocol import NNParams
 
 LAYER_WIDTHS = (8, 16, 32, 64, 128, 256)
 WEIGHT_DECAY_RANGE = (1e-6, 1.0)
-INPUT_DROPOUT_RANGE = (0.0, 0.3)
+INPUT_DROPOUT_RANGE = (0.0, 0.5)
 MAX_LAYERS = 3
 BATCH_SIZES = (64, 128, 256, 512)
 NN_OPTIMIZERS = ("adam", "adamw")
