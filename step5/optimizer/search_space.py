@@ -9,6 +9,7 @@ The ranges suit small tabular MLPs (tens of features, thousands to millions of r
 ``learning_rate``              1e-4 .. 1e-2, log scale
 ``dropout``                    0.0 .. 0.5, or fixed by ``--dropout`` (not searched then)
 ``input_dropout``              0.0 .. 0.5 on the input features (always searched)
+``input_sparsity``             1e-4 .. 0.1, log scale: group lasso on the input columns
 ``weight_decay``               1e-6 .. 1.0, log scale
 ``optimizer``                  adam or adamw (plain SGD needs far more tuning to compete)
 ``batch_size``                 64, 128, 256 or 512 (mini-batch mode only)
@@ -34,6 +35,12 @@ seed moves it more than the space does). On ten informative features a high rate
 much of the signal, and the search chooses less there (0.03 on diabetes, split seed 42,
 whose test R² stayed above the best baseline). ``--dropout`` pins the hidden
 layers' dropout only (the existing optimizer's meaning); input dropout is searched either way.
+Input sparsity (a group-lasso penalty on each input feature's first-layer weights,
+docs/training.md) lets the net drop uninformative columns, which neither weight decay nor
+dropout does: with a fixed configuration, friedman1 with 80 noise columns went from test R²
+0.71 to 0.91 at 0.03, and diabetes with 80 noise columns from 0.31 to 0.35. Above about
+0.1 it starves the informative features too (0.3: 0.38 to 0.86, unstable); at 1e-4 it is
+as good as off, so a log range from there lets the search choose either.
 
 The epoch cap is a search-space bound, not a test hook: it bounds every trial's (and the
 final model's) training time, and a user with little time or data lowers it honestly.
@@ -52,6 +59,7 @@ from step5.protocol import NNParams
 LAYER_WIDTHS = (8, 16, 32, 64, 128, 256)
 WEIGHT_DECAY_RANGE = (1e-6, 1.0)
 INPUT_DROPOUT_RANGE = (0.0, 0.5)
+INPUT_SPARSITY_RANGE = (1e-4, 0.1)
 MAX_LAYERS = 3
 BATCH_SIZES = (64, 128, 256, 512)
 NN_OPTIMIZERS = ("adam", "adamw")
@@ -72,6 +80,7 @@ def suggest_nn_params(
         "learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True),
         "dropout": float(dropout),
         "input_dropout": trial.suggest_float("input_dropout", *INPUT_DROPOUT_RANGE),
+        "input_sparsity": trial.suggest_float("input_sparsity", *INPUT_SPARSITY_RANGE, log=True),
         "epochs": int(max_epochs),
         "weight_decay": trial.suggest_float("weight_decay", *WEIGHT_DECAY_RANGE, log=True),
         "optimizer": trial.suggest_categorical("optimizer", NN_OPTIMIZERS),

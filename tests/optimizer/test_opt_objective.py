@@ -51,6 +51,7 @@ def test_search_space_gives_valid_params_and_fixed_dropout_is_not_searched():
         assert params.epochs == 17 and params.dropout == 0.2
         assert "dropout" not in trial.params
         assert 0.0 <= params.input_dropout <= 0.5 and "input_dropout" in trial.params  # searched regardless
+        assert 1e-4 <= params.input_sparsity <= 0.1 and "input_sparsity" in trial.params
         assert 1 <= len(params.hidden_layers) <= 3
         study.tell(trial, 0.0)
     trial = study.ask()
