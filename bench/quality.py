@@ -154,7 +154,6 @@ def _nn_row(outcome: Any, wall_s: float) -> dict[str, Any]:
     return {
         "status": outcome.status, "test_r2": outcome.test_r2, "cv_r2_mean": metrics.get("cv_r2_mean"),
         "train_r2": metrics.get("train_r2"), "cv_objective": outcome.cv_score,
-        "refit_epochs": metrics.get("epochs_run"),  # the final refit trains exactly this many
         "best_trial": outcome.sidecar.get("optuna", {}).get("best_trial_number"),
         "hyperparameters": outcome.sidecar.get("hyperparameters"), "wall_s": round(wall_s, 1),
     }
