@@ -8,7 +8,7 @@ import pytest
 
 from step5.optimizer.backends import fold_seed
 from step5.optimizer.objective import OVERFIT_PENALTY, anti_overfit_score, summarize_folds
-from step5.optimizer.search_space import suggest_nn_params
+from step5.optimizer.search_space import INPUT_DROPOUT_CHOICES, suggest_nn_params
 
 
 def test_score_rewards_val_r2_and_charges_half_the_gap():
@@ -50,7 +50,7 @@ def test_search_space_gives_valid_params_and_fixed_dropout_is_not_searched():
         params = suggest_nn_params(trial, max_epochs=17, fixed_dropout=0.2)
         assert params.epochs == 17 and params.dropout == 0.2
         assert "dropout" not in trial.params
-        assert 0.0 <= params.input_dropout <= 0.5 and "input_dropout" in trial.params  # searched regardless
+        assert params.input_dropout in INPUT_DROPOUT_CHOICES and "input_dropout" in trial.params  # searched regardless
         assert 1e-4 <= params.input_sparsity <= 0.1 and "input_sparsity" in trial.params
         assert 1 <= len(params.hidden_layers) <= 3
         study.tell(trial, 0.0)
