@@ -16,6 +16,8 @@ from typing import Any, Mapping
 
 import psutil
 
+from step5.jsonio import read_json_file, write_json_atomic
+
 
 @dataclass(frozen=True)
 class ProcessIdentity:
@@ -85,8 +87,6 @@ OWNER_FILE = ".owner.json"
 
 def claim_folder(path: Path) -> None:
     """Record this process as the owner of folder ``path``."""
-    from step5.jsonio import write_json_atomic
-
     write_json_atomic(path / OWNER_FILE, this_process().to_dict())
 
 
@@ -94,8 +94,6 @@ def orphaned_folders(root: Path, prefix: str) -> list[tuple[Path, ProcessIdentit
     """Folders ``root/prefix*`` whose recorded owner died on this host (SIGKILL, a crash),
     with that owner. Folders of live processes, of other hosts sharing ``root``, and
     folders without a readable owner record are not listed."""
-    from step5.jsonio import read_json_file
-
     try:
         candidates = [p for p in root.iterdir() if p.name.startswith(prefix) and p.is_dir()]
     except OSError:

@@ -51,12 +51,15 @@ def merge_models(models: Sequence[Any]) -> dict[str, Any]:
     if not models:
         raise ValueError("an ensemble needs at least one model")
     first = models[0]
+
+    def layout(m: Any) -> tuple[int, int, bool]:  # what every model must share, besides feature names
+        return m.n_features, len(m.hidden_layers), m.use_leaky_relu
+
     for i, m in enumerate(models[1:], start=1):
-        same = (m.n_features, len(m.hidden_layers), m.use_leaky_relu, m.feature_names)
-        if same != (first.n_features, len(first.hidden_layers), first.use_leaky_relu, first.feature_names):
+        if layout(m) != layout(first) or m.feature_names != first.feature_names:
             raise ValueError(
-                f"model {i} cannot be merged with model 0: (features, depth, leaky relu, feature names) "
-                f"{same[:3]} != {(first.n_features, len(first.hidden_layers), first.use_leaky_relu)}"
+                f"model {i} cannot be merged with model 0: (features, depth, leaky relu) "
+                f"{layout(m)} != {layout(first)}"
                 + (" and the feature names differ" if m.feature_names != first.feature_names else "")
             )
     k, depth = len(models), len(first.hidden_layers)

@@ -283,7 +283,7 @@ class NNBackend:
         for p in paths:
             p.parent.mkdir(parents=True, exist_ok=True)
         by_job = self._run_requests({trial_number: self.fold_requests(trial_number, params, save_paths=paths)})
-        folds = self._with_train_r2(raise_first_job_error([by_job[(trial_number, f)] for f in range(len(paths))]))
+        folds = raise_first_job_error([by_job[(trial_number, f)] for f in range(len(paths))])
         result = merge_fold_models(paths, Path(checkpoint_path), score_path=Path(self.final_path))
         result.update(
             r2=float(np.mean([f["r2"] for f in folds])), val_mse=float(np.mean([f["val_mse"] for f in folds])),

@@ -113,14 +113,19 @@ class TemporaryPostgres:
         self.stop()
         raise PostgresUnavailable(f"pg_ctl could not start a server; see {self.root / 'server.log'}")
 
+    def _stop_server(self, data: Path) -> None:
+        """``pg_ctl stop`` immediately (nothing needs saving) the server of data folder ``data``."""
+        if self.bin is not None:
+            subprocess.run(self._command(str(self.bin / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"),
+                           capture_output=True, timeout=START_TIMEOUT_S)
+
     def stop_orphaned(self) -> list[Path]:
         """Stop the servers of folders whose owner died on this host, remove those folders;
         returns them."""
         stopped = []
         for folder, _owner in orphaned_folders(Path("/tmp"), FOLDER_PREFIX):
-            if self.bin is not None and (folder / "data" / "postmaster.pid").exists():
-                subprocess.run(self._command(str(self.bin / "pg_ctl"), "-D", str(folder / "data"), "-m", "immediate",
-                                             "-w", "stop"), capture_output=True, timeout=START_TIMEOUT_S)
+            if (folder / "data" / "postmaster.pid").exists():
+                self._stop_server(folder / "data")
             shutil.rmtree(folder, ignore_errors=True)
             stopped.append(folder)
         return stopped
@@ -140,8 +145,7 @@ class TemporaryPostgres:
     def stop(self) -> None:
         """Stop the server (immediate: nothing needs saving) and remove its folder."""
         if self._running and self.bin is not None and self.root is not None:
-            subprocess.run(self._command(str(self.bin / "pg_ctl"), "-D", str(self.root / "data"), "-m", "immediate",
-                                         "-w", "stop"), capture_output=True, timeout=START_TIMEOUT_S)
+            self._stop_server(self.root / "data")
             self._running = False
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
