@@ -8,7 +8,7 @@ import pytest
 
 from step5.optimizer.backends import fold_seed
 from step5.optimizer.objective import OVERFIT_PENALTY, anti_overfit_score, summarize_folds
-from step5.optimizer.search_space import INPUT_DROPOUT_CHOICES, suggest_nn_params
+from step5.optimizer.search_space import INPUT_DROPOUT_RATES, suggest_nn_params
 
 
 def test_score_rewards_val_r2_and_charges_half_the_gap():
@@ -45,15 +45,22 @@ def test_fold_seeds_are_deterministic_distinct_and_in_protocol_range():
 
 def test_search_space_gives_valid_params_and_fixed_dropout_is_not_searched():
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    gate_seen = set()
     for _ in range(10):
         trial = study.ask()
         params = suggest_nn_params(trial, max_epochs=17, fixed_dropout=0.2)
         assert params.epochs == 17 and params.dropout == 0.2
         assert "dropout" not in trial.params
-        assert params.input_dropout in INPUT_DROPOUT_CHOICES and "input_dropout" in trial.params  # searched regardless
+        gate_seen.add(trial.params["input_dropout_on"])  # searched regardless of --dropout
+        if trial.params["input_dropout_on"]:
+            assert params.input_dropout == trial.params["input_dropout_rate"]
+            assert params.input_dropout in INPUT_DROPOUT_RATES
+        else:
+            assert params.input_dropout == 0.0 and "input_dropout_rate" not in trial.params
         assert 1e-4 <= params.input_sparsity <= 0.1 and "input_sparsity" in trial.params
         assert 1 <= len(params.hidden_layers) <= 3
         study.tell(trial, 0.0)
+    assert gate_seen == {False, True}  # both sides of the input-dropout gate were drawn
     trial = study.ask()
     assert 0.0 <= suggest_nn_params(trial, max_epochs=5).dropout <= 0.5
     assert "dropout" in trial.params
