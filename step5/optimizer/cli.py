@@ -21,12 +21,12 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import Any, Callable, NoReturn, Sequence
 
 from step5.artifacts import MODEL_TYPES
 from step5.devices import parse_gpu_list
 from step5.errors import DegenerateSignalError, Step5Error, Terminated, UsageError
+from step5.interrupts import latched_interrupts
 from step5.lifeline import install_supervisor_lifeline
 from step5.optimizer.config import OptimizerConfig, validate_config
 from step5.optimizer.preflight import preflight
@@ -351,13 +351,6 @@ class InterruptedTrialFilter(logging.Filter):
         return True
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    # Further SIGTERMs are ignored so they cannot interrupt the cleanup this one starts;
-    # a supervisor that will not wait still has SIGKILL (workers have a parent-death lifeline).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Terminated()
-
-
 def run_config(config: OptimizerConfig) -> int:
     """Run one configured Step 5 invocation and return its exit code."""
     if config.compare_models:
@@ -379,13 +372,13 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     args = parser.parse_args(argv)  # exits 64 on a usage error, 0 for --help
     configure_logging(args.log_level)
     apply_compatibility_flags(args)
-    previous: Any = None
-    try:
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread (e.g. called from a test harness thread)
-        previous = None
-    if previous is not None:
-        install_supervisor_lifeline()  # run by the WATCHER: stop as on SIGTERM if it dies
+    with latched_interrupts() as handled:
+        if handled:
+            install_supervisor_lifeline()  # run by the WATCHER: stop as on SIGTERM if it dies
+        return _run_main(parser, args, argv)
+
+
+def _run_main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
     try:
         config = config_from_args(args, [sys.argv[0], *argv])
         # argparse stores the default object itself when a flag is not given.
@@ -408,6 +401,3 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     except KeyboardInterrupt:
         logger.error("interrupted (Ctrl-C); workers and temporary files were cleaned up")
         return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)

@@ -45,6 +45,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from step5.errors import JobError, Step5Error, TooManyFailedTrials, interrupt_reason
 from step5.execution.summary import SearchRecord
+from step5.interrupts import raise_if_interrupted
 from step5.optimizer.backends import FoldGate, Pruned, TrialOutcome
 from step5.optimizer.objective import fail_reason, record_trial
 from step5.optimizer.pruning import fold_gate, make_pruner, report_folds
@@ -147,6 +148,7 @@ def run_search(
     waited_since: float | None = None
     reclaimed_at = time.monotonic()  # open_study has just reclaimed
     while True:
+        raise_if_interrupted()  # one the interpreter dropped (step5.interrupts) stops the run here
         trials: list[optuna.Trial] = []
         told: set[int] = set()
         try:

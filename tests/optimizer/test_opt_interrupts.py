@@ -70,3 +70,44 @@ def test_ctrl_c_mid_search_prints_one_line_and_fails_the_trial_with_a_reason(sam
     for t in trials:
         if t.state == TrialState.FAIL:
             assert t.user_attrs["fail_reason"] == "interrupted by Ctrl-C (SIGINT)"
+
+
+class _DropsCtrlC:
+    """A finalizer that presses Ctrl-C: CPython runs the handler inside ``__del__``, prints
+    "Exception ignored in ..." and drops the KeyboardInterrupt (what the helper saw under load)."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_ctrl_c_the_interpreter_drops_still_stops_the_search_before_the_next_batch(
+        sample_inputs, tmp_path, monkeypatch, capfd):
+    from step5.optimizer import backends
+    from step5.optimizer.cli import main
+
+    survivors, history = sample_inputs
+    suggest = backends.TreeBackend.suggest
+
+    def suggest_then_drop_ctrl_c(self, trial):
+        if trial.number == 1:
+            _DropsCtrlC()  # collected at once: the interrupt is raised and dropped right here
+        return suggest(self, trial)
+
+    monkeypatch.setattr(backends.TreeBackend, "suggest", suggest_then_drop_ctrl_c)
+    dropped: list[type[BaseException]] = []  # what CPython reports as "Exception ignored in ..."
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_type))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    rc = main(["--survivors", str(survivors), "--lottery-data", str(history), "--model-type", "xgboost",
+               "--trials", "6", "--k-folds", "2", "--cpu-workers", "1", "--output-dir", str(out)])
+    err = capfd.readouterr().err
+    assert dropped == [KeyboardInterrupt]  # the interrupt really was dropped
+    assert rc == 130, err[-2000:]
+    assert "interrupted (Ctrl-C)" in err
+    storage = f"sqlite:///{(out / 'optuna_step5.db').resolve()}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    # Trial 1's batch finished (the drop happened inside it); the next check stopped the run.
+    assert [t.number for t in trials] == [0, 1]
+    assert {t.state for t in trials} == {TrialState.COMPLETE}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers were put back
