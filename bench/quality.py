@@ -23,10 +23,18 @@ Each dataset is written as a survivors file (SPEC section 2: the target is
    optimism of the NN (its best trial's CV mean R² minus its test R²) are printed, and
    written to ``<out>/quality.json`` and ``<out>/quality.png``.
 
+With ``--repeats N`` (> 1) Step 5 runs N times per dataset on the same development and
+test rows with different search randomness: repeat r uses the seed ``split seed + r *
+REPEAT_SEED_STEP`` for its sampler, folds and training seeds, on a survivors file whose
+rows are reordered so that this seed holds out exactly the dataset's test rows
+(:func:`reordered_for_seed`). The report then also gives each dataset's mean and spread
+over the repeats and how many repeats met each target, so a lever can be judged against
+the search's own run-to-run spread rather than against one draw of it.
+
 Usage::
 
     python -m bench.quality [--trials 30] [--datasets diabetes_s42,friedman1,...]
-        [--compare] [--out bench/results/quality] [--friedman-rows 2000]
+        [--compare] [--repeats 1] [--out bench/results/quality] [--friedman-rows 2000]
     python -m bench.quality --report-from DIR [DIR ...] --out DIR   # join runs split by dataset
 
 A quick run: ``--trials 8 --datasets diabetes_s42,diabetes_noise80``.
@@ -56,6 +64,7 @@ K_FOLDS = 5
 NN_TOLERANCE = 0.05  # NN test R² >= best baseline - this
 COMPARE_TOLERANCE = 0.01  # compare-models test R² >= best baseline - this
 BASELINES = ("RidgeCV", "HistGB", "RandomForest", "MLP grid")
+REPEAT_SEED_STEP = 1000  # repeat r of a dataset runs Step 5 with split seed + r * this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +101,21 @@ def datasets(friedman_rows: int) -> dict[str, Callable[[], Dataset]]:
     out[f"diabetes_noise{NOISE_COLUMNS}"] = lambda: diabetes(42, True)
     out[f"friedman1_noise{NOISE_COLUMNS}"] = lambda: friedman(True)
     return out
+
+
+def reordered_for_seed(ds: Dataset, seed: int) -> Dataset:
+    """``ds`` with its rows reordered so that a Step 5 run with ``seed`` holds out exactly the
+    rows ``ds`` holds out with its own split seed: the same test rows, the same development
+    rows (in their order, at other positions), so only the search's randomness changes."""
+    from step5.data.splits import holdout_split
+
+    n = len(ds.y)
+    dev, test = holdout_split(n, TEST_HOLDOUT, ds.split_seed)
+    new_dev, new_test = holdout_split(n, TEST_HOLDOUT, seed)
+    order = np.empty(n, dtype=np.int64)
+    order[new_dev] = dev  # sizes depend only on n and the fraction, so they match
+    order[new_test] = test
+    return Dataset(ds.name, ds.X[order], ds.y[order], seed)
 
 
 def write_survivors(ds: Dataset, folder: Path) -> tuple[Path, Path]:
@@ -226,20 +250,61 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, bool]:
         cmp = r.get("compare", {})
         cmp_s = f"{_fmt(cmp.get('test_r2'))} ({cmp.get('winner')})" if cmp else "-"
         opt = None if nn is None or r["nn"]["cv_r2_mean"] is None else r["nn"]["cv_r2_mean"] - nn
+        label = _label(r)
         lines.append(
-            f"| {r['dataset']} | {_fmt(nn)} | {cmp_s} | " + " | ".join(_fmt(r["baselines"][b]) for b in BASELINES)
+            f"| {label} | {_fmt(nn)} | {cmp_s} | " + " | ".join(_fmt(r["baselines"][b]) for b in BASELINES)
             + f" | {_fmt(best)} | {_fmt(r['nn']['cv_r2_mean'])} | {_fmt(opt)} |"
         )
-        ok_nn = nn is not None and nn >= best - NN_TOLERANCE
-        checks.append(f"{r['dataset']}: NN {_fmt(nn)} >= best baseline {best:.3f} - {NN_TOLERANCE}: "
+        ok_nn = _nn_met(r)
+        checks.append(f"{label}: NN {_fmt(nn)} >= best baseline {best:.3f} - {NN_TOLERANCE}: "
                       f"{'met' if ok_nn else 'MISSED'}")
         met &= ok_nn
         if cmp:
-            ok_c = cmp.get("test_r2") is not None and cmp["test_r2"] >= best - COMPARE_TOLERANCE
-            checks.append(f"{r['dataset']}: compare-models {_fmt(cmp.get('test_r2'))} >= best baseline "
+            ok_c = _compare_met(r)
+            checks.append(f"{label}: compare-models {_fmt(cmp.get('test_r2'))} >= best baseline "
                           f"{best:.3f} - {COMPARE_TOLERANCE}: {'met' if ok_c else 'MISSED'}")
             met &= ok_c
-    return "\n".join(lines) + "\n\nTargets:\n" + "\n".join("  " + c for c in checks), met
+    text = "\n".join(lines) + "\n\nTargets:\n" + "\n".join("  " + c for c in checks)
+    spread = repeat_summary(rows)
+    return text + ("\n\nOver the repeats (same rows, other search seeds):\n" + spread if spread else ""), met
+
+
+def _label(row: dict[str, Any]) -> str:
+    return row["dataset"] if not row.get("repeat") else f"{row['dataset']} r{row['repeat']}"
+
+
+def _nn_met(row: dict[str, Any]) -> bool:
+    nn = row["nn"]["test_r2"]
+    return nn is not None and nn >= max(row["baselines"].values()) - NN_TOLERANCE
+
+
+def _compare_met(row: dict[str, Any]) -> bool:
+    got = row.get("compare", {}).get("test_r2")
+    return got is not None and got >= max(row["baselines"].values()) - COMPARE_TOLERANCE
+
+
+def repeat_summary(rows: list[dict[str, Any]]) -> str:
+    """Per dataset run more than once: the mean, spread and worst of the NN's and
+    compare-models' test R², and in how many runs each target was met (empty: no repeats)."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        runs.setdefault(r["dataset"], []).append(r)
+    lines = []
+    for name, group in runs.items():
+        if len(group) < 2:
+            continue
+        parts = []
+        for what, values, met in (
+            ("NN", [r["nn"]["test_r2"] for r in group], [_nn_met(r) for r in group]),
+            ("compare-models", [r.get("compare", {}).get("test_r2") for r in group],
+             [_compare_met(r) for r in group if r.get("compare")]),
+        ):
+            got = np.array([v for v in values if v is not None], dtype=float)
+            if got.size and met:
+                parts.append(f"{what} {got.mean():.3f} ± {got.std(ddof=1) if got.size > 1 else 0.0:.3f} "
+                             f"(worst {got.min():.3f}), target met in {sum(met)} of {len(met)}")
+        lines.append(f"  {name} ({len(group)} runs): " + "; ".join(parts))
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -248,7 +313,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg", force=True)
     from matplotlib.figure import Figure
 
-    names = [r["dataset"] for r in rows]
+    names = [_label(r) for r in rows]
     series = {"Step 5 NN": [r["nn"]["test_r2"] for r in rows]}
     if any("compare" in r for r in rows):
         series["compare-models"] = [r.get("compare", {}).get("test_r2") for r in rows]
@@ -288,7 +353,7 @@ def _report_from(folders: list[Path], out: Path) -> int:
         trials.add(saved["settings"]["trials"])
         rows += saved["rows"]
     order = list(datasets(2000))
-    rows.sort(key=lambda r: order.index(r["dataset"]) if r["dataset"] in order else len(order))
+    rows.sort(key=lambda r: (order.index(r["dataset"]) if r["dataset"] in order else len(order), r.get("repeat", 0)))
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(
         {"settings": {"report_from": [str(f) for f in folders], "trials": sorted(trials)}, "rows": rows},
@@ -305,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", action="store_true", help="also run --compare-models on each dataset")
     parser.add_argument("--friedman-rows", type=int, default=2000, help="rows of make_friedman1 [2000]")
     parser.add_argument("--nn-max-epochs", type=int, default=200, help="Step 5's NN epoch cap [200]")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="Step 5 runs per dataset, each with other search seeds on the same rows [1]")
     parser.add_argument("--out", type=Path, default=Path("bench/results/quality"))
     parser.add_argument("--report-from", type=Path, nargs="+", default=None, metavar="DIR",
                         help="train nothing: join the quality.json of these --out folders (runs of the same "
@@ -318,25 +385,33 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in known]
     if unknown:
         parser.error(f"unknown dataset(s) {unknown}; known: {list(known)}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in names:
         ds = known[name]()
-        folder = args.out / name
-        survivors, history = write_survivors(ds, folder / "data")
         logger.info("%s: %d rows x %d features; baselines", name, *ds.X.shape)
         t0 = time.perf_counter()
-        row: dict[str, Any] = {"dataset": name, "rows": int(ds.X.shape[0]), "features": int(ds.X.shape[1]),
-                               "split_seed": ds.split_seed, "baselines": run_baselines(ds)}
-        row["baselines_wall_s"] = round(time.perf_counter() - t0, 1)
-        logger.info("%s: baselines %s; Step 5 (%d trials)", name, row["baselines"], args.trials)
-        row.update(run_step5(ds, survivors, history, folder, trials=args.trials, compare=args.compare,
-                             max_epochs=args.nn_max_epochs))
-        logger.info("%s: NN %s", name, row["nn"])
-        rows.append(row)
-        (args.out / "quality.json").write_text(json.dumps(
-            {"settings": {**vars(args), "out": str(args.out)}, "rows": rows}, indent=1, default=str))
+        baselines = run_baselines(ds)
+        baselines_wall_s = round(time.perf_counter() - t0, 1)
+        for repeat in range(args.repeats):
+            run_ds = ds if repeat == 0 else reordered_for_seed(ds, ds.split_seed + repeat * REPEAT_SEED_STEP)
+            folder = args.out / (name if repeat == 0 else f"{name}_r{repeat}")
+            survivors, history = write_survivors(run_ds, folder / "data")
+            row: dict[str, Any] = {"dataset": name, "repeat": repeat, "rows": int(ds.X.shape[0]),
+                                   "features": int(ds.X.shape[1]), "split_seed": ds.split_seed,
+                                   "step5_seed": run_ds.split_seed, "baselines": baselines,
+                                   "baselines_wall_s": baselines_wall_s}
+            logger.info("%s: baselines %s; Step 5 (%d trials, seed %d)", _label(row), baselines, args.trials,
+                        run_ds.split_seed)
+            row.update(run_step5(run_ds, survivors, history, folder, trials=args.trials, compare=args.compare,
+                                 max_epochs=args.nn_max_epochs))
+            logger.info("%s: NN %s", _label(row), row["nn"])
+            rows.append(row)
+            (args.out / "quality.json").write_text(json.dumps(
+                {"settings": {**vars(args), "out": str(args.out)}, "rows": rows}, indent=1, default=str))
     _print_report(rows, args.trials, args.out)
     return 0
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from bench import quality
 from step5.data.survivors import load_survivors
@@ -48,3 +49,38 @@ def test_runs_split_by_dataset_join_into_one_report(tmp_path, capsys):
     assert table == ["| diabetes_s42", "| diabetes_s1", "| friedman1"]  # the benchmark's dataset order
     assert "All targets met: True" in out and (tmp_path / "all" / "quality.png").is_file()
     assert len(json.loads((tmp_path / "all" / "quality.json").read_text())["rows"]) == 3
+
+
+def test_a_repeat_holds_out_the_same_test_rows_and_keeps_the_development_rows_in_order():
+    from step5.data.splits import holdout_split
+
+    ds = quality.datasets(200)["diabetes_s1"]()
+    seed = ds.split_seed + quality.REPEAT_SEED_STEP
+    again = quality.reordered_for_seed(ds, seed)
+    dev, test = holdout_split(len(ds.y), quality.TEST_HOLDOUT, ds.split_seed)
+    new_dev, new_test = holdout_split(len(ds.y), quality.TEST_HOLDOUT, seed)
+    assert again.split_seed == seed and not np.array_equal(test, new_test)  # another split of positions...
+    np.testing.assert_array_equal(again.X[new_test], ds.X[test])  # ...that holds out the same rows
+    np.testing.assert_array_equal(again.y[new_test], ds.y[test])
+    np.testing.assert_array_equal(again.X[new_dev], ds.X[dev])  # and develops on the same, in order
+
+
+def test_repeats_are_labelled_and_summarised_per_dataset():
+    baselines = (0.40, 0.50, 0.30, 0.20)
+    rows = [dict(_row("d", 0.47, 0.5, baselines, compare=0.495), repeat=0),
+            dict(_row("d", 0.43, 0.5, baselines, compare=0.485), repeat=1),
+            dict(_row("e", 0.50, 0.5, baselines), repeat=0)]
+    text, met = quality.report(rows)
+    assert not met
+    assert "d r1: NN 0.430 >= best baseline 0.500 - 0.05: MISSED" in text
+    assert "d: NN 0.470 >= best baseline 0.500 - 0.05: met" in text
+    (summary,) = [line for line in text.splitlines() if line.startswith("  d (2 runs)")]
+    assert "NN 0.450 ± 0.028 (worst 0.430), target met in 1 of 2" in summary
+    assert "compare-models 0.490 ± 0.007 (worst 0.485), target met in 1 of 2" in summary
+    assert "e (" not in text  # run once: nothing to summarise
+    assert "Over the repeats" not in quality.report(rows[2:])[0]
+
+
+def test_repeats_must_be_positive():
+    with pytest.raises(SystemExit):
+        quality.main(["--repeats", "0", "--datasets", "diabetes_s1"])
