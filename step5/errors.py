@@ -60,8 +60,8 @@ def is_out_of_memory(exc: BaseException, oom_types: tuple[type[BaseException], .
 
 
 class Terminated(KeyboardInterrupt):
-    """Raised (by the CLI's signal handler) when SIGTERM arrives: an interrupt, so that every
-    ``finally`` (workers, temp dirs, Optuna's trial bookkeeping) runs as on Ctrl-C."""
+    """Raised (by the handler step5.interrupts installs) when SIGTERM arrives: an interrupt,
+    so that every ``finally`` (workers, temp dirs, Optuna's trial bookkeeping) runs as on Ctrl-C."""
 
 
 def interrupt_reason(exc: BaseException) -> str:

@@ -379,6 +379,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
 
 
 def _run_main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the parsed invocation; every way it can end becomes an exit code and one line."""
     try:
         config = config_from_args(args, [sys.argv[0], *argv])
         # argparse stores the default object itself when a flag is not given.
