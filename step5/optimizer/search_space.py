@@ -9,7 +9,8 @@ The ranges suit small tabular MLPs (tens of features, thousands to millions of r
 ``learning_rate``              1e-4 .. 1e-2, log scale
 ``dropout``                    0.0 .. 0.5, or fixed by ``--dropout`` (not searched then)
 ``input_dropout_on``           whether to drop input features at all (always searched)
-``input_dropout``              0.1, 0.2, 0.3, 0.4 or 0.5 when on, else 0
+``input_dropout_rate``         0.1, 0.2, 0.3, 0.4 or 0.5, asked only when on; it becomes
+                               ``NNParams.input_dropout`` (0 when off)
 ``input_sparsity``             1e-4 .. 0.1, log scale: group lasso on the input columns
 ``weight_decay``               1e-6 .. 1.0, log scale
 ``optimizer``                  adam or adamw (plain SGD needs far more tuning to compete)
