@@ -83,8 +83,8 @@ class NNParams:
         values: dict[str, Any] = {}
         if "hidden_layers" in raw:
             hl = raw["hidden_layers"]
-            if not isinstance(hl, (list, tuple)) or not hl or not all(is_int(w) and w > 0 for w in hl):
-                raise BadRequest(f"`hidden_layers` must be a non-empty list of positive ints, got {hl!r}")
+            if not isinstance(hl, (list, tuple)) or not all(is_int(w) and w > 0 for w in hl):
+                raise BadRequest(f"`hidden_layers` must be a list of positive ints (empty: a linear model), got {hl!r}")
             values["hidden_layers"] = tuple(hl)
         for name, lo, lo_inclusive, hi in (
             ("learning_rate", 0.0, False, None),

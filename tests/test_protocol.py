@@ -59,7 +59,8 @@ def test_a_train_request_round_trips_through_its_wire_form(request_):
     assert TrainRequest.from_dict(wire) == request_
 
 
-@pytest.mark.parametrize("params", [NNParams(), CUSTOM_PARAMS], ids=["defaults", "custom"])
+@pytest.mark.parametrize("params", [NNParams(), CUSTOM_PARAMS, NNParams(hidden_layers=())],
+                         ids=["defaults", "custom", "linear"])
 def test_params_round_trip_and_travel_as_plain_json(params):
     wire = params.to_dict()
     assert isinstance(wire["hidden_layers"], list)
@@ -110,12 +111,11 @@ BAD_PARAMS = [
     ([], "`params` must be a JSON object, got list"),
     ("adam", "`params` must be a JSON object, got str"),
     ({"hidden_layer": [8]}, "unknown key(s) in `params`: ['hidden_layer']"),
-    ({"hidden_layers": []}, "`hidden_layers` must be a non-empty list of positive ints, got []"),
-    ({"hidden_layers": [8, 0]}, "`hidden_layers` must be a non-empty list of positive ints, got [8, 0]"),
-    ({"hidden_layers": [8.0]}, "`hidden_layers` must be a non-empty list of positive ints"),
-    ({"hidden_layers": [True]}, "`hidden_layers` must be a non-empty list of positive ints"),
-    ({"hidden_layers": 128}, "`hidden_layers` must be a non-empty list of positive ints, got 128"),
-    ({"hidden_layers": "128,64"}, "`hidden_layers` must be a non-empty list of positive ints"),
+    ({"hidden_layers": [8, 0]}, "`hidden_layers` must be a list of positive ints (empty: a linear model), got [8, 0]"),
+    ({"hidden_layers": [8.0]}, "`hidden_layers` must be a list of positive ints (empty: a linear model)"),
+    ({"hidden_layers": [True]}, "`hidden_layers` must be a list of positive ints (empty: a linear model)"),
+    ({"hidden_layers": 128}, "`hidden_layers` must be a list of positive ints (empty: a linear model), got 128"),
+    ({"hidden_layers": "128,64"}, "`hidden_layers` must be a list of positive ints (empty: a linear model)"),
     ({"learning_rate": 0}, "`learning_rate` must be a finite number > 0.0, got 0"),
     ({"learning_rate": -0.1}, "`learning_rate` must be a finite number > 0.0"),
     ({"learning_rate": math.inf}, "`learning_rate` must be a finite number > 0.0, got inf"),

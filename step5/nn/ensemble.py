@@ -16,7 +16,9 @@ checkpoint stores one scaler (the folds' mean) and each block's first layer abso
 difference: its weights are rescaled column-wise and the constant it gains is folded into
 that BatchNorm unit's running mean, so every hidden Linear keeps a zero bias. The merged
 net of K models with widths (W1, W2, ...) has widths (K*W1, K*W2, ...); deeper layers cost
-K times the work of the K models run apart, which for these small nets is nothing.
+K times the work of the K models run apart, which for these small nets is nothing. Linear
+fold models (no hidden layer) merge into one linear model: the mean of their rescaled
+weights, their constants folded into its bias.
 
 :func:`build_ensemble` merges fold checkpoints into ``best_model.pth``, checks on real rows
 that the merged net predicts the folds' mean, and scores it. ``python -m step5.nn.ensemble``
@@ -70,18 +72,23 @@ def merge_models(models: Sequence[Any]) -> dict[str, Any]:
     target_std = float(np.mean([m.target_std for m in models]))
     states = [{n: t.detach().to("cpu", f64) for n, t in m.module.state_dict().items()} for m in models]
 
+    def read_merged_scaler(layer: str) -> tuple[list[Any], list[Any]]:
+        # x_k = (x - mu_k) / s_k = x_std * (S / s_k) + (M - mu_k) / s_k, with x_std the
+        # merged scaler's output: the layer that reads x_k gets its columns rescaled and
+        # gains a constant (its bias plus the shift), per model.
+        weights, constants = [], []
+        for m, sd in zip(models, states):
+            ratio = torch.from_numpy(scale / m.feature_scale)
+            shift = torch.from_numpy((mean - m.feature_mean) / m.feature_scale)
+            weights.append(sd[f"{layer}.weight"] * ratio)
+            constants.append(sd[f"{layer}.weight"] @ shift + sd[f"{layer}.bias"])
+        return weights, constants
+
     merged: dict[str, Any] = {}
     for i in range(depth):
         lin, bn = f"network.{4 * i}", f"network.{4 * i + 1}"
-        if i == 0:
-            # x_k = (x - mu_k) / s_k = x_std * (S / s_k) + (M - mu_k) / s_k, with x_std the
-            # merged scaler's output: rescale the columns, move the constant into BN.
-            blocks, offsets = [], []
-            for m, sd in zip(models, states):
-                ratio = torch.from_numpy(scale / m.feature_scale)
-                shift = torch.from_numpy((mean - m.feature_mean) / m.feature_scale)
-                blocks.append(sd[f"{lin}.weight"] * ratio)
-                offsets.append(sd[f"{lin}.weight"] @ shift + sd[f"{lin}.bias"])
+        if i == 0:  # the constant moves into BN
+            blocks, offsets = read_merged_scaler(lin)
             weight = torch.cat(blocks, dim=0)
             offset = torch.cat(offsets)
         else:
@@ -96,10 +103,15 @@ def merge_models(models: Sequence[Any]) -> dict[str, Any]:
         merged[f"{bn}.num_batches_tracked"] = max(int(sd[f"{bn}.num_batches_tracked"]) for sd in states)
     head = f"network.{4 * depth}"
     ratios = [m.target_std / (k * target_std) for m in models]
-    merged[f"{head}.weight"] = torch.cat([sd[f"{head}.weight"] * r for sd, r in zip(states, ratios)], dim=1)
-    bias = sum((sd[f"{head}.bias"] * m.target_std + m.target_mean - target_mean) / (k * target_std)
-               for sd, m in zip(states, models))
-    merged[f"{head}.bias"] = bias
+    target_shift = sum((m.target_mean - target_mean) / (k * target_std) for m in models)
+    if depth:
+        merged[f"{head}.weight"] = torch.cat([sd[f"{head}.weight"] * r for sd, r in zip(states, ratios)], dim=1)
+        merged[f"{head}.bias"] = sum(sd[f"{head}.bias"] * r for sd, r in zip(states, ratios)) + target_shift
+    else:
+        # Linear models: the head reads the inputs, and K linear maps add up to one.
+        heads, constants = read_merged_scaler(head)
+        merged[f"{head}.weight"] = sum(w * r for w, r in zip(heads, ratios))
+        merged[f"{head}.bias"] = sum(c * r for c, r in zip(constants, ratios)) + target_shift
     state_dict = {
         n: (torch.tensor(v, dtype=torch.long) if isinstance(v, int) else v.to(torch.float32))
         for n, v in merged.items()

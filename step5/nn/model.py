@@ -4,7 +4,9 @@ Per model, for each hidden width ``W``::
 
     Linear(D_in, W, bias=False) -> BatchNorm1d(W) -> LeakyReLU(0.01) | ReLU -> Dropout(p)
 
-then ``Linear(W_last, 1)``. Input dropout (on the standardised features, before the first
+then ``Linear(W_last, 1)``. With no hidden layer the model is that head alone,
+``Linear(D_in, 1)``: a linear model, the most strongly regularised net the search may
+choose (a Step 6 that rebuilds ``nn.Sequential`` from ``hidden_layers`` gets it too). Input dropout (on the standardised features, before the first
 Linear) exists only while training: :class:`FusedMLP` applies a mask the trainer passes in,
 and the inference layout below has no module for it, so checkpoints keep the same keys.
 
@@ -112,6 +114,12 @@ class FusedMLP(nn.Module):
         assert hb is not None
         self.head_weight = nn.Parameter(hw)  # (M, W_last, 1)
         self.head_bias = nn.Parameter(hb)  # (M, 1, 1)
+
+    @property
+    def input_weights(self) -> Tensor:
+        """The weights that read the input features, (M, D, W): the first hidden layer's,
+        or the head's (W = 1) in a model without hidden layers."""
+        return self.weights[0] if self.hidden_layers else self.head_weight
 
     def running_stats(self) -> list[Tensor]:
         """BatchNorm running mean/var buffers, layer by layer, each (M, 1, W)."""

@@ -225,12 +225,6 @@ def masked_mse(pred: Tensor, y: Tensor, mask: Tensor, count: Tensor) -> Tensor:
     return (err * err * mask).sum(dim=1) / count
 
 
-def input_group_norms(first_weights: Tensor) -> Tensor:
-    """Per model, the sum over input features of the L2 norm of that feature's weights in the
-    first layer: (M, D, W) -> (M,). The tiny floor keeps the gradient finite at zero."""
-    return (first_weights.pow(2).sum(dim=2) + 1e-12).sqrt().sum(dim=1)
-
-
 def clip_grads_per_model(grads: list[Tensor], max_norm: Tensor) -> list[Tensor]:
     """Scale each model's gradients so their joint L2 norm is at most ``max_norm`` (M,1,1);
     a model with max_norm 0 is not clipped. Same rule as clip_grad_norm_, per model."""
@@ -295,6 +289,26 @@ class FunctionalOptimizer:
             p.copy_(torch.where(active, new_p, p))
             m.copy_(torch.where(active, new_m, m))
             v.copy_(torch.where(active, new_v, v))
+
+    @torch.no_grad()
+    def shrink_input_groups(self, index: int, strength: Tensor, active: Tensor) -> None:
+        """The proximal step of the group lasso ``strength * sum_j ||P[:, j, :]||`` on
+        parameter ``index`` (M, D, W), after :meth:`step`: each feature's group shrinks
+        towards zero by its step size times ``strength`` (M, 1, 1), and lands exactly on
+        zero when it is shorter than that. The step size is the one the update just used:
+        ``lr`` for SGD, Adam's per-coordinate ``lr / sqrt(v)`` (averaged over the group),
+        so the penalty weighs against the data gradient as it would inside the loss. At a
+        fixed point a feature is zero unless its data gradient exceeds ``strength``: the
+        lasso's own condition."""
+        p = self.params[index]
+        if self.kind == "sgd":
+            step = self.lr.expand(p.shape[0], p.shape[1], 1)
+        else:
+            bc2_sqrt = (1.0 - ADAM_BETAS[1] ** self.steps.clamp_min(1.0)).sqrt()
+            step = (self.lr / (self.exp_avg_sq[index].sqrt() / bc2_sqrt + ADAM_EPS)).mean(dim=2, keepdim=True)
+        norms = p.pow(2).sum(dim=2, keepdim=True).sqrt()  # (M, D, 1)
+        keep = torch.clamp(1.0 - step * strength / norms.clamp_min(1e-30), min=0.0)
+        p.copy_(torch.where(active, p * keep, p))
 
 
 def _draw_dropout(
@@ -431,7 +445,8 @@ def train_models(
     # Group lasso on the first layer's input columns: pulls a feature's whole column of
     # weights towards zero together, so uninformative features drop out of the model.
     # Off (exactly the plain loss) unless a model asks for it.
-    sparsity = per_model([s.input_sparsity for s in specs]).view(M) if any(s.input_sparsity for s in specs) else None
+    sparsity = per_model([s.input_sparsity for s in specs]) if any(s.input_sparsity for s in specs) else None
+    input_index = next(i for i, p in enumerate(params) if p is model.input_weights)
     state = params + model.running_stats()
     best_state = [t.detach().clone() for t in state]
 
@@ -476,12 +491,12 @@ def train_models(
                 stats_update=(rows_t[s] >= 2).view(M, 1, 1),  # BatchNorm refuses 1-row batches; so do we
             )[..., 0]  # (M, R)
             loss = masked_mse(pred, y, mask, count)  # (M,)
-            if sparsity is not None:
-                loss = loss + sparsity * input_group_norms(model.weights[0])
             # Summing keeps each model's gradient its own: d(sum)/d(theta_m) = d(loss_m)/d(theta_m).
             grads = torch.autograd.grad(loss.sum(), params)
             grads = clip_grads_per_model(list(grads), max_norm)
             opt.step(grads, has_rows)
+            if sparsity is not None:
+                opt.shrink_input_groups(input_index, sparsity, has_rows)
             nonfinite |= ~torch.isfinite(loss.detach())
             stat_updates += np.array([r >= 2 for r in rows], dtype=np.int64)
 

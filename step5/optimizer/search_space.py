@@ -91,9 +91,12 @@ def suggest_nn_params(
     fixed_dropout: float | None = None,
 ) -> NNParams:
     """Ask ``trial`` for one MLP configuration; ``fixed_dropout`` pins dropout instead of searching it."""
-    n_layers = trial.suggest_int("n_layers", 1, MAX_LAYERS)
+    n_layers = trial.suggest_int("n_layers", 0, MAX_LAYERS)
     hidden = tuple(trial.suggest_categorical(f"width_l{i}", LAYER_WIDTHS) for i in range(n_layers))
-    dropout = fixed_dropout if fixed_dropout is not None else trial.suggest_float("dropout", 0.0, 0.5)
+    if fixed_dropout is not None:
+        dropout = fixed_dropout
+    else:  # a linear model has no hidden unit to drop
+        dropout = trial.suggest_float("dropout", 0.0, 0.5) if n_layers else 0.0
     raw: dict[str, Any] = {
         "hidden_layers": list(hidden),
         "learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True),

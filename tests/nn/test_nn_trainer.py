@@ -162,14 +162,15 @@ def test_input_dropout_acts_in_training_only_and_keeps_the_checkpoint_layout():
 
 def test_input_sparsity_shrinks_the_weights_of_uninformative_features_more():
     """Group lasso on the first layer: the columns of features the target does not use
-    lose weight relative to the informative ones, and more so the stronger it is."""
+    lose weight relative to the informative ones, most of them down to exactly zero (the
+    proximal step), while the informative ones keep the fit."""
     rng = np.random.default_rng(8)
     X = rng.normal(size=(300, 12)).astype(np.float32)
     y = X[:, 0] * 2.0 - X[:, 1] + 0.1 * rng.normal(size=300)  # features 2..11 are noise
     fold = Fold(X[:240], y[:240], X[240:], y[240:])
     cfg = TrainConfig(hidden_layers=(16,), optimizer="adam", epochs=80, batch_mode="full")
     runs = train_models(cfg, [ModelSpec(learning_rate=1e-2, dropout=0.0, input_sparsity=lam, seed=3, patience=0)
-                              for lam in (0.0, 0.05)], [fold] * 2, device=CPU)
+                              for lam in (0.0, 0.01)], [fold] * 2, device=CPU)
 
     def noise_share(res) -> float:
         norms = res.state_dict["network.0.weight"].norm(dim=0)  # (D,): one per input feature
@@ -177,7 +178,35 @@ def test_input_sparsity_shrinks_the_weights_of_uninformative_features_more():
 
     plain, sparse = runs
     assert noise_share(sparse) < 0.5 * noise_share(plain)
+    zeroed = sparse.state_dict["network.0.weight"].norm(dim=0) == 0
+    assert not zeroed[:2].any() and zeroed[2:].sum() >= 5, zeroed
     assert sparse.metrics["r2"] > 0.9  # the informative features still carry the fit
+
+
+def test_a_model_without_hidden_layers_is_linear_and_its_sparsity_is_a_lasso():
+    """No hidden layer: the head reads the inputs, so input sparsity acts on it (an L1
+    penalty, one weight per feature). Fused linear models equal their lone runs too."""
+    rng = np.random.default_rng(9)
+    X = rng.normal(size=(300, 12)).astype(np.float32)
+    y = (X[:, 0] * 2.0 - X[:, 1] + 0.1 * rng.normal(size=300)).astype(np.float32)  # 2..11 are noise
+    fold = Fold(X[:240], y[:240], X[240:], y[240:])
+    cfg = TrainConfig(hidden_layers=(), optimizer="adam", epochs=150, batch_mode="full")
+    specs = [ModelSpec(learning_rate=3e-2, dropout=0.0, input_sparsity=lam, seed=3, patience=0) for lam in (0.0, 0.05)]
+    plain, sparse = train_models(cfg, specs, [fold] * 2, device=CPU)
+    assert set(plain.state_dict) == {"network.0.weight", "network.0.bias"}
+    assert plain.state_dict["network.0.weight"].shape == (1, 12)
+    assert plain.metrics["r2"] > 0.99 and sparse.metrics["r2"] > 0.95
+
+    def noise_share(res) -> float:
+        w = res.state_dict["network.0.weight"][0].abs()
+        return float(w[2:].sum() / w.sum())
+
+    assert noise_share(sparse) < 0.5 * noise_share(plain)
+    assert (sparse.state_dict["network.0.weight"][0, 2:] == 0).sum() >= 5  # a lasso's exact zeros
+    for got, spec in zip((plain, sparse), specs):
+        (alone,) = train_models(cfg, [spec], [fold], device=CPU)
+        for k in got.metrics:
+            assert_close(got.metrics[k], alone.metrics[k], k)
 
 
 def test_a_diverging_model_fails_alone():
@@ -192,16 +221,17 @@ def test_a_diverging_model_fails_alone():
         assert_close(ok.metrics[k], alone.metrics[k], k)
 
 
-def test_exported_weights_reproduce_the_fused_forward():
+@pytest.mark.parametrize("hidden", [(7, 3), ()])
+def test_exported_weights_reproduce_the_fused_forward(hidden):
     gens = [make_generator(s, CPU) for s in (1, 2)]
-    fused = FusedMLP(5, (7, 3), use_leaky_relu=True, generators=gens, device=CPU)
+    fused = FusedMLP(5, hidden, use_leaky_relu=True, generators=gens, device=CPU)
     with torch.no_grad():  # non-trivial BatchNorm state
         for t in fused.running_stats():
             t.uniform_(0.5, 1.5)
     x = torch.randn(2, 11, 5)
     want = fused.eval()(x)[..., 0]
     for m in range(2):
-        ref = build_reference_mlp(5, (7, 3), use_leaky_relu=True, dropout=0.3)
+        ref = build_reference_mlp(5, hidden, use_leaky_relu=True, dropout=0.3)
         ref.load_state_dict(fused.export_model(m))
         got = ref.eval()(x[m])[:, 0]
         torch.testing.assert_close(got, want[m], rtol=1e-5, atol=1e-6)

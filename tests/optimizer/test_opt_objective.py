@@ -58,9 +58,17 @@ def test_search_space_gives_valid_params_and_fixed_dropout_is_not_searched():
         else:
             assert params.input_dropout == 0.0 and "input_dropout_rate" not in trial.params
         assert 1e-4 <= params.input_sparsity <= 0.1 and "input_sparsity" in trial.params
-        assert 1 <= len(params.hidden_layers) <= 3
+        assert len(params.hidden_layers) == trial.params["n_layers"] <= 3
         study.tell(trial, 0.0)
     assert gate_seen == {False, True}  # both sides of the input-dropout gate were drawn
-    trial = study.ask()
-    assert 0.0 <= suggest_nn_params(trial, max_epochs=5).dropout <= 0.5
-    assert "dropout" in trial.params
+    depths = set()
+    for _ in range(20):
+        trial = study.ask()
+        params = suggest_nn_params(trial, max_epochs=5)
+        depths.add(len(params.hidden_layers))
+        if params.hidden_layers:
+            assert 0.0 <= params.dropout <= 0.5 and "dropout" in trial.params
+        else:  # a linear model: no widths, and no hidden unit for dropout to act on
+            assert params.dropout == 0.0 and "dropout" not in trial.params and "width_l0" not in trial.params
+        study.tell(trial, 0.0)
+    assert depths == {0, 1, 2, 3}
