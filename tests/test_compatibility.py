@@ -167,8 +167,10 @@ def test_existing_optimizer_flags_run_with_their_meaning(existing_flags_run, sam
     assert ckpt["use_leaky_relu"] is False and ckpt["normalize_features"] is True
 
 
-def test_a_net_trained_with_input_dropout_loads_strictly_in_the_existing_step6(tmp_path):
-    """Input dropout is training-only: no module, no key, no index shift in ``network.N``."""
+@pytest.mark.parametrize("hidden", [[8, 4], []], ids=["mlp", "linear"])
+def test_a_net_trained_with_input_dropout_loads_strictly_in_the_existing_step6(tmp_path, hidden):
+    """Input dropout and input sparsity are training-only: no module, no key, no index shift
+    in ``network.N``; a linear model (no hidden layer) is ``network.0`` alone there too."""
     from step5.nn.checkpoint import load_checkpoint
     from step5.nn.job import run_train_job
     from step5.protocol import TrainRequest
@@ -181,7 +183,8 @@ def test_a_net_trained_with_input_dropout_loads_strictly_in_the_existing_step6(t
     ckpt = tmp_path / "best_model.pth"
     run_train_job(TrainRequest.from_dict({
         "X_train_path": str(data), "save_model_path": str(ckpt), "seed": 1,
-        "params": {"hidden_layers": [8, 4], "epochs": 10, "input_dropout": 0.25, "dropout": 0.1}}),
+        "params": {"hidden_layers": hidden, "epochs": 10, "input_dropout": 0.25, "dropout": 0.1,
+                   "input_sparsity": 0.01, "learning_rate": 0.01}}),
         device=torch.device("cpu"))
     theirs = existing_step6_predict(ckpt, X)  # strict load_state_dict inside
     np.testing.assert_allclose(theirs, load_checkpoint(ckpt).predict(X), rtol=1e-5, atol=1e-6)
