@@ -63,7 +63,7 @@ class NNParams:
     learning_rate: float = 1e-3  # optimizer step size, > 0
     dropout: float = 0.3  # dropout probability after each hidden activation, in [0, 1)
     input_dropout: float = 0.0  # dropout probability on the input features (training only), in [0, 1)
-    input_sparsity: float = 0.0  # group-lasso strength on the first layer's input columns (training only), >= 0
+    input_sparsity: float = 0.0  # group-lasso strength on the weights reading each input (training only), >= 0
     epochs: int = 100  # upper bound on passes over the training fold
     weight_decay: float = 0.0  # L2 (adam, sgd) or decoupled (adamw) weight decay, >= 0
     optimizer: str = "adam"  # one of OPTIMIZERS

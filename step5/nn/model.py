@@ -6,9 +6,11 @@ Per model, for each hidden width ``W``::
 
 then ``Linear(W_last, 1)``. With no hidden layer the model is that head alone,
 ``Linear(D_in, 1)``: a linear model, the most strongly regularised net the search may
-choose (a Step 6 that rebuilds ``nn.Sequential`` from ``hidden_layers`` gets it too). Input dropout (on the standardised features, before the first
-Linear) exists only while training: :class:`FusedMLP` applies a mask the trainer passes in,
-and the inference layout below has no module for it, so checkpoints keep the same keys.
+choose (a Step 6 that rebuilds ``nn.Sequential`` from ``hidden_layers`` gets it too).
+
+Input dropout (on the standardised features, before the first Linear) exists only while
+training: :class:`FusedMLP` applies a mask the trainer passes in, and the inference layout
+below has no module for it, so checkpoints keep the same keys.
 
 The hidden Linear layers have no bias: BatchNorm subtracts the batch mean right after, so
 such a bias gets only a rounding-noise gradient -- which Adam normalises into full-size

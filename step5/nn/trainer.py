@@ -84,7 +84,7 @@ class ModelSpec:
     weight_decay: float = 0.0  # L2 penalty (adam, sgd) or decoupled decay (adamw)
     dropout: float = 0.3  # dropout probability after each hidden activation
     input_dropout: float = 0.0  # dropout probability on the (standardised) input features
-    input_sparsity: float = 0.0  # group-lasso strength on the first layer's input columns; 0 = off
+    input_sparsity: float = 0.0  # group-lasso strength on the weights reading each input feature; 0 = off
     seed: int = 0  # seeds this model's generator: init, dropout masks, batch order
     patience: int = 10  # epochs without an early-stopping improvement before stopping; 0 = never
     gradient_clip: float = 1.0  # max gradient norm over this model's parameters; 0 = off
@@ -442,9 +442,10 @@ def train_models(
     max_norm = per_model([s.gradient_clip for s in specs])
     dropouts = [s.dropout for s in specs]
     input_dropouts = [s.input_dropout for s in specs]
-    # Group lasso on the first layer's input columns: pulls a feature's whole column of
-    # weights towards zero together, so uninformative features drop out of the model.
-    # Off (exactly the plain loss) unless a model asks for it.
+    # Group lasso on the weights that read each input feature, as a proximal step after
+    # each update (FunctionalOptimizer.shrink_input_groups): a feature's weights shrink
+    # together and reach exactly zero, so uninformative features drop out of the model.
+    # Off (exactly the plain training) unless a model asks for it.
     sparsity = per_model([s.input_sparsity for s in specs]) if any(s.input_sparsity for s in specs) else None
     input_index = next(i for i, p in enumerate(params) if p is model.input_weights)
     state = params + model.running_stats()
