@@ -139,13 +139,17 @@ def best_nn_trial(run_dir: Path) -> tuple[int, dict[str, Any], int]:
 
 
 def measure_dataset(folder: Path, name: str, *, test_holdout: float, k_folds: int, refit_seeds: int) -> dict[str, Any]:
-    """One dataset of a ``bench.quality`` output folder: both candidates from its NN study's best trial."""
-    from bench.quality import datasets
+    """One run of a ``bench.quality`` output folder (``name``: a dataset, or ``<dataset>_r<N>``
+    for repeat N): both candidates from its NN study's best trial, on that run's own rows."""
+    from bench.quality import datasets, parse_run_folder_name, repeat_seed
     from step5.data.splits import holdout_split
     from step5.data.survivors import load_survivors
 
+    dataset, repeat = parse_run_folder_name(name)
     trial, params, n_done = best_nn_trial(folder / name)
-    seed = datasets(2000)[name]().split_seed
+    # The run's survivors file was reordered for this seed (bench.quality.reordered_for_seed),
+    # so it holds out the dataset's test rows, and its folds and training seeds come from it.
+    seed = repeat_seed(datasets(2000)[dataset]().split_seed, repeat)
     table = load_survivors(folder / name / "data" / "survivors_with_scores.json")
     dev, test = holdout_split(table.n_records, test_holdout, seed)
     with tempfile.TemporaryDirectory(prefix="final_model_") as tmp:
@@ -153,7 +157,8 @@ def measure_dataset(folder: Path, name: str, *, test_holdout: float, k_folds: in
                                    trial_number=trial, k_folds=k_folds, workdir=Path(tmp), refit_seeds=refit_seeds)
     finished = folder / "quality.json"
     rows = json.loads(finished.read_text())["rows"] if finished.is_file() else []
-    reported = [r["nn"]["test_r2"] for r in rows if r["dataset"] == name and r["nn"].get("best_trial") == trial]
+    reported = [r["nn"]["test_r2"] for r in rows
+                if (r["dataset"], r.get("repeat", 0)) == (dataset, repeat) and r["nn"].get("best_trial") == trial]
     return {"dataset": name, "best_trial": trial, "trials_complete": n_done, "params": params,
             "step5_test_r2": reported[0] if reported else None, **dataclasses.asdict(got)}
 
@@ -180,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m bench.final_model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--from", dest="source", type=Path, required=True, help="a bench.quality --out folder")
-    parser.add_argument("--datasets", default=None, help="comma-separated names (default: every one with a study)")
+    parser.add_argument("--datasets", default=None,
+                        help="comma-separated run folders: a dataset, or <dataset>_r<N> for repeat N "
+                             "(default: every one with a study)")
     parser.add_argument("--refit-seeds", type=int, default=1, help="refits per dataset, each with its own seed [1]")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)

@@ -118,6 +118,22 @@ def reordered_for_seed(ds: Dataset, seed: int) -> Dataset:
     return Dataset(ds.name, ds.X[order], ds.y[order], seed)
 
 
+def run_folder_name(name: str, repeat: int) -> str:
+    """The folder under ``--out`` of repeat ``repeat`` of dataset ``name``."""
+    return name if repeat == 0 else f"{name}_r{repeat}"
+
+
+def parse_run_folder_name(folder_name: str) -> tuple[str, int]:
+    """``(dataset, repeat)`` of a folder :func:`run_folder_name` named."""
+    base, sep, repeat = folder_name.rpartition("_r")
+    return (base, int(repeat)) if sep and base and repeat.isdigit() else (folder_name, 0)
+
+
+def repeat_seed(split_seed: int, repeat: int) -> int:
+    """Step 5's ``--seed`` in repeat ``repeat`` of a dataset with this split seed."""
+    return split_seed + repeat * REPEAT_SEED_STEP
+
+
 def write_survivors(ds: Dataset, folder: Path) -> tuple[Path, Path]:
     """The dataset as a survivors file (target ``holdout_quality``) and a history file."""
     from step5.data.sample import make_history
@@ -397,8 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         baselines = run_baselines(ds)
         baselines_wall_s = round(time.perf_counter() - t0, 1)
         for repeat in range(args.repeats):
-            run_ds = ds if repeat == 0 else reordered_for_seed(ds, ds.split_seed + repeat * REPEAT_SEED_STEP)
-            folder = args.out / (name if repeat == 0 else f"{name}_r{repeat}")
+            run_ds = ds if repeat == 0 else reordered_for_seed(ds, repeat_seed(ds.split_seed, repeat))
+            folder = args.out / run_folder_name(name, repeat)
             survivors, history = write_survivors(run_ds, folder / "data")
             row: dict[str, Any] = {"dataset": name, "repeat": repeat, "rows": int(ds.X.shape[0]),
                                    "features": int(ds.X.shape[1]), "split_seed": ds.split_seed,

@@ -55,7 +55,7 @@ def test_a_repeat_holds_out_the_same_test_rows_and_keeps_the_development_rows_in
     from step5.data.splits import holdout_split
 
     ds = quality.datasets(200)["diabetes_s1"]()
-    seed = ds.split_seed + quality.REPEAT_SEED_STEP
+    seed = quality.repeat_seed(ds.split_seed, 1)
     again = quality.reordered_for_seed(ds, seed)
     dev, test = holdout_split(len(ds.y), quality.TEST_HOLDOUT, ds.split_seed)
     new_dev, new_test = holdout_split(len(ds.y), quality.TEST_HOLDOUT, seed)
@@ -63,6 +63,15 @@ def test_a_repeat_holds_out_the_same_test_rows_and_keeps_the_development_rows_in
     np.testing.assert_array_equal(again.X[new_test], ds.X[test])  # ...that holds out the same rows
     np.testing.assert_array_equal(again.y[new_test], ds.y[test])
     np.testing.assert_array_equal(again.X[new_dev], ds.X[dev])  # and develops on the same, in order
+
+
+@pytest.mark.parametrize("name", list(quality.datasets(200)))
+def test_a_run_folder_names_its_dataset_and_repeat(name):
+    """bench.final_model finds a run's dataset and seed again from its folder's name."""
+    assert quality.run_folder_name(name, 0) == name
+    for repeat in (0, 1, 12):
+        assert quality.parse_run_folder_name(quality.run_folder_name(name, repeat)) == (name, repeat)
+    assert quality.repeat_seed(7, 2) == 7 + 2 * quality.REPEAT_SEED_STEP
 
 
 def test_repeats_are_labelled_and_summarised_per_dataset():
