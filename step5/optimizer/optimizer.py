@@ -62,6 +62,7 @@ from step5.optimizer.backends import CVData, ModelBackend, NNBackend, TreeBacken
 from step5.optimizer.objective import OBJECTIVE_FORMULA, OVERFIT_PENALTY
 from step5.optimizer.search import SearchGoal, SearchPlan, run_search
 from step5.optimizer.plots import plot_optimization_history
+from step5.optimizer.search_space import first_nn_trials
 from step5.optimizer.progress import TrialProgress
 from step5.optimizer.study import (
     OpenedStudy,
@@ -201,6 +202,7 @@ class AntiOverfitMetaOptimizer:
         opened = open_study(
             study_name=study_name, storage_url=storage_url, setup=setup, seed=cfg.seed,
             data=self._study_data(data_context), training=self.policy.training,
+            first_trials=first_nn_trials(fixed_dropout=cfg.dropout) if cfg.model_type == "neural_net" else (),
         )
         with contextlib.ExitStack() as outputs:  # the new model set: discarded unless committed
             with contextlib.ExitStack() as stack:

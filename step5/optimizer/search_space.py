@@ -124,6 +124,38 @@ def suggest_nn_params(
     return NNParams.from_dict(raw)
 
 
+def first_nn_trials(*, fixed_dropout: float | None = None) -> list[dict[str, Any]]:
+    """The configurations a fresh NN study tries before any sampled one (Optuna's
+    ``enqueue_trial``), as the search space's own parameters.
+
+    Two ends of the space, so that TPE's model has a strong point of each kind from the
+    start, whatever the random start-up trials draw (these two are the first of TPE's ten
+    start-up trials): a lasso-like linear model, and a two-layer net of moderate width
+    with input sparsity and a small learning rate (the kind of net that scored best on
+    friedman1 with 80 noise columns). The linear model's sparsity is the range's top:
+    scikit-learn's LassoCV picks the equivalent of 0.12 on diabetes with 80 noise columns
+    (0.005 to 0.03 on the plain diabetes splits, where TPE goes lower from there), and a
+    first trial at 0.03 there overfitted (train R² 0.64, CV 0.35) yet stayed the best of
+    its search. Without them, a search on data with many
+    uninformative columns could spend its start-up trials on narrow nets that input
+    sparsity starves, and settle on the linear model or a narrow net (docs/quality.md:
+    friedman1 with 80 noise columns 0.75 to 0.82 in two of three search seeds, 0.92 in
+    the third, which found a wide net).
+    """
+    linear = {
+        "n_layers": 0, "learning_rate": 5e-3, "input_dropout_on": False, "input_sparsity": 0.1,
+        "weight_decay": 1e-4, "optimizer": "adam", "batch_size": 128, "early_stopping_patience": 15,
+        "gradient_clip": 1.0,
+    }
+    mlp = {
+        "n_layers": 2, "width_l0": 128, "width_l1": 64, "learning_rate": 7e-4, "input_dropout_on": False,
+        "input_sparsity": 0.04, "weight_decay": 1e-5, "optimizer": "adam", "batch_size": 64,
+        "early_stopping_patience": 10, "gradient_clip": 2.0,
+        **({"dropout": 0.1} if fixed_dropout is None else {}),
+    }
+    return [linear, mlp]
+
+
 def _suggest_input_dropout(trial: optuna.Trial) -> float:
     """0 when the trial turns input dropout off, else one of :data:`INPUT_DROPOUT_RATES`.
 

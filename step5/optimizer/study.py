@@ -199,8 +199,13 @@ def open_study(
     data: Mapping[str, Any],
     seed: int,
     training: TrainingPolicy | None = None,
+    first_trials: Sequence[Mapping[str, Any]] = (),
 ) -> OpenedStudy:
-    """Create the study, or join it when it exists and its stored setup and data match."""
+    """Create the study, or join it when it exists and its stored setup and data match.
+
+    ``first_trials`` (parameter dicts) are enqueued when the study has no trial yet, under
+    the study lock: a fresh study tries them first, and a resumed one, or a second host
+    joining, does not add them again."""
     storage = open_storage(storage_url, training or TrainingPolicy())
     existing = set(optuna.get_all_study_names(storage))
     resumed = study_name in existing
@@ -221,6 +226,9 @@ def open_study(
         study.set_user_attr(PROCESSES_ATTR, process_index + 1)
         reclaim_dead_trials(study)
         counts = count_states(study)
+        if not sum(counts.values()):
+            for params in first_trials:
+                study.enqueue_trial(dict(params))
 
     trials_before = sum(counts.values())
     if process_index == 0:

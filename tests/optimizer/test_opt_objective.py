@@ -8,7 +8,7 @@ import pytest
 
 from step5.optimizer.backends import fold_seed
 from step5.optimizer.objective import OVERFIT_PENALTY, anti_overfit_score, summarize_folds
-from step5.optimizer.search_space import INPUT_DROPOUT_RATES, suggest_nn_params
+from step5.optimizer.search_space import INPUT_DROPOUT_RATES, first_nn_trials, suggest_nn_params
 
 
 def test_score_rewards_val_r2_and_charges_half_the_gap():
@@ -41,6 +41,24 @@ def test_fold_seeds_are_deterministic_distinct_and_in_protocol_range():
     assert len(seeds) == 100
     assert all(0 <= s < 2**63 for s in seeds)
     assert fold_seed(42, 3, 1) == fold_seed(42, 3, 1) != fold_seed(43, 3, 1)
+
+
+@pytest.mark.parametrize("fixed_dropout", [None, 0.2])
+def test_the_first_trials_are_points_of_the_search_space(fixed_dropout):
+    """Enqueued, each is asked exactly as given: every name is one the space asks, with a
+    value inside its range, and nothing the space asks is left to the sampler."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    firsts = first_nn_trials(fixed_dropout=fixed_dropout)
+    for params in firsts:
+        study.enqueue_trial(params)
+    depths = []
+    for params in firsts:
+        trial = study.ask()
+        nn = suggest_nn_params(trial, max_epochs=50, fixed_dropout=fixed_dropout)
+        assert trial.params == params
+        depths.append(len(nn.hidden_layers))
+        study.tell(trial, 0.0)
+    assert depths == [0, 2]  # a linear model and a two-layer net
 
 
 def test_search_space_gives_valid_params_and_fixed_dropout_is_not_searched():

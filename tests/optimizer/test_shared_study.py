@@ -108,6 +108,20 @@ def test_other_data_or_setup_is_refused_naming_the_difference(tmp_path):
     assert second.process_index == 1 and second.sampler_seed != first.sampler_seed
 
 
+def test_first_trials_are_enqueued_once_in_a_fresh_study_and_asked_before_any_sampled_one(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    firsts = [{"x": 0.25}, {"x": 0.75}]
+    opened = open_study(study_name="s", storage_url=url, setup=SETUP, data=DATA, seed=1, first_trials=firsts)
+    assert opened.trials_before == 0 and _states(opened.study) == {"WAITING": 2}
+    asked = [opened.study.ask() for _ in range(3)]
+    assert [t.suggest_float("x", 0.0, 1.0) for t in asked[:2]] == [0.25, 0.75]
+    for t in asked:
+        opened.study.tell(t, 0.0)
+    # A resumed study (or another host joining it) does not queue them again.
+    again = open_study(study_name="s", storage_url=url, setup=SETUP, data=DATA, seed=1, first_trials=firsts)
+    assert _states(again.study) == {"COMPLETE": 3}
+
+
 def test_fold_folders_of_dead_runs_are_removed_by_the_next_run(tmp_path):
     dead = tmp_path / "step5_nn_dead"
     dead.mkdir()
