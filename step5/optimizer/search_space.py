@@ -140,7 +140,7 @@ def first_nn_trials(*, fixed_dropout: float | None = None) -> list[dict[str, Any
     uninformative columns could spend its start-up trials on narrow nets that input
     sparsity starves, and settle on the linear model or a narrow net (docs/quality.md:
     friedman1 with 80 noise columns 0.75 to 0.82 in two of three search seeds, 0.92 in
-    the third, which found a wide net).
+    the third, which found a wide net; 0.89 to 0.93 in all three with these first).
     """
     linear = {
         "n_layers": 0, "learning_rate": 5e-3, "input_dropout_on": False, "input_sparsity": 0.1,
