@@ -274,9 +274,7 @@ class FunctionalOptimizer:
                 buf.copy_(torch.where(active, new_buf, buf))
             return
         b1, b2 = ADAM_BETAS
-        t = self.steps.clamp_min(1.0)
-        bc1 = 1.0 - b1**t  # (M, 1, 1)
-        bc2_sqrt = (1.0 - b2**t).sqrt()
+        bc1 = 1.0 - b1 ** self.steps.clamp_min(1.0)  # (M, 1, 1)
         for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq):
             if self.kind == "adam":
                 g = g + self.wd * p
@@ -285,10 +283,15 @@ class FunctionalOptimizer:
                 base = p * (1.0 - self.lr * self.wd)
             new_m = torch.lerp(m, g, 1.0 - b1)
             new_v = v * b2 + (g * g) * (1.0 - b2)
-            new_p = base - (self.lr / bc1) * new_m / (new_v.sqrt() / bc2_sqrt + ADAM_EPS)
+            new_p = base - (self.lr / bc1) * new_m / self._adam_denominator(new_v)
             p.copy_(torch.where(active, new_p, p))
             m.copy_(torch.where(active, new_m, m))
             v.copy_(torch.where(active, new_v, v))
+
+    def _adam_denominator(self, v: Tensor) -> Tensor:
+        """Adam's ``sqrt(v_hat) + eps`` for second moments ``v`` at the current step counts."""
+        bc2_sqrt = (1.0 - ADAM_BETAS[1] ** self.steps.clamp_min(1.0)).sqrt()  # (M, 1, 1)
+        return v.sqrt() / bc2_sqrt + ADAM_EPS
 
     @torch.no_grad()
     def shrink_input_groups(self, index: int, strength: Tensor, active: Tensor) -> None:
@@ -302,10 +305,9 @@ class FunctionalOptimizer:
         lasso's own condition."""
         p = self.params[index]
         if self.kind == "sgd":
-            step = self.lr.expand(p.shape[0], p.shape[1], 1)
+            step = self.lr  # (M, 1, 1)
         else:
-            bc2_sqrt = (1.0 - ADAM_BETAS[1] ** self.steps.clamp_min(1.0)).sqrt()
-            step = (self.lr / (self.exp_avg_sq[index].sqrt() / bc2_sqrt + ADAM_EPS)).mean(dim=2, keepdim=True)
+            step = (self.lr / self._adam_denominator(self.exp_avg_sq[index])).mean(dim=2, keepdim=True)  # (M, D, 1)
         norms = p.pow(2).sum(dim=2, keepdim=True).sqrt()  # (M, D, 1)
         keep = torch.clamp(1.0 - step * strength / norms.clamp_min(1e-30), min=0.0)
         p.copy_(torch.where(active, p * keep, p))

@@ -29,10 +29,12 @@ its weights) is where a net ends when regularised all the way; on diabetes with 
 columns a lasso scores test R² 0.47 where every MLP trial of a 30-trial search stayed at
 0.31 to 0.34, and with this choice the search picked a linear trial there (0.386). A
 quarter of the random start-up trials are linear; on data that needs interactions
-(friedman1, where a linear model scores 0.75) TPE leaves them after that. With Adam's L2 decay, 1.0 is far stronger
-than scikit-learn's MLPRegressor ``alpha=10`` on a few hundred rows (``alpha / n_rows``
-there), which its grid picks on the diabetes data with many uninformative columns; a cap
-of 1e-2 left the search only overfitting nets there (bench/quality.py measures it).
+(friedman1, where a linear model scores 0.75) TPE leaves them after that.
+
+With Adam's L2 decay, a weight decay of 1.0 is far stronger than scikit-learn's
+MLPRegressor ``alpha=10`` on a few hundred rows (``alpha / n_rows`` there), which its
+grid picks on the diabetes data with many uninformative columns; a cap of 1e-2 left the
+search only overfitting nets there (bench/quality.py measures it).
 Input dropout hides a random part of the features from each training row, so no single
 (possibly uninformative) column can be relied on. It reaches 0.5 because that is where
 the benefit is on data with many uninformative columns: on diabetes with 80 noise columns
@@ -136,9 +138,9 @@ def first_nn_trials(*, fixed_dropout: float | None = None) -> list[dict[str, Any
     scikit-learn's LassoCV picks the equivalent of 0.12 on diabetes with 80 noise columns
     (0.005 to 0.03 on the plain diabetes splits, where TPE goes lower from there), and a
     first trial at 0.03 there overfitted (train R² 0.64, CV 0.35) yet stayed the best of
-    its search. Without them, a search on data with many
-    uninformative columns could spend its start-up trials on narrow nets that input
-    sparsity starves, and settle on the linear model or a narrow net (docs/quality.md:
+    its search. Without them, a search on data with many uninformative columns could
+    spend its start-up trials on narrow nets that input sparsity starves, and settle on
+    the linear model or a narrow net (docs/quality.md:
     friedman1 with 80 noise columns 0.75 to 0.82 in two of three search seeds, 0.92 in
     the third, which found a wide net; 0.89 to 0.93 in all three with these first).
     """
