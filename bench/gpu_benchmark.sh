@@ -61,4 +61,7 @@ mkdir -p bench/results
 # H200 after 100 epochs), so the metric cross-check allows 1e-3 relative.
 "$PY" -m bench.run_benchmark --gpus auto --rtol 1e-3 --out bench/results \
     --table-out bench/results/gpu_table.txt "$@"
-echo "table written to bench/results/gpu_table.txt" >&2
+# The epoch loops side by side in one process (issue 17): wall, kernel time / wall and the
+# graph loop's speedup over the fused host loop, on the default workload.
+"$PY" -m bench.gpu_loop --out bench/results | tee bench/results/gpu_loop_table.txt
+echo "tables written to bench/results/gpu_table.txt and bench/results/gpu_loop_table.txt" >&2

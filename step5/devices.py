@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 #: Environment variable read by the worker and the one-shot trainer (torch.set_num_threads).
 TORCH_THREADS_ENV = "STEP5_TORCH_THREADS"
+#: Environment variable read by the training core: which epoch loop trains a pass
+#: (step5.nn.device_loop.TRAIN_LOOPS). Defined here so torch-free code can set it.
+TRAIN_LOOP_ENV = "STEP5_TRAIN_LOOP"
 
 
 @dataclass(frozen=True)

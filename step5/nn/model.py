@@ -169,8 +169,8 @@ class FusedMLP(nn.Module):
                 with torch.no_grad():
                     # Running variance is unbiased, as in nn.BatchNorm1d.
                     unbiased = var * (row_count / (row_count - 1.0).clamp_min(1.0))
-                    rm.copy_(torch.where(stats_update, torch.lerp(rm, mean, BN_MOMENTUM), rm))
-                    rv.copy_(torch.where(stats_update, torch.lerp(rv, unbiased, BN_MOMENTUM), rv))
+                    torch.where(stats_update, torch.lerp(rm, mean, BN_MOMENTUM), rm, out=rm)
+                    torch.where(stats_update, torch.lerp(rv, unbiased, BN_MOMENTUM), rv, out=rv)
             else:
                 h = (h - rm) * torch.rsqrt(rv + BN_EPS)
             h = h * self.bn_weights[i] + self.bn_biases[i]

@@ -37,13 +37,15 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+import sklearn
 import torch
 from sklearn.metrics import mean_squared_error, r2_score
 from torch import Tensor
 
+from step5.nn.device_loop import DeviceLoop, LoopOutcome, resolve_train_loop
 from step5.nn.model import FusedMLP
 from step5.protocol import AUTO_FULL_BATCH_MAX_ROWS, resolve_batch_mode  # noqa: F401 - re-exported
 
@@ -193,9 +195,15 @@ def destandardize(z: np.ndarray, mean: float, std: float) -> np.ndarray:
 
 
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
-    """(R^2, MSE) with sklearn's definitions, in float64."""
+    """(R^2, MSE) with sklearn's definitions, in float64.
+
+    Without sklearn's per-call argument validation and finiteness scan: the arrays are
+    ours, and the caller rejects non-finite metrics itself. Validation cost ~1 ms a call,
+    20 calls per pass of five models: on a GPU, more than some passes' training.
+    """
     y_true = y_true.astype(np.float64)
-    return float(r2_score(y_true, y_pred)), float(mean_squared_error(y_true, y_pred))
+    with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+        return float(r2_score(y_true, y_pred)), float(mean_squared_error(y_true, y_pred))
 
 
 def _pad_rows(arrays: Sequence[np.ndarray], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -261,20 +269,27 @@ class FunctionalOptimizer:
         self.steps = torch.zeros_like(lr)  # (M, 1, 1) per-model step count, for bias correction
         self.exp_avg = [torch.zeros_like(p) for p in self.params]  # Adam m / SGD momentum buffer
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params] if kind != "sgd" else []
+        self._bc2_sqrt = torch.ones_like(lr)  # Adam's sqrt(bias correction 2), set by each step
 
     @torch.no_grad()
     def step(self, grads: Sequence[Tensor], active: Tensor) -> None:
         """Update the models where ``active`` (M, 1, 1) is true; leave the others untouched."""
-        self.steps = torch.where(active, self.steps + 1.0, self.steps)
+        # In place, as every state update here: a captured CUDA graph replays on these
+        # tensors. Kernel count matters as much as arithmetic for these tiny models, so the
+        # per-model factors are computed once per step and the masked writes go straight
+        # into the state (torch.where(..., out=)).
+        torch.where(active, self.steps + 1.0, self.steps, out=self.steps)
         if self.kind == "sgd":
             for p, g, buf in zip(self.params, grads, self.exp_avg):
                 g = g + self.wd * p
                 new_buf = buf * SGD_MOMENTUM + g  # first step: 0 * 0.9 + g = g, as torch
-                p.copy_(torch.where(active, p - self.lr * new_buf, p))
-                buf.copy_(torch.where(active, new_buf, buf))
+                torch.where(active, p - self.lr * new_buf, p, out=p)
+                torch.where(active, new_buf, buf, out=buf)
             return
         b1, b2 = ADAM_BETAS
-        bc1 = 1.0 - b1 ** self.steps.clamp_min(1.0)  # (M, 1, 1)
+        steps = self.steps.clamp_min(1.0)
+        step_size = self.lr / (1.0 - b1 ** steps)  # (M, 1, 1): lr / bias correction 1
+        self._bc2_sqrt = (1.0 - b2 ** steps).sqrt()  # (M, 1, 1), read by _adam_denominator
         for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq):
             if self.kind == "adam":
                 g = g + self.wd * p
@@ -283,15 +298,15 @@ class FunctionalOptimizer:
                 base = p * (1.0 - self.lr * self.wd)
             new_m = torch.lerp(m, g, 1.0 - b1)
             new_v = v * b2 + (g * g) * (1.0 - b2)
-            new_p = base - (self.lr / bc1) * new_m / self._adam_denominator(new_v)
-            p.copy_(torch.where(active, new_p, p))
-            m.copy_(torch.where(active, new_m, m))
-            v.copy_(torch.where(active, new_v, v))
+            new_p = base - step_size * new_m / self._adam_denominator(new_v)
+            torch.where(active, new_p, p, out=p)
+            torch.where(active, new_m, m, out=m)
+            torch.where(active, new_v, v, out=v)
 
     def _adam_denominator(self, v: Tensor) -> Tensor:
-        """Adam's ``sqrt(v_hat) + eps`` for second moments ``v`` at the current step counts."""
-        bc2_sqrt = (1.0 - ADAM_BETAS[1] ** self.steps.clamp_min(1.0)).sqrt()  # (M, 1, 1)
-        return v.sqrt() / bc2_sqrt + ADAM_EPS
+        """Adam's ``sqrt(v_hat) + eps`` for second moments ``v`` at the step counts of the
+        last :meth:`step`."""
+        return v.sqrt() / self._bc2_sqrt + ADAM_EPS
 
     @torch.no_grad()
     def shrink_input_groups(self, index: int, strength: Tensor, active: Tensor) -> None:
@@ -310,30 +325,25 @@ class FunctionalOptimizer:
             step = (self.lr / self._adam_denominator(self.exp_avg_sq[index])).mean(dim=2, keepdim=True)  # (M, D, 1)
         norms = p.pow(2).sum(dim=2, keepdim=True).sqrt()  # (M, D, 1)
         keep = torch.clamp(1.0 - step * strength / norms.clamp_min(1e-30), min=0.0)
-        p.copy_(torch.where(active, p * keep, p))
+        torch.where(active, p * keep, p, out=p)
 
 
-def _draw_dropout(
-    generators: Sequence[torch.Generator],
-    dropouts: Sequence[float],
-    rows: Sequence[int],
-    n_rows: int,
-    width: int,
-    device: torch.device,
-) -> Tensor | None:
-    """Scaled keep-masks (M, n_rows, W) for one layer, or None when no model drops out.
+def step_row_counts(mode: str, batch_size: int, n_train: Sequence[int], active: Sequence[bool]) -> list[list[int]]:
+    """Per step of one epoch, each model's real row count (0 for a stopped model)."""
+    if mode == "full":
+        return [[n if a else 0 for n, a in zip(n_train, active)]]
+    n_steps = max(math.ceil(n / batch_size) for n, a in zip(n_train, active) if a)
+    return [
+        [max(0, min(batch_size, n - s * batch_size)) if a else 0 for n, a in zip(n_train, active)]
+        for s in range(n_steps)
+    ]
 
-    Model m draws exactly (rows[m], W) uniforms from its own generator -- the same draw a
-    lone run of that model makes -- so its stream never depends on the other models.
-    """
-    if not any(p > 0.0 and r > 0 for p, r in zip(dropouts, rows)):
-        return None
-    mask = torch.ones(len(generators), n_rows, width, device=device)
-    for m, (g, p, r) in enumerate(zip(generators, dropouts, rows)):
-        if p > 0.0 and r > 0:
-            keep = torch.rand(r, width, generator=g, device=device) >= p
-            mask[m, :r] = keep.to(mask.dtype) * (1.0 / (1.0 - p))
-    return mask
+
+def shuffle_rows(index: Tensor, n_train: Sequence[int], models: Iterable[int], generators: Sequence[torch.Generator]) -> None:
+    """Write a fresh permutation of model m's training rows into ``index[m, :n_train[m]]``
+    for each m in ``models`` (one ``randperm`` from the model's own generator)."""
+    for m in models:
+        index[m, : n_train[m]] = torch.randperm(n_train[m], generator=generators[m], device=index.device)
 
 
 def _epoch_batches(
@@ -349,113 +359,183 @@ def _epoch_batches(
 
     A stopped model gets no rows, hence no steps and no random draws.
     """
-    M = len(n_train)
+    rows = step_row_counts(mode, batch_size, n_train, active)
     if mode == "full":
-        return [[n if a else 0 for n, a in zip(n_train, active)]], None
-    n_steps = max(math.ceil(n / batch_size) for n, a in zip(n_train, active) if a)
-    index = torch.zeros(M, n_steps * batch_size, dtype=torch.long, device=device)
-    for m in range(M):
-        if active[m]:
-            index[m, : n_train[m]] = torch.randperm(n_train[m], generator=generators[m], device=device)
-    rows = [
-        [max(0, min(batch_size, n_train[m] - s * batch_size)) if active[m] else 0 for m in range(M)]
-        for s in range(n_steps)
-    ]
+        return rows, None
+    index = torch.zeros(len(n_train), len(rows) * batch_size, dtype=torch.long, device=device)
+    shuffle_rows(index, n_train, np.flatnonzero(active).tolist(), generators)
     return rows, index
 
 
-# ---------------------------------------------------------------------------- the loop
+def divergence_message(spec: ModelSpec, epoch: int, optimizer: str) -> str:
+    """What a model whose loss became non-finite at ``epoch`` reports."""
+    return (
+        f"training diverged: the loss became non-finite at epoch {epoch} "
+        f"(learning_rate={spec.learning_rate:g}, optimizer={optimizer}); "
+        "a smaller learning rate or gradient clipping should help"
+    )
 
 
-def train_models(
-    config: TrainConfig,
-    specs: Sequence[ModelSpec],
-    folds: Sequence[Fold],
-    *,
-    device: torch.device,
-) -> list[TrainedModel]:
-    """Train ``len(specs)`` models, model m on ``folds[m]`` with ``specs[m]``, in one pass.
+# ---------------------------------------------------------------------------- one pass
 
-    Returns one :class:`TrainedModel` per model, in order. A model whose loss becomes
-    NaN/inf is stopped and reported through ``TrainedModel.error``; the others go on.
-    Raises ``ValueError`` for inconsistent inputs (feature counts, batch modes).
+
+class TrainingPass:
+    """The tensors of one M-model pass, and the two things an epoch loop does with them:
+    one optimisation step (:meth:`train_step`) and the early-stopping MSE (:meth:`stop_mse`).
+
+    Built once per :func:`train_models` call; the host loop below and the fixed-shape loop
+    of :mod:`step5.nn.device_loop` both drive it, so the arithmetic is written once.
     """
-    M = len(specs)
-    if M == 0 or len(folds) != M:
-        raise ValueError(f"need one fold per model spec, got {len(specs)} specs and {len(folds)} folds")
-    if config.optimizer not in ("adam", "adamw", "sgd"):
-        raise ValueError(f"`optimizer` must be one of ['adam', 'adamw', 'sgd'], got {config.optimizer!r}")
-    n_features = folds[0].X_train.shape[1]
-    for m, f in enumerate(folds):
-        if f.X_train.shape[1] != n_features or f.X_val.shape[1] != n_features:
-            raise ValueError(f"fold {m} has {f.X_train.shape[1]} features; fold 0 has {n_features}")
-        if f.X_train.shape[0] < 2 or f.X_val.shape[0] < 1:
-            raise ValueError(f"fold {m} needs >= 2 training rows and >= 1 validation row")
-        if (f.X_stop is None) != (f.y_stop is None) or (f.X_stop is not None and (
-                f.X_stop.shape[0] < 1 or f.X_stop.shape[1] != n_features)):
-            raise ValueError(f"fold {m} needs both X_stop and y_stop (>= 1 row, {n_features} features) or neither")
-    n_train = [f.X_train.shape[0] for f in folds]
-    n_val = [f.X_val.shape[0] for f in folds]
-    modes = {resolve_batch_mode(config.batch_mode, n) for n in n_train}
-    if len(modes) != 1:
-        raise ValueError(f"batch_mode {config.batch_mode!r} resolves differently for these folds: {sorted(modes)}")
-    mode = modes.pop()
-    B = config.batch_size
-    t_start = time.perf_counter()
 
-    # ---- data: each model's standardisers come from its own training fold only
-    feat = [fit_feature_scaler(f.X_train, config.normalize_features) for f in folds]
-    targ = [fit_target_scaler(f.y_train) for f in folds]
-    x_mean = torch.tensor(np.stack([mu for mu, _ in feat]), dtype=torch.float32, device=device)[:, None, :]  # (M, 1, D)
-    x_scale = torch.tensor(np.stack([sd for _, sd in feat]), dtype=torch.float32, device=device)[:, None, :]
+    def __init__(self, config: TrainConfig, specs: Sequence[ModelSpec], folds: Sequence[Fold], device: torch.device) -> None:
+        M = len(specs)
+        self.config, self.specs, self.device, self.n_models = config, list(specs), device, M
+        self.n_features = folds[0].X_train.shape[1]
+        self.n_train = [f.X_train.shape[0] for f in folds]
+        self.n_val = [f.X_val.shape[0] for f in folds]
+        modes = {resolve_batch_mode(config.batch_mode, n) for n in self.n_train}
+        if len(modes) != 1:
+            raise ValueError(f"batch_mode {config.batch_mode!r} resolves differently for these folds: {sorted(modes)}")
+        self.mode = modes.pop()
+        self.batch_size = config.batch_size
 
-    def standardize_y(y: np.ndarray, m: int) -> np.ndarray:
-        return ((y.astype(np.float64) - targ[m][0]) / targ[m][1]).astype(np.float32)
+        # ---- data: each model's standardisers come from its own training fold only
+        self.feat = [fit_feature_scaler(f.X_train, config.normalize_features) for f in folds]
+        self.targ = [fit_target_scaler(f.y_train) for f in folds]
+        self.x_mean = torch.tensor(np.stack([mu for mu, _ in self.feat]), dtype=torch.float32, device=device)[:, None, :]  # (M, 1, D)
+        self.x_scale = torch.tensor(np.stack([sd for _, sd in self.feat]), dtype=torch.float32, device=device)[:, None, :]
 
-    Xtr, mask_tr = _pad_rows([f.X_train for f in folds], device)  # (M, N, D), (M, N)
-    Xtr = (Xtr - x_mean) / x_scale
-    ytr, _ = _pad_rows([standardize_y(f.y_train, m) for m, f in enumerate(folds)], device)  # (M, N)
-    Xva, mask_va = _pad_rows([f.X_val for f in folds], device)  # (M, Nv, D), (M, Nv)
-    Xva = (Xva - x_mean) / x_scale
-    yva, _ = _pad_rows([standardize_y(f.y_val, m) for m, f in enumerate(folds)], device)  # (M, Nv)
-    # The early-stopping rows: their own tensors, so the validation rows are never consulted.
-    if all(f.X_stop is None for f in folds):
-        Xst, yst, mask_st = Xva, yva, mask_va
-    else:
-        Xst, mask_st = _pad_rows([f.stop_rows[0] for f in folds], device)
-        Xst = (Xst - x_mean) / x_scale
-        yst, _ = _pad_rows([standardize_y(f.stop_rows[1], m) for m, f in enumerate(folds)], device)
-    count_st = torch.tensor([f.stop_rows[0].shape[0] for f in folds], dtype=torch.float32, device=device)  # (M,)
+        def standardize_y(y: np.ndarray, m: int) -> np.ndarray:
+            return ((y.astype(np.float64) - self.targ[m][0]) / self.targ[m][1]).astype(np.float32)
 
-    # ---- model and optimizer: per-model generators and per-model hyper-parameters
-    generators = [make_generator(s.seed, device) for s in specs]
-    model = FusedMLP(
-        n_features, config.hidden_layers, use_leaky_relu=config.use_leaky_relu,
-        generators=generators, device=device,
-    )
-    params = list(model.parameters())
+        Xtr, self.mask_tr = _pad_rows([f.X_train for f in folds], device)  # (M, N, D), (M, N)
+        self.Xtr = self.standardize_x(Xtr)
+        self.ytr, _ = _pad_rows([standardize_y(f.y_train, m) for m, f in enumerate(folds)], device)  # (M, N)
+        Xva, self.mask_va = _pad_rows([f.X_val for f in folds], device)  # (M, Nv, D), (M, Nv)
+        self.Xva = self.standardize_x(Xva)
+        # The early-stopping rows: their own tensors, so the validation rows are never consulted.
+        if all(f.X_stop is None for f in folds):
+            self.Xst, self.mask_st = self.Xva, self.mask_va
+            self.yst, _ = _pad_rows([standardize_y(f.y_val, m) for m, f in enumerate(folds)], device)  # (M, Nv)
+        else:
+            Xst, self.mask_st = _pad_rows([f.stop_rows[0] for f in folds], device)
+            self.Xst = self.standardize_x(Xst)
+            self.yst, _ = _pad_rows([standardize_y(f.stop_rows[1], m) for m, f in enumerate(folds)], device)
+        self.count_st = torch.tensor([f.stop_rows[0].shape[0] for f in folds], dtype=torch.float32, device=device)  # (M,)
 
-    def per_model(values: Sequence[float]) -> Tensor:  # host->device, once per pass
-        return torch.tensor(values, dtype=torch.float32, device=device).view(M, 1, 1)
+        # ---- model and optimizer: per-model generators and per-model hyper-parameters
+        self.generators = [make_generator(s.seed, device) for s in specs]
+        self.model = FusedMLP(
+            self.n_features, config.hidden_layers, use_leaky_relu=config.use_leaky_relu,
+            generators=self.generators, device=device,
+        )
+        self.params = list(self.model.parameters())
+        self.opt = FunctionalOptimizer(
+            config.optimizer, self.params, self.per_model([s.learning_rate for s in specs]),
+            self.per_model([s.weight_decay for s in specs]),
+        )
+        self.max_norm = self.per_model([s.gradient_clip for s in specs])
+        self.dropouts = [s.dropout for s in specs]
+        self.input_dropouts = [s.input_dropout for s in specs]
+        # Per-model dropout rates and keep scales 1/(1-p), on the device once per pass.
+        self.dropout_t = (self.per_model(self.dropouts), self.per_model([1.0 / (1.0 - q) for q in self.dropouts]))
+        self.input_dropout_t = (
+            self.per_model(self.input_dropouts), self.per_model([1.0 / (1.0 - q) for q in self.input_dropouts]))
+        # Group lasso on the weights that read each input feature, as a proximal step after
+        # each update (FunctionalOptimizer.shrink_input_groups): a feature's weights shrink
+        # together and reach exactly zero, so uninformative features drop out of the model.
+        # Off (exactly the plain training) unless a model asks for it.
+        self.sparsity = self.per_model([s.input_sparsity for s in specs]) if any(s.input_sparsity for s in specs) else None
+        self.input_index = next(i for i, p in enumerate(self.params) if p is self.model.input_weights)
+        self.state = self.params + self.model.running_stats()
+        self.best_state = [t.detach().clone() for t in self.state]
 
-    opt = FunctionalOptimizer(
-        config.optimizer, params, per_model([s.learning_rate for s in specs]), per_model([s.weight_decay for s in specs])
-    )
-    max_norm = per_model([s.gradient_clip for s in specs])
-    dropouts = [s.dropout for s in specs]
-    input_dropouts = [s.input_dropout for s in specs]
-    # Group lasso on the weights that read each input feature, as a proximal step after
-    # each update (FunctionalOptimizer.shrink_input_groups): a feature's weights shrink
-    # together and reach exactly zero, so uninformative features drop out of the model.
-    # Off (exactly the plain training) unless a model asks for it.
-    sparsity = per_model([s.input_sparsity for s in specs]) if any(s.input_sparsity for s in specs) else None
-    input_index = next(i for i, p in enumerate(params) if p is model.input_weights)
-    state = params + model.running_stats()
-    best_state = [t.detach().clone() for t in state]
+    def per_model(self, values: Sequence[float]) -> Tensor:
+        """Per-model scalars as an (M, 1, 1) tensor (host->device, once per pass)."""
+        return torch.tensor(values, dtype=torch.float32, device=self.device).view(self.n_models, 1, 1)
 
-    # ---- early-stopping bookkeeping lives on the host (M numbers per epoch)
+    def standardize_x(self, X: Tensor) -> Tensor:
+        return (X - self.x_mean) / self.x_scale
+
+    def plan_steps(self, active: Sequence[bool]) -> list[list[int]]:
+        """Per step of an epoch, each model's real row count (0 where not ``active``)."""
+        return step_row_counts(self.mode, self.batch_size, self.n_train, active)
+
+    def shuffle(self, index: Tensor, models: Iterable[int]) -> None:
+        """Mini mode: a fresh row order for each of ``models``, into ``index`` (M, S*B)."""
+        shuffle_rows(index, self.n_train, models, self.generators)
+
+    def train_step(self, x: Tensor, y: Tensor, mask: Tensor, rows: Sequence[int], rows_t: Tensor,
+                   active: Tensor | None = None) -> Tensor:
+        """One optimisation step of every model on its batch: x (M, R, D), y and mask
+        (M, R); ``rows`` / ``rows_t`` (M,) each model's real row count. A model moves only
+        if it has rows (and, where ``active`` (M,) bool is given, is active). Returns the
+        per-model loss (M,)."""
+        M = self.n_models
+        count = rows_t.clamp_min(1.0)  # (M,)
+        has_rows = rows_t > 0
+        stats_update = rows_t >= 2  # BatchNorm refuses 1-row batches; so do we
+        if active is not None:
+            has_rows, stats_update = has_rows & active, stats_update & active
+        # Input mask first, then the hidden layers', in the same order for a lone run.
+        imask = self.dropout_mask(self.input_dropouts, self.input_dropout_t, rows, x.shape[1], self.n_features)
+        dmasks = [self.dropout_mask(self.dropouts, self.dropout_t, rows, x.shape[1], w) for w in self.config.hidden_layers]
+        pred = self.model(
+            x, row_mask=mask[..., None], row_count=count.view(M, 1, 1), dropout_masks=dmasks, input_mask=imask,
+            stats_update=stats_update.view(M, 1, 1),
+        )[..., 0]  # (M, R)
+        loss = masked_mse(pred, y, mask, count)  # (M,)
+        # Summing keeps each model's gradient its own: d(sum)/d(theta_m) = d(loss_m)/d(theta_m).
+        grads = torch.autograd.grad(loss.sum(), self.params)
+        grads = clip_grads_per_model(list(grads), self.max_norm)
+        self.opt.step(grads, has_rows.view(M, 1, 1))
+        if self.sparsity is not None:
+            self.opt.shrink_input_groups(self.input_index, self.sparsity, has_rows.view(M, 1, 1))
+        return loss.detach()
+
+    def dropout_mask(self, rates: Sequence[float], rates_t: tuple[Tensor, Tensor], rows: Sequence[int],
+                     n_rows: int, width: int) -> Tensor | None:
+        """Scaled keep-masks (M, n_rows, W) for one layer, or None when no model drops out.
+
+        Model m draws exactly (rows[m], W) uniforms from its own generator -- the same draw
+        a lone run of that model makes -- so its stream never depends on the other models.
+        The draws land in one buffer and one ``where`` turns them into masks (a few kernels
+        per layer, not a few per model). Rows a model does not draw stay 1.0 and so keep
+        every unit: its padding, or all rows of a model without dropout (scale 1). Padding
+        only has to stay finite -- the row mask keeps it out of every sum.
+        """
+        if not any(p > 0.0 and r > 0 for p, r in zip(rates, rows)):
+            return None
+        uniform = torch.ones(self.n_models, n_rows, width, device=self.device)
+        for m, (g, p, r) in enumerate(zip(self.generators, rates, rows)):
+            if p > 0.0 and r > 0:
+                torch.rand(r, width, generator=g, out=uniform[m, :r])
+        rate, scale = rates_t  # (M, 1, 1) each
+        return torch.where(uniform >= rate, scale, 0.0)
+
+    def batch(self, index: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        """Mini mode: step ``step``'s rows of each model, gathered by ``index`` (M, S*B)."""
+        B = self.batch_size
+        idx = index[:, step * B : (step + 1) * B]  # (M, B)
+        return torch.gather(self.Xtr, 1, idx[..., None].expand(-1, -1, self.n_features)), torch.gather(self.ytr, 1, idx)
+
+    def stop_mse(self) -> Tensor:
+        """Each model's early-stopping MSE (M,), in eval mode."""
+        return masked_mse(predict_standardized(self.model, self.Xst), self.yst, self.mask_st, self.count_st)
+
+    def keep_best(self, improved: Tensor) -> None:
+        """Copy the current weights and statistics into best_state where ``improved`` (M,)."""
+        keep = improved.view(self.n_models, 1, 1)
+        for b, t in zip(self.best_state, self.state):
+            torch.where(keep, t.detach(), b, out=b)
+
+
+def host_loop(p: TrainingPass) -> LoopOutcome:
+    """The epoch loop with early stopping on the host: one host/device sync per epoch, and
+    each epoch plans only the models still training. The CPU's loop."""
+    M, config, device = p.n_models, p.config, p.device
     stopped = np.zeros(M, dtype=bool)
-    errors: list[str | None] = [None] * M
+    diverged_at = np.zeros(M, dtype=np.int64)
     best_val = np.full(M, np.inf)
     best_epoch = np.zeros(M, dtype=np.int64)
     stale = np.zeros(M, dtype=np.int64)
@@ -471,39 +551,22 @@ def train_models(
             break  # exit 2: the epoch budget is spent
         epoch += 1
         active = ~stopped
-        model.train()
-        step_rows, index = _epoch_batches(mode, B, n_train, active, generators, device)
+        p.model.train()
+        step_rows, index = _epoch_batches(p.mode, p.batch_size, p.n_train, active, p.generators, device)
         # One host->device copy per epoch: every step's per-model row counts.
         rows_t = torch.tensor(step_rows, dtype=torch.float32, device=device)  # (S, M)
         nonfinite = torch.zeros(M, dtype=torch.bool, device=device)
         for s, rows in enumerate(step_rows):
             if index is None:
-                x, y, mask = Xtr, ytr, mask_tr  # (M, N, D), (M, N), (M, N)
+                x, y, mask = p.Xtr, p.ytr, p.mask_tr  # (M, N, D), (M, N), (M, N)
             else:
-                idx = index[:, s * B : (s + 1) * B]  # (M, B)
-                x = torch.gather(Xtr, 1, idx[..., None].expand(-1, -1, n_features))  # (M, B, D)
-                y = torch.gather(ytr, 1, idx)  # (M, B)
-                mask = (torch.arange(B, device=device)[None, :] < rows_t[s][:, None]).to(torch.float32)  # (M, B)
-            count = rows_t[s].clamp_min(1.0)  # (M,)
-            has_rows = (rows_t[s] > 0).view(M, 1, 1)
-            # Input mask first, then the hidden layers', in the same order for a lone run.
-            imask = _draw_dropout(generators, input_dropouts, rows, x.shape[1], n_features, device)
-            dmasks = [_draw_dropout(generators, dropouts, rows, x.shape[1], w, device) for w in config.hidden_layers]
-            pred = model(
-                x, row_mask=mask[..., None], row_count=count.view(M, 1, 1), dropout_masks=dmasks, input_mask=imask,
-                stats_update=(rows_t[s] >= 2).view(M, 1, 1),  # BatchNorm refuses 1-row batches; so do we
-            )[..., 0]  # (M, R)
-            loss = masked_mse(pred, y, mask, count)  # (M,)
-            # Summing keeps each model's gradient its own: d(sum)/d(theta_m) = d(loss_m)/d(theta_m).
-            grads = torch.autograd.grad(loss.sum(), params)
-            grads = clip_grads_per_model(list(grads), max_norm)
-            opt.step(grads, has_rows)
-            if sparsity is not None:
-                opt.shrink_input_groups(input_index, sparsity, has_rows)
-            nonfinite |= ~torch.isfinite(loss.detach())
+                x, y = p.batch(index, s)  # (M, B, D), (M, B)
+                mask = (torch.arange(p.batch_size, device=device)[None, :] < rows_t[s][:, None]).to(torch.float32)
+            loss = p.train_step(x, y, mask, rows, rows_t[s])
+            nonfinite |= ~torch.isfinite(loss)
             stat_updates += np.array([r >= 2 for r in rows], dtype=np.int64)
 
-        val_mse = masked_mse(predict_standardized(model, Xst), yst, mask_st, count_st)  # (M,) early-stopping MSE
+        val_mse = p.stop_mse()  # (M,)
         # Host/device sync, once per epoch: early stopping and the exit test run on the host.
         val_host, bad_host = torch.stack([val_mse, nonfinite.to(val_mse.dtype)]).cpu().numpy()
         improved = np.zeros(M, dtype=bool)
@@ -511,47 +574,82 @@ def train_models(
             epochs_run[m] = epoch
             if bad_host[m] or not math.isfinite(float(val_host[m])):
                 stopped[m] = True
-                errors[m] = (
-                    f"training diverged: the loss became non-finite at epoch {epoch} "
-                    f"(learning_rate={specs[m].learning_rate:g}, optimizer={config.optimizer}); "
-                    "a smaller learning rate or gradient clipping should help"
-                )
-            elif val_host[m] < best_val[m] or not specs[m].restore_best:
+                diverged_at[m] = epoch
+            elif val_host[m] < best_val[m] or not p.specs[m].restore_best:
                 # restore_best=False: the "best" is always the latest epoch (no selection)
                 best_val[m], best_epoch[m], stale[m] = val_host[m], epoch, 0
                 best_stat_updates[m] = stat_updates[m]
                 improved[m] = True
             else:
                 stale[m] += 1
-                if specs[m].patience > 0 and stale[m] >= specs[m].patience:
+                if p.specs[m].patience > 0 and stale[m] >= p.specs[m].patience:
                     stopped[m] = True
         if improved.any():
-            keep = torch.from_numpy(improved).to(device).view(M, 1, 1)  # host->device: M bools
-            for b, t in zip(best_state, state):
-                b.copy_(torch.where(keep, t.detach(), b))
+            p.keep_best(torch.from_numpy(improved).to(device))  # host->device: M bools
+    return LoopOutcome(epochs_run, best_epoch, diverged_at, best_stat_updates)
+
+
+# ---------------------------------------------------------------------------- the core
+
+
+def train_models(
+    config: TrainConfig,
+    specs: Sequence[ModelSpec],
+    folds: Sequence[Fold],
+    *,
+    device: torch.device,
+    loop: str | None = None,
+) -> list[TrainedModel]:
+    """Train ``len(specs)`` models, model m on ``folds[m]`` with ``specs[m]``, in one pass.
+
+    ``loop`` picks the epoch loop (:func:`resolve_train_loop`; None: ``STEP5_TRAIN_LOOP``,
+    else ``auto``). Returns one :class:`TrainedModel` per model, in order. A model whose
+    loss becomes NaN/inf is stopped and reported through ``TrainedModel.error``; the
+    others go on. Raises ``ValueError`` for inconsistent inputs (feature counts, batch modes).
+    """
+    M = len(specs)
+    if M == 0 or len(folds) != M:
+        raise ValueError(f"need one fold per model spec, got {len(specs)} specs and {len(folds)} folds")
+    if config.optimizer not in ("adam", "adamw", "sgd"):
+        raise ValueError(f"`optimizer` must be one of ['adam', 'adamw', 'sgd'], got {config.optimizer!r}")
+    n_features = folds[0].X_train.shape[1]
+    for m, f in enumerate(folds):
+        if f.X_train.shape[1] != n_features or f.X_val.shape[1] != n_features:
+            raise ValueError(f"fold {m} has {f.X_train.shape[1]} features; fold 0 has {n_features}")
+        if f.X_train.shape[0] < 2 or f.X_val.shape[0] < 1:
+            raise ValueError(f"fold {m} needs >= 2 training rows and >= 1 validation row")
+        if (f.X_stop is None) != (f.y_stop is None) or (f.X_stop is not None and (
+                f.X_stop.shape[0] < 1 or f.X_stop.shape[1] != n_features)):
+            raise ValueError(f"fold {m} needs both X_stop and y_stop (>= 1 row, {n_features} features) or neither")
+    kind = resolve_train_loop(loop, device)
+    t_start = time.perf_counter()
+    p = TrainingPass(config, specs, folds, device)
+    outcome = host_loop(p) if kind == "host" else DeviceLoop(p, capture=kind == "graph").run()
 
     # ---- restore each model's best weights and score them on the original target scale
     with torch.no_grad():
-        for t, b in zip(state, best_state):
+        for t, b in zip(p.state, p.best_state):
             t.copy_(b)
-    pred_tr = predict_standardized(model, Xtr).cpu().numpy()  # sync: (M, N) to host for sklearn
-    pred_va = predict_standardized(model, Xva).cpu().numpy()
+    pred_tr = predict_standardized(p.model, p.Xtr).cpu().numpy()  # sync: (M, N) to host for sklearn
+    pred_va = predict_standardized(p.model, p.Xva).cpu().numpy()
     pred_te: np.ndarray | None = None
     if any(f.X_test is not None for f in folds):
         Xte, _ = _pad_rows([f.X_test if f.X_test is not None else f.X_val[:1] for f in folds], device)
-        pred_te = predict_standardized(model, (Xte - x_mean) / x_scale).cpu().numpy()
+        pred_te = predict_standardized(p.model, p.standardize_x(Xte)).cpu().numpy()
 
     results: list[TrainedModel] = []
     for m, f in enumerate(folds):
+        diverged = int(outcome.diverged_at[m])
         res = TrainedModel(
-            n_train=n_train[m], n_val=n_val[m], epochs_run=int(epochs_run[m]),
-            best_epoch=int(best_epoch[m]) if errors[m] is None else 0, error=errors[m],
-            feature_mean=feat[m][0], feature_scale=feat[m][1], target_mean=targ[m][0], target_std=targ[m][1],
+            n_train=p.n_train[m], n_val=p.n_val[m], epochs_run=int(outcome.epochs_run[m]),
+            best_epoch=int(outcome.best_epoch[m]) if not diverged else 0,
+            error=divergence_message(specs[m], diverged, config.optimizer) if diverged else None,
+            feature_mean=p.feat[m][0], feature_scale=p.feat[m][1], target_mean=p.targ[m][0], target_std=p.targ[m][1],
         )
-        if errors[m] is None:
-            mu, sd = targ[m]
-            p_tr = destandardize(pred_tr[m, : n_train[m]], mu, sd)
-            p_va = destandardize(pred_va[m, : n_val[m]], mu, sd)
+        if not diverged:
+            mu, sd = p.targ[m]
+            p_tr = destandardize(pred_tr[m, : p.n_train[m]], mu, sd)
+            p_va = destandardize(pred_va[m, : p.n_val[m]], mu, sd)
             metrics: dict[str, float] = {}
             metrics["r2"], metrics["val_mse"] = regression_metrics(f.y_val, p_va)
             metrics["train_r2"], metrics["train_mse"] = regression_metrics(f.y_train, p_tr)
@@ -561,12 +659,13 @@ def train_models(
             if all(math.isfinite(v) for v in metrics.values()):
                 res.metrics = metrics
                 res.val_pred = p_va
-                res.state_dict = model.export_model(m, num_batches_tracked=int(best_stat_updates[m]))
+                res.state_dict = p.model.export_model(m, num_batches_tracked=int(outcome.best_stat_updates[m]))
             else:
                 res.error = f"training produced non-finite predictions (metrics {metrics}); the model diverged"
         results.append(res)
     logger.debug(
-        "trained %d model(s) x %d epoch(s) max, %s batches, in %.3fs",
-        M, int(epochs_run.max(initial=0)), mode, time.perf_counter() - t_start,
+        "trained %d model(s) x %d epoch(s) max, %s batches, %s loop, in %.3fs",
+        M, int(outcome.epochs_run.max(initial=0)), p.mode, kind, time.perf_counter() - t_start,
     )
     return results
+

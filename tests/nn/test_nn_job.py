@@ -24,14 +24,6 @@ COMPLETE_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def arrays(seed: int = 0, n_train: int = 120, n_val: int = 40, d: int = 6) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     X = rng.normal(size=(n_train + n_val, d)).astype(np.float32)

@@ -24,16 +24,6 @@ CPU = torch.device("cpu")
 REL = 1e-5  # the contract: a fused model's metrics equal its lone run within 1e-5 relative
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and a busy 2-core machine makes a second
-    OpenMP thread wait for a core on every op."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def synthetic_fold(seed: int, n_train: int, n_val: int, d: int = 8, noise: float = 0.3) -> Fold:
     """A fold with a planted nonlinear signal in the first four columns."""
     rng = np.random.default_rng(seed)

@@ -1,0 +1,245 @@
+"""The epoch loop as a fixed-shape program: early stopping on the device, one CUDA graph per pass.
+
+The host loop (:func:`step5.nn.trainer.host_loop`) plans each epoch for the models still
+training and decides early stopping on the host, which costs one host/device sync per
+epoch and a few hundred kernel launches per step. On a GPU a tiny MLP's arithmetic takes
+microseconds, so that loop leaves the device idle most of the time.
+
+This loop trains the same models with the same arithmetic, but every shape is fixed for
+the whole pass, so an epoch is one replayable program:
+
+* the step plan (rows per model per step, row masks) is computed once: a stopped model
+  keeps its steps but is frozen by the ``active`` mask the optimizer, BatchNorm and the
+  counters already honour, instead of being planned out;
+* early stopping (best MSE, patience, divergence, the best weights' copy, epoch counts)
+  is tensor arithmetic on the device;
+* on CUDA, epoch 1 runs eagerly on a side stream (the warm-up a capture needs), then the
+  epoch is captured once as a CUDA graph and replayed; each model's generator is
+  registered with the graph, so the dropout masks drawn in a replay are the ones eager
+  code would draw (the graph advances the generator's offset as the eager calls would);
+* the host learns that every model has stopped from a flag copied to pinned memory after
+  each replay, read one epoch late: the device always has the next epoch queued, and at
+  most one epoch runs after the last model stopped (a frozen epoch: it changes nothing).
+
+Mini-batch shuffles stay eager (``randperm`` per model per epoch, into a fixed index
+buffer), in the same order of draws as the host loop. A model that has stopped still
+draws (its stream no longer matters): the models still training draw exactly what they
+would alone, so results equal the host loop's -- bit for bit on the CPU, where this loop
+runs the same program without capture (tests hold it to that), and up to kernel rounding
+on a GPU.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from step5.devices import TRAIN_LOOP_ENV
+
+if TYPE_CHECKING:  # the trainer imports this module; the pass type is only annotated here
+    from step5.nn.trainer import TrainingPass
+
+logger = logging.getLogger(__name__)
+
+#: ``auto``: the graph loop on CUDA, the host loop elsewhere. ``host``: the per-epoch-sync
+#: loop (the path before CUDA graphs, kept as a mode and as a kill switch). ``graph``: the
+#: fixed-shape loop, captured on CUDA, run eagerly elsewhere.
+TRAIN_LOOPS = ("auto", "host", "graph")
+
+
+@dataclass
+class LoopOutcome:
+    """What an epoch loop hands back, per model (all arrays (M,))."""
+
+    epochs_run: np.ndarray  # epochs trained before stopping (or diverging)
+    best_epoch: np.ndarray  # 1-based epoch of the weights in best_state
+    diverged_at: np.ndarray  # epoch whose loss became non-finite; 0 = never
+    best_stat_updates: np.ndarray  # BatchNorm updates up to the best epoch (num_batches_tracked)
+
+
+def resolve_train_loop(loop: str | None, device: torch.device, environ: Mapping[str, str] | None = None) -> str:
+    """``host`` or ``graph`` for this pass: ``loop``, else ``STEP5_TRAIN_LOOP``, else ``auto``."""
+    env = os.environ if environ is None else environ
+    choice = loop if loop is not None else (env.get(TRAIN_LOOP_ENV) or "auto")
+    if choice not in TRAIN_LOOPS:
+        source = "loop" if loop is not None else TRAIN_LOOP_ENV
+        raise ValueError(f"{source} must be one of {list(TRAIN_LOOPS)}, got {choice!r}")
+    if choice == "auto":
+        return "graph" if device.type == "cuda" else "host"
+    return choice
+
+
+class DeviceLoop:
+    """Train a :class:`~step5.nn.trainer.TrainingPass` with a fixed-shape epoch program.
+
+    ``capture``: on CUDA, replay the epoch as a CUDA graph (ignored on other devices).
+    """
+
+    def __init__(self, p: TrainingPass, *, capture: bool) -> None:
+        self.p = p
+        device, M = p.device, p.n_models
+        self.capture = capture and device.type == "cuda"
+        # Every model's rows per step with all models training: the plan of every epoch.
+        self.step_rows = p.plan_steps([True] * M)
+        self.rows_t = torch.tensor(self.step_rows, dtype=torch.float32, device=device)  # (S, M)
+        self.index: Tensor | None = None
+        self.step_masks: list[Tensor] = []
+        if p.mode == "mini":
+            B = p.batch_size
+            self.index = torch.zeros(M, len(self.step_rows) * B, dtype=torch.long, device=device)
+            arange = torch.arange(B, device=device)[None, :]
+            self.step_masks = [(arange < self.rows_t[s][:, None]).to(torch.float32) for s in range(len(self.step_rows))]
+        self.stat_rows = [self.rows_t[s] >= 2 for s in range(len(self.step_rows))]  # (M,) per step
+
+        def zeros(dtype: torch.dtype) -> Tensor:
+            return torch.zeros(M, dtype=dtype, device=device)
+
+        # Early-stopping state, updated in place (a replayed graph reads and writes these).
+        self.epoch = torch.zeros((), dtype=torch.long, device=device)
+        self.stopped = zeros(torch.bool)
+        self.all_stopped = torch.zeros((), dtype=torch.bool, device=device)
+        self.best_val = torch.full((M,), float("inf"), dtype=torch.float32, device=device)
+        self.best_epoch = zeros(torch.long)
+        self.stale = zeros(torch.long)
+        self.epochs_run = zeros(torch.long)
+        self.diverged_at = zeros(torch.long)
+        self.stat_updates = zeros(torch.long)
+        self.best_stat_updates = zeros(torch.long)
+        self.patience = torch.tensor([s.patience for s in p.specs], dtype=torch.long, device=device)
+        self.restore_best = torch.tensor([s.restore_best for s in p.specs], dtype=torch.bool, device=device)
+
+    # ------------------------------------------------------------------ one epoch
+
+    def _shuffle(self) -> None:
+        """Mini mode: this epoch's row order for every model (eager; before the epoch runs)."""
+        if self.index is not None:
+            self.p.shuffle(self.index, range(self.p.n_models))
+
+    def _epoch(self) -> None:
+        """One epoch: every step, the early-stopping MSE and the bookkeeping; no host sync."""
+        p = self.p
+        self.epoch.add_(1)
+        active = ~self.stopped  # (M,)
+        p.model.train()
+        nonfinite = torch.zeros_like(self.stopped)
+        for s, rows in enumerate(self.step_rows):
+            if self.index is None:
+                x, y, mask = p.Xtr, p.ytr, p.mask_tr
+            else:
+                x, y = p.batch(self.index, s)
+                mask = self.step_masks[s]
+            loss = p.train_step(x, y, mask, rows, self.rows_t[s], active)
+            nonfinite |= ~torch.isfinite(loss)
+            self.stat_updates.add_((self.stat_rows[s] & active).to(torch.long))
+        val = p.stop_mse()  # (M,)
+        bad = active & (nonfinite | ~torch.isfinite(val))
+        ok = active & ~bad
+        # restore_best=False: the "best" is always the latest epoch (no selection)
+        improved = ok & ((val < self.best_val) | ~self.restore_best)
+        self.epochs_run.copy_(torch.where(active, self.epoch, self.epochs_run))
+        self.diverged_at.copy_(torch.where(bad, self.epoch, self.diverged_at))
+        self.best_val.copy_(torch.where(improved, val, self.best_val))
+        self.best_epoch.copy_(torch.where(improved, self.epoch, self.best_epoch))
+        self.best_stat_updates.copy_(torch.where(improved, self.stat_updates, self.best_stat_updates))
+        self.stale.copy_(torch.where(improved, torch.zeros_like(self.stale), torch.where(ok, self.stale + 1, self.stale)))
+        patience_out = ok & ~improved & (self.patience > 0) & (self.stale >= self.patience)
+        self.stopped |= bad | patience_out
+        self.all_stopped.copy_(self.stopped.all())
+        p.keep_best(improved)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> LoopOutcome:
+        epochs = self.p.config.epochs
+        if self.capture:
+            self._run_captured(epochs)
+        else:
+            self._run_eager(0, epochs)
+        host = [t.cpu().numpy() for t in (self.epochs_run, self.best_epoch, self.diverged_at, self.best_stat_updates)]
+        return LoopOutcome(*host)
+
+    def _run_eager(self, done: int, epochs: int) -> None:
+        """Epochs ``done + 1 ..`` without capture, checking after each (a sync: free on a CPU)."""
+        while done < epochs and not (done > 0 and bool(self.all_stopped)):
+            self._shuffle()
+            self._epoch()
+            done += 1
+
+    def _run_captured(self, epochs: int) -> None:
+        device = self.p.device
+        key = str(device)
+        main = torch.cuda.current_stream(device)
+        if key not in _CAPTURE_STREAMS:
+            _CAPTURE_STREAMS[key] = torch.cuda.Stream(device)
+        side = _CAPTURE_STREAMS[key]
+        flags = torch.zeros(2, dtype=torch.bool, pin_memory=True)
+        done = [torch.cuda.Event(), torch.cuda.Event()]
+
+        def flag_stopped(epoch: int) -> None:  # after an epoch: has every model stopped?
+            flags[epoch % 2].copy_(self.all_stopped, non_blocking=True)
+            done[epoch % 2].record(main)
+
+        first = 1
+        if key not in _WARM_DEVICES:
+            # The process's first capture on this device: epoch 1 runs eagerly on the
+            # capture stream first, the warm-up a capture needs (library handles, the
+            # stream's cuBLAS workspace, autograd's device threads). It is a real epoch.
+            self._shuffle()
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                self._epoch()
+            main.wait_stream(side)
+            flag_stopped(1)
+            first = 2
+        if first > epochs:
+            return
+        graph = self._capture(side, main)
+        if graph is None:
+            self._run_eager(first - 1, epochs)
+            return
+        _WARM_DEVICES.add(key)
+        for e in range(first, epochs + 1):
+            if e >= 3:
+                # Had every model stopped by epoch e-2? Read one epoch late, so that
+                # epoch e-1 keeps the device busy meanwhile.
+                done[e % 2].synchronize()
+                if bool(flags[e % 2]):
+                    break
+            self._shuffle()
+            graph.replay()
+            flag_stopped(e)
+
+    def _capture(self, side: torch.cuda.Stream, main: torch.cuda.Stream) -> torch.cuda.CUDAGraph | None:
+        """The epoch as a CUDA graph, or None (logged) if this pass's epoch cannot be
+        captured: it then trains uncaptured, with the same results."""
+        graph = torch.cuda.CUDAGraph()
+        for g in self.p.generators:
+            graph.register_generator_state(g)
+        # capture_begin/end directly: torch.cuda.graph() would also gc.collect() and empty
+        # the cache, once per pass. Capturing records kernels without running them, so a
+        # failed capture leaves every tensor as it was.
+        side.wait_stream(main)
+        try:
+            with torch.cuda.stream(side):
+                graph.capture_begin()
+                try:
+                    self._epoch()
+                finally:
+                    graph.capture_end()
+        except RuntimeError as exc:
+            logger.warning("CUDA graph capture failed, this pass trains without it: %s", exc)
+            torch.cuda.synchronize(self.p.device)
+            return None
+        main.wait_stream(side)
+        return graph
+
+
+#: Devices on which this process has captured an epoch: later passes skip the warm-up.
+_WARM_DEVICES: set[str] = set()
+#: One capture stream per device, reused by every pass (its library state stays warm).
+_CAPTURE_STREAMS: dict[str, torch.cuda.Stream] = {}
