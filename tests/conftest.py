@@ -1,8 +1,10 @@
-"""Suite-wide fixtures: sample data, a fake fold file, a repo-root path, and a guard that
-no test leaves a child process behind (workers, one-shot trainers, step subprocesses)."""
+"""Suite-wide fixtures: sample data, a fake fold file, a repo-root path, a guard that no
+test leaves a child process behind (workers, one-shot trainers, step subprocesses), and
+Ctrl-C that works in every test."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -13,6 +15,20 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sigint_is_ctrl_c():
+    """SIGINT raises KeyboardInterrupt in the suite and reaches its children, as in a terminal.
+
+    A shell without job control starts a background command (``.ci/run &``, ``nohup ... &``)
+    with SIGINT ignored; Python then installs no handler, and every child inherits the
+    ignore. The tests that press Ctrl-C (on themselves, on the optimizer, on the WATCHER)
+    would see nothing happen. A Python-level handler is reset to the default by ``exec``,
+    so children start with SIGINT live again."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture
