@@ -93,3 +93,52 @@ def test_repeats_are_labelled_and_summarised_per_dataset():
 def test_repeats_must_be_positive():
     with pytest.raises(SystemExit):
         quality.main(["--repeats", "0", "--datasets", "diabetes_s1"])
+
+
+def test_a_gap_comes_with_its_paired_bootstrap_standard_error():
+    from sklearn.metrics import r2_score
+
+    rng = np.random.default_rng(3)
+    y = rng.normal(size=60)
+    best = y + rng.normal(scale=0.5, size=60)
+    ours = y + rng.normal(scale=0.7, size=60)
+    gap, se = quality.paired_gap(y, best, ours, resamples=300, seed=5)
+    assert gap == pytest.approx(r2_score(y, best) - r2_score(y, ours))
+    rows = np.random.default_rng(5).integers(0, 60, size=(300, 60))  # the same draws, scored one by one
+    by_hand = [r2_score(y[i], best[i]) - r2_score(y[i], ours[i]) for i in rows]
+    assert se == pytest.approx(np.std(by_hand, ddof=1))
+    assert 0 < se < 0.5
+    assert quality.paired_gap(y, best, best) == (0.0, 0.0)  # a model against itself: no gap, no spread
+
+
+def test_each_target_line_says_how_large_its_gap_is_against_the_test_rows_noise():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=80)
+    row = _row("a", 0.0, 0.5, (0.40, 0.50, 0.30, 0.20), compare=0.0)
+    row["test_predictions"] = {"y": y.tolist(), **{b: (y + rng.normal(size=80)).tolist() for b in quality.BASELINES},
+                               "nn": (y + rng.normal(size=80)).tolist(), "compare": y.tolist()}
+    text, _ = quality.report([row])
+    nn_line = next(line for line in text.splitlines() if "a: NN" in line)
+    gap, se = quality.paired_gap(y, row["test_predictions"]["HistGB"], row["test_predictions"]["nn"])
+    assert f"(gap to HistGB {gap:+.3f} ± {se:.3f}, paired bootstrap SE over 80 test rows)" in nn_line
+    assert "gap to HistGB -" in next(line for line in text.splitlines() if "a: compare-models" in line)
+    del row["test_predictions"]  # a quality.json written before the predictions were kept
+    assert "gap to" not in quality.report([row])[0]
+
+
+def test_a_short_run_keeps_every_models_test_predictions_as_step6_loads_them(tmp_path, capsys):
+    """End to end on one dataset: Step 5 with compare-models and the baselines, on the same test rows."""
+    import json
+
+    from sklearn.metrics import r2_score
+
+    out = tmp_path / "q"
+    assert quality.main(["--trials", "2", "--nn-max-epochs", "3", "--datasets", "diabetes_s42", "--compare",
+                         "--out", str(out)]) == 0
+    (row,) = json.loads((out / "quality.json").read_text())["rows"]
+    preds = row["test_predictions"]
+    assert len(preds["y"]) == 89 and set(preds) == {"y", *quality.BASELINES, "nn", "compare"}
+    for who, reported in (("nn", row["nn"]["test_r2"]), ("compare", row["compare"]["test_r2"]),
+                          *((b, row["baselines"][b]) for b in quality.BASELINES)):
+        assert r2_score(preds["y"], preds[who]) == pytest.approx(reported, abs=1e-4), who
+    assert "paired bootstrap SE over 89 test rows" in capsys.readouterr().out
