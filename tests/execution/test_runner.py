@@ -62,15 +62,7 @@ def _children() -> list[psutil.Process]:
             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-@pytest.fixture
-def sigint_raises():
-    """SIGINT -> KeyboardInterrupt in the main thread, whatever the test runner installed."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
-def test_ctrl_c_kills_running_trainers_and_propagates_at_once(hang_script, data_file, sigint_raises):
+def test_ctrl_c_kills_running_trainers_and_propagates_at_once(hang_script, data_file):
     script, started = hang_script
     runner = SubprocessRunner(_slots(2), job_timeout_s=300, max_job_reruns=1, script=script)
     main = threading.main_thread().ident

@@ -98,7 +98,7 @@ def test_a_ctrl_c_the_interpreter_drops_still_stops_the_search_before_the_next_b
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_type))
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs as a shell's background job
+    before = signal.getsignal(signal.SIGINT)  # the suite's (tests/conftest.py: sigint_is_ctrl_c)
     rc = main(["--survivors", str(survivors), "--lottery-data", str(history), "--model-type", "xgboost",
                "--trials", "6", "--k-folds", "2", "--cpu-workers", "1", "--output-dir", str(out)])
     err = capfd.readouterr().err
