@@ -203,39 +203,37 @@ def run_baselines(ds: Dataset) -> tuple[dict[str, float], dict[str, list[float]]
     return scores, predictions
 
 
-def step5_test_predictions(ds: Dataset, out: Path, res: dict[str, Any]) -> dict[str, list[float]]:
+def step5_test_predictions(ds: Dataset, res: dict[str, Any]) -> dict[str, list[float]]:
     """What the models a :func:`run_step5` call saved predict for the test rows, loaded as
-    Step 6 would (``step5.predictor``): ``"nn"`` and, after compare-models, ``"compare"``."""
+    Step 6 would (``step5.predictor``, from the sidecars the run reported): ``"nn"`` and,
+    after compare-models, ``"compare"``."""
     from step5.data.splits import holdout_split
-    from step5.optimizer.compare import ARCHIVE_DIRNAME
     from step5.predictor import load_predictor
 
     _, test = holdout_split(len(ds.y), TEST_HOLDOUT, ds.split_seed)
     X_test = ds.X[test].astype(np.float32)
-    folders = {"nn": out / "nn"}
-    if "compare" in res:
-        winner = res["compare"]["winner"]
-        folders = {"nn": out / "compare" if winner == "neural_net" else out / "compare" / ARCHIVE_DIRNAME / "neural_net",
-                   "compare": out / "compare"}
-    return {who: load_predictor(folder).predict(X_test).tolist() for who, folder in folders.items()}
+    sidecars = {"nn": res["nn"]["sidecar_path"]}
+    if "compare" in res:  # where compare-models left each model: the winner's folder or the archive
+        by_model = res["compare"]["by_model"]
+        sidecars = {"nn": by_model["neural_net"]["sidecar_path"],
+                    "compare": by_model[res["compare"]["winner"]]["sidecar_path"]}
+    return {who: load_predictor(path).predict(X_test).tolist() for who, path in sidecars.items()}
 
 
 def paired_gap(y: Any, best: Any, ours: Any, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
     """``R²(best) - R²(ours)`` on these rows, and its bootstrap standard error: each resample
     draws rows with replacement and scores both models on the same draw, so what the two
     share (hard rows, easy rows) cancels out of the gap."""
+    from sklearn.metrics import r2_score
+
     y, best, ours = (np.asarray(v, dtype=np.float64) for v in (y, best, ours))
-    rows = np.random.default_rng(seed).integers(0, len(y), size=(resamples, len(y)))
-    y_draw = y[rows]
-    total = ((y_draw - y_draw.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+    rows = np.random.default_rng(seed).integers(0, len(y), size=(len(y), resamples))  # a column per resample
 
-    def r2(pred: np.ndarray) -> np.ndarray:
-        return 1.0 - ((y_draw - pred[rows]) ** 2).sum(axis=1) / total
+    def r2_per_resample(pred: np.ndarray) -> np.ndarray:
+        return r2_score(y[rows], pred[rows], multioutput="raw_values")
 
-    def r2_all(pred: np.ndarray) -> float:
-        return 1.0 - float(((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum())
-
-    return r2_all(best) - r2_all(ours), float(np.std(r2(best) - r2(ours), ddof=1))
+    gaps = r2_per_resample(best) - r2_per_resample(ours)
+    return float(r2_score(y, best) - r2_score(y, ours)), float(np.std(gaps, ddof=1))
 
 
 def _nn_row(outcome: Any, wall_s: float) -> dict[str, Any]:
@@ -245,6 +243,7 @@ def _nn_row(outcome: Any, wall_s: float) -> dict[str, Any]:
         "train_r2": metrics.get("train_r2"), "cv_objective": outcome.cv_score,
         "best_trial": outcome.sidecar.get("optuna", {}).get("best_trial_number"),
         "hyperparameters": outcome.sidecar.get("hyperparameters"), "wall_s": round(wall_s, 1),
+        "sidecar_path": str(outcome.sidecar_path) if outcome.sidecar_path else None,
     }
 
 
@@ -292,7 +291,7 @@ def run_step5(ds: Dataset, survivors: Path, history: Path, out: Path, *, trials:
     res["compare"] = {
         "winner": winner,
         "test_r2": summary["models"][winner]["test_r2"] if winner else None,
-        "by_model": {mt: {"cv_score": m["cv_score"], "test_r2": m["test_r2"]}
+        "by_model": {mt: {"cv_score": m["cv_score"], "test_r2": m["test_r2"], "sidecar_path": m["sidecar_path"]}
                      for mt, m in summary["models"].items()},
         "wall_s": round(time.perf_counter() - t0, 1),
     }
@@ -486,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             row.update(run_step5(run_ds, survivors, history, folder, trials=args.trials, compare=args.compare,
                                  max_epochs=args.nn_max_epochs))
             # The same test rows in the same order for every repeat (reordered_for_seed).
-            row["test_predictions"] = {**baseline_predictions, **step5_test_predictions(run_ds, folder, row)}
+            row["test_predictions"] = {**baseline_predictions, **step5_test_predictions(run_ds, row)}
             logger.info("%s: NN %s", _label(row), row["nn"])
             rows.append(row)
             (args.out / "quality.json").write_text(json.dumps(

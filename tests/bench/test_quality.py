@@ -104,8 +104,8 @@ def test_a_gap_comes_with_its_paired_bootstrap_standard_error():
     ours = y + rng.normal(scale=0.7, size=60)
     gap, se = quality.paired_gap(y, best, ours, resamples=300, seed=5)
     assert gap == pytest.approx(r2_score(y, best) - r2_score(y, ours))
-    rows = np.random.default_rng(5).integers(0, 60, size=(300, 60))  # the same draws, scored one by one
-    by_hand = [r2_score(y[i], best[i]) - r2_score(y[i], ours[i]) for i in rows]
+    rows = np.random.default_rng(5).integers(0, 60, size=(60, 300))  # the same draws, scored one by one
+    by_hand = [r2_score(y[i], best[i]) - r2_score(y[i], ours[i]) for i in rows.T]
     assert se == pytest.approx(np.std(by_hand, ddof=1))
     assert 0 < se < 0.5
     assert quality.paired_gap(y, best, best) == (0.0, 0.0)  # a model against itself: no gap, no spread
@@ -126,19 +126,20 @@ def test_each_target_line_says_how_large_its_gap_is_against_the_test_rows_noise(
     assert "gap to" not in quality.report([row])[0]
 
 
-def test_a_short_run_keeps_every_models_test_predictions_as_step6_loads_them(tmp_path, capsys):
-    """End to end on one dataset: Step 5 with compare-models and the baselines, on the same test rows."""
+@pytest.mark.parametrize("compare", [False, True], ids=["nn", "compare"])
+def test_a_short_run_keeps_every_models_test_predictions_as_step6_loads_them(tmp_path, capsys, compare):
+    """End to end on one dataset: Step 5 (alone, or with compare-models) and the baselines, on the same test rows."""
     import json
 
     from sklearn.metrics import r2_score
 
     out = tmp_path / "q"
-    assert quality.main(["--trials", "2", "--nn-max-epochs", "3", "--datasets", "diabetes_s42", "--compare",
-                         "--out", str(out)]) == 0
+    assert quality.main(["--trials", "2", "--nn-max-epochs", "3", "--datasets", "diabetes_s42", "--out", str(out),
+                         *(["--compare"] if compare else [])]) == 0
     (row,) = json.loads((out / "quality.json").read_text())["rows"]
     preds = row["test_predictions"]
-    assert len(preds["y"]) == 89 and set(preds) == {"y", *quality.BASELINES, "nn", "compare"}
-    for who, reported in (("nn", row["nn"]["test_r2"]), ("compare", row["compare"]["test_r2"]),
-                          *((b, row["baselines"][b]) for b in quality.BASELINES)):
+    step5 = {"nn": row["nn"]["test_r2"], **({"compare": row["compare"]["test_r2"]} if compare else {})}
+    assert len(preds["y"]) == 89 and set(preds) == {"y", *quality.BASELINES, *step5}
+    for who, reported in (*step5.items(), *row["baselines"].items()):
         assert r2_score(preds["y"], preds[who]) == pytest.approx(reported, abs=1e-4), who
     assert "paired bootstrap SE over 89 test rows" in capsys.readouterr().out
