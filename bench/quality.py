@@ -240,7 +240,7 @@ def _nn_row(outcome: Any, wall_s: float) -> dict[str, Any]:
     metrics = outcome.sidecar.get("training_metrics", {})
     return {
         "status": outcome.status, "test_r2": outcome.test_r2, "cv_r2_mean": metrics.get("cv_r2_mean"),
-        "train_r2": metrics.get("train_r2"), "cv_objective": outcome.cv_score,
+        "train_r2": metrics.get("train_r2"), "cv_objective": outcome.cv_score, "cv_rescored": outcome.cv_rescored,
         "best_trial": outcome.sidecar.get("optuna", {}).get("best_trial_number"),
         "hyperparameters": outcome.sidecar.get("hyperparameters"), "wall_s": round(wall_s, 1),
         "sidecar_path": str(outcome.sidecar_path) if outcome.sidecar_path else None,
@@ -291,7 +291,8 @@ def run_step5(ds: Dataset, survivors: Path, history: Path, out: Path, *, trials:
     res["compare"] = {
         "winner": winner,
         "test_r2": summary["models"][winner]["test_r2"] if winner else None,
-        "by_model": {mt: {"cv_score": m["cv_score"], "test_r2": m["test_r2"], "sidecar_path": m["sidecar_path"]}
+        "by_model": {mt: {"cv_score": m["cv_score"], "cv_rescored": m["cv_rescored"], "test_r2": m["test_r2"],
+                          "sidecar_path": m["sidecar_path"]}
                      for mt, m in summary["models"].items()},
         "wall_s": round(time.perf_counter() - t0, 1),
     }

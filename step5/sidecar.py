@@ -139,9 +139,12 @@ def build_training_metrics(
     n_fit: int,
     n_early_stop: int,
     n_test: int,
+    rescore: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The SUCCESS sidecar's ``training_metrics``: the best trial's CV means (``best_cv``, its
-    ``cv`` user attribute) and the final model's own scores (``final``, the backend's result).
+    ``cv`` user attribute), the final model's own scores (``final``, the backend's result),
+    and ``rescore``: the best trial scored again on fresh partitions of the dev rows (null
+    when the run did not rescore; ``--rescore-partitions``).
 
     ``n_fit``/``n_early_stop`` are the final split's sizes, used unless the final result
     says which rows it fitted (the NN refit fits every dev row and early-stops on none).
@@ -172,6 +175,7 @@ def build_training_metrics(
         "n_test": int(n_test),
         "epochs_run": final.get("epochs_run"),
         "best_epoch": final.get("best_epoch"),
+        "rescore": dict(rescore) if rescore is not None else None,
     }
 
 

@@ -126,6 +126,7 @@ class Timings:
     split_s: float = 0.0
     runner_start_s: float = 0.0
     search_s: float = 0.0
+    rescore_s: float = 0.0
     final_s: float = 0.0
     total_s: float = 0.0
 
@@ -187,7 +188,7 @@ def build_execution_summary(
     )
 
 
-_TIMING_PHASES = frozenset(("load_s", "split_s", "runner_start_s", "search_s", "final_s", "total_s"))
+_TIMING_PHASES = frozenset(("load_s", "split_s", "runner_start_s", "search_s", "rescore_s", "final_s", "total_s"))
 
 
 # ------------------------------------------------------------------------- validation

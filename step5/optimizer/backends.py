@@ -10,7 +10,7 @@
                     objective.record_trial(fold results) -> the trial's value
 
 Both backends share one shape (:class:`ModelBackend`): ``suggest``, ``run_trials``,
-``train_final``, ``summary`` and ``close``, so the search loop
+``rescore``, ``train_final``, ``summary`` and ``close``, so the search loop
 (:mod:`step5.optimizer.search`) never asks which model family it is running. Fold data is
 prepared once per run (:class:`CVData`): the NN backend writes each fold's NPZ file once
 and every trial reuses it (workers cache them by path). Scoring the folds is
@@ -66,6 +66,12 @@ def fold_seed(base_seed: int, trial_number: int, fold_idx: int) -> int:
     return (int(state[0]) << 30) | (int(state[1]) >> 2)  # 62 bits: within the protocol's seed < 2**63
 
 
+def partition_seed(base_seed: int, partition: int) -> int:
+    """The KFold shuffle seed of fresh partition ``partition`` (>= 1) of a run: a stream of
+    its own, never the search's ``seed + 1`` of this run or of another seed's run."""
+    return int(np.random.SeedSequence([int(base_seed), 0x5EED, int(partition)]).generate_state(1, np.uint32)[0])
+
+
 @dataclass
 class CVData:
     """The rows of one run, split once: K CV folds of the dev rows, the final split, the test set.
@@ -81,10 +87,24 @@ class CVData:
     final_fit_idx: np.ndarray  # dev rows the final model is fitted on
     final_es_idx: np.ndarray  # dev rows the final model early-stops on (~1/K of dev)
     feature_names: list[str]
+    # Further K-fold partitions of the same dev rows, other shuffles: the best trial is
+    # scored again on them (``rescore``), where the search's choice has not looked.
+    fresh_partitions: list[list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=list)
 
     @property
     def k(self) -> int:
         return len(self.folds)
+
+    def partition(self, number: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Partition 0 is the search's ``folds``; 1.. are ``fresh_partitions``."""
+        if not 0 <= number <= len(self.fresh_partitions):
+            raise ValueError(f"partition {number} does not exist: this run has {len(self.fresh_partitions)} fresh ones")
+        return self.folds if number == 0 else self.fresh_partitions[number - 1]
+
+    def fold_idx(self, partition: int, fold: int) -> int:
+        """Fold ``fold`` of ``partition`` as a ``fold_idx``: the search's own (0..K-1) for
+        partition 0, then K.. for the fresh ones, so every fold's training seed differs."""
+        return partition * self.k + fold
 
 
 class ModelBackend(Protocol):
@@ -104,6 +124,12 @@ class ModelBackend(Protocol):
         ``gate``, it is called after each fold of a trial, in fold order (and, for a batch,
         in trial order after each fold of every trial is known); a False stops the trial,
         which comes back :class:`Pruned`."""
+        ...
+
+    def rescore(self, trial_number: int, params: dict[str, Any], partition: int) -> list[dict[str, Any]]:
+        """Train and score ``params`` on the folds of a fresh partition (``CVData.partition``),
+        with training seeds of their own; the fold results in fold order, or the first
+        fold's :class:`JobError` raised."""
         ...
 
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
@@ -157,13 +183,9 @@ class NNBackend:
         self.fuse_folds = fuse_folds or fuse_trials  # trials fused share their folds' pass
         self.fuse_trials = fuse_trials
         start = time.perf_counter()
-        self.fold_paths: list[str] = []
-        for f, (tr, va) in enumerate(cv.folds):
-            path = files.write(
-                f"fold_{f}", cv.X_dev[tr], cv.y_dev[tr], cv.X_dev[va], cv.y_dev[va], feature_names=cv.feature_names,
-            )
-            self.fold_paths.append(str(path))
-        self.fold_rows = {p: len(tr) for p, (tr, _) in zip(self.fold_paths, cv.folds)}  # resolves "auto" batch mode
+        self.fold_rows: dict[str, int] = {}  # rows each fold file trains on: resolves "auto" batch mode
+        self._partition_paths: dict[int, list[str]] = {}
+        self.fold_paths = self._write_partition(0)
         # What the final model is scored on: every dev row, and the test rows (the file's
         # required validation slot holds them too). Nothing trains on this file.
         self.final_path = str(
@@ -174,6 +196,21 @@ class NNBackend:
         )
         self.write_s = time.perf_counter() - start
         logger.info("wrote %d fold NPZ files + the final split to %s in %.2fs", cv.k, files.path, self.write_s)
+
+    def _write_partition(self, number: int) -> list[str]:
+        """The NPZ files of a partition's folds, written on first use (the search's at start)."""
+        if number not in self._partition_paths:
+            cv, paths = self.cv, []
+            prefix = "" if number == 0 else f"partition_{number}_"
+            for f, (tr, va) in enumerate(cv.partition(number)):
+                path = str(self.files.write(
+                    f"{prefix}fold_{f}", cv.X_dev[tr], cv.y_dev[tr], cv.X_dev[va], cv.y_dev[va],
+                    feature_names=cv.feature_names,
+                ))
+                paths.append(path)
+                self.fold_rows[path] = len(tr)
+            self._partition_paths[number] = paths
+        return self._partition_paths[number]
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         return suggest_nn_params(trial, max_epochs=self.max_epochs, fixed_dropout=self.dropout).to_dict()
@@ -203,8 +240,8 @@ class NNBackend:
         return [self._request(trial_number, f, nn_params, p, save)
                 for f, (p, save) in enumerate(zip(self.fold_paths, saves))]
 
-    def _with_train_r2(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        for (tr, _va), res in zip(self.cv.folds, results):
+    def _with_train_r2(self, results: list[dict[str, Any]], partition: int = 0) -> list[dict[str, Any]]:
+        for (tr, _va), res in zip(self.cv.partition(partition), results):
             if "train_r2" not in res and "train_mse" in res:
                 res["train_r2"] = r2_from_mse(res["train_mse"], self.cv.y_dev[tr])
         return results
@@ -267,6 +304,15 @@ class NNBackend:
                 if fold < len(self.fold_paths) - 1 and not gate(number, done[number]):
                     ended[number] = Pruned(done[number])
         return [ended.get(number, done[number]) for number, _ in trials]
+
+    def rescore(self, trial_number: int, params: dict[str, Any], partition: int) -> list[dict[str, Any]]:
+        nn_params = NNParams.from_dict(params)
+        paths = self._write_partition(partition)
+        requests = [self._request(trial_number, self.cv.fold_idx(partition, f), nn_params, p)
+                    for f, p in enumerate(paths)]
+        by_job = self._run_requests({trial_number: requests})
+        folds = raise_first_job_error([by_job[(trial_number, r.fold_idx)] for r in requests])
+        return self._with_train_r2(folds, partition)
 
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
         """The best trial's K fold models, merged into one network that predicts their mean
@@ -396,6 +442,10 @@ class TreeBackend:
                 outcome = exc
             out.append(outcome)
         return out
+
+    def rescore(self, trial_number: int, params: dict[str, Any], partition: int) -> list[dict[str, Any]]:
+        return [self._fit(trial_number, self.cv.fold_idx(partition, f), params, tr, va)[0]
+                for f, (tr, va) in enumerate(self.cv.partition(partition))]
 
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
         metrics, model = self._fit(

@@ -177,6 +177,11 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
                         help="Optuna storage URL [sqlite:///<output-dir>/optuna_step5.db, so a re-run resumes]; "
                              "several processes or hosts share a study through one URL such as "
                              "postgresql+psycopg://user:pw@host/db (docs/cluster.md)")
+    search.add_argument("--rescore-partitions", type=_non_negative_int, default=None,
+                        help="after the search, train and score the best trial again on N fresh K-fold "
+                             "partitions of the development rows (other shuffles and seeds): an estimate "
+                             "free of the search's own selection, recorded in the sidecar; --compare-models "
+                             "chooses by it [3 with --compare-models, else 0: none]")
     search.add_argument("--search-only", action="store_true",
                         help="helper role for a shared study (--storage, --study-name): train trials until the "
                              "study holds --trials complete ones, exit 0, write no model; the process without "
@@ -281,6 +286,7 @@ def config_from_args(args: argparse.Namespace, command_line: Sequence[str]) -> O
         search_only=args.search_only,
         pruner=args.pruner,
         nn_max_epochs=args.nn_max_epochs,
+        rescore_partitions=args.rescore_partitions,
         command_line=list(command_line),
     )
     validate_config(config)

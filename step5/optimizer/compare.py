@@ -8,12 +8,14 @@
     for each of neural_net, xgboost, lightgbm, catboost not skipped:
         dataclasses.replace(config, model_type=mt, compare_models=False,
                             output_dir=<out>/compare_runs/<mt>, study_name=<name>_<mt>,
-                            storage=<out's default>, diagnostics_dir=<out>/diagnostics_outputs)
+                            storage=<out's default>, diagnostics_dir=<out>/diagnostics_outputs,
+                            rescore_partitions=<--rescore-partitions, default 3>)
         AntiOverfitMetaOptimizer(sub).run()  ──▶ SUCCESS | DEGENERATE_SIGNAL | FAILED
-        │      (a failure is recorded with its error; the next model type still runs)
+        │      (search, then the best trial rescored on fresh partitions, then the final model;
+        │       a failure is recorded with its error; the next model type still runs)
         ▼
-    winner = highest CV objective (best trial's value) among SUCCESS runs (ties:
-             MODEL_TYPES order); every type's test R² is reported, never consulted
+    winner = highest rescored CV objective among SUCCESS runs (then the search's best
+             objective, then MODEL_TYPES order); every type's test R² is reported, never consulted
         ├─▶ <out>/best_model.<ext> + best_model.meta.json (+ a `compare_models` block)
         ├─▶ <out>/compare_archive/<mt>/…  every other model type's outputs
         └─▶ <out>/diagnostics_outputs/compare_models_summary.json + .png
@@ -31,6 +33,13 @@ Why these choices:
   type, computed on the same folds); choosing by test R² would make the winner's reported
   test R² biased upward (the test rows would be used for selection). Every type's test R²
   is still reported, so a reader sees how the choice fared on rows no choice saw.
+* **Chosen on fresh folds, not on the search's own.** Each type's best trial is the
+  maximum of its search's noisy objectives, so it leans high, and by more for a family
+  whose trials are noisier (a net's seeds move its score more than a tree's). Comparing
+  those maxima favours the noisiest family. Each sub-run therefore trains its best trial
+  again on fresh K-fold partitions of the same development rows, with seeds of its own
+  (``--rescore-partitions``, 3 by default), and the types are compared on that mean
+  objective, which the search's choice has not seen (docs/models.md).
 * **Resumable.** With no ``--storage``, the four studies share the SQLite file a single run
   would use (``<out>/optuna_step5.db``), and with no ``--study-name`` each keeps the default
   name a single ``--model-type`` run gives it, so a compare run resumes those studies.
@@ -54,7 +63,7 @@ from step5 import artifacts, model_set
 from step5.artifacts import MODEL_TYPES
 from step5.errors import DegenerateSignalError
 from step5.jsonio import read_json_file, write_json_atomic
-from step5.optimizer.config import OptimizerConfig, RunOutcome, validate_config
+from step5.optimizer.config import OptimizerConfig, RunOutcome, rescore_partitions, validate_config
 from step5.optimizer.plots import save_figure
 from step5.values import finite_or_none, utc_timestamp
 
@@ -69,12 +78,15 @@ SUMMARY_SCHEMA_VERSION = 1
 
 #: The selection rule, as it is written into the summary and the winner's sidecar.
 CRITERION: dict[str, Any] = {
-    "primary": "cv_score",
-    "tie_break": ["model_type_order"],
+    "primary": "cv_rescored",
+    "tie_break": ["cv_score", "model_type_order"],
     "description": (
-        "highest CV objective of the best trial (the anti-overfit score on the development "
-        "rows' folds: the same rows and folds for every model type, same --seed and "
-        "--test-holdout); ties go to the earlier model type in "
+        "highest rescored CV objective: each model type's best trial trained and scored again "
+        "on fresh K-fold partitions of the development rows (the same partitions for every "
+        "model type, other shuffles and training seeds than the search's), the mean of the "
+        "anti-overfit objective over them. A type without a finite rescored objective ranks "
+        "after those with one. Ties go to the higher CV objective of the search's best trial "
+        "(cv_score), then to the earlier model type in "
         f"{list(MODEL_TYPES)}. Only SUCCESS runs can win. The held-out test R^2 of every "
         "model is reported but never used to choose, so the winner's test R^2 is an unbiased "
         "estimate."
@@ -94,6 +106,7 @@ class Candidate:
     model_type: str
     status: str  # one of STATUSES
     cv_score: float | None = None  # best trial's anti-overfit objective
+    cv_rescored: float | None = None  # its mean objective on fresh partitions (the criterion)
     test_r2: float | None = None  # final model on the held-out test rows
     wall_s: float = 0.0  # the sub-run's wall time, as measured here
     trials_run: int = 0  # COMPLETE trials in its study
@@ -108,6 +121,7 @@ class Candidate:
             "model_type": self.model_type,
             "status": self.status,
             "cv_score": self.cv_score,
+            "cv_rescored": self.cv_rescored,
             "test_r2": self.test_r2,
             "wall_s": round(self.wall_s, 3),
             "trials_run": self.trials_run,
@@ -130,7 +144,10 @@ def select_winner(candidates: Iterable[Candidate]) -> Candidate | None:
         c for c in candidates
         if c.status == "SUCCESS" and finite_or_none(c.cv_score) is not None and finite_or_none(c.test_r2) is not None
     ]
-    eligible.sort(key=lambda c: (-float(c.cv_score), order.get(c.model_type, len(order))))  # type: ignore[arg-type]
+    eligible.sort(key=lambda c: (
+        c.cv_rescored is None, -(c.cv_rescored or 0.0), -float(c.cv_score),  # type: ignore[arg-type]
+        order.get(c.model_type, len(order)),
+    ))
     for i, c in enumerate(eligible, start=1):
         c.rank = i
     return eligible[0] if eligible else None
@@ -145,8 +162,9 @@ def _default_factory() -> OptimizerFactory:
 
 
 def sub_config(config: OptimizerConfig, model_type: str) -> OptimizerConfig:
-    """The config of one model type's run: the user's config with four fields replaced
-    (and the default storage pinned to the compare run's output folder)."""
+    """The config of one model type's run: the user's config with the fields above replaced
+    (the default storage pinned to the compare run's output folder, and the rescore count
+    resolved, since a single run's default is none)."""
     from step5.optimizer.study import default_storage_url
 
     return dataclasses.replace(
@@ -158,6 +176,7 @@ def sub_config(config: OptimizerConfig, model_type: str) -> OptimizerConfig:
         study_name=f"{config.study_name}_{model_type}" if config.study_name else None,
         storage=config.storage or default_storage_url(Path(config.output_dir)),
         diagnostics_dir=config.diagnostics_folder,
+        rescore_partitions=rescore_partitions(config),
     )
 
 
@@ -245,7 +264,8 @@ def _run_one(factory: OptimizerFactory, config: OptimizerConfig) -> tuple[Candid
 
     status = outcome.status if outcome.status in ("SUCCESS", "DEGENERATE_SIGNAL", "FAILED") else "FAILED"
     cand = Candidate(
-        mt, status, cv_score=finite_or_none(outcome.cv_score), test_r2=finite_or_none(outcome.test_r2), wall_s=wall,
+        mt, status, cv_score=finite_or_none(outcome.cv_score), cv_rescored=finite_or_none(outcome.cv_rescored),
+        test_r2=finite_or_none(outcome.test_r2), wall_s=wall,
         trials_run=int(outcome.trials_run or 0), error=outcome.error, staging_dir=staging,
         checkpoint_path=Path(outcome.checkpoint_path) if outcome.checkpoint_path else None,
         sidecar_path=Path(outcome.sidecar_path) if outcome.sidecar_path else None,
@@ -303,8 +323,8 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
         candidates[mt], outcomes[mt] = _run_one(factory, configs[mt])
         c = candidates[mt]
         logger.info(
-            "compare: %s %s in %.1fs (CV %s, test R^2 %s)%s", mt, c.status, c.wall_s,
-            _fmt(c.cv_score), _fmt(c.test_r2), f": {c.error}" if c.error else "",
+            "compare: %s %s in %.1fs (CV %s, rescored %s, test R^2 %s)%s", mt, c.status, c.wall_s,
+            _fmt(c.cv_score), _fmt(c.cv_rescored), _fmt(c.test_r2), f": {c.error}" if c.error else "",
         )
 
     winner = select_winner(candidates.values())
@@ -341,6 +361,7 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
         "settings": {
             "trials": config.trials, "k_folds": config.k_folds, "test_holdout": config.test_holdout,
             "seed": config.seed, "target": config.target, "study_name": config.study_name,
+            "rescore_partitions": rescore_partitions(config),
             "survivors": str(config.survivors), "lottery_data": str(config.lottery_data),
         },
         "models": {mt: candidates[mt].to_dict() for mt in MODEL_TYPES},
@@ -354,9 +375,10 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
     _log_table(candidates, winner)
     if winner is not None:
         logger.info(
-            "compare: winner %s by CV objective %.4f (test R^2 %.4f, reported, not used to choose); "
-            "saved as %s; summary %s",
-            winner.model_type, winner.cv_score, winner.test_r2, winner.checkpoint_path, diag / SUMMARY_NAME,
+            "compare: winner %s by rescored CV objective %s (search's %.4f; test R^2 %.4f, reported, not used "
+            "to choose); saved as %s; summary %s",
+            winner.model_type, _fmt(winner.cv_rescored), winner.cv_score, winner.test_r2, winner.checkpoint_path,
+            diag / SUMMARY_NAME,
         )
     elif degenerate:
         logger.error("compare: no model: the target signal is degenerate (%s)", degenerate[0].error)
@@ -366,7 +388,7 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
 
 
 def _candidate_brief(c: Candidate) -> dict[str, Any]:
-    return {"status": c.status, "cv_score": c.cv_score, "test_r2": c.test_r2,
+    return {"status": c.status, "cv_score": c.cv_score, "cv_rescored": c.cv_rescored, "test_r2": c.test_r2,
             "wall_s": round(c.wall_s, 3), "trials_run": c.trials_run, "error": c.error}
 
 
@@ -425,12 +447,12 @@ def _remove_empty_staging(staging_root: Path) -> None:
 
 
 def _log_table(candidates: dict[str, Candidate], winner: Candidate | None) -> None:
-    lines = [f"{'model':<11} {'status':<17} {'CV score':>9} {'test R^2':>9} {'wall s':>8} {'trials':>6}"]
+    lines = [f"{'model':<11} {'status':<17} {'CV score':>9} {'rescored':>9} {'test R^2':>9} {'wall s':>8} {'trials':>6}"]
     for mt in MODEL_TYPES:
         c = candidates[mt]
         mark = "  <- winner" if winner is c else ""
         lines.append(
-            f"{mt:<11} {c.status:<17} {_fmt(c.cv_score):>9} {_fmt(c.test_r2):>9} {c.wall_s:>8.1f} "
+            f"{mt:<11} {c.status:<17} {_fmt(c.cv_score):>9} {_fmt(c.cv_rescored):>9} {_fmt(c.test_r2):>9} {c.wall_s:>8.1f} "
             f"{c.trials_run:>6}{mark}"
         )
     logger.info("compare-models results:\n  %s", "\n  ".join(lines))
@@ -439,8 +461,9 @@ def _log_table(candidates: dict[str, Candidate], winner: Candidate | None) -> No
 # ------------------------------------------------------------------------------ picture
 
 def plot_comparison(candidates: list[Candidate], path: Path, *, winner: str | None) -> Path | None:
-    """Two panels per model type: test R^2 and CV objective; wall time. Non-SUCCESS runs are
-    labelled with their status. A drawing failure is logged and returns None."""
+    """Two panels per model type: test R^2, the search's and the rescored CV objective; wall
+    time. Non-SUCCESS runs are labelled with their status. A drawing failure is logged and
+    returns None."""
     try:
         import matplotlib
 
@@ -451,21 +474,26 @@ def plot_comparison(candidates: list[Candidate], path: Path, *, winner: str | No
         ys = list(range(len(candidates)))
         fig = Figure(figsize=(11, 1.2 + 0.8 * len(candidates)))
         ax_score, ax_time = fig.subplots(1, 2, sharey=True)
-        h = 0.38
+        h = 0.27
         test = [c.test_r2 if c.test_r2 is not None else 0.0 for c in candidates]
         cv = [c.cv_score if c.cv_score is not None else 0.0 for c in candidates]
-        ax_score.barh([y - h / 2 for y in ys], test, height=h, color="tab:blue", label="test R² (reported)")
-        ax_score.barh([y + h / 2 for y in ys], cv, height=h, color="tab:gray", label="CV objective (criterion)")
+        rescored = [c.cv_rescored if c.cv_rescored is not None else 0.0 for c in candidates]
+        ax_score.barh([y - h for y in ys], test, height=h, color="tab:blue", label="test R² (reported)")
+        ax_score.barh(ys, cv, height=h, color="tab:gray", label="search's best CV objective")
+        ax_score.barh([y + h for y in ys], rescored, height=h, color="tab:purple",
+                      label="rescored CV objective (criterion)")
         for y, c in zip(ys, candidates):
             if c.status != "SUCCESS":
                 ax_score.text(0, y, f"  {c.status}", va="center", ha="left", color="tab:red", fontsize=9)
             elif c.test_r2 is not None:
-                ax_score.text(c.test_r2, y - h / 2, f" {c.test_r2:.3f}", va="center", fontsize=8)
+                ax_score.text(c.test_r2, y - h, f" {c.test_r2:.3f}", va="center", fontsize=8)
+            if c.cv_rescored is not None:
+                ax_score.text(c.cv_rescored, y + h, f" {c.cv_rescored:.3f}", va="center", fontsize=8)
         ax_score.axvline(0, color="black", linewidth=0.8)
         ax_score.set_xlabel("score (higher is better)")
         ax_score.set_title("held-out test R² and CV objective")
         # Below the panel: inside it, the legend would cover the last model's bars.
-        ax_score.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, fontsize=8, frameon=False)
+        ax_score.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=8, frameon=False)
 
         walls = [c.wall_s for c in candidates]
         colors = ["tab:green" if c.model_type == winner else "tab:orange" for c in candidates]

@@ -55,6 +55,11 @@ class OptimizerConfig:
     search_only: bool = False  # helper role of a shared study: search until it holds `trials` complete, no model
     pruner: str | None = None  # --pruner (step5.policy.PRUNER_NAMES); None: the policy decides
     nn_max_epochs: int = 200  # NN search space: the epoch cap every trial trains under (early stopping ends sooner)
+    # After the search, the best trial is trained and scored again on this many fresh K-fold
+    # partitions of the dev rows; its mean objective there is free of the search's own
+    # selection, and compare-models chooses by it. None: COMPARE_RESCORE_PARTITIONS in a
+    # compare run, 0 (no rescore) in a single run.
+    rescore_partitions: int | None = None
     command_line: list[str] | None = None  # argv as the user typed it, for the sidecar's provenance
 
 
@@ -62,6 +67,18 @@ class OptimizerConfig:
     def diagnostics_folder(self) -> Path:
         """Where per-run diagnostics and the compare summary go: under ``--output-dir``."""
         return self.diagnostics_dir if self.diagnostics_dir is not None else Path(self.output_dir) / DIAGNOSTICS_DIRNAME
+
+
+#: Fresh partitions each model type's best trial is rescored on in a compare run, unless
+#: --rescore-partitions says otherwise (docs/models.md: why rescore, why three).
+COMPARE_RESCORE_PARTITIONS = 3
+
+
+def rescore_partitions(config: OptimizerConfig) -> int:
+    """How many fresh partitions this run rescores its best trial on."""
+    if config.rescore_partitions is not None:
+        return config.rescore_partitions
+    return COMPARE_RESCORE_PARTITIONS if config.compare_models else 0
 
 
 def validate_config(config: OptimizerConfig) -> None:
@@ -105,6 +122,13 @@ def validate_config(config: OptimizerConfig) -> None:
             f"--fuse-trials {config.fuse_trials} runs {config.fuse_trials} trials in flight, but "
             f"--trials-in-flight is {config.trials_in_flight}; drop one of them"
         )
+    if config.rescore_partitions is not None and config.rescore_partitions < 0:
+        raise UsageError(f"--rescore-partitions must be >= 0, got {config.rescore_partitions}")
+    if config.search_only and config.rescore_partitions:
+        raise UsageError(
+            "--rescore-partitions rescores the best trial of the run that builds the model; a --search-only "
+            "helper builds none. Give it to the process without --search-only"
+        )
     if config.nn_max_epochs < 1:
         raise UsageError(f"--nn-max-epochs must be >= 1, got {config.nn_max_epochs}")
     if config.search_only and config.compare_models:
@@ -132,6 +156,7 @@ class RunOutcome:
     checkpoint_path: Path | None = None
     sidecar_path: Path | None = None
     cv_score: float | None = None  # best trial's objective value
+    cv_rescored: float | None = None  # best trial's mean objective on fresh partitions (None: not rescored)
     test_r2: float | None = None  # final model on the held-out test set
     trials_run: int = 0
     wall_s: float = 0.0

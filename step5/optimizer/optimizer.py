@@ -48,18 +48,18 @@ from step5.data.history import load_history
 from step5.data.splits import FoldFiles, holdout_split, kfold_splits
 from step5.data.survivors import SurvivorTable, load_survivors
 from step5.devices import plan_slots
-from step5.errors import DataError, DegenerateSignalError, Step5Error
+from step5.errors import DataError, DegenerateSignalError, JobError, Step5Error
 from step5.execution.factory import make_fold_runner, resolve_persistent_workers
 from step5.execution.summary import ExecutionSummary, SearchRecord, build_execution_summary
 from step5.policy import Policy, load_policy
 from step5.sidecar import build_provenance, build_training_metrics, degenerate_sidecar, success_sidecar
 from step5.signal_quality import assess_signal
-from step5.values import utc_timestamp
-from step5.optimizer.config import OptimizerConfig, RunOutcome, validate_config
+from step5.values import finite_or_none, utc_timestamp
+from step5.optimizer.config import OptimizerConfig, RunOutcome, rescore_partitions, validate_config
 from step5.optimizer.diagnostics import write_run_diagnostics
 from step5.optimizer.grouping import default_trials_in_flight
-from step5.optimizer.backends import CVData, ModelBackend, NNBackend, TreeBackend
-from step5.optimizer.objective import OBJECTIVE_FORMULA, OVERFIT_PENALTY
+from step5.optimizer.backends import CVData, ModelBackend, NNBackend, TreeBackend, partition_seed
+from step5.optimizer.objective import OBJECTIVE_FORMULA, OVERFIT_PENALTY, summarize_folds
 from step5.optimizer.search import SearchGoal, SearchPlan, run_search
 from step5.optimizer.plots import plot_optimization_history
 from step5.optimizer.search_space import first_nn_trials
@@ -215,12 +215,13 @@ class AntiOverfitMetaOptimizer:
                 best = best_complete_trial(opened.study)
                 if best is None:
                     raise Step5Error(self._no_complete_trial_message(opened.study))
+                rescore = self._rescore(best, backend, cv)
                 staged = outputs.enter_context(model_set.stage(self.output_dir))
                 final = self._train_final(best, backend, staged.path)
                 execution = self._execution(backend)
             # Fold files and workers are gone here; only the outputs remain.
             return self._write_success(
-                opened, best, final, cv, signal, data_context, feature_schema, execution, backend, staged,
+                opened, best, final, rescore, cv, signal, data_context, feature_schema, execution, backend, staged,
             )
 
     # ------------------------------------------------------------------ data
@@ -287,6 +288,8 @@ class AntiOverfitMetaOptimizer:
             )
         dev_idx, test_idx = holdout_split(n, cfg.test_holdout, cfg.seed)
         folds = kfold_splits(len(dev_idx), cfg.k_folds, cfg.seed + 1)
+        fresh = [kfold_splits(len(dev_idx), cfg.k_folds, partition_seed(cfg.seed, p))
+                 for p in range(1, rescore_partitions(cfg) + 1)]
         fit_pos, es_pos = train_test_split(
             np.arange(len(dev_idx)), test_size=1.0 / cfg.k_folds, random_state=cfg.seed + 2, shuffle=True,
         )
@@ -297,7 +300,7 @@ class AntiOverfitMetaOptimizer:
         return CVData(
             X_dev=table.X[dev_idx], y_dev=table.y[dev_idx], X_test=table.X[test_idx], y_test=table.y[test_idx],
             folds=folds, final_fit_idx=np.sort(fit_pos), final_es_idx=np.sort(es_pos),
-            feature_names=list(table.feature_names),
+            feature_names=list(table.feature_names), fresh_partitions=fresh,
         )
 
     # ------------------------------------------------------------------ search
@@ -395,12 +398,60 @@ class AntiOverfitMetaOptimizer:
 
     # ------------------------------------------------------------------ final model
 
-    def _train_final(self, best: FrozenTrial, backend: ModelBackend, staging: Path) -> dict[str, Any]:
-        """Fit the best trial's exact params on the final split; its checkpoint goes to ``staging``
-        (the new model set's folder), so a failed final fit never replaces a good model."""
+    @staticmethod
+    def _best_params(best: FrozenTrial) -> dict[str, Any]:
         params = best.user_attrs.get("params")
         if not isinstance(params, dict):
             raise Step5Error(f"best trial {best.number} of the study has no recorded `params`; cannot rebuild it")
+        return params
+
+    def _rescore(self, best: FrozenTrial, backend: ModelBackend, cv: CVData) -> dict[str, Any] | None:
+        """The best trial trained and scored again on each fresh partition of the dev rows
+        (None when the run rescores on none).
+
+        The search picked this trial because its objective was the highest of many noisy
+        ones, so that objective leans high, and the more so the noisier the model family's
+        trials are. On folds the search never saw, with training seeds of its own, the same
+        params give an estimate free of that choice (docs/models.md). A partition whose
+        folds fail or diverge scores NaN, and so does the mean: a model that does not train
+        reliably on fresh folds has no trustworthy estimate.
+        """
+        n = len(cv.fresh_partitions)
+        if n == 0:
+            return None
+        params = self._best_params(best)
+        start = time.perf_counter()
+        values: list[float] = []
+        r2_means: list[float] = []
+        for p in range(1, n + 1):
+            try:
+                summary = summarize_folds(backend.rescore(best.number, params, p))
+            except JobError as exc:
+                logger.warning("rescoring trial %d on fresh partition %d failed: %s", best.number, p, exc)
+                values.append(float("nan"))
+                r2_means.append(float("nan"))
+                continue
+            values.append(summary.value)
+            r2_means.append(summary.val_r2_mean)
+        self.timings["rescore_s"] = time.perf_counter() - start
+        mean = float(np.mean(values)) if all(np.isfinite(values)) else float("nan")
+        logger.info(
+            "trial %d rescored on %d fresh partition(s) of the dev rows: objective %.4f (per partition %s; "
+            "the search's %.4f) in %.1fs", best.number, n, mean, ", ".join(f"{v:.4f}" for v in values),
+            best.value, self.timings["rescore_s"],
+        )
+        return {
+            "partitions": n,
+            "objective_mean": finite_or_none(mean),
+            "objective_values": [finite_or_none(v) for v in values],
+            "cv_r2_means": [finite_or_none(v) for v in r2_means],
+            "search_objective": finite_or_none(best.value),
+        }
+
+    def _train_final(self, best: FrozenTrial, backend: ModelBackend, staging: Path) -> dict[str, Any]:
+        """Fit the best trial's exact params on the final split; its checkpoint goes to ``staging``
+        (the new model set's folder), so a failed final fit never replaces a good model."""
+        params = self._best_params(best)
         name = artifacts.checkpoint_filename(self.config.model_type)
         logger.info("training the final model with trial %d's params: %s", best.number, params)
         start = time.perf_counter()
@@ -488,6 +539,7 @@ class AntiOverfitMetaOptimizer:
         opened: OpenedStudy,
         best: FrozenTrial,
         final: dict[str, Any],
+        rescore: dict[str, Any] | None,
         cv: CVData,
         signal: dict[str, Any],
         data_context: dict[str, Any],
@@ -501,6 +553,7 @@ class AntiOverfitMetaOptimizer:
             best.user_attrs.get("cv", {}), final, objective_value=best.value,
             objective_formula=OBJECTIVE_FORMULA, overfit_penalty=OVERFIT_PENALTY, k_folds=cfg.k_folds,
             n_dev=len(cv.y_dev), n_fit=len(cv.final_fit_idx), n_early_stop=len(cv.final_es_idx), n_test=len(cv.y_test),
+            rescore=rescore,
         )
         name = artifacts.checkpoint_filename(cfg.model_type)
         self.timings["total_s"] = time.perf_counter() - self._t0
@@ -552,6 +605,7 @@ class AntiOverfitMetaOptimizer:
         return RunOutcome(
             model_type=cfg.model_type, status="SUCCESS", sidecar=sidecar,
             checkpoint_path=self.output_dir / name, sidecar_path=sidecar_path,
-            cv_score=best.value, test_r2=metrics["test_r2"], trials_run=sidecar["optuna"]["trials_run"],
+            cv_score=best.value, cv_rescored=rescore["objective_mean"] if rescore else None,
+            test_r2=metrics["test_r2"], trials_run=sidecar["optuna"]["trials_run"],
             wall_s=self.timings["total_s"],
         )

@@ -69,16 +69,21 @@ def test_trees_compete_and_a_failing_type_cannot_stop_or_win(sample_inputs, tmp_
     assert models["catboost"]["status"] == "FAILED" and "catboost exploded" in models["catboost"]["error"]
     done = {mt: m for mt, m in models.items() if m["status"] == "SUCCESS"}
     assert set(done) == {"xgboost", "lightgbm"}
-    best = max(done, key=lambda mt: done[mt]["cv_score"])  # chosen on CV, never on test R^2
+    best = max(done, key=lambda mt: done[mt]["cv_rescored"])  # chosen on fresh folds, never on test R^2
     assert summary["winner"] == best
     for m in done.values():
-        assert m["trials_run"] == 2 and m["wall_s"] > 0 and np.isfinite(m["cv_score"])
+        assert m["trials_run"] == 2 and m["wall_s"] > 0 and np.isfinite(m["cv_score"]) and np.isfinite(m["cv_rescored"])
 
     # the winner is best_model.* with a valid sidecar whose metrics are the summary's
     out = config.output_dir
     sidecar = artifacts.read_sidecar(out / artifacts.SIDECAR_NAME)
     assert sidecar["model_type"] == best and sidecar["compare_models"]["winner"] == best
     assert sidecar["training_metrics"]["test_r2"] == pytest.approx(done[best]["test_r2"])
+    rescore = sidecar["training_metrics"]["rescore"]
+    assert rescore["partitions"] == 3 and len(rescore["objective_values"]) == 3
+    assert rescore["objective_mean"] == pytest.approx(np.mean(rescore["objective_values"]))
+    assert rescore["objective_mean"] == pytest.approx(done[best]["cv_rescored"])
+    assert rescore["search_objective"] == pytest.approx(done[best]["cv_score"])
     ckpt = artifacts.resolve_checkpoint(out / artifacts.SIDECAR_NAME, sidecar)
     assert ckpt.samefile(out / trees.checkpoint_name(best))  # read from the sidecar's own model set
     assert artifacts.file_sha256(ckpt) == sidecar["checkpoint_sha256"]
@@ -102,6 +107,7 @@ def test_a_rerun_resumes_the_four_studies(sample_inputs, tmp_path, repo_root, si
     for mt in ("xgboost", "lightgbm", "catboost"):
         assert second["models"][mt]["trials_run"] == 1
         assert second["models"][mt]["cv_score"] == pytest.approx(first["models"][mt]["cv_score"])
+        assert second["models"][mt]["cv_rescored"] == pytest.approx(first["models"][mt]["cv_rescored"])
     assert second["winner"] == first["winner"]
 
 
@@ -122,9 +128,13 @@ def test_cli_compare_models_runs_all_four(sample_inputs, tmp_path, repo_root, py
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
     summary = json.loads((tmp_path / "models" / "diagnostics_outputs" / compare.SUMMARY_NAME).read_text())
     assert {mt: m["status"] for mt, m in summary["models"].items()} == {mt: "SUCCESS" for mt in MODEL_TYPES}
-    ranked = sorted(MODEL_TYPES, key=lambda mt: -summary["models"][mt]["cv_score"])
+    ranked = sorted(MODEL_TYPES, key=lambda mt: -summary["models"][mt]["cv_rescored"])
     assert summary["winner"] == ranked[0]
     sidecar = artifacts.read_sidecar(tmp_path / "models" / artifacts.SIDECAR_NAME)
+    nn = summary["models"]["neural_net"]  # its rescore ran through the workers like its trials
+    nn_rescore = artifacts.read_sidecar(tmp_path / nn["sidecar_path"])["training_metrics"]["rescore"]
+    assert nn_rescore["partitions"] == 3 and all(np.isfinite(nn_rescore["objective_values"]))
+    assert nn_rescore["objective_mean"] == pytest.approx(nn["cv_rescored"])
     assert sidecar["model_type"] == summary["winner"]
     assert sidecar["optuna"]["study_name"] == f"cli_{summary['winner']}"
     assert (tmp_path / "models" / artifacts.checkpoint_filename(summary["winner"])).is_file()

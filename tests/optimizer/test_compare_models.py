@@ -49,8 +49,9 @@ def make_sidecar(model_type: str, outcome: str, test_r2: float | None, cv: float
 
 
 class FakeOptimizer:
-    """Plays one model type's run from a script: ("ok", test_r2, cv) | ("raise", exc) |
-    ("degenerate",) | ("no_checkpoint", test_r2, cv). Records every config it was given."""
+    """Plays one model type's run from a script: ("ok", test_r2, cv[, cv_rescored]) |
+    ("raise", exc) | ("degenerate",) | ("no_checkpoint", test_r2, cv). Records every config
+    it was given."""
 
     script: dict = {}
     configs: list[OptimizerConfig] = []
@@ -74,7 +75,7 @@ class FakeOptimizer:
             exc = DegenerateSignalError("target is constant")
             exc.outcome = RunOutcome(mt, "DEGENERATE_SIGNAL", sidecar=sidecar, sidecar_path=path)
             raise exc
-        test_r2, cv = args
+        test_r2, cv, rescored = (*args, None) if len(args) == 2 else args
         ckpt = out / artifacts.checkpoint_filename(mt)
         if kind != "no_checkpoint":
             ckpt.write_text(f"{mt} model")
@@ -82,7 +83,7 @@ class FakeOptimizer:
         sidecar = make_sidecar(mt, "SUCCESS", test_r2, cv)
         path = artifacts.write_sidecar(out / artifacts.SIDECAR_NAME, sidecar)
         return RunOutcome(mt, "SUCCESS", sidecar=sidecar, checkpoint_path=ckpt, sidecar_path=path,
-                          cv_score=cv, test_r2=test_r2, trials_run=cfg.trials, wall_s=0.1)
+                          cv_score=cv, cv_rescored=rescored, test_r2=test_r2, trials_run=cfg.trials, wall_s=0.1)
 
 
 @pytest.fixture
@@ -108,26 +109,30 @@ def summary_of(config: OptimizerConfig) -> dict:
     return json.loads((config.diagnostics_dir / compare.SUMMARY_NAME).read_text())
 
 
-def test_the_best_cv_objective_wins_never_the_test_r2_and_is_left_as_best_model(fake, config):
-    # xgboost has the best CV objective and the worst test R^2: the test rows only report
-    fake.script = {"neural_net": ("ok", 0.30, 0.35), "xgboost": ("ok", 0.10, 0.60),
-                   "lightgbm": ("ok", 0.40, 0.50), "catboost": ("ok", 0.42, 0.45)}
+def test_the_best_rescored_objective_wins_never_the_test_r2_and_is_left_as_best_model(fake, config):
+    # catboost has the best rescored CV objective and the worst test R^2; xgboost has the
+    # search's best objective and the best test R^2: the search's maximum only breaks ties,
+    # and the test rows only report
+    fake.script = {"neural_net": ("ok", 0.30, 0.35, 0.33), "xgboost": ("ok", 0.60, 0.60, 0.40),
+                   "lightgbm": ("ok", 0.40, 0.50, 0.48), "catboost": ("ok", 0.10, 0.45, 0.55)}
     assert compare.run_compare(config, optimizer_factory=fake) == 0
 
     out = config.output_dir
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
-        "best_model.history.png", "best_model.json", "best_model.meta.json"]
+        "best_model.cbm", "best_model.history.png", "best_model.meta.json"]
     sidecar = artifacts.read_sidecar(out / artifacts.SIDECAR_NAME)  # still valid
-    assert sidecar["model_type"] == "xgboost"
-    assert artifacts.resolve_checkpoint(out / artifacts.SIDECAR_NAME, sidecar).read_text() == "xgboost model"
+    assert sidecar["model_type"] == "catboost"
+    assert artifacts.resolve_checkpoint(out / artifacts.SIDECAR_NAME, sidecar).read_text() == "catboost model"
     block = sidecar["compare_models"]
-    assert block["winner"] == "xgboost" and block["role"] == "winner"
-    assert block["criterion"]["primary"] == "cv_score" and "test_r2" not in block["criterion"]["tie_break"]
-    assert block["candidates"]["xgboost"]["test_r2"] == 0.10  # reported as it was
+    assert block["winner"] == "catboost" and block["role"] == "winner"
+    assert block["criterion"]["primary"] == "cv_rescored"
+    assert block["criterion"]["tie_break"] == ["cv_score", "model_type_order"]
+    assert block["candidates"]["catboost"]["test_r2"] == 0.10  # reported as it was
+    assert block["candidates"]["catboost"]["cv_rescored"] == 0.55
     assert set(block["candidates"]) == set(MODEL_TYPES)
 
     # the others are archived, each loadable from its own folder
-    for mt in ("neural_net", "lightgbm", "catboost"):
+    for mt in ("neural_net", "xgboost", "lightgbm"):
         folder = out / compare.ARCHIVE_DIRNAME / mt
         archived = artifacts.read_sidecar(folder / artifacts.SIDECAR_NAME)
         assert archived["model_type"] == mt and archived["compare_models"]["role"] == "archived"
@@ -135,13 +140,14 @@ def test_the_best_cv_objective_wins_never_the_test_r2_and_is_left_as_best_model(
     assert not (out / compare.STAGING_DIRNAME).exists()
 
     summary = summary_of(config)
-    assert summary["winner"] == "xgboost" and summary["exit_code"] == 0
+    assert summary["winner"] == "catboost" and summary["exit_code"] == 0
     assert {mt: m["rank"] for mt, m in summary["models"].items()} == {
-        "xgboost": 1, "lightgbm": 2, "catboost": 3, "neural_net": 4}
+        "catboost": 1, "lightgbm": 2, "xgboost": 3, "neural_net": 4}
     for mt, m in summary["models"].items():
         assert m["status"] == "SUCCESS" and m["trials_run"] == 3 and m["wall_s"] >= 0
-        assert set(m) >= {"cv_score", "test_r2", "wall_s", "trials_run", "status", "error"}
-    assert summary["models"]["xgboost"]["checkpoint_path"] == str(out / "best_model.json")
+        assert set(m) >= {"cv_score", "cv_rescored", "test_r2", "wall_s", "trials_run", "status", "error"}
+    assert summary["models"]["catboost"]["checkpoint_path"] == str(out / "best_model.cbm")
+    assert summary["settings"]["rescore_partitions"] == 3  # the compare default
     png = Path(summary["plot"])
     assert png == config.diagnostics_dir / compare.PLOT_NAME
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -151,7 +157,7 @@ def test_every_flag_reaches_every_sub_run(fake, config):
     fake.script = {mt: ("ok", 0.1, 0.1) for mt in MODEL_TYPES}
     compare.run_compare(config, optimizer_factory=fake)
     assert [c.model_type for c in fake.configs] == list(MODEL_TYPES)
-    changed = {"model_type", "compare_models", "output_dir", "study_name", "storage"}
+    changed = {"model_type", "compare_models", "output_dir", "study_name", "storage", "rescore_partitions"}
     for sub in fake.configs:
         for f in dataclasses.fields(OptimizerConfig):
             if f.name not in changed:
@@ -303,3 +309,35 @@ def test_select_winner_ignores_non_success_and_non_finite_scores():
              C("neural_net", "SUCCESS", test_r2=-0.5, cv_score=-0.2)]
     assert compare.select_winner(cands).model_type == "neural_net"
     assert compare.select_winner(cands[:4]) is None
+
+
+def test_select_winner_ranks_by_rescored_objective_then_search_objective_then_type_order():
+    C = compare.Candidate
+
+    def ranking(cands):
+        compare.select_winner(cands)
+        return [c.model_type for c in sorted(cands, key=lambda c: c.rank)]
+
+    # the rescored objective decides, whatever the search's maximum says
+    assert ranking([C("neural_net", "SUCCESS", test_r2=0.5, cv_score=0.9, cv_rescored=0.3),
+                    C("xgboost", "SUCCESS", test_r2=0.1, cv_score=0.4, cv_rescored=0.35)]) == ["xgboost", "neural_net"]
+    # a type whose rescore failed (None) ranks after every type with one, even a lower one
+    assert ranking([C("neural_net", "SUCCESS", test_r2=0.5, cv_score=0.9, cv_rescored=None),
+                    C("xgboost", "SUCCESS", test_r2=0.1, cv_score=0.4, cv_rescored=-0.2)]) == ["xgboost", "neural_net"]
+    # equal rescored objectives: the search's objective, then MODEL_TYPES order
+    assert ranking([C("lightgbm", "SUCCESS", test_r2=0.5, cv_score=0.5, cv_rescored=0.4),
+                    C("xgboost", "SUCCESS", test_r2=0.1, cv_score=0.6, cv_rescored=0.4),
+                    C("catboost", "SUCCESS", test_r2=0.1, cv_score=0.6, cv_rescored=0.4)]) == [
+        "xgboost", "catboost", "lightgbm"]
+    # no rescore anywhere: the search's objective alone
+    assert ranking([C("neural_net", "SUCCESS", test_r2=0.5, cv_score=0.2),
+                    C("catboost", "SUCCESS", test_r2=0.1, cv_score=0.3)]) == ["catboost", "neural_net"]
+
+
+def test_every_sub_run_rescores_as_many_partitions_as_asked(fake, config):
+    fake.script = {mt: ("ok", 0.1, 0.5) for mt in MODEL_TYPES}
+    compare.run_compare(config, optimizer_factory=fake)
+    assert [c.rescore_partitions for c in fake.configs] == [3] * len(MODEL_TYPES)  # compare's default
+    fake.configs.clear()
+    compare.run_compare(dataclasses.replace(config, rescore_partitions=0), optimizer_factory=fake)
+    assert [c.rescore_partitions for c in fake.configs] == [0] * len(MODEL_TYPES)

@@ -56,6 +56,8 @@ def test_help_exits_0_and_lists_every_spec_flag(repo_root, python):
         (["--fuse-trials", "3", "--no-fuse-folds"], "--no-fuse-folds forbids"),
         (["--fuse-trials", "0"], "expected an integer >= 1"),
         (["--storage", "not-a-url"], "--storage must be an Optuna storage URL"),
+        (["--rescore-partitions", "-1"], "expected an integer >= 0"),
+        (["--rescore-partitions", "2", "--search-only"], "a --search-only helper builds none"),
     ],
 )
 def test_usage_errors_exit_64(repo_root, python, sample_inputs, tmp_path, extra, message):
@@ -189,6 +191,8 @@ def test_help_says_the_existing_flags_are_for_compatibility(repo_root, python):
     ((), "fuse_folds", None),  # without it the policy decides, as before
     (("--dropout-override", "0.3"), "dropout", 0.3),
     (("--batch-size-nn", "4"), "fuse_trials", 4),
+    (("--rescore-partitions", "5"), "rescore_partitions", 5),
+    ((), "rescore_partitions", None),  # the mode decides: 3 with --compare-models, else 0
 ])
 def test_existing_flags_mean_what_they_meant(flags, field, value):
     assert getattr(_config(*flags), field) == value

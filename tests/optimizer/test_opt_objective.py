@@ -1,12 +1,14 @@
-"""The anti-overfit objective, fold seeds and the NN search space."""
+"""The anti-overfit objective, fold seeds, fresh partitions and the NN search space."""
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import optuna
 import pytest
 
-from step5.optimizer.backends import fold_seed
+from step5.data.splits import kfold_splits
+from step5.optimizer.backends import CVData, fold_seed, partition_seed
 from step5.optimizer.objective import OVERFIT_PENALTY, anti_overfit_score, summarize_folds
 from step5.optimizer.search_space import INPUT_DROPOUT_RATES, first_nn_trials, suggest_nn_params
 
@@ -41,6 +43,23 @@ def test_fold_seeds_are_deterministic_distinct_and_in_protocol_range():
     assert len(seeds) == 100
     assert all(0 <= s < 2**63 for s in seeds)
     assert fold_seed(42, 3, 1) == fold_seed(42, 3, 1) != fold_seed(43, 3, 1)
+
+
+def test_fresh_partitions_have_their_own_shuffles_and_fold_indices():
+    folds = kfold_splits(30, 3, 1)
+    fresh = [kfold_splits(30, 3, partition_seed(0, p)) for p in (1, 2)]
+    cv = CVData(X_dev=np.zeros((30, 2), np.float32), y_dev=np.zeros(30), X_test=np.zeros((5, 2), np.float32),
+                y_test=np.zeros(5), folds=folds, final_fit_idx=np.arange(24), final_es_idx=np.arange(24, 30),
+                feature_names=["a", "b"], fresh_partitions=fresh)
+    assert cv.partition(0) is folds and cv.partition(2) is fresh[1]
+    with pytest.raises(ValueError, match="partition 3 does not exist"):
+        cv.partition(3)
+    # fold f of partition p is fold_idx p*K + f: the search's folds keep 0..K-1
+    assert [cv.fold_idx(p, f) for p in range(3) for f in range(3)] == list(range(9))
+    # a stream per (seed, partition), never a search's KFold seed (seed + 1) of a nearby run
+    seeds = {partition_seed(s, p) for s in range(20) for p in range(1, 6)}
+    assert len(seeds) == 100 and not seeds & set(range(1, 22))
+    assert partition_seed(7, 1) == partition_seed(7, 1)
 
 
 @pytest.mark.parametrize("fixed_dropout", [None, 0.2])

@@ -64,6 +64,7 @@ def test_run_builds_final_model_from_best_trial_and_never_shows_test_rows(
 
     sidecar = read_json_file(cfg.output_dir / artifacts.SIDECAR_NAME, "sidecar")
     assert artifacts.validate_sidecar(sidecar) == []
+    assert sidecar["training_metrics"]["rescore"] is None  # a single run rescores only when asked
     best = study_of(cfg, outcome).best_trial
     assert sidecar["optuna"]["best_trial_number"] == best.number
     # The final model: the best trial's K folds again -- the same files, params and seeds,
@@ -104,6 +105,61 @@ def test_run_builds_final_model_from_best_trial_and_never_shows_test_rows(
     assert tm["overfit_ratio"] == pytest.approx(tm["cv_train_r2_mean"] / tm["cv_r2_mean"])
     assert sidecar["execution"]["timings"]["total_s"] > 0
     assert sidecar["provenance"]["command_line"] == ["test"]
+
+
+def test_the_best_trial_is_rescored_on_fresh_partitions_of_the_dev_rows(fake_runner, make_config, study_of):
+    made, options = fake_runner
+    options["seed_in_metrics"] = True  # each fold's score carries its seed: other seeds, other scores
+    cfg = make_config(rescore_partitions=2)
+    outcome = AntiOverfitMetaOptimizer(cfg).run()
+    (runner,) = made
+    best = study_of(cfg, outcome).best_trial
+    search = [r for r in runner.requests if r.save_model_path is None and r.fold_idx < 3]
+    rescore = [r for r in runner.requests if r.save_model_path is None and r.fold_idx >= 3]
+    final = [r for r in runner.requests if r.save_model_path is not None]
+
+    # Two partitions x three folds of the best trial's params, on files and seeds of their own
+    assert [r.fold_idx for r in rescore] == [3, 4, 5, 6, 7, 8]
+    assert {r.trial_number for r in rescore} == {best.number}
+    assert all(r.params.to_dict() == best.user_attrs["params"] for r in rescore)
+    assert not {r.seed for r in rescore} & {r.seed for r in search} and len({r.seed for r in rescore}) == 6
+    assert len({r.data_path for r in rescore}) == 6 and not {r.data_path for r in rescore} & {r.data_path for r in search}
+
+    # Each fresh partition splits the same dev rows into validation parts that cover them
+    # once, and differently from the search's folds; the test rows are in none of them.
+    def val_rows(requests):
+        return [{tuple(row) for row in runner.arrays[r.data_path]["X_val"]} for r in requests]
+
+    search_parts = val_rows([r for r in search if r.trial_number == best.number])
+    dev = set().union(*search_parts)
+    for part in (rescore[:3], rescore[3:]):
+        parts = val_rows(part)
+        assert set().union(*parts) == dev and sum(map(len, parts)) == len(dev)
+        assert parts != search_parts
+
+    # The final model is still the best trial's search folds: rescoring changes no model
+    best_search = [r for r in search if r.trial_number == best.number]
+    assert [(r.data_path, r.seed) for r in final] == [(r.data_path, r.seed) for r in best_search]
+
+    block = outcome.sidecar["training_metrics"]["rescore"]
+    assert block["partitions"] == 2 and block["search_objective"] == pytest.approx(best.value)
+    assert len(block["objective_values"]) == 2 and block["objective_values"][0] != block["objective_values"][1]
+    assert block["objective_mean"] == pytest.approx(np.mean(block["objective_values"]))
+    assert outcome.cv_rescored == pytest.approx(block["objective_mean"])
+    assert outcome.sidecar["execution"]["timings"]["rescore_s"] > 0
+
+
+def test_a_partition_that_fails_to_rescore_leaves_no_estimate_and_the_run_goes_on(fake_runner, caplog, make_config):
+    made, options = fake_runner
+    options["fail_trials"] = range(50)  # the first fold of fresh partition 1 (fold_idx 3): only rescores have it
+    options["failure"] = ("loss is NaN", "train_error", 3)
+    with caplog.at_level(logging.WARNING):
+        outcome = AntiOverfitMetaOptimizer(make_config(rescore_partitions=2)).run()
+    assert outcome.status == "SUCCESS"
+    block = outcome.sidecar["training_metrics"]["rescore"]
+    assert block["objective_values"][0] is None and block["objective_values"][1] is not None
+    assert block["objective_mean"] is None and outcome.cv_rescored is None
+    assert "fresh partition 1 failed" in caplog.text and "loss is NaN" in caplog.text
 
 
 def test_job_error_fails_that_trial_with_its_message_and_the_study_goes_on(fake_runner, caplog, make_config, study_of):
