@@ -232,13 +232,16 @@ class NNBackend:
 
     def fold_requests(
         self, trial_number: int, params: dict[str, Any], *, save_paths: Sequence[Path] | None = None,
+        partition: int = 0,
     ) -> list[TrainRequest]:
         """The K fold jobs of one trial: the same requests whether they run fused or not;
-        with ``save_paths``, each fold also saves its model there (the final model's folds)."""
+        with ``save_paths``, each fold also saves its model there (the final model's folds);
+        ``partition`` > 0: on a fresh partition's folds (``rescore``)."""
         nn_params = NNParams.from_dict(params)
-        saves: Sequence[Path | None] = save_paths if save_paths is not None else [None] * len(self.fold_paths)
-        return [self._request(trial_number, f, nn_params, p, save)
-                for f, (p, save) in enumerate(zip(self.fold_paths, saves))]
+        paths = self._write_partition(partition)
+        saves: Sequence[Path | None] = save_paths if save_paths is not None else [None] * len(paths)
+        return [self._request(trial_number, self.cv.fold_idx(partition, f), nn_params, p, save)
+                for f, (p, save) in enumerate(zip(paths, saves))]
 
     def _with_train_r2(self, results: list[dict[str, Any]], partition: int = 0) -> list[dict[str, Any]]:
         for (tr, _va), res in zip(self.cv.partition(partition), results):
@@ -306,10 +309,7 @@ class NNBackend:
         return [ended.get(number, done[number]) for number, _ in trials]
 
     def rescore(self, trial_number: int, params: dict[str, Any], partition: int) -> list[dict[str, Any]]:
-        nn_params = NNParams.from_dict(params)
-        paths = self._write_partition(partition)
-        requests = [self._request(trial_number, self.cv.fold_idx(partition, f), nn_params, p)
-                    for f, p in enumerate(paths)]
+        requests = self.fold_requests(trial_number, params, partition=partition)
         by_job = self._run_requests({trial_number: requests})
         folds = raise_first_job_error([by_job[(trial_number, r.fold_idx)] for r in requests])
         return self._with_train_r2(folds, partition)
