@@ -11,12 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from step5.models.tree_adapter import LoadedBooster, suggest_boosting
+from step5.models.tree_adapter import NO_CHOICES, LoadedBooster, suggest_boosting
 
 
 class CatBoostAdapter:
     model_type = "catboost"
     library_keys = ("learning_rate", "depth", "l2_leaf_reg", "random_strength", "bagging_temperature")
+    choice_keys = NO_CHOICES
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         # No `rsm`: the GPU build supports it only for pairwise losses, and a search space
@@ -55,6 +56,12 @@ class CatBoostAdapter:
             use_best_model=True,  # shrinks the model to its best round
         )
         return model, int(model.tree_count_)
+
+    def reads_validation_rows(self, params: dict[str, Any]) -> bool:
+        return True  # every fit early-stops on them
+
+    def cpu_only_reason(self, params: dict[str, Any]) -> str | None:
+        return None
 
     def predict(self, booster: Any, X: np.ndarray) -> np.ndarray:
         return booster.predict(X)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from step5.models.tree_adapter import LoadedBooster, suggest_boosting
+from step5.models.tree_adapter import NO_CHOICES, LoadedBooster, suggest_boosting
 
 
 class LightGBMAdapter:
@@ -22,6 +22,7 @@ class LightGBMAdapter:
         "learning_rate", "num_leaves", "max_depth", "min_data_in_leaf", "bagging_fraction",
         "bagging_freq", "feature_fraction", "lambda_l1", "lambda_l2",
     )
+    choice_keys = NO_CHOICES
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         # No `min_gain_to_split`: a split-gain threshold is in loss units (see xgboost's `gamma`).
@@ -69,6 +70,12 @@ class LightGBMAdapter:
         if kept < booster.current_iteration():
             booster = lgb.Booster(model_str=booster.model_to_string(num_iteration=kept))
         return booster, kept
+
+    def reads_validation_rows(self, params: dict[str, Any]) -> bool:
+        return True  # every fit early-stops on them
+
+    def cpu_only_reason(self, params: dict[str, Any]) -> str | None:
+        return None
 
     def predict(self, booster: Any, X: np.ndarray) -> np.ndarray:
         return booster.predict(X)

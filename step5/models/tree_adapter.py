@@ -16,7 +16,8 @@ installed. Search spaces use the names each library reads, so a sidecar's
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, Sequence
+from types import MappingProxyType
+from typing import Any, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -38,10 +39,13 @@ class TreeAdapter(Protocol):
     #: Library parameters :meth:`suggest` may produce; train_fold accepts exactly these
     #: (plus the shared driver keys), so a typo in a hand-written dict is an error.
     library_keys: tuple[str, ...]
+    #: Library parameters whose value is one of a few strings (xgboost's ``booster``), and
+    #: those strings; every other library parameter is a finite number.
+    choice_keys: Mapping[str, tuple[str, ...]]
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         """One point of the search space from an Optuna trial: the library's parameters
-        plus ``n_estimators``, as plain ints and floats (JSON-ready)."""
+        plus ``n_estimators``, as plain ints, floats and choice strings (JSON-ready)."""
         ...
 
     def fit(
@@ -53,6 +57,16 @@ class TreeAdapter(Protocol):
         improved for ``early_stopping_rounds``; returns (booster cut to its best round, the
         number of rounds it keeps). ``device`` is "cpu" or "cuda:N"; the returned booster
         predicts on the CPU. ``params`` are checked library parameters (:attr:`library_keys`)."""
+        ...
+
+    def reads_validation_rows(self, params: dict[str, Any]) -> bool:
+        """Whether a fit of ``params`` early-stops on its validation rows. One that does not
+        only scores them, so its final model can fit every development row."""
+        ...
+
+    def cpu_only_reason(self, params: dict[str, Any]) -> str | None:
+        """Why a fit of ``params`` trains on the CPU even where a GPU is asked for, or None
+        when it may use one (the device choice is then :class:`~step5.models.trees.TreeDevices`')."""
         ...
 
     def predict(self, booster: Any, X: np.ndarray) -> np.ndarray:
@@ -77,6 +91,10 @@ class TreeAdapter(Protocol):
         """Why this library's build cannot train on GPU ``gpu_id``, or None when it can
         (or cannot tell before trying: a failing GPU fit then falls back to CPU)."""
         ...
+
+
+#: ``choice_keys`` of a library whose parameters are all numbers.
+NO_CHOICES: Mapping[str, tuple[str, ...]] = MappingProxyType({})
 
 
 def suggest_boosting(trial: Any) -> dict[str, Any]:

@@ -130,7 +130,8 @@ def _split_params(model_type: str, params: Mapping[str, Any]) -> tuple[int, int,
     """Validate ``params``; return (n_estimators, early_stopping_rounds, library params)."""
     if not isinstance(params, Mapping):
         raise ValueError(f"`params` for {model_type} must be a dict, got {type(params).__name__}")
-    allowed = set(ADAPTERS[model_type].library_keys) | set(_DRIVER_KEYS)
+    adapter = ADAPTERS[model_type]
+    allowed = set(adapter.library_keys) | set(adapter.choice_keys) | set(_DRIVER_KEYS)
     unknown = sorted(set(params) - allowed)
     if unknown:
         raise ValueError(
@@ -138,7 +139,11 @@ def _split_params(model_type: str, params: Mapping[str, Any]) -> tuple[int, int,
         )
     lib = {k: v for k, v in params.items() if k not in _DRIVER_KEYS}
     for key, value in lib.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+        if key in adapter.choice_keys:
+            if value not in adapter.choice_keys[key]:
+                raise ValueError(f"{model_type} parameter `{key}` must be one of {list(adapter.choice_keys[key])}, "
+                                 f"got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
                 or not math.isfinite(float(value)):
             raise ValueError(f"{model_type} parameter `{key}` must be a finite number, got {value!r}")
     n_estimators = params.get("n_estimators", 500)
@@ -147,6 +152,12 @@ def _split_params(model_type: str, params: Mapping[str, Any]) -> tuple[int, int,
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{model_type} parameter `{key}` must be an int >= 1, got {value!r}")
     return int(n_estimators), int(early), lib
+
+
+def reads_validation_rows(model_type: str, params: Mapping[str, Any]) -> bool:
+    """Whether :func:`train_fold` early-stops ``params`` on its validation rows (every tree
+    booster does; xgboost's ``gblinear`` only scores them)."""
+    return _check_model_type(model_type).reads_validation_rows(dict(params))
 
 
 # --------------------------------------------------------------------------------------
@@ -365,7 +376,8 @@ def train_fold(
 ) -> tuple[dict[str, Any], TreeModel]:
     """Train one fold of ``model_type`` and score it; returns (metrics, model).
 
-    Boosting stops early on (``X_val``, ``y_val``) and the model keeps its best round.
+    Boosting stops early on (``X_val``, ``y_val``) and the model keeps its best round;
+    a fit that does not early-stop (:func:`reads_validation_rows`) only scores them.
     ``seed`` seeds the library (same data, params, seed and device -> same model on CPU).
     ``n_threads=None`` lets the library choose; ``device``: see :meth:`TreeDevices.resolve`
     (and :func:`device_for_gpus` for ``--gpus``); ``devices`` remembers GPU failures across
@@ -400,6 +412,9 @@ def train_fold(
     seed = int(seed)
     devices = TreeDevices() if devices is None else devices
     where = devices.resolve(model_type, device)
+    if where != "cpu" and adapter.cpu_only_reason(lib) is not None:
+        logger.debug("%s trains on the CPU: %s", model_type, adapter.cpu_only_reason(lib))
+        where = "cpu"  # not a fallback: these params never train on a GPU
     fallback: str | None = None
 
     def fit(on: str) -> tuple[Any, int]:

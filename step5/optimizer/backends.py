@@ -448,10 +448,23 @@ class TreeBackend:
                 for f, (tr, va) in enumerate(self.cv.partition(partition))]
 
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
-        metrics, model = self._fit(
-            trial_number, FINAL_FOLD_IDX, params, self.cv.final_fit_idx, self.cv.final_es_idx,
-            X_test=self.cv.X_test, y_test=self.cv.y_test,
-        )
+        """Fit ``params`` on the final split (fit rows, early-stopping rows), or, for a model
+        that does not early-stop (xgboost's gblinear), on every dev row. Such a model has no
+        validation rows of its own, so, as for the NN's fold ensemble, ``r2``/``val_mse``
+        are the trial's CV means (its folds fitted again: the same seeds, the same scores)."""
+        if self.trees.reads_validation_rows(self.model_type, params):
+            metrics, model = self._fit(
+                trial_number, FINAL_FOLD_IDX, params, self.cv.final_fit_idx, self.cv.final_es_idx,
+                X_test=self.cv.X_test, y_test=self.cv.y_test,
+            )
+        else:
+            folds = self.rescore(trial_number, params, 0)
+            every_row = np.arange(len(self.cv.y_dev))  # passed as validation rows too: only scored
+            metrics, model = self._fit(trial_number, FINAL_FOLD_IDX, params, every_row, every_row,
+                                       X_test=self.cv.X_test, y_test=self.cv.y_test)
+            metrics.update(r2=float(np.mean([f["r2"] for f in folds])),
+                           val_mse=float(np.mean([f["val_mse"] for f in folds])),
+                           n_fit=len(every_row), n_early_stop=0, n_val=0)
         self.trees.save_model(model, self.model_type, checkpoint_path)
         metrics["model_path"] = str(checkpoint_path)
         return metrics

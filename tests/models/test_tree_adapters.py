@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from step5 import artifacts
 from step5.data.sample import generate_arrays
@@ -26,6 +26,7 @@ _RATE = FloatDistribution(0.01, 0.3, log=True)
 #: here changes which trials a seeded study draws.
 SEARCH_SPACES = {
     "xgboost": {
+        "booster": CategoricalDistribution(("gbtree", "gblinear")),
         "n_estimators": _ROUNDS, "learning_rate": _RATE,
         "max_depth": IntDistribution(2, 10),
         "min_child_weight": FloatDistribution(1.0, 20.0, log=True),
@@ -53,8 +54,16 @@ SEARCH_SPACES = {
     },
 }
 
+#: xgboost's other branch: the linear booster (penalties on standardised features and target).
+XGBOOST_LINEAR_SPACE = {
+    "booster": CategoricalDistribution(("gbtree", "gblinear")),
+    "lambda": FloatDistribution(1e-4, 10.0, log=True),
+    "alpha": FloatDistribution(1e-5, 0.5, log=True),
+}
+
 #: The interface's methods (TreeAdapter), each of which every adapter must have.
-METHODS = ("suggest", "fit", "predict", "save", "load", "library_error", "gpu_unsupported_reason")
+METHODS = ("suggest", "fit", "reads_validation_rows", "cpu_only_reason", "predict", "save", "load",
+           "library_error", "gpu_unsupported_reason")
 
 
 def test_the_registry_holds_one_adapter_per_tree_model_type():
@@ -68,14 +77,34 @@ def test_the_registry_holds_one_adapter_per_tree_model_type():
         trees.ADAPTERS["random_forest"] = trees.ADAPTERS["xgboost"]  # read-only: no state to share
 
 
+def _trial(fixed: dict | None = None) -> optuna.Trial:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    if fixed:
+        study.enqueue_trial(fixed)
+    return study.ask()
+
+
 @pytest.mark.parametrize("model_type", trees.TREE_MODEL_TYPES)
 def test_search_space_names_and_ranges(model_type):
     adapter = trees.ADAPTERS[model_type]
-    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    trial = _trial({"booster": "gbtree"} if model_type == "xgboost" else None)
     params = adapter.suggest(trial)
     assert trial.distributions == SEARCH_SPACES[model_type]
-    assert list(params)[:2] == ["n_estimators", "learning_rate"]  # shared, suggested first
-    assert set(params) - {"n_estimators"} <= set(adapter.library_keys)
+    boosting = [k for k in params if k not in adapter.choice_keys]
+    assert boosting[:2] == ["n_estimators", "learning_rate"]  # shared, suggested first after the choices
+    assert set(params) - {"n_estimators"} <= set(adapter.library_keys) | set(adapter.choice_keys)
+    assert adapter.reads_validation_rows(params)  # every tree booster early-stops on them
+
+
+def test_xgboost_searches_a_linear_booster_too():
+    adapter = trees.ADAPTERS["xgboost"]
+    trial = _trial({"booster": "gblinear"})
+    params = adapter.suggest(trial)
+    assert trial.distributions == XGBOOST_LINEAR_SPACE
+    assert params == {"booster": "gblinear", "n_estimators": 1000,
+                      "lambda": trial.params["lambda"], "alpha": trial.params["alpha"]}
+    assert not adapter.reads_validation_rows(params)  # the penalties regularise it; val rows only score
+    assert adapter.reads_validation_rows({"learning_rate": 0.1})  # no `booster` key: trees, as before
 
 
 @pytest.fixture(scope="module")

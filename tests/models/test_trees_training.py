@@ -100,8 +100,11 @@ def test_search_space_samples_are_accepted_by_train_fold(model_type, planted):
         trial = study.ask()
         params = trees.suggest_params(trial, model_type)
         json.dumps(params)
-        assert set(params) <= set(trees.ADAPTERS[model_type].library_keys) | {"n_estimators", "early_stopping_rounds"}
-        assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in params.values())
+        adapter = trees.ADAPTERS[model_type]
+        assert set(params) <= set(adapter.library_keys) | set(adapter.choice_keys) | {"n_estimators", "early_stopping_rounds"}
+        assert all(params[k] in choices for k, choices in adapter.choice_keys.items() if k in params)
+        assert all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                   for k, v in params.items() if k not in adapter.choice_keys)
         seen.append(params)
         study.tell(trial, 0.0)
     assert len({json.dumps(p, sort_keys=True) for p in seen}) == 5  # it really searches
@@ -117,6 +120,9 @@ def test_search_space_samples_are_accepted_by_train_fold(model_type, planted):
         ({"params": {"n_estimatorz": 5}}, r"unknown xgboost parameter\(s\) \['n_estimatorz'\]"),
         ({"params": {"max_depth": "deep"}}, "`max_depth` must be a finite number"),
         ({"params": {"n_estimators": 0}}, "`n_estimators` must be an int >= 1"),
+        ({"params": {"booster": "dart"}}, r"`booster` must be one of \['gbtree', 'gblinear'\], got 'dart'"),
+        ({"params": {"booster": "gblinear", "lambda": 0.1, "alpha": 0.01, "max_depth": 3}},
+         r"xgboost parameter\(s\) \['max_depth'\] do not apply to booster 'gblinear'"),
         ({"X_val": np.full((10, 4), np.nan, dtype=np.float32)}, r"`X_val` has a non-finite value nan at row 0, column 0"),
         ({"X_val": np.zeros((10, 3), dtype=np.float32)}, "`X_val` has 3 features but `X_train` has 4"),
         ({"y_train": np.zeros(7)}, "`X_train` has 20 rows but `y_train` has 7"),
