@@ -412,8 +412,9 @@ def train_fold(
     seed = int(seed)
     devices = TreeDevices() if devices is None else devices
     where = devices.resolve(model_type, device)
-    if where != "cpu" and adapter.cpu_only_reason(lib) is not None:
-        logger.debug("%s trains on the CPU: %s", model_type, adapter.cpu_only_reason(lib))
+    cpu_only = adapter.cpu_only_reason(lib) if where != "cpu" else None
+    if cpu_only is not None:
+        logger.debug("%s trains on the CPU: %s", model_type, cpu_only)
         where = "cpu"  # not a fallback: these params never train on a GPU
     fallback: str | None = None
 

@@ -84,8 +84,7 @@ class XGBoostAdapter:
     ) -> tuple[Any, int]:
         import xgboost as xgb
 
-        linear = params.get("booster", "gbtree") == "gblinear"
-        if linear:
+        if _is_linear(params):
             stray = sorted(set(params) - LINEAR_KEYS)
             if stray:
                 raise ValueError(f"xgboost parameter(s) {stray} do not apply to booster 'gblinear', which reads "
@@ -116,10 +115,10 @@ class XGBoostAdapter:
         return booster, kept
 
     def reads_validation_rows(self, params: dict[str, Any]) -> bool:
-        return params.get("booster", "gbtree") != "gblinear"
+        return not _is_linear(params)
 
     def cpu_only_reason(self, params: dict[str, Any]) -> str | None:
-        if params.get("booster", "gbtree") == "gblinear":
+        if _is_linear(params):
             # A failed GPU fit would send every later xgboost fit of the run to the CPU,
             # trees too; a linear fit gains nothing on a GPU worth that risk.
             return "a gblinear model is a few coordinate-descent passes over the rows"
@@ -151,6 +150,11 @@ class XGBoostAdapter:
 
     def gpu_unsupported_reason(self, gpu_id: int) -> str | None:
         return None  # not probed: a GPU fit that fails falls back to CPU (trees.train_fold)
+
+
+def _is_linear(params: dict[str, Any]) -> bool:
+    """Whether ``params`` fit the linear booster (no ``booster`` key means trees)."""
+    return params.get("booster", "gbtree") == "gblinear"
 
 
 def _fit_linear(

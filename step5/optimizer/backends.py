@@ -66,6 +66,12 @@ def fold_seed(base_seed: int, trial_number: int, fold_idx: int) -> int:
     return (int(state[0]) << 30) | (int(state[1]) >> 2)  # 62 bits: within the protocol's seed < 2**63
 
 
+def cv_val_scores(folds: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """``r2``/``val_mse`` of a final model with no validation rows of its own (the NN's fold
+    ensemble, a model fitted on every dev row): the means over its trial's CV folds."""
+    return {"r2": float(np.mean([f["r2"] for f in folds])), "val_mse": float(np.mean([f["val_mse"] for f in folds]))}
+
+
 def partition_seed(base_seed: int, partition: int) -> int:
     """The KFold shuffle seed of fresh partition ``partition`` (>= 1) of a run: a stream of
     its own, never the search's ``seed + 1`` of this run or of another seed's run."""
@@ -332,8 +338,7 @@ class NNBackend:
         folds = raise_first_job_error([by_job[(trial_number, f)] for f in range(len(paths))])
         result = merge_fold_models(paths, Path(checkpoint_path), score_path=Path(self.final_path))
         result.update(
-            r2=float(np.mean([f["r2"] for f in folds])), val_mse=float(np.mean([f["val_mse"] for f in folds])),
-            n_fit=int(len(self.cv.y_dev)), n_early_stop=0, epochs_run=None, best_epoch=None,
+            **cv_val_scores(folds), n_fit=int(len(self.cv.y_dev)), n_early_stop=0, epochs_run=None, best_epoch=None,
             fold_best_epochs=[f.get("best_epoch") for f in folds],
         )
         return result
@@ -462,9 +467,7 @@ class TreeBackend:
             every_row = np.arange(len(self.cv.y_dev))  # passed as validation rows too: only scored
             metrics, model = self._fit(trial_number, FINAL_FOLD_IDX, params, every_row, every_row,
                                        X_test=self.cv.X_test, y_test=self.cv.y_test)
-            metrics.update(r2=float(np.mean([f["r2"] for f in folds])),
-                           val_mse=float(np.mean([f["val_mse"] for f in folds])),
-                           n_fit=len(every_row), n_early_stop=0, n_val=0)
+            metrics.update(**cv_val_scores(folds), n_fit=len(every_row), n_early_stop=0, n_val=0)
         self.trees.save_model(model, self.model_type, checkpoint_path)
         metrics["model_path"] = str(checkpoint_path)
         return metrics
