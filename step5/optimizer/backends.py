@@ -93,9 +93,16 @@ class CVData:
     final_fit_idx: np.ndarray  # dev rows the final model is fitted on
     final_es_idx: np.ndarray  # dev rows the final model early-stops on (~1/K of dev)
     feature_names: list[str]
-    # Further K-fold partitions of the same dev rows, other shuffles: the best trial is
-    # scored again on them (``rescore``), where the search's choice has not looked.
+    # Further K-fold partitions of the same dev rows, other shuffles. The first
+    # ``search_repeats - 1`` are the search's too (repeated CV: every trial is scored on
+    # them); the best trial is scored again on the rest (``rescore``), where the search's
+    # choice has not looked.
     fresh_partitions: list[list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=list)
+    search_repeats: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.search_repeats <= 1 + len(self.fresh_partitions):
+            raise ValueError(f"{self.search_repeats} search partitions, but only {1 + len(self.fresh_partitions)} exist")
 
     @property
     def k(self) -> int:
@@ -106,6 +113,21 @@ class CVData:
         if not 0 <= number <= len(self.fresh_partitions):
             raise ValueError(f"partition {number} does not exist: this run has {len(self.fresh_partitions)} fresh ones")
         return self.folds if number == 0 else self.fresh_partitions[number - 1]
+
+    @property
+    def search_partitions(self) -> range:
+        """The partitions every trial of the search is scored on (0, then the repeats)."""
+        return range(self.search_repeats)
+
+    @property
+    def rescore_partitions(self) -> range:
+        """The partitions only the best trial is scored on, after the search."""
+        return range(self.search_repeats, 1 + len(self.fresh_partitions))
+
+    def search_folds(self) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+        """Every fold a trial trains, in order: (partition, fold_idx, train rows, validation rows)."""
+        return [(p, self.fold_idx(p, f), tr, va)
+                for p in self.search_partitions for f, (tr, va) in enumerate(self.partition(p))]
 
     def fold_idx(self, partition: int, fold: int) -> int:
         """Fold ``fold`` of ``partition`` as a ``fold_idx``: the search's own (0..K-1) for
@@ -242,18 +264,26 @@ class NNBackend:
     ) -> list[TrainRequest]:
         """The K fold jobs of one trial: the same requests whether they run fused or not;
         with ``save_paths``, each fold also saves its model there (the final model's folds);
-        ``partition`` > 0: on a fresh partition's folds (``rescore``)."""
+        ``partition`` > 0: on another partition's folds (a search repeat, or ``rescore``)."""
         nn_params = NNParams.from_dict(params)
         paths = self._write_partition(partition)
         saves: Sequence[Path | None] = save_paths if save_paths is not None else [None] * len(paths)
         return [self._request(trial_number, self.cv.fold_idx(partition, f), nn_params, p, save)
                 for f, (p, save) in enumerate(zip(paths, saves))]
 
-    def _with_train_r2(self, results: list[dict[str, Any]], partition: int = 0) -> list[dict[str, Any]]:
-        for (tr, _va), res in zip(self.cv.partition(partition), results):
+    def search_requests(self, trial_number: int, params: dict[str, Any]) -> list[TrainRequest]:
+        """Every fold job of one trial of the search: the K folds of each search partition."""
+        return [r for p in self.cv.search_partitions for r in self.fold_requests(trial_number, params, partition=p)]
+
+    def _with_train_r2(self, results: list[dict[str, Any]], train_rows: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+        """Fill in each result's train R² from its train MSE and the rows that fold trained on."""
+        for tr, res in zip(train_rows, results):
             if "train_r2" not in res and "train_mse" in res:
                 res["train_r2"] = r2_from_mse(res["train_mse"], self.cv.y_dev[tr])
         return results
+
+    def _search_train_rows(self) -> list[np.ndarray]:
+        return [tr for _p, _idx, tr, _va in self.cv.search_folds()]
 
     def _run_requests(self, requests: dict[int, list[TrainRequest]]) -> dict[tuple[int, int], Any]:
         """One ``runner.run`` call for these trials' requests, grouped by the plan; each job's
@@ -278,12 +308,14 @@ class NNBackend:
         """
         if gate is not None:
             return self._run_waves(trials, gate)
-        by_job = self._run_requests({number: self.fold_requests(number, params) for number, params in trials})
+        requests = {number: self.search_requests(number, params) for number, params in trials}
+        by_job = self._run_requests(requests)
+        train_rows = self._search_train_rows()
         results: list[TrialOutcome] = []
         for number, _ in trials:
-            folds = [by_job[(number, f)] for f in range(len(self.fold_paths))]
+            folds = [by_job[(number, r.fold_idx)] for r in requests[number]]
             try:
-                results.append(self._with_train_r2(raise_first_job_error(folds)))
+                results.append(self._with_train_r2(raise_first_job_error(folds), train_rows))
             except JobError as exc:
                 results.append(exc)
         return results
@@ -295,22 +327,23 @@ class NNBackend:
         The same requests as :meth:`run_trials` (a wave holds one fold per trial, so
         ``--fuse-folds`` has nothing to fuse; ``--fuse-trials`` fuses same-shape trials'
         fold k)."""
-        requests = {number: self.fold_requests(number, params) for number, params in trials}
+        requests = {number: self.search_requests(number, params) for number, params in trials}
+        train_rows = self._search_train_rows()
         done: dict[int, list[dict[str, Any]]] = {number: [] for number, _ in trials}
         ended: dict[int, TrialOutcome] = {}
-        for fold in range(len(self.fold_paths)):
+        for fold in range(len(train_rows)):
             live = [number for number, _ in trials if number not in ended]
             if not live:
                 break
             by_job = self._run_requests({number: [requests[number][fold]] for number in live})
             for number in live:
-                outcome = by_job[(number, fold)]
+                outcome = by_job[(number, requests[number][fold].fold_idx)]
                 if isinstance(outcome, JobError):
                     ended[number] = outcome
                     continue
                 done[number].append(outcome)
-                self._with_train_r2(done[number])
-                if fold < len(self.fold_paths) - 1 and not gate(number, done[number]):
+                self._with_train_r2(done[number], train_rows)
+                if fold < len(train_rows) - 1 and not gate(number, done[number]):
                     ended[number] = Pruned(done[number])
         return [ended.get(number, done[number]) for number, _ in trials]
 
@@ -318,7 +351,7 @@ class NNBackend:
         requests = self.fold_requests(trial_number, params, partition=partition)
         by_job = self._run_requests({trial_number: requests})
         folds = raise_first_job_error([by_job[(trial_number, r.fold_idx)] for r in requests])
-        return self._with_train_r2(folds, partition)
+        return self._with_train_r2(folds, [tr for tr, _va in self.cv.partition(partition)])
 
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
         """The best trial's K fold models, merged into one network that predicts their mean
@@ -328,8 +361,10 @@ class NNBackend:
         seeds: the same models), now each saving its checkpoint, through the same runner
         and grouping as any trial; a child process then merges them into
         ``checkpoint_path`` and scores the merged net on every dev row (``train_*``) and
-        on the test rows (``test_*``, scored only). ``r2``/``val_mse`` are the folds' CV
-        means: the ensemble has no validation rows of its own."""
+        on the test rows (``test_*``, scored only). ``r2``/``val_mse`` are the merged
+        folds' CV means: the ensemble has no validation rows of its own. With repeated CV
+        (``--cv-repeats``) only the first partition's K folds are merged: more members
+        would widen the shipped net, not change what it estimates."""
         folder = self.files.path / "final"
         paths = [folder / f"fold_{f}" / CHECKPOINT_NAME for f in range(len(self.fold_paths))]
         for p in paths:
@@ -437,10 +472,11 @@ class TreeBackend:
         for number, params in trials:
             folds: list[dict[str, Any]] = []
             outcome: TrialOutcome = folds
+            search_folds = self.cv.search_folds()
             try:
-                for f, (tr, va) in enumerate(self.cv.folds):
-                    folds.append(self._fit(number, f, params, tr, va)[0])
-                    if gate is not None and f < self.cv.k - 1 and not gate(number, folds):
+                for i, (_p, fold_idx, tr, va) in enumerate(search_folds):
+                    folds.append(self._fit(number, fold_idx, params, tr, va)[0])
+                    if gate is not None and i < len(search_folds) - 1 and not gate(number, folds):
                         outcome = Pruned(folds)
                         break
             except JobError as exc:
@@ -456,14 +492,15 @@ class TreeBackend:
         """Fit ``params`` on the final split (fit rows, early-stopping rows), or, for a model
         that does not early-stop (xgboost's gblinear), on every dev row. Such a model has no
         validation rows of its own, so, as for the NN's fold ensemble, ``r2``/``val_mse``
-        are the trial's CV means (its folds fitted again: the same seeds, the same scores)."""
+        are the trial's CV means (its folds on every search partition fitted again: the
+        same seeds, the same scores)."""
         if self.trees.reads_validation_rows(self.model_type, params):
             metrics, model = self._fit(
                 trial_number, FINAL_FOLD_IDX, params, self.cv.final_fit_idx, self.cv.final_es_idx,
                 X_test=self.cv.X_test, y_test=self.cv.y_test,
             )
         else:
-            folds = self.rescore(trial_number, params, 0)
+            folds = [f for p in self.cv.search_partitions for f in self.rescore(trial_number, params, p)]
             every_row = np.arange(len(self.cv.y_dev))  # passed as validation rows too: only scored
             metrics, model = self._fit(trial_number, FINAL_FOLD_IDX, params, every_row, every_row,
                                        X_test=self.cv.X_test, y_test=self.cv.y_test)

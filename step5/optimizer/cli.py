@@ -170,6 +170,10 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
     search.add_argument("--trials", type=_positive_int, default=50,
                         help="complete trials the study must hold (a resumed study runs only the missing ones)")
     search.add_argument("--k-folds", type=_positive_int, default=5, help="CV folds per trial (>= 2)")
+    search.add_argument("--cv-repeats", type=_positive_int, default=None,
+                        help="repeated CV: score every trial on N K-fold partitions of the development rows "
+                             "(N x K fits; the objective over all of them), for a less noisy choice on flat "
+                             "objective surfaces [1 for neural_net, 3 for the tree model types]")
     search.add_argument("--test-holdout", type=_fraction, default=0.2, help="fraction of rows held out as the test set")
     search.add_argument("--seed", type=_non_negative_int, default=42, help="seeds the splits, the sampler and training")
     search.add_argument("--study-name", default=None, help="Optuna study name [derived from model type, data and setup]")
@@ -287,6 +291,7 @@ def config_from_args(args: argparse.Namespace, command_line: Sequence[str]) -> O
         pruner=args.pruner,
         nn_max_epochs=args.nn_max_epochs,
         rescore_partitions=args.rescore_partitions,
+        cv_repeats=args.cv_repeats,
         command_line=list(command_line),
     )
     validate_config(config)

@@ -60,6 +60,10 @@ class OptimizerConfig:
     # selection, and compare-models chooses by it. None: COMPARE_RESCORE_PARTITIONS in a
     # compare run, 0 (no rescore) in a single run.
     rescore_partitions: int | None = None
+    # Repeated CV: every trial is scored on this many K-fold partitions of the dev rows
+    # (K x N fits), and its objective is taken over all of them. None: cv_repeats() by
+    # model type (docs/models.md: why more for the trees than for the net).
+    cv_repeats: int | None = None
     command_line: list[str] | None = None  # argv as the user typed it, for the sidecar's provenance
 
 
@@ -79,6 +83,20 @@ def rescore_partitions(config: OptimizerConfig) -> int:
     if config.rescore_partitions is not None:
         return config.rescore_partitions
     return COMPARE_RESCORE_PARTITIONS if config.compare_models else 0
+
+
+#: K-fold partitions a trial of a tree model type is scored on unless --cv-repeats says
+#: otherwise: its folds cost milliseconds to seconds in-process, and on a flat objective
+#: surface one partition's noise decides which configuration wins. The net's folds cost
+#: seconds of worker time each, so it keeps one partition by default.
+TREE_CV_REPEATS = 3
+
+
+def cv_repeats(config: OptimizerConfig) -> int:
+    """How many K-fold partitions every trial of this run is scored on."""
+    if config.cv_repeats is not None:
+        return config.cv_repeats
+    return 1 if config.model_type == "neural_net" else TREE_CV_REPEATS
 
 
 def validate_config(config: OptimizerConfig) -> None:
@@ -129,6 +147,8 @@ def validate_config(config: OptimizerConfig) -> None:
             "--rescore-partitions rescores the best trial of the run that builds the model; a --search-only "
             "helper builds none. Give it to the process without --search-only"
         )
+    if config.cv_repeats is not None and config.cv_repeats < 1:
+        raise UsageError(f"--cv-repeats must be >= 1, got {config.cv_repeats}")
     if config.nn_max_epochs < 1:
         raise UsageError(f"--nn-max-epochs must be >= 1, got {config.nn_max_epochs}")
     if config.search_only and config.compare_models:

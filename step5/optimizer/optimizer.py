@@ -55,7 +55,7 @@ from step5.policy import Policy, load_policy
 from step5.sidecar import build_provenance, build_training_metrics, degenerate_sidecar, success_sidecar
 from step5.signal_quality import assess_signal
 from step5.values import finite_or_none, utc_timestamp
-from step5.optimizer.config import OptimizerConfig, RunOutcome, rescore_partitions, validate_config
+from step5.optimizer.config import OptimizerConfig, RunOutcome, cv_repeats, rescore_partitions, validate_config
 from step5.optimizer.diagnostics import write_run_diagnostics
 from step5.optimizer.grouping import default_trials_in_flight
 from step5.optimizer.backends import CVData, ModelBackend, NNBackend, TreeBackend, partition_seed
@@ -264,6 +264,8 @@ class AntiOverfitMetaOptimizer:
             "target": cfg.target,
             "objective": OBJECTIVE_FORMULA,
         }
+        if cv_repeats(cfg) > 1:  # only then: a study from before repeated CV keeps its name
+            setup["cv_repeats"] = cv_repeats(cfg)
         if cfg.model_type == "neural_net":
             setup.update(
                 normalize_features=cfg.normalize_features, use_leaky_relu=cfg.use_leaky_relu,
@@ -288,19 +290,22 @@ class AntiOverfitMetaOptimizer:
             )
         dev_idx, test_idx = holdout_split(n, cfg.test_holdout, cfg.seed)
         folds = kfold_splits(len(dev_idx), cfg.k_folds, cfg.seed + 1)
+        # Partitions 1.. : the search's repeats first, then the rescore's (CVData).
+        repeats = cv_repeats(cfg)
         fresh = [kfold_splits(len(dev_idx), cfg.k_folds, partition_seed(cfg.seed, p))
-                 for p in range(1, rescore_partitions(cfg) + 1)]
+                 for p in range(1, repeats + rescore_partitions(cfg))]
         fit_pos, es_pos = train_test_split(
             np.arange(len(dev_idx)), test_size=1.0 / cfg.k_folds, random_state=cfg.seed + 2, shuffle=True,
         )
         final = ("the final net is the best trial's fold models merged into one" if cfg.model_type == "neural_net"
                  else f"the final model fits {len(fit_pos)} and early-stops on {len(es_pos)}")
-        logger.info("split %d rows: %d dev (%d folds of ~%d validation rows), %d test; %s",
-                    n, len(dev_idx), cfg.k_folds, len(dev_idx) // cfg.k_folds, len(test_idx), final)
+        logger.info("split %d rows: %d dev (%d folds of ~%d validation rows%s), %d test; %s",
+                    n, len(dev_idx), cfg.k_folds, len(dev_idx) // cfg.k_folds,
+                    f", each trial on {repeats} partitions" if repeats > 1 else "", len(test_idx), final)
         return CVData(
             X_dev=table.X[dev_idx], y_dev=table.y[dev_idx], X_test=table.X[test_idx], y_test=table.y[test_idx],
             folds=folds, final_fit_idx=np.sort(fit_pos), final_es_idx=np.sort(es_pos),
-            feature_names=list(table.feature_names), fresh_partitions=fresh,
+            feature_names=list(table.feature_names), fresh_partitions=fresh, search_repeats=repeats,
         )
 
     # ------------------------------------------------------------------ search
@@ -416,14 +421,15 @@ class AntiOverfitMetaOptimizer:
         folds fail or diverge scores NaN, and so does the mean: a model that does not train
         reliably on fresh folds has no trustworthy estimate.
         """
-        n = len(cv.fresh_partitions)
+        partitions = cv.rescore_partitions
+        n = len(partitions)
         if n == 0:
             return None
         params = self._best_params(best)
         start = time.perf_counter()
         values: list[float] = []
         r2_means: list[float] = []
-        for p in range(1, n + 1):
+        for p in partitions:
             try:
                 summary = summarize_folds(backend.rescore(best.number, params, p))
             except JobError as exc:
@@ -552,7 +558,7 @@ class AntiOverfitMetaOptimizer:
         metrics = build_training_metrics(
             best.user_attrs.get("cv", {}), final, objective_value=best.value,
             objective_formula=OBJECTIVE_FORMULA, overfit_penalty=OVERFIT_PENALTY, k_folds=cfg.k_folds,
-            n_dev=len(cv.y_dev), n_fit=len(cv.final_fit_idx), n_early_stop=len(cv.final_es_idx), n_test=len(cv.y_test),
+            cv_repeats=cv.search_repeats, n_dev=len(cv.y_dev), n_fit=len(cv.final_fit_idx), n_early_stop=len(cv.final_es_idx), n_test=len(cv.y_test),
             rescore=rescore,
         )
         name = artifacts.checkpoint_filename(cfg.model_type)

@@ -3,7 +3,8 @@
 ::
 
     fold k of a trial finishes ─▶ report step k: the objective of folds 0..k
-                                  (anti_overfit_score; at step K-1 it is the trial's value)
+                                  (anti_overfit_score; at the last step, K x --cv-repeats - 1,
+                                  it is the trial's value)
     with a pruner: folds run in waves (fold 0 of every trial in flight, then fold 1, ...);
     after each wave, in ask order, each live trial reports step k and asks the pruner;
     a pruned trial sends no more folds and is told PRUNED.

@@ -341,17 +341,15 @@ def _install_fake_pool(monkeypatch, *options: str) -> list[WorkerPool]:
     return made
 
 
-def _spy_fold_requests(monkeypatch) -> dict[int, list[TrainRequest]]:
+def _spy_search_requests(monkeypatch) -> dict[int, list[TrainRequest]]:
     sent: dict[int, list[TrainRequest]] = {}
-    real = backends_module.NNBackend.fold_requests
+    real = backends_module.NNBackend.search_requests
 
-    def fold_requests(self, trial_number, params, *, save_paths=None):
-        requests = real(self, trial_number, params, save_paths=save_paths)
-        if save_paths is None:  # a trial's, not the final model's
-            sent[trial_number] = requests
+    def search_requests(self, trial_number, params):  # a trial's jobs, not the final model's
+        sent[trial_number] = requests = real(self, trial_number, params)
         return requests
 
-    monkeypatch.setattr(backends_module.NNBackend, "fold_requests", fold_requests)
+    monkeypatch.setattr(backends_module.NNBackend, "search_requests", search_requests)
     return sent
 
 
@@ -365,7 +363,7 @@ def test_pool_worker_crash_in_a_fused_group_falls_back_with_the_undisturbed_resu
     state.mkdir()
     _install_fake_pool(monkeypatch, "--fault", "sigkill", "--after", "1", "--faulty-starts", "2",
                        "--state-dir", str(state))
-    sent = _spy_fold_requests(monkeypatch)
+    sent = _spy_search_requests(monkeypatch)
     cfg = make_config(trials=4, k_folds=2, fuse_trials=2)
     outcome = AntiOverfitMetaOptimizer(cfg).run()
     study = study_of(cfg, outcome)
@@ -381,15 +379,15 @@ def test_pool_job_error_in_a_fused_batch_fails_only_that_trial(tmp_path, monkeyp
     """A trial whose fold data is missing: the worker answers data_error in that job's place,
     and the pool hands it back beside the other jobs' results: nothing is trained twice."""
     _install_fake_pool(monkeypatch)
-    real = backends_module.NNBackend.fold_requests
+    real = backends_module.NNBackend.search_requests
 
-    def fold_requests(self, trial_number, params, *, save_paths=None):
-        requests = real(self, trial_number, params, save_paths=save_paths)
+    def search_requests(self, trial_number, params):
+        requests = real(self, trial_number, params)
         if trial_number == 2:
             requests[1] = dataclasses.replace(requests[1], data_path=str(tmp_path / "gone.npz"))
         return requests
 
-    monkeypatch.setattr(backends_module.NNBackend, "fold_requests", fold_requests)
+    monkeypatch.setattr(backends_module.NNBackend, "search_requests", search_requests)
     cfg = make_config(trials=4, k_folds=2, fuse_trials=4)
     outcome = AntiOverfitMetaOptimizer(cfg).run()
     study = study_of(cfg, outcome)
@@ -458,7 +456,7 @@ def test_a_trial_whose_jobs_kill_their_process_every_time_fails_alone_and_is_rep
     caplog.set_level(logging.INFO, logger="step5.optimizer.progress")
     monkeypatch.setenv("STEP5_FAKE_POISON_TRIAL", "1")
     _install_fake_pool(monkeypatch)
-    sent = _spy_fold_requests(monkeypatch)
+    sent = _spy_search_requests(monkeypatch)
     cfg = make_config(trials=3, k_folds=2)
     outcome = AntiOverfitMetaOptimizer(cfg).run()
     study = study_of(cfg, outcome)
