@@ -72,10 +72,18 @@ def cv_val_scores(folds: Sequence[dict[str, Any]]) -> dict[str, float]:
     return {"r2": float(np.mean([f["r2"] for f in folds])), "val_mse": float(np.mean([f["val_mse"] for f in folds]))}
 
 
-def partition_seed(base_seed: int, partition: int) -> int:
-    """The KFold shuffle seed of fresh partition ``partition`` (>= 1) of a run: a stream of
-    its own, never the search's ``seed + 1`` of this run or of another seed's run."""
-    return int(np.random.SeedSequence([int(base_seed), 0x5EED, int(partition)]).generate_state(1, np.uint32)[0])
+#: Seed-stream tags: the rescore's partitions and the search's repeats draw from separate
+#: streams, so the rescore's partitions are the same whatever ``--cv-repeats`` a model type
+#: runs with, and compare-models compares the types on the same folds.
+_RESCORE_STREAM, _REPEAT_STREAM = 0x5EED, 0x4E9E
+
+
+def partition_seed(base_seed: int, partition: int, *, search_repeat: bool = False) -> int:
+    """The KFold shuffle seed of rescore partition ``partition`` (>= 1) of a run, or with
+    ``search_repeat`` of the search's repeat ``partition`` (>= 1, ``--cv-repeats``): a
+    stream of its own, never the search's ``seed + 1`` of this run or of another seed's run."""
+    stream = _REPEAT_STREAM if search_repeat else _RESCORE_STREAM
+    return int(np.random.SeedSequence([int(base_seed), stream, int(partition)]).generate_state(1, np.uint32)[0])
 
 
 @dataclass

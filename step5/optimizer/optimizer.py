@@ -292,8 +292,10 @@ class AntiOverfitMetaOptimizer:
         folds = kfold_splits(len(dev_idx), cfg.k_folds, cfg.seed + 1)
         # Partitions 1.. : the search's repeats first, then the rescore's (CVData).
         repeats = cv_repeats(cfg)
-        fresh = [kfold_splits(len(dev_idx), cfg.k_folds, partition_seed(cfg.seed, p))
-                 for p in range(1, repeats + rescore_partitions(cfg))]
+        fresh = [kfold_splits(len(dev_idx), cfg.k_folds, partition_seed(cfg.seed, r, search_repeat=True))
+                 for r in range(1, repeats)]
+        fresh += [kfold_splits(len(dev_idx), cfg.k_folds, partition_seed(cfg.seed, p))
+                  for p in range(1, rescore_partitions(cfg) + 1)]
         fit_pos, es_pos = train_test_split(
             np.arange(len(dev_idx)), test_size=1.0 / cfg.k_folds, random_state=cfg.seed + 2, shuffle=True,
         )

@@ -57,8 +57,8 @@ def test_fresh_partitions_have_their_own_shuffles_and_fold_indices():
     # fold f of partition p is fold_idx p*K + f: the search's folds keep 0..K-1
     assert [cv.fold_idx(p, f) for p in range(3) for f in range(3)] == list(range(9))
     # a stream per (seed, partition), never a search's KFold seed (seed + 1) of a nearby run
-    seeds = {partition_seed(s, p) for s in range(20) for p in range(1, 6)}
-    assert len(seeds) == 100 and not seeds & set(range(1, 22))
+    seeds = {partition_seed(s, p, search_repeat=r) for s in range(20) for p in range(1, 6) for r in (False, True)}
+    assert len(seeds) == 200 and not seeds & set(range(1, 22))
     assert partition_seed(7, 1) == partition_seed(7, 1)
 
 
