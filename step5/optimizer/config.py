@@ -62,7 +62,7 @@ class OptimizerConfig:
     rescore_partitions: int | None = None
     # Repeated CV: every trial is scored on this many K-fold partitions of the dev rows
     # (K x N fits), and its objective is taken over all of them. None: cv_repeats() by
-    # model type (docs/models.md: why more for the trees than for the net).
+    # model type (docs/optimizer.md, "Repeated CV": why more for the trees than the net).
     cv_repeats: int | None = None
     command_line: list[str] | None = None  # argv as the user typed it, for the sidecar's provenance
 
