@@ -173,7 +173,8 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
     search.add_argument("--cv-repeats", type=_positive_int, default=None,
                         help="repeated CV: score every trial on N K-fold partitions of the development rows "
                              "(N x K fits; the objective over all of them), for a less noisy choice on flat "
-                             "objective surfaces [1 for neural_net, 3 for the tree model types]")
+                             "objective surfaces [1 for neural_net; for the tree model types "
+                             "ceil(1000 / development rows), at most 3]")
     search.add_argument("--test-holdout", type=_fraction, default=0.2, help="fraction of rows held out as the test set")
     search.add_argument("--seed", type=_non_negative_int, default=42, help="seeds the splits, the sampler and training")
     search.add_argument("--study-name", default=None, help="Optuna study name [derived from model type, data and setup]")

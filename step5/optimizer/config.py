@@ -6,6 +6,7 @@ reaches every sub-run by construction.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ class OptimizerConfig:
     rescore_partitions: int | None = None
     # Repeated CV: every trial is scored on this many K-fold partitions of the dev rows
     # (K x N fits), and its objective is taken over all of them. None: cv_repeats() by
-    # model type (docs/optimizer.md, "Repeated CV": why more for the trees than the net).
+    # model type and rows (docs/optimizer.md, "Repeated CV").
     cv_repeats: int | None = None
     command_line: list[str] | None = None  # argv as the user typed it, for the sidecar's provenance
 
@@ -85,18 +86,28 @@ def rescore_partitions(config: OptimizerConfig) -> int:
     return COMPARE_RESCORE_PARTITIONS if config.compare_models else 0
 
 
-#: K-fold partitions a trial of a tree model type is scored on unless --cv-repeats says
-#: otherwise: its folds cost milliseconds to seconds in-process, and on a flat objective
-#: surface one partition's noise decides which configuration wins. The net's folds cost
-#: seconds of worker time each, so it keeps one partition by default.
-TREE_CV_REPEATS = 3
+#: Validation rows a tree model type's trial should be scored on in all, unless
+#: --cv-repeats says otherwise: ceil(CV_VALIDATION_ROWS / n_dev) K-fold partitions, at most
+#: TREE_CV_REPEATS_MAX. A fold's R² is noisier the fewer rows validate it, and on a flat
+#: objective surface one partition's noise decides the winner; small tables are also where
+#: tree fits cost the least. The net keeps one partition: its folds cost seconds of worker
+#: time each, and its shipped fold ensemble already averages its seeds.
+CV_VALIDATION_ROWS = 1000
+TREE_CV_REPEATS_MAX = 3
 
 
-def cv_repeats(config: OptimizerConfig) -> int:
-    """How many K-fold partitions every trial of this run is scored on."""
+def dev_rows(n_rows: int, test_holdout: float) -> int:
+    """Development rows left after holding out ``test_holdout`` of ``n_rows`` (sklearn's rounding)."""
+    return n_rows - int(math.ceil(n_rows * test_holdout))
+
+
+def cv_repeats(config: OptimizerConfig, n_dev: int) -> int:
+    """How many K-fold partitions every trial of this run is scored on, for ``n_dev`` development rows."""
     if config.cv_repeats is not None:
         return config.cv_repeats
-    return 1 if config.model_type == "neural_net" else TREE_CV_REPEATS
+    if config.model_type == "neural_net":
+        return 1
+    return max(1, min(TREE_CV_REPEATS_MAX, math.ceil(CV_VALIDATION_ROWS / max(n_dev, 1))))
 
 
 def validate_config(config: OptimizerConfig) -> None:

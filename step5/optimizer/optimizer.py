@@ -55,7 +55,9 @@ from step5.policy import Policy, load_policy
 from step5.sidecar import build_provenance, build_training_metrics, degenerate_sidecar, success_sidecar
 from step5.signal_quality import assess_signal
 from step5.values import finite_or_none, utc_timestamp
-from step5.optimizer.config import OptimizerConfig, RunOutcome, cv_repeats, rescore_partitions, validate_config
+from step5.optimizer.config import (
+    OptimizerConfig, RunOutcome, cv_repeats, dev_rows, rescore_partitions, validate_config,
+)
 from step5.optimizer.diagnostics import write_run_diagnostics
 from step5.optimizer.grouping import default_trials_in_flight
 from step5.optimizer.backends import CVData, ModelBackend, NNBackend, TreeBackend, partition_seed
@@ -157,6 +159,7 @@ class AntiOverfitMetaOptimizer:
         self._first_new_number = 0  # trials numbered from here on were run by this invocation
         self._progress = TrialProgress(0)  # counts the trials (any end state) this invocation ran
         self._t0 = time.perf_counter()
+        self.cv_repeats = 1  # K-fold partitions per trial: resolved once the row count is known
 
     # ------------------------------------------------------------------ public
 
@@ -182,6 +185,7 @@ class AntiOverfitMetaOptimizer:
         signal = assess_signal(table.y)
         data_context = self._data_context(table, draws)
         feature_schema = artifacts.build_feature_schema(table.feature_names, table.excluded_features, table.source_file)
+        self.cv_repeats = cv_repeats(cfg, dev_rows(table.n_records, cfg.test_holdout))
         setup = self._setup()
         study_name = cfg.study_name or default_study_name(cfg.model_type, data_context["fingerprint_hash"], setup)
         storage_url = cfg.storage or default_storage_url(self.output_dir)
@@ -264,8 +268,8 @@ class AntiOverfitMetaOptimizer:
             "target": cfg.target,
             "objective": OBJECTIVE_FORMULA,
         }
-        if cv_repeats(cfg) > 1:  # only then: a study from before repeated CV keeps its name
-            setup["cv_repeats"] = cv_repeats(cfg)
+        if self.cv_repeats > 1:  # only then: a study from before repeated CV keeps its name
+            setup["cv_repeats"] = self.cv_repeats
         if cfg.model_type == "neural_net":
             setup.update(
                 normalize_features=cfg.normalize_features, use_leaky_relu=cfg.use_leaky_relu,
@@ -279,8 +283,7 @@ class AntiOverfitMetaOptimizer:
 
         cfg = self.config
         n = table.n_records
-        n_test = int(np.ceil(n * cfg.test_holdout))
-        n_dev = n - n_test
+        n_dev = dev_rows(n, cfg.test_holdout)
         # Each CV validation fold (and the final early-stopping slice) needs >= 2 rows for an R².
         if n_dev < 2 * cfg.k_folds:
             raise DataError(
@@ -291,7 +294,7 @@ class AntiOverfitMetaOptimizer:
         dev_idx, test_idx = holdout_split(n, cfg.test_holdout, cfg.seed)
         folds = kfold_splits(len(dev_idx), cfg.k_folds, cfg.seed + 1)
         # Partitions 1.. : the search's repeats first, then the rescore's (CVData).
-        repeats = cv_repeats(cfg)
+        repeats = self.cv_repeats
         fresh = [kfold_splits(len(dev_idx), cfg.k_folds, partition_seed(cfg.seed, r, search_repeat=True))
                  for r in range(1, repeats)]
         fresh += [kfold_splits(len(dev_idx), cfg.k_folds, partition_seed(cfg.seed, p))
@@ -560,7 +563,8 @@ class AntiOverfitMetaOptimizer:
         metrics = build_training_metrics(
             best.user_attrs.get("cv", {}), final, objective_value=best.value,
             objective_formula=OBJECTIVE_FORMULA, overfit_penalty=OVERFIT_PENALTY, k_folds=cfg.k_folds,
-            cv_repeats=cv.search_repeats, n_dev=len(cv.y_dev), n_fit=len(cv.final_fit_idx), n_early_stop=len(cv.final_es_idx), n_test=len(cv.y_test),
+            cv_repeats=cv.search_repeats, n_dev=len(cv.y_dev), n_fit=len(cv.final_fit_idx),
+            n_early_stop=len(cv.final_es_idx), n_test=len(cv.y_test),
             rescore=rescore,
         )
         name = artifacts.checkpoint_filename(cfg.model_type)

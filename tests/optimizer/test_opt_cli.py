@@ -194,7 +194,7 @@ def test_help_says_the_existing_flags_are_for_compatibility(repo_root, python):
     (("--rescore-partitions", "5"), "rescore_partitions", 5),
     ((), "rescore_partitions", None),  # the mode decides: 3 with --compare-models, else 0
     (("--cv-repeats", "3"), "cv_repeats", 3),
-    ((), "cv_repeats", None),  # the model type decides: 1 for the net, 3 for the trees
+    ((), "cv_repeats", None),  # the model type and the rows decide
 ])
 def test_existing_flags_mean_what_they_meant(flags, field, value):
     assert getattr(_config(*flags), field) == value

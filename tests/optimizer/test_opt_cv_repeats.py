@@ -14,7 +14,7 @@ from step5.data.splits import kfold_splits
 from step5.errors import StudyMismatchError, UsageError
 from step5.optimizer import AntiOverfitMetaOptimizer
 from step5.optimizer.backends import CVData, TreeBackend, partition_seed
-from step5.optimizer.config import TREE_CV_REPEATS, cv_repeats, validate_config
+from step5.optimizer.config import cv_repeats, dev_rows, validate_config
 from step5.optimizer.objective import anti_overfit_score
 from step5.testing.fake_runner import install_fake_runner
 
@@ -51,12 +51,19 @@ def test_the_search_takes_the_first_partitions_and_the_rescore_the_rest():
         _cv(extra=3, search_repeats=5)
 
 
-def test_default_repeats_by_model_type_and_the_flag_overrides_them(make_config):
-    assert cv_repeats(make_config()) == 1
-    for model_type in ("xgboost", "lightgbm", "catboost"):
-        assert cv_repeats(make_config(model_type=model_type)) == TREE_CV_REPEATS
-    assert cv_repeats(make_config(model_type="xgboost", cv_repeats=1)) == 1
-    assert cv_repeats(make_config(cv_repeats=4)) == 4
+@pytest.mark.parametrize("model_type, n_dev, repeats", [
+    ("neural_net", 100, 1),  # the net: one partition, whatever the rows
+    ("xgboost", 353, 3), ("lightgbm", 480, 3), ("catboost", 600, 2), ("xgboost", 1000, 1),
+    ("xgboost", 1600, 1), ("lightgbm", 20, 3),
+])
+def test_default_repeats_follow_the_model_type_and_the_dev_rows(make_config, model_type, n_dev, repeats):
+    assert cv_repeats(make_config(model_type=model_type), n_dev) == repeats
+
+
+def test_the_flag_overrides_the_default_and_must_be_positive(make_config):
+    assert cv_repeats(make_config(model_type="xgboost", cv_repeats=1), 353) == 1
+    assert cv_repeats(make_config(cv_repeats=4), 5000) == 4
+    assert dev_rows(442, 0.2) == 353 and dev_rows(2000, 0.2) == 1600
     with pytest.raises(UsageError, match="--cv-repeats must be >= 1, got 0"):
         validate_config(make_config(cv_repeats=0))
 
@@ -119,16 +126,18 @@ def test_a_named_study_refuses_a_run_with_other_repeats(fake_runner, make_config
         AntiOverfitMetaOptimizer(dataclasses.replace(named, cv_repeats=2)).run()
 
 
-def test_tree_runs_score_each_trial_on_three_partitions_by_default(make_config, study_of):
-    cfg = make_config(model_type="lightgbm", trials=2, k_folds=3)
+@pytest.mark.parametrize("test_holdout, repeats", [(0.2, 3), (0.01, 2)])
+def test_tree_runs_repeat_the_cv_by_default_on_small_tables(make_config, study_of, test_holdout, repeats):
+    """The sample's 600 rows: 480 dev rows give 3 partitions, 594 give 2 (1000 validation rows)."""
+    cfg = make_config(model_type="lightgbm", trials=2, k_folds=3, test_holdout=test_holdout)
     outcome = AntiOverfitMetaOptimizer(cfg).run()
     assert outcome.status == "SUCCESS"
     for t in study_of(cfg, outcome).trials:
         folds = t.user_attrs["folds"]
-        assert [f["fold_idx"] for f in folds] == list(range(3 * TREE_CV_REPEATS))
+        assert [f["fold_idx"] for f in folds] == list(range(3 * repeats))
         assert len({f["r2"] for f in folds}) == len(folds)  # other rows, other scores
         assert t.value == pytest.approx(anti_overfit_score([f["r2"] for f in folds], [f["train_r2"] for f in folds]))
-    assert outcome.sidecar["training_metrics"]["cv_repeats"] == TREE_CV_REPEATS
+    assert outcome.sidecar["training_metrics"]["cv_repeats"] == repeats
 
 
 def test_the_linear_boosters_final_reports_the_mean_over_every_search_fold(tmp_path):

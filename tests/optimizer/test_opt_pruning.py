@@ -21,7 +21,6 @@ from step5 import artifacts
 from step5.errors import PolicyError
 from step5.jsonio import write_json_atomic
 from step5.optimizer import AntiOverfitMetaOptimizer
-from step5.optimizer.config import TREE_CV_REPEATS
 from step5.optimizer.optimizer import resolve_search_plan
 from step5.optimizer.progress import elapsed_and_eta
 from step5.policy import load_policy, parse_policy
@@ -126,9 +125,10 @@ def test_trees_report_fold_values_and_can_be_pruned(make_config, study_of):
     cfg = make_config(model_type="lightgbm", trials=8, k_folds=3, pruner="median", cpu_workers=1)
     study = study_of(cfg, AntiOverfitMetaOptimizer(cfg).run())
     assert all(t.intermediate_values for t in study.trials)
+    repeats = study.user_attrs["step5_setup"]["cv_repeats"]  # the sample's 480 dev rows: 3
     for t in study.trials:  # one step per fold of every search partition
         if t.state == TrialState.COMPLETE:
-            assert sorted(t.intermediate_values) == list(range(3 * TREE_CV_REPEATS))
+            assert sorted(t.intermediate_values) == list(range(3 * repeats))
 
 
 @pytest.mark.slow
