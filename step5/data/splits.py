@@ -40,6 +40,12 @@ def _check_int(name: str, value: object, lo: int) -> int:
     return int(value)
 
 
+def dev_rows(n: int, test_fraction: float) -> int:
+    """Rows :func:`holdout_split` leaves for development: ``n`` minus sklearn's rounding
+    (up) of ``n * test_fraction`` for a float ``test_size``."""
+    return n - int(np.ceil(n * test_fraction))
+
+
 def holdout_split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split ``range(n)`` into (dev, test) row indices, each sorted; the same seed, the same split.
 
@@ -51,8 +57,7 @@ def holdout_split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, 
     n = _check_int("n", n, 2)
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0.0 < test_fraction < 1.0:
         raise ValueError(f"`test_fraction` must be a number in (0, 1), got {test_fraction!r}")
-    n_test = int(np.ceil(n * test_fraction))  # sklearn's rounding for a float test_size
-    if n_test >= n:
+    if dev_rows(n, test_fraction) <= 0:
         raise ValueError(f"`test_fraction`={test_fraction} of {n} rows leaves no rows for development")
     dev_idx, test_idx = train_test_split(
         np.arange(n), test_size=float(test_fraction), random_state=seed, shuffle=True

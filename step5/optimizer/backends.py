@@ -477,10 +477,10 @@ class TreeBackend:
         """In-process, one trial after another (the libraries use every thread they are
         given), fold by fold; the ``gate`` after each fold but the last may stop the trial."""
         out: list[TrialOutcome] = []
+        search_folds = self.cv.search_folds()
         for number, params in trials:
             folds: list[dict[str, Any]] = []
             outcome: TrialOutcome = folds
-            search_folds = self.cv.search_folds()
             try:
                 for i, (_p, fold_idx, tr, va) in enumerate(search_folds):
                     folds.append(self._fit(number, fold_idx, params, tr, va)[0])

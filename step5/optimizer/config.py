@@ -96,11 +96,6 @@ CV_VALIDATION_ROWS = 1000
 TREE_CV_REPEATS_MAX = 3
 
 
-def dev_rows(n_rows: int, test_holdout: float) -> int:
-    """Development rows left after holding out ``test_holdout`` of ``n_rows`` (sklearn's rounding)."""
-    return n_rows - int(math.ceil(n_rows * test_holdout))
-
-
 def cv_repeats(config: OptimizerConfig, n_dev: int) -> int:
     """How many K-fold partitions every trial of this run is scored on, for ``n_dev`` development rows."""
     if config.cv_repeats is not None:

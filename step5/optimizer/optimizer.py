@@ -45,7 +45,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from step5 import artifacts, model_set
 from step5.data.history import load_history
-from step5.data.splits import FoldFiles, holdout_split, kfold_splits
+from step5.data.splits import FoldFiles, dev_rows, holdout_split, kfold_splits
 from step5.data.survivors import SurvivorTable, load_survivors
 from step5.devices import plan_slots
 from step5.errors import DataError, DegenerateSignalError, JobError, Step5Error
@@ -56,7 +56,7 @@ from step5.sidecar import build_provenance, build_training_metrics, degenerate_s
 from step5.signal_quality import assess_signal
 from step5.values import finite_or_none, utc_timestamp
 from step5.optimizer.config import (
-    OptimizerConfig, RunOutcome, cv_repeats, dev_rows, rescore_partitions, validate_config,
+    OptimizerConfig, RunOutcome, cv_repeats, rescore_partitions, validate_config,
 )
 from step5.optimizer.diagnostics import write_run_diagnostics
 from step5.optimizer.grouping import default_trials_in_flight
