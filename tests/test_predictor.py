@@ -21,7 +21,7 @@ def lightgbm_run(sample_inputs, tmp_path_factory):
     survivors, history = sample_inputs
     out = tmp_path_factory.mktemp("lgb") / "out"
     cfg = OptimizerConfig(
-        survivors=survivors, lottery_data=history, model_type="lightgbm", trials=2, k_folds=2,
+        survivors=survivors, lottery_data=history, model_type="lightgbm", trials=2, k_folds=2, cv_repeats=1,
         output_dir=out, policy_path=None, seed=3, gpus=[], command_line=["test"],
     )
     outcome = AntiOverfitMetaOptimizer(cfg).run()
@@ -211,7 +211,7 @@ def test_a_model_no_better_than_the_mean_is_flagged_and_warned_about(tmp_path, c
     history = tmp_path / "history.json"
     history.write_text(json.dumps(list(range(50))))
     cfg = OptimizerConfig(
-        survivors=survivors, lottery_data=history, model_type="lightgbm", trials=2, k_folds=2,
+        survivors=survivors, lottery_data=history, model_type="lightgbm", trials=2, k_folds=2, cv_repeats=1,
         output_dir=tmp_path / "out", policy_path=None, seed=3, gpus=[], command_line=["test"],
     )
     with caplog.at_level("WARNING"):

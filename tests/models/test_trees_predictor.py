@@ -30,8 +30,8 @@ def runs(sample_inputs, tmp_path_factory):
         for mt in trees.TREE_MODEL_TYPES:
             d = tmp_path_factory.mktemp(mt)
             cfg = OptimizerConfig(survivors=survivors, lottery_data=history, model_type=mt, trials=1, k_folds=2,
-                                  output_dir=d, diagnostics_dir=d / "diag", policy_path=repo / "watcher_policies.json",
-                                  command_line=["test"])
+                                  cv_repeats=1, output_dir=d, diagnostics_dir=d / "diag",
+                                  policy_path=repo / "watcher_policies.json", command_line=["test"])
             out[mt] = AntiOverfitMetaOptimizer(cfg).run()
     finally:
         trees.train_fold = real

@@ -21,8 +21,9 @@ def config_defaults() -> dict[str, Any]:
 @pytest.fixture
 def make_config(sample_inputs, tmp_path: Path, config_defaults: dict[str, Any]) -> Callable[..., OptimizerConfig]:
     """``make_config(name="out", inputs=None, **fields)``: an :class:`OptimizerConfig` for an
-    in-process run: 3 trials x 3 folds on one CPU worker, seed 11, no policy file, output in
-    ``tmp_path / name``. ``inputs`` is a (survivors, history) pair, the sample inputs by default."""
+    in-process run: 3 trials x 3 folds (one partition) on one CPU worker, seed 11, no policy
+    file, output in ``tmp_path / name``. ``inputs`` is a (survivors, history) pair, the sample
+    inputs by default."""
 
     def make(name: str = "out", *, inputs: tuple[Any, Any] | None = None, **fields: Any) -> OptimizerConfig:
         survivors, history = sample_inputs if inputs is None else inputs
@@ -30,6 +31,9 @@ def make_config(sample_inputs, tmp_path: Path, config_defaults: dict[str, Any]) 
             survivors=Path(survivors), lottery_data=Path(history), trials=3, k_folds=3,
             output_dir=tmp_path / name, policy_path=None, cpu_workers=1, seed=11,
             diagnostics_dir=tmp_path / "diag", command_line=["test"],
+            # One K-fold partition: by default a tree run on the sample's 480 dev rows would
+            # score every trial 3 times over. Repetition has tests of its own.
+            cv_repeats=1,
         )
         values.update(config_defaults)
         values.update(fields)

@@ -17,7 +17,7 @@ from step5.optimizer.config import OptimizerConfig
 def _config(sample_inputs, tmp_path, repo_root, **overrides) -> OptimizerConfig:
     survivors, history = sample_inputs
     settings = dict(
-        survivors=survivors, lottery_data=history, compare_models=True, trials=2, k_folds=3, seed=5,
+        survivors=survivors, lottery_data=history, compare_models=True, trials=2, k_folds=3, cv_repeats=1, seed=5,
         output_dir=tmp_path / "out", diagnostics_dir=tmp_path / "diag", cpu_workers=1,
         skip_registry=tmp_path / "diag" / compare.REGISTRY_NAME,
         policy_path=repo_root / "watcher_policies.json", nn_max_epochs=5, command_line=["test"],
@@ -116,7 +116,7 @@ def test_cli_compare_models_runs_all_four(sample_inputs, tmp_path, repo_root, py
     survivors, history = sample_inputs
     cmd = [python, str(repo_root / "meta_prediction_optimizer_anti_overfit.py"),
            "--survivors", str(survivors), "--lottery-data", str(history), "--compare-models",
-           "--trials", "2", "--k-folds", "3", "--seed", "3", "--output-dir", "models",
+           "--trials", "2", "--k-folds", "3", "--cv-repeats", "1", "--seed", "3", "--output-dir", "models",
            "--policy", str(repo_root / "watcher_policies.json"), "--cpu-workers", "1",
            "--nn-max-epochs", "5", "--study-name", "cli"]
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo_root), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

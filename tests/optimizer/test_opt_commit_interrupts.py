@@ -24,8 +24,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 def _argv(sample_inputs, out: Path) -> list[str]:
     survivors, history = sample_inputs
     return ["--survivors", str(survivors), "--lottery-data", str(history), "--model-type", "xgboost",
-            "--trials", "2", "--k-folds", "2", "--seed", "9", "--cpu-workers", "1", "--output-dir", str(out),
-            "--log-level", "WARNING"]
+            "--trials", "2", "--k-folds", "2", "--cv-repeats", "1", "--seed", "9", "--cpu-workers", "1",
+            "--output-dir", str(out), "--log-level", "WARNING"]
 
 
 def _run(argv: list[str], repo_root: Path, *, at: int | None = None, sig: str = "KILL") -> subprocess.CompletedProcess:

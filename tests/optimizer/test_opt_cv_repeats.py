@@ -20,6 +20,12 @@ from step5.testing.fake_runner import install_fake_runner
 
 
 @pytest.fixture
+def config_defaults():
+    """This module tests the default itself: the model type and the rows decide."""
+    return {"cv_repeats": None}
+
+
+@pytest.fixture
 def fake_runner(monkeypatch):
     return install_fake_runner(monkeypatch)
 
