@@ -10,10 +10,10 @@ import dataclasses
 import numpy as np
 import pytest
 
+from step5.data.splits import dev_rows, kfold_splits
 from step5.errors import StudyMismatchError, UsageError
 from step5.optimizer import AntiOverfitMetaOptimizer
 from step5.optimizer.backends import CVData, TreeBackend, partition_seed
-from step5.data.splits import dev_rows, kfold_splits
 from step5.optimizer.config import cv_repeats, validate_config
 from step5.optimizer.objective import anti_overfit_score
 from step5.testing.fake_runner import install_fake_runner
