@@ -8,13 +8,28 @@ Which file (SPEC section 10): an explicit ``--policy`` must exist; without it,
 ``watcher_policies.json`` in the working directory when there is one, else the project's own
 (:data:`PROJECT_POLICY_PATH`, found from this package's location, so a run started from any
 directory gets the same policy).
+
+The file is the pipeline's one governance file (the existing pipeline's own
+``watcher_policies.json`` works as it is). Step 5 owns ``training`` and ``watcher``: an unknown
+key or a wrong type there is an error. It shares two sections, and reads them in the
+pipeline's schema:
+
+* ``training_diagnostics``: ``enabled``, ``metric_bounds`` (``{metric: {"warning": x,
+  "critical": y}}``), ``model_skip_rules`` (``max_consecutive_critical``,
+  ``skip_duration_hours``) and ``severity_thresholds.critical.max_retries``; the values Step 5
+  reads must have their types, every other key is the pipeline's and is left alone;
+* ``acceptance_rules``: only its ``step5`` object is Step 5's (``min_<metric>`` /
+  ``max_<metric>``); the rest belongs to other parts of the pipeline.
+
+Every other section is another part of the pipeline's and is kept unread.
 """
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from step5.errors import DataError, PolicyError
 from step5.jsonio import read_json_file
@@ -58,11 +73,97 @@ class WatcherPolicy:
     """The ``watcher`` section: how the WATCHER runs and judges a step."""
 
     step_timeout_s: float = 7200.0  # the whole step subprocess, workers included
-    max_retries: int = 1  # re-runs after a RETRY decision
+    max_retries: int = 1  # re-runs of a step that crashed (a critical model: training_diagnostics)
     retry_trials_multiplier: float = 1.0  # a retry runs trials * this (>= 1)
     retry_seed_increment: int = 1  # a retry runs with seed + this, so it really explores anew
-    max_consecutive_critical: int = 3  # a model type over this many is added to the skip registry
     kill_grace_s: float = 10.0  # on timeout / Ctrl-C: SIGTERM the step's group, SIGKILL after this long
+
+
+#: Which way each metric is worse, for ``training_diagnostics.metric_bounds`` (a value at or
+#: beyond a bound has that severity, as in the pipeline's health check). The first five are
+#: the pipeline's own names; ``overfit_ratio`` is its "val loss / train loss". The rest are
+#: the sidecar's other ``training_metrics`` a policy may bound.
+WORSE_ABOVE, WORSE_BELOW = "above", "below"
+METRIC_DIRECTIONS: dict[str, str] = {
+    "overfit_ratio": WORSE_ABOVE,
+    "early_stop_ratio": WORSE_BELOW,
+    "nn_dead_neuron_pct": WORSE_ABOVE,
+    "nn_gradient_spread_ratio": WORSE_ABOVE,
+    "unused_feature_pct": WORSE_ABOVE,
+    **{f"{part}_r2": WORSE_BELOW for part in ("cv", "train", "val", "test")},
+    **{f"{part}_mse": WORSE_ABOVE for part in ("train", "val", "test")},
+}
+SEVERITIES = ("ok", "warning", "critical")
+
+
+@dataclass(frozen=True)
+class MetricBound:
+    """One ``training_diagnostics.metric_bounds`` entry: the levels at which a metric is a
+    warning and critical, and which way is worse."""
+
+    metric: str
+    warning: float | None
+    critical: float | None
+    worse: str  # WORSE_ABOVE | WORSE_BELOW
+
+    def severity(self, value: float) -> str:
+        """``ok`` | ``warning`` | ``critical`` for one measured value."""
+        def reached(bound: float | None) -> bool:
+            if bound is None:
+                return False
+            return value >= bound if self.worse == WORSE_ABOVE else value <= bound
+        return "critical" if reached(self.critical) else "warning" if reached(self.warning) else "ok"
+
+    def describe(self, value: float) -> str:
+        level = self.severity(value)
+        op = ">=" if self.worse == WORSE_ABOVE else "<="
+        bound = self.critical if level == "critical" else self.warning
+        return f"{self.metric} {value:.4g} {op} {level} bound {bound:g}"
+
+
+def metric_key(metric: str) -> str:
+    """The sidecar's ``training_metrics`` key of a policy metric name (``cv_r2`` is the CV mean)."""
+    return "cv_r2_mean" if metric == "cv_r2" else metric
+
+
+def bound_breaches(metrics: Mapping[str, Any], diagnostics: "DiagnosticsPolicy") -> list[tuple[str, str]]:
+    """``(severity, description)`` of every metric bound a model's ``training_metrics``
+    reach (warning or critical); bounds on metrics it does not carry are not judged, and
+    none is when ``diagnostics.enabled`` is false."""
+    if not diagnostics.enabled:
+        return []
+    out = []
+    for bound in diagnostics.metric_bounds.values():
+        value = metrics.get(metric_key(bound.metric)) if isinstance(metrics, Mapping) else None
+        if not is_number(value):
+            continue
+        level = bound.severity(float(value))
+        if level != "ok":
+            out.append((level, bound.describe(float(value))))
+    return out
+
+
+#: The pipeline's default bounds, used when the file has no ``metric_bounds``.
+DEFAULT_METRIC_BOUNDS: dict[str, MetricBound] = {
+    b.metric: b for b in (
+        MetricBound("nn_dead_neuron_pct", 25.0, 50.0, WORSE_ABOVE),
+        MetricBound("nn_gradient_spread_ratio", 100.0, 1000.0, WORSE_ABOVE),
+        MetricBound("overfit_ratio", 1.3, 1.5, WORSE_ABOVE),
+        MetricBound("early_stop_ratio", 0.3, 0.15, WORSE_BELOW),
+        MetricBound("unused_feature_pct", 40.0, 70.0, WORSE_ABOVE),
+    )
+}
+
+
+@dataclass(frozen=True)
+class DiagnosticsPolicy:
+    """The ``training_diagnostics`` section, as far as Step 5 reads it (the pipeline's schema)."""
+
+    enabled: bool = True  # false: the WATCHER judges no metric bounds
+    metric_bounds: Mapping[str, MetricBound] = field(default_factory=lambda: dict(DEFAULT_METRIC_BOUNDS))
+    max_consecutive_critical: int = 3  # model_skip_rules: this many critical results in a row skip a model type
+    skip_duration_hours: float = 24.0  # model_skip_rules: ... for this long after its last critical result
+    max_critical_retries: int = 2  # severity_thresholds.critical.max_retries: re-runs of a critical result
 
 
 @dataclass(frozen=True)
@@ -71,8 +172,8 @@ class Policy:
 
     training: TrainingPolicy = field(default_factory=TrainingPolicy)
     watcher: WatcherPolicy = field(default_factory=WatcherPolicy)
-    training_diagnostics: dict[str, float] = field(default_factory=dict)
-    acceptance_rules: dict[str, dict[str, float]] = field(default_factory=dict)
+    training_diagnostics: DiagnosticsPolicy = field(default_factory=DiagnosticsPolicy)
+    acceptance_rules: dict[str, float] = field(default_factory=dict)  # acceptance_rules.step5
     source: str | None = None  # the file it was read from, for messages and the sidecar
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -125,8 +226,11 @@ def _number_map(section: dict[str, Any], where: str) -> dict[str, float]:
     return out
 
 
-#: The top-level sections Step 5 reads; the pipeline's file may hold others (other steps').
+#: The top-level sections Step 5 reads; the pipeline's file holds many others.
 POLICY_SECTIONS = ("training", "watcher", "training_diagnostics", "acceptance_rules")
+#: The part of ``acceptance_rules`` that is Step 5's.
+ACCEPTANCE_KEY = "step5"
+_FLAT_DIAGNOSTICS_KEY = re.compile(r"^(min|max)_[a-z0-9_]+$")
 
 
 def _refuse_misspelt_sections(raw: dict[str, Any], source: str) -> None:
@@ -139,6 +243,97 @@ def _refuse_misspelt_sections(raw: dict[str, Any], source: str) -> None:
         if close:
             raise PolicyError(f"{source}: unknown section {name!r}; did you mean {close[0]!r}? "
                               f"(Step 5 reads {', '.join(POLICY_SECTIONS)})")
+
+
+def _optional_number(entry: dict[str, Any], key: str, where: str) -> float | None:
+    if key not in entry:
+        return None
+    if not is_number(entry[key]):
+        raise PolicyError(f"{where}.{key} must be a finite number, got {entry[key]!r}")
+    return float(entry[key])
+
+
+def _metric_bounds(section: Any, where: str) -> dict[str, MetricBound]:
+    if not isinstance(section, dict):
+        raise PolicyError(f"{where} must be an object, got {type(section).__name__}")
+    bounds: dict[str, MetricBound] = {}
+    for metric, entry in section.items():
+        if metric.startswith("_"):
+            continue
+        at = f"{where}.{metric}"
+        if not isinstance(entry, dict):
+            raise PolicyError(f"{at} must be an object like {{\"warning\": 1.3, \"critical\": 1.5}}, "
+                              f"got {entry!r}")
+        warning = _optional_number(entry, "warning", at)
+        critical = _optional_number(entry, "critical", at)
+        if warning is None and critical is None:
+            raise PolicyError(f"{at} needs a `warning` or a `critical` bound (or both)")
+        worse = METRIC_DIRECTIONS.get(metric)
+        if worse is None:  # a metric of the pipeline's that Step 5 does not know: its bounds say which way
+            worse = WORSE_BELOW if warning is not None and critical is not None and critical < warning else WORSE_ABOVE
+        elif warning is not None and critical is not None and (
+                critical < warning if worse == WORSE_ABOVE else critical > warning):
+            raise PolicyError(
+                f"{at}: `critical` {critical:g} is less severe than `warning` {warning:g} "
+                f"({metric} is worse {'higher' if worse == WORSE_ABOVE else 'lower'})"
+            )
+        bounds[metric] = MetricBound(metric, warning, critical, worse)
+    return bounds
+
+
+def _diagnostics(raw: dict[str, Any], source: str) -> DiagnosticsPolicy:
+    """``training_diagnostics`` in the pipeline's schema: the keys Step 5 reads are checked,
+    the rest (descriptions, log levels, actions) is the pipeline's and left alone."""
+    where = f"{source}: training_diagnostics"
+    section = _check_section(raw, "training_diagnostics", source)
+    flat = sorted(k for k in section if _FLAT_DIAGNOSTICS_KEY.match(k))
+    if flat:
+        raise PolicyError(
+            f"{where}: {', '.join(flat)}: flat threshold keys are no longer read; write them as "
+            f"metric_bounds entries, e.g. \"metric_bounds\": {{\"overfit_ratio\": {{\"warning\": 1.3, "
+            f"\"critical\": 1.5}}}} (docs/compatibility.md)"
+        )
+    values: dict[str, Any] = {}
+    if "enabled" in section:
+        if not isinstance(section["enabled"], bool):
+            raise PolicyError(f"{where}.enabled must be true or false, got {section['enabled']!r}")
+        values["enabled"] = section["enabled"]
+    if "metric_bounds" in section:
+        values["metric_bounds"] = _metric_bounds(section["metric_bounds"], f"{where}.metric_bounds")
+    rules = section.get("model_skip_rules", {})
+    if not isinstance(rules, dict):
+        raise PolicyError(f"{where}.model_skip_rules must be an object, got {type(rules).__name__}")
+    if "max_consecutive_critical" in rules:
+        value = rules["max_consecutive_critical"]
+        if not is_int(value) or value < 1:
+            raise PolicyError(f"{where}.model_skip_rules.max_consecutive_critical must be an int >= 1, got {value!r}")
+        values["max_consecutive_critical"] = value
+    if "skip_duration_hours" in rules:
+        value = rules["skip_duration_hours"]
+        if not is_number(value) or value <= 0:
+            raise PolicyError(f"{where}.model_skip_rules.skip_duration_hours must be a positive number, got {value!r}")
+        values["skip_duration_hours"] = float(value)
+    severities = section.get("severity_thresholds", {})
+    if not isinstance(severities, dict):
+        raise PolicyError(f"{where}.severity_thresholds must be an object, got {type(severities).__name__}")
+    critical = severities.get("critical", {})
+    if not isinstance(critical, dict):
+        raise PolicyError(f"{where}.severity_thresholds.critical must be an object, got {type(critical).__name__}")
+    if "max_retries" in critical:
+        value = critical["max_retries"]
+        if not is_int(value) or value < 0:
+            raise PolicyError(f"{where}.severity_thresholds.critical.max_retries must be a non-negative int, got {value!r}")
+        values["max_critical_retries"] = value
+    return DiagnosticsPolicy(**values)
+
+
+def _acceptance_rules(raw: dict[str, Any], source: str) -> dict[str, float]:
+    """``acceptance_rules.step5``; the section's other keys are other parts of the pipeline's."""
+    section = _check_section(raw, "acceptance_rules", source)
+    rules = section.get(ACCEPTANCE_KEY, {})
+    if not isinstance(rules, dict):
+        raise PolicyError(f"{source}: acceptance_rules.{ACCEPTANCE_KEY} must be an object, got {type(rules).__name__}")
+    return _number_map(rules, f"{source}: acceptance_rules.{ACCEPTANCE_KEY}")
 
 
 def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
@@ -158,16 +353,7 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
     if training.max_consecutive_failed_trials < 1:
         raise PolicyError(f"{source}: training.max_consecutive_failed_trials must be >= 1, "
                           f"got {training.max_consecutive_failed_trials}")
-    diagnostics = _number_map(_check_section(raw, "training_diagnostics", source), f"{source}: training_diagnostics")
-    rules_raw = _check_section(raw, "acceptance_rules", source)
-    rules: dict[str, dict[str, float]] = {}
-    for step, section in rules_raw.items():
-        if step.startswith("_"):
-            continue
-        if not isinstance(section, dict):
-            raise PolicyError(f"{source}: acceptance_rules.{step} must be an object, got {type(section).__name__}")
-        rules[step] = _number_map(section, f"{source}: acceptance_rules.{step}")
-    return Policy(training, watcher, diagnostics, rules, source, raw)
+    return Policy(training, watcher, _diagnostics(raw, source), _acceptance_rules(raw, source), source, raw)
 
 
 def find_policy() -> tuple[Path, str]:

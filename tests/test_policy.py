@@ -12,6 +12,10 @@ import pytest
 from step5.errors import PolicyError
 from step5.policy import (
     DEFAULT_POLICY_PATH,
+    WORSE_ABOVE,
+    WORSE_BELOW,
+    DiagnosticsPolicy,
+    MetricBound,
     PROJECT_POLICY_PATH,
     PRUNER_NAMES,
     Policy,
@@ -36,7 +40,14 @@ def test_no_policy_means_every_default():
     assert policy == Policy()
     assert policy.source is None
     assert policy.training.use_persistent_workers is False  # SPEC 8: the kill switch absent -> off
-    assert policy.training_diagnostics == {} and policy.acceptance_rules == {}
+    assert policy.training_diagnostics == DiagnosticsPolicy() and policy.acceptance_rules == {}
+    # The pipeline's health check defaults (training_health_check.py DEFAULT_METRIC_BOUNDS /
+    # DEFAULT_SKIP_RULES, used when its policy has no training_diagnostics section).
+    bounds = policy.training_diagnostics.metric_bounds
+    assert (bounds["overfit_ratio"].warning, bounds["overfit_ratio"].critical) == (1.3, 1.5)
+    assert (bounds["early_stop_ratio"].warning, bounds["early_stop_ratio"].critical) == (0.3, 0.15)
+    assert policy.training_diagnostics.max_consecutive_critical == 3
+    assert policy.training_diagnostics.skip_duration_hours == 24.0
 
 
 def test_an_empty_object_is_every_default_and_remembers_its_source(tmp_path):
@@ -57,7 +68,8 @@ def test_absent_kill_switch_is_false_and_present_keys_are_read(tmp_path):
 def test_the_projects_policy_is_valid_and_turns_the_workers_on():
     policy = load_policy(PROJECT_POLICY_PATH)
     assert policy.training.use_persistent_workers is True
-    assert policy.acceptance_rules["step5"] == {"min_cv_r2": 0.0, "max_overfit_ratio": 1.5}
+    assert policy.acceptance_rules == {"min_cv_r2": 0.0}
+    assert policy.training_diagnostics.metric_bounds["overfit_ratio"].critical == 1.5
     # Every key the shipped file sets is a field of the dataclass it fills (nothing ignored).
     raw = json.loads(PROJECT_POLICY_PATH.read_text())
     for section, cls in (("training", TrainingPolicy), ("watcher", WatcherPolicy)):
@@ -69,15 +81,90 @@ def test_comment_keys_are_documentation_and_other_steps_sections_are_kept_unread
     raw = {
         "_comment": "top level",
         "training": {"_comment": "why", "use_persistent_workers": True},
-        "training_diagnostics": {"_note": "x", "max_overfit_ratio_warning": 1},
+        "training_diagnostics": {"_note": "x", "metric_bounds": {"_why": "x", "overfit_ratio": {"critical": 2}}},
         "acceptance_rules": {"_comment": "per step", "step5": {"_why": "x", "min_cv_r2": 0}},
         "step3": {"anything": "the larger pipeline's file has sections for other steps"},
     }
     policy = parse_policy(raw, SOURCE)
     assert policy.training.use_persistent_workers is True
-    assert policy.training_diagnostics == {"max_overfit_ratio_warning": 1.0}
-    assert policy.acceptance_rules == {"step5": {"min_cv_r2": 0.0}}
+    assert list(policy.training_diagnostics.metric_bounds) == ["overfit_ratio"]
+    assert policy.training_diagnostics.metric_bounds["overfit_ratio"] == MetricBound("overfit_ratio", None, 2.0, WORSE_ABOVE)
+    assert policy.acceptance_rules == {"min_cv_r2": 0.0}
     assert policy.raw["step3"] == raw["step3"]
+
+
+#: A governance file shaped like the existing pipeline's watcher_policies.json (read from its
+#: training_health_check.py::_load_policies / _evaluate_metrics / _check_skip_registry,
+#: agents/watcher_agent.py::_get_max_training_retries and the file itself): sections for
+#: other parts of the pipeline, `acceptance_rules` holding another agent's scalar rules,
+#: `training_diagnostics` in its own schema, and no `training` section at all.
+PIPELINE_SHAPED = {
+    "schema_version": "1.0.0",
+    "_note": "governance thresholds",
+    "test_mode": False,
+    "retrain_triggers": {"retrain_after_n_draws": 10, "_note": "x"},
+    "acceptance_rules": {"_description": "rules for proposed parameter changes", "max_parameter_delta": 0.3,
+                         "max_parameters_per_proposal": 3, "cooldown_runs": 3},
+    "escalation": {"escalate_on_divergence": True},
+    "parameter_bounds": {"search_strategy": {"type": "choice", "choices": ["a", "b"]}},
+    "strategy_change_cooldown_episodes": 5,
+    "training_diagnostics": {
+        "enabled": True,
+        "description": "post step 5 health check",
+        "severity_thresholds": {
+            "ok": {"action": "PROCEED", "log_level": "info", "description": "x"},
+            "warning": {"action": "PROCEED_WITH_NOTE", "log_level": "warning"},
+            "critical": {"action": "RETRY_OR_SKIP", "log_level": "error", "max_retries": 2},
+        },
+        "metric_bounds": {
+            "nn_dead_neuron_pct": {"warning": 25.0, "critical": 50.0, "description": "x"},
+            "nn_gradient_spread_ratio": {"warning": 100.0, "critical": 1000.0},
+            "overfit_ratio": {"warning": 1.3, "critical": 1.5, "description": "val loss / train loss"},
+            "early_stop_ratio": {"warning": 0.3, "critical": 0.15},
+            "unused_feature_pct": {"warning": 40.0, "critical": 70.0},
+        },
+        "model_skip_rules": {"max_consecutive_critical": 3, "skip_duration_hours": 24, "description": "x"},
+    },
+    "notifications": {"telegram_enabled": True, "classes": {"critical": {"enabled": True}}},
+    "approval_route": "orchestrator",
+}
+
+
+def test_the_pipelines_own_governance_file_is_read_as_it_is():
+    policy = parse_policy(PIPELINE_SHAPED, SOURCE)
+    assert policy.training == TrainingPolicy()  # no training section: every default, kill switch off
+    assert policy.acceptance_rules == {}  # the section's scalar rules are another agent's
+    diag = policy.training_diagnostics
+    assert diag.enabled and diag.max_critical_retries == 2
+    assert diag.max_consecutive_critical == 3 and diag.skip_duration_hours == 24.0
+    assert diag.metric_bounds["early_stop_ratio"] == MetricBound("early_stop_ratio", 0.3, 0.15, WORSE_BELOW)
+    assert diag.metric_bounds["overfit_ratio"].severity(1.3) == "warning"  # reached, as the health check's >=
+    assert diag.metric_bounds["overfit_ratio"].severity(1.5) == "critical"
+    assert diag.metric_bounds["early_stop_ratio"].severity(0.15) == "critical"
+    assert diag.metric_bounds["early_stop_ratio"].severity(0.31) == "ok"
+
+
+def test_step5s_keys_live_beside_the_pipelines_sections():
+    raw = {**PIPELINE_SHAPED, "training": {"use_persistent_workers": True},
+           "acceptance_rules": {**PIPELINE_SHAPED["acceptance_rules"], "step5": {"min_cv_r2": 0.1}}}
+    policy = parse_policy(raw, SOURCE)
+    assert policy.training.use_persistent_workers is True
+    assert policy.acceptance_rules == {"min_cv_r2": 0.1}
+
+
+def test_the_shipped_policy_has_the_pipelines_shape_for_the_sections_it_shares():
+    raw = json.loads(PROJECT_POLICY_PATH.read_text())
+    ours, theirs = raw["training_diagnostics"], PIPELINE_SHAPED["training_diagnostics"]
+    assert set(theirs) <= set(ours)
+    assert set(ours["metric_bounds"]) == set(theirs["metric_bounds"])
+    assert set(ours["model_skip_rules"]) == set(theirs["model_skip_rules"])
+    assert ours["severity_thresholds"]["critical"]["max_retries"] == 2
+
+
+def test_a_metric_the_pipeline_adds_later_takes_its_direction_from_its_bounds():
+    raw = {"training_diagnostics": {"metric_bounds": {"new_ratio": {"warning": 0.5, "critical": 0.2}}}}
+    bound = parse_policy(raw, SOURCE).training_diagnostics.metric_bounds["new_ratio"]
+    assert bound.worse == WORSE_BELOW and bound.severity(0.1) == "critical"
 
 
 @pytest.mark.parametrize("misspelt, meant", [("trainng", "training"), ("Training", "training"),
@@ -149,6 +236,27 @@ BAD = [
     ({"training_diagnostics": 1.5}, "`training_diagnostics` must be an object, got float"),
     ({"acceptance_rules": "strict"}, "`acceptance_rules` must be an object, got str"),
     ({"acceptance_rules": {"step5": [1]}}, "acceptance_rules.step5 must be an object, got list"),
+    # training_diagnostics, in the pipeline's schema: the values Step 5 reads
+    ({"training_diagnostics": {"enabled": "yes"}}, "training_diagnostics.enabled must be true or false, got 'yes'"),
+    ({"training_diagnostics": {"metric_bounds": []}}, "training_diagnostics.metric_bounds must be an object, got list"),
+    ({"training_diagnostics": {"metric_bounds": {"overfit_ratio": 1.5}}},
+     "training_diagnostics.metric_bounds.overfit_ratio must be an object like"),
+    ({"training_diagnostics": {"metric_bounds": {"overfit_ratio": {"warning": "1.3"}}}},
+     "training_diagnostics.metric_bounds.overfit_ratio.warning must be a finite number, got '1.3'"),
+    ({"training_diagnostics": {"metric_bounds": {"overfit_ratio": {"description": "x"}}}},
+     "training_diagnostics.metric_bounds.overfit_ratio needs a `warning` or a `critical` bound"),
+    ({"training_diagnostics": {"metric_bounds": {"overfit_ratio": {"warning": 2, "critical": 1.5}}}},
+     "training_diagnostics.metric_bounds.overfit_ratio: `critical` 1.5 is less severe than `warning` 2"),
+    ({"training_diagnostics": {"metric_bounds": {"early_stop_ratio": {"warning": 0.1, "critical": 0.3}}}},
+     "early_stop_ratio is worse lower"),
+    ({"training_diagnostics": {"model_skip_rules": {"max_consecutive_critical": 0}}},
+     "training_diagnostics.model_skip_rules.max_consecutive_critical must be an int >= 1, got 0"),
+    ({"training_diagnostics": {"model_skip_rules": {"skip_duration_hours": "1d"}}},
+     "training_diagnostics.model_skip_rules.skip_duration_hours must be a positive number, got '1d'"),
+    ({"training_diagnostics": {"severity_thresholds": {"critical": {"max_retries": -1}}}},
+     "training_diagnostics.severity_thresholds.critical.max_retries must be a non-negative int, got -1"),
+    ({"training_diagnostics": {"max_overfit_ratio_warning": 1.3}},
+     "max_overfit_ratio_warning: flat threshold keys are no longer read; write them as metric_bounds entries"),
     # unknown keys
     ({"training": {"use_persistant_workers": True}}, "training: unknown key `use_persistant_workers`; expected one of"),
     ({"watcher": {"timeout": 5}}, "watcher: unknown key `timeout`"),
@@ -171,11 +279,7 @@ BAD = [
     # choices
     ({"training": {"pruner": "hyperband"}}, 'training.pruner must be one of "none", "median", "successive_halving"'),
     ({"training": {"pruner": None}}, "training.pruner must be one of"),
-    # numbers in the threshold maps
-    ({"training_diagnostics": {"max_overfit_ratio_warning": "1.3"}},
-     "training_diagnostics.max_overfit_ratio_warning must be a finite number, got '1.3'"),
-    ({"training_diagnostics": {"max_overfit_ratio_warning": True}},
-     "training_diagnostics.max_overfit_ratio_warning must be a finite number, got True"),
+    # numbers in the acceptance rules
     ({"acceptance_rules": {"step5": {"min_cv_r2": math.nan}}}, "acceptance_rules.step5.min_cv_r2 must be a finite number, got nan"),
     ({"acceptance_rules": {"step5": {"min_cv_r2": None}}}, "acceptance_rules.step5.min_cv_r2 must be a finite number, got None"),
     # ranges that involve more than one key
@@ -221,8 +325,10 @@ def test_boundary_values_are_accepted():
         "training": {"max_worker_restarts": 0, "trials_in_flight": 0, "max_consecutive_failed_trials": 1,
                      "heartbeat_interval_s": 0.5, "heartbeat_grace_s": 0.6, "worker_job_timeout_s": 1e-3},
         "watcher": {"retry_trials_multiplier": 1, "max_retries": 0},
-        "training_diagnostics": {"min_test_r2_warning": -1},
+        "training_diagnostics": {"metric_bounds": {"test_r2": {"warning": -1}},
+                                 "severity_thresholds": {"critical": {"max_retries": 0}}},
     }, SOURCE)
     assert policy.training.max_worker_restarts == 0 and policy.training.heartbeat_grace_s == 0.6
     assert policy.watcher.retry_trials_multiplier == 1.0 and policy.watcher.max_retries == 0
-    assert policy.training_diagnostics == {"min_test_r2_warning": -1.0}
+    assert policy.training_diagnostics.metric_bounds == {"test_r2": MetricBound("test_r2", -1.0, None, WORSE_BELOW)}
+    assert policy.training_diagnostics.max_critical_retries == 0

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from step5.artifacts import MODEL_TYPES
+from step5.artifacts import MODEL_TYPES, compare_summary_path
 
 FAKE_CHECKPOINT = b"fake checkpoint"
 FAKE_CHECKPOINT_SHA256 = hashlib.sha256(FAKE_CHECKPOINT).hexdigest()
@@ -45,10 +45,10 @@ FEATURES = ["lane_agreement_8", "skip_max", "skip_min"]
 
 GOOD_METRICS = {"cv_r2_mean": 0.42, "cv_r2_std": 0.03, "train_r2": 0.5, "val_r2": 0.41,
                 "test_r2": 0.4, "train_mse": 0.010, "val_mse": 0.012, "test_mse": 0.012,
-                "overfit_ratio": 1.2}
+                "overfit_ratio": 1.2, "early_stop_ratio": 0.8}
 BAD_METRICS = {"cv_r2_mean": -0.05, "cv_r2_std": 0.1, "train_r2": 0.9, "val_r2": -0.05,
                "test_r2": -0.1, "train_mse": 0.002, "val_mse": 0.02, "test_mse": 0.021,
-               "overfit_ratio": 10.0}
+               "overfit_ratio": 10.0, "early_stop_ratio": 0.5}
 
 
 def make_sidecar(
@@ -61,7 +61,7 @@ def make_sidecar(
 ) -> dict[str, Any]:
     """A sidecar as SPEC section 4 and :func:`step5.artifacts.validate_sidecar` want it."""
     from step5.artifacts import CHECKPOINT_FORMATS, SCHEMA_VERSION, build_feature_schema, checkpoint_filename
-    from step5.sidecar import build_agent_metadata
+    from step5.sidecar import build_agent_metadata, build_data_context
     from step5.execution.summary import RunnerStats, build_execution_summary
 
     degenerate = outcome == "DEGENERATE_SIGNAL"
@@ -81,13 +81,16 @@ def make_sidecar(
         ),
         "signal_quality": {
             "signal_status": "degenerate" if degenerate else "healthy", "prediction_allowed": not degenerate,
+            "quality": "degenerate" if degenerate else "healthy", "confidence": 0.0 if degenerate else 1.0,
             "target_mean": 0.27, "target_std": 0.0 if degenerate else 0.05,
             "target_variance": 0.0 if degenerate else 0.0025,
             "unique_target_values": 1 if degenerate else 600, "sample_size": 600,
         },
-        "data_context": {"fingerprint_hash": "feedfacecafebeef", "training_window_draws": 100,
-                         "survivor_count": 600, "prng_type": "java_lcg", "mod": 1000,
-                         "holdout_draws": None, "target": "holdout_quality"},
+        "data_context": build_data_context(
+            fingerprint="feedfacecafebeef", training_draws=100, holdout_draws=1000,
+            survivors_file="survivors_with_scores.json", survivor_count=600, prng_type="java_lcg", mod=1000,
+            target="holdout_quality", missing_feature_fills=0, lottery_data_file="train_history.json",
+        ),
         "training_metrics": training_metrics,
         "hyperparameters": {} if degenerate else {"hidden_layers": [64, 32], "learning_rate": 0.001},
         "optuna": {"study_name": "fake", "storage": "sqlite:///fake.db", "trials_run": 0 if degenerate else 2,
@@ -125,12 +128,12 @@ def _write_model(out: Path, model_type: str, metrics: dict[str, float], args: ar
 
 def _compare(args: argparse.Namespace, out: Path) -> int:
     """Like :func:`step5.optimizer.compare.run_compare`: skip what the registry rules out,
-    keep the best, archive the others' sidecars, write the summary."""
+    keep the best, archive the others' sidecars, write the summary (in the working
+    directory's diagnostics_outputs/, where the real step writes it)."""
     from step5.policy import load_policy
     from step5.watcher.registry import load_skip_registry, skipped_model_types
 
-    limit = load_policy(args.policy).watcher.max_consecutive_critical
-    skipped = skipped_model_types(load_skip_registry(), limit)
+    skipped = skipped_model_types(load_skip_registry(), load_policy(args.policy).training_diagnostics)
     bad = {m for m in os.environ.get("FAKE_STEP5_BAD_MODELS", "").split(",") if m}
     metrics: dict[str, dict[str, float]] = {}
     for i, model_type in enumerate(MODEL_TYPES):
@@ -153,7 +156,7 @@ def _compare(args: argparse.Namespace, out: Path) -> int:
         models[model_type] = {"model_type": model_type, "status": "SUCCESS",
                               "test_r2": metrics[model_type]["test_r2"], "error": None,
                               "sidecar_path": str(folder / "best_model.meta.json")}
-    _write_json(out / "diagnostics_outputs" / "compare_models_summary.json",
+    _write_json(compare_summary_path(),
                 {"schema_version": 1, "winner": best, "models": models})
     return 0
 

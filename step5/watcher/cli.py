@@ -13,7 +13,7 @@ from typing import IO, Any, NoReturn, Sequence
 
 from step5.errors import Step5Error, UsageError
 from step5.jsonio import loads
-from step5.policy import DEFAULT_POLICY_PATH, load_policy
+from step5.policy import DEFAULT_POLICY_PATH, find_policy, load_policy
 from step5.watcher.decision_log import DEFAULT_DECISION_LOG, read_decisions
 from step5.watcher.judge import EXIT_INTERRUPTED
 from step5.watcher.pipeline import run_pipeline
@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end-step", type=int, default=None, help="last step to run [--start-step]")
     p.add_argument("--params", default="{}",
                    help='JSON object of step flags, snake_case, e.g. \'{"compare_models": true, "trials": 20}\'')
-    p.add_argument("--policy", default=DEFAULT_POLICY_PATH, help=f"policy file, also passed to the step [{DEFAULT_POLICY_PATH}]")
+    p.add_argument("--policy", default=None,
+                   help=f"policy file, also passed to the step [./{DEFAULT_POLICY_PATH} if there is one, "
+                        "else the project's own]")
     p.add_argument("--dry-run", action="store_true", help="print each step's command and exit")
     p.add_argument("--decision-log", default=DEFAULT_DECISION_LOG, help=f"JSONL decision log [{DEFAULT_DECISION_LOG}]")
     p.add_argument("--last", type=int, default=10, help="--status: how many decisions to show [10]")
@@ -65,7 +67,6 @@ def _parse_params(text: str) -> Any:
 def print_status(*, decision_log: str, policy_path: str, last: int, out: IO[str]) -> None:
     """Human-readable: the last decisions, then each model type's registry entry."""
     policy = load_policy(policy_path)
-    limit = policy.watcher.max_consecutive_critical
     records, bad = read_decisions(decision_log, last=last)
     print(f"decision log {decision_log}: last {len(records)} decision(s)"
           + (f", {bad} unreadable line(s) skipped" if bad else ""), file=out)
@@ -74,12 +75,13 @@ def print_status(*, decision_log: str, policy_path: str, last: int, out: IO[str]
         print(f"  {r.get('timestamp')}  run {r.get('run_id')}  step {r.get('step')}  "
               f"attempt {r.get('attempt')}/{r.get('max_attempts')}  {r.get('decision'):<10}  "
               f"{r.get('exit_status')}  {r.get('model_type') or '-'}  {reasons}", file=out)
+    rules = policy.training_diagnostics
     registry = load_skip_registry(DEFAULT_REGISTRY_PATH)
-    skipped = skipped_model_types(registry, limit)
-    models = registry.get("models", {})
-    print(f"skip registry {DEFAULT_REGISTRY_PATH} (skip when over {limit} consecutive critical): "
-          f"{len(models)} model type(s); skipped: {', '.join(sorted(skipped)) or 'none'}", file=out)
-    for model_type, entry in sorted(models.items()):
+    skipped = skipped_model_types(registry, rules)
+    print(f"skip registry {DEFAULT_REGISTRY_PATH} (skip for {rules.skip_duration_hours:g} h after "
+          f"{rules.max_consecutive_critical} consecutive critical): {len(registry)} model type(s); "
+          f"skipped: {', '.join(sorted(skipped)) or 'none'}", file=out)
+    for model_type, entry in sorted(registry.items()):
         state = "SKIPPED" if model_type in skipped else "ok"
         print(f"  {model_type:<11} {state:<8} consecutive_critical={entry.get('consecutive_critical', 0)}  "
               f"runs={entry.get('total_runs', 0)}  last={entry.get('last_result')}  "
@@ -91,6 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=args.log_level,
                         format="%(asctime)s %(levelname)s watcher: %(message)s")
     install_termination_as_interrupt()
+    if args.policy is None:
+        path, why = find_policy()
+        logger.info("policy: %s (%s)", path, why)
+        args.policy = str(path)
     try:
         if args.status:
             print_status(decision_log=args.decision_log, policy_path=args.policy, last=args.last, out=sys.stdout)

@@ -13,11 +13,16 @@ ESCALATE       4     a person must look: crash after retries, timeout, interrupt
 
 Thresholds come from the policy and are validated when it is loaded:
 
-* ``acceptance_rules.<step>``: ``min_<metric>`` / ``max_<metric>``; a breach rejects the model;
-* ``training_diagnostics``: ``min_<metric>_<level>`` / ``max_<metric>_<level>`` with level
-  ``warning`` (noted, decision unchanged) or ``critical`` (rejects the model, like a rule).
+* ``acceptance_rules.step5``: ``min_<metric>`` / ``max_<metric>``; a breach rejects the model;
+* ``training_diagnostics.metric_bounds`` (the pipeline's schema): ``{metric: {"warning": x,
+  "critical": y}}``; a warning is noted (decision unchanged), a critical value rejects the
+  model like a rule. Bounds on metrics the sidecar does not measure (the pipeline's NN
+  internals) are not judged; ``training_diagnostics.enabled: false`` turns the bounds off.
 
-A rejected model is a *critical* result for the skip registry; see :mod:`.registry`.
+A rejected model is a *critical* result: it is re-run up to
+``training_diagnostics.severity_thresholds.critical.max_retries`` times, then the decision
+is SKIP_MODEL and the skip registry counts it (:mod:`.registry`). A crashed step is re-run
+up to ``watcher.max_retries`` times, then ESCALATE.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from typing import Any
 from step5.artifacts import TRAINING_METRIC_KEYS, resolve_checkpoint, validate_sidecar
 from step5.errors import DataError, PolicyError
 from step5.jsonio import loads
-from step5.policy import Policy
+from step5.policy import DiagnosticsPolicy, Policy, bound_breaches, metric_key
 from step5.values import finite_or_none
 from step5.watcher.process import StepRun
 from step5.watcher.steps import StepSpec
@@ -56,9 +61,9 @@ EXIT_INTERRUPTED = 130
 
 # Metric names the policy may use -> key in the sidecar's ``training_metrics``. ``cv_r2`` is
 # the short name the acceptance rules use (``min_cv_r2``) for the CV mean.
-METRIC_KEYS: dict[str, str] = {"cv_r2": "cv_r2_mean", **{k: k for k in TRAINING_METRIC_KEYS}}
+METRIC_KEYS: dict[str, str] = {name: metric_key(name) for name in ("cv_r2", *TRAINING_METRIC_KEYS)}
 
-_RULE_RE = re.compile(r"^(min|max)_([a-z0-9_]+?)(?:_(warning|critical))?$")
+_RULE_RE = re.compile(r"^(min|max)_([a-z0-9_]+)$")
 
 #: What identifies one version of a file: (inode, size, mtime in ns). Taken before a run and
 #: compared after it, it tells whether the run wrote the file, with no clock slack to tune.
@@ -67,12 +72,11 @@ FileSignature = tuple[int, int, int]
 
 @dataclass(frozen=True)
 class Threshold:
-    """One numeric rule from the policy."""
+    """One acceptance rule from the policy."""
 
-    key: str  # as written in the policy, e.g. "max_overfit_ratio_critical"
-    metric: str  # e.g. "overfit_ratio"
+    key: str  # as written in the policy, e.g. "min_cv_r2"
+    metric: str  # e.g. "cv_r2"
     bound: str  # "min" | "max"
-    level: str  # "accept" | "warning" | "critical"
     value: float
 
     def breached(self, x: float) -> bool:
@@ -83,34 +87,20 @@ class Threshold:
         return f"{self.metric} {x:.4g} {op} {self.key} {self.value:g}"
 
 
-def _parse_thresholds(section: dict[str, float], level: str | None, where: str) -> list[Threshold]:
-    out = []
-    for key, value in section.items():
-        m = _RULE_RE.match(key)
-        problem = None
-        if m is None:
-            problem = "expected min_<metric> or max_<metric>"
-        else:
-            bound, metric, key_level = m.groups()
-            if level is None and key_level is None:
-                problem = "expected min_<metric>_warning|critical or max_<metric>_warning|critical"
-            elif level is not None and key_level is not None:
-                problem = "expected min_<metric> or max_<metric> (no level suffix in acceptance rules)"
-            elif metric not in METRIC_KEYS:
-                problem = f"unknown metric `{metric}`; known: {sorted(METRIC_KEYS)}"
-        if problem:
-            raise PolicyError(f"{where}.{key}: {problem}")
-        out.append(Threshold(key, metric, bound, level or key_level, float(value)))
-    return out
-
-
 def thresholds_for(policy: Policy, step: StepSpec) -> list[Threshold]:
-    """The step's acceptance rules and the diagnostics thresholds; raises :class:`PolicyError`
-    for a key that would otherwise be silently ignored (a typo in a metric name)."""
-    source = policy.source or "<policy>"
-    rules = policy.acceptance_rules.get(step.acceptance_key, {})
-    return _parse_thresholds(rules, "accept", f"{source}: acceptance_rules.{step.acceptance_key}") + \
-        _parse_thresholds(policy.training_diagnostics, None, f"{source}: training_diagnostics")
+    """The step's acceptance rules; raises :class:`PolicyError` for a key that would
+    otherwise be silently ignored (a typo in a metric name)."""
+    where = f"{policy.source or '<policy>'}: acceptance_rules.{step.acceptance_key}"
+    out = []
+    for key, value in policy.acceptance_rules.items():
+        m = _RULE_RE.match(key)
+        if m is None:
+            raise PolicyError(f"{where}.{key}: expected min_<metric> or max_<metric>")
+        bound, metric = m.groups()
+        if metric not in METRIC_KEYS:
+            raise PolicyError(f"{where}.{key}: unknown metric `{metric}`; known: {sorted(METRIC_KEYS)}")
+        out.append(Threshold(key, metric, bound, float(value)))
+    return out
 
 
 def metric_value(metrics: Any, metric: str) -> float | None:
@@ -133,25 +123,28 @@ class ModelVerdict:
         return "; ".join(self.reasons) or ("critical" if self.critical else "ok")
 
 
-def assess_metrics(model_type: str, metrics: Any, thresholds: list[Threshold]) -> ModelVerdict:
-    """Apply every threshold to one model's ``training_metrics``."""
+def assess_metrics(
+    model_type: str, metrics: Any, thresholds: list[Threshold], diagnostics: DiagnosticsPolicy | None = None,
+) -> ModelVerdict:
+    """Apply the acceptance rules and the diagnostics' metric bounds to one model's ``training_metrics``."""
     verdict = ModelVerdict(model_type, critical=False)
     passed = []
     for t in thresholds:
         x = metric_value(metrics, t.metric)
         if x is None:
-            if t.level == "accept":
-                verdict.missing.append(f"cannot check {t.key}: training_metrics.{METRIC_KEYS[t.metric]} is not a number")
-            continue
-        if not t.breached(x):
-            if t.level == "accept":
-                passed.append(f"{t.metric} {x:.4g} within {t.key} {t.value:g}")
-            continue
-        if t.level == "warning":
-            verdict.warnings.append(f"{model_type}: {t.describe(x)}")
-        else:
+            verdict.missing.append(f"cannot check {t.key}: training_metrics.{METRIC_KEYS[t.metric]} is not a number")
+        elif t.breached(x):
             verdict.critical = True
             verdict.reasons.append(f"{model_type}: {t.describe(x)}")
+        else:
+            passed.append(f"{t.metric} {x:.4g} within {t.key} {t.value:g}")
+    if diagnostics is not None:
+        for level, description in bound_breaches(metrics, diagnostics):
+            if level == "critical":
+                verdict.critical = True
+                verdict.reasons.append(f"{model_type}: {description}")
+            else:
+                verdict.warnings.append(f"{model_type}: {description}")
     if not verdict.critical:
         verdict.reasons = [f"{model_type} accepted: " + (", ".join(passed) or "no acceptance rules")]
     return verdict
@@ -252,7 +245,8 @@ def _entry_metrics(entry: dict[str, Any]) -> Any:
 
 
 def compare_verdicts(
-    summary_path: Path, before: FileSignature | None, thresholds: list[Threshold]
+    summary_path: Path, before: FileSignature | None, thresholds: list[Threshold],
+    diagnostics: DiagnosticsPolicy | None = None,
 ) -> tuple[dict[str, ModelVerdict], list[str], list[str]]:
     """Verdicts for every model a compare run trained, from its (fresh) summary file.
 
@@ -279,7 +273,7 @@ def compare_verdicts(
             why = entry.get("error") or status
             verdicts[model_type] = ModelVerdict(model_type, True, [f"{model_type} failed in the compare run: {why}"])
         elif status == "SUCCESS":
-            verdict = assess_metrics(model_type, _entry_metrics(entry), thresholds)
+            verdict = assess_metrics(model_type, _entry_metrics(entry), thresholds, diagnostics)
             if verdict.missing:
                 notes.append(f"{model_type}: no metrics in {summary_path}; its result is not recorded")
             else:
@@ -295,14 +289,15 @@ def judge(
     sidecar_path: Path,
     summary_path: Path | None,
     can_retry: bool,
+    can_retry_critical: bool | None = None,
     sidecar_before: FileSignature | None = None,
     summary_before: FileSignature | None = None,
     run_id: str | None = None,
     expect_persistent_workers: bool | None = None,
 ) -> Judgement:
-    """Decide about one run. ``can_retry`` says whether a RETRY is still allowed; when it is
-    not, a retryable problem becomes final (ESCALATE for a crash, SKIP_MODEL for a model
-    below the rules). ``*_before`` are the files' signatures taken just before the run, so
+    """Decide about one run. ``can_retry`` says whether a crashed step may still be re-run,
+    ``can_retry_critical`` (default: the same) whether a rejected model may; when not, the
+    problem is final (ESCALATE for a crash, SKIP_MODEL for a model below the rules). ``*_before`` are the files' signatures taken just before the run, so
     a file left by an earlier run is never judged as this run's. ``run_id`` is what the
     step was given as ``--parent-run-id``."""
     timeout = policy.watcher.step_timeout_s
@@ -354,7 +349,7 @@ def judge(
 
     thresholds = thresholds_for(policy, step)
     model_type = str(sidecar["model_type"])
-    verdict = assess_metrics(model_type, sidecar.get("training_metrics"), thresholds)
+    verdict = assess_metrics(model_type, sidecar.get("training_metrics"), thresholds, policy.training_diagnostics)
     # A valid SUCCESS sidecar has every metric but ``overfit_ratio`` (null when the train MSE
     # is 0): a rule on an undefined metric is noted, not a reason to stop the pipeline.
     warnings = verdict.missing + verdict.warnings
@@ -370,7 +365,8 @@ def judge(
 
     verdicts = {model_type: verdict}
     if summary_path is not None:
-        others, skipped, notes = compare_verdicts(summary_path, summary_before, thresholds)
+        others, skipped, notes = compare_verdicts(summary_path, summary_before, thresholds,
+                                                 policy.training_diagnostics)
         warnings += notes
         for other_type, other in others.items():
             if other_type != model_type:
@@ -379,6 +375,7 @@ def judge(
     else:
         skipped = []
     if verdict.critical:
-        decision = Decision.RETRY if can_retry else Decision.SKIP_MODEL
+        retry = can_retry if can_retry_critical is None else can_retry_critical
+        decision = Decision.RETRY if retry else Decision.SKIP_MODEL
         return Judgement(decision, verdict.reasons, warnings, sidecar, verdicts, skipped)
     return Judgement(Decision.PROCEED, verdict.reasons, warnings, sidecar, verdicts, skipped)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from step5.artifacts import compare_summary_path
-from step5.errors import Step5Error
+from step5.errors import Step5Error, UsageError
 from step5.lifeline import SUPERVISOR_PID_ENV
 from step5.jsonio import dumps
 from step5.launch import child_environment
@@ -47,6 +47,7 @@ from step5.watcher.steps import (
     StepSpec,
     build_command,
     effective,
+    manifest_defaults,
     retry_params,
     steps_in_range,
     validate_params,
@@ -148,16 +149,24 @@ def run_step(
     script: str | None = None,
     echo: bool = True,
 ) -> StepResult:
-    """Run one step with the policy's retries; every attempt is a real new process."""
+    """Run one step with the policy's retries; every attempt is a real new process.
+
+    A crash is re-run up to ``watcher.max_retries`` times, a model the rules reject up to
+    ``training_diagnostics.severity_thresholds.critical.max_retries`` times (the pipeline's
+    own limit on training retries); the two are counted apart.
+    """
     watcher = policy.watcher
-    max_attempts = watcher.max_retries + 1
+    crash_retries_max = watcher.max_retries
+    critical_retries_max = policy.training_diagnostics.max_critical_retries
+    max_attempts = 1 + crash_retries_max + critical_retries_max
     params = dict(params)
     params.setdefault("parent_run_id", run_id)
     persistent = bool(params.get("persistent_workers", policy.training.use_persistent_workers))
     output_dir = Path(str(effective(step, params, "output_dir")))
     sidecar_path = output_dir / step.sidecar_name
-    summary_path = compare_summary_path(output_dir) if params.get("compare_models") else None
+    summary_path = compare_summary_path() if params.get("compare_models") else None
     attempt_params = params
+    crash_retries = critical_retries = 0
     for attempt in range(1, max_attempts + 1):
         if attempt > 1:
             attempt_params = retry_params(
@@ -165,24 +174,31 @@ def run_step(
                 trials_multiplier=watcher.retry_trials_multiplier,
                 seed_increment=watcher.retry_seed_increment,
             )
-            logger.warning("step %d: retry %d/%d with trials=%s seed=%s", step.number, attempt - 1,
-                           watcher.max_retries, attempt_params.get("trials"), attempt_params.get("seed"))
+            logger.warning("step %d: retry %d with trials=%s seed=%s", step.number, attempt - 1,
+                           attempt_params.get("trials"), attempt_params.get("seed"))
         command = build_command(step, attempt_params, policy_path=policy_path, script=script)
-        logger.info("step %d attempt %d/%d: %s", step.number, attempt, max_attempts, shlex.join(command))
+        logger.info("step %d attempt %d: %s", step.number, attempt, shlex.join(command))
         sidecar_before = file_signature(sidecar_path)
         summary_before = file_signature(summary_path) if summary_path is not None else None
         run = run_in_group(command, timeout_s=watcher.step_timeout_s, grace_s=watcher.kill_grace_s,
                            env=step_env(), echo=echo)
         judgement = judge(
             run, step=step, policy=policy, sidecar_path=sidecar_path, summary_path=summary_path,
-            can_retry=attempt < max_attempts and not run.interrupted, run_id=params["parent_run_id"],
-            sidecar_before=sidecar_before, summary_before=summary_before, expect_persistent_workers=persistent,
+            can_retry=crash_retries < crash_retries_max and not run.interrupted,
+            can_retry_critical=critical_retries < critical_retries_max and not run.interrupted,
+            run_id=params["parent_run_id"], sidecar_before=sidecar_before, summary_before=summary_before,
+            expect_persistent_workers=persistent,
         )
+        if judgement.decision is Decision.RETRY:
+            if judgement.verdicts:
+                critical_retries += 1
+            else:
+                crash_retries += 1
         registry: dict[str, Any] = {}
         if judgement.final:
             for model_type, verdict in judgement.verdicts.items():
                 entry = record_result(registry_path, model_type, verdict.critical, verdict.summary(),
-                                      watcher.max_consecutive_critical)
+                                      policy.training_diagnostics)
                 registry[model_type] = {
                     "critical": verdict.critical,
                     "consecutive_critical": entry["consecutive_critical"],
@@ -194,13 +210,25 @@ def run_step(
             registry=registry, sidecar_path=sidecar_path,
         ))
         log = logger.info if judgement.decision is Decision.PROCEED else logger.warning
-        log("step %d attempt %d/%d: %s (%s) - %s", step.number, attempt, max_attempts,
+        log("step %d attempt %d: %s (%s) - %s", step.number, attempt,
             judgement.decision.value, run.exit_status, "; ".join(judgement.reasons))
         for warning in judgement.warnings:
             logger.warning("step %d: %s", step.number, warning)
         if judgement.final:
             return StepResult(step.number, judgement.decision, attempt, judgement, bool(run.interrupted))
     raise AssertionError("the last attempt always gives a final decision")  # pragma: no cover
+
+
+def _with_manifest_defaults(step: StepSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline manifest's default params for ``step`` (when the working directory has
+    one), overridden key by key by ``params``."""
+    defaults, path = manifest_defaults(step)
+    if path is None:
+        return params
+    overridden = sorted(k for k in defaults if k in params)
+    logger.info("step %d: default params from %s: %s%s", step.number, path, dumps(defaults).decode(),
+                f" (--params override {', '.join(overridden)})" if overridden else "")
+    return {**defaults, **params}
 
 
 def run_pipeline(
@@ -224,7 +252,10 @@ def run_pipeline(
     """
     out = out or sys.stdout
     steps = steps_in_range(start, end)
-    params_by_step = {s.number: validate_params(s, raw_params) for s in steps}
+    if not isinstance(raw_params, dict):
+        raise UsageError(f"--params must be a JSON object, got {type(raw_params).__name__}")
+    params_by_step = {s.number: validate_params(s, _with_manifest_defaults(s, raw_params), policy_path=policy_path)
+                      for s in steps}
     policy = load_checked_policy(policy_path, steps)
     if script is not None and not Path(script).is_file():
         if not dry_run:

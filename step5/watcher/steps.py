@@ -18,9 +18,16 @@ and nothing else is:
   command by the optimizer's own :func:`~step5.optimizer.cli.config_from_args`, so the
   WATCHER refuses exactly what step 5 would refuse, before it runs.
 
-An unknown key is an error (with a "did you mean"), never dropped. ``policy`` is not a
-params key: the WATCHER's own ``--policy`` is passed through, so the step runs and is judged
-under the same file.
+An unknown key is an error (with a "did you mean"), never dropped; a null value means "not
+set". ``policy`` is not a params key: the WATCHER's own ``--policy`` is passed through, so
+the step runs and is judged under the same file.
+
+Defaults from the pipeline's manifest: run from a pipeline root that has
+``agent_manifests/reinforcement.json``, the step starts from that manifest's
+``default_params`` (``--params`` override them key by key), read as the existing WATCHER
+reads them: a false or null value adds no flag, so the same manifest gives the same command
+under either WATCHER (``persistent_workers: false`` leaves the policy's kill switch in
+charge, as it does there).
 """
 from __future__ import annotations
 
@@ -33,10 +40,12 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from step5.artifacts import PIPELINE_STEP, PIPELINE_STEP_NAME
-from step5.errors import UsageError
+from step5.errors import DataError, UsageError
+from step5.jsonio import read_json_file
 from step5.launch import OPTIMIZER_MODULE, module_command
 
 SWITCH = "switch"  # store_true / store_const: true -> --flag, false -> nothing
@@ -78,6 +87,7 @@ class StepSpec:
     required_defaults: dict[str, Any] = field(default_factory=dict)  # values for flags the step requires
     sidecar_name: str = "best_model.meta.json"
     reserved: dict[str, str] = field(default_factory=dict)  # key -> why it is not a params key
+    manifest: str | None = None  # the pipeline's manifest of this step, under MANIFESTS_DIR
 
     @functools.cached_property
     def parser(self) -> argparse.ArgumentParser:
@@ -142,7 +152,31 @@ _STEP5 = StepSpec(
     # The proposal's Test 4 passes neither; these are the pipeline's file names.
     required_defaults={"survivors": "survivors_with_scores.json", "lottery_data": "train_history.json"},
     reserved={"policy": "use the watcher's own --policy PATH; it is passed through to the step"},
+    manifest="reinforcement.json",
 )
+
+#: Where the existing pipeline keeps its agents' manifests, relative to its root.
+MANIFESTS_DIR = "agent_manifests"
+
+
+def manifest_defaults(step: StepSpec, root: str | os.PathLike[str] = ".") -> tuple[dict[str, Any], Path | None]:
+    """The step's ``default_params`` from the pipeline's manifest, as the existing WATCHER
+    passes them (false and null values add no flag, so they are left out), and the file
+    they came from; ``({}, None)`` when there is no manifest. A manifest that is there but
+    unreadable is an error naming it."""
+    if step.manifest is None:
+        return {}, None
+    path = Path(root) / MANIFESTS_DIR / step.manifest
+    if not path.is_file():
+        return {}, None
+    try:
+        manifest = read_json_file(path, "manifest")
+    except DataError as exc:
+        raise UsageError(str(exc)) from None
+    defaults = manifest.get("default_params", {}) if isinstance(manifest, dict) else None
+    if not isinstance(defaults, dict):
+        raise UsageError(f"manifest {path}: `default_params` must be an object, got {type(defaults).__name__}")
+    return {k: v for k, v in defaults.items() if v is not None and v is not False}, path
 
 STEPS: dict[int, StepSpec] = {_STEP5.number: _STEP5}
 
@@ -233,14 +267,18 @@ def _check_with_step(step: StepSpec, argv: list[str]) -> None:
         raise UsageError(f"--params give step {step.number} a command it refuses: {exc}") from None
 
 
-def validate_params(step: StepSpec, params: Any) -> dict[str, Any]:
-    """Check a ``--params`` object against the step's flags; returns the normalised copy."""
+def validate_params(step: StepSpec, params: Any, *, policy_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Check a ``--params`` object against the step's flags; returns the normalised copy.
+    ``policy_path``: the policy the step will run under (checked with the command)."""
     if not isinstance(params, dict):
         raise UsageError(f"--params must be a JSON object, got {type(params).__name__}")
     out: dict[str, Any] = {}
     known = [p.name for p in step.params]
     set_by: dict[str, tuple[str, Any]] = {}  # dest -> (key, value it sets): aliases must agree
     for key, value in params.items():
+        if value is None:  # "not set" (a manifest's `dropout_override: null`)
+            if key in step.reserved or step.spec(key) is not None:
+                continue
         if key in step.reserved:
             raise UsageError(f"--params key `{key}` is not accepted: {step.reserved[key]}")
         spec = step.spec(key)
@@ -258,7 +296,7 @@ def validate_params(step: StepSpec, params: Any) -> dict[str, Any]:
             if other[1] != effect:
                 raise UsageError(f"--params keys `{other[0]}` and `{key}` set the same step {step.number} "
                                  f"setting to different values; give one of them")
-    _check_with_step(step, _flags(step, out))
+    _check_with_step(step, _flags(step, out) + (["--policy", str(policy_path)] if policy_path is not None else []))
     return out
 
 

@@ -13,8 +13,9 @@ from step5.artifacts import MODEL_TYPES
 from step5.errors import DegenerateSignalError, UsageError
 from step5.execution.summary import RunnerStats, build_execution_summary
 from step5.optimizer import compare
+from step5.policy import DiagnosticsPolicy
 from step5.optimizer.config import OptimizerConfig, RunOutcome
-from step5.sidecar import build_sidecar, null_training_metrics
+from step5.sidecar import build_data_context, build_sidecar, null_training_metrics
 
 FEATURES = ["a", "b", "c"]
 
@@ -36,8 +37,10 @@ def make_sidecar(model_type: str, outcome: str, test_r2: float | None, cv: float
                         "target_mean": 0.3, "target_std": 0.1 if success else 0.0,
                         "target_variance": 0.01 if success else 0.0, "unique_target_values": 50 if success else 1,
                         "sample_size": 100},
-        data_context={"fingerprint_hash": "0123456789abcdef", "training_window_draws": 10, "survivor_count": 100,
-                      "prng_type": None, "mod": None, "holdout_draws": None, "target": "holdout_quality"},
+        data_context=build_data_context(
+            fingerprint="0123456789abcdef", training_draws=10, holdout_draws=None, survivors_file="survivors.json",
+            survivor_count=100, prng_type=None, mod=None, target="holdout_quality", missing_feature_fills=0,
+            lottery_data_file="history.json"),
         training_metrics=metrics,
         hyperparameters={"fake": 1} if success else {},
         optuna={"study_name": "s", "storage": None, "trials_run": 2 if success else 0,
@@ -96,7 +99,7 @@ def fake(monkeypatch):
 @pytest.fixture
 def config(tmp_path) -> OptimizerConfig:
     policy = tmp_path / "policy.json"
-    policy.write_text(json.dumps({"watcher": {"max_consecutive_critical": 2}}))
+    policy.write_text(json.dumps({"training_diagnostics": {"model_skip_rules": {"max_consecutive_critical": 2}}}))
     return OptimizerConfig(
         survivors=tmp_path / "survivors.json", lottery_data=tmp_path / "history.json",
         compare_models=True, trials=3, k_folds=3, output_dir=tmp_path / "out", seed=7,
@@ -241,9 +244,10 @@ def test_registry_skips_are_logged_and_cannot_win(fake, config, caplog):
     from step5.watcher.registry import record_result
 
     registry = config.skip_registry
-    for _ in range(3):  # over the policy's limit of 2
-        record_result(registry, "xgboost", True, "cv_r2 -0.3 < min 0.0", 2)
-    record_result(registry, "catboost", True, "cv_r2 -0.1 < min 0.0", 2)  # under the limit
+    rules = DiagnosticsPolicy(max_consecutive_critical=2)
+    for _ in range(2):  # at the policy's limit of 2
+        record_result(registry, "xgboost", True, "cv_r2 -0.3 < min 0.0", rules)
+    record_result(registry, "catboost", True, "cv_r2 -0.1 < min 0.0", rules)  # under the limit
     fake.script = {mt: ("ok", 0.1, 0.9 if mt == "xgboost" else 0.2) for mt in MODEL_TYPES}
     with caplog.at_level("WARNING", logger="step5.optimizer.compare"):
         assert compare.run_compare(config, optimizer_factory=fake) == 0
@@ -251,7 +255,7 @@ def test_registry_skips_are_logged_and_cannot_win(fake, config, caplog):
     assert "compare: skipping xgboost" in caplog.text
     summary = summary_of(config)
     assert summary["models"]["xgboost"]["status"] == "SKIPPED"
-    assert "3 consecutive critical" in summary["models"]["xgboost"]["error"]
+    assert "2 consecutive critical" in summary["models"]["xgboost"]["error"]
     assert summary["models"]["catboost"]["status"] == "SUCCESS"
     assert summary["winner"] != "xgboost"
 
@@ -260,8 +264,8 @@ def test_everything_skipped_is_exit_1(fake, config):
     from step5.watcher.registry import record_result
 
     for mt in MODEL_TYPES:
-        for _ in range(3):
-            record_result(config.skip_registry, mt, True, "bad", 2)
+        for _ in range(2):
+            record_result(config.skip_registry, mt, True, "bad", DiagnosticsPolicy(max_consecutive_critical=2))
     assert compare.run_compare(config, optimizer_factory=fake) == 1
     assert fake.configs == []
     assert {m["status"] for m in summary_of(config)["models"].values()} == {"SKIPPED"}

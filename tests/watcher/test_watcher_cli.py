@@ -11,11 +11,13 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
 from step5.testing.processes import group_members, is_running
+from step5.policy import load_policy
 from step5.watcher.registry import load_skip_registry, record_result
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,8 +27,10 @@ FAKE = REPO / "step5" / "testing" / "fake_step5.py"
 POLICY = {
     "training": {"use_persistent_workers": True, "worker_job_timeout_s": 120, "worker_ready_timeout_s": 120},
     "watcher": {"step_timeout_s": 60, "max_retries": 1, "retry_trials_multiplier": 1.5,
-                "retry_seed_increment": 1, "max_consecutive_critical": 3, "kill_grace_s": 1},
-    "training_diagnostics": {"max_overfit_ratio_warning": 1.3, "max_overfit_ratio_critical": 2.0},
+                "retry_seed_increment": 1, "kill_grace_s": 1},
+    "training_diagnostics": {"metric_bounds": {"overfit_ratio": {"warning": 1.3, "critical": 2.0}},
+                             "severity_thresholds": {"critical": {"max_retries": 1}},
+                             "model_skip_rules": {"max_consecutive_critical": 3, "skip_duration_hours": 24}},
     "acceptance_rules": {"step5": {"min_cv_r2": 0.0, "max_overfit_ratio": 1.5}},
 }
 
@@ -39,9 +43,15 @@ def work(tmp_path, monkeypatch):
     return tmp_path
 
 
-def write_policy(folder: Path, **watcher) -> Path:
+def write_policy(folder: Path, *, critical_retries: int | None = None, max_consecutive_critical: int | None = None,
+                 **watcher) -> Path:
     policy = json.loads(json.dumps(POLICY))
     policy["watcher"].update(watcher)
+    diag = policy["training_diagnostics"]
+    if critical_retries is not None:
+        diag["severity_thresholds"]["critical"]["max_retries"] = critical_retries
+    if max_consecutive_critical is not None:
+        diag["model_skip_rules"]["max_consecutive_critical"] = max_consecutive_critical
     path = folder / "policy.json"
     path.write_text(json.dumps(policy))
     return path
@@ -109,7 +119,7 @@ def test_passing_run(work):
     assert flag(argv, "--lottery-data") == "train_history.json"
     assert flag(argv, "--parent-run-id") == out["run_id"]
     assert "fake_step5: mode=ok" in proc.stderr  # the step's output is echoed to stderr
-    entry = load_skip_registry()["models"]["neural_net"]
+    entry = load_skip_registry()["neural_net"]
     assert entry["consecutive_critical"] == 0 and entry["total_runs"] == 1
 
 
@@ -187,13 +197,23 @@ def test_rejected_after_retries_skips_the_model_and_counts_it(work):
     proc = watch(work, "reject")
     assert proc.returncode == 3, proc.stderr
     assert [r["decision"] for r in decisions(work)] == ["RETRY", "SKIP_MODEL"]
-    assert load_skip_registry()["models"]["neural_net"]["consecutive_critical"] == 1
+    assert load_skip_registry()["neural_net"]["consecutive_critical"] == 1
 
 
 def test_no_retries_when_the_policy_says_none(work):
-    write_policy(work, max_retries=0)
+    write_policy(work, max_retries=0, critical_retries=0)
     assert watch(work, "fail").returncode == 4
     assert len(calls(work)) == 1 and decisions(work)[0]["max_attempts"] == 1
+
+
+def test_crash_and_critical_retries_are_counted_apart(work):
+    """watcher.max_retries re-runs a crash; training_diagnostics' critical max_retries a rejected model."""
+    write_policy(work, max_retries=0, critical_retries=2)
+    assert watch(work, "fail").returncode == 4
+    assert len(calls(work)) == 1  # the crash: no re-run
+    (work / "calls.jsonl").unlink()
+    assert watch(work, "reject").returncode == 3
+    assert len(calls(work)) == 3  # the rejected model: two re-runs, then SKIP_MODEL
 
 
 def _all_gone(info: dict) -> bool:
@@ -244,33 +264,48 @@ def test_processes_left_by_a_finished_step_are_stopped(work):
 
 
 def test_registry_makes_compare_runs_skip_a_model(work):
-    """catboost keeps scoring below the rules; once over the limit, compare runs leave it out."""
-    write_policy(work, max_consecutive_critical=1, max_retries=0)
+    """catboost keeps scoring below the rules; at the limit, compare runs leave it out."""
+    write_policy(work, max_consecutive_critical=2, max_retries=0, critical_retries=0)
     params = {"compare_models": True, "trials": 2}
     for run in (1, 2):
         proc = watch(work, "ok", params=params, FAKE_STEP5_BAD_MODELS="catboost")
         assert proc.returncode == 0, proc.stderr
         assert result_line(proc)["skipped_models"] == []
-        entry = load_skip_registry()["models"]["catboost"]
+        entry = load_skip_registry()["catboost"]
         assert entry["consecutive_critical"] == run
-    assert entry["skipped"]  # 2 > limit 1
-    assert load_skip_registry()["models"]["lightgbm"]["consecutive_critical"] == 0
+    assert decisions(work)[-1]["registry"]["catboost"]["skipped"]  # 2 >= max_consecutive_critical 2
+    assert load_skip_registry()["lightgbm"]["consecutive_critical"] == 0
 
     proc = watch(work, "ok", params=params, FAKE_STEP5_BAD_MODELS="catboost")
     assert proc.returncode == 0, proc.stderr
     assert result_line(proc)["skipped_models"] == ["catboost"]
-    # the summary lies under the step's --output-dir; the registry stays the WATCHER's own
-    summary = json.loads((work / "models" / "reinforcement" / "diagnostics_outputs" / "compare_models_summary.json").read_text())
+    # the summary and the registry lie in the working directory's diagnostics_outputs/
+    summary = json.loads((work / "diagnostics_outputs" / "compare_models_summary.json").read_text())
     assert summary["models"]["catboost"]["status"] == "SKIPPED"
-    assert load_skip_registry()["models"]["catboost"]["total_runs"] == 2  # a skipped model gets no new result
+    assert load_skip_registry()["catboost"]["total_runs"] == 2  # a skipped model gets no new result
 
 
 def test_a_registry_written_elsewhere_is_honoured(work):
-    for _ in range(4):
-        record_result("diagnostics_outputs/model_skip_registry.json", "xgboost", True, "overfit", 3)
+    rules = load_policy(work / "policy.json").training_diagnostics
+    for _ in range(3):
+        record_result("diagnostics_outputs/model_skip_registry.json", "xgboost", True, "overfit", rules)
     proc = watch(work, "ok", params={"compare_models": True, "trials": 2})
     assert proc.returncode == 0, proc.stderr
     assert result_line(proc)["skipped_models"] == ["xgboost"]
+
+
+def test_a_registry_entry_the_pipelines_health_check_wrote_is_honoured(work):
+    """training_health_check.py::_check_skip_registry writes only these two keys per model type."""
+    folder = work / "diagnostics_outputs"
+    folder.mkdir()
+    now = datetime.now(timezone.utc).isoformat()
+    (folder / "model_skip_registry.json").write_text(json.dumps(
+        {"lightgbm": {"consecutive_critical": 3, "last_critical": now},
+         "xgboost": {"consecutive_critical": 3, "last_critical": "2020-01-01T00:00:00+00:00"},  # its 24 h are over
+         "neural_net": {"consecutive_critical": 0, "last_critical": None}}))
+    proc = watch(work, "ok", params={"compare_models": True, "trials": 2})
+    assert proc.returncode == 0, proc.stderr
+    assert result_line(proc)["skipped_models"] == ["lightgbm"]
 
 
 def test_dry_run_prints_the_command_and_runs_nothing(work):
@@ -328,3 +363,32 @@ def test_persistent_worker_switch_reaches_the_step(work):
     [argv] = calls(work)
     assert "--no-persistent-workers" in argv
     assert decisions(work)[0]["use_persistent_workers"] is False
+
+
+def test_without_policy_or_a_local_file_the_projects_own_policy_runs_the_step(work):
+    (work / "policy.json").unlink()
+    cmd = [a for a in watcher_cmd() if a not in ("--policy", "policy.json")]
+    proc = subprocess.run(cmd, cwd=work, env=fake_env(work), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "the project's own" in proc.stderr
+    [argv] = calls(work)
+    assert flag(argv, "--policy") == str(REPO / "step5" / "watcher_policies.json")
+
+
+def test_the_pipelines_manifest_gives_the_step_its_default_params(work):
+    """Run from a pipeline root with agent_manifests/reinforcement.json, a bare step-5 run gets
+    the manifest's default params, as the existing WATCHER's run_step gives them; --params
+    override them key by key."""
+    (work / "agent_manifests").mkdir()
+    (work / "agent_manifests" / "reinforcement.json").write_text(json.dumps({"default_params": {
+        "survivors": "survivors_with_scores.json", "lottery_data": "train_history.json", "compare_models": True,
+        "trials": 20, "output_dir": "models/reinforcement", "enable_diagnostics": True, "model_type": "catboost",
+        "persistent_workers": False, "enable_vmap": True, "k_folds": 20}}))
+    proc = watch(work, "ok", params={"trials": 3})
+    assert proc.returncode == 0, proc.stderr
+    [argv] = calls(work)
+    assert "--compare-models" in argv and "--enable-vmap" in argv and "--enable-diagnostics" in argv
+    assert flag(argv, "--model-type") == "catboost" and flag(argv, "--k-folds") == "20"
+    assert flag(argv, "--trials") == "3"  # --params win
+    assert not any("persistent-workers" in a for a in argv)  # false adds no flag: the policy decides
+    assert "default params from agent_manifests/reinforcement.json" in proc.stderr

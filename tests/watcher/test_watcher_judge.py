@@ -17,8 +17,8 @@ STEP5 = get_step(5)
 
 POLICY = {
     "watcher": {"step_timeout_s": 60},
-    "training_diagnostics": {"max_overfit_ratio_warning": 1.3, "max_overfit_ratio_critical": 2.0,
-                             "min_test_r2_warning": 0.0, "min_test_r2_critical": -0.5},
+    "training_diagnostics": {"metric_bounds": {"overfit_ratio": {"warning": 1.3, "critical": 2.0},
+                                               "test_r2": {"warning": 0.0, "critical": -0.5}}},
     "acceptance_rules": {"step5": {"min_cv_r2": 0.0, "max_overfit_ratio": 1.5}},
 }
 
@@ -79,11 +79,28 @@ def test_below_acceptance_rules(tmp_path, can_retry, decision):
 def test_critical_diagnostic_rejects_and_warning_only_notes(tmp_path):
     j = run_judge(tmp_path, step_run(0), make_sidecar(metrics=metrics(test_r2=-0.7)))
     assert j.decision is Decision.RETRY
-    assert any("min_test_r2_critical" in r for r in j.reasons)
+    assert "neural_net: test_r2 -0.7 <= critical bound -0.5" in j.reasons
     j = run_judge(tmp_path, step_run(0), make_sidecar(metrics=metrics(test_r2=-0.1, overfit_ratio=1.4)))
     assert j.decision is Decision.PROCEED
-    assert any("min_test_r2_warning" in w for w in j.warnings)
-    assert any("max_overfit_ratio_warning" in w for w in j.warnings)
+    assert "neural_net: test_r2 -0.1 <= warning bound 0" in j.warnings
+    assert "neural_net: overfit_ratio 1.4 >= warning bound 1.3" in j.warnings
+
+
+def test_a_bound_is_reached_at_its_value_as_in_the_pipelines_health_check(tmp_path):
+    """training_health_check.py::_evaluate_metrics: `overfit_ratio >= critical`, `early_stop_ratio <= critical`."""
+    j = run_judge(tmp_path, step_run(0), make_sidecar(metrics=metrics(overfit_ratio=2.0)))
+    assert j.decision is Decision.RETRY and "neural_net: overfit_ratio 2 >= critical bound 2" in j.reasons
+    pol = policy(training_diagnostics={"metric_bounds": {"early_stop_ratio": {"warning": 0.3, "critical": 0.15}}})
+    j = run_judge(tmp_path, step_run(0), make_sidecar(metrics=metrics(early_stop_ratio=0.15)), pol=pol)
+    assert j.decision is Decision.RETRY and "early_stop_ratio 0.15 <= critical bound 0.15" in j.reasons[0]
+
+
+def test_bounds_on_metrics_step5_does_not_measure_and_disabled_diagnostics_judge_nothing(tmp_path):
+    pol = policy(training_diagnostics={"metric_bounds": {"nn_dead_neuron_pct": {"warning": 0, "critical": 0}}})
+    assert run_judge(tmp_path, step_run(0), make_sidecar(), pol=pol).decision is Decision.PROCEED
+    pol = policy(training_diagnostics={"enabled": False, "metric_bounds": {"overfit_ratio": {"critical": 1.0}}})
+    j = run_judge(tmp_path, step_run(0), make_sidecar(metrics=metrics(overfit_ratio=1.45)), pol=pol)
+    assert j.decision is Decision.PROCEED and j.warnings == []
 
 
 def test_undefined_overfit_ratio_is_noted_not_fatal(tmp_path):
@@ -205,9 +222,9 @@ def test_stale_compare_summary_is_ignored(tmp_path):
     [
         ("acceptance_rules", {"step5": {"min_cv_r3": 0.0}}, "unknown metric `cv_r3`"),
         ("acceptance_rules", {"step5": {"at_least_cv_r2": 0.0}}, "expected min_<metric>"),
-        ("acceptance_rules", {"step5": {"min_cv_r2_warning": 0.0}}, "no level suffix"),
-        ("training_diagnostics", {"max_overfit_ratio": 2.0}, "warning|critical"),
-        ("training_diagnostics", {"max_overfit_ratio_severe": 2.0}, "warning|critical"),
+        ("acceptance_rules", {"step5": {"min_cv_r2_warning": 0.0}}, "unknown metric `cv_r2_warning`"),
+        ("training_diagnostics", {"max_overfit_ratio": 2.0}, "flat threshold keys are no longer read"),
+        ("training_diagnostics", {"max_overfit_ratio_severe": 2.0}, "flat threshold keys are no longer read"),
     ],
 )
 def test_policy_rules_are_validated(section, rules, words):
@@ -219,5 +236,6 @@ def test_policy_rules_are_validated(section, rules, words):
 def test_shipped_policy_rules_are_valid(repo_root):
     from step5.policy import load_policy
 
-    keys = {t.key for t in thresholds_for(load_policy(repo_root / "watcher_policies.json"), STEP5)}
-    assert {"min_cv_r2", "max_overfit_ratio", "max_overfit_ratio_critical"} <= keys
+    shipped = load_policy(repo_root / "watcher_policies.json")
+    assert {t.key for t in thresholds_for(shipped, STEP5)} == {"min_cv_r2"}
+    assert {"overfit_ratio", "early_stop_ratio"} <= set(shipped.training_diagnostics.metric_bounds)

@@ -3,51 +3,77 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from step5.errors import DataError
 from step5.watcher.decision_log import append_decision, read_decisions
+from step5.policy import DiagnosticsPolicy
 from step5.watcher.registry import (
     load_skip_registry,
     record_result,
+    skip_until,
     skipped_model_types,
 )
 
 
+RULES = DiagnosticsPolicy()  # max_consecutive_critical 3, skip_duration_hours 24
+NOW = datetime(2026, 2, 18, 16, 0, tzinfo=timezone.utc)
+
+
 def test_missing_registry_is_empty(tmp_path):
     reg = load_skip_registry(tmp_path / "none.json")
-    assert reg["models"] == {}
-    assert skipped_model_types(reg, 3) == set()
+    assert reg == {}
+    assert skipped_model_types(reg, RULES) == {}
 
 
 def test_default_path_is_relative_to_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    record_result("diagnostics_outputs/model_skip_registry.json", "xgboost", True, "bad", 3)
-    assert load_skip_registry()["models"]["xgboost"]["consecutive_critical"] == 1
+    record_result("diagnostics_outputs/model_skip_registry.json", "xgboost", True, "bad", RULES)
+    assert load_skip_registry()["xgboost"]["consecutive_critical"] == 1
+
+
+def test_the_file_has_the_pipelines_shape(tmp_path):
+    """training_health_check.py::_check_skip_registry reads and writes
+    {model_type: {"consecutive_critical": n, "last_critical": iso}}; the existing optimizer's
+    skip-registry block reads entry.get("consecutive_critical") per model type."""
+    path = tmp_path / "reg.json"
+    record_result(path, "catboost", True, "cv_r2 -0.1 < min_cv_r2 0", RULES)
+    raw = json.loads(path.read_text())
+    assert set(raw) == {"catboost"}
+    entry = raw["catboost"]
+    assert entry["consecutive_critical"] == 1
+    assert datetime.fromisoformat(entry["last_critical"]).tzinfo is not None
 
 
 def test_consecutive_criticals_count_and_an_ok_resets(tmp_path):
     path = tmp_path / "reg.json"
-    for _ in range(3):
-        entry = record_result(path, "catboost", True, "cv_r2 -0.1 < min_cv_r2 0", 3)
-    assert entry["consecutive_critical"] == 3 and not entry["skipped"]
-    assert skipped_model_types(load_skip_registry(path), 3) == set()  # at the limit, not over it
-    entry = record_result(path, "catboost", True, "again", 3)
-    assert entry["skipped"] and entry["last_reason"] == "again"
-    assert skipped_model_types(load_skip_registry(path), 3) == {"catboost"}
-    assert skipped_model_types(load_skip_registry(path), 4) == set()  # the policy decides, not the file
-    entry = record_result(path, "catboost", False, "accepted", 3)
-    assert entry["consecutive_critical"] == 0 and entry["total_runs"] == 5 and entry["total_critical"] == 4
-    assert skipped_model_types(load_skip_registry(path), 3) == set()
+    for _ in range(2):
+        entry = record_result(path, "catboost", True, "cv_r2 -0.1 < min_cv_r2 0", RULES)
+    assert entry["consecutive_critical"] == 2 and not entry["skipped"]
+    assert skipped_model_types(load_skip_registry(path), RULES) == {}  # below the limit
+    entry = record_result(path, "catboost", True, "again", RULES)
+    assert entry["skipped"] and entry["last_reason"] == "again"  # 3 >= max_consecutive_critical 3
+    assert set(skipped_model_types(load_skip_registry(path), RULES)) == {"catboost"}
+    lenient = DiagnosticsPolicy(max_consecutive_critical=4)
+    assert skipped_model_types(load_skip_registry(path), lenient) == {}  # the policy decides, not the file
+    entry = record_result(path, "catboost", False, "accepted", RULES)
+    assert entry["consecutive_critical"] == 0 and entry["total_runs"] == 4 and entry["total_critical"] == 3
+    assert skipped_model_types(load_skip_registry(path), RULES) == {}
 
 
-def test_limit_zero_skips_after_the_first_critical(tmp_path):
-    path = tmp_path / "reg.json"
-    record_result(path, "lightgbm", False, "ok", 0)
-    assert skipped_model_types(load_skip_registry(path), 0) == set()
-    record_result(path, "lightgbm", True, "bad", 0)
-    assert skipped_model_types(load_skip_registry(path), 0) == {"lightgbm"}
+def test_a_skip_ends_after_the_policys_duration():
+    registry = {"xgboost": {"consecutive_critical": 3, "last_critical": "2026-02-18T10:00:00+00:00"}}
+    rules = DiagnosticsPolicy(skip_duration_hours=8)
+    assert "until 2026-02-18T18:00:00+00:00" in skipped_model_types(registry, rules, NOW)["xgboost"]
+    assert skipped_model_types(registry, rules, NOW + timedelta(hours=2)) == {}
+    assert skip_until(registry["xgboost"], rules) == datetime(2026, 2, 18, 18, tzinfo=timezone.utc)
+
+
+def test_an_entry_over_the_limit_without_a_time_stays_skipped():
+    registry = {"lightgbm": {"consecutive_critical": 5}}
+    assert "with no end" in skipped_model_types(registry, RULES, NOW)["lightgbm"]
 
 
 @pytest.mark.parametrize(
@@ -55,9 +81,9 @@ def test_limit_zero_skips_after_the_first_critical(tmp_path):
     [
         ("{not json", "not valid JSON"),
         ("[]", "must be a JSON object"),
-        ('{"schema_version": 2, "models": {}}', "schema_version"),
-        ('{"schema_version": 1, "models": []}', "`models` must be an object"),
-        ('{"schema_version": 1, "models": {"xgboost": {"consecutive_critical": -1}}}', "models.xgboost.consecutive_critical"),
+        ('{"xgboost": []}', "`xgboost` must be an object"),
+        ('{"xgboost": {"consecutive_critical": -1}}', "xgboost.consecutive_critical"),
+        ('{"xgboost": {"consecutive_critical": 1, "last_critical": "yesterday"}}', "xgboost.last_critical"),
     ],
 )
 def test_damaged_registry_is_a_clear_error(tmp_path, content, words):
@@ -67,22 +93,20 @@ def test_damaged_registry_is_a_clear_error(tmp_path, content, words):
         load_skip_registry(path)
     assert words in str(info.value)
     with pytest.raises(DataError):
-        record_result(path, "xgboost", True, "x", 3)  # never silently overwritten
+        record_result(path, "xgboost", True, "x", RULES)  # never silently overwritten
     assert path.read_text() == content
 
 
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="model_type"):
-        record_result(tmp_path / "r.json", "", True, "x", 3)
+        record_result(tmp_path / "r.json", "", True, "x", RULES)
     with pytest.raises(ValueError, match="critical"):
-        record_result(tmp_path / "r.json", "xgboost", "yes", "x", 3)
-    with pytest.raises(ValueError, match="max_consecutive_critical"):
-        skipped_model_types({"models": {}}, -1)
+        record_result(tmp_path / "r.json", "xgboost", "yes", "x", RULES)
 
 
 def _hammer_registry(path: str, model_type: str, n: int) -> None:
     for i in range(n):
-        record_result(path, model_type, i % 2 == 0, f"{model_type} #{i}", 3)
+        record_result(path, model_type, i % 2 == 0, f"{model_type} #{i}", RULES)
 
 
 def _hammer_log(path: str, writer: int, n: int) -> None:
@@ -104,9 +128,9 @@ def test_concurrent_writers_lose_no_update(tmp_path):
     path = str(tmp_path / "diag" / "reg.json")
     _run_concurrently(_hammer_registry, [(path, m, 15) for m in ("xgboost", "xgboost", "catboost", "lightgbm")])
     reg = load_skip_registry(path)
-    assert reg["models"]["xgboost"]["total_runs"] == 30
-    assert reg["models"]["catboost"]["total_runs"] == 15
-    assert reg["models"]["lightgbm"]["total_critical"] == 8
+    assert reg["xgboost"]["total_runs"] == 30
+    assert reg["catboost"]["total_runs"] == 15
+    assert reg["lightgbm"]["total_critical"] == 8
     assert not list((tmp_path / "diag").glob("*.tmp"))  # no temp file left behind
 
 

@@ -3,6 +3,7 @@ defaults, retries, the step registry."""
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -10,8 +11,10 @@ from step5.errors import UsageError
 from step5.launch import module_command
 from step5.optimizer.cli import build_parser, config_from_args
 from step5.watcher.steps import (
+    MANIFESTS_DIR,
     build_command,
     get_step,
+    manifest_defaults,
     retry_params,
     steps_in_range,
     validate_params,
@@ -82,7 +85,6 @@ def test_store_true_false_adds_nothing():
         ({"trials": "twenty"}, "`trials`"),
         ({"trials": 2.5}, "expected an integer"),
         ({"trials": True}, "takes a string or a number"),
-        ({"trials": None}, "takes a string or a number"),
         ({"trials": 0}, "expected an integer >= 1"),
         ({"compare_models": 1}, "true or false"),
         ({"compare_models": "yes"}, "true or false"),
@@ -99,7 +101,6 @@ def test_store_true_false_adds_nothing():
         ({"device": "tpu"}, "'cpu', 'cuda' or 'cuda:N'"),
         # Checks that need the whole command are the optimizer's own (config_from_args).
         ({"k_folds": 1}, "--k-folds must be >= 2"),
-        ({"compare_models": True, "model_type": "xgboost"}, "do not combine it with --model-type"),
         ({"fuse_trials": 2, "fuse_folds": False}, "--no-fuse-folds"),
         ({"device": "cpu", "gpus": "0"}, "give one of them"),
         # An alias and its flag must agree.
@@ -112,6 +113,35 @@ def test_wrong_types_are_usage_errors_naming_the_key(params, words):
         validate_params(STEP5, params)
     assert words in str(info.value)
     assert info.value.exit_code == 64
+
+
+def test_null_means_not_set_and_compare_models_takes_a_model_type_as_the_existing_optimizer_does():
+    """The pipeline's manifest declares `dropout_override` with default null, and its default
+    params pass compare_models together with model_type (agent_manifests/reinforcement.json;
+    meta_prediction_optimizer_anti_overfit.py::main runs the comparison and ignores the type)."""
+    assert validate_params(STEP5, {"dropout_override": None, "trials": None, "dropout": 0.2}) == {"dropout": 0.2}
+    params = validate_params(STEP5, {"compare_models": True, "model_type": "catboost"})
+    assert params == {"compare_models": True, "model_type": "catboost"}
+
+
+def test_the_pipelines_manifest_gives_the_default_params(tmp_path):
+    """agents/watcher_agent.py::run_step merges the manifest's default_params under the
+    caller's params and passes a false boolean as no flag at all."""
+    folder = tmp_path / MANIFESTS_DIR
+    folder.mkdir()
+    (folder / "reinforcement.json").write_text(json.dumps({"default_params": {
+        "compare_models": True, "trials": 20, "model_type": "catboost", "persistent_workers": False,
+        "enable_vmap": True, "k_folds": 20, "enable_diagnostics": True, "output_dir": "models/reinforcement",
+        "dropout_override": None}}))
+    defaults, path = manifest_defaults(STEP5, tmp_path)
+    assert path == folder / "reinforcement.json"
+    assert defaults == {"compare_models": True, "trials": 20, "model_type": "catboost", "enable_vmap": True,
+                        "k_folds": 20, "enable_diagnostics": True, "output_dir": "models/reinforcement"}
+    validate_params(STEP5, defaults)  # all together, as the manifest gives them
+    (folder / "reinforcement.json").write_text("{broken")
+    with pytest.raises(UsageError, match="reinforcement.json"):
+        manifest_defaults(STEP5, tmp_path)
+    assert manifest_defaults(STEP5, tmp_path / "elsewhere") == ({}, None)
 
 
 def test_unknown_key_is_rejected_with_a_suggestion():
