@@ -262,7 +262,7 @@ def run_step5(ds: Dataset, survivors: Path, history: Path, out: Path, *, trials:
     common = dict(
         survivors=survivors, lottery_data=history, trials=trials, k_folds=K_FOLDS, test_holdout=TEST_HOLDOUT,
         seed=ds.split_seed, cpu_workers=1, log_level="WARNING", nn_max_epochs=max_epochs,
-        skip_registry=out / "no_registry.json",
+        skip_registry=out / "no_registry.json", diagnostics_dir=out / "diagnostics_outputs",
     )
     res: dict[str, Any] = {}
     if not compare:

@@ -3,12 +3,15 @@
 The sidecar ``best_model.meta.json`` (SPEC section 4) describes one saved model::
 
     {"schema_version": "1.0", "model_type": "neural_net",
-     "checkpoint_path": "best_model.pth", "checkpoint_format": "pytorch_tensors",
+     "checkpoint_path": "/abs/models/reinforcement/.model_sets/<version>/best_model.pth",
+     "checkpoint_format": "pytorch_tensors",
      "feature_schema": {"feature_names": [...], "feature_count": 90, "ordering": "lexicographic",
                         "feature_schema_hash": "<16 hex>", "excluded_features": [...],
                         "source_file": "survivors_with_scores.json"},
      "signal_quality": {"signal_status": "healthy", "prediction_allowed": true, ...},
-     "data_context": {"fingerprint_hash": "<16 hex>", "training_window_draws": 500, ...},
+     "data_context": {"fingerprint_hash": "<16 hex>", "fingerprint_version": "step5_content_v1",
+                      "training_window": {"start_draw": 1, "end_draw": 500, "draw_count": 500},
+                      "holdout_window": {...}, "survivor_source": {...}, "prng_hypothesis": {...}, ...},
      "training_metrics": {"cv_r2_mean": ..., "test_r2": ..., "overfit_ratio": ..., ...},
      "hyperparameters": {...}, "optuna": {...}, "execution": {...},
      "outcome": "SUCCESS", "provenance": {...},
@@ -23,8 +26,12 @@ A degenerate run (no usable target signal) writes the same shape with ``outcome`
 ``DEGENERATE_SIGNAL``, ``prediction_allowed`` false, no checkpoint (``checkpoint_path`` and
 ``checkpoint_format`` null) and null metrics.
 
-``checkpoint_path`` is relative to the sidecar's folder, so a model directory can be moved
-or copied as a whole; :func:`resolve_checkpoint` turns it into a path. ``checkpoint_sha256``
+``checkpoint_path`` is the checkpoint's absolute path in the model set the sidecar belongs
+to (``<output-dir>/.model_sets/<version>/best_model.pth``): the existing Step 6 opens it as
+written, from whatever working directory it runs in, to read the network's feature scaler,
+and a set's folder never changes once committed. This project's readers
+(:func:`resolve_checkpoint`) take only its file name, beside the sidecar's real path, so a
+model directory can still be moved or copied as a whole. ``checkpoint_sha256``
 (SPEC section 10) is the checkpoint file's SHA-256: Step 6 refuses a pair that does not match.
 ``training_metrics.beats_mean`` says whether the final model's test R² is above 0, i.e.
 better than predicting the training mean for every row.
@@ -52,9 +59,12 @@ SCHEMA_VERSION = "1.0"
 SIDECAR_NAME = "best_model.meta.json"
 HISTORY_PNG_NAME = "best_model.history.png"
 
-#: Folder under ``--output-dir`` for per-run diagnostics and the compare summary.
+#: Folder for per-run diagnostics, the compare summary and the skip registry, relative to
+#: the working directory (the pipeline's root), where the existing pipeline's health check
+#: and optimizer look for them.
 DIAGNOSTICS_DIRNAME = "diagnostics_outputs"
 COMPARE_SUMMARY_NAME = "compare_models_summary.json"
+REGISTRY_NAME = "model_skip_registry.json"
 
 #: Every model family Step 5 trains, in the order ``--compare-models`` runs them; the one
 #: definition (the optimizer's config and CLI, the WATCHER's fake and Step 6 import it).
@@ -81,6 +91,8 @@ MODEL_SET_NAMES = frozenset({*CHECKPOINT_FILENAMES.values(), SIDECAR_NAME, HISTO
 
 OUTCOMES = ("SUCCESS", "DEGENERATE_SIGNAL")
 SIGNAL_STATUSES = ("healthy", "weak", "degenerate")
+#: ``signal_quality.confidence``: how sure the signal gate is that there is something to learn.
+SIGNAL_CONFIDENCE = {"healthy": 1.0, "weak": 0.5, "degenerate": 0.0}
 
 #: How feature columns are ordered in ``feature_schema.feature_names`` (and the model input).
 FEATURE_ORDERING = "lexicographic"
@@ -143,9 +155,9 @@ def data_fingerprint(
     return h.hexdigest()[:HASH_HEX_CHARS]
 
 
-def compare_summary_path(output_dir: str | os.PathLike[str]) -> Path:
-    """Where a ``--compare-models`` run with this ``--output-dir`` writes its summary."""
-    return Path(output_dir) / DIAGNOSTICS_DIRNAME / COMPARE_SUMMARY_NAME
+def compare_summary_path(diagnostics_dir: str | os.PathLike[str] = DIAGNOSTICS_DIRNAME) -> Path:
+    """Where a ``--compare-models`` run writes its summary."""
+    return Path(diagnostics_dir) / COMPARE_SUMMARY_NAME
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -196,16 +208,16 @@ def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def resolve_checkpoint(sidecar_path: str | os.PathLike[str], sidecar: Mapping[str, Any]) -> Path:
-    """The checkpoint file a sidecar names, relative paths taken from the sidecar's folder.
+    """The checkpoint file a sidecar names: its file name, beside the sidecar's real path.
 
-    The sidecar's real path is used (``best_model.meta.json`` in an output dir is a link
-    into the current model set), so the checkpoint comes from the sidecar's own set.
+    ``best_model.meta.json`` in an output dir is a link into the current model set, so the
+    checkpoint comes from the sidecar's own set; and a moved or copied model directory still
+    finds its own checkpoint, wherever ``checkpoint_path`` pointed when it was written.
     """
     ckpt = sidecar.get("checkpoint_path")
     if not isinstance(ckpt, str) or not ckpt:
         raise DataError(f"sidecar {sidecar_path} names no checkpoint (outcome {sidecar.get('outcome')!r})")
-    p = Path(ckpt)
-    return p if p.is_absolute() else Path(os.path.realpath(sidecar_path)).parent / p
+    return Path(os.path.realpath(sidecar_path)).parent / Path(ckpt).name
 
 
 def verify_checkpoint(sidecar_path: str | os.PathLike[str], sidecar: Mapping[str, Any], checkpoint: Path) -> None:
@@ -302,6 +314,8 @@ FEATURE_SCHEMA_KEYS: dict[str, _Check] = {
 
 SIGNAL_QUALITY_KEYS: dict[str, _Check] = {
     "signal_status": STR,
+    "quality": STR,  # = signal_status: the name the existing WATCHER's metrics extractor reads
+    "confidence": NUM,  # SIGNAL_CONFIDENCE of the status: the extractor's other field
     "prediction_allowed": BOOL,
     "target_mean": OPT_NUM,
     "target_std": OPT_NUM,
@@ -310,23 +324,32 @@ SIGNAL_QUALITY_KEYS: dict[str, _Check] = {
     "sample_size": INT,
 }
 
+#: ``data_context`` in the existing pipeline's layout (its WATCHER's metrics extractor reads
+#: ``fingerprint_version``, the windows' ``draw_count`` and ``prng_hypothesis.prng_type``).
 DATA_CONTEXT_KEYS: dict[str, _Check] = {
     "fingerprint_hash": HEX16,
-    "training_window_draws": INT,  # the history length: draws the survivors were scored on
-    "survivor_count": INT,
-    "prng_type": OPT_STR,
-    "mod": OPT_INT,
-    "holdout_draws": OPT_INT,
+    "fingerprint_version": STR,
+    "training_window": DICT,
+    "holdout_window": DICT,
+    "survivor_source": DICT,
+    "prng_hypothesis": DICT,
     "target": STR,
+}
+DATA_CONTEXT_NESTED: dict[str, dict[str, _Check]] = {
+    "training_window": {"start_draw": INT, "end_draw": INT, "draw_count": INT},  # the history's draws
+    "holdout_window": {"start_draw": OPT_INT, "end_draw": OPT_INT, "draw_count": OPT_INT},
+    "survivor_source": {"file": STR, "file_path": STR, "survivor_count": INT},
+    "prng_hypothesis": {"prng_type": OPT_STR, "mod": OPT_INT},
 }
 
 #: Metrics every sidecar carries; null in a degenerate sidecar, numbers in a SUCCESS one
-#: (``overfit_ratio`` may be null when the train MSE is 0 and the ratio is undefined).
+#: (``overfit_ratio`` may be null when the train MSE is 0 and the ratio is undefined,
+#: ``early_stop_ratio`` for a model that trains no rounds).
 TRAINING_METRIC_KEYS: tuple[str, ...] = (
     "cv_r2_mean", "cv_r2_std", "train_r2", "val_r2", "test_r2", "train_mse", "val_mse", "test_mse",
-    "overfit_ratio",
+    "overfit_ratio", "early_stop_ratio",
 )
-_NULLABLE_ON_SUCCESS = frozenset({"overfit_ratio"})
+_NULLABLE_ON_SUCCESS = frozenset({"overfit_ratio", "early_stop_ratio"})
 
 OPTUNA_KEYS: dict[str, _Check] = {
     "study_name": OPT_STR,
@@ -405,10 +428,16 @@ def validate_sidecar(obj: dict[str, Any]) -> list[str]:
         status = sq.get("signal_status")
         if isinstance(status, str) and status not in SIGNAL_STATUSES:
             problems.append(f"`signal_quality.signal_status` must be one of {list(SIGNAL_STATUSES)}, got {status!r}")
+        elif isinstance(status, str) and (sq.get("quality") != status or sq.get("confidence") != SIGNAL_CONFIDENCE[status]):
+            problems.append(f"`signal_quality.quality` / `confidence` must be {status!r} / {SIGNAL_CONFIDENCE[status]} "
+                            f"for signal_status {status!r}, got {sq.get('quality')!r} / {sq.get('confidence')!r}")
 
     dc = obj.get("data_context")
     if isinstance(dc, dict):
         _check_block(dc, DATA_CONTEXT_KEYS, "data_context.", problems)
+        for name, keys in DATA_CONTEXT_NESTED.items():
+            if isinstance(dc.get(name), dict):
+                _check_block(dc[name], keys, f"data_context.{name}.", problems)
 
     tm = obj.get("training_metrics")
     if isinstance(tm, dict):

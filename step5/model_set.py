@@ -98,12 +98,19 @@ class StagedSet:
 
     output_dir: Path
     path: Path  # the hidden folder the set's files are written to
+    version_name: str = field(default_factory=_version_name)  # chosen up front: files may name it
     version: Path | None = field(default=None, init=False)  # set once renamed to its version name
     committed: bool = field(default=False, init=False)
 
     @property
     def sets_dir(self) -> Path:
         return self.output_dir / SETS_DIRNAME
+
+    @property
+    def final_dir(self) -> Path:
+        """The folder the set will have once committed (absolute), e.g. for a sidecar that
+        names its checkpoint by a path that stays true however later commits move the links."""
+        return (self.sets_dir / self.version_name).absolute()
 
     def commit(self) -> Path:
         """Make this set the one the output dir shows; returns the committed set's folder.
@@ -120,7 +127,7 @@ class StagedSet:
         if not names:
             raise ValueError(f"refusing to commit an empty model set from {self.path}")
         _fsync_files(self.path)
-        self.version = self.sets_dir / _version_name()
+        self.version = self.sets_dir / self.version_name
         os.rename(self.path, self.version)
         fsync_dir(self.sets_dir)
         previous = _pointer_target(self.sets_dir)

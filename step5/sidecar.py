@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from step5.artifacts import CHECKPOINT_FORMATS, PIPELINE_STEP, PIPELINE_STEP_NAME, SCHEMA_VERSION, \
-    TRAINING_METRIC_KEYS, beats_mean
+    SIGNAL_CONFIDENCE, TRAINING_METRIC_KEYS, beats_mean
 
 #: Packages whose versions the sidecar records. Read from installed metadata, never by
 #: importing: the parent must not import torch just to learn its version.
@@ -71,6 +71,51 @@ def build_agent_metadata(provenance: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+#: Names the data fingerprint's recipe (artifacts.data_fingerprint: the feature matrix,
+#: target, history and recorded context themselves). The existing Step 5's "v2_data_only"
+#: hashed the window bounds, survivor count and file name; the two never compare equal.
+FINGERPRINT_VERSION = "step5_content_v1"
+
+
+def build_data_context(
+    *,
+    fingerprint: str,
+    training_draws: int,
+    holdout_draws: int | None,
+    survivors_file: str,
+    survivor_count: int,
+    prng_type: str | None,
+    mod: int | None,
+    target: str,
+    missing_feature_fills: int,
+    lottery_data_file: str,
+) -> dict[str, Any]:
+    """The sidecar's ``data_context``, in the layout the existing pipeline's readers use: the
+    training window is the history's draws 1..N, the holdout window the ``holdout_draws``
+    after it (recorded as given; Step 5 holds out survivors, not draws)."""
+    from pathlib import Path
+
+    holdout = None if holdout_draws is None else {
+        "start_draw": training_draws + 1, "end_draw": training_draws + holdout_draws, "draw_count": holdout_draws,
+    }
+    return {
+        "fingerprint_hash": fingerprint,
+        "fingerprint_version": FINGERPRINT_VERSION,
+        "training_window": {"start_draw": 1, "end_draw": training_draws, "draw_count": training_draws},
+        "holdout_window": holdout or {"start_draw": None, "end_draw": None, "draw_count": None},
+        "survivor_source": {
+            "file": Path(survivors_file).name,
+            "file_path": str(Path(survivors_file).resolve()),
+            "survivor_count": survivor_count,
+        },
+        "prng_hypothesis": {"prng_type": prng_type, "mod": mod},
+        "target": target,
+        "missing_feature_fills": missing_feature_fills,
+        "lottery_data_file": str(lottery_data_file),
+        "derived_by": "step5_anti_overfit",
+    }
+
+
 def null_training_metrics() -> dict[str, Any]:
     """``training_metrics`` of a run that trained nothing (every metric null)."""
     return {key: None for key in TRAINING_METRIC_KEYS}
@@ -101,7 +146,8 @@ def build_sidecar(
         "checkpoint_format": CHECKPOINT_FORMATS.get(model_type) if checkpoint_path is not None else None,
         "checkpoint_sha256": checkpoint_sha256,
         "feature_schema": dict(feature_schema),
-        "signal_quality": dict(signal_quality),
+        "signal_quality": {**signal_quality, "quality": signal_quality["signal_status"],
+                           "confidence": SIGNAL_CONFIDENCE[signal_quality["signal_status"]]},
         "data_context": dict(data_context),
         "training_metrics": dict(training_metrics),
         "hyperparameters": dict(hyperparameters),
@@ -115,16 +161,29 @@ def build_sidecar(
 
 
 OVERFIT_RATIO_DEFINITION = (
-    "mean CV train R² / mean CV val R² of the best trial; null when the val R² is <= 0 (undefined)"
+    "mean CV val MSE / mean CV train MSE of the best trial (the pipeline's 'val loss / train loss'); "
+    "null when the train MSE is 0"
+)
+EARLY_STOP_RATIO_DEFINITION = (
+    "the shipped model's best round / rounds trained (the net: its fold members' mean best epoch / "
+    "epochs run; a tree model: rounds kept / rounds run); low means it peaked early"
 )
 
 
-def overfit_ratio(train_r2: float | None, val_r2: float | None) -> float | None:
-    """train R² / val R²: 1.0 generalises as well as it fits; 1.5 fits 50% "better" than it
-    generalises. Undefined (None) when val R² <= 0: there is nothing to be a ratio of."""
-    if train_r2 is None or val_r2 is None or not val_r2 > 0.0:
+def overfit_ratio(train_mse: float | None, val_mse: float | None) -> float | None:
+    """val loss / train loss: 1.0 generalises as well as it fits; 1.5 misses the
+    validation rows by 50% more than the rows it trained on. Undefined (None) when the
+    train loss is 0 or unknown."""
+    if train_mse is None or val_mse is None or not train_mse > 0.0:
         return None
-    return float(train_r2) / float(val_r2)
+    return float(val_mse) / float(train_mse)
+
+
+def early_stop_ratio(best_round: float | None, rounds_trained: float | None) -> float | None:
+    """Best round / rounds trained, or None for a model without rounds."""
+    if best_round is None or rounds_trained is None or not rounds_trained > 0:
+        return None
+    return float(best_round) / float(rounds_trained)
 
 
 def build_training_metrics(
@@ -163,9 +222,13 @@ def build_training_metrics(
         "train_mse": final.get("train_mse"),
         "val_mse": final.get("val_mse"),
         "test_mse": final.get("test_mse"),
-        "overfit_ratio": overfit_ratio(best_cv.get("train_r2_mean"), best_cv.get("val_r2_mean")),
+        "overfit_ratio": overfit_ratio(best_cv.get("train_mse_mean"), best_cv.get("val_mse_mean")),
         "overfit_ratio_definition": OVERFIT_RATIO_DEFINITION,
-        "final_overfit_ratio": overfit_ratio(final.get("train_r2"), final.get("r2")),
+        "final_overfit_ratio": overfit_ratio(final.get("train_mse"), final.get("val_mse")),
+        "early_stop_ratio": early_stop_ratio(final.get("best_round"), final.get("rounds_trained")),
+        "early_stop_ratio_definition": EARLY_STOP_RATIO_DEFINITION,
+        "best_round": final.get("best_round"),
+        "rounds_trained": final.get("rounds_trained"),
         "objective_value": objective_value,
         "objective_formula": objective_formula,
         "overfit_penalty": overfit_penalty,
@@ -184,17 +247,19 @@ def build_training_metrics(
 def success_sidecar(
     *,
     model_type: str,
-    checkpoint_name: str,
+    checkpoint_path: str,
     checkpoint_sha256: str,
     training_metrics: Mapping[str, Any],
     hyperparameters: Mapping[str, Any],
     training_options: Mapping[str, Any],
     **blocks: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The sidecar of a run that saved a model. ``blocks``: ``feature_schema``,
-    ``signal_quality``, ``data_context``, ``optuna``, ``execution``, ``provenance``."""
+    """The sidecar of a run that saved a model. ``checkpoint_path``: the checkpoint's absolute
+    path in its committed model set (:attr:`step5.model_set.StagedSet.final_dir`).
+    ``blocks``: ``feature_schema``, ``signal_quality``, ``data_context``, ``optuna``,
+    ``execution``, ``provenance``."""
     return build_sidecar(
-        model_type=model_type, outcome="SUCCESS", checkpoint_path=checkpoint_name,
+        model_type=model_type, outcome="SUCCESS", checkpoint_path=checkpoint_path,
         training_metrics=training_metrics, hyperparameters=hyperparameters,
         checkpoint_sha256=checkpoint_sha256, training_options=dict(training_options), **blocks,
     )

@@ -10,7 +10,8 @@ import pytest
 from step5 import artifacts
 from step5.errors import DataError
 from step5.execution.summary import RunnerStats, build_execution_summary
-from step5.sidecar import build_provenance, build_sidecar, null_training_metrics, package_versions
+from step5.sidecar import build_data_context, build_provenance, build_sidecar, null_training_metrics, \
+    package_versions
 
 NAMES = ["lane_agreement_8", "skip_mean", "skip_min"]
 
@@ -31,10 +32,11 @@ def _valid_sidecar(outcome: str = "SUCCESS") -> dict:
             "target_mean": 0.3, "target_std": 0.1, "target_variance": 0.01,
             "unique_target_values": 100, "sample_size": 100,
         },
-        data_context={
-            "fingerprint_hash": "0123456789abcdef", "training_window_draws": 500, "survivor_count": 100,
-            "prng_type": "java_lcg", "mod": 1000, "holdout_draws": None, "target": "holdout_quality",
-        },
+        data_context=build_data_context(
+            fingerprint="0123456789abcdef", training_draws=500, holdout_draws=None, survivors_file="s.json",
+            survivor_count=100, prng_type="java_lcg", mod=1000, target="holdout_quality", missing_feature_fills=0,
+            lottery_data_file="h.json",
+        ),
         training_metrics=metrics,
         hyperparameters={"hidden_layers": [64]},
         optuna={"study_name": "s", "storage": "sqlite:///x.db", "trials_run": 3,
@@ -72,7 +74,10 @@ def test_built_sidecars_are_valid(outcome):
         ("data_context",), ("training_metrics",), ("hyperparameters",), ("optuna",), ("execution",),
         ("outcome",), ("provenance",), ("feature_schema", "feature_schema_hash"),
         ("feature_schema", "excluded_features"), ("signal_quality", "prediction_allowed"),
-        ("data_context", "fingerprint_hash"), ("data_context", "training_window_draws"),
+        ("data_context", "fingerprint_hash"), ("data_context", "fingerprint_version"),
+        ("data_context", "training_window", "draw_count"), ("data_context", "holdout_window", "draw_count"),
+        ("data_context", "prng_hypothesis", "prng_type"), ("signal_quality", "quality"),
+        ("signal_quality", "confidence"), ("training_metrics", "early_stop_ratio"),
         ("training_metrics", "test_r2"), ("training_metrics", "overfit_ratio"), ("optuna", "best_value"),
         ("execution", "fallbacks"), ("execution", "faults"), ("execution", "fusion", "rerun_jobs"),
         ("execution", "search", "trials_in_flight"), ("execution", "timings", "total_s"),
@@ -111,6 +116,8 @@ def test_missing_key_is_reported_by_its_dotted_name(path):
         (("checkpoint_format",), "pickle", "`checkpoint_format` must be 'pytorch_tensors'"),
         (("checkpoint_path",), "model.bin", "`checkpoint_path` must name 'best_model.pth'"),
         (("data_context", "fingerprint_hash"), "XYZ", "must be 16 lowercase hex"),
+        (("data_context", "training_window", "draw_count"), "500", "data_context.training_window.draw_count` must be an int"),
+        (("signal_quality", "quality"), "weak", "`signal_quality.quality` / `confidence` must be 'healthy' / 1.0"),
         (("provenance", "command_line"), "python x.py", "provenance.command_line` must be an array of strings"),
         (("agent_metadata", "pipeline_step"), 6, "`agent_metadata.pipeline_step` must be 5"),
         (("agent_metadata", "pipeline_step_name"), "step5", "must be 'anti_overfit_training'"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 import stat
 import subprocess
@@ -33,7 +34,10 @@ def test_tree_run_sidecar_and_round_trip(lightgbm_run, sample_inputs):
     survivors, _ = sample_inputs
     assert outcome.status == "SUCCESS"
     assert outcome.sidecar["execution"]["mode"] == "inline"
-    assert outcome.sidecar["checkpoint_path"] == "best_model.txt"
+    # The committed set's file, by an absolute path: the existing Step 6 opens it as written.
+    ckpt = Path(outcome.sidecar["checkpoint_path"])
+    assert ckpt.is_absolute() and ckpt.name == "best_model.txt" and ckpt.parent.parent.name == ".model_sets"
+    assert ckpt.samefile(out / "best_model.txt")
     assert outcome.test_r2 > 0.2
     umask = os.umask(0)
     os.umask(umask)
@@ -86,7 +90,8 @@ def test_refusals_and_errors(lightgbm_run, tmp_path):
 
     degenerate = json.loads((out / artifacts.SIDECAR_NAME).read_text())
     degenerate.update(outcome="DEGENERATE_SIGNAL", checkpoint_path=None, checkpoint_format=None, checkpoint_sha256=None)
-    degenerate["signal_quality"].update(prediction_allowed=False, signal_status="degenerate")
+    degenerate["signal_quality"].update(prediction_allowed=False, signal_status="degenerate", quality="degenerate",
+                                        confidence=0.0)
     (broken / artifacts.SIDECAR_NAME).write_text(json.dumps(degenerate))
     with pytest.raises(PredictionNotAllowed, match="prediction is not allowed"):
         load_predictor(broken)

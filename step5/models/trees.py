@@ -387,8 +387,9 @@ def train_fold(
 
     Metrics: ``r2`` (validation R^2), ``val_mse``, ``train_r2``, ``train_mse``,
     ``test_r2``/``test_mse`` (when the test set is given), ``duration`` (seconds, fit and
-    scoring), ``best_iteration`` (0-based index of the last kept round), ``n_iterations``,
-    ``early_stopped``, ``device`` ("cpu" or "cuda"), ``device_fallback`` (why a GPU fit
+    scoring), ``best_iteration`` (0-based index of the last kept round), ``n_iterations``
+    (rounds kept), ``rounds_trained`` (rounds run, the kept ones and those after them that
+    did not improve), ``early_stopped``, ``device`` ("cpu" or "cuda"), ``device_fallback`` (why a GPU fit
     ended on CPU, or None), ``model_type``, ``seed``, ``n_train``, ``n_val``.
 
     Raises ``ValueError`` for bad arguments (naming the argument), and
@@ -451,6 +452,8 @@ def train_fold(
         "best_iteration": kept - 1,
         "n_iterations": kept,
         "early_stopped": kept < n_estimators,
+        # Rounds the fit ran: an early stop ends `early_rounds` after the round it keeps.
+        "rounds_trained": min(n_estimators, kept + early_rounds) if kept < n_estimators else n_estimators,
         "device": kind,
         "device_fallback": fallback,
         "seed": seed,

@@ -383,6 +383,7 @@ class NNBackend:
         result.update(
             **cv_val_scores(folds), n_fit=int(len(self.cv.y_dev)), n_early_stop=0, epochs_run=None, best_epoch=None,
             fold_best_epochs=[f.get("best_epoch") for f in folds],
+            **_members_curve(folds),
         )
         return result
 
@@ -401,6 +402,16 @@ class NNBackend:
 
     def close(self) -> None:
         self.runner.close()
+
+
+def _members_curve(folds: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """The merged net's training curve, for the early-stop ratio: its members' mean best
+    epoch and epochs run (None when a member did not report them)."""
+    best = [f.get("best_epoch") for f in folds]
+    run = [f.get("epochs_run") for f in folds]
+    if any(v is None for v in best + run):
+        return {"best_round": None, "rounds_trained": None}
+    return {"best_round": float(np.mean(best)), "rounds_trained": float(np.mean(run))}
 
 
 def _load_trees_module() -> Any:
@@ -514,7 +525,7 @@ class TreeBackend:
                                        X_test=self.cv.X_test, y_test=self.cv.y_test)
             metrics.update(**cv_val_scores(folds), n_fit=len(every_row), n_early_stop=0, n_val=0)
         self.trees.save_model(model, self.model_type, checkpoint_path)
-        metrics["model_path"] = str(checkpoint_path)
+        metrics.update(model_path=str(checkpoint_path), best_round=metrics["n_iterations"])
         return metrics
 
     def training_options(self) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from step5.devices import parse_gpu_list
 from step5.errors import DegenerateSignalError, Step5Error, Terminated, UsageError
 from step5.interrupts import latched_interrupts
 from step5.lifeline import install_supervisor_lifeline
-from step5.optimizer.config import OptimizerConfig, validate_config
+from step5.optimizer.config import DEFAULT_MOD, DEFAULT_PRNG_TYPE, OptimizerConfig, validate_config
 from step5.optimizer.preflight import preflight
 from step5.policy import PRUNER_NAMES, find_policy
 
@@ -160,15 +160,21 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
     data.add_argument("--survivors", type=Path, required=True, help="survivors_with_scores.json")
     data.add_argument("--lottery-data", type=Path, required=True, help="train_history.json (draw history)")
     data.add_argument("--target", default="holdout_quality", help="target column (features[NAME] or the record's NAME)")
-    data.add_argument("--prng-type", default=None, help="recorded in data_context [from the survivors' metadata]")
-    data.add_argument("--mod", type=_positive_int, default=None, help="recorded in data_context [from the survivors' metadata]")
-    data.add_argument("--holdout-draws", type=_non_negative_int, default=None, help="draws held out upstream, recorded")
+    data.add_argument("--prng-type", default=None,
+                      help=f"recorded in data_context [from the survivors' metadata, else {DEFAULT_PRNG_TYPE}]")
+    data.add_argument("--mod", type=_positive_int, default=None,
+                      help=f"recorded in data_context [from the survivors' metadata, else {DEFAULT_MOD}]")
+    data.add_argument("--holdout-draws", type=_non_negative_int, default=OptimizerConfig.holdout_draws,
+                      help="draws held out upstream, recorded in data_context")
 
     search = p.add_argument_group("search")
     search.add_argument("--model-type", choices=MODEL_TYPES, default=None, help=f"model family [{OptimizerConfig.model_type}]")
-    search.add_argument("--compare-models", action="store_true", help="run all four model types and keep the best")
-    search.add_argument("--trials", type=_positive_int, default=50,
-                        help="complete trials the study must hold (a resumed study runs only the missing ones)")
+    search.add_argument("--compare-models", action="store_true",
+                        help="run all four model types and keep the best (--model-type is then ignored)")
+    search.add_argument("--trials", type=_positive_int, default=OptimizerConfig.trials,
+                        help="complete trials this call adds to the study; a call that finds the study's last "
+                             "round unfinished (an interrupted run, a shared study's other processes) completes "
+                             "that round instead")
     search.add_argument("--k-folds", type=_positive_int, default=5, help="CV folds per trial (>= 2)")
     search.add_argument("--cv-repeats", type=_positive_int, default=None,
                         help="repeated CV: score every trial on N K-fold partitions of the development rows "
@@ -251,7 +257,8 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
 def config_from_args(args: argparse.Namespace, command_line: Sequence[str]) -> OptimizerConfig:
     """Turn parsed flags into a validated :class:`OptimizerConfig`; conflicts are :class:`UsageError`."""
     if args.compare_models and args.model_type is not None:
-        raise UsageError("--compare-models runs every model type; do not combine it with --model-type")
+        # The existing optimizer takes the pair (its WATCHER manifest passes both) and compares.
+        logger.info("--model-type %s is ignored: --compare-models runs every model type", args.model_type)
     if args.device is not None and args.gpus is not None:
         raise UsageError("--device and --gpus both choose the GPUs; give one of them")
     gpus = args.device if args.device is not None else args.gpus
@@ -262,7 +269,7 @@ def config_from_args(args: argparse.Namespace, command_line: Sequence[str]) -> O
     config = OptimizerConfig(
         survivors=args.survivors,
         lottery_data=args.lottery_data,
-        model_type=args.model_type or "neural_net",
+        model_type=OptimizerConfig.model_type if args.compare_models else args.model_type or OptimizerConfig.model_type,
         compare_models=args.compare_models,
         trials=args.trials,
         k_folds=args.k_folds,

@@ -3,12 +3,12 @@
 ::
 
     OptimizerConfig (compare_models=True)
-        │  skip registry (the WATCHER's diagnostics_outputs/model_skip_registry.json) + policy limit
+        │  skip registry (diagnostics_outputs/model_skip_registry.json) + the policy's model_skip_rules
         ▼
     for each of neural_net, xgboost, lightgbm, catboost not skipped:
         dataclasses.replace(config, model_type=mt, compare_models=False,
                             output_dir=<out>/compare_runs/<mt>, study_name=<name>_<mt>,
-                            storage=<out's default>, diagnostics_dir=<out>/diagnostics_outputs,
+                            storage=<out's default>,
                             rescore_partitions=<--rescore-partitions, default 3>)
         AntiOverfitMetaOptimizer(sub).run()  ──▶ SUCCESS | DEGENERATE_SIGNAL | FAILED
         │      (search, then the best trial rescored on fresh partitions, then the final model;
@@ -18,7 +18,7 @@
              objective, then MODEL_TYPES order); every type's test R² is reported, never consulted
         ├─▶ <out>/best_model.<ext> + best_model.meta.json (+ a `compare_models` block)
         ├─▶ <out>/compare_archive/<mt>/…  every other model type's outputs
-        └─▶ <out>/diagnostics_outputs/compare_models_summary.json + .png
+        └─▶ diagnostics_outputs/compare_models_summary.json + .png (the working directory's)
 
 Why these choices:
 
@@ -71,7 +71,6 @@ logger = logging.getLogger(__name__)
 
 SUMMARY_NAME = artifacts.COMPARE_SUMMARY_NAME
 PLOT_NAME = "compare_models_summary.png"
-REGISTRY_NAME = "model_skip_registry.json"
 STAGING_DIRNAME = "compare_runs"
 ARCHIVE_DIRNAME = "compare_archive"
 SUMMARY_SCHEMA_VERSION = 1
@@ -175,31 +174,24 @@ def sub_config(config: OptimizerConfig, model_type: str) -> OptimizerConfig:
         # None: the optimizer's default name, step5_<model type>_<data>_<setup>, per type
         study_name=f"{config.study_name}_{model_type}" if config.study_name else None,
         storage=config.storage or default_storage_url(Path(config.output_dir)),
-        diagnostics_dir=config.diagnostics_folder,
         rescore_partitions=rescore_partitions(config),
     )
 
 
 def skipped_by_registry(config: OptimizerConfig) -> dict[str, str]:
-    """Model types the WATCHER's skip registry rules out, each with the reason.
+    """Model types the skip registry rules out now, each with the reason.
 
-    The limit is the policy's ``watcher.max_consecutive_critical``. A malformed registry or
-    policy is an error (:class:`~step5.errors.DataError` / ``PolicyError``), not "skip nothing".
+    The rules are the policy's ``training_diagnostics.model_skip_rules``. A malformed
+    registry or policy is an error (:class:`~step5.errors.DataError` / ``PolicyError``), not
+    "skip nothing".
     """
     from step5.policy import load_policy
-    from step5.watcher.registry import DEFAULT_REGISTRY_PATH, load_skip_registry, skipped_model_types
+    from step5.watcher.registry import load_skip_registry, skipped_model_types
 
-    path = Path(config.skip_registry if config.skip_registry is not None else DEFAULT_REGISTRY_PATH)
-    limit = load_policy(config.policy_path).watcher.max_consecutive_critical
-    registry = load_skip_registry(path)
-    out = {}
-    for mt in sorted(skipped_model_types(registry, limit)):
-        entry = registry.get("models", {}).get(mt, {})
-        out[mt] = (
-            f"skip registry {path}: {entry.get('consecutive_critical')} consecutive critical results "
-            f"(limit {limit}); last: {entry.get('last_reason', 'n/a')}"
-        )
-    return out
+    path = config.skip_registry_path
+    rules = load_policy(config.policy_path).training_diagnostics
+    skipped = skipped_model_types(load_skip_registry(path), rules)
+    return {mt: f"skip registry {path}: {why}" for mt, why in sorted(skipped.items()) if mt in MODEL_TYPES}
 
 
 # ------------------------------------------------------------------------------ files
@@ -214,12 +206,12 @@ def _read_sidecar(candidate: Candidate, outcome: RunOutcome | None) -> dict[str,
     return None
 
 
-def _annotated(sidecar: dict[str, Any], role: str, block: dict[str, Any]) -> dict[str, Any]:
-    """The sidecar with the compare run's block; the checkpoint path becomes the bare file
-    name (relative to the sidecar's folder, where the checkpoint now lies)."""
+def _annotated(sidecar: dict[str, Any], role: str, block: dict[str, Any], set_dir: Path) -> dict[str, Any]:
+    """The sidecar with the compare run's block; the checkpoint path becomes the checkpoint's
+    path in the set it is committed with."""
     sidecar = dict(sidecar)
     if sidecar.get("checkpoint_path"):
-        sidecar["checkpoint_path"] = Path(sidecar["checkpoint_path"]).name
+        sidecar["checkpoint_path"] = str(set_dir / Path(sidecar["checkpoint_path"]).name)
     sidecar["compare_models"] = {**block, "role": role}
     return sidecar
 
@@ -231,7 +223,8 @@ def _commit_set(folder: Path, files: dict[str, Path], sidecar: dict[str, Any] | 
         model_set.copy_files(staged, {n: p for n, p in files.items() if sidecar is None or n != artifacts.SIDECAR_NAME})
         if sidecar is not None:
             try:
-                artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, _annotated(sidecar, role, block))
+                artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME,
+                                        _annotated(sidecar, role, block, staged.final_dir))
             except ValueError as exc:
                 if role != "archived":
                     raise
@@ -371,6 +364,8 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
     plot = plot_comparison(list(candidates.values()), diag / PLOT_NAME, winner=summary["winner"])
     summary["plot"] = str(plot) if plot else None
     write_json_atomic(diag / SUMMARY_NAME, summary)
+    if config.enable_diagnostics:
+        _write_compare_health(config, candidates, outcomes, winner)
 
     _log_table(candidates, winner)
     if winner is not None:
@@ -385,6 +380,25 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
     else:
         logger.error("compare: no model type produced a model; see %s", diag / SUMMARY_NAME)
     return exit_code
+
+
+def _write_compare_health(config: OptimizerConfig, candidates: dict[str, Candidate],
+                          outcomes: dict[str, RunOutcome | None], winner: Candidate | None) -> None:
+    """The pipeline health check's view of a compare run: every trained model's report, the
+    winner named (it is the one the check gates on)."""
+    from step5.optimizer.diagnostics import compare_health_report, model_health_report, write_health_report
+    from step5.policy import load_policy
+
+    rules = load_policy(config.policy_path).training_diagnostics
+    reports = {
+        mt: model_health_report(mt, outcome.sidecar.get("training_metrics") or {}, rules)
+        for mt, outcome in outcomes.items() if outcome is not None and candidates[mt].status == "SUCCESS"
+    }
+    ranking = sorted((c for c in candidates.values() if c.rank is not None), key=lambda c: c.rank)
+    write_health_report(config.diagnostics_folder, compare_health_report(
+        reports, winner=winner.model_type if winner else None, criterion=CRITERION["primary"],
+        winner_value=winner.cv_rescored if winner else None, ranking=[c.model_type for c in ranking],
+    ), model_type=None)
 
 
 def _candidate_brief(c: Candidate) -> dict[str, Any]:

@@ -11,10 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from step5.artifacts import DIAGNOSTICS_DIRNAME, MODEL_TYPES
+from step5.artifacts import DIAGNOSTICS_DIRNAME, MODEL_TYPES, REGISTRY_NAME
 from step5.errors import UsageError
 from step5.policy import PRUNER_NAMES, find_policy
 from step5.models.trees import require_libraries
+
+
+#: What data_context records when neither a flag nor the survivors' metadata says: the
+#: existing optimizer's defaults.
+DEFAULT_PRNG_TYPE = "java_lcg"
+DEFAULT_MOD = 1000
 
 
 @dataclass(frozen=True)
@@ -43,13 +49,15 @@ class OptimizerConfig:
     use_leaky_relu: bool = True
     dropout: float | None = None  # fixes the NN dropout instead of searching it
     enable_diagnostics: bool = False
-    prng_type: str | None = None  # recorded in data_context; default from survivors metadata
-    mod: int | None = None  # likewise
-    holdout_draws: int | None = None  # draws held out upstream, recorded in data_context
+    prng_type: str | None = None  # recorded in data_context; None: the survivors' metadata, else DEFAULT_PRNG_TYPE
+    mod: int | None = None  # likewise (DEFAULT_MOD)
+    holdout_draws: int | None = 1000  # draws held out upstream, recorded in data_context (the existing default)
     parent_run_id: str | None = None  # provenance link to the pipeline run
     log_level: str = "INFO"
-    diagnostics_dir: Path | None = None  # None: <output_dir>/diagnostics_outputs
-    skip_registry: Path | None = None  # the WATCHER's skip registry; None: its default path
+    # Diagnostics, the compare summary and the skip registry: ./diagnostics_outputs, where the
+    # pipeline's health check and WATCHER read them (tests point it elsewhere).
+    diagnostics_dir: Path = Path(DIAGNOSTICS_DIRNAME)
+    skip_registry: Path | None = None  # None: model_skip_registry.json in diagnostics_dir
     fuse_folds: bool | None = None  # None: the policy's training.fuse_folds decides
     fuse_trials: int = 1  # > 1: fuse same-shape trials, this many in flight (implies fuse_folds)
     trials_in_flight: int | None = None  # trials per ask/run/tell batch; None: the policy decides
@@ -70,8 +78,12 @@ class OptimizerConfig:
 
     @property
     def diagnostics_folder(self) -> Path:
-        """Where per-run diagnostics and the compare summary go: under ``--output-dir``."""
-        return self.diagnostics_dir if self.diagnostics_dir is not None else Path(self.output_dir) / DIAGNOSTICS_DIRNAME
+        """Where per-run diagnostics and the compare summary go."""
+        return Path(self.diagnostics_dir)
+
+    @property
+    def skip_registry_path(self) -> Path:
+        return Path(self.skip_registry) if self.skip_registry is not None else self.diagnostics_folder / REGISTRY_NAME
 
 
 #: Fresh partitions each model type's best trial is rescored on in a compare run, unless

@@ -1,12 +1,18 @@
-"""Per-run diagnostics (``--enable-diagnostics``): every trial's folds, as JSON and a picture.
+"""Per-run diagnostics (``--enable-diagnostics``), for people and for the pipeline's health check.
 
-Written under ``<diagnostics_dir>/step5_<model_type>_<run_id>/``:
+Under ``<diagnostics_dir>`` (``./diagnostics_outputs`` by default):
 
-* ``trials.json``: the run's identity, the execution summary, the final model's metrics,
-  and one record per trial of the study (``this_run`` tells resumed history from new
-  trials): number, state, value, params, CV means, per-fold metrics (R², MSE, durations,
-  device, epochs run), wall-clock seconds and, for a failed trial, why;
-* ``timings.png``: per-trial wall-clock against summed fold compute.
+* ``step5_<model_type>_<run_id>/trials.json``: the run's identity, the execution summary,
+  the final model's metrics, and one record per trial of the study (``this_run`` tells
+  resumed history from new trials): number, state, value, params, CV means, per-fold
+  metrics (R², MSE, durations, device, epochs run), wall-clock seconds and, for a failed
+  trial, why; and ``timings.png``: per-trial wall-clock against summed fold compute;
+* ``<model_type>_diagnostics.json`` and ``training_diagnostics.json``: the shipped model's
+  health in the schema the existing pipeline's ``training_health_check.py`` reads between
+  Step 5 and Step 6 (``training_summary``, ``diagnosis``, ``model_specific``); a compare run
+  replaces ``training_diagnostics.json`` with every model's report and the winner
+  (``models``, ``comparison``). The severity is the policy's ``metric_bounds`` applied to
+  the same numbers the WATCHER judges, so both reach the same verdict.
 
 Diagnostics never fail a run: a write error is logged as a warning.
 """
@@ -14,12 +20,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from optuna.trial import FrozenTrial
 
 from step5.jsonio import write_json_atomic
+from step5.policy import DiagnosticsPolicy, bound_breaches
 from step5.optimizer.plots import plot_trial_timings
+from step5.values import utc_timestamp
 
 logger = logging.getLogger(__name__)
 
@@ -78,3 +86,77 @@ def write_run_diagnostics(
         return None
     logger.info("diagnostics written to %s", folder)
     return folder
+
+
+#: The pipeline's file names: the health check reads HEALTH_FILE.
+HEALTH_FILE = "training_diagnostics.json"
+HEALTH_SCHEMA_VERSION = "1.1.0"  # the existing diagnostics writer's schema, which the health check reads
+
+
+def model_health_report(model_type: str, metrics: Mapping[str, Any], diagnostics: DiagnosticsPolicy) -> dict[str, Any]:
+    """One model's report in the pipeline's diagnostics schema, from its sidecar's
+    ``training_metrics``: the losses are the best trial's CV means, the rounds the shipped
+    model's training curve (``rounds_captured`` 0 when it has none, which the health check
+    reads as "no early-stop data", not as a model that peaked at round 0)."""
+    breaches = bound_breaches(metrics, diagnostics)
+    levels = {level for level, _ in breaches}
+    severity = "critical" if "critical" in levels else "warning" if "warning" in levels else "ok"
+    train_loss, val_loss = metrics.get("cv_train_mse_mean"), metrics.get("cv_val_mse_mean")
+    rounds, best = metrics.get("rounds_trained"), metrics.get("best_round")
+    summary = {
+        "rounds_captured": rounds if rounds is not None and best is not None else 0,
+        "best_round": best if rounds is not None and best is not None else 0,
+        "final_train_loss": train_loss,
+        "final_val_loss": val_loss,
+        "best_val_loss": val_loss,
+        "overfit_gap": val_loss - train_loss if train_loss is not None and val_loss is not None else None,
+        "overfit_ratio": metrics.get("overfit_ratio"),
+        "early_stop_ratio": metrics.get("early_stop_ratio"),
+        "loss": "MSE of the best trial's CV folds (train rows / validation rows)",
+    }
+    summary["best_val_round"] = summary["best_round"]
+    return {
+        "schema_version": HEALTH_SCHEMA_VERSION,
+        "model_type": model_type,
+        "status": "complete",
+        "generated_at": utc_timestamp(),
+        "generated_by": "step5",
+        "training_summary": summary,
+        "diagnosis": {
+            "severity": severity,
+            "issues": [description for _, description in breaches],
+            "suggested_fixes": [],
+            "confidence": 0.9,
+        },
+        "model_specific": {},
+        "metrics": {k: metrics.get(k) for k in ("cv_r2_mean", "cv_r2_std", "test_r2", "train_r2")},
+    }
+
+
+def write_health_report(diagnostics_dir: Path, report: Mapping[str, Any], *, model_type: str | None) -> Path | None:
+    """Write ``<model_type>_diagnostics.json`` (single runs) and ``training_diagnostics.json``."""
+    folder = Path(diagnostics_dir)
+    try:
+        if model_type is not None:
+            write_json_atomic(folder / f"{model_type}_diagnostics.json", report)
+        path = write_json_atomic(folder / HEALTH_FILE, report)
+    except OSError as exc:
+        logger.warning("could not write the health diagnostics under %s: %s", folder, exc)
+        return None
+    logger.info("health diagnostics written to %s (severity %s)", path,
+                report.get("diagnosis", {}).get("severity", "see models"))
+    return path
+
+
+def compare_health_report(reports: Mapping[str, Mapping[str, Any]], *, winner: str | None, criterion: str,
+                          winner_value: float | None, ranking: Sequence[str]) -> dict[str, Any]:
+    """The compare run's ``training_diagnostics.json``: every model's report and the winner."""
+    return {
+        "schema_version": HEALTH_SCHEMA_VERSION,
+        "generated_at": utc_timestamp(),
+        "generated_by": "step5",
+        "mode": "compare_models",
+        "models": dict(reports),
+        "comparison": {"winner": winner, "winner_metric": criterion, "winner_value": winner_value,
+                       "ranking": list(ranking)},
+    }

@@ -9,7 +9,7 @@
     K-fold splits of the dev rows + the final split, written ONCE to a private temp dir
             │
             ▼
-    Optuna study (SQLite by default: a re-run resumes) ──▶ N - complete new trials
+    Optuna study (SQLite by default) ──▶ N new complete trials (or the rest of an unfinished round)
             │   one ask/tell loop (step5.optimizer.search): ask B trials, run their
             │   folds as groups (NN: FoldRunner.run = workers | one-shot subprocesses;
             │   trees: in-process), tell each exactly once, in ask order
@@ -52,13 +52,14 @@ from step5.errors import DataError, DegenerateSignalError, JobError, Step5Error
 from step5.execution.factory import make_fold_runner, resolve_persistent_workers
 from step5.execution.summary import ExecutionSummary, SearchRecord, build_execution_summary
 from step5.policy import Policy, load_policy
-from step5.sidecar import build_provenance, build_training_metrics, degenerate_sidecar, success_sidecar
+from step5.sidecar import build_data_context, build_provenance, build_training_metrics, degenerate_sidecar, \
+    success_sidecar
 from step5.signal_quality import assess_signal
 from step5.values import finite_or_none, utc_timestamp
 from step5.optimizer.config import (
-    OptimizerConfig, RunOutcome, cv_repeats, rescore_partitions, validate_config,
+    DEFAULT_MOD, DEFAULT_PRNG_TYPE, OptimizerConfig, RunOutcome, cv_repeats, rescore_partitions, validate_config,
 )
-from step5.optimizer.diagnostics import write_run_diagnostics
+from step5.optimizer.diagnostics import model_health_report, write_health_report, write_run_diagnostics
 from step5.optimizer.grouping import default_trials_in_flight
 from step5.optimizer.backends import CVData, ModelBackend, NNBackend, TreeBackend, partition_seed
 from step5.optimizer.objective import OBJECTIVE_FORMULA, OVERFIT_PENALTY, summarize_folds
@@ -204,7 +205,7 @@ class AntiOverfitMetaOptimizer:
         self.timings["split_s"] = time.perf_counter() - start
 
         opened = open_study(
-            study_name=study_name, storage_url=storage_url, setup=setup, seed=cfg.seed,
+            study_name=study_name, storage_url=storage_url, setup=setup, seed=cfg.seed, trials=cfg.trials,
             data=self._study_data(data_context), training=self.policy.training,
             first_trials=first_nn_trials(fixed_dropout=cfg.dropout) if cfg.model_type == "neural_net" else (),
         )
@@ -232,30 +233,26 @@ class AntiOverfitMetaOptimizer:
 
     def _data_context(self, table: SurvivorTable, draws: list[int]) -> dict[str, Any]:
         cfg = self.config
-        prng_type = cfg.prng_type if cfg.prng_type is not None else table.prng_type
-        mod = cfg.mod if cfg.mod is not None else table.mod
+        prng_type = cfg.prng_type if cfg.prng_type is not None else table.prng_type or DEFAULT_PRNG_TYPE
+        mod = cfg.mod if cfg.mod is not None else table.mod or DEFAULT_MOD
         extra = {"prng_type": prng_type, "mod": mod, "holdout_draws": cfg.holdout_draws}
         fingerprint = artifacts.data_fingerprint(
             table.X, table.y, table.feature_names, draws, target=table.target, extra=extra,
         )
-        return {
-            "fingerprint_hash": fingerprint,
-            "training_window_draws": len(draws),
-            "survivor_count": table.n_records,
-            "prng_type": prng_type,
-            "mod": mod,
-            "holdout_draws": cfg.holdout_draws,
-            "target": table.target,
-            "missing_feature_fills": table.missing_fills,
-            "survivors_file": str(cfg.survivors),
-            "lottery_data_file": str(cfg.lottery_data),
-        }
+        return build_data_context(
+            fingerprint=fingerprint, training_draws=len(draws), holdout_draws=cfg.holdout_draws,
+            survivors_file=str(cfg.survivors), survivor_count=table.n_records, prng_type=prng_type, mod=mod,
+            target=table.target, missing_feature_fills=table.missing_fills, lottery_data_file=str(cfg.lottery_data),
+        )
 
     @staticmethod
     def _study_data(data_context: dict[str, Any]) -> dict[str, Any]:
         """What a shared study records about its data; every process that joins must match it."""
-        keys = ("fingerprint_hash", "survivor_count", "training_window_draws")
-        return {k: data_context[k] for k in keys}
+        return {
+            "fingerprint_hash": data_context["fingerprint_hash"],
+            "survivor_count": data_context["survivor_source"]["survivor_count"],
+            "training_window_draws": data_context["training_window"]["draw_count"],
+        }
 
     def _setup(self) -> dict[str, Any]:
         """What makes two runs' objective values comparable (see :mod:`step5.optimizer.study`)."""
@@ -367,23 +364,23 @@ class AntiOverfitMetaOptimizer:
 
     def _search(self, opened: OpenedStudy, backend: ModelBackend) -> None:
         cfg = self.config
-        n_new = max(0, cfg.trials - opened.complete_before)
+        target = opened.target_complete
+        n_new = max(0, target - opened.complete_before)
         self._first_new_number = opened.trials_before
         self._progress = TrialProgress(n_new)
         self._search_record = self.plan.record()  # what a search would have been, if none runs
-        start = time.perf_counter()
-        if n_new == 0:
-            logger.info(
-                "study %r already has %d complete trials (--trials %d): no new trials; %s",
-                opened.study_name, opened.complete_before, cfg.trials,
-                "nothing to do (--search-only)" if cfg.search_only else "rebuilding the final model",
-            )
+        if opened.joined_round:
+            logger.info("study %r has an unfinished round: joining it until the study holds %d complete trials "
+                        "(it has %d; this run's --trials %d does not start another)",
+                        opened.study_name, target, opened.complete_before, cfg.trials)
         else:
-            logger.info("up to %d new trial(s) (study has %d complete)", n_new, opened.complete_before)
-            interval = self.policy.training.heartbeat_interval_s
-            goal = SearchGoal(complete=cfg.trials, new_trials=n_new, poll_s=min(1.0, interval),
-                              reclaim_every_s=min(10.0, interval))
-            self._search_record = run_search(opened, backend, self.plan, goal, self._progress)
+            logger.info("up to %d new trial(s): the study holds %d complete, this round ends at %d",
+                        n_new, opened.complete_before, target)
+        start = time.perf_counter()
+        interval = self.policy.training.heartbeat_interval_s
+        goal = SearchGoal(complete=target, new_trials=n_new, poll_s=min(1.0, interval),
+                          reclaim_every_s=min(10.0, interval))
+        self._search_record = run_search(opened, backend, self.plan, goal, self._progress)
         self.timings["search_s"] = time.perf_counter() - start
 
     def _search_only_outcome(self, opened: OpenedStudy) -> RunOutcome:
@@ -391,8 +388,8 @@ class AntiOverfitMetaOptimizer:
         counts = count_states(opened.study)
         self.timings["total_s"] = time.perf_counter() - self._t0
         logger.info(
-            "search-only: study %r holds %d complete trials (--trials %d); this process ran %d; no model written",
-            opened.study_name, counts["complete"], self.config.trials, self._progress.told,
+            "search-only: study %r holds %d complete trials (round target %d); this process ran %d; no model written",
+            opened.study_name, counts["complete"], opened.target_complete, self._progress.told,
         )
         return RunOutcome(model_type=self.config.model_type, status="SEARCH_ONLY", trials_run=counts["complete"],
                           wall_s=self.timings["total_s"])
@@ -494,6 +491,7 @@ class AntiOverfitMetaOptimizer:
             "trials_failed": counts["fail"],
             "trials_new": self._progress.told,
             "trials_requested": self.config.trials,
+            "round_target": opened.target_complete if opened is not None else None,
             "resumed": bool(opened.resumed) if opened is not None else False,
             "best_trial_number": best.number if best is not None else None,
             "best_value": float(best.value) if best is not None and best.value is not None else None,
@@ -573,7 +571,7 @@ class AntiOverfitMetaOptimizer:
         execution = execution_summary.to_dict()
         sidecar = success_sidecar(
             model_type=cfg.model_type,
-            checkpoint_name=name,
+            checkpoint_path=str(staged.final_dir / name),
             checkpoint_sha256=artifacts.file_sha256(staged.path / name),
             training_metrics=metrics,
             hyperparameters=final["params"],
@@ -609,6 +607,8 @@ class AntiOverfitMetaOptimizer:
                 final_metrics=metrics,
                 extra={"study_name": opened.study_name, "objective_formula": OBJECTIVE_FORMULA},
             )
+            write_health_report(cfg.diagnostics_folder, model_health_report(
+                cfg.model_type, metrics, self.policy.training_diagnostics), model_type=cfg.model_type)
         logger.info(
             "saved %s and %s: CV R² %.4f ± %.4f, test R² %.4f, objective %.4f (trial %d); run took %.1fs",
             self.output_dir / name, sidecar_path, metrics["cv_r2_mean"], metrics["cv_r2_std"],

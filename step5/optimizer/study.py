@@ -11,8 +11,13 @@ Resume semantics, in one place:
 * The setup is stored in the study (``user_attrs["step5_setup"]``). Resuming a study whose
   stored setup differs (possible only with an explicit ``--study-name``) is a usage error
   naming the differences, rather than a silent mix of incomparable trials.
-* ``--trials N`` means "N COMPLETE trials in the study": a run adds ``N - complete`` new
-  trials (0 when the study already has N), and failed trials do not count.
+* ``--trials N`` means "this call adds N COMPLETE trials", as it does for the existing
+  optimizer, with one refinement that keeps a shared study exact: the study records the
+  complete count its current *round* aims for (``user_attrs["step5_target_complete"]``).
+  A process that finds a round unfinished (fewer complete trials than its target: an
+  interrupted run of the same command, or the other processes of a shared study) joins
+  it and the study ends that round with exactly its target; otherwise it starts a new
+  round, target = complete + N. Failed trials do not count.
 * The TPE sampler is seeded with ``seed + len(study.trials)``: a fresh study is
   reproducible from ``--seed``, and a resumed one does not replay the random start-up
   configurations its first run already tried.
@@ -68,6 +73,7 @@ DEFAULT_DB_NAME = "optuna_step5.db"
 SETUP_ATTR = "step5_setup"
 DATA_ATTR = "step5_data"
 PROCESSES_ATTR = "step5_processes"
+TARGET_ATTR = "step5_target_complete"
 OWNER_ATTR = "owner"
 MAX_RETRIES = 2  # re-runs of a trial whose process died; a trial that kills its process every time stops there
 SQLITE_BUSY_TIMEOUT_S = 120
@@ -115,6 +121,8 @@ class OpenedStudy:
     sampler_seed: int
     storage: optuna.storages.BaseStorage | None = None  # the RDB storage the study lives in
     process_index: int = 0  # 0 for the first process that ran this study, then 1, 2, ...
+    target_complete: int = 0  # COMPLETE trials the study holds when this round ends
+    joined_round: bool = False  # this process joined an unfinished round (its own --trials did not set the target)
 
 
 def make_sampler(seed: int) -> optuna.samplers.TPESampler:
@@ -198,10 +206,13 @@ def open_study(
     setup: Mapping[str, Any],
     data: Mapping[str, Any],
     seed: int,
+    trials: int = 1,
     training: TrainingPolicy | None = None,
     first_trials: Sequence[Mapping[str, Any]] = (),
 ) -> OpenedStudy:
-    """Create the study, or join it when it exists and its stored setup and data match.
+    """Create the study, or join it when it exists and its stored setup and data match;
+    join its unfinished round or start a new one of ``trials`` complete trials (module
+    docstring).
 
     ``first_trials`` (parameter dicts) are enqueued when the study has no trial yet, under
     the study lock: a fresh study tries them first, and a resumed one, or a second host
@@ -229,6 +240,11 @@ def open_study(
         if not sum(counts.values()):
             for params in first_trials:
                 study.enqueue_trial(dict(params))
+        target = study.user_attrs.get(TARGET_ATTR)
+        joined_round = isinstance(target, int) and counts["complete"] < target
+        if not joined_round:
+            target = counts["complete"] + int(trials)
+            study.set_user_attr(TARGET_ATTR, target)
 
     trials_before = sum(counts.values())
     if process_index == 0:
@@ -249,7 +265,7 @@ def open_study(
     return OpenedStudy(
         study=study, study_name=study_name, storage_url=storage_url, resumed=resumed,
         complete_before=counts["complete"], trials_before=trials_before, sampler_seed=sampler_seed,
-        storage=storage, process_index=process_index,
+        storage=storage, process_index=process_index, target_complete=int(target), joined_round=joined_round,
     )
 
 

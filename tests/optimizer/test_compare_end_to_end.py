@@ -19,7 +19,7 @@ def _config(sample_inputs, tmp_path, repo_root, **overrides) -> OptimizerConfig:
     settings = dict(
         survivors=survivors, lottery_data=history, compare_models=True, trials=2, k_folds=3, cv_repeats=1, seed=5,
         output_dir=tmp_path / "out", diagnostics_dir=tmp_path / "diag", cpu_workers=1,
-        skip_registry=tmp_path / "diag" / compare.REGISTRY_NAME,
+        skip_registry=tmp_path / "diag" / artifacts.REGISTRY_NAME,
         policy_path=repo_root / "watcher_policies.json", nn_max_epochs=5, command_line=["test"],
     )
     settings.update(overrides)
@@ -31,9 +31,9 @@ def _skip_neural_net(config: OptimizerConfig) -> None:
     from step5.policy import load_policy
     from step5.watcher.registry import record_result
 
-    limit = load_policy(config.policy_path).watcher.max_consecutive_critical
-    for _ in range(limit + 1):
-        record_result(config.skip_registry, "neural_net", True, "test", limit)
+    rules = load_policy(config.policy_path).training_diagnostics
+    for _ in range(rules.max_consecutive_critical):
+        record_result(config.skip_registry, "neural_net", True, "test", rules)
 
 
 @pytest.fixture
@@ -97,18 +97,18 @@ def test_trees_compete_and_a_failing_type_cannot_stop_or_win(sample_inputs, tmp_
     assert (config.diagnostics_dir / compare.PLOT_NAME).stat().st_size > 1000
 
 
-def test_a_rerun_resumes_the_four_studies(sample_inputs, tmp_path, repo_root, single_thread):
+def test_a_rerun_adds_trials_to_the_same_four_studies(sample_inputs, tmp_path, repo_root, single_thread):
     config = _config(sample_inputs, tmp_path, repo_root, trials=1)
     _skip_neural_net(config)
     assert compare.run_compare(config) == 0
     first = json.loads((config.diagnostics_dir / compare.SUMMARY_NAME).read_text())
-    assert compare.run_compare(config) == 0  # the studies already hold 1 complete trial each
+    assert compare.run_compare(config) == 0  # --trials 1 again: one more trial per study
     second = json.loads((config.diagnostics_dir / compare.SUMMARY_NAME).read_text())
     for mt in ("xgboost", "lightgbm", "catboost"):
-        assert second["models"][mt]["trials_run"] == 1
-        assert second["models"][mt]["cv_score"] == pytest.approx(first["models"][mt]["cv_score"])
-        assert second["models"][mt]["cv_rescored"] == pytest.approx(first["models"][mt]["cv_rescored"])
-    assert second["winner"] == first["winner"]
+        assert (first["models"][mt]["trials_run"], second["models"][mt]["trials_run"]) == (1, 2)
+        archived = config.output_dir if second["winner"] == mt else config.output_dir / compare.ARCHIVE_DIRNAME / mt
+        sidecar = artifacts.read_sidecar(archived / artifacts.SIDECAR_NAME)
+        assert sidecar["optuna"]["resumed"] is True and sidecar["optuna"]["trials_new"] == 1
 
 
 @pytest.mark.slow
@@ -124,9 +124,10 @@ def test_cli_compare_models_runs_all_four(sample_inputs, tmp_path, repo_root, py
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == ""  # logs go to stderr
 
-    # everything the run writes is under --output-dir (issue 13), the working dir stays clean
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
-    summary = json.loads((tmp_path / "models" / "diagnostics_outputs" / compare.SUMMARY_NAME).read_text())
+    # the model under --output-dir; the summary in the working directory's diagnostics_outputs/,
+    # where the pipeline's health check looks for it (SPEC section 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diagnostics_outputs", "models"]
+    summary = json.loads((tmp_path / "diagnostics_outputs" / compare.SUMMARY_NAME).read_text())
     assert {mt: m["status"] for mt, m in summary["models"].items()} == {mt: "SUCCESS" for mt in MODEL_TYPES}
     ranked = sorted(MODEL_TYPES, key=lambda mt: -summary["models"][mt]["cv_rescored"])
     assert summary["winner"] == ranked[0]
@@ -140,5 +141,5 @@ def test_cli_compare_models_runs_all_four(sample_inputs, tmp_path, repo_root, py
     assert (tmp_path / "models" / artifacts.checkpoint_filename(summary["winner"])).is_file()
     for mt in ranked[1:]:
         assert (tmp_path / "models" / compare.ARCHIVE_DIRNAME / mt / artifacts.checkpoint_filename(mt)).is_file()
-    assert (tmp_path / "models" / "diagnostics_outputs" / compare.PLOT_NAME).is_file()
+    assert (tmp_path / "diagnostics_outputs" / compare.PLOT_NAME).is_file()
     assert "compare-models results" in proc.stderr

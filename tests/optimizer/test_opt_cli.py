@@ -52,7 +52,9 @@ def test_help_exits_0_and_lists_every_spec_flag(repo_root, python):
         (["--test-holdout", "1.5"], "strictly between 0 and 1"),
         (["--dropout", "1.0"], "dropout probability in [0, 1)"),
         (["--gpus", "0,x"], "comma-separated list of GPU indices"),
-        (["--compare-models", "--model-type", "xgboost"], "do not combine it with --model-type"),
+        # The existing optimizer takes --compare-models with --model-type (its WATCHER manifest
+        # passes both): the pair is accepted, the type logged as ignored; k-folds 1 stops the run.
+        (["--compare-models", "--model-type", "xgboost", "--k-folds", "1"], "--k-folds must be >= 2"),
         (["--fuse-trials", "3", "--no-fuse-folds"], "--no-fuse-folds forbids"),
         (["--fuse-trials", "0"], "expected an integer >= 1"),
         (["--storage", "not-a-url"], "--storage must be an Optuna storage URL"),

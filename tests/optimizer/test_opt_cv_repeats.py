@@ -122,7 +122,7 @@ def test_one_repeat_keeps_the_setup_and_study_of_runs_before_repeated_cv(fake_ru
     # The same run with the flag spelled out is the same study: it resumes.
     again = AntiOverfitMetaOptimizer(dataclasses.replace(cfg, cv_repeats=1)).run()
     assert again.sidecar["optuna"]["study_name"] == outcome.sidecar["optuna"]["study_name"]
-    assert again.sidecar["optuna"]["resumed"] is True and again.sidecar["optuna"]["trials_new"] == 0
+    assert again.sidecar["optuna"]["resumed"] is True and again.sidecar["optuna"]["trials_run"] == 2
 
 
 def test_a_named_study_refuses_a_run_with_other_repeats(fake_runner, make_config):

@@ -266,14 +266,12 @@ def test_resumed_study_is_topped_up_in_batches(runners, make_config):
     made, _ = runners
     cfg = make_config(trials=2, k_folds=2)
     first = AntiOverfitMetaOptimizer(cfg).run()
-    more = AntiOverfitMetaOptimizer(dataclasses.replace(cfg, trials=5, fuse_trials=2)).run()
+    more = AntiOverfitMetaOptimizer(dataclasses.replace(cfg, trials=3, fuse_trials=2)).run()
     # Fusion does not change what a trial measures: the same study is resumed.
     assert more.sidecar["optuna"]["study_name"] == first.sidecar["optuna"]["study_name"]
     assert more.sidecar["optuna"]["trials_new"] == 3 and more.sidecar["optuna"]["trials_run"] == 5
     calls = [sorted({r.trial_number for g in c for r in g}) for c in _trial_calls(made[1])]
     assert calls == [[2, 3], [4]]
-    again = AntiOverfitMetaOptimizer(dataclasses.replace(cfg, trials=5, fuse_trials=2)).run()
-    assert again.sidecar["optuna"]["trials_new"] == 0 and _trial_calls(made[2]) == []
 
 
 def test_tree_models_say_that_neural_net_flags_do_not_apply(caplog, monkeypatch, make_config):

@@ -21,6 +21,7 @@ from step5 import artifacts, model_set
 from step5.errors import DegenerateSignalError, Step5Error, StudyMismatchError, UsageError
 from step5.jsonio import read_json_file, write_json_atomic
 from step5.optimizer import AntiOverfitMetaOptimizer, OptimizerConfig
+from step5.optimizer.study import TARGET_ATTR
 from step5.testing.fake_runner import FAKE_ENSEMBLE_TEST_R2, install_fake_runner
 
 
@@ -83,7 +84,7 @@ def test_run_builds_final_model_from_best_trial_and_never_shows_test_rows(
 
     # The merged model is scored on every dev row and on the test rows, which are in no fold file.
     fin = runner.arrays[str(score_file)]
-    n = sidecar["data_context"]["survivor_count"]
+    n = sidecar["data_context"]["survivor_source"]["survivor_count"]
     n_test = sidecar["training_metrics"]["n_test"]
     assert n_test == int(np.ceil(n * cfg.test_holdout)) == len(fin["y_test"])
     assert len(fin["y_train"]) == n - n_test == sidecar["training_metrics"]["n_fit"]
@@ -102,7 +103,8 @@ def test_run_builds_final_model_from_best_trial_and_never_shows_test_rows(
     assert tm["val_r2"] == pytest.approx(tm["cv_r2_mean"])
     assert (tm["epochs_run"], tm["best_epoch"]) == (None, None)  # K models, no one epoch count
     assert tm["objective_formula"].startswith("objective = mean_k(val_r2_k) - 0.5")
-    assert tm["overfit_ratio"] == pytest.approx(tm["cv_train_r2_mean"] / tm["cv_r2_mean"])
+    # The pipeline's "val loss / train loss" (its health check's overfit_ratio), on the best trial's folds.
+    assert tm["overfit_ratio"] == pytest.approx(tm["cv_val_mse_mean"] / tm["cv_train_mse_mean"])
     assert sidecar["execution"]["timings"]["total_s"] > 0
     assert sidecar["provenance"]["command_line"] == ["test"]
 
@@ -213,30 +215,34 @@ def test_crash_or_ctrl_c_cleans_up_and_leaves_no_trial_running(fake_runner, priv
     assert not (cfg.output_dir / artifacts.SIDECAR_NAME).exists()
 
 
-def test_resume_counts_complete_trials_and_rebuilds_the_final_model(fake_runner, make_config, study_of):
+def test_an_interrupted_round_is_completed_and_a_finished_one_is_followed_by_a_new_one(
+        fake_runner, make_config, study_of):
+    """--trials N: N trials per call; a call that finds the last round short of its target
+    (its run was interrupted) completes it instead of starting another."""
     made, _ = fake_runner
     cfg = make_config(trials=2)
     first = AntiOverfitMetaOptimizer(cfg).run()
     assert first.sidecar["optuna"]["trials_new"] == 2 and not first.sidecar["optuna"]["resumed"]
+    study = study_of(cfg, first)
+    assert study.user_attrs[TARGET_ATTR] == 2
+    study.set_user_attr(TARGET_ATTR, 3)  # as if that run had been asked for 3 and stopped after 2
     (cfg.output_dir / "best_model.pth").unlink()
 
-    again = AntiOverfitMetaOptimizer(cfg).run()
+    again = AntiOverfitMetaOptimizer(dataclasses.replace(cfg, trials=10)).run()
     assert again.sidecar["optuna"]["study_name"] == first.sidecar["optuna"]["study_name"]
     assert again.sidecar["optuna"]["resumed"] is True
-    assert again.sidecar["optuna"]["trials_new"] == 0
-    assert again.sidecar["optuna"]["trials_run"] == 2
-    assert all(r.save_model_path for r in made[1].requests)  # only the final model's folds
-    assert [r.fold_idx for r in made[1].requests] == [0, 1, 2]
+    assert again.sidecar["optuna"]["trials_new"] == 1 and again.sidecar["optuna"]["round_target"] == 3
+    assert again.sidecar["optuna"]["trials_run"] == 3
     assert (cfg.output_dir / "best_model.pth").exists()
-    assert again.sidecar["hyperparameters"] == first.sidecar["hyperparameters"]
 
-    more = AntiOverfitMetaOptimizer(dataclasses.replace(cfg, trials=4)).run()
-    assert more.sidecar["optuna"]["trials_new"] == 2 and more.sidecar["optuna"]["trials_run"] == 4
+    more = AntiOverfitMetaOptimizer(dataclasses.replace(cfg, trials=2)).run()
+    assert more.sidecar["optuna"]["trials_new"] == 2 and more.sidecar["optuna"]["trials_run"] == 5
+    assert study_of(cfg, more).user_attrs[TARGET_ATTR] == 5
     # The resumed sampler is not reseeded to replay the first run's start-up configurations.
     assert more.sidecar["optuna"]["sampler_seed"] != first.sidecar["optuna"]["sampler_seed"]
     study = study_of(cfg, more)
     lrs = [t.params["learning_rate"] for t in study.trials]
-    assert len(set(lrs)) == 4
+    assert len(set(lrs)) == len(lrs) == 5
 
 
 def test_changed_setup_gets_a_new_default_study_and_an_explicit_name_refuses(fake_runner, make_config):
@@ -315,7 +321,7 @@ def test_policy_kill_switch_and_cli_override_reach_the_runner_factory(tmp_path, 
 def test_diagnostics_written_per_run(fake_runner, make_config):
     cfg = make_config(trials=2, enable_diagnostics=True)
     outcome = AntiOverfitMetaOptimizer(cfg).run()
-    (folder,) = list(cfg.diagnostics_dir.iterdir())
+    (folder,) = [p for p in cfg.diagnostics_dir.iterdir() if p.is_dir()]
     data = read_json_file(folder / "trials.json", "diagnostics")
     assert data["run_id"] == outcome.sidecar["provenance"]["run_id"]
     assert [t["state"] for t in data["trials"]] == ["COMPLETE", "COMPLETE"]
@@ -343,8 +349,8 @@ def test_target_storage_and_data_context_flags_are_honoured(tmp_path, fake_runne
     assert sc["data_context"]["target"] == "lane_agreement_8"
     assert "lane_agreement_8" in sc["feature_schema"]["excluded_features"]
     assert "lane_agreement_8" not in sc["feature_schema"]["feature_names"]
-    assert (sc["data_context"]["prng_type"], sc["data_context"]["mod"], sc["data_context"]["holdout_draws"]) == (
-        "xorshift32", 997, 25)
+    assert sc["data_context"]["prng_hypothesis"] == {"prng_type": "xorshift32", "mod": 997}
+    assert sc["data_context"]["holdout_window"] == {"start_draw": 501, "end_draw": 525, "draw_count": 25}
     assert sc["optuna"]["study_name"] == "named" and sc["optuna"]["storage"] == storage
     assert optuna.load_study(study_name="named", storage=storage).trials[0].state == TrialState.COMPLETE
     assert not (cfg.output_dir / "optuna_step5.db").exists()
