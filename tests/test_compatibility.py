@@ -1,10 +1,10 @@
-"""Drop-in for the existing pipeline (docs/compatibility.md): its optimizer flags, its
-WATCHER manifest's params, and its Step 6 loading our model files and sidecar.
+"""Drop-in for the existing pipeline (docs/compatibility.md), checked against contracts read
+from that pipeline's own code (mmercalde/prng_cluster_public). Each contract below names
+the file and function it was read from; the readers here are written from that reading,
+not copied, and not from this project's code, so a drift on either side fails a test.
 
-The "existing Step 6" below is written from the description of how that loader works
-(issue 18), not from this project's code: it rebuilds the network itself, loads the
-state dict strictly, and applies the scalers itself. If this project's checkpoint layout
-drifts from it, these tests fail.
+The pipeline's code itself was run on this project's outputs outside the repository (its
+WATCHER running step 5 and Step 6); docs/compatibility.md says how and what it printed.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import pytest
 import torch
 from torch import nn
 
-from step5.data.survivors import load_feature_matrix
 from step5.launch import module_command
 from step5.models import trees
 from step5.optimizer.cli import build_parser, config_from_args
@@ -30,18 +29,23 @@ REPO = Path(__file__).resolve().parents[1]
 OPTIMIZER = REPO / "meta_prediction_optimizer_anti_overfit.py"
 WATCHER = REPO / "agents" / "watcher_agent.py"
 
-#: What the existing Step 6 reads from the sidecar.
-STEP6_SIDECAR_KEYS = ("model_type", "checkpoint_path", "feature_schema", "signal_quality", "data_context",
-                      "agent_metadata")
-
-#: The existing WATCHER manifest's default params for step 5 (values made small for a test).
+#: agent_manifests/reinforcement.json `default_params`, as the pipeline ships them.
+PIPELINE_MANIFEST_DEFAULTS = {
+    "survivors": "survivors_with_scores.json", "lottery_data": "train_history.json", "compare_models": True,
+    "trials": 20, "output_dir": "models/reinforcement", "enable_diagnostics": True, "model_type": "catboost",
+    "persistent_workers": False, "enable_vmap": True, "k_folds": 20,
+}
+#: The same keys, with values small enough for a test, for the WATCHER run below.
 MANIFEST_DEFAULTS = {
     "compare_models": False, "trials": 2, "output_dir": "models/reinforcement", "enable_diagnostics": True,
     "model_type": "neural_net", "persistent_workers": True, "enable_vmap": True, "k_folds": 2,
 }
 
 
-# ----------------------------------------------------------------- the existing Step 6, as described
+# ------------------------------------------------------------ the existing Step 6, as read
+# models/wrappers/neural_net_wrapper.py::SurvivorQualityNet / NeuralNetWrapper.load / predict,
+# models/model_factory.py::load_model_from_sidecar, prediction_generator.py::
+# PredictionGenerator.__init__ / _load_nn_scaler / _build_prediction_pool.
 
 
 class SurvivorQualityNet(nn.Module):
@@ -63,52 +67,106 @@ class SurvivorQualityNet(nn.Module):
         return self.network(x).squeeze(-1)
 
 
-def existing_step6_predict(checkpoint: Path, X: np.ndarray) -> np.ndarray:
+def existing_network(checkpoint: Path) -> tuple[nn.Module, dict]:
+    """NeuralNetWrapper.load: architecture from the checkpoint's keys, state dict loaded strictly."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     feature_count = ckpt.get("feature_count") or ckpt.get("input_dim")
     if feature_count is None:
         raise ValueError("Checkpoint missing feature_count")
-    config = ckpt["config"]
-    assert isinstance(config, dict)
-    config["hidden_layers"] = ckpt["hidden_layers"]  # the existing loader writes into it
-    net = SurvivorQualityNet(feature_count, ckpt["hidden_layers"], ckpt["dropout"], ckpt["use_leaky_relu"])
+    config = ckpt.get("config", {})
+    config["hidden_layers"] = ckpt.get("hidden_layers", [256, 128, 64])  # the loader writes into it
+    net = SurvivorQualityNet(feature_count, config["hidden_layers"], ckpt.get("dropout", 0.3),
+                             ckpt.get("use_leaky_relu", False))
     net.load_state_dict(ckpt.get("state_dict") or ckpt.get("model_state_dict"), strict=True)
     net.eval()
-    X = np.asarray(X, dtype=np.float64)
-    if ckpt["normalize_features"]:
-        X = (X - np.asarray(ckpt["scaler_mean"])) / np.asarray(ckpt["scaler_scale"])
+    return net, ckpt
+
+
+def existing_checkpoint_lookup(models_dir: Path, sidecar: dict) -> Path:
+    """load_model_from_sidecar: checkpoint_path as written, else its name in models_dir."""
+    path = Path(sidecar["checkpoint_path"])
+    if path.exists():
+        return path
+    alt = models_dir / path.name
+    if not alt.exists():
+        raise FileNotFoundError(f"Checkpoint not found: {path}; also tried {alt}")
+    return alt
+
+
+def existing_scaler(sidecar: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """_load_nn_scaler: opens checkpoint_path *as written* (relative to the working directory),
+    and "proceeds without scaler" when it is not there -- the silent misprediction."""
+    path = sidecar.get("checkpoint_path")
+    if not path or not Path(path).exists():
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not ckpt.get("normalize_features", False):
+        return None
+    mean = np.asarray(ckpt["scaler_mean"], dtype=np.float32)
+    scale = np.asarray(ckpt["scaler_scale"], dtype=np.float32)
+    scale[scale < 1e-12] = 1.0
+    return mean, scale
+
+
+def existing_feature_rows(records: list[dict], feature_names: list[str]) -> np.ndarray:
+    """_build_prediction_pool: one row per survivor in the sidecar's feature order, 0.0 for a
+    missing key, float32."""
+    return np.array([[float(r.get("features", {}).get(n, 0.0)) for n in feature_names] for r in records],
+                    dtype=np.float32)
+
+
+def existing_step6_predict(models_dir: Path, records: list[dict]) -> tuple[np.ndarray, bool]:
+    """What the existing Step 6 predicts for these survivor records, and whether it found the scaler."""
+    sidecar = json.loads((models_dir / "best_model.meta.json").read_text())
+    fs = sidecar["feature_schema"]
+    X = existing_feature_rows(records, fs.get("per_seed_feature_names", fs.get("feature_names", [])))
+    checkpoint = existing_checkpoint_lookup(models_dir, sidecar)
+    if sidecar["model_type"] != "neural_net":
+        return trees.load_model(checkpoint, sidecar["model_type"]).predict(X), True
+    scaler = existing_scaler(sidecar)
+    if scaler is not None:
+        X = (X - scaler[0]) / scaler[1]
+    net, ckpt = existing_network(checkpoint)
     with torch.no_grad():
-        z = net(torch.as_tensor(X, dtype=torch.float32)).numpy().astype(np.float64)
-    return z * ckpt["y_std"] + ckpt["y_mean"]
+        out = net(torch.as_tensor(X, dtype=torch.float32)).numpy()
+    if ckpt.get("y_mean") is not None:
+        out = out * ckpt["y_std"] + ckpt["y_mean"]
+    return out, scaler is not None or not ckpt.get("normalize_features", False)
 
 
-def assert_step6_reads(model_dir: Path, survivors: Path) -> dict:
-    """The existing Step 6 loads the model dir's checkpoint and predicts what our predictor does."""
-    sidecar = json.loads((model_dir / "best_model.meta.json").read_text())
-    for key in STEP6_SIDECAR_KEYS:
-        assert key in sidecar, key
+def assert_step6_reads(models_dir: Path, survivors: Path, cwd: Path) -> dict:
+    """From working directory ``cwd``, the existing Step 6 finds the scaler and predicts what
+    our predictor predicts (max difference 1e-5)."""
+    records = json.loads(survivors.read_text())[:100]
+    sidecar = json.loads((models_dir / "best_model.meta.json").read_text())
     meta = sidecar["agent_metadata"]
     assert meta == {"pipeline_step": 5, "pipeline_step_name": "anti_overfit_training",
                     "run_id": sidecar["provenance"]["run_id"],
                     "parent_run_id": sidecar["provenance"]["parent_run_id"]}
-    names = sidecar["feature_schema"]["feature_names"]
-    X = load_feature_matrix(survivors, names)  # plain float32, schema order
-    theirs = existing_step6_predict(model_dir / sidecar["checkpoint_path"], X)
-    ours = load_predictor(model_dir).predict(X)
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        theirs, scaled = existing_step6_predict(models_dir.resolve(), records)
+    finally:
+        os.chdir(here)
+    assert scaled, "the existing Step 6 would proceed without the feature scaler"
+    X = existing_feature_rows(records, sidecar["feature_schema"]["feature_names"])
+    ours = load_predictor(models_dir).predict(X)
     assert np.std(ours) > 0  # a real model, not a constant
-    np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-6)
+    assert np.max(np.abs(theirs - ours)) <= 1e-5
     return sidecar
 
 
-# ----------------------------------------------------------------- runs
+# ------------------------------------------------------------ runs
 
 
 @pytest.fixture(scope="module")
 def manifest_run(sample_inputs, tmp_path_factory):
-    """The WATCHER running the real step 5 with the existing manifest's default params."""
+    """The WATCHER running the real step 5 with the manifest's default params (small values)."""
     work = tmp_path_factory.mktemp("manifest")
     policy = json.loads((REPO / "watcher_policies.json").read_text())
     policy["watcher"].update({"step_timeout_s": 250, "kill_grace_s": 5, "max_retries": 0})
+    policy["training_diagnostics"]["severity_thresholds"]["critical"]["max_retries"] = 0
     (work / "policy.json").write_text(json.dumps(policy))
     survivors, history = sample_inputs
     params = {"survivors": str(survivors), "lottery_data": str(history), **MANIFEST_DEFAULTS}
@@ -131,13 +189,13 @@ def existing_flags_run(sample_inputs, tmp_path_factory):
            "--output-dir", str(out), "--seed", "3", "--policy", str(REPO / "watcher_policies.json"),
            "--persistent-workers", "--device", "cpu", "--enable-vmap", "--allow-inline-nn-fallback",
            "--normalize-features", "--no-use-leaky-relu", "--dropout-override", "0.1", "--batch-size-nn", "2",
-           "--nn-max-epochs", "40", "--parent-run-id", "pipeline-7"]
+           "--nn-max-epochs", "40", "--parent-run-id", "pipeline-7", "--enable-diagnostics"]
     proc = subprocess.run(cmd, cwd=out.parent, capture_output=True, text=True, timeout=280)
     return out, proc
 
 
 @pytest.mark.slow
-def test_manifest_default_params_run_through_the_watcher(manifest_run, sample_inputs):
+def test_manifest_default_params_run_through_the_watcher(manifest_run, sample_inputs, tmp_path):
     work, proc = manifest_run
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     # Two trials on tiny data may or may not pass the acceptance rules; either way the run
@@ -145,7 +203,9 @@ def test_manifest_default_params_run_through_the_watcher(manifest_run, sample_in
     assert result["decision"] in ("PROCEED", "SKIP_MODEL"), proc.stderr[-3000:]
     decision = json.loads((work / "diagnostics_outputs" / "watcher_decisions.jsonl").read_text().splitlines()[-1])
     assert "--enable-vmap" in decision["command"] and "--persistent-workers" in decision["command"]
-    sidecar = assert_step6_reads(work / "models" / "reinforcement", sample_inputs[0])
+    models = work / "models" / "reinforcement"
+    for cwd in (work, tmp_path):  # the pipeline root, and any other working directory
+        sidecar = assert_step6_reads(models, sample_inputs[0], cwd)
     # Step 6 takes agent_metadata.run_id as its parent for lineage; the WATCHER's run is ours.
     assert sidecar["agent_metadata"]["parent_run_id"] == decision["run_id"]
     assert sidecar["execution"]["search"]["fuse_folds"] is True  # enable_vmap meant --fuse-folds
@@ -156,7 +216,7 @@ def test_existing_optimizer_flags_run_with_their_meaning(existing_flags_run, sam
     out, proc = existing_flags_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--allow-inline-nn-fallback does not apply" in proc.stderr
-    sidecar = assert_step6_reads(out, sample_inputs[0])
+    sidecar = assert_step6_reads(out, sample_inputs[0], out.parent)
     assert sidecar["agent_metadata"]["parent_run_id"] == "pipeline-7"
     assert sidecar["hyperparameters"]["dropout"] == 0.1  # --dropout-override fixed it
     assert all(d.startswith("CPU-") for d in sidecar["execution"]["devices"])  # --device cpu
@@ -165,6 +225,130 @@ def test_existing_optimizer_flags_run_with_their_meaning(existing_flags_run, sam
     assert sidecar["execution"]["search"]["trials_in_flight"] == 2  # --batch-size-nn 2 implies B = 2
     ckpt = torch.load(out / "best_model.pth", weights_only=True)
     assert ckpt["use_leaky_relu"] is False and ckpt["normalize_features"] is True
+
+
+@pytest.mark.slow
+def test_a_moved_model_dir_still_predicts_with_its_own_scaler(existing_flags_run, sample_inputs, tmp_path):
+    """After a copy, checkpoint_path still names the committed set it was written in: a set
+    never changes, so the scaler read through it is the model's own (a moved-away original
+    is what the existing Step 6 cannot follow; our predictor can)."""
+    import shutil
+
+    out, proc = existing_flags_run
+    assert proc.returncode == 0
+    copy = tmp_path / "copied"
+    shutil.copytree(out, copy, symlinks=True)
+    assert_step6_reads(copy, sample_inputs[0], tmp_path)
+
+
+@pytest.mark.slow
+def test_the_sidecar_has_every_field_the_watchers_metrics_extractor_reads(existing_flags_run):
+    """agents/step_runner/metrics_extractor.py::extract_step5_metrics reads these paths; a
+    missing one comes back empty in the WATCHER's report."""
+    out, proc = existing_flags_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sidecar = json.loads((out / "best_model.meta.json").read_text())
+    sq, dc = sidecar["signal_quality"], sidecar["data_context"]
+    read = {
+        "signal_quality": sq.get("quality"), "signal_confidence": sq.get("confidence"),
+        "target_variance": sq.get("target_variance"), "model_type": sidecar.get("model_type"),
+        "checkpoint_path": sidecar.get("checkpoint_path"), "fingerprint": dc.get("fingerprint_hash"),
+        "fingerprint_version": dc.get("fingerprint_version"),
+        "training_draws": dc.get("training_window", {}).get("draw_count"),
+        "holdout_draws": dc.get("holdout_window", {}).get("draw_count"),
+        "prng_type": dc.get("prng_hypothesis", {}).get("prng_type"),
+    }
+    assert {k: v for k, v in read.items() if v is None} == {}
+    assert read["holdout_draws"] == 1000  # the existing optimizer's --holdout-draws default
+
+
+def existing_health_check(diagnostics: dict, bounds: dict) -> tuple[str, list[str]]:
+    """training_health_check.py::_evaluate_metrics on one model's report: the early-stop
+    ratio from training_summary.best_round / rounds_captured (when rounds were captured),
+    the overfit ratio from final_val_loss / final_train_loss, each bound reached at >= / <=."""
+    summary = diagnostics.get("training_summary", {})
+    severity, issues = diagnostics.get("diagnosis", {}).get("severity", "ok"), []
+    rounds = summary.get("rounds_captured", 1)
+    if rounds > 0:
+        ratio = summary.get("best_round", 0) / max(rounds, 1)
+        b = bounds["early_stop_ratio"]
+        if ratio <= b["critical"]:
+            severity, issues = "critical", issues + [f"early stop {ratio:.2f}"]
+        elif ratio <= b["warning"] and severity == "ok":
+            severity, issues = "warning", issues + [f"early stop {ratio:.2f}"]
+    train, val = summary.get("final_train_loss"), summary.get("final_val_loss")
+    if train and val and train > 0:
+        ratio = val / train
+        b = bounds["overfit_ratio"]
+        if ratio >= b["critical"]:
+            severity, issues = "critical", issues + [f"overfit {ratio:.2f}"]
+        elif ratio >= b["warning"] and severity == "ok":
+            severity, issues = "warning", issues + [f"overfit {ratio:.2f}"]
+    return severity, issues
+
+
+@pytest.mark.slow
+def test_the_health_check_reads_the_diagnostics_and_agrees_with_the_watcher(existing_flags_run):
+    """training_health_check.py::check_training_health reads diagnostics_outputs/
+    training_diagnostics.json from the working directory (the pipeline root), in the layout
+    of training_diagnostics.py::TrainingDiagnostics.get_report."""
+    out, proc = existing_flags_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = out.parent / "diagnostics_outputs" / "training_diagnostics.json"
+    report = json.loads(path.read_text())
+    assert report["model_type"] == "neural_net"
+    bounds = json.loads((REPO / "watcher_policies.json").read_text())["training_diagnostics"]["metric_bounds"]
+    severity, _ = existing_health_check(report, bounds)
+    assert severity == report["diagnosis"]["severity"]  # the same verdict from the same numbers
+    sidecar = json.loads((out / "best_model.meta.json").read_text())
+    tm, summary = sidecar["training_metrics"], report["training_summary"]
+    assert summary["best_round"] / summary["rounds_captured"] == pytest.approx(tm["early_stop_ratio"])
+    assert summary["final_val_loss"] / summary["final_train_loss"] == pytest.approx(tm["overfit_ratio"])
+
+
+def test_a_report_without_rounds_is_not_read_as_a_model_that_peaked_at_round_zero():
+    """_evaluate_metrics defaults best_round to 0 and rounds_captured to 1: a report without
+    them would read as critical overfitting."""
+    from step5.optimizer.diagnostics import model_health_report
+    from step5.policy import DiagnosticsPolicy
+
+    report = model_health_report("xgboost", {"cv_train_mse_mean": 1.0, "cv_val_mse_mean": 1.1}, DiagnosticsPolicy())
+    assert report["training_summary"]["rounds_captured"] == 0
+    severity, issues = existing_health_check(report, {"early_stop_ratio": {"warning": 0.3, "critical": 0.15},
+                                                      "overfit_ratio": {"warning": 1.3, "critical": 1.5}})
+    assert (severity, issues) == ("ok", [])
+
+
+def existing_watcher_argv(params: dict) -> list[str]:
+    """agents/watcher_agent.py::run_step: True -> --flag, False -> nothing, else --key value."""
+    argv: list[str] = []
+    for key, value in params.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv += [flag] if value else []
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def test_the_existing_watchers_command_from_the_pipelines_manifest_is_accepted():
+    """The manifest's default params all together, as the existing WATCHER passes them: the
+    optimizer accepts --compare-models with --model-type (the existing one compares and
+    ignores the type), --enable-vmap, and no persistent-workers flag, so the policy decides."""
+    argv = existing_watcher_argv(PIPELINE_MANIFEST_DEFAULTS)
+    config = config_from_args(build_parser().parse_args(argv), argv)
+    assert config.compare_models and (config.trials, config.k_folds) == (20, 20)
+    assert config.fuse_folds is True and config.persistent_workers is None and config.enable_diagnostics
+
+
+def test_defaults_of_the_existing_optimizers_flags():
+    """meta_prediction_optimizer_anti_overfit.py::main's defaults that mean the same here;
+    docs/compatibility.md says why the others differ."""
+    args = build_parser().parse_args(["--survivors", "s.json", "--lottery-data", "h.json"])
+    assert (args.trials, args.k_folds, args.test_holdout) == (50, 5, 0.2)
+    assert str(args.output_dir) == "models/reinforcement" and args.holdout_draws == 1000
+    config = config_from_args(args, [])
+    assert config.model_type == "neural_net"  # the existing default is catboost (compatibility.md)
 
 
 @pytest.mark.parametrize("hidden", [[8, 4], []], ids=["mlp", "linear"])
@@ -186,7 +370,10 @@ def test_a_net_trained_with_input_dropout_loads_strictly_in_the_existing_step6(t
         "params": {"hidden_layers": hidden, "epochs": 10, "input_dropout": 0.25, "dropout": 0.1,
                    "input_sparsity": 0.01, "learning_rate": 0.01}}),
         device=torch.device("cpu"))
-    theirs = existing_step6_predict(ckpt, X)  # strict load_state_dict inside
+    net, raw = existing_network(ckpt)  # strict load_state_dict inside
+    Xs = (X - np.asarray(raw["scaler_mean"], dtype=np.float32)) / np.asarray(raw["scaler_scale"], dtype=np.float32)
+    with torch.no_grad():
+        theirs = net(torch.as_tensor(Xs)).numpy() * raw["y_std"] + raw["y_mean"]
     np.testing.assert_allclose(theirs, load_checkpoint(ckpt).predict(X), rtol=1e-5, atol=1e-6)
     assert np.std(theirs) > 0
 
@@ -215,7 +402,8 @@ def test_a_key_that_means_nothing_is_still_refused():
 
 @pytest.mark.parametrize("model_type", ["xgboost", "lightgbm", "catboost"])
 def test_tree_models_load_natively_and_predict_on_a_plain_array(model_type, tmp_path):
-    """As the existing Step 6 loads them: the library's own loader, a float32 array in schema order."""
+    """As the existing Step 6's wrappers load them (models/wrappers/{xgboost,lightgbm,catboost}_wrapper.py
+    ``load``): the library's own loader, a float32 array in schema order."""
     rng = np.random.default_rng(0)
     X = rng.normal(size=(240, 5)).astype(np.float32)
     y = 0.3 * X[:, 0] - 0.2 * X[:, 3] + 0.05 * rng.normal(size=240)
