@@ -17,6 +17,9 @@ class                       exit  raised when
 ``PredictionNotAllowed``    2     Step 6 loads a sidecar whose run found no signal
 ``StudyMismatchError``      1     a shared study was recorded for other data or setup
 ``TooManyFailedTrials``     1     so many trials failed in a row that the search stops
+``StorageError``            1     the study's database stayed unreachable past
+                                  ``training.storage_outage_s``, or failed in a way
+                                  waiting cannot fix (credentials, a missing table)
 ``JobError``                1     a training job failed deterministically (not retried)
 ``BadRequest``              1     a protocol request is malformed (a ``JobError``)
 ``WorkerCrashed``           1     a training process died, hung or broke the protocol
@@ -112,6 +115,13 @@ class StudyMismatchError(Step5Error):
 
 class TooManyFailedTrials(Step5Error):
     """Raised when so many trials failed in a row that replacing them looks endless."""
+
+
+class StorageError(Step5Error):
+    """Raised when the study's database stays unreachable for longer than
+    ``training.storage_outage_s``, or fails with an error that waiting cannot fix (bad
+    credentials, a missing database or table); the message names the database, password
+    redacted (:mod:`step5.optimizer.storage`)."""
 
 
 class JobError(Step5Error):

@@ -65,6 +65,7 @@ class TrainingPolicy:
     trials_in_flight: int = 0  # trials per ask/run/tell batch; 0: two per device slot
     heartbeat_interval_s: float = 30.0  # a running trial's Optuna heartbeat period
     heartbeat_grace_s: float = 120.0  # no heartbeat this long: its process is dead, the trial is failed and re-run
+    storage_outage_s: float = 300.0  # how long a process waits for an unreachable study database before it exits 1
     pruner: str = "none"  # fold-level pruning of hopeless trials (PRUNER_NAMES)
 
 
