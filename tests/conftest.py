@@ -8,9 +8,13 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import pytest
+
+if TYPE_CHECKING:
+    from step5.testing.postgres import TemporaryPostgres
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -85,13 +89,10 @@ def degenerate_inputs(tmp_path_factory):
     return write_sample(out, n_survivors=200, n_features=12, seed=7, degenerate=True)
 
 
-@pytest.fixture(scope="session")
-def postgres_server():
-    """A throwaway PostgreSQL server on loopback for the whole session (step5.testing.postgres).
-
-    With CI=true it must start (a failure fails the tests that need it); elsewhere a machine
-    without PostgreSQL skips them, saying why.
-    """
+def _start_postgres() -> TemporaryPostgres:
+    """A started throwaway PostgreSQL server (step5.testing.postgres). With CI=true it must
+    start (a failure fails the tests that need it); elsewhere a machine without PostgreSQL
+    skips them, saying why."""
     from step5.testing.postgres import PostgresUnavailable, TemporaryPostgres
 
     server = TemporaryPostgres()
@@ -101,6 +102,22 @@ def postgres_server():
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"CI=true and PostgreSQL cannot start: {exc}")
         pytest.skip(f"PostgreSQL cannot start here: {exc}")
+    return server
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server on loopback for the whole session."""
+    server = _start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def own_postgres_server():
+    """A throwaway PostgreSQL server of the test module's own, for tests that restart, stop
+    or cut it (the session's server stays undisturbed)."""
+    server = _start_postgres()
     yield server
     server.stop()
 
