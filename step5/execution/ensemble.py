@@ -9,8 +9,10 @@ that names the step, and no checkpoint is committed.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,12 +28,18 @@ logger = logging.getLogger(__name__)
 MERGE_TIMEOUT_S = 600.0
 
 
+#: What a full or read-only disk says; the merge child reports the errno of such a failure.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
 def merge_fold_models(
     fold_paths: Sequence[Path], out_path: Path, *, score_path: Path, timeout_s: float = MERGE_TIMEOUT_S,
     python: str = sys.executable,
 ) -> dict[str, Any]:
     """Write the merged checkpoint at ``out_path`` and return its metrics (``train_r2``,
-    ``test_r2``, ... on the rows of ``score_path``); raise :class:`Step5Error` on any failure."""
+    ``test_r2``, ... on the rows of ``score_path``); raise :class:`Step5Error` on any failure,
+    except a disk that refused the checkpoint (full, read-only): that is an ``OSError``, which
+    the optimizer reports as the output dir's (step5.model_set.writing)."""
     cmd = [*module_command(ENSEMBLE_MODULE, python), "--out", str(out_path), "--score", str(score_path),
            *map(str, fold_paths)]
     what = f"merging the {len(fold_paths)} fold models into {out_path}"
@@ -49,6 +57,8 @@ def merge_fold_models(
         raise Step5Error(f"{what} failed: the child exited {done.returncode} without a result line; "
                          f"its stderr ends:\n{tail_lines(stderr)}")
     if done.returncode != 0 or result.get("status") != "complete":
+        if result.get("errno") in _DISK_ERRNOS:  # the disk refused the checkpoint: the caller names the output dir
+            raise OSError(result["errno"], os.strerror(result["errno"]), str(out_path))
         raise Step5Error(f"{what} failed ({result.get('error_type', 'error')}): {result.get('error', result)}")
     if not out_path.is_file():
         raise Step5Error(f"{what} reported success but wrote no checkpoint at {out_path}")

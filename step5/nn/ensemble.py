@@ -201,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         kind = "data_error" if isinstance(exc, DataError) else type(exc).__name__
         result, code = {"status": "error", "error_type": kind, "error": str(exc)}, 1
+        if isinstance(exc, OSError) and exc.errno is not None:  # a full or read-only disk: the parent says so
+            result["errno"] = exc.errno
     wire.write(json.dumps(result).encode() + b"\n")
     wire.flush()
     return code

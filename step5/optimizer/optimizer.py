@@ -222,7 +222,8 @@ class AntiOverfitMetaOptimizer:
                     raise Step5Error(self._no_complete_trial_message(opened.study))
                 rescore = self._rescore(best, backend, cv)
                 staged = outputs.enter_context(model_set.stage(self.output_dir))
-                final = self._train_final(best, backend, staged.path)
+                with model_set.writing(self.output_dir):  # a full or read-only disk: one line, exit 1
+                    final = self._train_final(best, backend, staged.path)
                 execution = self._execution(backend)
             # Fold files and workers are gone here; only the outputs remain.
             return self._write_success(
@@ -533,7 +534,7 @@ class AntiOverfitMetaOptimizer:
             execution=self._execution(None).to_dict(),
             provenance=self._provenance(),
         )
-        with model_set.stage(self.output_dir) as staged:
+        with model_set.stage(self.output_dir) as staged, model_set.writing(self.output_dir):
             artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, sidecar)
             staged.commit()
         path = self.output_dir / artifacts.SIDECAR_NAME
@@ -583,16 +584,17 @@ class AntiOverfitMetaOptimizer:
             execution=execution,
             provenance=self._provenance(),
         )
-        try:
-            artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, sidecar)
-        except ValueError as exc:  # a trainer result lacking a metric the sidecar requires
-            raise Step5Error(f"the final model's results cannot make a valid sidecar: {exc}") from None
         trials = opened.study.get_trials(deepcopy=False)
-        plot_optimization_history(
-            trials, staged.path / HISTORY_PNG_NAME,
-            title=f"Step 5 {cfg.model_type}: {opened.study_name}",
-        )
-        staged.commit()
+        with model_set.writing(self.output_dir):  # a full or read-only disk: one line, exit 1
+            try:
+                artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, sidecar)
+            except ValueError as exc:  # a trainer result lacking a metric the sidecar requires
+                raise Step5Error(f"the final model's results cannot make a valid sidecar: {exc}") from None
+            plot_optimization_history(
+                trials, staged.path / HISTORY_PNG_NAME,
+                title=f"Step 5 {cfg.model_type}: {opened.study_name}",
+            )
+            staged.commit()
         sidecar_path = self.output_dir / artifacts.SIDECAR_NAME
         if metrics["beats_mean"] is False:
             logger.warning(
