@@ -327,9 +327,9 @@ def fail_untold(study: optuna.Study, trials: list[optuna.Trial], error: BaseExce
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             if not isinstance(error, KeyboardInterrupt):  # an interrupt is reported in one line by the CLI
                 log_failed_trial(trial, reason)
-        except StorageError as exc:  # the database is gone: one line, no traceback
-            logger.warning("trial %d could not be recorded as FAILED (%s); it stays RUNNING until its heartbeat "
-                           "goes stale, then the next process that looks fails it and re-runs it",
-                           trial.number, exc)
+        except StorageError:  # the database is gone (the error that ends the run says so): one line each
+            logger.warning("trial %d could not be recorded as FAILED: the study database is unreachable; it stays "
+                           "RUNNING until its heartbeat goes stale, then the next process that looks fails it and "
+                           "re-runs it", trial.number)
         except Exception:  # noqa: BLE001 - keep failing the others; the original error propagates
             logger.exception("could not record trial %d as FAILED", trial.number)
