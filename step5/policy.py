@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from step5.devices import device_env_problem
 from step5.errors import DataError, PolicyError
 from step5.jsonio import read_json_file
 from step5.values import is_int, is_number
@@ -46,6 +47,8 @@ PRUNER_NAMES = ("none", "median", "successive_halving")
 
 #: String keys and the values each accepts.
 _CHOICES = {"pruner": PRUNER_NAMES}
+#: Number keys for which 0 is a meaningful value (every other number must be positive).
+_ZERO_ALLOWED = frozenset({"worker_spawn_stagger_s"})
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,10 @@ class TrainingPolicy:
     heartbeat_grace_s: float = 120.0  # no heartbeat this long: its process is dead, the trial is failed and re-run
     storage_outage_s: float = 300.0  # how long a process waits for an unreachable study database before it exits 1
     pruner: str = "none"  # fold-level pruning of hopeless trials (PRUNER_NAMES)
+    # Variables every worker and one-shot trainer is started with (e.g. a ROCm rig's
+    # {"HSA_OVERRIDE_GFX_VERSION": "10.3.0", "HSA_ENABLE_SDMA": "0"}); values are literal strings.
+    device_env: dict[str, str] = field(default_factory=dict)
+    worker_spawn_stagger_s: float = 0.0  # seconds between a host's worker starts (restarts too); ROCm rigs: 4
 
 
 @dataclass(frozen=True)
@@ -197,6 +204,9 @@ def _typed(section: dict[str, Any], cls: type, where: str) -> Any:
             known = sorted(k for k in vars(defaults))
             raise PolicyError(f"{where}: unknown key `{key}`; expected one of {known}")
         default = getattr(defaults, key)
+        if isinstance(default, dict):
+            values[key] = _string_map(value, f"{where}.{key}")
+            continue
         if isinstance(default, bool):
             ok = isinstance(value, bool)
             expected = "true or false"
@@ -207,6 +217,9 @@ def _typed(section: dict[str, Any], cls: type, where: str) -> Any:
         elif isinstance(default, int):
             ok = is_int(value) and value >= 0
             expected = "a non-negative int"
+        elif key in _ZERO_ALLOWED:
+            ok = is_number(value) and value >= 0
+            expected = "a non-negative number"
         else:
             ok = is_number(value) and value > 0
             expected = "a positive number"
@@ -214,6 +227,21 @@ def _typed(section: dict[str, Any], cls: type, where: str) -> Any:
             raise PolicyError(f"{where}.{key} must be {expected}, got {value!r}")
         values[key] = float(value) if isinstance(default, float) else value
     return cls(**values)
+
+
+def _string_map(section: Any, where: str) -> dict[str, str]:
+    """``training.device_env``: environment variable names to string values."""
+    if not isinstance(section, dict):
+        raise PolicyError(f"{where} must be an object of variable names to strings, got {section!r:.80}")
+    out: dict[str, str] = {}
+    for name, value in section.items():
+        if name.startswith("_"):
+            continue
+        problem = device_env_problem(name, value)
+        if problem is not None:
+            raise PolicyError(f"{where}.{name} {problem}")
+        out[name] = value
+    return out
 
 
 def _number_map(section: dict[str, Any], where: str) -> dict[str, float]:
