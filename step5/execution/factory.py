@@ -36,6 +36,7 @@ def make_fold_runner(
             max_fault_reruns=policy.max_fault_reruns,
             repromote_after_s=policy.worker_repromote_after_s,
             max_repromotions=policy.max_worker_repromotions,
+            spawn_stagger_s=policy.worker_spawn_stagger_s,
             python=python,
         )
     return SubprocessRunner(

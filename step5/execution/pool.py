@@ -101,6 +101,7 @@ class _Slot:
     machine: SlotMachine
     worker: WorkerProcess | None = None
     device: str | None = None  # as the worker reported it in `ready`
+    backend: str | None = None  # "cuda" | "rocm" | "cpu", as the worker's torch build reported it
     pid: int | None = None  # current (or last) worker pid
     jobs: int = 0  # jobs answered by workers on this slot (results and job errors)
     oneshot_jobs: int = 0  # jobs run through the fallback
@@ -114,8 +115,8 @@ class _Slot:
         return WorkerRecord(
             label=self.label, device=self.device, pid=self.pid, jobs=self.jobs, oneshot_jobs=self.oneshot_jobs,
             restarts=self.machine.restarts, fallback=self.machine.fallback,
-            repromotions=self.machine.repromotions, boot_s=self.boot_s,
-            cuda_visible_devices=self.slot.cuda_visible_devices,
+            repromotions=self.machine.repromotions, boot_s=self.boot_s, backend=self.backend,
+            cuda_visible_devices=self.slot.cuda_visible_devices, hip_visible_devices=self.slot.hip_visible_devices,
         )
 
 
@@ -155,6 +156,7 @@ class WorkerPool:
         shutdown_timeout_s: float = 5.0,
         heartbeat_interval_s: float | None = None,
         heartbeat_grace_s: float | None = None,
+        spawn_stagger_s: float = 0.0,
     ) -> None:
         """Spawn one worker per slot and wait until each says ``ready`` (or has fallen back).
 
@@ -164,7 +166,8 @@ class WorkerPool:
         [min(5, timeout/4)]; no answer within ``heartbeat_grace_s`` [min(30, timeout/2)]
         is a hang. A job hit by a fault is re-run up to ``max_job_reruns`` times,
         ``max_fault_reruns`` in all; a fallen-back slot tries a fresh worker after
-        ``repromote_after_s`` (doubling), at most ``max_repromotions`` times.
+        ``repromote_after_s`` (doubling), at most ``max_repromotions`` times. Worker starts
+        (first starts, restarts, re-promotions) are ``spawn_stagger_s`` apart (:class:`Spawner`).
         """
         if not slots:
             raise ValueError("WorkerPool needs at least one device slot")
@@ -206,7 +209,10 @@ class WorkerPool:
         self._timings = Timings()
         self._job_wall_s = 0.0
         self._started = False
-        self._spawner = Spawner("step5-spawner")
+        self._spawner = Spawner("step5-spawner", spawn_stagger_s)
+        if spawn_stagger_s > 0:
+            logger.info("workers start %gs apart (training.worker_spawn_stagger_s), restarts included",
+                        spawn_stagger_s)
         self._dispatch = ThreadPoolExecutor(max_workers=len(self._slots), thread_name_prefix="step5-dispatch")
         _LIVE_POOLS.add(self)
         start = time.perf_counter()
@@ -278,10 +284,12 @@ class WorkerPool:
                 self._timings.spawn_s += elapsed
         st.worker, st.pid, st.device = worker, worker.pid, str(message.get("device", "?"))
         st.boot_s = message.get("boot_s")
-        logger.info("worker %s (pid %d) ready on %s in %.2fs", st.label, worker.pid, st.device, elapsed)
-        if st.slot.kind == "cuda" and not st.device.startswith("cuda"):
-            logger.warning("worker %s was given GPU %s but trains on %s (CUDA unavailable in the worker)",
-                           st.label, st.slot.cuda_visible_devices, st.device)
+        st.backend = reported_backend(message)
+        logger.info("worker %s (pid %d) ready on %s (%s) in %.2fs", st.label, worker.pid, st.device, st.backend,
+                    elapsed)
+        if st.slot.kind != "cpu" and st.backend != st.slot.kind:
+            logger.warning("worker %s was given %s but trains on %s (backend %s: its torch cannot drive that GPU)",
+                           st.label, st.slot.describe(), st.device, st.backend)
         return worker
 
     def _ensure_worker(self, st: _Slot) -> WorkerProcess | None:
@@ -561,6 +569,15 @@ class WorkerPool:
         in_dispatch = threading.current_thread().name.startswith("step5-dispatch")
         self._dispatch.shutdown(wait=grace_s > 0 and not in_dispatch, cancel_futures=True)
         logger.info("worker pool closed")
+
+
+def reported_backend(ready: dict[str, Any]) -> str:
+    """``cuda`` / ``rocm`` / ``cpu`` from a ``ready`` line (a worker that does not say is read
+    from its device: torch calls a ROCm GPU ``cuda`` too, so only ``backend`` tells them apart)."""
+    backend = ready.get("backend")
+    if backend in ("cuda", "rocm", "cpu"):
+        return str(backend)
+    return "cuda" if str(ready.get("device", "")).startswith("cuda") else "cpu"
 
 
 def _duration(result: dict[str, Any]) -> float:

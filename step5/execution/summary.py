@@ -43,7 +43,9 @@ class WorkerRecord:
     fallback: bool  # in the fallback (one-shot subprocesses) when the run ended
     repromotions: int  # times the slot left the fallback for a fresh worker
     boot_s: float | None  # interpreter start -> ready, as the last worker measured it
+    backend: str | None  # "cuda" | "rocm" | "cpu": what the last worker's torch trained on (None: none got ready)
     cuda_visible_devices: str  # what the slot's processes were given
+    hip_visible_devices: str  # likewise for AMD GPUs ("-1": none)
 
 
 @dataclass

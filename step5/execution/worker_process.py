@@ -292,19 +292,31 @@ def _close_quietly(stream: Any) -> None:
 
 
 class Spawner:
-    """One long-lived daemon thread that performs every ``Popen`` of a pool.
+    """One long-lived daemon thread that performs every ``Popen`` of a pool, ``stagger_s`` apart.
 
     Linux's parent-death signal (armed by each worker, :mod:`step5.lifeline`) fires when
     the *thread* that forked the worker exits. A ``ThreadPoolExecutor`` thread is joined at
     interpreter shutdown *before* atexit handlers run, which would SIGKILL the workers of a
     pool left open before its atexit close could say goodbye; a daemon thread lives until
     :meth:`shutdown` (the pool's close) or the end of the process.
+
+    Every worker start passes through this one thread, so it is also where starts are
+    spaced (``training.worker_spawn_stagger_s``): eight processes initialising HIP at once
+    on a ROCm rig are not stable, so a start waits until ``stagger_s`` after the previous
+    one, whether it is a first start, a restart or a re-promotion. :meth:`shutdown` cuts a
+    wait short.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, stagger_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if not stagger_s >= 0:
+            raise ValueError(f"`stagger_s` must be >= 0, got {stagger_s!r}")
+        self.stagger_s = float(stagger_s)
+        self._clock = clock
+        self._last_start: float | None = None
         self._calls: queue.Queue[tuple[Callable[[], Any], Future[Any]] | None] = queue.Queue()
         self._lock = threading.Lock()
         self._stopped = False
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
@@ -317,6 +329,15 @@ class Spawner:
             self._calls.put((lambda: fn(*args), future))
         return future
 
+    def _pace(self) -> None:
+        """Wait until ``stagger_s`` after the previous start (or until shut down)."""
+        if self.stagger_s <= 0 or self._last_start is None:
+            return
+        wait = self._last_start + self.stagger_s - self._clock()
+        if wait > 0:
+            logger.debug("next worker start in %.2fs (worker_spawn_stagger_s %g)", wait, self.stagger_s)
+            self._stopping.wait(wait)
+
     def _serve(self) -> None:
         while True:
             call = self._calls.get()
@@ -325,16 +346,20 @@ class Spawner:
             fn, future = call
             if not future.set_running_or_notify_cancel():
                 continue
+            self._pace()
+            self._last_start = self._clock()
             try:
                 future.set_result(fn())
             except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
                 future.set_exception(exc)
 
     def shutdown(self) -> None:
-        """Run what was already submitted, then end the thread (and wait for it); idempotent."""
+        """Run what was already submitted (without waiting out the stagger), then end the
+        thread (and wait for it); idempotent."""
         with self._lock:
             if not self._stopped:
                 self._stopped = True
+                self._stopping.set()
                 self._calls.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join()

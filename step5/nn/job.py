@@ -31,6 +31,7 @@ import torch
 from step5 import errors
 from step5.errors import JobError
 from step5.nn.checkpoint import save_checkpoint
+from step5.nn.device_loop import device_backend
 from step5.nn.trainer import Fold, ModelSpec, TrainConfig, TrainedModel, padded_rows, train_models
 from step5.protocol import FUSE_KEYS, TrainRequest, batch_plan, fusion_key  # FUSE_KEYS: torch-free, shared with the parent
 
@@ -275,6 +276,12 @@ def describe_device(device: torch.device) -> str:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
     return str(device.type)
+
+
+def describe_backend(device: torch.device) -> str:
+    """``cuda``, ``rocm`` or ``cpu``: what this torch build trains on ``device`` with (the
+    ``backend`` of the worker's ``ready`` line and of the sidecar's worker records)."""
+    return device_backend(device)
 
 
 def release_memory(device: torch.device) -> None:

@@ -313,6 +313,7 @@ class TorchBackend:
             torch.zeros(1, device=self.torch_device)
             torch.cuda.synchronize(self.torch_device)
         self.device = job.describe_device(self.torch_device)
+        self.torch_backend = job.describe_backend(self.torch_device)  # cuda | rocm | cpu, from the build
         self.cache = job.DataCache()
 
     def train(self, request: TrainRequest) -> dict[str, Any]:
@@ -335,12 +336,16 @@ class TorchBackend:
 
 
 def _pick_device(torch: Any) -> Any:
-    """``cuda:0`` (the one GPU CUDA_VISIBLE_DEVICES leaves us) when usable, else the CPU."""
+    """``cuda:0`` (the one GPU the pool's pin leaves us: CUDA_VISIBLE_DEVICES for NVIDIA,
+    HIP_VISIBLE_DEVICES for AMD, both addressed as ``cuda`` by torch) when usable, else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda:0")
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible and not visible.strip().startswith("-"):
-        logger.warning("CUDA_VISIBLE_DEVICES=%r but CUDA is not available; this worker trains on the CPU", visible)
+    build = f"torch {torch.__version__} (CUDA {torch.version.cuda}, HIP {torch.version.hip})"
+    for name, runtime in (("CUDA_VISIBLE_DEVICES", "CUDA"), ("HIP_VISIBLE_DEVICES", "ROCm")):
+        visible = os.environ.get(name)
+        if visible and not visible.strip().startswith("-"):
+            logger.warning("%s=%r but %s is not available in %s; this worker trains on the CPU",
+                           name, visible, runtime, build)
     return torch.device("cpu")
 
 
@@ -384,16 +389,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ready: dict[str, Any] = {
         "status": "ready",
         "device": backend.device,
+        "backend": backend.torch_backend,
         "pid": os.getpid(),
         "protocol": PROTOCOL_VERSION,
         "torch_version": backend.torch_version,
         "torch_threads": backend.threads,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "hip_visible_devices": os.environ.get("HIP_VISIBLE_DEVICES"),
         "boot_s": round(_boot_seconds(), 4),
     }
     try:
         writer.write_message(ready)
-        logger.info("ready on %s after %.2fs", backend.device, ready["boot_s"])
+        logger.info("ready on %s (%s) after %.2fs", backend.device, backend.torch_backend, ready["boot_s"])
         rc = serve(reader, writer, Dispatcher(backend))
     except BrokenPipeError:
         # The parent closed our stdout: nobody is listening any more.

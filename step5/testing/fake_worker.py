@@ -52,6 +52,9 @@ FAULTS = ("none", "hang", "garbage", "exit", "sigkill", "oversize", "wrong_job_i
 BOOT_FAULTS = ("none", "hang", "exit", "garbage")
 ONESHOT_ENV = "STEP5_FAKE_ONESHOT"
 POISON_ENV = "STEP5_FAKE_POISON_TRIAL"
+#: Comma-separated variable names whose values each result echoes (``environment``), so
+#: tests can see what a slot's process was started with.
+ECHO_ENV = "STEP5_FAKE_ECHO_ENV"
 
 
 def kill_self_if_poisoned(trial_number: int | None) -> None:
@@ -95,7 +98,9 @@ def train(request: TrainRequest, device: str, job_s: float) -> dict[str, Any]:
         device=device, duration=round(time.perf_counter() - start, 6), worker_pid=os.getpid(),
         # Where it ran, so tests can see that each slot's environment reached its process.
         cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        hip_visible_devices=os.environ.get("HIP_VISIBLE_DEVICES"),
         torch_threads=os.environ.get("STEP5_TORCH_THREADS"),
+        environment={name: os.environ.get(name) for name in os.environ.get(ECHO_ENV, "").split(",") if name},
     )
     return result
 
@@ -226,6 +231,7 @@ class FakeWorker:
         self.writer.write_message({
             "status": "ready", "device": self.device, "pid": os.getpid(), "protocol": PROTOCOL_VERSION,
             "boot_s": self.args.boot_s, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "hip_visible_devices": os.environ.get("HIP_VISIBLE_DEVICES"), "backend": self.args.backend,
             "torch_threads": os.environ.get("STEP5_TORCH_THREADS"), "fake": True,
         })
         lines = self._start_reader()
@@ -327,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stderr-lines", type=int, default=0, help="lines of stderr chatter per job")
     p.add_argument("--oversize-bytes", type=int, default=2 * MAX_REQUEST_BYTES)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default=None, choices=("cpu", "cuda", "rocm"),
+                   help="the backend `ready` reports [none: the pool reads it from --device]")
     args = p.parse_args(argv)
 
     from step5.lifeline import install_lifeline
