@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 PARENT_PID_ENV = "STEP5_PARENT_PID"
 #: Set by the WATCHER for the step it runs: the step stops (as on SIGTERM) if the WATCHER dies.
 SUPERVISOR_PID_ENV = "STEP5_SUPERVISOR_PID"
+#: "1" in a helper started over ssh (step5.cluster): it stops (as on SIGTERM) when its stdin
+#: closes, which is all the remote end sees of the main process stopping it or dying.
+STDIN_LIFELINE_ENV = "STEP5_STDIN_LIFELINE"
 
 #: Exit status of a child that found itself orphaned (nobody is left to read it; it only
 #: makes the cause visible when a human runs the worker by hand).
@@ -148,3 +151,33 @@ def install_supervisor_lifeline(environ: dict[str, str] | None = None) -> thread
     return install_lifeline(
         supervisor, death_signal=signal.SIGTERM, on_orphan=lambda: os.kill(os.getpid(), signal.SIGTERM),
     )
+
+
+def install_stdin_lifeline(
+    environ: dict[str, str] | None = None, *, fd: int = 0, on_eof: Callable[[], None] | None = None,
+) -> threading.Thread | None:
+    """End this process as on SIGTERM when file descriptor ``fd`` (stdin) reaches EOF, if
+    :data:`STDIN_LIFELINE_ENV` is ``1``; returns the watch thread (None: not asked for).
+
+    A helper started over ssh has no parent on its own host to watch: its sshd stays, the
+    main process is elsewhere. What reaches it is its stdin, the ssh channel: the main
+    process closes it to stop the helper, and a dead main process or a lost connection
+    closes it too. Whatever it reads before EOF is discarded.
+    """
+    env = os.environ if environ is None else environ
+    if env.get(STDIN_LIFELINE_ENV) != "1":
+        return None
+    act = on_eof or (lambda: os.kill(os.getpid(), signal.SIGTERM))
+
+    def watch() -> None:
+        try:
+            while os.read(fd, 65536):
+                pass
+        except OSError as exc:
+            logger.warning("stdin lifeline: reading stdin failed (%s)", exc)
+        logger.warning("stdin closed: the process that started this helper stopped it or is gone; stopping")
+        act()
+
+    thread = threading.Thread(target=watch, name="step5-stdin-lifeline", daemon=True)
+    thread.start()
+    return thread

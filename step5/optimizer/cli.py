@@ -27,7 +27,7 @@ from step5.artifacts import MODEL_TYPES
 from step5.devices import parse_gpu_list
 from step5.errors import DegenerateSignalError, Step5Error, Terminated, UsageError
 from step5.interrupts import latched_interrupts
-from step5.lifeline import install_supervisor_lifeline
+from step5.lifeline import install_stdin_lifeline, install_supervisor_lifeline
 from step5.optimizer.config import DEFAULT_MOD, DEFAULT_PRNG_TYPE, OptimizerConfig, validate_config
 from step5.optimizer.preflight import preflight
 from step5.policy import PRUNER_NAMES, find_policy
@@ -193,6 +193,11 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
                              "partitions of the development rows (other shuffles and seeds): an estimate "
                              "free of the search's own selection, recorded in the sidecar; --compare-models "
                              "chooses by it [3 with --compare-models, else 0: none]")
+    search.add_argument("--cluster-config", type=Path, default=None,
+                        help="the pipeline's distributed_config.json: also start a --search-only helper over ssh on "
+                             "each of its nodes other than this host (its python_env, in its script_path), stream "
+                             "their logs, stop them when the study is full; needs a shared --storage "
+                             "(docs/cluster.md)")
     search.add_argument("--search-only", action="store_true",
                         help="helper role for a shared study (--storage, --study-name): train trials until the "
                              "study holds --trials complete ones, exit 0, write no model; the process without "
@@ -215,7 +220,10 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
     ex.add_argument("--policy", type=Path, default=None,
                     help="policy file [./watcher_policies.json if there is one, else the project's own]")
     ex.add_argument("--gpus", type=_gpus, default=None,
-                    help="GPU indices like 0,1, or 'none' [detected without torch]")
+                    help="NVIDIA GPU indices like 0,1 (or cuda:0,cuda:1), AMD GPUs like rocm:0,rocm:1 (a list may "
+                         "mix both), 'cuda' / 'rocm' (every GPU of that kind found here), 'all' (both kinds), or "
+                         "'none' [detected without torch: the NVIDIA GPUs, else the AMD GPUs; a host with both "
+                         "uses both only when asked]")
     ex.add_argument("--cpu-workers", type=_positive_int, default=None,
                     help="NN workers when there is no GPU [one per core, max 8]; for tree models, the "
                          "library's thread count [library default]")
@@ -300,6 +308,7 @@ def config_from_args(args: argparse.Namespace, command_line: Sequence[str]) -> O
         nn_max_epochs=args.nn_max_epochs,
         rescore_partitions=args.rescore_partitions,
         cv_repeats=args.cv_repeats,
+        cluster_config=args.cluster_config,
         command_line=list(command_line),
     )
     validate_config(config)
@@ -394,6 +403,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     with latched_interrupts() as handled:
         if handled:
             install_supervisor_lifeline()  # run by the WATCHER: stop as on SIGTERM if it dies
+        install_stdin_lifeline()  # a helper started over ssh: stop when the ssh channel closes
         return _run_main(parser, args, argv)
 
 

@@ -73,6 +73,10 @@ class OptimizerConfig:
     # (K x N fits), and its objective is taken over all of them. None: cv_repeats() by
     # model type and rows (docs/optimizer.md, "Repeated CV").
     cv_repeats: int | None = None
+    # The pipeline's distributed_config.json: start a --search-only helper over ssh on each
+    # of its other hosts (step5.cluster). None: this process searches alone (or with helpers
+    # started by hand).
+    cluster_config: Path | None = None
     command_line: list[str] | None = None  # argv as the user typed it, for the sidecar's provenance
 
 
@@ -174,6 +178,19 @@ def validate_config(config: OptimizerConfig) -> None:
             "--search-only helps one study; --compare-models runs four. Start a helper per model type with "
             "--model-type and the main run's --storage and --study-name"
         )
+    if config.cluster_config is not None:
+        if config.search_only:
+            raise UsageError("--cluster-config starts helpers from the main process; a --search-only helper "
+                             "starts none")
+        if config.compare_models:
+            raise UsageError("--cluster-config helps one study; --compare-models runs four. Run one model type "
+                             "with --model-type")
+        if config.storage is None or config.storage.lower().startswith("sqlite"):
+            raise UsageError(
+                "--cluster-config shares the study with other hosts, so --storage must be a database server "
+                "every host reaches, such as postgresql+psycopg://step5@dbhost/step5 (a SQLite file is local), "
+                f"got {config.storage!r}"
+            )
     if config.study_name is not None and not config.study_name.strip():
         raise UsageError("--study-name must not be empty")
     if config.storage is not None and "://" not in config.storage:

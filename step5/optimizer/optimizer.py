@@ -47,7 +47,10 @@ from step5 import artifacts, model_set
 from step5.data.history import load_history
 from step5.data.splits import FoldFiles, dev_rows, holdout_split, kfold_splits
 from step5.data.survivors import SurvivorTable, load_survivors
-from step5.devices import plan_slots
+from step5.cluster import ClusterNode, HelperFleet, NoFleet, helper_arguments, helper_fleet, load_cluster_config, \
+    split_local
+from step5.cluster.nodes import storage_is_loopback
+from step5.devices import cuda_ids, plan_slots
 from step5.errors import DataError, DegenerateSignalError, JobError, Step5Error
 from step5.execution.factory import make_fold_runner, resolve_persistent_workers
 from step5.execution.summary import ExecutionSummary, SearchRecord, build_execution_summary
@@ -172,6 +175,7 @@ class AntiOverfitMetaOptimizer:
             self.run_id[:8], cfg.model_type, cfg.trials, cfg.k_folds, cfg.test_holdout, cfg.seed,
         )
         self.policy = load_policy(cfg.policy_path)
+        helper_nodes = self._helper_nodes()  # a bad cluster config fails before the data is read
 
         start = time.perf_counter()
         table = load_survivors(cfg.survivors, cfg.target)
@@ -211,10 +215,14 @@ class AntiOverfitMetaOptimizer:
         )
         with contextlib.ExitStack() as outputs:  # the new model set: discarded unless committed
             with contextlib.ExitStack() as stack:
+                # Helpers on the other hosts join the study while this process boots its workers;
+                # they stop once the search is over, however it ends.
+                helpers = stack.enter_context(self._helper_fleet(helper_nodes, study_name, storage_url))
                 files = stack.enter_context(FoldFiles())
                 backend = self._make_backend(cv, files)
                 stack.callback(backend.close)  # workers shut down however the run ends
                 self._search(opened, backend)
+                helpers.stop("the study is full")
                 if cfg.search_only:
                     return self._search_only_outcome(opened)
                 best = best_complete_trial(opened.study)
@@ -229,6 +237,36 @@ class AntiOverfitMetaOptimizer:
             return self._write_success(
                 opened, best, final, rescore, cv, signal, data_context, feature_schema, execution, backend, staged,
             )
+
+    # ------------------------------------------------------------------ cluster
+
+    def _helper_nodes(self) -> list[ClusterNode]:
+        """The hosts of ``--cluster-config`` other than this one (none without the flag)."""
+        cfg = self.config
+        if cfg.cluster_config is None:
+            return []
+        nodes = load_cluster_config(cfg.cluster_config)
+        local, remote = split_local(nodes)
+        for node in local:
+            logger.info("cluster: %s (%d x %s) is this host: the main process runs here",
+                        node.hostname, node.gpu_count, node.gpu_type or "?")
+        if remote:
+            logger.info("cluster: a --search-only helper will start on %s",
+                        ", ".join(f"{n.hostname} ({n.gpu_count} x {n.gpu_type or '?'})" for n in remote))
+        else:
+            logger.warning("cluster: %s lists no host other than this one; searching alone", cfg.cluster_config)
+        return remote
+
+    def _helper_fleet(self, nodes: list[ClusterNode], study_name: str, storage_url: str) -> HelperFleet | NoFleet:
+        if not nodes:
+            return NoFleet()
+        cfg = self.config
+        if storage_is_loopback(storage_url):
+            logger.warning("cluster: --storage %s names this host as the database; helpers on other hosts will "
+                           "look for it on themselves (give the database host's address)", redact_storage(storage_url))
+        policy_given = any(a == "--policy" or a.startswith("--policy=") for a in cfg.command_line or [])
+        arguments = helper_arguments(cfg, study_name=study_name, storage=storage_url, policy_given=policy_given)
+        return helper_fleet(nodes, arguments)
 
     # ------------------------------------------------------------------ data
 
@@ -327,10 +365,14 @@ class AntiOverfitMetaOptimizer:
             if cfg.cpu_workers is not None:
                 logger.info("%s trains with %d thread(s) (--cpu-workers)", cfg.model_type, cfg.cpu_workers)
             self.plan = resolve_search_plan(cfg, self.policy, 1, neural_net=False)
-            return TreeBackend(cfg.model_type, cv, seed=cfg.seed, gpus=cfg.gpus, n_threads=cfg.cpu_workers)
+            # The tree libraries drive NVIDIA GPUs only: --gpus rocm:N leaves them on the CPU.
+            return TreeBackend(cfg.model_type, cv, seed=cfg.seed, gpus=cuda_ids(cfg.gpus), n_threads=cfg.cpu_workers)
         policy = self.policy
         assert policy is not None, "run() loads the policy before making the backend"
-        slots = plan_slots(cfg.gpus, cfg.cpu_workers)
+        slots = plan_slots(cfg.gpus, cfg.cpu_workers, device_env=policy.training.device_env)
+        if policy.training.device_env:
+            logger.info("every worker and one-shot trainer gets %s (training.device_env)",
+                        " ".join(f"{k}={v}" for k, v in sorted(policy.training.device_env.items())))
         persistent = resolve_persistent_workers(cfg.persistent_workers, policy.training)
         logger.info(
             "neural-net folds run on %s via %s",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -91,7 +92,8 @@ def _install_fault(point: str, command: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m step5.testing.fake_search")
     parser.add_argument("--job-sleep-s", type=float, default=0.0, help="how long each fake fold job sleeps")
-    parser.add_argument("--timings-out", default=None, help="write the loop's coordination timings here (JSON)")
+    parser.add_argument("--timings-out", default=None,
+                        help="write the loop's coordination timings here (JSON); {pid} becomes this process's pid")
     parser.add_argument("--ready-file", default=None,
                         help="touch this file once the heavy imports are done, then wait for --go-file")
     parser.add_argument("--go-file", default=None, help="start the run when this file exists")
@@ -128,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cli.main(rest, prog="fake_search")
     finally:
         if args.timings_out:
-            write_json_atomic(args.timings_out, {"started": started, "ended": time.time(), **timings})
+            write_json_atomic(args.timings_out.replace("{pid}", str(os.getpid())),
+                              {"started": started, "ended": time.time(), **timings})
 
 
 if __name__ == "__main__":
