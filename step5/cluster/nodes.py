@@ -120,11 +120,20 @@ def load_cluster_config(path: str | Path) -> list[ClusterNode]:
 
 
 def local_names() -> frozenset[str]:
-    """The names under which a node is this host."""
+    """The names under which a node is this host: loopback, this host's names, and the
+    addresses of its interfaces (a config may list the coordinator by its LAN address)."""
+    import psutil
+
     names = set(LOOPBACK_NAMES)
     for name in (socket.gethostname(), socket.getfqdn()):
         if name:
             names.update({name.lower(), name.split(".")[0].lower()})
+    try:
+        for addresses in psutil.net_if_addrs().values():
+            names.update(a.address.split("%")[0].lower() for a in addresses
+                         if a.family in (socket.AF_INET, socket.AF_INET6))
+    except OSError:
+        pass
     return frozenset(names)
 
 

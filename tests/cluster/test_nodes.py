@@ -96,3 +96,13 @@ def test_a_missing_or_broken_file_is_a_data_error(tmp_path):
 ])
 def test_a_storage_url_on_loopback_is_recognised(url, loopback):
     assert storage_is_loopback(url) is loopback
+
+
+def test_a_node_listed_by_one_of_this_hosts_addresses_is_this_host():
+    import psutil
+
+    address = next(a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                   if a.family.name == "AF_INET")
+    nodes = parse_cluster_config({"nodes": [node(address), node("rig-1")]}, SOURCE)
+    local, remote = split_local(nodes)
+    assert [n.hostname for n in local] == [address] and [n.hostname for n in remote] == ["rig-1"]
