@@ -115,15 +115,19 @@ def _write_cluster(folder: Path, layout: Layout) -> tuple[Path, Path, dict[str, 
     return config, policy, env
 
 
-def _complete(url: str, name: str) -> int:
+def _progress(url: str, name: str, pid_file: Path) -> tuple[int, int]:
+    """(complete trials in the study, trials running in the process of ``pid_file``)."""
     import optuna
     from optuna.trial import TrialState
 
     try:
         study = optuna.load_study(study_name=name, storage=url)
     except KeyError:  # not created yet
-        return 0
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        return 0, 0
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    pid = int(pid_file.read_text()) if pid_file.exists() else -1
+    running = sum(1 for t in trials if t.state == TrialState.RUNNING and (t.user_attrs.get("owner") or {}).get("pid") == pid)
+    return sum(1 for t in trials if t.state == TrialState.COMPLETE), running
 
 
 def run_layout(pg: Any, layout: Layout, inputs: tuple[Path, Path], work: Path, *, scenario: str = "steady",
@@ -144,18 +148,22 @@ def run_layout(pg: Any, layout: Layout, inputs: tuple[Path, Path], work: Path, *
            "--seed", "1", "--policy", str(policy), "--storage", url, "--study-name", "layout",
            "--cluster-config", str(config), "--output-dir", str(folder / "out"), "--log-level", "INFO"]
     killed: str | None = None
+    victim_pid = -1
     start = time.time()
     with open(folder / "main.log", "w") as log:
         main = subprocess.Popen(cmd, env=env, cwd=folder, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + timeout_s
             while main.poll() is None and time.monotonic() < deadline:
-                if scenario == "kill" and killed is None and _complete(url, "layout") >= layout.trials // 3:
-                    victim = folder / "pids" / "rig-2.pid"
-                    pid = int(victim.read_text())
-                    os.kill(pid, signal.SIGKILL)
-                    killed = f"rig-2 (pid {pid})"
-                    logger.info("killed the helper of %s at %d complete trials", killed, _complete(url, "layout"))
+                victim = folder / "pids" / "rig-2.pid"
+                if scenario == "kill" and killed is None:
+                    complete_now, running = _progress(url, "layout", victim)
+                    if complete_now >= layout.trials // 3 and running:  # mid-batch, as a crash would find it
+                        victim_pid = int(victim.read_text())
+                        os.kill(victim_pid, signal.SIGKILL)
+                        killed = f"rig-2 (pid {victim_pid})"
+                        logger.info("killed the helper of %s at %d complete trials, %d of its trials running",
+                                    killed, complete_now, running)
                 time.sleep(0.5)
             if main.poll() is None:
                 raise TimeoutError(f"the main process ran past {timeout_s:g}s; see {folder / 'main.log'}")
@@ -189,11 +197,16 @@ def run_layout(pg: Any, layout: Layout, inputs: tuple[Path, Path], work: Path, *
         "every_helper_host_ended": all(re.search(rf"helpers: .*{r} (done|stopped)", text) for r in rigs),
     }
     if scenario == "kill":
-        # The others fail the dead helper's trials (its pid is gone on this host) and re-run
-        # them with the same params: each must be among the complete ones.
-        reclaimed = [t for t in failed if "died" in str(t.user_attrs.get("fail_reason", ""))]
-        checks["killed_helpers_trials_rerun"] = killed is not None and bool(reclaimed) and all(
-            tuple(sorted(t.params.items())) in params for t in reclaimed)
+        # The others fail the dead helper's unfinished trials (its pid is gone on this host)
+        # and queue a re-run of each with the params it had (a helper killed while sampling
+        # a batch leaves trials with only some of their params: the re-run samples the rest).
+        lost = [t for t in trials if (t.user_attrs.get("owner") or {}).get("pid") == victim_pid
+                and t.state != TrialState.COMPLETE]
+        reruns = {t.system_attrs.get("failed_trial"): t for t in complete if "failed_trial" in t.system_attrs}
+        checks["killed_helpers_trials_rerun"] = killed is not None and bool(lost) and all(
+            t.state == TrialState.FAIL and "died" in str(t.user_attrs.get("fail_reason", ""))
+            and (key := t.system_attrs.get("failed_trial", t.number)) in reruns
+            and t.params.items() <= reruns[key].params.items() for t in lost)
         # The fleet's verdict on the rig: restart it (whether the restart came before the
         # study was full depends on the run's length; the row says).
         checks["killed_rig_sent_to_restart"] = bool(re.search(r"\[rig-2\] helper ended with \S+ \(failure 1 of 3\); "

@@ -7,11 +7,12 @@
 * :mod:`step5.cluster.fleet` — the helpers' processes, logs and stopping.
 """
 from step5.cluster.fleet import HelperFleet, NoFleet, helper_fleet
-from step5.cluster.nodes import ClusterNode, load_cluster_config, parse_cluster_config, split_local
+from step5.cluster.nodes import ClusterNode, load_cluster_config, parse_cluster_config, split_local, storage_is_loopback
 from step5.cluster.remote import helper_arguments, remote_command, ssh_command
 from step5.cluster.supervision import HelperAction, HelperRecord
 
 __all__ = [
     "ClusterNode", "HelperAction", "HelperFleet", "HelperRecord", "NoFleet", "helper_arguments", "helper_fleet",
     "load_cluster_config", "parse_cluster_config", "remote_command", "split_local", "ssh_command",
+    "storage_is_loopback",
 ]

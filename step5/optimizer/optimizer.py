@@ -10,6 +10,8 @@
             │
             ▼
     Optuna study (SQLite by default) ──▶ N new complete trials (or the rest of an unfinished round)
+            │   (--cluster-config: --search-only helpers on the pipeline's other hosts
+            │   join the study until it is full, step5.cluster)
             │   one ask/tell loop (step5.optimizer.search): ask B trials, run their
             │   folds as groups (NN: FoldRunner.run = workers | one-shot subprocesses;
             │   trees: in-process), tell each exactly once, in ask order
@@ -47,9 +49,10 @@ from step5 import artifacts, model_set
 from step5.data.history import load_history
 from step5.data.splits import FoldFiles, dev_rows, holdout_split, kfold_splits
 from step5.data.survivors import SurvivorTable, load_survivors
-from step5.cluster import ClusterNode, HelperFleet, NoFleet, helper_arguments, helper_fleet, load_cluster_config, \
-    split_local
-from step5.cluster.nodes import storage_is_loopback
+from step5.cluster import (
+    ClusterNode, HelperFleet, NoFleet, helper_arguments, helper_fleet, load_cluster_config, split_local,
+    storage_is_loopback,
+)
 from step5.devices import cuda_ids, plan_slots
 from step5.errors import DataError, DegenerateSignalError, JobError, Step5Error
 from step5.execution.factory import make_fold_runner, resolve_persistent_workers
