@@ -153,31 +153,47 @@ def install_supervisor_lifeline(environ: dict[str, str] | None = None) -> thread
     )
 
 
+class StdinLifeline:
+    """The watch thread of :func:`install_stdin_lifeline`; :meth:`disarm` makes EOF a no-op."""
+
+    def __init__(self, fd: int, act: Callable[[], None]) -> None:
+        self._fd = fd
+        self._act = act
+        self._armed = threading.Event()
+        self._armed.set()
+        self.thread = threading.Thread(target=self._watch, name="step5-stdin-lifeline", daemon=True)
+
+    def _watch(self) -> None:
+        try:
+            while os.read(self._fd, 65536):
+                pass
+        except OSError as exc:
+            logger.warning("stdin lifeline: reading stdin failed (%s)", exc)
+        if self._armed.is_set():
+            logger.warning("stdin closed: the process that started this helper stopped it or is gone; stopping")
+            self._act()
+
+    def disarm(self) -> None:
+        """The run is over: its end must not be cut short by a stop that comes too late."""
+        self._armed.clear()
+
+
 def install_stdin_lifeline(
     environ: dict[str, str] | None = None, *, fd: int = 0, on_eof: Callable[[], None] | None = None,
-) -> threading.Thread | None:
+) -> StdinLifeline | None:
     """End this process as on SIGTERM when file descriptor ``fd`` (stdin) reaches EOF, if
-    :data:`STDIN_LIFELINE_ENV` is ``1``; returns the watch thread (None: not asked for).
+    :data:`STDIN_LIFELINE_ENV` is ``1``; returns the lifeline (None: not asked for).
 
     A helper started over ssh has no parent on its own host to watch: its sshd stays, the
     main process is elsewhere. What reaches it is its stdin, the ssh channel: the main
     process closes it to stop the helper, and a dead main process or a lost connection
-    closes it too. Whatever it reads before EOF is discarded.
+    closes it too. Whatever it reads before EOF is discarded. The caller disarms it once
+    its run is over (a helper that has finished is leaving anyway, and SIGTERM then would
+    find the default handler back and cut its exit short).
     """
     env = os.environ if environ is None else environ
     if env.get(STDIN_LIFELINE_ENV) != "1":
         return None
-    act = on_eof or (lambda: os.kill(os.getpid(), signal.SIGTERM))
-
-    def watch() -> None:
-        try:
-            while os.read(fd, 65536):
-                pass
-        except OSError as exc:
-            logger.warning("stdin lifeline: reading stdin failed (%s)", exc)
-        logger.warning("stdin closed: the process that started this helper stopped it or is gone; stopping")
-        act()
-
-    thread = threading.Thread(target=watch, name="step5-stdin-lifeline", daemon=True)
-    thread.start()
-    return thread
+    lifeline = StdinLifeline(fd, on_eof or (lambda: os.kill(os.getpid(), signal.SIGTERM)))
+    lifeline.thread.start()
+    return lifeline

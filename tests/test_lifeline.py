@@ -223,12 +223,23 @@ def test_without_the_variable_stdin_is_left_alone():
 def test_the_stdin_lifeline_acts_once_at_eof():
     read_end, write_end = os.pipe()
     ended = threading.Event()
-    thread = install_stdin_lifeline({STDIN_LIFELINE_ENV: "1"}, fd=read_end, on_eof=ended.set)
+    lifeline = install_stdin_lifeline({STDIN_LIFELINE_ENV: "1"}, fd=read_end, on_eof=ended.set)
     os.write(write_end, b"x" * 100)
     assert not ended.wait(0.2)
     os.close(write_end)
-    assert ended.wait(5) and thread is not None
-    thread.join(5)
+    assert ended.wait(5) and lifeline is not None
+    lifeline.thread.join(5)
+    os.close(read_end)
+
+
+def test_a_disarmed_stdin_lifeline_lets_a_finished_run_exit_in_peace():
+    read_end, write_end = os.pipe()
+    acted = threading.Event()
+    lifeline = install_stdin_lifeline({STDIN_LIFELINE_ENV: "1"}, fd=read_end, on_eof=acted.set)
+    lifeline.disarm()  # the run is over; the main process's stop comes too late
+    os.close(write_end)
+    lifeline.thread.join(5)
+    assert not lifeline.thread.is_alive() and not acted.is_set()
     os.close(read_end)
 
 

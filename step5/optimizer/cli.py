@@ -403,8 +403,12 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     with latched_interrupts() as handled:
         if handled:
             install_supervisor_lifeline()  # run by the WATCHER: stop as on SIGTERM if it dies
-        install_stdin_lifeline()  # a helper started over ssh: stop when the ssh channel closes
-        return _run_main(parser, args, argv)
+        stdin_lifeline = install_stdin_lifeline()  # a helper started over ssh: stop when the channel closes
+        try:
+            return _run_main(parser, args, argv)
+        finally:
+            if stdin_lifeline is not None:
+                stdin_lifeline.disarm()
 
 
 def _run_main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:

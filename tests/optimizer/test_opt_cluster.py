@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -46,3 +47,35 @@ def test_a_bad_cluster_file_fails_the_run_before_any_data_is_read(repo_root, pyt
     assert proc.returncode == 1, proc.stderr
     assert f"{cluster}: nodes[0].hostname '-oProxyCommand=x' is not a host name" in proc.stderr
     assert "survivors" not in proc.stderr.split("error:")[-1]  # the data was never reached
+
+
+def test_a_helper_whose_ssh_channel_closes_stops_as_on_sigterm_and_fails_its_trials(sample_inputs, tmp_path, python):
+    import os
+
+    import optuna
+
+    from step5.lifeline import STDIN_LIFELINE_ENV
+    from step5.testing.processes import signal_after_line
+
+    survivors, history = sample_inputs
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    (tmp_path / "policy.json").write_text("{}")
+    env = {**os.environ, STDIN_LIFELINE_ENV: "1"}
+    helper = subprocess.Popen(
+        [python, "-m", "step5.testing.fake_search", "--job-sleep-s", "60", "--",
+         "--survivors", str(survivors), "--lottery-data", str(history), "--trials", "4", "--k-folds", "2",
+         "--cpu-workers", "1", "--search-only", "--storage", storage, "--study-name", "helped",
+         "--policy", str(tmp_path / "policy.json"), "--output-dir", str(tmp_path / "out")],
+        env=env, cwd=tmp_path, stdin=subprocess.PIPE, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )
+    def hang_up() -> None:  # once its first batch is asked and training (a 60 s fold)
+        time.sleep(4.0)
+        helper.stdin.close()
+
+    _, after, code = signal_after_line(helper, "new trial(s)", hang_up, exit_timeout_s=60)
+    assert code == 143, after  # SIGTERM's path: trials failed, workers and temp files cleaned up
+    assert "stdin closed: the process that started this helper stopped it or is gone; stopping" in after
+    study = optuna.load_study(study_name="helped", storage=storage)
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    assert failed and all(t.user_attrs["fail_reason"] == "interrupted by SIGTERM" for t in failed)
+    assert not any(t.state.name == "RUNNING" for t in study.trials)
