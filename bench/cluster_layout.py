@@ -198,15 +198,24 @@ def run_layout(pg: Any, layout: Layout, inputs: tuple[Path, Path], work: Path, *
     }
     if scenario == "kill":
         # The others fail the dead helper's unfinished trials (its pid is gone on this host)
-        # and queue a re-run of each with the params it had (a helper killed while sampling
-        # a batch leaves trials with only some of their params: the re-run samples the rest).
+        # and queue a re-run of each with the params it had: a helper killed while sampling
+        # a batch leaves trials with only some of their params (the re-run samples the
+        # rest) or none (nothing to re-run: its place goes to a fresh trial). A queued
+        # re-run it had taken but not started stays WAITING for whoever asks next.
         lost = [t for t in trials if (t.user_attrs.get("owner") or {}).get("pid") == victim_pid
                 and t.state != TrialState.COMPLETE]
         reruns = {t.system_attrs.get("failed_trial"): t for t in complete if "failed_trial" in t.system_attrs}
-        checks["killed_helpers_trials_rerun"] = killed is not None and bool(lost) and all(
-            t.state == TrialState.FAIL and "died" in str(t.user_attrs.get("fail_reason", ""))
-            and (key := t.system_attrs.get("failed_trial", t.number)) in reruns
-            and t.params.items() <= reruns[key].params.items() for t in lost)
+
+        def recovered(t: Any) -> bool:
+            if t.state == TrialState.WAITING:
+                return True
+            key = t.system_attrs.get("failed_trial", t.number)
+            return (t.state == TrialState.FAIL and "died" in str(t.user_attrs.get("fail_reason", ""))
+                    and (not t.params or (key in reruns and t.params.items() <= reruns[key].params.items())))
+
+        checks["killed_helpers_trials_rerun"] = killed is not None and bool(lost) and all(map(recovered, lost))
+        killed = (f"{killed}; its unfinished trials: "
+                  + ", ".join(f"{t.number} {t.state.name} ({len(t.params)} params)" for t in lost))
         # The fleet's verdict on the rig: restart it (whether the restart came before the
         # study was full depends on the run's length; the row says).
         checks["killed_rig_sent_to_restart"] = bool(re.search(r"\[rig-2\] helper ended with \S+ \(failure 1 of 3\); "
