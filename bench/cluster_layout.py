@@ -37,7 +37,7 @@ shared with other work, between batches, while their slots wait. A fold must sta
 against it for the rate to measure coordination rather than this machine: 3 s (a trial of
 5 folds is 15 s of one slot) is between an H100's fold (0.1-0.5 s, docs/benchmark.md) and
 an RX 6600's fold of a 30-120 s trial (6-24 s, docs/cluster.md). docs/cluster.md gives
-the figures for shorter folds too.
+the figures for other fold lengths too.
 """
 from __future__ import annotations
 
