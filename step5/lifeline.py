@@ -27,6 +27,8 @@ import threading
 import time
 from typing import Callable
 
+from step5.errors import EXIT_ORPHANED
+
 logger = logging.getLogger(__name__)
 
 #: Environment variable holding the pid of the process whose death must end the child.
@@ -36,10 +38,6 @@ SUPERVISOR_PID_ENV = "STEP5_SUPERVISOR_PID"
 #: "1" in a helper started over ssh (step5.cluster): it stops (as on SIGTERM) when its stdin
 #: closes, which is all the remote end sees of the main process stopping it or dying.
 STDIN_LIFELINE_ENV = "STEP5_STDIN_LIFELINE"
-
-#: Exit status of a child that found itself orphaned (nobody is left to read it; it only
-#: makes the cause visible when a human runs the worker by hand).
-EXIT_ORPHANED = 3
 
 _PR_SET_PDEATHSIG = 1
 

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from step5.artifacts import TRAINING_METRIC_KEYS, resolve_checkpoint, validate_sidecar
-from step5.errors import DataError, PolicyError
+from step5.errors import EXIT_ESCALATE, EXIT_OK, EXIT_SKIP_MODEL, DataError, DegenerateSignalError, PolicyError, \
+    UsageError
 from step5.jsonio import loads
 from step5.policy import DiagnosticsPolicy, Policy, bound_breaches, metric_key
 from step5.values import finite_or_none
@@ -52,12 +53,11 @@ class Decision(str, Enum):
 
 
 EXIT_CODES: dict[Decision, int] = {
-    Decision.PROCEED: 0,
-    Decision.DEGENERATE: 2,
-    Decision.SKIP_MODEL: 3,
-    Decision.ESCALATE: 4,
+    Decision.PROCEED: EXIT_OK,
+    Decision.DEGENERATE: DegenerateSignalError.exit_code,
+    Decision.SKIP_MODEL: EXIT_SKIP_MODEL,
+    Decision.ESCALATE: EXIT_ESCALATE,
 }
-EXIT_INTERRUPTED = 130
 
 # Metric names the policy may use -> key in the sidecar's ``training_metrics``. ``cv_r2`` is
 # the short name the acceptance rules use (``min_cv_r2``) for the CV mean.
@@ -308,10 +308,11 @@ def judge(
             f"step {step.number} timed out after {timeout:g}s (watcher.step_timeout_s); its process group was stopped"
         ])
     rc = run.returncode
-    if rc == 64:
-        return Judgement(Decision.ESCALATE, [f"step {step.number} rejected its command line (exit 64){_tail_hint(run)}"])
+    degenerate = DegenerateSignalError.exit_code
+    if rc == UsageError.exit_code:
+        return Judgement(Decision.ESCALATE, [f"step {step.number} rejected its command line (exit {rc}){_tail_hint(run)}"])
 
-    if rc not in (0, 2):
+    if rc not in (EXIT_OK, degenerate):
         reason = f"step {step.number} failed with {run.exit_status}{_tail_hint(run)}"
         return Judgement(Decision.RETRY if can_retry else Decision.ESCALATE, [reason])
 
@@ -329,10 +330,10 @@ def judge(
         ], sidecar=sidecar)
 
     outcome = sidecar.get("outcome")
-    if rc == 2:
+    if rc == degenerate:
         if outcome != "DEGENERATE_SIGNAL":
             return Judgement(Decision.ESCALATE, [
-                f"step {step.number} exited 2 (degenerate) but the sidecar's outcome is {outcome!r}"
+                f"step {step.number} exited {rc} (degenerate) but the sidecar's outcome is {outcome!r}"
             ], sidecar=sidecar)
         sq = sidecar.get("signal_quality") or {}
         return Judgement(Decision.DEGENERATE, [
