@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -56,38 +57,55 @@ from step5.jsonio import dumps, read_json_file, write_json_atomic
 from step5.values import is_int, is_number
 
 SCHEMA_VERSION = "1.0"
+
+# Every file name Step 5 reads or writes, in one place.
+#: The pipeline's inputs (SPEC section 2), as its earlier steps name them.
+SURVIVORS_FILENAME = "survivors_with_scores.json"
+HISTORY_FILENAME = "train_history.json"
+#: A model set's files besides the checkpoint (SPEC section 4).
 SIDECAR_NAME = "best_model.meta.json"
 HISTORY_PNG_NAME = "best_model.history.png"
-
-#: Folder for per-run diagnostics, the compare summary and the skip registry, relative to
-#: the working directory (the pipeline's root), where the existing pipeline's health check
-#: and optimizer look for them.
+#: Folder for per-run diagnostics, the compare summary, the skip registry and the WATCHER's
+#: decision log, relative to the working directory (the pipeline's root), where the existing
+#: pipeline's health check and optimizer look for them.
 DIAGNOSTICS_DIRNAME = "diagnostics_outputs"
 COMPARE_SUMMARY_NAME = "compare_models_summary.json"
 REGISTRY_NAME = "model_skip_registry.json"
 
-#: Every model family Step 5 trains, in the order ``--compare-models`` runs them; the one
-#: definition (the optimizer's config and CLI, the WATCHER's fake and Step 6 import it).
-MODEL_TYPES = ("neural_net", "xgboost", "lightgbm", "catboost")
 
-#: File name of each model type's checkpoint (SPEC section 4).
-CHECKPOINT_FILENAMES: dict[str, str] = {
-    "neural_net": "best_model.pth",
-    "xgboost": "best_model.json",
-    "lightgbm": "best_model.txt",
-    "catboost": "best_model.cbm",
-}
+@dataclass(frozen=True)
+class ModelType:
+    """One model family Step 5 trains: the facts every part of Step 5 asks about it."""
 
-#: What is inside each checkpoint file, so a reader knows how to open it.
-CHECKPOINT_FORMATS: dict[str, str] = {
-    "neural_net": "pytorch_tensors",  # torch.save of tensors + plain data; weights_only=True loads it
-    "xgboost": "xgboost_json",
-    "lightgbm": "lightgbm_text",
-    "catboost": "catboost_cbm",
-}
+    name: str  # the --model-type value and the sidecar's model_type
+    checkpoint_name: str  # best_model.<ext> (SPEC section 4)
+    checkpoint_format: str  # the sidecar's checkpoint_format: what is inside the file, so a reader can open it
+    # Trained by torch, in worker / one-shot processes the parent starts (the parent never
+    # imports torch); otherwise in-process by its tree library (step5.models).
+    torch: bool = False
+
+
+#: Every model family Step 5 trains, in the order ``--compare-models`` runs them: the one
+#: definition of a model type (the optimizer, the CLI, the WATCHER, Step 6 look them up here).
+MODEL_REGISTRY: dict[str, ModelType] = {m.name: m for m in (
+    # torch.save of tensors + plain data; weights_only=True loads it
+    ModelType("neural_net", "best_model.pth", "pytorch_tensors", torch=True),
+    ModelType("xgboost", "best_model.json", "xgboost_json"),
+    ModelType("lightgbm", "best_model.txt", "lightgbm_text"),
+    ModelType("catboost", "best_model.cbm", "catboost_cbm"),
+)}
+MODEL_TYPES = tuple(MODEL_REGISTRY)
 
 #: Every file a model set may hold (see :mod:`step5.model_set`).
-MODEL_SET_NAMES = frozenset({*CHECKPOINT_FILENAMES.values(), SIDECAR_NAME, HISTORY_PNG_NAME})
+MODEL_SET_NAMES = frozenset({*(m.checkpoint_name for m in MODEL_REGISTRY.values()), SIDECAR_NAME, HISTORY_PNG_NAME})
+
+
+def get_model_type(name: str) -> ModelType:
+    """The registry entry of ``name``; a ``ValueError`` naming the model types otherwise."""
+    try:
+        return MODEL_REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"`model_type` must be one of {list(MODEL_TYPES)}, got {name!r}") from None
 
 OUTCOMES = ("SUCCESS", "DEGENERATE_SIGNAL")
 SIGNAL_STATUSES = ("healthy", "weak", "degenerate")
@@ -176,12 +194,9 @@ def beats_mean(test_r2: float | None) -> bool | None:
     return bool(test_r2 > 0.0)
 
 
-def checkpoint_filename(model_type: str) -> str:
-    """``best_model.pth`` / ``.json`` / ``.txt`` / ``.cbm`` for ``model_type``."""
-    try:
-        return CHECKPOINT_FILENAMES[model_type]
-    except KeyError:
-        raise ValueError(f"`model_type` must be one of {list(MODEL_TYPES)}, got {model_type!r}") from None
+def checkpoint_filename(name: str) -> str:
+    """``best_model.pth`` / ``.json`` / ``.txt`` / ``.cbm`` for model type ``name``."""
+    return get_model_type(name).checkpoint_name
 
 
 def write_sidecar(path: str | os.PathLike[str], sidecar: Mapping[str, Any]) -> Path:
@@ -493,15 +508,16 @@ def validate_sidecar(obj: dict[str, Any]) -> list[str]:
                     f"{tm['test_r2']!r} (true only above 0), got {tm['beats_mean']!r}"
                 )
         if isinstance(model_type, str) and model_type in MODEL_TYPES:
-            if obj.get("checkpoint_format") != CHECKPOINT_FORMATS[model_type]:
+            spec = MODEL_REGISTRY[model_type]
+            if obj.get("checkpoint_format") != spec.checkpoint_format:
                 problems.append(
-                    f"`checkpoint_format` must be {CHECKPOINT_FORMATS[model_type]!r} for model type "
+                    f"`checkpoint_format` must be {spec.checkpoint_format!r} for model type "
                     f"{model_type!r}, got {obj.get('checkpoint_format')!r}"
                 )
             ckpt = obj.get("checkpoint_path")
-            if not isinstance(ckpt, str) or Path(ckpt).name != CHECKPOINT_FILENAMES[model_type]:
+            if not isinstance(ckpt, str) or Path(ckpt).name != spec.checkpoint_name:
                 problems.append(
-                    f"`checkpoint_path` must name {CHECKPOINT_FILENAMES[model_type]!r} for model type "
+                    f"`checkpoint_path` must name {spec.checkpoint_name!r} for model type "
                     f"{model_type!r}, got {ckpt!r}"
                 )
         if isinstance(sq, dict) and sq.get("prediction_allowed") is False:

@@ -49,7 +49,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from step5.artifacts import SIDECAR_NAME, feature_schema_hash, read_sidecar, resolve_checkpoint, verify_checkpoint
+from step5.artifacts import SIDECAR_NAME, feature_schema_hash, get_model_type, read_sidecar, resolve_checkpoint, \
+    verify_checkpoint
 from step5.cliutil import UsageErrorParser, add_log_level, closed_fraction
 from step5.errors import EXIT_OK, DataError, PredictionNotAllowed, Step5Error
 from step5.jsonio import write_json_atomic
@@ -173,7 +174,7 @@ def _sidecar_path(model_dir_or_sidecar: str | os.PathLike[str]) -> Path:
 
 
 def _load_model(model_type: str, checkpoint: Path) -> Any:
-    if model_type == "neural_net":
+    if get_model_type(model_type).torch:
         from step5.nn.checkpoint import load_checkpoint  # imports torch: Step 6 only
 
         return load_checkpoint(checkpoint)

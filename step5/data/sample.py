@@ -40,6 +40,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import orjson
 
+from step5.artifacts import HISTORY_FILENAME, SURVIVORS_FILENAME
 from step5.cliutil import UsageErrorParser, add_log_level
 from step5.data.survivors import _gc_paused
 from step5.fsutil import atomic_output
@@ -48,8 +49,6 @@ from step5.values import is_int
 
 logger = logging.getLogger(__name__)
 
-SURVIVORS_FILENAME = "survivors_with_scores.json"
-HISTORY_FILENAME = "train_history.json"
 
 #: How many leading feature columns carry the planted signal.
 N_SIGNAL_FEATURES = 6

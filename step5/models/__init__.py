@@ -7,13 +7,10 @@ from __future__ import annotations
 
 from step5.models.trees import (
     ADAPTERS,
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_SUFFIX,
     DEFAULT_EARLY_STOPPING_ROUNDS,
     TREE_MODEL_TYPES,
     TreeDevices,
     TreeModel,
-    checkpoint_name,
     device_for_gpus,
     load_model,
     require_libraries,
@@ -25,13 +22,10 @@ from step5.models.trees import (
 
 __all__ = [
     "ADAPTERS",
-    "CHECKPOINT_FORMAT",
-    "CHECKPOINT_SUFFIX",
     "DEFAULT_EARLY_STOPPING_ROUNDS",
     "TREE_MODEL_TYPES",
     "TreeDevices",
     "TreeModel",
-    "checkpoint_name",
     "device_for_gpus",
     "load_model",
     "require_libraries",

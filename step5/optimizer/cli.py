@@ -17,7 +17,9 @@ be written (exit 1 with one line naming ``--output-dir`` / ``--storage`` otherwi
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -218,6 +220,16 @@ def config_defaults() -> dict[str, Any]:
     ``--compare-models``; the config's own default applies after parsing."""
     return {f.name: f.default for f in dataclasses.fields(OptimizerConfig)
             if f.default is not dataclasses.MISSING and f.name != "model_type"}
+
+
+@functools.cache
+def flag_spellings() -> dict[str, frozenset[str]]:
+    """Every spelling of the flags that set each config field (``fuse_folds``:
+    ``--fuse-folds``, ``--no-fuse-folds``, ``--enable-vmap``), read from the parser."""
+    spellings: dict[str, set[str]] = collections.defaultdict(set)
+    for action in build_parser()._actions:  # argparse offers no public walk over its actions
+        spellings[action.dest].update(action.option_strings)
+    return collections.defaultdict(frozenset, {dest: frozenset(flags) for dest, flags in spellings.items()})
 
 
 def config_from_args(args: argparse.Namespace, command_line: Sequence[str]) -> OptimizerConfig:

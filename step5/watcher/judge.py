@@ -32,7 +32,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from step5.artifacts import TRAINING_METRIC_KEYS, resolve_checkpoint, validate_sidecar
+from step5.artifacts import TRAINING_METRIC_KEYS, get_model_type, resolve_checkpoint, validate_sidecar
 from step5.errors import EXIT_ESCALATE, EXIT_OK, EXIT_SKIP_MODEL, DataError, DegenerateSignalError, PolicyError, \
     UsageError
 from step5.jsonio import loads
@@ -359,7 +359,7 @@ def judge(
         warnings.append("signal_quality.signal_status is 'weak'")
     execution = sidecar.get("execution") or {}
     mode = execution.get("mode") if isinstance(execution, dict) else None
-    if expect_persistent_workers and model_type == "neural_net" and mode != "persistent_workers":
+    if expect_persistent_workers and get_model_type(model_type).torch and mode != "persistent_workers":
         warnings.append(f"persistent workers were asked for but the step ran in mode {mode!r}")
     if isinstance(execution, dict) and execution.get("fallbacks"):
         warnings.append(f"worker fallbacks during the run: {execution.get('fallbacks')!r}")

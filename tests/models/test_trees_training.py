@@ -7,6 +7,7 @@ import numpy as np
 import optuna
 import pytest
 
+from step5.artifacts import checkpoint_filename
 from step5.data.sample import generate_arrays
 from step5.devices import detect_gpus
 from step5.models import trees
@@ -88,7 +89,7 @@ def test_early_stopping_on_noise_keeps_only_the_best_rounds(model_type, tmp_path
     assert metrics["early_stopped"] is True
     assert metrics["n_iterations"] < 100
     # the checkpoint holds the same number of rounds as the metrics describe
-    path = trees.save_model(model, model_type, tmp_path / trees.checkpoint_name(model_type))
+    path = trees.save_model(model, model_type, tmp_path / checkpoint_filename(model_type))
     assert trees.load_model(path, model_type).n_iterations == metrics["n_iterations"]
 
 
@@ -227,7 +228,7 @@ def test_gpu_training_when_a_gpu_is_present(model_type, planted, tmp_path):
     metrics, model = _fit(model_type, planted, device=None)
     assert metrics["device"] == "cuda", metrics
     assert metrics["test_r2"] > 0.15
-    path = trees.save_model(model, model_type, tmp_path / trees.checkpoint_name(model_type))
+    path = trees.save_model(model, model_type, tmp_path / checkpoint_filename(model_type))
     loaded = trees.load_model(path, model_type)
     (_, _), (_, _), (Xte, _) = planted
     np.testing.assert_allclose(loaded.predict(Xte), model.predict(Xte), rtol=1e-6, atol=1e-7)
