@@ -101,7 +101,6 @@ METRIC_DIRECTIONS: dict[str, str] = {
     **{f"{part}_r2": WORSE_BELOW for part in ("cv", "train", "val", "test")},
     **{f"{part}_mse": WORSE_ABOVE for part in ("train", "val", "test")},
 }
-SEVERITIES = ("ok", "warning", "critical")
 
 
 @dataclass(frozen=True)

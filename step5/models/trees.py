@@ -215,11 +215,6 @@ class TreeDevices:
         logger.warning("%s GPU fit failed (%s); falling back to CPU for this and later folds", model_type, reason)
 
 
-def resolve_device(model_type: str, device: str | None = None, devices: TreeDevices | None = None) -> str:
-    """:meth:`TreeDevices.resolve` with ``devices`` (a fresh one when None)."""
-    return (TreeDevices() if devices is None else devices).resolve(model_type, device)
-
-
 def device_for_gpus(gpus: Sequence[str] | None, env: Mapping[str, str] | None = None) -> str | None:
     """The ``device`` argument that honours ``--gpus`` for an in-process tree fit.
 

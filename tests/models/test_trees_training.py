@@ -164,14 +164,14 @@ def test_r2_is_finite_for_a_constant_target():
 def test_no_visible_gpu_means_cpu(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     for model_type in trees.TREE_MODEL_TYPES:
-        assert trees.resolve_device(model_type) == "cpu"
-    assert trees.resolve_device("xgboost", "cuda") == "cuda:0"
-    assert trees.resolve_device("catboost", "cuda:1") == "cuda:1"
+        assert trees.TreeDevices().resolve(model_type) == "cpu"
+    assert trees.TreeDevices().resolve("xgboost", "cuda") == "cuda:0"
+    assert trees.TreeDevices().resolve("catboost", "cuda:1") == "cuda:1"
 
 
 def test_visible_gpu_picks_the_first_visible_ordinal(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    assert trees.resolve_device("xgboost") == "cuda:0"  # physical GPU 3 is ordinal 0 in-process
+    assert trees.TreeDevices().resolve("xgboost") == "cuda:0"  # physical GPU 3 is ordinal 0 in-process
 
 
 def test_lightgbm_without_gpu_support_trains_on_cpu(monkeypatch, caplog):
