@@ -150,12 +150,6 @@ def assess_metrics(
     return verdict
 
 
-def sidecar_problems(obj: Any) -> list[str]:
-    """Everything wrong with a sidecar object; empty means valid. The definition is the
-    optimizer's (:func:`step5.artifacts.validate_sidecar`), so the two cannot drift."""
-    return list(validate_sidecar(obj))
-
-
 @dataclass
 class Judgement:
     """The decision about one run, with everything the log and the registry need."""
@@ -319,7 +313,7 @@ def judge(
     sidecar, why = _load_sidecar(sidecar_path, sidecar_before)
     if sidecar is None:
         return Judgement(Decision.ESCALATE, [f"step {step.number} exited {rc} but {why}"])
-    problems = sidecar_problems(sidecar)
+    problems = validate_sidecar(sidecar)  # the optimizer's own definition: the two cannot drift
     if problems:
         return Judgement(Decision.ESCALATE, [f"invalid sidecar {sidecar_path}: {p}" for p in problems], sidecar=sidecar)
     provenance = sidecar.get("provenance") or {}
