@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from step5.artifacts import DIAGNOSTICS_DIRNAME, MODEL_TYPES, REGISTRY_NAME, get_model_type
+from step5.data.survivors import DEFAULT_TARGET
 from step5.errors import UsageError
 from step5.policy import PRUNER_NAMES, find_policy
 from step5.models.trees import require_libraries
@@ -42,7 +43,7 @@ class OptimizerConfig:
     study_name: str | None = None  # default derived from model type and data fingerprint
     storage: str | None = None  # Optuna storage URL; default a SQLite file (resumable)
     seed: int = 42  # splits, sampler and training seeds derive from it
-    target: str = "holdout_quality"
+    target: str = DEFAULT_TARGET  # features[NAME], else the record's own NAME
     persistent_workers: bool | None = field(default=None, metadata=NN_ONLY)  # None: the policy's kill switch decides
     # Default: ./watcher_policies.json if there is one, else the project's own
     # (step5.policy.find_policy); None: no policy file, every default applies.
