@@ -97,7 +97,10 @@ def _device(text: str) -> list[str]:
 
 
 def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> argparse.ArgumentParser:
-    """The SPEC section 3 parser (plus the documented extras ``--nn-max-epochs`` and fusion flags)."""
+    """The SPEC section 3 parser (plus the documented extras ``--nn-max-epochs`` and fusion flags).
+
+    A flag stores into the :class:`OptimizerConfig` field of its name, and its default is
+    that field's (:func:`config_defaults`), so no default is written here."""
     p = UsageErrorParser(
         prog=prog,
         description=(
