@@ -77,17 +77,17 @@ def without_comments(obj: Any) -> Any:
 
 
 @functools.cache
-def record_schema(cls: type, *, required: bool = True, extra_keys: bool = False,
+def record_schema(cls: type, *, required: bool = True,
                   replace: tuple[tuple[Any, Any], ...] = ()) -> type[msgspec.Struct]:
     """The msgspec schema of dataclass ``cls`` as a document holds it: its fields (nested
     dataclasses likewise), every one ``required`` or else optional (absent: ``UNSET``, so the
-    dataclass's own default applies), unknown keys an error unless ``extra_keys``;
-    ``replace`` swaps annotations (``((int, Count),)``: every int of the block is a count)."""
+    dataclass's own default applies), no unknown key; ``replace`` swaps annotations
+    (``((int, Count),)``: every int of the block is a count)."""
     swaps = dict(replace)
 
     def swap(t: Any) -> Any:
         if dataclasses.is_dataclass(t):
-            return record_schema(t, required=required, extra_keys=extra_keys, replace=replace)
+            return record_schema(t, required=required, replace=replace)
         return swaps.get(t, t)
 
     hints = typing.get_type_hints(cls, include_extras=True)
@@ -95,7 +95,7 @@ def record_schema(cls: type, *, required: bool = True, extra_keys: bool = False,
     for f in dataclasses.fields(cls):
         t = _map_type(hints[f.name], swap)
         fields.append((f.name, t) if required else (f.name, t | UnsetType, UNSET))
-    return msgspec.defstruct(cls.__name__, fields, kw_only=True, forbid_unknown_fields=not extra_keys)
+    return msgspec.defstruct(cls.__name__, fields, kw_only=True, forbid_unknown_fields=True)
 
 
 def present(struct: msgspec.Struct) -> dict[str, Any]:
