@@ -27,6 +27,9 @@ import threading
 import time
 from typing import Callable
 
+from step5.errors import EXIT_ORPHANED
+from step5.owner import pid_alive
+
 logger = logging.getLogger(__name__)
 
 #: Environment variable holding the pid of the process whose death must end the child.
@@ -37,21 +40,7 @@ SUPERVISOR_PID_ENV = "STEP5_SUPERVISOR_PID"
 #: closes, which is all the remote end sees of the main process stopping it or dying.
 STDIN_LIFELINE_ENV = "STEP5_STDIN_LIFELINE"
 
-#: Exit status of a child that found itself orphaned (nobody is left to read it; it only
-#: makes the cause visible when a human runs the worker by hand).
-EXIT_ORPHANED = 3
-
 _PR_SET_PDEATHSIG = 1
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
@@ -118,7 +107,7 @@ def install_lifeline(
         ppid = os.getppid()
         if ppid != original_ppid:
             return f"re-parented from pid {original_ppid} to {ppid}"
-        if not _pid_alive(watched):
+        if not pid_alive(watched):
             return f"parent pid {watched} no longer exists"
         return None
 

@@ -38,6 +38,7 @@ from typing import Iterator, Mapping
 from step5.artifacts import MODEL_SET_NAMES
 from step5.errors import Step5Error
 from step5.fsutil import DIR_MODE, fsync_dir, os_error_reason
+from step5.owner import pid_alive
 
 SETS_DIRNAME = ".model_sets"
 POINTER_NAME = "current"
@@ -275,10 +276,4 @@ def _partial_is_orphan(name: str, host: str) -> bool:
         return False
     if pid == os.getpid():
         return True  # this process commits one set at a time; any other one is left over
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return not pid_alive(pid)

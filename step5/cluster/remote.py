@@ -44,31 +44,12 @@ ENTRY_SCRIPT = "meta_prediction_optimizer_anti_overfit.py"
 CONNECTED_MARKER = "step5-helper-connected"
 SSH_CONNECT_TIMEOUT_S = 10
 
-#: OptimizerConfig fields a helper is given by the main process, and their flags.
-#: (field, flag); booleans with on/off flags are written both ways.
-FORWARDED_FIELDS: tuple[tuple[str, str], ...] = (
-    ("survivors", "--survivors"),
-    ("lottery_data", "--lottery-data"),
-    ("model_type", "--model-type"),
-    ("trials", "--trials"),
-    ("k_folds", "--k-folds"),
-    ("test_holdout", "--test-holdout"),
-    ("seed", "--seed"),
-    ("target", "--target"),
-    ("normalize_features", "--normalize-features"),
-    ("use_leaky_relu", "--use-leaky-relu"),
-    ("dropout", "--dropout"),
-    ("nn_max_epochs", "--nn-max-epochs"),
-    ("cv_repeats", "--cv-repeats"),
-    ("prng_type", "--prng-type"),
-    ("mod", "--mod"),
-    ("holdout_draws", "--holdout-draws"),
-    ("persistent_workers", "--persistent-workers"),
-    ("fuse_folds", "--fuse-folds"),
-    ("fuse_trials", "--fuse-trials"),
-    ("pruner", "--pruner"),
-    ("parent_run_id", "--parent-run-id"),
-    ("log_level", "--log-level"),
+#: OptimizerConfig fields a helper is given by the main process, each as the flag of its
+#: name (``k_folds``: ``--k-folds``); a true/false one as its on/off pair.
+FORWARDED_FIELDS: tuple[str, ...] = (
+    "survivors", "lottery_data", "model_type", "trials", "k_folds", "test_holdout", "seed", "target",
+    "normalize_features", "use_leaky_relu", "dropout", "nn_max_epochs", "cv_repeats", "prng_type", "mod",
+    "holdout_draws", "persistent_workers", "fuse_folds", "fuse_trials", "pruner", "parent_run_id", "log_level",
 )
 #: ... and those each host decides for itself, or that only the main process has.
 HOST_FIELDS = frozenset({
@@ -77,7 +58,6 @@ HOST_FIELDS = frozenset({
     "compare_models", "rescore_partitions", "enable_diagnostics", "diagnostics_dir",  # the main's role
     "skip_registry", "command_line", "cluster_config",
 })
-_BOOLEAN_PAIRS = {"normalize_features", "use_leaky_relu", "persistent_workers", "fuse_folds"}
 
 
 def helper_arguments(config: Any, *, study_name: str, storage: str, policy_given: bool) -> list[str]:
@@ -88,14 +68,15 @@ def helper_arguments(config: Any, *, study_name: str, storage: str, policy_given
     main process was given one; otherwise each helper finds its own, as any run does.
     """
     names = {f.name for f in fields(config)}
-    unknown = names - HOST_FIELDS - {name for name, _ in FORWARDED_FIELDS}
+    unknown = names - HOST_FIELDS - set(FORWARDED_FIELDS)
     assert not unknown, f"classify OptimizerConfig fields {sorted(unknown)} in step5.cluster.remote"
     argv: list[str] = []
-    for name, flag in FORWARDED_FIELDS:
+    for name in FORWARDED_FIELDS:
         value = getattr(config, name)
+        flag = "--" + name.replace("_", "-")
         if value is None:
             continue
-        if name in _BOOLEAN_PAIRS:
+        if isinstance(value, bool):
             argv.append(flag if value else "--no-" + flag[2:])
         elif name == "fuse_trials":
             if value > 1:

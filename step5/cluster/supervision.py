@@ -24,13 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from step5.errors import UsageError
 from step5.execution.process import describe_exit
 
 #: ssh's own exit status for its errors (connection refused or timed out, authentication,
 #: host key); also what it returns when the remote command was killed by a signal.
 SSH_ERROR = 255
-#: The optimizer's usage-error exit (EX_USAGE): the same command would fail the same way.
-EXIT_USAGE = 64
 
 
 class HelperAction(str, Enum):
@@ -77,7 +76,7 @@ class HelperRecord:
             return self._end(HelperAction.DONE, "the study is full")
         if returncode == SSH_ERROR and not connected and self.starts == 1:
             return self._end(HelperAction.UNREACHABLE, "ssh could not reach it")
-        if returncode == EXIT_USAGE:
+        if returncode == UsageError.exit_code:  # the same command would fail the same way
             return self._end(HelperAction.QUARANTINED, "its helper refused the command line (usage error)")
         self.failures += 1
         if self.failures >= self.max_failures:

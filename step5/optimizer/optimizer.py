@@ -33,6 +33,7 @@ imports torch: neural-net work happens only in worker / one-shot subprocesses.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -46,6 +47,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from step5 import artifacts, model_set
+from step5.artifacts import get_model_type
 from step5.data.history import load_history
 from step5.data.splits import FoldFiles, dev_rows, holdout_split, kfold_splits
 from step5.data.survivors import SurvivorTable, load_survivors
@@ -121,28 +123,15 @@ def resolve_search_plan(config: OptimizerConfig, policy: Policy, capacity: int, 
                       max_consecutive_failures=policy.training.max_consecutive_failed_trials)
 
 
-#: Flags that configure neural-net training only: (config field, default, spellings).
-_NN_ONLY_FLAGS: tuple[tuple[str, Any, tuple[str, ...]], ...] = (
-    ("normalize_features", True, ("--normalize-features", "--no-normalize-features")),
-    ("use_leaky_relu", True, ("--use-leaky-relu", "--no-use-leaky-relu")),
-    ("dropout", None, ("--dropout", "--dropout-override")),
-    ("nn_max_epochs", 200, ("--nn-max-epochs",)),
-    ("persistent_workers", None, ("--persistent-workers", "--no-persistent-workers")),
-    ("fuse_folds", None, ("--fuse-folds", "--no-fuse-folds", "--enable-vmap")),
-    ("fuse_trials", 1, ("--fuse-trials", "--batch-size-nn")),
-)
-
-
 def nn_only_settings(config: OptimizerConfig) -> list[str]:
-    """The neural-net-only flags this run was given, typed on the command line (when it is
-    known) or set away from their defaults in code: ``["--dropout=0.2", ...]``."""
+    """The neural-net-only settings (the config's :data:`~step5.optimizer.config.NN_ONLY`
+    fields) this run was given, typed on the command line in any spelling (when it is known)
+    or set away from their defaults in code: ``["--dropout=0.2", ...]``."""
+    from step5.optimizer.cli import flag_spellings
+
     typed = {arg.split("=", 1)[0] for arg in (config.command_line or []) if arg.startswith("--")}
-    given = []
-    for name, default, spellings in _NN_ONLY_FLAGS:
-        value = getattr(config, name)
-        if value != default or typed & set(spellings):
-            given.append(f"--{name.replace('_', '-')}={value}")
-    return given
+    return [f"--{f.name.replace('_', '-')}={getattr(config, f.name)}" for f in dataclasses.fields(config)
+            if f.metadata.get("nn_only") and (getattr(config, f.name) != f.default or typed & flag_spellings()[f.name])]
 
 
 class AntiOverfitMetaOptimizer:
@@ -157,6 +146,7 @@ class AntiOverfitMetaOptimizer:
     def __init__(self, config: OptimizerConfig) -> None:
         validate_config(config)
         self.config = config
+        self.torch = get_model_type(config.model_type).torch  # neural net: trained by workers
         self.run_id = uuid.uuid4().hex
         self.output_dir = Path(config.output_dir)
         self.timings: dict[str, float] = {}
@@ -214,7 +204,7 @@ class AntiOverfitMetaOptimizer:
         opened = open_study(
             study_name=study_name, storage_url=storage_url, setup=setup, seed=cfg.seed, trials=cfg.trials,
             data=self._study_data(data_context), training=self.policy.training,
-            first_trials=first_nn_trials(fixed_dropout=cfg.dropout) if cfg.model_type == "neural_net" else (),
+            first_trials=first_nn_trials(fixed_dropout=cfg.dropout) if self.torch else (),
         )
         with contextlib.ExitStack() as outputs:  # the new model set: discarded unless committed
             with contextlib.ExitStack() as stack:
@@ -309,7 +299,7 @@ class AntiOverfitMetaOptimizer:
         }
         if self.cv_repeats > 1:  # only then: a study from before repeated CV keeps its name
             setup["cv_repeats"] = self.cv_repeats
-        if cfg.model_type == "neural_net":
+        if self.torch:
             setup.update(
                 normalize_features=cfg.normalize_features, use_leaky_relu=cfg.use_leaky_relu,
                 dropout=cfg.dropout, nn_max_epochs=cfg.nn_max_epochs,
@@ -341,7 +331,7 @@ class AntiOverfitMetaOptimizer:
         fit_pos, es_pos = train_test_split(
             np.arange(len(dev_idx)), test_size=1.0 / cfg.k_folds, random_state=cfg.seed + 2, shuffle=True,
         )
-        final = ("the final net is the best trial's fold models merged into one" if cfg.model_type == "neural_net"
+        final = ("the final net is the best trial's fold models merged into one" if self.torch
                  else f"the final model fits {len(fit_pos)} and early-stops on {len(es_pos)}")
         logger.info("split %d rows: %d dev (%d folds of ~%d validation rows%s), %d test; %s",
                     n, len(dev_idx), cfg.k_folds, len(dev_idx) // cfg.k_folds,
@@ -356,7 +346,7 @@ class AntiOverfitMetaOptimizer:
 
     def _make_backend(self, cv: CVData, files: FoldFiles) -> ModelBackend:
         cfg = self.config
-        if cfg.model_type != "neural_net":
+        if not self.torch:
             not_applicable = nn_only_settings(cfg)
             if not_applicable:
                 # Accepted for every model type (compare runs share one command line), but

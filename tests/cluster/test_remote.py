@@ -34,7 +34,7 @@ def config(**overrides) -> OptimizerConfig:
 
 def test_every_config_field_is_either_given_to_helpers_or_kept_by_each_host():
     names = {f.name for f in dataclasses.fields(OptimizerConfig)}
-    forwarded = {name for name, _ in FORWARDED_FIELDS}
+    forwarded = set(FORWARDED_FIELDS)
     assert forwarded | HOST_FIELDS == names and not forwarded & HOST_FIELDS
 
 
@@ -58,6 +58,18 @@ def test_switched_off_flags_and_an_explicit_policy_are_passed_on():
     assert {"--no-normalize-features", "--no-persistent-workers", "--fuse-folds"} <= set(argv)
     assert argv[argv.index("--fuse-trials") + 1] == "4"
     assert argv[argv.index("--policy") + 1] == "watcher_policies.json"
+
+
+def test_the_helper_command_line_is_one_the_optimizer_accepts():
+    """Each forwarded field becomes the flag of its name: the optimizer's parser must know it."""
+    from step5.optimizer.cli import build_parser
+
+    argv = helper_arguments(config(normalize_features=False, fuse_folds=True, fuse_trials=4, dropout=0.2,
+                                   cv_repeats=2, mod=97, parent_run_id="p1"), study_name="x", storage=URL,
+                            policy_given=True)
+    args = build_parser().parse_args(argv)
+    assert (args.fuse_trials, args.dropout, args.normalize_features, args.fuse_folds) == (4, 0.2, False, True)
+    assert (args.cv_repeats, args.mod, args.parent_run_id, args.search_only) == (2, 97, "p1", True)
 
 
 NASTY = ClusterNode("rig-1", "michael", 8, "RX 6600", "/home/m/it's here; $(touch /tmp/pwned) `id`",
