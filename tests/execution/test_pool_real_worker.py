@@ -18,8 +18,7 @@ import pytest
 from step5.data.splits import write_fold_npz
 from step5.devices import DeviceSlot
 from step5.errors import JobError
-from step5.execution.factory import make_fold_runner
-from step5.execution.pool import WorkerPool
+from step5.execution.pool import WorkerPool, make_fold_runner
 from step5.execution.worker_process import WorkerProcess
 from step5.policy import TrainingPolicy
 from step5.testing import run_each, summary_of
