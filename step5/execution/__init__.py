@@ -7,7 +7,7 @@ never asks which it holds; :func:`step5.execution.pool.make_fold_runner` builds 
 
 Modules: ``runner`` (the interface), ``pool`` (slots, dispatch, faults, statistics),
 ``worker_process`` (one training process and its pipes: the protocol's endpoint), ``slot``
-(the slot's restart/fallback state machine, pure), ``oneshot`` (the retrying one-shot
-path), ``process`` (kill, bounded reap, exit status; shared with the WATCHER), ``summary``
+(the slot's restart/fallback state machine, pure), ``oneshot`` (one attempt of a one-shot
+job), ``process`` (kill, bounded reap, exit status; shared with the WATCHER), ``summary``
 (the sidecar's typed ``execution`` block).
 """

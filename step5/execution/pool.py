@@ -11,7 +11,7 @@ trainers on the same slots (the "S96A" path, ``persistent=False``).
                             │     ▲ answers ◀── stdout reader thread ◀── stdout ───────────────────┘ CUDA_VISIBLE_DEVICES=0
                             │     └ stderr tail ◀── stderr drain thread ◀── stderr (logs)
                             ├─ slot GPU-1 ─ (same, CUDA_VISIBLE_DEVICES=1)
-                            └─ slot GPU-2 ─ fell back ─▶ OneshotTrainer ─▶ step5.nn.oneshot (S96A)
+                            └─ slot GPU-2 ─ fell back ─▶ one-shot trainers ─▶ step5.nn.oneshot (S96A)
     outcomes per group ◀────┘   (a result or a JobError per job, in place)
 
 Without persistent workers (S96A) every slot starts, and stays, where a fallen-back slot
@@ -23,7 +23,7 @@ GPU), and it says so once.
 * :mod:`step5.execution.worker_process` — one worker process (the protocol's endpoint), its
   pipe threads, liveness probes, and the spawner thread that forks every worker.
 * :mod:`step5.execution.slot` — what a fault or a job timeout does to a slot (pure logic).
-* :mod:`step5.execution.oneshot` — the retrying one-shot path a fallen-back slot uses.
+* :mod:`step5.execution.oneshot` — one attempt of a one-shot job (a fresh trainer process).
 * this module — dispatch: groups to slots, the slot's reaction to faults, statistics, close;
   :func:`make_fold_runner` builds the pool a run's policy asks for.
 
@@ -73,9 +73,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from step5.devices import DeviceSlot
-from step5.errors import JOB_ERROR_TYPES, JobError, JobTimedOut, RunnerClosed, WorkerFault
-from step5.execution.oneshot import OneshotTrainer, fault_error, timeout_error
-from step5.execution.process import kill_and_reap, sigkill
+from step5.errors import JOB_ERROR_TYPES, JobError, JobTimedOut, RunnerClosed, WorkerCrashed, WorkerFault
+from step5.execution.oneshot import fault_error, run_oneshot_job, timeout_error
+from step5.execution.process import LiveProcesses, kill_and_reap, sigkill
 from step5.execution.runner import JobOutcome, check_groups
 from step5.execution.slot import FaultBudget, JobAttempts, JobVerdict, SlotAction, SlotMachine
 from step5.execution.summary import (
@@ -209,10 +209,8 @@ class WorkerPool:
         self._lock = threading.Lock()  # guards the statistics and _workers/_procs below
         self._workers: set[WorkerProcess] = set()  # live workers (close() says goodbye to them)
         self._procs: set[subprocess.Popen[bytes]] = set()  # every worker process not yet reaped
-        self._oneshot = OneshotTrainer(
-            timeout_s=self.job_timeout_s, budget=self._budget, max_job_reruns=self.max_job_reruns,
-            check_open=self._check_open, record=self._record_fault, python=python, script=oneshot_script,
-        )
+        self.python, self.oneshot_script = python, oneshot_script
+        self._oneshot_live = LiveProcesses()  # one-shot trainers running now (close() kills them)
         self._job_ids = itertools.count()
         self._fallbacks: list[FallbackRecord] = []
         self._faults: list[FaultRecord] = []
@@ -417,11 +415,38 @@ class WorkerPool:
         return outcomes
 
     def _run_oneshot(self, st: _Slot, request: Job, attempts: JobAttempts) -> JobOutcome:
+        """One job in one-shot trainers until it has a verdict: a crashed trainer is re-run
+        with the same request while the job's and the run's budgets last, a timed-out one
+        once; a job error is the verdict. ``attempts`` carries the faults the job met on a
+        persistent worker before its slot fell back. The pool's closing (``_check_open``,
+        before each attempt and after a failed one) is neither a crash nor a timeout."""
         start = time.perf_counter()
         try:
-            result = self._oneshot.run(request, st.slot, attempts)
-        except JobError as exc:
-            return exc
+            while True:
+                self._check_open()
+                try:
+                    result = run_oneshot_job(request, st.slot, timeout_s=self.job_timeout_s, python=self.python,
+                                             script=self.oneshot_script, live=self._oneshot_live)
+                    break
+                except JobError as exc:
+                    return exc
+                except JobTimedOut as exc:
+                    self._check_open()
+                    verdict = attempts.on_timeout()
+                    self._record_fault(FaultRecord(st.label, "timeout", exc.exit_status, str(exc)))
+                    logger.warning("%s (timeout %d of at most 2); stderr tail:\n%s", exc, attempts.timeouts,
+                                   exc.stderr_tail or "(none)")
+                    if verdict is JobVerdict.GIVE_UP:
+                        return timeout_error(request, self.job_timeout_s, attempts.timeouts)
+                except WorkerCrashed as exc:
+                    self._check_open()
+                    verdict = attempts.on_fault()
+                    self._record_fault(FaultRecord(st.label, "oneshot", exc.exit_status, str(exc)))
+                    logger.warning("%s (fault %d of this job; %s); stderr tail:\n%s", exc, attempts.faults,
+                                   "re-running it with the same request and seed" if verdict is JobVerdict.RETRY
+                                   else "not re-run", exc.stderr_tail or "(none)")
+                    if verdict is JobVerdict.GIVE_UP:
+                        return fault_error(request, exc, attempts)
         finally:
             with self._lock:
                 self._job_wall_s += time.perf_counter() - start
@@ -568,7 +593,7 @@ class WorkerPool:
         try:
             # Fallback trainers and half-booted workers have nothing to say goodbye with.
             # abort() also kills a fallback trainer started after this point, so none slips past.
-            for proc in strays + self._oneshot.live.abort():
+            for proc in strays + self._oneshot_live.abort():
                 kill_and_reap(proc, "process")
             if grace_s > 0:
                 for w in workers:

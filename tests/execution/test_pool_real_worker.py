@@ -53,9 +53,9 @@ def kill_during_second_job(monkeypatch):
     sends = {"n": 0, "armed": False}
     original = WorkerProcess.send
 
-    def send(self, message, doing):
+    def send(self, message, doing):  # message: a typed request (step5.protocol)
         original(self, message, doing)
-        if sends["armed"] and message.get("command") == "train":
+        if sends["armed"] and message.command == "train":
             sends["n"] += 1
             if sends["n"] == 2:
                 sends["armed"] = False
