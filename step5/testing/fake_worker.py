@@ -189,7 +189,7 @@ class FakeWorker:
             self.writer.write_line(b"{" + b" " * (self.args.oversize_bytes) + b"}")
             return True
         if fault == "wrong_job_id":
-            self.writer.write_message({**fake_metrics(request), "job_id": "not-yours"})
+            self.writer.write_message({"status": "complete", "model_type": "neural_net", "job_id": "not-yours"})
             return True
         if fault == "close_stdout":
             self.wire.close()
