@@ -57,7 +57,7 @@ from step5.cluster import (
 )
 from step5.devices import cuda_ids, plan_slots
 from step5.errors import DataError, DegenerateSignalError, JobError, Step5Error
-from step5.execution.factory import make_fold_runner, resolve_persistent_workers
+from step5.execution.pool import make_fold_runner, resolve_persistent_workers
 from step5.execution.summary import ExecutionSummary, SearchRecord, build_execution_summary
 from step5.policy import Policy, load_policy
 from step5.sidecar import build_data_context, build_provenance, build_training_metrics, degenerate_sidecar, \

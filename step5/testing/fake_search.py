@@ -25,7 +25,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
 
 from step5.jsonio import write_json_atomic
@@ -105,13 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from step5.optimizer import cli
     from step5.optimizer import optimizer as optimizer_module
-    from step5.testing.fake_runner import FakeFoldRunner, install_fake_merge
+    from step5.testing.fake_runner import FakeFoldRunner
 
     def factory(slots: Any, policy: Any, *, persistent: bool) -> FakeFoldRunner:
         return FakeFoldRunner(capacity=len(slots), job_sleep_s=args.job_sleep_s)
 
     optimizer_module.make_fold_runner = factory  # type: ignore[assignment]
-    install_fake_merge(SimpleNamespace(setattr=setattr))  # setattr(module, name, value), for good
     timings: dict[str, list[list[float]]] = {"ask": [], "poll": [], "tell": []}
     _instrument(timings)
     if args.fault_at and args.fault:

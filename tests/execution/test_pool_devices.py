@@ -12,7 +12,6 @@ import pytest
 from step5.devices import DeviceSlot, plan_slots
 from step5.execution import pool as pool_module
 from step5.execution.pool import WorkerPool
-from step5.execution.runner import SubprocessRunner
 from step5.execution.worker_process import Spawner
 from step5.protocol import NNParams, TrainRequest
 from step5.testing import FAKE_WORKER, fake_worker_command, run_each, summary_of
@@ -70,7 +69,7 @@ def test_a_worker_whose_torch_cannot_drive_its_amd_gpu_is_named(data_file, caplo
 
 
 def test_one_shot_trainers_get_the_device_environment_too(data_file, echo_rig_env):
-    with SubprocessRunner(rig_slots(1), job_timeout_s=10.0, script=FAKE_WORKER) as runner:
+    with WorkerPool(rig_slots(1), persistent=False, job_timeout_s=10.0, oneshot_script=FAKE_WORKER) as runner:
         (result,) = run_each(runner, requests_for(data_file, 1))
     assert result["environment"] == RIG_ENV and result["hip_visible_devices"] == "0"
 
