@@ -108,8 +108,6 @@ def _device_time_s(prof: Any) -> float:
 
 def run_mode(name: str, ctx: BenchContext, device: Any, rounds: int, profile_trials: int,
              ops_table: Path | None = None) -> dict[str, Any]:
-    import torch
-
     from step5.nn.job import DataCache
 
     loop, fuse = MODES[name]

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the whole test suite. Extra arguments go to pytest.
+# Set up (if needed), lint, and run the whole test suite on every core (pytest-xdist).
+# Extra arguments go to pytest: `-m "not slow"` is the fast tier, `-n 0` runs in one
+# process (for pdb), a path or `-k` picks tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest "$@"
+.venv/bin/python -m ruff check --quiet .
+exec .venv/bin/python -m pytest -n auto "$@"

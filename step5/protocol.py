@@ -215,7 +215,7 @@ class TrainRequest:
         try:
             return cls._from_dict(raw)
         except BadRequest as exc:
-            raise tagged(exc, raw)
+            raise tagged(exc, raw) from None
 
     @classmethod
     def _from_dict(cls, raw: dict[str, Any]) -> "TrainRequest":
@@ -401,7 +401,7 @@ def decode_request(raw: Any) -> Request:
             raise BadRequest(f"unknown `command` {command!r}; expected one of {list(COMMANDS)}")
         return kind.from_dict(raw)  # type: ignore[no-any-return]
     except BadRequest as exc:
-        raise tagged(exc, raw)
+        raise tagged(exc, raw) from None
 
 
 # ---------------------------------------------------------------------------- replies

@@ -30,6 +30,7 @@ from step5.protocol import (
     fusion_key,
     resolve_batch_mode,
 )
+from step5.testing import train_line
 
 CUSTOM_PARAMS = NNParams(hidden_layers=(64, 32, 8), learning_rate=0.02, dropout=0.0, epochs=7, weight_decay=1e-4,
                          optimizer="sgd", batch_size=17, early_stopping_patience=0, gradient_clip=0.0)
@@ -41,17 +42,6 @@ REQUESTS = [
     TrainRequest("fold.npz", NNParams(optimizer="adamw"), trial_number=0, fold_idx=0, batch_mode="full", job_id=9,
                  save_model_path="/tmp/out/best_model.pth"),
 ]
-
-
-def train_line(**overrides) -> dict:
-    """A valid ``train`` request in wire form, with ``overrides`` applied (None deletes a key)."""
-    raw = TrainRequest("/tmp/fold.npz", trial_number=3, fold_idx=2, job_id="t3-f2").to_dict()
-    for key, value in overrides.items():
-        if value is None:
-            raw.pop(key, None)
-        else:
-            raw[key] = value
-    return raw
 
 
 # --- round trips -----------------------------------------------------------------------------
@@ -160,7 +150,7 @@ def test_bad_params_are_refused_naming_the_field(params, message):
     with pytest.raises(BadRequest) as info:
         TrainRequest.from_dict(train_line(params=params))
     assert message in str(info.value)
-    assert (info.value.trial_number, info.value.fold_idx, info.value.job_id) == (3, 2, "t3-f2")
+    assert (info.value.trial_number, info.value.fold_idx, info.value.job_id) == (3, 1, "t3-f1")
 
 
 BAD_REQUESTS = [

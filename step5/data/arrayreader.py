@@ -189,7 +189,7 @@ class ArrayReader:
         start = max(self._pos, end - _CUT_WINDOW)
         while True:
             last = None
-            for last in _CUT.finditer(self._buf, start, end):
+            for last in _CUT.finditer(self._buf, start, end):  # noqa: B007 - the loop finds the last match
                 pass
             if last is not None:
                 return self._buf.index(b",", last.start())

@@ -460,7 +460,6 @@ def reclaim_dead_trials(study: optuna.Study, *, nothing_in_flight: bool = False)
     it had params). Trials that share a creation token are such twins too: all but the
     first are failed before they run twice.
     """
-    storage = study._storage  # what optuna.storages.fail_stale_trials uses too
     running_before = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

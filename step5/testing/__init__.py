@@ -4,7 +4,8 @@
 ``train_single_trial.py`` that can answer, hang, print garbage, exit with a code or kill
 itself, so the pool's fault handling can be tested as a table of cases;
 :mod:`step5.testing.processes` checks what tests that start real processes need (is it
-gone, who is left in a process group, signal a CLI once its log says it is busy).
+gone, who is left in a process group, signal a CLI once its log says it is busy). The
+functions here build what many tests need: fake pools, CPU slots, a wire request.
 """
 from __future__ import annotations
 
@@ -19,6 +20,43 @@ def fake_worker_command(*options: str, python: str = sys.executable) -> list[str
     """The command line that starts a fake worker with ``options`` (see its ``--help``)."""
     return [python, str(FAKE_WORKER), *options]
 
+
+
+def cpu_slots(n: int) -> list[Any]:
+    """``n`` single-threaded CPU slots, as ``--gpus none`` plans them."""
+    from step5.devices import DeviceSlot
+
+    return [DeviceSlot(f"CPU-{i}", "cpu", "", 1) for i in range(n)]
+
+
+def fake_pool(slots: int | Sequence[Any], *options: str, state_dir: Path | None = None, **kwargs: Any) -> Any:
+    """A :class:`~step5.execution.pool.WorkerPool` of fake workers started with ``options``
+    on ``slots`` (a count of CPU slots, or the slots themselves), with timeouts short enough
+    for tests and room for a loaded machine (a job 5 s, a boot 10 s, a shutdown 3 s) and one
+    restart per slot; ``kwargs`` override any of them. ``state_dir`` is the fake's
+    ``--state-dir`` (what ``--faulty-starts`` counts in)."""
+    from step5.execution.pool import WorkerPool
+
+    opts = [*options, *(["--state-dir", str(state_dir)] if state_dir is not None else [])]
+    kwargs = {"job_timeout_s": 5.0, "ready_timeout_s": 10.0, "max_restarts": 1, "shutdown_timeout_s": 3.0,
+              "oneshot_script": FAKE_WORKER, **kwargs}
+    return WorkerPool(cpu_slots(slots) if isinstance(slots, int) else list(slots),
+                      worker_command=fake_worker_command(*opts), **kwargs)
+
+
+def train_line(**overrides: Any) -> dict[str, Any]:
+    """A valid ``train`` request in wire form (trial 3, fold 1, job ``"t3-f1"``, a tiny net on
+    ``ok.npz``), with ``overrides`` applied; an override of None deletes the key."""
+    from step5.protocol import NNParams, TrainRequest
+
+    raw = TrainRequest("ok.npz", NNParams(hidden_layers=(4,), epochs=2), trial_number=3, fold_idx=1,
+                       job_id="t3-f1").to_dict()
+    for key, value in overrides.items():
+        if value is None:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
+    return raw
 
 
 def run_each(runner: Any, requests: Sequence[Any]) -> list[dict[str, Any]]:

@@ -1,10 +1,10 @@
 """Checks for tests that start real processes: is it gone, who is left in a process group,
-and "signal a CLI once its log says it is busy"."""
+"signal a CLI once its log says it is busy", and what a finished command printed or logged."""
 from __future__ import annotations
 
 import subprocess
 import time
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from step5.owner import pid_alive as is_running  # noqa: F401 - the tests' name for it
 from step5.watcher import process as watcher_process
@@ -55,3 +55,24 @@ def signal_after_line(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def result_line(proc: Any) -> dict[str, Any]:
+    """The one JSON line a finished command (a ``subprocess.CompletedProcess`` with text
+    output) printed on stdout, as the WATCHER prints its result; asserts there is exactly one."""
+    import json
+
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout + proc.stderr[-3000:]
+    return json.loads(lines[0])
+
+
+def watcher_decisions(work: Any) -> list[dict[str, Any]]:
+    """Every record of the WATCHER's decision log under ``work`` (its working directory),
+    each line parsed strictly (a damaged line fails the test)."""
+    import json
+    from pathlib import Path
+
+    path = Path(work) / "diagnostics_outputs" / "watcher_decisions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+

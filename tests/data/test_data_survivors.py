@@ -189,7 +189,7 @@ def test_non_finite_values_in_parsed_records(bad):
     with pytest.raises(DataError, match=r"record 0: target 't' must be a finite number"):
         table_from_records([{"features": {"x": 1.0}, "t": bad}], "t")
     with pytest.raises(DataError, match=r"record 0: feature 'x'"):
-        features_from_records([{"features": {"x": bad}}], ["x"]).X
+        _ = features_from_records([{"features": {"x": bad}}], ["x"]).X
 
 
 def test_int_beyond_float64_is_named():
@@ -232,7 +232,7 @@ def test_feature_matrix_for_prediction(tmp_path, caplog):
 def test_feature_matrix_bad_input(tmp_path, records, expected):
     path = write(tmp_path, records)
     with pytest.raises(DataError) as info:
-        load_features(path, ["a"]).X
+        _ = load_features(path, ["a"]).X
     assert str(path) in str(info.value)
     for part in expected:
         assert part in str(info.value)
@@ -241,7 +241,7 @@ def test_feature_matrix_bad_input(tmp_path, records, expected):
 @pytest.mark.parametrize("names", [[], ["a", "a"], ["a", 3]])
 def test_feature_matrix_rejects_bad_schema(names):
     with pytest.raises(ValueError, match="`feature_names`"):
-        features_from_records([{"features": {"a": 1.0}}], names).X
+        _ = features_from_records([{"features": {"a": 1.0}}], names).X
 
 
 def test_loads_generated_sample_with_its_fills(sample_inputs):

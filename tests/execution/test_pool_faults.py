@@ -13,11 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from step5.devices import DeviceSlot
 from step5.errors import JobError
 from step5.execution.pool import WorkerPool
 from step5.protocol import NNParams, TrainRequest
-from step5.testing import FAKE_WORKER, fake_worker_command, run_each, summary_of
+from step5.testing import fake_pool, run_each, summary_of
 from step5.testing.fake_worker import fake_metrics
 
 JOB_TIMEOUT_S = 5.0  # one-shot fallbacks boot a Python each: room for a loaded machine
@@ -41,19 +40,10 @@ def metrics(results: list[dict]) -> list[dict]:
     return [{k: r[k] for k in METRICS} for r in results]
 
 
-def cpu_slots(n: int) -> list[DeviceSlot]:
-    return [DeviceSlot(f"CPU-{i}", "cpu", "", 1) for i in range(n)]
-
-
 def make_pool(*options: str, slots: int = 1, tmp_path: Path | None = None, **kwargs) -> WorkerPool:
-    opts = list(options)
-    if tmp_path is not None:
-        opts += ["--state-dir", str(tmp_path)]
     kwargs.setdefault("job_timeout_s", JOB_TIMEOUT_S)
     kwargs.setdefault("ready_timeout_s", READY_TIMEOUT_S)
-    kwargs.setdefault("max_restarts", 1)
-    return WorkerPool(cpu_slots(slots), worker_command=fake_worker_command(*opts), oneshot_script=FAKE_WORKER,
-                      shutdown_timeout_s=3.0, **kwargs)
+    return fake_pool(slots, *options, state_dir=tmp_path, **kwargs)
 
 
 # Each row: fake-worker options, then what the pool must report.

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from step5.devices import DeviceSlot
 from step5.errors import JobError
 from step5.execution.pool import WorkerPool
 from step5.protocol import NNParams, TrainRequest
-from step5.testing import FAKE_WORKER, fake_worker_command, run_each, summary_of
+from step5.testing import fake_pool, run_each, summary_of
 from step5.testing.fake_worker import fake_metrics
 
 METRICS = ("r2", "val_mse", "train_mse", "trial_number", "fold_idx", "job_id")
@@ -35,11 +34,7 @@ def metrics(results: list[list[dict]]) -> list[list[dict]]:
 
 
 def pool_of(n_slots: int, *options: str, tmp_path: Path | None = None, **kwargs) -> WorkerPool:
-    opts = list(options) + (["--state-dir", str(tmp_path)] if tmp_path else [])
-    return WorkerPool([DeviceSlot(f"CPU-{i}", "cpu", "", 1) for i in range(n_slots)], job_timeout_s=3.0,
-                      ready_timeout_s=10.0, max_restarts=kwargs.pop("max_restarts", 1),
-                      worker_command=fake_worker_command(*opts), oneshot_script=FAKE_WORKER,
-                      shutdown_timeout_s=3.0, **kwargs)
+    return fake_pool(n_slots, *options, state_dir=tmp_path, **{"job_timeout_s": 3.0, **kwargs})
 
 
 def test_each_group_runs_on_one_worker_concurrently(data_file):

@@ -22,7 +22,7 @@ from step5.devices import DeviceSlot, plan_slots
 from step5.errors import RunnerClosed, WorkerFault
 from step5.execution.pool import WorkerPool
 from step5.protocol import NNParams, TrainRequest
-from step5.testing import FAKE_WORKER, fake_worker_command, run_each, summary_of
+from step5.testing import cpu_slots, fake_pool, run_each, summary_of
 from step5.testing.processes import wait_gone
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -30,14 +30,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def requests_for(data_file: Path, n: int) -> list[TrainRequest]:
     return [TrainRequest(str(data_file), NNParams(epochs=2), trial_number=0, fold_idx=i, job_id=i) for i in range(n)]
-
-
-def pool_of(slots: list[DeviceSlot], *options: str, **kwargs) -> WorkerPool:
-    kwargs.setdefault("job_timeout_s", 5.0)
-    kwargs.setdefault("ready_timeout_s", 10.0)
-    kwargs.setdefault("max_restarts", 1)
-    kwargs.setdefault("shutdown_timeout_s", 3.0)
-    return WorkerPool(slots, worker_command=fake_worker_command(*options), oneshot_script=FAKE_WORKER, **kwargs)
 
 
 def run_in_background(pool: WorkerPool, requests: list[TrainRequest]) -> tuple[threading.Thread, list]:
@@ -55,13 +47,9 @@ def run_in_background(pool: WorkerPool, requests: list[TrainRequest]) -> tuple[t
     return runner, errors
 
 
-def cpu_slots(n: int) -> list[DeviceSlot]:
-    return [DeviceSlot(f"CPU-{i}", "cpu", "", 1) for i in range(n)]
-
-
 def test_two_gpu_slots_pin_different_cuda_visible_devices_and_split_threads(data_file):
     slots = plan_slots(["0", "1"], None, cpu_count=4)  # what --gpus 0,1 plans, no GPU needed
-    with pool_of(slots, "--job-s", "0.3") as pool:
+    with fake_pool(slots, "--job-s", "0.3") as pool:
         results = run_each(pool, requests_for(data_file, 4))
         summary = summary_of(pool)
     by_slot = {(r["cuda_visible_devices"], r["torch_threads"]) for r in results}
@@ -71,14 +59,14 @@ def test_two_gpu_slots_pin_different_cuda_visible_devices_and_split_threads(data
 
 
 def test_folds_run_concurrently_across_workers(data_file):
-    with pool_of(cpu_slots(2), "--job-s", "0.4") as pool:
+    with fake_pool(cpu_slots(2), "--job-s", "0.4") as pool:
         results = run_each(pool, requests_for(data_file, 4))
     assert [r["job_id"] for r in results] == [0, 1, 2, 3]  # request order kept
     assert len({r["worker_pid"] for r in results}) == 2  # both workers took jobs
 
 
 def test_summary_is_the_execution_block(data_file):
-    with pool_of(cpu_slots(2)) as pool:
+    with fake_pool(cpu_slots(2)) as pool:
         run_each(pool, requests_for(data_file, 3))
         summary = summary_of(pool)
     assert summary["mode"] == "persistent_workers" == pool.mode
@@ -95,7 +83,7 @@ def test_summary_is_the_execution_block(data_file):
 
 def test_close_says_shutdown_and_reaps_every_worker(data_file, caplog):
     caplog.set_level(logging.WARNING, logger="step5.execution.pool")
-    pool = pool_of(cpu_slots(2))
+    pool = fake_pool(cpu_slots(2))
     run_each(pool, requests_for(data_file, 2))
     pids = pool.worker_pids()
     procs = [st.worker.proc for st in pool._slots]  # noqa: SLF001 - checking exit codes
@@ -109,7 +97,7 @@ def test_close_says_shutdown_and_reaps_every_worker(data_file, caplog):
 
 
 def test_close_while_a_job_hangs_terminates_the_worker(data_file):
-    pool = pool_of(cpu_slots(1), "--fault", "hang", job_timeout_s=60.0, shutdown_timeout_s=0.5)
+    pool = fake_pool(cpu_slots(1), "--fault", "hang", job_timeout_s=60.0, shutdown_timeout_s=0.5)
     runner, errors = run_in_background(pool, requests_for(data_file, 1))
     time.sleep(0.5)
     pids = pool.worker_pids()
@@ -128,7 +116,7 @@ def test_close_racing_a_fault_still_reports_pool_closed(data_file, monkeypatch):
     CI once hit this interleaving (close() ran between the fault's kill and its bookkeeping)
     and got an AttributeError instead of RunnerClosed; force it here deterministically.
     """
-    pool = pool_of(cpu_slots(1), "--fault", "hang", job_timeout_s=60.0, shutdown_timeout_s=0.5)
+    pool = fake_pool(cpu_slots(1), "--fault", "hang", job_timeout_s=60.0, shutdown_timeout_s=0.5)
     st = pool._slots[0]
     worker = st.worker
     real_kill = type(worker).kill
@@ -157,7 +145,7 @@ def test_close_racing_a_fault_still_reports_pool_closed(data_file, monkeypatch):
 
 def test_close_while_a_fallback_trainer_hangs_kills_it(data_file, monkeypatch):
     monkeypatch.setenv("STEP5_FAKE_ONESHOT", "hang")
-    pool = pool_of(cpu_slots(1), "--fault", "sigkill", max_restarts=0, job_timeout_s=60.0)
+    pool = fake_pool(cpu_slots(1), "--fault", "sigkill", max_restarts=0, job_timeout_s=60.0)
     runner, errors = run_in_background(pool, requests_for(data_file, 1))
     me = psutil.Process()
 
@@ -206,7 +194,7 @@ def test_shutdown_leaves_eof_for_a_thread_still_waiting_on_the_worker():
 def test_jobs_cancelled_by_a_racing_close_report_pool_closed(data_file, monkeypatch):
     """close() cancels the jobs still queued behind a busy slot; the caller must get
     RunnerClosed, not concurrent.futures' CancelledError."""
-    pool = pool_of(cpu_slots(1))
+    pool = fake_pool(cpu_slots(1))
     real = WorkerPool._run_group
 
     def run_group_then_close(self, group):
@@ -227,7 +215,7 @@ def test_ctrl_c_during_close_still_kills_every_worker(data_file, monkeypatch):
     running: the pool is already marked closed, so no later close() would come back."""
     from step5.execution.worker_process import WorkerProcess
 
-    pool = pool_of(cpu_slots(2), "--fault", "hang", job_timeout_s=60.0)
+    pool = fake_pool(cpu_slots(2), "--fault", "hang", job_timeout_s=60.0)
     runner, errors = run_in_background(pool, requests_for(data_file, 2))
     time.sleep(0.5)
     pids = pool.worker_pids()
@@ -246,7 +234,7 @@ def test_ctrl_c_during_close_still_kills_every_worker(data_file, monkeypatch):
 
 
 def test_ctrl_c_in_run_kills_every_worker_before_propagating(data_file):
-    pool = pool_of(cpu_slots(2), "--fault", "hang", job_timeout_s=60.0)
+    pool = fake_pool(cpu_slots(2), "--fault", "hang", job_timeout_s=60.0)
     pids = pool.worker_pids()
     assert len(pids) == 2
     timer = threading.Timer(0.5, os.kill, args=(os.getpid(), signal.SIGINT))

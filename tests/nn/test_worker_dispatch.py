@@ -16,6 +16,7 @@ from step5.framing import LineReader, LineWriter
 from step5.jsonio import dumps, loads
 from step5.nn.worker import Dispatcher, serve
 from step5.protocol import TrainRequest
+from step5.testing import train_line
 
 
 class StubBackend:
@@ -47,13 +48,6 @@ class StubBackend:
 
     def release_memory(self) -> None:
         self.released += 1
-
-
-def train_line(**overrides: Any) -> dict[str, Any]:
-    req = {"command": "train", "X_train_path": "ok.npz", "params": {"hidden_layers": [4], "epochs": 2},
-           "trial_number": 3, "fold_idx": 1, "job_id": "t3-f1"}
-    req.update(overrides)
-    return req
 
 
 def run(lines: list[bytes], *, max_bytes: int = 4096) -> tuple[int, list[dict[str, Any]], StubBackend]:

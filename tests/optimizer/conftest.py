@@ -1,5 +1,5 @@
 """Fixtures the optimizer's in-process tests share: a config for a run on the sample inputs,
-and the Optuna study a run left behind."""
+a fake fold runner in place of the real one, and the Optuna study a run left behind."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +9,7 @@ import optuna
 import pytest
 
 from step5.optimizer import OptimizerConfig
+from step5.testing.fake_runner import FakeFoldRunner, install_fake_runner
 
 
 @pytest.fixture
@@ -52,3 +53,10 @@ def study_of() -> Callable[[OptimizerConfig, Any], optuna.Study]:
     """``study_of(config, outcome)``: the study a run with ``config`` used (its default SQLite
     storage in the output dir), named by the run's sidecar."""
     return _study_of
+
+
+@pytest.fixture
+def fake_runner(monkeypatch) -> tuple[list[FakeFoldRunner], dict[str, Any]]:
+    """Runs in this test get a :class:`FakeFoldRunner`; returns (runners made, options for
+    the next ones)."""
+    return install_fake_runner(monkeypatch)

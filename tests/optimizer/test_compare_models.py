@@ -146,7 +146,7 @@ def test_the_best_rescored_objective_wins_never_the_test_r2_and_is_left_as_best_
     assert summary["winner"] == "catboost" and summary["exit_code"] == 0
     assert {mt: m["rank"] for mt, m in summary["models"].items()} == {
         "catboost": 1, "lightgbm": 2, "xgboost": 3, "neural_net": 4}
-    for mt, m in summary["models"].items():
+    for m in summary["models"].values():
         assert m["status"] == "SUCCESS" and m["trials_run"] == 3 and m["wall_s"] >= 0
         assert set(m) >= {"cv_score", "cv_rescored", "test_r2", "wall_s", "trials_run", "status", "error"}
     assert summary["models"]["catboost"]["checkpoint_path"] == str(out / "best_model.cbm")

@@ -114,7 +114,7 @@ def study(own_postgres_server, tmp_path, sample_inputs, repo_root, python, reque
 
 
 def _no_traceback(runs: list[tuple[int, str]]) -> None:
-    for code, err in runs:
+    for _code, err in runs:
         assert "Traceback" not in err, err[-3000:]
 
 

@@ -16,18 +16,12 @@ from step5.optimizer import AntiOverfitMetaOptimizer
 from step5.optimizer.backends import CVData, TreeBackend, partition_seed
 from step5.optimizer.config import cv_repeats, validate_config
 from step5.optimizer.objective import anti_overfit_score
-from step5.testing.fake_runner import install_fake_runner
 
 
 @pytest.fixture
 def config_defaults():
     """This module tests the default itself: the model type and the rows decide."""
     return {"cv_repeats": None}
-
-
-@pytest.fixture
-def fake_runner(monkeypatch):
-    return install_fake_runner(monkeypatch)
 
 
 def _cv(n: int = 60, k: int = 3, extra: int = 3, search_repeats: int = 1, seed: int = 0) -> CVData:

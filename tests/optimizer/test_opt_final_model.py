@@ -16,12 +16,7 @@ import pytest
 
 from step5.errors import JobError, Step5Error
 from step5.optimizer import AntiOverfitMetaOptimizer
-from step5.testing.fake_runner import FakeFoldRunner, install_fake_runner
-
-
-@pytest.fixture
-def fake_runner(monkeypatch):
-    return install_fake_runner(monkeypatch)
+from step5.testing.fake_runner import FakeFoldRunner
 
 
 def test_only_the_best_trials_fold_models_are_kept_and_merged_without_training_again(

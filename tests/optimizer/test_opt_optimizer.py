@@ -22,13 +22,7 @@ from step5.errors import DegenerateSignalError, Step5Error, StudyMismatchError, 
 from step5.jsonio import read_json_file, write_json_atomic
 from step5.optimizer import AntiOverfitMetaOptimizer, OptimizerConfig
 from step5.optimizer.study import TARGET_ATTR
-from step5.testing.fake_runner import FAKE_ENSEMBLE_TEST_R2, install_fake_runner
-
-
-@pytest.fixture
-def fake_runner(monkeypatch):
-    """Install a FakeFoldRunner factory; returns (runners made, options for the next ones)."""
-    return install_fake_runner(monkeypatch)
+from step5.testing.fake_runner import FAKE_ENSEMBLE_TEST_R2
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from step5.testing.processes import group_members, is_running
+from step5.testing.processes import group_members, is_running, result_line, watcher_decisions
 from step5.policy import load_policy
 from step5.watcher.registry import load_skip_registry, record_result
 
@@ -78,11 +78,6 @@ def watch(work: Path, mode: str = "ok", *args: str, params: dict | None = None, 
                           capture_output=True, text=True, timeout=timeout)
 
 
-def decisions(work: Path) -> list[dict]:
-    path = work / "diagnostics_outputs" / "watcher_decisions.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def calls(work: Path) -> list[list[str]]:
     path = work / "calls.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -98,18 +93,12 @@ def flag(argv: list[str], name: str) -> str | None:
     return None
 
 
-def result_line(proc: subprocess.CompletedProcess[str]) -> dict:
-    lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 1, proc.stdout + proc.stderr
-    return json.loads(lines[0])
-
-
 def test_passing_run(work):
     proc = watch(work)
     assert proc.returncode == 0, proc.stderr
     out = result_line(proc)
     assert out["decision"] == "PROCEED" and out["attempts"] == 1
-    [record] = decisions(work)
+    [record] = watcher_decisions(work)
     assert record["decision"] == "PROCEED" and record["final"] and record["exit_status"] == "EXIT(0)"
     assert record["model_type"] == "neural_net" and record["training_metrics"]["cv_r2_mean"] > 0
     assert record["run_id"] == out["run_id"]
@@ -126,9 +115,9 @@ def test_passing_run(work):
 def test_failing_step_is_retried_then_escalated(work):
     proc = watch(work, "fail")
     assert proc.returncode == 4, proc.stderr
-    assert [r["decision"] for r in decisions(work)] == ["RETRY", "ESCALATE"]
-    assert "record 3" in decisions(work)[-1]["reasons"][0]
-    assert any("record 3" in line for line in decisions(work)[-1]["output_tail"])
+    assert [r["decision"] for r in watcher_decisions(work)] == ["RETRY", "ESCALATE"]
+    assert "record 3" in watcher_decisions(work)[-1]["reasons"][0]
+    assert any("record 3" in line for line in watcher_decisions(work)[-1]["output_tail"])
     assert len(calls(work)) == 2
     assert not (work / "diagnostics_outputs" / "model_skip_registry.json").exists()  # not the model's fault
 
@@ -142,7 +131,7 @@ def test_failing_step_is_retried_then_escalated(work):
 def test_missing_or_invalid_sidecar_escalates_without_retry(work, mode, words):
     proc = watch(work, mode)
     assert proc.returncode == 4, proc.stderr
-    [record] = decisions(work)
+    [record] = watcher_decisions(work)
     assert record["decision"] == "ESCALATE" and words in " ".join(record["reasons"])
     assert len(calls(work)) == 1
 
@@ -151,14 +140,14 @@ def test_a_sidecar_left_by_an_earlier_run_is_not_accepted(work):
     assert watch(work, "ok").returncode == 0
     proc = watch(work, "no_sidecar")
     assert proc.returncode == 4
-    assert "from before this run" in decisions(work)[-1]["reasons"][0]
+    assert "from before this run" in watcher_decisions(work)[-1]["reasons"][0]
 
 
 def test_degenerate_step(work):
     proc = watch(work, "degenerate")
     assert proc.returncode == 2, proc.stderr
     assert result_line(proc)["decision"] == "DEGENERATE"
-    assert [r["decision"] for r in decisions(work)] == ["DEGENERATE"]
+    assert [r["decision"] for r in watcher_decisions(work)] == ["DEGENERATE"]
 
 
 @pytest.mark.parametrize("params, words", [
@@ -171,7 +160,7 @@ def test_bad_params_are_usage_errors_and_nothing_runs(work, params, words):
     proc = watch(work, params=params)
     assert proc.returncode == 64
     assert words in proc.stderr
-    assert calls(work) == [] and decisions(work) == []
+    assert calls(work) == [] and watcher_decisions(work) == []
 
 
 def test_params_not_json(work):
@@ -186,7 +175,7 @@ def test_retry_really_reruns_with_more_trials_and_a_new_seed(work):
     first, second = calls(work)
     assert flag(first, "--trials") == "4" and flag(first, "--seed") is None  # the step's default, 42
     assert flag(second, "--trials") == "6" and flag(second, "--seed") == "43"
-    retry, final = decisions(work)
+    retry, final = watcher_decisions(work)
     assert retry["decision"] == "RETRY" and "min_cv_r2" in retry["reasons"][0] and not retry["final"]
     assert final["decision"] == "PROCEED" and final["attempt"] == 2
     assert retry["registry"] == {}  # only the final result is recorded
@@ -196,14 +185,14 @@ def test_retry_really_reruns_with_more_trials_and_a_new_seed(work):
 def test_rejected_after_retries_skips_the_model_and_counts_it(work):
     proc = watch(work, "reject")
     assert proc.returncode == 3, proc.stderr
-    assert [r["decision"] for r in decisions(work)] == ["RETRY", "SKIP_MODEL"]
+    assert [r["decision"] for r in watcher_decisions(work)] == ["RETRY", "SKIP_MODEL"]
     assert load_skip_registry()["neural_net"]["consecutive_critical"] == 1
 
 
 def test_no_retries_when_the_policy_says_none(work):
     write_policy(work, max_retries=0, critical_retries=0)
     assert watch(work, "fail").returncode == 4
-    assert len(calls(work)) == 1 and decisions(work)[0]["max_attempts"] == 1
+    assert len(calls(work)) == 1 and watcher_decisions(work)[0]["max_attempts"] == 1
 
 
 def test_crash_and_critical_retries_are_counted_apart(work):
@@ -226,7 +215,7 @@ def test_timeout_escalates_and_leaves_no_process(work):
     proc = watch(work, "hang")
     assert proc.returncode == 4, proc.stderr
     assert time.monotonic() - t0 < 20
-    [record] = decisions(work)  # a timeout is not retried: it would time out again
+    [record] = watcher_decisions(work)  # a timeout is not retried: it would time out again
     assert record["decision"] == "ESCALATE" and record["timed_out"] and "timed out after 2s" in record["reasons"][0]
     info = json.loads((work / "pids.json").read_text())
     assert _all_gone(info), info  # the SIGTERM-ignoring child and the one that left the group too
@@ -251,7 +240,7 @@ def test_interrupting_the_watcher_stops_the_step(work, sig, name):
             popen.kill()
             popen.communicate()
     assert popen.returncode == 130, err
-    [record] = decisions(work)
+    [record] = watcher_decisions(work)
     assert record["decision"] == "ESCALATE" and name in record["reasons"][0]
     assert _all_gone(json.loads((work / "pids.json").read_text()))
 
@@ -259,7 +248,7 @@ def test_interrupting_the_watcher_stops_the_step(work, sig, name):
 def test_processes_left_by_a_finished_step_are_stopped(work):
     proc = watch(work, "leak")
     assert proc.returncode == 0, proc.stderr
-    assert decisions(work)[0]["leftover_processes"] == 1
+    assert watcher_decisions(work)[0]["leftover_processes"] == 1
     assert _all_gone(json.loads((work / "pids.json").read_text()))
 
 
@@ -273,7 +262,7 @@ def test_registry_makes_compare_runs_skip_a_model(work):
         assert result_line(proc)["skipped_models"] == []
         entry = load_skip_registry()["catboost"]
         assert entry["consecutive_critical"] == run
-    assert decisions(work)[-1]["registry"]["catboost"]["skipped"]  # 2 >= max_consecutive_critical 2
+    assert watcher_decisions(work)[-1]["registry"]["catboost"]["skipped"]  # 2 >= max_consecutive_critical 2
     assert load_skip_registry()["lightgbm"]["consecutive_critical"] == 0
 
     proc = watch(work, "ok", params=params, FAKE_STEP5_BAD_MODELS="catboost")
@@ -315,7 +304,7 @@ def test_dry_run_prints_the_command_and_runs_nothing(work):
     line = proc.stdout.strip()
     assert "--compare-models" in line and "--trials=20" in line and "--no-persistent-workers" in line
     assert "--gpus=0,1" in line and "--policy policy.json" in line
-    assert calls(work) == [] and decisions(work) == []
+    assert calls(work) == [] and watcher_decisions(work) == []
 
 
 def test_status_shows_decisions_and_registry(work):
@@ -336,7 +325,7 @@ def test_status_shows_decisions_and_registry(work):
 def test_usage_errors(work, args, code, words):
     proc = subprocess.run(watcher_cmd(*args), cwd=work, capture_output=True, text=True, timeout=60)
     assert proc.returncode == code and words in proc.stderr
-    assert decisions(work) == []
+    assert watcher_decisions(work) == []
 
 
 @pytest.mark.parametrize("policy, words", [
@@ -362,7 +351,7 @@ def test_persistent_worker_switch_reaches_the_step(work):
     watch(work, "ok", params={"trials": 2, "persistent_workers": False})
     [argv] = calls(work)
     assert "--no-persistent-workers" in argv
-    assert decisions(work)[0]["use_persistent_workers"] is False
+    assert watcher_decisions(work)[0]["use_persistent_workers"] is False
 
 
 def test_without_policy_or_a_local_file_the_projects_own_policy_runs_the_step(work):

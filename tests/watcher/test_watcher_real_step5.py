@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from step5.testing.processes import result_line, watcher_decisions
+
 from step5.launch import WORKER_MODULE
 from step5.watcher.registry import load_skip_registry
 
@@ -32,17 +34,6 @@ def write_policy(folder: Path, **watcher) -> None:
     (folder / "policy.json").write_text(json.dumps(policy))
 
 
-def decisions(work: Path) -> list[dict]:
-    path = work / "diagnostics_outputs" / "watcher_decisions.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def result_line(proc: subprocess.CompletedProcess[str]) -> dict:
-    lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 1, proc.stdout + proc.stderr[-3000:]
-    return json.loads(lines[0])
-
-
 def run_real(work: Path, params: dict, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
@@ -61,7 +52,7 @@ def test_real_step5_end_to_end(work, sample_inputs):
     # Two trials on tiny data may or may not pass the acceptance rules; either way the
     # WATCHER judged a valid sidecar written by this run (never ESCALATE).
     assert out["decision"] in ("PROCEED", "SKIP_MODEL"), proc.stderr[-3000:]
-    [record] = decisions(work)
+    [record] = watcher_decisions(work)
     assert record["model_type"] == "neural_net" and record["outcome"] == "SUCCESS"
     assert record["execution_mode"] == "persistent_workers"  # the policy's switch reached step 5
     assert (work / "models" / "best_model.pth").is_file()
@@ -76,7 +67,7 @@ def test_real_step5_degenerate_input(work, degenerate_inputs):
                            "cpu_workers": 1, "output_dir": "models"})
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert result_line(proc)["decision"] == "DEGENERATE"
-    assert [r["decision"] for r in decisions(work)] == ["DEGENERATE"]
+    assert [r["decision"] for r in watcher_decisions(work)] == ["DEGENERATE"]
 
 
 def test_real_step5_bad_input_escalates_with_its_message(work):
@@ -85,7 +76,7 @@ def test_real_step5_bad_input_escalates_with_its_message(work):
     write_policy(work, max_retries=0)
     proc = run_real(work, {"survivors": "bad.json", "lottery_data": "history.json", "trials": 2})
     assert proc.returncode == 4, proc.stderr[-3000:]
-    [record] = decisions(work)
+    [record] = watcher_decisions(work)
     assert record["decision"] == "ESCALATE" and record["exit_status"] == "EXIT(1)"
     assert "bad.json" in " ".join(record["reasons"] + record.get("output_tail", []))
 
