@@ -53,10 +53,10 @@ import msgspec
 import numpy as np
 from msgspec import Meta
 
-from step5.errors import DataError
+from step5.errors import DataError, SchemaError
 from step5.execution.summary import EXECUTION_SCHEMA
 from step5.jsonio import dumps, read_json_file, write_json_atomic
-from step5.schema import Number, SchemaError, convert, one_of
+from step5.schema import Number, convert, one_of
 
 SCHEMA_VERSION = "1.0"
 

@@ -12,6 +12,8 @@ class                       exit  raised when
 ``UsageError``              64    command-line arguments are inconsistent
 ``DataError``               1     an input file (survivors, history, NPZ, sidecar) is
                                   missing or malformed
+``SchemaError``             1     a JSON document (sidecar, policy, summary) does not fit
+                                  its schema (a ``DataError``)
 ``MissingDependency``       1     a tree model type is used without ``step5[trees]``
 ``PolicyError``             1     ``watcher_policies.json`` is unreadable or invalid
 ``DegenerateSignalError``   2     the target has no usable signal (degenerate sidecar)
@@ -101,6 +103,13 @@ class UsageError(Step5Error):
 
 class DataError(Step5Error):
     """Raised when an input file (survivors, history, NPZ) is missing or malformed."""
+
+
+class SchemaError(DataError, ValueError):
+    """Raised by :func:`step5.schema.convert` when a JSON document (a sidecar, a policy, a
+    summary) does not fit its schema; the message is the one line that says where and what.
+    Readers that know the document re-raise it as their own error (a policy's as
+    :class:`PolicyError`)."""
 
 
 class MissingDependency(Step5Error):

@@ -35,9 +35,9 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from step5.devices import device_env_problem
-from step5.errors import DataError, PolicyError
+from step5.errors import DataError, PolicyError, SchemaError
 from step5.jsonio import read_json_file
-from step5.schema import NonNegativeInt, NonNegativeNumber, Number, PositiveNumber, SchemaError, convert, \
+from step5.schema import NonNegativeInt, NonNegativeNumber, Number, PositiveNumber, convert, \
     convert_map, one_of, present, record_schema, without_comments
 from step5.values import is_number
 

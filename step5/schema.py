@@ -28,6 +28,8 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 from msgspec import inspect as mi
 
+from step5.errors import SchemaError
+
 _MAX = sys.float_info.max
 Number = Annotated[float, Meta(ge=-_MAX, le=_MAX, description="a finite number")]  # NaN and inf fail both bounds
 PositiveNumber = Annotated[float, Meta(gt=0, le=_MAX, description="a positive number")]
@@ -38,11 +40,6 @@ NonNegativeInt = Annotated[int, Meta(ge=0, description="a non-negative int")]
 def one_of(values: tuple[Any, ...]) -> Any:
     """The type of a key that takes one of ``values``; its message lists them in this order."""
     return Annotated[Literal[values], Meta(description="one of " + ", ".join(json.dumps(v) for v in values))]
-
-
-class SchemaError(ValueError):
-    """Raised by :func:`convert` when a document does not fit its schema; the message is
-    the one line that says where and what."""
 
 
 def convert(obj: Any, schema: Any, *, source: str | None = None, at: str = "", quote: bool = True) -> Any:
