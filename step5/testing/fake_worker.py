@@ -51,7 +51,7 @@ from step5.framing import LineReader, LineWriter  # noqa: E402
 from step5.jsonio import dumps, loads  # noqa: E402
 from step5.protocol import (  # noqa: E402
     MAX_REQUEST_BYTES, PROTOCOL_VERSION, AliveMessage, Heartbeat, Job, MergeRequest, Ping, PongMessage, ReadyMessage,
-    Shutdown, ShutdownMessage, TrainFolds, TrainRequest, decode_request, error_reply,
+    Shutdown, ShutdownMessage, TrainFolds, TrainRequest, decode_request, echo, error_reply,
 )
 
 FAULTS = ("none", "hang", "garbage", "exit", "sigkill", "oversize", "wrong_job_id", "close_stdout", "pass_error")
@@ -130,7 +130,7 @@ def merge(request: MergeRequest) -> dict[str, Any]:
     if missing:
         raise JobError(f"checkpoint not found: {missing[0]}", "data_error")
     Path(request.out_path).write_bytes(FAKE_CHECKPOINT)
-    return {"status": "complete", "model_type": "neural_net", "model_path": request.out_path,
+    return {"status": "complete", "model_type": "neural_net", **echo(request), "model_path": request.out_path,
             "models": len(request.fold_paths), "train_r2": 0.7, "train_mse": 0.3, "test_r2": FAKE_ENSEMBLE_TEST_R2,
             "test_mse": 1.0 - FAKE_ENSEMBLE_TEST_R2}
 

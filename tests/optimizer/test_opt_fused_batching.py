@@ -153,8 +153,9 @@ def test_policy_fuse_folds_reaches_the_backend(tmp_path, runners, make_config):
     AntiOverfitMetaOptimizer(make_config("a", trials=1, policy_path=policy)).run()
     AntiOverfitMetaOptimizer(make_config("b", trials=1, policy_path=policy,
                                          fuse_folds=False)).run()
-    # The policy fuses (the trial's folds, then the final model's); --no-fuse-folds wins.
-    assert [len(r.fused_groups) for r in made] == [2, 0]
+    # The policy fuses the trial's folds (the final model merges them: nothing to fuse);
+    # --no-fuse-folds wins.
+    assert [len(r.fused_groups) for r in made] == [1, 0]
 
 
 # ---------------------------------------------------------------------------- --fuse-trials
@@ -186,7 +187,8 @@ def test_trial_batches_tell_every_trial_exactly_once_with_the_unfused_values(run
     search = outcome.sidecar["execution"]["search"]
     assert (search["fuse_folds"], search["fuse_trials"], search["trials_in_flight"], search["batches"]) == (
         True, True, 3, 3)
-    assert outcome.sidecar["execution"]["fusion"]["jobs"] == 14 + 2  # and the final model's 2 folds
+    # The final model merges the best trial's folds: no fold is trained again.
+    assert outcome.sidecar["execution"]["fusion"]["jobs"] == 14
 
 
 def test_trial_batches_group_same_shapes_into_one_group(runners, monkeypatch, make_config):
@@ -272,7 +274,9 @@ def test_resumed_study_is_topped_up_in_batches(runners, make_config):
     assert more.sidecar["optuna"]["study_name"] == first.sidecar["optuna"]["study_name"]
     assert more.sidecar["optuna"]["trials_new"] == 3 and more.sidecar["optuna"]["trials_run"] == 5
     calls = [sorted({r.trial_number for g in c for r in g}) for c in _trial_calls(made[1])]
-    assert calls == [[2, 3], [4]]
+    # Then the best trial, trial 1 of the first run: this process never held its fold
+    # models, so the final model trains its folds again before merging them.
+    assert calls == [[2, 3], [4], [1]]
 
 
 def test_tree_models_say_that_neural_net_flags_do_not_apply(caplog, monkeypatch, make_config):
@@ -379,8 +383,8 @@ def test_pool_job_error_in_a_fused_batch_fails_only_that_trial(tmp_path, monkeyp
     execution = outcome.sidecar["execution"]
     assert execution["fusion"]["rerun_jobs"] == 1  # the failed fold's unfused verdict
     # 4 trials x 2 folds in the first batch, each trained once (fused), trial 2's
-    # replacement (2 folds), then the final model's 2 folds.
-    assert execution["timings"]["jobs"] == 7 + 2 + 2
+    # replacement (2 folds), then the final model: one merge of the best trial's folds.
+    assert execution["timings"]["jobs"] == 7 + 2 + 1
     assert execution["search"]["replaced_trials"] == 1
     sidecar = read_json_file(cfg.output_dir / artifacts.SIDECAR_NAME, "sidecar")
     assert artifacts.validate_sidecar(sidecar) == []
