@@ -69,7 +69,7 @@ def test_fused_runs_give_the_unfused_study_and_say_how_they_fused(sample_inputs,
         assert run["sidecar"]["optuna"]["best_trial_number"] == reference["sidecar"]["optuna"]["best_trial_number"]
         execution = run["sidecar"]["execution"]
         assert execution["search"]["fuse_folds"] is True and execution["fusion"]["rerun_jobs"] == 0, name
-        assert execution["fusion"]["jobs"] == 6 + 2, name  # 3 trials x 2 folds, then the final model's 2
+        assert execution["fusion"]["jobs"] == 6 + 1, name  # 3 trials x 2 folds, then the final model's merge
 
     search = runs["fuse_trials"]["sidecar"]["execution"]["search"]
     assert (search["fuse_trials"], search["trials_in_flight"], search["batches"]) == (True, 3, 1)
@@ -77,5 +77,7 @@ def test_fused_runs_give_the_unfused_study_and_say_how_they_fused(sample_inputs,
     oneshot = runs["oneshot_fuse_folds"]
     assert oneshot["proc"].stderr.count("cannot fuse") == 1
     assert oneshot["sidecar"]["execution"]["mode"] == "subprocess"
-    # The one-shot runner trains one job per process: 3 trials' groups and the final model's.
-    assert oneshot["sidecar"]["execution"]["fusion"]["unfused_groups"] == 4
+    # The one-shot runner trains one job per process: the 3 trials' groups are not fused (the
+    # final model is one merge job, a group of one).
+    fusion = oneshot["sidecar"]["execution"]["fusion"]
+    assert (fusion["groups"], fusion["unfused_groups"], fusion["jobs"]) == (4, 3, 7)
