@@ -166,7 +166,8 @@ class Batch:
 class BatchAsker:
     """Asks, claims and samples one batch (:meth:`ask`), for the loop itself or, while a
     batch trains, for the helper thread that prepares the next one (:class:`Prefetch`).
-    Never both at once: the loop joins the helper before it asks or tells again."""
+    Never both at once: the loop joins the helper before it asks or tells again, and only
+    then reads what the helper changed (``replaced``, ``fresh_asked``)."""
 
     def __init__(self, opened: OpenedStudy, backend: TrialBackend, plan: SearchPlan, goal: SearchGoal,
                  heartbeats: TrialHeartbeats) -> None:
@@ -223,17 +224,19 @@ class BatchAsker:
 
 
 class Prefetch:
-    """The next batch, asked, claimed and sampled in a helper thread while the current one
-    trains, so that the slots go from one batch to the next without waiting for the ask,
-    the sampler and their storage writes.
+    """A helper thread that, while batch n trains, first tells batch n-1 (``before``; the
+    loop passes it when no pruner reads the study) and then asks, claims and samples batch
+    n+1, so that the slots go from one batch to the next without waiting for the tells, the
+    ask, the sampler and their storage writes.
 
-    The loop joins it (:meth:`result`) before it tells the current batch: the sampler then
-    sees the same sequence every run (batch n+1 is sampled while batch n is RUNNING, after
-    batch n-1 was told). Its storage calls go through the same retrying storage as the
-    loop's; Optuna's RDB storage gives each thread its own session (a SQLAlchemy
-    ``scoped_session``) and its cache takes a lock, and the loop itself makes no storage
-    call while the helper runs except the pruner's fold reports and the heartbeats, which
-    already run beside the loop."""
+    The loop joins it (:meth:`result`) before it tells batch n: the sampler then sees the
+    same sequence every run (batch n+1 is sampled while batch n is RUNNING, after batch n-1
+    was told). Its storage calls go through the same retrying storage as the loop's;
+    Optuna's RDB storage gives each thread its own session (a SQLAlchemy ``scoped_session``:
+    one per thread, committed or rolled back per call) and its cache takes a lock, and
+    while the helper runs the loop makes no storage call but the pruner's fold reports
+    (with a pruner the helper tells nothing) and the heartbeats, which already ran beside
+    the loop."""
 
     def __init__(self, asker: BatchAsker, index: int, before: Callable[[], None] | None = None) -> None:
         self.batch = Batch(index=index)
