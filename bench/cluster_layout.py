@@ -33,7 +33,9 @@ every check held and the target was met, 3 otherwise, 1 on an error.
 Why folds of 3 s. What the simulation cannot share out is each process's own CPU per
 trial (Optuna's sampler and storage writes, about 0.2 s per trial here): on the real
 cluster each host pays it on its own cores, here four processes pay it on two cores
-shared with other work, between batches, while their slots wait. A fold must stay long
+shared with other work. The search loop does it in a helper thread while a batch trains
+(step5.optimizer.search.Prefetch), but on two loaded cores the helper can still be late,
+and the slots then wait for it. A fold must stay long
 against it for the rate to measure coordination rather than this machine: 3 s (a trial of
 5 folds is 15 s of one slot) is between an H100's fold (0.1-0.5 s, docs/benchmark.md) and
 an RX 6600's fold of a 30-120 s trial (6-24 s, docs/cluster.md). docs/cluster.md gives
@@ -248,8 +250,9 @@ def steady_rate(
     again. Its rate is read over whole cycles, from its first ask in the window to its
     last: the trials it told in between over that span (counting trials told against the
     window's edges instead would swing by a batch). The study's rate is the sum. What a
-    cycle takes beyond its training is the process's own work per batch (ask, sample,
-    tell, storage writes), shown per trial.
+    cycle takes beyond its training is the time its slots waited between batches, shown
+    per trial: the process's own work per batch (ask, sample, tell, storage writes) that
+    the helper thread did not hide.
     """
     first_asks = [tm["ask"][0][1] for tm in timings if tm["ask"]]
     if not first_asks:
@@ -281,7 +284,7 @@ def _overheads(row: dict[str, Any]) -> str:
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     lines = ["| scenario | slots | fold s x K | trials | complete | failed (re-run) | processes | wall s | "
-             "steady trials/s | ideal | of ideal | end to end trials/s | own s per trial (main / rigs) | checks |",
+             "steady trials/s | ideal | of ideal | end to end trials/s | slots' wait s per trial (main / rigs) | checks |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---|"]
     for r in rows:
         ok = "all hold" if all(r["checks"].values()) else "FAILED: " + ", ".join(k for k, v in r["checks"].items() if not v)

@@ -6,12 +6,19 @@
     │   count the study's COMPLETE + RUNNING trials (every process's), and ask as many
     │   trials as fit: min(B, --trials - complete - running); re-runs are asked first
     │     none fit: others' trials are in flight; wait for them and look again
-    │   suggest params for each (outside the lock: the sampler's cost is not serialised)
+    │   claim each (owner, heartbeats) and suggest its params (outside the lock: the
+    │   sampler's cost is not serialised)
     │   backend.run_trials([(number, params), ...], gate)  NN: plan_groups -> runner.run(groups)
+    │     meanwhile a helper thread (Prefetch) tells the batch before this one, then
+    │     prepares the next batch: the same reclaim, locked count, ask, claim and suggest,
+    │     counting this batch as RUNNING; the loop waits for it here, and the next batch
+    │     runs at once (with a pruner, or when nothing was prefetched, the loop tells
+    │     this batch itself first)
     │     per trial: its K fold results, the JobError that failed it, or Pruned
     │     (with a pruner, folds run in waves and the gate reports each and may prune;
     │     step5.optimizer.pruning)
-    │   tell each trial exactly once, in ask order: COMPLETE with its objective, FAIL or PRUNED
+    │   tell each trial exactly once, batch by batch in ask order: COMPLETE with its
+    │   objective, FAIL or PRUNED
     └── until the study holds --trials COMPLETE trials (or this process may ask no more
         and nothing is in flight). A trial this process saw fail or pruned is replaced: it
         may ask one more fresh trial for each; after ``max_consecutive_failures`` failed
@@ -21,23 +28,28 @@
 Every mode runs this loop: fold by fold, fused folds and fused trials differ only in how
 the backend groups a batch (:mod:`step5.optimizer.grouping`). One process alone is
 deterministic for a given seed and B: the sampler sees the same trials in the same states
-at every ask, and fold results do not depend on which slot trained them or when (nor on a
+at every ask (one helper tells batch n-1, then samples batch n+1, and is joined before
+batch n is told), and fold results do not depend on which slot trained them or when (nor on a
 worker killed under them: the runner re-runs such a job with the same request and seed). Several
 processes share a study the same way (docs/cluster.md): the count before each ask keeps
 them from overshooting ``--trials``, and a trial of a process that died is re-run.
 
 No code path leaves a trial RUNNING: whatever escapes a batch (an exception, Ctrl-C,
-SIGTERM) first tells FAIL to every trial of the batch not yet told, then propagates.
-Each trial records its owner and gets storage heartbeats from its ask on, so a batch
-killed with SIGKILL is failed and re-run by the next process that looks.
+SIGTERM) first stops the helper, tells the trials that have results, and tells FAIL to
+every trial of the batch in flight and to every prefetched one, then propagates. Each trial records its owner and gets
+storage heartbeats from its claim until it is told (a prefetched one while it waits too),
+so a batch killed with SIGKILL is failed and re-run by the next process that looks.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
+import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import optuna
@@ -51,11 +63,11 @@ from step5.optimizer.objective import fail_reason, record_trial
 from step5.optimizer.pruning import fold_gate, make_pruner, report_folds
 from step5.optimizer.study import (
     OpenedStudy,
+    TrialHeartbeats,
     claim_trial,
     count_states,
     reclaim_dead_trials,
     study_lock,
-    trial_heartbeats,
 )
 
 logger = logging.getLogger(__name__)
@@ -81,6 +93,7 @@ class SearchPlan:
     source: str  # what decided, for the log
     pruner: str = "none"  # step5.policy.PRUNER_NAMES: "none" runs every fold of every trial
     max_consecutive_failures: int = 10  # failed trials in a row that stop the run (policy)
+    prefetch: bool = True  # ask and sample the next batch while the current one trains
 
     def record(self) -> SearchRecord:
         return SearchRecord(trials_in_flight=self.trials_in_flight, fuse_folds=self.fuse_folds,
@@ -130,6 +143,149 @@ class SearchGoal:
     reclaim_every_s: float = 10.0  # how often a busy process looks for dead processes' trials
 
 
+@dataclass
+class Batch:
+    """Trials asked together (under one study lock), claimed, sampled, run and told together.
+
+    Filled in place as it is asked, so that whatever stops the asking midway leaves the
+    trials it made where the caller can fail them."""
+
+    index: int  # this process's batch number (the trials' ``batch`` attribute)
+    trials: list[optuna.Trial] = field(default_factory=list)
+    params: list[dict[str, Any]] = field(default_factory=list)  # one per trial, once sampled
+    counts: dict[str, int] = field(default_factory=dict)  # the study's states as counted before the ask
+    room: int = 0  # --trials - complete - running, when counted
+    goal_reached: bool = False  # the study held --trials COMPLETE trials: nothing was asked
+    given_back: bool = False  # the lock was lost and every trial asked under it was released
+
+    @property
+    def numbers(self) -> list[int]:
+        return [t.number for t in self.trials]
+
+
+class BatchAsker:
+    """Asks, claims and samples one batch (:meth:`ask`), for the loop itself or, while a
+    batch trains, for the helper thread that prepares the next one (:class:`Prefetch`).
+    Never both at once: the loop joins the helper before it asks or tells again, and only
+    then reads what the helper changed (``replaced``, ``fresh_asked``)."""
+
+    def __init__(self, opened: OpenedStudy, backend: TrialBackend, plan: SearchPlan, goal: SearchGoal,
+                 heartbeats: TrialHeartbeats) -> None:
+        self.opened, self.backend, self.plan, self.goal, self.heartbeats = opened, backend, plan, goal, heartbeats
+        self.fresh_asked = 0
+        self.replaced = 0  # trials this process told FAIL or PRUNED: each may be replaced by a fresh one
+        self.reclaimed_at = time.monotonic()  # open_study has just reclaimed
+
+    def ask(self, batch: Batch, *, in_flight: bool, waiting: bool = False,
+            cancelled: threading.Event | None = None) -> None:
+        """Fill ``batch``: under the study lock, count and ask as many trials as fit; then
+        claim them (owner, first heartbeat, heartbeats from now on) and sample their params.
+
+        ``in_flight``: a batch of this process is training meanwhile (the prefetch), so its
+        RUNNING trials are not orphans. ``cancelled``: the loop is stopping; whatever was
+        asked is left unsampled in ``batch`` for it to fail."""
+        study, goal = self.opened.study, self.goal
+        # Dead processes show on the time scale of heartbeats; looking once per poll
+        # period (and whenever this process waits) keeps the storage queries per trial low.
+        if waiting or time.monotonic() - self.reclaimed_at >= goal.reclaim_every_s:
+            # Safe without the lock: each trial is failed once, by one process.
+            reclaim_dead_trials(study, nothing_in_flight=not in_flight)
+            self.reclaimed_at = time.monotonic()
+        if cancelled is not None and cancelled.is_set():
+            return
+        with study_lock(self.opened.storage, self.opened.study_name) as lock:
+            counts = batch.counts = count_states(study)
+            if counts["complete"] >= goal.complete:
+                batch.goal_reached = True
+                return
+            batch.room = goal.complete - counts["complete"] - counts["running"]
+            size = min(self.plan.trials_in_flight, batch.room,
+                       counts["waiting"] + goal.new_trials + self.replaced - self.fresh_asked)
+            for _ in range(max(0, size)):
+                batch.trials.append(study.ask())
+        if lock.lost and batch.trials:
+            batch.trials[:] = keep_within_goal(self.opened, batch.trials, goal.complete)
+            batch.given_back = not batch.trials
+        for trial in batch.trials:  # outside the lock: the lock guards only the count and the asks
+            claim_trial(self.opened, trial)
+            self.heartbeats.add(trial)
+        self.fresh_asked += max(0, len(batch.trials) - counts["waiting"])  # ask() takes the queued re-runs first
+        # Suggest trial by trial in ask order: the sampler sees the same sequence of
+        # calls whatever B is, so its start-up (random) trials are identical.
+        for trial in batch.trials:
+            if cancelled is not None and cancelled.is_set():
+                return
+            p = self.backend.suggest(trial)
+            trial.set_user_attr("params", p)
+            trial.set_user_attr("model_type", self.backend.model_type)
+            batch.params.append(p)
+        for trial in batch.trials:
+            trial.set_user_attr("batch", {"index": batch.index, "trials": batch.numbers})
+
+
+class Prefetch:
+    """A helper thread that, while batch n trains, first tells batch n-1 (``before``; the
+    loop passes it when no pruner reads the study) and then asks, claims and samples batch
+    n+1, so that the slots go from one batch to the next without waiting for the tells, the
+    ask, the sampler and their storage writes.
+
+    The loop joins it (:meth:`result`) before it tells batch n: the sampler then sees the
+    same sequence every run (batch n+1 is sampled while batch n is RUNNING, after batch n-1
+    was told). Its storage calls go through the same retrying storage as the loop's;
+    Optuna's RDB storage gives each thread its own session (a SQLAlchemy ``scoped_session``:
+    one per thread, committed or rolled back per call) and its cache takes a lock, and
+    while the helper runs the loop makes no storage call but the pruner's fold reports
+    (with a pruner the helper tells nothing) and the heartbeats, which already ran beside
+    the loop."""
+
+    def __init__(self, asker: BatchAsker, index: int, before: Callable[[], None] | None = None) -> None:
+        self.batch = Batch(index=index)
+        self._asker = asker
+        self._before = before  # first, in the helper: tell the batch that trained before the running one
+        self._cancelled = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="step5-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            if self._before is not None:
+                self._before()  # not cancelled: these trials have results, they are told whatever happens
+            if not self._cancelled.is_set():
+                self._asker.ask(self.batch, in_flight=True, cancelled=self._cancelled)
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop by result()
+            self._error = exc
+
+    def result(self) -> tuple[Batch | None, BaseException | None]:
+        """Wait for the helper: the batch ready to run (None when nothing was asked), and the
+        error that stopped it, if any (its trials are then the caller's to fail)."""
+        self._thread.join()
+        if self._error is not None:
+            return None, self._error
+        if not self.batch.trials:
+            return None, None
+        if len(self.batch.params) != len(self.batch.trials):  # not cancelled, so a bug: say so, fail them
+            return None, Step5Error(f"the prefetched batch {self.batch.numbers} was left without params")
+        return self.batch, None
+
+    def stop(self) -> list[optuna.Trial]:
+        """Stop the helper (at its next step) and wait for it; the trials it asked, none run."""
+        self._cancelled.set()
+        self._thread.join()
+        return list(self.batch.trials)
+
+
+@dataclass
+class Trained:
+    """A batch that has trained: its outcomes, to be told (once each, in ask order)."""
+
+    batch: Batch
+    outcomes: list[TrialOutcome]
+    wall_s: float
+    gated: bool  # a fold gate reported its folds as they came (a pruner)
+    told: set[int] = field(default_factory=set)
+
+
 def run_search(
     opened: OpenedStudy,
     backend: TrialBackend,
@@ -138,92 +294,116 @@ def run_search(
     on_told: Callable[[optuna.Study, FrozenTrial], None],
 ) -> SearchRecord:
     """Ask, run and tell trials, ``plan.trials_in_flight`` at a time, until ``goal`` is met
-    (failed and pruned trials are replaced; :class:`FailureStreak` bounds that)."""
+    (failed and pruned trials are replaced; :class:`FailureStreak` bounds that).
+
+    With ``plan.prefetch``, while a batch trains a helper thread (:class:`Prefetch`) tells
+    the batch before it and then asks, claims and samples the next one, so the slots go
+    from batch to batch without waiting for this process's own work. With a pruner the
+    tells stay in the loop, between batches: the pruner's verdicts on a training batch
+    read the told trials, and must not depend on when they were told."""
     study = opened.study
     study.pruner = make_pruner(plan.pruner)
     record = plan.record()
-    fresh_asked = 0
-    replaced = 0  # trials this process told FAIL or PRUNED: each may be replaced by a fresh one
     streak = FailureStreak(plan.max_consecutive_failures)
+    tell_behind = plan.prefetch and plan.pruner == "none"
     waited_since: float | None = None
-    reclaimed_at = time.monotonic()  # open_study has just reclaimed
-    while True:
-        raise_if_interrupted()  # one the interpreter dropped (step5.interrupts) stops the run here
-        trials: list[optuna.Trial] = []
-        told: set[int] = set()
-        try:
-            # Dead processes show on the time scale of heartbeats; looking once per poll
-            # period (and whenever this process waits) keeps the storage queries per trial low.
-            if waited_since is not None or time.monotonic() - reclaimed_at >= goal.reclaim_every_s:
-                # Safe without the lock: each trial is failed once, by one process.
-                reclaim_dead_trials(study, nothing_in_flight=True)
-                reclaimed_at = time.monotonic()
-            with study_lock(opened.storage, opened.study_name) as lock:
-                counts = count_states(study)
-                if counts["complete"] >= goal.complete:
-                    break
-                room = goal.complete - counts["complete"] - counts["running"]
-                size = min(plan.trials_in_flight, room, counts["waiting"] + goal.new_trials + replaced - fresh_asked)
-                for _ in range(max(0, size)):
-                    with warnings.catch_warnings():
-                        # Optuna warns that heartbeats are meant for study.optimize; this loop
-                        # records them itself (claim_trial, trial_heartbeats).
-                        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-                        trials.append(study.ask())
-            if lock.lost and trials:
-                trials = keep_within_goal(opened, trials, goal.complete)
-                if not trials:
-                    continue  # all given back: count again
-            for trial in trials:  # outside the lock: the lock guards only the count and the asks
-                claim_trial(opened, trial)
-            if not trials:
-                if counts["running"] == 0 and room > 0:
-                    logger.warning(
-                        "study %r holds %d of %d complete trials; this process asked its %d new trial(s) "
-                        "and no other trial is in flight", opened.study_name, counts["complete"], goal.complete,
-                        goal.new_trials)
-                    break
-                if waited_since is None:
-                    waited_since = time.perf_counter()
-                    logger.info("waiting for %d trial(s) in flight in other processes (%d of %d complete)",
-                                counts["running"], counts["complete"], goal.complete)
-                time.sleep(goal.poll_s)
-                continue
-            waited_since = None
-            fresh_asked += max(0, len(trials) - counts["waiting"])  # ask() takes the queued re-runs first
-            # Suggest trial by trial in ask order: the sampler sees the same sequence of
-            # calls whatever B is, so its start-up (random) trials are identical.
-            params: list[dict[str, Any]] = []
-            for trial in trials:
-                p = backend.suggest(trial)
-                trial.set_user_attr("params", p)
-                trial.set_user_attr("model_type", backend.model_type)
-                params.append(p)
-            numbers = [t.number for t in trials]
-            for t in trials:
-                t.set_user_attr("batch", {"index": record.batches, "trials": numbers})
-            if len(trials) > 1:
-                logger.info("batch %d: trials %s in flight", record.batches, numbers)
-            start = time.perf_counter()
-            gate = fold_gate(trials, prune=True) if plan.pruner != "none" else None
-            with trial_heartbeats(opened, numbers):
-                outcomes = backend.run_trials(list(zip(numbers, params)), gate)
-            wall_s = time.perf_counter() - start
-            if len(outcomes) != len(trials):
-                raise Step5Error(f"the backend returned {len(outcomes)} outcomes for a batch of {len(trials)} trials")
-            for trial, outcome in zip(trials, outcomes):
-                frozen = tell(study, trial, outcome, wall_s=wall_s, gated=gate is not None)
-                told.add(trial.number)
-                replaced += count_outcome(record, streak, frozen)
+    # Optuna warns at each ask that heartbeats are meant for study.optimize; this loop
+    # records them itself (claim_trial, TrialHeartbeats). Filtered here, in the loop's
+    # thread, for the whole search: the warning filters are global, and a catch_warnings
+    # block per ask in the helper thread could restore them under the loop's feet.
+    with warnings.catch_warnings(), TrialHeartbeats(opened) as heartbeats:
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        asker = BatchAsker(opened, backend, plan, goal, heartbeats)
+
+        def tell_batch(trained: Trained) -> None:
+            """Tell a trained batch's untold trials, in ask order; then the failure streak."""
+            for trial, outcome in zip(trained.batch.trials, trained.outcomes):
+                if trial.number in trained.told:
+                    continue
+                frozen = tell(study, trial, outcome, wall_s=trained.wall_s, gated=trained.gated)
+                trained.told.add(trial.number)
+                record.trials += 1
+                heartbeats.discard(trial)
+                asker.replaced += count_outcome(record, streak, frozen)
                 on_told(study, frozen)
             record.replaced_trials = record.failed_trials  # the loop goes on: every failure so far is replaced
-            streak.check(counts["complete"], goal.complete)
-        except BaseException as exc:
-            fail_untold(study, [t for t in trials if t.number not in told], exc)
-            raise
-        finally:
-            record.trials += len(told)
-        record.batches += 1
+            streak.check(trained.batch.counts["complete"], goal.complete)
+
+        def settle(trained: Trained, error: BaseException) -> None:
+            """On the way out: tell what a trained batch's trials gave; fail those that cannot be told."""
+            with contextlib.suppress(Exception):
+                tell_batch(trained)  # results that exist are kept (the streak's verdict does not matter now)
+            fail_untold(study, [t for t in trained.batch.trials if t.number not in trained.told], error)
+
+        ready: Batch | None = None  # the next batch, prefetched
+        pending: Trained | None = None  # a trained batch the next helper tells (tell_behind)
+        while True:
+            batch, ready = ready, None
+            prefetch: Prefetch | None = None
+            handed: Trained | None = None  # the trained batch a helper is telling
+            trained: Trained | None = None
+            try:
+                raise_if_interrupted()  # one the interpreter dropped (step5.interrupts) stops the run here
+                if batch is None:
+                    if pending is not None:  # nothing was prefetched: tell it before counting again
+                        handed, pending = pending, None
+                        tell_batch(handed)
+                        handed = None
+                    batch = Batch(index=record.batches)
+                    asker.ask(batch, in_flight=False, waiting=waited_since is not None)
+                    if batch.goal_reached:
+                        break
+                    if batch.given_back:
+                        continue  # all given back: count again
+                    if not batch.trials:
+                        counts = batch.counts
+                        if counts["running"] == 0 and batch.room > 0:
+                            logger.warning(
+                                "study %r holds %d of %d complete trials; this process asked its %d new trial(s) "
+                                "and no other trial is in flight", opened.study_name, counts["complete"],
+                                goal.complete, goal.new_trials)
+                            break
+                        if waited_since is None:
+                            waited_since = time.perf_counter()
+                            logger.info("waiting for %d trial(s) in flight in other processes (%d of %d complete)",
+                                        counts["running"], counts["complete"], goal.complete)
+                        time.sleep(goal.poll_s)
+                        continue
+                waited_since = None
+                numbers = batch.numbers
+                if len(numbers) > 1:
+                    logger.info("batch %d: trials %s in flight", record.batches, numbers)
+                if plan.prefetch:
+                    handed, pending = pending, None
+                    prefetch = Prefetch(asker, record.batches + 1,
+                                        before=None if handed is None else functools.partial(tell_batch, handed))
+                start = time.perf_counter()
+                gate = fold_gate(batch.trials, prune=True) if plan.pruner != "none" else None
+                outcomes = backend.run_trials(list(zip(numbers, batch.params)), gate)
+                wall_s = time.perf_counter() - start
+                if len(outcomes) != len(numbers):
+                    raise Step5Error(f"the backend returned {len(outcomes)} outcomes for a batch of "
+                                     f"{len(numbers)} trials")
+                trained, batch = Trained(batch, outcomes, wall_s, gated=gate is not None), None
+                record.batches += 1
+                prefetch_error: BaseException | None = None
+                if prefetch is not None:  # joined before this batch is told: the sampler's sequence is fixed
+                    ready, prefetch_error = prefetch.result()
+                if tell_behind and ready is not None and prefetch_error is None:
+                    pending, trained = trained, None  # told by the next helper, while the next batch trains
+                    continue
+                tell_batch(trained)
+                if prefetch_error is not None:
+                    raise prefetch_error  # this batch is told; the prefetched trials are failed below
+            except BaseException as exc:
+                unrun = prefetch.stop() if prefetch is not None else []
+                for done in (handed, pending, trained):
+                    if done is not None:
+                        settle(done, exc)
+                if batch is not None:  # asked, not trained
+                    fail_untold(study, list(batch.trials), exc)
+                fail_untold(study, unrun, exc, unrun=True)
+                raise
     return record
 
 
@@ -315,10 +495,13 @@ def tell_pruned(study: optuna.Study, trial: optuna.Trial, outcome: Pruned, *, wa
     return study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
 
 
-def fail_untold(study: optuna.Study, trials: list[optuna.Trial], error: BaseException) -> None:
-    """Tell FAIL to trials a batch asked but never finished (the batch was interrupted)."""
+def fail_untold(study: optuna.Study, trials: list[optuna.Trial], error: BaseException, *, unrun: bool = False) -> None:
+    """Tell FAIL to trials a batch asked but never finished (the batch was interrupted);
+    ``unrun``: trials asked ahead for the next batch (:class:`Prefetch`), which never trained."""
     if isinstance(error, KeyboardInterrupt):  # Ctrl-C, or SIGTERM turned into Terminated
         reason = interrupt_reason(error)
+    elif unrun:
+        reason = f"asked ahead for the next batch and never run: the search stopped on {error!r}"
     else:
         reason = f"the batch was interrupted before this trial was told: {error!r}"
     for trial in trials:

@@ -23,7 +23,7 @@ Resume semantics, in one place:
   configurations its first run already tried.
 * The RDB storage runs Optuna's heartbeat, so a trial left RUNNING by a killed process is
   marked FAILED by a later run once its heartbeat is stale. The search loop's trials get
-  their heartbeats from :func:`trial_heartbeats`.
+  their heartbeats from :class:`TrialHeartbeats`.
 * The trials of a batch (``--trials-in-flight B``) are asked before any of them is told.
   TPE runs with ``constant_liar=True`` (explicitly, whatever the Optuna default), which
   keeps them from all landing on the same configuration; its random start-up trials (the
@@ -545,41 +545,72 @@ def best_complete_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return study.best_trial
 
 
-@contextlib.contextmanager
-def trial_heartbeats(opened: OpenedStudy, trial_numbers: Sequence[int]) -> Iterator[None]:
-    """Record Optuna heartbeats for several RUNNING trials while the block runs.
+class TrialHeartbeats:
+    """Record Optuna heartbeats, in one thread, for every trial this process holds: from
+    its claim (:func:`claim_trial` records the first beat) until it is told.
 
     ``study.optimize`` runs one heartbeat thread per trial; trials asked in a batch need
     the same, or a process killed with SIGKILL mid-batch would leave them RUNNING for good
-    (a later run fails only trials whose heartbeat went stale). Uses only the storage's
-    public heartbeat methods; a storage without heartbeats makes this a no-op.
+    (a later run fails only trials whose heartbeat went stale). A trial asked ahead for
+    the next batch (step5.optimizer.search.Prefetch) waits for a whole batch before it
+    trains, longer than ``training.heartbeat_grace_s`` may be; it beats all that time, so
+    no other process takes it for dead. Uses only the storage's public heartbeat methods;
+    a storage without heartbeats makes this a no-op.
     """
-    storage = opened.storage
-    interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
-    if storage is None or not interval or not trial_numbers:
-        yield
-        return
-    study_id = storage.get_study_id_from_name(opened.study_name)
-    trial_ids = [storage.get_trial_id_from_study_id_trial_number(study_id, n) for n in trial_numbers]
-    stop = threading.Event()
-    # One try per beat: a missed beat is harmless (the next one retries), and a thread
-    # waiting out an outage could not stop when the batch ends.
-    beat = getattr(storage, "record_heartbeat_once", None) or storage.record_heartbeat  # type: ignore[attr-defined]
 
-    def beats() -> None:
+    def __init__(self, opened: OpenedStudy) -> None:
+        storage = opened.storage
+        interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+        self._storage = storage if interval else None
+        self._interval = float(interval or 0)
+        self._trial_ids: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, trial: optuna.Trial) -> None:
+        with self._lock:
+            self._trial_ids.add(trial._trial_id)
+
+    def discard(self, trial: optuna.Trial) -> None:
+        with self._lock:
+            self._trial_ids.discard(trial._trial_id)
+
+    def __enter__(self) -> "TrialHeartbeats":
+        if self._storage is not None:
+            self._thread = threading.Thread(target=self._beats, name="step5-trial-heartbeats", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _beats(self) -> None:
+        # One try per beat: a missed beat is harmless (the next one retries), and a thread
+        # waiting out an outage could not stop when the search ends.
+        beat = getattr(self._storage, "record_heartbeat_once", None) or self._storage.record_heartbeat  # type: ignore[union-attr]
         while True:
+            with self._lock:
+                trial_ids = sorted(self._trial_ids)
             for trial_id in trial_ids:
                 try:
                     beat(trial_id)
                 except Exception:  # noqa: BLE001 - a missed beat is harmless; the next one retries
                     logger.debug("recording a heartbeat for trial id %d failed", trial_id, exc_info=True)
-            if stop.wait(timeout=interval):
+            if self._stop.wait(timeout=self._interval):
                 return
 
-    thread = threading.Thread(target=beats, name="step5-trial-heartbeats", daemon=True)
-    thread.start()
-    try:
+
+@contextlib.contextmanager
+def trial_heartbeats(opened: OpenedStudy, trial_numbers: Sequence[int]) -> Iterator[None]:
+    """Heartbeats (:class:`TrialHeartbeats`) for the RUNNING trials ``trial_numbers`` while the block runs."""
+    storage = opened.storage
+    heartbeats = TrialHeartbeats(opened)
+    if heartbeats._storage is not None and trial_numbers:
+        study_id = storage.get_study_id_from_name(opened.study_name)  # type: ignore[union-attr]
+        for number in trial_numbers:  # before the thread starts: its first beat is at once
+            heartbeats._trial_ids.add(storage.get_trial_id_from_study_id_trial_number(study_id, number))  # type: ignore[union-attr]
+    with heartbeats:
         yield
-    finally:
-        stop.set()
-        thread.join()

@@ -66,7 +66,11 @@ class Study:
     def command(self, index: int, *, fault_at: str | None = None, fault: str | None = None,
                 url: str | None = None) -> list[str]:
         survivors, history = self.inputs
-        cmd = [self.python, "-m", "step5.testing.fake_search", "--job-sleep-s", "0.05"]
+        cmd = [self.python, "-m", "step5.testing.fake_search", "--job-sleep-s", "0.05",
+               # Processes start searching together (run): one that came up late on a loaded
+               # machine would find the study already asked to the end by the others, and the
+               # first process's fault point (its second ask or tell) would never come.
+               "--ready-file", str(self.tmp / f"ready{index}"), "--go-file", str(self.tmp / "go")]
         if fault_at:
             cmd += ["--fault-at", fault_at, "--fault", fault or ""]
         cmd += ["--", "--survivors", str(survivors), "--lottery-data", str(history), "--model-type", "neural_net",
@@ -79,10 +83,19 @@ class Study:
             url: str | None = None, server_back: bool = True) -> list[tuple[int, str]]:
         """Start ``processes`` optimizers at once (the first one injects the fault); their exit
         codes and stderr. ``server_back``: wait until the server takes connections again."""
+        go = self.tmp / "go"
+        go.unlink(missing_ok=True)
+        for i in range(processes):
+            (self.tmp / f"ready{i}").unlink(missing_ok=True)
         procs = [subprocess.Popen(self.command(i, fault_at=fault_at if i == 0 else None, fault=fault, url=url),
                                   cwd=self.tmp, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                   text=True) for i in range(processes)]
         try:
+            deadline = time.monotonic() + 120
+            while not all((self.tmp / f"ready{i}").exists() or p.poll() is not None for i, p in enumerate(procs)):
+                assert time.monotonic() < deadline, "the optimizer processes did not come up"
+                time.sleep(0.05)
+            go.touch()
             done = [(p.wait(timeout=240), p.stderr.read()) for p in procs]  # type: ignore[union-attr]
         finally:
             for p in procs:

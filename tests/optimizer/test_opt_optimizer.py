@@ -204,8 +204,11 @@ def test_crash_or_ctrl_c_cleans_up_and_leaves_no_trial_running(fake_runner, priv
     storage = f"sqlite:///{(cfg.output_dir / 'optuna_step5.db').resolve()}"
     (summary,) = optuna.get_all_study_summaries(storage)
     states = [t.state for t in optuna.load_study(study_name=summary.study_name, storage=storage).trials]
-    # Trials 0 and 1 were told; 2 and 3 were in flight together when the runner blew up.
-    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
+    # Trials 0 and 1 were told; 2 and 3 were in flight together when the runner blew up;
+    # trial 4, the one left to ask, may have been asked ahead for the next batch meanwhile
+    # (the helper thread is stopped at its next step): failed unrun, never RUNNING.
+    assert states[:4] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
+    assert states[4:] in ([], [TrialState.FAIL])
     assert not (cfg.output_dir / artifacts.SIDECAR_NAME).exists()
 
 
