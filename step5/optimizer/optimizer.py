@@ -65,7 +65,7 @@ from step5.optimizer.backends import CVData, ModelBackend, NNBackend, TreeBacken
 from step5.optimizer.objective import OBJECTIVE_FORMULA, OVERFIT_PENALTY, summarize_folds
 from step5.optimizer.search import SearchGoal, SearchPlan, run_search
 from step5.optimizer.plots import plot_optimization_history
-from step5.optimizer.search_space import first_nn_trials
+from step5.optimizer.search_space import DataShape, first_nn_trials
 from step5.optimizer.progress import TrialProgress
 from step5.optimizer.study import (
     OpenedStudy,
@@ -207,7 +207,8 @@ class AntiOverfitMetaOptimizer:
         opened = open_study(
             study_name=study_name, storage_url=storage_url, setup=setup, seed=cfg.seed, trials=cfg.trials,
             data=self._study_data(data_context), training=self.policy.training,
-            first_trials=first_nn_trials(fixed_dropout=cfg.dropout) if cfg.model_type == "neural_net" else (),
+            first_trials=first_nn_trials(DataShape.of_development(len(cv.y_dev), cv.X_dev.shape[1], cv.k),
+                                         fixed_dropout=cfg.dropout) if cfg.model_type == "neural_net" else (),
         )
         with contextlib.ExitStack() as outputs:  # the new model set: discarded unless committed
             with contextlib.ExitStack() as stack:

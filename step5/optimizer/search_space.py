@@ -79,6 +79,8 @@ space changes between a run and its resumption.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -87,75 +89,122 @@ from step5.protocol import NNParams
 
 LAYER_WIDTHS = (8, 16, 32, 64, 128, 256)
 WEIGHT_DECAY_RANGE = (1e-6, 1.0)
+LEARNING_RATE_RANGE = (3e-4, 2e-2)
+PATIENCE_RANGE = (8, 30)
 #: The rates tried once input dropout is on; "off" (0) is its own choice, as likely as
 #: "on" (see the module doc).
 INPUT_DROPOUT_RATES = (0.1, 0.2, 0.3, 0.4, 0.5)
-INPUT_SPARSITY_RANGE = (1e-4, 0.1)
+#: Input sparsity, in units of :attr:`DataShape.lasso_scale`: a net's (``input_sparsity_rel``)
+#: and a linear model's (``linear_sparsity_rel``), searched apart because they sit apart.
+NET_SPARSITY_RANGE = (0.02, 1.0)
+LINEAR_SPARSITY_RANGE = (0.05, 2.0)
 MAX_LAYERS = 3
-BATCH_SIZES = (64, 128, 256, 512)
+#: Candidate mini-batch sizes; :meth:`DataShape.batch_sizes` offers those that suit a fold.
+BATCH_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+#: At most this many steps per epoch (larger folds get larger batches) ...
+MAX_STEPS_PER_EPOCH = 64
+#: ... and at least this many, where the fold is large enough (smaller batches for small folds).
+MIN_STEPS_PER_EPOCH = 3
 NN_OPTIMIZERS = ("adam", "adamw")
+#: Batch mode of every search and final-model request: the batch size is searched, and the
+#: largest choice for a small fold spans it (one step per epoch: full batch).
+SEARCH_BATCH_MODE = "mini"
+#: The share of a training fold that early stopping sets aside (step5.nn.job carves it).
+_EARLY_STOPPING_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What the priors follow: the rows one fold model fits on and the number of inputs."""
+
+    fit_rows: int
+    features: int
+
+    @classmethod
+    def of_development(cls, dev_rows: int, features: int, k_folds: int) -> "DataShape":
+        """The shape of the fold models of K-fold CV on ``dev_rows`` rows: each trains on
+        (K-1)/K of them and early-stops on a fifth of those (step5.nn.job)."""
+        if dev_rows < 2 or features < 1 or k_folds < 2:
+            raise ValueError(f"need >= 2 rows, >= 1 feature and >= 2 folds, got {dev_rows}, {features}, {k_folds}")
+        train = dev_rows - math.ceil(dev_rows / k_folds)
+        return cls(max(2, train - round(train * _EARLY_STOPPING_FRACTION)), features)
+
+    @property
+    def lasso_scale(self) -> float:
+        """``sqrt(2 ln(D) / n)``: the lasso penalty at which a column of pure noise stops
+        paying for itself on a standardised target (the universal threshold of the lasso
+        theory, for noise of sd 1). Input sparsity is searched as a multiple of it, so a
+        table of 200 rows and one of 20,000 start from the same relative point."""
+        return math.sqrt(2.0 * math.log(max(self.features, 2)) / self.fit_rows)
+
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The mini-batch sizes that give a fold between :data:`MIN_STEPS_PER_EPOCH` and
+        :data:`MAX_STEPS_PER_EPOCH` steps per epoch, and one that spans a small fold (full
+        batch); never empty."""
+        n = self.fit_rows
+        fits = [b for b in BATCH_SIZES if n / MAX_STEPS_PER_EPOCH <= b <= max(n / MIN_STEPS_PER_EPOCH, BATCH_SIZES[0])]
+        spanning = next((b for b in BATCH_SIZES if b >= n), None)
+        if spanning is not None and spanning not in fits:
+            fits.append(spanning)
+        return tuple(fits) if fits else (BATCH_SIZES[-1],)
 
 
 def suggest_nn_params(
     trial: optuna.Trial,
     *,
     max_epochs: int,
+    data: DataShape,
     fixed_dropout: float | None = None,
 ) -> NNParams:
-    """Ask ``trial`` for one MLP configuration; ``fixed_dropout`` pins dropout instead of searching it."""
+    """Ask ``trial`` for one MLP configuration for data of shape ``data``;
+    ``fixed_dropout`` pins dropout instead of searching it."""
     n_layers = trial.suggest_int("n_layers", 0, MAX_LAYERS)
     hidden = tuple(trial.suggest_categorical(f"width_l{i}", LAYER_WIDTHS) for i in range(n_layers))
     if fixed_dropout is not None:
         dropout = fixed_dropout
     else:  # a linear model has no hidden unit to drop
         dropout = trial.suggest_float("dropout", 0.0, 0.5) if n_layers else 0.0
+    if n_layers:
+        sparsity = trial.suggest_float("input_sparsity_rel", *NET_SPARSITY_RANGE, log=True)
+    else:
+        sparsity = trial.suggest_float("linear_sparsity_rel", *LINEAR_SPARSITY_RANGE, log=True)
     raw: dict[str, Any] = {
         "hidden_layers": list(hidden),
-        "learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True),
+        "learning_rate": trial.suggest_float("learning_rate", *LEARNING_RATE_RANGE, log=True),
         "dropout": float(dropout),
         "input_dropout": _suggest_input_dropout(trial),
-        "input_sparsity": trial.suggest_float("input_sparsity", *INPUT_SPARSITY_RANGE, log=True),
+        "input_sparsity": sparsity * data.lasso_scale,
         "epochs": int(max_epochs),
         "weight_decay": trial.suggest_float("weight_decay", *WEIGHT_DECAY_RANGE, log=True),
         "optimizer": trial.suggest_categorical("optimizer", NN_OPTIMIZERS),
-        "batch_size": trial.suggest_categorical("batch_size", BATCH_SIZES),
-        "early_stopping_patience": trial.suggest_int("early_stopping_patience", 5, 20),
+        "batch_size": trial.suggest_categorical("batch_size", data.batch_sizes()),
+        "early_stopping_patience": trial.suggest_int("early_stopping_patience", *PATIENCE_RANGE),
         "gradient_clip": trial.suggest_float("gradient_clip", 0.5, 5.0),
     }
     # The same validation the worker applies: a bad range here fails in the parent, loudly.
     return NNParams.from_dict(raw)
 
 
-def first_nn_trials(*, fixed_dropout: float | None = None) -> list[dict[str, Any]]:
+def first_nn_trials(data: DataShape, *, fixed_dropout: float | None = None) -> list[dict[str, Any]]:
     """The configurations a fresh NN study tries before any sampled one (Optuna's
-    ``enqueue_trial``), as the search space's own parameters.
-
-    Two ends of the space, so that TPE's model has a strong point of each kind from the
-    start, whatever the random start-up trials draw (these two are the first of TPE's ten
-    start-up trials): a lasso-like linear model, and a two-layer net of moderate width
-    with input sparsity and a small learning rate (the kind of net that scored best on
-    friedman1 with 80 noise columns). The linear model's sparsity is the range's top:
-    scikit-learn's LassoCV picks the equivalent of 0.12 on diabetes with 80 noise columns
-    (0.005 to 0.03 on the plain diabetes splits, where TPE goes lower from there), and a
-    first trial at 0.03 there overfitted (train R² 0.64, CV 0.35) yet stayed the best of
-    its search. Without them, a search on data with many uninformative columns could
-    spend its start-up trials on narrow nets that input sparsity starves, and settle on
-    the linear model or a narrow net (docs/quality.md:
-    friedman1 with 80 noise columns 0.75 to 0.82 in two of three search seeds, 0.92 in
-    the third, which found a wide net; 0.89 to 0.93 in all three with these first).
-    """
+    ``enqueue_trial``), as the search space's own parameters: see the module doc."""
+    sizes = data.batch_sizes()
+    small_batch = min(sizes, key=lambda b: abs(b - 64))
+    common = {"input_dropout_on": False, "optimizer": "adam", "batch_size": small_batch, "gradient_clip": 2.0}
+    hidden_dropout = {"dropout": 0.0} if fixed_dropout is None else {}
+    plain = {
+        "n_layers": 1, "width_l0": 64, "learning_rate": 3e-3, "input_sparsity_rel": NET_SPARSITY_RANGE[0],
+        "weight_decay": 1e-4, "early_stopping_patience": 20, **hidden_dropout, **common,
+    }
+    sparse = {
+        "n_layers": 2, "width_l0": 128, "width_l1": 64, "learning_rate": 2e-3, "input_sparsity_rel": 0.2,
+        "weight_decay": 1e-5, "early_stopping_patience": 20, **hidden_dropout, **common,
+    }
     linear = {
-        "n_layers": 0, "learning_rate": 5e-3, "input_dropout_on": False, "input_sparsity": 0.1,
-        "weight_decay": 1e-4, "optimizer": "adam", "batch_size": 128, "early_stopping_patience": 15,
-        "gradient_clip": 1.0,
+        "n_layers": 0, "learning_rate": 5e-3, "linear_sparsity_rel": 0.6, "weight_decay": 1e-4,
+        "early_stopping_patience": 20, **common,
     }
-    mlp = {
-        "n_layers": 2, "width_l0": 128, "width_l1": 64, "learning_rate": 7e-4, "input_dropout_on": False,
-        "input_sparsity": 0.04, "weight_decay": 1e-5, "optimizer": "adam", "batch_size": 64,
-        "early_stopping_patience": 10, "gradient_clip": 2.0,
-        **({"dropout": 0.1} if fixed_dropout is None else {}),
-    }
-    return [linear, mlp]
+    return [plain, sparse, linear]
 
 
 def _suggest_input_dropout(trial: optuna.Trial) -> float:
