@@ -1,75 +1,70 @@
 """The neural-net hyperparameter search space: what Optuna may try for one trial.
 
-:func:`suggest_nn_params` turns a trial into a validated :class:`~step5.protocol.NNParams`.
-The ranges suit small tabular MLPs (tens of features, thousands to millions of rows):
+:func:`suggest_nn_params` turns a trial into a validated :class:`~step5.protocol.NNParams`
+for data of a given :class:`DataShape` (the rows one fold model fits on, and the number
+of input columns): two priors follow the data, the rest are fixed ranges.
 
 ============================  =====================================================
 ``n_layers``                   0 .. 3 hidden layers; 0 is a linear model
 ``width_l{i}``                 8, 16, 32, 64, 128 or 256 units per layer (shrinking not forced)
-``learning_rate``              1e-4 .. 1e-2, log scale
+``learning_rate``              3e-4 .. 2e-2, log scale
 ``dropout``                    0.0 .. 0.5, or fixed by ``--dropout`` (not searched then;
                                not asked of a linear model, which has no hidden unit)
 ``input_dropout_on``           whether to drop input features at all (always searched)
 ``input_dropout_rate``         0.1, 0.2, 0.3, 0.4 or 0.5, asked only when on; it becomes
                                ``NNParams.input_dropout`` (0 when off)
-``input_sparsity``             1e-4 .. 0.1, log scale: group lasso on the input columns
+``input_sparsity_rel``         a net's input sparsity, 0.02 .. 1 (log) times the data's
+                               lasso threshold ``sqrt(2 ln D / n)`` (:attr:`DataShape.lasso_scale`)
+``linear_sparsity_rel``        a linear model's, 0.05 .. 2 (log) times the same
 ``weight_decay``               1e-6 .. 1.0, log scale
 ``optimizer``                  adam or adamw (plain SGD needs far more tuning to compete)
-``batch_size``                 64, 128, 256 or 512 (mini-batch mode only)
-``early_stopping_patience``    5 .. 20 epochs (on rows carved from each training fold)
+``batch_size``                 by the fold's rows (:meth:`DataShape.batch_sizes`): 3 to 64
+                               steps per epoch, and one size that spans a small fold (full batch)
+``early_stopping_patience``    8 .. 30 epochs (on rows carved from each training fold)
 ``gradient_clip``              0.5 .. 5.0
 ``epochs``                     not searched: the cap ``--nn-max-epochs`` [200]; early
                                stopping decides how many actually run
 ============================  =====================================================
 
-Regularisation reaches as far as small, noisy tabular data needs (issue 14): a linear
-model, narrow layers (8, 16 units) and weight decay up to 1.0. The linear model (no hidden
-layer: ``Linear(D, 1)``, trained by the same core, with input sparsity acting as a lasso on
-its weights) is where a net ends when regularised all the way; on diabetes with 80 noise
-columns a lasso scores test R² 0.47 where every MLP trial of a 30-trial search stayed at
-0.31 to 0.34, and with this choice the search picked a linear trial there (0.386). A
-quarter of the random start-up trials are linear; on data that needs interactions
-(friedman1, where a linear model scores 0.75) TPE leaves them after that.
+**Mini-batches at every size** (issue 36). Every search and final-model request is sent
+with ``batch_mode="mini"`` (:data:`SEARCH_BATCH_MODE`). The trainer's ``auto`` mode trains
+a fold of up to 10,000 rows in full batch, one optimizer step per epoch, so on the tables
+the pipeline meets (hundreds to thousands of rows) a whole trial had at most 200 steps
+under the default epoch cap and an early-stopping patience of 5 to 20 *steps*: folds
+stopped at epoch 9 of 200 on noise, others ran out of epochs still improving. In mini-batches of
+32 to 128 rows the same 200 epochs are 1,000 to 3,000 steps, and the patience means what
+it says. The batch sizes offered give 3 to 64 steps per epoch, so a large table trains in
+large batches (a GPU's pass stays short), and the largest choice on a small table spans the
+whole fold, so full batch remains a choice.
 
-With Adam's L2 decay, a weight decay of 1.0 is far stronger than scikit-learn's
-MLPRegressor ``alpha=10`` on a few hundred rows (``alpha / n_rows`` there), which its
-grid picks on the diabetes data with many uninformative columns; a cap of 1e-2 left the
-search only overfitting nets there (bench/quality.py measures it).
-Input dropout hides a random part of the features from each training row, so no single
-(possibly uninformative) column can be relied on. It reaches 0.5 because that is where
-the benefit is on data with many uninformative columns: on diabetes with 80 noise columns
-(353 development rows, 90 features) a 0.3 cap left the best trials of a 30-trial search
-at the cap (0.25 to 0.28) with CV R² 0.27 to 0.30; with 0.5 they chose 0.39 to 0.49 and
-reached CV R² 0.32 to 0.34. The best trial's fold-ensemble test R² rose from 0.337 to
-0.348, and from 0.245 to 0.295 with another sampler seed (bench.quality, issue 14; the
-seed moves it more than the space does). On ten informative features a high rate hides
-much of the signal, and the search chooses less there (0.03 on diabetes, split seed 42,
-whose test R² stayed above the best baseline). ``--dropout`` pins the hidden
-layers' dropout only (the existing optimizer's meaning); input dropout is searched either way.
-It is an on/off choice and then a rate because where it does not help it hurts a lot,
-so "off" must be as likely as "on" while TPE is still drawing at random. A uniform range
-almost never drew a rate near 0: on friedman1 (ten features that interact) the best
-trials of a 30-trial search all carried input dropout 0.16 to 0.27, and their
-configurations score fold-ensemble test R² 0.85 to 0.88 with 0.2 against 0.92 to 0.94
-with 0 (the best baseline there is 0.948). Six equal choices (0, 0.1, ..., 0.5) were not
-enough either: on friedman1 with 80 noise columns none of the ten random start-up trials
-drew 0 (a one-in-six chance each), TPE then kept 0.1 for all 20 trials after them, and
-the best reached CV R² 0.78 (test 0.83) where the same data without input dropout
-reaches 0.89 (test 0.91). Behind a gate, "off" is every other start-up draw, and that
-search reached test R² 0.89 there. The price is on data that wants a high rate: diabetes
-with 80 noise columns scored 0.322 ± 0.006 over three search seeds behind the gate against
-0.352 ± 0.018 with six equal rates; a gate with only 0.1, 0.3 and 0.5 (so each rate is as
-likely as before) did no better on either (0.30 to 0.33; 0.84 on friedman1 with noise), so
-the rates' odds do not explain that cost (``bench.quality --repeats``, docs/quality.md).
-Input sparsity (a group lasso on each input feature's weights in the layer that reads the
-inputs, applied as a proximal step: docs/training.md) lets the net drop uninformative
-columns, exactly, which neither weight decay nor dropout does. As a loss term, before the
-proximal step, a fixed configuration took friedman1 with 80 noise columns from test R²
-0.71 to 0.91 at 0.03, and diabetes with 80 noise columns from 0.31 to 0.35; the proximal
-step is stronger at the same value (on the unit test's data an MLP keeps R² 0.99 at 0.01
-and starves at 0.05 to 0.1), so the top of the range is where it drops informative
-columns too, and at 1e-4 it is as good as off: a log range between lets the search
-choose either.
+**Input sparsity in the data's units.** Input sparsity (a group lasso on each input
+column's weights, applied as a proximal step: docs/training.md) zeroes a column whose data
+gradient stays under the strength. For a column of pure noise that gradient is of the order
+of ``sqrt(2 ln D / n)`` on a standardised target (the lasso's universal threshold), so a
+fixed range fits one table size only: scikit-learn's LassoCV picks 0.12 on diabetes with
+80 noise columns (226 rows fit per fold; the threshold is 0.20 there), while 6,400 rows
+of 16 columns have a threshold of 0.03. The search asks for a multiple of the threshold
+instead, the net's and the linear model's apart (a net's best multiples lie near 0.1 to
+0.3, a lasso's near 0.5 to 1, and TPE models each parameter on its own).
+
+**Three known-good first trials** (:func:`first_nn_trials`): a plain MLP (one layer of 64,
+input sparsity at the range's floor), a sparse two-layer net (128, 64 units, 0.3 of the
+threshold) and a lasso (a linear model at 0.6 of it), so TPE's model has a strong point of
+each kind before its random start-up trials, whatever they draw. Both nets carry AdamW
+decay 0.1 and dropout 0.1: without them the plain net fitted its training rows to R² 0.94
+to 0.99 and scored CV R² 0.29 to 0.61 on the tuning tables with noise columns
+(docs/quality.md, issue 36). The sparse net had the best CV R² of the fixed configurations
+tried on four of the six tuning tables.
+
+Regularisation reaches as far as small, noisy tabular data needs (issue 14): a linear
+model, narrow layers (8, 16 units) and weight decay up to 1.0 (with Adam's L2 decay, far
+stronger than scikit-learn's MLPRegressor ``alpha=10`` on a few hundred rows). Input
+dropout hides a random part of the features from each training row; it is an on/off
+choice and then a rate because where it does not help it hurts a lot, so "off" must be as
+likely as "on" while TPE is still drawing at random (a uniform range almost never drew a
+rate near 0, which cost friedman1 0.05 to 0.07 of test R²; docs/quality.md has the
+history). ``--dropout`` pins the hidden layers' dropout only (the existing optimizer's
+meaning); input dropout is searched either way.
 
 The epoch cap is a search-space bound, not a test hook: it bounds every trial's (and the
 final model's) training time, and a user with little time or data lowers it honestly.
@@ -190,19 +185,20 @@ def first_nn_trials(data: DataShape, *, fixed_dropout: float | None = None) -> l
     ``enqueue_trial``), as the search space's own parameters: see the module doc."""
     sizes = data.batch_sizes()
     small_batch = min(sizes, key=lambda b: abs(b - 64))
-    common = {"input_dropout_on": False, "optimizer": "adam", "batch_size": small_batch, "gradient_clip": 2.0}
-    hidden_dropout = {"dropout": 0.0} if fixed_dropout is None else {}
+    common = {"input_dropout_on": False, "batch_size": small_batch, "gradient_clip": 2.0,
+              "early_stopping_patience": 20}
+    hidden_dropout = {"dropout": 0.1} if fixed_dropout is None else {}
     plain = {
         "n_layers": 1, "width_l0": 64, "learning_rate": 3e-3, "input_sparsity_rel": NET_SPARSITY_RANGE[0],
-        "weight_decay": 1e-4, "early_stopping_patience": 20, **hidden_dropout, **common,
+        "weight_decay": 0.1, "optimizer": "adamw", **hidden_dropout, **common,
     }
     sparse = {
-        "n_layers": 2, "width_l0": 128, "width_l1": 64, "learning_rate": 2e-3, "input_sparsity_rel": 0.2,
-        "weight_decay": 1e-5, "early_stopping_patience": 20, **hidden_dropout, **common,
+        "n_layers": 2, "width_l0": 128, "width_l1": 64, "learning_rate": 3e-3, "input_sparsity_rel": 0.3,
+        "weight_decay": 0.1, "optimizer": "adamw", **hidden_dropout, **common,
     }
     linear = {
-        "n_layers": 0, "learning_rate": 5e-3, "linear_sparsity_rel": 0.6, "weight_decay": 1e-4,
-        "early_stopping_patience": 20, **common,
+        "n_layers": 0, "learning_rate": 5e-3, "linear_sparsity_rel": 0.6, "weight_decay": 1e-4, "optimizer": "adam",
+        **common,
     }
     return [plain, sparse, linear]
 
