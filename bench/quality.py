@@ -480,9 +480,16 @@ def run_step5(ds: Dataset, survivors: Path, history: Path, out: Path, *, trials:
                 res["nn"] = _nn_row(outcome, time.perf_counter() - t0, cpu_seconds() - c0)
             return outcome
 
+    def optimizer(config: OptimizerConfig) -> KeepNN:
+        # A tree library's --cpu-workers is its thread count: one OpenMP thread, which on a
+        # shared machine does not spin waiting for a second core; the net keeps its workers.
+        if config.model_type != "neural_net":
+            config = dataclasses.replace(config, cpu_workers=1)
+        return KeepNN(config)
+
     t0, c0 = time.perf_counter(), cpu_seconds()
     cfg = OptimizerConfig(output_dir=out / "compare", compare_models=True, **common)
-    run_compare(cfg, optimizer_factory=KeepNN)
+    run_compare(cfg, optimizer_factory=optimizer)
     if "nn" not in res:
         raise RuntimeError(f"{ds.name}: compare-models ran no neural_net model")
     summary = json.loads((cfg.diagnostics_folder / "compare_models_summary.json").read_text())

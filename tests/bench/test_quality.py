@@ -144,6 +144,7 @@ def test_each_target_line_says_how_large_its_gap_is_against_the_test_rows_noise(
     assert "gap to" not in quality.report([row])[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compare", [False, True], ids=["nn", "compare"])
 def test_a_short_run_keeps_every_models_test_predictions_as_step6_loads_them(tmp_path, capsys, compare):
     """End to end on one dataset: Step 5 (alone, or with compare-models) and the baselines, on the same test rows."""
@@ -161,3 +162,44 @@ def test_a_short_run_keeps_every_models_test_predictions_as_step6_loads_them(tmp
     for who, reported in (*step5.items(), *row["baselines"].items()):
         assert r2_score(preds["y"], preds[who]) == pytest.approx(reported, abs=1e-4), who
     assert "paired bootstrap SE over 89 test rows" in capsys.readouterr().out
+
+
+def test_the_suites_keep_confirmation_apart_and_the_default_run_never_touches_it():
+    recipes = quality.recipes()
+    suites = {name: r.suite for name, r in recipes.items()}
+    assert set(suites.values()) == set(quality.SUITES)
+    confirmation = quality.suite_names("confirmation")
+    assert "heldback_n1250_p50" in confirmation and len(confirmation) >= 5
+    assert quality._dataset_names(None, recipes) == quality.suite_names("tuning")  # the default
+    assert quality._dataset_names("friedman1,confirmation,friedman1", recipes) == ["friedman1", *confirmation]
+    with pytest.raises(ValueError, match="unknown suite"):
+        quality.suite_names("final")
+
+
+def test_the_held_back_recipe_is_issue_36s_and_knows_its_informative_columns():
+    ds = quality.datasets()["heldback_n1250_p50"]()
+    assert ds.X.shape == (1250, 50) and ds.informative == tuple(range(10))
+    from step5.data.splits import dev_rows
+
+    assert dev_rows(1250, quality.TEST_HOLDOUT) == 1000  # about 1,000 development rows
+    # The 40 noise columns are standard normal and the target ignores them: no linear trace.
+    corr = [abs(np.corrcoef(ds.X[:, j], ds.y)[0, 1]) for j in range(10, 50)]
+    assert max(corr) < 0.1 and abs(ds.X[:, 10:].std() - 1) < 0.05
+
+
+def test_baselines_are_cached_by_what_they_depend_on(tmp_path, monkeypatch):
+    ds = quality.datasets()["diabetes_s42"]()
+    calls = []
+
+    def fake_run(d):
+        calls.append(d.name)
+        return {b: 0.5 for b in quality.BASELINES}, {"y": [0.0]}, {b: 1.0 for b in quality.BASELINES}
+
+    monkeypatch.setattr(quality, "run_baselines", fake_run)
+    first = quality.cached_baselines(ds, tmp_path)
+    assert quality.cached_baselines(ds, tmp_path) == first and calls == ["diabetes_s42"]  # read back
+    other = quality.Dataset(ds.name, ds.X, ds.y, split_seed=1)  # another split: computed again
+    quality.cached_baselines(other, tmp_path)
+    assert calls == ["diabetes_s42", "diabetes_s42"]
+    quality.cached_baselines(ds, None)  # no cache: always computed
+    assert len(calls) == 3
