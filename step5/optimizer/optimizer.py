@@ -204,11 +204,14 @@ class AntiOverfitMetaOptimizer:
         cv = self._split(table)
         self.timings["split_s"] = time.perf_counter() - start
 
+        first_trials: list[dict[str, Any]] = []
+        if cfg.model_type == "neural_net":
+            shape = DataShape.of_development(len(cv.y_dev), cv.X_dev.shape[1], cv.k)
+            # No more first trials than --trials: the rest would wait in the study unrun.
+            first_trials = first_nn_trials(shape, fixed_dropout=cfg.dropout)[: cfg.trials]
         opened = open_study(
             study_name=study_name, storage_url=storage_url, setup=setup, seed=cfg.seed, trials=cfg.trials,
-            data=self._study_data(data_context), training=self.policy.training,
-            first_trials=first_nn_trials(DataShape.of_development(len(cv.y_dev), cv.X_dev.shape[1], cv.k),
-                                         fixed_dropout=cfg.dropout) if cfg.model_type == "neural_net" else (),
+            data=self._study_data(data_context), training=self.policy.training, first_trials=first_trials,
         )
         with contextlib.ExitStack() as outputs:  # the new model set: discarded unless committed
             with contextlib.ExitStack() as stack:
