@@ -150,10 +150,11 @@ def _warm_round(ctx: BenchContext) -> list[TrainRequest]:
 
 def run_s96a(ctx: BenchContext) -> ModeRun:
     """One fresh ``train_single_trial.py`` process per fold, one at a time per slot."""
-    from step5.execution.runner import SubprocessRunner
+    from step5.execution.pool import WorkerPool
 
     start = time.perf_counter()
-    with SubprocessRunner(ctx.slots, job_timeout_s=ctx.job_timeout_s, max_job_reruns=0, python=ctx.python) as runner:
+    with WorkerPool(ctx.slots, persistent=False, job_timeout_s=ctx.job_timeout_s, max_job_reruns=0,
+                    python=ctx.python) as runner:
         # No process outlives a job, so nothing stays warm; this round only warms the
         # OS page cache for the interpreter and torch libraries, as for every mode.
         _warm(runner, ctx)

@@ -45,49 +45,69 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
+import msgspec
 import numpy as np
+from msgspec import Meta
 
 from step5.errors import DataError
-from step5.execution.summary import EXECUTION_MODES, execution_problems  # noqa: F401 - re-exported
+from step5.execution.summary import EXECUTION_SCHEMA
 from step5.jsonio import dumps, read_json_file, write_json_atomic
-from step5.values import is_int, is_number
+from step5.schema import Number, SchemaError, convert, one_of
 
 SCHEMA_VERSION = "1.0"
+
+# Every file name Step 5 reads or writes, in one place.
+#: The pipeline's inputs (SPEC section 2), as its earlier steps name them.
+SURVIVORS_FILENAME = "survivors_with_scores.json"
+HISTORY_FILENAME = "train_history.json"
+#: A model set's files besides the checkpoint (SPEC section 4).
 SIDECAR_NAME = "best_model.meta.json"
 HISTORY_PNG_NAME = "best_model.history.png"
-
-#: Folder for per-run diagnostics, the compare summary and the skip registry, relative to
-#: the working directory (the pipeline's root), where the existing pipeline's health check
-#: and optimizer look for them.
+#: Folder for per-run diagnostics, the compare summary, the skip registry and the WATCHER's
+#: decision log, relative to the working directory (the pipeline's root), where the existing
+#: pipeline's health check and optimizer look for them.
 DIAGNOSTICS_DIRNAME = "diagnostics_outputs"
 COMPARE_SUMMARY_NAME = "compare_models_summary.json"
 REGISTRY_NAME = "model_skip_registry.json"
 
-#: Every model family Step 5 trains, in the order ``--compare-models`` runs them; the one
-#: definition (the optimizer's config and CLI, the WATCHER's fake and Step 6 import it).
-MODEL_TYPES = ("neural_net", "xgboost", "lightgbm", "catboost")
 
-#: File name of each model type's checkpoint (SPEC section 4).
-CHECKPOINT_FILENAMES: dict[str, str] = {
-    "neural_net": "best_model.pth",
-    "xgboost": "best_model.json",
-    "lightgbm": "best_model.txt",
-    "catboost": "best_model.cbm",
-}
+@dataclass(frozen=True)
+class ModelType:
+    """One model family Step 5 trains: the facts every part of Step 5 asks about it."""
 
-#: What is inside each checkpoint file, so a reader knows how to open it.
-CHECKPOINT_FORMATS: dict[str, str] = {
-    "neural_net": "pytorch_tensors",  # torch.save of tensors + plain data; weights_only=True loads it
-    "xgboost": "xgboost_json",
-    "lightgbm": "lightgbm_text",
-    "catboost": "catboost_cbm",
-}
+    name: str  # the --model-type value and the sidecar's model_type
+    checkpoint_name: str  # best_model.<ext> (SPEC section 4)
+    checkpoint_format: str  # the sidecar's checkpoint_format: what is inside the file, so a reader can open it
+    # Trained by torch, in worker / one-shot processes the parent starts (the parent never
+    # imports torch); otherwise in-process by its tree library (step5.models).
+    torch: bool = False
+
+
+#: Every model family Step 5 trains, in the order ``--compare-models`` runs them: the one
+#: definition of a model type (the optimizer, the CLI, the WATCHER, Step 6 look them up here).
+MODEL_REGISTRY: dict[str, ModelType] = {m.name: m for m in (
+    # torch.save of tensors + plain data; weights_only=True loads it
+    ModelType("neural_net", "best_model.pth", "pytorch_tensors", torch=True),
+    ModelType("xgboost", "best_model.json", "xgboost_json"),
+    ModelType("lightgbm", "best_model.txt", "lightgbm_text"),
+    ModelType("catboost", "best_model.cbm", "catboost_cbm"),
+)}
+MODEL_TYPES = tuple(MODEL_REGISTRY)
 
 #: Every file a model set may hold (see :mod:`step5.model_set`).
-MODEL_SET_NAMES = frozenset({*CHECKPOINT_FILENAMES.values(), SIDECAR_NAME, HISTORY_PNG_NAME})
+MODEL_SET_NAMES = frozenset({*(m.checkpoint_name for m in MODEL_REGISTRY.values()), SIDECAR_NAME, HISTORY_PNG_NAME})
+
+
+def get_model_type(name: str) -> ModelType:
+    """The registry entry of ``name``; a ``ValueError`` naming the model types otherwise."""
+    try:
+        return MODEL_REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"`model_type` must be one of {list(MODEL_TYPES)}, got {name!r}") from None
 
 OUTCOMES = ("SUCCESS", "DEGENERATE_SIGNAL")
 SIGNAL_STATUSES = ("healthy", "weak", "degenerate")
@@ -176,12 +196,9 @@ def beats_mean(test_r2: float | None) -> bool | None:
     return bool(test_r2 > 0.0)
 
 
-def checkpoint_filename(model_type: str) -> str:
-    """``best_model.pth`` / ``.json`` / ``.txt`` / ``.cbm`` for ``model_type``."""
-    try:
-        return CHECKPOINT_FILENAMES[model_type]
-    except KeyError:
-        raise ValueError(f"`model_type` must be one of {list(MODEL_TYPES)}, got {model_type!r}") from None
+def checkpoint_filename(name: str) -> str:
+    """``best_model.pth`` / ``.json`` / ``.txt`` / ``.cbm`` for model type ``name``."""
+    return get_model_type(name).checkpoint_name
 
 
 def write_sidecar(path: str | os.PathLike[str], sidecar: Mapping[str, Any]) -> Path:
@@ -233,114 +250,74 @@ def verify_checkpoint(sidecar_path: str | os.PathLike[str], sidecar: Mapping[str
 
 # --------------------------------------------------------------------------- validation
 
-_Check = Callable[[Any], bool]
+Hex16 = Annotated[str, Meta(pattern=f"^[0-9a-f]{{{HASH_HEX_CHARS}}}$",
+                            description=f"{HASH_HEX_CHARS} lowercase hex characters")]
+Sha256 = Annotated[str, Meta(pattern="^[0-9a-f]{64}$", description="64 lowercase hex characters (a SHA-256)")]
+OptNumber = Number | None
+SignalStatus = one_of(SIGNAL_STATUSES)
+ModelTypeName = one_of(MODEL_TYPES)
+Outcome = one_of(OUTCOMES)
 
 
-def _is_str(v: Any) -> bool:
-    return isinstance(v, str)
+# The sidecar's schema (SPEC section 4): each block's keys and what they hold. A block may
+# carry more keys than these (the existing pipeline's, this project's extras); ``execution``
+# may not (its records are the schema, step5.execution.summary).
+class _FeatureSchema(msgspec.Struct):
+    feature_names: list[str]
+    feature_count: int
+    ordering: str
+    feature_schema_hash: Hex16
+    excluded_features: list[str]
+    source_file: str
 
 
-def _is_bool(v: Any) -> bool:
-    return isinstance(v, bool)
+class _SignalQuality(msgspec.Struct):
+    signal_status: SignalStatus
+    quality: str  # = signal_status: the name the existing WATCHER's metrics extractor reads
+    confidence: Number  # SIGNAL_CONFIDENCE of the status: the extractor's other field
+    prediction_allowed: bool
+    target_mean: OptNumber
+    target_std: OptNumber
+    target_variance: OptNumber
+    unique_target_values: int
+    sample_size: int
 
 
-def _is_dict(v: Any) -> bool:
-    return isinstance(v, dict)
+class _Window(msgspec.Struct):
+    start_draw: int
+    end_draw: int
+    draw_count: int
 
 
-def _is_list(v: Any) -> bool:
-    return isinstance(v, list)
+class _HoldoutWindow(msgspec.Struct):
+    start_draw: int | None
+    end_draw: int | None
+    draw_count: int | None
 
 
-def _or_none(check: _Check) -> _Check:
-    return lambda v: v is None or check(v)
+class _SurvivorSource(msgspec.Struct):
+    file: str
+    file_path: str
+    survivor_count: int
 
 
-def _is_hex16(v: Any) -> bool:
-    return isinstance(v, str) and len(v) == HASH_HEX_CHARS and all(c in "0123456789abcdef" for c in v)
+class _PrngHypothesis(msgspec.Struct):
+    prng_type: str | None
+    mod: int | None
 
 
-def _is_sha256(v: Any) -> bool:
-    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+class _DataContext(msgspec.Struct):
+    """In the existing pipeline's layout: its WATCHER's metrics extractor reads
+    ``fingerprint_version``, the windows' ``draw_count`` and ``prng_hypothesis.prng_type``."""
 
+    fingerprint_hash: Hex16
+    fingerprint_version: str
+    training_window: _Window  # the history's draws
+    holdout_window: _HoldoutWindow
+    survivor_source: _SurvivorSource
+    prng_hypothesis: _PrngHypothesis
+    target: str
 
-_EXPECTED_NAMES: dict[_Check, str] = {}
-
-
-def _expect(check: _Check, description: str) -> _Check:
-    _EXPECTED_NAMES[check] = description
-    return check
-
-
-STR = _expect(_is_str, "a string")
-BOOL = _expect(_is_bool, "true or false")
-INT = _expect(is_int, "an int")
-NUM = _expect(is_number, "a finite number")
-DICT = _expect(_is_dict, "an object")
-LIST = _expect(_is_list, "an array")
-HEX16 = _expect(_is_hex16, "16 lowercase hex characters")
-SHA256 = _expect(_is_sha256, "64 lowercase hex characters (a SHA-256)")
-OPT_STR = _expect(_or_none(_is_str), "a string or null")
-OPT_INT = _expect(_or_none(is_int), "an int or null")
-OPT_NUM = _expect(_or_none(is_number), "a finite number or null")
-STR_LIST = _expect(lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "an array of strings")
-
-#: Top-level keys and their types (SPEC section 4). Nested blocks are checked below.
-TOP_LEVEL: dict[str, _Check] = {
-    "schema_version": STR,
-    "model_type": STR,
-    "checkpoint_path": OPT_STR,
-    "checkpoint_format": OPT_STR,
-    "feature_schema": DICT,
-    "signal_quality": DICT,
-    "data_context": DICT,
-    "training_metrics": DICT,
-    "hyperparameters": DICT,
-    "optuna": DICT,
-    "execution": DICT,
-    "outcome": STR,
-    "provenance": DICT,
-    "agent_metadata": DICT,
-}
-
-FEATURE_SCHEMA_KEYS: dict[str, _Check] = {
-    "feature_names": STR_LIST,
-    "feature_count": INT,
-    "ordering": STR,
-    "feature_schema_hash": HEX16,
-    "excluded_features": STR_LIST,
-    "source_file": STR,
-}
-
-SIGNAL_QUALITY_KEYS: dict[str, _Check] = {
-    "signal_status": STR,
-    "quality": STR,  # = signal_status: the name the existing WATCHER's metrics extractor reads
-    "confidence": NUM,  # SIGNAL_CONFIDENCE of the status: the extractor's other field
-    "prediction_allowed": BOOL,
-    "target_mean": OPT_NUM,
-    "target_std": OPT_NUM,
-    "target_variance": OPT_NUM,
-    "unique_target_values": INT,
-    "sample_size": INT,
-}
-
-#: ``data_context`` in the existing pipeline's layout (its WATCHER's metrics extractor reads
-#: ``fingerprint_version``, the windows' ``draw_count`` and ``prng_hypothesis.prng_type``).
-DATA_CONTEXT_KEYS: dict[str, _Check] = {
-    "fingerprint_hash": HEX16,
-    "fingerprint_version": STR,
-    "training_window": DICT,
-    "holdout_window": DICT,
-    "survivor_source": DICT,
-    "prng_hypothesis": DICT,
-    "target": STR,
-}
-DATA_CONTEXT_NESTED: dict[str, dict[str, _Check]] = {
-    "training_window": {"start_draw": INT, "end_draw": INT, "draw_count": INT},  # the history's draws
-    "holdout_window": {"start_draw": OPT_INT, "end_draw": OPT_INT, "draw_count": OPT_INT},
-    "survivor_source": {"file": STR, "file_path": STR, "survivor_count": INT},
-    "prng_hypothesis": {"prng_type": OPT_STR, "mod": OPT_INT},
-}
 
 #: Metrics every sidecar carries; null in a degenerate sidecar, numbers in a SUCCESS one
 #: (``overfit_ratio`` may be null when the train MSE is 0 and the ratio is undefined,
@@ -350,169 +327,126 @@ TRAINING_METRIC_KEYS: tuple[str, ...] = (
     "overfit_ratio", "early_stop_ratio",
 )
 _NULLABLE_ON_SUCCESS = frozenset({"overfit_ratio", "early_stop_ratio"})
-
-OPTUNA_KEYS: dict[str, _Check] = {
-    "study_name": OPT_STR,
-    "storage": OPT_STR,
-    "trials_run": INT,
-    "best_trial_number": OPT_INT,
-    "best_value": OPT_NUM,
-}
-
-PROVENANCE_KEYS: dict[str, _Check] = {
-    "run_id": STR,
-    "parent_run_id": OPT_STR,
-    "command_line": STR_LIST,
-    "created_at": STR,
-    "versions": DICT,
-}
+_TrainingMetrics = msgspec.defstruct(
+    "_TrainingMetrics", [*((key, OptNumber) for key in TRAINING_METRIC_KEYS), ("beats_mean", bool | None, None)],
+)
 
 
-AGENT_METADATA_KEYS: dict[str, _Check] = {
-    "pipeline_step": INT,
-    "pipeline_step_name": STR,
-    "run_id": STR,
-    "parent_run_id": OPT_STR,
-}
+class _Optuna(msgspec.Struct):
+    study_name: str | None
+    storage: str | None
+    trials_run: int
+    best_trial_number: int | None
+    best_value: OptNumber
 
 
-def _check_block(obj: Mapping[str, Any], keys: Mapping[str, _Check], where: str, problems: list[str]) -> None:
-    for key, check in keys.items():
-        if key not in obj:
-            problems.append(f"missing key `{where}{key}`")
-        elif not check(obj[key]):
-            expected = _EXPECTED_NAMES.get(check, "a valid value")
-            problems.append(f"`{where}{key}` must be {expected}, got {obj[key]!r:.80}")
+class _Provenance(msgspec.Struct):
+    run_id: str
+    parent_run_id: str | None
+    command_line: list[str]
+    created_at: str
+    versions: dict
+
+
+class _AgentMetadata(msgspec.Struct):
+    pipeline_step: Literal[PIPELINE_STEP]  # type: ignore[valid-type]
+    pipeline_step_name: Literal[PIPELINE_STEP_NAME]  # type: ignore[valid-type]
+    run_id: str
+    parent_run_id: str | None
+
+
+class _Sidecar(msgspec.Struct):
+    schema_version: str
+    model_type: ModelTypeName
+    checkpoint_path: str | None
+    checkpoint_format: str | None
+    feature_schema: _FeatureSchema
+    signal_quality: _SignalQuality
+    data_context: _DataContext
+    training_metrics: _TrainingMetrics  # type: ignore[valid-type]
+    hyperparameters: dict
+    optuna: _Optuna
+    execution: EXECUTION_SCHEMA  # type: ignore[valid-type]
+    outcome: Outcome
+    provenance: _Provenance
+    agent_metadata: _AgentMetadata
+    checkpoint_sha256: Sha256 | None = None  # required in a SUCCESS sidecar (a rule below)
 
 
 def validate_sidecar(obj: dict[str, Any]) -> list[str]:
     """Every problem with a sidecar, as readable lines; an empty list means it is valid.
 
-    Checks every SPEC section 4 key and its type, the allowed enum values, and the
-    cross-field rules: the feature hash matches the names, a SUCCESS sidecar names its
+    First its shape (:class:`_Sidecar`: every SPEC section 4 key, its type, the allowed
+    values; the first misfit of each top-level key), then, on a well-shaped sidecar, the
+    rules across fields: the feature hash matches the names, a SUCCESS sidecar names its
     model type's checkpoint and has numeric metrics, a degenerate one allows no prediction.
     """
     if not isinstance(obj, dict):
         return [f"the sidecar must be a JSON object, got {type(obj).__name__}"]
     problems: list[str] = []
-    _check_block(obj, TOP_LEVEL, "", problems)
+    for f in msgspec.structs.fields(_Sidecar):
+        if f.name not in obj:
+            if f.required:
+                problems.append(f"missing key `{f.name}`")
+            continue
+        try:
+            convert(obj[f.name], f.type, at=f.name)
+        except SchemaError as exc:
+            problems.append(str(exc))
+    return problems or _rule_problems(obj)
 
-    outcome = obj.get("outcome")
-    if isinstance(outcome, str) and outcome not in OUTCOMES:
-        problems.append(f"`outcome` must be one of {list(OUTCOMES)}, got {outcome!r}")
-    model_type = obj.get("model_type")
-    if isinstance(model_type, str) and model_type not in MODEL_TYPES:
-        problems.append(f"`model_type` must be one of {list(MODEL_TYPES)}, got {model_type!r}")
 
-    fs = obj.get("feature_schema")
-    if isinstance(fs, dict):
-        _check_block(fs, FEATURE_SCHEMA_KEYS, "feature_schema.", problems)
-        names = fs.get("feature_names")
-        if STR_LIST(names):
-            if is_int(fs.get("feature_count")) and fs["feature_count"] != len(names):
-                problems.append(
-                    f"`feature_schema.feature_count` is {fs['feature_count']} but "
-                    f"`feature_schema.feature_names` has {len(names)} names"
-                )
-            if _is_hex16(fs.get("feature_schema_hash")) and fs["feature_schema_hash"] != feature_schema_hash(names):
-                problems.append(
-                    f"`feature_schema.feature_schema_hash` {fs['feature_schema_hash']!r} does not match the "
-                    f"feature names (expected {feature_schema_hash(names)!r})"
-                )
-            if not names and outcome == "SUCCESS":
-                problems.append("`feature_schema.feature_names` is empty in a SUCCESS sidecar")
-
-    sq = obj.get("signal_quality")
-    if isinstance(sq, dict):
-        _check_block(sq, SIGNAL_QUALITY_KEYS, "signal_quality.", problems)
-        status = sq.get("signal_status")
-        if isinstance(status, str) and status not in SIGNAL_STATUSES:
-            problems.append(f"`signal_quality.signal_status` must be one of {list(SIGNAL_STATUSES)}, got {status!r}")
-        elif isinstance(status, str) and (sq.get("quality") != status or sq.get("confidence") != SIGNAL_CONFIDENCE[status]):
-            problems.append(f"`signal_quality.quality` / `confidence` must be {status!r} / {SIGNAL_CONFIDENCE[status]} "
-                            f"for signal_status {status!r}, got {sq.get('quality')!r} / {sq.get('confidence')!r}")
-
-    dc = obj.get("data_context")
-    if isinstance(dc, dict):
-        _check_block(dc, DATA_CONTEXT_KEYS, "data_context.", problems)
-        for name, keys in DATA_CONTEXT_NESTED.items():
-            if isinstance(dc.get(name), dict):
-                _check_block(dc[name], keys, f"data_context.{name}.", problems)
-
-    tm = obj.get("training_metrics")
-    if isinstance(tm, dict):
-        for key in TRAINING_METRIC_KEYS:
-            if key not in tm:
-                problems.append(f"missing key `training_metrics.{key}`")
-                continue
-            value = tm[key]
-            if outcome == "SUCCESS" and key not in _NULLABLE_ON_SUCCESS:
-                if not is_number(value):
-                    problems.append(f"`training_metrics.{key}` must be a finite number in a SUCCESS sidecar, got {value!r}")
-            elif not OPT_NUM(value):
-                problems.append(f"`training_metrics.{key}` must be a finite number or null, got {value!r}")
-
-    op = obj.get("optuna")
-    if isinstance(op, dict):
-        _check_block(op, OPTUNA_KEYS, "optuna.", problems)
-
-    ex = obj.get("execution")
-    if isinstance(ex, dict):
-        # Every key of the typed block (step5.execution.summary), nested records included.
-        problems.extend(execution_problems(ex))
-
-    pv = obj.get("provenance")
-    if isinstance(pv, dict):
-        _check_block(pv, PROVENANCE_KEYS, "provenance.", problems)
-
-    am = obj.get("agent_metadata")
-    if isinstance(am, dict):
-        _check_block(am, AGENT_METADATA_KEYS, "agent_metadata.", problems)
-        for key, want in (("pipeline_step", PIPELINE_STEP), ("pipeline_step_name", PIPELINE_STEP_NAME)):
-            if key in am and am[key] != want:
-                problems.append(f"`agent_metadata.{key}` must be {want!r}, got {am[key]!r}")
-        if isinstance(pv, dict):
-            for key in ("run_id", "parent_run_id"):
-                if key in am and key in pv and am[key] != pv[key]:
-                    problems.append(f"`agent_metadata.{key}` {am[key]!r} differs from `provenance.{key}` {pv[key]!r}")
-
-    # Cross-field rules: what makes a sidecar usable (or safely unusable) by Step 6.
+def _rule_problems(obj: dict[str, Any]) -> list[str]:
+    """What a well-shaped sidecar breaks of the rules that make it usable (or safely
+    unusable) by Step 6."""
+    problems: list[str] = []
+    outcome, fs, sq, tm, pv, am = (obj[k] for k in (
+        "outcome", "feature_schema", "signal_quality", "training_metrics", "provenance", "agent_metadata"))
+    names = fs["feature_names"]
+    if fs["feature_count"] != len(names):
+        problems.append(f"`feature_schema.feature_count` is {fs['feature_count']} but "
+                        f"`feature_schema.feature_names` has {len(names)} names")
+    if fs["feature_schema_hash"] != feature_schema_hash(names):
+        problems.append(f"`feature_schema.feature_schema_hash` {fs['feature_schema_hash']!r} does not match the "
+                        f"feature names (expected {feature_schema_hash(names)!r})")
+    status = sq["signal_status"]
+    if sq["quality"] != status or sq["confidence"] != SIGNAL_CONFIDENCE[status]:
+        problems.append(f"`signal_quality.quality` / `confidence` must be {status!r} / {SIGNAL_CONFIDENCE[status]} "
+                        f"for signal_status {status!r}, got {sq['quality']!r} / {sq['confidence']!r}")
+    for key in ("run_id", "parent_run_id"):
+        if am[key] != pv[key]:
+            problems.append(f"`agent_metadata.{key}` {am[key]!r} differs from `provenance.{key}` {pv[key]!r}")
     if outcome == "SUCCESS":
-        if not _is_sha256(obj.get("checkpoint_sha256")):
-            problems.append(
-                f"`checkpoint_sha256` must be {_EXPECTED_NAMES[SHA256]} in a SUCCESS sidecar, "
-                f"got {obj.get('checkpoint_sha256')!r:.80}"
-            )
-        if isinstance(tm, dict) and is_number(tm.get("test_r2")):
+        if not names:
+            problems.append("`feature_schema.feature_names` is empty in a SUCCESS sidecar")
+        for key in TRAINING_METRIC_KEYS:
+            if key not in _NULLABLE_ON_SUCCESS and tm[key] is None:
+                problems.append(f"`training_metrics.{key}` must be a finite number in a SUCCESS sidecar, got None")
+        if obj.get("checkpoint_sha256") is None:
+            problems.append("`checkpoint_sha256` must be 64 lowercase hex characters (a SHA-256) in a SUCCESS "
+                            "sidecar, got None")
+        if tm["test_r2"] is not None:
             expected_flag = beats_mean(tm["test_r2"])
             if "beats_mean" not in tm:
                 problems.append("missing key `training_metrics.beats_mean` in a SUCCESS sidecar")
             elif tm["beats_mean"] is not expected_flag:
-                problems.append(
-                    f"`training_metrics.beats_mean` must be {str(expected_flag).lower()} for test R² "
-                    f"{tm['test_r2']!r} (true only above 0), got {tm['beats_mean']!r}"
-                )
-        if isinstance(model_type, str) and model_type in MODEL_TYPES:
-            if obj.get("checkpoint_format") != CHECKPOINT_FORMATS[model_type]:
-                problems.append(
-                    f"`checkpoint_format` must be {CHECKPOINT_FORMATS[model_type]!r} for model type "
-                    f"{model_type!r}, got {obj.get('checkpoint_format')!r}"
-                )
-            ckpt = obj.get("checkpoint_path")
-            if not isinstance(ckpt, str) or Path(ckpt).name != CHECKPOINT_FILENAMES[model_type]:
-                problems.append(
-                    f"`checkpoint_path` must name {CHECKPOINT_FILENAMES[model_type]!r} for model type "
-                    f"{model_type!r}, got {ckpt!r}"
-                )
-        if isinstance(sq, dict) and sq.get("prediction_allowed") is False:
+                problems.append(f"`training_metrics.beats_mean` must be {str(expected_flag).lower()} for test R² "
+                                f"{tm['test_r2']!r} (true only above 0), got {tm['beats_mean']!r}")
+        spec = MODEL_REGISTRY[obj["model_type"]]
+        if obj["checkpoint_format"] != spec.checkpoint_format:
+            problems.append(f"`checkpoint_format` must be {spec.checkpoint_format!r} for model type "
+                            f"{spec.name!r}, got {obj['checkpoint_format']!r}")
+        if obj["checkpoint_path"] is None or Path(obj["checkpoint_path"]).name != spec.checkpoint_name:
+            problems.append(f"`checkpoint_path` must name {spec.checkpoint_name!r} for model type "
+                            f"{spec.name!r}, got {obj['checkpoint_path']!r}")
+        if not sq["prediction_allowed"]:
             problems.append("`signal_quality.prediction_allowed` is false in a SUCCESS sidecar")
-        if isinstance(op, dict) and op.get("best_trial_number") is None:
+        if obj["optuna"]["best_trial_number"] is None:
             problems.append("`optuna.best_trial_number` is null in a SUCCESS sidecar")
-    elif outcome == "DEGENERATE_SIGNAL":
-        if isinstance(sq, dict) and sq.get("prediction_allowed") is not False:
+    else:  # DEGENERATE_SIGNAL
+        if sq["prediction_allowed"]:
             problems.append("`signal_quality.prediction_allowed` must be false in a DEGENERATE_SIGNAL sidecar")
-        if obj.get("checkpoint_path") is not None:
-            problems.append("`checkpoint_path` must be null in a DEGENERATE_SIGNAL sidecar (no model is saved)")
-        if obj.get("checkpoint_sha256") is not None:
-            problems.append("`checkpoint_sha256` must be null in a DEGENERATE_SIGNAL sidecar (no model is saved)")
+        for key in ("checkpoint_path", "checkpoint_sha256"):
+            if obj.get(key) is not None:
+                problems.append(f"`{key}` must be null in a DEGENERATE_SIGNAL sidecar (no model is saved)")
     return problems

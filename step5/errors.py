@@ -1,8 +1,9 @@
 """Every exception Step 5 defines: one flat hierarchy under :class:`Step5Error`.
 
 Each class carries the process exit code the CLIs use when it escapes to the top (SPEC:
-0 ok, 1 error, 2 degenerate, 64 usage); job-level failures also carry an ``error_type``
-that travels over the worker protocol (:data:`JOB_ERROR_TYPES`).
+0 ok, 1 error, 2 degenerate, 64 usage; an interrupt 130 or 143): the one place exit codes
+are defined. Job-level failures also carry an ``error_type`` that travels over the worker
+protocol (:data:`JOB_ERROR_TYPES`).
 
 ==========================  ====  =========================================================
 class                       exit  raised when
@@ -17,6 +18,9 @@ class                       exit  raised when
 ``PredictionNotAllowed``    2     Step 6 loads a sidecar whose run found no signal
 ``StudyMismatchError``      1     a shared study was recorded for other data or setup
 ``TooManyFailedTrials``     1     so many trials failed in a row that the search stops
+``StorageError``            1     the study's database stayed unreachable past
+                                  ``training.storage_outage_s``, or failed in a way
+                                  waiting cannot fix (credentials, a missing table)
 ``JobError``                1     a training job failed deterministically (not retried)
 ``BadRequest``              1     a protocol request is malformed (a ``JobError``)
 ``WorkerCrashed``           1     a training process died, hung or broke the protocol
@@ -25,7 +29,7 @@ class                       exit  raised when
 ``RunnerClosed``            1     a job meets a closed fold runner (pool or one-shot)
 ``FrameTooLarge``           --    a protocol line exceeds the reader's bound (handled by
                                   the reader's owner, never reaches a CLI)
-``Terminated``              --    SIGTERM arrived; a ``KeyboardInterrupt``, not a
+``Terminated``              143   SIGTERM arrived; a ``KeyboardInterrupt``, not a
                                   ``Step5Error``, so every ``finally`` runs as on Ctrl-C
 ==========================  ====  =========================================================
 
@@ -37,7 +41,19 @@ tests to skip: no Step 5 code path raises it, so it is no failure of the product
 """
 from __future__ import annotations
 
+import signal
 from typing import Any
+
+#: A run that ended well. Every failure's exit code is its exception class's ``exit_code``.
+EXIT_OK = 0
+#: Interrupted by Ctrl-C (SIGINT), as shells report it; SIGTERM: :attr:`Terminated.exit_code`.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+#: The WATCHER's own final decisions (step5.watcher.judge); PROCEED exits 0, DEGENERATE 2.
+EXIT_SKIP_MODEL = 3
+EXIT_ESCALATE = 4
+#: A worker or one-shot trainer that found itself orphaned (step5.lifeline); nobody is left to
+#: read it, it only makes the cause visible when a human runs the worker by hand.
+EXIT_ORPHANED = 3
 
 #: ``error_type`` values a training job may fail with (SPEC section 6). ``timeout`` is the
 #: parent's verdict on a job that ran past its timeout twice; no trainer sends it.
@@ -62,6 +78,8 @@ def is_out_of_memory(exc: BaseException, oom_types: tuple[type[BaseException], .
 class Terminated(KeyboardInterrupt):
     """Raised (by the handler step5.interrupts installs) when SIGTERM arrives: an interrupt,
     so that every ``finally`` (workers, temp dirs, Optuna's trial bookkeeping) runs as on Ctrl-C."""
+
+    exit_code = 128 + signal.SIGTERM
 
 
 def interrupt_reason(exc: BaseException) -> str:
@@ -112,6 +130,13 @@ class StudyMismatchError(Step5Error):
 
 class TooManyFailedTrials(Step5Error):
     """Raised when so many trials failed in a row that replacing them looks endless."""
+
+
+class StorageError(Step5Error):
+    """Raised when the study's database stays unreachable for longer than
+    ``training.storage_outage_s``, or fails with an error that waiting cannot fix (bad
+    credentials, a missing database or table); the message names the database, password
+    redacted (:mod:`step5.optimizer.storage`)."""
 
 
 class JobError(Step5Error):

@@ -7,6 +7,7 @@ Step 6 must be readable by it. (``tempfile.mkstemp`` would give every output ``0
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -16,6 +17,19 @@ from typing import Iterator
 FILE_MODE = 0o666
 #: Mode new folders are created with before the umask applies (what ``mkdir`` uses).
 DIR_MODE = 0o777
+
+
+def os_error_reason(exc: OSError) -> str:
+    """Why a filesystem call failed, in words a user acts on."""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if exc.errno == errno.EROFS:
+        return "the filesystem is read-only"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on the device"
+    if exc.errno == errno.EFBIG:
+        return "file too large (a file size limit)"
+    return exc.strerror or str(exc)
 
 
 def create_temp_file(folder: Path, prefix: str, suffix: str) -> Path:

@@ -34,7 +34,6 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 #: pyproject.toml call the same modules' ``main``.
 WORKER_MODULE = "step5.nn.worker"
 ONESHOT_MODULE = "step5.nn.oneshot"
-ENSEMBLE_MODULE = "step5.nn.ensemble"
 OPTIMIZER_MODULE = "step5.optimizer"
 
 

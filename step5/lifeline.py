@@ -27,28 +27,20 @@ import threading
 import time
 from typing import Callable
 
+from step5.errors import EXIT_ORPHANED
+from step5.owner import pid_alive
+
 logger = logging.getLogger(__name__)
 
 #: Environment variable holding the pid of the process whose death must end the child.
 PARENT_PID_ENV = "STEP5_PARENT_PID"
 #: Set by the WATCHER for the step it runs: the step stops (as on SIGTERM) if the WATCHER dies.
 SUPERVISOR_PID_ENV = "STEP5_SUPERVISOR_PID"
-
-#: Exit status of a child that found itself orphaned (nobody is left to read it; it only
-#: makes the cause visible when a human runs the worker by hand).
-EXIT_ORPHANED = 3
+#: "1" in a helper started over ssh (step5.cluster): it stops (as on SIGTERM) when its stdin
+#: closes, which is all the remote end sees of the main process stopping it or dying.
+STDIN_LIFELINE_ENV = "STEP5_STDIN_LIFELINE"
 
 _PR_SET_PDEATHSIG = 1
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
@@ -115,7 +107,7 @@ def install_lifeline(
         ppid = os.getppid()
         if ppid != original_ppid:
             return f"re-parented from pid {original_ppid} to {ppid}"
-        if not _pid_alive(watched):
+        if not pid_alive(watched):
             return f"parent pid {watched} no longer exists"
         return None
 
@@ -148,3 +140,49 @@ def install_supervisor_lifeline(environ: dict[str, str] | None = None) -> thread
     return install_lifeline(
         supervisor, death_signal=signal.SIGTERM, on_orphan=lambda: os.kill(os.getpid(), signal.SIGTERM),
     )
+
+
+class StdinLifeline:
+    """The watch thread of :func:`install_stdin_lifeline`; :meth:`disarm` makes EOF a no-op."""
+
+    def __init__(self, fd: int, act: Callable[[], None]) -> None:
+        self._fd = fd
+        self._act = act
+        self._armed = threading.Event()
+        self._armed.set()
+        self.thread = threading.Thread(target=self._watch, name="step5-stdin-lifeline", daemon=True)
+
+    def _watch(self) -> None:
+        try:
+            while os.read(self._fd, 65536):
+                pass
+        except OSError as exc:
+            logger.warning("stdin lifeline: reading stdin failed (%s)", exc)
+        if self._armed.is_set():
+            logger.warning("stdin closed: the process that started this helper stopped it or is gone; stopping")
+            self._act()
+
+    def disarm(self) -> None:
+        """The run is over: its end must not be cut short by a stop that comes too late."""
+        self._armed.clear()
+
+
+def install_stdin_lifeline(
+    environ: dict[str, str] | None = None, *, fd: int = 0, on_eof: Callable[[], None] | None = None,
+) -> StdinLifeline | None:
+    """End this process as on SIGTERM when file descriptor ``fd`` (stdin) reaches EOF, if
+    :data:`STDIN_LIFELINE_ENV` is ``1``; returns the lifeline (None: not asked for).
+
+    A helper started over ssh has no parent on its own host to watch: its sshd stays, the
+    main process is elsewhere. What reaches it is its stdin, the ssh channel: the main
+    process closes it to stop the helper, and a dead main process or a lost connection
+    closes it too. Whatever it reads before EOF is discarded. The caller disarms it once
+    its run is over (a helper that has finished is leaving anyway, and SIGTERM then would
+    find the default handler back and cut its exit short).
+    """
+    env = os.environ if environ is None else environ
+    if env.get(STDIN_LIFELINE_ENV) != "1":
+        return None
+    lifeline = StdinLifeline(fd, on_eof or (lambda: os.kill(os.getpid(), signal.SIGTERM)))
+    lifeline.thread.start()
+    return lifeline

@@ -37,7 +37,8 @@ from typing import Iterator, Mapping
 
 from step5.artifacts import MODEL_SET_NAMES
 from step5.errors import Step5Error
-from step5.fsutil import DIR_MODE, fsync_dir
+from step5.fsutil import DIR_MODE, fsync_dir, os_error_reason
+from step5.owner import pid_alive
 
 SETS_DIRNAME = ".model_sets"
 POINTER_NAME = "current"
@@ -117,10 +118,8 @@ class StagedSet:
 
         A filesystem error is a :class:`~step5.errors.Step5Error` naming the output dir.
         """
-        try:
+        with writing(self.output_dir):
             return self._commit()
-        except OSError as exc:
-            raise Step5Error(f"cannot write the model to output dir {self.output_dir}: {exc}") from None
 
     def _commit(self) -> Path:
         names = sorted(p.name for p in self.path.iterdir())
@@ -145,12 +144,15 @@ class StagedSet:
         # THE commit: one rename swaps what every fixed name shows.
         _replace_with_link(self.sets_dir / POINTER_NAME, self.version.name)
         self.committed = True
-        fsync_dir(self.sets_dir)
-        for p in self.output_dir.iterdir():  # names only the old set had now dangle: remove them
-            if p.name not in names and _is_our_link(p):
-                p.unlink()
-        fsync_dir(self.output_dir)
-        _collect_garbage(self.sets_dir, keep={self.version.name, previous or ""})
+        # Committed: what follows tidies up, and a filesystem that fails it now (full,
+        # read-only) leaves a few stale names behind, for the next commit to remove.
+        with contextlib.suppress(OSError):
+            fsync_dir(self.sets_dir)
+            for p in self.output_dir.iterdir():  # names only the old set had now dangle: remove them
+                if p.name not in names and _is_our_link(p):
+                    p.unlink()
+            fsync_dir(self.output_dir)
+            _collect_garbage(self.sets_dir, keep={self.version.name, previous or ""})
         return self.version
 
     def discard(self) -> None:
@@ -174,18 +176,31 @@ def stage(output_dir: str | os.PathLike[str]) -> Iterator[StagedSet]:
     """
     out = Path(output_dir)
     sets_dir = out / SETS_DIRNAME
-    try:
+    with writing(out):
         sets_dir.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
         path = sets_dir / _partial_name()
         path.mkdir(mode=DIR_MODE)
-    except OSError as exc:
-        raise Step5Error(f"cannot write the model to output dir {out}: {exc.strerror or exc}") from None
     staged = StagedSet(out, path)
     try:
         yield staged
     finally:
         if not staged.committed:
             staged.discard()
+
+
+@contextlib.contextmanager
+def writing(output_dir: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn a filesystem error while a model set is written (a full disk, a read-only
+    mount, no permission) into one :class:`~step5.errors.Step5Error` line naming the output
+    dir; until the commit's one rename, the output dir shows the set it showed before."""
+    try:
+        yield
+    except OSError as exc:
+        what = f" ({exc.filename})" if exc.filename else ""
+        raise Step5Error(
+            f"cannot write the model to output dir {output_dir}: {os_error_reason(exc)}{what}; "
+            "the output dir still shows the model set it showed before"
+        ) from None
 
 
 def current_dir(output_dir: str | os.PathLike[str]) -> Path | None:
@@ -261,10 +276,4 @@ def _partial_is_orphan(name: str, host: str) -> bool:
         return False
     if pid == os.getpid():
         return True  # this process commits one set at a time; any other one is left over
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return not pid_alive(pid)

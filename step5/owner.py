@@ -68,17 +68,21 @@ def is_local(owner: ProcessIdentity) -> bool:
     return owner.host == me.host and owner.pid_namespace == me.pid_namespace
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host: the one answer to "is it alive?". A zombie
+    (exited, not yet reaped) is dead; a process of another user is alive."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.AccessDenied:
+        return True
+    except psutil.Error:  # NoSuchProcess (ZombieProcess included)
+        return False
+
+
 def is_alive(owner: ProcessIdentity) -> bool:
     """Whether a *local* owner still runs (a reused PID with another start time does not count)."""
     started = _start_time(owner.pid)
-    if started is None:
-        return False
-    try:
-        if psutil.Process(owner.pid).status() == psutil.STATUS_ZOMBIE:
-            return False
-    except psutil.Error:
-        return False
-    return abs(started - owner.started) <= 1
+    return started is not None and pid_alive(owner.pid) and abs(started - owner.started) <= 1
 
 
 #: The owner record a process leaves in a folder it owns (:func:`claim_folder`).

@@ -29,11 +29,17 @@ import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from step5.devices import device_env_problem
 from step5.errors import DataError, PolicyError
 from step5.jsonio import read_json_file
-from step5.values import is_int, is_number
+from step5.schema import NonNegativeInt, NonNegativeNumber, Number, PositiveNumber, SchemaError, convert, \
+    convert_map, one_of, present, record_schema, without_comments
+from step5.values import is_number
 
 DEFAULT_POLICY_PATH = "watcher_policies.json"
 #: The project's own policy, shipped inside the package (in a checkout, a link to the
@@ -43,9 +49,9 @@ PROJECT_POLICY_PATH = Path(__file__).resolve().with_name(DEFAULT_POLICY_PATH)
 
 #: ``training.pruner`` / ``--pruner`` values (step5.optimizer.pruning makes the Optuna pruner).
 PRUNER_NAMES = ("none", "median", "successive_halving")
-
-#: String keys and the values each accepts.
-_CHOICES = {"pruner": PRUNER_NAMES}
+Pruner = one_of(PRUNER_NAMES)
+#: ``training.device_env``: its entries are checked one by one (step5.devices.device_env_problem).
+DeviceEnv = Annotated[dict, Meta(description="an object of variable names to strings")]
 
 
 @dataclass(frozen=True)
@@ -53,30 +59,40 @@ class TrainingPolicy:
     """The ``training`` section: how Step 5 runs its neural-net folds."""
 
     use_persistent_workers: bool = False  # the S96B kill switch; absent -> False
-    worker_job_timeout_s: float = 600.0  # a job running longer marks its worker hung
-    worker_ready_timeout_s: float = 120.0  # boot (import torch, init CUDA) must finish by then
-    max_worker_restarts: int = 1  # restarts per device before falling back to subprocesses
-    worker_repromote_after_s: float = 60.0  # a fallen-back slot tries a fresh worker after this (x2 each time)
-    max_worker_repromotions: int = 3  # then the slot stays in the fallback; 0: never re-promote
-    max_fault_reruns: int = 50  # re-runs of jobs hit by infrastructure faults, per run (all slots)
-    max_job_reruns: int = 10  # ... and per job (a poisoned job spends at most a fifth of the run's); past either, its trial fails
-    max_consecutive_failed_trials: int = 10  # failed trials are replaced; this many in a row stop the run
+    worker_job_timeout_s: PositiveNumber = 600.0  # a job running longer marks its worker hung
+    worker_ready_timeout_s: PositiveNumber = 120.0  # boot (import torch, init CUDA) must finish by then
+    max_worker_restarts: NonNegativeInt = 1  # restarts per device before falling back to subprocesses
+    # a fallen-back slot tries a fresh worker after this (x2 each time)
+    worker_repromote_after_s: PositiveNumber = 60.0
+    max_worker_repromotions: NonNegativeInt = 3  # then the slot stays in the fallback; 0: never re-promote
+    max_fault_reruns: NonNegativeInt = 50  # re-runs of jobs hit by infrastructure faults, per run (all slots)
+    # ... and per job (a poisoned job spends at most a fifth of the run's); past either, its trial fails
+    max_job_reruns: NonNegativeInt = 10
+    max_consecutive_failed_trials: NonNegativeInt = 10  # failed trials are replaced; this many in a row stop the run
     fuse_folds: bool = False  # train a trial's K folds in one batched pass
-    trials_in_flight: int = 0  # trials per ask/run/tell batch; 0: two per device slot
-    heartbeat_interval_s: float = 30.0  # a running trial's Optuna heartbeat period
-    heartbeat_grace_s: float = 120.0  # no heartbeat this long: its process is dead, the trial is failed and re-run
-    pruner: str = "none"  # fold-level pruning of hopeless trials (PRUNER_NAMES)
+    trials_in_flight: NonNegativeInt = 0  # trials per ask/run/tell batch; 0: two per device slot
+    heartbeat_interval_s: PositiveNumber = 30.0  # a running trial's Optuna heartbeat period
+    # no heartbeat this long: its process is dead, the trial is failed and re-run
+    heartbeat_grace_s: PositiveNumber = 120.0
+    # how long a process waits for an unreachable study database before it exits 1
+    storage_outage_s: PositiveNumber = 300.0
+    pruner: Pruner = "none"  # fold-level pruning of hopeless trials (PRUNER_NAMES)
+    # Variables every worker and one-shot trainer is started with (e.g. a ROCm rig's
+    # {"HSA_OVERRIDE_GFX_VERSION": "10.3.0", "HSA_ENABLE_SDMA": "0"}); values are literal strings.
+    device_env: DeviceEnv = field(default_factory=dict)
+    # seconds between a host's worker starts (restarts too); ROCm rigs: 4
+    worker_spawn_stagger_s: NonNegativeNumber = 0.0
 
 
 @dataclass(frozen=True)
 class WatcherPolicy:
     """The ``watcher`` section: how the WATCHER runs and judges a step."""
 
-    step_timeout_s: float = 7200.0  # the whole step subprocess, workers included
-    max_retries: int = 1  # re-runs of a step that crashed (a critical model: training_diagnostics)
-    retry_trials_multiplier: float = 1.0  # a retry runs trials * this (>= 1)
-    retry_seed_increment: int = 1  # a retry runs with seed + this, so it really explores anew
-    kill_grace_s: float = 10.0  # on timeout / Ctrl-C: SIGTERM the step's group, SIGKILL after this long
+    step_timeout_s: PositiveNumber = 7200.0  # the whole step subprocess, workers included
+    max_retries: NonNegativeInt = 1  # re-runs of a step that crashed (a critical model: training_diagnostics)
+    retry_trials_multiplier: PositiveNumber = 1.0  # a retry runs trials * this (>= 1)
+    retry_seed_increment: NonNegativeInt = 1  # a retry runs with seed + this, so it really explores anew
+    kill_grace_s: PositiveNumber = 10.0  # on timeout / Ctrl-C: SIGTERM the step's group, SIGKILL after this long
 
 
 #: Which way each metric is worse, for ``training_diagnostics.metric_bounds`` (a value at or
@@ -93,7 +109,6 @@ METRIC_DIRECTIONS: dict[str, str] = {
     **{f"{part}_r2": WORSE_BELOW for part in ("cv", "train", "val", "test")},
     **{f"{part}_mse": WORSE_ABOVE for part in ("train", "val", "test")},
 }
-SEVERITIES = ("ok", "warning", "critical")
 
 
 @dataclass(frozen=True)
@@ -185,45 +200,17 @@ def _check_section(raw: dict[str, Any], name: str, path: str) -> dict[str, Any]:
     return section
 
 
-def _typed(section: dict[str, Any], cls: type, where: str) -> Any:
-    """Build a policy dataclass from ``section``, checking each key's type against the default."""
-    values: dict[str, Any] = {}
-    defaults = cls()
-    for key, value in section.items():
-        if key.startswith("_"):  # "_comment" style keys are documentation
-            continue
-        if not hasattr(defaults, key):
-            known = sorted(k for k in vars(defaults))
-            raise PolicyError(f"{where}: unknown key `{key}`; expected one of {known}")
-        default = getattr(defaults, key)
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-            expected = "true or false"
-        elif isinstance(default, str):
-            choices = _CHOICES[key]
-            ok = value in choices
-            expected = "one of " + ", ".join(f'"{c}"' for c in choices)
-        elif isinstance(default, int):
-            ok = is_int(value) and value >= 0
-            expected = "a non-negative int"
-        else:
-            ok = is_number(value) and value > 0
-            expected = "a positive number"
-        if not ok:
-            raise PolicyError(f"{where}.{key} must be {expected}, got {value!r}")
-        values[key] = float(value) if isinstance(default, float) else value
+def _typed(raw: dict[str, Any], name: str, cls: type, source: str) -> Any:
+    """Section ``name`` as its dataclass: each key typed by the field's annotation, an
+    unknown key an error, an absent key the field's default."""
+    section = without_comments(_check_section(raw, name, source))
+    values = present(convert(section, record_schema(cls, required=False), source=source, at=name, quote=False))
+    if "device_env" in values:
+        for var, value in values["device_env"].items():
+            problem = device_env_problem(var, value)
+            if problem is not None:
+                raise PolicyError(f"{source}: {name}.device_env.{var} {problem}")
     return cls(**values)
-
-
-def _number_map(section: dict[str, Any], where: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, value in section.items():
-        if key.startswith("_"):
-            continue
-        if not is_number(value):
-            raise PolicyError(f"{where}.{key} must be a finite number, got {value!r}")
-        out[key] = float(value)
-    return out
 
 
 #: The top-level sections Step 5 reads; the pipeline's file holds many others.
@@ -245,36 +232,51 @@ def _refuse_misspelt_sections(raw: dict[str, Any], source: str) -> None:
                               f"(Step 5 reads {', '.join(POLICY_SECTIONS)})")
 
 
-def _optional_number(entry: dict[str, Any], key: str, where: str) -> float | None:
-    if key not in entry:
-        return None
-    if not is_number(entry[key]):
-        raise PolicyError(f"{where}.{key} must be a finite number, got {entry[key]!r}")
-    return float(entry[key])
+# ``training_diagnostics`` in the pipeline's schema, as far as Step 5 reads it: the keys it
+# reads must have their types; every other key (descriptions, log levels, actions) is the
+# pipeline's and left alone.
+class _SkipRules(msgspec.Struct):
+    max_consecutive_critical: Annotated[int, Meta(ge=1, description="an int >= 1")] | UnsetType = UNSET
+    skip_duration_hours: PositiveNumber | UnsetType = UNSET
 
 
-def _metric_bounds(section: Any, where: str) -> dict[str, MetricBound]:
-    if not isinstance(section, dict):
-        raise PolicyError(f"{where} must be an object, got {type(section).__name__}")
+class _CriticalSeverity(msgspec.Struct):
+    max_retries: NonNegativeInt | UnsetType = UNSET
+
+
+class _Severities(msgspec.Struct):
+    critical: _CriticalSeverity = msgspec.field(default_factory=_CriticalSeverity)
+
+
+class _Diagnostics(msgspec.Struct):
+    enabled: bool | UnsetType = UNSET
+    metric_bounds: dict | UnsetType = UNSET  # entries one by one: msgspec names no map key
+    model_skip_rules: _SkipRules = msgspec.field(default_factory=_SkipRules)
+    severity_thresholds: _Severities = msgspec.field(default_factory=_Severities)
+
+
+class _BoundLevels(msgspec.Struct):
+    warning: Number | UnsetType = UNSET
+    critical: Number | UnsetType = UNSET
+
+
+_Bound = Annotated[_BoundLevels, Meta(description='an object like {"warning": 1.3, "critical": 1.5}')]
+
+
+def _metric_bounds(section: dict[str, Any], source: str) -> dict[str, MetricBound]:
     bounds: dict[str, MetricBound] = {}
-    for metric, entry in section.items():
-        if metric.startswith("_"):
-            continue
-        at = f"{where}.{metric}"
-        if not isinstance(entry, dict):
-            raise PolicyError(f"{at} must be an object like {{\"warning\": 1.3, \"critical\": 1.5}}, "
-                              f"got {entry!r}")
-        warning = _optional_number(entry, "warning", at)
-        critical = _optional_number(entry, "critical", at)
+    at = "training_diagnostics.metric_bounds"
+    for metric, levels in convert_map(section, _Bound, source=source, at=at, quote=False).items():
+        warning, critical = (None if v is UNSET else v for v in (levels.warning, levels.critical))
         if warning is None and critical is None:
-            raise PolicyError(f"{at} needs a `warning` or a `critical` bound (or both)")
+            raise PolicyError(f"{source}: {at}.{metric} needs a `warning` or a `critical` bound (or both)")
         worse = METRIC_DIRECTIONS.get(metric)
         if worse is None:  # a metric of the pipeline's that Step 5 does not know: its bounds say which way
             worse = WORSE_BELOW if warning is not None and critical is not None and critical < warning else WORSE_ABOVE
         elif warning is not None and critical is not None and (
                 critical < warning if worse == WORSE_ABOVE else critical > warning):
             raise PolicyError(
-                f"{at}: `critical` {critical:g} is less severe than `warning` {warning:g} "
+                f"{source}: {at}.{metric}: `critical` {critical:g} is less severe than `warning` {warning:g} "
                 f"({metric} is worse {'higher' if worse == WORSE_ABOVE else 'lower'})"
             )
         bounds[metric] = MetricBound(metric, warning, critical, worse)
@@ -282,67 +284,46 @@ def _metric_bounds(section: Any, where: str) -> dict[str, MetricBound]:
 
 
 def _diagnostics(raw: dict[str, Any], source: str) -> DiagnosticsPolicy:
-    """``training_diagnostics`` in the pipeline's schema: the keys Step 5 reads are checked,
-    the rest (descriptions, log levels, actions) is the pipeline's and left alone."""
-    where = f"{source}: training_diagnostics"
     section = _check_section(raw, "training_diagnostics", source)
     flat = sorted(k for k in section if _FLAT_DIAGNOSTICS_KEY.match(k))
     if flat:
         raise PolicyError(
-            f"{where}: {', '.join(flat)}: flat threshold keys are no longer read; write them as "
-            f"metric_bounds entries, e.g. \"metric_bounds\": {{\"overfit_ratio\": {{\"warning\": 1.3, "
+            f"{source}: training_diagnostics: {', '.join(flat)}: flat threshold keys are no longer read; write "
+            f"them as metric_bounds entries, e.g. \"metric_bounds\": {{\"overfit_ratio\": {{\"warning\": 1.3, "
             f"\"critical\": 1.5}}}} (docs/compatibility.md)"
         )
-    values: dict[str, Any] = {}
-    if "enabled" in section:
-        if not isinstance(section["enabled"], bool):
-            raise PolicyError(f"{where}.enabled must be true or false, got {section['enabled']!r}")
-        values["enabled"] = section["enabled"]
-    if "metric_bounds" in section:
-        values["metric_bounds"] = _metric_bounds(section["metric_bounds"], f"{where}.metric_bounds")
-    rules = section.get("model_skip_rules", {})
-    if not isinstance(rules, dict):
-        raise PolicyError(f"{where}.model_skip_rules must be an object, got {type(rules).__name__}")
-    if "max_consecutive_critical" in rules:
-        value = rules["max_consecutive_critical"]
-        if not is_int(value) or value < 1:
-            raise PolicyError(f"{where}.model_skip_rules.max_consecutive_critical must be an int >= 1, got {value!r}")
-        values["max_consecutive_critical"] = value
-    if "skip_duration_hours" in rules:
-        value = rules["skip_duration_hours"]
-        if not is_number(value) or value <= 0:
-            raise PolicyError(f"{where}.model_skip_rules.skip_duration_hours must be a positive number, got {value!r}")
-        values["skip_duration_hours"] = float(value)
-    severities = section.get("severity_thresholds", {})
-    if not isinstance(severities, dict):
-        raise PolicyError(f"{where}.severity_thresholds must be an object, got {type(severities).__name__}")
-    critical = severities.get("critical", {})
-    if not isinstance(critical, dict):
-        raise PolicyError(f"{where}.severity_thresholds.critical must be an object, got {type(critical).__name__}")
-    if "max_retries" in critical:
-        value = critical["max_retries"]
-        if not is_int(value) or value < 0:
-            raise PolicyError(f"{where}.severity_thresholds.critical.max_retries must be a non-negative int, got {value!r}")
-        values["max_critical_retries"] = value
-    return DiagnosticsPolicy(**values)
+    read = convert(section, _Diagnostics, source=source, at="training_diagnostics", quote=False)
+    values = {
+        "enabled": read.enabled,
+        "metric_bounds": read.metric_bounds if read.metric_bounds is UNSET else _metric_bounds(read.metric_bounds,
+                                                                                                source),
+        "max_consecutive_critical": read.model_skip_rules.max_consecutive_critical,
+        "skip_duration_hours": read.model_skip_rules.skip_duration_hours,
+        "max_critical_retries": read.severity_thresholds.critical.max_retries,
+    }
+    return DiagnosticsPolicy(**{k: v for k, v in values.items() if v is not UNSET})
 
 
 def _acceptance_rules(raw: dict[str, Any], source: str) -> dict[str, float]:
     """``acceptance_rules.step5``; the section's other keys are other parts of the pipeline's."""
-    section = _check_section(raw, "acceptance_rules", source)
-    rules = section.get(ACCEPTANCE_KEY, {})
-    if not isinstance(rules, dict):
-        raise PolicyError(f"{source}: acceptance_rules.{ACCEPTANCE_KEY} must be an object, got {type(rules).__name__}")
-    return _number_map(rules, f"{source}: acceptance_rules.{ACCEPTANCE_KEY}")
+    rules = _check_section(raw, "acceptance_rules", source).get(ACCEPTANCE_KEY, {})
+    return convert_map(rules, Number, source=source, at=f"acceptance_rules.{ACCEPTANCE_KEY}", quote=False)
 
 
 def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
     """Validate an already-parsed policy object."""
+    try:
+        return _parse_policy(raw, source)
+    except SchemaError as exc:  # a key of the wrong type, named by step5.schema in the policy's words
+        raise PolicyError(str(exc)) from None
+
+
+def _parse_policy(raw: Any, source: str) -> Policy:
     if not isinstance(raw, dict):
         raise PolicyError(f"{source}: the policy must be a JSON object, got {type(raw).__name__}")
     _refuse_misspelt_sections(raw, source)
-    training = _typed(_check_section(raw, "training", source), TrainingPolicy, f"{source}: training")
-    watcher = _typed(_check_section(raw, "watcher", source), WatcherPolicy, f"{source}: watcher")
+    training = _typed(raw, "training", TrainingPolicy, source)
+    watcher = _typed(raw, "watcher", WatcherPolicy, source)
     if watcher.retry_trials_multiplier < 1:
         raise PolicyError(f"{source}: watcher.retry_trials_multiplier must be >= 1, got {watcher.retry_trials_multiplier}")
     if training.heartbeat_grace_s <= training.heartbeat_interval_s:

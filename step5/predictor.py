@@ -45,12 +45,14 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from step5.artifacts import SIDECAR_NAME, feature_schema_hash, read_sidecar, resolve_checkpoint, verify_checkpoint
-from step5.errors import DataError, PredictionNotAllowed, Step5Error
+from step5.artifacts import SIDECAR_NAME, feature_schema_hash, get_model_type, read_sidecar, resolve_checkpoint, \
+    verify_checkpoint
+from step5.cliutil import UsageErrorParser, add_log_level, closed_fraction
+from step5.errors import EXIT_OK, DataError, PredictionNotAllowed, Step5Error
 from step5.jsonio import write_json_atomic
 
 if TYPE_CHECKING:
@@ -172,7 +174,7 @@ def _sidecar_path(model_dir_or_sidecar: str | os.PathLike[str]) -> Path:
 
 
 def _load_model(model_type: str, checkpoint: Path) -> Any:
-    if model_type == "neural_net":
+    if get_model_type(model_type).torch:
         from step5.nn.checkpoint import load_checkpoint  # imports torch: Step 6 only
 
         return load_checkpoint(checkpoint)
@@ -240,34 +242,18 @@ def load_predictor(model_dir_or_sidecar_path: str | os.PathLike[str]) -> Predict
 # --------------------------------------------------------------------------- CLI
 
 
-class _UsageExitParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(64, f"{self.prog}: error: {message}\n")
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _UsageExitParser(
+    p = UsageErrorParser(
         prog="python -m step5.predictor",
         description="Predict holdout quality for survivors with a Step 5 model (best_model.* + best_model.meta.json).",
     )
     p.add_argument("--model-dir", type=Path, required=True, help="folder holding best_model.meta.json (or the sidecar path)")
     p.add_argument("--survivors", type=Path, required=True, help="survivors JSON file to predict for")
     p.add_argument("--output", type=Path, default=None, help='write [{"seed", "prediction"}] here [stdout]')
-    p.add_argument("--max-missing-fraction", type=_fraction, default=DEFAULT_MAX_MISSING_FRACTION,
+    p.add_argument("--max-missing-fraction", type=closed_fraction, default=DEFAULT_MAX_MISSING_FRACTION,
                    help="refuse survivors when more than this share of the model's feature cells are missing "
                         f"(a missing cell is filled with 0.0; 1 allows any) [{DEFAULT_MAX_MISSING_FRACTION}]")
-    p.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO")
+    add_log_level(p)
     return p
 
 
@@ -290,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Step5Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

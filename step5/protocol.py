@@ -1,19 +1,35 @@
-"""Message shapes of the worker protocol (SPEC section 6) and their validation.
+"""The worker protocol's messages (SPEC section 6): one type per message, defined once.
 
-Torch-free: the parent builds requests with these types, the worker and the one-shot
-trainer validate what they receive with the same code, so the two sides cannot drift.
-Framing (bytes <-> lines) lives in :mod:`step5.framing`; this module deals only in dicts.
+Torch-free. The parent builds requests with these types and the worker, the one-shot
+trainer and the fakes decode what they receive with :func:`decode_request`, so no side
+can drift; every reply is one of the ``*Message`` shapes below, built by the worker's
+dispatcher (:mod:`step5.nn.worker`), which the one-shot trainer runs too. Framing (bytes
+<-> lines) lives in :mod:`step5.framing`; this module deals only in dicts.
 
-Request (parent -> worker), one JSON object per line::
+=================  =========================================================================
+request            reply (one line each, in order; ``train_folds``: one per job)
+=================  =========================================================================
+``train``          ``complete`` (:class:`CompleteMessage`) or ``error`` (:class:`ErrorMessage`)
+``train_folds``    the same, per job: several ``train`` jobs trained in one fused pass
+``merge``          ``complete`` (the merged model's scores) or ``error``: K fold checkpoints
+                   merged into one network (:mod:`step5.nn.ensemble`)
+``ping``           ``pong``
+``heartbeat``      ``alive``, answered at once even while a job trains (the pool's liveness
+                   probe: the only request answered out of order)
+``shutdown``       ``shutdown``, then the process exits 0 (so does EOF on stdin)
+=================  =========================================================================
+
+A worker says ``ready`` (:class:`ReadyMessage`) once before reading requests; the one-shot
+trainer reads one request and answers it, nothing else. A request's identity
+(``trial_number``, ``fold_idx``, ``job_id``) is echoed on its replies, errors included: a
+refused request keeps the identity fields that were readable (:func:`identity`).
+
+A ``train`` request::
 
     {"command": "train", "X_train_path": "/tmp/.../fold_0.npz",
      "params": {"hidden_layers": [128, 64], "learning_rate": 0.001, ...},
      "trial_number": 0, "fold_idx": 0, "normalize_features": true,
      "use_leaky_relu": true, "batch_mode": "auto", "seed": 42, "job_id": "t0-f0"}
-
-Responses (worker -> parent): ``ready`` once, then exactly one ``complete`` / ``error`` /
-``pong`` / ``shutdown`` per request line, in order; ``heartbeat`` is answered with
-``{"status": "alive", "job_id": ...}`` as soon as it is read, even while a job trains.
 
 The NPZ named by ``X_train_path`` holds ``X_train``, ``y_train``, ``X_val``, ``y_val`` and,
 optionally, ``X_test``/``y_test`` (scored after training, never used for fitting or early
@@ -23,17 +39,13 @@ loaded with ``allow_pickle=False``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, TypedDict
+from typing import Any, ClassVar, Literal, TypedDict, Union
 
-from step5.errors import BadRequest
+from step5.errors import BadRequest, JobError
 from step5.values import is_int, is_number
 
 PROTOCOL_VERSION = 1
 
-COMMANDS = ("train", "train_folds", "ping", "heartbeat", "shutdown")
-#: Answered at once by the worker's reader thread, even while a job trains (the only
-#: request answered out of order): the parent's way to tell a slow job from a hung worker.
-OUT_OF_BAND_COMMANDS = ("heartbeat",)
 OPTIMIZERS = ("adam", "adamw", "sgd")
 BATCH_MODES = ("auto", "full", "mini")
 
@@ -53,6 +65,47 @@ AUTO_FULL_BATCH_MAX_ROWS = 10_000
 #: seed, patience and gradient_clip may differ per model. Defined here, torch-free, so the parent groups
 #: trials for fusion with the very list the worker's ``step5.nn.job.run_fold_group`` checks.
 FUSE_KEYS = ("hidden_layers", "optimizer", "epochs", "normalize_features", "use_leaky_relu")
+
+
+# ---------------------------------------------------------------------------- identity
+
+
+def identity(raw: Any) -> dict[str, Any]:
+    """``trial_number``, ``fold_idx`` and ``job_id`` of a request, each None unless readable
+    (a malformed request's garbage is not echoed back). The one echo rule of the protocol."""
+    raw = raw if isinstance(raw, dict) else {}
+    job_id = raw.get("job_id")
+    return {
+        "trial_number": raw["trial_number"] if is_int(raw.get("trial_number")) else None,
+        "fold_idx": raw["fold_idx"] if is_int(raw.get("fold_idx")) else None,
+        "job_id": job_id if isinstance(job_id, str) or is_int(job_id) else None,
+    }
+
+
+def echo(request: Any) -> dict[str, Any]:
+    """The identity fields of a decoded request (a ``merge`` has no ``fold_idx``: None)."""
+    return {"trial_number": request.trial_number, "fold_idx": request.fold_idx, "job_id": request.job_id}
+
+
+def tagged(error: JobError, source: Any) -> JobError:
+    """``error`` with its missing identity fields filled from ``source`` (a decoded request,
+    or a raw request dict); returns the same error."""
+    for key, value in (identity(source) if isinstance(source, dict) else echo(source)).items():
+        if getattr(error, key) is None:
+            setattr(error, key, value)
+    return error
+
+
+def error_reply(error: JobError, request: Any) -> "ErrorMessage":
+    """The ``error`` reply to ``request`` (leaves ``error``, which may fail several jobs, as it is)."""
+    reply = error.to_dict()
+    for key, value in echo(request).items():
+        if reply[key] is None:
+            reply[key] = value
+    return reply  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------- requests
 
 
 @dataclass(frozen=True)
@@ -122,9 +175,26 @@ class NNParams:
         return d
 
 
+def _check_path(raw: dict[str, Any], name: str, *, required: bool = True) -> str | None:
+    value = raw.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"`{name}` must be a non-empty string, got {value!r}")
+    return value
+
+
+def _check_keys(raw: dict[str, Any], allowed: set[str], what: str) -> None:
+    unknown = sorted(set(raw) - allowed - {"command"})
+    if unknown:
+        raise BadRequest(f"unknown key(s) in {what}: {unknown}")
+
+
 @dataclass(frozen=True)
 class TrainRequest:
-    """One fold to train: the validated form of a ``train`` request."""
+    """``train``: one fold to train."""
+
+    command: ClassVar[str] = "train"
 
     data_path: str  # the NPZ (wire name ``X_train_path``, kept from the proposal)
     params: NNParams = field(default_factory=NNParams)
@@ -139,31 +209,19 @@ class TrainRequest:
 
     @classmethod
     def from_dict(cls, raw: Any) -> "TrainRequest":
-        """Validate a ``train`` request dict (the ``command`` key is checked by the caller)."""
+        """Validate a ``train`` request dict; a refusal carries the readable identity fields."""
         if not isinstance(raw, dict):
             raise BadRequest(f"a request must be a JSON object, got {type(raw).__name__}")
-        echo = {"trial_number": raw.get("trial_number"), "fold_idx": raw.get("fold_idx"), "job_id": raw.get("job_id")}
         try:
             return cls._from_dict(raw)
         except BadRequest as exc:
-            # Attach whatever identifying fields were readable, so the parent can match the error.
-            exc.trial_number = echo["trial_number"] if is_int(echo["trial_number"]) else None
-            exc.fold_idx = echo["fold_idx"] if is_int(echo["fold_idx"]) else None
-            exc.job_id = echo["job_id"] if isinstance(echo["job_id"], (str, int)) else None
-            raise
+            raise tagged(exc, raw)
 
     @classmethod
     def _from_dict(cls, raw: dict[str, Any]) -> "TrainRequest":
-        allowed = {
-            "command", "X_train_path", "params", "trial_number", "fold_idx", "normalize_features",
-            "use_leaky_relu", "batch_mode", "seed", "job_id", "save_model_path",
-        }
-        unknown = sorted(set(raw) - allowed)
-        if unknown:
-            raise BadRequest(f"unknown key(s) in train request: {unknown}")
-        path = raw.get("X_train_path")
-        if not isinstance(path, str) or not path:
-            raise BadRequest(f"`X_train_path` must be a non-empty string, got {path!r}")
+        _check_keys(raw, {"X_train_path", "params", "trial_number", "fold_idx", "normalize_features",
+                          "use_leaky_relu", "batch_mode", "seed", "job_id", "save_model_path"}, "train request")
+        path = _check_path(raw, "X_train_path")
         params = NNParams.from_dict(raw.get("params", {}))
         for name in ("trial_number", "fold_idx"):
             v = raw.get(name)
@@ -179,14 +237,9 @@ class TrainRequest:
         seed = raw.get("seed", 0)
         if not (is_int(seed) and 0 <= seed < 2**63):
             raise BadRequest(f"`seed` must be a non-negative int, got {seed!r}")
-        job_id = raw.get("job_id")
-        if job_id is not None and not isinstance(job_id, (str, int)):
-            raise BadRequest(f"`job_id` must be a string or int, got {job_id!r}")
-        save = raw.get("save_model_path")
-        if save is not None and (not isinstance(save, str) or not save):
-            raise BadRequest(f"`save_model_path` must be a non-empty string, got {save!r}")
+        _check_job_id(raw)
         return cls(
-            data_path=path,
+            data_path=path,  # type: ignore[arg-type] - checked above
             params=params,
             trial_number=raw.get("trial_number"),
             fold_idx=raw.get("fold_idx"),
@@ -194,14 +247,14 @@ class TrainRequest:
             use_leaky_relu=raw.get("use_leaky_relu", True),
             batch_mode=batch_mode,
             seed=seed,
-            job_id=job_id,
-            save_model_path=save,
+            job_id=raw.get("job_id"),
+            save_model_path=_check_path(raw, "save_model_path", required=False),
         )
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form (``command`` included), accepted back by :meth:`from_dict`."""
         d: dict[str, Any] = {
-            "command": "train",
+            "command": self.command,
             "X_train_path": self.data_path,
             "params": self.params.to_dict(),
             "trial_number": self.trial_number,
@@ -217,16 +270,162 @@ class TrainRequest:
         return d
 
 
+def _check_job_id(raw: dict[str, Any]) -> None:
+    job_id = raw.get("job_id")
+    if job_id is not None and not (isinstance(job_id, str) or is_int(job_id)):
+        raise BadRequest(f"`job_id` must be a string or int, got {job_id!r}")
+
+
+@dataclass(frozen=True)
+class TrainFolds:
+    """``train_folds``: several ``train`` jobs in one fused pass (they agree on
+    :data:`FUSE_KEYS`). A job refused on decoding stays in its place as its
+    :class:`BadRequest`, answered there; the others still train."""
+
+    command: ClassVar[str] = "train_folds"
+
+    jobs: tuple[TrainRequest | BadRequest, ...]
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "TrainFolds":
+        unknown = sorted(set(raw) - {"command", "jobs"})
+        jobs = raw.get("jobs")
+        if unknown or not isinstance(jobs, list) or not jobs:
+            why = f"unknown key(s) {unknown}" if unknown else f"`jobs` must be a non-empty list, got {jobs!r:.80}"
+            raise BadRequest(f"bad `train_folds` request: {why}")
+        decoded: list[TrainRequest | BadRequest] = []
+        for i, job in enumerate(jobs):
+            try:
+                if isinstance(job, dict) and job.get("command", "train") != "train":
+                    raise tagged(BadRequest(f"`jobs[{i}]` has `command` {job.get('command')!r}; only train jobs "
+                                            "can be fused"), job)
+                decoded.append(TrainRequest.from_dict(job))
+            except BadRequest as exc:
+                if not exc.message.startswith(f"`jobs[{i}]`"):
+                    exc.message = f"`jobs[{i}]`: {exc.message}"
+                decoded.append(exc)
+        return cls(tuple(decoded))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"command": self.command, "jobs": [job.to_dict() for job in self.jobs]}
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """``merge``: K fold checkpoints into one network that predicts their mean, written at
+    ``out_path`` and scored on the final split at ``score_path`` (its ``X_train``/``y_train``:
+    every development row; ``X_test``/``y_test``: the holdout rows, scored only)."""
+
+    command: ClassVar[str] = "merge"
+
+    fold_paths: tuple[str, ...]
+    out_path: str
+    score_path: str
+    trial_number: int | None = None  # echoed back
+    job_id: Any = None  # echoed back
+    fold_idx: ClassVar[None] = None  # a merge is no fold; every request answers the identity triple
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "MergeRequest":
+        _check_keys(raw, {"fold_paths", "out_path", "score_path", "trial_number", "job_id"}, "merge request")
+        folds = raw.get("fold_paths")
+        if not isinstance(folds, list) or not folds or not all(isinstance(p, str) and p for p in folds):
+            raise BadRequest(f"`fold_paths` must be a non-empty list of non-empty strings, got {folds!r:.200}")
+        trial = raw.get("trial_number")
+        if trial is not None and not is_int(trial):
+            raise BadRequest(f"`trial_number` must be an int, got {trial!r}")
+        _check_job_id(raw)
+        return cls(tuple(folds), _check_path(raw, "out_path"), _check_path(raw, "score_path"),  # type: ignore[arg-type]
+                   trial_number=trial, job_id=raw.get("job_id"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"command": self.command, "fold_paths": list(self.fold_paths), "out_path": self.out_path,
+                "score_path": self.score_path, "trial_number": self.trial_number, "job_id": self.job_id}
+
+
+@dataclass(frozen=True)
+class Ping:
+    """``ping``: is the worker there (answered in order, after the jobs before it)."""
+
+    command: ClassVar[str] = "ping"
+    job_id: Any = None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Ping":
+        return cls(identity(raw)["job_id"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"command": self.command, "job_id": self.job_id}
+
+
+@dataclass(frozen=True)
+class Heartbeat(Ping):
+    """``heartbeat``: the pool's liveness probe while a job runs (answered at once)."""
+
+    command: ClassVar[str] = "heartbeat"
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """``shutdown``: answer, then exit 0."""
+
+    command: ClassVar[str] = "shutdown"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Shutdown":
+        return cls()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"command": self.command}
+
+
+Request = Union[TrainRequest, TrainFolds, MergeRequest, Ping, Heartbeat, Shutdown]
+#: What a fold runner trains: one job (a ``train`` or a ``merge``) of a group.
+Job = Union[TrainRequest, MergeRequest]
+_REQUEST_TYPES: dict[str, Any] = {t.command: t for t in (TrainRequest, TrainFolds, MergeRequest, Ping, Heartbeat,
+                                                          Shutdown)}
+COMMANDS = tuple(_REQUEST_TYPES)
+
+
+def decode_request(raw: Any) -> Request:
+    """The request a decoded JSON line holds; :class:`BadRequest` (with the readable
+    identity fields) for anything else. The one decoder of worker and one-shot trainer."""
+    if not isinstance(raw, dict):
+        raise BadRequest(f"a request must be a JSON object, got {type(raw).__name__}")
+    command = raw.get("command")
+    try:
+        if command is None:
+            raise BadRequest(f"request has no `command`; expected one of {list(COMMANDS)}")
+        kind = _REQUEST_TYPES.get(command) if isinstance(command, str) else None
+        if kind is None:
+            raise BadRequest(f"unknown `command` {command!r}; expected one of {list(COMMANDS)}")
+        return kind.from_dict(raw)  # type: ignore[no-any-return]
+    except BadRequest as exc:
+        raise tagged(exc, raw)
+
+
+# ---------------------------------------------------------------------------- replies
+
+
 class ReadyMessage(TypedDict, total=False):
+    """Sent once by a worker, before it reads a request."""
+
     status: Literal["ready"]
     device: str  # "cuda:0 (NVIDIA H200)" or "cpu"
+    backend: str  # "cuda" | "rocm" | "cpu": what the worker's torch build drives
     pid: int
-    protocol: int
+    protocol: int  # PROTOCOL_VERSION
     torch_version: str
+    torch_threads: int
+    cuda_visible_devices: str | None
+    hip_visible_devices: str | None
     boot_s: float  # interpreter start -> ready, as the worker measured it
 
 
 class CompleteMessage(TypedDict, total=False):
+    """A finished ``train`` job (a ``merge`` answers ``status``, ``model_type``, ``model_path``,
+    ``models``, ``hidden_layers`` and the ``train_*``/``test_*`` scores)."""
+
     status: Literal["complete"]
     model_type: Literal["neural_net"]
     r2: float  # validation R^2 of the restored best weights
@@ -247,9 +446,13 @@ class CompleteMessage(TypedDict, total=False):
     n_train: int
     n_val: int
     model_path: str  # only when save_model_path was given
+    models: int  # merge: fold models merged
+    hidden_layers: list[int]  # merge: the merged network's widths
 
 
 class ErrorMessage(TypedDict, total=False):
+    """A failed job or a refused request (``JobError.to_dict()``)."""
+
     status: Literal["error"]
     error: str
     error_type: str  # one of step5.errors.JOB_ERROR_TYPES
@@ -257,6 +460,36 @@ class ErrorMessage(TypedDict, total=False):
     fold_idx: int | None
     job_id: Any
     traceback: str
+
+
+class PongMessage(TypedDict):
+    status: Literal["pong"]
+    pid: int
+    device: str
+    jobs_done: int
+    uptime_s: float
+    job_id: Any
+
+
+class AliveMessage(TypedDict):
+    status: Literal["alive"]
+    pid: int
+    job_id: Any
+    jobs_done: int
+
+
+class ShutdownMessage(TypedDict):
+    status: Literal["shutdown"]
+    reason: Literal["command"]
+    jobs_done: int
+    pid: int
+
+
+#: What answers a job (``train`` / ``merge``), in its place.
+JobReply = Union[CompleteMessage, ErrorMessage]
+
+
+# ---------------------------------------------------------------------------- batch plans
 
 
 def resolve_batch_mode(batch_mode: str, n_train: int) -> str:

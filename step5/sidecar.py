@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from step5.artifacts import CHECKPOINT_FORMATS, PIPELINE_STEP, PIPELINE_STEP_NAME, SCHEMA_VERSION, \
+from step5.artifacts import MODEL_REGISTRY, PIPELINE_STEP, PIPELINE_STEP_NAME, SCHEMA_VERSION, \
     SIGNAL_CONFIDENCE, TRAINING_METRIC_KEYS, beats_mean
 
 #: Packages whose versions the sidecar records. Read from installed metadata, never by
@@ -143,7 +143,7 @@ def build_sidecar(
         "schema_version": SCHEMA_VERSION,
         "model_type": model_type,
         "checkpoint_path": checkpoint_path,
-        "checkpoint_format": CHECKPOINT_FORMATS.get(model_type) if checkpoint_path is not None else None,
+        "checkpoint_format": MODEL_REGISTRY[model_type].checkpoint_format if checkpoint_path is not None else None,
         "checkpoint_sha256": checkpoint_sha256,
         "feature_schema": dict(feature_schema),
         "signal_quality": {**signal_quality, "quality": signal_quality["signal_status"],

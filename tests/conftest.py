@@ -1,6 +1,15 @@
 """Suite-wide fixtures: sample data, a fake fold file, a repo-root path, a guard that no
 test leaves a child process behind (workers, one-shot trainers, step subprocesses), and
-Ctrl-C that works in every test."""
+Ctrl-C that works in every test.
+
+Tiers. ``bash scripts/test.sh -m "not slow"`` is the fast tier for the edit-test loop; CI
+runs everything. A test is ``slow`` when it is marked so, or when a run saw it start a real
+Step 5 process (a torch worker or one-shot trainer, the optimizer, pip, a benchmark:
+:data:`REAL_PROCESS_MARKERS`) or take :data:`SLOW_SECONDS` or more. What a run sees is
+kept in ``tests/slow_tests.txt`` (rewritten only when it changes, by runs that saw tests
+run to the end), so the marking follows the tests by itself: a new test that trains for
+real joins the slow tier after the first run that ran it.
+"""
 from __future__ import annotations
 
 import os
@@ -8,13 +17,100 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import pytest
 
+if TYPE_CHECKING:
+    from step5.testing.postgres import TemporaryPostgres
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+# ----------------------------------------------------------------------------- tiers
+
+SLOW_LIST = Path(__file__).with_name("slow_tests.txt")
+SLOW_SECONDS = 2.0  # a test this long or longer is slow; one under FAST_SECONDS is not any more
+FAST_SECONDS = 1.0  # (the gap keeps a test near the line from flapping between tiers)
+#: Command-line fragments of processes that import torch or run Step 5 for real.
+REAL_PROCESS_MARKERS = (
+    "step5.nn.worker", "step5.nn.oneshot", "step5.optimizer", "nn_gpu_worker.py", "train_single_trial.py",
+    "meta_prediction_optimizer_anti_overfit.py", "pip", "bench.",
+)
+_started_real_process = False
+_observed: dict[str, str] = {}  # nodeid -> "slow" | "fast", for this run
+_marked_in_source: set[str] = set()  # tests whose code says @pytest.mark.slow (the list never unmarks them)
+
+
+def _read_slow_list() -> set[str]:
+    if not SLOW_LIST.is_file():
+        return set()
+    return {line.strip() for line in SLOW_LIST.read_text().splitlines() if line.strip() and not line.startswith("#")}
+
+
+def pytest_configure(config):
+    """Watch every process a test starts (subprocess.Popen is how Step 5 and the tests start
+    them all)."""
+    import subprocess
+
+    real_init = subprocess.Popen.__init__
+    if getattr(real_init, "_step5_watch", False):
+        return
+
+    def watching_init(self, args, *a, **kw):
+        global _started_real_process
+        text = " ".join(map(str, args)) if isinstance(args, (list, tuple)) else str(args)
+        if any(marker in text for marker in REAL_PROCESS_MARKERS):
+            _started_real_process = True
+        real_init(self, args, *a, **kw)
+
+    watching_init._step5_watch = True  # type: ignore[attr-defined]
+    subprocess.Popen.__init__ = watching_init  # type: ignore[method-assign]
+
+
+def pytest_collection_modifyitems(config, items):
+    listed = _read_slow_list()
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            _marked_in_source.add(item.nodeid)
+        elif item.nodeid in listed:
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    global _started_real_process
+    _started_real_process = False
+    start = time.monotonic()
+    outcome = yield
+    elapsed = time.monotonic() - start
+    if outcome.excinfo is None and not item.config.getoption("--collect-only"):
+        if _started_real_process or elapsed >= SLOW_SECONDS:
+            _observed[item.nodeid] = "slow"
+        elif elapsed < FAST_SECONDS and item.nodeid not in _marked_in_source:
+            _observed[item.nodeid] = "fast"
+
+
+def pytest_testnodedown(node, error):
+    """xdist: a worker's observations reach the controller when the worker ends."""
+    _observed.update(getattr(node, "workeroutput", {}).get("step5_tiers", {}))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: the controller writes the file
+        workeroutput["step5_tiers"] = dict(_observed)
+        return
+    if not _observed or exitstatus not in (0, 1):  # interrupted or broken: keep the list as it was
+        return
+    listed = _read_slow_list()
+    updated = (listed | {n for n, tier in _observed.items() if tier == "slow"}) - {
+        n for n, tier in _observed.items() if tier == "fast"}
+    if updated != listed:
+        header = "# Written by tests/conftest.py: tests a run saw start a real Step 5 process or take >= 2 s.\n"
+        SLOW_LIST.write_text(header + "".join(f"{n}\n" for n in sorted(updated)))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -85,13 +181,10 @@ def degenerate_inputs(tmp_path_factory):
     return write_sample(out, n_survivors=200, n_features=12, seed=7, degenerate=True)
 
 
-@pytest.fixture(scope="session")
-def postgres_server():
-    """A throwaway PostgreSQL server on loopback for the whole session (step5.testing.postgres).
-
-    With CI=true it must start (a failure fails the tests that need it); elsewhere a machine
-    without PostgreSQL skips them, saying why.
-    """
+def _start_postgres() -> TemporaryPostgres:
+    """A started throwaway PostgreSQL server (step5.testing.postgres). With CI=true it must
+    start (a failure fails the tests that need it); elsewhere a machine without PostgreSQL
+    skips them, saying why."""
     from step5.testing.postgres import PostgresUnavailable, TemporaryPostgres
 
     server = TemporaryPostgres()
@@ -101,6 +194,22 @@ def postgres_server():
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"CI=true and PostgreSQL cannot start: {exc}")
         pytest.skip(f"PostgreSQL cannot start here: {exc}")
+    return server
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server on loopback for the whole session."""
+    server = _start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def own_postgres_server():
+    """A throwaway PostgreSQL server of the test module's own, for tests that restart, stop
+    or cut it (the session's server stays undisturbed)."""
+    server = _start_postgres()
     yield server
     server.stop()
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from step5.artifacts import checkpoint_filename
 from step5.launch import module_command
 from step5.models import trees
 from step5.optimizer.cli import build_parser, config_from_args
@@ -409,7 +410,7 @@ def test_tree_models_load_natively_and_predict_on_a_plain_array(model_type, tmp_
     y = 0.3 * X[:, 0] - 0.2 * X[:, 3] + 0.05 * rng.normal(size=240)
     _, model = trees.train_fold(model_type, _small_params(model_type), X[:180], y[:180], X[180:], y[180:], seed=1,
                                 feature_names=[f"f{i}" for i in range(5)])
-    path = trees.save_model(model, model_type, tmp_path / trees.checkpoint_name(model_type))
+    path = trees.save_model(model, model_type, tmp_path / checkpoint_filename(model_type))
     if model_type == "xgboost":
         import xgboost as xgb
 

@@ -196,3 +196,147 @@ def test_a_process_started_with_a_slots_environment_sees_only_its_device_and_can
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [["2"], "3", str(os.getpid())]
+
+
+# --- AMD GPUs and mixed hosts ----------------------------------------------------------------
+
+from step5.devices import SLOT_KINDS, TorchBuild, cuda_ids, device_env_problem  # noqa: E402
+from step5.rocm import AmdGpus  # noqa: E402
+
+ROCM_BUILD = TorchBuild("2.5.1+rocm6.2", None, "6.2.41133")
+CPU_BUILD = TorchBuild("2.13.0+cpu", None, None)
+
+
+def _plan(gpus, *, nvidia=(), amd=(), build=ROCM_BUILD, cores=16, env=None):
+    return plan_slots(gpus, None, cpu_count=cores, device_env=env, detect_nvidia=lambda: list(nvidia),
+                      detect_amd=lambda: AmdGpus(tuple(amd), "rocm-smi"), torch_build=lambda: build)
+
+
+@pytest.mark.parametrize("text, tokens", [
+    ("rocm:0,rocm:1", ["rocm:0", "rocm:1"]),
+    ("cuda:0,cuda:1", ["0", "1"]),
+    ("0,rocm:0", ["0", "rocm:0"]),  # NVIDIA GPU 0 and AMD GPU 0 are different GPUs
+    ("ROCm:3", ["rocm:3"]),
+    ("all", ["all"]), (" rocm ", ["rocm"]), ("cuda", ["cuda"]),
+])
+def test_gpu_list_names_amd_gpus_and_whole_kinds(text, tokens):
+    assert parse_gpu_list(text) == tokens
+
+
+@pytest.mark.parametrize("text", ["amd:0", "rocm:", "rocm:-1", "hip:0", "all,0", "rocm,0", "rocm:0;1", "cuda:x"])
+def test_malformed_amd_or_kind_lists_are_usage_errors(text):
+    with pytest.raises(UsageError, match=r"--gpus must be a comma-separated list of GPU indices"):
+        parse_gpu_list(text)
+
+
+def test_the_same_gpu_twice_through_both_spellings_is_a_usage_error():
+    with pytest.raises(UsageError, match="lists a GPU twice"):
+        parse_gpu_list("0,cuda:0")
+
+
+def test_a_rocm_host_gets_one_pinned_slot_per_amd_gpu():
+    slots = _plan(None, amd=[str(i) for i in range(8)])
+    assert [s.label for s in slots] == [f"ROCm-{i}" for i in range(8)]
+    assert {s.kind for s in slots} == {"rocm"} and {s.torch_threads for s in slots} == {2}
+    assert [(s.hip_visible_devices, s.cuda_visible_devices) for s in slots] == [(str(i), "") for i in range(8)]
+
+
+def test_a_host_with_both_kinds_uses_its_nvidia_gpus_unless_asked(caplog):
+    with caplog.at_level(logging.INFO, logger="step5.devices"):
+        slots = _plan(None, nvidia=["0", "1"], amd=["0"])
+    assert [s.label for s in slots] == ["GPU-0", "GPU-1"]
+    assert "not used unless asked: --gpus all" in caplog.text
+    assert [s.label for s in _plan(["all"], nvidia=["0", "1"], amd=["0"])] == ["GPU-0", "GPU-1", "ROCm-0"]
+    assert [s.label for s in _plan(["rocm"], nvidia=["0", "1"], amd=["0"])] == ["ROCm-0"]
+    assert [s.label for s in _plan(["cuda"], nvidia=["0", "1"], amd=["0"])] == ["GPU-0", "GPU-1"]
+    assert [s.label for s in _plan(["1", "rocm:0"], nvidia=["0", "1"], amd=["0"])] == ["GPU-1", "ROCm-0"]
+
+
+def test_asking_for_a_kind_the_host_lacks_is_a_usage_error_but_all_falls_back_to_the_cpu(caplog):
+    with pytest.raises(UsageError, match="--gpus rocm: no AMD GPU found here"):
+        _plan(["rocm"], nvidia=["0"])
+    with pytest.raises(UsageError, match="--gpus cuda: no NVIDIA GPU found here"):
+        _plan(["cuda"], amd=["0"])
+    with caplog.at_level(logging.WARNING, logger="step5.devices"):
+        assert {s.kind for s in _plan(["all"])} == {"cpu"}
+    assert "--gpus all: no GPU found here" in caplog.text
+
+
+def test_explicit_gpus_and_none_keep_their_meaning():
+    assert _plan(["0", "3"], amd=["0"], cores=16) == [DeviceSlot("GPU-0", "cuda", "0", 8), DeviceSlot("GPU-3", "cuda", "3", 8)]
+    assert {s.kind for s in _plan([], nvidia=["0"], amd=["0"])} == {"cpu"}
+
+
+def test_amd_slots_under_a_torch_that_is_not_a_rocm_build_are_warned_about(caplog):
+    with caplog.at_level(logging.WARNING, logger="step5.devices"):
+        slots = _plan(None, amd=["0", "1"], build=CPU_BUILD)
+    assert [s.kind for s in slots] == ["rocm", "rocm"]  # still what the host has: the workers say what they got
+    assert "torch 2.13.0+cpu is not a ROCm build" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="step5.devices"):
+        _plan(None, amd=["0"], build=ROCM_BUILD)
+        _plan(None, amd=["0"], build=None)  # unknown build: nothing to say
+    assert caplog.text == ""
+
+
+def test_the_installed_torch_build_is_read_without_importing_torch():
+    probe = ("import json, sys, step5.devices as d; b = d.installed_torch_build(); "
+             "print(json.dumps([b.version, b.hip, 'torch' in sys.modules]))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    version, hip, imported = json.loads(proc.stdout)
+    assert version.startswith("2.") and hip is None and imported is False  # this machine: a CPU build
+
+
+@pytest.mark.parametrize("slot, cuda, hip", [
+    (DeviceSlot.cuda("1", 2), "1", "-1"),
+    (DeviceSlot.rocm("3", 2), "", "3"),
+    (DeviceSlot.cpu(0, 2), "", "-1"),
+])
+def test_every_slot_pins_its_own_gpu_and_hides_every_other(slot, cuda, hip):
+    env = slot.environment({"CUDA_VISIBLE_DEVICES": "0,1", "HIP_VISIBLE_DEVICES": "0,1,2,3"})
+    assert (env["CUDA_VISIBLE_DEVICES"], env["HIP_VISIBLE_DEVICES"]) == (cuda, hip)
+    assert slot.kind in SLOT_KINDS
+
+
+def test_the_policy_device_environment_reaches_every_slot_and_cannot_undo_the_pins():
+    rig = {"HSA_OVERRIDE_GFX_VERSION": "10.3.0", "HSA_ENABLE_SDMA": "0"}
+    slots = _plan(None, amd=["0", "1"], env=rig)
+    for slot in slots:
+        env = slot.environment({"HSA_ENABLE_SDMA": "1", "HOME": "/home/u"})
+        assert env["HSA_OVERRIDE_GFX_VERSION"] == "10.3.0" and env["HSA_ENABLE_SDMA"] == "0"  # the policy wins
+        assert env["HOME"] == "/home/u" and env["HIP_VISIBLE_DEVICES"] == slot.hip_visible_devices
+    assert {s.kind for s in _plan([], env=rig)} == {"cpu"}
+    assert all(dict(s.device_env) == rig for s in _plan([], env=rig))  # one-shot CPU trainers get it too
+
+
+@pytest.mark.parametrize("name, value, why", [
+    ("HIP_VISIBLE_DEVICES", "0", "set by Step 5 itself"),
+    ("CUDA_VISIBLE_DEVICES", "", "set by Step 5 itself"),
+    ("ROCR_VISIBLE_DEVICES", "0", "set by Step 5 itself"),
+    ("PYTHONPATH", "/x", "set by Step 5 itself"),
+    ("STEP5_TORCH_THREADS", "4", "set by Step 5 itself"),
+    ("HSA OVERRIDE", "1", "not an environment variable name"),
+    ("9LIVES", "1", "not an environment variable name"),
+    ("HSA_ENABLE_SDMA", 0, "must be a string"),
+])
+def test_device_env_entries_that_would_break_a_worker_are_refused(name, value, why):
+    assert why in device_env_problem(name, value)
+
+
+def test_a_process_started_with_a_rocm_slots_environment_sees_only_its_amd_gpu(tmp_path):
+    env = DeviceSlot("ROCm-2", "rocm", "", 3, "2", (("HSA_OVERRIDE_GFX_VERSION", "10.3.0"),)).environment()
+    probe = ("import json, os, step5.devices as d, step5.rocm as r; "
+             "print(json.dumps([d.detect_gpus(), list(r.detect_amd_gpus().ids), os.environ['HSA_OVERRIDE_GFX_VERSION']]))")
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [[], ["2"], "10.3.0"]
+
+
+@pytest.mark.parametrize("gpus, ids", [
+    (None, None), ([], []), (["0", "rocm:1"], ["0"]), (["rocm:0"], []), (["all"], None), (["cuda"], None),
+    (["rocm"], []),
+])
+def test_the_tree_libraries_get_the_nvidia_part_of_gpus(gpus, ids):
+    assert cuda_ids(gpus) == ids

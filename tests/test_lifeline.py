@@ -15,9 +15,11 @@ from step5.launch import child_environment
 from step5.lifeline import (
     EXIT_ORPHANED,
     PARENT_PID_ENV,
+    STDIN_LIFELINE_ENV,
     SUPERVISOR_PID_ENV,
     expected_parent_pid,
     install_lifeline,
+    install_stdin_lifeline,
     install_supervisor_lifeline,
 )
 from step5.testing.processes import wait_gone
@@ -182,6 +184,63 @@ def test_a_step_without_a_supervisor_gets_no_lifeline():
     proc = subprocess.run([sys.executable, "-c", STEP, "0"], env=own_environment(), capture_output=True, text=True, timeout=30)
     assert proc.stdout.split() == ["none", "slept"], proc.stderr
     assert install_supervisor_lifeline({}) is None
+
+
+# --- a helper started over ssh: its stdin is its lifeline ------------------------------------
+
+HELPER = textwrap.dedent("""
+    import signal, sys, time
+    from step5.lifeline import install_stdin_lifeline
+    signal.signal(signal.SIGTERM, lambda *a: (print("SIGTERM", flush=True), sys.exit(0)))
+    print("armed" if install_stdin_lifeline() else "none", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_helper_stops_as_on_sigterm_when_its_stdin_closes():
+    env = {**own_environment(), STDIN_LIFELINE_ENV: "1"}
+    helper = subprocess.Popen([sys.executable, "-c", HELPER], env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert helper.stdout.readline().strip() == "armed"
+        helper.stdin.write("anything the channel carries is ignored\n")
+        helper.stdin.flush()
+        helper.stdin.close()  # the main process stops it, dies, or the connection drops
+        helper.wait(timeout=10)
+        out = helper.stdout.read()
+    finally:
+        if helper.poll() is None:
+            helper.kill()
+            helper.wait()
+    assert (out.strip(), helper.returncode) == ("SIGTERM", 0)
+
+
+def test_without_the_variable_stdin_is_left_alone():
+    assert install_stdin_lifeline({}) is None
+    assert install_stdin_lifeline({STDIN_LIFELINE_ENV: "0"}) is None
+
+
+def test_the_stdin_lifeline_acts_once_at_eof():
+    read_end, write_end = os.pipe()
+    ended = threading.Event()
+    lifeline = install_stdin_lifeline({STDIN_LIFELINE_ENV: "1"}, fd=read_end, on_eof=ended.set)
+    os.write(write_end, b"x" * 100)
+    assert not ended.wait(0.2)
+    os.close(write_end)
+    assert ended.wait(5) and lifeline is not None
+    lifeline.thread.join(5)
+    os.close(read_end)
+
+
+def test_a_disarmed_stdin_lifeline_lets_a_finished_run_exit_in_peace():
+    read_end, write_end = os.pipe()
+    acted = threading.Event()
+    lifeline = install_stdin_lifeline({STDIN_LIFELINE_ENV: "1"}, fd=read_end, on_eof=acted.set)
+    lifeline.disarm()  # the run is over; the main process's stop comes too late
+    os.close(write_end)
+    lifeline.thread.join(5)
+    assert not lifeline.thread.is_alive() and not acted.is_set()
+    os.close(read_end)
 
 
 # --- reading the pid variables ---------------------------------------------------------------

@@ -332,3 +332,41 @@ def test_boundary_values_are_accepted():
     assert policy.watcher.retry_trials_multiplier == 1.0 and policy.watcher.max_retries == 0
     assert policy.training_diagnostics.metric_bounds == {"test_r2": MetricBound("test_r2", -1.0, None, WORSE_BELOW)}
     assert policy.training_diagnostics.max_critical_retries == 0
+
+
+# --- the device environment and the spawn stagger (ROCm rigs) --------------------------------
+
+
+def test_a_rigs_device_environment_and_stagger_are_read():
+    policy = parse_policy({"training": {
+        "device_env": {"HSA_OVERRIDE_GFX_VERSION": "10.3.0", "HSA_ENABLE_SDMA": "0", "_comment": "RX 6600"},
+        "worker_spawn_stagger_s": 4,
+    }}, SOURCE)
+    assert policy.training.device_env == {"HSA_OVERRIDE_GFX_VERSION": "10.3.0", "HSA_ENABLE_SDMA": "0"}
+    assert policy.training.worker_spawn_stagger_s == 4.0
+
+
+def test_a_cuda_host_leaves_them_at_their_defaults():
+    training = parse_policy({"training": {"worker_spawn_stagger_s": 0}}, SOURCE).training
+    assert training.device_env == {} and training.worker_spawn_stagger_s == 0.0
+    assert TrainingPolicy().device_env == {} and TrainingPolicy().worker_spawn_stagger_s == 0.0
+
+
+@pytest.mark.parametrize("training, message", [
+    ({"device_env": ["HSA_ENABLE_SDMA=0"]}, "training.device_env must be an object of variable names to strings"),
+    ({"device_env": {"HSA_ENABLE_SDMA": 0}}, "training.device_env.HSA_ENABLE_SDMA must be a string, got 0"),
+    ({"device_env": {"HIP_VISIBLE_DEVICES": "0"}}, "training.device_env.HIP_VISIBLE_DEVICES is set by Step 5 itself"),
+    ({"device_env": {"A B": "1"}}, "training.device_env.A B is not an environment variable name"),
+    ({"worker_spawn_stagger_s": -4}, "training.worker_spawn_stagger_s must be a non-negative number, got -4"),
+    ({"worker_spawn_stagger_s": "4s"}, "training.worker_spawn_stagger_s must be a non-negative number"),
+    ({"worker_spawn_stagger_s": float("nan")}, "training.worker_spawn_stagger_s must be a non-negative number"),
+])
+def test_a_bad_device_environment_or_stagger_is_a_policy_error_naming_the_key(training, message):
+    with pytest.raises(PolicyError) as info:
+        parse_policy({"training": training}, SOURCE)
+    assert str(info.value).startswith(f"{SOURCE}: ") and message in str(info.value)
+
+
+def test_the_shipped_policy_holds_the_new_keys_at_their_cuda_defaults(repo_root):
+    training = load_policy(repo_root / "watcher_policies.json").training
+    assert training.device_env == {} and training.worker_spawn_stagger_s == 0.0

@@ -11,17 +11,22 @@ import pytest
 
 from step5.errors import BadRequest, JobError
 from step5.framing import LineReader, LineWriter
-from step5.jsonio import loads
+from step5.jsonio import dumps_line, loads
 from step5.protocol import (
     AUTO_FULL_BATCH_MAX_ROWS,
     BATCH_MODES,
     COMMANDS,
     FUSE_KEYS,
     OPTIMIZERS,
-    OUT_OF_BAND_COMMANDS,
+    Heartbeat,
+    MergeRequest,
     NNParams,
+    Ping,
+    Shutdown,
+    TrainFolds,
     TrainRequest,
     batch_plan,
+    decode_request,
     fusion_key,
     resolve_batch_mode,
 )
@@ -72,17 +77,17 @@ def test_requests_round_trip_through_the_framing_one_line_each():
     writer = LineWriter(stream)
     for request in REQUESTS:
         writer.write_message(request.to_dict())
-    for command in ("ping", "heartbeat", "shutdown"):
-        writer.write_message({"command": command})
-    writer.write_message({"command": "train_folds", "jobs": [r.to_dict() for r in REQUESTS[:2]]})
+    for message in (Ping(7), Heartbeat("beat#1"), Shutdown()):
+        writer.write_message(message.to_dict())
+    writer.write_message(TrainFolds(tuple(REQUESTS[:2])).to_dict())
     stream.seek(0)
     reader = LineReader(stream)
     lines = []
     while (line := reader.read_line()) is not None:
         lines.append(loads(line))
     assert [TrainRequest.from_dict(raw) for raw in lines[:3]] == REQUESTS
-    assert [raw["command"] for raw in lines[3:6]] == ["ping", "heartbeat", "shutdown"]
-    assert [TrainRequest.from_dict(raw) for raw in lines[6]["jobs"]] == REQUESTS[:2]
+    assert [decode_request(raw) for raw in lines[3:6]] == [Ping(7), Heartbeat("beat#1"), Shutdown()]
+    assert decode_request(lines[6]) == TrainFolds(tuple(REQUESTS[:2]))
     assert len(lines) == 7
 
 
@@ -99,9 +104,19 @@ def test_int_valued_floats_are_stored_as_floats():
     assert all(isinstance(getattr(params, k), float) for k in ("learning_rate", "dropout", "weight_decay", "gradient_clip"))
 
 
+MESSAGES = [*REQUESTS, TrainFolds(tuple(REQUESTS)), Ping(), Ping("p1"), Heartbeat(3), Shutdown(),
+            MergeRequest(("/t/f0.pth", "/t/f1.pth"), "/t/best_model.pth", "/t/final.npz", trial_number=5, job_id="m")]
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: type(m).__name__)
+def test_every_request_type_round_trips_through_the_one_decoder(message):
+    wire = message.to_dict()
+    assert wire["command"] == message.command
+    assert decode_request(loads(dumps_line(wire))) == message
+
+
 def test_the_command_vocabulary():
-    assert set(COMMANDS) == {"train", "train_folds", "ping", "heartbeat", "shutdown"}
-    assert set(OUT_OF_BAND_COMMANDS) <= set(COMMANDS)
+    assert set(COMMANDS) == {"train", "train_folds", "merge", "ping", "heartbeat", "shutdown"}
     assert set(OPTIMIZERS) == {"adam", "adamw", "sgd"} and set(BATCH_MODES) == {"auto", "full", "mini"}
 
 

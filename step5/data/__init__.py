@@ -14,11 +14,8 @@ from step5.data.survivors import (
     LEAKAGE_COLUMNS,
     SurvivorFeatures,
     SurvivorTable,
-    feature_matrix_from_records,
-    load_feature_matrix,
     load_features,
     load_survivors,
-    table_from_records,
 )
 
 __all__ = [
@@ -28,13 +25,10 @@ __all__ = [
     "SurvivorFeatures",
     "SurvivorTable",
     "draws_from_data",
-    "feature_matrix_from_records",
     "holdout_split",
     "kfold_splits",
-    "load_feature_matrix",
     "load_features",
     "load_history",
     "load_survivors",
-    "table_from_records",
     "write_fold_npz",
 ]

@@ -30,7 +30,6 @@ CLI: ``python -m step5.data.sample --out DIR [--survivors N] [--features D] [--d
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import logging
 import os
@@ -41,6 +40,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import orjson
 
+from step5.artifacts import HISTORY_FILENAME, SURVIVORS_FILENAME
+from step5.cliutil import UsageErrorParser, add_log_level
 from step5.data.survivors import _gc_paused
 from step5.fsutil import atomic_output
 from step5.jsonio import write_json_atomic
@@ -48,8 +49,6 @@ from step5.values import is_int
 
 logger = logging.getLogger(__name__)
 
-SURVIVORS_FILENAME = "survivors_with_scores.json"
-HISTORY_FILENAME = "train_history.json"
 
 #: How many leading feature columns carry the planted signal.
 N_SIGNAL_FEATURES = 6
@@ -311,7 +310,7 @@ def write_sample(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; prints the survivors and history paths, one per line."""
-    parser = argparse.ArgumentParser(
+    parser = UsageErrorParser(
         prog="python -m step5.data.sample",
         description="Write sample survivors/history files with a planted, learnable signal.",
     )
@@ -321,9 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--draws", type=int, default=500, help="number of history draws [500]")
     parser.add_argument("--seed", type=int, default=42, help="random seed [42]")
     parser.add_argument("--degenerate", action="store_true", help="constant holdout_quality (no signal)")
-    parser.add_argument("--log-level", default="INFO", help="logging level [INFO]")
+    add_log_level(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     for flag, value in (("--survivors", args.survivors), ("--features", args.features), ("--draws", args.draws)):
         if value < 1:
             parser.error(f"{flag} must be >= 1, got {value}")

@@ -20,7 +20,7 @@ piece into float columns with a decoder built from the key names (no dict per re
 Any piece that does not decode cleanly (a ``NaN`` token, a string value, a key not seen
 before, a record that is not an object, a syntax error) is parsed again exactly, record by
 record, by the standard library, and checked with the same code as records built in memory
-(:func:`table_from_records`): that is where every error message is made, naming the file,
+(:func:`features_from_records`): that is where every error message is made, naming the file,
 the record index, its seed and the key. Those record and value checks, the 0.0 fills and
 the assembly of the matrix from its pieces live in :mod:`step5.data.survivormatrix`; this
 module reads the file, collects the target and the metadata, and builds the tables. Peak memory is about twice the float32 matrix
@@ -426,20 +426,6 @@ def _check_feature_names(feature_names: Sequence[str]) -> list[str]:
     return names
 
 
-@_gc_paused()
-def table_from_records(
-    records: Any, target: str = DEFAULT_TARGET, *, source: str = "<records>"
-) -> SurvivorTable:
-    """Build a :class:`SurvivorTable` from already-parsed records (what ``load_survivors`` reads).
-
-    ``source`` names the records in error messages and becomes ``source_file``.
-    """
-    _check_target(target)
-    builder = _TableBuilder(target, source)
-    builder.add_records(records_list(records, source), 0)
-    return builder.finish()
-
-
 def load_survivors(path: str | os.PathLike[str], target: str = DEFAULT_TARGET) -> SurvivorTable:
     """Read a survivors file into inputs ``X`` and target ``y``; see the module docstring.
 
@@ -466,13 +452,6 @@ def features_from_records(
     return builder.finish()
 
 
-def feature_matrix_from_records(
-    records: Any, feature_names: Sequence[str], *, source: str = "<records>"
-) -> np.ndarray:
-    """The (n, d) float32 matrix of already-parsed records in ``feature_names`` order."""
-    return features_from_records(records, feature_names, source=source).X
-
-
 def load_features(path: str | os.PathLike[str], feature_names: Sequence[str]) -> SurvivorFeatures:
     """Read a survivors file for prediction: the given columns in that order, and each
     record's seed (what the predictor writes beside each prediction).
@@ -484,11 +463,3 @@ def load_features(path: str | os.PathLike[str], feature_names: Sequence[str]) ->
     with _gc_paused():
         _read_file(path, builder)
         return builder.finish()
-
-
-def load_feature_matrix(path: str | os.PathLike[str], feature_names: Sequence[str]) -> np.ndarray:
-    """Read a survivors file's features in the given column order (float32, shape (n, d)).
-
-    Used to predict on new survivors with a trained model's feature schema.
-    """
-    return load_features(path, feature_names).X

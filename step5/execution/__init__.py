@@ -1,12 +1,13 @@
-"""How neural-net folds get trained: one-shot subprocesses or persistent workers.
+"""How neural-net folds get trained: persistent workers, or one-shot subprocesses.
 
-Both runners share one entry point, ``run(groups) -> outcomes``
-(:class:`step5.execution.runner.FoldRunner`), so the optimizer never asks which one it
-holds; :func:`step5.execution.factory.make_fold_runner` picks one.
+One runner, :class:`step5.execution.pool.WorkerPool`, serves both (a one-shot pool is one
+whose every slot runs where a fallen-back slot runs), behind one entry point,
+``run(groups) -> outcomes`` (:class:`step5.execution.runner.FoldRunner`), so the optimizer
+never asks which it holds; :func:`step5.execution.pool.make_fold_runner` builds it.
 
-Modules: ``runner`` (the interface, the one-shot runner), ``pool`` (persistent workers,
-dispatch), ``worker_process`` (one worker process and its pipes), ``slot`` (the slot's
-restart/fallback state machine, pure), ``oneshot`` (the retrying one-shot path),
-``process`` (kill, bounded reap, exit status; shared with the WATCHER), ``summary`` (the
-sidecar's typed ``execution`` block).
+Modules: ``runner`` (the interface), ``pool`` (slots, dispatch, faults, statistics),
+``worker_process`` (one training process and its pipes: the protocol's endpoint), ``slot``
+(the slot's restart/fallback state machine, pure), ``oneshot`` (one attempt of a one-shot
+job), ``process`` (kill, bounded reap, exit status; shared with the WATCHER), ``summary``
+(the sidecar's typed ``execution`` block).
 """

@@ -12,8 +12,8 @@
             (cool-down x2 each time; at most `max_repromotions` times, then for good)
 
 A *fault* is the worker's: it crashed (EOF, broken pipe, exit), hung (stopped answering
-heartbeats), broke the protocol, or failed to boot. A *job timeout* is the job's: the
-worker kept answering heartbeats but the job ran past its timeout. The worker is replaced
+liveness probes), broke the protocol, or failed to boot. A *job timeout* is the job's: the
+worker kept answering liveness probes but the job ran past its timeout. The worker is replaced
 (the only way to stop a job in a single-threaded trainer) but the slot keeps its restart
 budget and never falls back for it. The job itself is retried once; its second timeout is
 its verdict (:data:`JobVerdict`), so a job that can never finish costs about twice its
@@ -48,7 +48,6 @@ WORKER_FAULTS = ("crash", "hang", "protocol", "boot")
 
 class SlotAction(str, Enum):
     RESTART = "restart"  # start a new worker, retry the job on it
-    REPLACE = "replace"  # start a new worker without using the restart budget (job timeout)
     FALLBACK = "fallback"  # no more workers on this slot: one-shot subprocesses from now on
 
 
@@ -106,11 +105,11 @@ class SlotMachine:
         self.fell_back_at = now
         return SlotAction.FALLBACK
 
-    def on_job_timeout(self) -> SlotAction:
-        """A job ran past its timeout while its worker answered heartbeats."""
+    def on_job_timeout(self) -> None:
+        """A job ran past its timeout while its worker answered liveness probes: the worker
+        is replaced without using the restart budget (nothing here changes)."""
         if self.fallback:
             raise AssertionError("a fallen-back slot has no worker to replace")
-        return SlotAction.REPLACE
 
 
 class FaultBudget:

@@ -15,19 +15,23 @@ subprocesses, tree models in-process) and however it ended (SUCCESS or DEGENERAT
       timings     Timings          runner and run-phase seconds
 
 A runner reports :class:`RunnerStats` (everything but ``search`` and the run phases);
-:func:`build_execution_summary` adds the rest. :func:`execution_problems` is what the
-sidecar validator (:mod:`step5.artifacts`) runs on the block, so a key added here is
-checked there without a second list.
+:func:`build_execution_summary` adds the rest. :data:`EXECUTION_SCHEMA`, derived from these
+records, is what the sidecar validator (:mod:`step5.artifacts`) checks the block with, so a
+key added here is checked there without a second list.
 """
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
-from step5.values import is_int, is_number
+from msgspec import Meta
+
+from step5.schema import one_of, record_schema
 
 EXECUTION_MODES = ("persistent_workers", "subprocess", "inline")
+ExecutionMode = one_of(EXECUTION_MODES)
 
 
 @dataclass
@@ -43,7 +47,9 @@ class WorkerRecord:
     fallback: bool  # in the fallback (one-shot subprocesses) when the run ended
     repromotions: int  # times the slot left the fallback for a fresh worker
     boot_s: float | None  # interpreter start -> ready, as the last worker measured it
+    backend: str | None  # "cuda" | "rocm" | "cpu": what the last worker's torch trained on (None: none got ready)
     cuda_visible_devices: str  # what the slot's processes were given
+    hip_visible_devices: str  # likewise for AMD GPUs ("-1": none)
 
 
 @dataclass
@@ -149,7 +155,7 @@ class RunnerStats:
 class ExecutionSummary:
     """The whole ``execution`` block."""
 
-    mode: str | None
+    mode: ExecutionMode | None
     devices: list[str]
     workers: list[WorkerRecord]
     fallbacks: list[FallbackRecord]
@@ -193,72 +199,8 @@ _TIMING_PHASES = frozenset(("load_s", "split_s", "runner_start_s", "search_s", "
 
 # ------------------------------------------------------------------------- validation
 
-
-def _type_check(annotation: str) -> tuple[str, Any]:
-    """A readable expectation and a check, for a field's annotation string."""
-    optional = annotation.endswith("| None")
-    base = annotation.replace("| None", "").strip()
-
-    checks = {
-        "str": ("a string", lambda v: isinstance(v, str)),
-        "int": ("an int", lambda v: is_int(v) and v >= 0),
-        "float": ("a finite number >= 0", lambda v: is_number(v) and v >= 0),
-        "bool": ("true or false", lambda v: isinstance(v, bool)),
-        "list[str]": ("an array of strings", lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v)),
-    }
-    expected, check = checks[base]
-    if optional:
-        return f"{expected} or null", lambda v: v is None or check(v)
-    return expected, check
-
-
-def _record_problems(obj: Any, cls: type, where: str, problems: list[str]) -> None:
-    if not isinstance(obj, dict):
-        problems.append(f"`{where}` must be an object, got {obj!r:.80}")
-        return
-    for f in dataclasses.fields(cls):
-        key = f"{where}.{f.name}"
-        if f.name not in obj:
-            problems.append(f"missing key `{key}`")
-            continue
-        expected, check = _type_check(str(f.type))
-        if not check(obj[f.name]):
-            problems.append(f"`{key}` must be {expected}, got {obj[f.name]!r:.80}")
-    extra = sorted(set(obj) - {f.name for f in dataclasses.fields(cls)})
-    if extra:
-        problems.append(f"unknown key(s) in `{where}`: {extra}")
-
-
-def execution_problems(obj: Any, where: str = "execution") -> list[str]:
-    """Every problem with an ``execution`` block, as readable lines (empty: valid)."""
-    problems: list[str] = []
-    if not isinstance(obj, dict):
-        return [f"`{where}` must be an object, got {type(obj).__name__}"]
-    expected_keys = [f.name for f in dataclasses.fields(ExecutionSummary)]
-    for key in expected_keys:
-        if key not in obj:
-            problems.append(f"missing key `{where}.{key}`")
-    extra = sorted(set(obj) - set(expected_keys))
-    if extra:
-        problems.append(f"unknown key(s) in `{where}`: {extra}")
-    mode = obj.get("mode")
-    if "mode" in obj and mode is not None and mode not in EXECUTION_MODES:
-        problems.append(f"`{where}.mode` must be one of {list(EXECUTION_MODES)} or null, got {mode!r}")
-    if "devices" in obj:
-        _, check = _type_check("list[str]")
-        if not check(obj["devices"]):
-            problems.append(f"`{where}.devices` must be an array of strings, got {obj['devices']!r:.80}")
-    for key, cls in (("workers", WorkerRecord), ("fallbacks", FallbackRecord), ("faults", FaultRecord)):
-        items = obj.get(key)
-        if key not in obj:
-            continue
-        if not isinstance(items, list):
-            problems.append(f"`{where}.{key}` must be an array, got {items!r:.80}")
-            continue
-        for i, item in enumerate(items):
-            _record_problems(item, cls, f"{where}.{key}[{i}]", problems)
-    for key, cls in (("fusion", FusionRecord), ("recovery", RecoveryRecord), ("search", SearchRecord),
-                     ("timings", Timings)):
-        if key in obj:
-            _record_problems(obj[key], cls, f"{where}.{key}", problems)
-    return problems
+#: Every count in the block is an int >= 0 and every time a finite number of seconds >= 0.
+Count = Annotated[int, Meta(ge=0, description="an int >= 0")]
+Seconds = Annotated[float, Meta(ge=0, le=sys.float_info.max, description="a finite number >= 0")]
+#: The ``execution`` block as a sidecar holds it: every key required, no other key allowed.
+EXECUTION_SCHEMA = record_schema(ExecutionSummary, replace=((int, Count), (float, Seconds)))

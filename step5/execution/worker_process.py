@@ -1,12 +1,15 @@
-"""One persistent worker process as the parent sees it, and the thread that forks workers.
+"""A training process as the parent sees it (the protocol's endpoint), and the thread that forks workers.
 
 * :class:`WorkerProcess` — the process and the two threads that keep its pipes moving: a
   stdout reader feeding a queue (so the parent waits on "a line, EOF or a timeout" in one
   place, like loky) and a stderr drain into a bounded tail (forwarded to logging at DEBUG)
-  so a chatty worker can never fill its pipe and block. While a job runs, the parent sends
-  ``heartbeat`` requests, which the worker answers at once from its reader thread; a worker
-  that stops answering them is hung (a :class:`WorkerFault`), while a job that outlives
-  its timeout on a worker that still answers is a :class:`~step5.errors.JobTimedOut`.
+  so a chatty worker can never fill its pipe and block. It sends typed requests
+  (:mod:`step5.protocol`) and reads replies. While a job runs on a persistent worker, the
+  parent probes its liveness with ``heartbeat`` requests, which the worker answers at once
+  from its reader thread; a worker that stops answering them is hung (a
+  :class:`WorkerFault`), while a job that outlives its timeout on a worker that still
+  answers is a :class:`~step5.errors.JobTimedOut`. A one-shot trainer is the same endpoint
+  serving one job (:mod:`step5.execution.oneshot`): one request in, one reply out, exit.
 * :class:`Spawner` — one long-lived daemon thread that performs every ``Popen``.
 
 Every failure kills the process before it is raised, so the caller never holds a half-dead
@@ -25,9 +28,10 @@ from concurrent.futures import Future
 from typing import Any, Callable, Sequence
 
 from step5.errors import FrameTooLarge, JobTimedOut, WorkerFault
-from step5.execution.process import STDERR_TAIL_LINES, describe_exit, reap_killed, sigkill
+from step5.execution.process import STDERR_TAIL_LINES, describe_exit, kill_tree, reap_killed
 from step5.framing import LineReader, LineWriter
 from step5.jsonio import loads
+from step5.protocol import Heartbeat, Request, Shutdown
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ _STDERR_SETTLE_S = 1.0
 #: After EOF on stdout, how long to wait for the process itself to exit before killing it.
 _EXIT_AFTER_EOF_S = 2.0
 
-_beat_ids = itertools.count()
+_probe_ids = itertools.count()
 
 
 class WorkerProcess:
@@ -103,12 +107,19 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def send(self, message: dict[str, Any], doing: str) -> None:
+    def send(self, request: Request, doing: str) -> None:
         """Write one request; a dead reader is a crash."""
         try:
-            self._writer.write_message(message)
+            self._writer.write_message(request.to_dict())
         except (BrokenPipeError, ConnectionResetError, OSError, ValueError):
             raise self._fault("crash", f"broken pipe while {doing}") from None
+
+    def close_stdin(self) -> None:
+        """No more requests (EOF ends a worker; a one-shot trainer reads its one request to EOF)."""
+        try:
+            self._writer.close()
+        except (OSError, ValueError):
+            pass
 
     def receive(self, timeout_s: float, doing: str, *, hang_kind: str = "hang") -> dict[str, Any]:
         """The next message; a :class:`WorkerFault` on EOF, exit, garbage or silence."""
@@ -119,46 +130,62 @@ class WorkerProcess:
         return self._decode(kind, payload, doing)
 
     def await_answers(
-        self, count: int, *, timeout_s: float, heartbeat_interval_s: float, heartbeat_grace_s: float, doing: str,
+        self, count: int, *, timeout_s: float, probe_interval_s: float, probe_grace_s: float, doing: str,
     ) -> list[dict[str, Any]]:
-        """The next ``count`` answers (heartbeat replies skipped), within ``timeout_s``.
+        """The next ``count`` answers (``alive`` replies skipped), within ``timeout_s``.
 
-        After ``heartbeat_interval_s`` of silence a ``heartbeat`` is sent; no message within
-        ``heartbeat_grace_s`` of it is a hang (:class:`WorkerFault`). Past ``timeout_s`` with
-        the worker still answering, the job is the problem: the worker is killed (nothing
-        else stops a running job) and :class:`JobTimedOut` is raised.
+        After ``probe_interval_s`` of silence a liveness probe (a ``heartbeat`` request) is
+        sent; no message within ``probe_grace_s`` of it is a hang (:class:`WorkerFault`).
+        Past ``timeout_s`` with the worker still answering, the job is the problem: the
+        worker is killed (nothing else stops a running job) and :class:`JobTimedOut` is raised.
         """
         answers: list[dict[str, Any]] = []
         deadline = time.monotonic() + timeout_s
-        beat_sent_at: float | None = None  # a heartbeat is outstanding since then
+        probed_at: float | None = None  # a probe is outstanding since then
         while len(answers) < count:
             now = time.monotonic()
             if now >= deadline:
                 raise self._timed_out(timeout_s, doing)
-            if beat_sent_at is None:
-                wait = heartbeat_interval_s
-            else:
-                wait = beat_sent_at + heartbeat_grace_s - now
+            wait = probe_interval_s if probed_at is None else probed_at + probe_grace_s - now
             try:
                 kind, payload = self._lines.get(timeout=max(0.0, min(wait, deadline - now)))
             except queue.Empty:
                 now = time.monotonic()
                 if now >= deadline:
                     raise self._timed_out(timeout_s, doing) from None
-                if beat_sent_at is None:
-                    self.send({"command": "heartbeat", "job_id": f"beat#{next(_beat_ids)}"}, doing)
-                    beat_sent_at = now
-                elif now >= beat_sent_at + heartbeat_grace_s:
+                if probed_at is None:
+                    self.send(Heartbeat(f"probe#{next(_probe_ids)}"), doing)
+                    probed_at = now
+                elif now >= probed_at + probe_grace_s:
                     raise self._fault(
-                        "hang", f"hung: stopped answering heartbeats ({heartbeat_grace_s:g}s) while {doing}",
+                        "hang", f"hung: stopped answering liveness probes ({probe_grace_s:g}s) while {doing}",
                     ) from None
                 continue
             message = self._decode(kind, payload, doing)
-            beat_sent_at = None  # any message shows the worker is alive
+            probed_at = None  # any message shows the worker is alive
             if message.get("status") == "alive":
                 continue
             answers.append(message)
         return answers
+
+    def expect_exit(self, timeout_s: float, doing: str) -> int:
+        """After a one-shot trainer's reply: it must write nothing more and exit within
+        ``timeout_s``; its exit code. Anything else is a :class:`WorkerFault` (``hang`` when
+        it outlives ``timeout_s``)."""
+        try:
+            kind, payload = self._lines.get(timeout=max(0.0, timeout_s))
+        except queue.Empty:
+            raise self._fault("hang", f"replied but did not exit within the {timeout_s:g}s timeout while {doing}") from None
+        if kind != "eof":
+            shown = payload[:120].decode("utf-8", errors="replace") if kind == "line" else f"{payload} bytes"
+            raise self._fault("protocol", f"broke the protocol: wrote {shown!r} after its one reply while {doing}")
+        self._lines.put(("eof", None))
+        try:
+            self.proc.wait(timeout=_EXIT_AFTER_EOF_S)
+        except subprocess.TimeoutExpired:
+            raise self._fault("crash", f"closed its stdout but kept running while {doing}") from None
+        self._close_pipes()
+        return self.proc.returncode
 
     def _decode(self, kind: str, payload: Any, doing: str) -> dict[str, Any]:
         if kind == "eof":
@@ -199,7 +226,7 @@ class WorkerProcess:
     def _timed_out(self, timeout_s: float, doing: str) -> JobTimedOut:
         self.kill()
         return JobTimedOut(
-            f"worker {self.label} (pid {self.pid}) answered heartbeats but did not finish within the "
+            f"worker {self.label} (pid {self.pid}) answered liveness probes but did not finish within the "
             f"{timeout_s:g}s job timeout while {doing}; killed to stop the job",
             timeout_s=timeout_s, stderr_tail=self.stderr_tail(),
         )
@@ -207,8 +234,9 @@ class WorkerProcess:
     # -- ending it ----------------------------------------------------------------------
 
     def signal_kill(self) -> None:
-        """SIGKILL without waiting (the first half of :meth:`kill`)."""
-        sigkill(self.proc)
+        """SIGKILL it and what it started, without waiting (the first half of :meth:`kill`):
+        a descendant holding its pipes would keep them open."""
+        kill_tree(self.proc)
 
     def kill(self) -> None:
         """SIGKILL and reap (bounded: a process stuck in a GPU driver may not die at once); idempotent."""
@@ -219,13 +247,10 @@ class WorkerProcess:
     def request_shutdown(self) -> None:
         """Say goodbye: ``shutdown``, then close stdin (EOF ends the worker too)."""
         try:
-            self._writer.write_message({"command": "shutdown"})
+            self._writer.write_message(Shutdown().to_dict())
         except (OSError, ValueError):
             pass
-        try:
-            self._writer.close()
-        except (OSError, ValueError):
-            pass
+        self.close_stdin()
 
     def finish_shutdown(self, deadline: float) -> None:
         """Wait for the worker to exit by ``deadline``; then terminate, then kill. Reaps."""
@@ -292,19 +317,31 @@ def _close_quietly(stream: Any) -> None:
 
 
 class Spawner:
-    """One long-lived daemon thread that performs every ``Popen`` of a pool.
+    """One long-lived daemon thread that performs every ``Popen`` of a pool, ``stagger_s`` apart.
 
     Linux's parent-death signal (armed by each worker, :mod:`step5.lifeline`) fires when
     the *thread* that forked the worker exits. A ``ThreadPoolExecutor`` thread is joined at
     interpreter shutdown *before* atexit handlers run, which would SIGKILL the workers of a
     pool left open before its atexit close could say goodbye; a daemon thread lives until
     :meth:`shutdown` (the pool's close) or the end of the process.
+
+    Every worker start passes through this one thread, so it is also where starts are
+    spaced (``training.worker_spawn_stagger_s``): eight processes initialising HIP at once
+    on a ROCm rig are not stable, so a start waits until ``stagger_s`` after the previous
+    one, whether it is a first start, a restart or a re-promotion. :meth:`shutdown` cuts a
+    wait short.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, stagger_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if not stagger_s >= 0:
+            raise ValueError(f"`stagger_s` must be >= 0, got {stagger_s!r}")
+        self.stagger_s = float(stagger_s)
+        self._clock = clock
+        self._last_start: float | None = None
         self._calls: queue.Queue[tuple[Callable[[], Any], Future[Any]] | None] = queue.Queue()
         self._lock = threading.Lock()
         self._stopped = False
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
@@ -317,6 +354,15 @@ class Spawner:
             self._calls.put((lambda: fn(*args), future))
         return future
 
+    def _pace(self) -> None:
+        """Wait until ``stagger_s`` after the previous start (or until shut down)."""
+        if self.stagger_s <= 0 or self._last_start is None:
+            return
+        wait = self._last_start + self.stagger_s - self._clock()
+        if wait > 0:
+            logger.debug("next worker start in %.2fs (worker_spawn_stagger_s %g)", wait, self.stagger_s)
+            self._stopping.wait(wait)
+
     def _serve(self) -> None:
         while True:
             call = self._calls.get()
@@ -325,16 +371,20 @@ class Spawner:
             fn, future = call
             if not future.set_running_or_notify_cancel():
                 continue
+            self._pace()
+            self._last_start = self._clock()
             try:
                 future.set_result(fn())
             except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
                 future.set_exception(exc)
 
     def shutdown(self) -> None:
-        """Run what was already submitted, then end the thread (and wait for it); idempotent."""
+        """Run what was already submitted (without waiting out the stagger), then end the
+        thread (and wait for it); idempotent."""
         with self._lock:
             if not self._stopped:
                 self._stopped = True
+                self._stopping.set()
                 self._calls.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join()

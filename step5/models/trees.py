@@ -52,8 +52,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from step5.artifacts import CHECKPOINT_FILENAMES, CHECKPOINT_FORMATS
-from step5.artifacts import checkpoint_filename as checkpoint_name  # noqa: F401  (trees.checkpoint_name for callers)
+from step5.artifacts import MODEL_TYPES, checkpoint_filename
 from step5.data.splits import as_xy
 from step5.errors import DataError, JobError, MissingDependency, is_out_of_memory
 from step5.fsutil import atomic_output
@@ -70,13 +69,6 @@ ADAPTERS: Mapping[str, TreeAdapter] = MappingProxyType(
 )
 
 TREE_MODEL_TYPES: tuple[str, ...] = tuple(ADAPTERS)
-
-#: File suffix of ``best_model.*`` per model type (SPEC section 4); the file names and
-#: formats are defined once, in :mod:`step5.artifacts`, which writes and checks sidecars.
-CHECKPOINT_SUFFIX: dict[str, str] = {mt: Path(name).suffix for mt, name in CHECKPOINT_FILENAMES.items()}
-
-#: The sidecar's ``checkpoint_format`` per model type.
-CHECKPOINT_FORMAT: dict[str, str] = dict(CHECKPOINT_FORMATS)
 
 #: Rounds without improvement on the validation fold before boosting stops.
 DEFAULT_EARLY_STOPPING_ROUNDS = 50
@@ -104,9 +96,9 @@ def require_libraries(model_types: Iterable[str]) -> None:
 def _check_model_type(model_type: str) -> TreeAdapter:
     """The adapter of ``model_type``; a ``ValueError`` for any other model type."""
     if model_type not in ADAPTERS:
-        if model_type == "neural_net":
+        if model_type in MODEL_TYPES:
             raise ValueError(
-                "`model_type` 'neural_net' is not a tree model: its folds run in worker "
+                f"`model_type` {model_type!r} is not a tree model: its folds run in worker "
                 "subprocesses and its checkpoints are loaded on the torch side"
             )
         raise ValueError(f"`model_type` must be one of {TREE_MODEL_TYPES}, got {model_type!r}")
@@ -221,11 +213,6 @@ class TreeDevices:
         """Record that a GPU fit of ``model_type`` failed: its later fits train on CPU."""
         self.gpu_failures[model_type] = reason
         logger.warning("%s GPU fit failed (%s); falling back to CPU for this and later folds", model_type, reason)
-
-
-def resolve_device(model_type: str, device: str | None = None, devices: TreeDevices | None = None) -> str:
-    """:meth:`TreeDevices.resolve` with ``devices`` (a fresh one when None)."""
-    return (TreeDevices() if devices is None else devices).resolve(model_type, device)
 
 
 def device_for_gpus(gpus: Sequence[str] | None, env: Mapping[str, str] | None = None) -> str | None:
@@ -472,7 +459,7 @@ def train_fold(
 # --------------------------------------------------------------------------------------
 
 def _check_suffix(path: Path, model_type: str) -> None:
-    suffix = CHECKPOINT_SUFFIX[model_type]
+    suffix = Path(checkpoint_filename(model_type)).suffix
     if path.suffix != suffix:
         raise ValueError(f"a {model_type} checkpoint must end with {suffix!r}, got {str(path)!r}")
 

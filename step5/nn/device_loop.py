@@ -48,8 +48,34 @@ logger = logging.getLogger(__name__)
 
 #: ``auto``: the graph loop on CUDA, the host loop elsewhere. ``host``: the per-epoch-sync
 #: loop (the path before CUDA graphs, kept as a mode and as a kill switch). ``graph``: the
-#: fixed-shape loop, captured on CUDA, run eagerly elsewhere.
+#: fixed-shape loop, captured on CUDA, run eagerly on the CPU. On a backend that cannot
+#: capture (ROCm here, see :func:`capture_blocker`) ``graph`` and ``auto`` train with the
+#: host loop, with one warning per process.
 TRAIN_LOOPS = ("auto", "host", "graph")
+
+
+def device_backend(device: torch.device, hip_version: str | None = torch.version.hip) -> str:
+    """``cuda``, ``rocm`` or ``cpu``: what trains on ``device``. A ROCm build of torch calls its
+    GPUs ``cuda`` too; only the build (``torch.version.hip``) tells them apart."""
+    if device.type == "cuda":
+        return "rocm" if hip_version else "cuda"
+    return "cpu"
+
+
+def capture_blocker(device: torch.device, hip_version: str | None = torch.version.hip) -> str | None:
+    """Why the graph loop cannot capture its epoch on ``device``; None when it can.
+
+    The captured loop is proven on CUDA only. On ROCm, torch's HIP graphs and the rigs'
+    gfx1032 (an unofficial target run through HSA_OVERRIDE_GFX_VERSION) are not, so a ROCm
+    worker trains with the host loop: the same arithmetic, one host sync per epoch.
+    """
+    if device_backend(device, hip_version) == "rocm":
+        return (f"torch is a ROCm build (HIP {hip_version}); Step 5 captures epochs as graphs on CUDA only, "
+                "so this worker trains with the host loop (same results, one sync per epoch)")
+    return None
+
+
+_warned_blocked_capture = False
 
 
 @dataclass
@@ -62,15 +88,27 @@ class LoopOutcome:
     best_stat_updates: np.ndarray  # BatchNorm updates up to the best epoch (num_batches_tracked)
 
 
-def resolve_train_loop(loop: str | None, device: torch.device, environ: Mapping[str, str] | None = None) -> str:
-    """``host`` or ``graph`` for this pass: ``loop``, else ``STEP5_TRAIN_LOOP``, else ``auto``."""
+def resolve_train_loop(
+    loop: str | None, device: torch.device, environ: Mapping[str, str] | None = None,
+    *, hip_version: str | None = torch.version.hip,
+) -> str:
+    """``host`` or ``graph`` for this pass: ``loop``, else ``STEP5_TRAIN_LOOP``, else ``auto``;
+    ``host`` (warned once per process) where the backend cannot capture (:func:`capture_blocker`)."""
+    global _warned_blocked_capture
     env = os.environ if environ is None else environ
     choice = loop if loop is not None else (env.get(TRAIN_LOOP_ENV) or "auto")
     if choice not in TRAIN_LOOPS:
         source = "loop" if loop is not None else TRAIN_LOOP_ENV
         raise ValueError(f"{source} must be one of {list(TRAIN_LOOPS)}, got {choice!r}")
     if choice == "auto":
-        return "graph" if device.type == "cuda" else "host"
+        choice = "graph" if device.type == "cuda" else "host"
+    if choice == "graph":
+        blocker = capture_blocker(device, hip_version)
+        if blocker is not None:
+            if not _warned_blocked_capture:
+                _warned_blocked_capture = True
+                logger.warning("the graph epoch loop is not available: %s", blocker)
+            return "host"
     return choice
 
 

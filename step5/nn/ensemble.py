@@ -21,24 +21,17 @@ fold models (no hidden layer) merge into one linear model: the mean of their res
 weights, their constants folded into its bias.
 
 :func:`build_ensemble` merges fold checkpoints into ``best_model.pth``, checks on real rows
-that the merged net predicts the folds' mean, and scores it. ``python -m step5.nn.ensemble``
-runs it in a child process (the parent never imports torch) and prints one JSON line.
+that the merged net predicts the folds' mean, and scores it. It runs in a process that
+already holds torch (the parent never imports it): a worker, or the one-shot trainer,
+answering a ``merge`` request (:class:`step5.protocol.MergeRequest`).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-
-from step5.stdout_guard import claim_stdout
-
-logger = logging.getLogger("step5.ensemble")
 
 #: The merged net must reproduce the mean of the fold models' predictions to this
 #: fraction of the target's standard deviation (float32 rounding is ~1e-6 of it).
@@ -177,34 +170,3 @@ def build_ensemble(
         "status": "complete", "model_type": "neural_net", "model_path": str(out_path),
         "models": len(models), "hidden_layers": list(ensemble.hidden_layers), **metrics,
     }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m step5.nn.ensemble --out best_model.pth --score final.npz FOLD.pth ...``:
-    one JSON line on stdout, the :func:`build_ensemble` result (exit 0) or
-    ``{"status": "error", "error": ...}`` (exit 1); logs go to stderr."""
-    wire = claim_stdout()
-    parser = argparse.ArgumentParser(prog="python -m step5.nn.ensemble", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="the merged checkpoint to write")
-    parser.add_argument("--score", type=Path, required=True, help="the final split NPZ (dev rows + test rows)")
-    parser.add_argument("folds", type=Path, nargs="+", help="the fold models' checkpoints")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        from step5.nn.trainer import configure_torch_threads
-
-        configure_torch_threads()
-        result = build_ensemble(args.folds, args.out, score_path=args.score)
-        code = 0
-    except Exception as exc:  # noqa: BLE001 - every failure becomes the one error line
-        from step5.errors import DataError
-
-        kind = "data_error" if isinstance(exc, DataError) else type(exc).__name__
-        result, code = {"status": "error", "error_type": kind, "error": str(exc)}, 1
-    wire.write(json.dumps(result).encode() + b"\n")
-    wire.flush()
-    return code
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

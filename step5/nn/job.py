@@ -31,8 +31,9 @@ import torch
 from step5 import errors
 from step5.errors import JobError
 from step5.nn.checkpoint import save_checkpoint
+from step5.nn.device_loop import device_backend
 from step5.nn.trainer import Fold, ModelSpec, TrainConfig, TrainedModel, padded_rows, train_models
-from step5.protocol import FUSE_KEYS, TrainRequest, batch_plan, fusion_key  # FUSE_KEYS: torch-free, shared with the parent
+from step5.protocol import FUSE_KEYS, TrainRequest, batch_plan, echo, fusion_key  # torch-free, shared with the parent
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +278,12 @@ def describe_device(device: torch.device) -> str:
     return str(device.type)
 
 
+def describe_backend(device: torch.device) -> str:
+    """``cuda``, ``rocm`` or ``cpu``: what this torch build trains on ``device`` with (the
+    ``backend`` of the worker's ``ready`` line and of the sidecar's worker records)."""
+    return device_backend(device)
+
+
 def release_memory(device: torch.device) -> None:
     """Return cached allocator blocks after a job, so the next one starts from a clean slate.
 
@@ -314,11 +321,8 @@ def _as_job_error(exc: BaseException, where: str) -> JobError:
 
 
 def _echo(error: JobError, request: TrainRequest) -> JobError:
-    """A copy of ``error`` carrying this request's identifying fields."""
-    return JobError(
-        error.message, error.error_type, trial_number=request.trial_number, fold_idx=request.fold_idx,
-        job_id=request.job_id, traceback=error.traceback,
-    )
+    """A copy of ``error`` (one may fail several requests) carrying this request's identity."""
+    return JobError(error.message, error.error_type, traceback=error.traceback, **echo(request))
 
 
 def _config(request: TrainRequest, mode: str) -> TrainConfig:
@@ -417,8 +421,7 @@ def _result(
         result["model_path"] = str(path)
     save_s = time.perf_counter() - t0
     result.update(
-        duration=load_s + train_s + save_s, load_s=load_s, train_s=train_s, device=device_name,
-        trial_number=request.trial_number, fold_idx=request.fold_idx, job_id=request.job_id,
+        duration=load_s + train_s + save_s, load_s=load_s, train_s=train_s, device=device_name, **echo(request),
         epochs_run=trained.epochs_run, best_epoch=trained.best_epoch, n_train=trained.n_train, n_val=trained.n_val,
     )
     return result

@@ -1,18 +1,23 @@
-"""The one-shot trainer (S96A path, SPEC section 5): one fold, one process, one JSON line.
+"""The one-shot trainer (S96A path, SPEC section 5): one job, one process, one JSON line.
 
 ::
 
+    train_single_trial.py --request FILE|-          # a worker request (train or merge), as JSON
     train_single_trial.py --model-type neural_net --data-path split.npz --params '<json>'
         [--trial-number N] [--fold-idx F] [--normalize-features] [--use-leaky-relu]
         [--batch-mode auto|full|mini] [--dropout X] [--seed S]
-        [--save-model --model-output-dir D] [--output-path result.json]
+        [--save-model --model-output-dir D]       # SPEC section 5: the same train request
+    ... [--output-path result.json]
 
-Stdout carries exactly one JSON line: the ``complete`` object :func:`run_train_job`
-returns (exit 0), or an ``error`` object (exit 1, as SPEC section 5 says for any failure:
-a failed job, or a usage error such as bad flags or ``--params`` that is not valid JSON or
-not valid params, which is answered with ``error_type`` ``bad_request``). Everything else --
-logs, warnings, a library's banner -- goes to stderr: stdout is claimed before torch is
-imported. ``STEP5_TORCH_THREADS`` sets torch's thread count (see docs/training.md).
+It is the worker serving one job: the request is decoded by the worker's decoder
+(:func:`step5.protocol.decode_request`, or built from the flags as the same
+:class:`~step5.protocol.TrainRequest`) and answered by the worker's dispatcher and torch
+backend (:mod:`step5.nn.worker`), so both paths give the same reply for the same job.
+Stdout carries exactly that reply: the ``complete`` object (exit 0) or an ``error`` object
+(exit 1, as SPEC section 5 says for any failure: a failed job, or a usage error such as
+bad flags or a request that is not valid, answered with ``error_type`` ``bad_request``).
+Everything else -- logs, warnings, a library's banner -- goes to stderr: stdout is claimed
+before torch is imported. ``STEP5_TORCH_THREADS`` sets torch's thread count.
 """
 from __future__ import annotations
 
@@ -20,39 +25,34 @@ import argparse
 import logging
 import os
 import sys
-import traceback
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Sequence
 
 from step5.stdout_guard import claim_stdout
 
 logger = logging.getLogger("step5.oneshot")
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = EXIT_FAILED  # SPEC section 5: every failure exits 1; bad_request tells usage apart
+#: The file ``--save-model`` writes in ``--model-output-dir``.
 CHECKPOINT_NAME = "best_model.pth"
-
-
-class _UsageFailure(Exception):
-    """Raised instead of argparse's exit(2): usage errors must still print one JSON line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        raise _UsageFailure(f"{self.prog}: {message}")
+#: The flags a ``--request`` replaces (SPEC section 5's way in).
+_FLAGS = ("model_type", "data_path", "params")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    from step5.cliutil import UsageErrorParser
+
+    p = UsageErrorParser(
         # The name it was started by: train_single_trial.py, or step5-train-fold when installed.
         prog=Path(sys.argv[0]).name or "train_single_trial.py",
-        description="Train one neural-net fold and print one JSON result line on stdout.",
+        description="Train one neural-net fold (or merge fold models) and print one JSON reply line on stdout.",
+        exit_on_error=False,
     )
-    p.add_argument("--model-type", required=True, help="must be neural_net (tree models run in the optimizer)")
-    p.add_argument("--data-path", required=True, help="fold NPZ with X_train, y_train, X_val, y_val")
-    p.add_argument("--params", required=True, help="JSON object of NN hyperparameters (step5.protocol.NNParams)")
+    p.add_argument("--request", metavar="FILE", default=None,
+                   help="a worker protocol request (`train` or `merge`) as JSON, from FILE or - for stdin; "
+                        "replaces --model-type, --data-path and --params")
+    p.add_argument("--model-type", help="must be neural_net (tree models run in the optimizer)")
+    p.add_argument("--data-path", help="fold NPZ with X_train, y_train, X_val, y_val")
+    p.add_argument("--params", help="JSON object of NN hyperparameters (step5.protocol.NNParams)")
     p.add_argument("--trial-number", type=int, default=None, help="echoed in the result")
     p.add_argument("--fold-idx", type=int, default=None, help="echoed in the result")
     p.add_argument("--normalize-features", action="store_true", help="standardise X with train-fold statistics")
@@ -62,85 +62,89 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds init, dropout masks and batch order")
     p.add_argument("--save-model", action="store_true", help=f"write <model-output-dir>/{CHECKPOINT_NAME}")
     p.add_argument("--model-output-dir", default=None, help="where --save-model writes the checkpoint")
-    p.add_argument("--output-path", default=None, help="also write the result JSON to this file")
+    p.add_argument("--output-path", default=None, help="also write the reply JSON to this file")
     return p
 
 
 def request_from_args(args: argparse.Namespace) -> Any:
-    """The validated :class:`~step5.protocol.TrainRequest` these flags describe.
+    """The validated request (:class:`~step5.protocol.TrainRequest` or ``MergeRequest``)
+    these arguments describe.
 
-    Raises :class:`_UsageFailure` for a wrong model type or flag combination and
-    :class:`~step5.errors.BadRequest` for invalid ``--params`` values.
+    Raises :class:`~step5.errors.UsageError` for a wrong model type or flag combination
+    and :class:`~step5.errors.BadRequest` for an invalid request or ``--params``.
     """
-    from step5.errors import BadRequest
+    from step5.errors import BadRequest, UsageError
     from step5.jsonio import loads
-    from step5.protocol import TrainRequest
+    from step5.protocol import MergeRequest, TrainRequest, decode_request
 
+    if args.request is not None:
+        given = [f"--{name.replace('_', '-')}" for name in _FLAGS if getattr(args, name) is not None]
+        if given:
+            raise UsageError(f"--request replaces {', '.join(given)}: give one or the other")
+        try:
+            text = sys.stdin.buffer.read() if args.request == "-" else Path(args.request).read_bytes()
+            raw = loads(text)
+        except OSError as exc:
+            raise UsageError(f"cannot read --request {args.request}: {exc}") from None
+        except ValueError as exc:
+            raise UsageError(f"--request is not valid JSON: {exc}") from None
+        request = decode_request(raw)
+        if not isinstance(request, (TrainRequest, MergeRequest)):
+            raise BadRequest(f"the one-shot trainer runs one `train` or `merge` job, got `{request.command}`")
+        return request
+    missing = [f"--{name.replace('_', '-')}" for name in _FLAGS if getattr(args, name) is None]
+    if missing:
+        raise UsageError(f"the following arguments are required: {', '.join(missing)} (or --request)")
     if args.model_type != "neural_net":
-        raise _UsageFailure(
+        raise UsageError(
             f"--model-type {args.model_type!r} is not trained here: train_single_trial.py trains only "
             "neural_net folds (xgboost, lightgbm and catboost run inside the optimizer process)"
         )
     if args.save_model and not args.model_output_dir:
-        raise _UsageFailure("--save-model needs --model-output-dir DIR (the checkpoint goes to DIR/best_model.pth)")
+        raise UsageError(f"--save-model needs --model-output-dir DIR (the checkpoint goes to DIR/{CHECKPOINT_NAME})")
     try:
         params = loads(args.params)
     except ValueError as exc:
-        raise _UsageFailure(f"--params is not valid JSON: {exc}") from None
+        raise UsageError(f"--params is not valid JSON: {exc}") from None
     if not isinstance(params, dict):
-        raise _UsageFailure(f"--params must be a JSON object, got {type(params).__name__}")
+        raise UsageError(f"--params must be a JSON object, got {type(params).__name__}")
     if args.dropout is not None:
         params["dropout"] = args.dropout
-    raw: dict[str, Any] = {
-        "X_train_path": args.data_path,
-        "params": params,
-        "trial_number": args.trial_number,
-        "fold_idx": args.fold_idx,
-        "normalize_features": args.normalize_features,
-        "use_leaky_relu": args.use_leaky_relu,
-        "batch_mode": args.batch_mode,
-        "seed": args.seed,
+    raw = {
+        "X_train_path": args.data_path, "params": params, "trial_number": args.trial_number,
+        "fold_idx": args.fold_idx, "normalize_features": args.normalize_features,
+        "use_leaky_relu": args.use_leaky_relu, "batch_mode": args.batch_mode, "seed": args.seed,
     }
     if args.save_model:
         raw["save_model_path"] = os.path.join(args.model_output_dir, CHECKPOINT_NAME)
-    try:
-        return TrainRequest.from_dict(raw)
-    except BadRequest:
-        raise
-    except Exception as exc:  # noqa: BLE001 - anything else in validation is still a bad request
-        raise BadRequest(str(exc)) from None
+    return TrainRequest.from_dict(raw)
 
 
-def _run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
-    from step5.errors import BadRequest, JobError
+def _answer(args: argparse.Namespace) -> dict[str, Any]:
+    """The one reply to the request ``args`` describe."""
+    from step5.errors import BadRequest, UsageError
 
     try:
         request = request_from_args(args)
-    except _UsageFailure as exc:
-        return BadRequest(str(exc), trial_number=args.trial_number, fold_idx=args.fold_idx).to_dict(), EXIT_USAGE
+    except UsageError as exc:
+        return BadRequest(str(exc), trial_number=args.trial_number, fold_idx=args.fold_idx).to_dict()
     except BadRequest as exc:
-        return exc.to_dict(), EXIT_USAGE
+        return exc.to_dict()
 
-    import torch  # only now: stdout is already claimed
-
-    from step5.nn.job import run_train_job
-    from step5.nn.trainer import configure_torch_threads
+    from step5.nn.worker import Dispatcher, TorchBackend  # imports torch: only now, stdout is claimed
+    from step5.protocol import echo
 
     try:
-        threads = configure_torch_threads()
-    except ValueError as exc:
-        return BadRequest(str(exc), trial_number=request.trial_number, fold_idx=request.fold_idx).to_dict(), EXIT_USAGE
-    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    logger.info(
-        "trial %s fold %s: %s on %s (%d torch threads)",
-        request.trial_number, request.fold_idx, request.data_path, device, threads,
-    )
-    try:
-        return run_train_job(request, device=device), EXIT_OK
-    except JobError as exc:
+        backend = TorchBackend()
+    except ValueError as exc:  # STEP5_TORCH_THREADS is not a thread count
+        return BadRequest(str(exc), **echo(request)).to_dict()
+    logger.info("trial %s fold %s: %s on %s (%d torch threads)", request.trial_number, request.fold_idx,
+                request.command, backend.device, backend.threads)
+    (reply,) = Dispatcher(backend).handle(request)
+    if reply["status"] == "error":
         logger.error("trial %s fold %s failed (%s): %s", request.trial_number, request.fold_idx,
-                     exc.error_type, exc.message)
-        return exc.to_dict(), EXIT_FAILED
+                     reply["error_type"], reply["error"])
+    return reply
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,41 +160,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from step5.errors import BadRequest, JobError
+    import traceback
+
+    from step5.errors import BadRequest, JobError, UsageError
     from step5.jsonio import dumps_line, write_json_atomic
 
     args: argparse.Namespace | None = None
     try:
         try:
             args = build_parser().parse_args(argv)
-        except _UsageFailure as exc:
-            payload, code = BadRequest(str(exc)).to_dict(), EXIT_USAGE
+        except UsageError as exc:
+            reply = BadRequest(str(exc)).to_dict()
         else:
-            payload, code = _run(args)
-    except SystemExit as exc:  # --help / --version: argparse printed to (claimed) stdout -> stderr
+            reply = _answer(args)
+    except SystemExit as exc:  # --help: argparse printed to (claimed) stdout -> stderr
         return int(exc.code or 0)
     except Exception as exc:  # noqa: BLE001 - the parent must still get one JSON line
         logger.exception("one-shot trainer failed unexpectedly")
-        payload = JobError(
-            f"{type(exc).__name__}: {exc}", "train_error",
-            trial_number=getattr(args, "trial_number", None), fold_idx=getattr(args, "fold_idx", None),
-            traceback=traceback.format_exc(),
+        reply = JobError(
+            f"{type(exc).__name__}: {exc}", "train_error", trial_number=getattr(args, "trial_number", None),
+            fold_idx=getattr(args, "fold_idx", None), traceback=traceback.format_exc(),
         ).to_dict()
-        code = EXIT_FAILED
     if args is not None and args.output_path:
         try:
-            write_json_atomic(args.output_path, payload)
+            write_json_atomic(args.output_path, reply)
         except OSError as exc:
             logger.error("cannot write --output-path %s: %s", args.output_path, exc)
-            payload = JobError(
+            reply = JobError(
                 f"cannot write --output-path {args.output_path}: {exc}", "train_error",
-                trial_number=payload.get("trial_number"), fold_idx=payload.get("fold_idx"),
+                trial_number=reply.get("trial_number"), fold_idx=reply.get("fold_idx"), job_id=reply.get("job_id"),
             ).to_dict()
-            code = EXIT_FAILED
-    wire.write(dumps_line(payload))
+    wire.write(dumps_line(reply))
     wire.flush()
-    return code
+    return 0 if reply["status"] == "complete" else JobError.exit_code
 
 
-if __name__ == "__main__":  # python -m step5.nn.oneshot (what the runner starts)
+if __name__ == "__main__":  # python -m step5.nn.oneshot (what the fold runner starts)
     sys.exit(main())

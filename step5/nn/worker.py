@@ -41,8 +41,10 @@ from typing import Any, Protocol, Sequence
 from step5.errors import BadRequest, FrameTooLarge, JobError
 from step5.framing import LineReader, LineWriter
 from step5.jsonio import loads
-from step5.protocol import COMMANDS, MAX_REQUEST_BYTES, PROTOCOL_VERSION, TrainRequest
-from step5.values import is_int
+from step5.protocol import (
+    MAX_REQUEST_BYTES, PROTOCOL_VERSION, AliveMessage, Heartbeat, Job, MergeRequest, Ping, PongMessage, ReadyMessage,
+    Request, Shutdown, ShutdownMessage, TrainFolds, TrainRequest, decode_request, echo, error_reply,
+)
 
 logger = logging.getLogger("step5.nn.worker")  # not __name__: run with -m it is "__main__"
 
@@ -62,6 +64,10 @@ class JobBackend(Protocol):
         """Train several folds in one fused pass; results in request order."""
         ...
 
+    def merge(self, request: MergeRequest) -> dict[str, Any]:
+        """Merge fold checkpoints into one network and score it."""
+        ...
+
     def is_out_of_memory(self, exc: BaseException) -> bool:
         """Whether ``exc`` is a (CUDA or host) out-of-memory failure."""
         ...
@@ -71,37 +77,9 @@ class JobBackend(Protocol):
         ...
 
 
-def _echo(raw: Any) -> dict[str, Any]:
-    """Identifying fields of a request that may be malformed, safe to send back."""
-    if not isinstance(raw, dict):
-        return {"trial_number": None, "fold_idx": None, "job_id": None}
-
-    def ok_int(v: Any) -> Any:
-        return v if is_int(v) else None
-
-    job_id = raw.get("job_id")
-    return {
-        "trial_number": ok_int(raw.get("trial_number")),
-        "fold_idx": ok_int(raw.get("fold_idx")),
-        "job_id": job_id if isinstance(job_id, (str, int)) and not isinstance(job_id, bool) else None,
-    }
-
-
-def _with_echo(error: JobError, request: TrainRequest | None = None, raw: Any = None) -> dict[str, Any]:
-    """The error response, its identifying fields filled from the request when missing."""
-    echo = (
-        {"trial_number": request.trial_number, "fold_idx": request.fold_idx, "job_id": request.job_id}
-        if request is not None else _echo(raw)
-    )
-    out = error.to_dict()
-    for key, value in echo.items():
-        if out.get(key) is None:
-            out[key] = value
-    return out
-
-
 class Dispatcher:
-    """Turns request lines into response dicts; never raises for a bad request."""
+    """Turns requests into replies; never raises for a bad request. The one-shot trainer
+    answers its one request with the same object (:mod:`step5.nn.oneshot`)."""
 
     def __init__(self, backend: JobBackend) -> None:
         self.backend = backend
@@ -109,109 +87,79 @@ class Dispatcher:
         self.shutdown_requested = False
         self._started = time.monotonic()
 
-    # -- entry points -------------------------------------------------------------------
-
     def handle_line(self, line: bytes) -> list[dict[str, Any]]:
-        """All responses to one request line (one, except for ``train_folds``)."""
+        """All replies to one request line (one, except for ``train_folds``)."""
         try:
             raw = loads(line)
         except ValueError as exc:
             preview = line[:80].decode("utf-8", errors="replace")
             return [BadRequest(f"request is not valid JSON ({exc}): {preview!r}").to_dict()]
-        if not isinstance(raw, dict):
-            return [BadRequest(f"a request must be a JSON object, got {type(raw).__name__}").to_dict()]
-        command = raw.get("command")
-        if command is None:
-            return [_with_echo(BadRequest(f"request has no `command`; expected one of {list(COMMANDS)}"), raw=raw)]
-        if command == "train":
-            return [self._train(raw)]
-        if command == "train_folds":
-            return self._train_folds(raw)
-        if command == "ping":
-            return [self._pong(raw)]
-        if command == "heartbeat":
-            return [self.alive(raw)]
-        if command == "shutdown":
+        try:
+            request = decode_request(raw)
+        except BadRequest as exc:
+            return [exc.to_dict()]
+        return self.handle(request)
+
+    def handle(self, request: Request) -> list[dict[str, Any]]:
+        """All replies to one decoded request."""
+        if isinstance(request, Heartbeat):
+            return [self.alive(request)]
+        if isinstance(request, Ping):
+            return [PongMessage(status="pong", pid=os.getpid(), device=self.backend.device, jobs_done=self.jobs_done,
+                                uptime_s=round(time.monotonic() - self._started, 3), job_id=request.job_id)]
+        if isinstance(request, Shutdown):
             self.shutdown_requested = True
-            return [{"status": "shutdown", "reason": "command", "jobs_done": self.jobs_done, "pid": os.getpid()}]
-        return [_with_echo(BadRequest(f"unknown `command` {command!r}; expected one of {list(COMMANDS)}"), raw=raw)]
+            return [ShutdownMessage(status="shutdown", reason="command", jobs_done=self.jobs_done, pid=os.getpid())]
+        if isinstance(request, TrainFolds):
+            return self._train_folds(request)
+        return [self._run(request)]
 
     def oversize(self, exc: FrameTooLarge) -> dict[str, Any]:
-        """The response to a line that was too long to read (and has been skipped)."""
+        """The reply to a line that was too long to read (and has been skipped)."""
         return BadRequest(
             f"request line of {exc.seen} bytes exceeds the {exc.limit}-byte limit; it was discarded"
         ).to_dict()
 
-    # -- commands -----------------------------------------------------------------------
-
-    def _pong(self, raw: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "status": "pong",
-            "pid": os.getpid(),
-            "device": self.backend.device,
-            "jobs_done": self.jobs_done,
-            "uptime_s": round(time.monotonic() - self._started, 3),
-        }
-        echo = _echo(raw)["job_id"]
-        if echo is not None:
-            out["job_id"] = echo
-        return out
-
-    def alive(self, raw: dict[str, Any]) -> dict[str, Any]:
+    def alive(self, request: Heartbeat) -> dict[str, Any]:
         """The answer to a ``heartbeat``: this process still reads its requests."""
-        return {"status": "alive", "pid": os.getpid(), "job_id": _echo(raw)["job_id"], "jobs_done": self.jobs_done}
+        return AliveMessage(status="alive", pid=os.getpid(), job_id=request.job_id, jobs_done=self.jobs_done)
 
-    def _failure(self, exc: BaseException, request: TrainRequest) -> dict[str, Any]:
-        """Map an exception raised by a job to its error response."""
+    def _failure(self, exc: BaseException, request: Job) -> dict[str, Any]:
+        """Map an exception raised by a job to its error reply."""
         if isinstance(exc, JobError):
-            return _with_echo(exc, request)
+            return error_reply(exc, request)
         if self.backend.is_out_of_memory(exc):
             self.backend.release_memory()
             logger.warning("job %s ran out of memory on %s: %s", request.job_id, self.backend.device, exc)
-            return _with_echo(JobError(f"out of memory on {self.backend.device}: {exc}", "out_of_memory"), request)
+            return error_reply(JobError(f"out of memory on {self.backend.device}: {exc}", "out_of_memory"), request)
         tb = traceback.format_exc()
         logger.error("job %s failed:\n%s", request.job_id, tb)
-        return _with_echo(
-            JobError(f"{type(exc).__name__}: {exc}", "train_error", traceback=tb), request,
-        )
+        return error_reply(JobError(f"{type(exc).__name__}: {exc}", "train_error", traceback=tb), request)
 
-    def _train(self, raw: dict[str, Any]) -> dict[str, Any]:
+    def _completed(self, result: dict[str, Any], request: Job) -> dict[str, Any]:
+        result = dict(result)
+        result.setdefault("status", "complete")
+        result.update(echo(request))
+        self.jobs_done += result["status"] == "complete"
+        return result
+
+    def _run(self, request: Job) -> dict[str, Any]:
         try:
-            request = TrainRequest.from_dict(raw)
-        except JobError as exc:
-            return _with_echo(exc, raw=raw)
-        try:
-            result = dict(self.backend.train(request))
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a response
+            if isinstance(request, MergeRequest):
+                result = self.backend.merge(request)
+            else:
+                result = self.backend.train(request)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
             return self._failure(exc, request)
         finally:
             self.backend.release_memory()
-        self.jobs_done += 1
-        result.setdefault("status", "complete")
-        result["job_id"] = request.job_id
-        return result
+        return self._completed(result, request)
 
-    def _train_folds(self, raw: dict[str, Any]) -> list[dict[str, Any]]:
-        unknown = sorted(set(raw) - {"command", "jobs"})
-        jobs = raw.get("jobs")
-        if unknown or not isinstance(jobs, list) or not jobs:
-            why = f"unknown key(s) {unknown}" if unknown else f"`jobs` must be a non-empty list, got {jobs!r:.80}"
-            return [BadRequest(f"bad `train_folds` request: {why}").to_dict()]
-        # Validate every job first: invalid ones are answered in place, the rest run fused.
-        responses: list[dict[str, Any] | None] = [None] * len(jobs)
-        valid: list[tuple[int, TrainRequest]] = []
-        for i, job in enumerate(jobs):
-            if isinstance(job, dict) and job.get("command", "train") != "train":
-                responses[i] = _with_echo(
-                    BadRequest(f"`jobs[{i}]` has `command` {job.get('command')!r}; only train jobs can be fused"),
-                    raw=job,
-                )
-                continue
-            try:
-                valid.append((i, TrainRequest.from_dict(job)))
-            except JobError as exc:
-                exc.message = f"`jobs[{i}]`: {exc.message}"
-                responses[i] = _with_echo(exc, raw=job)
+    def _train_folds(self, request: TrainFolds) -> list[dict[str, Any]]:
+        # Jobs refused on decoding are answered in place; the rest run fused.
+        replies: list[dict[str, Any] | None] = [
+            job.to_dict() if isinstance(job, BadRequest) else None for job in request.jobs]
+        valid = [(i, job) for i, job in enumerate(request.jobs) if isinstance(job, TrainRequest)]
         if valid:
             requests = [r for _, r in valid]
             try:
@@ -219,20 +167,16 @@ class Dispatcher:
                 if len(results) != len(requests):
                     raise RuntimeError(f"fused training returned {len(results)} results for {len(requests)} jobs")
             except Exception as exc:  # noqa: BLE001 - the whole group fails alike
-                for i, request in valid:
-                    responses[i] = self._failure(exc, request)
+                for i, job in valid:
+                    replies[i] = self._failure(exc, job)
             else:
-                for (i, request), result in zip(valid, results):
-                    # A fold that failed alone comes back as its error object, in its place.
-                    result = dict(result)
-                    result.setdefault("status", "complete")
-                    result["job_id"] = request.job_id
-                    responses[i] = result
-                    self.jobs_done += result["status"] == "complete"
+                # A fold that failed alone comes back as its error object, in its place.
+                for (i, job), result in zip(valid, results):
+                    replies[i] = self._completed(result, job)
             finally:
                 self.backend.release_memory()
-        assert all(r is not None for r in responses)
-        return [r for r in responses if r is not None]
+        assert all(r is not None for r in replies)
+        return [r for r in replies if r is not None]
 
 
 def serve(reader: LineReader, writer: LineWriter, dispatcher: Dispatcher) -> int:
@@ -258,8 +202,9 @@ def serve(reader: LineReader, writer: LineWriter, dispatcher: Dispatcher) -> int
                     break
                 if not line.strip():
                     continue  # blank lines are keep-alives, not requests
-                if _is_heartbeat(line):
-                    writer.write_message(dispatcher.alive(loads(line)))
+                beat = _heartbeat(line)
+                if beat is not None:
+                    writer.write_message(dispatcher.alive(beat))
                     continue
                 lines.put(("line", line))
         except (OSError, ValueError) as exc:  # stdin closed under us: same as EOF
@@ -284,15 +229,15 @@ def serve(reader: LineReader, writer: LineWriter, dispatcher: Dispatcher) -> int
             return 0
 
 
-def _is_heartbeat(line: bytes) -> bool:
-    """Whether a request line is a ``heartbeat`` (cheap check first: most lines are jobs)."""
+def _heartbeat(line: bytes) -> Heartbeat | None:
+    """The ``heartbeat`` a request line holds, if it is one (cheap check first: most lines are jobs)."""
     if b"heartbeat" not in line or len(line) > 1024:
-        return False
+        return None
     try:
-        raw = loads(line)
-    except ValueError:
-        return False
-    return isinstance(raw, dict) and raw.get("command") == "heartbeat"
+        request = decode_request(loads(line))
+    except (ValueError, BadRequest):
+        return None
+    return request if isinstance(request, Heartbeat) else None
 
 
 class TorchBackend:
@@ -313,6 +258,7 @@ class TorchBackend:
             torch.zeros(1, device=self.torch_device)
             torch.cuda.synchronize(self.torch_device)
         self.device = job.describe_device(self.torch_device)
+        self.torch_backend = job.describe_backend(self.torch_device)  # cuda | rocm | cpu, from the build
         self.cache = job.DataCache()
 
     def train(self, request: TrainRequest) -> dict[str, Any]:
@@ -323,6 +269,15 @@ class TorchBackend:
             return self._job.run_fold_group(list(requests), device=self.torch_device, cache=self.cache)
         except ValueError as exc:  # the group disagrees on a shape-fixing field: the sender's mistake
             raise BadRequest(f"`train_folds` jobs cannot be fused: {exc}") from None
+
+    def merge(self, request: MergeRequest) -> dict[str, Any]:
+        from step5.errors import DataError
+        from step5.nn.ensemble import build_ensemble
+
+        try:
+            return build_ensemble(request.fold_paths, request.out_path, score_path=request.score_path)
+        except DataError as exc:  # a fold checkpoint missing or unreadable
+            raise JobError(str(exc), "data_error") from None
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         return self._job.is_out_of_memory(exc)
@@ -335,12 +290,16 @@ class TorchBackend:
 
 
 def _pick_device(torch: Any) -> Any:
-    """``cuda:0`` (the one GPU CUDA_VISIBLE_DEVICES leaves us) when usable, else the CPU."""
+    """``cuda:0`` (the one GPU the pool's pin leaves us: CUDA_VISIBLE_DEVICES for NVIDIA,
+    HIP_VISIBLE_DEVICES for AMD, both addressed as ``cuda`` by torch) when usable, else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda:0")
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible and not visible.strip().startswith("-"):
-        logger.warning("CUDA_VISIBLE_DEVICES=%r but CUDA is not available; this worker trains on the CPU", visible)
+    build = f"torch {torch.__version__} (CUDA {torch.version.cuda}, HIP {torch.version.hip})"
+    for name, runtime in (("CUDA_VISIBLE_DEVICES", "CUDA"), ("HIP_VISIBLE_DEVICES", "ROCm")):
+        visible = os.environ.get(name)
+        if visible and not visible.strip().startswith("-"):
+            logger.warning("%s=%r but %s is not available in %s; this worker trains on the CPU",
+                           name, visible, runtime, build)
     return torch.device("cpu")
 
 
@@ -381,19 +340,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     writer = LineWriter(wire)
     reader = LineReader(sys.stdin.buffer, MAX_REQUEST_BYTES)
     backend = TorchBackend()
-    ready: dict[str, Any] = {
-        "status": "ready",
-        "device": backend.device,
-        "pid": os.getpid(),
-        "protocol": PROTOCOL_VERSION,
-        "torch_version": backend.torch_version,
-        "torch_threads": backend.threads,
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "boot_s": round(_boot_seconds(), 4),
-    }
+    ready = ReadyMessage(
+        status="ready", device=backend.device, backend=backend.torch_backend, pid=os.getpid(),
+        protocol=PROTOCOL_VERSION, torch_version=backend.torch_version, torch_threads=backend.threads,
+        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        hip_visible_devices=os.environ.get("HIP_VISIBLE_DEVICES"), boot_s=round(_boot_seconds(), 4),
+    )
     try:
         writer.write_message(ready)
-        logger.info("ready on %s after %.2fs", backend.device, ready["boot_s"])
+        logger.info("ready on %s (%s) after %.2fs", backend.device, backend.torch_backend, ready["boot_s"])
         rc = serve(reader, writer, Dispatcher(backend))
     except BrokenPipeError:
         # The parent closed our stdout: nobody is listening any more.

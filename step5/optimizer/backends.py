@@ -19,6 +19,8 @@ and every trial reuses it (workers cache them by path). Scoring the folds is
 from __future__ import annotations
 
 import logging
+import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +31,12 @@ import optuna
 
 from step5.data.splits import FoldFiles
 from step5.errors import JobError, Step5Error, UsageError
-from step5.execution.ensemble import merge_fold_models
-from step5.execution.oneshot import CHECKPOINT_NAME
 from step5.execution.runner import FoldRunner, raise_first_job_error
 from step5.execution.summary import RunnerStats, Timings
 from step5.optimizer.grouping import plan_groups
-from step5.optimizer.objective import r2_from_mse
+from step5.optimizer.objective import summarize_folds
 from step5.optimizer.search_space import SEARCH_BATCH_MODE, DataShape, suggest_nn_params
-from step5.protocol import NNParams, TrainRequest
+from step5.protocol import MergeRequest, NNParams, TrainRequest
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +188,11 @@ class NNBackend:
     The K fold NPZ files and the final-model NPZ are written once, here, into ``files``;
     every trial sends requests naming the same paths. A batch of trials becomes groups by
     :func:`~step5.optimizer.grouping.plan_groups` (``fuse_folds``, ``fuse_trials``).
+
+    Each search fold also saves its trained model (a small checkpoint under
+    ``files/fold_states/``); the states of the best trial so far are kept and every other
+    trial's are deleted once its outcome is known, so the final model merges the models the
+    search already trained (:meth:`train_final`).
     """
 
     model_type = "neural_net"
@@ -222,6 +227,9 @@ class NNBackend:
         start = time.perf_counter()
         self.fold_rows: dict[str, int] = {}  # rows each fold file trains on: resolves "auto" batch mode
         self._partition_paths: dict[int, list[str]] = {}
+        self.states = files.path / "fold_states"  # each trial's search fold models, while it may be the best
+        # The best trial so far whose fold models are kept: (objective, trial, its first K fold results).
+        self._kept: tuple[float, int, list[dict[str, Any]]] | None = None
         self.fold_paths = self._write_partition(0)
         # What the final model is scored on: every dev row, and the test rows (the file's
         # required validation slot holds them too). Nothing trains on this file.
@@ -264,36 +272,45 @@ class NNBackend:
             use_leaky_relu=self.use_leaky_relu,
             batch_mode=self.batch_mode,
             seed=fold_seed(self.seed, trial_number, fold_idx),
-            job_id=f"t{trial_number}-f{fold_idx}" + ("-final" if save_model_path is not None else ""),
+            job_id=f"t{trial_number}-f{fold_idx}",
             save_model_path=None if save_model_path is None else str(save_model_path),
         )
 
     def fold_requests(
-        self, trial_number: int, params: dict[str, Any], *, save_paths: Sequence[Path] | None = None,
-        partition: int = 0,
+        self, trial_number: int, params: dict[str, Any], *, partition: int = 0, save_states: bool = False,
     ) -> list[TrainRequest]:
         """The K fold jobs of one trial: the same requests whether they run fused or not;
-        with ``save_paths``, each fold also saves its model there (the final model's folds);
-        ``partition`` > 0: on another partition's folds (a search repeat, or ``rescore``)."""
+        ``partition`` > 0: on another partition's folds (a search repeat, or ``rescore``);
+        ``save_states``: each fold also saves its model (:meth:`state_paths`)."""
         nn_params = NNParams.from_dict(params)
         paths = self._write_partition(partition)
-        saves: Sequence[Path | None] = save_paths if save_paths is not None else [None] * len(paths)
+        saves: Sequence[Path | None] = [None] * len(paths)
+        if save_states:
+            saves = self.state_paths(trial_number)
+            saves[0].parent.mkdir(parents=True, exist_ok=True)
         return [self._request(trial_number, self.cv.fold_idx(partition, f), nn_params, p, save)
                 for f, (p, save) in enumerate(zip(paths, saves))]
 
+    def state_paths(self, trial_number: int) -> list[Path]:
+        """Where the search's fold models of ``trial_number`` are saved (its first partition's K folds)."""
+        return [self.states / f"trial_{trial_number}" / f"fold_{f}.pth" for f in range(self.cv.k)]
+
     def search_requests(self, trial_number: int, params: dict[str, Any]) -> list[TrainRequest]:
-        """Every fold job of one trial of the search: the K folds of each search partition."""
-        return [r for p in self.cv.search_partitions for r in self.fold_requests(trial_number, params, partition=p)]
+        """Every fold job of one trial of the search: the K folds of each search partition;
+        the first partition's save their models, the final model's candidates."""
+        return [r for p in self.cv.search_partitions
+                for r in self.fold_requests(trial_number, params, partition=p, save_states=p == 0)]
 
-    def _with_train_r2(self, results: list[dict[str, Any]], train_rows: Sequence[np.ndarray]) -> list[dict[str, Any]]:
-        """Fill in each result's train R² from its train MSE and the rows that fold trained on."""
-        for tr, res in zip(train_rows, results):
-            if "train_r2" not in res and "train_mse" in res:
-                res["train_r2"] = r2_from_mse(res["train_mse"], self.cv.y_dev[tr])
-        return results
-
-    def _search_train_rows(self) -> list[np.ndarray]:
-        return [tr for _p, _idx, tr, _va in self.cv.search_folds()]
+    def _keep_states_of_best(self, number: int, outcome: TrialOutcome) -> None:
+        """Keep ``number``'s fold models if it is the best trial so far (on the objective
+        the search tells the study: :func:`summarize_folds`), delete the others'."""
+        value = summarize_folds(outcome).value if isinstance(outcome, list) else math.nan
+        if math.isfinite(value) and (self._kept is None or value > self._kept[0]):
+            if self._kept is not None:
+                shutil.rmtree(self.states / f"trial_{self._kept[1]}", ignore_errors=True)
+            self._kept = (value, number, list(outcome[: self.cv.k]))  # type: ignore[index] - a list here
+        else:
+            shutil.rmtree(self.states / f"trial_{number}", ignore_errors=True)
 
     def _run_requests(self, requests: dict[int, list[TrainRequest]]) -> dict[tuple[int, int], Any]:
         """One ``runner.run`` call for these trials' requests, grouped by the plan; each job's
@@ -317,17 +334,18 @@ class NNBackend:
         only itself and costs the others nothing.
         """
         if gate is not None:
-            return self._run_waves(trials, gate)
-        requests = {number: self.search_requests(number, params) for number, params in trials}
-        by_job = self._run_requests(requests)
-        train_rows = self._search_train_rows()
-        results: list[TrialOutcome] = []
-        for number, _ in trials:
-            folds = [by_job[(number, r.fold_idx)] for r in requests[number]]
-            try:
-                results.append(self._with_train_r2(raise_first_job_error(folds), train_rows))
-            except JobError as exc:
-                results.append(exc)
+            results = self._run_waves(trials, gate)
+        else:
+            requests = {number: self.search_requests(number, params) for number, params in trials}
+            by_job = self._run_requests(requests)
+            results = []
+            for number, _ in trials:
+                try:
+                    results.append(raise_first_job_error([by_job[(number, r.fold_idx)] for r in requests[number]]))
+                except JobError as exc:
+                    results.append(exc)
+        for (number, _), outcome in zip(trials, results):
+            self._keep_states_of_best(number, outcome)
         return results
 
     def _run_waves(self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate) -> list[TrialOutcome]:
@@ -338,10 +356,10 @@ class NNBackend:
         ``--fuse-folds`` has nothing to fuse; ``--fuse-trials`` fuses same-shape trials'
         fold k)."""
         requests = {number: self.search_requests(number, params) for number, params in trials}
-        train_rows = self._search_train_rows()
+        n_folds = len(self.cv.search_folds())
         done: dict[int, list[dict[str, Any]]] = {number: [] for number, _ in trials}
         ended: dict[int, TrialOutcome] = {}
-        for fold in range(len(train_rows)):
+        for fold in range(n_folds):
             live = [number for number, _ in trials if number not in ended]
             if not live:
                 break
@@ -352,36 +370,49 @@ class NNBackend:
                     ended[number] = outcome
                     continue
                 done[number].append(outcome)
-                self._with_train_r2(done[number], train_rows)
-                if fold < len(train_rows) - 1 and not gate(number, done[number]):
+                if fold < n_folds - 1 and not gate(number, done[number]):
                     ended[number] = Pruned(done[number])
         return [ended.get(number, done[number]) for number, _ in trials]
 
     def rescore(self, trial_number: int, params: dict[str, Any], partition: int) -> list[dict[str, Any]]:
         requests = self.fold_requests(trial_number, params, partition=partition)
         by_job = self._run_requests({trial_number: requests})
-        folds = raise_first_job_error([by_job[(trial_number, r.fold_idx)] for r in requests])
-        return self._with_train_r2(folds, [tr for tr, _va in self.cv.partition(partition)])
+        return raise_first_job_error([by_job[(trial_number, r.fold_idx)] for r in requests])
 
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
         """The best trial's K fold models, merged into one network that predicts their mean
         (:mod:`step5.nn.ensemble`; docs/optimizer.md says why not a refit).
 
-        The folds are retrained exactly as the trial trained them (same files, params and
-        seeds: the same models), now each saving its checkpoint, through the same runner
-        and grouping as any trial; a child process then merges them into
-        ``checkpoint_path`` and scores the merged net on every dev row (``train_*``) and
-        on the test rows (``test_*``, scored only). ``r2``/``val_mse`` are the merged
-        folds' CV means: the ensemble has no validation rows of its own. With repeated CV
-        (``--cv-repeats``) only the first partition's K folds are merged: more members
-        would widen the shipped net, not change what it estimates."""
-        folder = self.files.path / "final"
-        paths = [folder / f"fold_{f}" / CHECKPOINT_NAME for f in range(len(self.fold_paths))]
-        for p in paths:
-            p.parent.mkdir(parents=True, exist_ok=True)
-        by_job = self._run_requests({trial_number: self.fold_requests(trial_number, params, save_paths=paths)})
-        folds = raise_first_job_error([by_job[(trial_number, f)] for f in range(len(paths))])
-        result = merge_fold_models(paths, Path(checkpoint_path), score_path=Path(self.final_path))
+        The fold models are the ones the search trained and kept (:meth:`_keep_states_of_best`);
+        a best trial whose models are not here (it ran in another process of a shared study,
+        or in an earlier run) has its folds trained again exactly as it trained them (same
+        files, params and seeds: the same models). A ``merge`` job on the runner -- a
+        process that already holds torch -- merges them and scores the merged net on every
+        dev row (``train_*``) and on the test rows (``test_*``, scored only); the merged
+        checkpoint is then copied to ``checkpoint_path`` (the output dir's staging folder:
+        a full or read-only disk is an ``OSError`` of the output dir). ``r2``/``val_mse``
+        are the merged folds' CV means: the ensemble has no validation rows of its own.
+        With repeated CV (``--cv-repeats``) only the first partition's K folds are merged:
+        more members would widen the shipped net, not change what it estimates."""
+        paths = self.state_paths(trial_number)
+        requests = self.fold_requests(trial_number, params, save_states=True)
+        folds = self._kept[2] if self._kept is not None and self._kept[1] == trial_number else None
+        if folds is None or not all(p.is_file() for p in paths):
+            logger.info("trial %d's fold models were not kept by this process; training them again", trial_number)
+            by_job = self._run_requests({trial_number: requests})
+            folds = raise_first_job_error([by_job[(trial_number, r.fold_idx)] for r in requests])
+        merged = self.files.path / "final" / Path(checkpoint_path).name
+        merged.parent.mkdir(parents=True, exist_ok=True)
+        merge = MergeRequest(tuple(map(str, paths)), str(merged), self.final_path, trial_number=trial_number,
+                             job_id=f"t{trial_number}-merge")
+        what = f"merging trial {trial_number}'s {len(paths)} fold models into the final model"
+        ((outcome,),) = self.runner.run([[merge]])
+        if isinstance(outcome, JobError):
+            raise Step5Error(f"{what} failed ({outcome.error_type}): {outcome.message}") from outcome
+        if not merged.is_file():
+            raise Step5Error(f"{what} reported success but wrote no checkpoint at {merged}")
+        shutil.copyfile(merged, checkpoint_path)  # the output dir's first write: its OSError names it
+        result = {**outcome, "model_path": str(checkpoint_path)}
         result.update(
             **cv_val_scores(folds), n_fit=int(len(self.cv.y_dev)), n_early_stop=0, epochs_run=None, best_epoch=None,
             fold_best_epochs=[f.get("best_epoch") for f in folds],

@@ -17,40 +17,25 @@ be written (exit 1 with one line naming ``--output-dir`` / ``--storage`` otherwi
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
+import functools
 import logging
-import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Sequence
 
 from step5.artifacts import MODEL_TYPES
 from step5.devices import parse_gpu_list
-from step5.errors import DegenerateSignalError, Step5Error, Terminated, UsageError
+from step5.cliutil import UsageErrorParser, add_log_level, fraction, non_negative_int, number, positive_int
+from step5.errors import EXIT_INTERRUPTED, EXIT_OK, DegenerateSignalError, Step5Error, Terminated, UsageError
 from step5.interrupts import latched_interrupts
-from step5.lifeline import install_supervisor_lifeline
+from step5.lifeline import install_stdin_lifeline, install_supervisor_lifeline
 from step5.optimizer.config import DEFAULT_MOD, DEFAULT_PRNG_TYPE, OptimizerConfig, validate_config
 from step5.optimizer.preflight import preflight
 from step5.policy import PRUNER_NAMES, find_policy
 
 logger = logging.getLogger("step5.optimizer")
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_DEGENERATE = 2
-EXIT_USAGE = 64
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
-class _UsageExitParser(argparse.ArgumentParser):
-    """argparse, but a usage error exits 64 (EX_USAGE) instead of argparse's 2.
-
-    Exit code 2 means "degenerate signal" to the WATCHER; a typo must not look like one.
-    """
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Each flag's real default once, as a closing ``[value]`` (SPEC section 3's notation).
@@ -63,8 +48,6 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        # Python 3.11's BooleanOptionalAction appends its own "(default: ...)": drop it.
-        text = text.replace(" (default: %(default)s)", "")
         default = action.default
         shown = text.rstrip().endswith("]") or default is None or default is argparse.SUPPRESS or action.nargs == 0
         if isinstance(action, argparse.BooleanOptionalAction) and isinstance(default, bool):
@@ -85,40 +68,8 @@ array of draws, [978, 123] or [{"draw": 978}, ...]. Sample files: python -m step
 """
 
 
-def _int_at_least(lowest: int) -> Callable[[str], int]:
-    """An argparse ``type`` accepting integers >= ``lowest``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < lowest:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lowest}, got {value}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction strictly between 0 and 1, got {value}")
-    return value
-
-
 def _dropout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = number(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a dropout probability in [0, 1), got {value}")
     return value
@@ -146,8 +97,11 @@ def _device(text: str) -> list[str]:
 
 
 def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> argparse.ArgumentParser:
-    """The SPEC section 3 parser (plus the documented extras ``--nn-max-epochs`` and fusion flags)."""
-    p = _UsageExitParser(
+    """The SPEC section 3 parser (plus the documented extras ``--nn-max-epochs`` and fusion flags).
+
+    A flag stores into the :class:`OptimizerConfig` field of its name, and its default is
+    that field's (:func:`config_defaults`), so no default is written here."""
+    p = UsageErrorParser(
         prog=prog,
         description=(
             "Step 5: Optuna search for a regressor of each survivor's holdout quality, with an\n"
@@ -159,85 +113,93 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
     data = p.add_argument_group("inputs")
     data.add_argument("--survivors", type=Path, required=True, help="survivors_with_scores.json")
     data.add_argument("--lottery-data", type=Path, required=True, help="train_history.json (draw history)")
-    data.add_argument("--target", default="holdout_quality", help="target column (features[NAME] or the record's NAME)")
-    data.add_argument("--prng-type", default=None,
+    data.add_argument("--target", help="target column (features[NAME] or the record's NAME)")
+    data.add_argument("--prng-type",
                       help=f"recorded in data_context [from the survivors' metadata, else {DEFAULT_PRNG_TYPE}]")
-    data.add_argument("--mod", type=_positive_int, default=None,
+    data.add_argument("--mod", type=positive_int,
                       help=f"recorded in data_context [from the survivors' metadata, else {DEFAULT_MOD}]")
-    data.add_argument("--holdout-draws", type=_non_negative_int, default=OptimizerConfig.holdout_draws,
+    data.add_argument("--holdout-draws", type=non_negative_int,
                       help="draws held out upstream, recorded in data_context")
 
     search = p.add_argument_group("search")
     search.add_argument("--model-type", choices=MODEL_TYPES, default=None, help=f"model family [{OptimizerConfig.model_type}]")
     search.add_argument("--compare-models", action="store_true",
                         help="run all four model types and keep the best (--model-type is then ignored)")
-    search.add_argument("--trials", type=_positive_int, default=OptimizerConfig.trials,
+    search.add_argument("--trials", type=positive_int,
                         help="complete trials this call adds to the study; a call that finds the study's last "
                              "round unfinished (an interrupted run, a shared study's other processes) completes "
                              "that round instead")
-    search.add_argument("--k-folds", type=_positive_int, default=5, help="CV folds per trial (>= 2)")
-    search.add_argument("--cv-repeats", type=_positive_int, default=None,
+    search.add_argument("--k-folds", type=positive_int, help="CV folds per trial (>= 2)")
+    search.add_argument("--cv-repeats", type=positive_int,
                         help="repeated CV: score every trial on N K-fold partitions of the development rows "
                              "(N x K fits; the objective over all of them), for a less noisy choice on flat "
                              "objective surfaces [1 for neural_net; for the tree model types "
                              "ceil(1000 / development rows), at most 3]")
-    search.add_argument("--test-holdout", type=_fraction, default=0.2, help="fraction of rows held out as the test set")
-    search.add_argument("--seed", type=_non_negative_int, default=42, help="seeds the splits, the sampler and training")
-    search.add_argument("--study-name", default=None, help="Optuna study name [derived from model type, data and setup]")
-    search.add_argument("--storage", default=None,
+    search.add_argument("--test-holdout", type=fraction, help="fraction of rows held out as the test set")
+    search.add_argument("--seed", type=non_negative_int, help="seeds the splits, the sampler and training")
+    search.add_argument("--study-name", help="Optuna study name [derived from model type, data and setup]")
+    search.add_argument("--storage",
                         help="Optuna storage URL [sqlite:///<output-dir>/optuna_step5.db, so a re-run resumes]; "
                              "several processes or hosts share a study through one URL such as "
                              "postgresql+psycopg://user:pw@host/db (docs/cluster.md)")
-    search.add_argument("--rescore-partitions", type=_non_negative_int, default=None,
+    search.add_argument("--rescore-partitions", type=non_negative_int,
                         help="after the search, train and score the best trial again on N fresh K-fold "
                              "partitions of the development rows (other shuffles and seeds): an estimate "
                              "free of the search's own selection, recorded in the sidecar; --compare-models "
                              "chooses by it [3 with --compare-models, else 0: none]")
+    search.add_argument("--cluster-config", type=Path,
+                        help="the pipeline's distributed_config.json: also start a --search-only helper over ssh on "
+                             "each of its nodes other than this host (its python_env, in its script_path), stream "
+                             "their logs, stop them when the study is full; needs a shared --storage "
+                             "(docs/cluster.md)")
     search.add_argument("--search-only", action="store_true",
                         help="helper role for a shared study (--storage, --study-name): train trials until the "
                              "study holds --trials complete ones, exit 0, write no model; the process without "
                              "this flag builds the final model")
 
     nn = p.add_argument_group("neural net")
-    nn.add_argument("--normalize-features", action=argparse.BooleanOptionalAction, default=True,
+    nn.add_argument("--normalize-features", action=argparse.BooleanOptionalAction,
                     help="standardise features with training-fold statistics")
-    nn.add_argument("--use-leaky-relu", action=argparse.BooleanOptionalAction, default=True,
+    nn.add_argument("--use-leaky-relu", action=argparse.BooleanOptionalAction,
                     help="LeakyReLU instead of ReLU")
-    nn.add_argument("--dropout", "--dropout-override", type=_dropout, default=None,
+    nn.add_argument("--dropout", "--dropout-override", type=_dropout,
                     help="fix the hidden layers' dropout instead of searching it; input dropout is still searched "
                          "(--dropout-override: the existing optimizer's name)")
-    nn.add_argument("--nn-max-epochs", type=_positive_int, default=200,
+    nn.add_argument("--nn-max-epochs", type=positive_int,
                     help="epoch cap of every NN trial and of the final model (early stopping ends sooner)")
 
     ex = p.add_argument_group("execution")
-    ex.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, default=None,
+    ex.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction,
                     help="persistent NN workers (S96B) or one subprocess per fold (S96A) [policy decides]")
-    ex.add_argument("--policy", type=Path, default=None,
+    ex.add_argument("--policy", type=Path,
                     help="policy file [./watcher_policies.json if there is one, else the project's own]")
-    ex.add_argument("--gpus", type=_gpus, default=None,
-                    help="GPU indices like 0,1, or 'none' [detected without torch]")
-    ex.add_argument("--cpu-workers", type=_positive_int, default=None,
+    ex.add_argument("--gpus", type=_gpus,
+                    help="NVIDIA GPU indices like 0,1 (or cuda:0,cuda:1), AMD GPUs like rocm:0,rocm:1 (a list may "
+                         "mix both), 'cuda' / 'rocm' (every GPU of that kind found here), 'all' (both kinds), or "
+                         "'none' [detected without torch: the NVIDIA GPUs, else the AMD GPUs; a host with both "
+                         "uses both only when asked]")
+    ex.add_argument("--cpu-workers", type=positive_int,
                     help="NN workers when there is no GPU [one per core, max 8]; for tree models, the "
                          "library's thread count [library default]")
-    ex.add_argument("--fuse-folds", action=argparse.BooleanOptionalAction, default=None,
+    ex.add_argument("--fuse-folds", action=argparse.BooleanOptionalAction,
                     help="train a trial's K folds in one batched pass on one worker (same results within "
                          "1e-5; one-shot subprocesses cannot fuse and run them fold by fold) [policy decides]")
-    ex.add_argument("--fuse-trials", "--batch-size-nn", type=_positive_int, default=1,
+    ex.add_argument("--fuse-trials", "--batch-size-nn", type=positive_int,
                     help="run N trials at a time and train same-shape trials' folds in one batched pass; "
                          "N > 1 implies --fuse-folds and --trials-in-flight N (--batch-size-nn: the existing "
                          "optimizer's name)")
-    ex.add_argument("--trials-in-flight", type=_positive_int, default=None,
+    ex.add_argument("--trials-in-flight", type=positive_int,
                     help="trials asked from Optuna and trained together per batch (the sampler knows the "
                          "pending ones); same seed and value give the same study [policy's "
                          "training.trials_in_flight; 0 there: two per device slot]")
-    ex.add_argument("--pruner", choices=PRUNER_NAMES, default=None,
+    ex.add_argument("--pruner", choices=PRUNER_NAMES,
                     help="stop a trial whose running objective over its first folds is hopeless (Optuna "
                          "pruning on fold-level values; its remaining folds are not trained) [policy's "
                          "training.pruner]")
 
     compat = p.add_argument_group(
         "compatibility", "flags of the optimizer this one replaces, so its scripts run unchanged (docs/compatibility.md)")
-    compat.add_argument("--device", type=_device, default=None,
+    compat.add_argument("--device", type=_device,
                         help="cpu, or cuda:N to train on the N-th visible GPU only (like --gpus; without that GPU "
                              "the run trains on the CPU, with a warning)")
     compat.add_argument("--enable-vmap", dest="fuse_folds", action="store_const", const=True,
@@ -247,11 +209,30 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
                              "already falls back to one-shot subprocesses")
 
     out = p.add_argument_group("outputs")
-    out.add_argument("--output-dir", type=Path, default=Path("models/reinforcement"), help="where the model and sidecar go")
+    out.add_argument("--output-dir", type=Path, help="where the model and sidecar go")
     out.add_argument("--enable-diagnostics", action="store_true", help="per-trial/per-fold diagnostics under diagnostics_outputs/")
-    out.add_argument("--parent-run-id", default=None, help="pipeline run id, recorded in provenance")
-    out.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO", help="logging level (stderr)")
+    out.add_argument("--parent-run-id", help="pipeline run id, recorded in provenance")
+    add_log_level(out)
+    p.set_defaults(**config_defaults())
     return p
+
+
+def config_defaults() -> dict[str, Any]:
+    """Every flag's default: its :class:`OptimizerConfig` field's, the one place it is written.
+    ``--model-type`` alone defaults to None, which tells "not given" apart for
+    ``--compare-models``; the config's own default applies after parsing."""
+    return {f.name: f.default for f in dataclasses.fields(OptimizerConfig)
+            if f.default is not dataclasses.MISSING and f.name != "model_type"}
+
+
+@functools.cache
+def flag_spellings() -> dict[str, frozenset[str]]:
+    """Every spelling of the flags that set each config field (``fuse_folds``:
+    ``--fuse-folds``, ``--no-fuse-folds``, ``--enable-vmap``), read from the parser."""
+    spellings: dict[str, set[str]] = collections.defaultdict(set)
+    for action in build_parser()._actions:  # argparse offers no public walk over its actions
+        spellings[action.dest].update(action.option_strings)
+    return collections.defaultdict(frozenset, {dest: frozenset(flags) for dest, flags in spellings.items()})
 
 
 def config_from_args(args: argparse.Namespace, command_line: Sequence[str]) -> OptimizerConfig:
@@ -266,42 +247,13 @@ def config_from_args(args: argparse.Namespace, command_line: Sequence[str]) -> O
     if policy_path is None:
         policy_path, why = find_policy()
         logger.info("policy: %s (%s)", policy_path, why)
-    config = OptimizerConfig(
-        survivors=args.survivors,
-        lottery_data=args.lottery_data,
+    # Flags store into the config's field names; the rest is resolved here.
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(OptimizerConfig) if hasattr(args, f.name)}
+    given.update(
         model_type=OptimizerConfig.model_type if args.compare_models else args.model_type or OptimizerConfig.model_type,
-        compare_models=args.compare_models,
-        trials=args.trials,
-        k_folds=args.k_folds,
-        test_holdout=args.test_holdout,
-        output_dir=args.output_dir,
-        study_name=args.study_name,
-        storage=args.storage,
-        seed=args.seed,
-        target=args.target,
-        persistent_workers=args.persistent_workers,
-        policy_path=policy_path,
-        gpus=gpus,
-        cpu_workers=args.cpu_workers,
-        normalize_features=args.normalize_features,
-        use_leaky_relu=args.use_leaky_relu,
-        dropout=args.dropout,
-        enable_diagnostics=args.enable_diagnostics,
-        prng_type=args.prng_type,
-        mod=args.mod,
-        holdout_draws=args.holdout_draws,
-        parent_run_id=args.parent_run_id,
-        log_level=args.log_level,
-        fuse_folds=args.fuse_folds,
-        fuse_trials=args.fuse_trials,
-        trials_in_flight=args.trials_in_flight,
-        search_only=args.search_only,
-        pruner=args.pruner,
-        nn_max_epochs=args.nn_max_epochs,
-        rescore_partitions=args.rescore_partitions,
-        cv_repeats=args.cv_repeats,
-        command_line=list(command_line),
+        gpus=gpus, policy_path=policy_path, command_line=list(command_line),
     )
+    config = OptimizerConfig(**given)
     validate_config(config)
     return config
 
@@ -394,10 +346,15 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     with latched_interrupts() as handled:
         if handled:
             install_supervisor_lifeline()  # run by the WATCHER: stop as on SIGTERM if it dies
-        return _run_main(parser, args, argv)
+        stdin_lifeline = install_stdin_lifeline()  # a helper started over ssh: stop when the channel closes
+        try:
+            return _run_main(parser, args, argv)
+        finally:
+            if stdin_lifeline is not None:
+                stdin_lifeline.disarm()
 
 
-def _run_main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
+def _run_main(parser: UsageErrorParser, args: argparse.Namespace, argv: list[str]) -> int:
     """Run the parsed invocation; every way it can end becomes an exit code and one line."""
     try:
         config = config_from_args(args, [sys.argv[0], *argv])
@@ -407,17 +364,15 @@ def _run_main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: l
         return run_config(config)
     except DegenerateSignalError as exc:
         print(f"degenerate signal: {exc}", file=sys.stderr)
-        return EXIT_DEGENERATE
+        return exc.exit_code
     except UsageError as exc:
-        parser.print_usage(sys.stderr)
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return parser.usage_error(exc)
     except Step5Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except Terminated:
+    except Terminated as exc:
         logger.error("terminated by SIGTERM; workers and temporary files were cleaned up")
-        return 128 + signal.SIGTERM
+        return exc.exit_code
     except KeyboardInterrupt:
         logger.error("interrupted (Ctrl-C); workers and temporary files were cleaned up")
-        return 130
+        return EXIT_INTERRUPTED

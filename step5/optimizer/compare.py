@@ -61,7 +61,7 @@ from typing import Any, Callable, Iterable
 
 from step5 import artifacts, model_set
 from step5.artifacts import MODEL_TYPES
-from step5.errors import DegenerateSignalError
+from step5.errors import EXIT_OK, DegenerateSignalError, Step5Error
 from step5.jsonio import read_json_file, write_json_atomic
 from step5.optimizer.config import OptimizerConfig, RunOutcome, rescore_partitions, validate_config
 from step5.optimizer.plots import save_figure
@@ -322,7 +322,8 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
 
     winner = select_winner(candidates.values())
     degenerate = [c for c in candidates.values() if c.status == "DEGENERATE_SIGNAL"]
-    exit_code = 0 if winner is not None else (2 if degenerate else 1)
+    exit_code = EXIT_OK if winner is not None else (
+        DegenerateSignalError.exit_code if degenerate else Step5Error.exit_code)
     block = {
         "criterion": CRITERION,
         "winner": winner.model_type if winner else None,

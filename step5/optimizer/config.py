@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from step5.artifacts import DIAGNOSTICS_DIRNAME, MODEL_TYPES, REGISTRY_NAME
+from step5.artifacts import DIAGNOSTICS_DIRNAME, MODEL_TYPES, REGISTRY_NAME, get_model_type
+from step5.data.survivors import DEFAULT_TARGET
 from step5.errors import UsageError
 from step5.policy import PRUNER_NAMES, find_policy
 from step5.models.trees import require_libraries
@@ -21,6 +22,10 @@ from step5.models.trees import require_libraries
 #: existing optimizer's defaults.
 DEFAULT_PRNG_TYPE = "java_lcg"
 DEFAULT_MOD = 1000
+
+#: Field metadata of the settings that configure neural-net training only: a tree model
+#: type's run accepts them (compare runs share one command line) and logs them as not applying.
+NN_ONLY = {"nn_only": True}
 
 
 @dataclass(frozen=True)
@@ -38,16 +43,16 @@ class OptimizerConfig:
     study_name: str | None = None  # default derived from model type and data fingerprint
     storage: str | None = None  # Optuna storage URL; default a SQLite file (resumable)
     seed: int = 42  # splits, sampler and training seeds derive from it
-    target: str = "holdout_quality"
-    persistent_workers: bool | None = None  # None: the policy's kill switch decides
+    target: str = DEFAULT_TARGET  # features[NAME], else the record's own NAME
+    persistent_workers: bool | None = field(default=None, metadata=NN_ONLY)  # None: the policy's kill switch decides
     # Default: ./watcher_policies.json if there is one, else the project's own
     # (step5.policy.find_policy); None: no policy file, every default applies.
     policy_path: Path | None = field(default_factory=lambda: find_policy()[0])
     gpus: list[str] | None = None  # None: detect without torch
     cpu_workers: int | None = None  # workers when there is no GPU; None: one per core
-    normalize_features: bool = True
-    use_leaky_relu: bool = True
-    dropout: float | None = None  # fixes the NN dropout instead of searching it
+    normalize_features: bool = field(default=True, metadata=NN_ONLY)
+    use_leaky_relu: bool = field(default=True, metadata=NN_ONLY)
+    dropout: float | None = field(default=None, metadata=NN_ONLY)  # fixes the NN dropout instead of searching it
     enable_diagnostics: bool = False
     prng_type: str | None = None  # recorded in data_context; None: the survivors' metadata, else DEFAULT_PRNG_TYPE
     mod: int | None = None  # likewise (DEFAULT_MOD)
@@ -58,12 +63,14 @@ class OptimizerConfig:
     # pipeline's health check and WATCHER read them (tests point it elsewhere).
     diagnostics_dir: Path = Path(DIAGNOSTICS_DIRNAME)
     skip_registry: Path | None = None  # None: model_skip_registry.json in diagnostics_dir
-    fuse_folds: bool | None = None  # None: the policy's training.fuse_folds decides
-    fuse_trials: int = 1  # > 1: fuse same-shape trials, this many in flight (implies fuse_folds)
+    fuse_folds: bool | None = field(default=None, metadata=NN_ONLY)  # None: the policy's training.fuse_folds decides
+    # > 1: fuse same-shape trials, this many in flight (implies fuse_folds)
+    fuse_trials: int = field(default=1, metadata=NN_ONLY)
     trials_in_flight: int | None = None  # trials per ask/run/tell batch; None: the policy decides
     search_only: bool = False  # helper role of a shared study: search until it holds `trials` complete, no model
     pruner: str | None = None  # --pruner (step5.policy.PRUNER_NAMES); None: the policy decides
-    nn_max_epochs: int = 200  # NN search space: the epoch cap every trial trains under (early stopping ends sooner)
+    # NN search space: the epoch cap every trial trains under (early stopping ends sooner)
+    nn_max_epochs: int = field(default=200, metadata=NN_ONLY)
     # After the search, the best trial is trained and scored again on this many fresh K-fold
     # partitions of the dev rows; its mean objective there is free of the search's own
     # selection, and compare-models chooses by it. None: COMPARE_RESCORE_PARTITIONS in a
@@ -73,6 +80,10 @@ class OptimizerConfig:
     # (K x N fits), and its objective is taken over all of them. None: cv_repeats() by
     # model type and rows (docs/optimizer.md, "Repeated CV").
     cv_repeats: int | None = None
+    # The pipeline's distributed_config.json: start a --search-only helper over ssh on each
+    # of its other hosts (step5.cluster). None: this process searches alone (or with helpers
+    # started by hand).
+    cluster_config: Path | None = None
     command_line: list[str] | None = None  # argv as the user typed it, for the sidecar's provenance
 
 
@@ -112,7 +123,7 @@ def cv_repeats(config: OptimizerConfig, n_dev: int) -> int:
     """How many K-fold partitions every trial of this run is scored on, for ``n_dev`` development rows."""
     if config.cv_repeats is not None:
         return config.cv_repeats
-    if config.model_type == "neural_net":
+    if get_model_type(config.model_type).torch:
         return 1
     return max(1, min(TREE_CV_REPEATS_MAX, math.ceil(CV_VALIDATION_ROWS / max(n_dev, 1))))
 
@@ -174,6 +185,19 @@ def validate_config(config: OptimizerConfig) -> None:
             "--search-only helps one study; --compare-models runs four. Start a helper per model type with "
             "--model-type and the main run's --storage and --study-name"
         )
+    if config.cluster_config is not None:
+        if config.search_only:
+            raise UsageError("--cluster-config starts helpers from the main process; a --search-only helper "
+                             "starts none")
+        if config.compare_models:
+            raise UsageError("--cluster-config helps one study; --compare-models runs four. Run one model type "
+                             "with --model-type")
+        if config.storage is None or config.storage.lower().startswith("sqlite"):
+            raise UsageError(
+                "--cluster-config shares the study with other hosts, so --storage must be a database server "
+                "every host reaches, such as postgresql+psycopg://step5@dbhost/step5 (a SQLite file is local), "
+                f"got {config.storage!r}"
+            )
     if config.study_name is not None and not config.study_name.strip():
         raise UsageError("--study-name must not be empty")
     if config.storage is not None and "://" not in config.storage:

@@ -10,6 +10,8 @@
             │
             ▼
     Optuna study (SQLite by default) ──▶ N new complete trials (or the rest of an unfinished round)
+            │   (--cluster-config: --search-only helpers on the pipeline's other hosts
+            │   join the study until it is full, step5.cluster)
             │   one ask/tell loop (step5.optimizer.search): ask B trials, run their
             │   folds as groups (NN: FoldRunner.run = workers | one-shot subprocesses;
             │   trees: in-process), tell each exactly once, in ask order
@@ -31,6 +33,7 @@ imports torch: neural-net work happens only in worker / one-shot subprocesses.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -44,12 +47,17 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from step5 import artifacts, model_set
+from step5.artifacts import get_model_type
 from step5.data.history import load_history
 from step5.data.splits import FoldFiles, dev_rows, holdout_split, kfold_splits
 from step5.data.survivors import SurvivorTable, load_survivors
-from step5.devices import plan_slots
+from step5.cluster import (
+    ClusterNode, HelperFleet, NoFleet, helper_arguments, helper_fleet, load_cluster_config, split_local,
+    storage_is_loopback,
+)
+from step5.devices import cuda_ids, plan_slots
 from step5.errors import DataError, DegenerateSignalError, JobError, Step5Error
-from step5.execution.factory import make_fold_runner, resolve_persistent_workers
+from step5.execution.pool import make_fold_runner, resolve_persistent_workers
 from step5.execution.summary import ExecutionSummary, SearchRecord, build_execution_summary
 from step5.policy import Policy, load_policy
 from step5.sidecar import build_data_context, build_provenance, build_training_metrics, degenerate_sidecar, \
@@ -115,28 +123,15 @@ def resolve_search_plan(config: OptimizerConfig, policy: Policy, capacity: int, 
                       max_consecutive_failures=policy.training.max_consecutive_failed_trials)
 
 
-#: Flags that configure neural-net training only: (config field, default, spellings).
-_NN_ONLY_FLAGS: tuple[tuple[str, Any, tuple[str, ...]], ...] = (
-    ("normalize_features", True, ("--normalize-features", "--no-normalize-features")),
-    ("use_leaky_relu", True, ("--use-leaky-relu", "--no-use-leaky-relu")),
-    ("dropout", None, ("--dropout", "--dropout-override")),
-    ("nn_max_epochs", 200, ("--nn-max-epochs",)),
-    ("persistent_workers", None, ("--persistent-workers", "--no-persistent-workers")),
-    ("fuse_folds", None, ("--fuse-folds", "--no-fuse-folds", "--enable-vmap")),
-    ("fuse_trials", 1, ("--fuse-trials", "--batch-size-nn")),
-)
-
-
 def nn_only_settings(config: OptimizerConfig) -> list[str]:
-    """The neural-net-only flags this run was given, typed on the command line (when it is
-    known) or set away from their defaults in code: ``["--dropout=0.2", ...]``."""
+    """The neural-net-only settings (the config's :data:`~step5.optimizer.config.NN_ONLY`
+    fields) this run was given, typed on the command line in any spelling (when it is known)
+    or set away from their defaults in code: ``["--dropout=0.2", ...]``."""
+    from step5.optimizer.cli import flag_spellings
+
     typed = {arg.split("=", 1)[0] for arg in (config.command_line or []) if arg.startswith("--")}
-    given = []
-    for name, default, spellings in _NN_ONLY_FLAGS:
-        value = getattr(config, name)
-        if value != default or typed & set(spellings):
-            given.append(f"--{name.replace('_', '-')}={value}")
-    return given
+    return [f"--{f.name.replace('_', '-')}={getattr(config, f.name)}" for f in dataclasses.fields(config)
+            if f.metadata.get("nn_only") and (getattr(config, f.name) != f.default or typed & flag_spellings()[f.name])]
 
 
 class AntiOverfitMetaOptimizer:
@@ -151,6 +146,7 @@ class AntiOverfitMetaOptimizer:
     def __init__(self, config: OptimizerConfig) -> None:
         validate_config(config)
         self.config = config
+        self.torch = get_model_type(config.model_type).torch  # neural net: trained by workers
         self.run_id = uuid.uuid4().hex
         self.output_dir = Path(config.output_dir)
         self.timings: dict[str, float] = {}
@@ -172,6 +168,7 @@ class AntiOverfitMetaOptimizer:
             self.run_id[:8], cfg.model_type, cfg.trials, cfg.k_folds, cfg.test_holdout, cfg.seed,
         )
         self.policy = load_policy(cfg.policy_path)
+        helper_nodes = self._helper_nodes()  # a bad cluster config fails before the data is read
 
         start = time.perf_counter()
         table = load_survivors(cfg.survivors, cfg.target)
@@ -205,7 +202,7 @@ class AntiOverfitMetaOptimizer:
         self.timings["split_s"] = time.perf_counter() - start
 
         first_trials: list[dict[str, Any]] = []
-        if cfg.model_type == "neural_net":
+        if self.torch:
             shape = DataShape.of_development(len(cv.y_dev), cv.X_dev.shape[1], cv.k)
             # No more first trials than --trials: the rest would wait in the study unrun.
             first_trials = first_nn_trials(shape, fixed_dropout=cfg.dropout)[: cfg.trials]
@@ -215,10 +212,14 @@ class AntiOverfitMetaOptimizer:
         )
         with contextlib.ExitStack() as outputs:  # the new model set: discarded unless committed
             with contextlib.ExitStack() as stack:
+                # Helpers on the other hosts join the study while this process boots its workers;
+                # they stop once the search is over, however it ends.
+                helpers = stack.enter_context(self._helper_fleet(helper_nodes, study_name, storage_url))
                 files = stack.enter_context(FoldFiles())
                 backend = self._make_backend(cv, files)
                 stack.callback(backend.close)  # workers shut down however the run ends
                 self._search(opened, backend)
+                helpers.stop("the study is full")
                 if cfg.search_only:
                     return self._search_only_outcome(opened)
                 best = best_complete_trial(opened.study)
@@ -226,12 +227,43 @@ class AntiOverfitMetaOptimizer:
                     raise Step5Error(self._no_complete_trial_message(opened.study))
                 rescore = self._rescore(best, backend, cv)
                 staged = outputs.enter_context(model_set.stage(self.output_dir))
-                final = self._train_final(best, backend, staged.path)
+                with model_set.writing(self.output_dir):  # a full or read-only disk: one line, exit 1
+                    final = self._train_final(best, backend, staged.path)
                 execution = self._execution(backend)
             # Fold files and workers are gone here; only the outputs remain.
             return self._write_success(
                 opened, best, final, rescore, cv, signal, data_context, feature_schema, execution, backend, staged,
             )
+
+    # ------------------------------------------------------------------ cluster
+
+    def _helper_nodes(self) -> list[ClusterNode]:
+        """The hosts of ``--cluster-config`` other than this one (none without the flag)."""
+        cfg = self.config
+        if cfg.cluster_config is None:
+            return []
+        nodes = load_cluster_config(cfg.cluster_config)
+        local, remote = split_local(nodes)
+        for node in local:
+            logger.info("cluster: %s (%d x %s) is this host: the main process runs here",
+                        node.hostname, node.gpu_count, node.gpu_type or "?")
+        if remote:
+            logger.info("cluster: a --search-only helper will start on %s",
+                        ", ".join(f"{n.hostname} ({n.gpu_count} x {n.gpu_type or '?'})" for n in remote))
+        else:
+            logger.warning("cluster: %s lists no host other than this one; searching alone", cfg.cluster_config)
+        return remote
+
+    def _helper_fleet(self, nodes: list[ClusterNode], study_name: str, storage_url: str) -> HelperFleet | NoFleet:
+        if not nodes:
+            return NoFleet()
+        cfg = self.config
+        if storage_is_loopback(storage_url):
+            logger.warning("cluster: --storage %s names this host as the database; helpers on other hosts will "
+                           "look for it on themselves (give the database host's address)", redact_storage(storage_url))
+        policy_given = any(a == "--policy" or a.startswith("--policy=") for a in cfg.command_line or [])
+        arguments = helper_arguments(cfg, study_name=study_name, storage=storage_url, policy_given=policy_given)
+        return helper_fleet(nodes, arguments)
 
     # ------------------------------------------------------------------ data
 
@@ -271,7 +303,7 @@ class AntiOverfitMetaOptimizer:
         }
         if self.cv_repeats > 1:  # only then: a study from before repeated CV keeps its name
             setup["cv_repeats"] = self.cv_repeats
-        if cfg.model_type == "neural_net":
+        if self.torch:
             setup.update(
                 normalize_features=cfg.normalize_features, use_leaky_relu=cfg.use_leaky_relu,
                 dropout=cfg.dropout, nn_max_epochs=cfg.nn_max_epochs,
@@ -303,7 +335,7 @@ class AntiOverfitMetaOptimizer:
         fit_pos, es_pos = train_test_split(
             np.arange(len(dev_idx)), test_size=1.0 / cfg.k_folds, random_state=cfg.seed + 2, shuffle=True,
         )
-        final = ("the final net is the best trial's fold models merged into one" if cfg.model_type == "neural_net"
+        final = ("the final net is the best trial's fold models merged into one" if self.torch
                  else f"the final model fits {len(fit_pos)} and early-stops on {len(es_pos)}")
         logger.info("split %d rows: %d dev (%d folds of ~%d validation rows%s), %d test; %s",
                     n, len(dev_idx), cfg.k_folds, len(dev_idx) // cfg.k_folds,
@@ -318,7 +350,7 @@ class AntiOverfitMetaOptimizer:
 
     def _make_backend(self, cv: CVData, files: FoldFiles) -> ModelBackend:
         cfg = self.config
-        if cfg.model_type != "neural_net":
+        if not self.torch:
             not_applicable = nn_only_settings(cfg)
             if not_applicable:
                 # Accepted for every model type (compare runs share one command line), but
@@ -330,10 +362,14 @@ class AntiOverfitMetaOptimizer:
             if cfg.cpu_workers is not None:
                 logger.info("%s trains with %d thread(s) (--cpu-workers)", cfg.model_type, cfg.cpu_workers)
             self.plan = resolve_search_plan(cfg, self.policy, 1, neural_net=False)
-            return TreeBackend(cfg.model_type, cv, seed=cfg.seed, gpus=cfg.gpus, n_threads=cfg.cpu_workers)
+            # The tree libraries drive NVIDIA GPUs only: --gpus rocm:N leaves them on the CPU.
+            return TreeBackend(cfg.model_type, cv, seed=cfg.seed, gpus=cuda_ids(cfg.gpus), n_threads=cfg.cpu_workers)
         policy = self.policy
         assert policy is not None, "run() loads the policy before making the backend"
-        slots = plan_slots(cfg.gpus, cfg.cpu_workers)
+        slots = plan_slots(cfg.gpus, cfg.cpu_workers, device_env=policy.training.device_env)
+        if policy.training.device_env:
+            logger.info("every worker and one-shot trainer gets %s (training.device_env)",
+                        " ".join(f"{k}={v}" for k, v in sorted(policy.training.device_env.items())))
         persistent = resolve_persistent_workers(cfg.persistent_workers, policy.training)
         logger.info(
             "neural-net folds run on %s via %s",
@@ -537,7 +573,7 @@ class AntiOverfitMetaOptimizer:
             execution=self._execution(None).to_dict(),
             provenance=self._provenance(),
         )
-        with model_set.stage(self.output_dir) as staged:
+        with model_set.stage(self.output_dir) as staged, model_set.writing(self.output_dir):
             artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, sidecar)
             staged.commit()
         path = self.output_dir / artifacts.SIDECAR_NAME
@@ -587,16 +623,17 @@ class AntiOverfitMetaOptimizer:
             execution=execution,
             provenance=self._provenance(),
         )
-        try:
-            artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, sidecar)
-        except ValueError as exc:  # a trainer result lacking a metric the sidecar requires
-            raise Step5Error(f"the final model's results cannot make a valid sidecar: {exc}") from None
         trials = opened.study.get_trials(deepcopy=False)
-        plot_optimization_history(
-            trials, staged.path / HISTORY_PNG_NAME,
-            title=f"Step 5 {cfg.model_type}: {opened.study_name}",
-        )
-        staged.commit()
+        with model_set.writing(self.output_dir):  # a full or read-only disk: one line, exit 1
+            try:
+                artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, sidecar)
+            except ValueError as exc:  # a trainer result lacking a metric the sidecar requires
+                raise Step5Error(f"the final model's results cannot make a valid sidecar: {exc}") from None
+            plot_optimization_history(
+                trials, staged.path / HISTORY_PNG_NAME,
+                title=f"Step 5 {cfg.model_type}: {opened.study_name}",
+            )
+            staged.commit()
         sidecar_path = self.output_dir / artifacts.SIDECAR_NAME
         if metrics["beats_mean"] is False:
             logger.warning(

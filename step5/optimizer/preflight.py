@@ -10,22 +10,11 @@ problem with it is never blamed on a ``--storage`` nobody passed).
 """
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 
 from step5.errors import Step5Error
-from step5.fsutil import DIR_MODE, create_temp_file
-
-
-def _reason(exc: OSError) -> str:
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied"
-    if exc.errno == errno.EROFS:
-        return "the filesystem is read-only"
-    if exc.errno == errno.ENOSPC:
-        return "no space left on the device"
-    return exc.strerror or str(exc)
+from step5.fsutil import DIR_MODE, create_temp_file, os_error_reason
 
 
 def _file_in_the_way(folder: Path) -> Path | None:
@@ -49,11 +38,11 @@ def check_writable_dir(folder: str | os.PathLike[str], what: str) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
     except OSError as exc:
-        raise Step5Error(f"{what}: cannot create the folder: {_reason(exc)}") from None
+        raise Step5Error(f"{what}: cannot create the folder: {os_error_reason(exc)}") from None
     try:
         create_temp_file(path, ".step5-preflight-", "").unlink()
     except OSError as exc:
-        raise Step5Error(f"{what}: cannot write files in {path}: {_reason(exc)}") from None
+        raise Step5Error(f"{what}: cannot write files in {path}: {os_error_reason(exc)}") from None
     return path
 
 
@@ -91,7 +80,7 @@ def check_sqlite_storage(storage_url: str, what: str) -> None:
             with open(db, "r+b"):
                 pass
     except OSError as exc:
-        raise Step5Error(f"{what}: cannot write the study database {db}: {_reason(exc)}") from None
+        raise Step5Error(f"{what}: cannot write the study database {db}: {os_error_reason(exc)}") from None
 
 
 def preflight(output_dir: Path, storage: str | None, *, output_dir_given: bool) -> None:

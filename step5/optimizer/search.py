@@ -43,7 +43,7 @@ from typing import Any, Callable, Protocol, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from step5.errors import JobError, Step5Error, TooManyFailedTrials, interrupt_reason
+from step5.errors import JobError, Step5Error, StorageError, TooManyFailedTrials, interrupt_reason
 from step5.execution.summary import SearchRecord
 from step5.interrupts import raise_if_interrupted
 from step5.optimizer.backends import FoldGate, Pruned, TrialOutcome
@@ -155,9 +155,10 @@ def run_search(
             # Dead processes show on the time scale of heartbeats; looking once per poll
             # period (and whenever this process waits) keeps the storage queries per trial low.
             if waited_since is not None or time.monotonic() - reclaimed_at >= goal.reclaim_every_s:
-                reclaim_dead_trials(study)  # safe without the lock: each trial is failed once, by one process
+                # Safe without the lock: each trial is failed once, by one process.
+                reclaim_dead_trials(study, nothing_in_flight=True)
                 reclaimed_at = time.monotonic()
-            with study_lock(opened.storage, opened.study_name):
+            with study_lock(opened.storage, opened.study_name) as lock:
                 counts = count_states(study)
                 if counts["complete"] >= goal.complete:
                     break
@@ -169,6 +170,10 @@ def run_search(
                         # records them itself (claim_trial, trial_heartbeats).
                         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
                         trials.append(study.ask())
+            if lock.lost and trials:
+                trials = keep_within_goal(opened, trials, goal.complete)
+                if not trials:
+                    continue  # all given back: count again
             for trial in trials:  # outside the lock: the lock guards only the count and the asks
                 claim_trial(opened, trial)
             if not trials:
@@ -222,6 +227,32 @@ def run_search(
     return record
 
 
+def keep_within_goal(opened: OpenedStudy, trials: list[optuna.Trial], complete: int) -> list[optuna.Trial]:
+    """The trials of an ask whose study lock was lost (its connection died: the database
+    restarted or cut it) that still fit ``--trials``; the rest are told FAIL, unrun.
+
+    Without the lock another process may have counted the study, and asked, before these
+    trials existed; together they may then be more than ``--trials`` can take. Counted
+    again under the lock, the study's surplus (COMPLETE + RUNNING - ``--trials``) is
+    released from the end of this ask. A process that lost no lock counted these trials
+    when it asked, so the surplus is this ask's to give back; if several processes lost
+    theirs, each gives back what is left, one after the other under the lock.
+    """
+    study = opened.study
+    with study_lock(opened.storage, opened.study_name):
+        counts = count_states(study)
+        surplus = min(len(trials), counts["complete"] + counts["running"] - complete)
+        released = trials[len(trials) - surplus:] if surplus > 0 else []
+        for trial in released:
+            trial.set_user_attr("fail_reason", "released unrun: asked while the study lock was lost to a database "
+                                               "fault, and the study had no room left for it")
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+    if released:
+        logger.warning("the study lock was lost while trials %s were asked; %d of them released unrun to keep the "
+                       "study at --trials %d", [t.number for t in trials], len(released), complete)
+    return trials[: len(trials) - len(released)]
+
+
 def count_outcome(record: SearchRecord, streak: FailureStreak, trial: FrozenTrial) -> int:
     """Count a told trial in the record and the streak; 1 if it will be replaced (FAIL, PRUNED)."""
     streak.note(trial)
@@ -258,11 +289,14 @@ def tell(
             reason = trial.user_attrs.get("fail_reason", "the objective is not finite")
     except optuna.exceptions.UpdateFinishedTrialError:
         return _finished_elsewhere(study, trial)
-    if value is not None:
-        frozen = study.tell(trial, value, skip_if_finished=True)
-    else:
-        log_failed_trial(trial, reason)
-        frozen = study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+    try:
+        if value is not None:
+            frozen = study.tell(trial, value, skip_if_finished=True)
+        else:
+            log_failed_trial(trial, reason)
+            frozen = study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:  # failed elsewhere between tell's read and its write
+        return _finished_elsewhere(study, trial)
     if frozen.state == TrialState.FAIL and value is not None:
         return _finished_elsewhere(study, trial)
     return frozen
@@ -293,5 +327,9 @@ def fail_untold(study: optuna.Study, trials: list[optuna.Trial], error: BaseExce
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             if not isinstance(error, KeyboardInterrupt):  # an interrupt is reported in one line by the CLI
                 log_failed_trial(trial, reason)
+        except StorageError:  # the database is gone (the error that ends the run says so): one line each
+            logger.warning("trial %d could not be recorded as FAILED: the study database is unreachable; it stays "
+                           "RUNNING until its heartbeat goes stale, then the next process that looks fails it and "
+                           "re-runs it", trial.number)
         except Exception:  # noqa: BLE001 - keep failing the others; the original error propagates
             logger.exception("could not record trial %d as FAILED", trial.number)

@@ -44,6 +44,12 @@ Resume semantics, in one place:
   :func:`reclaim_dead_trials` fails a RUNNING trial whose heartbeat is stale (any host) or
   whose owner is a dead process on this host (at once, no grace period), and queues a
   retry with the same params (WAITING), which the next ask of any process picks up.
+* The database may restart, drop connections or be away for a while: every storage call
+  goes through :class:`~step5.optimizer.storage.RetryingStorage` (pre-pinged connections,
+  retries that cannot apply a write twice, ``training.storage_outage_s``). The lock and
+  the count, which use the engine directly, wait the same way; a PostgreSQL lock whose
+  connection died while it was held is reported (:attr:`StudyLock.lost`), so the caller
+  can check the asks it made under it.
 """
 from __future__ import annotations
 
@@ -62,8 +68,17 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from step5.errors import Step5Error, StudyMismatchError, UsageError
+from step5.errors import Step5Error, StorageError, StudyMismatchError, UsageError
 from step5.jsonio import dumps
+from step5.optimizer.storage import (
+    OWNER_ATTR,
+    TOKEN_ATTR,
+    DatabaseRetry,
+    RetryingStorage,
+    database_error,
+    describe,
+    redact_storage,
+)
 from step5.owner import ProcessIdentity, is_alive, is_local, this_process
 from step5.policy import TrainingPolicy
 
@@ -74,7 +89,6 @@ SETUP_ATTR = "step5_setup"
 DATA_ATTR = "step5_data"
 PROCESSES_ATTR = "step5_processes"
 TARGET_ATTR = "step5_target_complete"
-OWNER_ATTR = "owner"
 MAX_RETRIES = 2  # re-runs of a trial whose process died; a trial that kills its process every time stops there
 SQLITE_BUSY_TIMEOUT_S = 120
 SCHEMA_RACE_ATTEMPTS = 5  # how long a SQLite writer waits for another process's write to end
@@ -98,16 +112,6 @@ def default_study_name(model_type: str, fingerprint: str, setup: Mapping[str, An
     return f"step5_{model_type}_{fingerprint}_{setup_hash(setup)}"
 
 
-def redact_storage(url: str) -> str:
-    """The storage URL without its password, for logs and the sidecar."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - an unparsable URL is reported when it is opened
-        return url
-
-
 @dataclass
 class OpenedStudy:
     """A study ready to optimise, and what was in it before this run."""
@@ -119,7 +123,7 @@ class OpenedStudy:
     complete_before: int  # COMPLETE trials found when the study was opened
     trials_before: int  # trials of any state found when the study was opened
     sampler_seed: int
-    storage: optuna.storages.BaseStorage | None = None  # the RDB storage the study lives in
+    storage: optuna.storages.BaseStorage | None = None  # the (retrying) RDB storage the study lives in
     process_index: int = 0  # 0 for the first process that ran this study, then 1, 2, ...
     target_complete: int = 0  # COMPLETE trials the study holds when this round ends
     joined_round: bool = False  # this process joined an unfinished round (its own --trials did not set the target)
@@ -139,15 +143,18 @@ def count_states(study: optuna.Study) -> dict[str, int]:
     the ask itself.
     """
     counts = {s.name.lower(): 0 for s in TrialState}
-    engine = getattr(getattr(study._storage, "_backend", study._storage), "engine", None)
+    engine = _engine_of(study._storage)
     if engine is not None:
         from sqlalchemy import text
 
-        with engine.connect() as connection:
-            rows = connection.execute(
-                text("SELECT state, COUNT(*) FROM trials WHERE study_id = :study_id GROUP BY state"),
-                {"study_id": study._study_id},
-            ).all()
+        def count() -> list[Any]:
+            with engine.connect() as connection:
+                return list(connection.execute(
+                    text("SELECT state, COUNT(*) FROM trials WHERE study_id = :study_id GROUP BY state"),
+                    {"study_id": study._study_id},
+                ).all())
+
+        rows = _retrying(study._storage, count, "counting the study's trials")
         for state, n in rows:
             counts[str(getattr(state, "name", state)).lower()] += int(n)
         return counts
@@ -156,47 +163,83 @@ def count_states(study: optuna.Study) -> dict[str, int]:
     return counts
 
 
+def _engine_of(storage: Any) -> Any:
+    """The SQLAlchemy engine behind a storage (ours, Optuna's cached one, a bare RDB one), or None."""
+    return getattr(storage, "engine", None) or getattr(getattr(storage, "_backend", None), "engine", None)
+
+
+def _retrying(storage: Any, fn: Any, what: str) -> Any:
+    """``fn()`` through the storage's :class:`DatabaseRetry` when it has one (a bare storage in a test has not)."""
+    retry = getattr(storage, "retry", None)
+    return retry.call(fn, what) if retry is not None else fn()
+
+
 def _diff(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
     keys = sorted(set(stored) | set(wanted))
     return [f"{k}: study has {stored.get(k)!r}, this run {wanted.get(k)!r}" for k in keys if stored.get(k) != wanted.get(k)]
 
 
+#: libpq: give up on a connection attempt after this long (a host that vanished would
+#: otherwise hold each attempt for the OS's TCP timeout, minutes); the retry then waits on.
+PG_CONNECT_TIMEOUT_S = 10
+
+
 def _engine_kwargs(storage_url: str) -> dict[str, Any]:
-    """SQLite: writers of several processes wait for each other instead of failing at once."""
+    """SQLite: writers of several processes wait for each other instead of failing at once.
+    A server database: a pooled connection the server dropped (a restart, an idle timeout,
+    a pooler, ``pg_terminate_backend``) is found by a ping when it is checked out and
+    replaced, instead of failing the call that gets it; connections are recycled hourly."""
     if storage_url.startswith("sqlite"):
         return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
-    # No pool_pre_ping: it costs a round trip per storage call (a quarter of a trial's
-    # queries, measured with bench.cluster_sim); connections are recycled hourly instead.
-    return {"pool_recycle": 3600}
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "pool_recycle": 3600}
+    if storage_url.startswith(("postgresql://", "postgresql+psycopg://", "postgresql+psycopg2://")):  # libpq drivers
+        kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+    return kwargs
 
 
 #: What losing the race to create Optuna's tables looks like, by database.
 _SCHEMA_RACE_MARKERS = ("already exists", "duplicate key", "unique constraint failed")
 
 
-def open_storage(storage_url: str, training: TrainingPolicy) -> optuna.storages.RDBStorage:
-    """The RDB storage with heartbeats and retries of dead processes' trials; a bad URL is a UsageError."""
-    for attempt in range(SCHEMA_RACE_ATTEMPTS):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat is "experimental"
-                return optuna.storages.RDBStorage(
-                    storage_url, engine_kwargs=_engine_kwargs(storage_url),
-                    heartbeat_interval=training.heartbeat_interval_s,  # type: ignore[arg-type] - seconds, floats work
-                    grace_period=training.heartbeat_grace_s,  # type: ignore[arg-type]
-                    heartbeat_stale_trial_callback=retry_failed_trial,
-                )
-        except Exception as exc:  # noqa: BLE001 - sqlalchemy/optuna raise many types for a bad URL
-            # Processes that start together on an empty database race to create Optuna's
-            # tables; the losers find them made on the next try.
-            # (PostgreSQL says "already exists" / "duplicate key", SQLite "UNIQUE constraint failed").
-            if attempt + 1 < SCHEMA_RACE_ATTEMPTS and any(m in str(exc).lower() for m in _SCHEMA_RACE_MARKERS):
-                time.sleep(0.2 * (attempt + 1))
-                continue
-            raise UsageError(
-                f"--storage {redact_storage(storage_url)!r} cannot be opened: {type(exc).__name__}: {exc}"
-            ) from None
-    raise AssertionError("unreachable")
+def open_storage(storage_url: str, training: TrainingPolicy) -> RetryingStorage:
+    """The study's RDB storage, with heartbeats, re-runs of dead processes' trials and the
+    retries of :mod:`step5.optimizer.storage`.
+
+    A database that cannot be reached yet is waited for (``training.storage_outage_s``); a
+    database error that waiting cannot fix is a :class:`StorageError`; a malformed URL or an
+    unknown driver is a :class:`UsageError`."""
+    retry = DatabaseRetry(redact_storage(storage_url), training.storage_outage_s)
+
+    def create() -> optuna.storages.RDBStorage:
+        for attempt in range(SCHEMA_RACE_ATTEMPTS):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat is "experimental"
+                    return optuna.storages.RDBStorage(
+                        storage_url, engine_kwargs=_engine_kwargs(storage_url),
+                        heartbeat_interval=training.heartbeat_interval_s,  # type: ignore[arg-type] - seconds, floats work
+                        grace_period=training.heartbeat_grace_s,  # type: ignore[arg-type]
+                        heartbeat_stale_trial_callback=retry_failed_trial,
+                    )
+            except Exception as exc:  # noqa: BLE001 - sorted below
+                # Processes that start together on an empty database race to create Optuna's
+                # tables; the losers find them made on the next try.
+                # (PostgreSQL says "already exists" / "duplicate key", SQLite "UNIQUE constraint failed").
+                if attempt + 1 < SCHEMA_RACE_ATTEMPTS and any(m in str(exc).lower() for m in _SCHEMA_RACE_MARKERS):
+                    time.sleep(0.2 * (attempt + 1))
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    try:
+        rdb = retry.call(create, "opening the study storage")
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy/optuna raise many types for a bad URL
+        raise UsageError(
+            f"--storage {redact_storage(storage_url)!r} cannot be opened: {type(exc).__name__}: {exc}"
+        ) from None
+    return RetryingStorage(rdb, retry, owner=this_process().to_dict())
 
 
 def open_study(
@@ -225,6 +268,8 @@ def open_study(
             storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
             sampler=make_sampler(seed),
         )
+    except Step5Error:  # a StorageError: the database is away or broken, said in one line
+        raise
     except Exception as exc:  # noqa: BLE001
         raise Step5Error(f"cannot open Optuna study {study_name!r} in {redact_storage(storage_url)}: {exc}") from None
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
@@ -235,7 +280,7 @@ def open_study(
         _check_or_record(study, study_name, dict(setup), dict(data))
         process_index = int(study.user_attrs.get(PROCESSES_ATTR, 0))
         study.set_user_attr(PROCESSES_ATTR, process_index + 1)
-        reclaim_dead_trials(study)
+        reclaim_dead_trials(study, nothing_in_flight=True)
         counts = count_states(study)
         if not sum(counts.values()):
             for params in first_trials:
@@ -304,55 +349,96 @@ def _lock_key(study_name: str) -> int:
 _warned_no_lock: set[str] = set()
 
 
+@dataclass
+class StudyLock:
+    """What :func:`study_lock` yields. ``lost``: the PostgreSQL connection that held the lock
+    died while the block ran (a restart, a connection killed on the server), so the server
+    released the lock at that moment and another process may have counted and asked since;
+    the block's asks are then checked against ``--trials`` again (step5.optimizer.search)."""
+
+    lost: bool = False
+
+
 @contextlib.contextmanager
-def study_lock(storage: optuna.storages.BaseStorage | None, study_name: str) -> Iterator[None]:
+def study_lock(storage: optuna.storages.BaseStorage | None, study_name: str) -> Iterator[StudyLock]:
     """Hold the study's cross-process lock: a lock file beside a SQLite file (one host), a
     PostgreSQL advisory lock (any host). Other databases get no lock (logged once): processes
-    racing for the last trials may then overshoot ``--trials`` by a batch each."""
-    engine = getattr(storage, "engine", None)
+    racing for the last trials may then overshoot ``--trials`` by a batch each.
+
+    Taking the PostgreSQL lock waits out an unreachable database like any storage call."""
+    held = StudyLock()
+    engine = _engine_of(storage)
     if engine is None:
-        yield
+        yield held
         return
     if engine.name == "sqlite":
         database = engine.url.database
         if not database or database == ":memory:":
-            yield
+            yield held
             return
         with open(f"{database}.lock", "a+b") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                yield
+                yield held
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
         return
     if engine.name == "postgresql":
         from sqlalchemy import text
 
-        # A transaction-level lock: released by the commit below, or by the server when
-        # this process dies and its connection drops.
-        with engine.begin() as connection:
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(study_name)})
-            yield
+        def take() -> Any:
+            # A transaction-level lock: released when this transaction ends (below), or by the
+            # server when the connection drops (this process died, the server restarted).
+            connection = engine.connect()
+            try:
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(study_name)})
+            except BaseException:
+                connection.close()
+                raise
+            return connection
+
+        connection = _retrying(storage, take, "taking the study lock")
+        try:
+            yield held
+        except BaseException:
+            with contextlib.suppress(Exception):
+                connection.rollback()
+            raise
+        else:
+            try:
+                connection.commit()  # succeeds only if the connection, hence the lock, lived through the block
+            except Exception as exc:  # noqa: BLE001 - a dead connection; anything else is a bug
+                if database_error(exc) is None:
+                    raise
+                held.lost = True
+                logger.warning("the study lock's database connection was lost while it was held (%s)", describe(exc))
+        finally:
+            with contextlib.suppress(Exception):
+                connection.close()
         return
     if engine.name not in _warned_no_lock:
         _warned_no_lock.add(engine.name)
         logger.warning("no cross-process study lock for %s storages; only SQLite and PostgreSQL have one", engine.name)
-    yield
+    yield held
 
 
 def retry_failed_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     """Queue a trial whose process died for a re-run with the same params (a WAITING trial).
 
     Optuna's RetryHeartbeatStaleTrialCallback, except that the dead owner and its failure
-    reason are not copied onto the retry, and at most :data:`MAX_RETRIES` re-runs.
+    reason are not copied onto the retry, and at most :data:`MAX_RETRIES` re-runs. A trial
+    that already has its re-run is not queued again.
     """
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
     if len(history) > MAX_RETRIES:
         logger.warning("trial %d's process died; it was re-run %d times already and is not re-run again",
                        trial.number, MAX_RETRIES)
         return
+    if any(t.system_attrs.get("retry_history") == history for t in study.get_trials(deepcopy=False)):
+        return
     system_attrs = {"failed_trial": trial.system_attrs.get("failed_trial", trial.number), **trial.system_attrs,
                     "retry_history": history}
+    system_attrs.pop(TOKEN_ATTR, None)
     user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in (OWNER_ATTR, "fail_reason", "batch")}
     study.add_trial(optuna.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
@@ -361,38 +447,84 @@ def retry_failed_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     logger.warning("trial %d's process died; its params are queued for a re-run", trial.number)
 
 
-def reclaim_dead_trials(study: optuna.Study) -> int:
+def reclaim_dead_trials(study: optuna.Study, *, nothing_in_flight: bool = False) -> int:
     """Fail the RUNNING trials of dead processes and queue their re-runs; returns how many.
 
     Stale heartbeats find dead processes on any host (after the grace period); a trial
     whose recorded owner is a dead process on this host is failed at once.
+
+    ``nothing_in_flight``: the caller runs no trial of this study now (the search loop
+    between batches), so a RUNNING trial owned by this very process is an orphan: Optuna
+    made it twice when it retried a trial's creation whose commit had in fact landed, or
+    a retried write left it behind (step5.optimizer.storage). It is failed (and re-run if
+    it had params). Trials that share a creation token are such twins too: all but the
+    first are failed before they run twice.
     """
     storage = study._storage  # what optuna.storages.fail_stale_trials uses too
     running_before = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    trials = study.get_trials(deepcopy=False)
+    running = [t for t in trials if t.state == TrialState.RUNNING]
     reclaimed = max(0, running_before - len(running))
+    me = this_process()
     for trial in running:
         owner = ProcessIdentity.from_dict(trial.user_attrs.get(OWNER_ATTR) or {})
-        if owner is None or not is_local(owner) or is_alive(owner):
+        if owner is None:
             continue
-        reason = f"its process (pid {owner.pid} on {owner.host}) died"
-        try:
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+        if owner == me:
+            if not nothing_in_flight:
                 continue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another process got there first
-        logger.warning("trial %d failed: %s", trial.number, reason)
-        reclaimed += 1
-        retry_failed_trial(study, storage.get_trial(trial._trial_id))
+            reason = "this process lost track of it when a database write was retried"
+        elif is_local(owner) and not is_alive(owner):
+            reason = f"its process (pid {owner.pid} on {owner.host}) died"
+        else:
+            continue
+        reclaimed += _fail_and_rerun(study, trial, reason, rerun=bool(trial.params))
+    reclaimed += _fail_twins(study, trials)
     return reclaimed
 
 
+def _fail_and_rerun(study: optuna.Study, trial: FrozenTrial, reason: str, *, rerun: bool) -> int:
+    """Fail an unfinished trial for ``reason`` and queue its re-run; 0 if another process finished it first."""
+    storage = study._storage
+    try:
+        storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            return 0
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return 0  # another process got there first
+    logger.warning("trial %d failed: %s", trial.number, reason)
+    if rerun:
+        retry_failed_trial(study, storage.get_trial(trial._trial_id))
+    return 1
+
+
+def _fail_twins(study: optuna.Study, trials: Sequence[FrozenTrial]) -> int:
+    """Fail the unfinished copies of a trial that one creation call made twice (same token)."""
+    first: dict[str, FrozenTrial] = {}
+    twins: list[tuple[FrozenTrial, FrozenTrial]] = []
+    for trial in trials:  # in number order: the first of a token is kept
+        token = trial.system_attrs.get(TOKEN_ATTR)
+        if token is None:
+            continue
+        if token in first:
+            twins.append((first[token], trial))
+        else:
+            first[token] = trial
+    failed = 0
+    for kept, twin in twins:
+        if not twin.state.is_finished():
+            failed += _fail_and_rerun(study, twin, f"a copy of trial {kept.number} made by a retried database write",
+                                      rerun=False)
+    return failed
+
+
 def claim_trial(opened: OpenedStudy, trial: optuna.Trial) -> None:
-    """Mark a just-asked trial as this process's: its owner and a first heartbeat."""
+    """Mark a just-asked trial as this process's: its owner (fresh trials are born with it;
+    a queued one was marked when taken, and is marked again in case another process's mark
+    raced ours) and a first heartbeat."""
     trial.set_user_attr(OWNER_ATTR, this_process().to_dict())
     storage = opened.storage
     if storage is not None and hasattr(storage, "record_heartbeat") and storage.get_heartbeat_interval():
@@ -431,18 +563,21 @@ def trial_heartbeats(opened: OpenedStudy, trial_numbers: Sequence[int]) -> Itera
     study_id = storage.get_study_id_from_name(opened.study_name)
     trial_ids = [storage.get_trial_id_from_study_id_trial_number(study_id, n) for n in trial_numbers]
     stop = threading.Event()
+    # One try per beat: a missed beat is harmless (the next one retries), and a thread
+    # waiting out an outage could not stop when the batch ends.
+    beat = getattr(storage, "record_heartbeat_once", None) or storage.record_heartbeat  # type: ignore[attr-defined]
 
-    def beat() -> None:
+    def beats() -> None:
         while True:
             for trial_id in trial_ids:
                 try:
-                    storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+                    beat(trial_id)
                 except Exception:  # noqa: BLE001 - a missed beat is harmless; the next one retries
                     logger.debug("recording a heartbeat for trial id %d failed", trial_id, exc_info=True)
             if stop.wait(timeout=interval):
                 return
 
-    thread = threading.Thread(target=beat, name="step5-trial-heartbeats", daemon=True)
+    thread = threading.Thread(target=beats, name="step5-trial-heartbeats", daemon=True)
     thread.start()
     try:
         yield

@@ -5,21 +5,24 @@ learning rate of 1e-3, deeper nets overfit a little more), so a study has a know
 trial. It records every ``run`` call's groups, reads the fold files the optimizer wrote
 (so tests can check what went into them), and can fail one fold of chosen trials with a
 :class:`~step5.errors.JobError` (returned in place, as the real runners do) or blow up
-with any exception. :func:`install_fake_runner` also replaces the merge of the final
-model's fold checkpoints (a torch child process) with :func:`fake_merge_fold_models`.
+with any exception. The final model's ``merge`` job checks that every fold saved its
+checkpoint and writes a fake merged one (``FAKE_ENSEMBLE_TEST_R2``), as the fake worker does.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from step5.errors import JobError
 from step5.execution.runner import check_groups
 from step5.execution.summary import FusionRecord, RunnerStats, Timings
-from step5.protocol import TrainRequest, fusion_key
+from step5.protocol import Job, MergeRequest, TrainRequest, fusion_key
+from step5.testing.fake_worker import FAKE_CHECKPOINT, FAKE_ENSEMBLE_TEST_R2, merge
+
+__all__ = ["FAKE_ENSEMBLE_TEST_R2", "FakeFoldRunner", "install_fake_runner"]
 
 
 class FakeFoldRunner:
@@ -45,7 +48,7 @@ class FakeFoldRunner:
         self.seed_in_metrics = seed_in_metrics
         self.capacity = capacity
         self.job_sleep_s = job_sleep_s
-        self.calls: list[list[list[TrainRequest]]] = []  # every run() call's groups
+        self.calls: list[list[list[Job]]] = []  # every run() call's groups
         self.arrays: dict[str, dict[str, np.ndarray]] = {}  # fold file -> its arrays
         self.merges: list[tuple[list[Path], Path, Path]] = []  # (fold checkpoints, merged, score file)
         self.persistent: bool | None = None  # set by install_fake_runner's factory
@@ -65,36 +68,54 @@ class FakeFoldRunner:
         if "X_test" in self.arrays[req.data_path]:
             out["test_r2"], out["test_mse"] = val - 0.01, 1.01 - val
         if req.save_model_path:
-            Path(req.save_model_path).write_bytes(b"fake checkpoint")
+            Path(req.save_model_path).write_bytes(FAKE_CHECKPOINT)
             out["model_path"] = req.save_model_path
         return out
 
-    def _outcome(self, req: TrainRequest) -> dict[str, Any] | JobError:
+    def _merge(self, req: MergeRequest) -> dict[str, Any]:
+        """The final model: every fold must have saved its checkpoint; the score file's
+        arrays and the call are recorded (``arrays``, ``merges``)."""
+        missing = [p for p in req.fold_paths if not Path(p).is_file()]
+        assert not missing, f"the final model's folds saved no checkpoint at {missing}"
+        with np.load(req.score_path, allow_pickle=False) as npz:
+            self.arrays[req.score_path] = {k: npz[k] for k in npz.files}
+        assert "X_test" in self.arrays[req.score_path], f"the final model's score file {req.score_path} has no test rows"
+        self.merges.append(([Path(p) for p in req.fold_paths], Path(req.out_path), Path(req.score_path)))
+        return {**merge(req), "trial_number": req.trial_number, "job_id": req.job_id}
+
+    def _outcome(self, req: Job) -> dict[str, Any] | JobError:
+        if isinstance(req, MergeRequest):
+            return self._merge(req)
         message, error_type, fold = self.failure
         if req.trial_number in self.fail_trials and req.fold_idx == fold:
             return JobError(message, error_type, trial_number=req.trial_number, fold_idx=fold, job_id=req.job_id)
         return self._result(req)
 
-    def _explode(self, requests: Sequence[TrainRequest]) -> None:
+    def _explode(self, requests: Sequence[Job]) -> None:
         if self.explode_on_trial in {r.trial_number for r in requests}:
             raise self.explosion("the runner blew up")
 
     @property
     def requests(self) -> list[TrainRequest]:
-        """Every request of every call, in the order sent."""
-        return [r for call in self.calls for g in call for r in g]
+        """Every train request of every call, in the order sent (merges: ``merges``)."""
+        return [r for call in self.calls for g in call for r in g if isinstance(r, TrainRequest)]
+
+    @property
+    def train_calls(self) -> list[list[list[TrainRequest]]]:
+        """Every call that trained folds (not the final model's merge)."""
+        return [c for c in self.calls if all(isinstance(r, TrainRequest) for g in c for r in g)]  # type: ignore[misc]
 
     @property
     def fused_groups(self) -> list[list[TrainRequest]]:
         """Every group of two or more jobs sent."""
         return [g for call in self.calls for g in call if len(g) > 1]
 
-    def run(self, groups: Sequence[Sequence[TrainRequest]]) -> list[list[dict[str, Any] | JobError]]:
+    def run(self, groups: Sequence[Sequence[Job]]) -> list[list[dict[str, Any] | JobError]]:
         assert not self.closed
         groups = check_groups(groups)
         self.calls.append(groups)
         for g in groups:  # what the worker checks before fusing
-            assert len({fusion_key(r) for r in g}) == 1, "a group mixes layer shapes"
+            assert len(g) == 1 or len({fusion_key(r) for r in g}) == 1, "a group mixes layer shapes"  # type: ignore[arg-type]
         self._explode([r for g in groups for r in g])
         if self.job_sleep_s > 0:
             # Groups share the slots; a slot trains its groups one after another.
@@ -129,39 +150,4 @@ def install_fake_runner(monkeypatch: Any, **defaults: Any) -> tuple[list[FakeFol
         return runner
 
     monkeypatch.setattr(optimizer_module, "make_fold_runner", factory)
-    install_fake_merge(monkeypatch, record=lambda: made[-1])
     return made, options
-
-
-#: The test R² :func:`fake_merge_fold_models` reports for the merged model.
-FAKE_ENSEMBLE_TEST_R2 = 0.55
-
-
-def fake_merge_fold_models(
-    fold_paths: Sequence[Path], out_path: Path, *, score_path: Path, runner: FakeFoldRunner | None = None,
-) -> dict[str, Any]:
-    """Stands in for :func:`step5.execution.ensemble.merge_fold_models`, whose child process
-    needs real checkpoints: checks that every fold saved one, writes a fake one, and
-    records the call and the score file's arrays on ``runner`` (``merges``, ``arrays``)."""
-    missing = [str(p) for p in fold_paths if not Path(p).is_file()]
-    assert not missing, f"the final model's folds saved no checkpoint at {missing}"
-    with np.load(score_path, allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    assert "X_test" in arrays, f"the final model's score file {score_path} holds no test rows"
-    if runner is not None:
-        runner.arrays[str(score_path)] = arrays
-        runner.merges.append((list(fold_paths), Path(out_path), Path(score_path)))
-    Path(out_path).write_bytes(b"fake checkpoint")
-    return {"status": "complete", "model_type": "neural_net", "model_path": str(out_path),
-            "train_r2": 0.7, "train_mse": 0.3, "test_r2": FAKE_ENSEMBLE_TEST_R2, "test_mse": 1.0 - FAKE_ENSEMBLE_TEST_R2}
-
-
-def install_fake_merge(monkeypatch: Any, record: Callable[[], FakeFoldRunner | None] = lambda: None) -> None:
-    """Make the NN backend merge its final folds with :func:`fake_merge_fold_models`
-    (``record()``: the runner to record the merge on, if any)."""
-    from step5.optimizer import backends as backends_module
-
-    def merge(fold_paths: Sequence[Path], out_path: Path, *, score_path: Path) -> dict[str, Any]:
-        return fake_merge_fold_models(fold_paths, out_path, score_path=score_path, runner=record())
-
-    monkeypatch.setattr(backends_module, "merge_fold_models", merge)

@@ -3,20 +3,28 @@ the cluster simulation (``bench/cluster_sim.py``) run many of these at once.
 
 ::
 
-    python -m step5.testing.fake_search --job-sleep-s 1.0 [--timings-out F.json] -- <optimizer flags>
+    python -m step5.testing.fake_search --job-sleep-s 1.0 [--timings-out F.json] \
+        [--fault-at ask:3 --fault 'SHELL COMMAND'] -- <optimizer flags>
 
 Everything but the training is real: data loading, the study (its lock, heartbeats,
 retries), the ask/tell loop, the final model's bookkeeping. ``--timings-out`` writes what the
 loop spent coordinating: each locked ask (wait for the lock, count, ask) and each tell, with wall-clock end times, so a caller can compute latencies and rates.
+
+``--fault-at POINT --fault CMD`` runs the shell command CMD once, at a chosen moment of the
+run, and then lets the run go on: the database fault tests restart, stop or cut the study's
+PostgreSQL there (CMD may put part of itself in the background, ``(...) &``, to race the
+calls that follow). POINT is ``ask:N`` / ``tell:N`` (as the N-th ``study.ask`` / trial's tell
+starts), ``final`` (as the final model's training starts) or ``commit`` (as the model set's
+commit starts).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
 
 from step5.jsonio import write_json_atomic
@@ -31,10 +39,10 @@ def _instrument(timings: dict[str, list[list[float]]]) -> None:
     asked = [0]
 
     @contextlib.contextmanager
-    def timed_lock(*args: Any, **kwargs: Any) -> Iterator[None]:
+    def timed_lock(*args: Any, **kwargs: Any) -> Iterator[Any]:
         start, before = time.perf_counter(), asked[0]
-        with real_lock(*args, **kwargs):
-            yield
+        with real_lock(*args, **kwargs) as held:
+            yield held
         timings["ask" if asked[0] > before else "poll"].append([time.perf_counter() - start, time.time()])
 
     def counted_ask(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -51,28 +59,61 @@ def _instrument(timings: dict[str, list[list[float]]]) -> None:
     optuna.Study.ask = counted_ask  # type: ignore[method-assign]
 
 
+def _install_fault(point: str, command: str) -> None:
+    import subprocess
+
+    import optuna
+
+    from step5 import model_set
+    from step5.optimizer import search
+    from step5.optimizer.optimizer import AntiOverfitMetaOptimizer
+
+    name, _, nth = point.partition(":")
+    targets = {"ask": (optuna.Study, "ask"), "tell": (search, "tell"),
+               "final": (AntiOverfitMetaOptimizer, "_train_final"), "commit": (model_set.StagedSet, "commit")}
+    if name not in targets:
+        raise SystemExit(f"--fault-at: unknown point {point!r}; expected one of {sorted(targets)} (ask/tell take :N)")
+    owner, attribute = targets[name]
+    real = getattr(owner, attribute)
+    calls = [0]
+
+    def disturbed(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == int(nth or 1):
+            print(f"fake_search: fault at {point}: {command}", file=sys.stderr, flush=True)
+            done = subprocess.run(command, shell=True, check=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            print(f"fake_search: fault at {point} exited {done.returncode}", file=sys.stderr, flush=True)
+        return real(*args, **kwargs)
+
+    setattr(owner, attribute, disturbed)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m step5.testing.fake_search")
     parser.add_argument("--job-sleep-s", type=float, default=0.0, help="how long each fake fold job sleeps")
-    parser.add_argument("--timings-out", default=None, help="write the loop's coordination timings here (JSON)")
+    parser.add_argument("--timings-out", default=None,
+                        help="write the loop's coordination timings here (JSON); {pid} becomes this process's pid")
     parser.add_argument("--ready-file", default=None,
                         help="touch this file once the heavy imports are done, then wait for --go-file")
     parser.add_argument("--go-file", default=None, help="start the run when this file exists")
+    parser.add_argument("--fault-at", default=None, help="ask:N, tell:N, final or commit: when --fault runs")
+    parser.add_argument("--fault", default=None, help="a shell command run once at --fault-at")
     parser.add_argument("optimizer_args", nargs=argparse.REMAINDER, help="-- then the optimizer's flags")
     args = parser.parse_args(argv)
     rest = args.optimizer_args[1:] if args.optimizer_args[:1] == ["--"] else args.optimizer_args
 
     from step5.optimizer import cli
     from step5.optimizer import optimizer as optimizer_module
-    from step5.testing.fake_runner import FakeFoldRunner, install_fake_merge
+    from step5.testing.fake_runner import FakeFoldRunner
 
     def factory(slots: Any, policy: Any, *, persistent: bool) -> FakeFoldRunner:
         return FakeFoldRunner(capacity=len(slots), job_sleep_s=args.job_sleep_s)
 
     optimizer_module.make_fold_runner = factory  # type: ignore[assignment]
-    install_fake_merge(SimpleNamespace(setattr=setattr))  # setattr(module, name, value), for good
     timings: dict[str, list[list[float]]] = {"ask": [], "poll": [], "tell": []}
     _instrument(timings)
+    if args.fault_at and args.fault:
+        _install_fault(args.fault_at, args.fault)
     if args.ready_file:
         # A simulation starts many processes on a few cores; a barrier after the imports
         # makes them start searching together, so throughput is measured on the search.
@@ -87,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cli.main(rest, prog="fake_search")
     finally:
         if args.timings_out:
-            write_json_atomic(args.timings_out, {"started": started, "ended": time.time(), **timings})
+            write_json_atomic(args.timings_out.replace("{pid}", str(os.getpid())),
+                              {"started": started, "ended": time.time(), **timings})
 
 
 if __name__ == "__main__":

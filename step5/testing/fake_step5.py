@@ -37,7 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from step5.artifacts import MODEL_TYPES, compare_summary_path
+from step5.artifacts import MODEL_REGISTRY, MODEL_TYPES, SIDECAR_NAME, compare_summary_path
+from step5.errors import UsageError
+from step5.optimizer.config import OptimizerConfig
 
 FAKE_CHECKPOINT = b"fake checkpoint"
 FAKE_CHECKPOINT_SHA256 = hashlib.sha256(FAKE_CHECKPOINT).hexdigest()
@@ -60,7 +62,7 @@ def make_sidecar(
     parent_run_id: str | None = None,
 ) -> dict[str, Any]:
     """A sidecar as SPEC section 4 and :func:`step5.artifacts.validate_sidecar` want it."""
-    from step5.artifacts import CHECKPOINT_FORMATS, SCHEMA_VERSION, build_feature_schema, checkpoint_filename
+    from step5.artifacts import SCHEMA_VERSION, build_feature_schema, checkpoint_filename
     from step5.sidecar import build_agent_metadata, build_data_context
     from step5.execution.summary import RunnerStats, build_execution_summary
 
@@ -74,7 +76,7 @@ def make_sidecar(
         "schema_version": SCHEMA_VERSION,
         "model_type": model_type,
         "checkpoint_path": None if degenerate else checkpoint_filename(model_type),
-        "checkpoint_format": None if degenerate else CHECKPOINT_FORMATS[model_type],
+        "checkpoint_format": None if degenerate else MODEL_REGISTRY[model_type].checkpoint_format,
         "checkpoint_sha256": None if degenerate else FAKE_CHECKPOINT_SHA256,
         "feature_schema": build_feature_schema(
             FEATURES, ["confidence", "holdout_hits", "holdout_quality", "score"], "survivors_with_scores.json"
@@ -122,7 +124,7 @@ def _write_model(out: Path, model_type: str, metrics: dict[str, float], args: ar
 
     out.mkdir(parents=True, exist_ok=True)
     (out / checkpoint_filename(model_type)).write_bytes(FAKE_CHECKPOINT)
-    _write_json(out / "best_model.meta.json",
+    _write_json(out / SIDECAR_NAME,
                 make_sidecar(model_type, metrics=metrics, mode=mode, parent_run_id=args.parent_run_id))
 
 
@@ -152,10 +154,10 @@ def _compare(args: argparse.Namespace, out: Path) -> int:
             continue
         folder = out if model_type == best else out / "compare_archive" / model_type
         _write_model(folder, model_type, metrics[model_type], args,
-                     "persistent_workers" if model_type == "neural_net" else "inline")
+                     "persistent_workers" if MODEL_REGISTRY[model_type].torch else "inline")
         models[model_type] = {"model_type": model_type, "status": "SUCCESS",
                               "test_r2": metrics[model_type]["test_r2"], "error": None,
-                              "sidecar_path": str(folder / "best_model.meta.json")}
+                              "sidecar_path": str(folder / SIDECAR_NAME)}
     _write_json(compare_summary_path(),
                 {"schema_version": 1, "winner": best, "models": models})
     return 0
@@ -185,13 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     mode = os.environ.get("FAKE_STEP5_MODE", "ok")
     out = Path(args.output_dir)
-    model_type = args.model_type or "neural_net"
+    model_type = args.model_type or OptimizerConfig.model_type
     sys.stderr.write(f"fake_step5: mode={mode} trials={args.trials} seed={args.seed}\n")
     if mode == "fail":
         sys.stderr.write("fake_step5: error: survivors record 3 key 'features' is missing\n")
         return 1
     if mode == "usage":
-        return 64
+        return UsageError.exit_code
     if mode == "hang":
         _hang()
     if mode == "no_sidecar":

@@ -1,7 +1,8 @@
 """A torch-free fake of ``nn_gpu_worker.py`` (and of ``train_single_trial.py``) for tests.
 
-As a worker it speaks the real protocol (ready, train, train_folds, ping, shutdown) with
-the real framing, and can be told to misbehave on a chosen job::
+As a worker it speaks the real protocol (ready, then train, train_folds, merge, ping,
+heartbeat, shutdown, decoded by the real decoder) with the real framing, and can be told to
+misbehave on a chosen job::
 
     fake_worker.py --fault hang     --after 2    # answer 2 jobs, then hang on the 3rd
     fake_worker.py --fault sigkill               # SIGKILL itself on the first job
@@ -14,15 +15,17 @@ the real framing, and can be told to misbehave on a chosen job::
     fake_worker.py --fault sigkill --faulty-starts 1 --state-dir D
                                                  # only the first launch misbehaves
 
-"Results" are a pure function of the request (minus ``job_id``), so a job retried on a
-restarted worker or through the one-shot fallback gives exactly the same numbers.
-A request whose ``X_train_path`` does not exist fails deterministically with a
-``data_error``, as the real worker does.
+"Results" are a pure function of the request (minus ``job_id`` and where it saves its
+model), so a job retried on a restarted worker or through the one-shot fallback gives
+exactly the same numbers. A request whose ``X_train_path`` does not exist fails
+deterministically with a ``data_error``, as the real worker does. A job that asks to save
+its model writes a fake checkpoint there; a ``merge`` checks that every fold checkpoint
+exists and writes a fake merged one (with :data:`FAKE_ENSEMBLE_TEST_R2`).
 
-Started with ``train_single_trial.py``'s arguments (``--data-path ...``) it acts as a
-one-shot trainer: one JSON line on stdout, exit 0 (or an error line and exit 1). Setting
-``STEP5_FAKE_ONESHOT=crash`` makes that mode die with ``EXIT(7)`` and no output, and
-``STEP5_FAKE_ONESHOT=hang`` makes it hang forever.
+Started as the one-shot trainer is (``--request -``) it reads one request from stdin and
+prints one reply: exit 0 (or an error line and exit 1). Setting ``STEP5_FAKE_ONESHOT=crash``
+makes that mode die with ``EXIT(7)`` and no output, and ``STEP5_FAKE_ONESHOT=hang`` makes
+it hang forever.
 
 ``STEP5_FAKE_POISON_TRIAL=N`` makes every job of trial N SIGKILL its own process, worker
 or one-shot trainer alike, on every attempt (a job that kills its process every time).
@@ -46,12 +49,21 @@ if __name__ == "__main__":  # run as a script: make the repository importable
 from step5.errors import BadRequest, FrameTooLarge, JobError  # noqa: E402
 from step5.framing import LineReader, LineWriter  # noqa: E402
 from step5.jsonio import dumps, loads  # noqa: E402
-from step5.protocol import MAX_REQUEST_BYTES, PROTOCOL_VERSION, NNParams, TrainRequest  # noqa: E402
+from step5.protocol import (  # noqa: E402
+    MAX_REQUEST_BYTES, PROTOCOL_VERSION, AliveMessage, Heartbeat, Job, MergeRequest, Ping, PongMessage, ReadyMessage,
+    Shutdown, ShutdownMessage, TrainFolds, TrainRequest, decode_request, error_reply,
+)
 
 FAULTS = ("none", "hang", "garbage", "exit", "sigkill", "oversize", "wrong_job_id", "close_stdout", "pass_error")
 BOOT_FAULTS = ("none", "hang", "exit", "garbage")
 ONESHOT_ENV = "STEP5_FAKE_ONESHOT"
 POISON_ENV = "STEP5_FAKE_POISON_TRIAL"
+#: Comma-separated variable names whose values each result echoes (``environment``), so
+#: tests can see what a slot's process was started with.
+ECHO_ENV = "STEP5_FAKE_ECHO_ENV"
+#: What a fake checkpoint holds, and the test R² a fake ``merge`` reports for the merged model.
+FAKE_CHECKPOINT = b"fake checkpoint"
+FAKE_ENSEMBLE_TEST_R2 = 0.55
 
 
 def kill_self_if_poisoned(trial_number: int | None) -> None:
@@ -65,9 +77,11 @@ def kill_self_if_poisoned(trial_number: int | None) -> None:
 
 def fake_metrics(request: TrainRequest) -> dict[str, Any]:
     """Deterministic pseudo-metrics for ``request``: a hash of the request without its
-    ``job_id`` and with only the data file's name (runs in different temp dirs agree)."""
+    ``job_id`` and save path, and with only the data file's name (runs in different temp
+    dirs agree)."""
     wire = request.to_dict()
     wire.pop("job_id", None)
+    wire.pop("save_model_path", None)
     wire["X_train_path"] = os.path.basename(wire["X_train_path"])
     digest = hashlib.sha256(dumps(wire)).digest()
     u = [int.from_bytes(digest[i:i + 4], "big") / 2**32 for i in (0, 4, 8)]
@@ -77,6 +91,7 @@ def fake_metrics(request: TrainRequest) -> dict[str, Any]:
         "r2": round(u[0] * 0.8 - 0.1, 6),
         "val_mse": round(0.5 + u[1], 6),
         "train_mse": round(0.4 + u[2], 6),
+        "train_r2": round(u[0] * 0.8 - 0.1 + 0.3 * u[2], 6),
         "epochs_run": request.params.epochs,
         "trial_number": request.trial_number,
         "fold_idx": request.fold_idx,
@@ -84,20 +99,40 @@ def fake_metrics(request: TrainRequest) -> dict[str, Any]:
     }
 
 
-def train(request: TrainRequest, device: str, job_s: float) -> dict[str, Any]:
-    """Pretend to train: check the data file exists, sleep ``job_s``, return fake metrics."""
+def train(request: Job, device: str, job_s: float) -> dict[str, Any]:
+    """Pretend to train: check the data file exists, sleep ``job_s``, return fake metrics
+    (and write a fake checkpoint where the job saves its model). A ``merge`` checks its
+    fold checkpoints and writes a fake merged one."""
+    if isinstance(request, MergeRequest):
+        return merge(request)
     start = time.perf_counter()
     if not os.path.exists(request.data_path):
         raise JobError(f"NPZ file not found: {request.data_path}", "data_error")
     time.sleep(job_s)
     result = fake_metrics(request)
+    if request.save_model_path is not None:
+        Path(request.save_model_path).write_bytes(FAKE_CHECKPOINT)
+        result["model_path"] = request.save_model_path
     result.update(
         device=device, duration=round(time.perf_counter() - start, 6), worker_pid=os.getpid(),
         # Where it ran, so tests can see that each slot's environment reached its process.
         cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        hip_visible_devices=os.environ.get("HIP_VISIBLE_DEVICES"),
         torch_threads=os.environ.get("STEP5_TORCH_THREADS"),
+        environment={name: os.environ.get(name) for name in os.environ.get(ECHO_ENV, "").split(",") if name},
     )
     return result
+
+
+def merge(request: MergeRequest) -> dict[str, Any]:
+    """A fake ``merge``: every fold checkpoint must exist; writes a fake merged checkpoint."""
+    missing = [p for p in (*request.fold_paths, request.score_path) if not os.path.isfile(p)]
+    if missing:
+        raise JobError(f"checkpoint not found: {missing[0]}", "data_error")
+    Path(request.out_path).write_bytes(FAKE_CHECKPOINT)
+    return {"status": "complete", "model_type": "neural_net", "model_path": request.out_path,
+            "models": len(request.fold_paths), "train_r2": 0.7, "train_mse": 0.3, "test_r2": FAKE_ENSEMBLE_TEST_R2,
+            "test_mse": 1.0 - FAKE_ENSEMBLE_TEST_R2}
 
 
 def _launch_number(state_dir: str | None) -> int:
@@ -131,7 +166,7 @@ class FakeWorker:
         sys.stderr.write(f"fake-worker[{os.getpid()}] {msg}\n")
         sys.stderr.flush()
 
-    def misbehave(self, request: TrainRequest) -> bool:
+    def misbehave(self, request: Job) -> bool:
         """Apply the configured fault if this job is the one; True when a fault replaced the answer."""
         kill_self_if_poisoned(request.trial_number)
         fault = self.args.fault if self.faulty else "none"
@@ -154,7 +189,7 @@ class FakeWorker:
             self.writer.write_line(b"{" + b" " * (self.args.oversize_bytes) + b"}")
             return True
         if fault == "wrong_job_id":
-            self.writer.write_message({**fake_metrics(request), "job_id": "not-yours"})
+            self.writer.write_message({"status": "complete", "model_type": "neural_net", "job_id": "not-yours"})
             return True
         if fault == "close_stdout":
             self.wire.close()
@@ -162,11 +197,9 @@ class FakeWorker:
                 time.sleep(3600)
         raise AssertionError(f"unhandled fault {fault!r}")
 
-    def answer(self, raw: dict[str, Any]) -> dict[str, Any] | None:
-        try:
-            request = TrainRequest.from_dict(raw)
-        except JobError as exc:
-            return exc.to_dict()
+    def answer(self, request: Job | BadRequest) -> dict[str, Any] | None:
+        if isinstance(request, BadRequest):
+            return request.to_dict()
         self.jobs_seen += 1
         for _ in range(self.args.stderr_lines):
             self.log(f"chatter for job {request.job_id!r} " + "." * 200)
@@ -175,8 +208,7 @@ class FakeWorker:
         try:
             return train(request, self.device, self.args.job_s)
         except JobError as exc:
-            exc.trial_number, exc.fold_idx, exc.job_id = request.trial_number, request.fold_idx, request.job_id
-            return exc.to_dict()
+            return error_reply(exc, request)
 
     def _start_reader(self) -> "queue.Queue[tuple[str, bytes | None]]":
         """Read stdin on a thread that answers heartbeats at once (as the real worker does)
@@ -196,12 +228,13 @@ class FakeWorker:
                         break
                     if b"heartbeat" in line:
                         try:
-                            raw = loads(line)
-                        except ValueError:
-                            raw = None
-                        if isinstance(raw, dict) and raw.get("command") == "heartbeat":
+                            beat = decode_request(loads(line))
+                        except (ValueError, BadRequest):
+                            beat = None
+                        if isinstance(beat, Heartbeat):
                             if not self.hung:
-                                self.writer.write_message({"status": "alive", "job_id": raw.get("job_id")})
+                                self.writer.write_message(AliveMessage(status="alive", pid=os.getpid(),
+                                                                       job_id=beat.job_id, jobs_done=self.jobs_seen))
                             continue
                     lines.put(("line", line))
             except (OSError, ValueError):
@@ -223,11 +256,14 @@ class FakeWorker:
             return 1
         if boot == "garbage":
             self.writer.write_line(b"CUDA banner on the wire")
-        self.writer.write_message({
-            "status": "ready", "device": self.device, "pid": os.getpid(), "protocol": PROTOCOL_VERSION,
-            "boot_s": self.args.boot_s, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "torch_threads": os.environ.get("STEP5_TORCH_THREADS"), "fake": True,
-        })
+        ready = ReadyMessage(
+            status="ready", device=self.device, pid=os.getpid(), protocol=PROTOCOL_VERSION, boot_s=self.args.boot_s,
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+            hip_visible_devices=os.environ.get("HIP_VISIBLE_DEVICES"),
+        )
+        if self.args.backend is not None:  # else the pool reads it from the device
+            ready["backend"] = self.args.backend
+        self.writer.write_message(ready)
         lines = self._start_reader()
         while True:
             kind, line = lines.get()
@@ -239,39 +275,40 @@ class FakeWorker:
             if not line.strip():
                 continue
             try:
-                raw = loads(line)
+                request = decode_request(loads(line))
             except ValueError:
                 self.writer.write_message(BadRequest("request is not valid JSON").to_dict())
                 continue
-            command = raw.get("command") if isinstance(raw, dict) else None
-            if command == "shutdown":
-                self.writer.write_message({"status": "shutdown", "reason": "command", "jobs_done": self.jobs_seen})
-                return 0
-            if command == "ping":
-                self.writer.write_message({"status": "pong", "pid": os.getpid(), "device": self.device})
+            except BadRequest as exc:
+                self.writer.write_message(exc.to_dict())
                 continue
-            if command == "train":
-                jobs = [raw]
-            elif command == "train_folds" and isinstance(raw.get("jobs"), list) and raw["jobs"]:
-                jobs = raw["jobs"]
+            if isinstance(request, Shutdown):
+                self.writer.write_message(ShutdownMessage(status="shutdown", reason="command",
+                                                          jobs_done=self.jobs_seen, pid=os.getpid()))
+                return 0
+            if isinstance(request, Ping):  # a heartbeat reaching here is a hung worker's: unanswered
+                if not isinstance(request, Heartbeat):
+                    self.writer.write_message(PongMessage(status="pong", pid=os.getpid(), device=self.device,
+                                                          jobs_done=self.jobs_seen, uptime_s=0.0,
+                                                          job_id=request.job_id))
+                continue
+            jobs: list[Job | BadRequest] = [request]
+            if isinstance(request, TrainFolds):
+                jobs = list(request.jobs)
                 if self.faulty and self.args.fault == "pass_error" and len(jobs) > 1:
                     # What the real worker answers when the shared pass itself raises.
                     for job in jobs:
-                        failure = JobError("RuntimeError: the fused pass broke", "train_error",
-                                           job_id=job.get("job_id") if isinstance(job, dict) else None)
-                        self.writer.write_message(failure.to_dict())
+                        failure = JobError("RuntimeError: the fused pass broke", "train_error")
+                        self.writer.write_message(error_reply(failure, job))
                     continue
-            else:
-                self.writer.write_message(BadRequest(f"unsupported request {command!r}").to_dict())
-                continue
             for job in jobs:
                 response = self.answer(job)
                 if response is not None:
                     self.writer.write_message(response)
 
 
-def oneshot_main(argv: Sequence[str]) -> int:
-    """Behave like ``train_single_trial.py``: one JSON line out, exit 0 / 1."""
+def oneshot_main() -> int:
+    """Behave like ``train_single_trial.py --request -``: one request in, one reply out, exit 0 / 1."""
     if os.environ.get(ONESHOT_ENV) == "crash":
         sys.stderr.write("fake one-shot trainer crashing on purpose\n")
         return 7
@@ -280,40 +317,24 @@ def oneshot_main(argv: Sequence[str]) -> int:
         sys.stderr.flush()
         while True:
             time.sleep(60)
-    p = argparse.ArgumentParser()
-    p.add_argument("--model-type")
-    p.add_argument("--data-path", required=True)
-    p.add_argument("--params", required=True)
-    p.add_argument("--trial-number", type=int)
-    p.add_argument("--fold-idx", type=int)
-    p.add_argument("--normalize-features", action="store_true")
-    p.add_argument("--use-leaky-relu", action="store_true")
-    p.add_argument("--batch-mode", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-model", action="store_true")
-    p.add_argument("--model-output-dir")
-    a = p.parse_args(list(argv))
-    request = TrainRequest(
-        data_path=a.data_path, params=NNParams.from_dict(loads(a.params)), trial_number=a.trial_number,
-        fold_idx=a.fold_idx, normalize_features=a.normalize_features, use_leaky_relu=a.use_leaky_relu,
-        batch_mode=a.batch_mode, seed=a.seed,
-        save_model_path=str(Path(a.model_output_dir) / "best_model.pth") if a.save_model else None,
-    )
-    kill_self_if_poisoned(request.trial_number)
     try:
-        result = train(request, "fake-oneshot", 0.0)
+        request = decode_request(loads(sys.stdin.buffer.read()))
+        if not isinstance(request, (TrainRequest, MergeRequest)):
+            raise BadRequest(f"the one-shot trainer runs one `train` or `merge` job, got `{request.command}`")
+        kill_self_if_poisoned(request.trial_number)
+        reply = train(request, "fake-oneshot", 0.0)
+    except ValueError:
+        reply = BadRequest("request is not valid JSON").to_dict()
     except JobError as exc:
-        exc.trial_number, exc.fold_idx = request.trial_number, request.fold_idx
-        sys.stdout.write(dumps(exc.to_dict()).decode() + "\n")
-        return 1
-    sys.stdout.write(dumps(result).decode() + "\n")
-    return 0
+        reply = exc.to_dict() if isinstance(exc, BadRequest) else error_reply(exc, request)
+    sys.stdout.write(dumps(reply).decode() + "\n")
+    return 0 if reply["status"] == "complete" else JobError.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--data-path" in argv:
-        return oneshot_main(argv)
+    if "--request" in argv:
+        return oneshot_main()
     p = argparse.ArgumentParser(description="Fake Step 5 worker for tests.")
     p.add_argument("--fault", choices=FAULTS, default="none", help="what to do instead of answering a job")
     p.add_argument("--after", type=int, default=0, help="answer this many jobs normally before the fault")
@@ -327,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stderr-lines", type=int, default=0, help="lines of stderr chatter per job")
     p.add_argument("--oversize-bytes", type=int, default=2 * MAX_REQUEST_BYTES)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default=None, choices=("cpu", "cuda", "rocm"),
+                   help="the backend `ready` reports [none: the pool reads it from --device]")
     args = p.parse_args(argv)
 
     from step5.lifeline import install_lifeline

@@ -67,6 +67,7 @@ class TemporaryPostgres:
         self.bin = find_pg_bin()
         self.root: Path | None = None
         self.port = 0
+        self._options = ""  # the server's command-line options (pg_ctl -o), kept for start_server
         self._running = False
 
     def _command(self, *args: str) -> list[str]:
@@ -101,17 +102,96 @@ class TemporaryPostgres:
                   "--no-sync", "--no-instructions")
         for _ in range(3):  # a port taken between probing and binding: try another
             self.port = _free_port()
-            options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
-                       f"-c synchronous_commit=off -c full_page_writes=off -c max_connections={self.max_connections}")
+            self._options = (
+                f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
+                f"-c synchronous_commit=off -c full_page_writes=off -c max_connections={self.max_connections}"
+            )
             try:
-                self._run(str(self.bin / "pg_ctl"), "-D", str(data), "-l", str(self.root / "server.log"),
-                          "-o", options, "-w", "-t", str(START_TIMEOUT_S), "start")
+                self.start_server()
             except PostgresUnavailable:
                 continue
             self._running = True
             return self
         self.stop()
         raise PostgresUnavailable(f"pg_ctl could not start a server; see {self.root / 'server.log'}")
+
+    # ------------------------------------------------------------ faults (the database tests)
+
+    def _pg_ctl(self, action: str) -> list[str]:
+        assert self.bin is not None and self.root is not None, "the server was never started"
+        args = [str(self.bin / "pg_ctl"), "-D", str(self.root / "data"), "-l", str(self.root / "server.log"),
+                "-w", "-t", str(START_TIMEOUT_S)]
+        if action in ("stop", "restart"):
+            args += ["-m", "fast"]  # open connections are cut, as by an upgrade or a failover
+        if action in ("start", "restart"):
+            args += ["-o", self._options]
+        return [*args, action]
+
+    def ctl_command(self, action: str) -> list[str]:
+        """The command line of ``pg_ctl`` ``action`` (``start``, ``stop``, ``restart``) for this
+        server: a fast shutdown, waiting until done, the server's output to its log (never to
+        the caller's pipes). The database fault tests hand it to the optimizer they disturb."""
+        return self._command(*self._pg_ctl(action))
+
+    def start_server(self) -> None:
+        """Start the server (again), on the same port and data folder."""
+        self._run(*self._pg_ctl("start"))
+
+    def stop_server(self) -> None:
+        """Stop the server (fast shutdown: open connections are cut), keeping its data."""
+        self._run(*self._pg_ctl("stop"))
+
+    def restart(self) -> None:
+        """``pg_ctl restart -m fast``: every connection is cut; the server is back when this returns."""
+        self._run(*self._pg_ctl("restart"))
+
+    def is_running(self) -> bool:
+        """Whether the server answers ``pg_ctl status`` (a fault test may have left it stopped)."""
+        if self.bin is None or self.root is None:
+            return False
+        done = subprocess.run(self._command(str(self.bin / "pg_ctl"), "-D", str(self.root / "data"), "status"),
+                              capture_output=True, timeout=START_TIMEOUT_S)
+        return done.returncode == 0
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Return once the server takes connections (a fault test's background restart may
+        still be under way)."""
+        import time
+
+        import psycopg
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                psycopg.connect(f"host=127.0.0.1 port={self.port} user={DB_USER} dbname=postgres",
+                                connect_timeout=5).close()
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise PostgresUnavailable(f"the server on port {self.port} takes no connections") from None
+                time.sleep(0.1)
+
+    def sql_command(self, database: str, sql: str) -> list[str]:
+        """The command line that runs ``sql`` on ``database`` (as the tests' superuser; no
+        ``psql`` needed: this Python and psycopg)."""
+        import sys
+
+        dsn = f"host=127.0.0.1 port={self.port} user={DB_USER} dbname={database}"
+        code = "import sys, psycopg; psycopg.connect(sys.argv[1], autocommit=True).execute(sys.argv[2])"
+        return [sys.executable, "-c", code, dsn, sql]
+
+    def terminate_connections(self, database: str) -> int:
+        """``pg_terminate_backend`` every other connection to ``database`` (a connection killed from
+        the server's side); returns how many were killed."""
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user={DB_USER} dbname=postgres",
+                             autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()", (database,),
+            ).fetchone()
+        return int(row[0]) if row else 0
 
     def _stop_server(self, data: Path) -> None:
         """``pg_ctl stop`` immediately (nothing needs saving) the server of data folder ``data``."""

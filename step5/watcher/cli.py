@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import IO, Any, NoReturn, Sequence
+from typing import IO, Any, Sequence
 
-from step5.errors import Step5Error, UsageError
+from step5.cliutil import UsageErrorParser, add_log_level
+from step5.errors import EXIT_INTERRUPTED, EXIT_OK, Step5Error, UsageError
 from step5.jsonio import loads
 from step5.policy import DEFAULT_POLICY_PATH, find_policy, load_policy
 from step5.watcher.decision_log import DEFAULT_DECISION_LOG, read_decisions
-from step5.watcher.judge import EXIT_INTERRUPTED
 from step5.watcher.pipeline import run_pipeline
 from step5.watcher.process import install_termination_as_interrupt
 from step5.watcher.registry import DEFAULT_REGISTRY_PATH, load_skip_registry, skipped_model_types
@@ -23,16 +23,8 @@ from step5.watcher.registry import DEFAULT_REGISTRY_PATH, load_skip_registry, sk
 logger = logging.getLogger("step5.watcher")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse exits 2 on a usage error, which here means DEGENERATE; use 64 (EX_USAGE)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(UsageError.exit_code, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = UsageErrorParser(
         prog="watcher_agent.py",
         description="Run pipeline steps as subprocesses, judge each run against the policy, "
                     "log the decision and keep the model skip registry.",
@@ -51,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decision-log", default=DEFAULT_DECISION_LOG, help=f"JSONL decision log [{DEFAULT_DECISION_LOG}]")
     p.add_argument("--last", type=int, default=10, help="--status: how many decisions to show [10]")
     p.add_argument("--quiet-step", action="store_true", help="do not echo the step's output to stderr")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level(p)
     # Tests replace the real step with a fake script (step5/testing/fake_step5*.py).
     p.add_argument("--step-command", default=None, help=argparse.SUPPRESS)
     return p
@@ -100,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.status:
             print_status(decision_log=args.decision_log, policy_path=args.policy, last=args.last, out=sys.stdout)
-            return 0
+            return EXIT_OK
         end = args.end_step if args.end_step is not None else args.start_step
         return run_pipeline(
             args.start_step, end, _parse_params(args.params),

@@ -13,9 +13,10 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from step5.artifacts import DIAGNOSTICS_DIRNAME
 from step5.jsonio import dumps_line, loads
 
-DEFAULT_DECISION_LOG = "diagnostics_outputs/watcher_decisions.jsonl"
+DEFAULT_DECISION_LOG = f"{DIAGNOSTICS_DIRNAME}/watcher_decisions.jsonl"
 
 
 def append_decision(path: str | os.PathLike[str], record: dict[str, Any]) -> None:

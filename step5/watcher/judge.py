@@ -32,8 +32,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from step5.artifacts import TRAINING_METRIC_KEYS, resolve_checkpoint, validate_sidecar
-from step5.errors import DataError, PolicyError
+from step5.artifacts import TRAINING_METRIC_KEYS, get_model_type, resolve_checkpoint, validate_sidecar
+from step5.errors import EXIT_ESCALATE, EXIT_OK, EXIT_SKIP_MODEL, DataError, DegenerateSignalError, PolicyError, \
+    UsageError
 from step5.jsonio import loads
 from step5.policy import DiagnosticsPolicy, Policy, bound_breaches, metric_key
 from step5.values import finite_or_none
@@ -52,12 +53,11 @@ class Decision(str, Enum):
 
 
 EXIT_CODES: dict[Decision, int] = {
-    Decision.PROCEED: 0,
-    Decision.DEGENERATE: 2,
-    Decision.SKIP_MODEL: 3,
-    Decision.ESCALATE: 4,
+    Decision.PROCEED: EXIT_OK,
+    Decision.DEGENERATE: DegenerateSignalError.exit_code,
+    Decision.SKIP_MODEL: EXIT_SKIP_MODEL,
+    Decision.ESCALATE: EXIT_ESCALATE,
 }
-EXIT_INTERRUPTED = 130
 
 # Metric names the policy may use -> key in the sidecar's ``training_metrics``. ``cv_r2`` is
 # the short name the acceptance rules use (``min_cv_r2``) for the CV mean.
@@ -148,12 +148,6 @@ def assess_metrics(
     if not verdict.critical:
         verdict.reasons = [f"{model_type} accepted: " + (", ".join(passed) or "no acceptance rules")]
     return verdict
-
-
-def sidecar_problems(obj: Any) -> list[str]:
-    """Everything wrong with a sidecar object; empty means valid. The definition is the
-    optimizer's (:func:`step5.artifacts.validate_sidecar`), so the two cannot drift."""
-    return list(validate_sidecar(obj))
 
 
 @dataclass
@@ -308,17 +302,18 @@ def judge(
             f"step {step.number} timed out after {timeout:g}s (watcher.step_timeout_s); its process group was stopped"
         ])
     rc = run.returncode
-    if rc == 64:
-        return Judgement(Decision.ESCALATE, [f"step {step.number} rejected its command line (exit 64){_tail_hint(run)}"])
+    degenerate = DegenerateSignalError.exit_code
+    if rc == UsageError.exit_code:
+        return Judgement(Decision.ESCALATE, [f"step {step.number} rejected its command line (exit {rc}){_tail_hint(run)}"])
 
-    if rc not in (0, 2):
+    if rc not in (EXIT_OK, degenerate):
         reason = f"step {step.number} failed with {run.exit_status}{_tail_hint(run)}"
         return Judgement(Decision.RETRY if can_retry else Decision.ESCALATE, [reason])
 
     sidecar, why = _load_sidecar(sidecar_path, sidecar_before)
     if sidecar is None:
         return Judgement(Decision.ESCALATE, [f"step {step.number} exited {rc} but {why}"])
-    problems = sidecar_problems(sidecar)
+    problems = validate_sidecar(sidecar)  # the optimizer's own definition: the two cannot drift
     if problems:
         return Judgement(Decision.ESCALATE, [f"invalid sidecar {sidecar_path}: {p}" for p in problems], sidecar=sidecar)
     provenance = sidecar.get("provenance") or {}
@@ -329,10 +324,10 @@ def judge(
         ], sidecar=sidecar)
 
     outcome = sidecar.get("outcome")
-    if rc == 2:
+    if rc == degenerate:
         if outcome != "DEGENERATE_SIGNAL":
             return Judgement(Decision.ESCALATE, [
-                f"step {step.number} exited 2 (degenerate) but the sidecar's outcome is {outcome!r}"
+                f"step {step.number} exited {rc} (degenerate) but the sidecar's outcome is {outcome!r}"
             ], sidecar=sidecar)
         sq = sidecar.get("signal_quality") or {}
         return Judgement(Decision.DEGENERATE, [
@@ -358,7 +353,7 @@ def judge(
         warnings.append("signal_quality.signal_status is 'weak'")
     execution = sidecar.get("execution") or {}
     mode = execution.get("mode") if isinstance(execution, dict) else None
-    if expect_persistent_workers and model_type == "neural_net" and mode != "persistent_workers":
+    if expect_persistent_workers and get_model_type(model_type).torch and mode != "persistent_workers":
         warnings.append(f"persistent workers were asked for but the step ran in mode {mode!r}")
     if isinstance(execution, dict) and execution.get("fallbacks"):
         warnings.append(f"worker fallbacks during the run: {execution.get('fallbacks')!r}")

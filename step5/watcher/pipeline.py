@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from step5.artifacts import compare_summary_path
-from step5.errors import Step5Error, UsageError
+from step5.errors import EXIT_INTERRUPTED, Step5Error, UsageError
 from step5.lifeline import SUPERVISOR_PID_ENV
 from step5.jsonio import dumps
 from step5.launch import child_environment
@@ -34,7 +34,6 @@ from step5.values import utc_timestamp
 from step5.watcher.decision_log import append_decision
 from step5.watcher.judge import (
     EXIT_CODES,
-    EXIT_INTERRUPTED,
     Decision,
     Judgement,
     file_signature,

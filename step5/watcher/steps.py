@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from step5.artifacts import PIPELINE_STEP, PIPELINE_STEP_NAME
+from step5.artifacts import HISTORY_FILENAME, PIPELINE_STEP, PIPELINE_STEP_NAME, SIDECAR_NAME, SURVIVORS_FILENAME
 from step5.errors import DataError, UsageError
 from step5.jsonio import read_json_file
 from step5.launch import OPTIMIZER_MODULE, module_command
@@ -85,7 +85,7 @@ class StepSpec:
     parser_factory: Callable[[], argparse.ArgumentParser]  # the step's own command line
     command_check: Callable[[argparse.Namespace, list[str]], Any]  # the step's own whole-command checks
     required_defaults: dict[str, Any] = field(default_factory=dict)  # values for flags the step requires
-    sidecar_name: str = "best_model.meta.json"
+    sidecar_name: str = SIDECAR_NAME
     reserved: dict[str, str] = field(default_factory=dict)  # key -> why it is not a params key
     manifest: str | None = None  # the pipeline's manifest of this step, under MANIFESTS_DIR
 
@@ -150,7 +150,7 @@ _STEP5 = StepSpec(
     parser_factory=_step5_parser,
     command_check=_step5_check,
     # The proposal's Test 4 passes neither; these are the pipeline's file names.
-    required_defaults={"survivors": "survivors_with_scores.json", "lottery_data": "train_history.json"},
+    required_defaults={"survivors": SURVIVORS_FILENAME, "lottery_data": HISTORY_FILENAME},
     reserved={"policy": "use the watcher's own --policy PATH; it is passed through to the step"},
     manifest="reinforcement.json",
 )

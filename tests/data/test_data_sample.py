@@ -138,4 +138,4 @@ def test_cli_degenerate_and_usage_error(tmp_path, python, repo_root):
         [python, "-m", "step5.data.sample", "--out", str(tmp_path), "--survivors", "0"],
         cwd=repo_root, capture_output=True, text=True, timeout=60,
     )
-    assert bad.returncode == 2 and "--survivors must be >= 1" in bad.stderr
+    assert bad.returncode == 64 and "--survivors must be >= 1" in bad.stderr  # 64 like every command

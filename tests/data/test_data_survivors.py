@@ -8,15 +8,18 @@ import numpy as np
 import orjson
 import pytest
 
-from step5.data.survivors import (
-    LEAKAGE_COLUMNS,
-    feature_matrix_from_records,
-    load_feature_matrix,
-    load_features,
-    load_survivors,
-    table_from_records,
-)
+from step5.data import survivors
+from step5.data.survivors import LEAKAGE_COLUMNS, features_from_records, load_features, load_survivors
 from step5.errors import DataError
+
+
+def table_from_records(records, target: str = survivors.DEFAULT_TARGET, *, source: str = "<records>"):
+    """The exact path on records already parsed: what load_survivors does with a piece that
+    does not decode (the oracle the piece-by-piece reading is compared with)."""
+    survivors._check_target(target)
+    builder = survivors._TableBuilder(target, source)
+    builder.add_records(survivors.records_list(records, source), 0)
+    return builder.finish()
 
 
 def rec(features: dict, **top) -> dict:
@@ -186,7 +189,7 @@ def test_non_finite_values_in_parsed_records(bad):
     with pytest.raises(DataError, match=r"record 0: target 't' must be a finite number"):
         table_from_records([{"features": {"x": 1.0}, "t": bad}], "t")
     with pytest.raises(DataError, match=r"record 0: feature 'x'"):
-        feature_matrix_from_records([{"features": {"x": bad}}], ["x"])
+        features_from_records([{"features": {"x": bad}}], ["x"]).X
 
 
 def test_int_beyond_float64_is_named():
@@ -210,7 +213,7 @@ def test_feature_matrix_for_prediction(tmp_path, caplog):
     ]
     path = write(tmp_path, recs)
     with caplog.at_level(logging.WARNING, logger="step5.data.survivors"):
-        X = load_feature_matrix(path, ["b", "a"])  # caller's order, not sorted
+        X = load_features(path, ["b", "a"]).X  # caller's order, not sorted
     assert X.dtype == np.float32
     np.testing.assert_array_equal(X, [[1.0, 2.0], [0.0, 3.0]])
     assert any("filled 1 value(s)" in r.getMessage() for r in caplog.records)
@@ -229,7 +232,7 @@ def test_feature_matrix_for_prediction(tmp_path, caplog):
 def test_feature_matrix_bad_input(tmp_path, records, expected):
     path = write(tmp_path, records)
     with pytest.raises(DataError) as info:
-        load_feature_matrix(path, ["a"])
+        load_features(path, ["a"]).X
     assert str(path) in str(info.value)
     for part in expected:
         assert part in str(info.value)
@@ -238,7 +241,7 @@ def test_feature_matrix_bad_input(tmp_path, records, expected):
 @pytest.mark.parametrize("names", [[], ["a", "a"], ["a", 3]])
 def test_feature_matrix_rejects_bad_schema(names):
     with pytest.raises(ValueError, match="`feature_names`"):
-        feature_matrix_from_records([{"features": {"a": 1.0}}], names)
+        features_from_records([{"features": {"a": 1.0}}], names).X
 
 
 def test_loads_generated_sample_with_its_fills(sample_inputs):
@@ -249,7 +252,7 @@ def test_loads_generated_sample_with_its_fills(sample_inputs):
     assert t.excluded_features == ["confidence", "score"]
     assert not set(t.feature_names) & set(LEAKAGE_COLUMNS)
     assert t.feature_names == sorted(t.feature_names)
-    X = load_feature_matrix(survivors_path, t.feature_names)
+    X = load_features(survivors_path, t.feature_names).X
     np.testing.assert_array_equal(X, t.X)
 
 
@@ -321,7 +324,7 @@ def test_predictor_reader_in_pieces_equals_records_read_whole(tmp_path, small_pi
     names = ["late_feat", "a_feat", "absent_feat"]  # the model's order; one key no record has
     with caplog.at_level(logging.WARNING, logger="step5.data.survivors"):
         got = load_features(path, names)
-    np.testing.assert_array_equal(got.X, feature_matrix_from_records(recs, names))
+    np.testing.assert_array_equal(got.X, features_from_records(recs, names).X)
     assert got.seeds == [r["seed"] for r in recs]
     assert got.feature_names == names and got.n_records == len(recs)
     assert got.missing_by_feature == {"late_feat": 300, "absent_feat": 400}
@@ -424,7 +427,7 @@ def test_nan_tokens_where_nothing_is_read_keep_the_fast_path(tmp_path, small_pie
     calls.clear()
     got = load_features(path, ["c_feat", "a_feat"])
     assert calls == [0]
-    np.testing.assert_array_equal(got.X, feature_matrix_from_records(recs, ["c_feat", "a_feat"]))
+    np.testing.assert_array_equal(got.X, features_from_records(recs, ["c_feat", "a_feat"]).X)
 
 
 def test_null_non_finite_tokens_touches_only_tokens_outside_strings():

@@ -18,8 +18,7 @@ import pytest
 from step5.data.splits import write_fold_npz
 from step5.devices import DeviceSlot
 from step5.errors import JobError
-from step5.execution.factory import make_fold_runner
-from step5.execution.pool import WorkerPool
+from step5.execution.pool import WorkerPool, make_fold_runner
 from step5.execution.worker_process import WorkerProcess
 from step5.policy import TrainingPolicy
 from step5.testing import run_each, summary_of
@@ -54,9 +53,9 @@ def kill_during_second_job(monkeypatch):
     sends = {"n": 0, "armed": False}
     original = WorkerProcess.send
 
-    def send(self, message, doing):
+    def send(self, message, doing):  # message: a typed request (step5.protocol)
         original(self, message, doing)
-        if sends["armed"] and message.get("command") == "train":
+        if sends["armed"] and message.command == "train":
             sends["n"] += 1
             if sends["n"] == 2:
                 sends["armed"] = False

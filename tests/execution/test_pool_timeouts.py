@@ -1,9 +1,9 @@
 """A job timeout is not a worker fault (issue 10).
 
-A job that outlives its timeout on a worker that still answers heartbeats is retried once
+A job that outlives its timeout on a worker that still answers liveness probes is retried once
 on a fresh worker; its second timeout is its verdict (a ``timeout`` JobError), reached
 within about twice the timeout, and the slot never leaves worker mode for it. A worker that
-stops answering heartbeats is hung: that is a fault, restart then fallback, as before.
+stops answering them is hung: that is a fault, restart then fallback, as before.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from pathlib import Path
 from step5.devices import DeviceSlot
 from step5.errors import JobError
 from step5.execution.pool import WorkerPool
-from step5.execution.runner import SubprocessRunner
 from step5.protocol import NNParams, TrainRequest
 from step5.testing import FAKE_WORKER, fake_worker_command, run_each, summary_of
 
@@ -30,7 +29,7 @@ def slow_pool(job_s: float, **kwargs) -> WorkerPool:
     kwargs.setdefault("max_restarts", 1)
     return WorkerPool([DeviceSlot("CPU-0", "cpu", "", 1)], job_timeout_s=TIMEOUT_S, ready_timeout_s=10.0,
                       worker_command=fake_worker_command("--job-s", str(job_s)), oneshot_script=FAKE_WORKER,
-                      shutdown_timeout_s=2.0, heartbeat_interval_s=0.2, heartbeat_grace_s=1.0, **kwargs)
+                      shutdown_timeout_s=2.0, probe_interval_s=0.2, probe_grace_s=1.0, **kwargs)
 
 
 def test_a_job_that_never_finishes_fails_within_twice_its_timeout_and_keeps_the_slot(data_file, caplog):
@@ -75,7 +74,7 @@ def test_a_worker_that_stops_answering_heartbeats_is_a_hang_fault(data_file, tmp
     pool = WorkerPool([DeviceSlot("CPU-0", "cpu", "", 1)], job_timeout_s=30.0, ready_timeout_s=10.0, max_restarts=1,
                       worker_command=fake_worker_command("--fault", "hang", "--faulty-starts", "1",
                                                          "--state-dir", str(tmp_path)),
-                      oneshot_script=FAKE_WORKER, heartbeat_interval_s=0.2, heartbeat_grace_s=0.8)
+                      oneshot_script=FAKE_WORKER, probe_interval_s=0.2, probe_grace_s=0.8)
     with pool:
         start = time.monotonic()
         (result,) = run_each(pool, [request(data_file)])
@@ -89,8 +88,8 @@ def test_a_worker_that_stops_answering_heartbeats_is_a_hang_fault(data_file, tmp
 
 def test_a_one_shot_trainer_that_times_out_is_retried_once(data_file, monkeypatch):
     monkeypatch.setenv("STEP5_FAKE_ONESHOT", "hang")
-    with SubprocessRunner([DeviceSlot("CPU-0", "cpu", "", 1)], job_timeout_s=1.0, max_job_reruns=3,
-                          script=FAKE_WORKER) as runner:
+    with WorkerPool([DeviceSlot("CPU-0", "cpu", "", 1)], persistent=False, job_timeout_s=1.0, max_job_reruns=3,
+                    oneshot_script=FAKE_WORKER) as runner:
         start = time.monotonic()
         ((outcome,),) = runner.run([[request(data_file)]])
         elapsed = time.monotonic() - start

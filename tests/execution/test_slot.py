@@ -5,7 +5,8 @@ import pytest
 
 from step5.execution.slot import FaultBudget, JobAttempts, JobVerdict, SlotAction, SlotMachine
 
-R, F, X = SlotAction.RESTART, SlotAction.FALLBACK, SlotAction.REPLACE
+R, F = SlotAction.RESTART, SlotAction.FALLBACK
+X = None  # a job timeout replaces the worker and changes nothing in the machine
 
 # Each row: max_restarts, events in order, the actions they produced, (restarts, fallback) at the end.
 SLOT_TABLE = [

@@ -2,9 +2,12 @@
 with clear errors."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from step5.artifacts import checkpoint_filename
 from step5.errors import DataError
 from step5.models import trees
 
@@ -28,9 +31,9 @@ def fitted():
 def test_round_trip_predicts_the_same_values(model_type, fitted, tmp_path):
     models, X_new = fitted
     model = models[model_type]
-    path = trees.save_model(model, model_type, tmp_path / trees.checkpoint_name(model_type))
+    path = trees.save_model(model, model_type, tmp_path / checkpoint_filename(model_type))
 
-    assert path.name == "best_model" + trees.CHECKPOINT_SUFFIX[model_type]
+    assert path.name == checkpoint_filename(model_type)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temp file left behind
     loaded = trees.load_model(path, model_type)
     assert (loaded.model_type, loaded.n_features, loaded.n_iterations) == (model_type, 6, model.n_iterations)
@@ -39,15 +42,6 @@ def test_round_trip_predicts_the_same_values(model_type, fitted, tmp_path):
     np.testing.assert_allclose(got, model.predict(X_new), rtol=1e-6, atol=1e-9)
     # float64 input (what a caller might have) predicts the same as float32
     np.testing.assert_allclose(loaded.predict(X_new.astype(np.float64)), got, rtol=1e-6)
-
-
-def test_checkpoint_constants_match_the_sidecar_definitions():
-    from step5 import artifacts
-
-    for model_type, name in artifacts.CHECKPOINT_FILENAMES.items():
-        assert trees.checkpoint_name(model_type) == name
-        assert trees.CHECKPOINT_FORMAT[model_type] == artifacts.CHECKPOINT_FORMATS[model_type]
-    assert set(trees.TREE_MODEL_TYPES) < set(trees.CHECKPOINT_SUFFIX)
 
 
 def test_saving_replaces_an_old_checkpoint_whole(fitted, tmp_path):
@@ -71,7 +65,7 @@ def test_save_refuses_a_wrong_suffix_or_a_model_of_another_type(fitted, tmp_path
 
 @pytest.mark.parametrize("model_type", trees.TREE_MODEL_TYPES)
 def test_missing_or_corrupt_checkpoint_is_a_data_error_naming_the_file(model_type, tmp_path):
-    path = tmp_path / trees.checkpoint_name(model_type)
+    path = tmp_path / checkpoint_filename(model_type)
     with pytest.raises(DataError, match=f"{model_type} checkpoint not found: .*{path.name}"):
         trees.load_model(path, model_type)
     path.write_bytes(b"\x00garbage, not a model")
@@ -102,13 +96,13 @@ def test_feature_names_travel_in_the_checkpoint(model_type, tmp_path):
     _, model = trees.train_fold(model_type, {"n_estimators": 10}, X[:60], y[:60], X[60:], y[60:],
                                 seed=0, n_threads=1, device="cpu", feature_names=names)
     assert model.feature_names == names
-    path = trees.save_model(model, model_type, tmp_path / trees.checkpoint_name(model_type))
+    path = trees.save_model(model, model_type, tmp_path / checkpoint_filename(model_type))
     assert trees.load_model(path, model_type).feature_names == names
 
     # trained without names: the library's made-up ones (Column_0, "0") are not reported
     _, nameless = trees.train_fold(model_type, {"n_estimators": 10}, X[:60], y[:60], X[60:], y[60:],
                                    seed=0, n_threads=1, device="cpu")
-    path = trees.save_model(nameless, model_type, tmp_path / ("nameless" + trees.CHECKPOINT_SUFFIX[model_type]))
+    path = trees.save_model(nameless, model_type, tmp_path / ("nameless" + Path(checkpoint_filename(model_type)).suffix))
     assert trees.load_model(path, model_type).feature_names is None
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from step5 import artifacts
+from step5.artifacts import checkpoint_filename
 from step5.models import trees
 
 
@@ -47,14 +48,14 @@ def test_predictor_loads_every_tree_format_and_predicts_like_the_saved_model(mod
     out_dir = outcome.sidecar_path.parent
     predictor = load_predictor(out_dir)
     assert predictor.model_type == model_type
-    assert predictor.checkpoint_path.name == trees.checkpoint_name(model_type)
-    assert predictor.sidecar["checkpoint_format"] == trees.CHECKPOINT_FORMAT[model_type]
+    assert predictor.checkpoint_path.name == checkpoint_filename(model_type)
+    assert predictor.sidecar["checkpoint_format"] == artifacts.MODEL_REGISTRY[model_type].checkpoint_format
 
     survivors, _ = sample_inputs
     got = predictor.predict_file(survivors)
     table = load_survivors(survivors)
     assert got.shape == (table.n_records,) and np.isfinite(got).all()
-    direct = trees.load_model(out_dir / trees.checkpoint_name(model_type), model_type).predict(table.X)
+    direct = trees.load_model(out_dir / checkpoint_filename(model_type), model_type).predict(table.X)
     np.testing.assert_allclose(got, direct, rtol=1e-6, atol=1e-9)
     # the model is not a constant and it learned the planted signal
     assert np.corrcoef(got, table.y)[0, 1] > 0.5

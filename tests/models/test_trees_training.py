@@ -7,6 +7,7 @@ import numpy as np
 import optuna
 import pytest
 
+from step5.artifacts import checkpoint_filename
 from step5.data.sample import generate_arrays
 from step5.devices import detect_gpus
 from step5.models import trees
@@ -88,7 +89,7 @@ def test_early_stopping_on_noise_keeps_only_the_best_rounds(model_type, tmp_path
     assert metrics["early_stopped"] is True
     assert metrics["n_iterations"] < 100
     # the checkpoint holds the same number of rounds as the metrics describe
-    path = trees.save_model(model, model_type, tmp_path / trees.checkpoint_name(model_type))
+    path = trees.save_model(model, model_type, tmp_path / checkpoint_filename(model_type))
     assert trees.load_model(path, model_type).n_iterations == metrics["n_iterations"]
 
 
@@ -163,14 +164,14 @@ def test_r2_is_finite_for_a_constant_target():
 def test_no_visible_gpu_means_cpu(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     for model_type in trees.TREE_MODEL_TYPES:
-        assert trees.resolve_device(model_type) == "cpu"
-    assert trees.resolve_device("xgboost", "cuda") == "cuda:0"
-    assert trees.resolve_device("catboost", "cuda:1") == "cuda:1"
+        assert trees.TreeDevices().resolve(model_type) == "cpu"
+    assert trees.TreeDevices().resolve("xgboost", "cuda") == "cuda:0"
+    assert trees.TreeDevices().resolve("catboost", "cuda:1") == "cuda:1"
 
 
 def test_visible_gpu_picks_the_first_visible_ordinal(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    assert trees.resolve_device("xgboost") == "cuda:0"  # physical GPU 3 is ordinal 0 in-process
+    assert trees.TreeDevices().resolve("xgboost") == "cuda:0"  # physical GPU 3 is ordinal 0 in-process
 
 
 def test_lightgbm_without_gpu_support_trains_on_cpu(monkeypatch, caplog):
@@ -227,7 +228,7 @@ def test_gpu_training_when_a_gpu_is_present(model_type, planted, tmp_path):
     metrics, model = _fit(model_type, planted, device=None)
     assert metrics["device"] == "cuda", metrics
     assert metrics["test_r2"] > 0.15
-    path = trees.save_model(model, model_type, tmp_path / trees.checkpoint_name(model_type))
+    path = trees.save_model(model, model_type, tmp_path / checkpoint_filename(model_type))
     loaded = trees.load_model(path, model_type)
     (_, _), (_, _), (Xte, _) = planted
     np.testing.assert_allclose(loaded.predict(Xte), model.predict(Xte), rtol=1e-6, atol=1e-7)

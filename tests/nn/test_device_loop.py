@@ -92,6 +92,28 @@ def test_the_loop_comes_from_the_argument_then_the_environment():
         resolve_train_loop("eager", cpu, {})
 
 
+@pytest.mark.parametrize("device, hip, backend", [
+    ("cuda", None, "cuda"), ("cuda", "6.2.41133", "rocm"), ("cpu", None, "cpu"), ("cpu", "6.2.41133", "cpu"),
+])
+def test_the_backend_comes_from_the_build_not_the_device_name(device, hip, backend):
+    # A ROCm build of torch calls its AMD GPUs "cuda" too; only torch.version.hip tells.
+    assert device_loop.device_backend(torch.device(device), hip) == backend
+
+
+def test_on_rocm_the_graph_loops_fall_back_to_the_host_loop_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(device_loop, "_warned_blocked_capture", False)
+    rocm, cpu, hip = torch.device("cuda"), torch.device("cpu"), "6.2.41133"
+    with caplog.at_level("WARNING", logger="step5.nn.device_loop"):
+        assert resolve_train_loop(None, rocm, {}, hip_version=hip) == "host"  # auto
+        assert resolve_train_loop("graph", rocm, {}, hip_version=hip) == "host"  # asked for
+        assert resolve_train_loop(None, rocm, {TRAIN_LOOP_ENV: "graph"}, hip_version=hip) == "host"
+        assert resolve_train_loop("host", rocm, {}, hip_version=hip) == "host"
+        assert resolve_train_loop("graph", cpu, {}, hip_version=hip) == "graph"  # the CPU never captures anyway
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "ROCm build (HIP 6.2.41133)" in warnings[0] and "host loop" in warnings[0]
+    assert device_loop.capture_blocker(torch.device("cuda"), None) is None  # CUDA keeps its graphs
+
+
 def test_a_bad_loop_in_the_environment_fails_the_job_naming_the_variable(monkeypatch):
     monkeypatch.setenv(TRAIN_LOOP_ENV, "fast")
     with pytest.raises(ValueError, match=TRAIN_LOOP_ENV):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +10,14 @@ import pytest
 import torch
 
 from step5.data.splits import kfold_splits, write_fold_npz
-from step5.launch import ENSEMBLE_MODULE, child_environment, module_command
+from step5.execution.oneshot import oneshot_command
+from step5.jsonio import dumps
+from step5.launch import child_environment
 from step5.nn.checkpoint import load_checkpoint
 from step5.nn.ensemble import build_ensemble, merge_models
 from step5.nn.job import run_train_job
 from step5.nn.model import build_reference_mlp
-from step5.protocol import NNParams, TrainRequest
+from step5.protocol import MergeRequest, NNParams, TrainRequest
 
 PARAMS = dict(hidden_layers=[6, 4], learning_rate=0.01, dropout=0.1, input_dropout=0.1, epochs=15,
               weight_decay=1e-4, optimizer="adam", batch_size=64, early_stopping_patience=4, gradient_clip=1.0)
@@ -127,19 +128,28 @@ def test_models_of_different_inputs_are_refused():
         merge_models([])
 
 
-def test_the_child_process_prints_one_json_line_and_names_a_missing_checkpoint(tmp_path):
+def test_the_one_shot_trainer_answers_a_merge_with_one_json_line_and_names_a_missing_checkpoint(tmp_path):
+    """A ``merge`` request runs where torch already is: here the one-shot trainer (a worker
+    serving one job); the parent never imports torch."""
     folds, final = _fold_models(tmp_path, k=2)
-    cmd = [*module_command(ENSEMBLE_MODULE), "--out", str(tmp_path / "best_model.pth"), "--score", str(final)]
-    ok = subprocess.run([*cmd, *map(str, folds)], capture_output=True, env=child_environment(), timeout=120)
+    out = tmp_path / "best_model.pth"
+
+    def run(paths) -> subprocess.CompletedProcess:
+        request = MergeRequest(tuple(map(str, paths)), str(out), str(final), trial_number=3, job_id="t3-merge")
+        return subprocess.run([*oneshot_command(), "--request", "-"], input=dumps(request.to_dict()),
+                              capture_output=True, env=child_environment(), timeout=120)
+
+    ok = run(folds)
     assert ok.returncode == 0, ok.stderr.decode()[-2000:]
     (line,) = ok.stdout.decode().splitlines()
-    assert json.loads(line)["status"] == "complete"
+    reply = json.loads(line)
+    assert (reply["status"], reply["job_id"], reply["trial_number"], reply["models"]) == ("complete", "t3-merge", 3, 2)
+    assert reply["model_path"] == str(out) and reply["hidden_layers"] == [12, 8] == list(load_checkpoint(out).hidden_layers)
 
     missing = tmp_path / "nowhere" / "best_model.pth"
-    bad = subprocess.run([*cmd, str(folds[0]), str(missing)], capture_output=True, env=child_environment(),
-                         timeout=120)
+    bad = run([folds[0], missing])
     assert bad.returncode == 1
     (line,) = bad.stdout.decode().splitlines()
     error = json.loads(line)
     assert error["status"] == "error" and error["error_type"] == "data_error" and str(missing) in error["error"]
-
+    assert error["job_id"] == "t3-merge"

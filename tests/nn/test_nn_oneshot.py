@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from step5.errors import BadRequest
+from step5.errors import BadRequest, UsageError
 from step5.nn.job import run_train_job
-from step5.nn.oneshot import _UsageFailure, build_parser, request_from_args
+from step5.nn.oneshot import build_parser, request_from_args
 
 CPU = torch.device("cpu")
 PARAMS = {"hidden_layers": [16, 8], "epochs": 10, "learning_rate": 1e-2, "dropout": 0.1, "batch_size": 32}
@@ -31,11 +31,11 @@ def fold(tmp_path_factory) -> str:
     return str(path)
 
 
-def run_cli(repo_root: Path, *args: str) -> tuple[int, list[str], str]:
+def run_cli(repo_root: Path, *args: str, stdin: str | None = None) -> tuple[int, list[str], str]:
     env = dict(os.environ, STEP5_TORCH_THREADS="1", PYTHONPATH=str(repo_root))
     proc = subprocess.run(
         [sys.executable, str(repo_root / "train_single_trial.py"), *args],
-        capture_output=True, text=True, env=env, cwd=repo_root, timeout=120, check=False,
+        capture_output=True, text=True, env=env, cwd=repo_root, timeout=120, check=False, input=stdin,
     )
     return proc.returncode, proc.stdout.splitlines(), proc.stderr
 
@@ -70,6 +70,16 @@ def test_cli_prints_one_result_line_equal_to_the_in_process_job(repo_root, fold,
     for key in ("r2", "val_mse", "train_mse", "train_r2", "epochs_run", "best_epoch", "n_train", "n_val"):
         assert result[key] == here[key], key
 
+    # The worker's JSON request (what the fold runner sends on stdin) is the same job: the same reply.
+    wire = {**request.to_dict(), "job_id": "t4-f1", "save_model_path": str(tmp_path / "again.pth")}
+    code, lines, stderr = run_cli(repo_root, "--request", "-", stdin=json.dumps(wire))
+    assert code == 0, stderr
+    (line,) = lines
+    again = json.loads(line)
+    assert again["job_id"] == "t4-f1" and again["model_path"] == str(tmp_path / "again.pth")
+    for key in ("r2", "val_mse", "train_mse", "train_r2", "epochs_run", "best_epoch", "n_train", "n_val"):
+        assert again[key] == result[key], key
+
 
 def test_cli_job_failure_exits_1_with_an_error_line(repo_root, tmp_path):
     code, lines, _ = run_cli(
@@ -89,6 +99,8 @@ def test_cli_job_failure_exits_1_with_an_error_line(repo_root, tmp_path):
     (["--model-type", "neural_net", "--data-path", "x.npz", "--params", "{not json"], "not valid JSON"),
     (["--model-type", "neural_net", "--data-path", "x.npz", "--params", '{"epochs": 0}'], "epochs"),
     (["--model-type", "neural_net", "--data-path", "x.npz", "--params", "{}", "--save-model"], "--model-output-dir"),
+    (["--request", "-", "--data-path", "x.npz"], "--request replaces --data-path"),
+    (["--request", "/nonexistent/request.json"], "cannot read --request"),
 ])
 def test_cli_usage_errors_exit_1_with_a_bad_request_line(repo_root, args, fragment):
     code, lines, _ = run_cli(repo_root, *args)
@@ -108,8 +120,21 @@ def test_dropout_flag_overrides_params():
     with pytest.raises(BadRequest, match="dropout"):
         request_from_args(build_parser().parse_args([
             "--model-type", "neural_net", "--data-path", "f.npz", "--params", "{}", "--dropout", "1.5"]))
-    with pytest.raises(_UsageFailure):
+    with pytest.raises(UsageError):
         build_parser().parse_args(["--model-type"])
+
+
+@pytest.mark.parametrize("request_, fragment", [
+    ("{not json", "--request is not valid JSON"),
+    ('{"command": "train", "X_train_path": "x.npz", "params": {"epochs": 0}, "job_id": "j1"}', "`epochs`"),
+    ('{"command": "ping"}', "runs one `train` or `merge` job, got `ping`"),
+])
+def test_a_bad_json_request_exits_1_with_a_bad_request_line(repo_root, request_, fragment):
+    code, lines, _ = run_cli(repo_root, "--request", "-", stdin=request_)
+    assert code == 1 and len(lines) == 1, lines
+    err = json.loads(lines[0])
+    assert err["status"] == "error" and err["error_type"] == "bad_request"
+    assert fragment in err["error"], err["error"]
 
 
 def test_stdout_guard_keeps_stray_output_off_the_wire(repo_root):

@@ -83,6 +83,7 @@ def test_acceptance_2_several_trials_then_shutdown_in_one_process(folds):
     ready, *jobs, pong, bye = messages
     assert ready["device"] == "cpu" and ready["protocol"] == 1 and ready["boot_s"] > 0
     assert ready["cuda_visible_devices"] == "0" and ready["torch_threads"] == 1
+    assert ready["backend"] == "cpu"  # what this torch build trains on, not what the pin asked for
     assert "CUDA is not available" in stderr
     assert [(j["trial_number"], j["fold_idx"], j["job_id"]) for j in jobs] == [
         (0, 0, "t0-f0"), (1, 0, "t1-f0"), (2, 1, "t2-f1"),
@@ -94,6 +95,18 @@ def test_acceptance_2_several_trials_then_shutdown_in_one_process(folds):
     assert pong["pid"] == bye["pid"] == ready["pid"] and pong["jobs_done"] == 3
     assert jobs[1]["load_s"] == 0.0  # same file again: served from the cache
     assert jobs[0]["r2"] != jobs[1]["r2"]  # a different seed is a different model
+
+
+def test_a_worker_pinned_to_an_amd_gpu_names_its_backend_and_warns_when_its_torch_cannot_use_it(folds):
+    rc, messages, stderr = run_worker(
+        [train(folds["f0"], 0), {"command": "shutdown"}],
+        env={"HIP_VISIBLE_DEVICES": "3", "CUDA_VISIBLE_DEVICES": "", "HSA_OVERRIDE_GFX_VERSION": "10.3.0"},
+    )
+    assert rc == 0
+    ready, job, _ = messages
+    assert (ready["backend"], ready["device"], ready["hip_visible_devices"]) == ("cpu", "cpu", "3")
+    assert job["status"] == "complete" and job["device"] == "cpu"
+    assert "HIP_VISIBLE_DEVICES='3' but ROCm is not available in torch" in stderr
 
 
 BAD = [

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from step5 import artifacts
-from step5.artifacts import MODEL_TYPES
+from step5.artifacts import MODEL_TYPES, checkpoint_filename
 from step5.models import trees
 from step5.optimizer import compare
 from step5.optimizer.config import OptimizerConfig
@@ -85,14 +85,14 @@ def test_trees_compete_and_a_failing_type_cannot_stop_or_win(sample_inputs, tmp_
     assert rescore["objective_mean"] == pytest.approx(done[best]["cv_rescored"])
     assert rescore["search_objective"] == pytest.approx(done[best]["cv_score"])
     ckpt = artifacts.resolve_checkpoint(out / artifacts.SIDECAR_NAME, sidecar)
-    assert ckpt.samefile(out / trees.checkpoint_name(best))  # read from the sidecar's own model set
+    assert ckpt.samefile(out / checkpoint_filename(best))  # read from the sidecar's own model set
     assert artifacts.file_sha256(ckpt) == sidecar["checkpoint_sha256"]
     model = trees.load_model(ckpt, best)
     assert model.n_features == sidecar["feature_schema"]["feature_count"]
 
     loser = ({"xgboost", "lightgbm"} - {best}).pop()
     archived = out / compare.ARCHIVE_DIRNAME / loser
-    assert (archived / trees.checkpoint_name(loser)).is_file()
+    assert (archived / checkpoint_filename(loser)).is_file()
     assert artifacts.read_sidecar(archived / artifacts.SIDECAR_NAME)["model_type"] == loser
     assert (config.diagnostics_dir / compare.PLOT_NAME).stat().st_size > 1000
 

@@ -83,9 +83,9 @@ def test_nn_trials_train_every_fold_of_every_search_partition(fake_runner, make_
     (runner,) = made
     study = study_of(cfg, outcome)
     best = study.best_trial
-    search = [r for r in runner.requests if r.save_model_path is None and r.fold_idx < 6]
-    rescore = [r for r in runner.requests if r.save_model_path is None and r.fold_idx >= 6]
-    final = [r for r in runner.requests if r.save_model_path is not None]
+    search = [r for r in runner.requests if r.fold_idx < 6]
+    rescore = [r for r in runner.requests if r.fold_idx >= 6]
+    ((final, _merged, _score),) = runner.merges
 
     # 3 trials x 2 partitions x 3 folds, on six fold files; a seed per (trial, fold)
     assert len(search) == 3 * 6 and len({r.data_path for r in search}) == 6
@@ -106,7 +106,8 @@ def test_nn_trials_train_every_fold_of_every_search_partition(fake_runner, make_
     # The rescore is a partition the search never used; the final net merges partition 0's folds
     assert [r.fold_idx for r in rescore] == [6, 7, 8] and {r.trial_number for r in rescore} == {best.number}
     assert not {r.data_path for r in rescore} & {r.data_path for r in search}
-    assert [(r.data_path, r.seed) for r in final] == [(r.data_path, r.seed) for r in mine[:3]]
+    assert [str(p) for p in final] == [r.save_model_path for r in mine[:3]]
+    assert not any(r.save_model_path for r in mine[3:])  # the repeat's folds save no model
 
     metrics = outcome.sidecar["training_metrics"]
     assert metrics["cv_repeats"] == 2 and metrics["k_folds"] == 3
@@ -169,7 +170,7 @@ def test_the_rescore_partitions_do_not_depend_on_the_repeats(fake_runner, make_c
         AntiOverfitMetaOptimizer(make_config(name, trials=1, cv_repeats=repeats, rescore_partitions=1)).run()
 
     def rescore_val_rows(runner, first_idx):
-        rescore = [r for r in runner.requests if r.save_model_path is None and r.fold_idx >= first_idx]
+        rescore = [r for r in runner.requests if r.fold_idx >= first_idx]
         return [frozenset(tuple(row) for row in runner.arrays[r.data_path]["X_val"]) for r in rescore]
 
     one, two = rescore_val_rows(made[0], 3), rescore_val_rows(made[1], 6)

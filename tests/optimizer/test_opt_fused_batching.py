@@ -28,7 +28,7 @@ from step5.optimizer.grouping import fusion_groups, plan_groups
 from step5.optimizer.backends import fold_seed
 from step5.protocol import FUSE_KEYS, NNParams, TrainRequest, fusion_key
 from step5.testing import FAKE_WORKER, fake_worker_command
-from step5.testing.fake_runner import install_fake_merge, install_fake_runner
+from step5.testing.fake_runner import install_fake_runner
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def runners(monkeypatch):
 
 def _trial_calls(runner) -> list[list[list[TrainRequest]]]:
     """The runner's calls that trained trials (not the final model)."""
-    return [call for call in runner.calls if all(r.save_model_path is None for g in call for r in g)]
+    return runner.train_calls
 
 
 def _table(study: optuna.Study) -> list[tuple[int, str, float | None, dict]]:
@@ -125,20 +125,21 @@ def test_fuse_folds_sends_each_trial_as_one_group_with_the_unfused_requests(runn
     assert _table(study_of(fused_cfg, fused)) == _table(study_of(make_config("plain"), plain))
     assert fused.sidecar["optuna"]["best_value"] == plain.sidecar["optuna"]["best_value"]
     # Four trials in flight (two per slot of the fake's two), so the 3 trials are one batch:
-    # one group of K folds per trial; then the final model: the best trial's K folds again.
-    assert [[len(g) for g in call] for call in fused_runner.calls] == [[3, 3, 3], [3]]
-    assert [[len(g) for g in call] for call in unfused_runner.calls] == [[1] * 9, [1] * 3]
+    # one group of K folds per trial; then the final model: one merge of the best trial's K
+    # fold models, which the search already trained (nothing is trained again).
+    assert [[len(g) for g in call] for call in fused_runner.calls] == [[3, 3, 3], [1]]
+    assert [[len(g) for g in call] for call in unfused_runner.calls] == [[1] * 9, [1]]
     sent = sorted((r.trial_number, r.fold_idx, r.seed, Path(r.data_path).name)
                   for call in _trial_calls(fused_runner) for g in call for r in g)
     assert sent == sorted(
         (r.trial_number, r.fold_idx, r.seed, Path(r.data_path).name)
-        for r in unfused_runner.requests if r.save_model_path is None
+        for r in unfused_runner.requests
     )
     search = fused.sidecar["execution"]["search"]
     assert (search["fuse_folds"], search["fuse_trials"], search["trials_in_flight"], search["batches"]) == (
         True, False, 4, 1)
     fusion = fused.sidecar["execution"]["fusion"]
-    assert (fusion["groups"], fusion["jobs"], fusion["fused_groups"], fusion["largest_group"]) == (4, 12, 4, 3)
+    assert (fusion["groups"], fusion["jobs"], fusion["fused_groups"], fusion["largest_group"]) == (4, 9, 3, 3)
     assert plain.sidecar["execution"]["search"]["fuse_folds"] is False
     assert artifacts.validate_sidecar(fused.sidecar) == []
 
@@ -307,26 +308,11 @@ def test_tree_models_say_that_neural_net_flags_do_not_apply(caplog, monkeypatch,
 # ---------------------------------------------------------------------------- the real pool
 
 
-class _PoolWithFakeCheckpoint(WorkerPool):
-    """The real pool over the fake worker, which trains nothing and so saves no model:
-    the final folds' checkpoints are faked here (and their merge, by install_fake_merge),
-    everything else is the pool's."""
-
-    def run(self, groups):
-        outcomes = super().run(groups)
-        for group, group_outcomes in zip(groups, outcomes):
-            for req, res in zip(group, group_outcomes):
-                if req.save_model_path and isinstance(res, dict):
-                    Path(req.save_model_path).write_bytes(b"fake checkpoint")
-                    res.update(test_r2=res["r2"], test_mse=res["val_mse"])
-        return outcomes
-
-
 def _install_fake_pool(monkeypatch, *options: str) -> list[WorkerPool]:
     made: list[WorkerPool] = []
 
     def factory(slots, policy, *, persistent):
-        pool = _PoolWithFakeCheckpoint(
+        pool = WorkerPool(
             [DeviceSlot(f"CPU-{i}", "cpu", "", 1) for i in range(2)], job_timeout_s=10.0, ready_timeout_s=20.0,
             max_restarts=1, worker_command=fake_worker_command(*options), oneshot_script=FAKE_WORKER,
             shutdown_timeout_s=5.0,
@@ -335,7 +321,6 @@ def _install_fake_pool(monkeypatch, *options: str) -> list[WorkerPool]:
         return pool
 
     monkeypatch.setattr(optimizer_module, "make_fold_runner", factory)
-    install_fake_merge(monkeypatch)
     return made
 
 

@@ -53,9 +53,8 @@ def test_run_builds_final_model_from_best_trial_and_never_shows_test_rows(
     assert runner.closed and runner.persistent is False  # no policy file: the kill switch is off
     assert list(private_tmp.iterdir()) == []  # fold files removed
 
-    cv_requests = [r for r in runner.requests if r.save_model_path is None]
-    final = [r for r in runner.requests if r.save_model_path is not None]
-    assert len(cv_requests) == 3 * 3
+    cv_requests = runner.requests
+    assert len(cv_requests) == 3 * 3  # and no fold trained again for the final model
     # Fold files are written once and reused by every trial.
     assert len({r.data_path for r in cv_requests}) == 3
     # Flags and fixed dropout reach every request; seeds differ per (trial, fold).
@@ -68,14 +67,14 @@ def test_run_builds_final_model_from_best_trial_and_never_shows_test_rows(
     assert sidecar["training_metrics"]["rescore"] is None  # a single run rescores only when asked
     best = study_of(cfg, outcome).best_trial
     assert sidecar["optuna"]["best_trial_number"] == best.number
-    # The final model: the best trial's K folds again -- the same files, params and seeds,
-    # so the same models -- each saving a checkpoint, merged into one best_model.pth.
+    # The final model: the best trial's K fold models, which its search folds saved (every
+    # search fold saves its model; only the best trial's are kept), merged into one best_model.pth.
     best_folds = [r for r in cv_requests if r.trial_number == best.number]
-    assert [(r.data_path, r.seed, r.params) for r in final] == [(r.data_path, r.seed, r.params) for r in best_folds]
-    assert best.user_attrs["params"] == sidecar["hyperparameters"] == final[0].params.to_dict()
+    assert all(r.save_model_path for r in cv_requests)
+    assert best.user_attrs["params"] == sidecar["hyperparameters"] == best_folds[0].params.to_dict()
     ((fold_ckpts, merged, score_file),) = runner.merges
-    assert [str(p) for p in fold_ckpts] == [r.save_model_path for r in final]
-    assert merged.name == "best_model.pth" and merged.parent != cfg.output_dir  # staged, then committed
+    assert [str(p) for p in fold_ckpts] == [r.save_model_path for r in best_folds]
+    assert merged.name == "best_model.pth" and cfg.output_dir not in merged.parents  # merged aside, then staged
     assert (cfg.output_dir / "best_model.pth").read_bytes() == b"fake checkpoint"
     assert sidecar["checkpoint_sha256"] == hashlib.sha256(b"fake checkpoint").hexdigest()
     sets = cfg.output_dir / model_set.SETS_DIRNAME  # one committed set, nothing half-written
@@ -116,9 +115,9 @@ def test_the_best_trial_is_rescored_on_fresh_partitions_of_the_dev_rows(fake_run
     outcome = AntiOverfitMetaOptimizer(cfg).run()
     (runner,) = made
     best = study_of(cfg, outcome).best_trial
-    search = [r for r in runner.requests if r.save_model_path is None and r.fold_idx < 3]
-    rescore = [r for r in runner.requests if r.save_model_path is None and r.fold_idx >= 3]
-    final = [r for r in runner.requests if r.save_model_path is not None]
+    search = [r for r in runner.requests if r.fold_idx < 3]
+    rescore = [r for r in runner.requests if r.fold_idx >= 3]
+    ((final, _merged, _score),) = runner.merges
 
     # Two partitions x three folds of the best trial's params, on files and seeds of their own
     assert [r.fold_idx for r in rescore] == [3, 4, 5, 6, 7, 8]
@@ -141,7 +140,8 @@ def test_the_best_trial_is_rescored_on_fresh_partitions_of_the_dev_rows(fake_run
 
     # The final model is still the best trial's search folds: rescoring changes no model
     best_search = [r for r in search if r.trial_number == best.number]
-    assert [(r.data_path, r.seed) for r in final] == [(r.data_path, r.seed) for r in best_search]
+    assert [str(p) for p in final] == [r.save_model_path for r in best_search]
+    assert not any(r.save_model_path for r in rescore)
 
     block = outcome.sidecar["training_metrics"]["rescore"]
     assert block["partitions"] == 2 and block["search_objective"] == pytest.approx(best.value)

@@ -41,7 +41,7 @@ def runners(monkeypatch):
 
 
 def _trial_requests(runner) -> list:
-    return [r for r in runner.requests if r.save_model_path is None]
+    return runner.requests
 
 
 def test_median_pruner_prunes_in_fold_waves_and_sends_no_pruned_fold(runners, make_config, study_of):
@@ -71,7 +71,7 @@ def test_median_pruner_prunes_in_fold_waves_and_sends_no_pruned_fold(runners, ma
     assert outcome.sidecar["optuna"]["pruner"] == "median"
     assert outcome.sidecar["optuna"]["trials_pruned"] == len(pruned)
     # Waves: every runner call trains one fold index.
-    calls = [c for c in made[0].calls if all(r.save_model_path is None for g in c for r in g)]
+    calls = made[0].train_calls
     assert all(len({r.fold_idx for g in c for r in g}) == 1 for c in calls)
     # Deterministic for a seed and B: a second fresh study makes the same decisions.
     again = make_config(name="again", pruner="median")
@@ -91,7 +91,7 @@ def test_without_a_pruner_every_trial_reports_every_fold_and_has_flat_means(runn
         gap = t.user_attrs["cv_train_r2_mean"] - t.user_attrs["cv_val_r2_mean"]
         assert t.user_attrs["overfit_gap"] == pytest.approx(gap)
     # One runner call per batch (all folds together), as before pruning existed.
-    calls = [c for c in made[0].calls if all(r.save_model_path is None for g in c for r in g)]
+    calls = made[0].train_calls
     assert len(calls) == 2 and all(len({r.fold_idx for g in c for r in g}) == 3 for c in calls)
     frame = study.trials_dataframe()
     for column in ("user_attrs_cv_val_r2_mean", "user_attrs_cv_train_r2_mean", "user_attrs_cv_val_r2_std",

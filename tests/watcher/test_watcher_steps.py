@@ -65,6 +65,10 @@ def test_proposal_test4_params():
         ({"batch_size_nn": 8}, ["--batch-size-nn=8"]),
         ({"dropout_override": 0.3}, ["--dropout-override=0.3"]),
         ({"device": "cuda:1"}, ["--device=cuda:1"]),
+        ({"gpus": "rocm:0,rocm:1"}, ["--gpus=rocm:0,rocm:1"]),
+        ({"gpus": "all"}, ["--gpus=all"]),
+        ({"cluster_config": "distributed_config.json", "storage": "postgresql+psycopg://step5@db/s5"},
+         ["--cluster-config=distributed_config.json"]),  # the WATCHER's step 5 starts the helpers too
     ],
 )
 def test_each_kind_maps_to_its_flag(params, expected):
@@ -208,6 +212,10 @@ def _value_for(action: argparse.Action):
     return special.get(action.dest, 2 if action.type is not None and action.type not in (str,) else "text")
 
 
+#: Flags that only make sense with another one: the other one, given along.
+_COMPANIONS = {"cluster_config": {"storage": "postgresql+psycopg://step5@db/s5"}}
+
+
 def test_every_optimizer_flag_is_reachable_through_the_watcher():
     """Walks the optimizer's own parser: every long option (aliases included) is a key, and
     the key's flag reaches the optimizer with the value the key gave."""
@@ -221,7 +229,7 @@ def test_every_optimizer_flag_is_reachable_through_the_watcher():
                 continue
             key = flag[2:].replace("-", "_")
             value = _value_for(action)
-            argv = argv_for({key: value})
+            argv = argv_for({key: value, **_COMPANIONS.get(key, {})})
             expected = flag if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction) else (
                 f"{flag}={','.join(map(str, value)) if isinstance(value, list) else value}")
             assert expected in argv, (key, argv)

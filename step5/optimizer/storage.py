@@ -1,0 +1,436 @@
+"""The study's database, used so that a run survives restarts, dropped connections and outages.
+
+::
+
+    Optuna (Study, Trial, TPE) ─┐
+    step5 (lock, count, reclaim) ┴─▶ RetryingStorage ─▶ Optuna's _CachedStorage ─▶ RDBStorage ─▶ SQLAlchemy pool ─▶ DB
+                                        │ every call through DatabaseRetry.call        (pre-ping: a connection the
+                                        ▼                                               server dropped is replaced
+                          a transient error (refused, cut, server starting or stopping)  before it is used)
+                            ─▶ wait with backoff and try again (a write that may have been applied is
+                               checked first, see below); one log line when the wait starts, one when
+                               the database is back; past ``training.storage_outage_s``: StorageError
+                          any other database error (credentials, a missing table) ─▶ StorageError at once
+
+:class:`StorageError` is one line naming the database (password redacted); the CLI exits 1.
+Training does not stop while the database is away: the folds in flight finish, and their
+trials are told when it is back. A process that gives up leaves its running trials to the
+heartbeat rules (:mod:`step5.optimizer.study`), so a re-run of the same command resumes.
+
+Why a retried call cannot apply twice, call by call (the hard case is a write whose commit
+reached the server but whose answer was lost; the retry must then not repeat it):
+
+* Reads (``get_*``, ``_get_stale_trial_ids``): retried as they are.
+* Upserts, retried as they are: ``set_{study,trial}_{user,system}_attr`` (INSERT ... ON
+  CONFLICT DO UPDATE on PostgreSQL and SQLite: the second write stores the same value),
+  ``set_trial_intermediate_value`` (find the step, then update or insert),
+  ``set_trial_param`` (a second insert of the same name hits the unique key, which Optuna
+  ignores; the retry carries the same value), ``record_heartbeat`` (a timestamp).
+* ``create_new_study``: checked. A retry first looks the name up; a study that exists was
+  made by the first attempt (or by another process: both then share it, as
+  ``load_if_exists`` would).
+* ``create_new_trial``: checked. Each call stamps its trial with a fresh token
+  (``system_attrs["step5_token"]``, written in the same transaction); a retry first looks for
+  a trial with that token. A fresh trial is born with its owner (``user_attrs["owner"]``),
+  so one that Optuna's own internal retry made twice is recognisable as this process's
+  orphan and failed (:func:`step5.optimizer.study.reclaim_dead_trials`).
+* ``set_trial_state_values``: checked by reading the trial. To a finished state: a trial
+  still unfinished gets the write again; one already in that state with these values was
+  finished by the first attempt (COMPLETE and PRUNED are only told by the trial's owner)
+  and the call returns True, except for FAIL, which another process may have set too (it
+  fails a trial whose heartbeat went stale): then False, so that the caller does not queue
+  a second re-run; any other end state raises ``UpdateFinishedTrialError``, as without the
+  fault. To RUNNING (``study.ask`` taking a queued trial): the trial is marked with this
+  process's owner first; a retry finds it WAITING (write again), RUNNING with our owner
+  (ours: True) or anything else (another process's: False). Queued trials are taken under
+  the study lock, so no other process marks the same trial in between.
+* ``delete_study``: Step 5 never deletes a study; it runs once, unretried.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Container, Sequence
+from datetime import datetime
+from typing import Any, Mapping, TypeVar
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.storages import BaseStorage
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.study import StudyDirection
+from optuna.study._frozen import FrozenStudy
+from optuna.trial import FrozenTrial, TrialState
+
+from step5.errors import StorageError
+from step5.interrupts import raise_if_interrupted
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TOKEN_ATTR = "step5_token"  # system attr: which create_new_trial call made the trial
+OWNER_ATTR = "owner"  # user attr: the process that runs the trial (step5.owner)
+FIRST_WAIT_S = 0.2  # the first retry comes this soon: most connection drops are over by then
+MAX_WAIT_S = 5.0  # the backoff doubles up to this
+
+#: PostgreSQL SQLSTATEs that mean "the server cannot serve you right now": connection
+#: exceptions (class 08), the server shutting down or starting up (57P01-57P03), an idle
+#: session killed (57P05), a cancelled statement (57014), out of resources (class 53:
+#: too many connections, disk full on the server), a deadlock or serialisation failure (40P01,
+#: 40001: the transaction was rolled back, a retry is what the server asks for).
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "53")
+_TRANSIENT_SQLSTATES = ("57P01", "57P02", "57P03", "57P05", "57014", "40P01", "40001")
+#: How libpq words a failed connection that waiting cannot fix (these come without a SQLSTATE).
+_PERMANENT_CONNECT_WORDING = (
+    "authentication failed", "does not exist", "no pg_hba.conf entry", "permission denied",
+    "no password supplied", "password is required", "certificate", "invalid",
+)
+#: SQLite result codes that mean "another writer holds the database": SQLITE_BUSY, SQLITE_LOCKED.
+_SQLITE_BUSY_CODES = (5, 6)
+
+
+def redact_storage(url: str) -> str:
+    """The storage URL without its password, for logs, errors and the sidecar."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is reported when it is opened
+        return url
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it was raised from (``raise ... from``): Optuna's StorageInternalError
+    names the SQLAlchemy error that way. An implicit ``__context__`` is not followed: Optuna
+    turns an IntegrityError into DuplicatedStudyError inside its handler, and that is a
+    verdict, not a database failure."""
+    out: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in out:
+        out.append(current)
+        current = current.__cause__
+    return out
+
+
+def database_error(exc: BaseException) -> BaseException | None:
+    """The error of talking to the database behind ``exc`` (Optuna wraps it in
+    ``StorageInternalError``): a DBAPI error, or the pool's word that it has no live
+    connection. None when ``exc`` is something else: ``KeyError``, ``UpdateFinishedTrialError``,
+    or SQLAlchemy refusing a malformed URL or an unknown driver (a usage error)."""
+    from sqlalchemy import exc as sa_exc
+
+    kinds = (sa_exc.DBAPIError, sa_exc.DisconnectionError, sa_exc.TimeoutError, sa_exc.PendingRollbackError)
+    for e in _causes(exc):
+        if isinstance(e, kinds):
+            return e
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether waiting and trying again may cure database error ``exc``.
+
+    SQLAlchemy's own verdict comes first: a DBAPI error it recognised as a disconnect
+    (``connection_invalidated``). Then the server's SQLSTATE (see the lists above). A
+    connection that could not be made at all carries no SQLSTATE; it is transient unless
+    libpq's message says the credentials, the database or the TLS settings are wrong."""
+    from sqlalchemy import exc as sa_exc
+
+    error = database_error(exc)
+    if error is None:
+        return False
+    if isinstance(error, (sa_exc.DisconnectionError, sa_exc.TimeoutError, sa_exc.PendingRollbackError)):
+        return True  # a pool without a live connection, a pool exhausted, a session left by a dead connection
+    if not isinstance(error, sa_exc.DBAPIError):
+        return False
+    if error.connection_invalidated:
+        return True
+    orig = error.orig
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if sqlstate:
+        return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or sqlstate in _TRANSIENT_SQLSTATES
+    if type(orig).__module__.startswith("sqlite3"):  # a local file: only another writer's lock passes
+        return (getattr(orig, "sqlite_errorcode", 0) or 0) & 0xFF in _SQLITE_BUSY_CODES
+    if isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError)):
+        text = str(orig).lower()
+        return not any(wording in text for wording in _PERMANENT_CONNECT_WORDING)
+    return False
+
+
+def describe(exc: BaseException) -> str:
+    """One line: the driver's error and the first line of its message (no SQL, no parameters)."""
+    error = database_error(exc)
+    orig = getattr(error, "orig", None) or error or exc
+    lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
+    return f"{type(orig).__name__}: {lines[0] if lines else '(no message)'}"
+
+
+class DatabaseRetry:
+    """Run database calls, waiting out transient errors for up to ``outage_s`` seconds.
+
+    One outage is one clock, whichever calls meet it (the search loop, a pruner's gate): it
+    starts at the first failure and ends at the first success; the log says so once each
+    way. After the limit has passed once (the process is giving up), every later call gets
+    one try and no wait, so the cleanup on the way out (failing the trials in flight) does
+    not wait a second time.
+    """
+
+    def __init__(self, where: str, outage_s: float, *, first_wait_s: float = FIRST_WAIT_S,
+                 max_wait_s: float = MAX_WAIT_S, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.where = where  # the database, password redacted
+        self.outage_s = float(outage_s)
+        self.first_wait_s = first_wait_s
+        self.max_wait_s = max_wait_s
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._down_since: float | None = None
+        self.outages = 0  # outages met so far (tests and the log)
+        self.gave_up = False
+
+    def call(self, first: Callable[[], T], what: str, again: Callable[[], T] | None = None) -> T:
+        """``first()``; after a transient failure, ``again()`` (default: ``first``) until one
+        succeeds. ``again`` is where a write that may already have been applied checks that
+        before writing again. Non-database exceptions pass through untouched."""
+        attempt = first
+        wait = self.first_wait_s
+        while True:
+            try:
+                result = attempt()
+            except Exception as exc:  # noqa: BLE001 - sorted below; anything else is re-raised as it is
+                if database_error(exc) is None:
+                    raise
+                if not is_transient(exc):
+                    raise StorageError(
+                        f"the study database {self.where} failed while {what}: {describe(exc)}. Waiting cannot "
+                        "fix this: check the --storage URL (user, password, database) and that the study's "
+                        "tables exist"
+                    ) from None
+                remaining = self._note_down(exc, what)
+                if self.gave_up or remaining <= 0:
+                    self.gave_up = True
+                    raise StorageError(
+                        f"the study database {self.where} has been unreachable for longer than "
+                        f"training.storage_outage_s ({self.outage_s:g}s); last error: {describe(exc)}. The trials "
+                        "this process had running are failed and re-run by the next process that looks at the "
+                        "study (heartbeat rules, docs/cluster.md); run the same command again to resume it"
+                    ) from None
+                raise_if_interrupted()
+                self._sleep(min(remaining, wait * random.uniform(0.75, 1.25)))  # jitter: hosts do not return in step
+                wait = min(2 * wait, self.max_wait_s)
+                attempt = again or first
+                continue
+            self._note_up()
+            return result
+
+    def _note_down(self, exc: BaseException, what: str) -> float:
+        """Start (or continue) the outage clock; the seconds left before giving up."""
+        now = self._clock()
+        with self._lock:
+            if self._down_since is None:
+                self._down_since = now
+                self.outages += 1
+                logger.warning(
+                    "waiting for the study database %s (%s while %s); retrying for up to %gs "
+                    "(training.storage_outage_s)", self.where, describe(exc), what, self.outage_s,
+                )
+            return self._down_since + self.outage_s - now
+
+    def _note_up(self) -> None:
+        if self._down_since is None:  # the common case, without taking the lock
+            return
+        with self._lock:
+            if self._down_since is not None:
+                logger.warning("the study database %s is back after %.1fs", self.where,
+                               self._clock() - self._down_since)
+                self._down_since = None
+
+
+def _same_values(stored: Sequence[float] | None, wanted: Sequence[float] | None) -> bool:
+    return list(stored or []) == [float(v) for v in (wanted or [])]
+
+
+class RetryingStorage(BaseStorage, BaseHeartbeat):
+    """Optuna's cached RDB storage, every call of it through a :class:`DatabaseRetry`
+    (the module docstring says why each retry is safe). ``owner`` is this process's
+    identity (:func:`step5.owner.this_process`): the trials it creates or takes from the
+    queue carry it from the moment they are RUNNING."""
+
+    def __init__(self, rdb: optuna.storages.RDBStorage, retry: DatabaseRetry, owner: Mapping[str, Any]) -> None:
+        self.rdb = rdb
+        self._inner = optuna.storages._CachedStorage(rdb)  # what optuna.create_study would wrap it in
+        self.retry = retry
+        self.owner = dict(owner)
+
+    @property
+    def engine(self) -> Any:
+        """The SQLAlchemy engine (the study lock and the trial count use it directly)."""
+        return self.rdb.engine
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        method = getattr(self._inner, name)
+        return self.retry.call(lambda: method(*args, **kwargs), f"calling {name}")
+
+    # ------------------------------------------------------------ studies
+
+    def create_new_study(self, directions: Sequence[StudyDirection], study_name: str | None = None) -> int:
+        def again() -> int:
+            if study_name is not None:
+                try:
+                    return self._inner.get_study_id_from_name(study_name)
+                except KeyError:
+                    pass
+            return self._inner.create_new_study(directions, study_name)
+
+        return self.retry.call(lambda: self._inner.create_new_study(directions, study_name),
+                               "creating the study", again=again)
+
+    def delete_study(self, study_id: int) -> None:
+        self._inner.delete_study(study_id)
+
+    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
+        self._call("set_study_user_attr", study_id, key, value)
+
+    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
+        self._call("set_study_system_attr", study_id, key, value)
+
+    def get_study_id_from_name(self, study_name: str) -> int:
+        return self._call("get_study_id_from_name", study_name)
+
+    def get_study_name_from_id(self, study_id: int) -> str:
+        return self._call("get_study_name_from_id", study_id)
+
+    def get_study_directions(self, study_id: int) -> list[StudyDirection]:
+        return self._call("get_study_directions", study_id)
+
+    def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
+        return self._call("get_study_user_attrs", study_id)
+
+    def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
+        return self._call("get_study_system_attrs", study_id)
+
+    def get_all_studies(self) -> list[FrozenStudy]:
+        return self._call("get_all_studies")
+
+    # ------------------------------------------------------------ trials: writes
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        token = uuid.uuid4().hex
+        if template_trial is None:  # study.ask: a fresh RUNNING trial, born with its owner
+            template = FrozenTrial(
+                number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
+                datetime_complete=None, params={}, distributions={}, user_attrs={OWNER_ATTR: self.owner},
+                system_attrs={TOKEN_ATTR: token}, intermediate_values={}, trial_id=-1,
+            )
+        else:  # study.add_trial / enqueue_trial (a re-run, a first trial): as given, plus the token
+            template = copy.deepcopy(template_trial)
+            template.system_attrs = {**template_trial.system_attrs, TOKEN_ATTR: token}
+
+        def again() -> int:
+            made = self._find_token(study_id, token)
+            return made if made is not None else self._inner.create_new_trial(study_id, template)
+
+        return self.retry.call(lambda: self._inner.create_new_trial(study_id, template),
+                               "creating a trial", again=again)
+
+    def _find_token(self, study_id: int, token: str) -> int | None:
+        for trial in reversed(self._inner.get_all_trials(study_id, deepcopy=False)):
+            if trial.system_attrs.get(TOKEN_ATTR) == token:
+                return trial._trial_id
+        return None
+
+    def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
+                        distribution: BaseDistribution) -> None:
+        self._call("set_trial_param", trial_id, param_name, param_value_internal, distribution)
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
+        if state == TrialState.RUNNING:
+            # study.ask is taking a queued trial: mark it ours first, so that a retry can tell
+            # whether the first attempt took it.
+            self._call("set_trial_user_attr", trial_id, OWNER_ATTR, self.owner)
+
+        def again() -> bool:
+            trial = self._inner.get_trial(trial_id)
+            if state == TrialState.RUNNING:
+                if trial.state == TrialState.WAITING:
+                    return self._inner.set_trial_state_values(trial_id, state, values)
+                return trial.state == TrialState.RUNNING and trial.user_attrs.get(OWNER_ATTR) == self.owner
+            if not trial.state.is_finished():
+                return self._inner.set_trial_state_values(trial_id, state, values)
+            if trial.state == state and (state == TrialState.FAIL or _same_values(trial.values, values)):
+                return state != TrialState.FAIL
+            raise optuna.exceptions.UpdateFinishedTrialError(
+                f"trial {trial.number} is already finished ({trial.state.name}); it cannot become {state.name}"
+            )
+
+        return self.retry.call(lambda: self._inner.set_trial_state_values(trial_id, state, values),
+                               f"recording a trial as {state.name}", again=again)
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+        self._call("set_trial_intermediate_value", trial_id, step, intermediate_value)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._call("set_trial_user_attr", trial_id, key, value)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._call("set_trial_system_attr", trial_id, key, value)
+
+    # ------------------------------------------------------------ trials: reads
+
+    def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
+        return self._call("get_trial_id_from_study_id_trial_number", study_id, trial_number)
+
+    def get_trial_number_from_id(self, trial_id: int) -> int:
+        return self._call("get_trial_number_from_id", trial_id)
+
+    def get_trial_param(self, trial_id: int, param_name: str) -> float:
+        return self._call("get_trial_param", trial_id, param_name)
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        return self._call("get_trial", trial_id)
+
+    def get_all_trials(self, study_id: int, deepcopy: bool = True,
+                       states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        return self._call("get_all_trials", study_id, deepcopy=deepcopy, states=states)
+
+    def get_n_trials(self, study_id: int, state: tuple[TrialState, ...] | TrialState | None = None) -> int:
+        return self._call("get_n_trials", study_id, state)
+
+    def get_best_trial(self, study_id: int) -> FrozenTrial:
+        return self._call("get_best_trial", study_id)
+
+    def get_trial_params(self, trial_id: int) -> dict[str, Any]:
+        return self._call("get_trial_params", trial_id)
+
+    def get_trial_user_attrs(self, trial_id: int) -> dict[str, Any]:
+        return self._call("get_trial_user_attrs", trial_id)
+
+    def get_trial_system_attrs(self, trial_id: int) -> dict[str, Any]:
+        return self._call("get_trial_system_attrs", trial_id)
+
+    def remove_session(self) -> None:
+        self._inner.remove_session()
+
+    # ------------------------------------------------------------ heartbeats
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        self._call("record_heartbeat", trial_id)
+
+    def record_heartbeat_once(self, trial_id: int) -> None:
+        """One try, no waiting: the heartbeat thread's beat (the next beat is its retry, and
+        a thread waiting out an outage could not be stopped when its batch ends)."""
+        self._inner.record_heartbeat(trial_id)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        return self._call("_get_stale_trial_ids", study_id)
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self._inner.get_heartbeat_interval()
+
+    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+        return self._inner.get_heartbeat_stale_trial_callback()

@@ -1,0 +1,42 @@
+"""What an ended helper's host comes to (step5.cluster.supervision), as a table."""
+from __future__ import annotations
+
+import pytest
+
+from step5.cluster.supervision import HelperAction, HelperRecord
+
+R, D, S, U, Q = (HelperAction.RESTART, HelperAction.DONE, HelperAction.STOPPED, HelperAction.UNREACHABLE,
+                 HelperAction.QUARANTINED)
+
+# Each row: the ends in order as (returncode, connected, stopping), the actions they give,
+# the restart pauses (max_failures 3, restart_delay_s 5), and the state at the end.
+TABLE = [
+    ([(0, True, False)], [D], [], "done"),
+    ([(1, True, False), (0, True, False)], [R, D], [5.0], "done"),
+    ([(255, False, False)], [U], [], "unreachable"),  # never answered: skipped at once
+    ([(-9, True, False), (255, False, False), (1, True, False)], [R, R, Q], [5.0, 10.0], "quarantined"),
+    ([(255, True, False)] * 3, [R, R, Q], [5.0, 10.0], "quarantined"),  # killed remote command / lost connection
+    ([(64, True, False)], [Q], [], "quarantined"),  # a usage error repeats: no retry
+    ([(1, True, False), (143, True, True)], [R, S], [5.0], "stopped"),
+    ([(0, True, True)], [S], [], "stopped"),
+]
+
+
+@pytest.mark.parametrize("ends, actions, pauses, state", TABLE)
+def test_helper_ends(ends, actions, pauses, state):
+    record = HelperRecord("rig-1", max_failures=3, restart_delay_s=5.0)
+    got, waits = [], []
+    for returncode, connected, stopping in ends:
+        record.on_start()
+        action, delay = record.on_exit(returncode, connected=connected, stopping=stopping)
+        got.append(action)
+        if action is HelperAction.RESTART:
+            waits.append(delay)
+    assert got == actions and waits == pauses and record.state == state
+    assert record.starts == len(ends) and len(record.history) == len(ends)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"max_failures": 0}, "max_failures"), ({"restart_delay_s": -1}, "restart")])
+def test_bad_limits_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        HelperRecord("rig-1", **kwargs)
