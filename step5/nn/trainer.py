@@ -309,7 +309,7 @@ class FunctionalOptimizer:
         return v.sqrt() / self._bc2_sqrt + ADAM_EPS
 
     @torch.no_grad()
-    def shrink_input_groups(self, index: int, strength: Tensor, active: Tensor) -> None:
+    def shrink_input_groups(self, index: int, strength: Tensor, active: Tensor, *, feeds_batchnorm: bool = False) -> None:
         """The proximal step of the group lasso ``strength * sum_j ||P[:, j, :]||`` on
         parameter ``index`` (M, D, W), after :meth:`step`: each feature's group shrinks
         towards zero by its step size times ``strength`` (M, 1, 1), and lands exactly on
@@ -317,7 +317,16 @@ class FunctionalOptimizer:
         ``lr`` for SGD, Adam's per-coordinate ``lr / sqrt(v)`` (averaged over the group),
         so the penalty weighs against the data gradient as it would inside the loss. At a
         fixed point a feature is zero unless its data gradient exceeds ``strength``: the
-        lasso's own condition."""
+        lasso's own condition.
+
+        ``feeds_batchnorm``: the layer's outputs go through BatchNorm, which makes each
+        hidden unit's incoming weight norm (over the features, ``P[:, :, k]``) free: scaling
+        it changes nothing the loss sees. A penalty on the norms would then shrink every
+        feature's weights together at no cost, the data gradients would grow as the weights
+        shrink, and no feature would reach zero unless all did. So after the shrink each
+        hidden unit's incoming norm is put back: the penalty moves only the direction of
+        the unit's weights, away from the features that earn less than ``strength``, and a
+        feature shrunk to zero stays zero."""
         p = self.params[index]
         if self.kind == "sgd":
             step = self.lr  # (M, 1, 1)
@@ -325,7 +334,12 @@ class FunctionalOptimizer:
             step = (self.lr / self._adam_denominator(self.exp_avg_sq[index])).mean(dim=2, keepdim=True)  # (M, D, 1)
         norms = p.pow(2).sum(dim=2, keepdim=True).sqrt()  # (M, D, 1)
         keep = torch.clamp(1.0 - step * strength / norms.clamp_min(1e-30), min=0.0)
-        torch.where(active, p * keep, p, out=p)
+        shrunk = p * keep
+        if feeds_batchnorm:
+            before = p.pow(2).sum(dim=1, keepdim=True).sqrt()  # (M, 1, W)
+            after = shrunk.pow(2).sum(dim=1, keepdim=True).sqrt()
+            shrunk = shrunk * (before / after.clamp_min(1e-30))
+        torch.where(active, shrunk, p, out=p)
 
 
 def step_row_counts(mode: str, batch_size: int, n_train: Sequence[int], active: Sequence[bool]) -> list[list[int]]:
@@ -490,7 +504,8 @@ class TrainingPass:
         grads = clip_grads_per_model(list(grads), self.max_norm)
         self.opt.step(grads, has_rows.view(M, 1, 1))
         if self.sparsity is not None:
-            self.opt.shrink_input_groups(self.input_index, self.sparsity, has_rows.view(M, 1, 1))
+            self.opt.shrink_input_groups(self.input_index, self.sparsity, has_rows.view(M, 1, 1),
+                                         feeds_batchnorm=bool(self.config.hidden_layers))
         return loss.detach()
 
     def dropout_mask(self, rates: Sequence[float], rates_t: tuple[Tensor, Tensor], rows: Sequence[int],

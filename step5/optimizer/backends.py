@@ -35,7 +35,7 @@ from step5.execution.runner import FoldRunner, raise_first_job_error
 from step5.execution.summary import RunnerStats, Timings
 from step5.optimizer.grouping import plan_groups
 from step5.optimizer.objective import summarize_folds
-from step5.optimizer.search_space import suggest_nn_params
+from step5.optimizer.search_space import SEARCH_BATCH_MODE, DataShape, suggest_nn_params
 from step5.protocol import MergeRequest, NNParams, TrainRequest
 
 logger = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ class NNBackend:
         use_leaky_relu: bool,
         dropout: float | None,
         max_epochs: int,
-        batch_mode: str = "auto",
+        batch_mode: str = SEARCH_BATCH_MODE,
         fuse_folds: bool = False,
         fuse_trials: bool = False,
     ) -> None:
@@ -221,6 +221,7 @@ class NNBackend:
         self.dropout = dropout
         self.max_epochs = max_epochs
         self.batch_mode = batch_mode
+        self.data_shape = DataShape.of_development(len(cv.y_dev), cv.X_dev.shape[1], cv.k)
         self.fuse_folds = fuse_folds or fuse_trials  # trials fused share their folds' pass
         self.fuse_trials = fuse_trials
         start = time.perf_counter()
@@ -257,7 +258,8 @@ class NNBackend:
         return self._partition_paths[number]
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
-        return suggest_nn_params(trial, max_epochs=self.max_epochs, fixed_dropout=self.dropout).to_dict()
+        return suggest_nn_params(trial, max_epochs=self.max_epochs, data=self.data_shape,
+                                 fixed_dropout=self.dropout).to_dict()
 
     def _request(self, trial_number: int, fold_idx: int, params: NNParams, path: str,
                  save_model_path: Path | None = None) -> TrainRequest:

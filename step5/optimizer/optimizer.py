@@ -73,7 +73,7 @@ from step5.optimizer.backends import CVData, ModelBackend, NNBackend, TreeBacken
 from step5.optimizer.objective import OBJECTIVE_FORMULA, OVERFIT_PENALTY, summarize_folds
 from step5.optimizer.search import SearchGoal, SearchPlan, run_search
 from step5.optimizer.plots import plot_optimization_history
-from step5.optimizer.search_space import first_nn_trials
+from step5.optimizer.search_space import DataShape, first_nn_trials
 from step5.optimizer.progress import TrialProgress
 from step5.optimizer.study import (
     OpenedStudy,
@@ -201,10 +201,14 @@ class AntiOverfitMetaOptimizer:
         cv = self._split(table)
         self.timings["split_s"] = time.perf_counter() - start
 
+        first_trials: list[dict[str, Any]] = []
+        if self.torch:
+            shape = DataShape.of_development(len(cv.y_dev), cv.X_dev.shape[1], cv.k)
+            # No more first trials than --trials: the rest would wait in the study unrun.
+            first_trials = first_nn_trials(shape, fixed_dropout=cfg.dropout)[: cfg.trials]
         opened = open_study(
             study_name=study_name, storage_url=storage_url, setup=setup, seed=cfg.seed, trials=cfg.trials,
-            data=self._study_data(data_context), training=self.policy.training,
-            first_trials=first_nn_trials(fixed_dropout=cfg.dropout) if self.torch else (),
+            data=self._study_data(data_context), training=self.policy.training, first_trials=first_trials,
         )
         with contextlib.ExitStack() as outputs:  # the new model set: discarded unless committed
             with contextlib.ExitStack() as stack:

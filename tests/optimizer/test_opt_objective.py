@@ -10,7 +10,16 @@ import pytest
 from step5.data.splits import kfold_splits
 from step5.optimizer.backends import CVData, fold_seed, partition_seed
 from step5.optimizer.objective import OVERFIT_PENALTY, anti_overfit_score, summarize_folds
-from step5.optimizer.search_space import INPUT_DROPOUT_RATES, first_nn_trials, suggest_nn_params
+from step5.optimizer.search_space import (
+    INPUT_DROPOUT_RATES,
+    LINEAR_SPARSITY_RANGE,
+    NET_SPARSITY_RANGE,
+    DataShape,
+    first_nn_trials,
+    suggest_nn_params,
+)
+
+SMALL = DataShape.of_development(353, 90, 5)  # diabetes with 80 noise columns: 226 rows fit per fold
 
 
 def test_score_rewards_val_r2_and_charges_half_the_gap():
@@ -66,18 +75,20 @@ def test_fresh_partitions_have_their_own_shuffles_and_fold_indices():
 def test_the_first_trials_are_points_of_the_search_space(fixed_dropout):
     """Enqueued, each is asked exactly as given: every name is one the space asks, with a
     value inside its range, and nothing the space asks is left to the sampler."""
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    firsts = first_nn_trials(fixed_dropout=fixed_dropout)
-    for params in firsts:
-        study.enqueue_trial(params)
-    depths = []
-    for params in firsts:
-        trial = study.ask()
-        nn = suggest_nn_params(trial, max_epochs=50, fixed_dropout=fixed_dropout)
-        assert trial.params == params
-        depths.append(len(nn.hidden_layers))
-        study.tell(trial, 0.0)
-    assert depths == [0, 2]  # a linear model and a two-layer net
+    for data in (SMALL, DataShape.of_development(10_000, 16, 5), DataShape.of_development(160_000, 90, 5)):
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        firsts = first_nn_trials(data, fixed_dropout=fixed_dropout)
+        for params in firsts:
+            study.enqueue_trial(params)
+        depths = []
+        for params in firsts:
+            trial = study.ask()
+            nn = suggest_nn_params(trial, max_epochs=50, data=data, fixed_dropout=fixed_dropout)
+            assert trial.params == params
+            assert nn.batch_size in data.batch_sizes()
+            depths.append(len(nn.hidden_layers))
+            study.tell(trial, 0.0)
+        assert depths == [1, 2, 0]  # a plain one-layer MLP, a sparse two-layer net, a lasso
 
 
 def test_search_space_gives_valid_params_and_fixed_dropout_is_not_searched():
@@ -85,7 +96,7 @@ def test_search_space_gives_valid_params_and_fixed_dropout_is_not_searched():
     gate_seen = set()
     for _ in range(10):
         trial = study.ask()
-        params = suggest_nn_params(trial, max_epochs=17, fixed_dropout=0.2)
+        params = suggest_nn_params(trial, max_epochs=17, data=SMALL, fixed_dropout=0.2)
         assert params.epochs == 17 and params.dropout == 0.2
         assert "dropout" not in trial.params
         gate_seen.add(trial.params["input_dropout_on"])  # searched regardless of --dropout
@@ -94,14 +105,16 @@ def test_search_space_gives_valid_params_and_fixed_dropout_is_not_searched():
             assert params.input_dropout in INPUT_DROPOUT_RATES
         else:
             assert params.input_dropout == 0.0 and "input_dropout_rate" not in trial.params
-        assert 1e-4 <= params.input_sparsity <= 0.1 and "input_sparsity" in trial.params
+        rel = trial.params["input_sparsity_rel" if params.hidden_layers else "linear_sparsity_rel"]
+        assert params.input_sparsity == pytest.approx(rel * SMALL.lasso_scale)
+        assert (NET_SPARSITY_RANGE if params.hidden_layers else LINEAR_SPARSITY_RANGE)[0] <= rel
         assert len(params.hidden_layers) == trial.params["n_layers"] <= 3
         study.tell(trial, 0.0)
     assert gate_seen == {False, True}  # both sides of the input-dropout gate were drawn
     depths = set()
     for _ in range(20):
         trial = study.ask()
-        params = suggest_nn_params(trial, max_epochs=5)
+        params = suggest_nn_params(trial, max_epochs=5, data=SMALL)
         depths.add(len(params.hidden_layers))
         if params.hidden_layers:
             assert 0.0 <= params.dropout <= 0.5 and "dropout" in trial.params
@@ -109,3 +122,20 @@ def test_search_space_gives_valid_params_and_fixed_dropout_is_not_searched():
             assert params.dropout == 0.0 and "dropout" not in trial.params and "width_l0" not in trial.params
         study.tell(trial, 0.0)
     assert depths == {0, 1, 2, 3}
+
+
+def test_the_priors_follow_the_datas_size_and_width():
+    """Input sparsity is searched in units of the lasso's noise threshold sqrt(2 ln D / n),
+    and the batch sizes offered give a fold a few to 64 steps per epoch, one of them the
+    whole fold when it is small."""
+    small, large = SMALL, DataShape.of_development(10_000, 16, 5)
+    assert small.fit_rows == 226 and large.fit_rows == 6400  # (K-1)/K of dev, less a fifth to early-stop
+    assert small.lasso_scale == pytest.approx(math.sqrt(2 * math.log(90) / 226))
+    assert large.lasso_scale < small.lasso_scale / 5  # more rows and fewer columns: a smaller threshold
+    assert small.batch_sizes() == (32, 64, 256)  # 256 spans the 226 rows: full batch
+    assert large.batch_sizes() == (128, 256, 512, 1024, 2048)
+    for data in (small, large, DataShape(100_000, 90)):
+        assert all(data.fit_rows / 64 <= b or b == max(data.batch_sizes()) for b in data.batch_sizes())
+    assert DataShape(10_000_000, 90).batch_sizes() == (4096,)  # past every choice: the largest
+    with pytest.raises(ValueError, match="need >= 2 rows"):
+        DataShape.of_development(1, 5, 5)

@@ -238,8 +238,9 @@ def test_an_interrupted_round_is_completed_and_a_finished_one_is_followed_by_a_n
     # The resumed sampler is not reseeded to replay the first run's start-up configurations.
     assert more.sidecar["optuna"]["sampler_seed"] != first.sidecar["optuna"]["sampler_seed"]
     study = study_of(cfg, more)
-    lrs = [t.params["learning_rate"] for t in study.trials]
-    assert len(set(lrs)) == len(lrs) == 5
+    # Whole configurations, not one value: two of the fixed first trials share a learning rate.
+    configs = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(configs)) == len(configs) == 5
 
 
 def test_changed_setup_gets_a_new_default_study_and_an_explicit_name_refuses(fake_runner, make_config):
