@@ -207,13 +207,22 @@ def run_layout(pg: Any, layout: Layout, inputs: tuple[Path, Path], work: Path, *
         lost = [t for t in trials if (t.user_attrs.get("owner") or {}).get("pid") == victim_pid
                 and t.state != TrialState.COMPLETE]
         reruns = {t.system_attrs.get("failed_trial"): t for t in complete if "failed_trial" in t.system_attrs}
+        # A re-run the study filled without: still queued (WAITING) when the last trial was
+        # told, or taken in the study's last seconds (by the restarted helper, or asked ahead
+        # for a next batch) and stopped unrun. The study ends with exactly N all the same;
+        # the configuration stays queued or was not needed to reach it.
+        stopped_reruns = {t.system_attrs.get("failed_trial") for t in trials if "failed_trial" in t.system_attrs and (
+            t.state == TrialState.WAITING
+            or (t.state == TrialState.FAIL
+                and any(w in str(t.user_attrs.get("fail_reason", "")) for w in ("interrupted", "asked ahead"))))}
 
         def recovered(t: Any) -> bool:
             if t.state == TrialState.WAITING:
                 return True
             key = t.system_attrs.get("failed_trial", t.number)
             return (t.state == TrialState.FAIL and "died" in str(t.user_attrs.get("fail_reason", ""))
-                    and (not t.params or (key in reruns and t.params.items() <= reruns[key].params.items())))
+                    and (not t.params or key in stopped_reruns
+                         or (key in reruns and t.params.items() <= reruns[key].params.items())))
 
         checks["killed_helpers_trials_rerun"] = killed is not None and bool(lost) and all(map(recovered, lost))
         killed = (f"{killed}; its unfinished trials: "

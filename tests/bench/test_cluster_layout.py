@@ -32,5 +32,5 @@ def test_one_command_runs_a_study_across_the_stand_in_hosts(postgres_server, sam
 def test_a_helper_killed_mid_study_loses_no_trial(postgres_server, sample_inputs, tmp_path):
     layout = Layout(main_gpus=2, rigs=3, rig_gpus=2, trials=45, k_folds=2, job_sleep_s=0.5)
     row = run_layout(postgres_server, layout, sample_inputs, tmp_path, scenario="kill", timeout_s=300)
-    assert all(row["checks"].values()), (row["checks"], row["log"])
+    assert all(row["checks"].values()), (row["checks"], row["killed"], row["log"])
     assert row["complete"] == 45 and row["failed"] >= 1 and row["killed"].startswith("rig-2")
