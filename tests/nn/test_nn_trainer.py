@@ -8,17 +8,8 @@ import pytest
 import torch
 
 from step5.nn.model import FusedMLP, build_reference_mlp
-from step5.nn.trainer import (
-    AUTO_FULL_BATCH_MAX_ROWS,
-    THREADS_ENV,
-    Fold,
-    ModelSpec,
-    TrainConfig,
-    configure_torch_threads,
-    make_generator,
-    resolve_batch_mode,
-    train_models,
-)
+from step5.nn.trainer import THREADS_ENV, Fold, ModelSpec, TrainConfig, configure_torch_threads, make_generator, train_models
+from step5.protocol import AUTO_FULL_BATCH_MAX_ROWS, resolve_batch_mode
 
 CPU = torch.device("cpu")
 REL = 1e-5  # the contract: a fused model's metrics equal its lone run within 1e-5 relative
