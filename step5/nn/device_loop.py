@@ -1,32 +1,9 @@
 """The epoch loop as a fixed-shape program: early stopping on the device, one CUDA graph per pass.
 
-The host loop (:func:`step5.nn.trainer.host_loop`) plans each epoch for the models still
-training and decides early stopping on the host, which costs one host/device sync per
-epoch and a few hundred kernel launches per step. On a GPU a tiny MLP's arithmetic takes
-microseconds, so that loop leaves the device idle most of the time.
-
-This loop trains the same models with the same arithmetic, but every shape is fixed for
-the whole pass, so an epoch is one replayable program:
-
-* the step plan (rows per model per step, row masks) is computed once: a stopped model
-  keeps its steps but is frozen by the ``active`` mask the optimizer, BatchNorm and the
-  counters already honour, instead of being planned out;
-* early stopping (best MSE, patience, divergence, the best weights' copy, epoch counts)
-  is tensor arithmetic on the device;
-* on CUDA, epoch 1 runs eagerly on a side stream (the warm-up a capture needs), then the
-  epoch is captured once as a CUDA graph and replayed; each model's generator is
-  registered with the graph, so the dropout masks drawn in a replay are the ones eager
-  code would draw (the graph advances the generator's offset as the eager calls would);
-* the host learns that every model has stopped from a flag copied to pinned memory after
-  each replay, read one epoch late: the device always has the next epoch queued, and at
-  most one epoch runs after the last model stopped (a frozen epoch: it changes nothing).
-
-Mini-batch shuffles stay eager (``randperm`` per model per epoch, into a fixed index
-buffer), in the same order of draws as the host loop. A model that has stopped still
-draws (its stream no longer matters): the models still training draw exactly what they
-would alone, so results equal the host loop's -- bit for bit on the CPU, where this loop
-runs the same program without capture (tests hold it to that), and up to kernel rounding
-on a GPU.
+It trains what the host loop (:func:`step5.nn.trainer.host_loop`) trains with the same
+arithmetic, bit for bit on the CPU (run uncaptured), but every shape is fixed for the pass: a
+stopped model keeps its steps, frozen by the ``active`` mask, and still draws its shuffles.
+docs/training.md ("Two loops, one arithmetic") says how capture keeps the results the same.
 """
 from __future__ import annotations
 
@@ -46,11 +23,8 @@ if TYPE_CHECKING:  # the trainer imports this module; the pass type is only anno
 
 logger = logging.getLogger(__name__)
 
-#: ``auto``: the graph loop on CUDA, the host loop elsewhere. ``host``: the per-epoch-sync
-#: loop (the path before CUDA graphs, kept as a mode and as a kill switch). ``graph``: the
-#: fixed-shape loop, captured on CUDA, run eagerly on the CPU. On a backend that cannot
-#: capture (ROCm here, see :func:`capture_blocker`) ``graph`` and ``auto`` train with the
-#: host loop, with one warning per process.
+#: ``auto``: ``graph`` on CUDA, ``host`` elsewhere; ``host`` is also the kill switch for graphs.
+#: Where capture is blocked (:func:`capture_blocker`) ``graph`` trains with the host loop.
 TRAIN_LOOPS = ("auto", "host", "graph")
 
 
@@ -63,12 +37,8 @@ def device_backend(device: torch.device, hip_version: str | None = torch.version
 
 
 def capture_blocker(device: torch.device, hip_version: str | None = torch.version.hip) -> str | None:
-    """Why the graph loop cannot capture its epoch on ``device``; None when it can.
-
-    The captured loop is proven on CUDA only. On ROCm, torch's HIP graphs and the rigs'
-    gfx1032 (an unofficial target run through HSA_OVERRIDE_GFX_VERSION) are not, so a ROCm
-    worker trains with the host loop: the same arithmetic, one host sync per epoch.
-    """
+    """Why the graph loop cannot capture on ``device`` (None when it can): it is proven on CUDA
+    only, not on HIP graphs and the rigs' gfx1032 (an unofficial target via HSA_OVERRIDE_GFX_VERSION)."""
     if device_backend(device, hip_version) == "rocm":
         return (f"torch is a ROCm build (HIP {hip_version}); Step 5 captures epochs as graphs on CUDA only, "
                 "so this worker trains with the host loop (same results, one sync per epoch)")
@@ -113,10 +83,8 @@ def resolve_train_loop(
 
 
 class DeviceLoop:
-    """Train a :class:`~step5.nn.trainer.TrainingPass` with a fixed-shape epoch program.
-
-    ``capture``: on CUDA, replay the epoch as a CUDA graph (ignored on other devices).
-    """
+    """Train a :class:`~step5.nn.trainer.TrainingPass` with a fixed-shape epoch program;
+    ``capture``: on CUDA, replay the epoch as a CUDA graph (ignored on other devices)."""
 
     def __init__(self, p: TrainingPass, *, capture: bool) -> None:
         self.p = p
@@ -131,30 +99,20 @@ class DeviceLoop:
             B = p.batch_size
             self.index = torch.zeros(M, len(self.step_rows) * B, dtype=torch.long, device=device)
             arange = torch.arange(B, device=device)[None, :]
-            self.step_masks = [(arange < self.rows_t[s][:, None]).to(torch.float32) for s in range(len(self.step_rows))]
-        self.stat_rows = [self.rows_t[s] >= 2 for s in range(len(self.step_rows))]  # (M,) per step
-
-        def zeros(dtype: torch.dtype) -> Tensor:
-            return torch.zeros(M, dtype=dtype, device=device)
-
+            self.step_masks = [(arange < rows[:, None]).to(torch.float32) for rows in self.rows_t]
+        self.stat_rows = [rows >= 2 for rows in self.rows_t]  # (M,) per step
         # Early-stopping state, updated in place (a replayed graph reads and writes these).
         self.epoch = torch.zeros((), dtype=torch.long, device=device)
-        self.stopped = zeros(torch.bool)
+        self.stopped = torch.zeros(M, dtype=torch.bool, device=device)
         self.all_stopped = torch.zeros((), dtype=torch.bool, device=device)
         self.best_val = torch.full((M,), float("inf"), dtype=torch.float32, device=device)
-        self.best_epoch = zeros(torch.long)
-        self.stale = zeros(torch.long)
-        self.epochs_run = zeros(torch.long)
-        self.diverged_at = zeros(torch.long)
-        self.stat_updates = zeros(torch.long)
-        self.best_stat_updates = zeros(torch.long)
+        self.best_epoch, self.stale, self.epochs_run, self.diverged_at, self.stat_updates, self.best_stat_updates = (
+            torch.zeros(M, dtype=torch.long, device=device) for _ in range(6))
         self.patience = torch.tensor([s.patience for s in p.specs], dtype=torch.long, device=device)
         self.restore_best = torch.tensor([s.restore_best for s in p.specs], dtype=torch.bool, device=device)
 
-    # ------------------------------------------------------------------ one epoch
-
     def _shuffle(self) -> None:
-        """Mini mode: this epoch's row order for every model (eager; before the epoch runs)."""
+        """Mini mode: this epoch's row order for every model (eager, before the epoch runs)."""
         if self.index is not None:
             self.p.shuffle(self.index, range(self.p.n_models))
 
@@ -189,8 +147,6 @@ class DeviceLoop:
         self.stopped |= bad | patience_out
         self.all_stopped.copy_(self.stopped.all())
         p.keep_best(improved)
-
-    # ------------------------------------------------------------------ the loop
 
     def run(self) -> LoopOutcome:
         epochs = self.p.config.epochs

@@ -1,29 +1,11 @@
-"""The persistent training worker (S96B): boot torch once, then serve jobs over NDJSON.
+"""The persistent training worker (S96B): boot torch once, then serve jobs as NDJSON lines.
 
-::
-
-    parent (pool, no torch)                         this process
-    ─────────────────────────                       ───────────────────────────────────
-    stdin  ── {"command": "train", ...}\\n ──▶  LineReader ─▶ Dispatcher ─▶ TorchBackend
-    stdout ◀─ {"status": "complete", ...}\\n ──  LineWriter ◀─┘             (run_train_job)
-    stderr ◀─ logs, warnings, library banners (fd 1 is pointed here at start-up)
-
-Three layers, kept apart (see :mod:`step5.framing`):
-
-* framing: bytes <-> lines, with a size bound (an oversize line is answered and skipped);
-* :class:`Dispatcher`: lines -> dicts -> responses. One response per request line, in
-  order (``train_folds`` answers one line per job). A malformed request gets an error
-  response and the worker keeps serving. It knows nothing about torch;
-* :class:`TorchBackend`: the one training core (:func:`step5.nn.job.run_train_job`, the
-  same function the one-shot trainer calls), a dataset cache shared between jobs, and
-  memory cleanup after each job.
-
-Lifecycle: ``ready`` once (with ``boot_s``), then requests until ``shutdown`` (answered,
-then exit 0) or EOF on stdin (exit 0). The process also exits when its parent dies
-(:mod:`step5.lifeline`).
-
-Module-level imports are torch-free on purpose: :func:`main` must claim stdout *before*
-torch (or CUDA) gets a chance to print anything.
+Stdin carries requests, stdout one reply per job (``train_folds``: one per fold), stderr the
+logs: fd 1 is claimed before torch can print. Three layers: framing (:mod:`step5.framing`),
+the :class:`Dispatcher` (requests -> replies, never raises, knows no torch) and the
+:class:`TorchBackend` (the training core, a fold cache, memory cleanup). ``ready`` once, then
+requests until ``shutdown`` or EOF (exit 0), or the parent's death (:mod:`step5.lifeline`).
+docs/workers.md describes the protocol and the lifecycle.
 """
 from __future__ import annotations
 
@@ -36,7 +18,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 from step5.errors import BadRequest, FrameTooLarge, JobError
 from step5.framing import LineReader, LineWriter
@@ -51,37 +33,13 @@ logger = logging.getLogger("step5.nn.worker")  # not __name__: run with -m it is
 _START = time.time()  # fallback origin for boot_s when the process start time is unknown
 
 
-class JobBackend(Protocol):
-    """What the dispatcher needs to run jobs; the real one is :class:`TorchBackend`."""
-
-    device: str  # as reported in ``ready`` / ``pong``: "cuda:0 (NAME)" or "cpu"
-
-    def train(self, request: TrainRequest) -> dict[str, Any]:
-        """Train one fold; raise :class:`JobError` for a deterministic failure."""
-        ...
-
-    def train_folds(self, requests: Sequence[TrainRequest]) -> list[dict[str, Any]]:
-        """Train several folds in one fused pass; results in request order."""
-        ...
-
-    def merge(self, request: MergeRequest) -> dict[str, Any]:
-        """Merge fold checkpoints into one network and score it."""
-        ...
-
-    def is_out_of_memory(self, exc: BaseException) -> bool:
-        """Whether ``exc`` is a (CUDA or host) out-of-memory failure."""
-        ...
-
-    def release_memory(self) -> None:
-        """Free what a job left behind (Python garbage, the CUDA caching allocator)."""
-        ...
-
-
 class Dispatcher:
     """Turns requests into replies; never raises for a bad request. The one-shot trainer
-    answers its one request with the same object (:mod:`step5.nn.oneshot`)."""
+    answers its one request with it too. ``backend``: :class:`TorchBackend` (or a stub of
+    its methods: ``device``, ``train``, ``train_folds``, ``merge``, ``is_out_of_memory``,
+    ``release_memory``); it raises :class:`JobError` for a job's deterministic failure."""
 
-    def __init__(self, backend: JobBackend) -> None:
+    def __init__(self, backend: Any) -> None:
         self.backend = backend
         self.jobs_done = 0
         self.shutdown_requested = False
@@ -113,12 +71,6 @@ class Dispatcher:
         if isinstance(request, TrainFolds):
             return self._train_folds(request)
         return [self._run(request)]
-
-    def oversize(self, exc: FrameTooLarge) -> dict[str, Any]:
-        """The reply to a line that was too long to read (and has been skipped)."""
-        return BadRequest(
-            f"request line of {exc.seen} bytes exceeds the {exc.limit}-byte limit; it was discarded"
-        ).to_dict()
 
     def alive(self, request: Heartbeat) -> dict[str, Any]:
         """The answer to a ``heartbeat``: this process still reads its requests."""
@@ -217,7 +169,9 @@ def serve(reader: LineReader, writer: LineWriter, dispatcher: Dispatcher) -> int
         kind, payload = lines.get()
         if kind == "oversize":
             logger.warning("discarded an oversize request line (%d bytes)", payload.seen)
-            writer.write_message(dispatcher.oversize(payload))
+            writer.write_message(BadRequest(
+                f"request line of {payload.seen} bytes exceeds the {payload.limit}-byte limit; it was discarded"
+            ).to_dict())
             continue  # never fall through to a previous message
         if kind == "eof":
             logger.info("stdin closed after %d job(s); exiting", dispatcher.jobs_done)
@@ -247,6 +201,7 @@ class TorchBackend:
         import torch
 
         from step5.nn import job
+        from step5.nn.device_loop import device_backend
         from step5.nn.trainer import configure_torch_threads
 
         self._job = job
@@ -258,7 +213,7 @@ class TorchBackend:
             torch.zeros(1, device=self.torch_device)
             torch.cuda.synchronize(self.torch_device)
         self.device = job.describe_device(self.torch_device)
-        self.torch_backend = job.describe_backend(self.torch_device)  # cuda | rocm | cpu, from the build
+        self.torch_backend = device_backend(self.torch_device)  # cuda | rocm | cpu, from the build
         self.cache = job.DataCache()
 
     def train(self, request: TrainRequest) -> dict[str, Any]:
@@ -283,9 +238,7 @@ class TorchBackend:
         return self._job.is_out_of_memory(exc)
 
     def release_memory(self) -> None:
-        # The core already empties the CUDA cache after each job; this also covers jobs that
-        # failed before reaching it. No gc.collect(): job tensors are freed by refcounting,
-        # and a full collection would cost a big process a noticeable pause per job.
+        # The core already empties the CUDA cache after each job; this covers jobs that failed before.
         self._job.release_memory(self.torch_device)
 
 
