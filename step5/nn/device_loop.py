@@ -1,8 +1,13 @@
-"""The epoch loop as a fixed-shape program: early stopping on the device, one CUDA graph per pass.
+"""The epoch loop, in two modes over one arithmetic (:class:`~step5.nn.trainer.TrainingPass`)
+and one early-stopping bookkeeping, kept on the device:
 
-It trains what the host loop (:func:`step5.nn.trainer.host_loop`) trains with the same
-arithmetic, bit for bit on the CPU (run uncaptured), but every shape is fixed for the pass: a
-stopped model keeps its steps, frozen by the ``active`` mask, and still draws its shuffles.
+* ``host``: each epoch is planned for the models still training (a stopped model gets no
+  rows, steps or random draws), read from the device once per epoch. The CPU's loop, and the
+  kill switch for graphs on a GPU.
+* ``graph``: every shape is fixed for the pass (a stopped model keeps its steps, frozen by the
+  ``active`` mask, and still draws its shuffles), so on CUDA an epoch is one replayable
+  program; on the CPU it runs uncaptured and is bit-identical to ``host``.
+
 docs/training.md ("Two loops, one arithmetic") says how capture keeps the results the same.
 """
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -82,25 +87,16 @@ def resolve_train_loop(
     return choice
 
 
-class DeviceLoop:
-    """Train a :class:`~step5.nn.trainer.TrainingPass` with a fixed-shape epoch program;
-    ``capture``: on CUDA, replay the epoch as a CUDA graph (ignored on other devices)."""
+class EpochLoop:
+    """Train a :class:`~step5.nn.trainer.TrainingPass` with the ``host`` or ``graph`` loop
+    (:func:`resolve_train_loop`); ``graph`` captures its epoch on CUDA only."""
 
-    def __init__(self, p: TrainingPass, *, capture: bool) -> None:
+    def __init__(self, p: TrainingPass, kind: str) -> None:
         self.p = p
         device, M = p.device, p.n_models
-        self.capture = capture and device.type == "cuda"
-        # Every model's rows per step with all models training: the plan of every epoch.
-        self.step_rows = p.plan_steps([True] * M)
-        self.rows_t = torch.tensor(self.step_rows, dtype=torch.float32, device=device)  # (S, M)
-        self.index: Tensor | None = None
-        self.step_masks: list[Tensor] = []
-        if p.mode == "mini":
-            B = p.batch_size
-            self.index = torch.zeros(M, len(self.step_rows) * B, dtype=torch.long, device=device)
-            arange = torch.arange(B, device=device)[None, :]
-            self.step_masks = [(arange < rows[:, None]).to(torch.float32) for rows in self.rows_t]
-        self.stat_rows = [rows >= 2 for rows in self.rows_t]  # (M,) per step
+        self.fixed = kind == "graph"
+        self.capture = self.fixed and device.type == "cuda"
+        self._plan([True] * M)  # the graph loop's plan of every epoch
         # Early-stopping state, updated in place (a replayed graph reads and writes these).
         self.epoch = torch.zeros((), dtype=torch.long, device=device)
         self.stopped = torch.zeros(M, dtype=torch.bool, device=device)
@@ -111,10 +107,25 @@ class DeviceLoop:
         self.patience = torch.tensor([s.patience for s in p.specs], dtype=torch.long, device=device)
         self.restore_best = torch.tensor([s.restore_best for s in p.specs], dtype=torch.bool, device=device)
 
-    def _shuffle(self) -> None:
-        """Mini mode: this epoch's row order for every model (eager, before the epoch runs)."""
+    def _plan(self, active: Sequence[bool]) -> None:
+        """The steps of an epoch for the ``active`` models: rows per model per step, and in mini
+        mode an index buffer of each model's shuffled rows (padding indexes row 0) and row masks."""
+        p = self.p
+        self.step_rows = p.plan_steps(active)
+        self.rows_t = torch.tensor(self.step_rows, dtype=torch.float32, device=p.device)  # (S, M)
+        self.stat_rows = [rows >= 2 for rows in self.rows_t]  # (M,) per step
+        self.index: Tensor | None = None
+        self.step_masks: list[Tensor] = []
+        if p.mode == "mini":
+            B = p.batch_size
+            self.index = torch.zeros(p.n_models, len(self.step_rows) * B, dtype=torch.long, device=p.device)
+            arange = torch.arange(B, device=p.device)[None, :]
+            self.step_masks = [(arange < rows[:, None]).to(torch.float32) for rows in self.rows_t]
+
+    def _shuffle(self, models: Iterable[int]) -> None:
+        """Mini mode: this epoch's row order for ``models`` (eager, before the epoch runs)."""
         if self.index is not None:
-            self.p.shuffle(self.index, range(self.p.n_models))
+            self.p.shuffle(self.index, models)
 
     def _epoch(self) -> None:
         """One epoch: every step, the early-stopping MSE and the bookkeeping; no host sync."""
@@ -152,15 +163,23 @@ class DeviceLoop:
         epochs = self.p.config.epochs
         if self.capture:
             self._run_captured(epochs)
-        else:
+        elif self.fixed:
             self._run_eager(0, epochs)
+        else:
+            for _ in range(epochs):
+                active = ~self.stopped.cpu().numpy()  # the host loop's one sync per epoch
+                if not active.any():
+                    break
+                self._plan(active)
+                self._shuffle(np.flatnonzero(active).tolist())
+                self._epoch()
         host = [t.cpu().numpy() for t in (self.epochs_run, self.best_epoch, self.diverged_at, self.best_stat_updates)]
         return LoopOutcome(*host)
 
     def _run_eager(self, done: int, epochs: int) -> None:
         """Epochs ``done + 1 ..`` without capture, checking after each (a sync: free on a CPU)."""
         while done < epochs and not (done > 0 and bool(self.all_stopped)):
-            self._shuffle()
+            self._shuffle(range(self.p.n_models))
             self._epoch()
             done += 1
 
@@ -183,7 +202,7 @@ class DeviceLoop:
             # The process's first capture on this device: epoch 1 runs eagerly on the
             # capture stream first, the warm-up a capture needs (library handles, the
             # stream's cuBLAS workspace, autograd's device threads). It is a real epoch.
-            self._shuffle()
+            self._shuffle(range(self.p.n_models))
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 self._epoch()
@@ -204,7 +223,7 @@ class DeviceLoop:
                 done[e % 2].synchronize()
                 if bool(flags[e % 2]):
                     break
-            self._shuffle()
+            self._shuffle(range(self.p.n_models))
             graph.replay()
             flag_stopped(e)
 

@@ -19,7 +19,7 @@ import torch
 from sklearn.metrics import mean_squared_error, r2_score
 from torch import Tensor
 
-from step5.nn.device_loop import DeviceLoop, LoopOutcome, resolve_train_loop
+from step5.nn.device_loop import EpochLoop, resolve_train_loop
 from step5.nn.model import FusedMLP
 from step5.protocol import resolve_batch_mode
 
@@ -253,8 +253,8 @@ class FunctionalOptimizer:
 
 class TrainingPass:
     """The tensors of one M-model pass and what an epoch loop does with them: a step
-    (:meth:`train_step`) and the early-stopping MSE (:meth:`stop_mse`). The host loop below
-    and :mod:`step5.nn.device_loop` both drive it, so the arithmetic is written once."""
+    (:meth:`train_step`) and the early-stopping MSE (:meth:`stop_mse`), which both loops of
+    :mod:`step5.nn.device_loop` drive, so the arithmetic is written once."""
 
     def __init__(self, config: TrainConfig, specs: Sequence[ModelSpec], folds: Sequence[Fold],
                  device: torch.device) -> None:
@@ -409,58 +409,6 @@ class TrainingPass:
             torch.where(keep, t.detach(), b, out=b)
 
 
-def host_loop(p: TrainingPass) -> LoopOutcome:
-    """The CPU's epoch loop: each epoch plans only the models still training, and early
-    stopping runs on the host (one host/device sync per epoch)."""
-    M, device = p.n_models, p.device
-    stopped = np.zeros(M, dtype=bool)
-    diverged_at, best_epoch, stale, epochs_run, stat_updates, best_stat_updates = (
-        np.zeros(M, dtype=np.int64) for _ in range(6))
-    best_val = np.full(M, np.inf)
-    epoch = 0
-    while not stopped.all() and epoch < p.config.epochs:
-        epoch += 1
-        active = ~stopped
-        p.model.train()
-        # A stopped model gets no rows, hence no steps and no random draws.
-        step_rows = p.plan_steps(active)
-        index = None
-        if p.mode == "mini":  # each model's shuffled rows (padding indexes row 0)
-            index = torch.zeros(M, len(step_rows) * p.batch_size, dtype=torch.long, device=device)
-            p.shuffle(index, np.flatnonzero(active).tolist())
-        rows_t = torch.tensor(step_rows, dtype=torch.float32, device=device)  # (S, M): one copy per epoch
-        nonfinite = torch.zeros(M, dtype=torch.bool, device=device)
-        for s, rows in enumerate(step_rows):
-            if index is None:
-                x, y, mask = p.Xtr, p.ytr, p.mask_tr
-            else:
-                x, y = p.batch(index, s)
-                mask = (torch.arange(p.batch_size, device=device)[None, :] < rows_t[s][:, None]).to(torch.float32)
-            loss = p.train_step(x, y, mask, rows, rows_t[s])
-            nonfinite |= ~torch.isfinite(loss)
-            stat_updates += np.array([r >= 2 for r in rows], dtype=np.int64)
-        val_mse = p.stop_mse()
-        # The one host/device sync of the epoch.
-        val_host, bad_host = torch.stack([val_mse, nonfinite.to(val_mse.dtype)]).cpu().numpy()
-        improved = np.zeros(M, dtype=bool)
-        for m in np.flatnonzero(active):
-            epochs_run[m] = epoch
-            if bad_host[m] or not math.isfinite(float(val_host[m])):
-                stopped[m] = True
-                diverged_at[m] = epoch
-            elif val_host[m] < best_val[m] or not p.specs[m].restore_best:  # restore_best=False: the latest is "best"
-                best_val[m], best_epoch[m], stale[m] = val_host[m], epoch, 0
-                best_stat_updates[m] = stat_updates[m]
-                improved[m] = True
-            else:
-                stale[m] += 1
-                if p.specs[m].patience > 0 and stale[m] >= p.specs[m].patience:
-                    stopped[m] = True
-        if improved.any():
-            p.keep_best(torch.from_numpy(improved).to(device))
-    return LoopOutcome(epochs_run, best_epoch, diverged_at, best_stat_updates)
-
-
 def train_models(
     config: TrainConfig, specs: Sequence[ModelSpec], folds: Sequence[Fold], *, device: torch.device,
     loop: str | None = None,
@@ -486,7 +434,7 @@ def train_models(
     kind = resolve_train_loop(loop, device)
     t_start = time.perf_counter()
     p = TrainingPass(config, specs, folds, device)
-    outcome = host_loop(p) if kind == "host" else DeviceLoop(p, capture=kind == "graph").run()
+    outcome = EpochLoop(p, kind).run()
 
     # Restore each model's best weights and score them on the original target scale.
     with torch.no_grad():
