@@ -153,7 +153,8 @@ class EpochLoop:
         self.best_val.copy_(torch.where(improved, val, self.best_val))
         self.best_epoch.copy_(torch.where(improved, self.epoch, self.best_epoch))
         self.best_stat_updates.copy_(torch.where(improved, self.stat_updates, self.best_stat_updates))
-        self.stale.copy_(torch.where(improved, torch.zeros_like(self.stale), torch.where(ok, self.stale + 1, self.stale)))
+        self.stale.copy_(torch.where(improved, torch.zeros_like(self.stale),
+                                     torch.where(ok, self.stale + 1, self.stale)))
         patience_out = ok & ~improved & (self.patience > 0) & (self.stale >= self.patience)
         self.stopped |= bad | patience_out
         self.all_stopped.copy_(self.stopped.all())

@@ -16,7 +16,7 @@ import time
 import traceback
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -42,25 +42,6 @@ _TORCH_OOM_TYPES: tuple[type[BaseException], ...] = tuple(
     t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t)
 
 
-@dataclass(frozen=True)
-class FoldData:
-    """A validated fold file: read-only float32 arrays (shared through :class:`DataCache`)."""
-
-    path: str
-    X_train: np.ndarray  # (n_train, D)
-    y_train: np.ndarray  # (n_train,)
-    X_val: np.ndarray
-    y_val: np.ndarray
-    X_test: np.ndarray | None
-    y_test: np.ndarray | None
-    feature_names: tuple[str, ...] | None
-
-    @property
-    def nbytes(self) -> int:
-        arrays = (self.X_train, self.y_train, self.X_val, self.y_val, self.X_test, self.y_test)
-        return sum(a.nbytes for a in arrays if a is not None)
-
-
 def early_stopping_split(n_train: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(fit rows, early-stopping rows) of a training fold, both sorted: ~:data:`EARLY_STOPPING_FRACTION`
     of the rows (at least 1, and at least 2 stay to fit), drawn from ``seed`` alone, so a fold
@@ -80,14 +61,14 @@ class DataCache:
     def __init__(self, max_entries: int = 8, max_bytes: int = 2 << 30) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[str, int, int], FoldData] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, int, int], Fold] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: tuple[str, int, int]) -> FoldData | None:
+    def get(self, key: tuple[str, int, int]) -> Fold | None:
         with self._lock:
             data = self._entries.get(key)
             if data is not None:
@@ -95,7 +76,7 @@ class DataCache:
                 self.hits += 1
             return data
 
-    def put(self, key: tuple[str, int, int], data: FoldData) -> None:
+    def put(self, key: tuple[str, int, int], data: Fold) -> None:
         with self._lock:
             if data.nbytes > self.max_bytes:
                 return  # larger than the whole budget: do not evict everything for it
@@ -131,7 +112,7 @@ def _check_array(path: str, name: str, a: np.ndarray, ndim: int) -> np.ndarray:
     return out
 
 
-def read_fold_npz(path: str) -> FoldData:
+def read_fold_npz(path: str) -> Fold:
     """Read and validate a fold NPZ (``allow_pickle=False``); any problem is a data_error."""
     try:
         npz = np.load(path, allow_pickle=False)
@@ -184,11 +165,11 @@ def read_fold_npz(path: str) -> FoldData:
             raise _data_error(f"array `feature_names` in {path} must be {d} strings, got dtype {fn.dtype} "
                               f"and shape {fn.shape}")
         names = tuple(str(s) for s in fn)
-    return FoldData(path, arrays["X_train"], arrays["y_train"], arrays["X_val"], arrays["y_val"],
-                    arrays.get("X_test"), arrays.get("y_test"), names)
+    return Fold(arrays["X_train"], arrays["y_train"], arrays["X_val"], arrays["y_val"], arrays.get("X_test"),
+                arrays.get("y_test"), feature_names=names)
 
 
-def load_fold(path: str, cache: DataCache | None = None) -> tuple[FoldData, float]:
+def load_fold(path: str, cache: DataCache | None = None) -> tuple[Fold, float]:
     """A validated fold and the seconds spent reading it (0.0 on a cache hit)."""
     try:
         st = os.stat(path)
@@ -245,7 +226,7 @@ def _echo(error: JobError, request: TrainRequest) -> JobError:
     return JobError(error.message, error.error_type, traceback=error.traceback, **echo(request))
 
 
-def _spec_and_fold(request: TrainRequest, data: FoldData) -> tuple[ModelSpec, Fold]:
+def _spec_and_fold(request: TrainRequest, data: Fold) -> tuple[ModelSpec, Fold]:
     """The core's spec and fold for one request. Patience > 0 fits all but a seeded slice of
     the training rows and early-stops on that slice, so the validation rows only score;
     patience 0 (the final refit), or a fold too small to spare rows, fits every training row
@@ -258,10 +239,10 @@ def _spec_and_fold(request: TrainRequest, data: FoldData) -> tuple[ModelSpec, Fo
         gradient_clip=p.gradient_clip, restore_best=early,
     )
     if not early:
-        return spec, Fold(data.X_train, data.y_train, data.X_val, data.y_val, data.X_test, data.y_test)
+        return spec, data
     fit, stop = early_stopping_split(data.X_train.shape[0], request.seed)
-    return spec, Fold(data.X_train[fit], data.y_train[fit], data.X_val, data.y_val, data.X_test, data.y_test,
-                      X_stop=data.X_train[stop], y_stop=data.y_train[stop])
+    return spec, replace(data, X_train=data.X_train[fit], y_train=data.y_train[fit], X_stop=data.X_train[stop],
+                         y_stop=data.y_train[stop])
 
 
 def _train_pass(config: TrainConfig, models: Sequence[tuple[ModelSpec, Fold]],
@@ -283,7 +264,7 @@ def _train_pass(config: TrainConfig, models: Sequence[tuple[ModelSpec, Fold]],
     return out
 
 
-def _result(request: TrainRequest, data: FoldData, trained: TrainedModel, *, load_s: float, train_s: float,
+def _result(request: TrainRequest, data: Fold, trained: TrainedModel, *, load_s: float, train_s: float,
             device_name: str) -> dict[str, Any]:
     """The ``complete`` message for one trained model; writes its checkpoint if asked."""
     if trained.error is not None:
@@ -325,7 +306,7 @@ def _run_requests(requests: Sequence[TrainRequest], device: torch.device,
     validation lengths): models whose tensors have the same shapes round as they would alone.
     """
     out: list[dict[str, Any] | JobError | None] = [None] * len(requests)
-    loaded: dict[int, tuple[FoldData, float]] = {}
+    loaded: dict[int, tuple[Fold, float]] = {}
     device_name = describe_device(device)
     try:
         for i, r in enumerate(requests):

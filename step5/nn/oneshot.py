@@ -13,9 +13,15 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
+from step5.cliutil import UsageErrorParser
+from step5.errors import BadRequest, JobError, UsageError
+from step5.jsonio import dumps_line, loads, write_json_atomic
+from step5.lifeline import expected_parent_pid, install_lifeline
+from step5.protocol import MergeRequest, TrainRequest, decode_request, echo
 from step5.stdout_guard import claim_stdout
 
 logger = logging.getLogger("step5.oneshot")
@@ -27,8 +33,6 @@ _FLAGS = ("model_type", "data_path", "params")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from step5.cliutil import UsageErrorParser
-
     p = UsageErrorParser(
         # The name it was started by: train_single_trial.py, or step5-train-fold when installed.
         prog=Path(sys.argv[0]).name or "train_single_trial.py",
@@ -57,10 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
 def request_from_args(args: argparse.Namespace) -> Any:
     """The validated ``TrainRequest`` or ``MergeRequest`` these arguments describe; raises
     :class:`~step5.errors.UsageError` (flags) or :class:`~step5.errors.BadRequest` (the request)."""
-    from step5.errors import BadRequest, UsageError
-    from step5.jsonio import loads
-    from step5.protocol import MergeRequest, TrainRequest, decode_request
-
     if args.request is not None:
         given = [f"--{name.replace('_', '-')}" for name in _FLAGS if getattr(args, name) is not None]
         if given:
@@ -105,8 +105,6 @@ def request_from_args(args: argparse.Namespace) -> Any:
 
 
 def _answer(args: argparse.Namespace) -> dict[str, Any]:
-    from step5.errors import BadRequest, UsageError
-
     try:
         request = request_from_args(args)
     except UsageError as exc:
@@ -115,7 +113,6 @@ def _answer(args: argparse.Namespace) -> dict[str, Any]:
         return exc.to_dict()
 
     from step5.nn.worker import Dispatcher, TorchBackend  # imports torch: only now, stdout is claimed
-    from step5.protocol import echo
 
     try:
         backend = TorchBackend()
@@ -133,20 +130,11 @@ def _answer(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return the exit code, after exactly one JSON line on stdout (but for ``--help``)."""
     wire = claim_stdout()
-    from step5.lifeline import expected_parent_pid, install_lifeline
-
     if expected_parent_pid() is not None:
         # Started by Step 5 (which records its pid): die with it rather than finish a fold
         # nobody will read. Run by hand, the trainer has no such parent to watch.
         install_lifeline()
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    import traceback
-
-    from step5.errors import BadRequest, JobError, UsageError
-    from step5.jsonio import dumps_line, write_json_atomic
-
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args: argparse.Namespace | None = None
     try:
         try:

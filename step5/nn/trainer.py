@@ -67,7 +67,8 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Fold:
-    """One model's data: float32 features (n, D) and targets (n,), original scale."""
+    """One model's data: float32 features (n, D) and targets (n,), original scale (a fold
+    file's, step5.nn.job.read_fold_npz, has read-only arrays shared through its cache)."""
 
     X_train: np.ndarray
     y_train: np.ndarray
@@ -77,6 +78,12 @@ class Fold:
     y_test: np.ndarray | None = None
     X_stop: np.ndarray | None = None  # early-stopping rows; None: stop on the validation rows
     y_stop: np.ndarray | None = None
+    feature_names: tuple[str, ...] | None = None  # copied into the checkpoint
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.X_train, self.y_train, self.X_val, self.y_val, self.X_test, self.y_test)
+        return sum(a.nbytes for a in arrays if a is not None)  # a file's fold has no X_stop
 
     @property
     def stop_rows(self) -> tuple[np.ndarray, np.ndarray]:

@@ -20,17 +20,19 @@ import time
 import traceback
 from typing import Any, Sequence
 
-from step5.errors import BadRequest, FrameTooLarge, JobError
+import psutil
+
+from step5.errors import BadRequest, DataError, FrameTooLarge, JobError
 from step5.framing import LineReader, LineWriter
 from step5.jsonio import loads
+from step5.lifeline import expected_parent_pid, install_lifeline
 from step5.protocol import (
     MAX_REQUEST_BYTES, PROTOCOL_VERSION, AliveMessage, Heartbeat, Job, MergeRequest, Ping, PongMessage, ReadyMessage,
     Request, Shutdown, ShutdownMessage, TrainFolds, TrainRequest, decode_request, echo, error_reply,
 )
+from step5.stdout_guard import claim_stdout
 
 logger = logging.getLogger("step5.nn.worker")  # not __name__: run with -m it is "__main__"
-
-_START = time.time()  # fallback origin for boot_s when the process start time is unknown
 
 
 class Dispatcher:
@@ -207,7 +209,15 @@ class TorchBackend:
         self._job = job
         self.torch_version = str(torch.__version__)
         self.threads = configure_torch_threads()  # STEP5_TORCH_THREADS: the pool splits the cores
-        self.torch_device = _pick_device(torch)
+        # cuda:0 is the one GPU the pool's pin leaves us (CUDA_VISIBLE_DEVICES for NVIDIA,
+        # HIP_VISIBLE_DEVICES for AMD: torch calls both ``cuda``).
+        self.torch_device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        build = f"torch {torch.__version__} (CUDA {torch.version.cuda}, HIP {torch.version.hip})"
+        for name, runtime in (("CUDA_VISIBLE_DEVICES", "CUDA"), ("HIP_VISIBLE_DEVICES", "ROCm")):
+            visible = os.environ.get(name)
+            if self.torch_device.type == "cpu" and visible and not visible.strip().startswith("-"):
+                logger.warning("%s=%r but %s is not available in %s; this worker trains on the CPU",
+                               name, visible, runtime, build)
         if self.torch_device.type == "cuda":
             # Create the CUDA context now, once, so that the first job does not pay for it.
             torch.zeros(1, device=self.torch_device)
@@ -226,7 +236,6 @@ class TorchBackend:
             raise BadRequest(f"`train_folds` jobs cannot be fused: {exc}") from None
 
     def merge(self, request: MergeRequest) -> dict[str, Any]:
-        from step5.errors import DataError
         from step5.nn.ensemble import build_ensemble
 
         try:
@@ -242,48 +251,14 @@ class TorchBackend:
         self._job.release_memory(self.torch_device)
 
 
-def _pick_device(torch: Any) -> Any:
-    """``cuda:0`` (the one GPU the pool's pin leaves us: CUDA_VISIBLE_DEVICES for NVIDIA,
-    HIP_VISIBLE_DEVICES for AMD, both addressed as ``cuda`` by torch) when usable, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda:0")
-    build = f"torch {torch.__version__} (CUDA {torch.version.cuda}, HIP {torch.version.hip})"
-    for name, runtime in (("CUDA_VISIBLE_DEVICES", "CUDA"), ("HIP_VISIBLE_DEVICES", "ROCm")):
-        visible = os.environ.get(name)
-        if visible and not visible.strip().startswith("-"):
-            logger.warning("%s=%r but %s is not available in %s; this worker trains on the CPU",
-                           name, visible, runtime, build)
-    return torch.device("cpu")
-
-
-def _boot_seconds() -> float:
-    """Seconds since this process started (interpreter start -> now)."""
-    try:
-        import psutil
-
-        return max(0.0, time.time() - psutil.Process().create_time())
-    except Exception:  # noqa: BLE001 - psutil is optional here; fall back to import time
-        return time.time() - _START
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``nn_gpu_worker.py``: serve, then exit the process (0 after ``shutdown``
-    or EOF) without interpreter teardown, see :func:`_exit_now`."""
-    # First of all: keep fd 1 for protocol lines, before torch/CUDA can print anything.
-    from step5.stdout_guard import claim_stdout
-
-    wire = claim_stdout()
+    """Entry point of ``nn_gpu_worker.py``: serve, then exit (0 after ``shutdown`` or EOF)."""
+    wire = claim_stdout()  # first of all: fd 1 is for protocol lines, before torch/CUDA can print
     parser = argparse.ArgumentParser(description="Persistent Step 5 neural-net worker (NDJSON on stdin/stdout).")
     parser.add_argument("--log-level", default=os.environ.get("STEP5_WORKER_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)s worker[{os.getpid()}] %(name)s: %(message)s",
-    )
-
-    from step5.lifeline import expected_parent_pid, install_lifeline
-
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format=f"%(asctime)s %(levelname)s worker[{os.getpid()}] %(name)s: %(message)s")
     if expected_parent_pid() is not None:
         # Started by the pool: Ctrl-C in the terminal reaches the whole process group, but
         # stopping workers is the parent's job (it sends `shutdown` or kills them).
@@ -297,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         status="ready", device=backend.device, backend=backend.torch_backend, pid=os.getpid(),
         protocol=PROTOCOL_VERSION, torch_version=backend.torch_version, torch_threads=backend.threads,
         cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-        hip_visible_devices=os.environ.get("HIP_VISIBLE_DEVICES"), boot_s=round(_boot_seconds(), 4),
+        hip_visible_devices=os.environ.get("HIP_VISIBLE_DEVICES"),
+        boot_s=round(max(0.0, time.time() - psutil.Process().create_time()), 4),  # since the interpreter started
     )
     try:
         writer.write_message(ready)
@@ -307,17 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The parent closed our stdout: nobody is listening any more.
         logger.warning("stdout closed by the parent; exiting")
         rc = 0
-    _exit_now(rc, wire)
-    return rc  # not reached
-
-
-def _exit_now(rc: int, wire: Any) -> None:
-    """Leave without interpreter teardown once every answer is flushed.
-
-    Tearing down torch's modules takes a second or more, which the parent would wait for
-    on every shutdown; nothing is left to clean up that the OS does not reclaim (the CUDA
-    context included), so flush what we wrote and exit at once, as forked pool workers do.
-    """
+    # Leave without interpreter teardown once every answer is flushed: tearing down torch
+    # takes a second or more, which the parent would wait for on every shutdown, and the OS
+    # reclaims everything (the CUDA context included), as for forked pool workers.
     logging.shutdown()
     for stream in (wire, sys.stderr):
         try:
