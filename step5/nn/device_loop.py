@@ -13,8 +13,8 @@ docs/training.md ("Two loops, one arithmetic") says how capture keeps the result
 from __future__ import annotations
 
 import logging
+import math
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -51,16 +51,6 @@ def capture_blocker(device: torch.device, hip_version: str | None = torch.versio
 
 
 _warned_blocked_capture = False
-
-
-@dataclass
-class LoopOutcome:
-    """What an epoch loop hands back, per model (all arrays (M,))."""
-
-    epochs_run: np.ndarray  # epochs trained before stopping (or diverging)
-    best_epoch: np.ndarray  # 1-based epoch of the weights in best_state
-    diverged_at: np.ndarray  # epoch whose loss became non-finite; 0 = never
-    best_stat_updates: np.ndarray  # BatchNorm updates up to the best epoch (num_batches_tracked)
 
 
 def resolve_train_loop(
@@ -110,22 +100,29 @@ class EpochLoop:
     def _plan(self, active: Sequence[bool]) -> None:
         """The steps of an epoch for the ``active`` models: rows per model per step, and in mini
         mode an index buffer of each model's shuffled rows (padding indexes row 0) and row masks."""
-        p = self.p
-        self.step_rows = p.plan_steps(active)
+        p, B = self.p, self.p.batch_size
+        if p.mode == "full":
+            self.step_rows = [[n if a else 0 for n, a in zip(p.n_train, active)]]
+        else:
+            n_steps = max(math.ceil(n / B) for n, a in zip(p.n_train, active) if a)
+            self.step_rows = [[max(0, min(B, n - s * B)) if a else 0 for n, a in zip(p.n_train, active)]
+                              for s in range(n_steps)]
         self.rows_t = torch.tensor(self.step_rows, dtype=torch.float32, device=p.device)  # (S, M)
         self.stat_rows = [rows >= 2 for rows in self.rows_t]  # (M,) per step
         self.index: Tensor | None = None
         self.step_masks: list[Tensor] = []
         if p.mode == "mini":
-            B = p.batch_size
             self.index = torch.zeros(p.n_models, len(self.step_rows) * B, dtype=torch.long, device=p.device)
             arange = torch.arange(B, device=p.device)[None, :]
             self.step_masks = [(arange < rows[:, None]).to(torch.float32) for rows in self.rows_t]
 
     def _shuffle(self, models: Iterable[int]) -> None:
-        """Mini mode: this epoch's row order for ``models`` (eager, before the epoch runs)."""
+        """Mini mode: a fresh row order for each of ``models``, one ``randperm`` from its own
+        generator (eager, before the epoch runs)."""
         if self.index is not None:
-            self.p.shuffle(self.index, models)
+            for m in models:
+                n = self.p.n_train[m]
+                self.index[m, :n] = torch.randperm(n, generator=self.p.generators[m], device=self.index.device)
 
     def _epoch(self) -> None:
         """One epoch: every step, the early-stopping MSE and the bookkeeping; no host sync."""
@@ -160,7 +157,10 @@ class EpochLoop:
         self.all_stopped.copy_(self.stopped.all())
         p.keep_best(improved)
 
-    def run(self) -> LoopOutcome:
+    def run(self) -> tuple[np.ndarray, ...]:
+        """Per model (arrays (M,)): epochs trained before stopping or diverging, the 1-based
+        epoch of the weights in best_state, the epoch whose loss became non-finite (0: never),
+        and the BatchNorm updates up to the best epoch (num_batches_tracked)."""
         epochs = self.p.config.epochs
         if self.capture:
             self._run_captured(epochs)
@@ -174,8 +174,8 @@ class EpochLoop:
                 self._plan(active)
                 self._shuffle(np.flatnonzero(active).tolist())
                 self._epoch()
-        host = [t.cpu().numpy() for t in (self.epochs_run, self.best_epoch, self.diverged_at, self.best_stat_updates)]
-        return LoopOutcome(*host)
+        return tuple(t.cpu().numpy() for t in (self.epochs_run, self.best_epoch, self.diverged_at,
+                                               self.best_stat_updates))
 
     def _run_eager(self, done: int, epochs: int) -> None:
         """Epochs ``done + 1 ..`` without capture, checking after each (a sync: free on a CPU)."""

@@ -339,21 +339,6 @@ class TrainingPass:
     def standardize_x(self, X: Tensor) -> Tensor:
         return (X - self.x_mean) / self.x_scale
 
-    def plan_steps(self, active: Sequence[bool]) -> list[list[int]]:
-        """Per step of an epoch, each model's real row count (0 where not ``active``)."""
-        B = self.batch_size
-        if self.mode == "full":
-            return [[n if a else 0 for n, a in zip(self.n_train, active)]]
-        n_steps = max(math.ceil(n / B) for n, a in zip(self.n_train, active) if a)
-        return [[max(0, min(B, n - s * B)) if a else 0 for n, a in zip(self.n_train, active)] for s in range(n_steps)]
-
-    def shuffle(self, index: Tensor, models: Iterable[int]) -> None:
-        """Mini mode: a fresh row order (one ``randperm`` from each model's own generator) for
-        each of ``models``, into ``index`` (M, S*B); the rest of a row stays 0 (padding)."""
-        for m in models:
-            n = self.n_train[m]
-            index[m, :n] = torch.randperm(n, generator=self.generators[m], device=index.device)
-
     def train_step(self, x: Tensor, y: Tensor, mask: Tensor, rows: Sequence[int], rows_t: Tensor,
                    active: Tensor | None = None) -> Tensor:
         """One optimisation step of every model on its batch (x (M, R, D), y and mask (M, R),
@@ -441,7 +426,7 @@ def train_models(
     kind = resolve_train_loop(loop, device)
     t_start = time.perf_counter()
     p = TrainingPass(config, specs, folds, device)
-    outcome = EpochLoop(p, kind).run()
+    epochs_run, best_epoch, diverged_at, best_stat_updates = EpochLoop(p, kind).run()
 
     # Restore each model's best weights and score them on the original target scale.
     with torch.no_grad():
@@ -456,11 +441,11 @@ def train_models(
 
     results: list[TrainedModel] = []
     for m, f in enumerate(folds):
-        diverged = int(outcome.diverged_at[m])
+        diverged = int(diverged_at[m])
         mu, sd = p.targ[m]
         res = TrainedModel(
-            n_train=p.n_train[m], n_val=p.n_val[m], epochs_run=int(outcome.epochs_run[m]),
-            best_epoch=int(outcome.best_epoch[m]) if not diverged else 0,
+            n_train=p.n_train[m], n_val=p.n_val[m], epochs_run=int(epochs_run[m]),
+            best_epoch=int(best_epoch[m]) if not diverged else 0,
             feature_mean=p.feat[m][0], feature_scale=p.feat[m][1], target_mean=mu, target_std=sd,
         )
         if diverged:
@@ -480,10 +465,10 @@ def train_models(
                 f.y_test, pred_te[m, : f.X_test.shape[0]].astype(np.float64) * sd + mu)
         if all(math.isfinite(v) for v in metrics.values()):
             res.metrics, res.val_pred = metrics, p_va
-            res.state_dict = p.model.export_model(m, num_batches_tracked=int(outcome.best_stat_updates[m]))
+            res.state_dict = p.model.export_model(m, num_batches_tracked=int(best_stat_updates[m]))
         else:
             res.error = f"training produced non-finite predictions (metrics {metrics}); the model diverged"
         results.append(res)
     logger.debug("trained %d model(s) x %d epoch(s) max, %s batches, %s loop, in %.3fs",
-                 M, int(outcome.epochs_run.max(initial=0)), p.mode, kind, time.perf_counter() - t_start)
+                 M, int(epochs_run.max(initial=0)), p.mode, kind, time.perf_counter() - t_start)
     return results
