@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from step5.nn.model import FusedMLP, ReferenceMLP
-from step5.nn.trainer import THREADS_ENV, Fold, ModelSpec, TrainConfig, configure_torch_threads, make_generator, train_models
+from step5.nn.trainer import (
+    THREADS_ENV, Fold, ModelSpec, TrainConfig, configure_torch_threads, make_generator, train_models,
+)
 from step5.protocol import AUTO_FULL_BATCH_MAX_ROWS, resolve_batch_mode
 
 CPU = torch.device("cpu")
