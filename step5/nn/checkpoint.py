@@ -1,28 +1,10 @@
 """``best_model.pth``: one trained MLP with everything needed to predict, and nothing else.
 
-The file is a plain dict of tensors, strings, numbers and lists, so
-``torch.load(path, weights_only=True)`` reads it -- no pickled classes, no code runs on
-load. Its keys are the ones the existing pipeline's Step 6 reads, in its layout, so that
-loader and this one build the same function from the same single copy of the weights::
-
-    {"format": "step5-mlp", "format_version": 2,
-     "state_dict": {"network.0.weight", "network.0.bias", "network.1.weight", ...},
-                                      # ReferenceMLP(...).state_dict(): per hidden layer
-                                      # Linear -> BatchNorm1d -> (Leaky)ReLU -> Dropout, then Linear(W, 1)
-     "feature_count": D, "input_dim": D,            # the same number, under both names Step 6 tries
-     "hidden_layers": [W, ...], "dropout": p, "use_leaky_relu": bool,
-     "config": {...},                               # the hyperparameters that trained it
-     "y_mean": float, "y_std": float,               # prediction = z * y_std + y_mean
-     "normalize_features": bool,
-     "scaler_mean": [D floats], "scaler_scale": [D floats],   # x_std = (x - mean) / scale
-     "feature_names": [str, ...] | None,
-     "training": {...}}                             # plain metadata (seed, metrics, epochs)
-
-``scaler_*`` are plain float lists (float64 values), usable as they are by numpy or
-torch; with ``normalize_features`` off they are zeros and ones, so applying them or not
-gives the same input. Prediction = standardise X with the train-fold scaler (in float32,
-as in training) -> eval-mode MLP -> ``z * y_std + y_mean`` in float64, so a loaded model
-reproduces the validation predictions made during training.
+A plain dict of tensors, strings, numbers and lists, so ``torch.load(path, weights_only=True)``
+reads it and no code runs on load; its keys and ``state_dict`` layout are the existing
+pipeline's Step 6's (docs/compatibility.md, "Model files"; docs/training.md, "Checkpoints").
+Prediction = standardise X with the train-fold scaler in float32, as in training -> eval-mode
+MLP -> ``z * y_std + y_mean`` in float64, so a loaded model reproduces training's predictions.
 """
 from __future__ import annotations
 
@@ -37,63 +19,39 @@ from torch import Tensor
 
 from step5.errors import DataError
 from step5.fsutil import atomic_output
-from step5.nn.model import ReferenceMLP, build_reference_mlp
+from step5.nn.model import ReferenceMLP
 
 CHECKPOINT_FORMAT = "step5-mlp"
 CHECKPOINT_FORMAT_VERSION = 2
-#: Rows per forward pass when predicting, bounding activation memory on big inputs.
-PREDICT_CHUNK_ROWS = 65_536
+PREDICT_CHUNK_ROWS = 65_536  # rows per forward pass when predicting, bounding activation memory
 
 
 def save_checkpoint(
-    path: str | os.PathLike[str],
-    *,
-    state_dict: Mapping[str, Tensor],
-    n_features: int,
-    hidden_layers: Sequence[int],
-    use_leaky_relu: bool,
-    dropout: float,
-    feature_mean: np.ndarray,
-    feature_scale: np.ndarray,
-    target_mean: float,
-    target_std: float,
-    normalize_features: bool = True,
-    feature_names: Sequence[str] | None = None,
-    config: Mapping[str, Any] | None = None,
+    path: str | os.PathLike[str], *, state_dict: Mapping[str, Tensor], n_features: int,
+    hidden_layers: Sequence[int], use_leaky_relu: bool, dropout: float, feature_mean: np.ndarray,
+    feature_scale: np.ndarray, target_mean: float, target_std: float, normalize_features: bool = True,
+    feature_names: Sequence[str] | None = None, config: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a weights-only checkpoint atomically (temp file + rename) and return its path.
-
-    ``config`` (the hyperparameters) and ``training`` (seed, metrics) are optional plain
-    metadata; they must hold only JSON-like values so that the file stays loadable with
-    ``weights_only=True``.
-    """
+    """Write a weights-only checkpoint atomically and return its path. ``config`` (the
+    hyperparameters) and ``training`` (seed, metrics) must hold only JSON-like values."""
     mean = np.asarray(feature_mean, dtype=np.float64)
     scale = np.asarray(feature_scale, dtype=np.float64)
     if mean.shape != (n_features,) or scale.shape != (n_features,):
         raise ValueError(
-            f"feature scaler must have shape ({n_features},), got mean {mean.shape} and scale {scale.shape}"
-        )
+            f"feature scaler must have shape ({n_features},), got mean {mean.shape} and scale {scale.shape}")
     names = None if feature_names is None else [str(s) for s in feature_names]
     if names is not None and len(names) != n_features:
         raise ValueError(f"`feature_names` has {len(names)} names for {n_features} features")
     payload: dict[str, Any] = {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
-        "feature_count": int(n_features),
-        "input_dim": int(n_features),
-        "hidden_layers": [int(w) for w in hidden_layers],
-        "dropout": float(dropout),
-        "use_leaky_relu": bool(use_leaky_relu),
-        "config": dict(config or {}),
-        "y_mean": float(target_mean),
-        "y_std": float(target_std),
-        "normalize_features": bool(normalize_features),
-        "scaler_mean": [float(v) for v in mean],
-        "scaler_scale": [float(v) for v in scale],
-        "feature_names": names,
-        "training": dict(training) if training else {},
+        "feature_count": int(n_features), "input_dim": int(n_features),  # both names Step 6 tries
+        "hidden_layers": [int(w) for w in hidden_layers], "dropout": float(dropout),
+        "use_leaky_relu": bool(use_leaky_relu), "config": dict(config or {}),
+        "y_mean": float(target_mean), "y_std": float(target_std), "normalize_features": bool(normalize_features),
+        "scaler_mean": [float(v) for v in mean], "scaler_scale": [float(v) for v in scale],
+        "feature_names": names, "training": dict(training) if training else {},
     }
     p = Path(path)
     with atomic_output(p) as tmp, open(tmp, "wb") as fh:
@@ -135,21 +93,17 @@ class LoadedModel:
         mean = torch.tensor(self.feature_mean, dtype=torch.float32, device=self.device)
         scale = torch.tensor(self.feature_scale, dtype=torch.float32, device=self.device)
         self.module.eval()
-        out = []
+        out = [np.zeros(0, dtype=np.float32)]
         for s in range(0, X32.shape[0], PREDICT_CHUNK_ROWS):
             # A copy: X may be a read-only view (a memory-mapped NPZ), which torch will not wrap.
             xb = torch.tensor(X32[s : s + PREDICT_CHUNK_ROWS], device=self.device)
             out.append(self.module((xb - mean) / scale)[:, 0].cpu().numpy())
-        z = np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
-        return z.astype(np.float64) * self.target_std + self.target_mean
+        return np.concatenate(out).astype(np.float64) * self.target_std + self.target_mean
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
-
-    Raises :class:`DataError` naming the file when it is missing, not a checkpoint of
-    this format, or inconsistent.
-    """
+    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``); a missing,
+    foreign or inconsistent file is a :class:`DataError` naming it."""
     p = Path(path)
     dev = torch.device(device)
     if not p.is_file():
@@ -161,31 +115,22 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise DataError(f"{p} is not a {CHECKPOINT_FORMAT} checkpoint")
     if payload.get("format_version") != CHECKPOINT_FORMAT_VERSION:
-        raise DataError(
-            f"{p} has checkpoint format_version {payload.get('format_version')!r}; "
-            f"this code reads version {CHECKPOINT_FORMAT_VERSION} (re-run Step 5 to write one)"
-        )
+        raise DataError(f"{p} has checkpoint format_version {payload.get('format_version')!r}; "
+                        f"this code reads version {CHECKPOINT_FORMAT_VERSION} (re-run Step 5 to write one)")
     try:
-        module = build_reference_mlp(
-            payload["feature_count"], payload["hidden_layers"],
-            use_leaky_relu=payload["use_leaky_relu"], dropout=payload["dropout"],
-        )
+        module = ReferenceMLP(payload["feature_count"], payload["hidden_layers"],
+                              use_leaky_relu=payload["use_leaky_relu"], dropout=payload["dropout"])
         module.load_state_dict(payload["state_dict"])  # strict: every key, nothing extra
         loaded = LoadedModel(
-            module=module.to(dev).eval(),
-            n_features=int(payload["feature_count"]),
+            module=module.to(dev).eval(), n_features=int(payload["feature_count"]),
             hidden_layers=tuple(int(w) for w in payload["hidden_layers"]),
-            use_leaky_relu=bool(payload["use_leaky_relu"]),
-            dropout=float(payload["dropout"]),
+            use_leaky_relu=bool(payload["use_leaky_relu"]), dropout=float(payload["dropout"]),
             normalize_features=bool(payload["normalize_features"]),
             feature_mean=np.asarray(payload["scaler_mean"], dtype=np.float64),
             feature_scale=np.asarray(payload["scaler_scale"], dtype=np.float64),
-            target_mean=float(payload["y_mean"]),
-            target_std=float(payload["y_std"]),
-            feature_names=payload.get("feature_names"),
-            config=dict(payload.get("config") or {}),
-            training=dict(payload.get("training") or {}),
-            device=dev,
+            target_mean=float(payload["y_mean"]), target_std=float(payload["y_std"]),
+            feature_names=payload.get("feature_names"), config=dict(payload.get("config") or {}),
+            training=dict(payload.get("training") or {}), device=dev,
         )
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise DataError(f"checkpoint {p} is inconsistent: {exc}") from None

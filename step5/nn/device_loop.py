@@ -1,39 +1,21 @@
-"""The epoch loop as a fixed-shape program: early stopping on the device, one CUDA graph per pass.
+"""The epoch loop, in two modes over one arithmetic (:class:`~step5.nn.trainer.TrainingPass`)
+and one early-stopping bookkeeping, kept on the device:
 
-The host loop (:func:`step5.nn.trainer.host_loop`) plans each epoch for the models still
-training and decides early stopping on the host, which costs one host/device sync per
-epoch and a few hundred kernel launches per step. On a GPU a tiny MLP's arithmetic takes
-microseconds, so that loop leaves the device idle most of the time.
+* ``host``: each epoch is planned for the models still training (a stopped model gets no
+  rows, steps or random draws), read from the device once per epoch. The CPU's loop, and the
+  kill switch for graphs on a GPU.
+* ``graph``: every shape is fixed for the pass (a stopped model keeps its steps, frozen by the
+  ``active`` mask, and still draws its shuffles), so on CUDA an epoch is one replayable
+  program; on the CPU it runs uncaptured and is bit-identical to ``host``.
 
-This loop trains the same models with the same arithmetic, but every shape is fixed for
-the whole pass, so an epoch is one replayable program:
-
-* the step plan (rows per model per step, row masks) is computed once: a stopped model
-  keeps its steps but is frozen by the ``active`` mask the optimizer, BatchNorm and the
-  counters already honour, instead of being planned out;
-* early stopping (best MSE, patience, divergence, the best weights' copy, epoch counts)
-  is tensor arithmetic on the device;
-* on CUDA, epoch 1 runs eagerly on a side stream (the warm-up a capture needs), then the
-  epoch is captured once as a CUDA graph and replayed; each model's generator is
-  registered with the graph, so the dropout masks drawn in a replay are the ones eager
-  code would draw (the graph advances the generator's offset as the eager calls would);
-* the host learns that every model has stopped from a flag copied to pinned memory after
-  each replay, read one epoch late: the device always has the next epoch queued, and at
-  most one epoch runs after the last model stopped (a frozen epoch: it changes nothing).
-
-Mini-batch shuffles stay eager (``randperm`` per model per epoch, into a fixed index
-buffer), in the same order of draws as the host loop. A model that has stopped still
-draws (its stream no longer matters): the models still training draw exactly what they
-would alone, so results equal the host loop's -- bit for bit on the CPU, where this loop
-runs the same program without capture (tests hold it to that), and up to kernel rounding
-on a GPU.
+docs/training.md ("Two loops, one arithmetic") says how capture keeps the results the same.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -46,11 +28,8 @@ if TYPE_CHECKING:  # the trainer imports this module; the pass type is only anno
 
 logger = logging.getLogger(__name__)
 
-#: ``auto``: the graph loop on CUDA, the host loop elsewhere. ``host``: the per-epoch-sync
-#: loop (the path before CUDA graphs, kept as a mode and as a kill switch). ``graph``: the
-#: fixed-shape loop, captured on CUDA, run eagerly on the CPU. On a backend that cannot
-#: capture (ROCm here, see :func:`capture_blocker`) ``graph`` and ``auto`` train with the
-#: host loop, with one warning per process.
+#: ``auto``: ``graph`` on CUDA, ``host`` elsewhere; ``host`` is also the kill switch for graphs.
+#: Where capture is blocked (:func:`capture_blocker`) ``graph`` trains with the host loop.
 TRAIN_LOOPS = ("auto", "host", "graph")
 
 
@@ -63,12 +42,8 @@ def device_backend(device: torch.device, hip_version: str | None = torch.version
 
 
 def capture_blocker(device: torch.device, hip_version: str | None = torch.version.hip) -> str | None:
-    """Why the graph loop cannot capture its epoch on ``device``; None when it can.
-
-    The captured loop is proven on CUDA only. On ROCm, torch's HIP graphs and the rigs'
-    gfx1032 (an unofficial target run through HSA_OVERRIDE_GFX_VERSION) are not, so a ROCm
-    worker trains with the host loop: the same arithmetic, one host sync per epoch.
-    """
+    """Why the graph loop cannot capture on ``device`` (None when it can): it is proven on CUDA
+    only, not on HIP graphs and the rigs' gfx1032 (an unofficial target via HSA_OVERRIDE_GFX_VERSION)."""
     if device_backend(device, hip_version) == "rocm":
         return (f"torch is a ROCm build (HIP {hip_version}); Step 5 captures epochs as graphs on CUDA only, "
                 "so this worker trains with the host loop (same results, one sync per epoch)")
@@ -76,16 +51,6 @@ def capture_blocker(device: torch.device, hip_version: str | None = torch.versio
 
 
 _warned_blocked_capture = False
-
-
-@dataclass
-class LoopOutcome:
-    """What an epoch loop hands back, per model (all arrays (M,))."""
-
-    epochs_run: np.ndarray  # epochs trained before stopping (or diverging)
-    best_epoch: np.ndarray  # 1-based epoch of the weights in best_state
-    diverged_at: np.ndarray  # epoch whose loss became non-finite; 0 = never
-    best_stat_updates: np.ndarray  # BatchNorm updates up to the best epoch (num_batches_tracked)
 
 
 def resolve_train_loop(
@@ -112,51 +77,52 @@ def resolve_train_loop(
     return choice
 
 
-class DeviceLoop:
-    """Train a :class:`~step5.nn.trainer.TrainingPass` with a fixed-shape epoch program.
+class EpochLoop:
+    """Train a :class:`~step5.nn.trainer.TrainingPass` with the ``host`` or ``graph`` loop
+    (:func:`resolve_train_loop`); ``graph`` captures its epoch on CUDA only."""
 
-    ``capture``: on CUDA, replay the epoch as a CUDA graph (ignored on other devices).
-    """
-
-    def __init__(self, p: TrainingPass, *, capture: bool) -> None:
+    def __init__(self, p: TrainingPass, kind: str) -> None:
         self.p = p
         device, M = p.device, p.n_models
-        self.capture = capture and device.type == "cuda"
-        # Every model's rows per step with all models training: the plan of every epoch.
-        self.step_rows = p.plan_steps([True] * M)
-        self.rows_t = torch.tensor(self.step_rows, dtype=torch.float32, device=device)  # (S, M)
-        self.index: Tensor | None = None
-        self.step_masks: list[Tensor] = []
-        if p.mode == "mini":
-            B = p.batch_size
-            self.index = torch.zeros(M, len(self.step_rows) * B, dtype=torch.long, device=device)
-            arange = torch.arange(B, device=device)[None, :]
-            self.step_masks = [(arange < self.rows_t[s][:, None]).to(torch.float32) for s in range(len(self.step_rows))]
-        self.stat_rows = [self.rows_t[s] >= 2 for s in range(len(self.step_rows))]  # (M,) per step
-
-        def zeros(dtype: torch.dtype) -> Tensor:
-            return torch.zeros(M, dtype=dtype, device=device)
-
+        self.fixed = kind == "graph"
+        self.capture = self.fixed and device.type == "cuda"
+        self._plan([True] * M)  # the graph loop's plan of every epoch
         # Early-stopping state, updated in place (a replayed graph reads and writes these).
         self.epoch = torch.zeros((), dtype=torch.long, device=device)
-        self.stopped = zeros(torch.bool)
+        self.stopped = torch.zeros(M, dtype=torch.bool, device=device)
         self.all_stopped = torch.zeros((), dtype=torch.bool, device=device)
         self.best_val = torch.full((M,), float("inf"), dtype=torch.float32, device=device)
-        self.best_epoch = zeros(torch.long)
-        self.stale = zeros(torch.long)
-        self.epochs_run = zeros(torch.long)
-        self.diverged_at = zeros(torch.long)
-        self.stat_updates = zeros(torch.long)
-        self.best_stat_updates = zeros(torch.long)
+        self.best_epoch, self.stale, self.epochs_run, self.diverged_at, self.stat_updates, self.best_stat_updates = (
+            torch.zeros(M, dtype=torch.long, device=device) for _ in range(6))
         self.patience = torch.tensor([s.patience for s in p.specs], dtype=torch.long, device=device)
         self.restore_best = torch.tensor([s.restore_best for s in p.specs], dtype=torch.bool, device=device)
 
-    # ------------------------------------------------------------------ one epoch
+    def _plan(self, active: Sequence[bool]) -> None:
+        """The steps of an epoch for the ``active`` models: rows per model per step, and in mini
+        mode an index buffer of each model's shuffled rows (padding indexes row 0) and row masks."""
+        p, B = self.p, self.p.batch_size
+        if p.mode == "full":
+            self.step_rows = [[n if a else 0 for n, a in zip(p.n_train, active)]]
+        else:
+            n_steps = max(math.ceil(n / B) for n, a in zip(p.n_train, active) if a)
+            self.step_rows = [[max(0, min(B, n - s * B)) if a else 0 for n, a in zip(p.n_train, active)]
+                              for s in range(n_steps)]
+        self.rows_t = torch.tensor(self.step_rows, dtype=torch.float32, device=p.device)  # (S, M)
+        self.stat_rows = [rows >= 2 for rows in self.rows_t]  # (M,) per step
+        self.index: Tensor | None = None
+        self.step_masks: list[Tensor] = []
+        if p.mode == "mini":
+            self.index = torch.zeros(p.n_models, len(self.step_rows) * B, dtype=torch.long, device=p.device)
+            arange = torch.arange(B, device=p.device)[None, :]
+            self.step_masks = [(arange < rows[:, None]).to(torch.float32) for rows in self.rows_t]
 
-    def _shuffle(self) -> None:
-        """Mini mode: this epoch's row order for every model (eager; before the epoch runs)."""
+    def _shuffle(self, models: Iterable[int]) -> None:
+        """Mini mode: a fresh row order for each of ``models``, one ``randperm`` from its own
+        generator (eager, before the epoch runs)."""
         if self.index is not None:
-            self.p.shuffle(self.index, range(self.p.n_models))
+            for m in models:
+                n = self.p.n_train[m]
+                self.index[m, :n] = torch.randperm(n, generator=self.p.generators[m], device=self.index.device)
 
     def _epoch(self) -> None:
         """One epoch: every step, the early-stopping MSE and the bookkeeping; no host sync."""
@@ -184,27 +150,37 @@ class DeviceLoop:
         self.best_val.copy_(torch.where(improved, val, self.best_val))
         self.best_epoch.copy_(torch.where(improved, self.epoch, self.best_epoch))
         self.best_stat_updates.copy_(torch.where(improved, self.stat_updates, self.best_stat_updates))
-        self.stale.copy_(torch.where(improved, torch.zeros_like(self.stale), torch.where(ok, self.stale + 1, self.stale)))
+        self.stale.copy_(torch.where(improved, torch.zeros_like(self.stale),
+                                     torch.where(ok, self.stale + 1, self.stale)))
         patience_out = ok & ~improved & (self.patience > 0) & (self.stale >= self.patience)
         self.stopped |= bad | patience_out
         self.all_stopped.copy_(self.stopped.all())
         p.keep_best(improved)
 
-    # ------------------------------------------------------------------ the loop
-
-    def run(self) -> LoopOutcome:
+    def run(self) -> tuple[np.ndarray, ...]:
+        """Per model (arrays (M,)): epochs trained before stopping or diverging, the 1-based
+        epoch of the weights in best_state, the epoch whose loss became non-finite (0: never),
+        and the BatchNorm updates up to the best epoch (num_batches_tracked)."""
         epochs = self.p.config.epochs
         if self.capture:
             self._run_captured(epochs)
-        else:
+        elif self.fixed:
             self._run_eager(0, epochs)
-        host = [t.cpu().numpy() for t in (self.epochs_run, self.best_epoch, self.diverged_at, self.best_stat_updates)]
-        return LoopOutcome(*host)
+        else:
+            for _ in range(epochs):
+                active = ~self.stopped.cpu().numpy()  # the host loop's one sync per epoch
+                if not active.any():
+                    break
+                self._plan(active)
+                self._shuffle(np.flatnonzero(active).tolist())
+                self._epoch()
+        return tuple(t.cpu().numpy() for t in (self.epochs_run, self.best_epoch, self.diverged_at,
+                                               self.best_stat_updates))
 
     def _run_eager(self, done: int, epochs: int) -> None:
         """Epochs ``done + 1 ..`` without capture, checking after each (a sync: free on a CPU)."""
         while done < epochs and not (done > 0 and bool(self.all_stopped)):
-            self._shuffle()
+            self._shuffle(range(self.p.n_models))
             self._epoch()
             done += 1
 
@@ -227,7 +203,7 @@ class DeviceLoop:
             # The process's first capture on this device: epoch 1 runs eagerly on the
             # capture stream first, the warm-up a capture needs (library handles, the
             # stream's cuBLAS workspace, autograd's device threads). It is a real epoch.
-            self._shuffle()
+            self._shuffle(range(self.p.n_models))
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 self._epoch()
@@ -248,7 +224,7 @@ class DeviceLoop:
                 done[e % 2].synchronize()
                 if bool(flags[e % 2]):
                     break
-            self._shuffle()
+            self._shuffle(range(self.p.n_models))
             graph.replay()
             flag_stopped(e)
 

@@ -1,29 +1,15 @@
-"""The final neural net: the best trial's K fold models, merged into one wider MLP.
-
-The average of K fold models predicts better than one refit on every development row
-(docs/quality.md measures both), but K checkpoints would break the single-network layout
-the predictor and the existing pipeline's Step 6 load (docs/compatibility.md). So the K
-networks become *one* network of that layout that computes exactly their average::
+"""The final neural net: the best trial's K fold models merged into one wider MLP of the usual
+checkpoint layout that computes exactly their mean (docs/optimizer.md, "Neural net")::
 
     fold k:  y_k = ys_k * head_k(BN..(W_k (x - mu_k) / s_k)) + ym_k
-    merged:  hidden layer i = the K models' layer i side by side (first layer: stacked
-             rows; deeper layers: block-diagonal), every BatchNorm unit kept as it was
-             (eval-mode BatchNorm is per unit, so it merges exactly), and one head that
-             weights each block by ys_k / (K * ys) -- y = mean_k y_k.
+    merged:  hidden layer i = the K models' layer i side by side (first layer: stacked rows;
+             deeper layers: block-diagonal), every BatchNorm unit kept as it was (eval-mode
+             BatchNorm is per unit), and one head weighting each block by ys_k / (K * ys).
 
-Each fold model standardised its input with its own training fold's scaler; the merged
-checkpoint stores one scaler (the folds' mean) and each block's first layer absorbs the
-difference: its weights are rescaled column-wise and the constant it gains is folded into
-that BatchNorm unit's running mean, so every hidden Linear keeps a zero bias. The merged
-net of K models with widths (W1, W2, ...) has widths (K*W1, K*W2, ...); deeper layers cost
-K times the work of the K models run apart, which for these small nets is nothing. Linear
-fold models (no hidden layer) merge into one linear model: the mean of their rescaled
-weights, their constants folded into its bias.
-
-:func:`build_ensemble` merges fold checkpoints into ``best_model.pth``, checks on real rows
-that the merged net predicts the folds' mean, and scores it. It runs in a process that
-already holds torch (the parent never imports it): a worker, or the one-shot trainer,
-answering a ``merge`` request (:class:`step5.protocol.MergeRequest`).
+The merged checkpoint stores one scaler (the folds' mean); each block's first layer absorbs
+the difference (its columns rescaled, the constant folded into that BatchNorm unit's running
+mean, so hidden Linear biases stay zero). Linear fold models merge into one linear model.
+It runs where torch already is (a worker or the one-shot trainer answering a ``merge``).
 """
 from __future__ import annotations
 
@@ -32,22 +18,24 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
+
+from step5.nn.checkpoint import LoadedModel, load_checkpoint, save_checkpoint
+from step5.nn.job import read_fold_npz
+from step5.nn.trainer import regression_metrics
 
 #: The merged net must reproduce the mean of the fold models' predictions to this
 #: fraction of the target's standard deviation (float32 rounding is ~1e-6 of it).
 MERGE_TOLERANCE = 1e-4
 
 
-def merge_models(models: Sequence[Any]) -> dict[str, Any]:
-    """The keyword arguments of :func:`~step5.nn.checkpoint.save_checkpoint` for one MLP
-    that predicts the mean of ``models`` (:class:`~step5.nn.checkpoint.LoadedModel`)."""
-    import torch
-
+def merge_models(models: Sequence[LoadedModel]) -> dict[str, Any]:
+    """The keyword arguments of :func:`save_checkpoint` for one MLP predicting the mean of ``models``."""
     if not models:
         raise ValueError("an ensemble needs at least one model")
     first = models[0]
 
-    def layout(m: Any) -> tuple[int, int, bool]:  # what every model must share, besides feature names
+    def layout(m: LoadedModel) -> tuple[int, int, bool]:  # what every model must share, besides feature names
         return m.n_features, len(m.hidden_layers), m.use_leaky_relu
 
     for i, m in enumerate(models[1:], start=1):
@@ -126,17 +114,12 @@ def merge_models(models: Sequence[Any]) -> dict[str, Any]:
 def build_ensemble(
     fold_paths: Sequence[str | Path], out_path: str | Path, *, score_path: str | Path,
 ) -> dict[str, Any]:
-    """Merge the fold checkpoints into ``out_path`` and score the merged net.
+    """Merge the fold checkpoints into ``out_path`` and return the metrics the sidecar reports.
 
-    ``score_path`` is the final split's NPZ (``X_train``/``y_train``: every development
-    row; ``X_test``/``y_test``: the holdout rows, scored only). The merged net must
-    predict the fold models' mean on all those rows (else ``ValueError``): a wrong merge
-    never ships. Returns the metrics the sidecar reports for the final model.
+    ``score_path`` is the final split's NPZ (``X_train``/``y_train``: every development row;
+    ``X_test``/``y_test``: the holdout rows, scored only). The merged net must predict the
+    fold models' mean on all those rows (else ``ValueError``): a wrong merge never ships.
     """
-    from step5.nn.checkpoint import load_checkpoint, save_checkpoint
-    from step5.nn.job import read_fold_npz
-    from step5.nn.trainer import regression_metrics
-
     models = [load_checkpoint(p) for p in fold_paths]
     data = read_fold_npz(str(score_path))
     if data.X_test is None or data.y_test is None:

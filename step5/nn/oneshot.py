@@ -1,23 +1,11 @@
 """The one-shot trainer (S96A path, SPEC section 5): one job, one process, one JSON line.
 
-::
-
-    train_single_trial.py --request FILE|-          # a worker request (train or merge), as JSON
-    train_single_trial.py --model-type neural_net --data-path split.npz --params '<json>'
-        [--trial-number N] [--fold-idx F] [--normalize-features] [--use-leaky-relu]
-        [--batch-mode auto|full|mini] [--dropout X] [--seed S]
-        [--save-model --model-output-dir D]       # SPEC section 5: the same train request
-    ... [--output-path result.json]
-
-It is the worker serving one job: the request is decoded by the worker's decoder
-(:func:`step5.protocol.decode_request`, or built from the flags as the same
-:class:`~step5.protocol.TrainRequest`) and answered by the worker's dispatcher and torch
-backend (:mod:`step5.nn.worker`), so both paths give the same reply for the same job.
-Stdout carries exactly that reply: the ``complete`` object (exit 0) or an ``error`` object
-(exit 1, as SPEC section 5 says for any failure: a failed job, or a usage error such as
-bad flags or a request that is not valid, answered with ``error_type`` ``bad_request``).
-Everything else -- logs, warnings, a library's banner -- goes to stderr: stdout is claimed
-before torch is imported. ``STEP5_TORCH_THREADS`` sets torch's thread count.
+``train_single_trial.py --request FILE|-`` (a worker ``train`` or ``merge`` request), or the
+SPEC's flags (``--model-type neural_net --data-path F --params JSON ...``) that build the same
+:class:`~step5.protocol.TrainRequest`. It is the worker serving one job (its decoder,
+dispatcher and backend), so both paths give the same reply. Stdout carries exactly that reply:
+``complete`` (exit 0) or an ``error`` (exit 1, usage errors included, as ``bad_request``);
+logs go to stderr. docs/training.md, "One-shot trainer", has the flags.
 """
 from __future__ import annotations
 
@@ -25,9 +13,15 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
+from step5.cliutil import UsageErrorParser
+from step5.errors import BadRequest, JobError, UsageError
+from step5.jsonio import dumps_line, loads, write_json_atomic
+from step5.lifeline import expected_parent_pid, install_lifeline
+from step5.protocol import MergeRequest, TrainRequest, decode_request, echo
 from step5.stdout_guard import claim_stdout
 
 logger = logging.getLogger("step5.oneshot")
@@ -39,8 +33,6 @@ _FLAGS = ("model_type", "data_path", "params")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from step5.cliutil import UsageErrorParser
-
     p = UsageErrorParser(
         # The name it was started by: train_single_trial.py, or step5-train-fold when installed.
         prog=Path(sys.argv[0]).name or "train_single_trial.py",
@@ -67,16 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def request_from_args(args: argparse.Namespace) -> Any:
-    """The validated request (:class:`~step5.protocol.TrainRequest` or ``MergeRequest``)
-    these arguments describe.
-
-    Raises :class:`~step5.errors.UsageError` for a wrong model type or flag combination
-    and :class:`~step5.errors.BadRequest` for an invalid request or ``--params``.
-    """
-    from step5.errors import BadRequest, UsageError
-    from step5.jsonio import loads
-    from step5.protocol import MergeRequest, TrainRequest, decode_request
-
+    """The validated ``TrainRequest`` or ``MergeRequest`` these arguments describe; raises
+    :class:`~step5.errors.UsageError` (flags) or :class:`~step5.errors.BadRequest` (the request)."""
     if args.request is not None:
         given = [f"--{name.replace('_', '-')}" for name in _FLAGS if getattr(args, name) is not None]
         if given:
@@ -121,9 +105,6 @@ def request_from_args(args: argparse.Namespace) -> Any:
 
 
 def _answer(args: argparse.Namespace) -> dict[str, Any]:
-    """The one reply to the request ``args`` describe."""
-    from step5.errors import BadRequest, UsageError
-
     try:
         request = request_from_args(args)
     except UsageError as exc:
@@ -132,7 +113,6 @@ def _answer(args: argparse.Namespace) -> dict[str, Any]:
         return exc.to_dict()
 
     from step5.nn.worker import Dispatcher, TorchBackend  # imports torch: only now, stdout is claimed
-    from step5.protocol import echo
 
     try:
         backend = TorchBackend()
@@ -148,23 +128,13 @@ def _answer(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code. Always prints exactly one JSON line on stdout
-    (except for ``--help``)."""
+    """Run the CLI and return the exit code, after exactly one JSON line on stdout (but for ``--help``)."""
     wire = claim_stdout()
-    from step5.lifeline import expected_parent_pid, install_lifeline
-
     if expected_parent_pid() is not None:
         # Started by Step 5 (which records its pid): die with it rather than finish a fold
         # nobody will read. Run by hand, the trainer has no such parent to watch.
         install_lifeline()
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    import traceback
-
-    from step5.errors import BadRequest, JobError, UsageError
-    from step5.jsonio import dumps_line, write_json_atomic
-
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args: argparse.Namespace | None = None
     try:
         try:

@@ -1,34 +1,8 @@
-"""The one training core: M same-shape MLPs trained together, each as if alone.
+"""The one training core: M same-shape MLPs trained in one pass, each exactly as if alone.
 
-Every path -- the persistent worker, the one-shot trainer, in-process calls, fused folds --
-ends in :func:`train_models`. A single fold is ``M = 1``. With ``M > 1`` (the K folds of a
-trial, or several trials whose layer shapes match) each model's metrics equal its own
-``M = 1`` run up to float rounding, because nothing one model sees depends on the others:
-
-* randomness: model m owns a ``torch.Generator`` seeded with its seed; init, dropout masks
-  (input, then hidden) and mini-batch order are drawn from it in the same order and shapes
-  as in a lone run;
-* data: folds of unequal length are padded to a common row count and a row mask keeps
-  padding out of BatchNorm statistics, losses and gradients (no row is ever dropped);
-* optimisation: per-model learning rate / weight decay / clip are (M, 1, 1) tensors, the
-  optimizer state is per model, and a model that stopped early is frozen (weights,
-  moments and BatchNorm running statistics untouched) while the others continue.
-
-The loop, per epoch: draw the batches -> for each batch: forward, per-model MSE, backward,
-per-model gradient clipping, functional optimizer step -> evaluate the early-stopping MSE
--> early stopping on the host -> exit when every model has stopped or ``epochs`` is reached.
-The best early-stopping weights of each model are restored at the end (unless its spec
-says ``restore_best=False``: then the last epoch's weights are kept) and scored on the
-original target scale.
-
-Early stopping decides on ``Fold.X_stop`` when a fold has such rows (step5.nn.job carves
-them from the training fold), so the validation rows only score the model; a fold without
-them stops on its validation rows (direct callers of this core).
-
-Determinism: the same seed, data, params, device and torch thread count give bit-identical
-results in one process and across processes. CPU reductions split work by thread count,
-so two processes must run with the same ``torch.get_num_threads()``:
-:func:`configure_torch_threads` applies ``STEP5_TORCH_THREADS``.
+Every path (worker, one-shot trainer, fused folds) ends in :func:`train_models`; a lone fold
+is M = 1. docs/training.md describes the loop, why fused models equal their lone runs, and
+determinism (the same seed, data, device and ``STEP5_TORCH_THREADS`` give the same bits).
 """
 from __future__ import annotations
 
@@ -45,22 +19,20 @@ import torch
 from sklearn.metrics import mean_squared_error, r2_score
 from torch import Tensor
 
-from step5.nn.device_loop import DeviceLoop, LoopOutcome, resolve_train_loop
+from step5.nn.device_loop import EpochLoop, resolve_train_loop
 from step5.nn.model import FusedMLP
-from step5.protocol import AUTO_FULL_BATCH_MAX_ROWS, resolve_batch_mode  # noqa: F401 - re-exported
+from step5.protocol import resolve_batch_mode
 
 logger = logging.getLogger(__name__)
 
-#: Evaluation runs over at most this many rows at a time, bounding activation memory.
-EVAL_CHUNK_ROWS = 65_536
+EVAL_CHUNK_ROWS = 65_536  # rows per evaluation forward, bounding activation memory
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 SGD_MOMENTUM = 0.9
 CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
-#: Row counts are padded (masked) up to a multiple of this, in a lone run as in a fused
-#: pass, so a model's tensors have the same length whichever models share its pass: a
-#: matmul or a sum then adds in the same order, and a fused model is bit-identical to its
-#: lone run on CPU. step5.nn.job trains folds whose padded lengths differ in separate passes.
+#: Row counts are padded (masked) up to a multiple of this, alone as in a fused pass, so a
+#: model's tensors have the same length whichever models share its pass and every sum adds
+#: in the same order (bit-identical on CPU). step5.nn.job splits folds of other lengths.
 ROW_BUCKET = 64
 THREADS_ENV = "STEP5_TORCH_THREADS"
 
@@ -82,10 +54,10 @@ class TrainConfig:
 class ModelSpec:
     """Hyperparameters of one model; they may differ between the models of a pass."""
 
-    learning_rate: float = 1e-3  # optimizer step size
+    learning_rate: float = 1e-3
     weight_decay: float = 0.0  # L2 penalty (adam, sgd) or decoupled decay (adamw)
-    dropout: float = 0.3  # dropout probability after each hidden activation
-    input_dropout: float = 0.0  # dropout probability on the (standardised) input features
+    dropout: float = 0.3  # after each hidden activation
+    input_dropout: float = 0.0  # on the (standardised) input features
     input_sparsity: float = 0.0  # group-lasso strength on the weights reading each input feature; 0 = off
     seed: int = 0  # seeds this model's generator: init, dropout masks, batch order
     patience: int = 10  # epochs without an early-stopping improvement before stopping; 0 = never
@@ -95,7 +67,8 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Fold:
-    """One model's data: float32 features (n, D) and targets (n,), original scale."""
+    """One model's data: float32 features (n, D) and targets (n,), original scale (a fold
+    file's, step5.nn.job.read_fold_npz, has read-only arrays shared through its cache)."""
 
     X_train: np.ndarray
     y_train: np.ndarray
@@ -105,10 +78,15 @@ class Fold:
     y_test: np.ndarray | None = None
     X_stop: np.ndarray | None = None  # early-stopping rows; None: stop on the validation rows
     y_stop: np.ndarray | None = None
+    feature_names: tuple[str, ...] | None = None  # copied into the checkpoint
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.X_train, self.y_train, self.X_val, self.y_val, self.X_test, self.y_test)
+        return sum(a.nbytes for a in arrays if a is not None)  # a file's fold has no X_stop
 
     @property
     def stop_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """The rows early stopping decides on."""
         if self.X_stop is not None and self.y_stop is not None:
             return self.X_stop, self.y_stop
         return self.X_val, self.y_val
@@ -124,7 +102,7 @@ class TrainedModel:
     best_epoch: int  # 1-based epoch whose weights were restored (0 if it diverged)
     metrics: dict[str, float] = field(default_factory=dict)  # r2, val_mse, train_mse, train_r2 [+ test_*]
     error: str | None = None  # set when the model diverged; metrics are empty then
-    state_dict: dict[str, Tensor] | None = None  # CPU, build_reference_mlp layout
+    state_dict: dict[str, Tensor] | None = None  # CPU, ReferenceMLP layout
     feature_mean: np.ndarray | None = None  # (D,) standardiser fitted on the train fold
     feature_scale: np.ndarray | None = None  # (D,)
     target_mean: float = 0.0
@@ -132,18 +110,11 @@ class TrainedModel:
     val_pred: np.ndarray | None = None  # (n_val,) validation predictions, original scale
 
 
-# ---------------------------------------------------------------------------- helpers
-
-
 def configure_torch_threads(environ: Mapping[str, str] | None = None) -> int:
-    """Apply ``STEP5_TORCH_THREADS`` (if set) and return the thread count in effect.
-
-    Results are bit-identical only between processes with the same thread count, and CPU
-    workers sharing a machine must split its cores, so the parent sets this variable.
-    """
-    env = os.environ if environ is None else environ
-    raw = env.get(THREADS_ENV)
-    if raw not in (None, ""):
+    """Apply ``STEP5_TORCH_THREADS`` (if set) and return the thread count in effect: results
+    are bit-identical only between processes with the same count, and the parent splits the cores."""
+    raw = (os.environ if environ is None else environ).get(THREADS_ENV)
+    if raw:
         try:
             n = int(raw)
         except ValueError:
@@ -167,49 +138,17 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
     return g
 
 
-def fit_feature_scaler(X: np.ndarray, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column mean and scale of a training fold (identity when ``normalize`` is off).
-
-    Same definition as sklearn's StandardScaler (population std, a constant column gets
-    scale 1), computed in float64 directly to avoid copying the fold into a scaler object.
-    """
-    d = X.shape[1]
-    if not normalize:
-        return np.zeros(d), np.ones(d)
-    mean = X.mean(axis=0, dtype=np.float64)
-    scale = X.std(axis=0, dtype=np.float64)
-    scale[scale < 10 * np.finfo(np.float64).eps] = 1.0
-    return mean, scale
-
-
-def fit_target_scaler(y: np.ndarray) -> tuple[float, float]:
-    """Mean and std of the training targets; a constant target gets std 1."""
-    mean = float(np.mean(y, dtype=np.float64))
-    std = float(np.std(y, dtype=np.float64))
-    return mean, (std if std > 0.0 and math.isfinite(std) else 1.0)
-
-
-def destandardize(z: np.ndarray, mean: float, std: float) -> np.ndarray:
-    """Model output (standardised, float32) -> original target scale (float64)."""
-    return z.astype(np.float64) * std + mean
-
-
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
-    """(R^2, MSE) with sklearn's definitions, in float64.
-
-    Without sklearn's per-call argument validation and finiteness scan: the arrays are
-    ours, and the caller rejects non-finite metrics itself. Validation cost ~1 ms a call,
-    20 calls per pass of five models: on a GPU, more than some passes' training.
-    """
+    """(R^2, MSE) with sklearn's definitions, in float64, without its per-call validation
+    (~1 ms a call: on a GPU more than some passes' training); callers reject non-finite metrics."""
     y_true = y_true.astype(np.float64)
     with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
         return float(r2_score(y_true, y_pred)), float(mean_squared_error(y_true, y_pred))
 
 
 def _pad_rows(arrays: Sequence[np.ndarray], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Stack per-model arrays of unequal length into (M, N_max, ...) plus a (M, N_max)
-    float row mask (1 = real row, 0 = padding). Padding is zeros, so it stays finite."""
-    # Host->device: the one upload of this data for the whole pass.
+    """Per-model arrays of unequal length as one (M, N_max, ...) tensor of zero padding, and
+    its (M, N_max) float row mask (1 = real row): the one upload of this data for the pass."""
     n_max = max(padded_rows(a.shape[0]) for a in arrays)
     out = np.zeros((len(arrays), n_max, *arrays[0].shape[1:]), dtype=np.float32)
     mask = np.zeros((len(arrays), n_max), dtype=np.float32)
@@ -224,7 +163,7 @@ def predict_standardized(model: FusedMLP, X: Tensor) -> Tensor:
     """Eval-mode predictions (M, N) for X (M, N, D), in row chunks to bound memory."""
     model.eval()
     outs = [model(X[:, s : s + EVAL_CHUNK_ROWS]) for s in range(0, X.shape[1], EVAL_CHUNK_ROWS)]
-    return torch.cat(outs, dim=1)[..., 0]  # (M, N)
+    return torch.cat(outs, dim=1)[..., 0]
 
 
 def masked_mse(pred: Tensor, y: Tensor, mask: Tensor, count: Tensor) -> Tensor:
@@ -234,12 +173,10 @@ def masked_mse(pred: Tensor, y: Tensor, mask: Tensor, count: Tensor) -> Tensor:
 
 
 def clip_grads_per_model(grads: list[Tensor], max_norm: Tensor) -> list[Tensor]:
-    """Scale each model's gradients so their joint L2 norm is at most ``max_norm`` (M,1,1);
-    a model with max_norm 0 is not clipped. Same rule as clip_grad_norm_, per model."""
-    # Accumulate tensor by tensor, in a fixed order: a stack(...).sum(dim=0) over the
-    # (tensors, M) stack reduces contiguously (vectorised, reordered) when M == 1 but
-    # strided when M > 1, so a lone model and the same model in a fused pass would round
-    # their gradient norms differently.
+    """clip_grad_norm_'s rule per model: max_norm (M, 1, 1), 0 = no clipping."""
+    # Accumulated tensor by tensor, in a fixed order: a stack(...).sum(dim=0) reduces
+    # contiguously when M == 1 but strided when M > 1, so a lone model and the same model
+    # in a fused pass would round their gradient norms differently.
     sq = grads[0].pow(2).sum(dim=(1, 2))  # (M,)
     for g in grads[1:]:
         sq = sq + g.pow(2).sum(dim=(1, 2))
@@ -250,23 +187,16 @@ def clip_grads_per_model(grads: list[Tensor], max_norm: Tensor) -> list[Tensor]:
 
 
 class FunctionalOptimizer:
-    """Adam / AdamW / SGD(momentum 0.9) over parameters with a leading model dimension.
-
-    Why not ``torch.optim``: its learning rate and weight decay are scalars per parameter
-    group, but one tensor here holds M models that may each have their own; and a model
-    that stopped early must not move at all (weights and moment estimates), which a
-    masked functional step expresses directly. The update rules are torch.optim's
-    (Adam with L2 added to the gradient, AdamW with decoupled decay, SGD with dampening 0).
-    """
+    """Adam / AdamW / SGD(momentum 0.9) with torch.optim's update rules, over parameters
+    with a leading model dimension: per-model learning rate and weight decay ((M, 1, 1)
+    tensors), and a masked step that leaves a stopped model (weights and moments) untouched."""
 
     def __init__(self, kind: str, params: Sequence[Tensor], lr: Tensor, weight_decay: Tensor) -> None:
-        if kind not in ("adam", "adamw", "sgd"):
-            raise ValueError(f"`optimizer` must be one of ['adam', 'adamw', 'sgd'], got {kind!r}")
         self.kind = kind
         self.params = list(params)
-        self.lr = lr  # (M, 1, 1)
-        self.wd = weight_decay  # (M, 1, 1)
-        self.steps = torch.zeros_like(lr)  # (M, 1, 1) per-model step count, for bias correction
+        self.lr = lr
+        self.wd = weight_decay
+        self.steps = torch.zeros_like(lr)  # per-model step count, for bias correction
         self.exp_avg = [torch.zeros_like(p) for p in self.params]  # Adam m / SGD momentum buffer
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params] if kind != "sgd" else []
         self._bc2_sqrt = torch.ones_like(lr)  # Adam's sqrt(bias correction 2), set by each step
@@ -274,10 +204,9 @@ class FunctionalOptimizer:
     @torch.no_grad()
     def step(self, grads: Sequence[Tensor], active: Tensor) -> None:
         """Update the models where ``active`` (M, 1, 1) is true; leave the others untouched."""
-        # In place, as every state update here: a captured CUDA graph replays on these
-        # tensors. Kernel count matters as much as arithmetic for these tiny models, so the
-        # per-model factors are computed once per step and the masked writes go straight
-        # into the state (torch.where(..., out=)).
+        # In place (a captured CUDA graph replays on these tensors), with the per-model
+        # factors computed once per step and masked writes straight into the state: kernel
+        # count matters as much as arithmetic for these tiny models.
         torch.where(active, self.steps + 1.0, self.steps, out=self.steps)
         if self.kind == "sgd":
             for p, g, buf in zip(self.params, grads, self.exp_avg):
@@ -288,8 +217,8 @@ class FunctionalOptimizer:
             return
         b1, b2 = ADAM_BETAS
         steps = self.steps.clamp_min(1.0)
-        step_size = self.lr / (1.0 - b1 ** steps)  # (M, 1, 1): lr / bias correction 1
-        self._bc2_sqrt = (1.0 - b2 ** steps).sqrt()  # (M, 1, 1), read by _adam_denominator
+        step_size = self.lr / (1.0 - b1 ** steps)
+        self._bc2_sqrt = (1.0 - b2 ** steps).sqrt()
         for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq):
             if self.kind == "adam":
                 g = g + self.wd * p
@@ -304,32 +233,19 @@ class FunctionalOptimizer:
             torch.where(active, new_v, v, out=v)
 
     def _adam_denominator(self, v: Tensor) -> Tensor:
-        """Adam's ``sqrt(v_hat) + eps`` for second moments ``v`` at the step counts of the
-        last :meth:`step`."""
+        """Adam's ``sqrt(v_hat) + eps`` at the step counts of the last :meth:`step`."""
         return v.sqrt() / self._bc2_sqrt + ADAM_EPS
 
     @torch.no_grad()
-    def shrink_input_groups(self, index: int, strength: Tensor, active: Tensor, *, feeds_batchnorm: bool = False) -> None:
-        """The proximal step of the group lasso ``strength * sum_j ||P[:, j, :]||`` on
-        parameter ``index`` (M, D, W), after :meth:`step`: each feature's group shrinks
-        towards zero by its step size times ``strength`` (M, 1, 1), and lands exactly on
-        zero when it is shorter than that. The step size is the one the update just used:
-        ``lr`` for SGD, Adam's per-coordinate ``lr / sqrt(v)`` (averaged over the group),
-        so the penalty weighs against the data gradient as it would inside the loss. At a
-        fixed point a feature is zero unless its data gradient exceeds ``strength``: the
-        lasso's own condition.
-
-        ``feeds_batchnorm``: the layer's outputs go through BatchNorm, which makes each
-        hidden unit's incoming weight norm (over the features, ``P[:, :, k]``) free: scaling
-        it changes nothing the loss sees. A penalty on the norms would then shrink every
-        feature's weights together at no cost, the data gradients would grow as the weights
-        shrink, and no feature would reach zero unless all did. So after the shrink each
-        hidden unit's incoming norm is put back: the penalty moves only the direction of
-        the unit's weights, away from the features that earn less than ``strength``, and a
-        feature shrunk to zero stays zero."""
+    def shrink_input_groups(self, index: int, strength: Tensor, active: Tensor, *,
+                            feeds_batchnorm: bool = False) -> None:
+        """The group lasso's proximal step on parameter ``index`` (M, D, W) after :meth:`step`:
+        each feature's group shrinks by the step size just used times ``strength`` (M, 1, 1),
+        to exactly zero when shorter. ``feeds_batchnorm``: put each hidden unit's incoming
+        norm back afterwards, as BatchNorm makes it free (docs/training.md, "Input sparsity")."""
         p = self.params[index]
         if self.kind == "sgd":
-            step = self.lr  # (M, 1, 1)
+            step = self.lr
         else:
             step = (self.lr / self._adam_denominator(self.exp_avg_sq[index])).mean(dim=2, keepdim=True)  # (M, D, 1)
         norms = p.pow(2).sum(dim=2, keepdim=True).sqrt()  # (M, D, 1)
@@ -342,69 +258,16 @@ class FunctionalOptimizer:
         torch.where(active, shrunk, p, out=p)
 
 
-def step_row_counts(mode: str, batch_size: int, n_train: Sequence[int], active: Sequence[bool]) -> list[list[int]]:
-    """Per step of one epoch, each model's real row count (0 for a stopped model)."""
-    if mode == "full":
-        return [[n if a else 0 for n, a in zip(n_train, active)]]
-    n_steps = max(math.ceil(n / batch_size) for n, a in zip(n_train, active) if a)
-    return [
-        [max(0, min(batch_size, n - s * batch_size)) if a else 0 for n, a in zip(n_train, active)]
-        for s in range(n_steps)
-    ]
-
-
-def shuffle_rows(index: Tensor, n_train: Sequence[int], models: Iterable[int], generators: Sequence[torch.Generator]) -> None:
-    """Write a fresh permutation of model m's training rows into ``index[m, :n_train[m]]``
-    for each m in ``models`` (one ``randperm`` from the model's own generator)."""
-    for m in models:
-        index[m, : n_train[m]] = torch.randperm(n_train[m], generator=generators[m], device=index.device)
-
-
-def _epoch_batches(
-    mode: str,
-    batch_size: int,
-    n_train: Sequence[int],
-    active: np.ndarray,
-    generators: Sequence[torch.Generator],
-    device: torch.device,
-) -> tuple[list[list[int]], Tensor | None]:
-    """Plan one epoch: per step, the real row count of each model, and (mini mode) a
-    (M, S*B) index tensor of each model's shuffled rows (padding indexes row 0).
-
-    A stopped model gets no rows, hence no steps and no random draws.
-    """
-    rows = step_row_counts(mode, batch_size, n_train, active)
-    if mode == "full":
-        return rows, None
-    index = torch.zeros(len(n_train), len(rows) * batch_size, dtype=torch.long, device=device)
-    shuffle_rows(index, n_train, np.flatnonzero(active).tolist(), generators)
-    return rows, index
-
-
-def divergence_message(spec: ModelSpec, epoch: int, optimizer: str) -> str:
-    """What a model whose loss became non-finite at ``epoch`` reports."""
-    return (
-        f"training diverged: the loss became non-finite at epoch {epoch} "
-        f"(learning_rate={spec.learning_rate:g}, optimizer={optimizer}); "
-        "a smaller learning rate or gradient clipping should help"
-    )
-
-
-# ---------------------------------------------------------------------------- one pass
-
-
 class TrainingPass:
-    """The tensors of one M-model pass, and the two things an epoch loop does with them:
-    one optimisation step (:meth:`train_step`) and the early-stopping MSE (:meth:`stop_mse`).
+    """The tensors of one M-model pass and what an epoch loop does with them: a step
+    (:meth:`train_step`) and the early-stopping MSE (:meth:`stop_mse`), which both loops of
+    :mod:`step5.nn.device_loop` drive, so the arithmetic is written once."""
 
-    Built once per :func:`train_models` call; the host loop below and the fixed-shape loop
-    of :mod:`step5.nn.device_loop` both drive it, so the arithmetic is written once.
-    """
-
-    def __init__(self, config: TrainConfig, specs: Sequence[ModelSpec], folds: Sequence[Fold], device: torch.device) -> None:
+    def __init__(self, config: TrainConfig, specs: Sequence[ModelSpec], folds: Sequence[Fold],
+                 device: torch.device) -> None:
         M = len(specs)
         self.config, self.specs, self.device, self.n_models = config, list(specs), device, M
-        self.n_features = folds[0].X_train.shape[1]
+        self.n_features = D = folds[0].X_train.shape[1]
         self.n_train = [f.X_train.shape[0] for f in folds]
         self.n_val = [f.X_val.shape[0] for f in folds]
         modes = {resolve_batch_mode(config.batch_mode, n) for n in self.n_train}
@@ -413,41 +276,47 @@ class TrainingPass:
         self.mode = modes.pop()
         self.batch_size = config.batch_size
 
-        # ---- data: each model's standardisers come from its own training fold only
-        self.feat = [fit_feature_scaler(f.X_train, config.normalize_features) for f in folds]
-        self.targ = [fit_target_scaler(f.y_train) for f in folds]
-        self.x_mean = torch.tensor(np.stack([mu for mu, _ in self.feat]), dtype=torch.float32, device=device)[:, None, :]  # (M, 1, D)
-        self.x_scale = torch.tensor(np.stack([sd for _, sd in self.feat]), dtype=torch.float32, device=device)[:, None, :]
+        # Each model's standardisers come from its own training fold only: StandardScaler's
+        # definitions in float64 (population std; a constant column or target gets scale 1).
+        self.feat: list[tuple[np.ndarray, np.ndarray]] = []
+        self.targ: list[tuple[float, float]] = []
+        for f in folds:
+            if config.normalize_features:
+                scale = f.X_train.std(axis=0, dtype=np.float64)
+                scale[scale < 10 * np.finfo(np.float64).eps] = 1.0
+                self.feat.append((f.X_train.mean(axis=0, dtype=np.float64), scale))
+            else:
+                self.feat.append((np.zeros(D), np.ones(D)))
+            std = float(np.std(f.y_train, dtype=np.float64))
+            std = std if std > 0.0 and math.isfinite(std) else 1.0
+            self.targ.append((float(np.mean(f.y_train, dtype=np.float64)), std))
+        self.x_mean, self.x_scale = (  # (M, 1, D) each
+            torch.tensor(np.stack(part), dtype=torch.float32, device=device)[:, None, :] for part in zip(*self.feat))
 
-        def standardize_y(y: np.ndarray, m: int) -> np.ndarray:
-            return ((y.astype(np.float64) - self.targ[m][0]) / self.targ[m][1]).astype(np.float32)
+        def targets(ys: Iterable[np.ndarray]) -> Tensor:
+            z = [((y.astype(np.float64) - mu) / sd).astype(np.float32) for y, (mu, sd) in zip(ys, self.targ)]
+            return _pad_rows(z, device)[0]
 
         Xtr, self.mask_tr = _pad_rows([f.X_train for f in folds], device)  # (M, N, D), (M, N)
         self.Xtr = self.standardize_x(Xtr)
-        self.ytr, _ = _pad_rows([standardize_y(f.y_train, m) for m, f in enumerate(folds)], device)  # (M, N)
-        Xva, self.mask_va = _pad_rows([f.X_val for f in folds], device)  # (M, Nv, D), (M, Nv)
+        self.ytr = targets(f.y_train for f in folds)
+        Xva, self.mask_va = _pad_rows([f.X_val for f in folds], device)
         self.Xva = self.standardize_x(Xva)
-        # The early-stopping rows: their own tensors, so the validation rows are never consulted.
+        # The early-stopping rows have their own tensors, so the validation rows are never consulted.
         if all(f.X_stop is None for f in folds):
             self.Xst, self.mask_st = self.Xva, self.mask_va
-            self.yst, _ = _pad_rows([standardize_y(f.y_val, m) for m, f in enumerate(folds)], device)  # (M, Nv)
         else:
             Xst, self.mask_st = _pad_rows([f.stop_rows[0] for f in folds], device)
             self.Xst = self.standardize_x(Xst)
-            self.yst, _ = _pad_rows([standardize_y(f.stop_rows[1], m) for m, f in enumerate(folds)], device)
-        self.count_st = torch.tensor([f.stop_rows[0].shape[0] for f in folds], dtype=torch.float32, device=device)  # (M,)
+        self.yst = targets(f.stop_rows[1] for f in folds)
+        self.count_st = torch.tensor([f.stop_rows[0].shape[0] for f in folds], dtype=torch.float32, device=device)
 
-        # ---- model and optimizer: per-model generators and per-model hyper-parameters
         self.generators = [make_generator(s.seed, device) for s in specs]
-        self.model = FusedMLP(
-            self.n_features, config.hidden_layers, use_leaky_relu=config.use_leaky_relu,
-            generators=self.generators, device=device,
-        )
+        self.model = FusedMLP(D, config.hidden_layers, use_leaky_relu=config.use_leaky_relu,
+                              generators=self.generators, device=device)
         self.params = list(self.model.parameters())
-        self.opt = FunctionalOptimizer(
-            config.optimizer, self.params, self.per_model([s.learning_rate for s in specs]),
-            self.per_model([s.weight_decay for s in specs]),
-        )
+        self.opt = FunctionalOptimizer(config.optimizer, self.params, self.per_model([s.learning_rate for s in specs]),
+                                       self.per_model([s.weight_decay for s in specs]))
         self.max_norm = self.per_model([s.gradient_clip for s in specs])
         self.dropouts = [s.dropout for s in specs]
         self.input_dropouts = [s.input_dropout for s in specs]
@@ -455,53 +324,43 @@ class TrainingPass:
         self.dropout_t = (self.per_model(self.dropouts), self.per_model([1.0 / (1.0 - q) for q in self.dropouts]))
         self.input_dropout_t = (
             self.per_model(self.input_dropouts), self.per_model([1.0 / (1.0 - q) for q in self.input_dropouts]))
-        # Group lasso on the weights that read each input feature, as a proximal step after
-        # each update (FunctionalOptimizer.shrink_input_groups): a feature's weights shrink
-        # together and reach exactly zero, so uninformative features drop out of the model.
-        # Off (exactly the plain training) unless a model asks for it.
-        self.sparsity = self.per_model([s.input_sparsity for s in specs]) if any(s.input_sparsity for s in specs) else None
+        # Group lasso on the input weights (FunctionalOptimizer.shrink_input_groups); None
+        # (exactly the plain training) unless a model asks for it.
+        sparsity = [s.input_sparsity for s in specs]
+        self.sparsity = self.per_model(sparsity) if any(sparsity) else None
         self.input_index = next(i for i, p in enumerate(self.params) if p is self.model.input_weights)
         self.state = self.params + self.model.running_stats()
         self.best_state = [t.detach().clone() for t in self.state]
 
     def per_model(self, values: Sequence[float]) -> Tensor:
-        """Per-model scalars as an (M, 1, 1) tensor (host->device, once per pass)."""
+        """Per-model scalars as an (M, 1, 1) tensor."""
         return torch.tensor(values, dtype=torch.float32, device=self.device).view(self.n_models, 1, 1)
 
     def standardize_x(self, X: Tensor) -> Tensor:
         return (X - self.x_mean) / self.x_scale
 
-    def plan_steps(self, active: Sequence[bool]) -> list[list[int]]:
-        """Per step of an epoch, each model's real row count (0 where not ``active``)."""
-        return step_row_counts(self.mode, self.batch_size, self.n_train, active)
-
-    def shuffle(self, index: Tensor, models: Iterable[int]) -> None:
-        """Mini mode: a fresh row order for each of ``models``, into ``index`` (M, S*B)."""
-        shuffle_rows(index, self.n_train, models, self.generators)
-
     def train_step(self, x: Tensor, y: Tensor, mask: Tensor, rows: Sequence[int], rows_t: Tensor,
                    active: Tensor | None = None) -> Tensor:
-        """One optimisation step of every model on its batch: x (M, R, D), y and mask
-        (M, R); ``rows`` / ``rows_t`` (M,) each model's real row count. A model moves only
-        if it has rows (and, where ``active`` (M,) bool is given, is active). Returns the
-        per-model loss (M,)."""
+        """One optimisation step of every model on its batch (x (M, R, D), y and mask (M, R),
+        ``rows``/``rows_t`` each model's real row count); a model moves only if it has rows
+        and is ``active`` (M,) where given. Returns the per-model loss (M,)."""
         M = self.n_models
-        count = rows_t.clamp_min(1.0)  # (M,)
+        count = rows_t.clamp_min(1.0)
         has_rows = rows_t > 0
         stats_update = rows_t >= 2  # BatchNorm refuses 1-row batches; so do we
         if active is not None:
             has_rows, stats_update = has_rows & active, stats_update & active
         # Input mask first, then the hidden layers', in the same order for a lone run.
         imask = self.dropout_mask(self.input_dropouts, self.input_dropout_t, rows, x.shape[1], self.n_features)
-        dmasks = [self.dropout_mask(self.dropouts, self.dropout_t, rows, x.shape[1], w) for w in self.config.hidden_layers]
+        dmasks = [self.dropout_mask(self.dropouts, self.dropout_t, rows, x.shape[1], w)
+                  for w in self.config.hidden_layers]
         pred = self.model(
             x, row_mask=mask[..., None], row_count=count.view(M, 1, 1), dropout_masks=dmasks, input_mask=imask,
             stats_update=stats_update.view(M, 1, 1),
-        )[..., 0]  # (M, R)
-        loss = masked_mse(pred, y, mask, count)  # (M,)
+        )[..., 0]
+        loss = masked_mse(pred, y, mask, count)
         # Summing keeps each model's gradient its own: d(sum)/d(theta_m) = d(loss_m)/d(theta_m).
-        grads = torch.autograd.grad(loss.sum(), self.params)
-        grads = clip_grads_per_model(list(grads), self.max_norm)
+        grads = clip_grads_per_model(list(torch.autograd.grad(loss.sum(), self.params)), self.max_norm)
         self.opt.step(grads, has_rows.view(M, 1, 1))
         if self.sparsity is not None:
             self.opt.shrink_input_groups(self.input_index, self.sparsity, has_rows.view(M, 1, 1),
@@ -512,12 +371,9 @@ class TrainingPass:
                      n_rows: int, width: int) -> Tensor | None:
         """Scaled keep-masks (M, n_rows, W) for one layer, or None when no model drops out.
 
-        Model m draws exactly (rows[m], W) uniforms from its own generator -- the same draw
-        a lone run of that model makes -- so its stream never depends on the other models.
-        The draws land in one buffer and one ``where`` turns them into masks (a few kernels
-        per layer, not a few per model). Rows a model does not draw stay 1.0 and so keep
-        every unit: its padding, or all rows of a model without dropout (scale 1). Padding
-        only has to stay finite -- the row mask keeps it out of every sum.
+        Model m draws exactly (rows[m], W) uniforms from its own generator, as a lone run
+        does, into one buffer that one ``where`` turns into masks. Rows a model does not
+        draw stay 1.0 (keep every unit): its padding, or a model without dropout.
         """
         if not any(p > 0.0 and r > 0 for p, r in zip(rates, rows)):
             return None
@@ -525,13 +381,13 @@ class TrainingPass:
         for m, (g, p, r) in enumerate(zip(self.generators, rates, rows)):
             if p > 0.0 and r > 0:
                 torch.rand(r, width, generator=g, out=uniform[m, :r])
-        rate, scale = rates_t  # (M, 1, 1) each
+        rate, scale = rates_t
         return torch.where(uniform >= rate, scale, 0.0)
 
     def batch(self, index: Tensor, step: int) -> tuple[Tensor, Tensor]:
         """Mini mode: step ``step``'s rows of each model, gathered by ``index`` (M, S*B)."""
         B = self.batch_size
-        idx = index[:, step * B : (step + 1) * B]  # (M, B)
+        idx = index[:, step * B : (step + 1) * B]
         return torch.gather(self.Xtr, 1, idx[..., None].expand(-1, -1, self.n_features)), torch.gather(self.ytr, 1, idx)
 
     def stop_mse(self) -> Tensor:
@@ -545,82 +401,16 @@ class TrainingPass:
             torch.where(keep, t.detach(), b, out=b)
 
 
-def host_loop(p: TrainingPass) -> LoopOutcome:
-    """The epoch loop with early stopping on the host: one host/device sync per epoch, and
-    each epoch plans only the models still training. The CPU's loop."""
-    M, config, device = p.n_models, p.config, p.device
-    stopped = np.zeros(M, dtype=bool)
-    diverged_at = np.zeros(M, dtype=np.int64)
-    best_val = np.full(M, np.inf)
-    best_epoch = np.zeros(M, dtype=np.int64)
-    stale = np.zeros(M, dtype=np.int64)
-    epochs_run = np.zeros(M, dtype=np.int64)
-    stat_updates = np.zeros(M, dtype=np.int64)
-    best_stat_updates = np.zeros(M, dtype=np.int64)
-
-    epoch = 0
-    while True:
-        if stopped.all():
-            break  # exit 1: every model stopped early (or diverged)
-        if epoch == config.epochs:
-            break  # exit 2: the epoch budget is spent
-        epoch += 1
-        active = ~stopped
-        p.model.train()
-        step_rows, index = _epoch_batches(p.mode, p.batch_size, p.n_train, active, p.generators, device)
-        # One host->device copy per epoch: every step's per-model row counts.
-        rows_t = torch.tensor(step_rows, dtype=torch.float32, device=device)  # (S, M)
-        nonfinite = torch.zeros(M, dtype=torch.bool, device=device)
-        for s, rows in enumerate(step_rows):
-            if index is None:
-                x, y, mask = p.Xtr, p.ytr, p.mask_tr  # (M, N, D), (M, N), (M, N)
-            else:
-                x, y = p.batch(index, s)  # (M, B, D), (M, B)
-                mask = (torch.arange(p.batch_size, device=device)[None, :] < rows_t[s][:, None]).to(torch.float32)
-            loss = p.train_step(x, y, mask, rows, rows_t[s])
-            nonfinite |= ~torch.isfinite(loss)
-            stat_updates += np.array([r >= 2 for r in rows], dtype=np.int64)
-
-        val_mse = p.stop_mse()  # (M,)
-        # Host/device sync, once per epoch: early stopping and the exit test run on the host.
-        val_host, bad_host = torch.stack([val_mse, nonfinite.to(val_mse.dtype)]).cpu().numpy()
-        improved = np.zeros(M, dtype=bool)
-        for m in np.flatnonzero(active):
-            epochs_run[m] = epoch
-            if bad_host[m] or not math.isfinite(float(val_host[m])):
-                stopped[m] = True
-                diverged_at[m] = epoch
-            elif val_host[m] < best_val[m] or not p.specs[m].restore_best:
-                # restore_best=False: the "best" is always the latest epoch (no selection)
-                best_val[m], best_epoch[m], stale[m] = val_host[m], epoch, 0
-                best_stat_updates[m] = stat_updates[m]
-                improved[m] = True
-            else:
-                stale[m] += 1
-                if p.specs[m].patience > 0 and stale[m] >= p.specs[m].patience:
-                    stopped[m] = True
-        if improved.any():
-            p.keep_best(torch.from_numpy(improved).to(device))  # host->device: M bools
-    return LoopOutcome(epochs_run, best_epoch, diverged_at, best_stat_updates)
-
-
-# ---------------------------------------------------------------------------- the core
-
-
 def train_models(
-    config: TrainConfig,
-    specs: Sequence[ModelSpec],
-    folds: Sequence[Fold],
-    *,
-    device: torch.device,
+    config: TrainConfig, specs: Sequence[ModelSpec], folds: Sequence[Fold], *, device: torch.device,
     loop: str | None = None,
 ) -> list[TrainedModel]:
-    """Train ``len(specs)`` models, model m on ``folds[m]`` with ``specs[m]``, in one pass.
+    """Train model m on ``folds[m]`` with ``specs[m]``, all in one pass; one
+    :class:`TrainedModel` each, in order.
 
-    ``loop`` picks the epoch loop (:func:`resolve_train_loop`; None: ``STEP5_TRAIN_LOOP``,
-    else ``auto``). Returns one :class:`TrainedModel` per model, in order. A model whose
-    loss becomes NaN/inf is stopped and reported through ``TrainedModel.error``; the
-    others go on. Raises ``ValueError`` for inconsistent inputs (feature counts, batch modes).
+    ``loop``: :func:`resolve_train_loop` (None: ``STEP5_TRAIN_LOOP``, else ``auto``). A model
+    whose loss becomes NaN/inf stops with ``error`` set; the others go on. Inconsistent
+    inputs (feature counts, batch modes) raise ``ValueError``.
     """
     M = len(specs)
     if M == 0 or len(folds) != M:
@@ -633,19 +423,16 @@ def train_models(
             raise ValueError(f"fold {m} has {f.X_train.shape[1]} features; fold 0 has {n_features}")
         if f.X_train.shape[0] < 2 or f.X_val.shape[0] < 1:
             raise ValueError(f"fold {m} needs >= 2 training rows and >= 1 validation row")
-        if (f.X_stop is None) != (f.y_stop is None) or (f.X_stop is not None and (
-                f.X_stop.shape[0] < 1 or f.X_stop.shape[1] != n_features)):
-            raise ValueError(f"fold {m} needs both X_stop and y_stop (>= 1 row, {n_features} features) or neither")
     kind = resolve_train_loop(loop, device)
     t_start = time.perf_counter()
     p = TrainingPass(config, specs, folds, device)
-    outcome = host_loop(p) if kind == "host" else DeviceLoop(p, capture=kind == "graph").run()
+    epochs_run, best_epoch, diverged_at, best_stat_updates = EpochLoop(p, kind).run()
 
-    # ---- restore each model's best weights and score them on the original target scale
+    # Restore each model's best weights and score them on the original target scale.
     with torch.no_grad():
         for t, b in zip(p.state, p.best_state):
             t.copy_(b)
-    pred_tr = predict_standardized(p.model, p.Xtr).cpu().numpy()  # sync: (M, N) to host for sklearn
+    pred_tr = predict_standardized(p.model, p.Xtr).cpu().numpy()
     pred_va = predict_standardized(p.model, p.Xva).cpu().numpy()
     pred_te: np.ndarray | None = None
     if any(f.X_test is not None for f in folds):
@@ -654,33 +441,34 @@ def train_models(
 
     results: list[TrainedModel] = []
     for m, f in enumerate(folds):
-        diverged = int(outcome.diverged_at[m])
+        diverged = int(diverged_at[m])
+        mu, sd = p.targ[m]
         res = TrainedModel(
-            n_train=p.n_train[m], n_val=p.n_val[m], epochs_run=int(outcome.epochs_run[m]),
-            best_epoch=int(outcome.best_epoch[m]) if not diverged else 0,
-            error=divergence_message(specs[m], diverged, config.optimizer) if diverged else None,
-            feature_mean=p.feat[m][0], feature_scale=p.feat[m][1], target_mean=p.targ[m][0], target_std=p.targ[m][1],
+            n_train=p.n_train[m], n_val=p.n_val[m], epochs_run=int(epochs_run[m]),
+            best_epoch=int(best_epoch[m]) if not diverged else 0,
+            feature_mean=p.feat[m][0], feature_scale=p.feat[m][1], target_mean=mu, target_std=sd,
         )
-        if not diverged:
-            mu, sd = p.targ[m]
-            p_tr = destandardize(pred_tr[m, : p.n_train[m]], mu, sd)
-            p_va = destandardize(pred_va[m, : p.n_val[m]], mu, sd)
-            metrics: dict[str, float] = {}
-            metrics["r2"], metrics["val_mse"] = regression_metrics(f.y_val, p_va)
-            metrics["train_r2"], metrics["train_mse"] = regression_metrics(f.y_train, p_tr)
-            if f.X_test is not None and f.y_test is not None and pred_te is not None:
-                p_te = destandardize(pred_te[m, : f.X_test.shape[0]], mu, sd)
-                metrics["test_r2"], metrics["test_mse"] = regression_metrics(f.y_test, p_te)
-            if all(math.isfinite(v) for v in metrics.values()):
-                res.metrics = metrics
-                res.val_pred = p_va
-                res.state_dict = p.model.export_model(m, num_batches_tracked=int(outcome.best_stat_updates[m]))
-            else:
-                res.error = f"training produced non-finite predictions (metrics {metrics}); the model diverged"
+        if diverged:
+            res.error = (f"training diverged: the loss became non-finite at epoch {diverged} "
+                         f"(learning_rate={specs[m].learning_rate:g}, optimizer={config.optimizer}); "
+                         "a smaller learning rate or gradient clipping should help")
+            results.append(res)
+            continue
+        # Standardised float32 outputs -> original scale, float64.
+        p_va = pred_va[m, : p.n_val[m]].astype(np.float64) * sd + mu
+        metrics: dict[str, float] = {}
+        metrics["r2"], metrics["val_mse"] = regression_metrics(f.y_val, p_va)
+        metrics["train_r2"], metrics["train_mse"] = regression_metrics(
+            f.y_train, pred_tr[m, : p.n_train[m]].astype(np.float64) * sd + mu)
+        if f.X_test is not None and f.y_test is not None and pred_te is not None:
+            metrics["test_r2"], metrics["test_mse"] = regression_metrics(
+                f.y_test, pred_te[m, : f.X_test.shape[0]].astype(np.float64) * sd + mu)
+        if all(math.isfinite(v) for v in metrics.values()):
+            res.metrics, res.val_pred = metrics, p_va
+            res.state_dict = p.model.export_model(m, num_batches_tracked=int(best_stat_updates[m]))
+        else:
+            res.error = f"training produced non-finite predictions (metrics {metrics}); the model diverged"
         results.append(res)
-    logger.debug(
-        "trained %d model(s) x %d epoch(s) max, %s batches, %s loop, in %.3fs",
-        M, int(outcome.epochs_run.max(initial=0)), p.mode, kind, time.perf_counter() - t_start,
-    )
+    logger.debug("trained %d model(s) x %d epoch(s) max, %s batches, %s loop, in %.3fs",
+                 M, int(epochs_run.max(initial=0)), p.mode, kind, time.perf_counter() - t_start)
     return results
-

@@ -1,29 +1,11 @@
-"""The persistent training worker (S96B): boot torch once, then serve jobs over NDJSON.
+"""The persistent training worker (S96B): boot torch once, then serve jobs as NDJSON lines.
 
-::
-
-    parent (pool, no torch)                         this process
-    ─────────────────────────                       ───────────────────────────────────
-    stdin  ── {"command": "train", ...}\\n ──▶  LineReader ─▶ Dispatcher ─▶ TorchBackend
-    stdout ◀─ {"status": "complete", ...}\\n ──  LineWriter ◀─┘             (run_train_job)
-    stderr ◀─ logs, warnings, library banners (fd 1 is pointed here at start-up)
-
-Three layers, kept apart (see :mod:`step5.framing`):
-
-* framing: bytes <-> lines, with a size bound (an oversize line is answered and skipped);
-* :class:`Dispatcher`: lines -> dicts -> responses. One response per request line, in
-  order (``train_folds`` answers one line per job). A malformed request gets an error
-  response and the worker keeps serving. It knows nothing about torch;
-* :class:`TorchBackend`: the one training core (:func:`step5.nn.job.run_train_job`, the
-  same function the one-shot trainer calls), a dataset cache shared between jobs, and
-  memory cleanup after each job.
-
-Lifecycle: ``ready`` once (with ``boot_s``), then requests until ``shutdown`` (answered,
-then exit 0) or EOF on stdin (exit 0). The process also exits when its parent dies
-(:mod:`step5.lifeline`).
-
-Module-level imports are torch-free on purpose: :func:`main` must claim stdout *before*
-torch (or CUDA) gets a chance to print anything.
+Stdin carries requests, stdout one reply per job (``train_folds``: one per fold), stderr the
+logs: fd 1 is claimed before torch can print. Three layers: framing (:mod:`step5.framing`),
+the :class:`Dispatcher` (requests -> replies, never raises, knows no torch) and the
+:class:`TorchBackend` (the training core, a fold cache, memory cleanup). ``ready`` once, then
+requests until ``shutdown`` or EOF (exit 0), or the parent's death (:mod:`step5.lifeline`).
+docs/workers.md describes the protocol and the lifecycle.
 """
 from __future__ import annotations
 
@@ -36,52 +18,30 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
-from step5.errors import BadRequest, FrameTooLarge, JobError
+import psutil
+
+from step5.errors import BadRequest, DataError, FrameTooLarge, JobError
 from step5.framing import LineReader, LineWriter
 from step5.jsonio import loads
+from step5.lifeline import expected_parent_pid, install_lifeline
 from step5.protocol import (
     MAX_REQUEST_BYTES, PROTOCOL_VERSION, AliveMessage, Heartbeat, Job, MergeRequest, Ping, PongMessage, ReadyMessage,
     Request, Shutdown, ShutdownMessage, TrainFolds, TrainRequest, decode_request, echo, error_reply,
 )
+from step5.stdout_guard import claim_stdout
 
 logger = logging.getLogger("step5.nn.worker")  # not __name__: run with -m it is "__main__"
-
-_START = time.time()  # fallback origin for boot_s when the process start time is unknown
-
-
-class JobBackend(Protocol):
-    """What the dispatcher needs to run jobs; the real one is :class:`TorchBackend`."""
-
-    device: str  # as reported in ``ready`` / ``pong``: "cuda:0 (NAME)" or "cpu"
-
-    def train(self, request: TrainRequest) -> dict[str, Any]:
-        """Train one fold; raise :class:`JobError` for a deterministic failure."""
-        ...
-
-    def train_folds(self, requests: Sequence[TrainRequest]) -> list[dict[str, Any]]:
-        """Train several folds in one fused pass; results in request order."""
-        ...
-
-    def merge(self, request: MergeRequest) -> dict[str, Any]:
-        """Merge fold checkpoints into one network and score it."""
-        ...
-
-    def is_out_of_memory(self, exc: BaseException) -> bool:
-        """Whether ``exc`` is a (CUDA or host) out-of-memory failure."""
-        ...
-
-    def release_memory(self) -> None:
-        """Free what a job left behind (Python garbage, the CUDA caching allocator)."""
-        ...
 
 
 class Dispatcher:
     """Turns requests into replies; never raises for a bad request. The one-shot trainer
-    answers its one request with the same object (:mod:`step5.nn.oneshot`)."""
+    answers its one request with it too. ``backend``: :class:`TorchBackend` (or a stub of
+    its methods: ``device``, ``train``, ``train_folds``, ``merge``, ``is_out_of_memory``,
+    ``release_memory``); it raises :class:`JobError` for a job's deterministic failure."""
 
-    def __init__(self, backend: JobBackend) -> None:
+    def __init__(self, backend: Any) -> None:
         self.backend = backend
         self.jobs_done = 0
         self.shutdown_requested = False
@@ -113,12 +73,6 @@ class Dispatcher:
         if isinstance(request, TrainFolds):
             return self._train_folds(request)
         return [self._run(request)]
-
-    def oversize(self, exc: FrameTooLarge) -> dict[str, Any]:
-        """The reply to a line that was too long to read (and has been skipped)."""
-        return BadRequest(
-            f"request line of {exc.seen} bytes exceeds the {exc.limit}-byte limit; it was discarded"
-        ).to_dict()
 
     def alive(self, request: Heartbeat) -> dict[str, Any]:
         """The answer to a ``heartbeat``: this process still reads its requests."""
@@ -217,7 +171,9 @@ def serve(reader: LineReader, writer: LineWriter, dispatcher: Dispatcher) -> int
         kind, payload = lines.get()
         if kind == "oversize":
             logger.warning("discarded an oversize request line (%d bytes)", payload.seen)
-            writer.write_message(dispatcher.oversize(payload))
+            writer.write_message(BadRequest(
+                f"request line of {payload.seen} bytes exceeds the {payload.limit}-byte limit; it was discarded"
+            ).to_dict())
             continue  # never fall through to a previous message
         if kind == "eof":
             logger.info("stdin closed after %d job(s); exiting", dispatcher.jobs_done)
@@ -247,18 +203,27 @@ class TorchBackend:
         import torch
 
         from step5.nn import job
+        from step5.nn.device_loop import device_backend
         from step5.nn.trainer import configure_torch_threads
 
         self._job = job
         self.torch_version = str(torch.__version__)
         self.threads = configure_torch_threads()  # STEP5_TORCH_THREADS: the pool splits the cores
-        self.torch_device = _pick_device(torch)
+        # cuda:0 is the one GPU the pool's pin leaves us (CUDA_VISIBLE_DEVICES for NVIDIA,
+        # HIP_VISIBLE_DEVICES for AMD: torch calls both ``cuda``).
+        self.torch_device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        build = f"torch {torch.__version__} (CUDA {torch.version.cuda}, HIP {torch.version.hip})"
+        for name, runtime in (("CUDA_VISIBLE_DEVICES", "CUDA"), ("HIP_VISIBLE_DEVICES", "ROCm")):
+            visible = os.environ.get(name)
+            if self.torch_device.type == "cpu" and visible and not visible.strip().startswith("-"):
+                logger.warning("%s=%r but %s is not available in %s; this worker trains on the CPU",
+                               name, visible, runtime, build)
         if self.torch_device.type == "cuda":
             # Create the CUDA context now, once, so that the first job does not pay for it.
             torch.zeros(1, device=self.torch_device)
             torch.cuda.synchronize(self.torch_device)
         self.device = job.describe_device(self.torch_device)
-        self.torch_backend = job.describe_backend(self.torch_device)  # cuda | rocm | cpu, from the build
+        self.torch_backend = device_backend(self.torch_device)  # cuda | rocm | cpu, from the build
         self.cache = job.DataCache()
 
     def train(self, request: TrainRequest) -> dict[str, Any]:
@@ -271,7 +236,6 @@ class TorchBackend:
             raise BadRequest(f"`train_folds` jobs cannot be fused: {exc}") from None
 
     def merge(self, request: MergeRequest) -> dict[str, Any]:
-        from step5.errors import DataError
         from step5.nn.ensemble import build_ensemble
 
         try:
@@ -283,54 +247,18 @@ class TorchBackend:
         return self._job.is_out_of_memory(exc)
 
     def release_memory(self) -> None:
-        # The core already empties the CUDA cache after each job; this also covers jobs that
-        # failed before reaching it. No gc.collect(): job tensors are freed by refcounting,
-        # and a full collection would cost a big process a noticeable pause per job.
+        # The core already empties the CUDA cache after each job; this covers jobs that failed before.
         self._job.release_memory(self.torch_device)
 
 
-def _pick_device(torch: Any) -> Any:
-    """``cuda:0`` (the one GPU the pool's pin leaves us: CUDA_VISIBLE_DEVICES for NVIDIA,
-    HIP_VISIBLE_DEVICES for AMD, both addressed as ``cuda`` by torch) when usable, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda:0")
-    build = f"torch {torch.__version__} (CUDA {torch.version.cuda}, HIP {torch.version.hip})"
-    for name, runtime in (("CUDA_VISIBLE_DEVICES", "CUDA"), ("HIP_VISIBLE_DEVICES", "ROCm")):
-        visible = os.environ.get(name)
-        if visible and not visible.strip().startswith("-"):
-            logger.warning("%s=%r but %s is not available in %s; this worker trains on the CPU",
-                           name, visible, runtime, build)
-    return torch.device("cpu")
-
-
-def _boot_seconds() -> float:
-    """Seconds since this process started (interpreter start -> now)."""
-    try:
-        import psutil
-
-        return max(0.0, time.time() - psutil.Process().create_time())
-    except Exception:  # noqa: BLE001 - psutil is optional here; fall back to import time
-        return time.time() - _START
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``nn_gpu_worker.py``: serve, then exit the process (0 after ``shutdown``
-    or EOF) without interpreter teardown, see :func:`_exit_now`."""
-    # First of all: keep fd 1 for protocol lines, before torch/CUDA can print anything.
-    from step5.stdout_guard import claim_stdout
-
-    wire = claim_stdout()
+    """Entry point of ``nn_gpu_worker.py``: serve, then exit (0 after ``shutdown`` or EOF)."""
+    wire = claim_stdout()  # first of all: fd 1 is for protocol lines, before torch/CUDA can print
     parser = argparse.ArgumentParser(description="Persistent Step 5 neural-net worker (NDJSON on stdin/stdout).")
     parser.add_argument("--log-level", default=os.environ.get("STEP5_WORKER_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)s worker[{os.getpid()}] %(name)s: %(message)s",
-    )
-
-    from step5.lifeline import expected_parent_pid, install_lifeline
-
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format=f"%(asctime)s %(levelname)s worker[{os.getpid()}] %(name)s: %(message)s")
     if expected_parent_pid() is not None:
         # Started by the pool: Ctrl-C in the terminal reaches the whole process group, but
         # stopping workers is the parent's job (it sends `shutdown` or kills them).
@@ -344,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         status="ready", device=backend.device, backend=backend.torch_backend, pid=os.getpid(),
         protocol=PROTOCOL_VERSION, torch_version=backend.torch_version, torch_threads=backend.threads,
         cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-        hip_visible_devices=os.environ.get("HIP_VISIBLE_DEVICES"), boot_s=round(_boot_seconds(), 4),
+        hip_visible_devices=os.environ.get("HIP_VISIBLE_DEVICES"),
+        boot_s=round(max(0.0, time.time() - psutil.Process().create_time()), 4),  # since the interpreter started
     )
     try:
         writer.write_message(ready)
@@ -354,17 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The parent closed our stdout: nobody is listening any more.
         logger.warning("stdout closed by the parent; exiting")
         rc = 0
-    _exit_now(rc, wire)
-    return rc  # not reached
-
-
-def _exit_now(rc: int, wire: Any) -> None:
-    """Leave without interpreter teardown once every answer is flushed.
-
-    Tearing down torch's modules takes a second or more, which the parent would wait for
-    on every shutdown; nothing is left to clean up that the OS does not reclaim (the CUDA
-    context included), so flush what we wrote and exit at once, as forked pool workers do.
-    """
+    # Leave without interpreter teardown once every answer is flushed: tearing down torch
+    # takes a second or more, which the parent would wait for on every shutdown, and the OS
+    # reclaims everything (the CUDA context included), as for forked pool workers.
     logging.shutdown()
     for stream in (wire, sys.stderr):
         try:

@@ -16,7 +16,7 @@ from step5.launch import child_environment
 from step5.nn.checkpoint import load_checkpoint
 from step5.nn.ensemble import build_ensemble, merge_models
 from step5.nn.job import run_train_job
-from step5.nn.model import build_reference_mlp
+from step5.nn.model import ReferenceMLP
 from step5.protocol import MergeRequest, NNParams, TrainRequest
 
 PARAMS = dict(hidden_layers=[6, 4], learning_rate=0.01, dropout=0.1, input_dropout=0.1, epochs=15,
@@ -80,7 +80,7 @@ def test_the_merged_checkpoint_loads_strictly_into_the_step6_layout(tmp_path):
     out = tmp_path / "best_model.pth"
     build_ensemble(folds, out, score_path=final)
     payload = torch.load(out, weights_only=True)
-    net = build_reference_mlp(payload["input_dim"], payload["hidden_layers"],
+    net = ReferenceMLP(payload["input_dim"], payload["hidden_layers"],
                               use_leaky_relu=payload["use_leaky_relu"], dropout=payload["dropout"])
     net.load_state_dict(payload["state_dict"])  # strict: same keys and shapes as any checkpoint
 
@@ -103,7 +103,7 @@ def test_linear_fold_models_merge_into_one_linear_model(tmp_path, normalize):
     payload = torch.load(out, weights_only=True)
     assert {n: tuple(v.shape) for n, v in payload["state_dict"].items()} == {
         "network.0.weight": (1, 5), "network.0.bias": (1,)}
-    net = build_reference_mlp(5, [], use_leaky_relu=True, dropout=0.0)
+    net = ReferenceMLP(5, [], use_leaky_relu=True, dropout=0.0)
     net.load_state_dict(payload["state_dict"])
     assert isinstance(net.network, torch.nn.Sequential) and len(net.network) == 1
     # The planted linear signal is there to be found, on standardised inputs (raw columns
@@ -112,8 +112,8 @@ def test_linear_fold_models_merge_into_one_linear_model(tmp_path, normalize):
 
 
 def test_models_of_different_inputs_are_refused():
-    a = build_reference_mlp(3, [4], use_leaky_relu=True, dropout=0.0)
-    b = build_reference_mlp(4, [4], use_leaky_relu=True, dropout=0.0)
+    a = ReferenceMLP(3, [4], use_leaky_relu=True, dropout=0.0)
+    b = ReferenceMLP(4, [4], use_leaky_relu=True, dropout=0.0)
 
     class Loaded:
         def __init__(self, module, d):

@@ -7,18 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from step5.nn.model import FusedMLP, build_reference_mlp
+from step5.nn.model import FusedMLP, ReferenceMLP
 from step5.nn.trainer import (
-    AUTO_FULL_BATCH_MAX_ROWS,
-    THREADS_ENV,
-    Fold,
-    ModelSpec,
-    TrainConfig,
-    configure_torch_threads,
-    make_generator,
-    resolve_batch_mode,
-    train_models,
+    THREADS_ENV, Fold, ModelSpec, TrainConfig, configure_torch_threads, make_generator, train_models,
 )
+from step5.protocol import AUTO_FULL_BATCH_MAX_ROWS, resolve_batch_mode
 
 CPU = torch.device("cpu")
 REL = 1e-5  # the contract: a fused model's metrics equal its lone run within 1e-5 relative
@@ -255,7 +248,7 @@ def test_exported_weights_reproduce_the_fused_forward(hidden):
     x = torch.randn(2, 11, 5)
     want = fused.eval()(x)[..., 0]
     for m in range(2):
-        ref = build_reference_mlp(5, hidden, use_leaky_relu=True, dropout=0.3)
+        ref = ReferenceMLP(5, hidden, use_leaky_relu=True, dropout=0.3)
         ref.load_state_dict(fused.export_model(m))
         got = ref.eval()(x[m])[:, 0]
         torch.testing.assert_close(got, want[m], rtol=1e-5, atol=1e-6)
