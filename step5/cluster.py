@@ -154,7 +154,8 @@ def local_names() -> frozenset[str]:
     return frozenset(names)
 
 
-def split_local(nodes: Iterable[ClusterNode], names: Iterable[str] | None = None) -> tuple[list[ClusterNode], list[ClusterNode]]:
+def split_local(nodes: Iterable[ClusterNode],
+                names: Iterable[str] | None = None) -> tuple[list[ClusterNode], list[ClusterNode]]:
     """(nodes that are this host, the others): the main process runs here, helpers there."""
     here = {n.lower() for n in (local_names() if names is None else names)}
     local = [n for n in nodes if n.hostname.lower() in here]

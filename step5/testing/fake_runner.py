@@ -1,13 +1,6 @@
-"""A fake :class:`~step5.execution.runner.FoldRunner` for in-process optimizer tests.
-
-It trains nothing: each fold's metrics are a smooth function of its params (best near a
-learning rate of 1e-3, deeper nets overfit a little more), so a study has a known best
-trial. It records every ``run`` call's groups, reads the fold files the optimizer wrote
-(so tests can check what went into them), and can fail one fold of chosen trials with a
-:class:`~step5.errors.JobError` (returned in place, as the real runners do) or blow up
-with any exception. The final model's ``merge`` job checks that every fold saved its
-checkpoint and writes a fake merged one (``FAKE_ENSEMBLE_TEST_R2``), as the fake worker does.
-"""
+"""A fake :class:`~step5.execution.runner.FoldRunner` for in-process optimizer tests: no
+processes, metrics a smooth function of the params (so a study has a known best trial),
+every call recorded, chosen folds failed or the runner blown up (docs/workers.md "The fakes")."""
 from __future__ import annotations
 
 import time
@@ -79,7 +72,8 @@ class FakeFoldRunner:
         assert not missing, f"the final model's folds saved no checkpoint at {missing}"
         with np.load(req.score_path, allow_pickle=False) as npz:
             self.arrays[req.score_path] = {k: npz[k] for k in npz.files}
-        assert "X_test" in self.arrays[req.score_path], f"the final model's score file {req.score_path} has no test rows"
+        assert "X_test" in self.arrays[req.score_path], \
+            f"the final model's score file {req.score_path} has no test rows"
         self.merges.append(([Path(p) for p in req.fold_paths], Path(req.out_path), Path(req.score_path)))
         return {**merge(req), "trial_number": req.trial_number, "job_id": req.job_id}
 
@@ -115,7 +109,8 @@ class FakeFoldRunner:
         groups = check_groups(groups)
         self.calls.append(groups)
         for g in groups:  # what the worker checks before fusing
-            assert len(g) == 1 or len({fusion_key(r) for r in g}) == 1, "a group mixes layer shapes"  # type: ignore[arg-type]
+            assert len(g) == 1 or len({fusion_key(r) for r in g}) == 1, \
+                "a group mixes layer shapes"  # type: ignore[arg-type]
         self._explode([r for g in groups for r in g])
         if self.job_sleep_s > 0:
             # Groups share the slots; a slot trains its groups one after another.

@@ -1,26 +1,8 @@
-"""A stand-in ``ssh`` that runs the remote command on this host, for tests of the cluster fleet.
-
-::
-
-    python -m step5.testing.fake_ssh [ssh options] [--] [user@]host command...
-
-It takes ssh's options (``-o Key=Value``, ``-T``, ...), then runs ``command`` with
-``sh -c`` as sshd runs it with the user's shell: stdin, stdout and stderr pass through,
-so closing its stdin is what a real remote command sees when the connection closes. Like
-ssh it exits with the remote command's status, and 255 when the command was killed by a
-signal or the host cannot be reached. The remote command gets ``STEP5_FAKE_SSH_HOST``
-(the host it "runs on"), so one machine can play several hosts.
-
-Settings, from the environment (:func:`step5.testing.standins.write_fake_ssh` bakes them
-into the ``ssh`` script it puts on PATH):
-
-* ``STEP5_FAKE_SSH_UNREACHABLE``: comma-separated hosts that time out (exit 255 after a
-  short pause, with ssh's message);
-* ``STEP5_FAKE_SSH_LOG``: a file to append each invocation's argv to (one JSON line), so a
-  test can check the options and the quoting;
-* ``STEP5_FAKE_SSH_REQUIRE``: comma-separated ``-o`` options that must be present (a
-  missing one is refused like an ssh usage error, exit 255).
-"""
+"""A stand-in ``ssh`` that runs the remote command on this host (``sh -c``, as sshd runs it),
+for tests of the cluster fleet; its settings come from ``STEP5_FAKE_SSH_*`` (docs/workers.md
+"The fakes"). Like ssh it exits with the remote command's status, 255 when that was killed
+by a signal or the host cannot be reached; closing its stdin is what a remote command sees
+when the connection closes."""
 from __future__ import annotations
 
 import json

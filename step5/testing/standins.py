@@ -1,10 +1,6 @@
 """Stand-in hosts for tests and the cluster simulation: an ``ssh`` that runs commands here,
 ROCm tools that report AMD GPUs, a ``/sys/class/kfd`` tree, and a host's ``python_env``.
-
-Each writer puts an executable script (or a folder tree) where it is told and returns its
-path; a test puts the folder first on ``PATH`` or names the path in a
-``distributed_config.json``. No AMD GPU and no second host are needed.
-"""
+Each writer puts an executable script (or a folder tree) where it is told and returns its path."""
 from __future__ import annotations
 
 import json

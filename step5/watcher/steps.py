@@ -206,7 +206,8 @@ def _check_with_step(step: StepSpec, argv: list[str]) -> None:
         raise UsageError(f"--params give step {step.number} a command it refuses: {exc}") from None
 
 
-def validate_params(step: StepSpec, params: Any, *, policy_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def validate_params(step: StepSpec, params: Any, *,
+                    policy_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Check a ``--params`` object against the step's flags; returns the normalised copy.
     ``policy_path``: the policy the step will run under (checked with the command). A null
     value means "not set"; an unknown key is an error with a "did you mean"."""
