@@ -74,7 +74,7 @@ class ClusterNode:
     python_env: str  # that host's interpreter (a ROCm build of torch on the rigs)
 
     @property
-    def destination(self) -> str:
+    def destination(self) -> str:  # for ssh
         return f"{self.username}@{self.hostname}" if self.username else self.hostname
 
 
@@ -215,16 +215,12 @@ def ssh_command(
     node: ClusterNode, command: str, *, ssh: str | Path = "ssh", connect_timeout_s: int = SSH_CONNECT_TIMEOUT_S,
 ) -> list[str]:
     """The local argv: ssh with options that never wait for a human or a dead host."""
-    options = [
-        "-T",
-        "-o", "BatchMode=yes",
-        "-o", f"ConnectTimeout={int(connect_timeout_s)}",
-        "-o", "ServerAliveInterval=15",
-        "-o", "ServerAliveCountMax=3",
-        "-o", "StrictHostKeyChecking=accept-new",
-        "-o", "LogLevel=ERROR",
-    ]
-    return [str(ssh), *options, "--", node.destination, command]
+    options = ["BatchMode=yes", f"ConnectTimeout={int(connect_timeout_s)}", "ServerAliveInterval=15",
+               "ServerAliveCountMax=3", "StrictHostKeyChecking=accept-new", "LogLevel=ERROR"]
+    argv = [str(ssh), "-T"]
+    for option in options:
+        argv += ["-o", option]
+    return [*argv, "--", node.destination, command]
 
 
 class HelperAction(str, Enum):
@@ -301,15 +297,8 @@ class HelperFleet:
     that stops them on exit. Each host's record is changed only by its supervisor; ``stop``
     sets a flag and closes pipes, and the supervisors see their helpers end."""
 
-    def __init__(
-        self,
-        nodes: Sequence[ClusterNode],
-        command_for: Callable[[ClusterNode], list[str]],
-        *,
-        max_failures: int = 3,
-        restart_delay_s: float = 5.0,
-        stop_grace_s: float = STOP_GRACE_S,
-    ) -> None:
+    def __init__(self, nodes: Sequence[ClusterNode], command_for: Callable[[ClusterNode], list[str]], *,
+                 max_failures: int = 3, restart_delay_s: float = 5.0, stop_grace_s: float = STOP_GRACE_S) -> None:
         self._command_for = command_for
         self.stop_grace_s = float(stop_grace_s)
         self._helpers = [_Helper(n, HelperRecord(n.hostname, max_failures, restart_delay_s)) for n in nodes]

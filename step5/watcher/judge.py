@@ -102,9 +102,8 @@ class ModelVerdict:
         return "; ".join(self.reasons) or ("critical" if self.critical else "ok")
 
 
-def assess_metrics(
-    model_type: str, metrics: Any, thresholds: list[Threshold], diagnostics: DiagnosticsPolicy | None = None,
-) -> ModelVerdict:
+def assess_metrics(model_type: str, metrics: Any, thresholds: list[Threshold],
+                   diagnostics: DiagnosticsPolicy) -> ModelVerdict:
     """Apply the acceptance rules and the diagnostics' metric bounds to one model's ``training_metrics``."""
     verdict = ModelVerdict(model_type, critical=False)
     passed = []
@@ -117,7 +116,7 @@ def assess_metrics(
             verdict.reasons.append(f"{model_type}: {t.describe(x)}")
         else:
             passed.append(f"{t.metric} {x:.4g} within {t.key} {t.value:g}")
-    for level, description in bound_breaches(metrics, diagnostics) if diagnostics is not None else []:
+    for level, description in bound_breaches(metrics, diagnostics):
         if level == "critical":
             verdict.critical = True
             verdict.reasons.append(f"{model_type}: {description}")
@@ -194,8 +193,7 @@ def _entry_metrics(entry: dict[str, Any]) -> Any:
 
 
 def compare_verdicts(
-    summary_path: Path, before: FileSignature | None, thresholds: list[Threshold],
-    diagnostics: DiagnosticsPolicy | None = None,
+    summary_path: Path, before: FileSignature | None, thresholds: list[Threshold], diagnostics: DiagnosticsPolicy,
 ) -> tuple[dict[str, ModelVerdict], list[str], list[str]]:
     """(verdicts, skipped model types, notes) for every model a compare run trained, from its
     fresh summary file: ``{"models": {type: {...}}}`` (what :mod:`step5.optimizer.compare`
@@ -232,20 +230,10 @@ def compare_verdicts(
     return verdicts, skipped, notes
 
 
-def judge(
-    run: StepRun,
-    *,
-    step: StepSpec,
-    policy: Policy,
-    sidecar_path: Path,
-    summary_path: Path | None,
-    can_retry: bool,
-    can_retry_critical: bool | None = None,
-    sidecar_before: FileSignature | None = None,
-    summary_before: FileSignature | None = None,
-    run_id: str | None = None,
-    expect_persistent_workers: bool | None = None,
-) -> Judgement:
+def judge(run: StepRun, *, step: StepSpec, policy: Policy, sidecar_path: Path, summary_path: Path | None,
+          can_retry: bool, can_retry_critical: bool | None = None, sidecar_before: FileSignature | None = None,
+          summary_before: FileSignature | None = None, run_id: str | None = None,
+          expect_persistent_workers: bool | None = None) -> Judgement:
     """Decide about one run. ``can_retry``: a crashed step may still be re-run;
     ``can_retry_critical`` (default: the same): a rejected model may; when not, the problem
     is final (ESCALATE for a crash, SKIP_MODEL for a model below the rules). ``*_before``:

@@ -38,9 +38,8 @@ class StepRun:
 
     command: list[str]
     pid: int
-    returncode: int | None
-    started_at: float  # wall clock (time.time()) just before the step was started
-    duration_s: float
+    returncode: int | None = None
+    duration_s: float = 0.0
     timed_out: bool = False
     interrupted: str | None = None  # "SIGINT" / "SIGTERM" when the WATCHER was interrupted
     leftovers: int = 0  # processes of the step still alive after it ended (we stopped them)
@@ -168,7 +167,6 @@ def run_in_group(
     at all is a :class:`Step5Error`."""
     known: dict[int, psutil.Process] = {}
     tail: deque[str] = deque(maxlen=_TAIL_LINES)
-    started_at = time.time()
     t0 = time.monotonic()
     try:
         popen = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -178,7 +176,7 @@ def run_in_group(
     assert popen.stdout is not None
     pump = threading.Thread(target=_pump, args=(popen.stdout, tail, echo), name="step-output", daemon=True)
     pump.start()
-    run = StepRun(command=list(command), pid=popen.pid, returncode=None, started_at=started_at, duration_s=0.0)
+    run = StepRun(command=list(command), pid=popen.pid)
     deadline = t0 + timeout_s
     try:
         while True:
