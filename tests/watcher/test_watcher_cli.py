@@ -152,13 +152,13 @@ def _all_gone(info: dict) -> bool:
 
 
 def test_timeout_escalates_and_leaves_no_process(work, watcher, write_policy):
-    write_policy(work, step_timeout_s=2, kill_grace_s=1)
+    write_policy(work, step_timeout_s=5, kill_grace_s=1)  # room for the fake step to start on a loaded machine
     t0 = time.monotonic()
     proc = watcher.run(work, "hang")
     assert proc.returncode == 4, proc.stderr
     assert time.monotonic() - t0 < 20
     [record] = watcher_decisions(work)  # a timeout is not retried: it would time out again
-    assert record["decision"] == "ESCALATE" and record["timed_out"] and "timed out after 2s" in record["reasons"][0]
+    assert record["decision"] == "ESCALATE" and record["timed_out"] and "timed out after 5s" in record["reasons"][0]
     info = json.loads((work / "pids.json").read_text())
     assert _all_gone(info), info  # the SIGTERM-ignoring child and the one that left the group too
 
