@@ -171,10 +171,11 @@ class FakeWorker:
         except JobError as exc:
             return error_reply(exc, request)
 
-    def _start_reader(self) -> "queue.Queue[tuple[str, bytes | None]]":
-        """Read stdin on a thread that answers heartbeats at once (as the real worker does)
-        unless this process plays hung; everything else is queued for :meth:`serve`."""
-        lines: queue.Queue[tuple[str, bytes | None]] = queue.Queue()
+    def _start_reader(self) -> "queue.Queue[Any]":
+        """Read and decode stdin on a thread that answers heartbeats at once (as the real
+        worker does) unless this process plays hung; everything else is queued for
+        :meth:`serve` (None: end of input)."""
+        requests: queue.Queue[Any] = queue.Queue()
         reader = LineReader(sys.stdin.buffer, MAX_REQUEST_BYTES)
 
         def read() -> None:
@@ -183,28 +184,30 @@ class FakeWorker:
                     try:
                         line = reader.read_line()
                     except FrameTooLarge:
-                        lines.put(("oversize", None))
+                        requests.put(BadRequest("request line too long; discarded"))
                         continue
                     if line is None:
                         break
-                    if b"heartbeat" in line:
-                        try:
-                            beat = decode_request(loads(line))
-                        except (ValueError, BadRequest):
-                            beat = None
-                        if isinstance(beat, Heartbeat):
-                            if not self.hung:
-                                self.writer.write_message(AliveMessage(status="alive", pid=os.getpid(),
-                                                                       job_id=beat.job_id, jobs_done=self.jobs_seen))
-                            continue
-                    lines.put(("line", line))
+                    if not line.strip():
+                        continue
+                    try:
+                        request = decode_request(loads(line))
+                    except ValueError:
+                        request = BadRequest("request is not valid JSON")
+                    except BadRequest as exc:
+                        request = exc
+                    if not isinstance(request, Heartbeat):
+                        requests.put(request)
+                    elif not self.hung:
+                        self.writer.write_message(AliveMessage(status="alive", pid=os.getpid(),
+                                                               job_id=request.job_id, jobs_done=self.jobs_seen))
             except (OSError, ValueError):
                 pass
             finally:
-                lines.put(("eof", None))
+                requests.put(None)
 
         threading.Thread(target=read, daemon=True).start()
-        return lines
+        return requests
 
     def serve(self) -> int:
         boot = self.args.boot if self.faulty else "none"
@@ -225,47 +228,28 @@ class FakeWorker:
         if self.args.backend is not None:  # else the pool reads it from the device
             ready["backend"] = self.args.backend
         self.writer.write_message(ready)
-        lines = self._start_reader()
-        while True:
-            kind, line = lines.get()
-            if kind == "oversize":
-                self.writer.write_message(BadRequest("request line too long; discarded").to_dict())
-                continue
-            if line is None:
-                return 0
-            if not line.strip():
-                continue
-            try:
-                request = decode_request(loads(line))
-            except ValueError:
-                self.writer.write_message(BadRequest("request is not valid JSON").to_dict())
-                continue
-            except BadRequest as exc:
-                self.writer.write_message(exc.to_dict())
-                continue
+        requests = self._start_reader()
+        while (request := requests.get()) is not None:
             if isinstance(request, Shutdown):
                 self.writer.write_message(ShutdownMessage(status="shutdown", reason="command",
                                                           jobs_done=self.jobs_seen, pid=os.getpid()))
                 return 0
-            if isinstance(request, Ping):  # a heartbeat reaching here is a hung worker's: unanswered
-                if not isinstance(request, Heartbeat):
-                    self.writer.write_message(PongMessage(status="pong", pid=os.getpid(), device=self.device,
-                                                          jobs_done=self.jobs_seen, uptime_s=0.0,
-                                                          job_id=request.job_id))
+            if isinstance(request, Ping):
+                self.writer.write_message(PongMessage(status="pong", pid=os.getpid(), device=self.device,
+                                                      jobs_done=self.jobs_seen, uptime_s=0.0, job_id=request.job_id))
                 continue
-            jobs: list[Job | BadRequest] = [request]
-            if isinstance(request, TrainFolds):
-                jobs = list(request.jobs)
-                if self.faulty and self.args.fault == "pass_error" and len(jobs) > 1:
-                    # What the real worker answers when the shared pass itself raises.
-                    for job in jobs:
-                        failure = JobError("RuntimeError: the fused pass broke", "train_error")
-                        self.writer.write_message(error_reply(failure, job))
-                    continue
+            jobs: list[Job | BadRequest] = list(request.jobs) if isinstance(request, TrainFolds) else [request]
+            if len(jobs) > 1 and self.faulty and self.args.fault == "pass_error":
+                # What the real worker answers when the shared pass itself raises.
+                for job in jobs:
+                    failure = JobError("RuntimeError: the fused pass broke", "train_error")
+                    self.writer.write_message(error_reply(failure, job))
+                continue
             for job in jobs:
                 response = self.answer(job)
                 if response is not None:
                     self.writer.write_message(response)
+        return 0
 
 
 def oneshot_main() -> int:

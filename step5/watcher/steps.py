@@ -39,9 +39,9 @@ class ParamSpec:
     flag: str  # the option string the key turns into, e.g. "--k-folds"
     kind: str  # SWITCH | ON_OFF | VALUE
     dest: str  # where the step stores it; an alias shares its flag's dest
-    default: Any = None  # the step's own default (for retry arithmetic and output_dir)
-    always: Any = None  # a value passed even when the key is absent (the step requires the flag)
-    action: argparse.Action | None = field(default=None, compare=False, repr=False)
+    default: Any  # the step's own default (for retry arithmetic and output_dir)
+    always: Any  # a value passed even when the key is absent (the step requires the flag)
+    action: argparse.Action = field(compare=False, repr=False)  # its type and choices check a value
 
     def to_argv(self, value: Any) -> list[str]:
         if self.kind == SWITCH:
@@ -165,7 +165,6 @@ def _check_value(step: StepSpec, spec: ParamSpec, value: Any) -> tuple[Any, Any]
     when a false switch sets nothing)."""
     where = f"--params key `{spec.name}` (step {step.number} flag {spec.flag})"
     action = spec.action
-    assert action is not None
     if spec.kind in (SWITCH, ON_OFF):
         if not isinstance(value, bool):
             raise UsageError(f"{where} must be true or false, got {value!r}")
