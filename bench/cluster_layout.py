@@ -9,7 +9,7 @@ that runs the main process, and three ROCm rigs with 8 AMD GPUs each, 26 slots. 
 * the main process is the real optimizer CLI with ``--cluster-config``, its 2 "GPUs" given
   by ``CUDA_VISIBLE_DEVICES=0,1``;
 * a stand-in ``ssh`` on PATH runs each rig's command on this machine
-  (:mod:`step5.testing.fake_ssh`), so the helpers are started, streamed, stopped and
+  (:mod:`step5.testing.standins`), so the helpers are started, streamed, stopped and
   restarted by the real fleet (:mod:`step5.cluster`) from the real command line;
 * each rig's ``python_env`` is a stand-in that puts a stand-in ``rocm-smi`` reporting 8 GPUs
   on PATH and hides the NVIDIA ones, so each helper finds 8 AMD GPUs and plans 8 ROCm slots

@@ -1,12 +1,5 @@
-"""Test helpers that ship with the package (like ``optuna.testing``).
-
-:mod:`step5.testing.fake_worker` is a torch-free stand-in for ``nn_gpu_worker.py`` and
-``train_single_trial.py`` that can answer, hang, print garbage, exit with a code or kill
-itself, so the pool's fault handling can be tested as a table of cases;
-:mod:`step5.testing.processes` checks what tests that start real processes need (is it
-gone, who is left in a process group, signal a CLI once its log says it is busy). The
-functions here build what many tests need: fake pools, CPU slots, a wire request.
-"""
+"""Test helpers that ship with the package (like ``optuna.testing``; docs/workers.md "The
+fakes"): fake pools, CPU slots, a wire request, running requests one by one."""
 from __future__ import annotations
 
 import sys
@@ -19,7 +12,6 @@ FAKE_WORKER = Path(__file__).resolve().with_name("fake_worker.py")
 def fake_worker_command(*options: str, python: str = sys.executable) -> list[str]:
     """The command line that starts a fake worker with ``options`` (see its ``--help``)."""
     return [python, str(FAKE_WORKER), *options]
-
 
 
 def cpu_slots(n: int) -> list[Any]:

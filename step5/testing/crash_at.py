@@ -1,16 +1,7 @@
-"""Run the Step 5 CLI and signal this process right after its N-th change under a folder.
-
-Fault injection for the model-set commit tests::
+"""Run the Step 5 CLI and signal this process right after its N-th change under a folder
+(fault injection for the model-set commit tests; docs/workers.md "The fakes")::
 
     python -m step5.testing.crash_at --watch OUT --at N --signal KILL -- <optimizer flags>
-
-Every call that changes the file system under ``OUT`` is counted: ``os.replace``,
-``os.rename``, ``os.symlink``, ``os.link``, ``os.unlink``/``os.remove``, ``os.mkdir``,
-``os.rmdir`` and ``os.open`` with ``O_CREAT`` (what ``pathlib``, ``shutil`` and
-:mod:`step5.fsutil` use). Right after the N-th one returns the process sends itself the
-signal: ``KILL`` (nothing runs after it), ``TERM`` or ``INT`` (the CLI's interrupt path
-runs). A run that makes fewer than N changes exits normally and prints
-``crash_at: only K changes`` on stderr, so a test knows it has covered every point.
 """
 from __future__ import annotations
 

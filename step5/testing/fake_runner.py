@@ -1,18 +1,12 @@
-"""A fake :class:`~step5.execution.runner.FoldRunner` for in-process optimizer tests.
-
-It trains nothing: each fold's metrics are a smooth function of its params (best near a
-learning rate of 1e-3, deeper nets overfit a little more), so a study has a known best
-trial. It records every ``run`` call's groups, reads the fold files the optimizer wrote
-(so tests can check what went into them), and can fail one fold of chosen trials with a
-:class:`~step5.errors.JobError` (returned in place, as the real runners do) or blow up
-with any exception. The final model's ``merge`` job checks that every fold saved its
-checkpoint and writes a fake merged one (``FAKE_ENSEMBLE_TEST_R2``), as the fake worker does.
-"""
+"""A fake :class:`~step5.execution.runner.FoldRunner` for in-process optimizer tests: no
+processes, metrics a smooth function of the params (so a study has a known best trial),
+every call recorded, chosen folds failed or the runner blown up (docs/workers.md "The fakes")."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 
@@ -25,34 +19,23 @@ from step5.testing.fake_worker import FAKE_CHECKPOINT, FAKE_ENSEMBLE_TEST_R2, me
 __all__ = ["FAKE_ENSEMBLE_TEST_R2", "FakeFoldRunner", "install_fake_runner"]
 
 
+@dataclass(kw_only=True, eq=False)
 class FakeFoldRunner:
     """A FoldRunner with ``run`` and no processes."""
 
-    def __init__(
-        self,
-        *,
-        mode: str = "subprocess",
-        fail_trials: Sequence[int] = (),
-        failure: tuple[str, str, int] = ("NaN in X_train row 3", "data_error", 1),  # message, type, fold
-        explode_on_trial: int | None = None,
-        explosion: type[BaseException] = RuntimeError,
-        seed_in_metrics: bool = False,  # a tiny seed term makes a wrong fold seed visible in the values
-        capacity: int = 2,  # device slots it pretends to have
-        job_sleep_s: float = 0.0,  # each job "trains" this long (its slot's jobs one after another)
-    ) -> None:
-        self.mode = mode
-        self.fail_trials = set(fail_trials)
-        self.failure = failure
-        self.explode_on_trial = explode_on_trial
-        self.explosion = explosion
-        self.seed_in_metrics = seed_in_metrics
-        self.capacity = capacity
-        self.job_sleep_s = job_sleep_s
-        self.calls: list[list[list[Job]]] = []  # every run() call's groups
-        self.arrays: dict[str, dict[str, np.ndarray]] = {}  # fold file -> its arrays
-        self.merges: list[tuple[list[Path], Path, Path]] = []  # (fold checkpoints, merged, score file)
-        self.persistent: bool | None = None  # set by install_fake_runner's factory
-        self.closed = False
+    mode: str = "subprocess"
+    fail_trials: Collection[int] = ()
+    failure: tuple[str, str, int] = ("NaN in X_train row 3", "data_error", 1)  # message, type, fold
+    explode_on_trial: int | None = None
+    explosion: type[BaseException] = RuntimeError
+    seed_in_metrics: bool = False  # a tiny seed term makes a wrong fold seed visible in the values
+    capacity: int = 2  # device slots it pretends to have
+    job_sleep_s: float = 0.0  # each job "trains" this long (its slot's jobs one after another)
+    calls: list[list[list[Job]]] = field(default_factory=list)  # every run() call's groups
+    arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # fold file -> its arrays
+    merges: list[tuple[list[Path], Path, Path]] = field(default_factory=list)  # (fold checkpoints, merged, score)
+    persistent: bool | None = None  # set by install_fake_runner's factory
+    closed: bool = False
 
     def _result(self, req: TrainRequest) -> dict[str, Any]:
         with np.load(req.data_path, allow_pickle=False) as npz:
@@ -79,7 +62,8 @@ class FakeFoldRunner:
         assert not missing, f"the final model's folds saved no checkpoint at {missing}"
         with np.load(req.score_path, allow_pickle=False) as npz:
             self.arrays[req.score_path] = {k: npz[k] for k in npz.files}
-        assert "X_test" in self.arrays[req.score_path], f"the final model's score file {req.score_path} has no test rows"
+        assert "X_test" in self.arrays[req.score_path], \
+            f"the final model's score file {req.score_path} has no test rows"
         self.merges.append(([Path(p) for p in req.fold_paths], Path(req.out_path), Path(req.score_path)))
         return {**merge(req), "trial_number": req.trial_number, "job_id": req.job_id}
 
@@ -90,10 +74,6 @@ class FakeFoldRunner:
         if req.trial_number in self.fail_trials and req.fold_idx == fold:
             return JobError(message, error_type, trial_number=req.trial_number, fold_idx=fold, job_id=req.job_id)
         return self._result(req)
-
-    def _explode(self, requests: Sequence[Job]) -> None:
-        if self.explode_on_trial in {r.trial_number for r in requests}:
-            raise self.explosion("the runner blew up")
 
     @property
     def requests(self) -> list[TrainRequest]:
@@ -115,8 +95,10 @@ class FakeFoldRunner:
         groups = check_groups(groups)
         self.calls.append(groups)
         for g in groups:  # what the worker checks before fusing
-            assert len(g) == 1 or len({fusion_key(r) for r in g}) == 1, "a group mixes layer shapes"  # type: ignore[arg-type]
-        self._explode([r for g in groups for r in g])
+            assert len(g) == 1 or len({fusion_key(r) for r in g}) == 1, \
+                "a group mixes layer shapes"  # type: ignore[arg-type]
+        if self.explode_on_trial in {r.trial_number for g in groups for r in g}:
+            raise self.explosion("the runner blew up")
         if self.job_sleep_s > 0:
             # Groups share the slots; a slot trains its groups one after another.
             time.sleep(self.job_sleep_s * -(-len(groups) // max(1, self.capacity)))
@@ -133,21 +115,16 @@ class FakeFoldRunner:
 
 
 def install_fake_runner(monkeypatch: Any, **defaults: Any) -> tuple[list[FakeFoldRunner], dict[str, Any]]:
-    """Make the optimizer build :class:`FakeFoldRunner` s instead of real runners.
-
-    Returns the list of runners made and an options dict: what a test puts there overrides
-    ``defaults`` for the runners made after it.
-    """
+    """Make the optimizer build :class:`FakeFoldRunner` s instead of real runners; returns the
+    runners made and an options dict whose entries override ``defaults`` for the runners made after."""
     from step5.optimizer import optimizer as optimizer_module
 
     made: list[FakeFoldRunner] = []
     options: dict[str, Any] = {}
 
     def factory(slots: Any, policy: Any, *, persistent: bool) -> FakeFoldRunner:
-        runner = FakeFoldRunner(**{**defaults, **options})
-        runner.persistent = persistent
-        made.append(runner)
-        return runner
+        made.append(FakeFoldRunner(**{**defaults, **options, "persistent": persistent}))
+        return made[-1]
 
     monkeypatch.setattr(optimizer_module, "make_fold_runner", factory)
     return made, options

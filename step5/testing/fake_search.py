@@ -1,21 +1,8 @@
-"""The real optimizer CLI with a fake fold runner whose jobs sleep: shared-study tests and
-the cluster simulation (``bench/cluster_sim.py``) run many of these at once.
-
-::
+"""The real optimizer CLI with a fake fold runner whose jobs sleep, for the shared-study
+tests and the cluster simulation (``bench/cluster_sim.py``); docs/workers.md "The fakes"::
 
     python -m step5.testing.fake_search --job-sleep-s 1.0 [--timings-out F.json] \
         [--fault-at ask:3 --fault 'SHELL COMMAND'] -- <optimizer flags>
-
-Everything but the training is real: data loading, the study (its lock, heartbeats,
-retries), the ask/tell loop, the final model's bookkeeping. ``--timings-out`` writes what the
-loop spent coordinating: each locked ask (wait for the lock, count, ask) and each tell, with wall-clock end times, so a caller can compute latencies and rates.
-
-``--fault-at POINT --fault CMD`` runs the shell command CMD once, at a chosen moment of the
-run, and then lets the run go on: the database fault tests restart, stop or cut the study's
-PostgreSQL there (CMD may put part of itself in the background, ``(...) &``, to race the
-calls that follow). POINT is ``ask:N`` / ``tell:N`` (as the N-th ``study.ask`` / trial's tell
-starts), ``final`` (as the final model's training starts) or ``commit`` (as the model set's
-commit starts).
 """
 from __future__ import annotations
 

@@ -1,12 +1,9 @@
-"""A fake Step 5 for the WATCHER's tests: same CLI as the real optimizer (SPEC section 3),
-no training; what it does is chosen by environment variables.
-
-``FAKE_STEP5_MODE``:
+"""A fake Step 5 for the WATCHER's tests: the real optimizer's CLI (its own parser), no
+training; ``FAKE_STEP5_MODE`` chooses what it does:
 
 ==============  ==============================================================
 ok (default)    valid SUCCESS sidecar + checkpoint, good metrics, exit 0
-fail            message on stderr, exit 1
-usage           exit 64
+fail / usage    message on stderr, exit 1 / exit 64
 no_sidecar      exit 0, writes nothing
 bad_sidecar     exit 0, sidecar missing required keys
 not_json        exit 0, sidecar is not JSON
@@ -15,15 +12,14 @@ reject          metrics below the acceptance rules, exit 0
 reject_first    like ``reject`` while ``--seed`` is 42 (the default), ``ok`` otherwise
 hang            starts a child that ignores SIGTERM and a child that leaves the
                 group (``setsid``), writes their pids, then sleeps forever
-leak            ``ok``, but leaves a sleeping child behind (its pid in FAKE_STEP5_PIDS)
+leak            ``ok``, but leaves a sleeping child behind
 ==============  ==============================================================
 
-``FAKE_STEP5_CALLS``: a file to which each invocation appends its argv as one JSON line.
-``FAKE_STEP5_PIDS``: where ``hang`` / ``leak`` write ``{"pid", "pgid", "children": [...]}``.
-``FAKE_STEP5_BAD_MODELS``: comma list of model types that score below the rules in
-``--compare-models`` runs. Compare runs read the skip registry like the real step does.
-
-:func:`make_sidecar` builds a SPEC section 4 sidecar; the tests use it for judge cases.
+``FAKE_STEP5_CALLS``: a file each invocation appends its argv to (one JSON line);
+``FAKE_STEP5_PIDS``: where ``hang`` / ``leak`` write ``{"pid", "pgid", "children"}``;
+``FAKE_STEP5_BAD_MODELS``: model types that score below the rules in ``--compare-models``
+runs, which read the skip registry like the real step. :func:`make_sidecar` builds a SPEC
+section 4 sidecar for the judge's tests.
 """
 from __future__ import annotations
 
@@ -37,11 +33,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from step5.artifacts import MODEL_REGISTRY, MODEL_TYPES, SIDECAR_NAME, compare_summary_path
+from step5.artifacts import MODEL_REGISTRY, MODEL_TYPES, SIDECAR_NAME, checkpoint_filename, compare_summary_path
 from step5.errors import UsageError
+from step5.jsonio import write_json_atomic
 from step5.optimizer.config import OptimizerConfig
+from step5.testing.fake_worker import FAKE_CHECKPOINT
 
-FAKE_CHECKPOINT = b"fake checkpoint"
 FAKE_CHECKPOINT_SHA256 = hashlib.sha256(FAKE_CHECKPOINT).hexdigest()
 FEATURES = ["lane_agreement_8", "skip_max", "skip_min"]
 
@@ -62,7 +59,7 @@ def make_sidecar(
     parent_run_id: str | None = None,
 ) -> dict[str, Any]:
     """A sidecar as SPEC section 4 and :func:`step5.artifacts.validate_sidecar` want it."""
-    from step5.artifacts import SCHEMA_VERSION, build_feature_schema, checkpoint_filename
+    from step5.artifacts import SCHEMA_VERSION, build_feature_schema
     from step5.sidecar import build_agent_metadata, build_data_context
     from step5.execution.summary import RunnerStats, build_execution_summary
 
@@ -104,28 +101,12 @@ def make_sidecar(
     }
 
 
-def _parser() -> argparse.ArgumentParser:
-    """The real optimizer's parser, so that the fake accepts exactly what step 5 accepts."""
-    from step5.optimizer.cli import build_parser
-
-    return build_parser(prog="fake_step5")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def _write_model(out: Path, model_type: str, metrics: dict[str, float], args: argparse.Namespace,
                  mode: str = "persistent_workers") -> None:
-    from step5.artifacts import checkpoint_filename
-
     out.mkdir(parents=True, exist_ok=True)
     (out / checkpoint_filename(model_type)).write_bytes(FAKE_CHECKPOINT)
-    _write_json(out / SIDECAR_NAME,
-                make_sidecar(model_type, metrics=metrics, mode=mode, parent_run_id=args.parent_run_id))
+    write_json_atomic(out / SIDECAR_NAME,
+                      make_sidecar(model_type, metrics=metrics, mode=mode, parent_run_id=args.parent_run_id))
 
 
 def _compare(args: argparse.Namespace, out: Path) -> int:
@@ -158,9 +139,14 @@ def _compare(args: argparse.Namespace, out: Path) -> int:
         models[model_type] = {"model_type": model_type, "status": "SUCCESS",
                               "test_r2": metrics[model_type]["test_r2"], "error": None,
                               "sidecar_path": str(folder / SIDECAR_NAME)}
-    _write_json(compare_summary_path(),
-                {"schema_version": 1, "winner": best, "models": models})
+    write_json_atomic(compare_summary_path(), {"schema_version": 1, "winner": best, "models": models})
     return 0
+
+
+def _write_pids(*children: subprocess.Popen[bytes]) -> None:
+    pids_file = os.environ.get("FAKE_STEP5_PIDS")
+    if pids_file:
+        write_json_atomic(pids_file, {"pid": os.getpid(), "pgid": os.getpgid(0), "children": [c.pid for c in children]})
 
 
 def _hang() -> None:
@@ -168,10 +154,7 @@ def _hang() -> None:
     stubborn = subprocess.Popen([sys.executable, "-c", ignore_term])
     escaped = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
     time.sleep(0.3)  # let the stubborn child install its handler before anyone signals it
-    pids_file = os.environ.get("FAKE_STEP5_PIDS")
-    if pids_file:
-        _write_json(Path(pids_file), {"pid": os.getpid(), "pgid": os.getpgid(0),
-                                      "children": [stubborn.pid, escaped.pid]})
+    _write_pids(stubborn, escaped)
     sys.stderr.write("fake_step5: hanging\n")
     sys.stderr.flush()
     while True:
@@ -184,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     if calls:
         with open(calls, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(argv) + "\n")
-    args = _parser().parse_args(argv)
+    from step5.optimizer.cli import build_parser  # the real parser: the fake accepts what step 5 accepts
+
+    args = build_parser(prog="fake_step5").parse_args(argv)
     mode = os.environ.get("FAKE_STEP5_MODE", "ok")
     out = Path(args.output_dir)
     model_type = args.model_type or OptimizerConfig.model_type
@@ -201,25 +186,22 @@ def main(argv: list[str] | None = None) -> int:
     if mode == "bad_sidecar":
         sidecar = make_sidecar(model_type, parent_run_id=args.parent_run_id)
         del sidecar["feature_schema"], sidecar["outcome"]
-        _write_json(out / "best_model.meta.json", sidecar)
+        write_json_atomic(out / SIDECAR_NAME, sidecar)
         return 0
     if mode == "not_json":
         out.mkdir(parents=True, exist_ok=True)
-        (out / "best_model.meta.json").write_text("{not json")
+        (out / SIDECAR_NAME).write_text("{not json")
         return 0
     if mode == "degenerate":
-        _write_json(out / "best_model.meta.json",
-                    make_sidecar(model_type, outcome="DEGENERATE_SIGNAL", parent_run_id=args.parent_run_id))
+        write_json_atomic(out / SIDECAR_NAME,
+                          make_sidecar(model_type, outcome="DEGENERATE_SIGNAL", parent_run_id=args.parent_run_id))
         return 2
     if args.compare_models:
         return _compare(args, out)
     rejected = mode == "reject" or (mode == "reject_first" and args.seed == 42)
     _write_model(out, model_type, BAD_METRICS if rejected else GOOD_METRICS, args)
     if mode == "leak":
-        leaked = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-        pids_file = os.environ.get("FAKE_STEP5_PIDS")
-        if pids_file:
-            _write_json(Path(pids_file), {"pid": os.getpid(), "pgid": os.getpgid(0), "children": [leaked.pid]})
+        _write_pids(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]))
     return 0
 
 

@@ -1,34 +1,9 @@
-"""A torch-free fake of ``nn_gpu_worker.py`` (and of ``train_single_trial.py``) for tests.
-
-As a worker it speaks the real protocol (ready, then train, train_folds, merge, ping,
-heartbeat, shutdown, decoded by the real decoder) with the real framing, and can be told to
-misbehave on a chosen job::
-
-    fake_worker.py --fault hang     --after 2    # answer 2 jobs, then hang on the 3rd
-    fake_worker.py --fault sigkill               # SIGKILL itself on the first job
-    fake_worker.py --fault exit --exit-code 42   # exit 42 on the first job
-    fake_worker.py --fault garbage               # print a non-JSON line instead of a result
-    fake_worker.py --boot hang                   # never say ready
-    fake_worker.py --job-s 30                    # a slow job: heartbeats answered, no result
-    fake_worker.py --fault pass_error            # a fused pass (train_folds of 2+ jobs) fails
-                                                 # as a whole: every job the same train_error
-    fake_worker.py --fault sigkill --faulty-starts 1 --state-dir D
-                                                 # only the first launch misbehaves
-
-"Results" are a pure function of the request (minus ``job_id`` and where it saves its
-model), so a job retried on a restarted worker or through the one-shot fallback gives
-exactly the same numbers. A request whose ``X_train_path`` does not exist fails
-deterministically with a ``data_error``, as the real worker does. A job that asks to save
-its model writes a fake checkpoint there; a ``merge`` checks that every fold checkpoint
-exists and writes a fake merged one (with :data:`FAKE_ENSEMBLE_TEST_R2`).
-
-Started as the one-shot trainer is (``--request -``) it reads one request from stdin and
-prints one reply: exit 0 (or an error line and exit 1). Setting ``STEP5_FAKE_ONESHOT=crash``
-makes that mode die with ``EXIT(7)`` and no output, and ``STEP5_FAKE_ONESHOT=hang`` makes
-it hang forever.
-
-``STEP5_FAKE_POISON_TRIAL=N`` makes every job of trial N SIGKILL its own process, worker
-or one-shot trainer alike, on every attempt (a job that kills its process every time).
+"""A torch-free fake of ``nn_gpu_worker.py`` (and, started with ``--request -``, of
+``train_single_trial.py``) for tests: the real protocol, decoder and framing, told by its
+flags to misbehave on a chosen job (``--fault``, ``--boot``, ``--after``, ``--faulty-starts``)
+and by ``STEP5_FAKE_*`` variables; docs/workers.md ("The fakes") lists them. Results are
+a pure function of the request (minus ``job_id`` and where it saves its model), so a job
+retried anywhere gives exactly the same numbers; a missing data file is a ``data_error``.
 """
 from __future__ import annotations
 
@@ -67,7 +42,6 @@ FAKE_ENSEMBLE_TEST_R2 = 0.55
 
 
 def kill_self_if_poisoned(trial_number: int | None) -> None:
-    """SIGKILL this process when ``trial_number`` is the poisoned trial (see the module doc)."""
     poison = os.environ.get(POISON_ENV)
     if poison is not None and trial_number is not None and int(poison) == trial_number:
         sys.stderr.write(f"fake trainer: trial {trial_number} is poisoned, killing myself\n")
@@ -76,33 +50,23 @@ def kill_self_if_poisoned(trial_number: int | None) -> None:
 
 
 def fake_metrics(request: TrainRequest) -> dict[str, Any]:
-    """Deterministic pseudo-metrics for ``request``: a hash of the request without its
-    ``job_id`` and save path, and with only the data file's name (runs in different temp
-    dirs agree)."""
+    """Pseudo-metrics hashed from the request without its ``job_id`` and save path, and
+    with only the data file's name (runs in different temp dirs agree)."""
     wire = request.to_dict()
     wire.pop("job_id", None)
     wire.pop("save_model_path", None)
     wire["X_train_path"] = os.path.basename(wire["X_train_path"])
     digest = hashlib.sha256(dumps(wire)).digest()
     u = [int.from_bytes(digest[i:i + 4], "big") / 2**32 for i in (0, 4, 8)]
-    return {
-        "status": "complete",
-        "model_type": "neural_net",
-        "r2": round(u[0] * 0.8 - 0.1, 6),
-        "val_mse": round(0.5 + u[1], 6),
-        "train_mse": round(0.4 + u[2], 6),
-        "train_r2": round(u[0] * 0.8 - 0.1 + 0.3 * u[2], 6),
-        "epochs_run": request.params.epochs,
-        "trial_number": request.trial_number,
-        "fold_idx": request.fold_idx,
-        "job_id": request.job_id,
-    }
+    return {"status": "complete", "model_type": "neural_net", "r2": round(u[0] * 0.8 - 0.1, 6),
+            "val_mse": round(0.5 + u[1], 6), "train_mse": round(0.4 + u[2], 6),
+            "train_r2": round(u[0] * 0.8 - 0.1 + 0.3 * u[2], 6), "epochs_run": request.params.epochs,
+            "trial_number": request.trial_number, "fold_idx": request.fold_idx, "job_id": request.job_id}
 
 
 def train(request: Job, device: str, job_s: float) -> dict[str, Any]:
-    """Pretend to train: check the data file exists, sleep ``job_s``, return fake metrics
-    (and write a fake checkpoint where the job saves its model). A ``merge`` checks its
-    fold checkpoints and writes a fake merged one."""
+    """Pretend to train: sleep ``job_s``, write a fake checkpoint where the job saves its
+    model, return fake metrics and where it ran (so tests see each slot's environment)."""
     if isinstance(request, MergeRequest):
         return merge(request)
     start = time.perf_counter()
@@ -115,7 +79,6 @@ def train(request: Job, device: str, job_s: float) -> dict[str, Any]:
         result["model_path"] = request.save_model_path
     result.update(
         device=device, duration=round(time.perf_counter() - start, 6), worker_pid=os.getpid(),
-        # Where it ran, so tests can see that each slot's environment reached its process.
         cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
         hip_visible_devices=os.environ.get("HIP_VISIBLE_DEVICES"),
         torch_threads=os.environ.get("STEP5_TORCH_THREADS"),
@@ -125,7 +88,7 @@ def train(request: Job, device: str, job_s: float) -> dict[str, Any]:
 
 
 def merge(request: MergeRequest) -> dict[str, Any]:
-    """A fake ``merge``: every fold checkpoint must exist; writes a fake merged checkpoint."""
+    """Every fold checkpoint must exist; writes a fake merged checkpoint."""
     missing = [p for p in (*request.fold_paths, request.score_path) if not os.path.isfile(p)]
     if missing:
         raise JobError(f"checkpoint not found: {missing[0]}", "data_error")
@@ -139,11 +102,9 @@ def _launch_number(state_dir: str | None) -> int:
     """1 for the first launch that shares ``state_dir``, 2 for the next, ... (0 without one)."""
     if not state_dir:
         return 0
-    path = Path(state_dir) / "launches"
     # An O_APPEND write of one byte is atomic and leaves this descriptor's offset just past
-    # *our* byte, so concurrent launches each read their own count. (The file's size read
-    # afterwards would not do: two launches appending at once would both see the total.)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    # *our* byte, so concurrent launches each read their own count (the file's size would not).
+    fd = os.open(Path(state_dir) / "launches", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         os.write(fd, b".")
         return os.lseek(fd, 0, os.SEEK_CUR)
@@ -210,10 +171,11 @@ class FakeWorker:
         except JobError as exc:
             return error_reply(exc, request)
 
-    def _start_reader(self) -> "queue.Queue[tuple[str, bytes | None]]":
-        """Read stdin on a thread that answers heartbeats at once (as the real worker does)
-        unless this process plays hung; everything else is queued for :meth:`serve`."""
-        lines: queue.Queue[tuple[str, bytes | None]] = queue.Queue()
+    def _start_reader(self) -> "queue.Queue[Any]":
+        """Read and decode stdin on a thread that answers heartbeats at once (as the real
+        worker does) unless this process plays hung; everything else is queued for
+        :meth:`serve` (None: end of input)."""
+        requests: queue.Queue[Any] = queue.Queue()
         reader = LineReader(sys.stdin.buffer, MAX_REQUEST_BYTES)
 
         def read() -> None:
@@ -222,28 +184,30 @@ class FakeWorker:
                     try:
                         line = reader.read_line()
                     except FrameTooLarge:
-                        lines.put(("oversize", None))
+                        requests.put(BadRequest("request line too long; discarded"))
                         continue
                     if line is None:
                         break
-                    if b"heartbeat" in line:
-                        try:
-                            beat = decode_request(loads(line))
-                        except (ValueError, BadRequest):
-                            beat = None
-                        if isinstance(beat, Heartbeat):
-                            if not self.hung:
-                                self.writer.write_message(AliveMessage(status="alive", pid=os.getpid(),
-                                                                       job_id=beat.job_id, jobs_done=self.jobs_seen))
-                            continue
-                    lines.put(("line", line))
+                    if not line.strip():
+                        continue
+                    try:
+                        request = decode_request(loads(line))
+                    except ValueError:
+                        request = BadRequest("request is not valid JSON")
+                    except BadRequest as exc:
+                        request = exc
+                    if not isinstance(request, Heartbeat):
+                        requests.put(request)
+                    elif not self.hung:
+                        self.writer.write_message(AliveMessage(status="alive", pid=os.getpid(),
+                                                               job_id=request.job_id, jobs_done=self.jobs_seen))
             except (OSError, ValueError):
                 pass
             finally:
-                lines.put(("eof", None))
+                requests.put(None)
 
         threading.Thread(target=read, daemon=True).start()
-        return lines
+        return requests
 
     def serve(self) -> int:
         boot = self.args.boot if self.faulty else "none"
@@ -264,47 +228,28 @@ class FakeWorker:
         if self.args.backend is not None:  # else the pool reads it from the device
             ready["backend"] = self.args.backend
         self.writer.write_message(ready)
-        lines = self._start_reader()
-        while True:
-            kind, line = lines.get()
-            if kind == "oversize":
-                self.writer.write_message(BadRequest("request line too long; discarded").to_dict())
-                continue
-            if line is None:
-                return 0
-            if not line.strip():
-                continue
-            try:
-                request = decode_request(loads(line))
-            except ValueError:
-                self.writer.write_message(BadRequest("request is not valid JSON").to_dict())
-                continue
-            except BadRequest as exc:
-                self.writer.write_message(exc.to_dict())
-                continue
+        requests = self._start_reader()
+        while (request := requests.get()) is not None:
             if isinstance(request, Shutdown):
                 self.writer.write_message(ShutdownMessage(status="shutdown", reason="command",
                                                           jobs_done=self.jobs_seen, pid=os.getpid()))
                 return 0
-            if isinstance(request, Ping):  # a heartbeat reaching here is a hung worker's: unanswered
-                if not isinstance(request, Heartbeat):
-                    self.writer.write_message(PongMessage(status="pong", pid=os.getpid(), device=self.device,
-                                                          jobs_done=self.jobs_seen, uptime_s=0.0,
-                                                          job_id=request.job_id))
+            if isinstance(request, Ping):
+                self.writer.write_message(PongMessage(status="pong", pid=os.getpid(), device=self.device,
+                                                      jobs_done=self.jobs_seen, uptime_s=0.0, job_id=request.job_id))
                 continue
-            jobs: list[Job | BadRequest] = [request]
-            if isinstance(request, TrainFolds):
-                jobs = list(request.jobs)
-                if self.faulty and self.args.fault == "pass_error" and len(jobs) > 1:
-                    # What the real worker answers when the shared pass itself raises.
-                    for job in jobs:
-                        failure = JobError("RuntimeError: the fused pass broke", "train_error")
-                        self.writer.write_message(error_reply(failure, job))
-                    continue
+            jobs: list[Job | BadRequest] = list(request.jobs) if isinstance(request, TrainFolds) else [request]
+            if len(jobs) > 1 and self.faulty and self.args.fault == "pass_error":
+                # What the real worker answers when the shared pass itself raises.
+                for job in jobs:
+                    failure = JobError("RuntimeError: the fused pass broke", "train_error")
+                    self.writer.write_message(error_reply(failure, job))
+                continue
             for job in jobs:
                 response = self.answer(job)
                 if response is not None:
                     self.writer.write_message(response)
+        return 0
 
 
 def oneshot_main() -> int:

@@ -5,16 +5,12 @@
     with TemporaryPostgres() as pg:
         url = pg.create_database("study")  # postgresql+psycopg://step5@127.0.0.1:PORT/study
 
-``initdb`` and ``pg_ctl`` are found on PATH (or in ``$STEP5_PG_BIN``, or under
-``/usr/lib/postgresql/*/bin``). PostgreSQL refuses to run as root, so as root (CI on a
-fresh clone) the server runs as the ``postgres`` user through ``runuser``, in a data folder
-under /tmp that user owns. Durability is switched off (``fsync=off``): the data is thrown
-away when the server stops.
-
-A test run killed before its teardown (SIGTERM from a timeout, SIGKILL) never stops its
-server. Each folder records the process that started it (:mod:`step5.owner`), and
-:meth:`TemporaryPostgres.start` first stops the servers, and removes the folders, of
-owners that died on this host.
+``initdb`` and ``pg_ctl`` come from ``$STEP5_PG_BIN``, PATH or ``/usr/lib/postgresql/*/bin``.
+As root (CI on a fresh clone) the server runs as the ``postgres`` user through ``runuser``.
+Durability is off (``fsync=off``): the data is thrown away. A test run killed before its
+teardown never stops its server, so each folder records the process that started it
+(:mod:`step5.owner`) and :meth:`TemporaryPostgres.start` first stops the servers, and
+removes the folders, of owners that died on this host.
 """
 from __future__ import annotations
 
@@ -26,7 +22,6 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
-from types import TracebackType
 
 from step5.owner import claim_folder, orphaned_folders
 
@@ -95,7 +90,8 @@ class TemporaryPostgres:
             try:
                 user = pwd.getpwnam(SERVER_USER)
             except KeyError:
-                raise PostgresUnavailable(f"running as root and there is no {SERVER_USER!r} user to run the server") from None
+                raise PostgresUnavailable(
+                    f"running as root and there is no {SERVER_USER!r} user to run the server") from None
             os.chown(self.root, user.pw_uid, user.pw_gid)
         data = self.root / "data"
         self._run(str(self.bin / "initdb"), "-D", str(data), "-U", DB_USER, "--auth=trust", "-E", "UTF8",
@@ -114,8 +110,6 @@ class TemporaryPostgres:
             return self
         self.stop()
         raise PostgresUnavailable(f"pg_ctl could not start a server; see {self.root / 'server.log'}")
-
-    # ------------------------------------------------------------ faults (the database tests)
 
     def _pg_ctl(self, action: str) -> list[str]:
         assert self.bin is not None and self.root is not None, "the server was never started"
@@ -137,13 +131,8 @@ class TemporaryPostgres:
         """Start the server (again), on the same port and data folder."""
         self._run(*self._pg_ctl("start"))
 
-    def stop_server(self) -> None:
-        """Stop the server (fast shutdown: open connections are cut), keeping its data."""
-        self._run(*self._pg_ctl("stop"))
-
-    def restart(self) -> None:
-        """``pg_ctl restart -m fast``: every connection is cut; the server is back when this returns."""
-        self._run(*self._pg_ctl("restart"))
+    def _dsn(self, database: str = "postgres") -> str:
+        return f"host=127.0.0.1 port={self.port} user={DB_USER} dbname={database}"
 
     def is_running(self) -> bool:
         """Whether the server answers ``pg_ctl status`` (a fault test may have left it stopped)."""
@@ -154,8 +143,7 @@ class TemporaryPostgres:
         return done.returncode == 0
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
-        """Return once the server takes connections (a fault test's background restart may
-        still be under way)."""
+        """Return once the server takes connections (a background restart may still be under way)."""
         import time
 
         import psycopg
@@ -163,8 +151,7 @@ class TemporaryPostgres:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                psycopg.connect(f"host=127.0.0.1 port={self.port} user={DB_USER} dbname=postgres",
-                                connect_timeout=5).close()
+                psycopg.connect(self._dsn(), connect_timeout=5).close()
                 return
             except psycopg.OperationalError:
                 if time.monotonic() > deadline:
@@ -172,36 +159,20 @@ class TemporaryPostgres:
                 time.sleep(0.1)
 
     def sql_command(self, database: str, sql: str) -> list[str]:
-        """The command line that runs ``sql`` on ``database`` (as the tests' superuser; no
-        ``psql`` needed: this Python and psycopg)."""
+        """The command line that runs ``sql`` on ``database`` as the superuser (no ``psql``:
+        this Python and psycopg)."""
         import sys
 
-        dsn = f"host=127.0.0.1 port={self.port} user={DB_USER} dbname={database}"
         code = "import sys, psycopg; psycopg.connect(sys.argv[1], autocommit=True).execute(sys.argv[2])"
-        return [sys.executable, "-c", code, dsn, sql]
-
-    def terminate_connections(self, database: str) -> int:
-        """``pg_terminate_backend`` every other connection to ``database`` (a connection killed from
-        the server's side); returns how many were killed."""
-        import psycopg
-
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user={DB_USER} dbname=postgres",
-                             autocommit=True) as conn:
-            row = conn.execute(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = %s AND pid <> pg_backend_pid()", (database,),
-            ).fetchone()
-        return int(row[0]) if row else 0
+        return [sys.executable, "-c", code, self._dsn(database), sql]
 
     def _stop_server(self, data: Path) -> None:
-        """``pg_ctl stop`` immediately (nothing needs saving) the server of data folder ``data``."""
         if self.bin is not None:
             subprocess.run(self._command(str(self.bin / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"),
                            capture_output=True, timeout=START_TIMEOUT_S)
 
     def stop_orphaned(self) -> list[Path]:
-        """Stop the servers of folders whose owner died on this host, remove those folders;
-        returns them."""
+        """Stop the servers of folders whose owner died on this host and remove those folders; returns them."""
         stopped = []
         for folder, _owner in orphaned_folders(Path("/tmp"), FOLDER_PREFIX):
             if (folder / "data" / "postmaster.pid").exists():
@@ -210,17 +181,13 @@ class TemporaryPostgres:
             stopped.append(folder)
         return stopped
 
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql+psycopg://{DB_USER}@127.0.0.1:{self.port}/{database}"
-
     def create_database(self, name: str) -> str:
         """Create database ``name`` and return its SQLAlchemy URL."""
         import psycopg
 
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user={DB_USER} dbname=postgres",
-                             autocommit=True) as conn:
+        with psycopg.connect(self._dsn(), autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
-        return self.url(name)
+        return f"postgresql+psycopg://{DB_USER}@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:
         """Stop the server (immediate: nothing needs saving) and remove its folder."""
@@ -234,6 +201,5 @@ class TemporaryPostgres:
     def __enter__(self) -> "TemporaryPostgres":
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

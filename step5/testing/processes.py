@@ -2,12 +2,15 @@
 "signal a CLI once its log says it is busy", and what a finished command printed or logged."""
 from __future__ import annotations
 
+import json
 import subprocess
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from step5.owner import pid_alive as is_running  # noqa: F401 - the tests' name for it
 from step5.watcher import process as watcher_process
+from step5.watcher.decision_log import DEFAULT_DECISION_LOG
 
 
 def wait_gone(pids: Iterable[int], timeout_s: float = 5.0) -> list[int]:
@@ -26,14 +29,8 @@ def group_members(pgid: int) -> list[int]:
     return [p.pid for p in watcher_process.group_members(pgid)]
 
 
-def signal_after_line(
-    proc: subprocess.Popen[str],
-    marker: str,
-    send: Callable[[], None],
-    *,
-    wait_s: float = 120.0,
-    exit_timeout_s: float = 60.0,
-) -> tuple[str, str, int]:
+def signal_after_line(proc: subprocess.Popen[str], marker: str, send: Callable[[], None], *,
+                      wait_s: float = 120.0, exit_timeout_s: float = 60.0) -> tuple[str, str, int]:
     """Read ``proc``'s stderr (text mode) until a line holds ``marker`` or ``wait_s`` passes,
     call ``send`` (which signals the process), then read the rest and wait for the exit.
 
@@ -60,8 +57,6 @@ def signal_after_line(
 def result_line(proc: Any) -> dict[str, Any]:
     """The one JSON line a finished command (a ``subprocess.CompletedProcess`` with text
     output) printed on stdout, as the WATCHER prints its result; asserts there is exactly one."""
-    import json
-
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, proc.stdout + proc.stderr[-3000:]
     return json.loads(lines[0])
@@ -70,9 +65,5 @@ def result_line(proc: Any) -> dict[str, Any]:
 def watcher_decisions(work: Any) -> list[dict[str, Any]]:
     """Every record of the WATCHER's decision log under ``work`` (its working directory),
     each line parsed strictly (a damaged line fails the test)."""
-    import json
-    from pathlib import Path
-
-    path = Path(work) / "diagnostics_outputs" / "watcher_decisions.jsonl"
+    path = Path(work) / DEFAULT_DECISION_LOG
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-

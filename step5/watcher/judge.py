@@ -1,7 +1,5 @@
 """Judging one run of a step: exit code + sidecar + policy -> a decision with reasons.
 
-Decisions (and the WATCHER's exit code when the decision is final):
-
 =============  ====  ===========================================================
 PROCEED        0     the model is accepted; the pipeline may go on
 RETRY          -     never final: the step is re-run (more trials, new seed)
@@ -11,18 +9,9 @@ ESCALATE       4     a person must look: crash after retries, timeout, interrupt
                      usage error, missing / invalid / stale sidecar
 =============  ====  ===========================================================
 
-Thresholds come from the policy and are validated when it is loaded:
-
-* ``acceptance_rules.step5``: ``min_<metric>`` / ``max_<metric>``; a breach rejects the model;
-* ``training_diagnostics.metric_bounds`` (the pipeline's schema): ``{metric: {"warning": x,
-  "critical": y}}``; a warning is noted (decision unchanged), a critical value rejects the
-  model like a rule. Bounds on metrics the sidecar does not measure (the pipeline's NN
-  internals) are not judged; ``training_diagnostics.enabled: false`` turns the bounds off.
-
-A rejected model is a *critical* result: it is re-run up to
-``training_diagnostics.severity_thresholds.critical.max_retries`` times, then the decision
-is SKIP_MODEL and the skip registry counts it (:mod:`.registry`). A crashed step is re-run
-up to ``watcher.max_retries`` times, then ESCALATE.
+A model breaking an ``acceptance_rules.step5`` rule or reaching a critical
+``training_diagnostics.metric_bounds`` bound is a *critical* result (a warning bound is
+only noted); docs/watcher.md ("Decisions and exit codes") has the rules and retries.
 """
 from __future__ import annotations
 
@@ -43,8 +32,6 @@ from step5.watcher.steps import StepSpec
 
 
 class Decision(str, Enum):
-    """What the WATCHER decided about one run of a step."""
-
     PROCEED = "PROCEED"
     RETRY = "RETRY"
     SKIP_MODEL = "SKIP_MODEL"
@@ -62,7 +49,6 @@ EXIT_CODES: dict[Decision, int] = {
 # Metric names the policy may use -> key in the sidecar's ``training_metrics``. ``cv_r2`` is
 # the short name the acceptance rules use (``min_cv_r2``) for the CV mean.
 METRIC_KEYS: dict[str, str] = {name: metric_key(name) for name in ("cv_r2", *TRAINING_METRIC_KEYS)}
-
 _RULE_RE = re.compile(r"^(min|max)_([a-z0-9_]+)$")
 
 #: What identifies one version of a file: (inode, size, mtime in ns). Taken before a run and
@@ -83,13 +69,12 @@ class Threshold:
         return x < self.value if self.bound == "min" else x > self.value
 
     def describe(self, x: float) -> str:
-        op = "<" if self.bound == "min" else ">"
-        return f"{self.metric} {x:.4g} {op} {self.key} {self.value:g}"
+        return f"{self.metric} {x:.4g} {'<' if self.bound == 'min' else '>'} {self.key} {self.value:g}"
 
 
 def thresholds_for(policy: Policy, step: StepSpec) -> list[Threshold]:
-    """The step's acceptance rules; raises :class:`PolicyError` for a key that would
-    otherwise be silently ignored (a typo in a metric name)."""
+    """The step's acceptance rules; a :class:`PolicyError` for a key that would otherwise
+    be silently ignored (a typo in a metric name)."""
     where = f"{policy.source or '<policy>'}: acceptance_rules.{step.acceptance_key}"
     out = []
     for key, value in policy.acceptance_rules.items():
@@ -101,12 +86,6 @@ def thresholds_for(policy: Policy, step: StepSpec) -> list[Threshold]:
             raise PolicyError(f"{where}.{key}: unknown metric `{metric}`; known: {sorted(METRIC_KEYS)}")
         out.append(Threshold(key, metric, bound, float(value)))
     return out
-
-
-def metric_value(metrics: Any, metric: str) -> float | None:
-    """The metric's number from a ``training_metrics`` object, or None when absent."""
-    value = metrics.get(METRIC_KEYS[metric]) if isinstance(metrics, dict) else None
-    return finite_or_none(value)
 
 
 @dataclass
@@ -123,14 +102,13 @@ class ModelVerdict:
         return "; ".join(self.reasons) or ("critical" if self.critical else "ok")
 
 
-def assess_metrics(
-    model_type: str, metrics: Any, thresholds: list[Threshold], diagnostics: DiagnosticsPolicy | None = None,
-) -> ModelVerdict:
+def assess_metrics(model_type: str, metrics: Any, thresholds: list[Threshold],
+                   diagnostics: DiagnosticsPolicy) -> ModelVerdict:
     """Apply the acceptance rules and the diagnostics' metric bounds to one model's ``training_metrics``."""
     verdict = ModelVerdict(model_type, critical=False)
     passed = []
     for t in thresholds:
-        x = metric_value(metrics, t.metric)
+        x = finite_or_none(metrics.get(METRIC_KEYS[t.metric])) if isinstance(metrics, dict) else None
         if x is None:
             verdict.missing.append(f"cannot check {t.key}: training_metrics.{METRIC_KEYS[t.metric]} is not a number")
         elif t.breached(x):
@@ -138,13 +116,12 @@ def assess_metrics(
             verdict.reasons.append(f"{model_type}: {t.describe(x)}")
         else:
             passed.append(f"{t.metric} {x:.4g} within {t.key} {t.value:g}")
-    if diagnostics is not None:
-        for level, description in bound_breaches(metrics, diagnostics):
-            if level == "critical":
-                verdict.critical = True
-                verdict.reasons.append(f"{model_type}: {description}")
-            else:
-                verdict.warnings.append(f"{model_type}: {description}")
+    for level, description in bound_breaches(metrics, diagnostics):
+        if level == "critical":
+            verdict.critical = True
+            verdict.reasons.append(f"{model_type}: {description}")
+        else:
+            verdict.warnings.append(f"{model_type}: {description}")
     if not verdict.critical:
         verdict.reasons = [f"{model_type} accepted: " + (", ".join(passed) or "no acceptance rules")]
     return verdict
@@ -164,11 +141,6 @@ class Judgement:
     @property
     def final(self) -> bool:
         return self.decision is not Decision.RETRY
-
-
-def _tail_hint(run: StepRun) -> str:
-    lines = [line for line in run.output_tail if line.strip()]
-    return f": {lines[-1]}" if lines else ""
 
 
 def file_signature(path: Path) -> FileSignature | None:
@@ -204,24 +176,6 @@ def _load_sidecar(path: Path, before: FileSignature | None) -> tuple[dict[str, A
     return obj, None
 
 
-def _checkpoint_exists(sidecar: dict[str, Any], sidecar_path: Path) -> bool:
-    try:
-        return resolve_checkpoint(sidecar_path, sidecar).is_file()
-    except DataError:
-        return False
-
-
-def _summary_entries(summary: Any) -> dict[str, dict[str, Any]]:
-    """Per-model entries of ``compare_models_summary.json``: ``{"models": {type: {...}}}``
-    (what :mod:`step5.optimizer.compare` writes) or ``{"models": [{"model_type": type, ...}]}``."""
-    models = summary.get("models") if isinstance(summary, dict) else None
-    if isinstance(models, dict):
-        return {k: v for k, v in models.items() if isinstance(v, dict)}
-    if isinstance(models, list):
-        return {e["model_type"]: e for e in models if isinstance(e, dict) and isinstance(e.get("model_type"), str)}
-    return {}
-
-
 def _entry_metrics(entry: dict[str, Any]) -> Any:
     """A compare entry's ``training_metrics``: inline, or from the sidecar it points to (the
     winner's, or the archived one of a model that lost)."""
@@ -239,15 +193,12 @@ def _entry_metrics(entry: dict[str, Any]) -> Any:
 
 
 def compare_verdicts(
-    summary_path: Path, before: FileSignature | None, thresholds: list[Threshold],
-    diagnostics: DiagnosticsPolicy | None = None,
+    summary_path: Path, before: FileSignature | None, thresholds: list[Threshold], diagnostics: DiagnosticsPolicy,
 ) -> tuple[dict[str, ModelVerdict], list[str], list[str]]:
-    """Verdicts for every model a compare run trained, from its (fresh) summary file.
-
-    Returns (verdicts, skipped model types, notes). A model the run skipped has no new
-    result, and a degenerate one is the data's fault: neither is recorded. A failed one is
-    critical.
-    """
+    """(verdicts, skipped model types, notes) for every model a compare run trained, from its
+    fresh summary file: ``{"models": {type: {...}}}`` (what :mod:`step5.optimizer.compare`
+    writes) or ``{"models": [{"model_type": type, ...}]}``. A model the run skipped has no
+    new result, and a degenerate one is the data's fault: neither is recorded. A failed one is critical."""
     try:
         summary = loads(summary_path.read_bytes())
         if not _written_by_run(summary_path, before):
@@ -256,10 +207,14 @@ def compare_verdicts(
         return {}, [], [f"no {summary_path}; only the best model's result is recorded"]
     except (OSError, ValueError) as exc:
         return {}, [], [f"cannot read {summary_path}: {exc}"]
+    models = summary.get("models") if isinstance(summary, dict) else None
+    if isinstance(models, list):
+        models = {e["model_type"]: e for e in models if isinstance(e, dict) and isinstance(e.get("model_type"), str)}
+    entries = {k: v for k, v in models.items() if isinstance(v, dict)} if isinstance(models, dict) else {}
     verdicts: dict[str, ModelVerdict] = {}
     skipped: list[str] = []
     notes: list[str] = []
-    for model_type, entry in sorted(_summary_entries(summary).items()):
+    for model_type, entry in sorted(entries.items()):
         status = str(entry.get("status", "SUCCESS")).upper()
         if status == "SKIPPED":
             skipped.append(model_type)
@@ -275,72 +230,62 @@ def compare_verdicts(
     return verdicts, skipped, notes
 
 
-def judge(
-    run: StepRun,
-    *,
-    step: StepSpec,
-    policy: Policy,
-    sidecar_path: Path,
-    summary_path: Path | None,
-    can_retry: bool,
-    can_retry_critical: bool | None = None,
-    sidecar_before: FileSignature | None = None,
-    summary_before: FileSignature | None = None,
-    run_id: str | None = None,
-    expect_persistent_workers: bool | None = None,
-) -> Judgement:
-    """Decide about one run. ``can_retry`` says whether a crashed step may still be re-run,
-    ``can_retry_critical`` (default: the same) whether a rejected model may; when not, the
-    problem is final (ESCALATE for a crash, SKIP_MODEL for a model below the rules). ``*_before`` are the files' signatures taken just before the run, so
-    a file left by an earlier run is never judged as this run's. ``run_id`` is what the
-    step was given as ``--parent-run-id``."""
-    timeout = policy.watcher.step_timeout_s
+def judge(run: StepRun, *, step: StepSpec, policy: Policy, sidecar_path: Path, summary_path: Path | None,
+          can_retry: bool, can_retry_critical: bool | None = None, sidecar_before: FileSignature | None = None,
+          summary_before: FileSignature | None = None, run_id: str | None = None,
+          expect_persistent_workers: bool | None = None) -> Judgement:
+    """Decide about one run. ``can_retry``: a crashed step may still be re-run;
+    ``can_retry_critical`` (default: the same): a rejected model may; when not, the problem
+    is final (ESCALATE for a crash, SKIP_MODEL for a model below the rules). ``*_before``:
+    the files' signatures just before the run, so a file left by an earlier run is never
+    judged as this run's. ``run_id``: what the step was given as ``--parent-run-id``."""
     if run.interrupted:
         return Judgement(Decision.ESCALATE, [f"interrupted by {run.interrupted}; the step's process group was stopped"])
     if run.timed_out:
-        return Judgement(Decision.ESCALATE, [
-            f"step {step.number} timed out after {timeout:g}s (watcher.step_timeout_s); its process group was stopped"
-        ])
+        return Judgement(Decision.ESCALATE, [f"step {step.number} timed out after {policy.watcher.step_timeout_s:g}s "
+                                             "(watcher.step_timeout_s); its process group was stopped"])
     rc = run.returncode
     degenerate = DegenerateSignalError.exit_code
+    lines = [line for line in run.output_tail if line.strip()]
+    tail_hint = f": {lines[-1]}" if lines else ""
     if rc == UsageError.exit_code:
-        return Judgement(Decision.ESCALATE, [f"step {step.number} rejected its command line (exit {rc}){_tail_hint(run)}"])
-
+        return Judgement(Decision.ESCALATE, [f"step {step.number} rejected its command line (exit {rc}){tail_hint}"])
     if rc not in (EXIT_OK, degenerate):
-        reason = f"step {step.number} failed with {run.exit_status}{_tail_hint(run)}"
+        reason = f"step {step.number} failed with {run.exit_status}{tail_hint}"
         return Judgement(Decision.RETRY if can_retry else Decision.ESCALATE, [reason])
 
     sidecar, why = _load_sidecar(sidecar_path, sidecar_before)
     if sidecar is None:
         return Judgement(Decision.ESCALATE, [f"step {step.number} exited {rc} but {why}"])
+
+    def escalate(*reasons: str) -> Judgement:
+        return Judgement(Decision.ESCALATE, list(reasons), sidecar=sidecar)
+
     problems = validate_sidecar(sidecar)  # the optimizer's own definition: the two cannot drift
     if problems:
-        return Judgement(Decision.ESCALATE, [f"invalid sidecar {sidecar_path}: {p}" for p in problems], sidecar=sidecar)
+        return escalate(*(f"invalid sidecar {sidecar_path}: {p}" for p in problems))
     provenance = sidecar.get("provenance") or {}
     written_for = provenance.get("parent_run_id") if isinstance(provenance, dict) else None
     if run_id is not None and written_for is not None and written_for != run_id:
-        return Judgement(Decision.ESCALATE, [
-            f"sidecar {sidecar_path} belongs to run {written_for!r}, not this run {run_id!r}"
-        ], sidecar=sidecar)
-
+        return escalate(f"sidecar {sidecar_path} belongs to run {written_for!r}, not this run {run_id!r}")
     outcome = sidecar.get("outcome")
+    sq = sidecar.get("signal_quality") or {}
     if rc == degenerate:
         if outcome != "DEGENERATE_SIGNAL":
-            return Judgement(Decision.ESCALATE, [
-                f"step {step.number} exited {rc} (degenerate) but the sidecar's outcome is {outcome!r}"
-            ], sidecar=sidecar)
-        sq = sidecar.get("signal_quality") or {}
+            return escalate(f"step {step.number} exited {rc} (degenerate) but the sidecar's outcome is {outcome!r}")
         return Judgement(Decision.DEGENERATE, [
             f"target has no usable signal (signal_status={sq.get('signal_status')!r}, "
             f"unique_target_values={sq.get('unique_target_values')!r}); no model was trained"
         ], sidecar=sidecar)
     if outcome != "SUCCESS":
-        return Judgement(Decision.ESCALATE, [f"step {step.number} exited 0 but the sidecar's outcome is {outcome!r}"],
-                         sidecar=sidecar)
-    if not _checkpoint_exists(sidecar, sidecar_path):
-        return Judgement(Decision.ESCALATE, [
-            f"sidecar {sidecar_path} names checkpoint {sidecar.get('checkpoint_path')!r}, which does not exist"
-        ], sidecar=sidecar)
+        return escalate(f"step {step.number} exited 0 but the sidecar's outcome is {outcome!r}")
+    try:
+        checkpoint_exists = resolve_checkpoint(sidecar_path, sidecar).is_file()
+    except DataError:
+        checkpoint_exists = False
+    if not checkpoint_exists:
+        return escalate(f"sidecar {sidecar_path} names checkpoint {sidecar.get('checkpoint_path')!r}, "
+                        "which does not exist")
 
     thresholds = thresholds_for(policy, step)
     model_type = str(sidecar["model_type"])
@@ -348,17 +293,17 @@ def judge(
     # A valid SUCCESS sidecar has every metric but ``overfit_ratio`` (null when the train MSE
     # is 0): a rule on an undefined metric is noted, not a reason to stop the pipeline.
     warnings = verdict.missing + verdict.warnings
-    sq = sidecar.get("signal_quality") or {}
     if sq.get("signal_status") == "weak":
         warnings.append("signal_quality.signal_status is 'weak'")
-    execution = sidecar.get("execution") or {}
-    mode = execution.get("mode") if isinstance(execution, dict) else None
+    execution = sidecar.get("execution") if isinstance(sidecar.get("execution"), dict) else {}
+    mode = execution.get("mode")
     if expect_persistent_workers and get_model_type(model_type).torch and mode != "persistent_workers":
         warnings.append(f"persistent workers were asked for but the step ran in mode {mode!r}")
-    if isinstance(execution, dict) and execution.get("fallbacks"):
+    if execution.get("fallbacks"):
         warnings.append(f"worker fallbacks during the run: {execution.get('fallbacks')!r}")
 
     verdicts = {model_type: verdict}
+    skipped: list[str] = []
     if summary_path is not None:
         others, skipped, notes = compare_verdicts(summary_path, summary_before, thresholds,
                                                  policy.training_diagnostics)
@@ -367,10 +312,8 @@ def judge(
             if other_type != model_type:
                 verdicts[other_type] = other
                 warnings += other.warnings
-    else:
-        skipped = []
+    decision = Decision.PROCEED
     if verdict.critical:
         retry = can_retry if can_retry_critical is None else can_retry_critical
         decision = Decision.RETRY if retry else Decision.SKIP_MODEL
-        return Judgement(decision, verdict.reasons, warnings, sidecar, verdicts, skipped)
-    return Judgement(Decision.PROCEED, verdict.reasons, warnings, sidecar, verdicts, skipped)
+    return Judgement(decision, verdict.reasons, warnings, sidecar, verdicts, skipped)

@@ -1,19 +1,11 @@
 """Running one step as a subprocess in its own process group, with a timeout.
 
-::
-
-    watcher ──Popen(start_new_session=True)──> step (group leader, pgid == pid)
-       │  stdout+stderr pipe ──> tee thread ──> our stderr + last lines kept      ├─ worker 0
-       │  wait(0.5 s) loop: timeout? Ctrl-C? remember descendants               └─ worker 1
-       └─ end: SIGTERM the group ─ grace ─> SIGKILL the group (+ any remembered descendant
-               that left the group), then reap. Runs on every exit path, also a clean one,
-               so nothing the step started can outlive the WATCHER's judgement.
-
-The step gets its own session so a terminal's Ctrl-C reaches only the WATCHER, which then
-stops the whole group in order (SIGTERM lets Step 5 shut its workers down politely).
-Descendants are remembered while the step runs because a process that called ``setsid``
-itself is no longer in the group, and after the leader dies it can no longer be found by
-parentage.
+The step gets its own session, so a terminal's Ctrl-C reaches only the WATCHER, which then
+stops the whole group in order: SIGTERM (Step 5 shuts its workers down politely), a grace
+period, SIGKILL. That runs on every exit path, a clean one too, so nothing the step started
+outlives the judgement. Descendants are remembered while the step runs, because one that
+called ``setsid`` is no longer in the group and, once the leader is gone, cannot be found
+by parentage. docs/watcher.md ("Running a step").
 """
 from __future__ import annotations
 
@@ -46,9 +38,8 @@ class StepRun:
 
     command: list[str]
     pid: int
-    returncode: int | None
-    started_at: float  # wall clock (time.time()) just before the step was started
-    duration_s: float
+    returncode: int | None = None
+    duration_s: float = 0.0
     timed_out: bool = False
     interrupted: str | None = None  # "SIGINT" / "SIGTERM" when the WATCHER was interrupted
     leftovers: int = 0  # processes of the step still alive after it ended (we stopped them)
@@ -61,9 +52,7 @@ class StepRun:
             return "TIMEOUT"
         if self.interrupted:
             return f"INTERRUPTED({self.interrupted})"
-        if self.returncode is None:
-            return "NOT_STARTED"
-        return describe_exit(self.returncode)
+        return "NOT_STARTED" if self.returncode is None else describe_exit(self.returncode)
 
 
 def _pump(stream: IO[bytes], tail: deque[str], echo: bool) -> None:
@@ -102,15 +91,18 @@ def group_members(pgid: int) -> list[psutil.Process]:
     return members
 
 
-def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    out = []
-    for proc in procs:
+def _remaining(popen: subprocess.Popen[bytes], pgid: int, known: dict[int, psutil.Process]) -> list[psutil.Process]:
+    """The group's live members and the remembered descendants still alive, leader included."""
+    popen.poll()  # reap the leader, so it does not count as a live zombie
+    found = {p.pid: p for p in group_members(pgid)}
+    for proc in known.values():
         try:
             if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(proc)
+                found.setdefault(proc.pid, proc)
         except psutil.Error:
             continue
-    return out
+    found.pop(os.getpid(), None)
+    return list(found.values())
 
 
 def _signal_all(pgid: int, strays: list[psutil.Process], sig: signal.Signals) -> None:
@@ -127,42 +119,28 @@ def _signal_all(pgid: int, strays: list[psutil.Process], sig: signal.Signals) ->
             pass
 
 
-def _remaining(popen: subprocess.Popen[bytes], pgid: int, known: dict[int, psutil.Process]) -> list[psutil.Process]:
-    popen.poll()  # reap the leader, so it does not count as a live zombie
-    me = os.getpid()
-    found = {p.pid: p for p in group_members(pgid)}
-    for proc in _alive(list(known.values())):
-        found.setdefault(proc.pid, proc)
-    found.pop(me, None)
-    return list(found.values())
-
-
 def stop_group(
     popen: subprocess.Popen[bytes], known: dict[int, psutil.Process], grace_s: float
 ) -> tuple[int, str | None]:
     """Stop the step's group and remembered descendants: SIGTERM, ``grace_s``, SIGKILL.
 
     Returns how many processes (leader included) were still alive and had to be stopped,
-    and the interrupt (``"SIGINT"``, ``"SIGTERM"``, ...) that arrived during the grace
-    period, if any: it skips straight to SIGKILL, and is reported rather than lost, so a
-    timed-out step that the user then interrupts is not retried.
+    and the interrupt that arrived during the grace period, if any: it skips straight to
+    SIGKILL and is reported rather than lost, so a timed-out step that the user then
+    interrupts is not retried.
     """
     pgid = popen.pid
     _remember_descendants(popen.pid, known)
     targets = _remaining(popen, pgid, known)
     if not targets and popen.returncode is not None:
         return 0, None
-    count = len(targets)
     logger.info("stopping %d process(es) of step group %d (SIGTERM, then SIGKILL after %.1fs)",
-                count, pgid, grace_s)
-    strays = [p for p in targets if p.pid != pgid]
-    _signal_all(pgid, strays, signal.SIGTERM)
+                len(targets), pgid, grace_s)
+    _signal_all(pgid, [p for p in targets if p.pid != pgid], signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     interrupted = None
     try:
-        while time.monotonic() < deadline:
-            if not _remaining(popen, pgid, known):
-                break
+        while time.monotonic() < deadline and _remaining(popen, pgid, known):
             time.sleep(0.05)
     except KeyboardInterrupt:
         interrupted = _pending_signal_name()
@@ -171,21 +149,17 @@ def stop_group(
     left = _remaining(popen, pgid, known)
     if left:
         logger.warning("%d process(es) of step group %d ignored SIGTERM; sending SIGKILL", len(left), pgid)
-        _signal_all(pgid, [p for p in left if p.pid != pgid], signal.SIGKILL)
+        strays = [p for p in left if p.pid != pgid]
+        _signal_all(pgid, strays, signal.SIGKILL)
         # The leader is reaped by Popen only: psutil reaping it would lose its exit status.
-        psutil.wait_procs([p for p in left if p.pid != pgid], timeout=REAP_TIMEOUT_S)
+        psutil.wait_procs(strays, timeout=REAP_TIMEOUT_S)
     reap_killed(popen, "step")  # bounded: a process stuck in the kernel even after SIGKILL
-    return count, interrupted
+    return len(targets), interrupted
 
 
 def run_in_group(
-    command: list[str],
-    *,
-    timeout_s: float,
-    grace_s: float,
-    env: dict[str, str] | None = None,
-    cwd: str | None = None,
-    echo: bool = True,
+    command: list[str], *, timeout_s: float, grace_s: float, env: dict[str, str] | None = None,
+    cwd: str | None = None, echo: bool = True,
 ) -> StepRun:
     """Run ``command`` in a new session; stop its whole group on timeout, Ctrl-C (or the
     SIGTERM the CLI turns into one) and after it ends. Never raises for the step's failure:
@@ -193,42 +167,32 @@ def run_in_group(
     at all is a :class:`Step5Error`."""
     known: dict[int, psutil.Process] = {}
     tail: deque[str] = deque(maxlen=_TAIL_LINES)
-    started_at = time.time()
     t0 = time.monotonic()
     try:
-        popen = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=env,
-            cwd=cwd,
-        )
+        popen = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=cwd)
     except OSError as exc:
         raise Step5Error(f"cannot start {command[0]!r}: {exc}") from None
     assert popen.stdout is not None
     pump = threading.Thread(target=_pump, args=(popen.stdout, tail, echo), name="step-output", daemon=True)
     pump.start()
-    run = StepRun(command=list(command), pid=popen.pid, returncode=None, started_at=started_at, duration_s=0.0)
+    run = StepRun(command=list(command), pid=popen.pid)
     deadline = t0 + timeout_s
     try:
-        try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    run.timed_out = True
-                    logger.error("step pid %d timed out after %.1fs; stopping its process group",
-                                 popen.pid, timeout_s)
-                    break
-                try:
-                    popen.wait(timeout=min(_POLL_S, remaining))
-                    break
-                except subprocess.TimeoutExpired:
-                    _remember_descendants(popen.pid, known)
-        except KeyboardInterrupt:
-            run.interrupted = _pending_signal_name()
-            logger.error("interrupted (%s): stopping step group %d", run.interrupted, popen.pid)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                run.timed_out = True
+                logger.error("step pid %d timed out after %.1fs; stopping its process group", popen.pid, timeout_s)
+                break
+            try:
+                popen.wait(timeout=min(_POLL_S, remaining))
+                break
+            except subprocess.TimeoutExpired:
+                _remember_descendants(popen.pid, known)
+    except KeyboardInterrupt:
+        run.interrupted = _pending_signal_name()
+        logger.error("interrupted (%s): stopping step group %d", run.interrupted, popen.pid)
     finally:
         stopped, interrupted_while_stopping = stop_group(popen, known, grace_s)
         pump.join(timeout=REAP_TIMEOUT_S)  # the pipe ends once the stopped group is reaped
@@ -238,13 +202,12 @@ def run_in_group(
     run.output_tail = list(tail)
     if not run.timed_out and not run.interrupted and stopped:
         run.leftovers = stopped
-        logger.warning("step pid %d exited but left %d process(es) running; they were stopped",
-                       popen.pid, stopped)
+        logger.warning("step pid %d exited but left %d process(es) running; they were stopped", popen.pid, stopped)
     return run
 
 
-# The CLI turns SIGTERM into KeyboardInterrupt so one code path stops the step group;
-# it records which signal arrived here so the decision log can say so.
+# The CLI turns SIGTERM and SIGHUP into KeyboardInterrupt so one code path stops the step
+# group; the handler records which signal arrived so the decision log can say so.
 _last_signal: list[str] = []
 
 
@@ -253,12 +216,9 @@ def _pending_signal_name() -> str:
 
 
 def install_termination_as_interrupt() -> None:
-    """Make SIGTERM and SIGHUP to the WATCHER behave like Ctrl-C (main thread only).
-
-    The step runs in its own session, so a closed terminal (SIGHUP) reaches only the
-    WATCHER: left to its default action it would end the WATCHER and leave the step and
-    its workers running unwatched, past any timeout.
-    """
+    """Make SIGTERM and SIGHUP to the WATCHER behave like Ctrl-C (main thread only). The step
+    runs in its own session, so a closed terminal (SIGHUP) reaches only the WATCHER: left to
+    its default action it would end the WATCHER and leave the step running unwatched."""
 
     def _handler(signum: int, _frame: object) -> None:
         _last_signal.append(signal.Signals(signum).name)

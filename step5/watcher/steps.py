@@ -1,33 +1,9 @@
-"""Which pipeline steps the WATCHER can run, and how ``--params`` become a step's CLI flags.
+"""Which pipeline steps the WATCHER can run (step 5 only), and how ``--params`` become a step's flags.
 
-This project ships step 5 only; asking for any other step is a :class:`UsageError` (exit 64)
-raised before anything runs.
-
-Step 5's ``--params`` keys are derived from the optimizer's own parser
-(:func:`step5.optimizer.cli.build_parser`), so every flag it has -- today's and any added
-later, aliases of the existing optimizer included -- is a key, by its long option name
-in snake_case (``k_folds`` -> ``--k-folds``, ``dropout_override`` -> ``--dropout-override``),
-and nothing else is:
-
-* on/off pairs (``normalize_features``) take true/false -> ``--normalize-features`` /
-  ``--no-normalize-features``;
-* switches (``compare_models``, ``enable_vmap``) take true/false; ``false`` adds nothing;
-* every other flag takes a string or a number (a list is joined with commas, so ``gpus``
-  may be ``[0, 1]``), passed as ``--flag=VALUE`` so that a value starting with ``-`` stays a
-  value; it is checked by the optimizer's own argparse type and choices, and the whole
-  command by the optimizer's own :func:`~step5.optimizer.cli.config_from_args`, so the
-  WATCHER refuses exactly what step 5 would refuse, before it runs.
-
-An unknown key is an error (with a "did you mean"), never dropped; a null value means "not
-set". ``policy`` is not a params key: the WATCHER's own ``--policy`` is passed through, so
-the step runs and is judged under the same file.
-
-Defaults from the pipeline's manifest: run from a pipeline root that has
-``agent_manifests/reinforcement.json``, the step starts from that manifest's
-``default_params`` (``--params`` override them key by key), read as the existing WATCHER
-reads them: a false or null value adds no flag, so the same manifest gives the same command
-under either WATCHER (``persistent_workers: false`` leaves the policy's kill switch in
-charge, as it does there).
+The keys are derived from the step's own parser, so every flag it has is a key and nothing
+else is; each value is checked by the step's own argparse type and choices and the whole
+command by its own config checks, so the WATCHER refuses exactly what the step would
+refuse, before it runs. docs/watcher.md ("--params -> step 5 flags") has the rules.
 """
 from __future__ import annotations
 
@@ -41,16 +17,18 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from step5.artifacts import HISTORY_FILENAME, PIPELINE_STEP, PIPELINE_STEP_NAME, SIDECAR_NAME, SURVIVORS_FILENAME
+from step5.artifacts import HISTORY_FILENAME, PIPELINE_STEP, PIPELINE_STEP_NAME, SURVIVORS_FILENAME
 from step5.errors import DataError, UsageError
 from step5.jsonio import read_json_file
 from step5.launch import OPTIMIZER_MODULE, module_command
 
 SWITCH = "switch"  # store_true / store_const: true -> --flag, false -> nothing
 ON_OFF = "on_off"  # BooleanOptionalAction: true -> --flag, false -> --no-flag
-VALUE = "value"  # takes a value: --flag=VALUE
+VALUE = "value"  # takes a value: --flag=VALUE (so a value starting with "-" stays a value)
+#: Where the existing pipeline keeps its agents' manifests, relative to its root.
+MANIFESTS_DIR = "agent_manifests"
 
 
 @dataclass(frozen=True)
@@ -61,12 +39,11 @@ class ParamSpec:
     flag: str  # the option string the key turns into, e.g. "--k-folds"
     kind: str  # SWITCH | ON_OFF | VALUE
     dest: str  # where the step stores it; an alias shares its flag's dest
-    default: Any = None  # the step's own default (for retry arithmetic and output_dir)
-    always: Any = None  # a value passed even when the key is absent (the step requires the flag)
-    action: argparse.Action | None = field(default=None, compare=False, repr=False)
+    default: Any  # the step's own default (for retry arithmetic and output_dir)
+    always: Any  # a value passed even when the key is absent (the step requires the flag)
+    action: argparse.Action = field(compare=False, repr=False)  # its type and choices check a value
 
     def to_argv(self, value: Any) -> list[str]:
-        """The step's flags for an already validated value."""
         if self.kind == SWITCH:
             return [self.flag] if value else []
         if self.kind == ON_OFF:
@@ -76,22 +53,26 @@ class ParamSpec:
 
 @dataclass(frozen=True)
 class StepSpec:
-    """A pipeline step the WATCHER can run and judge."""
+    """A pipeline step the WATCHER can run and judge; its parser and command checks are the step's own."""
 
     number: int
     name: str
     module: str  # run as ``python -P -m MODULE`` (step5.launch), so an installed package works
     acceptance_key: str  # section of ``acceptance_rules`` in the policy
-    parser_factory: Callable[[], argparse.ArgumentParser]  # the step's own command line
-    command_check: Callable[[argparse.Namespace, list[str]], Any]  # the step's own whole-command checks
     required_defaults: dict[str, Any] = field(default_factory=dict)  # values for flags the step requires
-    sidecar_name: str = SIDECAR_NAME
     reserved: dict[str, str] = field(default_factory=dict)  # key -> why it is not a params key
     manifest: str | None = None  # the pipeline's manifest of this step, under MANIFESTS_DIR
 
     @functools.cached_property
     def parser(self) -> argparse.ArgumentParser:
-        return self.parser_factory()
+        from step5.optimizer.cli import build_parser
+
+        return build_parser()
+
+    def check(self, args: argparse.Namespace, argv: list[str]) -> None:
+        from step5.optimizer.cli import config_from_args  # raises the UsageError step 5 would exit 64 with
+
+        config_from_args(args, argv)
 
     @functools.cached_property
     def params(self) -> tuple[ParamSpec, ...]:
@@ -111,63 +92,37 @@ def params_from_parser(
             continue
         if isinstance(action, argparse.BooleanOptionalAction):
             kind = ON_OFF
-        elif action.nargs == 0:
-            kind = SWITCH
         else:
-            kind = VALUE
+            kind = SWITCH if action.nargs == 0 else VALUE
         for flag in action.option_strings:
-            if not flag.startswith("--") or (kind == ON_OFF and flag.startswith("--no-")):
-                continue
             name = flag[2:].replace("-", "_")
-            if name in reserved:
+            if not flag.startswith("--") or (kind == ON_OFF and flag.startswith("--no-")) or name in reserved:
                 continue
             if action.required and name not in required_defaults:
                 raise AssertionError(f"step flag {flag} is required but the WATCHER has no value for it")
-            specs.append(ParamSpec(
-                name=name, flag=flag, kind=kind, dest=action.dest, default=action.default,
-                always=required_defaults.get(name) if action.required else None, action=action,
-            ))
+            specs.append(ParamSpec(name, flag, kind, action.dest, action.default,
+                                   required_defaults.get(name) if action.required else None, action))
     return tuple(specs)
 
 
-def _step5_parser() -> argparse.ArgumentParser:
-    from step5.optimizer.cli import build_parser  # the optimizer's own parser: one definition of its flags
-
-    return build_parser()
-
-
-def _step5_check(args: argparse.Namespace, argv: list[str]) -> None:
-    from step5.optimizer.cli import config_from_args  # raises the UsageError step 5 would exit 64 with
-
-    config_from_args(args, argv)
-
-
-_STEP5 = StepSpec(
+STEPS: dict[int, StepSpec] = {PIPELINE_STEP: StepSpec(
     number=PIPELINE_STEP,
     name=PIPELINE_STEP_NAME,
     module=OPTIMIZER_MODULE,
     acceptance_key="step5",
-    parser_factory=_step5_parser,
-    command_check=_step5_check,
     # The proposal's Test 4 passes neither; these are the pipeline's file names.
     required_defaults={"survivors": SURVIVORS_FILENAME, "lottery_data": HISTORY_FILENAME},
     reserved={"policy": "use the watcher's own --policy PATH; it is passed through to the step"},
     manifest="reinforcement.json",
-)
-
-#: Where the existing pipeline keeps its agents' manifests, relative to its root.
-MANIFESTS_DIR = "agent_manifests"
+)}
 
 
 def manifest_defaults(step: StepSpec, root: str | os.PathLike[str] = ".") -> tuple[dict[str, Any], Path | None]:
     """The step's ``default_params`` from the pipeline's manifest, as the existing WATCHER
     passes them (false and null values add no flag, so they are left out), and the file
-    they came from; ``({}, None)`` when there is no manifest. A manifest that is there but
-    unreadable is an error naming it."""
-    if step.manifest is None:
-        return {}, None
-    path = Path(root) / MANIFESTS_DIR / step.manifest
-    if not path.is_file():
+    they came from; ``({}, None)`` when there is none. An unreadable manifest is a usage error naming it."""
+    path = Path(root) / MANIFESTS_DIR / step.manifest if step.manifest else None
+    if path is None or not path.is_file():
         return {}, None
     try:
         manifest = read_json_file(path, "manifest")
@@ -178,17 +133,12 @@ def manifest_defaults(step: StepSpec, root: str | os.PathLike[str] = ".") -> tup
         raise UsageError(f"manifest {path}: `default_params` must be an object, got {type(defaults).__name__}")
     return {k: v for k, v in defaults.items() if v is not None and v is not False}, path
 
-STEPS: dict[int, StepSpec] = {_STEP5.number: _STEP5}
-
 
 def get_step(number: int) -> StepSpec:
-    """The step ``number``, or a :class:`UsageError` saying which steps this project ships."""
     try:
         return STEPS[number]
     except KeyError:
-        raise UsageError(
-            f"step {number} is not shipped by this project; available steps: {sorted(STEPS)}"
-        ) from None
+        raise UsageError(f"step {number} is not shipped by this project; available steps: {sorted(STEPS)}") from None
 
 
 def steps_in_range(start: int, end: int) -> list[StepSpec]:
@@ -209,26 +159,25 @@ def _as_text(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def _check_value(step: StepSpec, spec: ParamSpec, value: Any) -> Any:
-    """Check one value with the step's own argparse type and choices; returns it with a
-    list turned into its comma-joined text."""
+def _check_value(step: StepSpec, spec: ParamSpec, value: Any) -> tuple[Any, Any]:
+    """Check one value with the step's own argparse type and choices. Returns the value (a
+    list turned into its comma-joined text) and what it sets the step's ``dest`` to (None
+    when a false switch sets nothing)."""
     where = f"--params key `{spec.name}` (step {step.number} flag {spec.flag})"
+    action = spec.action
     if spec.kind in (SWITCH, ON_OFF):
         if not isinstance(value, bool):
             raise UsageError(f"{where} must be true or false, got {value!r}")
-        return value
+        return value, value if spec.kind == ON_OFF else (action.const if value else None)
     if isinstance(value, list) and value and all(_is_scalar(v) for v in value):
         value = _as_text(value)
     if not _is_scalar(value):
         raise UsageError(f"{where} takes a string or a number, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise UsageError(f"{where} must be a finite number, got {value!r}")
-    text = _as_text(value)
+    converted = text = _as_text(value)
     if not text.strip():
         raise UsageError(f"{where} must not be empty")
-    action = spec.action
-    assert action is not None
-    converted: Any = text
     if action.type is not None:
         try:
             converted = action.type(text)  # type: ignore[operator]
@@ -236,23 +185,12 @@ def _check_value(step: StepSpec, spec: ParamSpec, value: Any) -> Any:
             raise UsageError(f"{where}: {exc}") from None
     if action.choices is not None and converted not in action.choices:
         raise UsageError(f"{where} must be one of {list(action.choices)}, got {value!r}")
-    return value
-
-
-def _effective_value(spec: ParamSpec, value: Any) -> Any:
-    """What ``value`` sets the step's ``dest`` to; None when a false switch sets nothing."""
-    if spec.kind == SWITCH:
-        assert spec.action is not None
-        return spec.action.const if value else None
-    if spec.kind == ON_OFF:
-        return value
-    assert spec.action is not None
-    return spec.action.type(_as_text(value)) if spec.action.type is not None else _as_text(value)  # type: ignore[operator]
+    return value, converted
 
 
 def _check_with_step(step: StepSpec, argv: list[str]) -> None:
     """Parse ``argv`` with the step's own parser and config checks, so that a combination the
-    step refuses (``k_folds`` 1, ``compare_models`` with ``model_type``) is refused here."""
+    step refuses (``k_folds`` 1, ``device`` with ``gpus``) is refused here."""
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors):
@@ -262,35 +200,33 @@ def _check_with_step(step: StepSpec, argv: list[str]) -> None:
         raise UsageError(f"--params give step {step.number} a command it refuses: "
                          f"{lines[-1] if lines else 'usage error'}") from None
     try:
-        step.command_check(args, argv)
+        step.check(args, argv)
     except UsageError as exc:
         raise UsageError(f"--params give step {step.number} a command it refuses: {exc}") from None
 
 
-def validate_params(step: StepSpec, params: Any, *, policy_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def validate_params(step: StepSpec, params: Any, *,
+                    policy_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Check a ``--params`` object against the step's flags; returns the normalised copy.
-    ``policy_path``: the policy the step will run under (checked with the command)."""
+    ``policy_path``: the policy the step will run under (checked with the command). A null
+    value means "not set"; an unknown key is an error with a "did you mean"."""
     if not isinstance(params, dict):
         raise UsageError(f"--params must be a JSON object, got {type(params).__name__}")
     out: dict[str, Any] = {}
     known = [p.name for p in step.params]
     set_by: dict[str, tuple[str, Any]] = {}  # dest -> (key, value it sets): aliases must agree
     for key, value in params.items():
-        if value is None:  # "not set" (a manifest's `dropout_override: null`)
-            if key in step.reserved or step.spec(key) is not None:
-                continue
+        if value is None and (key in step.reserved or step.spec(key) is not None):
+            continue
         if key in step.reserved:
             raise UsageError(f"--params key `{key}` is not accepted: {step.reserved[key]}")
         spec = step.spec(key)
         if spec is None:
             close = difflib.get_close_matches(str(key).replace("-", "_"), known, n=1)
             hint = f"; did you mean `{close[0]}`?" if close else ""
-            raise UsageError(
-                f"unknown --params key `{key}` for step {step.number} ({step.name}){hint} "
-                f"known keys: {', '.join(sorted(known))}"
-            )
-        out[key] = _check_value(step, spec, value)
-        effect = _effective_value(spec, out[key])
+            raise UsageError(f"unknown --params key `{key}` for step {step.number} ({step.name}){hint} "
+                             f"known keys: {', '.join(sorted(known))}")
+        out[key], effect = _check_value(step, spec, value)
         if effect is not None:
             other = set_by.setdefault(spec.dest, (key, effect))
             if other[1] != effect:
@@ -310,14 +246,8 @@ def _flags(step: StepSpec, params: dict[str, Any]) -> list[str]:
     return argv
 
 
-def build_command(
-    step: StepSpec,
-    params: dict[str, Any],
-    *,
-    policy_path: str | os.PathLike[str],
-    script: str | os.PathLike[str] | None = None,
-    python: str = sys.executable,
-) -> list[str]:
+def build_command(step: StepSpec, params: dict[str, Any], *, policy_path: str | os.PathLike[str],
+                  script: str | os.PathLike[str] | None = None, python: str = sys.executable) -> list[str]:
     """The step's argv for validated ``params``; ``script`` replaces the real step (tests)."""
     argv = module_command(step.module, python) if script is None else [python, str(script)]
     return argv + _flags(step, params) + ["--policy", str(policy_path)]
@@ -334,12 +264,8 @@ def effective(step: StepSpec, params: dict[str, Any], key: str) -> Any:
 def retry_params(step: StepSpec, params: dict[str, Any], retry: int, *, trials_multiplier: float,
                  seed_increment: int) -> dict[str, Any]:
     """Params for retry number ``retry`` (1 = first re-run): more trials and a new seed, so a
-    retry explores afresh instead of repeating the run that was rejected.
-
-    A study is bound to its setup (seed included): Step 5's default study name follows the
-    setup, so a new seed gets a new study by itself; a study name the user chose gets a
-    ``_retryN`` suffix, since resuming it under another seed is refused (exit 64).
-    """
+    retry explores afresh. A study name the user chose gets a ``_retryN`` suffix, since
+    step 5 refuses to resume a study under another seed (its default name follows the seed)."""
     out = dict(params)
     if "study_name" in params:
         out["study_name"] = f"{params['study_name']}_retry{retry}"

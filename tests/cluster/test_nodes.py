@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from step5.cluster.nodes import (
+from step5.cluster import (
     ClusterNode,
     load_cluster_config,
     parse_cluster_config,

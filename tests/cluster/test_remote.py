@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from step5.cluster.nodes import ClusterNode
-from step5.cluster.remote import (
+from step5.cluster import ClusterNode
+from step5.cluster import (
     CONNECTED_MARKER,
     ENTRY_SCRIPT,
     FORWARDED_FIELDS,

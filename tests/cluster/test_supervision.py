@@ -1,9 +1,9 @@
-"""What an ended helper's host comes to (step5.cluster.supervision), as a table."""
+"""What an ended helper's host comes to (step5.cluster.HelperRecord), as a table."""
 from __future__ import annotations
 
 import pytest
 
-from step5.cluster.supervision import HelperAction, HelperRecord
+from step5.cluster import HelperAction, HelperRecord
 
 R, D, S, U, Q = (HelperAction.RESTART, HelperAction.DONE, HelperAction.STOPPED, HelperAction.UNREACHABLE,
                  HelperAction.QUARANTINED)

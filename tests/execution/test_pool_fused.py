@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from step5.errors import JobError
-from step5.execution.pool import WorkerPool
 from step5.protocol import NNParams, TrainRequest
 from step5.testing import fake_pool, run_each, summary_of
 from step5.testing.fake_worker import fake_metrics
@@ -33,13 +32,9 @@ def metrics(results: list[list[dict]]) -> list[list[dict]]:
     return [[{k: r[k] for k in METRICS} for r in g] for g in results]
 
 
-def pool_of(n_slots: int, *options: str, tmp_path: Path | None = None, **kwargs) -> WorkerPool:
-    return fake_pool(n_slots, *options, state_dir=tmp_path, **{"job_timeout_s": 3.0, **kwargs})
-
-
 def test_each_group_runs_on_one_worker_concurrently(data_file):
     groups = [group(data_file, 0), group(data_file, 1)]
-    with pool_of(2, "--job-s", "0.2") as pool:
+    with fake_pool(2, "--job-s", "0.2") as pool:
         results = pool.run(groups)
         summary = summary_of(pool)
     assert metrics(results) == expected(groups)
@@ -58,7 +53,7 @@ def test_a_failing_fold_is_rerun_alone_and_its_error_comes_back_in_place(data_fi
     bad = group(data_file, 1)
     bad[1] = TrainRequest(str(tmp_path / "gone.npz"), trial_number=1, fold_idx=1, job_id="t1-f1")
     good = group(data_file, 0)
-    with pool_of(2) as pool:
+    with fake_pool(2) as pool:
         got_good, got_bad = pool.run([good, bad])
         error = got_bad[1]
         assert isinstance(error, JobError)
@@ -76,7 +71,7 @@ def test_a_failing_fold_is_rerun_alone_and_its_error_comes_back_in_place(data_fi
 
 def test_a_pass_that_fails_as_a_whole_is_rerun_fold_by_fold(data_file, caplog):
     groups = [group(data_file, 0), group(data_file, 1, n=1)]
-    with pool_of(1, "--fault", "pass_error") as pool:
+    with fake_pool(1, "--fault", "pass_error") as pool:
         results = pool.run(groups)
         summary = summary_of(pool)
     # Alone, each fold trains fine (a one-job group is not a shared pass).
@@ -92,7 +87,7 @@ def test_a_pass_that_fails_as_a_whole_is_rerun_fold_by_fold(data_file, caplog):
 
 def test_worker_crash_during_a_fused_group_restarts_and_reruns_it(data_file, tmp_path):
     groups = [group(data_file, 0, n=4)]
-    with pool_of(1, "--fault", "sigkill", "--after", "2", "--faulty-starts", "1", tmp_path=tmp_path) as pool:
+    with fake_pool(1, "--fault", "sigkill", "--after", "2", "--faulty-starts", "1", state_dir=tmp_path) as pool:
         results = pool.run(groups)
         summary = summary_of(pool)
     assert metrics(results) == expected(groups)
@@ -103,7 +98,7 @@ def test_worker_crash_during_a_fused_group_restarts_and_reruns_it(data_file, tmp
 
 def test_fallen_back_slot_runs_groups_through_one_shot_trainers(data_file):
     groups = [group(data_file, 2, n=2)]
-    with pool_of(1, "--boot", "exit", max_restarts=0) as pool:
+    with fake_pool(1, "--boot", "exit", max_restarts=0) as pool:
         assert summary_of(pool)["workers"][0]["fallback"] is True
         results = pool.run(groups)
         assert summary_of(pool)["fusion"]["unfused_groups"] == 1
@@ -112,7 +107,7 @@ def test_fallen_back_slot_runs_groups_through_one_shot_trainers(data_file):
 
 
 def test_empty_group_is_rejected(data_file):
-    with pool_of(1) as pool:
+    with fake_pool(1) as pool:
         with pytest.raises(ValueError, match="empty group"):
             pool.run([group(data_file, 0), []])
         assert pool.run([]) == []

@@ -18,7 +18,6 @@ import pytest
 from optuna.trial import TrialState
 
 from step5 import artifacts
-from step5.devices import DeviceSlot
 from step5.execution.pool import WorkerPool
 from step5.jsonio import read_json_file
 from step5.optimizer import AntiOverfitMetaOptimizer
@@ -27,7 +26,7 @@ from step5.optimizer import optimizer as optimizer_module
 from step5.optimizer.grouping import fusion_groups, plan_groups
 from step5.optimizer.backends import fold_seed
 from step5.protocol import FUSE_KEYS, NNParams, TrainRequest, fusion_key
-from step5.testing import FAKE_WORKER, fake_worker_command
+from step5.testing import fake_pool
 from step5.testing.fake_runner import install_fake_runner
 
 
@@ -317,13 +316,8 @@ def _install_fake_pool(monkeypatch, *options: str) -> list[WorkerPool]:
     made: list[WorkerPool] = []
 
     def factory(slots, policy, *, persistent):
-        pool = WorkerPool(
-            [DeviceSlot(f"CPU-{i}", "cpu", "", 1) for i in range(2)], job_timeout_s=10.0, ready_timeout_s=20.0,
-            max_restarts=1, worker_command=fake_worker_command(*options), oneshot_script=FAKE_WORKER,
-            shutdown_timeout_s=5.0,
-        )
-        made.append(pool)
-        return pool
+        made.append(fake_pool(2, *options, job_timeout_s=10.0, ready_timeout_s=20.0, shutdown_timeout_s=5.0))
+        return made[-1]
 
     monkeypatch.setattr(optimizer_module, "make_fold_runner", factory)
     return made

@@ -6,10 +6,8 @@ behaviour is set by ``FAKE_STEP5_MODE``; test_watcher_real_step5.py runs the rea
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,61 +19,6 @@ from step5.policy import load_policy
 from step5.watcher.registry import load_skip_registry, record_result
 
 REPO = Path(__file__).resolve().parents[2]
-WATCHER = REPO / "agents" / "watcher_agent.py"
-FAKE = REPO / "step5" / "testing" / "fake_step5.py"
-
-POLICY = {
-    "training": {"use_persistent_workers": True, "worker_job_timeout_s": 120, "worker_ready_timeout_s": 120},
-    "watcher": {"step_timeout_s": 60, "max_retries": 1, "retry_trials_multiplier": 1.5,
-                "retry_seed_increment": 1, "kill_grace_s": 1},
-    "training_diagnostics": {"metric_bounds": {"overfit_ratio": {"warning": 1.3, "critical": 2.0}},
-                             "severity_thresholds": {"critical": {"max_retries": 1}},
-                             "model_skip_rules": {"max_consecutive_critical": 3, "skip_duration_hours": 24}},
-    "acceptance_rules": {"step5": {"min_cv_r2": 0.0, "max_overfit_ratio": 1.5}},
-}
-
-
-@pytest.fixture
-def work(tmp_path, monkeypatch):
-    """A scratch working directory holding the policy: diagnostics_outputs/ lands here."""
-    monkeypatch.chdir(tmp_path)
-    write_policy(tmp_path)
-    return tmp_path
-
-
-def write_policy(folder: Path, *, critical_retries: int | None = None, max_consecutive_critical: int | None = None,
-                 **watcher) -> Path:
-    policy = json.loads(json.dumps(POLICY))
-    policy["watcher"].update(watcher)
-    diag = policy["training_diagnostics"]
-    if critical_retries is not None:
-        diag["severity_thresholds"]["critical"]["max_retries"] = critical_retries
-    if max_consecutive_critical is not None:
-        diag["model_skip_rules"]["max_consecutive_critical"] = max_consecutive_critical
-    path = folder / "policy.json"
-    path.write_text(json.dumps(policy))
-    return path
-
-
-def watcher_cmd(*args: str, params: dict | None = None, fake: bool = True) -> list[str]:
-    cmd = [sys.executable, str(WATCHER), "--run-pipeline", "--start-step", "5", "--end-step", "5",
-           "--params", json.dumps({"trials": 2} if params is None else params), "--policy", "policy.json"]
-    if fake:
-        cmd += ["--step-command", str(FAKE)]
-    return cmd + list(args)
-
-
-def fake_env(work: Path, mode: str = "ok", **extra: str) -> dict[str, str]:
-    env = dict(os.environ, FAKE_STEP5_MODE=mode, FAKE_STEP5_CALLS=str(work / "calls.jsonl"),
-               FAKE_STEP5_PIDS=str(work / "pids.json"), **extra)
-    env.pop("PYTHONPATH", None)  # the WATCHER must make step5 importable for the step itself
-    return env
-
-
-def watch(work: Path, mode: str = "ok", *args: str, params: dict | None = None, timeout: float = 60,
-          **extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(watcher_cmd(*args, params=params), cwd=work, env=fake_env(work, mode, **extra),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def calls(work: Path) -> list[list[str]]:
@@ -93,8 +36,8 @@ def flag(argv: list[str], name: str) -> str | None:
     return None
 
 
-def test_passing_run(work):
-    proc = watch(work)
+def test_passing_run(work, watcher):
+    proc = watcher.run(work)
     assert proc.returncode == 0, proc.stderr
     out = result_line(proc)
     assert out["decision"] == "PROCEED" and out["attempts"] == 1
@@ -112,8 +55,8 @@ def test_passing_run(work):
     assert entry["consecutive_critical"] == 0 and entry["total_runs"] == 1
 
 
-def test_failing_step_is_retried_then_escalated(work):
-    proc = watch(work, "fail")
+def test_failing_step_is_retried_then_escalated(work, watcher):
+    proc = watcher.run(work, "fail")
     assert proc.returncode == 4, proc.stderr
     assert [r["decision"] for r in watcher_decisions(work)] == ["RETRY", "ESCALATE"]
     assert "record 3" in watcher_decisions(work)[-1]["reasons"][0]
@@ -128,23 +71,23 @@ def test_failing_step_is_retried_then_escalated(work):
     ("not_json", "not valid JSON"),
     ("usage", "exit 64"),
 ])
-def test_missing_or_invalid_sidecar_escalates_without_retry(work, mode, words):
-    proc = watch(work, mode)
+def test_missing_or_invalid_sidecar_escalates_without_retry(work, mode, words, watcher):
+    proc = watcher.run(work, mode)
     assert proc.returncode == 4, proc.stderr
     [record] = watcher_decisions(work)
     assert record["decision"] == "ESCALATE" and words in " ".join(record["reasons"])
     assert len(calls(work)) == 1
 
 
-def test_a_sidecar_left_by_an_earlier_run_is_not_accepted(work):
-    assert watch(work, "ok").returncode == 0
-    proc = watch(work, "no_sidecar")
+def test_a_sidecar_left_by_an_earlier_run_is_not_accepted(work, watcher):
+    assert watcher.run(work, "ok").returncode == 0
+    proc = watcher.run(work, "no_sidecar")
     assert proc.returncode == 4
     assert "from before this run" in watcher_decisions(work)[-1]["reasons"][0]
 
 
-def test_degenerate_step(work):
-    proc = watch(work, "degenerate")
+def test_degenerate_step(work, watcher):
+    proc = watcher.run(work, "degenerate")
     assert proc.returncode == 2, proc.stderr
     assert result_line(proc)["decision"] == "DEGENERATE"
     assert [r["decision"] for r in watcher_decisions(work)] == ["DEGENERATE"]
@@ -156,21 +99,20 @@ def test_degenerate_step(work):
     ({"compare_models": "true"}, "true or false"),
     ({"policy": "x.json"}, "--policy"),
 ])
-def test_bad_params_are_usage_errors_and_nothing_runs(work, params, words):
-    proc = watch(work, params=params)
+def test_bad_params_are_usage_errors_and_nothing_runs(work, params, words, watcher):
+    proc = watcher.run(work, params=params)
     assert proc.returncode == 64
     assert words in proc.stderr
     assert calls(work) == [] and watcher_decisions(work) == []
 
 
-def test_params_not_json(work):
-    proc = subprocess.run(watcher_cmd() [:5] + ["--params", "{trials: 2}", "--policy", "policy.json"],
-                          cwd=work, capture_output=True, text=True, timeout=60)
+def test_params_not_json(work, watcher):
+    proc = watcher.run(work, cmd=watcher.cmd()[:5] + ["--params", "{trials: 2}", "--policy", "policy.json"])
     assert proc.returncode == 64 and "not valid JSON" in proc.stderr
 
 
-def test_retry_really_reruns_with_more_trials_and_a_new_seed(work):
-    proc = watch(work, "reject_first", params={"trials": 4})
+def test_retry_really_reruns_with_more_trials_and_a_new_seed(work, watcher):
+    proc = watcher.run(work, "reject_first", params={"trials": 4})
     assert proc.returncode == 0, proc.stderr
     first, second = calls(work)
     assert flag(first, "--trials") == "4" and flag(first, "--seed") is None  # the step's default, 42
@@ -182,26 +124,26 @@ def test_retry_really_reruns_with_more_trials_and_a_new_seed(work):
     assert final["registry"]["neural_net"]["critical"] is False
 
 
-def test_rejected_after_retries_skips_the_model_and_counts_it(work):
-    proc = watch(work, "reject")
+def test_rejected_after_retries_skips_the_model_and_counts_it(work, watcher):
+    proc = watcher.run(work, "reject")
     assert proc.returncode == 3, proc.stderr
     assert [r["decision"] for r in watcher_decisions(work)] == ["RETRY", "SKIP_MODEL"]
     assert load_skip_registry()["neural_net"]["consecutive_critical"] == 1
 
 
-def test_no_retries_when_the_policy_says_none(work):
+def test_no_retries_when_the_policy_says_none(work, watcher, write_policy):
     write_policy(work, max_retries=0, critical_retries=0)
-    assert watch(work, "fail").returncode == 4
+    assert watcher.run(work, "fail").returncode == 4
     assert len(calls(work)) == 1 and watcher_decisions(work)[0]["max_attempts"] == 1
 
 
-def test_crash_and_critical_retries_are_counted_apart(work):
+def test_crash_and_critical_retries_are_counted_apart(work, watcher, write_policy):
     """watcher.max_retries re-runs a crash; training_diagnostics' critical max_retries a rejected model."""
     write_policy(work, max_retries=0, critical_retries=2)
-    assert watch(work, "fail").returncode == 4
+    assert watcher.run(work, "fail").returncode == 4
     assert len(calls(work)) == 1  # the crash: no re-run
     (work / "calls.jsonl").unlink()
-    assert watch(work, "reject").returncode == 3
+    assert watcher.run(work, "reject").returncode == 3
     assert len(calls(work)) == 3  # the rejected model: two re-runs, then SKIP_MODEL
 
 
@@ -209,14 +151,14 @@ def _all_gone(info: dict) -> bool:
     return not any(is_running(pid) for pid in [info["pid"], *info["children"]]) and not group_members(info["pgid"])
 
 
-def test_timeout_escalates_and_leaves_no_process(work):
-    write_policy(work, step_timeout_s=2, kill_grace_s=1)
+def test_timeout_escalates_and_leaves_no_process(work, watcher, write_policy):
+    write_policy(work, step_timeout_s=5, kill_grace_s=1)  # room for the fake step to start on a loaded machine
     t0 = time.monotonic()
-    proc = watch(work, "hang")
+    proc = watcher.run(work, "hang")
     assert proc.returncode == 4, proc.stderr
     assert time.monotonic() - t0 < 20
     [record] = watcher_decisions(work)  # a timeout is not retried: it would time out again
-    assert record["decision"] == "ESCALATE" and record["timed_out"] and "timed out after 2s" in record["reasons"][0]
+    assert record["decision"] == "ESCALATE" and record["timed_out"] and "timed out after 5s" in record["reasons"][0]
     info = json.loads((work / "pids.json").read_text())
     assert _all_gone(info), info  # the SIGTERM-ignoring child and the one that left the group too
 
@@ -225,8 +167,8 @@ def test_timeout_escalates_and_leaves_no_process(work):
 # WATCHER must stop the step itself rather than die and leave it running unwatched.
 @pytest.mark.parametrize("sig, name", [(signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM"),
                                        (signal.SIGHUP, "SIGHUP")])
-def test_interrupting_the_watcher_stops_the_step(work, sig, name):
-    popen = subprocess.Popen(watcher_cmd(), cwd=work, env=fake_env(work, "hang"),
+def test_interrupting_the_watcher_stops_the_step(work, sig, name, watcher):
+    popen = subprocess.Popen(watcher.cmd(), cwd=work, env=watcher.env(work, "hang"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
@@ -245,19 +187,19 @@ def test_interrupting_the_watcher_stops_the_step(work, sig, name):
     assert _all_gone(json.loads((work / "pids.json").read_text()))
 
 
-def test_processes_left_by_a_finished_step_are_stopped(work):
-    proc = watch(work, "leak")
+def test_processes_left_by_a_finished_step_are_stopped(work, watcher):
+    proc = watcher.run(work, "leak")
     assert proc.returncode == 0, proc.stderr
     assert watcher_decisions(work)[0]["leftover_processes"] == 1
     assert _all_gone(json.loads((work / "pids.json").read_text()))
 
 
-def test_registry_makes_compare_runs_skip_a_model(work):
+def test_registry_makes_compare_runs_skip_a_model(work, watcher, write_policy):
     """catboost keeps scoring below the rules; at the limit, compare runs leave it out."""
     write_policy(work, max_consecutive_critical=2, max_retries=0, critical_retries=0)
     params = {"compare_models": True, "trials": 2}
     for run in (1, 2):
-        proc = watch(work, "ok", params=params, FAKE_STEP5_BAD_MODELS="catboost")
+        proc = watcher.run(work, "ok", params=params, FAKE_STEP5_BAD_MODELS="catboost")
         assert proc.returncode == 0, proc.stderr
         assert result_line(proc)["skipped_models"] == []
         entry = load_skip_registry()["catboost"]
@@ -265,7 +207,7 @@ def test_registry_makes_compare_runs_skip_a_model(work):
     assert watcher_decisions(work)[-1]["registry"]["catboost"]["skipped"]  # 2 >= max_consecutive_critical 2
     assert load_skip_registry()["lightgbm"]["consecutive_critical"] == 0
 
-    proc = watch(work, "ok", params=params, FAKE_STEP5_BAD_MODELS="catboost")
+    proc = watcher.run(work, "ok", params=params, FAKE_STEP5_BAD_MODELS="catboost")
     assert proc.returncode == 0, proc.stderr
     assert result_line(proc)["skipped_models"] == ["catboost"]
     # the summary and the registry lie in the working directory's diagnostics_outputs/
@@ -274,16 +216,16 @@ def test_registry_makes_compare_runs_skip_a_model(work):
     assert load_skip_registry()["catboost"]["total_runs"] == 2  # a skipped model gets no new result
 
 
-def test_a_registry_written_elsewhere_is_honoured(work):
+def test_a_registry_written_elsewhere_is_honoured(work, watcher):
     rules = load_policy(work / "policy.json").training_diagnostics
     for _ in range(3):
         record_result("diagnostics_outputs/model_skip_registry.json", "xgboost", True, "overfit", rules)
-    proc = watch(work, "ok", params={"compare_models": True, "trials": 2})
+    proc = watcher.run(work, "ok", params={"compare_models": True, "trials": 2})
     assert proc.returncode == 0, proc.stderr
     assert result_line(proc)["skipped_models"] == ["xgboost"]
 
 
-def test_a_registry_entry_the_pipelines_health_check_wrote_is_honoured(work):
+def test_a_registry_entry_the_pipelines_health_check_wrote_is_honoured(work, watcher):
     """training_health_check.py::_check_skip_registry writes only these two keys per model type."""
     folder = work / "diagnostics_outputs"
     folder.mkdir()
@@ -292,14 +234,14 @@ def test_a_registry_entry_the_pipelines_health_check_wrote_is_honoured(work):
         {"lightgbm": {"consecutive_critical": 3, "last_critical": now},
          "xgboost": {"consecutive_critical": 3, "last_critical": "2020-01-01T00:00:00+00:00"},  # its 24 h are over
          "neural_net": {"consecutive_critical": 0, "last_critical": None}}))
-    proc = watch(work, "ok", params={"compare_models": True, "trials": 2})
+    proc = watcher.run(work, "ok", params={"compare_models": True, "trials": 2})
     assert proc.returncode == 0, proc.stderr
     assert result_line(proc)["skipped_models"] == ["lightgbm"]
 
 
-def test_dry_run_prints_the_command_and_runs_nothing(work):
-    proc = watch(work, "ok", "--dry-run", params={"compare_models": True, "trials": 20, "persistent_workers": False,
-                                                   "gpus": [0, 1]})
+def test_dry_run_prints_the_command_and_runs_nothing(work, watcher):
+    proc = watcher.run(work, "ok", "--dry-run", params={"compare_models": True, "trials": 20,
+                                                        "persistent_workers": False, "gpus": [0, 1]})
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip()
     assert "--compare-models" in line and "--trials=20" in line and "--no-persistent-workers" in line
@@ -307,10 +249,9 @@ def test_dry_run_prints_the_command_and_runs_nothing(work):
     assert calls(work) == [] and watcher_decisions(work) == []
 
 
-def test_status_shows_decisions_and_registry(work):
-    watch(work, "reject")
-    proc = subprocess.run([sys.executable, str(WATCHER), "--status", "--policy", "policy.json"],
-                          cwd=work, capture_output=True, text=True, timeout=60)
+def test_status_shows_decisions_and_registry(work, watcher):
+    watcher.run(work, "reject")
+    proc = watcher.run(work, cmd=watcher.cmd()[:2] + ["--status", "--policy", "policy.json"])
     assert proc.returncode == 0, proc.stderr
     assert "RETRY" in proc.stdout and "SKIP_MODEL" in proc.stdout
     assert "neural_net" in proc.stdout and "consecutive_critical=1" in proc.stdout
@@ -322,8 +263,8 @@ def test_status_shows_decisions_and_registry(work):
     (["--start-step", "5", "--end-step", "6"], 64, "step 6 is not shipped"),
     (["--bogus"], 64, "unrecognized arguments"),
 ])
-def test_usage_errors(work, args, code, words):
-    proc = subprocess.run(watcher_cmd(*args), cwd=work, capture_output=True, text=True, timeout=60)
+def test_usage_errors(work, args, code, words, watcher):
+    proc = watcher.run(work, "ok", *args)
     assert proc.returncode == code and words in proc.stderr
     assert watcher_decisions(work) == []
 
@@ -334,37 +275,37 @@ def test_usage_errors(work, args, code, words):
     ('{"watcher": {"max_retries": -1}}', "max_retries"),
     ('{"acceptance_rules": {"step5": {"min_cv_r3": 0}}}', "unknown metric `cv_r3`"),
 ])
-def test_invalid_policy_is_a_clear_error_before_anything_runs(work, policy, words):
+def test_invalid_policy_is_a_clear_error_before_anything_runs(work, policy, words, watcher):
     (work / "policy.json").write_text(policy)
-    proc = watch(work)
+    proc = watcher.run(work)
     assert proc.returncode == 1 and words in proc.stderr and "policy.json" in proc.stderr
     assert calls(work) == []
 
 
-def test_missing_policy_file(work):
+def test_missing_policy_file(work, watcher):
     (work / "policy.json").unlink()
-    proc = watch(work)
+    proc = watcher.run(work)
     assert proc.returncode == 1 and "not found" in proc.stderr
 
 
-def test_persistent_worker_switch_reaches_the_step(work):
-    watch(work, "ok", params={"trials": 2, "persistent_workers": False})
+def test_persistent_worker_switch_reaches_the_step(work, watcher):
+    watcher.run(work, "ok", params={"trials": 2, "persistent_workers": False})
     [argv] = calls(work)
     assert "--no-persistent-workers" in argv
     assert watcher_decisions(work)[0]["use_persistent_workers"] is False
 
 
-def test_without_policy_or_a_local_file_the_projects_own_policy_runs_the_step(work):
+def test_without_policy_or_a_local_file_the_projects_own_policy_runs_the_step(work, watcher):
     (work / "policy.json").unlink()
-    cmd = [a for a in watcher_cmd() if a not in ("--policy", "policy.json")]
-    proc = subprocess.run(cmd, cwd=work, env=fake_env(work), capture_output=True, text=True, timeout=60)
+    cmd = [a for a in watcher.cmd() if a not in ("--policy", "policy.json")]
+    proc = watcher.run(work, cmd=cmd)
     assert proc.returncode == 0, proc.stderr
     assert "the project's own" in proc.stderr
     [argv] = calls(work)
     assert flag(argv, "--policy") == str(REPO / "step5" / "watcher_policies.json")
 
 
-def test_the_pipelines_manifest_gives_the_step_its_default_params(work):
+def test_the_pipelines_manifest_gives_the_step_its_default_params(work, watcher):
     """Run from a pipeline root with agent_manifests/reinforcement.json, a bare step-5 run gets
     the manifest's default params, as the existing WATCHER's run_step gives them; --params
     override them key by key."""
@@ -373,7 +314,7 @@ def test_the_pipelines_manifest_gives_the_step_its_default_params(work):
         "survivors": "survivors_with_scores.json", "lottery_data": "train_history.json", "compare_models": True,
         "trials": 20, "output_dir": "models/reinforcement", "enable_diagnostics": True, "model_type": "catboost",
         "persistent_workers": False, "enable_vmap": True, "k_folds": 20}}))
-    proc = watch(work, "ok", params={"trials": 3})
+    proc = watcher.run(work, "ok", params={"trials": 3})
     assert proc.returncode == 0, proc.stderr
     [argv] = calls(work)
     assert "--compare-models" in argv and "--enable-vmap" in argv and "--enable-diagnostics" in argv

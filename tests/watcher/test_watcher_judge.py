@@ -31,7 +31,7 @@ def policy(**overrides):
 
 
 def step_run(returncode=0, **kw) -> StepRun:
-    return StepRun(command=["step"], pid=1, returncode=returncode, started_at=0.0, duration_s=1.0, **kw)
+    return StepRun(command=["step"], pid=1, returncode=returncode, duration_s=1.0, **kw)
 
 
 def write_sidecar(out: Path, sidecar: dict, checkpoint: bool = True) -> Path:

@@ -13,7 +13,7 @@ import pytest
 
 from step5.errors import Step5Error
 from step5.testing.processes import group_members, is_running
-from step5.watcher.pipeline import step_env
+from step5.watcher.cli import step_env
 from step5.watcher.process import run_in_group
 
 FAKE = str(Path(__file__).resolve().parents[2] / "step5" / "testing" / "fake_step5.py")
@@ -121,7 +121,7 @@ def test_an_interrupt_during_the_grace_period_is_reported_not_lost(tmp_path, mon
 
     monkeypatch.setattr(process_module, "_remaining", remaining_then_interrupt)
     t0 = time.monotonic()
-    run = run_in_group(fake_cmd(), timeout_s=2.0, grace_s=30.0, env=fake_env(tmp_path, "hang"),
+    run = run_in_group(fake_cmd(), timeout_s=5.0, grace_s=30.0, env=fake_env(tmp_path, "hang"),
                        cwd=str(tmp_path), echo=False)
     info = json.loads((tmp_path / "pids.json").read_text())
     assert run.timed_out and run.interrupted == "SIGINT"

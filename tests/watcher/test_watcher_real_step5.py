@@ -3,51 +3,29 @@ tiny generated data, as a user would: in a scratch working directory, through th
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from step5.testing.processes import result_line, watcher_decisions
-
 from step5.launch import WORKER_MODULE
+from step5.testing.processes import result_line, watcher_decisions
 from step5.watcher.registry import load_skip_registry
-
-REPO = Path(__file__).resolve().parents[2]
-WATCHER = REPO / "agents" / "watcher_agent.py"
 
 
 @pytest.fixture
-def work(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    write_policy(tmp_path)
-    return tmp_path
-
-
-def write_policy(folder: Path, **watcher) -> None:
-    policy = json.loads((REPO / "watcher_policies.json").read_text())
-    policy["watcher"].update({"step_timeout_s": 200, "kill_grace_s": 5, **watcher})
-    if watcher.get("max_retries") == 0:  # no re-run of a crash nor of a rejected model
-        policy["training_diagnostics"]["severity_thresholds"]["critical"]["max_retries"] = 0
-    (folder / "policy.json").write_text(json.dumps(policy))
-
-
-def run_real(work: Path, params: dict, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
-    cmd = [sys.executable, str(WATCHER), "--run-pipeline", "--start-step", "5", "--end-step", "5",
-           "--params", json.dumps(params), "--policy", "policy.json"]
-    return subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+def work(work, write_policy):
+    """The shared scratch directory, under the shipped policy with room for real training."""
+    write_policy(work, "shipped", step_timeout_s=200, kill_grace_s=5)
+    return work
 
 
 @pytest.mark.slow
-def test_real_step5_end_to_end(work, sample_inputs):
-    write_policy(work, max_retries=0, step_timeout_s=200)
+def test_real_step5_end_to_end(work, sample_inputs, watcher, write_policy):
+    write_policy(work, "shipped", max_retries=0, critical_retries=0, step_timeout_s=200, kill_grace_s=5)
     survivors, history = sample_inputs
-    proc = run_real(work, {"survivors": str(survivors), "lottery_data": str(history), "trials": 2,
-                           "k_folds": 2, "cpu_workers": 1, "output_dir": "models"})
+    proc = watcher.run(work, None, timeout=240, params={
+        "survivors": str(survivors), "lottery_data": str(history), "trials": 2, "k_folds": 2, "cpu_workers": 1,
+        "output_dir": "models"})
     out = result_line(proc)
     # Two trials on tiny data may or may not pass the acceptance rules; either way the
     # WATCHER judged a valid sidecar written by this run (never ESCALATE).
@@ -61,20 +39,22 @@ def test_real_step5_end_to_end(work, sample_inputs):
     assert "neural_net" in load_skip_registry()
 
 
-def test_real_step5_degenerate_input(work, degenerate_inputs):
+def test_real_step5_degenerate_input(work, degenerate_inputs, watcher):
     survivors, history = degenerate_inputs
-    proc = run_real(work, {"survivors": str(survivors), "lottery_data": str(history), "trials": 2,
-                           "cpu_workers": 1, "output_dir": "models"})
+    proc = watcher.run(work, None, timeout=240, params={
+        "survivors": str(survivors), "lottery_data": str(history), "trials": 2, "cpu_workers": 1,
+        "output_dir": "models"})
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert result_line(proc)["decision"] == "DEGENERATE"
     assert [r["decision"] for r in watcher_decisions(work)] == ["DEGENERATE"]
 
 
-def test_real_step5_bad_input_escalates_with_its_message(work):
+def test_real_step5_bad_input_escalates_with_its_message(work, watcher, write_policy):
     (work / "bad.json").write_text('[{"seed": 1, "features": {"a": "x"}, "holdout_quality": 0.1}]')
     (work / "history.json").write_text("[1, 2, 3]")
-    write_policy(work, max_retries=0)
-    proc = run_real(work, {"survivors": "bad.json", "lottery_data": "history.json", "trials": 2})
+    write_policy(work, "shipped", max_retries=0, critical_retries=0, step_timeout_s=200, kill_grace_s=5)
+    proc = watcher.run(work, None, timeout=240, params={"survivors": "bad.json", "lottery_data": "history.json",
+                                                        "trials": 2})
     assert proc.returncode == 4, proc.stderr[-3000:]
     [record] = watcher_decisions(work)
     assert record["decision"] == "ESCALATE" and record["exit_status"] == "EXIT(1)"
@@ -82,7 +62,7 @@ def test_real_step5_bad_input_escalates_with_its_message(work):
 
 
 @pytest.mark.slow
-def test_a_sigkilled_watcher_takes_the_step_and_its_workers_with_it(work, sample_inputs):
+def test_a_sigkilled_watcher_takes_the_step_and_its_workers_with_it(work, sample_inputs, watcher):
     """The step runs in its own session, so nothing but the WATCHER stops it; a WATCHER that
     is SIGKILLed (or OOM-killed) cannot. The step's supervisor lifeline must end it, through
     its SIGTERM path, and its workers with it."""
@@ -91,32 +71,29 @@ def test_a_sigkilled_watcher_takes_the_step_and_its_workers_with_it(work, sample
     import psutil
 
     survivors, history = sample_inputs
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
-    cmd = [sys.executable, str(WATCHER), "--run-pipeline", "--start-step", "5", "--end-step", "5",
-           "--params", json.dumps({"survivors": str(survivors), "lottery_data": str(history), "trials": 5000,
-                                   "k_folds": 2, "cpu_workers": 1, "output_dir": "models"}),
-           "--policy", "policy.json"]
-    watcher = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = watcher.cmd(fake=False, params={"survivors": str(survivors), "lottery_data": str(history), "trials": 5000,
+                                          "k_folds": 2, "cpu_workers": 1, "output_dir": "models"})
+    running = subprocess.Popen(cmd, cwd=work, env=watcher.env(work, None), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     family: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # until the step's persistent worker is up
-            family = psutil.Process(watcher.pid).children(recursive=True)
+            family = psutil.Process(running.pid).children(recursive=True)
             if any(WORKER_MODULE in p.cmdline() for p in family if p.is_running()):
                 break
-            assert watcher.poll() is None, "the WATCHER ended before the step's worker started"
+            assert running.poll() is None, "the WATCHER ended before the step's worker started"
             time.sleep(0.2)
         else:
             pytest.fail("the step's worker never started")
-        watcher.kill()
-        watcher.wait()
+        running.kill()
+        running.wait()
         gone, alive = psutil.wait_procs(family, timeout=30)
         assert alive == [], [p.cmdline() for p in alive]
     finally:
-        if watcher.poll() is None:
-            watcher.kill()
-            watcher.wait()
+        if running.poll() is None:
+            running.kill()
+            running.wait()
         for p in family:  # whatever a failure left behind
             try:
                 p.kill()
