@@ -7,12 +7,11 @@ line can reach it.
 """
 from __future__ import annotations
 
-import sys
-
 if __name__ == "__main__":
     from step5.stdout_guard import claim_stdout
 
-    claim_stdout()
+    wire = claim_stdout()
     from step5.nn.oneshot import main
+    from step5.nn.worker import exit_now
 
-    sys.exit(main())
+    exit_now(main(), wire)

@@ -166,4 +166,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # python -m step5.nn.oneshot (what the fold runner starts)
-    sys.exit(main())
+    from step5.nn.worker import exit_now
+
+    exit_now(main(), claim_stdout())  # the reply is out: no torch teardown for the parent to wait on

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Sequence
+from typing import Any, BinaryIO, NoReturn, Sequence
 
 import psutil
 
@@ -283,9 +283,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The parent closed our stdout: nobody is listening any more.
         logger.warning("stdout closed by the parent; exiting")
         rc = 0
-    # Leave without interpreter teardown once every answer is flushed: tearing down torch
-    # takes a second or more, which the parent would wait for on every shutdown, and the OS
-    # reclaims everything (the CUDA context included), as for forked pool workers.
+    exit_now(rc, wire)
+
+
+def exit_now(rc: int, wire: BinaryIO) -> NoReturn:
+    """Leave without interpreter teardown once every answer is flushed: tearing down torch
+    takes a second or more (several on a loaded machine), which the parent would wait for
+    after every reply, and the OS reclaims everything (the CUDA context included)."""
     logging.shutdown()
     for stream in (wire, sys.stderr):
         try:
