@@ -197,6 +197,9 @@ def verify_checkpoint(sidecar_path: str | os.PathLike[str], sidecar: Mapping[str
 Hex16 = Annotated[str, Meta(pattern="^[0-9a-f]{16}$", description="16 lowercase hex characters")]
 Sha256 = Annotated[str, Meta(pattern="^[0-9a-f]{64}$", description="64 lowercase hex characters (a SHA-256)")]
 OptNumber = Number | None
+SignalStatus = one_of(tuple(SIGNAL_CONFIDENCE))
+ModelTypeName = one_of(MODEL_TYPES)
+Outcome = one_of(("SUCCESS", "DEGENERATE_SIGNAL"))
 
 
 # The sidecar's schema (SPEC section 4). A block may carry more keys than these (the existing
@@ -211,7 +214,7 @@ class _FeatureSchema(msgspec.Struct):
 
 
 class _SignalQuality(msgspec.Struct):
-    signal_status: one_of(tuple(SIGNAL_CONFIDENCE))  # type: ignore[valid-type]
+    signal_status: SignalStatus
     quality: str  # = signal_status: the name the existing WATCHER's metrics extractor reads
     confidence: Number  # SIGNAL_CONFIDENCE of the status: the extractor's other field
     prediction_allowed: bool
@@ -296,7 +299,7 @@ class _AgentMetadata(msgspec.Struct):
 
 class _Sidecar(msgspec.Struct):
     schema_version: str
-    model_type: one_of(MODEL_TYPES)  # type: ignore[valid-type]
+    model_type: ModelTypeName
     checkpoint_path: str | None
     checkpoint_format: str | None
     feature_schema: _FeatureSchema
@@ -306,7 +309,7 @@ class _Sidecar(msgspec.Struct):
     hyperparameters: dict
     optuna: _Optuna
     execution: EXECUTION_SCHEMA  # type: ignore[valid-type]
-    outcome: one_of(("SUCCESS", "DEGENERATE_SIGNAL"))  # type: ignore[valid-type]
+    outcome: Outcome
     provenance: _Provenance
     agent_metadata: _AgentMetadata
     checkpoint_sha256: Sha256 | None = None  # required in a SUCCESS sidecar (a rule below)

@@ -23,11 +23,14 @@ class                       exit  raised when
 ``StorageError``            1     the study's database stayed unreachable past
                                   ``training.storage_outage_s``, or failed in a way
                                   waiting cannot fix (credentials, a missing table)
-``JobError``                1     a training job failed deterministically (not retried)
+``JobError``                1     a training job failed deterministically (bad data, bad
+                                  params, OOM): not retried, it would fail the same way
 ``BadRequest``              1     a protocol request is malformed (a ``JobError``)
 ``WorkerCrashed``           1     a training process died, hung or broke the protocol
-``WorkerFault``             1     the pool's worker did so (a ``WorkerCrashed`` + kind)
-``JobTimedOut``             1     a job ran past its timeout in a healthy process
+``WorkerFault``             1     the pool's worker did so, or failed to boot (a
+                                  ``WorkerCrashed`` + ``kind``; already dead)
+``JobTimedOut``             1     a job ran past its timeout in a healthy process (not a
+                                  worker fault; retried once, then ``error_type`` timeout)
 ``RunnerClosed``            1     a job meets a closed fold runner (pool or one-shot)
 ``FrameTooLarge``           --    a protocol line exceeds the reader's bound (handled by
                                   the reader's owner, never reaches a CLI)
@@ -74,8 +77,6 @@ def is_out_of_memory(exc: BaseException, oom_types: tuple[type[BaseException], .
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived (step5.interrupts): an interrupt, so every ``finally`` runs as on Ctrl-C."""
-
     exit_code = 128 + signal.SIGTERM
 
 
@@ -85,14 +86,10 @@ def interrupt_reason(exc: BaseException) -> str:
 
 
 class Step5Error(Exception):
-    """Any failure that Step 5 reports to the user; base of the hierarchy."""
-
     exit_code = 1
 
 
 class UsageError(Step5Error):
-    """Command-line arguments are inconsistent (exit code 64, like EX_USAGE)."""
-
     exit_code = 64
 
 
@@ -114,14 +111,10 @@ class PolicyError(Step5Error):
 
 
 class DegenerateSignalError(Step5Error):
-    """The target has no usable signal; a degenerate sidecar is written (exit 2)."""
-
     exit_code = 2
 
 
 class PredictionNotAllowed(Step5Error):
-    """A sidecar says its run found no usable signal (no model to predict with)."""
-
     exit_code = 2
 
 
@@ -139,9 +132,6 @@ class StorageError(Step5Error):
 
 
 class JobError(Step5Error):
-    """A training job failed deterministically (bad data, bad params, OOM): not retried, as the
-    same request would fail the same way; it fails its trial with the trainer's message."""
-
     def __init__(self, message: str, error_type: str = "train_error", *, trial_number: int | None = None,
                  fold_idx: int | None = None, job_id: Any = None, traceback: str | None = None) -> None:
         if error_type not in JOB_ERROR_TYPES:
@@ -173,16 +163,11 @@ class JobError(Step5Error):
 
 
 class BadRequest(JobError):
-    """A protocol request is malformed (bad JSON, wrong types, unknown command)."""
-
     def __init__(self, message: str, **kwargs: Any) -> None:
         super().__init__(message, "bad_request", **kwargs)
 
 
 class WorkerCrashed(Step5Error):
-    """A worker process died, hung past its timeout or broke the protocol: not the job's fault
-    (unlike :class:`JobError`), so the job is retried elsewhere."""
-
     def __init__(self, message: str, *, exit_status: str | None = None, stderr_tail: str = "") -> None:
         super().__init__(message)
         self.exit_status = exit_status
@@ -190,9 +175,6 @@ class WorkerCrashed(Step5Error):
 
 
 class JobTimedOut(Step5Error):
-    """A job ran past its timeout in an otherwise healthy process: not a worker fault; it is
-    retried once, and a second timeout fails it (``error_type`` ``timeout``)."""
-
     def __init__(self, message: str, *, timeout_s: float, stderr_tail: str = "") -> None:
         super().__init__(message)
         self.timeout_s = timeout_s
@@ -201,9 +183,6 @@ class JobTimedOut(Step5Error):
 
 
 class WorkerFault(WorkerCrashed):
-    """A pool worker crashed, hung, broke the protocol or failed to boot (``kind``:
-    :data:`step5.execution.slot.WORKER_FAULTS`); the process is already dead."""
-
     def __init__(self, message: str, *, kind: str, exit_status: str | None, stderr_tail: str) -> None:
         super().__init__(message, exit_status=exit_status, stderr_tail=stderr_tail)
         self.kind = kind
@@ -214,8 +193,6 @@ class RunnerClosed(Step5Error):
 
 
 class FrameTooLarge(Step5Error):
-    """A line exceeds the reader's bound; the rest of that line was discarded."""
-
     def __init__(self, limit: int, seen: int, *, at_eof: bool) -> None:
         super().__init__(f"line of at least {seen} bytes exceeds the {limit}-byte frame limit")
         self.limit = limit

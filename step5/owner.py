@@ -52,7 +52,7 @@ def _start_time(pid: int) -> int | None:
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _this_process(pid: int) -> ProcessIdentity:
     return ProcessIdentity(socket.gethostname(), _pid_namespace(), pid, _start_time(pid) or 0)
 
@@ -95,9 +95,8 @@ def claim_folder(path: Path) -> None:
 
 
 def orphaned_folders(root: Path, prefix: str) -> list[tuple[Path, ProcessIdentity]]:
-    """Folders ``root/prefix*`` whose recorded owner died on this host (SIGKILL, a crash),
-    with that owner. Folders of live processes, of other hosts sharing ``root``, and
-    folders without a readable owner record are not listed."""
+    """Folders ``root/prefix*`` whose recorded owner died on this host (SIGKILL, a crash), with
+    that owner; not those of live processes, of other hosts, or without a readable owner record."""
     try:
         candidates = [p for p in root.iterdir() if p.name.startswith(prefix) and p.is_dir()]
     except OSError:

@@ -1,27 +1,10 @@
 """``watcher_policies.json``: loading and validation (SPEC section 8).
 
-An unreadable or invalid policy file is a :class:`PolicyError`, never a silent default.
-Absent *keys* do have defaults; notably ``training.use_persistent_workers`` absent means
-``False`` (backward compatible with the S96A subprocess-per-fold path).
-
-Which file (SPEC section 10): an explicit ``--policy`` must exist; without it,
-``watcher_policies.json`` in the working directory when there is one, else the project's own
-(:data:`PROJECT_POLICY_PATH`, found from this package's location, so a run started from any
-directory gets the same policy).
-
-The file is the pipeline's one governance file (the existing pipeline's own
-``watcher_policies.json`` works as it is). Step 5 owns ``training`` and ``watcher``: an unknown
-key or a wrong type there is an error. It shares two sections, and reads them in the
-pipeline's schema:
-
-* ``training_diagnostics``: ``enabled``, ``metric_bounds`` (``{metric: {"warning": x,
-  "critical": y}}``), ``model_skip_rules`` (``max_consecutive_critical``,
-  ``skip_duration_hours``) and ``severity_thresholds.critical.max_retries``; the values Step 5
-  reads must have their types, every other key is the pipeline's and is left alone;
-* ``acceptance_rules``: only its ``step5`` object is Step 5's (``min_<metric>`` /
-  ``max_<metric>``); the rest belongs to other parts of the pipeline.
-
-Every other section is another part of the pipeline's and is kept unread.
+An unreadable or invalid policy file is a :class:`PolicyError`, never a silent default; absent
+keys have defaults (``training.use_persistent_workers`` absent: ``False``, the S96A path). Step 5
+owns ``training`` and ``watcher`` (an unknown key or a wrong type there is an error) and reads
+``training_diagnostics`` and ``acceptance_rules.step5`` in the pipeline's schema; every other
+section and key is the pipeline's and left unread (docs/compatibility.md, docs/watcher.md).
 """
 from __future__ import annotations
 
@@ -124,9 +107,8 @@ class MetricBound:
     def severity(self, value: float) -> str:
         """``ok`` | ``warning`` | ``critical`` for one measured value."""
         def reached(bound: float | None) -> bool:
-            if bound is None:
-                return False
-            return value >= bound if self.worse == WORSE_ABOVE else value <= bound
+            return bound is not None and (value >= bound if self.worse == WORSE_ABOVE else value <= bound)
+
         return "critical" if reached(self.critical) else "warning" if reached(self.warning) else "ok"
 
     def describe(self, value: float) -> str:
@@ -142,9 +124,8 @@ def metric_key(metric: str) -> str:
 
 
 def bound_breaches(metrics: Mapping[str, Any], diagnostics: "DiagnosticsPolicy") -> list[tuple[str, str]]:
-    """``(severity, description)`` of every metric bound a model's ``training_metrics``
-    reach (warning or critical); bounds on metrics it does not carry are not judged, and
-    none is when ``diagnostics.enabled`` is false."""
+    """``(severity, description)`` of every bound a model's ``training_metrics`` reach (warning or
+    critical); bounds on metrics it does not carry are not judged, nor any when ``enabled`` is false."""
     if not diagnostics.enabled:
         return []
     out = []
@@ -232,9 +213,8 @@ def _refuse_misspelt_sections(raw: dict[str, Any], source: str) -> None:
                               f"(Step 5 reads {', '.join(POLICY_SECTIONS)})")
 
 
-# ``training_diagnostics`` in the pipeline's schema, as far as Step 5 reads it: the keys it
-# reads must have their types; every other key (descriptions, log levels, actions) is the
-# pipeline's and left alone.
+# ``training_diagnostics`` as far as Step 5 reads it: those keys must have their types; every
+# other key (descriptions, log levels, actions) is the pipeline's and left alone.
 class _SkipRules(msgspec.Struct):
     max_consecutive_critical: Annotated[int, Meta(ge=1, description="an int >= 1")] | UnsetType = UNSET
     skip_duration_hours: PositiveNumber | UnsetType = UNSET
@@ -312,29 +292,26 @@ def _acceptance_rules(raw: dict[str, Any], source: str) -> dict[str, float]:
 
 def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
     """Validate an already-parsed policy object."""
-    try:
-        return _parse_policy(raw, source)
-    except SchemaError as exc:  # a key of the wrong type, named by step5.schema in the policy's words
-        raise PolicyError(str(exc)) from None
-
-
-def _parse_policy(raw: Any, source: str) -> Policy:
     if not isinstance(raw, dict):
         raise PolicyError(f"{source}: the policy must be a JSON object, got {type(raw).__name__}")
     _refuse_misspelt_sections(raw, source)
-    training = _typed(raw, "training", TrainingPolicy, source)
-    watcher = _typed(raw, "watcher", WatcherPolicy, source)
-    if watcher.retry_trials_multiplier < 1:
-        raise PolicyError(f"{source}: watcher.retry_trials_multiplier must be >= 1, got {watcher.retry_trials_multiplier}")
-    if training.heartbeat_grace_s <= training.heartbeat_interval_s:
-        raise PolicyError(
-            f"{source}: training.heartbeat_grace_s ({training.heartbeat_grace_s}) must exceed "
-            f"training.heartbeat_interval_s ({training.heartbeat_interval_s}), or a live trial would look dead"
-        )
-    if training.max_consecutive_failed_trials < 1:
-        raise PolicyError(f"{source}: training.max_consecutive_failed_trials must be >= 1, "
-                          f"got {training.max_consecutive_failed_trials}")
-    return Policy(training, watcher, _diagnostics(raw, source), _acceptance_rules(raw, source), source, raw)
+    try:  # a SchemaError is a key of the wrong type, named by step5.schema in the policy's words
+        training = _typed(raw, "training", TrainingPolicy, source)
+        watcher = _typed(raw, "watcher", WatcherPolicy, source)
+        if watcher.retry_trials_multiplier < 1:
+            raise PolicyError(f"{source}: watcher.retry_trials_multiplier must be >= 1, "
+                              f"got {watcher.retry_trials_multiplier}")
+        if training.heartbeat_grace_s <= training.heartbeat_interval_s:
+            raise PolicyError(
+                f"{source}: training.heartbeat_grace_s ({training.heartbeat_grace_s}) must exceed "
+                f"training.heartbeat_interval_s ({training.heartbeat_interval_s}), or a live trial would look dead"
+            )
+        if training.max_consecutive_failed_trials < 1:
+            raise PolicyError(f"{source}: training.max_consecutive_failed_trials must be >= 1, "
+                              f"got {training.max_consecutive_failed_trials}")
+        return Policy(training, watcher, _diagnostics(raw, source), _acceptance_rules(raw, source), source, raw)
+    except SchemaError as exc:
+        raise PolicyError(str(exc)) from None
 
 
 def find_policy() -> tuple[Path, str]:
