@@ -1,9 +1,8 @@
 """Who owns a thing (a trial, a temp folder), and whether that owner is still alive.
 
-A process is identified by its host, its PID namespace, its PID and its start time, so a
-PID reused by a later process is not mistaken for the owner. Whether an owner is alive can
-only be known on its own host and in its own PID namespace (:func:`is_local`); elsewhere a
-dead owner shows only through its stale Optuna heartbeats.
+A process is its host, PID namespace, PID and start time, so a reused PID is not mistaken for
+the owner. Whether an owner is alive can only be known on its host and in its PID namespace
+(:func:`is_local`); elsewhere a dead owner shows only through its stale Optuna heartbeats.
 """
 from __future__ import annotations
 
@@ -69,8 +68,8 @@ def is_local(owner: ProcessIdentity) -> bool:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this host: the one answer to "is it alive?". A zombie
-    (exited, not yet reaped) is dead; a process of another user is alive."""
+    """Whether process ``pid`` runs on this host (the one answer to "is it alive?"): a zombie is
+    dead, a process of another user alive."""
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.AccessDenied:

@@ -25,8 +25,8 @@ from step5.schema import NonNegativeInt, NonNegativeNumber, Number, PositiveNumb
 from step5.values import is_number
 
 DEFAULT_POLICY_PATH = "watcher_policies.json"
-#: The project's own policy, shipped inside the package (in a checkout, a link to the
-#: repository's watcher_policies.json), so an installed step5 has it in any directory.
+#: The project's own policy, shipped inside the package (in a checkout, a link to the repository's),
+#: so an installed step5 has it in any directory.
 PROJECT_POLICY_PATH = Path(__file__).resolve().with_name(DEFAULT_POLICY_PATH)
 
 
@@ -78,10 +78,9 @@ class WatcherPolicy:
     kill_grace_s: PositiveNumber = 10.0  # on timeout / Ctrl-C: SIGTERM the step's group, SIGKILL after this long
 
 
-#: Which way each metric is worse, for ``training_diagnostics.metric_bounds`` (a value at or
-#: beyond a bound has that severity, as in the pipeline's health check). The first five are
-#: the pipeline's own names; ``overfit_ratio`` is its "val loss / train loss". The rest are
-#: the sidecar's other ``training_metrics`` a policy may bound.
+#: Which way each metric is worse, for ``training_diagnostics.metric_bounds`` (a value at or beyond
+#: a bound has that severity, as in the pipeline's health check): the pipeline's five names
+#: (``overfit_ratio`` is its "val loss / train loss"), then the sidecar's other ``training_metrics``.
 WORSE_ABOVE, WORSE_BELOW = "above", "below"
 METRIC_DIRECTIONS: dict[str, str] = {
     "overfit_ratio": WORSE_ABOVE,
@@ -96,8 +95,7 @@ METRIC_DIRECTIONS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class MetricBound:
-    """One ``training_diagnostics.metric_bounds`` entry: the levels at which a metric is a
-    warning and critical, and which way is worse."""
+    """One ``training_diagnostics.metric_bounds`` entry: a metric's warning and critical levels, and which way is worse."""
 
     metric: str
     warning: float | None
@@ -182,8 +180,7 @@ def _check_section(raw: dict[str, Any], name: str, path: str) -> dict[str, Any]:
 
 
 def _typed(raw: dict[str, Any], name: str, cls: type, source: str) -> Any:
-    """Section ``name`` as its dataclass: each key typed by the field's annotation, an
-    unknown key an error, an absent key the field's default."""
+    """Section ``name`` as its dataclass: keys typed by the fields, unknown keys an error, absent ones defaulted."""
     section = without_comments(_check_section(raw, name, source))
     values = present(convert(section, record_schema(cls, required=False), source=source, at=name, quote=False))
     if "device_env" in values:

@@ -63,17 +63,13 @@ class Predictor:
         if hasattr(X, "columns") and hasattr(X, "loc"):  # a DataFrame; pandas is not imported here
             missing = [k for k in names if k not in X.columns]
             if missing:
-                raise ValueError(
-                    f"the DataFrame lacks {len(missing)} of the model's {len(names)} feature columns: "
-                    f"{missing[:10]}{' ...' if len(missing) > 10 else ''}"
-                )
+                raise ValueError(f"the DataFrame lacks {len(missing)} of the model's {len(names)} feature columns: "
+                                 f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
             X = X.loc[:, names].to_numpy(dtype=np.float32)
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != len(names):
-            raise ValueError(
-                f"X must have shape (n, {len(names)}): one column per feature of the model's schema, "
-                f"in its order; got shape {X.shape}"
-            )
+            raise ValueError(f"X must have shape (n, {len(names)}): one column per feature of the model's schema, "
+                             f"in its order; got shape {X.shape}")
         return np.asarray(self.model.predict(X), dtype=np.float64).reshape(-1)
 
     def predict_records(self, records: Any, *, source: str = "<records>",
@@ -127,11 +123,9 @@ def load_predictor(model_dir_or_sidecar_path: str | os.PathLike[str]) -> Predict
     sidecar = read_sidecar(sidecar_path)
     signal = sidecar["signal_quality"]
     if not signal["prediction_allowed"] or sidecar["outcome"] != "SUCCESS":
-        raise PredictionNotAllowed(
-            f"{sidecar_path}: prediction is not allowed: outcome {sidecar['outcome']}, signal "
-            f"{signal['signal_status']} ({signal.get('reason', 'no usable target signal')}); "
-            "this run saved no model"
-        )
+        raise PredictionNotAllowed(f"{sidecar_path}: prediction is not allowed: outcome {sidecar['outcome']}, signal "
+                                   f"{signal['signal_status']} ({signal.get('reason', 'no usable target signal')}); "
+                                   "this run saved no model")
     checkpoint = resolve_checkpoint(sidecar_path, sidecar)
     if not checkpoint.is_file():
         raise DataError(f"{sidecar_path} names checkpoint {checkpoint}, which does not exist")
@@ -153,12 +147,10 @@ def load_predictor(model_dir_or_sidecar_path: str | os.PathLike[str]) -> Predict
         if ckpt_hash != schema["feature_schema_hash"]:
             missing = sorted(set(schema["feature_names"]) - set(ckpt_names))[:5]
             extra = sorted(set(ckpt_names) - set(schema["feature_names"]))[:5]
-            raise DataError(
-                f"checkpoint {checkpoint} was trained on a different feature schema than its sidecar "
-                f"{sidecar_path} describes: hash {ckpt_hash} != {schema['feature_schema_hash']} "
-                f"({len(ckpt_names)} vs {schema['feature_count']} features; in sidecar only: {missing}, "
-                f"in checkpoint only: {extra}). The model and sidecar come from different runs."
-            )
+            raise DataError(f"checkpoint {checkpoint} was trained on a different feature schema than its sidecar "
+                            f"{sidecar_path} describes: hash {ckpt_hash} != {schema['feature_schema_hash']} "
+                            f"({len(ckpt_names)} vs {schema['feature_count']} features; in sidecar only: {missing}, "
+                            f"in checkpoint only: {extra}). The model and sidecar come from different runs.")
     n_features = getattr(model, "n_features", None)
     if n_features is not None and int(n_features) != schema["feature_count"]:
         raise DataError(
@@ -168,10 +160,8 @@ def load_predictor(model_dir_or_sidecar_path: str | os.PathLike[str]) -> Predict
                 schema["feature_schema_hash"])
     metrics = sidecar["training_metrics"]
     if metrics.get("beats_mean") is False:
-        logger.warning(
-            "this model is no better than predicting the mean (test R² %s <= 0; sidecar %s): treat its "
-            "predictions with care", metrics.get("test_r2"), sidecar_path,
-        )
+        logger.warning("this model is no better than predicting the mean (test R² %s <= 0; sidecar %s): treat its "
+                       "predictions with care", metrics.get("test_r2"), sidecar_path)
     return Predictor(sidecar=sidecar, sidecar_path=sidecar_path, checkpoint_path=checkpoint, model=model)
 
 

@@ -3,6 +3,11 @@ optimizer never spells a sidecar key itself. Torch-free and optuna-free (the opt
 the study's numbers in)."""
 from __future__ import annotations
 
+import platform
+import socket
+import sys
+from importlib import metadata
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from step5.artifacts import MODEL_REGISTRY, PIPELINE_STEP, PIPELINE_STEP_NAME, SCHEMA_VERSION, \
@@ -15,8 +20,6 @@ VERSIONED_PACKAGES = ("optuna", "numpy", "scikit-learn", "torch", "xgboost", "li
 
 def package_versions() -> dict[str, str | None]:
     """``{"torch": "2.13.0", ...}`` from ``importlib.metadata``; None for a package not installed."""
-    from importlib import metadata
-
     out: dict[str, str | None] = {}
     for name in VERSIONED_PACKAGES:
         try:
@@ -29,10 +32,6 @@ def package_versions() -> dict[str, str | None]:
 def build_provenance(*, run_id: str, parent_run_id: str | None, command_line: Sequence[str], created_at: str,
                      extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The sidecar's ``provenance`` block: who made this model, how, with what."""
-    import platform
-    import socket
-    import sys
-
     return {
         "run_id": run_id,
         "parent_run_id": parent_run_id,
@@ -68,8 +67,6 @@ def build_data_context(*, fingerprint: str, training_draws: int, holdout_draws: 
     """The sidecar's ``data_context`` in the existing pipeline's layout: the training window is
     the history's draws 1..N, the holdout window the ``holdout_draws`` after it (recorded as
     given; Step 5 holds out survivors, not draws)."""
-    from pathlib import Path
-
     holdout = None if holdout_draws is None else {
         "start_draw": training_draws + 1, "end_draw": training_draws + holdout_draws, "draw_count": holdout_draws,
     }
