@@ -63,13 +63,22 @@ def device_env_problem(name: str, value: object) -> str | None:
 
 @dataclass(frozen=True)
 class DeviceSlot:
-    """One place a fold can train: a GPU (NVIDIA or AMD), or a share of the CPU cores."""
+    """One place a fold can train: a GPU (NVIDIA or AMD), or a share of the CPU cores.
+
+    ==========  ========================  ========================
+    slot        ``CUDA_VISIBLE_DEVICES``  ``HIP_VISIBLE_DEVICES``
+    ==========  ========================  ========================
+    ``GPU-N``   ``N``                     ``-1`` (no AMD GPU)
+    ``ROCm-N``  ``""`` (no NVIDIA GPU)    ``N``
+    ``CPU-i``   ``""``                    ``-1``
+    ==========  ========================  ========================
+    """
 
     label: str  # "GPU-0" / "ROCm-3" / "CPU-1": used in logs, e.g. "[S96B] Worker GPU-0 died"
     kind: str  # SLOT_KINDS: "cuda", "rocm" or "cpu"
-    cuda_visible_devices: str  # "0" pins NVIDIA GPU 0; "" hides every NVIDIA GPU (AMD and CPU slots)
+    cuda_visible_devices: str
     torch_threads: int | None = None  # torch intra-op threads for the process; None = torch's default
-    hip_visible_devices: str = HIDE_AMD_GPUS  # "3" pins AMD GPU 3; "-1" hides every AMD GPU
+    hip_visible_devices: str = HIDE_AMD_GPUS
     device_env: tuple[tuple[str, str], ...] = ()  # the policy's training.device_env, for every process
 
     @classmethod

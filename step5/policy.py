@@ -45,8 +45,7 @@ class TrainingPolicy:
     worker_job_timeout_s: PositiveNumber = 600.0  # a job running longer marks its worker hung
     worker_ready_timeout_s: PositiveNumber = 120.0  # boot (import torch, init CUDA) must finish by then
     max_worker_restarts: NonNegativeInt = 1  # restarts per device before falling back to subprocesses
-    # a fallen-back slot tries a fresh worker after this (x2 each time)
-    worker_repromote_after_s: PositiveNumber = 60.0
+    worker_repromote_after_s: PositiveNumber = 60.0  # a fallen-back slot tries a fresh worker after this (x2 each time)
     max_worker_repromotions: NonNegativeInt = 3  # then the slot stays in the fallback; 0: never re-promote
     max_fault_reruns: NonNegativeInt = 50  # re-runs of jobs hit by infrastructure faults, per run (all slots)
     # ... and per job (a poisoned job spends at most a fifth of the run's); past either, its trial fails
@@ -55,16 +54,13 @@ class TrainingPolicy:
     fuse_folds: bool = False  # train a trial's K folds in one batched pass
     trials_in_flight: NonNegativeInt = 0  # trials per ask/run/tell batch; 0: two per device slot
     heartbeat_interval_s: PositiveNumber = 30.0  # a running trial's Optuna heartbeat period
-    # no heartbeat this long: its process is dead, the trial is failed and re-run
-    heartbeat_grace_s: PositiveNumber = 120.0
-    # how long a process waits for an unreachable study database before it exits 1
-    storage_outage_s: PositiveNumber = 300.0
+    heartbeat_grace_s: PositiveNumber = 120.0  # no heartbeat this long: its process is dead; fail and re-run it
+    storage_outage_s: PositiveNumber = 300.0  # how long a process waits for an unreachable study database (then exit 1)
     pruner: Pruner = "none"  # fold-level pruning of hopeless trials (PRUNER_NAMES)
     # Variables every worker and one-shot trainer is started with (e.g. a ROCm rig's
     # {"HSA_OVERRIDE_GFX_VERSION": "10.3.0", "HSA_ENABLE_SDMA": "0"}); values are literal strings.
     device_env: DeviceEnv = field(default_factory=dict)
-    # seconds between a host's worker starts (restarts too); ROCm rigs: 4
-    worker_spawn_stagger_s: NonNegativeNumber = 0.0
+    worker_spawn_stagger_s: NonNegativeNumber = 0.0  # seconds between a host's worker starts (restarts too); ROCm rigs: 4
 
 
 @dataclass(frozen=True)
