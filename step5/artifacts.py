@@ -1,44 +1,9 @@
-"""What Step 5 leaves behind for Step 6 and the WATCHER: the checkpoint name and the sidecar.
+"""What Step 5 leaves for Step 6 and the WATCHER: file names, model types, the sidecar's schema.
 
-The sidecar ``best_model.meta.json`` (SPEC section 4) describes one saved model::
-
-    {"schema_version": "1.0", "model_type": "neural_net",
-     "checkpoint_path": "/abs/models/reinforcement/.model_sets/<version>/best_model.pth",
-     "checkpoint_format": "pytorch_tensors",
-     "feature_schema": {"feature_names": [...], "feature_count": 90, "ordering": "lexicographic",
-                        "feature_schema_hash": "<16 hex>", "excluded_features": [...],
-                        "source_file": "survivors_with_scores.json"},
-     "signal_quality": {"signal_status": "healthy", "prediction_allowed": true, ...},
-     "data_context": {"fingerprint_hash": "<16 hex>", "fingerprint_version": "step5_content_v1",
-                      "training_window": {"start_draw": 1, "end_draw": 500, "draw_count": 500},
-                      "holdout_window": {...}, "survivor_source": {...}, "prng_hypothesis": {...}, ...},
-     "training_metrics": {"cv_r2_mean": ..., "test_r2": ..., "overfit_ratio": ..., ...},
-     "hyperparameters": {...}, "optuna": {...}, "execution": {...},
-     "outcome": "SUCCESS", "provenance": {...},
-     "agent_metadata": {"pipeline_step": 5, "pipeline_step_name": "anti_overfit_training",
-                        "run_id": "<provenance.run_id>", "parent_run_id": "<provenance.parent_run_id>"}}
-
-``agent_metadata`` is the block the existing pipeline's Step 6 reads for lineage (it takes
-``run_id`` as its own parent run id); it repeats the provenance ids, and the validator
-checks that it agrees with them (docs/compatibility.md).
-
-A degenerate run (no usable target signal) writes the same shape with ``outcome``
-``DEGENERATE_SIGNAL``, ``prediction_allowed`` false, no checkpoint (``checkpoint_path`` and
-``checkpoint_format`` null) and null metrics.
-
-``checkpoint_path`` is the checkpoint's absolute path in the model set the sidecar belongs
-to (``<output-dir>/.model_sets/<version>/best_model.pth``): the existing Step 6 opens it as
-written, from whatever working directory it runs in, to read the network's feature scaler,
-and a set's folder never changes once committed. This project's readers
-(:func:`resolve_checkpoint`) take only its file name, beside the sidecar's real path, so a
-model directory can still be moved or copied as a whole. ``checkpoint_sha256``
-(SPEC section 10) is the checkpoint file's SHA-256: Step 6 refuses a pair that does not match.
-``training_metrics.beats_mean`` says whether the final model's test R² is above 0, i.e.
-better than predicting the training mean for every row.
-
-Torch-free and light (hashlib, numpy, :mod:`step5.jsonio`): the optimizer, the WATCHER and
-Step 6 all import it. :func:`validate_sidecar` is the one definition of "a valid sidecar";
-:mod:`step5.sidecar` builds one to it.
+The sidecar ``best_model.meta.json`` (SPEC section 4), its keys and cross-field rules are
+documented in docs/optimizer.md ("The sidecar") and docs/compatibility.md; :func:`validate_sidecar`
+is the one definition of "a valid sidecar" and :mod:`step5.sidecar` builds one to it.
+Torch-free and light: the optimizer, the WATCHER and Step 6 all import it.
 """
 from __future__ import annotations
 
@@ -67,9 +32,8 @@ HISTORY_FILENAME = "train_history.json"
 #: A model set's files besides the checkpoint (SPEC section 4).
 SIDECAR_NAME = "best_model.meta.json"
 HISTORY_PNG_NAME = "best_model.history.png"
-#: Folder for per-run diagnostics, the compare summary, the skip registry and the WATCHER's
-#: decision log, relative to the working directory (the pipeline's root), where the existing
-#: pipeline's health check and optimizer look for them.
+#: Relative to the working directory (the pipeline's root), where the existing pipeline's
+#: health check and optimizer look for diagnostics, the compare summary and the skip registry.
 DIAGNOSTICS_DIRNAME = "diagnostics_outputs"
 COMPARE_SUMMARY_NAME = "compare_models_summary.json"
 REGISTRY_NAME = "model_skip_registry.json"
@@ -81,23 +45,20 @@ class ModelType:
 
     name: str  # the --model-type value and the sidecar's model_type
     checkpoint_name: str  # best_model.<ext> (SPEC section 4)
-    checkpoint_format: str  # the sidecar's checkpoint_format: what is inside the file, so a reader can open it
-    # Trained by torch, in worker / one-shot processes the parent starts (the parent never
-    # imports torch); otherwise in-process by its tree library (step5.models).
+    checkpoint_format: str  # the sidecar's checkpoint_format: what is inside the file
+    # Trained by torch in worker / one-shot processes (the parent never imports torch);
+    # otherwise in-process by its tree library (step5.models).
     torch: bool = False
 
 
-#: Every model family Step 5 trains, in the order ``--compare-models`` runs them: the one
-#: definition of a model type (the optimizer, the CLI, the WATCHER, Step 6 look them up here).
+#: Every model family, in the order ``--compare-models`` runs them: the one definition of a model type.
 MODEL_REGISTRY: dict[str, ModelType] = {m.name: m for m in (
-    # torch.save of tensors + plain data; weights_only=True loads it
-    ModelType("neural_net", "best_model.pth", "pytorch_tensors", torch=True),
+    ModelType("neural_net", "best_model.pth", "pytorch_tensors", torch=True),  # weights_only=True loads it
     ModelType("xgboost", "best_model.json", "xgboost_json"),
     ModelType("lightgbm", "best_model.txt", "lightgbm_text"),
     ModelType("catboost", "best_model.cbm", "catboost_cbm"),
 )}
 MODEL_TYPES = tuple(MODEL_REGISTRY)
-
 #: Every file a model set may hold (see :mod:`step5.model_set`).
 MODEL_SET_NAMES = frozenset({*(m.checkpoint_name for m in MODEL_REGISTRY.values()), SIDECAR_NAME, HISTORY_PNG_NAME})
 
@@ -109,16 +70,14 @@ def get_model_type(name: str) -> ModelType:
     except KeyError:
         raise ValueError(f"`model_type` must be one of {list(MODEL_TYPES)}, got {name!r}") from None
 
-OUTCOMES = ("SUCCESS", "DEGENERATE_SIGNAL")
-SIGNAL_STATUSES = ("healthy", "weak", "degenerate")
-#: ``signal_quality.confidence``: how sure the signal gate is that there is something to learn.
+
+def checkpoint_filename(name: str) -> str:
+    """``best_model.pth`` / ``.json`` / ``.txt`` / ``.cbm`` for model type ``name``."""
+    return get_model_type(name).checkpoint_name
+
+
+#: ``signal_quality.confidence`` of each status: how sure the signal gate is that there is something to learn.
 SIGNAL_CONFIDENCE = {"healthy": 1.0, "weak": 0.5, "degenerate": 0.0}
-
-#: How feature columns are ordered in ``feature_schema.feature_names`` (and the model input).
-FEATURE_ORDERING = "lexicographic"
-
-HASH_HEX_CHARS = 16
-
 #: This step's number and name in the pipeline (``agent_metadata``; the WATCHER's step 5).
 PIPELINE_STEP = 5
 PIPELINE_STEP_NAME = "anti_overfit_training"
@@ -126,7 +85,7 @@ PIPELINE_STEP_NAME = "anti_overfit_training"
 
 def feature_schema_hash(feature_names: Sequence[str]) -> str:
     """sha256 of the comma-joined feature names, first 16 hex characters (SPEC section 4)."""
-    return hashlib.sha256(",".join(feature_names).encode("utf-8")).hexdigest()[:HASH_HEX_CHARS]
+    return hashlib.sha256(",".join(feature_names).encode("utf-8")).hexdigest()[:16]
 
 
 def build_feature_schema(
@@ -137,7 +96,7 @@ def build_feature_schema(
     return {
         "feature_names": names,
         "feature_count": len(names),
-        "ordering": FEATURE_ORDERING,
+        "ordering": "lexicographic",
         "feature_schema_hash": feature_schema_hash(names),
         "excluded_features": list(excluded_features),
         "source_file": str(source_file),
@@ -155,10 +114,9 @@ def data_fingerprint(
 ) -> str:
     """A 16-hex fingerprint of exactly the data a model was trained on.
 
-    Hashes the feature matrix and target bytes (so any changed value changes it), the feature
-    schema, the target name, the training window (the history draws) and ``extra`` (the
-    prng type / mod / holdout draws the run records). Two runs on the same inputs get the
-    same fingerprint, which is what lets the default study name resume a study.
+    Hashes the feature and target bytes (any changed value changes it), the feature schema,
+    the target name, the history draws and ``extra`` (prng type / mod / holdout draws).
+    Same inputs, same fingerprint: that is what lets the default study name resume a study.
     """
     h = hashlib.sha256()
     header = {
@@ -172,7 +130,7 @@ def data_fingerprint(
     h.update(np.ascontiguousarray(X, dtype=np.float32).tobytes())
     h.update(np.ascontiguousarray(y, dtype=np.float64).tobytes())
     h.update(np.asarray(list(draws), dtype=np.int64).tobytes())
-    return h.hexdigest()[:HASH_HEX_CHARS]
+    return h.hexdigest()[:16]
 
 
 def compare_summary_path(diagnostics_dir: str | os.PathLike[str] = DIAGNOSTICS_DIRNAME) -> Path:
@@ -181,12 +139,9 @@ def compare_summary_path(diagnostics_dir: str | os.PathLike[str] = DIAGNOSTICS_D
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
+    """Hex SHA-256 of a file's bytes."""
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def beats_mean(test_r2: float | None) -> bool | None:
@@ -196,17 +151,9 @@ def beats_mean(test_r2: float | None) -> bool | None:
     return bool(test_r2 > 0.0)
 
 
-def checkpoint_filename(name: str) -> str:
-    """``best_model.pth`` / ``.json`` / ``.txt`` / ``.cbm`` for model type ``name``."""
-    return get_model_type(name).checkpoint_name
-
-
 def write_sidecar(path: str | os.PathLike[str], sidecar: Mapping[str, Any]) -> Path:
-    """Validate and atomically write a sidecar; raises ``ValueError`` listing the problems.
-
-    Refusing to write an invalid sidecar keeps a bug here from becoming a confusing error in
-    Step 6 or a wrong WATCHER decision.
-    """
+    """Validate and atomically write a sidecar; raises ``ValueError`` listing the problems
+    (a bug here must not become a confusing error in Step 6 or a wrong WATCHER decision)."""
     problems = validate_sidecar(dict(sidecar))
     if problems:
         raise ValueError("refusing to write an invalid sidecar:\n  " + "\n  ".join(problems))
@@ -225,11 +172,10 @@ def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def resolve_checkpoint(sidecar_path: str | os.PathLike[str], sidecar: Mapping[str, Any]) -> Path:
-    """The checkpoint file a sidecar names: its file name, beside the sidecar's real path.
+    """The checkpoint a sidecar names: its file name, beside the sidecar's real path.
 
-    ``best_model.meta.json`` in an output dir is a link into the current model set, so the
-    checkpoint comes from the sidecar's own set; and a moved or copied model directory still
-    finds its own checkpoint, wherever ``checkpoint_path`` pointed when it was written.
+    In an output dir the sidecar is a link into the current model set, so the checkpoint
+    comes from the sidecar's own set; a moved or copied model directory still finds its own.
     """
     ckpt = sidecar.get("checkpoint_path")
     if not isinstance(ckpt, str) or not ckpt:
@@ -248,20 +194,16 @@ def verify_checkpoint(sidecar_path: str | os.PathLike[str], sidecar: Mapping[str
         )
 
 
-# --------------------------------------------------------------------------- validation
-
-Hex16 = Annotated[str, Meta(pattern=f"^[0-9a-f]{{{HASH_HEX_CHARS}}}$",
-                            description=f"{HASH_HEX_CHARS} lowercase hex characters")]
+Hex16 = Annotated[str, Meta(pattern="^[0-9a-f]{16}$", description="16 lowercase hex characters")]
 Sha256 = Annotated[str, Meta(pattern="^[0-9a-f]{64}$", description="64 lowercase hex characters (a SHA-256)")]
 OptNumber = Number | None
-SignalStatus = one_of(SIGNAL_STATUSES)
+SignalStatus = one_of(tuple(SIGNAL_CONFIDENCE))
 ModelTypeName = one_of(MODEL_TYPES)
-Outcome = one_of(OUTCOMES)
+Outcome = one_of(("SUCCESS", "DEGENERATE_SIGNAL"))
 
 
-# The sidecar's schema (SPEC section 4): each block's keys and what they hold. A block may
-# carry more keys than these (the existing pipeline's, this project's extras); ``execution``
-# may not (its records are the schema, step5.execution.summary).
+# The sidecar's schema (SPEC section 4). A block may carry more keys than these (the existing
+# pipeline's, this project's extras); ``execution`` may not (step5.execution.summary).
 class _FeatureSchema(msgspec.Struct):
     feature_names: list[str]
     feature_count: int
@@ -307,8 +249,8 @@ class _PrngHypothesis(msgspec.Struct):
 
 
 class _DataContext(msgspec.Struct):
-    """In the existing pipeline's layout: its WATCHER's metrics extractor reads
-    ``fingerprint_version``, the windows' ``draw_count`` and ``prng_hypothesis.prng_type``."""
+    """The existing WATCHER's metrics extractor reads ``fingerprint_version``, the windows'
+    ``draw_count`` and ``prng_hypothesis.prng_type``."""
 
     fingerprint_hash: Hex16
     fingerprint_version: str
@@ -320,8 +262,8 @@ class _DataContext(msgspec.Struct):
 
 
 #: Metrics every sidecar carries; null in a degenerate sidecar, numbers in a SUCCESS one
-#: (``overfit_ratio`` may be null when the train MSE is 0 and the ratio is undefined,
-#: ``early_stop_ratio`` for a model that trains no rounds).
+#: (``overfit_ratio`` may be null when the train MSE is 0, ``early_stop_ratio`` for a model
+#: that trains no rounds).
 TRAINING_METRIC_KEYS: tuple[str, ...] = (
     "cv_r2_mean", "cv_r2_std", "train_r2", "val_r2", "test_r2", "train_mse", "val_mse", "test_mse",
     "overfit_ratio", "early_stop_ratio",
@@ -376,10 +318,8 @@ class _Sidecar(msgspec.Struct):
 def validate_sidecar(obj: dict[str, Any]) -> list[str]:
     """Every problem with a sidecar, as readable lines; an empty list means it is valid.
 
-    First its shape (:class:`_Sidecar`: every SPEC section 4 key, its type, the allowed
-    values; the first misfit of each top-level key), then, on a well-shaped sidecar, the
-    rules across fields: the feature hash matches the names, a SUCCESS sidecar names its
-    model type's checkpoint and has numeric metrics, a degenerate one allows no prediction.
+    First its shape (:class:`_Sidecar`; the first misfit of each top-level key), then, on a
+    well-shaped sidecar, the rules across fields that make it usable (or safely unusable) by Step 6.
     """
     if not isinstance(obj, dict):
         return [f"the sidecar must be a JSON object, got {type(obj).__name__}"]
@@ -393,13 +333,8 @@ def validate_sidecar(obj: dict[str, Any]) -> list[str]:
             convert(obj[f.name], f.type, at=f.name)
         except SchemaError as exc:
             problems.append(str(exc))
-    return problems or _rule_problems(obj)
-
-
-def _rule_problems(obj: dict[str, Any]) -> list[str]:
-    """What a well-shaped sidecar breaks of the rules that make it usable (or safely
-    unusable) by Step 6."""
-    problems: list[str] = []
+    if problems:
+        return problems
     outcome, fs, sq, tm, pv, am = (obj[k] for k in (
         "outcome", "feature_schema", "signal_quality", "training_metrics", "provenance", "agent_metadata"))
     names = fs["feature_names"]

@@ -1,8 +1,7 @@
 """What every Step 5 command line shares: how a usage error ends, and the argument types.
 
-A usage error exits :attr:`~step5.errors.UsageError.exit_code` (64, like ``EX_USAGE``) in
-every command, never argparse's 2: exit code 2 means "degenerate signal" to the WATCHER,
-and a typo must not look like one.
+A usage error exits 64 (``EX_USAGE``) in every command, never argparse's 2: exit code 2
+means "degenerate signal" to the WATCHER, and a typo must not look like one.
 """
 from __future__ import annotations
 
@@ -12,16 +11,10 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from step5.errors import UsageError
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
 class UsageErrorParser(argparse.ArgumentParser):
-    """argparse whose usage errors exit 64, or, built with ``exit_on_error=False``, raise
-    :class:`~step5.errors.UsageError` (the one-shot trainer answers one with a JSON line).
-
-    Either way the usage line goes to stderr first. :meth:`usage_error` reports a usage
-    error found after parsing (a flag conflict) the same way.
-    """
+    """argparse whose usage errors print the usage line and exit 64, or, built with
+    ``exit_on_error=False``, raise :class:`~step5.errors.UsageError` (the one-shot trainer
+    answers one with a JSON line)."""
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
@@ -38,7 +31,7 @@ class UsageErrorParser(argparse.ArgumentParser):
             self.error(str(exc))
 
     def usage_error(self, exc: UsageError) -> int:
-        """Print ``exc`` as argparse prints a usage error; returns the exit code (64)."""
+        """Report a usage error found after parsing (a flag conflict) as argparse would; returns 64."""
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -46,7 +39,6 @@ class UsageErrorParser(argparse.ArgumentParser):
 
 def int_at_least(lowest: int) -> Callable[[str], int]:
     """An argparse ``type`` accepting integers >= ``lowest``."""
-
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -87,7 +79,7 @@ def closed_fraction(text: str) -> float:
     return value
 
 
-def add_log_level(parser: argparse.ArgumentParser, default: str = "INFO") -> None:
+def add_log_level(parser: argparse.ArgumentParser) -> None:
     """``--log-level`` (any case) for logging on stderr."""
-    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=default,
+    parser.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO",
                         help="logging level (stderr)")

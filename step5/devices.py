@@ -1,30 +1,10 @@
 """Which devices the parent's workers run on, found without importing torch.
 
-The parent must stay free of torch and of any GPU runtime, so GPUs are discovered from
-what the host says: NVIDIA GPUs from ``CUDA_VISIBLE_DEVICES`` or ``nvidia-smi``
-(:func:`detect_gpus`), AMD GPUs from ``HIP_VISIBLE_DEVICES`` / ``ROCR_VISIBLE_DEVICES``,
-``amd-smi`` / ``rocm-smi`` or the kernel's ``/sys/class/kfd`` (:mod:`step5.rocm`).
-
-Each worker (or one-shot trainer) is pinned to one device through its environment, with
-every other GPU hidden:
-
-==========  ========================  ========================
-slot        ``CUDA_VISIBLE_DEVICES``  ``HIP_VISIBLE_DEVICES``
-==========  ========================  ========================
-``GPU-N``   ``N``                     ``-1`` (no AMD GPU)
-``ROCm-N``  ``""`` (no NVIDIA GPU)    ``N``
-``CPU-i``   ``""``                    ``-1``
-==========  ========================  ========================
-
-(HIP also reads ``CUDA_VISIBLE_DEVICES``, but only when ``HIP_VISIBLE_DEVICES`` is empty or
-unset, and it reads an empty one as unset; so an AMD worker still sees its GPU.) The
-policy's ``training.device_env`` (e.g. the rigs' ``HSA_OVERRIDE_GFX_VERSION``) goes to
-every slot's processes.
-
-``--gpus`` (:func:`parse_gpu_list`) chooses: ``0,1`` or ``cuda:0,cuda:1`` (NVIDIA),
-``rocm:0,rocm:1`` (AMD), ``cuda`` / ``rocm`` (every GPU of that kind found), ``all`` (every
-GPU of both kinds), ``none``. Without it a host uses its NVIDIA GPUs, else its AMD GPUs,
-else CPU workers: a host with both kinds uses both only when asked.
+NVIDIA GPUs come from ``CUDA_VISIBLE_DEVICES`` or ``nvidia-smi`` (:func:`detect_gpus`), AMD GPUs
+from :mod:`step5.rocm`. Each worker (or one-shot trainer) is pinned to one device through its
+environment, every other GPU hidden (:meth:`DeviceSlot.environment`); ``--gpus``
+(:func:`parse_gpu_list`) chooses, and without it a host uses its NVIDIA GPUs, else its AMD GPUs,
+else CPU workers (docs/cluster.md).
 """
 from __future__ import annotations
 
@@ -34,14 +14,15 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
 from step5.errors import UsageError
 from step5.launch import child_environment
 from step5.lifeline import PARENT_PID_ENV
-from step5.rocm import HIDE_AMD_GPUS, HIP_VISIBLE_DEVICES, ROCR_VISIBLE_DEVICES, AmdGpus, detect_amd_gpus
+from step5.rocm import HIDE_AMD_GPUS, HIP_VISIBLE_DEVICES, ROCR_VISIBLE_DEVICES, AmdGpus, detect_amd_gpus, \
+    read_hip_visible
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +63,22 @@ def device_env_problem(name: str, value: object) -> str | None:
 
 @dataclass(frozen=True)
 class DeviceSlot:
-    """One place a fold can train: a GPU (NVIDIA or AMD), or a share of the CPU cores."""
+    """One place a fold can train: a GPU (NVIDIA or AMD), or a share of the CPU cores.
+
+    ==========  ========================  ========================
+    slot        ``CUDA_VISIBLE_DEVICES``  ``HIP_VISIBLE_DEVICES``
+    ==========  ========================  ========================
+    ``GPU-N``   ``N``                     ``-1`` (no AMD GPU)
+    ``ROCm-N``  ``""`` (no NVIDIA GPU)    ``N``
+    ``CPU-i``   ``""``                    ``-1``
+    ==========  ========================  ========================
+    """
 
     label: str  # "GPU-0" / "ROCm-3" / "CPU-1": used in logs, e.g. "[S96B] Worker GPU-0 died"
     kind: str  # SLOT_KINDS: "cuda", "rocm" or "cpu"
-    cuda_visible_devices: str  # "0" pins NVIDIA GPU 0; "" hides every NVIDIA GPU (AMD and CPU slots)
+    cuda_visible_devices: str
     torch_threads: int | None = None  # torch intra-op threads for the process; None = torch's default
-    hip_visible_devices: str = HIDE_AMD_GPUS  # "3" pins AMD GPU 3; "-1" hides every AMD GPU
+    hip_visible_devices: str = HIDE_AMD_GPUS
     device_env: tuple[tuple[str, str], ...] = ()  # the policy's training.device_env, for every process
 
     @classmethod
@@ -130,21 +120,10 @@ class DeviceSlot:
         return env
 
 
-def _usage(text: str) -> UsageError:
-    return UsageError(
-        "--gpus must be a comma-separated list of GPU indices like '0,1' (NVIDIA; also 'cuda:0') or "
-        f"'rocm:0,rocm:1' (AMD), or one of {', '.join(GPU_SELECTORS)}, none; got {text!r}"
-    )
-
-
 def parse_gpu_list(text: str) -> list[str]:
-    """Parse ``--gpus`` into tokens; raises :class:`UsageError` when malformed.
-
-    ``0,1`` and ``cuda:0,cuda:1`` -> ``["0", "1"]`` (NVIDIA indices, as before);
-    ``rocm:0,rocm:1`` -> ``["rocm:0", "rocm:1"]``; a list may mix both. ``all``, ``cuda``
-    and ``rocm`` alone -> ``["all"]`` etc. (every GPU found of those kinds, resolved by
-    :func:`plan_slots`). ``none`` is the CLI's (an empty list).
-    """
+    """``--gpus`` as tokens (a :class:`UsageError` when malformed): ``0,1`` and ``cuda:0,cuda:1`` ->
+    ``["0", "1"]``; ``rocm:0,rocm:1`` -> ``["rocm:0", "rocm:1"]`` (a list may mix both); ``all``,
+    ``cuda``, ``rocm`` -> ``["all"]`` etc., resolved by :func:`plan_slots`. ``none`` is the CLI's."""
     word = text.strip().lower()
     if word in GPU_SELECTORS:
         return [word]
@@ -152,7 +131,10 @@ def parse_gpu_list(text: str) -> list[str]:
     for part in text.split(","):
         kind, _, index = part.strip().lower().rpartition(":")
         if not index.isdigit() or kind not in ("", "cuda", "rocm"):
-            raise _usage(text)
+            raise UsageError(
+                "--gpus must be a comma-separated list of GPU indices like '0,1' (NVIDIA; also 'cuda:0') or "
+                f"'rocm:0,rocm:1' (AMD), or one of {', '.join(GPU_SELECTORS)}, none; got {text!r}"
+            )
         items.append(ROCM_PREFIX + index if kind == "rocm" else index)
     if len(set(items)) != len(items):
         raise UsageError(f"--gpus lists a GPU twice: {text!r}")
@@ -168,30 +150,17 @@ def cuda_ids(gpus: list[str] | None) -> list[str] | None:
 
 
 def detect_gpus(env: Mapping[str, str] | None = None, *, nvidia_smi_timeout_s: float = 10.0) -> list[str]:
-    """NVIDIA GPU ids visible to this process, without importing torch.
-
-    ``CUDA_VISIBLE_DEVICES`` wins when set (empty or ``-1`` means "no GPU", as CUDA reads it);
-    otherwise ``nvidia-smi`` is asked for the GPU indices; no ``nvidia-smi`` means no GPU.
-    """
-    env = os.environ if env is None else env
-    visible = env.get("CUDA_VISIBLE_DEVICES")
+    """NVIDIA GPU ids visible to this process, without importing torch: ``CUDA_VISIBLE_DEVICES``
+    when set, read as CUDA reads it (empty or ``-1``: no GPU), else ``nvidia-smi``'s indices."""
+    visible = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        ids = [part.strip() for part in visible.split(",") if part.strip()]
-        # CUDA stops enumerating at the first invalid entry, such as "-1".
-        usable: list[str] = []
-        for ident in ids:
-            if ident.startswith("-"):
-                break
-            usable.append(ident)
-        return usable
+        return read_hip_visible(visible)
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return []
     try:
-        proc = subprocess.run(
-            [smi, "--query-gpu=index", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=nvidia_smi_timeout_s, check=False,
-        )
+        proc = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True,
+                              timeout=nvidia_smi_timeout_s, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         logger.warning("nvidia-smi failed (%s); assuming no GPU", exc)
         return []
@@ -203,8 +172,8 @@ def detect_gpus(env: Mapping[str, str] | None = None, *, nvidia_smi_timeout_s: f
 
 @dataclass(frozen=True)
 class TorchBuild:
-    """What the torch installed for this interpreter was built for, read from its
-    ``torch/version.py`` as text (importing torch would defeat the point)."""
+    """What this interpreter's torch was built for, read from ``torch/version.py`` as text
+    (importing torch would defeat the point)."""
 
     version: str
     cuda: str | None  # torch.version.cuda
@@ -238,9 +207,8 @@ def default_cpu_workers(cpu_count: int | None = None) -> int:
     return max(1, min(cores, 8))
 
 
-def _resolve_gpus(
-    gpus: list[str] | None, detect_nvidia: Callable[[], list[str]], detect_amd: Callable[[], AmdGpus],
-) -> tuple[list[str], list[str]]:
+def _resolve_gpus(gpus: list[str] | None, detect_nvidia: Callable[[], list[str]],
+                  detect_amd: Callable[[], AmdGpus]) -> tuple[list[str], list[str]]:
     """(NVIDIA ids, AMD ids) to plan one slot each for."""
     if gpus is None:
         nvidia = detect_nvidia()
@@ -266,31 +234,14 @@ def _resolve_gpus(
             [g[len(ROCM_PREFIX):] for g in gpus if g.startswith(ROCM_PREFIX)])
 
 
-def _warn_if_torch_cannot_drive(amd: list[str], build: TorchBuild | None) -> None:
-    if amd and build is not None and build.hip is None:
-        logger.warning(
-            "%d AMD GPU(s) are planned, but this interpreter's torch %s is not a ROCm build (torch.version.hip "
-            "is None): its workers will train on the CPU. Install a ROCm build of torch, or use --gpus none",
-            len(amd), build.version,
-        )
-
-
-def plan_slots(
-    gpus: list[str] | None,
-    cpu_workers: int | None,
-    *,
-    cpu_count: int | None = None,
-    device_env: Mapping[str, str] | None = None,
-    detect_nvidia: Callable[[], list[str]] | None = None,
-    detect_amd: Callable[[], AmdGpus] | None = None,
-    torch_build: Callable[[], TorchBuild | None] = installed_torch_build,
-) -> list[DeviceSlot]:
+def plan_slots(gpus: list[str] | None, cpu_workers: int | None, *, cpu_count: int | None = None,
+               device_env: Mapping[str, str] | None = None, detect_nvidia: Callable[[], list[str]] | None = None,
+               detect_amd: Callable[[], AmdGpus] | None = None,
+               torch_build: Callable[[], TorchBuild | None] = installed_torch_build) -> list[DeviceSlot]:
     """One slot per GPU; with no GPU, ``cpu_workers`` CPU slots sharing the cores.
 
-    ``gpus=None`` means "detect" (NVIDIA GPUs if any, else AMD GPUs); an explicit empty
-    list means "use no GPU"; otherwise :func:`parse_gpu_list`'s tokens. ``device_env``
-    (the policy's ``training.device_env``) goes to every slot's processes. The detectors
-    default to :func:`detect_gpus` and :func:`step5.rocm.detect_amd_gpus`.
+    ``gpus``: None detects (NVIDIA GPUs if any, else AMD GPUs), ``[]`` uses no GPU, else
+    :func:`parse_gpu_list`'s tokens. ``device_env`` (the policy's) goes to every slot's processes.
     """
     cores = cpu_count or os.cpu_count() or 1
     if cpu_workers is not None and cpu_workers < 1:
@@ -298,12 +249,17 @@ def plan_slots(
     env = tuple(sorted((device_env or {}).items()))
     nvidia, amd = _resolve_gpus(gpus, detect_nvidia or detect_gpus, detect_amd or detect_amd_gpus)
     if nvidia or amd:
-        _warn_if_torch_cannot_drive(amd, torch_build())
+        build = torch_build() if amd else None
+        if build is not None and build.hip is None:
+            logger.warning(
+                "%d AMD GPU(s) are planned, but this interpreter's torch %s is not a ROCm build (torch.version.hip "
+                "is None): its workers will train on the CPU. Install a ROCm build of torch, or use --gpus none",
+                len(amd), build.version,
+            )
         threads = max(1, cores // (len(nvidia) + len(amd)))
         slots = [DeviceSlot.cuda(g, threads) for g in nvidia] + [DeviceSlot.rocm(g, threads) for g in amd]
     else:
         n = cpu_workers if cpu_workers is not None else default_cpu_workers(cores)
         threads = max(1, cores // n)
         slots = [DeviceSlot.cpu(i, threads) for i in range(n)]
-    return [DeviceSlot(s.label, s.kind, s.cuda_visible_devices, s.torch_threads, s.hip_visible_devices, env)
-            for s in slots]
+    return [replace(s, device_env=env) for s in slots]

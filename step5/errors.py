@@ -23,11 +23,14 @@ class                       exit  raised when
 ``StorageError``            1     the study's database stayed unreachable past
                                   ``training.storage_outage_s``, or failed in a way
                                   waiting cannot fix (credentials, a missing table)
-``JobError``                1     a training job failed deterministically (not retried)
+``JobError``                1     a training job failed deterministically (bad data, bad
+                                  params, OOM): not retried, it would fail the same way
 ``BadRequest``              1     a protocol request is malformed (a ``JobError``)
 ``WorkerCrashed``           1     a training process died, hung or broke the protocol
-``WorkerFault``             1     the pool's worker did so (a ``WorkerCrashed`` + kind)
-``JobTimedOut``             1     a job ran past its timeout in a healthy process
+``WorkerFault``             1     the pool's worker did so, or failed to boot (a
+                                  ``WorkerCrashed`` + ``kind``; already dead)
+``JobTimedOut``             1     a job ran past its timeout in a healthy process (not a
+                                  worker fault; retried once, then ``error_type`` timeout)
 ``RunnerClosed``            1     a job meets a closed fold runner (pool or one-shot)
 ``FrameTooLarge``           --    a protocol line exceeds the reader's bound (handled by
                                   the reader's owner, never reaches a CLI)
@@ -35,11 +38,8 @@ class                       exit  raised when
                                   ``Step5Error``, so every ``finally`` runs as on Ctrl-C
 ==========================  ====  =========================================================
 
-Not here, on purpose: exceptions private to one module that never leave it
-(``step5.execution.runner._Aborted`` unwinds a runner thread, ``step5.nn.oneshot.
-_UsageFailure`` turns argparse's exit into the one-shot trainer's JSON error line), and
-``step5.testing.postgres.PostgresUnavailable``, test tooling that tells the PostgreSQL
-tests to skip: no Step 5 code path raises it, so it is no failure of the product.
+Not here, on purpose: exceptions private to one module that never leave it, and
+``step5.testing.postgres.PostgresUnavailable`` (test tooling: no Step 5 code path raises it).
 """
 from __future__ import annotations
 
@@ -68,9 +68,8 @@ _OUT_OF_MEMORY_WORDING = ("out of memory", "can't allocate memory", "defaultcpua
 
 
 def is_out_of_memory(exc: BaseException, oom_types: tuple[type[BaseException], ...] = ()) -> bool:
-    """Whether ``exc`` is a failed allocation: a ``MemoryError``, one of ``oom_types`` (the
-    torch side passes torch's ``OutOfMemoryError`` classes; this module stays torch-free), or
-    an exception whose message says so. Such a failure is a job's ``out_of_memory``."""
+    """Whether ``exc`` is a failed allocation (a job's ``out_of_memory``): a ``MemoryError``, one of
+    ``oom_types`` (the torch side passes torch's; this module stays torch-free), or one whose message says so."""
     if isinstance(exc, (MemoryError, *oom_types)):
         return True
     text = str(exc).lower()
@@ -78,9 +77,6 @@ def is_out_of_memory(exc: BaseException, oom_types: tuple[type[BaseException], .
 
 
 class Terminated(KeyboardInterrupt):
-    """Raised (by the handler step5.interrupts installs) when SIGTERM arrives: an interrupt,
-    so that every ``finally`` (workers, temp dirs, Optuna's trial bookkeeping) runs as on Ctrl-C."""
-
     exit_code = 128 + signal.SIGTERM
 
 
@@ -90,81 +86,54 @@ def interrupt_reason(exc: BaseException) -> str:
 
 
 class Step5Error(Exception):
-    """Raised for any failure that Step 5 reports to the user; base of the hierarchy."""
-
     exit_code = 1
 
 
 class UsageError(Step5Error):
-    """Raised when command-line arguments are inconsistent (exit code 64, like EX_USAGE)."""
-
     exit_code = 64
 
 
 class DataError(Step5Error):
-    """Raised when an input file (survivors, history, NPZ) is missing or malformed."""
+    """An input file (survivors, history, NPZ, sidecar) is missing or malformed."""
 
 
 class SchemaError(DataError, ValueError):
-    """Raised by :func:`step5.schema.convert` when a JSON document (a sidecar, a policy, a
-    summary) does not fit its schema; the message is the one line that says where and what.
-    Readers that know the document re-raise it as their own error (a policy's as
-    :class:`PolicyError`)."""
+    """A JSON document does not fit its schema (:func:`step5.schema.convert`: one line saying where
+    and what); a reader that knows the document may re-raise it as its own (a policy's: :class:`PolicyError`)."""
 
 
 class MissingDependency(Step5Error):
-    """Raised when an optional part is used without its extra installed (a tree model type
-    without ``step5[trees]``)."""
+    """An optional part is used without its extra installed (a tree model type without ``step5[trees]``)."""
 
 
 class PolicyError(Step5Error):
-    """Raised when ``watcher_policies.json`` cannot be read or fails validation."""
+    """``watcher_policies.json`` cannot be read or fails validation."""
 
 
 class DegenerateSignalError(Step5Error):
-    """Raised when the target has no usable signal; a degenerate sidecar is written (exit 2)."""
-
     exit_code = 2
 
 
 class PredictionNotAllowed(Step5Error):
-    """Raised when a sidecar says its run found no usable signal (no model to predict with)."""
-
     exit_code = 2
 
 
 class StudyMismatchError(Step5Error):
-    """Raised when a process's data or setup differs from what the shared study recorded (exit 1)."""
+    """A process's data or setup differs from what the shared study recorded."""
 
 
 class TooManyFailedTrials(Step5Error):
-    """Raised when so many trials failed in a row that replacing them looks endless."""
+    """So many trials failed in a row that replacing them looks endless."""
 
 
 class StorageError(Step5Error):
-    """Raised when the study's database stays unreachable for longer than
-    ``training.storage_outage_s``, or fails with an error that waiting cannot fix (bad
-    credentials, a missing database or table); the message names the database, password
-    redacted (:mod:`step5.optimizer.storage`)."""
+    """The study's database stayed unreachable past ``training.storage_outage_s``, or failed in a
+    way waiting cannot fix; the message names it, password redacted (:mod:`step5.optimizer.storage`)."""
 
 
 class JobError(Step5Error):
-    """Raised when a training job fails deterministically (bad data, bad params, OOM).
-
-    Such a job is not retried: retrying the same request would fail the same way. It fails
-    the trial that owns it, with the message the worker (or one-shot trainer) gave.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        error_type: str = "train_error",
-        *,
-        trial_number: int | None = None,
-        fold_idx: int | None = None,
-        job_id: Any = None,
-        traceback: str | None = None,
-    ) -> None:
+    def __init__(self, message: str, error_type: str = "train_error", *, trial_number: int | None = None,
+                 fold_idx: int | None = None, job_id: Any = None, traceback: str | None = None) -> None:
         if error_type not in JOB_ERROR_TYPES:
             raise ValueError(f"`error_type` must be one of {JOB_ERROR_TYPES}, got {error_type!r}")
         super().__init__(message)
@@ -177,14 +146,8 @@ class JobError(Step5Error):
 
     def to_dict(self) -> dict[str, Any]:
         """The protocol's error response for this failure."""
-        out: dict[str, Any] = {
-            "status": "error",
-            "error": self.message,
-            "error_type": self.error_type,
-            "trial_number": self.trial_number,
-            "fold_idx": self.fold_idx,
-            "job_id": self.job_id,
-        }
+        out: dict[str, Any] = {"status": "error", "error": self.message, "error_type": self.error_type,
+                               "trial_number": self.trial_number, "fold_idx": self.fold_idx, "job_id": self.job_id}
         if self.traceback:
             out["traceback"] = self.traceback
         return out
@@ -195,29 +158,16 @@ class JobError(Step5Error):
         error_type = payload.get("error_type")
         if error_type not in JOB_ERROR_TYPES:
             error_type = "train_error"
-        return cls(
-            str(payload.get("error", "unknown error")),
-            error_type,
-            trial_number=payload.get("trial_number"),
-            fold_idx=payload.get("fold_idx"),
-            job_id=payload.get("job_id"),
-            traceback=payload.get("traceback"),
-        )
+        return cls(str(payload.get("error", "unknown error")), error_type, trial_number=payload.get("trial_number"),
+                   fold_idx=payload.get("fold_idx"), job_id=payload.get("job_id"), traceback=payload.get("traceback"))
 
 
 class BadRequest(JobError):
-    """Raised when a protocol request is malformed (bad JSON, wrong types, unknown command)."""
-
     def __init__(self, message: str, **kwargs: Any) -> None:
         super().__init__(message, "bad_request", **kwargs)
 
 
 class WorkerCrashed(Step5Error):
-    """Raised when a worker process dies, hangs past its timeout or breaks the protocol.
-
-    Unlike :class:`JobError` this is not the job's fault: the job is retried elsewhere.
-    """
-
     def __init__(self, message: str, *, exit_status: str | None = None, stderr_tail: str = "") -> None:
         super().__init__(message)
         self.exit_status = exit_status
@@ -225,12 +175,6 @@ class WorkerCrashed(Step5Error):
 
 
 class JobTimedOut(Step5Error):
-    """Raised when a job runs past its timeout while its process is otherwise healthy.
-
-    Not a worker fault: the job is retried once, and its second timeout fails it (a
-    :class:`JobError` with ``error_type`` ``timeout``); the slot keeps its worker mode.
-    """
-
     def __init__(self, message: str, *, timeout_s: float, stderr_tail: str = "") -> None:
         super().__init__(message)
         self.timeout_s = timeout_s
@@ -239,22 +183,16 @@ class JobTimedOut(Step5Error):
 
 
 class WorkerFault(WorkerCrashed):
-    """Raised when a pool worker crashed, hung, broke the protocol or failed to boot; ``kind``
-    says which (:data:`step5.execution.slot.WORKER_FAULTS`). The process is already dead."""
-
     def __init__(self, message: str, *, kind: str, exit_status: str | None, stderr_tail: str) -> None:
         super().__init__(message, exit_status=exit_status, stderr_tail=stderr_tail)
         self.kind = kind
 
 
 class RunnerClosed(Step5Error):
-    """Raised when a job is submitted to, or was running in, a fold runner that has been
-    closed: the worker pool or the one-shot runner (closed by ``close()`` or an abort)."""
+    """A job meets a fold runner (the pool or the one-shot runner) closed by ``close()`` or an abort."""
 
 
 class FrameTooLarge(Step5Error):
-    """Raised when a line exceeds the reader's bound; the rest of that line was discarded."""
-
     def __init__(self, limit: int, seen: int, *, at_eof: bool) -> None:
         super().__init__(f"line of at least {seen} bytes exceeds the {limit}-byte frame limit")
         self.limit = limit

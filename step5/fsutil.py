@@ -1,8 +1,7 @@
 """Atomic file output: a reader sees the old file or the complete new one, never half.
 
-Files are created with mode ``0o666`` filtered by the process umask (``0644`` under the usual
-umask 022), like ``open(path, "w")`` would: a model directory shared with the group that runs
-Step 6 must be readable by it. (``tempfile.mkstemp`` would give every output ``0600``.)
+Files get the umask's mode, as with ``open(path, "w")`` (``tempfile.mkstemp`` would give every
+output ``0600``): a model directory shared with the group that runs Step 6 must be readable by it.
 """
 from __future__ import annotations
 
@@ -13,10 +12,8 @@ import secrets
 from pathlib import Path
 from typing import Iterator
 
-#: Mode new files are created with before the umask applies (what ``open()`` uses).
-FILE_MODE = 0o666
-#: Mode new folders are created with before the umask applies (what ``mkdir`` uses).
-DIR_MODE = 0o777
+#: Modes new files and folders are created with before the umask applies (what ``open()`` and ``mkdir`` use).
+FILE_MODE, DIR_MODE = 0o666, 0o777
 
 
 def os_error_reason(exc: OSError) -> str:
@@ -61,12 +58,9 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str], *, keep_suffix: bool = False) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success it replaces ``path`` (``os.replace``),
-    on any exception it is removed and ``path`` is left as it was.
-
-    ``keep_suffix`` ends the temp name with ``path``'s suffix, for writers (xgboost) that
-    pick their format from the file extension.
-    """
+    """Yield a temp path beside ``path``; on success it replaces ``path`` (``os.replace``), on any
+    exception it is removed and ``path`` is left as it was. ``keep_suffix`` ends the temp name
+    with ``path``'s suffix, for writers (xgboost) that pick their format from the file extension."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".tmp" + (target.suffix if keep_suffix else "")

@@ -1,19 +1,12 @@
 """Make a child process exit when its parent dies (torch-free).
 
-A persistent worker must never outlive the optimizer that started it, even when the
-optimizer is SIGKILLed and gets no chance to shut it down. Two mechanisms, because each
-one alone has a gap:
-
-* Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)``: the kernel kills us the moment the parent
-  goes. It does not help when the parent died *before* the call ran, and it does not
-  exist elsewhere. (It fires when the parent *thread* that forked us exits, which is why
-  the pool spawns every worker from one long-lived thread.)
-* A daemon thread polling ``os.getppid()``: when we are re-parented (to init or a
-  subreaper), or when the pid the parent wrote into ``STEP5_PARENT_PID`` no longer
-  exists, the process exits. This covers the race and non-Linux systems.
-
-The parent records its pid in the child's environment (:data:`PARENT_PID_ENV`) so the
-child compares against the process that really asked for it, not whoever it finds.
+A persistent worker must never outlive the optimizer that started it, even a SIGKILLed one.
+Two mechanisms, because each alone has a gap (docs/workers.md): Linux
+``prctl(PR_SET_PDEATHSIG)`` (it misses a parent that died before the call, fires when the
+parent *thread* that forked us exits, so the pool spawns every worker from one long-lived
+thread, and exists on Linux only), and a daemon thread polling ``os.getppid()`` and the pid
+the parent wrote into :data:`PARENT_PID_ENV`, so the child watches the process that really
+asked for it, not whoever it finds.
 """
 from __future__ import annotations
 
@@ -44,17 +37,14 @@ _PR_SET_PDEATHSIG = 1
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
-    """Ask the Linux kernel to send ``sig`` to this process when its parent exits.
-
-    Returns whether it could be installed (False off Linux or without libc's ``prctl``).
-    """
+    """Ask the Linux kernel to send ``sig`` to this process when its parent exits; returns
+    whether it could be installed (False off Linux or without libc's ``prctl``)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-            err = ctypes.get_errno()
-            logger.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(err))
+            logger.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
             return False
     except (OSError, AttributeError) as exc:
         logger.warning("prctl(PR_SET_PDEATHSIG) unavailable: %s", exc)
@@ -75,25 +65,14 @@ def expected_parent_pid(environ: dict[str, str] | None = None, name: str = PAREN
     return pid if pid > 0 else None
 
 
-def _default_on_orphan() -> None:
-    os._exit(EXIT_ORPHANED)
-
-
-def install_lifeline(
-    parent_pid: int | None = None,
-    *,
-    poll_s: float = 0.5,
-    on_orphan: Callable[[], None] | None = None,
-    use_prctl: bool = True,
-    death_signal: int = signal.SIGKILL,
-) -> threading.Thread:
+def install_lifeline(parent_pid: int | None = None, *, poll_s: float = 0.5, on_orphan: Callable[[], None] | None = None,
+                     use_prctl: bool = True, death_signal: int = signal.SIGKILL) -> threading.Thread:
     """Arrange for this process to end when its parent dies; returns the watch thread.
 
-    ``parent_pid`` defaults to :data:`PARENT_PID_ENV`, else to the current parent.
-    ``on_orphan`` (default: ``os._exit(EXIT_ORPHANED)``) runs in the watch thread once the
-    parent is found gone; tests pass their own to observe it, and ``use_prctl=False`` to
-    check the polling path alone. ``death_signal`` is what the kernel sends when the parent
-    goes (SIGKILL for workers; a process with cleanup to do asks for SIGTERM).
+    ``parent_pid`` defaults to :data:`PARENT_PID_ENV`, else to the current parent. ``on_orphan``
+    (default: ``os._exit(EXIT_ORPHANED)``) runs in the watch thread once the parent is gone
+    (tests observe it, and check the polling alone with ``use_prctl=False``). ``death_signal``:
+    what the kernel sends (SIGKILL for workers; a process with cleanup to do asks for SIGTERM).
     """
     original_ppid = os.getppid()
     watched = parent_pid if parent_pid is not None else expected_parent_pid()
@@ -101,24 +80,20 @@ def install_lifeline(
         watched = original_ppid
     if use_prctl:
         set_parent_death_signal(death_signal)
-    act = on_orphan or _default_on_orphan
-
-    def orphaned() -> str | None:
-        ppid = os.getppid()
-        if ppid != original_ppid:
-            return f"re-parented from pid {original_ppid} to {ppid}"
-        if not pid_alive(watched):
-            return f"parent pid {watched} no longer exists"
-        return None
+    act = on_orphan or (lambda: os._exit(EXIT_ORPHANED))
 
     def watch() -> None:
         while True:
-            reason = orphaned()
-            if reason is not None:
-                logger.warning("parent process is gone (%s); exiting", reason)
-                act()
-                return
+            ppid = os.getppid()
+            if ppid != original_ppid:
+                reason = f"re-parented from pid {original_ppid} to {ppid}"
+                break
+            if not pid_alive(watched):
+                reason = f"parent pid {watched} no longer exists"
+                break
             time.sleep(poll_s)
+        logger.warning("parent process is gone (%s); exiting", reason)
+        act()
 
     thread = threading.Thread(target=watch, name="step5-lifeline", daemon=True)
     thread.start()
@@ -128,11 +103,9 @@ def install_lifeline(
 def install_supervisor_lifeline(environ: dict[str, str] | None = None) -> threading.Thread | None:
     """End this process as on SIGTERM when the supervisor in :data:`SUPERVISOR_PID_ENV` dies.
 
-    The WATCHER runs a step in a session of its own so that Ctrl-C reaches only the
-    WATCHER, which then stops the step; but a WATCHER that is SIGKILLed (or OOM-killed)
-    stops nothing, and the step would train on, unwatched and past its timeout. With this,
-    the step takes its normal SIGTERM path (fail the running trials, close the workers,
-    remove temp files). A step run by hand has no supervisor: nothing is installed.
+    The WATCHER runs a step in a session of its own (so Ctrl-C reaches only the WATCHER); a
+    WATCHER that is SIGKILLed stops nothing, and the step would train on unwatched. With this
+    the step takes its normal SIGTERM path. A step run by hand has no supervisor: None.
     """
     supervisor = expected_parent_pid(environ, SUPERVISOR_PID_ENV)
     if supervisor is None:
@@ -167,21 +140,17 @@ class StdinLifeline:
         self._armed.clear()
 
 
-def install_stdin_lifeline(
-    environ: dict[str, str] | None = None, *, fd: int = 0, on_eof: Callable[[], None] | None = None,
-) -> StdinLifeline | None:
-    """End this process as on SIGTERM when file descriptor ``fd`` (stdin) reaches EOF, if
-    :data:`STDIN_LIFELINE_ENV` is ``1``; returns the lifeline (None: not asked for).
+def install_stdin_lifeline(environ: dict[str, str] | None = None, *, fd: int = 0,
+                           on_eof: Callable[[], None] | None = None) -> StdinLifeline | None:
+    """End this process as on SIGTERM when ``fd`` (stdin) reaches EOF, if :data:`STDIN_LIFELINE_ENV`
+    is ``1``; returns the lifeline (None: not asked for).
 
-    A helper started over ssh has no parent on its own host to watch: its sshd stays, the
-    main process is elsewhere. What reaches it is its stdin, the ssh channel: the main
-    process closes it to stop the helper, and a dead main process or a lost connection
-    closes it too. Whatever it reads before EOF is discarded. The caller disarms it once
-    its run is over (a helper that has finished is leaving anyway, and SIGTERM then would
-    find the default handler back and cut its exit short).
+    A helper started over ssh has no parent on its host to watch; what reaches it is its stdin,
+    the ssh channel, which the main process closes to stop it and which a dead main process or
+    a lost connection closes too. What it reads before EOF is discarded. The caller disarms it
+    once its run is over (SIGTERM then would find the default handler back and cut its exit short).
     """
-    env = os.environ if environ is None else environ
-    if env.get(STDIN_LIFELINE_ENV) != "1":
+    if (os.environ if environ is None else environ).get(STDIN_LIFELINE_ENV) != "1":
         return None
     lifeline = StdinLifeline(fd, on_eof or (lambda: os.kill(os.getpid(), signal.SIGTERM)))
     lifeline.thread.start()

@@ -1,27 +1,11 @@
 """The model directory: a model set (checkpoint, sidecar, pictures) committed as one unit.
 
-``--output-dir`` after a run::
-
-    best_model.meta.json   -> .model_sets/current/best_model.meta.json    relative symlinks,
-    best_model.pth         -> .model_sets/current/best_model.pth           made once, never
-    best_model.history.png -> .model_sets/current/best_model.history.png   changed by a commit
-    .model_sets/current    -> 20261130T034600Z-1a2b3c4d                    THE pointer
-    .model_sets/20261130T034600Z-1a2b3c4d/   the committed set: its files never change
-    .model_sets/<the set before it>/         kept, for a reader that is half-way through it
-
-A run writes its whole set into a fresh hidden folder (``.partial-<host>-<pid>-<token>``),
-flushes it, renames it to its version name and then swaps the pointer with one ``rename``:
-the only step that changes what the fixed names show. Until that rename every name shows the
-complete old set, after it the complete new one, whatever kills the run in between (Ctrl-C,
-SIGTERM, SIGKILL, a full disk). Step 6 keeps reading ``best_model.pth`` and
-``best_model.meta.json`` in the output dir; a reader that resolves the sidecar's real path
-first (:func:`step5.artifacts.resolve_checkpoint` does) reads both files from one set even
-if a commit lands between its two reads.
-
-A folder written before this layout existed (regular ``best_model.*`` files) is migrated on
-the first commit: its files are hard-linked into a set of their own and each name is swapped
-for a link to the same content, so that migration, too, never shows a mixed pair.
-Requires a filesystem with symlinks (any POSIX one).
+A run writes its set into a hidden ``.model_sets/.partial-<host>-<pid>-<token>`` folder,
+renames it to its version name and swaps the ``.model_sets/current`` pointer with one
+``rename``: until then every fixed name (``best_model.*``, links into ``current``) shows the
+complete old set, after it the complete new one, whatever kills the run in between. A folder
+of plain ``best_model.*`` files is migrated on the first commit. Layout and reasons:
+docs/optimizer.md ("The model set"). Requires a filesystem with symlinks (any POSIX one).
 """
 from __future__ import annotations
 
@@ -109,51 +93,45 @@ class StagedSet:
 
     @property
     def final_dir(self) -> Path:
-        """The folder the set will have once committed (absolute), e.g. for a sidecar that
-        names its checkpoint by a path that stays true however later commits move the links."""
+        """The folder the set will have once committed (absolute): a path to its files that later commits keep true."""
         return (self.sets_dir / self.version_name).absolute()
 
     def commit(self) -> Path:
         """Make this set the one the output dir shows; returns the committed set's folder.
-
-        A filesystem error is a :class:`~step5.errors.Step5Error` naming the output dir.
-        """
+        A filesystem error is a :class:`~step5.errors.Step5Error` naming the output dir."""
         with writing(self.output_dir):
-            return self._commit()
-
-    def _commit(self) -> Path:
-        names = sorted(p.name for p in self.path.iterdir())
-        if not names:
-            raise ValueError(f"refusing to commit an empty model set from {self.path}")
-        _fsync_files(self.path)
-        self.version = self.sets_dir / self.version_name
-        os.rename(self.path, self.version)
-        fsync_dir(self.sets_dir)
-        previous = _pointer_target(self.sets_dir)
-        if previous is None:
-            previous = _migrate_plain_files(self.output_dir)
-        else:  # a migration that was interrupted half-way: finish it (same bytes behind each name)
-            for name in MODEL_SET_NAMES:
-                plain = self.output_dir / name
-                if plain.is_file() and not plain.is_symlink() and (self.sets_dir / previous / name).is_file():
-                    _replace_with_link(plain, LINK_PREFIX + name)
-        for name in names:  # the fixed names (a new one dangles until the swap below)
-            link = self.output_dir / name
-            if not _is_our_link(link):
-                _replace_with_link(link, LINK_PREFIX + name)
-        # THE commit: one rename swaps what every fixed name shows.
-        _replace_with_link(self.sets_dir / POINTER_NAME, self.version.name)
-        self.committed = True
-        # Committed: what follows tidies up, and a filesystem that fails it now (full,
-        # read-only) leaves a few stale names behind, for the next commit to remove.
-        with contextlib.suppress(OSError):
+            names = sorted(p.name for p in self.path.iterdir())
+            if not names:
+                raise ValueError(f"refusing to commit an empty model set from {self.path}")
+            _fsync_files(self.path)
+            self.version = self.sets_dir / self.version_name
+            os.rename(self.path, self.version)
             fsync_dir(self.sets_dir)
-            for p in self.output_dir.iterdir():  # names only the old set had now dangle: remove them
-                if p.name not in names and _is_our_link(p):
-                    p.unlink()
-            fsync_dir(self.output_dir)
-            _collect_garbage(self.sets_dir, keep={self.version.name, previous or ""})
-        return self.version
+            previous = _pointer_target(self.sets_dir)
+            if previous is None:
+                previous = _migrate_plain_files(self.output_dir)
+            else:  # a migration that was interrupted half-way: finish it (same bytes behind each name)
+                for name in MODEL_SET_NAMES:
+                    plain = self.output_dir / name
+                    if plain.is_file() and not plain.is_symlink() and (self.sets_dir / previous / name).is_file():
+                        _replace_with_link(plain, LINK_PREFIX + name)
+            for name in names:  # the fixed names (a new one dangles until the swap below)
+                link = self.output_dir / name
+                if not _is_our_link(link):
+                    _replace_with_link(link, LINK_PREFIX + name)
+            # THE commit: one rename swaps what every fixed name shows.
+            _replace_with_link(self.sets_dir / POINTER_NAME, self.version.name)
+            self.committed = True
+            # Committed: what follows tidies up, and a filesystem that fails it now (full,
+            # read-only) leaves a few stale names behind, for the next commit to remove.
+            with contextlib.suppress(OSError):
+                fsync_dir(self.sets_dir)
+                for p in self.output_dir.iterdir():  # names only the old set had now dangle: remove them
+                    if p.name not in names and _is_our_link(p):
+                        p.unlink()
+                fsync_dir(self.output_dir)
+                _collect_garbage(self.sets_dir, keep={self.version.name, previous or ""})
+            return self.version
 
     def discard(self) -> None:
         """Remove an uncommitted set (never the one the pointer shows)."""
@@ -168,12 +146,8 @@ class StagedSet:
 
 @contextlib.contextmanager
 def stage(output_dir: str | os.PathLike[str]) -> Iterator[StagedSet]:
-    """A fresh hidden folder for a new model set in ``output_dir``.
-
-    Leaving the block without :meth:`StagedSet.commit` (an error, an interrupt) removes the
-    folder and leaves the output dir showing what it showed before. A filesystem error is a
-    :class:`~step5.errors.Step5Error` naming the output dir.
-    """
+    """A fresh hidden folder for a new model set in ``output_dir``; leaving the block without
+    :meth:`StagedSet.commit` (an error, an interrupt) removes it, and the output dir shows what it showed."""
     out = Path(output_dir)
     sets_dir = out / SETS_DIRNAME
     with writing(out):
@@ -190,9 +164,8 @@ def stage(output_dir: str | os.PathLike[str]) -> Iterator[StagedSet]:
 
 @contextlib.contextmanager
 def writing(output_dir: str | os.PathLike[str]) -> Iterator[None]:
-    """Turn a filesystem error while a model set is written (a full disk, a read-only
-    mount, no permission) into one :class:`~step5.errors.Step5Error` line naming the output
-    dir; until the commit's one rename, the output dir shows the set it showed before."""
+    """A filesystem error while a model set is written (a full disk, a read-only mount, no
+    permission) as one :class:`~step5.errors.Step5Error` line naming the output dir."""
     try:
         yield
     except OSError as exc:
@@ -217,8 +190,11 @@ def current_files(output_dir: str | os.PathLike[str]) -> dict[str, Path]:
     folder = current_dir(out)
     if folder is not None:
         return {p.name: p for p in sorted(folder.iterdir()) if p.is_file()} if folder.is_dir() else {}
-    if not out.is_dir():
-        return {}
+    return _plain_files(out) if out.is_dir() else {}
+
+
+def _plain_files(out: Path) -> dict[str, Path]:
+    """The regular (not linked) model files of a folder written before model sets existed."""
     return {p.name: p for p in sorted(out.iterdir()) if p.name in MODEL_SET_NAMES and p.is_file() and not p.is_symlink()}
 
 
@@ -229,9 +205,8 @@ def copy_files(staged: StagedSet, files: Mapping[str, Path]) -> None:
 
 
 def _migrate_plain_files(out: Path) -> str | None:
-    """Move a pre-set folder's regular model files into a set of their own (see the module
-    docstring); returns that set's name, or None when there was nothing to migrate."""
-    plain = {p.name: p for p in out.iterdir() if p.name in MODEL_SET_NAMES and p.is_file() and not p.is_symlink()}
+    """Move a folder's plain model files into a set of their own; returns its name (None: nothing to move)."""
+    plain = _plain_files(out)
     if not plain:
         return None
     sets_dir = out / SETS_DIRNAME
@@ -266,14 +241,10 @@ def _collect_garbage(sets_dir: Path, keep: set[str]) -> None:
 
 def _partial_is_orphan(name: str, host: str) -> bool:
     """A partial set whose writer (this host, that pid) is gone; other hosts' are kept."""
-    rest = name[len(PARTIAL_PREFIX):]
     try:
-        writer_host, pid_text, _token = rest.rsplit("-", 2)
+        writer_host, pid_text, _token = name[len(PARTIAL_PREFIX):].rsplit("-", 2)
         pid = int(pid_text)
     except ValueError:
         return False
-    if writer_host != host:
-        return False
-    if pid == os.getpid():
-        return True  # this process commits one set at a time; any other one is left over
-    return not pid_alive(pid)
+    # This process commits one set at a time: any other partial set of its own is left over.
+    return writer_host == host and (pid == os.getpid() or not pid_alive(pid))

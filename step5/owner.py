@@ -1,9 +1,8 @@
 """Who owns a thing (a trial, a temp folder), and whether that owner is still alive.
 
-A process is identified by its host, its PID namespace, its PID and its start time, so a
-PID reused by a later process is not mistaken for the owner. Whether an owner is alive can
-only be known on its own host and in its own PID namespace (:func:`is_local`); elsewhere a
-dead owner shows only through its stale Optuna heartbeats.
+A process is its host, PID namespace, PID and start time, so a reused PID is not mistaken for
+the owner. Whether an owner is alive can only be known on its host and in its PID namespace
+(:func:`is_local`); elsewhere a dead owner shows only through its stale Optuna heartbeats.
 """
 from __future__ import annotations
 
@@ -52,7 +51,7 @@ def _start_time(pid: int) -> int | None:
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _this_process(pid: int) -> ProcessIdentity:
     return ProcessIdentity(socket.gethostname(), _pid_namespace(), pid, _start_time(pid) or 0)
 
@@ -69,8 +68,8 @@ def is_local(owner: ProcessIdentity) -> bool:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this host: the one answer to "is it alive?". A zombie
-    (exited, not yet reaped) is dead; a process of another user is alive."""
+    """Whether process ``pid`` runs on this host (the one answer to "is it alive?"): a zombie is
+    dead, a process of another user alive."""
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.AccessDenied:
@@ -95,9 +94,8 @@ def claim_folder(path: Path) -> None:
 
 
 def orphaned_folders(root: Path, prefix: str) -> list[tuple[Path, ProcessIdentity]]:
-    """Folders ``root/prefix*`` whose recorded owner died on this host (SIGKILL, a crash),
-    with that owner. Folders of live processes, of other hosts sharing ``root``, and
-    folders without a readable owner record are not listed."""
+    """Folders ``root/prefix*`` whose recorded owner died on this host (SIGKILL, a crash), with
+    that owner; not those of live processes, of other hosts, or without a readable owner record."""
     try:
         candidates = [p for p in root.iterdir() if p.name.startswith(prefix) and p.is_dir()]
     except OSError:

@@ -1,27 +1,10 @@
 """``watcher_policies.json``: loading and validation (SPEC section 8).
 
-An unreadable or invalid policy file is a :class:`PolicyError`, never a silent default.
-Absent *keys* do have defaults; notably ``training.use_persistent_workers`` absent means
-``False`` (backward compatible with the S96A subprocess-per-fold path).
-
-Which file (SPEC section 10): an explicit ``--policy`` must exist; without it,
-``watcher_policies.json`` in the working directory when there is one, else the project's own
-(:data:`PROJECT_POLICY_PATH`, found from this package's location, so a run started from any
-directory gets the same policy).
-
-The file is the pipeline's one governance file (the existing pipeline's own
-``watcher_policies.json`` works as it is). Step 5 owns ``training`` and ``watcher``: an unknown
-key or a wrong type there is an error. It shares two sections, and reads them in the
-pipeline's schema:
-
-* ``training_diagnostics``: ``enabled``, ``metric_bounds`` (``{metric: {"warning": x,
-  "critical": y}}``), ``model_skip_rules`` (``max_consecutive_critical``,
-  ``skip_duration_hours``) and ``severity_thresholds.critical.max_retries``; the values Step 5
-  reads must have their types, every other key is the pipeline's and is left alone;
-* ``acceptance_rules``: only its ``step5`` object is Step 5's (``min_<metric>`` /
-  ``max_<metric>``); the rest belongs to other parts of the pipeline.
-
-Every other section is another part of the pipeline's and is kept unread.
+An unreadable or invalid policy file is a :class:`PolicyError`, never a silent default; absent
+keys have defaults (``training.use_persistent_workers`` absent: ``False``, the S96A path). Step 5
+owns ``training`` and ``watcher`` (an unknown key or a wrong type there is an error) and reads
+``training_diagnostics`` and ``acceptance_rules.step5`` in the pipeline's schema; every other
+section and key is the pipeline's and left unread (docs/compatibility.md, docs/watcher.md).
 """
 from __future__ import annotations
 
@@ -42,8 +25,8 @@ from step5.schema import NonNegativeInt, NonNegativeNumber, Number, PositiveNumb
 from step5.values import is_number
 
 DEFAULT_POLICY_PATH = "watcher_policies.json"
-#: The project's own policy, shipped inside the package (in a checkout, a link to the
-#: repository's watcher_policies.json), so an installed step5 has it in any directory.
+#: The project's own policy, shipped inside the package (in a checkout, a link to the repository's),
+#: so an installed step5 has it in any directory.
 PROJECT_POLICY_PATH = Path(__file__).resolve().with_name(DEFAULT_POLICY_PATH)
 
 
@@ -62,8 +45,7 @@ class TrainingPolicy:
     worker_job_timeout_s: PositiveNumber = 600.0  # a job running longer marks its worker hung
     worker_ready_timeout_s: PositiveNumber = 120.0  # boot (import torch, init CUDA) must finish by then
     max_worker_restarts: NonNegativeInt = 1  # restarts per device before falling back to subprocesses
-    # a fallen-back slot tries a fresh worker after this (x2 each time)
-    worker_repromote_after_s: PositiveNumber = 60.0
+    worker_repromote_after_s: PositiveNumber = 60.0  # a fallen-back slot tries a fresh worker after this (x2 each time)
     max_worker_repromotions: NonNegativeInt = 3  # then the slot stays in the fallback; 0: never re-promote
     max_fault_reruns: NonNegativeInt = 50  # re-runs of jobs hit by infrastructure faults, per run (all slots)
     # ... and per job (a poisoned job spends at most a fifth of the run's); past either, its trial fails
@@ -72,16 +54,13 @@ class TrainingPolicy:
     fuse_folds: bool = False  # train a trial's K folds in one batched pass
     trials_in_flight: NonNegativeInt = 0  # trials per ask/run/tell batch; 0: two per device slot
     heartbeat_interval_s: PositiveNumber = 30.0  # a running trial's Optuna heartbeat period
-    # no heartbeat this long: its process is dead, the trial is failed and re-run
-    heartbeat_grace_s: PositiveNumber = 120.0
-    # how long a process waits for an unreachable study database before it exits 1
-    storage_outage_s: PositiveNumber = 300.0
+    heartbeat_grace_s: PositiveNumber = 120.0  # no heartbeat this long: its process is dead; fail and re-run it
+    storage_outage_s: PositiveNumber = 300.0  # how long a process waits for an unreachable study database (then exit 1)
     pruner: Pruner = "none"  # fold-level pruning of hopeless trials (PRUNER_NAMES)
     # Variables every worker and one-shot trainer is started with (e.g. a ROCm rig's
     # {"HSA_OVERRIDE_GFX_VERSION": "10.3.0", "HSA_ENABLE_SDMA": "0"}); values are literal strings.
     device_env: DeviceEnv = field(default_factory=dict)
-    # seconds between a host's worker starts (restarts too); ROCm rigs: 4
-    worker_spawn_stagger_s: NonNegativeNumber = 0.0
+    worker_spawn_stagger_s: NonNegativeNumber = 0.0  # seconds between a host's worker starts (restarts too); ROCm rigs: 4
 
 
 @dataclass(frozen=True)
@@ -95,10 +74,9 @@ class WatcherPolicy:
     kill_grace_s: PositiveNumber = 10.0  # on timeout / Ctrl-C: SIGTERM the step's group, SIGKILL after this long
 
 
-#: Which way each metric is worse, for ``training_diagnostics.metric_bounds`` (a value at or
-#: beyond a bound has that severity, as in the pipeline's health check). The first five are
-#: the pipeline's own names; ``overfit_ratio`` is its "val loss / train loss". The rest are
-#: the sidecar's other ``training_metrics`` a policy may bound.
+#: Which way each metric is worse, for ``training_diagnostics.metric_bounds`` (a value at or beyond
+#: a bound has that severity, as in the pipeline's health check): the pipeline's five names
+#: (``overfit_ratio`` is its "val loss / train loss"), then the sidecar's other ``training_metrics``.
 WORSE_ABOVE, WORSE_BELOW = "above", "below"
 METRIC_DIRECTIONS: dict[str, str] = {
     "overfit_ratio": WORSE_ABOVE,
@@ -113,8 +91,7 @@ METRIC_DIRECTIONS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class MetricBound:
-    """One ``training_diagnostics.metric_bounds`` entry: the levels at which a metric is a
-    warning and critical, and which way is worse."""
+    """One ``training_diagnostics.metric_bounds`` entry: a metric's warning and critical levels, and which way is worse."""
 
     metric: str
     warning: float | None
@@ -124,9 +101,8 @@ class MetricBound:
     def severity(self, value: float) -> str:
         """``ok`` | ``warning`` | ``critical`` for one measured value."""
         def reached(bound: float | None) -> bool:
-            if bound is None:
-                return False
-            return value >= bound if self.worse == WORSE_ABOVE else value <= bound
+            return bound is not None and (value >= bound if self.worse == WORSE_ABOVE else value <= bound)
+
         return "critical" if reached(self.critical) else "warning" if reached(self.warning) else "ok"
 
     def describe(self, value: float) -> str:
@@ -142,9 +118,8 @@ def metric_key(metric: str) -> str:
 
 
 def bound_breaches(metrics: Mapping[str, Any], diagnostics: "DiagnosticsPolicy") -> list[tuple[str, str]]:
-    """``(severity, description)`` of every metric bound a model's ``training_metrics``
-    reach (warning or critical); bounds on metrics it does not carry are not judged, and
-    none is when ``diagnostics.enabled`` is false."""
+    """``(severity, description)`` of every bound a model's ``training_metrics`` reach (warning or
+    critical); bounds on metrics it does not carry are not judged, nor any when ``enabled`` is false."""
     if not diagnostics.enabled:
         return []
     out = []
@@ -201,8 +176,7 @@ def _check_section(raw: dict[str, Any], name: str, path: str) -> dict[str, Any]:
 
 
 def _typed(raw: dict[str, Any], name: str, cls: type, source: str) -> Any:
-    """Section ``name`` as its dataclass: each key typed by the field's annotation, an
-    unknown key an error, an absent key the field's default."""
+    """Section ``name`` as its dataclass: keys typed by the fields, unknown keys an error, absent ones defaulted."""
     section = without_comments(_check_section(raw, name, source))
     values = present(convert(section, record_schema(cls, required=False), source=source, at=name, quote=False))
     if "device_env" in values:
@@ -232,9 +206,8 @@ def _refuse_misspelt_sections(raw: dict[str, Any], source: str) -> None:
                               f"(Step 5 reads {', '.join(POLICY_SECTIONS)})")
 
 
-# ``training_diagnostics`` in the pipeline's schema, as far as Step 5 reads it: the keys it
-# reads must have their types; every other key (descriptions, log levels, actions) is the
-# pipeline's and left alone.
+# ``training_diagnostics`` as far as Step 5 reads it: those keys must have their types; every
+# other key (descriptions, log levels, actions) is the pipeline's and left alone.
 class _SkipRules(msgspec.Struct):
     max_consecutive_critical: Annotated[int, Meta(ge=1, description="an int >= 1")] | UnsetType = UNSET
     skip_duration_hours: PositiveNumber | UnsetType = UNSET
@@ -312,29 +285,26 @@ def _acceptance_rules(raw: dict[str, Any], source: str) -> dict[str, float]:
 
 def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
     """Validate an already-parsed policy object."""
-    try:
-        return _parse_policy(raw, source)
-    except SchemaError as exc:  # a key of the wrong type, named by step5.schema in the policy's words
-        raise PolicyError(str(exc)) from None
-
-
-def _parse_policy(raw: Any, source: str) -> Policy:
     if not isinstance(raw, dict):
         raise PolicyError(f"{source}: the policy must be a JSON object, got {type(raw).__name__}")
     _refuse_misspelt_sections(raw, source)
-    training = _typed(raw, "training", TrainingPolicy, source)
-    watcher = _typed(raw, "watcher", WatcherPolicy, source)
-    if watcher.retry_trials_multiplier < 1:
-        raise PolicyError(f"{source}: watcher.retry_trials_multiplier must be >= 1, got {watcher.retry_trials_multiplier}")
-    if training.heartbeat_grace_s <= training.heartbeat_interval_s:
-        raise PolicyError(
-            f"{source}: training.heartbeat_grace_s ({training.heartbeat_grace_s}) must exceed "
-            f"training.heartbeat_interval_s ({training.heartbeat_interval_s}), or a live trial would look dead"
-        )
-    if training.max_consecutive_failed_trials < 1:
-        raise PolicyError(f"{source}: training.max_consecutive_failed_trials must be >= 1, "
-                          f"got {training.max_consecutive_failed_trials}")
-    return Policy(training, watcher, _diagnostics(raw, source), _acceptance_rules(raw, source), source, raw)
+    try:  # a SchemaError is a key of the wrong type, named by step5.schema in the policy's words
+        training = _typed(raw, "training", TrainingPolicy, source)
+        watcher = _typed(raw, "watcher", WatcherPolicy, source)
+        if watcher.retry_trials_multiplier < 1:
+            raise PolicyError(f"{source}: watcher.retry_trials_multiplier must be >= 1, "
+                              f"got {watcher.retry_trials_multiplier}")
+        if training.heartbeat_grace_s <= training.heartbeat_interval_s:
+            raise PolicyError(
+                f"{source}: training.heartbeat_grace_s ({training.heartbeat_grace_s}) must exceed "
+                f"training.heartbeat_interval_s ({training.heartbeat_interval_s}), or a live trial would look dead"
+            )
+        if training.max_consecutive_failed_trials < 1:
+            raise PolicyError(f"{source}: training.max_consecutive_failed_trials must be >= 1, "
+                              f"got {training.max_consecutive_failed_trials}")
+        return Policy(training, watcher, _diagnostics(raw, source), _acceptance_rules(raw, source), source, raw)
+    except SchemaError as exc:
+        raise PolicyError(str(exc)) from None
 
 
 def find_policy() -> tuple[Path, str]:

@@ -1,40 +1,11 @@
 """Step 6's loader: a Step 5 model directory (checkpoint + sidecar) -> predictions.
 
-::
-
-    predictor = load_predictor("models/reinforcement")     # or the sidecar's path
-    y_hat = predictor.predict_file("new_survivors.json")   # (n,) float64, file order
-
-CLI::
-
-    python -m step5.predictor --model-dir DIR --survivors FILE [--output preds.json]
-        [--max-missing-fraction F]
-
-writes ``[{"seed": ..., "prediction": ...}, ...]`` (to stdout without ``--output``).
-Exit codes: 0 success, 1 error (bad files, schema mismatch), 2 the sidecar forbids
-prediction (degenerate target signal), 64 usage.
-
-What is checked before anything is predicted:
-
-* the sidecar is valid (:func:`step5.artifacts.validate_sidecar`);
-* ``signal_quality.prediction_allowed`` is true (a degenerate run saved no model, and its
-  sidecar says so: refused with exit 2 rather than predicting a constant);
-* the sidecar and the checkpoint are read from one model set: the sidecar's real path is
-  resolved first (in an output dir it is a link into the current set, see
-  :mod:`step5.model_set`), and the checkpoint's SHA-256 must be the sidecar's
-  ``checkpoint_sha256``: a checkpoint from another run beside this sidecar is an error;
-* the checkpoint's own feature names (a ``.pth`` stores them) hash to the sidecar's
-  ``feature_schema_hash``;
-* a model flagged ``training_metrics.beats_mean: false`` (test R² <= 0) loads with a warning;
-* new survivors are read in the sidecar's feature order (extra keys are ignored; a missing
-  key is filled with 0.0 and counted, and when more than ``--max-missing-fraction``
-  [0.01] of the model's feature cells are missing the survivors are refused, naming the
-  most-missing keys);
-* a pandas DataFrame is matched by column name (any order, extra columns ignored; a
-  missing one is an error naming it); an array must have exactly the schema's width.
-
-This is Step 6 code, not the Step 5 parent: it imports torch (lazily, for a neural-net
-checkpoint only) and the tree libraries (for their checkpoints only).
+``load_predictor(dir).predict_file("new_survivors.json")``, or the CLI
+``python -m step5.predictor --model-dir DIR --survivors FILE [--output preds.json] [--max-missing-fraction F]``
+(exit 0, 1 error, 2 the sidecar forbids prediction, 64 usage). What is checked before anything is
+predicted (one model set, the checkpoint's SHA-256 and feature schema, missing features):
+docs/optimizer.md ("Step 6: the predictor"). Step 6 code, not the parent: it imports torch
+(lazily, for a neural-net checkpoint only) and the tree libraries (for their checkpoints only).
 """
 from __future__ import annotations
 
@@ -53,7 +24,7 @@ from step5.artifacts import SIDECAR_NAME, feature_schema_hash, get_model_type, r
     verify_checkpoint
 from step5.cliutil import UsageErrorParser, add_log_level, closed_fraction
 from step5.errors import EXIT_OK, DataError, PredictionNotAllowed, Step5Error
-from step5.jsonio import write_json_atomic
+from step5.jsonio import dumps, write_json_atomic
 
 if TYPE_CHECKING:
     from step5.data.survivors import SurvivorFeatures
@@ -76,7 +47,6 @@ class Predictor:
     sidecar_path: Path
     checkpoint_path: Path
     model: Any  # has .predict(X: (n, d) float32) -> (n,) float64
-    max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION  # see predict_records
 
     @property
     def model_type(self) -> str:
@@ -93,120 +63,82 @@ class Predictor:
         if hasattr(X, "columns") and hasattr(X, "loc"):  # a DataFrame; pandas is not imported here
             missing = [k for k in names if k not in X.columns]
             if missing:
-                raise ValueError(
-                    f"the DataFrame lacks {len(missing)} of the model's {len(names)} feature columns: "
-                    f"{missing[:10]}{' ...' if len(missing) > 10 else ''}"
-                )
+                raise ValueError(f"the DataFrame lacks {len(missing)} of the model's {len(names)} feature columns: "
+                                 f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
             X = X.loc[:, names].to_numpy(dtype=np.float32)
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != len(names):
-            raise ValueError(
-                f"X must have shape (n, {len(names)}): one column per feature of the model's schema, "
-                f"in its order; got shape {X.shape}"
-            )
+            raise ValueError(f"X must have shape (n, {len(names)}): one column per feature of the model's schema, "
+                             f"in its order; got shape {X.shape}")
         return np.asarray(self.model.predict(X), dtype=np.float64).reshape(-1)
 
-    def predict_records(
-        self, records: Any, *, source: str = "<records>", max_missing_fraction: float | None = None,
-    ) -> np.ndarray:
-        """Predict for already-parsed survivor records (same shape as the survivors file).
-
-        More than ``max_missing_fraction`` (default :attr:`max_missing_fraction`) of the
-        model's feature cells missing is a :class:`DataError` naming the most-missing keys.
-        """
+    def predict_records(self, records: Any, *, source: str = "<records>",
+                        max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION) -> np.ndarray:
+        """Predict for already-parsed survivor records (same shape as the survivors file)."""
         from step5.data.survivors import features_from_records
 
         return self.predict_survivors(features_from_records(records, self.feature_names, source=source),
                                       max_missing_fraction=max_missing_fraction)
 
-    def predict_file(
-        self, survivors_path: str | os.PathLike[str], *, max_missing_fraction: float | None = None,
-    ) -> np.ndarray:
-        """Predict for every record of a survivors file, in file order."""
-        return self.predict_survivors(read_survivors(survivors_path, self.feature_names),
+    def predict_file(self, survivors_path: str | os.PathLike[str], *,
+                     max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION) -> np.ndarray:
+        """Predict for every record of a survivors file, in file order (read piece by piece
+        straight into the model's columns: memory near the matrix's size)."""
+        from step5.data.survivors import load_features
+
+        return self.predict_survivors(load_features(survivors_path, self.feature_names),
                                       max_missing_fraction=max_missing_fraction)
 
-    def predict_survivors(self, survivors: SurvivorFeatures, *, max_missing_fraction: float | None = None) -> np.ndarray:
-        """Predict for survivors already read in this model's column order, after the missing-cell check."""
-        limit = self.max_missing_fraction if max_missing_fraction is None else max_missing_fraction
-        check_missing_features(survivors, limit)
+    def predict_survivors(self, survivors: SurvivorFeatures, *,
+                          max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION) -> np.ndarray:
+        """Predict for survivors read in this model's column order. More than ``max_missing_fraction``
+        of the model's feature cells missing (filled with 0.0) is a :class:`DataError` naming the
+        most-missing keys; below it, the reader has already warned."""
+        counts = Counter(survivors.missing_by_feature)
+        total, n = sum(counts.values()), survivors.n_records
+        cells = n * len(survivors.feature_names)
+        if total and total / cells > max_missing_fraction:
+            worst = ", ".join(f"{k!r} (missing in {c} of {n})" for k, c in counts.most_common(MISSING_KEYS_SHOWN))
+            raise DataError(
+                f"survivors {survivors.source_file}: {total} of {cells} feature cells ({total / cells:.1%}) are "
+                f"missing, more than --max-missing-fraction {max_missing_fraction:g} allows; the model would see "
+                f"0.0 for them. Most missing: {worst}. Do these survivors come from the pipeline version the "
+                "model was trained on?"
+            )
         return self.predict(survivors.X)
 
 
-def read_survivors(path: str | os.PathLike[str], feature_names: Sequence[str]) -> SurvivorFeatures:
-    """The survivors file's inputs in the model's column order, and each record's seed.
-
-    Read piece by piece straight into the matrix (no dict per record), so a file of
-    millions of records needs about the matrix's memory, not several times the file's.
-    """
-    from step5.data.survivors import load_features
-
-    return load_features(path, feature_names)
-
-
-def check_missing_features(survivors: SurvivorFeatures, max_fraction: float) -> None:
-    """Raise :class:`DataError` when more than ``max_fraction`` of the model's feature cells
-    were missing from the survivors (and filled with 0.0), naming the most-missing keys."""
-    counts = Counter(survivors.missing_by_feature)
-    total = sum(counts.values())
-    if not total:
-        return
-    n = survivors.n_records
-    cells = n * len(survivors.feature_names)
-    fraction = total / cells
-    if fraction <= max_fraction:
-        return  # the reader has already warned about the fills
-    worst = ", ".join(f"{k!r} (missing in {c} of {n})" for k, c in counts.most_common(MISSING_KEYS_SHOWN))
-    raise DataError(
-        f"survivors {survivors.source_file}: {total} of {cells} feature cells ({fraction:.1%}) are missing, "
-        f"more than --max-missing-fraction {max_fraction:g} allows; the model would see 0.0 for them. Most "
-        f"missing: {worst}. Do these survivors come from the pipeline version the model was trained on?"
-    )
-
-
-def _sidecar_path(model_dir_or_sidecar: str | os.PathLike[str]) -> Path:
-    p = Path(model_dir_or_sidecar)
-    if p.is_dir():
-        p = p / SIDECAR_NAME
-    if not p.is_file():
-        raise DataError(f"no Step 5 sidecar at {p} (expected {SIDECAR_NAME} in the model directory)")
-    return p
-
-
-def _load_model(model_type: str, checkpoint: Path) -> Any:
-    if get_model_type(model_type).torch:
-        from step5.nn.checkpoint import load_checkpoint  # imports torch: Step 6 only
-
-        return load_checkpoint(checkpoint)
-    from step5.models.trees import load_model
-
-    return load_model(checkpoint, model_type)
-
-
 def load_predictor(model_dir_or_sidecar_path: str | os.PathLike[str]) -> Predictor:
-    """Load the model a Step 5 sidecar describes, after checking it may and can be used.
-
-    Raises :class:`DataError` for a missing/invalid sidecar or checkpoint or a feature
-    schema mismatch, :class:`PredictionNotAllowed` for a degenerate sidecar.
-    """
-    sidecar_path = _sidecar_path(model_dir_or_sidecar_path)
+    """Load the model a Step 5 sidecar describes, after checking it may and can be used: a
+    :class:`DataError` for a missing/invalid sidecar or checkpoint or a feature schema mismatch,
+    :class:`PredictionNotAllowed` for a degenerate sidecar."""
+    sidecar_path = Path(model_dir_or_sidecar_path)
+    if sidecar_path.is_dir():
+        sidecar_path = sidecar_path / SIDECAR_NAME
+    if not sidecar_path.is_file():
+        raise DataError(f"no Step 5 sidecar at {sidecar_path} (expected {SIDECAR_NAME} in the model directory)")
     # In an output dir the sidecar is a link into the current model set: resolve it once, so
     # the sidecar and the checkpoint come from the same set even if a commit lands meanwhile.
     sidecar_path = Path(os.path.realpath(sidecar_path))
     sidecar = read_sidecar(sidecar_path)
     signal = sidecar["signal_quality"]
     if not signal["prediction_allowed"] or sidecar["outcome"] != "SUCCESS":
-        raise PredictionNotAllowed(
-            f"{sidecar_path}: prediction is not allowed: outcome {sidecar['outcome']}, signal "
-            f"{signal['signal_status']} ({signal.get('reason', 'no usable target signal')}); "
-            "this run saved no model"
-        )
+        raise PredictionNotAllowed(f"{sidecar_path}: prediction is not allowed: outcome {sidecar['outcome']}, signal "
+                                   f"{signal['signal_status']} ({signal.get('reason', 'no usable target signal')}); "
+                                   "this run saved no model")
     checkpoint = resolve_checkpoint(sidecar_path, sidecar)
     if not checkpoint.is_file():
         raise DataError(f"{sidecar_path} names checkpoint {checkpoint}, which does not exist")
     verify_checkpoint(sidecar_path, sidecar, checkpoint)
     model_type = sidecar["model_type"]
-    model = _load_model(model_type, checkpoint)
+    if get_model_type(model_type).torch:
+        from step5.nn.checkpoint import load_checkpoint  # imports torch: Step 6 only
+
+        model = load_checkpoint(checkpoint)
+    else:
+        from step5.models.trees import load_model
+
+        model = load_model(checkpoint, model_type)
 
     schema = sidecar["feature_schema"]
     ckpt_names = getattr(model, "feature_names", None)
@@ -215,31 +147,22 @@ def load_predictor(model_dir_or_sidecar_path: str | os.PathLike[str]) -> Predict
         if ckpt_hash != schema["feature_schema_hash"]:
             missing = sorted(set(schema["feature_names"]) - set(ckpt_names))[:5]
             extra = sorted(set(ckpt_names) - set(schema["feature_names"]))[:5]
-            raise DataError(
-                f"checkpoint {checkpoint} was trained on a different feature schema than its sidecar "
-                f"{sidecar_path} describes: hash {ckpt_hash} != {schema['feature_schema_hash']} "
-                f"({len(ckpt_names)} vs {schema['feature_count']} features; in sidecar only: {missing}, "
-                f"in checkpoint only: {extra}). The model and sidecar come from different runs."
-            )
+            raise DataError(f"checkpoint {checkpoint} was trained on a different feature schema than its sidecar "
+                            f"{sidecar_path} describes: hash {ckpt_hash} != {schema['feature_schema_hash']} "
+                            f"({len(ckpt_names)} vs {schema['feature_count']} features; in sidecar only: {missing}, "
+                            f"in checkpoint only: {extra}). The model and sidecar come from different runs.")
     n_features = getattr(model, "n_features", None)
     if n_features is not None and int(n_features) != schema["feature_count"]:
         raise DataError(
             f"checkpoint {checkpoint} expects {n_features} features but its sidecar lists {schema['feature_count']}"
         )
-    logger.info(
-        "loaded %s model %s (%d features, schema %s)", model_type, checkpoint, schema["feature_count"],
-        schema["feature_schema_hash"],
-    )
+    logger.info("loaded %s model %s (%d features, schema %s)", model_type, checkpoint, schema["feature_count"],
+                schema["feature_schema_hash"])
     metrics = sidecar["training_metrics"]
     if metrics.get("beats_mean") is False:
-        logger.warning(
-            "this model is no better than predicting the mean (test R² %s <= 0; sidecar %s): treat its "
-            "predictions with care", metrics.get("test_r2"), sidecar_path,
-        )
+        logger.warning("this model is no better than predicting the mean (test R² %s <= 0; sidecar %s): treat its "
+                       "predictions with care", metrics.get("test_r2"), sidecar_path)
     return Predictor(sidecar=sidecar, sidecar_path=sidecar_path, checkpoint_path=checkpoint, model=model)
-
-
-# --------------------------------------------------------------------------- CLI
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,17 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    from step5.data.survivors import load_features
+
     try:
         predictor = load_predictor(args.model_dir)
-        survivors = read_survivors(args.survivors, predictor.feature_names)
+        survivors = load_features(args.survivors, predictor.feature_names)
         preds = predictor.predict_survivors(survivors, max_missing_fraction=args.max_missing_fraction)
         rows = [{"seed": seed, "prediction": float(v)} for seed, v in zip(survivors.seeds, preds)]
         if args.output is not None:
             write_json_atomic(args.output, rows)
             logger.info("wrote %d predictions to %s", len(rows), args.output)
         else:
-            from step5.jsonio import dumps
-
             sys.stdout.buffer.write(dumps(rows) + b"\n")
             sys.stdout.flush()
     except Step5Error as exc:

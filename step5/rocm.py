@@ -1,28 +1,9 @@
-"""AMD (ROCm) GPUs found without importing torch.
+"""AMD (ROCm) GPUs found without importing torch (the parent stays free of any GPU runtime).
 
-The parent must stay free of torch and of any GPU runtime, so it learns which AMD GPUs a
-host has from what the host says about itself, in this order (the first that answers wins,
-and the log names it):
-
-1. ``HIP_VISIBLE_DEVICES`` when it is set and not empty: the HIP device ordinals listed,
-   read as HIP reads them (an empty value is "not set" to HIP; HIP stops at the first
-   entry that is not a valid index, such as ``-1``);
-2. ``ROCR_VISIBLE_DEVICES`` when it is set: ROCm's runtime then shows only the GPUs it
-   lists, and HIP numbers them from 0, so N entries are HIP ordinals ``0..N-1`` (empty,
-   or an invalid first entry: no GPU);
-3. ``amd-smi list --json``, else ``rocm-smi --showid --json``: every AMD GPU of the host;
-4. the kernel driver's topology, ``/sys/class/kfd/kfd/topology/nodes/*/properties``: one
-   node per CPU and GPU agent, a GPU node being one with SIMD units (``simd_count > 0``).
-
-Whatever the source, the ids are HIP ordinals in this process's numbering: what a child
-must be given in ``HIP_VISIBLE_DEVICES`` to see exactly that GPU (it inherits
-``ROCR_VISIBLE_DEVICES``, so the numbering is the same). HIP gives ``HIP_VISIBLE_DEVICES``
-precedence over ``CUDA_VISIBLE_DEVICES`` and reads an empty ``CUDA_VISIBLE_DEVICES`` as
-unset, so a worker pinned with ``HIP_VISIBLE_DEVICES=3`` and ``CUDA_VISIBLE_DEVICES=``
-sees AMD GPU 3 and no NVIDIA GPU (step5.devices).
-
-Tests point the tool lookup (``which``) at stand-in scripts and ``sysfs_root`` at a
-fabricated tree.
+Sources, the first that answers wins (docs/cluster.md): ``HIP_VISIBLE_DEVICES``, then
+``ROCR_VISIBLE_DEVICES``, then ``amd-smi`` / ``rocm-smi``, then the kernel's KFD topology. The ids
+are HIP ordinals in this process's numbering: what a child is given in ``HIP_VISIBLE_DEVICES``
+to see exactly that GPU (it inherits ``ROCR_VISIBLE_DEVICES``, so the numbering is the same).
 """
 from __future__ import annotations
 
@@ -34,7 +15,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +28,7 @@ HIDE_AMD_GPUS = "-1"
 KFD_NODES = Path("class/kfd/kfd/topology/nodes")
 
 #: (tool, arguments) asked in this order when no variable says which GPUs to use.
-SMI_TOOLS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("amd-smi", ("list", "--json")),
-    ("rocm-smi", ("--showid", "--json")),
-)
+SMI_TOOLS: tuple[tuple[str, tuple[str, ...]], ...] = (("amd-smi", ("list", "--json")), ("rocm-smi", ("--showid", "--json")))
 
 
 @dataclass(frozen=True)
@@ -74,13 +52,10 @@ class AmdGpus:
 
 
 def read_hip_visible(value: str) -> list[str]:
-    """The ordinals ``HIP_VISIBLE_DEVICES`` lists, as HIP reads them: up to the first entry
-    that is not a non-negative index (``-1`` hides every GPU). UUID entries are kept."""
+    """The ordinals a ``*_VISIBLE_DEVICES`` value lists, as HIP and CUDA read them: up to the first
+    entry that is not a non-negative index (``-1`` hides every GPU). UUID entries are kept."""
     usable: list[str] = []
-    for part in value.split(","):
-        entry = part.strip()
-        if not entry:
-            continue
+    for entry in filter(None, (part.strip() for part in value.split(","))):
         if entry.startswith("-"):
             break
         usable.append(entry)
@@ -91,22 +66,13 @@ def _ordinals(n: int) -> tuple[str, ...]:
     return tuple(str(i) for i in range(n))
 
 
-def _json_payload(text: str) -> Any:
-    """The JSON document in a tool's output (a ROCm tool may print warnings before it)."""
-    starts = [i for i in (text.find("["), text.find("{")) if i >= 0]
-    if not starts:
-        raise ValueError("no JSON in the output")
-    return json.loads(text[min(starts):])
-
-
 def count_smi_gpus(tool: str, text: str) -> int:
-    """How many GPUs ``amd-smi list --json`` / ``rocm-smi --showid --json`` listed.
-
-    JSON first (amd-smi: a list of ``{"gpu": N, ...}``; rocm-smi: ``{"card0": {...}, ...}``),
-    else the text forms (``GPU: 0`` lines of amd-smi, ``GPU[0]`` lines of rocm-smi).
-    """
+    """How many GPUs ``amd-smi list --json`` / ``rocm-smi --showid --json`` listed: JSON first
+    (amd-smi: a list of ``{"gpu": N, ...}``; rocm-smi: ``{"card0": {...}, ...}``), else the text
+    forms (``GPU: 0`` lines of amd-smi, ``GPU[0]`` lines of rocm-smi)."""
+    starts = [i for i in (text.find("["), text.find("{")) if i >= 0]  # warnings may come before the JSON
     try:
-        payload = _json_payload(text)
+        payload = json.loads(text[min(starts):]) if starts else None
     except ValueError:
         payload = None
     if isinstance(payload, list):
@@ -162,16 +128,10 @@ def read_kfd_gpus(sysfs_root: Path) -> list[str] | None:
     return [target for _, target in sorted(targets)]
 
 
-def detect_amd_gpus(
-    env: Mapping[str, str] | None = None,
-    *,
-    which: Callable[[str], str | None] = shutil.which,
-    sysfs_root: str | Path = "/sys",
-    tool_timeout_s: float = 10.0,
-) -> AmdGpus:
+def detect_amd_gpus(env: Mapping[str, str] | None = None, *, which: Callable[[str], str | None] = shutil.which,
+                    sysfs_root: str | Path = "/sys", tool_timeout_s: float = 10.0) -> AmdGpus:
     """The AMD GPUs of this host, from the first source that answers (module doc); logged."""
-    env = os.environ if env is None else env
-    found = _detect(env, which, Path(sysfs_root), tool_timeout_s)
+    found = _detect(os.environ if env is None else env, which, Path(sysfs_root), tool_timeout_s)
     if found.ids:
         logger.info("found %s", found.describe())
     else:

@@ -1,16 +1,11 @@
 """One way to check a JSON document (the sidecar, its execution block, the policy file).
 
-A record type is the schema: a msgspec ``Struct`` or a dataclass whose field annotations say
-what each key holds (the constrained types below carry their wording). :func:`convert`
-hands the document to msgspec, and a failure becomes one line that names the key, what was
-expected and what was there::
+A record type is the schema (a msgspec ``Struct`` or a dataclass; the constrained types below
+carry their wording); :func:`convert` hands the document to msgspec, and a failure becomes one
+line naming the key, what was expected and what was there::
 
-    `execution.fusion.jobs` must be an int >= 0, got -1
     watcher_policies.json: training.worker_job_timeout_s must be a positive number, got 0
     missing key `feature_schema.feature_schema_hash`
-
-msgspec names no key of a map (``$[...]``), so a map whose keys are data (environment
-variables, metric names) is checked entry by entry (:func:`convert_map`).
 """
 from __future__ import annotations
 
@@ -57,8 +52,8 @@ def convert(obj: Any, schema: Any, *, source: str | None = None, at: str = "", q
 
 def convert_map(obj: Any, value_type: Any, *, source: str | None = None, at: str = "",
                 quote: bool = True) -> dict[str, Any]:
-    """A JSON object whose keys are data, each value converted to ``value_type`` and named
-    by its key; ``_``-prefixed keys are comments and left out."""
+    """A JSON object whose keys are data (msgspec names no key of a map), each value converted to
+    ``value_type`` and named by its key; ``_``-prefixed keys are comments and left out."""
     convert(obj, dict, source=source, at=at, quote=quote)
     return {key: convert(value, value_type, source=source, at=f"{at}.{key}", quote=quote)
             for key, value in obj.items() if not key.startswith("_")}
@@ -76,10 +71,9 @@ def without_comments(obj: Any) -> Any:
 @functools.cache
 def record_schema(cls: type, *, required: bool = True,
                   replace: tuple[tuple[Any, Any], ...] = ()) -> type[msgspec.Struct]:
-    """The msgspec schema of dataclass ``cls`` as a document holds it: its fields (nested
-    dataclasses likewise), every one ``required`` or else optional (absent: ``UNSET``, so the
-    dataclass's own default applies), no unknown key; ``replace`` swaps annotations
-    (``((int, Count),)``: every int of the block is a count)."""
+    """The msgspec schema of dataclass ``cls`` (nested dataclasses likewise), no unknown key, every
+    field ``required`` or else optional (absent: ``UNSET``, so the dataclass's default applies);
+    ``replace`` swaps annotations (``((int, Count),)``: every int of the block is a count)."""
     swaps = dict(replace)
 
     def swap(t: Any) -> Any:
@@ -114,8 +108,6 @@ def _map_type(t: Any, fn: Any) -> Any:
     return origin[tuple(_map_type(a, fn) for a in args)]
 
 
-# ------------------------------------------------------------------ messages
-
 _PATH = re.compile(r" - at `\$(.*)`$")
 _PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 _WORDS = {
@@ -148,7 +140,9 @@ def _explain(text: str, obj: Any, schema: Any, at: str, quote: bool) -> str:
     if text.startswith("Object contains unknown field"):
         known = sorted(f.name for f in _unwrap(info).fields)
         return f"{key(path)}: unknown key `{text.split('`')[1]}`; expected one of {known}"
-    value = _value_at(obj, path)
+    value = obj
+    for part in path:
+        value = value[part]
     got = type(value).__name__ if isinstance(_unwrap(info), _OBJECTS) else f"{value!r:.80}"
     return f"{key(path)} must be {_describe(info)}, got {got}"
 
@@ -171,12 +165,6 @@ def _type_at(t: Any, path: list[str | int]) -> Any:
         else:
             t = next(f.type for f in t.fields if f.name == part)
     return t
-
-
-def _value_at(obj: Any, path: list[str | int]) -> Any:
-    for part in path:
-        obj = obj[part]
-    return obj
 
 
 def _describe(t: Any) -> str:

@@ -1,17 +1,13 @@
-"""How a run's measurements become its sidecar: every block, and the two whole documents.
-
-:mod:`step5.artifacts` says what a valid sidecar is (the SPEC section 4 key tables and
-:func:`~step5.artifacts.validate_sidecar`); this module builds one to that schema, so the
-optimizer never spells a sidecar key itself. ``write_sidecar`` validates what is built
-here before anything reaches the disk.
-
-A SUCCESS sidecar carries the final model's checkpoint name and SHA-256, the best trial's
-hyperparameters and the training metrics of :func:`build_training_metrics`; a degenerate
-one (:func:`degenerate_sidecar`) has the same shape with no checkpoint, null metrics and no
-hyperparameters. Torch-free; optuna-free (the optimizer passes the study's numbers in).
-"""
+"""How a run's measurements become its sidecar, built to :mod:`step5.artifacts`' schema so the
+optimizer never spells a sidecar key itself. Torch-free and optuna-free (the optimizer passes
+the study's numbers in)."""
 from __future__ import annotations
 
+import platform
+import socket
+import sys
+from importlib import metadata
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from step5.artifacts import MODEL_REGISTRY, PIPELINE_STEP, PIPELINE_STEP_NAME, SCHEMA_VERSION, \
@@ -22,12 +18,10 @@ from step5.artifacts import MODEL_REGISTRY, PIPELINE_STEP, PIPELINE_STEP_NAME, S
 VERSIONED_PACKAGES = ("optuna", "numpy", "scikit-learn", "torch", "xgboost", "lightgbm", "catboost", "orjson")
 
 
-def package_versions(names: Sequence[str] = VERSIONED_PACKAGES) -> dict[str, str | None]:
+def package_versions() -> dict[str, str | None]:
     """``{"torch": "2.13.0", ...}`` from ``importlib.metadata``; None for a package not installed."""
-    from importlib import metadata
-
     out: dict[str, str | None] = {}
-    for name in names:
+    for name in VERSIONED_PACKAGES:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -35,19 +29,9 @@ def package_versions(names: Sequence[str] = VERSIONED_PACKAGES) -> dict[str, str
     return out
 
 
-def build_provenance(
-    *,
-    run_id: str,
-    parent_run_id: str | None,
-    command_line: Sequence[str],
-    created_at: str,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+def build_provenance(*, run_id: str, parent_run_id: str | None, command_line: Sequence[str], created_at: str,
+                     extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The sidecar's ``provenance`` block: who made this model, how, with what."""
-    import platform
-    import socket
-    import sys
-
     return {
         "run_id": run_id,
         "parent_run_id": parent_run_id,
@@ -77,24 +61,12 @@ def build_agent_metadata(provenance: Mapping[str, Any]) -> dict[str, Any]:
 FINGERPRINT_VERSION = "step5_content_v1"
 
 
-def build_data_context(
-    *,
-    fingerprint: str,
-    training_draws: int,
-    holdout_draws: int | None,
-    survivors_file: str,
-    survivor_count: int,
-    prng_type: str | None,
-    mod: int | None,
-    target: str,
-    missing_feature_fills: int,
-    lottery_data_file: str,
-) -> dict[str, Any]:
-    """The sidecar's ``data_context``, in the layout the existing pipeline's readers use: the
-    training window is the history's draws 1..N, the holdout window the ``holdout_draws``
-    after it (recorded as given; Step 5 holds out survivors, not draws)."""
-    from pathlib import Path
-
+def build_data_context(*, fingerprint: str, training_draws: int, holdout_draws: int | None, survivors_file: str,
+                       survivor_count: int, prng_type: str | None, mod: int | None, target: str,
+                       missing_feature_fills: int, lottery_data_file: str) -> dict[str, Any]:
+    """The sidecar's ``data_context`` in the existing pipeline's layout: the training window is
+    the history's draws 1..N, the holdout window the ``holdout_draws`` after it (recorded as
+    given; Step 5 holds out survivors, not draws)."""
     holdout = None if holdout_draws is None else {
         "start_draw": training_draws + 1, "end_draw": training_draws + holdout_draws, "draw_count": holdout_draws,
     }
@@ -103,11 +75,8 @@ def build_data_context(
         "fingerprint_version": FINGERPRINT_VERSION,
         "training_window": {"start_draw": 1, "end_draw": training_draws, "draw_count": training_draws},
         "holdout_window": holdout or {"start_draw": None, "end_draw": None, "draw_count": None},
-        "survivor_source": {
-            "file": Path(survivors_file).name,
-            "file_path": str(Path(survivors_file).resolve()),
-            "survivor_count": survivor_count,
-        },
+        "survivor_source": {"file": Path(survivors_file).name, "file_path": str(Path(survivors_file).resolve()),
+                            "survivor_count": survivor_count},
         "prng_hypothesis": {"prng_type": prng_type, "mod": mod},
         "target": target,
         "missing_feature_fills": missing_feature_fills,
@@ -121,24 +90,12 @@ def null_training_metrics() -> dict[str, Any]:
     return {key: None for key in TRAINING_METRIC_KEYS}
 
 
-def build_sidecar(
-    *,
-    model_type: str,
-    outcome: str,
-    checkpoint_path: str | None,
-    feature_schema: Mapping[str, Any],
-    signal_quality: Mapping[str, Any],
-    data_context: Mapping[str, Any],
-    training_metrics: Mapping[str, Any],
-    hyperparameters: Mapping[str, Any],
-    optuna: Mapping[str, Any],
-    execution: Mapping[str, Any],
-    provenance: Mapping[str, Any],
-    checkpoint_sha256: str | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """Assemble a sidecar in SPEC order; ``checkpoint_format`` follows from the model type and
-    ``agent_metadata`` from the provenance."""
+def build_sidecar(*, model_type: str, outcome: str, checkpoint_path: str | None, feature_schema: Mapping[str, Any],
+                  signal_quality: Mapping[str, Any], data_context: Mapping[str, Any],
+                  training_metrics: Mapping[str, Any], hyperparameters: Mapping[str, Any], optuna: Mapping[str, Any],
+                  execution: Mapping[str, Any], provenance: Mapping[str, Any], checkpoint_sha256: str | None = None,
+                  **extra: Any) -> dict[str, Any]:
+    """A sidecar in SPEC order; ``checkpoint_format`` follows from the model type, ``agent_metadata`` from the provenance."""
     return {
         "schema_version": SCHEMA_VERSION,
         "model_type": model_type,
@@ -170,44 +127,21 @@ EARLY_STOP_RATIO_DEFINITION = (
 )
 
 
-def overfit_ratio(train_mse: float | None, val_mse: float | None) -> float | None:
-    """val loss / train loss: 1.0 generalises as well as it fits; 1.5 misses the
-    validation rows by 50% more than the rows it trained on. Undefined (None) when the
-    train loss is 0 or unknown."""
-    if train_mse is None or val_mse is None or not train_mse > 0.0:
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """``numerator / denominator``; None when either is unknown or the denominator is not positive
+    (an overfit ratio with a train loss of 0, an early-stop ratio of a model without rounds)."""
+    if numerator is None or denominator is None or not denominator > 0:
         return None
-    return float(val_mse) / float(train_mse)
+    return float(numerator) / float(denominator)
 
 
-def early_stop_ratio(best_round: float | None, rounds_trained: float | None) -> float | None:
-    """Best round / rounds trained, or None for a model without rounds."""
-    if best_round is None or rounds_trained is None or not rounds_trained > 0:
-        return None
-    return float(best_round) / float(rounds_trained)
-
-
-def build_training_metrics(
-    best_cv: Mapping[str, Any],
-    final: Mapping[str, Any],
-    *,
-    objective_value: float | None,
-    objective_formula: str,
-    overfit_penalty: float,
-    k_folds: int,
-    cv_repeats: int = 1,
-    n_dev: int,
-    n_fit: int,
-    n_early_stop: int,
-    n_test: int,
-    rescore: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The SUCCESS sidecar's ``training_metrics``: the best trial's CV means (``best_cv``, its
-    ``cv`` user attribute), the final model's own scores (``final``, the backend's result),
-    and ``rescore``: the best trial scored again on fresh partitions of the dev rows (null
-    when the run did not rescore; ``--rescore-partitions``).
-
-    ``n_fit``/``n_early_stop`` are the final split's sizes, used unless the final result
-    says which rows it fitted (the NN refit fits every dev row and early-stops on none).
+def build_training_metrics(best_cv: Mapping[str, Any], final: Mapping[str, Any], *, objective_value: float | None,
+                           objective_formula: str, overfit_penalty: float, k_folds: int, cv_repeats: int = 1,
+                           n_dev: int, n_fit: int, n_early_stop: int, n_test: int,
+                           rescore: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The SUCCESS sidecar's ``training_metrics``: the best trial's CV means (``best_cv``), the
+    final model's scores (``final``) and ``rescore`` (``--rescore-partitions``; null without).
+    ``n_fit``/``n_early_stop``: the final split's sizes, unless ``final`` says which rows it fitted.
     """
     return {
         "cv_r2_mean": best_cv.get("val_r2_mean"),
@@ -222,10 +156,10 @@ def build_training_metrics(
         "train_mse": final.get("train_mse"),
         "val_mse": final.get("val_mse"),
         "test_mse": final.get("test_mse"),
-        "overfit_ratio": overfit_ratio(best_cv.get("train_mse_mean"), best_cv.get("val_mse_mean")),
+        "overfit_ratio": _ratio(best_cv.get("val_mse_mean"), best_cv.get("train_mse_mean")),
         "overfit_ratio_definition": OVERFIT_RATIO_DEFINITION,
-        "final_overfit_ratio": overfit_ratio(final.get("train_mse"), final.get("val_mse")),
-        "early_stop_ratio": early_stop_ratio(final.get("best_round"), final.get("rounds_trained")),
+        "final_overfit_ratio": _ratio(final.get("val_mse"), final.get("train_mse")),
+        "early_stop_ratio": _ratio(final.get("best_round"), final.get("rounds_trained")),
         "early_stop_ratio_definition": EARLY_STOP_RATIO_DEFINITION,
         "best_round": final.get("best_round"),
         "rounds_trained": final.get("rounds_trained"),
@@ -244,20 +178,11 @@ def build_training_metrics(
     }
 
 
-def success_sidecar(
-    *,
-    model_type: str,
-    checkpoint_path: str,
-    checkpoint_sha256: str,
-    training_metrics: Mapping[str, Any],
-    hyperparameters: Mapping[str, Any],
-    training_options: Mapping[str, Any],
-    **blocks: Mapping[str, Any],
-) -> dict[str, Any]:
-    """The sidecar of a run that saved a model. ``checkpoint_path``: the checkpoint's absolute
-    path in its committed model set (:attr:`step5.model_set.StagedSet.final_dir`).
-    ``blocks``: ``feature_schema``, ``signal_quality``, ``data_context``, ``optuna``,
-    ``execution``, ``provenance``."""
+def success_sidecar(*, model_type: str, checkpoint_path: str, checkpoint_sha256: str,
+                    training_metrics: Mapping[str, Any], hyperparameters: Mapping[str, Any],
+                    training_options: Mapping[str, Any], **blocks: Mapping[str, Any]) -> dict[str, Any]:
+    """The sidecar of a run that saved a model (``checkpoint_path``: in its committed set,
+    :attr:`step5.model_set.StagedSet.final_dir`); ``blocks``: the other blocks by name."""
     return build_sidecar(
         model_type=model_type, outcome="SUCCESS", checkpoint_path=checkpoint_path,
         training_metrics=training_metrics, hyperparameters=hyperparameters,
@@ -266,8 +191,7 @@ def success_sidecar(
 
 
 def degenerate_sidecar(*, model_type: str, **blocks: Mapping[str, Any]) -> dict[str, Any]:
-    """The sidecar of a run whose target has no usable signal: no checkpoint, every metric
-    null, no hyperparameters. ``blocks`` as for :func:`success_sidecar`."""
+    """The sidecar of a run without usable target signal: no checkpoint, null metrics, no hyperparameters."""
     return build_sidecar(
         model_type=model_type, outcome="DEGENERATE_SIGNAL", checkpoint_path=None,
         training_metrics=null_training_metrics(), hyperparameters={}, **blocks,

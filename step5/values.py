@@ -1,9 +1,6 @@
-"""Small value helpers every reader and writer of Step 5's JSON shares, defined once.
-
-Type checks for decoded JSON (``bool`` is an ``int`` in Python, but ``true`` is never a
-count or a number in a message, a sidecar or a policy file) and the UTC timestamps Step 5
-writes into its files. Dependency-free, so every side (parent, worker, WATCHER) imports it.
-"""
+"""Value helpers every side (parent, worker, WATCHER) shares: type checks for decoded JSON
+(``true`` is never a count or a number, though ``bool`` is an ``int`` in Python) and the UTC
+timestamps Step 5 writes into its files."""
 from __future__ import annotations
 
 import math
