@@ -1,21 +1,5 @@
-"""The model backends: how a batch of trials' folds, and the final model, get trained.
-
-::
-
-    search loop ──▶ backend.suggest(trial)              -> params (a plain dict)
-                    backend.run_trials([(n, params)], gate) -> per trial: K fold results | JobError | Pruned
-                      ├─ NNBackend:   K TrainRequests per trial ─▶ plan_groups ─▶ runner.run(groups)
-                      │               (workers or one-shot subprocesses; the parent never imports torch)
-                      └─ TreeBackend: K in-process fits per trial via step5.models.trees
-                    objective.record_trial(fold results) -> the trial's value
-
-Both backends share one shape (:class:`ModelBackend`): ``suggest``, ``run_trials``,
-``rescore``, ``train_final``, ``summary`` and ``close``, so the search loop
-(:mod:`step5.optimizer.search`) never asks which model family it is running. Fold data is
-prepared once per run (:class:`CVData`): the NN backend writes each fold's NPZ file once
-and every trial reuses it (workers cache them by path). Scoring the folds is
-:mod:`step5.optimizer.objective`'s job.
-"""
+"""The model backends: how a batch of trials' folds, and the final model, get trained
+(NN: runner jobs; trees: in-process; docs/optimizer-internals.md#backends)."""
 from __future__ import annotations
 
 import logging

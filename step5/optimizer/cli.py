@@ -1,19 +1,5 @@
-"""The Step 5 command line (SPEC section 3): parse, configure logging, run, map to an exit code.
-
-Exit codes:
-
-* 0  success (model + sidecar written);
-* 1  error (a :class:`~step5.errors.Step5Error`: bad input file, bad policy, failed run);
-     the message goes to stderr;
-* 2  degenerate target signal (a degenerate sidecar is written, no model);
-* 64 command-line usage error (argparse errors and flag conflicts, like ``EX_USAGE``);
-* 130 / 143 interrupted by Ctrl-C / SIGTERM (workers and temp files are cleaned up first);
-  one line says so, no traceback, and the interrupted trial is recorded FAIL with a
-  ``fail_reason``.
-
-Before any data is loaded, :func:`step5.optimizer.preflight.preflight` proves the outputs can
-be written (exit 1 with one line naming ``--output-dir`` / ``--storage`` otherwise).
-"""
+"""The Step 5 command line (SPEC section 3): parse, configure logging, run, map to an exit code
+(exit codes: docs/optimizer-internals.md#cli)."""
 from __future__ import annotations
 
 import argparse

@@ -1,54 +1,5 @@
-"""``--compare-models``: one study per model type, the best held-out model kept.
-
-::
-
-    OptimizerConfig (compare_models=True)
-        │  skip registry (diagnostics_outputs/model_skip_registry.json) + the policy's model_skip_rules
-        ▼
-    for each of neural_net, xgboost, lightgbm, catboost not skipped:
-        dataclasses.replace(config, model_type=mt, compare_models=False,
-                            output_dir=<out>/compare_runs/<mt>, study_name=<name>_<mt>,
-                            storage=<out's default>,
-                            rescore_partitions=<--rescore-partitions, default 3>)
-        AntiOverfitMetaOptimizer(sub).run()  ──▶ SUCCESS | DEGENERATE_SIGNAL | FAILED
-        │      (search, then the best trial rescored on fresh partitions, then the final model;
-        │       a failure is recorded with its error; the next model type still runs)
-        ▼
-    winner = highest rescored CV objective among SUCCESS runs (then the search's best
-             objective, then MODEL_TYPES order); every type's test R² is reported, never consulted
-        ├─▶ <out>/best_model.<ext> + best_model.meta.json (+ a `compare_models` block)
-        ├─▶ <out>/compare_archive/<mt>/…  every other model type's outputs
-        └─▶ diagnostics_outputs/compare_models_summary.json + .png (the working directory's)
-
-Why these choices:
-
-* **Every flag reaches every sub-run** because each sub-config is the user's config with
-  only the fields above replaced.
-* **Model sets, not files**: the winner's files are committed to ``<out>`` as one model set
-  (:mod:`step5.model_set`), so the folder shows the old winner or the new one, never a mix;
-  each archived type gets a set of its own under ``compare_archive/<mt>``.
-* **The test rows only report.** Every sub-run uses the same seed, so the same rows are
-  held out as the test set for every model type and the same development rows feed every
-  CV. The winner is chosen on the CV objective (the same anti-overfit formula for every
-  type, computed on the same folds); choosing by test R² would make the winner's reported
-  test R² biased upward (the test rows would be used for selection). Every type's test R²
-  is still reported, so a reader sees how the choice fared on rows no choice saw.
-* **Chosen on fresh folds, not on the search's own.** Each type's best trial is the
-  maximum of its search's noisy objectives, so it leans high, and by more for a family
-  whose trials are noisier (a net's seeds move its score more than a tree's). Comparing
-  those maxima favours the noisiest family. Each sub-run therefore trains its best trial
-  again on fresh K-fold partitions of the same development rows, with seeds of its own
-  (``--rescore-partitions``, 3 by default), and the types are compared on that mean
-  objective, which the search's choice has not seen (docs/models.md).
-* **Resumable.** With no ``--storage``, the four studies share the SQLite file a single run
-  would use (``<out>/optuna_step5.db``), and with no ``--study-name`` each keeps the default
-  name a single ``--model-type`` run gives it, so a compare run resumes those studies.
-* **A failure cannot win and cannot stop the others**: each run is wrapped in
-  ``try/except Exception`` (Ctrl-C still stops everything). A SUCCESS whose checkpoint or
-  sidecar is missing is demoted to FAILED.
-* **Exit code**: 0 when there is a winner; otherwise 2 when a run found the target
-  degenerate (the data has nothing to learn, whichever model runs), else 1.
-"""
+"""``--compare-models``: one study per model type, the best held-out model kept
+(docs/models.md, docs/optimizer-internals.md#compare)."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,9 +1,5 @@
-"""The optimizer's settings and outcome: one dataclass per direction.
-
-The CLI (SPEC section 3) parses into :class:`OptimizerConfig`; ``--compare-models`` runs
-derive one config per model type with :func:`dataclasses.replace`, so every accepted flag
-reaches every sub-run by construction.
-"""
+"""The optimizer's settings and outcome; compare runs derive one config per model type with
+:func:`dataclasses.replace`, so every accepted flag reaches every sub-run."""
 from __future__ import annotations
 
 import math

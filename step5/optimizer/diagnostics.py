@@ -1,21 +1,5 @@
-"""Per-run diagnostics (``--enable-diagnostics``), for people and for the pipeline's health check.
-
-Under ``<diagnostics_dir>`` (``./diagnostics_outputs`` by default):
-
-* ``step5_<model_type>_<run_id>/trials.json``: the run's identity, the execution summary,
-  the final model's metrics, and one record per trial of the study (``this_run`` tells
-  resumed history from new trials): number, state, value, params, CV means, per-fold
-  metrics (R², MSE, durations, device, epochs run), wall-clock seconds and, for a failed
-  trial, why; and ``timings.png``: per-trial wall-clock against summed fold compute;
-* ``<model_type>_diagnostics.json`` and ``training_diagnostics.json``: the shipped model's
-  health in the schema the existing pipeline's ``training_health_check.py`` reads between
-  Step 5 and Step 6 (``training_summary``, ``diagnosis``, ``model_specific``); a compare run
-  replaces ``training_diagnostics.json`` with every model's report and the winner
-  (``models``, ``comparison``). The severity is the policy's ``metric_bounds`` applied to
-  the same numbers the WATCHER judges, so both reach the same verdict.
-
-Diagnostics never fail a run: a write error is logged as a warning.
-"""
+"""Per-run diagnostics (``--enable-diagnostics``) and the pipeline health check's report
+(docs/optimizer-internals.md#diagnostics); a write error is only logged."""
 from __future__ import annotations
 
 import logging

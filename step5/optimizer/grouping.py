@@ -1,19 +1,5 @@
-"""From a batch of trials' fold requests to the groups a runner trains.
-
-::
-
-    B trials x K folds ──plan_groups──▶ fold by fold:   B*K groups of one
-                                        --fuse-folds:    B groups of K (a trial's folds)
-                                        --fuse-trials:   same-shape trials' folds together,
-                                                         split to give every slot work
-                       ──longest first──▶ runner.run(groups)
-
-Every fold keeps its unfused request (same seed, same NPZ), so a fused result equals the
-unfused one: bit for bit on a CPU, up to cuBLAS rounding on a GPU. Groups are handed over
-longest first (estimated from epochs, layer widths and group size), so the last group of a
-batch is a short one and slots do not idle while one long job finishes; the order changes
-no result (each job's seed is its own).
-"""
+"""From a batch of trials' fold requests to the groups a runner trains, longest first
+(docs/optimizer-internals.md#grouping)."""
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence

@@ -1,18 +1,5 @@
-"""The anti-overfit objective: how a trial's fold results become its score.
-
-Objective (maximised)::
-
-    objective = mean_k(val_r2_k) - 0.5 * max(0, mean_k(train_r2_k) - mean_k(val_r2_k))
-
-It rewards generalisation (mean validation R² over the K folds) and charges half of the
-train/validation gap, so of two configurations with the same validation R², the one that
-fits its training rows less suspiciously well wins; a model that fits train *worse* than
-validation is not rewarded for it (the gap is clipped at 0).
-
-The backends that train the folds live in :mod:`step5.optimizer.backends`; this module
-reduces what they return (:func:`summarize_folds`) and stores it in the trial
-(:func:`record_trial`).
-"""
+"""The anti-overfit objective: how a trial's fold results become its score
+(docs/optimizer-internals.md#objective)."""
 from __future__ import annotations
 
 import math

@@ -1,35 +1,5 @@
-"""``AntiOverfitMetaOptimizer``: one Step 5 run for one model type, start to sidecar.
-
-::
-
-    load survivors + history ─▶ assess signal ──degenerate──▶ degenerate sidecar, exit 2
-            │ healthy / weak
-            ▼
-    seeded holdout split (test rows: no trial ever sees them)
-    K-fold splits of the dev rows + the final split, written ONCE to a private temp dir
-            │
-            ▼
-    Optuna study (SQLite by default) ──▶ N new complete trials (or the rest of an unfinished round)
-            │   (--cluster-config: --search-only helpers on the pipeline's other hosts
-            │   join the study until it is full, step5.cluster)
-            │   one ask/tell loop (step5.optimizer.search): ask B trials, run their
-            │   folds as groups (NN: FoldRunner.run = workers | one-shot subprocesses;
-            │   trees: in-process), tell each exactly once, in ask order
-            │   groups: fold by fold | --fuse-folds (a trial's K folds) | --fuse-trials
-            │   (same-shape trials' folds)
-            ▼
-    final model: the best trial's exact params, fitted on dev minus an early-stopping
-    slice (~1/K of dev), early-stopped on that slice, scored on the test rows
-            │
-            ▼
-    best_model.<ext> + best_model.meta.json + history PNG, committed as one model set
-    (step5.model_set: at every instant the output dir shows the old set or the new one)
-    (+ diagnostics under <output-dir>/diagnostics_outputs when asked)
-
-The fold runner and the fold files are released in ``finally`` blocks, whatever ends the
-run (an error, Ctrl-C, SIGTERM turned into KeyboardInterrupt by the CLI). The parent never
-imports torch: neural-net work happens only in worker / one-shot subprocesses.
-"""
+"""``AntiOverfitMetaOptimizer``: one Step 5 run for one model type, data to sidecar
+(the flow: docs/optimizer-internals.md#optimizer). The parent never imports torch."""
 from __future__ import annotations
 
 import contextlib

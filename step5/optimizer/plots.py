@@ -1,9 +1,4 @@
-"""Pictures of a run (matplotlib, headless): the optimisation history and trial timings.
-
-Plotting is a courtesy, not the product: a failure to draw is logged and the run goes on.
-matplotlib is imported inside the functions with the non-interactive Agg backend, so
-importing this module costs nothing and a machine without a display never opens one.
-"""
+"""Pictures of a run (matplotlib, Agg, imported lazily); a failure to draw is logged, never fatal."""
 from __future__ import annotations
 
 import logging

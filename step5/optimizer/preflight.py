@@ -1,13 +1,4 @@
-"""Checks that run before any data is loaded or any trial starts: can this run write its outputs?
-
-A run that trains for an hour and then cannot save its model has wasted the hour, so the
-output dir (model set, default SQLite study, diagnostics) and an explicit SQLite
-``--storage`` are tried first: each folder is created if missing and a probe file is
-written and removed. A problem is one :class:`~step5.errors.Step5Error` line (exit 1) that
-names what the user gave: ``--output-dir PATH`` or ``--storage URL`` when they typed it,
-"the default output dir" when they did not (the default study file lives there, so a
-problem with it is never blamed on a ``--storage`` nobody passed).
-"""
+"""Before any data is loaded: can this run write its outputs? (docs/optimizer-internals.md#preflight)"""
 from __future__ import annotations
 
 import os

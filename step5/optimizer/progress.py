@@ -1,13 +1,5 @@
-"""The per-trial progress line the search loop logs as each trial is told.
-
-::
-
-    [3/20] trial 4: objective 0.4123 (val R² 0.43 ± 0.02, train R² 0.51) in 2.1s; best 0.4123 (trial 4); elapsed 7s, ETA 40s
-    [3/20] trial 5 FAIL, replaced: <reason>; best ...
-
-``[i/n]`` counts this process's COMPLETE trials against the ``n`` it must add, so a failed
-or pruned trial (which the loop replaces) never pushes ``i`` past ``n``.
-"""
+"""The per-trial progress line the search loop logs as each trial is told
+(docs/optimizer-internals.md#progress)."""
 from __future__ import annotations
 
 import logging

@@ -1,20 +1,5 @@
-"""Fold-level intermediate values and pruning (``--pruner``, policy ``training.pruner``).
-
-::
-
-    fold k of a trial finishes ─▶ report step k: the objective of folds 0..k
-                                  (anti_overfit_score; at the last step, K x --cv-repeats - 1,
-                                  it is the trial's value)
-    with a pruner: folds run in waves (fold 0 of every trial in flight, then fold 1, ...);
-    after each wave, in ask order, each live trial reports step k and asks the pruner;
-    a pruned trial sends no more folds and is told PRUNED.
-
-Deterministic for a seed and B: a wave's verdicts are taken after the whole wave is
-known, trial by trial in ask order, so the pruner sees the same values whatever order
-the slots finished the folds in. Without a pruner the folds run as before (one runner
-call per batch) and the steps are reported in fold order before the trial is told, so
-every trial has its learning curve either way.
-"""
+"""Fold-level intermediate values and pruning (``--pruner``, policy ``training.pruner``;
+docs/optimizer-internals.md#pruning)."""
 from __future__ import annotations
 
 import math

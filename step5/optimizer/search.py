@@ -1,45 +1,5 @@
-"""The one ask/tell loop: B trials in flight, run together, told in the order asked.
-
-::
-
-    ┌─▶ every few seconds, fail trials of dead processes (queue their re-runs); under the study lock,
-    │   count the study's COMPLETE + RUNNING trials (every process's), and ask as many
-    │   trials as fit: min(B, --trials - complete - running); re-runs are asked first
-    │     none fit: others' trials are in flight; wait for them and look again
-    │   claim each (owner, heartbeats) and suggest its params (outside the lock: the
-    │   sampler's cost is not serialised)
-    │   backend.run_trials([(number, params), ...], gate)  NN: plan_groups -> runner.run(groups)
-    │     meanwhile a helper thread (Prefetch) tells the batch before this one, then
-    │     prepares the next batch: the same reclaim, locked count, ask, claim and suggest,
-    │     counting this batch as RUNNING; the loop waits for it here, and the next batch
-    │     runs at once (with a pruner, or when nothing was prefetched, the loop tells
-    │     this batch itself first)
-    │     per trial: its K fold results, the JobError that failed it, or Pruned
-    │     (with a pruner, folds run in waves and the gate reports each and may prune;
-    │     step5.optimizer.pruning)
-    │   tell each trial exactly once, batch by batch in ask order: COMPLETE with its
-    │   objective, FAIL or PRUNED
-    └── until the study holds --trials COMPLETE trials (or this process may ask no more
-        and nothing is in flight). A trial this process saw fail or pruned is replaced: it
-        may ask one more fresh trial for each; after ``max_consecutive_failures`` failed
-        trials in a row (ask order) the run stops (:class:`TooManyFailedTrials`, exit 1)
-        instead of replacing them forever
-
-Every mode runs this loop: fold by fold, fused folds and fused trials differ only in how
-the backend groups a batch (:mod:`step5.optimizer.grouping`). One process alone is
-deterministic for a given seed and B: the sampler sees the same trials in the same states
-at every ask (one helper tells batch n-1, then samples batch n+1, and is joined before
-batch n is told), and fold results do not depend on which slot trained them or when (nor on a
-worker killed under them: the runner re-runs such a job with the same request and seed). Several
-processes share a study the same way (docs/cluster.md): the count before each ask keeps
-them from overshooting ``--trials``, and a trial of a process that died is re-run.
-
-No code path leaves a trial RUNNING: whatever escapes a batch (an exception, Ctrl-C,
-SIGTERM) first stops the helper, tells the trials that have results, and tells FAIL to
-every trial of the batch in flight and to every prefetched one, then propagates. Each trial records its owner and gets
-storage heartbeats from its claim until it is told (a prefetched one while it waits too),
-so a batch killed with SIGKILL is failed and re-run by the next process that looks.
-"""
+"""The one ask/tell loop: B trials in flight, run together, told in the order asked
+(docs/optimizer-internals.md#search, docs/optimizer.md "The search loop")."""
 from __future__ import annotations
 
 import contextlib

@@ -1,51 +1,5 @@
-"""The study's database, used so that a run survives restarts, dropped connections and outages.
-
-::
-
-    Optuna (Study, Trial, TPE) ─┐
-    step5 (lock, count, reclaim) ┴─▶ RetryingStorage ─▶ Optuna's _CachedStorage ─▶ RDBStorage ─▶ SQLAlchemy pool ─▶ DB
-                                        │ every call through DatabaseRetry.call        (pre-ping: a connection the
-                                        ▼                                               server dropped is replaced
-                          a transient error (refused, cut, server starting or stopping)  before it is used)
-                            ─▶ wait with backoff and try again (a write that may have been applied is
-                               checked first, see below); one log line when the wait starts, one when
-                               the database is back; past ``training.storage_outage_s``: StorageError
-                          any other database error (credentials, a missing table) ─▶ StorageError at once
-
-:class:`StorageError` is one line naming the database (password redacted); the CLI exits 1.
-Training does not stop while the database is away: the folds in flight finish, and their
-trials are told when it is back. A process that gives up leaves its running trials to the
-heartbeat rules (:mod:`step5.optimizer.study`), so a re-run of the same command resumes.
-
-Why a retried call cannot apply twice, call by call (the hard case is a write whose commit
-reached the server but whose answer was lost; the retry must then not repeat it):
-
-* Reads (``get_*``, ``_get_stale_trial_ids``): retried as they are.
-* Upserts, retried as they are: ``set_{study,trial}_{user,system}_attr`` (INSERT ... ON
-  CONFLICT DO UPDATE on PostgreSQL and SQLite: the second write stores the same value),
-  ``set_trial_intermediate_value`` (find the step, then update or insert),
-  ``set_trial_param`` (a second insert of the same name hits the unique key, which Optuna
-  ignores; the retry carries the same value), ``record_heartbeat`` (a timestamp).
-* ``create_new_study``: checked. A retry first looks the name up; a study that exists was
-  made by the first attempt (or by another process: both then share it, as
-  ``load_if_exists`` would).
-* ``create_new_trial``: checked. Each call stamps its trial with a fresh token
-  (``system_attrs["step5_token"]``, written in the same transaction); a retry first looks for
-  a trial with that token. A fresh trial is born with its owner (``user_attrs["owner"]``),
-  so one that Optuna's own internal retry made twice is recognisable as this process's
-  orphan and failed (:func:`step5.optimizer.study.reclaim_dead_trials`).
-* ``set_trial_state_values``: checked by reading the trial. To a finished state: a trial
-  still unfinished gets the write again; one already in that state with these values was
-  finished by the first attempt (COMPLETE and PRUNED are only told by the trial's owner)
-  and the call returns True, except for FAIL, which another process may have set too (it
-  fails a trial whose heartbeat went stale): then False, so that the caller does not queue
-  a second re-run; any other end state raises ``UpdateFinishedTrialError``, as without the
-  fault. To RUNNING (``study.ask`` taking a queued trial): the trial is marked with this
-  process's owner first; a retry finds it WAITING (write again), RUNNING with our owner
-  (ours: True) or anything else (another process's: False). Queued trials are taken under
-  the study lock, so no other process marks the same trial in between.
-* ``delete_study``: Step 5 never deletes a study; it runs once, unretried.
-"""
+"""The study's database behind retries, so a run survives restarts, dropped connections and
+outages; why no retried call can apply twice: docs/optimizer-internals.md#storage."""
 from __future__ import annotations
 
 import copy

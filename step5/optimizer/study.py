@@ -1,56 +1,5 @@
-"""Opening (or resuming) the Optuna study of a run.
-
-Resume semantics, in one place:
-
-* The default storage is a SQLite file, ``sqlite:///<output_dir>/optuna_step5.db``, so a
-  re-run of the same command finds its study again.
-* The default study name is ``step5_<model_type>_<data fingerprint>_<setup hash>``: the
-  same data and the same evaluation setup (seed, folds, holdout, target, training flags)
-  resume the same study; changing any of them starts a new one, because objective values
-  measured on different splits are not comparable.
-* The setup is stored in the study (``user_attrs["step5_setup"]``). Resuming a study whose
-  stored setup differs (possible only with an explicit ``--study-name``) is a usage error
-  naming the differences, rather than a silent mix of incomparable trials.
-* ``--trials N`` means "this call adds N COMPLETE trials", as it does for the existing
-  optimizer, with one refinement that keeps a shared study exact: the study records the
-  complete count its current *round* aims for (``user_attrs["step5_target_complete"]``).
-  A process that finds a round unfinished (fewer complete trials than its target: an
-  interrupted run of the same command, or the other processes of a shared study) joins
-  it and the study ends that round with exactly its target; otherwise it starts a new
-  round, target = complete + N. Failed trials do not count.
-* The TPE sampler is seeded with ``seed + len(study.trials)``: a fresh study is
-  reproducible from ``--seed``, and a resumed one does not replay the random start-up
-  configurations its first run already tried.
-* The RDB storage runs Optuna's heartbeat, so a trial left RUNNING by a killed process is
-  marked FAILED by a later run once its heartbeat is stale. The search loop's trials get
-  their heartbeats from :class:`TrialHeartbeats`.
-* The trials of a batch (``--trials-in-flight B``) are asked before any of them is told.
-  TPE runs with ``constant_liar=True`` (explicitly, whatever the Optuna default), which
-  keeps them from all landing on the same configuration; its random start-up trials (the
-  first 10 complete ones) are the same configurations, with the same fold seeds, for
-  every B.
-* Shared studies (docs/cluster.md): any number of processes, on one host or many, may run
-  the same study through one storage. The data fingerprint is recorded beside the setup
-  when the study is created (``user_attrs["step5_data"]``); a process with other data or
-  another setup is refused (:class:`StudyMismatchError`, exit 1) naming the differences.
-  Every process that joins takes the next *process index* (``step5_processes``); the first
-  one samples with ``seed + len(study.trials)`` as before, later ones with a stream mixed
-  from their index, so no two processes draw the same configurations.
-* Asking is serialised per study (:func:`study_lock`: a lock file beside a SQLite file, a
-  PostgreSQL advisory lock), so the count "complete + running" a process reads before it
-  asks is still true when it asks: together the processes never exceed ``--trials``.
-* Dead processes: every running trial records its owner (:mod:`step5.owner`) and gets
-  Optuna heartbeats (policy ``training.heartbeat_interval_s`` / ``heartbeat_grace_s``).
-  :func:`reclaim_dead_trials` fails a RUNNING trial whose heartbeat is stale (any host) or
-  whose owner is a dead process on this host (at once, no grace period), and queues a
-  retry with the same params (WAITING), which the next ask of any process picks up.
-* The database may restart, drop connections or be away for a while: every storage call
-  goes through :class:`~step5.optimizer.storage.RetryingStorage` (pre-pinged connections,
-  retries that cannot apply a write twice, ``training.storage_outage_s``). The lock and
-  the count, which use the engine directly, wait the same way; a PostgreSQL lock whose
-  connection died while it was held is reported (:attr:`StudyLock.lost`), so the caller
-  can check the asks it made under it.
-"""
+"""Opening (or resuming) a run's Optuna study: names, setup and data checks, rounds, the study
+lock, heartbeats, and re-runs of dead processes' trials (docs/optimizer-internals.md#study)."""
 from __future__ import annotations
 
 import contextlib
