@@ -8,16 +8,14 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Mapping, TypeVar
 
 import optuna
-from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.study import StudyDirection
-from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
 
 from step5.errors import StorageError
@@ -205,6 +203,15 @@ class DatabaseRetry:
                 self._down_since = None
 
 
+def _retried(name: str) -> Callable[..., Any]:
+    """A :class:`RetryingStorage` method that makes Optuna's call ``name`` through the retry as it is."""
+    def method(self: "RetryingStorage", *args: Any, **kwargs: Any) -> Any:
+        return self._call(name, *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
 def _same_values(stored: Sequence[float] | None, wanted: Sequence[float] | None) -> bool:
     return list(stored or []) == [float(v) for v in (wanted or [])]
 
@@ -230,8 +237,6 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         method = getattr(self._inner, name)
         return self.retry.call(lambda: method(*args, **kwargs), f"calling {name}")
 
-    # ------------------------------------------------------------ studies
-
     def create_new_study(self, directions: Sequence[StudyDirection], study_name: str | None = None) -> int:
         def again() -> int:
             if study_name is not None:
@@ -247,31 +252,31 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
     def delete_study(self, study_id: int) -> None:
         self._inner.delete_study(study_id)
 
-    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
-        self._call("set_study_user_attr", study_id, key, value)
-
-    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
-        self._call("set_study_system_attr", study_id, key, value)
-
-    def get_study_id_from_name(self, study_name: str) -> int:
-        return self._call("get_study_id_from_name", study_name)
-
-    def get_study_name_from_id(self, study_id: int) -> str:
-        return self._call("get_study_name_from_id", study_id)
-
-    def get_study_directions(self, study_id: int) -> list[StudyDirection]:
-        return self._call("get_study_directions", study_id)
-
-    def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
-        return self._call("get_study_user_attrs", study_id)
-
-    def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
-        return self._call("get_study_system_attrs", study_id)
-
-    def get_all_studies(self) -> list[FrozenStudy]:
-        return self._call("get_all_studies")
-
-    # ------------------------------------------------------------ trials: writes
+    # Reads and upserts: retried as they are (docs/optimizer-internals.md#storage says why that is safe).
+    set_study_user_attr = _retried("set_study_user_attr")
+    set_study_system_attr = _retried("set_study_system_attr")
+    get_study_id_from_name = _retried("get_study_id_from_name")
+    get_study_name_from_id = _retried("get_study_name_from_id")
+    get_study_directions = _retried("get_study_directions")
+    get_study_user_attrs = _retried("get_study_user_attrs")
+    get_study_system_attrs = _retried("get_study_system_attrs")
+    get_all_studies = _retried("get_all_studies")
+    set_trial_param = _retried("set_trial_param")
+    set_trial_intermediate_value = _retried("set_trial_intermediate_value")
+    set_trial_user_attr = _retried("set_trial_user_attr")
+    set_trial_system_attr = _retried("set_trial_system_attr")
+    get_trial_id_from_study_id_trial_number = _retried("get_trial_id_from_study_id_trial_number")
+    get_trial_number_from_id = _retried("get_trial_number_from_id")
+    get_trial_param = _retried("get_trial_param")
+    get_trial = _retried("get_trial")
+    get_all_trials = _retried("get_all_trials")
+    get_n_trials = _retried("get_n_trials")
+    get_best_trial = _retried("get_best_trial")
+    get_trial_params = _retried("get_trial_params")
+    get_trial_user_attrs = _retried("get_trial_user_attrs")
+    get_trial_system_attrs = _retried("get_trial_system_attrs")
+    record_heartbeat = _retried("record_heartbeat")
+    _get_stale_trial_ids = _retried("_get_stale_trial_ids")
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         token = uuid.uuid4().hex
@@ -298,10 +303,6 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
                 return trial._trial_id
         return None
 
-    def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
-                        distribution: BaseDistribution) -> None:
-        self._call("set_trial_param", trial_id, param_name, param_value_internal, distribution)
-
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
         if state == TrialState.RUNNING:
             # study.ask is taking a queued trial: mark it ours first, so that a retry can tell
@@ -325,63 +326,13 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         return self.retry.call(lambda: self._inner.set_trial_state_values(trial_id, state, values),
                                f"recording a trial as {state.name}", again=again)
 
-    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
-        self._call("set_trial_intermediate_value", trial_id, step, intermediate_value)
-
-    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._call("set_trial_user_attr", trial_id, key, value)
-
-    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._call("set_trial_system_attr", trial_id, key, value)
-
-    # ------------------------------------------------------------ trials: reads
-
-    def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
-        return self._call("get_trial_id_from_study_id_trial_number", study_id, trial_number)
-
-    def get_trial_number_from_id(self, trial_id: int) -> int:
-        return self._call("get_trial_number_from_id", trial_id)
-
-    def get_trial_param(self, trial_id: int, param_name: str) -> float:
-        return self._call("get_trial_param", trial_id, param_name)
-
-    def get_trial(self, trial_id: int) -> FrozenTrial:
-        return self._call("get_trial", trial_id)
-
-    def get_all_trials(self, study_id: int, deepcopy: bool = True,
-                       states: Container[TrialState] | None = None) -> list[FrozenTrial]:
-        return self._call("get_all_trials", study_id, deepcopy=deepcopy, states=states)
-
-    def get_n_trials(self, study_id: int, state: tuple[TrialState, ...] | TrialState | None = None) -> int:
-        return self._call("get_n_trials", study_id, state)
-
-    def get_best_trial(self, study_id: int) -> FrozenTrial:
-        return self._call("get_best_trial", study_id)
-
-    def get_trial_params(self, trial_id: int) -> dict[str, Any]:
-        return self._call("get_trial_params", trial_id)
-
-    def get_trial_user_attrs(self, trial_id: int) -> dict[str, Any]:
-        return self._call("get_trial_user_attrs", trial_id)
-
-    def get_trial_system_attrs(self, trial_id: int) -> dict[str, Any]:
-        return self._call("get_trial_system_attrs", trial_id)
-
     def remove_session(self) -> None:
         self._inner.remove_session()
-
-    # ------------------------------------------------------------ heartbeats
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        self._call("record_heartbeat", trial_id)
 
     def record_heartbeat_once(self, trial_id: int) -> None:
         """One try, no waiting: the heartbeat thread's beat (the next beat is its retry, and
         a thread waiting out an outage could not be stopped when its batch ends)."""
         self._inner.record_heartbeat(trial_id)
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        return self._call("_get_stale_trial_ids", study_id)
 
     def get_heartbeat_interval(self) -> int | None:
         return self._inner.get_heartbeat_interval()
