@@ -15,6 +15,7 @@ import optuna
 
 from step5.data.splits import FoldFiles
 from step5.errors import JobError, Step5Error, UsageError
+from step5.models import trees
 from step5.execution.runner import FoldRunner, raise_first_job_error
 from step5.execution.summary import RunnerStats, Timings
 from step5.optimizer.grouping import plan_groups
@@ -26,8 +27,6 @@ logger = logging.getLogger(__name__)
 
 #: ``fold_idx`` of a tree model's final fit (distinct from every CV fold, for logs and seeds).
 FINAL_FOLD_IDX = 1_000_000
-
-
 #: ``gate(trial_number, fold_results_so_far)`` -> True to train the trial's next fold
 #: (:mod:`step5.optimizer.pruning` reports the fold and asks the pruner).
 FoldGate = Callable[[int, Sequence[dict[str, Any]]], bool]
@@ -35,7 +34,7 @@ FoldGate = Callable[[int, Sequence[dict[str, Any]]], bool]
 
 @dataclass
 class Pruned:
-    """A trial the pruner stopped: its folds trained so far (fold order); the rest never ran."""
+    """A trial the pruner stopped: its folds trained so far (fold order)."""
 
     folds: list[dict[str, Any]] = field(default_factory=list)
 
@@ -45,14 +44,12 @@ TrialOutcome = list[dict[str, Any]] | JobError | Pruned
 
 
 def fold_seed(base_seed: int, trial_number: int, fold_idx: int) -> int:
-    """A training seed per (run seed, trial, fold): distinct streams, same inputs -> same seed."""
     state = np.random.SeedSequence([int(base_seed), int(trial_number), int(fold_idx)]).generate_state(2, np.uint32)
     return (int(state[0]) << 30) | (int(state[1]) >> 2)  # 62 bits: within the protocol's seed < 2**63
 
 
 def cv_val_scores(folds: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """``r2``/``val_mse`` of a final model with no validation rows of its own (the NN's fold
-    ensemble, a model fitted on every dev row): the means over its trial's CV folds."""
+    """``r2``/``val_mse`` of a final model with no validation rows of its own: its trial's CV means."""
     return {"r2": float(np.mean([f["r2"] for f in folds])), "val_mse": float(np.mean([f["val_mse"] for f in folds]))}
 
 
@@ -63,19 +60,15 @@ _RESCORE_STREAM, _REPEAT_STREAM = 0x5EED, 0x4E9E
 
 
 def partition_seed(base_seed: int, partition: int, *, search_repeat: bool = False) -> int:
-    """The KFold shuffle seed of rescore partition ``partition`` (>= 1) of a run, or with
-    ``search_repeat`` of the search's repeat ``partition`` (>= 1, ``--cv-repeats``): a
-    stream of its own, never the search's ``seed + 1`` of this run or of another seed's run."""
+    """The KFold shuffle seed of rescore partition ``partition`` (>= 1), or of the search's repeat
+    ``partition`` (``--cv-repeats``): a stream of its own, never any run's search ``seed + 1``."""
     stream = _REPEAT_STREAM if search_repeat else _RESCORE_STREAM
     return int(np.random.SeedSequence([int(base_seed), stream, int(partition)]).generate_state(1, np.uint32)[0])
 
 
 @dataclass
 class CVData:
-    """The rows of one run, split once: K CV folds of the dev rows, the final split, the test set.
-
-    Indices are positions in ``X_dev``/``y_dev``. The test rows are never part of a fold.
-    """
+    """The rows of one run, split once (indices are positions in ``X_dev``); the test rows are in no fold."""
 
     X_dev: np.ndarray  # (n_dev, d) float32
     y_dev: np.ndarray  # (n_dev,) float64
@@ -85,10 +78,8 @@ class CVData:
     final_fit_idx: np.ndarray  # dev rows the final model is fitted on
     final_es_idx: np.ndarray  # dev rows the final model early-stops on (~1/K of dev)
     feature_names: list[str]
-    # Further K-fold partitions of the same dev rows, other shuffles. The first
-    # ``search_repeats - 1`` are the search's too (repeated CV: every trial is scored on
-    # them); the best trial is scored again on the rest (``rescore``), where the search's
-    # choice has not looked.
+    # Further K-fold partitions of the dev rows: the first ``search_repeats - 1`` are the search's too
+    # (repeated CV); the best trial is scored again on the rest (``rescore``), unseen by the search's choice.
     fresh_partitions: list[list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=list)
     search_repeats: int = 1
 
@@ -101,19 +92,16 @@ class CVData:
         return len(self.folds)
 
     def partition(self, number: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Partition 0 is the search's ``folds``; 1.. are ``fresh_partitions``."""
         if not 0 <= number <= len(self.fresh_partitions):
             raise ValueError(f"partition {number} does not exist: this run has {len(self.fresh_partitions)} fresh ones")
         return self.folds if number == 0 else self.fresh_partitions[number - 1]
 
     @property
     def search_partitions(self) -> range:
-        """The partitions every trial of the search is scored on (0, then the repeats)."""
         return range(self.search_repeats)
 
     @property
     def rescore_partitions(self) -> range:
-        """The partitions only the best trial is scored on, after the search."""
         return range(self.search_repeats, 1 + len(self.fresh_partitions))
 
     def search_folds(self) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
@@ -122,8 +110,7 @@ class CVData:
                 for p in self.search_partitions for f, (tr, va) in enumerate(self.partition(p))]
 
     def fold_idx(self, partition: int, fold: int) -> int:
-        """Fold ``fold`` of ``partition`` as a ``fold_idx``: the search's own (0..K-1) for
-        partition 0, then K.. for the fresh ones, so every fold's training seed differs."""
+        """0..K-1 for partition 0, then K.. for the fresh ones, so every fold's training seed differs."""
         return partition * self.k + fold
 
 
@@ -132,70 +119,33 @@ class ModelBackend(Protocol):
 
     model_type: str
 
-    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
-        """This trial's hyperparameters, as the plain dict stored in the trial and the sidecar."""
-        ...
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]: ...
 
-    def run_trials(
-        self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate | None = None,
-    ) -> list[TrialOutcome]:
-        """Train and score every CV fold of each trial; per trial (input order) its fold
-        results in fold order, or the :class:`JobError` that failed it (only it). With a
-        ``gate``, it is called after each fold of a trial, in fold order (and, for a batch,
-        in trial order after each fold of every trial is known); a False stops the trial,
-        which comes back :class:`Pruned`."""
-        ...
+    def run_trials(self, trials: Sequence[tuple[int, dict[str, Any]]],
+                   gate: FoldGate | None = None) -> list[TrialOutcome]:
+        """Per trial (input order): its fold results in fold order, the :class:`JobError` that failed it
+        (only it), or :class:`Pruned` when ``gate``, called after each fold, said False."""
 
     def rescore(self, trial_number: int, params: dict[str, Any], partition: int) -> list[dict[str, Any]]:
-        """Train and score ``params`` on the folds of a fresh partition (``CVData.partition``),
-        with training seeds of their own; the fold results in fold order, or the first
-        fold's :class:`JobError` raised."""
-        ...
+        """``params`` on a fresh partition's folds, seeds of their own; the first fold's JobError raised."""
 
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
-        """Build the final model from exactly ``params``, score it on the test set, save it.
-        The result may carry ``n_fit``/``n_early_stop`` when the backend fits other rows
-        than the final split."""
-        ...
+        """The final model from exactly ``params``, scored on the test rows and saved."""
 
-    def summary(self) -> RunnerStats:
-        """What trained the folds, for the sidecar's ``execution`` block."""
-        ...
+    def summary(self) -> RunnerStats: ...
 
-    def close(self) -> None:
-        ...
+    def close(self) -> None: ...
 
 
 class NNBackend:
-    """Neural-net folds as :class:`TrainRequest` jobs for a :class:`FoldRunner`.
-
-    The K fold NPZ files and the final-model NPZ are written once, here, into ``files``;
-    every trial sends requests naming the same paths. A batch of trials becomes groups by
-    :func:`~step5.optimizer.grouping.plan_groups` (``fuse_folds``, ``fuse_trials``).
-
-    Each search fold also saves its trained model (a small checkpoint under
-    ``files/fold_states/``); the states of the best trial so far are kept and every other
-    trial's are deleted once its outcome is known, so the final model merges the models the
-    search already trained (:meth:`train_final`).
-    """
+    """Neural-net folds as :class:`TrainRequest` jobs for a :class:`FoldRunner`; the fold files are written
+    once. Each search fold saves its model; the best trial's so far are kept for :meth:`train_final`."""
 
     model_type = "neural_net"
 
-    def __init__(
-        self,
-        runner: FoldRunner,
-        cv: CVData,
-        files: FoldFiles,
-        *,
-        seed: int,
-        normalize_features: bool,
-        use_leaky_relu: bool,
-        dropout: float | None,
-        max_epochs: int,
-        batch_mode: str = SEARCH_BATCH_MODE,
-        fuse_folds: bool = False,
-        fuse_trials: bool = False,
-    ) -> None:
+    def __init__(self, runner: FoldRunner, cv: CVData, files: FoldFiles, *, seed: int, normalize_features: bool,
+                 use_leaky_relu: bool, dropout: float | None, max_epochs: int, batch_mode: str = SEARCH_BATCH_MODE,
+                 fuse_folds: bool = False, fuse_trials: bool = False) -> None:
         self.runner = runner
         self.cv = cv
         self.files = files
@@ -227,7 +177,6 @@ class NNBackend:
         logger.info("wrote %d fold NPZ files + the final split to %s in %.2fs", cv.k, files.path, self.write_s)
 
     def _write_partition(self, number: int) -> list[str]:
-        """The NPZ files of a partition's folds, written on first use (the search's at start)."""
         if number not in self._partition_paths:
             cv, paths = self.cv, []
             prefix = "" if number == 0 else f"partition_{number}_"
@@ -263,9 +212,7 @@ class NNBackend:
     def fold_requests(
         self, trial_number: int, params: dict[str, Any], *, partition: int = 0, save_states: bool = False,
     ) -> list[TrainRequest]:
-        """The K fold jobs of one trial: the same requests whether they run fused or not;
-        ``partition`` > 0: on another partition's folds (a search repeat, or ``rescore``);
-        ``save_states``: each fold also saves its model (:meth:`state_paths`)."""
+        """The K fold jobs of one trial, the same whether fused or not; ``save_states``: each saves its model."""
         nn_params = NNParams.from_dict(params)
         paths = self._write_partition(partition)
         saves: Sequence[Path | None] = [None] * len(paths)
@@ -276,18 +223,15 @@ class NNBackend:
                 for f, (p, save) in enumerate(zip(paths, saves))]
 
     def state_paths(self, trial_number: int) -> list[Path]:
-        """Where the search's fold models of ``trial_number`` are saved (its first partition's K folds)."""
         return [self.states / f"trial_{trial_number}" / f"fold_{f}.pth" for f in range(self.cv.k)]
 
     def search_requests(self, trial_number: int, params: dict[str, Any]) -> list[TrainRequest]:
-        """Every fold job of one trial of the search: the K folds of each search partition;
-        the first partition's save their models, the final model's candidates."""
+        """Every fold job of one search trial; the first partition's save their models (the final model's)."""
         return [r for p in self.cv.search_partitions
                 for r in self.fold_requests(trial_number, params, partition=p, save_states=p == 0)]
 
     def _keep_states_of_best(self, number: int, outcome: TrialOutcome) -> None:
-        """Keep ``number``'s fold models if it is the best trial so far (on the objective
-        the search tells the study: :func:`summarize_folds`), delete the others'."""
+        """Keep ``number``'s fold models if it is the best trial so far, delete the others'."""
         value = summarize_folds(outcome).value if isinstance(outcome, list) else math.nan
         if math.isfinite(value) and (self._kept is None or value > self._kept[0]):
             if self._kept is not None:
@@ -297,8 +241,7 @@ class NNBackend:
             shutil.rmtree(self.states / f"trial_{number}", ignore_errors=True)
 
     def _run_requests(self, requests: dict[int, list[TrainRequest]]) -> dict[tuple[int, int], Any]:
-        """One ``runner.run`` call for these trials' requests, grouped by the plan; each job's
-        outcome (result or JobError) by (trial number, fold index)."""
+        """One ``runner.run`` call, grouped by the plan; each job's outcome by (trial number, fold index)."""
         groups = plan_groups(requests, fuse_folds=self.fuse_folds, fuse_trials=self.fuse_trials,
                              capacity=self.runner.capacity, n_train=self.fold_rows)
         outcomes = self.runner.run(groups)
@@ -310,13 +253,8 @@ class NNBackend:
     def run_trials(
         self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate | None = None,
     ) -> list[TrialOutcome]:
-        """Every fold of every trial in one ``runner.run`` call, grouped by the plan; with a
-        ``gate``, in waves (:meth:`_run_waves`).
-
-        Each trial's outcome is its fold results, or the first :class:`JobError` among its
-        folds: the runner returns every job's outcome in place, so a failing trial fails
-        only itself and costs the others nothing.
-        """
+        """Every fold of every trial in one ``runner.run`` call (with a ``gate``: in waves); a failing trial
+        fails only itself."""
         if gate is not None:
             results = self._run_waves(trials, gate)
         else:
@@ -333,12 +271,8 @@ class NNBackend:
         return results
 
     def _run_waves(self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate) -> list[TrialOutcome]:
-        """Fold k of every live trial in one ``runner.run`` call, then the gate for each, in
-        trial order; a trial the gate stops (or a fold fails) sends no more folds.
-
-        The same requests as :meth:`run_trials` (a wave holds one fold per trial, so
-        ``--fuse-folds`` has nothing to fuse; ``--fuse-trials`` fuses same-shape trials'
-        fold k)."""
+        """Fold k of every live trial in one ``runner.run`` call, then the gate for each in trial order; a
+        stopped or failed trial sends no more folds (a wave holds one fold per trial: nothing to fuse-fold)."""
         requests = {number: self.search_requests(number, params) for number, params in trials}
         n_folds = len(self.cv.search_folds())
         done: dict[int, list[dict[str, Any]]] = {number: [] for number, _ in trials}
@@ -364,20 +298,9 @@ class NNBackend:
         return raise_first_job_error([by_job[(trial_number, r.fold_idx)] for r in requests])
 
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
-        """The best trial's K fold models, merged into one network that predicts their mean
-        (:mod:`step5.nn.ensemble`; docs/optimizer.md says why not a refit).
-
-        The fold models are the ones the search trained and kept (:meth:`_keep_states_of_best`);
-        a best trial whose models are not here (it ran in another process of a shared study,
-        or in an earlier run) has its folds trained again exactly as it trained them (same
-        files, params and seeds: the same models). A ``merge`` job on the runner -- a
-        process that already holds torch -- merges them and scores the merged net on every
-        dev row (``train_*``) and on the test rows (``test_*``, scored only); the merged
-        checkpoint is then copied to ``checkpoint_path`` (the output dir's staging folder:
-        a full or read-only disk is an ``OSError`` of the output dir). ``r2``/``val_mse``
-        are the merged folds' CV means: the ensemble has no validation rows of its own.
-        With repeated CV (``--cv-repeats``) only the first partition's K folds are merged:
-        more members would widen the shipped net, not change what it estimates."""
+        """The best trial's K fold models (kept by the search, else trained again with the same seeds)
+        merged into one net by a ``merge`` job on the runner, then copied to ``checkpoint_path``
+        (docs/optimizer.md, "Final model")."""
         paths = self.state_paths(trial_number)
         requests = self.fold_requests(trial_number, params, save_states=True)
         folds = self._kept[2] if self._kept is not None and self._kept[1] == trial_number else None
@@ -405,7 +328,6 @@ class NNBackend:
         return result
 
     def training_options(self) -> dict[str, Any]:
-        """Flags every request of this run carried (recorded in the sidecar)."""
         return {
             "normalize_features": self.normalize_features,
             "use_leaky_relu": self.use_leaky_relu,
@@ -422,8 +344,7 @@ class NNBackend:
 
 
 def _members_curve(folds: Sequence[dict[str, Any]]) -> dict[str, float | None]:
-    """The merged net's training curve, for the early-stop ratio: its members' mean best
-    epoch and epochs run (None when a member did not report them)."""
+    """The merged net's training curve: its members' mean best epoch and epochs run (None if unreported)."""
     best = [f.get("best_epoch") for f in folds]
     run = [f.get("epochs_run") for f in folds]
     if any(v is None for v in best + run):
@@ -431,24 +352,9 @@ def _members_curve(folds: Sequence[dict[str, Any]]) -> dict[str, float | None]:
     return {"best_round": float(np.mean(best)), "rounds_trained": float(np.mean(run))}
 
 
-def _load_trees_module() -> Any:
-    try:
-        from step5.models import trees
-    except ImportError as exc:
-        raise Step5Error(
-            f"tree models are not available yet: step5.models.trees cannot be imported ({exc}); "
-            "use --model-type neural_net"
-        ) from None
-    return trees
-
-
 class TreeBackend:
-    """xgboost / lightgbm / catboost folds fitted in-process through :mod:`step5.models.trees`.
-
-    Gradient-boosted trees do not touch torch or CUDA state in the parent, so they need no
-    subprocess; execution mode is ``inline``. ``n_threads`` (``--cpu-workers``) is the
-    library's thread count; None lets the library choose.
-    """
+    """xgboost / lightgbm / catboost folds fitted in-process (no torch or CUDA state in the parent), through
+    :mod:`step5.models.trees`; ``n_threads`` (``--cpu-workers``) is the library's, None its default."""
 
     def __init__(
         self, model_type: str, cv: CVData, *, seed: int, gpus: list[str] | None = None, n_threads: int | None = None,
@@ -457,7 +363,7 @@ class TreeBackend:
         self.cv = cv
         self.seed = seed
         self.n_threads = n_threads
-        self.trees = _load_trees_module()
+        self.trees = trees
         try:
             # --gpus: None detects, [] forces CPU, ["1", ...] trains on the first listed GPU.
             self.device: str | None = self.trees.device_for_gpus(gpus)
@@ -502,8 +408,7 @@ class TreeBackend:
     def run_trials(
         self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate | None = None,
     ) -> list[TrialOutcome]:
-        """In-process, one trial after another (the libraries use every thread they are
-        given), fold by fold; the ``gate`` after each fold but the last may stop the trial."""
+        """One trial after another (the libraries use every thread given), fold by fold."""
         out: list[TrialOutcome] = []
         search_folds = self.cv.search_folds()
         for number, params in trials:
@@ -525,11 +430,8 @@ class TreeBackend:
                 for f, (tr, va) in enumerate(self.cv.partition(partition))]
 
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
-        """Fit ``params`` on the final split (fit rows, early-stopping rows), or, for a model
-        that does not early-stop (xgboost's gblinear), on every dev row. Such a model has no
-        validation rows of its own, so, as for the NN's fold ensemble, ``r2``/``val_mse``
-        are the trial's CV means (its folds on every search partition fitted again: the
-        same seeds, the same scores)."""
+        """Fit ``params`` on the final split, or, for a model that does not early-stop (xgboost's gblinear),
+        on every dev row, scored by its trial's CV means (its folds fitted again: same seeds, same scores)."""
         if self.trees.reads_validation_rows(self.model_type, params):
             metrics, model = self._fit(
                 trial_number, FINAL_FOLD_IDX, params, self.cv.final_fit_idx, self.cv.final_es_idx,
@@ -547,10 +449,6 @@ class TreeBackend:
 
     def training_options(self) -> dict[str, Any]:
         return {"device_request": self.device or "auto", "n_threads": self.n_threads}
-
-    @property
-    def capacity(self) -> int:
-        return 1
 
     def summary(self) -> RunnerStats:
         timings = Timings(jobs=self._jobs, wall_s=self._wall_s, compute_s=self._compute_s,

@@ -30,12 +30,6 @@ def anti_overfit_score(val_r2: Sequence[float], train_r2: Sequence[float]) -> fl
     return mean_val - OVERFIT_PENALTY * max(0.0, mean_train - mean_val)
 
 
-def r2_from_mse(mse: float, y: np.ndarray) -> float:
-    """R² = 1 - MSE / Var(y): the train R² when a trainer reports only the train MSE."""
-    var = float(np.var(y))
-    return float("nan") if var <= 0.0 else 1.0 - float(mse) / var
-
-
 @dataclass
 class TrialSummary:
     """What one completed trial measured across its folds (stored in ``trial.user_attrs``)."""

@@ -57,20 +57,10 @@ from step5.optimizer.study import (
 
 logger = logging.getLogger(__name__)
 
-HISTORY_PNG_NAME = artifacts.HISTORY_PNG_NAME
-
 
 def resolve_search_plan(config: OptimizerConfig, policy: Policy, capacity: int, *, neural_net: bool) -> SearchPlan:
-    """Trials in flight and fusion for this run; flags win over the policy.
-
-    ``--fuse-trials N`` (N > 1) fuses same-shape trials, which fuses their folds by
-    definition, with N trials in flight. Otherwise ``--fuse-folds`` / ``--no-fuse-folds``
-    win over ``training.fuse_folds``, and ``--trials-in-flight`` over
-    ``training.trials_in_flight``, whose 0 means "fill the slots": two trials per device
-    slot for neural nets (``default_trials_in_flight``; tree models train in-process, one
-    trial at a time).
-    Fusion applies to neural nets only. ``--pruner`` wins over ``training.pruner``.
-    """
+    """Trials in flight, fusion and pruner for this run (neural nets alone fuse); flags win over the policy,
+    whose ``trials_in_flight`` 0 means two per device slot for nets. ``--fuse-trials N`` > 1 fuses folds too."""
     fuse_trials = neural_net and config.fuse_trials > 1
     if fuse_trials:
         fuse_folds, source = True, f"--fuse-trials {config.fuse_trials}"
@@ -94,9 +84,8 @@ def resolve_search_plan(config: OptimizerConfig, policy: Policy, capacity: int, 
 
 
 def nn_only_settings(config: OptimizerConfig) -> list[str]:
-    """The neural-net-only settings (the config's :data:`~step5.optimizer.config.NN_ONLY`
-    fields) this run was given, typed on the command line in any spelling (when it is known)
-    or set away from their defaults in code: ``["--dropout=0.2", ...]``."""
+    """The :data:`~step5.optimizer.config.NN_ONLY` settings this run was given, typed in any spelling or set
+    away from their defaults in code: ``["--dropout=0.2", ...]``."""
     from step5.optimizer.cli import flag_spellings
 
     typed = {arg.split("=", 1)[0] for arg in (config.command_line or []) if arg.startswith("--")}
@@ -105,13 +94,8 @@ def nn_only_settings(config: OptimizerConfig) -> list[str]:
 
 
 class AntiOverfitMetaOptimizer:
-    """Search hyperparameters for one model type and save the best model with its sidecar.
-
-    ``run()`` returns a :class:`RunOutcome` on success and raises :class:`Step5Error`
-    subclasses otherwise: :class:`DataError` for bad inputs, :class:`DegenerateSignalError`
-    (after writing the degenerate sidecar; the exception carries ``.outcome``) when the
-    target has nothing to learn, :class:`~step5.errors.UsageError` for impossible settings.
-    """
+    """Search hyperparameters for one model type and save the best model with its sidecar. ``run()`` returns
+    a :class:`RunOutcome` or raises a :class:`Step5Error` (:class:`DegenerateSignalError` carries ``.outcome``)."""
 
     def __init__(self, config: OptimizerConfig) -> None:
         validate_config(config)
@@ -127,8 +111,6 @@ class AntiOverfitMetaOptimizer:
         self._progress = TrialProgress(0)  # counts the trials (any end state) this invocation ran
         self._t0 = time.perf_counter()
         self.cv_repeats = 1  # K-fold partitions per trial: resolved once the row count is known
-
-    # ------------------------------------------------------------------ public
 
     def run(self) -> RunOutcome:
         cfg = self.config
@@ -205,10 +187,7 @@ class AntiOverfitMetaOptimizer:
                 opened, best, final, rescore, cv, signal, data_context, feature_schema, execution, backend, staged,
             )
 
-    # ------------------------------------------------------------------ cluster
-
     def _helper_nodes(self) -> list[ClusterNode]:
-        """The hosts of ``--cluster-config`` other than this one (none without the flag)."""
         cfg = self.config
         if cfg.cluster_config is None:
             return []
@@ -235,8 +214,6 @@ class AntiOverfitMetaOptimizer:
         arguments = helper_arguments(cfg, study_name=study_name, storage=storage_url, policy_given=policy_given)
         return helper_fleet(nodes, arguments)
 
-    # ------------------------------------------------------------------ data
-
     def _data_context(self, table: SurvivorTable, draws: list[int]) -> dict[str, Any]:
         cfg = self.config
         prng_type = cfg.prng_type if cfg.prng_type is not None else table.prng_type or DEFAULT_PRNG_TYPE
@@ -253,7 +230,6 @@ class AntiOverfitMetaOptimizer:
 
     @staticmethod
     def _study_data(data_context: dict[str, Any]) -> dict[str, Any]:
-        """What a shared study records about its data; every process that joins must match it."""
         return {
             "fingerprint_hash": data_context["fingerprint_hash"],
             "survivor_count": data_context["survivor_source"]["survivor_count"],
@@ -261,7 +237,7 @@ class AntiOverfitMetaOptimizer:
         }
 
     def _setup(self) -> dict[str, Any]:
-        """What makes two runs' objective values comparable (see :mod:`step5.optimizer.study`)."""
+        """What makes two runs' objective values comparable (docs/optimizer-internals.md#study)."""
         cfg = self.config
         setup: dict[str, Any] = {
             "model_type": cfg.model_type,
@@ -281,7 +257,6 @@ class AntiOverfitMetaOptimizer:
         return setup
 
     def _split(self, table: SurvivorTable) -> CVData:
-        """Holdout test rows, K folds of the dev rows, and the final model's early-stopping slice."""
         from sklearn.model_selection import train_test_split
 
         cfg = self.config
@@ -315,8 +290,6 @@ class AntiOverfitMetaOptimizer:
             folds=folds, final_fit_idx=np.sort(fit_pos), final_es_idx=np.sort(es_pos),
             feature_names=list(table.feature_names), fresh_partitions=fresh, search_repeats=repeats,
         )
-
-    # ------------------------------------------------------------------ search
 
     def _make_backend(self, cv: CVData, files: FoldFiles) -> ModelBackend:
         cfg = self.config
@@ -394,7 +367,6 @@ class AntiOverfitMetaOptimizer:
         self.timings["search_s"] = time.perf_counter() - start
 
     def _search_only_outcome(self, opened: OpenedStudy) -> RunOutcome:
-        """A --search-only helper ends here: the study is searched, the default-role process builds the model."""
         counts = count_states(opened.study)
         self.timings["total_s"] = time.perf_counter() - self._t0
         logger.info(
@@ -413,8 +385,6 @@ class AntiOverfitMetaOptimizer:
             + (". Last failures:\n  " + "\n  ".join(reasons) if reasons else "")
         )
 
-    # ------------------------------------------------------------------ final model
-
     @staticmethod
     def _best_params(best: FrozenTrial) -> dict[str, Any]:
         params = best.user_attrs.get("params")
@@ -423,16 +393,8 @@ class AntiOverfitMetaOptimizer:
         return params
 
     def _rescore(self, best: FrozenTrial, backend: ModelBackend, cv: CVData) -> dict[str, Any] | None:
-        """The best trial trained and scored again on each fresh partition of the dev rows
-        (None when the run rescores on none).
-
-        The search picked this trial because its objective was the highest of many noisy
-        ones, so that objective leans high, and the more so the noisier the model family's
-        trials are. On folds the search never saw, with training seeds of its own, the same
-        params give an estimate free of that choice (docs/models.md). A partition whose
-        folds fail or diverge scores NaN, and so does the mean: a model that does not train
-        reliably on fresh folds has no trustworthy estimate.
-        """
+        """The best trial trained and scored again on each fresh partition (None: none), an estimate free of
+        the search's choice (docs/models.md); a partition that fails scores NaN, and so does the mean."""
         partitions = cv.rescore_partitions
         n = len(partitions)
         if n == 0:
@@ -467,8 +429,7 @@ class AntiOverfitMetaOptimizer:
         }
 
     def _train_final(self, best: FrozenTrial, backend: ModelBackend, staging: Path) -> dict[str, Any]:
-        """Fit the best trial's exact params on the final split; its checkpoint goes to ``staging``
-        (the new model set's folder), so a failed final fit never replaces a good model."""
+        """The final model from the best trial's exact params, into ``staging`` (the new model set)."""
         params = self._best_params(best)
         name = artifacts.checkpoint_filename(self.config.model_type)
         logger.info("training the final model with trial %d's params: %s", best.number, params)
@@ -483,10 +444,7 @@ class AntiOverfitMetaOptimizer:
         )
         return result
 
-    # ------------------------------------------------------------------ outputs
-
     def _execution(self, backend: ModelBackend | None) -> ExecutionSummary:
-        """The sidecar's execution block: what trained (None: nothing did), how, how long."""
         stats = backend.summary() if backend is not None else None
         search = self._search_record if backend is not None else SearchRecord()
         return build_execution_summary(stats, search=search, phases=self.timings)
@@ -523,10 +481,8 @@ class AntiOverfitMetaOptimizer:
             extra={"cwd": os.getcwd(), "policy_file": self.policy.source if self.policy is not None else None},
         )
 
-    def _write_degenerate(
-        self, signal: dict[str, Any], data_context: dict[str, Any], feature_schema: dict[str, Any],
-        study_name: str, storage_url: str,
-    ) -> RunOutcome:
+    def _write_degenerate(self, signal: dict[str, Any], data_context: dict[str, Any], feature_schema: dict[str, Any],
+                          study_name: str, storage_url: str) -> RunOutcome:
         cfg = self.config
         stale = self.output_dir / artifacts.checkpoint_filename(cfg.model_type)
         if stale.exists():
@@ -553,20 +509,11 @@ class AntiOverfitMetaOptimizer:
             wall_s=self.timings["total_s"],
         )
 
-    def _write_success(
-        self,
-        opened: OpenedStudy,
-        best: FrozenTrial,
-        final: dict[str, Any],
-        rescore: dict[str, Any] | None,
-        cv: CVData,
-        signal: dict[str, Any],
-        data_context: dict[str, Any],
-        feature_schema: dict[str, Any],
-        execution_summary: ExecutionSummary,
-        backend: ModelBackend,
-        staged: model_set.StagedSet,
-    ) -> RunOutcome:
+    def _write_success(self, opened: OpenedStudy, best: FrozenTrial, final: dict[str, Any],
+                       rescore: dict[str, Any] | None, cv: CVData, signal: dict[str, Any],
+                       data_context: dict[str, Any], feature_schema: dict[str, Any],
+                       execution_summary: ExecutionSummary, backend: ModelBackend,
+                       staged: model_set.StagedSet) -> RunOutcome:
         cfg = self.config
         metrics = build_training_metrics(
             best.user_attrs.get("cv", {}), final, objective_value=best.value,
@@ -600,7 +547,7 @@ class AntiOverfitMetaOptimizer:
             except ValueError as exc:  # a trainer result lacking a metric the sidecar requires
                 raise Step5Error(f"the final model's results cannot make a valid sidecar: {exc}") from None
             plot_optimization_history(
-                trials, staged.path / HISTORY_PNG_NAME,
+                trials, staged.path / artifacts.HISTORY_PNG_NAME,
                 title=f"Step 5 {cfg.model_type}: {opened.study_name}",
             )
             staged.commit()

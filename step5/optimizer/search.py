@@ -10,7 +10,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from step5.errors import JobError, Step5Error, StorageError, TooManyFailedTrials, interrupt_reason
 from step5.execution.summary import SearchRecord
 from step5.interrupts import raise_if_interrupted
-from step5.optimizer.backends import FoldGate, Pruned, TrialOutcome
+from step5.optimizer.backends import ModelBackend, Pruned, TrialOutcome
 from step5.optimizer.objective import fail_reason, record_trial
 from step5.optimizer.pruning import fold_gate, make_pruner, report_folds
 from step5.optimizer.study import (
@@ -31,16 +31,6 @@ from step5.optimizer.study import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class TrialBackend(Protocol):
-    model_type: str
-
-    def suggest(self, trial: optuna.Trial) -> dict[str, Any]: ...
-
-    def run_trials(
-        self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate | None = None,
-    ) -> list[TrialOutcome]: ...
 
 
 @dataclass(frozen=True)
@@ -87,15 +77,15 @@ class FailureStreak:
 
 
 def log_failed_trial(trial: optuna.Trial, reason: str) -> None:
-    """Optuna's own failure line ("Trial N failed with parameters ... because ...")."""
+    # Optuna's own failure line, as study.optimize would log it.
     logger.warning("Trial %d failed with parameters: %s because of the following error: %s.",
                    trial.number, trial.params, reason)
 
 
 @dataclass(frozen=True)
 class SearchGoal:
-    """When the loop stops: the study holds ``complete`` COMPLETE trials, or this process
-    has asked ``new_trials`` fresh trials and nothing of others' is left in flight."""
+    """The loop stops when the study holds ``complete`` COMPLETE trials, or when this process asked its
+    ``new_trials`` and nothing of others' is left in flight."""
 
     complete: int  # --trials
     new_trials: int  # fresh trials this process may ask (re-runs of dead processes' trials are extra)
@@ -105,10 +95,8 @@ class SearchGoal:
 
 @dataclass
 class Batch:
-    """Trials asked together (under one study lock), claimed, sampled, run and told together.
-
-    Filled in place as it is asked, so that whatever stops the asking midway leaves the
-    trials it made where the caller can fail them."""
+    """Trials asked under one study lock, then claimed, sampled, run and told together; filled in place,
+    so whatever stops the asking midway leaves the trials it made where the caller can fail them."""
 
     index: int  # this process's batch number (the trials' ``batch`` attribute)
     trials: list[optuna.Trial] = field(default_factory=list)
@@ -124,12 +112,10 @@ class Batch:
 
 
 class BatchAsker:
-    """Asks, claims and samples one batch (:meth:`ask`), for the loop itself or, while a
-    batch trains, for the helper thread that prepares the next one (:class:`Prefetch`).
-    Never both at once: the loop joins the helper before it asks or tells again, and only
-    then reads what the helper changed (``replaced``, ``fresh_asked``)."""
+    """Asks, claims and samples one batch, for the loop or for the :class:`Prefetch` helper; never both at
+    once (the loop joins the helper before it asks or tells again)."""
 
-    def __init__(self, opened: OpenedStudy, backend: TrialBackend, plan: SearchPlan, goal: SearchGoal,
+    def __init__(self, opened: OpenedStudy, backend: ModelBackend, plan: SearchPlan, goal: SearchGoal,
                  heartbeats: TrialHeartbeats) -> None:
         self.opened, self.backend, self.plan, self.goal, self.heartbeats = opened, backend, plan, goal, heartbeats
         self.fresh_asked = 0
@@ -138,12 +124,9 @@ class BatchAsker:
 
     def ask(self, batch: Batch, *, in_flight: bool, waiting: bool = False,
             cancelled: threading.Event | None = None) -> None:
-        """Fill ``batch``: under the study lock, count and ask as many trials as fit; then
-        claim them (owner, first heartbeat, heartbeats from now on) and sample their params.
-
-        ``in_flight``: a batch of this process is training meanwhile (the prefetch), so its
-        RUNNING trials are not orphans. ``cancelled``: the loop is stopping; whatever was
-        asked is left unsampled in ``batch`` for it to fail."""
+        """Under the study lock, count and ask as many trials as fit; then claim and sample them.
+        ``in_flight``: a batch of this process trains meanwhile (its RUNNING trials are no orphans);
+        ``cancelled``: the loop is stopping, what was asked is left unsampled for it to fail."""
         study, goal = self.opened.study, self.goal
         # Dead processes show on the time scale of heartbeats; looking once per poll
         # period (and whenever this process waits) keeps the storage queries per trial low.
@@ -184,19 +167,9 @@ class BatchAsker:
 
 
 class Prefetch:
-    """A helper thread that, while batch n trains, first tells batch n-1 (``before``; the
-    loop passes it when no pruner reads the study) and then asks, claims and samples batch
-    n+1, so that the slots go from one batch to the next without waiting for the tells, the
-    ask, the sampler and their storage writes.
-
-    The loop joins it (:meth:`result`) before it tells batch n: the sampler then sees the
-    same sequence every run (batch n+1 is sampled while batch n is RUNNING, after batch n-1
-    was told). Its storage calls go through the same retrying storage as the loop's;
-    Optuna's RDB storage gives each thread its own session (a SQLAlchemy ``scoped_session``:
-    one per thread, committed or rolled back per call) and its cache takes a lock, and
-    while the helper runs the loop makes no storage call but the pruner's fold reports
-    (with a pruner the helper tells nothing) and the heartbeats, which already ran beside
-    the loop."""
+    """While batch n trains, a helper thread tells batch n-1 (``before``) and then asks, claims and samples
+    batch n+1, so the slots go from batch to batch without waiting; joined before batch n is told, so the
+    sampler sees the same sequence every run (thread safety: docs/optimizer-internals.md#search)."""
 
     def __init__(self, asker: BatchAsker, index: int, before: Callable[[], None] | None = None) -> None:
         self.batch = Batch(index=index)
@@ -217,8 +190,7 @@ class Prefetch:
             self._error = exc
 
     def result(self) -> tuple[Batch | None, BaseException | None]:
-        """Wait for the helper: the batch ready to run (None when nothing was asked), and the
-        error that stopped it, if any (its trials are then the caller's to fail)."""
+        """Wait for the helper: the batch ready to run (None: nothing asked), and the error that stopped it."""
         self._thread.join()
         if self._error is not None:
             return None, self._error
@@ -229,7 +201,6 @@ class Prefetch:
         return self.batch, None
 
     def stop(self) -> list[optuna.Trial]:
-        """Stop the helper (at its next step) and wait for it; the trials it asked, none run."""
         self._cancelled.set()
         self._thread.join()
         return list(self.batch.trials)
@@ -248,35 +219,27 @@ class Trained:
 
 def run_search(
     opened: OpenedStudy,
-    backend: TrialBackend,
+    backend: ModelBackend,
     plan: SearchPlan,
     goal: SearchGoal,
     on_told: Callable[[optuna.Study, FrozenTrial], None],
 ) -> SearchRecord:
-    """Ask, run and tell trials, ``plan.trials_in_flight`` at a time, until ``goal`` is met
-    (failed and pruned trials are replaced; :class:`FailureStreak` bounds that).
-
-    With ``plan.prefetch``, while a batch trains a helper thread (:class:`Prefetch`) tells
-    the batch before it and then asks, claims and samples the next one, so the slots go
-    from batch to batch without waiting for this process's own work. With a pruner the
-    tells stay in the loop, between batches: the pruner's verdicts on a training batch
-    read the told trials, and must not depend on when they were told."""
+    """Ask, run and tell trials, ``plan.trials_in_flight`` at a time, until ``goal`` is met. With a pruner the
+    tells stay in the loop, between batches: its verdicts must not depend on when trials were told."""
     study = opened.study
     study.pruner = make_pruner(plan.pruner)
     record = plan.record()
     streak = FailureStreak(plan.max_consecutive_failures)
     tell_behind = plan.prefetch and plan.pruner == "none"
     waited_since: float | None = None
-    # Optuna warns at each ask that heartbeats are meant for study.optimize; this loop
-    # records them itself (claim_trial, TrialHeartbeats). Filtered here, in the loop's
-    # thread, for the whole search: the warning filters are global, and a catch_warnings
-    # block per ask in the helper thread could restore them under the loop's feet.
+    # Optuna warns at each ask that heartbeats are meant for study.optimize; this loop records them itself.
+    # Filtered here, for the whole search: warning filters are global, and a catch_warnings block per ask
+    # in the helper thread could restore them under the loop's feet.
     with warnings.catch_warnings(), TrialHeartbeats(opened) as heartbeats:
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         asker = BatchAsker(opened, backend, plan, goal, heartbeats)
 
         def tell_batch(trained: Trained) -> None:
-            """Tell a trained batch's untold trials, in ask order; then the failure streak."""
             for trial, outcome in zip(trained.batch.trials, trained.outcomes):
                 if trial.number in trained.told:
                     continue
@@ -290,7 +253,6 @@ def run_search(
             streak.check(trained.batch.counts["complete"], goal.complete)
 
         def settle(trained: Trained, error: BaseException) -> None:
-            """On the way out: tell what a trained batch's trials gave; fail those that cannot be told."""
             with contextlib.suppress(Exception):
                 tell_batch(trained)  # results that exist are kept (the streak's verdict does not matter now)
             fail_untold(study, [t for t in trained.batch.trials if t.number not in trained.told], error)
@@ -368,16 +330,8 @@ def run_search(
 
 
 def keep_within_goal(opened: OpenedStudy, trials: list[optuna.Trial], complete: int) -> list[optuna.Trial]:
-    """The trials of an ask whose study lock was lost (its connection died: the database
-    restarted or cut it) that still fit ``--trials``; the rest are told FAIL, unrun.
-
-    Without the lock another process may have counted the study, and asked, before these
-    trials existed; together they may then be more than ``--trials`` can take. Counted
-    again under the lock, the study's surplus (COMPLETE + RUNNING - ``--trials``) is
-    released from the end of this ask. A process that lost no lock counted these trials
-    when it asked, so the surplus is this ask's to give back; if several processes lost
-    theirs, each gives back what is left, one after the other under the lock.
-    """
+    """The trials of an ask whose study lock was lost that still fit ``--trials``: counted again under the
+    lock, the study's surplus (COMPLETE + RUNNING - ``--trials``) is told FAIL, unrun, from the end of this ask."""
     study = opened.study
     with study_lock(opened.storage, opened.study_name):
         counts = count_states(study)
@@ -394,7 +348,7 @@ def keep_within_goal(opened: OpenedStudy, trials: list[optuna.Trial], complete: 
 
 
 def count_outcome(record: SearchRecord, streak: FailureStreak, trial: FrozenTrial) -> int:
-    """Count a told trial in the record and the streak; 1 if it will be replaced (FAIL, PRUNED)."""
+    """1 if the told trial will be replaced (FAIL, PRUNED)."""
     streak.note(trial)
     if trial.state == TrialState.COMPLETE:
         return 0
@@ -406,15 +360,8 @@ def count_outcome(record: SearchRecord, streak: FailureStreak, trial: FrozenTria
 def tell(
     study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, *, wall_s: float, gated: bool = False,
 ) -> FrozenTrial:
-    """Tell Optuna how one trial ended; returns the finished trial.
-
-    ``gated``: a fold gate already reported every fold but the last (see
-    :mod:`step5.optimizer.pruning`); otherwise every fold is reported here, in fold order.
-
-    A trial another process already failed (its heartbeats were late past the grace
-    period, so it was taken for dead and queued for a re-run) keeps that verdict: the
-    re-run stands for it, and counting this result too would count the trial twice.
-    """
+    """Tell Optuna how one trial ended (``gated``: a fold gate reported every fold but the last). A trial
+    another process failed meanwhile (late heartbeats) keeps that verdict: its re-run stands for it."""
     try:
         if isinstance(outcome, Pruned):
             return tell_pruned(study, trial, outcome, wall_s=wall_s)
@@ -449,15 +396,13 @@ def _finished_elsewhere(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial
 
 
 def tell_pruned(study: optuna.Study, trial: optuna.Trial, outcome: Pruned, *, wall_s: float) -> FrozenTrial:
-    """Tell PRUNED (its value is its last reported step, and it is never the best trial)."""
     trial.set_user_attr("pruned_after_folds", len(outcome.folds))
     trial.set_user_attr("wall_s", round(wall_s, 4))
     return study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
 
 
 def fail_untold(study: optuna.Study, trials: list[optuna.Trial], error: BaseException, *, unrun: bool = False) -> None:
-    """Tell FAIL to trials a batch asked but never finished (the batch was interrupted);
-    ``unrun``: trials asked ahead for the next batch (:class:`Prefetch`), which never trained."""
+    """Tell FAIL to trials asked but never finished; ``unrun``: asked ahead (:class:`Prefetch`), never trained."""
     if isinstance(error, KeyboardInterrupt):  # Ctrl-C, or SIGTERM turned into Terminated
         reason = interrupt_reason(error)
     elif unrun:

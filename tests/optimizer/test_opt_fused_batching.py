@@ -391,7 +391,7 @@ def test_batched_trials_get_heartbeats_so_a_killed_batch_is_failed_later(tmp_pat
     import time
     import warnings
 
-    from step5.optimizer.study import OpenedStudy, trial_heartbeats
+    from step5.optimizer.study import OpenedStudy, TrialHeartbeats
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -400,7 +400,9 @@ def test_batched_trials_get_heartbeats_so_a_killed_batch_is_failed_later(tmp_pat
         beaten, silent = study.ask(), study.ask()
     opened = OpenedStudy(study=study, study_name="hb", storage_url="", resumed=False, complete_before=0,
                          trials_before=0, sampler_seed=0, storage=storage)
-    with trial_heartbeats(opened, [beaten.number]):
+    heartbeats = TrialHeartbeats(opened)
+    heartbeats.add(beaten)  # before the thread starts: its first beat is at once
+    with heartbeats:
         time.sleep(0.2)
     time.sleep(2.5)  # past the grace period: the beaten trial's heartbeat is stale now
     with warnings.catch_warnings():
