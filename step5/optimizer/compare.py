@@ -14,8 +14,9 @@ from step5 import artifacts, model_set
 from step5.artifacts import MODEL_TYPES
 from step5.errors import EXIT_OK, DegenerateSignalError, Step5Error
 from step5.jsonio import read_json_file, write_json_atomic
+from step5.optimizer.optimizer import AntiOverfitMetaOptimizer
 from step5.optimizer.config import OptimizerConfig, RunOutcome, rescore_partitions, validate_config
-from step5.optimizer.plots import save_figure
+from step5.optimizer.plots import drawing, save_figure
 from step5.values import finite_or_none, utc_timestamp
 
 logger = logging.getLogger(__name__)
@@ -60,35 +61,27 @@ class Candidate:
     test_r2: float | None = None  # final model on the held-out test rows
     wall_s: float = 0.0  # the sub-run's wall time, as measured here
     trials_run: int = 0  # COMPLETE trials in its study
+    rank: int | None = None  # 1 = winner, among SUCCESS runs
     error: str | None = None  # why it failed / was skipped / was degenerate
-    staging_dir: Path | None = None  # the sub-run's output_dir
     checkpoint_path: Path | None = None  # where its checkpoint is now (after promotion/archiving)
     sidecar_path: Path | None = None  # where its sidecar is now
-    rank: int | None = None  # 1 = winner, among SUCCESS runs
+    staging_dir: Path | None = None  # the sub-run's output_dir (not in the summary)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model_type": self.model_type,
-            "status": self.status,
-            "cv_score": self.cv_score,
-            "cv_rescored": self.cv_rescored,
-            "test_r2": self.test_r2,
-            "wall_s": round(self.wall_s, 3),
-            "trials_run": self.trials_run,
-            "rank": self.rank,
-            "error": self.error,
-            "checkpoint_path": str(self.checkpoint_path) if self.checkpoint_path else None,
-            "sidecar_path": str(self.sidecar_path) if self.sidecar_path else None,
-        }
+    def to_dict(self, brief: bool = False) -> dict[str, Any]:
+        """The summary's record (``brief``: the sidecar's, without rank and paths)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "staging_dir"}
+        out["wall_s"] = round(self.wall_s, 3)
+        for key in ("checkpoint_path", "sidecar_path"):
+            out[key] = str(out[key]) if out[key] else None
+        if brief:
+            for key in ("model_type", "rank", "checkpoint_path", "sidecar_path"):
+                del out[key]
+        return out
 
 
 def select_winner(candidates: Iterable[Candidate]) -> Candidate | None:
-    """The candidate :data:`CRITERION` picks, or None when no SUCCESS run has a finite CV
-    objective and a test R^2.
-
-    Sets ``rank`` (1 = winner) on every eligible candidate. ``test_r2`` is never read to
-    order them: it is the unbiased report of the choice.
-    """
+    """The candidate :data:`CRITERION` picks (None: no SUCCESS run with a finite CV objective and test R^2);
+    sets ``rank`` on every eligible one. ``test_r2`` never orders them: it reports the choice, unbiased."""
     order = {mt: i for i, mt in enumerate(MODEL_TYPES)}
     eligible = [
         c for c in candidates
@@ -103,18 +96,9 @@ def select_winner(candidates: Iterable[Candidate]) -> Candidate | None:
     return eligible[0] if eligible else None
 
 
-def _default_factory() -> OptimizerFactory:
-    # Imported here: the optimizer module dispatches to this one, so a module-level import
-    # would be circular, and unit tests inject a fake instead.
-    from step5.optimizer.optimizer import AntiOverfitMetaOptimizer
-
-    return AntiOverfitMetaOptimizer
-
-
 def sub_config(config: OptimizerConfig, model_type: str) -> OptimizerConfig:
-    """The config of one model type's run: the user's config with the fields above replaced
-    (the default storage pinned to the compare run's output folder, and the rescore count
-    resolved, since a single run's default is none)."""
+    """One model type's config: the user's, with the storage pinned to the compare run's default and the
+    rescore count resolved (a single run's default is none)."""
     from step5.optimizer.study import default_storage_url
 
     return dataclasses.replace(
@@ -130,12 +114,8 @@ def sub_config(config: OptimizerConfig, model_type: str) -> OptimizerConfig:
 
 
 def skipped_by_registry(config: OptimizerConfig) -> dict[str, str]:
-    """Model types the skip registry rules out now, each with the reason.
-
-    The rules are the policy's ``training_diagnostics.model_skip_rules``. A malformed
-    registry or policy is an error (:class:`~step5.errors.DataError` / ``PolicyError``), not
-    "skip nothing".
-    """
+    """Model types the skip registry rules out now (the policy's ``model_skip_rules``), with the reason; a
+    malformed registry or policy is an error, not "skip nothing"."""
     from step5.policy import load_policy
     from step5.watcher.registry import load_skip_registry, skipped_model_types
 
@@ -144,8 +124,6 @@ def skipped_by_registry(config: OptimizerConfig) -> dict[str, str]:
     skipped = skipped_model_types(load_skip_registry(path), rules)
     return {mt: f"skip registry {path}: {why}" for mt, why in sorted(skipped.items()) if mt in MODEL_TYPES}
 
-
-# ------------------------------------------------------------------------------ files
 
 def _read_sidecar(candidate: Candidate, outcome: RunOutcome | None) -> dict[str, Any] | None:
     if candidate.sidecar_path is not None and candidate.sidecar_path.is_file():
@@ -158,8 +136,7 @@ def _read_sidecar(candidate: Candidate, outcome: RunOutcome | None) -> dict[str,
 
 
 def _annotated(sidecar: dict[str, Any], role: str, block: dict[str, Any], set_dir: Path) -> dict[str, Any]:
-    """The sidecar with the compare run's block; the checkpoint path becomes the checkpoint's
-    path in the set it is committed with."""
+    """The sidecar with the compare block; the checkpoint path becomes the one in the set it is committed with."""
     sidecar = dict(sidecar)
     if sidecar.get("checkpoint_path"):
         sidecar["checkpoint_path"] = str(set_dir / Path(sidecar["checkpoint_path"]).name)
@@ -169,7 +146,6 @@ def _annotated(sidecar: dict[str, Any], role: str, block: dict[str, Any], set_di
 
 def _commit_set(folder: Path, files: dict[str, Path], sidecar: dict[str, Any] | None, role: str,
                 block: dict[str, Any]) -> None:
-    """Commit a sub-run's model files to ``folder`` as one model set, its sidecar annotated."""
     with model_set.stage(folder) as staged:
         model_set.copy_files(staged, {n: p for n, p in files.items() if sidecar is None or n != artifacts.SIDECAR_NAME})
         if sidecar is not None:
@@ -184,8 +160,6 @@ def _commit_set(folder: Path, files: dict[str, Path], sidecar: dict[str, Any] | 
                 model_set.copy_files(staged, {artifacts.SIDECAR_NAME: files[artifacts.SIDECAR_NAME]})
         staged.commit()
 
-
-# ------------------------------------------------------------------------------ running
 
 def _run_one(factory: OptimizerFactory, config: OptimizerConfig) -> tuple[Candidate, RunOutcome | None]:
     mt = config.model_type
@@ -233,14 +207,9 @@ def _run_one(factory: OptimizerFactory, config: OptimizerConfig) -> tuple[Candid
 
 
 def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory | None = None) -> int:
-    """Run every model type not skipped, keep the winner; returns the process exit code.
-
-    0: a winner was promoted to ``config.output_dir``; 2: no winner and the target was found
-    degenerate (a degenerate sidecar is left, no model); 1: every run failed or was skipped.
-    ``optimizer_factory`` builds the per-type optimizer (default
-    :class:`~step5.optimizer.optimizer.AntiOverfitMetaOptimizer`).
-    """
-    factory = optimizer_factory or _default_factory()
+    """Run every model type not skipped, keep the winner; the exit code: 0 a winner, 2 no winner and a
+    degenerate target (its sidecar is left), 1 otherwise. ``optimizer_factory``: tests inject a fake."""
+    factory = optimizer_factory or AntiOverfitMetaOptimizer
     out_dir = Path(config.output_dir)
     started = time.perf_counter()
     created_at = utc_timestamp()
@@ -278,7 +247,7 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
     block = {
         "criterion": CRITERION,
         "winner": winner.model_type if winner else None,
-        "candidates": {mt: _candidate_brief(c) for mt, c in candidates.items()},
+        "candidates": {mt: c.to_dict(brief=True) for mt, c in candidates.items()},
         "summary_path": str(config.diagnostics_folder / SUMMARY_NAME),
     }
 
@@ -336,8 +305,7 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
 
 def _write_compare_health(config: OptimizerConfig, candidates: dict[str, Candidate],
                           outcomes: dict[str, RunOutcome | None], winner: Candidate | None) -> None:
-    """The pipeline health check's view of a compare run: every trained model's report, the
-    winner named (it is the one the check gates on)."""
+    """The health check's view of a compare run: every trained model's report, the winner named."""
     from step5.optimizer.diagnostics import compare_health_report, model_health_report, write_health_report
     from step5.policy import load_policy
 
@@ -351,11 +319,6 @@ def _write_compare_health(config: OptimizerConfig, candidates: dict[str, Candida
         reports, winner=winner.model_type if winner else None, criterion=CRITERION["primary"],
         winner_value=winner.cv_rescored if winner else None, ranking=[c.model_type for c in ranking],
     ), model_type=None)
-
-
-def _candidate_brief(c: Candidate) -> dict[str, Any]:
-    return {"status": c.status, "cv_score": c.cv_score, "cv_rescored": c.cv_rescored, "test_r2": c.test_r2,
-            "wall_s": round(c.wall_s, 3), "trials_run": c.trials_run, "error": c.error}
 
 
 def _fmt(value: float | None) -> str:
@@ -390,8 +353,7 @@ def _archive(c: Candidate, outcome: RunOutcome | None, out_dir: Path, block: dic
 
 
 def _move_rest(c: Candidate, target: Path, committed: set[str]) -> None:
-    """Move what a sub-run left besides its model set (logs, partial files...) to ``target``,
-    then remove the sub-run's folder."""
+    """Move what a sub-run left besides its model set to ``target``, then remove its folder."""
     if c.staging_dir is None or not c.staging_dir.is_dir():
         return
     left = [
@@ -424,30 +386,17 @@ def _log_table(candidates: dict[str, Candidate], winner: Candidate | None) -> No
     logger.info("compare-models results:\n  %s", "\n  ".join(lines))
 
 
-# ------------------------------------------------------------------------------ picture
-
 def plot_comparison(candidates: list[Candidate], path: Path, *, winner: str | None) -> Path | None:
-    """Two panels per model type: test R^2, the search's and the rescored CV objective; wall
-    time. Non-SUCCESS runs are labelled with their status. A drawing failure is logged and
-    returns None."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=True)
-        from matplotlib.figure import Figure
-
-        names = [c.model_type for c in candidates]
+    """Per model type: test R^2, the search's and the rescored CV objective; wall time. None if it fails."""
+    with drawing("the comparison", path, figsize=(11, 1.2 + 0.8 * len(candidates))) as fig:
         ys = list(range(len(candidates)))
-        fig = Figure(figsize=(11, 1.2 + 0.8 * len(candidates)))
         ax_score, ax_time = fig.subplots(1, 2, sharey=True)
         h = 0.27
-        test = [c.test_r2 if c.test_r2 is not None else 0.0 for c in candidates]
-        cv = [c.cv_score if c.cv_score is not None else 0.0 for c in candidates]
-        rescored = [c.cv_rescored if c.cv_rescored is not None else 0.0 for c in candidates]
-        ax_score.barh([y - h for y in ys], test, height=h, color="tab:blue", label="test R² (reported)")
-        ax_score.barh(ys, cv, height=h, color="tab:gray", label="search's best CV objective")
-        ax_score.barh([y + h for y in ys], rescored, height=h, color="tab:purple",
-                      label="rescored CV objective (criterion)")
+        for offset, key, color, label in ((-h, "test_r2", "tab:blue", "test R² (reported)"),
+                                          (0, "cv_score", "tab:gray", "search's best CV objective"),
+                                          (h, "cv_rescored", "tab:purple", "rescored CV objective (criterion)")):
+            values = [getattr(c, key) if getattr(c, key) is not None else 0.0 for c in candidates]
+            ax_score.barh([y + offset for y in ys], values, height=h, color=color, label=label)
         for y, c in zip(ys, candidates):
             if c.status != "SUCCESS":
                 ax_score.text(0, y, f"  {c.status}", va="center", ha="left", color="tab:red", fontsize=9)
@@ -455,28 +404,21 @@ def plot_comparison(candidates: list[Candidate], path: Path, *, winner: str | No
                 ax_score.text(c.test_r2, y - h, f" {c.test_r2:.3f}", va="center", fontsize=8)
             if c.cv_rescored is not None:
                 ax_score.text(c.cv_rescored, y + h, f" {c.cv_rescored:.3f}", va="center", fontsize=8)
-        ax_score.axvline(0, color="black", linewidth=0.8)
-        ax_score.set_xlabel("score (higher is better)")
-        ax_score.set_title("held-out test R² and CV objective")
-        # Below the panel: inside it, the legend would cover the last model's bars.
-        ax_score.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=8, frameon=False)
-
-        walls = [c.wall_s for c in candidates]
-        colors = ["tab:green" if c.model_type == winner else "tab:orange" for c in candidates]
-        ax_time.barh(ys, walls, color=colors)
-        for y, c in zip(ys, candidates):
             label = "skipped" if c.status == "SKIPPED" else f"{c.wall_s:.1f}s, {c.trials_run} trials"
             ax_time.text(c.wall_s, y, f" {label}", va="center", fontsize=8)
-        ax_time.set_xlabel("wall time (s)")
-        ax_time.set_title("time per model type")
-        ax_score.set_yticks(ys, [f"{n} (winner)" if n == winner else n for n in names])
+        ax_score.axvline(0, color="black", linewidth=0.8)
+        ax_score.set(xlabel="score (higher is better)", title="held-out test R² and CV objective")
+        # Below the panel: inside it, the legend would cover the last model's bars.
+        ax_score.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=8, frameon=False)
+        ax_time.barh(ys, [c.wall_s for c in candidates],
+                     color=["tab:green" if c.model_type == winner else "tab:orange" for c in candidates])
+        ax_time.set(xlabel="wall time (s)", title="time per model type")
+        ax_score.set_yticks(ys, [f"{c.model_type} (winner)" if c.model_type == winner else c.model_type
+                                 for c in candidates])
         ax_score.invert_yaxis()
         for ax in (ax_score, ax_time):
             ax.grid(axis="x", alpha=0.3)
             ax.margins(x=0.18)  # room for the value labels at the bars' ends
         fig.suptitle(f"Step 5 --compare-models: winner {winner or 'none'}")
-        fig.tight_layout()
         return save_figure(fig, path)
-    except Exception as exc:  # noqa: BLE001 - the picture is a courtesy, the summary is the product
-        logger.warning("compare: could not draw %s: %s: %s", path, type(exc).__name__, exc)
-        return None
+    return None
