@@ -24,13 +24,8 @@ from step5.policy import PRUNER_NAMES, find_policy
 logger = logging.getLogger("step5.optimizer")
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Each flag's real default once, as a closing ``[value]`` (SPEC section 3's notation).
-
-    argparse's ArgumentDefaultsHelpFormatter printed "(default: None)" beside a default
-    the help text already names ("model family [neural_net]"). Here a help text that
-    ends with a bracketed default keeps it; otherwise a default that is a real value
-    (not None, not a store_true's False) is appended; on/off flags read ``[on]``/``[off]``.
-    """
+    """Each flag's real default once, as a closing ``[value]`` (SPEC section 3's notation): a help text that
+    names its default keeps it, a real value (not None, not a store_true's False) is appended, ``[on]``/``[off]``."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
@@ -71,7 +66,6 @@ def _gpus(text: str) -> list[str]:
 
 
 def _device(text: str) -> list[str]:
-    """``--device`` of the existing optimizer: ``cpu`` (no GPU), ``cuda`` or ``cuda:N`` (GPU N)."""
     value = text.strip().lower()
     if value == "cpu":
         return []
@@ -83,10 +77,8 @@ def _device(text: str) -> list[str]:
 
 
 def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> argparse.ArgumentParser:
-    """The SPEC section 3 parser (plus the documented extras ``--nn-max-epochs`` and fusion flags).
-
-    A flag stores into the :class:`OptimizerConfig` field of its name, and its default is
-    that field's (:func:`config_defaults`), so no default is written here."""
+    """The SPEC section 3 parser; a flag stores into the :class:`OptimizerConfig` field of its name, whose
+    default is the flag's (:func:`config_defaults`)."""
     p = UsageErrorParser(
         prog=prog,
         description=(
@@ -204,17 +196,15 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
 
 
 def config_defaults() -> dict[str, Any]:
-    """Every flag's default: its :class:`OptimizerConfig` field's, the one place it is written.
-    ``--model-type`` alone defaults to None, which tells "not given" apart for
-    ``--compare-models``; the config's own default applies after parsing."""
+    """Every flag's default: its config field's. ``--model-type``'s is None, so that "not given" shows for
+    ``--compare-models``; the config's default applies after parsing."""
     return {f.name: f.default for f in dataclasses.fields(OptimizerConfig)
             if f.default is not dataclasses.MISSING and f.name != "model_type"}
 
 
 @functools.cache
 def flag_spellings() -> dict[str, frozenset[str]]:
-    """Every spelling of the flags that set each config field (``fuse_folds``:
-    ``--fuse-folds``, ``--no-fuse-folds``, ``--enable-vmap``), read from the parser."""
+    """Every spelling of the flags that set each config field (``fuse_folds``: ``--no-fuse-folds``, ...)."""
     spellings: dict[str, set[str]] = collections.defaultdict(set)
     for action in build_parser()._actions:  # argparse offers no public walk over its actions
         spellings[action.dest].update(action.option_strings)
@@ -222,7 +212,6 @@ def flag_spellings() -> dict[str, frozenset[str]]:
 
 
 def config_from_args(args: argparse.Namespace, command_line: Sequence[str]) -> OptimizerConfig:
-    """Turn parsed flags into a validated :class:`OptimizerConfig`; conflicts are :class:`UsageError`."""
     if args.compare_models and args.model_type is not None:
         # The existing optimizer takes the pair (its WATCHER manifest passes both) and compares.
         logger.info("--model-type %s is ignored: --compare-models runs every model type", args.model_type)
@@ -245,12 +234,8 @@ def config_from_args(args: argparse.Namespace, command_line: Sequence[str]) -> O
 
 
 def apply_compatibility_flags(args: argparse.Namespace) -> None:
-    """Give the existing optimizer's flags their meaning here; none is silently ignored.
-
-    ``--device cuda:N`` counts GPUs as CUDA does, among the visible ones, so it becomes the
-    N-th GPU :func:`~step5.devices.detect_gpus` finds; with no such GPU the run trains on
-    the CPU, with a warning.
-    """
+    """Give the existing optimizer's flags their meaning here; none is silently ignored. ``--device cuda:N``
+    is the N-th visible GPU, as CUDA counts; without it the run trains on the CPU, with a warning."""
     if args.allow_inline_nn_fallback:
         logger.warning(
             "--allow-inline-nn-fallback does not apply: this optimizer never trains in the parent; a worker that "
@@ -270,7 +255,6 @@ def apply_compatibility_flags(args: argparse.Namespace) -> None:
 
 
 def configure_logging(level: str) -> None:
-    """Everything to stderr in one format; Optuna's records go through the same handler."""
     import optuna
 
     logging.basicConfig(
@@ -287,10 +271,8 @@ def configure_logging(level: str) -> None:
 
 
 class InterruptedTrialFilter(logging.Filter):
-    """Drops Optuna's two lines about the trial an interrupt stopped: "Trial N failed with
-    parameters ... KeyboardInterrupt()" (with a traceback) and "Trial N failed with value
-    None.". An interrupt ends the run with one line from :func:`main`; the trial keeps its
-    ``fail_reason``. Any other record, and any other failure's traceback, passes."""
+    """Drops Optuna's two lines (one with a traceback) about the trial an interrupt stopped: the run ends
+    with one line from :func:`main`, and the trial keeps its ``fail_reason``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -309,12 +291,9 @@ class InterruptedTrialFilter(logging.Filter):
 
 
 def run_config(config: OptimizerConfig) -> int:
-    """Run one configured Step 5 invocation and return its exit code."""
     if config.compare_models:
-        try:
-            from step5.optimizer.compare import run_compare
-        except ImportError as exc:
-            raise Step5Error(f"--compare-models is not available yet: {exc}") from None
+        from step5.optimizer.compare import run_compare
+
         return int(run_compare(config))
     from step5.optimizer.optimizer import AntiOverfitMetaOptimizer
 
@@ -323,7 +302,6 @@ def run_config(config: OptimizerConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
-    """Entry point of ``meta_prediction_optimizer_anti_overfit.py``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(prog or Path(sys.argv[0]).name or "meta_prediction_optimizer_anti_overfit.py")
     args = parser.parse_args(argv)  # exits 64 on a usage error, 0 for --help
@@ -341,7 +319,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
 
 
 def _run_main(parser: UsageErrorParser, args: argparse.Namespace, argv: list[str]) -> int:
-    """Run the parsed invocation; every way it can end becomes an exit code and one line."""
+    """Every way a run can end becomes an exit code and one line."""
     try:
         config = config_from_args(args, [sys.argv[0], *argv])
         # argparse stores the default object itself when a flag is not given.

@@ -17,7 +17,6 @@ logger = logging.getLogger(__name__)
 
 
 def trial_record(trial: FrozenTrial, *, first_new_number: int) -> dict[str, Any]:
-    """One trial as plain JSON data."""
     attrs = trial.user_attrs
     duration = trial.duration.total_seconds() if trial.duration is not None else None
     return {
@@ -46,7 +45,6 @@ def write_run_diagnostics(
     final_metrics: dict[str, Any] | None,
     extra: dict[str, Any] | None = None,
 ) -> Path | None:
-    """Write ``trials.json`` and ``timings.png`` for one run; returns the run's folder."""
     folder = Path(diagnostics_dir) / f"step5_{model_type}_{run_id}"
     try:
         records = [trial_record(t, first_new_number=first_new_number) for t in trials]
@@ -78,10 +76,8 @@ HEALTH_SCHEMA_VERSION = "1.1.0"  # the existing diagnostics writer's schema, whi
 
 
 def model_health_report(model_type: str, metrics: Mapping[str, Any], diagnostics: DiagnosticsPolicy) -> dict[str, Any]:
-    """One model's report in the pipeline's diagnostics schema, from its sidecar's
-    ``training_metrics``: the losses are the best trial's CV means, the rounds the shipped
-    model's training curve (``rounds_captured`` 0 when it has none, which the health check
-    reads as "no early-stop data", not as a model that peaked at round 0)."""
+    """One model's report in the pipeline's diagnostics schema, from its sidecar's ``training_metrics``
+    (``rounds_captured`` 0 without a training curve: the health check reads "no early-stop data")."""
     breaches = bound_breaches(metrics, diagnostics)
     levels = {level for level, _ in breaches}
     severity = "critical" if "critical" in levels else "warning" if "warning" in levels else "ok"
@@ -118,7 +114,6 @@ def model_health_report(model_type: str, metrics: Mapping[str, Any], diagnostics
 
 
 def write_health_report(diagnostics_dir: Path, report: Mapping[str, Any], *, model_type: str | None) -> Path | None:
-    """Write ``<model_type>_diagnostics.json`` (single runs) and ``training_diagnostics.json``."""
     folder = Path(diagnostics_dir)
     try:
         if model_type is not None:
@@ -134,7 +129,6 @@ def write_health_report(diagnostics_dir: Path, report: Mapping[str, Any], *, mod
 
 def compare_health_report(reports: Mapping[str, Mapping[str, Any]], *, winner: str | None, criterion: str,
                           winner_value: float | None, ranking: Sequence[str]) -> dict[str, Any]:
-    """The compare run's ``training_diagnostics.json``: every model's report and the winner."""
     return {
         "schema_version": HEALTH_SCHEMA_VERSION,
         "generated_at": utc_timestamp(),

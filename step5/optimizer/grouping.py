@@ -6,15 +6,12 @@ from typing import Any, Mapping, Sequence
 
 from step5.protocol import TrainRequest, fusion_key
 
-#: Trials in flight per device slot when neither the flag nor the policy sets B. With one
-#: trial per slot, every batch ends with the slots idle while the batch's longest fold
-#: finishes; with two, that tail is spread over twice the work (default benchmark, 2 CPU
-#: slots: S96B 1.06x the ideal parallel limit with one, 1.03x with two; docs/benchmark.md).
+#: Trials in flight per device slot when neither the flag nor the policy sets B: with one, every batch
+#: ends with the slots idle while its longest fold finishes (docs/benchmark.md measures it).
 TRIALS_IN_FLIGHT_PER_SLOT = 2
 
 
 def default_trials_in_flight(capacity: int) -> int:
-    """B for neural nets when neither ``--trials-in-flight`` nor the policy sets it."""
     return TRIALS_IN_FLIGHT_PER_SLOT * max(1, capacity)
 
 
@@ -23,16 +20,9 @@ def fusion_groups(
     max_groups: int = 1,
     n_train: Mapping[str, int] | None = None,
 ) -> list[list[int]]:
-    """Group trials whose folds can share one fused pass; returns lists of trial numbers.
-
-    Trials are grouped by :func:`~step5.protocol.fusion_key` of their fold requests (layer
-    widths, optimizer, epochs, batch plan, ...; learning rate, weight decay and dropout may
-    differ per model). ``n_train`` maps a fold file to its training rows, which resolves an
-    ``auto`` batch mode, so full-batch trials group whatever their (unused) batch sizes.
-    Groups keep the order in which their first trial appears. When there are fewer groups
-    than ``max_groups`` (device slots), the largest groups are split by whole trials so
-    that every slot gets work; one fused pass per device is the point.
-    """
+    """Trial numbers grouped by their folds' :func:`~step5.protocol.fusion_key` (``n_train``: a fold file's
+    training rows, resolving ``auto`` batch mode), in order of first appearance; with fewer groups than
+    ``max_groups`` (slots), the largest are split by whole trials so that every slot gets work."""
     rows = n_train or {}
     by_key: dict[frozenset[tuple[Any, ...]], list[int]] = {}
     for number, requests in trial_requests.items():
@@ -51,7 +41,7 @@ def fusion_groups(
 
 
 def estimated_cost(group: Sequence[TrainRequest]) -> float:
-    """A rough relative cost of training ``group``: epochs x parameters-ish x models."""
+    # A rough relative cost: epochs x parameters-ish x models.
     return sum(r.params.epochs * (1 + sum(r.params.hidden_layers)) for r in group)
 
 
@@ -63,7 +53,7 @@ def plan_groups(
     capacity: int,
     n_train: Mapping[str, int] | None = None,
 ) -> list[list[TrainRequest]]:
-    """The groups for one batch of trials (see the module doc), longest first."""
+    """The groups for one batch of trials, longest first (docs/optimizer-internals.md#grouping)."""
     if fuse_trials:
         groups = [[r for n in trials for r in trial_requests[n]]
                   for trials in fusion_groups(trial_requests, capacity, n_train)]

@@ -19,7 +19,7 @@ OBJECTIVE_FORMULA = (
 
 
 def anti_overfit_score(val_r2: Sequence[float], train_r2: Sequence[float]) -> float:
-    """The objective above, for one trial's folds; NaN when any fold's metric is not finite."""
+    """:data:`OBJECTIVE_FORMULA` for one trial's folds; NaN when any fold's metric is not finite."""
     val = np.asarray(val_r2, dtype=np.float64)
     train = np.asarray(train_r2, dtype=np.float64)
     if val.size == 0 or val.shape != train.shape:
@@ -43,9 +43,7 @@ class TrialSummary:
     folds: list[dict[str, Any]] = field(default_factory=list)
 
     def flat_attrs(self) -> dict[str, float]:
-        """Scalar user attributes, so ``study.trials_dataframe()`` shows them as columns
-        (``user_attrs_cv_val_r2_mean``, ...); ``overfit_gap`` is mean train R² - mean val R²
-        (unclipped; the objective charges half of its positive part)."""
+        """Scalar user attributes, columns of ``study.trials_dataframe()``; ``overfit_gap`` is unclipped."""
         return {
             "cv_val_r2_mean": self.val_r2_mean,
             "cv_val_r2_std": self.val_r2_std,
@@ -74,7 +72,6 @@ _KEPT_FOLD_KEYS = (
 
 
 def summarize_folds(results: Sequence[dict[str, Any]]) -> TrialSummary:
-    """Reduce K fold results to the trial's objective and its means."""
     for i, res in enumerate(results):
         missing = [k for k in ("r2", "train_r2", "val_mse", "train_mse") if k not in res]
         if missing:
@@ -94,13 +91,12 @@ def summarize_folds(results: Sequence[dict[str, Any]]) -> TrialSummary:
 
 
 def fail_reason(exc: JobError) -> str:
-    """How a trial failed by a fold's :class:`JobError`, as stored in ``user_attrs["fail_reason"]``."""
     where = f" (fold {exc.fold_idx})" if exc.fold_idx is not None else ""
     return f"{exc.error_type}{where}: {exc.message}"
 
 
 def record_trial(trial: optuna.Trial, results: Sequence[dict[str, Any]], *, wall_s: float) -> TrialSummary:
-    """Store one trial's fold results in its ``user_attrs``; returns its summary (value may be NaN)."""
+    """Store one trial's fold results in its ``user_attrs``; its summary (the value may be NaN)."""
     summary = summarize_folds(results)
     trial.set_user_attr("cv", summary.to_dict())  # read by the sidecar, the progress line, diagnostics
     for key, value in summary.flat_attrs().items():

@@ -9,7 +9,6 @@ from step5.fsutil import DIR_MODE, create_temp_file, os_error_reason
 
 
 def _file_in_the_way(folder: Path) -> Path | None:
-    """``folder`` itself or the first of its ancestors that exists but is not a folder."""
     for p in [*reversed(folder.parents), folder]:
         if p.exists() and not p.is_dir():
             return p
@@ -19,8 +18,7 @@ def _file_in_the_way(folder: Path) -> Path | None:
 
 
 def check_writable_dir(folder: str | os.PathLike[str], what: str) -> Path:
-    """Create ``folder`` if needed and prove a file can be written in it; ``what`` names it
-    in the error (``--output-dir models/x``)."""
+    """Create ``folder`` if needed and prove a file can be written in it; ``what`` names it in the error."""
     path = Path(folder)
     blocker = _file_in_the_way(path)
     if blocker is not None:
@@ -38,7 +36,6 @@ def check_writable_dir(folder: str | os.PathLike[str], what: str) -> Path:
 
 
 def sqlite_path(storage_url: str) -> Path | None:
-    """The database file of a file-backed SQLite URL, None for any other storage."""
     if not storage_url.startswith("sqlite:"):
         return None
     from sqlalchemy.engine import make_url  # Optuna's own dependency; parses every URL form
@@ -53,7 +50,6 @@ def sqlite_path(storage_url: str) -> Path | None:
 
 
 def check_sqlite_storage(storage_url: str, what: str) -> None:
-    """A SQLite ``--storage``: its folder exists and is writable, and the file is writable."""
     db = sqlite_path(storage_url)
     if db is None:
         return
@@ -75,7 +71,6 @@ def check_sqlite_storage(storage_url: str, what: str) -> None:
 
 
 def preflight(output_dir: Path, storage: str | None, *, output_dir_given: bool) -> None:
-    """Every check, in the order a run would hit them; raises :class:`Step5Error` on the first problem."""
     what = f"--output-dir {output_dir}" if output_dir_given else (
         f"the default output dir {output_dir} (choose another with --output-dir)"
     )

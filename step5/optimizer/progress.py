@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 
 def elapsed_and_eta(elapsed_s: float, done: int, total: int) -> str:
-    """``"elapsed 1m05s, ETA 2m10s"``: the ETA assumes the remaining trials take the mean so far."""
+    """``"elapsed 1m05s, ETA 2m10s"``: the remaining trials at the mean so far."""
     def clock(seconds: float) -> str:
         minutes, secs = divmod(int(round(seconds)), 60)
         hours, minutes = divmod(minutes, 60)
@@ -26,7 +26,8 @@ def elapsed_and_eta(elapsed_s: float, done: int, total: int) -> str:
 
 
 class TrialProgress:
-    """Called by the search loop with each told trial; counts and logs it."""
+    """Called by the search loop with each told trial; counts and logs it. ``[i/n]``: this process's COMPLETE
+    trials of the ``n`` it must add, so a replaced trial never pushes ``i`` past ``n``."""
 
     def __init__(self, n_new: int) -> None:
         self.n_new = n_new

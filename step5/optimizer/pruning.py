@@ -16,7 +16,6 @@ MEDIAN_STARTUP_TRIALS = 5
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
-    """The Optuna pruner for a ``--pruner`` name (see :data:`step5.policy.PRUNER_NAMES`)."""
     if name == "none":
         return optuna.pruners.NopPruner()
     if name == "median":
@@ -28,13 +27,11 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
 
 
 def running_value(results: Sequence[dict[str, Any]]) -> float:
-    """The objective of the folds known so far (step ``len(results) - 1``)."""
     return anti_overfit_score([r["r2"] for r in results], [r["train_r2"] for r in results])
 
 
 def report_folds(trial: optuna.Trial, results: Sequence[dict[str, Any]], first_step: int = 0) -> None:
-    """Report steps ``first_step .. len(results) - 1``, in fold order; a step whose running
-    value is not finite (a diverged fold) is not reported (the trial fails when told)."""
+    """Report steps ``first_step ..``, in fold order; a diverged fold's step is not (the trial fails when told)."""
     for step in range(first_step, len(results)):
         value = running_value(results[: step + 1])
         if math.isfinite(value):
