@@ -46,13 +46,7 @@ from step5.optimizer.plots import plot_optimization_history
 from step5.optimizer.search_space import DataShape, first_nn_trials
 from step5.optimizer.progress import TrialProgress
 from step5.optimizer.study import (
-    OpenedStudy,
-    best_complete_trial,
-    count_states,
-    default_storage_url,
-    default_study_name,
-    open_study,
-    redact_storage,
+    OpenedStudy, best_complete_trial, count_states, default_storage_url, default_study_name, open_study, redact_storage
 )
 
 logger = logging.getLogger(__name__)

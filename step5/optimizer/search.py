@@ -22,12 +22,7 @@ from step5.optimizer.backends import ModelBackend, Pruned, TrialOutcome
 from step5.optimizer.objective import fail_reason, record_trial
 from step5.optimizer.pruning import fold_gate, make_pruner, report_folds
 from step5.optimizer.study import (
-    OpenedStudy,
-    TrialHeartbeats,
-    claim_trial,
-    count_states,
-    reclaim_dead_trials,
-    study_lock,
+    OpenedStudy, TrialHeartbeats, claim_trial, count_states, reclaim_dead_trials, study_lock
 )
 
 logger = logging.getLogger(__name__)

@@ -20,13 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from step5.errors import Step5Error, StorageError, StudyMismatchError, UsageError
 from step5.jsonio import dumps
 from step5.optimizer.storage import (
-    OWNER_ATTR,
-    TOKEN_ATTR,
-    DatabaseRetry,
-    RetryingStorage,
-    database_error,
-    describe,
-    redact_storage,
+    OWNER_ATTR, TOKEN_ATTR, DatabaseRetry, RetryingStorage, database_error, describe, redact_storage
 )
 from step5.owner import ProcessIdentity, is_alive, is_local, this_process
 from step5.policy import TrainingPolicy
