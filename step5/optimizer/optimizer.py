@@ -41,10 +41,9 @@ from step5.optimizer.diagnostics import model_health_report, write_health_report
 from step5.optimizer.grouping import default_trials_in_flight
 from step5.optimizer.backends import CVData, ModelBackend, NNBackend, TreeBackend, partition_seed
 from step5.optimizer.objective import OBJECTIVE_FORMULA, OVERFIT_PENALTY, summarize_folds
-from step5.optimizer.search import SearchGoal, SearchPlan, run_search
+from step5.optimizer.search import SearchGoal, SearchPlan, TrialProgress, run_search
 from step5.optimizer.plots import plot_optimization_history
 from step5.optimizer.search_space import DataShape, first_nn_trials
-from step5.optimizer.progress import TrialProgress
 from step5.optimizer.study import (
     OpenedStudy, best_complete_trial, count_states, default_storage_url, default_study_name, open_study, redact_storage
 )

@@ -1,5 +1,6 @@
 """The one ask/tell loop: B trials in flight, run together, told in the order asked
-(docs/optimizer-internals.md#search, docs/optimizer.md "The search loop")."""
+(docs/optimizer-internals.md#search, docs/optimizer.md "The search loop"); fold-level values and pruning
+(``--pruner``, docs/optimizer-internals.md#pruning); the per-trial progress line."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +11,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -18,11 +19,11 @@ from optuna.trial import FrozenTrial, TrialState
 from step5.errors import JobError, Step5Error, StorageError, TooManyFailedTrials, interrupt_reason
 from step5.execution.summary import SearchRecord
 from step5.interrupts import raise_if_interrupted
-from step5.optimizer.backends import ModelBackend, Pruned, TrialOutcome
-from step5.optimizer.objective import fail_reason, record_trial
-from step5.optimizer.pruning import fold_gate, make_pruner, report_folds
+from step5.policy import PRUNER_NAMES
+from step5.optimizer.backends import FoldGate, ModelBackend, Pruned, TrialOutcome
+from step5.optimizer.objective import anti_overfit_score, fail_reason, record_trial
 from step5.optimizer.study import (
-    OpenedStudy, TrialHeartbeats, claim_trial, count_states, reclaim_dead_trials, study_lock
+    OpenedStudy, TrialHeartbeats, best_complete_trial, claim_trial, count_states, reclaim_dead_trials, study_lock
 )
 
 logger = logging.getLogger(__name__)
@@ -416,3 +417,91 @@ def fail_untold(study: optuna.Study, trials: list[optuna.Trial], error: BaseExce
                            "re-runs it", trial.number)
         except Exception:  # noqa: BLE001 - keep failing the others; the original error propagates
             logger.exception("could not record trial %d as FAILED", trial.number)
+
+
+#: MedianPruner's start-up: trials that must be complete before any is pruned.
+MEDIAN_STARTUP_TRIALS = 5
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    if name == "median":
+        # Median of the complete trials' values at the same fold; decides from fold 0 on.
+        return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_TRIALS, n_warmup_steps=0)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+    raise ValueError(f"unknown pruner {name!r}; expected one of {list(PRUNER_NAMES)}")
+
+
+def running_value(results: Sequence[dict[str, Any]]) -> float:
+    return anti_overfit_score([r["r2"] for r in results], [r["train_r2"] for r in results])
+
+
+def report_folds(trial: optuna.Trial, results: Sequence[dict[str, Any]], first_step: int = 0) -> None:
+    """Report steps ``first_step ..``, in fold order; a diverged fold's step is not (the trial fails when told)."""
+    for step in range(first_step, len(results)):
+        value = running_value(results[: step + 1])
+        if math.isfinite(value):
+            trial.report(value, step)
+
+
+def fold_gate(trials: Sequence[optuna.Trial], *, prune: bool) -> FoldGate:
+    """The gate a backend calls after each fold of a trial: report it, then ask the pruner."""
+    by_number = {t.number: t for t in trials}
+
+    def gate(number: int, results: Sequence[dict[str, Any]]) -> bool:
+        trial = by_number[number]
+        report_folds(trial, results, first_step=len(results) - 1)
+        return not (prune and trial.should_prune())
+
+    return gate
+
+
+def elapsed_and_eta(elapsed_s: float, done: int, total: int) -> str:
+    """``"elapsed 1m05s, ETA 2m10s"``: the remaining trials at the mean so far."""
+    def clock(seconds: float) -> str:
+        minutes, secs = divmod(int(round(seconds)), 60)
+        hours, minutes = divmod(minutes, 60)
+        return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+    eta = elapsed_s / done * (total - done) if done > 0 else float("nan")
+    return f"elapsed {clock(elapsed_s)}, ETA {clock(eta) if math.isfinite(eta) else '?'}"
+
+
+class TrialProgress:
+    """Called by the search loop with each told trial; counts and logs it. ``[i/n]``: this process's COMPLETE
+    trials of the ``n`` it must add, so a replaced trial never pushes ``i`` past ``n``."""
+
+    def __init__(self, n_new: int) -> None:
+        self.n_new = n_new
+        self.told = 0  # trials (any end state) this process told
+        self.completed = 0
+        self._start = time.perf_counter()
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.told += 1
+        self.completed += trial.state == TrialState.COMPLETE
+        done, n_new = self.completed, self.n_new
+        best = best_complete_trial(study)
+        best_txt = f"best {best.value:.4f} (trial {best.number})" if best is not None else "no complete trial yet"
+        best_txt += "; " + elapsed_and_eta(time.perf_counter() - self._start, done, n_new)
+        if trial.state == TrialState.COMPLETE:
+            cvm = trial.user_attrs.get("cv", {})
+            logger.info(
+                "[%d/%d] trial %d: objective %.4f (val R² %.4f ± %.4f, train R² %.4f) in %.1fs; %s",
+                done, n_new, trial.number, trial.value, cvm.get("val_r2_mean", float("nan")),
+                cvm.get("val_r2_std", float("nan")), cvm.get("train_r2_mean", float("nan")),
+                trial.user_attrs.get("wall_s", 0.0), best_txt,
+            )
+        elif trial.state == TrialState.PRUNED:
+            logger.info(
+                "[%d/%d] trial %d pruned after %d fold(s) (running objective %.4f), replaced; %s", done, n_new,
+                trial.number, trial.user_attrs.get("pruned_after_folds", 0),
+                trial.value if trial.value is not None else float("nan"), best_txt,
+            )
+        else:
+            logger.warning(
+                "[%d/%d] trial %d %s, replaced: %s; %s", done, n_new, trial.number, trial.state.name,
+                trial.user_attrs.get("fail_reason", "see the error above"), best_txt,
+            )

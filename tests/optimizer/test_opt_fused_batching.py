@@ -437,7 +437,7 @@ def test_a_trial_whose_jobs_kill_their_process_every_time_fails_alone_and_is_rep
 ):
     from step5.testing.fake_worker import fake_metrics
 
-    caplog.set_level(logging.INFO, logger="step5.optimizer.progress")
+    caplog.set_level(logging.INFO, logger="step5.optimizer.search")
     monkeypatch.setenv("STEP5_FAKE_POISON_TRIAL", "1")
     _install_fake_pool(monkeypatch)
     sent = _spy_search_requests(monkeypatch)
