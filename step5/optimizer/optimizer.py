@@ -38,7 +38,7 @@ from step5.optimizer.config import (
     DEFAULT_MOD, DEFAULT_PRNG_TYPE, OptimizerConfig, RunOutcome, cv_repeats, rescore_partitions, validate_config,
 )
 from step5.optimizer.diagnostics import model_health_report, write_health_report, write_run_diagnostics
-from step5.optimizer.grouping import default_trials_in_flight
+from step5.optimizer.backends import default_trials_in_flight
 from step5.optimizer.backends import CVData, ModelBackend, NNBackend, TreeBackend, partition_seed
 from step5.optimizer.objective import OBJECTIVE_FORMULA, OVERFIT_PENALTY, summarize_folds
 from step5.optimizer.search import SearchGoal, SearchPlan, TrialProgress, run_search

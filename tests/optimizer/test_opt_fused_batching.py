@@ -23,8 +23,7 @@ from step5.jsonio import read_json_file
 from step5.optimizer import AntiOverfitMetaOptimizer
 from step5.optimizer import backends as backends_module
 from step5.optimizer import optimizer as optimizer_module
-from step5.optimizer.grouping import fusion_groups, plan_groups
-from step5.optimizer.backends import fold_seed
+from step5.optimizer.backends import fold_seed, fusion_groups, plan_groups
 from step5.protocol import FUSE_KEYS, NNParams, TrainRequest, fusion_key
 from step5.testing import fake_pool
 from step5.testing.fake_runner import install_fake_runner
