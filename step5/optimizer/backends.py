@@ -122,11 +122,8 @@ def default_trials_in_flight(capacity: int) -> int:
     return TRIALS_IN_FLIGHT_PER_SLOT * max(1, capacity)
 
 
-def fusion_groups(
-    trial_requests: Mapping[int, Sequence[TrainRequest]],
-    max_groups: int = 1,
-    n_train: Mapping[str, int] | None = None,
-) -> list[list[int]]:
+def fusion_groups(trial_requests: Mapping[int, Sequence[TrainRequest]], max_groups: int = 1,
+                  n_train: Mapping[str, int] | None = None) -> list[list[int]]:
     """Trial numbers grouped by their folds' :func:`~step5.protocol.fusion_key` (``n_train``: a fold file's
     training rows, resolving ``auto`` batch mode), in order of first appearance; with fewer groups than
     ``max_groups`` (slots), the largest are split by whole trials so that every slot gets work."""
@@ -152,14 +149,8 @@ def estimated_cost(group: Sequence[TrainRequest]) -> float:
     return sum(r.params.epochs * (1 + sum(r.params.hidden_layers)) for r in group)
 
 
-def plan_groups(
-    trial_requests: Mapping[int, Sequence[TrainRequest]],
-    *,
-    fuse_folds: bool,
-    fuse_trials: bool,
-    capacity: int,
-    n_train: Mapping[str, int] | None = None,
-) -> list[list[TrainRequest]]:
+def plan_groups(trial_requests: Mapping[int, Sequence[TrainRequest]], *, fuse_folds: bool, fuse_trials: bool,
+                capacity: int, n_train: Mapping[str, int] | None = None) -> list[list[TrainRequest]]:
     """The groups for one batch of trials, longest first (docs/optimizer-internals.md#grouping)."""
     if fuse_trials:
         groups = [[r for n in trials for r in trial_requests[n]]
@@ -267,9 +258,8 @@ class NNBackend:
             save_model_path=None if save_model_path is None else str(save_model_path),
         )
 
-    def fold_requests(
-        self, trial_number: int, params: dict[str, Any], *, partition: int = 0, save_states: bool = False,
-    ) -> list[TrainRequest]:
+    def fold_requests(self, trial_number: int, params: dict[str, Any], *, partition: int = 0,
+                      save_states: bool = False) -> list[TrainRequest]:
         """The K fold jobs of one trial, the same whether fused or not; ``save_states``: each saves its model."""
         nn_params = NNParams.from_dict(params)
         paths = self._write_partition(partition)
@@ -308,9 +298,8 @@ class NNBackend:
                              f"{[len(g) for g in groups]} jobs")
         return {(r.trial_number, r.fold_idx): o for g, out in zip(groups, outcomes) for r, o in zip(g, out)}
 
-    def run_trials(
-        self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate | None = None,
-    ) -> list[TrialOutcome]:
+    def run_trials(self, trials: Sequence[tuple[int, dict[str, Any]]],
+                   gate: FoldGate | None = None) -> list[TrialOutcome]:
         """Every fold of every trial in one ``runner.run`` call (with a ``gate``: in waves); a failing trial
         fails only itself."""
         if gate is not None:
@@ -414,9 +403,8 @@ class TreeBackend:
     """xgboost / lightgbm / catboost folds fitted in-process (no torch or CUDA state in the parent), through
     :mod:`step5.models.trees`; ``n_threads`` (``--cpu-workers``) is the library's, None its default."""
 
-    def __init__(
-        self, model_type: str, cv: CVData, *, seed: int, gpus: list[str] | None = None, n_threads: int | None = None,
-    ) -> None:
+    def __init__(self, model_type: str, cv: CVData, *, seed: int, gpus: list[str] | None = None,
+                 n_threads: int | None = None) -> None:
         self.model_type = model_type
         self.cv = cv
         self.seed = seed
@@ -436,9 +424,8 @@ class TreeBackend:
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         return dict(self.trees.suggest_params(trial, self.model_type))
 
-    def _fit(
-        self, trial_number: int, fold_idx: int, params: dict[str, Any], tr: np.ndarray, va: np.ndarray, **test: Any
-    ) -> tuple[dict[str, Any], Any]:
+    def _fit(self, trial_number: int, fold_idx: int, params: dict[str, Any], tr: np.ndarray, va: np.ndarray,
+             **test: Any) -> tuple[dict[str, Any], Any]:
         start = time.perf_counter()
         try:
             metrics, model = self.trees.train_fold(
@@ -463,9 +450,8 @@ class TreeBackend:
         self._devices.add(str(metrics["device"]))
         return metrics, model
 
-    def run_trials(
-        self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate | None = None,
-    ) -> list[TrialOutcome]:
+    def run_trials(self, trials: Sequence[tuple[int, dict[str, Any]]],
+                   gate: FoldGate | None = None) -> list[TrialOutcome]:
         """One trial after another (the libraries use every thread given), fold by fold."""
         out: list[TrialOutcome] = []
         search_folds = self.cv.search_folds()

@@ -34,17 +34,9 @@ def trial_record(trial: FrozenTrial, *, first_new_number: int) -> dict[str, Any]
     }
 
 
-def write_run_diagnostics(
-    diagnostics_dir: Path,
-    *,
-    model_type: str,
-    run_id: str,
-    trials: Sequence[FrozenTrial],
-    first_new_number: int,
-    execution: dict[str, Any],
-    final_metrics: dict[str, Any] | None,
-    extra: dict[str, Any] | None = None,
-) -> Path | None:
+def write_run_diagnostics(diagnostics_dir: Path, *, model_type: str, run_id: str, trials: Sequence[FrozenTrial],
+                          first_new_number: int, execution: dict[str, Any], final_metrics: dict[str, Any] | None,
+                          extra: dict[str, Any] | None = None) -> Path | None:
     folder = Path(diagnostics_dir) / f"step5_{model_type}_{run_id}"
     try:
         records = [trial_record(t, first_new_number=first_new_number) for t in trials]

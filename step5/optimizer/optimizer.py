@@ -503,9 +503,8 @@ class AntiOverfitMetaOptimizer:
         )
 
     def _write_success(self, opened: OpenedStudy, best: FrozenTrial, final: dict[str, Any],
-                       rescore: dict[str, Any] | None, cv: CVData, signal: dict[str, Any],
-                       data_context: dict[str, Any], feature_schema: dict[str, Any],
-                       execution_summary: ExecutionSummary, backend: ModelBackend,
+                       rescore: dict[str, Any] | None, cv: CVData, signal: dict[str, Any], data_context: dict[str, Any],
+                       feature_schema: dict[str, Any], execution_summary: ExecutionSummary, backend: ModelBackend,
                        staged: model_set.StagedSet) -> RunOutcome:
         cfg = self.config
         metrics = build_training_metrics(

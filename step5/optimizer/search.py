@@ -213,13 +213,8 @@ class Trained:
     told: set[int] = field(default_factory=set)
 
 
-def run_search(
-    opened: OpenedStudy,
-    backend: ModelBackend,
-    plan: SearchPlan,
-    goal: SearchGoal,
-    on_told: Callable[[optuna.Study, FrozenTrial], None],
-) -> SearchRecord:
+def run_search(opened: OpenedStudy, backend: ModelBackend, plan: SearchPlan, goal: SearchGoal,
+               on_told: Callable[[optuna.Study, FrozenTrial], None]) -> SearchRecord:
     """Ask, run and tell trials, ``plan.trials_in_flight`` at a time, until ``goal`` is met. With a pruner the
     tells stay in the loop, between batches: its verdicts must not depend on when trials were told."""
     study = opened.study
@@ -353,9 +348,8 @@ def count_outcome(record: SearchRecord, streak: FailureStreak, trial: FrozenTria
     return 1
 
 
-def tell(
-    study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, *, wall_s: float, gated: bool = False,
-) -> FrozenTrial:
+def tell(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, *, wall_s: float,
+         gated: bool = False) -> FrozenTrial:
     """Tell Optuna how one trial ended (``gated``: a fold gate reported every fold but the last). A trial
     another process failed meanwhile (late heartbeats) keeps that verdict: its re-run stands for it."""
     try:

@@ -72,13 +72,8 @@ class DataShape:
         return tuple(fits) if fits else (BATCH_SIZES[-1],)
 
 
-def suggest_nn_params(
-    trial: optuna.Trial,
-    *,
-    max_epochs: int,
-    data: DataShape,
-    fixed_dropout: float | None = None,
-) -> NNParams:
+def suggest_nn_params(trial: optuna.Trial, *, max_epochs: int, data: DataShape,
+                      fixed_dropout: float | None = None) -> NNParams:
     """Ask ``trial`` for one MLP configuration for data of shape ``data``;
     ``fixed_dropout`` pins dropout instead of searching it."""
     n_layers = trial.suggest_int("n_layers", 0, MAX_LAYERS)

@@ -168,17 +168,9 @@ def open_storage(storage_url: str, training: TrainingPolicy) -> RetryingStorage:
     return RetryingStorage(rdb, retry, owner=this_process().to_dict())
 
 
-def open_study(
-    *,
-    study_name: str,
-    storage_url: str,
-    setup: Mapping[str, Any],
-    data: Mapping[str, Any],
-    seed: int,
-    trials: int = 1,
-    training: TrainingPolicy | None = None,
-    first_trials: Sequence[Mapping[str, Any]] = (),
-) -> OpenedStudy:
+def open_study(*, study_name: str, storage_url: str, setup: Mapping[str, Any], data: Mapping[str, Any], seed: int,
+               trials: int = 1, training: TrainingPolicy | None = None,
+               first_trials: Sequence[Mapping[str, Any]] = ()) -> OpenedStudy:
     """Create or join the study (its stored setup and data must match), and join its unfinished round or
     start one of ``trials``; ``first_trials`` are enqueued, under the lock, only into a study with no trial."""
     storage = open_storage(storage_url, training or TrainingPolicy())
