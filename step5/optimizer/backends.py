@@ -245,18 +245,11 @@ class NNBackend:
 
     def _request(self, trial_number: int, fold_idx: int, params: NNParams, path: str,
                  save_model_path: Path | None = None) -> TrainRequest:
-        return TrainRequest(
-            data_path=path,
-            params=params,
-            trial_number=trial_number,
-            fold_idx=fold_idx,
-            normalize_features=self.normalize_features,
-            use_leaky_relu=self.use_leaky_relu,
-            batch_mode=self.batch_mode,
-            seed=fold_seed(self.seed, trial_number, fold_idx),
-            job_id=f"t{trial_number}-f{fold_idx}",
-            save_model_path=None if save_model_path is None else str(save_model_path),
-        )
+        return TrainRequest(data_path=path, params=params, trial_number=trial_number, fold_idx=fold_idx,
+                            normalize_features=self.normalize_features, use_leaky_relu=self.use_leaky_relu,
+                            batch_mode=self.batch_mode, seed=fold_seed(self.seed, trial_number, fold_idx),
+                            job_id=f"t{trial_number}-f{fold_idx}",
+                            save_model_path=None if save_model_path is None else str(save_model_path))
 
     def fold_requests(self, trial_number: int, params: dict[str, Any], *, partition: int = 0,
                       save_states: bool = False) -> list[TrainRequest]:
@@ -367,11 +360,8 @@ class NNBackend:
             raise Step5Error(f"{what} reported success but wrote no checkpoint at {merged}")
         shutil.copyfile(merged, checkpoint_path)  # the output dir's first write: its OSError names it
         result = {**outcome, "model_path": str(checkpoint_path)}
-        result.update(
-            **cv_val_scores(folds), n_fit=int(len(self.cv.y_dev)), n_early_stop=0, epochs_run=None, best_epoch=None,
-            fold_best_epochs=[f.get("best_epoch") for f in folds],
-            **_members_curve(folds),
-        )
+        result.update(**cv_val_scores(folds), n_fit=int(len(self.cv.y_dev)), n_early_stop=0, epochs_run=None,
+                      best_epoch=None, fold_best_epochs=[f.get("best_epoch") for f in folds], **_members_curve(folds))
         return result
 
     def training_options(self) -> dict[str, Any]:
@@ -428,12 +418,11 @@ class TreeBackend:
              **test: Any) -> tuple[dict[str, Any], Any]:
         start = time.perf_counter()
         try:
-            metrics, model = self.trees.train_fold(
-                self.model_type, dict(params),
-                self.cv.X_dev[tr], self.cv.y_dev[tr], self.cv.X_dev[va], self.cv.y_dev[va],
-                seed=fold_seed(self.seed, trial_number, fold_idx), device=self.device,
-                feature_names=self.cv.feature_names, n_threads=self.n_threads, devices=self.tree_devices, **test,
-            )
+            metrics, model = self.trees.train_fold(self.model_type, dict(params), self.cv.X_dev[tr], self.cv.y_dev[tr],
+                                                   self.cv.X_dev[va], self.cv.y_dev[va],
+                                                   seed=fold_seed(self.seed, trial_number, fold_idx),
+                                                   device=self.device, feature_names=self.cv.feature_names,
+                                                   n_threads=self.n_threads, devices=self.tree_devices, **test)
         except JobError as exc:
             # The library rejected these params or this data: deterministic, fails the trial.
             exc.trial_number = trial_number if exc.trial_number is None else exc.trial_number
@@ -477,10 +466,8 @@ class TreeBackend:
         """Fit ``params`` on the final split, or, for a model that does not early-stop (xgboost's gblinear),
         on every dev row, scored by its trial's CV means (its folds fitted again: same seeds, same scores)."""
         if self.trees.reads_validation_rows(self.model_type, params):
-            metrics, model = self._fit(
-                trial_number, FINAL_FOLD_IDX, params, self.cv.final_fit_idx, self.cv.final_es_idx,
-                X_test=self.cv.X_test, y_test=self.cv.y_test,
-            )
+            metrics, model = self._fit(trial_number, FINAL_FOLD_IDX, params, self.cv.final_fit_idx,
+                                       self.cv.final_es_idx, X_test=self.cv.X_test, y_test=self.cv.y_test)
         else:
             folds = [f for p in self.cv.search_partitions for f in self.rescore(trial_number, params, p)]
             every_row = np.arange(len(self.cv.y_dev))  # passed as validation rows too: only scored

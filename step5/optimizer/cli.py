@@ -257,10 +257,8 @@ def apply_compatibility_flags(args: argparse.Namespace) -> None:
 def configure_logging(level: str) -> None:
     import optuna
 
-    logging.basicConfig(
-        stream=sys.stderr, level=level, force=True,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    logging.basicConfig(stream=sys.stderr, level=level, force=True,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
     # Our per-trial progress line replaces Optuna's "Trial N finished"; its warnings

@@ -181,13 +181,11 @@ def _run_one(factory: OptimizerFactory, config: OptimizerConfig) -> tuple[Candid
     wall = time.perf_counter() - start
 
     status = outcome.status if outcome.status in ("SUCCESS", "DEGENERATE_SIGNAL", "FAILED") else "FAILED"
-    cand = Candidate(
-        mt, status, cv_score=finite_or_none(outcome.cv_score), cv_rescored=finite_or_none(outcome.cv_rescored),
-        test_r2=finite_or_none(outcome.test_r2), wall_s=wall,
-        trials_run=int(outcome.trials_run or 0), error=outcome.error, staging_dir=staging,
-        checkpoint_path=Path(outcome.checkpoint_path) if outcome.checkpoint_path else None,
-        sidecar_path=Path(outcome.sidecar_path) if outcome.sidecar_path else None,
-    )
+    cand = Candidate(mt, status, cv_score=finite_or_none(outcome.cv_score),
+                     cv_rescored=finite_or_none(outcome.cv_rescored), test_r2=finite_or_none(outcome.test_r2),
+                     wall_s=wall, trials_run=int(outcome.trials_run or 0), error=outcome.error, staging_dir=staging,
+                     checkpoint_path=Path(outcome.checkpoint_path) if outcome.checkpoint_path else None,
+                     sidecar_path=Path(outcome.sidecar_path) if outcome.sidecar_path else None)
     if outcome.status not in STATUSES:
         cand.error = f"run returned an unknown status {outcome.status!r}"
     if cand.status == "SUCCESS":
@@ -220,10 +218,8 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
         validate_config(sub)  # a usage error shows before any model trains (exit 64)
 
     to_run = [mt for mt in MODEL_TYPES if mt not in skipped]
-    logger.info(
-        "compare: running %s%s; winner by %s", ", ".join(to_run) or "nothing",
-        f" (skipped by the registry: {', '.join(sorted(skipped))})" if skipped else "", CRITERION["primary"],
-    )
+    logger.info("compare: running %s%s; winner by %s", ", ".join(to_run) or "nothing",
+                f" (skipped by the registry: {', '.join(sorted(skipped))})" if skipped else "", CRITERION["primary"])
     candidates: dict[str, Candidate] = {}
     outcomes: dict[str, RunOutcome | None] = {}
     for i, mt in enumerate(MODEL_TYPES, start=1):
@@ -235,10 +231,8 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
         logger.info("compare: [%d/%d] %s -> %s", i, len(MODEL_TYPES), mt, configs[mt].output_dir)
         candidates[mt], outcomes[mt] = _run_one(factory, configs[mt])
         c = candidates[mt]
-        logger.info(
-            "compare: %s %s in %.1fs (CV %s, rescored %s, test R^2 %s)%s", mt, c.status, c.wall_s,
-            _fmt(c.cv_score), _fmt(c.cv_rescored), _fmt(c.test_r2), f": {c.error}" if c.error else "",
-        )
+        logger.info("compare: %s %s in %.1fs (CV %s, rescored %s, test R^2 %s)%s", mt, c.status, c.wall_s,
+                    _fmt(c.cv_score), _fmt(c.cv_rescored), _fmt(c.test_r2), f": {c.error}" if c.error else "")
 
     winner = select_winner(candidates.values())
     degenerate = [c for c in candidates.values() if c.status == "DEGENERATE_SIGNAL"]

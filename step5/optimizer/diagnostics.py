@@ -51,10 +51,8 @@ def write_run_diagnostics(diagnostics_dir: Path, *, model_type: str, run_id: str
                 "trials": records,
             },
         )
-        plot_trial_timings(
-            [r for r in records if r["this_run"]], folder / "timings.png",
-            title=f"Step 5 {model_type}: trial timings (run {run_id[:8]})",
-        )
+        plot_trial_timings([r for r in records if r["this_run"]], folder / "timings.png",
+                           title=f"Step 5 {model_type}: trial timings (run {run_id[:8]})")
     except OSError as exc:
         logger.warning("could not write diagnostics under %s: %s", folder, exc)
         return None

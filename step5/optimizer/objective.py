@@ -65,10 +65,8 @@ class TrialSummary:
 
 
 #: Per-fold keys kept in the study (small, JSON-able); the rest of a result is log detail.
-_KEPT_FOLD_KEYS = (
-    "fold_idx", "r2", "train_r2", "val_mse", "train_mse", "duration", "load_s", "train_s", "device",
-    "epochs_run", "best_epoch", "n_train", "n_val",
-)
+_KEPT_FOLD_KEYS = ("fold_idx", "r2", "train_r2", "val_mse", "train_mse", "duration", "load_s", "train_s", "device",
+                   "epochs_run", "best_epoch", "n_train", "n_val")
 
 
 def summarize_folds(results: Sequence[dict[str, Any]]) -> TrialSummary:
@@ -79,15 +77,10 @@ def summarize_folds(results: Sequence[dict[str, Any]]) -> TrialSummary:
     val = [float(r["r2"]) for r in results]
     train = [float(r["train_r2"]) for r in results]
     kept = [{k: r[k] for k in _KEPT_FOLD_KEYS if k in r} for r in results]
-    return TrialSummary(
-        value=anti_overfit_score(val, train),
-        val_r2_mean=float(np.mean(val)),
-        val_r2_std=float(np.std(val)),
-        train_r2_mean=float(np.mean(train)),
-        val_mse_mean=float(np.mean([r["val_mse"] for r in results])),
-        train_mse_mean=float(np.mean([r["train_mse"] for r in results])),
-        folds=kept,
-    )
+    return TrialSummary(value=anti_overfit_score(val, train), val_r2_mean=float(np.mean(val)),
+                        val_r2_std=float(np.std(val)), train_r2_mean=float(np.mean(train)),
+                        val_mse_mean=float(np.mean([r["val_mse"] for r in results])),
+                        train_mse_mean=float(np.mean([r["train_mse"] for r in results])), folds=kept)
 
 
 def fail_reason(exc: JobError) -> str:

@@ -108,10 +108,8 @@ class AntiOverfitMetaOptimizer:
     def run(self) -> RunOutcome:
         cfg = self.config
         self._t0 = time.perf_counter()
-        logger.info(
-            "Step 5 run %s: model %s, %d trials, %d folds, test holdout %.2f, seed %d",
-            self.run_id[:8], cfg.model_type, cfg.trials, cfg.k_folds, cfg.test_holdout, cfg.seed,
-        )
+        logger.info("Step 5 run %s: model %s, %d trials, %d folds, test holdout %.2f, seed %d", self.run_id[:8],
+                    cfg.model_type, cfg.trials, cfg.k_folds, cfg.test_holdout, cfg.seed)
         self.policy = load_policy(cfg.policy_path)
         helper_nodes = self._helper_nodes()  # a bad cluster config fails before the data is read
 
@@ -119,11 +117,9 @@ class AntiOverfitMetaOptimizer:
         table = load_survivors(cfg.survivors, cfg.target)
         draws = load_history(cfg.lottery_data)
         self.timings["load_s"] = time.perf_counter() - start
-        logger.info(
-            "loaded %d survivors x %d features (%d excluded: %s) and %d history draws in %.2fs",
-            table.n_records, table.n_features, len(table.excluded_features), table.excluded_features,
-            len(draws), self.timings["load_s"],
-        )
+        logger.info("loaded %d survivors x %d features (%d excluded: %s) and %d history draws in %.2fs",
+                    table.n_records, table.n_features, len(table.excluded_features), table.excluded_features,
+                    len(draws), self.timings["load_s"])
 
         signal = assess_signal(table.y)
         data_context = self._data_context(table, draws)
@@ -151,10 +147,9 @@ class AntiOverfitMetaOptimizer:
             shape = DataShape.of_development(len(cv.y_dev), cv.X_dev.shape[1], cv.k)
             # No more first trials than --trials: the rest would wait in the study unrun.
             first_trials = first_nn_trials(shape, fixed_dropout=cfg.dropout)[: cfg.trials]
-        opened = open_study(
-            study_name=study_name, storage_url=storage_url, setup=setup, seed=cfg.seed, trials=cfg.trials,
-            data=self._study_data(data_context), training=self.policy.training, first_trials=first_trials,
-        )
+        opened = open_study(study_name=study_name, storage_url=storage_url, setup=setup, seed=cfg.seed,
+                            trials=cfg.trials, data=self._study_data(data_context), training=self.policy.training,
+                            first_trials=first_trials)
         with contextlib.ExitStack() as outputs:  # the new model set: discarded unless committed
             with contextlib.ExitStack() as stack:
                 # Helpers on the other hosts join the study while this process boots its workers;
@@ -176,9 +171,8 @@ class AntiOverfitMetaOptimizer:
                     final = self._train_final(best, backend, staged.path)
                 execution = self._execution(backend)
             # Fold files and workers are gone here; only the outputs remain.
-            return self._write_success(
-                opened, best, final, rescore, cv, signal, data_context, feature_schema, execution, backend, staged,
-            )
+            return self._write_success(opened, best, final, rescore, cv, signal, data_context, feature_schema,
+                                       execution, backend, staged)
 
     def _helper_nodes(self) -> list[ClusterNode]:
         cfg = self.config
@@ -212,14 +206,12 @@ class AntiOverfitMetaOptimizer:
         prng_type = cfg.prng_type if cfg.prng_type is not None else table.prng_type or DEFAULT_PRNG_TYPE
         mod = cfg.mod if cfg.mod is not None else table.mod or DEFAULT_MOD
         extra = {"prng_type": prng_type, "mod": mod, "holdout_draws": cfg.holdout_draws}
-        fingerprint = artifacts.data_fingerprint(
-            table.X, table.y, table.feature_names, draws, target=table.target, extra=extra,
-        )
-        return build_data_context(
-            fingerprint=fingerprint, training_draws=len(draws), holdout_draws=cfg.holdout_draws,
-            survivors_file=str(cfg.survivors), survivor_count=table.n_records, prng_type=prng_type, mod=mod,
-            target=table.target, missing_feature_fills=table.missing_fills, lottery_data_file=str(cfg.lottery_data),
-        )
+        fingerprint = artifacts.data_fingerprint(table.X, table.y, table.feature_names, draws, target=table.target,
+                                                 extra=extra)
+        return build_data_context(fingerprint=fingerprint, training_draws=len(draws), holdout_draws=cfg.holdout_draws,
+                                  survivors_file=str(cfg.survivors), survivor_count=table.n_records,
+                                  prng_type=prng_type, mod=mod, target=table.target,
+                                  missing_feature_fills=table.missing_fills, lottery_data_file=str(cfg.lottery_data))
 
     @staticmethod
     def _study_data(data_context: dict[str, Any]) -> dict[str, Any]:
@@ -243,10 +235,8 @@ class AntiOverfitMetaOptimizer:
         if self.cv_repeats > 1:  # only then: a study from before repeated CV keeps its name
             setup["cv_repeats"] = self.cv_repeats
         if self.torch:
-            setup.update(
-                normalize_features=cfg.normalize_features, use_leaky_relu=cfg.use_leaky_relu,
-                dropout=cfg.dropout, nn_max_epochs=cfg.nn_max_epochs,
-            )
+            setup.update(normalize_features=cfg.normalize_features, use_leaky_relu=cfg.use_leaky_relu,
+                         dropout=cfg.dropout, nn_max_epochs=cfg.nn_max_epochs)
         return setup
 
     def _split(self, table: SurvivorTable) -> CVData:
@@ -270,19 +260,17 @@ class AntiOverfitMetaOptimizer:
                  for r in range(1, repeats)]
         fresh += [kfold_splits(len(dev_idx), cfg.k_folds, partition_seed(cfg.seed, p))
                   for p in range(1, rescore_partitions(cfg) + 1)]
-        fit_pos, es_pos = train_test_split(
-            np.arange(len(dev_idx)), test_size=1.0 / cfg.k_folds, random_state=cfg.seed + 2, shuffle=True,
-        )
+        fit_pos, es_pos = train_test_split(np.arange(len(dev_idx)), test_size=1.0 / cfg.k_folds,
+                                           random_state=cfg.seed + 2, shuffle=True)
         final = ("the final net is the best trial's fold models merged into one" if self.torch
                  else f"the final model fits {len(fit_pos)} and early-stops on {len(es_pos)}")
         logger.info("split %d rows: %d dev (%d folds of ~%d validation rows%s), %d test; %s",
                     n, len(dev_idx), cfg.k_folds, len(dev_idx) // cfg.k_folds,
                     f", each trial on {repeats} partitions" if repeats > 1 else "", len(test_idx), final)
-        return CVData(
-            X_dev=table.X[dev_idx], y_dev=table.y[dev_idx], X_test=table.X[test_idx], y_test=table.y[test_idx],
-            folds=folds, final_fit_idx=np.sort(fit_pos), final_es_idx=np.sort(es_pos),
-            feature_names=list(table.feature_names), fresh_partitions=fresh, search_repeats=repeats,
-        )
+        return CVData(X_dev=table.X[dev_idx], y_dev=table.y[dev_idx], X_test=table.X[test_idx],
+                      y_test=table.y[test_idx], folds=folds, final_fit_idx=np.sort(fit_pos),
+                      final_es_idx=np.sort(es_pos), feature_names=list(table.feature_names), fresh_partitions=fresh,
+                      search_repeats=repeats)
 
     def _make_backend(self, cv: CVData, files: FoldFiles) -> ModelBackend:
         cfg = self.config
@@ -291,10 +279,8 @@ class AntiOverfitMetaOptimizer:
             if not_applicable:
                 # Accepted for every model type (compare runs share one command line), but
                 # never silently ignored.
-                logger.info(
-                    "neural-net settings do not apply to %s and are ignored: %s",
-                    cfg.model_type, ", ".join(not_applicable),
-                )
+                logger.info("neural-net settings do not apply to %s and are ignored: %s", cfg.model_type,
+                            ", ".join(not_applicable))
             if cfg.cpu_workers is not None:
                 logger.info("%s trains with %d thread(s) (--cpu-workers)", cfg.model_type, cfg.cpu_workers)
             self.plan = resolve_search_plan(cfg, self.policy, 1, neural_net=False)
@@ -307,10 +293,8 @@ class AntiOverfitMetaOptimizer:
             logger.info("every worker and one-shot trainer gets %s (training.device_env)",
                         " ".join(f"{k}={v}" for k, v in sorted(policy.training.device_env.items())))
         persistent = resolve_persistent_workers(cfg.persistent_workers, policy.training)
-        logger.info(
-            "neural-net folds run on %s via %s",
-            ", ".join(s.label for s in slots), "persistent workers (S96B)" if persistent else "one-shot subprocesses (S96A)",
-        )
+        logger.info("neural-net folds run on %s via %s", ", ".join(s.label for s in slots),
+                    "persistent workers (S96B)" if persistent else "one-shot subprocesses (S96A)")
         start = time.perf_counter()
         try:
             runner = make_fold_runner(slots, policy.training, persistent=persistent)
@@ -329,11 +313,9 @@ class AntiOverfitMetaOptimizer:
             logger.info("--pruner %s runs the folds in waves (fold k of every trial in flight), so a trial's "
                         "folds are not fused (--fuse-trials still fuses same-shape trials' fold k)", plan.pruner)
         try:
-            return NNBackend(
-                runner, cv, files, seed=cfg.seed, normalize_features=cfg.normalize_features,
-                use_leaky_relu=cfg.use_leaky_relu, dropout=cfg.dropout, max_epochs=cfg.nn_max_epochs,
-                fuse_folds=plan.fuse_folds, fuse_trials=plan.fuse_trials,
-            )
+            return NNBackend(runner, cv, files, seed=cfg.seed, normalize_features=cfg.normalize_features,
+                             use_leaky_relu=cfg.use_leaky_relu, dropout=cfg.dropout, max_epochs=cfg.nn_max_epochs,
+                             fuse_folds=plan.fuse_folds, fuse_trials=plan.fuse_trials)
         except BaseException:
             runner.close()
             raise
@@ -430,11 +412,9 @@ class AntiOverfitMetaOptimizer:
         result = backend.train_final(best.number, params, staging / name)
         self.timings["final_s"] = time.perf_counter() - start
         result["params"] = params
-        logger.info(
-            "final model: train R² %.4f, val R² %.4f, test R² %.4f (%.1fs)",
-            result.get("train_r2", float("nan")), result.get("r2", float("nan")),
-            result.get("test_r2", float("nan")), self.timings["final_s"],
-        )
+        logger.info("final model: train R² %.4f, val R² %.4f, test R² %.4f (%.1fs)",
+                    result.get("train_r2", float("nan")), result.get("r2", float("nan")),
+                    result.get("test_r2", float("nan")), self.timings["final_s"])
         return result
 
     def _execution(self, backend: ModelBackend | None) -> ExecutionSummary:
@@ -483,37 +463,28 @@ class AntiOverfitMetaOptimizer:
             # commit removes the earlier run's checkpoint from what the output dir shows.
             logger.warning("replacing the model from an earlier run (%s): this run's data has no usable signal", stale)
         self.timings["total_s"] = time.perf_counter() - self._t0
-        sidecar = degenerate_sidecar(
-            model_type=cfg.model_type,
-            feature_schema=feature_schema,
-            signal_quality=signal,
-            data_context=data_context,
-            optuna=self._optuna_block(study_name, storage_url, None, None, None),
-            execution=self._execution(None).to_dict(),
-            provenance=self._provenance(),
-        )
+        sidecar = degenerate_sidecar(model_type=cfg.model_type, feature_schema=feature_schema, signal_quality=signal,
+                                     data_context=data_context,
+                                     optuna=self._optuna_block(study_name, storage_url, None, None, None),
+                                     execution=self._execution(None).to_dict(), provenance=self._provenance())
         with model_set.stage(self.output_dir) as staged, model_set.writing(self.output_dir):
             artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, sidecar)
             staged.commit()
         path = self.output_dir / artifacts.SIDECAR_NAME
         logger.error("degenerate target signal: %s; wrote %s (no model)", signal["reason"], path)
-        return RunOutcome(
-            model_type=cfg.model_type, status="DEGENERATE_SIGNAL", sidecar=sidecar, sidecar_path=path,
-            wall_s=self.timings["total_s"],
-        )
+        return RunOutcome(model_type=cfg.model_type, status="DEGENERATE_SIGNAL", sidecar=sidecar, sidecar_path=path,
+                          wall_s=self.timings["total_s"])
 
     def _write_success(self, opened: OpenedStudy, best: FrozenTrial, final: dict[str, Any],
                        rescore: dict[str, Any] | None, cv: CVData, signal: dict[str, Any], data_context: dict[str, Any],
                        feature_schema: dict[str, Any], execution_summary: ExecutionSummary, backend: ModelBackend,
                        staged: model_set.StagedSet) -> RunOutcome:
         cfg = self.config
-        metrics = build_training_metrics(
-            best.user_attrs.get("cv", {}), final, objective_value=best.value,
-            objective_formula=OBJECTIVE_FORMULA, overfit_penalty=OVERFIT_PENALTY, k_folds=cfg.k_folds,
-            cv_repeats=cv.search_repeats, n_dev=len(cv.y_dev), n_fit=len(cv.final_fit_idx),
-            n_early_stop=len(cv.final_es_idx), n_test=len(cv.y_test),
-            rescore=rescore,
-        )
+        metrics = build_training_metrics(best.user_attrs.get("cv", {}), final, objective_value=best.value,
+                                         objective_formula=OBJECTIVE_FORMULA, overfit_penalty=OVERFIT_PENALTY,
+                                         k_folds=cfg.k_folds, cv_repeats=cv.search_repeats, n_dev=len(cv.y_dev),
+                                         n_fit=len(cv.final_fit_idx), n_early_stop=len(cv.final_es_idx),
+                                         n_test=len(cv.y_test), rescore=rescore)
         name = artifacts.checkpoint_filename(cfg.model_type)
         self.timings["total_s"] = time.perf_counter() - self._t0
         execution_summary.timings.total_s = self.timings["total_s"]
@@ -538,10 +509,8 @@ class AntiOverfitMetaOptimizer:
                 artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, sidecar)
             except ValueError as exc:  # a trainer result lacking a metric the sidecar requires
                 raise Step5Error(f"the final model's results cannot make a valid sidecar: {exc}") from None
-            plot_optimization_history(
-                trials, staged.path / artifacts.HISTORY_PNG_NAME,
-                title=f"Step 5 {cfg.model_type}: {opened.study_name}",
-            )
+            plot_optimization_history(trials, staged.path / artifacts.HISTORY_PNG_NAME,
+                                      title=f"Step 5 {cfg.model_type}: {opened.study_name}")
             staged.commit()
         sidecar_path = self.output_dir / artifacts.SIDECAR_NAME
         if metrics["beats_mean"] is False:
@@ -551,23 +520,15 @@ class AntiOverfitMetaOptimizer:
                 metrics["test_r2"], metrics["cv_r2_mean"],
             )
         if cfg.enable_diagnostics:
-            write_run_diagnostics(
-                cfg.diagnostics_folder, model_type=cfg.model_type, run_id=self.run_id, trials=trials,
-                first_new_number=self._first_new_number, execution=execution,
-                final_metrics=metrics,
-                extra={"study_name": opened.study_name, "objective_formula": OBJECTIVE_FORMULA},
-            )
+            write_run_diagnostics(cfg.diagnostics_folder, model_type=cfg.model_type, run_id=self.run_id, trials=trials,
+                                  first_new_number=self._first_new_number, execution=execution, final_metrics=metrics,
+                                  extra={"study_name": opened.study_name, "objective_formula": OBJECTIVE_FORMULA})
             write_health_report(cfg.diagnostics_folder, model_health_report(
                 cfg.model_type, metrics, self.policy.training_diagnostics), model_type=cfg.model_type)
-        logger.info(
-            "saved %s and %s: CV R² %.4f ± %.4f, test R² %.4f, objective %.4f (trial %d); run took %.1fs",
-            self.output_dir / name, sidecar_path, metrics["cv_r2_mean"], metrics["cv_r2_std"],
-            metrics["test_r2"], best.value, best.number, self.timings["total_s"],
-        )
-        return RunOutcome(
-            model_type=cfg.model_type, status="SUCCESS", sidecar=sidecar,
-            checkpoint_path=self.output_dir / name, sidecar_path=sidecar_path,
-            cv_score=best.value, cv_rescored=rescore["objective_mean"] if rescore else None,
-            test_r2=metrics["test_r2"], trials_run=sidecar["optuna"]["trials_run"],
-            wall_s=self.timings["total_s"],
-        )
+        logger.info("saved %s and %s: CV R² %.4f ± %.4f, test R² %.4f, objective %.4f (trial %d); run took %.1fs",
+                    self.output_dir / name, sidecar_path, metrics["cv_r2_mean"], metrics["cv_r2_std"],
+                    metrics["test_r2"], best.value, best.number, self.timings["total_s"])
+        return RunOutcome(model_type=cfg.model_type, status="SUCCESS", sidecar=sidecar,
+                          checkpoint_path=self.output_dir / name, sidecar_path=sidecar_path, cv_score=best.value,
+                          cv_rescored=rescore["objective_mean"] if rescore else None, test_r2=metrics["test_r2"],
+                          trials_run=sidecar["optuna"]["trials_run"], wall_s=self.timings["total_s"])

@@ -482,20 +482,14 @@ class TrialProgress:
         best_txt += "; " + elapsed_and_eta(time.perf_counter() - self._start, done, n_new)
         if trial.state == TrialState.COMPLETE:
             cvm = trial.user_attrs.get("cv", {})
-            logger.info(
-                "[%d/%d] trial %d: objective %.4f (val R² %.4f ± %.4f, train R² %.4f) in %.1fs; %s",
-                done, n_new, trial.number, trial.value, cvm.get("val_r2_mean", float("nan")),
-                cvm.get("val_r2_std", float("nan")), cvm.get("train_r2_mean", float("nan")),
-                trial.user_attrs.get("wall_s", 0.0), best_txt,
-            )
+            logger.info("[%d/%d] trial %d: objective %.4f (val R² %.4f ± %.4f, train R² %.4f) in %.1fs; %s", done,
+                        n_new, trial.number, trial.value, cvm.get("val_r2_mean", float("nan")),
+                        cvm.get("val_r2_std", float("nan")), cvm.get("train_r2_mean", float("nan")),
+                        trial.user_attrs.get("wall_s", 0.0), best_txt)
         elif trial.state == TrialState.PRUNED:
-            logger.info(
-                "[%d/%d] trial %d pruned after %d fold(s) (running objective %.4f), replaced; %s", done, n_new,
-                trial.number, trial.user_attrs.get("pruned_after_folds", 0),
-                trial.value if trial.value is not None else float("nan"), best_txt,
-            )
+            logger.info("[%d/%d] trial %d pruned after %d fold(s) (running objective %.4f), replaced; %s", done, n_new,
+                        trial.number, trial.user_attrs.get("pruned_after_folds", 0),
+                        trial.value if trial.value is not None else float("nan"), best_txt)
         else:
-            logger.warning(
-                "[%d/%d] trial %d %s, replaced: %s; %s", done, n_new, trial.number, trial.state.name,
-                trial.user_attrs.get("fail_reason", "see the error above"), best_txt,
-            )
+            logger.warning("[%d/%d] trial %d %s, replaced: %s; %s", done, n_new, trial.number, trial.state.name,
+                           trial.user_attrs.get("fail_reason", "see the error above"), best_txt)

@@ -38,10 +38,8 @@ MAX_WAIT_S = 5.0  # the backoff doubles up to this
 _TRANSIENT_SQLSTATE_CLASSES = ("08", "53")
 _TRANSIENT_SQLSTATES = ("57P01", "57P02", "57P03", "57P05", "57014", "40P01", "40001")
 #: How libpq words a failed connection that waiting cannot fix (these come without a SQLSTATE).
-_PERMANENT_CONNECT_WORDING = (
-    "authentication failed", "does not exist", "no pg_hba.conf entry", "permission denied",
-    "no password supplied", "password is required", "certificate", "invalid",
-)
+_PERMANENT_CONNECT_WORDING = ("authentication failed", "does not exist", "no pg_hba.conf entry", "permission denied",
+                              "no password supplied", "password is required", "certificate", "invalid")
 #: SQLite result codes that mean "another writer holds the database": SQLITE_BUSY, SQLITE_LOCKED.
 _SQLITE_BUSY_CODES = (5, 6)
 
@@ -281,11 +279,10 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         token = uuid.uuid4().hex
         if template_trial is None:  # study.ask: a fresh RUNNING trial, born with its owner
-            template = FrozenTrial(
-                number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
-                datetime_complete=None, params={}, distributions={}, user_attrs={OWNER_ATTR: self.owner},
-                system_attrs={TOKEN_ATTR: token}, intermediate_values={}, trial_id=-1,
-            )
+            template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
+                                   datetime_complete=None, params={}, distributions={},
+                                   user_attrs={OWNER_ATTR: self.owner}, system_attrs={TOKEN_ATTR: token},
+                                   intermediate_values={}, trial_id=-1)
         else:  # study.add_trial / enqueue_trial (a re-run, a first trial): as given, plus the token
             template = copy.deepcopy(template_trial)
             template.system_attrs = {**template_trial.system_attrs, TOKEN_ATTR: token}

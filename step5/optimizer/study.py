@@ -177,10 +177,8 @@ def open_study(*, study_name: str, storage_url: str, setup: Mapping[str, Any], d
     existing = set(optuna.get_all_study_names(storage))
     resumed = study_name in existing
     try:
-        study = optuna.create_study(
-            storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
-            sampler=make_sampler(seed),
-        )
+        study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
+                                    sampler=make_sampler(seed))
     except Step5Error:  # a StorageError: the database is away or broken, said in one line
         raise
     except Exception as exc:  # noqa: BLE001
@@ -213,18 +211,15 @@ def open_study(*, study_name: str, storage_url: str, setup: Mapping[str, Any], d
         sampler_seed = int(np.random.SeedSequence([int(seed), trials_before, process_index]).generate_state(1)[0])
     study.sampler = make_sampler(sampler_seed)
     if resumed:
-        logger.info(
-            "joined study %r as process %d (%d complete, %d failed, %d running, %d waiting trials) in %s",
-            study_name, process_index, counts["complete"], counts["fail"], counts["running"], counts["waiting"],
-            redact_storage(storage_url),
-        )
+        logger.info("joined study %r as process %d (%d complete, %d failed, %d running, %d waiting trials) in %s",
+                    study_name, process_index, counts["complete"], counts["fail"], counts["running"], counts["waiting"],
+                    redact_storage(storage_url))
     else:
         logger.info("created study %r in %s", study_name, redact_storage(storage_url))
-    return OpenedStudy(
-        study=study, study_name=study_name, storage_url=storage_url, resumed=resumed,
-        complete_before=counts["complete"], trials_before=trials_before, sampler_seed=sampler_seed,
-        storage=storage, process_index=process_index, target_complete=int(target), joined_round=joined_round,
-    )
+    return OpenedStudy(study=study, study_name=study_name, storage_url=storage_url, resumed=resumed,
+                       complete_before=counts["complete"], trials_before=trials_before, sampler_seed=sampler_seed,
+                       storage=storage, process_index=process_index, target_complete=int(target),
+                       joined_round=joined_round)
 
 
 def _check_or_record(study: optuna.Study, study_name: str, setup: dict[str, Any], data: dict[str, Any]) -> None:
