@@ -128,8 +128,7 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
     search.add_argument("--cluster-config", type=Path,
                         help="the pipeline's distributed_config.json: also start a --search-only helper over ssh on "
                              "each of its nodes other than this host (its python_env, in its script_path), stream "
-                             "their logs, stop them when the study is full; needs a shared --storage "
-                             "(docs/cluster.md)")
+                             "their logs, stop them when the study is full; needs a shared --storage (docs/cluster.md)")
     search.add_argument("--search-only", action="store_true",
                         help="helper role for a shared study (--storage, --study-name): train trials until the "
                              "study holds --trials complete ones, exit 0, write no model; the process without "
@@ -163,17 +162,15 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
                     help="train a trial's K folds in one batched pass on one worker (same results within "
                          "1e-5; one-shot subprocesses cannot fuse and run them fold by fold) [policy decides]")
     ex.add_argument("--fuse-trials", "--batch-size-nn", type=positive_int,
-                    help="run N trials at a time and train same-shape trials' folds in one batched pass; "
-                         "N > 1 implies --fuse-folds and --trials-in-flight N (--batch-size-nn: the existing "
-                         "optimizer's name)")
+                    help="run N trials at a time and train same-shape trials' folds in one batched pass; N > 1 implies "
+                         "--fuse-folds and --trials-in-flight N (--batch-size-nn: the existing optimizer's name)")
     ex.add_argument("--trials-in-flight", type=positive_int,
                     help="trials asked from Optuna and trained together per batch (the sampler knows the "
                          "pending ones); same seed and value give the same study [policy's "
                          "training.trials_in_flight; 0 there: two per device slot]")
     ex.add_argument("--pruner", choices=PRUNER_NAMES,
-                    help="stop a trial whose running objective over its first folds is hopeless (Optuna "
-                         "pruning on fold-level values; its remaining folds are not trained) [policy's "
-                         "training.pruner]")
+                    help="stop a trial whose running objective over its first folds is hopeless (Optuna pruning on "
+                         "fold-level values; its remaining folds are not trained) [policy's training.pruner]")
 
     compat = p.add_argument_group(
         "compatibility", "flags of the optimizer this one replaces, so its scripts run unchanged (docs/compatibility.md)")

@@ -2,6 +2,7 @@
 (docs/models.md, docs/optimizer-internals.md#compare)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -66,10 +67,11 @@ class Candidate:
     checkpoint_path: Path | None = None  # where its checkpoint is now (after promotion/archiving)
     sidecar_path: Path | None = None  # where its sidecar is now
     staging_dir: Path | None = None  # the sub-run's output_dir (not in the summary)
+    outcome: RunOutcome | None = None  # what the sub-run returned (not in the summary)
 
     def to_dict(self, brief: bool = False) -> dict[str, Any]:
         """The summary's record (``brief``: the sidecar's, without rank and paths)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "staging_dir"}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("staging_dir", "outcome")}
         out["wall_s"] = round(self.wall_s, 3)
         for key in ("checkpoint_path", "sidecar_path"):
             out[key] = str(out[key]) if out[key] else None
@@ -125,13 +127,13 @@ def skipped_by_registry(config: OptimizerConfig) -> dict[str, str]:
     return {mt: f"skip registry {path}: {why}" for mt, why in sorted(skipped.items()) if mt in MODEL_TYPES}
 
 
-def _read_sidecar(candidate: Candidate, outcome: RunOutcome | None) -> dict[str, Any] | None:
+def _read_sidecar(candidate: Candidate) -> dict[str, Any] | None:
     if candidate.sidecar_path is not None and candidate.sidecar_path.is_file():
         obj = read_json_file(candidate.sidecar_path, "sidecar")
         if isinstance(obj, dict):
             return obj
-    if outcome is not None and outcome.sidecar:
-        return dict(outcome.sidecar)
+    if candidate.outcome is not None and candidate.outcome.sidecar:
+        return dict(candidate.outcome.sidecar)
     return None
 
 
@@ -161,7 +163,7 @@ def _commit_set(folder: Path, files: dict[str, Path], sidecar: dict[str, Any] | 
         staged.commit()
 
 
-def _run_one(factory: OptimizerFactory, config: OptimizerConfig) -> tuple[Candidate, RunOutcome | None]:
+def _run_one(factory: OptimizerFactory, config: OptimizerConfig) -> Candidate:
     mt = config.model_type
     staging = Path(config.output_dir)
     if staging.exists():
@@ -175,9 +177,8 @@ def _run_one(factory: OptimizerFactory, config: OptimizerConfig) -> tuple[Candid
         outcome.error = outcome.error or str(exc)
     except Exception as exc:  # noqa: BLE001 - one model type's failure must not stop the others
         logger.error("compare: %s failed: %s: %s", mt, type(exc).__name__, exc, exc_info=True)
-        cand = Candidate(mt, "FAILED", error=f"{type(exc).__name__}: {exc}", staging_dir=staging)
-        cand.wall_s = time.perf_counter() - start
-        return cand, None
+        return Candidate(mt, "FAILED", error=f"{type(exc).__name__}: {exc}", staging_dir=staging,
+                         wall_s=time.perf_counter() - start)
     wall = time.perf_counter() - start
 
     status = outcome.status if outcome.status in ("SUCCESS", "DEGENERATE_SIGNAL", "FAILED") else "FAILED"
@@ -185,7 +186,7 @@ def _run_one(factory: OptimizerFactory, config: OptimizerConfig) -> tuple[Candid
                      cv_rescored=finite_or_none(outcome.cv_rescored), test_r2=finite_or_none(outcome.test_r2),
                      wall_s=wall, trials_run=int(outcome.trials_run or 0), error=outcome.error, staging_dir=staging,
                      checkpoint_path=Path(outcome.checkpoint_path) if outcome.checkpoint_path else None,
-                     sidecar_path=Path(outcome.sidecar_path) if outcome.sidecar_path else None)
+                     sidecar_path=Path(outcome.sidecar_path) if outcome.sidecar_path else None, outcome=outcome)
     if outcome.status not in STATUSES:
         cand.error = f"run returned an unknown status {outcome.status!r}"
     if cand.status == "SUCCESS":
@@ -201,7 +202,7 @@ def _run_one(factory: OptimizerFactory, config: OptimizerConfig) -> tuple[Candid
         if problem:
             logger.error("compare: %s reported SUCCESS but %s; it cannot win", mt, problem)
             cand.status, cand.error = "FAILED", f"reported SUCCESS but {problem}"
-    return cand, outcome
+    return cand
 
 
 def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory | None = None) -> int:
@@ -221,16 +222,13 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
     logger.info("compare: running %s%s; winner by %s", ", ".join(to_run) or "nothing",
                 f" (skipped by the registry: {', '.join(sorted(skipped))})" if skipped else "", CRITERION["primary"])
     candidates: dict[str, Candidate] = {}
-    outcomes: dict[str, RunOutcome | None] = {}
     for i, mt in enumerate(MODEL_TYPES, start=1):
         if mt in skipped:
             logger.warning("compare: skipping %s: %s", mt, skipped[mt])
             candidates[mt] = Candidate(mt, "SKIPPED", error=skipped[mt])
-            outcomes[mt] = None
             continue
         logger.info("compare: [%d/%d] %s -> %s", i, len(MODEL_TYPES), mt, configs[mt].output_dir)
-        candidates[mt], outcomes[mt] = _run_one(factory, configs[mt])
-        c = candidates[mt]
+        c = candidates[mt] = _run_one(factory, configs[mt])
         logger.info("compare: %s %s in %.1fs (CV %s, rescored %s, test R^2 %s)%s", mt, c.status, c.wall_s,
                     _fmt(c.cv_score), _fmt(c.cv_rescored), _fmt(c.test_r2), f": {c.error}" if c.error else "")
 
@@ -252,11 +250,12 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
     if any(c.staging_dir is not None for c in candidates.values()) and archive_root.is_dir():
         shutil.rmtree(archive_root)  # the archive records this compare run, not an older one
     if keep is not None:
-        _promote(keep, outcomes.get(keep.model_type), out_dir, block)
-    for mt, c in candidates.items():
+        _promote(keep, out_dir, block)
+    for c in candidates.values():
         if c is not keep:
-            _archive(c, outcomes.get(mt), out_dir, block)
-    _remove_empty_staging(out_dir / STAGING_DIRNAME)
+            _archive(c, out_dir, block)
+    with contextlib.suppress(OSError):  # absent, or something unexpected was left: kept for inspection
+        (out_dir / STAGING_DIRNAME).rmdir()
 
     summary = {
         "schema_version": SUMMARY_SCHEMA_VERSION,
@@ -280,9 +279,12 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
     summary["plot"] = str(plot) if plot else None
     write_json_atomic(diag / SUMMARY_NAME, summary)
     if config.enable_diagnostics:
-        _write_compare_health(config, candidates, outcomes, winner)
-
-    _log_table(candidates, winner)
+        _write_compare_health(config, candidates, winner)
+    table = [f"{'model':<11} {'status':<17} {'CV score':>9} {'rescored':>9} {'test R^2':>9} {'wall s':>8} {'trials':>6}"]
+    for c in candidates.values():
+        table.append(f"{c.model_type:<11} {c.status:<17} {_fmt(c.cv_score):>9} {_fmt(c.cv_rescored):>9} "
+                     f"{_fmt(c.test_r2):>9} {c.wall_s:>8.1f} {c.trials_run:>6}{'  <- winner' if winner is c else ''}")
+    logger.info("compare-models results:\n  %s", "\n  ".join(table))
     if winner is not None:
         logger.info(
             "compare: winner %s by rescored CV objective %s (search's %.4f; test R^2 %.4f, reported, not used "
@@ -297,17 +299,14 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
     return exit_code
 
 
-def _write_compare_health(config: OptimizerConfig, candidates: dict[str, Candidate],
-                          outcomes: dict[str, RunOutcome | None], winner: Candidate | None) -> None:
+def _write_compare_health(config: OptimizerConfig, candidates: dict[str, Candidate], winner: Candidate | None) -> None:
     """The health check's view of a compare run: every trained model's report, the winner named."""
     from step5.optimizer.diagnostics import compare_health_report, model_health_report, write_health_report
     from step5.policy import load_policy
 
     rules = load_policy(config.policy_path).training_diagnostics
-    reports = {
-        mt: model_health_report(mt, outcome.sidecar.get("training_metrics") or {}, rules)
-        for mt, outcome in outcomes.items() if outcome is not None and candidates[mt].status == "SUCCESS"
-    }
+    reports = {mt: model_health_report(mt, c.outcome.sidecar.get("training_metrics") or {}, rules)
+               for mt, c in candidates.items() if c.outcome is not None and c.status == "SUCCESS"}
     ranking = sorted((c for c in candidates.values() if c.rank is not None), key=lambda c: c.rank)
     write_health_report(config.diagnostics_folder, compare_health_report(
         reports, winner=winner.model_type if winner else None, criterion=CRITERION["primary"],
@@ -319,17 +318,17 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def _promote(c: Candidate, outcome: RunOutcome | None, out_dir: Path, block: dict[str, Any]) -> None:
+def _promote(c: Candidate, out_dir: Path, block: dict[str, Any]) -> None:
     assert c.staging_dir is not None, "only a run candidate can be promoted"
     files = model_set.current_files(c.staging_dir)
-    _commit_set(out_dir, files, _read_sidecar(c, outcome), "winner" if c.status == "SUCCESS" else "degenerate", block)
+    _commit_set(out_dir, files, _read_sidecar(c), "winner" if c.status == "SUCCESS" else "degenerate", block)
     c.sidecar_path = out_dir / artifacts.SIDECAR_NAME
     if c.checkpoint_path is not None:
         c.checkpoint_path = out_dir / c.checkpoint_path.name
     _move_rest(c, out_dir / ARCHIVE_DIRNAME / c.model_type, committed=set(files))
 
 
-def _archive(c: Candidate, outcome: RunOutcome | None, out_dir: Path, block: dict[str, Any]) -> None:
+def _archive(c: Candidate, out_dir: Path, block: dict[str, Any]) -> None:
     target = out_dir / ARCHIVE_DIRNAME / c.model_type
     if c.staging_dir is None or not c.staging_dir.is_dir():
         c.checkpoint_path = c.sidecar_path = None
@@ -338,7 +337,7 @@ def _archive(c: Candidate, outcome: RunOutcome | None, out_dir: Path, block: dic
     if c.status in ("SUCCESS", "DEGENERATE_SIGNAL"):
         files = model_set.current_files(c.staging_dir)
         if files:
-            _commit_set(target, files, _read_sidecar(c, outcome), "archived", block)
+            _commit_set(target, files, _read_sidecar(c), "archived", block)
     _move_rest(c, target, committed=set(files))
     c.sidecar_path = target / artifacts.SIDECAR_NAME if (target / artifacts.SIDECAR_NAME).is_file() else None
     c.checkpoint_path = target / c.checkpoint_path.name if c.checkpoint_path is not None else None
@@ -359,25 +358,6 @@ def _move_rest(c: Candidate, target: Path, committed: set[str]) -> None:
         for p in left:
             os.replace(p, target / p.name)
     shutil.rmtree(c.staging_dir)
-
-
-def _remove_empty_staging(staging_root: Path) -> None:
-    try:
-        staging_root.rmdir()
-    except OSError:
-        pass  # absent, or something unexpected was left: keep it for inspection
-
-
-def _log_table(candidates: dict[str, Candidate], winner: Candidate | None) -> None:
-    lines = [f"{'model':<11} {'status':<17} {'CV score':>9} {'rescored':>9} {'test R^2':>9} {'wall s':>8} {'trials':>6}"]
-    for mt in MODEL_TYPES:
-        c = candidates[mt]
-        mark = "  <- winner" if winner is c else ""
-        lines.append(
-            f"{mt:<11} {c.status:<17} {_fmt(c.cv_score):>9} {_fmt(c.cv_rescored):>9} {_fmt(c.test_r2):>9} {c.wall_s:>8.1f} "
-            f"{c.trials_run:>6}{mark}"
-        )
-    logger.info("compare-models results:\n  %s", "\n  ".join(lines))
 
 
 def plot_comparison(candidates: list[Candidate], path: Path, *, winner: str | None) -> Path | None:
