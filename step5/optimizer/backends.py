@@ -193,17 +193,11 @@ class NNBackend:
     model_type = "neural_net"
 
     def __init__(self, runner: FoldRunner, cv: CVData, files: FoldFiles, *, seed: int, normalize_features: bool,
-                 use_leaky_relu: bool, dropout: float | None, max_epochs: int, batch_mode: str = SEARCH_BATCH_MODE,
-                 fuse_folds: bool = False, fuse_trials: bool = False) -> None:
-        self.runner = runner
-        self.cv = cv
-        self.files = files
-        self.seed = seed
-        self.normalize_features = normalize_features
-        self.use_leaky_relu = use_leaky_relu
-        self.dropout = dropout
-        self.max_epochs = max_epochs
-        self.batch_mode = batch_mode
+                 use_leaky_relu: bool, dropout: float | None, max_epochs: int, fuse_folds: bool = False,
+                 fuse_trials: bool = False) -> None:
+        self.runner, self.cv, self.files, self.seed = runner, cv, files, seed
+        self.normalize_features, self.use_leaky_relu = normalize_features, use_leaky_relu
+        self.dropout, self.max_epochs, self.batch_mode = dropout, max_epochs, SEARCH_BATCH_MODE
         self.data_shape = DataShape.of_development(len(cv.y_dev), cv.X_dev.shape[1], cv.k)
         self.fuse_folds = fuse_folds or fuse_trials  # trials fused share their folds' pass
         self.fuse_trials = fuse_trials
@@ -395,30 +389,24 @@ class TreeBackend:
 
     def __init__(self, model_type: str, cv: CVData, *, seed: int, gpus: list[str] | None = None,
                  n_threads: int | None = None) -> None:
-        self.model_type = model_type
-        self.cv = cv
-        self.seed = seed
-        self.n_threads = n_threads
-        self.trees = trees
+        self.model_type, self.cv, self.seed, self.n_threads = model_type, cv, seed, n_threads
         try:
             # --gpus: None detects, [] forces CPU, ["1", ...] trains on the first listed GPU.
-            self.device: str | None = self.trees.device_for_gpus(gpus)
+            self.device: str | None = trees.device_for_gpus(gpus)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        self.tree_devices = self.trees.TreeDevices()  # this run's GPU checks and failures, kept across folds
-        self._jobs = 0
-        self._compute_s = 0.0
-        self._wall_s = 0.0
+        self.tree_devices = trees.TreeDevices()  # this run's GPU checks and failures, kept across folds
+        self._jobs, self._compute_s, self._wall_s = 0, 0.0, 0.0
         self._devices: set[str] = set()
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
-        return dict(self.trees.suggest_params(trial, self.model_type))
+        return dict(trees.suggest_params(trial, self.model_type))
 
     def _fit(self, trial_number: int, fold_idx: int, params: dict[str, Any], tr: np.ndarray, va: np.ndarray,
              **test: Any) -> tuple[dict[str, Any], Any]:
         start = time.perf_counter()
         try:
-            metrics, model = self.trees.train_fold(self.model_type, dict(params), self.cv.X_dev[tr], self.cv.y_dev[tr],
+            metrics, model = trees.train_fold(self.model_type, dict(params), self.cv.X_dev[tr], self.cv.y_dev[tr],
                                                    self.cv.X_dev[va], self.cv.y_dev[va],
                                                    seed=fold_seed(self.seed, trial_number, fold_idx),
                                                    device=self.device, feature_names=self.cv.feature_names,
@@ -465,7 +453,7 @@ class TreeBackend:
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
         """Fit ``params`` on the final split, or, for a model that does not early-stop (xgboost's gblinear),
         on every dev row, scored by its trial's CV means (its folds fitted again: same seeds, same scores)."""
-        if self.trees.reads_validation_rows(self.model_type, params):
+        if trees.reads_validation_rows(self.model_type, params):
             metrics, model = self._fit(trial_number, FINAL_FOLD_IDX, params, self.cv.final_fit_idx,
                                        self.cv.final_es_idx, X_test=self.cv.X_test, y_test=self.cv.y_test)
         else:
@@ -474,7 +462,7 @@ class TreeBackend:
             metrics, model = self._fit(trial_number, FINAL_FOLD_IDX, params, every_row, every_row,
                                        X_test=self.cv.X_test, y_test=self.cv.y_test)
             metrics.update(**cv_val_scores(folds), n_fit=len(every_row), n_early_stop=0, n_val=0)
-        self.trees.save_model(model, self.model_type, checkpoint_path)
+        trees.save_model(model, self.model_type, checkpoint_path)
         metrics.update(model_path=str(checkpoint_path), best_round=metrics["n_iterations"])
         return metrics
 

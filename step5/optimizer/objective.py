@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
 import numpy as np
@@ -42,27 +42,6 @@ class TrialSummary:
     train_mse_mean: float
     folds: list[dict[str, Any]] = field(default_factory=list)
 
-    def flat_attrs(self) -> dict[str, float]:
-        """Scalar user attributes, columns of ``study.trials_dataframe()``; ``overfit_gap`` is unclipped."""
-        return {
-            "cv_val_r2_mean": self.val_r2_mean,
-            "cv_val_r2_std": self.val_r2_std,
-            "cv_train_r2_mean": self.train_r2_mean,
-            "cv_val_mse_mean": self.val_mse_mean,
-            "cv_train_mse_mean": self.train_mse_mean,
-            "overfit_gap": self.train_r2_mean - self.val_r2_mean,
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "value": self.value,
-            "val_r2_mean": self.val_r2_mean,
-            "val_r2_std": self.val_r2_std,
-            "train_r2_mean": self.train_r2_mean,
-            "val_mse_mean": self.val_mse_mean,
-            "train_mse_mean": self.train_mse_mean,
-        }
-
 
 #: Per-fold keys kept in the study (small, JSON-able); the rest of a result is log detail.
 _KEPT_FOLD_KEYS = ("fold_idx", "r2", "train_r2", "val_mse", "train_mse", "duration", "load_s", "train_s", "device",
@@ -91,9 +70,12 @@ def fail_reason(exc: JobError) -> str:
 def record_trial(trial: optuna.Trial, results: Sequence[dict[str, Any]], *, wall_s: float) -> TrialSummary:
     """Store one trial's fold results in its ``user_attrs``; its summary (the value may be NaN)."""
     summary = summarize_folds(results)
-    trial.set_user_attr("cv", summary.to_dict())  # read by the sidecar, the progress line, diagnostics
-    for key, value in summary.flat_attrs().items():
-        trial.set_user_attr(key, value)
+    means = {f.name: getattr(summary, f.name) for f in fields(summary) if f.name != "folds"}
+    trial.set_user_attr("cv", means)  # read by the sidecar, the progress line, diagnostics
+    # Scalar attributes too: columns of study.trials_dataframe() (the overfit gap unclipped).
+    for key in ("val_r2_mean", "val_r2_std", "train_r2_mean", "val_mse_mean", "train_mse_mean"):
+        trial.set_user_attr(f"cv_{key}", means[key])
+    trial.set_user_attr("overfit_gap", summary.train_r2_mean - summary.val_r2_mean)
     trial.set_user_attr("folds", summary.folds)
     trial.set_user_attr("wall_s", round(wall_s, 4))
     if not math.isfinite(summary.value):

@@ -39,7 +39,6 @@ class SearchPlan:
     source: str  # what decided, for the log
     pruner: str = "none"  # step5.policy.PRUNER_NAMES: "none" runs every fold of every trial
     max_consecutive_failures: int = 10  # failed trials in a row that stop the run (policy)
-    prefetch: bool = True  # ask and sample the next batch while the current one trains
 
     def record(self) -> SearchRecord:
         return SearchRecord(trials_in_flight=self.trials_in_flight, fuse_folds=self.fuse_folds,
@@ -221,7 +220,7 @@ def run_search(opened: OpenedStudy, backend: ModelBackend, plan: SearchPlan, goa
     study.pruner = make_pruner(plan.pruner)
     record = plan.record()
     streak = FailureStreak(plan.max_consecutive_failures)
-    tell_behind = plan.prefetch and plan.pruner == "none"
+    tell_behind = plan.pruner == "none"
     waited_since: float | None = None
     # Optuna warns at each ask that heartbeats are meant for study.optimize; this loop records them itself.
     # Filtered here, for the whole search: warning filters are global, and a catch_warnings block per ask
@@ -286,12 +285,11 @@ def run_search(opened: OpenedStudy, backend: ModelBackend, plan: SearchPlan, goa
                 numbers = batch.numbers
                 if len(numbers) > 1:
                     logger.info("batch %d: trials %s in flight", record.batches, numbers)
-                if plan.prefetch:
-                    handed, pending = pending, None
-                    prefetch = Prefetch(asker, record.batches + 1,
-                                        before=None if handed is None else functools.partial(tell_batch, handed))
+                handed, pending = pending, None
+                prefetch = Prefetch(asker, record.batches + 1,
+                                    before=None if handed is None else functools.partial(tell_batch, handed))
                 start = time.perf_counter()
-                gate = fold_gate(batch.trials, prune=True) if plan.pruner != "none" else None
+                gate = fold_gate(batch.trials) if plan.pruner != "none" else None
                 outcomes = backend.run_trials(list(zip(numbers, batch.params)), gate)
                 wall_s = time.perf_counter() - start
                 if len(outcomes) != len(numbers):
@@ -299,9 +297,7 @@ def run_search(opened: OpenedStudy, backend: ModelBackend, plan: SearchPlan, goa
                                      f"{len(numbers)} trials")
                 trained, batch = Trained(batch, outcomes, wall_s, gated=gate is not None), None
                 record.batches += 1
-                prefetch_error: BaseException | None = None
-                if prefetch is not None:  # joined before this batch is told: the sampler's sequence is fixed
-                    ready, prefetch_error = prefetch.result()
+                ready, prefetch_error = prefetch.result()  # before this batch is told: the sampler's sequence is fixed
                 if tell_behind and ready is not None and prefetch_error is None:
                     pending, trained = trained, None  # told by the next helper, while the next batch trains
                     continue
@@ -440,14 +436,14 @@ def report_folds(trial: optuna.Trial, results: Sequence[dict[str, Any]], first_s
             trial.report(value, step)
 
 
-def fold_gate(trials: Sequence[optuna.Trial], *, prune: bool) -> FoldGate:
+def fold_gate(trials: Sequence[optuna.Trial]) -> FoldGate:
     """The gate a backend calls after each fold of a trial: report it, then ask the pruner."""
     by_number = {t.number: t for t in trials}
 
     def gate(number: int, results: Sequence[dict[str, Any]]) -> bool:
         trial = by_number[number]
         report_folds(trial, results, first_step=len(results) - 1)
-        return not (prune and trial.should_prune())
+        return not trial.should_prune()
 
     return gate
 

@@ -134,10 +134,7 @@ class DatabaseRetry:
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.where = where  # the database, password redacted
         self.outage_s = float(outage_s)
-        self.first_wait_s = first_wait_s
-        self.max_wait_s = max_wait_s
-        self._clock = clock
-        self._sleep = sleep
+        self.first_wait_s, self.max_wait_s, self._clock, self._sleep = first_wait_s, max_wait_s, clock, sleep
         self._lock = threading.Lock()
         self._down_since: float | None = None
         self.outages = 0  # outages met so far (tests and the log)
