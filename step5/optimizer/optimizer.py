@@ -121,16 +121,18 @@ class AntiOverfitMetaOptimizer:
                     table.n_records, table.n_features, len(table.excluded_features), table.excluded_features,
                     len(draws), self.timings["load_s"])
 
-        signal = assess_signal(table.y)
-        data_context = self._data_context(table, draws)
-        feature_schema = artifacts.build_feature_schema(table.feature_names, table.excluded_features, table.source_file)
+        # What both the success and the degenerate sidecar record about the data.
+        signal = self.signal = assess_signal(table.y)
+        data_context = self.data_context = self._data_context(table, draws)
+        self.feature_schema = artifacts.build_feature_schema(table.feature_names, table.excluded_features,
+                                                             table.source_file)
         self.cv_repeats = cv_repeats(cfg, dev_rows(table.n_records, cfg.test_holdout))
         setup = self._setup()
         study_name = cfg.study_name or default_study_name(cfg.model_type, data_context["fingerprint_hash"], setup)
         storage_url = cfg.storage or default_storage_url(self.output_dir)
 
         if not signal["prediction_allowed"]:
-            outcome = self._write_degenerate(signal, data_context, feature_schema, study_name, storage_url)
+            outcome = self._write_degenerate(study_name, storage_url)
             exc = DegenerateSignalError(
                 f"target {cfg.target!r} has no usable signal ({signal['reason']}); "
                 f"wrote the degenerate sidecar {outcome.sidecar_path}, no model"
@@ -171,8 +173,7 @@ class AntiOverfitMetaOptimizer:
                     final = self._train_final(best, backend, staged.path)
                 execution = self._execution(backend)
             # Fold files and workers are gone here; only the outputs remain.
-            return self._write_success(opened, best, final, rescore, cv, signal, data_context, feature_schema,
-                                       execution, backend, staged)
+            return self._write_success(opened, best, final, rescore, cv, execution, backend, staged)
 
     def _helper_nodes(self) -> list[ClusterNode]:
         cfg = self.config
@@ -277,8 +278,7 @@ class AntiOverfitMetaOptimizer:
         if not self.torch:
             not_applicable = nn_only_settings(cfg)
             if not_applicable:
-                # Accepted for every model type (compare runs share one command line), but
-                # never silently ignored.
+                # Accepted for every model type (compare runs share one command line), never silently ignored.
                 logger.info("neural-net settings do not apply to %s and are ignored: %s", cfg.model_type,
                             ", ".join(not_applicable))
             if cfg.cpu_workers is not None:
@@ -287,7 +287,6 @@ class AntiOverfitMetaOptimizer:
             # The tree libraries drive NVIDIA GPUs only: --gpus rocm:N leaves them on the CPU.
             return TreeBackend(cfg.model_type, cv, seed=cfg.seed, gpus=cuda_ids(cfg.gpus), n_threads=cfg.cpu_workers)
         policy = self.policy
-        assert policy is not None, "run() loads the policy before making the backend"
         slots = plan_slots(cfg.gpus, cfg.cpu_workers, device_env=policy.training.device_env)
         if policy.training.device_env:
             logger.info("every worker and one-shot trainer gets %s (training.device_env)",
@@ -296,19 +295,12 @@ class AntiOverfitMetaOptimizer:
         logger.info("neural-net folds run on %s via %s", ", ".join(s.label for s in slots),
                     "persistent workers (S96B)" if persistent else "one-shot subprocesses (S96A)")
         start = time.perf_counter()
-        try:
-            runner = make_fold_runner(slots, policy.training, persistent=persistent)
-        except ImportError as exc:
-            raise Step5Error(
-                f"persistent workers are not available ({exc}); run with --no-persistent-workers"
-            ) from None
+        runner = make_fold_runner(slots, policy.training, persistent=persistent)
         self.timings["runner_start_s"] = time.perf_counter() - start
         plan = self.plan = resolve_search_plan(cfg, policy, runner.capacity, neural_net=True)
-        logger.info(
-            "%d trial(s) in flight on %d slot(s); %s; pruner %s", plan.trials_in_flight, runner.capacity,
-            "same-shape trials' folds fused in one pass" if plan.fuse_trials else
-            "each trial's folds fused in one pass" if plan.fuse_folds else "fold by fold", plan.pruner,
-        )
+        logger.info("%d trial(s) in flight on %d slot(s); %s; pruner %s", plan.trials_in_flight, runner.capacity,
+                    "same-shape trials' folds fused in one pass" if plan.fuse_trials else
+                    "each trial's folds fused in one pass" if plan.fuse_folds else "fold by fold", plan.pruner)
         if plan.pruner != "none" and plan.fuse_folds and not plan.fuse_trials:
             logger.info("--pruner %s runs the folds in waves (fold k of every trial in flight), so a trial's "
                         "folds are not fused (--fuse-trials still fuses same-shape trials' fold k)", plan.pruner)
@@ -379,15 +371,14 @@ class AntiOverfitMetaOptimizer:
         values: list[float] = []
         r2_means: list[float] = []
         for p in partitions:
+            value = r2_mean = float("nan")
             try:
                 summary = summarize_folds(backend.rescore(best.number, params, p))
+                value, r2_mean = summary.value, summary.val_r2_mean
             except JobError as exc:
                 logger.warning("rescoring trial %d on fresh partition %d failed: %s", best.number, p, exc)
-                values.append(float("nan"))
-                r2_means.append(float("nan"))
-                continue
-            values.append(summary.value)
-            r2_means.append(summary.val_r2_mean)
+            values.append(value)
+            r2_means.append(r2_mean)
         self.timings["rescore_s"] = time.perf_counter() - start
         mean = float(np.mean(values))  # NaN when any partition is
         logger.info(
@@ -422,8 +413,9 @@ class AntiOverfitMetaOptimizer:
         search = self._search_record if backend is not None else SearchRecord()
         return build_execution_summary(stats, search=search, phases=self.timings)
 
-    def _optuna_block(self, study_name: str, storage_url: str, study: optuna.Study | None, best: FrozenTrial | None,
-                      opened: OpenedStudy | None) -> dict[str, Any]:
+    def _optuna_block(self, study_name: str, storage_url: str, opened: OpenedStudy | None = None,
+                      best: FrozenTrial | None = None) -> dict[str, Any]:
+        study = opened.study if opened is not None else None
         counts = count_states(study) if study is not None else {"complete": 0, "fail": 0}
         return {
             "study_name": study_name,
@@ -454,8 +446,7 @@ class AntiOverfitMetaOptimizer:
             extra={"cwd": os.getcwd(), "policy_file": self.policy.source if self.policy is not None else None},
         )
 
-    def _write_degenerate(self, signal: dict[str, Any], data_context: dict[str, Any], feature_schema: dict[str, Any],
-                          study_name: str, storage_url: str) -> RunOutcome:
+    def _write_degenerate(self, study_name: str, storage_url: str) -> RunOutcome:
         cfg = self.config
         stale = self.output_dir / artifacts.checkpoint_filename(cfg.model_type)
         if stale.exists():
@@ -463,22 +454,21 @@ class AntiOverfitMetaOptimizer:
             # commit removes the earlier run's checkpoint from what the output dir shows.
             logger.warning("replacing the model from an earlier run (%s): this run's data has no usable signal", stale)
         self.timings["total_s"] = time.perf_counter() - self._t0
-        sidecar = degenerate_sidecar(model_type=cfg.model_type, feature_schema=feature_schema, signal_quality=signal,
-                                     data_context=data_context,
-                                     optuna=self._optuna_block(study_name, storage_url, None, None, None),
+        sidecar = degenerate_sidecar(model_type=cfg.model_type, feature_schema=self.feature_schema,
+                                     signal_quality=self.signal, data_context=self.data_context,
+                                     optuna=self._optuna_block(study_name, storage_url),
                                      execution=self._execution(None).to_dict(), provenance=self._provenance())
         with model_set.stage(self.output_dir) as staged, model_set.writing(self.output_dir):
             artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, sidecar)
             staged.commit()
         path = self.output_dir / artifacts.SIDECAR_NAME
-        logger.error("degenerate target signal: %s; wrote %s (no model)", signal["reason"], path)
+        logger.error("degenerate target signal: %s; wrote %s (no model)", self.signal["reason"], path)
         return RunOutcome(model_type=cfg.model_type, status="DEGENERATE_SIGNAL", sidecar=sidecar, sidecar_path=path,
                           wall_s=self.timings["total_s"])
 
     def _write_success(self, opened: OpenedStudy, best: FrozenTrial, final: dict[str, Any],
-                       rescore: dict[str, Any] | None, cv: CVData, signal: dict[str, Any], data_context: dict[str, Any],
-                       feature_schema: dict[str, Any], execution_summary: ExecutionSummary, backend: ModelBackend,
-                       staged: model_set.StagedSet) -> RunOutcome:
+                       rescore: dict[str, Any] | None, cv: CVData, execution_summary: ExecutionSummary,
+                       backend: ModelBackend, staged: model_set.StagedSet) -> RunOutcome:
         cfg = self.config
         metrics = build_training_metrics(best.user_attrs.get("cv", {}), final, objective_value=best.value,
                                          objective_formula=OBJECTIVE_FORMULA, overfit_penalty=OVERFIT_PENALTY,
@@ -490,17 +480,11 @@ class AntiOverfitMetaOptimizer:
         execution_summary.timings.total_s = self.timings["total_s"]
         execution = execution_summary.to_dict()
         sidecar = success_sidecar(
-            model_type=cfg.model_type,
-            checkpoint_path=str(staged.final_dir / name),
-            checkpoint_sha256=artifacts.file_sha256(staged.path / name),
-            training_metrics=metrics,
-            hyperparameters=final["params"],
-            training_options=backend.training_options(),
-            feature_schema=feature_schema,
-            signal_quality=signal,
-            data_context=data_context,
-            optuna=self._optuna_block(opened.study_name, opened.storage_url, opened.study, best, opened),
-            execution=execution,
+            model_type=cfg.model_type, checkpoint_path=str(staged.final_dir / name),
+            checkpoint_sha256=artifacts.file_sha256(staged.path / name), training_metrics=metrics,
+            hyperparameters=final["params"], training_options=backend.training_options(),
+            feature_schema=self.feature_schema, signal_quality=self.signal, data_context=self.data_context,
+            optuna=self._optuna_block(opened.study_name, opened.storage_url, opened, best), execution=execution,
             provenance=self._provenance(),
         )
         trials = opened.study.get_trials(deepcopy=False)

@@ -30,11 +30,7 @@ OWNER_ATTR = "owner"  # user attr: the process that runs the trial (step5.owner)
 FIRST_WAIT_S = 0.2  # the first retry comes this soon: most connection drops are over by then
 MAX_WAIT_S = 5.0  # the backoff doubles up to this
 
-#: PostgreSQL SQLSTATEs that mean "the server cannot serve you right now": connection
-#: exceptions (class 08), the server shutting down or starting up (57P01-57P03), an idle
-#: session killed (57P05), a cancelled statement (57014), out of resources (class 53:
-#: too many connections, disk full on the server), a deadlock or serialisation failure (40P01,
-#: 40001: the transaction was rolled back, a retry is what the server asks for).
+#: PostgreSQL SQLSTATEs that mean "the server cannot serve you right now" (each: docs/optimizer-internals.md#storage).
 _TRANSIENT_SQLSTATE_CLASSES = ("08", "53")
 _TRANSIENT_SQLSTATES = ("57P01", "57P02", "57P03", "57P05", "57014", "40P01", "40001")
 #: How libpq words a failed connection that waiting cannot fix (these come without a SQLSTATE).
@@ -55,10 +51,7 @@ def redact_storage(url: str) -> str:
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
-    """``exc`` and what it was raised from (``raise ... from``): Optuna's StorageInternalError
-    names the SQLAlchemy error that way. An implicit ``__context__`` is not followed: Optuna
-    turns an IntegrityError into DuplicatedStudyError inside its handler, and that is a
-    verdict, not a database failure."""
+    """``exc`` and what it was raised ``from``; not an implicit ``__context__`` (docs/optimizer-internals.md#storage)."""
     out: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and current not in out:
@@ -68,10 +61,8 @@ def _causes(exc: BaseException) -> list[BaseException]:
 
 
 def database_error(exc: BaseException) -> BaseException | None:
-    """The error of talking to the database behind ``exc`` (Optuna wraps it in
-    ``StorageInternalError``): a DBAPI error, or the pool's word that it has no live
-    connection. None when ``exc`` is something else: ``KeyError``, ``UpdateFinishedTrialError``,
-    or SQLAlchemy refusing a malformed URL or an unknown driver (a usage error)."""
+    """The error of talking to the database behind ``exc`` (a DBAPI error, a pool without a live connection), or
+    None (``KeyError``, ``UpdateFinishedTrialError``, a malformed URL: docs/optimizer-internals.md#storage)."""
     from sqlalchemy import exc as sa_exc
 
     kinds = (sa_exc.DBAPIError, sa_exc.DisconnectionError, sa_exc.TimeoutError, sa_exc.PendingRollbackError)
@@ -82,12 +73,8 @@ def database_error(exc: BaseException) -> BaseException | None:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether waiting and trying again may cure database error ``exc``.
-
-    SQLAlchemy's own verdict comes first: a DBAPI error it recognised as a disconnect
-    (``connection_invalidated``). Then the server's SQLSTATE (see the lists above). A
-    connection that could not be made at all carries no SQLSTATE; it is transient unless
-    libpq's message says the credentials, the database or the TLS settings are wrong."""
+    """Whether waiting and trying again may cure database error ``exc``: SQLAlchemy's disconnect verdict, then the
+    SQLSTATE, then libpq's wording of a failed connection (docs/optimizer-internals.md#storage)."""
     from sqlalchemy import exc as sa_exc
 
     error = database_error(exc)
@@ -120,14 +107,8 @@ def describe(exc: BaseException) -> str:
 
 
 class DatabaseRetry:
-    """Run database calls, waiting out transient errors for up to ``outage_s`` seconds.
-
-    One outage is one clock, whichever calls meet it (the search loop, a pruner's gate): it
-    starts at the first failure and ends at the first success; the log says so once each
-    way. After the limit has passed once (the process is giving up), every later call gets
-    one try and no wait, so the cleanup on the way out (failing the trials in flight) does
-    not wait a second time.
-    """
+    """Run database calls, waiting out transient errors for up to ``outage_s`` seconds: one outage is one clock,
+    whichever calls meet it; once given up, every later call gets one try, so the cleanup does not wait again."""
 
     def __init__(self, where: str, outage_s: float, *, first_wait_s: float = FIRST_WAIT_S,
                  max_wait_s: float = MAX_WAIT_S, clock: Callable[[], float] = time.monotonic,
