@@ -249,10 +249,6 @@ def _check_or_record(study: optuna.Study, study_name: str, setup: dict[str, Any]
         )
 
 
-def _lock_key(study_name: str) -> int:
-    return int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
-
-
 _warned_no_lock: set[str] = set()
 
 
@@ -292,8 +288,9 @@ def study_lock(storage: optuna.storages.BaseStorage | None, study_name: str) -> 
             # A transaction-level lock: released when this transaction ends (below), or by the
             # server when the connection drops (this process died, the server restarted).
             connection = engine.connect()
+            key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
             try:
-                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(study_name)})
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
             except BaseException:
                 connection.close()
                 raise
