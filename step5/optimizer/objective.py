@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 import optuna
 
-from step5.errors import JobError, Step5Error
+from step5.errors import Step5Error
 
 #: Weight of the (clipped) train/validation R² gap in the objective.
 OVERFIT_PENALTY = 0.5
@@ -60,11 +60,6 @@ def summarize_folds(results: Sequence[dict[str, Any]]) -> TrialSummary:
                         val_r2_std=float(np.std(val)), train_r2_mean=float(np.mean(train)),
                         val_mse_mean=float(np.mean([r["val_mse"] for r in results])),
                         train_mse_mean=float(np.mean([r["train_mse"] for r in results])), folds=kept)
-
-
-def fail_reason(exc: JobError) -> str:
-    where = f" (fold {exc.fold_idx})" if exc.fold_idx is not None else ""
-    return f"{exc.error_type}{where}: {exc.message}"
 
 
 def record_trial(trial: optuna.Trial, results: Sequence[dict[str, Any]], *, wall_s: float) -> TrialSummary:

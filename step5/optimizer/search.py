@@ -21,7 +21,7 @@ from step5.execution.summary import SearchRecord
 from step5.interrupts import raise_if_interrupted
 from step5.policy import PRUNER_NAMES
 from step5.optimizer.backends import FoldGate, ModelBackend, Pruned, TrialOutcome
-from step5.optimizer.objective import anti_overfit_score, fail_reason, record_trial
+from step5.optimizer.objective import anti_overfit_score, record_trial
 from step5.optimizer.study import (
     OpenedStudy, TrialHeartbeats, best_complete_trial, claim_trial, count_states, reclaim_dead_trials, study_lock
 )
@@ -237,7 +237,11 @@ def run_search(opened: OpenedStudy, backend: ModelBackend, plan: SearchPlan, goa
                 trained.told.add(trial.number)
                 record.trials += 1
                 heartbeats.discard(trial)
-                asker.replaced += count_outcome(record, streak, frozen)
+                streak.note(frozen)
+                if frozen.state != TrialState.COMPLETE:  # a FAIL or PRUNED trial may be replaced by a fresh one
+                    asker.replaced += 1
+                    if frozen.state == TrialState.FAIL:
+                        record.failed_trials += 1
                 on_told(study, frozen)
             record.replaced_trials = record.failed_trials  # the loop goes on: every failure so far is replaced
             streak.check(trained.batch.counts["complete"], goal.complete)
@@ -334,25 +338,18 @@ def keep_within_goal(opened: OpenedStudy, trials: list[optuna.Trial], complete: 
     return trials[: len(trials) - len(released)]
 
 
-def count_outcome(record: SearchRecord, streak: FailureStreak, trial: FrozenTrial) -> int:
-    """1 if the told trial will be replaced (FAIL, PRUNED)."""
-    streak.note(trial)
-    if trial.state == TrialState.COMPLETE:
-        return 0
-    if trial.state == TrialState.FAIL:
-        record.failed_trials += 1
-    return 1
-
-
 def tell(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, *, wall_s: float,
          gated: bool = False) -> FrozenTrial:
     """Tell Optuna how one trial ended (``gated``: a fold gate reported every fold but the last). A trial
     another process failed meanwhile (late heartbeats) keeps that verdict: its re-run stands for it."""
     try:
-        if isinstance(outcome, Pruned):
-            return tell_pruned(study, trial, outcome, wall_s=wall_s)
+        if isinstance(outcome, Pruned):  # its value is its last reported step; it is never the best trial
+            trial.set_user_attr("pruned_after_folds", len(outcome.folds))
+            trial.set_user_attr("wall_s", round(wall_s, 4))
+            return study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         if isinstance(outcome, JobError):
-            reason = fail_reason(outcome)
+            where = f" (fold {outcome.fold_idx})" if outcome.fold_idx is not None else ""
+            reason = f"{outcome.error_type}{where}: {outcome.message}"
             trial.set_user_attr("fail_reason", reason)
             value = None
         else:
@@ -379,12 +376,6 @@ def _finished_elsewhere(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial
     logger.warning("trial %d was failed by another process meanwhile (its heartbeats were late); its result is "
                    "dropped and its re-run counts instead", trial.number)
     return study._storage.get_trial(trial._trial_id)
-
-
-def tell_pruned(study: optuna.Study, trial: optuna.Trial, outcome: Pruned, *, wall_s: float) -> FrozenTrial:
-    trial.set_user_attr("pruned_after_folds", len(outcome.folds))
-    trial.set_user_attr("wall_s", round(wall_s, 4))
-    return study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
 
 
 def fail_untold(study: optuna.Study, trials: list[optuna.Trial], error: BaseException, *, unrun: bool = False) -> None:
