@@ -338,12 +338,8 @@ def _run_main(parser: UsageErrorParser, args: argparse.Namespace, argv: list[str
 
 
 def _file_in_the_way(folder: Path) -> Path | None:
-    for p in [*reversed(folder.parents), folder]:
-        if p.exists() and not p.is_dir():
-            return p
-        if not p.exists():
-            return None
-    return None
+    """``folder`` or the first of its ancestors that exists but is not a folder."""
+    return next((p for p in [*reversed(folder.parents), folder] if p.exists() and not p.is_dir()), None)
 
 
 def check_writable_dir(folder: Path, what: str) -> Path:
@@ -364,24 +360,18 @@ def check_writable_dir(folder: Path, what: str) -> Path:
     return path
 
 
-def sqlite_path(storage_url: str) -> Path | None:
+def check_sqlite_storage(storage_url: str, what: str) -> None:
     if not storage_url.startswith("sqlite:"):
-        return None
+        return
     from sqlalchemy.engine import make_url  # Optuna's own dependency; parses every URL form
 
     try:
         database = make_url(storage_url).database
     except Exception:  # noqa: BLE001 - a malformed URL is Optuna's to report when it opens it
-        return None
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    return Path(database)
-
-
-def check_sqlite_storage(storage_url: str, what: str) -> None:
-    db = sqlite_path(storage_url)
-    if db is None:
         return
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    db = Path(database)
     folder = db.parent
     blocker = _file_in_the_way(folder)
     if blocker is not None:

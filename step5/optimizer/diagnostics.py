@@ -40,17 +40,9 @@ def write_run_diagnostics(diagnostics_dir: Path, *, model_type: str, run_id: str
     folder = Path(diagnostics_dir) / f"step5_{model_type}_{run_id}"
     try:
         records = [trial_record(t, first_new_number=first_new_number) for t in trials]
-        write_json_atomic(
-            folder / "trials.json",
-            {
-                "run_id": run_id,
-                "model_type": model_type,
-                **(extra or {}),
-                "execution": execution,
-                "final_model": final_metrics,
-                "trials": records,
-            },
-        )
+        write_json_atomic(folder / "trials.json", {"run_id": run_id, "model_type": model_type, **(extra or {}),
+                                                    "execution": execution, "final_model": final_metrics,
+                                                    "trials": records})
         plot_trial_timings([r for r in records if r["this_run"]], folder / "timings.png",
                            title=f"Step 5 {model_type}: trial timings (run {run_id[:8]})")
     except OSError as exc:

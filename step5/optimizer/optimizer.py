@@ -216,23 +216,15 @@ class AntiOverfitMetaOptimizer:
 
     @staticmethod
     def _study_data(data_context: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "fingerprint_hash": data_context["fingerprint_hash"],
-            "survivor_count": data_context["survivor_source"]["survivor_count"],
-            "training_window_draws": data_context["training_window"]["draw_count"],
-        }
+        return {"fingerprint_hash": data_context["fingerprint_hash"],
+                "survivor_count": data_context["survivor_source"]["survivor_count"],
+                "training_window_draws": data_context["training_window"]["draw_count"]}
 
     def _setup(self) -> dict[str, Any]:
         """What makes two runs' objective values comparable (docs/optimizer-internals.md#study)."""
         cfg = self.config
-        setup: dict[str, Any] = {
-            "model_type": cfg.model_type,
-            "seed": cfg.seed,
-            "k_folds": cfg.k_folds,
-            "test_holdout": cfg.test_holdout,
-            "target": cfg.target,
-            "objective": OBJECTIVE_FORMULA,
-        }
+        setup: dict[str, Any] = {"model_type": cfg.model_type, "seed": cfg.seed, "k_folds": cfg.k_folds,
+                                 "test_holdout": cfg.test_holdout, "target": cfg.target, "objective": OBJECTIVE_FORMULA}
         if self.cv_repeats > 1:  # only then: a study from before repeated CV keeps its name
             setup["cv_repeats"] = self.cv_repeats
         if self.torch:
