@@ -71,7 +71,8 @@ class Candidate:
 
     def to_dict(self, brief: bool = False) -> dict[str, Any]:
         """The summary's record (``brief``: the sidecar's, without rank and paths)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("staging_dir", "outcome")}
+        internal = ("staging_dir", "outcome")
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in internal}
         out["wall_s"] = round(self.wall_s, 3)
         for key in ("checkpoint_path", "sidecar_path"):
             out[key] = str(out[key]) if out[key] else None

@@ -51,7 +51,7 @@ def redact_storage(url: str) -> str:
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
-    """``exc`` and what it was raised ``from``; not an implicit ``__context__`` (docs/optimizer-internals.md#storage)."""
+    """``exc`` and what it was raised ``from``; not an implicit ``__context__`` (optimizer-internals.md#storage)."""
     out: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and current not in out:
