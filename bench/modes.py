@@ -16,7 +16,7 @@ any threshold, so it runs once, after the rounds.
 How the runner modes submit work: exactly as the optimizer's ask/tell loop does. The
 trials go in batches of ``--trials-in-flight`` B (default: one per process, the
 optimizer's default); each batch becomes groups by the optimizer's own
-:func:`~step5.optimizer.grouping.plan_groups` (fold by fold, fused folds or fused trials)
+:func:`~step5.optimizer.backends.plan_groups` (fold by fold, fused folds or fused trials)
 and is one ``runner.run(groups)`` call. The limit gets the same batches, with a barrier
 between them, since the loop cannot ask batch b+1 before batch b was told.
 """
@@ -50,14 +50,14 @@ class BenchContext:
 
     @property
     def in_flight(self) -> int:
-        from step5.optimizer.grouping import default_trials_in_flight
+        from step5.optimizer.backends import default_trials_in_flight
 
         return self.trials_in_flight or default_trials_in_flight(len(self.slots))
 
     def groups(self, fuse: str | None = None) -> list[list[list[TrainRequest]]]:
         """Per batch of B trials, the groups the optimizer would send (``fuse``: None,
         "folds" or "trials")."""
-        from step5.optimizer.grouping import plan_groups
+        from step5.optimizer.backends import plan_groups
 
         trials = self.workload.trials
         rows = {r.data_path: self.workload.n_train for t in trials for r in t}  # every fold has n_train rows

@@ -1,8 +1,4 @@
-"""``python -m step5.optimizer``: the Step 5 CLI, as the WATCHER starts it.
-
-The same :func:`step5.optimizer.cli.main` as the ``step5-optimize`` console script and the
-``meta_prediction_optimizer_anti_overfit.py`` door.
-"""
+"""``python -m step5.optimizer``: the Step 5 CLI (:func:`step5.optimizer.cli.main`), as the WATCHER starts it."""
 from __future__ import annotations
 
 import sys

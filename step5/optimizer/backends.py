@@ -1,21 +1,5 @@
-"""The model backends: how a batch of trials' folds, and the final model, get trained.
-
-::
-
-    search loop ──▶ backend.suggest(trial)              -> params (a plain dict)
-                    backend.run_trials([(n, params)], gate) -> per trial: K fold results | JobError | Pruned
-                      ├─ NNBackend:   K TrainRequests per trial ─▶ plan_groups ─▶ runner.run(groups)
-                      │               (workers or one-shot subprocesses; the parent never imports torch)
-                      └─ TreeBackend: K in-process fits per trial via step5.models.trees
-                    objective.record_trial(fold results) -> the trial's value
-
-Both backends share one shape (:class:`ModelBackend`): ``suggest``, ``run_trials``,
-``rescore``, ``train_final``, ``summary`` and ``close``, so the search loop
-(:mod:`step5.optimizer.search`) never asks which model family it is running. Fold data is
-prepared once per run (:class:`CVData`): the NN backend writes each fold's NPZ file once
-and every trial reuses it (workers cache them by path). Scoring the folds is
-:mod:`step5.optimizer.objective`'s job.
-"""
+"""The model backends: how a batch of trials' folds, and the final model, get trained
+(NN: runner jobs, grouped for fusion; trees: in-process; docs/optimizer-internals.md#backends, #grouping)."""
 from __future__ import annotations
 
 import logging
@@ -24,26 +8,24 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import optuna
 
 from step5.data.splits import FoldFiles
 from step5.errors import JobError, Step5Error, UsageError
+from step5.models import trees
 from step5.execution.runner import FoldRunner, raise_first_job_error
 from step5.execution.summary import RunnerStats, Timings
-from step5.optimizer.grouping import plan_groups
 from step5.optimizer.objective import summarize_folds
 from step5.optimizer.search_space import SEARCH_BATCH_MODE, DataShape, suggest_nn_params
-from step5.protocol import MergeRequest, NNParams, TrainRequest
+from step5.protocol import MergeRequest, NNParams, TrainRequest, fusion_key
 
 logger = logging.getLogger(__name__)
 
 #: ``fold_idx`` of a tree model's final fit (distinct from every CV fold, for logs and seeds).
 FINAL_FOLD_IDX = 1_000_000
-
-
 #: ``gate(trial_number, fold_results_so_far)`` -> True to train the trial's next fold
 #: (:mod:`step5.optimizer.pruning` reports the fold and asks the pruner).
 FoldGate = Callable[[int, Sequence[dict[str, Any]]], bool]
@@ -51,7 +33,7 @@ FoldGate = Callable[[int, Sequence[dict[str, Any]]], bool]
 
 @dataclass
 class Pruned:
-    """A trial the pruner stopped: its folds trained so far (fold order); the rest never ran."""
+    """A trial the pruner stopped: its folds trained so far (fold order)."""
 
     folds: list[dict[str, Any]] = field(default_factory=list)
 
@@ -61,14 +43,12 @@ TrialOutcome = list[dict[str, Any]] | JobError | Pruned
 
 
 def fold_seed(base_seed: int, trial_number: int, fold_idx: int) -> int:
-    """A training seed per (run seed, trial, fold): distinct streams, same inputs -> same seed."""
     state = np.random.SeedSequence([int(base_seed), int(trial_number), int(fold_idx)]).generate_state(2, np.uint32)
     return (int(state[0]) << 30) | (int(state[1]) >> 2)  # 62 bits: within the protocol's seed < 2**63
 
 
 def cv_val_scores(folds: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """``r2``/``val_mse`` of a final model with no validation rows of its own (the NN's fold
-    ensemble, a model fitted on every dev row): the means over its trial's CV folds."""
+    """``r2``/``val_mse`` of a final model with no validation rows of its own: its trial's CV means."""
     return {"r2": float(np.mean([f["r2"] for f in folds])), "val_mse": float(np.mean([f["val_mse"] for f in folds]))}
 
 
@@ -79,19 +59,15 @@ _RESCORE_STREAM, _REPEAT_STREAM = 0x5EED, 0x4E9E
 
 
 def partition_seed(base_seed: int, partition: int, *, search_repeat: bool = False) -> int:
-    """The KFold shuffle seed of rescore partition ``partition`` (>= 1) of a run, or with
-    ``search_repeat`` of the search's repeat ``partition`` (>= 1, ``--cv-repeats``): a
-    stream of its own, never the search's ``seed + 1`` of this run or of another seed's run."""
+    """The KFold shuffle seed of rescore partition ``partition`` (>= 1), or of the search's repeat
+    ``partition`` (``--cv-repeats``): a stream of its own, never any run's search ``seed + 1``."""
     stream = _REPEAT_STREAM if search_repeat else _RESCORE_STREAM
     return int(np.random.SeedSequence([int(base_seed), stream, int(partition)]).generate_state(1, np.uint32)[0])
 
 
 @dataclass
 class CVData:
-    """The rows of one run, split once: K CV folds of the dev rows, the final split, the test set.
-
-    Indices are positions in ``X_dev``/``y_dev``. The test rows are never part of a fold.
-    """
+    """The rows of one run, split once (indices are positions in ``X_dev``); the test rows are in no fold."""
 
     X_dev: np.ndarray  # (n_dev, d) float32
     y_dev: np.ndarray  # (n_dev,) float64
@@ -101,10 +77,8 @@ class CVData:
     final_fit_idx: np.ndarray  # dev rows the final model is fitted on
     final_es_idx: np.ndarray  # dev rows the final model early-stops on (~1/K of dev)
     feature_names: list[str]
-    # Further K-fold partitions of the same dev rows, other shuffles. The first
-    # ``search_repeats - 1`` are the search's too (repeated CV: every trial is scored on
-    # them); the best trial is scored again on the rest (``rescore``), where the search's
-    # choice has not looked.
+    # Further K-fold partitions of the dev rows: the first ``search_repeats - 1`` are the search's too
+    # (repeated CV); the best trial is scored again on the rest (``rescore``), unseen by the search's choice.
     fresh_partitions: list[list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=list)
     search_repeats: int = 1
 
@@ -117,19 +91,16 @@ class CVData:
         return len(self.folds)
 
     def partition(self, number: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Partition 0 is the search's ``folds``; 1.. are ``fresh_partitions``."""
         if not 0 <= number <= len(self.fresh_partitions):
             raise ValueError(f"partition {number} does not exist: this run has {len(self.fresh_partitions)} fresh ones")
         return self.folds if number == 0 else self.fresh_partitions[number - 1]
 
     @property
     def search_partitions(self) -> range:
-        """The partitions every trial of the search is scored on (0, then the repeats)."""
         return range(self.search_repeats)
 
     @property
     def rescore_partitions(self) -> range:
-        """The partitions only the best trial is scored on, after the search."""
         return range(self.search_repeats, 1 + len(self.fresh_partitions))
 
     def search_folds(self) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
@@ -138,9 +109,58 @@ class CVData:
                 for p in self.search_partitions for f, (tr, va) in enumerate(self.partition(p))]
 
     def fold_idx(self, partition: int, fold: int) -> int:
-        """Fold ``fold`` of ``partition`` as a ``fold_idx``: the search's own (0..K-1) for
-        partition 0, then K.. for the fresh ones, so every fold's training seed differs."""
+        """0..K-1 for partition 0, then K.. for the fresh ones, so every fold's training seed differs."""
         return partition * self.k + fold
+
+
+#: Trials in flight per device slot when neither the flag nor the policy sets B: with one, every batch
+#: ends with the slots idle while its longest fold finishes (docs/benchmark.md measures it).
+TRIALS_IN_FLIGHT_PER_SLOT = 2
+
+
+def default_trials_in_flight(capacity: int) -> int:
+    return TRIALS_IN_FLIGHT_PER_SLOT * max(1, capacity)
+
+
+def fusion_groups(trial_requests: Mapping[int, Sequence[TrainRequest]], max_groups: int = 1,
+                  n_train: Mapping[str, int] | None = None) -> list[list[int]]:
+    """Trial numbers grouped by their folds' :func:`~step5.protocol.fusion_key` (``n_train``: a fold file's
+    training rows, resolving ``auto`` batch mode), in order of first appearance; with fewer groups than
+    ``max_groups`` (slots), the largest are split by whole trials so that every slot gets work."""
+    rows = n_train or {}
+    by_key: dict[frozenset[tuple[Any, ...]], list[int]] = {}
+    for number, requests in trial_requests.items():
+        # A trial's folds may resolve to different batch plans (sizes straddling the auto
+        # threshold); the worker then splits the pass, so group on the whole set of keys.
+        keys = frozenset(fusion_key(r, rows.get(r.data_path)) for r in requests)
+        by_key.setdefault(keys, []).append(number)
+    groups = list(by_key.values())
+    while len(groups) < max_groups:
+        largest = max(range(len(groups)), key=lambda i: len(groups[i]))
+        if len(groups[largest]) < 2:
+            break
+        g = groups[largest]
+        groups[largest:largest + 1] = [g[: len(g) // 2 + len(g) % 2], g[len(g) // 2 + len(g) % 2:]]
+    return groups
+
+
+def estimated_cost(group: Sequence[TrainRequest]) -> float:
+    # A rough relative cost: epochs x parameters-ish x models.
+    return sum(r.params.epochs * (1 + sum(r.params.hidden_layers)) for r in group)
+
+
+def plan_groups(trial_requests: Mapping[int, Sequence[TrainRequest]], *, fuse_folds: bool, fuse_trials: bool,
+                capacity: int, n_train: Mapping[str, int] | None = None) -> list[list[TrainRequest]]:
+    """The groups for one batch of trials, longest first (docs/optimizer-internals.md#grouping)."""
+    if fuse_trials:
+        groups = [[r for n in trials for r in trial_requests[n]]
+                  for trials in fusion_groups(trial_requests, capacity, n_train)]
+    elif fuse_folds:
+        groups = [list(requests) for requests in trial_requests.values()]
+    else:
+        groups = [[r] for requests in trial_requests.values() for r in requests]
+    # sorted() is stable: equal estimates keep the trial/fold order.
+    return sorted(groups, key=estimated_cost, reverse=True)
 
 
 class ModelBackend(Protocol):
@@ -148,79 +168,36 @@ class ModelBackend(Protocol):
 
     model_type: str
 
-    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
-        """This trial's hyperparameters, as the plain dict stored in the trial and the sidecar."""
-        ...
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]: ...
 
-    def run_trials(
-        self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate | None = None,
-    ) -> list[TrialOutcome]:
-        """Train and score every CV fold of each trial; per trial (input order) its fold
-        results in fold order, or the :class:`JobError` that failed it (only it). With a
-        ``gate``, it is called after each fold of a trial, in fold order (and, for a batch,
-        in trial order after each fold of every trial is known); a False stops the trial,
-        which comes back :class:`Pruned`."""
-        ...
+    def run_trials(self, trials: Sequence[tuple[int, dict[str, Any]]],
+                   gate: FoldGate | None = None) -> list[TrialOutcome]:
+        """Per trial (input order): its fold results in fold order, the :class:`JobError` that failed it
+        (only it), or :class:`Pruned` when ``gate``, called after each fold, said False."""
 
     def rescore(self, trial_number: int, params: dict[str, Any], partition: int) -> list[dict[str, Any]]:
-        """Train and score ``params`` on the folds of a fresh partition (``CVData.partition``),
-        with training seeds of their own; the fold results in fold order, or the first
-        fold's :class:`JobError` raised."""
-        ...
+        """``params`` on a fresh partition's folds, seeds of their own; the first fold's JobError raised."""
 
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
-        """Build the final model from exactly ``params``, score it on the test set, save it.
-        The result may carry ``n_fit``/``n_early_stop`` when the backend fits other rows
-        than the final split."""
-        ...
+        """The final model from exactly ``params``, scored on the test rows and saved."""
 
-    def summary(self) -> RunnerStats:
-        """What trained the folds, for the sidecar's ``execution`` block."""
-        ...
+    def summary(self) -> RunnerStats: ...
 
-    def close(self) -> None:
-        ...
+    def close(self) -> None: ...
 
 
 class NNBackend:
-    """Neural-net folds as :class:`TrainRequest` jobs for a :class:`FoldRunner`.
-
-    The K fold NPZ files and the final-model NPZ are written once, here, into ``files``;
-    every trial sends requests naming the same paths. A batch of trials becomes groups by
-    :func:`~step5.optimizer.grouping.plan_groups` (``fuse_folds``, ``fuse_trials``).
-
-    Each search fold also saves its trained model (a small checkpoint under
-    ``files/fold_states/``); the states of the best trial so far are kept and every other
-    trial's are deleted once its outcome is known, so the final model merges the models the
-    search already trained (:meth:`train_final`).
-    """
+    """Neural-net folds as :class:`TrainRequest` jobs for a :class:`FoldRunner`; the fold files are written
+    once. Each search fold saves its model; the best trial's so far are kept for :meth:`train_final`."""
 
     model_type = "neural_net"
 
-    def __init__(
-        self,
-        runner: FoldRunner,
-        cv: CVData,
-        files: FoldFiles,
-        *,
-        seed: int,
-        normalize_features: bool,
-        use_leaky_relu: bool,
-        dropout: float | None,
-        max_epochs: int,
-        batch_mode: str = SEARCH_BATCH_MODE,
-        fuse_folds: bool = False,
-        fuse_trials: bool = False,
-    ) -> None:
-        self.runner = runner
-        self.cv = cv
-        self.files = files
-        self.seed = seed
-        self.normalize_features = normalize_features
-        self.use_leaky_relu = use_leaky_relu
-        self.dropout = dropout
-        self.max_epochs = max_epochs
-        self.batch_mode = batch_mode
+    def __init__(self, runner: FoldRunner, cv: CVData, files: FoldFiles, *, seed: int, normalize_features: bool,
+                 use_leaky_relu: bool, dropout: float | None, max_epochs: int, fuse_folds: bool = False,
+                 fuse_trials: bool = False) -> None:
+        self.runner, self.cv, self.files, self.seed = runner, cv, files, seed
+        self.normalize_features, self.use_leaky_relu = normalize_features, use_leaky_relu
+        self.dropout, self.max_epochs, self.batch_mode = dropout, max_epochs, SEARCH_BATCH_MODE
         self.data_shape = DataShape.of_development(len(cv.y_dev), cv.X_dev.shape[1], cv.k)
         self.fuse_folds = fuse_folds or fuse_trials  # trials fused share their folds' pass
         self.fuse_trials = fuse_trials
@@ -243,7 +220,6 @@ class NNBackend:
         logger.info("wrote %d fold NPZ files + the final split to %s in %.2fs", cv.k, files.path, self.write_s)
 
     def _write_partition(self, number: int) -> list[str]:
-        """The NPZ files of a partition's folds, written on first use (the search's at start)."""
         if number not in self._partition_paths:
             cv, paths = self.cv, []
             prefix = "" if number == 0 else f"partition_{number}_"
@@ -263,25 +239,15 @@ class NNBackend:
 
     def _request(self, trial_number: int, fold_idx: int, params: NNParams, path: str,
                  save_model_path: Path | None = None) -> TrainRequest:
-        return TrainRequest(
-            data_path=path,
-            params=params,
-            trial_number=trial_number,
-            fold_idx=fold_idx,
-            normalize_features=self.normalize_features,
-            use_leaky_relu=self.use_leaky_relu,
-            batch_mode=self.batch_mode,
-            seed=fold_seed(self.seed, trial_number, fold_idx),
-            job_id=f"t{trial_number}-f{fold_idx}",
-            save_model_path=None if save_model_path is None else str(save_model_path),
-        )
+        return TrainRequest(data_path=path, params=params, trial_number=trial_number, fold_idx=fold_idx,
+                            normalize_features=self.normalize_features, use_leaky_relu=self.use_leaky_relu,
+                            batch_mode=self.batch_mode, seed=fold_seed(self.seed, trial_number, fold_idx),
+                            job_id=f"t{trial_number}-f{fold_idx}",
+                            save_model_path=None if save_model_path is None else str(save_model_path))
 
-    def fold_requests(
-        self, trial_number: int, params: dict[str, Any], *, partition: int = 0, save_states: bool = False,
-    ) -> list[TrainRequest]:
-        """The K fold jobs of one trial: the same requests whether they run fused or not;
-        ``partition`` > 0: on another partition's folds (a search repeat, or ``rescore``);
-        ``save_states``: each fold also saves its model (:meth:`state_paths`)."""
+    def fold_requests(self, trial_number: int, params: dict[str, Any], *, partition: int = 0,
+                      save_states: bool = False) -> list[TrainRequest]:
+        """The K fold jobs of one trial, the same whether fused or not; ``save_states``: each saves its model."""
         nn_params = NNParams.from_dict(params)
         paths = self._write_partition(partition)
         saves: Sequence[Path | None] = [None] * len(paths)
@@ -292,18 +258,15 @@ class NNBackend:
                 for f, (p, save) in enumerate(zip(paths, saves))]
 
     def state_paths(self, trial_number: int) -> list[Path]:
-        """Where the search's fold models of ``trial_number`` are saved (its first partition's K folds)."""
         return [self.states / f"trial_{trial_number}" / f"fold_{f}.pth" for f in range(self.cv.k)]
 
     def search_requests(self, trial_number: int, params: dict[str, Any]) -> list[TrainRequest]:
-        """Every fold job of one trial of the search: the K folds of each search partition;
-        the first partition's save their models, the final model's candidates."""
+        """Every fold job of one search trial; the first partition's save their models (the final model's)."""
         return [r for p in self.cv.search_partitions
                 for r in self.fold_requests(trial_number, params, partition=p, save_states=p == 0)]
 
     def _keep_states_of_best(self, number: int, outcome: TrialOutcome) -> None:
-        """Keep ``number``'s fold models if it is the best trial so far (on the objective
-        the search tells the study: :func:`summarize_folds`), delete the others'."""
+        """Keep ``number``'s fold models if it is the best trial so far, delete the others'."""
         value = summarize_folds(outcome).value if isinstance(outcome, list) else math.nan
         if math.isfinite(value) and (self._kept is None or value > self._kept[0]):
             if self._kept is not None:
@@ -313,8 +276,7 @@ class NNBackend:
             shutil.rmtree(self.states / f"trial_{number}", ignore_errors=True)
 
     def _run_requests(self, requests: dict[int, list[TrainRequest]]) -> dict[tuple[int, int], Any]:
-        """One ``runner.run`` call for these trials' requests, grouped by the plan; each job's
-        outcome (result or JobError) by (trial number, fold index)."""
+        """One ``runner.run`` call, grouped by the plan; each job's outcome by (trial number, fold index)."""
         groups = plan_groups(requests, fuse_folds=self.fuse_folds, fuse_trials=self.fuse_trials,
                              capacity=self.runner.capacity, n_train=self.fold_rows)
         outcomes = self.runner.run(groups)
@@ -323,16 +285,10 @@ class NNBackend:
                              f"{[len(g) for g in groups]} jobs")
         return {(r.trial_number, r.fold_idx): o for g, out in zip(groups, outcomes) for r, o in zip(g, out)}
 
-    def run_trials(
-        self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate | None = None,
-    ) -> list[TrialOutcome]:
-        """Every fold of every trial in one ``runner.run`` call, grouped by the plan; with a
-        ``gate``, in waves (:meth:`_run_waves`).
-
-        Each trial's outcome is its fold results, or the first :class:`JobError` among its
-        folds: the runner returns every job's outcome in place, so a failing trial fails
-        only itself and costs the others nothing.
-        """
+    def run_trials(self, trials: Sequence[tuple[int, dict[str, Any]]],
+                   gate: FoldGate | None = None) -> list[TrialOutcome]:
+        """Every fold of every trial in one ``runner.run`` call (with a ``gate``: in waves); a failing trial
+        fails only itself."""
         if gate is not None:
             results = self._run_waves(trials, gate)
         else:
@@ -349,12 +305,8 @@ class NNBackend:
         return results
 
     def _run_waves(self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate) -> list[TrialOutcome]:
-        """Fold k of every live trial in one ``runner.run`` call, then the gate for each, in
-        trial order; a trial the gate stops (or a fold fails) sends no more folds.
-
-        The same requests as :meth:`run_trials` (a wave holds one fold per trial, so
-        ``--fuse-folds`` has nothing to fuse; ``--fuse-trials`` fuses same-shape trials'
-        fold k)."""
+        """Fold k of every live trial in one ``runner.run`` call, then the gate for each in trial order; a
+        stopped or failed trial sends no more folds (a wave holds one fold per trial: nothing to fuse-fold)."""
         requests = {number: self.search_requests(number, params) for number, params in trials}
         n_folds = len(self.cv.search_folds())
         done: dict[int, list[dict[str, Any]]] = {number: [] for number, _ in trials}
@@ -380,20 +332,9 @@ class NNBackend:
         return raise_first_job_error([by_job[(trial_number, r.fold_idx)] for r in requests])
 
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
-        """The best trial's K fold models, merged into one network that predicts their mean
-        (:mod:`step5.nn.ensemble`; docs/optimizer.md says why not a refit).
-
-        The fold models are the ones the search trained and kept (:meth:`_keep_states_of_best`);
-        a best trial whose models are not here (it ran in another process of a shared study,
-        or in an earlier run) has its folds trained again exactly as it trained them (same
-        files, params and seeds: the same models). A ``merge`` job on the runner -- a
-        process that already holds torch -- merges them and scores the merged net on every
-        dev row (``train_*``) and on the test rows (``test_*``, scored only); the merged
-        checkpoint is then copied to ``checkpoint_path`` (the output dir's staging folder:
-        a full or read-only disk is an ``OSError`` of the output dir). ``r2``/``val_mse``
-        are the merged folds' CV means: the ensemble has no validation rows of its own.
-        With repeated CV (``--cv-repeats``) only the first partition's K folds are merged:
-        more members would widen the shipped net, not change what it estimates."""
+        """The best trial's K fold models (kept by the search, else trained again with the same seeds)
+        merged into one net by a ``merge`` job on the runner, then copied to ``checkpoint_path``
+        (docs/optimizer.md, "Final model")."""
         paths = self.state_paths(trial_number)
         requests = self.fold_requests(trial_number, params, save_states=True)
         folds = self._kept[2] if self._kept is not None and self._kept[1] == trial_number else None
@@ -413,15 +354,11 @@ class NNBackend:
             raise Step5Error(f"{what} reported success but wrote no checkpoint at {merged}")
         shutil.copyfile(merged, checkpoint_path)  # the output dir's first write: its OSError names it
         result = {**outcome, "model_path": str(checkpoint_path)}
-        result.update(
-            **cv_val_scores(folds), n_fit=int(len(self.cv.y_dev)), n_early_stop=0, epochs_run=None, best_epoch=None,
-            fold_best_epochs=[f.get("best_epoch") for f in folds],
-            **_members_curve(folds),
-        )
+        result.update(**cv_val_scores(folds), n_fit=int(len(self.cv.y_dev)), n_early_stop=0, epochs_run=None,
+                      best_epoch=None, fold_best_epochs=[f.get("best_epoch") for f in folds], **_members_curve(folds))
         return result
 
     def training_options(self) -> dict[str, Any]:
-        """Flags every request of this run carried (recorded in the sidecar)."""
         return {
             "normalize_features": self.normalize_features,
             "use_leaky_relu": self.use_leaky_relu,
@@ -438,8 +375,7 @@ class NNBackend:
 
 
 def _members_curve(folds: Sequence[dict[str, Any]]) -> dict[str, float | None]:
-    """The merged net's training curve, for the early-stop ratio: its members' mean best
-    epoch and epochs run (None when a member did not report them)."""
+    """The merged net's training curve: its members' mean best epoch and epochs run (None if unreported)."""
     best = [f.get("best_epoch") for f in folds]
     run = [f.get("epochs_run") for f in folds]
     if any(v is None for v in best + run):
@@ -447,58 +383,34 @@ def _members_curve(folds: Sequence[dict[str, Any]]) -> dict[str, float | None]:
     return {"best_round": float(np.mean(best)), "rounds_trained": float(np.mean(run))}
 
 
-def _load_trees_module() -> Any:
-    try:
-        from step5.models import trees
-    except ImportError as exc:
-        raise Step5Error(
-            f"tree models are not available yet: step5.models.trees cannot be imported ({exc}); "
-            "use --model-type neural_net"
-        ) from None
-    return trees
-
-
 class TreeBackend:
-    """xgboost / lightgbm / catboost folds fitted in-process through :mod:`step5.models.trees`.
+    """xgboost / lightgbm / catboost folds fitted in-process (no torch or CUDA state in the parent), through
+    :mod:`step5.models.trees`; ``n_threads`` (``--cpu-workers``) is the library's, None its default."""
 
-    Gradient-boosted trees do not touch torch or CUDA state in the parent, so they need no
-    subprocess; execution mode is ``inline``. ``n_threads`` (``--cpu-workers``) is the
-    library's thread count; None lets the library choose.
-    """
-
-    def __init__(
-        self, model_type: str, cv: CVData, *, seed: int, gpus: list[str] | None = None, n_threads: int | None = None,
-    ) -> None:
-        self.model_type = model_type
-        self.cv = cv
-        self.seed = seed
-        self.n_threads = n_threads
-        self.trees = _load_trees_module()
+    def __init__(self, model_type: str, cv: CVData, *, seed: int, gpus: list[str] | None = None,
+                 n_threads: int | None = None) -> None:
+        self.model_type, self.cv, self.seed, self.n_threads = model_type, cv, seed, n_threads
         try:
             # --gpus: None detects, [] forces CPU, ["1", ...] trains on the first listed GPU.
-            self.device: str | None = self.trees.device_for_gpus(gpus)
+            self.device: str | None = trees.device_for_gpus(gpus)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        self.tree_devices = self.trees.TreeDevices()  # this run's GPU checks and failures, kept across folds
-        self._jobs = 0
-        self._compute_s = 0.0
-        self._wall_s = 0.0
+        self.tree_devices = trees.TreeDevices()  # this run's GPU checks and failures, kept across folds
+        self._jobs, self._compute_s, self._wall_s = 0, 0.0, 0.0
         self._devices: set[str] = set()
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
-        return dict(self.trees.suggest_params(trial, self.model_type))
+        return dict(trees.suggest_params(trial, self.model_type))
 
-    def _fit(
-        self, trial_number: int, fold_idx: int, params: dict[str, Any], tr: np.ndarray, va: np.ndarray, **test: Any
-    ) -> tuple[dict[str, Any], Any]:
+    def _fit(self, trial_number: int, fold_idx: int, params: dict[str, Any], tr: np.ndarray, va: np.ndarray,
+             **test: Any) -> tuple[dict[str, Any], Any]:
         start = time.perf_counter()
         try:
-            metrics, model = self.trees.train_fold(
-                self.model_type, dict(params),
-                self.cv.X_dev[tr], self.cv.y_dev[tr], self.cv.X_dev[va], self.cv.y_dev[va],
-                seed=fold_seed(self.seed, trial_number, fold_idx), device=self.device,
-                feature_names=self.cv.feature_names, n_threads=self.n_threads, devices=self.tree_devices, **test,
-            )
+            metrics, model = trees.train_fold(self.model_type, dict(params), self.cv.X_dev[tr], self.cv.y_dev[tr],
+                                                   self.cv.X_dev[va], self.cv.y_dev[va],
+                                                   seed=fold_seed(self.seed, trial_number, fold_idx),
+                                                   device=self.device, feature_names=self.cv.feature_names,
+                                                   n_threads=self.n_threads, devices=self.tree_devices, **test)
         except JobError as exc:
             # The library rejected these params or this data: deterministic, fails the trial.
             exc.trial_number = trial_number if exc.trial_number is None else exc.trial_number
@@ -515,11 +427,9 @@ class TreeBackend:
         self._devices.add(str(metrics["device"]))
         return metrics, model
 
-    def run_trials(
-        self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate | None = None,
-    ) -> list[TrialOutcome]:
-        """In-process, one trial after another (the libraries use every thread they are
-        given), fold by fold; the ``gate`` after each fold but the last may stop the trial."""
+    def run_trials(self, trials: Sequence[tuple[int, dict[str, Any]]],
+                   gate: FoldGate | None = None) -> list[TrialOutcome]:
+        """One trial after another (the libraries use every thread given), fold by fold."""
         out: list[TrialOutcome] = []
         search_folds = self.cv.search_folds()
         for number, params in trials:
@@ -541,32 +451,23 @@ class TreeBackend:
                 for f, (tr, va) in enumerate(self.cv.partition(partition))]
 
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
-        """Fit ``params`` on the final split (fit rows, early-stopping rows), or, for a model
-        that does not early-stop (xgboost's gblinear), on every dev row. Such a model has no
-        validation rows of its own, so, as for the NN's fold ensemble, ``r2``/``val_mse``
-        are the trial's CV means (its folds on every search partition fitted again: the
-        same seeds, the same scores)."""
-        if self.trees.reads_validation_rows(self.model_type, params):
-            metrics, model = self._fit(
-                trial_number, FINAL_FOLD_IDX, params, self.cv.final_fit_idx, self.cv.final_es_idx,
-                X_test=self.cv.X_test, y_test=self.cv.y_test,
-            )
+        """Fit ``params`` on the final split, or, for a model that does not early-stop (xgboost's gblinear),
+        on every dev row, scored by its trial's CV means (its folds fitted again: same seeds, same scores)."""
+        if trees.reads_validation_rows(self.model_type, params):
+            metrics, model = self._fit(trial_number, FINAL_FOLD_IDX, params, self.cv.final_fit_idx,
+                                       self.cv.final_es_idx, X_test=self.cv.X_test, y_test=self.cv.y_test)
         else:
             folds = [f for p in self.cv.search_partitions for f in self.rescore(trial_number, params, p)]
             every_row = np.arange(len(self.cv.y_dev))  # passed as validation rows too: only scored
             metrics, model = self._fit(trial_number, FINAL_FOLD_IDX, params, every_row, every_row,
                                        X_test=self.cv.X_test, y_test=self.cv.y_test)
             metrics.update(**cv_val_scores(folds), n_fit=len(every_row), n_early_stop=0, n_val=0)
-        self.trees.save_model(model, self.model_type, checkpoint_path)
+        trees.save_model(model, self.model_type, checkpoint_path)
         metrics.update(model_path=str(checkpoint_path), best_round=metrics["n_iterations"])
         return metrics
 
     def training_options(self) -> dict[str, Any]:
         return {"device_request": self.device or "auto", "n_threads": self.n_threads}
-
-    @property
-    def capacity(self) -> int:
-        return 1
 
     def summary(self) -> RunnerStats:
         timings = Timings(jobs=self._jobs, wall_s=self._wall_s, compute_s=self._compute_s,

@@ -1,19 +1,5 @@
-"""The Step 5 command line (SPEC section 3): parse, configure logging, run, map to an exit code.
-
-Exit codes:
-
-* 0  success (model + sidecar written);
-* 1  error (a :class:`~step5.errors.Step5Error`: bad input file, bad policy, failed run);
-     the message goes to stderr;
-* 2  degenerate target signal (a degenerate sidecar is written, no model);
-* 64 command-line usage error (argparse errors and flag conflicts, like ``EX_USAGE``);
-* 130 / 143 interrupted by Ctrl-C / SIGTERM (workers and temp files are cleaned up first);
-  one line says so, no traceback, and the interrupted trial is recorded FAIL with a
-  ``fail_reason``.
-
-Before any data is loaded, :func:`step5.optimizer.preflight.preflight` proves the outputs can
-be written (exit 1 with one line naming ``--output-dir`` / ``--storage`` otherwise).
-"""
+"""The Step 5 command line (SPEC section 3): parse, configure logging, run, map to an exit code
+(exit codes: docs/optimizer-internals.md#cli)."""
 from __future__ import annotations
 
 import argparse
@@ -28,23 +14,18 @@ from typing import Any, Sequence
 from step5.artifacts import MODEL_TYPES
 from step5.devices import parse_gpu_list
 from step5.cliutil import UsageErrorParser, add_log_level, fraction, non_negative_int, number, positive_int
+from step5.fsutil import DIR_MODE, create_temp_file, os_error_reason
 from step5.errors import EXIT_INTERRUPTED, EXIT_OK, DegenerateSignalError, Step5Error, Terminated, UsageError
 from step5.interrupts import latched_interrupts
 from step5.lifeline import install_stdin_lifeline, install_supervisor_lifeline
 from step5.optimizer.config import DEFAULT_MOD, DEFAULT_PRNG_TYPE, OptimizerConfig, validate_config
-from step5.optimizer.preflight import preflight
 from step5.policy import PRUNER_NAMES, find_policy
 
 logger = logging.getLogger("step5.optimizer")
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Each flag's real default once, as a closing ``[value]`` (SPEC section 3's notation).
-
-    argparse's ArgumentDefaultsHelpFormatter printed "(default: None)" beside a default
-    the help text already names ("model family [neural_net]"). Here a help text that
-    ends with a bracketed default keeps it; otherwise a default that is a real value
-    (not None, not a store_true's False) is appended; on/off flags read ``[on]``/``[off]``.
-    """
+    """Each flag's real default once, as a closing ``[value]`` (SPEC section 3's notation): a help text that
+    names its default keeps it, a real value (not None, not a store_true's False) is appended, ``[on]``/``[off]``."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
@@ -85,7 +66,6 @@ def _gpus(text: str) -> list[str]:
 
 
 def _device(text: str) -> list[str]:
-    """``--device`` of the existing optimizer: ``cpu`` (no GPU), ``cuda`` or ``cuda:N`` (GPU N)."""
     value = text.strip().lower()
     if value == "cpu":
         return []
@@ -97,10 +77,8 @@ def _device(text: str) -> list[str]:
 
 
 def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> argparse.ArgumentParser:
-    """The SPEC section 3 parser (plus the documented extras ``--nn-max-epochs`` and fusion flags).
-
-    A flag stores into the :class:`OptimizerConfig` field of its name, and its default is
-    that field's (:func:`config_defaults`), so no default is written here."""
+    """The SPEC section 3 parser; a flag stores into the :class:`OptimizerConfig` field of its name, whose
+    default is the flag's (:func:`config_defaults`)."""
     p = UsageErrorParser(
         prog=prog,
         description=(
@@ -150,8 +128,7 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
     search.add_argument("--cluster-config", type=Path,
                         help="the pipeline's distributed_config.json: also start a --search-only helper over ssh on "
                              "each of its nodes other than this host (its python_env, in its script_path), stream "
-                             "their logs, stop them when the study is full; needs a shared --storage "
-                             "(docs/cluster.md)")
+                             "their logs, stop them when the study is full; needs a shared --storage (docs/cluster.md)")
     search.add_argument("--search-only", action="store_true",
                         help="helper role for a shared study (--storage, --study-name): train trials until the "
                              "study holds --trials complete ones, exit 0, write no model; the process without "
@@ -185,17 +162,15 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
                     help="train a trial's K folds in one batched pass on one worker (same results within "
                          "1e-5; one-shot subprocesses cannot fuse and run them fold by fold) [policy decides]")
     ex.add_argument("--fuse-trials", "--batch-size-nn", type=positive_int,
-                    help="run N trials at a time and train same-shape trials' folds in one batched pass; "
-                         "N > 1 implies --fuse-folds and --trials-in-flight N (--batch-size-nn: the existing "
-                         "optimizer's name)")
+                    help="run N trials at a time and train same-shape trials' folds in one batched pass; N > 1 implies "
+                         "--fuse-folds and --trials-in-flight N (--batch-size-nn: the existing optimizer's name)")
     ex.add_argument("--trials-in-flight", type=positive_int,
                     help="trials asked from Optuna and trained together per batch (the sampler knows the "
                          "pending ones); same seed and value give the same study [policy's "
                          "training.trials_in_flight; 0 there: two per device slot]")
     ex.add_argument("--pruner", choices=PRUNER_NAMES,
-                    help="stop a trial whose running objective over its first folds is hopeless (Optuna "
-                         "pruning on fold-level values; its remaining folds are not trained) [policy's "
-                         "training.pruner]")
+                    help="stop a trial whose running objective over its first folds is hopeless (Optuna pruning on "
+                         "fold-level values; its remaining folds are not trained) [policy's training.pruner]")
 
     compat = p.add_argument_group(
         "compatibility", "flags of the optimizer this one replaces, so its scripts run unchanged (docs/compatibility.md)")
@@ -218,17 +193,15 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
 
 
 def config_defaults() -> dict[str, Any]:
-    """Every flag's default: its :class:`OptimizerConfig` field's, the one place it is written.
-    ``--model-type`` alone defaults to None, which tells "not given" apart for
-    ``--compare-models``; the config's own default applies after parsing."""
+    """Every flag's default: its config field's. ``--model-type``'s is None, so that "not given" shows for
+    ``--compare-models``; the config's default applies after parsing."""
     return {f.name: f.default for f in dataclasses.fields(OptimizerConfig)
             if f.default is not dataclasses.MISSING and f.name != "model_type"}
 
 
 @functools.cache
 def flag_spellings() -> dict[str, frozenset[str]]:
-    """Every spelling of the flags that set each config field (``fuse_folds``:
-    ``--fuse-folds``, ``--no-fuse-folds``, ``--enable-vmap``), read from the parser."""
+    """Every spelling of the flags that set each config field (``fuse_folds``: ``--no-fuse-folds``, ...)."""
     spellings: dict[str, set[str]] = collections.defaultdict(set)
     for action in build_parser()._actions:  # argparse offers no public walk over its actions
         spellings[action.dest].update(action.option_strings)
@@ -236,7 +209,6 @@ def flag_spellings() -> dict[str, frozenset[str]]:
 
 
 def config_from_args(args: argparse.Namespace, command_line: Sequence[str]) -> OptimizerConfig:
-    """Turn parsed flags into a validated :class:`OptimizerConfig`; conflicts are :class:`UsageError`."""
     if args.compare_models and args.model_type is not None:
         # The existing optimizer takes the pair (its WATCHER manifest passes both) and compares.
         logger.info("--model-type %s is ignored: --compare-models runs every model type", args.model_type)
@@ -259,12 +231,8 @@ def config_from_args(args: argparse.Namespace, command_line: Sequence[str]) -> O
 
 
 def apply_compatibility_flags(args: argparse.Namespace) -> None:
-    """Give the existing optimizer's flags their meaning here; none is silently ignored.
-
-    ``--device cuda:N`` counts GPUs as CUDA does, among the visible ones, so it becomes the
-    N-th GPU :func:`~step5.devices.detect_gpus` finds; with no such GPU the run trains on
-    the CPU, with a warning.
-    """
+    """Give the existing optimizer's flags their meaning here; none is silently ignored. ``--device cuda:N``
+    is the N-th visible GPU, as CUDA counts; without it the run trains on the CPU, with a warning."""
     if args.allow_inline_nn_fallback:
         logger.warning(
             "--allow-inline-nn-fallback does not apply: this optimizer never trains in the parent; a worker that "
@@ -284,13 +252,10 @@ def apply_compatibility_flags(args: argparse.Namespace) -> None:
 
 
 def configure_logging(level: str) -> None:
-    """Everything to stderr in one format; Optuna's records go through the same handler."""
     import optuna
 
-    logging.basicConfig(
-        stream=sys.stderr, level=level, force=True,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    logging.basicConfig(stream=sys.stderr, level=level, force=True,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
     # Our per-trial progress line replaces Optuna's "Trial N finished"; its warnings
@@ -301,10 +266,8 @@ def configure_logging(level: str) -> None:
 
 
 class InterruptedTrialFilter(logging.Filter):
-    """Drops Optuna's two lines about the trial an interrupt stopped: "Trial N failed with
-    parameters ... KeyboardInterrupt()" (with a traceback) and "Trial N failed with value
-    None.". An interrupt ends the run with one line from :func:`main`; the trial keeps its
-    ``fail_reason``. Any other record, and any other failure's traceback, passes."""
+    """Drops Optuna's two lines (one with a traceback) about the trial an interrupt stopped: the run ends
+    with one line from :func:`main`, and the trial keeps its ``fail_reason``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -323,12 +286,9 @@ class InterruptedTrialFilter(logging.Filter):
 
 
 def run_config(config: OptimizerConfig) -> int:
-    """Run one configured Step 5 invocation and return its exit code."""
     if config.compare_models:
-        try:
-            from step5.optimizer.compare import run_compare
-        except ImportError as exc:
-            raise Step5Error(f"--compare-models is not available yet: {exc}") from None
+        from step5.optimizer.compare import run_compare
+
         return int(run_compare(config))
     from step5.optimizer.optimizer import AntiOverfitMetaOptimizer
 
@@ -337,7 +297,6 @@ def run_config(config: OptimizerConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
-    """Entry point of ``meta_prediction_optimizer_anti_overfit.py``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(prog or Path(sys.argv[0]).name or "meta_prediction_optimizer_anti_overfit.py")
     args = parser.parse_args(argv)  # exits 64 on a usage error, 0 for --help
@@ -355,7 +314,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
 
 
 def _run_main(parser: UsageErrorParser, args: argparse.Namespace, argv: list[str]) -> int:
-    """Run the parsed invocation; every way it can end becomes an exit code and one line."""
+    """Every way a run can end becomes an exit code and one line."""
     try:
         config = config_from_args(args, [sys.argv[0], *argv])
         # argparse stores the default object itself when a flag is not given.
@@ -376,3 +335,65 @@ def _run_main(parser: UsageErrorParser, args: argparse.Namespace, argv: list[str
     except KeyboardInterrupt:
         logger.error("interrupted (Ctrl-C); workers and temporary files were cleaned up")
         return EXIT_INTERRUPTED
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """``folder`` or the first of its ancestors that exists but is not a folder."""
+    return next((p for p in [*reversed(folder.parents), folder] if p.exists() and not p.is_dir()), None)
+
+
+def check_writable_dir(folder: Path, what: str) -> Path:
+    """Create ``folder`` if needed and prove a file can be written in it; ``what`` names it in the error."""
+    path = Path(folder)
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        where = "it is a file, not a folder" if blocker == path else f"{blocker} is a file, not a folder"
+        raise Step5Error(f"{what}: {where}")
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    except OSError as exc:
+        raise Step5Error(f"{what}: cannot create the folder: {os_error_reason(exc)}") from None
+    try:
+        create_temp_file(path, ".step5-preflight-", "").unlink()
+    except OSError as exc:
+        raise Step5Error(f"{what}: cannot write files in {path}: {os_error_reason(exc)}") from None
+    return path
+
+
+def check_sqlite_storage(storage_url: str, what: str) -> None:
+    if not storage_url.startswith("sqlite:"):
+        return
+    from sqlalchemy.engine import make_url  # Optuna's own dependency; parses every URL form
+
+    try:
+        database = make_url(storage_url).database
+    except Exception:  # noqa: BLE001 - a malformed URL is Optuna's to report when it opens it
+        return
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    db = Path(database)
+    folder = db.parent
+    blocker = _file_in_the_way(folder)
+    if blocker is not None:
+        raise Step5Error(f"{what}: {blocker} is a file, not a folder")
+    if not folder.is_dir():
+        raise Step5Error(f"{what}: the folder {folder} does not exist")
+    if db.exists() and not db.is_file():
+        raise Step5Error(f"{what}: {db} is not a file")
+    try:
+        create_temp_file(folder, ".step5-preflight-", "").unlink()  # SQLite writes its journal here
+        if db.exists():
+            with open(db, "r+b"):
+                pass
+    except OSError as exc:
+        raise Step5Error(f"{what}: cannot write the study database {db}: {os_error_reason(exc)}") from None
+
+
+def preflight(output_dir: Path, storage: str | None, *, output_dir_given: bool) -> None:
+    """Before any data is loaded: can this run write its outputs? (docs/optimizer-internals.md#preflight)"""
+    what = f"--output-dir {output_dir}" if output_dir_given else (
+        f"the default output dir {output_dir} (choose another with --output-dir)"
+    )
+    check_writable_dir(output_dir, what)
+    if storage is not None:
+        check_sqlite_storage(storage, f"--storage {storage}")

@@ -1,56 +1,8 @@
-"""``--compare-models``: one study per model type, the best held-out model kept.
-
-::
-
-    OptimizerConfig (compare_models=True)
-        │  skip registry (diagnostics_outputs/model_skip_registry.json) + the policy's model_skip_rules
-        ▼
-    for each of neural_net, xgboost, lightgbm, catboost not skipped:
-        dataclasses.replace(config, model_type=mt, compare_models=False,
-                            output_dir=<out>/compare_runs/<mt>, study_name=<name>_<mt>,
-                            storage=<out's default>,
-                            rescore_partitions=<--rescore-partitions, default 3>)
-        AntiOverfitMetaOptimizer(sub).run()  ──▶ SUCCESS | DEGENERATE_SIGNAL | FAILED
-        │      (search, then the best trial rescored on fresh partitions, then the final model;
-        │       a failure is recorded with its error; the next model type still runs)
-        ▼
-    winner = highest rescored CV objective among SUCCESS runs (then the search's best
-             objective, then MODEL_TYPES order); every type's test R² is reported, never consulted
-        ├─▶ <out>/best_model.<ext> + best_model.meta.json (+ a `compare_models` block)
-        ├─▶ <out>/compare_archive/<mt>/…  every other model type's outputs
-        └─▶ diagnostics_outputs/compare_models_summary.json + .png (the working directory's)
-
-Why these choices:
-
-* **Every flag reaches every sub-run** because each sub-config is the user's config with
-  only the fields above replaced.
-* **Model sets, not files**: the winner's files are committed to ``<out>`` as one model set
-  (:mod:`step5.model_set`), so the folder shows the old winner or the new one, never a mix;
-  each archived type gets a set of its own under ``compare_archive/<mt>``.
-* **The test rows only report.** Every sub-run uses the same seed, so the same rows are
-  held out as the test set for every model type and the same development rows feed every
-  CV. The winner is chosen on the CV objective (the same anti-overfit formula for every
-  type, computed on the same folds); choosing by test R² would make the winner's reported
-  test R² biased upward (the test rows would be used for selection). Every type's test R²
-  is still reported, so a reader sees how the choice fared on rows no choice saw.
-* **Chosen on fresh folds, not on the search's own.** Each type's best trial is the
-  maximum of its search's noisy objectives, so it leans high, and by more for a family
-  whose trials are noisier (a net's seeds move its score more than a tree's). Comparing
-  those maxima favours the noisiest family. Each sub-run therefore trains its best trial
-  again on fresh K-fold partitions of the same development rows, with seeds of its own
-  (``--rescore-partitions``, 3 by default), and the types are compared on that mean
-  objective, which the search's choice has not seen (docs/models.md).
-* **Resumable.** With no ``--storage``, the four studies share the SQLite file a single run
-  would use (``<out>/optuna_step5.db``), and with no ``--study-name`` each keeps the default
-  name a single ``--model-type`` run gives it, so a compare run resumes those studies.
-* **A failure cannot win and cannot stop the others**: each run is wrapped in
-  ``try/except Exception`` (Ctrl-C still stops everything). A SUCCESS whose checkpoint or
-  sidecar is missing is demoted to FAILED.
-* **Exit code**: 0 when there is a winner; otherwise 2 when a run found the target
-  degenerate (the data has nothing to learn, whichever model runs), else 1.
-"""
+"""``--compare-models``: one study per model type, the best held-out model kept
+(docs/models.md, docs/optimizer-internals.md#compare)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -63,8 +15,9 @@ from step5 import artifacts, model_set
 from step5.artifacts import MODEL_TYPES
 from step5.errors import EXIT_OK, DegenerateSignalError, Step5Error
 from step5.jsonio import read_json_file, write_json_atomic
+from step5.optimizer.optimizer import AntiOverfitMetaOptimizer
 from step5.optimizer.config import OptimizerConfig, RunOutcome, rescore_partitions, validate_config
-from step5.optimizer.plots import save_figure
+from step5.optimizer.plots import drawing, save_figure
 from step5.values import finite_or_none, utc_timestamp
 
 logger = logging.getLogger(__name__)
@@ -109,35 +62,29 @@ class Candidate:
     test_r2: float | None = None  # final model on the held-out test rows
     wall_s: float = 0.0  # the sub-run's wall time, as measured here
     trials_run: int = 0  # COMPLETE trials in its study
+    rank: int | None = None  # 1 = winner, among SUCCESS runs
     error: str | None = None  # why it failed / was skipped / was degenerate
-    staging_dir: Path | None = None  # the sub-run's output_dir
     checkpoint_path: Path | None = None  # where its checkpoint is now (after promotion/archiving)
     sidecar_path: Path | None = None  # where its sidecar is now
-    rank: int | None = None  # 1 = winner, among SUCCESS runs
+    staging_dir: Path | None = None  # the sub-run's output_dir (not in the summary)
+    outcome: RunOutcome | None = None  # what the sub-run returned (not in the summary)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model_type": self.model_type,
-            "status": self.status,
-            "cv_score": self.cv_score,
-            "cv_rescored": self.cv_rescored,
-            "test_r2": self.test_r2,
-            "wall_s": round(self.wall_s, 3),
-            "trials_run": self.trials_run,
-            "rank": self.rank,
-            "error": self.error,
-            "checkpoint_path": str(self.checkpoint_path) if self.checkpoint_path else None,
-            "sidecar_path": str(self.sidecar_path) if self.sidecar_path else None,
-        }
+    def to_dict(self, brief: bool = False) -> dict[str, Any]:
+        """The summary's record (``brief``: the sidecar's, without rank and paths)."""
+        internal = ("staging_dir", "outcome")
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in internal}
+        out["wall_s"] = round(self.wall_s, 3)
+        for key in ("checkpoint_path", "sidecar_path"):
+            out[key] = str(out[key]) if out[key] else None
+        if brief:
+            for key in ("model_type", "rank", "checkpoint_path", "sidecar_path"):
+                del out[key]
+        return out
 
 
 def select_winner(candidates: Iterable[Candidate]) -> Candidate | None:
-    """The candidate :data:`CRITERION` picks, or None when no SUCCESS run has a finite CV
-    objective and a test R^2.
-
-    Sets ``rank`` (1 = winner) on every eligible candidate. ``test_r2`` is never read to
-    order them: it is the unbiased report of the choice.
-    """
+    """The candidate :data:`CRITERION` picks (None: no SUCCESS run with a finite CV objective and test R^2);
+    sets ``rank`` on every eligible one. ``test_r2`` never orders them: it reports the choice, unbiased."""
     order = {mt: i for i, mt in enumerate(MODEL_TYPES)}
     eligible = [
         c for c in candidates
@@ -152,18 +99,9 @@ def select_winner(candidates: Iterable[Candidate]) -> Candidate | None:
     return eligible[0] if eligible else None
 
 
-def _default_factory() -> OptimizerFactory:
-    # Imported here: the optimizer module dispatches to this one, so a module-level import
-    # would be circular, and unit tests inject a fake instead.
-    from step5.optimizer.optimizer import AntiOverfitMetaOptimizer
-
-    return AntiOverfitMetaOptimizer
-
-
 def sub_config(config: OptimizerConfig, model_type: str) -> OptimizerConfig:
-    """The config of one model type's run: the user's config with the fields above replaced
-    (the default storage pinned to the compare run's output folder, and the rescore count
-    resolved, since a single run's default is none)."""
+    """One model type's config: the user's, with the storage pinned to the compare run's default and the
+    rescore count resolved (a single run's default is none)."""
     from step5.optimizer.study import default_storage_url
 
     return dataclasses.replace(
@@ -179,12 +117,8 @@ def sub_config(config: OptimizerConfig, model_type: str) -> OptimizerConfig:
 
 
 def skipped_by_registry(config: OptimizerConfig) -> dict[str, str]:
-    """Model types the skip registry rules out now, each with the reason.
-
-    The rules are the policy's ``training_diagnostics.model_skip_rules``. A malformed
-    registry or policy is an error (:class:`~step5.errors.DataError` / ``PolicyError``), not
-    "skip nothing".
-    """
+    """Model types the skip registry rules out now (the policy's ``model_skip_rules``), with the reason; a
+    malformed registry or policy is an error, not "skip nothing"."""
     from step5.policy import load_policy
     from step5.watcher.registry import load_skip_registry, skipped_model_types
 
@@ -194,21 +128,18 @@ def skipped_by_registry(config: OptimizerConfig) -> dict[str, str]:
     return {mt: f"skip registry {path}: {why}" for mt, why in sorted(skipped.items()) if mt in MODEL_TYPES}
 
 
-# ------------------------------------------------------------------------------ files
-
-def _read_sidecar(candidate: Candidate, outcome: RunOutcome | None) -> dict[str, Any] | None:
+def _read_sidecar(candidate: Candidate) -> dict[str, Any] | None:
     if candidate.sidecar_path is not None and candidate.sidecar_path.is_file():
         obj = read_json_file(candidate.sidecar_path, "sidecar")
         if isinstance(obj, dict):
             return obj
-    if outcome is not None and outcome.sidecar:
-        return dict(outcome.sidecar)
+    if candidate.outcome is not None and candidate.outcome.sidecar:
+        return dict(candidate.outcome.sidecar)
     return None
 
 
 def _annotated(sidecar: dict[str, Any], role: str, block: dict[str, Any], set_dir: Path) -> dict[str, Any]:
-    """The sidecar with the compare run's block; the checkpoint path becomes the checkpoint's
-    path in the set it is committed with."""
+    """The sidecar with the compare block; the checkpoint path becomes the one in the set it is committed with."""
     sidecar = dict(sidecar)
     if sidecar.get("checkpoint_path"):
         sidecar["checkpoint_path"] = str(set_dir / Path(sidecar["checkpoint_path"]).name)
@@ -218,7 +149,6 @@ def _annotated(sidecar: dict[str, Any], role: str, block: dict[str, Any], set_di
 
 def _commit_set(folder: Path, files: dict[str, Path], sidecar: dict[str, Any] | None, role: str,
                 block: dict[str, Any]) -> None:
-    """Commit a sub-run's model files to ``folder`` as one model set, its sidecar annotated."""
     with model_set.stage(folder) as staged:
         model_set.copy_files(staged, {n: p for n, p in files.items() if sidecar is None or n != artifacts.SIDECAR_NAME})
         if sidecar is not None:
@@ -234,9 +164,7 @@ def _commit_set(folder: Path, files: dict[str, Path], sidecar: dict[str, Any] | 
         staged.commit()
 
 
-# ------------------------------------------------------------------------------ running
-
-def _run_one(factory: OptimizerFactory, config: OptimizerConfig) -> tuple[Candidate, RunOutcome | None]:
+def _run_one(factory: OptimizerFactory, config: OptimizerConfig) -> Candidate:
     mt = config.model_type
     staging = Path(config.output_dir)
     if staging.exists():
@@ -250,19 +178,16 @@ def _run_one(factory: OptimizerFactory, config: OptimizerConfig) -> tuple[Candid
         outcome.error = outcome.error or str(exc)
     except Exception as exc:  # noqa: BLE001 - one model type's failure must not stop the others
         logger.error("compare: %s failed: %s: %s", mt, type(exc).__name__, exc, exc_info=True)
-        cand = Candidate(mt, "FAILED", error=f"{type(exc).__name__}: {exc}", staging_dir=staging)
-        cand.wall_s = time.perf_counter() - start
-        return cand, None
+        return Candidate(mt, "FAILED", error=f"{type(exc).__name__}: {exc}", staging_dir=staging,
+                         wall_s=time.perf_counter() - start)
     wall = time.perf_counter() - start
 
     status = outcome.status if outcome.status in ("SUCCESS", "DEGENERATE_SIGNAL", "FAILED") else "FAILED"
-    cand = Candidate(
-        mt, status, cv_score=finite_or_none(outcome.cv_score), cv_rescored=finite_or_none(outcome.cv_rescored),
-        test_r2=finite_or_none(outcome.test_r2), wall_s=wall,
-        trials_run=int(outcome.trials_run or 0), error=outcome.error, staging_dir=staging,
-        checkpoint_path=Path(outcome.checkpoint_path) if outcome.checkpoint_path else None,
-        sidecar_path=Path(outcome.sidecar_path) if outcome.sidecar_path else None,
-    )
+    cand = Candidate(mt, status, cv_score=finite_or_none(outcome.cv_score),
+                     cv_rescored=finite_or_none(outcome.cv_rescored), test_r2=finite_or_none(outcome.test_r2),
+                     wall_s=wall, trials_run=int(outcome.trials_run or 0), error=outcome.error, staging_dir=staging,
+                     checkpoint_path=Path(outcome.checkpoint_path) if outcome.checkpoint_path else None,
+                     sidecar_path=Path(outcome.sidecar_path) if outcome.sidecar_path else None, outcome=outcome)
     if outcome.status not in STATUSES:
         cand.error = f"run returned an unknown status {outcome.status!r}"
     if cand.status == "SUCCESS":
@@ -278,18 +203,13 @@ def _run_one(factory: OptimizerFactory, config: OptimizerConfig) -> tuple[Candid
         if problem:
             logger.error("compare: %s reported SUCCESS but %s; it cannot win", mt, problem)
             cand.status, cand.error = "FAILED", f"reported SUCCESS but {problem}"
-    return cand, outcome
+    return cand
 
 
 def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory | None = None) -> int:
-    """Run every model type not skipped, keep the winner; returns the process exit code.
-
-    0: a winner was promoted to ``config.output_dir``; 2: no winner and the target was found
-    degenerate (a degenerate sidecar is left, no model); 1: every run failed or was skipped.
-    ``optimizer_factory`` builds the per-type optimizer (default
-    :class:`~step5.optimizer.optimizer.AntiOverfitMetaOptimizer`).
-    """
-    factory = optimizer_factory or _default_factory()
+    """Run every model type not skipped, keep the winner; the exit code: 0 a winner, 2 no winner and a
+    degenerate target (its sidecar is left), 1 otherwise. ``optimizer_factory``: tests inject a fake."""
+    factory = optimizer_factory or AntiOverfitMetaOptimizer
     out_dir = Path(config.output_dir)
     started = time.perf_counter()
     created_at = utc_timestamp()
@@ -300,25 +220,18 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
         validate_config(sub)  # a usage error shows before any model trains (exit 64)
 
     to_run = [mt for mt in MODEL_TYPES if mt not in skipped]
-    logger.info(
-        "compare: running %s%s; winner by %s", ", ".join(to_run) or "nothing",
-        f" (skipped by the registry: {', '.join(sorted(skipped))})" if skipped else "", CRITERION["primary"],
-    )
+    logger.info("compare: running %s%s; winner by %s", ", ".join(to_run) or "nothing",
+                f" (skipped by the registry: {', '.join(sorted(skipped))})" if skipped else "", CRITERION["primary"])
     candidates: dict[str, Candidate] = {}
-    outcomes: dict[str, RunOutcome | None] = {}
     for i, mt in enumerate(MODEL_TYPES, start=1):
         if mt in skipped:
             logger.warning("compare: skipping %s: %s", mt, skipped[mt])
             candidates[mt] = Candidate(mt, "SKIPPED", error=skipped[mt])
-            outcomes[mt] = None
             continue
         logger.info("compare: [%d/%d] %s -> %s", i, len(MODEL_TYPES), mt, configs[mt].output_dir)
-        candidates[mt], outcomes[mt] = _run_one(factory, configs[mt])
-        c = candidates[mt]
-        logger.info(
-            "compare: %s %s in %.1fs (CV %s, rescored %s, test R^2 %s)%s", mt, c.status, c.wall_s,
-            _fmt(c.cv_score), _fmt(c.cv_rescored), _fmt(c.test_r2), f": {c.error}" if c.error else "",
-        )
+        c = candidates[mt] = _run_one(factory, configs[mt])
+        logger.info("compare: %s %s in %.1fs (CV %s, rescored %s, test R^2 %s)%s", mt, c.status, c.wall_s,
+                    _fmt(c.cv_score), _fmt(c.cv_rescored), _fmt(c.test_r2), f": {c.error}" if c.error else "")
 
     winner = select_winner(candidates.values())
     degenerate = [c for c in candidates.values() if c.status == "DEGENERATE_SIGNAL"]
@@ -327,7 +240,7 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
     block = {
         "criterion": CRITERION,
         "winner": winner.model_type if winner else None,
-        "candidates": {mt: _candidate_brief(c) for mt, c in candidates.items()},
+        "candidates": {mt: c.to_dict(brief=True) for mt, c in candidates.items()},
         "summary_path": str(config.diagnostics_folder / SUMMARY_NAME),
     }
 
@@ -338,11 +251,12 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
     if any(c.staging_dir is not None for c in candidates.values()) and archive_root.is_dir():
         shutil.rmtree(archive_root)  # the archive records this compare run, not an older one
     if keep is not None:
-        _promote(keep, outcomes.get(keep.model_type), out_dir, block)
-    for mt, c in candidates.items():
+        _promote(keep, out_dir, block)
+    for c in candidates.values():
         if c is not keep:
-            _archive(c, outcomes.get(mt), out_dir, block)
-    _remove_empty_staging(out_dir / STAGING_DIRNAME)
+            _archive(c, out_dir, block)
+    with contextlib.suppress(OSError):  # absent, or something unexpected was left: kept for inspection
+        (out_dir / STAGING_DIRNAME).rmdir()
 
     summary = {
         "schema_version": SUMMARY_SCHEMA_VERSION,
@@ -366,9 +280,12 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
     summary["plot"] = str(plot) if plot else None
     write_json_atomic(diag / SUMMARY_NAME, summary)
     if config.enable_diagnostics:
-        _write_compare_health(config, candidates, outcomes, winner)
-
-    _log_table(candidates, winner)
+        _write_compare_health(config, candidates, winner)
+    table = [f"{'model':<11} {'status':<17} {'CV score':>9} {'rescored':>9} {'test R^2':>9} {'wall s':>8} {'trials':>6}"]
+    for c in candidates.values():
+        table.append(f"{c.model_type:<11} {c.status:<17} {_fmt(c.cv_score):>9} {_fmt(c.cv_rescored):>9} "
+                     f"{_fmt(c.test_r2):>9} {c.wall_s:>8.1f} {c.trials_run:>6}{'  <- winner' if winner is c else ''}")
+    logger.info("compare-models results:\n  %s", "\n  ".join(table))
     if winner is not None:
         logger.info(
             "compare: winner %s by rescored CV objective %s (search's %.4f; test R^2 %.4f, reported, not used "
@@ -383,18 +300,14 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
     return exit_code
 
 
-def _write_compare_health(config: OptimizerConfig, candidates: dict[str, Candidate],
-                          outcomes: dict[str, RunOutcome | None], winner: Candidate | None) -> None:
-    """The pipeline health check's view of a compare run: every trained model's report, the
-    winner named (it is the one the check gates on)."""
+def _write_compare_health(config: OptimizerConfig, candidates: dict[str, Candidate], winner: Candidate | None) -> None:
+    """The health check's view of a compare run: every trained model's report, the winner named."""
     from step5.optimizer.diagnostics import compare_health_report, model_health_report, write_health_report
     from step5.policy import load_policy
 
     rules = load_policy(config.policy_path).training_diagnostics
-    reports = {
-        mt: model_health_report(mt, outcome.sidecar.get("training_metrics") or {}, rules)
-        for mt, outcome in outcomes.items() if outcome is not None and candidates[mt].status == "SUCCESS"
-    }
+    reports = {mt: model_health_report(mt, c.outcome.sidecar.get("training_metrics") or {}, rules)
+               for mt, c in candidates.items() if c.outcome is not None and c.status == "SUCCESS"}
     ranking = sorted((c for c in candidates.values() if c.rank is not None), key=lambda c: c.rank)
     write_health_report(config.diagnostics_folder, compare_health_report(
         reports, winner=winner.model_type if winner else None, criterion=CRITERION["primary"],
@@ -402,26 +315,21 @@ def _write_compare_health(config: OptimizerConfig, candidates: dict[str, Candida
     ), model_type=None)
 
 
-def _candidate_brief(c: Candidate) -> dict[str, Any]:
-    return {"status": c.status, "cv_score": c.cv_score, "cv_rescored": c.cv_rescored, "test_r2": c.test_r2,
-            "wall_s": round(c.wall_s, 3), "trials_run": c.trials_run, "error": c.error}
-
-
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def _promote(c: Candidate, outcome: RunOutcome | None, out_dir: Path, block: dict[str, Any]) -> None:
+def _promote(c: Candidate, out_dir: Path, block: dict[str, Any]) -> None:
     assert c.staging_dir is not None, "only a run candidate can be promoted"
     files = model_set.current_files(c.staging_dir)
-    _commit_set(out_dir, files, _read_sidecar(c, outcome), "winner" if c.status == "SUCCESS" else "degenerate", block)
+    _commit_set(out_dir, files, _read_sidecar(c), "winner" if c.status == "SUCCESS" else "degenerate", block)
     c.sidecar_path = out_dir / artifacts.SIDECAR_NAME
     if c.checkpoint_path is not None:
         c.checkpoint_path = out_dir / c.checkpoint_path.name
     _move_rest(c, out_dir / ARCHIVE_DIRNAME / c.model_type, committed=set(files))
 
 
-def _archive(c: Candidate, outcome: RunOutcome | None, out_dir: Path, block: dict[str, Any]) -> None:
+def _archive(c: Candidate, out_dir: Path, block: dict[str, Any]) -> None:
     target = out_dir / ARCHIVE_DIRNAME / c.model_type
     if c.staging_dir is None or not c.staging_dir.is_dir():
         c.checkpoint_path = c.sidecar_path = None
@@ -430,7 +338,7 @@ def _archive(c: Candidate, outcome: RunOutcome | None, out_dir: Path, block: dic
     if c.status in ("SUCCESS", "DEGENERATE_SIGNAL"):
         files = model_set.current_files(c.staging_dir)
         if files:
-            _commit_set(target, files, _read_sidecar(c, outcome), "archived", block)
+            _commit_set(target, files, _read_sidecar(c), "archived", block)
     _move_rest(c, target, committed=set(files))
     c.sidecar_path = target / artifacts.SIDECAR_NAME if (target / artifacts.SIDECAR_NAME).is_file() else None
     c.checkpoint_path = target / c.checkpoint_path.name if c.checkpoint_path is not None else None
@@ -439,8 +347,7 @@ def _archive(c: Candidate, outcome: RunOutcome | None, out_dir: Path, block: dic
 
 
 def _move_rest(c: Candidate, target: Path, committed: set[str]) -> None:
-    """Move what a sub-run left besides its model set (logs, partial files...) to ``target``,
-    then remove the sub-run's folder."""
+    """Move what a sub-run left besides its model set to ``target``, then remove its folder."""
     if c.staging_dir is None or not c.staging_dir.is_dir():
         return
     left = [
@@ -454,49 +361,17 @@ def _move_rest(c: Candidate, target: Path, committed: set[str]) -> None:
     shutil.rmtree(c.staging_dir)
 
 
-def _remove_empty_staging(staging_root: Path) -> None:
-    try:
-        staging_root.rmdir()
-    except OSError:
-        pass  # absent, or something unexpected was left: keep it for inspection
-
-
-def _log_table(candidates: dict[str, Candidate], winner: Candidate | None) -> None:
-    lines = [f"{'model':<11} {'status':<17} {'CV score':>9} {'rescored':>9} {'test R^2':>9} {'wall s':>8} {'trials':>6}"]
-    for mt in MODEL_TYPES:
-        c = candidates[mt]
-        mark = "  <- winner" if winner is c else ""
-        lines.append(
-            f"{mt:<11} {c.status:<17} {_fmt(c.cv_score):>9} {_fmt(c.cv_rescored):>9} {_fmt(c.test_r2):>9} {c.wall_s:>8.1f} "
-            f"{c.trials_run:>6}{mark}"
-        )
-    logger.info("compare-models results:\n  %s", "\n  ".join(lines))
-
-
-# ------------------------------------------------------------------------------ picture
-
 def plot_comparison(candidates: list[Candidate], path: Path, *, winner: str | None) -> Path | None:
-    """Two panels per model type: test R^2, the search's and the rescored CV objective; wall
-    time. Non-SUCCESS runs are labelled with their status. A drawing failure is logged and
-    returns None."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=True)
-        from matplotlib.figure import Figure
-
-        names = [c.model_type for c in candidates]
+    """Per model type: test R^2, the search's and the rescored CV objective; wall time. None if it fails."""
+    with drawing("the comparison", path, figsize=(11, 1.2 + 0.8 * len(candidates))) as fig:
         ys = list(range(len(candidates)))
-        fig = Figure(figsize=(11, 1.2 + 0.8 * len(candidates)))
         ax_score, ax_time = fig.subplots(1, 2, sharey=True)
         h = 0.27
-        test = [c.test_r2 if c.test_r2 is not None else 0.0 for c in candidates]
-        cv = [c.cv_score if c.cv_score is not None else 0.0 for c in candidates]
-        rescored = [c.cv_rescored if c.cv_rescored is not None else 0.0 for c in candidates]
-        ax_score.barh([y - h for y in ys], test, height=h, color="tab:blue", label="test R² (reported)")
-        ax_score.barh(ys, cv, height=h, color="tab:gray", label="search's best CV objective")
-        ax_score.barh([y + h for y in ys], rescored, height=h, color="tab:purple",
-                      label="rescored CV objective (criterion)")
+        for offset, key, color, label in ((-h, "test_r2", "tab:blue", "test R² (reported)"),
+                                          (0, "cv_score", "tab:gray", "search's best CV objective"),
+                                          (h, "cv_rescored", "tab:purple", "rescored CV objective (criterion)")):
+            values = [getattr(c, key) if getattr(c, key) is not None else 0.0 for c in candidates]
+            ax_score.barh([y + offset for y in ys], values, height=h, color=color, label=label)
         for y, c in zip(ys, candidates):
             if c.status != "SUCCESS":
                 ax_score.text(0, y, f"  {c.status}", va="center", ha="left", color="tab:red", fontsize=9)
@@ -504,28 +379,21 @@ def plot_comparison(candidates: list[Candidate], path: Path, *, winner: str | No
                 ax_score.text(c.test_r2, y - h, f" {c.test_r2:.3f}", va="center", fontsize=8)
             if c.cv_rescored is not None:
                 ax_score.text(c.cv_rescored, y + h, f" {c.cv_rescored:.3f}", va="center", fontsize=8)
-        ax_score.axvline(0, color="black", linewidth=0.8)
-        ax_score.set_xlabel("score (higher is better)")
-        ax_score.set_title("held-out test R² and CV objective")
-        # Below the panel: inside it, the legend would cover the last model's bars.
-        ax_score.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=8, frameon=False)
-
-        walls = [c.wall_s for c in candidates]
-        colors = ["tab:green" if c.model_type == winner else "tab:orange" for c in candidates]
-        ax_time.barh(ys, walls, color=colors)
-        for y, c in zip(ys, candidates):
             label = "skipped" if c.status == "SKIPPED" else f"{c.wall_s:.1f}s, {c.trials_run} trials"
             ax_time.text(c.wall_s, y, f" {label}", va="center", fontsize=8)
-        ax_time.set_xlabel("wall time (s)")
-        ax_time.set_title("time per model type")
-        ax_score.set_yticks(ys, [f"{n} (winner)" if n == winner else n for n in names])
+        ax_score.axvline(0, color="black", linewidth=0.8)
+        ax_score.set(xlabel="score (higher is better)", title="held-out test R² and CV objective")
+        # Below the panel: inside it, the legend would cover the last model's bars.
+        ax_score.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=8, frameon=False)
+        ax_time.barh(ys, [c.wall_s for c in candidates],
+                     color=["tab:green" if c.model_type == winner else "tab:orange" for c in candidates])
+        ax_time.set(xlabel="wall time (s)", title="time per model type")
+        ax_score.set_yticks(ys, [f"{c.model_type} (winner)" if c.model_type == winner else c.model_type
+                                 for c in candidates])
         ax_score.invert_yaxis()
         for ax in (ax_score, ax_time):
             ax.grid(axis="x", alpha=0.3)
             ax.margins(x=0.18)  # room for the value labels at the bars' ends
         fig.suptitle(f"Step 5 --compare-models: winner {winner or 'none'}")
-        fig.tight_layout()
         return save_figure(fig, path)
-    except Exception as exc:  # noqa: BLE001 - the picture is a courtesy, the summary is the product
-        logger.warning("compare: could not draw %s: %s: %s", path, type(exc).__name__, exc)
-        return None
+    return None

@@ -1,9 +1,5 @@
-"""The optimizer's settings and outcome: one dataclass per direction.
-
-The CLI (SPEC section 3) parses into :class:`OptimizerConfig`; ``--compare-models`` runs
-derive one config per model type with :func:`dataclasses.replace`, so every accepted flag
-reaches every sub-run by construction.
-"""
+"""The optimizer's settings and outcome; compare runs derive one config per model type with
+:func:`dataclasses.replace`, so every accepted flag reaches every sub-run."""
 from __future__ import annotations
 
 import math
@@ -45,8 +41,7 @@ class OptimizerConfig:
     seed: int = 42  # splits, sampler and training seeds derive from it
     target: str = DEFAULT_TARGET  # features[NAME], else the record's own NAME
     persistent_workers: bool | None = field(default=None, metadata=NN_ONLY)  # None: the policy's kill switch decides
-    # Default: ./watcher_policies.json if there is one, else the project's own
-    # (step5.policy.find_policy); None: no policy file, every default applies.
+    # Default: step5.policy.find_policy; None: no policy file, every default applies.
     policy_path: Path | None = field(default_factory=lambda: find_policy()[0])
     gpus: list[str] | None = None  # None: detect without torch
     cpu_workers: int | None = None  # workers when there is no GPU; None: one per core
@@ -59,8 +54,7 @@ class OptimizerConfig:
     holdout_draws: int | None = 1000  # draws held out upstream, recorded in data_context (the existing default)
     parent_run_id: str | None = None  # provenance link to the pipeline run
     log_level: str = "INFO"
-    # Diagnostics, the compare summary and the skip registry: ./diagnostics_outputs, where the
-    # pipeline's health check and WATCHER read them (tests point it elsewhere).
+    # Diagnostics, the compare summary and the skip registry, where the health check and WATCHER read them.
     diagnostics_dir: Path = Path(DIAGNOSTICS_DIRNAME)
     skip_registry: Path | None = None  # None: model_skip_registry.json in diagnostics_dir
     fuse_folds: bool | None = field(default=None, metadata=NN_ONLY)  # None: the policy's training.fuse_folds decides
@@ -71,25 +65,17 @@ class OptimizerConfig:
     pruner: str | None = None  # --pruner (step5.policy.PRUNER_NAMES); None: the policy decides
     # NN search space: the epoch cap every trial trains under (early stopping ends sooner)
     nn_max_epochs: int = field(default=200, metadata=NN_ONLY)
-    # After the search, the best trial is trained and scored again on this many fresh K-fold
-    # partitions of the dev rows; its mean objective there is free of the search's own
-    # selection, and compare-models chooses by it. None: COMPARE_RESCORE_PARTITIONS in a
-    # compare run, 0 (no rescore) in a single run.
+    # Fresh K-fold partitions the best trial is scored on after the search (compare-models chooses by it).
+    # None: COMPARE_RESCORE_PARTITIONS in a compare run, 0 in a single run.
     rescore_partitions: int | None = None
-    # Repeated CV: every trial is scored on this many K-fold partitions of the dev rows
-    # (K x N fits), and its objective is taken over all of them. None: cv_repeats() by
-    # model type and rows (docs/optimizer.md, "Repeated CV").
+    # Repeated CV: K-fold partitions every trial is scored on. None: cv_repeats() by model type and rows.
     cv_repeats: int | None = None
-    # The pipeline's distributed_config.json: start a --search-only helper over ssh on each
-    # of its other hosts (step5.cluster). None: this process searches alone (or with helpers
-    # started by hand).
+    # The pipeline's distributed_config.json: a --search-only helper over ssh on each other host (step5.cluster).
     cluster_config: Path | None = None
     command_line: list[str] | None = None  # argv as the user typed it, for the sidecar's provenance
 
-
     @property
     def diagnostics_folder(self) -> Path:
-        """Where per-run diagnostics and the compare summary go."""
         return Path(self.diagnostics_dir)
 
     @property
@@ -97,30 +83,23 @@ class OptimizerConfig:
         return Path(self.skip_registry) if self.skip_registry is not None else self.diagnostics_folder / REGISTRY_NAME
 
 
-#: Fresh partitions each model type's best trial is rescored on in a compare run, unless
-#: --rescore-partitions says otherwise (docs/models.md: why rescore, why three).
+#: Fresh partitions a compare run rescores each best trial on by default (docs/models.md: why three).
 COMPARE_RESCORE_PARTITIONS = 3
 
 
 def rescore_partitions(config: OptimizerConfig) -> int:
-    """How many fresh partitions this run rescores its best trial on."""
     if config.rescore_partitions is not None:
         return config.rescore_partitions
     return COMPARE_RESCORE_PARTITIONS if config.compare_models else 0
 
 
-#: Validation rows a tree model type's trial should be scored on in all, unless
-#: --cv-repeats says otherwise: ceil(CV_VALIDATION_ROWS / n_dev) K-fold partitions, at most
-#: TREE_CV_REPEATS_MAX. A fold's R² is noisier the fewer rows validate it, and on a flat
-#: objective surface one partition's noise decides the winner; small tables are also where
-#: tree fits cost the least. The net keeps one partition: its folds cost seconds of worker
-#: time each, and its shipped fold ensemble already averages its seeds.
+#: Validation rows a tree model type's trial is scored on in all by default: ceil(CV_VALIDATION_ROWS / n_dev)
+#: partitions, at most TREE_CV_REPEATS_MAX; the net keeps one (docs/optimizer.md, "Repeated CV", says why).
 CV_VALIDATION_ROWS = 1000
 TREE_CV_REPEATS_MAX = 3
 
 
 def cv_repeats(config: OptimizerConfig, n_dev: int) -> int:
-    """How many K-fold partitions every trial of this run is scored on, for ``n_dev`` development rows."""
     if config.cv_repeats is not None:
         return config.cv_repeats
     if get_model_type(config.model_type).torch:
@@ -128,33 +107,25 @@ def cv_repeats(config: OptimizerConfig, n_dev: int) -> int:
     return max(1, min(TREE_CV_REPEATS_MAX, math.ceil(CV_VALIDATION_ROWS / max(n_dev, 1))))
 
 
-def validate_config(config: OptimizerConfig) -> None:
-    """Reject settings no run could honour, naming the flag; raises :class:`UsageError`
-    (:class:`~step5.errors.MissingDependency` for a tree model type without its library).
+#: The least value of each numeric setting (None: not given, the default decides), checked in this order.
+_MINIMUMS = {"trials": 1, "k_folds": 2, "seed": 0, "cpu_workers": 1, "mod": 1, "holdout_draws": 0, "fuse_trials": 1,
+             "trials_in_flight": 1, "rescore_partitions": 0, "cv_repeats": 1, "nn_max_epochs": 1}
 
-    argparse checks types; this checks ranges and combinations, so a config built in code
-    (compare runs, tests) gets the same checks as one parsed from the command line.
-    """
+
+def validate_config(config: OptimizerConfig) -> None:
+    """Reject settings no run could honour, naming the flag: :class:`UsageError` (``MissingDependency`` for
+    a tree model type without its library). Ranges and combinations, so a config built in code (compare
+    runs, tests) gets the checks argparse gives a command line."""
     if config.model_type not in MODEL_TYPES:
         raise UsageError(f"--model-type must be one of {list(MODEL_TYPES)}, got {config.model_type!r}")
-    if config.trials < 1:
-        raise UsageError(f"--trials must be >= 1, got {config.trials}")
-    if config.k_folds < 2:
-        raise UsageError(f"--k-folds must be >= 2, got {config.k_folds}")
+    for name, least in _MINIMUMS.items():
+        value = getattr(config, name)
+        if value is not None and value < least:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     if not 0.0 < config.test_holdout < 1.0:
         raise UsageError(f"--test-holdout must be a fraction strictly between 0 and 1, got {config.test_holdout}")
-    if config.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {config.seed}")
-    if config.cpu_workers is not None and config.cpu_workers < 1:
-        raise UsageError(f"--cpu-workers must be >= 1, got {config.cpu_workers}")
     if config.dropout is not None and not 0.0 <= config.dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1), got {config.dropout}")
-    if config.mod is not None and config.mod < 1:
-        raise UsageError(f"--mod must be >= 1, got {config.mod}")
-    if config.holdout_draws is not None and config.holdout_draws < 0:
-        raise UsageError(f"--holdout-draws must be >= 0, got {config.holdout_draws}")
-    if config.fuse_trials < 1:
-        raise UsageError(f"--fuse-trials must be >= 1, got {config.fuse_trials}")
     if config.fuse_trials > 1 and config.fuse_folds is False:
         raise UsageError(
             f"--fuse-trials {config.fuse_trials} trains the folds of several trials in one fused pass, which "
@@ -162,24 +133,16 @@ def validate_config(config: OptimizerConfig) -> None:
         )
     if config.pruner is not None and config.pruner not in PRUNER_NAMES:
         raise UsageError(f"--pruner must be one of {', '.join(PRUNER_NAMES)}, got {config.pruner!r}")
-    if config.trials_in_flight is not None and config.trials_in_flight < 1:
-        raise UsageError(f"--trials-in-flight must be >= 1, got {config.trials_in_flight}")
     if config.fuse_trials > 1 and config.trials_in_flight not in (None, config.fuse_trials):
         raise UsageError(
             f"--fuse-trials {config.fuse_trials} runs {config.fuse_trials} trials in flight, but "
             f"--trials-in-flight is {config.trials_in_flight}; drop one of them"
         )
-    if config.rescore_partitions is not None and config.rescore_partitions < 0:
-        raise UsageError(f"--rescore-partitions must be >= 0, got {config.rescore_partitions}")
     if config.search_only and config.rescore_partitions:
         raise UsageError(
             "--rescore-partitions rescores the best trial of the run that builds the model; a --search-only "
             "helper builds none. Give it to the process without --search-only"
         )
-    if config.cv_repeats is not None and config.cv_repeats < 1:
-        raise UsageError(f"--cv-repeats must be >= 1, got {config.cv_repeats}")
-    if config.nn_max_epochs < 1:
-        raise UsageError(f"--nn-max-epochs must be >= 1, got {config.nn_max_epochs}")
     if config.search_only and config.compare_models:
         raise UsageError(
             "--search-only helps one study; --compare-models runs four. Start a helper per model type with "

@@ -1,21 +1,5 @@
-"""Per-run diagnostics (``--enable-diagnostics``), for people and for the pipeline's health check.
-
-Under ``<diagnostics_dir>`` (``./diagnostics_outputs`` by default):
-
-* ``step5_<model_type>_<run_id>/trials.json``: the run's identity, the execution summary,
-  the final model's metrics, and one record per trial of the study (``this_run`` tells
-  resumed history from new trials): number, state, value, params, CV means, per-fold
-  metrics (R², MSE, durations, device, epochs run), wall-clock seconds and, for a failed
-  trial, why; and ``timings.png``: per-trial wall-clock against summed fold compute;
-* ``<model_type>_diagnostics.json`` and ``training_diagnostics.json``: the shipped model's
-  health in the schema the existing pipeline's ``training_health_check.py`` reads between
-  Step 5 and Step 6 (``training_summary``, ``diagnosis``, ``model_specific``); a compare run
-  replaces ``training_diagnostics.json`` with every model's report and the winner
-  (``models``, ``comparison``). The severity is the policy's ``metric_bounds`` applied to
-  the same numbers the WATCHER judges, so both reach the same verdict.
-
-Diagnostics never fail a run: a write error is logged as a warning.
-"""
+"""Per-run diagnostics (``--enable-diagnostics``) and the pipeline health check's report
+(docs/optimizer-internals.md#diagnostics); a write error is only logged."""
 from __future__ import annotations
 
 import logging
@@ -33,7 +17,6 @@ logger = logging.getLogger(__name__)
 
 
 def trial_record(trial: FrozenTrial, *, first_new_number: int) -> dict[str, Any]:
-    """One trial as plain JSON data."""
     attrs = trial.user_attrs
     duration = trial.duration.total_seconds() if trial.duration is not None else None
     return {
@@ -51,36 +34,17 @@ def trial_record(trial: FrozenTrial, *, first_new_number: int) -> dict[str, Any]
     }
 
 
-def write_run_diagnostics(
-    diagnostics_dir: Path,
-    *,
-    model_type: str,
-    run_id: str,
-    trials: Sequence[FrozenTrial],
-    first_new_number: int,
-    execution: dict[str, Any],
-    final_metrics: dict[str, Any] | None,
-    extra: dict[str, Any] | None = None,
-) -> Path | None:
-    """Write ``trials.json`` and ``timings.png`` for one run; returns the run's folder."""
+def write_run_diagnostics(diagnostics_dir: Path, *, model_type: str, run_id: str, trials: Sequence[FrozenTrial],
+                          first_new_number: int, execution: dict[str, Any], final_metrics: dict[str, Any] | None,
+                          extra: dict[str, Any] | None = None) -> Path | None:
     folder = Path(diagnostics_dir) / f"step5_{model_type}_{run_id}"
     try:
         records = [trial_record(t, first_new_number=first_new_number) for t in trials]
-        write_json_atomic(
-            folder / "trials.json",
-            {
-                "run_id": run_id,
-                "model_type": model_type,
-                **(extra or {}),
-                "execution": execution,
-                "final_model": final_metrics,
-                "trials": records,
-            },
-        )
-        plot_trial_timings(
-            [r for r in records if r["this_run"]], folder / "timings.png",
-            title=f"Step 5 {model_type}: trial timings (run {run_id[:8]})",
-        )
+        write_json_atomic(folder / "trials.json", {"run_id": run_id, "model_type": model_type, **(extra or {}),
+                                                    "execution": execution, "final_model": final_metrics,
+                                                    "trials": records})
+        plot_trial_timings([r for r in records if r["this_run"]], folder / "timings.png",
+                           title=f"Step 5 {model_type}: trial timings (run {run_id[:8]})")
     except OSError as exc:
         logger.warning("could not write diagnostics under %s: %s", folder, exc)
         return None
@@ -94,10 +58,8 @@ HEALTH_SCHEMA_VERSION = "1.1.0"  # the existing diagnostics writer's schema, whi
 
 
 def model_health_report(model_type: str, metrics: Mapping[str, Any], diagnostics: DiagnosticsPolicy) -> dict[str, Any]:
-    """One model's report in the pipeline's diagnostics schema, from its sidecar's
-    ``training_metrics``: the losses are the best trial's CV means, the rounds the shipped
-    model's training curve (``rounds_captured`` 0 when it has none, which the health check
-    reads as "no early-stop data", not as a model that peaked at round 0)."""
+    """One model's report in the pipeline's diagnostics schema, from its sidecar's ``training_metrics``
+    (``rounds_captured`` 0 without a training curve: the health check reads "no early-stop data")."""
     breaches = bound_breaches(metrics, diagnostics)
     levels = {level for level, _ in breaches}
     severity = "critical" if "critical" in levels else "warning" if "warning" in levels else "ok"
@@ -134,7 +96,6 @@ def model_health_report(model_type: str, metrics: Mapping[str, Any], diagnostics
 
 
 def write_health_report(diagnostics_dir: Path, report: Mapping[str, Any], *, model_type: str | None) -> Path | None:
-    """Write ``<model_type>_diagnostics.json`` (single runs) and ``training_diagnostics.json``."""
     folder = Path(diagnostics_dir)
     try:
         if model_type is not None:
@@ -150,7 +111,6 @@ def write_health_report(diagnostics_dir: Path, report: Mapping[str, Any], *, mod
 
 def compare_health_report(reports: Mapping[str, Mapping[str, Any]], *, winner: str | None, criterion: str,
                           winner_value: float | None, ranking: Sequence[str]) -> dict[str, Any]:
-    """The compare run's ``training_diagnostics.json``: every model's report and the winner."""
     return {
         "schema_version": HEALTH_SCHEMA_VERSION,
         "generated_at": utc_timestamp(),

@@ -1,28 +1,15 @@
-"""The anti-overfit objective: how a trial's fold results become its score.
-
-Objective (maximised)::
-
-    objective = mean_k(val_r2_k) - 0.5 * max(0, mean_k(train_r2_k) - mean_k(val_r2_k))
-
-It rewards generalisation (mean validation R² over the K folds) and charges half of the
-train/validation gap, so of two configurations with the same validation R², the one that
-fits its training rows less suspiciously well wins; a model that fits train *worse* than
-validation is not rewarded for it (the gap is clipped at 0).
-
-The backends that train the folds live in :mod:`step5.optimizer.backends`; this module
-reduces what they return (:func:`summarize_folds`) and stores it in the trial
-(:func:`record_trial`).
-"""
+"""The anti-overfit objective: how a trial's fold results become its score
+(docs/optimizer-internals.md#objective)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
 import numpy as np
 import optuna
 
-from step5.errors import JobError, Step5Error
+from step5.errors import Step5Error
 
 #: Weight of the (clipped) train/validation R² gap in the objective.
 OVERFIT_PENALTY = 0.5
@@ -32,7 +19,7 @@ OBJECTIVE_FORMULA = (
 
 
 def anti_overfit_score(val_r2: Sequence[float], train_r2: Sequence[float]) -> float:
-    """The objective above, for one trial's folds; NaN when any fold's metric is not finite."""
+    """:data:`OBJECTIVE_FORMULA` for one trial's folds; NaN when any fold's metric is not finite."""
     val = np.asarray(val_r2, dtype=np.float64)
     train = np.asarray(train_r2, dtype=np.float64)
     if val.size == 0 or val.shape != train.shape:
@@ -41,12 +28,6 @@ def anti_overfit_score(val_r2: Sequence[float], train_r2: Sequence[float]) -> fl
         return float("nan")
     mean_val, mean_train = float(val.mean()), float(train.mean())
     return mean_val - OVERFIT_PENALTY * max(0.0, mean_train - mean_val)
-
-
-def r2_from_mse(mse: float, y: np.ndarray) -> float:
-    """R² = 1 - MSE / Var(y): the train R² when a trainer reports only the train MSE."""
-    var = float(np.var(y))
-    return float("nan") if var <= 0.0 else 1.0 - float(mse) / var
 
 
 @dataclass
@@ -61,39 +42,13 @@ class TrialSummary:
     train_mse_mean: float
     folds: list[dict[str, Any]] = field(default_factory=list)
 
-    def flat_attrs(self) -> dict[str, float]:
-        """Scalar user attributes, so ``study.trials_dataframe()`` shows them as columns
-        (``user_attrs_cv_val_r2_mean``, ...); ``overfit_gap`` is mean train R² - mean val R²
-        (unclipped; the objective charges half of its positive part)."""
-        return {
-            "cv_val_r2_mean": self.val_r2_mean,
-            "cv_val_r2_std": self.val_r2_std,
-            "cv_train_r2_mean": self.train_r2_mean,
-            "cv_val_mse_mean": self.val_mse_mean,
-            "cv_train_mse_mean": self.train_mse_mean,
-            "overfit_gap": self.train_r2_mean - self.val_r2_mean,
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "value": self.value,
-            "val_r2_mean": self.val_r2_mean,
-            "val_r2_std": self.val_r2_std,
-            "train_r2_mean": self.train_r2_mean,
-            "val_mse_mean": self.val_mse_mean,
-            "train_mse_mean": self.train_mse_mean,
-        }
-
 
 #: Per-fold keys kept in the study (small, JSON-able); the rest of a result is log detail.
-_KEPT_FOLD_KEYS = (
-    "fold_idx", "r2", "train_r2", "val_mse", "train_mse", "duration", "load_s", "train_s", "device",
-    "epochs_run", "best_epoch", "n_train", "n_val",
-)
+_KEPT_FOLD_KEYS = ("fold_idx", "r2", "train_r2", "val_mse", "train_mse", "duration", "load_s", "train_s", "device",
+                   "epochs_run", "best_epoch", "n_train", "n_val")
 
 
 def summarize_folds(results: Sequence[dict[str, Any]]) -> TrialSummary:
-    """Reduce K fold results to the trial's objective and its means."""
     for i, res in enumerate(results):
         missing = [k for k in ("r2", "train_r2", "val_mse", "train_mse") if k not in res]
         if missing:
@@ -101,29 +56,21 @@ def summarize_folds(results: Sequence[dict[str, Any]]) -> TrialSummary:
     val = [float(r["r2"]) for r in results]
     train = [float(r["train_r2"]) for r in results]
     kept = [{k: r[k] for k in _KEPT_FOLD_KEYS if k in r} for r in results]
-    return TrialSummary(
-        value=anti_overfit_score(val, train),
-        val_r2_mean=float(np.mean(val)),
-        val_r2_std=float(np.std(val)),
-        train_r2_mean=float(np.mean(train)),
-        val_mse_mean=float(np.mean([r["val_mse"] for r in results])),
-        train_mse_mean=float(np.mean([r["train_mse"] for r in results])),
-        folds=kept,
-    )
-
-
-def fail_reason(exc: JobError) -> str:
-    """How a trial failed by a fold's :class:`JobError`, as stored in ``user_attrs["fail_reason"]``."""
-    where = f" (fold {exc.fold_idx})" if exc.fold_idx is not None else ""
-    return f"{exc.error_type}{where}: {exc.message}"
+    return TrialSummary(value=anti_overfit_score(val, train), val_r2_mean=float(np.mean(val)),
+                        val_r2_std=float(np.std(val)), train_r2_mean=float(np.mean(train)),
+                        val_mse_mean=float(np.mean([r["val_mse"] for r in results])),
+                        train_mse_mean=float(np.mean([r["train_mse"] for r in results])), folds=kept)
 
 
 def record_trial(trial: optuna.Trial, results: Sequence[dict[str, Any]], *, wall_s: float) -> TrialSummary:
-    """Store one trial's fold results in its ``user_attrs``; returns its summary (value may be NaN)."""
+    """Store one trial's fold results in its ``user_attrs``; its summary (the value may be NaN)."""
     summary = summarize_folds(results)
-    trial.set_user_attr("cv", summary.to_dict())  # read by the sidecar, the progress line, diagnostics
-    for key, value in summary.flat_attrs().items():
-        trial.set_user_attr(key, value)
+    means = {f.name: getattr(summary, f.name) for f in fields(summary) if f.name != "folds"}
+    trial.set_user_attr("cv", means)  # read by the sidecar, the progress line, diagnostics
+    # Scalar attributes too: columns of study.trials_dataframe() (the overfit gap unclipped).
+    for key in ("val_r2_mean", "val_r2_std", "train_r2_mean", "val_mse_mean", "train_mse_mean"):
+        trial.set_user_attr(f"cv_{key}", means[key])
+    trial.set_user_attr("overfit_gap", summary.train_r2_mean - summary.val_r2_mean)
     trial.set_user_attr("folds", summary.folds)
     trial.set_user_attr("wall_s", round(wall_s, 4))
     if not math.isfinite(summary.value):

@@ -1,35 +1,5 @@
-"""``AntiOverfitMetaOptimizer``: one Step 5 run for one model type, start to sidecar.
-
-::
-
-    load survivors + history ─▶ assess signal ──degenerate──▶ degenerate sidecar, exit 2
-            │ healthy / weak
-            ▼
-    seeded holdout split (test rows: no trial ever sees them)
-    K-fold splits of the dev rows + the final split, written ONCE to a private temp dir
-            │
-            ▼
-    Optuna study (SQLite by default) ──▶ N new complete trials (or the rest of an unfinished round)
-            │   (--cluster-config: --search-only helpers on the pipeline's other hosts
-            │   join the study until it is full, step5.cluster)
-            │   one ask/tell loop (step5.optimizer.search): ask B trials, run their
-            │   folds as groups (NN: FoldRunner.run = workers | one-shot subprocesses;
-            │   trees: in-process), tell each exactly once, in ask order
-            │   groups: fold by fold | --fuse-folds (a trial's K folds) | --fuse-trials
-            │   (same-shape trials' folds)
-            ▼
-    final model: the best trial's exact params, fitted on dev minus an early-stopping
-    slice (~1/K of dev), early-stopped on that slice, scored on the test rows
-            │
-            ▼
-    best_model.<ext> + best_model.meta.json + history PNG, committed as one model set
-    (step5.model_set: at every instant the output dir shows the old set or the new one)
-    (+ diagnostics under <output-dir>/diagnostics_outputs when asked)
-
-The fold runner and the fold files are released in ``finally`` blocks, whatever ends the
-run (an error, Ctrl-C, SIGTERM turned into KeyboardInterrupt by the CLI). The parent never
-imports torch: neural-net work happens only in worker / one-shot subprocesses.
-"""
+"""``AntiOverfitMetaOptimizer``: one Step 5 run for one model type, data to sidecar
+(the flow: docs/optimizer-internals.md#optimizer). The parent never imports torch."""
 from __future__ import annotations
 
 import contextlib
@@ -68,39 +38,22 @@ from step5.optimizer.config import (
     DEFAULT_MOD, DEFAULT_PRNG_TYPE, OptimizerConfig, RunOutcome, cv_repeats, rescore_partitions, validate_config,
 )
 from step5.optimizer.diagnostics import model_health_report, write_health_report, write_run_diagnostics
-from step5.optimizer.grouping import default_trials_in_flight
+from step5.optimizer.backends import default_trials_in_flight
 from step5.optimizer.backends import CVData, ModelBackend, NNBackend, TreeBackend, partition_seed
 from step5.optimizer.objective import OBJECTIVE_FORMULA, OVERFIT_PENALTY, summarize_folds
-from step5.optimizer.search import SearchGoal, SearchPlan, run_search
+from step5.optimizer.search import SearchGoal, SearchPlan, TrialProgress, run_search
 from step5.optimizer.plots import plot_optimization_history
 from step5.optimizer.search_space import DataShape, first_nn_trials
-from step5.optimizer.progress import TrialProgress
 from step5.optimizer.study import (
-    OpenedStudy,
-    best_complete_trial,
-    count_states,
-    default_storage_url,
-    default_study_name,
-    open_study,
-    redact_storage,
+    OpenedStudy, best_complete_trial, count_states, default_storage_url, default_study_name, open_study, redact_storage
 )
 
 logger = logging.getLogger(__name__)
 
-HISTORY_PNG_NAME = artifacts.HISTORY_PNG_NAME
-
 
 def resolve_search_plan(config: OptimizerConfig, policy: Policy, capacity: int, *, neural_net: bool) -> SearchPlan:
-    """Trials in flight and fusion for this run; flags win over the policy.
-
-    ``--fuse-trials N`` (N > 1) fuses same-shape trials, which fuses their folds by
-    definition, with N trials in flight. Otherwise ``--fuse-folds`` / ``--no-fuse-folds``
-    win over ``training.fuse_folds``, and ``--trials-in-flight`` over
-    ``training.trials_in_flight``, whose 0 means "fill the slots": two trials per device
-    slot for neural nets (``default_trials_in_flight``; tree models train in-process, one
-    trial at a time).
-    Fusion applies to neural nets only. ``--pruner`` wins over ``training.pruner``.
-    """
+    """Trials in flight, fusion and pruner for this run (neural nets alone fuse); flags win over the policy,
+    whose ``trials_in_flight`` 0 means two per device slot for nets. ``--fuse-trials N`` > 1 fuses folds too."""
     fuse_trials = neural_net and config.fuse_trials > 1
     if fuse_trials:
         fuse_folds, source = True, f"--fuse-trials {config.fuse_trials}"
@@ -124,9 +77,8 @@ def resolve_search_plan(config: OptimizerConfig, policy: Policy, capacity: int, 
 
 
 def nn_only_settings(config: OptimizerConfig) -> list[str]:
-    """The neural-net-only settings (the config's :data:`~step5.optimizer.config.NN_ONLY`
-    fields) this run was given, typed on the command line in any spelling (when it is known)
-    or set away from their defaults in code: ``["--dropout=0.2", ...]``."""
+    """The :data:`~step5.optimizer.config.NN_ONLY` settings this run was given, typed in any spelling or set
+    away from their defaults in code: ``["--dropout=0.2", ...]``."""
     from step5.optimizer.cli import flag_spellings
 
     typed = {arg.split("=", 1)[0] for arg in (config.command_line or []) if arg.startswith("--")}
@@ -135,13 +87,8 @@ def nn_only_settings(config: OptimizerConfig) -> list[str]:
 
 
 class AntiOverfitMetaOptimizer:
-    """Search hyperparameters for one model type and save the best model with its sidecar.
-
-    ``run()`` returns a :class:`RunOutcome` on success and raises :class:`Step5Error`
-    subclasses otherwise: :class:`DataError` for bad inputs, :class:`DegenerateSignalError`
-    (after writing the degenerate sidecar; the exception carries ``.outcome``) when the
-    target has nothing to learn, :class:`~step5.errors.UsageError` for impossible settings.
-    """
+    """Search hyperparameters for one model type and save the best model with its sidecar. ``run()`` returns
+    a :class:`RunOutcome` or raises a :class:`Step5Error` (:class:`DegenerateSignalError` carries ``.outcome``)."""
 
     def __init__(self, config: OptimizerConfig) -> None:
         validate_config(config)
@@ -158,15 +105,11 @@ class AntiOverfitMetaOptimizer:
         self._t0 = time.perf_counter()
         self.cv_repeats = 1  # K-fold partitions per trial: resolved once the row count is known
 
-    # ------------------------------------------------------------------ public
-
     def run(self) -> RunOutcome:
         cfg = self.config
         self._t0 = time.perf_counter()
-        logger.info(
-            "Step 5 run %s: model %s, %d trials, %d folds, test holdout %.2f, seed %d",
-            self.run_id[:8], cfg.model_type, cfg.trials, cfg.k_folds, cfg.test_holdout, cfg.seed,
-        )
+        logger.info("Step 5 run %s: model %s, %d trials, %d folds, test holdout %.2f, seed %d", self.run_id[:8],
+                    cfg.model_type, cfg.trials, cfg.k_folds, cfg.test_holdout, cfg.seed)
         self.policy = load_policy(cfg.policy_path)
         helper_nodes = self._helper_nodes()  # a bad cluster config fails before the data is read
 
@@ -174,22 +117,22 @@ class AntiOverfitMetaOptimizer:
         table = load_survivors(cfg.survivors, cfg.target)
         draws = load_history(cfg.lottery_data)
         self.timings["load_s"] = time.perf_counter() - start
-        logger.info(
-            "loaded %d survivors x %d features (%d excluded: %s) and %d history draws in %.2fs",
-            table.n_records, table.n_features, len(table.excluded_features), table.excluded_features,
-            len(draws), self.timings["load_s"],
-        )
+        logger.info("loaded %d survivors x %d features (%d excluded: %s) and %d history draws in %.2fs",
+                    table.n_records, table.n_features, len(table.excluded_features), table.excluded_features,
+                    len(draws), self.timings["load_s"])
 
-        signal = assess_signal(table.y)
-        data_context = self._data_context(table, draws)
-        feature_schema = artifacts.build_feature_schema(table.feature_names, table.excluded_features, table.source_file)
+        # What both the success and the degenerate sidecar record about the data.
+        signal = self.signal = assess_signal(table.y)
+        data_context = self.data_context = self._data_context(table, draws)
+        self.feature_schema = artifacts.build_feature_schema(table.feature_names, table.excluded_features,
+                                                             table.source_file)
         self.cv_repeats = cv_repeats(cfg, dev_rows(table.n_records, cfg.test_holdout))
         setup = self._setup()
         study_name = cfg.study_name or default_study_name(cfg.model_type, data_context["fingerprint_hash"], setup)
         storage_url = cfg.storage or default_storage_url(self.output_dir)
 
         if not signal["prediction_allowed"]:
-            outcome = self._write_degenerate(signal, data_context, feature_schema, study_name, storage_url)
+            outcome = self._write_degenerate(study_name, storage_url)
             exc = DegenerateSignalError(
                 f"target {cfg.target!r} has no usable signal ({signal['reason']}); "
                 f"wrote the degenerate sidecar {outcome.sidecar_path}, no model"
@@ -206,10 +149,9 @@ class AntiOverfitMetaOptimizer:
             shape = DataShape.of_development(len(cv.y_dev), cv.X_dev.shape[1], cv.k)
             # No more first trials than --trials: the rest would wait in the study unrun.
             first_trials = first_nn_trials(shape, fixed_dropout=cfg.dropout)[: cfg.trials]
-        opened = open_study(
-            study_name=study_name, storage_url=storage_url, setup=setup, seed=cfg.seed, trials=cfg.trials,
-            data=self._study_data(data_context), training=self.policy.training, first_trials=first_trials,
-        )
+        opened = open_study(study_name=study_name, storage_url=storage_url, setup=setup, seed=cfg.seed,
+                            trials=cfg.trials, data=self._study_data(data_context), training=self.policy.training,
+                            first_trials=first_trials)
         with contextlib.ExitStack() as outputs:  # the new model set: discarded unless committed
             with contextlib.ExitStack() as stack:
                 # Helpers on the other hosts join the study while this process boots its workers;
@@ -231,14 +173,9 @@ class AntiOverfitMetaOptimizer:
                     final = self._train_final(best, backend, staged.path)
                 execution = self._execution(backend)
             # Fold files and workers are gone here; only the outputs remain.
-            return self._write_success(
-                opened, best, final, rescore, cv, signal, data_context, feature_schema, execution, backend, staged,
-            )
-
-    # ------------------------------------------------------------------ cluster
+            return self._write_success(opened, best, final, rescore, cv, execution, backend, staged)
 
     def _helper_nodes(self) -> list[ClusterNode]:
-        """The hosts of ``--cluster-config`` other than this one (none without the flag)."""
         cfg = self.config
         if cfg.cluster_config is None:
             return []
@@ -265,53 +202,37 @@ class AntiOverfitMetaOptimizer:
         arguments = helper_arguments(cfg, study_name=study_name, storage=storage_url, policy_given=policy_given)
         return helper_fleet(nodes, arguments)
 
-    # ------------------------------------------------------------------ data
-
     def _data_context(self, table: SurvivorTable, draws: list[int]) -> dict[str, Any]:
         cfg = self.config
         prng_type = cfg.prng_type if cfg.prng_type is not None else table.prng_type or DEFAULT_PRNG_TYPE
         mod = cfg.mod if cfg.mod is not None else table.mod or DEFAULT_MOD
         extra = {"prng_type": prng_type, "mod": mod, "holdout_draws": cfg.holdout_draws}
-        fingerprint = artifacts.data_fingerprint(
-            table.X, table.y, table.feature_names, draws, target=table.target, extra=extra,
-        )
-        return build_data_context(
-            fingerprint=fingerprint, training_draws=len(draws), holdout_draws=cfg.holdout_draws,
-            survivors_file=str(cfg.survivors), survivor_count=table.n_records, prng_type=prng_type, mod=mod,
-            target=table.target, missing_feature_fills=table.missing_fills, lottery_data_file=str(cfg.lottery_data),
-        )
+        fingerprint = artifacts.data_fingerprint(table.X, table.y, table.feature_names, draws, target=table.target,
+                                                 extra=extra)
+        return build_data_context(fingerprint=fingerprint, training_draws=len(draws), holdout_draws=cfg.holdout_draws,
+                                  survivors_file=str(cfg.survivors), survivor_count=table.n_records,
+                                  prng_type=prng_type, mod=mod, target=table.target,
+                                  missing_feature_fills=table.missing_fills, lottery_data_file=str(cfg.lottery_data))
 
     @staticmethod
     def _study_data(data_context: dict[str, Any]) -> dict[str, Any]:
-        """What a shared study records about its data; every process that joins must match it."""
-        return {
-            "fingerprint_hash": data_context["fingerprint_hash"],
-            "survivor_count": data_context["survivor_source"]["survivor_count"],
-            "training_window_draws": data_context["training_window"]["draw_count"],
-        }
+        return {"fingerprint_hash": data_context["fingerprint_hash"],
+                "survivor_count": data_context["survivor_source"]["survivor_count"],
+                "training_window_draws": data_context["training_window"]["draw_count"]}
 
     def _setup(self) -> dict[str, Any]:
-        """What makes two runs' objective values comparable (see :mod:`step5.optimizer.study`)."""
+        """What makes two runs' objective values comparable (docs/optimizer-internals.md#study)."""
         cfg = self.config
-        setup: dict[str, Any] = {
-            "model_type": cfg.model_type,
-            "seed": cfg.seed,
-            "k_folds": cfg.k_folds,
-            "test_holdout": cfg.test_holdout,
-            "target": cfg.target,
-            "objective": OBJECTIVE_FORMULA,
-        }
+        setup: dict[str, Any] = {"model_type": cfg.model_type, "seed": cfg.seed, "k_folds": cfg.k_folds,
+                                 "test_holdout": cfg.test_holdout, "target": cfg.target, "objective": OBJECTIVE_FORMULA}
         if self.cv_repeats > 1:  # only then: a study from before repeated CV keeps its name
             setup["cv_repeats"] = self.cv_repeats
         if self.torch:
-            setup.update(
-                normalize_features=cfg.normalize_features, use_leaky_relu=cfg.use_leaky_relu,
-                dropout=cfg.dropout, nn_max_epochs=cfg.nn_max_epochs,
-            )
+            setup.update(normalize_features=cfg.normalize_features, use_leaky_relu=cfg.use_leaky_relu,
+                         dropout=cfg.dropout, nn_max_epochs=cfg.nn_max_epochs)
         return setup
 
     def _split(self, table: SurvivorTable) -> CVData:
-        """Holdout test rows, K folds of the dev rows, and the final model's early-stopping slice."""
         from sklearn.model_selection import train_test_split
 
         cfg = self.config
@@ -332,72 +253,53 @@ class AntiOverfitMetaOptimizer:
                  for r in range(1, repeats)]
         fresh += [kfold_splits(len(dev_idx), cfg.k_folds, partition_seed(cfg.seed, p))
                   for p in range(1, rescore_partitions(cfg) + 1)]
-        fit_pos, es_pos = train_test_split(
-            np.arange(len(dev_idx)), test_size=1.0 / cfg.k_folds, random_state=cfg.seed + 2, shuffle=True,
-        )
+        fit_pos, es_pos = train_test_split(np.arange(len(dev_idx)), test_size=1.0 / cfg.k_folds,
+                                           random_state=cfg.seed + 2, shuffle=True)
         final = ("the final net is the best trial's fold models merged into one" if self.torch
                  else f"the final model fits {len(fit_pos)} and early-stops on {len(es_pos)}")
         logger.info("split %d rows: %d dev (%d folds of ~%d validation rows%s), %d test; %s",
                     n, len(dev_idx), cfg.k_folds, len(dev_idx) // cfg.k_folds,
                     f", each trial on {repeats} partitions" if repeats > 1 else "", len(test_idx), final)
-        return CVData(
-            X_dev=table.X[dev_idx], y_dev=table.y[dev_idx], X_test=table.X[test_idx], y_test=table.y[test_idx],
-            folds=folds, final_fit_idx=np.sort(fit_pos), final_es_idx=np.sort(es_pos),
-            feature_names=list(table.feature_names), fresh_partitions=fresh, search_repeats=repeats,
-        )
-
-    # ------------------------------------------------------------------ search
+        return CVData(X_dev=table.X[dev_idx], y_dev=table.y[dev_idx], X_test=table.X[test_idx],
+                      y_test=table.y[test_idx], folds=folds, final_fit_idx=np.sort(fit_pos),
+                      final_es_idx=np.sort(es_pos), feature_names=list(table.feature_names), fresh_partitions=fresh,
+                      search_repeats=repeats)
 
     def _make_backend(self, cv: CVData, files: FoldFiles) -> ModelBackend:
         cfg = self.config
         if not self.torch:
             not_applicable = nn_only_settings(cfg)
             if not_applicable:
-                # Accepted for every model type (compare runs share one command line), but
-                # never silently ignored.
-                logger.info(
-                    "neural-net settings do not apply to %s and are ignored: %s",
-                    cfg.model_type, ", ".join(not_applicable),
-                )
+                # Accepted for every model type (compare runs share one command line), never silently ignored.
+                logger.info("neural-net settings do not apply to %s and are ignored: %s", cfg.model_type,
+                            ", ".join(not_applicable))
             if cfg.cpu_workers is not None:
                 logger.info("%s trains with %d thread(s) (--cpu-workers)", cfg.model_type, cfg.cpu_workers)
             self.plan = resolve_search_plan(cfg, self.policy, 1, neural_net=False)
             # The tree libraries drive NVIDIA GPUs only: --gpus rocm:N leaves them on the CPU.
             return TreeBackend(cfg.model_type, cv, seed=cfg.seed, gpus=cuda_ids(cfg.gpus), n_threads=cfg.cpu_workers)
         policy = self.policy
-        assert policy is not None, "run() loads the policy before making the backend"
         slots = plan_slots(cfg.gpus, cfg.cpu_workers, device_env=policy.training.device_env)
         if policy.training.device_env:
             logger.info("every worker and one-shot trainer gets %s (training.device_env)",
                         " ".join(f"{k}={v}" for k, v in sorted(policy.training.device_env.items())))
         persistent = resolve_persistent_workers(cfg.persistent_workers, policy.training)
-        logger.info(
-            "neural-net folds run on %s via %s",
-            ", ".join(s.label for s in slots), "persistent workers (S96B)" if persistent else "one-shot subprocesses (S96A)",
-        )
+        logger.info("neural-net folds run on %s via %s", ", ".join(s.label for s in slots),
+                    "persistent workers (S96B)" if persistent else "one-shot subprocesses (S96A)")
         start = time.perf_counter()
-        try:
-            runner = make_fold_runner(slots, policy.training, persistent=persistent)
-        except ImportError as exc:
-            raise Step5Error(
-                f"persistent workers are not available ({exc}); run with --no-persistent-workers"
-            ) from None
+        runner = make_fold_runner(slots, policy.training, persistent=persistent)
         self.timings["runner_start_s"] = time.perf_counter() - start
         plan = self.plan = resolve_search_plan(cfg, policy, runner.capacity, neural_net=True)
-        logger.info(
-            "%d trial(s) in flight on %d slot(s); %s; pruner %s", plan.trials_in_flight, runner.capacity,
-            "same-shape trials' folds fused in one pass" if plan.fuse_trials else
-            "each trial's folds fused in one pass" if plan.fuse_folds else "fold by fold", plan.pruner,
-        )
+        logger.info("%d trial(s) in flight on %d slot(s); %s; pruner %s", plan.trials_in_flight, runner.capacity,
+                    "same-shape trials' folds fused in one pass" if plan.fuse_trials else
+                    "each trial's folds fused in one pass" if plan.fuse_folds else "fold by fold", plan.pruner)
         if plan.pruner != "none" and plan.fuse_folds and not plan.fuse_trials:
             logger.info("--pruner %s runs the folds in waves (fold k of every trial in flight), so a trial's "
                         "folds are not fused (--fuse-trials still fuses same-shape trials' fold k)", plan.pruner)
         try:
-            return NNBackend(
-                runner, cv, files, seed=cfg.seed, normalize_features=cfg.normalize_features,
-                use_leaky_relu=cfg.use_leaky_relu, dropout=cfg.dropout, max_epochs=cfg.nn_max_epochs,
-                fuse_folds=plan.fuse_folds, fuse_trials=plan.fuse_trials,
-            )
+            return NNBackend(runner, cv, files, seed=cfg.seed, normalize_features=cfg.normalize_features,
+                             use_leaky_relu=cfg.use_leaky_relu, dropout=cfg.dropout, max_epochs=cfg.nn_max_epochs,
+                             fuse_folds=plan.fuse_folds, fuse_trials=plan.fuse_trials)
         except BaseException:
             runner.close()
             raise
@@ -424,7 +326,6 @@ class AntiOverfitMetaOptimizer:
         self.timings["search_s"] = time.perf_counter() - start
 
     def _search_only_outcome(self, opened: OpenedStudy) -> RunOutcome:
-        """A --search-only helper ends here: the study is searched, the default-role process builds the model."""
         counts = count_states(opened.study)
         self.timings["total_s"] = time.perf_counter() - self._t0
         logger.info(
@@ -443,8 +344,6 @@ class AntiOverfitMetaOptimizer:
             + (". Last failures:\n  " + "\n  ".join(reasons) if reasons else "")
         )
 
-    # ------------------------------------------------------------------ final model
-
     @staticmethod
     def _best_params(best: FrozenTrial) -> dict[str, Any]:
         params = best.user_attrs.get("params")
@@ -453,16 +352,8 @@ class AntiOverfitMetaOptimizer:
         return params
 
     def _rescore(self, best: FrozenTrial, backend: ModelBackend, cv: CVData) -> dict[str, Any] | None:
-        """The best trial trained and scored again on each fresh partition of the dev rows
-        (None when the run rescores on none).
-
-        The search picked this trial because its objective was the highest of many noisy
-        ones, so that objective leans high, and the more so the noisier the model family's
-        trials are. On folds the search never saw, with training seeds of its own, the same
-        params give an estimate free of that choice (docs/models.md). A partition whose
-        folds fail or diverge scores NaN, and so does the mean: a model that does not train
-        reliably on fresh folds has no trustworthy estimate.
-        """
+        """The best trial trained and scored again on each fresh partition (None: none), an estimate free of
+        the search's choice (docs/models.md); a partition that fails scores NaN, and so does the mean."""
         partitions = cv.rescore_partitions
         n = len(partitions)
         if n == 0:
@@ -472,15 +363,14 @@ class AntiOverfitMetaOptimizer:
         values: list[float] = []
         r2_means: list[float] = []
         for p in partitions:
+            value = r2_mean = float("nan")
             try:
                 summary = summarize_folds(backend.rescore(best.number, params, p))
+                value, r2_mean = summary.value, summary.val_r2_mean
             except JobError as exc:
                 logger.warning("rescoring trial %d on fresh partition %d failed: %s", best.number, p, exc)
-                values.append(float("nan"))
-                r2_means.append(float("nan"))
-                continue
-            values.append(summary.value)
-            r2_means.append(summary.val_r2_mean)
+            values.append(value)
+            r2_means.append(r2_mean)
         self.timings["rescore_s"] = time.perf_counter() - start
         mean = float(np.mean(values))  # NaN when any partition is
         logger.info(
@@ -497,8 +387,7 @@ class AntiOverfitMetaOptimizer:
         }
 
     def _train_final(self, best: FrozenTrial, backend: ModelBackend, staging: Path) -> dict[str, Any]:
-        """Fit the best trial's exact params on the final split; its checkpoint goes to ``staging``
-        (the new model set's folder), so a failed final fit never replaces a good model."""
+        """The final model from the best trial's exact params, into ``staging`` (the new model set)."""
         params = self._best_params(best)
         name = artifacts.checkpoint_filename(self.config.model_type)
         logger.info("training the final model with trial %d's params: %s", best.number, params)
@@ -506,23 +395,19 @@ class AntiOverfitMetaOptimizer:
         result = backend.train_final(best.number, params, staging / name)
         self.timings["final_s"] = time.perf_counter() - start
         result["params"] = params
-        logger.info(
-            "final model: train R² %.4f, val R² %.4f, test R² %.4f (%.1fs)",
-            result.get("train_r2", float("nan")), result.get("r2", float("nan")),
-            result.get("test_r2", float("nan")), self.timings["final_s"],
-        )
+        logger.info("final model: train R² %.4f, val R² %.4f, test R² %.4f (%.1fs)",
+                    result.get("train_r2", float("nan")), result.get("r2", float("nan")),
+                    result.get("test_r2", float("nan")), self.timings["final_s"])
         return result
 
-    # ------------------------------------------------------------------ outputs
-
     def _execution(self, backend: ModelBackend | None) -> ExecutionSummary:
-        """The sidecar's execution block: what trained (None: nothing did), how, how long."""
         stats = backend.summary() if backend is not None else None
         search = self._search_record if backend is not None else SearchRecord()
         return build_execution_summary(stats, search=search, phases=self.timings)
 
-    def _optuna_block(self, study_name: str, storage_url: str, study: optuna.Study | None, best: FrozenTrial | None,
-                      opened: OpenedStudy | None) -> dict[str, Any]:
+    def _optuna_block(self, study_name: str, storage_url: str, opened: OpenedStudy | None = None,
+                      best: FrozenTrial | None = None) -> dict[str, Any]:
+        study = opened.study if opened is not None else None
         counts = count_states(study) if study is not None else {"complete": 0, "fail": 0}
         return {
             "study_name": study_name,
@@ -553,10 +438,7 @@ class AntiOverfitMetaOptimizer:
             extra={"cwd": os.getcwd(), "policy_file": self.policy.source if self.policy is not None else None},
         )
 
-    def _write_degenerate(
-        self, signal: dict[str, Any], data_context: dict[str, Any], feature_schema: dict[str, Any],
-        study_name: str, storage_url: str,
-    ) -> RunOutcome:
+    def _write_degenerate(self, study_name: str, storage_url: str) -> RunOutcome:
         cfg = self.config
         stale = self.output_dir / artifacts.checkpoint_filename(cfg.model_type)
         if stale.exists():
@@ -564,63 +446,37 @@ class AntiOverfitMetaOptimizer:
             # commit removes the earlier run's checkpoint from what the output dir shows.
             logger.warning("replacing the model from an earlier run (%s): this run's data has no usable signal", stale)
         self.timings["total_s"] = time.perf_counter() - self._t0
-        sidecar = degenerate_sidecar(
-            model_type=cfg.model_type,
-            feature_schema=feature_schema,
-            signal_quality=signal,
-            data_context=data_context,
-            optuna=self._optuna_block(study_name, storage_url, None, None, None),
-            execution=self._execution(None).to_dict(),
-            provenance=self._provenance(),
-        )
+        sidecar = degenerate_sidecar(model_type=cfg.model_type, feature_schema=self.feature_schema,
+                                     signal_quality=self.signal, data_context=self.data_context,
+                                     optuna=self._optuna_block(study_name, storage_url),
+                                     execution=self._execution(None).to_dict(), provenance=self._provenance())
         with model_set.stage(self.output_dir) as staged, model_set.writing(self.output_dir):
             artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, sidecar)
             staged.commit()
         path = self.output_dir / artifacts.SIDECAR_NAME
-        logger.error("degenerate target signal: %s; wrote %s (no model)", signal["reason"], path)
-        return RunOutcome(
-            model_type=cfg.model_type, status="DEGENERATE_SIGNAL", sidecar=sidecar, sidecar_path=path,
-            wall_s=self.timings["total_s"],
-        )
+        logger.error("degenerate target signal: %s; wrote %s (no model)", self.signal["reason"], path)
+        return RunOutcome(model_type=cfg.model_type, status="DEGENERATE_SIGNAL", sidecar=sidecar, sidecar_path=path,
+                          wall_s=self.timings["total_s"])
 
-    def _write_success(
-        self,
-        opened: OpenedStudy,
-        best: FrozenTrial,
-        final: dict[str, Any],
-        rescore: dict[str, Any] | None,
-        cv: CVData,
-        signal: dict[str, Any],
-        data_context: dict[str, Any],
-        feature_schema: dict[str, Any],
-        execution_summary: ExecutionSummary,
-        backend: ModelBackend,
-        staged: model_set.StagedSet,
-    ) -> RunOutcome:
+    def _write_success(self, opened: OpenedStudy, best: FrozenTrial, final: dict[str, Any],
+                       rescore: dict[str, Any] | None, cv: CVData, execution_summary: ExecutionSummary,
+                       backend: ModelBackend, staged: model_set.StagedSet) -> RunOutcome:
         cfg = self.config
-        metrics = build_training_metrics(
-            best.user_attrs.get("cv", {}), final, objective_value=best.value,
-            objective_formula=OBJECTIVE_FORMULA, overfit_penalty=OVERFIT_PENALTY, k_folds=cfg.k_folds,
-            cv_repeats=cv.search_repeats, n_dev=len(cv.y_dev), n_fit=len(cv.final_fit_idx),
-            n_early_stop=len(cv.final_es_idx), n_test=len(cv.y_test),
-            rescore=rescore,
-        )
+        metrics = build_training_metrics(best.user_attrs.get("cv", {}), final, objective_value=best.value,
+                                         objective_formula=OBJECTIVE_FORMULA, overfit_penalty=OVERFIT_PENALTY,
+                                         k_folds=cfg.k_folds, cv_repeats=cv.search_repeats, n_dev=len(cv.y_dev),
+                                         n_fit=len(cv.final_fit_idx), n_early_stop=len(cv.final_es_idx),
+                                         n_test=len(cv.y_test), rescore=rescore)
         name = artifacts.checkpoint_filename(cfg.model_type)
         self.timings["total_s"] = time.perf_counter() - self._t0
         execution_summary.timings.total_s = self.timings["total_s"]
         execution = execution_summary.to_dict()
         sidecar = success_sidecar(
-            model_type=cfg.model_type,
-            checkpoint_path=str(staged.final_dir / name),
-            checkpoint_sha256=artifacts.file_sha256(staged.path / name),
-            training_metrics=metrics,
-            hyperparameters=final["params"],
-            training_options=backend.training_options(),
-            feature_schema=feature_schema,
-            signal_quality=signal,
-            data_context=data_context,
-            optuna=self._optuna_block(opened.study_name, opened.storage_url, opened.study, best, opened),
-            execution=execution,
+            model_type=cfg.model_type, checkpoint_path=str(staged.final_dir / name),
+            checkpoint_sha256=artifacts.file_sha256(staged.path / name), training_metrics=metrics,
+            hyperparameters=final["params"], training_options=backend.training_options(),
+            feature_schema=self.feature_schema, signal_quality=self.signal, data_context=self.data_context,
+            optuna=self._optuna_block(opened.study_name, opened.storage_url, opened, best), execution=execution,
             provenance=self._provenance(),
         )
         trials = opened.study.get_trials(deepcopy=False)
@@ -629,10 +485,8 @@ class AntiOverfitMetaOptimizer:
                 artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, sidecar)
             except ValueError as exc:  # a trainer result lacking a metric the sidecar requires
                 raise Step5Error(f"the final model's results cannot make a valid sidecar: {exc}") from None
-            plot_optimization_history(
-                trials, staged.path / HISTORY_PNG_NAME,
-                title=f"Step 5 {cfg.model_type}: {opened.study_name}",
-            )
+            plot_optimization_history(trials, staged.path / artifacts.HISTORY_PNG_NAME,
+                                      title=f"Step 5 {cfg.model_type}: {opened.study_name}")
             staged.commit()
         sidecar_path = self.output_dir / artifacts.SIDECAR_NAME
         if metrics["beats_mean"] is False:
@@ -642,23 +496,15 @@ class AntiOverfitMetaOptimizer:
                 metrics["test_r2"], metrics["cv_r2_mean"],
             )
         if cfg.enable_diagnostics:
-            write_run_diagnostics(
-                cfg.diagnostics_folder, model_type=cfg.model_type, run_id=self.run_id, trials=trials,
-                first_new_number=self._first_new_number, execution=execution,
-                final_metrics=metrics,
-                extra={"study_name": opened.study_name, "objective_formula": OBJECTIVE_FORMULA},
-            )
+            write_run_diagnostics(cfg.diagnostics_folder, model_type=cfg.model_type, run_id=self.run_id, trials=trials,
+                                  first_new_number=self._first_new_number, execution=execution, final_metrics=metrics,
+                                  extra={"study_name": opened.study_name, "objective_formula": OBJECTIVE_FORMULA})
             write_health_report(cfg.diagnostics_folder, model_health_report(
                 cfg.model_type, metrics, self.policy.training_diagnostics), model_type=cfg.model_type)
-        logger.info(
-            "saved %s and %s: CV R² %.4f ± %.4f, test R² %.4f, objective %.4f (trial %d); run took %.1fs",
-            self.output_dir / name, sidecar_path, metrics["cv_r2_mean"], metrics["cv_r2_std"],
-            metrics["test_r2"], best.value, best.number, self.timings["total_s"],
-        )
-        return RunOutcome(
-            model_type=cfg.model_type, status="SUCCESS", sidecar=sidecar,
-            checkpoint_path=self.output_dir / name, sidecar_path=sidecar_path,
-            cv_score=best.value, cv_rescored=rescore["objective_mean"] if rescore else None,
-            test_r2=metrics["test_r2"], trials_run=sidecar["optuna"]["trials_run"],
-            wall_s=self.timings["total_s"],
-        )
+        logger.info("saved %s and %s: CV R² %.4f ± %.4f, test R² %.4f, objective %.4f (trial %d); run took %.1fs",
+                    self.output_dir / name, sidecar_path, metrics["cv_r2_mean"], metrics["cv_r2_std"],
+                    metrics["test_r2"], best.value, best.number, self.timings["total_s"])
+        return RunOutcome(model_type=cfg.model_type, status="SUCCESS", sidecar=sidecar,
+                          checkpoint_path=self.output_dir / name, sidecar_path=sidecar_path, cv_score=best.value,
+                          cv_rescored=rescore["objective_mean"] if rescore else None, test_r2=metrics["test_r2"],
+                          trials_run=sidecar["optuna"]["trials_run"], wall_s=self.timings["total_s"])

@@ -1,45 +1,6 @@
-"""The one ask/tell loop: B trials in flight, run together, told in the order asked.
-
-::
-
-    ┌─▶ every few seconds, fail trials of dead processes (queue their re-runs); under the study lock,
-    │   count the study's COMPLETE + RUNNING trials (every process's), and ask as many
-    │   trials as fit: min(B, --trials - complete - running); re-runs are asked first
-    │     none fit: others' trials are in flight; wait for them and look again
-    │   claim each (owner, heartbeats) and suggest its params (outside the lock: the
-    │   sampler's cost is not serialised)
-    │   backend.run_trials([(number, params), ...], gate)  NN: plan_groups -> runner.run(groups)
-    │     meanwhile a helper thread (Prefetch) tells the batch before this one, then
-    │     prepares the next batch: the same reclaim, locked count, ask, claim and suggest,
-    │     counting this batch as RUNNING; the loop waits for it here, and the next batch
-    │     runs at once (with a pruner, or when nothing was prefetched, the loop tells
-    │     this batch itself first)
-    │     per trial: its K fold results, the JobError that failed it, or Pruned
-    │     (with a pruner, folds run in waves and the gate reports each and may prune;
-    │     step5.optimizer.pruning)
-    │   tell each trial exactly once, batch by batch in ask order: COMPLETE with its
-    │   objective, FAIL or PRUNED
-    └── until the study holds --trials COMPLETE trials (or this process may ask no more
-        and nothing is in flight). A trial this process saw fail or pruned is replaced: it
-        may ask one more fresh trial for each; after ``max_consecutive_failures`` failed
-        trials in a row (ask order) the run stops (:class:`TooManyFailedTrials`, exit 1)
-        instead of replacing them forever
-
-Every mode runs this loop: fold by fold, fused folds and fused trials differ only in how
-the backend groups a batch (:mod:`step5.optimizer.grouping`). One process alone is
-deterministic for a given seed and B: the sampler sees the same trials in the same states
-at every ask (one helper tells batch n-1, then samples batch n+1, and is joined before
-batch n is told), and fold results do not depend on which slot trained them or when (nor on a
-worker killed under them: the runner re-runs such a job with the same request and seed). Several
-processes share a study the same way (docs/cluster.md): the count before each ask keeps
-them from overshooting ``--trials``, and a trial of a process that died is re-run.
-
-No code path leaves a trial RUNNING: whatever escapes a batch (an exception, Ctrl-C,
-SIGTERM) first stops the helper, tells the trials that have results, and tells FAIL to
-every trial of the batch in flight and to every prefetched one, then propagates. Each trial records its owner and gets
-storage heartbeats from its claim until it is told (a prefetched one while it waits too),
-so a batch killed with SIGKILL is failed and re-run by the next process that looks.
-"""
+"""The one ask/tell loop: B trials in flight, run together, told in the order asked
+(docs/optimizer-internals.md#search, docs/optimizer.md "The search loop"); fold-level values and pruning
+(``--pruner``, docs/optimizer-internals.md#pruning); the per-trial progress line."""
 from __future__ import annotations
 
 import contextlib
@@ -50,7 +11,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -58,29 +19,14 @@ from optuna.trial import FrozenTrial, TrialState
 from step5.errors import JobError, Step5Error, StorageError, TooManyFailedTrials, interrupt_reason
 from step5.execution.summary import SearchRecord
 from step5.interrupts import raise_if_interrupted
-from step5.optimizer.backends import FoldGate, Pruned, TrialOutcome
-from step5.optimizer.objective import fail_reason, record_trial
-from step5.optimizer.pruning import fold_gate, make_pruner, report_folds
+from step5.policy import PRUNER_NAMES
+from step5.optimizer.backends import FoldGate, ModelBackend, Pruned, TrialOutcome
+from step5.optimizer.objective import anti_overfit_score, record_trial
 from step5.optimizer.study import (
-    OpenedStudy,
-    TrialHeartbeats,
-    claim_trial,
-    count_states,
-    reclaim_dead_trials,
-    study_lock,
+    OpenedStudy, TrialHeartbeats, best_complete_trial, claim_trial, count_states, reclaim_dead_trials, study_lock
 )
 
 logger = logging.getLogger(__name__)
-
-
-class TrialBackend(Protocol):
-    model_type: str
-
-    def suggest(self, trial: optuna.Trial) -> dict[str, Any]: ...
-
-    def run_trials(
-        self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate | None = None,
-    ) -> list[TrialOutcome]: ...
 
 
 @dataclass(frozen=True)
@@ -93,7 +39,6 @@ class SearchPlan:
     source: str  # what decided, for the log
     pruner: str = "none"  # step5.policy.PRUNER_NAMES: "none" runs every fold of every trial
     max_consecutive_failures: int = 10  # failed trials in a row that stop the run (policy)
-    prefetch: bool = True  # ask and sample the next batch while the current one trains
 
     def record(self) -> SearchRecord:
         return SearchRecord(trials_in_flight=self.trials_in_flight, fuse_folds=self.fuse_folds,
@@ -127,15 +72,15 @@ class FailureStreak:
 
 
 def log_failed_trial(trial: optuna.Trial, reason: str) -> None:
-    """Optuna's own failure line ("Trial N failed with parameters ... because ...")."""
+    # Optuna's own failure line, as study.optimize would log it.
     logger.warning("Trial %d failed with parameters: %s because of the following error: %s.",
                    trial.number, trial.params, reason)
 
 
 @dataclass(frozen=True)
 class SearchGoal:
-    """When the loop stops: the study holds ``complete`` COMPLETE trials, or this process
-    has asked ``new_trials`` fresh trials and nothing of others' is left in flight."""
+    """The loop stops when the study holds ``complete`` COMPLETE trials, or when this process asked its
+    ``new_trials`` and nothing of others' is left in flight."""
 
     complete: int  # --trials
     new_trials: int  # fresh trials this process may ask (re-runs of dead processes' trials are extra)
@@ -145,10 +90,8 @@ class SearchGoal:
 
 @dataclass
 class Batch:
-    """Trials asked together (under one study lock), claimed, sampled, run and told together.
-
-    Filled in place as it is asked, so that whatever stops the asking midway leaves the
-    trials it made where the caller can fail them."""
+    """Trials asked under one study lock, then claimed, sampled, run and told together; filled in place,
+    so whatever stops the asking midway leaves the trials it made where the caller can fail them."""
 
     index: int  # this process's batch number (the trials' ``batch`` attribute)
     trials: list[optuna.Trial] = field(default_factory=list)
@@ -164,12 +107,10 @@ class Batch:
 
 
 class BatchAsker:
-    """Asks, claims and samples one batch (:meth:`ask`), for the loop itself or, while a
-    batch trains, for the helper thread that prepares the next one (:class:`Prefetch`).
-    Never both at once: the loop joins the helper before it asks or tells again, and only
-    then reads what the helper changed (``replaced``, ``fresh_asked``)."""
+    """Asks, claims and samples one batch, for the loop or for the :class:`Prefetch` helper; never both at
+    once (the loop joins the helper before it asks or tells again)."""
 
-    def __init__(self, opened: OpenedStudy, backend: TrialBackend, plan: SearchPlan, goal: SearchGoal,
+    def __init__(self, opened: OpenedStudy, backend: ModelBackend, plan: SearchPlan, goal: SearchGoal,
                  heartbeats: TrialHeartbeats) -> None:
         self.opened, self.backend, self.plan, self.goal, self.heartbeats = opened, backend, plan, goal, heartbeats
         self.fresh_asked = 0
@@ -178,12 +119,9 @@ class BatchAsker:
 
     def ask(self, batch: Batch, *, in_flight: bool, waiting: bool = False,
             cancelled: threading.Event | None = None) -> None:
-        """Fill ``batch``: under the study lock, count and ask as many trials as fit; then
-        claim them (owner, first heartbeat, heartbeats from now on) and sample their params.
-
-        ``in_flight``: a batch of this process is training meanwhile (the prefetch), so its
-        RUNNING trials are not orphans. ``cancelled``: the loop is stopping; whatever was
-        asked is left unsampled in ``batch`` for it to fail."""
+        """Under the study lock, count and ask as many trials as fit; then claim and sample them.
+        ``in_flight``: a batch of this process trains meanwhile (its RUNNING trials are no orphans);
+        ``cancelled``: the loop is stopping, what was asked is left unsampled for it to fail."""
         study, goal = self.opened.study, self.goal
         # Dead processes show on the time scale of heartbeats; looking once per poll
         # period (and whenever this process waits) keeps the storage queries per trial low.
@@ -224,19 +162,9 @@ class BatchAsker:
 
 
 class Prefetch:
-    """A helper thread that, while batch n trains, first tells batch n-1 (``before``; the
-    loop passes it when no pruner reads the study) and then asks, claims and samples batch
-    n+1, so that the slots go from one batch to the next without waiting for the tells, the
-    ask, the sampler and their storage writes.
-
-    The loop joins it (:meth:`result`) before it tells batch n: the sampler then sees the
-    same sequence every run (batch n+1 is sampled while batch n is RUNNING, after batch n-1
-    was told). Its storage calls go through the same retrying storage as the loop's;
-    Optuna's RDB storage gives each thread its own session (a SQLAlchemy ``scoped_session``:
-    one per thread, committed or rolled back per call) and its cache takes a lock, and
-    while the helper runs the loop makes no storage call but the pruner's fold reports
-    (with a pruner the helper tells nothing) and the heartbeats, which already ran beside
-    the loop."""
+    """While batch n trains, a helper thread tells batch n-1 (``before``) and then asks, claims and samples
+    batch n+1, so the slots go from batch to batch without waiting; joined before batch n is told, so the
+    sampler sees the same sequence every run (thread safety: docs/optimizer-internals.md#search)."""
 
     def __init__(self, asker: BatchAsker, index: int, before: Callable[[], None] | None = None) -> None:
         self.batch = Batch(index=index)
@@ -257,8 +185,7 @@ class Prefetch:
             self._error = exc
 
     def result(self) -> tuple[Batch | None, BaseException | None]:
-        """Wait for the helper: the batch ready to run (None when nothing was asked), and the
-        error that stopped it, if any (its trials are then the caller's to fail)."""
+        """Wait for the helper: the batch ready to run (None: nothing asked), and the error that stopped it."""
         self._thread.join()
         if self._error is not None:
             return None, self._error
@@ -269,7 +196,6 @@ class Prefetch:
         return self.batch, None
 
     def stop(self) -> list[optuna.Trial]:
-        """Stop the helper (at its next step) and wait for it; the trials it asked, none run."""
         self._cancelled.set()
         self._thread.join()
         return list(self.batch.trials)
@@ -286,37 +212,24 @@ class Trained:
     told: set[int] = field(default_factory=set)
 
 
-def run_search(
-    opened: OpenedStudy,
-    backend: TrialBackend,
-    plan: SearchPlan,
-    goal: SearchGoal,
-    on_told: Callable[[optuna.Study, FrozenTrial], None],
-) -> SearchRecord:
-    """Ask, run and tell trials, ``plan.trials_in_flight`` at a time, until ``goal`` is met
-    (failed and pruned trials are replaced; :class:`FailureStreak` bounds that).
-
-    With ``plan.prefetch``, while a batch trains a helper thread (:class:`Prefetch`) tells
-    the batch before it and then asks, claims and samples the next one, so the slots go
-    from batch to batch without waiting for this process's own work. With a pruner the
-    tells stay in the loop, between batches: the pruner's verdicts on a training batch
-    read the told trials, and must not depend on when they were told."""
+def run_search(opened: OpenedStudy, backend: ModelBackend, plan: SearchPlan, goal: SearchGoal,
+               on_told: Callable[[optuna.Study, FrozenTrial], None]) -> SearchRecord:
+    """Ask, run and tell trials, ``plan.trials_in_flight`` at a time, until ``goal`` is met. With a pruner the
+    tells stay in the loop, between batches: its verdicts must not depend on when trials were told."""
     study = opened.study
     study.pruner = make_pruner(plan.pruner)
     record = plan.record()
     streak = FailureStreak(plan.max_consecutive_failures)
-    tell_behind = plan.prefetch and plan.pruner == "none"
+    tell_behind = plan.pruner == "none"
     waited_since: float | None = None
-    # Optuna warns at each ask that heartbeats are meant for study.optimize; this loop
-    # records them itself (claim_trial, TrialHeartbeats). Filtered here, in the loop's
-    # thread, for the whole search: the warning filters are global, and a catch_warnings
-    # block per ask in the helper thread could restore them under the loop's feet.
+    # Optuna warns at each ask that heartbeats are meant for study.optimize; this loop records them itself.
+    # Filtered here, for the whole search: warning filters are global, and a catch_warnings block per ask
+    # in the helper thread could restore them under the loop's feet.
     with warnings.catch_warnings(), TrialHeartbeats(opened) as heartbeats:
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         asker = BatchAsker(opened, backend, plan, goal, heartbeats)
 
         def tell_batch(trained: Trained) -> None:
-            """Tell a trained batch's untold trials, in ask order; then the failure streak."""
             for trial, outcome in zip(trained.batch.trials, trained.outcomes):
                 if trial.number in trained.told:
                     continue
@@ -324,13 +237,16 @@ def run_search(
                 trained.told.add(trial.number)
                 record.trials += 1
                 heartbeats.discard(trial)
-                asker.replaced += count_outcome(record, streak, frozen)
+                streak.note(frozen)
+                if frozen.state != TrialState.COMPLETE:  # a FAIL or PRUNED trial may be replaced by a fresh one
+                    asker.replaced += 1
+                    if frozen.state == TrialState.FAIL:
+                        record.failed_trials += 1
                 on_told(study, frozen)
             record.replaced_trials = record.failed_trials  # the loop goes on: every failure so far is replaced
             streak.check(trained.batch.counts["complete"], goal.complete)
 
         def settle(trained: Trained, error: BaseException) -> None:
-            """On the way out: tell what a trained batch's trials gave; fail those that cannot be told."""
             with contextlib.suppress(Exception):
                 tell_batch(trained)  # results that exist are kept (the streak's verdict does not matter now)
             fail_untold(study, [t for t in trained.batch.trials if t.number not in trained.told], error)
@@ -373,12 +289,11 @@ def run_search(
                 numbers = batch.numbers
                 if len(numbers) > 1:
                     logger.info("batch %d: trials %s in flight", record.batches, numbers)
-                if plan.prefetch:
-                    handed, pending = pending, None
-                    prefetch = Prefetch(asker, record.batches + 1,
-                                        before=None if handed is None else functools.partial(tell_batch, handed))
+                handed, pending = pending, None
+                prefetch = Prefetch(asker, record.batches + 1,
+                                    before=None if handed is None else functools.partial(tell_batch, handed))
                 start = time.perf_counter()
-                gate = fold_gate(batch.trials, prune=True) if plan.pruner != "none" else None
+                gate = fold_gate(batch.trials) if plan.pruner != "none" else None
                 outcomes = backend.run_trials(list(zip(numbers, batch.params)), gate)
                 wall_s = time.perf_counter() - start
                 if len(outcomes) != len(numbers):
@@ -386,9 +301,7 @@ def run_search(
                                      f"{len(numbers)} trials")
                 trained, batch = Trained(batch, outcomes, wall_s, gated=gate is not None), None
                 record.batches += 1
-                prefetch_error: BaseException | None = None
-                if prefetch is not None:  # joined before this batch is told: the sampler's sequence is fixed
-                    ready, prefetch_error = prefetch.result()
+                ready, prefetch_error = prefetch.result()  # before this batch is told: the sampler's sequence is fixed
                 if tell_behind and ready is not None and prefetch_error is None:
                     pending, trained = trained, None  # told by the next helper, while the next batch trains
                     continue
@@ -408,16 +321,8 @@ def run_search(
 
 
 def keep_within_goal(opened: OpenedStudy, trials: list[optuna.Trial], complete: int) -> list[optuna.Trial]:
-    """The trials of an ask whose study lock was lost (its connection died: the database
-    restarted or cut it) that still fit ``--trials``; the rest are told FAIL, unrun.
-
-    Without the lock another process may have counted the study, and asked, before these
-    trials existed; together they may then be more than ``--trials`` can take. Counted
-    again under the lock, the study's surplus (COMPLETE + RUNNING - ``--trials``) is
-    released from the end of this ask. A process that lost no lock counted these trials
-    when it asked, so the surplus is this ask's to give back; if several processes lost
-    theirs, each gives back what is left, one after the other under the lock.
-    """
+    """The trials of an ask whose study lock was lost that still fit ``--trials``: counted again under the
+    lock, the study's surplus (COMPLETE + RUNNING - ``--trials``) is told FAIL, unrun, from the end of this ask."""
     study = opened.study
     with study_lock(opened.storage, opened.study_name):
         counts = count_states(study)
@@ -433,33 +338,18 @@ def keep_within_goal(opened: OpenedStudy, trials: list[optuna.Trial], complete: 
     return trials[: len(trials) - len(released)]
 
 
-def count_outcome(record: SearchRecord, streak: FailureStreak, trial: FrozenTrial) -> int:
-    """Count a told trial in the record and the streak; 1 if it will be replaced (FAIL, PRUNED)."""
-    streak.note(trial)
-    if trial.state == TrialState.COMPLETE:
-        return 0
-    if trial.state == TrialState.FAIL:
-        record.failed_trials += 1
-    return 1
-
-
-def tell(
-    study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, *, wall_s: float, gated: bool = False,
-) -> FrozenTrial:
-    """Tell Optuna how one trial ended; returns the finished trial.
-
-    ``gated``: a fold gate already reported every fold but the last (see
-    :mod:`step5.optimizer.pruning`); otherwise every fold is reported here, in fold order.
-
-    A trial another process already failed (its heartbeats were late past the grace
-    period, so it was taken for dead and queued for a re-run) keeps that verdict: the
-    re-run stands for it, and counting this result too would count the trial twice.
-    """
+def tell(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, *, wall_s: float,
+         gated: bool = False) -> FrozenTrial:
+    """Tell Optuna how one trial ended (``gated``: a fold gate reported every fold but the last). A trial
+    another process failed meanwhile (late heartbeats) keeps that verdict: its re-run stands for it."""
     try:
-        if isinstance(outcome, Pruned):
-            return tell_pruned(study, trial, outcome, wall_s=wall_s)
+        if isinstance(outcome, Pruned):  # its value is its last reported step; it is never the best trial
+            trial.set_user_attr("pruned_after_folds", len(outcome.folds))
+            trial.set_user_attr("wall_s", round(wall_s, 4))
+            return study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         if isinstance(outcome, JobError):
-            reason = fail_reason(outcome)
+            where = f" (fold {outcome.fold_idx})" if outcome.fold_idx is not None else ""
+            reason = f"{outcome.error_type}{where}: {outcome.message}"
             trial.set_user_attr("fail_reason", reason)
             value = None
         else:
@@ -488,16 +378,8 @@ def _finished_elsewhere(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial
     return study._storage.get_trial(trial._trial_id)
 
 
-def tell_pruned(study: optuna.Study, trial: optuna.Trial, outcome: Pruned, *, wall_s: float) -> FrozenTrial:
-    """Tell PRUNED (its value is its last reported step, and it is never the best trial)."""
-    trial.set_user_attr("pruned_after_folds", len(outcome.folds))
-    trial.set_user_attr("wall_s", round(wall_s, 4))
-    return study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
-
-
 def fail_untold(study: optuna.Study, trials: list[optuna.Trial], error: BaseException, *, unrun: bool = False) -> None:
-    """Tell FAIL to trials a batch asked but never finished (the batch was interrupted);
-    ``unrun``: trials asked ahead for the next batch (:class:`Prefetch`), which never trained."""
+    """Tell FAIL to trials asked but never finished; ``unrun``: asked ahead (:class:`Prefetch`), never trained."""
     if isinstance(error, KeyboardInterrupt):  # Ctrl-C, or SIGTERM turned into Terminated
         reason = interrupt_reason(error)
     elif unrun:
@@ -516,3 +398,85 @@ def fail_untold(study: optuna.Study, trials: list[optuna.Trial], error: BaseExce
                            "re-runs it", trial.number)
         except Exception:  # noqa: BLE001 - keep failing the others; the original error propagates
             logger.exception("could not record trial %d as FAILED", trial.number)
+
+
+#: MedianPruner's start-up: trials that must be complete before any is pruned.
+MEDIAN_STARTUP_TRIALS = 5
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    if name == "median":
+        # Median of the complete trials' values at the same fold; decides from fold 0 on.
+        return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_TRIALS, n_warmup_steps=0)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+    raise ValueError(f"unknown pruner {name!r}; expected one of {list(PRUNER_NAMES)}")
+
+
+def running_value(results: Sequence[dict[str, Any]]) -> float:
+    return anti_overfit_score([r["r2"] for r in results], [r["train_r2"] for r in results])
+
+
+def report_folds(trial: optuna.Trial, results: Sequence[dict[str, Any]], first_step: int = 0) -> None:
+    """Report steps ``first_step ..``, in fold order; a diverged fold's step is not (the trial fails when told)."""
+    for step in range(first_step, len(results)):
+        value = running_value(results[: step + 1])
+        if math.isfinite(value):
+            trial.report(value, step)
+
+
+def fold_gate(trials: Sequence[optuna.Trial]) -> FoldGate:
+    """The gate a backend calls after each fold of a trial: report it, then ask the pruner."""
+    by_number = {t.number: t for t in trials}
+
+    def gate(number: int, results: Sequence[dict[str, Any]]) -> bool:
+        trial = by_number[number]
+        report_folds(trial, results, first_step=len(results) - 1)
+        return not trial.should_prune()
+
+    return gate
+
+
+def elapsed_and_eta(elapsed_s: float, done: int, total: int) -> str:
+    """``"elapsed 1m05s, ETA 2m10s"``: the remaining trials at the mean so far."""
+    def clock(seconds: float) -> str:
+        minutes, secs = divmod(int(round(seconds)), 60)
+        hours, minutes = divmod(minutes, 60)
+        return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+    eta = elapsed_s / done * (total - done) if done > 0 else float("nan")
+    return f"elapsed {clock(elapsed_s)}, ETA {clock(eta) if math.isfinite(eta) else '?'}"
+
+
+class TrialProgress:
+    """Called by the search loop with each told trial; counts and logs it. ``[i/n]``: this process's COMPLETE
+    trials of the ``n`` it must add, so a replaced trial never pushes ``i`` past ``n``."""
+
+    def __init__(self, n_new: int) -> None:
+        self.n_new = n_new
+        self.told = 0  # trials (any end state) this process told
+        self.completed = 0
+        self._start = time.perf_counter()
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.told += 1
+        self.completed += trial.state == TrialState.COMPLETE
+        done, n_new = self.completed, self.n_new
+        best = best_complete_trial(study)
+        best_txt = f"best {best.value:.4f} (trial {best.number})" if best is not None else "no complete trial yet"
+        best_txt += "; " + elapsed_and_eta(time.perf_counter() - self._start, done, n_new)
+        if trial.state == TrialState.COMPLETE:
+            cvm = trial.user_attrs.get("cv", {})
+            logger.info("[%d/%d] trial %d: objective %.4f (val R² %.4f ± %.4f, train R² %.4f) in %.1fs; %s", done,
+                        n_new, trial.number, trial.value, cvm.get("val_r2_mean", float("nan")),
+                        cvm.get("val_r2_std", float("nan")), cvm.get("train_r2_mean", float("nan")),
+                        trial.user_attrs.get("wall_s", 0.0), best_txt)
+        elif trial.state == TrialState.PRUNED:
+            logger.info("[%d/%d] trial %d pruned after %d fold(s) (running objective %.4f), replaced; %s", done, n_new,
+                        trial.number, trial.user_attrs.get("pruned_after_folds", 0),
+                        trial.value if trial.value is not None else float("nan"), best_txt)
+        else:
+            logger.warning("[%d/%d] trial %d %s, replaced: %s; %s", done, n_new, trial.number, trial.state.name,
+                           trial.user_attrs.get("fail_reason", "see the error above"), best_txt)

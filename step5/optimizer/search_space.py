@@ -1,77 +1,5 @@
-"""The neural-net hyperparameter search space: what Optuna may try for one trial.
-
-:func:`suggest_nn_params` turns a trial into a validated :class:`~step5.protocol.NNParams`
-for data of a given :class:`DataShape` (the rows one fold model fits on, and the number
-of input columns): two priors follow the data, the rest are fixed ranges.
-
-============================  =====================================================
-``n_layers``                   0 .. 3 hidden layers; 0 is a linear model
-``width_l{i}``                 8, 16, 32, 64, 128 or 256 units per layer (shrinking not forced)
-``learning_rate``              3e-4 .. 2e-2, log scale
-``dropout``                    0.0 .. 0.5, or fixed by ``--dropout`` (not searched then;
-                               not asked of a linear model, which has no hidden unit)
-``input_dropout_on``           whether to drop input features at all (always searched)
-``input_dropout_rate``         0.1, 0.2, 0.3, 0.4 or 0.5, asked only when on; it becomes
-                               ``NNParams.input_dropout`` (0 when off)
-``input_sparsity_rel``         a net's input sparsity, 0.02 .. 1 (log) times the data's
-                               lasso threshold ``sqrt(2 ln D / n)`` (:attr:`DataShape.lasso_scale`)
-``linear_sparsity_rel``        a linear model's, 0.05 .. 2 (log) times the same
-``weight_decay``               1e-6 .. 1.0, log scale
-``optimizer``                  adam or adamw (plain SGD needs far more tuning to compete)
-``batch_size``                 by the fold's rows (:meth:`DataShape.batch_sizes`): 3 to 64
-                               steps per epoch, and one size that spans a small fold (full batch)
-``early_stopping_patience``    8 .. 30 epochs (on rows carved from each training fold)
-``gradient_clip``              0.5 .. 5.0
-``epochs``                     not searched: the cap ``--nn-max-epochs`` [200]; early
-                               stopping decides how many actually run
-============================  =====================================================
-
-**Mini-batches at every size** (issue 36). Every search and final-model request is sent
-with ``batch_mode="mini"`` (:data:`SEARCH_BATCH_MODE`). The trainer's ``auto`` mode trains
-a fold of up to 10,000 rows in full batch, one optimizer step per epoch, so on the tables
-the pipeline meets (hundreds to thousands of rows) a whole trial had at most 200 steps
-under the default epoch cap and an early-stopping patience of 5 to 20 *steps*: folds
-stopped at epoch 9 of 200 on noise, others ran out of epochs still improving. In mini-batches of
-32 to 128 rows the same 200 epochs are 1,000 to 3,000 steps, and the patience means what
-it says. The batch sizes offered give 3 to 64 steps per epoch, so a large table trains in
-large batches (a GPU's pass stays short), and the largest choice on a small table spans the
-whole fold, so full batch remains a choice.
-
-**Input sparsity in the data's units.** Input sparsity (a group lasso on each input
-column's weights, applied as a proximal step: docs/training.md) zeroes a column whose data
-gradient stays under the strength. For a column of pure noise that gradient is of the order
-of ``sqrt(2 ln D / n)`` on a standardised target (the lasso's universal threshold), so a
-fixed range fits one table size only: scikit-learn's LassoCV picks 0.12 on diabetes with
-80 noise columns (226 rows fit per fold; the threshold is 0.20 there), while 6,400 rows
-of 16 columns have a threshold of 0.03. The search asks for a multiple of the threshold
-instead, the net's and the linear model's apart (a net's best multiples lie near 0.1 to
-0.3, a lasso's near 0.5 to 1, and TPE models each parameter on its own).
-
-**Three known-good first trials** (:func:`first_nn_trials`): a plain MLP (one layer of 64,
-input sparsity at the range's floor), a sparse two-layer net (128, 64 units, 0.3 of the
-threshold) and a lasso (a linear model at 0.6 of it), so TPE's model has a strong point of
-each kind before its random start-up trials, whatever they draw. Both nets carry AdamW
-decay 0.1 and dropout 0.1: without them the plain net fitted its training rows to R² 0.94
-to 0.99 and scored CV R² 0.29 to 0.61 on the tuning tables with noise columns
-(docs/quality.md, issue 36). The sparse net had the best CV R² of the fixed configurations
-tried on four of the six tuning tables.
-
-Regularisation reaches as far as small, noisy tabular data needs (issue 14): a linear
-model, narrow layers (8, 16 units) and weight decay up to 1.0 (with Adam's L2 decay, far
-stronger than scikit-learn's MLPRegressor ``alpha=10`` on a few hundred rows). Input
-dropout hides a random part of the features from each training row; it is an on/off
-choice and then a rate because where it does not help it hurts a lot, so "off" must be as
-likely as "on" while TPE is still drawing at random (a uniform range almost never drew a
-rate near 0, which cost friedman1 0.05 to 0.07 of test R²; docs/quality.md has the
-history). ``--dropout`` pins the hidden layers' dropout only (the existing optimizer's
-meaning); input dropout is searched either way.
-
-The epoch cap is a search-space bound, not a test hook: it bounds every trial's (and the
-final model's) training time, and a user with little time or data lowers it honestly.
-The full parameter object of each trial is stored in its ``user_attrs["params"]``, so the
-final model is rebuilt from exactly what the trial trained with, even after the search
-space changes between a run and its resumption.
-"""
+"""The neural-net hyperparameter search space: what Optuna may try for one trial
+(the table and the reasons: docs/optimizer-internals.md#search_space)."""
 from __future__ import annotations
 
 import math
@@ -144,13 +72,8 @@ class DataShape:
         return tuple(fits) if fits else (BATCH_SIZES[-1],)
 
 
-def suggest_nn_params(
-    trial: optuna.Trial,
-    *,
-    max_epochs: int,
-    data: DataShape,
-    fixed_dropout: float | None = None,
-) -> NNParams:
+def suggest_nn_params(trial: optuna.Trial, *, max_epochs: int, data: DataShape,
+                      fixed_dropout: float | None = None) -> NNParams:
     """Ask ``trial`` for one MLP configuration for data of shape ``data``;
     ``fixed_dropout`` pins dropout instead of searching it."""
     n_layers = trial.suggest_int("n_layers", 0, MAX_LAYERS)

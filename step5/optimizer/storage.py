@@ -1,51 +1,5 @@
-"""The study's database, used so that a run survives restarts, dropped connections and outages.
-
-::
-
-    Optuna (Study, Trial, TPE) ─┐
-    step5 (lock, count, reclaim) ┴─▶ RetryingStorage ─▶ Optuna's _CachedStorage ─▶ RDBStorage ─▶ SQLAlchemy pool ─▶ DB
-                                        │ every call through DatabaseRetry.call        (pre-ping: a connection the
-                                        ▼                                               server dropped is replaced
-                          a transient error (refused, cut, server starting or stopping)  before it is used)
-                            ─▶ wait with backoff and try again (a write that may have been applied is
-                               checked first, see below); one log line when the wait starts, one when
-                               the database is back; past ``training.storage_outage_s``: StorageError
-                          any other database error (credentials, a missing table) ─▶ StorageError at once
-
-:class:`StorageError` is one line naming the database (password redacted); the CLI exits 1.
-Training does not stop while the database is away: the folds in flight finish, and their
-trials are told when it is back. A process that gives up leaves its running trials to the
-heartbeat rules (:mod:`step5.optimizer.study`), so a re-run of the same command resumes.
-
-Why a retried call cannot apply twice, call by call (the hard case is a write whose commit
-reached the server but whose answer was lost; the retry must then not repeat it):
-
-* Reads (``get_*``, ``_get_stale_trial_ids``): retried as they are.
-* Upserts, retried as they are: ``set_{study,trial}_{user,system}_attr`` (INSERT ... ON
-  CONFLICT DO UPDATE on PostgreSQL and SQLite: the second write stores the same value),
-  ``set_trial_intermediate_value`` (find the step, then update or insert),
-  ``set_trial_param`` (a second insert of the same name hits the unique key, which Optuna
-  ignores; the retry carries the same value), ``record_heartbeat`` (a timestamp).
-* ``create_new_study``: checked. A retry first looks the name up; a study that exists was
-  made by the first attempt (or by another process: both then share it, as
-  ``load_if_exists`` would).
-* ``create_new_trial``: checked. Each call stamps its trial with a fresh token
-  (``system_attrs["step5_token"]``, written in the same transaction); a retry first looks for
-  a trial with that token. A fresh trial is born with its owner (``user_attrs["owner"]``),
-  so one that Optuna's own internal retry made twice is recognisable as this process's
-  orphan and failed (:func:`step5.optimizer.study.reclaim_dead_trials`).
-* ``set_trial_state_values``: checked by reading the trial. To a finished state: a trial
-  still unfinished gets the write again; one already in that state with these values was
-  finished by the first attempt (COMPLETE and PRUNED are only told by the trial's owner)
-  and the call returns True, except for FAIL, which another process may have set too (it
-  fails a trial whose heartbeat went stale): then False, so that the caller does not queue
-  a second re-run; any other end state raises ``UpdateFinishedTrialError``, as without the
-  fault. To RUNNING (``study.ask`` taking a queued trial): the trial is marked with this
-  process's owner first; a retry finds it WAITING (write again), RUNNING with our owner
-  (ours: True) or anything else (another process's: False). Queued trials are taken under
-  the study lock, so no other process marks the same trial in between.
-* ``delete_study``: Step 5 never deletes a study; it runs once, unretried.
-"""
+"""The study's database behind retries, so a run survives restarts, dropped connections and
+outages; why no retried call can apply twice: docs/optimizer-internals.md#storage."""
 from __future__ import annotations
 
 import copy
@@ -54,16 +8,14 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Mapping, TypeVar
 
 import optuna
-from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.study import StudyDirection
-from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
 
 from step5.errors import StorageError
@@ -78,18 +30,12 @@ OWNER_ATTR = "owner"  # user attr: the process that runs the trial (step5.owner)
 FIRST_WAIT_S = 0.2  # the first retry comes this soon: most connection drops are over by then
 MAX_WAIT_S = 5.0  # the backoff doubles up to this
 
-#: PostgreSQL SQLSTATEs that mean "the server cannot serve you right now": connection
-#: exceptions (class 08), the server shutting down or starting up (57P01-57P03), an idle
-#: session killed (57P05), a cancelled statement (57014), out of resources (class 53:
-#: too many connections, disk full on the server), a deadlock or serialisation failure (40P01,
-#: 40001: the transaction was rolled back, a retry is what the server asks for).
+#: PostgreSQL SQLSTATEs that mean "the server cannot serve you right now" (each: docs/optimizer-internals.md#storage).
 _TRANSIENT_SQLSTATE_CLASSES = ("08", "53")
 _TRANSIENT_SQLSTATES = ("57P01", "57P02", "57P03", "57P05", "57014", "40P01", "40001")
 #: How libpq words a failed connection that waiting cannot fix (these come without a SQLSTATE).
-_PERMANENT_CONNECT_WORDING = (
-    "authentication failed", "does not exist", "no pg_hba.conf entry", "permission denied",
-    "no password supplied", "password is required", "certificate", "invalid",
-)
+_PERMANENT_CONNECT_WORDING = ("authentication failed", "does not exist", "no pg_hba.conf entry", "permission denied",
+                              "no password supplied", "password is required", "certificate", "invalid")
 #: SQLite result codes that mean "another writer holds the database": SQLITE_BUSY, SQLITE_LOCKED.
 _SQLITE_BUSY_CODES = (5, 6)
 
@@ -105,10 +51,7 @@ def redact_storage(url: str) -> str:
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
-    """``exc`` and what it was raised from (``raise ... from``): Optuna's StorageInternalError
-    names the SQLAlchemy error that way. An implicit ``__context__`` is not followed: Optuna
-    turns an IntegrityError into DuplicatedStudyError inside its handler, and that is a
-    verdict, not a database failure."""
+    """``exc`` and what it was raised ``from``; not an implicit ``__context__`` (optimizer-internals.md#storage)."""
     out: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and current not in out:
@@ -118,10 +61,8 @@ def _causes(exc: BaseException) -> list[BaseException]:
 
 
 def database_error(exc: BaseException) -> BaseException | None:
-    """The error of talking to the database behind ``exc`` (Optuna wraps it in
-    ``StorageInternalError``): a DBAPI error, or the pool's word that it has no live
-    connection. None when ``exc`` is something else: ``KeyError``, ``UpdateFinishedTrialError``,
-    or SQLAlchemy refusing a malformed URL or an unknown driver (a usage error)."""
+    """The error of talking to the database behind ``exc`` (a DBAPI error, a pool without a live connection), or
+    None (``KeyError``, ``UpdateFinishedTrialError``, a malformed URL: docs/optimizer-internals.md#storage)."""
     from sqlalchemy import exc as sa_exc
 
     kinds = (sa_exc.DBAPIError, sa_exc.DisconnectionError, sa_exc.TimeoutError, sa_exc.PendingRollbackError)
@@ -132,12 +73,8 @@ def database_error(exc: BaseException) -> BaseException | None:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether waiting and trying again may cure database error ``exc``.
-
-    SQLAlchemy's own verdict comes first: a DBAPI error it recognised as a disconnect
-    (``connection_invalidated``). Then the server's SQLSTATE (see the lists above). A
-    connection that could not be made at all carries no SQLSTATE; it is transient unless
-    libpq's message says the credentials, the database or the TLS settings are wrong."""
+    """Whether waiting and trying again may cure database error ``exc``: SQLAlchemy's disconnect verdict, then the
+    SQLSTATE, then libpq's wording of a failed connection (docs/optimizer-internals.md#storage)."""
     from sqlalchemy import exc as sa_exc
 
     error = database_error(exc)
@@ -170,24 +107,15 @@ def describe(exc: BaseException) -> str:
 
 
 class DatabaseRetry:
-    """Run database calls, waiting out transient errors for up to ``outage_s`` seconds.
-
-    One outage is one clock, whichever calls meet it (the search loop, a pruner's gate): it
-    starts at the first failure and ends at the first success; the log says so once each
-    way. After the limit has passed once (the process is giving up), every later call gets
-    one try and no wait, so the cleanup on the way out (failing the trials in flight) does
-    not wait a second time.
-    """
+    """Run database calls, waiting out transient errors for up to ``outage_s`` seconds: one outage is one clock,
+    whichever calls meet it; once given up, every later call gets one try, so the cleanup does not wait again."""
 
     def __init__(self, where: str, outage_s: float, *, first_wait_s: float = FIRST_WAIT_S,
                  max_wait_s: float = MAX_WAIT_S, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.where = where  # the database, password redacted
         self.outage_s = float(outage_s)
-        self.first_wait_s = first_wait_s
-        self.max_wait_s = max_wait_s
-        self._clock = clock
-        self._sleep = sleep
+        self.first_wait_s, self.max_wait_s, self._clock, self._sleep = first_wait_s, max_wait_s, clock, sleep
         self._lock = threading.Lock()
         self._down_since: float | None = None
         self.outages = 0  # outages met so far (tests and the log)
@@ -251,6 +179,15 @@ class DatabaseRetry:
                 self._down_since = None
 
 
+def _retried(name: str) -> Callable[..., Any]:
+    """A :class:`RetryingStorage` method that makes Optuna's call ``name`` through the retry as it is."""
+    def method(self: "RetryingStorage", *args: Any, **kwargs: Any) -> Any:
+        return self._call(name, *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
 def _same_values(stored: Sequence[float] | None, wanted: Sequence[float] | None) -> bool:
     return list(stored or []) == [float(v) for v in (wanted or [])]
 
@@ -276,8 +213,6 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         method = getattr(self._inner, name)
         return self.retry.call(lambda: method(*args, **kwargs), f"calling {name}")
 
-    # ------------------------------------------------------------ studies
-
     def create_new_study(self, directions: Sequence[StudyDirection], study_name: str | None = None) -> int:
         def again() -> int:
             if study_name is not None:
@@ -293,40 +228,39 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
     def delete_study(self, study_id: int) -> None:
         self._inner.delete_study(study_id)
 
-    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
-        self._call("set_study_user_attr", study_id, key, value)
-
-    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
-        self._call("set_study_system_attr", study_id, key, value)
-
-    def get_study_id_from_name(self, study_name: str) -> int:
-        return self._call("get_study_id_from_name", study_name)
-
-    def get_study_name_from_id(self, study_id: int) -> str:
-        return self._call("get_study_name_from_id", study_id)
-
-    def get_study_directions(self, study_id: int) -> list[StudyDirection]:
-        return self._call("get_study_directions", study_id)
-
-    def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
-        return self._call("get_study_user_attrs", study_id)
-
-    def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
-        return self._call("get_study_system_attrs", study_id)
-
-    def get_all_studies(self) -> list[FrozenStudy]:
-        return self._call("get_all_studies")
-
-    # ------------------------------------------------------------ trials: writes
+    # Reads and upserts: retried as they are (docs/optimizer-internals.md#storage says why that is safe).
+    set_study_user_attr = _retried("set_study_user_attr")
+    set_study_system_attr = _retried("set_study_system_attr")
+    get_study_id_from_name = _retried("get_study_id_from_name")
+    get_study_name_from_id = _retried("get_study_name_from_id")
+    get_study_directions = _retried("get_study_directions")
+    get_study_user_attrs = _retried("get_study_user_attrs")
+    get_study_system_attrs = _retried("get_study_system_attrs")
+    get_all_studies = _retried("get_all_studies")
+    set_trial_param = _retried("set_trial_param")
+    set_trial_intermediate_value = _retried("set_trial_intermediate_value")
+    set_trial_user_attr = _retried("set_trial_user_attr")
+    set_trial_system_attr = _retried("set_trial_system_attr")
+    get_trial_id_from_study_id_trial_number = _retried("get_trial_id_from_study_id_trial_number")
+    get_trial_number_from_id = _retried("get_trial_number_from_id")
+    get_trial_param = _retried("get_trial_param")
+    get_trial = _retried("get_trial")
+    get_all_trials = _retried("get_all_trials")
+    get_n_trials = _retried("get_n_trials")
+    get_best_trial = _retried("get_best_trial")
+    get_trial_params = _retried("get_trial_params")
+    get_trial_user_attrs = _retried("get_trial_user_attrs")
+    get_trial_system_attrs = _retried("get_trial_system_attrs")
+    record_heartbeat = _retried("record_heartbeat")
+    _get_stale_trial_ids = _retried("_get_stale_trial_ids")
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         token = uuid.uuid4().hex
         if template_trial is None:  # study.ask: a fresh RUNNING trial, born with its owner
-            template = FrozenTrial(
-                number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
-                datetime_complete=None, params={}, distributions={}, user_attrs={OWNER_ATTR: self.owner},
-                system_attrs={TOKEN_ATTR: token}, intermediate_values={}, trial_id=-1,
-            )
+            template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
+                                   datetime_complete=None, params={}, distributions={},
+                                   user_attrs={OWNER_ATTR: self.owner}, system_attrs={TOKEN_ATTR: token},
+                                   intermediate_values={}, trial_id=-1)
         else:  # study.add_trial / enqueue_trial (a re-run, a first trial): as given, plus the token
             template = copy.deepcopy(template_trial)
             template.system_attrs = {**template_trial.system_attrs, TOKEN_ATTR: token}
@@ -343,10 +277,6 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
             if trial.system_attrs.get(TOKEN_ATTR) == token:
                 return trial._trial_id
         return None
-
-    def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
-                        distribution: BaseDistribution) -> None:
-        self._call("set_trial_param", trial_id, param_name, param_value_internal, distribution)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
         if state == TrialState.RUNNING:
@@ -371,63 +301,13 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         return self.retry.call(lambda: self._inner.set_trial_state_values(trial_id, state, values),
                                f"recording a trial as {state.name}", again=again)
 
-    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
-        self._call("set_trial_intermediate_value", trial_id, step, intermediate_value)
-
-    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._call("set_trial_user_attr", trial_id, key, value)
-
-    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._call("set_trial_system_attr", trial_id, key, value)
-
-    # ------------------------------------------------------------ trials: reads
-
-    def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
-        return self._call("get_trial_id_from_study_id_trial_number", study_id, trial_number)
-
-    def get_trial_number_from_id(self, trial_id: int) -> int:
-        return self._call("get_trial_number_from_id", trial_id)
-
-    def get_trial_param(self, trial_id: int, param_name: str) -> float:
-        return self._call("get_trial_param", trial_id, param_name)
-
-    def get_trial(self, trial_id: int) -> FrozenTrial:
-        return self._call("get_trial", trial_id)
-
-    def get_all_trials(self, study_id: int, deepcopy: bool = True,
-                       states: Container[TrialState] | None = None) -> list[FrozenTrial]:
-        return self._call("get_all_trials", study_id, deepcopy=deepcopy, states=states)
-
-    def get_n_trials(self, study_id: int, state: tuple[TrialState, ...] | TrialState | None = None) -> int:
-        return self._call("get_n_trials", study_id, state)
-
-    def get_best_trial(self, study_id: int) -> FrozenTrial:
-        return self._call("get_best_trial", study_id)
-
-    def get_trial_params(self, trial_id: int) -> dict[str, Any]:
-        return self._call("get_trial_params", trial_id)
-
-    def get_trial_user_attrs(self, trial_id: int) -> dict[str, Any]:
-        return self._call("get_trial_user_attrs", trial_id)
-
-    def get_trial_system_attrs(self, trial_id: int) -> dict[str, Any]:
-        return self._call("get_trial_system_attrs", trial_id)
-
     def remove_session(self) -> None:
         self._inner.remove_session()
-
-    # ------------------------------------------------------------ heartbeats
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        self._call("record_heartbeat", trial_id)
 
     def record_heartbeat_once(self, trial_id: int) -> None:
         """One try, no waiting: the heartbeat thread's beat (the next beat is its retry, and
         a thread waiting out an outage could not be stopped when its batch ends)."""
         self._inner.record_heartbeat(trial_id)
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        return self._call("_get_stale_trial_ids", study_id)
 
     def get_heartbeat_interval(self) -> int | None:
         return self._inner.get_heartbeat_interval()

@@ -1,56 +1,5 @@
-"""Opening (or resuming) the Optuna study of a run.
-
-Resume semantics, in one place:
-
-* The default storage is a SQLite file, ``sqlite:///<output_dir>/optuna_step5.db``, so a
-  re-run of the same command finds its study again.
-* The default study name is ``step5_<model_type>_<data fingerprint>_<setup hash>``: the
-  same data and the same evaluation setup (seed, folds, holdout, target, training flags)
-  resume the same study; changing any of them starts a new one, because objective values
-  measured on different splits are not comparable.
-* The setup is stored in the study (``user_attrs["step5_setup"]``). Resuming a study whose
-  stored setup differs (possible only with an explicit ``--study-name``) is a usage error
-  naming the differences, rather than a silent mix of incomparable trials.
-* ``--trials N`` means "this call adds N COMPLETE trials", as it does for the existing
-  optimizer, with one refinement that keeps a shared study exact: the study records the
-  complete count its current *round* aims for (``user_attrs["step5_target_complete"]``).
-  A process that finds a round unfinished (fewer complete trials than its target: an
-  interrupted run of the same command, or the other processes of a shared study) joins
-  it and the study ends that round with exactly its target; otherwise it starts a new
-  round, target = complete + N. Failed trials do not count.
-* The TPE sampler is seeded with ``seed + len(study.trials)``: a fresh study is
-  reproducible from ``--seed``, and a resumed one does not replay the random start-up
-  configurations its first run already tried.
-* The RDB storage runs Optuna's heartbeat, so a trial left RUNNING by a killed process is
-  marked FAILED by a later run once its heartbeat is stale. The search loop's trials get
-  their heartbeats from :class:`TrialHeartbeats`.
-* The trials of a batch (``--trials-in-flight B``) are asked before any of them is told.
-  TPE runs with ``constant_liar=True`` (explicitly, whatever the Optuna default), which
-  keeps them from all landing on the same configuration; its random start-up trials (the
-  first 10 complete ones) are the same configurations, with the same fold seeds, for
-  every B.
-* Shared studies (docs/cluster.md): any number of processes, on one host or many, may run
-  the same study through one storage. The data fingerprint is recorded beside the setup
-  when the study is created (``user_attrs["step5_data"]``); a process with other data or
-  another setup is refused (:class:`StudyMismatchError`, exit 1) naming the differences.
-  Every process that joins takes the next *process index* (``step5_processes``); the first
-  one samples with ``seed + len(study.trials)`` as before, later ones with a stream mixed
-  from their index, so no two processes draw the same configurations.
-* Asking is serialised per study (:func:`study_lock`: a lock file beside a SQLite file, a
-  PostgreSQL advisory lock), so the count "complete + running" a process reads before it
-  asks is still true when it asks: together the processes never exceed ``--trials``.
-* Dead processes: every running trial records its owner (:mod:`step5.owner`) and gets
-  Optuna heartbeats (policy ``training.heartbeat_interval_s`` / ``heartbeat_grace_s``).
-  :func:`reclaim_dead_trials` fails a RUNNING trial whose heartbeat is stale (any host) or
-  whose owner is a dead process on this host (at once, no grace period), and queues a
-  retry with the same params (WAITING), which the next ask of any process picks up.
-* The database may restart, drop connections or be away for a while: every storage call
-  goes through :class:`~step5.optimizer.storage.RetryingStorage` (pre-pinged connections,
-  retries that cannot apply a write twice, ``training.storage_outage_s``). The lock and
-  the count, which use the engine directly, wait the same way; a PostgreSQL lock whose
-  connection died while it was held is reported (:attr:`StudyLock.lost`), so the caller
-  can check the asks it made under it.
-"""
+"""Opening (or resuming) a run's Optuna study: names, setup and data checks, rounds, the study
+lock, heartbeats, and re-runs of dead processes' trials (docs/optimizer-internals.md#study)."""
 from __future__ import annotations
 
 import contextlib
@@ -71,13 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from step5.errors import Step5Error, StorageError, StudyMismatchError, UsageError
 from step5.jsonio import dumps
 from step5.optimizer.storage import (
-    OWNER_ATTR,
-    TOKEN_ATTR,
-    DatabaseRetry,
-    RetryingStorage,
-    database_error,
-    describe,
-    redact_storage,
+    OWNER_ATTR, TOKEN_ATTR, DatabaseRetry, RetryingStorage, database_error, describe, redact_storage
 )
 from step5.owner import ProcessIdentity, is_alive, is_local, this_process
 from step5.policy import TrainingPolicy
@@ -95,20 +38,17 @@ SCHEMA_RACE_ATTEMPTS = 5  # how long a SQLite writer waits for another process's
 
 
 def default_storage_url(output_dir: Path) -> str:
-    """``sqlite:///<absolute output_dir>/optuna_step5.db`` (the folder is created)."""
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{output_dir / DEFAULT_DB_NAME}"
 
 
 def setup_hash(setup: Mapping[str, Any]) -> str:
-    """8 hex characters identifying an evaluation setup (sorted-key JSON, sha256)."""
     canonical = dumps({k: setup[k] for k in sorted(setup)})
     return hashlib.sha256(canonical).hexdigest()[:8]
 
 
 def default_study_name(model_type: str, fingerprint: str, setup: Mapping[str, Any]) -> str:
-    """``step5_<model_type>_<fingerprint>_<setup hash>``."""
     return f"step5_{model_type}_{fingerprint}_{setup_hash(setup)}"
 
 
@@ -130,18 +70,13 @@ class OpenedStudy:
 
 
 def make_sampler(seed: int) -> optuna.samplers.TPESampler:
-    """Seeded TPE that knows about pending trials (constant liar): the search loop asks a
-    batch of trials before telling any, and they must not all land on one configuration."""
+    # Constant liar: a batch is asked before any of it is told, and must not all land on one configuration.
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 
 
 def count_states(study: optuna.Study) -> dict[str, int]:
-    """Trials per state (``complete``, ``fail``, ``running``, ``pruned``, ``waiting``).
-
-    On an RDB storage one ``GROUP BY`` query on Optuna's ``trials`` table: every ask of
-    every process counts, and loading thousands of trials each time would cost more than
-    the ask itself.
-    """
+    """Trials per state (``complete``, ``fail``, ...): on an RDB storage one ``GROUP BY`` query, since every
+    ask of every process counts and loading thousands of trials each time would cost more than the ask."""
     counts = {s.name.lower(): 0 for s in TrialState}
     engine = _engine_of(study._storage)
     if engine is not None:
@@ -164,12 +99,10 @@ def count_states(study: optuna.Study) -> dict[str, int]:
 
 
 def _engine_of(storage: Any) -> Any:
-    """The SQLAlchemy engine behind a storage (ours, Optuna's cached one, a bare RDB one), or None."""
     return getattr(storage, "engine", None) or getattr(getattr(storage, "_backend", None), "engine", None)
 
 
 def _retrying(storage: Any, fn: Any, what: str) -> Any:
-    """``fn()`` through the storage's :class:`DatabaseRetry` when it has one (a bare storage in a test has not)."""
     retry = getattr(storage, "retry", None)
     return retry.call(fn, what) if retry is not None else fn()
 
@@ -185,10 +118,8 @@ PG_CONNECT_TIMEOUT_S = 10
 
 
 def _engine_kwargs(storage_url: str) -> dict[str, Any]:
-    """SQLite: writers of several processes wait for each other instead of failing at once.
-    A server database: a pooled connection the server dropped (a restart, an idle timeout,
-    a pooler, ``pg_terminate_backend``) is found by a ping when it is checked out and
-    replaced, instead of failing the call that gets it; connections are recycled hourly."""
+    """SQLite: writers of several processes wait for each other. A server: a pooled connection the server
+    dropped is found by a ping when checked out and replaced, instead of failing the call that gets it."""
     if storage_url.startswith("sqlite"):
         return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
     kwargs: dict[str, Any] = {"pool_pre_ping": True, "pool_recycle": 3600}
@@ -202,12 +133,8 @@ _SCHEMA_RACE_MARKERS = ("already exists", "duplicate key", "unique constraint fa
 
 
 def open_storage(storage_url: str, training: TrainingPolicy) -> RetryingStorage:
-    """The study's RDB storage, with heartbeats, re-runs of dead processes' trials and the
-    retries of :mod:`step5.optimizer.storage`.
-
-    A database that cannot be reached yet is waited for (``training.storage_outage_s``); a
-    database error that waiting cannot fix is a :class:`StorageError`; a malformed URL or an
-    unknown driver is a :class:`UsageError`."""
+    """The study's RDB storage with heartbeats, dead processes' re-runs and retries; an unreachable database
+    is waited for, one waiting cannot fix is a :class:`StorageError`, a malformed URL a :class:`UsageError`."""
     retry = DatabaseRetry(redact_storage(storage_url), training.storage_outage_s)
 
     def create() -> optuna.storages.RDBStorage:
@@ -222,9 +149,8 @@ def open_storage(storage_url: str, training: TrainingPolicy) -> RetryingStorage:
                         heartbeat_stale_trial_callback=retry_failed_trial,
                     )
             except Exception as exc:  # noqa: BLE001 - sorted below
-                # Processes that start together on an empty database race to create Optuna's
-                # tables; the losers find them made on the next try.
-                # (PostgreSQL says "already exists" / "duplicate key", SQLite "UNIQUE constraint failed").
+                # Processes that start together on an empty database race to create Optuna's tables;
+                # the losers find them made on the next try.
                 if attempt + 1 < SCHEMA_RACE_ATTEMPTS and any(m in str(exc).lower() for m in _SCHEMA_RACE_MARKERS):
                     time.sleep(0.2 * (attempt + 1))
                     continue
@@ -242,32 +168,17 @@ def open_storage(storage_url: str, training: TrainingPolicy) -> RetryingStorage:
     return RetryingStorage(rdb, retry, owner=this_process().to_dict())
 
 
-def open_study(
-    *,
-    study_name: str,
-    storage_url: str,
-    setup: Mapping[str, Any],
-    data: Mapping[str, Any],
-    seed: int,
-    trials: int = 1,
-    training: TrainingPolicy | None = None,
-    first_trials: Sequence[Mapping[str, Any]] = (),
-) -> OpenedStudy:
-    """Create the study, or join it when it exists and its stored setup and data match;
-    join its unfinished round or start a new one of ``trials`` complete trials (module
-    docstring).
-
-    ``first_trials`` (parameter dicts) are enqueued when the study has no trial yet, under
-    the study lock: a fresh study tries them first, and a resumed one, or a second host
-    joining, does not add them again."""
+def open_study(*, study_name: str, storage_url: str, setup: Mapping[str, Any], data: Mapping[str, Any], seed: int,
+               trials: int = 1, training: TrainingPolicy | None = None,
+               first_trials: Sequence[Mapping[str, Any]] = ()) -> OpenedStudy:
+    """Create or join the study (its stored setup and data must match), and join its unfinished round or
+    start one of ``trials``; ``first_trials`` are enqueued, under the lock, only into a study with no trial."""
     storage = open_storage(storage_url, training or TrainingPolicy())
     existing = set(optuna.get_all_study_names(storage))
     resumed = study_name in existing
     try:
-        study = optuna.create_study(
-            storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
-            sampler=make_sampler(seed),
-        )
+        study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
+                                    sampler=make_sampler(seed))
     except Step5Error:  # a StorageError: the database is away or broken, said in one line
         raise
     except Exception as exc:  # noqa: BLE001
@@ -300,22 +211,18 @@ def open_study(
         sampler_seed = int(np.random.SeedSequence([int(seed), trials_before, process_index]).generate_state(1)[0])
     study.sampler = make_sampler(sampler_seed)
     if resumed:
-        logger.info(
-            "joined study %r as process %d (%d complete, %d failed, %d running, %d waiting trials) in %s",
-            study_name, process_index, counts["complete"], counts["fail"], counts["running"], counts["waiting"],
-            redact_storage(storage_url),
-        )
+        logger.info("joined study %r as process %d (%d complete, %d failed, %d running, %d waiting trials) in %s",
+                    study_name, process_index, counts["complete"], counts["fail"], counts["running"], counts["waiting"],
+                    redact_storage(storage_url))
     else:
         logger.info("created study %r in %s", study_name, redact_storage(storage_url))
-    return OpenedStudy(
-        study=study, study_name=study_name, storage_url=storage_url, resumed=resumed,
-        complete_before=counts["complete"], trials_before=trials_before, sampler_seed=sampler_seed,
-        storage=storage, process_index=process_index, target_complete=int(target), joined_round=joined_round,
-    )
+    return OpenedStudy(study=study, study_name=study_name, storage_url=storage_url, resumed=resumed,
+                       complete_before=counts["complete"], trials_before=trials_before, sampler_seed=sampler_seed,
+                       storage=storage, process_index=process_index, target_complete=int(target),
+                       joined_round=joined_round)
 
 
 def _check_or_record(study: optuna.Study, study_name: str, setup: dict[str, Any], data: dict[str, Any]) -> None:
-    """Record the setup and data of a new study; refuse a process whose differ, naming each difference."""
     attrs = study.user_attrs
     stored_setup = attrs.get(SETUP_ATTR)
     if stored_setup is None:
@@ -342,30 +249,21 @@ def _check_or_record(study: optuna.Study, study_name: str, setup: dict[str, Any]
         )
 
 
-def _lock_key(study_name: str) -> int:
-    return int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
-
-
 _warned_no_lock: set[str] = set()
 
 
 @dataclass
 class StudyLock:
-    """What :func:`study_lock` yields. ``lost``: the PostgreSQL connection that held the lock
-    died while the block ran (a restart, a connection killed on the server), so the server
-    released the lock at that moment and another process may have counted and asked since;
-    the block's asks are then checked against ``--trials`` again (step5.optimizer.search)."""
+    """``lost``: the PostgreSQL connection that held the lock died while the block ran, so another process
+    may have counted and asked since; the block's asks are checked against ``--trials`` again."""
 
     lost: bool = False
 
 
 @contextlib.contextmanager
 def study_lock(storage: optuna.storages.BaseStorage | None, study_name: str) -> Iterator[StudyLock]:
-    """Hold the study's cross-process lock: a lock file beside a SQLite file (one host), a
-    PostgreSQL advisory lock (any host). Other databases get no lock (logged once): processes
-    racing for the last trials may then overshoot ``--trials`` by a batch each.
-
-    Taking the PostgreSQL lock waits out an unreachable database like any storage call."""
+    """The study's cross-process lock: a lock file beside a SQLite file, a PostgreSQL advisory lock; other
+    databases get none (logged once), and processes racing for the last trials may overshoot by a batch."""
     held = StudyLock()
     engine = _engine_of(storage)
     if engine is None:
@@ -390,8 +288,9 @@ def study_lock(storage: optuna.storages.BaseStorage | None, study_name: str) -> 
             # A transaction-level lock: released when this transaction ends (below), or by the
             # server when the connection drops (this process died, the server restarted).
             connection = engine.connect()
+            key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
             try:
-                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(study_name)})
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
             except BaseException:
                 connection.close()
                 raise
@@ -423,12 +322,8 @@ def study_lock(storage: optuna.storages.BaseStorage | None, study_name: str) -> 
 
 
 def retry_failed_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Queue a trial whose process died for a re-run with the same params (a WAITING trial).
-
-    Optuna's RetryHeartbeatStaleTrialCallback, except that the dead owner and its failure
-    reason are not copied onto the retry, and at most :data:`MAX_RETRIES` re-runs. A trial
-    that already has its re-run is not queued again.
-    """
+    """Queue a re-run (WAITING, same params) of a trial whose process died, at most :data:`MAX_RETRIES`
+    and once: Optuna's RetryHeartbeatStaleTrialCallback without the dead owner and its failure reason."""
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
     if len(history) > MAX_RETRIES:
         logger.warning("trial %d's process died; it was re-run %d times already and is not re-run again",
@@ -448,18 +343,9 @@ def retry_failed_trial(study: optuna.Study, trial: FrozenTrial) -> None:
 
 
 def reclaim_dead_trials(study: optuna.Study, *, nothing_in_flight: bool = False) -> int:
-    """Fail the RUNNING trials of dead processes and queue their re-runs; returns how many.
-
-    Stale heartbeats find dead processes on any host (after the grace period); a trial
-    whose recorded owner is a dead process on this host is failed at once.
-
-    ``nothing_in_flight``: the caller runs no trial of this study now (the search loop
-    between batches), so a RUNNING trial owned by this very process is an orphan: Optuna
-    made it twice when it retried a trial's creation whose commit had in fact landed, or
-    a retried write left it behind (step5.optimizer.storage). It is failed (and re-run if
-    it had params). Trials that share a creation token are such twins too: all but the
-    first are failed before they run twice.
-    """
+    """Fail the RUNNING trials of dead processes (stale heartbeat, any host; a dead owner on this host at
+    once) and queue their re-runs; returns how many. ``nothing_in_flight``: this process runs no trial now,
+    so a RUNNING trial it owns is an orphan of a retried write, failed too; so are same-token twins."""
     running_before = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -486,7 +372,6 @@ def reclaim_dead_trials(study: optuna.Study, *, nothing_in_flight: bool = False)
 
 
 def _fail_and_rerun(study: optuna.Study, trial: FrozenTrial, reason: str, *, rerun: bool) -> int:
-    """Fail an unfinished trial for ``reason`` and queue its re-run; 0 if another process finished it first."""
     storage = study._storage
     try:
         storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
@@ -501,7 +386,6 @@ def _fail_and_rerun(study: optuna.Study, trial: FrozenTrial, reason: str, *, rer
 
 
 def _fail_twins(study: optuna.Study, trials: Sequence[FrozenTrial]) -> int:
-    """Fail the unfinished copies of a trial that one creation call made twice (same token)."""
     first: dict[str, FrozenTrial] = {}
     twins: list[tuple[FrozenTrial, FrozenTrial]] = []
     for trial in trials:  # in number order: the first of a token is kept
@@ -521,9 +405,8 @@ def _fail_twins(study: optuna.Study, trials: Sequence[FrozenTrial]) -> int:
 
 
 def claim_trial(opened: OpenedStudy, trial: optuna.Trial) -> None:
-    """Mark a just-asked trial as this process's: its owner (fresh trials are born with it;
-    a queued one was marked when taken, and is marked again in case another process's mark
-    raced ours) and a first heartbeat."""
+    """Mark a just-asked trial as this process's (again: another process's mark may have raced ours) and
+    record its first heartbeat."""
     trial.set_user_attr(OWNER_ATTR, this_process().to_dict())
     storage = opened.storage
     if storage is not None and hasattr(storage, "record_heartbeat") and storage.get_heartbeat_interval():
@@ -531,14 +414,12 @@ def claim_trial(opened: OpenedStudy, trial: optuna.Trial) -> None:
 
 
 def optuna_json(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """``obj`` as it reads back from Optuna's JSON attribute storage."""
     from step5.jsonio import loads
 
     return loads(dumps(dict(obj)))
 
 
 def best_complete_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The best COMPLETE trial, or None when the study has none."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         return None
@@ -546,17 +427,9 @@ def best_complete_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 
 class TrialHeartbeats:
-    """Record Optuna heartbeats, in one thread, for every trial this process holds: from
-    its claim (:func:`claim_trial` records the first beat) until it is told.
-
-    ``study.optimize`` runs one heartbeat thread per trial; trials asked in a batch need
-    the same, or a process killed with SIGKILL mid-batch would leave them RUNNING for good
-    (a later run fails only trials whose heartbeat went stale). A trial asked ahead for
-    the next batch (step5.optimizer.search.Prefetch) waits for a whole batch before it
-    trains, longer than ``training.heartbeat_grace_s`` may be; it beats all that time, so
-    no other process takes it for dead. Uses only the storage's public heartbeat methods;
-    a storage without heartbeats makes this a no-op.
-    """
+    """Optuna heartbeats, in one thread, for every trial this process holds, from its claim until it is
+    told (a prefetched trial too, while it waits), as ``study.optimize`` would give each trial: otherwise a
+    process killed mid-batch would leave its trials RUNNING for good. A no-op without storage heartbeats."""
 
     def __init__(self, opened: OpenedStudy) -> None:
         storage = opened.storage
@@ -601,16 +474,3 @@ class TrialHeartbeats:
                     logger.debug("recording a heartbeat for trial id %d failed", trial_id, exc_info=True)
             if self._stop.wait(timeout=self._interval):
                 return
-
-
-@contextlib.contextmanager
-def trial_heartbeats(opened: OpenedStudy, trial_numbers: Sequence[int]) -> Iterator[None]:
-    """Heartbeats (:class:`TrialHeartbeats`) for the RUNNING trials ``trial_numbers`` while the block runs."""
-    storage = opened.storage
-    heartbeats = TrialHeartbeats(opened)
-    if heartbeats._storage is not None and trial_numbers:
-        study_id = storage.get_study_id_from_name(opened.study_name)  # type: ignore[union-attr]
-        for number in trial_numbers:  # before the thread starts: its first beat is at once
-            heartbeats._trial_ids.add(storage.get_trial_id_from_study_id_trial_number(study_id, number))  # type: ignore[union-attr]
-    with heartbeats:
-        yield

@@ -23,8 +23,7 @@ from step5.jsonio import read_json_file
 from step5.optimizer import AntiOverfitMetaOptimizer
 from step5.optimizer import backends as backends_module
 from step5.optimizer import optimizer as optimizer_module
-from step5.optimizer.grouping import fusion_groups, plan_groups
-from step5.optimizer.backends import fold_seed
+from step5.optimizer.backends import fold_seed, fusion_groups, plan_groups
 from step5.protocol import FUSE_KEYS, NNParams, TrainRequest, fusion_key
 from step5.testing import fake_pool
 from step5.testing.fake_runner import install_fake_runner
@@ -391,7 +390,7 @@ def test_batched_trials_get_heartbeats_so_a_killed_batch_is_failed_later(tmp_pat
     import time
     import warnings
 
-    from step5.optimizer.study import OpenedStudy, trial_heartbeats
+    from step5.optimizer.study import OpenedStudy, TrialHeartbeats
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -400,7 +399,9 @@ def test_batched_trials_get_heartbeats_so_a_killed_batch_is_failed_later(tmp_pat
         beaten, silent = study.ask(), study.ask()
     opened = OpenedStudy(study=study, study_name="hb", storage_url="", resumed=False, complete_before=0,
                          trials_before=0, sampler_seed=0, storage=storage)
-    with trial_heartbeats(opened, [beaten.number]):
+    heartbeats = TrialHeartbeats(opened)
+    heartbeats.add(beaten)  # before the thread starts: its first beat is at once
+    with heartbeats:
         time.sleep(0.2)
     time.sleep(2.5)  # past the grace period: the beaten trial's heartbeat is stale now
     with warnings.catch_warnings():
@@ -435,7 +436,7 @@ def test_a_trial_whose_jobs_kill_their_process_every_time_fails_alone_and_is_rep
 ):
     from step5.testing.fake_worker import fake_metrics
 
-    caplog.set_level(logging.INFO, logger="step5.optimizer.progress")
+    caplog.set_level(logging.INFO, logger="step5.optimizer.search")
     monkeypatch.setenv("STEP5_FAKE_POISON_TRIAL", "1")
     _install_fake_pool(monkeypatch)
     sent = _spy_search_requests(monkeypatch)

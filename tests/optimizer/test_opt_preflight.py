@@ -1,4 +1,4 @@
-"""Preflight (step5.optimizer.preflight): an output dir or a SQLite storage that cannot be
+"""Preflight (step5.optimizer.cli.preflight): an output dir or a SQLite storage that cannot be
 written is one line and exit 1 before any data is loaded, blaming what the user gave."""
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from step5.errors import PolicyError
 from step5.jsonio import write_json_atomic
 from step5.optimizer import AntiOverfitMetaOptimizer
 from step5.optimizer.optimizer import resolve_search_plan
-from step5.optimizer.progress import elapsed_and_eta
+from step5.optimizer.search import elapsed_and_eta
 from step5.policy import load_policy, parse_policy
 from step5.testing.fake_runner import install_fake_runner
 
