@@ -30,7 +30,7 @@ DEFAULT_POLICY_PATH = "watcher_policies.json"
 PROJECT_POLICY_PATH = Path(__file__).resolve().with_name(DEFAULT_POLICY_PATH)
 
 
-#: ``training.pruner`` / ``--pruner`` values (step5.optimizer.pruning makes the Optuna pruner).
+#: ``training.pruner`` / ``--pruner`` values (step5.optimizer.search makes the Optuna pruner).
 PRUNER_NAMES = ("none", "median", "successive_halving")
 Pruner = one_of(PRUNER_NAMES)
 #: ``training.device_env``: its entries are checked one by one (step5.devices.device_env_problem).
