@@ -1,26 +1,12 @@
-"""The sidecar's ``execution`` block: typed records, built in one place, checked key by key.
-
-Every run writes the same shape, whatever trained it (persistent workers, one-shot
-subprocesses, tree models in-process) and however it ended (SUCCESS or DEGENERATE_SIGNAL)::
-
-    ExecutionSummary
-      mode        "persistent_workers" | "subprocess" | "inline" | null (no training ran)
-      devices     slot labels ["GPU-0", ...]
-      workers     [WorkerRecord]   one per persistent-worker slot
-      fallbacks   [FallbackRecord] slots that fell back to one-shot subprocesses
-      faults      [FaultRecord]    every worker/trainer fault and job timeout, in order
-      fusion      FusionRecord     groups handed to the runner and how they ran
-      recovery    RecoveryRecord   faults, re-runs of the jobs they hit, re-promoted slots
-      search      SearchRecord     the ask/tell loop's settings (trials in flight, fusion)
-      timings     Timings          runner and run-phase seconds
-
-A runner reports :class:`RunnerStats` (everything but ``search`` and the run phases);
-:func:`build_execution_summary` adds the rest. :data:`EXECUTION_SCHEMA`, derived from these
-records, is what the sidecar validator (:mod:`step5.artifacts`) checks the block with, so a
-key added here is checked there without a second list.
+"""The sidecar's ``execution`` block (docs/workers.md, "``execution`` block"): typed
+records, built in one place, the same shape whatever trained the run and however it ended.
+A runner reports :class:`RunnerStats`; :func:`build_execution_summary` adds the loop's
+:class:`SearchRecord` and the run's phase timings. :data:`EXECUTION_SCHEMA`, derived from
+these records, is what the sidecar validator checks the block with.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 from dataclasses import dataclass, field
@@ -98,14 +84,6 @@ class RecoveryRecord:
     repromotions: int = 0  # fallen-back slots that tried a fresh persistent worker again
 
 
-def recovery_record(faults: list[FaultRecord], budget: Any, repromotions: int = 0) -> RecoveryRecord:
-    """The recovery counts from a runner's fault list and its :class:`~step5.execution.slot.FaultBudget`."""
-    return RecoveryRecord(
-        faults=sum(1 for f in faults if f.kind != "timeout"), reruns=budget.reruns,
-        max_fault_reruns=budget.max_reruns, refused_reruns=budget.refused, repromotions=repromotions,
-    )
-
-
 @dataclass
 class SearchRecord:
     """How the optimizer's ask/tell loop ran its trials."""
@@ -141,7 +119,7 @@ class Timings:
 class RunnerStats:
     """What a runner knows about itself; ``summary()`` of every runner returns one."""
 
-    mode: str
+    mode: str | None
     devices: list[str]
     workers: list[WorkerRecord] = field(default_factory=list)
     fallbacks: list[FallbackRecord] = field(default_factory=list)
@@ -175,29 +153,12 @@ def build_execution_summary(
     stats: RunnerStats | None, *, search: SearchRecord | None = None, phases: Mapping[str, float] | None = None,
 ) -> ExecutionSummary:
     """The execution block of a run: the runner's stats (None: nothing trained, e.g. a
-    degenerate target), the loop's settings, and the run's phase timings."""
-    timings = dataclasses.replace(stats.timings) if stats is not None else Timings()
-    for name, seconds in (phases or {}).items():
-        if name not in _TIMING_PHASES:
-            raise ValueError(f"unknown run phase {name!r}; expected one of {sorted(_TIMING_PHASES)}")
-        setattr(timings, name, float(seconds))
-    return ExecutionSummary(
-        mode=stats.mode if stats is not None else None,
-        devices=list(stats.devices) if stats is not None else [],
-        workers=list(stats.workers) if stats is not None else [],
-        fallbacks=list(stats.fallbacks) if stats is not None else [],
-        faults=list(stats.faults) if stats is not None else [],
-        fusion=dataclasses.replace(stats.fusion) if stats is not None else FusionRecord(),
-        recovery=dataclasses.replace(stats.recovery) if stats is not None else RecoveryRecord(),
-        search=search if search is not None else SearchRecord(),
-        timings=timings,
-    )
+    degenerate target), the loop's settings, and the run's phase timings (``*_s`` fields of
+    :class:`Timings`)."""
+    run = copy.deepcopy(stats) if stats is not None else RunnerStats(mode=None, devices=[])
+    run.timings = dataclasses.replace(run.timings, **{name: float(s) for name, s in (phases or {}).items()})
+    return ExecutionSummary(**vars(run), search=search or SearchRecord())
 
-
-_TIMING_PHASES = frozenset(("load_s", "split_s", "runner_start_s", "search_s", "rescore_s", "final_s", "total_s"))
-
-
-# ------------------------------------------------------------------------- validation
 
 #: Every count in the block is an int >= 0 and every time a finite number of seconds >= 0.
 Count = Annotated[int, Meta(ge=0, description="an int >= 0")]
