@@ -12,6 +12,7 @@ shared, each behind ``_lock``.
 from __future__ import annotations
 
 import atexit
+import copy
 import dataclasses
 import itertools
 import logging
@@ -30,13 +31,11 @@ from step5.errors import JOB_ERROR_TYPES, JobError, JobTimedOut, RunnerClosed, W
 from step5.execution.process import kill_tree, reap_killed, sigkill
 from step5.execution.runner import JobOutcome, check_groups
 from step5.execution.slot import FaultBudget, JobAttempts, JobVerdict, SlotAction, SlotMachine
-from step5.execution.summary import (
-    FallbackRecord, FaultRecord, FusionRecord, RecoveryRecord, RunnerStats, Timings, WorkerRecord,
-)
+from step5.execution.summary import FallbackRecord, FaultRecord, RecoveryRecord, RunnerStats, WorkerRecord
 from step5.execution.worker_process import Spawner, WorkerProcess, popen_worker, run_oneshot_job
 from step5.launch import WORKER_MODULE, module_command
 from step5.policy import TrainingPolicy
-from step5.protocol import PROTOCOL_VERSION, Job, TrainFolds
+from step5.protocol import PROTOCOL_VERSION, Job, TrainFolds, echo
 from step5.values import is_number
 
 logger = logging.getLogger(__name__)
@@ -145,10 +144,8 @@ class WorkerPool:
         self._workers: set[WorkerProcess] = set()  # live workers (close() says goodbye to them)
         self._procs: set[subprocess.Popen[bytes]] = set()  # every process started, until reaped
         self._job_ids = itertools.count()
-        self._fallbacks: list[FallbackRecord] = []
-        self._faults: list[FaultRecord] = []
-        self._fusion = FusionRecord()
-        self._timings = Timings()
+        # What summary() reports, but workers and recovery, which it reads off the slots and the budget.
+        self._stats = RunnerStats(mode=self.mode, devices=[st.label for st in self._slots])
         self._job_wall_s = 0.0
         self._warned_no_fusion = False
         self._started = False
@@ -171,10 +168,10 @@ class WorkerPool:
         except BaseException:
             self._close(grace_s=0.0)
             raise
-        self._timings.spawn_s += time.perf_counter() - start
+        self._stats.timings.spawn_s += time.perf_counter() - start
         self._started = True
         logger.info(
-            "worker pool ready in %.2fs: %s", self._timings.spawn_s,
+            "worker pool ready in %.2fs: %s", self._stats.timings.spawn_s,
             ", ".join(f"{st.label}={'fallback' if st.machine.fallback else st.device}" for st in self._slots),
         )
 
@@ -227,7 +224,7 @@ class WorkerPool:
         elapsed = time.perf_counter() - start
         if self._started:  # restarts; the constructor times its concurrent boot as a whole
             with self._lock:
-                self._timings.spawn_s += elapsed
+                self._stats.timings.spawn_s += elapsed
         st.worker, st.pid, st.device = worker, worker.pid, str(message.get("device", "?"))
         st.boot_s = message.get("boot_s")
         # Torch calls a ROCm GPU "cuda" too: only `backend` tells them apart (read from the device if absent).
@@ -264,7 +261,7 @@ class WorkerPool:
 
     def _record_fault(self, record: FaultRecord) -> None:
         with self._lock:
-            self._faults.append(record)
+            self._stats.faults.append(record)
 
     def _drop_worker(self, st: _Slot) -> None:
         """The holder lets go of a dead worker (killed by the fault or timeout that ended it)."""
@@ -287,7 +284,7 @@ class WorkerPool:
                            st.machine.max_restarts)
             return
         with self._lock:
-            self._fallbacks.append(FallbackRecord(
+            self._stats.fallbacks.append(FallbackRecord(
                 label=st.label, reason=str(fault), kind=fault.kind, exit_status=fault.exit_status,
                 stderr_tail=fault.stderr_tail, after_jobs=st.jobs, restarts=st.machine.restarts,
             ))
@@ -334,10 +331,10 @@ class WorkerPool:
         with self._lock:
             self._job_wall_s += time.perf_counter() - start
             # A fused result's duration carries 1/M of the shared pass, so the sum is the pass.
-            self._timings.compute_s += sum(_duration(a) for a in done)
-            self._timings.jobs += len(done)
+            self._stats.timings.compute_s += sum(_duration(a) for a in done)
+            self._stats.timings.jobs += len(done)
             if len(group) > 1:
-                self._fusion.fused_groups += 1
+                self._stats.fusion.fused_groups += 1
         return outcomes
 
     def _run_oneshot(self, st: _Slot, request: Job, attempts: JobAttempts) -> JobOutcome:
@@ -363,7 +360,7 @@ class WorkerPool:
                     logger.warning("%s (timeout %d of at most 2); stderr tail:\n%s", exc, attempts.timeouts,
                                    exc.stderr_tail or "(none)")
                     if verdict is JobVerdict.GIVE_UP:
-                        return _timeout_error(request, self.job_timeout_s, attempts.timeouts)
+                        return _job_failed(request, "timeout", _timed_out(self.job_timeout_s, attempts))
                 except WorkerCrashed as exc:
                     self._check_open()
                     verdict = attempts.on_fault()
@@ -372,14 +369,14 @@ class WorkerPool:
                                    "re-running it with the same request and seed" if verdict is JobVerdict.RETRY
                                    else "not re-run", exc.stderr_tail or "(none)")
                     if verdict is JobVerdict.GIVE_UP:
-                        return _fault_error(request, exc, attempts)
+                        return _job_failed(request, "train_error", _faulted(exc, attempts))
         finally:
             with self._lock:
                 self._job_wall_s += time.perf_counter() - start
         st.oneshot_jobs += 1
         with self._lock:
-            self._timings.compute_s += _duration(result)
-            self._timings.jobs += 1
+            self._stats.timings.compute_s += _duration(result)
+            self._stats.timings.jobs += 1
         return result
 
     def _run_on_slot(self, st: _Slot, group: Sequence[Job]) -> list[JobOutcome]:
@@ -390,7 +387,7 @@ class WorkerPool:
             if worker is None:
                 if len(group) > 1:
                     with self._lock:
-                        self._fusion.unfused_groups += 1
+                        self._stats.fusion.unfused_groups += 1
                 # Each job carries the faults the group met so far into its own attempts.
                 return [self._run_oneshot(st, r, dataclasses.replace(attempts)) for r in group]
             try:
@@ -399,11 +396,11 @@ class WorkerPool:
                 self._on_fault(st, fault, group)
                 if attempts.on_fault() is JobVerdict.GIVE_UP:
                     logger.warning("not re-running %d job(s) hit by %s: %s", len(group), fault, attempts.refused)
-                    return [_fault_error(r, fault, attempts) for r in group]
+                    return [_job_failed(r, "train_error", _faulted(fault, attempts)) for r in group]
                 # else re-run the same group (same requests and seeds) on the new worker or the fallback
             except JobTimedOut as exc:
                 if self._on_timeout(st, exc, attempts) is JobVerdict.GIVE_UP:
-                    return [_timeout_error(r, self.job_timeout_s * len(group), attempts.timeouts) for r in group]
+                    return [_job_failed(r, "timeout", _timed_out(self.job_timeout_s * len(group), attempts)) for r in group]
 
     def _run_group(self, group: Sequence[Job]) -> list[JobOutcome]:
         """Take a free slot, train ``group`` on it, re-run alone what failed in a pass."""
@@ -420,7 +417,7 @@ class WorkerPool:
                     logger.warning("%d fused job(s) failed (first: %s); re-running them alone for their unfused "
                                    "verdict", len(failed), outcomes[failed[0]])
                     with self._lock:
-                        self._fusion.rerun_jobs += len(failed)
+                        self._stats.fusion.rerun_jobs += len(failed)
                     for i in failed:
                         (outcomes[i],) = self._run_on_slot(st, [group[i]])
             return outcomes
@@ -440,11 +437,11 @@ class WorkerPool:
         groups = check_groups(groups)
         fused = sum(1 for g in groups if len(g) > 1)
         with self._lock:
-            self._fusion.groups += len(groups)
-            self._fusion.jobs += sum(len(g) for g in groups)
-            self._fusion.largest_group = max([self._fusion.largest_group, *(len(g) for g in groups)])
+            self._stats.fusion.groups += len(groups)
+            self._stats.fusion.jobs += sum(len(g) for g in groups)
+            self._stats.fusion.largest_group = max([self._stats.fusion.largest_group, *(len(g) for g in groups)])
             if not self.persistent:
-                self._fusion.unfused_groups += fused
+                self._stats.fusion.unfused_groups += fused
         if fused and not self.persistent and not self._warned_no_fusion:
             self._warned_no_fusion = True
             logger.warning(
@@ -472,7 +469,7 @@ class WorkerPool:
             raise
         finally:
             with self._lock:
-                self._timings.wall_s += time.perf_counter() - start
+                self._stats.timings.wall_s += time.perf_counter() - start
         outcomes = iter([f.result() for f in futures])
         if self.persistent:
             return [list(next(outcomes)) for _ in groups]
@@ -480,20 +477,15 @@ class WorkerPool:
 
     def summary(self) -> RunnerStats:
         with self._lock:
-            timings = dataclasses.replace(self._timings)
-            timings.overhead_s = max(0.0, self._job_wall_s - timings.compute_s)
-            budget = self._budget
-            recovery = RecoveryRecord(
-                faults=sum(1 for f in self._faults if f.kind != "timeout"), reruns=budget.reruns,
-                max_fault_reruns=budget.max_reruns, refused_reruns=budget.refused,
-                repromotions=sum(st.machine.repromotions for st in self._slots),
-            )
-            return RunnerStats(
-                mode=self.mode, devices=[st.label for st in self._slots],
-                workers=[st.record() for st in self._slots] if self.persistent else [],
-                fallbacks=list(self._fallbacks), faults=list(self._faults),
-                fusion=dataclasses.replace(self._fusion), timings=timings, recovery=recovery,
-            )
+            stats = copy.deepcopy(self._stats)
+            stats.timings.overhead_s = max(0.0, self._job_wall_s - stats.timings.compute_s)
+        stats.workers = [st.record() for st in self._slots] if self.persistent else []
+        stats.recovery = RecoveryRecord(
+            faults=sum(1 for f in stats.faults if f.kind != "timeout"), reruns=self._budget.reruns,
+            max_fault_reruns=self._budget.max_reruns, refused_reruns=self._budget.refused,
+            repromotions=sum(st.machine.repromotions for st in self._slots),
+        )
+        return stats
 
     @property
     def closed(self) -> bool:
@@ -554,22 +546,20 @@ def _duration(result: dict[str, Any]) -> float:
     return float(value) if is_number(value) else 0.0
 
 
-def _timeout_error(request: Job, timeout_s: float, attempts: int) -> JobError:
-    """The verdict on a job that ran past its timeout on every attempt."""
-    return JobError(
-        f"job {request.job_id!r} (trial {request.trial_number}, fold {request.fold_idx}) ran past its "
-        f"{timeout_s:g}s timeout {attempts} time(s); raise training.worker_job_timeout_s or lower the epochs",
-        "timeout", trial_number=request.trial_number, fold_idx=request.fold_idx, job_id=request.job_id,
-    )
+def _job_failed(request: Job, error_type: str, why: str) -> JobError:
+    """A job's verdict when its attempts ran out (``timeout`` or ``train_error``)."""
+    where = f"job {request.job_id!r} (trial {request.trial_number}, fold {request.fold_idx})"
+    return JobError(f"{where} {why}", error_type, **echo(request))
 
 
-def _fault_error(request: Job, fault: BaseException, attempts: JobAttempts) -> JobError:
-    """The verdict on a job whose processes kept dying until no re-run was left."""
-    return JobError(
-        f"job {request.job_id!r} (trial {request.trial_number}, fold {request.fold_idx}) was hit by "
-        f"{attempts.faults} infrastructure fault(s), the last: {fault}; not re-run again: {attempts.refused}",
-        "train_error", trial_number=request.trial_number, fold_idx=request.fold_idx, job_id=request.job_id,
-    )
+def _timed_out(timeout_s: float, attempts: JobAttempts) -> str:
+    return (f"ran past its {timeout_s:g}s timeout {attempts.timeouts} time(s); raise training.worker_job_timeout_s "
+            "or lower the epochs")
+
+
+def _faulted(fault: BaseException, attempts: JobAttempts) -> str:
+    return (f"was hit by {attempts.faults} infrastructure fault(s), the last: {fault}; not re-run again: "
+            f"{attempts.refused}")
 
 
 def _first_failure(futures: Sequence[Future[Any]]) -> BaseException | None:
