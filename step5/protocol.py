@@ -75,7 +75,6 @@ def error_reply(error: JobError, request: Any) -> dict[str, Any]:
 @dataclass(frozen=True)
 class NNParams:
     """Hyperparameters of one survivor-quality MLP (the ``params`` object of a request)."""
-
     hidden_layers: tuple[int, ...] = (128, 64)  # widths of the hidden Linear layers, in order
     learning_rate: float = 1e-3  # optimizer step size, > 0
     dropout: float = 0.3  # dropout probability after each hidden activation, in [0, 1)
@@ -155,9 +154,7 @@ def _check_identity(raw: dict[str, Any], allowed: set[str], what: str) -> None:
 @dataclass(frozen=True)
 class TrainRequest:
     """``train``: one fold to train."""
-
     command: ClassVar[str] = "train"
-
     data_path: str  # the NPZ (wire name ``X_train_path``, kept from the proposal)
     params: NNParams = field(default_factory=NNParams)
     trial_number: int | None = None  # echoed back
@@ -209,9 +206,7 @@ class TrainFolds:
     """``train_folds``: several ``train`` jobs in one fused pass (they agree on
     :data:`FUSE_KEYS`). A job refused on decoding stays in its place as its
     :class:`BadRequest`, answered there; the others still train."""
-
     command: ClassVar[str] = "train_folds"
-
     jobs: tuple[TrainRequest | BadRequest, ...]
 
     @classmethod
@@ -243,9 +238,7 @@ class MergeRequest:
     """``merge``: K fold checkpoints into one network that predicts their mean, written at
     ``out_path`` and scored on the final split at ``score_path`` (its ``X_train``/``y_train``:
     every development row; ``X_test``/``y_test``: the holdout rows, scored only)."""
-
     command: ClassVar[str] = "merge"
-
     fold_paths: tuple[str, ...]
     out_path: str
     score_path: str
@@ -269,7 +262,6 @@ class MergeRequest:
 @dataclass(frozen=True)
 class Ping:
     """``ping``: is the worker there (answered in order, after the jobs before it)."""
-
     command: ClassVar[str] = "ping"
     job_id: Any = None
 
@@ -284,14 +276,11 @@ class Ping:
 @dataclass(frozen=True)
 class Heartbeat(Ping):
     """``heartbeat``: the pool's liveness probe while a job runs (answered at once)."""
-
     command: ClassVar[str] = "heartbeat"
-
 
 @dataclass(frozen=True)
 class Shutdown:
     """``shutdown``: answer, then exit 0."""
-
     command: ClassVar[str] = "shutdown"
 
     @classmethod
@@ -329,7 +318,6 @@ def decode_request(raw: Any) -> Request:
 
 class ReadyMessage(TypedDict):
     """Sent once by a worker, before it reads a request (the other replies: docs/workers.md)."""
-
     status: Literal["ready"]
     device: str  # "cuda:0 (NVIDIA H200)" or "cpu"
     backend: str  # "cuda" | "rocm" | "cpu": what the worker's torch build drives

@@ -47,7 +47,6 @@ REPROMOTE_LOG = "[S96B] Worker %s: trying a fresh persistent worker again after 
 @dataclasses.dataclass
 class _Slot:
     """One device slot across the life of the pool; owned by the thread holding it."""
-
     slot: DeviceSlot
     machine: SlotMachine
     worker: WorkerProcess | None = None
@@ -494,7 +493,7 @@ class WorkerPool:
     def worker_pids(self) -> list[int]:
         """Pids of the workers running now (for tests and diagnostics)."""
         with self._lock:
-            return sorted(w.pid for w in self._workers if w.alive())
+            return sorted(w.pid for w in self._workers if w.proc.poll() is None)
 
     def close(self) -> None:
         """Shut every worker down (``shutdown``, grace, terminate, kill) and reap it; idempotent."""
@@ -521,7 +520,7 @@ class WorkerPool:
                     w.finish_shutdown(deadline)
             else:
                 for w in workers:  # every worker gets its signal before any is waited for
-                    w.signal_kill()
+                    kill_tree(w.proc)
                 for w in workers:
                     w.kill()
         except BaseException:

@@ -19,7 +19,6 @@ JobOutcome = dict[str, Any] | JobError
 
 class FoldRunner(Protocol):
     """What the optimizer needs from whatever trains its neural-net folds."""
-
     mode: str  # "persistent_workers" | "subprocess", recorded in the sidecar
 
     @property

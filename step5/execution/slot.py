@@ -43,7 +43,6 @@ class JobVerdict(str, Enum):
 @dataclass
 class SlotMachine:
     """A slot's restart budget and mode."""
-
     max_restarts: int
     cooldown_s: float = float("inf")  # first fallback -> re-promotion wait; doubles each time
     max_repromotions: int = 0
@@ -122,7 +121,6 @@ class FaultBudget:
 class JobAttempts:
     """One job's retries: an infrastructure fault re-runs it up to ``max_reruns`` times while
     the run's :class:`FaultBudget` lasts; a timeout retries it once."""
-
     max_reruns: int
     budget: FaultBudget
     timeouts: int = 0

@@ -23,7 +23,6 @@ ExecutionMode = one_of(EXECUTION_MODES)
 @dataclass
 class WorkerRecord:
     """One persistent-worker slot across the life of the pool."""
-
     label: str  # "GPU-0" / "CPU-1"
     device: str | None  # as the worker reported it in `ready`
     pid: int | None  # current (or last) worker pid
@@ -41,7 +40,6 @@ class WorkerRecord:
 @dataclass
 class FallbackRecord:
     """Why a slot fell back to one-shot subprocesses."""
-
     label: str
     reason: str
     kind: str  # the last fault's kind
@@ -54,7 +52,6 @@ class FallbackRecord:
 @dataclass
 class FaultRecord:
     """A worker fault (crash, hang, protocol, boot), a one-shot crash, or a job timeout."""
-
     slot: str
     kind: str  # crash | hang | protocol | boot | oneshot | timeout
     status: str | None  # SIGKILL(-9), EXIT(1), TIMEOUT, ...
@@ -64,7 +61,6 @@ class FaultRecord:
 @dataclass
 class FusionRecord:
     """Groups handed to ``run()``; a group of one is an unfused job."""
-
     groups: int = 0  # groups of any size
     jobs: int = 0  # jobs in them
     fused_groups: int = 0  # groups of 2+ jobs trained in one pass
@@ -76,7 +72,6 @@ class FusionRecord:
 @dataclass
 class RecoveryRecord:
     """What infrastructure faults cost the run (a job timeout is not one)."""
-
     faults: int = 0  # worker and one-shot trainer faults (crash, hang, protocol, boot, oneshot)
     reruns: int = 0  # re-runs of jobs those faults hit (same request, same seed)
     max_fault_reruns: int = 0  # the run's budget for them (training.max_fault_reruns)
@@ -87,7 +82,6 @@ class RecoveryRecord:
 @dataclass
 class SearchRecord:
     """How the optimizer's ask/tell loop ran its trials."""
-
     trials_in_flight: int = 0  # trials asked and run together (B); 0 when no search ran
     fuse_folds: bool = False  # a trial's K folds share one pass
     fuse_trials: bool = False  # same-shape trials of a batch share one pass
@@ -100,7 +94,6 @@ class SearchRecord:
 @dataclass
 class Timings:
     """Seconds. The runner's fields first; the run phases are 0.0 where they did not happen."""
-
     jobs: int = 0  # jobs with a result (a retried job counts once)
     spawn_s: float = 0.0  # starting persistent workers (restarts included)
     wall_s: float = 0.0  # inside run() calls
@@ -118,7 +111,6 @@ class Timings:
 @dataclass
 class RunnerStats:
     """What a runner knows about itself; ``summary()`` of every runner returns one."""
-
     mode: str | None
     devices: list[str]
     workers: list[WorkerRecord] = field(default_factory=list)
@@ -132,7 +124,6 @@ class RunnerStats:
 @dataclass
 class ExecutionSummary:
     """The whole ``execution`` block."""
-
     mode: ExecutionMode | None
     devices: list[str]
     workers: list[WorkerRecord]

@@ -60,9 +60,6 @@ class WorkerProcess:
         self._reader.start()
         self._drain.start()
 
-    def __repr__(self) -> str:
-        return f"<worker {self.label} pid {self.pid}>"
-
     def _read_stdout(self) -> None:
         reader = LineReader(self.proc.stdout, MAX_RESPONSE_BYTES)  # type: ignore[arg-type]
         try:
@@ -90,9 +87,6 @@ class WorkerProcess:
 
     def stderr_tail(self) -> str:
         return "\n".join(self._stderr)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
 
     def send(self, request: Request, doing: str) -> None:
         """Write one request; a dead reader is a crash."""
@@ -213,14 +207,10 @@ class WorkerProcess:
             timeout_s=timeout_s, stderr_tail=self.stderr_tail(),
         )
 
-    def signal_kill(self) -> None:
-        """SIGKILL it and what it started (a descendant holding its pipes would keep them
-        open), without waiting: the first half of :meth:`kill`."""
-        kill_tree(self.proc)
-
     def kill(self) -> None:
-        """SIGKILL and reap (bounded: a process stuck in a GPU driver may not die at once); idempotent."""
-        self.signal_kill()
+        """SIGKILL it and what it started (a descendant holding its pipes would keep them
+        open), and reap it (bounded: a process stuck in a GPU driver may not die at once); idempotent."""
+        kill_tree(self.proc)
         reap_killed(self.proc, f"worker {self.label}")
         self._close_pipes()
 
@@ -240,7 +230,7 @@ class WorkerProcess:
             try:
                 self.proc.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
-                self.signal_kill()
+                kill_tree(self.proc)
                 reap_killed(self.proc, f"worker {self.label}")
         goodbye = self._saw_goodbye()
         if self.proc.returncode != 0 or not goodbye:
