@@ -66,10 +66,7 @@ def tagged(error: JobError, source: Any) -> JobError:
 def error_reply(error: JobError, request: Any) -> dict[str, Any]:
     """The ``error`` reply to ``request`` (leaves ``error``, which may fail several jobs, as it is)."""
     reply = error.to_dict()
-    for key, value in echo(request).items():
-        if reply[key] is None:
-            reply[key] = value
-    return reply
+    return {**reply, **{key: value for key, value in echo(request).items() if reply[key] is None}}
 
 
 @dataclass(frozen=True)
@@ -128,6 +125,14 @@ class NNParams:
         return {**asdict(self), "hidden_layers": list(self.hidden_layers)}
 
 
+class _Request:
+    command: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form (``command`` included), accepted back by :func:`decode_request`."""
+        return {"command": self.command, **asdict(self)}  # type: ignore[call-overload]
+
+
 def _check_path(raw: dict[str, Any], name: str, *, required: bool = True) -> str | None:
     value = raw.get(name)
     if value is None and not required:
@@ -152,7 +157,7 @@ def _check_identity(raw: dict[str, Any], allowed: set[str], what: str) -> None:
 
 
 @dataclass(frozen=True)
-class TrainRequest:
+class TrainRequest(_Request):
     """``train``: one fold to train."""
     command: ClassVar[str] = "train"
     data_path: str  # the NPZ (wire name ``X_train_path``, kept from the proposal)
@@ -193,7 +198,6 @@ class TrainRequest:
             raise tagged(exc, raw) from None
 
     def to_dict(self) -> dict[str, Any]:
-        """The wire form (``command`` included), accepted back by :meth:`from_dict`."""
         d = {"command": self.command, "X_train_path": self.data_path, **asdict(self), "params": self.params.to_dict()}
         del d["data_path"]
         if self.save_model_path is None:
@@ -202,7 +206,7 @@ class TrainRequest:
 
 
 @dataclass(frozen=True)
-class TrainFolds:
+class TrainFolds(_Request):
     """``train_folds``: several ``train`` jobs in one fused pass (they agree on
     :data:`FUSE_KEYS`). A job refused on decoding stays in its place as its
     :class:`BadRequest`, answered there; the others still train."""
@@ -234,7 +238,7 @@ class TrainFolds:
 
 
 @dataclass(frozen=True)
-class MergeRequest:
+class MergeRequest(_Request):
     """``merge``: K fold checkpoints into one network that predicts their mean, written at
     ``out_path`` and scored on the final split at ``score_path`` (its ``X_train``/``y_train``:
     every development row; ``X_test``/``y_test``: the holdout rows, scored only)."""
@@ -255,12 +259,9 @@ class MergeRequest:
         return cls(tuple(folds), _check_path(raw, "out_path"), _check_path(raw, "score_path"),  # type: ignore[arg-type]
                    trial_number=raw.get("trial_number"), job_id=raw.get("job_id"))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"command": self.command, **asdict(self), "fold_paths": list(self.fold_paths)}
-
 
 @dataclass(frozen=True)
-class Ping:
+class Ping(_Request):
     """``ping``: is the worker there (answered in order, after the jobs before it)."""
     command: ClassVar[str] = "ping"
     job_id: Any = None
@@ -269,9 +270,6 @@ class Ping:
     def from_dict(cls, raw: dict[str, Any]) -> "Ping":
         return cls(identity(raw)["job_id"])
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"command": self.command, "job_id": self.job_id}
-
 
 @dataclass(frozen=True)
 class Heartbeat(Ping):
@@ -279,16 +277,13 @@ class Heartbeat(Ping):
     command: ClassVar[str] = "heartbeat"
 
 @dataclass(frozen=True)
-class Shutdown:
+class Shutdown(_Request):
     """``shutdown``: answer, then exit 0."""
     command: ClassVar[str] = "shutdown"
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Shutdown":
         return cls()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"command": self.command}
 
 
 Request = Union[TrainRequest, TrainFolds, MergeRequest, Ping, Heartbeat, Shutdown]
