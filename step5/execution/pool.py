@@ -140,7 +140,7 @@ class WorkerPool:
         self._free: queue.Queue[_Slot] = queue.Queue()
         self._closed = False
         self._lock = threading.Lock()  # guards the statistics and _workers/_procs below
-        self._workers: set[WorkerProcess] = set()  # live workers (close() says goodbye to them)
+        self._workers: set[WorkerProcess] = set()  # live workers that said `ready`
         self._procs: set[subprocess.Popen[bytes]] = set()  # every process started, until reaped
         self._job_ids = itertools.count()
         # What summary() reports, but workers and recovery, which it reads off the slots and the budget.
@@ -208,21 +208,14 @@ class WorkerPool:
             raise WorkerFault(f"worker {st.label} could not be started: {exc}", kind="boot",
                               exit_status=None, stderr_tail="") from None
         worker = WorkerProcess(st.label, proc)
-        with self._lock:
-            self._workers.add(worker)
         doing = f"booting (waiting for `ready`, {self.ready_timeout_s:g}s allowed)"
-        try:
-            message = worker.receive(self.ready_timeout_s, doing, hang_kind="boot")
-            if message.get("status") != "ready" or message.get("protocol") != PROTOCOL_VERSION:
-                raise worker.violation(message, doing)
-        except WorkerFault:
-            with self._lock:
-                self._workers.discard(worker)
-            raise
-        worker.ready = message
+        message = worker.receive(self.ready_timeout_s, doing, hang_kind="boot")
+        if message.get("status") != "ready" or message.get("protocol") != PROTOCOL_VERSION:
+            raise worker.violation(message, doing)
         elapsed = time.perf_counter() - start
-        if self._started:  # restarts; the constructor times its concurrent boot as a whole
-            with self._lock:
+        with self._lock:  # close() says goodbye to these; it kills the others (booting, one-shot)
+            self._workers.add(worker)
+            if self._started:  # restarts; the constructor times its concurrent boot as a whole
                 self._stats.timings.spawn_s += elapsed
         st.worker, st.pid, st.device = worker, worker.pid, str(message.get("device", "?"))
         st.boot_s = message.get("boot_s")
@@ -504,7 +497,7 @@ class WorkerPool:
             if self._closed:
                 return
             self._closed = True
-            workers = [w for w in self._workers if w.ready]
+            workers = list(self._workers)
             strays = [p for p in self._procs if all(p is not w.proc for w in workers)]
         _LIVE_POOLS.discard(self)
         try:

@@ -51,7 +51,6 @@ class WorkerProcess:
         self.label = label
         self.proc = proc
         self.pid = proc.pid
-        self.ready: dict[str, Any] = {}
         self._writer = LineWriter(proc.stdin)
         self._lines: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
