@@ -1,13 +1,9 @@
 """The fold runner: persistent workers, one per device slot (S96B), or one-shot trainers on
 the same slots (S96A, ``persistent=False``); docs/workers.md has its picture, lifecycle and
-fault table.
-
-**One ownership rule.** A :class:`_Slot` (its worker, its state machine, its counters) is
-changed only by the dispatch thread that took it from the free queue, until it puts it
-back. :meth:`WorkerPool.close` changes no slot: it sets the closed flag and kills every
-process; a holder then sees a dead pipe, finds the pool closed, and ends with
-:class:`RunnerClosed`. Only the pool-wide statistics and the registry of live processes are
-shared, each behind ``_lock``.
+fault table. One ownership rule: a :class:`_Slot` is changed only by the dispatch thread
+that took it from the free queue; :meth:`WorkerPool.close` changes no slot, it kills every
+process, and a holder then ends with :class:`RunnerClosed`. Only the statistics and the
+registry of live processes are shared, behind ``_lock``.
 """
 from __future__ import annotations
 
@@ -308,17 +304,16 @@ class WorkerPool:
             len(group), timeout_s=self.job_timeout_s * len(group), probe_interval_s=self.probe_interval_s,
             probe_grace_s=self.probe_grace_s, doing=doing,
         )
-        for answer, wire_id in zip(answers, wire_ids):
+        outcomes: list[JobOutcome] = []
+        for answer, wire_id, request in zip(answers, wire_ids, group):
             status = answer.get("status")
             if answer.get("job_id") != wire_id or status not in ("complete", "error") or (
                 status == "error" and answer.get("error_type") not in JOB_ERROR_TYPES
             ):
                 raise worker.violation(answer, doing)
-        st.jobs += len(group)
-        outcomes: list[JobOutcome] = []
-        for answer, request in zip(answers, group):
             answer["job_id"] = request.job_id
-            outcomes.append(answer if answer.get("status") == "complete" else JobError.from_dict(answer))
+            outcomes.append(answer if status == "complete" else JobError.from_dict(answer))
+        st.jobs += len(group)
         done = [a for a in answers if a.get("status") == "complete"]
         with self._lock:
             self._job_wall_s += time.perf_counter() - start
@@ -579,12 +574,10 @@ def resolve_persistent_workers(cli_choice: bool | None, policy: TrainingPolicy) 
     return policy.use_persistent_workers if cli_choice is None else cli_choice
 
 
-def make_fold_runner(
-    slots: Sequence[DeviceSlot], policy: TrainingPolicy, *, persistent: bool, python: str = sys.executable,
-) -> WorkerPool:
+def make_fold_runner(slots: Sequence[DeviceSlot], policy: TrainingPolicy, *, persistent: bool) -> WorkerPool:
     """A started pool over ``slots`` as the run's policy asks; the caller closes it (a context manager)."""
     return WorkerPool(
-        slots, persistent=persistent, python=python, job_timeout_s=policy.worker_job_timeout_s,
+        slots, persistent=persistent, job_timeout_s=policy.worker_job_timeout_s,
         ready_timeout_s=policy.worker_ready_timeout_s, max_restarts=policy.max_worker_restarts,
         max_job_reruns=policy.max_job_reruns, max_fault_reruns=policy.max_fault_reruns,
         repromote_after_s=policy.worker_repromote_after_s, max_repromotions=policy.max_worker_repromotions,
