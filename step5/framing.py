@@ -1,15 +1,7 @@
 """Newline-delimited frames over byte streams: the wire layer of the worker protocol.
 
-This module deals only in bytes and lines, never in JSON or commands (that is the
-dispatcher's job, :mod:`step5.nn.worker`, and the pool's, :mod:`step5.execution.pool`).
-It is torch-free and used on both sides of the pipe:
-
-* :class:`LineReader` reads one line at a time with a hard size bound. A line longer than
-  the bound is *discarded up to its newline* and reported as :class:`~step5.errors.FrameTooLarge`, so a
-  runaway writer cannot make the reader allocate without limit, and the next call starts
-  cleanly at the next line (there is no "previous message" to fall back on).
-* :class:`LineWriter` writes one message with one lock, one ``write`` and one ``flush``,
-  so two threads can never interleave halves of two frames.
+Bytes and lines only, never JSON commands (:mod:`step5.protocol`); torch-free, used on
+both sides of the pipe.
 """
 from __future__ import annotations
 
@@ -20,16 +12,10 @@ from step5.errors import FrameTooLarge
 from step5.jsonio import dumps_line
 from step5.protocol import MAX_REQUEST_BYTES
 
-#: Chunk size used while skipping the rest of an oversize line.
-_DISCARD_CHUNK = 1 << 16
-
 
 class LineReader:
-    """Reads newline-terminated frames from a binary stream, at most ``max_bytes`` each.
-
-    ``max_bytes`` bounds the frame *content*; the newline is not counted. A final line at
-    end of stream without a newline is still returned (a writer may close right after it).
-    """
+    """Reads newline-terminated frames from a binary stream, at most ``max_bytes`` of
+    content each (the newline not counted)."""
 
     def __init__(self, stream: BinaryIO, max_bytes: int = MAX_REQUEST_BYTES) -> None:
         if max_bytes < 1:
@@ -38,23 +24,23 @@ class LineReader:
         self.max_bytes = max_bytes
 
     def read_line(self) -> bytes | None:
-        """The next frame without its line ending; ``None`` at end of stream.
+        """The next frame without its line ending; ``None`` at end of stream; a last line
+        without a newline is still a frame (a writer may close right after it).
 
-        Raises :class:`FrameTooLarge` after skipping the remainder of an oversize line;
-        the caller may simply call again to get the following frame.
+        A longer line is discarded up to its newline and raised as :class:`FrameTooLarge`:
+        a runaway writer cannot make the reader allocate without limit, and the next call
+        starts cleanly at the next line.
         """
-        # One byte more than allowed: a complete allowed line is content + "\n".
-        chunk = self._stream.readline(self.max_bytes + 1)
+        chunk = self._stream.readline(self.max_bytes + 1)  # an allowed line is content + "\n"
         if not chunk:
             return None
         if chunk.endswith(b"\n"):
             return chunk[:-1].rstrip(b"\r")
         if len(chunk) <= self.max_bytes:
-            return chunk  # last line of the stream, no newline
-        # Oversize: throw away everything up to and including the next newline.
+            return chunk
         seen = len(chunk)
         while True:
-            rest = self._stream.readline(_DISCARD_CHUNK)
+            rest = self._stream.readline(1 << 16)
             if not rest:
                 raise FrameTooLarge(self.max_bytes, seen, at_eof=True)
             seen += len(rest)
@@ -63,17 +49,15 @@ class LineReader:
 
 
 class LineWriter:
-    """Writes whole frames to a binary stream; safe to share between threads."""
+    """Writes whole frames, one lock, one ``write`` and one ``flush`` each, so two threads
+    never interleave halves of two frames."""
 
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream
         self._lock = threading.Lock()
 
     def write_line(self, frame: bytes) -> None:
-        """Write one frame; a trailing newline is added when missing.
-
-        A frame must not contain a newline of its own: that would be two frames.
-        """
+        """Write one frame (a trailing newline added when missing; an embedded one would make two frames)."""
         if not frame.endswith(b"\n"):
             frame += b"\n"
         if b"\n" in frame[:-1]:
@@ -83,12 +67,8 @@ class LineWriter:
             self._stream.flush()
 
     def write_message(self, message: Any) -> None:
-        """Serialise ``message`` as compact JSON and write it as one frame."""
-        # orjson never emits a raw newline (it escapes them in strings), so one dumps is one frame.
-        frame = dumps_line(message)
-        with self._lock:
-            self._stream.write(frame)
-            self._stream.flush()
+        """``message`` as compact JSON, one frame (orjson escapes every newline in it)."""
+        self.write_line(dumps_line(message))
 
     def close(self) -> None:
         with self._lock:

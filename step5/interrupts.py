@@ -1,22 +1,16 @@
 """Ctrl-C and SIGTERM for the optimizer's run, in a form CPython cannot lose.
 
-CPython runs a Python signal handler between two bytecodes of the main thread, whatever
-they belong to. When they belong to a finalizer (a ``__del__``, a weakref callback, a
-garbage-collection callback) or a ctypes callback, the exception the handler raises is
-printed as "Exception ignored in ..." and dropped, and the run goes on as if the key had
-never been pressed; a dropped SIGTERM is worse, since the handler ignores further
-SIGTERMs so that they cannot interrupt the cleanup. The handlers here therefore latch the
-interrupt as well as raising it, and the search loop calls :func:`raise_if_interrupted`
-before each batch: an interrupt that was dropped takes effect there, at most one batch
-late.
-
-Off the main thread (a test harness calling the CLI from a thread), Python cannot install
-handlers; :func:`latched_interrupts` then installs nothing and says so.
+CPython runs a signal handler between two bytecodes of the main thread, whatever they
+belong to; when they belong to a finalizer, a GC or ctypes callback, the exception the
+handler raises is printed as "Exception ignored in ..." and dropped, and the run goes on (a
+dropped SIGTERM is worse: further SIGTERMs are ignored during cleanup). So the handlers
+latch the interrupt as well as raising it, and the search loop calls
+:func:`raise_if_interrupted` before each batch: a dropped interrupt takes effect there.
 """
 from __future__ import annotations
 
 import signal
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from types import FrameType
 from typing import Any, Iterator
 
@@ -33,19 +27,16 @@ def _on_sigint(signum: int, frame: FrameType | None) -> None:
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     global _latched
-    # Further SIGTERMs are ignored so they cannot interrupt the cleanup this one starts;
-    # a supervisor that will not wait still has SIGKILL (workers have a parent-death lifeline).
+    # Further SIGTERMs cannot interrupt the cleanup this one starts; a supervisor that
+    # will not wait still has SIGKILL (workers have a parent-death lifeline).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _latched = Terminated()
     raise Terminated()
 
 
 def raise_if_interrupted() -> None:
-    """Raise the interrupt that arrived since :func:`latched_interrupts` was entered, if any.
-
-    Once it has been raised from here or from the handler, it propagates like any interrupt;
-    calling this again raises it again, so a loop that somehow went on stops at its next check.
-    """
+    """Raise the interrupt that arrived since :func:`latched_interrupts` was entered, if
+    any; again at every call, so a loop that somehow went on stops at its next check."""
     if _latched is not None:
         raise _latched
 
@@ -53,15 +44,13 @@ def raise_if_interrupted() -> None:
 @contextmanager
 def latched_interrupts() -> Iterator[bool]:
     """Handle SIGINT and SIGTERM as above for the duration; yields whether the handlers are
-    installed (False off the main thread). The previous handlers come back afterwards."""
+    installed (False off the main thread, where Python cannot install them)."""
     global _latched
     _latched = None
     previous: dict[int, Any] = {}
-    try:
+    with suppress(ValueError):  # not the main thread
         for signum, handler in ((signal.SIGINT, _on_sigint), (signal.SIGTERM, _on_sigterm)):
             previous[signum] = signal.signal(signum, handler)
-    except ValueError:  # not the main thread
-        pass
     try:
         yield bool(previous)
     finally:

@@ -12,12 +12,8 @@ import orjson
 from step5.errors import DataError
 from step5.fsutil import atomic_output
 
-_DUMP_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
-
-
-def loads(data: bytes | str) -> Any:
-    """Parse JSON text; raises ``orjson.JSONDecodeError`` (a ``ValueError``) when malformed."""
-    return orjson.loads(data)
+#: Parse JSON text; raises ``orjson.JSONDecodeError`` (a ``ValueError``) when malformed.
+loads = orjson.loads
 
 
 def _default(obj: Any) -> Any:
@@ -29,8 +25,8 @@ def _default(obj: Any) -> Any:
 
 
 def dumps(obj: Any, *, indent: bool = False) -> bytes:
-    """Serialise to UTF-8 JSON bytes (numpy scalars/arrays and paths allowed)."""
-    option = _DUMP_OPTIONS | (orjson.OPT_INDENT_2 if indent else 0)
+    """UTF-8 JSON bytes (numpy scalars/arrays and paths allowed)."""
+    option = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS | (orjson.OPT_INDENT_2 if indent else 0)
     return orjson.dumps(obj, default=_default, option=option)
 
 
@@ -58,8 +54,7 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: bool = 
     """Write JSON to ``path`` via a temp file in the same folder and ``os.replace``."""
     p = Path(path)
     with atomic_output(p) as tmp, open(tmp, "wb") as fh:
-        fh.write(dumps(obj, indent=indent))
-        fh.write(b"\n")
+        fh.write(dumps(obj, indent=indent) + b"\n")
         fh.flush()
         os.fsync(fh.fileno())
     return p

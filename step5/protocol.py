@@ -1,40 +1,11 @@
-"""The worker protocol's messages (SPEC section 6): one type per message, defined once.
+"""The worker protocol's messages (SPEC section 6; docs/workers.md, "Protocol"): one type
+per request, defined once, and the one decoder, :func:`decode_request`.
 
-Torch-free. The parent builds requests with these types and the worker, the one-shot
-trainer and the fakes decode what they receive with :func:`decode_request`, so no side
-can drift; every reply is one of the ``*Message`` shapes below, built by the worker's
-dispatcher (:mod:`step5.nn.worker`), which the one-shot trainer runs too. Framing (bytes
-<-> lines) lives in :mod:`step5.framing`; this module deals only in dicts.
-
-=================  =========================================================================
-request            reply (one line each, in order; ``train_folds``: one per job)
-=================  =========================================================================
-``train``          ``complete`` (:class:`CompleteMessage`) or ``error`` (:class:`ErrorMessage`)
-``train_folds``    the same, per job: several ``train`` jobs trained in one fused pass
-``merge``          ``complete`` (the merged model's scores) or ``error``: K fold checkpoints
-                   merged into one network (:mod:`step5.nn.ensemble`)
-``ping``           ``pong``
-``heartbeat``      ``alive``, answered at once even while a job trains (the pool's liveness
-                   probe: the only request answered out of order)
-``shutdown``       ``shutdown``, then the process exits 0 (so does EOF on stdin)
-=================  =========================================================================
-
-A worker says ``ready`` (:class:`ReadyMessage`) once before reading requests; the one-shot
-trainer reads one request and answers it, nothing else. A request's identity
-(``trial_number``, ``fold_idx``, ``job_id``) is echoed on its replies, errors included: a
-refused request keeps the identity fields that were readable (:func:`identity`).
-
-A ``train`` request::
-
-    {"command": "train", "X_train_path": "/tmp/.../fold_0.npz",
-     "params": {"hidden_layers": [128, 64], "learning_rate": 0.001, ...},
-     "trial_number": 0, "fold_idx": 0, "normalize_features": true,
-     "use_leaky_relu": true, "batch_mode": "auto", "seed": 42, "job_id": "t0-f0"}
-
-The NPZ named by ``X_train_path`` holds ``X_train``, ``y_train``, ``X_val``, ``y_val`` and,
-optionally, ``X_test``/``y_test`` (scored after training, never used for fitting or early
-stopping) and ``feature_names`` (a unicode array, stored in checkpoints). It is always
-loaded with ``allow_pickle=False``.
+Torch-free. The parent builds requests with these types; the worker, the one-shot trainer
+and the fakes decode them here, so no side can drift. Replies are built by the worker's
+dispatcher (:mod:`step5.nn.worker`) and echo their request's identity (``trial_number``,
+``fold_idx``, ``job_id``), errors included. Framing (bytes <-> lines) is
+:mod:`step5.framing`; this module deals only in dicts.
 """
 from __future__ import annotations
 
@@ -61,18 +32,14 @@ AUTO_FULL_BATCH_MAX_ROWS = 10_000
 
 #: Request fields that fix the tensor shapes or the loop of a training pass: requests fused
 #: into one pass (``train_folds``) must agree on all of them and on their batch plan
-#: (:func:`batch_plan`), while learning_rate, weight_decay, dropout, input_dropout, input_sparsity,
-#: seed, patience and gradient_clip may differ per model. Defined here, torch-free, so the parent groups
-#: trials for fusion with the very list the worker's ``step5.nn.job.run_fold_group`` checks.
+#: (:func:`batch_plan`); the other hyperparameters and the seed may differ per model. The
+#: parent groups trials with the very list the worker's ``step5.nn.job.run_fold_group`` checks.
 FUSE_KEYS = ("hidden_layers", "optimizer", "epochs", "normalize_features", "use_leaky_relu")
 
 
-# ---------------------------------------------------------------------------- identity
-
-
 def identity(raw: Any) -> dict[str, Any]:
-    """``trial_number``, ``fold_idx`` and ``job_id`` of a request, each None unless readable
-    (a malformed request's garbage is not echoed back). The one echo rule of the protocol."""
+    """``trial_number``, ``fold_idx`` and ``job_id`` of a raw request, each None unless
+    readable (a malformed request's garbage is not echoed back). The one echo rule."""
     raw = raw if isinstance(raw, dict) else {}
     job_id = raw.get("job_id")
     return {
@@ -96,22 +63,15 @@ def tagged(error: JobError, source: Any) -> JobError:
     return error
 
 
-def error_reply(error: JobError, request: Any) -> "ErrorMessage":
+def error_reply(error: JobError, request: Any) -> dict[str, Any]:
     """The ``error`` reply to ``request`` (leaves ``error``, which may fail several jobs, as it is)."""
     reply = error.to_dict()
-    for key, value in echo(request).items():
-        if reply[key] is None:
-            reply[key] = value
-    return reply  # type: ignore[return-value]
-
-
-# ---------------------------------------------------------------------------- requests
+    return {**reply, **{key: value for key, value in echo(request).items() if reply[key] is None}}
 
 
 @dataclass(frozen=True)
 class NNParams:
     """Hyperparameters of one survivor-quality MLP (the ``params`` object of a request)."""
-
     hidden_layers: tuple[int, ...] = (128, 64)  # widths of the hidden Linear layers, in order
     learning_rate: float = 1e-3  # optimizer step size, > 0
     dropout: float = 0.3  # dropout probability after each hidden activation, in [0, 1)
@@ -123,6 +83,12 @@ class NNParams:
     batch_size: int = 256  # rows per step in mini-batch mode
     early_stopping_patience: int = 10  # epochs without val improvement before stopping; 0 = never
     gradient_clip: float = 1.0  # max global grad norm per model; 0 = no clipping
+
+    #: (name, lower bound, bound included, upper bound excluded or None) of the float fields.
+    _FLOATS: ClassVar = (("learning_rate", 0.0, False, None), ("dropout", 0.0, True, 1.0),
+                         ("input_dropout", 0.0, True, 1.0), ("input_sparsity", 0.0, True, None),
+                         ("weight_decay", 0.0, True, None), ("gradient_clip", 0.0, True, None))
+    _INTS: ClassVar = (("epochs", 1), ("batch_size", 1), ("early_stopping_patience", 0))
 
     @classmethod
     def from_dict(cls, raw: Any) -> "NNParams":
@@ -139,40 +105,32 @@ class NNParams:
             if not isinstance(hl, (list, tuple)) or not all(is_int(w) and w > 0 for w in hl):
                 raise BadRequest(f"`hidden_layers` must be a list of positive ints (empty: a linear model), got {hl!r}")
             values["hidden_layers"] = tuple(hl)
-        for name, lo, lo_inclusive, hi in (
-            ("learning_rate", 0.0, False, None),
-            ("dropout", 0.0, True, 1.0),
-            ("input_dropout", 0.0, True, 1.0),
-            ("input_sparsity", 0.0, True, None),
-            ("weight_decay", 0.0, True, None),
-            ("gradient_clip", 0.0, True, None),
-        ):
-            if name not in raw:
-                continue
+        for name, lo, inclusive, hi in (f for f in cls._FLOATS if f[0] in raw):
             v = raw[name]
-            ok = is_number(v) and (v >= lo if lo_inclusive else v > lo) and (hi is None or v < hi)
-            if not ok:
-                bound = f"{'>=' if lo_inclusive else '>'} {lo}" + (f" and < {hi}" if hi is not None else "")
+            if not (is_number(v) and (v >= lo if inclusive else v > lo) and (hi is None or v < hi)):
+                bound = f"{'>=' if inclusive else '>'} {lo}" + (f" and < {hi}" if hi is not None else "")
                 raise BadRequest(f"`{name}` must be a finite number {bound}, got {v!r}")
             values[name] = float(v)
-        for name, lo in (("epochs", 1), ("batch_size", 1), ("early_stopping_patience", 0)):
-            if name not in raw:
-                continue
-            v = raw[name]
-            if not (is_int(v) and v >= lo):
-                raise BadRequest(f"`{name}` must be an int >= {lo}, got {v!r}")
-            values[name] = v
+        for name, lo in (f for f in cls._INTS if f[0] in raw):
+            if not (is_int(raw[name]) and raw[name] >= lo):
+                raise BadRequest(f"`{name}` must be an int >= {lo}, got {raw[name]!r}")
+            values[name] = raw[name]
         if "optimizer" in raw:
-            v = raw["optimizer"]
-            if v not in OPTIMIZERS:
-                raise BadRequest(f"`optimizer` must be one of {list(OPTIMIZERS)}, got {v!r}")
-            values["optimizer"] = v
+            if raw["optimizer"] not in OPTIMIZERS:
+                raise BadRequest(f"`optimizer` must be one of {list(OPTIMIZERS)}, got {raw['optimizer']!r}")
+            values["optimizer"] = raw["optimizer"]
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["hidden_layers"] = list(self.hidden_layers)
-        return d
+        return {**asdict(self), "hidden_layers": list(self.hidden_layers)}
+
+
+class _Request:
+    command: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form (``command`` included), accepted back by :func:`decode_request`."""
+        return {"command": self.command, **asdict(self)}  # type: ignore[call-overload]
 
 
 def _check_path(raw: dict[str, Any], name: str, *, required: bool = True) -> str | None:
@@ -184,18 +142,24 @@ def _check_path(raw: dict[str, Any], name: str, *, required: bool = True) -> str
     return value
 
 
-def _check_keys(raw: dict[str, Any], allowed: set[str], what: str) -> None:
+def _check_identity(raw: dict[str, Any], allowed: set[str], what: str) -> None:
+    """No key outside ``allowed``; ``trial_number``/``fold_idx`` ints and ``job_id`` a string
+    or int when present."""
     unknown = sorted(set(raw) - allowed - {"command"})
     if unknown:
         raise BadRequest(f"unknown key(s) in {what}: {unknown}")
+    for name in ("trial_number", "fold_idx"):
+        if raw.get(name) is not None and not is_int(raw[name]):
+            raise BadRequest(f"`{name}` must be an int, got {raw[name]!r}")
+    job_id = raw.get("job_id")
+    if job_id is not None and not (isinstance(job_id, str) or is_int(job_id)):
+        raise BadRequest(f"`job_id` must be a string or int, got {job_id!r}")
 
 
 @dataclass(frozen=True)
-class TrainRequest:
+class TrainRequest(_Request):
     """``train``: one fold to train."""
-
     command: ClassVar[str] = "train"
-
     data_path: str  # the NPZ (wire name ``X_train_path``, kept from the proposal)
     params: NNParams = field(default_factory=NNParams)
     trial_number: int | None = None  # echoed back
@@ -213,77 +177,40 @@ class TrainRequest:
         if not isinstance(raw, dict):
             raise BadRequest(f"a request must be a JSON object, got {type(raw).__name__}")
         try:
-            return cls._from_dict(raw)
+            _check_identity(raw, {"X_train_path", "params", "trial_number", "fold_idx", "normalize_features",
+                                  "use_leaky_relu", "batch_mode", "seed", "job_id", "save_model_path"}, "train request")
+            path = _check_path(raw, "X_train_path")
+            params = NNParams.from_dict(raw.get("params", {}))
+            for name in ("normalize_features", "use_leaky_relu"):
+                if not isinstance(raw.get(name, True), bool):
+                    raise BadRequest(f"`{name}` must be true or false, got {raw[name]!r}")
+            if raw.get("batch_mode", "auto") not in BATCH_MODES:
+                raise BadRequest(f"`batch_mode` must be one of {list(BATCH_MODES)}, got {raw['batch_mode']!r}")
+            seed = raw.get("seed", 0)
+            if not (is_int(seed) and 0 <= seed < 2**63):
+                raise BadRequest(f"`seed` must be a non-negative int, got {seed!r}")
+            return cls(path, params, trial_number=raw.get("trial_number"), fold_idx=raw.get("fold_idx"),  # type: ignore[arg-type]
+                       normalize_features=raw.get("normalize_features", True),
+                       use_leaky_relu=raw.get("use_leaky_relu", True), batch_mode=raw.get("batch_mode", "auto"),
+                       seed=seed, job_id=raw.get("job_id"),
+                       save_model_path=_check_path(raw, "save_model_path", required=False))
         except BadRequest as exc:
             raise tagged(exc, raw) from None
 
-    @classmethod
-    def _from_dict(cls, raw: dict[str, Any]) -> "TrainRequest":
-        _check_keys(raw, {"X_train_path", "params", "trial_number", "fold_idx", "normalize_features",
-                          "use_leaky_relu", "batch_mode", "seed", "job_id", "save_model_path"}, "train request")
-        path = _check_path(raw, "X_train_path")
-        params = NNParams.from_dict(raw.get("params", {}))
-        for name in ("trial_number", "fold_idx"):
-            v = raw.get(name)
-            if v is not None and not is_int(v):
-                raise BadRequest(f"`{name}` must be an int, got {v!r}")
-        for name in ("normalize_features", "use_leaky_relu"):
-            v = raw.get(name, True)
-            if not isinstance(v, bool):
-                raise BadRequest(f"`{name}` must be true or false, got {v!r}")
-        batch_mode = raw.get("batch_mode", "auto")
-        if batch_mode not in BATCH_MODES:
-            raise BadRequest(f"`batch_mode` must be one of {list(BATCH_MODES)}, got {batch_mode!r}")
-        seed = raw.get("seed", 0)
-        if not (is_int(seed) and 0 <= seed < 2**63):
-            raise BadRequest(f"`seed` must be a non-negative int, got {seed!r}")
-        _check_job_id(raw)
-        return cls(
-            data_path=path,  # type: ignore[arg-type] - checked above
-            params=params,
-            trial_number=raw.get("trial_number"),
-            fold_idx=raw.get("fold_idx"),
-            normalize_features=raw.get("normalize_features", True),
-            use_leaky_relu=raw.get("use_leaky_relu", True),
-            batch_mode=batch_mode,
-            seed=seed,
-            job_id=raw.get("job_id"),
-            save_model_path=_check_path(raw, "save_model_path", required=False),
-        )
-
     def to_dict(self) -> dict[str, Any]:
-        """The wire form (``command`` included), accepted back by :meth:`from_dict`."""
-        d: dict[str, Any] = {
-            "command": self.command,
-            "X_train_path": self.data_path,
-            "params": self.params.to_dict(),
-            "trial_number": self.trial_number,
-            "fold_idx": self.fold_idx,
-            "normalize_features": self.normalize_features,
-            "use_leaky_relu": self.use_leaky_relu,
-            "batch_mode": self.batch_mode,
-            "seed": self.seed,
-            "job_id": self.job_id,
-        }
-        if self.save_model_path is not None:
-            d["save_model_path"] = self.save_model_path
+        d = {"command": self.command, "X_train_path": self.data_path, **asdict(self), "params": self.params.to_dict()}
+        del d["data_path"]
+        if self.save_model_path is None:
+            del d["save_model_path"]
         return d
 
 
-def _check_job_id(raw: dict[str, Any]) -> None:
-    job_id = raw.get("job_id")
-    if job_id is not None and not (isinstance(job_id, str) or is_int(job_id)):
-        raise BadRequest(f"`job_id` must be a string or int, got {job_id!r}")
-
-
 @dataclass(frozen=True)
-class TrainFolds:
+class TrainFolds(_Request):
     """``train_folds``: several ``train`` jobs in one fused pass (they agree on
     :data:`FUSE_KEYS`). A job refused on decoding stays in its place as its
     :class:`BadRequest`, answered there; the others still train."""
-
     command: ClassVar[str] = "train_folds"
-
     jobs: tuple[TrainRequest | BadRequest, ...]
 
     @classmethod
@@ -311,13 +238,11 @@ class TrainFolds:
 
 
 @dataclass(frozen=True)
-class MergeRequest:
+class MergeRequest(_Request):
     """``merge``: K fold checkpoints into one network that predicts their mean, written at
     ``out_path`` and scored on the final split at ``score_path`` (its ``X_train``/``y_train``:
     every development row; ``X_test``/``y_test``: the holdout rows, scored only)."""
-
     command: ClassVar[str] = "merge"
-
     fold_paths: tuple[str, ...]
     out_path: str
     score_path: str
@@ -327,26 +252,17 @@ class MergeRequest:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "MergeRequest":
-        _check_keys(raw, {"fold_paths", "out_path", "score_path", "trial_number", "job_id"}, "merge request")
+        _check_identity(raw, {"fold_paths", "out_path", "score_path", "trial_number", "job_id"}, "merge request")
         folds = raw.get("fold_paths")
         if not isinstance(folds, list) or not folds or not all(isinstance(p, str) and p for p in folds):
             raise BadRequest(f"`fold_paths` must be a non-empty list of non-empty strings, got {folds!r:.200}")
-        trial = raw.get("trial_number")
-        if trial is not None and not is_int(trial):
-            raise BadRequest(f"`trial_number` must be an int, got {trial!r}")
-        _check_job_id(raw)
         return cls(tuple(folds), _check_path(raw, "out_path"), _check_path(raw, "score_path"),  # type: ignore[arg-type]
-                   trial_number=trial, job_id=raw.get("job_id"))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"command": self.command, "fold_paths": list(self.fold_paths), "out_path": self.out_path,
-                "score_path": self.score_path, "trial_number": self.trial_number, "job_id": self.job_id}
+                   trial_number=raw.get("trial_number"), job_id=raw.get("job_id"))
 
 
 @dataclass(frozen=True)
-class Ping:
+class Ping(_Request):
     """``ping``: is the worker there (answered in order, after the jobs before it)."""
-
     command: ClassVar[str] = "ping"
     job_id: Any = None
 
@@ -354,29 +270,20 @@ class Ping:
     def from_dict(cls, raw: dict[str, Any]) -> "Ping":
         return cls(identity(raw)["job_id"])
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"command": self.command, "job_id": self.job_id}
-
 
 @dataclass(frozen=True)
 class Heartbeat(Ping):
     """``heartbeat``: the pool's liveness probe while a job runs (answered at once)."""
-
     command: ClassVar[str] = "heartbeat"
 
-
 @dataclass(frozen=True)
-class Shutdown:
+class Shutdown(_Request):
     """``shutdown``: answer, then exit 0."""
-
     command: ClassVar[str] = "shutdown"
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Shutdown":
         return cls()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"command": self.command}
 
 
 Request = Union[TrainRequest, TrainFolds, MergeRequest, Ping, Heartbeat, Shutdown]
@@ -404,12 +311,8 @@ def decode_request(raw: Any) -> Request:
         raise tagged(exc, raw) from None
 
 
-# ---------------------------------------------------------------------------- replies
-
-
-class ReadyMessage(TypedDict, total=False):
-    """Sent once by a worker, before it reads a request."""
-
+class ReadyMessage(TypedDict):
+    """Sent once by a worker, before it reads a request (the other replies: docs/workers.md)."""
     status: Literal["ready"]
     device: str  # "cuda:0 (NVIDIA H200)" or "cpu"
     backend: str  # "cuda" | "rocm" | "cpu": what the worker's torch build drives
@@ -422,74 +325,11 @@ class ReadyMessage(TypedDict, total=False):
     boot_s: float  # interpreter start -> ready, as the worker measured it
 
 
-class CompleteMessage(TypedDict, total=False):
-    """A finished ``train`` job (a ``merge`` answers ``status``, ``model_type``, ``model_path``,
-    ``models``, ``hidden_layers`` and the ``train_*``/``test_*`` scores)."""
-
-    status: Literal["complete"]
-    model_type: Literal["neural_net"]
-    r2: float  # validation R^2 of the restored best weights
-    val_mse: float
-    train_mse: float
-    train_r2: float
-    test_r2: float  # only when the NPZ carries X_test/y_test
-    test_mse: float
-    duration: float  # seconds inside the worker for this job (load + train + score)
-    load_s: float  # of which: reading the NPZ (0 on a cache hit)
-    train_s: float  # of which: the training loop
-    device: str
-    trial_number: int | None
-    fold_idx: int | None
-    job_id: Any
-    epochs_run: int
-    best_epoch: int
-    n_train: int
-    n_val: int
-    model_path: str  # only when save_model_path was given
-    models: int  # merge: fold models merged
-    hidden_layers: list[int]  # merge: the merged network's widths
-
-
-class ErrorMessage(TypedDict, total=False):
-    """A failed job or a refused request (``JobError.to_dict()``)."""
-
-    status: Literal["error"]
-    error: str
-    error_type: str  # one of step5.errors.JOB_ERROR_TYPES
-    trial_number: int | None
-    fold_idx: int | None
-    job_id: Any
-    traceback: str
-
-
-class PongMessage(TypedDict):
-    status: Literal["pong"]
-    pid: int
-    device: str
-    jobs_done: int
-    uptime_s: float
-    job_id: Any
-
-
-class AliveMessage(TypedDict):
-    status: Literal["alive"]
-    pid: int
-    job_id: Any
-    jobs_done: int
-
-
-class ShutdownMessage(TypedDict):
-    status: Literal["shutdown"]
-    reason: Literal["command"]
-    jobs_done: int
-    pid: int
-
-
-#: What answers a job (``train`` / ``merge``), in its place.
-JobReply = Union[CompleteMessage, ErrorMessage]
-
-
-# ---------------------------------------------------------------------------- batch plans
+PongMessage = TypedDict("PongMessage", {"status": Literal["pong"], "pid": int, "device": str, "jobs_done": int,
+                                        "uptime_s": float, "job_id": Any})
+AliveMessage = TypedDict("AliveMessage", {"status": Literal["alive"], "pid": int, "job_id": Any, "jobs_done": int})
+ShutdownMessage = TypedDict("ShutdownMessage", {"status": Literal["shutdown"], "reason": Literal["command"],
+                                                "jobs_done": int, "pid": int})
 
 
 def resolve_batch_mode(batch_mode: str, n_train: int) -> str:
@@ -502,12 +342,9 @@ def resolve_batch_mode(batch_mode: str, n_train: int) -> str:
 
 
 def batch_plan(request: TrainRequest, n_train: int | None) -> tuple[str, int | None]:
-    """How an epoch is cut into steps: ``("full", None)`` or ``("mini", batch_size)``.
-
-    ``batch_size`` matters only in mini-batch mode, so two full-batch requests share a plan
-    whatever their batch sizes. With ``n_train`` unknown an ``auto`` request cannot be
-    resolved, and its plan is ``("auto", batch_size)``: equal only to the same request's.
-    """
+    """How an epoch is cut into steps: ``("full", None)`` or ``("mini", batch_size)``
+    (so two full-batch requests share a plan whatever their batch sizes). With ``n_train``
+    unknown an ``auto`` request's plan is ``("auto", batch_size)``: equal only to the same request's."""
     if n_train is None and request.batch_mode == "auto":
         return ("auto", request.params.batch_size)
     mode = resolve_batch_mode(request.batch_mode, n_train if n_train is not None else 0)
@@ -515,15 +352,11 @@ def batch_plan(request: TrainRequest, n_train: int | None) -> tuple[str, int | N
 
 
 def fusion_key(request: TrainRequest, n_train: int | None = None) -> tuple[Any, ...]:
-    """The values of :data:`FUSE_KEYS` plus the batch plan: equal keys share one fused pass.
-
-    Each key is read from the request's ``params`` when it is a hyperparameter, else from
-    the request itself (``normalize_features``, ``use_leaky_relu``). ``n_train``, the
-    fold's training rows, resolves an ``auto`` batch mode.
-    """
+    """The values of :data:`FUSE_KEYS` (from ``params`` or the request itself) plus the batch
+    plan: equal keys share one fused pass. ``n_train``, the fold's training rows, resolves
+    an ``auto`` batch mode."""
     values: list[Any] = []
     for name in FUSE_KEYS:
-        source: Any = request.params if hasattr(request.params, name) else request
-        value = getattr(source, name)
+        value = getattr(request.params if hasattr(request.params, name) else request, name)
         values.append(tuple(value) if isinstance(value, (list, tuple)) else value)
     return (*values, batch_plan(request, n_train))

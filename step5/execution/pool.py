@@ -1,64 +1,14 @@
-"""The fold runner: persistent workers, one per device (the "S96B" path), or one-shot
-trainers on the same slots (the "S96A" path, ``persistent=False``).
-
-::
-
-    optimizer             WorkerPool.run(groups)  (parent process, never imports torch)       workers
-    ─────────             ─────────────────────────────────────────────────────────────       ───────
-    run([[f0],[f1],..]) ─▶ one dispatch thread per group takes a free slot and HOLDS it:
-                            │
-                            ├─ slot GPU-0 ─ WorkerProcess ── stdin: train / train_folds / heartbeat ─▶ step5.nn.worker
-                            │     ▲ answers ◀── stdout reader thread ◀── stdout ───────────────────┘ CUDA_VISIBLE_DEVICES=0
-                            │     └ stderr tail ◀── stderr drain thread ◀── stderr (logs)
-                            ├─ slot GPU-1 ─ (same, CUDA_VISIBLE_DEVICES=1)
-                            └─ slot GPU-2 ─ fell back ─▶ one-shot trainers ─▶ step5.nn.oneshot (S96A)
-    outcomes per group ◀────┘   (a result or a JobError per job, in place)
-
-Without persistent workers (S96A) every slot starts, and stays, where a fallen-back slot
-is: its jobs run in one-shot trainers, one fold per process, with the same fault rules.
-That pool is the null object of fusion: a group of several jobs runs job by job across the
-slots (the outcomes equal a fused pass's: bit for bit on a CPU, up to cuBLAS rounding on a
-GPU), and it says so once.
-
-* :mod:`step5.execution.worker_process` — one worker process (the protocol's endpoint), its
-  pipe threads, liveness probes, and the spawner thread that forks every worker.
-* :mod:`step5.execution.slot` — what a fault or a job timeout does to a slot (pure logic).
-* :mod:`step5.execution.oneshot` — one attempt of a one-shot job (a fresh trainer process).
-* this module — dispatch: groups to slots, the slot's reaction to faults, statistics, close;
-  :func:`make_fold_runner` builds the pool a run's policy asks for.
-
-**One ownership rule.** A :class:`_Slot` (its worker, its state machine, its counters) is
-changed only by the dispatch thread that took it from the free queue, until it puts it
-back. :meth:`WorkerPool.close` changes no slot: it sets the closed flag and kills every
-process; a holder then sees a dead pipe, finds the pool closed, and ends with
-:class:`RunnerClosed`. Only the pool-wide statistics and the registry of live processes are
-shared, each behind ``_lock``.
-
-**Faults and timeouts** (SPEC section 7, issue 10). A worker that crashes (EOF, broken
-pipe, exit), hangs (stops answering liveness probes), breaks the protocol or fails to boot is
-killed and restarted, up to ``max_restarts`` times per slot; the next fault makes the slot
-fall back to one-shot subprocesses, logging ``[S96B] Worker GPU-{N} died, falling back to
-subprocess mode``, until its cool-down has passed and it tries a fresh worker again
-(re-promotion, :class:`~step5.execution.slot.SlotMachine`). The group that was running is
-re-run with the same requests and seeds while the job's and the run's fault budgets last
-(:class:`~step5.execution.slot.FaultBudget`), else its jobs fail with a reason that says so;
-only returned results count. A job (a group of M jobs: M timeouts' worth) that outlives
-its timeout on a worker that still answers probes is not a fault: the worker is replaced without
-using the restart budget, the group is retried once, and a second timeout is each job's
-verdict (a ``timeout`` JobError). A job error (the worker's ``{"status": "error"}``) is
-returned in the job's place; a job that failed inside a fused pass is re-run alone, on the
-same slot, for its unfused verdict.
-
-Lifecycle: workers are spawned in the constructor and stopped by :meth:`WorkerPool.close`
-(``shutdown`` request, a short grace, then terminate/kill; always reaped). ``close`` also
-runs at interpreter exit, and a ``KeyboardInterrupt`` (or any error) reaching :meth:`run`
-kills every worker and one-shot trainer before propagating (the pool is closed then), as
-does a bug in any group, without waiting for the others. If the parent is SIGKILLed the workers notice and
-exit on their own (:mod:`step5.lifeline`).
+"""The fold runner: persistent workers, one per device slot (S96B), or one-shot trainers on
+the same slots (S96A, ``persistent=False``); docs/workers.md has its picture, lifecycle and
+fault table. One ownership rule: a :class:`_Slot` is changed only by the dispatch thread
+that took it from the free queue; :meth:`WorkerPool.close` changes no slot, it kills every
+process, and a holder then ends with :class:`RunnerClosed`. Only the statistics and the
+registry of live processes are shared, behind ``_lock``.
 """
 from __future__ import annotations
 
 import atexit
+import copy
 import dataclasses
 import itertools
 import logging
@@ -74,36 +24,25 @@ from typing import Any, Sequence
 
 from step5.devices import DeviceSlot
 from step5.errors import JOB_ERROR_TYPES, JobError, JobTimedOut, RunnerClosed, WorkerCrashed, WorkerFault
-from step5.execution.oneshot import fault_error, run_oneshot_job, timeout_error
-from step5.execution.process import LiveProcesses, kill_and_reap, sigkill
+from step5.execution.process import kill_tree, reap_killed, sigkill
 from step5.execution.runner import JobOutcome, check_groups
 from step5.execution.slot import FaultBudget, JobAttempts, JobVerdict, SlotAction, SlotMachine
-from step5.execution.summary import (
-    FallbackRecord, FaultRecord, FusionRecord, RunnerStats, Timings, WorkerRecord, recovery_record,
-)
-from step5.execution.worker_process import Spawner, WorkerProcess, popen_worker
+from step5.execution.summary import FallbackRecord, FaultRecord, RecoveryRecord, RunnerStats, WorkerRecord
+from step5.execution.worker_process import Spawner, WorkerProcess, popen_worker, run_oneshot_job
 from step5.launch import WORKER_MODULE, module_command
 from step5.policy import TrainingPolicy
-from step5.protocol import PROTOCOL_VERSION, Job, TrainFolds
+from step5.protocol import PROTOCOL_VERSION, Job, TrainFolds, echo
 from step5.values import is_number
 
 logger = logging.getLogger(__name__)
-
 
 FALLBACK_LOG = "[S96B] Worker %s died, falling back to subprocess mode"
 REPROMOTE_LOG = "[S96B] Worker %s: trying a fresh persistent worker again after %.0fs in subprocess mode (%d of %d)"
 
 
-def default_worker_command(python: str = sys.executable) -> list[str]:
-    """The persistent worker's command line (the one place it is built): the package's
-    worker module, so an installed step5 runs from any directory (step5.launch)."""
-    return module_command(WORKER_MODULE, python)
-
-
 @dataclasses.dataclass
 class _Slot:
     """One device slot across the life of the pool; owned by the thread holding it."""
-
     slot: DeviceSlot
     machine: SlotMachine
     worker: WorkerProcess | None = None
@@ -130,6 +69,7 @@ class _Slot:
 _LIVE_POOLS: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
 
 
+@atexit.register
 def _close_live_pools() -> None:
     for pool in list(_LIVE_POOLS):
         try:
@@ -138,11 +78,8 @@ def _close_live_pools() -> None:
             logger.exception("closing a worker pool at exit failed")
 
 
-atexit.register(_close_live_pools)
-
-
 class WorkerPool:
-    """Device slots behind the :class:`FoldRunner` interface: persistent workers, or one-shot trainers."""
+    """Device slots behind the :class:`~step5.execution.runner.FoldRunner` interface."""
 
     def __init__(
         self,
@@ -167,14 +104,11 @@ class WorkerPool:
         """Spawn one worker per slot and wait until each says ``ready`` (or has fallen back);
         with ``persistent=False`` spawn nothing: every job runs in a one-shot trainer.
 
-        ``worker_command`` replaces :func:`default_worker_command` and ``oneshot_script`` the
-        one-shot ``train_single_trial.py`` (tests pass the fake worker for both). A liveness
-        probe goes out after ``probe_interval_s`` of silence during a job
-        [min(5, timeout/4)]; no answer within ``probe_grace_s`` [min(30, timeout/2)]
-        is a hang. A job hit by a fault is re-run up to ``max_job_reruns`` times,
-        ``max_fault_reruns`` in all; a fallen-back slot tries a fresh worker after
-        ``repromote_after_s`` (doubling), at most ``max_repromotions`` times. Worker starts
-        (first starts, restarts, re-promotions) are ``spawn_stagger_s`` apart (:class:`Spawner`).
+        ``worker_command`` replaces the package's worker module and ``oneshot_script`` the
+        one-shot trainer's (tests pass the fake worker for both). A liveness probe goes out
+        after ``probe_interval_s`` of silence during a job [min(5, timeout/4)]; no answer
+        within ``probe_grace_s`` [min(30, timeout/2)] is a hang. The other arguments are
+        the ``training`` policy keys of the same meaning.
         """
         if not slots:
             raise ValueError("WorkerPool needs at least one device slot")
@@ -185,37 +119,28 @@ class WorkerPool:
                             ("shutdown_timeout_s", shutdown_timeout_s)):
             if not value > 0:
                 raise ValueError(f"`{name}` must be > 0, got {value!r}")
-        if max_restarts < 0:
-            raise ValueError(f"`max_restarts` must be >= 0, got {max_restarts!r}")
         self.persistent = persistent
         self.mode = "persistent_workers" if persistent else "subprocess"
-        self.job_timeout_s = float(job_timeout_s)
-        self.ready_timeout_s = float(ready_timeout_s)
-        self.max_restarts = int(max_restarts)
+        self.job_timeout_s, self.ready_timeout_s = float(job_timeout_s), float(ready_timeout_s)
         self.shutdown_timeout_s = float(shutdown_timeout_s)
         self.probe_interval_s = probe_interval_s or min(5.0, self.job_timeout_s / 4)
         self.probe_grace_s = probe_grace_s or min(30.0, self.job_timeout_s / 2)
-        self.worker_command = list(worker_command) if worker_command is not None else default_worker_command(python)
+        self.worker_command = list(worker_command or module_command(WORKER_MODULE, python))
+        self.python, self.oneshot_script = python, oneshot_script
         # A one-shot pool's slots start in the fallback and never leave it (no re-promotion).
-        self._slots = [
-            _Slot(slot, SlotMachine(self.max_restarts, cooldown_s=repromote_after_s,
-                                    max_repromotions=max_repromotions if persistent else 0, fallback=not persistent))
-            for slot in slots
-        ]
+        self._slots = [_Slot(slot, SlotMachine(max_restarts, cooldown_s=repromote_after_s, fallback=not persistent,
+                                               max_repromotions=max_repromotions if persistent else 0))
+                       for slot in slots]
         self.max_job_reruns = int(max_job_reruns)
         self._budget = FaultBudget(max_fault_reruns)
         self._free: queue.Queue[_Slot] = queue.Queue()
         self._closed = False
         self._lock = threading.Lock()  # guards the statistics and _workers/_procs below
-        self._workers: set[WorkerProcess] = set()  # live workers (close() says goodbye to them)
-        self._procs: set[subprocess.Popen[bytes]] = set()  # every worker process not yet reaped
-        self.python, self.oneshot_script = python, oneshot_script
-        self._oneshot_live = LiveProcesses()  # one-shot trainers running now (close() kills them)
+        self._workers: set[WorkerProcess] = set()  # live workers that said `ready`
+        self._procs: set[subprocess.Popen[bytes]] = set()  # every process started, until reaped
         self._job_ids = itertools.count()
-        self._fallbacks: list[FallbackRecord] = []
-        self._faults: list[FaultRecord] = []
-        self._fusion = FusionRecord()
-        self._timings = Timings()
+        # What summary() reports, but workers and recovery, which it reads off the slots and the budget.
+        self._stats = RunnerStats(mode=self.mode, devices=[st.label for st in self._slots])
         self._job_wall_s = 0.0
         self._warned_no_fusion = False
         self._started = False
@@ -233,16 +158,15 @@ class WorkerPool:
             return
         start = time.perf_counter()
         try:
-            booting = [self._dispatch.submit(self._ensure_worker, st) for st in self._slots]
-            for fut in booting:
-                fut.result()
+            for booting in [self._dispatch.submit(self._ensure_worker, st) for st in self._slots]:
+                booting.result()
         except BaseException:
             self._close(grace_s=0.0)
             raise
-        self._timings.spawn_s += time.perf_counter() - start
+        self._stats.timings.spawn_s += time.perf_counter() - start
         self._started = True
         logger.info(
-            "worker pool ready in %.2fs: %s", self._timings.spawn_s,
+            "worker pool ready in %.2fs: %s", self._stats.timings.spawn_s,
             ", ".join(f"{st.label}={'fallback' if st.machine.fallback else st.device}" for st in self._slots),
         )
 
@@ -257,15 +181,14 @@ class WorkerPool:
         """Groups that can train at the same time (one per slot)."""
         return len(self._slots)
 
-    # -- spawning -----------------------------------------------------------------------
-
-    def _popen(self, st: _Slot) -> subprocess.Popen[bytes]:
-        """Runs on the spawner thread (see :class:`Spawner` for why)."""
-        env = st.slot.environment()  # pins the device and names this process the parent (step5.lifeline)
+    def _start(self, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """Start a process, registered until it is reaped; none once the pool is closed, so
+        none slips past close()."""
         with self._lock:
             if self._closed:
                 raise RunnerClosed("the worker pool is closed")
-            proc = popen_worker(self.worker_command, env)
+            self._procs = {p for p in self._procs if p.returncode is None}
+            proc = popen_worker(command, env)
             self._procs.add(proc)
             return proc
 
@@ -273,31 +196,29 @@ class WorkerPool:
         """Start a worker for ``st`` and wait for its ``ready``; raises :class:`WorkerFault`."""
         start = time.perf_counter()
         try:
-            proc = self._spawner.submit(self._popen, st).result()
+            # st.slot.environment() pins the device and names this process the parent (step5.lifeline).
+            proc = self._spawner.submit(self._start, self.worker_command, st.slot.environment()).result()
         except RuntimeError:  # the spawner was shut down: the pool is closing
             raise RunnerClosed("the worker pool is closed") from None
         except OSError as exc:
             raise WorkerFault(f"worker {st.label} could not be started: {exc}", kind="boot",
                               exit_status=None, stderr_tail="") from None
         worker = WorkerProcess(st.label, proc)
-        with self._lock:
-            self._workers.add(worker)
         doing = f"booting (waiting for `ready`, {self.ready_timeout_s:g}s allowed)"
-        try:
-            message = worker.receive(self.ready_timeout_s, doing, hang_kind="boot")
-            if message.get("status") != "ready" or message.get("protocol") != PROTOCOL_VERSION:
-                raise worker.violation(message, doing)
-        except WorkerFault:
-            self._forget(worker)
-            raise
-        worker.ready = message
+        message = worker.receive(self.ready_timeout_s, doing, hang_kind="boot")
+        if message.get("status") != "ready" or message.get("protocol") != PROTOCOL_VERSION:
+            raise worker.violation(message, doing)
         elapsed = time.perf_counter() - start
-        if self._started:  # restarts; the constructor times its concurrent boot as a whole
-            with self._lock:
-                self._timings.spawn_s += elapsed
+        with self._lock:  # close() says goodbye to these; it kills the others (booting, one-shot)
+            self._workers.add(worker)
+            if self._started:  # restarts; the constructor times its concurrent boot as a whole
+                self._stats.timings.spawn_s += elapsed
         st.worker, st.pid, st.device = worker, worker.pid, str(message.get("device", "?"))
         st.boot_s = message.get("boot_s")
-        st.backend = reported_backend(message)
+        # Torch calls a ROCm GPU "cuda" too: only `backend` tells them apart (read from the device if absent).
+        backend = message.get("backend")
+        st.backend = str(backend) if backend in ("cuda", "rocm", "cpu") else (
+            "cuda" if st.device.startswith("cuda") else "cpu")
         logger.info("worker %s (pid %d) ready on %s (%s) in %.2fs", st.label, worker.pid, st.device, st.backend,
                     elapsed)
         if st.slot.kind != "cpu" and st.backend != st.slot.kind:
@@ -322,27 +243,20 @@ class WorkerPool:
                 self._on_fault(st, fault, None)
         return None
 
-    def _forget(self, worker: WorkerProcess) -> None:
-        """A worker that is dead and reaped leaves the registries."""
-        with self._lock:
-            self._workers.discard(worker)
-            self._procs.discard(worker.proc)
-
-    # -- faults and timeouts ----------------------------------------------------------------
-
     def _check_open(self) -> None:
         if self._closed:
             raise RunnerClosed("the worker pool is closed")
 
     def _record_fault(self, record: FaultRecord) -> None:
         with self._lock:
-            self._faults.append(record)
+            self._stats.faults.append(record)
 
     def _drop_worker(self, st: _Slot) -> None:
         """The holder lets go of a dead worker (killed by the fault or timeout that ended it)."""
         if st.worker is not None:
             st.worker.kill()  # already dead: reaps, closes pipes
-            self._forget(st.worker)
+            with self._lock:
+                self._workers.discard(st.worker)
             st.worker = None
 
     def _on_fault(self, st: _Slot, fault: WorkerFault, group: Sequence[Job] | None) -> None:
@@ -354,10 +268,11 @@ class WorkerPool:
         action = st.machine.on_fault(fault.kind, time.monotonic())
         logger.warning("%s%s; last stderr lines:\n%s", fault, where, fault.stderr_tail or "(no stderr output)")
         if action is SlotAction.RESTART:
-            logger.warning("restarting worker %s (restart %d of %d)", st.label, st.machine.restarts, self.max_restarts)
+            logger.warning("restarting worker %s (restart %d of %d)", st.label, st.machine.restarts,
+                           st.machine.max_restarts)
             return
         with self._lock:
-            self._fallbacks.append(FallbackRecord(
+            self._stats.fallbacks.append(FallbackRecord(
                 label=st.label, reason=str(fault), kind=fault.kind, exit_status=fault.exit_status,
                 stderr_tail=fault.stderr_tail, after_jobs=st.jobs, restarts=st.machine.restarts,
             ))
@@ -374,44 +289,39 @@ class WorkerPool:
                        else "it fails (a job timeout is the job's, not the worker's)")
         return verdict
 
-    # -- running groups -------------------------------------------------------------------
-
     def _train_on(self, st: _Slot, worker: WorkerProcess, group: Sequence[Job]) -> list[JobOutcome]:
-        """One job (a group of one: ``train`` or ``merge``) or one ``train_folds``; each job's outcome."""
+        """One job (a group of one: ``train`` or ``merge``) or one ``train_folds``; each job's outcome.
+        Every job gets a fresh wire ``job_id`` and only the matching answer is accepted."""
         wire_ids = [f"{st.label}#{next(self._job_ids)}" for _ in group]
         wire = [dataclasses.replace(r, job_id=w) for r, w in zip(group, wire_ids)]
-        first = group[0]
         if len(group) == 1:
-            doing = f"running job {wire_ids[0]} (trial {first.trial_number}, fold {first.fold_idx})"
-            start = time.perf_counter()
-            worker.send(wire[0], doing)
+            doing = f"running job {wire_ids[0]} (trial {group[0].trial_number}, fold {group[0].fold_idx})"
         else:
             doing = f"running {len(group)} fused jobs {wire_ids[0]}..{wire_ids[-1]}"
-            start = time.perf_counter()
-            worker.send(TrainFolds(tuple(wire)), doing)  # type: ignore[arg-type] - only train jobs are grouped
+        start = time.perf_counter()
+        worker.send(wire[0] if len(group) == 1 else TrainFolds(tuple(wire)), doing)  # type: ignore[arg-type]
         answers = worker.await_answers(
             len(group), timeout_s=self.job_timeout_s * len(group), probe_interval_s=self.probe_interval_s,
             probe_grace_s=self.probe_grace_s, doing=doing,
         )
-        for answer, wire_id in zip(answers, wire_ids):
+        outcomes: list[JobOutcome] = []
+        for answer, wire_id, request in zip(answers, wire_ids, group):
             status = answer.get("status")
             if answer.get("job_id") != wire_id or status not in ("complete", "error") or (
                 status == "error" and answer.get("error_type") not in JOB_ERROR_TYPES
             ):
                 raise worker.violation(answer, doing)
-        st.jobs += len(group)
-        outcomes: list[JobOutcome] = []
-        for answer, request in zip(answers, group):
             answer["job_id"] = request.job_id
-            outcomes.append(answer if answer.get("status") == "complete" else JobError.from_dict(answer))
+            outcomes.append(answer if status == "complete" else JobError.from_dict(answer))
+        st.jobs += len(group)
         done = [a for a in answers if a.get("status") == "complete"]
         with self._lock:
             self._job_wall_s += time.perf_counter() - start
             # A fused result's duration carries 1/M of the shared pass, so the sum is the pass.
-            self._timings.compute_s += sum(_duration(a) for a in done)
-            self._timings.jobs += len(done)
+            self._stats.timings.compute_s += sum(_duration(a) for a in done)
+            self._stats.timings.jobs += len(done)
             if len(group) > 1:
-                self._fusion.fused_groups += 1
+                self._stats.fusion.fused_groups += 1
         return outcomes
 
     def _run_oneshot(self, st: _Slot, request: Job, attempts: JobAttempts) -> JobOutcome:
@@ -426,7 +336,7 @@ class WorkerPool:
                 self._check_open()
                 try:
                     result = run_oneshot_job(request, st.slot, timeout_s=self.job_timeout_s, python=self.python,
-                                             script=self.oneshot_script, live=self._oneshot_live)
+                                             script=self.oneshot_script, start=self._start)
                     break
                 except JobError as exc:
                     return exc
@@ -437,7 +347,7 @@ class WorkerPool:
                     logger.warning("%s (timeout %d of at most 2); stderr tail:\n%s", exc, attempts.timeouts,
                                    exc.stderr_tail or "(none)")
                     if verdict is JobVerdict.GIVE_UP:
-                        return timeout_error(request, self.job_timeout_s, attempts.timeouts)
+                        return _job_failed(request, "timeout", _timed_out(self.job_timeout_s, attempts))
                 except WorkerCrashed as exc:
                     self._check_open()
                     verdict = attempts.on_fault()
@@ -446,14 +356,14 @@ class WorkerPool:
                                    "re-running it with the same request and seed" if verdict is JobVerdict.RETRY
                                    else "not re-run", exc.stderr_tail or "(none)")
                     if verdict is JobVerdict.GIVE_UP:
-                        return fault_error(request, exc, attempts)
+                        return _job_failed(request, "train_error", _faulted(exc, attempts))
         finally:
             with self._lock:
                 self._job_wall_s += time.perf_counter() - start
         st.oneshot_jobs += 1
         with self._lock:
-            self._timings.compute_s += _duration(result)
-            self._timings.jobs += 1
+            self._stats.timings.compute_s += _duration(result)
+            self._stats.timings.jobs += 1
         return result
 
     def _run_on_slot(self, st: _Slot, group: Sequence[Job]) -> list[JobOutcome]:
@@ -464,7 +374,7 @@ class WorkerPool:
             if worker is None:
                 if len(group) > 1:
                     with self._lock:
-                        self._fusion.unfused_groups += 1
+                        self._stats.fusion.unfused_groups += 1
                 # Each job carries the faults the group met so far into its own attempts.
                 return [self._run_oneshot(st, r, dataclasses.replace(attempts)) for r in group]
             try:
@@ -473,11 +383,11 @@ class WorkerPool:
                 self._on_fault(st, fault, group)
                 if attempts.on_fault() is JobVerdict.GIVE_UP:
                     logger.warning("not re-running %d job(s) hit by %s: %s", len(group), fault, attempts.refused)
-                    return [fault_error(r, fault, attempts) for r in group]
+                    return [_job_failed(r, "train_error", _faulted(fault, attempts)) for r in group]
                 # else re-run the same group (same requests and seeds) on the new worker or the fallback
             except JobTimedOut as exc:
                 if self._on_timeout(st, exc, attempts) is JobVerdict.GIVE_UP:
-                    return [timeout_error(r, self.job_timeout_s * len(group), attempts.timeouts) for r in group]
+                    return [_job_failed(r, "timeout", _timed_out(self.job_timeout_s * len(group), attempts)) for r in group]
 
     def _run_group(self, group: Sequence[Job]) -> list[JobOutcome]:
         """Take a free slot, train ``group`` on it, re-run alone what failed in a pass."""
@@ -494,7 +404,7 @@ class WorkerPool:
                     logger.warning("%d fused job(s) failed (first: %s); re-running them alone for their unfused "
                                    "verdict", len(failed), outcomes[failed[0]])
                     with self._lock:
-                        self._fusion.rerun_jobs += len(failed)
+                        self._stats.fusion.rerun_jobs += len(failed)
                     for i in failed:
                         (outcomes[i],) = self._run_on_slot(st, [group[i]])
             return outcomes
@@ -504,28 +414,27 @@ class WorkerPool:
     def run(self, groups: Sequence[Sequence[Job]]) -> list[list[JobOutcome]]:
         """Train every group (concurrently across slots); per group, each job's outcome.
 
-        A group of one is an unfused job (``train`` or ``merge``); a larger group shares
-        one fused pass (its requests agree on :data:`step5.protocol.FUSE_KEYS`), or, in a
-        one-shot pool, runs job by job across the slots. Job errors come back in place.
-        Anything else escaping (Ctrl-C, a bug in one group) kills every process at once and
-        closes the pool; :class:`RunnerClosed` when the pool was closed meanwhile.
+        A larger group shares one fused pass (its requests agree on
+        :data:`step5.protocol.FUSE_KEYS`), or, in a one-shot pool, runs job by job across the
+        slots (the same outcomes: bit for bit on a CPU, up to cuBLAS rounding on a GPU).
+        Anything but a job error escaping (Ctrl-C, a bug in one group) kills every process
+        at once and closes the pool; :class:`RunnerClosed` when the pool was closed meanwhile.
         """
         self._check_open()
         groups = check_groups(groups)
         fused = sum(1 for g in groups if len(g) > 1)
         with self._lock:
-            self._fusion.groups += len(groups)
-            self._fusion.jobs += sum(len(g) for g in groups)
-            self._fusion.largest_group = max([self._fusion.largest_group, *(len(g) for g in groups)])
+            self._stats.fusion.groups += len(groups)
+            self._stats.fusion.jobs += sum(len(g) for g in groups)
+            self._stats.fusion.largest_group = max([self._stats.fusion.largest_group, *(len(g) for g in groups)])
             if not self.persistent:
-                self._fusion.unfused_groups += fused
+                self._stats.fusion.unfused_groups += fused
         if fused and not self.persistent and not self._warned_no_fusion:
             self._warned_no_fusion = True
             logger.warning(
                 "fused training asked for, but one-shot subprocesses (S96A) train one fold per process and "
                 "cannot fuse: every fused group runs fold by fold (same results; use persistent workers to fuse)"
             )
-        # A one-shot pool spreads a group's jobs over its slots, one process each.
         dispatched = groups if self.persistent else [[job] for g in groups for job in g]
         start = time.perf_counter()
         try:
@@ -547,25 +456,23 @@ class WorkerPool:
             raise
         finally:
             with self._lock:
-                self._timings.wall_s += time.perf_counter() - start
+                self._stats.timings.wall_s += time.perf_counter() - start
         outcomes = iter([f.result() for f in futures])
-        return [list(next(outcomes)) for _ in groups] if self.persistent else [
-            [next(outcomes)[0] for _ in g] for g in groups]
-
-    # -- reporting ------------------------------------------------------------------------
+        if self.persistent:
+            return [list(next(outcomes)) for _ in groups]
+        return [[next(outcomes)[0] for _ in g] for g in groups]
 
     def summary(self) -> RunnerStats:
         with self._lock:
-            timings = dataclasses.replace(self._timings)
-            timings.overhead_s = max(0.0, self._job_wall_s - timings.compute_s)
-            return RunnerStats(
-                mode=self.mode, devices=[st.label for st in self._slots],
-                workers=[st.record() for st in self._slots] if self.persistent else [],
-                fallbacks=list(self._fallbacks),
-                faults=list(self._faults), fusion=dataclasses.replace(self._fusion), timings=timings,
-                recovery=recovery_record(self._faults, self._budget,
-                                         sum(st.machine.repromotions for st in self._slots)),
-            )
+            stats = copy.deepcopy(self._stats)
+            stats.timings.overhead_s = max(0.0, self._job_wall_s - stats.timings.compute_s)
+        stats.workers = [st.record() for st in self._slots] if self.persistent else []
+        stats.recovery = RecoveryRecord(
+            faults=sum(1 for f in stats.faults if f.kind != "timeout"), reruns=self._budget.reruns,
+            max_fault_reruns=self._budget.max_reruns, refused_reruns=self._budget.refused,
+            repromotions=sum(st.machine.repromotions for st in self._slots),
+        )
+        return stats
 
     @property
     def closed(self) -> bool:
@@ -574,9 +481,7 @@ class WorkerPool:
     def worker_pids(self) -> list[int]:
         """Pids of the workers running now (for tests and diagnostics)."""
         with self._lock:
-            return sorted(w.pid for w in self._workers if w.alive())
-
-    # -- shutting down ----------------------------------------------------------------------
+            return sorted(w.pid for w in self._workers if w.proc.poll() is None)
 
     def close(self) -> None:
         """Shut every worker down (``shutdown``, grace, terminate, kill) and reap it; idempotent."""
@@ -587,14 +492,14 @@ class WorkerPool:
             if self._closed:
                 return
             self._closed = True
-            workers = [w for w in self._workers if w.ready]
+            workers = list(self._workers)
             strays = [p for p in self._procs if all(p is not w.proc for w in workers)]
         _LIVE_POOLS.discard(self)
         try:
-            # Fallback trainers and half-booted workers have nothing to say goodbye with.
-            # abort() also kills a fallback trainer started after this point, so none slips past.
-            for proc in strays + self._oneshot_live.abort():
-                kill_and_reap(proc, "process")
+            # One-shot trainers and half-booted workers have nothing to say goodbye with.
+            for proc in strays:
+                kill_tree(proc)
+                reap_killed(proc, "process")
             if grace_s > 0:
                 for w in workers:
                     w.request_shutdown()
@@ -603,7 +508,7 @@ class WorkerPool:
                     w.finish_shutdown(deadline)
             else:
                 for w in workers:  # every worker gets its signal before any is waited for
-                    w.signal_kill()
+                    kill_tree(w.proc)
                 for w in workers:
                     w.kill()
         except BaseException:
@@ -623,18 +528,25 @@ class WorkerPool:
         logger.info("worker pool closed")
 
 
-def reported_backend(ready: dict[str, Any]) -> str:
-    """``cuda`` / ``rocm`` / ``cpu`` from a ``ready`` line (a worker that does not say is read
-    from its device: torch calls a ROCm GPU ``cuda`` too, so only ``backend`` tells them apart)."""
-    backend = ready.get("backend")
-    if backend in ("cuda", "rocm", "cpu"):
-        return str(backend)
-    return "cuda" if str(ready.get("device", "")).startswith("cuda") else "cpu"
-
-
 def _duration(result: dict[str, Any]) -> float:
     value = result.get("duration", 0.0)
     return float(value) if is_number(value) else 0.0
+
+
+def _job_failed(request: Job, error_type: str, why: str) -> JobError:
+    """A job's verdict when its attempts ran out (``timeout`` or ``train_error``)."""
+    where = f"job {request.job_id!r} (trial {request.trial_number}, fold {request.fold_idx})"
+    return JobError(f"{where} {why}", error_type, **echo(request))
+
+
+def _timed_out(timeout_s: float, attempts: JobAttempts) -> str:
+    return (f"ran past its {timeout_s:g}s timeout {attempts.timeouts} time(s); raise training.worker_job_timeout_s "
+            "or lower the epochs")
+
+
+def _faulted(fault: BaseException, attempts: JobAttempts) -> str:
+    return (f"was hit by {attempts.faults} infrastructure fault(s), the last: {fault}; not re-run again: "
+            f"{attempts.refused}")
 
 
 def _first_failure(futures: Sequence[Future[Any]]) -> BaseException | None:
@@ -662,21 +574,12 @@ def resolve_persistent_workers(cli_choice: bool | None, policy: TrainingPolicy) 
     return policy.use_persistent_workers if cli_choice is None else cli_choice
 
 
-def make_fold_runner(
-    slots: Sequence[DeviceSlot], policy: TrainingPolicy, *, persistent: bool, python: str = sys.executable,
-) -> WorkerPool:
-    """A started pool over ``slots`` (persistent workers, S96B, or one-shot trainers, S96A);
-    the caller closes it (it is a context manager)."""
+def make_fold_runner(slots: Sequence[DeviceSlot], policy: TrainingPolicy, *, persistent: bool) -> WorkerPool:
+    """A started pool over ``slots`` as the run's policy asks; the caller closes it (a context manager)."""
     return WorkerPool(
-        slots,
-        persistent=persistent,
-        job_timeout_s=policy.worker_job_timeout_s,
-        ready_timeout_s=policy.worker_ready_timeout_s,
-        max_restarts=policy.max_worker_restarts,
-        max_job_reruns=policy.max_job_reruns,
-        max_fault_reruns=policy.max_fault_reruns,
-        repromote_after_s=policy.worker_repromote_after_s,
-        max_repromotions=policy.max_worker_repromotions,
+        slots, persistent=persistent, job_timeout_s=policy.worker_job_timeout_s,
+        ready_timeout_s=policy.worker_ready_timeout_s, max_restarts=policy.max_worker_restarts,
+        max_job_reruns=policy.max_job_reruns, max_fault_reruns=policy.max_fault_reruns,
+        repromote_after_s=policy.worker_repromote_after_s, max_repromotions=policy.max_worker_repromotions,
         spawn_stagger_s=policy.worker_spawn_stagger_s,
-        python=python,
     )

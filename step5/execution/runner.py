@@ -1,13 +1,10 @@
-"""The fold runner interface, ``run(groups) -> outcomes``, shared by every runner.
+"""The fold runner interface, ``run(groups) -> outcomes`` (docs/workers.md, "One path").
 
-Every runner has one entry point: :meth:`FoldRunner.run` takes *groups* of jobs -- a group
-of one is an unfused job (``train``, or the final model's ``merge``), a larger group asks
-for one fused pass of ``train`` jobs -- and returns, per group and in request order, each
-job's result dict or the :class:`~step5.errors.JobError` it failed with, in its place. So
-the optimizer learns every trial's fate from one call, and one failing fold costs no other
-fold anything. The one implementation is :class:`step5.execution.pool.WorkerPool`
-(persistent workers, or one-shot trainers); tests use
-:class:`step5.testing.fake_runner.FakeFoldRunner`.
+A group of one is an unfused job (``train``, or the final model's ``merge``); a larger
+group asks for one fused pass. Each job's outcome is its result dict or the
+:class:`~step5.errors.JobError` it failed with, in its place, so one failing fold costs no
+other fold anything. Implemented by :class:`step5.execution.pool.WorkerPool` and, in
+tests, :class:`step5.testing.fake_runner.FakeFoldRunner`.
 """
 from __future__ import annotations
 
@@ -17,30 +14,21 @@ from step5.errors import JobError
 from step5.execution.summary import RunnerStats
 from step5.protocol import Job
 
-#: What one job came to: its result, or the JobError it failed with.
 JobOutcome = dict[str, Any] | JobError
 
 
 class FoldRunner(Protocol):
     """What the optimizer needs from whatever trains its neural-net folds."""
-
     mode: str  # "persistent_workers" | "subprocess", recorded in the sidecar
 
     @property
-    def capacity(self) -> int:
-        """How many groups can train at the same time (device slots)."""
-        ...
+    def capacity(self) -> int: ...  # groups that can train at the same time (device slots)
 
-    def run(self, groups: Sequence[Sequence[Job]]) -> list[list[JobOutcome]]:
-        """Train every group; per group, each job's result or JobError, in request order."""
-        ...
+    def run(self, groups: Sequence[Sequence[Job]]) -> list[list[JobOutcome]]: ...
 
-    def summary(self) -> RunnerStats:
-        ...
+    def summary(self) -> RunnerStats: ...
 
-    def close(self) -> None:
-        """Release every process; idempotent."""
-        ...
+    def close(self) -> None: ...  # release every process; idempotent
 
 
 def check_groups(groups: Sequence[Sequence[Job]]) -> list[list[Job]]:
@@ -52,7 +40,7 @@ def check_groups(groups: Sequence[Sequence[Job]]) -> list[list[Job]]:
 
 
 def raise_first_job_error(outcomes: Sequence[JobOutcome]) -> list[dict[str, Any]]:
-    """The results of jobs whose outcomes hold no error; else raise the first JobError."""
+    """The results, when no outcome is an error; else raise the first JobError."""
     for outcome in outcomes:
         if isinstance(outcome, JobError):
             raise outcome

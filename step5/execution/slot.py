@@ -11,30 +11,14 @@
       └──── re-promote: one fresh worker, after the cool-down ───────────────┘
             (cool-down x2 each time; at most `max_repromotions` times, then for good)
 
-A *fault* is the worker's: it crashed (EOF, broken pipe, exit), hung (stopped answering
-liveness probes), broke the protocol, or failed to boot. A *job timeout* is the job's: the
-worker kept answering liveness probes but the job ran past its timeout. The worker is replaced
-(the only way to stop a job in a single-threaded trainer) but the slot keeps its restart
-budget and never falls back for it. The job itself is retried once; its second timeout is
-its verdict (:data:`JobVerdict`), so a job that can never finish costs about twice its
-timeout, not four timeouts and a demoted slot.
-
-A fallen-back slot is not demoted for good at once: after ``cooldown_s`` it tries one
-fresh persistent worker again (a *re-promotion*), so one transient fault does not cost a
-long run the persistent speed. The re-promoted worker gets no new restart budget: its
-first fault falls back again, and the next cool-down is twice as long; after
-``max_repromotions`` re-promotions the slot stays in the fallback, since its workers keep
-dying.
-
-A job hit by an infrastructure fault (its worker or one-shot trainer was killed, the pipe
-broke, the worker stopped answering) is re-run with the same request and seed: the fault
-was not the job's. The re-runs are bounded per job (``max_job_reruns``) and per run
-(:class:`FaultBudget`, shared by every slot); past either the job fails. A job error (the
-trainer's own answer: bad data, invalid parameters, a loss that is not finite, an OOM the
-job raised) is never re-run: it would fail the same way.
-
-The pool asks these objects what to do and acts; only the thread that holds the slot
-calls them (the ownership rule in :mod:`step5.execution.pool`).
+A *fault* is the worker's (crashed, hung, broke the protocol, failed to boot) and counts
+against the slot's restart budget. A *job timeout* is the job's (its worker kept answering
+liveness probes): the worker is replaced, the only way to stop a job in a single-threaded
+trainer, but the slot keeps its budget, and the job is retried once (:data:`JobVerdict`).
+A re-promoted worker gets no new restart budget. A job hit by a fault is re-run with the
+same request and seed within ``max_job_reruns`` and the run's :class:`FaultBudget`; a job
+error (the trainer's own answer) is never re-run. docs/workers.md, "Fault handling", says
+why. Only the thread that holds the slot calls these objects (:mod:`step5.execution.pool`).
 """
 from __future__ import annotations
 
@@ -59,7 +43,6 @@ class JobVerdict(str, Enum):
 @dataclass
 class SlotMachine:
     """A slot's restart budget and mode."""
-
     max_restarts: int
     cooldown_s: float = float("inf")  # first fallback -> re-promotion wait; doubles each time
     max_repromotions: int = 0
@@ -76,17 +59,13 @@ class SlotMachine:
         if not self.cooldown_s > 0:
             raise ValueError(f"`cooldown_s` must be > 0, got {self.cooldown_s!r}")
 
-    def current_cooldown_s(self) -> float:
-        """How long the slot waits in the fallback before its next re-promotion."""
-        return self.cooldown_s * 2 ** self.repromotions
-
     def try_repromote(self, now: float) -> bool:
         """Before a fallen-back slot's next job: try a fresh worker again? (``now``: the
         same clock :meth:`on_fault` was given.)"""
         if not self.fallback or self.repromotions >= self.max_repromotions:
             return False
         assert self.fell_back_at is not None
-        if now - self.fell_back_at < self.current_cooldown_s():
+        if now - self.fell_back_at < self.cooldown_s * 2 ** self.repromotions:
             return False
         self.fallback = False
         self.repromotions += 1
@@ -142,7 +121,6 @@ class FaultBudget:
 class JobAttempts:
     """One job's retries: an infrastructure fault re-runs it up to ``max_reruns`` times while
     the run's :class:`FaultBudget` lasts; a timeout retries it once."""
-
     max_reruns: int
     budget: FaultBudget
     timeouts: int = 0

@@ -1,26 +1,12 @@
-"""The sidecar's ``execution`` block: typed records, built in one place, checked key by key.
-
-Every run writes the same shape, whatever trained it (persistent workers, one-shot
-subprocesses, tree models in-process) and however it ended (SUCCESS or DEGENERATE_SIGNAL)::
-
-    ExecutionSummary
-      mode        "persistent_workers" | "subprocess" | "inline" | null (no training ran)
-      devices     slot labels ["GPU-0", ...]
-      workers     [WorkerRecord]   one per persistent-worker slot
-      fallbacks   [FallbackRecord] slots that fell back to one-shot subprocesses
-      faults      [FaultRecord]    every worker/trainer fault and job timeout, in order
-      fusion      FusionRecord     groups handed to the runner and how they ran
-      recovery    RecoveryRecord   faults, re-runs of the jobs they hit, re-promoted slots
-      search      SearchRecord     the ask/tell loop's settings (trials in flight, fusion)
-      timings     Timings          runner and run-phase seconds
-
-A runner reports :class:`RunnerStats` (everything but ``search`` and the run phases);
-:func:`build_execution_summary` adds the rest. :data:`EXECUTION_SCHEMA`, derived from these
-records, is what the sidecar validator (:mod:`step5.artifacts`) checks the block with, so a
-key added here is checked there without a second list.
+"""The sidecar's ``execution`` block (docs/workers.md, "``execution`` block"): typed
+records, built in one place, the same shape whatever trained the run and however it ended.
+A runner reports :class:`RunnerStats`; :func:`build_execution_summary` adds the loop's
+:class:`SearchRecord` and the run's phase timings. :data:`EXECUTION_SCHEMA`, derived from
+these records, is what the sidecar validator checks the block with.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 from dataclasses import dataclass, field
@@ -37,7 +23,6 @@ ExecutionMode = one_of(EXECUTION_MODES)
 @dataclass
 class WorkerRecord:
     """One persistent-worker slot across the life of the pool."""
-
     label: str  # "GPU-0" / "CPU-1"
     device: str | None  # as the worker reported it in `ready`
     pid: int | None  # current (or last) worker pid
@@ -55,7 +40,6 @@ class WorkerRecord:
 @dataclass
 class FallbackRecord:
     """Why a slot fell back to one-shot subprocesses."""
-
     label: str
     reason: str
     kind: str  # the last fault's kind
@@ -68,7 +52,6 @@ class FallbackRecord:
 @dataclass
 class FaultRecord:
     """A worker fault (crash, hang, protocol, boot), a one-shot crash, or a job timeout."""
-
     slot: str
     kind: str  # crash | hang | protocol | boot | oneshot | timeout
     status: str | None  # SIGKILL(-9), EXIT(1), TIMEOUT, ...
@@ -78,7 +61,6 @@ class FaultRecord:
 @dataclass
 class FusionRecord:
     """Groups handed to ``run()``; a group of one is an unfused job."""
-
     groups: int = 0  # groups of any size
     jobs: int = 0  # jobs in them
     fused_groups: int = 0  # groups of 2+ jobs trained in one pass
@@ -90,7 +72,6 @@ class FusionRecord:
 @dataclass
 class RecoveryRecord:
     """What infrastructure faults cost the run (a job timeout is not one)."""
-
     faults: int = 0  # worker and one-shot trainer faults (crash, hang, protocol, boot, oneshot)
     reruns: int = 0  # re-runs of jobs those faults hit (same request, same seed)
     max_fault_reruns: int = 0  # the run's budget for them (training.max_fault_reruns)
@@ -98,18 +79,9 @@ class RecoveryRecord:
     repromotions: int = 0  # fallen-back slots that tried a fresh persistent worker again
 
 
-def recovery_record(faults: list[FaultRecord], budget: Any, repromotions: int = 0) -> RecoveryRecord:
-    """The recovery counts from a runner's fault list and its :class:`~step5.execution.slot.FaultBudget`."""
-    return RecoveryRecord(
-        faults=sum(1 for f in faults if f.kind != "timeout"), reruns=budget.reruns,
-        max_fault_reruns=budget.max_reruns, refused_reruns=budget.refused, repromotions=repromotions,
-    )
-
-
 @dataclass
 class SearchRecord:
     """How the optimizer's ask/tell loop ran its trials."""
-
     trials_in_flight: int = 0  # trials asked and run together (B); 0 when no search ran
     fuse_folds: bool = False  # a trial's K folds share one pass
     fuse_trials: bool = False  # same-shape trials of a batch share one pass
@@ -122,7 +94,6 @@ class SearchRecord:
 @dataclass
 class Timings:
     """Seconds. The runner's fields first; the run phases are 0.0 where they did not happen."""
-
     jobs: int = 0  # jobs with a result (a retried job counts once)
     spawn_s: float = 0.0  # starting persistent workers (restarts included)
     wall_s: float = 0.0  # inside run() calls
@@ -140,8 +111,7 @@ class Timings:
 @dataclass
 class RunnerStats:
     """What a runner knows about itself; ``summary()`` of every runner returns one."""
-
-    mode: str
+    mode: str | None
     devices: list[str]
     workers: list[WorkerRecord] = field(default_factory=list)
     fallbacks: list[FallbackRecord] = field(default_factory=list)
@@ -154,7 +124,6 @@ class RunnerStats:
 @dataclass
 class ExecutionSummary:
     """The whole ``execution`` block."""
-
     mode: ExecutionMode | None
     devices: list[str]
     workers: list[WorkerRecord]
@@ -175,29 +144,12 @@ def build_execution_summary(
     stats: RunnerStats | None, *, search: SearchRecord | None = None, phases: Mapping[str, float] | None = None,
 ) -> ExecutionSummary:
     """The execution block of a run: the runner's stats (None: nothing trained, e.g. a
-    degenerate target), the loop's settings, and the run's phase timings."""
-    timings = dataclasses.replace(stats.timings) if stats is not None else Timings()
-    for name, seconds in (phases or {}).items():
-        if name not in _TIMING_PHASES:
-            raise ValueError(f"unknown run phase {name!r}; expected one of {sorted(_TIMING_PHASES)}")
-        setattr(timings, name, float(seconds))
-    return ExecutionSummary(
-        mode=stats.mode if stats is not None else None,
-        devices=list(stats.devices) if stats is not None else [],
-        workers=list(stats.workers) if stats is not None else [],
-        fallbacks=list(stats.fallbacks) if stats is not None else [],
-        faults=list(stats.faults) if stats is not None else [],
-        fusion=dataclasses.replace(stats.fusion) if stats is not None else FusionRecord(),
-        recovery=dataclasses.replace(stats.recovery) if stats is not None else RecoveryRecord(),
-        search=search if search is not None else SearchRecord(),
-        timings=timings,
-    )
+    degenerate target), the loop's settings, and the run's phase timings (``*_s`` fields of
+    :class:`Timings`)."""
+    run = copy.deepcopy(stats) if stats is not None else RunnerStats(mode=None, devices=[])
+    run.timings = dataclasses.replace(run.timings, **{name: float(s) for name, s in (phases or {}).items()})
+    return ExecutionSummary(**vars(run), search=search or SearchRecord())
 
-
-_TIMING_PHASES = frozenset(("load_s", "split_s", "runner_start_s", "search_s", "rescore_s", "final_s", "total_s"))
-
-
-# ------------------------------------------------------------------------- validation
 
 #: Every count in the block is an int >= 0 and every time a finite number of seconds >= 0.
 Count = Annotated[int, Meta(ge=0, description="an int >= 0")]

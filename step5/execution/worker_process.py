@@ -1,16 +1,6 @@
-"""A training process as the parent sees it (the protocol's endpoint), and the thread that forks workers.
-
-* :class:`WorkerProcess` — the process and the two threads that keep its pipes moving: a
-  stdout reader feeding a queue (so the parent waits on "a line, EOF or a timeout" in one
-  place, like loky) and a stderr drain into a bounded tail (forwarded to logging at DEBUG)
-  so a chatty worker can never fill its pipe and block. It sends typed requests
-  (:mod:`step5.protocol`) and reads replies. While a job runs on a persistent worker, the
-  parent probes its liveness with ``heartbeat`` requests, which the worker answers at once
-  from its reader thread; a worker that stops answering them is hung (a
-  :class:`WorkerFault`), while a job that outlives its timeout on a worker that still
-  answers is a :class:`~step5.errors.JobTimedOut`. A one-shot trainer is the same endpoint
-  serving one job (:mod:`step5.execution.oneshot`): one request in, one reply out, exit.
-* :class:`Spawner` — one long-lived daemon thread that performs every ``Popen``.
+"""A training process as the parent sees it (the protocol's endpoint), one attempt of a
+one-shot job, and the thread that forks every worker (docs/workers.md: "Lifecycle",
+"Fault handling").
 
 Every failure kills the process before it is raised, so the caller never holds a half-dead
 worker: it only decides what comes next (:mod:`step5.execution.slot`).
@@ -18,27 +8,32 @@ worker: it only decides what comes next (:mod:`step5.execution.slot`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import queue
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from step5.errors import FrameTooLarge, JobTimedOut, WorkerFault
+from step5.devices import DeviceSlot
+from step5.errors import FrameTooLarge, JobError, JobTimedOut, WorkerCrashed, WorkerFault
 from step5.execution.process import STDERR_TAIL_LINES, describe_exit, kill_tree, reap_killed
 from step5.framing import LineReader, LineWriter
 from step5.jsonio import loads
-from step5.protocol import Heartbeat, Request, Shutdown
+from step5.launch import ONESHOT_MODULE, module_command
+from step5.protocol import Heartbeat, Job, Request, Shutdown
 
 logger = logging.getLogger(__name__)
 
 #: Responses are small; a longer line from a worker is garbage, not a result.
 MAX_RESPONSE_BYTES = 16 << 20
-#: How long an exited worker's stderr drain may take to deliver the last lines.
-_STDERR_SETTLE_S = 1.0
+#: How long the pipe threads of a process that is gone may take to deliver the last lines.
+_PIPES_SETTLE_S = 1.0
 #: After EOF on stdout, how long to wait for the process itself to exit before killing it.
 _EXIT_AFTER_EOF_S = 2.0
 
@@ -46,14 +41,16 @@ _probe_ids = itertools.count()
 
 
 class WorkerProcess:
-    """A running worker: its process, a queue of stdout lines, a tail of its stderr."""
+    """A running worker (or one-shot trainer), with two threads that keep its pipes moving:
+    a stdout reader feeding a queue, so the parent waits on "a line, EOF or a timeout" in
+    one place, and a stderr drain into a bounded tail (logged at DEBUG), so a chatty worker
+    can never fill its pipe and block."""
 
     def __init__(self, label: str, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         self.label = label
         self.proc = proc
         self.pid = proc.pid
-        self.ready: dict[str, Any] = {}
         self._writer = LineWriter(proc.stdin)
         self._lines: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
@@ -62,14 +59,8 @@ class WorkerProcess:
         self._reader.start()
         self._drain.start()
 
-    def __repr__(self) -> str:
-        return f"<worker {self.label} pid {self.pid}>"
-
-    # -- pipe threads -------------------------------------------------------------------
-
     def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        reader = LineReader(self.proc.stdout, MAX_RESPONSE_BYTES)
+        reader = LineReader(self.proc.stdout, MAX_RESPONSE_BYTES)  # type: ignore[arg-type]
         try:
             while True:
                 try:
@@ -87,47 +78,39 @@ class WorkerProcess:
             self._lines.put(("eof", None))
 
     def _drain_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        try:
-            while True:
-                raw = self.proc.stderr.readline(1 << 16)
-                if not raw:
-                    return
+        with contextlib.suppress(OSError, ValueError):
+            for raw in iter(lambda: self.proc.stderr.readline(1 << 16), b""):  # type: ignore[union-attr]
                 text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
                 self._stderr.append(text)
                 logger.debug("[%s pid %d] %s", self.label, self.pid, text)
-        except (OSError, ValueError):
-            return
 
     def stderr_tail(self) -> str:
         return "\n".join(self._stderr)
-
-    # -- talking to it ------------------------------------------------------------------
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
 
     def send(self, request: Request, doing: str) -> None:
         """Write one request; a dead reader is a crash."""
         try:
             self._writer.write_message(request.to_dict())
-        except (BrokenPipeError, ConnectionResetError, OSError, ValueError):
+        except (OSError, ValueError):
             raise self._fault("crash", f"broken pipe while {doing}") from None
 
     def close_stdin(self) -> None:
         """No more requests (EOF ends a worker; a one-shot trainer reads its one request to EOF)."""
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self._writer.close()
-        except (OSError, ValueError):
-            pass
+
+    def _next(self, timeout_s: float) -> tuple[str, Any] | None:
+        try:
+            return self._lines.get(timeout=max(0.0, timeout_s))
+        except queue.Empty:
+            return None
 
     def receive(self, timeout_s: float, doing: str, *, hang_kind: str = "hang") -> dict[str, Any]:
         """The next message; a :class:`WorkerFault` on EOF, exit, garbage or silence."""
-        try:
-            kind, payload = self._lines.get(timeout=max(0.0, timeout_s))
-        except queue.Empty:
-            raise self._fault(hang_kind, f"hung: nothing within the {timeout_s:g}s timeout while {doing}") from None
-        return self._decode(kind, payload, doing)
+        got = self._next(timeout_s)
+        if got is None:
+            raise self._fault(hang_kind, f"hung: nothing within the {timeout_s:g}s timeout while {doing}")
+        return self._decode(*got, doing)
 
     def await_answers(
         self, count: int, *, timeout_s: float, probe_interval_s: float, probe_grace_s: float, doing: str,
@@ -147,50 +130,51 @@ class WorkerProcess:
             if now >= deadline:
                 raise self._timed_out(timeout_s, doing)
             wait = probe_interval_s if probed_at is None else probed_at + probe_grace_s - now
-            try:
-                kind, payload = self._lines.get(timeout=max(0.0, min(wait, deadline - now)))
-            except queue.Empty:
+            got = self._next(min(wait, deadline - now))
+            if got is None:
                 now = time.monotonic()
                 if now >= deadline:
-                    raise self._timed_out(timeout_s, doing) from None
+                    raise self._timed_out(timeout_s, doing)
                 if probed_at is None:
                     self.send(Heartbeat(f"probe#{next(_probe_ids)}"), doing)
                     probed_at = now
                 elif now >= probed_at + probe_grace_s:
-                    raise self._fault(
-                        "hang", f"hung: stopped answering liveness probes ({probe_grace_s:g}s) while {doing}",
-                    ) from None
+                    raise self._fault("hang", f"hung: stopped answering liveness probes ({probe_grace_s:g}s) "
+                                              f"while {doing}")
                 continue
-            message = self._decode(kind, payload, doing)
+            message = self._decode(*got, doing)
             probed_at = None  # any message shows the worker is alive
-            if message.get("status") == "alive":
-                continue
-            answers.append(message)
+            if message.get("status") != "alive":
+                answers.append(message)
         return answers
 
     def expect_exit(self, timeout_s: float, doing: str) -> int:
         """After a one-shot trainer's reply: it must write nothing more and exit within
         ``timeout_s``; its exit code. Anything else is a :class:`WorkerFault` (``hang`` when
         it outlives ``timeout_s``)."""
-        try:
-            kind, payload = self._lines.get(timeout=max(0.0, timeout_s))
-        except queue.Empty:
-            raise self._fault("hang", f"replied but did not exit within the {timeout_s:g}s timeout while {doing}") from None
+        got = self._next(timeout_s)
+        if got is None:
+            raise self._fault("hang", f"replied but did not exit within the {timeout_s:g}s timeout while {doing}")
+        kind, payload = got
         if kind != "eof":
             shown = payload[:120].decode("utf-8", errors="replace") if kind == "line" else f"{payload} bytes"
             raise self._fault("protocol", f"broke the protocol: wrote {shown!r} after its one reply while {doing}")
         self._lines.put(("eof", None))
+        self._wait_after_eof(doing)
+        self._close_pipes()
+        return self.proc.returncode
+
+    def _wait_after_eof(self, doing: str) -> None:
         try:
             self.proc.wait(timeout=_EXIT_AFTER_EOF_S)
         except subprocess.TimeoutExpired:
             raise self._fault("crash", f"closed its stdout but kept running while {doing}") from None
-        self._close_pipes()
-        return self.proc.returncode
 
     def _decode(self, kind: str, payload: Any, doing: str) -> dict[str, Any]:
         if kind == "eof":
             self._lines.put(("eof", None))  # keep EOF sticky for any later reader
-            return self._raise_died(doing)
+            self._wait_after_eof(doing)
+            raise self._fault("crash", f"died with {describe_exit(self.proc.returncode)} while {doing}")
         if kind == "oversize":
             raise self._fault("protocol", f"broke the protocol: sent a {payload}-byte line while {doing}")
         try:
@@ -202,13 +186,6 @@ class WorkerProcess:
             raise self._fault("protocol", f"broke the protocol: sent {preview!r} while {doing}")
         return message
 
-    def _raise_died(self, doing: str) -> dict[str, Any]:
-        try:
-            self.proc.wait(timeout=_EXIT_AFTER_EOF_S)
-        except subprocess.TimeoutExpired:
-            raise self._fault("crash", f"closed its stdout but kept running while {doing}") from None
-        raise self._fault("crash", f"died with {describe_exit(self.proc.returncode)} while {doing}")
-
     def violation(self, message: dict[str, Any], doing: str) -> WorkerFault:
         """A protocol fault for a well-formed but unexpected ``message``; kills the worker."""
         shown = {k: message.get(k) for k in ("status", "job_id", "error") if k in message}
@@ -218,9 +195,7 @@ class WorkerProcess:
         """Kill the worker (if still running), reap it, and describe what happened."""
         self.kill()  # also lets the stderr drain deliver the last lines
         status = describe_exit(self.proc.returncode)
-        message = f"worker {self.label} (pid {self.pid}) {what}"
-        if kind != "crash":
-            message += f"; killed ({status})"
+        message = f"worker {self.label} (pid {self.pid}) {what}" + ("" if kind == "crash" else f"; killed ({status})")
         return WorkerFault(message, kind=kind, exit_status=status, stderr_tail=self.stderr_tail())
 
     def _timed_out(self, timeout_s: float, doing: str) -> JobTimedOut:
@@ -231,25 +206,17 @@ class WorkerProcess:
             timeout_s=timeout_s, stderr_tail=self.stderr_tail(),
         )
 
-    # -- ending it ----------------------------------------------------------------------
-
-    def signal_kill(self) -> None:
-        """SIGKILL it and what it started, without waiting (the first half of :meth:`kill`):
-        a descendant holding its pipes would keep them open."""
-        kill_tree(self.proc)
-
     def kill(self) -> None:
-        """SIGKILL and reap (bounded: a process stuck in a GPU driver may not die at once); idempotent."""
-        self.signal_kill()
+        """SIGKILL it and what it started (a descendant holding its pipes would keep them
+        open), and reap it (bounded: a process stuck in a GPU driver may not die at once); idempotent."""
+        kill_tree(self.proc)
         reap_killed(self.proc, f"worker {self.label}")
         self._close_pipes()
 
     def request_shutdown(self) -> None:
         """Say goodbye: ``shutdown``, then close stdin (EOF ends the worker too)."""
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self._writer.write_message(Shutdown().to_dict())
-        except (OSError, ValueError):
-            pass
         self.close_stdin()
 
     def finish_shutdown(self, deadline: float) -> None:
@@ -262,58 +229,93 @@ class WorkerProcess:
             try:
                 self.proc.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
-                self.signal_kill()
+                kill_tree(self.proc)
                 reap_killed(self.proc, f"worker {self.label}")
         goodbye = self._saw_goodbye()
         if self.proc.returncode != 0 or not goodbye:
-            logger.warning(
-                "worker %s (pid %d) ended with %s%s", self.label, self.pid, describe_exit(self.proc.returncode),
-                "" if goodbye else " without a shutdown reply",
-            )
+            logger.warning("worker %s (pid %d) ended with %s%s", self.label, self.pid,
+                           describe_exit(self.proc.returncode), "" if goodbye else " without a shutdown reply")
         self._close_pipes()
 
     def _saw_goodbye(self) -> bool:
-        """Whether the worker's last words included the ``shutdown`` reply (drains the queue).
-
-        EOF goes back in the queue: the slot's holder may be waiting on this worker and
-        must see the EOF rather than wait out its whole job timeout.
-        """
-        self._reader.join(timeout=_STDERR_SETTLE_S)
+        """Whether the worker's last words included the ``shutdown`` reply (drains the
+        queue). EOF goes back in the queue: the slot's holder may be waiting on this worker
+        and must see the EOF rather than wait out its whole job timeout."""
+        self._reader.join(timeout=_PIPES_SETTLE_S)
         goodbye = False
-        while True:
-            try:
-                kind, payload = self._lines.get_nowait()
-            except queue.Empty:
-                return goodbye
+        while (got := self._next(0.0)) is not None:
+            kind, payload = got
             if kind == "eof":
                 self._lines.put(("eof", None))
-                return goodbye
+                break
             if kind == "line":
-                try:
+                with contextlib.suppress(ValueError, AttributeError):
                     goodbye = goodbye or loads(payload).get("status") == "shutdown"
-                except (ValueError, AttributeError):
-                    pass
+        return goodbye
 
     def _close_pipes(self) -> None:
-        """Close our pipe ends once the process is gone (reaped)."""
-        _close_quietly(self.proc.stdin)
-        # The reader threads hit EOF as soon as the process is gone; closing a stream that
-        # another thread is still reading can block, so only close the ones they released.
-        self._reader.join(timeout=_STDERR_SETTLE_S)
-        self._drain.join(timeout=_STDERR_SETTLE_S)
-        if not self._reader.is_alive():
-            _close_quietly(self.proc.stdout)
-        if not self._drain.is_alive():
-            _close_quietly(self.proc.stderr)
+        """Close our pipe ends once the process is gone (reaped). The pipe threads hit EOF
+        as soon as it is gone; closing a stream another thread still reads can block, so
+        only the ones they released are closed."""
+        self._reader.join(timeout=_PIPES_SETTLE_S)
+        self._drain.join(timeout=_PIPES_SETTLE_S)
+        released = [(self.proc.stdin, True), (self.proc.stdout, not self._reader.is_alive()),
+                    (self.proc.stderr, not self._drain.is_alive())]
+        for stream, free in released:
+            if stream is not None and free:
+                with contextlib.suppress(OSError, ValueError):
+                    stream.close()
 
 
-def _close_quietly(stream: Any) -> None:
-    if stream is None:
-        return
+def popen_worker(command: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start a training process with its three pipes."""
+    return subprocess.Popen(list(command), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def oneshot_command(python: str = sys.executable, *, script: str | Path | None = None) -> list[str]:
+    """The one-shot trainer's command line, reading its request from stdin: the package's
+    module behind ``train_single_trial.py`` (``script`` replaces it: tests pass the fake worker)."""
+    program = module_command(ONESHOT_MODULE, python) if script is None else [python, str(script)]
+    return [*program, "--request", "-"]
+
+
+def run_oneshot_job(
+    request: Job, slot: DeviceSlot, *, timeout_s: float, python: str = sys.executable,
+    script: str | Path | None = None, start: Callable[[list[str], dict[str, str]], subprocess.Popen[bytes]] = popen_worker,
+) -> dict[str, Any]:
+    """One attempt of a one-shot job: a fresh trainer process pinned to ``slot`` (started
+    by ``start``: the pool's registers it), the same request and reply as a worker's.
+
+    Returns the reply (``job_id`` attached). Raises :class:`JobError` when the trainer
+    reports a job failure, :class:`JobTimedOut` past ``timeout_s`` (the trainer and what it
+    started are killed), :class:`WorkerCrashed` when it dies, writes anything but its one
+    reply, or exits with a code that does not match it. The pool retries
+    (``WorkerPool._run_oneshot``).
+    """
+    deadline = time.monotonic() + timeout_s
+    trainer = WorkerProcess(f"{slot.label} one-shot", start(oneshot_command(python, script=script), slot.environment()))
+    doing = f"running job {request.job_id!r} (trial {request.trial_number}, fold {request.fold_idx})"
     try:
-        stream.close()
-    except (OSError, ValueError):
-        pass
+        trainer.send(request, doing)
+        trainer.close_stdin()
+        reply = trainer.receive(deadline - time.monotonic(), doing)
+        code = trainer.expect_exit(deadline - time.monotonic(), doing)
+    except WorkerFault as fault:
+        if fault.kind != "hang":
+            raise
+        raise JobTimedOut(f"one-shot trainer on {slot.label} exceeded the {timeout_s:g}s job timeout",
+                          timeout_s=timeout_s, stderr_tail=fault.stderr_tail) from None
+    except BaseException:  # Ctrl-C while waiting: do not leave the trainer behind
+        trainer.kill()
+        raise
+    status = reply.get("status")
+    if code == 0 and status == "complete":
+        return {**reply, "job_id": request.job_id}
+    if code == JobError.exit_code and status == "error":
+        raise JobError.from_dict({**reply, "job_id": request.job_id})
+    raise WorkerCrashed(f"one-shot trainer on {slot.label} ended with {describe_exit(code)} after a {status!r} reply",
+                        exit_status=describe_exit(code), stderr_tail=trainer.stderr_tail())
 
 
 class Spawner:
@@ -321,26 +323,20 @@ class Spawner:
 
     Linux's parent-death signal (armed by each worker, :mod:`step5.lifeline`) fires when
     the *thread* that forked the worker exits. A ``ThreadPoolExecutor`` thread is joined at
-    interpreter shutdown *before* atexit handlers run, which would SIGKILL the workers of a
+    interpreter shutdown before atexit handlers run, which would kill the workers of a
     pool left open before its atexit close could say goodbye; a daemon thread lives until
-    :meth:`shutdown` (the pool's close) or the end of the process.
-
-    Every worker start passes through this one thread, so it is also where starts are
-    spaced (``training.worker_spawn_stagger_s``): eight processes initialising HIP at once
-    on a ROCm rig are not stable, so a start waits until ``stagger_s`` after the previous
-    one, whether it is a first start, a restart or a re-promotion. :meth:`shutdown` cuts a
-    wait short.
+    :meth:`shutdown` (the pool's close) or the end of the process. Starts are spaced here
+    (``training.worker_spawn_stagger_s``: eight processes initialising HIP at once on a
+    ROCm rig are not stable), first starts, restarts and re-promotions alike.
     """
 
-    def __init__(self, name: str, stagger_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, name: str, stagger_s: float = 0.0) -> None:
         if not stagger_s >= 0:
             raise ValueError(f"`stagger_s` must be >= 0, got {stagger_s!r}")
         self.stagger_s = float(stagger_s)
-        self._clock = clock
         self._last_start: float | None = None
         self._calls: queue.Queue[tuple[Callable[[], Any], Future[Any]] | None] = queue.Queue()
         self._lock = threading.Lock()
-        self._stopped = False
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
@@ -349,30 +345,22 @@ class Spawner:
         """Run ``fn(*args)`` on the spawner thread; raises RuntimeError once shut down."""
         future: Future[Any] = Future()
         with self._lock:
-            if self._stopped:
+            if self._stopping.is_set():
                 raise RuntimeError("the spawner is shut down")
             self._calls.put((lambda: fn(*args), future))
         return future
 
-    def _pace(self) -> None:
-        """Wait until ``stagger_s`` after the previous start (or until shut down)."""
-        if self.stagger_s <= 0 or self._last_start is None:
-            return
-        wait = self._last_start + self.stagger_s - self._clock()
-        if wait > 0:
-            logger.debug("next worker start in %.2fs (worker_spawn_stagger_s %g)", wait, self.stagger_s)
-            self._stopping.wait(wait)
-
     def _serve(self) -> None:
-        while True:
-            call = self._calls.get()
-            if call is None:
-                return
+        while (call := self._calls.get()) is not None:
             fn, future = call
             if not future.set_running_or_notify_cancel():
                 continue
-            self._pace()
-            self._last_start = self._clock()
+            if self.stagger_s > 0 and self._last_start is not None:
+                wait = self._last_start + self.stagger_s - time.monotonic()
+                if wait > 0:
+                    logger.debug("next worker start in %.2fs (worker_spawn_stagger_s %g)", wait, self.stagger_s)
+                    self._stopping.wait(wait)  # shutdown() cuts it short
+            self._last_start = time.monotonic()
             try:
                 future.set_result(fn())
             except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
@@ -382,15 +370,8 @@ class Spawner:
         """Run what was already submitted (without waiting out the stagger), then end the
         thread (and wait for it); idempotent."""
         with self._lock:
-            if not self._stopped:
-                self._stopped = True
+            if not self._stopping.is_set():
                 self._stopping.set()
                 self._calls.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join()
-
-
-def popen_worker(command: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Start a worker process with its three pipes (called on the spawner thread)."""
-    return subprocess.Popen(list(command), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
