@@ -34,8 +34,10 @@ logger = logging.getLogger(__name__)
 MAX_RESPONSE_BYTES = 16 << 20
 #: How long the pipe threads of a process that is gone may take to deliver the last lines.
 _PIPES_SETTLE_S = 1.0
-#: After EOF on stdout, how long to wait for the process itself to exit before killing it.
-_EXIT_AFTER_EOF_S = 2.0
+#: After EOF on stdout, how long to wait for the process itself to exit before it counts as
+#: hung. Generous: on a loaded machine the kernel's teardown of a torch process that already
+#: called exit can take seconds, and a reply that arrived whole must not become a crash.
+_EXIT_AFTER_EOF_S = 10.0
 
 _probe_ids = itertools.count()
 
