@@ -1,42 +1,8 @@
-"""Gradient-boosted tree models (xgboost, lightgbm, catboost), trained in-process.
-
-The optimizer's objective runs the same K-fold CV, holdout test set and anti-overfit score
-for every model type; for a tree model each fold is one call of :func:`train_fold`::
-
-    params = suggest_params(trial, "lightgbm")           # the search space
-    metrics, model = train_fold("lightgbm", params, X_tr, y_tr, X_va, y_va, seed=42,
-                                X_test=X_te, y_test=y_te)
-    save_model(model, "lightgbm", out / "best_model.txt")
-    load_model(out / "best_model.txt", "lightgbm").predict(X_new)   # Step 6
-
-What differs between the libraries (search space, fit, predict, save, load) sits in one
-adapter per library behind :class:`~step5.models.tree_adapter.TreeAdapter`, found in
-:data:`ADAPTERS` by model type. This module does what they share: argument and data
-checks, the device choice and its CPU fallback (:class:`TreeDevices`), metrics, and
-atomic checkpoint files.
-
-Decisions:
-
-* **Native parameter names.** Each search space uses the names the library itself reads
-  (``lambda_l2`` for lightgbm, ``l2_leaf_reg`` for catboost), so the sidecar's
-  ``hyperparameters`` say exactly what trained the model. Two driver keys are shared:
-  ``n_estimators`` (the cap on boosting rounds) and ``early_stopping_rounds``.
-* **Early stopping on the validation fold**, then the model is cut to its best round, so
-  the fitted model, the saved checkpoint and the reported metrics all use the same trees.
-* **No scale-sensitive split penalties** (xgboost ``gamma``, lightgbm ``min_gain_to_split``)
-  in the search: the target (``holdout_quality``) lives in [0, 1] with a variance around
-  1e-2, so a loss-unit threshold that suits one target kills every split on another.
-* **Devices.** When :func:`step5.devices.detect_gpus` (no torch) finds a GPU, xgboost
-  trains with ``device="cuda:0"``, catboost with ``task_type="GPU"``, and lightgbm with
-  ``device_type="gpu"`` only if a one-off probe shows its build can (the PyPI wheel needs an
-  OpenCL device); otherwise CPU, with one log line saying why. A GPU fit that fails falls
-  back to CPU, logged, and later fits that share the same :class:`TreeDevices` (the
-  optimizer keeps one per run) go straight to CPU. GPU training is not bit-for-bit
-  deterministic in xgboost/catboost; CPU training is, given the seed.
-* **Predictions run on the CPU.** A GPU-trained xgboost booster is switched to CPU before
-  it predicts, so metrics are computed the same way Step 6 computes predictions.
-* The three libraries are imported lazily: a neural-net run imports this module without
-  paying for them.
+"""Gradient-boosted tree models (xgboost, lightgbm, catboost), trained in-process: what the
+libraries share (argument and data checks, the device choice and its CPU fallback, metrics,
+atomic checkpoint files); what differs sits in :mod:`step5.models.adapters`. The libraries
+are imported lazily, so a neural-net run imports this module without them. Decisions
+(native parameter names, early stopping, devices, checkpoints): docs/models.md.
 """
 from __future__ import annotations
 
@@ -47,7 +13,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -56,19 +21,9 @@ from step5.artifacts import MODEL_TYPES, checkpoint_filename
 from step5.data.splits import as_xy
 from step5.errors import DataError, JobError, MissingDependency, is_out_of_memory
 from step5.fsutil import atomic_output
-from step5.models.catboost_adapter import CatBoostAdapter
-from step5.models.lightgbm_adapter import LightGBMAdapter
-from step5.models.tree_adapter import TreeAdapter
-from step5.models.xgboost_adapter import XGBoostAdapter
+from step5.models.adapters import ADAPTERS, TREE_MODEL_TYPES, TreeAdapter
 
 logger = logging.getLogger(__name__)
-
-#: The adapter of each tree library, by model type (read-only: adapters hold no state).
-ADAPTERS: Mapping[str, TreeAdapter] = MappingProxyType(
-    {adapter.model_type: adapter for adapter in (XGBoostAdapter(), LightGBMAdapter(), CatBoostAdapter())}
-)
-
-TREE_MODEL_TYPES: tuple[str, ...] = tuple(ADAPTERS)
 
 #: Rounds without improvement on the validation fold before boosting stops.
 DEFAULT_EARLY_STOPPING_ROUNDS = 50
@@ -79,10 +34,7 @@ _DRIVER_KEYS = ("n_estimators", "early_stopping_rounds")
 
 def require_libraries(model_types: Iterable[str]) -> None:
     """Raise :class:`MissingDependency` naming each tree library ``model_types`` need that is
-    not installed. They are the optional ``trees`` extra: a neural-net-only install lacks them.
-
-    Each model type's library is the module (and PyPI package) of the same name.
-    """
+    not installed (the optional ``trees`` extra; a library's module is named as its model type)."""
     missing = [mt for mt in dict.fromkeys(model_types)
                if mt in TREE_MODEL_TYPES and importlib.util.find_spec(mt) is None]
     if missing:
@@ -105,16 +57,8 @@ def _check_model_type(model_type: str) -> TreeAdapter:
     return ADAPTERS[model_type]
 
 
-# --------------------------------------------------------------------------------------
-# Search spaces
-# --------------------------------------------------------------------------------------
-
 def suggest_params(trial: Any, model_type: str) -> dict[str, Any]:
-    """Sample one point of ``model_type``'s search space from an Optuna trial.
-
-    Returns plain ints/floats (JSON-ready) keyed by the names the library reads, plus
-    ``n_estimators`` (the boosting-round cap; early stopping usually ends sooner).
-    """
+    """One point of ``model_type``'s search space (JSON-ready, the library's own names)."""
     return _check_model_type(model_type).suggest(trial)
 
 
@@ -126,9 +70,7 @@ def _split_params(model_type: str, params: Mapping[str, Any]) -> tuple[int, int,
     allowed = set(adapter.library_keys) | set(adapter.choice_keys) | set(_DRIVER_KEYS)
     unknown = sorted(set(params) - allowed)
     if unknown:
-        raise ValueError(
-            f"unknown {model_type} parameter(s) {unknown}; expected keys among {sorted(allowed)}"
-        )
+        raise ValueError(f"unknown {model_type} parameter(s) {unknown}; expected keys among {sorted(allowed)}")
     lib = {k: v for k, v in params.items() if k not in _DRIVER_KEYS}
     for key, value in lib.items():
         if key in adapter.choice_keys:
@@ -152,18 +94,11 @@ def reads_validation_rows(model_type: str, params: Mapping[str, Any]) -> bool:
     return _check_model_type(model_type).reads_validation_rows(dict(params))
 
 
-# --------------------------------------------------------------------------------------
-# Devices
-# --------------------------------------------------------------------------------------
-
 class TreeDevices:
-    """Where the tree fits of one owner train; the optimizer's tree backend holds one per run.
-
-    It finds each of these out once and remembers it: the GPUs visible under each
-    ``CUDA_VISIBLE_DEVICES`` value (:func:`step5.devices.detect_gpus` may run nvidia-smi),
-    whether a library's build can train on a GPU (lightgbm's probe fit), and which
-    libraries' GPU fits failed: their later fits go straight to the CPU.
-    """
+    """Where the tree fits of one owner train (the optimizer's tree backend holds one per run),
+    each found out once: the GPUs visible under each ``CUDA_VISIBLE_DEVICES`` value, whether a
+    library's build can train on a GPU, and which libraries' GPU fits failed (later fits of
+    those go straight to the CPU)."""
 
     def __init__(self) -> None:
         self._visible: dict[str | None, tuple[str, ...]] = {}  # CUDA_VISIBLE_DEVICES -> GPU ids
@@ -171,7 +106,6 @@ class TreeDevices:
         self.gpu_failures: dict[str, str] = {}  # model type -> why it cannot use the GPU here
 
     def visible_gpus(self) -> tuple[str, ...]:
-        """GPU ids visible to this process."""
         key = os.environ.get("CUDA_VISIBLE_DEVICES")
         if key not in self._visible:
             from step5.devices import detect_gpus
@@ -180,12 +114,9 @@ class TreeDevices:
         return self._visible[key]
 
     def resolve(self, model_type: str, device: str | None = None) -> str:
-        """Where ``model_type`` trains: ``"cpu"`` or ``"cuda:N"`` (N: CUDA ordinal in this process).
-
-        ``device=None`` detects (GPU 0 of the visible ones, if any); ``"cpu"``, ``"cuda"`` and
-        ``"cuda:N"`` ask explicitly. A GPU request still ends on CPU, with a log line, when the
-        library cannot use it (lightgbm without GPU support, or an earlier GPU failure).
-        """
+        """``"cpu"`` or ``"cuda:N"`` (a CUDA ordinal here). ``device=None`` detects; ``"cpu"``,
+        ``"cuda"`` and ``"cuda:N"`` ask. A GPU request ends on CPU, logged, when the library
+        cannot use it (lightgbm without GPU support, or an earlier GPU failure)."""
         adapter = _check_model_type(model_type)
         if device is None:
             if not self.visible_gpus():
@@ -210,19 +141,14 @@ class TreeDevices:
         return device
 
     def gpu_fit_failed(self, model_type: str, reason: str) -> None:
-        """Record that a GPU fit of ``model_type`` failed: its later fits train on CPU."""
         self.gpu_failures[model_type] = reason
         logger.warning("%s GPU fit failed (%s); falling back to CPU for this and later folds", model_type, reason)
 
 
 def device_for_gpus(gpus: Sequence[str] | None, env: Mapping[str, str] | None = None) -> str | None:
-    """The ``device`` argument that honours ``--gpus`` for an in-process tree fit.
-
-    ``None`` (no flag) -> None: detect. ``[]`` (``--gpus none``) -> ``"cpu"``. Otherwise the
-    first listed GPU, as a CUDA ordinal of this process: its position in
-    ``CUDA_VISIBLE_DEVICES`` when that is set (CUDA renumbers the visible GPUs from 0),
-    else the index itself. A GPU that is not visible is a ``ValueError`` naming it.
-    """
+    """The ``device`` that honours ``--gpus``: None (no flag) detects, ``[]`` is ``"cpu"``, else the
+    first listed GPU as a CUDA ordinal: its position in ``CUDA_VISIBLE_DEVICES`` when that is set
+    (CUDA renumbers the visible GPUs from 0), else the index itself."""
     if gpus is None:
         return None
     if len(gpus) == 0:
@@ -240,20 +166,12 @@ def device_for_gpus(gpus: Sequence[str] | None, env: Mapping[str, str] | None = 
     return f"cuda:{int(first)}"
 
 
-# --------------------------------------------------------------------------------------
-# The fitted model
-# --------------------------------------------------------------------------------------
-
 @dataclass
 class TreeModel:
-    """A fitted (or loaded) tree model cut to its best round; what Step 6 predicts with.
-
-    ``booster`` is an ``xgboost.Booster``, a ``lightgbm.Booster`` or a
-    ``catboost.CatBoostRegressor``; every tree it holds is used for prediction.
-    """
+    """A fitted (or loaded) tree model cut to its best round; what Step 6 predicts with."""
 
     model_type: str
-    booster: Any
+    booster: Any  # the library's model; every tree it holds is used for prediction
     n_features: int
     n_iterations: int  # boosting rounds kept (the best round + 1 after early stopping)
     device: str = "cpu"  # where it was trained: "cpu" or "cuda"
@@ -261,24 +179,18 @@ class TreeModel:
     info: dict[str, Any] = field(default_factory=dict)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        """Predict the target for rows ``X`` (n, n_features); returns float64 (n,)."""
+        """The target for rows ``X`` (n, n_features), float64 (n,)."""
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2:
             raise ValueError(f"`X` must be 2-D (rows, features), got shape {X.shape}")
         if X.shape[1] != self.n_features:
-            raise ValueError(
-                f"`X` has {X.shape[1]} feature columns but this {self.model_type} model was "
-                f"trained on {self.n_features}"
-            )
+            raise ValueError(f"`X` has {X.shape[1]} feature columns but this {self.model_type} model was "
+                             f"trained on {self.n_features}")
         if X.shape[0] == 0:
             return np.zeros(0, dtype=np.float64)
         out = _check_model_type(self.model_type).predict(self.booster, X)
         return np.asarray(out, dtype=np.float64).reshape(-1)
 
-
-# --------------------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------------------
 
 def _as_xy(name: str, X: Any, y: Any, n_features: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The fold-file shape checks (:func:`step5.data.splits.as_xy`), plus what a fit needs."""
@@ -301,11 +213,8 @@ _NAME_FORBIDDEN = frozenset('[]<>{}:,"')
 
 
 def _checked_feature_names(names: Sequence[str] | None, n_features: int, model_type: str) -> list[str] | None:
-    """``feature_names`` as a list, or None when absent or not storable by every library.
-
-    Names a library would reject are left out of the model (with a log line) rather than
-    failing the fit: they are a safety check for Step 6, not an input of the model.
-    """
+    """``feature_names`` as a list, or None when absent or not storable by every library: such
+    names are left out (logged) rather than failing the fit, as they only help Step 6 check."""
     if names is None:
         return None
     out = [str(n) for n in names]
@@ -346,42 +255,18 @@ def _as_job_error(model_type: str, exc: Exception) -> Exception:
 
 
 def train_fold(
-    model_type: str,
-    params: Mapping[str, Any],
-    X_train: np.ndarray,
-    y_train: np.ndarray,
-    X_val: np.ndarray,
-    y_val: np.ndarray,
-    *,
-    seed: int,
-    X_test: np.ndarray | None = None,
-    y_test: np.ndarray | None = None,
-    n_threads: int | None = None,
-    device: str | None = None,
-    feature_names: Sequence[str] | None = None,
+    model_type: str, params: Mapping[str, Any],
+    X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
+    *, seed: int, X_test: np.ndarray | None = None, y_test: np.ndarray | None = None,
+    n_threads: int | None = None, device: str | None = None, feature_names: Sequence[str] | None = None,
     devices: TreeDevices | None = None,
 ) -> tuple[dict[str, Any], TreeModel]:
-    """Train one fold of ``model_type`` and score it; returns (metrics, model).
+    """Train one fold, early-stopped on (``X_val``, ``y_val``) and cut to its best round, and
+    score it; returns (metrics, model). The metrics and arguments: docs/models.md.
+    ``devices`` remembers GPU checks and failures across the folds sharing it (None: fresh).
 
-    Boosting stops early on (``X_val``, ``y_val``) and the model keeps its best round;
-    a fit that does not early-stop (:func:`reads_validation_rows`) only scores them.
-    ``seed`` seeds the library (same data, params, seed and device -> same model on CPU).
-    ``n_threads=None`` lets the library choose; ``device``: see :meth:`TreeDevices.resolve`
-    (and :func:`device_for_gpus` for ``--gpus``); ``devices`` remembers GPU failures across
-    the folds that share it (None: a fresh one for this fold).
-    ``feature_names`` (one per column) are stored in the model and its checkpoint, so that
-    Step 6 can check a checkpoint against its sidecar's feature schema.
-
-    Metrics: ``r2`` (validation R^2), ``val_mse``, ``train_r2``, ``train_mse``,
-    ``test_r2``/``test_mse`` (when the test set is given), ``duration`` (seconds, fit and
-    scoring), ``best_iteration`` (0-based index of the last kept round), ``n_iterations``
-    (rounds kept), ``rounds_trained`` (rounds run, the kept ones and those after them that
-    did not improve), ``early_stopped``, ``device`` ("cpu" or "cuda"), ``device_fallback`` (why a GPU fit
-    ended on CPU, or None), ``model_type``, ``seed``, ``n_train``, ``n_val``.
-
-    Raises ``ValueError`` for bad arguments (naming the argument), and
-    :class:`~step5.errors.JobError` when the library rejects the fit (a parameter value it
-    refuses, out of memory): deterministic failures that should fail the trial.
+    A bad argument is a ``ValueError`` naming it; a fit the library rejects (a parameter
+    value, out of memory) a :class:`~step5.errors.JobError`, which fails the trial.
     """
     adapter = _check_model_type(model_type)
     started = time.perf_counter()
@@ -431,21 +316,12 @@ def train_fold(
     train_r2, train_mse = r2_mse(y_tr, model.predict(X_tr))
     val_r2, val_mse = r2_mse(y_va, model.predict(X_va))
     metrics: dict[str, Any] = {
-        "model_type": model_type,
-        "r2": val_r2,
-        "val_mse": val_mse,
-        "train_r2": train_r2,
-        "train_mse": train_mse,
-        "best_iteration": kept - 1,
-        "n_iterations": kept,
-        "early_stopped": kept < n_estimators,
+        "model_type": model_type, "r2": val_r2, "val_mse": val_mse, "train_r2": train_r2, "train_mse": train_mse,
+        "best_iteration": kept - 1, "n_iterations": kept, "early_stopped": kept < n_estimators,
         # Rounds the fit ran: an early stop ends `early_rounds` after the round it keeps.
         "rounds_trained": min(n_estimators, kept + early_rounds) if kept < n_estimators else n_estimators,
-        "device": kind,
-        "device_fallback": fallback,
-        "seed": seed,
-        "n_train": int(X_tr.shape[0]),
-        "n_val": int(X_va.shape[0]),
+        "device": kind, "device_fallback": fallback, "seed": seed,
+        "n_train": int(X_tr.shape[0]), "n_val": int(X_va.shape[0]),
     }
     if test is not None:
         metrics["test_r2"], metrics["test_mse"] = r2_mse(test[1], model.predict(test[0]))
@@ -454,29 +330,24 @@ def train_fold(
     return metrics, model
 
 
-# --------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------
-
-def _check_suffix(path: Path, model_type: str) -> None:
+def _checkpoint(model_type: str, path: str | os.PathLike[str]) -> tuple[TreeAdapter, Path]:
+    """The adapter of ``model_type``, and ``path``, which must end with its checkpoint's suffix."""
+    adapter = _check_model_type(model_type)
+    p = Path(path)
     suffix = Path(checkpoint_filename(model_type)).suffix
-    if path.suffix != suffix:
-        raise ValueError(f"a {model_type} checkpoint must end with {suffix!r}, got {str(path)!r}")
+    if p.suffix != suffix:
+        raise ValueError(f"a {model_type} checkpoint must end with {suffix!r}, got {str(p)!r}")
+    return adapter, p
 
 
 def save_model(model: TreeModel, model_type: str, path: str | os.PathLike[str]) -> Path:
-    """Write ``model`` to ``path`` in its library's native format, atomically.
-
-    The file appears complete or not at all (temp file in the same folder + ``os.replace``),
-    so a reader never loads half a checkpoint. Returns the path.
-    """
-    adapter = _check_model_type(model_type)
+    """Write ``model`` in its library's native format, atomically (a reader never loads half a
+    checkpoint); returns the path."""
     if not isinstance(model, TreeModel):
         raise ValueError(f"`model` must be a TreeModel from train_fold/load_model, got {type(model).__name__}")
     if model.model_type != model_type:
         raise ValueError(f"`model` is a {model.model_type} model, but `model_type` is {model_type!r}")
-    p = Path(path)
-    _check_suffix(p, model_type)
+    adapter, p = _checkpoint(model_type, path)
     # xgboost picks its format from the file extension, so the temp name keeps the suffix
     with atomic_output(p, keep_suffix=True) as tmp:
         adapter.save(model.booster, tmp)
@@ -484,14 +355,9 @@ def save_model(model: TreeModel, model_type: str, path: str | os.PathLike[str]) 
 
 
 def load_model(path: str | os.PathLike[str], model_type: str) -> TreeModel:
-    """Load a checkpoint written by :func:`save_model`; predictions run on the CPU.
-
-    Raises :class:`~step5.errors.DataError` naming the file when it is missing or its
-    library cannot read it.
-    """
-    adapter = _check_model_type(model_type)
-    p = Path(path)
-    _check_suffix(p, model_type)
+    """Load a checkpoint written by :func:`save_model` (predicting on the CPU); a
+    :class:`~step5.errors.DataError` naming the file when it is missing or unreadable."""
+    adapter, p = _checkpoint(model_type, path)
     if not p.is_file():
         raise DataError(f"{model_type} checkpoint not found: {p}")
     require_libraries([model_type])
@@ -499,17 +365,9 @@ def load_model(path: str | os.PathLike[str], model_type: str) -> TreeModel:
         loaded = adapter.load(p)
     except Exception as exc:
         raise DataError(f"cannot load {model_type} checkpoint {p}: {type(exc).__name__}: {exc}") from exc
-    n_features = int(loaded.n_features)
-    return TreeModel(model_type, loaded.booster, n_features=n_features, n_iterations=int(loaded.n_iterations),
-                     feature_names=_stored_names(loaded.feature_names, n_features))
-
-
-def _stored_names(names: Sequence[str] | None, n_features: int) -> list[str] | None:
-    """The feature names a checkpoint carries, or None when the library made them up
-    (lightgbm ``Column_0``..., catboost ``0``...: the model was trained without names)."""
-    if not names:
-        return None
-    names = [str(n) for n in names]
-    if names in ([f"Column_{i}" for i in range(n_features)], [str(i) for i in range(n_features)]):
-        return None
-    return names
+    n = int(loaded.n_features)
+    names = [str(k) for k in loaded.feature_names or ()]
+    if names in ([f"Column_{i}" for i in range(n)], [str(i) for i in range(n)]):
+        names = []  # made up by the library (lightgbm, catboost): the model was trained without names
+    return TreeModel(model_type, loaded.booster, n_features=n, n_iterations=int(loaded.n_iterations),
+                     feature_names=names or None)
