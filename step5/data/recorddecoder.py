@@ -1,17 +1,12 @@
 """Typed decoding of survivors records: a piece of the file straight to float columns.
 
-The decoder is built from the column names (msgspec ``Struct`` types made at run time),
-so a record becomes one small struct of floats instead of a dict of 90 keys, and absent
-keys come out as NaN (the file cannot hold NaN here: msgspec refuses ``NaN`` tokens, so
-NaN can only mean "absent"). The floats then reach numpy without a Python loop: the
-structs' value tuples are encoded as one MessagePack array, where every float is 9 bytes
-(a type byte 0xcb and a big-endian float64) at a fixed stride, and numpy reads them
-through a strided view.
-
-A decode that fails for any reason (a ``NaN`` token, a string where a number belongs, an
-unknown key when the layout is closed, a malformed piece) raises one of
-:data:`DECODE_ERRORS`; the caller then parses the piece exactly and checks it record by
-record, which is where every error message is made.
+The decoder is made at run time from the column names (msgspec ``Struct`` types), so a
+record becomes a small struct of floats, not a dict of 90 keys; an absent key decodes as
+NaN (the file cannot hold NaN there: msgspec refuses ``NaN`` tokens). The floats reach
+numpy without a Python loop: the structs' value tuples are encoded as one MessagePack
+array, where every float is 9 bytes (0xcb and a big-endian float64) at a fixed stride,
+read through a strided view. A piece that does not fit raises one of :data:`DECODE_ERRORS`;
+the caller then parses it exactly, which is where every error message is made.
 """
 from __future__ import annotations
 
@@ -30,12 +25,6 @@ DECODE_ERRORS: tuple[type[Exception], ...] = (msgspec.DecodeError, msgspec.Valid
 RESERVED_KEYS = frozenset(("seed", "features", "metadata"))
 
 _MSGPACK_FLOAT64 = 0xCB
-_FEATURES = attrgetter("features")
-_SEED = attrgetter("seed")
-_METADATA = attrgetter("metadata")
-_TARGET = attrgetter("target_")
-_PRNG_TYPE = attrgetter("prng_type")
-_MOD = attrgetter("mod")
 
 
 @dataclass(frozen=True)
@@ -62,6 +51,11 @@ class DecodedPiece:
     @property
     def n(self) -> int:
         return len(self.seeds)
+
+
+def _array_header_size(length: int) -> int:
+    """Bytes of a MessagePack array header for ``length`` items (fixarray, array 16, array 32)."""
+    return 1 if length < 16 else 3 if length < 1 << 16 else 5
 
 
 class RecordDecoder:
@@ -98,26 +92,21 @@ class RecordDecoder:
     def decode(self, piece: Any) -> DecodedPiece:
         """Decode a piece (bytes-like); raises one of :data:`DECODE_ERRORS` if it does not fit."""
         records = self._decoder.decode(piece)
-        n = len(records)
-        values = self._float_rows(list(map(_FEATURES, records)))
+        values = self._float_rows(list(map(attrgetter("features"), records)))
         top_target = None
         if self.layout.target is not None:
-            top_target = np.fromiter(map(_TARGET, records), dtype=np.float64, count=n)
+            top_target = np.fromiter(map(attrgetter("target_"), records), dtype=np.float64, count=len(records))
         prng_types: list[Any] = []
         mods: list[Any] = []
         if self.layout.metadata:
-            metas = [m for m in map(_METADATA, records) if m is not None]
-            prng_types = list(map(_PRNG_TYPE, metas))
-            mods = list(map(_MOD, metas))
-        return DecodedPiece(values, top_target, list(map(_SEED, records)), prng_types, mods)
+            metas = [m for m in map(attrgetter("metadata"), records) if m is not None]
+            prng_types = list(map(attrgetter("prng_type"), metas))
+            mods = list(map(attrgetter("mod"), metas))
+        return DecodedPiece(values, top_target, list(map(attrgetter("seed"), records)), prng_types, mods)
 
     def _float_rows(self, structs: Sequence[Any]) -> np.ndarray:
-        """The structs' fields as an (n, d) float64 matrix, via one MessagePack encoding.
-
-        A null in an unread column (a ``NaN`` token there, see :func:`null_non_finite_tokens`)
-        breaks the fixed stride; then only the read columns are taken, and the unread ones
-        are NaN (nobody reads them).
-        """
+        """The structs' fields as an (n, d) float64 matrix. A null in an unread column (a
+        ``NaN`` token there) breaks the fixed stride; then only the read columns are taken."""
         n, d = len(structs), len(self.layout.columns)
         if n == 0 or d == 0:
             return np.zeros((n, d), dtype=np.float64)
@@ -133,12 +122,10 @@ class RecordDecoder:
         return values
 
     def _strided(self, rows: list[tuple[Any, ...]], d: int) -> np.ndarray | None:
-        """``rows`` (n tuples of d floats) as an (n, d) float64 matrix; None if some value
-        is not a float (a None)."""
+        """``rows`` (n tuples of d floats) as an (n, d) float64 matrix; None if one is a None."""
         n = len(rows)
         blob = self._msgpack.encode(rows)
-        outer = _array_header_size(n)
-        inner = _array_header_size(d)
+        outer, inner = _array_header_size(n), _array_header_size(d)
         stride = inner + 9 * d
         if len(blob) != outer + n * stride:
             return None
@@ -149,28 +136,16 @@ class RecordDecoder:
         return big_endian.astype(np.float64)
 
 
-def _array_header_size(length: int) -> int:
-    """Bytes of a MessagePack array header for ``length`` items (fixarray, array 16, array 32)."""
-    if length < 16:
-        return 1
-    if length < 1 << 16:
-        return 3
-    return 5
-
-
 _MINUS = ord("-")
 
 
 def null_non_finite_tokens(piece: Any) -> bytes | None:
-    """The piece with each ``NaN`` / ``Infinity`` / ``-Infinity`` token outside strings
-    replaced by ``null``, or None when it has none (or holds a backslash, which would make
-    telling strings apart by counting quotes unsafe).
+    """The piece with each ``NaN`` / ``Infinity`` / ``-Infinity`` token outside strings as
+    ``null``, or None when it has none (or holds a backslash: counting quotes is then unsafe).
 
-    msgspec refuses these tokens wherever they are, even under a key it skips; Python's
-    json.dump writes them for missing floats. With them as ``null``, a piece decodes when
-    they sit where nothing is read (a leakage key typed ``float | None``, metadata, an
-    unknown key); where a feature or the target is read, ``null`` still fails the decode,
-    and the exact path names the value.
+    msgspec refuses these tokens even under a key it skips; json.dump writes them for missing
+    floats. As ``null`` they decode where nothing is read (a leakage key typed ``float | None``,
+    metadata, an unknown key); where a feature or the target is read the decode still fails.
     """
     data = bytes(piece)
     if b"\\" in data:

@@ -35,8 +35,9 @@ _CHUNK_RECORDS = 10_000
 _DECIMALS = 6
 
 
-def _base_feature_names() -> list[str]:
-    """Pipeline-like feature names; the first N_SIGNAL_FEATURES carry the signal."""
+def feature_names(n_features: int) -> list[str]:
+    """The generator's first ``n_features`` feature names (in file order, not sorted):
+    pipeline-like, the first N_SIGNAL_FEATURES carrying the signal, then ``aux_feature_NNN``."""
     # signal carriers first, so small --features still contains them
     names = ["lane_agreement_8", "skip_mean", "residue_mod_16_match_rate", "temporal_stability_mid", "skip_min",
              "hit_rate_window_50"]
@@ -62,12 +63,6 @@ def _base_feature_names() -> list[str]:
     names += ["mirror_agreement", "cross_session_agreement_midday", "cross_session_agreement_evening"]
     names += ["global_rank_pct"] + [f"local_density_k{k}" for k in (5, 10, 20)]
     names += [f"gap_quantile_{q}" for q in (10, 25, 75, 90)]
-    return names
-
-
-def feature_names(n_features: int) -> list[str]:
-    """The generator's first ``n_features`` feature names (in file order, not sorted)."""
-    names = _base_feature_names()
     if n_features <= len(names):
         return names[:n_features]
     return names + [f"aux_feature_{i:03d}" for i in range(n_features - len(names))]

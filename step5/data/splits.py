@@ -106,24 +106,16 @@ def write_fold_npz(
     return p
 
 
-def remove_orphaned_fold_dirs(dir: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Remove fold folders whose owner died on this host (SIGKILL, a crash); returns them.
-    Folders of live processes, of other hosts and without an owner record are left alone."""
-    root = Path(dir if dir is not None else tempfile.gettempdir())
-    removed: list[Path] = []
-    for path, owner in orphaned_folders(root, FOLD_DIR_PREFIX):
-        shutil.rmtree(path, ignore_errors=True)
-        logger.info("removed fold folder %s of a dead run (pid %d)", path, owner.pid)
-        removed.append(path)
-    return removed
-
-
 class FoldFiles:
     """A private temp folder of fold NPZ files (``dir``: e.g. a RAM disk; default $TMPDIR),
     removed on exit, exception or not."""
 
     def __init__(self, *, dir: str | os.PathLike[str] | None = None) -> None:
-        remove_orphaned_fold_dirs(dir)
+        # Folders of runs that died on this host (SIGKILL, a crash); not those of live
+        # processes, of other hosts, or without an owner record.
+        for path, owner in orphaned_folders(Path(dir if dir is not None else tempfile.gettempdir()), FOLD_DIR_PREFIX):
+            shutil.rmtree(path, ignore_errors=True)
+            logger.info("removed fold folder %s of a dead run (pid %d)", path, owner.pid)
         self.path = Path(tempfile.mkdtemp(prefix=FOLD_DIR_PREFIX, dir=dir))
         self.closed = False
         claim_folder(self.path)

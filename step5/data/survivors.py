@@ -24,18 +24,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
 from operator import itemgetter
-from typing import Any, Callable, Iterator, NoReturn, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from step5.data.arrayreader import ArrayReader
 from step5.data.recorddecoder import (
-    DECODE_ERRORS,
-    RESERVED_KEYS,
-    DecodedPiece,
-    RecordDecoder,
-    RecordLayout,
-    null_non_finite_tokens,
+    DECODE_ERRORS, RESERVED_KEYS, DecodedPiece, RecordDecoder, RecordLayout, null_non_finite_tokens,
 )
 from step5.errors import DataError
 from step5.jsonio import read_json_file
@@ -118,12 +113,14 @@ def is_number(v: Any) -> bool:
     return False
 
 
+def _shortened(v: Any, width: int) -> str:
+    text = repr(v)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def describe_value(v: Any) -> str:
     """A bad value for an error message: its repr (cut at 60 characters) and its type."""
-    text = repr(v)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{text} ({type(v).__name__})"
+    return f"{_shortened(v, 60)} ({type(v).__name__})"
 
 
 def records_list(data: Any, source: str) -> list[Any]:
@@ -137,12 +134,7 @@ def records_list(data: Any, source: str) -> list[Any]:
 
 def seed_note(seed: Any) -> str:
     """`` [seed 123]``, appended to an error about a record; empty when it has no seed."""
-    if seed is None:
-        return ""
-    text = repr(seed)
-    if len(text) > 40:
-        text = text[:37] + "..."
-    return f" [seed {text}]"
+    return "" if seed is None else f" [seed {_shortened(seed, 40)}]"
 
 
 def features_of(rec: Any, i: int, source: str) -> dict[str, Any]:
@@ -163,11 +155,8 @@ def features_of(rec: Any, i: int, source: str) -> dict[str, Any]:
 def gather_rows(
     feature_dicts: Sequence[dict[str, Any]], names: Sequence[str]
 ) -> tuple[list[tuple[Any, ...]], Counter[str], int]:
-    """Each record's values in ``names`` order; returns (rows, fills per key, records filled).
-
-    ``itemgetter`` does the lookups in C whatever the record's key order; a ``KeyError``
-    sends only that record down the slower filling path.
-    """
+    """Each record's values in ``names`` order, absent ones 0.0; returns (rows, fills per key,
+    records filled). ``itemgetter`` looks up in C; a ``KeyError`` sends that record to the slow path."""
     if len(names) == 1:  # itemgetter with one key returns a bare value, not a tuple
         key = names[0]
         getter: Callable[[dict[str, Any]], tuple[Any, ...]] = lambda d: (d[key],)  # noqa: E731
@@ -188,26 +177,6 @@ def gather_rows(
             filled_records += 1
             append(tuple(0.0 if v is MISSING else v for v in row))
     return rows, fills, filled_records
-
-
-def fill_absent(F: np.ndarray, names: Sequence[str]) -> tuple[Counter[str], int]:
-    """Set the NaN cells (keys a decoded record lacked) of ``F`` to 0.0, in place;
-    returns (fills per key, records filled)."""
-    absent = np.isnan(F)
-    if not absent.any():
-        return Counter(), 0
-    per_key = absent.sum(axis=0)
-    F[absent] = 0.0
-    fills = Counter({names[j]: int(c) for j, c in enumerate(per_key) if c})
-    return fills, int(absent.any(axis=1).sum())
-
-
-def _log_fills(fills: int, filled_records: int, n: int, source: str) -> None:
-    if fills:
-        logger.warning(
-            "survivors file %s: %d record(s) of %d lacked some feature key(s); filled %d value(s) with 0.0",
-            source, filled_records, n, fills,
-        )
 
 
 class _Collector:
@@ -235,24 +204,38 @@ class _Collector:
         """Check parsed records' values and add them as a batch with columns ``names``.
 
         ``set(map(type, ...))`` checks every cell in C; only a non-number (or a non-finite
-        value) makes :meth:`_locate_bad_feature` scan record by record.
+        value) makes the check go record by record, for the message.
         """
         rows, fills, filled_records = gather_rows(feature_dicts, names)
         n, d = len(rows), len(names)
-        if not set(map(type, chain.from_iterable(rows))) <= _NUMBER_TYPES:
-            self._locate_bad_feature(feature_dicts, names, base, seeds)
-        try:
-            X64 = np.fromiter(chain.from_iterable(rows), dtype=np.float64, count=n * d).reshape(n, d)
-        except OverflowError:  # an int too large for a float64
-            self._locate_bad_feature(feature_dicts, names, base, seeds)
-        if not np.isfinite(X64).all():
-            self._locate_bad_feature(feature_dicts, names, base, seeds)
+        X64 = None
+        if set(map(type, chain.from_iterable(rows))) <= _NUMBER_TYPES:
+            try:
+                X64 = np.fromiter(chain.from_iterable(rows), dtype=np.float64, count=n * d).reshape(n, d)
+            except OverflowError:  # an int too large for a float64
+                pass
+        if X64 is None or not np.isfinite(X64).all():
+            for i, feats in enumerate(feature_dicts):
+                for k in names:
+                    v = feats.get(k, 0.0)
+                    if not is_number(v):
+                        raise DataError(
+                            f"survivors file {self.source}: record {base + i}: feature {k!r} must be a finite "
+                            f"number, got {describe_value(v)}{seed_note(seeds[i])}"
+                        )
+            raise AssertionError("bulk check failed but no bad value was found")  # pragma: no cover
         self._add(X64, names, fills, filled_records, base, seeds)
 
     def _add_decoded(self, piece: DecodedPiece, names: tuple[str, ...], base: int) -> None:
-        """Add a decoded piece's columns ``self._take`` (NaN = absent, else finite) as ``names``."""
+        """Add a decoded piece's columns ``self._take`` as ``names``; NaN (absent) becomes 0.0."""
         F = piece.values[:, self._take]
-        fills, filled_records = fill_absent(F, names)
+        absent = np.isnan(F)
+        fills: Counter[str] = Counter()
+        filled_records = 0
+        if absent.any():
+            F[absent] = 0.0
+            fills.update({names[j]: int(c) for j, c in enumerate(absent.sum(axis=0)) if c})
+            filled_records = int(absent.any(axis=1).sum())
         self._add(F, names, fills, filled_records, base, piece.seeds)
 
     def _add(self, X64: np.ndarray, names: tuple[str, ...], fills: Counter[str], filled_records: int, base: int,
@@ -268,18 +251,6 @@ class _Collector:
             )
         self._parts.append((X, names, fills, filled_records))
         self.n += len(X)
-
-    def _locate_bad_feature(self, feature_dicts: Sequence[dict[str, Any]], names: Sequence[str], base: int,
-                            seeds: Sequence[Any]) -> NoReturn:
-        for i, feats in enumerate(feature_dicts):
-            for k in names:
-                v = feats.get(k, 0.0)
-                if not is_number(v):
-                    raise DataError(
-                        f"survivors file {self.source}: record {base + i}: feature {k!r} must be a finite number, "
-                        f"got {describe_value(v)}{seed_note(seeds[i])}"
-                    )
-        raise AssertionError("bulk check failed but no bad value was found")  # pragma: no cover
 
     def _assemble(self, names: Sequence[str]) -> tuple[np.ndarray, Counter[str]]:
         """The (n, d) float32 matrix in ``names`` order and the fills per key (logged)."""
@@ -303,7 +274,9 @@ class _Collector:
                 fills[k] += m
             filled_records += m if lacking else part_filled
             row += m
-        _log_fills(sum(fills.values()), filled_records, self.n, self.source)
+        if total := sum(fills.values()):
+            logger.warning("survivors file %s: %d record(s) of %d lacked some feature key(s); filled %d value(s) "
+                           "with 0.0", self.source, filled_records, self.n, total)
         return X, fills
 
 

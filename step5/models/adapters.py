@@ -49,11 +49,9 @@ class TreeAdapter:
         """One point of the search space: library parameters plus ``n_estimators``, JSON-ready."""
         raise NotImplementedError
 
-    def fit(
-        self, params: dict[str, Any], X_tr: np.ndarray, y_tr: np.ndarray, X_va: np.ndarray, y_va: np.ndarray,
-        *, max_rounds: int, early_stopping_rounds: int, seed: int, n_threads: int | None, device: str,
-        feature_names: list[str] | None,
-    ) -> tuple[Any, int]:
+    def fit(self, params: dict[str, Any], X_tr: np.ndarray, y_tr: np.ndarray, X_va: np.ndarray, y_va: np.ndarray, *,
+            max_rounds: int, early_stopping_rounds: int, seed: int, n_threads: int | None, device: str,
+            feature_names: list[str] | None) -> tuple[Any, int]:
         """Boost at most ``max_rounds``, stopping once the validation loss has not improved for
         ``early_stopping_rounds``; returns (booster cut to its best round, rounds it keeps).
         ``device`` is "cpu" or "cuda:N"; the returned booster predicts on the CPU."""
@@ -138,11 +136,9 @@ class XGBoostAdapter(TreeAdapter):
             "reg_lambda": trial.suggest_float("reg_lambda", 1e-3, 10.0, log=True),
         }
 
-    def fit(
-        self, params: dict[str, Any], X_tr: np.ndarray, y_tr: np.ndarray, X_va: np.ndarray, y_va: np.ndarray,
-        *, max_rounds: int, early_stopping_rounds: int, seed: int, n_threads: int | None, device: str,
-        feature_names: list[str] | None,
-    ) -> tuple[Any, int]:
+    def fit(self, params: dict[str, Any], X_tr: np.ndarray, y_tr: np.ndarray, X_va: np.ndarray, y_va: np.ndarray, *,
+            max_rounds: int, early_stopping_rounds: int, seed: int, n_threads: int | None, device: str,
+            feature_names: list[str] | None) -> tuple[Any, int]:
         import xgboost as xgb
 
         if _is_linear(params):
@@ -152,23 +148,14 @@ class XGBoostAdapter(TreeAdapter):
                                  f"{sorted(LINEAR_KEYS - {'booster'})}")
             return _fit_linear(params, X_tr, y_tr, max_rounds=max_rounds, converged_after=early_stopping_rounds,
                                seed=seed, n_threads=n_threads, device=device, feature_names=feature_names)
-        settings: dict[str, Any] = {
-            "objective": "reg:squarederror",
-            "eval_metric": "rmse",
-            "tree_method": "hist",
-            "device": device,
-            "seed": seed,
-            "verbosity": 0,
-            **params,
-        }
+        settings: dict[str, Any] = {"objective": "reg:squarederror", "eval_metric": "rmse", "tree_method": "hist",
+                                    "device": device, "seed": seed, "verbosity": 0, **params}
         if n_threads is not None:
             settings["nthread"] = n_threads
         dtrain = xgb.DMatrix(X_tr, label=y_tr, feature_names=feature_names)
         dval = xgb.DMatrix(X_va, label=y_va, feature_names=feature_names)
-        booster = xgb.train(
-            settings, dtrain, num_boost_round=max_rounds, evals=[(dval, "val")],
-            early_stopping_rounds=early_stopping_rounds, verbose_eval=False,
-        )
+        booster = xgb.train(settings, dtrain, num_boost_round=max_rounds, evals=[(dval, "val")],
+                            early_stopping_rounds=early_stopping_rounds, verbose_eval=False)
         kept = booster.best_iteration + 1
         if kept < booster.num_boosted_rounds():
             booster = booster[:kept]  # a copy holding only the kept rounds; it is what gets saved
@@ -229,18 +216,12 @@ def _fit_linear(
     y_scale = float(np.std(y_tr)) or 1.0
     Z = ((X_tr - x_mean) / x_scale).astype(np.float32)
     settings: dict[str, Any] = {
-        "booster": "gblinear",
-        "updater": "coord_descent",
+        "booster": "gblinear", "updater": "coord_descent",
         "feature_selector": "cyclic",  # deterministic, unlike the default "shotgun"
         "learning_rate": 1.0,  # plain coordinate descent: each step solves its coordinate exactly
-        "objective": "reg:squarederror",
-        "eval_metric": "rmse",
+        "objective": "reg:squarederror", "eval_metric": "rmse",
         "base_score": 0.0,  # the standardised target has mean 0; the intercept is the bias weight
-        "device": device,
-        "seed": seed,
-        "verbosity": 0,
-        "lambda": params["lambda"],
-        "alpha": params["alpha"],
+        "device": device, "seed": seed, "verbosity": 0, "lambda": params["lambda"], "alpha": params["alpha"],
     }
     if n_threads is not None:
         settings["nthread"] = n_threads
@@ -315,11 +296,9 @@ class LightGBMAdapter(TreeAdapter):
             "lambda_l2": trial.suggest_float("lambda_l2", 1e-3, 10.0, log=True),
         }
 
-    def fit(
-        self, params: dict[str, Any], X_tr: np.ndarray, y_tr: np.ndarray, X_va: np.ndarray, y_va: np.ndarray,
-        *, max_rounds: int, early_stopping_rounds: int, seed: int, n_threads: int | None, device: str,
-        feature_names: list[str] | None,
-    ) -> tuple[Any, int]:
+    def fit(self, params: dict[str, Any], X_tr: np.ndarray, y_tr: np.ndarray, X_va: np.ndarray, y_va: np.ndarray, *,
+            max_rounds: int, early_stopping_rounds: int, seed: int, n_threads: int | None, device: str,
+            feature_names: list[str] | None) -> tuple[Any, int]:
         import lightgbm as lgb
 
         settings: dict[str, Any] = {"objective": "regression", "metric": "l2", "seed": seed, "verbose": -1, **params}
@@ -358,8 +337,7 @@ class LightGBMAdapter(TreeAdapter):
         import lightgbm as lgb
 
         rng = np.random.default_rng(0)
-        X = rng.random((64, 2))
-        y = rng.random(64)
+        X, y = rng.random((64, 2)), rng.random(64)
         try:
             lgb.train({"device_type": "gpu", "gpu_device_id": gpu_id, "verbose": -1, "num_threads": 1},
                       lgb.Dataset(X, y), num_boost_round=1)
@@ -385,18 +363,13 @@ class CatBoostAdapter(TreeAdapter):
             "bagging_temperature": trial.suggest_float("bagging_temperature", 0.0, 1.0),
         }
 
-    def fit(
-        self, params: dict[str, Any], X_tr: np.ndarray, y_tr: np.ndarray, X_va: np.ndarray, y_va: np.ndarray,
-        *, max_rounds: int, early_stopping_rounds: int, seed: int, n_threads: int | None, device: str,
-        feature_names: list[str] | None,
-    ) -> tuple[Any, int]:
+    def fit(self, params: dict[str, Any], X_tr: np.ndarray, y_tr: np.ndarray, X_va: np.ndarray, y_va: np.ndarray, *,
+            max_rounds: int, early_stopping_rounds: int, seed: int, n_threads: int | None, device: str,
+            feature_names: list[str] | None) -> tuple[Any, int]:
         from catboost import CatBoostRegressor, Pool
 
         settings: dict[str, Any] = {
-            "loss_function": "RMSE",
-            "iterations": max_rounds,
-            "random_seed": seed,
-            "logging_level": "Silent",
+            "loss_function": "RMSE", "iterations": max_rounds, "random_seed": seed, "logging_level": "Silent",
             "allow_writing_files": False,  # otherwise catboost_info/ appears in the working dir
             **params,
         }
@@ -405,11 +378,8 @@ class CatBoostAdapter(TreeAdapter):
         if device != "cpu":
             settings.update(task_type="GPU", devices=device[5:])
         model = CatBoostRegressor(**settings)
-        model.fit(
-            Pool(X_tr, y_tr, feature_names=feature_names), eval_set=Pool(X_va, y_va, feature_names=feature_names),
-            early_stopping_rounds=early_stopping_rounds,
-            use_best_model=True,  # shrinks the model to its best round
-        )
+        model.fit(Pool(X_tr, y_tr, feature_names=feature_names), eval_set=Pool(X_va, y_va, feature_names=feature_names),
+                  early_stopping_rounds=early_stopping_rounds, use_best_model=True)  # cut to its best round
         return model, int(model.tree_count_)
 
     def save(self, booster: Any, path: Path) -> None:

@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -49,10 +49,8 @@ def _check_model_type(model_type: str) -> TreeAdapter:
     """The adapter of ``model_type``; a ``ValueError`` for any other model type."""
     if model_type not in ADAPTERS:
         if model_type in MODEL_TYPES:
-            raise ValueError(
-                f"`model_type` {model_type!r} is not a tree model: its folds run in worker "
-                "subprocesses and its checkpoints are loaded on the torch side"
-            )
+            raise ValueError(f"`model_type` {model_type!r} is not a tree model: its folds run in worker "
+                             "subprocesses and its checkpoints are loaded on the torch side")
         raise ValueError(f"`model_type` must be one of {TREE_MODEL_TYPES}, got {model_type!r}")
     return ADAPTERS[model_type]
 
@@ -105,21 +103,18 @@ class TreeDevices:
         self._gpu_usable: set[tuple[str, int]] = set()  # (model type, CUDA ordinal) that passed the check
         self.gpu_failures: dict[str, str] = {}  # model type -> why it cannot use the GPU here
 
-    def visible_gpus(self) -> tuple[str, ...]:
-        key = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if key not in self._visible:
-            from step5.devices import detect_gpus
-
-            self._visible[key] = tuple(detect_gpus(dict(os.environ)))
-        return self._visible[key]
-
     def resolve(self, model_type: str, device: str | None = None) -> str:
         """``"cpu"`` or ``"cuda:N"`` (a CUDA ordinal here). ``device=None`` detects; ``"cpu"``,
         ``"cuda"`` and ``"cuda:N"`` ask. A GPU request ends on CPU, logged, when the library
         cannot use it (lightgbm without GPU support, or an earlier GPU failure)."""
         adapter = _check_model_type(model_type)
         if device is None:
-            if not self.visible_gpus():
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            if visible not in self._visible:
+                from step5.devices import detect_gpus  # may run nvidia-smi: once per value
+
+                self._visible[visible] = tuple(detect_gpus(dict(os.environ)))
+            if not self._visible[visible]:
                 return "cpu"
             device = "cuda:0"  # ordinal 0 is the first *visible* GPU, whatever its physical id
         if device == "cpu":
@@ -139,10 +134,6 @@ class TreeDevices:
                 return "cpu"
             self._gpu_usable.add(gpu)
         return device
-
-    def gpu_fit_failed(self, model_type: str, reason: str) -> None:
-        self.gpu_failures[model_type] = reason
-        logger.warning("%s GPU fit failed (%s); falling back to CPU for this and later folds", model_type, reason)
 
 
 def device_for_gpus(gpus: Sequence[str] | None, env: Mapping[str, str] | None = None) -> str | None:
@@ -174,9 +165,7 @@ class TreeModel:
     booster: Any  # the library's model; every tree it holds is used for prediction
     n_features: int
     n_iterations: int  # boosting rounds kept (the best round + 1 after early stopping)
-    device: str = "cpu"  # where it was trained: "cpu" or "cuda"
     feature_names: list[str] | None = None  # stored in the checkpoint, so Step 6 can check the schema
-    info: dict[str, Any] = field(default_factory=dict)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """The target for rows ``X`` (n, n_features), float64 (n,)."""
@@ -302,8 +291,8 @@ def train_fold(
             raise _as_job_error(model_type, exc) from exc
         # A broken driver or a build without GPU support must not cost the run; the same
         # params are tried on CPU, and later folds skip the GPU straight away.
-        fallback = f"{type(exc).__name__}: {exc}"
-        devices.gpu_fit_failed(model_type, fallback)
+        fallback = devices.gpu_failures[model_type] = f"{type(exc).__name__}: {exc}"
+        logger.warning("%s GPU fit failed (%s); falling back to CPU for this and later folds", model_type, fallback)
         where = "cpu"
         try:
             booster, kept = fit("cpu")
@@ -311,8 +300,7 @@ def train_fold(
             raise _as_job_error(model_type, exc2) from exc2
 
     kind = "cpu" if where == "cpu" else "cuda"
-    model = TreeModel(model_type, booster, n_features=X_tr.shape[1], n_iterations=kept, device=kind,
-                      feature_names=names)
+    model = TreeModel(model_type, booster, n_features=X_tr.shape[1], n_iterations=kept, feature_names=names)
     train_r2, train_mse = r2_mse(y_tr, model.predict(X_tr))
     val_r2, val_mse = r2_mse(y_va, model.predict(X_va))
     metrics: dict[str, Any] = {
@@ -326,7 +314,6 @@ def train_fold(
     if test is not None:
         metrics["test_r2"], metrics["test_mse"] = r2_mse(test[1], model.predict(test[0]))
     metrics["duration"] = time.perf_counter() - started
-    model.info = {"params": dict(params), "seed": seed}
     return metrics, model
 
 
