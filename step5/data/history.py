@@ -1,11 +1,6 @@
-"""Load ``train_history.json`` (the ``--lottery-data`` file) as a list of draws.
-
-Step 5 uses the history only for the data fingerprint, so the loader accepts the two shapes
-the pipeline writes, ``[978, 123]`` and ``[{"date": ..., "session": ..., "draw": 978}, ...]``
-(other keys ignored), and rejects anything else loudly (docs/data.md): the first element
-decides the shape, bools and floats are not draws, and any int is (its range depends on
-the game's ``mod``, which this file does not carry).
-"""
+"""Load ``train_history.json`` (``--lottery-data``) as a list of draws: ``[978, 123]`` or
+``[{"draw": 978, ...}, ...]``, the first element deciding the shape; anything else is a
+:class:`DataError` naming the element (docs/data.md)."""
 from __future__ import annotations
 
 import os

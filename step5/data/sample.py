@@ -215,10 +215,8 @@ def write_sample(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m step5.data.sample``: prints the survivors and history paths, one per line."""
-    parser = UsageErrorParser(
-        prog="python -m step5.data.sample",
-        description="Write sample survivors/history files with a planted, learnable signal.",
-    )
+    parser = UsageErrorParser(prog="python -m step5.data.sample",
+                              description="Write sample survivors/history files with a planted, learnable signal.")
     parser.add_argument("--out", required=True, help="output directory (created if missing)")
     parser.add_argument("--survivors", type=int, default=2000, help="number of survivor records [2000]")
     parser.add_argument("--features", type=int, default=90, help="number of model features per record [90]")

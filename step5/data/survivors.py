@@ -1,17 +1,18 @@
 """Load ``survivors_with_scores.json`` into a feature matrix and a target vector (SPEC section 2).
 
-The file is never parsed whole (docs/data.md has the design and its measurements)::
+The file is never parsed whole (docs/data.md: the design, its measurements, and the decisions
+where the spec is silent)::
 
     file --ArrayReader--> pieces of ~1 MiB --RecordDecoder (msgspec structs)--> float columns --+
                               |                                                                  +--> X, y
                               +--(piece does not decode)--> stdlib json, record by record --> checks-+
 
-A piece that does not decode cleanly (a ``NaN`` token, a string value, a key not seen
-before, a record that is not an object, a syntax error) is parsed again exactly and checked
-record by record here, with the same code as records built in memory: that is where every
-error message is made, naming the file, the record index, its seed and the key. The
-decisions where the spec is silent (fills, leakage, what counts as a number) are in
-docs/data.md.
+The typed decoder is made at run time from the column names (msgspec ``Struct`` types), so
+a record becomes a small struct of floats, not a dict of 90 keys; an absent key decodes as
+NaN (the file cannot hold NaN there: msgspec refuses ``NaN`` tokens). The floats reach
+numpy without a Python loop, through one MessagePack encoding read with a strided view.
+The checks of the exact path are those of records built in memory: every error message is
+made there, naming the file, the record index, its seed and the key.
 """
 from __future__ import annotations
 
@@ -23,15 +24,13 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any, Callable, Iterator, Sequence
 
+import msgspec
 import numpy as np
 
 from step5.data.arrayreader import ArrayReader
-from step5.data.recorddecoder import (
-    DECODE_ERRORS, RESERVED_KEYS, DecodedPiece, RecordDecoder, RecordLayout, null_non_finite_tokens,
-)
 from step5.errors import DataError
 from step5.jsonio import read_json_file
 
@@ -87,6 +86,154 @@ class SurvivorFeatures:
     @property
     def n_records(self) -> int:
         return int(self.X.shape[0])
+
+
+#: What :meth:`RecordDecoder.decode` raises when a piece does not fit the layout.
+DECODE_ERRORS: tuple[type[Exception], ...] = (msgspec.DecodeError, msgspec.ValidationError)
+
+#: Top-level keys the decoder reads itself; a target with one of these names cannot be decoded.
+RESERVED_KEYS = frozenset(("seed", "features", "metadata"))
+
+_MSGPACK_FLOAT64 = 0xCB
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """What to decode from each record."""
+
+    columns: tuple[str, ...]  # keys of `features` read as floats, in this order (NaN when absent)
+    closed: bool  # True: another key in `features` fails the decode (so new keys are noticed)
+    unread: frozenset[str] = frozenset()  # columns no one reads (leakage): null is allowed there, as NaN
+    target: str | None = None  # a top-level key read as a float (NaN when absent)
+    metadata: bool = False  # read metadata.prng_type / metadata.mod
+
+
+@dataclass
+class DecodedPiece:
+    """One piece of the file, decoded."""
+
+    values: np.ndarray  # (n, len(columns)) float64; NaN where the record lacks the key
+    top_target: np.ndarray | None  # (n,) float64 top-level target, NaN where absent
+    seeds: list[Any]  # each record's `seed` (None when absent)
+    prng_types: list[Any]  # metadata.prng_type of the records that have metadata
+    mods: list[Any]  # metadata.mod of the records that have metadata
+
+
+def _array_header_size(length: int) -> int:
+    """Bytes of a MessagePack array header for ``length`` items (fixarray, array 16, array 32)."""
+    return 1 if length < 16 else 3 if length < 1 << 16 else 5
+
+
+class RecordDecoder:
+    """Decodes pieces (JSON arrays of records) for one :class:`RecordLayout`."""
+
+    def __init__(self, layout: RecordLayout) -> None:
+        self.layout = layout
+        # Field names are c0, c1, ... renamed to the keys: keys need not be identifiers.
+        features = msgspec.defstruct(
+            "Features",
+            [(f"c{j}", float | None if key in layout.unread else float, math.nan)
+             for j, key in enumerate(layout.columns)],
+            rename={f"c{j}": key for j, key in enumerate(layout.columns)},
+            forbid_unknown_fields=layout.closed,
+            gc=False,
+        )
+        fields: list[Any] = [("seed", Any, None), ("features", features)]
+        if layout.metadata:
+            metadata = msgspec.defstruct("Metadata", [("prng_type", Any, None), ("mod", Any, None)], gc=False)
+            fields.append(("metadata", metadata | None, None))
+        rename = None
+        if layout.target is not None:
+            fields.append(("target_", float, math.nan))
+            rename = {"target_": layout.target}
+        record = msgspec.defstruct("Record", fields, rename=rename, kw_only=True, gc=False)
+        self._decoder = msgspec.json.Decoder(list[record])
+        self._msgpack = msgspec.msgpack.Encoder()
+        self._read_columns = [j for j, key in enumerate(layout.columns) if key not in layout.unread]
+        fields = [f"c{j}" for j in self._read_columns]
+        self._read_getter = (lambda s: (getattr(s, fields[0]),)) if len(fields) == 1 else attrgetter(*fields)
+
+    def decode(self, piece: Any) -> DecodedPiece:
+        """Decode a piece (bytes-like); raises one of :data:`DECODE_ERRORS` if it does not fit."""
+        records = self._decoder.decode(piece)
+        values = self._float_rows(list(map(attrgetter("features"), records)))
+        top_target = None
+        if self.layout.target is not None:
+            top_target = np.fromiter(map(attrgetter("target_"), records), dtype=np.float64, count=len(records))
+        prng_types: list[Any] = []
+        mods: list[Any] = []
+        if self.layout.metadata:
+            metas = [m for m in map(attrgetter("metadata"), records) if m is not None]
+            prng_types = list(map(attrgetter("prng_type"), metas))
+            mods = list(map(attrgetter("mod"), metas))
+        return DecodedPiece(values, top_target, list(map(attrgetter("seed"), records)), prng_types, mods)
+
+    def _float_rows(self, structs: Sequence[Any]) -> np.ndarray:
+        """The structs' fields as an (n, d) float64 matrix. A null in an unread column (a
+        ``NaN`` token there) breaks the fixed stride; then only the read columns are taken."""
+        n, d = len(structs), len(self.layout.columns)
+        if n == 0 or d == 0:
+            return np.zeros((n, d), dtype=np.float64)
+        values = self._strided(list(map(msgspec.structs.astuple, structs)), d)
+        if values is not None:
+            return values
+        read = self._read_columns
+        values = np.full((n, d), np.nan)
+        if read:
+            taken = self._strided([self._read_getter(s) for s in structs], len(read))
+            assert taken is not None, "read columns are typed float"
+            values[:, read] = taken
+        return values
+
+    def _strided(self, rows: list[tuple[Any, ...]], d: int) -> np.ndarray | None:
+        """``rows`` (n tuples of d floats) as an (n, d) float64 matrix; None if one is a None."""
+        n = len(rows)
+        blob = self._msgpack.encode(rows)
+        outer, inner = _array_header_size(n), _array_header_size(d)
+        stride = inner + 9 * d
+        if len(blob) != outer + n * stride:
+            return None
+        kinds = np.ndarray((n, d), dtype=np.uint8, buffer=blob, offset=outer + inner, strides=(stride, 9))
+        if not (kinds == _MSGPACK_FLOAT64).all():  # pragma: no cover - a None changes the length
+            return None
+        big_endian = np.ndarray((n, d), dtype=">f8", buffer=blob, offset=outer + inner + 1, strides=(stride, 9))
+        return big_endian.astype(np.float64)
+
+
+_MINUS = ord("-")
+
+
+def null_non_finite_tokens(piece: Any) -> bytes | None:
+    """The piece with each ``NaN`` / ``Infinity`` / ``-Infinity`` token outside strings as
+    ``null``, or None when it has none (or holds a backslash: counting quotes is then unsafe).
+
+    msgspec refuses these tokens even under a key it skips; json.dump writes them for missing
+    floats. As ``null`` they decode where nothing is read (a leakage key typed ``float | None``,
+    metadata, an unknown key); where a feature or the target is read the decode still fails.
+    """
+    data = bytes(piece)
+    if b"\\" in data:
+        return None
+    spans = []  # bytes.find, not a regex: a regex alternation tries every byte, 20x slower
+    for token in (b"NaN", b"Infinity"):
+        i = data.find(token)
+        while i >= 0:
+            start = i - 1 if token == b"Infinity" and i > 0 and data[i - 1] == _MINUS else i
+            spans.append((start, i + len(token)))
+            i = data.find(token, i + len(token))
+    if not spans:
+        return None
+    spans.sort()
+    out: list[bytes] = []
+    quotes = 0  # quotes before the token: odd means it is inside a string
+    prev = 0
+    for start, end in spans:
+        quotes += data.count(b'"', prev, start)
+        out.append(data[prev:start])
+        out.append(data[start:end] if quotes % 2 else b"null")
+        prev = end
+    out.append(data[prev:])
+    return b"".join(out)
 
 
 @contextmanager
@@ -409,12 +556,9 @@ class _FeaturesBuilder(_Collector):
         self.seeds: list[Any] = []
 
     def _make_decoder(self, first: dict[str, Any]) -> None:
-        # Every key of the first record, in the order the file writes them, then the names
-        # it lacks: the decoder finds each key where it expects it instead of searching all
-        # fields for it (keys it does not know, such as `score`, cost it such a search; the
-        # predictor reader took 30 % more CPU time skipping two of them per record). Keys
-        # other records add are skipped; a non-number under a key the model does not read
-        # only sends that piece down the exact path.
+        # Every key of the first record in file order, then the names it lacks: the decoder
+        # finds each key where it expects it instead of searching for it (skipping two unknown
+        # keys per record cost 30 % more CPU time). Keys other records add are skipped.
         order = list(first)
         present = set(order)
         order += [k for k in self.names if k not in present]
@@ -466,7 +610,7 @@ def _read_file(path: str | os.PathLike[str], builder: _TableBuilder | _FeaturesB
             if decoded is None:
                 builder.add_records(reader.parse_elements(), base)
             else:
-                reader.accept(decoded.n)
+                reader.accept(len(decoded.seeds))
                 builder.add_decoded(decoded, base)
 
 
