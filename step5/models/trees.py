@@ -8,7 +8,6 @@ Decisions (native parameter names, early stopping, devices, checkpoints): docs/m
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
 import logging
