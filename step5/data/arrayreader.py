@@ -1,28 +1,13 @@
-"""Read one JSON array from a file piece by piece, holding one block of it at a time.
+"""Read one JSON array from a file piece by piece, holding about one block of it at a time.
 
-A survivors file is a single JSON array of up to millions of records. Parsing it whole
-costs the file's bytes plus every record as Python objects, several times the file size.
-:class:`ArrayReader` keeps about one block of the file in a buffer and hands the caller
-*pieces*: runs of whole elements, written as a JSON array, that a fast strict decoder
-turns into rows::
-
-    file --read block--> buffer --cut at `},{`--> piece "[{..},{..}]" --caller's decoder--> rows
-                                      |                 |
-                                      |     decoder fails (NaN token, wrong type, bad cut)
-                                      |                 v
-                                      +------ parse_elements(): the standard library, one
-                                              element at a time, exact boundaries, errors
-                                              with line and column
-
-Cuts are found by a byte search (the last ``}`` + ``,`` + ``{``, whitespace allowed
-between), not by parsing, so a piece is only a candidate. A cut that falls inside a string
-or inside a record's nested array leaves the piece with an open string or an unbalanced
-bracket, so it cannot decode; and a piece that decodes as an array of complete elements can
-only have been cut between elements (JSON's grammar has one reading). So the caller either
-decodes the piece and calls :meth:`ArrayReader.accept`, or, for any decoding failure,
-calls :meth:`ArrayReader.parse_elements`, which parses the same bytes exactly and returns
-the elements as Python objects (``NaN`` / ``Infinity`` / ``-Infinity`` become floats, as
-Python's ``json`` module writes them) or raises a :class:`DataError` with the position.
+:class:`ArrayReader` hands the caller *pieces*: runs of whole elements, written as a JSON
+array, that a fast strict decoder turns into rows. Cuts are found by a byte search (the
+last ``}`` ``,`` ``{``), not by parsing, so a piece is only a candidate: a cut inside a
+string or a nested array leaves it undecodable, and an array of whole elements has only
+one reading. So the caller either decodes the piece and calls :meth:`~ArrayReader.accept`,
+or, on any decoding failure, calls :meth:`~ArrayReader.parse_elements`, which parses the
+same bytes exactly with the standard library (``NaN`` / ``Infinity`` read as floats) or
+raises a :class:`DataError` with line and column (docs/data.md).
 """
 from __future__ import annotations
 
@@ -32,10 +17,9 @@ from typing import Any, BinaryIO
 
 from step5.errors import DataError
 
-#: Bytes read from the file at a time; a piece is at most about this long (unless one
-#: element is longer). Large enough that per-piece overhead vanishes (~300 records of a
-#: json.dump indent=2 file), small enough that a decoded piece stays in the CPU cache:
-#: 1 MiB pieces decoded a 20k-record file with 40 % less CPU time than 8 MiB pieces.
+#: Bytes read at a time, about a piece's length: large enough that per-piece overhead
+#: vanishes, small enough that a decoded piece stays in the CPU cache (1 MiB pieces took
+#: 40 % less CPU time than 8 MiB pieces).
 DEFAULT_BLOCK_SIZE = 1 << 20
 
 _WHITESPACE = re.compile(rb"[ \t\r\n]*")
@@ -46,22 +30,12 @@ _OPEN, _CLOSE, _COMMA = ord("["), ord("]"), ord(",")
 
 
 class ArrayReader:
-    """Pieces of the top-level JSON array of a binary file; see the module docstring.
-
-    ``index`` counts the elements consumed so far (accepted or parsed), so the caller can
-    name records by their position in the file. A piece returned by :meth:`next_piece` is a
-    view into the buffer, valid until the next call on the reader.
-    """
+    """Pieces of the top-level JSON array of a binary file. ``index`` counts the elements
+    consumed so far; a piece is a view into the buffer, valid until the next call."""
 
     def __init__(self, fh: BinaryIO, source: str, what: str, *, block_size: int | None = None) -> None:
-        if block_size is None:
-            block_size = DEFAULT_BLOCK_SIZE  # read at call time, so tests can make pieces small
-        if block_size < 1:
-            raise ValueError(f"`block_size` must be >= 1, got {block_size!r}")
-        self._fh = fh
-        self._source = source
-        self._what = what
-        self._block = block_size
+        self._fh, self._source, self._what = fh, source, what
+        self._block = block_size or DEFAULT_BLOCK_SIZE  # read at call time, so tests can make pieces small
         self._buf = bytearray()
         self._eof = False
         self._base = 0  # file offset of _buf[0]
@@ -72,10 +46,8 @@ class ArrayReader:
         self.index = 0
         self.ended = False  # the array's closing `]` has been consumed
 
-    # -- the file and the buffer ------------------------------------------------------
-
     def _read_more(self, n: int) -> bool:
-        """Append up to ``n`` more bytes (at least one block); False at end of file."""
+        """Append at least one block (``n`` bytes if more); False at end of file."""
         if self._eof:
             return False
         if self._sep > 0:  # drop what was consumed; keep the separator before the next element
@@ -92,8 +64,8 @@ class ArrayReader:
         return True
 
     def _skip_ws(self, i: int) -> int:
-        """Index of the first non-whitespace byte at or after buffer index ``i``, reading on
-        as needed (reading may move the buffer's start); ``len(buffer)`` at end of file."""
+        """Buffer index of the first non-whitespace byte from ``i``, reading on as needed;
+        ``len(buffer)`` at end of file."""
         while True:
             j = _WHITESPACE.match(self._buf, i).end()
             if j < len(self._buf):
@@ -104,21 +76,14 @@ class ArrayReader:
             i = at - self._base
 
     def _error(self, msg: str, i: int) -> DataError:
-        """A syntax error at buffer index ``i``, located in the file by line, column and byte."""
+        """A syntax error at buffer index ``i``: its line and column are counted by reading the
+        file again (only errors pay for counting lines), unless it cannot seek."""
         offset = self._base + max(0, min(i, len(self._buf)))
-        where = f"byte {offset}"
-        line_column = self._line_and_column(offset)
-        if line_column is not None:
-            where = f"line {line_column[0]} column {line_column[1]} ({where})"
-        return DataError(f"{self._what} file {self._source} is not valid JSON: {msg}: {where}")
-
-    def _line_and_column(self, offset: int) -> tuple[int, int] | None:
-        """Line and column (1-based, in bytes) of a file offset, by reading the file again
-        from its start: only errors pay for counting lines. None if the file cannot seek."""
+        error = f"{self._what} file {self._source} is not valid JSON: {msg}"
         try:
             self._fh.seek(0)
         except (OSError, ValueError):
-            return None
+            return DataError(f"{error}: byte {offset}")
         lines, line_start, done = 0, 0, 0
         while done < offset:
             chunk = self._fh.read(min(self._block, offset - done))
@@ -129,13 +94,10 @@ class ArrayReader:
             if nl >= 0:
                 line_start = done + nl + 1
             done += len(chunk)
-        return lines + 1, offset - line_start + 1
-
-    # -- opening -------------------------------------------------------------------------
+        return DataError(f"{error}: line {lines + 1} column {offset - line_start + 1} (byte {offset})")
 
     def open_array(self) -> bool:
-        """Consume the opening ``[``; False when the file holds something else than an array
-        (nothing is consumed then; the caller parses the file whole for its own message)."""
+        """Consume the opening ``[``; False (nothing consumed) when the file holds something else."""
         self._read_more(self._block)
         i = self._skip_ws(0)
         if i >= len(self._buf):
@@ -149,19 +111,13 @@ class ArrayReader:
         return True
 
     def _finish(self, close: int) -> None:
-        """The array closes at buffer index ``close``; only whitespace may follow."""
         after = self._skip_ws(close + 1)
         if after < len(self._buf):
             raise self._error("Extra data", after)
         self.ended = True
 
-    # -- the fast path: candidate pieces -----------------------------------------------
-
     def next_piece(self) -> memoryview | None:
-        """The next candidate piece (``[`` elements ``]``), or None once the array ended.
-
-        Follow it with :meth:`accept` when it decoded, else with :meth:`parse_elements`.
-        """
+        """The next candidate piece (``[`` elements ``]``), or None once the array ended."""
         self._release()
         if self.ended:
             return None
@@ -198,7 +154,7 @@ class ArrayReader:
             start = self._pos
 
     def _make_piece(self, close: int) -> memoryview:
-        """Turn ``[sep .. close]`` into an array: the separator becomes `[`, ``close`` `]`."""
+        """Turn ``[sep .. close]`` into an array in place: the separator becomes `[`, ``close`` `]`."""
         opening = self._buf[self._sep]
         self._buf[self._sep] = _OPEN
         closing = -1
@@ -235,13 +191,9 @@ class ArrayReader:
         self._sep = close
         self._pos = self._skip_ws(close + 1)
 
-    # -- the exact path ---------------------------------------------------------------------
-
     def parse_elements(self) -> list[Any]:
         """Parse exactly, element by element, at least through the pending piece (or one
-        element when none is pending); returns the elements. Accepts ``NaN`` / ``Infinity``
-        / ``-Infinity``; a syntax error is a :class:`DataError` naming line, column and byte.
-        """
+        element when none is pending); returns the elements."""
         close = self._release()
         if self.ended:
             return []
@@ -268,13 +220,12 @@ class ArrayReader:
                 return out
 
     def _parse_one(self, decoder: json.JSONDecoder) -> tuple[Any, int]:
-        """Parse the element at ``_pos``; returns it and the buffer index just past it.
+        """The element at ``_pos`` and the buffer index just past it.
 
-        The buffer is read as Latin-1 (decoded once per buffer fill, not per element) so
-        that string indices are byte indices; an element holding non-ASCII bytes is then
-        parsed again from its bytes as UTF-8. An element that may run past the buffer (an
-        unterminated string, an error within a token's length of its end, a bare number
-        that ends there) is parsed again after reading on; other errors are the file's.
+        The buffer is read as Latin-1 (once per fill) so that string indices are byte
+        indices; an element with non-ASCII bytes is parsed again as UTF-8. An element that
+        may run past the buffer (an unterminated string, an error within a token's length of
+        its end, a bare number ending there) is parsed again after reading on.
         """
         while True:
             if self._text is None or self._text[0] > self._base + self._pos:

@@ -1,32 +1,11 @@
-"""Generate realistic sample inputs with a planted, learnable signal.
+"""Sample survivors and history files with a planted, learnable signal (docs/data.md).
 
-The demo, the tests and the benchmark need survivors and history files without outside
-data. :func:`write_sample` writes both, shaped exactly like SPEC section 2:
-
-* ``survivors_with_scores.json``: records with ``seed``, ``score``, ``features`` (the
-  requested number of model features with pipeline-like names, plus the leakage keys
-  ``score`` and ``confidence``), ``metadata`` {``prng_type``, ``mod``}, ``holdout_hits``
-  and ``holdout_quality``;
-* ``train_history.json``: objects ``{"date", "session", "draw"}``, two sessions a day.
-
-How the signal is planted: every feature is a monotone transform (into a plausible range
-for its family: rates in (0, 1), skips of a few draws, counts, ...) of a latent
-standard-normal column. ``holdout_quality`` is a nonlinear function of the latent values
-of the first six features (a linear term, a saturating term, an interaction, a quadratic,
-a weak linear term) plus Gaussian noise, squashed into [0, 1]. About 80% of the target's
-variance is signal, and roughly two thirds of that is reachable by a linear model, so a
-Ridge fit on a few hundred rows gets R^2 ~ 0.4 and a GBM or a small MLP more. ``score``
-and ``confidence`` are noisy copies of the target: that is why they are leakage.
-
-One record in 200 (at least one when there are 10+ records) lacks one non-signal feature
-key, to exercise the loader's 0.0-fill path. ``degenerate=True`` makes ``holdout_quality``
-(and ``holdout_hits``) constant 0.0, the "no survivor ever hit" case.
-
-Everything is vectorised with numpy and written with orjson in chunks, so 200k records x
-90 features generate in seconds with bounded memory.
-
-CLI: ``python -m step5.data.sample --out DIR [--survivors N] [--features D] [--draws N]
-[--seed S] [--degenerate]`` prints the two paths, one per line.
+The demo, the tests and the benchmark need inputs shaped like SPEC section 2 without
+outside data. Every feature is a monotone transform of a latent N(0, 1) column into a
+plausible range for its family; ``holdout_quality`` is a nonlinear function of the first
+:data:`N_SIGNAL_FEATURES` latents plus noise, and ``score`` / ``confidence`` are noisy copies
+of it (leakage). Vectorised with numpy and written with orjson in chunks, so 200k records
+x 90 features generate in seconds with bounded memory.
 """
 from __future__ import annotations
 
@@ -42,13 +21,12 @@ import orjson
 
 from step5.artifacts import HISTORY_FILENAME, SURVIVORS_FILENAME
 from step5.cliutil import UsageErrorParser, add_log_level
-from step5.data.survivors import _gc_paused
+from step5.data.survivors import gc_paused
 from step5.fsutil import atomic_output
 from step5.jsonio import write_json_atomic
 from step5.values import is_int
 
 logger = logging.getLogger(__name__)
-
 
 #: How many leading feature columns carry the planted signal.
 N_SIGNAL_FEATURES = 6
@@ -57,17 +35,12 @@ _CHUNK_RECORDS = 10_000
 _DECIMALS = 6
 
 
-def _base_feature_names() -> list[str]:
-    """Pipeline-like feature names; the first N_SIGNAL_FEATURES carry the signal."""
-    names = [
-        # signal carriers first, so small --features still contains them
-        "lane_agreement_8",
-        "skip_mean",
-        "residue_mod_16_match_rate",
-        "temporal_stability_mid",
-        "skip_min",
-        "hit_rate_window_50",
-    ]
+def feature_names(n_features: int) -> list[str]:
+    """The generator's first ``n_features`` feature names (in file order, not sorted):
+    pipeline-like, the first N_SIGNAL_FEATURES carrying the signal, then ``aux_feature_NNN``."""
+    # signal carriers first, so small --features still contains them
+    names = ["lane_agreement_8", "skip_mean", "residue_mod_16_match_rate", "temporal_stability_mid", "skip_min",
+             "hit_rate_window_50"]
     names += [f"lane_agreement_{w}" for w in (2, 4, 16, 32, 64)]
     names += ["skip_max", "skip_median", "skip_std", "skip_entropy", "skip_range", "skip_cv"]
     for m in (8, 16, 32, 64, 125, 1000):
@@ -77,41 +50,19 @@ def _base_feature_names() -> list[str]:
                 names.append(name)
     names += [f"hit_rate_window_{w}" for w in (10, 25, 100, 200, 500)]
     names += ["temporal_stability_short", "temporal_stability_long"]
-    names += [
-        "bidirectional_agreement",
-        "forward_count",
-        "reverse_count",
-        "intersection_weight",
-        "survivor_overlap_ratio",
-        "sieve_pass_depth",
-        "sieve_margin",
-    ]
+    names += ["bidirectional_agreement", "forward_count", "reverse_count", "intersection_weight",
+              "survivor_overlap_ratio", "sieve_pass_depth", "sieve_margin"]
     for pos in range(3):
         names += [f"digit_{pos}_match_rate", f"digit_{pos}_bias", f"digit_{pos}_entropy"]
     names += [f"lag_autocorr_{k}" for k in (1, 2, 3, 5, 8, 13)]
     names += [f"state_entropy_{b}" for b in (4, 8, 16)]
     names += [f"window_consistency_{w}" for w in (16, 32, 64, 128)]
-    names += [
-        "reseed_probability",
-        "phase_alignment",
-        "drift_score",
-        "cycle_length_log",
-        "period_estimate_log",
-        "prng_state_entropy",
-        "sum_parity_bias",
-    ]
+    names += ["reseed_probability", "phase_alignment", "drift_score", "cycle_length_log", "period_estimate_log",
+              "prng_state_entropy", "sum_parity_bias"]
     names += [f"sum_mod_{m}_bias" for m in (3, 9, 27)]
     names += ["mirror_agreement", "cross_session_agreement_midday", "cross_session_agreement_evening"]
     names += ["global_rank_pct"] + [f"local_density_k{k}" for k in (5, 10, 20)]
     names += [f"gap_quantile_{q}" for q in (10, 25, 75, 90)]
-    return names
-
-
-def feature_names(n_features: int) -> list[str]:
-    """The generator's first ``n_features`` feature names (in file order, not sorted)."""
-    if n_features < 1:
-        raise ValueError(f"`n_features` must be >= 1, got {n_features}")
-    names = _base_feature_names()
     if n_features <= len(names):
         return names[:n_features]
     return names + [f"aux_feature_{i:03d}" for i in range(n_features - len(names))]
@@ -154,14 +105,10 @@ def _planted_signal(latent: np.ndarray) -> np.ndarray:
     return g
 
 
-def generate_arrays(
-    n_survivors: int, n_features: int, seed: int, degenerate: bool = False
-) -> dict[str, np.ndarray]:
+def generate_arrays(n_survivors: int, n_features: int, seed: int, degenerate: bool = False) -> dict[str, np.ndarray]:
     """Draw the sample's columns: ``X`` (n, d), ``holdout_quality``, ``holdout_hits``,
-    ``score``, ``confidence``, ``seed`` (n,), ``missing_rows``/``missing_cols`` (which
-    record lacks which feature)."""
-    if n_survivors < 1:
-        raise ValueError(f"`n_survivors` must be >= 1, got {n_survivors}")
+    ``score``, ``confidence``, ``seed`` (n,), ``missing_rows``/``missing_cols`` (one record in
+    200, at least one from 10 records, lacks one non-signal feature: the loader's fill path)."""
     names = feature_names(n_features)
     rng = np.random.default_rng(seed)
     n, d = n_survivors, len(names)
@@ -176,9 +123,8 @@ def generate_arrays(
 
     g = _planted_signal(latent)
     noisy = g + 0.6 * rng.standard_normal(n)
-    if degenerate:
-        quality = np.zeros(n)
-        hits = np.zeros(n)
+    if degenerate:  # "no survivor ever hit"
+        quality, hits = np.zeros(n), np.zeros(n)
     else:
         quality = np.clip(0.3 + 0.08 * noisy, 0.0, 1.0)
         hits = np.clip(0.004 * quality + 0.0005 * rng.standard_normal(n), 0.0, None)
@@ -194,16 +140,9 @@ def generate_arrays(
         missing_cols = np.full(n_missing, d - 1)
 
     seeds = rng.choice(2**32, size=n, replace=False)
-    return {
-        "X": X,
-        "holdout_quality": np.round(quality, _DECIMALS),
-        "holdout_hits": np.round(hits, _DECIMALS),
-        "score": np.round(score, _DECIMALS),
-        "confidence": np.round(confidence, _DECIMALS),
-        "seed": seeds,
-        "missing_rows": missing_rows,
-        "missing_cols": missing_cols,
-    }
+    rounded = {"holdout_quality": quality, "holdout_hits": hits, "score": score, "confidence": confidence}
+    return {"X": X, **{k: np.round(v, _DECIMALS) for k, v in rounded.items()},
+            "seed": seeds, "missing_rows": missing_rows, "missing_cols": missing_cols}
 
 
 def _records(
@@ -215,28 +154,18 @@ def _records(
     score = arrays["score"][start:stop].tolist()
     confidence = arrays["confidence"][start:stop].tolist()
     seeds = arrays["seed"][start:stop].tolist()
-    missing = {
-        int(r): names[int(c)]
-        for r, c in zip(arrays["missing_rows"], arrays["missing_cols"])
-        if start <= r < stop
-    }
+    missing = {int(r): names[int(c)] for r, c in zip(arrays["missing_rows"], arrays["missing_cols"]) if start <= r < stop}
     keys = ("score", "confidence", *names)
     for k in range(stop - start):
         feats = dict(zip(keys, (score[k], confidence[k], *X[k])))
         dropped = missing.get(start + k)
         if dropped is not None:
             del feats[dropped]
-        yield {
-            "seed": seeds[k],
-            "score": score[k],
-            "features": feats,
-            "metadata": {"prng_type": prng_type, "mod": mod},
-            "holdout_hits": hits[k],
-            "holdout_quality": quality[k],
-        }
+        yield {"seed": seeds[k], "score": score[k], "features": feats, "metadata": {"prng_type": prng_type, "mod": mod},
+               "holdout_hits": hits[k], "holdout_quality": quality[k]}
 
 
-@_gc_paused()  # millions of short-lived dicts/floats: the cyclic GC only slows this down
+@gc_paused()  # millions of short-lived dicts/floats: the cyclic GC only slows this down
 def _write_survivors(path: Path, arrays: dict[str, np.ndarray], names: Sequence[str], prng_type: str, mod: int) -> None:
     """Stream the records as one JSON array, chunk by chunk, via a temp file + rename."""
     n = len(arrays["seed"])
@@ -253,38 +182,21 @@ def _write_survivors(path: Path, arrays: dict[str, np.ndarray], names: Sequence[
 
 def make_history(n_draws: int, seed: int, mod: int = 1000) -> list[dict]:
     """``n_draws`` history entries, two sessions a day from 2024-01-01, uniform draws."""
-    if n_draws < 1:
-        raise ValueError(f"`n_draws` must be >= 1, got {n_draws}")
     rng = np.random.default_rng([seed, 1])  # independent of the survivors stream
     draws = rng.integers(0, mod, size=n_draws).tolist()
     start = dt.date(2024, 1, 1)
-    return [
-        {
-            "date": (start + dt.timedelta(days=i // 2)).isoformat(),
-            "session": ("midday", "evening")[i % 2],
-            "draw": draw,
-        }
-        for i, draw in enumerate(draws)
-    ]
+    return [{"date": (start + dt.timedelta(days=i // 2)).isoformat(), "session": ("midday", "evening")[i % 2],
+             "draw": draw} for i, draw in enumerate(draws)]
 
 
 def write_sample(
-    out_dir: str | os.PathLike[str],
-    n_survivors: int = 2000,
-    n_features: int = 90,
-    seed: int = 42,
-    degenerate: bool = False,
-    n_draws: int = 500,
-    *,
-    prng_type: str = "java_lcg",
-    mod: int = 1000,
+    out_dir: str | os.PathLike[str], n_survivors: int = 2000, n_features: int = 90, seed: int = 42,
+    degenerate: bool = False, n_draws: int = 500, *, prng_type: str = "java_lcg", mod: int = 1000,
 ) -> tuple[Path, Path]:
-    """Write ``survivors_with_scores.json`` and ``train_history.json`` into ``out_dir``.
-
-    ``n_features`` counts model inputs; each record's ``features`` also holds the leakage
-    keys ``score`` and ``confidence``. Same arguments, same bytes. Returns
-    ``(survivors_path, history_path)``.
-    """
+    """Write ``survivors_with_scores.json`` and ``train_history.json`` into ``out_dir``; returns
+    their paths. ``n_features`` counts model inputs (``features`` also holds the leakage keys
+    ``score`` and ``confidence``); ``degenerate`` makes the target constant 0.0. Same
+    arguments, same bytes."""
     for name, value, lo in (("n_survivors", n_survivors, 1), ("n_features", n_features, 1), ("n_draws", n_draws, 1)):
         if not is_int(value) or value < lo:
             raise ValueError(f"`{name}` must be an int >= {lo}, got {value!r}")
@@ -296,24 +208,15 @@ def write_sample(
     history_path = out / HISTORY_FILENAME
     _write_survivors(survivors_path, arrays, names, prng_type, mod)
     write_json_atomic(history_path, make_history(n_draws, seed, mod), indent=False)
-    logger.info(
-        "wrote %d survivors x %d features%s to %s and %d draws to %s",
-        n_survivors,
-        n_features,
-        " (degenerate target)" if degenerate else "",
-        survivors_path,
-        n_draws,
-        history_path,
-    )
+    logger.info("wrote %d survivors x %d features%s to %s and %d draws to %s", n_survivors, n_features,
+                " (degenerate target)" if degenerate else "", survivors_path, n_draws, history_path)
     return survivors_path, history_path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; prints the survivors and history paths, one per line."""
-    parser = UsageErrorParser(
-        prog="python -m step5.data.sample",
-        description="Write sample survivors/history files with a planted, learnable signal.",
-    )
+    """``python -m step5.data.sample``: prints the survivors and history paths, one per line."""
+    parser = UsageErrorParser(prog="python -m step5.data.sample",
+                              description="Write sample survivors/history files with a planted, learnable signal.")
     parser.add_argument("--out", required=True, help="output directory (created if missing)")
     parser.add_argument("--survivors", type=int, default=2000, help="number of survivor records [2000]")
     parser.add_argument("--features", type=int, default=90, help="number of model features per record [90]")
@@ -326,16 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag, value in (("--survivors", args.survivors), ("--features", args.features), ("--draws", args.draws)):
         if value < 1:
             parser.error(f"{flag} must be >= 1, got {value}")
-    survivors_path, history_path = write_sample(
-        args.out,
-        n_survivors=args.survivors,
-        n_features=args.features,
-        seed=args.seed,
-        degenerate=args.degenerate,
-        n_draws=args.draws,
-    )
-    print(survivors_path)
-    print(history_path)
+    paths = write_sample(args.out, n_survivors=args.survivors, n_features=args.features, seed=args.seed,
+                         degenerate=args.degenerate, n_draws=args.draws)
+    print(*paths, sep="\n")
     return 0
 
 

@@ -1,19 +1,11 @@
-"""Seeded row splits and the NPZ files that carry one fold to a trainer process.
+"""Seeded row splits and the NPZ files that carry one fold to a trainer process (docs/data.md).
 
-The optimizer holds out a test set once (:func:`holdout_split`), runs K-fold CV on the rest
-(:func:`kfold_splits`), and hands each fold to a worker or one-shot trainer as an NPZ file
-(:func:`write_fold_npz`) inside a private temp directory that :class:`FoldFiles` removes
-when the run ends, however it ends. A run killed with SIGKILL cannot remove its own; the
-folder records its owner (``.owner.json``) and the next run on the host removes it.
-
-NPZ layout (read with ``np.load(path, allow_pickle=False)``): ``X_train``/``X_val`` and
-optional ``X_test`` as float32 (n, d); ``y_*`` as float64 (n,); optional ``feature_names``
-as a fixed-width unicode array. Uncompressed: the files are short-lived and a trainer
-should not spend its time inflating them. Values are written as given (NaN included):
-judging the data is the trainer's job, and the tests of its error path need such files.
-
-sklearn is imported inside the split functions, not at module level, so a process that
-only writes or reads NPZ files does not pay for importing it.
+The optimizer holds out a test set once, runs K-fold CV on the rest, and hands each fold to
+a trainer as an uncompressed NPZ file (short-lived: a trainer should not spend its time
+inflating it) in a private temp folder that :class:`FoldFiles` removes however the run
+ends; a run killed with SIGKILL cannot, so the folder records its owner and the next run on
+the host removes it. sklearn is imported inside the split functions, so a process that
+only writes or reads NPZ files does not pay for it.
 """
 from __future__ import annotations
 
@@ -22,7 +14,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Sequence
 
 import numpy as np
@@ -41,17 +32,13 @@ def _check_int(name: str, value: object, lo: int) -> int:
 
 
 def dev_rows(n: int, test_fraction: float) -> int:
-    """Rows :func:`holdout_split` leaves for development: ``n`` minus sklearn's rounding
-    (up) of ``n * test_fraction`` for a float ``test_size``."""
+    """Rows :func:`holdout_split` leaves for development (sklearn rounds the test part up)."""
     return n - int(np.ceil(n * test_fraction))
 
 
 def holdout_split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``range(n)`` into (dev, test) row indices, each sorted; the same seed, the same split.
-
-    ``test_fraction`` is the share of rows held out, strictly between 0 and 1; both parts
-    must end up non-empty.
-    """
+    """Split ``range(n)`` into sorted (dev, test) row indices, both non-empty; the same seed,
+    the same split."""
     from sklearn.model_selection import train_test_split
 
     n = _check_int("n", n, 2)
@@ -59,25 +46,19 @@ def holdout_split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, 
         raise ValueError(f"`test_fraction` must be a number in (0, 1), got {test_fraction!r}")
     if dev_rows(n, test_fraction) <= 0:
         raise ValueError(f"`test_fraction`={test_fraction} of {n} rows leaves no rows for development")
-    dev_idx, test_idx = train_test_split(
-        np.arange(n), test_size=float(test_fraction), random_state=seed, shuffle=True
-    )
+    dev_idx, test_idx = train_test_split(np.arange(n), test_size=float(test_fraction), random_state=seed, shuffle=True)
     return np.sort(dev_idx), np.sort(test_idx)
 
 
 def kfold_splits(n: int, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``k`` shuffled folds over ``range(n)`` as (train_idx, val_idx) pairs (sklearn ``KFold``).
-
-    The validation parts are disjoint and together cover every row exactly once.
-    """
+    """``k`` shuffled folds over ``range(n)`` as (train_idx, val_idx) pairs (sklearn ``KFold``)."""
     from sklearn.model_selection import KFold
 
     n = _check_int("n", n, 2)
     k = _check_int("k", k, 2)
     if k > n:
         raise ValueError(f"`k`={k} folds need at least {k} rows, got n={n}")
-    kf = KFold(n_splits=k, shuffle=True, random_state=seed)
-    return [(train_idx, val_idx) for train_idx, val_idx in kf.split(np.arange(n))]
+    return list(KFold(n_splits=k, shuffle=True, random_state=seed).split(np.arange(n)))
 
 
 def as_xy(name: str, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -96,21 +77,13 @@ def as_xy(name: str, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_fold_npz(
-    path: str | os.PathLike[str],
-    X_train: np.ndarray,
-    y_train: np.ndarray,
-    X_val: np.ndarray,
-    y_val: np.ndarray,
-    *,
-    X_test: np.ndarray | None = None,
-    y_test: np.ndarray | None = None,
+    path: str | os.PathLike[str], X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
+    *, X_test: np.ndarray | None = None, y_test: np.ndarray | None = None,
     feature_names: Sequence[str] | None = None,
 ) -> Path:
-    """Write one fold as an uncompressed NPZ at exactly ``path`` (no ``.npz`` is appended).
-
-    Raises ``ValueError`` for inconsistent shapes (naming the array) so a bad fold fails in
-    the parent, not later in a worker.
-    """
+    """Write one fold as an uncompressed NPZ at exactly ``path`` (no ``.npz`` appended): X as
+    float32, y as float64, values as given (NaN included: judging data is the trainer's job).
+    Inconsistent shapes are a ``ValueError`` naming the array, so a bad fold fails in the parent."""
     arrays: dict[str, np.ndarray] = {}
     arrays["X_train"], arrays["y_train"] = as_xy("train", X_train, y_train)
     arrays["X_val"], arrays["y_val"] = as_xy("val", X_val, y_val)
@@ -133,92 +106,41 @@ def write_fold_npz(
     return p
 
 
-def remove_orphaned_fold_dirs(dir: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Remove fold folders whose owner process died on this host (SIGKILL, a crash); returns them.
-
-    Folders of live processes, of other hosts sharing the folder, and folders without an
-    owner record are left alone.
-    """
-    root = Path(dir if dir is not None else tempfile.gettempdir())
-    removed: list[Path] = []
-    for path, owner in orphaned_folders(root, FOLD_DIR_PREFIX):
-        shutil.rmtree(path, ignore_errors=True)
-        logger.info("removed fold folder %s of a dead run (pid %d)", path, owner.pid)
-        removed.append(path)
-    return removed
-
-
 class FoldFiles:
-    """A private temp directory of fold NPZ files, removed on exit (exception or not).
-
-    ::
-
-        with FoldFiles() as folds:
-            path = folds.write("t3_f0", X_tr, y_tr, X_va, y_va)
-            ...  # hand `path` to a trainer
-        # the directory and every file in it are gone here
-    """
+    """A private temp folder of fold NPZ files (``dir``: e.g. a RAM disk; default $TMPDIR),
+    removed on exit, exception or not."""
 
     def __init__(self, *, dir: str | os.PathLike[str] | None = None) -> None:
-        # `dir` lets a caller put the files on a RAM disk (e.g. /dev/shm); default: $TMPDIR
-        remove_orphaned_fold_dirs(dir)
+        # Folders of runs that died on this host (SIGKILL, a crash); not those of live
+        # processes, of other hosts, or without an owner record.
+        for path, owner in orphaned_folders(Path(dir if dir is not None else tempfile.gettempdir()), FOLD_DIR_PREFIX):
+            shutil.rmtree(path, ignore_errors=True)
+            logger.info("removed fold folder %s of a dead run (pid %d)", path, owner.pid)
         self.path = Path(tempfile.mkdtemp(prefix=FOLD_DIR_PREFIX, dir=dir))
-        self._closed = False
+        self.closed = False
         claim_folder(self.path)
 
-    def write(
-        self,
-        name: str,
-        X_train: np.ndarray,
-        y_train: np.ndarray,
-        X_val: np.ndarray,
-        y_val: np.ndarray,
-        *,
-        X_test: np.ndarray | None = None,
-        y_test: np.ndarray | None = None,
-        feature_names: Sequence[str] | None = None,
-    ) -> Path:
-        """Write ``<dir>/<name>.npz`` (``.npz`` added when missing) and return its path."""
-        if self._closed:
+    def write(self, name: str, *arrays: Any, **options: Any) -> Path:
+        """:func:`write_fold_npz` to ``<dir>/<name>.npz`` (``.npz`` added when missing)."""
+        if self.closed:
             raise RuntimeError(f"FoldFiles {self.path} is closed; cannot write {name!r}")
         if not isinstance(name, str) or not name or os.sep in name or "/" in name or name in (".", ".."):
             raise ValueError(f"`name` must be a plain file name, got {name!r}")
-        filename = name if name.endswith(".npz") else f"{name}.npz"
-        return write_fold_npz(
-            self.path / filename,
-            X_train,
-            y_train,
-            X_val,
-            y_val,
-            X_test=X_test,
-            y_test=y_test,
-            feature_names=feature_names,
-        )
+        return write_fold_npz(self.path / (name if name.endswith(".npz") else f"{name}.npz"), *arrays, **options)
 
     def close(self) -> None:
-        """Remove the directory and its files; safe to call more than once."""
-        if self._closed:
-            return
-        self._closed = True
-        shutil.rmtree(self.path, ignore_errors=True)
-        if self.path.exists():  # pragma: no cover - only if something holds files open on odd filesystems
-            logger.warning("could not fully remove fold directory %s", self.path)
-
-    @property
-    def closed(self) -> bool:
-        """True once the directory has been removed."""
-        return self._closed
+        """Remove the folder and its files; safe to call more than once."""
+        if not self.closed:
+            self.closed = True
+            shutil.rmtree(self.path, ignore_errors=True)
+            if self.path.exists():  # pragma: no cover - only if something holds files open on odd filesystems
+                logger.warning("could not fully remove fold directory %s", self.path)
 
     def __enter__(self) -> "FoldFiles":
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return f"FoldFiles({str(self.path)!r}{', closed' if self._closed else ''})"
+        return f"FoldFiles({str(self.path)!r}{', closed' if self.closed else ''})"

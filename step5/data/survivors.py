@@ -1,79 +1,36 @@
-"""Load ``survivors_with_scores.json`` into a feature matrix and a target vector.
+"""Load ``survivors_with_scores.json`` into a feature matrix and a target vector (SPEC section 2).
 
-A survivors file is a JSON array of records shaped like (SPEC section 2)::
-
-    {"seed": 123456, "score": 0.31,
-     "features": {"score": 0.31, "confidence": 0.2, "lane_agreement_8": 0.12, ...},
-     "metadata": {"prng_type": "java_lcg", "mod": 1000},
-     "holdout_hits": 0.001, "holdout_quality": 0.2742}
-
-Real files hold ~90 feature keys and up to millions of records (700 MiB for 200k records
-as ``json.dump(..., indent=2)`` writes them), so the file is never parsed whole::
+The file is never parsed whole (docs/data.md: the design, its measurements, and the decisions
+where the spec is silent)::
 
     file --ArrayReader--> pieces of ~1 MiB --RecordDecoder (msgspec structs)--> float columns --+
                               |                                                                  +--> X, y
                               +--(piece does not decode)--> stdlib json, record by record --> checks-+
 
-:class:`~step5.data.arrayreader.ArrayReader` holds one block of the file at a time and cuts
-it into pieces of whole records; :class:`~step5.data.recorddecoder.RecordDecoder` decodes a
-piece into float columns with a decoder built from the key names (no dict per record).
-Any piece that does not decode cleanly (a ``NaN`` token, a string value, a key not seen
-before, a record that is not an object, a syntax error) is parsed again exactly, record by
-record, by the standard library, and checked with the same code as records built in memory
-(:func:`features_from_records`): that is where every error message is made, naming the file,
-the record index, its seed and the key. Those record and value checks, the 0.0 fills and
-the assembly of the matrix from its pieces live in :mod:`step5.data.survivormatrix`; this
-module reads the file, collects the target and the metadata, and builds the tables. Peak memory is about twice the float32 matrix
-(the pieces' blocks, then the assembled matrix) plus two blocks of the file, not a
-multiple of the file (docs/data.md has the measurements).
-
-Decisions where the spec is silent:
-
-* the feature set is the union of the keys of all records; a record lacking a key gets 0.0
-  and the fills are counted (logged once, returned in :attr:`SurvivorTable.missing_fills`);
-* besides the leakage set, the target column is never an input: with ``--target
-  lane_agreement_8`` that key is excluded from the features too;
-* ints are numbers, bools are not (``true`` is not a feature value);
-* ``NaN`` / ``Infinity`` / ``-Infinity`` tokens (what Python's ``json`` writes for
-  non-finite floats) are read; such a value where a feature or the target is read is an
-  error, anywhere else (a leakage key, metadata) it is ignored like the key itself;
-* a value that is finite as a float64 but overflows float32 (the matrix dtype) is an error.
+The typed decoder is made at run time from the column names (msgspec ``Struct`` types), so
+a record becomes a small struct of floats, not a dict of 90 keys; an absent key decodes as
+NaN (the file cannot hold NaN there: msgspec refuses ``NaN`` tokens). The floats reach
+numpy without a Python loop, through one MessagePack encoding read with a strided view.
+The checks of the exact path are those of records built in memory: every error message is
+made there, naming the file, the record index, its seed and the key.
 """
 from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from itertools import chain
+from operator import attrgetter, itemgetter
+from typing import Any, Callable, Iterator, Sequence
 
+import msgspec
 import numpy as np
 
 from step5.data.arrayreader import ArrayReader
-from step5.data.recorddecoder import (
-    DECODE_ERRORS,
-    RESERVED_KEYS,
-    DecodedPiece,
-    RecordDecoder,
-    RecordLayout,
-    null_non_finite_tokens,
-)
-from step5.data.survivormatrix import (
-    MISSING,
-    BatchPlace,
-    MatrixParts,
-    describe_value,
-    features_of,
-    fill_absent,
-    gather_rows,
-    is_number,
-    records_list,
-    seed_note,
-    to_float32,
-    to_matrix,
-)
 from step5.errors import DataError
 from step5.jsonio import read_json_file
 
@@ -84,6 +41,12 @@ LEAKAGE_COLUMNS: tuple[str, ...] = ("score", "confidence", "holdout_hits", "hold
 
 #: Default target column (``--target``).
 DEFAULT_TARGET = "holdout_quality"
+
+#: Marks a key a record lacks (``None`` is a value a record can hold).
+MISSING = object()
+
+_NUMBER_TYPES = frozenset((int, float))
+_FLOAT64_MAX = float(np.finfo(np.float64).max)
 
 
 @dataclass
@@ -106,7 +69,6 @@ class SurvivorTable:
 
     @property
     def n_features(self) -> int:
-        """Number of feature columns (``X.shape[1]``)."""
         return int(self.X.shape[1])
 
 
@@ -126,15 +88,159 @@ class SurvivorFeatures:
         return int(self.X.shape[0])
 
 
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic GC while many acyclic objects are built.
+#: What :meth:`RecordDecoder.decode` raises when a piece does not fit the layout.
+DECODE_ERRORS: tuple[type[Exception], ...] = (msgspec.DecodeError, msgspec.ValidationError)
 
-    Records parsed into dicts (records built in memory, pieces that need the exact path)
-    would otherwise make the collector walk all of them again every few hundred
-    allocations, which doubled the load time of a 200k-record file when every record was
-    a dict. Nothing built here forms cycles.
+#: Top-level keys the decoder reads itself; a target with one of these names cannot be decoded.
+RESERVED_KEYS = frozenset(("seed", "features", "metadata"))
+
+_MSGPACK_FLOAT64 = 0xCB
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """What to decode from each record."""
+
+    columns: tuple[str, ...]  # keys of `features` read as floats, in this order (NaN when absent)
+    closed: bool  # True: another key in `features` fails the decode (so new keys are noticed)
+    unread: frozenset[str] = frozenset()  # columns no one reads (leakage): null is allowed there, as NaN
+    target: str | None = None  # a top-level key read as a float (NaN when absent)
+    metadata: bool = False  # read metadata.prng_type / metadata.mod
+
+
+@dataclass
+class DecodedPiece:
+    """One piece of the file, decoded."""
+
+    values: np.ndarray  # (n, len(columns)) float64; NaN where the record lacks the key
+    top_target: np.ndarray | None  # (n,) float64 top-level target, NaN where absent
+    seeds: list[Any]  # each record's `seed` (None when absent)
+    prng_types: list[Any]  # metadata.prng_type of the records that have metadata
+    mods: list[Any]  # metadata.mod of the records that have metadata
+
+
+def _array_header_size(length: int) -> int:
+    """Bytes of a MessagePack array header for ``length`` items (fixarray, array 16, array 32)."""
+    return 1 if length < 16 else 3 if length < 1 << 16 else 5
+
+
+class RecordDecoder:
+    """Decodes pieces (JSON arrays of records) for one :class:`RecordLayout`."""
+
+    def __init__(self, layout: RecordLayout) -> None:
+        self.layout = layout
+        # Field names are c0, c1, ... renamed to the keys: keys need not be identifiers.
+        features = msgspec.defstruct(
+            "Features",
+            [(f"c{j}", float | None if key in layout.unread else float, math.nan)
+             for j, key in enumerate(layout.columns)],
+            rename={f"c{j}": key for j, key in enumerate(layout.columns)},
+            forbid_unknown_fields=layout.closed,
+            gc=False,
+        )
+        fields: list[Any] = [("seed", Any, None), ("features", features)]
+        if layout.metadata:
+            metadata = msgspec.defstruct("Metadata", [("prng_type", Any, None), ("mod", Any, None)], gc=False)
+            fields.append(("metadata", metadata | None, None))
+        rename = None
+        if layout.target is not None:
+            fields.append(("target_", float, math.nan))
+            rename = {"target_": layout.target}
+        record = msgspec.defstruct("Record", fields, rename=rename, kw_only=True, gc=False)
+        self._decoder = msgspec.json.Decoder(list[record])
+        self._msgpack = msgspec.msgpack.Encoder()
+        self._read_columns = [j for j, key in enumerate(layout.columns) if key not in layout.unread]
+        fields = [f"c{j}" for j in self._read_columns]
+        self._read_getter = (lambda s: (getattr(s, fields[0]),)) if len(fields) == 1 else attrgetter(*fields)
+
+    def decode(self, piece: Any) -> DecodedPiece:
+        """Decode a piece (bytes-like); raises one of :data:`DECODE_ERRORS` if it does not fit."""
+        records = self._decoder.decode(piece)
+        values = self._float_rows(list(map(attrgetter("features"), records)))
+        top_target = None
+        if self.layout.target is not None:
+            top_target = np.fromiter(map(attrgetter("target_"), records), dtype=np.float64, count=len(records))
+        prng_types: list[Any] = []
+        mods: list[Any] = []
+        if self.layout.metadata:
+            metas = [m for m in map(attrgetter("metadata"), records) if m is not None]
+            prng_types = list(map(attrgetter("prng_type"), metas))
+            mods = list(map(attrgetter("mod"), metas))
+        return DecodedPiece(values, top_target, list(map(attrgetter("seed"), records)), prng_types, mods)
+
+    def _float_rows(self, structs: Sequence[Any]) -> np.ndarray:
+        """The structs' fields as an (n, d) float64 matrix. A null in an unread column (a
+        ``NaN`` token there) breaks the fixed stride; then only the read columns are taken."""
+        n, d = len(structs), len(self.layout.columns)
+        if n == 0 or d == 0:
+            return np.zeros((n, d), dtype=np.float64)
+        values = self._strided(list(map(msgspec.structs.astuple, structs)), d)
+        if values is not None:
+            return values
+        read = self._read_columns
+        values = np.full((n, d), np.nan)
+        if read:
+            taken = self._strided([self._read_getter(s) for s in structs], len(read))
+            assert taken is not None, "read columns are typed float"
+            values[:, read] = taken
+        return values
+
+    def _strided(self, rows: list[tuple[Any, ...]], d: int) -> np.ndarray | None:
+        """``rows`` (n tuples of d floats) as an (n, d) float64 matrix; None if one is a None."""
+        n = len(rows)
+        blob = self._msgpack.encode(rows)
+        outer, inner = _array_header_size(n), _array_header_size(d)
+        stride = inner + 9 * d
+        if len(blob) != outer + n * stride:
+            return None
+        kinds = np.ndarray((n, d), dtype=np.uint8, buffer=blob, offset=outer + inner, strides=(stride, 9))
+        if not (kinds == _MSGPACK_FLOAT64).all():  # pragma: no cover - a None changes the length
+            return None
+        big_endian = np.ndarray((n, d), dtype=">f8", buffer=blob, offset=outer + inner + 1, strides=(stride, 9))
+        return big_endian.astype(np.float64)
+
+
+_MINUS = ord("-")
+
+
+def null_non_finite_tokens(piece: Any) -> bytes | None:
+    """The piece with each ``NaN`` / ``Infinity`` / ``-Infinity`` token outside strings as
+    ``null``, or None when it has none (or holds a backslash: counting quotes is then unsafe).
+
+    msgspec refuses these tokens even under a key it skips; json.dump writes them for missing
+    floats. As ``null`` they decode where nothing is read (a leakage key typed ``float | None``,
+    metadata, an unknown key); where a feature or the target is read the decode still fails.
     """
+    data = bytes(piece)
+    if b"\\" in data:
+        return None
+    spans = []  # bytes.find, not a regex: a regex alternation tries every byte, 20x slower
+    for token in (b"NaN", b"Infinity"):
+        i = data.find(token)
+        while i >= 0:
+            start = i - 1 if token == b"Infinity" and i > 0 and data[i - 1] == _MINUS else i
+            spans.append((start, i + len(token)))
+            i = data.find(token, i + len(token))
+    if not spans:
+        return None
+    spans.sort()
+    out: list[bytes] = []
+    quotes = 0  # quotes before the token: odd means it is inside a string
+    prev = 0
+    for start, end in spans:
+        quotes += data.count(b'"', prev, start)
+        out.append(data[prev:start])
+        out.append(data[start:end] if quotes % 2 else b"null")
+        prev = end
+    out.append(data[prev:])
+    return b"".join(out)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC while many acyclic objects are built: records parsed into dicts
+    would otherwise make it walk all of them every few hundred allocations (that doubled
+    the load time of a 200k-record file read as dicts)."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -144,15 +250,181 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _log_fills(fills: int, filled_records: int, n: int, source: str) -> None:
-    if fills:
-        logger.warning(
-            "survivors file %s: %d record(s) of %d lacked some feature key(s); filled %d value(s) with 0.0",
-            source,
-            filled_records,
-            n,
-            fills,
+def is_number(v: Any) -> bool:
+    """A finite JSON number that fits a float64 (bools are not numbers here)."""
+    t = type(v)
+    if t is float:
+        return math.isfinite(v)
+    if t is int:
+        return -_FLOAT64_MAX <= v <= _FLOAT64_MAX
+    return False
+
+
+def _shortened(v: Any, width: int) -> str:
+    text = repr(v)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def describe_value(v: Any) -> str:
+    """A bad value for an error message: its repr (cut at 60 characters) and its type."""
+    return f"{_shortened(v, 60)} ({type(v).__name__})"
+
+
+def records_list(data: Any, source: str) -> list[Any]:
+    """``data`` when it is a non-empty JSON array; otherwise the error naming ``source``."""
+    if not isinstance(data, list):
+        raise DataError(f"survivors file {source}: expected a JSON array of records, got {type(data).__name__}")
+    if not data:
+        raise DataError(f"survivors file {source}: the array is empty, there are no records")
+    return data
+
+
+def seed_note(seed: Any) -> str:
+    """`` [seed 123]``, appended to an error about a record; empty when it has no seed."""
+    return "" if seed is None else f" [seed {_shortened(seed, 40)}]"
+
+
+def features_of(rec: Any, i: int, source: str) -> dict[str, Any]:
+    """Record ``i``'s ``features`` object; an error naming the record when it has none."""
+    if not isinstance(rec, dict):
+        raise DataError(f"survivors file {source}: record {i} must be a JSON object, got {type(rec).__name__}")
+    feats = rec.get("features", MISSING)
+    if feats is MISSING:
+        raise DataError(f"survivors file {source}: record {i} has no `features` object{seed_note(rec.get('seed'))}")
+    if not isinstance(feats, dict):
+        raise DataError(
+            f"survivors file {source}: record {i}: `features` must be a JSON object, got {type(feats).__name__}"
+            + seed_note(rec.get("seed"))
         )
+    return feats
+
+
+def gather_rows(
+    feature_dicts: Sequence[dict[str, Any]], names: Sequence[str]
+) -> tuple[list[tuple[Any, ...]], Counter[str], int]:
+    """Each record's values in ``names`` order, absent ones 0.0; returns (rows, fills per key,
+    records filled). ``itemgetter`` looks up in C; a ``KeyError`` sends that record to the slow path."""
+    if len(names) == 1:  # itemgetter with one key returns a bare value, not a tuple
+        key = names[0]
+        getter: Callable[[dict[str, Any]], tuple[Any, ...]] = lambda d: (d[key],)  # noqa: E731
+    elif not names:
+        getter = lambda d: ()  # noqa: E731
+    else:
+        getter = itemgetter(*names)
+    rows: list[tuple[Any, ...]] = []
+    append = rows.append
+    fills: Counter[str] = Counter()
+    filled_records = 0
+    for feats in feature_dicts:
+        try:
+            append(getter(feats))
+        except KeyError:
+            row = tuple(feats.get(k, MISSING) for k in names)
+            fills.update(k for k, v in zip(names, row) if v is MISSING)
+            filled_records += 1
+            append(tuple(0.0 if v is MISSING else v for v in row))
+    return rows, fills, filled_records
+
+
+class _Collector:
+    """The matrix's rows as they arrive, batch by batch, each batch with the columns known
+    then, checked as they come; every error names the file, record index, seed and key.
+
+    A key first seen in a later batch is a column the earlier batches lack: assembling
+    fills it with 0.0 for them and counts the fills, exactly as if every record had been
+    read before the columns were fixed.
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self._parts: list[tuple[np.ndarray, tuple[str, ...], Counter[str], int]] = []
+        self.n = 0
+        self._decoder: RecordDecoder | None = None
+        self._take: list[int] = []  # where the batch's names sit among the decoder's columns
+
+    def decoder(self) -> RecordDecoder | None:
+        """The typed decoder for the next piece; None sends it down the exact path."""
+        return self._decoder
+
+    def _add_dicts(self, feature_dicts: list[dict[str, Any]], names: tuple[str, ...], base: int,
+                   seeds: Sequence[Any]) -> None:
+        """Check parsed records' values and add them as a batch with columns ``names``.
+
+        ``set(map(type, ...))`` checks every cell in C; only a non-number (or a non-finite
+        value) makes the check go record by record, for the message.
+        """
+        rows, fills, filled_records = gather_rows(feature_dicts, names)
+        n, d = len(rows), len(names)
+        X64 = None
+        if set(map(type, chain.from_iterable(rows))) <= _NUMBER_TYPES:
+            try:
+                X64 = np.fromiter(chain.from_iterable(rows), dtype=np.float64, count=n * d).reshape(n, d)
+            except OverflowError:  # an int too large for a float64
+                pass
+        if X64 is None or not np.isfinite(X64).all():
+            for i, feats in enumerate(feature_dicts):
+                for k in names:
+                    v = feats.get(k, 0.0)
+                    if not is_number(v):
+                        raise DataError(
+                            f"survivors file {self.source}: record {base + i}: feature {k!r} must be a finite "
+                            f"number, got {describe_value(v)}{seed_note(seeds[i])}"
+                        )
+            raise AssertionError("bulk check failed but no bad value was found")  # pragma: no cover
+        self._add(X64, names, fills, filled_records, base, seeds)
+
+    def _add_decoded(self, piece: DecodedPiece, names: tuple[str, ...], base: int) -> None:
+        """Add a decoded piece's columns ``self._take`` as ``names``; NaN (absent) becomes 0.0."""
+        F = piece.values[:, self._take]
+        absent = np.isnan(F)
+        fills: Counter[str] = Counter()
+        filled_records = 0
+        if absent.any():
+            F[absent] = 0.0
+            fills.update({names[j]: int(c) for j, c in enumerate(absent.sum(axis=0)) if c})
+            filled_records = int(absent.any(axis=1).sum())
+        self._add(F, names, fills, filled_records, base, piece.seeds)
+
+    def _add(self, X64: np.ndarray, names: tuple[str, ...], fills: Counter[str], filled_records: int, base: int,
+             seeds: Sequence[Any]) -> None:
+        """Keep the finite float64 batch as float32; a value beyond float32's range is an error."""
+        with np.errstate(over="ignore"):
+            X = X64.astype(np.float32)
+        if not np.isfinite(X).all():
+            i, j = (int(v) for v in np.argwhere(~np.isfinite(X))[0])
+            raise DataError(
+                f"survivors file {self.source}: record {base + i}: feature {names[j]!r} = {float(X64[i, j])!r} "
+                f"does not fit in float32 (max {float(np.finfo(np.float32).max):.3g}){seed_note(seeds[i])}"
+            )
+        self._parts.append((X, names, fills, filled_records))
+        self.n += len(X)
+
+    def _assemble(self, names: Sequence[str]) -> tuple[np.ndarray, Counter[str]]:
+        """The (n, d) float32 matrix in ``names`` order and the fills per key (logged)."""
+        column = {k: j for j, k in enumerate(names)}
+        X = np.zeros((self.n, len(names)), dtype=np.float32)
+        fills: Counter[str] = Counter()
+        filled_records = 0
+        row = 0
+        layouts: dict[tuple[str, ...], tuple[list[int], list[str]]] = {}  # part names -> (columns, lacking)
+        self._parts.reverse()
+        while self._parts:  # pop as we go: the parts and X are not both held in full
+            part, part_names, part_fills, part_filled = self._parts.pop()
+            if part_names not in layouts:
+                present = set(part_names)
+                layouts[part_names] = ([column[k] for k in part_names], [k for k in names if k not in present])
+            columns, lacking = layouts[part_names]
+            m = len(part)
+            X[row : row + m, columns] = part
+            fills.update(part_fills)
+            for k in lacking:
+                fills[k] += m
+            filled_records += m if lacking else part_filled
+            row += m
+        if total := sum(fills.values()):
+            logger.warning("survivors file %s: %d record(s) of %d lacked some feature key(s); filled %d value(s) "
+                           "with 0.0", self.source, filled_records, self.n, total)
+        return X, fills
 
 
 def _most_common(counts: Counter[Any]) -> Any:
@@ -163,28 +435,24 @@ def _most_common(counts: Counter[Any]) -> Any:
     return min(v for v, c in counts.items() if c == top)
 
 
-class _TableBuilder:
-    """Collects a survivors file for training: features, target and metadata counts."""
+class _TableBuilder(_Collector):
+    """Collects a survivors file for training: features (every key seen), target and metadata."""
 
     def __init__(self, target: str, source: str) -> None:
+        super().__init__(source)
         self.target = target
-        self.source = source
         self.keys: dict[str, None] = {}  # every key seen in `features`, in first-seen order
-        self.parts = MatrixParts()
         self.ys: list[np.ndarray] = []
         self.prng_counts: Counter[str] = Counter()
         self.mod_counts: Counter[int] = Counter()
-        self._decoder: RecordDecoder | None = None
-        self._names: tuple[str, ...] = ()  # the decoder's feature columns ...
-        self._take: list[int] = []  # ... and where they sit among its columns
-        self._target_column: int | None = None  # the target's column when `features` holds it
+        self._names: tuple[str, ...] = ()  # the decoder's feature columns
+        self._target_column: int | None = None  # the target's decoder column when `features` holds it
 
     def _is_feature(self, key: str) -> bool:
         return key not in LEAKAGE_COLUMNS and key != self.target
 
     def decoder(self) -> RecordDecoder | None:
-        """The typed decoder for the keys seen so far (rebuilt when a key is added); None
-        for a target the decoder cannot read (every batch then takes the exact path)."""
+        """Rebuilt when a key was added; None for a target the decoder cannot read."""
         if self.target in RESERVED_KEYS:
             return None
         if self._decoder is None or len(self._decoder.layout.columns) != len(self.keys):
@@ -208,6 +476,10 @@ class _TableBuilder:
         self.prng_counts.update({v: c for (t, v), c in prng.items() if t is str})
         self.mod_counts.update({v: c for (t, v), c in mod.items() if t is int})
 
+    def _no_target(self, i: int, seed: Any) -> DataError:
+        return DataError(f"survivors file {self.source}: record {i} has no target {self.target!r} "
+                         f"(looked in `features` and at the top level){seed_note(seed)}")
+
     def add_records(self, records: Sequence[Any], base: int) -> None:
         """Check and add parsed records (dicts); ``base`` is the first one's index in the file."""
         feature_dicts: list[dict[str, Any]] = []
@@ -227,16 +499,12 @@ class _TableBuilder:
             if t is MISSING:
                 t = rec.get(target, MISSING)
             if t is MISSING:
-                raise DataError(
-                    f"survivors file {self.source}: record {i} has no target {target!r} "
-                    f"(looked in `features` and at the top level){seed_note(seed)}"
-                )
+                raise self._no_target(i, seed)
             targets.append(t)
             meta = rec.get("metadata")
             if isinstance(meta, dict):
                 prng_types.append(meta.get("prng_type"))
                 mods.append(meta.get("mod"))
-        where = BatchPlace(self.source, base, seeds)
         if not all(map(is_number, targets)):
             for k, t in enumerate(targets):
                 if not is_number(t):
@@ -244,30 +512,20 @@ class _TableBuilder:
                         f"survivors file {self.source}: record {base + k}: target {target!r} must be a finite number, "
                         f"got {describe_value(t)}{seed_note(seeds[k])}"
                     )
-        names = tuple(k for k in self.keys if self._is_feature(k))
-        rows, fills, filled_records = gather_rows(feature_dicts, names)
-        X = to_matrix(rows, feature_dicts, names, where)
-        self.parts.add(X, names, fills, filled_records)
+        self._add_dicts(feature_dicts, tuple(k for k in self.keys if self._is_feature(k)), base, seeds)
         self.ys.append(np.asarray(targets, dtype=np.float64))
         self._count_metadata(prng_types, mods)
 
     def add_decoded(self, piece: DecodedPiece, base: int) -> None:
-        """Add a piece decoded with :meth:`decoder` (its values are finite floats or NaN = absent)."""
         assert piece.top_target is not None
-        where = BatchPlace(self.source, base, piece.seeds)
         y = piece.top_target
         if self._target_column is not None:
             in_features = piece.values[:, self._target_column]
             y = np.where(np.isnan(in_features), y, in_features)
         if np.isnan(y).any():
             k = int(np.flatnonzero(np.isnan(y))[0])
-            raise DataError(
-                f"survivors file {self.source}: record {base + k} has no target {self.target!r} "
-                f"(looked in `features` and at the top level){seed_note(piece.seeds[k])}"
-            )
-        F = piece.values[:, self._take]
-        fills, filled_records = fill_absent(F, self._names)
-        self.parts.add(to_float32(F, self._names, where), self._names, fills, filled_records)
+            raise self._no_target(base + k, piece.seeds[k])
+        self._add_decoded(piece, self._names, base)
         self.ys.append(y)
         self._count_metadata(piece.prng_types, piece.mods)
 
@@ -279,48 +537,28 @@ class _TableBuilder:
                 f"survivors file {self.source}: no feature columns left after excluding {excluded} "
                 f"(leakage keys {list(LEAKAGE_COLUMNS)} and the target are never inputs)"
             )
-        n = self.parts.n
-        X, fills, filled_records = self.parts.assemble(names)
-        total = sum(fills.values())
-        _log_fills(total, filled_records, n, self.source)
+        X, fills = self._assemble(names)
         return SurvivorTable(
-            X=X,
-            y=np.concatenate(self.ys),
-            feature_names=names,
-            excluded_features=excluded,
-            missing_fills=total,
-            source_file=self.source,
-            target=self.target,
-            n_records=n,
-            prng_type=_most_common(self.prng_counts),
-            mod=_most_common(self.mod_counts),
-            prng_type_counts=dict(self.prng_counts),
-            mod_counts=dict(self.mod_counts),
+            X=X, y=np.concatenate(self.ys), feature_names=names, excluded_features=excluded,
+            missing_fills=sum(fills.values()), source_file=self.source, target=self.target, n_records=self.n,
+            prng_type=_most_common(self.prng_counts), mod=_most_common(self.mod_counts),
+            prng_type_counts=dict(self.prng_counts), mod_counts=dict(self.mod_counts),
             missing_by_feature=dict(fills),
         )
 
 
-class _FeaturesBuilder:
+class _FeaturesBuilder(_Collector):
     """Collects a survivors file for prediction: the given columns (others ignored) and seeds."""
 
     def __init__(self, names: Sequence[str], source: str) -> None:
+        super().__init__(source)
         self.names = tuple(names)
-        self.source = source
-        self.parts = MatrixParts()
         self.seeds: list[Any] = []
-        self._decoder: RecordDecoder | None = None
-        self._take: list[int] = []  # decoder column of each name
-
-    def decoder(self) -> RecordDecoder | None:
-        return self._decoder
 
     def _make_decoder(self, first: dict[str, Any]) -> None:
-        # Every key of the first record, in the order the file writes them, then the names
-        # it lacks: the decoder finds each key where it expects it instead of searching all
-        # fields for it (keys it does not know, such as `score`, cost it such a search; the
-        # predictor reader took 30 % more CPU time skipping two of them per record). Keys
-        # other records add are skipped; a non-number under a key the model does not read
-        # only sends that piece down the exact path.
+        # Every key of the first record in file order, then the names it lacks: the decoder
+        # finds each key where it expects it instead of searching for it (skipping two unknown
+        # keys per record cost 30 % more CPU time). Keys other records add are skipped.
         order = list(first)
         present = set(order)
         order += [k for k in self.names if k not in present]
@@ -334,31 +572,18 @@ class _FeaturesBuilder:
         seeds = [rec.get("seed") for rec in records]
         if self._decoder is None and feature_dicts:
             self._make_decoder(feature_dicts[0])
-        rows, fills, filled_records = gather_rows(feature_dicts, self.names)
-        X = to_matrix(rows, feature_dicts, self.names, BatchPlace(self.source, base, seeds))
-        self.parts.add(X, self.names, fills, filled_records)
+        self._add_dicts(feature_dicts, self.names, base, seeds)
         self.seeds.extend(seeds)
 
     def add_decoded(self, piece: DecodedPiece, base: int) -> None:
-        F = piece.values[:, self._take]
-        fills, filled_records = fill_absent(F, self.names)
-        X = to_float32(F, self.names, BatchPlace(self.source, base, piece.seeds))
-        self.parts.add(X, self.names, fills, filled_records)
+        self._add_decoded(piece, self.names, base)
         self.seeds.extend(piece.seeds)
 
     def finish(self) -> SurvivorFeatures:
-        n = self.parts.n
-        X, fills, filled_records = self.parts.assemble(self.names)
-        total = sum(fills.values())
-        _log_fills(total, filled_records, n, self.source)
-        return SurvivorFeatures(
-            X=X,
-            seeds=self.seeds,
-            feature_names=list(self.names),
-            missing_fills=total,
-            missing_by_feature=dict(fills),
-            source_file=self.source,
-        )
+        X, fills = self._assemble(self.names)
+        return SurvivorFeatures(X=X, seeds=self.seeds, feature_names=list(self.names),
+                                missing_fills=sum(fills.values()), missing_by_feature=dict(fills),
+                                source_file=self.source)
 
 
 def _read_file(path: str | os.PathLike[str], builder: _TableBuilder | _FeaturesBuilder) -> None:
@@ -385,17 +610,14 @@ def _read_file(path: str | os.PathLike[str], builder: _TableBuilder | _FeaturesB
             if decoded is None:
                 builder.add_records(reader.parse_elements(), base)
             else:
-                reader.accept(decoded.n)
+                reader.accept(len(decoded.seeds))
                 builder.add_decoded(decoded, base)
 
 
 def _decode(decoder: RecordDecoder | None, piece: Any) -> DecodedPiece | None:
-    """The piece decoded, or None when it needs the exact path.
-
-    A piece that fails only because of ``NaN`` / ``Infinity`` tokens where nothing is read
-    (what Python's json.dump writes for a missing float) is decoded again with those tokens
-    as ``null``, so such files keep the fast path.
-    """
+    """The piece decoded, or None when it needs the exact path. A piece that fails only
+    because of ``NaN`` / ``Infinity`` tokens where nothing is read (what json.dump writes
+    for a missing float) is decoded again with them as ``null``: it keeps the fast path."""
     if decoder is None:
         return None
     try:
@@ -427,39 +649,30 @@ def _check_feature_names(feature_names: Sequence[str]) -> list[str]:
 
 
 def load_survivors(path: str | os.PathLike[str], target: str = DEFAULT_TARGET) -> SurvivorTable:
-    """Read a survivors file into inputs ``X`` and target ``y``; see the module docstring.
-
-    Raises :class:`DataError` naming the file, record index, seed and key for malformed input.
-    """
+    """Read a survivors file into inputs ``X`` and target ``y``; a :class:`DataError` naming
+    the file, record index, seed and key for malformed input."""
     _check_target(target)
     builder = _TableBuilder(target, os.fspath(path))
-    with _gc_paused():
+    with gc_paused():
         _read_file(path, builder)
         return builder.finish()
 
 
-@_gc_paused()
+@gc_paused()
 def features_from_records(
     records: Any, feature_names: Sequence[str], *, source: str = "<records>"
 ) -> SurvivorFeatures:
-    """Already-parsed records read for prediction, as :func:`load_features` reads a file.
-
-    For prediction (Step 6): no target is needed, keys not in ``feature_names`` are ignored,
-    missing keys are filled with 0.0 (and counted), bad values are errors.
-    """
+    """Already-parsed records read for prediction (Step 6), as :func:`load_features` reads a file."""
     builder = _FeaturesBuilder(_check_feature_names(feature_names), source)
     builder.add_records(records_list(records, source), 0)
     return builder.finish()
 
 
 def load_features(path: str | os.PathLike[str], feature_names: Sequence[str]) -> SurvivorFeatures:
-    """Read a survivors file for prediction: the given columns in that order, and each
-    record's seed (what the predictor writes beside each prediction).
-
-    Same reading, fills and errors as :func:`load_survivors`; no target is needed and keys
-    not in ``feature_names`` are ignored.
-    """
+    """Read a survivors file for prediction: the given columns in that order, and each record's
+    seed. Same reading, fills and errors as :func:`load_survivors`; no target is needed and
+    keys not in ``feature_names`` are ignored."""
     builder = _FeaturesBuilder(_check_feature_names(feature_names), os.fspath(path))
-    with _gc_paused():
+    with gc_paused():
         _read_file(path, builder)
         return builder.finish()

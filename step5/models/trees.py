@@ -1,54 +1,23 @@
 """Gradient-boosted tree models (xgboost, lightgbm, catboost), trained in-process.
 
-The optimizer's objective runs the same K-fold CV, holdout test set and anti-overfit score
-for every model type; for a tree model each fold is one call of :func:`train_fold`::
-
-    params = suggest_params(trial, "lightgbm")           # the search space
-    metrics, model = train_fold("lightgbm", params, X_tr, y_tr, X_va, y_va, seed=42,
-                                X_test=X_te, y_test=y_te)
-    save_model(model, "lightgbm", out / "best_model.txt")
-    load_model(out / "best_model.txt", "lightgbm").predict(X_new)   # Step 6
-
-What differs between the libraries (search space, fit, predict, save, load) sits in one
-adapter per library behind :class:`~step5.models.tree_adapter.TreeAdapter`, found in
-:data:`ADAPTERS` by model type. This module does what they share: argument and data
-checks, the device choice and its CPU fallback (:class:`TreeDevices`), metrics, and
-atomic checkpoint files.
-
-Decisions:
-
-* **Native parameter names.** Each search space uses the names the library itself reads
-  (``lambda_l2`` for lightgbm, ``l2_leaf_reg`` for catboost), so the sidecar's
-  ``hyperparameters`` say exactly what trained the model. Two driver keys are shared:
-  ``n_estimators`` (the cap on boosting rounds) and ``early_stopping_rounds``.
-* **Early stopping on the validation fold**, then the model is cut to its best round, so
-  the fitted model, the saved checkpoint and the reported metrics all use the same trees.
-* **No scale-sensitive split penalties** (xgboost ``gamma``, lightgbm ``min_gain_to_split``)
-  in the search: the target (``holdout_quality``) lives in [0, 1] with a variance around
-  1e-2, so a loss-unit threshold that suits one target kills every split on another.
-* **Devices.** When :func:`step5.devices.detect_gpus` (no torch) finds a GPU, xgboost
-  trains with ``device="cuda:0"``, catboost with ``task_type="GPU"``, and lightgbm with
-  ``device_type="gpu"`` only if a one-off probe shows its build can (the PyPI wheel needs an
-  OpenCL device); otherwise CPU, with one log line saying why. A GPU fit that fails falls
-  back to CPU, logged, and later fits that share the same :class:`TreeDevices` (the
-  optimizer keeps one per run) go straight to CPU. GPU training is not bit-for-bit
-  deterministic in xgboost/catboost; CPU training is, given the seed.
-* **Predictions run on the CPU.** A GPU-trained xgboost booster is switched to CPU before
-  it predicts, so metrics are computed the same way Step 6 computes predictions.
-* The three libraries are imported lazily: a neural-net run imports this module without
-  paying for them.
+First what the libraries share (argument and data checks, the device choice and its CPU
+fallback, metrics, atomic checkpoint files), then one :class:`TreeAdapter` per library for
+what differs, found in :data:`ADAPTERS` by model type. An adapter holds no state and imports
+its library only inside its methods, so a neural-net run imports this module without them.
+Decisions (native parameter names, early stopping, devices, checkpoints): docs/models.md.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -56,19 +25,8 @@ from step5.artifacts import MODEL_TYPES, checkpoint_filename
 from step5.data.splits import as_xy
 from step5.errors import DataError, JobError, MissingDependency, is_out_of_memory
 from step5.fsutil import atomic_output
-from step5.models.catboost_adapter import CatBoostAdapter
-from step5.models.lightgbm_adapter import LightGBMAdapter
-from step5.models.tree_adapter import TreeAdapter
-from step5.models.xgboost_adapter import XGBoostAdapter
 
 logger = logging.getLogger(__name__)
-
-#: The adapter of each tree library, by model type (read-only: adapters hold no state).
-ADAPTERS: Mapping[str, TreeAdapter] = MappingProxyType(
-    {adapter.model_type: adapter for adapter in (XGBoostAdapter(), LightGBMAdapter(), CatBoostAdapter())}
-)
-
-TREE_MODEL_TYPES: tuple[str, ...] = tuple(ADAPTERS)
 
 #: Rounds without improvement on the validation fold before boosting stops.
 DEFAULT_EARLY_STOPPING_ROUNDS = 50
@@ -79,10 +37,7 @@ _DRIVER_KEYS = ("n_estimators", "early_stopping_rounds")
 
 def require_libraries(model_types: Iterable[str]) -> None:
     """Raise :class:`MissingDependency` naming each tree library ``model_types`` need that is
-    not installed. They are the optional ``trees`` extra: a neural-net-only install lacks them.
-
-    Each model type's library is the module (and PyPI package) of the same name.
-    """
+    not installed (the optional ``trees`` extra; a library's module is named as its model type)."""
     missing = [mt for mt in dict.fromkeys(model_types)
                if mt in TREE_MODEL_TYPES and importlib.util.find_spec(mt) is None]
     if missing:
@@ -97,38 +52,24 @@ def _check_model_type(model_type: str) -> TreeAdapter:
     """The adapter of ``model_type``; a ``ValueError`` for any other model type."""
     if model_type not in ADAPTERS:
         if model_type in MODEL_TYPES:
-            raise ValueError(
-                f"`model_type` {model_type!r} is not a tree model: its folds run in worker "
-                "subprocesses and its checkpoints are loaded on the torch side"
-            )
+            raise ValueError(f"`model_type` {model_type!r} is not a tree model: its folds run in worker "
+                             "subprocesses and its checkpoints are loaded on the torch side")
         raise ValueError(f"`model_type` must be one of {TREE_MODEL_TYPES}, got {model_type!r}")
     return ADAPTERS[model_type]
 
 
-# --------------------------------------------------------------------------------------
-# Search spaces
-# --------------------------------------------------------------------------------------
-
 def suggest_params(trial: Any, model_type: str) -> dict[str, Any]:
-    """Sample one point of ``model_type``'s search space from an Optuna trial.
-
-    Returns plain ints/floats (JSON-ready) keyed by the names the library reads, plus
-    ``n_estimators`` (the boosting-round cap; early stopping usually ends sooner).
-    """
+    """One point of ``model_type``'s search space (JSON-ready, the library's own names)."""
     return _check_model_type(model_type).suggest(trial)
 
 
 def _split_params(model_type: str, params: Mapping[str, Any]) -> tuple[int, int, dict[str, Any]]:
     """Validate ``params``; return (n_estimators, early_stopping_rounds, library params)."""
-    if not isinstance(params, Mapping):
-        raise ValueError(f"`params` for {model_type} must be a dict, got {type(params).__name__}")
     adapter = ADAPTERS[model_type]
     allowed = set(adapter.library_keys) | set(adapter.choice_keys) | set(_DRIVER_KEYS)
     unknown = sorted(set(params) - allowed)
     if unknown:
-        raise ValueError(
-            f"unknown {model_type} parameter(s) {unknown}; expected keys among {sorted(allowed)}"
-        )
+        raise ValueError(f"unknown {model_type} parameter(s) {unknown}; expected keys among {sorted(allowed)}")
     lib = {k: v for k, v in params.items() if k not in _DRIVER_KEYS}
     for key, value in lib.items():
         if key in adapter.choice_keys:
@@ -152,43 +93,29 @@ def reads_validation_rows(model_type: str, params: Mapping[str, Any]) -> bool:
     return _check_model_type(model_type).reads_validation_rows(dict(params))
 
 
-# --------------------------------------------------------------------------------------
-# Devices
-# --------------------------------------------------------------------------------------
-
 class TreeDevices:
-    """Where the tree fits of one owner train; the optimizer's tree backend holds one per run.
-
-    It finds each of these out once and remembers it: the GPUs visible under each
-    ``CUDA_VISIBLE_DEVICES`` value (:func:`step5.devices.detect_gpus` may run nvidia-smi),
-    whether a library's build can train on a GPU (lightgbm's probe fit), and which
-    libraries' GPU fits failed: their later fits go straight to the CPU.
-    """
+    """Where the tree fits of one owner train (the optimizer's tree backend holds one per run),
+    each found out once: the GPUs visible under each ``CUDA_VISIBLE_DEVICES`` value, whether a
+    library's build can train on a GPU, and which libraries' GPU fits failed (later fits of
+    those go straight to the CPU)."""
 
     def __init__(self) -> None:
         self._visible: dict[str | None, tuple[str, ...]] = {}  # CUDA_VISIBLE_DEVICES -> GPU ids
         self._gpu_usable: set[tuple[str, int]] = set()  # (model type, CUDA ordinal) that passed the check
         self.gpu_failures: dict[str, str] = {}  # model type -> why it cannot use the GPU here
 
-    def visible_gpus(self) -> tuple[str, ...]:
-        """GPU ids visible to this process."""
-        key = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if key not in self._visible:
-            from step5.devices import detect_gpus
-
-            self._visible[key] = tuple(detect_gpus(dict(os.environ)))
-        return self._visible[key]
-
     def resolve(self, model_type: str, device: str | None = None) -> str:
-        """Where ``model_type`` trains: ``"cpu"`` or ``"cuda:N"`` (N: CUDA ordinal in this process).
-
-        ``device=None`` detects (GPU 0 of the visible ones, if any); ``"cpu"``, ``"cuda"`` and
-        ``"cuda:N"`` ask explicitly. A GPU request still ends on CPU, with a log line, when the
-        library cannot use it (lightgbm without GPU support, or an earlier GPU failure).
-        """
+        """``"cpu"`` or ``"cuda:N"`` (a CUDA ordinal here). ``device=None`` detects; ``"cpu"``,
+        ``"cuda"`` and ``"cuda:N"`` ask. A GPU request ends on CPU, logged, when the library
+        cannot use it (lightgbm without GPU support, or an earlier GPU failure)."""
         adapter = _check_model_type(model_type)
         if device is None:
-            if not self.visible_gpus():
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            if visible not in self._visible:
+                from step5.devices import detect_gpus  # may run nvidia-smi: once per value
+
+                self._visible[visible] = tuple(detect_gpus(dict(os.environ)))
+            if not self._visible[visible]:
                 return "cpu"
             device = "cuda:0"  # ordinal 0 is the first *visible* GPU, whatever its physical id
         if device == "cpu":
@@ -209,20 +136,11 @@ class TreeDevices:
             self._gpu_usable.add(gpu)
         return device
 
-    def gpu_fit_failed(self, model_type: str, reason: str) -> None:
-        """Record that a GPU fit of ``model_type`` failed: its later fits train on CPU."""
-        self.gpu_failures[model_type] = reason
-        logger.warning("%s GPU fit failed (%s); falling back to CPU for this and later folds", model_type, reason)
-
 
 def device_for_gpus(gpus: Sequence[str] | None, env: Mapping[str, str] | None = None) -> str | None:
-    """The ``device`` argument that honours ``--gpus`` for an in-process tree fit.
-
-    ``None`` (no flag) -> None: detect. ``[]`` (``--gpus none``) -> ``"cpu"``. Otherwise the
-    first listed GPU, as a CUDA ordinal of this process: its position in
-    ``CUDA_VISIBLE_DEVICES`` when that is set (CUDA renumbers the visible GPUs from 0),
-    else the index itself. A GPU that is not visible is a ``ValueError`` naming it.
-    """
+    """The ``device`` that honours ``--gpus``: None (no flag) detects, ``[]`` is ``"cpu"``, else the
+    first listed GPU as a CUDA ordinal: its position in ``CUDA_VISIBLE_DEVICES`` when that is set
+    (CUDA renumbers the visible GPUs from 0), else the index itself."""
     if gpus is None:
         return None
     if len(gpus) == 0:
@@ -240,45 +158,29 @@ def device_for_gpus(gpus: Sequence[str] | None, env: Mapping[str, str] | None = 
     return f"cuda:{int(first)}"
 
 
-# --------------------------------------------------------------------------------------
-# The fitted model
-# --------------------------------------------------------------------------------------
-
 @dataclass
 class TreeModel:
-    """A fitted (or loaded) tree model cut to its best round; what Step 6 predicts with.
-
-    ``booster`` is an ``xgboost.Booster``, a ``lightgbm.Booster`` or a
-    ``catboost.CatBoostRegressor``; every tree it holds is used for prediction.
-    """
+    """A fitted (or loaded) tree model cut to its best round; what Step 6 predicts with."""
 
     model_type: str
-    booster: Any
+    booster: Any  # the library's model; every tree it holds is used for prediction
     n_features: int
     n_iterations: int  # boosting rounds kept (the best round + 1 after early stopping)
-    device: str = "cpu"  # where it was trained: "cpu" or "cuda"
     feature_names: list[str] | None = None  # stored in the checkpoint, so Step 6 can check the schema
-    info: dict[str, Any] = field(default_factory=dict)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        """Predict the target for rows ``X`` (n, n_features); returns float64 (n,)."""
+        """The target for rows ``X`` (n, n_features), float64 (n,)."""
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2:
             raise ValueError(f"`X` must be 2-D (rows, features), got shape {X.shape}")
         if X.shape[1] != self.n_features:
-            raise ValueError(
-                f"`X` has {X.shape[1]} feature columns but this {self.model_type} model was "
-                f"trained on {self.n_features}"
-            )
+            raise ValueError(f"`X` has {X.shape[1]} feature columns but this {self.model_type} model was "
+                             f"trained on {self.n_features}")
         if X.shape[0] == 0:
             return np.zeros(0, dtype=np.float64)
         out = _check_model_type(self.model_type).predict(self.booster, X)
         return np.asarray(out, dtype=np.float64).reshape(-1)
 
-
-# --------------------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------------------
 
 def _as_xy(name: str, X: Any, y: Any, n_features: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The fold-file shape checks (:func:`step5.data.splits.as_xy`), plus what a fit needs."""
@@ -301,11 +203,8 @@ _NAME_FORBIDDEN = frozenset('[]<>{}:,"')
 
 
 def _checked_feature_names(names: Sequence[str] | None, n_features: int, model_type: str) -> list[str] | None:
-    """``feature_names`` as a list, or None when absent or not storable by every library.
-
-    Names a library would reject are left out of the model (with a log line) rather than
-    failing the fit: they are a safety check for Step 6, not an input of the model.
-    """
+    """``feature_names`` as a list, or None when absent or not storable by every library: such
+    names are left out (logged) rather than failing the fit, as they only help Step 6 check."""
     if names is None:
         return None
     out = [str(n) for n in names]
@@ -346,42 +245,18 @@ def _as_job_error(model_type: str, exc: Exception) -> Exception:
 
 
 def train_fold(
-    model_type: str,
-    params: Mapping[str, Any],
-    X_train: np.ndarray,
-    y_train: np.ndarray,
-    X_val: np.ndarray,
-    y_val: np.ndarray,
-    *,
-    seed: int,
-    X_test: np.ndarray | None = None,
-    y_test: np.ndarray | None = None,
-    n_threads: int | None = None,
-    device: str | None = None,
-    feature_names: Sequence[str] | None = None,
+    model_type: str, params: Mapping[str, Any],
+    X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
+    *, seed: int, X_test: np.ndarray | None = None, y_test: np.ndarray | None = None,
+    n_threads: int | None = None, device: str | None = None, feature_names: Sequence[str] | None = None,
     devices: TreeDevices | None = None,
 ) -> tuple[dict[str, Any], TreeModel]:
-    """Train one fold of ``model_type`` and score it; returns (metrics, model).
+    """Train one fold, early-stopped on (``X_val``, ``y_val``) and cut to its best round, and
+    score it; returns (metrics, model). The metrics and arguments: docs/models.md.
+    ``devices`` remembers GPU checks and failures across the folds sharing it (None: fresh).
 
-    Boosting stops early on (``X_val``, ``y_val``) and the model keeps its best round;
-    a fit that does not early-stop (:func:`reads_validation_rows`) only scores them.
-    ``seed`` seeds the library (same data, params, seed and device -> same model on CPU).
-    ``n_threads=None`` lets the library choose; ``device``: see :meth:`TreeDevices.resolve`
-    (and :func:`device_for_gpus` for ``--gpus``); ``devices`` remembers GPU failures across
-    the folds that share it (None: a fresh one for this fold).
-    ``feature_names`` (one per column) are stored in the model and its checkpoint, so that
-    Step 6 can check a checkpoint against its sidecar's feature schema.
-
-    Metrics: ``r2`` (validation R^2), ``val_mse``, ``train_r2``, ``train_mse``,
-    ``test_r2``/``test_mse`` (when the test set is given), ``duration`` (seconds, fit and
-    scoring), ``best_iteration`` (0-based index of the last kept round), ``n_iterations``
-    (rounds kept), ``rounds_trained`` (rounds run, the kept ones and those after them that
-    did not improve), ``early_stopped``, ``device`` ("cpu" or "cuda"), ``device_fallback`` (why a GPU fit
-    ended on CPU, or None), ``model_type``, ``seed``, ``n_train``, ``n_val``.
-
-    Raises ``ValueError`` for bad arguments (naming the argument), and
-    :class:`~step5.errors.JobError` when the library rejects the fit (a parameter value it
-    refuses, out of memory): deterministic failures that should fail the trial.
+    A bad argument is a ``ValueError`` naming it; a fit the library rejects (a parameter
+    value, out of memory) a :class:`~step5.errors.JobError`, which fails the trial.
     """
     adapter = _check_model_type(model_type)
     started = time.perf_counter()
@@ -417,8 +292,8 @@ def train_fold(
             raise _as_job_error(model_type, exc) from exc
         # A broken driver or a build without GPU support must not cost the run; the same
         # params are tried on CPU, and later folds skip the GPU straight away.
-        fallback = f"{type(exc).__name__}: {exc}"
-        devices.gpu_fit_failed(model_type, fallback)
+        fallback = devices.gpu_failures[model_type] = f"{type(exc).__name__}: {exc}"
+        logger.warning("%s GPU fit failed (%s); falling back to CPU for this and later folds", model_type, fallback)
         where = "cpu"
         try:
             booster, kept = fit("cpu")
@@ -426,57 +301,41 @@ def train_fold(
             raise _as_job_error(model_type, exc2) from exc2
 
     kind = "cpu" if where == "cpu" else "cuda"
-    model = TreeModel(model_type, booster, n_features=X_tr.shape[1], n_iterations=kept, device=kind,
-                      feature_names=names)
+    model = TreeModel(model_type, booster, n_features=X_tr.shape[1], n_iterations=kept, feature_names=names)
     train_r2, train_mse = r2_mse(y_tr, model.predict(X_tr))
     val_r2, val_mse = r2_mse(y_va, model.predict(X_va))
     metrics: dict[str, Any] = {
-        "model_type": model_type,
-        "r2": val_r2,
-        "val_mse": val_mse,
-        "train_r2": train_r2,
-        "train_mse": train_mse,
-        "best_iteration": kept - 1,
-        "n_iterations": kept,
-        "early_stopped": kept < n_estimators,
+        "model_type": model_type, "r2": val_r2, "val_mse": val_mse, "train_r2": train_r2, "train_mse": train_mse,
+        "best_iteration": kept - 1, "n_iterations": kept, "early_stopped": kept < n_estimators,
         # Rounds the fit ran: an early stop ends `early_rounds` after the round it keeps.
         "rounds_trained": min(n_estimators, kept + early_rounds) if kept < n_estimators else n_estimators,
-        "device": kind,
-        "device_fallback": fallback,
-        "seed": seed,
-        "n_train": int(X_tr.shape[0]),
-        "n_val": int(X_va.shape[0]),
+        "device": kind, "device_fallback": fallback, "seed": seed,
+        "n_train": int(X_tr.shape[0]), "n_val": int(X_va.shape[0]),
     }
     if test is not None:
         metrics["test_r2"], metrics["test_mse"] = r2_mse(test[1], model.predict(test[0]))
     metrics["duration"] = time.perf_counter() - started
-    model.info = {"params": dict(params), "seed": seed}
     return metrics, model
 
 
-# --------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------
-
-def _check_suffix(path: Path, model_type: str) -> None:
+def _checkpoint(model_type: str, path: str | os.PathLike[str]) -> tuple[TreeAdapter, Path]:
+    """The adapter of ``model_type``, and ``path``, which must end with its checkpoint's suffix."""
+    adapter = _check_model_type(model_type)
+    p = Path(path)
     suffix = Path(checkpoint_filename(model_type)).suffix
-    if path.suffix != suffix:
-        raise ValueError(f"a {model_type} checkpoint must end with {suffix!r}, got {str(path)!r}")
+    if p.suffix != suffix:
+        raise ValueError(f"a {model_type} checkpoint must end with {suffix!r}, got {str(p)!r}")
+    return adapter, p
 
 
 def save_model(model: TreeModel, model_type: str, path: str | os.PathLike[str]) -> Path:
-    """Write ``model`` to ``path`` in its library's native format, atomically.
-
-    The file appears complete or not at all (temp file in the same folder + ``os.replace``),
-    so a reader never loads half a checkpoint. Returns the path.
-    """
-    adapter = _check_model_type(model_type)
+    """Write ``model`` in its library's native format, atomically (a reader never loads half a
+    checkpoint); returns the path."""
     if not isinstance(model, TreeModel):
         raise ValueError(f"`model` must be a TreeModel from train_fold/load_model, got {type(model).__name__}")
     if model.model_type != model_type:
         raise ValueError(f"`model` is a {model.model_type} model, but `model_type` is {model_type!r}")
-    p = Path(path)
-    _check_suffix(p, model_type)
+    adapter, p = _checkpoint(model_type, path)
     # xgboost picks its format from the file extension, so the temp name keeps the suffix
     with atomic_output(p, keep_suffix=True) as tmp:
         adapter.save(model.booster, tmp)
@@ -484,14 +343,9 @@ def save_model(model: TreeModel, model_type: str, path: str | os.PathLike[str]) 
 
 
 def load_model(path: str | os.PathLike[str], model_type: str) -> TreeModel:
-    """Load a checkpoint written by :func:`save_model`; predictions run on the CPU.
-
-    Raises :class:`~step5.errors.DataError` naming the file when it is missing or its
-    library cannot read it.
-    """
-    adapter = _check_model_type(model_type)
-    p = Path(path)
-    _check_suffix(p, model_type)
+    """Load a checkpoint written by :func:`save_model` (predicting on the CPU); a
+    :class:`~step5.errors.DataError` naming the file when it is missing or unreadable."""
+    adapter, p = _checkpoint(model_type, path)
     if not p.is_file():
         raise DataError(f"{model_type} checkpoint not found: {p}")
     require_libraries([model_type])
@@ -499,17 +353,391 @@ def load_model(path: str | os.PathLike[str], model_type: str) -> TreeModel:
         loaded = adapter.load(p)
     except Exception as exc:
         raise DataError(f"cannot load {model_type} checkpoint {p}: {type(exc).__name__}: {exc}") from exc
-    n_features = int(loaded.n_features)
-    return TreeModel(model_type, loaded.booster, n_features=n_features, n_iterations=int(loaded.n_iterations),
-                     feature_names=_stored_names(loaded.feature_names, n_features))
+    n = int(loaded.n_features)
+    names = [str(k) for k in loaded.feature_names or ()]
+    if names in ([f"Column_{i}" for i in range(n)], [str(i) for i in range(n)]):
+        names = []  # made up by the library (lightgbm, catboost): the model was trained without names
+    return TreeModel(model_type, loaded.booster, n_features=n, n_iterations=int(loaded.n_iterations),
+                     feature_names=names or None)
 
 
-def _stored_names(names: Sequence[str] | None, n_features: int) -> list[str] | None:
-    """The feature names a checkpoint carries, or None when the library made them up
-    (lightgbm ``Column_0``..., catboost ``0``...: the model was trained without names)."""
-    if not names:
+class LoadedBooster(NamedTuple):
+    """What an adapter reads back from a checkpoint file."""
+
+    booster: Any  # the library's model object, set up to predict on the CPU
+    n_features: int
+    n_iterations: int  # boosting rounds the file holds
+    feature_names: Sequence[str] | None  # as the library reports them (may be made up, e.g. Column_0)
+
+
+def suggest_boosting(trial: Any) -> dict[str, Any]:
+    """The part of every search space the libraries share, suggested first (the order of
+    suggestions decides what a seeded sampler draws): the cap on rounds and the learning rate."""
+    return {
+        "n_estimators": trial.suggest_int("n_estimators", 100, 1000, step=50),
+        "learning_rate": trial.suggest_float("learning_rate", 0.01, 0.3, log=True),
+    }
+
+
+class TreeAdapter:
+    """The interface every library answers; the defaults suit a library that early-stops
+    every fit on its validation rows and may train on any GPU it is given."""
+
+    #: The model type (and the library's module and PyPI name): "xgboost", ...
+    model_type: str
+    #: Library parameters :meth:`suggest` may produce; train_fold accepts exactly these
+    #: (plus the shared driver keys), so a typo in a hand-written dict is an error.
+    library_keys: tuple[str, ...]
+    #: Parameters whose value is one of a few strings, and those strings; every other
+    #: library parameter is a finite number.
+    choice_keys: Mapping[str, tuple[str, ...]] = MappingProxyType({})
+    #: "module:Class" of the exception the library raises for a fit it rejects (a parameter
+    #: value, out of memory); imported only when a fit fails.
+    error_class: str
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        """One point of the search space: library parameters plus ``n_estimators``, JSON-ready."""
+        raise NotImplementedError
+
+    def fit(self, params: dict[str, Any], X_tr: np.ndarray, y_tr: np.ndarray, X_va: np.ndarray, y_va: np.ndarray, *,
+            max_rounds: int, early_stopping_rounds: int, seed: int, n_threads: int | None, device: str,
+            feature_names: list[str] | None) -> tuple[Any, int]:
+        """Boost at most ``max_rounds``, stopping once the validation loss has not improved for
+        ``early_stopping_rounds``; returns (booster cut to its best round, rounds it keeps).
+        ``device`` is "cpu" or "cuda:N"; the returned booster predicts on the CPU."""
+        raise NotImplementedError
+
+    def reads_validation_rows(self, params: dict[str, Any]) -> bool:
+        """Whether a fit early-stops on its validation rows (else it only scores them, and
+        its final model can fit every development row)."""
+        return True
+
+    def cpu_only_reason(self, params: dict[str, Any]) -> str | None:
+        """Why a fit of ``params`` trains on the CPU even where a GPU is asked for, or None."""
         return None
-    names = [str(n) for n in names]
-    if names in ([f"Column_{i}" for i in range(n_features)], [str(i) for i in range(n_features)]):
+
+    def predict(self, booster: Any, X: np.ndarray) -> np.ndarray:
+        """Predictions for float32 rows ``X`` (n >= 1), shape (n,)."""
+        return booster.predict(X)
+
+    def save(self, booster: Any, path: Path) -> None:
+        """Write ``booster`` in the library's native format (the caller makes it atomic)."""
+        booster.save_model(str(path))
+
+    def load(self, path: Path) -> LoadedBooster:
+        """Read a file written by :meth:`save`; any library error propagates."""
+        raise NotImplementedError
+
+    def library_error(self) -> type[BaseException]:
+        module, name = self.error_class.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    def gpu_unsupported_reason(self, gpu_id: int) -> str | None:
+        """Why this build cannot train on GPU ``gpu_id``, or None when it can or cannot tell
+        before trying (a failing GPU fit then falls back to CPU: trees.train_fold)."""
         return None
-    return names
+
+
+#: Booster attribute holding the feature names of a saved xgboost model (see _unnamed).
+NAMES_ATTR = "step5_feature_names"
+#: xgboost's ``booster`` values the search chooses from; params without the key mean "gbtree".
+BOOSTERS = ("gbtree", "gblinear")
+#: Library parameters the linear booster reads (anything else is a tree parameter).
+LINEAR_KEYS = frozenset({"booster", "lambda", "alpha"})
+#: Coordinate-descent rounds a linear fit may take; the training loss stops falling long
+#: before on standardised data (tens to a few hundred rounds).
+LINEAR_MAX_ROUNDS = 1000
+
+
+class XGBoostAdapter(TreeAdapter):
+    """``gbtree`` (``tree_method="hist"``) or ``gblinear``, an elastic net fitted on
+    standardised rows (:func:`_fit_linear`). Checkpoints are xgboost JSON, saved without
+    feature names (:func:`_unnamed`)."""
+
+    model_type = "xgboost"
+    error_class = "xgboost.core:XGBoostError"
+    library_keys = (
+        "learning_rate", "max_depth", "min_child_weight", "subsample", "colsample_bytree",
+        "reg_alpha", "reg_lambda", "lambda", "alpha",
+    )
+    choice_keys = MappingProxyType({"booster": BOOSTERS})
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        booster = trial.suggest_categorical("booster", BOOSTERS)
+        if booster == "gblinear":
+            # On standardised features and target: alpha 0.5 zeroes nearly every column,
+            # lambda 1e-4 is nearly ordinary least squares.
+            return {
+                "booster": booster,
+                "n_estimators": LINEAR_MAX_ROUNDS,
+                "lambda": trial.suggest_float("lambda", 1e-4, 10.0, log=True),
+                "alpha": trial.suggest_float("alpha", 1e-5, 0.5, log=True),
+            }
+        # No `gamma`: a split-gain threshold is in loss units, and the target's variance
+        # (about 1e-2) makes a value that suits one target kill every split on another.
+        return {
+            "booster": booster,
+            **suggest_boosting(trial),
+            "max_depth": trial.suggest_int("max_depth", 2, 10),
+            # squared error: the hessian is 1 per row, so this is a minimum row count
+            "min_child_weight": trial.suggest_float("min_child_weight", 1.0, 20.0, log=True),
+            "subsample": trial.suggest_float("subsample", 0.5, 1.0),
+            "colsample_bytree": trial.suggest_float("colsample_bytree", 0.5, 1.0),
+            "reg_alpha": trial.suggest_float("reg_alpha", 1e-8, 1.0, log=True),
+            "reg_lambda": trial.suggest_float("reg_lambda", 1e-3, 10.0, log=True),
+        }
+
+    def fit(self, params: dict[str, Any], X_tr: np.ndarray, y_tr: np.ndarray, X_va: np.ndarray, y_va: np.ndarray, *,
+            max_rounds: int, early_stopping_rounds: int, seed: int, n_threads: int | None, device: str,
+            feature_names: list[str] | None) -> tuple[Any, int]:
+        import xgboost as xgb
+
+        if _is_linear(params):
+            stray = sorted(set(params) - LINEAR_KEYS)
+            if stray:
+                raise ValueError(f"xgboost parameter(s) {stray} do not apply to booster 'gblinear', which reads "
+                                 f"{sorted(LINEAR_KEYS - {'booster'})}")
+            return _fit_linear(params, X_tr, y_tr, max_rounds=max_rounds, converged_after=early_stopping_rounds,
+                               seed=seed, n_threads=n_threads, device=device, feature_names=feature_names)
+        settings: dict[str, Any] = {"objective": "reg:squarederror", "eval_metric": "rmse", "tree_method": "hist",
+                                    "device": device, "seed": seed, "verbosity": 0, **params}
+        if n_threads is not None:
+            settings["nthread"] = n_threads
+        dtrain = xgb.DMatrix(X_tr, label=y_tr, feature_names=feature_names)
+        dval = xgb.DMatrix(X_va, label=y_va, feature_names=feature_names)
+        booster = xgb.train(settings, dtrain, num_boost_round=max_rounds, evals=[(dval, "val")],
+                            early_stopping_rounds=early_stopping_rounds, verbose_eval=False)
+        kept = booster.best_iteration + 1
+        if kept < booster.num_boosted_rounds():
+            booster = booster[:kept]  # a copy holding only the kept rounds; it is what gets saved
+        booster.set_param({"device": "cpu"})  # predict like Step 6 will, without a device copy
+        return booster, kept
+
+    def reads_validation_rows(self, params: dict[str, Any]) -> bool:
+        return not _is_linear(params)
+
+    def cpu_only_reason(self, params: dict[str, Any]) -> str | None:
+        if _is_linear(params):
+            # A failed GPU fit would send every later xgboost fit of the run to the CPU,
+            # trees too; a linear fit gains nothing on a GPU worth that risk.
+            return "a gblinear model is a few coordinate-descent passes over the rows"
+        return None
+
+    def predict(self, booster: Any, X: np.ndarray) -> np.ndarray:
+        import xgboost as xgb
+
+        # Through a DMatrix, as Step 6 predicts: gblinear has no in-place prediction.
+        return booster.predict(xgb.DMatrix(X, feature_names=booster.feature_names))
+
+    def save(self, booster: Any, path: Path) -> None:
+        _unnamed(booster).save_model(str(path))  # the format follows the file's suffix (.json)
+
+    def load(self, path: Path) -> LoadedBooster:
+        import xgboost as xgb
+
+        booster = xgb.Booster()
+        booster.load_model(str(path))
+        booster.set_param({"device": "cpu"})
+        stored = booster.attr(NAMES_ATTR)
+        names = json.loads(stored) if stored else booster.feature_names
+        return LoadedBooster(booster, booster.num_features(), booster.num_boosted_rounds(), names)
+
+
+def _is_linear(params: dict[str, Any]) -> bool:
+    return params.get("booster", "gbtree") == "gblinear"
+
+
+def _fit_linear(
+    params: dict[str, Any], X_tr: np.ndarray, y_tr: np.ndarray, *, max_rounds: int, converged_after: int,
+    seed: int, n_threads: int | None, device: str, feature_names: list[str] | None,
+) -> tuple[Any, int]:
+    """The gblinear fit: coordinate descent on standardised rows until the training loss
+    has not fallen for ``converged_after`` rounds; returns (booster on raw features, rounds)."""
+    import xgboost as xgb
+
+    x_mean = X_tr.mean(axis=0, dtype=np.float64)
+    x_scale = X_tr.std(axis=0, dtype=np.float64)
+    x_scale[x_scale == 0.0] = 1.0  # a constant column keeps weight 0 whatever its scale
+    y_mean = float(np.mean(y_tr))
+    y_scale = float(np.std(y_tr)) or 1.0
+    Z = ((X_tr - x_mean) / x_scale).astype(np.float32)
+    settings: dict[str, Any] = {
+        "booster": "gblinear", "updater": "coord_descent",
+        "feature_selector": "cyclic",  # deterministic, unlike the default "shotgun"
+        "learning_rate": 1.0,  # plain coordinate descent: each step solves its coordinate exactly
+        "objective": "reg:squarederror", "eval_metric": "rmse",
+        "base_score": 0.0,  # the standardised target has mean 0; the intercept is the bias weight
+        "device": device, "seed": seed, "verbosity": 0, "lambda": params["lambda"], "alpha": params["alpha"],
+    }
+    if n_threads is not None:
+        settings["nthread"] = n_threads
+    dtrain = xgb.DMatrix(Z, label=(y_tr - y_mean) / y_scale, feature_names=feature_names)
+    booster = xgb.train(settings, dtrain, num_boost_round=max_rounds, evals=[(dtrain, "train")],
+                        early_stopping_rounds=converged_after, verbose_eval=False)
+    booster = _fold_scaling(booster, x_mean, x_scale, y_mean, y_scale)
+    return booster, booster.num_boosted_rounds()
+
+
+def _fold_scaling(booster: Any, x_mean: np.ndarray, x_scale: np.ndarray, y_mean: float, y_scale: float) -> Any:
+    """A copy of a gblinear ``booster`` fitted on standardised rows that predicts on raw ones.
+
+    With z = (x - m) / s and a prediction y = mu + sd * (b + w.z), the same function of x
+    has weights sd * w / s and bias mu + sd * (b - sum(w * m / s)). The booster's JSON holds
+    the weights feature by feature, then the bias (one output); base_score is 0.
+    """
+    import xgboost as xgb
+
+    model = json.loads(bytes(booster.save_raw("json")))
+    linear = model["learner"]["gradient_booster"]["model"]
+    weights = np.asarray(linear["weights"], dtype=np.float64)
+    coef, bias = weights[:-1], float(weights[-1])
+    if coef.shape != x_mean.shape:
+        raise ValueError(f"a gblinear model with {weights.size} weights cannot hold {x_mean.size} features and a bias")
+    raw_coef = y_scale * coef / x_scale
+    raw_bias = y_mean + y_scale * (bias - float(np.sum(coef * x_mean / x_scale)))
+    linear["weights"] = [float(v) for v in raw_coef] + [raw_bias]
+    folded = xgb.Booster()
+    folded.load_model(bytearray(json.dumps(model).encode()))
+    folded.set_param({"device": "cpu"})
+    return folded
+
+
+def _unnamed(booster: Any) -> Any:
+    """A copy of ``booster`` without feature names, which is what gets saved.
+
+    A booster saved with names refuses ``predict(xgb.DMatrix(X))`` on a plain array, and
+    that is how the existing Step 6 predicts. The names belong in the sidecar; a copy goes
+    in a booster attribute, which prediction ignores, so this project's loader can still
+    check the checkpoint against its sidecar.
+    """
+    names = booster.feature_names
+    unnamed = booster.copy()
+    unnamed.feature_names = None
+    unnamed.feature_types = None
+    unnamed.set_attr(**{NAMES_ATTR: json.dumps(list(names)) if names else None})
+    return unnamed
+
+
+class LightGBMAdapter(TreeAdapter):
+    """Deterministic on CPU (``deterministic``, ``force_row_wise``); text checkpoints. The
+    PyPI wheel's GPU support needs an OpenCL device, so :meth:`gpu_unsupported_reason` probes."""
+
+    model_type = "lightgbm"
+    error_class = "lightgbm.basic:LightGBMError"
+    library_keys = (
+        "learning_rate", "num_leaves", "max_depth", "min_data_in_leaf", "bagging_fraction",
+        "bagging_freq", "feature_fraction", "lambda_l1", "lambda_l2",
+    )
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        # No `min_gain_to_split`: a split-gain threshold is in loss units (see xgboost's `gamma`).
+        return {
+            **suggest_boosting(trial),
+            "num_leaves": trial.suggest_int("num_leaves", 8, 128, log=True),
+            "max_depth": trial.suggest_int("max_depth", 3, 12),
+            "min_data_in_leaf": trial.suggest_int("min_data_in_leaf", 5, 100, log=True),
+            "bagging_fraction": trial.suggest_float("bagging_fraction", 0.5, 1.0),
+            "bagging_freq": 1,  # bagging_fraction is ignored unless bagging runs every k rounds
+            "feature_fraction": trial.suggest_float("feature_fraction", 0.5, 1.0),
+            "lambda_l1": trial.suggest_float("lambda_l1", 1e-8, 1.0, log=True),
+            "lambda_l2": trial.suggest_float("lambda_l2", 1e-3, 10.0, log=True),
+        }
+
+    def fit(self, params: dict[str, Any], X_tr: np.ndarray, y_tr: np.ndarray, X_va: np.ndarray, y_va: np.ndarray, *,
+            max_rounds: int, early_stopping_rounds: int, seed: int, n_threads: int | None, device: str,
+            feature_names: list[str] | None) -> tuple[Any, int]:
+        import lightgbm as lgb
+
+        settings: dict[str, Any] = {"objective": "regression", "metric": "l2", "seed": seed, "verbose": -1, **params}
+        if device == "cpu":
+            # same seed + same threads-independent histograms -> the same model every run
+            settings.update(device_type="cpu", deterministic=True, force_row_wise=True)
+        else:
+            settings.update(device_type="gpu", gpu_device_id=int(device[5:]))
+        if n_threads is not None:
+            settings["num_threads"] = n_threads
+        train_set = lgb.Dataset(X_tr, label=y_tr, feature_name=feature_names or "auto", free_raw_data=True)
+        val_set = lgb.Dataset(X_va, label=y_va, reference=train_set)
+        booster = lgb.train(
+            settings, train_set, num_boost_round=max_rounds, valid_sets=[val_set], valid_names=["val"],
+            callbacks=[lgb.early_stopping(early_stopping_rounds, first_metric_only=True, verbose=False)],
+        )
+        # lightgbm's best_iteration counts rounds (1-based); 0 means "no early stopping happened"
+        kept = booster.best_iteration if booster.best_iteration > 0 else booster.current_iteration()
+        if kept < booster.current_iteration():
+            booster = lgb.Booster(model_str=booster.model_to_string(num_iteration=kept))
+        return booster, kept
+
+    def load(self, path: Path) -> LoadedBooster:
+        import lightgbm as lgb
+
+        booster = lgb.Booster(model_file=str(path))
+        return LoadedBooster(booster, booster.num_feature(), booster.current_iteration(), booster.feature_name())
+
+    def gpu_unsupported_reason(self, gpu_id: int) -> str | None:
+        """A 1-round fit: a build without GPU support, or without an OpenCL device, raises."""
+        import lightgbm as lgb
+
+        rng = np.random.default_rng(0)
+        X, y = rng.random((64, 2)), rng.random(64)
+        try:
+            lgb.train({"device_type": "gpu", "gpu_device_id": gpu_id, "verbose": -1, "num_threads": 1},
+                      lgb.Dataset(X, y), num_boost_round=1)
+        except Exception as exc:  # LightGBMError for "no OpenCL device" / "GPU not enabled"
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+
+class CatBoostAdapter(TreeAdapter):
+    """Symmetric trees, ``task_type="GPU"`` on a GPU; binary ``cbm`` checkpoints."""
+
+    model_type = "catboost"
+    error_class = "catboost:CatBoostError"
+    library_keys = ("learning_rate", "depth", "l2_leaf_reg", "random_strength", "bagging_temperature")
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        # No `rsm`: the GPU build supports it only for pairwise losses, and a search space
+        # must mean the same thing on both devices.
+        return {
+            **suggest_boosting(trial),
+            "depth": trial.suggest_int("depth", 3, 8),
+            "l2_leaf_reg": trial.suggest_float("l2_leaf_reg", 1.0, 10.0, log=True),
+            "random_strength": trial.suggest_float("random_strength", 1e-3, 10.0, log=True),
+            "bagging_temperature": trial.suggest_float("bagging_temperature", 0.0, 1.0),
+        }
+
+    def fit(self, params: dict[str, Any], X_tr: np.ndarray, y_tr: np.ndarray, X_va: np.ndarray, y_va: np.ndarray, *,
+            max_rounds: int, early_stopping_rounds: int, seed: int, n_threads: int | None, device: str,
+            feature_names: list[str] | None) -> tuple[Any, int]:
+        from catboost import CatBoostRegressor, Pool
+
+        settings: dict[str, Any] = {
+            "loss_function": "RMSE", "iterations": max_rounds, "random_seed": seed, "logging_level": "Silent",
+            "allow_writing_files": False,  # otherwise catboost_info/ appears in the working dir
+            **params,
+        }
+        if n_threads is not None:
+            settings["thread_count"] = n_threads
+        if device != "cpu":
+            settings.update(task_type="GPU", devices=device[5:])
+        model = CatBoostRegressor(**settings)
+        model.fit(Pool(X_tr, y_tr, feature_names=feature_names), eval_set=Pool(X_va, y_va, feature_names=feature_names),
+                  early_stopping_rounds=early_stopping_rounds, use_best_model=True)  # cut to its best round
+        return model, int(model.tree_count_)
+
+    def save(self, booster: Any, path: Path) -> None:
+        booster.save_model(str(path), format="cbm")
+
+    def load(self, path: Path) -> LoadedBooster:
+        from catboost import CatBoostRegressor
+
+        booster = CatBoostRegressor()
+        booster.load_model(str(path), format="cbm")
+        return LoadedBooster(booster, len(booster.feature_names_), int(booster.tree_count_), booster.feature_names_)
+
+
+#: The adapter of each tree library, by model type (read-only: adapters hold no state).
+ADAPTERS: Mapping[str, TreeAdapter] = MappingProxyType(
+    {adapter.model_type: adapter for adapter in (XGBoostAdapter(), LightGBMAdapter(), CatBoostAdapter())}
+)
+TREE_MODEL_TYPES: tuple[str, ...] = tuple(ADAPTERS)

@@ -431,7 +431,7 @@ def test_nan_tokens_where_nothing_is_read_keep_the_fast_path(tmp_path, small_pie
 
 
 def test_null_non_finite_tokens_touches_only_tokens_outside_strings():
-    from step5.data.recorddecoder import null_non_finite_tokens
+    from step5.data.survivors import null_non_finite_tokens
 
     got = null_non_finite_tokens(b'[{"NaN": NaN, "s": "a NaN, -Infinity", "x": -Infinity, "y": Infinity}]')
     assert got == b'[{"NaN": null, "s": "a NaN, -Infinity", "x": null, "y": null}]'

@@ -15,7 +15,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from step5 import artifacts
 from step5.data.sample import generate_arrays
 from step5.models import trees
-from step5.models.tree_adapter import LoadedBooster, TreeAdapter
+from step5.models.trees import LoadedBooster, TreeAdapter
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
