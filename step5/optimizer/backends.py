@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 #: ``fold_idx`` of a tree model's final fit (distinct from every CV fold, for logs and seeds).
 FINAL_FOLD_IDX = 1_000_000
 #: ``gate(trial_number, fold_results_so_far)`` -> True to train the trial's next fold
-#: (:mod:`step5.optimizer.pruning` reports the fold and asks the pruner).
+#: (:mod:`step5.optimizer.search` reports the fold and asks the pruner).
 FoldGate = Callable[[int, Sequence[dict[str, Any]]], bool]
 
 
