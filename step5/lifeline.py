@@ -83,15 +83,15 @@ def install_lifeline(parent_pid: int | None = None, *, poll_s: float = 0.5, on_o
     act = on_orphan or (lambda: os._exit(EXIT_ORPHANED))
 
     def watch() -> None:
-        while True:
-            ppid = os.getppid()
-            if ppid != original_ppid:
-                reason = f"re-parented from pid {original_ppid} to {ppid}"
-                break
-            if not pid_alive(watched):
-                reason = f"parent pid {watched} no longer exists"
-                break
+        while os.getppid() == original_ppid and pid_alive(watched):
             time.sleep(poll_s)
+        # Read the parent again: a parent reaped between the two checks above was already
+        # re-parented away from, and that is the reason to tell.
+        ppid = os.getppid()
+        if ppid != original_ppid:
+            reason = f"re-parented from pid {original_ppid} to {ppid}"
+        else:
+            reason = f"parent pid {watched} no longer exists"
         logger.warning("parent process is gone (%s); exiting", reason)
         act()
 
