@@ -15,7 +15,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from step5.cliutil import UsageErrorParser
 from step5.errors import BadRequest, JobError, UsageError
@@ -127,8 +127,17 @@ def _answer(args: argparse.Namespace) -> dict[str, Any]:
     return reply
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI and return the exit code, after exactly one JSON line on stdout (but for ``--help``)."""
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """The command (``-m``, ``train_single_trial.py``, ``step5-train-fold``): one JSON line on
+    stdout (but for ``--help``), then leave at once, as the worker does: no torch teardown for
+    the parent to wait on once the reply is out."""
+    from step5.nn.worker import exit_now
+
+    exit_now(_run(argv), claim_stdout())
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    """The exit code, after exactly one JSON line on stdout (but for ``--help``)."""
     wire = claim_stdout()
     if expected_parent_pid() is not None:
         # Started by Step 5 (which records its pid): die with it rather than finish a fold
@@ -166,6 +175,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # python -m step5.nn.oneshot (what the fold runner starts)
-    from step5.nn.worker import exit_now
-
-    exit_now(main(), claim_stdout())  # the reply is out: no torch teardown for the parent to wait on
+    main()
