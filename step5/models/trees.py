@@ -31,8 +31,7 @@ _DRIVER_KEYS = ("n_estimators", "early_stopping_rounds")
 
 
 def require_libraries(model_types: Iterable[str]) -> None:
-    """Raise :class:`MissingDependency` naming each tree library ``model_types`` need that is
-    not installed (the optional ``trees`` extra; a library's module is named as its model type)."""
+    """Raise :class:`MissingDependency` naming each tree library ``model_types`` need that is not installed."""
     missing = [mt for mt in dict.fromkeys(model_types)
                if mt in TREE_MODEL_TYPES and importlib.util.find_spec(mt) is None]
     if missing:
@@ -183,8 +182,8 @@ _NAME_FORBIDDEN = frozenset('[]<>{}:,"')
 
 
 def _checked_feature_names(names: Sequence[str] | None, n_features: int, model_type: str) -> list[str] | None:
-    """``feature_names`` as a list, or None when absent or not storable by every library: such
-    names are left out (logged) rather than failing the fit, as they only help Step 6 check."""
+    """``feature_names`` as a list, or None when absent or not storable by every library (logged:
+    they only help Step 6 check, so they do not fail the fit)."""
     if names is None:
         return None
     out = [str(n) for n in names]
@@ -232,12 +231,7 @@ def train_fold(
     devices: TreeDevices | None = None,
 ) -> tuple[dict[str, Any], TreeModel]:
     """Train one fold, early-stopped on (``X_val``, ``y_val``) and cut to its best round, and
-    score it; returns (metrics, model). The metrics and arguments: docs/models.md.
-    ``devices`` remembers GPU checks and failures across the folds sharing it (None: fresh).
-
-    A bad argument is a ``ValueError`` naming it; a fit the library rejects (a parameter
-    value, out of memory) a :class:`~step5.errors.JobError`, which fails the trial.
-    """
+    score it; returns (metrics, model). Metrics, arguments and errors: docs/models.md."""
     adapter = adapter_for(model_type)
     started = time.perf_counter()
     n_estimators, early_rounds, lib = _split_params(adapter, params)
@@ -280,7 +274,6 @@ def train_fold(
         except Exception as exc2:
             raise _as_job_error(model_type, exc2) from exc2
 
-    kind = "cpu" if where == "cpu" else "cuda"
     model = TreeModel(model_type, booster, n_features=X_tr.shape[1], n_iterations=kept, feature_names=names)
     train_r2, train_mse = r2_mse(y_tr, model.predict(X_tr))
     val_r2, val_mse = r2_mse(y_va, model.predict(X_va))
@@ -289,7 +282,7 @@ def train_fold(
         "best_iteration": kept - 1, "n_iterations": kept, "early_stopped": kept < n_estimators,
         # Rounds the fit ran: an early stop ends `early_rounds` after the round it keeps.
         "rounds_trained": min(n_estimators, kept + early_rounds) if kept < n_estimators else n_estimators,
-        "device": kind, "device_fallback": fallback, "seed": seed,
+        "device": "cpu" if where == "cpu" else "cuda", "device_fallback": fallback, "seed": seed,
         "n_train": int(X_tr.shape[0]), "n_val": int(X_va.shape[0]),
     }
     if test is not None:
@@ -309,8 +302,7 @@ def _checkpoint(model_type: str, path: str | os.PathLike[str]) -> tuple[TreeAdap
 
 
 def save_model(model: TreeModel, model_type: str, path: str | os.PathLike[str]) -> Path:
-    """Write ``model`` in its library's native format, atomically (a reader never loads half a
-    checkpoint); returns the path."""
+    """Write ``model`` in its library's native format, atomically; returns the path."""
     if not isinstance(model, TreeModel):
         raise ValueError(f"`model` must be a TreeModel from train_fold/load_model, got {type(model).__name__}")
     if model.model_type != model_type:
@@ -343,8 +335,7 @@ def load_model(path: str | os.PathLike[str], model_type: str) -> TreeModel:
 
 
 def suggest_boosting(trial: Any) -> dict[str, Any]:
-    """The part of every search space the libraries share, suggested first (the order of
-    suggestions decides what a seeded sampler draws): the cap on rounds and the learning rate."""
+    """What every search space shares, suggested first (the order decides what a seeded sampler draws)."""
     return {
         "n_estimators": trial.suggest_int("n_estimators", 100, 1000, step=50),
         "learning_rate": trial.suggest_float("learning_rate", 0.01, 0.3, log=True),
@@ -404,9 +395,7 @@ LINEAR_MAX_ROUNDS = 1000
 
 
 class XGBoostAdapter(TreeAdapter):
-    """``gbtree`` (``tree_method="hist"``) or ``gblinear``, an elastic net fitted on
-    standardised rows (:func:`_fit_linear`). Checkpoints are xgboost JSON, saved without
-    feature names (:func:`_unnamed`)."""
+    """``gbtree`` (``tree_method="hist"``) or ``gblinear`` (:func:`_fit_linear`); JSON checkpoints (:func:`_unnamed`)."""
 
     model_type = "xgboost"
     error_class = "xgboost.core:XGBoostError"
@@ -557,13 +546,8 @@ def _fold_scaling(booster: Any, x_mean: np.ndarray, x_scale: np.ndarray, y_mean:
 
 
 def _unnamed(booster: Any) -> Any:
-    """A copy of ``booster`` without feature names, which is what gets saved.
-
-    A booster saved with names refuses ``predict(xgb.DMatrix(X))`` on a plain array, and
-    that is how the existing Step 6 predicts. The names belong in the sidecar; a copy goes
-    in a booster attribute, which prediction ignores, so this project's loader can still
-    check the checkpoint against its sidecar.
-    """
+    """A copy of ``booster`` to save: without feature names, which would make the existing Step 6's
+    ``predict(xgb.DMatrix(X))`` on a plain array fail; they go in an attribute prediction ignores."""
     names = booster.feature_names
     unnamed = booster.copy()
     unnamed.feature_names = None
@@ -573,8 +557,7 @@ def _unnamed(booster: Any) -> Any:
 
 
 class LightGBMAdapter(TreeAdapter):
-    """Deterministic on CPU (``deterministic``, ``force_row_wise``); text checkpoints. The
-    PyPI wheel's GPU support needs an OpenCL device, so :meth:`gpu_unsupported_reason` probes."""
+    """Deterministic on CPU; text checkpoints; the wheel's GPU support needs an OpenCL device (probed)."""
 
     model_type = "lightgbm"
     error_class = "lightgbm.basic:LightGBMError"
