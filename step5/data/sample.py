@@ -182,9 +182,9 @@ def write_sample(
 ) -> tuple[Path, Path]:
     """Write ``survivors_with_scores.json`` and ``train_history.json`` into ``out_dir``; returns
     their paths (the arguments: docs/data.md). Same arguments, same bytes."""
-    for name, value, lo in (("n_survivors", n_survivors, 1), ("n_features", n_features, 1), ("n_draws", n_draws, 1)):
-        if not is_int(value) or value < lo:
-            raise ValueError(f"`{name}` must be an int >= {lo}, got {value!r}")
+    for name, value in (("n_survivors", n_survivors), ("n_features", n_features), ("n_draws", n_draws)):
+        if not is_int(value) or value < 1:
+            raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = feature_names(n_features)
