@@ -1,13 +1,11 @@
 """Read one JSON array from a file piece by piece, holding about one block of it at a time.
 
 :class:`ArrayReader` hands the caller *pieces*: runs of whole elements, written as a JSON
-array, that a fast strict decoder turns into rows. Cuts are found by a byte search (the
-last ``}`` ``,`` ``{``), not by parsing, so a piece is only a candidate: a cut inside a
-string or a nested array leaves it undecodable, and an array of whole elements has only
-one reading. So the caller either decodes the piece and calls :meth:`~ArrayReader.accept`,
-or, on any decoding failure, calls :meth:`~ArrayReader.parse_elements`, which parses the
-same bytes exactly with the standard library (``NaN`` / ``Infinity`` read as floats) or
-raises a :class:`DataError` with line and column (docs/data.md).
+array, cut at the last ``}`` ``,`` ``{`` by a byte search. A piece is only a candidate (a
+cut inside a string leaves it undecodable: an array of whole elements has one reading), so
+the caller either decodes it and calls :meth:`~ArrayReader.accept`, or calls
+:meth:`~ArrayReader.parse_elements`, which parses the same bytes exactly with the standard
+library or raises a :class:`DataError` with line and column (docs/data.md).
 """
 from __future__ import annotations
 

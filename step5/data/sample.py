@@ -1,12 +1,5 @@
-"""Sample survivors and history files with a planted, learnable signal (docs/data.md).
-
-The demo, the tests and the benchmark need inputs shaped like SPEC section 2 without
-outside data. Every feature is a monotone transform of a latent N(0, 1) column into a
-plausible range for its family; ``holdout_quality`` is a nonlinear function of the first
-:data:`N_SIGNAL_FEATURES` latents plus noise, and ``score`` / ``confidence`` are noisy copies
-of it (leakage). Vectorised with numpy and written with orjson in chunks, so 200k records
-x 90 features generate in seconds with bounded memory.
-"""
+"""Sample survivors and history files shaped like SPEC section 2, with a planted, learnable
+signal, for the demo, the tests and the benchmark (docs/data.md, "Sample generator")."""
 from __future__ import annotations
 
 import datetime as dt
@@ -36,9 +29,8 @@ _DECIMALS = 6
 
 
 def feature_names(n_features: int) -> list[str]:
-    """The generator's first ``n_features`` feature names (in file order, not sorted):
-    pipeline-like, the first N_SIGNAL_FEATURES carrying the signal, then ``aux_feature_NNN``."""
-    # signal carriers first, so small --features still contains them
+    """The generator's first ``n_features`` feature names in file order: the signal carriers first,
+    so that a small ``--features`` still holds them, then ``aux_feature_NNN`` past the list."""
     names = ["lane_agreement_8", "skip_mean", "residue_mod_16_match_rate", "temporal_stability_mid", "skip_min",
              "hit_rate_window_50"]
     names += [f"lane_agreement_{w}" for w in (2, 4, 16, 32, 64)]
@@ -106,9 +98,8 @@ def _planted_signal(latent: np.ndarray) -> np.ndarray:
 
 
 def generate_arrays(n_survivors: int, n_features: int, seed: int, degenerate: bool = False) -> dict[str, np.ndarray]:
-    """Draw the sample's columns: ``X`` (n, d), ``holdout_quality``, ``holdout_hits``,
-    ``score``, ``confidence``, ``seed`` (n,), ``missing_rows``/``missing_cols`` (one record in
-    200, at least one from 10 records, lacks one non-signal feature: the loader's fill path)."""
+    """Draw the sample's columns: ``X`` (n, d), ``holdout_quality``, ``holdout_hits``, ``score``,
+    ``confidence``, ``seed`` (n,), and which record lacks which feature (``missing_rows``/``_cols``)."""
     names = feature_names(n_features)
     rng = np.random.default_rng(seed)
     n, d = n_survivors, len(names)
@@ -148,12 +139,8 @@ def generate_arrays(n_survivors: int, n_features: int, seed: int, degenerate: bo
 def _records(
     arrays: dict[str, np.ndarray], names: Sequence[str], prng_type: str, mod: int, start: int, stop: int
 ) -> Iterator[dict]:
-    X = arrays["X"][start:stop].tolist()
-    quality = arrays["holdout_quality"][start:stop].tolist()
-    hits = arrays["holdout_hits"][start:stop].tolist()
-    score = arrays["score"][start:stop].tolist()
-    confidence = arrays["confidence"][start:stop].tolist()
-    seeds = arrays["seed"][start:stop].tolist()
+    X, quality, hits, score, confidence, seeds = (arrays[k][start:stop].tolist() for k in (
+        "X", "holdout_quality", "holdout_hits", "score", "confidence", "seed"))
     missing = {int(r): names[int(c)] for r, c in zip(arrays["missing_rows"], arrays["missing_cols"]) if start <= r < stop}
     keys = ("score", "confidence", *names)
     for k in range(stop - start):
@@ -194,12 +181,10 @@ def write_sample(
     degenerate: bool = False, n_draws: int = 500, *, prng_type: str = "java_lcg", mod: int = 1000,
 ) -> tuple[Path, Path]:
     """Write ``survivors_with_scores.json`` and ``train_history.json`` into ``out_dir``; returns
-    their paths. ``n_features`` counts model inputs (``features`` also holds the leakage keys
-    ``score`` and ``confidence``); ``degenerate`` makes the target constant 0.0. Same
-    arguments, same bytes."""
-    for name, value, lo in (("n_survivors", n_survivors, 1), ("n_features", n_features, 1), ("n_draws", n_draws, 1)):
-        if not is_int(value) or value < lo:
-            raise ValueError(f"`{name}` must be an int >= {lo}, got {value!r}")
+    their paths (the arguments: docs/data.md). Same arguments, same bytes."""
+    for name, value in (("n_survivors", n_survivors), ("n_features", n_features), ("n_draws", n_draws)):
+        if not is_int(value) or value < 1:
+            raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = feature_names(n_features)

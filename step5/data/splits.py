@@ -1,12 +1,6 @@
-"""Seeded row splits and the NPZ files that carry one fold to a trainer process (docs/data.md).
-
-The optimizer holds out a test set once, runs K-fold CV on the rest, and hands each fold to
-a trainer as an uncompressed NPZ file (short-lived: a trainer should not spend its time
-inflating it) in a private temp folder that :class:`FoldFiles` removes however the run
-ends; a run killed with SIGKILL cannot, so the folder records its owner and the next run on
-the host removes it. sklearn is imported inside the split functions, so a process that
-only writes or reads NPZ files does not pay for it.
-"""
+"""Seeded row splits and the uncompressed NPZ files that carry one fold to a trainer process, in
+a private temp folder (docs/data.md, "Splits and fold files"). sklearn is imported inside the
+split functions, so a process that only writes or reads NPZ files does not pay for it."""
 from __future__ import annotations
 
 import logging
@@ -108,11 +102,9 @@ def write_fold_npz(
 
 class FoldFiles:
     """A private temp folder of fold NPZ files (``dir``: e.g. a RAM disk; default $TMPDIR),
-    removed on exit, exception or not."""
+    removed on exit, exception or not; first it removes those of runs that died on this host."""
 
     def __init__(self, *, dir: str | os.PathLike[str] | None = None) -> None:
-        # Folders of runs that died on this host (SIGKILL, a crash); not those of live
-        # processes, of other hosts, or without an owner record.
         for path, owner in orphaned_folders(Path(dir if dir is not None else tempfile.gettempdir()), FOLD_DIR_PREFIX):
             shutil.rmtree(path, ignore_errors=True)
             logger.info("removed fold folder %s of a dead run (pid %d)", path, owner.pid)
@@ -141,6 +133,3 @@ class FoldFiles:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        return f"FoldFiles({str(self.path)!r}{', closed' if self.closed else ''})"

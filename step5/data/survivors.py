@@ -1,18 +1,12 @@
 """Load ``survivors_with_scores.json`` into a feature matrix and a target vector (SPEC section 2).
 
-The file is never parsed whole (docs/data.md: the design, its measurements, and the decisions
-where the spec is silent)::
+The file is never parsed whole (docs/data.md, "How a file is read")::
 
     file --ArrayReader--> pieces of ~1 MiB --RecordDecoder (msgspec structs)--> float columns --+
                               |                                                                  +--> X, y
                               +--(piece does not decode)--> stdlib json, record by record --> checks-+
 
-The typed decoder is made at run time from the column names (msgspec ``Struct`` types), so
-a record becomes a small struct of floats, not a dict of 90 keys; an absent key decodes as
-NaN (the file cannot hold NaN there: msgspec refuses ``NaN`` tokens). The floats reach
-numpy without a Python loop, through one MessagePack encoding read with a strided view.
-The checks of the exact path are those of records built in memory: every error message is
-made there, naming the file, the record index, its seed and the key.
+Every error message is made on the exact path, naming the file, the record index, its seed and the key.
 """
 from __future__ import annotations
 
@@ -88,24 +82,10 @@ class SurvivorFeatures:
         return int(self.X.shape[0])
 
 
-#: What :meth:`RecordDecoder.decode` raises when a piece does not fit the layout.
-DECODE_ERRORS: tuple[type[Exception], ...] = (msgspec.DecodeError, msgspec.ValidationError)
-
 #: Top-level keys the decoder reads itself; a target with one of these names cannot be decoded.
 RESERVED_KEYS = frozenset(("seed", "features", "metadata"))
 
 _MSGPACK_FLOAT64 = 0xCB
-
-
-@dataclass(frozen=True)
-class RecordLayout:
-    """What to decode from each record."""
-
-    columns: tuple[str, ...]  # keys of `features` read as floats, in this order (NaN when absent)
-    closed: bool  # True: another key in `features` fails the decode (so new keys are noticed)
-    unread: frozenset[str] = frozenset()  # columns no one reads (leakage): null is allowed there, as NaN
-    target: str | None = None  # a top-level key read as a float (NaN when absent)
-    metadata: bool = False  # read metadata.prng_type / metadata.mod
 
 
 @dataclass
@@ -125,44 +105,47 @@ def _array_header_size(length: int) -> int:
 
 
 class RecordDecoder:
-    """Decodes pieces (JSON arrays of records) for one :class:`RecordLayout`."""
+    """Decodes pieces (JSON arrays of records): the `features` keys ``columns`` as floats, in this
+    order (NaN when absent; null also allowed in the ``unread`` ones, the leakage keys); with
+    ``closed``, another key in `features` fails the decode (so new keys are noticed); ``target``,
+    a top-level key read as a float (NaN when absent); with ``metadata``, its prng_type / mod."""
 
-    def __init__(self, layout: RecordLayout) -> None:
-        self.layout = layout
+    def __init__(self, columns: tuple[str, ...], *, closed: bool, unread: frozenset[str],
+                 target: str | None = None, metadata: bool = False) -> None:
+        self.columns, self.target, self.metadata = columns, target, metadata
         # Field names are c0, c1, ... renamed to the keys: keys need not be identifiers.
         features = msgspec.defstruct(
             "Features",
-            [(f"c{j}", float | None if key in layout.unread else float, math.nan)
-             for j, key in enumerate(layout.columns)],
-            rename={f"c{j}": key for j, key in enumerate(layout.columns)},
-            forbid_unknown_fields=layout.closed,
+            [(f"c{j}", float | None if key in unread else float, math.nan) for j, key in enumerate(columns)],
+            rename={f"c{j}": key for j, key in enumerate(columns)},
+            forbid_unknown_fields=closed,
             gc=False,
         )
         fields: list[Any] = [("seed", Any, None), ("features", features)]
-        if layout.metadata:
-            metadata = msgspec.defstruct("Metadata", [("prng_type", Any, None), ("mod", Any, None)], gc=False)
-            fields.append(("metadata", metadata | None, None))
+        if metadata:
+            meta = msgspec.defstruct("Metadata", [("prng_type", Any, None), ("mod", Any, None)], gc=False)
+            fields.append(("metadata", meta | None, None))
         rename = None
-        if layout.target is not None:
+        if target is not None:
             fields.append(("target_", float, math.nan))
-            rename = {"target_": layout.target}
+            rename = {"target_": target}
         record = msgspec.defstruct("Record", fields, rename=rename, kw_only=True, gc=False)
         self._decoder = msgspec.json.Decoder(list[record])
         self._msgpack = msgspec.msgpack.Encoder()
-        self._read_columns = [j for j, key in enumerate(layout.columns) if key not in layout.unread]
+        self._read_columns = [j for j, key in enumerate(columns) if key not in unread]
         fields = [f"c{j}" for j in self._read_columns]
         self._read_getter = (lambda s: (getattr(s, fields[0]),)) if len(fields) == 1 else attrgetter(*fields)
 
     def decode(self, piece: Any) -> DecodedPiece:
-        """Decode a piece (bytes-like); raises one of :data:`DECODE_ERRORS` if it does not fit."""
+        """Decode a piece (bytes-like); a msgspec error if it does not fit."""
         records = self._decoder.decode(piece)
         values = self._float_rows(list(map(attrgetter("features"), records)))
         top_target = None
-        if self.layout.target is not None:
+        if self.target is not None:
             top_target = np.fromiter(map(attrgetter("target_"), records), dtype=np.float64, count=len(records))
         prng_types: list[Any] = []
         mods: list[Any] = []
-        if self.layout.metadata:
+        if self.metadata:
             metas = [m for m in map(attrgetter("metadata"), records) if m is not None]
             prng_types = list(map(attrgetter("prng_type"), metas))
             mods = list(map(attrgetter("mod"), metas))
@@ -171,7 +154,7 @@ class RecordDecoder:
     def _float_rows(self, structs: Sequence[Any]) -> np.ndarray:
         """The structs' fields as an (n, d) float64 matrix. A null in an unread column (a
         ``NaN`` token there) breaks the fixed stride; then only the read columns are taken."""
-        n, d = len(structs), len(self.layout.columns)
+        n, d = len(structs), len(self.columns)
         if n == 0 or d == 0:
             return np.zeros((n, d), dtype=np.float64)
         values = self._strided(list(map(msgspec.structs.astuple, structs)), d)
@@ -206,11 +189,7 @@ _MINUS = ord("-")
 def null_non_finite_tokens(piece: Any) -> bytes | None:
     """The piece with each ``NaN`` / ``Infinity`` / ``-Infinity`` token outside strings as
     ``null``, or None when it has none (or holds a backslash: counting quotes is then unsafe).
-
-    msgspec refuses these tokens even under a key it skips; json.dump writes them for missing
-    floats. As ``null`` they decode where nothing is read (a leakage key typed ``float | None``,
-    metadata, an unknown key); where a feature or the target is read the decode still fails.
-    """
+    Why, and where ``null`` decodes: docs/data.md, "How a file is read"."""
     data = bytes(piece)
     if b"\\" in data:
         return None
@@ -238,9 +217,8 @@ def null_non_finite_tokens(piece: Any) -> bytes | None:
 
 @contextmanager
 def gc_paused() -> Iterator[None]:
-    """Pause the cyclic GC while many acyclic objects are built: records parsed into dicts
-    would otherwise make it walk all of them every few hundred allocations (that doubled
-    the load time of a 200k-record file read as dicts)."""
+    """Pause the cyclic GC while many acyclic objects are built: it would walk all of them every
+    few hundred allocations (that doubled the load time of a 200k-record file read as dicts)."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -327,13 +305,9 @@ def gather_rows(
 
 
 class _Collector:
-    """The matrix's rows as they arrive, batch by batch, each batch with the columns known
-    then, checked as they come; every error names the file, record index, seed and key.
-
-    A key first seen in a later batch is a column the earlier batches lack: assembling
-    fills it with 0.0 for them and counts the fills, exactly as if every record had been
-    read before the columns were fixed.
-    """
+    """The matrix's rows as they arrive, batch by batch, each batch with the columns known then,
+    checked as they come. A key first seen in a later batch is a column the earlier batches lack:
+    assembling fills it with 0.0 for them and counts the fills, as if the file had been read whole."""
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -348,11 +322,8 @@ class _Collector:
 
     def _add_dicts(self, feature_dicts: list[dict[str, Any]], names: tuple[str, ...], base: int,
                    seeds: Sequence[Any]) -> None:
-        """Check parsed records' values and add them as a batch with columns ``names``.
-
-        ``set(map(type, ...))`` checks every cell in C; only a non-number (or a non-finite
-        value) makes the check go record by record, for the message.
-        """
+        """Check parsed records' values and add them as a batch with columns ``names``; the
+        check runs in C (``set(map(type, ...))``) and goes record by record only for the message."""
         rows, fills, filled_records = gather_rows(feature_dicts, names)
         n, d = len(rows), len(names)
         X64 = None
@@ -455,11 +426,10 @@ class _TableBuilder(_Collector):
         """Rebuilt when a key was added; None for a target the decoder cannot read."""
         if self.target in RESERVED_KEYS:
             return None
-        if self._decoder is None or len(self._decoder.layout.columns) != len(self.keys):
+        if self._decoder is None or len(self._decoder.columns) != len(self.keys):
             columns = tuple(self.keys)
             unread = frozenset(k for k in columns if not self._is_feature(k) and k != self.target)
-            layout = RecordLayout(columns, closed=True, unread=unread, target=self.target, metadata=True)
-            self._decoder = RecordDecoder(layout)
+            self._decoder = RecordDecoder(columns, closed=True, unread=unread, target=self.target, metadata=True)
             self._take = [j for j, k in enumerate(columns) if self._is_feature(k)]
             self._names = tuple(columns[j] for j in self._take)
             self._target_column = columns.index(self.target) if self.target in columns else None
@@ -564,7 +534,7 @@ class _FeaturesBuilder(_Collector):
         order += [k for k in self.names if k not in present]
         column = {k: j for j, k in enumerate(order)}
         unread = frozenset(order) - set(self.names)
-        self._decoder = RecordDecoder(RecordLayout(tuple(order), closed=False, unread=unread))
+        self._decoder = RecordDecoder(tuple(order), closed=False, unread=unread)
         self._take = [column[k] for k in self.names]
 
     def add_records(self, records: Sequence[Any], base: int) -> None:
@@ -586,8 +556,9 @@ class _FeaturesBuilder(_Collector):
                                 source_file=self.source)
 
 
-def _read_file(path: str | os.PathLike[str], builder: _TableBuilder | _FeaturesBuilder) -> None:
-    """Feed a survivors file to ``builder``, piece by piece (see the module docstring)."""
+@gc_paused()
+def _read_file(path: str | os.PathLike[str], builder: _TableBuilder | _FeaturesBuilder) -> Any:
+    """Feed a survivors file to ``builder``, piece by piece (see the module docstring); what it built."""
     source = os.fspath(path)
     try:
         fh = open(source, "rb")
@@ -601,7 +572,7 @@ def _read_file(path: str | os.PathLike[str], builder: _TableBuilder | _FeaturesB
             # Not an array (or not JSON): parse it whole for the message. A file that still
             # turns out to hold an array (e.g. after a byte-order mark) is read as one batch.
             builder.add_records(records_list(read_json_file(path, "survivors"), source), 0)
-            return
+            return builder.finish()
         # The first record fixes the decoder's columns; the empty-array error comes from here too.
         builder.add_records(records_list(reader.parse_elements(), source), 0)
         while (piece := reader.next_piece()) is not None:
@@ -612,6 +583,7 @@ def _read_file(path: str | os.PathLike[str], builder: _TableBuilder | _FeaturesB
             else:
                 reader.accept(len(decoded.seeds))
                 builder.add_decoded(decoded, base)
+    return builder.finish()
 
 
 def _decode(decoder: RecordDecoder | None, piece: Any) -> DecodedPiece | None:
@@ -622,14 +594,11 @@ def _decode(decoder: RecordDecoder | None, piece: Any) -> DecodedPiece | None:
         return None
     try:
         return decoder.decode(piece)
-    except DECODE_ERRORS:
-        pass
-    nulled = null_non_finite_tokens(piece)
-    if nulled is None:
-        return None
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        nulled = null_non_finite_tokens(piece)
     try:
-        return decoder.decode(nulled)
-    except DECODE_ERRORS:
+        return None if nulled is None else decoder.decode(nulled)
+    except (msgspec.DecodeError, msgspec.ValidationError):
         return None
 
 
@@ -652,10 +621,7 @@ def load_survivors(path: str | os.PathLike[str], target: str = DEFAULT_TARGET) -
     """Read a survivors file into inputs ``X`` and target ``y``; a :class:`DataError` naming
     the file, record index, seed and key for malformed input."""
     _check_target(target)
-    builder = _TableBuilder(target, os.fspath(path))
-    with gc_paused():
-        _read_file(path, builder)
-        return builder.finish()
+    return _read_file(path, _TableBuilder(target, os.fspath(path)))
 
 
 @gc_paused()
@@ -672,7 +638,4 @@ def load_features(path: str | os.PathLike[str], feature_names: Sequence[str]) ->
     """Read a survivors file for prediction: the given columns in that order, and each record's
     seed. Same reading, fills and errors as :func:`load_survivors`; no target is needed and
     keys not in ``feature_names`` are ignored."""
-    builder = _FeaturesBuilder(_check_feature_names(feature_names), os.fspath(path))
-    with gc_paused():
-        _read_file(path, builder)
-        return builder.finish()
+    return _read_file(path, _FeaturesBuilder(_check_feature_names(feature_names), os.fspath(path)))

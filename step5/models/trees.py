@@ -1,11 +1,6 @@
-"""Gradient-boosted tree models (xgboost, lightgbm, catboost), trained in-process.
-
-First what the libraries share (argument and data checks, the device choice and its CPU
-fallback, metrics, atomic checkpoint files), then one :class:`TreeAdapter` per library for
-what differs, found in :data:`ADAPTERS` by model type. An adapter holds no state and imports
-its library only inside its methods, so a neural-net run imports this module without them.
-Decisions (native parameter names, early stopping, devices, checkpoints): docs/models.md.
-"""
+"""Gradient-boosted tree models (xgboost, lightgbm, catboost), trained in-process: first what
+the libraries share, then one :class:`TreeAdapter` per library for what differs, found in
+:data:`ADAPTERS` by model type (docs/models.md)."""
 from __future__ import annotations
 
 import importlib.util
@@ -17,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -36,8 +31,7 @@ _DRIVER_KEYS = ("n_estimators", "early_stopping_rounds")
 
 
 def require_libraries(model_types: Iterable[str]) -> None:
-    """Raise :class:`MissingDependency` naming each tree library ``model_types`` need that is
-    not installed (the optional ``trees`` extra; a library's module is named as its model type)."""
+    """Raise :class:`MissingDependency` naming each tree library ``model_types`` need that is not installed."""
     missing = [mt for mt in dict.fromkeys(model_types)
                if mt in TREE_MODEL_TYPES and importlib.util.find_spec(mt) is None]
     if missing:
@@ -48,7 +42,7 @@ def require_libraries(model_types: Iterable[str]) -> None:
         )
 
 
-def _check_model_type(model_type: str) -> TreeAdapter:
+def adapter_for(model_type: str) -> TreeAdapter:
     """The adapter of ``model_type``; a ``ValueError`` for any other model type."""
     if model_type not in ADAPTERS:
         if model_type in MODEL_TYPES:
@@ -58,14 +52,9 @@ def _check_model_type(model_type: str) -> TreeAdapter:
     return ADAPTERS[model_type]
 
 
-def suggest_params(trial: Any, model_type: str) -> dict[str, Any]:
-    """One point of ``model_type``'s search space (JSON-ready, the library's own names)."""
-    return _check_model_type(model_type).suggest(trial)
-
-
-def _split_params(model_type: str, params: Mapping[str, Any]) -> tuple[int, int, dict[str, Any]]:
+def _split_params(adapter: TreeAdapter, params: Mapping[str, Any]) -> tuple[int, int, dict[str, Any]]:
     """Validate ``params``; return (n_estimators, early_stopping_rounds, library params)."""
-    adapter = ADAPTERS[model_type]
+    model_type = adapter.model_type
     allowed = set(adapter.library_keys) | set(adapter.choice_keys) | set(_DRIVER_KEYS)
     unknown = sorted(set(params) - allowed)
     if unknown:
@@ -87,17 +76,8 @@ def _split_params(model_type: str, params: Mapping[str, Any]) -> tuple[int, int,
     return int(n_estimators), int(early), lib
 
 
-def reads_validation_rows(model_type: str, params: Mapping[str, Any]) -> bool:
-    """Whether :func:`train_fold` early-stops ``params`` on its validation rows (every tree
-    booster does; xgboost's ``gblinear`` only scores them)."""
-    return _check_model_type(model_type).reads_validation_rows(dict(params))
-
-
 class TreeDevices:
-    """Where the tree fits of one owner train (the optimizer's tree backend holds one per run),
-    each found out once: the GPUs visible under each ``CUDA_VISIBLE_DEVICES`` value, whether a
-    library's build can train on a GPU, and which libraries' GPU fits failed (later fits of
-    those go straight to the CPU)."""
+    """What one owner's tree fits found out about the devices, each once (docs/models.md, "Devices")."""
 
     def __init__(self) -> None:
         self._visible: dict[str | None, tuple[str, ...]] = {}  # CUDA_VISIBLE_DEVICES -> GPU ids
@@ -105,10 +85,9 @@ class TreeDevices:
         self.gpu_failures: dict[str, str] = {}  # model type -> why it cannot use the GPU here
 
     def resolve(self, model_type: str, device: str | None = None) -> str:
-        """``"cpu"`` or ``"cuda:N"`` (a CUDA ordinal here). ``device=None`` detects; ``"cpu"``,
-        ``"cuda"`` and ``"cuda:N"`` ask. A GPU request ends on CPU, logged, when the library
-        cannot use it (lightgbm without GPU support, or an earlier GPU failure)."""
-        adapter = _check_model_type(model_type)
+        """``"cpu"`` or ``"cuda:N"`` (a CUDA ordinal here) for ``device`` None (detect), "cpu", "cuda"
+        or "cuda:N"; CPU, logged, when the library cannot use the GPU."""
+        adapter = adapter_for(model_type)
         if device is None:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             if visible not in self._visible:
@@ -178,7 +157,7 @@ class TreeModel:
                              f"trained on {self.n_features}")
         if X.shape[0] == 0:
             return np.zeros(0, dtype=np.float64)
-        out = _check_model_type(self.model_type).predict(self.booster, X)
+        out = adapter_for(self.model_type).predict(self.booster, X)
         return np.asarray(out, dtype=np.float64).reshape(-1)
 
 
@@ -203,8 +182,8 @@ _NAME_FORBIDDEN = frozenset('[]<>{}:,"')
 
 
 def _checked_feature_names(names: Sequence[str] | None, n_features: int, model_type: str) -> list[str] | None:
-    """``feature_names`` as a list, or None when absent or not storable by every library: such
-    names are left out (logged) rather than failing the fit, as they only help Step 6 check."""
+    """``feature_names`` as a list, or None when absent or not storable by every library (logged:
+    they only help Step 6 check, so they do not fail the fit)."""
     if names is None:
         return None
     out = [str(n) for n in names]
@@ -252,15 +231,10 @@ def train_fold(
     devices: TreeDevices | None = None,
 ) -> tuple[dict[str, Any], TreeModel]:
     """Train one fold, early-stopped on (``X_val``, ``y_val``) and cut to its best round, and
-    score it; returns (metrics, model). The metrics and arguments: docs/models.md.
-    ``devices`` remembers GPU checks and failures across the folds sharing it (None: fresh).
-
-    A bad argument is a ``ValueError`` naming it; a fit the library rejects (a parameter
-    value, out of memory) a :class:`~step5.errors.JobError`, which fails the trial.
-    """
-    adapter = _check_model_type(model_type)
+    score it; returns (metrics, model). Metrics, arguments and errors: docs/models.md."""
+    adapter = adapter_for(model_type)
     started = time.perf_counter()
-    n_estimators, early_rounds, lib = _split_params(model_type, params)
+    n_estimators, early_rounds, lib = _split_params(adapter, params)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"`seed` must be an int, got {seed!r}")
     if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1):
@@ -300,7 +274,6 @@ def train_fold(
         except Exception as exc2:
             raise _as_job_error(model_type, exc2) from exc2
 
-    kind = "cpu" if where == "cpu" else "cuda"
     model = TreeModel(model_type, booster, n_features=X_tr.shape[1], n_iterations=kept, feature_names=names)
     train_r2, train_mse = r2_mse(y_tr, model.predict(X_tr))
     val_r2, val_mse = r2_mse(y_va, model.predict(X_va))
@@ -309,7 +282,7 @@ def train_fold(
         "best_iteration": kept - 1, "n_iterations": kept, "early_stopped": kept < n_estimators,
         # Rounds the fit ran: an early stop ends `early_rounds` after the round it keeps.
         "rounds_trained": min(n_estimators, kept + early_rounds) if kept < n_estimators else n_estimators,
-        "device": kind, "device_fallback": fallback, "seed": seed,
+        "device": "cpu" if where == "cpu" else "cuda", "device_fallback": fallback, "seed": seed,
         "n_train": int(X_tr.shape[0]), "n_val": int(X_va.shape[0]),
     }
     if test is not None:
@@ -320,7 +293,7 @@ def train_fold(
 
 def _checkpoint(model_type: str, path: str | os.PathLike[str]) -> tuple[TreeAdapter, Path]:
     """The adapter of ``model_type``, and ``path``, which must end with its checkpoint's suffix."""
-    adapter = _check_model_type(model_type)
+    adapter = adapter_for(model_type)
     p = Path(path)
     suffix = Path(checkpoint_filename(model_type)).suffix
     if p.suffix != suffix:
@@ -329,8 +302,7 @@ def _checkpoint(model_type: str, path: str | os.PathLike[str]) -> tuple[TreeAdap
 
 
 def save_model(model: TreeModel, model_type: str, path: str | os.PathLike[str]) -> Path:
-    """Write ``model`` in its library's native format, atomically (a reader never loads half a
-    checkpoint); returns the path."""
+    """Write ``model`` in its library's native format, atomically; returns the path."""
     if not isinstance(model, TreeModel):
         raise ValueError(f"`model` must be a TreeModel from train_fold/load_model, got {type(model).__name__}")
     if model.model_type != model_type:
@@ -350,29 +322,20 @@ def load_model(path: str | os.PathLike[str], model_type: str) -> TreeModel:
         raise DataError(f"{model_type} checkpoint not found: {p}")
     require_libraries([model_type])
     try:
-        loaded = adapter.load(p)
+        model = adapter.load(p)
     except Exception as exc:
         raise DataError(f"cannot load {model_type} checkpoint {p}: {type(exc).__name__}: {exc}") from exc
-    n = int(loaded.n_features)
-    names = [str(k) for k in loaded.feature_names or ()]
+    n = model.n_features = int(model.n_features)
+    model.n_iterations = int(model.n_iterations)
+    names = [str(k) for k in model.feature_names or ()]
     if names in ([f"Column_{i}" for i in range(n)], [str(i) for i in range(n)]):
         names = []  # made up by the library (lightgbm, catboost): the model was trained without names
-    return TreeModel(model_type, loaded.booster, n_features=n, n_iterations=int(loaded.n_iterations),
-                     feature_names=names or None)
-
-
-class LoadedBooster(NamedTuple):
-    """What an adapter reads back from a checkpoint file."""
-
-    booster: Any  # the library's model object, set up to predict on the CPU
-    n_features: int
-    n_iterations: int  # boosting rounds the file holds
-    feature_names: Sequence[str] | None  # as the library reports them (may be made up, e.g. Column_0)
+    model.feature_names = names or None
+    return model
 
 
 def suggest_boosting(trial: Any) -> dict[str, Any]:
-    """The part of every search space the libraries share, suggested first (the order of
-    suggestions decides what a seeded sampler draws): the cap on rounds and the learning rate."""
+    """What every search space shares, suggested first (the order decides what a seeded sampler draws)."""
     return {
         "n_estimators": trial.suggest_int("n_estimators", 100, 1000, step=50),
         "learning_rate": trial.suggest_float("learning_rate", 0.01, 0.3, log=True),
@@ -380,52 +343,36 @@ def suggest_boosting(trial: Any) -> dict[str, Any]:
 
 
 class TreeAdapter:
-    """The interface every library answers; the defaults suit a library that early-stops
-    every fit on its validation rows and may train on any GPU it is given."""
+    """The interface every library answers (each method: docs/models.md, "The adapter interface");
+    the defaults suit a library that early-stops every fit on its validation rows and may
+    train on any GPU it is given."""
 
-    #: The model type (and the library's module and PyPI name): "xgboost", ...
-    model_type: str
-    #: Library parameters :meth:`suggest` may produce; train_fold accepts exactly these
-    #: (plus the shared driver keys), so a typo in a hand-written dict is an error.
-    library_keys: tuple[str, ...]
-    #: Parameters whose value is one of a few strings, and those strings; every other
-    #: library parameter is a finite number.
-    choice_keys: Mapping[str, tuple[str, ...]] = MappingProxyType({})
-    #: "module:Class" of the exception the library raises for a fit it rejects (a parameter
-    #: value, out of memory); imported only when a fit fails.
-    error_class: str
+    model_type: str  # also the library's module and PyPI name
+    library_keys: tuple[str, ...]  # what train_fold accepts besides the driver keys: a typo is an error
+    choice_keys: Mapping[str, tuple[str, ...]] = MappingProxyType({})  # string-valued keys and their values
+    error_class: str  # "module:Class" the library raises for a fit it rejects, imported when one fails
 
     def suggest(self, trial: Any) -> dict[str, Any]:
-        """One point of the search space: library parameters plus ``n_estimators``, JSON-ready."""
         raise NotImplementedError
 
     def fit(self, params: dict[str, Any], X_tr: np.ndarray, y_tr: np.ndarray, X_va: np.ndarray, y_va: np.ndarray, *,
             max_rounds: int, early_stopping_rounds: int, seed: int, n_threads: int | None, device: str,
             feature_names: list[str] | None) -> tuple[Any, int]:
-        """Boost at most ``max_rounds``, stopping once the validation loss has not improved for
-        ``early_stopping_rounds``; returns (booster cut to its best round, rounds it keeps).
-        ``device`` is "cpu" or "cuda:N"; the returned booster predicts on the CPU."""
         raise NotImplementedError
 
     def reads_validation_rows(self, params: dict[str, Any]) -> bool:
-        """Whether a fit early-stops on its validation rows (else it only scores them, and
-        its final model can fit every development row)."""
         return True
 
     def cpu_only_reason(self, params: dict[str, Any]) -> str | None:
-        """Why a fit of ``params`` trains on the CPU even where a GPU is asked for, or None."""
         return None
 
     def predict(self, booster: Any, X: np.ndarray) -> np.ndarray:
-        """Predictions for float32 rows ``X`` (n >= 1), shape (n,)."""
         return booster.predict(X)
 
     def save(self, booster: Any, path: Path) -> None:
-        """Write ``booster`` in the library's native format (the caller makes it atomic)."""
         booster.save_model(str(path))
 
-    def load(self, path: Path) -> LoadedBooster:
-        """Read a file written by :meth:`save`; any library error propagates."""
+    def load(self, path: Path) -> TreeModel:
         raise NotImplementedError
 
     def library_error(self) -> type[BaseException]:
@@ -433,8 +380,6 @@ class TreeAdapter:
         return getattr(importlib.import_module(module), name)
 
     def gpu_unsupported_reason(self, gpu_id: int) -> str | None:
-        """Why this build cannot train on GPU ``gpu_id``, or None when it can or cannot tell
-        before trying (a failing GPU fit then falls back to CPU: trees.train_fold)."""
         return None
 
 
@@ -450,9 +395,7 @@ LINEAR_MAX_ROUNDS = 1000
 
 
 class XGBoostAdapter(TreeAdapter):
-    """``gbtree`` (``tree_method="hist"``) or ``gblinear``, an elastic net fitted on
-    standardised rows (:func:`_fit_linear`). Checkpoints are xgboost JSON, saved without
-    feature names (:func:`_unnamed`)."""
+    """``gbtree`` (``tree_method="hist"``) or ``gblinear`` (:func:`_fit_linear`); JSON checkpoints (:func:`_unnamed`)."""
 
     model_type = "xgboost"
     error_class = "xgboost.core:XGBoostError"
@@ -532,7 +475,7 @@ class XGBoostAdapter(TreeAdapter):
     def save(self, booster: Any, path: Path) -> None:
         _unnamed(booster).save_model(str(path))  # the format follows the file's suffix (.json)
 
-    def load(self, path: Path) -> LoadedBooster:
+    def load(self, path: Path) -> TreeModel:
         import xgboost as xgb
 
         booster = xgb.Booster()
@@ -540,7 +483,7 @@ class XGBoostAdapter(TreeAdapter):
         booster.set_param({"device": "cpu"})
         stored = booster.attr(NAMES_ATTR)
         names = json.loads(stored) if stored else booster.feature_names
-        return LoadedBooster(booster, booster.num_features(), booster.num_boosted_rounds(), names)
+        return TreeModel(self.model_type, booster, booster.num_features(), booster.num_boosted_rounds(), names)
 
 
 def _is_linear(params: dict[str, Any]) -> bool:
@@ -603,13 +546,8 @@ def _fold_scaling(booster: Any, x_mean: np.ndarray, x_scale: np.ndarray, y_mean:
 
 
 def _unnamed(booster: Any) -> Any:
-    """A copy of ``booster`` without feature names, which is what gets saved.
-
-    A booster saved with names refuses ``predict(xgb.DMatrix(X))`` on a plain array, and
-    that is how the existing Step 6 predicts. The names belong in the sidecar; a copy goes
-    in a booster attribute, which prediction ignores, so this project's loader can still
-    check the checkpoint against its sidecar.
-    """
+    """A copy of ``booster`` to save: without feature names, which would make the existing Step 6's
+    ``predict(xgb.DMatrix(X))`` on a plain array fail; they go in an attribute prediction ignores."""
     names = booster.feature_names
     unnamed = booster.copy()
     unnamed.feature_names = None
@@ -619,8 +557,7 @@ def _unnamed(booster: Any) -> Any:
 
 
 class LightGBMAdapter(TreeAdapter):
-    """Deterministic on CPU (``deterministic``, ``force_row_wise``); text checkpoints. The
-    PyPI wheel's GPU support needs an OpenCL device, so :meth:`gpu_unsupported_reason` probes."""
+    """Deterministic on CPU; text checkpoints; the wheel's GPU support needs an OpenCL device (probed)."""
 
     model_type = "lightgbm"
     error_class = "lightgbm.basic:LightGBMError"
@@ -668,11 +605,12 @@ class LightGBMAdapter(TreeAdapter):
             booster = lgb.Booster(model_str=booster.model_to_string(num_iteration=kept))
         return booster, kept
 
-    def load(self, path: Path) -> LoadedBooster:
+    def load(self, path: Path) -> TreeModel:
         import lightgbm as lgb
 
         booster = lgb.Booster(model_file=str(path))
-        return LoadedBooster(booster, booster.num_feature(), booster.current_iteration(), booster.feature_name())
+        return TreeModel(self.model_type, booster, booster.num_feature(), booster.current_iteration(),
+                         booster.feature_name())
 
     def gpu_unsupported_reason(self, gpu_id: int) -> str | None:
         """A 1-round fit: a build without GPU support, or without an OpenCL device, raises."""
@@ -728,12 +666,13 @@ class CatBoostAdapter(TreeAdapter):
     def save(self, booster: Any, path: Path) -> None:
         booster.save_model(str(path), format="cbm")
 
-    def load(self, path: Path) -> LoadedBooster:
+    def load(self, path: Path) -> TreeModel:
         from catboost import CatBoostRegressor
 
         booster = CatBoostRegressor()
         booster.load_model(str(path), format="cbm")
-        return LoadedBooster(booster, len(booster.feature_names_), int(booster.tree_count_), booster.feature_names_)
+        return TreeModel(self.model_type, booster, len(booster.feature_names_), int(booster.tree_count_),
+                         booster.feature_names_)
 
 
 #: The adapter of each tree library, by model type (read-only: adapters hold no state).

@@ -400,7 +400,7 @@ class TreeBackend:
         self._devices: set[str] = set()
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
-        return dict(trees.suggest_params(trial, self.model_type))
+        return dict(trees.adapter_for(self.model_type).suggest(trial))
 
     def _fit(self, trial_number: int, fold_idx: int, params: dict[str, Any], tr: np.ndarray, va: np.ndarray,
              **test: Any) -> tuple[dict[str, Any], Any]:
@@ -453,7 +453,7 @@ class TreeBackend:
     def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
         """Fit ``params`` on the final split, or, for a model that does not early-stop (xgboost's gblinear),
         on every dev row, scored by its trial's CV means (its folds fitted again: same seeds, same scores)."""
-        if trees.reads_validation_rows(self.model_type, params):
+        if trees.adapter_for(self.model_type).reads_validation_rows(params):
             metrics, model = self._fit(trial_number, FINAL_FOLD_IDX, params, self.cv.final_fit_idx,
                                        self.cv.final_es_idx, X_test=self.cv.X_test, y_test=self.cv.y_test)
         else:

@@ -15,7 +15,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from step5 import artifacts
 from step5.data.sample import generate_arrays
 from step5.models import trees
-from step5.models.trees import LoadedBooster, TreeAdapter
+from step5.models.trees import TreeAdapter, TreeModel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -131,7 +131,7 @@ def test_each_adapter_round_trips_fit_save_load_predict(model_type, data, tmp_pa
     path = tmp_path / artifacts.checkpoint_filename(model_type)
     adapter.save(booster, path)
     loaded = adapter.load(path)
-    assert isinstance(loaded, LoadedBooster)
+    assert isinstance(loaded, TreeModel)
     assert (loaded.n_features, loaded.n_iterations) == (X_tr.shape[1], kept)
     assert list(loaded.feature_names) == names
     np.testing.assert_array_equal(np.asarray(adapter.predict(loaded.booster, X_va), dtype=np.float64), before)

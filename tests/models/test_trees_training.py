@@ -99,7 +99,7 @@ def test_search_space_samples_are_accepted_by_train_fold(model_type, planted):
     seen = []
     for _ in range(5):
         trial = study.ask()
-        params = trees.suggest_params(trial, model_type)
+        params = trees.adapter_for(model_type).suggest(trial)
         json.dumps(params)
         adapter = trees.ADAPTERS[model_type]
         assert set(params) <= set(adapter.library_keys) | set(adapter.choice_keys) | {"n_estimators", "early_stopping_rounds"}
@@ -149,7 +149,7 @@ def test_bad_input_is_a_clear_error(change, message):
 
 def test_neural_net_and_unknown_model_types_are_refused():
     with pytest.raises(ValueError, match="'neural_net' is not a tree model"):
-        trees.suggest_params(optuna.create_study().ask(), "neural_net")
+        trees.adapter_for("neural_net")
     with pytest.raises(ValueError, match="must be one of"):
         trees.train_fold("random_forest", {}, np.zeros((4, 1)), np.zeros(4), np.zeros((4, 1)), np.zeros(4), seed=0)
 

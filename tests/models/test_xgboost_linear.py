@@ -62,7 +62,7 @@ def test_validation_rows_are_only_scored(rows):
     other_metrics, other = _fit(rows, X_val=Xva[shuffled][::-1], y_val=-yva)
     np.testing.assert_array_equal(other.predict(Xte), model.predict(Xte))  # the same model
     assert other_metrics["r2"] != metrics["r2"]  # scored on what it was given
-    assert not trees.reads_validation_rows("xgboost", LINEAR)
+    assert not trees.adapter_for("xgboost").reads_validation_rows(LINEAR)
 
 
 def test_the_checkpoint_predicts_raw_rows_as_step6_does(rows, tmp_path):
