@@ -297,9 +297,7 @@ class AntiOverfitMetaOptimizer:
             logger.info("--pruner %s runs the folds in waves (fold k of every trial in flight), so a trial's "
                         "folds are not fused (--fuse-trials still fuses same-shape trials' fold k)", plan.pruner)
         try:
-            return NNBackend(runner, cv, files, seed=cfg.seed, normalize_features=cfg.normalize_features,
-                             use_leaky_relu=cfg.use_leaky_relu, dropout=cfg.dropout, max_epochs=cfg.nn_max_epochs,
-                             fuse_folds=plan.fuse_folds, fuse_trials=plan.fuse_trials)
+            return NNBackend(runner, cv, files, cfg, plan)
         except BaseException:
             runner.close()
             raise
