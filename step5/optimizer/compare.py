@@ -17,7 +17,9 @@ from step5.errors import EXIT_OK, DegenerateSignalError, Step5Error
 from step5.jsonio import read_json_file, write_json_atomic
 from step5.optimizer.optimizer import AntiOverfitMetaOptimizer
 from step5.optimizer.config import OptimizerConfig, RunOutcome, rescore_partitions, validate_config
-from step5.optimizer.plots import drawing, save_figure
+from step5.optimizer.diagnostics import (
+    compare_health_report, drawing, model_health_report, save_figure, write_health_report
+)
 from step5.values import finite_or_none, utc_timestamp
 
 logger = logging.getLogger(__name__)
@@ -302,7 +304,6 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
 
 def _write_compare_health(config: OptimizerConfig, candidates: dict[str, Candidate], winner: Candidate | None) -> None:
     """The health check's view of a compare run: every trained model's report, the winner named."""
-    from step5.optimizer.diagnostics import compare_health_report, model_health_report, write_health_report
     from step5.policy import load_policy
 
     rules = load_policy(config.policy_path).training_diagnostics

@@ -37,12 +37,13 @@ from step5.values import finite_or_none, utc_timestamp
 from step5.optimizer.config import (
     DEFAULT_MOD, DEFAULT_PRNG_TYPE, OptimizerConfig, RunOutcome, cv_repeats, rescore_partitions, validate_config,
 )
-from step5.optimizer.diagnostics import model_health_report, write_health_report, write_run_diagnostics
+from step5.optimizer.diagnostics import (
+    model_health_report, plot_optimization_history, write_health_report, write_run_diagnostics
+)
 from step5.optimizer.backends import default_trials_in_flight
 from step5.optimizer.backends import CVData, ModelBackend, NNBackend, TreeBackend, partition_seed
 from step5.optimizer.objective import OBJECTIVE_FORMULA, OVERFIT_PENALTY, summarize_folds
 from step5.optimizer.search import SearchGoal, SearchPlan, TrialProgress, run_search
-from step5.optimizer.plots import plot_optimization_history
 from step5.optimizer.search_space import DataShape, first_nn_trials
 from step5.optimizer.study import (
     OpenedStudy, best_complete_trial, count_states, default_storage_url, default_study_name, open_study, redact_storage
