@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from step5 import artifacts, model_set
@@ -151,8 +150,10 @@ class AntiOverfitMetaOptimizer:
             # No more first trials than --trials: the rest would wait in the study unrun.
             first_trials = first_nn_trials(shape, fixed_dropout=cfg.dropout)[: cfg.trials]
         opened = open_study(study_name=study_name, storage_url=storage_url, setup=setup, seed=cfg.seed,
-                            trials=cfg.trials, data=self._study_data(data_context), training=self.policy.training,
-                            first_trials=first_trials)
+                            trials=cfg.trials, training=self.policy.training, first_trials=first_trials,
+                            data={"fingerprint_hash": data_context["fingerprint_hash"],
+                                  "survivor_count": data_context["survivor_source"]["survivor_count"],
+                                  "training_window_draws": data_context["training_window"]["draw_count"]})
         with contextlib.ExitStack() as outputs:  # the new model set: discarded unless committed
             with contextlib.ExitStack() as stack:
                 # Helpers on the other hosts join the study while this process boots its workers;
@@ -167,7 +168,11 @@ class AntiOverfitMetaOptimizer:
                     return self._search_only_outcome(opened)
                 best = best_complete_trial(opened.study)
                 if best is None:
-                    raise Step5Error(self._no_complete_trial_message(opened.study))
+                    failed = opened.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                    reasons = [f"trial {t.number}: {t.user_attrs.get('fail_reason', 'unknown')}" for t in failed[-3:]]
+                    raise Step5Error(
+                        f"study {opened.study_name!r} has no complete trial ({len(failed)} failed), so there is no "
+                        "model to build" + (". Last failures:\n  " + "\n  ".join(reasons) if reasons else ""))
                 rescore = self._rescore(best, backend, cv)
                 staged = outputs.enter_context(model_set.stage(self.output_dir))
                 with model_set.writing(self.output_dir):  # a full or read-only disk: one line, exit 1
@@ -214,12 +219,6 @@ class AntiOverfitMetaOptimizer:
                                   survivors_file=str(cfg.survivors), survivor_count=table.n_records,
                                   prng_type=prng_type, mod=mod, target=table.target,
                                   missing_feature_fills=table.missing_fills, lottery_data_file=str(cfg.lottery_data))
-
-    @staticmethod
-    def _study_data(data_context: dict[str, Any]) -> dict[str, Any]:
-        return {"fingerprint_hash": data_context["fingerprint_hash"],
-                "survivor_count": data_context["survivor_source"]["survivor_count"],
-                "training_window_draws": data_context["training_window"]["draw_count"]}
 
     def _setup(self) -> dict[str, Any]:
         """What makes two runs' objective values comparable (docs/optimizer-internals.md#study)."""
@@ -333,15 +332,6 @@ class AntiOverfitMetaOptimizer:
         )
         return RunOutcome(model_type=self.config.model_type, status="SEARCH_ONLY", trials_run=counts["complete"],
                           wall_s=self.timings["total_s"])
-
-    @staticmethod
-    def _no_complete_trial_message(study: optuna.Study) -> str:
-        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        reasons = [f"trial {t.number}: {t.user_attrs.get('fail_reason', 'unknown')}" for t in failed[-3:]]
-        return (
-            f"study {study.study_name!r} has no complete trial ({len(failed)} failed), so there is no model to build"
-            + (". Last failures:\n  " + "\n  ".join(reasons) if reasons else "")
-        )
 
     @staticmethod
     def _best_params(best: FrozenTrial) -> dict[str, Any]:
