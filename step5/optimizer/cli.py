@@ -250,28 +250,6 @@ def configure_logging(level: str) -> None:
     # Our per-trial progress line replaces Optuna's "Trial N finished"; its warnings
     # ("Trial N failed with parameters ... because ...") stay.
     optuna.logging.set_verbosity(logging.DEBUG if level == "DEBUG" else logging.WARNING)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(InterruptedTrialFilter())
-
-
-class InterruptedTrialFilter(logging.Filter):
-    """Drops Optuna's two lines (one with a traceback) about the trial an interrupt stopped: the run ends
-    with one line from :func:`main`, and the trial keeps its ``fail_reason``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._drop_prefix: str | None = None
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc_type = record.exc_info[0] if record.exc_info else None
-        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
-            trial = record.getMessage().split(" failed with parameters", 1)[0]  # "Trial 7"
-            self._drop_prefix = f"{trial} failed with value"
-            return False
-        if self._drop_prefix is not None and record.getMessage().startswith(self._drop_prefix):
-            self._drop_prefix = None
-            return False
-        return True
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:

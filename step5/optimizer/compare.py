@@ -140,23 +140,17 @@ def _read_sidecar(candidate: Candidate) -> dict[str, Any] | None:
     return None
 
 
-def _annotated(sidecar: dict[str, Any], role: str, block: dict[str, Any], set_dir: Path) -> dict[str, Any]:
-    """The sidecar with the compare block; the checkpoint path becomes the one in the set it is committed with."""
-    sidecar = dict(sidecar)
-    if sidecar.get("checkpoint_path"):
-        sidecar["checkpoint_path"] = str(set_dir / Path(sidecar["checkpoint_path"]).name)
-    sidecar["compare_models"] = {**block, "role": role}
-    return sidecar
-
-
 def _commit_set(folder: Path, files: dict[str, Path], sidecar: dict[str, Any] | None, role: str,
                 block: dict[str, Any]) -> None:
     with model_set.stage(folder) as staged:
         model_set.copy_files(staged, {n: p for n, p in files.items() if sidecar is None or n != artifacts.SIDECAR_NAME})
         if sidecar is not None:
+            # The compare block added; the checkpoint path becomes the one in the set it is committed with.
+            annotated = {**sidecar, "compare_models": {**block, "role": role}}
+            if sidecar.get("checkpoint_path"):
+                annotated["checkpoint_path"] = str(staged.final_dir / Path(sidecar["checkpoint_path"]).name)
             try:
-                artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME,
-                                        _annotated(sidecar, role, block, staged.final_dir))
+                artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, annotated)
             except ValueError as exc:
                 if role != "archived":
                     raise
