@@ -51,25 +51,19 @@ def redact_storage(url: str) -> str:
         return url
 
 
-def _causes(exc: BaseException) -> list[BaseException]:
-    """``exc`` and what it was raised ``from``; not an implicit ``__context__`` (optimizer-internals.md#storage)."""
-    out: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in out:
-        out.append(current)
-        current = current.__cause__
-    return out
-
-
 def database_error(exc: BaseException) -> BaseException | None:
     """The error of talking to the database behind ``exc`` (a DBAPI error, a pool without a live connection), or
     None (``KeyError``, ``UpdateFinishedTrialError``, a malformed URL: docs/optimizer-internals.md#storage)."""
     from sqlalchemy import exc as sa_exc
 
     kinds = (sa_exc.DBAPIError, sa_exc.DisconnectionError, sa_exc.TimeoutError, sa_exc.PendingRollbackError)
-    for e in _causes(exc):
-        if isinstance(e, kinds):
-            return e
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:  # what it was raised ``from``; not ``__context__``
+        if isinstance(current, kinds):
+            return current
+        seen.append(current)
+        current = current.__cause__
     return None
 
 
@@ -191,10 +185,6 @@ def _forwarded(name: str, *, retried: bool) -> Callable[..., Any]:
     return method
 
 
-def _same_values(stored: Sequence[float] | None, wanted: Sequence[float] | None) -> bool:
-    return list(stored or []) == [float(v) for v in (wanted or [])]
-
-
 class RetryingStorage(BaseStorage, BaseHeartbeat):
     """Optuna's cached RDB storage, every call of it through a :class:`DatabaseRetry`
     (the module docstring says why each retry is safe). ``owner`` is this process's
@@ -266,7 +256,8 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
                 return trial.state == TrialState.RUNNING and trial.user_attrs.get(OWNER_ATTR) == self.owner
             if not trial.state.is_finished():
                 return self._inner.set_trial_state_values(trial_id, state, values)
-            if trial.state == state and (state == TrialState.FAIL or _same_values(trial.values, values)):
+            same_values = list(trial.values or []) == [float(v) for v in (values or [])]
+            if trial.state == state and (state == TrialState.FAIL or same_values):
                 return state != TrialState.FAIL
             raise optuna.exceptions.UpdateFinishedTrialError(
                 f"trial {trial.number} is already finished ({trial.state.name}); it cannot become {state.name}"

@@ -43,13 +43,9 @@ def default_storage_url(output_dir: Path) -> str:
     return f"sqlite:///{output_dir / DEFAULT_DB_NAME}"
 
 
-def setup_hash(setup: Mapping[str, Any]) -> str:
-    canonical = dumps({k: setup[k] for k in sorted(setup)})
-    return hashlib.sha256(canonical).hexdigest()[:8]
-
-
 def default_study_name(model_type: str, fingerprint: str, setup: Mapping[str, Any]) -> str:
-    return f"step5_{model_type}_{fingerprint}_{setup_hash(setup)}"
+    setup_hash = hashlib.sha256(dumps({k: setup[k] for k in sorted(setup)})).hexdigest()[:8]
+    return f"step5_{model_type}_{fingerprint}_{setup_hash}"
 
 
 @dataclass
