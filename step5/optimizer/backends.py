@@ -242,7 +242,7 @@ class NNBackend:
 
     def _keep_states_of_best(self, number: int, outcome: TrialOutcome) -> None:
         """Keep ``number``'s fold models if it is the best trial so far, delete the others'."""
-        value = summarize_folds(outcome).value if isinstance(outcome, list) else math.nan
+        value = summarize_folds(outcome)["value"] if isinstance(outcome, list) else math.nan
         if math.isfinite(value) and (self._kept is None or value > self._kept[0]):
             if self._kept is not None:
                 shutil.rmtree(self.states / f"trial_{self._kept[1]}", ignore_errors=True)

@@ -355,7 +355,7 @@ class AntiOverfitMetaOptimizer:
             value = r2_mean = float("nan")
             try:
                 summary = summarize_folds(backend.rescore(best.number, params, p))
-                value, r2_mean = summary.value, summary.val_r2_mean
+                value, r2_mean = summary["value"], summary["val_r2_mean"]
             except JobError as exc:
                 logger.warning("rescoring trial %d on fresh partition %d failed: %s", best.number, p, exc)
             values.append(value)

@@ -336,7 +336,7 @@ def tell(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, *, wal
         else:
             report_folds(trial, outcome, first_step=len(outcome) - 1 if gated else 0)
             summary = record_trial(trial, outcome, wall_s=wall_s)
-            value = summary.value if math.isfinite(summary.value) else None
+            value = summary["value"] if math.isfinite(summary["value"]) else None
             reason = trial.user_attrs.get("fail_reason", "the objective is not finite")
     except optuna.exceptions.UpdateFinishedTrialError:
         return _finished_elsewhere(study, trial)
