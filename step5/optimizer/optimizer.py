@@ -100,8 +100,6 @@ class AntiOverfitMetaOptimizer:
         self.policy: Policy | None = None
         self.plan = SearchPlan(1, False, False, "not resolved yet")
         self._search_record = SearchRecord()
-        self._first_new_number = 0  # trials numbered from here on were run by this invocation
-        self._progress = TrialProgress(0)  # counts the trials (any end state) this invocation ran
         self._t0 = time.perf_counter()
         self.cv_repeats = 1  # K-fold partitions per trial: resolved once the row count is known
 
@@ -306,9 +304,6 @@ class AntiOverfitMetaOptimizer:
         cfg = self.config
         target = opened.target_complete
         n_new = max(0, target - opened.complete_before)
-        self._first_new_number = opened.trials_before
-        self._progress = TrialProgress(n_new)
-        self._search_record = self.plan.record()  # what a search would have been, if none runs
         if opened.joined_round:
             logger.info("study %r has an unfinished round: joining it until the study holds %d complete trials "
                         "(it has %d; this run's --trials %d does not start another)",
@@ -320,7 +315,7 @@ class AntiOverfitMetaOptimizer:
         interval = self.policy.training.heartbeat_interval_s
         goal = SearchGoal(complete=target, new_trials=n_new, poll_s=min(1.0, interval),
                           reclaim_every_s=min(10.0, interval))
-        self._search_record = run_search(opened, backend, self.plan, goal, self._progress)
+        self._search_record = run_search(opened, backend, self.plan, goal, TrialProgress(n_new))
         self.timings["search_s"] = time.perf_counter() - start
 
     def _search_only_outcome(self, opened: OpenedStudy) -> RunOutcome:
@@ -328,7 +323,7 @@ class AntiOverfitMetaOptimizer:
         self.timings["total_s"] = time.perf_counter() - self._t0
         logger.info(
             "search-only: study %r holds %d complete trials (round target %d); this process ran %d; no model written",
-            opened.study_name, counts["complete"], opened.target_complete, self._progress.told,
+            opened.study_name, counts["complete"], opened.target_complete, self._search_record.trials,
         )
         return RunOutcome(model_type=self.config.model_type, status="SEARCH_ONLY", trials_run=counts["complete"],
                           wall_s=self.timings["total_s"])
@@ -403,7 +398,7 @@ class AntiOverfitMetaOptimizer:
             "storage": redact_storage(storage_url),
             "trials_run": counts["complete"],
             "trials_failed": counts["fail"],
-            "trials_new": self._progress.told,
+            "trials_new": self._search_record.trials,  # told by this process, any end state
             "trials_requested": self.config.trials,
             "round_target": opened.target_complete if opened is not None else None,
             "resumed": bool(opened.resumed) if opened is not None else False,
@@ -486,7 +481,7 @@ class AntiOverfitMetaOptimizer:
             )
         if cfg.enable_diagnostics:
             write_run_diagnostics(cfg.diagnostics_folder, model_type=cfg.model_type, run_id=self.run_id, trials=trials,
-                                  first_new_number=self._first_new_number, execution=execution, final_metrics=metrics,
+                                  first_new_number=opened.trials_before, execution=execution, final_metrics=metrics,
                                   extra={"study_name": opened.study_name, "objective_formula": OBJECTIVE_FORMULA})
             write_health_report(cfg.diagnostics_folder, model_health_report(
                 cfg.model_type, metrics, self.policy.training_diagnostics), model_type=cfg.model_type)

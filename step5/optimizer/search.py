@@ -429,12 +429,10 @@ class TrialProgress:
 
     def __init__(self, n_new: int) -> None:
         self.n_new = n_new
-        self.told = 0  # trials (any end state) this process told
         self.completed = 0
         self._start = time.perf_counter()
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.told += 1
         self.completed += trial.state == TrialState.COMPLETE
         done, n_new = self.completed, self.n_new
         best = best_complete_trial(study)
