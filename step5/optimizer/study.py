@@ -170,8 +170,7 @@ def open_study(*, study_name: str, storage_url: str, setup: Mapping[str, Any], d
     """Create or join the study (its stored setup and data must match), and join its unfinished round or
     start one of ``trials``; ``first_trials`` are enqueued, under the lock, only into a study with no trial."""
     storage = open_storage(storage_url, training or TrainingPolicy())
-    existing = set(optuna.get_all_study_names(storage))
-    resumed = study_name in existing
+    resumed = study_name in optuna.get_all_study_names(storage)
     try:
         study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
                                     sampler=make_sampler(seed))
