@@ -8,7 +8,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import optuna
@@ -21,6 +21,10 @@ from step5.execution.summary import RunnerStats, Timings
 from step5.optimizer.objective import summarize_folds
 from step5.optimizer.search_space import SEARCH_BATCH_MODE, DataShape, suggest_nn_params
 from step5.protocol import MergeRequest, NNParams, TrainRequest, fusion_key
+
+if TYPE_CHECKING:
+    from step5.optimizer.config import OptimizerConfig
+    from step5.optimizer.search import SearchPlan
 
 logger = logging.getLogger(__name__)
 
@@ -163,51 +167,23 @@ def plan_groups(trial_requests: Mapping[int, Sequence[TrainRequest]], *, fuse_fo
     return sorted(groups, key=estimated_cost, reverse=True)
 
 
-class ModelBackend(Protocol):
-    """One model family's way of training a trial's folds and the final model."""
-
-    model_type: str
-
-    def suggest(self, trial: optuna.Trial) -> dict[str, Any]: ...
-
-    def run_trials(self, trials: Sequence[tuple[int, dict[str, Any]]],
-                   gate: FoldGate | None = None) -> list[TrialOutcome]:
-        """Per trial (input order): its fold results in fold order, the :class:`JobError` that failed it
-        (only it), or :class:`Pruned` when ``gate``, called after each fold, said False."""
-
-    def rescore(self, trial_number: int, params: dict[str, Any], partition: int) -> list[dict[str, Any]]:
-        """``params`` on a fresh partition's folds, seeds of their own; the first fold's JobError raised."""
-
-    def train_final(self, trial_number: int, params: dict[str, Any], checkpoint_path: Path) -> dict[str, Any]:
-        """The final model from exactly ``params``, scored on the test rows and saved."""
-
-    def summary(self) -> RunnerStats: ...
-
-    def close(self) -> None: ...
-
-
 class NNBackend:
     """Neural-net folds as :class:`TrainRequest` jobs for a :class:`FoldRunner`; the fold files are written
     once. Each search fold saves its model; the best trial's so far are kept for :meth:`train_final`."""
 
     model_type = "neural_net"
 
-    def __init__(self, runner: FoldRunner, cv: CVData, files: FoldFiles, *, seed: int, normalize_features: bool,
-                 use_leaky_relu: bool, dropout: float | None, max_epochs: int, fuse_folds: bool = False,
-                 fuse_trials: bool = False) -> None:
-        self.runner, self.cv, self.files, self.seed = runner, cv, files, seed
-        self.normalize_features, self.use_leaky_relu = normalize_features, use_leaky_relu
-        self.dropout, self.max_epochs, self.batch_mode = dropout, max_epochs, SEARCH_BATCH_MODE
+    def __init__(self, runner: FoldRunner, cv: CVData, files: FoldFiles, config: OptimizerConfig,
+                 plan: SearchPlan) -> None:
+        self.runner, self.cv, self.files, self.config, self.plan = runner, cv, files, config, plan
         self.data_shape = DataShape.of_development(len(cv.y_dev), cv.X_dev.shape[1], cv.k)
-        self.fuse_folds = fuse_folds or fuse_trials  # trials fused share their folds' pass
-        self.fuse_trials = fuse_trials
         start = time.perf_counter()
         self.fold_rows: dict[str, int] = {}  # rows each fold file trains on: resolves "auto" batch mode
         self._partition_paths: dict[int, list[str]] = {}
         self.states = files.path / "fold_states"  # each trial's search fold models, while it may be the best
         # The best trial so far whose fold models are kept: (objective, trial, its first K fold results).
         self._kept: tuple[float, int, list[dict[str, Any]]] | None = None
-        self.fold_paths = self._write_partition(0)
+        self._write_partition(0)
         # What the final model is scored on: every dev row, and the test rows (the file's
         # required validation slot holds them too). Nothing trains on this file.
         self.final_path = str(
@@ -234,28 +210,27 @@ class NNBackend:
         return self._partition_paths[number]
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
-        return suggest_nn_params(trial, max_epochs=self.max_epochs, data=self.data_shape,
-                                 fixed_dropout=self.dropout).to_dict()
-
-    def _request(self, trial_number: int, fold_idx: int, params: NNParams, path: str,
-                 save_model_path: Path | None = None) -> TrainRequest:
-        return TrainRequest(data_path=path, params=params, trial_number=trial_number, fold_idx=fold_idx,
-                            normalize_features=self.normalize_features, use_leaky_relu=self.use_leaky_relu,
-                            batch_mode=self.batch_mode, seed=fold_seed(self.seed, trial_number, fold_idx),
-                            job_id=f"t{trial_number}-f{fold_idx}",
-                            save_model_path=None if save_model_path is None else str(save_model_path))
+        return suggest_nn_params(trial, max_epochs=self.config.nn_max_epochs, data=self.data_shape,
+                                 fixed_dropout=self.config.dropout).to_dict()
 
     def fold_requests(self, trial_number: int, params: dict[str, Any], *, partition: int = 0,
                       save_states: bool = False) -> list[TrainRequest]:
         """The K fold jobs of one trial, the same whether fused or not; ``save_states``: each saves its model."""
-        nn_params = NNParams.from_dict(params)
+        nn_params, cfg = NNParams.from_dict(params), self.config
         paths = self._write_partition(partition)
         saves: Sequence[Path | None] = [None] * len(paths)
         if save_states:
             saves = self.state_paths(trial_number)
             saves[0].parent.mkdir(parents=True, exist_ok=True)
-        return [self._request(trial_number, self.cv.fold_idx(partition, f), nn_params, p, save)
-                for f, (p, save) in enumerate(zip(paths, saves))]
+        requests = []
+        for f, (path, save) in enumerate(zip(paths, saves)):
+            fold_idx = self.cv.fold_idx(partition, f)
+            requests.append(TrainRequest(
+                data_path=path, params=nn_params, trial_number=trial_number, fold_idx=fold_idx,
+                normalize_features=cfg.normalize_features, use_leaky_relu=cfg.use_leaky_relu,
+                batch_mode=SEARCH_BATCH_MODE, seed=fold_seed(cfg.seed, trial_number, fold_idx),
+                job_id=f"t{trial_number}-f{fold_idx}", save_model_path=None if save is None else str(save)))
+        return requests
 
     def state_paths(self, trial_number: int) -> list[Path]:
         return [self.states / f"trial_{trial_number}" / f"fold_{f}.pth" for f in range(self.cv.k)]
@@ -267,7 +242,7 @@ class NNBackend:
 
     def _keep_states_of_best(self, number: int, outcome: TrialOutcome) -> None:
         """Keep ``number``'s fold models if it is the best trial so far, delete the others'."""
-        value = summarize_folds(outcome).value if isinstance(outcome, list) else math.nan
+        value = summarize_folds(outcome)["value"] if isinstance(outcome, list) else math.nan
         if math.isfinite(value) and (self._kept is None or value > self._kept[0]):
             if self._kept is not None:
                 shutil.rmtree(self.states / f"trial_{self._kept[1]}", ignore_errors=True)
@@ -277,7 +252,7 @@ class NNBackend:
 
     def _run_requests(self, requests: dict[int, list[TrainRequest]]) -> dict[tuple[int, int], Any]:
         """One ``runner.run`` call, grouped by the plan; each job's outcome by (trial number, fold index)."""
-        groups = plan_groups(requests, fuse_folds=self.fuse_folds, fuse_trials=self.fuse_trials,
+        groups = plan_groups(requests, fuse_folds=self.plan.fuse_folds, fuse_trials=self.plan.fuse_trials,
                              capacity=self.runner.capacity, n_train=self.fold_rows)
         outcomes = self.runner.run(groups)
         if [len(o) for o in outcomes] != [len(g) for g in groups]:
@@ -359,13 +334,9 @@ class NNBackend:
         return result
 
     def training_options(self) -> dict[str, Any]:
-        return {
-            "normalize_features": self.normalize_features,
-            "use_leaky_relu": self.use_leaky_relu,
-            "batch_mode": self.batch_mode,
-            "dropout_fixed": self.dropout,
-            "nn_max_epochs": self.max_epochs,
-        }
+        cfg = self.config
+        return {"normalize_features": cfg.normalize_features, "use_leaky_relu": cfg.use_leaky_relu,
+                "batch_mode": SEARCH_BATCH_MODE, "dropout_fixed": cfg.dropout, "nn_max_epochs": cfg.nn_max_epochs}
 
     def summary(self) -> RunnerStats:
         return self.runner.summary()
@@ -476,3 +447,9 @@ class TreeBackend:
 
     def close(self) -> None:
         pass
+
+
+#: One model family's way of training a trial's folds and the final model. ``run_trials`` returns, per trial
+#: (input order), its fold results in fold order, the :class:`JobError` that failed it (only it), or
+#: :class:`Pruned` when ``gate``, called after each fold, said False; ``rescore`` raises its first fold's JobError.
+ModelBackend = NNBackend | TreeBackend

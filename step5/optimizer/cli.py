@@ -9,7 +9,7 @@ import functools
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from step5.artifacts import MODEL_TYPES
 from step5.devices import parse_gpu_list
@@ -49,13 +49,6 @@ array of draws, [978, 123] or [{"draw": 978}, ...]. Sample files: python -m step
 """
 
 
-def _dropout(text: str) -> float:
-    value = number(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a dropout probability in [0, 1), got {value}")
-    return value
-
-
 def _gpus(text: str) -> list[str]:
     if text.strip().lower() in ("none", "cpu"):
         return []  # explicit "no GPU": CPU workers only
@@ -78,7 +71,7 @@ def _device(text: str) -> list[str]:
 
 def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> argparse.ArgumentParser:
     """The SPEC section 3 parser; a flag stores into the :class:`OptimizerConfig` field of its name, whose
-    default is the flag's (:func:`config_defaults`)."""
+    default is the flag's."""
     p = UsageErrorParser(
         prog=prog,
         description=(
@@ -139,7 +132,7 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
                     help="standardise features with training-fold statistics")
     nn.add_argument("--use-leaky-relu", action=argparse.BooleanOptionalAction,
                     help="LeakyReLU instead of ReLU")
-    nn.add_argument("--dropout", "--dropout-override", type=_dropout,
+    nn.add_argument("--dropout", "--dropout-override", type=number,
                     help="fix the hidden layers' dropout instead of searching it; input dropout is still searched "
                          "(--dropout-override: the existing optimizer's name)")
     nn.add_argument("--nn-max-epochs", type=positive_int,
@@ -188,15 +181,11 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
     out.add_argument("--enable-diagnostics", action="store_true", help="per-trial/per-fold diagnostics under diagnostics_outputs/")
     out.add_argument("--parent-run-id", help="pipeline run id, recorded in provenance")
     add_log_level(out)
-    p.set_defaults(**config_defaults())
+    # Every flag's default is its config field's; --model-type's is None, so that "not given" shows for
+    # --compare-models (the config's default applies after parsing).
+    p.set_defaults(**{f.name: f.default for f in dataclasses.fields(OptimizerConfig)
+                      if f.default is not dataclasses.MISSING and f.name != "model_type"})
     return p
-
-
-def config_defaults() -> dict[str, Any]:
-    """Every flag's default: its config field's. ``--model-type``'s is None, so that "not given" shows for
-    ``--compare-models``; the config's default applies after parsing."""
-    return {f.name: f.default for f in dataclasses.fields(OptimizerConfig)
-            if f.default is not dataclasses.MISSING and f.name != "model_type"}
 
 
 @functools.cache
@@ -261,39 +250,6 @@ def configure_logging(level: str) -> None:
     # Our per-trial progress line replaces Optuna's "Trial N finished"; its warnings
     # ("Trial N failed with parameters ... because ...") stay.
     optuna.logging.set_verbosity(logging.DEBUG if level == "DEBUG" else logging.WARNING)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(InterruptedTrialFilter())
-
-
-class InterruptedTrialFilter(logging.Filter):
-    """Drops Optuna's two lines (one with a traceback) about the trial an interrupt stopped: the run ends
-    with one line from :func:`main`, and the trial keeps its ``fail_reason``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._drop_prefix: str | None = None
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc_type = record.exc_info[0] if record.exc_info else None
-        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
-            trial = record.getMessage().split(" failed with parameters", 1)[0]  # "Trial 7"
-            self._drop_prefix = f"{trial} failed with value"
-            return False
-        if self._drop_prefix is not None and record.getMessage().startswith(self._drop_prefix):
-            self._drop_prefix = None
-            return False
-        return True
-
-
-def run_config(config: OptimizerConfig) -> int:
-    if config.compare_models:
-        from step5.optimizer.compare import run_compare
-
-        return int(run_compare(config))
-    from step5.optimizer.optimizer import AntiOverfitMetaOptimizer
-
-    AntiOverfitMetaOptimizer(config).run()
-    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
@@ -320,7 +276,14 @@ def _run_main(parser: UsageErrorParser, args: argparse.Namespace, argv: list[str
         # argparse stores the default object itself when a flag is not given.
         preflight(config.output_dir, config.storage,
                   output_dir_given=args.output_dir is not parser.get_default("output_dir"))
-        return run_config(config)
+        if config.compare_models:
+            from step5.optimizer.compare import run_compare
+
+            return run_compare(config)
+        from step5.optimizer.optimizer import AntiOverfitMetaOptimizer
+
+        AntiOverfitMetaOptimizer(config).run()
+        return EXIT_OK
     except DegenerateSignalError as exc:
         print(f"degenerate signal: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -17,7 +17,9 @@ from step5.errors import EXIT_OK, DegenerateSignalError, Step5Error
 from step5.jsonio import read_json_file, write_json_atomic
 from step5.optimizer.optimizer import AntiOverfitMetaOptimizer
 from step5.optimizer.config import OptimizerConfig, RunOutcome, rescore_partitions, validate_config
-from step5.optimizer.plots import drawing, save_figure
+from step5.optimizer.diagnostics import (
+    compare_health_report, drawing, model_health_report, save_figure, write_health_report
+)
 from step5.values import finite_or_none, utc_timestamp
 
 logger = logging.getLogger(__name__)
@@ -138,23 +140,17 @@ def _read_sidecar(candidate: Candidate) -> dict[str, Any] | None:
     return None
 
 
-def _annotated(sidecar: dict[str, Any], role: str, block: dict[str, Any], set_dir: Path) -> dict[str, Any]:
-    """The sidecar with the compare block; the checkpoint path becomes the one in the set it is committed with."""
-    sidecar = dict(sidecar)
-    if sidecar.get("checkpoint_path"):
-        sidecar["checkpoint_path"] = str(set_dir / Path(sidecar["checkpoint_path"]).name)
-    sidecar["compare_models"] = {**block, "role": role}
-    return sidecar
-
-
 def _commit_set(folder: Path, files: dict[str, Path], sidecar: dict[str, Any] | None, role: str,
                 block: dict[str, Any]) -> None:
     with model_set.stage(folder) as staged:
         model_set.copy_files(staged, {n: p for n, p in files.items() if sidecar is None or n != artifacts.SIDECAR_NAME})
         if sidecar is not None:
+            # The compare block added; the checkpoint path becomes the one in the set it is committed with.
+            annotated = {**sidecar, "compare_models": {**block, "role": role}}
+            if sidecar.get("checkpoint_path"):
+                annotated["checkpoint_path"] = str(staged.final_dir / Path(sidecar["checkpoint_path"]).name)
             try:
-                artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME,
-                                        _annotated(sidecar, role, block, staged.final_dir))
+                artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, annotated)
             except ValueError as exc:
                 if role != "archived":
                     raise
@@ -302,7 +298,6 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
 
 def _write_compare_health(config: OptimizerConfig, candidates: dict[str, Candidate], winner: Candidate | None) -> None:
     """The health check's view of a compare run: every trained model's report, the winner named."""
-    from step5.optimizer.diagnostics import compare_health_report, model_health_report, write_health_report
     from step5.policy import load_policy
 
     rules = load_policy(config.policy_path).training_diagnostics

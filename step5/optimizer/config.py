@@ -125,7 +125,7 @@ def validate_config(config: OptimizerConfig) -> None:
     if not 0.0 < config.test_holdout < 1.0:
         raise UsageError(f"--test-holdout must be a fraction strictly between 0 and 1, got {config.test_holdout}")
     if config.dropout is not None and not 0.0 <= config.dropout < 1.0:
-        raise UsageError(f"--dropout must be in [0, 1), got {config.dropout}")
+        raise UsageError(f"--dropout must be a dropout probability in [0, 1), got {config.dropout}")
     if config.fuse_trials > 1 and config.fuse_folds is False:
         raise UsageError(
             f"--fuse-trials {config.fuse_trials} trains the folds of several trials in one fused pass, which "

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from step5 import artifacts, model_set
@@ -37,12 +36,13 @@ from step5.values import finite_or_none, utc_timestamp
 from step5.optimizer.config import (
     DEFAULT_MOD, DEFAULT_PRNG_TYPE, OptimizerConfig, RunOutcome, cv_repeats, rescore_partitions, validate_config,
 )
-from step5.optimizer.diagnostics import model_health_report, write_health_report, write_run_diagnostics
+from step5.optimizer.diagnostics import (
+    model_health_report, plot_optimization_history, write_health_report, write_run_diagnostics
+)
 from step5.optimizer.backends import default_trials_in_flight
 from step5.optimizer.backends import CVData, ModelBackend, NNBackend, TreeBackend, partition_seed
 from step5.optimizer.objective import OBJECTIVE_FORMULA, OVERFIT_PENALTY, summarize_folds
 from step5.optimizer.search import SearchGoal, SearchPlan, TrialProgress, run_search
-from step5.optimizer.plots import plot_optimization_history
 from step5.optimizer.search_space import DataShape, first_nn_trials
 from step5.optimizer.study import (
     OpenedStudy, best_complete_trial, count_states, default_storage_url, default_study_name, open_study, redact_storage
@@ -100,8 +100,6 @@ class AntiOverfitMetaOptimizer:
         self.policy: Policy | None = None
         self.plan = SearchPlan(1, False, False, "not resolved yet")
         self._search_record = SearchRecord()
-        self._first_new_number = 0  # trials numbered from here on were run by this invocation
-        self._progress = TrialProgress(0)  # counts the trials (any end state) this invocation ran
         self._t0 = time.perf_counter()
         self.cv_repeats = 1  # K-fold partitions per trial: resolved once the row count is known
 
@@ -150,8 +148,10 @@ class AntiOverfitMetaOptimizer:
             # No more first trials than --trials: the rest would wait in the study unrun.
             first_trials = first_nn_trials(shape, fixed_dropout=cfg.dropout)[: cfg.trials]
         opened = open_study(study_name=study_name, storage_url=storage_url, setup=setup, seed=cfg.seed,
-                            trials=cfg.trials, data=self._study_data(data_context), training=self.policy.training,
-                            first_trials=first_trials)
+                            trials=cfg.trials, training=self.policy.training, first_trials=first_trials,
+                            data={"fingerprint_hash": data_context["fingerprint_hash"],
+                                  "survivor_count": data_context["survivor_source"]["survivor_count"],
+                                  "training_window_draws": data_context["training_window"]["draw_count"]})
         with contextlib.ExitStack() as outputs:  # the new model set: discarded unless committed
             with contextlib.ExitStack() as stack:
                 # Helpers on the other hosts join the study while this process boots its workers;
@@ -166,7 +166,11 @@ class AntiOverfitMetaOptimizer:
                     return self._search_only_outcome(opened)
                 best = best_complete_trial(opened.study)
                 if best is None:
-                    raise Step5Error(self._no_complete_trial_message(opened.study))
+                    failed = opened.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                    reasons = [f"trial {t.number}: {t.user_attrs.get('fail_reason', 'unknown')}" for t in failed[-3:]]
+                    raise Step5Error(
+                        f"study {opened.study_name!r} has no complete trial ({len(failed)} failed), so there is no "
+                        "model to build" + (". Last failures:\n  " + "\n  ".join(reasons) if reasons else ""))
                 rescore = self._rescore(best, backend, cv)
                 staged = outputs.enter_context(model_set.stage(self.output_dir))
                 with model_set.writing(self.output_dir):  # a full or read-only disk: one line, exit 1
@@ -213,12 +217,6 @@ class AntiOverfitMetaOptimizer:
                                   survivors_file=str(cfg.survivors), survivor_count=table.n_records,
                                   prng_type=prng_type, mod=mod, target=table.target,
                                   missing_feature_fills=table.missing_fills, lottery_data_file=str(cfg.lottery_data))
-
-    @staticmethod
-    def _study_data(data_context: dict[str, Any]) -> dict[str, Any]:
-        return {"fingerprint_hash": data_context["fingerprint_hash"],
-                "survivor_count": data_context["survivor_source"]["survivor_count"],
-                "training_window_draws": data_context["training_window"]["draw_count"]}
 
     def _setup(self) -> dict[str, Any]:
         """What makes two runs' objective values comparable (docs/optimizer-internals.md#study)."""
@@ -297,9 +295,7 @@ class AntiOverfitMetaOptimizer:
             logger.info("--pruner %s runs the folds in waves (fold k of every trial in flight), so a trial's "
                         "folds are not fused (--fuse-trials still fuses same-shape trials' fold k)", plan.pruner)
         try:
-            return NNBackend(runner, cv, files, seed=cfg.seed, normalize_features=cfg.normalize_features,
-                             use_leaky_relu=cfg.use_leaky_relu, dropout=cfg.dropout, max_epochs=cfg.nn_max_epochs,
-                             fuse_folds=plan.fuse_folds, fuse_trials=plan.fuse_trials)
+            return NNBackend(runner, cv, files, cfg, plan)
         except BaseException:
             runner.close()
             raise
@@ -308,9 +304,6 @@ class AntiOverfitMetaOptimizer:
         cfg = self.config
         target = opened.target_complete
         n_new = max(0, target - opened.complete_before)
-        self._first_new_number = opened.trials_before
-        self._progress = TrialProgress(n_new)
-        self._search_record = self.plan.record()  # what a search would have been, if none runs
         if opened.joined_round:
             logger.info("study %r has an unfinished round: joining it until the study holds %d complete trials "
                         "(it has %d; this run's --trials %d does not start another)",
@@ -322,7 +315,7 @@ class AntiOverfitMetaOptimizer:
         interval = self.policy.training.heartbeat_interval_s
         goal = SearchGoal(complete=target, new_trials=n_new, poll_s=min(1.0, interval),
                           reclaim_every_s=min(10.0, interval))
-        self._search_record = run_search(opened, backend, self.plan, goal, self._progress)
+        self._search_record = run_search(opened, backend, self.plan, goal, TrialProgress(n_new))
         self.timings["search_s"] = time.perf_counter() - start
 
     def _search_only_outcome(self, opened: OpenedStudy) -> RunOutcome:
@@ -330,19 +323,10 @@ class AntiOverfitMetaOptimizer:
         self.timings["total_s"] = time.perf_counter() - self._t0
         logger.info(
             "search-only: study %r holds %d complete trials (round target %d); this process ran %d; no model written",
-            opened.study_name, counts["complete"], opened.target_complete, self._progress.told,
+            opened.study_name, counts["complete"], opened.target_complete, self._search_record.trials,
         )
         return RunOutcome(model_type=self.config.model_type, status="SEARCH_ONLY", trials_run=counts["complete"],
                           wall_s=self.timings["total_s"])
-
-    @staticmethod
-    def _no_complete_trial_message(study: optuna.Study) -> str:
-        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        reasons = [f"trial {t.number}: {t.user_attrs.get('fail_reason', 'unknown')}" for t in failed[-3:]]
-        return (
-            f"study {study.study_name!r} has no complete trial ({len(failed)} failed), so there is no model to build"
-            + (". Last failures:\n  " + "\n  ".join(reasons) if reasons else "")
-        )
 
     @staticmethod
     def _best_params(best: FrozenTrial) -> dict[str, Any]:
@@ -366,7 +350,7 @@ class AntiOverfitMetaOptimizer:
             value = r2_mean = float("nan")
             try:
                 summary = summarize_folds(backend.rescore(best.number, params, p))
-                value, r2_mean = summary.value, summary.val_r2_mean
+                value, r2_mean = summary["value"], summary["val_r2_mean"]
             except JobError as exc:
                 logger.warning("rescoring trial %d on fresh partition %d failed: %s", best.number, p, exc)
             values.append(value)
@@ -414,7 +398,7 @@ class AntiOverfitMetaOptimizer:
             "storage": redact_storage(storage_url),
             "trials_run": counts["complete"],
             "trials_failed": counts["fail"],
-            "trials_new": self._progress.told,
+            "trials_new": self._search_record.trials,  # told by this process, any end state
             "trials_requested": self.config.trials,
             "round_target": opened.target_complete if opened is not None else None,
             "resumed": bool(opened.resumed) if opened is not None else False,
@@ -497,7 +481,7 @@ class AntiOverfitMetaOptimizer:
             )
         if cfg.enable_diagnostics:
             write_run_diagnostics(cfg.diagnostics_folder, model_type=cfg.model_type, run_id=self.run_id, trials=trials,
-                                  first_new_number=self._first_new_number, execution=execution, final_metrics=metrics,
+                                  first_new_number=opened.trials_before, execution=execution, final_metrics=metrics,
                                   extra={"study_name": opened.study_name, "objective_formula": OBJECTIVE_FORMULA})
             write_health_report(cfg.diagnostics_folder, model_health_report(
                 cfg.model_type, metrics, self.policy.training_diagnostics), model_type=cfg.model_type)

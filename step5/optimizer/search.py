@@ -19,7 +19,6 @@ from optuna.trial import FrozenTrial, TrialState
 from step5.errors import JobError, Step5Error, StorageError, TooManyFailedTrials, interrupt_reason
 from step5.execution.summary import SearchRecord
 from step5.interrupts import raise_if_interrupted
-from step5.policy import PRUNER_NAMES
 from step5.optimizer.backends import FoldGate, ModelBackend, Pruned, TrialOutcome
 from step5.optimizer.objective import anti_overfit_score, record_trial
 from step5.optimizer.study import (
@@ -43,32 +42,6 @@ class SearchPlan:
     def record(self) -> SearchRecord:
         return SearchRecord(trials_in_flight=self.trials_in_flight, fuse_folds=self.fuse_folds,
                             fuse_trials=self.fuse_trials)
-
-
-@dataclass
-class FailureStreak:
-    """Failed trials in a row, in ask order; past the limit the search stops."""
-
-    limit: int
-    count: int = 0
-    last_reason: str = ""
-
-    def note(self, trial: FrozenTrial) -> None:
-        if trial.state == TrialState.PRUNED:
-            return  # the pruner's verdict on a hopeless trial, not a failure
-        if trial.state == TrialState.COMPLETE:
-            self.count, self.last_reason = 0, ""
-        else:
-            self.count += 1
-            self.last_reason = str(trial.user_attrs.get("fail_reason", "unknown"))
-
-    def check(self, complete: int, wanted: int) -> None:
-        if self.count >= self.limit:
-            raise TooManyFailedTrials(
-                f"{self.count} trials failed in a row (training.max_consecutive_failed_trials = {self.limit}), "
-                f"so the search stops instead of replacing them: {complete} of the {wanted} complete trials "
-                f"asked for were reached. The last failure: {self.last_reason}"
-            )
 
 
 def log_failed_trial(trial: optuna.Trial, reason: str) -> None:
@@ -217,9 +190,9 @@ def run_search(opened: OpenedStudy, backend: ModelBackend, plan: SearchPlan, goa
     """Ask, run and tell trials, ``plan.trials_in_flight`` at a time, until ``goal`` is met. With a pruner the
     tells stay in the loop, between batches: its verdicts must not depend on when trials were told."""
     study = opened.study
-    study.pruner = make_pruner(plan.pruner)
+    study.pruner = PRUNERS[plan.pruner]()
     record = plan.record()
-    streak = FailureStreak(plan.max_consecutive_failures)
+    streak: list[str] = []  # the fail reasons of the trials failed in a row, in ask order (PRUNED: not a failure)
     tell_behind = plan.pruner == "none"
     waited_since: float | None = None
     # Optuna warns at each ask that heartbeats are meant for study.optimize; this loop records them itself.
@@ -237,14 +210,22 @@ def run_search(opened: OpenedStudy, backend: ModelBackend, plan: SearchPlan, goa
                 trained.told.add(trial.number)
                 record.trials += 1
                 heartbeats.discard(trial)
-                streak.note(frozen)
-                if frozen.state != TrialState.COMPLETE:  # a FAIL or PRUNED trial may be replaced by a fresh one
+                if frozen.state == TrialState.COMPLETE:
+                    streak.clear()
+                else:  # a FAIL or PRUNED trial may be replaced by a fresh one
                     asker.replaced += 1
-                    if frozen.state == TrialState.FAIL:
-                        record.failed_trials += 1
+                if frozen.state == TrialState.FAIL:
+                    record.failed_trials += 1
+                    streak.append(str(frozen.user_attrs.get("fail_reason", "unknown")))
                 on_told(study, frozen)
             record.replaced_trials = record.failed_trials  # the loop goes on: every failure so far is replaced
-            streak.check(trained.batch.counts["complete"], goal.complete)
+            if len(streak) >= plan.max_consecutive_failures:
+                raise TooManyFailedTrials(
+                    f"{len(streak)} trials failed in a row (training.max_consecutive_failed_trials = "
+                    f"{plan.max_consecutive_failures}), so the search stops instead of replacing them: "
+                    f"{trained.batch.counts['complete']} of the {goal.complete} complete trials asked for were "
+                    f"reached. The last failure: {streak[-1]}"
+                )
 
         def settle(trained: Trained, error: BaseException) -> None:
             with contextlib.suppress(Exception):
@@ -355,7 +336,7 @@ def tell(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, *, wal
         else:
             report_folds(trial, outcome, first_step=len(outcome) - 1 if gated else 0)
             summary = record_trial(trial, outcome, wall_s=wall_s)
-            value = summary.value if math.isfinite(summary.value) else None
+            value = summary["value"] if math.isfinite(summary["value"]) else None
             reason = trial.user_attrs.get("fail_reason", "the objective is not finite")
     except optuna.exceptions.UpdateFinishedTrialError:
         return _finished_elsewhere(study, trial)
@@ -400,29 +381,21 @@ def fail_untold(study: optuna.Study, trials: list[optuna.Trial], error: BaseExce
             logger.exception("could not record trial %d as FAILED", trial.number)
 
 
-#: MedianPruner's start-up: trials that must be complete before any is pruned.
+#: The pruners by ``--pruner`` name (step5.policy.PRUNER_NAMES). The median is the complete trials' values at the
+#: same fold, and decides from fold 0 on, once MEDIAN_STARTUP_TRIALS trials are complete.
 MEDIAN_STARTUP_TRIALS = 5
-
-
-def make_pruner(name: str) -> optuna.pruners.BasePruner:
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    if name == "median":
-        # Median of the complete trials' values at the same fold; decides from fold 0 on.
-        return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_TRIALS, n_warmup_steps=0)
-    if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
-    raise ValueError(f"unknown pruner {name!r}; expected one of {list(PRUNER_NAMES)}")
-
-
-def running_value(results: Sequence[dict[str, Any]]) -> float:
-    return anti_overfit_score([r["r2"] for r in results], [r["train_r2"] for r in results])
+PRUNERS: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
+    "none": optuna.pruners.NopPruner,
+    "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_TRIALS, n_warmup_steps=0),
+    "successive_halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2),
+}
 
 
 def report_folds(trial: optuna.Trial, results: Sequence[dict[str, Any]], first_step: int = 0) -> None:
     """Report steps ``first_step ..``, in fold order; a diverged fold's step is not (the trial fails when told)."""
     for step in range(first_step, len(results)):
-        value = running_value(results[: step + 1])
+        done = results[: step + 1]
+        value = anti_overfit_score([r["r2"] for r in done], [r["train_r2"] for r in done])
         if math.isfinite(value):
             trial.report(value, step)
 
@@ -456,12 +429,10 @@ class TrialProgress:
 
     def __init__(self, n_new: int) -> None:
         self.n_new = n_new
-        self.told = 0  # trials (any end state) this process told
         self.completed = 0
         self._start = time.perf_counter()
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.told += 1
         self.completed += trial.state == TrialState.COMPLETE
         done, n_new = self.completed, self.n_new
         best = best_complete_trial(study)

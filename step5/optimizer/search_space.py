@@ -54,16 +54,12 @@ class DataShape:
 
     @property
     def lasso_scale(self) -> float:
-        """``sqrt(2 ln(D) / n)``: the lasso penalty at which a column of pure noise stops
-        paying for itself on a standardised target (the universal threshold of the lasso
-        theory, for noise of sd 1). Input sparsity is searched as a multiple of it, so a
-        table of 200 rows and one of 20,000 start from the same relative point."""
+        """``sqrt(2 ln(D) / n)``, the lasso's universal threshold: input sparsity is searched as a multiple of it
+        (docs/optimizer-internals.md#search_space, "Input sparsity in the data's units")."""
         return math.sqrt(2.0 * math.log(max(self.features, 2)) / self.fit_rows)
 
     def batch_sizes(self) -> tuple[int, ...]:
-        """The mini-batch sizes that give a fold between :data:`MIN_STEPS_PER_EPOCH` and
-        :data:`MAX_STEPS_PER_EPOCH` steps per epoch, and one that spans a small fold (full
-        batch); never empty."""
+        """The sizes giving a fold MIN_STEPS_PER_EPOCH to MAX_STEPS_PER_EPOCH steps, and one spanning it; never empty."""
         n = self.fit_rows
         fits = [b for b in BATCH_SIZES if n / MAX_STEPS_PER_EPOCH <= b <= max(n / MIN_STEPS_PER_EPOCH, BATCH_SIZES[0])]
         spanning = next((b for b in BATCH_SIZES if b >= n), None)
@@ -127,12 +123,8 @@ def first_nn_trials(data: DataShape, *, fixed_dropout: float | None = None) -> l
 
 
 def _suggest_input_dropout(trial: optuna.Trial) -> float:
-    """0 when the trial turns input dropout off, else one of :data:`INPUT_DROPOUT_RATES`.
-
-    The rate is a parameter only of trials that turned it on; independent TPE models it on
-    those trials alone. Its name is new with the gate (it was ``input_dropout``, with 0
-    among the choices), so a study resumed from before the gate does not meet a changed
-    choice list under an old name, which Optuna refuses."""
+    """0 when the trial turns input dropout off, else one of :data:`INPUT_DROPOUT_RATES` (why a gate and why
+    this name: docs/optimizer-internals.md#search_space)."""
     if not trial.suggest_categorical("input_dropout_on", (False, True)):
         return 0.0
     return float(trial.suggest_categorical("input_dropout_rate", INPUT_DROPOUT_RATES))

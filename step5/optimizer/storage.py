@@ -2,6 +2,7 @@
 outages; why no retried call can apply twice: docs/optimizer-internals.md#storage."""
 from __future__ import annotations
 
+import abc
 import copy
 import logging
 import random
@@ -50,25 +51,19 @@ def redact_storage(url: str) -> str:
         return url
 
 
-def _causes(exc: BaseException) -> list[BaseException]:
-    """``exc`` and what it was raised ``from``; not an implicit ``__context__`` (optimizer-internals.md#storage)."""
-    out: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in out:
-        out.append(current)
-        current = current.__cause__
-    return out
-
-
 def database_error(exc: BaseException) -> BaseException | None:
     """The error of talking to the database behind ``exc`` (a DBAPI error, a pool without a live connection), or
     None (``KeyError``, ``UpdateFinishedTrialError``, a malformed URL: docs/optimizer-internals.md#storage)."""
     from sqlalchemy import exc as sa_exc
 
     kinds = (sa_exc.DBAPIError, sa_exc.DisconnectionError, sa_exc.TimeoutError, sa_exc.PendingRollbackError)
-    for e in _causes(exc):
-        if isinstance(e, kinds):
-            return e
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:  # what it was raised ``from``; not ``__context__``
+        if isinstance(current, kinds):
+            return current
+        seen.append(current)
+        current = current.__cause__
     return None
 
 
@@ -179,17 +174,15 @@ class DatabaseRetry:
                 self._down_since = None
 
 
-def _retried(name: str) -> Callable[..., Any]:
-    """A :class:`RetryingStorage` method that makes Optuna's call ``name`` through the retry as it is."""
+def _forwarded(name: str, *, retried: bool) -> Callable[..., Any]:
+    """A :class:`RetryingStorage` method that makes Optuna's call ``name`` as it is: through the retry, or once."""
     def method(self: "RetryingStorage", *args: Any, **kwargs: Any) -> Any:
-        return self._call(name, *args, **kwargs)
+        if retried:
+            return self._call(name, *args, **kwargs)
+        return getattr(self._inner, name)(*args, **kwargs)
 
     method.__name__ = name
     return method
-
-
-def _same_values(stored: Sequence[float] | None, wanted: Sequence[float] | None) -> bool:
-    return list(stored or []) == [float(v) for v in (wanted or [])]
 
 
 class RetryingStorage(BaseStorage, BaseHeartbeat):
@@ -224,35 +217,6 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
 
         return self.retry.call(lambda: self._inner.create_new_study(directions, study_name),
                                "creating the study", again=again)
-
-    def delete_study(self, study_id: int) -> None:
-        self._inner.delete_study(study_id)
-
-    # Reads and upserts: retried as they are (docs/optimizer-internals.md#storage says why that is safe).
-    set_study_user_attr = _retried("set_study_user_attr")
-    set_study_system_attr = _retried("set_study_system_attr")
-    get_study_id_from_name = _retried("get_study_id_from_name")
-    get_study_name_from_id = _retried("get_study_name_from_id")
-    get_study_directions = _retried("get_study_directions")
-    get_study_user_attrs = _retried("get_study_user_attrs")
-    get_study_system_attrs = _retried("get_study_system_attrs")
-    get_all_studies = _retried("get_all_studies")
-    set_trial_param = _retried("set_trial_param")
-    set_trial_intermediate_value = _retried("set_trial_intermediate_value")
-    set_trial_user_attr = _retried("set_trial_user_attr")
-    set_trial_system_attr = _retried("set_trial_system_attr")
-    get_trial_id_from_study_id_trial_number = _retried("get_trial_id_from_study_id_trial_number")
-    get_trial_number_from_id = _retried("get_trial_number_from_id")
-    get_trial_param = _retried("get_trial_param")
-    get_trial = _retried("get_trial")
-    get_all_trials = _retried("get_all_trials")
-    get_n_trials = _retried("get_n_trials")
-    get_best_trial = _retried("get_best_trial")
-    get_trial_params = _retried("get_trial_params")
-    get_trial_user_attrs = _retried("get_trial_user_attrs")
-    get_trial_system_attrs = _retried("get_trial_system_attrs")
-    record_heartbeat = _retried("record_heartbeat")
-    _get_stale_trial_ids = _retried("_get_stale_trial_ids")
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         token = uuid.uuid4().hex
@@ -292,7 +256,8 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
                 return trial.state == TrialState.RUNNING and trial.user_attrs.get(OWNER_ATTR) == self.owner
             if not trial.state.is_finished():
                 return self._inner.set_trial_state_values(trial_id, state, values)
-            if trial.state == state and (state == TrialState.FAIL or _same_values(trial.values, values)):
+            same_values = list(trial.values or []) == [float(v) for v in (values or [])]
+            if trial.state == state and (state == TrialState.FAIL or same_values):
                 return state != TrialState.FAIL
             raise optuna.exceptions.UpdateFinishedTrialError(
                 f"trial {trial.number} is already finished ({trial.state.name}); it cannot become {state.name}"
@@ -301,16 +266,21 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         return self.retry.call(lambda: self._inner.set_trial_state_values(trial_id, state, values),
                                f"recording a trial as {state.name}", again=again)
 
-    def remove_session(self) -> None:
-        self._inner.remove_session()
-
     def record_heartbeat_once(self, trial_id: int) -> None:
         """One try, no waiting: the heartbeat thread's beat (the next beat is its retry, and
         a thread waiting out an outage could not be stopped when its batch ends)."""
         self._inner.record_heartbeat(trial_id)
 
-    def get_heartbeat_interval(self) -> int | None:
-        return self._inner.get_heartbeat_interval()
 
-    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
-        return self._inner.get_heartbeat_stale_trial_callback()
+# Reads and upserts: retried as they are (docs/optimizer-internals.md#storage says why that is safe); the
+# rest of the interface passes straight through.
+for _name in ("set_study_user_attr", "set_study_system_attr", "get_study_id_from_name", "get_study_name_from_id",
+              "get_study_directions", "get_study_user_attrs", "get_study_system_attrs", "get_all_studies",
+              "set_trial_param", "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
+              "get_trial_id_from_study_id_trial_number", "get_trial_number_from_id", "get_trial_param", "get_trial",
+              "get_all_trials", "get_n_trials", "get_best_trial", "get_trial_params", "get_trial_user_attrs",
+              "get_trial_system_attrs", "record_heartbeat", "_get_stale_trial_ids"):
+    setattr(RetryingStorage, _name, _forwarded(_name, retried=True))
+for _name in ("delete_study", "remove_session", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback"):
+    setattr(RetryingStorage, _name, _forwarded(_name, retried=False))
+abc.update_abstractmethods(RetryingStorage)

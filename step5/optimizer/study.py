@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from step5.errors import Step5Error, StorageError, StudyMismatchError, UsageError
-from step5.jsonio import dumps
+from step5.jsonio import dumps, loads
 from step5.optimizer.storage import (
     OWNER_ATTR, TOKEN_ATTR, DatabaseRetry, RetryingStorage, database_error, describe, redact_storage
 )
@@ -43,13 +43,9 @@ def default_storage_url(output_dir: Path) -> str:
     return f"sqlite:///{output_dir / DEFAULT_DB_NAME}"
 
 
-def setup_hash(setup: Mapping[str, Any]) -> str:
-    canonical = dumps({k: setup[k] for k in sorted(setup)})
-    return hashlib.sha256(canonical).hexdigest()[:8]
-
-
 def default_study_name(model_type: str, fingerprint: str, setup: Mapping[str, Any]) -> str:
-    return f"step5_{model_type}_{fingerprint}_{setup_hash(setup)}"
+    setup_hash = hashlib.sha256(dumps({k: setup[k] for k in sorted(setup)})).hexdigest()[:8]
+    return f"step5_{model_type}_{fingerprint}_{setup_hash}"
 
 
 @dataclass
@@ -174,8 +170,7 @@ def open_study(*, study_name: str, storage_url: str, setup: Mapping[str, Any], d
     """Create or join the study (its stored setup and data must match), and join its unfinished round or
     start one of ``trials``; ``first_trials`` are enqueued, under the lock, only into a study with no trial."""
     storage = open_storage(storage_url, training or TrainingPolicy())
-    existing = set(optuna.get_all_study_names(storage))
-    resumed = study_name in existing
+    resumed = study_name in optuna.get_all_study_names(storage)
     try:
         study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
                                     sampler=make_sampler(seed))
@@ -237,9 +232,9 @@ def _check_or_record(study: optuna.Study, study_name: str, setup: dict[str, Any]
     stored_data = attrs.get(DATA_ATTR)
     if stored_data is None:  # a study from before data records: record ours from now on
         study.set_user_attr(DATA_ATTR, data)
-        stored_data = optuna_json(data)
+        stored_data = loads(dumps(data))
     # JSON round trip so that tuples/lists and ints/floats compare as stored.
-    differences = _diff(stored_data, optuna_json(data)) + _diff(stored_setup, optuna_json(setup))
+    differences = _diff(stored_data, loads(dumps(data))) + _diff(stored_setup, loads(dumps(setup)))
     if differences:
         raise StudyMismatchError(
             f"study {study_name!r} was created with other data or another setup; this process's trials "
@@ -387,19 +382,12 @@ def _fail_and_rerun(study: optuna.Study, trial: FrozenTrial, reason: str, *, rer
 
 def _fail_twins(study: optuna.Study, trials: Sequence[FrozenTrial]) -> int:
     first: dict[str, FrozenTrial] = {}
-    twins: list[tuple[FrozenTrial, FrozenTrial]] = []
+    failed = 0
     for trial in trials:  # in number order: the first of a token is kept
         token = trial.system_attrs.get(TOKEN_ATTR)
-        if token is None:
-            continue
-        if token in first:
-            twins.append((first[token], trial))
-        else:
-            first[token] = trial
-    failed = 0
-    for kept, twin in twins:
-        if not twin.state.is_finished():
-            failed += _fail_and_rerun(study, twin, f"a copy of trial {kept.number} made by a retried database write",
+        kept = first.setdefault(token, trial) if token is not None else trial
+        if kept is not trial and not trial.state.is_finished():
+            failed += _fail_and_rerun(study, trial, f"a copy of trial {kept.number} made by a retried database write",
                                       rerun=False)
     return failed
 
@@ -413,17 +401,8 @@ def claim_trial(opened: OpenedStudy, trial: optuna.Trial) -> None:
         storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
 
 
-def optuna_json(obj: Mapping[str, Any]) -> dict[str, Any]:
-    from step5.jsonio import loads
-
-    return loads(dumps(dict(obj)))
-
-
 def best_complete_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
-        return None
-    return study.best_trial
+    return study.best_trial if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else None
 
 
 class TrialHeartbeats:

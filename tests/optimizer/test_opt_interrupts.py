@@ -13,34 +13,30 @@ import pytest
 from optuna.trial import TrialState
 
 from step5.errors import Terminated
-from step5.optimizer.cli import InterruptedTrialFilter
 from step5.optimizer.search import fail_untold
 from step5.testing.processes import signal_after_line
 
 
 @pytest.mark.parametrize("interrupt, reason", [(Terminated, "interrupted by SIGTERM"),
                                                (KeyboardInterrupt, "interrupted by Ctrl-C (SIGINT)")])
-def test_an_interrupted_trial_is_failed_with_a_reason(interrupt, reason):
-    """What the ask/tell loop does with the trials of a batch an interrupt stopped."""
+def test_an_interrupted_trial_is_failed_with_a_reason(interrupt, reason, caplog):
+    """What the ask/tell loop does with the trials of a batch an interrupt stopped: each is failed with its
+    reason, and no "Trial N failed ..." line is logged (the run ends with one line from the CLI)."""
     study = optuna.create_study()
     asked = [study.ask() for _ in range(2)]
-    fail_untold(study, asked, interrupt())
+    with caplog.at_level(logging.DEBUG):
+        fail_untold(study, asked, interrupt())
     assert len(study.trials) == 2
     for trial in study.trials:
         assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == reason
+    assert not [r for r in caplog.records if " failed with" in r.getMessage()]
 
 
-def test_the_log_filter_drops_only_the_interrupted_trials_lines():
-    def record(message: str, exc: BaseException | None = None) -> logging.LogRecord:
-        return logging.LogRecord("optuna", logging.WARNING, __file__, 1, message, None,
-                                 (type(exc), exc, None) if exc is not None else None)
-
-    keep = InterruptedTrialFilter().filter
-    for exc in (KeyboardInterrupt(), Terminated()):
-        assert not keep(record(f"Trial 3 failed with parameters: {{}} because of the following error: {exc!r}.", exc))
-        assert not keep(record("Trial 3 failed with value None."))
-    assert keep(record("Trial 4 failed with parameters: {} because ...", RuntimeError("keeps its traceback")))
-    assert keep(record("Trial 4 failed with value None."))
+def test_a_trial_failed_by_another_error_keeps_its_failure_line(caplog):
+    study = optuna.create_study()
+    with caplog.at_level(logging.WARNING):
+        fail_untold(study, [study.ask()], RuntimeError("keeps its line"))
+    assert [r for r in caplog.records if r.getMessage().startswith("Trial 0 failed with parameters")]
 
 
 @pytest.mark.slow

@@ -38,9 +38,9 @@ def test_summarize_folds_means_and_missing_keys():
     folds = [{"r2": 0.4, "train_r2": 0.6, "val_mse": 2.0, "train_mse": 1.0, "duration": 0.1, "junk": 1},
              {"r2": 0.6, "train_r2": 0.8, "val_mse": 4.0, "train_mse": 3.0, "duration": 0.2}]
     s = summarize_folds(folds)
-    assert s.val_r2_mean == pytest.approx(0.5) and s.train_r2_mean == pytest.approx(0.7)
-    assert s.val_mse_mean == pytest.approx(3.0) and s.value == pytest.approx(0.5 - OVERFIT_PENALTY * 0.2)
-    assert "junk" not in s.folds[0]
+    assert s["val_r2_mean"] == pytest.approx(0.5) and s["train_r2_mean"] == pytest.approx(0.7)
+    assert s["val_mse_mean"] == pytest.approx(3.0) and s["value"] == pytest.approx(0.5 - OVERFIT_PENALTY * 0.2)
+    assert "junk" not in s["folds"][0]
     from step5.errors import Step5Error
 
     with pytest.raises(Step5Error, match="lacks"):
