@@ -151,10 +151,11 @@ def _warm_round(ctx: BenchContext) -> list[TrainRequest]:
 def run_s96a(ctx: BenchContext) -> ModeRun:
     """One fresh ``train_single_trial.py`` process per fold, one at a time per slot."""
     from step5.execution.pool import WorkerPool
+    from step5.policy import TrainingPolicy
 
     start = time.perf_counter()
-    with WorkerPool(ctx.slots, persistent=False, job_timeout_s=ctx.job_timeout_s, max_job_reruns=0,
-                    python=ctx.python) as runner:
+    policy = TrainingPolicy(worker_job_timeout_s=ctx.job_timeout_s, max_job_reruns=0)
+    with WorkerPool(ctx.slots, policy, persistent=False, python=ctx.python) as runner:
         # No process outlives a job, so nothing stays warm; this round only warms the
         # OS page cache for the interpreter and torch libraries, as for every mode.
         _warm(runner, ctx)
@@ -167,12 +168,12 @@ def run_s96a(ctx: BenchContext) -> ModeRun:
 def _run_pool(ctx: BenchContext, name: str, fused: str | None = None) -> ModeRun:
     """Persistent workers, each job alone (``fused=None``) or fused ("folds" / "trials")."""
     from step5.execution.pool import WorkerPool
+    from step5.policy import TrainingPolicy
 
     start = time.perf_counter()
-    with WorkerPool(
-        ctx.slots, job_timeout_s=ctx.job_timeout_s, ready_timeout_s=ctx.ready_timeout_s, max_restarts=0,
-        python=ctx.python,
-    ) as pool:
+    policy = TrainingPolicy(worker_job_timeout_s=ctx.job_timeout_s, worker_ready_timeout_s=ctx.ready_timeout_s,
+                            max_worker_restarts=0)
+    with WorkerPool(ctx.slots, policy, python=ctx.python) as pool:
         _warm(pool, ctx)
         startup_s = time.perf_counter() - start
         wall_s, results = _run_batches(pool, ctx, fused)

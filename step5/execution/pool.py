@@ -84,55 +84,52 @@ class WorkerPool:
     def __init__(
         self,
         slots: Sequence[DeviceSlot],
+        policy: TrainingPolicy,
         *,
         persistent: bool = True,
-        job_timeout_s: float = TrainingPolicy.worker_job_timeout_s,
-        ready_timeout_s: float = TrainingPolicy.worker_ready_timeout_s,
-        max_restarts: int = TrainingPolicy.max_worker_restarts,
-        max_job_reruns: int = TrainingPolicy.max_job_reruns,
-        max_fault_reruns: int = TrainingPolicy.max_fault_reruns,
-        repromote_after_s: float = TrainingPolicy.worker_repromote_after_s,
-        max_repromotions: int = TrainingPolicy.max_worker_repromotions,
         python: str = sys.executable,
         worker_command: Sequence[str] | None = None,
         oneshot_script: str | Path | None = None,
         shutdown_timeout_s: float = 5.0,
         probe_interval_s: float | None = None,
         probe_grace_s: float | None = None,
-        spawn_stagger_s: float = 0.0,
     ) -> None:
         """Spawn one worker per slot and wait until each says ``ready`` (or has fallen back);
         with ``persistent=False`` spawn nothing: every job runs in a one-shot trainer.
 
+        ``policy`` gives the timeouts, restart and re-run budgets and the spawn stagger (its
+        ``use_persistent_workers`` is the caller's to resolve: ``persistent``).
         ``worker_command`` replaces the package's worker module and ``oneshot_script`` the
         one-shot trainer's (tests pass the fake worker for both). A liveness probe goes out
         after ``probe_interval_s`` of silence during a job [min(5, timeout/4)]; no answer
-        within ``probe_grace_s`` [min(30, timeout/2)] is a hang. The other arguments are
-        the ``training`` policy keys of the same meaning.
+        within ``probe_grace_s`` [min(30, timeout/2)] is a hang.
         """
         if not slots:
             raise ValueError("WorkerPool needs at least one device slot")
         labels = [s.label for s in slots]
         if len(set(labels)) != len(labels):
             raise ValueError(f"device slot labels must be unique, got {labels}")
-        for name, value in (("job_timeout_s", job_timeout_s), ("ready_timeout_s", ready_timeout_s),
+        for name, value in (("worker_job_timeout_s", policy.worker_job_timeout_s),
+                            ("worker_ready_timeout_s", policy.worker_ready_timeout_s),
                             ("shutdown_timeout_s", shutdown_timeout_s)):
             if not value > 0:
                 raise ValueError(f"`{name}` must be > 0, got {value!r}")
         self.persistent = persistent
         self.mode = "persistent_workers" if persistent else "subprocess"
-        self.job_timeout_s, self.ready_timeout_s = float(job_timeout_s), float(ready_timeout_s)
+        self.job_timeout_s = float(policy.worker_job_timeout_s)
+        self.ready_timeout_s = float(policy.worker_ready_timeout_s)
         self.shutdown_timeout_s = float(shutdown_timeout_s)
         self.probe_interval_s = probe_interval_s or min(5.0, self.job_timeout_s / 4)
         self.probe_grace_s = probe_grace_s or min(30.0, self.job_timeout_s / 2)
         self.worker_command = list(worker_command or module_command(WORKER_MODULE, python))
         self.python, self.oneshot_script = python, oneshot_script
         # A one-shot pool's slots start in the fallback and never leave it (no re-promotion).
-        self._slots = [_Slot(slot, SlotMachine(max_restarts, cooldown_s=repromote_after_s, fallback=not persistent,
-                                               max_repromotions=max_repromotions if persistent else 0))
-                       for slot in slots]
-        self.max_job_reruns = int(max_job_reruns)
-        self._budget = FaultBudget(max_fault_reruns)
+        machines = [SlotMachine(policy.max_worker_restarts, cooldown_s=policy.worker_repromote_after_s,
+                                fallback=not persistent, max_repromotions=policy.max_worker_repromotions if persistent else 0)
+                    for _ in slots]
+        self._slots = [_Slot(slot, machine) for slot, machine in zip(slots, machines)]
+        self.max_job_reruns = int(policy.max_job_reruns)
+        self._budget = FaultBudget(policy.max_fault_reruns)
         self._free: queue.Queue[_Slot] = queue.Queue()
         self._closed = False
         self._lock = threading.Lock()  # guards the statistics and _workers/_procs below
@@ -144,10 +141,10 @@ class WorkerPool:
         self._job_wall_s = 0.0
         self._warned_no_fusion = False
         self._started = False
-        self._spawner = Spawner("step5-spawner", spawn_stagger_s)
-        if spawn_stagger_s > 0:
+        self._spawner = Spawner("step5-spawner", policy.worker_spawn_stagger_s)
+        if policy.worker_spawn_stagger_s > 0:
             logger.info("workers start %gs apart (training.worker_spawn_stagger_s), restarts included",
-                        spawn_stagger_s)
+                        policy.worker_spawn_stagger_s)
         self._dispatch = ThreadPoolExecutor(max_workers=len(self._slots), thread_name_prefix="step5-dispatch")
         _LIVE_POOLS.add(self)
         for st in self._slots:
@@ -573,13 +570,3 @@ def resolve_persistent_workers(cli_choice: bool | None, policy: TrainingPolicy) 
     kill switch (whose absence already means False, see :mod:`step5.policy`)."""
     return policy.use_persistent_workers if cli_choice is None else cli_choice
 
-
-def make_fold_runner(slots: Sequence[DeviceSlot], policy: TrainingPolicy, *, persistent: bool) -> WorkerPool:
-    """A started pool over ``slots`` as the run's policy asks; the caller closes it (a context manager)."""
-    return WorkerPool(
-        slots, persistent=persistent, job_timeout_s=policy.worker_job_timeout_s,
-        ready_timeout_s=policy.worker_ready_timeout_s, max_restarts=policy.max_worker_restarts,
-        max_job_reruns=policy.max_job_reruns, max_fault_reruns=policy.max_fault_reruns,
-        repromote_after_s=policy.worker_repromote_after_s, max_repromotions=policy.max_worker_repromotions,
-        spawn_stagger_s=policy.worker_spawn_stagger_s,
-    )

@@ -126,5 +126,5 @@ def install_fake_runner(monkeypatch: Any, **defaults: Any) -> tuple[list[FakeFol
         made.append(FakeFoldRunner(**{**defaults, **options, "persistent": persistent}))
         return made[-1]
 
-    monkeypatch.setattr(optimizer_module, "make_fold_runner", factory)
+    monkeypatch.setattr(optimizer_module, "WorkerPool", factory)
     return made, options
