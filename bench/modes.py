@@ -119,7 +119,7 @@ def _one(ctx: BenchContext) -> int:
 
 def _run_batches(runner: Any, ctx: BenchContext, fuse: str | None = None) -> tuple[float, list[dict[str, Any]]]:
     """The timed section shared by the runner modes: one ``run(groups)`` per batch."""
-    from step5.execution.runner import raise_first_job_error
+    from step5.execution.pool import raise_first_job_error
 
     calls = ctx.groups(fuse)
     results: list[dict[str, Any]] = []
@@ -131,7 +131,7 @@ def _run_batches(runner: Any, ctx: BenchContext, fuse: str | None = None) -> tup
 
 
 def _warm(runner: Any, ctx: BenchContext) -> None:
-    from step5.execution.runner import raise_first_job_error
+    from step5.execution.pool import raise_first_job_error
 
     raise_first_job_error([o for (o,) in runner.run([[r] for r in _warm_round(ctx)])])
 

@@ -1,6 +1,7 @@
-"""The fold runner: persistent workers, one per device slot (S96B), or one-shot trainers on
-the same slots (S96A, ``persistent=False``); docs/workers.md has its picture, lifecycle and
-fault table. One ownership rule: a :class:`_Slot` is changed only by the dispatch thread
+"""The fold runner interface, ``run(groups) -> outcomes`` (docs/workers.md, "One path"), and
+its one implementation: persistent workers, one per device slot (S96B), or one-shot trainers
+on the same slots (S96A, ``persistent=False``); docs/workers.md has its picture, lifecycle
+and fault table. One ownership rule: a :class:`_Slot` is changed only by the dispatch thread
 that took it from the free queue; :meth:`WorkerPool.close` changes no slot, it kills every
 process, and a holder then ends with :class:`RunnerClosed`. Only the statistics and the
 registry of live processes are shared, behind ``_lock``.
@@ -20,15 +21,14 @@ import time
 import weakref
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 from step5.devices import DeviceSlot
 from step5.errors import JOB_ERROR_TYPES, JobError, JobTimedOut, RunnerClosed, WorkerCrashed, WorkerFault
-from step5.execution.process import kill_tree, reap_killed, sigkill
-from step5.execution.runner import JobOutcome, check_groups
+from step5.execution.process import Spawner, WorkerProcess, kill_tree, popen_worker, reap_killed, run_oneshot_job, \
+    sigkill
 from step5.execution.slot import FaultBudget, JobAttempts, JobVerdict, SlotAction, SlotMachine
 from step5.execution.summary import FallbackRecord, FaultRecord, RecoveryRecord, RunnerStats, WorkerRecord
-from step5.execution.worker_process import Spawner, WorkerProcess, popen_worker, run_oneshot_job
 from step5.launch import WORKER_MODULE, module_command
 from step5.policy import TrainingPolicy
 from step5.protocol import PROTOCOL_VERSION, Job, TrainFolds, echo
@@ -38,6 +38,40 @@ logger = logging.getLogger(__name__)
 
 FALLBACK_LOG = "[S96B] Worker %s died, falling back to subprocess mode"
 REPROMOTE_LOG = "[S96B] Worker %s: trying a fresh persistent worker again after %.0fs in subprocess mode (%d of %d)"
+
+#: A job's outcome: its result dict, or the JobError it failed with, in its place.
+JobOutcome = dict[str, Any] | JobError
+
+
+class FoldRunner(Protocol):
+    """What the optimizer needs from whatever trains its neural-net folds (a group of one is
+    an unfused job; tests use :class:`step5.testing.fake_runner.FakeFoldRunner`)."""
+    mode: str  # "persistent_workers" | "subprocess", recorded in the sidecar
+
+    @property
+    def capacity(self) -> int: ...  # groups that can train at the same time (device slots)
+
+    def run(self, groups: Sequence[Sequence[Job]]) -> list[list[JobOutcome]]: ...
+
+    def summary(self) -> RunnerStats: ...
+
+    def close(self) -> None: ...  # release every process; idempotent
+
+
+def check_groups(groups: Sequence[Sequence[Job]]) -> list[list[Job]]:
+    """``groups`` as lists; an empty group is a caller's bug."""
+    out = [list(g) for g in groups]
+    if any(not g for g in out):
+        raise ValueError("run() got an empty group; a lone job is a group of one")
+    return out
+
+
+def raise_first_job_error(outcomes: Sequence[JobOutcome]) -> list[dict[str, Any]]:
+    """The results, when no outcome is an error; else raise the first JobError."""
+    for outcome in outcomes:
+        if isinstance(outcome, JobError):
+            raise outcome
+    return list(outcomes)  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass
@@ -79,7 +113,7 @@ def _close_live_pools() -> None:
 
 
 class WorkerPool:
-    """Device slots behind the :class:`~step5.execution.runner.FoldRunner` interface."""
+    """Device slots behind the :class:`FoldRunner` interface."""
 
     def __init__(
         self,

@@ -60,7 +60,7 @@ def train_line(**overrides: Any) -> dict[str, Any]:
 def run_each(runner: Any, requests: Sequence[Any]) -> list[dict[str, Any]]:
     """Run every request as a group of one (unfused) through ``runner.run``; the results in
     order, or the first :class:`~step5.errors.JobError` raised once every job finished."""
-    from step5.execution.runner import raise_first_job_error
+    from step5.execution.pool import raise_first_job_error
 
     return raise_first_job_error([outcome for (outcome,) in runner.run([[r] for r in requests])])
 

@@ -12,7 +12,7 @@ import pytest
 from step5.devices import DeviceSlot, plan_slots
 from step5.execution import pool as pool_module
 from step5.execution.pool import WorkerPool
-from step5.execution.worker_process import Spawner
+from step5.execution.process import Spawner
 from step5.policy import TrainingPolicy
 from step5.protocol import NNParams, TrainRequest
 from step5.testing import FAKE_WORKER, fake_pool, run_each, summary_of

@@ -176,7 +176,7 @@ def test_shutdown_leaves_eof_for_a_thread_still_waiting_on_the_worker():
     """close() drains a worker's messages looking for its goodbye while a dispatch thread may
     be waiting on the same queue for a result: the EOF must stay for that thread, or it
     waits out its whole job timeout (CI saw close() take 60 s under load)."""
-    from step5.execution.worker_process import WorkerProcess
+    from step5.execution.process import WorkerProcess
 
     # A worker hung on a job: it ignores the shutdown and is terminated, without a goodbye.
     proc = subprocess.Popen(
@@ -214,7 +214,7 @@ def test_jobs_cancelled_by_a_racing_close_report_pool_closed(data_file, monkeypa
 def test_ctrl_c_during_close_still_kills_every_worker(data_file, monkeypatch):
     """A KeyboardInterrupt while close() waits for a worker must not leave the workers
     running: the pool is already marked closed, so no later close() would come back."""
-    from step5.execution.worker_process import WorkerProcess
+    from step5.execution.process import WorkerProcess
 
     pool = fake_pool(cpu_slots(2), "--fault", "hang", worker_job_timeout_s=60.0)
     runner, errors = run_in_background(pool, requests_for(data_file, 2))

@@ -18,7 +18,7 @@ from step5.data.splits import write_fold_npz
 from step5.devices import DeviceSlot
 from step5.errors import JobError
 from step5.execution.pool import WorkerPool
-from step5.execution.worker_process import WorkerProcess
+from step5.execution.process import WorkerProcess
 from step5.policy import TrainingPolicy
 from step5.testing import run_each, summary_of
 from step5.protocol import NNParams, TrainRequest

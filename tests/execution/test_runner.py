@@ -176,7 +176,7 @@ def test_a_timed_out_trainer_is_killed_with_the_processes_it_started(tmp_path, d
     """A grandchild holding the trainer's pipes must neither outlive the job nor make the
     runner wait on those pipes past the timeout."""
     from step5.errors import JobTimedOut
-    from step5.execution.worker_process import run_oneshot_job
+    from step5.execution.process import run_oneshot_job
 
     script = tmp_path / "spawning_hang.py"
     script.write_text(SPAWNING_HANG_SCRIPT.format(folder=str(tmp_path)))
