@@ -1,11 +1,7 @@
 """The worker protocol's messages (SPEC section 6; docs/workers.md, "Protocol"): one type
-per request, defined once, and the one decoder, :func:`decode_request`.
-
-Torch-free. The parent builds requests with these types; the worker, the one-shot trainer
-and the fakes decode them here, so no side can drift. Replies are built by the worker's
-dispatcher (:mod:`step5.nn.worker`) and echo their request's identity (``trial_number``,
-``fold_idx``, ``job_id``), errors included. Framing (bytes <-> lines) is
-:mod:`step5.framing`; this module deals only in dicts.
+per request, defined once, one encode/decode path, and the one decoder every side uses,
+:func:`decode_request`. Torch-free; dicts only (bytes <-> lines is :mod:`step5.framing`).
+Replies echo their request's identity (``trial_number``, ``fold_idx``, ``job_id``).
 """
 from __future__ import annotations
 
@@ -144,9 +140,12 @@ class _Record:
 
 
 def _encode(value: Any) -> Any:
+    """JSON scalars as they are, tuples as lists; anything else must be a record (or an error)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
     if isinstance(value, tuple):
         return [_encode(v) for v in value]
-    return value.to_dict() if hasattr(value, "to_dict") else value
+    return value.to_dict()
 
 
 @dataclass(frozen=True)

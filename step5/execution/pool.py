@@ -1,10 +1,8 @@
-"""The fold runner interface, ``run(groups) -> outcomes`` (docs/workers.md, "One path"), and
-its one implementation: persistent workers, one per device slot (S96B), or one-shot trainers
-on the same slots (S96A, ``persistent=False``); docs/workers.md has its picture, lifecycle
-and fault table. One ownership rule: a :class:`_Slot` is changed only by the dispatch thread
-that took it from the free queue; :meth:`WorkerPool.close` changes no slot, it kills every
-process, and a holder then ends with :class:`RunnerClosed`. Only the statistics and the
-registry of live processes are shared, behind ``_lock``.
+"""The fold runner interface, ``run(groups) -> outcomes``, and its one implementation:
+persistent workers, one per device slot (S96B), or one-shot trainers on the same slots (S96A,
+``persistent=False``). docs/workers.md has its picture, lifecycle, fault table and ownership
+rule: a :class:`_Slot` is changed only by the dispatch thread holding it; only the statistics
+and the registry of live processes are shared, behind ``_lock``.
 """
 from __future__ import annotations
 
@@ -129,15 +127,10 @@ class WorkerPool:
         probe_grace_s: float | None = None,
     ) -> None:
         """Spawn one worker per slot and wait until each says ``ready`` (or has fallen back);
-        with ``persistent=False`` spawn nothing: every job runs in a one-shot trainer.
-
-        ``policy`` gives the timeouts, restart and re-run budgets and the spawn stagger (its
-        ``use_persistent_workers`` is the caller's to resolve: ``persistent``).
-        ``worker_command`` replaces the package's worker module and ``oneshot_script`` the
-        one-shot trainer's (tests pass the fake worker for both). A liveness probe goes out
-        after ``probe_interval_s`` of silence during a job [min(5, timeout/4)]; no answer
-        within ``probe_grace_s`` [min(30, timeout/2)] is a hang.
-        """
+        with ``persistent=False`` spawn nothing: every job runs in a one-shot trainer. ``policy``
+        gives the timeouts, budgets and spawn stagger; ``worker_command`` and ``oneshot_script``
+        replace the package's trainers (tests pass the fake worker); the probe settings default
+        as docs/workers.md ("Lifecycle") says."""
         if not slots:
             raise ValueError("WorkerPool needs at least one device slot")
         labels = [s.label for s in slots]
@@ -356,11 +349,9 @@ class WorkerPool:
         return outcomes
 
     def _run_oneshot(self, st: _Slot, request: Job, attempts: JobAttempts) -> JobOutcome:
-        """One job in one-shot trainers until it has a verdict: a crashed trainer is re-run
-        with the same request while the job's and the run's budgets last, a timed-out one
-        once; a job error is the verdict. ``attempts`` carries the faults the job met on a
-        persistent worker before its slot fell back. The pool's closing (``_check_open``,
-        before each attempt and after a failed one) is neither a crash nor a timeout."""
+        """One job in one-shot trainers until it has a verdict (docs/workers.md, "Faults never
+        cost a trial"); ``attempts`` carries the faults it met on a worker before the slot fell
+        back. The pool's closing (``_check_open``) is neither a crash nor a timeout."""
         start = time.perf_counter()
         try:
             while True:
@@ -443,14 +434,10 @@ class WorkerPool:
             self._free.put(st)
 
     def run(self, groups: Sequence[Sequence[Job]]) -> list[list[JobOutcome]]:
-        """Train every group (concurrently across slots); per group, each job's outcome.
-
-        A larger group shares one fused pass (its requests agree on
-        :data:`step5.protocol.FUSE_KEYS`), or, in a one-shot pool, runs job by job across the
-        slots (the same outcomes: bit for bit on a CPU, up to cuBLAS rounding on a GPU).
-        Anything but a job error escaping (Ctrl-C, a bug in one group) kills every process
-        at once and closes the pool; :class:`RunnerClosed` when the pool was closed meanwhile.
-        """
+        """Train every group (concurrently across slots); per group, each job's outcome. A
+        larger group shares one fused pass, or in a one-shot pool runs job by job across the
+        slots (docs/workers.md, "Fused groups"). Anything but a job error escaping (Ctrl-C, a
+        bug) kills every process and closes the pool; :class:`RunnerClosed` if it was closed."""
         self._check_open()
         groups = check_groups(groups)
         fused = sum(1 for g in groups if len(g) > 1)
@@ -581,13 +568,9 @@ def _faulted(fault: BaseException, attempts: JobAttempts) -> str:
 
 
 def _first_failure(futures: Sequence[Future[Any]]) -> BaseException | None:
-    """Wait until every future is done or one has failed; the first failure in order
-    (a future that close() cancelled: a CancelledError), or None.
-
-    Done callbacks, not ``concurrent.futures.wait``: a future cancelled by an executor's
-    shutdown never wakes ``wait``'s waiters. A ``KeyboardInterrupt`` raised while waiting
-    propagates at once, so the caller can stop every process.
-    """
+    """Wait until every future is done or one has failed; the first failure in order (one
+    cancelled by close(): a CancelledError), or None. Done callbacks, not ``wait``: a future
+    cancelled by an executor's shutdown never wakes ``wait``'s waiters."""
     settled = threading.Semaphore(0)
     for future in futures:
         future.add_done_callback(lambda _: settled.release())
@@ -597,10 +580,4 @@ def _first_failure(futures: Sequence[Future[Any]]) -> BaseException | None:
             if future.done() and (future.cancelled() or future.exception() is not None):
                 return CancelledError() if future.cancelled() else future.exception()
     return None
-
-
-def resolve_persistent_workers(cli_choice: bool | None, policy: TrainingPolicy) -> bool:
-    """``--persistent-workers`` / ``--no-persistent-workers`` win; otherwise the policy's
-    kill switch (whose absence already means False, see :mod:`step5.policy`)."""
-    return policy.use_persistent_workers if cli_choice is None else cli_choice
 

@@ -1,12 +1,7 @@
-"""Training processes as the parent sees them (docs/workers.md: "Lifecycle", "Fault
-handling"): the protocol's endpoint (:class:`WorkerProcess`), one attempt of a one-shot job,
-the thread that forks every worker, and the helpers every part of Step 5 that starts
-processes uses (the WATCHER too): kill a process and what it started, reap it without
-blocking forever on one stuck in the kernel, and say how it ended the way loky does
-(``SIGKILL(-9)``).
-
-Every failure kills the process before it is raised, so the caller never holds a half-dead
-worker: it only decides what comes next (:mod:`step5.execution.slot`).
+"""Training processes as the parent sees them (docs/workers.md, "Lifecycle" and "Fault
+handling"): the protocol's endpoint, one attempt of a one-shot job, the thread that forks
+every worker, and the kill/reap/exit-status helpers the WATCHER shares. Every failure kills
+the process before it is raised: the caller only decides what comes next.
 """
 from __future__ import annotations
 
@@ -174,13 +169,10 @@ class WorkerProcess:
     def await_answers(
         self, count: int, *, timeout_s: float, probe_interval_s: float, probe_grace_s: float, doing: str,
     ) -> list[dict[str, Any]]:
-        """The next ``count`` answers (``alive`` replies skipped), within ``timeout_s``.
-
-        After ``probe_interval_s`` of silence a liveness probe (a ``heartbeat`` request) is
-        sent; no message within ``probe_grace_s`` of it is a hang (:class:`WorkerFault`).
-        Past ``timeout_s`` with the worker still answering, the job is the problem: the
-        worker is killed (nothing else stops a running job) and :class:`JobTimedOut` is raised.
-        """
+        """The next ``count`` answers (``alive`` replies skipped), within ``timeout_s``; a
+        ``heartbeat`` after ``probe_interval_s`` of silence, unanswered for ``probe_grace_s``,
+        is a hang (:class:`WorkerFault`); past ``timeout_s`` the worker is killed (nothing else
+        stops a running job) and :class:`JobTimedOut` is raised."""
         answers: list[dict[str, Any]] = []
         deadline = time.monotonic() + timeout_s
         probed_at: float | None = None  # a probe is outstanding since then
@@ -343,15 +335,11 @@ def run_oneshot_job(
     request: Job, slot: DeviceSlot, *, timeout_s: float, python: str = sys.executable,
     script: str | Path | None = None, start: Callable[[list[str], dict[str, str]], subprocess.Popen[bytes]] = popen_worker,
 ) -> dict[str, Any]:
-    """One attempt of a one-shot job: a fresh trainer process pinned to ``slot`` (started
-    by ``start``: the pool's registers it), the same request and reply as a worker's.
-
-    Returns the reply (``job_id`` attached). Raises :class:`JobError` when the trainer
-    reports a job failure, :class:`JobTimedOut` past ``timeout_s`` (the trainer and what it
-    started are killed), :class:`WorkerCrashed` when it dies, writes anything but its one
-    reply, or exits with a code that does not match it. The pool retries
-    (``WorkerPool._run_oneshot``).
-    """
+    """One attempt of a one-shot job: a fresh trainer pinned to ``slot`` (started by
+    ``start``, which registers it), the same request and reply as a worker's; the reply
+    (``job_id`` attached). Raises :class:`JobError` for a job failure, :class:`JobTimedOut`
+    past ``timeout_s`` (the trainer and its children killed), :class:`WorkerCrashed` when it
+    dies, writes more than its reply, or exits with a code that does not match it."""
     deadline = time.monotonic() + timeout_s
     trainer = WorkerProcess(f"{slot.label} one-shot", start(oneshot_command(python, script=script), slot.environment()))
     doing = f"running job {request.job_id!r} (trial {request.trial_number}, fold {request.fold_idx})"
@@ -378,16 +366,9 @@ def run_oneshot_job(
 
 
 class Spawner:
-    """One long-lived daemon thread that performs every ``Popen`` of a pool, ``stagger_s`` apart.
-
-    Linux's parent-death signal (armed by each worker, :mod:`step5.lifeline`) fires when
-    the *thread* that forked the worker exits. A ``ThreadPoolExecutor`` thread is joined at
-    interpreter shutdown before atexit handlers run, which would kill the workers of a
-    pool left open before its atexit close could say goodbye; a daemon thread lives until
-    :meth:`shutdown` (the pool's close) or the end of the process. Starts are spaced here
-    (``training.worker_spawn_stagger_s``: eight processes initialising HIP at once on a
-    ROCm rig are not stable), first starts, restarts and re-promotions alike.
-    """
+    """One long-lived daemon thread that performs every ``Popen`` of a pool, ``stagger_s``
+    apart (first starts, restarts and re-promotions alike); docs/workers.md ("Lifecycle")
+    says why a daemon thread and not an executor's."""
 
     def __init__(self, name: str, stagger_s: float = 0.0) -> None:
         if not stagger_s >= 0:
