@@ -23,8 +23,8 @@ from typing import Any, Protocol, Sequence
 
 from step5.devices import DeviceSlot
 from step5.errors import JOB_ERROR_TYPES, JobError, JobTimedOut, RunnerClosed, WorkerCrashed, WorkerFault
-from step5.execution.process import Spawner, WorkerProcess, kill_tree, popen_worker, reap_killed, run_oneshot_job, \
-    sigkill
+from step5.execution.process import Spawner, WorkerProcess, kill_tree, oneshot_command, popen_worker, reap_killed, \
+    run_oneshot_job, sigkill
 from step5.execution.slot import FaultBudget, JobAttempts, JobVerdict, SlotAction, SlotMachine
 from step5.execution.summary import FallbackRecord, FaultRecord, RecoveryRecord, RunnerStats, WorkerRecord
 from step5.launch import WORKER_MODULE, module_command
@@ -149,7 +149,7 @@ class WorkerPool:
         self.probe_interval_s = probe_interval_s or min(5.0, self.job_timeout_s / 4)
         self.probe_grace_s = probe_grace_s or min(30.0, self.job_timeout_s / 2)
         self.worker_command = list(worker_command or module_command(WORKER_MODULE, python))
-        self.python, self.oneshot_script = python, oneshot_script
+        self.oneshot_command = oneshot_command(python, script=oneshot_script)
         # A one-shot pool's slots start in the fallback and never leave it (no re-promotion).
         machines = [SlotMachine(policy.max_worker_restarts, cooldown_s=policy.worker_repromote_after_s,
                                 fallback=not persistent, max_repromotions=policy.max_worker_repromotions if persistent else 0)
@@ -357,8 +357,8 @@ class WorkerPool:
             while True:
                 self._check_open()
                 try:
-                    result = run_oneshot_job(request, st.slot, timeout_s=self.job_timeout_s, python=self.python,
-                                             script=self.oneshot_script, start=self._start)
+                    result = run_oneshot_job(request, st.slot, timeout_s=self.job_timeout_s,
+                                             command=self.oneshot_command, start=self._start)
                     break
                 except JobError as exc:
                     return exc

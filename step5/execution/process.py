@@ -332,16 +332,16 @@ def oneshot_command(python: str = sys.executable, *, script: str | Path | None =
 
 
 def run_oneshot_job(
-    request: Job, slot: DeviceSlot, *, timeout_s: float, python: str = sys.executable,
-    script: str | Path | None = None, start: Callable[[list[str], dict[str, str]], subprocess.Popen[bytes]] = popen_worker,
+    request: Job, slot: DeviceSlot, *, timeout_s: float, command: Sequence[str] | None = None,
+    start: Callable[[list[str], dict[str, str]], subprocess.Popen[bytes]] = popen_worker,
 ) -> dict[str, Any]:
-    """One attempt of a one-shot job: a fresh trainer pinned to ``slot`` (started by
-    ``start``, which registers it), the same request and reply as a worker's; the reply
+    """One attempt of a one-shot job: a fresh trainer (``command``, default
+    :func:`oneshot_command`) pinned to ``slot`` and started by ``start`` (which registers it), the same request and reply as a worker's; the reply
     (``job_id`` attached). Raises :class:`JobError` for a job failure, :class:`JobTimedOut`
     past ``timeout_s`` (the trainer and its children killed), :class:`WorkerCrashed` when it
     dies, writes more than its reply, or exits with a code that does not match it."""
     deadline = time.monotonic() + timeout_s
-    trainer = WorkerProcess(f"{slot.label} one-shot", start(oneshot_command(python, script=script), slot.environment()))
+    trainer = WorkerProcess(f"{slot.label} one-shot", start(list(command or oneshot_command()), slot.environment()))
     doing = f"running job {request.job_id!r} (trial {request.trial_number}, fold {request.fold_idx})"
     try:
         trainer.send(request, doing)

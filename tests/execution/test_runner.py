@@ -176,13 +176,14 @@ def test_a_timed_out_trainer_is_killed_with_the_processes_it_started(tmp_path, d
     """A grandchild holding the trainer's pipes must neither outlive the job nor make the
     runner wait on those pipes past the timeout."""
     from step5.errors import JobTimedOut
-    from step5.execution.process import run_oneshot_job
+    from step5.execution.process import oneshot_command, run_oneshot_job
 
     script = tmp_path / "spawning_hang.py"
     script.write_text(SPAWNING_HANG_SCRIPT.format(folder=str(tmp_path)))
     start = time.monotonic()
     with pytest.raises(JobTimedOut, match="exceeded the 2s job timeout") as info:
-        run_oneshot_job(_request(data_file, 0, 0), cpu_slots(1)[0], timeout_s=2.0, script=script)
+        run_oneshot_job(_request(data_file, 0, 0), cpu_slots(1)[0], timeout_s=2.0,
+                        command=oneshot_command(script=script))
     assert info.value.exit_status == "TIMEOUT"
     assert time.monotonic() - start < 10  # not the helper's 120 s
     helper = int((tmp_path / "helper.pid").read_text())
