@@ -119,7 +119,7 @@ def _one(ctx: BenchContext) -> int:
 
 def _run_batches(runner: Any, ctx: BenchContext, fuse: str | None = None) -> tuple[float, list[dict[str, Any]]]:
     """The timed section shared by the runner modes: one ``run(groups)`` per batch."""
-    from step5.execution.runner import raise_first_job_error
+    from step5.execution.pool import raise_first_job_error
 
     calls = ctx.groups(fuse)
     results: list[dict[str, Any]] = []
@@ -131,7 +131,7 @@ def _run_batches(runner: Any, ctx: BenchContext, fuse: str | None = None) -> tup
 
 
 def _warm(runner: Any, ctx: BenchContext) -> None:
-    from step5.execution.runner import raise_first_job_error
+    from step5.execution.pool import raise_first_job_error
 
     raise_first_job_error([o for (o,) in runner.run([[r] for r in _warm_round(ctx)])])
 
@@ -151,10 +151,11 @@ def _warm_round(ctx: BenchContext) -> list[TrainRequest]:
 def run_s96a(ctx: BenchContext) -> ModeRun:
     """One fresh ``train_single_trial.py`` process per fold, one at a time per slot."""
     from step5.execution.pool import WorkerPool
+    from step5.policy import TrainingPolicy
 
     start = time.perf_counter()
-    with WorkerPool(ctx.slots, persistent=False, job_timeout_s=ctx.job_timeout_s, max_job_reruns=0,
-                    python=ctx.python) as runner:
+    policy = TrainingPolicy(worker_job_timeout_s=ctx.job_timeout_s, max_job_reruns=0)
+    with WorkerPool(ctx.slots, policy, persistent=False, python=ctx.python) as runner:
         # No process outlives a job, so nothing stays warm; this round only warms the
         # OS page cache for the interpreter and torch libraries, as for every mode.
         _warm(runner, ctx)
@@ -167,12 +168,12 @@ def run_s96a(ctx: BenchContext) -> ModeRun:
 def _run_pool(ctx: BenchContext, name: str, fused: str | None = None) -> ModeRun:
     """Persistent workers, each job alone (``fused=None``) or fused ("folds" / "trials")."""
     from step5.execution.pool import WorkerPool
+    from step5.policy import TrainingPolicy
 
     start = time.perf_counter()
-    with WorkerPool(
-        ctx.slots, job_timeout_s=ctx.job_timeout_s, ready_timeout_s=ctx.ready_timeout_s, max_restarts=0,
-        python=ctx.python,
-    ) as pool:
+    policy = TrainingPolicy(worker_job_timeout_s=ctx.job_timeout_s, worker_ready_timeout_s=ctx.ready_timeout_s,
+                            max_worker_restarts=0)
+    with WorkerPool(ctx.slots, policy, python=ctx.python) as pool:
         _warm(pool, ctx)
         startup_s = time.perf_counter() - start
         wall_s, results = _run_batches(pool, ctx, fused)

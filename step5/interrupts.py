@@ -19,19 +19,14 @@ from step5.errors import Terminated
 _latched: KeyboardInterrupt | None = None
 
 
-def _on_sigint(signum: int, frame: FrameType | None) -> None:
+def _on_signal(signum: int, frame: FrameType | None) -> None:
     global _latched
-    _latched = KeyboardInterrupt()
-    raise KeyboardInterrupt()
-
-
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    global _latched
-    # Further SIGTERMs cannot interrupt the cleanup this one starts; a supervisor that
-    # will not wait still has SIGKILL (workers have a parent-death lifeline).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _latched = Terminated()
-    raise Terminated()
+    if signum == signal.SIGTERM:
+        # Further SIGTERMs cannot interrupt the cleanup this one starts; a supervisor that
+        # will not wait still has SIGKILL (workers have a parent-death lifeline).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _latched = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    raise type(_latched)()
 
 
 def raise_if_interrupted() -> None:
@@ -49,8 +44,8 @@ def latched_interrupts() -> Iterator[bool]:
     _latched = None
     previous: dict[int, Any] = {}
     with suppress(ValueError):  # not the main thread
-        for signum, handler in ((signal.SIGINT, _on_sigint), (signal.SIGTERM, _on_sigterm)):
-            previous[signum] = signal.signal(signum, handler)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, _on_signal)
     try:
         yield bool(previous)
     finally:

@@ -1,16 +1,12 @@
 """The worker protocol's messages (SPEC section 6; docs/workers.md, "Protocol"): one type
-per request, defined once, and the one decoder, :func:`decode_request`.
-
-Torch-free. The parent builds requests with these types; the worker, the one-shot trainer
-and the fakes decode them here, so no side can drift. Replies are built by the worker's
-dispatcher (:mod:`step5.nn.worker`) and echo their request's identity (``trial_number``,
-``fold_idx``, ``job_id``), errors included. Framing (bytes <-> lines) is
-:mod:`step5.framing`; this module deals only in dicts.
+per request, defined once, one encode/decode path, and the one decoder every side uses,
+:func:`decode_request`. Torch-free; dicts only (bytes <-> lines is :mod:`step5.framing`).
+Replies echo their request's identity (``trial_number``, ``fold_idx``, ``job_id``).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar, Literal, TypedDict, Union
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Callable, ClassVar, Literal, TypedDict, Union
 
 from step5.errors import BadRequest, JobError
 from step5.values import is_int, is_number
@@ -56,8 +52,8 @@ def echo(request: Any) -> dict[str, Any]:
 
 def tagged(error: JobError, source: Any) -> JobError:
     """``error`` with its missing identity fields filled from ``source`` (a decoded request,
-    or a raw request dict); returns the same error."""
-    for key, value in (identity(source) if isinstance(source, dict) else echo(source)).items():
+    or anything read off the wire); returns the same error."""
+    for key, value in (echo(source) if isinstance(source, _Request) else identity(source)).items():
         if getattr(error, key) is None:
             setattr(error, key, value)
     return error
@@ -69,8 +65,91 @@ def error_reply(error: JobError, request: Any) -> dict[str, Any]:
     return {**reply, **{key: value for key, value in echo(request).items() if reply[key] is None}}
 
 
+#: A field's check: ``(wire name, value) -> value`` as the record holds it, or a BadRequest.
+Rule = Callable[[str, Any], Any]
+
+
+def _rule(ok: Callable[[Any], bool], expected: str, convert: Callable[[Any], Any] = lambda v: v) -> Rule:
+    """A check naming the field and what it expects (a long value's repr is cut at 200 characters)."""
+    def check(name: str, value: Any) -> Any:
+        if not ok(value):
+            raise BadRequest(f"`{name}` must be {expected}, got {value!r:.200}")
+        return convert(value)
+    return check
+
+
+def _number(lo: float, *, above: bool = False, below: float | None = None) -> Rule:
+    bound = f"{'>' if above else '>='} {lo}" + (f" and < {below}" if below is not None else "")
+    return _rule(lambda v: is_number(v) and (v > lo if above else v >= lo) and (below is None or v < below),
+                 f"a finite number {bound}", float)
+
+
+def _int_from(lo: int) -> Rule:
+    return _rule(lambda v: is_int(v) and v >= lo, f"an int >= {lo}")
+
+
+def _one_of(choices: tuple[str, ...]) -> Rule:
+    return _rule(lambda v: v in choices, f"one of {list(choices)}")
+
+
+_PATH = _rule(lambda v: isinstance(v, str) and bool(v), "a non-empty string")
+_FLAG = _rule(lambda v: isinstance(v, bool), "true or false")
+#: The identity fields, checked first (a refusal echoes what of them it could read).
+_IDENTITY: dict[str, Rule] = {
+    "trial_number": _rule(is_int, "an int"),
+    "fold_idx": _rule(is_int, "an int"),
+    "job_id": _rule(lambda v: isinstance(v, str) or is_int(v), "a string or int"),
+}
+#: Wire names that differ from the field's (``X_train_path`` is kept from the proposal).
+_WIRE_NAMES = {"data_path": "X_train_path"}
+_FIELD_NAMES = {wire: name for name, wire in _WIRE_NAMES.items()}
+
+
+class _Record:
+    """The one encode/decode path of every record on the wire: ``_RULES`` names each wire key
+    and its check, in the order they are checked; unknown keys and wrong types are errors,
+    an absent optional field takes its default, and null is accepted where the default is."""
+    _RULES: ClassVar[dict[str, Rule]] = {}
+
+    @classmethod
+    def _decode(cls, raw: Any, noun: str, where: str) -> Any:
+        if not isinstance(raw, dict):
+            raise BadRequest(f"{noun} must be a JSON object, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - set(cls._RULES) - ({"command"} if hasattr(cls, "command") else set()))
+        if unknown:
+            raise BadRequest(f"unknown key(s) in {where}: {unknown}; expected a subset of {sorted(cls._RULES)}")
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}  # type: ignore[arg-type]
+        nullable = {f.name for f in fields(cls) if f.default is None}  # type: ignore[arg-type]
+        values = {}
+        for wire, check in cls._RULES.items():
+            name = _FIELD_NAMES.get(wire, wire)
+            if wire in raw or name in required:
+                value = raw.get(wire)
+                values[name] = None if value is None and name in nullable else check(wire, value)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form (with the ``command`` of a request), accepted back by its decoder;
+        an optional field that is null is left out."""
+        out: dict[str, Any] = {"command": self.command} if hasattr(self, "command") else {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is not None or f.default is not None:
+                out[_WIRE_NAMES.get(f.name, f.name)] = _encode(value)
+        return out
+
+
+def _encode(value: Any) -> Any:
+    """JSON scalars as they are, tuples as lists; anything else must be a record (or an error)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, tuple):
+        return [_encode(v) for v in value]
+    return value.to_dict()
+
+
 @dataclass(frozen=True)
-class NNParams:
+class NNParams(_Record):
     """Hyperparameters of one survivor-quality MLP (the ``params`` object of a request)."""
     hidden_layers: tuple[int, ...] = (128, 64)  # widths of the hidden Linear layers, in order
     learning_rate: float = 1e-3  # optimizer step size, > 0
@@ -84,76 +163,31 @@ class NNParams:
     early_stopping_patience: int = 10  # epochs without val improvement before stopping; 0 = never
     gradient_clip: float = 1.0  # max global grad norm per model; 0 = no clipping
 
-    #: (name, lower bound, bound included, upper bound excluded or None) of the float fields.
-    _FLOATS: ClassVar = (("learning_rate", 0.0, False, None), ("dropout", 0.0, True, 1.0),
-                         ("input_dropout", 0.0, True, 1.0), ("input_sparsity", 0.0, True, None),
-                         ("weight_decay", 0.0, True, None), ("gradient_clip", 0.0, True, None))
-    _INTS: ClassVar = (("epochs", 1), ("batch_size", 1), ("early_stopping_patience", 0))
+    _RULES: ClassVar[dict[str, Rule]] = {
+        "hidden_layers": _rule(lambda v: isinstance(v, (list, tuple)) and all(is_int(w) and w > 0 for w in v),
+                               "a list of positive ints (empty: a linear model)", tuple),
+        "learning_rate": _number(0.0, above=True), "dropout": _number(0.0, below=1.0),
+        "input_dropout": _number(0.0, below=1.0), "input_sparsity": _number(0.0), "weight_decay": _number(0.0),
+        "gradient_clip": _number(0.0), "epochs": _int_from(1), "batch_size": _int_from(1),
+        "early_stopping_patience": _int_from(0), "optimizer": _one_of(OPTIMIZERS),
+    }
 
     @classmethod
     def from_dict(cls, raw: Any) -> "NNParams":
         """Validate a ``params`` object; unknown keys and wrong types are errors."""
-        if not isinstance(raw, dict):
-            raise BadRequest(f"`params` must be a JSON object, got {type(raw).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise BadRequest(f"unknown key(s) in `params`: {unknown}; expected a subset of {sorted(known)}")
-        values: dict[str, Any] = {}
-        if "hidden_layers" in raw:
-            hl = raw["hidden_layers"]
-            if not isinstance(hl, (list, tuple)) or not all(is_int(w) and w > 0 for w in hl):
-                raise BadRequest(f"`hidden_layers` must be a list of positive ints (empty: a linear model), got {hl!r}")
-            values["hidden_layers"] = tuple(hl)
-        for name, lo, inclusive, hi in (f for f in cls._FLOATS if f[0] in raw):
-            v = raw[name]
-            if not (is_number(v) and (v >= lo if inclusive else v > lo) and (hi is None or v < hi)):
-                bound = f"{'>=' if inclusive else '>'} {lo}" + (f" and < {hi}" if hi is not None else "")
-                raise BadRequest(f"`{name}` must be a finite number {bound}, got {v!r}")
-            values[name] = float(v)
-        for name, lo in (f for f in cls._INTS if f[0] in raw):
-            if not (is_int(raw[name]) and raw[name] >= lo):
-                raise BadRequest(f"`{name}` must be an int >= {lo}, got {raw[name]!r}")
-            values[name] = raw[name]
-        if "optimizer" in raw:
-            if raw["optimizer"] not in OPTIMIZERS:
-                raise BadRequest(f"`optimizer` must be one of {list(OPTIMIZERS)}, got {raw['optimizer']!r}")
-            values["optimizer"] = raw["optimizer"]
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "hidden_layers": list(self.hidden_layers)}
+        return cls._decode(raw, "`params`", "`params`")  # type: ignore[no-any-return]
 
 
-class _Request:
+class _Request(_Record):
     command: ClassVar[str]
 
-    def to_dict(self) -> dict[str, Any]:
-        """The wire form (``command`` included), accepted back by :func:`decode_request`."""
-        return {"command": self.command, **asdict(self)}  # type: ignore[call-overload]
-
-
-def _check_path(raw: dict[str, Any], name: str, *, required: bool = True) -> str | None:
-    value = raw.get(name)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or not value:
-        raise BadRequest(f"`{name}` must be a non-empty string, got {value!r}")
-    return value
-
-
-def _check_identity(raw: dict[str, Any], allowed: set[str], what: str) -> None:
-    """No key outside ``allowed``; ``trial_number``/``fold_idx`` ints and ``job_id`` a string
-    or int when present."""
-    unknown = sorted(set(raw) - allowed - {"command"})
-    if unknown:
-        raise BadRequest(f"unknown key(s) in {what}: {unknown}")
-    for name in ("trial_number", "fold_idx"):
-        if raw.get(name) is not None and not is_int(raw[name]):
-            raise BadRequest(f"`{name}` must be an int, got {raw[name]!r}")
-    job_id = raw.get("job_id")
-    if job_id is not None and not (isinstance(job_id, str) or is_int(job_id)):
-        raise BadRequest(f"`job_id` must be a string or int, got {job_id!r}")
+    @classmethod
+    def from_dict(cls, raw: Any) -> Any:
+        """Validate a request dict of this type; a refusal carries the readable identity fields."""
+        try:
+            return cls._decode(raw, "a request", f"{cls.command} request")
+        except BadRequest as exc:
+            raise tagged(exc, raw) from None
 
 
 @dataclass(frozen=True)
@@ -171,38 +205,11 @@ class TrainRequest(_Request):
     job_id: Any = None  # opaque to the worker, echoed back so the parent can match results
     save_model_path: str | None = None  # when set, the trained model is written here (.pth)
 
-    @classmethod
-    def from_dict(cls, raw: Any) -> "TrainRequest":
-        """Validate a ``train`` request dict; a refusal carries the readable identity fields."""
-        if not isinstance(raw, dict):
-            raise BadRequest(f"a request must be a JSON object, got {type(raw).__name__}")
-        try:
-            _check_identity(raw, {"X_train_path", "params", "trial_number", "fold_idx", "normalize_features",
-                                  "use_leaky_relu", "batch_mode", "seed", "job_id", "save_model_path"}, "train request")
-            path = _check_path(raw, "X_train_path")
-            params = NNParams.from_dict(raw.get("params", {}))
-            for name in ("normalize_features", "use_leaky_relu"):
-                if not isinstance(raw.get(name, True), bool):
-                    raise BadRequest(f"`{name}` must be true or false, got {raw[name]!r}")
-            if raw.get("batch_mode", "auto") not in BATCH_MODES:
-                raise BadRequest(f"`batch_mode` must be one of {list(BATCH_MODES)}, got {raw['batch_mode']!r}")
-            seed = raw.get("seed", 0)
-            if not (is_int(seed) and 0 <= seed < 2**63):
-                raise BadRequest(f"`seed` must be a non-negative int, got {seed!r}")
-            return cls(path, params, trial_number=raw.get("trial_number"), fold_idx=raw.get("fold_idx"),  # type: ignore[arg-type]
-                       normalize_features=raw.get("normalize_features", True),
-                       use_leaky_relu=raw.get("use_leaky_relu", True), batch_mode=raw.get("batch_mode", "auto"),
-                       seed=seed, job_id=raw.get("job_id"),
-                       save_model_path=_check_path(raw, "save_model_path", required=False))
-        except BadRequest as exc:
-            raise tagged(exc, raw) from None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {"command": self.command, "X_train_path": self.data_path, **asdict(self), "params": self.params.to_dict()}
-        del d["data_path"]
-        if self.save_model_path is None:
-            del d["save_model_path"]
-        return d
+    _RULES: ClassVar[dict[str, Rule]] = {
+        **_IDENTITY, "X_train_path": _PATH, "params": lambda _, v: NNParams.from_dict(v),
+        "normalize_features": _FLAG, "use_leaky_relu": _FLAG, "batch_mode": _one_of(BATCH_MODES),
+        "seed": _rule(lambda v: is_int(v) and 0 <= v < 2**63, "a non-negative int"), "save_model_path": _PATH,
+    }
 
 
 @dataclass(frozen=True)
@@ -233,9 +240,6 @@ class TrainFolds(_Request):
                 decoded.append(exc)
         return cls(tuple(decoded))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"command": self.command, "jobs": [job.to_dict() for job in self.jobs]}
-
 
 @dataclass(frozen=True)
 class MergeRequest(_Request):
@@ -250,14 +254,12 @@ class MergeRequest(_Request):
     job_id: Any = None  # echoed back
     fold_idx: ClassVar[None] = None  # a merge is no fold; every request answers the identity triple
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "MergeRequest":
-        _check_identity(raw, {"fold_paths", "out_path", "score_path", "trial_number", "job_id"}, "merge request")
-        folds = raw.get("fold_paths")
-        if not isinstance(folds, list) or not folds or not all(isinstance(p, str) and p for p in folds):
-            raise BadRequest(f"`fold_paths` must be a non-empty list of non-empty strings, got {folds!r:.200}")
-        return cls(tuple(folds), _check_path(raw, "out_path"), _check_path(raw, "score_path"),  # type: ignore[arg-type]
-                   trial_number=raw.get("trial_number"), job_id=raw.get("job_id"))
+    _RULES: ClassVar[dict[str, Rule]] = {
+        "trial_number": _IDENTITY["trial_number"], "job_id": _IDENTITY["job_id"],
+        "fold_paths": _rule(lambda v: isinstance(v, list) and bool(v) and all(isinstance(p, str) and p for p in v),
+                            "a non-empty list of non-empty strings", tuple),
+        "out_path": _PATH, "score_path": _PATH,
+    }
 
 
 @dataclass(frozen=True)
@@ -275,6 +277,7 @@ class Ping(_Request):
 class Heartbeat(Ping):
     """``heartbeat``: the pool's liveness probe while a job runs (answered at once)."""
     command: ClassVar[str] = "heartbeat"
+
 
 @dataclass(frozen=True)
 class Shutdown(_Request):

@@ -1,9 +1,8 @@
-"""The fold runner: persistent workers, one per device slot (S96B), or one-shot trainers on
-the same slots (S96A, ``persistent=False``); docs/workers.md has its picture, lifecycle and
-fault table. One ownership rule: a :class:`_Slot` is changed only by the dispatch thread
-that took it from the free queue; :meth:`WorkerPool.close` changes no slot, it kills every
-process, and a holder then ends with :class:`RunnerClosed`. Only the statistics and the
-registry of live processes are shared, behind ``_lock``.
+"""The fold runner interface, ``run(groups) -> outcomes``, and its one implementation:
+persistent workers, one per device slot (S96B), or one-shot trainers on the same slots (S96A,
+``persistent=False``). docs/workers.md has its picture, lifecycle, fault table and ownership
+rule: a :class:`_Slot` is changed only by the dispatch thread holding it; only the statistics
+and the registry of live processes are shared, behind ``_lock``.
 """
 from __future__ import annotations
 
@@ -20,15 +19,14 @@ import time
 import weakref
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 from step5.devices import DeviceSlot
 from step5.errors import JOB_ERROR_TYPES, JobError, JobTimedOut, RunnerClosed, WorkerCrashed, WorkerFault
-from step5.execution.process import kill_tree, reap_killed, sigkill
-from step5.execution.runner import JobOutcome, check_groups
+from step5.execution.process import Spawner, WorkerProcess, kill_tree, oneshot_command, popen_worker, reap_killed, \
+    run_oneshot_job, sigkill
 from step5.execution.slot import FaultBudget, JobAttempts, JobVerdict, SlotAction, SlotMachine
 from step5.execution.summary import FallbackRecord, FaultRecord, RecoveryRecord, RunnerStats, WorkerRecord
-from step5.execution.worker_process import Spawner, WorkerProcess, popen_worker, run_oneshot_job
 from step5.launch import WORKER_MODULE, module_command
 from step5.policy import TrainingPolicy
 from step5.protocol import PROTOCOL_VERSION, Job, TrainFolds, echo
@@ -38,6 +36,40 @@ logger = logging.getLogger(__name__)
 
 FALLBACK_LOG = "[S96B] Worker %s died, falling back to subprocess mode"
 REPROMOTE_LOG = "[S96B] Worker %s: trying a fresh persistent worker again after %.0fs in subprocess mode (%d of %d)"
+
+#: A job's outcome: its result dict, or the JobError it failed with, in its place.
+JobOutcome = dict[str, Any] | JobError
+
+
+class FoldRunner(Protocol):
+    """What the optimizer needs from whatever trains its neural-net folds (a group of one is
+    an unfused job; tests use :class:`step5.testing.fake_runner.FakeFoldRunner`)."""
+    mode: str  # "persistent_workers" | "subprocess", recorded in the sidecar
+
+    @property
+    def capacity(self) -> int: ...  # groups that can train at the same time (device slots)
+
+    def run(self, groups: Sequence[Sequence[Job]]) -> list[list[JobOutcome]]: ...
+
+    def summary(self) -> RunnerStats: ...
+
+    def close(self) -> None: ...  # release every process; idempotent
+
+
+def check_groups(groups: Sequence[Sequence[Job]]) -> list[list[Job]]:
+    """``groups`` as lists; an empty group is a caller's bug."""
+    out = [list(g) for g in groups]
+    if any(not g for g in out):
+        raise ValueError("run() got an empty group; a lone job is a group of one")
+    return out
+
+
+def raise_first_job_error(outcomes: Sequence[JobOutcome]) -> list[dict[str, Any]]:
+    """The results, when no outcome is an error; else raise the first JobError."""
+    for outcome in outcomes:
+        if isinstance(outcome, JobError):
+            raise outcome
+    return list(outcomes)  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass
@@ -79,60 +111,52 @@ def _close_live_pools() -> None:
 
 
 class WorkerPool:
-    """Device slots behind the :class:`~step5.execution.runner.FoldRunner` interface."""
+    """Device slots behind the :class:`FoldRunner` interface."""
 
     def __init__(
         self,
         slots: Sequence[DeviceSlot],
+        policy: TrainingPolicy,
         *,
         persistent: bool = True,
-        job_timeout_s: float = TrainingPolicy.worker_job_timeout_s,
-        ready_timeout_s: float = TrainingPolicy.worker_ready_timeout_s,
-        max_restarts: int = TrainingPolicy.max_worker_restarts,
-        max_job_reruns: int = TrainingPolicy.max_job_reruns,
-        max_fault_reruns: int = TrainingPolicy.max_fault_reruns,
-        repromote_after_s: float = TrainingPolicy.worker_repromote_after_s,
-        max_repromotions: int = TrainingPolicy.max_worker_repromotions,
         python: str = sys.executable,
         worker_command: Sequence[str] | None = None,
         oneshot_script: str | Path | None = None,
         shutdown_timeout_s: float = 5.0,
         probe_interval_s: float | None = None,
         probe_grace_s: float | None = None,
-        spawn_stagger_s: float = 0.0,
     ) -> None:
         """Spawn one worker per slot and wait until each says ``ready`` (or has fallen back);
-        with ``persistent=False`` spawn nothing: every job runs in a one-shot trainer.
-
-        ``worker_command`` replaces the package's worker module and ``oneshot_script`` the
-        one-shot trainer's (tests pass the fake worker for both). A liveness probe goes out
-        after ``probe_interval_s`` of silence during a job [min(5, timeout/4)]; no answer
-        within ``probe_grace_s`` [min(30, timeout/2)] is a hang. The other arguments are
-        the ``training`` policy keys of the same meaning.
-        """
+        with ``persistent=False`` spawn nothing: every job runs in a one-shot trainer. ``policy``
+        gives the timeouts, budgets and spawn stagger; ``worker_command`` and ``oneshot_script``
+        replace the package's trainers (tests pass the fake worker); the probe settings default
+        as docs/workers.md ("Lifecycle") says."""
         if not slots:
             raise ValueError("WorkerPool needs at least one device slot")
         labels = [s.label for s in slots]
         if len(set(labels)) != len(labels):
             raise ValueError(f"device slot labels must be unique, got {labels}")
-        for name, value in (("job_timeout_s", job_timeout_s), ("ready_timeout_s", ready_timeout_s),
+        for name, value in (("worker_job_timeout_s", policy.worker_job_timeout_s),
+                            ("worker_ready_timeout_s", policy.worker_ready_timeout_s),
                             ("shutdown_timeout_s", shutdown_timeout_s)):
             if not value > 0:
                 raise ValueError(f"`{name}` must be > 0, got {value!r}")
         self.persistent = persistent
         self.mode = "persistent_workers" if persistent else "subprocess"
-        self.job_timeout_s, self.ready_timeout_s = float(job_timeout_s), float(ready_timeout_s)
+        self.job_timeout_s = float(policy.worker_job_timeout_s)
+        self.ready_timeout_s = float(policy.worker_ready_timeout_s)
         self.shutdown_timeout_s = float(shutdown_timeout_s)
         self.probe_interval_s = probe_interval_s or min(5.0, self.job_timeout_s / 4)
         self.probe_grace_s = probe_grace_s or min(30.0, self.job_timeout_s / 2)
         self.worker_command = list(worker_command or module_command(WORKER_MODULE, python))
-        self.python, self.oneshot_script = python, oneshot_script
+        self.oneshot_command = oneshot_command(python, script=oneshot_script)
         # A one-shot pool's slots start in the fallback and never leave it (no re-promotion).
-        self._slots = [_Slot(slot, SlotMachine(max_restarts, cooldown_s=repromote_after_s, fallback=not persistent,
-                                               max_repromotions=max_repromotions if persistent else 0))
-                       for slot in slots]
-        self.max_job_reruns = int(max_job_reruns)
-        self._budget = FaultBudget(max_fault_reruns)
+        machines = [SlotMachine(policy.max_worker_restarts, cooldown_s=policy.worker_repromote_after_s,
+                                fallback=not persistent, max_repromotions=policy.max_worker_repromotions if persistent else 0)
+                    for _ in slots]
+        self._slots = [_Slot(slot, machine) for slot, machine in zip(slots, machines)]
+        self.max_job_reruns = int(policy.max_job_reruns)
+        self._budget = FaultBudget(policy.max_fault_reruns)
         self._free: queue.Queue[_Slot] = queue.Queue()
         self._closed = False
         self._lock = threading.Lock()  # guards the statistics and _workers/_procs below
@@ -144,10 +168,10 @@ class WorkerPool:
         self._job_wall_s = 0.0
         self._warned_no_fusion = False
         self._started = False
-        self._spawner = Spawner("step5-spawner", spawn_stagger_s)
-        if spawn_stagger_s > 0:
+        self._spawner = Spawner("step5-spawner", policy.worker_spawn_stagger_s)
+        if policy.worker_spawn_stagger_s > 0:
             logger.info("workers start %gs apart (training.worker_spawn_stagger_s), restarts included",
-                        spawn_stagger_s)
+                        policy.worker_spawn_stagger_s)
         self._dispatch = ThreadPoolExecutor(max_workers=len(self._slots), thread_name_prefix="step5-dispatch")
         _LIVE_POOLS.add(self)
         for st in self._slots:
@@ -325,18 +349,16 @@ class WorkerPool:
         return outcomes
 
     def _run_oneshot(self, st: _Slot, request: Job, attempts: JobAttempts) -> JobOutcome:
-        """One job in one-shot trainers until it has a verdict: a crashed trainer is re-run
-        with the same request while the job's and the run's budgets last, a timed-out one
-        once; a job error is the verdict. ``attempts`` carries the faults the job met on a
-        persistent worker before its slot fell back. The pool's closing (``_check_open``,
-        before each attempt and after a failed one) is neither a crash nor a timeout."""
+        """One job in one-shot trainers until it has a verdict (docs/workers.md, "Faults never
+        cost a trial"); ``attempts`` carries the faults it met on a worker before the slot fell
+        back. The pool's closing (``_check_open``) is neither a crash nor a timeout."""
         start = time.perf_counter()
         try:
             while True:
                 self._check_open()
                 try:
-                    result = run_oneshot_job(request, st.slot, timeout_s=self.job_timeout_s, python=self.python,
-                                             script=self.oneshot_script, start=self._start)
+                    result = run_oneshot_job(request, st.slot, timeout_s=self.job_timeout_s,
+                                             command=self.oneshot_command, start=self._start)
                     break
                 except JobError as exc:
                     return exc
@@ -412,14 +434,10 @@ class WorkerPool:
             self._free.put(st)
 
     def run(self, groups: Sequence[Sequence[Job]]) -> list[list[JobOutcome]]:
-        """Train every group (concurrently across slots); per group, each job's outcome.
-
-        A larger group shares one fused pass (its requests agree on
-        :data:`step5.protocol.FUSE_KEYS`), or, in a one-shot pool, runs job by job across the
-        slots (the same outcomes: bit for bit on a CPU, up to cuBLAS rounding on a GPU).
-        Anything but a job error escaping (Ctrl-C, a bug in one group) kills every process
-        at once and closes the pool; :class:`RunnerClosed` when the pool was closed meanwhile.
-        """
+        """Train every group (concurrently across slots); per group, each job's outcome. A
+        larger group shares one fused pass, or in a one-shot pool runs job by job across the
+        slots (docs/workers.md, "Fused groups"). Anything but a job error escaping (Ctrl-C, a
+        bug) kills every process and closes the pool; :class:`RunnerClosed` if it was closed."""
         self._check_open()
         groups = check_groups(groups)
         fused = sum(1 for g in groups if len(g) > 1)
@@ -550,13 +568,9 @@ def _faulted(fault: BaseException, attempts: JobAttempts) -> str:
 
 
 def _first_failure(futures: Sequence[Future[Any]]) -> BaseException | None:
-    """Wait until every future is done or one has failed; the first failure in order
-    (a future that close() cancelled: a CancelledError), or None.
-
-    Done callbacks, not ``concurrent.futures.wait``: a future cancelled by an executor's
-    shutdown never wakes ``wait``'s waiters. A ``KeyboardInterrupt`` raised while waiting
-    propagates at once, so the caller can stop every process.
-    """
+    """Wait until every future is done or one has failed; the first failure in order (one
+    cancelled by close(): a CancelledError), or None. Done callbacks, not ``wait``: a future
+    cancelled by an executor's shutdown never wakes ``wait``'s waiters."""
     settled = threading.Semaphore(0)
     for future in futures:
         future.add_done_callback(lambda _: settled.release())
@@ -567,19 +581,3 @@ def _first_failure(futures: Sequence[Future[Any]]) -> BaseException | None:
                 return CancelledError() if future.cancelled() else future.exception()
     return None
 
-
-def resolve_persistent_workers(cli_choice: bool | None, policy: TrainingPolicy) -> bool:
-    """``--persistent-workers`` / ``--no-persistent-workers`` win; otherwise the policy's
-    kill switch (whose absence already means False, see :mod:`step5.policy`)."""
-    return policy.use_persistent_workers if cli_choice is None else cli_choice
-
-
-def make_fold_runner(slots: Sequence[DeviceSlot], policy: TrainingPolicy, *, persistent: bool) -> WorkerPool:
-    """A started pool over ``slots`` as the run's policy asks; the caller closes it (a context manager)."""
-    return WorkerPool(
-        slots, persistent=persistent, job_timeout_s=policy.worker_job_timeout_s,
-        ready_timeout_s=policy.worker_ready_timeout_s, max_restarts=policy.max_worker_restarts,
-        max_job_reruns=policy.max_job_reruns, max_fault_reruns=policy.max_fault_reruns,
-        repromote_after_s=policy.worker_repromote_after_s, max_repromotions=policy.max_worker_repromotions,
-        spawn_stagger_s=policy.worker_spawn_stagger_s,
-    )

@@ -1,14 +1,32 @@
-"""Process helpers for every part of Step 5 that starts processes (the pool, the one-shot
-trainer, the WATCHER): kill a process and what it started, reap it without blocking forever
-on one stuck in the kernel, and say how it ended the way loky does (``SIGKILL(-9)``)."""
+"""Training processes as the parent sees them (docs/workers.md, "Lifecycle" and "Fault
+handling"): the protocol's endpoint, one attempt of a one-shot job, the thread that forks
+every worker, and the kill/reap/exit-status helpers the WATCHER shares. Every failure kills
+the process before it is raised: the caller only decides what comes next.
+"""
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import logging
+import queue
 import signal
 import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import psutil
+
+from step5.devices import DeviceSlot
+from step5.errors import FrameTooLarge, JobError, JobTimedOut, WorkerCrashed, WorkerFault
+from step5.framing import LineReader, LineWriter
+from step5.jsonio import loads
+from step5.launch import ONESHOT_MODULE, module_command
+from step5.protocol import Heartbeat, Job, Request, Shutdown
 
 logger = logging.getLogger(__name__)
 
@@ -62,3 +80,338 @@ def reap_killed(proc: subprocess.Popen[bytes], what: str, timeout_s: float = REA
     except subprocess.TimeoutExpired:
         logger.error("%s (pid %d) did not die %gs after SIGKILL", what, proc.pid, timeout_s)
         return False
+
+
+#: Responses are small; a longer line from a worker is garbage, not a result.
+MAX_RESPONSE_BYTES = 16 << 20
+#: How long the pipe threads of a process that is gone may take to deliver the last lines.
+_PIPES_SETTLE_S = 1.0
+#: After EOF on stdout, how long to wait for the process itself to exit before it counts as
+#: hung. Generous: on a loaded machine the kernel's teardown of a torch process that already
+#: called exit can take seconds, and a reply that arrived whole must not become a crash.
+_EXIT_AFTER_EOF_S = 10.0
+
+_probe_ids = itertools.count()
+
+
+class WorkerProcess:
+    """A running worker (or one-shot trainer), with two threads that keep its pipes moving:
+    a stdout reader feeding a queue, so the parent waits on "a line, EOF or a timeout" in
+    one place, and a stderr drain into a bounded tail (logged at DEBUG), so a chatty worker
+    can never fill its pipe and block."""
+
+    def __init__(self, label: str, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        self.label = label
+        self.proc = proc
+        self.pid = proc.pid
+        self._writer = LineWriter(proc.stdin)
+        self._lines: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._reader = threading.Thread(target=self._read_stdout, name=f"step5-{label}-stdout", daemon=True)
+        self._drain = threading.Thread(target=self._drain_stderr, name=f"step5-{label}-stderr", daemon=True)
+        self._reader.start()
+        self._drain.start()
+
+    def _read_stdout(self) -> None:
+        reader = LineReader(self.proc.stdout, MAX_RESPONSE_BYTES)  # type: ignore[arg-type]
+        try:
+            while True:
+                try:
+                    line = reader.read_line()
+                except FrameTooLarge as exc:
+                    self._lines.put(("oversize", exc.seen))
+                    continue
+                if line is None:
+                    break
+                if line.strip():
+                    self._lines.put(("line", line))
+        except (OSError, ValueError):
+            pass  # the pipe was closed under us (kill / close): same as EOF
+        finally:
+            self._lines.put(("eof", None))
+
+    def _drain_stderr(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for raw in iter(lambda: self.proc.stderr.readline(1 << 16), b""):  # type: ignore[union-attr]
+                text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                self._stderr.append(text)
+                logger.debug("[%s pid %d] %s", self.label, self.pid, text)
+
+    def stderr_tail(self) -> str:
+        return "\n".join(self._stderr)
+
+    def send(self, request: Request, doing: str) -> None:
+        """Write one request; a dead reader is a crash."""
+        try:
+            self._writer.write_message(request.to_dict())
+        except (OSError, ValueError):
+            raise self._fault("crash", f"broken pipe while {doing}") from None
+
+    def close_stdin(self) -> None:
+        """No more requests (EOF ends a worker; a one-shot trainer reads its one request to EOF)."""
+        with contextlib.suppress(OSError, ValueError):
+            self._writer.close()
+
+    def _next(self, timeout_s: float) -> tuple[str, Any] | None:
+        try:
+            return self._lines.get(timeout=max(0.0, timeout_s))
+        except queue.Empty:
+            return None
+
+    def receive(self, timeout_s: float, doing: str, *, hang_kind: str = "hang") -> dict[str, Any]:
+        """The next message; a :class:`WorkerFault` on EOF, exit, garbage or silence."""
+        got = self._next(timeout_s)
+        if got is None:
+            raise self._fault(hang_kind, f"hung: nothing within the {timeout_s:g}s timeout while {doing}")
+        return self._decode(*got, doing)
+
+    def await_answers(
+        self, count: int, *, timeout_s: float, probe_interval_s: float, probe_grace_s: float, doing: str,
+    ) -> list[dict[str, Any]]:
+        """The next ``count`` answers (``alive`` replies skipped), within ``timeout_s``; a
+        ``heartbeat`` after ``probe_interval_s`` of silence, unanswered for ``probe_grace_s``,
+        is a hang (:class:`WorkerFault`); past ``timeout_s`` the worker is killed (nothing else
+        stops a running job) and :class:`JobTimedOut` is raised."""
+        answers: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout_s
+        probed_at: float | None = None  # a probe is outstanding since then
+        while len(answers) < count:
+            now = time.monotonic()
+            if now >= deadline:
+                raise self._timed_out(timeout_s, doing)
+            wait = probe_interval_s if probed_at is None else probed_at + probe_grace_s - now
+            got = self._next(min(wait, deadline - now))
+            if got is None:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise self._timed_out(timeout_s, doing)
+                if probed_at is None:
+                    self.send(Heartbeat(f"probe#{next(_probe_ids)}"), doing)
+                    probed_at = now
+                elif now >= probed_at + probe_grace_s:
+                    raise self._fault("hang", f"hung: stopped answering liveness probes ({probe_grace_s:g}s) "
+                                              f"while {doing}")
+                continue
+            message = self._decode(*got, doing)
+            probed_at = None  # any message shows the worker is alive
+            if message.get("status") != "alive":
+                answers.append(message)
+        return answers
+
+    def expect_exit(self, timeout_s: float, doing: str) -> int:
+        """After a one-shot trainer's reply: it must write nothing more and exit within
+        ``timeout_s``; its exit code. Anything else is a :class:`WorkerFault` (``hang`` when
+        it outlives ``timeout_s``)."""
+        got = self._next(timeout_s)
+        if got is None:
+            raise self._fault("hang", f"replied but did not exit within the {timeout_s:g}s timeout while {doing}")
+        kind, payload = got
+        if kind != "eof":
+            shown = payload[:120].decode("utf-8", errors="replace") if kind == "line" else f"{payload} bytes"
+            raise self._fault("protocol", f"broke the protocol: wrote {shown!r} after its one reply while {doing}")
+        self._lines.put(("eof", None))
+        self._wait_after_eof(doing)
+        self._close_pipes()
+        return self.proc.returncode
+
+    def _wait_after_eof(self, doing: str) -> None:
+        try:
+            self.proc.wait(timeout=_EXIT_AFTER_EOF_S)
+        except subprocess.TimeoutExpired:
+            raise self._fault("crash", f"closed its stdout but kept running while {doing}") from None
+
+    def _decode(self, kind: str, payload: Any, doing: str) -> dict[str, Any]:
+        if kind == "eof":
+            self._lines.put(("eof", None))  # keep EOF sticky for any later reader
+            self._wait_after_eof(doing)
+            raise self._fault("crash", f"died with {describe_exit(self.proc.returncode)} while {doing}")
+        if kind == "oversize":
+            raise self._fault("protocol", f"broke the protocol: sent a {payload}-byte line while {doing}")
+        try:
+            message = loads(payload)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict):
+            preview = payload[:120].decode("utf-8", errors="replace")
+            raise self._fault("protocol", f"broke the protocol: sent {preview!r} while {doing}")
+        return message
+
+    def violation(self, message: dict[str, Any], doing: str) -> WorkerFault:
+        """A protocol fault for a well-formed but unexpected ``message``; kills the worker."""
+        shown = {k: message.get(k) for k in ("status", "job_id", "error") if k in message}
+        return self._fault("protocol", f"broke the protocol: unexpected answer {shown!r} while {doing}")
+
+    def _fault(self, kind: str, what: str) -> WorkerFault:
+        """Kill the worker (if still running), reap it, and describe what happened."""
+        self.kill()  # also lets the stderr drain deliver the last lines
+        status = describe_exit(self.proc.returncode)
+        message = f"worker {self.label} (pid {self.pid}) {what}" + ("" if kind == "crash" else f"; killed ({status})")
+        return WorkerFault(message, kind=kind, exit_status=status, stderr_tail=self.stderr_tail())
+
+    def _timed_out(self, timeout_s: float, doing: str) -> JobTimedOut:
+        self.kill()
+        return JobTimedOut(
+            f"worker {self.label} (pid {self.pid}) answered liveness probes but did not finish within the "
+            f"{timeout_s:g}s job timeout while {doing}; killed to stop the job",
+            timeout_s=timeout_s, stderr_tail=self.stderr_tail(),
+        )
+
+    def kill(self) -> None:
+        """SIGKILL it and what it started (a descendant holding its pipes would keep them
+        open), and reap it (bounded: a process stuck in a GPU driver may not die at once); idempotent."""
+        kill_tree(self.proc)
+        reap_killed(self.proc, f"worker {self.label}")
+        self._close_pipes()
+
+    def request_shutdown(self) -> None:
+        """Say goodbye: ``shutdown``, then close stdin (EOF ends the worker too)."""
+        with contextlib.suppress(OSError, ValueError):
+            self._writer.write_message(Shutdown().to_dict())
+        self.close_stdin()
+
+    def finish_shutdown(self, deadline: float) -> None:
+        """Wait for the worker to exit by ``deadline``; then terminate, then kill. Reaps."""
+        try:
+            self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            logger.warning("worker %s (pid %d) ignored shutdown; terminating it", self.label, self.pid)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                kill_tree(self.proc)
+                reap_killed(self.proc, f"worker {self.label}")
+        goodbye = self._saw_goodbye()
+        if self.proc.returncode != 0 or not goodbye:
+            logger.warning("worker %s (pid %d) ended with %s%s", self.label, self.pid,
+                           describe_exit(self.proc.returncode), "" if goodbye else " without a shutdown reply")
+        self._close_pipes()
+
+    def _saw_goodbye(self) -> bool:
+        """Whether the worker's last words included the ``shutdown`` reply (drains the
+        queue). EOF goes back in the queue: the slot's holder may be waiting on this worker
+        and must see the EOF rather than wait out its whole job timeout."""
+        self._reader.join(timeout=_PIPES_SETTLE_S)
+        goodbye = False
+        while (got := self._next(0.0)) is not None:
+            kind, payload = got
+            if kind == "eof":
+                self._lines.put(("eof", None))
+                break
+            if kind == "line":
+                with contextlib.suppress(ValueError, AttributeError):
+                    goodbye = goodbye or loads(payload).get("status") == "shutdown"
+        return goodbye
+
+    def _close_pipes(self) -> None:
+        """Close our pipe ends once the process is gone (reaped). The pipe threads hit EOF
+        as soon as it is gone; closing a stream another thread still reads can block, so
+        only the ones they released are closed."""
+        self._reader.join(timeout=_PIPES_SETTLE_S)
+        self._drain.join(timeout=_PIPES_SETTLE_S)
+        released = [(self.proc.stdin, True), (self.proc.stdout, not self._reader.is_alive()),
+                    (self.proc.stderr, not self._drain.is_alive())]
+        for stream, free in released:
+            if stream is not None and free:
+                with contextlib.suppress(OSError, ValueError):
+                    stream.close()
+
+
+def popen_worker(command: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start a training process with its three pipes."""
+    return subprocess.Popen(list(command), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def oneshot_command(python: str = sys.executable, *, script: str | Path | None = None) -> list[str]:
+    """The one-shot trainer's command line, reading its request from stdin: the package's
+    module behind ``train_single_trial.py`` (``script`` replaces it: tests pass the fake worker)."""
+    program = module_command(ONESHOT_MODULE, python) if script is None else [python, str(script)]
+    return [*program, "--request", "-"]
+
+
+def run_oneshot_job(
+    request: Job, slot: DeviceSlot, *, timeout_s: float, command: Sequence[str] | None = None,
+    start: Callable[[list[str], dict[str, str]], subprocess.Popen[bytes]] = popen_worker,
+) -> dict[str, Any]:
+    """One attempt of a one-shot job: a fresh trainer (``command``, default
+    :func:`oneshot_command`) pinned to ``slot`` and started by ``start`` (which registers it), the same request and reply as a worker's; the reply
+    (``job_id`` attached). Raises :class:`JobError` for a job failure, :class:`JobTimedOut`
+    past ``timeout_s`` (the trainer and its children killed), :class:`WorkerCrashed` when it
+    dies, writes more than its reply, or exits with a code that does not match it."""
+    deadline = time.monotonic() + timeout_s
+    trainer = WorkerProcess(f"{slot.label} one-shot", start(list(command or oneshot_command()), slot.environment()))
+    doing = f"running job {request.job_id!r} (trial {request.trial_number}, fold {request.fold_idx})"
+    try:
+        trainer.send(request, doing)
+        trainer.close_stdin()
+        reply = trainer.receive(deadline - time.monotonic(), doing)
+        code = trainer.expect_exit(deadline - time.monotonic(), doing)
+    except WorkerFault as fault:
+        if fault.kind != "hang":
+            raise
+        raise JobTimedOut(f"one-shot trainer on {slot.label} exceeded the {timeout_s:g}s job timeout",
+                          timeout_s=timeout_s, stderr_tail=fault.stderr_tail) from None
+    except BaseException:  # Ctrl-C while waiting: do not leave the trainer behind
+        trainer.kill()
+        raise
+    status = reply.get("status")
+    if code == 0 and status == "complete":
+        return {**reply, "job_id": request.job_id}
+    if code == JobError.exit_code and status == "error":
+        raise JobError.from_dict({**reply, "job_id": request.job_id})
+    raise WorkerCrashed(f"one-shot trainer on {slot.label} ended with {describe_exit(code)} after a {status!r} reply",
+                        exit_status=describe_exit(code), stderr_tail=trainer.stderr_tail())
+
+
+class Spawner:
+    """One long-lived daemon thread that performs every ``Popen`` of a pool, ``stagger_s``
+    apart (first starts, restarts and re-promotions alike); docs/workers.md ("Lifecycle")
+    says why a daemon thread and not an executor's."""
+
+    def __init__(self, name: str, stagger_s: float = 0.0) -> None:
+        if not stagger_s >= 0:
+            raise ValueError(f"`stagger_s` must be >= 0, got {stagger_s!r}")
+        self.stagger_s = float(stagger_s)
+        self._last_start: float | None = None
+        self._calls: queue.Queue[tuple[Callable[[], Any], Future[Any]] | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run ``fn(*args)`` on the spawner thread; raises RuntimeError once shut down."""
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._stopping.is_set():
+                raise RuntimeError("the spawner is shut down")
+            self._calls.put((lambda: fn(*args), future))
+        return future
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            fn, future = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            if self.stagger_s > 0 and self._last_start is not None:
+                wait = self._last_start + self.stagger_s - time.monotonic()
+                if wait > 0:
+                    logger.debug("next worker start in %.2fs (worker_spawn_stagger_s %g)", wait, self.stagger_s)
+                    self._stopping.wait(wait)  # shutdown() cuts it short
+            self._last_start = time.monotonic()
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+                future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        """Run what was already submitted (without waiting out the stagger), then end the
+        thread (and wait for it); idempotent."""
+        with self._lock:
+            if not self._stopping.is_set():
+                self._stopping.set()
+                self._calls.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()

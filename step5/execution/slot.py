@@ -11,14 +11,10 @@
       └──── re-promote: one fresh worker, after the cool-down ───────────────┘
             (cool-down x2 each time; at most `max_repromotions` times, then for good)
 
-A *fault* is the worker's (crashed, hung, broke the protocol, failed to boot) and counts
-against the slot's restart budget. A *job timeout* is the job's (its worker kept answering
-liveness probes): the worker is replaced, the only way to stop a job in a single-threaded
-trainer, but the slot keeps its budget, and the job is retried once (:data:`JobVerdict`).
-A re-promoted worker gets no new restart budget. A job hit by a fault is re-run with the
-same request and seed within ``max_job_reruns`` and the run's :class:`FaultBudget`; a job
-error (the trainer's own answer) is never re-run. docs/workers.md, "Fault handling", says
-why. Only the thread that holds the slot calls these objects (:mod:`step5.execution.pool`).
+A *fault* is the worker's and counts against the slot's restart budget; a *job timeout*
+is the job's (its worker kept answering probes): the worker is replaced, the slot keeps its
+budget. docs/workers.md, "Fault handling", has the rules and why. Only the thread that
+holds the slot calls these objects (:mod:`step5.execution.pool`).
 """
 from __future__ import annotations
 

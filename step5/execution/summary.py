@@ -1,8 +1,6 @@
-"""The sidecar's ``execution`` block (docs/workers.md, "``execution`` block"): typed
-records, built in one place, the same shape whatever trained the run and however it ended.
-A runner reports :class:`RunnerStats`; :func:`build_execution_summary` adds the loop's
-:class:`SearchRecord` and the run's phase timings. :data:`EXECUTION_SCHEMA`, derived from
-these records, is what the sidecar validator checks the block with.
+"""The sidecar's ``execution`` block (docs/workers.md, "``execution`` block"): typed records,
+the same shape whatever trained the run. A runner reports :class:`RunnerStats`;
+:func:`build_execution_summary` adds the loop's part; :data:`EXECUTION_SCHEMA` is derived.
 """
 from __future__ import annotations
 
@@ -111,28 +109,20 @@ class Timings:
 @dataclass
 class RunnerStats:
     """What a runner knows about itself; ``summary()`` of every runner returns one."""
-    mode: str | None
+    mode: ExecutionMode | None
     devices: list[str]
     workers: list[WorkerRecord] = field(default_factory=list)
     fallbacks: list[FallbackRecord] = field(default_factory=list)
     faults: list[FaultRecord] = field(default_factory=list)
     fusion: FusionRecord = field(default_factory=FusionRecord)
-    timings: Timings = field(default_factory=Timings)
     recovery: RecoveryRecord = field(default_factory=RecoveryRecord)
+    timings: Timings = field(default_factory=Timings)
 
 
 @dataclass
-class ExecutionSummary:
-    """The whole ``execution`` block."""
-    mode: ExecutionMode | None
-    devices: list[str]
-    workers: list[WorkerRecord]
-    fallbacks: list[FallbackRecord]
-    faults: list[FaultRecord]
-    fusion: FusionRecord
-    recovery: RecoveryRecord
-    search: SearchRecord
-    timings: Timings
+class ExecutionSummary(RunnerStats):
+    """The whole ``execution`` block: the runner's part and the loop's."""
+    search: SearchRecord = field(default_factory=SearchRecord)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -16,7 +16,7 @@ import optuna
 from step5.data.splits import FoldFiles
 from step5.errors import JobError, Step5Error, UsageError
 from step5.models import trees
-from step5.execution.runner import FoldRunner, raise_first_job_error
+from step5.execution.pool import FoldRunner, raise_first_job_error
 from step5.execution.summary import RunnerStats, Timings
 from step5.optimizer.objective import summarize_folds
 from step5.optimizer.search_space import SEARCH_BATCH_MODE, DataShape, suggest_nn_params

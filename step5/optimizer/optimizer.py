@@ -26,7 +26,7 @@ from step5.cluster import (
 )
 from step5.devices import cuda_ids, plan_slots
 from step5.errors import DataError, DegenerateSignalError, JobError, Step5Error
-from step5.execution.pool import make_fold_runner, resolve_persistent_workers
+from step5.execution.pool import WorkerPool
 from step5.execution.summary import ExecutionSummary, SearchRecord, build_execution_summary
 from step5.policy import Policy, load_policy
 from step5.sidecar import build_data_context, build_provenance, build_training_metrics, degenerate_sidecar, \
@@ -281,11 +281,12 @@ class AntiOverfitMetaOptimizer:
         if policy.training.device_env:
             logger.info("every worker and one-shot trainer gets %s (training.device_env)",
                         " ".join(f"{k}={v}" for k, v in sorted(policy.training.device_env.items())))
-        persistent = resolve_persistent_workers(cfg.persistent_workers, policy.training)
+        # --persistent-workers / --no-persistent-workers win; else the policy's kill switch (absent: False).
+        persistent = policy.training.use_persistent_workers if cfg.persistent_workers is None else cfg.persistent_workers
         logger.info("neural-net folds run on %s via %s", ", ".join(s.label for s in slots),
                     "persistent workers (S96B)" if persistent else "one-shot subprocesses (S96A)")
         start = time.perf_counter()
-        runner = make_fold_runner(slots, policy.training, persistent=persistent)
+        runner = WorkerPool(slots, policy.training, persistent=persistent)
         self.timings["runner_start_s"] = time.perf_counter() - start
         plan = self.plan = resolve_search_plan(cfg, policy, runner.capacity, neural_net=True)
         logger.info("%d trial(s) in flight on %d slot(s); %s; pruner %s", plan.trials_in_flight, runner.capacity,

@@ -25,14 +25,20 @@ def fake_pool(slots: int | Sequence[Any], *options: str, state_dir: Path | None 
     """A :class:`~step5.execution.pool.WorkerPool` of fake workers started with ``options``
     on ``slots`` (a count of CPU slots, or the slots themselves), with timeouts short enough
     for tests and room for a loaded machine (a job 5 s, a boot 10 s, a shutdown 3 s) and one
-    restart per slot; ``kwargs`` override any of them. ``state_dir`` is the fake's
+    restart per slot; ``kwargs`` override any of them (``training`` policy keys go into the
+    pool's policy, the rest are the pool's own arguments). ``state_dir`` is the fake's
     ``--state-dir`` (what ``--faulty-starts`` counts in)."""
+    import dataclasses
+
     from step5.execution.pool import WorkerPool
+    from step5.policy import TrainingPolicy
 
     opts = [*options, *(["--state-dir", str(state_dir)] if state_dir is not None else [])]
-    kwargs = {"job_timeout_s": 5.0, "ready_timeout_s": 10.0, "max_restarts": 1, "shutdown_timeout_s": 3.0,
-              "oneshot_script": FAKE_WORKER, **kwargs}
-    return WorkerPool(cpu_slots(slots) if isinstance(slots, int) else list(slots),
+    keys = {f.name for f in dataclasses.fields(TrainingPolicy)}
+    policy = TrainingPolicy(**{"worker_job_timeout_s": 5.0, "worker_ready_timeout_s": 10.0, "max_worker_restarts": 1,
+                               **{k: v for k, v in kwargs.items() if k in keys}})
+    kwargs = {"shutdown_timeout_s": 3.0, "oneshot_script": FAKE_WORKER, **{k: v for k, v in kwargs.items() if k not in keys}}
+    return WorkerPool(cpu_slots(slots) if isinstance(slots, int) else list(slots), policy,
                       worker_command=fake_worker_command(*opts), **kwargs)
 
 
@@ -54,7 +60,7 @@ def train_line(**overrides: Any) -> dict[str, Any]:
 def run_each(runner: Any, requests: Sequence[Any]) -> list[dict[str, Any]]:
     """Run every request as a group of one (unfused) through ``runner.run``; the results in
     order, or the first :class:`~step5.errors.JobError` raised once every job finished."""
-    from step5.execution.runner import raise_first_job_error
+    from step5.execution.pool import raise_first_job_error
 
     return raise_first_job_error([outcome for (outcome,) in runner.run([[r] for r in requests])])
 

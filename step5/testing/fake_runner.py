@@ -1,4 +1,4 @@
-"""A fake :class:`~step5.execution.runner.FoldRunner` for in-process optimizer tests: no
+"""A fake :class:`~step5.execution.pool.FoldRunner` for in-process optimizer tests: no
 processes, metrics a smooth function of the params (so a study has a known best trial),
 every call recorded, chosen folds failed or the runner blown up (docs/workers.md "The fakes")."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any, Collection, Sequence
 import numpy as np
 
 from step5.errors import JobError
-from step5.execution.runner import check_groups
+from step5.execution.pool import check_groups
 from step5.execution.summary import FusionRecord, RunnerStats, Timings
 from step5.protocol import Job, MergeRequest, TrainRequest, fusion_key
 from step5.testing.fake_worker import FAKE_CHECKPOINT, FAKE_ENSEMBLE_TEST_R2, merge
@@ -126,5 +126,5 @@ def install_fake_runner(monkeypatch: Any, **defaults: Any) -> tuple[list[FakeFol
         made.append(FakeFoldRunner(**{**defaults, **options, "persistent": persistent}))
         return made[-1]
 
-    monkeypatch.setattr(optimizer_module, "make_fold_runner", factory)
+    monkeypatch.setattr(optimizer_module, "WorkerPool", factory)
     return made, options

@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def factory(slots: Any, policy: Any, *, persistent: bool) -> FakeFoldRunner:
         return FakeFoldRunner(capacity=len(slots), job_sleep_s=args.job_sleep_s)
 
-    optimizer_module.make_fold_runner = factory  # type: ignore[assignment]
+    optimizer_module.WorkerPool = factory  # type: ignore[assignment]
     timings: dict[str, list[list[float]]] = {"ask": [], "poll": [], "tell": []}
     _instrument(timings)
     if args.fault_at and args.fault:

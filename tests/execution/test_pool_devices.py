@@ -12,9 +12,10 @@ import pytest
 from step5.devices import DeviceSlot, plan_slots
 from step5.execution import pool as pool_module
 from step5.execution.pool import WorkerPool
-from step5.execution.worker_process import Spawner
+from step5.execution.process import Spawner
+from step5.policy import TrainingPolicy
 from step5.protocol import NNParams, TrainRequest
-from step5.testing import FAKE_WORKER, fake_worker_command, run_each, summary_of
+from step5.testing import FAKE_WORKER, fake_pool, run_each, summary_of
 from step5.testing.fake_worker import ECHO_ENV
 
 RIG_ENV = {"HSA_OVERRIDE_GFX_VERSION": "10.3.0", "HSA_ENABLE_SDMA": "0"}
@@ -31,14 +32,6 @@ def rig_slots(n: int) -> list[DeviceSlot]:
                       torch_build=lambda: None)
 
 
-def make_pool(slots, *options: str, **kwargs) -> WorkerPool:
-    kwargs.setdefault("job_timeout_s", 5.0)
-    kwargs.setdefault("ready_timeout_s", 10.0)
-    kwargs.setdefault("max_restarts", 1)
-    return WorkerPool(slots, worker_command=fake_worker_command(*options), oneshot_script=FAKE_WORKER,
-                      shutdown_timeout_s=3.0, **kwargs)
-
-
 @pytest.fixture
 def echo_rig_env(monkeypatch):
     monkeypatch.setenv(ECHO_ENV, ",".join(RIG_ENV))
@@ -48,7 +41,7 @@ def echo_rig_env(monkeypatch):
 
 
 def test_one_pinned_worker_per_amd_gpu_with_the_policys_device_environment(data_file, echo_rig_env):
-    with make_pool(rig_slots(2), "--backend", "rocm", "--job-s", "0.3") as pool:
+    with fake_pool(rig_slots(2), "--backend", "rocm", "--job-s", "0.3") as pool:
         results = run_each(pool, requests_for(data_file, 4))
         summary = summary_of(pool)
     seen = {(r["hip_visible_devices"], r["cuda_visible_devices"]) for r in results}
@@ -61,7 +54,7 @@ def test_one_pinned_worker_per_amd_gpu_with_the_policys_device_environment(data_
 
 def test_a_worker_whose_torch_cannot_drive_its_amd_gpu_is_named(data_file, caplog):
     caplog.set_level(logging.WARNING, logger="step5.execution.pool")
-    with make_pool(rig_slots(1)) as pool:  # the fake reports device "cpu": a CPU build of torch
+    with fake_pool(rig_slots(1)) as pool:  # the fake reports device "cpu": a CPU build of torch
         run_each(pool, requests_for(data_file, 1))
         (worker,) = summary_of(pool)["workers"]
     assert worker["backend"] == "cpu"
@@ -69,13 +62,14 @@ def test_a_worker_whose_torch_cannot_drive_its_amd_gpu_is_named(data_file, caplo
 
 
 def test_one_shot_trainers_get_the_device_environment_too(data_file, echo_rig_env):
-    with WorkerPool(rig_slots(1), persistent=False, job_timeout_s=10.0, oneshot_script=FAKE_WORKER) as runner:
+    with WorkerPool(rig_slots(1), TrainingPolicy(worker_job_timeout_s=10.0), persistent=False,
+                    oneshot_script=FAKE_WORKER) as runner:
         (result,) = run_each(runner, requests_for(data_file, 1))
     assert result["environment"] == RIG_ENV and result["hip_visible_devices"] == "0"
 
 
 def test_a_fallen_back_amd_slots_one_shot_jobs_keep_the_pin_and_the_environment(data_file, echo_rig_env):
-    with make_pool(rig_slots(1), "--boot", "exit", max_restarts=0, repromote_after_s=600) as pool:
+    with fake_pool(rig_slots(1), "--boot", "exit", max_worker_restarts=0, worker_repromote_after_s=600) as pool:
         results = run_each(pool, requests_for(data_file, 2))
         (worker,) = summary_of(pool)["workers"]
     assert worker["fallback"] is True and worker["oneshot_jobs"] == 2
@@ -106,14 +100,14 @@ def gaps(times: list[float]) -> list[float]:
 
 def test_first_starts_are_staggered(data_file, start_times, caplog):
     caplog.set_level(logging.INFO, logger="step5.execution.pool")
-    with make_pool([DeviceSlot.cpu(i, 1) for i in range(3)], spawn_stagger_s=0.4) as pool:
+    with fake_pool([DeviceSlot.cpu(i, 1) for i in range(3)], worker_spawn_stagger_s=0.4) as pool:
         run_each(pool, requests_for(data_file, 3))
     assert len(start_times) == 3 and min(gaps(start_times)) >= 0.39
     assert "workers start 0.4s apart (training.worker_spawn_stagger_s)" in caplog.text
 
 
 def test_without_a_stagger_workers_start_together(data_file, start_times):
-    with make_pool([DeviceSlot.cpu(i, 1) for i in range(3)]) as pool:
+    with fake_pool([DeviceSlot.cpu(i, 1) for i in range(3)]) as pool:
         run_each(pool, requests_for(data_file, 1))
     assert max(gaps(start_times)) < 0.4
 
@@ -123,8 +117,8 @@ def test_restarts_and_re_promotions_wait_out_the_stagger(data_file, start_times,
     # The first launch SIGKILLs itself on its first job, well within a second of its start;
     # the next start must still come 1.5 s after it.
     options = ["--fault", "sigkill", "--faulty-starts", "1", "--state-dir", str(data_file.parent)]
-    kwargs = {"max_restarts": 1} if how == "restart" else {"max_restarts": 0, "repromote_after_s": 0.01}
-    with make_pool([DeviceSlot.cpu(0, 1)], *options, spawn_stagger_s=1.5, **kwargs) as pool:
+    kwargs = {"max_worker_restarts": 1} if how == "restart" else {"max_worker_restarts": 0, "worker_repromote_after_s": 0.01}
+    with fake_pool([DeviceSlot.cpu(0, 1)], *options, worker_spawn_stagger_s=1.5, **kwargs) as pool:
         run_each(pool, requests_for(data_file, 3))
         (worker,) = summary_of(pool)["workers"]
     assert (worker["restarts"], worker["repromotions"]) == ((1, 0) if how == "restart" else (0, 1))

@@ -41,8 +41,8 @@ def metrics(results: list[dict]) -> list[dict]:
 
 
 def make_pool(*options: str, slots: int = 1, tmp_path: Path | None = None, **kwargs) -> WorkerPool:
-    kwargs.setdefault("job_timeout_s", JOB_TIMEOUT_S)
-    kwargs.setdefault("ready_timeout_s", READY_TIMEOUT_S)
+    kwargs.setdefault("worker_job_timeout_s", JOB_TIMEOUT_S)
+    kwargs.setdefault("worker_ready_timeout_s", READY_TIMEOUT_S)
     return fake_pool(slots, *options, state_dir=tmp_path, **kwargs)
 
 
@@ -102,7 +102,7 @@ def test_fault_is_recovered_and_every_job_gets_its_undisturbed_result(
 def test_hang_at_boot_times_out_then_falls_back(data_file, caplog):
     caplog.set_level(logging.WARNING, logger="step5.execution.pool")
     requests = make_requests(data_file, n=2)
-    with make_pool("--boot", "hang", ready_timeout_s=1.0) as pool:
+    with make_pool("--boot", "hang", worker_ready_timeout_s=1.0) as pool:
         summary = summary_of(pool)
         assert [c["kind"] for c in summary["faults"]] == ["boot", "boot"]
         assert summary["workers"][0]["fallback"] is True
@@ -160,7 +160,7 @@ def test_fallback_trainer_crashing_too_fails_the_job_after_bounded_retries(data_
 def test_zero_restarts_falls_back_on_first_fault(data_file, caplog):
     caplog.set_level(logging.WARNING, logger="step5.execution.pool")
     requests = make_requests(data_file, n=2)
-    with make_pool("--fault", "sigkill", max_restarts=0) as pool:
+    with make_pool("--fault", "sigkill", max_worker_restarts=0) as pool:
         assert metrics(run_each(pool, requests)) == expected(requests)
         assert summary_of(pool)["workers"][0]["restarts"] == 0
     assert "[S96B] Worker CPU-0 died, falling back to subprocess mode" in caplog.messages
@@ -202,7 +202,7 @@ def test_a_job_that_kills_its_process_every_time_fails_alone_once_its_reruns_are
     monkeypatch.setenv("STEP5_FAKE_POISON_TRIAL", "7")
     good = make_requests(data_file, n=2, trial=0)
     (poison,) = make_requests(data_file, n=1, trial=7)
-    with make_pool(max_restarts=1, max_job_reruns=2, repromote_after_s=600) as pool:
+    with make_pool(max_worker_restarts=1, max_job_reruns=2, worker_repromote_after_s=600) as pool:
         outcomes = pool.run([[good[0]], [poison], [good[1]]])
         summary = summary_of(pool)
         # The run goes on: the slot (in the fallback now) still trains.
@@ -221,7 +221,7 @@ def test_a_job_that_kills_its_process_every_time_fails_alone_once_its_reruns_are
 def test_the_runs_fault_budget_bounds_reruns_across_jobs(data_file, monkeypatch):
     monkeypatch.setenv("STEP5_FAKE_POISON_TRIAL", "7")
     (poison,) = make_requests(data_file, n=1, trial=7)
-    with make_pool(max_restarts=5, max_job_reruns=9, max_fault_reruns=1) as pool:
+    with make_pool(max_worker_restarts=5, max_job_reruns=9, max_fault_reruns=1) as pool:
         ((bad,),) = pool.run([[poison]])
         summary = summary_of(pool)
     assert isinstance(bad, JobError)
@@ -235,7 +235,7 @@ def test_a_fallen_back_slot_is_re_promoted_after_its_cool_down(data_file, caplog
     # The first launch SIGKILLs itself on its first job; with no restarts the slot falls
     # back, runs that job one-shot, and re-promotes a fresh (healthy) worker afterwards.
     with make_pool("--fault", "sigkill", "--faulty-starts", "1", tmp_path=data_file.parent,
-                   max_restarts=0, repromote_after_s=0.01) as pool:
+                   max_worker_restarts=0, worker_repromote_after_s=0.01) as pool:
         assert metrics(run_each(pool, requests)) == expected(requests)
         summary = summary_of(pool)
     (worker,) = summary["workers"]
@@ -249,7 +249,7 @@ def test_a_poisoned_job_in_a_fused_group_does_not_fail_its_group_mates(data_file
     monkeypatch.setenv("STEP5_FAKE_POISON_TRIAL", "7")
     good = make_requests(data_file, n=2, trial=0)
     (poison,) = make_requests(data_file, n=1, trial=7)
-    with make_pool(max_restarts=9, max_job_reruns=1) as pool:
+    with make_pool(max_worker_restarts=9, max_job_reruns=1) as pool:
         ((a, bad, b),) = pool.run([[good[0], poison, good[1]]])
     assert metrics([a, b]) == expected(good)  # their unfused verdicts, run alone
     assert isinstance(bad, JobError) and "training.max_job_reruns" in bad.message

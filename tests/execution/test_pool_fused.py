@@ -98,7 +98,7 @@ def test_worker_crash_during_a_fused_group_restarts_and_reruns_it(data_file, tmp
 
 def test_fallen_back_slot_runs_groups_through_one_shot_trainers(data_file):
     groups = [group(data_file, 2, n=2)]
-    with fake_pool(1, "--boot", "exit", max_restarts=0) as pool:
+    with fake_pool(1, "--boot", "exit", max_worker_restarts=0) as pool:
         assert summary_of(pool)["workers"][0]["fallback"] is True
         results = pool.run(groups)
         assert summary_of(pool)["fusion"]["unfused_groups"] == 1

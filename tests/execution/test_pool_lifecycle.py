@@ -21,6 +21,7 @@ import pytest
 from step5.devices import DeviceSlot, plan_slots
 from step5.errors import RunnerClosed, WorkerFault
 from step5.execution.pool import WorkerPool
+from step5.policy import TrainingPolicy
 from step5.protocol import NNParams, TrainRequest
 from step5.testing import cpu_slots, fake_pool, run_each, summary_of
 from step5.testing.processes import wait_gone
@@ -97,7 +98,7 @@ def test_close_says_shutdown_and_reaps_every_worker(data_file, caplog):
 
 
 def test_close_while_a_job_hangs_terminates_the_worker(data_file):
-    pool = fake_pool(cpu_slots(1), "--fault", "hang", job_timeout_s=60.0, shutdown_timeout_s=0.5)
+    pool = fake_pool(cpu_slots(1), "--fault", "hang", worker_job_timeout_s=60.0, shutdown_timeout_s=0.5)
     runner, errors = run_in_background(pool, requests_for(data_file, 1))
     time.sleep(0.5)
     pids = pool.worker_pids()
@@ -116,7 +117,7 @@ def test_close_racing_a_fault_still_reports_pool_closed(data_file, monkeypatch):
     CI once hit this interleaving (close() ran between the fault's kill and its bookkeeping)
     and got an AttributeError instead of RunnerClosed; force it here deterministically.
     """
-    pool = fake_pool(cpu_slots(1), "--fault", "hang", job_timeout_s=60.0, shutdown_timeout_s=0.5)
+    pool = fake_pool(cpu_slots(1), "--fault", "hang", worker_job_timeout_s=60.0, shutdown_timeout_s=0.5)
     st = pool._slots[0]
     worker = st.worker
     real_kill = type(worker).kill
@@ -145,7 +146,7 @@ def test_close_racing_a_fault_still_reports_pool_closed(data_file, monkeypatch):
 
 def test_close_while_a_fallback_trainer_hangs_kills_it(data_file, monkeypatch):
     monkeypatch.setenv("STEP5_FAKE_ONESHOT", "hang")
-    pool = fake_pool(cpu_slots(1), "--fault", "sigkill", max_restarts=0, job_timeout_s=60.0)
+    pool = fake_pool(cpu_slots(1), "--fault", "sigkill", max_worker_restarts=0, worker_job_timeout_s=60.0)
     runner, errors = run_in_background(pool, requests_for(data_file, 1))
     me = psutil.Process()
 
@@ -175,7 +176,7 @@ def test_shutdown_leaves_eof_for_a_thread_still_waiting_on_the_worker():
     """close() drains a worker's messages looking for its goodbye while a dispatch thread may
     be waiting on the same queue for a result: the EOF must stay for that thread, or it
     waits out its whole job timeout (CI saw close() take 60 s under load)."""
-    from step5.execution.worker_process import WorkerProcess
+    from step5.execution.process import WorkerProcess
 
     # A worker hung on a job: it ignores the shutdown and is terminated, without a goodbye.
     proc = subprocess.Popen(
@@ -213,9 +214,9 @@ def test_jobs_cancelled_by_a_racing_close_report_pool_closed(data_file, monkeypa
 def test_ctrl_c_during_close_still_kills_every_worker(data_file, monkeypatch):
     """A KeyboardInterrupt while close() waits for a worker must not leave the workers
     running: the pool is already marked closed, so no later close() would come back."""
-    from step5.execution.worker_process import WorkerProcess
+    from step5.execution.process import WorkerProcess
 
-    pool = fake_pool(cpu_slots(2), "--fault", "hang", job_timeout_s=60.0)
+    pool = fake_pool(cpu_slots(2), "--fault", "hang", worker_job_timeout_s=60.0)
     runner, errors = run_in_background(pool, requests_for(data_file, 2))
     time.sleep(0.5)
     pids = pool.worker_pids()
@@ -234,7 +235,7 @@ def test_ctrl_c_during_close_still_kills_every_worker(data_file, monkeypatch):
 
 
 def test_ctrl_c_in_run_kills_every_worker_before_propagating(data_file):
-    pool = fake_pool(cpu_slots(2), "--fault", "hang", job_timeout_s=60.0)
+    pool = fake_pool(cpu_slots(2), "--fault", "hang", worker_job_timeout_s=60.0)
     pids = pool.worker_pids()
     assert len(pids) == 2
     timer = threading.Timer(0.5, os.kill, args=(os.getpid(), signal.SIGINT))
@@ -252,14 +253,14 @@ def test_ctrl_c_in_run_kills_every_worker_before_propagating(data_file):
 
 def test_constructor_rejects_bad_arguments():
     with pytest.raises(ValueError, match="at least one"):
-        WorkerPool([], job_timeout_s=1, ready_timeout_s=1, max_restarts=1)
+        WorkerPool([], TrainingPolicy(worker_job_timeout_s=1, worker_ready_timeout_s=1, max_worker_restarts=1))
     with pytest.raises(ValueError, match="unique"):
         WorkerPool([DeviceSlot("CPU-0", "cpu", ""), DeviceSlot("CPU-0", "cpu", "")],
-                   job_timeout_s=1, ready_timeout_s=1, max_restarts=1)
+                   TrainingPolicy(worker_job_timeout_s=1, worker_ready_timeout_s=1, max_worker_restarts=1))
     with pytest.raises(ValueError, match="job_timeout_s"):
-        WorkerPool(cpu_slots(1), job_timeout_s=0, ready_timeout_s=1, max_restarts=1)
+        WorkerPool(cpu_slots(1), TrainingPolicy(worker_job_timeout_s=0, worker_ready_timeout_s=1, max_worker_restarts=1))
     with pytest.raises(ValueError, match="max_restarts"):
-        WorkerPool(cpu_slots(1), job_timeout_s=1, ready_timeout_s=1, max_restarts=-1)
+        WorkerPool(cpu_slots(1), TrainingPolicy(worker_job_timeout_s=1, worker_ready_timeout_s=1, max_worker_restarts=-1))
 
 
 # A parent process holding a pool of two fake workers: prints their pids, then either
@@ -269,9 +270,10 @@ PARENT = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     from step5.devices import DeviceSlot
     from step5.execution.pool import WorkerPool
+    from step5.policy import TrainingPolicy
     from step5.testing import FAKE_WORKER, fake_worker_command
     pool = WorkerPool([DeviceSlot("CPU-0", "cpu", "", 1), DeviceSlot("CPU-1", "cpu", "", 1)],
-                      job_timeout_s=5, ready_timeout_s=20, max_restarts=1,
+                      TrainingPolicy(worker_job_timeout_s=5, worker_ready_timeout_s=20, max_worker_restarts=1),
                       worker_command=fake_worker_command(), oneshot_script=FAKE_WORKER)
     print(" ".join(map(str, pool.worker_pids())), flush=True)
     if sys.argv[1] == "sleep":

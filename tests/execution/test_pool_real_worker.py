@@ -17,8 +17,8 @@ import pytest
 from step5.data.splits import write_fold_npz
 from step5.devices import DeviceSlot
 from step5.errors import JobError
-from step5.execution.pool import WorkerPool, make_fold_runner
-from step5.execution.worker_process import WorkerProcess
+from step5.execution.pool import WorkerPool
+from step5.execution.process import WorkerProcess
 from step5.policy import TrainingPolicy
 from step5.testing import run_each, summary_of
 from step5.protocol import NNParams, TrainRequest
@@ -74,7 +74,7 @@ def test_worker_killed_mid_run_restarts_then_falls_back_with_identical_results(
     caplog.set_level(logging.WARNING, logger="step5.execution.pool")
     policy = TrainingPolicy(use_persistent_workers=True, worker_job_timeout_s=120, worker_ready_timeout_s=120,
                             max_worker_restarts=1)
-    with make_fold_runner([DeviceSlot("CPU-0", "cpu", "", 1)], policy, persistent=True) as pool:
+    with WorkerPool([DeviceSlot("CPU-0", "cpu", "", 1)], policy, persistent=True) as pool:
         assert isinstance(pool, WorkerPool) and pool.mode == "persistent_workers"
         undisturbed = [{k: r[k] for k in METRICS} for r in run_each(pool, requests)]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from step5.devices import DeviceSlot
 from step5.errors import JobError
 from step5.execution.pool import WorkerPool
+from step5.policy import TrainingPolicy
 from step5.protocol import NNParams, TrainRequest
 from step5.testing import FAKE_WORKER, fake_worker_command, run_each, summary_of
 
@@ -26,10 +27,10 @@ def request(data_file: Path, fold: int = 0) -> TrainRequest:
 
 def slow_pool(job_s: float, **kwargs) -> WorkerPool:
     """A pool whose fake workers take ``job_s`` per job and answer heartbeats meanwhile."""
-    kwargs.setdefault("max_restarts", 1)
-    return WorkerPool([DeviceSlot("CPU-0", "cpu", "", 1)], job_timeout_s=TIMEOUT_S, ready_timeout_s=10.0,
-                      worker_command=fake_worker_command("--job-s", str(job_s)), oneshot_script=FAKE_WORKER,
-                      shutdown_timeout_s=2.0, probe_interval_s=0.2, probe_grace_s=1.0, **kwargs)
+    kwargs.setdefault("max_worker_restarts", 1)
+    policy = TrainingPolicy(worker_job_timeout_s=TIMEOUT_S, worker_ready_timeout_s=10.0, **kwargs)
+    return WorkerPool([DeviceSlot("CPU-0", "cpu", "", 1)], policy, worker_command=fake_worker_command("--job-s", str(job_s)),
+                      oneshot_script=FAKE_WORKER, shutdown_timeout_s=2.0, probe_interval_s=0.2, probe_grace_s=1.0)
 
 
 def test_a_job_that_never_finishes_fails_within_twice_its_timeout_and_keeps_the_slot(data_file, caplog):
@@ -54,7 +55,7 @@ def test_a_job_that_never_finishes_fails_within_twice_its_timeout_and_keeps_the_
 def test_a_timed_out_job_is_retried_once_and_a_timeout_does_not_use_the_restart_budget(data_file, tmp_path):
     # A timed-out group is retried on a new worker: with a zero restart budget a fault would
     # have sent the slot to one-shot mode, a timeout does not.
-    with slow_pool(job_s=60.0, max_restarts=0) as pool:
+    with slow_pool(job_s=60.0, max_worker_restarts=0) as pool:
         ((first,),) = pool.run([[request(data_file)]])
         assert isinstance(first, JobError) and first.error_type == "timeout"
         assert summary_of(pool)["workers"][0]["fallback"] is False
@@ -71,10 +72,9 @@ def test_a_slow_job_within_its_timeout_is_not_a_hang(data_file):
 
 
 def test_a_worker_that_stops_answering_heartbeats_is_a_hang_fault(data_file, tmp_path):
-    pool = WorkerPool([DeviceSlot("CPU-0", "cpu", "", 1)], job_timeout_s=30.0, ready_timeout_s=10.0, max_restarts=1,
-                      worker_command=fake_worker_command("--fault", "hang", "--faulty-starts", "1",
-                                                         "--state-dir", str(tmp_path)),
-                      oneshot_script=FAKE_WORKER, probe_interval_s=0.2, probe_grace_s=0.8)
+    policy = TrainingPolicy(worker_job_timeout_s=30.0, worker_ready_timeout_s=10.0, max_worker_restarts=1)
+    pool = WorkerPool([DeviceSlot("CPU-0", "cpu", "", 1)], policy, worker_command=fake_worker_command("--fault", "hang", "--faulty-starts", "1",
+                                                         "--state-dir", str(tmp_path)), oneshot_script=FAKE_WORKER, probe_interval_s=0.2, probe_grace_s=0.8)
     with pool:
         start = time.monotonic()
         (result,) = run_each(pool, [request(data_file)])
@@ -88,8 +88,8 @@ def test_a_worker_that_stops_answering_heartbeats_is_a_hang_fault(data_file, tmp
 
 def test_a_one_shot_trainer_that_times_out_is_retried_once(data_file, monkeypatch):
     monkeypatch.setenv("STEP5_FAKE_ONESHOT", "hang")
-    with WorkerPool([DeviceSlot("CPU-0", "cpu", "", 1)], persistent=False, job_timeout_s=1.0, max_job_reruns=3,
-                    oneshot_script=FAKE_WORKER) as runner:
+    with WorkerPool([DeviceSlot("CPU-0", "cpu", "", 1)], TrainingPolicy(worker_job_timeout_s=1.0, max_job_reruns=3),
+                    persistent=False, oneshot_script=FAKE_WORKER) as runner:
         start = time.monotonic()
         ((outcome,),) = runner.run([[request(data_file)]])
         elapsed = time.monotonic() - start
@@ -103,8 +103,9 @@ def test_the_fallback_times_out_like_the_workers(data_file, monkeypatch):
     # A slot that fell back (its worker never boots) runs one-shot trainers; one that hangs
     # gets the same verdict through the one retrying path.
     monkeypatch.setenv("STEP5_FAKE_ONESHOT", "hang")
-    with WorkerPool([DeviceSlot("CPU-0", "cpu", "", 1)], job_timeout_s=1.0, ready_timeout_s=10.0, max_restarts=0,
-                    worker_command=fake_worker_command("--boot", "exit"), oneshot_script=FAKE_WORKER) as pool:
+    policy = TrainingPolicy(worker_job_timeout_s=1.0, worker_ready_timeout_s=10.0, max_worker_restarts=0)
+    with WorkerPool([DeviceSlot("CPU-0", "cpu", "", 1)], policy, worker_command=fake_worker_command("--boot", "exit"),
+                    oneshot_script=FAKE_WORKER) as pool:
         assert summary_of(pool)["workers"][0]["fallback"] is True
         ((outcome,),) = pool.run([[request(data_file)]])
         kinds = [f["kind"] for f in summary_of(pool)["faults"]]

@@ -21,6 +21,7 @@ import pytest
 
 from step5.errors import JobError, RunnerClosed
 from step5.execution.pool import WorkerPool
+from step5.policy import TrainingPolicy
 from step5.protocol import NNParams, TrainRequest
 from step5.testing import FAKE_WORKER, cpu_slots, run_each, summary_of
 from step5.testing.fake_worker import fake_metrics
@@ -61,7 +62,8 @@ def _children() -> list[psutil.Process]:
 
 def test_ctrl_c_kills_running_trainers_and_propagates_at_once(hang_script, data_file):
     script, started = hang_script
-    runner = WorkerPool(cpu_slots(2), persistent=False, job_timeout_s=300, max_job_reruns=1, oneshot_script=script)
+    runner = WorkerPool(cpu_slots(2), TrainingPolicy(worker_job_timeout_s=300, max_job_reruns=1),
+                        persistent=False, oneshot_script=script)
     main = threading.main_thread().ident
     pids: list[int] = []
 
@@ -88,7 +90,8 @@ def test_ctrl_c_kills_running_trainers_and_propagates_at_once(hang_script, data_
 
 
 def test_a_closed_runner_refuses_work_with_the_pools_error(data_file):
-    runner = WorkerPool(cpu_slots(1), persistent=False, job_timeout_s=60, oneshot_script=FAKE_WORKER)
+    runner = WorkerPool(cpu_slots(1), TrainingPolicy(worker_job_timeout_s=60), persistent=False,
+                        oneshot_script=FAKE_WORKER)
     runner.close()
     runner.close()  # idempotent
     with pytest.raises(RunnerClosed, match="closed"):
@@ -99,7 +102,8 @@ def test_a_closed_runner_refuses_work_with_the_pools_error(data_file):
 def test_a_bug_in_one_job_aborts_the_batch_without_waiting_for_the_others(hang_script, data_file):
     script, started = hang_script
     bad = dataclasses.replace(_request(data_file, 1, 1), params={"epochs": 3})  # a bug: a dict for NNParams
-    with WorkerPool(cpu_slots(2), persistent=False, job_timeout_s=300, oneshot_script=script) as runner:
+    with WorkerPool(cpu_slots(2), TrainingPolicy(worker_job_timeout_s=300),
+                        persistent=False, oneshot_script=script) as runner:
         start = time.monotonic()
         with pytest.raises(AttributeError, match="to_dict"):
             # The second request cannot be sent to its trainer; the first hangs.
@@ -111,7 +115,8 @@ def test_a_bug_in_one_job_aborts_the_batch_without_waiting_for_the_others(hang_s
 def test_job_error_waits_for_the_batch_and_keeps_the_runner(data_file, tmp_path):
     good = [_request(data_file, 2, f) for f in range(3)]
     missing = _request(tmp_path / "gone.npz", 2, 3)
-    with WorkerPool(cpu_slots(2), persistent=False, job_timeout_s=60, oneshot_script=FAKE_WORKER) as runner:
+    with WorkerPool(cpu_slots(2), TrainingPolicy(worker_job_timeout_s=60), persistent=False,
+                    oneshot_script=FAKE_WORKER) as runner:
         with pytest.raises(JobError) as info:
             run_each(runner, [*good, missing])
         assert info.value.error_type == "data_error" and info.value.fold_idx == 3
@@ -122,7 +127,8 @@ def test_job_error_waits_for_the_batch_and_keeps_the_runner(data_file, tmp_path)
 
 def test_a_group_is_the_null_object_of_fusion_same_results_fold_by_fold_and_one_warning(data_file, caplog):
     groups = [[_request(data_file, 3, f) for f in range(3)], [_request(data_file, 4, f) for f in range(2)]]
-    with WorkerPool(cpu_slots(2), persistent=False, job_timeout_s=60, oneshot_script=FAKE_WORKER) as runner:
+    with WorkerPool(cpu_slots(2), TrainingPolicy(worker_job_timeout_s=60), persistent=False,
+                    oneshot_script=FAKE_WORKER) as runner:
         with caplog.at_level(logging.WARNING, logger="step5.execution.pool"):
             fused = runner.run(groups)
             again = runner.run(groups[:1])
@@ -137,7 +143,7 @@ def test_a_group_is_the_null_object_of_fusion_same_results_fold_by_fold_and_one_
     # Three groups of several jobs (none could share a pass), then five groups of one.
     assert summary["fusion"] == {"groups": 8, "jobs": 13, "fused_groups": 0, "unfused_groups": 3, "rerun_jobs": 0,
                                  "largest_group": 3}
-    with WorkerPool(cpu_slots(1), persistent=False, oneshot_script=FAKE_WORKER) as runner:
+    with WorkerPool(cpu_slots(1), TrainingPolicy(), persistent=False, oneshot_script=FAKE_WORKER) as runner:
         with pytest.raises(ValueError, match="empty group"):
             runner.run([[]])
 
@@ -170,13 +176,14 @@ def test_a_timed_out_trainer_is_killed_with_the_processes_it_started(tmp_path, d
     """A grandchild holding the trainer's pipes must neither outlive the job nor make the
     runner wait on those pipes past the timeout."""
     from step5.errors import JobTimedOut
-    from step5.execution.worker_process import run_oneshot_job
+    from step5.execution.process import oneshot_command, run_oneshot_job
 
     script = tmp_path / "spawning_hang.py"
     script.write_text(SPAWNING_HANG_SCRIPT.format(folder=str(tmp_path)))
     start = time.monotonic()
     with pytest.raises(JobTimedOut, match="exceeded the 2s job timeout") as info:
-        run_oneshot_job(_request(data_file, 0, 0), cpu_slots(1)[0], timeout_s=2.0, script=script)
+        run_oneshot_job(_request(data_file, 0, 0), cpu_slots(1)[0], timeout_s=2.0,
+                        command=oneshot_command(script=script))
     assert info.value.exit_status == "TIMEOUT"
     assert time.monotonic() - start < 10  # not the helper's 120 s
     helper = int((tmp_path / "helper.pid").read_text())

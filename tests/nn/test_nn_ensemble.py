@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from step5.data.splits import kfold_splits, write_fold_npz
-from step5.execution.worker_process import oneshot_command
+from step5.execution.process import oneshot_command
 from step5.jsonio import dumps
 from step5.launch import child_environment
 from step5.nn.checkpoint import load_checkpoint

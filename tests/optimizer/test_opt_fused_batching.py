@@ -315,10 +315,10 @@ def _install_fake_pool(monkeypatch, *options: str) -> list[WorkerPool]:
     made: list[WorkerPool] = []
 
     def factory(slots, policy, *, persistent):
-        made.append(fake_pool(2, *options, job_timeout_s=10.0, ready_timeout_s=20.0, shutdown_timeout_s=5.0))
+        made.append(fake_pool(2, *options, worker_job_timeout_s=10.0, worker_ready_timeout_s=20.0, shutdown_timeout_s=5.0))
         return made[-1]
 
-    monkeypatch.setattr(optimizer_module, "make_fold_runner", factory)
+    monkeypatch.setattr(optimizer_module, "WorkerPool", factory)
     return made
 
 
