@@ -24,7 +24,7 @@ import torch
 
 from step5 import errors
 from step5.errors import JobError
-from step5.nn.checkpoint import save_checkpoint
+from step5.nn.checkpoint import Checkpoint
 from step5.nn.trainer import Fold, ModelSpec, TrainConfig, TrainedModel, padded_rows, train_models
 from step5.protocol import FUSE_KEYS, TrainRequest, batch_plan, echo, fusion_key
 
@@ -273,19 +273,16 @@ def _result(request: TrainRequest, data: Fold, trained: TrainedModel, *, load_s:
     result: dict[str, Any] = {"status": "complete", "model_type": "neural_net", **trained.metrics}
     if request.save_model_path is not None:
         try:
-            path = save_checkpoint(
-                request.save_model_path, state_dict=trained.state_dict, n_features=data.X_train.shape[1],
-                hidden_layers=request.params.hidden_layers, use_leaky_relu=request.use_leaky_relu,
-                dropout=request.params.dropout, feature_mean=trained.feature_mean,
-                feature_scale=trained.feature_scale, target_mean=trained.target_mean,
-                target_std=trained.target_std, normalize_features=request.normalize_features,
-                feature_names=data.feature_names, config=request.params.to_dict(),
+            path = Checkpoint(
+                trained.state_dict, data.X_train.shape[1], request.params.hidden_layers, request.use_leaky_relu,
+                request.params.dropout, trained.feature_mean, trained.feature_scale, trained.target_mean,
+                trained.target_std, request.normalize_features, data.feature_names, request.params.to_dict(),
                 training={
                     "seed": request.seed, "batch_mode": request.batch_mode, "epochs_run": trained.epochs_run,
                     "best_epoch": trained.best_epoch, "metrics": dict(trained.metrics),
                     "data_path": request.data_path,
                 },
-            )
+            ).save(request.save_model_path)
         except OSError as exc:
             raise JobError(f"cannot write checkpoint {request.save_model_path}: {exc}", "train_error") from None
         result["model_path"] = str(path)
