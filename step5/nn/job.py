@@ -26,7 +26,7 @@ from step5 import errors
 from step5.errors import JobError
 from step5.nn.checkpoint import Checkpoint
 from step5.nn.trainer import Fold, ModelSpec, TrainConfig, TrainedModel, padded_rows, train_models
-from step5.protocol import FUSE_KEYS, TrainRequest, batch_plan, echo, fusion_key
+from step5.protocol import FUSE_KEYS, TrainRequest, batch_plan, echo, error_reply, fusion_key
 
 logger = logging.getLogger(__name__)
 
@@ -221,11 +221,6 @@ def _as_job_error(exc: BaseException, where: str) -> JobError:
                     traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
 
-def _echo(error: JobError, request: TrainRequest) -> JobError:
-    """A copy of ``error`` (one may fail several requests) carrying this request's identity."""
-    return JobError(error.message, error.error_type, traceback=error.traceback, **echo(request))
-
-
 def _spec_and_fold(request: TrainRequest, data: Fold) -> tuple[ModelSpec, Fold]:
     """The core's spec and fold for one request. Patience > 0 fits all but a seeded slice of
     the training rows and early-stops on that slice, so the validation rows only score;
@@ -264,9 +259,11 @@ def _train_pass(config: TrainConfig, models: Sequence[tuple[ModelSpec, Fold]],
     return out
 
 
-def _result(request: TrainRequest, data: Fold, trained: TrainedModel, *, load_s: float, train_s: float,
+def _result(request: TrainRequest, data: Fold, trained: TrainedModel | JobError, *, load_s: float, train_s: float,
             device_name: str) -> dict[str, Any]:
     """The ``complete`` message for one trained model; writes its checkpoint if asked."""
+    if isinstance(trained, JobError):
+        raise trained
     if trained.error is not None:
         raise JobError(trained.error, "train_error")
     t0 = time.perf_counter()
@@ -294,72 +291,15 @@ def _result(request: TrainRequest, data: Fold, trained: TrainedModel, *, load_s:
     return result
 
 
-def _run_requests(requests: Sequence[TrainRequest], device: torch.device,
-                  cache: DataCache | None) -> list[dict[str, Any] | JobError]:
-    """Load every request's fold and train the loadable ones in as few passes as their shapes
-    allow; a result or an error per request, in order.
-
-    One pass per (features, batch plan, early stopping or not, padded fit / early-stopping /
-    validation lengths): models whose tensors have the same shapes round as they would alone.
-    """
-    out: list[dict[str, Any] | JobError | None] = [None] * len(requests)
-    loaded: dict[int, tuple[Fold, float]] = {}
-    device_name = describe_device(device)
-    try:
-        for i, r in enumerate(requests):
-            try:
-                loaded[i] = load_fold(r.data_path, cache)
-            except JobError as exc:
-                out[i] = _echo(exc, r)
-            except MemoryError as exc:
-                out[i] = _echo(_as_job_error(exc, f"loading {r.data_path}"), r)
-        models = {i: _spec_and_fold(requests[i], data) for i, (data, _) in loaded.items()}
-        passes: dict[tuple[Any, ...], list[int]] = {}
-        for i, (spec, fold) in models.items():
-            plan = batch_plan(requests[i], loaded[i][0].X_train.shape[0])
-            rows = (padded_rows(a.shape[0]) for a in (fold.X_train, fold.stop_rows[0], fold.X_val))
-            passes.setdefault((fold.X_train.shape[1], plan, spec.restore_best, *rows), []).append(i)
-        for (_, (mode, _), *_), idx in passes.items():
-            p = requests[idx[0]].params
-            config = TrainConfig(
-                hidden_layers=tuple(p.hidden_layers), use_leaky_relu=requests[idx[0]].use_leaky_relu,
-                normalize_features=requests[idx[0]].normalize_features, optimizer=p.optimizer, epochs=p.epochs,
-                batch_mode=mode, batch_size=p.batch_size,
-            )
-            t0 = time.perf_counter()
-            trained = _train_pass(config, [models[i] for i in idx], device)
-            train_s = (time.perf_counter() - t0) / len(idx)  # a fused pass's time, shared equally
-            for i, t in zip(idx, trained):
-                if isinstance(t, JobError):
-                    out[i] = _echo(t, requests[i])
-                    continue
-                try:
-                    out[i] = _result(requests[i], loaded[i][0], t, load_s=loaded[i][1], train_s=train_s,
-                                     device_name=device_name)
-                except JobError as exc:
-                    out[i] = _echo(exc, requests[i])
-    finally:
-        release_memory(device)
-    return out  # type: ignore[return-value] - every slot is filled
-
-
-def run_train_job(request: TrainRequest, *, device: torch.device, cache: DataCache | None = None) -> dict[str, Any]:
-    """Train one fold and return its ``complete`` message; raises :class:`JobError` carrying
-    the request's identity."""
-    (result,) = _run_requests([request], device, cache)
-    if isinstance(result, JobError):
-        raise result
-    return result
-
-
 def run_fold_group(requests: Sequence[TrainRequest], *, device: torch.device,
                    cache: DataCache | None = None) -> list[dict[str, Any]]:
-    """Train fusable requests as one M-model pass; one result dict per request, in order.
+    """Train requests in as few M-model passes as their shapes allow; one reply per request, in
+    order: its ``complete`` message, or its ``error`` (a failed request does not fail the others).
 
-    Each result equals :func:`run_train_job`'s for that request alone (``train_s`` is the
-    pass time divided by M). Requests must agree on :data:`FUSE_KEYS` (else ``ValueError``);
-    folds whose shapes differ train in separate passes. A request that fails gets its error
-    dict in its slot and does not fail the others.
+    One pass per (features, batch plan, early stopping or not, padded fit / early-stopping /
+    validation lengths): models whose tensors have the same shapes round as they would alone,
+    so each result equals :func:`run_train_job`'s for that request (``train_s`` is the pass
+    time divided by M). Requests must agree on :data:`FUSE_KEYS` (else ``ValueError``).
     """
     if not requests:
         return []
@@ -370,4 +310,46 @@ def run_fold_group(requests: Sequence[TrainRequest], *, device: torch.device,
             diff = [f"{name}: {a!r} != {b!r}" for name, a, b in zip(FUSE_KEYS, first, key) if a != b]
             raise ValueError(f"requests cannot be fused (job {r.job_id!r} differs from job {requests[0].job_id!r}): "
                              + "; ".join(diff))
-    return [r.to_dict() if isinstance(r, JobError) else r for r in _run_requests(requests, device, cache)]
+    out: dict[int, dict[str, Any]] = {}
+    loaded: dict[int, tuple[Fold, float]] = {}
+    device_name = describe_device(device)
+    try:
+        for i, r in enumerate(requests):
+            try:
+                loaded[i] = load_fold(r.data_path, cache)
+            except (JobError, MemoryError) as exc:
+                out[i] = error_reply(_as_job_error(exc, f"loading {r.data_path}"), r)
+        models = {i: _spec_and_fold(requests[i], data) for i, (data, _) in loaded.items()}
+        passes: dict[tuple[Any, ...], list[int]] = {}
+        for i, (spec, fold) in models.items():
+            plan = batch_plan(requests[i], loaded[i][0].X_train.shape[0])
+            rows = (padded_rows(a.shape[0]) for a in (fold.X_train, fold.stop_rows[0], fold.X_val))
+            passes.setdefault((fold.X_train.shape[1], plan, spec.restore_best, *rows), []).append(i)
+        for (_, (mode, _), *_), idx in passes.items():
+            r = requests[idx[0]]
+            config = TrainConfig(
+                hidden_layers=tuple(r.params.hidden_layers), use_leaky_relu=r.use_leaky_relu,
+                normalize_features=r.normalize_features, optimizer=r.params.optimizer, epochs=r.params.epochs,
+                batch_mode=mode, batch_size=r.params.batch_size,
+            )
+            t0 = time.perf_counter()
+            trained = _train_pass(config, [models[i] for i in idx], device)
+            train_s = (time.perf_counter() - t0) / len(idx)  # a fused pass's time, shared equally
+            for i, t in zip(idx, trained):
+                try:
+                    out[i] = _result(requests[i], loaded[i][0], t, load_s=loaded[i][1], train_s=train_s,
+                                     device_name=device_name)
+                except JobError as exc:
+                    out[i] = error_reply(exc, requests[i])
+    finally:
+        release_memory(device)
+    return [out[i] for i in range(len(requests))]
+
+
+def run_train_job(request: TrainRequest, *, device: torch.device, cache: DataCache | None = None) -> dict[str, Any]:
+    """Train one fold and return its ``complete`` message; raises :class:`JobError` carrying
+    the request's identity."""
+    (result,) = run_fold_group([request], device=device, cache=cache)
+    if result["status"] == "error":
+        raise JobError.from_dict(result)
+    return result

@@ -38,8 +38,8 @@ logger = logging.getLogger("step5.nn.worker")  # not __name__: run with -m it is
 class Dispatcher:
     """Turns requests into replies; never raises for a bad request. The one-shot trainer
     answers its one request with it too. ``backend``: :class:`TorchBackend` (or a stub of
-    its methods: ``device``, ``train``, ``train_folds``, ``merge``, ``is_out_of_memory``,
-    ``release_memory``); it raises :class:`JobError` for a job's deterministic failure."""
+    its methods: ``device``, ``train_folds``, ``merge``, ``is_out_of_memory``, ``release_memory``);
+    it raises :class:`JobError` for a job's deterministic failure."""
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
@@ -70,9 +70,7 @@ class Dispatcher:
         if isinstance(request, Shutdown):
             self.shutdown_requested = True
             return [ShutdownMessage(status="shutdown", reason="command", jobs_done=self.jobs_done, pid=os.getpid())]
-        if isinstance(request, TrainFolds):
-            return self._train_folds(request)
-        return [self._run(request)]
+        return self._run(request.jobs if isinstance(request, TrainFolds) else (request,))
 
     def alive(self, request: Heartbeat) -> dict[str, Any]:
         """The answer to a ``heartbeat``: this process still reads its requests."""
@@ -90,47 +88,31 @@ class Dispatcher:
         logger.error("job %s failed:\n%s", request.job_id, tb)
         return error_reply(JobError(f"{type(exc).__name__}: {exc}", "train_error", traceback=tb), request)
 
-    def _completed(self, result: dict[str, Any], request: Job) -> dict[str, Any]:
-        result = dict(result)
-        result.setdefault("status", "complete")
-        result.update(echo(request))
-        self.jobs_done += result["status"] == "complete"
-        return result
-
-    def _run(self, request: Job) -> dict[str, Any]:
-        try:
-            if isinstance(request, MergeRequest):
-                result = self.backend.merge(request)
-            else:
-                result = self.backend.train(request)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
-            return self._failure(exc, request)
-        finally:
-            self.backend.release_memory()
-        return self._completed(result, request)
-
-    def _train_folds(self, request: TrainFolds) -> list[dict[str, Any]]:
-        # Jobs refused on decoding are answered in place; the rest run fused.
-        replies: list[dict[str, Any] | None] = [
-            job.to_dict() if isinstance(job, BadRequest) else None for job in request.jobs]
-        valid = [(i, job) for i, job in enumerate(request.jobs) if isinstance(job, TrainRequest)]
+    def _run(self, jobs: Sequence[Job | BadRequest]) -> list[dict[str, Any]]:
+        """One reply per job, in order. A job refused on decoding is answered in place; the
+        others run together (``train`` jobs as one fused group, or one ``merge``), and fail
+        alike if that raises (a fold that failed alone comes back as its error reply)."""
+        replies: dict[int, dict[str, Any]] = {i: job.to_dict() for i, job in enumerate(jobs)
+                                              if isinstance(job, BadRequest)}
+        valid = [(i, job) for i, job in enumerate(jobs) if i not in replies]
         if valid:
-            requests = [r for _, r in valid]
             try:
-                results = list(self.backend.train_folds(requests))
-                if len(results) != len(requests):
-                    raise RuntimeError(f"fused training returned {len(results)} results for {len(requests)} jobs")
-            except Exception as exc:  # noqa: BLE001 - the whole group fails alike
-                for i, job in valid:
-                    replies[i] = self._failure(exc, job)
+                if isinstance(valid[0][1], MergeRequest):
+                    results = [self.backend.merge(valid[0][1])]
+                else:
+                    results = list(self.backend.train_folds([job for _, job in valid]))
+                if len(results) != len(valid):
+                    raise RuntimeError(f"fused training returned {len(results)} results for {len(valid)} jobs")
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
+                results = [self._failure(exc, job) for _, job in valid]
             else:
-                # A fold that failed alone comes back as its error object, in its place.
-                for (i, job), result in zip(valid, results):
-                    replies[i] = self._completed(result, job)
+                results = [{"status": "complete", **result, **echo(job)} for (_, job), result in zip(valid, results)]
             finally:
                 self.backend.release_memory()
-        assert all(r is not None for r in replies)
-        return [r for r in replies if r is not None]
+            for (i, _), reply in zip(valid, results):
+                replies[i] = reply
+                self.jobs_done += reply["status"] == "complete"
+        return [replies[i] for i in range(len(jobs))]
 
 
 def serve(reader: LineReader, writer: LineWriter, dispatcher: Dispatcher) -> int:
@@ -225,9 +207,6 @@ class TorchBackend:
         self.device = job.describe_device(self.torch_device)
         self.torch_backend = device_backend(self.torch_device)  # cuda | rocm | cpu, from the build
         self.cache = job.DataCache()
-
-    def train(self, request: TrainRequest) -> dict[str, Any]:
-        return self._job.run_train_job(request, device=self.torch_device, cache=self.cache)
 
     def train_folds(self, requests: Sequence[TrainRequest]) -> list[dict[str, Any]]:
         try:
