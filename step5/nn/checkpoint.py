@@ -1,11 +1,6 @@
-"""``best_model.pth``: one trained MLP with everything needed to predict, and nothing else.
-
-A plain dict of tensors, strings, numbers and lists, so ``torch.load(path, weights_only=True)``
-reads it and no code runs on load; its keys and ``state_dict`` layout are the existing
-pipeline's Step 6's (docs/compatibility.md, "Model files"; docs/training.md, "Checkpoints").
-Prediction = standardise X with the train-fold scaler in float32, as in training -> eval-mode
-MLP -> ``z * y_std + y_mean`` in float64, so a loaded model reproduces training's predictions.
-"""
+"""``best_model.pth``: one trained MLP with everything needed to predict, as plain data that
+``torch.load(path, weights_only=True)`` reads, in the keys and layout of the existing
+pipeline's Step 6 (docs/training.md, "Checkpoints"; docs/compatibility.md, "Model files")."""
 from __future__ import annotations
 
 import os

@@ -1,15 +1,8 @@
-"""The epoch loop, in two modes over one arithmetic (:class:`~step5.nn.trainer.TrainingPass`)
-and one early-stopping bookkeeping, kept on the device:
-
-* ``host``: each epoch is planned for the models still training (a stopped model gets no
-  rows, steps or random draws), read from the device once per epoch. The CPU's loop, and the
-  kill switch for graphs on a GPU.
-* ``graph``: every shape is fixed for the pass (a stopped model keeps its steps, frozen by the
-  ``active`` mask, and still draws its shuffles), so on CUDA an epoch is one replayable
-  program; on the CPU it runs uncaptured and is bit-identical to ``host``.
-
-docs/training.md ("Two loops, one arithmetic") says how capture keeps the results the same.
-"""
+"""The epoch loop (docs/training.md, "Two loops, one arithmetic"): one early-stopping bookkeeping
+kept on the device, in two modes over :class:`~step5.nn.trainer.TrainingPass`'s arithmetic.
+``host`` plans each epoch for the models still training (the CPU's loop, and the kill switch
+for graphs); ``graph`` fixes every shape for the pass, so on CUDA an epoch is one replayable
+program, and on the CPU it runs uncaptured, bit-identical to ``host``."""
 from __future__ import annotations
 
 import logging

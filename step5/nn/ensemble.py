@@ -2,14 +2,10 @@
 checkpoint layout that computes exactly their mean (docs/optimizer.md, "Neural net")::
 
     fold k:  y_k = ys_k * head_k(BN..(W_k (x - mu_k) / s_k)) + ym_k
-    merged:  hidden layer i = the K models' layer i side by side (first layer: stacked rows;
-             deeper layers: block-diagonal), every BatchNorm unit kept as it was (eval-mode
-             BatchNorm is per unit), and one head weighting each block by ys_k / (K * ys).
+    merged:  layer i = the K layers i side by side (first: stacked rows; deeper: block-diagonal),
+             each BatchNorm unit as it was, one head weighting block k by ys_k / (K * ys).
 
-The merged checkpoint stores one scaler (the folds' mean); each block's first layer absorbs
-the difference (its columns rescaled, the constant folded into that BatchNorm unit's running
-mean, so hidden Linear biases stay zero). Linear fold models merge into one linear model.
-It runs where torch already is (a worker or the one-shot trainer answering a ``merge``).
+The merged scaler is the folds' mean; each block's first layer absorbs the difference.
 """
 from __future__ import annotations
 

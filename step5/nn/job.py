@@ -1,11 +1,6 @@
-"""A ``train`` job end to end: fold NPZ -> training core -> ``complete`` reply (and checkpoint).
-
-The worker, the one-shot trainer and in-process callers all call :func:`run_train_job` (one
-fold) or :func:`run_fold_group` (fusable folds as one M-model pass), so every path gives the
-same metrics. Failures are :class:`~step5.errors.JobError`: ``data_error`` (the NPZ),
-``train_error`` (divergence, the checkpoint, a bug) or ``out_of_memory``; docs/training.md,
-"Jobs, errors and the data cache", has the table.
-"""
+"""Fold NPZ -> training core -> ``complete`` reply (and checkpoint): :func:`run_fold_group` (and
+:func:`run_train_job`, one fold) for every path, so every path gives the same metrics.
+Failures and the data cache: docs/training.md, "Jobs, errors and the data cache"."""
 from __future__ import annotations
 
 import logging

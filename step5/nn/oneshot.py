@@ -1,12 +1,6 @@
-"""The one-shot trainer (S96A path, SPEC section 5): one job, one process, one JSON line.
-
-``train_single_trial.py --request FILE|-`` (a worker ``train`` or ``merge`` request), or the
-SPEC's flags (``--model-type neural_net --data-path F --params JSON ...``) that build the same
-:class:`~step5.protocol.TrainRequest`. It is the worker serving one job (its decoder,
-dispatcher and backend), so both paths give the same reply. Stdout carries exactly that reply:
-``complete`` (exit 0) or an ``error`` (exit 1, usage errors included, as ``bad_request``);
-logs go to stderr. docs/training.md, "One-shot trainer", has the flags.
-"""
+"""The one-shot trainer (S96A path, SPEC section 5; docs/training.md, "One-shot trainer"): one
+job (``--request FILE|-``, or the SPEC's flags building the same request), answered by the
+worker's dispatcher and backend as one JSON line on stdout: exit 0, or 1 with an ``error``."""
 from __future__ import annotations
 
 import argparse

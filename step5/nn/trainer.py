@@ -1,9 +1,5 @@
-"""The one training core: M same-shape MLPs trained in one pass, each exactly as if alone.
-
-Every path (worker, one-shot trainer, fused folds) ends in :func:`train_models`; a lone fold
-is M = 1. docs/training.md describes the loop, why fused models equal their lone runs, and
-determinism (the same seed, data, device and ``STEP5_TORCH_THREADS`` give the same bits).
-"""
+"""The one training core: M same-shape MLPs trained in one pass, each exactly as if alone (a lone
+fold is M = 1). docs/training.md describes the loop, fusing and determinism."""
 from __future__ import annotations
 
 import logging

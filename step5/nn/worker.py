@@ -1,12 +1,7 @@
-"""The persistent training worker (S96B): boot torch once, then serve jobs as NDJSON lines.
-
-Stdin carries requests, stdout one reply per job (``train_folds``: one per fold), stderr the
-logs: fd 1 is claimed before torch can print. Three layers: framing (:mod:`step5.framing`),
-the :class:`Dispatcher` (requests -> replies, never raises, knows no torch) and the
-:class:`TorchBackend` (the training core, a fold cache, memory cleanup). ``ready`` once, then
-requests until ``shutdown`` or EOF (exit 0), or the parent's death (:mod:`step5.lifeline`).
-docs/workers.md describes the protocol and the lifecycle.
-"""
+"""The persistent training worker (S96B; docs/workers.md): boot torch once, then answer NDJSON
+requests on stdin with one reply per job on stdout (logs on stderr; fd 1 is claimed before
+torch can print) until ``shutdown``, EOF or the parent's death (:mod:`step5.lifeline`).
+Framing (:mod:`step5.framing`), the torch-free :class:`Dispatcher`, the :class:`TorchBackend`."""
 from __future__ import annotations
 
 import argparse
