@@ -117,7 +117,7 @@ def serve(reader: LineReader, writer: LineWriter, dispatcher: Dispatcher) -> int
     once (so the parent can tell a long job from a hung worker) and queues everything
     else, which this thread answers in order.
     """
-    lines: queue.Queue[tuple[str, Any]] = queue.Queue()
+    lines: queue.Queue[bytes | FrameTooLarge | None] = queue.Queue()  # None: end of input
 
     def read() -> None:
         try:
@@ -125,7 +125,7 @@ def serve(reader: LineReader, writer: LineWriter, dispatcher: Dispatcher) -> int
                 try:
                     line = reader.read_line()
                 except FrameTooLarge as exc:
-                    lines.put(("oversize", exc))
+                    lines.put(exc)
                     if exc.at_eof:
                         break
                     continue
@@ -137,29 +137,27 @@ def serve(reader: LineReader, writer: LineWriter, dispatcher: Dispatcher) -> int
                 if beat is not None:
                     writer.write_message(dispatcher.alive(beat))
                     continue
-                lines.put(("line", line))
+                lines.put(line)
         except (OSError, ValueError) as exc:  # stdin closed under us: same as EOF
             logger.debug("stdin reader stopped: %s", exc)
         finally:
-            lines.put(("eof", None))
+            lines.put(None)
 
     threading.Thread(target=read, name="step5-worker-stdin", daemon=True).start()
-    while True:
-        kind, payload = lines.get()
-        if kind == "oversize":
-            logger.warning("discarded an oversize request line (%d bytes)", payload.seen)
+    while (line := lines.get()) is not None:
+        if isinstance(line, FrameTooLarge):
+            logger.warning("discarded an oversize request line (%d bytes)", line.seen)
             writer.write_message(BadRequest(
-                f"request line of {payload.seen} bytes exceeds the {payload.limit}-byte limit; it was discarded"
+                f"request line of {line.seen} bytes exceeds the {line.limit}-byte limit; it was discarded"
             ).to_dict())
             continue  # never fall through to a previous message
-        if kind == "eof":
-            logger.info("stdin closed after %d job(s); exiting", dispatcher.jobs_done)
-            return 0
-        for response in dispatcher.handle_line(payload):
+        for response in dispatcher.handle_line(line):
             writer.write_message(response)
         if dispatcher.shutdown_requested:
             logger.info("shutdown requested after %d job(s)", dispatcher.jobs_done)
             return 0
+    logger.info("stdin closed after %d job(s); exiting", dispatcher.jobs_done)
+    return 0
 
 
 def _heartbeat(line: bytes) -> Heartbeat | None:
