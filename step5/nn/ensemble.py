@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from step5.nn.checkpoint import Checkpoint, load_checkpoint
-from step5.nn.job import read_fold_npz
+from step5.nn.job import load_fold
 from step5.nn.trainer import regression_metrics
 
 #: The merged net must reproduce the mean of the fold models' predictions to this
@@ -111,7 +111,7 @@ def build_ensemble(
     fold models' mean on all those rows (else ``ValueError``): a wrong merge never ships.
     """
     models = [load_checkpoint(p) for p in fold_paths]
-    data = read_fold_npz(str(score_path))
+    data, _ = load_fold(str(score_path))
     if data.X_test is None or data.y_test is None:
         raise ValueError(f"{score_path} has no X_test / y_test to score the final model on")
     merged = merge_models(models)

@@ -38,9 +38,8 @@ _TORCH_OOM_TYPES: tuple[type[BaseException], ...] = tuple(
 
 
 def early_stopping_split(n_train: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit rows, early-stopping rows) of a training fold, both sorted: ~:data:`EARLY_STOPPING_FRACTION`
-    of the rows (at least 1, and at least 2 stay to fit), drawn from ``seed`` alone, so a fold
-    splits the same way alone, fused, in a worker or one-shot."""
+    """(fit rows, early-stopping rows) of a training fold, both sorted, drawn from ``seed`` alone:
+    ~:data:`EARLY_STOPPING_FRACTION` of the rows, at least 1, leaving at least 2 to fit."""
     n_stop = min(max(1, round(n_train * EARLY_STOPPING_FRACTION)), n_train - 2)
     if n_stop < 1:
         raise ValueError(f"a training fold of {n_train} rows cannot spare early-stopping rows")
@@ -49,9 +48,8 @@ def early_stopping_split(n_train: int, seed: int) -> tuple[np.ndarray, np.ndarra
 
 
 class DataCache:
-    """The most recently loaded fold files, so a worker does not re-read the same NPZ. Keyed
-    by (path, mtime_ns, size), so a file rewritten in place is read again; bounded by entry
-    count and bytes, least recently used first out."""
+    """The most recently loaded folds, keyed by (path, mtime_ns, size): a file rewritten in place
+    is read again. Bounded by entries and bytes, least recently used out first."""
 
     def __init__(self, max_entries: int = 8, max_bytes: int = 2 << 30) -> None:
         self.max_entries = max_entries
@@ -108,11 +106,10 @@ def _check_array(path: str, name: str, a: np.ndarray, ndim: int) -> np.ndarray:
 
 
 def read_fold_npz(path: str) -> Fold:
-    """Read and validate a fold NPZ (``allow_pickle=False``); any problem is a data_error."""
+    """Read and validate a fold NPZ (``allow_pickle=False``; :func:`load_fold` checks the path
+    first); any problem is a data_error."""
     try:
         npz = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise _data_error(f"fold file not found: {path}") from None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise _data_error(f"cannot read fold file {path} as an NPZ archive: {exc}") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
@@ -128,12 +125,10 @@ def read_fold_npz(path: str) -> Fold:
                 continue
             try:
                 raw[key] = npz[key]
-            except ValueError as exc:
-                if "allow_pickle" in str(exc):
+            except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+                if isinstance(exc, ValueError) and "allow_pickle" in str(exc):
                     raise _data_error(f"array `{key}` in {path} is a pickled object array; fold files must hold "
                                       "plain numeric arrays (they are loaded with allow_pickle=False)") from None
-                raise _data_error(f"cannot read array `{key}` in {path}: {exc}") from None
-            except (OSError, zipfile.BadZipFile, EOFError) as exc:
                 raise _data_error(f"cannot read array `{key}` in {path}: {exc}") from None
     if ("X_test" in raw) != ("y_test" in raw):
         raise _data_error(f"fold file {path} has only one of X_test / y_test; both or neither are expected")
@@ -217,10 +212,9 @@ def _as_job_error(exc: BaseException, where: str) -> JobError:
 
 
 def _spec_and_fold(request: TrainRequest, data: Fold) -> tuple[ModelSpec, Fold]:
-    """The core's spec and fold for one request. Patience > 0 fits all but a seeded slice of
-    the training rows and early-stops on that slice, so the validation rows only score;
-    patience 0 (the final refit), or a fold too small to spare rows, fits every training row
-    for exactly ``epochs`` epochs and keeps the last weights."""
+    """The core's spec and fold for one request: patience > 0 early-stops on a seeded slice of the
+    training rows (docs/training.md, "The validation rows only score"); patience 0, or a fold too
+    small to spare rows, fits every training row for ``epochs`` epochs and keeps the last weights."""
     p = request.params
     early = p.early_stopping_patience > 0 and data.X_train.shape[0] >= 3
     spec = ModelSpec(
