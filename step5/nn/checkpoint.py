@@ -1,15 +1,10 @@
-"""``best_model.pth``: one trained MLP with everything needed to predict, and nothing else.
-
-A plain dict of tensors, strings, numbers and lists, so ``torch.load(path, weights_only=True)``
-reads it and no code runs on load; its keys and ``state_dict`` layout are the existing
-pipeline's Step 6's (docs/compatibility.md, "Model files"; docs/training.md, "Checkpoints").
-Prediction = standardise X with the train-fold scaler in float32, as in training -> eval-mode
-MLP -> ``z * y_std + y_mean`` in float64, so a loaded model reproduces training's predictions.
-"""
+"""``best_model.pth``: one trained MLP with everything needed to predict, as plain data that
+``torch.load(path, weights_only=True)`` reads, in the keys and layout of the existing
+pipeline's Step 6 (docs/training.md, "Checkpoints"; docs/compatibility.md, "Model files")."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -26,61 +21,57 @@ CHECKPOINT_FORMAT_VERSION = 2
 PREDICT_CHUNK_ROWS = 65_536  # rows per forward pass when predicting, bounding activation memory
 
 
-def save_checkpoint(
-    path: str | os.PathLike[str], *, state_dict: Mapping[str, Tensor], n_features: int,
-    hidden_layers: Sequence[int], use_leaky_relu: bool, dropout: float, feature_mean: np.ndarray,
-    feature_scale: np.ndarray, target_mean: float, target_std: float, normalize_features: bool = True,
-    feature_names: Sequence[str] | None = None, config: Mapping[str, Any] | None = None,
-    training: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write a weights-only checkpoint atomically and return its path. ``config`` (the
-    hyperparameters) and ``training`` (seed, metrics) must hold only JSON-like values."""
-    mean = np.asarray(feature_mean, dtype=np.float64)
-    scale = np.asarray(feature_scale, dtype=np.float64)
-    if mean.shape != (n_features,) or scale.shape != (n_features,):
-        raise ValueError(
-            f"feature scaler must have shape ({n_features},), got mean {mean.shape} and scale {scale.shape}")
-    names = None if feature_names is None else [str(s) for s in feature_names]
-    if names is not None and len(names) != n_features:
-        raise ValueError(f"`feature_names` has {len(names)} names for {n_features} features")
-    payload: dict[str, Any] = {
-        "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
-        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
-        "feature_count": int(n_features), "input_dim": int(n_features),  # both names Step 6 tries
-        "hidden_layers": [int(w) for w in hidden_layers], "dropout": float(dropout),
-        "use_leaky_relu": bool(use_leaky_relu), "config": dict(config or {}),
-        "y_mean": float(target_mean), "y_std": float(target_std), "normalize_features": bool(normalize_features),
-        "scaler_mean": [float(v) for v in mean], "scaler_scale": [float(v) for v in scale],
-        "feature_names": names, "training": dict(training) if training else {},
-    }
-    p = Path(path)
-    with atomic_output(p) as tmp, open(tmp, "wb") as fh:
-        torch.save(payload, fh)
-    return p
-
-
 @dataclass
-class LoadedModel:
-    """A checkpoint ready to predict on the original target scale."""
+class Checkpoint:
+    """One MLP and its scalers: what :meth:`save` writes and :func:`load_checkpoint` reads back
+    (with ``module`` built, ready to :meth:`predict` on the original target scale)."""
 
-    module: ReferenceMLP  # eval mode, on ``device``
+    state_dict: Mapping[str, Tensor]  # ReferenceMLP layout
     n_features: int
-    hidden_layers: tuple[int, ...]
+    hidden_layers: Sequence[int]
     use_leaky_relu: bool
     dropout: float
-    normalize_features: bool  # whether training standardised X (else the scaler is the identity)
     feature_mean: np.ndarray  # (D,) float64
     feature_scale: np.ndarray  # (D,) float64
     target_mean: float
     target_std: float
-    feature_names: list[str] | None
-    config: dict[str, Any]  # the hyperparameters that trained it
-    training: dict[str, Any]
-    device: torch.device
+    normalize_features: bool = True  # whether training standardised X (else the scaler is the identity)
+    feature_names: Sequence[str] | None = None
+    config: Mapping[str, Any] = field(default_factory=dict)  # the hyperparameters that trained it (JSON-like)
+    training: Mapping[str, Any] = field(default_factory=dict)  # seed, metrics, ... (JSON-like)
+    module: ReferenceMLP | None = None  # eval mode, on ``device``: set by load_checkpoint
+    device: torch.device = torch.device("cpu")
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the weights-only checkpoint atomically and return its path."""
+        n = self.n_features
+        mean = np.asarray(self.feature_mean, dtype=np.float64)
+        scale = np.asarray(self.feature_scale, dtype=np.float64)
+        if mean.shape != (n,) or scale.shape != (n,):
+            raise ValueError(f"feature scaler must have shape ({n},), got mean {mean.shape} and scale {scale.shape}")
+        names = None if self.feature_names is None else [str(s) for s in self.feature_names]
+        if names is not None and len(names) != n:
+            raise ValueError(f"`feature_names` has {len(names)} names for {n} features")
+        payload: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict.items()},
+            "feature_count": int(n), "input_dim": int(n),  # both names Step 6 tries
+            "hidden_layers": [int(w) for w in self.hidden_layers], "dropout": float(self.dropout),
+            "use_leaky_relu": bool(self.use_leaky_relu), "config": dict(self.config),
+            "y_mean": float(self.target_mean), "y_std": float(self.target_std),
+            "normalize_features": bool(self.normalize_features),
+            "scaler_mean": [float(v) for v in mean], "scaler_scale": [float(v) for v in scale],
+            "feature_names": names, "training": dict(self.training),
+        }
+        p = Path(path)
+        with atomic_output(p) as tmp, open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+        return p
 
     @torch.no_grad()
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Predict (n,) float64 targets for features X (n, D) in the training column order."""
+        assert self.module is not None, "predict needs a loaded checkpoint"
         X = np.asarray(X)
         if X.ndim != 2 or X.shape[1] != self.n_features:
             raise ValueError(f"X must have shape (n, {self.n_features}), got {X.shape}")
@@ -101,8 +92,8 @@ class LoadedModel:
         return np.concatenate(out).astype(np.float64) * self.target_std + self.target_mean
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``); a missing,
+def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint written by :meth:`Checkpoint.save` (``weights_only=True``); a missing,
     foreign or inconsistent file is a :class:`DataError` naming it."""
     p = Path(path)
     dev = torch.device(device)
@@ -121,16 +112,16 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
         module = ReferenceMLP(payload["feature_count"], payload["hidden_layers"],
                               use_leaky_relu=payload["use_leaky_relu"], dropout=payload["dropout"])
         module.load_state_dict(payload["state_dict"])  # strict: every key, nothing extra
-        loaded = LoadedModel(
-            module=module.to(dev).eval(), n_features=int(payload["feature_count"]),
+        loaded = Checkpoint(
+            state_dict=payload["state_dict"], n_features=int(payload["feature_count"]),
             hidden_layers=tuple(int(w) for w in payload["hidden_layers"]),
             use_leaky_relu=bool(payload["use_leaky_relu"]), dropout=float(payload["dropout"]),
-            normalize_features=bool(payload["normalize_features"]),
             feature_mean=np.asarray(payload["scaler_mean"], dtype=np.float64),
             feature_scale=np.asarray(payload["scaler_scale"], dtype=np.float64),
             target_mean=float(payload["y_mean"]), target_std=float(payload["y_std"]),
-            feature_names=payload.get("feature_names"), config=dict(payload.get("config") or {}),
-            training=dict(payload.get("training") or {}), device=dev,
+            normalize_features=bool(payload["normalize_features"]), feature_names=payload.get("feature_names"),
+            config=dict(payload.get("config") or {}), training=dict(payload.get("training") or {}),
+            module=module.to(dev).eval(), device=dev,
         )
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise DataError(f"checkpoint {p} is inconsistent: {exc}") from None

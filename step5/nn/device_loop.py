@@ -1,15 +1,8 @@
-"""The epoch loop, in two modes over one arithmetic (:class:`~step5.nn.trainer.TrainingPass`)
-and one early-stopping bookkeeping, kept on the device:
-
-* ``host``: each epoch is planned for the models still training (a stopped model gets no
-  rows, steps or random draws), read from the device once per epoch. The CPU's loop, and the
-  kill switch for graphs on a GPU.
-* ``graph``: every shape is fixed for the pass (a stopped model keeps its steps, frozen by the
-  ``active`` mask, and still draws its shuffles), so on CUDA an epoch is one replayable
-  program; on the CPU it runs uncaptured and is bit-identical to ``host``.
-
-docs/training.md ("Two loops, one arithmetic") says how capture keeps the results the same.
-"""
+"""The epoch loop (docs/training.md, "Two loops, one arithmetic"): one early-stopping bookkeeping
+kept on the device, in two modes over :class:`~step5.nn.trainer.TrainingPass`'s arithmetic.
+``host`` plans each epoch for the models still training (the CPU's loop, and the kill switch
+for graphs); ``graph`` fixes every shape for the pass, so on CUDA an epoch is one replayable
+program, and on the CPU it runs uncaptured, bit-identical to ``host``."""
 from __future__ import annotations
 
 import logging
@@ -29,7 +22,6 @@ if TYPE_CHECKING:  # the trainer imports this module; the pass type is only anno
 logger = logging.getLogger(__name__)
 
 #: ``auto``: ``graph`` on CUDA, ``host`` elsewhere; ``host`` is also the kill switch for graphs.
-#: Where capture is blocked (:func:`capture_blocker`) ``graph`` trains with the host loop.
 TRAIN_LOOPS = ("auto", "host", "graph")
 
 
@@ -41,15 +33,6 @@ def device_backend(device: torch.device, hip_version: str | None = torch.version
     return "cpu"
 
 
-def capture_blocker(device: torch.device, hip_version: str | None = torch.version.hip) -> str | None:
-    """Why the graph loop cannot capture on ``device`` (None when it can): it is proven on CUDA
-    only, not on HIP graphs and the rigs' gfx1032 (an unofficial target via HSA_OVERRIDE_GFX_VERSION)."""
-    if device_backend(device, hip_version) == "rocm":
-        return (f"torch is a ROCm build (HIP {hip_version}); Step 5 captures epochs as graphs on CUDA only, "
-                "so this worker trains with the host loop (same results, one sync per epoch)")
-    return None
-
-
 _warned_blocked_capture = False
 
 
@@ -58,7 +41,8 @@ def resolve_train_loop(
     *, hip_version: str | None = torch.version.hip,
 ) -> str:
     """``host`` or ``graph`` for this pass: ``loop``, else ``STEP5_TRAIN_LOOP``, else ``auto``;
-    ``host`` (warned once per process) where the backend cannot capture (:func:`capture_blocker`)."""
+    ``host`` (warned once per process) on a ROCm build: capture is proven on CUDA only, not on
+    HIP graphs and the rigs' gfx1032 (an unofficial target via HSA_OVERRIDE_GFX_VERSION)."""
     global _warned_blocked_capture
     env = os.environ if environ is None else environ
     choice = loop if loop is not None else (env.get(TRAIN_LOOP_ENV) or "auto")
@@ -67,13 +51,13 @@ def resolve_train_loop(
         raise ValueError(f"{source} must be one of {list(TRAIN_LOOPS)}, got {choice!r}")
     if choice == "auto":
         choice = "graph" if device.type == "cuda" else "host"
-    if choice == "graph":
-        blocker = capture_blocker(device, hip_version)
-        if blocker is not None:
-            if not _warned_blocked_capture:
-                _warned_blocked_capture = True
-                logger.warning("the graph epoch loop is not available: %s", blocker)
-            return "host"
+    if choice == "graph" and device_backend(device, hip_version) == "rocm":
+        if not _warned_blocked_capture:
+            _warned_blocked_capture = True
+            logger.warning("the graph epoch loop is not available: torch is a ROCm build (HIP %s); Step 5 captures "
+                           "epochs as graphs on CUDA only, so this worker trains with the host loop (same results, "
+                           "one sync per epoch)", hip_version)
+        return "host"
     return choice
 
 

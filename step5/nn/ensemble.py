@@ -2,14 +2,10 @@
 checkpoint layout that computes exactly their mean (docs/optimizer.md, "Neural net")::
 
     fold k:  y_k = ys_k * head_k(BN..(W_k (x - mu_k) / s_k)) + ym_k
-    merged:  hidden layer i = the K models' layer i side by side (first layer: stacked rows;
-             deeper layers: block-diagonal), every BatchNorm unit kept as it was (eval-mode
-             BatchNorm is per unit), and one head weighting each block by ys_k / (K * ys).
+    merged:  layer i = the K layers i side by side (first: stacked rows; deeper: block-diagonal),
+             each BatchNorm unit as it was, one head weighting block k by ys_k / (K * ys).
 
-The merged checkpoint stores one scaler (the folds' mean); each block's first layer absorbs
-the difference (its columns rescaled, the constant folded into that BatchNorm unit's running
-mean, so hidden Linear biases stay zero). Linear fold models merge into one linear model.
-It runs where torch already is (a worker or the one-shot trainer answering a ``merge``).
+The merged scaler is the folds' mean; each block's first layer absorbs the difference.
 """
 from __future__ import annotations
 
@@ -20,8 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from step5.nn.checkpoint import LoadedModel, load_checkpoint, save_checkpoint
-from step5.nn.job import read_fold_npz
+from step5.nn.checkpoint import Checkpoint, load_checkpoint
+from step5.nn.job import load_fold
 from step5.nn.trainer import regression_metrics
 
 #: The merged net must reproduce the mean of the fold models' predictions to this
@@ -29,13 +25,13 @@ from step5.nn.trainer import regression_metrics
 MERGE_TOLERANCE = 1e-4
 
 
-def merge_models(models: Sequence[LoadedModel]) -> dict[str, Any]:
-    """The keyword arguments of :func:`save_checkpoint` for one MLP predicting the mean of ``models``."""
+def merge_models(models: Sequence[Checkpoint]) -> Checkpoint:
+    """One MLP predicting the mean of ``models`` (their first one's hyperparameters)."""
     if not models:
         raise ValueError("an ensemble needs at least one model")
     first = models[0]
 
-    def layout(m: LoadedModel) -> tuple[int, int, bool]:  # what every model must share, besides feature names
+    def layout(m: Checkpoint) -> tuple[int, int, bool]:  # what every model must share, besides feature names
         return m.n_features, len(m.hidden_layers), m.use_leaky_relu
 
     for i, m in enumerate(models[1:], start=1):
@@ -51,7 +47,7 @@ def merge_models(models: Sequence[LoadedModel]) -> dict[str, Any]:
     scale = np.mean([m.feature_scale for m in models], axis=0)
     target_mean = float(np.mean([m.target_mean for m in models]))
     target_std = float(np.mean([m.target_std for m in models]))
-    states = [{n: t.detach().to("cpu", f64) for n, t in m.module.state_dict().items()} for m in models]
+    states = [{n: t.detach().to("cpu", f64) for n, t in m.state_dict.items()} for m in models]
 
     def read_merged_scaler(layer: str) -> tuple[list[Any], list[Any]]:
         # x_k = (x - mu_k) / s_k = x_std * (S / s_k) + (M - mu_k) / s_k, with x_std the
@@ -97,18 +93,12 @@ def merge_models(models: Sequence[LoadedModel]) -> dict[str, Any]:
         n: (torch.tensor(v, dtype=torch.long) if isinstance(v, int) else v.to(torch.float32))
         for n, v in merged.items()
     }
-    return {
-        "state_dict": state_dict,
-        "n_features": first.n_features,
-        "hidden_layers": [sum(m.hidden_layers[i] for m in models) for i in range(depth)],
-        "use_leaky_relu": first.use_leaky_relu,
-        "dropout": first.dropout,
-        "feature_mean": mean,
-        "feature_scale": scale,
-        "target_mean": target_mean,
-        "target_std": target_std,
-        "feature_names": first.feature_names,
-    }
+    return Checkpoint(
+        state_dict, first.n_features, [sum(m.hidden_layers[i] for m in models) for i in range(depth)],
+        first.use_leaky_relu, first.dropout, mean, scale, target_mean, target_std,
+        normalize_features=any(m.normalize_features for m in models), feature_names=first.feature_names,
+        config=first.config,
+    )
 
 
 def build_ensemble(
@@ -121,21 +111,19 @@ def build_ensemble(
     fold models' mean on all those rows (else ``ValueError``): a wrong merge never ships.
     """
     models = [load_checkpoint(p) for p in fold_paths]
-    data = read_fold_npz(str(score_path))
+    data, _ = load_fold(str(score_path))
     if data.X_test is None or data.y_test is None:
         raise ValueError(f"{score_path} has no X_test / y_test to score the final model on")
     merged = merge_models(models)
-    save_checkpoint(
-        out_path, **merged, normalize_features=any(m.normalize_features for m in models), config=models[0].config,
-        training={
-            "final_model": "fold_ensemble",
-            "models": len(models),
-            "fold_hidden_layers": [list(m.hidden_layers) for m in models],
-            "fold_seeds": [m.training.get("seed") for m in models],
-            "fold_epochs_run": [m.training.get("epochs_run") for m in models],
-            "fold_best_epochs": [m.training.get("best_epoch") for m in models],
-        },
-    )
+    merged.training = {
+        "final_model": "fold_ensemble",
+        "models": len(models),
+        "fold_hidden_layers": [list(m.hidden_layers) for m in models],
+        "fold_seeds": [m.training.get("seed") for m in models],
+        "fold_epochs_run": [m.training.get("epochs_run") for m in models],
+        "fold_best_epochs": [m.training.get("best_epoch") for m in models],
+    }
+    merged.save(out_path)
     ensemble = load_checkpoint(out_path)
     y_scale = float(np.std(data.y_train)) or 1.0
     metrics: dict[str, Any] = {}

@@ -1,11 +1,6 @@
-"""A ``train`` job end to end: fold NPZ -> training core -> ``complete`` reply (and checkpoint).
-
-The worker, the one-shot trainer and in-process callers all call :func:`run_train_job` (one
-fold) or :func:`run_fold_group` (fusable folds as one M-model pass), so every path gives the
-same metrics. Failures are :class:`~step5.errors.JobError`: ``data_error`` (the NPZ),
-``train_error`` (divergence, the checkpoint, a bug) or ``out_of_memory``; docs/training.md,
-"Jobs, errors and the data cache", has the table.
-"""
+"""Fold NPZ -> training core -> ``complete`` reply (and checkpoint): :func:`run_fold_group` (and
+:func:`run_train_job`, one fold) for every path, so every path gives the same metrics.
+Failures and the data cache: docs/training.md, "Jobs, errors and the data cache"."""
 from __future__ import annotations
 
 import logging
@@ -24,9 +19,9 @@ import torch
 
 from step5 import errors
 from step5.errors import JobError
-from step5.nn.checkpoint import save_checkpoint
+from step5.nn.checkpoint import Checkpoint
 from step5.nn.trainer import Fold, ModelSpec, TrainConfig, TrainedModel, padded_rows, train_models
-from step5.protocol import FUSE_KEYS, TrainRequest, batch_plan, echo, fusion_key
+from step5.protocol import FUSE_KEYS, TrainRequest, batch_plan, echo, error_reply, fusion_key
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +38,8 @@ _TORCH_OOM_TYPES: tuple[type[BaseException], ...] = tuple(
 
 
 def early_stopping_split(n_train: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit rows, early-stopping rows) of a training fold, both sorted: ~:data:`EARLY_STOPPING_FRACTION`
-    of the rows (at least 1, and at least 2 stay to fit), drawn from ``seed`` alone, so a fold
-    splits the same way alone, fused, in a worker or one-shot."""
+    """(fit rows, early-stopping rows) of a training fold, both sorted, drawn from ``seed`` alone:
+    ~:data:`EARLY_STOPPING_FRACTION` of the rows, at least 1, leaving at least 2 to fit."""
     n_stop = min(max(1, round(n_train * EARLY_STOPPING_FRACTION)), n_train - 2)
     if n_stop < 1:
         raise ValueError(f"a training fold of {n_train} rows cannot spare early-stopping rows")
@@ -54,9 +48,8 @@ def early_stopping_split(n_train: int, seed: int) -> tuple[np.ndarray, np.ndarra
 
 
 class DataCache:
-    """The most recently loaded fold files, so a worker does not re-read the same NPZ. Keyed
-    by (path, mtime_ns, size), so a file rewritten in place is read again; bounded by entry
-    count and bytes, least recently used first out."""
+    """The most recently loaded folds, keyed by (path, mtime_ns, size): a file rewritten in place
+    is read again. Bounded by entries and bytes, least recently used out first."""
 
     def __init__(self, max_entries: int = 8, max_bytes: int = 2 << 30) -> None:
         self.max_entries = max_entries
@@ -113,11 +106,10 @@ def _check_array(path: str, name: str, a: np.ndarray, ndim: int) -> np.ndarray:
 
 
 def read_fold_npz(path: str) -> Fold:
-    """Read and validate a fold NPZ (``allow_pickle=False``); any problem is a data_error."""
+    """Read and validate a fold NPZ (``allow_pickle=False``; :func:`load_fold` checks the path
+    first); any problem is a data_error."""
     try:
         npz = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise _data_error(f"fold file not found: {path}") from None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise _data_error(f"cannot read fold file {path} as an NPZ archive: {exc}") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
@@ -133,12 +125,10 @@ def read_fold_npz(path: str) -> Fold:
                 continue
             try:
                 raw[key] = npz[key]
-            except ValueError as exc:
-                if "allow_pickle" in str(exc):
+            except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+                if isinstance(exc, ValueError) and "allow_pickle" in str(exc):
                     raise _data_error(f"array `{key}` in {path} is a pickled object array; fold files must hold "
                                       "plain numeric arrays (they are loaded with allow_pickle=False)") from None
-                raise _data_error(f"cannot read array `{key}` in {path}: {exc}") from None
-            except (OSError, zipfile.BadZipFile, EOFError) as exc:
                 raise _data_error(f"cannot read array `{key}` in {path}: {exc}") from None
     if ("X_test" in raw) != ("y_test" in raw):
         raise _data_error(f"fold file {path} has only one of X_test / y_test; both or neither are expected")
@@ -221,16 +211,10 @@ def _as_job_error(exc: BaseException, where: str) -> JobError:
                     traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
 
-def _echo(error: JobError, request: TrainRequest) -> JobError:
-    """A copy of ``error`` (one may fail several requests) carrying this request's identity."""
-    return JobError(error.message, error.error_type, traceback=error.traceback, **echo(request))
-
-
 def _spec_and_fold(request: TrainRequest, data: Fold) -> tuple[ModelSpec, Fold]:
-    """The core's spec and fold for one request. Patience > 0 fits all but a seeded slice of
-    the training rows and early-stops on that slice, so the validation rows only score;
-    patience 0 (the final refit), or a fold too small to spare rows, fits every training row
-    for exactly ``epochs`` epochs and keeps the last weights."""
+    """The core's spec and fold for one request: patience > 0 early-stops on a seeded slice of the
+    training rows (docs/training.md, "The validation rows only score"); patience 0, or a fold too
+    small to spare rows, fits every training row for ``epochs`` epochs and keeps the last weights."""
     p = request.params
     early = p.early_stopping_patience > 0 and data.X_train.shape[0] >= 3
     spec = ModelSpec(
@@ -264,28 +248,27 @@ def _train_pass(config: TrainConfig, models: Sequence[tuple[ModelSpec, Fold]],
     return out
 
 
-def _result(request: TrainRequest, data: Fold, trained: TrainedModel, *, load_s: float, train_s: float,
+def _result(request: TrainRequest, data: Fold, trained: TrainedModel | JobError, *, load_s: float, train_s: float,
             device_name: str) -> dict[str, Any]:
     """The ``complete`` message for one trained model; writes its checkpoint if asked."""
+    if isinstance(trained, JobError):
+        raise trained
     if trained.error is not None:
         raise JobError(trained.error, "train_error")
     t0 = time.perf_counter()
     result: dict[str, Any] = {"status": "complete", "model_type": "neural_net", **trained.metrics}
     if request.save_model_path is not None:
         try:
-            path = save_checkpoint(
-                request.save_model_path, state_dict=trained.state_dict, n_features=data.X_train.shape[1],
-                hidden_layers=request.params.hidden_layers, use_leaky_relu=request.use_leaky_relu,
-                dropout=request.params.dropout, feature_mean=trained.feature_mean,
-                feature_scale=trained.feature_scale, target_mean=trained.target_mean,
-                target_std=trained.target_std, normalize_features=request.normalize_features,
-                feature_names=data.feature_names, config=request.params.to_dict(),
+            path = Checkpoint(
+                trained.state_dict, data.X_train.shape[1], request.params.hidden_layers, request.use_leaky_relu,
+                request.params.dropout, trained.feature_mean, trained.feature_scale, trained.target_mean,
+                trained.target_std, request.normalize_features, data.feature_names, request.params.to_dict(),
                 training={
                     "seed": request.seed, "batch_mode": request.batch_mode, "epochs_run": trained.epochs_run,
                     "best_epoch": trained.best_epoch, "metrics": dict(trained.metrics),
                     "data_path": request.data_path,
                 },
-            )
+            ).save(request.save_model_path)
         except OSError as exc:
             raise JobError(f"cannot write checkpoint {request.save_model_path}: {exc}", "train_error") from None
         result["model_path"] = str(path)
@@ -297,72 +280,15 @@ def _result(request: TrainRequest, data: Fold, trained: TrainedModel, *, load_s:
     return result
 
 
-def _run_requests(requests: Sequence[TrainRequest], device: torch.device,
-                  cache: DataCache | None) -> list[dict[str, Any] | JobError]:
-    """Load every request's fold and train the loadable ones in as few passes as their shapes
-    allow; a result or an error per request, in order.
-
-    One pass per (features, batch plan, early stopping or not, padded fit / early-stopping /
-    validation lengths): models whose tensors have the same shapes round as they would alone.
-    """
-    out: list[dict[str, Any] | JobError | None] = [None] * len(requests)
-    loaded: dict[int, tuple[Fold, float]] = {}
-    device_name = describe_device(device)
-    try:
-        for i, r in enumerate(requests):
-            try:
-                loaded[i] = load_fold(r.data_path, cache)
-            except JobError as exc:
-                out[i] = _echo(exc, r)
-            except MemoryError as exc:
-                out[i] = _echo(_as_job_error(exc, f"loading {r.data_path}"), r)
-        models = {i: _spec_and_fold(requests[i], data) for i, (data, _) in loaded.items()}
-        passes: dict[tuple[Any, ...], list[int]] = {}
-        for i, (spec, fold) in models.items():
-            plan = batch_plan(requests[i], loaded[i][0].X_train.shape[0])
-            rows = (padded_rows(a.shape[0]) for a in (fold.X_train, fold.stop_rows[0], fold.X_val))
-            passes.setdefault((fold.X_train.shape[1], plan, spec.restore_best, *rows), []).append(i)
-        for (_, (mode, _), *_), idx in passes.items():
-            p = requests[idx[0]].params
-            config = TrainConfig(
-                hidden_layers=tuple(p.hidden_layers), use_leaky_relu=requests[idx[0]].use_leaky_relu,
-                normalize_features=requests[idx[0]].normalize_features, optimizer=p.optimizer, epochs=p.epochs,
-                batch_mode=mode, batch_size=p.batch_size,
-            )
-            t0 = time.perf_counter()
-            trained = _train_pass(config, [models[i] for i in idx], device)
-            train_s = (time.perf_counter() - t0) / len(idx)  # a fused pass's time, shared equally
-            for i, t in zip(idx, trained):
-                if isinstance(t, JobError):
-                    out[i] = _echo(t, requests[i])
-                    continue
-                try:
-                    out[i] = _result(requests[i], loaded[i][0], t, load_s=loaded[i][1], train_s=train_s,
-                                     device_name=device_name)
-                except JobError as exc:
-                    out[i] = _echo(exc, requests[i])
-    finally:
-        release_memory(device)
-    return out  # type: ignore[return-value] - every slot is filled
-
-
-def run_train_job(request: TrainRequest, *, device: torch.device, cache: DataCache | None = None) -> dict[str, Any]:
-    """Train one fold and return its ``complete`` message; raises :class:`JobError` carrying
-    the request's identity."""
-    (result,) = _run_requests([request], device, cache)
-    if isinstance(result, JobError):
-        raise result
-    return result
-
-
 def run_fold_group(requests: Sequence[TrainRequest], *, device: torch.device,
                    cache: DataCache | None = None) -> list[dict[str, Any]]:
-    """Train fusable requests as one M-model pass; one result dict per request, in order.
+    """Train requests in as few M-model passes as their shapes allow; one reply per request, in
+    order: its ``complete`` message, or its ``error`` (a failed request does not fail the others).
 
-    Each result equals :func:`run_train_job`'s for that request alone (``train_s`` is the
-    pass time divided by M). Requests must agree on :data:`FUSE_KEYS` (else ``ValueError``);
-    folds whose shapes differ train in separate passes. A request that fails gets its error
-    dict in its slot and does not fail the others.
+    One pass per (features, batch plan, early stopping or not, padded fit / early-stopping /
+    validation lengths): models whose tensors have the same shapes round as they would alone,
+    so each result equals :func:`run_train_job`'s for that request (``train_s`` is the pass
+    time divided by M). Requests must agree on :data:`FUSE_KEYS` (else ``ValueError``).
     """
     if not requests:
         return []
@@ -373,4 +299,46 @@ def run_fold_group(requests: Sequence[TrainRequest], *, device: torch.device,
             diff = [f"{name}: {a!r} != {b!r}" for name, a, b in zip(FUSE_KEYS, first, key) if a != b]
             raise ValueError(f"requests cannot be fused (job {r.job_id!r} differs from job {requests[0].job_id!r}): "
                              + "; ".join(diff))
-    return [r.to_dict() if isinstance(r, JobError) else r for r in _run_requests(requests, device, cache)]
+    out: dict[int, dict[str, Any]] = {}
+    loaded: dict[int, tuple[Fold, float]] = {}
+    device_name = describe_device(device)
+    try:
+        for i, r in enumerate(requests):
+            try:
+                loaded[i] = load_fold(r.data_path, cache)
+            except (JobError, MemoryError) as exc:
+                out[i] = error_reply(_as_job_error(exc, f"loading {r.data_path}"), r)
+        models = {i: _spec_and_fold(requests[i], data) for i, (data, _) in loaded.items()}
+        passes: dict[tuple[Any, ...], list[int]] = {}
+        for i, (spec, fold) in models.items():
+            plan = batch_plan(requests[i], loaded[i][0].X_train.shape[0])
+            rows = (padded_rows(a.shape[0]) for a in (fold.X_train, fold.stop_rows[0], fold.X_val))
+            passes.setdefault((fold.X_train.shape[1], plan, spec.restore_best, *rows), []).append(i)
+        for (_, (mode, _), *_), idx in passes.items():
+            r = requests[idx[0]]
+            config = TrainConfig(
+                hidden_layers=tuple(r.params.hidden_layers), use_leaky_relu=r.use_leaky_relu,
+                normalize_features=r.normalize_features, optimizer=r.params.optimizer, epochs=r.params.epochs,
+                batch_mode=mode, batch_size=r.params.batch_size,
+            )
+            t0 = time.perf_counter()
+            trained = _train_pass(config, [models[i] for i in idx], device)
+            train_s = (time.perf_counter() - t0) / len(idx)  # a fused pass's time, shared equally
+            for i, t in zip(idx, trained):
+                try:
+                    out[i] = _result(requests[i], loaded[i][0], t, load_s=loaded[i][1], train_s=train_s,
+                                     device_name=device_name)
+                except JobError as exc:
+                    out[i] = error_reply(exc, requests[i])
+    finally:
+        release_memory(device)
+    return [out[i] for i in range(len(requests))]
+
+
+def run_train_job(request: TrainRequest, *, device: torch.device, cache: DataCache | None = None) -> dict[str, Any]:
+    """Train one fold and return its ``complete`` message; raises :class:`JobError` carrying
+    the request's identity."""
+    (result,) = run_fold_group([request], device=device, cache=cache)
+    if result["status"] == "error":
+        raise JobError.from_dict(result)
+    return result

@@ -1,17 +1,6 @@
-"""The survivor-quality MLP, in two forms sharing one weights' layout (docs/training.md, "The model").
-
-Per hidden width ``W``: ``Linear(D_in, W, bias=False) -> BatchNorm1d(W) -> LeakyReLU(0.01) | ReLU
--> Dropout(p)``, then ``Linear(W_last, 1)``; no hidden layer is a linear model. The hidden
-Linear layers have no bias because BatchNorm subtracts the batch mean right after: such a
-bias gets only a rounding-noise gradient that Adam turns into full-size steps.
-
-* :class:`FusedMLP`: ``M`` independent models of one shape as batched matmuls (a lone fold
-  is M = 1), a pure function of its inputs: the trainer passes row and dropout masks in.
-* :class:`ReferenceMLP`: one model as plain modules, the layout checkpoints store and the
-  existing pipeline's Step 6 loads strictly (``network.0.weight``, ``network.0.bias`` stored
-  as zeros: a zero bias before BatchNorm is the same function). Input dropout is a mask, not
-  a module, so the layout is the same with or without it.
-"""
+"""The survivor-quality MLP in two forms sharing one weights' layout (docs/training.md, "The
+model"): :class:`FusedMLP` trains ``M`` same-shape models as batched matmuls (a lone fold is
+M = 1), :class:`ReferenceMLP` is one model in the layout checkpoints store and Step 6 loads."""
 from __future__ import annotations
 
 import math
@@ -44,12 +33,10 @@ class ReferenceMLP(nn.Module):
 
 
 class FusedMLP(nn.Module):
-    """``M`` independent MLPs of the same shape, evaluated with batched matmuls.
-
-    Per hidden layer ``i`` (leading model dim ``M``): ``weights[i]`` (M, D_in, W),
-    ``bn_weights[i]`` / ``bn_biases[i]`` (M, 1, W), buffers ``running_mean_i`` /
-    ``running_var_i`` (M, 1, W); head ``head_weight`` (M, W_last, 1), ``head_bias`` (M, 1, 1).
-    """
+    """``M`` independent MLPs of the same shape, a pure function of its inputs (the trainer
+    passes row and dropout masks in). Per hidden layer ``i``: ``weights[i]`` (M, D_in, W),
+    ``bn_weights[i]``, ``bn_biases[i]`` and buffers ``running_mean_i``, ``running_var_i``
+    (M, 1, W); the head: ``head_weight`` (M, W_last, 1), ``head_bias`` (M, 1, 1)."""
 
     def __init__(self, n_features: int, hidden_layers: Sequence[int], *, use_leaky_relu: bool,
                  generators: Sequence[torch.Generator], device: torch.device) -> None:

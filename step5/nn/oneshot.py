@@ -1,12 +1,6 @@
-"""The one-shot trainer (S96A path, SPEC section 5): one job, one process, one JSON line.
-
-``train_single_trial.py --request FILE|-`` (a worker ``train`` or ``merge`` request), or the
-SPEC's flags (``--model-type neural_net --data-path F --params JSON ...``) that build the same
-:class:`~step5.protocol.TrainRequest`. It is the worker serving one job (its decoder,
-dispatcher and backend), so both paths give the same reply. Stdout carries exactly that reply:
-``complete`` (exit 0) or an ``error`` (exit 1, usage errors included, as ``bad_request``);
-logs go to stderr. docs/training.md, "One-shot trainer", has the flags.
-"""
+"""The one-shot trainer (S96A path, SPEC section 5; docs/training.md, "One-shot trainer"): one
+job (``--request FILE|-``, or the SPEC's flags building the same request), answered by the
+worker's dispatcher and backend as one JSON line on stdout: exit 0, or 1 with an ``error``."""
 from __future__ import annotations
 
 import argparse
@@ -105,19 +99,14 @@ def request_from_args(args: argparse.Namespace) -> Any:
 
 
 def _answer(args: argparse.Namespace) -> dict[str, Any]:
-    try:
-        request = request_from_args(args)
-    except UsageError as exc:
-        return BadRequest(str(exc), trial_number=args.trial_number, fold_idx=args.fold_idx).to_dict()
-    except BadRequest as exc:
-        return exc.to_dict()
-
+    """The reply to the job these arguments describe; raises UsageError or BadRequest."""
+    request = request_from_args(args)
     from step5.nn.worker import Dispatcher, TorchBackend  # imports torch: only now, stdout is claimed
 
     try:
         backend = TorchBackend()
     except ValueError as exc:  # STEP5_TORCH_THREADS is not a thread count
-        return BadRequest(str(exc), **echo(request)).to_dict()
+        raise BadRequest(str(exc), **echo(request)) from None
     logger.info("trial %s fold %s: %s on %s (%d torch threads)", request.trial_number, request.fold_idx,
                 request.command, backend.device, backend.threads)
     (reply,) = Dispatcher(backend).handle(request)
@@ -128,16 +117,11 @@ def _answer(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """The command (``-m``, ``train_single_trial.py``, ``step5-train-fold``): one JSON line on
-    stdout (but for ``--help``), then leave at once, as the worker does: no torch teardown for
-    the parent to wait on once the reply is out."""
+    """The command (``-m``, ``train_single_trial.py``, ``step5-train-fold``): exactly one JSON
+    line on stdout (but for ``--help``), then leave at once, as the worker does: no torch
+    teardown for the parent to wait on once the reply is out."""
     from step5.nn.worker import exit_now
 
-    exit_now(_run(argv), claim_stdout())
-
-
-def _run(argv: Sequence[str] | None) -> int:
-    """The exit code, after exactly one JSON line on stdout (but for ``--help``)."""
     wire = claim_stdout()
     if expected_parent_pid() is not None:
         # Started by Step 5 (which records its pid): die with it rather than finish a fold
@@ -146,14 +130,15 @@ def _run(argv: Sequence[str] | None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args: argparse.Namespace | None = None
     try:
-        try:
-            args = build_parser().parse_args(argv)
-        except UsageError as exc:
-            reply = BadRequest(str(exc)).to_dict()
-        else:
-            reply = _answer(args)
+        args = build_parser().parse_args(argv)
+        reply = _answer(args)
     except SystemExit as exc:  # --help: argparse printed to (claimed) stdout -> stderr
-        return int(exc.code or 0)
+        exit_now(int(exc.code or 0), wire)
+    except UsageError as exc:
+        reply = BadRequest(str(exc), trial_number=getattr(args, "trial_number", None),
+                           fold_idx=getattr(args, "fold_idx", None)).to_dict()
+    except BadRequest as exc:
+        reply = exc.to_dict()
     except Exception as exc:  # noqa: BLE001 - the parent must still get one JSON line
         logger.exception("one-shot trainer failed unexpectedly")
         reply = JobError(
@@ -171,7 +156,7 @@ def _run(argv: Sequence[str] | None) -> int:
             ).to_dict()
     wire.write(dumps_line(reply))
     wire.flush()
-    return 0 if reply["status"] == "complete" else JobError.exit_code
+    exit_now(0 if reply["status"] == "complete" else JobError.exit_code, wire)
 
 
 if __name__ == "__main__":  # python -m step5.nn.oneshot (what the fold runner starts)

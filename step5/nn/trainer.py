@@ -1,9 +1,5 @@
-"""The one training core: M same-shape MLPs trained in one pass, each exactly as if alone.
-
-Every path (worker, one-shot trainer, fused folds) ends in :func:`train_models`; a lone fold
-is M = 1. docs/training.md describes the loop, why fused models equal their lone runs, and
-determinism (the same seed, data, device and ``STEP5_TORCH_THREADS`` give the same bits).
-"""
+"""The one training core: M same-shape MLPs trained in one pass, each exactly as if alone (a lone
+fold is M = 1). docs/training.md describes the loop, fusing and determinism."""
 from __future__ import annotations
 
 import logging
@@ -30,9 +26,8 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 SGD_MOMENTUM = 0.9
 CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
-#: Row counts are padded (masked) up to a multiple of this, alone as in a fused pass, so a
-#: model's tensors have the same length whichever models share its pass and every sum adds
-#: in the same order (bit-identical on CPU). step5.nn.job splits folds of other lengths.
+#: Rows are padded (masked) up to a multiple of this, alone as in a fused pass, so sums add in
+#: the same order whichever models share a pass (docs/training.md, "Unequal fold lengths").
 ROW_BUCKET = 64
 THREADS_ENV = "STEP5_TORCH_THREADS"
 
@@ -67,8 +62,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Fold:
-    """One model's data: float32 features (n, D) and targets (n,), original scale (a fold
-    file's, step5.nn.job.read_fold_npz, has read-only arrays shared through its cache)."""
+    """One model's data: float32 features (n, D) and targets (n,), original scale."""
 
     X_train: np.ndarray
     y_train: np.ndarray
@@ -187,9 +181,8 @@ def clip_grads_per_model(grads: list[Tensor], max_norm: Tensor) -> list[Tensor]:
 
 
 class FunctionalOptimizer:
-    """Adam / AdamW / SGD(momentum 0.9) with torch.optim's update rules, over parameters
-    with a leading model dimension: per-model learning rate and weight decay ((M, 1, 1)
-    tensors), and a masked step that leaves a stopped model (weights and moments) untouched."""
+    """Adam / AdamW / SGD(momentum 0.9) with torch.optim's rules over parameters with a leading
+    model dimension, per-model lr and decay (M, 1, 1), and a masked step (docs/training.md)."""
 
     def __init__(self, kind: str, params: Sequence[Tensor], lr: Tensor, weight_decay: Tensor) -> None:
         self.kind = kind
@@ -239,10 +232,9 @@ class FunctionalOptimizer:
     @torch.no_grad()
     def shrink_input_groups(self, index: int, strength: Tensor, active: Tensor, *,
                             feeds_batchnorm: bool = False) -> None:
-        """The group lasso's proximal step on parameter ``index`` (M, D, W) after :meth:`step`:
-        each feature's group shrinks by the step size just used times ``strength`` (M, 1, 1),
-        to exactly zero when shorter. ``feeds_batchnorm``: put each hidden unit's incoming
-        norm back afterwards, as BatchNorm makes it free (docs/training.md, "Input sparsity")."""
+        """The group lasso's proximal step on parameter ``index`` (M, D, W) after :meth:`step`,
+        ``strength`` (M, 1, 1); ``feeds_batchnorm``: keep each hidden unit's incoming norm
+        (docs/training.md, "Input sparsity")."""
         p = self.params[index]
         if self.kind == "sgd":
             step = self.lr
@@ -259,9 +251,8 @@ class FunctionalOptimizer:
 
 
 class TrainingPass:
-    """The tensors of one M-model pass and what an epoch loop does with them: a step
-    (:meth:`train_step`) and the early-stopping MSE (:meth:`stop_mse`), which both loops of
-    :mod:`step5.nn.device_loop` drive, so the arithmetic is written once."""
+    """The tensors of one M-model pass and the arithmetic both loops of :mod:`step5.nn.device_loop`
+    drive: a step (:meth:`train_step`) and the early-stopping MSE (:meth:`stop_mse`)."""
 
     def __init__(self, config: TrainConfig, specs: Sequence[ModelSpec], folds: Sequence[Fold],
                  device: torch.device) -> None:
@@ -369,12 +360,9 @@ class TrainingPass:
 
     def dropout_mask(self, rates: Sequence[float], rates_t: tuple[Tensor, Tensor], rows: Sequence[int],
                      n_rows: int, width: int) -> Tensor | None:
-        """Scaled keep-masks (M, n_rows, W) for one layer, or None when no model drops out.
-
-        Model m draws exactly (rows[m], W) uniforms from its own generator, as a lone run
-        does, into one buffer that one ``where`` turns into masks. Rows a model does not
-        draw stay 1.0 (keep every unit): its padding, or a model without dropout.
-        """
+        """Scaled keep-masks (M, n_rows, W) for one layer, or None when no model drops out. Model
+        m draws exactly (rows[m], W) uniforms from its own generator, as a lone run does; rows
+        it does not draw (padding, or no dropout) stay 1.0."""
         if not any(p > 0.0 and r > 0 for p, r in zip(rates, rows)):
             return None
         uniform = torch.ones(self.n_models, n_rows, width, device=self.device)
@@ -405,13 +393,9 @@ def train_models(
     config: TrainConfig, specs: Sequence[ModelSpec], folds: Sequence[Fold], *, device: torch.device,
     loop: str | None = None,
 ) -> list[TrainedModel]:
-    """Train model m on ``folds[m]`` with ``specs[m]``, all in one pass; one
-    :class:`TrainedModel` each, in order.
-
-    ``loop``: :func:`resolve_train_loop` (None: ``STEP5_TRAIN_LOOP``, else ``auto``). A model
-    whose loss becomes NaN/inf stops with ``error`` set; the others go on. Inconsistent
-    inputs (feature counts, batch modes) raise ``ValueError``.
-    """
+    """Train model m on ``folds[m]`` with ``specs[m]``, all in one pass; one :class:`TrainedModel`
+    each, in order (a diverged model has ``error`` set). ``loop``: :func:`resolve_train_loop`.
+    Inconsistent inputs (feature counts, batch modes) raise ``ValueError``."""
     M = len(specs)
     if M == 0 or len(folds) != M:
         raise ValueError(f"need one fold per model spec, got {len(specs)} specs and {len(folds)} folds")

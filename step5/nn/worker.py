@@ -1,12 +1,7 @@
-"""The persistent training worker (S96B): boot torch once, then serve jobs as NDJSON lines.
-
-Stdin carries requests, stdout one reply per job (``train_folds``: one per fold), stderr the
-logs: fd 1 is claimed before torch can print. Three layers: framing (:mod:`step5.framing`),
-the :class:`Dispatcher` (requests -> replies, never raises, knows no torch) and the
-:class:`TorchBackend` (the training core, a fold cache, memory cleanup). ``ready`` once, then
-requests until ``shutdown`` or EOF (exit 0), or the parent's death (:mod:`step5.lifeline`).
-docs/workers.md describes the protocol and the lifecycle.
-"""
+"""The persistent training worker (S96B; docs/workers.md): boot torch once, then answer NDJSON
+requests on stdin with one reply per job on stdout (logs on stderr; fd 1 is claimed before
+torch can print) until ``shutdown``, EOF or the parent's death (:mod:`step5.lifeline`).
+Framing (:mod:`step5.framing`), the torch-free :class:`Dispatcher`, the :class:`TorchBackend`."""
 from __future__ import annotations
 
 import argparse
@@ -38,8 +33,8 @@ logger = logging.getLogger("step5.nn.worker")  # not __name__: run with -m it is
 class Dispatcher:
     """Turns requests into replies; never raises for a bad request. The one-shot trainer
     answers its one request with it too. ``backend``: :class:`TorchBackend` (or a stub of
-    its methods: ``device``, ``train``, ``train_folds``, ``merge``, ``is_out_of_memory``,
-    ``release_memory``); it raises :class:`JobError` for a job's deterministic failure."""
+    its methods: ``device``, ``train_folds``, ``merge``, ``is_out_of_memory``, ``release_memory``);
+    it raises :class:`JobError` for a job's deterministic failure."""
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
@@ -70,9 +65,7 @@ class Dispatcher:
         if isinstance(request, Shutdown):
             self.shutdown_requested = True
             return [ShutdownMessage(status="shutdown", reason="command", jobs_done=self.jobs_done, pid=os.getpid())]
-        if isinstance(request, TrainFolds):
-            return self._train_folds(request)
-        return [self._run(request)]
+        return self._run(request.jobs if isinstance(request, TrainFolds) else (request,))
 
     def alive(self, request: Heartbeat) -> dict[str, Any]:
         """The answer to a ``heartbeat``: this process still reads its requests."""
@@ -90,47 +83,31 @@ class Dispatcher:
         logger.error("job %s failed:\n%s", request.job_id, tb)
         return error_reply(JobError(f"{type(exc).__name__}: {exc}", "train_error", traceback=tb), request)
 
-    def _completed(self, result: dict[str, Any], request: Job) -> dict[str, Any]:
-        result = dict(result)
-        result.setdefault("status", "complete")
-        result.update(echo(request))
-        self.jobs_done += result["status"] == "complete"
-        return result
-
-    def _run(self, request: Job) -> dict[str, Any]:
-        try:
-            if isinstance(request, MergeRequest):
-                result = self.backend.merge(request)
-            else:
-                result = self.backend.train(request)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
-            return self._failure(exc, request)
-        finally:
-            self.backend.release_memory()
-        return self._completed(result, request)
-
-    def _train_folds(self, request: TrainFolds) -> list[dict[str, Any]]:
-        # Jobs refused on decoding are answered in place; the rest run fused.
-        replies: list[dict[str, Any] | None] = [
-            job.to_dict() if isinstance(job, BadRequest) else None for job in request.jobs]
-        valid = [(i, job) for i, job in enumerate(request.jobs) if isinstance(job, TrainRequest)]
+    def _run(self, jobs: Sequence[Job | BadRequest]) -> list[dict[str, Any]]:
+        """One reply per job, in order. A job refused on decoding is answered in place; the
+        others run together (``train`` jobs as one fused group, or one ``merge``), and fail
+        alike if that raises (a fold that failed alone comes back as its error reply)."""
+        replies: dict[int, dict[str, Any]] = {i: job.to_dict() for i, job in enumerate(jobs)
+                                              if isinstance(job, BadRequest)}
+        valid = [(i, job) for i, job in enumerate(jobs) if i not in replies]
         if valid:
-            requests = [r for _, r in valid]
             try:
-                results = list(self.backend.train_folds(requests))
-                if len(results) != len(requests):
-                    raise RuntimeError(f"fused training returned {len(results)} results for {len(requests)} jobs")
-            except Exception as exc:  # noqa: BLE001 - the whole group fails alike
-                for i, job in valid:
-                    replies[i] = self._failure(exc, job)
+                if isinstance(valid[0][1], MergeRequest):
+                    results = [self.backend.merge(valid[0][1])]
+                else:
+                    results = list(self.backend.train_folds([job for _, job in valid]))
+                if len(results) != len(valid):
+                    raise RuntimeError(f"fused training returned {len(results)} results for {len(valid)} jobs")
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
+                results = [self._failure(exc, job) for _, job in valid]
             else:
-                # A fold that failed alone comes back as its error object, in its place.
-                for (i, job), result in zip(valid, results):
-                    replies[i] = self._completed(result, job)
+                results = [{"status": "complete", **result, **echo(job)} for (_, job), result in zip(valid, results)]
             finally:
                 self.backend.release_memory()
-        assert all(r is not None for r in replies)
-        return [r for r in replies if r is not None]
+            for (i, _), reply in zip(valid, results):
+                replies[i] = reply
+                self.jobs_done += reply["status"] == "complete"
+        return [replies[i] for i in range(len(jobs))]
 
 
 def serve(reader: LineReader, writer: LineWriter, dispatcher: Dispatcher) -> int:
@@ -140,7 +117,7 @@ def serve(reader: LineReader, writer: LineWriter, dispatcher: Dispatcher) -> int
     once (so the parent can tell a long job from a hung worker) and queues everything
     else, which this thread answers in order.
     """
-    lines: queue.Queue[tuple[str, Any]] = queue.Queue()
+    lines: queue.Queue[bytes | FrameTooLarge | None] = queue.Queue()  # None: end of input
 
     def read() -> None:
         try:
@@ -148,7 +125,7 @@ def serve(reader: LineReader, writer: LineWriter, dispatcher: Dispatcher) -> int
                 try:
                     line = reader.read_line()
                 except FrameTooLarge as exc:
-                    lines.put(("oversize", exc))
+                    lines.put(exc)
                     if exc.at_eof:
                         break
                     continue
@@ -160,29 +137,27 @@ def serve(reader: LineReader, writer: LineWriter, dispatcher: Dispatcher) -> int
                 if beat is not None:
                     writer.write_message(dispatcher.alive(beat))
                     continue
-                lines.put(("line", line))
+                lines.put(line)
         except (OSError, ValueError) as exc:  # stdin closed under us: same as EOF
             logger.debug("stdin reader stopped: %s", exc)
         finally:
-            lines.put(("eof", None))
+            lines.put(None)
 
     threading.Thread(target=read, name="step5-worker-stdin", daemon=True).start()
-    while True:
-        kind, payload = lines.get()
-        if kind == "oversize":
-            logger.warning("discarded an oversize request line (%d bytes)", payload.seen)
+    while (line := lines.get()) is not None:
+        if isinstance(line, FrameTooLarge):
+            logger.warning("discarded an oversize request line (%d bytes)", line.seen)
             writer.write_message(BadRequest(
-                f"request line of {payload.seen} bytes exceeds the {payload.limit}-byte limit; it was discarded"
+                f"request line of {line.seen} bytes exceeds the {line.limit}-byte limit; it was discarded"
             ).to_dict())
             continue  # never fall through to a previous message
-        if kind == "eof":
-            logger.info("stdin closed after %d job(s); exiting", dispatcher.jobs_done)
-            return 0
-        for response in dispatcher.handle_line(payload):
+        for response in dispatcher.handle_line(line):
             writer.write_message(response)
         if dispatcher.shutdown_requested:
             logger.info("shutdown requested after %d job(s)", dispatcher.jobs_done)
             return 0
+    logger.info("stdin closed after %d job(s); exiting", dispatcher.jobs_done)
+    return 0
 
 
 def _heartbeat(line: bytes) -> Heartbeat | None:
@@ -225,9 +200,6 @@ class TorchBackend:
         self.device = job.describe_device(self.torch_device)
         self.torch_backend = device_backend(self.torch_device)  # cuda | rocm | cpu, from the build
         self.cache = job.DataCache()
-
-    def train(self, request: TrainRequest) -> dict[str, Any]:
-        return self._job.run_train_job(request, device=self.torch_device, cache=self.cache)
 
     def train_folds(self, requests: Sequence[TrainRequest]) -> list[dict[str, Any]]:
         try:

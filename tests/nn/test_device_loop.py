@@ -111,7 +111,7 @@ def test_on_rocm_the_graph_loops_fall_back_to_the_host_loop_with_one_warning(mon
         assert resolve_train_loop("graph", cpu, {}, hip_version=hip) == "graph"  # the CPU never captures anyway
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "ROCm build (HIP 6.2.41133)" in warnings[0] and "host loop" in warnings[0]
-    assert device_loop.capture_blocker(torch.device("cuda"), None) is None  # CUDA keeps its graphs
+    assert resolve_train_loop("graph", torch.device("cuda"), {}, hip_version=None) == "graph"  # CUDA keeps its graphs
 
 
 def test_a_bad_loop_in_the_environment_fails_the_job_naming_the_variable(monkeypatch):

@@ -13,7 +13,7 @@ from step5.data.splits import kfold_splits, write_fold_npz
 from step5.execution.process import oneshot_command
 from step5.jsonio import dumps
 from step5.launch import child_environment
-from step5.nn.checkpoint import load_checkpoint
+from step5.nn.checkpoint import Checkpoint, load_checkpoint
 from step5.nn.ensemble import build_ensemble, merge_models
 from step5.nn.job import run_train_job
 from step5.nn.model import ReferenceMLP
@@ -115,15 +115,11 @@ def test_models_of_different_inputs_are_refused():
     a = ReferenceMLP(3, [4], use_leaky_relu=True, dropout=0.0)
     b = ReferenceMLP(4, [4], use_leaky_relu=True, dropout=0.0)
 
-    class Loaded:
-        def __init__(self, module, d):
-            self.module, self.n_features, self.hidden_layers = module, d, (4,)
-            self.use_leaky_relu, self.feature_names, self.dropout = True, None, 0.0
-            self.feature_mean, self.feature_scale = np.zeros(d), np.ones(d)
-            self.target_mean, self.target_std = 0.0, 1.0
+    def loaded(module, d):
+        return Checkpoint(module.state_dict(), d, (4,), True, 0.0, np.zeros(d), np.ones(d), 0.0, 1.0, module=module)
 
     with pytest.raises(ValueError, match="model 1 cannot be merged"):
-        merge_models([Loaded(a, 3), Loaded(b, 4)])
+        merge_models([loaded(a, 3), loaded(b, 4)])
     with pytest.raises(ValueError, match="at least one model"):
         merge_models([])
 

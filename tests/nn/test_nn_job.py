@@ -13,7 +13,7 @@ import torch
 from step5.data import kfold_splits, load_survivors, write_fold_npz
 from step5.errors import DataError, JobError
 from step5.nn import job as job_module
-from step5.nn.checkpoint import load_checkpoint, save_checkpoint
+from step5.nn.checkpoint import Checkpoint, load_checkpoint
 from step5.nn.job import DataCache, describe_device, load_fold, run_fold_group, run_train_job
 from step5.protocol import TrainRequest
 
@@ -207,9 +207,9 @@ def test_bad_checkpoints_are_data_errors(tmp_path):
     with pytest.raises(DataError, match="format_version 1.*re-run Step 5"):
         load_checkpoint(tmp_path / "v1.pth")
     with pytest.raises(ValueError, match="feature scaler"):
-        save_checkpoint(tmp_path / "x.pth", state_dict={}, n_features=3, hidden_layers=[2], use_leaky_relu=True,
-                        dropout=0.0, feature_mean=np.zeros(2), feature_scale=np.ones(3), target_mean=0.0,
-                        target_std=1.0)
+        Checkpoint(state_dict={}, n_features=3, hidden_layers=[2], use_leaky_relu=True, dropout=0.0,
+                   feature_mean=np.zeros(2), feature_scale=np.ones(3), target_mean=0.0,
+                   target_std=1.0).save(tmp_path / "x.pth")
 
 
 def test_describe_device_on_cpu():
