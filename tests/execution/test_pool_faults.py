@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from step5.errors import JobError
-from step5.execution import worker_process
+from step5.execution import process
 from step5.execution.pool import WorkerPool
 from step5.protocol import NNParams, TrainRequest
 from step5.testing import fake_pool, run_each, summary_of
@@ -79,7 +79,7 @@ def test_fault_is_recovered_and_every_job_gets_its_undisturbed_result(
     options, restarts, fallback, kind, status, data_file, tmp_path, caplog, monkeypatch,
 ):
     if "close_stdout" in options:  # the worker lives on after EOF: no need to wait out the full grace
-        monkeypatch.setattr(worker_process, "_EXIT_AFTER_EOF_S", 1.0)
+        monkeypatch.setattr(process, "_EXIT_AFTER_EOF_S", 1.0)
     requests = make_requests(data_file)
     caplog.set_level(logging.WARNING, logger="step5.execution.pool")
     with make_pool(*options, tmp_path=tmp_path) as pool:
