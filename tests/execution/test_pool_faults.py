@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from step5.errors import JobError
+from step5.execution import process
 from step5.execution.pool import WorkerPool
 from step5.protocol import NNParams, TrainRequest
 from step5.testing import fake_pool, run_each, summary_of
@@ -75,8 +76,10 @@ FAULTS = [
 
 @pytest.mark.parametrize("options, restarts, fallback, kind, status", FAULTS)
 def test_fault_is_recovered_and_every_job_gets_its_undisturbed_result(
-    options, restarts, fallback, kind, status, data_file, tmp_path, caplog,
+    options, restarts, fallback, kind, status, data_file, tmp_path, caplog, monkeypatch,
 ):
+    if "close_stdout" in options:  # the worker lives on after EOF: no need to wait out the full grace
+        monkeypatch.setattr(process, "_EXIT_AFTER_EOF_S", 1.0)
     requests = make_requests(data_file)
     caplog.set_level(logging.WARNING, logger="step5.execution.pool")
     with make_pool(*options, tmp_path=tmp_path) as pool:
