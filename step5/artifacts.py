@@ -183,17 +183,6 @@ def resolve_checkpoint(sidecar_path: str | os.PathLike[str], sidecar: Mapping[st
     return Path(os.path.realpath(sidecar_path)).parent / Path(ckpt).name
 
 
-def verify_checkpoint(sidecar_path: str | os.PathLike[str], sidecar: Mapping[str, Any], checkpoint: Path) -> None:
-    """Raise :class:`DataError` unless ``checkpoint``'s SHA-256 is the sidecar's ``checkpoint_sha256``."""
-    expected = sidecar.get("checkpoint_sha256")
-    actual = file_sha256(checkpoint)
-    if actual != expected:
-        raise DataError(
-            f"checkpoint {checkpoint} does not match its sidecar {sidecar_path}: SHA-256 {actual[:16]}... "
-            f"but the sidecar records {str(expected)[:16]}...; the model and sidecar come from different runs"
-        )
-
-
 Hex16 = Annotated[str, Meta(pattern="^[0-9a-f]{16}$", description="16 lowercase hex characters")]
 Sha256 = Annotated[str, Meta(pattern="^[0-9a-f]{64}$", description="64 lowercase hex characters (a SHA-256)")]
 OptNumber = Number | None

@@ -74,16 +74,8 @@ def device_env_problem(name: str, value: object) -> str | None:
 
 @dataclass(frozen=True)
 class DeviceSlot:
-    """One place a fold can train: a GPU (NVIDIA or AMD), or a share of the CPU cores.
-
-    ==========  ========================  ========================
-    slot        ``CUDA_VISIBLE_DEVICES``  ``HIP_VISIBLE_DEVICES``
-    ==========  ========================  ========================
-    ``GPU-N``   ``N``                     ``-1`` (no AMD GPU)
-    ``ROCm-N``  ``""`` (no NVIDIA GPU)    ``N``
-    ``CPU-i``   ``""``                    ``-1``
-    ==========  ========================  ========================
-    """
+    """One place a fold can train: a GPU (NVIDIA or AMD), or a share of the CPU cores; each sees
+    only its own GPU (docs/cluster.md: ``GPU-N``, ``ROCm-N``, ``CPU-i`` and their variables)."""
 
     label: str  # "GPU-0" / "ROCm-3" / "CPU-1": used in logs, e.g. "[S96B] Worker GPU-0 died"
     kind: str  # SLOT_KINDS: "cuda", "rocm" or "cpu"
@@ -167,18 +159,23 @@ def detect_gpus(env: Mapping[str, str] | None = None, *, nvidia_smi_timeout_s: f
     if visible is not None:
         return read_hip_visible(visible)
     smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return []
+    out = None if smi is None else _run_tool("nvidia-smi", [smi, "--query-gpu=index", "--format=csv,noheader"],
+                                             nvidia_smi_timeout_s, "assuming no GPU")
+    return [line.strip() for line in (out or "").splitlines() if line.strip().isdigit()]
+
+
+def _run_tool(tool: str, argv: list[str], timeout_s: float, fallback: str) -> str | None:
+    """What a GPU tool printed; None (logged, saying what happens instead: ``fallback``) when it fails."""
     try:
-        proc = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True,
-                              timeout=nvidia_smi_timeout_s, check=False)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        logger.warning("nvidia-smi failed (%s); assuming no GPU", exc)
-        return []
+        logger.warning("%s failed (%s); %s", tool, exc, fallback)
+        return None
     if proc.returncode != 0:
-        logger.warning("nvidia-smi exited %d (%s); assuming no GPU", proc.returncode, proc.stderr.strip()[:200])
-        return []
-    return [line.strip() for line in proc.stdout.splitlines() if line.strip().isdigit()]
+        logger.warning("%s exited %d (%s); %s", tool, proc.returncode,
+                       (proc.stderr.strip() or proc.stdout.strip())[:200], fallback)
+        return None
+    return proc.stdout
 
 
 @dataclass(frozen=True)
@@ -231,20 +228,6 @@ def count_smi_gpus(tool: str, text: str) -> int:
         return sum(1 for key in payload if re.fullmatch(r"(card|gpu_?)\d+", str(key), flags=re.IGNORECASE))
     pattern = r"^\s*GPU:\s*(\d+)\s*$" if tool == "amd-smi" else r"^\s*GPU\[(\d+)\]"
     return len({m.group(1) for line in text.splitlines() if (m := re.match(pattern, line))})
-
-
-def _ask_tool(tool: str, path: str, args: tuple[str, ...], timeout_s: float) -> int | None:
-    """The GPU count a ROCm tool reports; None (logged) when it fails or says nothing usable."""
-    try:
-        proc = subprocess.run([path, *args], capture_output=True, text=True, timeout=timeout_s, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        logger.warning("%s failed (%s); trying the next source of AMD GPUs", tool, exc)
-        return None
-    if proc.returncode != 0:
-        logger.warning("%s exited %d (%s); trying the next source of AMD GPUs", tool, proc.returncode,
-                       (proc.stderr.strip() or proc.stdout.strip())[:200])
-        return None
-    return count_smi_gpus(tool, proc.stdout)
 
 
 def _gfx_target(version: int) -> str:
@@ -302,9 +285,9 @@ def _detect(env: Mapping[str, str], which: Callable[[str], str | None], sysfs_ro
         path = which(tool)
         if path is None:
             continue
-        count = _ask_tool(tool, path, args, timeout_s)
-        if count is not None:
-            return AmdGpus(_ordinals(count), tool)
+        out = _run_tool(tool, [path, *args], timeout_s, "trying the next source of AMD GPUs")
+        if out is not None:
+            return AmdGpus(_ordinals(count_smi_gpus(tool, out)), tool)
     kfd = read_kfd_gpus(sysfs_root)
     if kfd is not None:
         return AmdGpus(_ordinals(len(kfd)), str(sysfs_root / "class/kfd"), tuple(kfd))
