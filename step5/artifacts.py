@@ -1,10 +1,5 @@
-"""What Step 5 leaves for Step 6 and the WATCHER: file names, model types, the sidecar's schema.
-
-The sidecar ``best_model.meta.json`` (SPEC section 4), its keys and cross-field rules are
-documented in docs/optimizer.md ("The sidecar") and docs/compatibility.md; :func:`validate_sidecar`
-is the one definition of "a valid sidecar" and :mod:`step5.sidecar` builds one to it.
-Torch-free and light: the optimizer, the WATCHER and Step 6 all import it.
-"""
+"""What Step 5 leaves for Step 6 and the WATCHER: file names, model types, and :func:`validate_sidecar`,
+the one definition of a valid sidecar (docs/optimizer.md, "The sidecar"). Torch-free and light."""
 from __future__ import annotations
 
 import hashlib
@@ -152,8 +147,8 @@ def beats_mean(test_r2: float | None) -> bool | None:
 
 
 def write_sidecar(path: str | os.PathLike[str], sidecar: Mapping[str, Any]) -> Path:
-    """Validate and atomically write a sidecar; raises ``ValueError`` listing the problems
-    (a bug here must not become a confusing error in Step 6 or a wrong WATCHER decision)."""
+    """Validate and atomically write a sidecar; a ``ValueError`` listing the problems (a bug here must
+    not become a confusing error in Step 6 or a wrong WATCHER decision)."""
     problems = validate_sidecar(dict(sidecar))
     if problems:
         raise ValueError("refusing to write an invalid sidecar:\n  " + "\n  ".join(problems))

@@ -1,11 +1,6 @@
-"""``watcher_policies.json``: loading and validation (SPEC section 8).
-
-An unreadable or invalid policy file is a :class:`PolicyError`, never a silent default; absent
-keys have defaults (``training.use_persistent_workers`` absent: ``False``, the S96A path). Step 5
-owns ``training`` and ``watcher`` (an unknown key or a wrong type there is an error) and reads
-``training_diagnostics`` and ``acceptance_rules.step5`` in the pipeline's schema; every other
-section and key is the pipeline's and left unread (docs/compatibility.md, docs/watcher.md).
-"""
+"""``watcher_policies.json``: loading and validation (SPEC section 8). An unreadable or invalid file
+is a :class:`PolicyError`, never a silent default; which sections Step 5 owns, reads or leaves
+alone: docs/compatibility.md and docs/watcher.md."""
 from __future__ import annotations
 
 import difflib
