@@ -158,8 +158,6 @@ def write_sidecar(path: str | os.PathLike[str], sidecar: Mapping[str, Any]) -> P
 def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and validate a sidecar; a missing, unparsable or invalid file is a :class:`DataError`."""
     obj = read_json_file(path, "sidecar")
-    if not isinstance(obj, dict):
-        raise DataError(f"sidecar {path} must hold a JSON object, got {type(obj).__name__}")
     problems = validate_sidecar(obj)
     if problems:
         raise DataError(f"sidecar {path} is invalid:\n  " + "\n  ".join(problems))
