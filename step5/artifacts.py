@@ -1,10 +1,5 @@
-"""What Step 5 leaves for Step 6 and the WATCHER: file names, model types, the sidecar's schema.
-
-The sidecar ``best_model.meta.json`` (SPEC section 4), its keys and cross-field rules are
-documented in docs/optimizer.md ("The sidecar") and docs/compatibility.md; :func:`validate_sidecar`
-is the one definition of "a valid sidecar" and :mod:`step5.sidecar` builds one to it.
-Torch-free and light: the optimizer, the WATCHER and Step 6 all import it.
-"""
+"""What Step 5 leaves for Step 6 and the WATCHER: file names, model types, and :func:`validate_sidecar`,
+the one definition of a valid sidecar (docs/optimizer.md, "The sidecar"). Torch-free and light."""
 from __future__ import annotations
 
 import hashlib
@@ -152,8 +147,8 @@ def beats_mean(test_r2: float | None) -> bool | None:
 
 
 def write_sidecar(path: str | os.PathLike[str], sidecar: Mapping[str, Any]) -> Path:
-    """Validate and atomically write a sidecar; raises ``ValueError`` listing the problems
-    (a bug here must not become a confusing error in Step 6 or a wrong WATCHER decision)."""
+    """Validate and atomically write a sidecar; a ``ValueError`` listing the problems (a bug here must
+    not become a confusing error in Step 6 or a wrong WATCHER decision)."""
     problems = validate_sidecar(dict(sidecar))
     if problems:
         raise ValueError("refusing to write an invalid sidecar:\n  " + "\n  ".join(problems))
@@ -163,8 +158,6 @@ def write_sidecar(path: str | os.PathLike[str], sidecar: Mapping[str, Any]) -> P
 def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and validate a sidecar; a missing, unparsable or invalid file is a :class:`DataError`."""
     obj = read_json_file(path, "sidecar")
-    if not isinstance(obj, dict):
-        raise DataError(f"sidecar {path} must hold a JSON object, got {type(obj).__name__}")
     problems = validate_sidecar(obj)
     if problems:
         raise DataError(f"sidecar {path} is invalid:\n  " + "\n  ".join(problems))
@@ -181,17 +174,6 @@ def resolve_checkpoint(sidecar_path: str | os.PathLike[str], sidecar: Mapping[st
     if not isinstance(ckpt, str) or not ckpt:
         raise DataError(f"sidecar {sidecar_path} names no checkpoint (outcome {sidecar.get('outcome')!r})")
     return Path(os.path.realpath(sidecar_path)).parent / Path(ckpt).name
-
-
-def verify_checkpoint(sidecar_path: str | os.PathLike[str], sidecar: Mapping[str, Any], checkpoint: Path) -> None:
-    """Raise :class:`DataError` unless ``checkpoint``'s SHA-256 is the sidecar's ``checkpoint_sha256``."""
-    expected = sidecar.get("checkpoint_sha256")
-    actual = file_sha256(checkpoint)
-    if actual != expected:
-        raise DataError(
-            f"checkpoint {checkpoint} does not match its sidecar {sidecar_path}: SHA-256 {actual[:16]}... "
-            f"but the sidecar records {str(expected)[:16]}...; the model and sidecar come from different runs"
-        )
 
 
 Hex16 = Annotated[str, Meta(pattern="^[0-9a-f]{16}$", description="16 lowercase hex characters")]

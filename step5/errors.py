@@ -1,64 +1,17 @@
-"""Every exception Step 5 defines: one flat hierarchy under :class:`Step5Error`.
-
-Each class carries the process exit code the CLIs use when it escapes to the top (SPEC:
-0 ok, 1 error, 2 degenerate, 64 usage; an interrupt 130 or 143): the one place exit codes
-are defined. Job-level failures also carry an ``error_type`` that travels over the worker
-protocol (:data:`JOB_ERROR_TYPES`).
-
-==========================  ====  =========================================================
-class                       exit  raised when
-==========================  ====  =========================================================
-``Step5Error``              1     any failure Step 5 reports to the user (the base)
-``UsageError``              64    command-line arguments are inconsistent
-``DataError``               1     an input file (survivors, history, NPZ, sidecar) is
-                                  missing or malformed
-``SchemaError``             1     a JSON document (sidecar, policy, summary) does not fit
-                                  its schema (a ``DataError``)
-``MissingDependency``       1     a tree model type is used without ``step5[trees]``
-``PolicyError``             1     ``watcher_policies.json`` is unreadable or invalid
-``DegenerateSignalError``   2     the target has no usable signal (degenerate sidecar)
-``PredictionNotAllowed``    2     Step 6 loads a sidecar whose run found no signal
-``StudyMismatchError``      1     a shared study was recorded for other data or setup
-``TooManyFailedTrials``     1     so many trials failed in a row that the search stops
-``StorageError``            1     the study's database stayed unreachable past
-                                  ``training.storage_outage_s``, or failed in a way
-                                  waiting cannot fix (credentials, a missing table)
-``JobError``                1     a training job failed deterministically (bad data, bad
-                                  params, OOM): not retried, it would fail the same way
-``BadRequest``              1     a protocol request is malformed (a ``JobError``)
-``WorkerCrashed``           1     a training process died, hung or broke the protocol
-``WorkerFault``             1     the pool's worker did so, or failed to boot (a
-                                  ``WorkerCrashed`` + ``kind``; already dead)
-``JobTimedOut``             1     a job ran past its timeout in a healthy process (not a
-                                  worker fault; retried once, then ``error_type`` timeout)
-``RunnerClosed``            1     a job meets a closed fold runner (pool or one-shot)
-``FrameTooLarge``           --    a protocol line exceeds the reader's bound (handled by
-                                  the reader's owner, never reaches a CLI)
-``Terminated``              143   SIGTERM arrived; a ``KeyboardInterrupt``, not a
-                                  ``Step5Error``, so every ``finally`` runs as on Ctrl-C
-==========================  ====  =========================================================
-
-Not here, on purpose: exceptions private to one module that never leave it, and
-``step5.testing.postgres.PostgresUnavailable`` (test tooling: no Step 5 code path raises it).
-"""
+"""Every exception Step 5 defines, one flat hierarchy under :class:`Step5Error`, and every exit code
+(each class's ``exit_code``): docs/errors.md has the table."""
 from __future__ import annotations
 
 import signal
 from typing import Any
 
-#: A run that ended well. Every failure's exit code is its exception class's ``exit_code``.
 EXIT_OK = 0
-#: Interrupted by Ctrl-C (SIGINT), as shells report it; SIGTERM: :attr:`Terminated.exit_code`.
-EXIT_INTERRUPTED = 128 + signal.SIGINT
-#: The WATCHER's own final decisions (step5.watcher.judge); PROCEED exits 0, DEGENERATE 2.
-EXIT_SKIP_MODEL = 3
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # Ctrl-C, as shells report it; SIGTERM: Terminated.exit_code
+EXIT_SKIP_MODEL = 3  # the WATCHER's own final decisions (step5.watcher.judge)
 EXIT_ESCALATE = 4
-#: A worker or one-shot trainer that found itself orphaned (step5.lifeline); nobody is left to
-#: read it, it only makes the cause visible when a human runs the worker by hand.
-EXIT_ORPHANED = 3
+EXIT_ORPHANED = 3  # a worker or one-shot trainer whose parent is gone (step5.lifeline)
 
-#: ``error_type`` values a training job may fail with (SPEC section 6). ``timeout`` is the
-#: parent's verdict on a job that ran past its timeout twice; no trainer sends it.
+#: ``error_type`` values a training job may fail with (SPEC section 6; ``timeout``: docs/errors.md).
 JOB_ERROR_TYPES = ("bad_request", "data_error", "train_error", "out_of_memory", "timeout")
 
 
@@ -77,6 +30,8 @@ def is_out_of_memory(exc: BaseException, oom_types: tuple[type[BaseException], .
 
 
 class Terminated(KeyboardInterrupt):
+    """Raised when SIGTERM arrives; not a Step5Error, so every ``finally`` runs as on Ctrl-C."""
+
     exit_code = 128 + signal.SIGTERM
 
 
@@ -86,10 +41,14 @@ def interrupt_reason(exc: BaseException) -> str:
 
 
 class Step5Error(Exception):
+    """Raised for any failure Step 5 reports to the user (the base)."""
+
     exit_code = 1
 
 
 class UsageError(Step5Error):
+    """Raised when command-line arguments are inconsistent."""
+
     exit_code = 64
 
 
@@ -98,8 +57,7 @@ class DataError(Step5Error):
 
 
 class SchemaError(DataError, ValueError):
-    """A JSON document does not fit its schema (:func:`step5.schema.convert`: one line saying where
-    and what); a reader that knows the document may re-raise it as its own (a policy's: :class:`PolicyError`)."""
+    """A JSON document does not fit its schema (:func:`step5.schema.convert`: one line saying where and what)."""
 
 
 class MissingDependency(Step5Error):
@@ -111,10 +69,14 @@ class PolicyError(Step5Error):
 
 
 class DegenerateSignalError(Step5Error):
+    """Raised when the target has no usable signal (a degenerate sidecar is written)."""
+
     exit_code = 2
 
 
 class PredictionNotAllowed(Step5Error):
+    """Raised when Step 6 loads a sidecar whose run found no signal."""
+
     exit_code = 2
 
 
@@ -127,11 +89,12 @@ class TooManyFailedTrials(Step5Error):
 
 
 class StorageError(Step5Error):
-    """The study's database stayed unreachable past ``training.storage_outage_s``, or failed in a
-    way waiting cannot fix; the message names it, password redacted (:mod:`step5.optimizer.storage`)."""
+    """The study's database stayed unreachable past ``training.storage_outage_s``, or failed in a way waiting cannot fix."""
 
 
 class JobError(Step5Error):
+    """Raised when a training job failed deterministically (bad data, bad params, OOM): not retried."""
+
     def __init__(self, message: str, error_type: str = "train_error", *, trial_number: int | None = None,
                  fold_idx: int | None = None, job_id: Any = None, traceback: str | None = None) -> None:
         if error_type not in JOB_ERROR_TYPES:
@@ -163,11 +126,15 @@ class JobError(Step5Error):
 
 
 class BadRequest(JobError):
+    """Raised when a protocol request is malformed."""
+
     def __init__(self, message: str, **kwargs: Any) -> None:
         super().__init__(message, "bad_request", **kwargs)
 
 
 class WorkerCrashed(Step5Error):
+    """Raised when a training process died, hung or broke the protocol."""
+
     def __init__(self, message: str, *, exit_status: str | None = None, stderr_tail: str = "") -> None:
         super().__init__(message)
         self.exit_status = exit_status
@@ -175,6 +142,8 @@ class WorkerCrashed(Step5Error):
 
 
 class JobTimedOut(Step5Error):
+    """Raised when a job ran past its timeout in a healthy process (retried once, then ``timeout``)."""
+
     def __init__(self, message: str, *, timeout_s: float, stderr_tail: str = "") -> None:
         super().__init__(message)
         self.timeout_s = timeout_s
@@ -183,6 +152,8 @@ class JobTimedOut(Step5Error):
 
 
 class WorkerFault(WorkerCrashed):
+    """Raised when the pool's worker crashed or failed to boot (``kind`` says how; it is already dead)."""
+
     def __init__(self, message: str, *, kind: str, exit_status: str | None, stderr_tail: str) -> None:
         super().__init__(message, exit_status=exit_status, stderr_tail=stderr_tail)
         self.kind = kind
@@ -193,6 +164,8 @@ class RunnerClosed(Step5Error):
 
 
 class FrameTooLarge(Step5Error):
+    """Raised when a protocol line exceeds the reader's bound (its owner handles it; never reaches a CLI)."""
+
     def __init__(self, limit: int, seen: int, *, at_eof: bool) -> None:
         super().__init__(f"line of at least {seen} bytes exceeds the {limit}-byte frame limit")
         self.limit = limit

@@ -1,12 +1,5 @@
-"""The model directory: a model set (checkpoint, sidecar, pictures) committed as one unit.
-
-A run writes its set into a hidden ``.model_sets/.partial-<host>-<pid>-<token>`` folder,
-renames it to its version name and swaps the ``.model_sets/current`` pointer with one
-``rename``: until then every fixed name (``best_model.*``, links into ``current``) shows the
-complete old set, after it the complete new one, whatever kills the run in between. A folder
-of plain ``best_model.*`` files is migrated on the first commit. Layout and reasons:
-docs/optimizer.md ("The model set"). Requires a filesystem with symlinks (any POSIX one).
-"""
+"""The model directory: a model set (checkpoint, sidecar, pictures) committed as one unit, by one
+``rename`` of the ``.model_sets/current`` pointer. Layout and reasons: docs/optimizer.md ("The model set")."""
 from __future__ import annotations
 
 import contextlib
@@ -97,8 +90,7 @@ class StagedSet:
         return (self.sets_dir / self.version_name).absolute()
 
     def commit(self) -> Path:
-        """Make this set the one the output dir shows; returns the committed set's folder.
-        A filesystem error is a :class:`~step5.errors.Step5Error` naming the output dir."""
+        """Make this set the one the output dir shows; returns the committed set's folder."""
         with writing(self.output_dir):
             names = sorted(p.name for p in self.path.iterdir())
             if not names:
@@ -146,8 +138,7 @@ class StagedSet:
 
 @contextlib.contextmanager
 def stage(output_dir: str | os.PathLike[str]) -> Iterator[StagedSet]:
-    """A fresh hidden folder for a new model set in ``output_dir``; leaving the block without
-    :meth:`StagedSet.commit` (an error, an interrupt) removes it, and the output dir shows what it showed."""
+    """A fresh hidden folder for a new model set in ``output_dir``; removed unless committed in the block."""
     out = Path(output_dir)
     sets_dir = out / SETS_DIRNAME
     with writing(out):
@@ -164,8 +155,7 @@ def stage(output_dir: str | os.PathLike[str]) -> Iterator[StagedSet]:
 
 @contextlib.contextmanager
 def writing(output_dir: str | os.PathLike[str]) -> Iterator[None]:
-    """A filesystem error while a model set is written (a full disk, a read-only mount, no
-    permission) as one :class:`~step5.errors.Step5Error` line naming the output dir."""
+    """A filesystem error while a model set is written (full disk, read-only, no permission) as one Step5Error."""
     try:
         yield
     except OSError as exc:
@@ -184,8 +174,7 @@ def current_dir(output_dir: str | os.PathLike[str]) -> Path | None:
 
 
 def current_files(output_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """``{name: file}`` of the model set ``output_dir`` shows: the current set's files, or,
-    in a folder without a set, its regular model files (``best_model.*``)."""
+    """``{name: file}`` of the model set ``output_dir`` shows (without a set: its plain ``best_model.*`` files)."""
     out = Path(output_dir)
     folder = current_dir(out)
     if folder is not None:

@@ -1,11 +1,6 @@
-"""``watcher_policies.json``: loading and validation (SPEC section 8).
-
-An unreadable or invalid policy file is a :class:`PolicyError`, never a silent default; absent
-keys have defaults (``training.use_persistent_workers`` absent: ``False``, the S96A path). Step 5
-owns ``training`` and ``watcher`` (an unknown key or a wrong type there is an error) and reads
-``training_diagnostics`` and ``acceptance_rules.step5`` in the pipeline's schema; every other
-section and key is the pipeline's and left unread (docs/compatibility.md, docs/watcher.md).
-"""
+"""``watcher_policies.json``: loading and validation (SPEC section 8). An unreadable or invalid file
+is a :class:`PolicyError`, never a silent default; which sections Step 5 owns, reads or leaves
+alone: docs/compatibility.md and docs/watcher.md."""
 from __future__ import annotations
 
 import difflib
@@ -206,26 +201,15 @@ def _refuse_misspelt_sections(raw: dict[str, Any], source: str) -> None:
                               f"(Step 5 reads {', '.join(POLICY_SECTIONS)})")
 
 
-# ``training_diagnostics`` as far as Step 5 reads it: those keys must have their types; every
-# other key (descriptions, log levels, actions) is the pipeline's and left alone.
-class _SkipRules(msgspec.Struct):
-    max_consecutive_critical: Annotated[int, Meta(ge=1, description="an int >= 1")] | UnsetType = UNSET
-    skip_duration_hours: PositiveNumber | UnsetType = UNSET
-
-
-class _CriticalSeverity(msgspec.Struct):
-    max_retries: NonNegativeInt | UnsetType = UNSET
-
-
-class _Severities(msgspec.Struct):
-    critical: _CriticalSeverity = msgspec.field(default_factory=_CriticalSeverity)
-
-
-class _Diagnostics(msgspec.Struct):
-    enabled: bool | UnsetType = UNSET
-    metric_bounds: dict | UnsetType = UNSET  # entries one by one: msgspec names no map key
-    model_skip_rules: _SkipRules = msgspec.field(default_factory=_SkipRules)
-    severity_thresholds: _Severities = msgspec.field(default_factory=_Severities)
+#: Where each :class:`DiagnosticsPolicy` value is in the pipeline's ``training_diagnostics``, and its
+#: type; every other key there (descriptions, log levels, actions) is the pipeline's and left alone.
+_DIAGNOSTICS_KEYS: dict[str, tuple[tuple[str, ...], Any]] = {
+    "enabled": (("enabled",), bool),
+    "max_consecutive_critical": (("model_skip_rules", "max_consecutive_critical"),
+                                 Annotated[int, Meta(ge=1, description="an int >= 1")]),
+    "skip_duration_hours": (("model_skip_rules", "skip_duration_hours"), PositiveNumber),
+    "max_critical_retries": (("severity_thresholds", "critical", "max_retries"), NonNegativeInt),
+}
 
 
 class _BoundLevels(msgspec.Struct):
@@ -265,16 +249,17 @@ def _diagnostics(raw: dict[str, Any], source: str) -> DiagnosticsPolicy:
             f"them as metric_bounds entries, e.g. \"metric_bounds\": {{\"overfit_ratio\": {{\"warning\": 1.3, "
             f"\"critical\": 1.5}}}} (docs/compatibility.md)"
         )
-    read = convert(section, _Diagnostics, source=source, at="training_diagnostics", quote=False)
-    values = {
-        "enabled": read.enabled,
-        "metric_bounds": read.metric_bounds if read.metric_bounds is UNSET else _metric_bounds(read.metric_bounds,
-                                                                                                source),
-        "max_consecutive_critical": read.model_skip_rules.max_consecutive_critical,
-        "skip_duration_hours": read.model_skip_rules.skip_duration_hours,
-        "max_critical_retries": read.severity_thresholds.critical.max_retries,
-    }
-    return DiagnosticsPolicy(**{k: v for k, v in values.items() if v is not UNSET})
+    values: dict[str, Any] = {}
+    for name, (path, kind) in _DIAGNOSTICS_KEYS.items():
+        node, at = section, "training_diagnostics"
+        for key in path[:-1]:
+            at = f"{at}.{key}"
+            node = convert(node.get(key, {}), dict, source=source, at=at, quote=False)
+        if path[-1] in node:
+            values[name] = convert(node[path[-1]], kind, source=source, at=f"{at}.{path[-1]}", quote=False)
+    if "metric_bounds" in section:
+        values["metric_bounds"] = _metric_bounds(section["metric_bounds"], source)
+    return DiagnosticsPolicy(**values)
 
 
 def _acceptance_rules(raw: dict[str, Any], source: str) -> dict[str, float]:

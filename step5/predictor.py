@@ -1,11 +1,6 @@
-"""Step 6's loader: a Step 5 model directory (checkpoint + sidecar) -> predictions.
-
-``load_predictor(dir).predict_file("new_survivors.json")``, or the CLI
-``python -m step5.predictor --model-dir DIR --survivors FILE [--output preds.json] [--max-missing-fraction F]``
-(exit 0, 1 error, 2 the sidecar forbids prediction, 64 usage). What is checked before anything is
-predicted (one model set, the checkpoint's SHA-256 and feature schema, missing features):
-docs/optimizer.md ("Step 6: the predictor"). Step 6 code, not the parent: it imports torch
-(lazily, for a neural-net checkpoint only) and the tree libraries (for their checkpoints only).
+"""Step 6's loader: a Step 5 model directory (checkpoint + sidecar) -> predictions, as a function
+(``load_predictor(dir).predict_file(path)``) and a CLI; what it checks: docs/optimizer.md ("Step 6:
+the predictor"). Step 6 code, not the parent: it imports torch lazily, for a neural-net checkpoint only.
 """
 from __future__ import annotations
 
@@ -20,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from step5.artifacts import SIDECAR_NAME, feature_schema_hash, get_model_type, read_sidecar, resolve_checkpoint, \
-    verify_checkpoint
+from step5.artifacts import SIDECAR_NAME, feature_schema_hash, file_sha256, get_model_type, read_sidecar, \
+    resolve_checkpoint
 from step5.cliutil import UsageErrorParser, add_log_level, closed_fraction
 from step5.errors import EXIT_OK, DataError, PredictionNotAllowed, Step5Error
 from step5.jsonio import dumps, write_json_atomic
@@ -129,7 +124,12 @@ def load_predictor(model_dir_or_sidecar_path: str | os.PathLike[str]) -> Predict
     checkpoint = resolve_checkpoint(sidecar_path, sidecar)
     if not checkpoint.is_file():
         raise DataError(f"{sidecar_path} names checkpoint {checkpoint}, which does not exist")
-    verify_checkpoint(sidecar_path, sidecar, checkpoint)
+    actual, expected = file_sha256(checkpoint), sidecar.get("checkpoint_sha256")
+    if actual != expected:
+        raise DataError(
+            f"checkpoint {checkpoint} does not match its sidecar {sidecar_path}: SHA-256 {actual[:16]}... "
+            f"but the sidecar records {str(expected)[:16]}...; the model and sidecar come from different runs"
+        )
     model_type = sidecar["model_type"]
     if get_model_type(model_type).torch:
         from step5.nn.checkpoint import load_checkpoint  # imports torch: Step 6 only

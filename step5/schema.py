@@ -1,11 +1,6 @@
-"""One way to check a JSON document (the sidecar, its execution block, the policy file).
-
-A record type is the schema (a msgspec ``Struct`` or a dataclass; the constrained types below
-carry their wording); :func:`convert` hands the document to msgspec, and a failure becomes one
-line naming the key, what was expected and what was there::
-
-    watcher_policies.json: training.worker_job_timeout_s must be a positive number, got 0
-    missing key `feature_schema.feature_schema_hash`
+"""One way to check a JSON document (the sidecar, its execution block, the policy file): a record
+type is the schema, msgspec checks it, and a failure becomes one line naming the key, what was
+expected and what was there (``policy.json: training.worker_job_timeout_s must be a positive number, got 0``).
 """
 from __future__ import annotations
 

@@ -18,15 +18,11 @@ from step5.artifacts import MODEL_REGISTRY, PIPELINE_STEP, PIPELINE_STEP_NAME, S
 VERSIONED_PACKAGES = ("optuna", "numpy", "scikit-learn", "torch", "xgboost", "lightgbm", "catboost", "orjson")
 
 
-def package_versions() -> dict[str, str | None]:
-    """``{"torch": "2.13.0", ...}`` from ``importlib.metadata``; None for a package not installed."""
-    out: dict[str, str | None] = {}
-    for name in VERSIONED_PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+def _installed_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def build_provenance(*, run_id: str, parent_run_id: str | None, command_line: Sequence[str], created_at: str,
@@ -40,7 +36,7 @@ def build_provenance(*, run_id: str, parent_run_id: str | None, command_line: Se
         "hostname": socket.gethostname(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "versions": package_versions(),
+        "versions": {name: _installed_version(name) for name in VERSIONED_PACKAGES},
         **dict(extra or {}),
     }
 
@@ -85,32 +81,31 @@ def build_data_context(*, fingerprint: str, training_draws: int, holdout_draws: 
     }
 
 
-def null_training_metrics() -> dict[str, Any]:
-    """``training_metrics`` of a run that trained nothing (every metric null)."""
-    return {key: None for key in TRAINING_METRIC_KEYS}
-
-
-def build_sidecar(*, model_type: str, outcome: str, checkpoint_path: str | None, feature_schema: Mapping[str, Any],
-                  signal_quality: Mapping[str, Any], data_context: Mapping[str, Any],
-                  training_metrics: Mapping[str, Any], hyperparameters: Mapping[str, Any], optuna: Mapping[str, Any],
-                  execution: Mapping[str, Any], provenance: Mapping[str, Any], checkpoint_sha256: str | None = None,
-                  **extra: Any) -> dict[str, Any]:
-    """A sidecar in SPEC order; ``checkpoint_format`` follows from the model type, ``agent_metadata`` from the provenance."""
+def build_sidecar(*, model_type: str, feature_schema: Mapping[str, Any], signal_quality: Mapping[str, Any],
+                  data_context: Mapping[str, Any], optuna: Mapping[str, Any], execution: Mapping[str, Any],
+                  provenance: Mapping[str, Any], checkpoint_path: str | None = None,
+                  checkpoint_sha256: str | None = None, training_metrics: Mapping[str, Any] | None = None,
+                  hyperparameters: Mapping[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """A sidecar in SPEC order. With a ``checkpoint_path`` (in its committed set,
+    :attr:`step5.model_set.StagedSet.final_dir`) the run saved a model: SUCCESS. Without one it
+    found no usable signal: DEGENERATE_SIGNAL, every metric null, no hyperparameters.
+    ``checkpoint_format`` follows from the model type, ``agent_metadata`` from the provenance."""
+    saved = checkpoint_path is not None
     return {
         "schema_version": SCHEMA_VERSION,
         "model_type": model_type,
         "checkpoint_path": checkpoint_path,
-        "checkpoint_format": MODEL_REGISTRY[model_type].checkpoint_format if checkpoint_path is not None else None,
+        "checkpoint_format": MODEL_REGISTRY[model_type].checkpoint_format if saved else None,
         "checkpoint_sha256": checkpoint_sha256,
         "feature_schema": dict(feature_schema),
         "signal_quality": {**signal_quality, "quality": signal_quality["signal_status"],
                            "confidence": SIGNAL_CONFIDENCE[signal_quality["signal_status"]]},
         "data_context": dict(data_context),
-        "training_metrics": dict(training_metrics),
-        "hyperparameters": dict(hyperparameters),
+        "training_metrics": dict(training_metrics or dict.fromkeys(TRAINING_METRIC_KEYS)),
+        "hyperparameters": dict(hyperparameters or {}),
         "optuna": dict(optuna),
         "execution": dict(execution),
-        "outcome": outcome,
+        "outcome": "SUCCESS" if saved else "DEGENERATE_SIGNAL",
         "provenance": dict(provenance),
         "agent_metadata": build_agent_metadata(provenance),
         **extra,
@@ -176,23 +171,3 @@ def build_training_metrics(best_cv: Mapping[str, Any], final: Mapping[str, Any],
         "best_epoch": final.get("best_epoch"),
         "rescore": dict(rescore) if rescore is not None else None,
     }
-
-
-def success_sidecar(*, model_type: str, checkpoint_path: str, checkpoint_sha256: str,
-                    training_metrics: Mapping[str, Any], hyperparameters: Mapping[str, Any],
-                    training_options: Mapping[str, Any], **blocks: Mapping[str, Any]) -> dict[str, Any]:
-    """The sidecar of a run that saved a model (``checkpoint_path``: in its committed set,
-    :attr:`step5.model_set.StagedSet.final_dir`); ``blocks``: the other blocks by name."""
-    return build_sidecar(
-        model_type=model_type, outcome="SUCCESS", checkpoint_path=checkpoint_path,
-        training_metrics=training_metrics, hyperparameters=hyperparameters,
-        checkpoint_sha256=checkpoint_sha256, training_options=dict(training_options), **blocks,
-    )
-
-
-def degenerate_sidecar(*, model_type: str, **blocks: Mapping[str, Any]) -> dict[str, Any]:
-    """The sidecar of a run without usable target signal: no checkpoint, null metrics, no hyperparameters."""
-    return build_sidecar(
-        model_type=model_type, outcome="DEGENERATE_SIGNAL", checkpoint_path=None,
-        training_metrics=null_training_metrics(), hyperparameters={}, **blocks,
-    )

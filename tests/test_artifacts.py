@@ -10,8 +10,7 @@ import pytest
 from step5 import artifacts
 from step5.errors import DataError
 from step5.execution.summary import RunnerStats, build_execution_summary
-from step5.sidecar import build_data_context, build_provenance, build_sidecar, null_training_metrics, \
-    package_versions
+from step5.sidecar import build_data_context, build_provenance, build_sidecar
 
 NAMES = ["lane_agreement_8", "skip_mean", "skip_min"]
 
@@ -20,10 +19,9 @@ def _valid_sidecar(outcome: str = "SUCCESS") -> dict:
     metrics = {k: 0.5 for k in artifacts.TRAINING_METRIC_KEYS}
     metrics["beats_mean"] = True
     if outcome != "SUCCESS":
-        metrics = null_training_metrics()
+        metrics = None
     return build_sidecar(
         model_type="neural_net",
-        outcome=outcome,
         checkpoint_path="best_model.pth" if outcome == "SUCCESS" else None,
         feature_schema=artifacts.build_feature_schema(NAMES, ["score", "confidence"], "s.json"),
         signal_quality={
@@ -183,7 +181,7 @@ def test_provenance_records_torch_version_without_importing_it():
     import sys
 
     had_torch = "torch" in sys.modules
-    versions = package_versions()
+    versions = build_provenance(run_id="r", parent_run_id=None, command_line=[], created_at="now")["versions"]
     assert versions["optuna"] and versions["numpy"] and versions["scikit-learn"]
     assert "torch" in versions
     assert ("torch" in sys.modules) == had_torch

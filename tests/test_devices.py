@@ -200,8 +200,7 @@ def test_a_process_started_with_a_slots_environment_sees_only_its_device_and_can
 
 # --- AMD GPUs and mixed hosts ----------------------------------------------------------------
 
-from step5.devices import SLOT_KINDS, TorchBuild, cuda_ids, device_env_problem  # noqa: E402
-from step5.rocm import AmdGpus  # noqa: E402
+from step5.devices import SLOT_KINDS, AmdGpus, TorchBuild, cuda_ids, device_env_problem  # noqa: E402
 
 ROCM_BUILD = TorchBuild("2.5.1+rocm6.2", None, "6.2.41133")
 CPU_BUILD = TorchBuild("2.13.0+cpu", None, None)
@@ -326,8 +325,8 @@ def test_device_env_entries_that_would_break_a_worker_are_refused(name, value, w
 
 def test_a_process_started_with_a_rocm_slots_environment_sees_only_its_amd_gpu(tmp_path):
     env = DeviceSlot("ROCm-2", "rocm", "", 3, "2", (("HSA_OVERRIDE_GFX_VERSION", "10.3.0"),)).environment()
-    probe = ("import json, os, step5.devices as d, step5.rocm as r; "
-             "print(json.dumps([d.detect_gpus(), list(r.detect_amd_gpus().ids), os.environ['HSA_OVERRIDE_GFX_VERSION']]))")
+    probe = ("import json, os, step5.devices as d; "
+             "print(json.dumps([d.detect_gpus(), list(d.detect_amd_gpus().ids), os.environ['HSA_OVERRIDE_GFX_VERSION']]))")
     proc = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -1,4 +1,4 @@
-"""AMD GPU discovery without torch (step5.rocm), on a host with no AMD GPU: the variables
+"""AMD GPU discovery without torch (step5.devices), on a host with no AMD GPU: the variables
 read as HIP and ROCr read them, stand-in ``amd-smi`` / ``rocm-smi`` (answering, failing,
 hanging, talking text), a fabricated ``/sys/class/kfd`` tree, the order of the sources,
 and the log line that names the source used."""
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from step5.rocm import AmdGpus, count_smi_gpus, detect_amd_gpus, read_hip_visible, read_kfd_gpus
+from step5.devices import AmdGpus, count_smi_gpus, detect_amd_gpus, read_hip_visible, read_kfd_gpus
 from step5.testing.standins import write_amd_smi, write_kfd_tree, write_rocm_smi
 
 RX6600 = 100302  # gfx1032
@@ -73,7 +73,7 @@ def test_amd_smi_is_asked_first(tmp_path, bare):
 
 def test_rocm_smi_answers_when_there_is_no_amd_smi(tmp_path, bare, caplog):
     write_rocm_smi(tmp_path / "bin", 8)
-    with caplog.at_level(logging.INFO, logger="step5.rocm"):
+    with caplog.at_level(logging.INFO, logger="step5.devices"):
         found = detect_amd_gpus(**bare)
     assert found.ids == tuple(str(i) for i in range(8)) and found.source == "rocm-smi"
     assert "found 8 AMD GPU(s) (ids 0-7) from rocm-smi" in caplog.text
@@ -82,7 +82,7 @@ def test_rocm_smi_answers_when_there_is_no_amd_smi(tmp_path, bare, caplog):
 def test_a_failing_tool_hands_over_to_the_next_source(tmp_path, bare, caplog):
     write_amd_smi(tmp_path / "bin", 4, exit_code=2)
     write_rocm_smi(tmp_path / "bin", 2)
-    with caplog.at_level(logging.WARNING, logger="step5.rocm"):
+    with caplog.at_level(logging.WARNING, logger="step5.devices"):
         assert detect_amd_gpus(**bare).source == "rocm-smi"
     assert "amd-smi exited 2" in caplog.text
 
@@ -93,7 +93,7 @@ def test_a_hanging_tool_is_given_up_on(tmp_path, bare, caplog):
     hang.chmod(0o755)
     write_kfd_tree(bare["sysfs_root"], [RX6600])
     start = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="step5.rocm"):
+    with caplog.at_level(logging.WARNING, logger="step5.devices"):
         found = detect_amd_gpus(**bare, tool_timeout_s=0.5)
     assert time.monotonic() - start < 10
     assert "rocm-smi failed" in caplog.text and found.source.endswith("class/kfd") and found.ids == ("0",)
@@ -116,7 +116,7 @@ def test_tool_outputs_in_json_and_text_forms_are_counted(tool, text, count):
 
 def test_kfd_gpu_nodes_are_counted_and_cpu_nodes_are_not(bare, caplog):
     write_kfd_tree(bare["sysfs_root"], [RX6600] * 8, cpu_nodes=2)
-    with caplog.at_level(logging.INFO, logger="step5.rocm"):
+    with caplog.at_level(logging.INFO, logger="step5.devices"):
         found = detect_amd_gpus(**bare)
     assert found.ids == tuple(str(i) for i in range(8)) and found.targets == ("gfx1032",) * 8
     assert "8 AMD GPU(s) (ids 0-7, gfx1032) from" in caplog.text and "class/kfd" in caplog.text

@@ -29,8 +29,7 @@ from step5.errors import DataError, DegenerateSignalError, JobError, Step5Error
 from step5.execution.pool import WorkerPool
 from step5.execution.summary import ExecutionSummary, SearchRecord, build_execution_summary
 from step5.policy import Policy, load_policy
-from step5.sidecar import build_data_context, build_provenance, build_training_metrics, degenerate_sidecar, \
-    success_sidecar
+from step5.sidecar import build_data_context, build_provenance, build_sidecar, build_training_metrics
 from step5.signal_quality import assess_signal
 from step5.values import finite_or_none, utc_timestamp
 from step5.optimizer.config import (
@@ -431,10 +430,10 @@ class AntiOverfitMetaOptimizer:
             # commit removes the earlier run's checkpoint from what the output dir shows.
             logger.warning("replacing the model from an earlier run (%s): this run's data has no usable signal", stale)
         self.timings["total_s"] = time.perf_counter() - self._t0
-        sidecar = degenerate_sidecar(model_type=cfg.model_type, feature_schema=self.feature_schema,
-                                     signal_quality=self.signal, data_context=self.data_context,
-                                     optuna=self._optuna_block(study_name, storage_url),
-                                     execution=self._execution(None).to_dict(), provenance=self._provenance())
+        sidecar = build_sidecar(model_type=cfg.model_type, feature_schema=self.feature_schema,
+                                signal_quality=self.signal, data_context=self.data_context,
+                                optuna=self._optuna_block(study_name, storage_url),
+                                execution=self._execution(None).to_dict(), provenance=self._provenance())
         with model_set.stage(self.output_dir) as staged, model_set.writing(self.output_dir):
             artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, sidecar)
             staged.commit()
@@ -456,10 +455,10 @@ class AntiOverfitMetaOptimizer:
         self.timings["total_s"] = time.perf_counter() - self._t0
         execution_summary.timings.total_s = self.timings["total_s"]
         execution = execution_summary.to_dict()
-        sidecar = success_sidecar(
+        sidecar = build_sidecar(
             model_type=cfg.model_type, checkpoint_path=str(staged.final_dir / name),
             checkpoint_sha256=artifacts.file_sha256(staged.path / name), training_metrics=metrics,
-            hyperparameters=final["params"], training_options=backend.training_options(),
+            hyperparameters=final["params"], training_options=dict(backend.training_options()),
             feature_schema=self.feature_schema, signal_quality=self.signal, data_context=self.data_context,
             optuna=self._optuna_block(opened.study_name, opened.storage_url, opened, best), execution=execution,
             provenance=self._provenance(),

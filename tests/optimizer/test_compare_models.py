@@ -15,7 +15,7 @@ from step5.execution.summary import RunnerStats, build_execution_summary
 from step5.optimizer import compare
 from step5.policy import DiagnosticsPolicy
 from step5.optimizer.config import OptimizerConfig, RunOutcome
-from step5.sidecar import build_data_context, build_sidecar, null_training_metrics
+from step5.sidecar import build_data_context, build_sidecar
 
 FEATURES = ["a", "b", "c"]
 
@@ -23,14 +23,13 @@ FEATURES = ["a", "b", "c"]
 def make_sidecar(model_type: str, outcome: str, test_r2: float | None, cv: float | None) -> dict:
     """A valid sidecar (artifacts.validate_sidecar passes) for a fake run."""
     success = outcome == "SUCCESS"
-    metrics = null_training_metrics()
+    metrics = dict.fromkeys(artifacts.TRAINING_METRIC_KEYS)
     if success:
         metrics.update(cv_r2_mean=cv, cv_r2_std=0.01, train_r2=0.9, val_r2=cv, test_r2=test_r2,
                        train_mse=0.001, val_mse=0.002, test_mse=0.002, overfit_ratio=2.0,
                        beats_mean=artifacts.beats_mean(test_r2))
     return build_sidecar(
         model_type=model_type,
-        outcome=outcome,
         checkpoint_path=artifacts.checkpoint_filename(model_type) if success else None,
         feature_schema=artifacts.build_feature_schema(FEATURES, ["score"], "survivors.json"),
         signal_quality={"signal_status": "healthy" if success else "degenerate", "prediction_allowed": success,
