@@ -77,9 +77,6 @@ def pytest_collection_modifyitems(config, items):
             _marked_in_source.add(item.nodeid)
         elif item.nodeid in listed:
             item.add_marker(pytest.mark.slow)
-    # Slow tests first: xdist hands tests out in this order, so the long ones start while every
-    # worker is busy and the run ends on short ones, not on a worker alone with a long test.
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.hookimpl(hookwrapper=True)
