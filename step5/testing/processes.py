@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 
 from step5.owner import pid_alive as is_running  # noqa: F401 - the tests' name for it
 from step5.watcher import process as watcher_process
-from step5.watcher.decision_log import DEFAULT_DECISION_LOG
+from step5.watcher.registry import DEFAULT_DECISION_LOG
 
 
 def wait_gone(pids: Iterable[int], timeout_s: float = 5.0) -> list[int]:

@@ -29,10 +29,12 @@ from step5.launch import child_environment
 from step5.lifeline import SUPERVISOR_PID_ENV
 from step5.policy import DEFAULT_POLICY_PATH, Policy, find_policy, load_policy
 from step5.values import utc_timestamp
-from step5.watcher.decision_log import DEFAULT_DECISION_LOG, append_decision, read_decisions
 from step5.watcher.judge import EXIT_CODES, Decision, Judgement, file_signature, judge, thresholds_for
 from step5.watcher.process import install_termination_as_interrupt, run_in_group
-from step5.watcher.registry import DEFAULT_REGISTRY_PATH, load_skip_registry, record_result, skipped_model_types
+from step5.watcher.registry import (
+    DEFAULT_DECISION_LOG, DEFAULT_REGISTRY_PATH, append_decision, load_skip_registry, read_decisions, record_result,
+    skipped_model_types,
+)
 from step5.watcher.steps import (
     StepSpec, build_command, effective, manifest_defaults, retry_params, steps_in_range, validate_params,
 )
