@@ -1,17 +1,9 @@
 """Judging one run of a step: exit code + sidecar + policy -> a decision with reasons.
 
-=============  ====  ===========================================================
-PROCEED        0     the model is accepted; the pipeline may go on
-RETRY          -     never final: the step is re-run (more trials, new seed)
-DEGENERATE     2     the step exited 2 and wrote a valid degenerate sidecar
-SKIP_MODEL     3     the model stays below the acceptance rules after its retries
-ESCALATE       4     a person must look: crash after retries, timeout, interrupt,
-                     usage error, missing / invalid / stale sidecar
-=============  ====  ===========================================================
-
-A model breaking an ``acceptance_rules.step5`` rule or reaching a critical
-``training_diagnostics.metric_bounds`` bound is a *critical* result (a warning bound is
-only noted); docs/watcher.md ("Decisions and exit codes") has the rules and retries.
+PROCEED (exit 0), RETRY (never final: the step is re-run), DEGENERATE (2), SKIP_MODEL (3) or
+ESCALATE (4); a model breaking an ``acceptance_rules.step5`` rule or reaching a critical
+``training_diagnostics.metric_bounds`` bound is a *critical* result. docs/watcher.md
+("Decisions and exit codes") has the table, the rules and the retries.
 """
 from __future__ import annotations
 
