@@ -1,14 +1,9 @@
-"""``agents/watcher_agent.py``: the WATCHER's command line and its loop.
+"""``agents/watcher_agent.py``: the WATCHER's command line and its loop (docs/watcher.md).
 
 For each step in range: validate the params -> run the step in its own process group ->
 judge -> log the decision (every attempt) -> RETRY (a real re-run: more trials, new seed),
 stop, or go on. Only a final decision updates the skip registry: retries are the WATCHER's
-own attempt to fix a run, and process failures (crash, timeout, usage error) and degenerate
-data are not the model type's fault.
-
-Exit codes: 0 PROCEED (or a successful --status / --dry-run), 1 error (bad policy, missing
-step script, damaged registry), 2 DEGENERATE, 3 SKIP_MODEL, 4 ESCALATE, 64 usage error
-(bad flags, unknown step, unknown or mistyped --params key), 130 interrupted.
+own attempt to fix a run, and process failures and degenerate data are not the model type's fault.
 """
 from __future__ import annotations
 
@@ -43,8 +38,7 @@ logger = logging.getLogger("step5.watcher")
 
 
 def step_env() -> dict[str, str]:
-    """The step's environment: ours, with this step5 importable (:mod:`step5.launch`) and
-    our pid as its supervisor, so the step stops if the WATCHER dies without stopping it."""
+    """Ours, with this step5 importable and our pid as the step's supervisor (it stops if we die)."""
     env = child_environment()
     env[SUPERVISOR_PID_ENV] = str(os.getpid())
     return env
@@ -52,10 +46,9 @@ def step_env() -> dict[str, str]:
 
 def run_step(step: StepSpec, params: dict[str, Any], *, policy: Policy, policy_path: str, decision_log: Path,
              run_id: str, script: str | None, echo: bool) -> tuple[Judgement, int, bool]:
-    """Run one step with the policy's retries, every attempt a new process; returns the
-    final judgement, the attempts made and whether the WATCHER was interrupted. A crash is
-    re-run up to ``watcher.max_retries`` times, a model the rules reject up to
-    ``training_diagnostics.severity_thresholds.critical.max_retries``; the two are counted apart."""
+    """Run one step with the policy's retries (crashes and rejected models counted apart),
+    every attempt a new process; returns the final judgement, the attempts made and whether
+    the WATCHER was interrupted."""
     watcher = policy.watcher
     crash_retries_max = watcher.max_retries
     critical_retries_max = policy.training_diagnostics.max_critical_retries
@@ -141,10 +134,8 @@ def _with_manifest_defaults(step: StepSpec, params: dict[str, Any]) -> dict[str,
 def run_pipeline(start: int, end: int, raw_params: Any, *, policy_path: str, decision_log: str | os.PathLike[str],
                  script: str | None = None, dry_run: bool = False, echo: bool = True) -> int:
     """Run steps ``start``..``end`` and print one JSON line per step (or, dry, the commands);
-    returns the exit code stating the decision. Everything that can be checked before
-    running is (the steps exist, the params map, the policy and every step's thresholds are
-    valid, a replacement ``script`` exists, the registry is readable); stops at the first
-    step that does not PROCEED."""
+    returns the exit code stating the decision. Everything that can be checked is, before
+    anything runs; stops at the first step that does not PROCEED."""
     steps = steps_in_range(start, end)
     if not isinstance(raw_params, dict):
         raise UsageError(f"--params must be a JSON object, got {type(raw_params).__name__}")

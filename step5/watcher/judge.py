@@ -144,27 +144,22 @@ def file_signature(path: Path) -> FileSignature | None:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _written_by_run(path: Path, before: FileSignature | None) -> bool:
-    now = file_signature(path)
-    return now is not None and now != before
-
-
-def _load_sidecar(path: Path, before: FileSignature | None) -> tuple[dict[str, Any] | None, str | None]:
-    """The sidecar written by *this* run, or why there is none."""
+def _read_fresh(path: Path, before: FileSignature | None, what: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The JSON object *this* run wrote at ``path`` (its signature is not ``before``), or why there is none."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return None, f"no sidecar at {path}"
+        return None, f"no {what} at {path}"
     except OSError as exc:
-        return None, f"cannot read sidecar {path}: {exc}"
-    if not _written_by_run(path, before):
-        return None, f"the sidecar {path} is the one from before this run: the step did not write one"
+        return None, f"cannot read {what} {path}: {exc}"
+    if file_signature(path) == before:
+        return None, f"the {what} {path} is the one from before this run: the step did not write one"
     try:
         obj = loads(raw)
     except ValueError as exc:
-        return None, f"sidecar {path} is not valid JSON: {exc}"
+        return None, f"{what} {path} is not valid JSON: {exc}"
     if not isinstance(obj, dict):
-        return None, f"sidecar {path} must be a JSON object, got {type(obj).__name__}"
+        return None, f"{what} {path} must be a JSON object, got {type(obj).__name__}"
     return obj, None
 
 
@@ -174,14 +169,8 @@ def _entry_metrics(entry: dict[str, Any]) -> Any:
     if isinstance(entry.get("training_metrics"), dict):
         return entry["training_metrics"]
     path = entry.get("sidecar_path")
-    if isinstance(path, str) and path:
-        try:
-            sidecar = loads(Path(path).read_bytes())
-        except (OSError, ValueError):
-            return None
-        if isinstance(sidecar, dict):
-            return sidecar.get("training_metrics")
-    return None
+    sidecar, _ = _read_fresh(Path(path), None, "sidecar") if isinstance(path, str) and path else (None, None)
+    return sidecar.get("training_metrics") if sidecar is not None else None
 
 
 def compare_verdicts(
@@ -191,15 +180,10 @@ def compare_verdicts(
     fresh summary file: ``{"models": {type: {...}}}`` (what :mod:`step5.optimizer.compare`
     writes) or ``{"models": [{"model_type": type, ...}]}``. A model the run skipped has no
     new result, and a degenerate one is the data's fault: neither is recorded. A failed one is critical."""
-    try:
-        summary = loads(summary_path.read_bytes())
-        if not _written_by_run(summary_path, before):
-            return {}, [], [f"{summary_path} is from before this run; only the best model's result is recorded"]
-    except FileNotFoundError:
-        return {}, [], [f"no {summary_path}; only the best model's result is recorded"]
-    except (OSError, ValueError) as exc:
-        return {}, [], [f"cannot read {summary_path}: {exc}"]
-    models = summary.get("models") if isinstance(summary, dict) else None
+    summary, why = _read_fresh(summary_path, before, "compare summary")
+    if summary is None:
+        return {}, [], [f"{why}; only the best model's result is recorded"]
+    models = summary.get("models")
     if isinstance(models, list):
         models = {e["model_type"]: e for e in models if isinstance(e, dict) and isinstance(e.get("model_type"), str)}
     entries = {k: v for k, v in models.items() if isinstance(v, dict)} if isinstance(models, dict) else {}
@@ -246,7 +230,7 @@ def judge(run: StepRun, *, step: StepSpec, policy: Policy, sidecar_path: Path, s
         reason = f"step {step.number} failed with {run.exit_status}{tail_hint}"
         return Judgement(Decision.RETRY if can_retry else Decision.ESCALATE, [reason])
 
-    sidecar, why = _load_sidecar(sidecar_path, sidecar_before)
+    sidecar, why = _read_fresh(sidecar_path, sidecar_before, "sidecar")
     if sidecar is None:
         return Judgement(Decision.ESCALATE, [f"step {step.number} exited {rc} but {why}"])
 
