@@ -62,8 +62,7 @@ def run_step(step: StepSpec, params: dict[str, Any], *, policy: Policy, policy_p
     crash_retries = critical_retries = 0
     for attempt in range(1, max_attempts + 1):
         if attempt > 1:
-            attempt_params = retry_params(step, params, attempt - 1, trials_multiplier=watcher.retry_trials_multiplier,
-                                          seed_increment=watcher.retry_seed_increment)
+            attempt_params = retry_params(step, params, attempt - 1, watcher)
             logger.warning("step %d: retry %d with trials=%s seed=%s", step.number, attempt - 1,
                            attempt_params.get("trials"), attempt_params.get("seed"))
         command = build_command(step, attempt_params, policy_path=policy_path, script=script)
