@@ -1,9 +1,6 @@
-"""Which pipeline steps the WATCHER can run (step 5 only), and how ``--params`` become a step's flags.
-
-The keys are derived from the step's own parser, so every flag it has is a key and nothing
-else is; each value is checked by the step's own argparse type and choices and the whole
-command by its own config checks, so the WATCHER refuses exactly what the step would
-refuse, before it runs. docs/watcher.md ("--params -> step 5 flags") has the rules.
+"""Which pipeline steps the WATCHER can run (step 5 only), and how ``--params`` become a
+step's flags: the keys, types, choices and command checks are the step's own parser's, so the
+WATCHER refuses exactly what the step would, before it runs (docs/watcher.md "--params").
 """
 from __future__ import annotations
 
