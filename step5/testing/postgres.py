@@ -1,16 +1,8 @@
-"""A throwaway PostgreSQL server on loopback, for the shared-study tests and the cluster simulation.
-
-::
+"""A throwaway PostgreSQL server on loopback, for the shared-study tests and the cluster
+simulation (docs/workers.md "The fakes": where its tools come from, root, orphans)::
 
     with TemporaryPostgres() as pg:
         url = pg.create_database("study")  # postgresql+psycopg://step5@127.0.0.1:PORT/study
-
-``initdb`` and ``pg_ctl`` come from ``$STEP5_PG_BIN``, PATH or ``/usr/lib/postgresql/*/bin``.
-As root (CI on a fresh clone) the server runs as the ``postgres`` user through ``runuser``.
-Durability is off (``fsync=off``): the data is thrown away. A test run killed before its
-teardown never stops its server, so each folder records the process that started it
-(:mod:`step5.owner`) and :meth:`TemporaryPostgres.start` first stops the servers, and
-removes the folders, of owners that died on this host.
 """
 from __future__ import annotations
 

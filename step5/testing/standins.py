@@ -1,12 +1,8 @@
 """Stand-in hosts for tests and the cluster simulation: an ``ssh`` that runs the remote
-command on this host (``sh -c``, as sshd runs it), ROCm tools that report AMD GPUs, a
-``/sys/class/kfd`` tree, and a host's ``python_env``. Each writer puts an executable script
-(or a folder tree) where it is told and returns its path.
-
-The stand-in ssh takes its settings from ``STEP5_FAKE_SSH_*`` (docs/workers.md "The
-fakes"); like ssh it exits with the remote command's status, 255 when that was killed by a
-signal or the host cannot be reached, and closing its stdin is what a remote command sees
-when the connection closes.
+command on this host (``sh -c``, as sshd runs it; settings from ``STEP5_FAKE_SSH_*``), ROCm
+tools that report AMD GPUs, a ``/sys/class/kfd`` tree, and a host's ``python_env``
+(docs/workers.md "The fakes"). Each writer puts an executable script (or a folder tree)
+where it is told and returns its path.
 """
 from __future__ import annotations
 
