@@ -240,12 +240,11 @@ def judge(run: StepRun, *, step: StepSpec, policy: Policy, sidecar_path: Path, s
     problems = validate_sidecar(sidecar)  # the optimizer's own definition: the two cannot drift
     if problems:
         return escalate(*(f"invalid sidecar {sidecar_path}: {p}" for p in problems))
-    provenance = sidecar.get("provenance") or {}
-    written_for = provenance.get("parent_run_id") if isinstance(provenance, dict) else None
+    # Valid from here on: every block below is there with its type.
+    written_for = sidecar["provenance"]["parent_run_id"]
     if run_id is not None and written_for is not None and written_for != run_id:
         return escalate(f"sidecar {sidecar_path} belongs to run {written_for!r}, not this run {run_id!r}")
-    outcome = sidecar.get("outcome")
-    sq = sidecar.get("signal_quality") or {}
+    outcome, sq, execution = sidecar["outcome"], sidecar["signal_quality"], sidecar["execution"]
     if rc == degenerate:
         if outcome != "DEGENERATE_SIGNAL":
             return escalate(f"step {step.number} exited {rc} (degenerate) but the sidecar's outcome is {outcome!r}")
@@ -265,13 +264,12 @@ def judge(run: StepRun, *, step: StepSpec, policy: Policy, sidecar_path: Path, s
 
     thresholds = thresholds_for(policy, step)
     model_type = str(sidecar["model_type"])
-    verdict = assess_metrics(model_type, sidecar.get("training_metrics"), thresholds, policy.training_diagnostics)
+    verdict = assess_metrics(model_type, sidecar["training_metrics"], thresholds, policy.training_diagnostics)
     # A valid SUCCESS sidecar has every metric but ``overfit_ratio`` (null when the train MSE
     # is 0): a rule on an undefined metric is noted, not a reason to stop the pipeline.
     warnings = verdict.missing + verdict.warnings
     if sq.get("signal_status") == "weak":
         warnings.append("signal_quality.signal_status is 'weak'")
-    execution = sidecar.get("execution") if isinstance(sidecar.get("execution"), dict) else {}
     mode = execution.get("mode")
     if expect_persistent_workers and get_model_type(model_type).torch and mode != "persistent_workers":
         warnings.append(f"persistent workers were asked for but the step ran in mode {mode!r}")
