@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -68,11 +69,9 @@ def _pump(stream: IO[bytes], tail: deque[str], echo: bool) -> None:
 
 
 def _remember_descendants(pid: int, known: dict[int, psutil.Process]) -> None:
-    try:
+    with contextlib.suppress(psutil.Error):
         for child in psutil.Process(pid).children(recursive=True):
             known.setdefault(child.pid, child)
-    except psutil.Error:
-        pass
 
 
 def group_members(pgid: int) -> list[psutil.Process]:
@@ -109,10 +108,8 @@ def _signal_all(pgid: int, strays: list[psutil.Process], sig: signal.Signals) ->
     except PermissionError as exc:  # pragma: no cover - a group we cannot signal is not ours
         logger.warning("cannot signal process group %d: %s", pgid, exc)
     for proc in strays:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.send_signal(sig)
-        except psutil.Error:
-            pass
 
 
 def stop_group(
