@@ -8,6 +8,7 @@ process searches on with whoever is left.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shlex
@@ -145,12 +146,10 @@ def local_names() -> frozenset[str]:
     for name in (socket.gethostname(), socket.getfqdn()):
         if name:
             names.update({name.lower(), name.split(".")[0].lower()})
-    try:
+    with contextlib.suppress(OSError):
         for addresses in psutil.net_if_addrs().values():
             names.update(a.address.split("%")[0].lower() for a in addresses
                          if a.family in (socket.AF_INET, socket.AF_INET6))
-    except OSError:
-        pass
     return frozenset(names)
 
 
@@ -411,10 +410,8 @@ class HelperFleet:
                         ", ".join(h.node.hostname for h in running))
         for h in running:
             assert h.proc is not None and h.proc.stdin is not None
-            try:
+            with contextlib.suppress(OSError):
                 h.proc.stdin.close()
-            except OSError:
-                pass
         deadline = time.monotonic() + self.stop_grace_s
         for h in running:
             assert h.proc is not None
