@@ -8,6 +8,7 @@ process searches on with whoever is left.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shlex
@@ -19,10 +20,10 @@ import time
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Mapping, Sequence
+from typing import IO, Any, Iterable, Mapping, Sequence
 
 from step5.errors import DataError, Step5Error, UsageError
-from step5.execution.process import describe_exit
+from step5.execution.process import describe_exit, reap_killed
 from step5.jsonio import read_json_file
 from step5.lifeline import STDIN_LIFELINE_ENV
 from step5.values import is_int
@@ -145,12 +146,10 @@ def local_names() -> frozenset[str]:
     for name in (socket.gethostname(), socket.getfqdn()):
         if name:
             names.update({name.lower(), name.split(".")[0].lower()})
-    try:
+    with contextlib.suppress(OSError):
         for addresses in psutil.net_if_addrs().values():
             names.update(a.address.split("%")[0].lower() for a in addresses
                          if a.family in (socket.AF_INET, socket.AF_INET6))
-    except OSError:
-        pass
     return frozenset(names)
 
 
@@ -292,14 +291,19 @@ class _Helper:
 
 
 class HelperFleet:
-    """``--search-only`` helpers on ``nodes``, each through ``command_for(node)`` (its local
-    argv: ssh and the remote command), one supervisor thread per host; a context manager
-    that stops them on exit. Each host's record is changed only by its supervisor; ``stop``
-    sets a flag and closes pipes, and the supervisors see their helpers end."""
+    """``--search-only`` helpers on ``nodes``, each running the optimizer with ``arguments``
+    through the ``ssh`` on PATH (a :class:`Step5Error` when there is none), one supervisor
+    thread per host; a context manager that stops them on exit. Without nodes it is the null
+    fleet of a run without ``--cluster-config``. Each host's record is changed only by its
+    supervisor; ``stop`` sets a flag and closes pipes, and the supervisors see their helpers end."""
 
-    def __init__(self, nodes: Sequence[ClusterNode], command_for: Callable[[ClusterNode], list[str]], *,
-                 max_failures: int = 3, restart_delay_s: float = 5.0, stop_grace_s: float = STOP_GRACE_S) -> None:
-        self._command_for = command_for
+    def __init__(self, nodes: Sequence[ClusterNode], arguments: Sequence[str], *, max_failures: int = 3,
+                 restart_delay_s: float = 5.0, stop_grace_s: float = STOP_GRACE_S) -> None:
+        ssh = shutil.which("ssh") if nodes else "ssh"
+        if ssh is None:
+            raise Step5Error("--cluster-config starts helpers over ssh, but there is no ssh client on PATH")
+        self._ssh = ssh
+        self._arguments = list(arguments)
         self.stop_grace_s = float(stop_grace_s)
         self._helpers = [_Helper(n, HelperRecord(n.hostname, max_failures, restart_delay_s)) for n in nodes]
         self._lock = threading.Lock()  # guards _stopping against a supervisor about to start ssh
@@ -330,10 +334,11 @@ class HelperFleet:
                 return None
             h.connected = False
             h.record.on_start()
+            command = ssh_command(h.node, remote_command(h.node, self._arguments), ssh=self._ssh)
             try:
                 # A session of its own: Ctrl-C in the terminal reaches the main process, which
                 # then stops the helpers in order instead of every ssh dying at once.
-                h.proc = subprocess.Popen(self._command_for(h.node), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                h.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, start_new_session=True)
             except OSError as exc:
                 logger.error("[%s] cannot start ssh: %s", h.node.hostname, exc)
@@ -405,55 +410,24 @@ class HelperFleet:
                         ", ".join(h.node.hostname for h in running))
         for h in running:
             assert h.proc is not None and h.proc.stdin is not None
-            try:
+            with contextlib.suppress(OSError):
                 h.proc.stdin.close()
-            except OSError:
-                pass
         deadline = time.monotonic() + self.stop_grace_s
         for h in running:
             assert h.proc is not None
-            _end(h.proc, deadline, h.node.hostname)
+            try:
+                h.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                continue
+            except subprocess.TimeoutExpired:
+                logger.warning("[%s] helper did not stop in time; ending its ssh connection", h.node.hostname)
+            h.proc.terminate()
+            try:
+                h.proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                h.proc.kill()
+                reap_killed(h.proc, f"[{h.node.hostname}] ssh client")
         for h in self._helpers:
             if h.thread is not None:
                 h.thread.join(timeout=10.0)
         logger.info("helpers: %s", "; ".join(f"{r.host} {r.state} ({r.reason}, {r.starts} start(s))"
                                             for r in self.records))
-
-    def summary(self) -> list[dict[str, Any]]:
-        """Each host's record, for logs and tests."""
-        return [{"host": r.host, "state": r.state, "reason": r.reason, "starts": r.starts, "failures": r.failures,
-                 "exits": list(r.history)} for r in self.records]
-
-
-def _end(proc: subprocess.Popen[bytes], deadline: float, host: str) -> None:
-    """Wait for an ssh client until ``deadline``, then terminate it, then kill it; reaps."""
-    try:
-        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        return
-    except subprocess.TimeoutExpired:
-        logger.warning("[%s] helper did not stop in time; ending its ssh connection", host)
-    proc.terminate()
-    try:
-        proc.wait(timeout=5.0)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        try:
-            proc.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:
-            logger.error("[%s] ssh client (pid %d) did not die (%s)", host, proc.pid, describe_exit(proc.returncode))
-
-
-class NoFleet(HelperFleet):
-    """The null fleet of a run without ``--cluster-config``: nothing to start or stop."""
-
-    def __init__(self) -> None:
-        super().__init__([], lambda node: [])
-
-
-def helper_fleet(nodes: Sequence[ClusterNode], arguments: Sequence[str], **options: Any) -> HelperFleet:
-    """A fleet that runs the optimizer with ``arguments`` on every node, through the ``ssh``
-    found on PATH (a :class:`Step5Error` when there is none)."""
-    ssh = shutil.which("ssh")
-    if ssh is None:
-        raise Step5Error("--cluster-config starts helpers over ssh, but there is no ssh client on PATH")
-    return HelperFleet(nodes, lambda node: ssh_command(node, remote_command(node, arguments), ssh=ssh), **options)

@@ -21,8 +21,7 @@ from step5.data.history import load_history
 from step5.data.splits import FoldFiles, dev_rows, holdout_split, kfold_splits
 from step5.data.survivors import SurvivorTable, load_survivors
 from step5.cluster import (
-    ClusterNode, HelperFleet, NoFleet, helper_arguments, helper_fleet, load_cluster_config, split_local,
-    storage_is_loopback,
+    ClusterNode, HelperFleet, helper_arguments, load_cluster_config, split_local, storage_is_loopback,
 )
 from step5.devices import cuda_ids, plan_slots
 from step5.errors import DataError, DegenerateSignalError, JobError, Step5Error
@@ -194,16 +193,16 @@ class AntiOverfitMetaOptimizer:
             logger.warning("cluster: %s lists no host other than this one; searching alone", cfg.cluster_config)
         return remote
 
-    def _helper_fleet(self, nodes: list[ClusterNode], study_name: str, storage_url: str) -> HelperFleet | NoFleet:
+    def _helper_fleet(self, nodes: list[ClusterNode], study_name: str, storage_url: str) -> HelperFleet:
         if not nodes:
-            return NoFleet()
+            return HelperFleet([], [])
         cfg = self.config
         if storage_is_loopback(storage_url):
             logger.warning("cluster: --storage %s names this host as the database; helpers on other hosts will "
                            "look for it on themselves (give the database host's address)", redact_storage(storage_url))
         policy_given = any(a == "--policy" or a.startswith("--policy=") for a in cfg.command_line or [])
         arguments = helper_arguments(cfg, study_name=study_name, storage=storage_url, policy_given=policy_given)
-        return helper_fleet(nodes, arguments)
+        return HelperFleet(nodes, arguments)
 
     def _data_context(self, table: SurvivorTable, draws: list[int]) -> dict[str, Any]:
         cfg = self.config

@@ -1,24 +1,8 @@
 """A fake Step 5 for the WATCHER's tests: the real optimizer's CLI (its own parser), no
-training; ``FAKE_STEP5_MODE`` chooses what it does:
-
-==============  ==============================================================
-ok (default)    valid SUCCESS sidecar + checkpoint, good metrics, exit 0
-fail / usage    message on stderr, exit 1 / exit 64
-no_sidecar      exit 0, writes nothing
-bad_sidecar     exit 0, sidecar missing required keys
-not_json        exit 0, sidecar is not JSON
-degenerate      degenerate sidecar, exit 2
-reject          metrics below the acceptance rules, exit 0
-reject_first    like ``reject`` while ``--seed`` is 42 (the default), ``ok`` otherwise
-hang            starts a child that ignores SIGTERM and a child that leaves the
-                group (``setsid``), writes their pids, then sleeps forever
-leak            ``ok``, but leaves a sleeping child behind
-==============  ==============================================================
-
-``FAKE_STEP5_CALLS``: a file each invocation appends its argv to (one JSON line);
-``FAKE_STEP5_PIDS``: where ``hang`` / ``leak`` write ``{"pid", "pgid", "children"}``;
-``FAKE_STEP5_BAD_MODELS``: model types that score below the rules in ``--compare-models``
-runs, which read the skip registry like the real step. :func:`make_sidecar` builds a SPEC
+training; ``FAKE_STEP5_MODE`` chooses what it does (ok, fail, usage, no_sidecar, bad_sidecar,
+not_json, degenerate, reject, reject_first, hang, leak) and ``FAKE_STEP5_CALLS``,
+``FAKE_STEP5_PIDS`` and ``FAKE_STEP5_BAD_MODELS`` what it records and who fails a compare
+run; docs/workers.md ("The fakes") describes each. :func:`make_sidecar` builds a SPEC
 section 4 sidecar for the judge's tests.
 """
 from __future__ import annotations
@@ -58,47 +42,41 @@ def make_sidecar(
     mode: str = "persistent_workers",
     parent_run_id: str | None = None,
 ) -> dict[str, Any]:
-    """A sidecar as SPEC section 4 and :func:`step5.artifacts.validate_sidecar` want it."""
-    from step5.artifacts import SCHEMA_VERSION, build_feature_schema
-    from step5.sidecar import build_agent_metadata, build_data_context
+    """A sidecar as SPEC section 4 and :func:`step5.artifacts.validate_sidecar` want it, from the real builder."""
+    from step5.artifacts import build_feature_schema
     from step5.execution.summary import RunnerStats, build_execution_summary
+    from step5.sidecar import build_data_context, build_sidecar
 
     degenerate = outcome == "DEGENERATE_SIGNAL"
     training_metrics = dict.fromkeys(GOOD_METRICS) if degenerate else dict(metrics or GOOD_METRICS)
     if not degenerate:
         training_metrics["beats_mean"] = training_metrics["test_r2"] > 0
-    provenance = {"run_id": "fakerun", "parent_run_id": parent_run_id, "command_line": sys.argv,
-                  "created_at": "2026-02-18T16:02:58Z", "versions": {}}
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "model_type": model_type,
-        "checkpoint_path": None if degenerate else checkpoint_filename(model_type),
-        "checkpoint_format": None if degenerate else MODEL_REGISTRY[model_type].checkpoint_format,
-        "checkpoint_sha256": None if degenerate else FAKE_CHECKPOINT_SHA256,
-        "feature_schema": build_feature_schema(
+    variance = 0.0 if degenerate else 0.0025
+    return build_sidecar(
+        model_type=model_type, outcome=outcome,
+        checkpoint_path=None if degenerate else checkpoint_filename(model_type),
+        checkpoint_sha256=None if degenerate else FAKE_CHECKPOINT_SHA256,
+        feature_schema=build_feature_schema(
             FEATURES, ["confidence", "holdout_hits", "holdout_quality", "score"], "survivors_with_scores.json"
         ),
-        "signal_quality": {
+        signal_quality={
             "signal_status": "degenerate" if degenerate else "healthy", "prediction_allowed": not degenerate,
-            "quality": "degenerate" if degenerate else "healthy", "confidence": 0.0 if degenerate else 1.0,
-            "target_mean": 0.27, "target_std": 0.0 if degenerate else 0.05,
-            "target_variance": 0.0 if degenerate else 0.0025,
+            "target_mean": 0.27, "target_std": variance ** 0.5, "target_variance": variance,
             "unique_target_values": 1 if degenerate else 600, "sample_size": 600,
         },
-        "data_context": build_data_context(
+        data_context=build_data_context(
             fingerprint="feedfacecafebeef", training_draws=100, holdout_draws=1000,
             survivors_file="survivors_with_scores.json", survivor_count=600, prng_type="java_lcg", mod=1000,
             target="holdout_quality", missing_feature_fills=0, lottery_data_file="train_history.json",
         ),
-        "training_metrics": training_metrics,
-        "hyperparameters": {} if degenerate else {"hidden_layers": [64, 32], "learning_rate": 0.001},
-        "optuna": {"study_name": "fake", "storage": "sqlite:///fake.db", "trials_run": 0 if degenerate else 2,
-                   "best_trial_number": None if degenerate else 0, "best_value": None if degenerate else 0.4},
-        "execution": build_execution_summary(None if degenerate else RunnerStats(mode=mode, devices=["cpu"])).to_dict(),
-        "outcome": outcome,
-        "provenance": provenance,
-        "agent_metadata": build_agent_metadata(provenance),
-    }
+        training_metrics=training_metrics,
+        hyperparameters={} if degenerate else {"hidden_layers": [64, 32], "learning_rate": 0.001},
+        optuna={"study_name": "fake", "storage": "sqlite:///fake.db", "trials_run": 0 if degenerate else 2,
+                "best_trial_number": None if degenerate else 0, "best_value": None if degenerate else 0.4},
+        execution=build_execution_summary(None if degenerate else RunnerStats(mode=mode, devices=["cpu"])).to_dict(),
+        provenance={"run_id": "fakerun", "parent_run_id": parent_run_id, "command_line": sys.argv,
+                    "created_at": "2026-02-18T16:02:58Z", "versions": {}},
+    )
 
 
 def _write_model(out: Path, model_type: str, metrics: dict[str, float], args: argparse.Namespace,

@@ -1,5 +1,6 @@
 """A torch-free fake of ``nn_gpu_worker.py`` (and, started with ``--request -``, of
-``train_single_trial.py``) for tests: the real protocol, decoder and framing, told by its
+``train_single_trial.py``) for tests: the real protocol, framing, dispatcher and serve loop
+(:mod:`step5.nn.worker`) around a fake training backend, told by its
 flags to misbehave on a chosen job (``--fault``, ``--boot``, ``--after``, ``--faulty-starts``)
 and by ``STEP5_FAKE_*`` variables; docs/workers.md ("The fakes") lists them. Results are
 a pure function of the request (minus ``job_id`` and where it saves its model), so a job
@@ -10,10 +11,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import queue
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, BinaryIO, Sequence
@@ -21,12 +20,13 @@ from typing import Any, BinaryIO, Sequence
 if __name__ == "__main__":  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from step5.errors import BadRequest, FrameTooLarge, JobError  # noqa: E402
+from step5.errors import BadRequest, JobError  # noqa: E402
 from step5.framing import LineReader, LineWriter  # noqa: E402
 from step5.jsonio import dumps, loads  # noqa: E402
+from step5.nn.worker import Dispatcher, serve  # noqa: E402 - torch-free until a TorchBackend is made
 from step5.protocol import (  # noqa: E402
-    MAX_REQUEST_BYTES, PROTOCOL_VERSION, AliveMessage, Heartbeat, Job, MergeRequest, Ping, PongMessage, ReadyMessage,
-    Shutdown, ShutdownMessage, TrainFolds, TrainRequest, decode_request, echo, error_reply,
+    MAX_REQUEST_BYTES, PROTOCOL_VERSION, Heartbeat, Job, MergeRequest, ReadyMessage, TrainRequest, decode_request,
+    echo, error_reply,
 )
 
 FAULTS = ("none", "hang", "garbage", "exit", "sigkill", "oversize", "wrong_job_id", "close_stdout", "pass_error")
@@ -112,144 +112,109 @@ def _launch_number(state_dir: str | None) -> int:
         os.close(fd)
 
 
-class FakeWorker:
-    def __init__(self, args: argparse.Namespace, wire: BinaryIO) -> None:
+class FakeBackend:
+    """The worker's training backend (what :class:`step5.nn.worker.TorchBackend` offers its
+    :class:`~step5.nn.worker.Dispatcher`), faked: :func:`train` answers, and the configured
+    fault strikes the chosen job. The real dispatcher and ``serve`` loop do everything else."""
+
+    def __init__(self, args: argparse.Namespace, writer: LineWriter, wire: BinaryIO, faulty: bool) -> None:
         self.args = args
+        self.writer = writer
         self.wire = wire
-        self.writer = LineWriter(wire)
-        self.jobs_seen = 0
-        launch = _launch_number(args.state_dir)
-        self.faulty = args.faulty_starts is None or launch <= args.faulty_starts
         self.device = args.device
+        self.faulty = faulty  # whether this launch misbehaves (--faulty-starts)
+        self.jobs_seen = 0
         self.hung = False
 
     def log(self, msg: str) -> None:
         sys.stderr.write(f"fake-worker[{os.getpid()}] {msg}\n")
         sys.stderr.flush()
 
-    def misbehave(self, request: Job) -> bool:
-        """Apply the configured fault if this job is the one; True when a fault replaced the answer."""
+    def _before(self, request: Job) -> None:
+        """Apply the configured fault if this job is the one. A fault that writes a bad line
+        instead of the answer lets the answer follow: the parent kills the worker at the bad line."""
+        self.jobs_seen += 1
+        for _ in range(self.args.stderr_lines):
+            self.log(f"chatter for job {request.job_id!r} " + "." * 200)
         kill_self_if_poisoned(request.trial_number)
         fault = self.args.fault if self.faulty else "none"
-        if fault in ("none", "pass_error") or self.jobs_seen <= self.args.after:  # pass_error: see serve()
-            return False
+        if fault in ("none", "pass_error") or self.jobs_seen <= self.args.after:  # pass_error: see train_folds
+            return
         self.log(f"fault {fault!r} on job {request.job_id!r}")
         if fault == "hang":
             self.hung = True  # a hung process: no answers, not even to heartbeats
             while True:
                 time.sleep(3600)
-        if fault == "garbage":
+        elif fault == "garbage":
             self.writer.write_line(b"Traceback (most recent call last): <this is not JSON>")
-            return True
-        if fault == "exit":
+        elif fault == "exit":
             sys.stderr.flush()
             os._exit(self.args.exit_code)
-        if fault == "sigkill":
+        elif fault == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
-        if fault == "oversize":
+        elif fault == "oversize":
             self.writer.write_line(b"{" + b" " * (self.args.oversize_bytes) + b"}")
-            return True
-        if fault == "wrong_job_id":
+        elif fault == "wrong_job_id":
             self.writer.write_message({"status": "complete", "model_type": "neural_net", "job_id": "not-yours"})
-            return True
-        if fault == "close_stdout":
+        elif fault == "close_stdout":
             self.wire.close()
             while True:  # alive but mute: the parent sees EOF on a live process
                 time.sleep(3600)
-        raise AssertionError(f"unhandled fault {fault!r}")
 
-    def answer(self, request: Job | BadRequest) -> dict[str, Any] | None:
-        if isinstance(request, BadRequest):
-            return request.to_dict()
-        self.jobs_seen += 1
-        for _ in range(self.args.stderr_lines):
-            self.log(f"chatter for job {request.job_id!r} " + "." * 200)
-        if self.misbehave(request):
-            return None
-        try:
-            return train(request, self.device, self.args.job_s)
-        except JobError as exc:
-            return error_reply(exc, request)
+    def train(self, request: TrainRequest) -> dict[str, Any]:
+        self._before(request)
+        return train(request, self.device, self.args.job_s)
 
-    def _start_reader(self) -> "queue.Queue[Any]":
-        """Read and decode stdin on a thread that answers heartbeats at once (as the real
-        worker does) unless this process plays hung; everything else is queued for
-        :meth:`serve` (None: end of input)."""
-        requests: queue.Queue[Any] = queue.Queue()
-        reader = LineReader(sys.stdin.buffer, MAX_REQUEST_BYTES)
+    def merge(self, request: MergeRequest) -> dict[str, Any]:
+        self._before(request)
+        return merge(request)
 
-        def read() -> None:
+    def train_folds(self, requests: Sequence[TrainRequest]) -> list[dict[str, Any]]:
+        if len(requests) > 1 and self.faulty and self.args.fault == "pass_error":
+            raise RuntimeError("the fused pass broke")  # the real dispatcher fails every job of the pass
+        replies = []
+        for request in requests:
             try:
-                while True:
-                    try:
-                        line = reader.read_line()
-                    except FrameTooLarge:
-                        requests.put(BadRequest("request line too long; discarded"))
-                        continue
-                    if line is None:
-                        break
-                    if not line.strip():
-                        continue
-                    try:
-                        request = decode_request(loads(line))
-                    except ValueError:
-                        request = BadRequest("request is not valid JSON")
-                    except BadRequest as exc:
-                        request = exc
-                    if not isinstance(request, Heartbeat):
-                        requests.put(request)
-                    elif not self.hung:
-                        self.writer.write_message(AliveMessage(status="alive", pid=os.getpid(),
-                                                               job_id=request.job_id, jobs_done=self.jobs_seen))
-            except (OSError, ValueError):
-                pass
-            finally:
-                requests.put(None)
+                replies.append(self.train(request))
+            except JobError as exc:
+                replies.append(error_reply(exc, request))
+        return replies
 
-        threading.Thread(target=read, daemon=True).start()
-        return requests
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        return False
 
-    def serve(self) -> int:
-        boot = self.args.boot if self.faulty else "none"
-        time.sleep(self.args.boot_s)
-        if boot == "hang":
-            while True:
-                time.sleep(3600)
-        if boot == "exit":
-            self.log("failing at boot")
-            return 1
-        if boot == "garbage":
-            self.writer.write_line(b"CUDA banner on the wire")
-        ready = ReadyMessage(
-            status="ready", device=self.device, pid=os.getpid(), protocol=PROTOCOL_VERSION, boot_s=self.args.boot_s,
-            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-            hip_visible_devices=os.environ.get("HIP_VISIBLE_DEVICES"),
-        )
-        if self.args.backend is not None:  # else the pool reads it from the device
-            ready["backend"] = self.args.backend
-        self.writer.write_message(ready)
-        requests = self._start_reader()
-        while (request := requests.get()) is not None:
-            if isinstance(request, Shutdown):
-                self.writer.write_message(ShutdownMessage(status="shutdown", reason="command",
-                                                          jobs_done=self.jobs_seen, pid=os.getpid()))
-                return 0
-            if isinstance(request, Ping):
-                self.writer.write_message(PongMessage(status="pong", pid=os.getpid(), device=self.device,
-                                                      jobs_done=self.jobs_seen, uptime_s=0.0, job_id=request.job_id))
-                continue
-            jobs: list[Job | BadRequest] = list(request.jobs) if isinstance(request, TrainFolds) else [request]
-            if len(jobs) > 1 and self.faulty and self.args.fault == "pass_error":
-                # What the real worker answers when the shared pass itself raises.
-                for job in jobs:
-                    failure = JobError("RuntimeError: the fused pass broke", "train_error")
-                    self.writer.write_message(error_reply(failure, job))
-                continue
-            for job in jobs:
-                response = self.answer(job)
-                if response is not None:
-                    self.writer.write_message(response)
-        return 0
+    def release_memory(self) -> None:
+        pass
+
+
+class FakeDispatcher(Dispatcher):
+    def alive(self, request: Heartbeat) -> dict[str, Any]:
+        while self.backend.hung:  # answered on the stdin reader thread, which a hung process blocks too
+            time.sleep(3600)
+        return super().alive(request)
+
+
+def boot(args: argparse.Namespace, writer: LineWriter, faulty: bool) -> bool:
+    """Pretend to boot, then say ``ready``; False when the boot fault is an exit."""
+    boot_fault = args.boot if faulty else "none"
+    time.sleep(args.boot_s)
+    if boot_fault == "hang":
+        while True:
+            time.sleep(3600)
+    if boot_fault == "exit":
+        sys.stderr.write(f"fake-worker[{os.getpid()}] failing at boot\n")
+        return False
+    if boot_fault == "garbage":
+        writer.write_line(b"CUDA banner on the wire")
+    ready = ReadyMessage(
+        status="ready", device=args.device, pid=os.getpid(), protocol=PROTOCOL_VERSION, boot_s=args.boot_s,
+        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        hip_visible_devices=os.environ.get("HIP_VISIBLE_DEVICES"),
+    )
+    if args.backend is not None:  # else the pool reads it from the device
+        ready["backend"] = args.backend
+    writer.write_message(ready)
+    return True
 
 
 def oneshot_main() -> int:
@@ -304,8 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.environ.get("STEP5_PARENT_PID"):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     install_lifeline(poll_s=0.2)
+    writer = LineWriter(wire)
+    faulty = args.faulty_starts is None or _launch_number(args.state_dir) <= args.faulty_starts
+    dispatcher = FakeDispatcher(FakeBackend(args, writer, wire, faulty))
     try:
-        rc = FakeWorker(args, wire).serve()
+        rc = serve(LineReader(sys.stdin.buffer, MAX_REQUEST_BYTES), writer, dispatcher) if boot(args, writer, faulty) else 1
     except BrokenPipeError:
         rc = 0
     # Like the real worker: end without interpreter teardown, which aborts (SIGABRT) when the

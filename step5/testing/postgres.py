@@ -1,16 +1,8 @@
-"""A throwaway PostgreSQL server on loopback, for the shared-study tests and the cluster simulation.
-
-::
+"""A throwaway PostgreSQL server on loopback, for the shared-study tests and the cluster
+simulation (docs/workers.md "The fakes": where its tools come from, root, orphans)::
 
     with TemporaryPostgres() as pg:
         url = pg.create_database("study")  # postgresql+psycopg://step5@127.0.0.1:PORT/study
-
-``initdb`` and ``pg_ctl`` come from ``$STEP5_PG_BIN``, PATH or ``/usr/lib/postgresql/*/bin``.
-As root (CI on a fresh clone) the server runs as the ``postgres`` user through ``runuser``.
-Durability is off (``fsync=off``): the data is thrown away. A test run killed before its
-teardown never stops its server, so each folder records the process that started it
-(:mod:`step5.owner`) and :meth:`TemporaryPostgres.start` first stops the servers, and
-removes the folders, of owners that died on this host.
 """
 from __future__ import annotations
 
@@ -62,23 +54,12 @@ class TemporaryPostgres:
         self.bin = find_pg_bin()
         self.root: Path | None = None
         self.port = 0
-        self._options = ""  # the server's command-line options (pg_ctl -o), kept for start_server
         self._running = False
 
     def _command(self, *args: str) -> list[str]:
         if os.geteuid() == 0:
             return ["runuser", "-u", SERVER_USER, "--", *args]
         return list(args)
-
-    def _run(self, *args: str) -> None:
-        proc = subprocess.run(self._command(*args), capture_output=True, text=True, timeout=START_TIMEOUT_S)
-        if proc.returncode != 0:
-            log = ""
-            if self.root is not None and (self.root / "server.log").exists():
-                log = (self.root / "server.log").read_text(errors="replace")[-2000:]
-            raise PostgresUnavailable(
-                f"{' '.join(args[:2])} exited {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}\n{log}"
-            )
 
     def start(self) -> "TemporaryPostgres":
         if self.bin is None:
@@ -93,15 +74,11 @@ class TemporaryPostgres:
                 raise PostgresUnavailable(
                     f"running as root and there is no {SERVER_USER!r} user to run the server") from None
             os.chown(self.root, user.pw_uid, user.pw_gid)
-        data = self.root / "data"
-        self._run(str(self.bin / "initdb"), "-D", str(data), "-U", DB_USER, "--auth=trust", "-E", "UTF8",
-                  "--no-sync", "--no-instructions")
+        initdb = [str(self.bin / "initdb"), "-D", str(self.root / "data"), "-U", DB_USER, "--auth=trust", "-E",
+                  "UTF8", "--no-sync", "--no-instructions"]
+        self._run(self._command(*initdb))
         for _ in range(3):  # a port taken between probing and binding: try another
             self.port = _free_port()
-            self._options = (
-                f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
-                f"-c synchronous_commit=off -c full_page_writes=off -c max_connections={self.max_connections}"
-            )
             try:
                 self.start_server()
             except PostgresUnavailable:
@@ -111,36 +88,44 @@ class TemporaryPostgres:
         self.stop()
         raise PostgresUnavailable(f"pg_ctl could not start a server; see {self.root / 'server.log'}")
 
-    def _pg_ctl(self, action: str) -> list[str]:
-        assert self.bin is not None and self.root is not None, "the server was never started"
-        args = [str(self.bin / "pg_ctl"), "-D", str(self.root / "data"), "-l", str(self.root / "server.log"),
-                "-w", "-t", str(START_TIMEOUT_S)]
-        if action in ("stop", "restart"):
-            args += ["-m", "fast"]  # open connections are cut, as by an upgrade or a failover
-        if action in ("start", "restart"):
-            args += ["-o", self._options]
-        return [*args, action]
+    def _run(self, command: list[str]) -> None:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT_S)
+        if proc.returncode != 0:
+            log = ""
+            if self.root is not None and (self.root / "server.log").exists():
+                log = (self.root / "server.log").read_text(errors="replace")[-2000:]
+            raise PostgresUnavailable(f"{' '.join(command[-2:])} exited {proc.returncode}: "
+                                      f"{proc.stderr.strip() or proc.stdout.strip()}\n{log}")
 
-    def ctl_command(self, action: str) -> list[str]:
-        """The command line of ``pg_ctl`` ``action`` (``start``, ``stop``, ``restart``) for this
-        server: a fast shutdown, waiting until done, the server's output to its log (never to
-        the caller's pipes). The database fault tests hand it to the optimizer they disturb."""
-        return self._command(*self._pg_ctl(action))
+    def ctl_command(self, action: str, data: Path | None = None, mode: str = "fast") -> list[str]:
+        """The command line of ``pg_ctl`` ``action`` (``start``, ``stop``, ``restart``, ``status``)
+        for this server (or the one of folder ``data``): a ``mode`` shutdown (fast: open
+        connections are cut, as by an upgrade or a failover), waiting until done, the server's
+        output to its log (never to the caller's pipes). The database fault tests hand it to
+        the optimizer they disturb."""
+        assert self.bin is not None and (data or self.root) is not None, "the server was never started"
+        data = data or self.root / "data"  # type: ignore[operator]
+        args = [str(self.bin / "pg_ctl"), "-D", str(data), "-l", str(data.parent / "server.log"), "-w",
+                "-t", str(START_TIMEOUT_S)]
+        if action in ("stop", "restart"):
+            args += ["-m", mode]
+        if action in ("start", "restart"):
+            args += ["-o", f"-p {self.port} -k {data.parent} -c listen_addresses=127.0.0.1 -c fsync=off "
+                           f"-c synchronous_commit=off -c full_page_writes=off -c max_connections={self.max_connections}"]
+        return self._command(*args, action)
 
     def start_server(self) -> None:
         """Start the server (again), on the same port and data folder."""
-        self._run(*self._pg_ctl("start"))
-
-    def _dsn(self, database: str = "postgres") -> str:
-        return f"host=127.0.0.1 port={self.port} user={DB_USER} dbname={database}"
+        self._run(self.ctl_command("start"))
 
     def is_running(self) -> bool:
         """Whether the server answers ``pg_ctl status`` (a fault test may have left it stopped)."""
         if self.bin is None or self.root is None:
             return False
-        done = subprocess.run(self._command(str(self.bin / "pg_ctl"), "-D", str(self.root / "data"), "status"),
-                              capture_output=True, timeout=START_TIMEOUT_S)
-        return done.returncode == 0
+        return subprocess.run(self.ctl_command("status"), capture_output=True, timeout=START_TIMEOUT_S).returncode == 0
+
+    def _dsn(self, database: str = "postgres") -> str:
+        return f"host=127.0.0.1 port={self.port} user={DB_USER} dbname={database}"
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
         """Return once the server takes connections (a background restart may still be under way)."""
@@ -168,8 +153,7 @@ class TemporaryPostgres:
 
     def _stop_server(self, data: Path) -> None:
         if self.bin is not None:
-            subprocess.run(self._command(str(self.bin / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"),
-                           capture_output=True, timeout=START_TIMEOUT_S)
+            subprocess.run(self.ctl_command("stop", data, "immediate"), capture_output=True, timeout=START_TIMEOUT_S)
 
     def stop_orphaned(self) -> list[Path]:
         """Stop the servers of folders whose owner died on this host and remove those folders; returns them."""

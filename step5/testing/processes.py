@@ -1,5 +1,5 @@
-"""Checks for tests that start real processes: is it gone, who is left in a process group,
-"signal a CLI once its log says it is busy", and what a finished command printed or logged."""
+"""Checks for tests that start real processes: is it gone, "signal a CLI once its log says
+it is busy", and what a finished command printed or logged."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from step5.owner import pid_alive as is_running  # noqa: F401 - the tests' name for it
-from step5.watcher import process as watcher_process
-from step5.watcher.decision_log import DEFAULT_DECISION_LOG
+from step5.owner import pid_alive
+from step5.watcher.registry import DEFAULT_DECISION_LOG
 
 
 def wait_gone(pids: Iterable[int], timeout_s: float = 5.0) -> list[int]:
@@ -18,15 +17,10 @@ def wait_gone(pids: Iterable[int], timeout_s: float = 5.0) -> list[int]:
     pids = list(pids)
     deadline = time.monotonic() + timeout_s
     while True:
-        alive = [pid for pid in pids if is_running(pid)]
+        alive = [pid for pid in pids if pid_alive(pid)]
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.05)
-
-
-def group_members(pgid: int) -> list[int]:
-    """The pids of the live processes of process group ``pgid`` (the WATCHER's own lookup)."""
-    return [p.pid for p in watcher_process.group_members(pgid)]
 
 
 def signal_after_line(proc: subprocess.Popen[str], marker: str, send: Callable[[], None], *,

@@ -1,12 +1,8 @@
 """Stand-in hosts for tests and the cluster simulation: an ``ssh`` that runs the remote
-command on this host (``sh -c``, as sshd runs it), ROCm tools that report AMD GPUs, a
-``/sys/class/kfd`` tree, and a host's ``python_env``. Each writer puts an executable script
-(or a folder tree) where it is told and returns its path.
-
-The stand-in ssh takes its settings from ``STEP5_FAKE_SSH_*`` (docs/workers.md "The
-fakes"); like ssh it exits with the remote command's status, 255 when that was killed by a
-signal or the host cannot be reached, and closing its stdin is what a remote command sees
-when the connection closes.
+command on this host (``sh -c``, as sshd runs it; settings from ``STEP5_FAKE_SSH_*``), ROCm
+tools that report AMD GPUs, a ``/sys/class/kfd`` tree, and a host's ``python_env``
+(docs/workers.md "The fakes"). Each writer puts an executable script (or a folder tree)
+where it is told and returns its path.
 """
 from __future__ import annotations
 
@@ -24,38 +20,17 @@ UNREACHABLE_ENV = "STEP5_FAKE_SSH_UNREACHABLE"
 LOG_ENV = "STEP5_FAKE_SSH_LOG"
 REQUIRE_ENV = "STEP5_FAKE_SSH_REQUIRE"
 HOST_ENV = "STEP5_FAKE_SSH_HOST"
-#: ssh options that take a value (the rest of the single-letter options are flags).
-_WITH_VALUE = set("BbcDEeFIiJLlmOoPpQRSWw")
-
-
-def parse_ssh(argv: Sequence[str]) -> tuple[list[str], str, str]:
-    """(the ``-o`` options, the destination, the command) of an ssh command line."""
-    options: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            i += 1
-            break
-        if not arg.startswith("-") or arg == "-":
-            break
-        letter = arg[1:2]
-        if letter in _WITH_VALUE:
-            value = arg[2:] or (argv[i + 1] if i + 1 < len(argv) else "")
-            if letter == "o":
-                options.append(value)
-            i += 1 if arg[2:] else 2
-        else:
-            i += 1
-    if i >= len(argv):
-        raise SystemExit("usage: ssh [options] destination command")
-    return options, argv[i], " ".join(argv[i + 1:])
 
 
 def fake_ssh(argv: Sequence[str] | None = None) -> int:
-    """The stand-in ``ssh`` (run as ``python -m step5.testing.standins``)."""
+    """The stand-in ``ssh`` (run as ``python -m step5.testing.standins``), called as
+    :func:`step5.cluster.ssh_command` calls ssh: options, ``--``, the destination, the command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    options, destination, command = parse_ssh(argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    if split + 1 >= len(argv):
+        raise SystemExit("usage: ssh [options] -- destination command")
+    options = [argv[i + 1] for i in range(split - 1) if argv[i] == "-o"]
+    destination, command = argv[split + 1], " ".join(argv[split + 2:])
     host = destination.rsplit("@", 1)[-1]
     log = os.environ.get(LOG_ENV)
     if log:
@@ -87,7 +62,6 @@ def fake_ssh(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, hang_up)
     returncode = proc.wait()
     return 255 if returncode < 0 else returncode
-
 
 
 def _script(path: Path, body: str) -> Path:

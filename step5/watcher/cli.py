@@ -1,14 +1,9 @@
-"""``agents/watcher_agent.py``: the WATCHER's command line and its loop.
+"""``agents/watcher_agent.py``: the WATCHER's command line and its loop (docs/watcher.md).
 
 For each step in range: validate the params -> run the step in its own process group ->
 judge -> log the decision (every attempt) -> RETRY (a real re-run: more trials, new seed),
 stop, or go on. Only a final decision updates the skip registry: retries are the WATCHER's
-own attempt to fix a run, and process failures (crash, timeout, usage error) and degenerate
-data are not the model type's fault.
-
-Exit codes: 0 PROCEED (or a successful --status / --dry-run), 1 error (bad policy, missing
-step script, damaged registry), 2 DEGENERATE, 3 SKIP_MODEL, 4 ESCALATE, 64 usage error
-(bad flags, unknown step, unknown or mistyped --params key), 130 interrupted.
+own attempt to fix a run, and process failures and degenerate data are not the model type's fault.
 """
 from __future__ import annotations
 
@@ -29,10 +24,12 @@ from step5.launch import child_environment
 from step5.lifeline import SUPERVISOR_PID_ENV
 from step5.policy import DEFAULT_POLICY_PATH, Policy, find_policy, load_policy
 from step5.values import utc_timestamp
-from step5.watcher.decision_log import DEFAULT_DECISION_LOG, append_decision, read_decisions
 from step5.watcher.judge import EXIT_CODES, Decision, Judgement, file_signature, judge, thresholds_for
 from step5.watcher.process import install_termination_as_interrupt, run_in_group
-from step5.watcher.registry import DEFAULT_REGISTRY_PATH, load_skip_registry, record_result, skipped_model_types
+from step5.watcher.registry import (
+    DEFAULT_DECISION_LOG, DEFAULT_REGISTRY_PATH, append_decision, load_skip_registry, read_decisions, record_result,
+    skipped_model_types,
+)
 from step5.watcher.steps import (
     StepSpec, build_command, effective, manifest_defaults, retry_params, steps_in_range, validate_params,
 )
@@ -41,8 +38,7 @@ logger = logging.getLogger("step5.watcher")
 
 
 def step_env() -> dict[str, str]:
-    """The step's environment: ours, with this step5 importable (:mod:`step5.launch`) and
-    our pid as its supervisor, so the step stops if the WATCHER dies without stopping it."""
+    """Ours, with this step5 importable and our pid as the step's supervisor (it stops if we die)."""
     env = child_environment()
     env[SUPERVISOR_PID_ENV] = str(os.getpid())
     return env
@@ -50,10 +46,9 @@ def step_env() -> dict[str, str]:
 
 def run_step(step: StepSpec, params: dict[str, Any], *, policy: Policy, policy_path: str, decision_log: Path,
              run_id: str, script: str | None, echo: bool) -> tuple[Judgement, int, bool]:
-    """Run one step with the policy's retries, every attempt a new process; returns the
-    final judgement, the attempts made and whether the WATCHER was interrupted. A crash is
-    re-run up to ``watcher.max_retries`` times, a model the rules reject up to
-    ``training_diagnostics.severity_thresholds.critical.max_retries``; the two are counted apart."""
+    """Run one step with the policy's retries (crashes and rejected models counted apart),
+    every attempt a new process; returns the final judgement, the attempts made and whether
+    the WATCHER was interrupted."""
     watcher = policy.watcher
     crash_retries_max = watcher.max_retries
     critical_retries_max = policy.training_diagnostics.max_critical_retries
@@ -67,8 +62,7 @@ def run_step(step: StepSpec, params: dict[str, Any], *, policy: Policy, policy_p
     crash_retries = critical_retries = 0
     for attempt in range(1, max_attempts + 1):
         if attempt > 1:
-            attempt_params = retry_params(step, params, attempt - 1, trials_multiplier=watcher.retry_trials_multiplier,
-                                          seed_increment=watcher.retry_seed_increment)
+            attempt_params = retry_params(step, params, attempt - 1, watcher)
             logger.warning("step %d: retry %d with trials=%s seed=%s", step.number, attempt - 1,
                            attempt_params.get("trials"), attempt_params.get("seed"))
         command = build_command(step, attempt_params, policy_path=policy_path, script=script)
@@ -139,10 +133,8 @@ def _with_manifest_defaults(step: StepSpec, params: dict[str, Any]) -> dict[str,
 def run_pipeline(start: int, end: int, raw_params: Any, *, policy_path: str, decision_log: str | os.PathLike[str],
                  script: str | None = None, dry_run: bool = False, echo: bool = True) -> int:
     """Run steps ``start``..``end`` and print one JSON line per step (or, dry, the commands);
-    returns the exit code stating the decision. Everything that can be checked before
-    running is (the steps exist, the params map, the policy and every step's thresholds are
-    valid, a replacement ``script`` exists, the registry is readable); stops at the first
-    step that does not PROCEED."""
+    returns the exit code stating the decision. Everything that can be checked is, before
+    anything runs; stops at the first step that does not PROCEED."""
     steps = steps_in_range(start, end)
     if not isinstance(raw_params, dict):
         raise UsageError(f"--params must be a JSON object, got {type(raw_params).__name__}")

@@ -1,17 +1,9 @@
 """Judging one run of a step: exit code + sidecar + policy -> a decision with reasons.
 
-=============  ====  ===========================================================
-PROCEED        0     the model is accepted; the pipeline may go on
-RETRY          -     never final: the step is re-run (more trials, new seed)
-DEGENERATE     2     the step exited 2 and wrote a valid degenerate sidecar
-SKIP_MODEL     3     the model stays below the acceptance rules after its retries
-ESCALATE       4     a person must look: crash after retries, timeout, interrupt,
-                     usage error, missing / invalid / stale sidecar
-=============  ====  ===========================================================
-
-A model breaking an ``acceptance_rules.step5`` rule or reaching a critical
-``training_diagnostics.metric_bounds`` bound is a *critical* result (a warning bound is
-only noted); docs/watcher.md ("Decisions and exit codes") has the rules and retries.
+PROCEED (exit 0), RETRY (never final: the step is re-run), DEGENERATE (2), SKIP_MODEL (3) or
+ESCALATE (4); a model breaking an ``acceptance_rules.step5`` rule or reaching a critical
+``training_diagnostics.metric_bounds`` bound is a *critical* result. docs/watcher.md
+("Decisions and exit codes") has the table, the rules and the retries.
 """
 from __future__ import annotations
 
@@ -152,27 +144,22 @@ def file_signature(path: Path) -> FileSignature | None:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _written_by_run(path: Path, before: FileSignature | None) -> bool:
-    now = file_signature(path)
-    return now is not None and now != before
-
-
-def _load_sidecar(path: Path, before: FileSignature | None) -> tuple[dict[str, Any] | None, str | None]:
-    """The sidecar written by *this* run, or why there is none."""
+def _read_fresh(path: Path, before: FileSignature | None, what: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The JSON object *this* run wrote at ``path`` (its signature is not ``before``), or why there is none."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return None, f"no sidecar at {path}"
+        return None, f"no {what} at {path}"
     except OSError as exc:
-        return None, f"cannot read sidecar {path}: {exc}"
-    if not _written_by_run(path, before):
-        return None, f"the sidecar {path} is the one from before this run: the step did not write one"
+        return None, f"cannot read {what} {path}: {exc}"
+    if file_signature(path) == before:
+        return None, f"the {what} {path} is the one from before this run: the step did not write one"
     try:
         obj = loads(raw)
     except ValueError as exc:
-        return None, f"sidecar {path} is not valid JSON: {exc}"
+        return None, f"{what} {path} is not valid JSON: {exc}"
     if not isinstance(obj, dict):
-        return None, f"sidecar {path} must be a JSON object, got {type(obj).__name__}"
+        return None, f"{what} {path} must be a JSON object, got {type(obj).__name__}"
     return obj, None
 
 
@@ -182,14 +169,8 @@ def _entry_metrics(entry: dict[str, Any]) -> Any:
     if isinstance(entry.get("training_metrics"), dict):
         return entry["training_metrics"]
     path = entry.get("sidecar_path")
-    if isinstance(path, str) and path:
-        try:
-            sidecar = loads(Path(path).read_bytes())
-        except (OSError, ValueError):
-            return None
-        if isinstance(sidecar, dict):
-            return sidecar.get("training_metrics")
-    return None
+    sidecar, _ = _read_fresh(Path(path), None, "sidecar") if isinstance(path, str) and path else (None, None)
+    return sidecar.get("training_metrics") if sidecar is not None else None
 
 
 def compare_verdicts(
@@ -199,15 +180,10 @@ def compare_verdicts(
     fresh summary file: ``{"models": {type: {...}}}`` (what :mod:`step5.optimizer.compare`
     writes) or ``{"models": [{"model_type": type, ...}]}``. A model the run skipped has no
     new result, and a degenerate one is the data's fault: neither is recorded. A failed one is critical."""
-    try:
-        summary = loads(summary_path.read_bytes())
-        if not _written_by_run(summary_path, before):
-            return {}, [], [f"{summary_path} is from before this run; only the best model's result is recorded"]
-    except FileNotFoundError:
-        return {}, [], [f"no {summary_path}; only the best model's result is recorded"]
-    except (OSError, ValueError) as exc:
-        return {}, [], [f"cannot read {summary_path}: {exc}"]
-    models = summary.get("models") if isinstance(summary, dict) else None
+    summary, why = _read_fresh(summary_path, before, "compare summary")
+    if summary is None:
+        return {}, [], [f"{why}; only the best model's result is recorded"]
+    models = summary.get("models")
     if isinstance(models, list):
         models = {e["model_type"]: e for e in models if isinstance(e, dict) and isinstance(e.get("model_type"), str)}
     entries = {k: v for k, v in models.items() if isinstance(v, dict)} if isinstance(models, dict) else {}
@@ -254,7 +230,7 @@ def judge(run: StepRun, *, step: StepSpec, policy: Policy, sidecar_path: Path, s
         reason = f"step {step.number} failed with {run.exit_status}{tail_hint}"
         return Judgement(Decision.RETRY if can_retry else Decision.ESCALATE, [reason])
 
-    sidecar, why = _load_sidecar(sidecar_path, sidecar_before)
+    sidecar, why = _read_fresh(sidecar_path, sidecar_before, "sidecar")
     if sidecar is None:
         return Judgement(Decision.ESCALATE, [f"step {step.number} exited {rc} but {why}"])
 
@@ -264,12 +240,11 @@ def judge(run: StepRun, *, step: StepSpec, policy: Policy, sidecar_path: Path, s
     problems = validate_sidecar(sidecar)  # the optimizer's own definition: the two cannot drift
     if problems:
         return escalate(*(f"invalid sidecar {sidecar_path}: {p}" for p in problems))
-    provenance = sidecar.get("provenance") or {}
-    written_for = provenance.get("parent_run_id") if isinstance(provenance, dict) else None
+    # Valid from here on: every block below is there with its type.
+    written_for = sidecar["provenance"]["parent_run_id"]
     if run_id is not None and written_for is not None and written_for != run_id:
         return escalate(f"sidecar {sidecar_path} belongs to run {written_for!r}, not this run {run_id!r}")
-    outcome = sidecar.get("outcome")
-    sq = sidecar.get("signal_quality") or {}
+    outcome, sq, execution = sidecar["outcome"], sidecar["signal_quality"], sidecar["execution"]
     if rc == degenerate:
         if outcome != "DEGENERATE_SIGNAL":
             return escalate(f"step {step.number} exited {rc} (degenerate) but the sidecar's outcome is {outcome!r}")
@@ -289,13 +264,12 @@ def judge(run: StepRun, *, step: StepSpec, policy: Policy, sidecar_path: Path, s
 
     thresholds = thresholds_for(policy, step)
     model_type = str(sidecar["model_type"])
-    verdict = assess_metrics(model_type, sidecar.get("training_metrics"), thresholds, policy.training_diagnostics)
+    verdict = assess_metrics(model_type, sidecar["training_metrics"], thresholds, policy.training_diagnostics)
     # A valid SUCCESS sidecar has every metric but ``overfit_ratio`` (null when the train MSE
     # is 0): a rule on an undefined metric is noted, not a reason to stop the pipeline.
     warnings = verdict.missing + verdict.warnings
     if sq.get("signal_status") == "weak":
         warnings.append("signal_quality.signal_status is 'weak'")
-    execution = sidecar.get("execution") if isinstance(sidecar.get("execution"), dict) else {}
     mode = execution.get("mode")
     if expect_persistent_workers and get_model_type(model_type).torch and mode != "persistent_workers":
         warnings.append(f"persistent workers were asked for but the step ran in mode {mode!r}")

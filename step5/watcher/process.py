@@ -1,14 +1,11 @@
-"""Running one step as a subprocess in its own process group, with a timeout.
-
-The step gets its own session, so a terminal's Ctrl-C reaches only the WATCHER, which then
-stops the whole group in order: SIGTERM (Step 5 shuts its workers down politely), a grace
-period, SIGKILL. That runs on every exit path, a clean one too, so nothing the step started
-outlives the judgement. Descendants are remembered while the step runs, because one that
-called ``setsid`` is no longer in the group and, once the leader is gone, cannot be found
-by parentage. docs/watcher.md ("Running a step").
+"""Running one step as a subprocess in its own session, with a timeout; on every exit path
+(a clean one too) its whole group, and every descendant seen while it ran (one that called
+``setsid`` left the group), is stopped: SIGTERM, a grace period, SIGKILL. docs/watcher.md
+("Running a step").
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -72,11 +69,9 @@ def _pump(stream: IO[bytes], tail: deque[str], echo: bool) -> None:
 
 
 def _remember_descendants(pid: int, known: dict[int, psutil.Process]) -> None:
-    try:
+    with contextlib.suppress(psutil.Error):
         for child in psutil.Process(pid).children(recursive=True):
             known.setdefault(child.pid, child)
-    except psutil.Error:
-        pass
 
 
 def group_members(pgid: int) -> list[psutil.Process]:
@@ -113,22 +108,16 @@ def _signal_all(pgid: int, strays: list[psutil.Process], sig: signal.Signals) ->
     except PermissionError as exc:  # pragma: no cover - a group we cannot signal is not ours
         logger.warning("cannot signal process group %d: %s", pgid, exc)
     for proc in strays:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.send_signal(sig)
-        except psutil.Error:
-            pass
 
 
 def stop_group(
     popen: subprocess.Popen[bytes], known: dict[int, psutil.Process], grace_s: float
 ) -> tuple[int, str | None]:
     """Stop the step's group and remembered descendants: SIGTERM, ``grace_s``, SIGKILL.
-
-    Returns how many processes (leader included) were still alive and had to be stopped,
-    and the interrupt that arrived during the grace period, if any: it skips straight to
-    SIGKILL and is reported rather than lost, so a timed-out step that the user then
-    interrupts is not retried.
-    """
+    Returns how many processes (leader included) had to be stopped, and the interrupt that
+    arrived during the grace (it skips to SIGKILL and is reported, so the step is not retried)."""
     pgid = popen.pid
     _remember_descendants(popen.pid, known)
     targets = _remaining(popen, pgid, known)

@@ -1,30 +1,48 @@
-"""``diagnostics_outputs/model_skip_registry.json``: consecutive critical results per model type.
+"""The WATCHER's two files under ``diagnostics_outputs/``, both written under ``flock``.
 
-The file is shared with the existing pipeline (its optimizer reads it, its health check
-writes it), so it has that pipeline's shape; docs/watcher.md ("Skip registry") has the
-shape and the rules. Writers hold a lock on a sibling ``.lock`` file for the whole
+``model_skip_registry.json``: consecutive critical results per model type, in the existing
+pipeline's shape (its optimizer reads it, its health check writes it; docs/watcher.md "Skip
+registry"). Writers hold a lock on a sibling ``.lock`` file for the whole
 read-modify-write and replace the file atomically, so readers need no lock. The optimizer
 imports this module: it stays light and torch-free.
+
+``watcher_decisions.jsonl``: one JSON object per judged run of a step, appended, never
+rewritten (docs/watcher.md "Decision log").
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+from collections import deque
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from step5.artifacts import DIAGNOSTICS_DIRNAME, REGISTRY_NAME
 from step5.errors import DataError
-from step5.jsonio import read_json_file, write_json_atomic
+from step5.jsonio import dumps_line, loads, read_json_file, write_json_atomic
 from step5.policy import DiagnosticsPolicy
 from step5.values import is_int, utc_timestamp
-from step5.watcher.decision_log import flocked
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_REGISTRY_PATH = f"{DIAGNOSTICS_DIRNAME}/{REGISTRY_NAME}"
+DEFAULT_DECISION_LOG = f"{DIAGNOSTICS_DIRNAME}/watcher_decisions.jsonl"
 _COUNT_KEYS = ("consecutive_critical", "total_runs", "total_critical")
+
+
+@contextmanager
+def flocked(path: Path, flags: int) -> Iterator[int]:
+    """``path`` opened (created with its folder if need be) and held under an exclusive ``flock``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, flags | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # closing the only descriptor releases the lock
 
 
 def _parse_time(text: Any) -> datetime | None:
@@ -123,3 +141,33 @@ def record_result(
             rules.skip_duration_hours,
         )
     return {**entry, "skipped": skipped}
+
+
+def append_decision(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """Append ``record`` as one line: one ``write`` on an ``O_APPEND`` descriptor under the
+    lock, so concurrent WATCHERs never interleave lines."""
+    with flocked(Path(path), os.O_WRONLY | os.O_APPEND) as fd:
+        view = memoryview(dumps_line(record))
+        while view:  # a regular file takes it in one write; loop only for safety
+            view = view[os.write(fd, view):]
+
+
+def read_decisions(path: str | os.PathLike[str], last: int | None = None) -> tuple[list[dict[str, Any]], int]:
+    """The last ``last`` records (all when None) and how many lines could not be parsed: a
+    damaged line (a disk filled mid-write, a hand edit) is counted, so ``--status`` still shows the rest."""
+    p = Path(path)
+    if not p.exists():
+        return [], 0
+    records: deque[dict[str, Any]] = deque(maxlen=last)
+    bad = 0
+    with p.open("rb") as fh:
+        for raw in filter(bytes.strip, fh):
+            try:
+                obj = loads(raw)
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict):
+                records.append(obj)
+            else:
+                bad += 1
+    return list(records), bad

@@ -1,9 +1,6 @@
-"""Which pipeline steps the WATCHER can run (step 5 only), and how ``--params`` become a step's flags.
-
-The keys are derived from the step's own parser, so every flag it has is a key and nothing
-else is; each value is checked by the step's own argparse type and choices and the whole
-command by its own config checks, so the WATCHER refuses exactly what the step would
-refuse, before it runs. docs/watcher.md ("--params -> step 5 flags") has the rules.
+"""Which pipeline steps the WATCHER can run (step 5 only), and how ``--params`` become a
+step's flags: the keys, types, choices and command checks are the step's own parser's, so the
+WATCHER refuses exactly what the step would, before it runs (docs/watcher.md "--params").
 """
 from __future__ import annotations
 
@@ -23,6 +20,7 @@ from step5.artifacts import HISTORY_FILENAME, PIPELINE_STEP, PIPELINE_STEP_NAME,
 from step5.errors import DataError, UsageError
 from step5.jsonio import read_json_file
 from step5.launch import OPTIMIZER_MODULE, module_command
+from step5.policy import WatcherPolicy
 
 SWITCH = "switch"  # store_true / store_const: true -> --flag, false -> nothing
 ON_OFF = "on_off"  # BooleanOptionalAction: true -> --flag, false -> --no-flag
@@ -261,10 +259,9 @@ def effective(step: StepSpec, params: dict[str, Any], key: str) -> Any:
     return spec.default if spec is not None else None
 
 
-def retry_params(step: StepSpec, params: dict[str, Any], retry: int, *, trials_multiplier: float,
-                 seed_increment: int) -> dict[str, Any]:
-    """Params for retry number ``retry`` (1 = first re-run): more trials and a new seed, so a
-    retry explores afresh. A study name the user chose gets a ``_retryN`` suffix, since
+def retry_params(step: StepSpec, params: dict[str, Any], retry: int, watcher: WatcherPolicy) -> dict[str, Any]:
+    """Params for retry number ``retry`` (1 = first re-run): more trials and a new seed (by the
+    policy's ``watcher`` section), so a retry explores afresh. A study name the user chose gets a ``_retryN`` suffix, since
     step 5 refuses to resume a study under another seed (its default name follows the seed)."""
     out = dict(params)
     if "study_name" in params:
@@ -272,7 +269,7 @@ def retry_params(step: StepSpec, params: dict[str, Any], retry: int, *, trials_m
     trials = effective(step, params, "trials")
     seed = effective(step, params, "seed")
     if trials is not None:  # an int, or its text: the step's own type accepts both
-        out["trials"] = max(int(trials), math.ceil(int(trials) * trials_multiplier ** retry))
+        out["trials"] = max(int(trials), math.ceil(int(trials) * watcher.retry_trials_multiplier ** retry))
     if seed is not None:
-        out["seed"] = int(seed) + seed_increment * retry
+        out["seed"] = int(seed) + watcher.retry_seed_increment * retry
     return out

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from step5.cluster import ClusterNode, HelperFleet, helper_fleet, remote_command, ssh_command
+from step5.cluster import ClusterNode, HelperFleet
 from step5.errors import Step5Error
 from step5.testing.standins import write_fake_ssh, write_host_python
 
@@ -80,7 +80,7 @@ def run_fleet(nodes, *, wait_for=None, timeout_s=30.0, **options) -> HelperFleet
     """Start a fleet over the stand-in ssh, wait until ``wait_for(fleet)`` (default: every
     host has its verdict), stop it."""
     options.setdefault("restart_delay_s", 0.05)
-    fleet = helper_fleet(nodes, ["--search-only"], **options)
+    fleet = HelperFleet(nodes, ["--search-only"], **options)
     fleet.start()
     done = wait_for or (lambda f: all(r.state not in ("pending", "running", "waiting") for r in f.records))
     deadline = time.monotonic() + timeout_s
@@ -113,10 +113,10 @@ def test_a_host_whose_helper_keeps_failing_is_quarantined_and_the_others_go_on(c
     caplog.set_level(logging.WARNING, logger="step5.cluster")
     fleet = run_fleet(nodes("rig-1", "rig-2", "rig-3"), max_failures=3)
     assert states(fleet) == {"rig-1": "quarantined", "rig-2": "done", "rig-3": "quarantined"}
-    by_host = {s["host"]: s for s in fleet.summary()}
-    assert by_host["rig-1"]["exits"] == ["EXIT(1)"] * 3 and by_host["rig-1"]["starts"] == 3
-    assert by_host["rig-2"]["exits"] == ["EXIT(1)", "EXIT(0)"]
-    assert by_host["rig-3"]["starts"] == 1  # a usage error is not retried
+    by_host = {r.host: r for r in fleet.records}
+    assert by_host["rig-1"].history == ["EXIT(1)"] * 3 and by_host["rig-1"].starts == 3
+    assert by_host["rig-2"].history == ["EXIT(1)", "EXIT(0)"]
+    assert by_host["rig-3"].starts == 1  # a usage error is not retried
     assert "[rig-1] quarantined: its helper failed 3 time(s) (last: EXIT(1))" in caplog.text
     assert "[rig-1] helper ended with EXIT(1) (failure 1 of 3); restarting it" in caplog.text
 
@@ -124,7 +124,7 @@ def test_a_host_whose_helper_keeps_failing_is_quarantined_and_the_others_go_on(c
 def test_a_killed_helper_is_restarted(cluster, monkeypatch):
     nodes, state, _ = cluster
     modes(monkeypatch, **{"rig-1": "deaf"})
-    fleet = helper_fleet(nodes("rig-1"), [], restart_delay_s=0.05, stop_grace_s=1.0)
+    fleet = HelperFleet(nodes("rig-1"), [], restart_delay_s=0.05, stop_grace_s=1.0)
     fleet.start()
     deadline = time.monotonic() + 20
     while not (state / "rig-1").exists() and time.monotonic() < deadline:
@@ -143,7 +143,7 @@ def test_a_killed_helper_is_restarted(cluster, monkeypatch):
 def test_stopping_closes_each_helpers_stdin_so_it_stops_as_on_sigterm(cluster, monkeypatch):
     nodes, state, _ = cluster
     modes(monkeypatch, **{"rig-1": "serve", "rig-2": "serve"})
-    fleet = helper_fleet(nodes("rig-1", "rig-2"), [], stop_grace_s=20.0)
+    fleet = HelperFleet(nodes("rig-1", "rig-2"), [], stop_grace_s=20.0)
     fleet.start()
     deadline = time.monotonic() + 20
     while not all((state / h).exists() for h in ("rig-1", "rig-2")) and time.monotonic() < deadline:
@@ -161,7 +161,7 @@ def test_a_helper_that_ignores_its_stdin_is_ended_after_the_grace(cluster, monke
     nodes, state, _ = cluster
     modes(monkeypatch, **{"rig-1": "deaf"})
     caplog.set_level(logging.WARNING, logger="step5.cluster")
-    fleet = helper_fleet(nodes("rig-1"), [], stop_grace_s=0.5)
+    fleet = HelperFleet(nodes("rig-1"), [], stop_grace_s=0.5)
     fleet.start()
     deadline = time.monotonic() + 20
     while not (state / "rig-1").exists() and time.monotonic() < deadline:
@@ -176,7 +176,7 @@ def test_no_value_of_the_config_runs_as_code(cluster, tmp_path):
     pwned = tmp_path / "pwned"
     checkout = tmp_path / f"it's a checkout; $(touch {pwned}) `touch {pwned}`"
     node = nodes("rig-1", script_path=checkout)[0]
-    fleet = helper_fleet([node], ["--study-name", f"x'; touch {pwned}; '", "--survivors", "$(id).json"],
+    fleet = HelperFleet([node], ["--study-name", f"x'; touch {pwned}; '", "--survivors", "$(id).json"],
                          restart_delay_s=0.05)
     fleet.start()
     deadline = time.monotonic() + 20
@@ -191,13 +191,13 @@ def test_no_value_of_the_config_runs_as_code(cluster, tmp_path):
 def test_without_an_ssh_client_the_fleet_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(Step5Error, match="no ssh client on PATH"):
-        helper_fleet([ClusterNode("rig-1", None, 8, "RX 6600", "/tmp", "/usr/bin/python3")], [])
+        HelperFleet([ClusterNode("rig-1", None, 8, "RX 6600", "/tmp", "/usr/bin/python3")], [])
 
 
 def test_a_fleet_stopped_before_it_started_starts_nothing(cluster):
     nodes, state, _ = cluster
     node = nodes("rig-1")[0]
-    fleet = HelperFleet([node], lambda n: ssh_command(n, remote_command(n, [])))
+    fleet = HelperFleet([node], [])
     fleet.stop()
     fleet.start()
     for h in fleet._helpers:  # noqa: SLF001 - waiting for the supervisor thread

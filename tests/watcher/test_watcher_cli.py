@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from step5.testing.processes import group_members, is_running, result_line, watcher_decisions
+from step5.owner import pid_alive as is_running
 from step5.policy import load_policy
+from step5.testing.processes import result_line, watcher_decisions
+from step5.watcher.process import group_members
 from step5.watcher.registry import load_skip_registry, record_result
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from step5.errors import Step5Error
-from step5.testing.processes import group_members, is_running
+from step5.owner import pid_alive as is_running
 from step5.watcher.cli import step_env
-from step5.watcher.process import run_in_group
+from step5.watcher.process import group_members, run_in_group
 
 FAKE = str(Path(__file__).resolve().parents[2] / "step5" / "testing" / "fake_step5.py")
 

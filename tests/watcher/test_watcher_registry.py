@@ -8,10 +8,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from step5.errors import DataError
-from step5.watcher.decision_log import append_decision, read_decisions
 from step5.policy import DiagnosticsPolicy
 from step5.watcher.registry import (
+    append_decision,
     load_skip_registry,
+    read_decisions,
     record_result,
     skip_until,
     skipped_model_types,

@@ -10,6 +10,7 @@ import pytest
 from step5.errors import UsageError
 from step5.launch import module_command
 from step5.optimizer.cli import build_parser, config_from_args
+from step5.policy import WatcherPolicy
 from step5.watcher.steps import (
     MANIFESTS_DIR,
     build_command,
@@ -169,8 +170,8 @@ def test_params_must_be_an_object():
 
 def test_retry_changes_trials_and_seed():
     params = validate_params(STEP5, {"trials": 20, "seed": 7})
-    first = retry_params(STEP5, params, 1, trials_multiplier=1.5, seed_increment=1)
-    second = retry_params(STEP5, params, 2, trials_multiplier=1.5, seed_increment=1)
+    first = retry_params(STEP5, params, 1, WatcherPolicy(retry_trials_multiplier=1.5, retry_seed_increment=1))
+    second = retry_params(STEP5, params, 2, WatcherPolicy(retry_trials_multiplier=1.5, retry_seed_increment=1))
     assert (first["trials"], first["seed"]) == (30, 8)
     assert (second["trials"], second["seed"]) == (45, 9)
     assert params == {"trials": 20, "seed": 7}  # the original is untouched
@@ -178,11 +179,12 @@ def test_retry_changes_trials_and_seed():
 
 def test_retry_of_a_named_study_uses_a_new_study():
     params = validate_params(STEP5, {"study_name": "nightly"})
-    assert retry_params(STEP5, params, 2, trials_multiplier=1.0, seed_increment=1)["study_name"] == "nightly_retry2"
+    retried = retry_params(STEP5, params, 2, WatcherPolicy(retry_trials_multiplier=1.0, retry_seed_increment=1))
+    assert retried["study_name"] == "nightly_retry2"
 
 
 def test_retry_starts_from_the_step_defaults_when_absent():
-    retried = retry_params(STEP5, {}, 1, trials_multiplier=1.0, seed_increment=3)
+    retried = retry_params(STEP5, {}, 1, WatcherPolicy(retry_trials_multiplier=1.0, retry_seed_increment=3))
     assert retried == {"trials": 50, "seed": 45}
 
 
