@@ -15,6 +15,7 @@ import torch
 from sklearn.metrics import mean_squared_error, r2_score
 from torch import Tensor
 
+from step5.devices import TORCH_THREADS_ENV as THREADS_ENV
 from step5.nn.device_loop import EpochLoop, resolve_train_loop
 from step5.nn.model import FusedMLP
 from step5.protocol import resolve_batch_mode
@@ -29,7 +30,6 @@ CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
 #: Rows are padded (masked) up to a multiple of this, alone as in a fused pass, so sums add in
 #: the same order whichever models share a pass (docs/training.md, "Unequal fold lengths").
 ROW_BUCKET = 64
-THREADS_ENV = "STEP5_TORCH_THREADS"
 
 
 @dataclass(frozen=True)

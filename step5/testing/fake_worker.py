@@ -20,6 +20,7 @@ from typing import Any, BinaryIO, Sequence
 if __name__ == "__main__":  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from step5.devices import TORCH_THREADS_ENV  # noqa: E402
 from step5.errors import BadRequest, JobError  # noqa: E402
 from step5.framing import LineReader, LineWriter  # noqa: E402
 from step5.jsonio import dumps, loads  # noqa: E402
@@ -81,7 +82,7 @@ def train(request: Job, device: str, job_s: float) -> dict[str, Any]:
         device=device, duration=round(time.perf_counter() - start, 6), worker_pid=os.getpid(),
         cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
         hip_visible_devices=os.environ.get("HIP_VISIBLE_DEVICES"),
-        torch_threads=os.environ.get("STEP5_TORCH_THREADS"),
+        torch_threads=os.environ.get(TORCH_THREADS_ENV),
         environment={name: os.environ.get(name) for name in os.environ.get(ECHO_ENV, "").split(",") if name},
     )
     return result
