@@ -153,7 +153,7 @@ def test_close_while_a_fallback_trainer_hangs_kills_it(data_file, monkeypatch):
     def oneshot_running() -> bool:
         for child in me.children():
             try:
-                if "--data-path" in child.cmdline():
+                if "--request" in child.cmdline():  # the one-shot trainer reads its job from a file
                     return True
             except psutil.Error:  # the killed worker, a zombie until reaped
                 pass
@@ -162,6 +162,7 @@ def test_close_while_a_fallback_trainer_hangs_kills_it(data_file, monkeypatch):
     deadline = time.monotonic() + 10
     while not oneshot_running() and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert oneshot_running(), "the fallback one-shot trainer never started"
     assert summary_of(pool)["workers"][0]["fallback"] is True
     start = time.monotonic()
     pool.close()
