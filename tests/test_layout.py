@@ -51,3 +51,14 @@ def test_importing_every_torch_free_module_loads_no_torch():
                           timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout) == []
+
+
+def test_the_worker_and_the_one_shot_trainer_boot_without_scipy_or_sklearn():
+    """Booting is what the persistent workers save and what every one-shot fold still pays:
+    the torch side loads torch and numpy, not scikit-learn (about 1 s more with scipy)."""
+    code = ("import json, sys, step5.nn.worker, step5.nn.oneshot\n"
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'scipy', 'optuna'})))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == []

@@ -10,9 +10,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
-import sklearn
 import torch
-from sklearn.metrics import mean_squared_error, r2_score
 from torch import Tensor
 
 from step5.devices import TORCH_THREADS_ENV as THREADS_ENV
@@ -133,11 +131,24 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
 
 
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
-    """(R^2, MSE) with sklearn's definitions, in float64, without its per-call validation
-    (~1 ms a call: on a GPU more than some passes' training); callers reject non-finite metrics."""
-    y_true = y_true.astype(np.float64)
-    with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
-        return float(r2_score(y_true, y_pred)), float(mean_squared_error(y_true, y_pred))
+    """(R^2, MSE) as scikit-learn's ``r2_score`` and ``mean_squared_error`` compute them, bit
+    for bit, in float64 (a constant target: R^2 1.0 when predicted exactly, else 0.0; under
+    two rows: NaN); callers reject non-finite metrics. Written out here because importing
+    ``sklearn.metrics`` (it pulls in scipy) was about 1 s of a worker's or one-shot trainer's
+    2.3 s boot, the very cost this project exists to remove; tests/nn/test_nn_trainer.py holds
+    it equal to scikit-learn's on every kind of input the trainer gives it."""
+    # sklearn's shapes and order of operations: one output column, summed along the rows.
+    y_true = np.asarray(y_true, dtype=np.float64).reshape(-1, 1)
+    y_pred = np.asarray(y_pred, dtype=np.float64).reshape(-1, 1)
+    squared = (y_true - y_pred) ** 2
+    mse = float(np.mean(squared, axis=0)[0])
+    if len(y_true) < 2:
+        return float("nan"), mse
+    numerator = float(np.sum(squared, axis=0)[0])
+    denominator = float(np.sum((y_true - np.mean(y_true, axis=0)) ** 2, axis=0)[0])
+    if numerator == 0.0:
+        return 1.0, mse
+    return (1.0 - numerator / denominator if denominator != 0.0 else 0.0), mse
 
 
 def _pad_rows(arrays: Sequence[np.ndarray], device: torch.device) -> tuple[Tensor, Tensor]:

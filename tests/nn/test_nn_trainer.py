@@ -9,7 +9,8 @@ import torch
 
 from step5.nn.model import FusedMLP, ReferenceMLP
 from step5.nn.trainer import (
-    THREADS_ENV, Fold, ModelSpec, TrainConfig, configure_torch_threads, make_generator, train_models,
+    THREADS_ENV, Fold, ModelSpec, TrainConfig, configure_torch_threads, make_generator, regression_metrics,
+    train_models,
 )
 from step5.protocol import AUTO_FULL_BATCH_MAX_ROWS, resolve_batch_mode
 
@@ -29,6 +30,37 @@ def synthetic_fold(seed: int, n_train: int, n_val: int, d: int = 8, noise: float
 
 def assert_close(a: float, b: float, what: str) -> None:
     assert math.isclose(a, b, rel_tol=REL, abs_tol=1e-9), f"{what}: {a!r} vs {b!r}"
+
+
+def _metric_cases():
+    rng = np.random.default_rng(3)
+    for n in (2, 3, 7, 64, 129, 1000, 4097, 20_000):  # sizes on both sides of numpy's pairwise-sum blocks
+        y = (0.5 + 0.1 * rng.normal(size=n)).astype(np.float32)
+        yield f"n{n}-float32", y, (y + 0.05 * rng.normal(size=n)).astype(np.float32)
+        yield f"n{n}-float64-pred", y, y.astype(np.float64) + 0.05 * rng.normal(size=n)
+        yield f"n{n}-worse-than-mean", y, rng.normal(size=n).astype(np.float32)
+    constant = np.full(50, 0.25, dtype=np.float32)
+    yield "constant-exact", constant, constant.copy()
+    yield "constant-missed", constant, constant + np.float32(0.01)
+    yield "exact", y, y.copy()
+
+
+@pytest.mark.parametrize("name", [case[0] for case in _metric_cases()])
+def test_regression_metrics_are_sklearns_bit_for_bit(name):
+    """The worker computes R^2 and MSE without importing scikit-learn (its import was ~1 s
+    of every boot); the numbers must be scikit-learn's, to the bit."""
+    from sklearn.metrics import mean_squared_error, r2_score
+
+    (y_true, y_pred), = [(t, p) for case, t, p in _metric_cases() if case == name]
+    r2, mse = regression_metrics(y_true, y_pred)
+    expected_r2 = r2_score(y_true.astype(np.float64), y_pred)
+    assert (r2, mse) == (expected_r2, mean_squared_error(y_true.astype(np.float64), y_pred)), name
+    assert type(r2) is float and type(mse) is float
+
+
+def test_regression_metrics_of_one_row_are_nan_as_in_sklearn():
+    r2, mse = regression_metrics(np.array([0.5], dtype=np.float32), np.array([0.4], dtype=np.float32))
+    assert math.isnan(r2) and mse == pytest.approx(0.01)
 
 
 def test_same_seed_is_bit_identical_and_seed_matters():
