@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -77,6 +78,8 @@ class _ForkedRuns:
         assert self._server.stdin is not None and self._server.stdout is not None
         self._server.stdin.write(json.dumps([full, str(self._err)]) + "\n")
         self._server.stdin.flush()
+        ready, _, _ = select.select([self._server.stdout], [], [], 300)
+        assert ready, f"a forked run took over 300 s: {self._err.read_text()[-2000:]}"
         answer = self._server.stdout.readline()
         assert answer, f"the fork server ended: {self._err.read_text()[-2000:] if self._err.exists() else ''}"
         return subprocess.CompletedProcess(full, int(answer), "", self._err.read_text())
