@@ -31,7 +31,8 @@ _PROG = "meta_prediction_optimizer_anti_overfit.py"
 
 #: The fork server: imports what a run imports, then per request line ``[argv, stderr path]``
 #: forks a child that runs crash_at's main (or the CLI's, when argv has no ``--at``) with its
-#: stderr in the file, and answers the child's exit status as subprocess reports it.
+#: stderr in the file and its stdout discarded, and answers the child's exit status as
+#: subprocess reports it.
 _SERVER = f"""
 import json, os, sys
 import matplotlib.pyplot, sklearn.model_selection, xgboost
@@ -43,7 +44,10 @@ for line in sys.stdin:
         code = 70
         try:
             os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
-            os.dup2(os.open(os.devnull, os.O_RDWR), 0)
+            # stdin and stdout are the server's channel to the test: a run must not touch them.
+            devnull = os.open(os.devnull, os.O_RDWR)
+            os.dup2(devnull, 0)
+            os.dup2(devnull, 1)
             sys.argv = [{_PROG!r}]
             if "--at" in argv:
                 code = step5.testing.crash_at.main(argv)
