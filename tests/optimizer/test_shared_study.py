@@ -192,9 +192,9 @@ def test_three_processes_on_postgres_survive_a_killed_helper_and_refuse_other_da
     configuration twice, one final model; a fourth process with other data is refused."""
     from step5.data.sample import write_sample
 
-    # Enough trials and epochs that the victim is still training when it is found, on a
-    # quiet machine too (5 trials of 10 epochs were over before the first look).
-    n = 10
+    # Epochs enough that the victim is still training when it is found, on a quiet machine
+    # too (trials of 10 epochs were over before the first look).
+    n = 6
     survivors, history = sample_inputs
     policy = tmp_path / "policy.json"
     write_json_atomic(policy, {"training": {"use_persistent_workers": True, "heartbeat_interval_s": 1,
@@ -211,9 +211,10 @@ def test_three_processes_on_postgres_survive_a_killed_helper_and_refuse_other_da
         return subprocess.Popen(command(name, *extra), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
 
-    main = start("main")
-    helpers = [start(f"helper{i}", "--search-only") for i in range(2)]
-    victim = helpers[0]
+    # The victim starts first and the others once it trains: started together, on a busy
+    # machine the victim could boot so late that the others had finished the study without it.
+    victim = start("helper0", "--search-only")
+    procs = [victim]
     study = None
     try:
         deadline = time.monotonic() + 180
@@ -230,11 +231,14 @@ def test_three_processes_on_postgres_survive_a_killed_helper_and_refuse_other_da
                 break
             time.sleep(0.05)
         assert victim.poll() is None, "the helper ended before it could be killed"
+        main = start("main")
+        helpers = [victim, start("helper1", "--search-only")]
+        procs = [main, *helpers]
         os.killpg(victim.pid, signal.SIGKILL)  # the helper and its worker, as a lost host
         victim.wait(timeout=30)
         errs = {p.pid: p.communicate(timeout=300)[1] for p in (main, helpers[1])}
     finally:
-        for p in (main, *helpers):
+        for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
