@@ -22,7 +22,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 # Byte-compile the checkout (only what changed; a fraction of a second). An editable install
-# leaves that to the first import, and where PYTHONDONTWRITEBYTECODE is set, as on CI
-# machines, every process (each worker, each CLI run, the ~400 a test run starts) would
+# leaves that to the first import, and where PYTHONDONTWRITEBYTECODE is set, as on this
+# machine kind, every process (each worker, each CLI run, the ~400 a test run starts) would
 # compile step5 again: 0.13 s of CPU per optimizer start, 0.08 s per torch worker.
 .venv/bin/python -m compileall -q step5 bench

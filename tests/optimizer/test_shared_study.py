@@ -232,8 +232,9 @@ def test_three_processes_on_postgres_survive_a_killed_helper_and_refuse_other_da
             time.sleep(0.05)
         assert victim.poll() is None, "the helper ended before it could be killed"
         main = start("main")
+        procs.append(main)
         helpers = [victim, start("helper1", "--search-only")]
-        procs = [main, *helpers]
+        procs.append(helpers[1])
         os.killpg(victim.pid, signal.SIGKILL)  # the helper and its worker, as a lost host
         victim.wait(timeout=30)
         errs = {p.pid: p.communicate(timeout=300)[1] for p in (main, helpers[1])}
