@@ -75,13 +75,32 @@ def _install_fault(point: str, command: str) -> None:
     setattr(owner, attribute, disturbed)
 
 
+def _wait_at_barrier_once_the_study_is_open(optimizer_module: Any, ready: Path, go: str | None) -> None:
+    """Touch ``ready`` once the run has opened its study, then wait for ``go``.
+
+    Many processes on a few cores start searching together, so throughput is measured on the
+    search; and each has joined the study's round before any searches: one that opened the
+    study late (slow to start, or held up by a database fault) could find the round already
+    finished, and start a new one."""
+    real_open = optimizer_module.open_study
+
+    def open_then_wait(*args: Any, **kwargs: Any) -> Any:
+        opened = real_open(*args, **kwargs)
+        ready.touch()
+        while go and not Path(go).exists():
+            time.sleep(0.05)
+        return opened
+
+    optimizer_module.open_study = open_then_wait
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m step5.testing.fake_search")
     parser.add_argument("--job-sleep-s", type=float, default=0.0, help="how long each fake fold job sleeps")
     parser.add_argument("--timings-out", default=None,
                         help="write the loop's coordination timings here (JSON); {pid} becomes this process's pid")
     parser.add_argument("--ready-file", default=None,
-                        help="touch this file once the heavy imports are done, then wait for --go-file")
+                        help="touch this file once the study is open, then wait for --go-file")
     parser.add_argument("--go-file", default=None, help="start the run when this file exists")
     parser.add_argument("--fault-at", default=None, help="ask:N, tell:N, final or commit: when --fault runs")
     parser.add_argument("--fault", default=None, help="a shell command run once at --fault-at")
@@ -102,14 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.fault_at and args.fault:
         _install_fault(args.fault_at, args.fault)
     if args.ready_file:
-        # A simulation starts many processes on a few cores; a barrier after the imports
-        # makes them start searching together, so throughput is measured on the search.
-        import psycopg  # noqa: F401
-        import sklearn.model_selection  # noqa: F401
-
-        Path(args.ready_file).touch()
-        while args.go_file and not Path(args.go_file).exists():
-            time.sleep(0.05)
+        _wait_at_barrier_once_the_study_is_open(optimizer_module, Path(args.ready_file), args.go_file)
     started = time.time()
     try:
         return cli.main(rest, prog="fake_search")
