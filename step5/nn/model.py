@@ -108,21 +108,23 @@ class FusedMLP(nn.Module):
 
     @torch.no_grad()
     def export_model(self, m: int, *, num_batches_tracked: int = 0) -> dict[str, Tensor]:
-        """Model ``m``'s weights as a CPU ``state_dict`` of :class:`ReferenceMLP`."""
+        """Model ``m``'s weights as a CPU ``state_dict`` of :class:`ReferenceMLP`: contiguous
+        copies of its own, since a view of the group's stacked parameters would keep them
+        alive and be saved whole (torch.save writes a view's entire storage)."""
         sd: dict[str, Tensor] = {}
         for i, width in enumerate(self.hidden_layers):
             lin, bn = f"network.{4 * i}", f"network.{4 * i + 1}"
-            sd[f"{lin}.weight"] = self.weights[i][m].t().contiguous().cpu()  # (W, D_in) as nn.Linear
+            sd[f"{lin}.weight"] = self.weights[i][m].t()  # (W, D_in) as nn.Linear
             sd[f"{lin}.bias"] = torch.zeros(width, dtype=self.weights[i].dtype)  # BatchNorm's shift is the bias
-            sd[f"{bn}.weight"] = self.bn_weights[i][m, 0].clone().cpu()
-            sd[f"{bn}.bias"] = self.bn_biases[i][m, 0].clone().cpu()
-            sd[f"{bn}.running_mean"] = getattr(self, f"running_mean_{i}")[m, 0].clone().cpu()
-            sd[f"{bn}.running_var"] = getattr(self, f"running_var_{i}")[m, 0].clone().cpu()
+            sd[f"{bn}.weight"] = self.bn_weights[i][m, 0]
+            sd[f"{bn}.bias"] = self.bn_biases[i][m, 0]
+            sd[f"{bn}.running_mean"] = getattr(self, f"running_mean_{i}")[m, 0]
+            sd[f"{bn}.running_var"] = getattr(self, f"running_var_{i}")[m, 0]
             sd[f"{bn}.num_batches_tracked"] = torch.tensor(num_batches_tracked, dtype=torch.long)
         head = f"network.{4 * len(self.hidden_layers)}"
-        sd[f"{head}.weight"] = self.head_weight[m].t().contiguous().cpu()  # (1, W_last)
-        sd[f"{head}.bias"] = self.head_bias[m, 0].clone().cpu()
-        return sd
+        sd[f"{head}.weight"] = self.head_weight[m].t()  # (1, W_last)
+        sd[f"{head}.bias"] = self.head_bias[m, 0]
+        return {name: t.contiguous().to("cpu", copy=True) for name, t in sd.items()}
 
 
 def _init_linear(d_in: int, d_out: int, generators: Sequence[torch.Generator], device: torch.device, *,

@@ -270,7 +270,7 @@ def test_a_diverging_model_fails_alone():
         assert_close(ok.metrics[k], alone.metrics[k], k)
 
 
-@pytest.mark.parametrize("hidden", [(7, 3), ()])
+@pytest.mark.parametrize("hidden", [(7, 3), (), (1,)])
 def test_exported_weights_reproduce_the_fused_forward(hidden):
     gens = [make_generator(s, CPU) for s in (1, 2)]
     fused = FusedMLP(5, hidden, use_leaky_relu=True, generators=gens, device=CPU)
@@ -281,7 +281,13 @@ def test_exported_weights_reproduce_the_fused_forward(hidden):
     want = fused.eval()(x)[..., 0]
     for m in range(2):
         ref = ReferenceMLP(5, hidden, use_leaky_relu=True, dropout=0.3)
-        ref.load_state_dict(fused.export_model(m))
+        exported = fused.export_model(m)
+        for name, t in exported.items():
+            # its own storage (torch.save writes a view's whole storage: every model of the
+            # group), contiguous, and no longer part of the training graph
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+            assert t.is_contiguous() and not t.requires_grad, name
+        ref.load_state_dict(exported)
         got = ref.eval()(x[m])[:, 0]
         torch.testing.assert_close(got, want[m], rtol=1e-5, atol=1e-6)
 
