@@ -38,8 +38,6 @@ from step5.optimizer.study import (
 from step5.owner import this_process
 from step5.policy import TrainingPolicy
 
-pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
-
 SETUP = {"model_type": "neural_net", "seed": 1, "k_folds": 2}
 DATA = {"fingerprint_hash": "abc", "survivor_count": 10, "training_window_draws": 5}
 
