@@ -43,7 +43,8 @@ from step5.optimizer.objective import OBJECTIVE_FORMULA, OVERFIT_PENALTY, summar
 from step5.optimizer.search import SearchGoal, SearchPlan, TrialProgress, run_search
 from step5.optimizer.search_space import DataShape, first_nn_trials
 from step5.optimizer.study import (
-    OpenedStudy, best_complete_trial, count_states, default_storage_url, default_study_name, open_study, redact_storage
+    OpenedStudy, best_complete_trial, count_states, default_storage_url, default_study_name, open_study, redact_storage,
+    release_storage,
 )
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ class AntiOverfitMetaOptimizer:
                                   "survivor_count": data_context["survivor_source"]["survivor_count"],
                                   "training_window_draws": data_context["training_window"]["draw_count"]})
         with contextlib.ExitStack() as outputs:  # the new model set: discarded unless committed
+            outputs.callback(release_storage, opened.storage)  # last, after the sidecar has read the study
             with contextlib.ExitStack() as stack:
                 # Helpers on the other hosts join the study while this process boots its workers;
                 # they stop once the search is over, however it ends.

@@ -170,6 +170,25 @@ def open_study(*, study_name: str, storage_url: str, setup: Mapping[str, Any], d
     """Create or join the study (its stored setup and data must match), and join its unfinished round or
     start one of ``trials``; ``first_trials`` are enqueued, under the lock, only into a study with no trial."""
     storage = open_storage(storage_url, training or TrainingPolicy())
+    try:
+        return _join_study(storage, study_name=study_name, storage_url=storage_url, setup=setup, data=data, seed=seed,
+                           trials=trials, first_trials=first_trials)
+    except BaseException:
+        release_storage(storage)
+        raise
+
+
+def release_storage(storage: Any) -> None:
+    """Close the storage's pooled database connections (a later call through it connects again): a run
+    that is over holds none, which matters to a server that others share, and to the four studies of
+    --compare-models, which run one after another in one process."""
+    engine = _engine_of(storage)
+    if engine is not None:
+        engine.dispose()
+
+
+def _join_study(storage: Any, *, study_name: str, storage_url: str, setup: Mapping[str, Any],
+                data: Mapping[str, Any], seed: int, trials: int, first_trials: Sequence[Mapping[str, Any]]) -> OpenedStudy:
     resumed = study_name in optuna.get_all_study_names(storage)
     try:
         study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,

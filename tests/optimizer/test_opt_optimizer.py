@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import psutil
 import pytest
 from optuna.trial import TrialState
 
@@ -253,6 +254,28 @@ def test_changed_setup_gets_a_new_default_study_and_an_explicit_name_refuses(fak
     with pytest.raises(StudyMismatchError, match="k_folds: study has 3, this run 2") as info:
         AntiOverfitMetaOptimizer(dataclasses.replace(named, k_folds=2)).run()
     assert info.value.exit_code == 1  # a run error, not a usage error: a shared study may refuse a helper
+
+
+@pytest.mark.parametrize("ends", ["complete", "crash", "refused"])
+def test_a_run_that_is_over_holds_no_database_connection(fake_runner, make_config, ends):
+    """However it ended (a model, a crash, a study that refused it), a run leaves the study's
+    database closed: a shared server's connections are everyone's, and --compare-models runs
+    four studies in one process. Seen here as the SQLite file no longer open in this process."""
+    cfg = make_config(trials=2)
+    if ends == "refused":
+        AntiOverfitMetaOptimizer(dataclasses.replace(cfg, study_name="mine")).run()
+        cfg = dataclasses.replace(cfg, study_name="mine", k_folds=2)
+    elif ends == "crash":
+        fake_runner[1].update(explode_on_trial=1)
+    expected = {"complete": None, "crash": RuntimeError, "refused": StudyMismatchError}[ends]
+    if expected is None:
+        AntiOverfitMetaOptimizer(cfg).run()
+    else:
+        with pytest.raises(expected):
+            AntiOverfitMetaOptimizer(cfg).run()
+    db = (cfg.output_dir / "optuna_step5.db").resolve()
+    assert db.is_file()
+    assert [f.path for f in psutil.Process().open_files() if Path(f.path) == db] == []
 
 
 def test_degenerate_target_writes_degenerate_sidecar_and_removes_a_stale_model(
