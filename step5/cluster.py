@@ -360,6 +360,10 @@ class HelperFleet:
             for r in readers:
                 r.start()
             returncode = proc.wait()
+            # The pipe to an ssh that has ended: each restart would otherwise leave one open
+            # (stop() may be closing it at the same time; a second close is harmless).
+            with contextlib.suppress(OSError, ValueError):
+                proc.stdin.close()  # type: ignore[union-attr]
             for stream, reader in zip((proc.stdout, proc.stderr), readers):
                 reader.join(timeout=5.0)
                 if stream is not None and not reader.is_alive():

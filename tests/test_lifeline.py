@@ -199,19 +199,19 @@ HELPER = textwrap.dedent("""
 
 def test_a_helper_stops_as_on_sigterm_when_its_stdin_closes():
     env = {**own_environment(), STDIN_LIFELINE_ENV: "1"}
-    helper = subprocess.Popen([sys.executable, "-c", HELPER], env=env, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert helper.stdout.readline().strip() == "armed"
-        helper.stdin.write("anything the channel carries is ignored\n")
-        helper.stdin.flush()
-        helper.stdin.close()  # the main process stops it, dies, or the connection drops
-        helper.wait(timeout=10)
-        out = helper.stdout.read()
-    finally:
-        if helper.poll() is None:
-            helper.kill()
-            helper.wait()
+    with subprocess.Popen([sys.executable, "-c", HELPER], env=env, stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as helper:  # its pipes are closed on leaving
+        try:
+            assert helper.stdout.readline().strip() == "armed"
+            helper.stdin.write("anything the channel carries is ignored\n")
+            helper.stdin.flush()
+            helper.stdin.close()  # the main process stops it, dies, or the connection drops
+            helper.wait(timeout=10)
+            out = helper.stdout.read()
+        finally:
+            if helper.poll() is None:
+                helper.kill()
+                helper.wait()
     assert (out.strip(), helper.returncode) == ("SIGTERM", 0)
 
 

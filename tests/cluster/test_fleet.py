@@ -124,6 +124,9 @@ def test_a_host_whose_helper_keeps_failing_is_quarantined_and_the_others_go_on(c
 def test_a_killed_helper_is_restarted(cluster, monkeypatch):
     nodes, state, _ = cluster
     modes(monkeypatch, **{"rig-1": "deaf"})
+    launched = []  # every ssh started (None: not started, the fleet was stopping)
+    launch = HelperFleet._launch
+    monkeypatch.setattr(HelperFleet, "_launch", lambda self, h: launched.append(launch(self, h)) or launched[-1])
     fleet = HelperFleet(nodes("rig-1"), [], restart_delay_s=0.05, stop_grace_s=1.0)
     fleet.start()
     deadline = time.monotonic() + 20
@@ -138,6 +141,9 @@ def test_a_killed_helper_is_restarted(cluster, monkeypatch):
     # ssh reports a command killed by a signal as 255, or as the shell around it saw it (128 + 9)
     assert record.history[0] in ("EXIT(255)", "EXIT(137)") and record.starts == 2
     assert record.state == "stopped"
+    # the ended ssh's pipes are closed, not left to the garbage collector at each restart
+    started = [p for p in launched if p is not None]
+    assert len(started) == 2 and all(p.stdin.closed and p.stdout.closed and p.stderr.closed for p in started)
 
 
 def test_stopping_closes_each_helpers_stdin_so_it_stops_as_on_sigterm(cluster, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -138,7 +139,7 @@ def test_concurrent_writers_lose_no_update(tmp_path):
 def test_decision_log_appends_whole_lines_under_concurrency(tmp_path):
     path = str(tmp_path / "log" / "decisions.jsonl")
     _run_concurrently(_hammer_log, [(path, w, 25) for w in range(4)])
-    lines = open(path, encoding="utf-8").read().splitlines()
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
     assert len(lines) == 100
     records = [json.loads(line) for line in lines]
     for w in range(4):  # each writer's records are all there, in its order
