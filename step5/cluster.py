@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any, Iterable, Mapping, Sequence
 
 from step5.errors import DataError, Step5Error, UsageError
-from step5.execution.process import describe_exit, reap_killed
+from step5.execution.process import close_pipes, describe_exit, reap_killed
 from step5.jsonio import read_json_file
 from step5.lifeline import STDIN_LIFELINE_ENV
 from step5.values import is_int
@@ -360,14 +360,11 @@ class HelperFleet:
             for r in readers:
                 r.start()
             returncode = proc.wait()
-            # The pipe to an ssh that has ended: each restart would otherwise leave one open
-            # (stop() may be closing it at the same time; a second close is harmless).
-            with contextlib.suppress(OSError, ValueError):
-                proc.stdin.close()  # type: ignore[union-attr]
-            for stream, reader in zip((proc.stdout, proc.stderr), readers):
+            for reader in readers:
                 reader.join(timeout=5.0)
-                if stream is not None and not reader.is_alive():
-                    stream.close()
+            # All three pipes of the ended ssh (stop() may be closing its stdin at the same time),
+            # or each restart would leave them to the garbage collector.
+            close_pipes(proc, stdout_free=not readers[0].is_alive(), stderr_free=not readers[1].is_alive())
             action, delay = record.on_exit(returncode, connected=h.connected, stopping=self._stopping.is_set())
             if action is HelperAction.RESTART:
                 logger.warning("[%s] helper ended with %s (%s); restarting it in %.0fs", host, record.last_exit,

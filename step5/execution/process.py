@@ -94,6 +94,16 @@ _EXIT_AFTER_EOF_S = 10.0
 _probe_ids = itertools.count()
 
 
+def close_pipes(proc: subprocess.Popen[bytes], *, stdout_free: bool, stderr_free: bool) -> None:
+    """Close our ends of a finished process's pipes: stdin always, stdout and stderr only when
+    the thread reading each has let go of it (closing a stream another thread still reads can
+    block). Closing a stream twice (another thread closing it too) is harmless."""
+    for stream, free in ((proc.stdin, True), (proc.stdout, stdout_free), (proc.stderr, stderr_free)):
+        if stream is not None and free:
+            with contextlib.suppress(OSError, ValueError):
+                stream.close()
+
+
 class WorkerProcess:
     """A running worker (or one-shot trainer), with two threads that keep its pipes moving:
     a stdout reader feeding a queue, so the parent waits on "a line, EOF or a timeout" in
@@ -310,12 +320,7 @@ class WorkerProcess:
         only the ones they released are closed."""
         self._reader.join(timeout=_PIPES_SETTLE_S)
         self._drain.join(timeout=_PIPES_SETTLE_S)
-        released = [(self.proc.stdin, True), (self.proc.stdout, not self._reader.is_alive()),
-                    (self.proc.stderr, not self._drain.is_alive())]
-        for stream, free in released:
-            if stream is not None and free:
-                with contextlib.suppress(OSError, ValueError):
-                    stream.close()
+        close_pipes(self.proc, stdout_free=not self._reader.is_alive(), stderr_free=not self._drain.is_alive())
 
 
 def popen_worker(command: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:

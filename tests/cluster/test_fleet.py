@@ -126,7 +126,12 @@ def test_a_killed_helper_is_restarted(cluster, monkeypatch):
     modes(monkeypatch, **{"rig-1": "deaf"})
     launched = []  # every ssh started (None: not started, the fleet was stopping)
     launch = HelperFleet._launch
-    monkeypatch.setattr(HelperFleet, "_launch", lambda self, h: launched.append(launch(self, h)) or launched[-1])
+
+    def launch_and_record(self, h):
+        launched.append(launch(self, h))
+        return launched[-1]
+
+    monkeypatch.setattr(HelperFleet, "_launch", launch_and_record)
     fleet = HelperFleet(nodes("rig-1"), [], restart_delay_s=0.05, stop_grace_s=1.0)
     fleet.start()
     deadline = time.monotonic() + 20
