@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -15,7 +16,7 @@ from step5 import artifacts, model_set
 from step5.artifacts import MODEL_TYPES
 from step5.errors import EXIT_OK, DegenerateSignalError, Step5Error
 from step5.jsonio import read_json_file, write_json_atomic
-from step5.optimizer.optimizer import AntiOverfitMetaOptimizer
+from step5.optimizer.optimizer import AntiOverfitMetaOptimizer, load_inputs
 from step5.optimizer.config import OptimizerConfig, RunOutcome, rescore_partitions, validate_config
 from step5.optimizer.diagnostics import (
     compare_health_report, drawing, model_health_report, save_figure, write_health_report
@@ -204,8 +205,8 @@ def _run_one(factory: OptimizerFactory, config: OptimizerConfig) -> Candidate:
 
 def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory | None = None) -> int:
     """Run every model type not skipped, keep the winner; the exit code: 0 a winner, 2 no winner and a
-    degenerate target (its sidecar is left), 1 otherwise. ``optimizer_factory``: tests inject a fake."""
-    factory = optimizer_factory or AntiOverfitMetaOptimizer
+    degenerate target (its sidecar is left), 1 otherwise. ``optimizer_factory``: tests inject a fake.
+    Unreadable data raises its :class:`DataError` before any model type runs, leaving the output folder as it was."""
     out_dir = Path(config.output_dir)
     started = time.perf_counter()
     created_at = utc_timestamp()
@@ -218,6 +219,10 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
     to_run = [mt for mt in MODEL_TYPES if mt not in skipped]
     logger.info("compare: running %s%s; winner by %s", ", ".join(to_run) or "nothing",
                 f" (skipped by the registry: {', '.join(sorted(skipped))})" if skipped else "", CRITERION["primary"])
+    factory = optimizer_factory
+    if factory is None:  # read the data once: every model type sees the same snapshot of the files
+        inputs = load_inputs(config) if to_run else None
+        factory = functools.partial(AntiOverfitMetaOptimizer, inputs=inputs)
     candidates: dict[str, Candidate] = {}
     for i, mt in enumerate(MODEL_TYPES, start=1):
         if mt in skipped:

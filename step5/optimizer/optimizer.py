@@ -85,13 +85,38 @@ def nn_only_settings(config: OptimizerConfig) -> list[str]:
             if f.metadata.get("nn_only") and (getattr(config, f.name) != f.default or typed & flag_spellings()[f.name])]
 
 
+@dataclasses.dataclass(frozen=True)
+class InputData:
+    """The survivors table and history draws a run reads, and how long reading them took. --compare-models
+    reads them once, so its four model types are trained and judged on one snapshot of the files."""
+
+    table: SurvivorTable
+    draws: list[int]
+    load_s: float
+
+
+def load_inputs(config: OptimizerConfig) -> InputData:
+    """Read ``config``'s survivors and history files (a :class:`DataError` naming the file if either is bad).
+    The arrays come back read-only: runs that share them cannot change what the next one sees."""
+    start = time.perf_counter()
+    table = load_survivors(config.survivors, config.target)
+    draws = load_history(config.lottery_data)
+    table.X.flags.writeable = table.y.flags.writeable = False
+    inputs = InputData(table, draws, time.perf_counter() - start)
+    logger.info("loaded %d survivors x %d features (%d excluded: %s) and %d history draws in %.2fs",
+                table.n_records, table.n_features, len(table.excluded_features), table.excluded_features,
+                len(draws), inputs.load_s)
+    return inputs
+
+
 class AntiOverfitMetaOptimizer:
     """Search hyperparameters for one model type and save the best model with its sidecar. ``run()`` returns
     a :class:`RunOutcome` or raises a :class:`Step5Error` (:class:`DegenerateSignalError` carries ``.outcome``)."""
 
-    def __init__(self, config: OptimizerConfig) -> None:
+    def __init__(self, config: OptimizerConfig, *, inputs: InputData | None = None) -> None:
         validate_config(config)
         self.config = config
+        self.inputs = inputs  # None: run() reads the files
         self.torch = get_model_type(config.model_type).torch  # neural net: trained by workers
         self.run_id = uuid.uuid4().hex
         self.output_dir = Path(config.output_dir)
@@ -110,13 +135,9 @@ class AntiOverfitMetaOptimizer:
         self.policy = load_policy(cfg.policy_path)
         helper_nodes = self._helper_nodes()  # a bad cluster config fails before the data is read
 
-        start = time.perf_counter()
-        table = load_survivors(cfg.survivors, cfg.target)
-        draws = load_history(cfg.lottery_data)
-        self.timings["load_s"] = time.perf_counter() - start
-        logger.info("loaded %d survivors x %d features (%d excluded: %s) and %d history draws in %.2fs",
-                    table.n_records, table.n_features, len(table.excluded_features), table.excluded_features,
-                    len(draws), self.timings["load_s"])
+        inputs = self.inputs or load_inputs(cfg)
+        table, draws = inputs.table, inputs.draws
+        self.timings["load_s"] = inputs.load_s
 
         # What both the success and the degenerate sidecar record about the data.
         signal = self.signal = assess_signal(table.y)

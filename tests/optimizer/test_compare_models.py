@@ -10,7 +10,8 @@ import pytest
 
 from step5 import artifacts
 from step5.artifacts import MODEL_TYPES
-from step5.errors import DegenerateSignalError, UsageError
+from step5.data.survivors import load_survivors
+from step5.errors import DataError, DegenerateSignalError, UsageError
 from step5.execution.summary import RunnerStats, build_execution_summary
 from step5.optimizer import compare
 from step5.policy import DiagnosticsPolicy
@@ -271,8 +272,6 @@ def test_everything_skipped_is_exit_1(fake, config):
 
 
 def test_a_malformed_registry_is_an_error_not_skip_nothing(fake, config):
-    from step5.errors import DataError
-
     config.skip_registry.parent.mkdir(parents=True)
     config.skip_registry.write_text("{not json")
     with pytest.raises(DataError, match="skip registry"):
@@ -344,3 +343,55 @@ def test_every_sub_run_rescores_as_many_partitions_as_asked(fake, config):
     fake.configs.clear()
     compare.run_compare(dataclasses.replace(config, rescore_partitions=0), optimizer_factory=fake)
     assert [c.rescore_partitions for c in fake.configs] == [0] * len(MODEL_TYPES)
+
+
+def _tree_of(*folders: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for folder in folders for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("broken", ["missing survivors", "malformed survivors", "malformed history"])
+def test_unreadable_data_stops_before_any_model_type_and_leaves_the_last_comparison_whole(fake, config, sample_inputs,
+                                                                                             broken):
+    # Each model type used to read the files itself: a bad file failed all four with a traceback each,
+    # and the summary of the failures replaced the last good comparison and removed its archive.
+    fake.script = {mt: ("ok", 0.1, 0.5 if mt == "catboost" else 0.1) for mt in MODEL_TYPES}
+    assert compare.run_compare(config, optimizer_factory=fake) == 0
+    before = _tree_of(config.output_dir, config.diagnostics_dir)
+    assert any(compare.ARCHIVE_DIRNAME in name for name in before)
+
+    survivors, history = sample_inputs
+    if broken == "missing survivors":
+        survivors, history, named = config.survivors, history, config.survivors.name
+    else:
+        bad = config.output_dir.parent / "bad.json"
+        bad.write_text('{"cut off')
+        survivors, history = (bad, history) if broken == "malformed survivors" else (survivors, bad)
+        named = "bad.json"
+    real = dataclasses.replace(config, survivors=survivors, lottery_data=history)
+    with pytest.raises(DataError, match=named):
+        compare.run_compare(real)  # the real optimizer: it must not start
+    assert _tree_of(config.output_dir, config.diagnostics_dir) == before
+
+
+def test_every_model_type_is_given_one_read_only_snapshot_of_the_data(fake, config, sample_inputs, monkeypatch):
+    from step5.optimizer import optimizer
+
+    reads = []
+    monkeypatch.setattr(optimizer, "load_survivors", lambda *a: reads.append(a) or load_survivors(*a))
+    given = []
+
+    class Recording(FakeOptimizer):
+        def __init__(self, config: OptimizerConfig, *, inputs) -> None:
+            super().__init__(config)
+            given.append(inputs)
+
+    monkeypatch.setattr(compare, "AntiOverfitMetaOptimizer", Recording)
+    fake.script = {mt: ("ok", 0.1, 0.5 if mt == "lightgbm" else 0.1) for mt in MODEL_TYPES}
+    survivors, history = sample_inputs
+    assert compare.run_compare(dataclasses.replace(config, survivors=survivors, lottery_data=history)) == 0
+    assert len(reads) == 1 and len(given) == len(MODEL_TYPES) and all(g is given[0] for g in given)
+    table = given[0].table
+    assert table.n_records == 600 and given[0].draws
+    for array in (table.X, table.y):
+        with pytest.raises(ValueError, match="read-only"):
+            array[0] = 0
