@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 
 from step5 import artifacts, model_set
 from step5.artifacts import MODEL_TYPES
-from step5.errors import EXIT_OK, DegenerateSignalError, Step5Error
+from step5.errors import EXIT_OK, DegenerateSignalError, Step5Error, StorageError
 from step5.jsonio import read_json_file, write_json_atomic
 from step5.optimizer.optimizer import AntiOverfitMetaOptimizer, load_inputs
 from step5.optimizer.config import OptimizerConfig, RunOutcome, rescore_partitions, validate_config
@@ -173,6 +173,10 @@ def _run_one(factory: OptimizerFactory, config: OptimizerConfig) -> Candidate:
     except DegenerateSignalError as exc:
         outcome = getattr(exc, "outcome", None) or RunOutcome(model_type=mt, status="DEGENERATE_SIGNAL")
         outcome.error = outcome.error or str(exc)
+    except StorageError:  # every type's study is in that database: the next would wait as long for it
+        logger.error("compare: stopped at %s: the study database is every model type's; nothing is promoted "
+                     "or archived", mt)
+        raise
     except Exception as exc:  # noqa: BLE001 - one model type's failure must not stop the others
         logger.error("compare: %s failed: %s: %s", mt, type(exc).__name__, exc, exc_info=True)
         return Candidate(mt, "FAILED", error=f"{type(exc).__name__}: {exc}", staging_dir=staging,

@@ -11,7 +11,7 @@ import pytest
 from step5 import artifacts
 from step5.artifacts import MODEL_TYPES
 from step5.data.survivors import load_survivors
-from step5.errors import DataError, DegenerateSignalError, UsageError
+from step5.errors import DataError, DegenerateSignalError, StorageError, UsageError
 from step5.execution.summary import RunnerStats, build_execution_summary
 from step5.optimizer import compare
 from step5.policy import DiagnosticsPolicy
@@ -395,3 +395,21 @@ def test_every_model_type_is_given_one_read_only_snapshot_of_the_data(fake, conf
     for array in (table.X, table.y):
         with pytest.raises(ValueError, match="read-only"):
             array[0] = 0
+
+
+def test_a_database_gone_for_good_stops_the_comparison_and_leaves_the_last_one_whole(fake, config, caplog):
+    # Every model type's study is in one database: the next type would wait out the same outage
+    # limit (300 s by default) for it, and its failures would replace the last good comparison.
+    fake.script = {mt: ("ok", 0.1, 0.5 if mt == "catboost" else 0.1) for mt in MODEL_TYPES}
+    assert compare.run_compare(config, optimizer_factory=fake) == 0
+    before = _tree_of(config.output_dir, config.diagnostics_dir)
+    fake.configs.clear()
+    fake.script = {mt: ("ok", 0.1, 0.9) for mt in MODEL_TYPES}
+    fake.script["xgboost"] = ("raise", StorageError("the study database has been unreachable for too long"))
+    with caplog.at_level("ERROR", logger="step5.optimizer.compare"), \
+            pytest.raises(StorageError, match="unreachable"):
+        compare.run_compare(config, optimizer_factory=fake)
+    assert [c.model_type for c in fake.configs] == ["neural_net", "xgboost"]
+    assert "compare: stopped at xgboost" in caplog.text
+    after = _tree_of(config.output_dir, config.diagnostics_dir)
+    assert {k: v for k, v in after.items() if compare.STAGING_DIRNAME not in k} == before
