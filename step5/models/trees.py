@@ -8,7 +8,9 @@ import json
 import logging
 import math
 import os
+import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -88,6 +90,7 @@ class TreeDevices:
         """``"cpu"`` or ``"cuda:N"`` (a CUDA ordinal here) for ``device`` None (detect), "cpu", "cuda"
         or "cuda:N"; CPU, logged, when the library cannot use the GPU."""
         adapter = adapter_for(model_type)
+        asked = device is not None  # --gpus named it: falling back to the CPU is worth a warning
         if device is None:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             if visible not in self._visible:
@@ -110,7 +113,8 @@ class TreeDevices:
             reason = adapter.gpu_unsupported_reason(gpu[1])
             if reason is not None:
                 self.gpu_failures[model_type] = reason
-                logger.info("%s cannot train on the GPU in this build (%s); training on CPU", model_type, reason)
+                logger.log(logging.WARNING if asked else logging.INFO, "%s cannot train on GPU %s here (%s); "
+                           "training on CPU", model_type, device, reason)
                 return "cpu"
             self._gpu_usable.add(gpu)
         return device
@@ -455,6 +459,26 @@ class XGBoostAdapter(TreeAdapter):
             booster = booster[:kept]  # a copy holding only the kept rounds; it is what gets saved
         booster.set_param({"device": "cpu"})  # predict like Step 6 will, without a device copy
         return booster, kept
+
+    def gpu_unsupported_reason(self, gpu_id: int) -> str | None:
+        """A 1-round fit: where xgboost finds no GPU at ``gpu_id`` it trains on the CPU all the same, saying
+        so only in a warning, so the device its booster ended on is what tells."""
+        import xgboost as xgb
+
+        rng = np.random.default_rng(0)
+        data = xgb.DMatrix(rng.random((64, 2)), label=rng.random(64))
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            try:
+                booster = xgb.train({"device": f"cuda:{gpu_id}", "tree_method": "hist", "nthread": 1, "verbosity": 1},
+                                    data, num_boost_round=1)
+            except Exception as exc:  # noqa: BLE001 - XGBoostError from a broken driver or runtime
+                return f"{type(exc).__name__}: {exc}"
+        used = json.loads(booster.save_config())["learner"]["generic_param"]["device"]
+        if used.startswith("cuda"):
+            return None
+        why = re.sub(r"^\[[^]]*\] WARNING: \S+: ", "", str(said[0].message)) if said else None
+        return f"it trained on the {used}" + (f": {why}" if why else "")
 
     def reads_validation_rows(self, params: dict[str, Any]) -> bool:
         return not _is_linear(params)

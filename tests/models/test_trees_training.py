@@ -161,7 +161,7 @@ def test_r2_is_finite_for_a_constant_target():
 
 # ------------------------------------------------------------------------------ devices
 
-def test_no_visible_gpu_means_cpu(monkeypatch):
+def test_no_visible_gpu_means_cpu(monkeypatch, xgboost_sees_a_gpu):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     for model_type in trees.TREE_MODEL_TYPES:
         assert trees.TreeDevices().resolve(model_type) == "cpu"
@@ -169,12 +169,12 @@ def test_no_visible_gpu_means_cpu(monkeypatch):
     assert trees.TreeDevices().resolve("catboost", "cuda:1") == "cuda:1"
 
 
-def test_visible_gpu_picks_the_first_visible_ordinal(monkeypatch):
+def test_visible_gpu_picks_the_first_visible_ordinal(monkeypatch, xgboost_sees_a_gpu):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     assert trees.TreeDevices().resolve("xgboost") == "cuda:0"  # physical GPU 3 is ordinal 0 in-process
 
 
-def test_lightgbm_without_gpu_support_trains_on_cpu(monkeypatch, caplog):
+def test_lightgbm_without_gpu_support_trains_on_cpu(monkeypatch, caplog, xgboost_sees_a_gpu):
     probes = []
     monkeypatch.setattr(trees.ADAPTERS["lightgbm"], "gpu_unsupported_reason",
                         lambda gpu_id: probes.append(gpu_id) or "No OpenCL device found")
@@ -196,7 +196,7 @@ def test_a_gpu_build_is_probed_once_per_device(monkeypatch):
     assert probes == [0, 1]
 
 
-def test_a_failing_gpu_fit_falls_back_to_cpu_once(monkeypatch, planted, caplog):
+def test_a_failing_gpu_fit_falls_back_to_cpu_once(monkeypatch, planted, caplog, xgboost_sees_a_gpu):
     calls = []
     adapter = trees.ADAPTERS["xgboost"]
     real = adapter.fit
@@ -220,6 +220,22 @@ def test_a_failing_gpu_fit_falls_back_to_cpu_once(monkeypatch, planted, caplog):
     # a fold that shares nothing tries the GPU again
     _fit("xgboost", planted, device="cuda")
     assert calls[3:] == ["cuda:0", "cpu"]
+
+
+@pytest.mark.skipif(bool(detect_gpus()), reason="needs a host without a GPU")
+def test_an_xgboost_fit_asked_onto_a_gpu_it_cannot_find_is_recorded_and_warned_as_cpu(planted, caplog, recwarn):
+    # xgboost does not fail there: it trains on the CPU and says so only in a warning of its own,
+    # so the fold, the run's sidecar and the log used to say "cuda" for a CPU fit.
+    reason = trees.ADAPTERS["xgboost"].gpu_unsupported_reason(9)
+    assert reason is not None and reason.startswith("it trained on the cpu")
+    devices = trees.TreeDevices()
+    with caplog.at_level("WARNING", logger="step5.models.trees"):
+        for _ in range(2):
+            metrics, _ = _fit("xgboost", planted, device="cuda:9", devices=devices)
+            assert metrics["device"] == "cpu" and metrics["device_fallback"] is None
+    assert caplog.text.count("xgboost cannot train on GPU cuda:9 here (it trained on the cpu") == 1
+    assert list(devices.gpu_failures) == ["xgboost"]
+    assert not [w for w in recwarn if "xgboost" in w.filename]  # its own warnings were the probe's, kept
 
 
 @pytest.mark.skipif(not detect_gpus(), reason="needs a GPU")

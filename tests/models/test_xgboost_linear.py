@@ -110,7 +110,7 @@ def test_a_linear_best_trial_fits_its_final_model_on_every_dev_row(sample_inputs
     assert model.n_features == sidecar["feature_schema"]["feature_count"]
 
 
-def test_a_linear_fit_trains_on_the_cpu_where_a_gpu_is_asked_for(rows, monkeypatch):
+def test_a_linear_fit_trains_on_the_cpu_where_a_gpu_is_asked_for(rows, monkeypatch, xgboost_sees_a_gpu):
     adapter = trees.ADAPTERS["xgboost"]
     real, calls = adapter.fit, []
 
