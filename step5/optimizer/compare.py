@@ -178,7 +178,8 @@ def _run_one(factory: OptimizerFactory, config: OptimizerConfig) -> Candidate:
                      "or archived", mt)
         raise
     except Exception as exc:  # noqa: BLE001 - one model type's failure must not stop the others
-        logger.error("compare: %s failed: %s: %s", mt, type(exc).__name__, exc, exc_info=True)
+        # A Step5Error says what went wrong in its one line, as the CLI prints it; anything else is a bug's trace.
+        logger.error("compare: %s failed: %s: %s", mt, type(exc).__name__, exc, exc_info=not isinstance(exc, Step5Error))
         return Candidate(mt, "FAILED", error=f"{type(exc).__name__}: {exc}", staging_dir=staging,
                          wall_s=time.perf_counter() - start)
     wall = time.perf_counter() - start

@@ -11,7 +11,7 @@ import pytest
 from step5 import artifacts
 from step5.artifacts import MODEL_TYPES
 from step5.data.survivors import load_survivors
-from step5.errors import DataError, DegenerateSignalError, StorageError, UsageError
+from step5.errors import DataError, DegenerateSignalError, Step5Error, StorageError, UsageError
 from step5.execution.summary import RunnerStats, build_execution_summary
 from step5.optimizer import compare
 from step5.policy import DiagnosticsPolicy
@@ -187,8 +187,9 @@ def test_cv_ties_go_to_the_model_order_never_to_the_test_r2(fake, config):
     assert summary_of(config)["winner"] == "xgboost"  # ties lightgbm on CV, earlier in the order
 
 
-def test_a_failing_model_type_is_reported_and_the_others_go_on(fake, config, caplog):
-    fake.script = {"neural_net": ("raise", RuntimeError("worker pool exploded")),
+@pytest.mark.parametrize(("error", "traced"), [(RuntimeError, True), (Step5Error, False)])
+def test_a_failing_model_type_is_reported_and_the_others_go_on(fake, config, caplog, error, traced):
+    fake.script = {"neural_net": ("raise", error("worker pool exploded")),
                    "xgboost": ("ok", 0.2, 0.2), "lightgbm": ("no_checkpoint", 0.9, 0.9),
                    "catboost": ("ok", 0.1, 0.3)}
     with caplog.at_level("ERROR", logger="step5.optimizer.compare"):
@@ -196,12 +197,13 @@ def test_a_failing_model_type_is_reported_and_the_others_go_on(fake, config, cap
     summary = summary_of(config)
     assert summary["winner"] == "catboost"
     nn = summary["models"]["neural_net"]
-    assert nn["status"] == "FAILED" and nn["error"] == "RuntimeError: worker pool exploded"
+    assert nn["status"] == "FAILED" and nn["error"] == f"{error.__name__}: worker pool exploded"
     assert nn["rank"] is None and nn["checkpoint_path"] is None
     # claimed SUCCESS with the best score, but no checkpoint on disk: cannot win
     lgb = summary["models"]["lightgbm"]
     assert lgb["status"] == "FAILED" and "checkpoint" in lgb["error"]
-    assert "worker pool exploded" in caplog.text
+    (line,) = [r for r in caplog.records if "worker pool exploded" in r.getMessage()]
+    assert bool(line.exc_info) is traced  # a Step5Error's message is its report; a bug's is its trace
     # what the failed run left is archived for inspection, not in the output folder
     assert (config.output_dir / compare.ARCHIVE_DIRNAME / "neural_net" / "partial.log").is_file()
     assert artifacts.read_sidecar(config.output_dir / artifacts.SIDECAR_NAME)["model_type"] == "catboost"
