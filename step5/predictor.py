@@ -19,6 +19,7 @@ from step5.artifacts import SIDECAR_NAME, feature_schema_hash, file_sha256, get_
     resolve_checkpoint
 from step5.cliutil import UsageErrorParser, add_log_level, closed_fraction
 from step5.errors import EXIT_OK, DataError, PredictionNotAllowed, Step5Error
+from step5.fsutil import os_error_reason
 from step5.jsonio import dumps, write_json_atomic
 
 if TYPE_CHECKING:
@@ -172,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model-dir", type=Path, required=True, help="folder holding best_model.meta.json (or the sidecar path)")
     p.add_argument("--survivors", type=Path, required=True, help="survivors JSON file to predict for")
-    p.add_argument("--output", type=Path, default=None, help='write [{"seed", "prediction"}] here [stdout]')
+    p.add_argument("--output", type=Path, default=None,
+                   help='write [{"seed", "prediction"}] to this file, its folders made as needed (- : stdout) [stdout]')
     p.add_argument("--max-missing-fraction", type=closed_fraction, default=DEFAULT_MAX_MISSING_FRACTION,
                    help="refuse survivors when more than this share of the model's feature cells are missing "
                         f"(a missing cell is filled with 0.0; 1 allows any) [{DEFAULT_MAX_MISSING_FRACTION}]")
@@ -190,8 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         survivors = load_features(args.survivors, predictor.feature_names)
         preds = predictor.predict_survivors(survivors, max_missing_fraction=args.max_missing_fraction)
         rows = [{"seed": seed, "prediction": float(v)} for seed, v in zip(survivors.seeds, preds)]
-        if args.output is not None:
-            write_json_atomic(args.output, rows)
+        if args.output is not None and str(args.output) != "-":
+            try:
+                write_json_atomic(args.output, rows)
+            except OSError as exc:
+                raise Step5Error(f"cannot write the predictions to {args.output}: {os_error_reason(exc)}") from None
             logger.info("wrote %d predictions to %s", len(rows), args.output)
         else:
             sys.stdout.buffer.write(dumps(rows) + b"\n")
