@@ -27,8 +27,8 @@ from step5.values import utc_timestamp
 from step5.watcher.judge import EXIT_CODES, Decision, Judgement, file_signature, judge, thresholds_for
 from step5.watcher.process import install_termination_as_interrupt, run_in_group
 from step5.watcher.registry import (
-    DEFAULT_DECISION_LOG, DEFAULT_REGISTRY_PATH, append_decision, load_skip_registry, read_decisions, record_result,
-    skipped_model_types,
+    DEFAULT_DECISION_LOG, DEFAULT_REGISTRY_PATH, append_decision, check_writable, load_skip_registry, read_decisions,
+    record_result, skipped_model_types,
 )
 from step5.watcher.steps import (
     StepSpec, build_command, effective, manifest_defaults, retry_params, steps_in_range, validate_params,
@@ -153,6 +153,7 @@ def run_pipeline(start: int, end: int, raw_params: Any, *, policy_path: str, dec
                   flush=True)
         return EXIT_OK
     load_skip_registry(DEFAULT_REGISTRY_PATH)  # a damaged registry is an error now, not after the run
+    check_writable(decision_log, DEFAULT_REGISTRY_PATH)  # as is a file the decision cannot be written to
     run_id = uuid.uuid4().hex[:12]
     logger.info("pipeline run %s: steps %d..%d, policy %s, decision log %s", run_id, start, end,
                 policy_path, decision_log)

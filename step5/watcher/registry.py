@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 from step5.artifacts import DIAGNOSTICS_DIRNAME, REGISTRY_NAME
 from step5.errors import DataError
+from step5.fsutil import os_error_reason
 from step5.jsonio import dumps_line, loads, read_json_file, write_json_atomic
 from step5.policy import DiagnosticsPolicy
 from step5.values import is_int, utc_timestamp
@@ -34,15 +35,35 @@ _COUNT_KEYS = ("consecutive_critical", "total_runs", "total_critical")
 
 
 @contextmanager
-def flocked(path: Path, flags: int) -> Iterator[int]:
-    """``path`` opened (created with its folder if need be) and held under an exclusive ``flock``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, flags | os.O_CREAT, 0o644)
+def flocked(path: Path, flags: int, what: str) -> Iterator[int]:
+    """``path`` opened (created with its folder if need be) and held under an exclusive ``flock``; a
+    filesystem error, opening it or in the block, is a :class:`DataError` naming ``what`` and the file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, flags | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise DataError(f"cannot open the {what} {path}: {os_error_reason(exc)}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield fd
+    except OSError as exc:
+        raise DataError(f"cannot write the {what} {exc.filename or path}: {os_error_reason(exc)}") from None
     finally:
         os.close(fd)  # closing the only descriptor releases the lock
+
+
+def check_writable(decision_log: str | os.PathLike[str], registry: str | os.PathLike[str]) -> None:
+    """Open the decision log for appending and take the registry's lock, as the first judged run will: a path
+    that cannot be written is an error before a step runs, not after it (its decision would be lost)."""
+    with flocked(Path(decision_log), os.O_WRONLY | os.O_APPEND, "decision log"):
+        pass
+    with flocked(_lock_of(Path(registry)), os.O_RDWR, "skip registry lock"):
+        pass
+
+
+def _lock_of(registry: Path) -> Path:
+    # The lock is on a sibling file: the data file itself is replaced, so it cannot carry it.
+    return registry.with_name(registry.name + ".lock")
 
 
 def _parse_time(text: Any) -> datetime | None:
@@ -116,8 +137,7 @@ def record_result(
     if not isinstance(critical, bool):
         raise ValueError(f"`critical` must be a bool, got {critical!r}")
     p = Path(path)
-    # The lock is on a sibling file: the data file itself is replaced, so it cannot carry it.
-    with flocked(p.with_name(p.name + ".lock"), os.O_RDWR):
+    with flocked(_lock_of(p), os.O_RDWR, "skip registry"):
         registry = load_skip_registry(p)
         now = datetime.now(timezone.utc)
         entry = {**dict.fromkeys(_COUNT_KEYS, 0), "last_critical": None, **registry.get(model_type, {})}
@@ -146,7 +166,7 @@ def record_result(
 def append_decision(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
     """Append ``record`` as one line: one ``write`` on an ``O_APPEND`` descriptor under the
     lock, so concurrent WATCHERs never interleave lines."""
-    with flocked(Path(path), os.O_WRONLY | os.O_APPEND) as fd:
+    with flocked(Path(path), os.O_WRONLY | os.O_APPEND, "decision log") as fd:
         view = memoryview(dumps_line(record))
         while view:  # a regular file takes it in one write; loop only for safety
             view = view[os.write(fd, view):]
@@ -160,14 +180,17 @@ def read_decisions(path: str | os.PathLike[str], last: int | None = None) -> tup
         return [], 0
     records: deque[dict[str, Any]] = deque(maxlen=last)
     bad = 0
-    with p.open("rb") as fh:
-        for raw in filter(bytes.strip, fh):
-            try:
-                obj = loads(raw)
-            except ValueError:
-                obj = None
-            if isinstance(obj, dict):
-                records.append(obj)
-            else:
-                bad += 1
+    try:
+        with p.open("rb") as fh:
+            for raw in filter(bytes.strip, fh):
+                try:
+                    obj = loads(raw)
+                except ValueError:
+                    obj = None
+                if isinstance(obj, dict):
+                    records.append(obj)
+                else:
+                    bad += 1
+    except OSError as exc:
+        raise DataError(f"cannot read the decision log {p}: {os_error_reason(exc)}") from None
     return list(records), bad

@@ -324,3 +324,14 @@ def test_the_pipelines_manifest_gives_the_step_its_default_params(work, watcher)
     assert flag(argv, "--trials") == "3"  # --params win
     assert not any("persistent-workers" in a for a in argv)  # false adds no flag: the policy decides
     assert "default params from agent_manifests/reinforcement.json" in proc.stderr
+
+
+def test_a_decision_log_that_cannot_be_written_stops_the_watcher_before_the_step(work, watcher):
+    # It used to be found only when the first decision was appended, after the step had trained:
+    # a traceback, and the decision lost.
+    (work / "taken").mkdir()
+    proc = watcher.run(work, "ok", "--decision-log", "taken")
+    assert proc.returncode == 1 and "cannot open the decision log taken: Is a directory" in proc.stderr
+    assert "Traceback" not in proc.stderr and calls(work) == []
+    proc = watcher.run(work, cmd=watcher.cmd()[:2] + ["--status", "--policy", "policy.json", "--decision-log", "taken"])
+    assert proc.returncode == 1 and "cannot read the decision log taken: Is a directory" in proc.stderr

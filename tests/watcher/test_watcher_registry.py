@@ -12,6 +12,7 @@ from step5.errors import DataError
 from step5.policy import DiagnosticsPolicy
 from step5.watcher.registry import (
     append_decision,
+    check_writable,
     load_skip_registry,
     read_decisions,
     record_result,
@@ -164,3 +165,21 @@ def test_read_decisions_tail_and_damaged_lines(tmp_path):
     records, bad = read_decisions(path, last=3)
     assert [r["n"] for r in records] == [3, 4, 5] and bad == 2
     assert read_decisions(tmp_path / "missing.jsonl") == ([], 0)
+
+
+def test_files_that_cannot_be_written_or_read_are_data_errors_naming_them(tmp_path):
+    (tmp_path / "folder.jsonl").mkdir()
+    (tmp_path / "plain").write_text("a file where a folder should be")
+    with pytest.raises(DataError, match=r"cannot open the decision log .*folder.jsonl: Is a directory"):
+        append_decision(tmp_path / "folder.jsonl", {"n": 1})
+    with pytest.raises(DataError, match=r"cannot read the decision log .*folder.jsonl: Is a directory"):
+        read_decisions(tmp_path / "folder.jsonl")
+    with pytest.raises(DataError, match=r"cannot open the skip registry .*plain"):
+        record_result(tmp_path / "plain" / "reg.json", "xgboost", True, "x", RULES)
+    with pytest.raises(DataError, match=r"cannot open the decision log .*folder.jsonl"):
+        check_writable(tmp_path / "folder.jsonl", tmp_path / "reg.json")
+    with pytest.raises(DataError, match=r"cannot open the skip registry lock .*plain"):
+        check_writable(tmp_path / "d.jsonl", tmp_path / "plain" / "reg.json")
+    check_writable(tmp_path / "new" / "d.jsonl", tmp_path / "new" / "reg.json")
+    assert read_decisions(tmp_path / "new" / "d.jsonl") == ([], 0)  # made empty, as the first append would
+    assert load_skip_registry(tmp_path / "new" / "reg.json") == {}  # only its lock is made
