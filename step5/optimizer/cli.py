@@ -275,7 +275,8 @@ def _run_main(parser: UsageErrorParser, args: argparse.Namespace, argv: list[str
         config = config_from_args(args, [sys.argv[0], *argv])
         # argparse stores the default object itself when a flag is not given.
         preflight(config.output_dir, config.storage,
-                  output_dir_given=args.output_dir is not parser.get_default("output_dir"))
+                  output_dir_given=args.output_dir is not parser.get_default("output_dir"),
+                  summary_dir=config.diagnostics_folder if config.compare_models else None)
         if config.compare_models:
             from step5.optimizer.compare import run_compare
 
@@ -352,11 +353,14 @@ def check_sqlite_storage(storage_url: str, what: str) -> None:
         raise Step5Error(f"{what}: cannot write the study database {db}: {os_error_reason(exc)}") from None
 
 
-def preflight(output_dir: Path, storage: str | None, *, output_dir_given: bool) -> None:
-    """Before any data is loaded: can this run write its outputs? (docs/optimizer-internals.md#preflight)"""
+def preflight(output_dir: Path, storage: str | None, *, output_dir_given: bool, summary_dir: Path | None = None) -> None:
+    """Before any data is loaded: can this run write its outputs? (docs/optimizer-internals.md#preflight)
+    ``summary_dir``: where a compare run writes the summary the WATCHER judges it by."""
     what = f"--output-dir {output_dir}" if output_dir_given else (
         f"the default output dir {output_dir} (choose another with --output-dir)"
     )
     check_writable_dir(output_dir, what)
+    if summary_dir is not None:
+        check_writable_dir(summary_dir, f"the compare summary's folder {summary_dir} (in the working directory)")
     if storage is not None:
         check_sqlite_storage(storage, f"--storage {storage}")

@@ -109,3 +109,16 @@ def test_the_cli_prints_one_line_and_no_traceback(tmp_path, repo_root):
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"error: --output-dir {path / 'out'}: {path} is a file, not a folder"
+
+
+def test_a_compare_run_whose_summary_folder_cannot_be_written_fails_before_the_search(tmp_path, capsys, monkeypatch):
+    # It used to train all four model types, promote the winner, then die on the summary the
+    # WATCHER judges the run by (a FileExistsError traceback).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "diagnostics_outputs").write_text("a file where the folder goes")
+    code, err = _run(capsys, "--output-dir", str(tmp_path / "out"), "--compare-models")
+    assert code == 1
+    assert _error_lines(err) == ["error: the compare summary's folder diagnostics_outputs (in the working directory): "
+                                 "it is a file, not a folder"]
+    code, err = _run(capsys, "--output-dir", str(tmp_path / "out"), "--model-type", "xgboost")
+    assert _error_lines(err) == ["error: survivors file not found: missing.json"]  # a single run writes none
