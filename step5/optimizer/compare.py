@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 from step5 import artifacts, model_set
 from step5.artifacts import MODEL_TYPES
 from step5.errors import EXIT_OK, DegenerateSignalError, Step5Error, StorageError
+from step5.fsutil import os_error_reason
 from step5.jsonio import read_json_file, write_json_atomic
 from step5.optimizer.optimizer import AntiOverfitMetaOptimizer, load_inputs
 from step5.optimizer.config import OptimizerConfig, RunOutcome, rescore_partitions, validate_config
@@ -284,7 +285,12 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
     diag = config.diagnostics_folder
     plot = plot_comparison(list(candidates.values()), diag / PLOT_NAME, winner=summary["winner"])
     summary["plot"] = str(plot) if plot else None
-    write_json_atomic(diag / SUMMARY_NAME, summary)
+    try:
+        write_json_atomic(diag / SUMMARY_NAME, summary)
+    except OSError as exc:  # preflight tried the folder; a disk can still fill up since
+        kept = f"the output dir holds the winner, {winner.model_type}" if winner else "no model was promoted"
+        raise Step5Error(f"cannot write the compare summary {diag / SUMMARY_NAME}: {os_error_reason(exc)} ({kept})"
+                         ) from None
     if config.enable_diagnostics:
         _write_compare_health(config, candidates, winner)
     table = [f"{'model':<11} {'status':<17} {'CV score':>9} {'rescored':>9} {'test R^2':>9} {'wall s':>8} {'trials':>6}"]

@@ -415,3 +415,17 @@ def test_a_database_gone_for_good_stops_the_comparison_and_leaves_the_last_one_w
     assert "compare: stopped at xgboost" in caplog.text
     after = _tree_of(config.output_dir, config.diagnostics_dir)
     assert {k: v for k, v in after.items() if compare.STAGING_DIRNAME not in k} == before
+
+
+def test_a_summary_that_cannot_be_written_is_one_error_naming_it(fake, config, monkeypatch):
+    import errno
+
+    def full(path, obj, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(compare, "write_json_atomic", full)
+    fake.script = {mt: ("ok", 0.1, 0.5 if mt == "xgboost" else 0.1) for mt in MODEL_TYPES}
+    with pytest.raises(Step5Error, match=r"cannot write the compare summary .*compare_models_summary.json: no space "
+                                         r"left on the device \(the output dir holds the winner, xgboost\)"):
+        compare.run_compare(config, optimizer_factory=fake)
+    assert artifacts.read_sidecar(config.output_dir / artifacts.SIDECAR_NAME)["model_type"] == "xgboost"
