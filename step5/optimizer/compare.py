@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import logging
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from step5 import artifacts, model_set
 from step5.artifacts import MODEL_TYPES
@@ -30,6 +32,7 @@ SUMMARY_NAME = artifacts.COMPARE_SUMMARY_NAME
 PLOT_NAME = "compare_models_summary.png"
 STAGING_DIRNAME = "compare_runs"
 ARCHIVE_DIRNAME = "compare_archive"
+LOCK_NAME = "compare_runs.lock"  # held by the compare run writing to the output dir
 SUMMARY_SCHEMA_VERSION = 1
 
 #: The selection rule, as it is written into the summary and the winner's sidecar.
@@ -209,10 +212,36 @@ def _run_one(factory: OptimizerFactory, config: OptimizerConfig) -> Candidate:
     return cand
 
 
+@contextlib.contextmanager
+def only_compare_run_in(out_dir: Path) -> Iterator[None]:
+    """Hold ``out_dir``'s compare lock for the whole run, or raise naming the run that holds it: two compare
+    runs in one folder delete each other's staged runs and archives, and can leave a sidecar without its
+    checkpoint. The kernel lets go of it when the process ends, however it ends."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / LOCK_NAME, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "holder unknown"
+            raise Step5Error(f"another --compare-models run ({holder}) is writing to {out_dir}; wait for it to end "
+                             "or give this one another --output-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {utc_timestamp()}\n")
+        handle.flush()
+        yield
+
+
 def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory | None = None) -> int:
     """Run every model type not skipped, keep the winner; the exit code: 0 a winner, 2 no winner and a
     degenerate target (its sidecar is left), 1 otherwise. ``optimizer_factory``: tests inject a fake.
     Unreadable data raises its :class:`DataError` before any model type runs, leaving the output folder as it was."""
+    with only_compare_run_in(Path(config.output_dir)):
+        return _compare(config, optimizer_factory)
+
+
+def _compare(config: OptimizerConfig, optimizer_factory: OptimizerFactory | None) -> int:
     out_dir = Path(config.output_dir)
     started = time.perf_counter()
     created_at = utc_timestamp()

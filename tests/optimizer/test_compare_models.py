@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 from pathlib import Path
@@ -122,7 +123,7 @@ def test_the_best_rescored_objective_wins_never_the_test_r2_and_is_left_as_best_
 
     out = config.output_dir
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
-        "best_model.cbm", "best_model.history.png", "best_model.meta.json"]
+        "best_model.cbm", "best_model.history.png", "best_model.meta.json", compare.LOCK_NAME]
     sidecar = artifacts.read_sidecar(out / artifacts.SIDECAR_NAME)  # still valid
     assert sidecar["model_type"] == "catboost"
     assert artifacts.resolve_checkpoint(out / artifacts.SIDECAR_NAME, sidecar).read_text() == "catboost model"
@@ -228,7 +229,8 @@ def test_degenerate_target_is_exit_2_with_a_degenerate_sidecar_and_no_model(fake
     assert compare.run_compare(config, optimizer_factory=fake) == 2
     sidecar = artifacts.read_sidecar(config.output_dir / artifacts.SIDECAR_NAME)
     assert sidecar["outcome"] == "DEGENERATE_SIGNAL" and sidecar["compare_models"]["winner"] is None
-    assert sorted(p.name for p in config.output_dir.iterdir() if p.is_file()) == ["best_model.meta.json"]
+    assert sorted(p.name for p in config.output_dir.iterdir() if p.is_file()) == ["best_model.meta.json",
+                                                                                   compare.LOCK_NAME]
     assert {m["status"] for m in summary_of(config)["models"].values()} == {"DEGENERATE_SIGNAL"}
 
 
@@ -239,7 +241,8 @@ def test_a_new_winner_replaces_a_stale_model_of_another_type(fake, config):
     fake.script = {mt: ("ok", 0.1, 0.5 if mt == "lightgbm" else 0.1) for mt in MODEL_TYPES}
     assert compare.run_compare(config, optimizer_factory=fake) == 0
     names = sorted(p.name for p in config.output_dir.iterdir() if p.is_file())
-    assert names == ["best_model.history.png", "best_model.meta.json", "best_model.txt", "notes.txt"]
+    assert names == ["best_model.history.png", "best_model.meta.json", "best_model.txt", compare.LOCK_NAME,
+                     "notes.txt"]
 
 
 def test_registry_skips_are_logged_and_cannot_win(fake, config, caplog):
@@ -348,7 +351,9 @@ def test_every_sub_run_rescores_as_many_partitions_as_asked(fake, config):
 
 
 def _tree_of(*folders: Path) -> dict[str, bytes]:
-    return {str(p): p.read_bytes() for folder in folders for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file and its bytes, but the compare lock, which names the run that holds it."""
+    return {str(p): p.read_bytes() for folder in folders for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != compare.LOCK_NAME}
 
 
 @pytest.mark.parametrize("broken", ["missing survivors", "malformed survivors", "malformed history"])
@@ -429,3 +434,20 @@ def test_a_summary_that_cannot_be_written_is_one_error_naming_it(fake, config, m
                                          r"left on the device \(the output dir holds the winner, xgboost\)"):
         compare.run_compare(config, optimizer_factory=fake)
     assert artifacts.read_sidecar(config.output_dir / artifacts.SIDECAR_NAME)["model_type"] == "xgboost"
+
+
+def test_a_second_compare_run_in_the_same_folder_is_refused_while_the_first_runs(fake, config):
+    # Two at once deleted each other's staged runs and archives: seen ending with a sidecar whose
+    # checkpoint was gone, an archive of one type out of three, and both runs saying they saved it.
+    config.output_dir.mkdir(parents=True)
+    with open(config.output_dir / compare.LOCK_NAME, "a+") as first:  # a run that holds the folder
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        first.write("pid 4242 on rig-1, since 2026-12-07T05:00:00Z\n")
+        first.flush()
+        with pytest.raises(Step5Error, match=r"another --compare-models run \(pid 4242 on rig-1, since "
+                                             r"2026-12-07T05:00:00Z\) is writing to .*out; wait for it"):
+            compare.run_compare(config, optimizer_factory=fake)
+        assert fake.configs == [] and not (config.output_dir / compare.STAGING_DIRNAME).exists()
+    fake.script = {mt: ("ok", 0.1, 0.1) for mt in MODEL_TYPES}
+    assert compare.run_compare(config, optimizer_factory=fake) == 0  # free again once the holder let go
+    assert "pid" in (config.output_dir / compare.LOCK_NAME).read_text()
