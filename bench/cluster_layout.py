@@ -119,14 +119,14 @@ def _write_cluster(folder: Path, layout: Layout) -> tuple[Path, Path, dict[str, 
 
 def _progress(url: str, name: str, pid_file: Path) -> tuple[int, int]:
     """(complete trials in the study, trials running in the process of ``pid_file``)."""
-    import optuna
     from optuna.trial import TrialState
 
+    from step5.testing import stored_trials
+
     try:
-        study = optuna.load_study(study_name=name, storage=url)
+        trials = stored_trials(url, name)
     except KeyError:  # not created yet
         return 0, 0
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
     pid = int(pid_file.read_text()) if pid_file.exists() else -1
     running = sum(1 for t in trials if t.state == TrialState.RUNNING and (t.user_attrs.get("owner") or {}).get("pid") == pid)
     return sum(1 for t in trials if t.state == TrialState.COMPLETE), running
@@ -135,8 +135,9 @@ def _progress(url: str, name: str, pid_file: Path) -> tuple[int, int]:
 def run_layout(pg: Any, layout: Layout, inputs: tuple[Path, Path], work: Path, *, scenario: str = "steady",
                timeout_s: float = 900.0) -> dict[str, Any]:
     """Run one scenario on a fresh database; return its figures and checks."""
-    import optuna
     from optuna.trial import TrialState
+
+    from step5.testing import stored_trials
 
     tag = f"{scenario}_{layout.job_sleep_s:g}s".replace(".", "_")
     folder = work / tag
@@ -179,8 +180,7 @@ def run_layout(pg: Any, layout: Layout, inputs: tuple[Path, Path], work: Path, *
     files = sorted(folder.glob("timings-*.json"))
     timings = [read_json_file(p, "timings") for p in files]
     slots = [layout.main_gpus if p.name == "timings-main.json" else layout.rig_gpus for p in files]
-    study = optuna.load_study(study_name="layout", storage=url)
-    trials = study.get_trials(deepcopy=False)
+    trials = stored_trials(url, "layout")
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     failed = [t for t in trials if t.state == TrialState.FAIL]
     params = {tuple(sorted(t.params.items())) for t in complete}

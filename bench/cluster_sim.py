@@ -49,8 +49,9 @@ def _percentile(values: list[float], q: float) -> float:
 
 def run_one(pg: Any, n_procs: int, args: argparse.Namespace, inputs: tuple[Path, Path], work: Path) -> dict[str, Any]:
     """Run ``n_procs`` processes on a fresh study; return the figures and the checks."""
-    import optuna
     from optuna.trial import TrialState
+
+    from step5.testing import stored_trials
 
     url = pg.create_database(f"sim_{n_procs}")
     n_trials = n_procs * args.trials_per_process
@@ -83,8 +84,7 @@ def run_one(pg: Any, n_procs: int, args: argparse.Namespace, inputs: tuple[Path,
     asks = [t[0] for tm in timings for t in tm["ask"]]
     tells = [t[0] for tm in timings for t in tm["tell"]]
     last_tell = max((t[1] for tm in timings for t in tm["tell"]), default=start)
-    study = optuna.load_study(study_name="sim", storage=url)
-    trials = study.get_trials(deepcopy=False)
+    trials = stored_trials(url, "sim")
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     params = {tuple(sorted(t.params.items())) for t in complete}
     checks = {

@@ -127,14 +127,17 @@ def best_nn_trial(run_dir: Path) -> tuple[int, dict[str, Any], int]:
         db = run_dir / sub / DEFAULT_DB_NAME
         if not db.is_file():
             continue
-        storage = f"sqlite:///{db.resolve()}"
-        for summary in optuna.get_all_study_summaries(storage):
-            if summary.study_name.startswith("step5_neural_net"):
-                study = optuna.load_study(study_name=summary.study_name, storage=storage)
-                done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                if done:
-                    best = study.best_trial
-                    return best.number, dict(best.user_attrs["params"]), len(done)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}")
+        try:
+            for summary in optuna.get_all_study_summaries(storage):
+                if summary.study_name.startswith("step5_neural_net"):
+                    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+                    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                    if done:
+                        best = study.best_trial
+                        return best.number, dict(best.user_attrs["params"]), len(done)
+        finally:
+            storage.engine.dispose()  # its connections closed, not left to the garbage collector
     raise FileNotFoundError(f"no neural-net study with a complete trial under {run_dir}")
 
 

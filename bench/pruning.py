@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 
 from step5 import artifacts
 from step5.data.sample import write_sample
+from step5.testing import stored_trials
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,9 +60,7 @@ def run_one(pruner: str, inputs: tuple[Path, Path], tmp: Path, args: argparse.Na
     if proc.returncode != 0:
         raise SystemExit(f"--pruner {pruner} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     sidecar = json.loads((out / artifacts.SIDECAR_NAME).read_text())
-    study = optuna.load_study(study_name=sidecar["optuna"]["study_name"],
-                              storage=f"sqlite:///{(out / 'optuna_step5.db').resolve()}")
-    trials = study.trials
+    trials = stored_trials(f"sqlite:///{(out / 'optuna_step5.db').resolve()}", sidecar["optuna"]["study_name"])
     folds = sum(args.folds if t.state == TrialState.COMPLETE else int(t.user_attrs.get("pruned_after_folds", 0))
                 for t in trials)
     search_s = float(sidecar["execution"]["timings"]["search_s"])

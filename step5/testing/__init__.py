@@ -1,5 +1,5 @@
 """Test helpers that ship with the package (like ``optuna.testing``; docs/workers.md "The
-fakes"): fake pools, CPU slots, a wire request, running requests one by one."""
+fakes"): fake pools, CPU slots, a wire request, running requests one by one, a study's trials."""
 from __future__ import annotations
 
 import sys
@@ -70,3 +70,20 @@ def summary_of(runner: Any) -> dict[str, Any]:
     import dataclasses
 
     return dataclasses.asdict(runner.summary())
+
+
+def stored_trials(url: str, study_name: str | None = None) -> list[Any]:
+    """The trials of ``study_name`` (the only study at ``url`` when None), read from outside the run that
+    writes them, on connections closed before it returns: a test or benchmark polling a study holds none
+    (``optuna.load_study(storage=url)`` leaves its engine's to the garbage collector). A ``KeyError`` or
+    ``ValueError`` while the study is not there yet."""
+    import optuna
+
+    storage = optuna.storages.RDBStorage(url)
+    try:
+        if study_name is None:
+            (summary,) = optuna.get_all_study_summaries(storage)
+            study_name = summary.study_name
+        return optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
+    finally:
+        storage.engine.dispose()

@@ -9,6 +9,8 @@ no trial lost.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench.cluster_layout import Layout, format_rows, run_layout
@@ -20,7 +22,7 @@ def test_one_command_runs_a_study_across_the_stand_in_hosts(postgres_server, sam
     row = run_layout(postgres_server, SMALL, sample_inputs, tmp_path, scenario="steady", timeout_s=300)
     assert all(row["checks"].values()), (row["checks"], row["log"])
     assert row["complete"] == 30 and row["failed"] == 0 and row["processes"] == 4
-    log = open(row["log"]).read()
+    log = Path(row["log"]).read_text()
     for rig in ("rig-1", "rig-2", "rig-3"):
         assert f"[{rig}] " in log and f"{rig} " in log.split("helpers: ")[-1]
     assert "found 2 AMD GPU(s) (ids 0,1) from rocm-smi" in log

@@ -24,9 +24,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import optuna
 import pytest
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
+
+from step5.testing import stored_trials
 
 TRIALS = 6
 OUTAGE_S = 3
@@ -107,8 +108,8 @@ class Study:
             self.pg.wait_ready()  # a background restart may still be under way
         return done
 
-    def trials(self) -> list[optuna.trial.FrozenTrial]:
-        return optuna.load_study(study_name="shared", storage=self.url).get_trials(deepcopy=False)
+    def trials(self) -> list[FrozenTrial]:
+        return stored_trials(self.url, "shared")
 
     def assert_complete(self) -> Counter:
         trials = self.trials()

@@ -14,10 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-import optuna
 import psutil
 import pytest
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from step5 import artifacts
 from step5.data.splits import FoldFiles
@@ -32,6 +31,7 @@ from step5.optimizer.study import (
 )
 from step5.owner import ProcessIdentity, this_process
 from step5.policy import TrainingPolicy
+from step5.testing import stored_trials
 
 SCRIPT = "meta_prediction_optimizer_anti_overfit.py"
 SETUP = {"model_type": "neural_net", "seed": 1, "k_folds": 2}
@@ -46,15 +46,15 @@ def _dead_identity() -> ProcessIdentity:
     return ProcessIdentity(me.host, me.pid_namespace, child.pid, started)
 
 
-def _states(study: optuna.Study) -> dict[str, int]:
+def _states(trials: list[FrozenTrial]) -> dict[str, int]:
     out: dict[str, int] = {}
-    for t in study.trials:
+    for t in trials:
         out[t.state.name] = out.get(t.state.name, 0) + 1
     return out
 
 
-def _complete_params(study: optuna.Study) -> list[tuple]:
-    return [tuple(sorted(t.params.items())) for t in study.trials if t.state == TrialState.COMPLETE]
+def _complete_params(trials: list[FrozenTrial]) -> list[tuple]:
+    return [tuple(sorted(t.params.items())) for t in trials if t.state == TrialState.COMPLETE]
 
 
 # ---------------------------------------------------------------- study level (in-process)
@@ -91,7 +91,7 @@ def test_a_stale_heartbeat_fails_a_trial_of_another_host_and_queues_its_rerun(tm
     assert reclaim_dead_trials(opened.study) == 0  # not stale yet, and not ours to judge
     time.sleep(3.2)
     assert reclaim_dead_trials(opened.study) == 1
-    assert _states(opened.study) == {"FAIL": 1, "WAITING": 1}
+    assert _states(opened.study.trials) == {"FAIL": 1, "WAITING": 1}
 
 
 def test_other_data_or_setup_is_refused_naming_the_difference(tmp_path):
@@ -112,14 +112,14 @@ def test_first_trials_are_enqueued_once_in_a_fresh_study_and_asked_before_any_sa
     url = f"sqlite:///{tmp_path / 's.db'}"
     firsts = [{"x": 0.25}, {"x": 0.75}]
     opened = open_study(study_name="s", storage_url=url, setup=SETUP, data=DATA, seed=1, first_trials=firsts)
-    assert opened.trials_before == 0 and _states(opened.study) == {"WAITING": 2}
+    assert opened.trials_before == 0 and _states(opened.study.trials) == {"WAITING": 2}
     asked = [opened.study.ask() for _ in range(3)]
     assert [t.suggest_float("x", 0.0, 1.0) for t in asked[:2]] == [0.25, 0.75]
     for t in asked:
         opened.study.tell(t, 0.0)
     # A resumed study (or another host joining it) does not queue them again.
     again = open_study(study_name="s", storage_url=url, setup=SETUP, data=DATA, seed=1, first_trials=firsts)
-    assert _states(again.study) == {"COMPLETE": 3}
+    assert _states(again.study.trials) == {"COMPLETE": 3}
 
 
 def test_fold_folders_of_dead_runs_are_removed_by_the_next_run(tmp_path):
@@ -171,13 +171,11 @@ def test_two_identical_runs_at_once_on_one_sqlite_study(sample_inputs, tmp_path,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     errs = [p.communicate(timeout=240)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
-    storage = f"sqlite:///{(out / 'optuna_step5.db').resolve()}"
-    (summary,) = optuna.get_all_study_summaries(storage)
-    study = optuna.load_study(study_name=summary.study_name, storage=storage)
-    assert _states(study) == {"COMPLETE": 8}
-    params = _complete_params(study)
+    trials = stored_trials(f"sqlite:///{(out / 'optuna_step5.db').resolve()}")
+    assert _states(trials) == {"COMPLETE": 8}
+    params = _complete_params(trials)
     assert len(set(params)) == 8  # the two processes drew different configurations
-    owners = {t.user_attrs[OWNER_ATTR]["pid"] for t in study.trials}
+    owners = {t.user_attrs[OWNER_ATTR]["pid"] for t in trials}
     assert owners == {p.pid for p in procs}  # both searched
     assert list((tmp_path / "tmpdir").iterdir()) == []
 
@@ -215,16 +213,14 @@ def test_three_processes_on_postgres_survive_a_killed_helper_and_refuse_other_da
     # machine the victim could boot so late that the others had finished the study without it.
     victim = start("helper0", "--search-only")
     procs = [victim]
-    study = None
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:  # wait until the victim trains a trial
             try:
-                study = optuna.load_study(study_name="shared", storage=postgres_url)
                 # Training, not still drawing its params (a trial killed mid-suggest is re-run
                 # with the params it had, the rest drawn anew).
-                running = [t for t in study.get_trials(states=(TrialState.RUNNING,))
-                           if t.user_attrs.get(OWNER_ATTR, {}).get("pid") == victim.pid and "params" in t.user_attrs]
+                running = [t for t in stored_trials(postgres_url, "shared") if t.state == TrialState.RUNNING
+                           and t.user_attrs.get(OWNER_ATTR, {}).get("pid") == victim.pid and "params" in t.user_attrs]
             except KeyError:
                 running = []
             if running or victim.poll() is not None:
@@ -243,17 +239,18 @@ def test_three_processes_on_postgres_survive_a_killed_helper_and_refuse_other_da
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+            p.stderr.close()  # type: ignore[union-attr] - the victim's is never read
     assert main.returncode == 0, errs[main.pid][-3000:]
     assert helpers[1].returncode == 0, errs[helpers[1].pid][-3000:]
-    study = optuna.load_study(study_name="shared", storage=postgres_url)
-    states = _states(study)
+    trials = stored_trials(postgres_url, "shared")
+    states = _states(trials)
     assert states.get("COMPLETE") == n and "RUNNING" not in states, states
     assert states.get("FAIL", 0) >= 1  # the victim's trial, failed and re-run
-    params = _complete_params(study)
+    params = _complete_params(trials)
     assert len(set(params)) == n
-    rerun = [t for t in study.trials if t.state == TrialState.COMPLETE and "failed_trial" in t.system_attrs]
+    rerun = [t for t in trials if t.state == TrialState.COMPLETE and "failed_trial" in t.system_attrs]
     assert rerun, "the killed helper's trial was re-run"
-    assert rerun[0].params == study.trials[rerun[0].system_attrs["failed_trial"]].params
+    assert rerun[0].params == trials[rerun[0].system_attrs["failed_trial"]].params
     assert (tmp_path / "main" / "best_model.pth").exists()
     assert (tmp_path / "main" / artifacts.SIDECAR_NAME).exists()
     for helper in ("helper0", "helper1"):
@@ -265,7 +262,7 @@ def test_three_processes_on_postgres_survive_a_killed_helper_and_refuse_other_da
                             capture_output=True, text=True, timeout=120)
     assert fourth.returncode == 1, fourth.stderr[-2000:]
     assert "fingerprint_hash: study has" in fourth.stderr and "survivor_count" in fourth.stderr
-    assert _states(optuna.load_study(study_name="shared", storage=postgres_url)).get("COMPLETE") == n
+    assert _states(stored_trials(postgres_url, "shared")).get("COMPLETE") == n
 
 
 def test_a_rerun_after_sigkill_reruns_the_killed_trial_and_removes_its_fold_folder(
@@ -287,12 +284,10 @@ def test_a_rerun_after_sigkill_reruns_the_killed_trial_and_removes_its_fold_fold
         while not running and time.monotonic() < deadline and first.poll() is None:
             time.sleep(0.2)
             try:
-                (summary,) = optuna.get_all_study_summaries(storage)
-                study = optuna.load_study(study_name=summary.study_name, storage=storage)
                 # Killed while it trains, with its params drawn: a trial killed mid-suggest
                 # is re-run with the params it had, and the rest are drawn afresh.
-                running = [t for t in study.trials if t.state == TrialState.RUNNING and OWNER_ATTR in t.user_attrs
-                           and "params" in t.user_attrs]
+                running = [t for t in stored_trials(storage)
+                           if t.state == TrialState.RUNNING and OWNER_ATTR in t.user_attrs and "params" in t.user_attrs]
             except Exception:  # noqa: BLE001 - the study is not created yet
                 running = []
         assert running, "the first run never had a trial running"
@@ -305,16 +300,16 @@ def test_a_rerun_after_sigkill_reruns_the_killed_trial_and_removes_its_fold_fold
     assert [p.name for p in (tmp_path / "tmpdir").iterdir()]  # the dead run's fold folder is left behind
     second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert second.returncode == 0, second.stderr[-3000:]
-    study = optuna.load_study(study_name=summary.study_name, storage=storage)
-    states = _states(study)
+    trials = stored_trials(storage)
+    states = _states(trials)
     assert states["COMPLETE"] == 3 and "RUNNING" not in states and states["FAIL"] in (1, 2), states
-    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
     assert all("died" in t.user_attrs["fail_reason"] for t in failed)
     assert failed[0].params  # the one that trained
-    (rerun,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == failed[0].number]
+    (rerun,) = [t for t in trials if t.system_attrs.get("failed_trial") == failed[0].number]
     assert rerun.state == TrialState.COMPLETE and rerun.params == failed[0].params
     for dead in failed[1:]:  # asked ahead: killed before, while or after its params were drawn
-        reruns = [t for t in study.trials if t.system_attrs.get("failed_trial") == dead.number]
+        reruns = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
         if dead.params:  # re-run with the params it had, the rest drawn afresh
             (rerun,) = reruns
             assert rerun.state == TrialState.COMPLETE and dead.params.items() <= rerun.params.items()
