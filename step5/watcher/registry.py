@@ -35,19 +35,21 @@ _COUNT_KEYS = ("consecutive_critical", "total_runs", "total_critical")
 
 
 @contextmanager
-def flocked(path: Path, flags: int, what: str) -> Iterator[int]:
+def flocked(path: Path, flags: int, what: str, file: Path | None = None) -> Iterator[int]:
     """``path`` opened (created with its folder if need be) and held under an exclusive ``flock``; a
-    filesystem error, opening it or in the block, is a :class:`DataError` naming ``what`` and the file."""
+    filesystem error, opening it or in the block, is a :class:`DataError` naming ``what`` and ``file``
+    (the file the user knows: ``path`` unless that is a lock beside it)."""
+    shown = path if file is None else file
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, flags | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise DataError(f"cannot open the {what} {path}: {os_error_reason(exc)}") from None
+        raise DataError(f"cannot open the {what} {shown}: {os_error_reason(exc)}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield fd
     except OSError as exc:
-        raise DataError(f"cannot write the {what} {exc.filename or path}: {os_error_reason(exc)}") from None
+        raise DataError(f"cannot write the {what} {shown}: {os_error_reason(exc)}") from None
     finally:
         os.close(fd)  # closing the only descriptor releases the lock
 
@@ -57,7 +59,7 @@ def check_writable(decision_log: str | os.PathLike[str], registry: str | os.Path
     that cannot be written is an error before a step runs, not after it (its decision would be lost)."""
     with flocked(Path(decision_log), os.O_WRONLY | os.O_APPEND, "decision log"):
         pass
-    with flocked(_lock_of(Path(registry)), os.O_RDWR, "skip registry lock"):
+    with flocked(_lock_of(Path(registry)), os.O_RDWR, "skip registry", Path(registry)):
         pass
 
 
@@ -137,7 +139,7 @@ def record_result(
     if not isinstance(critical, bool):
         raise ValueError(f"`critical` must be a bool, got {critical!r}")
     p = Path(path)
-    with flocked(_lock_of(p), os.O_RDWR, "skip registry"):
+    with flocked(_lock_of(p), os.O_RDWR, "skip registry", p):
         registry = load_skip_registry(p)
         now = datetime.now(timezone.utc)
         entry = {**dict.fromkeys(_COUNT_KEYS, 0), "last_critical": None, **registry.get(model_type, {})}

@@ -174,11 +174,11 @@ def test_files_that_cannot_be_written_or_read_are_data_errors_naming_them(tmp_pa
         append_decision(tmp_path / "folder.jsonl", {"n": 1})
     with pytest.raises(DataError, match=r"cannot read the decision log .*folder.jsonl: Is a directory"):
         read_decisions(tmp_path / "folder.jsonl")
-    with pytest.raises(DataError, match=r"cannot open the skip registry .*plain"):
+    with pytest.raises(DataError, match=r"cannot open the skip registry .*plain/reg.json: "):
         record_result(tmp_path / "plain" / "reg.json", "xgboost", True, "x", RULES)
     with pytest.raises(DataError, match=r"cannot open the decision log .*folder.jsonl"):
         check_writable(tmp_path / "folder.jsonl", tmp_path / "reg.json")
-    with pytest.raises(DataError, match=r"cannot open the skip registry lock .*plain"):
+    with pytest.raises(DataError, match=r"cannot open the skip registry .*plain/reg.json: "):
         check_writable(tmp_path / "d.jsonl", tmp_path / "plain" / "reg.json")
     check_writable(tmp_path / "new" / "d.jsonl", tmp_path / "new" / "reg.json")
     assert read_decisions(tmp_path / "new" / "d.jsonl") == ([], 0)  # made empty, as the first append would
