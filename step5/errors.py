@@ -6,7 +6,7 @@ import signal
 from typing import Any
 
 EXIT_OK = 0
-EXIT_INTERRUPTED = 128 + signal.SIGINT  # Ctrl-C, as shells report it; SIGTERM: Terminated.exit_code
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # Ctrl-C, as shells report it; SIGTERM, SIGHUP: Terminated.exit_code
 EXIT_SKIP_MODEL = 3  # the WATCHER's own final decisions (step5.watcher.judge)
 EXIT_ESCALATE = 4
 EXIT_ORPHANED = 3  # a worker or one-shot trainer whose parent is gone (step5.lifeline)
@@ -30,14 +30,18 @@ def is_out_of_memory(exc: BaseException, oom_types: tuple[type[BaseException], .
 
 
 class Terminated(KeyboardInterrupt):
-    """Raised when SIGTERM arrives; not a Step5Error, so every ``finally`` runs as on Ctrl-C."""
+    """Raised when SIGTERM arrives, or SIGHUP (the terminal closed); not a Step5Error, so every ``finally``
+    runs as on Ctrl-C. ``exit_code``: 128 + the signal, as shells report it."""
 
-    exit_code = 128 + signal.SIGTERM
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+        super().__init__(self.signal_name)
 
 
 def interrupt_reason(exc: BaseException) -> str:
     """The ``fail_reason`` of a trial an interrupt stopped."""
-    return "interrupted by SIGTERM" if isinstance(exc, Terminated) else "interrupted by Ctrl-C (SIGINT)"
+    return f"interrupted by {exc.signal_name}" if isinstance(exc, Terminated) else "interrupted by Ctrl-C (SIGINT)"
 
 
 class Step5Error(Exception):

@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM for the optimizer's run, in a form CPython cannot lose.
+"""Ctrl-C, SIGTERM and SIGHUP for the optimizer's run, in a form CPython cannot lose.
 
 CPython runs a signal handler between two bytecodes of the main thread, whatever they
 belong to; when they belong to a finalizer, a GC or ctypes callback, the exception the
@@ -19,14 +19,19 @@ from step5.errors import Terminated
 _latched: KeyboardInterrupt | None = None
 
 
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     global _latched
-    if signum == signal.SIGTERM:
-        # Further SIGTERMs cannot interrupt the cleanup this one starts; a supervisor that
-        # will not wait still has SIGKILL (workers have a parent-death lifeline).
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _latched = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-    raise type(_latched)()
+    if signum != signal.SIGINT:
+        # Further SIGTERMs and SIGHUPs cannot interrupt the cleanup this one starts; a supervisor
+        # that will not wait still has SIGKILL (workers have a parent-death lifeline).
+        for ignored in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(ignored, signal.SIG_IGN)
+    _latched = _interrupt(signum)
+    raise _interrupt(signum)
 
 
 def raise_if_interrupted() -> None:
@@ -38,13 +43,16 @@ def raise_if_interrupted() -> None:
 
 @contextmanager
 def latched_interrupts() -> Iterator[bool]:
-    """Handle SIGINT and SIGTERM as above for the duration; yields whether the handlers are
-    installed (False off the main thread, where Python cannot install them)."""
+    """Handle SIGINT, SIGTERM and SIGHUP (a closed terminal: stop as on SIGTERM, cleaning up, rather than
+    die where it stands) as above for the duration; yields whether the handlers are installed (False off
+    the main thread, where Python cannot install them). A SIGHUP ignored on entry (``nohup``) stays ignored."""
     global _latched
     _latched = None
     previous: dict[int, Any] = {}
     with suppress(ValueError):  # not the main thread
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+                continue
             previous[signum] = signal.signal(signum, _on_signal)
     try:
         yield bool(previous)

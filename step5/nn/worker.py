@@ -232,9 +232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format=f"%(asctime)s %(levelname)s worker[{os.getpid()}] %(name)s: %(message)s")
     if expected_parent_pid() is not None:
-        # Started by the pool: Ctrl-C in the terminal reaches the whole process group, but
-        # stopping workers is the parent's job (it sends `shutdown` or kills them).
+        # Started by the pool: Ctrl-C in the terminal, or its hangup, reaches the whole process
+        # group, but stopping workers is the parent's job (it sends `shutdown` or kills them).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     install_lifeline()
 
     writer = LineWriter(wire)

@@ -294,7 +294,7 @@ def _run_main(parser: UsageErrorParser, args: argparse.Namespace, argv: list[str
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Terminated as exc:
-        logger.error("terminated by SIGTERM; workers and temporary files were cleaned up")
+        logger.error("terminated by %s; workers and temporary files were cleaned up", exc.signal_name)
         return exc.exit_code
     except KeyboardInterrupt:
         logger.error("interrupted (Ctrl-C); workers and temporary files were cleaned up")

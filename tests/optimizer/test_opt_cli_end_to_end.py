@@ -172,16 +172,21 @@ def test_persistent_workers_match_the_one_shot_path_and_the_parent_never_imports
     assert (folder / "neural_net_diagnostics.json").read_text() == (folder / "training_diagnostics.json").read_text()
 
 
-def test_sigterm_mid_search_cleans_up_and_leaves_no_trial_running(sample_inputs, tmp_path, repo_root, python):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_or_a_hangup_mid_search_cleans_up_and_leaves_no_trial_running(sample_inputs, tmp_path, repo_root,
+                                                                              python, signum):
     out = tmp_path / "out"
     argv = _args(sample_inputs, out, "--persistent-workers", "--policy", str(repo_root / "watcher_policies.json"))
     argv[argv.index("--trials") + 1] = "200"
     proc = subprocess.Popen([python, str(repo_root / SCRIPT), *argv], cwd=tmp_path, env=_env(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    # Once the search is under way.
-    seen, rest, rc = signal_after_line(proc, "[1/200]", lambda: proc.send_signal(signal.SIGTERM))
-    assert rc == 128 + signal.SIGTERM, seen[-2000:] + rest[-2000:]
-    assert "terminated by SIGTERM" in rest
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    name = signal.Signals(signum).name
+    # Once the search is under way. A closed terminal hangs up its whole job, workers too (SIGHUP
+    # used to kill the parent where it stood: its trials left running, its fold files behind).
+    send = (lambda: proc.send_signal(signum)) if signum == signal.SIGTERM else (lambda: os.killpg(proc.pid, signum))
+    seen, rest, rc = signal_after_line(proc, "[1/200]", send)
+    assert rc == 128 + signum, seen[-2000:] + rest[-2000:]
+    assert f"terminated by {name}" in rest
     assert "Traceback" not in rest  # one line, no traceback
     assert list((tmp_path / "tmpdir").iterdir()) == []
     storage = f"sqlite:///{(out / 'optuna_step5.db').resolve()}"
@@ -191,5 +196,5 @@ def test_sigterm_mid_search_cleans_up_and_leaves_no_trial_running(sample_inputs,
     assert TrialState.RUNNING not in states and TrialState.COMPLETE in states
     for t in trials:  # the trial the signal stopped (if one was running) says why it failed
         if t.state == TrialState.FAIL:
-            assert t.user_attrs["fail_reason"] == "interrupted by SIGTERM"
+            assert t.user_attrs["fail_reason"] == f"interrupted by {name}"
     assert not (out / artifacts.SIDECAR_NAME).exists()
