@@ -385,6 +385,10 @@ def plan_slots(gpus: list[str] | None, cpu_workers: int | None, *, cpu_count: in
         slots = [DeviceSlot.cuda(g, threads) for g in nvidia] + [DeviceSlot.rocm(g, threads) for g in amd]
     else:
         n = cpu_workers if cpu_workers is not None else default_cpu_workers(cores)
+        if n > cores:
+            logger.warning("--cpu-workers %d on %d core(s): the workers take turns on the cores (one thread each), "
+                           "so a job waits for its turn; %d is this host's default", n, cores,
+                           default_cpu_workers(cores))
         threads = max(1, cores // n)
         slots = [DeviceSlot.cpu(i, threads) for i in range(n)]
     return [replace(s, device_env=env) for s in slots]

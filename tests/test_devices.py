@@ -142,6 +142,16 @@ def test_without_gpus_cpu_workers_share_the_cores_and_hide_every_gpu(cpu_workers
     assert slots == [DeviceSlot(f"CPU-{i}", "cpu", "", threads) for i in range(cpu_workers)]
 
 
+def test_more_cpu_workers_than_cores_are_planned_and_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="step5.devices"):
+        assert len(plan_slots([], 2, cpu_count=2)) == 2
+        assert not caplog.records
+        assert len(plan_slots([], 8, cpu_count=2)) == 8  # asked for: honoured
+    (record,) = caplog.records
+    assert record.getMessage().startswith("--cpu-workers 8 on 2 core(s): the workers take turns")
+    assert record.getMessage().endswith("2 is this host's default")
+
+
 def test_without_gpus_or_cpu_workers_the_default_count_is_used():
     assert [s.label for s in plan_slots([], None, cpu_count=3)] == ["CPU-0", "CPU-1", "CPU-2"]
     slots = plan_slots([], None, cpu_count=32)
