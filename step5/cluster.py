@@ -162,16 +162,26 @@ def split_local(nodes: Iterable[ClusterNode],
     return local, remote
 
 
-def storage_is_loopback(url: str) -> bool:
-    """Whether a storage URL's database host is this host's loopback (or a local socket),
-    which a helper on another host would read as itself."""
+def storage_warnings(url: str) -> list[str]:
+    """What a user should hear about ``url`` as the helpers on the other hosts will use it: a database on this
+    host's loopback (or a local socket), which a helper would look for on itself; a password in the URL, which
+    travels on each helper's ssh command line, where ``ps`` on the rig shows it."""
     try:
         from sqlalchemy.engine import make_url
 
-        host = make_url(url).host
+        parsed = make_url(url)
     except Exception:  # noqa: BLE001 - an unparsable URL is reported when it is opened
-        return False
-    return host is None or host.lower() in LOOPBACK_NAMES
+        return []
+    shown = parsed.render_as_string(hide_password=True)
+    warnings = []
+    if parsed.host is None or parsed.host.lower() in LOOPBACK_NAMES:
+        warnings.append(f"--storage {shown} names this host as the database; helpers on other hosts will look for "
+                        "it on themselves (give the database host's address)")
+    if parsed.password:
+        warnings.append(f"--storage {shown} carries a password, which travels on each helper's ssh command line, "
+                        "where ps on the rig shows it: put it in ~/.pgpass on every host and leave it out of the URL "
+                        "(docs/cluster.md)")
+    return warnings
 
 
 def helper_arguments(config: Any, *, study_name: str, storage: str, policy_given: bool) -> list[str]:

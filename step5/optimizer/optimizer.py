@@ -21,7 +21,7 @@ from step5.data.history import load_history
 from step5.data.splits import FoldFiles, dev_rows, holdout_split, kfold_splits
 from step5.data.survivors import SurvivorTable, load_survivors
 from step5.cluster import (
-    ClusterNode, HelperFleet, helper_arguments, load_cluster_config, split_local, storage_is_loopback,
+    ClusterNode, HelperFleet, helper_arguments, load_cluster_config, split_local, storage_warnings,
 )
 from step5.devices import cuda_ids, plan_slots
 from step5.errors import DataError, DegenerateSignalError, JobError, Step5Error
@@ -220,9 +220,8 @@ class AntiOverfitMetaOptimizer:
         if not nodes:
             return HelperFleet([], [])
         cfg = self.config
-        if storage_is_loopback(storage_url):
-            logger.warning("cluster: --storage %s names this host as the database; helpers on other hosts will "
-                           "look for it on themselves (give the database host's address)", redact_storage(storage_url))
+        for warning in storage_warnings(storage_url):
+            logger.warning("cluster: %s", warning)
         policy_given = any(a == "--policy" or a.startswith("--policy=") for a in cfg.command_line or [])
         arguments = helper_arguments(cfg, study_name=study_name, storage=storage_url, policy_given=policy_given)
         return HelperFleet(nodes, arguments)

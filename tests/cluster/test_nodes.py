@@ -11,7 +11,7 @@ from step5.cluster import (
     load_cluster_config,
     parse_cluster_config,
     split_local,
-    storage_is_loopback,
+    storage_warnings,
 )
 from step5.errors import DataError
 
@@ -87,15 +87,19 @@ def test_a_missing_or_broken_file_is_a_data_error(tmp_path):
         load_cluster_config(tmp_path / "bad.json")
 
 
-@pytest.mark.parametrize("url, loopback", [
-    ("postgresql+psycopg://step5:pw@127.0.0.1:5432/s5", True),
-    ("postgresql+psycopg://step5@localhost/s5", True),
-    ("postgresql+psycopg://step5@/s5", True),  # a local socket
-    ("postgresql+psycopg://step5:pw@192.168.3.10/s5", False),
-    ("postgresql+psycopg://step5@zeus.lan/s5", False),
+@pytest.mark.parametrize("url, loopback, password", [
+    ("postgresql+psycopg://step5:pw@127.0.0.1:5432/s5", True, True),
+    ("postgresql+psycopg://step5@localhost/s5", True, False),
+    ("postgresql+psycopg://step5@/s5", True, False),  # a local socket
+    ("postgresql+psycopg://step5:pw@192.168.3.10/s5", False, True),
+    ("postgresql+psycopg://step5@zeus.lan/s5", False, False),  # the password in ~/.pgpass: nothing to say
 ])
-def test_a_storage_url_on_loopback_is_recognised(url, loopback):
-    assert storage_is_loopback(url) is loopback
+def test_a_storage_url_on_loopback_or_with_a_password_is_warned_about(url, loopback, password):
+    warnings = storage_warnings(url)
+    assert [w for w in warnings if "names this host as the database" in w] == warnings[:loopback]
+    assert [w for w in warnings if "carries a password" in w and "~/.pgpass" in w] == warnings[loopback:]
+    assert len(warnings) == loopback + password
+    assert not any(":pw@" in w for w in warnings)  # shown as ***
 
 
 def test_a_node_listed_by_one_of_this_hosts_addresses_is_this_host():
