@@ -233,12 +233,17 @@ def test_a_model_no_better_than_the_mean_is_flagged_and_warned_about(tmp_path, c
 def test_cli_output_dash_is_stdout_a_new_folder_is_made_and_an_unwritable_path_is_one_line(lightgbm_run, sample_inputs,
                                                                                            tmp_path, capsys,
                                                                                            monkeypatch):
+    import logging
+
     from step5.predictor import main
 
     _, out = lightgbm_run
     survivors, _ = sample_inputs
     args = ["--model-dir", str(out), "--survivors", str(survivors), "--log-level", "WARNING"]
     monkeypatch.chdir(tmp_path)
+    # main() sets up logging once per process: its handler must write to this test's stderr,
+    # not to a stream an earlier test in this worker captured and closed.
+    monkeypatch.setattr(logging.root, "handlers", [])
     assert main([*args, "--output", "-"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 600 and not (tmp_path / "-").exists()
     assert main([*args, "--output", "new/folder/p.json"]) == 0
@@ -246,5 +251,6 @@ def test_cli_output_dash_is_stdout_a_new_folder_is_made_and_an_unwritable_path_i
     (tmp_path / "taken").mkdir()
     assert main([*args, "--output", "taken"]) == 1  # was an IsADirectoryError traceback
     err = capsys.readouterr().err
-    assert err.startswith("error: cannot write the predictions to taken: ") and "Traceback" not in err
+    assert err.splitlines()[-1] == "error: cannot write the predictions to taken: Is a directory"
+    assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "taken"]  # no temp file left
