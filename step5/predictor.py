@@ -18,7 +18,7 @@ import numpy as np
 from step5.artifacts import SIDECAR_NAME, feature_schema_hash, file_sha256, get_model_type, read_sidecar, \
     resolve_checkpoint
 from step5.cliutil import UsageErrorParser, add_log_level, closed_fraction
-from step5.errors import EXIT_OK, DataError, PredictionNotAllowed, Step5Error
+from step5.errors import EXIT_INTERRUPTED, EXIT_OK, DataError, PredictionNotAllowed, Step5Error
 from step5.fsutil import os_error_reason
 from step5.jsonio import dumps, write_json_atomic
 
@@ -204,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Step5Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # nothing half-written to clean up: the output file is written atomically
+        print("interrupted (Ctrl-C); no predictions written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 

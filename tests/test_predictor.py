@@ -254,3 +254,20 @@ def test_cli_output_dash_is_stdout_a_new_folder_is_made_and_an_unwritable_path_i
     assert err.splitlines()[-1] == "error: cannot write the predictions to taken: Is a directory"
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "taken"]  # no temp file left
+
+
+def test_cli_ctrl_c_is_one_line_and_exit_130(lightgbm_run, sample_inputs, tmp_path, capsys, monkeypatch):
+    import logging
+
+    from step5 import predictor
+
+    def pressed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    _, out = lightgbm_run
+    survivors, _ = sample_inputs
+    monkeypatch.setattr("step5.data.survivors.load_features", pressed)  # what main() imports
+    monkeypatch.setattr(logging.root, "handlers", [])  # main()'s logging on this test's stderr
+    rc = predictor.main(["--model-dir", str(out), "--survivors", str(survivors), "--output", str(tmp_path / "p.json")])
+    assert rc == 130 and not (tmp_path / "p.json").exists()
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted (Ctrl-C); no predictions written"
