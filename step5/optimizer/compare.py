@@ -226,6 +226,9 @@ def only_compare_run_in(out_dir: Path) -> Iterator[None]:
             holder = handle.read().strip() or "holder unknown"
             raise Step5Error(f"another --compare-models run ({holder}) is writing to {out_dir}; wait for it to end "
                              "or give this one another --output-dir") from None
+        except OSError as exc:  # a filesystem without locks (some NFS mounts): a guard lost, not a reason to stop
+            logger.warning("compare: cannot lock %s (%s); a second compare run into this folder at the same time "
+                           "would not be stopped", handle.name, os_error_reason(exc))
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {utc_timestamp()}\n")

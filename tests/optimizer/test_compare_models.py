@@ -451,3 +451,16 @@ def test_a_second_compare_run_in_the_same_folder_is_refused_while_the_first_runs
     fake.script = {mt: ("ok", 0.1, 0.1) for mt in MODEL_TYPES}
     assert compare.run_compare(config, optimizer_factory=fake) == 0  # free again once the holder let go
     assert "pid" in (config.output_dir / compare.LOCK_NAME).read_text()
+
+
+def test_a_folder_that_cannot_be_locked_still_runs_with_a_warning(fake, config, monkeypatch, caplog):
+    import errno
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(compare.fcntl, "flock", no_locks)
+    fake.script = {mt: ("ok", 0.1, 0.1) for mt in MODEL_TYPES}
+    with caplog.at_level("WARNING", logger="step5.optimizer.compare"):
+        assert compare.run_compare(config, optimizer_factory=fake) == 0
+    assert "compare: cannot lock" in caplog.text and "would not be stopped" in caplog.text
