@@ -15,7 +15,7 @@ import orjson
 from step5.artifacts import HISTORY_FILENAME, SURVIVORS_FILENAME
 from step5.cliutil import UsageErrorParser, add_log_level
 from step5.data.survivors import gc_paused
-from step5.fsutil import atomic_output
+from step5.fsutil import atomic_output, os_error_reason
 from step5.jsonio import write_json_atomic
 from step5.values import is_int
 
@@ -214,8 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag, value in (("--survivors", args.survivors), ("--features", args.features), ("--draws", args.draws)):
         if value < 1:
             parser.error(f"{flag} must be >= 1, got {value}")
-    paths = write_sample(args.out, n_survivors=args.survivors, n_features=args.features, seed=args.seed,
-                         degenerate=args.degenerate, n_draws=args.draws)
+    try:
+        paths = write_sample(args.out, n_survivors=args.survivors, n_features=args.features, seed=args.seed,
+                             degenerate=args.degenerate, n_draws=args.draws)
+    except OSError as exc:
+        print(f"error: cannot write the sample to {args.out}: {os_error_reason(exc)}", file=sys.stderr)
+        return 1
     print(*paths, sep="\n")
     return 0
 

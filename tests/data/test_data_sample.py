@@ -139,3 +139,12 @@ def test_cli_degenerate_and_usage_error(tmp_path, python, repo_root):
         cwd=repo_root, capture_output=True, text=True, timeout=60,
     )
     assert bad.returncode == 64 and "--survivors must be >= 1" in bad.stderr  # 64 like every command
+
+
+def test_cli_output_it_cannot_write_is_one_line_and_exit_1(tmp_path, capsys):
+    from step5.data.sample import main
+
+    (tmp_path / "a_file").write_text("x")
+    assert main(["--out", str(tmp_path / "a_file"), "--survivors", "5", "--log-level", "ERROR"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"error: cannot write the sample to {tmp_path / 'a_file'}: File exists"]
