@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -423,8 +424,6 @@ def test_a_database_gone_for_good_stops_the_comparison_and_leaves_the_last_one_w
 
 
 def test_a_summary_that_cannot_be_written_is_one_error_naming_it(fake, config, monkeypatch):
-    import errno
-
     def full(path, obj, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -454,8 +453,6 @@ def test_a_second_compare_run_in_the_same_folder_is_refused_while_the_first_runs
 
 
 def test_a_folder_that_cannot_be_locked_still_runs_with_a_warning(fake, config, monkeypatch, caplog):
-    import errno
-
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
