@@ -98,6 +98,13 @@ def pytest_testnodedown(node, error):
     _observed.update(getattr(node, "workeroutput", {}).get("step5_tiers", {}))
 
 
+def _still_defined(nodeid: str) -> bool:
+    """Whether the test ``nodeid`` names is still defined in its file (any parameters)."""
+    path, _, rest = nodeid.partition("::")
+    file = REPO_ROOT / path
+    return file.is_file() and f"def {rest.split('[')[0].split('::')[-1]}(" in file.read_text()
+
+
 def pytest_sessionfinish(session, exitstatus):
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:  # an xdist worker: the controller writes the file
@@ -108,6 +115,7 @@ def pytest_sessionfinish(session, exitstatus):
     listed = _read_slow_list()
     updated = (listed | {n for n, tier in _observed.items() if tier == "slow"}) - {
         n for n, tier in _observed.items() if tier == "fast"}
+    updated = {n for n in updated if _still_defined(n)}  # a renamed or deleted test leaves the list
     if updated != listed:
         header = "# Written by tests/conftest.py: tests a run saw start a real Step 5 process or take >= 2 s.\n"
         SLOW_LIST.write_text(header + "".join(f"{n}\n" for n in sorted(updated)))
