@@ -38,6 +38,9 @@ class Terminated(KeyboardInterrupt):
         self.exit_code = 128 + signum
         super().__init__(self.signal_name)
 
+    def __reduce__(self) -> tuple[type[Terminated], tuple[int]]:  # a copy or a pickle keeps its signal
+        return Terminated, (self.exit_code - 128,)
+
 
 def interrupt_reason(exc: BaseException) -> str:
     """The ``fail_reason`` of a trial an interrupt stopped."""

@@ -36,3 +36,13 @@ def test_a_hangup_ignored_on_entry_stays_ignored_as_nohup_asks():
         assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_terminated_keeps_its_signal_through_a_copy_or_a_pickle():
+    import copy
+    import pickle
+
+    for exc in (Terminated(signal.SIGHUP), copy.copy(Terminated(signal.SIGHUP)),
+                pickle.loads(pickle.dumps(Terminated(signal.SIGHUP)))):
+        assert (exc.signal_name, exc.exit_code, str(exc)) == ("SIGHUP", 129, "SIGHUP")
+    assert Terminated().exit_code == 143
