@@ -167,8 +167,26 @@ def validate_config(config: OptimizerConfig) -> None:
         raise UsageError(
             f"--storage must be an Optuna storage URL such as sqlite:///path/optuna.db, got {config.storage!r}"
         )
+    if config.storage is not None and _sqlite_in_memory(config.storage):
+        raise UsageError(
+            f"--storage {config.storage} keeps the study in memory, where the run's own threads cannot share it "
+            "(each gets an empty database) and no later run can resume it: give a file, such as "
+            "sqlite:///path/optuna.db"
+        )
     # Before any data is loaded: a missing optional library is not found an hour into a run.
     require_libraries(MODEL_TYPES if config.compare_models else (config.model_type,))
+
+
+def _sqlite_in_memory(storage: str) -> bool:
+    if not storage.lower().startswith("sqlite"):
+        return False
+    from sqlalchemy.engine import make_url  # Optuna's own dependency; parses every URL form
+
+    try:
+        database = make_url(storage).database
+    except Exception:  # noqa: BLE001 - a malformed URL is Optuna's to report when it opens it
+        return False
+    return not database or database == ":memory:" or "mode=memory" in storage
 
 
 @dataclass

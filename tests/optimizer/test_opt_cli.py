@@ -59,6 +59,10 @@ def test_help_exits_0_and_lists_every_spec_flag(repo_root, python):
         (["--fuse-trials", "3", "--no-fuse-folds"], "--no-fuse-folds forbids"),
         (["--fuse-trials", "0"], "expected an integer >= 1"),
         (["--storage", "not-a-url"], "--storage must be an Optuna storage URL"),
+        # An in-memory SQLite study: each of the run's threads saw an empty database (a traceback
+        # after the first trial), and nothing could resume it.
+        (["--storage", "sqlite:///:memory:"], "keeps the study in memory"),
+        (["--storage", "sqlite://"], "keeps the study in memory"),
         (["--rescore-partitions", "-1"], "expected an integer >= 0"),
         (["--rescore-partitions", "2", "--search-only"], "a --search-only helper builds none"),
     ],
