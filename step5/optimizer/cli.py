@@ -18,7 +18,7 @@ from step5.fsutil import DIR_MODE, create_temp_file, os_error_reason
 from step5.errors import EXIT_INTERRUPTED, EXIT_OK, DegenerateSignalError, Step5Error, Terminated, UsageError
 from step5.interrupts import latched_interrupts
 from step5.lifeline import install_stdin_lifeline, install_supervisor_lifeline
-from step5.optimizer.config import DEFAULT_MOD, DEFAULT_PRNG_TYPE, OptimizerConfig, validate_config
+from step5.optimizer.config import DEFAULT_MOD, DEFAULT_PRNG_TYPE, OptimizerConfig, sqlite_database, validate_config
 from step5.policy import PRUNER_NAMES, find_policy
 
 logger = logging.getLogger("step5.optimizer")
@@ -325,14 +325,7 @@ def check_writable_dir(folder: Path, what: str) -> Path:
 
 
 def check_sqlite_storage(storage_url: str, what: str) -> None:
-    if not storage_url.startswith("sqlite:"):
-        return
-    from sqlalchemy.engine import make_url  # Optuna's own dependency; parses every URL form
-
-    try:
-        database = make_url(storage_url).database
-    except Exception:  # noqa: BLE001 - a malformed URL is Optuna's to report when it opens it
-        return
+    database = sqlite_database(storage_url)
     if not database or database == ":memory:" or database.startswith("file:"):
         return
     db = Path(database)

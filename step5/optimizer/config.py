@@ -167,7 +167,8 @@ def validate_config(config: OptimizerConfig) -> None:
         raise UsageError(
             f"--storage must be an Optuna storage URL such as sqlite:///path/optuna.db, got {config.storage!r}"
         )
-    if config.storage is not None and _sqlite_in_memory(config.storage):
+    database = None if config.storage is None else sqlite_database(config.storage)
+    if database is not None and (database in ("", ":memory:") or "mode=memory" in config.storage):
         raise UsageError(
             f"--storage {config.storage} keeps the study in memory, where the run's own threads cannot share it "
             "(each gets an empty database) and no later run can resume it: give a file, such as "
@@ -177,16 +178,17 @@ def validate_config(config: OptimizerConfig) -> None:
     require_libraries(MODEL_TYPES if config.compare_models else (config.model_type,))
 
 
-def _sqlite_in_memory(storage: str) -> bool:
+def sqlite_database(storage: str) -> str | None:
+    """The database a SQLite storage URL names ("" or ":memory:" for an in-memory one); None for another
+    database's URL, or one too malformed to parse (Optuna reports that when it opens it)."""
     if not storage.lower().startswith("sqlite"):
-        return False
+        return None
     from sqlalchemy.engine import make_url  # Optuna's own dependency; parses every URL form
 
     try:
-        database = make_url(storage).database
-    except Exception:  # noqa: BLE001 - a malformed URL is Optuna's to report when it opens it
-        return False
-    return not database or database == ":memory:" or "mode=memory" in storage
+        return make_url(storage).database or ""
+    except Exception:  # noqa: BLE001 - a malformed URL is Optuna's to report
+        return None
 
 
 @dataclass
