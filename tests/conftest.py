@@ -12,6 +12,7 @@ real joins the slow tier after the first run that ran it.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -133,6 +134,21 @@ def sigint_is_ctrl_c():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture(autouse=True)
+def root_logger_restored():
+    """Each test leaves the root logger as it found it.
+
+    A CLI's ``main()`` run in-process sets up logging (the optimizer's with ``force=True``)
+    on the ``sys.stderr`` of that moment: a stream pytest captures for this test and closes
+    after it. Left on the root logger, that handler makes a later test in the same worker
+    print "--- Logging error ---" into whatever stderr it asserts on."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture
