@@ -12,13 +12,15 @@ real joins the slow tier after the first run that ran it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import resource
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import psutil
 import pytest
@@ -149,6 +151,34 @@ def root_logger_restored():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+class _FileSizeLimit:
+    """A filesystem that refuses a write, without filling a disk: past ``n`` bytes of any one
+    file, a write fails with EFBIG ("file too large") as a write to a full disk fails with ENOSPC.
+    ``with limit(n):`` applies to this process; ``limit.child(n)`` is a ``preexec_fn``."""
+
+    @staticmethod
+    def child(n: int) -> Callable[[], None]:
+        def apply() -> None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer
+            resource.setrlimit(resource.RLIMIT_FSIZE, (n, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        return apply
+
+    @contextlib.contextmanager
+    def __call__(self, n: int) -> Iterator[None]:
+        limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.getsignal(signal.SIGXFSZ)
+        self.child(n)()
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+            signal.signal(signal.SIGXFSZ, handler)
+
+
+@pytest.fixture
+def file_size_limit() -> _FileSizeLimit:
+    return _FileSizeLimit()
 
 
 @pytest.fixture

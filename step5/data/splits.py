@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from step5.errors import Step5Error
+from step5.fsutil import os_error_reason
 from step5.owner import claim_folder, orphaned_folders
 
 logger = logging.getLogger(__name__)
@@ -105,12 +107,20 @@ class FoldFiles:
     removed on exit, exception or not; first it removes those of runs that died on this host."""
 
     def __init__(self, *, dir: str | os.PathLike[str] | None = None) -> None:
-        for path, owner in orphaned_folders(Path(dir if dir is not None else tempfile.gettempdir()), FOLD_DIR_PREFIX):
+        parent = Path(dir if dir is not None else tempfile.gettempdir())
+        for path, owner in orphaned_folders(parent, FOLD_DIR_PREFIX):
             shutil.rmtree(path, ignore_errors=True)
             logger.info("removed fold folder %s of a dead run (pid %d)", path, owner.pid)
-        self.path = Path(tempfile.mkdtemp(prefix=FOLD_DIR_PREFIX, dir=dir))
         self.closed = False
-        claim_folder(self.path)
+        try:
+            self.path = Path(tempfile.mkdtemp(prefix=FOLD_DIR_PREFIX, dir=parent))
+        except OSError as exc:
+            raise self._cannot_write(parent, exc) from None
+        try:
+            claim_folder(self.path)
+        except OSError as exc:
+            self.close()
+            raise self._cannot_write(self.path, exc) from None
 
     def write(self, name: str, *arrays: Any, **options: Any) -> Path:
         """:func:`write_fold_npz` to ``<dir>/<name>.npz`` (``.npz`` added when missing)."""
@@ -118,7 +128,18 @@ class FoldFiles:
             raise RuntimeError(f"FoldFiles {self.path} is closed; cannot write {name!r}")
         if not isinstance(name, str) or not name or os.sep in name or "/" in name or name in (".", ".."):
             raise ValueError(f"`name` must be a plain file name, got {name!r}")
-        return write_fold_npz(self.path / (name if name.endswith(".npz") else f"{name}.npz"), *arrays, **options)
+        path = self.path / (name if name.endswith(".npz") else f"{name}.npz")
+        try:
+            return write_fold_npz(path, *arrays, **options)
+        except OSError as exc:
+            path.unlink(missing_ok=True)  # a partial fold must not be read
+            raise self._cannot_write(path, exc) from None
+
+    @staticmethod
+    def _cannot_write(where: Path, exc: OSError) -> Step5Error:
+        """One line for a temp folder that cannot take the fold files (full, read-only, missing)."""
+        return Step5Error(f"cannot write fold files to {where}: {os_error_reason(exc)}; the workers read each fold "
+                          "from there: free room in that folder or point TMPDIR at one that has it")
 
     def close(self) -> None:
         """Remove the folder and its files; safe to call more than once."""

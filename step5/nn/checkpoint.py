@@ -3,6 +3,7 @@
 pipeline's Step 6 (docs/training.md, "Checkpoints"; docs/compatibility.md, "Model files")."""
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,9 +64,13 @@ class Checkpoint:
             "scaler_mean": [float(v) for v in mean], "scaler_scale": [float(v) for v in scale],
             "feature_names": names, "training": dict(self.training),
         }
+        # Serialised in memory first: torch's writer reports a full disk as an opaque RuntimeError
+        # ("unexpected pos ..."); a plain write raises the OSError that says why.
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
         p = Path(path)
-        with atomic_output(p) as tmp, open(tmp, "wb") as fh:
-            torch.save(payload, fh)
+        with atomic_output(p) as tmp:
+            tmp.write_bytes(buffer.getbuffer())
         return p
 
     @torch.no_grad()

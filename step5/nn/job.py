@@ -19,6 +19,7 @@ import torch
 
 from step5 import errors
 from step5.errors import JobError
+from step5.fsutil import os_error_reason
 from step5.nn.checkpoint import Checkpoint
 from step5.nn.trainer import Fold, ModelSpec, TrainConfig, TrainedModel, padded_rows, train_models
 from step5.protocol import FUSE_KEYS, TrainRequest, batch_plan, echo, error_reply, fusion_key
@@ -270,7 +271,8 @@ def _result(request: TrainRequest, data: Fold, trained: TrainedModel | JobError,
                 },
             ).save(request.save_model_path)
         except OSError as exc:
-            raise JobError(f"cannot write checkpoint {request.save_model_path}: {exc}", "train_error") from None
+            raise JobError(f"cannot write checkpoint {request.save_model_path}: {os_error_reason(exc)}",
+                           "train_error") from None
         result["model_path"] = str(path)
     save_s = time.perf_counter() - t0
     result.update(

@@ -19,6 +19,7 @@ import psutil
 
 from step5.errors import BadRequest, DataError, FrameTooLarge, JobError
 from step5.framing import LineReader, LineWriter
+from step5.fsutil import os_error_reason
 from step5.jsonio import loads
 from step5.lifeline import expected_parent_pid, install_lifeline
 from step5.protocol import (
@@ -214,6 +215,9 @@ class TorchBackend:
             return build_ensemble(request.fold_paths, request.out_path, score_path=request.score_path)
         except DataError as exc:  # a fold checkpoint missing or unreadable
             raise JobError(str(exc), "data_error") from None
+        except OSError as exc:  # the merged model cannot be written (a full disk, no permission)
+            raise JobError(f"cannot write the merged model {request.out_path}: {os_error_reason(exc)}",
+                           "train_error") from None
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         return self._job.is_out_of_memory(exc)

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from step5.errors import Step5Error
 from step5.data.splits import FOLD_DIR_PREFIX, FoldFiles, holdout_split, kfold_splits, write_fold_npz
 from step5.owner import OWNER_FILE
 
@@ -162,3 +163,22 @@ def test_fold_files_custom_base_dir(tmp_path):
     with FoldFiles(dir=tmp_path) as folds:
         assert folds.path.parent == tmp_path
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fold_file_the_filesystem_refuses_is_one_error_naming_it_and_leaves_no_partial_fold(tmp_path,
+                                                                                              file_size_limit):
+    X, y = _arrays()
+    with FoldFiles(dir=tmp_path) as folds:
+        with file_size_limit(64), pytest.raises(Step5Error) as caught:
+            folds.write("fold_0", X, y, X, y)
+        assert str(caught.value) == (f"cannot write fold files to {folds.path / 'fold_0.npz'}: file too large (a file "
+                                     "size limit); the workers read each fold from there: free room in that folder or "
+                                     "point TMPDIR at one that has it")
+        assert not (folds.path / "fold_0.npz").exists()
+
+
+def test_a_temp_folder_that_cannot_hold_the_fold_folder_is_one_error_naming_it(tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(Step5Error, match=f"cannot write fold files to {not_a_folder}: "):
+        FoldFiles(dir=not_a_folder)

@@ -124,16 +124,24 @@ def test_models_of_different_inputs_are_refused():
         merge_models([])
 
 
-def test_the_one_shot_trainer_answers_a_merge_with_one_json_line_and_names_a_missing_checkpoint(tmp_path):
+def test_the_one_shot_trainer_answers_a_merge_with_one_json_line_and_names_a_missing_checkpoint(tmp_path,
+                                                                                             file_size_limit):
     """A ``merge`` request runs where torch already is: here the one-shot trainer (a worker
     serving one job); the parent never imports torch."""
     folds, final = _fold_models(tmp_path, k=2)
     out = tmp_path / "best_model.pth"
 
-    def run(paths) -> subprocess.CompletedProcess:
+    def run(paths, preexec_fn=None) -> subprocess.CompletedProcess:
         request = MergeRequest(tuple(map(str, paths)), str(out), str(final), trial_number=3, job_id="t3-merge")
         return subprocess.run([*oneshot_command(), "--request", "-"], input=dumps(request.to_dict()),
-                              capture_output=True, env=child_environment(), timeout=120)
+                              capture_output=True, env=child_environment(), timeout=120, preexec_fn=preexec_fn)
+
+    refused = run(folds, preexec_fn=file_size_limit.child(1024))  # as a full disk refuses the merged model
+    assert refused.returncode == 1 and not out.exists()
+    (line,) = refused.stdout.decode().splitlines()
+    assert json.loads(line) | {"pid": None} == {
+        "status": "error", "error_type": "train_error", "trial_number": 3, "fold_idx": None, "job_id": "t3-merge",
+        "error": f"cannot write the merged model {out}: file too large (a file size limit)", "pid": None}
 
     ok = run(folds)
     assert ok.returncode == 0, ok.stderr.decode()[-2000:]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 from pathlib import Path
@@ -344,3 +345,30 @@ def test_patience_zero_fits_every_training_row_for_exactly_the_epochs(tmp_path):
     path = npz(tmp_path / "f.npz", **arrays())
     res = run_train_job(request(path, params={"epochs": 7, "early_stopping_patience": 0}), device=CPU)
     assert res["n_train"] == 120 and res["epochs_run"] == res["best_epoch"] == 7  # the last weights, no selection
+
+
+def test_a_checkpoint_the_filesystem_refuses_says_why_and_leaves_nothing(tmp_path, file_size_limit):
+    """torch's own writer reports a full disk as "unexpected pos ..."; the checkpoint is
+    serialised first, so the write fails with the OSError that says why."""
+    path = npz(tmp_path / "f.npz", **arrays())
+    out = tmp_path / "fold_states" / "fold_2.pth"
+    out.parent.mkdir()
+    trained = run_train_job(request(path, save_model_path=str(tmp_path / "ok.pth"),
+                                    params={"hidden_layers": [256, 128]}), device=CPU)
+    checkpoint = load_checkpoint(trained["model_path"])
+    size = (tmp_path / "ok.pth").stat().st_size
+    for limit in (512, 4096, 8192, size // 2, size - 100):  # where torch's writer fails depends on the cut
+        with file_size_limit(limit), pytest.raises(OSError) as caught:
+            checkpoint.save(out)
+        assert caught.value.errno == errno.EFBIG, limit
+        assert list(out.parent.iterdir()) == []  # no partial checkpoint, no temp file
+
+    def refused(self, target):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Checkpoint, "save", refused)
+        with pytest.raises(JobError) as job_error:
+            run_train_job(request(path, save_model_path=str(out)), device=CPU)
+    assert (job_error.value.error_type, job_error.value.message) == (
+        "train_error", f"cannot write checkpoint {out}: no space left on the device")
