@@ -200,6 +200,8 @@ def run_search(opened: OpenedStudy, backend: ModelBackend, plan: SearchPlan, goa
     # in the helper thread could restore them under the loop's feet.
     with warnings.catch_warnings(), TrialHeartbeats(opened) as heartbeats:
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        # A batch the database failed is told again on the way out (settle): Optuna keeps the folds it has.
+        warnings.filterwarnings("ignore", message="The reported value is ignored because this `step=")
         asker = BatchAsker(opened, backend, plan, goal, heartbeats)
 
         def tell_batch(trained: Trained) -> None:

@@ -93,6 +93,25 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+#: SQLite result codes a user fixes on the file, not in the URL, and how (the primary code: the low byte).
+_SQLITE_FILE_ADVICE = {
+    13: "the disk holding the database file is full: free room there, then run the same command again to resume the "
+        "study (its finished trials are kept)",  # SQLITE_FULL
+    8: "the database file or its folder is read-only for this user",  # SQLITE_READONLY
+    10: "the disk holding the database file failed a read or write (full, removed or failing)",  # SQLITE_IOERR
+    11: "the database file is damaged",  # SQLITE_CORRUPT
+    26: "the file at that path is not a SQLite database",  # SQLITE_NOTADB
+}
+
+
+def _what_to_check(exc: BaseException) -> str:
+    """The advice of a database error waiting cannot fix."""
+    orig = getattr(database_error(exc), "orig", None)
+    code = (getattr(orig, "sqlite_errorcode", 0) or 0) & 0xFF
+    return _SQLITE_FILE_ADVICE.get(code, "check the --storage URL (user, password, database) and that the study's "
+                                         "tables exist")
+
+
 def describe(exc: BaseException) -> str:
     """One line: the driver's error and the first line of its message (no SQL, no parameters)."""
     error = database_error(exc)
@@ -131,8 +150,7 @@ class DatabaseRetry:
                 if not is_transient(exc):
                     raise StorageError(
                         f"the study database {self.where} failed while {what}: {describe(exc)}. Waiting cannot "
-                        "fix this: check the --storage URL (user, password, database) and that the study's "
-                        "tables exist"
+                        f"fix this: {_what_to_check(exc)}"
                     ) from None
                 remaining = self._note_down(exc, what)
                 if self.gave_up or remaining <= 0:

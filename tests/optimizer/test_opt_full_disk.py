@@ -121,3 +121,54 @@ def test_a_full_or_read_only_output_dir_at_save_time_keeps_the_previous_model(
     assert last.returncode == 0, last.stderr[-3000:]
     assert _snapshot(out) != before
     assert not [p for p in (out / model_set.SETS_DIRNAME).iterdir() if p.name.startswith(model_set.PARTIAL_PREFIX)]
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_under_the_search_ends_the_run_in_one_line_and_a_rerun_resumes(
+    small_filesystem, sample_inputs, tmp_path, repo_root, python,
+):
+    """The study's SQLite file, and then the fold files (TMPDIR), on a filesystem that fills up
+    mid-search: one line saying the disk is full (not "check the --storage URL", not torch's or
+    Optuna's noise); space freed, the same command resumes the study."""
+    from step5.testing import stored_trials
+
+    disk = small_filesystem
+    survivors, history = sample_inputs
+    storage = f"sqlite:///{disk / 'study.db'}"
+    flags = ["--survivors", str(survivors), "--lottery-data", str(history), "--model-type", "neural_net",
+             "--k-folds", "2", "--seed", "4", "--output-dir", str(tmp_path / "out")]
+    filler = disk / "filler"
+
+    def run(storage: str, tmpdir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+        cmd = [python, "-m", "step5.testing.fake_search", *extra, "--", *flags, "--trials", "6", "--storage", storage]
+        return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(repo_root), "TMPDIR": str(tmpdir)})
+
+    def error_line(done: subprocess.CompletedProcess[str]) -> str:
+        assert done.returncode == 1, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr and "reported value is ignored" not in done.stderr, done.stderr[-3000:]
+        (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        return line
+
+    fill = shlex.join(["dd", "if=/dev/zero", f"of={filler}", "bs=4096"])
+    line = error_line(run(storage, tmp_path, "--fault-at", "tell:2", "--fault", fill))
+    assert line.startswith(f"error: the study database {storage} failed while "), line
+    assert line.endswith("database or disk is full. Waiting cannot fix this: the disk holding the database file is "
+                         "full: free room there, then run the same command again to resume the study (its finished "
+                         "trials are kept)"), line
+    kept = sum(t.state.name == "COMPLETE" for t in stored_trials(storage))
+    assert kept >= 1
+
+    # A few pages left: Python still takes the folder as TMPDIR (it falls back to /tmp only from
+    # one where it cannot write 4 bytes), and the fold files do not fit.
+    os.truncate(filler, filler.stat().st_size - 8192)
+    line = error_line(run(f"sqlite:///{tmp_path / 'other.db'}", disk))
+    assert line.startswith(f"error: cannot write fold files to {disk}/step5_nn_"), line
+    assert line.endswith(": no space left on the device; the workers read each fold from there: free room in that "
+                         "folder or point TMPDIR at one that has it"), line
+    assert [p.name for p in disk.iterdir() if p.name.startswith("step5_nn_")] == []
+
+    filler.unlink()
+    done = run(storage, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sum(t.state.name == "COMPLETE" for t in stored_trials(storage)) == 6  # the round the first run began

@@ -9,16 +9,19 @@ as the optimizer opens it (retrying storage, heartbeats, the study lock).
 from __future__ import annotations
 
 import random
+import sqlite3
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import optuna
 import pytest
+import sqlalchemy.exc as sa_exc
 from optuna.trial import TrialState
 
-from step5.errors import JobError
+from step5.errors import JobError, StorageError
 from step5.optimizer.search import SearchGoal, SearchPlan, run_search
 from step5.optimizer.study import OpenedStudy, open_study
 from step5.policy import TrainingPolicy
@@ -225,3 +228,23 @@ def test_a_trained_batch_is_told_while_the_next_trains_unless_a_pruner_reads_the
                            4: "MainThread", 5: "MainThread"}
     else:
         assert set(told_by.values()) == {"MainThread"} and complete_at_start == [0, 2, 4]
+
+
+def test_a_batch_the_database_refused_is_settled_without_optunas_already_reported_noise(tmp_path, monkeypatch):
+    """A database that stops taking writes as a trial is told (a full disk): the run ends in the
+    StorageError, and telling the batch again on the way out repeats no Optuna warning."""
+    opened = _open(tmp_path, trials=2)
+    real = optuna.storages.RDBStorage.set_trial_state_values
+
+    def full(self, trial_id, state, values=None):
+        if state == TrialState.COMPLETE:
+            error = sqlite3.OperationalError("database or disk is full")
+            error.sqlite_errorcode = 13  # type: ignore[attr-defined] - SQLITE_FULL, as sqlite3 sets it
+            raise sa_exc.OperationalError("UPDATE trials", {}, error)
+        return real(self, trial_id, state, values)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "set_trial_state_values", full)
+    with warnings.catch_warnings(record=True) as said, pytest.raises(StorageError, match="database or disk is full"):
+        warnings.simplefilter("always")
+        _search(opened, SleepyBackend(sleep_s=0.0), trials=2, in_flight=2)
+    assert [str(w.message) for w in said if issubclass(w.category, UserWarning)] == []

@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 import psycopg
 import pytest
+import sqlalchemy
 import sqlalchemy.exc as sa_exc
 from optuna.trial import TrialState
 
@@ -163,9 +164,37 @@ def test_an_error_waiting_cannot_fix_stops_at_once():
     def missing_table() -> None:
         raise sa_exc.ProgrammingError("SELECT", {}, psycopg.errors.UndefinedTable('relation "trials" does not exist'))
 
-    with pytest.raises(StorageError, match='failed while testing: UndefinedTable: relation "trials" does not exist'):
+    with pytest.raises(StorageError, match='failed while testing: UndefinedTable: relation "trials" does not exist. '
+                                           r"Waiting cannot fix this: check the --storage URL \(user, password, "):
         retry.call(missing_table, "testing")
     assert clock.slept == []
+
+
+@pytest.mark.parametrize("fault, said, advice", [
+    ("full", "database or disk is full", "the disk holding the database file is full: free room there, then run the "
+                                         "same command again to resume the study (its finished trials are kept)"),
+    ("read-only", "attempt to write a readonly database", "the database file or its folder is read-only for this user"),
+])
+def test_a_sqlite_file_that_refuses_a_write_is_advised_on_the_file_not_the_url(tmp_path, fault, said, advice):
+    """Real SQLite refusals: a database at its page limit fails as a full disk does (SQLITE_FULL)."""
+    path = tmp_path / "optuna_step5.db"
+    sqlalchemy.create_engine(f"sqlite:///{path}").connect().close()  # the file exists
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE t (x BLOB)")
+    engine = sqlalchemy.create_engine(f"sqlite:///file:{path}?mode=ro&uri=true" if fault == "read-only"
+                                      else f"sqlite:///{path}")
+    if fault == "full":
+        sqlalchemy.event.listen(engine, "connect", lambda conn, _: conn.execute("PRAGMA max_page_count = 3"))
+
+    def write() -> None:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text("INSERT INTO t VALUES (zeroblob(100000))"))
+
+    with pytest.raises(StorageError) as info:
+        DatabaseRetry("sqlite:///x.db", outage_s=60).call(write, "recording a trial")
+    assert str(info.value) == (f"the study database sqlite:///x.db failed while recording a trial: OperationalError: "
+                               f"{said}. Waiting cannot fix this: {advice}")
+    engine.dispose()
 
 
 # ---------------------------------------------------------------- retried writes apply once
