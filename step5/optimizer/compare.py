@@ -289,11 +289,21 @@ def _compare(config: OptimizerConfig, optimizer_factory: OptimizerFactory | None
     archive_root = out_dir / ARCHIVE_DIRNAME
     if any(c.staging_dir is not None for c in candidates.values()) and archive_root.is_dir():
         shutil.rmtree(archive_root)  # the archive records this compare run, not an older one
-    if keep is not None:
-        _promote(keep, out_dir, block)
-    for c in candidates.values():
-        if c is not keep:
-            _archive(c, out_dir, block)
+    promoted = None
+    try:
+        if keep is not None:
+            _promote(keep, out_dir, block)
+            promoted = keep.model_type
+        for c in candidates.values():
+            if c is not keep:
+                _archive(c, out_dir, block)
+    except OSError as exc:  # a disk filled since the preflight, a folder turned read-only
+        shows = (f"the output dir holds the winner, {promoted}" if promoted
+                 else "the output dir still shows the model set it showed before")
+        raise Step5Error(
+            f"cannot file this comparison's models in {out_dir}: {os_error_reason(exc)}"
+            f"{f' ({exc.filename})' if exc.filename else ''}; {shows}; the models not filed are in "
+            f"{out_dir / STAGING_DIRNAME}") from None
     with contextlib.suppress(OSError):  # absent, or something unexpected was left: kept for inspection
         (out_dir / STAGING_DIRNAME).rmdir()
 

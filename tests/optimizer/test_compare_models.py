@@ -6,11 +6,12 @@ import errno
 import fcntl
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from step5 import artifacts
+from step5 import artifacts, model_set
 from step5.artifacts import MODEL_TYPES
 from step5.data.survivors import load_survivors
 from step5.errors import DataError, DegenerateSignalError, Step5Error, StorageError, UsageError
@@ -461,3 +462,30 @@ def test_a_folder_that_cannot_be_locked_still_runs_with_a_warning(fake, config, 
     with caplog.at_level("WARNING", logger="step5.optimizer.compare"):
         assert compare.run_compare(config, optimizer_factory=fake) == 0
     assert "compare: cannot lock" in caplog.text and "would not be stopped" in caplog.text
+
+
+@pytest.mark.parametrize("refused", ["the winner", "an archive"])
+def test_a_disk_that_refuses_the_filing_is_one_error_saying_what_the_folder_shows(fake, config, monkeypatch, refused):
+    fake.script = {mt: ("ok", 0.1, 0.5 if mt == "lightgbm" else 0.1) for mt in MODEL_TYPES}
+    compare.run_compare(config, optimizer_factory=fake)  # the comparison the folder shows
+    real = artifacts.write_sidecar
+
+    def full(path, sidecar):
+        filing = compare.STAGING_DIRNAME not in str(path)  # a sub-run writes its own sidecar in its staging folder
+        if filing and (compare.ARCHIVE_DIRNAME in str(path)) == (refused == "an archive"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, sidecar)
+
+    monkeypatch.setattr(artifacts, "write_sidecar", full)
+    fake.script = {mt: ("ok", 0.1, 0.5 if mt == "xgboost" else 0.1) for mt in MODEL_TYPES}
+    with pytest.raises(Step5Error) as caught:
+        compare.run_compare(config, optimizer_factory=fake)
+    out = config.output_dir
+    shows = ("the output dir still shows the model set it showed before" if refused == "the winner"
+             else "the output dir holds the winner, xgboost")
+    assert re.fullmatch(rf"cannot file this comparison's models in {out}: no space left on the device "
+                        rf"\(\S+\.meta\.json\); {shows}; the models not filed are in {out}/compare_runs",
+                        str(caught.value)), caught.value
+    expected = "lightgbm" if refused == "the winner" else "xgboost"
+    assert artifacts.read_sidecar(out / artifacts.SIDECAR_NAME)["model_type"] == expected
+    assert not [p for p in out.rglob(f"{model_set.PARTIAL_PREFIX}*")]  # no half-filed set left behind
