@@ -15,7 +15,7 @@ import fcntl
 import logging
 import os
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -169,9 +169,16 @@ def append_decision(path: str | os.PathLike[str], record: dict[str, Any]) -> Non
     """Append ``record`` as one line: one ``write`` on an ``O_APPEND`` descriptor under the
     lock, so concurrent WATCHERs never interleave lines."""
     with flocked(Path(path), os.O_WRONLY | os.O_APPEND, "decision log") as fd:
+        end = os.fstat(fd).st_size
         view = memoryview(dumps_line(record))
-        while view:  # a regular file takes it in one write; loop only for safety
-            view = view[os.write(fd, view):]
+        try:
+            while view:  # a regular file takes it in one write; loop only for a disk that fills mid-line
+                view = view[os.write(fd, view):]
+        except OSError:
+            # Half a line would swallow the next record appended after it, once the disk has room again.
+            with suppress(OSError):
+                os.ftruncate(fd, end)
+            raise
 
 
 def read_decisions(path: str | os.PathLike[str], last: int | None = None) -> tuple[list[dict[str, Any]], int]:

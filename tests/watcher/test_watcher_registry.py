@@ -155,6 +155,17 @@ def test_decision_log_is_appended_never_rewritten(tmp_path):
     assert path.read_bytes().startswith(first)
 
 
+def test_a_decision_the_disk_refuses_midline_leaves_no_half_line_to_swallow_the_next(tmp_path, file_size_limit):
+    path = tmp_path / "d.jsonl"
+    append_decision(path, {"n": 1})
+    before = path.read_bytes()
+    with file_size_limit(len(before) + 100), pytest.raises(DataError, match="file too large"):
+        append_decision(path, {"n": 2, "stderr_tail": "x" * 5000})  # the first 100 bytes fit
+    assert path.read_bytes() == before
+    append_decision(path, {"n": 3})  # room again
+    assert read_decisions(path) == ([{"n": 1}, {"n": 3}], 0)
+
+
 def test_read_decisions_tail_and_damaged_lines(tmp_path):
     path = tmp_path / "d.jsonl"
     for n in range(5):
