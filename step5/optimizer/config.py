@@ -161,8 +161,10 @@ def validate_config(config: OptimizerConfig) -> None:
                 "every host reaches, such as postgresql+psycopg://step5@dbhost/step5 (a SQLite file is local), "
                 f"got {config.storage!r}"
             )
-    if config.study_name is not None and not config.study_name.strip():
-        raise UsageError("--study-name must not be empty")
+    for flag in ("study_name", "target", "prng_type", "parent_run_id"):  # recorded or looked up by name
+        value = getattr(config, flag)
+        if value is not None and not value.strip():
+            raise UsageError(f"--{flag.replace('_', '-')} must not be empty")
     if config.storage is not None and "://" not in config.storage:
         raise UsageError(
             f"--storage must be an Optuna storage URL such as sqlite:///path/optuna.db, got {config.storage!r}"

@@ -260,8 +260,8 @@ class AntiOverfitMetaOptimizer:
         if n_dev < 2 * cfg.k_folds:
             raise DataError(
                 f"survivors file {table.source_file}: {n} records leave {n_dev} development rows after "
-                f"holding out {cfg.test_holdout:.0%} for testing; {cfg.k_folds}-fold CV needs at least "
-                f"{2 * cfg.k_folds}. Use fewer --k-folds, a smaller --test-holdout or more data."
+                f"holding out {n - n_dev} for testing (--test-holdout {cfg.test_holdout:g}); {cfg.k_folds}-fold CV "
+                f"needs at least {2 * cfg.k_folds}. Use fewer --k-folds, a smaller --test-holdout or more data."
             )
         dev_idx, test_idx = holdout_split(n, cfg.test_holdout, cfg.seed)
         folds = kfold_splits(len(dev_idx), cfg.k_folds, cfg.seed + 1)

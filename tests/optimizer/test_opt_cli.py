@@ -65,6 +65,10 @@ def test_help_exits_0_and_lists_every_spec_flag(repo_root, python):
         (["--storage", "sqlite://"], "keeps the study in memory"),
         (["--rescore-partitions", "-1"], "expected an integer >= 0"),
         (["--rescore-partitions", "2", "--search-only"], "a --search-only helper builds none"),
+        (["--target", ""], "--target must not be empty"),  # was a ValueError traceback
+        (["--prng-type", " "], "--prng-type must not be empty"),  # was recorded as the run's PRNG
+        (["--parent-run-id", ""], "--parent-run-id must not be empty"),
+        (["--study-name", " "], "--study-name must not be empty"),
     ],
 )
 def test_usage_errors_exit_64(repo_root, sample_inputs, tmp_path, capsys, extra, message):

@@ -356,7 +356,8 @@ def test_too_few_rows_for_the_folds_is_a_data_error(tmp_path, fake_runner, make_
 
     survivors, history = write_sample(tmp_path / "tiny", n_survivors=12, n_features=6, seed=1)
     cfg = make_config(inputs=(survivors, history), k_folds=5, test_holdout=0.5)
-    with pytest.raises(DataError, match="5-fold CV needs at least 10"):
+    with pytest.raises(DataError, match=r"12 records leave 6 development rows after holding out 6 for testing "
+                                        r"\(--test-holdout 0.5\); 5-fold CV needs at least 10"):
         AntiOverfitMetaOptimizer(cfg).run()
 
 
