@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 from step5.errors import UsageError
@@ -77,6 +78,14 @@ def closed_fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {value}")
     return value
+
+
+def non_empty_path(text: str) -> Path:
+    """An argparse ``type`` for a file or folder: an empty value (say, an unset shell variable) is
+    an error, not the working directory that ``Path("")`` would silently mean."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty value")
+    return Path(text)
 
 
 def add_log_level(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from step5.artifacts import SIDECAR_NAME, feature_schema_hash, file_sha256, get_model_type, read_sidecar, \
     resolve_checkpoint
-from step5.cliutil import UsageErrorParser, add_log_level, closed_fraction
+from step5.cliutil import UsageErrorParser, add_log_level, closed_fraction, non_empty_path
 from step5.errors import EXIT_INTERRUPTED, EXIT_OK, DataError, PredictionNotAllowed, Step5Error
 from step5.fsutil import os_error_reason
 from step5.jsonio import dumps, write_json_atomic
@@ -171,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m step5.predictor",
         description="Predict holdout quality for survivors with a Step 5 model (best_model.* + best_model.meta.json).",
     )
-    p.add_argument("--model-dir", type=Path, required=True, help="folder holding best_model.meta.json (or the sidecar path)")
-    p.add_argument("--survivors", type=Path, required=True, help="survivors JSON file to predict for")
-    p.add_argument("--output", type=Path, default=None,
+    p.add_argument("--model-dir", type=non_empty_path, required=True, help="folder holding best_model.meta.json (or the sidecar path)")
+    p.add_argument("--survivors", type=non_empty_path, required=True, help="survivors JSON file to predict for")
+    p.add_argument("--output", type=non_empty_path, default=None,
                    help='write [{"seed", "prediction"}] to this file, its folders made as needed (- : stdout) [stdout]')
     p.add_argument("--max-missing-fraction", type=closed_fraction, default=DEFAULT_MAX_MISSING_FRACTION,
                    help="refuse survivors when more than this share of the model's feature cells are missing "

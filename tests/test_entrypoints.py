@@ -109,3 +109,27 @@ def test_python_m_runs_without_a_runpy_warning(module):
     assert proc.returncode == 0, proc.stderr
     assert "RuntimeWarning" not in proc.stderr
     assert "usage:" in proc.stdout + proc.stderr
+
+
+_DATA = ["--survivors", "s.json", "--lottery-data", "h.json"]
+
+
+@pytest.mark.parametrize("module, argv, flag", [
+    ("step5.optimizer.cli", [*_DATA, "--output-dir", ""], "--output-dir"),
+    ("step5.optimizer.cli", ["--survivors", "", "--lottery-data", "h.json"], "--survivors"),
+    ("step5.optimizer.cli", [*_DATA, "--policy", " "], "--policy"),
+    ("step5.optimizer.cli", [*_DATA, "--cluster-config", ""], "--cluster-config"),
+    ("step5.predictor", ["--model-dir", "", "--survivors", "s.json"], "--model-dir"),
+    ("step5.predictor", ["--model-dir", "m", "--survivors", "s.json", "--output", ""], "--output"),
+    ("step5.data.sample", ["--out", ""], "--out"),
+    ("step5.watcher.cli", ["--status", "--decision-log", ""], "--decision-log"),
+    ("step5.watcher.cli", ["--run-pipeline", "--dry-run", "--policy", ""], "--policy"),
+])
+def test_an_empty_path_is_a_usage_error_not_the_working_directory(module, argv, flag, tmp_path, monkeypatch, capsys):
+    """``--output-dir "$OUT"`` with OUT unset once trained into the working directory."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        importlib.import_module(module).main(argv)
+    assert stopped.value.code == 64
+    assert f"argument {flag}: expected a path, got an empty value" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

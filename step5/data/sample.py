@@ -13,7 +13,7 @@ import numpy as np
 import orjson
 
 from step5.artifacts import HISTORY_FILENAME, SURVIVORS_FILENAME
-from step5.cliutil import UsageErrorParser, add_log_level
+from step5.cliutil import UsageErrorParser, add_log_level, non_empty_path, non_negative_int, positive_int
 from step5.data.survivors import gc_paused
 from step5.fsutil import atomic_output, os_error_reason
 from step5.jsonio import write_json_atomic
@@ -202,18 +202,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m step5.data.sample``: prints the survivors and history paths, one per line."""
     parser = UsageErrorParser(prog="python -m step5.data.sample",
                               description="Write sample survivors/history files with a planted, learnable signal.")
-    parser.add_argument("--out", required=True, help="output directory (created if missing)")
-    parser.add_argument("--survivors", type=int, default=2000, help="number of survivor records [2000]")
-    parser.add_argument("--features", type=int, default=90, help="number of model features per record [90]")
-    parser.add_argument("--draws", type=int, default=500, help="number of history draws [500]")
-    parser.add_argument("--seed", type=int, default=42, help="random seed [42]")
+    parser.add_argument("--out", type=non_empty_path, required=True, help="output directory (created if missing)")
+    parser.add_argument("--survivors", type=positive_int, default=2000, help="number of survivor records [2000]")
+    parser.add_argument("--features", type=positive_int, default=90, help="number of model features per record [90]")
+    parser.add_argument("--draws", type=positive_int, default=500, help="number of history draws [500]")
+    parser.add_argument("--seed", type=non_negative_int, default=42, help="random seed [42]")
     parser.add_argument("--degenerate", action="store_true", help="constant holdout_quality (no signal)")
     add_log_level(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    for flag, value in (("--survivors", args.survivors), ("--features", args.features), ("--draws", args.draws)):
-        if value < 1:
-            parser.error(f"{flag} must be >= 1, got {value}")
     try:
         paths = write_sample(args.out, n_survivors=args.survivors, n_features=args.features, seed=args.seed,
                              degenerate=args.degenerate, n_draws=args.draws)

@@ -13,7 +13,9 @@ from typing import Sequence
 
 from step5.artifacts import MODEL_TYPES
 from step5.devices import parse_gpu_list
-from step5.cliutil import UsageErrorParser, add_log_level, fraction, non_negative_int, number, positive_int
+from step5.cliutil import (
+    UsageErrorParser, add_log_level, fraction, non_empty_path, non_negative_int, number, positive_int,
+)
 from step5.fsutil import DIR_MODE, create_temp_file, os_error_reason
 from step5.errors import EXIT_INTERRUPTED, EXIT_OK, DegenerateSignalError, Step5Error, Terminated, UsageError
 from step5.interrupts import latched_interrupts
@@ -82,8 +84,8 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
         formatter_class=_HelpFormatter,
     )
     data = p.add_argument_group("inputs")
-    data.add_argument("--survivors", type=Path, required=True, help="survivors_with_scores.json")
-    data.add_argument("--lottery-data", type=Path, required=True, help="train_history.json (draw history)")
+    data.add_argument("--survivors", type=non_empty_path, required=True, help="survivors_with_scores.json")
+    data.add_argument("--lottery-data", type=non_empty_path, required=True, help="train_history.json (draw history)")
     data.add_argument("--target", help="target column (features[NAME] or the record's NAME)")
     data.add_argument("--prng-type",
                       help=f"recorded in data_context [from the survivors' metadata, else {DEFAULT_PRNG_TYPE}]")
@@ -118,7 +120,7 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
                              "partitions of the development rows (other shuffles and seeds): an estimate "
                              "free of the search's own selection, recorded in the sidecar; --compare-models "
                              "chooses by it [3 with --compare-models, else 0: none]")
-    search.add_argument("--cluster-config", type=Path,
+    search.add_argument("--cluster-config", type=non_empty_path,
                         help="the pipeline's distributed_config.json: also start a --search-only helper over ssh on "
                              "each of its nodes other than this host (its python_env, in its script_path), stream "
                              "their logs, stop them when the study is full; needs a shared --storage (docs/cluster.md)")
@@ -141,7 +143,7 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
     ex = p.add_argument_group("execution")
     ex.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction,
                     help="persistent NN workers (S96B) or one subprocess per fold (S96A) [policy decides]")
-    ex.add_argument("--policy", type=Path,
+    ex.add_argument("--policy", type=non_empty_path,
                     help="policy file [./watcher_policies.json if there is one, else the project's own]")
     ex.add_argument("--gpus", type=_gpus,
                     help="NVIDIA GPU indices like 0,1 (or cuda:0,cuda:1), AMD GPUs like rocm:0,rocm:1 (a list may "
@@ -177,7 +179,7 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
                              "already falls back to one-shot subprocesses")
 
     out = p.add_argument_group("outputs")
-    out.add_argument("--output-dir", type=Path, help="where the model and sidecar go")
+    out.add_argument("--output-dir", type=non_empty_path, help="where the model and sidecar go")
     out.add_argument("--enable-diagnostics", action="store_true", help="per-trial/per-fold diagnostics under diagnostics_outputs/")
     out.add_argument("--parent-run-id", help="pipeline run id, recorded in provenance")
     add_log_level(out)

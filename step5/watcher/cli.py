@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, Any, Sequence
 
 from step5.artifacts import SIDECAR_NAME, compare_summary_path
-from step5.cliutil import UsageErrorParser, add_log_level
+from step5.cliutil import UsageErrorParser, add_log_level, non_empty_path, non_negative_int
 from step5.errors import EXIT_INTERRUPTED, EXIT_OK, Step5Error, UsageError
 from step5.jsonio import dumps, loads
 from step5.launch import child_environment
@@ -185,12 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end-step", type=int, default=None, help="last step to run [--start-step]")
     p.add_argument("--params", default="{}",
                    help='JSON object of step flags, snake_case, e.g. \'{"compare_models": true, "trials": 20}\'')
-    p.add_argument("--policy", default=None,
+    p.add_argument("--policy", type=non_empty_path, default=None,
                    help=f"policy file, also passed to the step [./{DEFAULT_POLICY_PATH} if there is one, "
                         "else the project's own]")
     p.add_argument("--dry-run", action="store_true", help="print each step's command and exit")
-    p.add_argument("--decision-log", default=DEFAULT_DECISION_LOG, help=f"JSONL decision log [{DEFAULT_DECISION_LOG}]")
-    p.add_argument("--last", type=int, default=10, help="--status: how many decisions to show [10]")
+    p.add_argument("--decision-log", type=non_empty_path, default=DEFAULT_DECISION_LOG, help=f"JSONL decision log [{DEFAULT_DECISION_LOG}]")
+    p.add_argument("--last", type=non_negative_int, default=10, help="--status: how many decisions to show [10]")
     p.add_argument("--quiet-step", action="store_true", help="do not echo the step's output to stderr")
     add_log_level(p)
     # Tests replace the real step with a fake script (step5/testing/fake_step5.py).

@@ -134,11 +134,13 @@ def test_cli_degenerate_and_usage_error(tmp_path, python, repo_root):
     )
     assert ok.returncode == 0, ok.stderr
     assert set(load_survivors(tmp_path / SURVIVORS_FILENAME).y) == {0.0}
-    bad = subprocess.run(
-        [python, "-m", "step5.data.sample", "--out", str(tmp_path), "--survivors", "0"],
-        cwd=repo_root, capture_output=True, text=True, timeout=60,
-    )
-    assert bad.returncode == 64 and "--survivors must be >= 1" in bad.stderr  # 64 like every command
+    for flag, value, expected in (("--survivors", "0", "an integer >= 1"), ("--seed", "-1", "an integer >= 0")):
+        bad = subprocess.run(
+            [python, "-m", "step5.data.sample", "--out", str(tmp_path), flag, value],
+            cwd=repo_root, capture_output=True, text=True, timeout=60,
+        )
+        # 64 like every command (a negative --seed was numpy's ValueError traceback)
+        assert bad.returncode == 64 and f"argument {flag}: expected {expected}, got {value}" in bad.stderr
 
 
 def test_cli_output_it_cannot_write_is_one_line_and_exit_1(tmp_path, capsys):

@@ -264,6 +264,7 @@ def test_status_shows_decisions_and_registry(work, watcher):
     (["--start-step", "4", "--end-step", "5"], 64, "step 4 is not shipped"),
     (["--start-step", "5", "--end-step", "6"], 64, "step 6 is not shipped"),
     (["--bogus"], 64, "unrecognized arguments"),
+    (["--last", "-3"], 64, "argument --last: expected an integer >= 0, got -3"),  # was a deque ValueError traceback
 ])
 def test_usage_errors(work, args, code, words, watcher):
     proc = watcher.run(work, "ok", *args)
