@@ -218,21 +218,24 @@ def only_compare_run_in(out_dir: Path) -> Iterator[None]:
     runs in one folder delete each other's staged runs and archives, and can leave a sidecar without its
     checkpoint. The kernel lets go of it when the process ends, however it ends."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / LOCK_NAME, "a+", encoding="utf-8") as handle:
+    with open(out_dir / LOCK_NAME, "a+b", buffering=0) as handle:  # unbuffered: a failed write leaves nothing to flush
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "holder unknown"
+            holder = handle.read().decode(errors="replace").strip() or "holder unknown"
             raise Step5Error(f"another --compare-models run ({holder}) is writing to {out_dir}; wait for it to end "
                              "or give this one another --output-dir") from None
         except OSError as exc:  # a filesystem without locks (some NFS mounts): a guard lost, not a reason to stop
             logger.warning("compare: cannot lock %s (%s); a second compare run into this folder at the same time "
                            "would not be stopped", handle.name, os_error_reason(exc))
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {utc_timestamp()}\n")
-        handle.flush()
+        try:  # who holds it, for the message a second run prints; a full disk costs only that
+            handle.truncate(0)
+            view = memoryview(f"pid {os.getpid()} on {socket.gethostname()}, since {utc_timestamp()}\n".encode())
+            while view:
+                view = view[handle.write(view):]
+        except OSError as exc:
+            logger.warning("compare: cannot record this run in %s (%s)", handle.name, os_error_reason(exc))
         yield
 
 

@@ -464,6 +464,13 @@ def test_a_folder_that_cannot_be_locked_still_runs_with_a_warning(fake, config, 
     assert "compare: cannot lock" in caplog.text and "would not be stopped" in caplog.text
 
 
+def test_a_lock_file_the_disk_refuses_to_take_the_holder_costs_only_a_warning(tmp_path, file_size_limit, caplog):
+    with caplog.at_level("WARNING", logger="step5.optimizer.compare"), file_size_limit(1):
+        with compare.only_compare_run_in(tmp_path / "out"):
+            pass
+    assert f"compare: cannot record this run in {tmp_path / 'out' / compare.LOCK_NAME} (file too large" in caplog.text
+
+
 @pytest.mark.parametrize("refused", ["the winner", "an archive"])
 def test_a_disk_that_refuses_the_filing_is_one_error_saying_what_the_folder_shows(fake, config, monkeypatch, refused):
     fake.script = {mt: ("ok", 0.1, 0.5 if mt == "lightgbm" else 0.1) for mt in MODEL_TYPES}
