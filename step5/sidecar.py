@@ -59,7 +59,8 @@ FINGERPRINT_VERSION = "step5_content_v1"
 
 def build_data_context(*, fingerprint: str, training_draws: int, holdout_draws: int | None, survivors_file: str,
                        survivor_count: int, prng_type: str | None, mod: int | None, target: str,
-                       missing_feature_fills: int, lottery_data_file: str) -> dict[str, Any]:
+                       missing_feature_fills: int, lottery_data_file: str,
+                       repeated_feature_rows: int = 0) -> dict[str, Any]:
     """The sidecar's ``data_context`` in the existing pipeline's layout: the training window is
     the history's draws 1..N, the holdout window the ``holdout_draws`` after it (recorded as
     given; Step 5 holds out survivors, not draws)."""
@@ -76,6 +77,7 @@ def build_data_context(*, fingerprint: str, training_draws: int, holdout_draws: 
         "prng_hypothesis": {"prng_type": prng_type, "mod": mod},
         "target": target,
         "missing_feature_fills": missing_feature_fills,
+        "repeated_feature_rows": repeated_feature_rows,
         "lottery_data_file": str(lottery_data_file),
         "derived_by": "step5_anti_overfit",
     }

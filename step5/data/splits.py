@@ -72,6 +72,15 @@ def as_xy(name: str, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
     return X, y
 
 
+def repeated_rows(X: np.ndarray) -> int:
+    """How many rows of ``X`` repeat an earlier row exactly. Wherever two copies of a row fall on both
+    sides of a split, the model is scored on a row it trained on, and the score reads too high."""
+    rows = np.ascontiguousarray(X)
+    if rows.shape[0] < 2:
+        return 0
+    return int(rows.shape[0] - len(np.unique(rows.view(np.dtype((np.void, rows.shape[1] * rows.itemsize))))))
+
+
 def write_fold_npz(
     path: str | os.PathLike[str], X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
     *, X_test: np.ndarray | None = None, y_test: np.ndarray | None = None,

@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from step5 import artifacts, model_set
 from step5.artifacts import get_model_type
 from step5.data.history import load_history
-from step5.data.splits import FoldFiles, dev_rows, holdout_split, kfold_splits
+from step5.data.splits import FoldFiles, dev_rows, holdout_split, kfold_splits, repeated_rows
 from step5.data.survivors import SurvivorTable, load_survivors
 from step5.cluster import (
     ClusterNode, HelperFleet, helper_arguments, load_cluster_config, split_local, storage_warnings,
@@ -93,6 +93,7 @@ class InputData:
     table: SurvivorTable
     draws: list[int]
     load_s: float
+    repeated_rows: int = 0  # rows whose features repeat an earlier row's exactly (the sidecar records it)
 
 
 def load_inputs(config: OptimizerConfig) -> InputData:
@@ -102,10 +103,15 @@ def load_inputs(config: OptimizerConfig) -> InputData:
     table = load_survivors(config.survivors, config.target)
     draws = load_history(config.lottery_data)
     table.X.flags.writeable = table.y.flags.writeable = False
-    inputs = InputData(table, draws, time.perf_counter() - start)
+    inputs = InputData(table, draws, time.perf_counter() - start, repeated_rows(table.X))
     logger.info("loaded %d survivors x %d features (%d excluded: %s) and %d history draws in %.2fs",
                 table.n_records, table.n_features, len(table.excluded_features), table.excluded_features,
                 len(draws), inputs.load_s)
+    if inputs.repeated_rows:
+        logger.warning("survivors file %s: %d of %d rows repeat another row's features exactly; where copies fall on "
+                       "both sides of the test holdout or a CV fold, the scores read too high. Deduplicate the "
+                       "survivors upstream (the pipeline's sanity_tests.py --test dedup lists them)",
+                       table.source_file, inputs.repeated_rows, table.n_records)
     return inputs
 
 
@@ -141,7 +147,7 @@ class AntiOverfitMetaOptimizer:
 
         # What both the success and the degenerate sidecar record about the data.
         signal = self.signal = assess_signal(table.y)
-        data_context = self.data_context = self._data_context(table, draws)
+        data_context = self.data_context = self._data_context(table, draws, inputs.repeated_rows)
         self.feature_schema = artifacts.build_feature_schema(table.feature_names, table.excluded_features,
                                                              table.source_file)
         self.cv_repeats = cv_repeats(cfg, dev_rows(table.n_records, cfg.test_holdout))
@@ -226,7 +232,7 @@ class AntiOverfitMetaOptimizer:
         arguments = helper_arguments(cfg, study_name=study_name, storage=storage_url, policy_given=policy_given)
         return HelperFleet(nodes, arguments)
 
-    def _data_context(self, table: SurvivorTable, draws: list[int]) -> dict[str, Any]:
+    def _data_context(self, table: SurvivorTable, draws: list[int], repeated: int) -> dict[str, Any]:
         cfg = self.config
         prng_type = cfg.prng_type if cfg.prng_type is not None else table.prng_type or DEFAULT_PRNG_TYPE
         mod = cfg.mod if cfg.mod is not None else table.mod or DEFAULT_MOD
@@ -236,7 +242,8 @@ class AntiOverfitMetaOptimizer:
         return build_data_context(fingerprint=fingerprint, training_draws=len(draws), holdout_draws=cfg.holdout_draws,
                                   survivors_file=str(cfg.survivors), survivor_count=table.n_records,
                                   prng_type=prng_type, mod=mod, target=table.target,
-                                  missing_feature_fills=table.missing_fills, lottery_data_file=str(cfg.lottery_data))
+                                  missing_feature_fills=table.missing_fills, lottery_data_file=str(cfg.lottery_data),
+                                  repeated_feature_rows=repeated)
 
     def _setup(self) -> dict[str, Any]:
         """What makes two runs' objective values comparable (docs/optimizer-internals.md#study)."""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from step5.errors import Step5Error
-from step5.data.splits import FOLD_DIR_PREFIX, FoldFiles, holdout_split, kfold_splits, write_fold_npz
+from step5.data.splits import FOLD_DIR_PREFIX, FoldFiles, holdout_split, kfold_splits, repeated_rows, write_fold_npz
 from step5.owner import OWNER_FILE
 
 
@@ -182,3 +182,10 @@ def test_a_temp_folder_that_cannot_hold_the_fold_folder_is_one_error_naming_it(t
     not_a_folder.write_text("")
     with pytest.raises(Step5Error, match=f"cannot write fold files to {not_a_folder}: "):
         FoldFiles(dir=not_a_folder)
+
+
+def test_repeated_rows_counts_the_copies_of_earlier_rows():
+    X = np.arange(12, dtype=np.float32).reshape(4, 3)
+    assert repeated_rows(X) == 0 and repeated_rows(X[:1]) == 0 and repeated_rows(X[:0]) == 0
+    assert repeated_rows(np.vstack([X, X[1], X[1], X[3]])) == 3  # two more of row 1, one more of row 3
+    assert repeated_rows(np.asfortranarray(np.vstack([X, X]))) == 4  # any memory layout

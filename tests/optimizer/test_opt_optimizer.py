@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -379,3 +380,21 @@ def test_target_storage_and_data_context_flags_are_honoured(tmp_path, fake_runne
     # The recorded prng type / mod are part of the data fingerprint.
     other = AntiOverfitMetaOptimizer(dataclasses.replace(cfg, mod=1000, study_name="named2")).run()
     assert other.sidecar["data_context"]["fingerprint_hash"] != sc["data_context"]["fingerprint_hash"]
+
+
+def test_survivors_that_repeat_a_row_are_warned_about_and_counted_in_the_sidecar(tmp_path, fake_runner, make_config,
+                                                                                  caplog):
+    """Copies of a row on both sides of a split score a model on rows it trained on (the pipeline's own
+    sanity_tests.py --test dedup looks for them); the run says so and the sidecar counts them."""
+    from step5.data.sample import write_sample
+
+    survivors, history = write_sample(tmp_path / "data", n_survivors=60, n_features=5, seed=3)
+    records = read_json_file(survivors, "survivors")
+    survivors.write_text(json.dumps(records + records[:7]))  # seven survivors listed twice
+    with caplog.at_level(logging.WARNING, logger="step5.optimizer.optimizer"):
+        outcome = AntiOverfitMetaOptimizer(make_config(inputs=(survivors, history), trials=1)).run()
+    assert outcome.sidecar["data_context"]["repeated_feature_rows"] == 7
+    assert f"survivors file {survivors}: 7 of 67 rows repeat another row's features exactly" in caplog.text
+
+    clean = AntiOverfitMetaOptimizer(make_config(name="clean", trials=1)).run()
+    assert clean.sidecar["data_context"]["repeated_feature_rows"] == 0
