@@ -72,13 +72,35 @@ def as_xy(name: str, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
     return X, y
 
 
-def repeated_rows(X: np.ndarray) -> int:
-    """How many rows of ``X`` repeat an earlier row exactly. Wherever two copies of a row fall on both
-    sides of a split, the model is scored on a row it trained on, and the score reads too high."""
+def row_groups(X: np.ndarray) -> np.ndarray | None:
+    """Each row's group, rows with equal features in one, numbered in order of first appearance; None when no
+    row repeats another. Wherever two copies of a row fall on both sides of a split, the model is scored on a
+    row it trained on, so the splits keep each group on one side (:func:`rows_of`)."""
     rows = np.ascontiguousarray(X)
     if rows.shape[0] < 2:
-        return 0
-    return int(rows.shape[0] - len(np.unique(rows.view(np.dtype((np.void, rows.shape[1] * rows.itemsize))))))
+        return None
+    keys = rows.view(np.dtype((np.void, rows.shape[1] * rows.itemsize))).ravel()
+    _, inverse = np.unique(keys, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    return None if inverse.max() + 1 == len(keys) else renumbered(inverse)
+
+
+def rows_of(split: tuple[np.ndarray, np.ndarray], groups: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """A split of group ids as a split of rows, every copy on its group's side (unchanged: no groups)."""
+    if groups is None:
+        return split
+    second = np.isin(groups, split[1])
+    return np.flatnonzero(~second), np.flatnonzero(second)
+
+
+def renumbered(groups: np.ndarray | None) -> np.ndarray | None:
+    """``groups`` (of a subset of rows, say) numbered again from 0 in order of first appearance."""
+    if groups is None:
+        return None
+    _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.intp)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse.reshape(-1)]
 
 
 def write_fold_npz(

@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from step5 import artifacts, model_set
 from step5.artifacts import get_model_type
 from step5.data.history import load_history
-from step5.data.splits import FoldFiles, dev_rows, holdout_split, kfold_splits, repeated_rows
+from step5.data.splits import FoldFiles, dev_rows, holdout_split, kfold_splits, renumbered, row_groups, rows_of
 from step5.data.survivors import SurvivorTable, load_survivors
 from step5.cluster import (
     ClusterNode, HelperFleet, helper_arguments, load_cluster_config, split_local, storage_warnings,
@@ -93,7 +93,12 @@ class InputData:
     table: SurvivorTable
     draws: list[int]
     load_s: float
-    repeated_rows: int = 0  # rows whose features repeat an earlier row's exactly (the sidecar records it)
+    groups: np.ndarray | None = None  # rows with equal features share a group (splits keep it whole); None: no repeats
+
+    @property
+    def repeated_rows(self) -> int:
+        """Rows whose features repeat an earlier row's exactly (the sidecar records it)."""
+        return 0 if self.groups is None else len(self.groups) - int(self.groups.max()) - 1
 
 
 def load_inputs(config: OptimizerConfig) -> InputData:
@@ -103,14 +108,15 @@ def load_inputs(config: OptimizerConfig) -> InputData:
     table = load_survivors(config.survivors, config.target)
     draws = load_history(config.lottery_data)
     table.X.flags.writeable = table.y.flags.writeable = False
-    inputs = InputData(table, draws, time.perf_counter() - start, repeated_rows(table.X))
+    inputs = InputData(table, draws, time.perf_counter() - start, row_groups(table.X))
     logger.info("loaded %d survivors x %d features (%d excluded: %s) and %d history draws in %.2fs",
                 table.n_records, table.n_features, len(table.excluded_features), table.excluded_features,
                 len(draws), inputs.load_s)
     if inputs.repeated_rows:
-        logger.warning("survivors file %s: %d of %d rows repeat another row's features exactly; where copies fall on "
-                       "both sides of the test holdout or a CV fold, the scores read too high. Deduplicate the "
-                       "survivors upstream (the pipeline's sanity_tests.py --test dedup lists them)",
+        logger.warning("survivors file %s: %d of %d rows repeat another row's features exactly; the splits keep "
+                       "the copies of a row on one side (else a model would be scored on rows it trained on), so "
+                       "each row counts once more often than it should: deduplicate the survivors upstream (the "
+                       "pipeline's sanity_tests.py --test dedup lists them)",
                        table.source_file, inputs.repeated_rows, table.n_records)
     return inputs
 
@@ -132,6 +138,7 @@ class AntiOverfitMetaOptimizer:
         self._search_record = SearchRecord()
         self._t0 = time.perf_counter()
         self.cv_repeats = 1  # K-fold partitions per trial: resolved once the row count is known
+        self.groups: np.ndarray | None = None  # rows with equal features share a group (load_inputs)
 
     def run(self) -> RunOutcome:
         cfg = self.config
@@ -142,7 +149,7 @@ class AntiOverfitMetaOptimizer:
         helper_nodes = self._helper_nodes()  # a bad cluster config fails before the data is read
 
         inputs = self.inputs or load_inputs(cfg)
-        table, draws = inputs.table, inputs.draws
+        table, draws, self.groups = inputs.table, inputs.draws, inputs.groups
         self.timings["load_s"] = inputs.load_s
 
         # What both the success and the degenerate sidecar record about the data.
@@ -252,6 +259,8 @@ class AntiOverfitMetaOptimizer:
                                  "test_holdout": cfg.test_holdout, "target": cfg.target, "objective": OBJECTIVE_FORMULA}
         if self.cv_repeats > 1:  # only then: a study from before repeated CV keeps its name
             setup["cv_repeats"] = self.cv_repeats
+        if self.groups is not None:  # repeated rows split as groups: other folds than a study from before
+            setup["split"] = "grouped_repeated_rows"
         if self.torch:
             setup.update(normalize_features=cfg.normalize_features, use_leaky_relu=cfg.use_leaky_relu,
                          dropout=cfg.dropout, nn_max_epochs=cfg.nn_max_epochs)
@@ -261,25 +270,31 @@ class AntiOverfitMetaOptimizer:
         from sklearn.model_selection import train_test_split
 
         cfg = self.config
-        n = table.n_records
+        # Every split draws over units, rows or (where rows repeat) groups of equal rows, then maps back to rows.
+        groups = self.groups
+        n = table.n_records if groups is None else int(groups.max()) + 1
         n_dev = dev_rows(n, cfg.test_holdout)
+        rows = "records" if groups is None else "distinct rows"
         # Each CV validation fold (and the final early-stopping slice) needs >= 2 rows for an R².
         if n_dev < 2 * cfg.k_folds:
             raise DataError(
-                f"survivors file {table.source_file}: {n} records leave {n_dev} development rows after "
+                f"survivors file {table.source_file}: {n} {rows} leave {n_dev} development rows after "
                 f"holding out {n - n_dev} for testing (--test-holdout {cfg.test_holdout:g}); {cfg.k_folds}-fold CV "
                 f"needs at least {2 * cfg.k_folds}. Use fewer --k-folds, a smaller --test-holdout or more data."
             )
-        dev_idx, test_idx = holdout_split(n, cfg.test_holdout, cfg.seed)
-        folds = kfold_splits(len(dev_idx), cfg.k_folds, cfg.seed + 1)
+        dev_idx, test_idx = rows_of(holdout_split(n, cfg.test_holdout, cfg.seed), groups)
+        dev_groups = renumbered(None if groups is None else groups[dev_idx])
+
+        def kfold(seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+            return [rows_of(pair, dev_groups) for pair in kfold_splits(n_dev, cfg.k_folds, seed)]
+
+        folds = kfold(cfg.seed + 1)
         # Partitions 1.. : the search's repeats first, then the rescore's (CVData).
         repeats = self.cv_repeats
-        fresh = [kfold_splits(len(dev_idx), cfg.k_folds, partition_seed(cfg.seed, r, search_repeat=True))
-                 for r in range(1, repeats)]
-        fresh += [kfold_splits(len(dev_idx), cfg.k_folds, partition_seed(cfg.seed, p))
-                  for p in range(1, rescore_partitions(cfg) + 1)]
-        fit_pos, es_pos = train_test_split(np.arange(len(dev_idx)), test_size=1.0 / cfg.k_folds,
-                                           random_state=cfg.seed + 2, shuffle=True)
+        fresh = [kfold(partition_seed(cfg.seed, r, search_repeat=True)) for r in range(1, repeats)]
+        fresh += [kfold(partition_seed(cfg.seed, p)) for p in range(1, rescore_partitions(cfg) + 1)]
+        fit_pos, es_pos = rows_of(train_test_split(np.arange(n_dev), test_size=1.0 / cfg.k_folds,
+                                                   random_state=cfg.seed + 2, shuffle=True), dev_groups)
         final = ("the final net is the best trial's fold models merged into one" if self.torch
                  else f"the final model fits {len(fit_pos)} and early-stops on {len(es_pos)}")
         logger.info("split %d rows: %d dev (%d folds of ~%d validation rows%s), %d test; %s",

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from step5.errors import Step5Error
-from step5.data.splits import FOLD_DIR_PREFIX, FoldFiles, holdout_split, kfold_splits, repeated_rows, write_fold_npz
+from step5.data.splits import (
+    FOLD_DIR_PREFIX, FoldFiles, holdout_split, kfold_splits, renumbered, row_groups, rows_of, write_fold_npz,
+)
 from step5.owner import OWNER_FILE
 
 
@@ -184,8 +186,18 @@ def test_a_temp_folder_that_cannot_hold_the_fold_folder_is_one_error_naming_it(t
         FoldFiles(dir=not_a_folder)
 
 
-def test_repeated_rows_counts_the_copies_of_earlier_rows():
+def test_row_groups_number_equal_rows_together_in_order_of_first_appearance():
     X = np.arange(12, dtype=np.float32).reshape(4, 3)
-    assert repeated_rows(X) == 0 and repeated_rows(X[:1]) == 0 and repeated_rows(X[:0]) == 0
-    assert repeated_rows(np.vstack([X, X[1], X[1], X[3]])) == 3  # two more of row 1, one more of row 3
-    assert repeated_rows(np.asfortranarray(np.vstack([X, X]))) == 4  # any memory layout
+    assert row_groups(X) is None and row_groups(X[:1]) is None and row_groups(X[:0]) is None
+    np.testing.assert_array_equal(row_groups(np.vstack([X[2], X, X[1], X[2]])), [0, 1, 2, 0, 3, 2, 0])
+    np.testing.assert_array_equal(row_groups(np.asfortranarray(np.vstack([X, X]))), [0, 1, 2, 3] * 2)  # any layout
+    np.testing.assert_array_equal(renumbered(np.array([5, 2, 5, 7])), [0, 1, 0, 2])
+
+
+def test_rows_of_puts_every_copy_on_its_groups_side():
+    groups = np.array([0, 1, 0, 2, 1, 0])
+    dev, test = rows_of((np.array([0, 2]), np.array([1])), groups)
+    np.testing.assert_array_equal(dev, [0, 2, 3, 5])
+    np.testing.assert_array_equal(test, [1, 4])
+    pair = (np.array([3, 1]), np.array([0, 2]))
+    assert rows_of(pair, None) is pair  # no repeated rows: the split itself, order kept

@@ -382,19 +382,38 @@ def test_target_storage_and_data_context_flags_are_honoured(tmp_path, fake_runne
     assert other.sidecar["data_context"]["fingerprint_hash"] != sc["data_context"]["fingerprint_hash"]
 
 
-def test_survivors_that_repeat_a_row_are_warned_about_and_counted_in_the_sidecar(tmp_path, fake_runner, make_config,
-                                                                                  caplog):
+def test_survivors_that_repeat_a_row_split_as_groups_are_warned_about_and_counted(tmp_path, fake_runner, make_config,
+                                                                                    caplog):
     """Copies of a row on both sides of a split score a model on rows it trained on (the pipeline's own
-    sanity_tests.py --test dedup looks for them); the run says so and the sidecar counts them."""
+    sanity_tests.py --test dedup looks for them): every split keeps a row's copies on one side, the run
+    warns, the sidecar counts them, and data without repeats splits exactly as before."""
     from step5.data.sample import write_sample
+    from step5.optimizer.optimizer import load_inputs
 
     survivors, history = write_sample(tmp_path / "data", n_survivors=60, n_features=5, seed=3)
     records = read_json_file(survivors, "survivors")
-    survivors.write_text(json.dumps(records + records[:7]))  # seven survivors listed twice
+    survivors.write_text(json.dumps(records + records[:7] + records[:3]))  # ten copies of seven survivors
+    cfg = make_config(inputs=(survivors, history), trials=1, rescore_partitions=2)
     with caplog.at_level(logging.WARNING, logger="step5.optimizer.optimizer"):
-        outcome = AntiOverfitMetaOptimizer(make_config(inputs=(survivors, history), trials=1)).run()
-    assert outcome.sidecar["data_context"]["repeated_feature_rows"] == 7
-    assert f"survivors file {survivors}: 7 of 67 rows repeat another row's features exactly" in caplog.text
+        outcome = AntiOverfitMetaOptimizer(cfg).run()
+    assert outcome.sidecar["data_context"]["repeated_feature_rows"] == 10
+    assert f"survivors file {survivors}: 10 of 70 rows repeat another row's features exactly" in caplog.text
 
-    clean = AntiOverfitMetaOptimizer(make_config(name="clean", trials=1)).run()
-    assert clean.sidecar["data_context"]["repeated_feature_rows"] == 0
+    optimizer = AntiOverfitMetaOptimizer(cfg)
+    inputs = load_inputs(cfg)
+    optimizer.groups = inputs.groups
+    assert optimizer._setup()["split"] == "grouped_repeated_rows"  # other folds: not a study from before
+    cv = optimizer._split(inputs.table)
+
+    def keys(X: np.ndarray) -> set[bytes]:
+        return {row.tobytes() for row in X}
+
+    assert not keys(cv.X_dev) & keys(cv.X_test)
+    assert len(cv.y_dev) + len(cv.y_test) == 70
+    for number in range(1 + 2):  # the search's partition and the two rescore partitions
+        for train, val in cv.partition(number):
+            assert not keys(cv.X_dev[train]) & keys(cv.X_dev[val]) and len(train) + len(val) == len(cv.y_dev)
+    assert not keys(cv.X_dev[cv.final_fit_idx]) & keys(cv.X_dev[cv.final_es_idx])
+
+    clean = AntiOverfitMetaOptimizer(make_config(name="clean", trials=1))
+    assert clean.run().sidecar["data_context"]["repeated_feature_rows"] == 0 and "split" not in clean._setup()
