@@ -113,11 +113,11 @@ def load_inputs(config: OptimizerConfig) -> InputData:
                 table.n_records, table.n_features, len(table.excluded_features), table.excluded_features,
                 len(draws), inputs.load_s)
     if inputs.repeated_rows:
-        logger.warning("survivors file %s: %d of %d rows repeat another row's features exactly; the splits keep "
-                       "the copies of a row on one side (else a model would be scored on rows it trained on), so "
-                       "each row counts once more often than it should: deduplicate the survivors upstream (the "
-                       "pipeline's sanity_tests.py --test dedup lists them)",
-                       table.source_file, inputs.repeated_rows, table.n_records)
+        logger.warning("survivors file %s: %d of %d rows repeat another row's features exactly. The splits keep a "
+                       "row's copies on one side, so no model is scored on rows it trained on, but each copy still "
+                       "weighs in training and scoring: deduplicate the survivors upstream (the pipeline's "
+                       "sanity_tests.py --test dedup lists them)", table.source_file, inputs.repeated_rows,
+                       table.n_records)
     return inputs
 
 
