@@ -11,8 +11,9 @@ EXIT_SKIP_MODEL = 3  # the WATCHER's own final decisions (step5.watcher.judge)
 EXIT_ESCALATE = 4
 EXIT_ORPHANED = 3  # a worker or one-shot trainer whose parent is gone (step5.lifeline)
 
-#: ``error_type`` values a training job may fail with (SPEC section 6; ``timeout``: docs/errors.md).
-JOB_ERROR_TYPES = ("bad_request", "data_error", "train_error", "out_of_memory", "timeout")
+#: ``error_type`` values a training job may fail with (SPEC section 6; ``timeout`` and ``startup_error``, a
+#: one-shot trainer that could not set up torch or its device, so no job can run there: docs/errors.md).
+JOB_ERROR_TYPES = ("bad_request", "data_error", "train_error", "out_of_memory", "timeout", "startup_error")
 
 
 #: How libraries word a failed allocation they report as a generic exception: torch's
@@ -137,6 +138,11 @@ class BadRequest(JobError):
 
     def __init__(self, message: str, **kwargs: Any) -> None:
         super().__init__(message, "bad_request", **kwargs)
+
+
+class TrainerCannotStart(Step5Error):
+    """Raised when no training process can start on a slot (its worker failed to boot, or it had none, and a
+    one-shot trainer cannot set up torch or the device): every job there would fail the same way, so the run stops."""
 
 
 class WorkerCrashed(Step5Error):

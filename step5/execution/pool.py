@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 from step5.devices import DeviceSlot
-from step5.errors import JOB_ERROR_TYPES, JobError, JobTimedOut, RunnerClosed, WorkerCrashed, WorkerFault
+from step5.errors import (
+    JOB_ERROR_TYPES, JobError, JobTimedOut, RunnerClosed, TrainerCannotStart, WorkerCrashed, WorkerFault,
+)
 from step5.execution.process import Spawner, WorkerProcess, kill_tree, oneshot_command, popen_worker, reap_killed, \
     run_oneshot_job, sigkill
 from step5.execution.slot import FaultBudget, JobAttempts, JobVerdict, SlotAction, SlotMachine
@@ -361,6 +363,10 @@ class WorkerPool:
                                              command=self.oneshot_command, start=self._start)
                     break
                 except JobError as exc:
+                    if exc.error_type == "startup_error":  # any job here would fail so, trial after trial
+                        raise TrainerCannotStart(
+                            f"no training process can start on {st.label} ({st.slot.describe()}): {exc.message}. "
+                            "Check that this Python's torch imports and sees that device") from None
                     return exc
                 except JobTimedOut as exc:
                     self._check_open()
@@ -468,8 +474,9 @@ class WorkerPool:
                 raise failure
         except RunnerClosed:
             raise
-        except BaseException:
-            logger.warning("interrupted: stopping every worker and trainer")
+        except BaseException as exc:
+            logger.warning("stopping every worker and trainer: %s",
+                           exc if isinstance(exc, TrainerCannotStart) else "interrupted")
             self._close(grace_s=0.0)
             raise
         finally:

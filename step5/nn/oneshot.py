@@ -107,6 +107,10 @@ def _answer(args: argparse.Namespace) -> dict[str, Any]:
         backend = TorchBackend()
     except ValueError as exc:  # STEP5_TORCH_THREADS is not a thread count
         raise BadRequest(str(exc), **echo(request)) from None
+    except Exception as exc:  # noqa: BLE001 - torch or the device cannot be set up: not this job's fault
+        logger.exception("cannot set up torch")
+        raise JobError(f"cannot set up torch here: {type(exc).__name__}: {exc}", "startup_error",
+                       **echo(request)) from None
     logger.info("trial %s fold %s: %s on %s (%d torch threads)", request.trial_number, request.fold_idx,
                 request.command, backend.device, backend.threads)
     (reply,) = Dispatcher(backend).handle(request)
@@ -137,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except UsageError as exc:
         reply = BadRequest(str(exc), trial_number=getattr(args, "trial_number", None),
                            fold_idx=getattr(args, "fold_idx", None)).to_dict()
-    except BadRequest as exc:
+    except JobError as exc:  # a bad request, or torch that cannot be set up
         reply = exc.to_dict()
     except Exception as exc:  # noqa: BLE001 - the parent must still get one JSON line
         logger.exception("one-shot trainer failed unexpectedly")

@@ -16,7 +16,7 @@ import pytest
 
 from step5.data.splits import write_fold_npz
 from step5.devices import DeviceSlot
-from step5.errors import JobError
+from step5.errors import JobError, TrainerCannotStart
 from step5.execution.pool import WorkerPool
 from step5.execution.process import WorkerProcess
 from step5.policy import TrainingPolicy
@@ -112,3 +112,27 @@ def test_worker_killed_mid_run_restarts_then_falls_back_with_identical_results(
     # the mixed batch its one healthy fold.
     assert summary["timings"]["jobs"] == 4 * len(requests) + 1
     assert worker["oneshot_jobs"] >= 1
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_a_torch_that_cannot_start_stops_the_run_at_once_instead_of_failing_trial_after_trial(
+    requests, tmp_path, monkeypatch, caplog, persistent,
+):
+    """A rig whose torch is broken (a wrong build, a missing libcudart): the worker dies booting and
+    the one-shot trainer cannot set torch up either. Every job there would fail the same way, so
+    the pool stops with one error naming the slot and the cause, not a train_error per fold."""
+    broken = tmp_path / "broken" / "torch"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise ImportError("libcudart.so.12: cannot open shared object file")\n')
+    monkeypatch.setenv("PYTHONPATH", str(broken.parent))  # behind step5's own entry, ahead of the real torch
+    caplog.set_level(logging.WARNING, logger="step5.execution.pool")
+    policy = TrainingPolicy(use_persistent_workers=persistent, worker_job_timeout_s=60, worker_ready_timeout_s=60,
+                            max_worker_restarts=1)
+    with WorkerPool([DeviceSlot("CPU-0", "cpu", "", 1)], policy, persistent=persistent) as pool:
+        with pytest.raises(TrainerCannotStart) as caught:
+            pool.run([[requests[0]]])
+    assert str(caught.value) == (
+        "no training process can start on CPU-0 (the CPU): cannot set up torch here: ImportError: libcudart.so.12: "
+        "cannot open shared object file. Check that this Python's torch imports and sees that device")
+    if persistent:
+        assert "[S96B] Worker CPU-0 died, falling back to subprocess mode" in caplog.messages
