@@ -298,7 +298,7 @@ class AntiOverfitMetaOptimizer:
         final = ("the final net is the best trial's fold models merged into one" if self.torch
                  else f"the final model fits {len(fit_pos)} and early-stops on {len(es_pos)}")
         logger.info("split %d rows: %d dev (%d folds of ~%d validation rows%s), %d test; %s",
-                    n, len(dev_idx), cfg.k_folds, len(dev_idx) // cfg.k_folds,
+                    table.n_records, len(dev_idx), cfg.k_folds, len(dev_idx) // cfg.k_folds,
                     f", each trial on {repeats} partitions" if repeats > 1 else "", len(test_idx), final)
         return CVData(X_dev=table.X[dev_idx], y_dev=table.y[dev_idx], X_test=table.X[test_idx],
                       y_test=table.y[test_idx], folds=folds, final_fit_idx=np.sort(fit_pos),
