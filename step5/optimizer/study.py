@@ -38,9 +38,13 @@ SCHEMA_RACE_ATTEMPTS = 5  # how long a SQLite writer waits for another process's
 
 
 def default_storage_url(output_dir: Path) -> str:
+    """The SQLite URL of ``<output_dir>/optuna_step5.db``, escaped: a folder named with ``%20``, ``?`` or ``#``
+    must not read as a space, a query or a fragment when the URL is parsed back."""
+    from sqlalchemy.engine import URL
+
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{output_dir / DEFAULT_DB_NAME}"
+    return URL.create("sqlite", database=str(output_dir / DEFAULT_DB_NAME)).render_as_string(hide_password=False)
 
 
 def default_study_name(model_type: str, fingerprint: str, setup: Mapping[str, Any]) -> str:

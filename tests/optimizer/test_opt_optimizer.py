@@ -417,3 +417,16 @@ def test_survivors_that_repeat_a_row_split_as_groups_are_warned_about_and_counte
 
     clean = AntiOverfitMetaOptimizer(make_config(name="clean", trials=1))
     assert clean.run().sidecar["data_context"]["repeated_feature_rows"] == 0 and "split" not in clean._setup()
+
+
+@pytest.mark.parametrize("name", ["a%20b", "a?b#c", "ü ñ"])
+def test_an_output_dir_whose_name_reads_as_url_syntax_keeps_its_study_inside_it(fake_runner, make_config, name):
+    """The default study database is a URL made from the output dir: unescaped, ``%20`` read as a space
+    (no such folder: "unable to open database file") and ``?`` cut the path short (a database at
+    ``<tmp>/a``, outside the output dir)."""
+    cfg = make_config(name, trials=1)
+    outcome = AntiOverfitMetaOptimizer(cfg).run()
+    assert (cfg.output_dir / "optuna_step5.db").is_file()
+    assert [p.name for p in cfg.output_dir.parent.iterdir()] == [name]  # nothing written beside it
+    assert optuna.load_study(study_name=outcome.sidecar["optuna"]["study_name"],
+                             storage=outcome.sidecar["optuna"]["storage"]).trials[0].state == TrialState.COMPLETE
