@@ -275,7 +275,12 @@ class AntiOverfitMetaOptimizer:
         n = table.n_records if groups is None else int(groups.max()) + 1
         n_dev = dev_rows(n, cfg.test_holdout)
         rows = "records" if groups is None else "distinct rows"
-        # Each CV validation fold (and the final early-stopping slice) needs >= 2 rows for an R².
+        # The test rows, each CV validation fold and the final early-stopping slice need >= 2 rows for an R².
+        if n - n_dev < 2:
+            raise DataError(
+                f"survivors file {table.source_file}: {n} {rows} leave {n - n_dev} for testing (--test-holdout "
+                f"{cfg.test_holdout:g}); the test R² needs at least 2. Use a larger --test-holdout or more data."
+            )
         if n_dev < 2 * cfg.k_folds:
             raise DataError(
                 f"survivors file {table.source_file}: {n} {rows} leave {n_dev} development rows after "

@@ -360,6 +360,12 @@ def test_too_few_rows_for_the_folds_is_a_data_error(tmp_path, fake_runner, make_
     with pytest.raises(DataError, match=r"12 records leave 6 development rows after holding out 6 for testing "
                                         r"\(--test-holdout 0.5\); 5-fold CV needs at least 10"):
         AntiOverfitMetaOptimizer(cfg).run()
+    # Enough rows for the folds, one for the test R²: found before the search, not when the final model is scored.
+    cfg = make_config(inputs=(survivors, history), k_folds=2, test_holdout=0.05)
+    with pytest.raises(DataError, match=r"12 records leave 1 for testing \(--test-holdout 0.05\); the test R² needs "
+                                        r"at least 2"):
+        AntiOverfitMetaOptimizer(cfg).run()
+    assert not (cfg.output_dir / "optuna_step5.db").exists()
 
 
 def test_target_storage_and_data_context_flags_are_honoured(tmp_path, fake_runner, make_config):
