@@ -67,6 +67,11 @@ def database_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+def _sqlite_code(orig: Any) -> int:
+    """The primary SQLite result code of a driver error (its low byte; 0 for any other driver's error)."""
+    return (getattr(orig, "sqlite_errorcode", 0) or 0) & 0xFF
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether waiting and trying again may cure database error ``exc``: SQLAlchemy's disconnect verdict, then the
     SQLSTATE, then libpq's wording of a failed connection (docs/optimizer-internals.md#storage)."""
@@ -86,14 +91,14 @@ def is_transient(exc: BaseException) -> bool:
     if sqlstate:
         return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or sqlstate in _TRANSIENT_SQLSTATES
     if type(orig).__module__.startswith("sqlite3"):  # a local file: only another writer's lock passes
-        return (getattr(orig, "sqlite_errorcode", 0) or 0) & 0xFF in _SQLITE_BUSY_CODES
+        return _sqlite_code(orig) in _SQLITE_BUSY_CODES
     if isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError)):
         text = str(orig).lower()
         return not any(wording in text for wording in _PERMANENT_CONNECT_WORDING)
     return False
 
 
-#: SQLite result codes a user fixes on the file, not in the URL, and how (the primary code: the low byte).
+#: SQLite result codes a user fixes on the file, not in the URL, and how.
 _SQLITE_FILE_ADVICE = {
     13: "the disk holding the database file is full: free room there, then run the same command again to resume the "
         "study (its finished trials are kept)",  # SQLITE_FULL
@@ -106,8 +111,7 @@ _SQLITE_FILE_ADVICE = {
 
 def _what_to_check(exc: BaseException) -> str:
     """The advice of a database error waiting cannot fix."""
-    orig = getattr(database_error(exc), "orig", None)
-    code = (getattr(orig, "sqlite_errorcode", 0) or 0) & 0xFF
+    code = _sqlite_code(getattr(database_error(exc), "orig", None))
     return _SQLITE_FILE_ADVICE.get(code, "check the --storage URL (user, password, database) and that the study's "
                                          "tables exist")
 
