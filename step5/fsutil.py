@@ -29,6 +29,14 @@ def os_error_reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte of ``data`` to ``fd``: a write a filling disk cuts short is followed by one that raises
+    the OSError saying why, not taken for the whole."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def create_temp_file(folder: Path, prefix: str, suffix: str) -> Path:
     """Create a new empty file with a random name in ``folder``, with the umask's mode."""
     for _ in range(100):

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator
 from step5 import artifacts, model_set
 from step5.artifacts import MODEL_TYPES
 from step5.errors import EXIT_OK, DegenerateSignalError, Step5Error, StorageError
-from step5.fsutil import os_error_reason
+from step5.fsutil import os_error_reason, write_all
 from step5.jsonio import read_json_file, write_json_atomic
 from step5.optimizer.optimizer import AntiOverfitMetaOptimizer, load_inputs
 from step5.optimizer.config import OptimizerConfig, RunOutcome, rescore_partitions, validate_config
@@ -218,7 +218,7 @@ def only_compare_run_in(out_dir: Path) -> Iterator[None]:
     runs in one folder delete each other's staged runs and archives, and can leave a sidecar without its
     checkpoint. The kernel lets go of it when the process ends, however it ends."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / LOCK_NAME, "a+b", buffering=0) as handle:  # unbuffered: a failed write leaves nothing to flush
+    with open(out_dir / LOCK_NAME, "a+b") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -231,9 +231,7 @@ def only_compare_run_in(out_dir: Path) -> Iterator[None]:
                            "would not be stopped", handle.name, os_error_reason(exc))
         try:  # who holds it, for the message a second run prints; a full disk costs only that
             handle.truncate(0)
-            view = memoryview(f"pid {os.getpid()} on {socket.gethostname()}, since {utc_timestamp()}\n".encode())
-            while view:
-                view = view[handle.write(view):]
+            write_all(handle.fileno(), f"pid {os.getpid()} on {socket.gethostname()}, since {utc_timestamp()}\n".encode())
         except OSError as exc:
             logger.warning("compare: cannot record this run in %s (%s)", handle.name, os_error_reason(exc))
         yield

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 from step5.artifacts import DIAGNOSTICS_DIRNAME, REGISTRY_NAME
 from step5.errors import DataError
-from step5.fsutil import os_error_reason
+from step5.fsutil import os_error_reason, write_all
 from step5.jsonio import dumps_line, loads, read_json_file, write_json_atomic
 from step5.policy import DiagnosticsPolicy
 from step5.values import is_int, utc_timestamp
@@ -170,10 +170,8 @@ def append_decision(path: str | os.PathLike[str], record: dict[str, Any]) -> Non
     lock, so concurrent WATCHERs never interleave lines."""
     with flocked(Path(path), os.O_WRONLY | os.O_APPEND, "decision log") as fd:
         end = os.fstat(fd).st_size
-        view = memoryview(dumps_line(record))
         try:
-            while view:  # a regular file takes it in one write; loop only for a disk that fills mid-line
-                view = view[os.write(fd, view):]
+            write_all(fd, dumps_line(record))  # a regular file takes it in one write, but for a disk filling mid-line
         except OSError:
             # Half a line would swallow the next record appended after it, once the disk has room again.
             with suppress(OSError):
