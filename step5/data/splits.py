@@ -93,10 +93,8 @@ def rows_of(split: tuple[np.ndarray, np.ndarray], groups: np.ndarray | None) -> 
     return np.flatnonzero(~second), np.flatnonzero(second)
 
 
-def renumbered(groups: np.ndarray | None) -> np.ndarray | None:
+def renumbered(groups: np.ndarray) -> np.ndarray:
     """``groups`` (of a subset of rows, say) numbered again from 0 in order of first appearance."""
-    if groups is None:
-        return None
     _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
     rank = np.empty(len(first), dtype=np.intp)
     rank[np.argsort(first, kind="stable")] = np.arange(len(first))

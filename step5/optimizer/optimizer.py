@@ -288,7 +288,7 @@ class AntiOverfitMetaOptimizer:
                 f"needs at least {2 * cfg.k_folds}. Use fewer --k-folds, a smaller --test-holdout or more data."
             )
         dev_idx, test_idx = rows_of(holdout_split(n, cfg.test_holdout, cfg.seed), groups)
-        dev_groups = renumbered(None if groups is None else groups[dev_idx])
+        dev_groups = None if groups is None else renumbered(groups[dev_idx])
 
         def kfold(seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
             return [rows_of(pair, dev_groups) for pair in kfold_splits(n_dev, cfg.k_folds, seed)]
