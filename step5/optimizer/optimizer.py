@@ -138,7 +138,6 @@ class AntiOverfitMetaOptimizer:
         self._search_record = SearchRecord()
         self._t0 = time.perf_counter()
         self.cv_repeats = 1  # K-fold partitions per trial: resolved once the row count is known
-        self.groups: np.ndarray | None = None  # rows with equal features share a group (load_inputs)
 
     def run(self) -> RunOutcome:
         cfg = self.config
@@ -149,7 +148,7 @@ class AntiOverfitMetaOptimizer:
         helper_nodes = self._helper_nodes()  # a bad cluster config fails before the data is read
 
         inputs = self.inputs or load_inputs(cfg)
-        table, draws, self.groups = inputs.table, inputs.draws, inputs.groups
+        table, draws = inputs.table, inputs.draws
         self.timings["load_s"] = inputs.load_s
 
         # What both the success and the degenerate sidecar record about the data.
@@ -158,7 +157,7 @@ class AntiOverfitMetaOptimizer:
         self.feature_schema = artifacts.build_feature_schema(table.feature_names, table.excluded_features,
                                                              table.source_file)
         self.cv_repeats = cv_repeats(cfg, dev_rows(table.n_records, cfg.test_holdout))
-        setup = self._setup()
+        setup = self._setup(inputs)
         study_name = cfg.study_name or default_study_name(cfg.model_type, data_context["fingerprint_hash"], setup)
         storage_url = cfg.storage or default_storage_url(self.output_dir)
 
@@ -172,7 +171,7 @@ class AntiOverfitMetaOptimizer:
             raise exc
 
         start = time.perf_counter()
-        cv = self._split(table)
+        cv = self._split(inputs)
         self.timings["split_s"] = time.perf_counter() - start
 
         first_trials: list[dict[str, Any]] = []
@@ -252,26 +251,26 @@ class AntiOverfitMetaOptimizer:
                                   missing_feature_fills=table.missing_fills, lottery_data_file=str(cfg.lottery_data),
                                   repeated_feature_rows=repeated)
 
-    def _setup(self) -> dict[str, Any]:
+    def _setup(self, inputs: InputData) -> dict[str, Any]:
         """What makes two runs' objective values comparable (docs/optimizer-internals.md#study)."""
         cfg = self.config
         setup: dict[str, Any] = {"model_type": cfg.model_type, "seed": cfg.seed, "k_folds": cfg.k_folds,
                                  "test_holdout": cfg.test_holdout, "target": cfg.target, "objective": OBJECTIVE_FORMULA}
         if self.cv_repeats > 1:  # only then: a study from before repeated CV keeps its name
             setup["cv_repeats"] = self.cv_repeats
-        if self.groups is not None:  # repeated rows split as groups: other folds than a study from before
+        if inputs.groups is not None:  # repeated rows split as groups: other folds than a study from before
             setup["split"] = "grouped_repeated_rows"
         if self.torch:
             setup.update(normalize_features=cfg.normalize_features, use_leaky_relu=cfg.use_leaky_relu,
                          dropout=cfg.dropout, nn_max_epochs=cfg.nn_max_epochs)
         return setup
 
-    def _split(self, table: SurvivorTable) -> CVData:
+    def _split(self, inputs: InputData) -> CVData:
         from sklearn.model_selection import train_test_split
 
         cfg = self.config
         # Every split draws over units, rows or (where rows repeat) groups of equal rows, then maps back to rows.
-        groups = self.groups
+        table, groups = inputs.table, inputs.groups
         n = table.n_records if groups is None else int(groups.max()) + 1
         n_dev = dev_rows(n, cfg.test_holdout)
         rows = "records" if groups is None else "distinct rows"

@@ -405,11 +405,10 @@ def test_survivors_that_repeat_a_row_split_as_groups_are_warned_about_and_counte
     assert outcome.sidecar["data_context"]["repeated_feature_rows"] == 10
     assert f"survivors file {survivors}: 10 of 70 rows repeat another row's features exactly" in caplog.text
 
-    optimizer = AntiOverfitMetaOptimizer(cfg)
     inputs = load_inputs(cfg)
-    optimizer.groups = inputs.groups
-    assert optimizer._setup()["split"] == "grouped_repeated_rows"  # other folds: not a study from before
-    cv = optimizer._split(inputs.table)
+    optimizer = AntiOverfitMetaOptimizer(cfg, inputs=inputs)
+    assert optimizer._setup(inputs)["split"] == "grouped_repeated_rows"  # other folds: not a study from before
+    cv = optimizer._split(inputs)
 
     def keys(X: np.ndarray) -> set[bytes]:
         return {row.tobytes() for row in X}
@@ -422,7 +421,8 @@ def test_survivors_that_repeat_a_row_split_as_groups_are_warned_about_and_counte
     assert not keys(cv.X_dev[cv.final_fit_idx]) & keys(cv.X_dev[cv.final_es_idx])
 
     clean = AntiOverfitMetaOptimizer(make_config(name="clean", trials=1))
-    assert clean.run().sidecar["data_context"]["repeated_feature_rows"] == 0 and "split" not in clean._setup()
+    assert clean.run().sidecar["data_context"]["repeated_feature_rows"] == 0
+    assert "split" not in clean._setup(load_inputs(clean.config))
 
 
 @pytest.mark.parametrize("name", ["a%20b", "a?b#c", "ü ñ"])
