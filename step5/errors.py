@@ -141,8 +141,9 @@ class BadRequest(JobError):
 
 
 class TrainerCannotStart(Step5Error):
-    """Raised when no training process can start on a slot (its worker failed to boot, or it had none, and a
-    one-shot trainer cannot set up torch or the device): every job there would fail the same way, so the run stops."""
+    """Raised when no training process can start on the last slot left (its worker failed to boot, or it had
+    none, and a one-shot trainer cannot set up torch or the device): every job would fail the same way, so the
+    run stops. The pool raises it inside itself for any slot, and retires that slot while others remain."""
 
 
 class WorkerCrashed(Step5Error):

@@ -160,6 +160,7 @@ class WorkerPool:
         self.max_job_reruns = int(policy.max_job_reruns)
         self._budget = FaultBudget(policy.max_fault_reruns)
         self._free: queue.Queue[_Slot] = queue.Queue()
+        self._no_slot_left: str | None = None  # why, once every slot is retired (TrainerCannotStart)
         self._closed = False
         self._lock = threading.Lock()  # guards the statistics and _workers/_procs below
         self._workers: set[WorkerProcess] = set()  # live workers that said `ready`
@@ -204,8 +205,8 @@ class WorkerPool:
 
     @property
     def capacity(self) -> int:
-        """Groups that can train at the same time (one per slot)."""
-        return len(self._slots)
+        """Groups that can train at the same time (one per slot that is not retired)."""
+        return max(1, sum(1 for st in self._slots if not st.machine.retired))
 
     def _start(self, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         """Start a process, registered until it is reaped; none once the pool is closed, so
@@ -418,26 +419,58 @@ class WorkerPool:
                     return [_job_failed(r, "timeout", _timed_out(self.job_timeout_s * len(group), attempts)) for r in group]
 
     def _run_group(self, group: Sequence[Job]) -> list[JobOutcome]:
-        """Take a free slot, train ``group`` on it, re-run alone what failed in a pass."""
+        """Take a free slot and train ``group`` on it; where no trainer can start, retire the
+        slot and take another (:class:`TrainerCannotStart` once none is left)."""
+        while True:
+            st = self._take_slot()
+            try:
+                return self._train_group_on(st, group)
+            except TrainerCannotStart as exc:
+                self._retire(st, exc)
+            finally:
+                if not st.machine.retired:
+                    self._free.put(st)
+
+    def _take_slot(self) -> _Slot:
         st = self._free.get()
-        try:
-            self._check_open()
-            outcomes = self._run_on_slot(st, group)
-            # On a worker (not in the fallback, whose one-shot jobs each had their own run),
-            # every job that failed in or with a pass gets its unfused verdict: a job whose
-            # process kept dying must not fail its group-mates with it.
-            if len(group) > 1 and not st.machine.fallback:
-                failed = [i for i, o in enumerate(outcomes) if isinstance(o, JobError) and o.error_type != "timeout"]
-                if failed:
-                    logger.warning("%d fused job(s) failed (first: %s); re-running them alone for their unfused "
-                                   "verdict", len(failed), outcomes[failed[0]])
-                    with self._lock:
-                        self._stats.fusion.rerun_jobs += len(failed)
-                    for i in failed:
-                        (outcomes[i],) = self._run_on_slot(st, [group[i]])
-            return outcomes
-        finally:
-            self._free.put(st)
+        if self._no_slot_left is not None:
+            self._free.put(st)  # the next holder waiting finds out too
+            raise TrainerCannotStart(self._no_slot_left)
+        return st
+
+    def _retire(self, st: _Slot, exc: TrainerCannotStart) -> None:
+        """Take ``st`` out of the run for good, its group going to another slot; raise
+        :class:`TrainerCannotStart` instead when it is the last slot."""
+        with self._lock:
+            others = [o.label for o in self._slots if o is not st and not o.machine.retired]
+            if not others:
+                gone = [o.label for o in self._slots if o.machine.retired]
+                self._no_slot_left = str(exc) + (f" (every other slot was retired before: {', '.join(gone)})"
+                                                  if gone else "")
+            else:
+                st.machine.retire()
+                self._stats.faults.append(FaultRecord(st.label, "startup", None, str(exc)))
+        if not others:
+            raise TrainerCannotStart(self._no_slot_left) from None
+        logger.warning("%s; slot %s is retired: its jobs go to %s", exc, st.label, ", ".join(others))
+
+    def _train_group_on(self, st: _Slot, group: Sequence[Job]) -> list[JobOutcome]:
+        """Train ``group`` on the held slot, re-run alone what failed in a pass."""
+        self._check_open()
+        outcomes = self._run_on_slot(st, group)
+        # On a worker (not in the fallback, whose one-shot jobs each had their own run),
+        # every job that failed in or with a pass gets its unfused verdict: a job whose
+        # process kept dying must not fail its group-mates with it.
+        if len(group) > 1 and not st.machine.fallback:
+            failed = [i for i, o in enumerate(outcomes) if isinstance(o, JobError) and o.error_type != "timeout"]
+            if failed:
+                logger.warning("%d fused job(s) failed (first: %s); re-running them alone for their unfused "
+                               "verdict", len(failed), outcomes[failed[0]])
+                with self._lock:
+                    self._stats.fusion.rerun_jobs += len(failed)
+                for i in failed:
+                    (outcomes[i],) = self._run_on_slot(st, [group[i]])
+        return outcomes
 
     def run(self, groups: Sequence[Sequence[Job]]) -> list[list[JobOutcome]]:
         """Train every group (concurrently across slots); per group, each job's outcome. A

@@ -10,11 +10,16 @@
       │  └──────────────────────┘                                            │
       └──── re-promote: one fresh worker, after the cool-down ───────────────┘
             (cool-down x2 each time; at most `max_repromotions` times, then for good)
+                                                                             │
+                                      a one-shot trainer cannot set up torch │
+                                                                             ▼
+                                                      RETIRED (no more jobs, for good)
 
 A *fault* is the worker's and counts against the slot's restart budget; a *job timeout*
 is the job's (its worker kept answering probes): the worker is replaced, the slot keeps its
-budget. docs/workers.md, "Fault handling", has the rules and why. Only the thread that
-holds the slot calls these objects (:mod:`step5.execution.pool`).
+budget. A slot whose one-shot trainer cannot even set up torch or its device is *retired*:
+its jobs go to the other slots. docs/workers.md, "Fault handling", has the rules and why.
+Only the thread that holds the slot calls these objects (:mod:`step5.execution.pool`).
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ class SlotMachine:
     fallback: bool = False
     repromotions: int = 0
     fell_back_at: float | None = None  # the clock's reading at the last fallback
+    retired: bool = False  # no process can train here: the slot takes no more jobs
 
     def __post_init__(self) -> None:
         if self.max_restarts < 0:
@@ -58,7 +64,7 @@ class SlotMachine:
     def try_repromote(self, now: float) -> bool:
         """Before a fallen-back slot's next job: try a fresh worker again? (``now``: the
         same clock :meth:`on_fault` was given.)"""
-        if not self.fallback or self.repromotions >= self.max_repromotions:
+        if not self.fallback or self.retired or self.repromotions >= self.max_repromotions:
             return False
         assert self.fell_back_at is not None
         if now - self.fell_back_at < self.cooldown_s * 2 ** self.repromotions:
@@ -79,6 +85,13 @@ class SlotMachine:
         self.fallback = True
         self.fell_back_at = now
         return SlotAction.FALLBACK
+
+    def retire(self) -> None:
+        """A one-shot trainer of this fallen-back slot cannot set up torch or its device: a fresh
+        worker could not either, so the slot is not re-promoted; it takes no more jobs."""
+        if not self.fallback:
+            raise AssertionError("only a fallen-back slot runs the one-shot trainers that can find this")
+        self.retired = True
 
     def on_job_timeout(self) -> None:
         """A job ran past its timeout while its worker answered liveness probes: the worker

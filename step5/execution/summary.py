@@ -49,9 +49,10 @@ class FallbackRecord:
 
 @dataclass
 class FaultRecord:
-    """A worker fault (crash, hang, protocol, boot), a one-shot crash, or a job timeout."""
+    """A worker fault (crash, hang, protocol, boot), a one-shot crash, a job timeout, or a slot
+    retired because no trainer can start there (startup)."""
     slot: str
-    kind: str  # crash | hang | protocol | boot | oneshot | timeout
+    kind: str  # crash | hang | protocol | boot | oneshot | timeout | startup
     status: str | None  # SIGKILL(-9), EXIT(1), TIMEOUT, ...
     error: str
 

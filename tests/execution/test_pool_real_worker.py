@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import numpy as np
 import psutil
@@ -19,6 +20,7 @@ from step5.devices import DeviceSlot
 from step5.errors import JobError, TrainerCannotStart
 from step5.execution.pool import WorkerPool
 from step5.execution.process import WorkerProcess
+from step5.launch import PACKAGE_ROOT
 from step5.policy import TrainingPolicy
 from step5.testing import run_each, summary_of
 from step5.protocol import NNParams, TrainRequest
@@ -114,6 +116,15 @@ def test_worker_killed_mid_run_restarts_then_falls_back_with_identical_results(
     assert worker["oneshot_jobs"] >= 1
 
 
+def broken_torch(tmp_path) -> str:
+    """A folder whose `torch` fails to import as a rig's wrong build would; on a child's
+    PYTHONPATH it comes behind step5's own entry, ahead of the real torch."""
+    broken = tmp_path / "broken" / "torch"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise ImportError("libcudart.so.12: cannot open shared object file")\n')
+    return str(broken.parent)
+
+
 @pytest.mark.parametrize("persistent", [True, False])
 def test_a_torch_that_cannot_start_stops_the_run_at_once_instead_of_failing_trial_after_trial(
     requests, tmp_path, monkeypatch, caplog, persistent,
@@ -121,10 +132,7 @@ def test_a_torch_that_cannot_start_stops_the_run_at_once_instead_of_failing_tria
     """A rig whose torch is broken (a wrong build, a missing libcudart): the worker dies booting and
     the one-shot trainer cannot set torch up either. Every job there would fail the same way, so
     the pool stops with one error naming the slot and the cause, not a train_error per fold."""
-    broken = tmp_path / "broken" / "torch"
-    broken.mkdir(parents=True)
-    (broken / "__init__.py").write_text('raise ImportError("libcudart.so.12: cannot open shared object file")\n')
-    monkeypatch.setenv("PYTHONPATH", str(broken.parent))  # behind step5's own entry, ahead of the real torch
+    monkeypatch.setenv("PYTHONPATH", broken_torch(tmp_path))
     caplog.set_level(logging.WARNING, logger="step5.execution.pool")
     policy = TrainingPolicy(use_persistent_workers=persistent, worker_job_timeout_s=60, worker_ready_timeout_s=60,
                             max_worker_restarts=1)
@@ -136,3 +144,36 @@ def test_a_torch_that_cannot_start_stops_the_run_at_once_instead_of_failing_tria
         "cannot open shared object file. Check that this Python's torch imports and sees that device")
     if persistent:
         assert "[S96B] Worker CPU-0 died, falling back to subprocess mode" in caplog.messages
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_a_slot_where_no_trainer_can_start_is_retired_and_the_run_goes_on_with_the_others(
+    requests, tmp_path, caplog, persistent,
+):
+    """One GPU of a rig that fails to initialise must not stop a run its other GPUs can carry:
+    its slot is retired, its jobs train on the others with the same numbers, the sidecar's
+    faults say which slot and why, and the last slot left stops the run as a lone one does."""
+    caplog.set_level(logging.WARNING, logger="step5.execution.pool")
+    policy = TrainingPolicy(use_persistent_workers=persistent, worker_job_timeout_s=60, worker_ready_timeout_s=60,
+                            max_worker_restarts=0)
+    healthy = DeviceSlot("CPU-0", "cpu", "", 1)
+    sick = DeviceSlot("CPU-1", "cpu", "", 1, device_env=(
+        ("PYTHONPATH", os.pathsep.join([str(PACKAGE_ROOT), broken_torch(tmp_path)])),))
+    with WorkerPool([healthy], policy, persistent=persistent) as pool:
+        undisturbed = [{k: r[k] for k in METRICS} for r in run_each(pool, requests)]
+    with WorkerPool([sick, healthy], policy, persistent=persistent) as pool:
+        outcomes = pool.run([[r] for r in requests] * 2)
+        assert pool.capacity == 1
+        summary = summary_of(pool)
+    assert [{k: r[k] for k in METRICS} for (r,) in outcomes] == undisturbed * 2
+    (startup,) = [f for f in summary["faults"] if f["kind"] == "startup"]
+    assert startup["slot"] == "CPU-1" and "cannot set up torch here: ImportError: libcudart.so.12" in startup["error"]
+    assert any(m.endswith("Check that this Python's torch imports and sees that device; slot CPU-1 is retired: "
+                          "its jobs go to CPU-0") for m in caplog.messages)
+
+    with WorkerPool([sick, dataclasses.replace(sick, label="CPU-2")], policy, persistent=persistent) as pool:
+        with pytest.raises(TrainerCannotStart) as caught:
+            pool.run([[r] for r in requests])
+    assert str(caught.value).startswith("no training process can start on CPU-")
+    assert str(caught.value).endswith("sees that device (every other slot was retired before: CPU-1)") or \
+        str(caught.value).endswith("sees that device (every other slot was retired before: CPU-2)")

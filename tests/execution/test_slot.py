@@ -110,3 +110,14 @@ def test_the_fault_budget_is_shared_by_every_job_of_the_run():
     assert (budget.reruns, budget.refused) == (2, 1)
     JobAttempts(0, budget).on_fault()  # the job's own limit refuses too
     assert (budget.reruns, budget.refused) == (2, 2)
+
+
+def test_a_retired_slot_is_never_re_promoted_and_only_a_fallen_back_slot_retires():
+    machine = SlotMachine(0, cooldown_s=1.0, max_repromotions=3)
+    with pytest.raises(AssertionError):
+        machine.retire()  # a slot with a worker runs no one-shot trainer that could find it cannot start
+    assert machine.on_fault("boot", 0.0) is F
+    machine.retire()
+    assert machine.retired and machine.fallback
+    assert machine.try_repromote(1e9) is False
+    assert machine.repromotions == 0
