@@ -51,6 +51,8 @@ class FoldRunner(Protocol):
     @property
     def capacity(self) -> int: ...  # groups that can train at the same time (device slots)
 
+    def wait_ready(self) -> None: ...  # until it can take jobs (workers booted); run() waits too
+
     def run(self, groups: Sequence[Sequence[Job]]) -> list[list[JobOutcome]]: ...
 
     def summary(self) -> RunnerStats: ...
@@ -127,9 +129,11 @@ class WorkerPool:
         shutdown_timeout_s: float = 5.0,
         probe_interval_s: float | None = None,
         probe_grace_s: float | None = None,
+        wait: bool = True,
     ) -> None:
         """Spawn one worker per slot and wait until each says ``ready`` (or has fallen back);
-        with ``persistent=False`` spawn nothing: every job runs in a one-shot trainer. ``policy``
+        with ``wait=False`` return while they boot (:meth:`wait_ready`, which ``run`` calls, waits).
+        With ``persistent=False`` spawn nothing: every job runs in a one-shot trainer. ``policy``
         gives the timeouts, budgets and spawn stagger; ``worker_command`` and ``oneshot_script``
         replace the package's trainers (tests pass the fake worker); the probe settings default
         as docs/workers.md ("Lifecycle") says."""
@@ -183,14 +187,23 @@ class WorkerPool:
             self._started = True
             logger.info("one-shot trainers (S96A) on %s", ", ".join(st.label for st in self._slots))
             return
-        start = time.perf_counter()
+        self._boot_began = time.perf_counter()
+        self._booting = [self._dispatch.submit(self._ensure_worker, st) for st in self._slots]
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Wait until every slot's first worker has said ``ready`` or its slot has fallen back
+        (at once when that has happened, or the pool is one-shot)."""
+        if self._started:
+            return
         try:
-            for booting in [self._dispatch.submit(self._ensure_worker, st) for st in self._slots]:
+            for booting in self._booting:
                 booting.result()
         except BaseException:
             self._close(grace_s=0.0)
             raise
-        self._stats.timings.spawn_s += time.perf_counter() - start
+        self._stats.timings.spawn_s += time.perf_counter() - self._boot_began
         self._started = True
         logger.info(
             "worker pool ready in %.2fs: %s", self._stats.timings.spawn_s,
@@ -479,6 +492,7 @@ class WorkerPool:
         bug) kills every process and closes the pool; :class:`RunnerClosed` if it was closed."""
         self._check_open()
         groups = check_groups(groups)
+        self.wait_ready()
         fused = sum(1 for g in groups if len(g) > 1)
         with self._lock:
             self._stats.fusion.groups += len(groups)

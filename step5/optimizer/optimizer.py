@@ -170,28 +170,32 @@ class AntiOverfitMetaOptimizer:
             exc.outcome = outcome  # type: ignore[attr-defined]
             raise exc
 
-        start = time.perf_counter()
-        cv = self._split(inputs)
-        self.timings["split_s"] = time.perf_counter() - start
-
-        first_trials: list[dict[str, Any]] = []
-        if self.torch:
-            shape = DataShape.of_development(len(cv.y_dev), cv.X_dev.shape[1], cv.k)
-            # No more first trials than --trials: the rest would wait in the study unrun.
-            first_trials = first_nn_trials(shape, fixed_dropout=cfg.dropout)[: cfg.trials]
-        opened = open_study(study_name=study_name, storage_url=storage_url, setup=setup, seed=cfg.seed,
-                            trials=cfg.trials, training=self.policy.training, first_trials=first_trials,
-                            data={"fingerprint_hash": data_context["fingerprint_hash"],
-                                  "survivor_count": data_context["survivor_source"]["survivor_count"],
-                                  "training_window_draws": data_context["training_window"]["draw_count"]})
         with contextlib.ExitStack() as outputs:  # the new model set: discarded unless committed
+            runner = None
+            if self.torch:  # its workers boot while the rows are split and the study is opened
+                runner = self._start_runner()
+                outputs.callback(runner.close)  # idempotent: the backend closes it first on the search's path
+            start = time.perf_counter()
+            cv = self._split(inputs)
+            self.timings["split_s"] = time.perf_counter() - start
+
+            first_trials: list[dict[str, Any]] = []
+            if self.torch:
+                shape = DataShape.of_development(len(cv.y_dev), cv.X_dev.shape[1], cv.k)
+                # No more first trials than --trials: the rest would wait in the study unrun.
+                first_trials = first_nn_trials(shape, fixed_dropout=cfg.dropout)[: cfg.trials]
+            opened = open_study(study_name=study_name, storage_url=storage_url, setup=setup, seed=cfg.seed,
+                                trials=cfg.trials, training=self.policy.training, first_trials=first_trials,
+                                data={"fingerprint_hash": data_context["fingerprint_hash"],
+                                      "survivor_count": data_context["survivor_source"]["survivor_count"],
+                                      "training_window_draws": data_context["training_window"]["draw_count"]})
             outputs.callback(release_storage, opened.storage)  # last, after the sidecar has read the study
             with contextlib.ExitStack() as stack:
                 # Helpers on the other hosts join the study while this process boots its workers;
                 # they stop once the search is over, however it ends.
                 helpers = stack.enter_context(self._helper_fleet(helper_nodes, study_name, storage_url))
                 files = stack.enter_context(FoldFiles())
-                backend = self._make_backend(cv, files)
+                backend = self._make_backend(cv, files, runner)
                 stack.callback(backend.close)  # workers shut down however the run ends
                 self._search(opened, backend)
                 helpers.stop("the study is full")
@@ -309,9 +313,23 @@ class AntiOverfitMetaOptimizer:
                       final_es_idx=np.sort(es_pos), feature_names=list(table.feature_names), fresh_partitions=fresh,
                       search_repeats=repeats)
 
-    def _make_backend(self, cv: CVData, files: FoldFiles) -> ModelBackend:
+    def _start_runner(self) -> WorkerPool:
+        """The neural net's fold runner, its workers booting in the background (docs/workers.md)."""
+        cfg, policy = self.config, self.policy
+        assert policy is not None
+        slots = plan_slots(cfg.gpus, cfg.cpu_workers, device_env=policy.training.device_env)
+        if policy.training.device_env:
+            logger.info("every worker and one-shot trainer gets %s (training.device_env)",
+                        " ".join(f"{k}={v}" for k, v in sorted(policy.training.device_env.items())))
+        # --persistent-workers / --no-persistent-workers win; else the policy's kill switch (absent: False).
+        persistent = policy.training.use_persistent_workers if cfg.persistent_workers is None else cfg.persistent_workers
+        logger.info("neural-net folds run on %s via %s", ", ".join(s.label for s in slots),
+                    "persistent workers (S96B)" if persistent else "one-shot subprocesses (S96A)")
+        return WorkerPool(slots, policy.training, persistent=persistent, wait=False)
+
+    def _make_backend(self, cv: CVData, files: FoldFiles, runner: WorkerPool | None) -> ModelBackend:
         cfg = self.config
-        if not self.torch:
+        if runner is None:
             not_applicable = nn_only_settings(cfg)
             if not_applicable:
                 # Accepted for every model type (compare runs share one command line), never silently ignored.
@@ -323,17 +341,9 @@ class AntiOverfitMetaOptimizer:
             # The tree libraries drive NVIDIA GPUs only: --gpus rocm:N leaves them on the CPU.
             return TreeBackend(cfg.model_type, cv, seed=cfg.seed, gpus=cuda_ids(cfg.gpus), n_threads=cfg.cpu_workers)
         policy = self.policy
-        slots = plan_slots(cfg.gpus, cfg.cpu_workers, device_env=policy.training.device_env)
-        if policy.training.device_env:
-            logger.info("every worker and one-shot trainer gets %s (training.device_env)",
-                        " ".join(f"{k}={v}" for k, v in sorted(policy.training.device_env.items())))
-        # --persistent-workers / --no-persistent-workers win; else the policy's kill switch (absent: False).
-        persistent = policy.training.use_persistent_workers if cfg.persistent_workers is None else cfg.persistent_workers
-        logger.info("neural-net folds run on %s via %s", ", ".join(s.label for s in slots),
-                    "persistent workers (S96B)" if persistent else "one-shot subprocesses (S96A)")
         start = time.perf_counter()
-        runner = WorkerPool(slots, policy.training, persistent=persistent)
-        self.timings["runner_start_s"] = time.perf_counter() - start
+        runner.wait_ready()
+        self.timings["runner_start_s"] = time.perf_counter() - start  # what the boot added after the data were ready
         plan = self.plan = resolve_search_plan(cfg, policy, runner.capacity, neural_net=True)
         logger.info("%d trial(s) in flight on %d slot(s); %s; pruner %s", plan.trials_in_flight, runner.capacity,
                     "same-shape trials' folds fused in one pass" if plan.fuse_trials else

@@ -110,6 +110,9 @@ class FakeFoldRunner:
                               largest_group=max([0, *(len(g) for g in groups)]))
         return RunnerStats(mode=self.mode, devices=["CPU-0"], fusion=fusion, timings=Timings(jobs=len(self.requests)))
 
+    def wait_ready(self) -> None:
+        """Nothing boots: ready at once."""
+
     def close(self) -> None:
         self.closed = True
 
@@ -122,7 +125,7 @@ def install_fake_runner(monkeypatch: Any, **defaults: Any) -> tuple[list[FakeFol
     made: list[FakeFoldRunner] = []
     options: dict[str, Any] = {}
 
-    def factory(slots: Any, policy: Any, *, persistent: bool) -> FakeFoldRunner:
+    def factory(slots: Any, policy: Any, *, persistent: bool, wait: bool = True) -> FakeFoldRunner:
         made.append(FakeFoldRunner(**{**defaults, **options, "persistent": persistent}))
         return made[-1]
 

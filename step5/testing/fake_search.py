@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from step5.optimizer import optimizer as optimizer_module
     from step5.testing.fake_runner import FakeFoldRunner
 
-    def factory(slots: Any, policy: Any, *, persistent: bool) -> FakeFoldRunner:
+    def factory(slots: Any, policy: Any, *, persistent: bool, wait: bool = True) -> FakeFoldRunner:
         return FakeFoldRunner(capacity=len(slots), job_sleep_s=args.job_sleep_s)
 
     optimizer_module.WorkerPool = factory  # type: ignore[assignment]

@@ -82,6 +82,37 @@ def test_summary_is_the_execution_block(data_file):
     assert timings["jobs"] == 3 and timings["spawn_s"] > 0 and timings["compute_s"] > 0
 
 
+def test_a_pool_that_does_not_wait_returns_while_its_workers_boot_and_run_waits_for_them(data_file):
+    """The optimizer splits the rows and opens the study while the workers boot: the
+    constructor returns at once, the first run() waits for `ready`, and the boot is timed."""
+    began = time.perf_counter()
+    with fake_pool(cpu_slots(2), "--boot-s", "1.0", wait=False) as pool:
+        returned_after = time.perf_counter() - began
+        assert returned_after < 0.9, f"the constructor waited {returned_after:.2f}s for a 1s boot"
+        assert len(run_each(pool, requests_for(data_file, 2))) == 2
+        summary = summary_of(pool)
+    assert summary["timings"]["spawn_s"] >= 1.0
+    assert [w["device"] for w in summary["workers"]] == ["cpu", "cpu"]
+
+
+def test_closing_a_pool_whose_workers_still_boot_kills_them(data_file):
+    """A run that fails while its workers boot (rows too few for the folds, a study that
+    refuses the run) leaves no process behind and says nothing of the boots it cut short."""
+    pool = fake_pool(cpu_slots(2), "--boot-s", "30", wait=False)
+    deadline = time.monotonic() + 10
+    while len(pool._procs) < 2:  # noqa: SLF001 - the processes started so far
+        assert time.monotonic() < deadline, "the workers never started"
+        time.sleep(0.02)
+    procs = list(pool._procs)  # noqa: SLF001 - the booting processes
+    began = time.monotonic()
+    pool.close()
+    assert time.monotonic() - began < 5, "close() waited out the boot"
+    assert all(p.poll() is not None for p in procs)
+    assert summary_of(pool)["faults"] == []
+    with pytest.raises(RunnerClosed):
+        run_each(pool, requests_for(data_file, 1))
+
+
 def test_close_says_shutdown_and_reaps_every_worker(data_file, caplog):
     caplog.set_level(logging.WARNING, logger="step5.execution.pool")
     pool = fake_pool(cpu_slots(2))

@@ -314,8 +314,9 @@ def test_tree_models_say_that_neural_net_flags_do_not_apply(caplog, monkeypatch,
 def _install_fake_pool(monkeypatch, *options: str) -> list[WorkerPool]:
     made: list[WorkerPool] = []
 
-    def factory(slots, policy, *, persistent):
-        made.append(fake_pool(2, *options, worker_job_timeout_s=10.0, worker_ready_timeout_s=20.0, shutdown_timeout_s=5.0))
+    def factory(slots, policy, *, persistent, wait=True):
+        made.append(fake_pool(2, *options, worker_job_timeout_s=10.0, worker_ready_timeout_s=20.0, shutdown_timeout_s=5.0,
+                              wait=wait))
         return made[-1]
 
     monkeypatch.setattr(optimizer_module, "WorkerPool", factory)
@@ -354,6 +355,20 @@ def test_pool_worker_crash_in_a_fused_group_falls_back_with_the_undisturbed_resu
     execution = outcome.sidecar["execution"]
     assert any(c["status"] == "SIGKILL(-9)" for c in execution["faults"])
     assert execution["search"]["batches"] == 2 and execution["fusion"]["rerun_jobs"] == 0
+
+
+def test_the_workers_boot_while_the_rows_are_split_and_the_study_is_opened(monkeypatch, make_config, caplog):
+    """Booting torch (and CUDA) takes seconds the parent spends splitting the rows, writing
+    nothing yet, and opening the study: the pool starts before them and is waited for after."""
+    caplog.set_level(logging.INFO)
+    made = _install_fake_pool(monkeypatch, "--boot-s", "1.0")
+    outcome = AntiOverfitMetaOptimizer(make_config(trials=2, k_folds=2)).run()
+    assert len(made) == 1
+    order = [m for m in caplog.messages if m.startswith(("neural-net folds run on", "split ", "worker pool ready"))]
+    assert [m.split(" ")[0] for m in order] == ["neural-net", "split", "worker"]
+    timings = outcome.sidecar["execution"]["timings"]
+    assert timings["spawn_s"] >= 1.0
+    assert timings["runner_start_s"] < timings["spawn_s"]  # the wait after the study opened, not the whole boot
 
 
 def test_pool_job_error_in_a_fused_batch_fails_only_that_trial(tmp_path, monkeypatch, make_config, study_of):
