@@ -315,7 +315,8 @@ def decode_request(raw: Any) -> Request:
 
 
 class ReadyMessage(TypedDict):
-    """Sent once by a worker, before it reads a request (the other replies: docs/workers.md)."""
+    """Sent once by a worker, before it reads a request, and by a one-shot trainer started with
+    ``--ready-line`` once torch is set up, before its reply (the other replies: docs/workers.md)."""
     status: Literal["ready"]
     device: str  # "cuda:0 (NVIDIA H200)" or "cpu"
     backend: str  # "cuda" | "rocm" | "cpu": what the worker's torch build drives

@@ -374,7 +374,8 @@ class WorkerPool:
                 self._check_open()
                 try:
                     result = run_oneshot_job(request, st.slot, timeout_s=self.job_timeout_s,
-                                             command=self.oneshot_command, start=self._start)
+                                             ready_timeout_s=self.ready_timeout_s, command=self.oneshot_command,
+                                             start=self._start)
                     break
                 except JobError as exc:
                     if exc.error_type == "startup_error":  # any job here would fail so, trial after trial

@@ -26,7 +26,7 @@ from step5.errors import FrameTooLarge, JobError, JobTimedOut, WorkerCrashed, Wo
 from step5.framing import LineReader, LineWriter
 from step5.jsonio import loads
 from step5.launch import ONESHOT_MODULE, module_command
-from step5.protocol import Heartbeat, Job, Request, Shutdown
+from step5.protocol import Heartbeat, Job, Request, Shutdown, echo
 
 logger = logging.getLogger(__name__)
 
@@ -333,28 +333,43 @@ def oneshot_command(python: str = sys.executable, *, script: str | Path | None =
     """The one-shot trainer's command line, reading its request from stdin: the package's
     module behind ``train_single_trial.py`` (``script`` replaces it: tests pass the fake worker)."""
     program = module_command(ONESHOT_MODULE, python) if script is None else [python, str(script)]
-    return [*program, "--request", "-"]
+    return [*program, "--request", "-", "--ready-line"]
 
 
 def run_oneshot_job(
-    request: Job, slot: DeviceSlot, *, timeout_s: float, command: Sequence[str] | None = None,
+    request: Job, slot: DeviceSlot, *, timeout_s: float, ready_timeout_s: float = float("inf"),
+    command: Sequence[str] | None = None,
     start: Callable[[list[str], dict[str, str]], subprocess.Popen[bytes]] = popen_worker,
 ) -> dict[str, Any]:
     """One attempt of a one-shot job: a fresh trainer (``command``, default
-    :func:`oneshot_command`) pinned to ``slot`` and started by ``start`` (which registers it), the same request and reply as a worker's; the reply
-    (``job_id`` attached). Raises :class:`JobError` for a job failure, :class:`JobTimedOut`
-    past ``timeout_s`` (the trainer and its children killed), :class:`WorkerCrashed` when it
-    dies, writes more than its reply, or exits with a code that does not match it."""
+    :func:`oneshot_command`) pinned to ``slot`` and started by ``start`` (which registers it),
+    the same request and reply as a worker's; the reply (``job_id`` attached). Raises
+    :class:`JobError` for a job failure (``startup_error`` also when the trainer's ``ready``
+    does not come within ``ready_timeout_s``: torch or the device hangs setting up),
+    :class:`JobTimedOut` past ``timeout_s`` (the trainer and its children killed),
+    :class:`WorkerCrashed` when it dies, writes more than its reply, or exits with a code
+    that does not match it."""
     deadline = time.monotonic() + timeout_s
     trainer = WorkerProcess(f"{slot.label} one-shot", start(list(command or oneshot_command()), slot.environment()))
     doing = f"running job {request.job_id!r} (trial {request.trial_number}, fold {request.fold_idx})"
     try:
         trainer.send(request, doing)
         trainer.close_stdin()
-        reply = trainer.receive(deadline - time.monotonic(), doing)
+        # First `ready` (or, when the request was refused before torch was set up, the reply).
+        setup_s = min(ready_timeout_s, deadline - time.monotonic())
+        try:
+            reply = trainer.receive(setup_s, f"{doing}: setting up torch", hang_kind="boot")
+        except WorkerFault as fault:
+            if fault.kind != "boot" or setup_s != ready_timeout_s:
+                raise
+            raise JobError(f"its one-shot trainer did not set up torch and {slot.describe()} within "
+                           f"{ready_timeout_s:g}s (training.worker_ready_timeout_s)", "startup_error",
+                           **echo(request)) from None
+        if reply.get("status") == "ready":
+            reply = trainer.receive(deadline - time.monotonic(), doing)
         code = trainer.expect_exit(deadline - time.monotonic(), doing)
     except WorkerFault as fault:
-        if fault.kind != "hang":
+        if fault.kind not in ("hang", "boot"):
             raise
         raise JobTimedOut(f"one-shot trainer on {slot.label} exceeded the {timeout_s:g}s job timeout",
                           timeout_s=timeout_s, stderr_tail=fault.stderr_tail) from None

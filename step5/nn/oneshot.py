@@ -9,7 +9,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, BinaryIO, NoReturn, Sequence
 
 from step5.cliutil import UsageErrorParser
 from step5.errors import BadRequest, JobError, UsageError
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-model", action="store_true", help=f"write <model-output-dir>/{CHECKPOINT_NAME}")
     p.add_argument("--model-output-dir", default=None, help="where --save-model writes the checkpoint")
     p.add_argument("--output-path", default=None, help="also write the reply JSON to this file")
+    p.add_argument("--ready-line", action="store_true",
+                   help="first print the worker's `ready` line once torch and the device are set up (the pool "
+                        "bounds that by training.worker_ready_timeout_s, the training by the job timeout)")
     return p
 
 
@@ -98,10 +101,11 @@ def request_from_args(args: argparse.Namespace) -> Any:
     return TrainRequest.from_dict(raw)
 
 
-def _answer(args: argparse.Namespace) -> dict[str, Any]:
-    """The reply to the job these arguments describe; raises UsageError or BadRequest."""
+def _answer(args: argparse.Namespace, wire: BinaryIO) -> dict[str, Any]:
+    """The reply to the job these arguments describe (with ``--ready-line``, ``ready`` goes to
+    ``wire`` first); raises UsageError or BadRequest."""
     request = request_from_args(args)
-    from step5.nn.worker import Dispatcher, TorchBackend  # imports torch: only now, stdout is claimed
+    from step5.nn.worker import Dispatcher, TorchBackend, ready_message  # imports torch: only now, stdout is claimed
 
     try:
         backend = TorchBackend()
@@ -111,6 +115,9 @@ def _answer(args: argparse.Namespace) -> dict[str, Any]:
         logger.exception("cannot set up torch")
         raise JobError(f"cannot set up torch here: {type(exc).__name__}: {exc}", "startup_error",
                        **echo(request)) from None
+    if args.ready_line:
+        wire.write(dumps_line(ready_message(backend)))
+        wire.flush()
     logger.info("trial %s fold %s: %s on %s (%d torch threads)", request.trial_number, request.fold_idx,
                 request.command, backend.device, backend.threads)
     (reply,) = Dispatcher(backend).handle(request)
@@ -135,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     args: argparse.Namespace | None = None
     try:
         args = build_parser().parse_args(argv)
-        reply = _answer(args)
+        reply = _answer(args, wire)
     except SystemExit as exc:  # --help: argparse printed to (claimed) stdout -> stderr
         exit_now(int(exc.code or 0), wire)
     except UsageError as exc:

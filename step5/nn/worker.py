@@ -227,6 +227,17 @@ class TorchBackend:
         self._job.release_memory(self.torch_device)
 
 
+def ready_message(backend: TorchBackend) -> ReadyMessage:
+    """What a worker (or a one-shot trainer asked for it) says once torch and its device are set up."""
+    return ReadyMessage(
+        status="ready", device=backend.device, backend=backend.torch_backend, pid=os.getpid(),
+        protocol=PROTOCOL_VERSION, torch_version=backend.torch_version, torch_threads=backend.threads,
+        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        hip_visible_devices=os.environ.get("HIP_VISIBLE_DEVICES"),
+        boot_s=round(max(0.0, time.time() - psutil.Process().create_time()), 4),  # since the interpreter started
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``nn_gpu_worker.py``: serve, then exit (0 after ``shutdown`` or EOF)."""
     wire = claim_stdout()  # first of all: fd 1 is for protocol lines, before torch/CUDA can print
@@ -245,13 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     writer = LineWriter(wire)
     reader = LineReader(sys.stdin.buffer, MAX_REQUEST_BYTES)
     backend = TorchBackend()
-    ready = ReadyMessage(
-        status="ready", device=backend.device, backend=backend.torch_backend, pid=os.getpid(),
-        protocol=PROTOCOL_VERSION, torch_version=backend.torch_version, torch_threads=backend.threads,
-        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-        hip_visible_devices=os.environ.get("HIP_VISIBLE_DEVICES"),
-        boot_s=round(max(0.0, time.time() - psutil.Process().create_time()), 4),  # since the interpreter started
-    )
+    ready = ready_message(backend)
     try:
         writer.write_message(ready)
         logger.info("ready on %s (%s) after %.2fs", backend.device, backend.torch_backend, ready["boot_s"])

@@ -218,20 +218,30 @@ def boot(args: argparse.Namespace, writer: LineWriter, faulty: bool) -> bool:
     return True
 
 
+def _hang(why: str) -> None:
+    sys.stderr.write(f"fake one-shot trainer {why}\n")
+    sys.stderr.flush()
+    while True:
+        time.sleep(60)
+
+
 def oneshot_main() -> int:
     """Behave like ``train_single_trial.py --request -``: one request in, one reply out, exit 0 / 1."""
     if os.environ.get(ONESHOT_ENV) == "crash":
         sys.stderr.write("fake one-shot trainer crashing on purpose\n")
         return 7
-    if os.environ.get(ONESHOT_ENV) == "hang":
-        sys.stderr.write("fake one-shot trainer hanging on purpose\n")
-        sys.stderr.flush()
-        while True:
-            time.sleep(60)
+    if os.environ.get(ONESHOT_ENV) == "hang_at_setup":  # before `ready`, as a wedged GPU's CUDA init
+        _hang("hanging on purpose before `ready`")
     try:
         request = decode_request(loads(sys.stdin.buffer.read()))
         if not isinstance(request, (TrainRequest, MergeRequest)):
             raise BadRequest(f"the one-shot trainer runs one `train` or `merge` job, got `{request.command}`")
+        if "--ready-line" in sys.argv:
+            ready = ReadyMessage(status="ready", device="fake-oneshot", pid=os.getpid(), protocol=PROTOCOL_VERSION)
+            sys.stdout.write(dumps(ready).decode() + "\n")
+            sys.stdout.flush()
+        if os.environ.get(ONESHOT_ENV) == "hang":  # in the job, once set up
+            _hang("hanging on purpose")
         kill_self_if_poisoned(request.trial_number)
         reply = train(request, "fake-oneshot", 0.0)
     except ValueError:

@@ -11,8 +11,10 @@ import logging
 import time
 from pathlib import Path
 
+import pytest
+
 from step5.devices import DeviceSlot
-from step5.errors import JobError
+from step5.errors import JobError, TrainerCannotStart
 from step5.execution.pool import WorkerPool
 from step5.policy import TrainingPolicy
 from step5.protocol import NNParams, TrainRequest
@@ -111,3 +113,27 @@ def test_the_fallback_times_out_like_the_workers(data_file, monkeypatch):
         kinds = [f["kind"] for f in summary_of(pool)["faults"]]
     assert isinstance(outcome, JobError) and outcome.error_type == "timeout"
     assert kinds == ["crash", "timeout", "timeout"]
+
+
+def test_a_one_shot_trainer_that_never_sets_torch_up_retires_its_slot_not_every_job_sent_there(data_file):
+    """A wedged GPU whose initialisation never returns: the trainer says no `ready` within the
+    ready timeout, so its slot is retired at once (not two job timeouts for every job sent
+    there, trial after trial); the other slot trains everything; alone, the slot stops the run."""
+    wedged = DeviceSlot("CPU-1", "cpu", "", 1, device_env=(("STEP5_FAKE_ONESHOT", "hang_at_setup"),))
+    policy = TrainingPolicy(worker_job_timeout_s=30.0, worker_ready_timeout_s=1.0)
+    with WorkerPool([wedged, DeviceSlot("CPU-0", "cpu", "", 1)], policy, persistent=False,
+                    oneshot_script=FAKE_WORKER) as pool:
+        start = time.monotonic()
+        outcomes = pool.run([[request(data_file, fold)] for fold in range(4)])
+        elapsed = time.monotonic() - start
+        summary = summary_of(pool)
+    assert [o["status"] for (o,) in outcomes] == ["complete"] * 4
+    assert elapsed < 15.0  # one ready timeout, far from the 30 s job timeout
+    (fault,) = summary["faults"]
+    assert (fault["slot"], fault["kind"]) == ("CPU-1", "startup")
+    assert "did not set up torch and the CPU within 1s (training.worker_ready_timeout_s)" in fault["error"]
+
+    with WorkerPool([wedged], policy, persistent=False, oneshot_script=FAKE_WORKER) as pool:
+        with pytest.raises(TrainerCannotStart, match=r"^no training process can start on CPU-1 \(the CPU\): its "
+                                                     r"one-shot trainer did not set up torch"):
+            pool.run([[request(data_file)]])

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from step5.data.splits import kfold_splits, write_fold_npz
-from step5.execution.process import oneshot_command
 from step5.jsonio import dumps
-from step5.launch import child_environment
+from step5.launch import ONESHOT_MODULE, child_environment, module_command
 from step5.nn.checkpoint import Checkpoint, load_checkpoint
 from step5.nn.ensemble import build_ensemble, merge_models
 from step5.nn.job import run_train_job
@@ -133,7 +132,7 @@ def test_the_one_shot_trainer_answers_a_merge_with_one_json_line_and_names_a_mis
 
     def run(paths, preexec_fn=None) -> subprocess.CompletedProcess:
         request = MergeRequest(tuple(map(str, paths)), str(out), str(final), trial_number=3, job_id="t3-merge")
-        return subprocess.run([*oneshot_command(), "--request", "-"], input=dumps(request.to_dict()),
+        return subprocess.run([*module_command(ONESHOT_MODULE), "--request", "-"], input=dumps(request.to_dict()),
                               capture_output=True, env=child_environment(), timeout=120, preexec_fn=preexec_fn)
 
     refused = run(folds, preexec_fn=file_size_limit.child(1024))  # as a full disk refuses the merged model

@@ -80,6 +80,22 @@ def test_cli_prints_one_result_line_equal_to_the_in_process_job(repo_root, fold,
     for key in ("r2", "val_mse", "train_mse", "train_r2", "epochs_run", "best_epoch", "n_train", "n_val"):
         assert again[key] == result[key], key
 
+    # As the pool starts it (--ready-line): the worker's `ready` once torch is set up, then the same reply.
+    code, lines, stderr = run_cli(repo_root, "--request", "-", "--ready-line", stdin=json.dumps(wire))
+    assert code == 0, stderr
+    ready, reply = (json.loads(line) for line in lines)
+    assert ready["status"] == "ready" and ready["device"] == "cpu" and ready["backend"] == "cpu"
+    assert ready["protocol"] == 1 and ready["torch_threads"] == 1
+    assert {key: reply[key] for key in ("status", "r2", "epochs_run")} == \
+        {key: again[key] for key in ("status", "r2", "epochs_run")}
+
+
+def test_a_request_refused_before_torch_is_set_up_gets_its_reply_and_no_ready(repo_root):
+    code, lines, _ = run_cli(repo_root, "--request", "-", "--ready-line", stdin='{"command": "train"}')
+    assert code == 1
+    (line,) = lines
+    assert json.loads(line)["error_type"] == "bad_request"
+
 
 def test_cli_job_failure_exits_1_with_an_error_line(repo_root, tmp_path):
     code, lines, _ = run_cli(
