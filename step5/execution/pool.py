@@ -17,7 +17,8 @@ import sys
 import threading
 import time
 import weakref
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -174,41 +175,56 @@ class WorkerPool:
         self._stats = RunnerStats(mode=self.mode, devices=[st.label for st in self._slots])
         self._job_wall_s = 0.0
         self._warned_no_fusion = False
-        self._started = False
+        self._booted = not persistent  # every slot's first worker has said `ready` or the slot fell back
         self._spawner = Spawner("step5-spawner", policy.worker_spawn_stagger_s)
         if policy.worker_spawn_stagger_s > 0:
             logger.info("workers start %gs apart (training.worker_spawn_stagger_s), restarts included",
                         policy.worker_spawn_stagger_s)
         self._dispatch = ThreadPoolExecutor(max_workers=len(self._slots), thread_name_prefix="step5-dispatch")
         _LIVE_POOLS.add(self)
-        for st in self._slots:
-            self._free.put(st)
+        self._booting: list[Future[Any]] = []
         if not persistent:
-            self._started = True
+            for st in self._slots:
+                self._free.put(st)
             logger.info("one-shot trainers (S96A) on %s", ", ".join(st.label for st in self._slots))
             return
         self._boot_began = time.perf_counter()
-        self._booting = [self._dispatch.submit(self._ensure_worker, st) for st in self._slots]
+        self._boots_left = len(self._slots)
+        self._booting = [self._dispatch.submit(self._first_boot, st) for st in self._slots]
         if wait:
-            self.wait_ready()
+            self._wait_booted(every=True)
+
+    def _first_boot(self, st: _Slot) -> None:
+        """Boot the slot's first worker (restarts, fallback included), then give the slot to the
+        groups: a slot whose GPU takes its time does not hold the others back."""
+        try:
+            self._ensure_worker(st)
+        finally:
+            self._free.put(st)
+            with self._lock:
+                self._boots_left -= 1
+                if self._boots_left == 0:
+                    self._stats.timings.spawn_s += time.perf_counter() - self._boot_began
+                    self._booted = True
+                    if not self._closed:
+                        logger.info("worker pool ready in %.2fs: %s", self._stats.timings.spawn_s, ", ".join(
+                            f"{o.label}={'fallback' if o.machine.fallback else o.device}" for o in self._slots))
 
     def wait_ready(self) -> None:
-        """Wait until every slot's first worker has said ``ready`` or its slot has fallen back
-        (at once when that has happened, or the pool is one-shot)."""
-        if self._started:
+        """Wait until the pool can take a job: one slot's first worker said ``ready`` or the slot
+        fell back (the other slots take jobs as they get there)."""
+        self._wait_booted(every=False)
+
+    def _wait_booted(self, *, every: bool) -> None:
+        if self._booted:
             return
         try:
-            for booting in self._booting:
-                booting.result()
+            done, _ = futures_wait(self._booting, return_when=ALL_COMPLETED if every else FIRST_COMPLETED)
+            for booted in done:
+                booted.result()  # what ended a boot other than `ready` or the fallback: the pool closed, a bug
         except BaseException:
             self._close(grace_s=0.0)
             raise
-        self._stats.timings.spawn_s += time.perf_counter() - self._boot_began
-        self._started = True
-        logger.info(
-            "worker pool ready in %.2fs: %s", self._stats.timings.spawn_s,
-            ", ".join(f"{st.label}={'fallback' if st.machine.fallback else st.device}" for st in self._slots),
-        )
 
     def __enter__(self) -> "WorkerPool":
         return self
@@ -251,7 +267,7 @@ class WorkerPool:
         elapsed = time.perf_counter() - start
         with self._lock:  # close() says goodbye to these; it kills the others (booting, one-shot)
             self._workers.add(worker)
-            if self._started:  # restarts; the constructor times its concurrent boot as a whole
+            if self._booted:  # restarts; the first boots are timed as a whole
                 self._stats.timings.spawn_s += elapsed
         st.worker, st.pid, st.device = worker, worker.pid, str(message.get("device", "?"))
         st.boot_s = message.get("boot_s")

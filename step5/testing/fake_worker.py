@@ -34,6 +34,7 @@ FAULTS = ("none", "hang", "garbage", "exit", "sigkill", "oversize", "wrong_job_i
 BOOT_FAULTS = ("none", "hang", "exit", "garbage")
 ONESHOT_ENV = "STEP5_FAKE_ONESHOT"
 POISON_ENV = "STEP5_FAKE_POISON_TRIAL"
+BOOT_ENV = "STEP5_FAKE_BOOT"  # one of BOOT_FAULTS: as --boot, for every launch
 #: Comma-separated variable names whose values each result echoes (``environment``), so
 #: tests can see what a slot's process was started with.
 ECHO_ENV = "STEP5_FAKE_ECHO_ENV"
@@ -197,7 +198,8 @@ class FakeDispatcher(Dispatcher):
 
 def boot(args: argparse.Namespace, writer: LineWriter, faulty: bool) -> bool:
     """Pretend to boot, then say ``ready``; False when the boot fault is an exit."""
-    boot_fault = args.boot if faulty else "none"
+    # A slot's own environment (its device_env) may make just its workers misbehave.
+    boot_fault = os.environ.get(BOOT_ENV) or (args.boot if faulty else "none")
     time.sleep(args.boot_s)
     if boot_fault == "hang":
         while True:

@@ -182,6 +182,38 @@ def test_other_slot_keeps_its_worker_when_one_falls_back(data_file, tmp_path):
     assert summary["timings"]["jobs"] == 6
 
 
+def test_a_wedged_gpu_holds_back_neither_the_first_job_nor_the_others(data_file):
+    """One slot's device never finishes initialising, in its workers and in its one-shot
+    trainers alike: the pool takes jobs as soon as the healthy slot is ready, the healthy slot
+    trains every job meanwhile, and the wedged slot is retired after its ready timeouts."""
+    import time
+
+    from step5.devices import DeviceSlot
+
+    wedged = DeviceSlot("CPU-1", "cpu", "", 1, device_env=(("STEP5_FAKE_BOOT", "hang"),
+                                                           ("STEP5_FAKE_ONESHOT", "hang_at_setup")))
+    requests = make_requests(data_file, n=6)
+    began = time.monotonic()
+    with make_pool("--job-s", "0.05", slots=[DeviceSlot("CPU-0", "cpu", "", 1), wedged], wait=False,
+                   worker_ready_timeout_s=2.0, max_worker_restarts=1) as pool:
+        pool.wait_ready()
+        ready_after = time.monotonic() - began
+        first = run_each(pool, requests)
+        assert summary_of(pool)["faults"] == []  # done before the wedged slot's first ready timeout
+        while not pool._booted:  # noqa: SLF001 - the wedged slot's two boots time out, then it falls back
+            assert time.monotonic() - began < 30, "the wedged slot's boots never timed out"
+            time.sleep(0.1)
+        again = run_each(pool, requests)  # one of them meets the wedged slot's one-shot trainer first
+        summary = summary_of(pool)
+    assert ready_after < 2.0, f"waited {ready_after:.1f}s: for the wedged slot's boot"
+    assert metrics(first) == metrics(again) == expected(requests)
+    assert [(f["slot"], f["kind"]) for f in summary["faults"]] == [("CPU-1", "boot"), ("CPU-1", "boot"),
+                                                                    ("CPU-1", "startup")]
+    assert pool.capacity == 1
+    healthy = next(w for w in summary["workers"] if w["label"] == "CPU-0")
+    assert healthy["jobs"] == 12 and healthy["restarts"] == 0
+
+
 def test_killing_a_worker_from_outside_mid_batch_loses_no_job(data_file):
     requests = make_requests(data_file, n=6)
     with make_pool("--job-s", "0.4", slots=2) as pool:
