@@ -28,6 +28,7 @@ PROJECT_POLICY_PATH = Path(__file__).resolve().with_name(DEFAULT_POLICY_PATH)
 #: ``training.pruner`` / ``--pruner`` values (step5.optimizer.search makes the Optuna pruner).
 PRUNER_NAMES = ("none", "median", "successive_halving")
 Pruner = one_of(PRUNER_NAMES)
+Fraction = Annotated[float, Meta(ge=0, lt=1, description="a number in [0, 1)")]
 #: ``training.device_env``: its entries are checked one by one (step5.devices.device_env_problem).
 DeviceEnv = Annotated[dict, Meta(description="an object of variable names to strings")]
 
@@ -56,6 +57,9 @@ class TrainingPolicy:
     # {"HSA_OVERRIDE_GFX_VERSION": "10.3.0", "HSA_ENABLE_SDMA": "0"}); values are literal strings.
     device_env: DeviceEnv = field(default_factory=dict)
     worker_spawn_stagger_s: NonNegativeNumber = 0.0  # seconds between a host's worker starts (restarts too); ROCm rigs: 4
+    # Share of the host's available memory its workers leave free: where the slots' workers may
+    # not fit, one boots first and is measured, and only as many more start as the rest holds.
+    host_memory_headroom: Fraction = 0.2
 
 
 @dataclass(frozen=True)

@@ -360,6 +360,9 @@ def test_a_cuda_host_leaves_them_at_their_defaults():
     ({"worker_spawn_stagger_s": -4}, "training.worker_spawn_stagger_s must be a non-negative number, got -4"),
     ({"worker_spawn_stagger_s": "4s"}, "training.worker_spawn_stagger_s must be a non-negative number"),
     ({"worker_spawn_stagger_s": float("nan")}, "training.worker_spawn_stagger_s must be a non-negative number"),
+    ({"host_memory_headroom": 1}, "training.host_memory_headroom must be a number in [0, 1), got 1"),
+    ({"host_memory_headroom": -0.1}, "training.host_memory_headroom must be a number in [0, 1), got -0.1"),
+    ({"host_memory_headroom": "20%"}, "training.host_memory_headroom must be a number in [0, 1), got '20%'"),
 ])
 def test_a_bad_device_environment_or_stagger_is_a_policy_error_naming_the_key(training, message):
     with pytest.raises(PolicyError) as info:

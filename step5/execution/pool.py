@@ -20,7 +20,9 @@ import weakref
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
+
+import psutil
 
 from step5.devices import DeviceSlot
 from step5.errors import (
@@ -36,6 +38,11 @@ from step5.protocol import PROTOCOL_VERSION, Job, TrainFolds, echo
 from step5.values import is_number
 
 logger = logging.getLogger(__name__)
+
+#: What one worker is taken to hold in host memory before one is measured. It decides only
+#: whether the pool measures its first worker before starting the others: a ROCm build of torch
+#: holds a GB or more per process once HIP is up, and the pipeline's rigs have 8 GPUs to 7.7 GB.
+ASSUMED_WORKER_BYTES = 2 << 30
 
 FALLBACK_LOG = "[S96B] Worker %s died, falling back to subprocess mode"
 REPROMOTE_LOG = "[S96B] Worker %s: trying a fresh persistent worker again after %.0fs in subprocess mode (%d of %d)"
@@ -75,6 +82,21 @@ def raise_first_job_error(outcomes: Sequence[JobOutcome]) -> list[dict[str, Any]
         if isinstance(outcome, JobError):
             raise outcome
     return list(outcomes)  # type: ignore[arg-type]
+
+
+def _unique_bytes(pid: int) -> int:
+    """The memory only process ``pid`` holds (its USS), what another like it would add; 0 unknown."""
+    try:
+        return int(psutil.Process(pid).memory_full_info().uss)
+    except (psutil.Error, OSError, AttributeError):
+        return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class HostMemory:
+    """How the pool reads this host's memory (tests pass their own)."""
+    available: Callable[[], int] = lambda: int(psutil.virtual_memory().available)
+    footprint: Callable[[int], int] = _unique_bytes  # pid -> bytes
 
 
 @dataclasses.dataclass
@@ -131,13 +153,15 @@ class WorkerPool:
         probe_interval_s: float | None = None,
         probe_grace_s: float | None = None,
         wait: bool = True,
+        memory: HostMemory = HostMemory(),
     ) -> None:
         """Spawn one worker per slot and wait until each says ``ready`` (or has fallen back);
         with ``wait=False`` return while they boot (:meth:`wait_ready`, which ``run`` calls, waits).
         With ``persistent=False`` spawn nothing: every job runs in a one-shot trainer. ``policy``
         gives the timeouts, budgets and spawn stagger; ``worker_command`` and ``oneshot_script``
         replace the package's trainers (tests pass the fake worker); the probe settings default
-        as docs/workers.md ("Lifecycle") says."""
+        as docs/workers.md ("Lifecycle") says. Where the slots' workers may not fit in ``memory``,
+        the first boots alone and only as many others start as the host holds beside it."""
         if not slots:
             raise ValueError("WorkerPool needs at least one device slot")
         labels = [s.label for s in slots]
@@ -188,6 +212,15 @@ class WorkerPool:
                 self._free.put(st)
             logger.info("one-shot trainers (S96A) on %s", ", ".join(st.label for st in self._slots))
             return
+        self._memory, self._headroom = memory, float(policy.host_memory_headroom)
+        self._admitted = threading.Event()  # the others may boot: the pilot was measured (or none is)
+        self._pilot = self._slots[0] if len(self._slots) > 1 and \
+            len(self._slots) * ASSUMED_WORKER_BYTES > memory.available() * (1 - self._headroom) else None
+        if self._pilot is None:
+            self._admitted.set()
+        else:
+            logger.info("%d workers may not fit in this host's available memory: worker %s boots first and is "
+                        "measured", len(self._slots), self._pilot.label)
         self._boot_began = time.perf_counter()
         self._boots_left = len(self._slots)
         self._booting = [self._dispatch.submit(self._first_boot, st) for st in self._slots]
@@ -198,9 +231,16 @@ class WorkerPool:
         """Boot the slot's first worker (restarts, fallback included), then give the slot to the
         groups: a slot whose GPU takes its time does not hold the others back."""
         try:
-            self._ensure_worker(st)
+            if st is not self._pilot:
+                self._admitted.wait()
+            if not st.machine.retired:
+                self._ensure_worker(st)
+                if st is self._pilot:
+                    self._admit_beside(st)
         finally:
-            self._free.put(st)
+            self._admitted.set()  # the pilot's boot is over, however it ended
+            if not st.machine.retired:
+                self._free.put(st)
             with self._lock:
                 self._boots_left -= 1
                 if self._boots_left == 0:
@@ -209,6 +249,31 @@ class WorkerPool:
                     if not self._closed:
                         logger.info("worker pool ready in %.2fs: %s", self._stats.timings.spawn_s, ", ".join(
                             f"{o.label}={'fallback' if o.machine.fallback else o.device}" for o in self._slots))
+
+    def _admit_beside(self, pilot: _Slot) -> None:
+        """Leave idle (retired) the slots whose workers the host's memory would not hold beside
+        the ``pilot``'s, measured now that it is ready."""
+        footprint = self._memory.footprint(pilot.worker.pid) if pilot.worker is not None else 0
+        if footprint <= 0:  # fell back, or not measurable: nothing to go by
+            return
+        available = self._memory.available()
+        others = [o for o in self._slots if o is not pilot]
+        fit = max(0, int(available * (1 - self._headroom) // footprint))
+        mb = 1 << 20
+        if fit >= len(others):
+            logger.info("worker %s holds %.0f MB of host memory; %.0f MB available hold every other worker",
+                        pilot.label, footprint / mb, available / mb)
+            return
+        idle = others[fit:]
+        why = (f"worker {pilot.label} holds {footprint / mb:.0f} MB of host memory and {available / mb:.0f} MB are "
+               f"available, of which {self._headroom:.0%} stay free (training.host_memory_headroom): room for "
+               f"{fit} more worker(s)")
+        with self._lock:
+            for st in idle:
+                st.machine.retire()
+                self._stats.faults.append(FaultRecord(st.label, "memory", None, f"{st.label} left idle: {why}"))
+        logger.warning("%s; %s left idle (free memory, lower the headroom, or name fewer GPUs with --gpus)", why,
+                       ", ".join(st.label for st in idle))
 
     def wait_ready(self) -> None:
         """Wait until the pool can take a job: one slot's first worker said ``ready`` or the slot
@@ -555,9 +620,11 @@ class WorkerPool:
         with self._lock:
             stats = copy.deepcopy(self._stats)
             stats.timings.overhead_s = max(0.0, self._job_wall_s - stats.timings.compute_s)
+            if not self._booted:  # a slot still booting (a slow or wedged GPU): the boot so far
+                stats.timings.spawn_s += time.perf_counter() - self._boot_began
         stats.workers = [st.record() for st in self._slots] if self.persistent else []
         stats.recovery = RecoveryRecord(
-            faults=sum(1 for f in stats.faults if f.kind != "timeout"), reruns=self._budget.reruns,
+            faults=sum(1 for f in stats.faults if f.kind not in ("timeout", "memory")), reruns=self._budget.reruns,
             max_fault_reruns=self._budget.max_reruns, refused_reruns=self._budget.refused,
             repromotions=sum(st.machine.repromotions for st in self._slots),
         )

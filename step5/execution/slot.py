@@ -13,7 +13,8 @@
                                                                              │
                                       a one-shot trainer cannot set up torch │
                                                                              ▼
-                                                      RETIRED (no more jobs, for good)
+                                                      RETIRED (no more jobs, for good; also a
+                                                      slot the host's memory holds no worker for)
 
 A *fault* is the worker's and counts against the slot's restart budget; a *job timeout*
 is the job's (its worker kept answering probes): the worker is replaced, the slot keeps its
@@ -87,10 +88,9 @@ class SlotMachine:
         return SlotAction.FALLBACK
 
     def retire(self) -> None:
-        """A one-shot trainer of this fallen-back slot cannot set up torch or its device: a fresh
-        worker could not either, so the slot is not re-promoted; it takes no more jobs."""
-        if not self.fallback:
-            raise AssertionError("only a fallen-back slot runs the one-shot trainers that can find this")
+        """The slot takes no more jobs, for good: no trainer can set up torch or its device there
+        (a fresh worker could not either, so it is never re-promoted), or the host's memory holds
+        no worker for it."""
         self.retired = True
 
     def on_job_timeout(self) -> None:

@@ -50,9 +50,10 @@ class FallbackRecord:
 @dataclass
 class FaultRecord:
     """A worker fault (crash, hang, protocol, boot), a one-shot crash, a job timeout, or a slot
-    retired because no trainer can start there (startup)."""
+    retired because no trainer can start there (startup) or the host's memory holds no worker
+    for it (memory)."""
     slot: str
-    kind: str  # crash | hang | protocol | boot | oneshot | timeout | startup
+    kind: str  # crash | hang | protocol | boot | oneshot | timeout | startup | memory
     status: str | None  # SIGKILL(-9), EXIT(1), TIMEOUT, ...
     error: str
 
@@ -71,7 +72,7 @@ class FusionRecord:
 @dataclass
 class RecoveryRecord:
     """What infrastructure faults cost the run (a job timeout is not one)."""
-    faults: int = 0  # worker and one-shot trainer faults (crash, hang, protocol, boot, oneshot)
+    faults: int = 0  # worker and one-shot trainer faults (crash, hang, protocol, boot, oneshot, startup)
     reruns: int = 0  # re-runs of jobs those faults hit (same request, same seed)
     max_fault_reruns: int = 0  # the run's budget for them (training.max_fault_reruns)
     refused_reruns: int = 0  # re-runs refused (budget or the job's own limit): each failed its job

@@ -214,6 +214,54 @@ def test_a_wedged_gpu_holds_back_neither_the_first_job_nor_the_others(data_file)
     assert healthy["jobs"] == 12 and healthy["restarts"] == 0
 
 
+def test_slots_whose_workers_the_hosts_memory_cannot_hold_stay_idle(data_file, caplog):
+    """A rig of many GPUs and little RAM (the pipeline's: 8 GPUs, 7.7 GB): the first worker
+    boots alone and is measured, only as many others start as the memory left holds, and the
+    run trains on those; the slots left idle are named, in the log and the sidecar's faults."""
+    from step5.execution.pool import HostMemory
+
+    gib = 1 << 30
+    measured: list[int] = []
+
+    def footprint(pid: int) -> int:
+        measured.append(pid)
+        return 4 * gib
+
+    caplog.set_level(logging.INFO, logger="step5.execution.pool")
+    tight = HostMemory(available=lambda: 8 * gib, footprint=footprint)  # 80% of 8 GiB: one more 4 GiB worker
+    requests = make_requests(data_file, n=6)
+    with make_pool(slots=4, memory=tight) as pool:
+        results = run_each(pool, requests)
+        assert pool.capacity == 2
+        summary = summary_of(pool)
+        pids = pool.worker_pids()
+    assert metrics(results) == expected(requests)
+    assert len(measured) == 1 and len(pids) == 2
+    idle = [f for f in summary["faults"] if f["kind"] == "memory"]
+    assert [f["slot"] for f in idle] == ["CPU-2", "CPU-3"]
+    assert idle[0]["error"] == (
+        "CPU-2 left idle: worker CPU-0 holds 4096 MB of host memory and 8192 MB are available, of which 20% stay "
+        "free (training.host_memory_headroom): room for 1 more worker(s)")
+    assert summary["recovery"]["faults"] == 0  # nothing failed
+    assert sum(w["jobs"] for w in summary["workers"]) == 6
+    assert "4 workers may not fit in this host's available memory: worker CPU-0 boots first and is measured" \
+        in caplog.messages
+
+    roomy = HostMemory(available=lambda: 1 << 40, footprint=footprint)
+    with make_pool(slots=4, memory=roomy) as pool:
+        assert len(pool.worker_pids()) == 4
+    assert len(measured) == 1  # enough memory for any worker: all boot at once, none is measured
+
+
+def test_the_memory_check_measures_real_workers(data_file):
+    """With the host's own figures: a headroom that leaves room for no second worker."""
+    with make_pool(slots=2, host_memory_headroom=0.9999) as pool:
+        assert len(run_each(pool, make_requests(data_file, n=2))) == 2
+        summary = summary_of(pool)
+    (idle,) = summary["faults"]
+    assert (idle["slot"], idle["kind"]) == ("CPU-1", "memory") and "room for 0 more worker(s)" in idle["error"]
+
+
 def test_killing_a_worker_from_outside_mid_batch_loses_no_job(data_file):
     requests = make_requests(data_file, n=6)
     with make_pool("--job-s", "0.4", slots=2) as pool:

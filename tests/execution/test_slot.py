@@ -112,10 +112,8 @@ def test_the_fault_budget_is_shared_by_every_job_of_the_run():
     assert (budget.reruns, budget.refused) == (2, 2)
 
 
-def test_a_retired_slot_is_never_re_promoted_and_only_a_fallen_back_slot_retires():
+def test_a_retired_slot_is_never_re_promoted():
     machine = SlotMachine(0, cooldown_s=1.0, max_repromotions=3)
-    with pytest.raises(AssertionError):
-        machine.retire()  # a slot with a worker runs no one-shot trainer that could find it cannot start
     assert machine.on_fault("boot", 0.0) is F
     machine.retire()
     assert machine.retired and machine.fallback
