@@ -40,8 +40,9 @@ from step5.values import is_number
 logger = logging.getLogger(__name__)
 
 #: What one worker is taken to hold in host memory before one is measured. It decides only
-#: whether the pool measures its first worker before starting the others: a ROCm build of torch
-#: holds a GB or more per process once HIP is up, and the pipeline's rigs have 8 GPUs to 7.7 GB.
+#: whether the pool measures its first worker before starting the others: a GPU build of torch
+#: reaches about 2 GB resident once its CUDA or HIP context is up (pytorch issues 12873 and
+#: 113326 measure it), and the pipeline's rigs have 8 GPUs to 7.7 GB.
 ASSUMED_WORKER_BYTES = 2 << 30
 
 FALLBACK_LOG = "[S96B] Worker %s died, falling back to subprocess mode"
