@@ -275,6 +275,11 @@ def judge(run: StepRun, *, step: StepSpec, policy: Policy, sidecar_path: Path, s
         warnings.append(f"persistent workers were asked for but the step ran in mode {mode!r}")
     if execution.get("fallbacks"):
         warnings.append(f"worker fallbacks during the run: {execution.get('fallbacks')!r}")
+    for kind, what in (("startup", "retired: no trainer could set up torch or its device there"),
+                       ("memory", "left idle: the host's memory held no worker for them")):
+        slots = [f"{f['slot']} ({f['error']})" for f in execution["faults"] if f["kind"] == kind]
+        if slots:
+            warnings.append(f"slot(s) {what}: {'; '.join(slots)}")
 
     verdicts = {model_type: verdict}
     skipped: list[str] = []

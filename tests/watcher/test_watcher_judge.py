@@ -76,6 +76,24 @@ def test_below_acceptance_rules(tmp_path, can_retry, decision):
     assert j.verdicts["neural_net"].critical
 
 
+def test_slots_retired_or_left_idle_are_noted(tmp_path):
+    """A run that went on without a GPU (it could not start torch, or the host's memory held no
+    worker for it) is still a good model, but the operator should hear about the GPU."""
+    sidecar = make_sidecar()
+    sidecar["execution"]["faults"] = [
+        {"slot": "ROCm-3", "kind": "startup", "status": None, "error": "no training process can start on ROCm-3"},
+        {"slot": "ROCm-6", "kind": "memory", "status": None, "error": "ROCm-6 left idle: room for 5 more worker(s)"},
+        {"slot": "ROCm-7", "kind": "memory", "status": None, "error": "ROCm-7 left idle: room for 5 more worker(s)"},
+    ]
+    j = run_judge(tmp_path, step_run(0), sidecar)
+    assert j.decision is Decision.PROCEED
+    assert j.warnings == [
+        "slot(s) retired: no trainer could set up torch or its device there: ROCm-3 (no training process can "
+        "start on ROCm-3)",
+        "slot(s) left idle: the host's memory held no worker for them: ROCm-6 (ROCm-6 left idle: room for 5 more "
+        "worker(s)); ROCm-7 (ROCm-7 left idle: room for 5 more worker(s))"]
+
+
 def test_critical_diagnostic_rejects_and_warning_only_notes(tmp_path):
     j = run_judge(tmp_path, step_run(0), make_sidecar(metrics=metrics(test_r2=-0.7)))
     assert j.decision is Decision.RETRY
