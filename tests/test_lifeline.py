@@ -75,6 +75,11 @@ def start_middle(*child_args: str) -> tuple[subprocess.Popen[str], int]:
     return middle, child_pid
 
 
+#: How long a child may take to end once its parent is gone: it is at once on an idle machine;
+#: a full suite on 2 cores once saw the SIGTERM path take longer than 5 s.
+ENDS_WITHIN_S = 15.0
+
+
 def kill_and_reap(proc: subprocess.Popen[str]) -> None:
     proc.kill()
     proc.wait()
@@ -87,7 +92,7 @@ def kill_and_reap(proc: subprocess.Popen[str]) -> None:
 def test_lifeline_ends_the_child_when_its_parent_is_killed(mechanism):
     middle, child_pid = start_middle(mechanism)
     kill_and_reap(middle)
-    assert wait_gone([child_pid], 5.0) == []
+    assert wait_gone([child_pid], ENDS_WITHIN_S) == []
 
 
 @LINUX_ONLY
@@ -95,7 +100,7 @@ def test_the_kernel_sends_the_signal_asked_for(tmp_path):
     said = tmp_path / "signal"
     middle, child_pid = start_middle("prctl-term", str(said))
     kill_and_reap(middle)
-    assert wait_gone([child_pid], 5.0) == []
+    assert wait_gone([child_pid], ENDS_WITHIN_S) == []
     assert said.read_text() == "SIGTERM"  # the child's handler ran: cleanup is possible
 
 
