@@ -194,18 +194,19 @@ def test_a_wedged_gpu_holds_back_neither_the_first_job_nor_the_others(data_file)
                                                            ("STEP5_FAKE_ONESHOT", "hang_at_setup")))
     requests = make_requests(data_file, n=6)
     began = time.monotonic()
+    # A healthy fake worker is ready in well under a second even on a loaded machine: 4 s leaves it room.
     with make_pool("--job-s", "0.05", slots=[DeviceSlot("CPU-0", "cpu", "", 1), wedged], wait=False,
-                   worker_ready_timeout_s=2.0, max_worker_restarts=1) as pool:
+                   worker_ready_timeout_s=4.0, max_worker_restarts=1) as pool:
         pool.wait_ready()
         ready_after = time.monotonic() - began
         first = run_each(pool, requests)
         assert summary_of(pool)["faults"] == []  # done before the wedged slot's first ready timeout
         while not pool._booted:  # noqa: SLF001 - the wedged slot's two boots time out, then it falls back
-            assert time.monotonic() - began < 30, "the wedged slot's boots never timed out"
+            assert time.monotonic() - began < 60, "the wedged slot's boots never timed out"
             time.sleep(0.1)
         again = run_each(pool, requests)  # one of them meets the wedged slot's one-shot trainer first
         summary = summary_of(pool)
-    assert ready_after < 2.0, f"waited {ready_after:.1f}s: for the wedged slot's boot"
+    assert ready_after < 4.0, f"waited {ready_after:.1f}s: for the wedged slot's boot"
     assert metrics(first) == metrics(again) == expected(requests)
     assert [(f["slot"], f["kind"]) for f in summary["faults"]] == [("CPU-1", "boot"), ("CPU-1", "boot"),
                                                                     ("CPU-1", "startup")]

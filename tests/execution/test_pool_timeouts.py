@@ -120,7 +120,8 @@ def test_a_one_shot_trainer_that_never_sets_torch_up_retires_its_slot_not_every_
     ready timeout, so its slot is retired at once (not two job timeouts for every job sent
     there, trial after trial); the other slot trains everything; alone, the slot stops the run."""
     wedged = DeviceSlot("CPU-1", "cpu", "", 1, device_env=(("STEP5_FAKE_ONESHOT", "hang_at_setup"),))
-    policy = TrainingPolicy(worker_job_timeout_s=30.0, worker_ready_timeout_s=1.0)
+    # A healthy fake trainer says `ready` in about 0.4 s on a loaded 2-core machine: 3 s leaves it room.
+    policy = TrainingPolicy(worker_job_timeout_s=60.0, worker_ready_timeout_s=3.0)
     with WorkerPool([wedged, DeviceSlot("CPU-0", "cpu", "", 1)], policy, persistent=False,
                     oneshot_script=FAKE_WORKER) as pool:
         start = time.monotonic()
@@ -128,10 +129,10 @@ def test_a_one_shot_trainer_that_never_sets_torch_up_retires_its_slot_not_every_
         elapsed = time.monotonic() - start
         summary = summary_of(pool)
     assert [o["status"] for (o,) in outcomes] == ["complete"] * 4
-    assert elapsed < 15.0  # one ready timeout, far from the 30 s job timeout
+    assert elapsed < 30.0  # one ready timeout, far from the 60 s job timeout
     (fault,) = summary["faults"]
     assert (fault["slot"], fault["kind"]) == ("CPU-1", "startup")
-    assert "did not set up torch and the CPU within 1s (training.worker_ready_timeout_s)" in fault["error"]
+    assert "did not set up torch and the CPU within 3s (training.worker_ready_timeout_s)" in fault["error"]
 
     with WorkerPool([wedged], policy, persistent=False, oneshot_script=FAKE_WORKER) as pool:
         with pytest.raises(TrainerCannotStart, match=r"^no training process can start on CPU-1 \(the CPU\): its "
