@@ -88,8 +88,9 @@ def test_pip_install_then_a_persistent_worker_study_from_another_directory(tmp_p
         assert sidecar["outcome"] == "SUCCESS"
         assert execution["mode"] == "persistent_workers" and execution["fallbacks"] == []
         # Each slot takes jobs once its own worker is ready: which one trained how many is the race's.
-        assert all(w["device"] == "cpu" and not w["fallback"] for w in execution["workers"]), execution["workers"]
-        assert sum(w["jobs"] for w in execution["workers"]) > 0, execution["workers"]
+        # (one may even still be booting when the run ends: its device is then null).
+        assert not any(w["fallback"] for w in execution["workers"]), execution["workers"]
+        assert sum(w["jobs"] for w in execution["workers"] if w["device"] == "cpu") > 0, execution["workers"]
 
         _run([bin_ / "step5-predict", "--model-dir", "out", "--survivors", "data/survivors_with_scores.json",
               "--output", "predictions.json"], cwd=elsewhere)

@@ -8,11 +8,13 @@ retried, so every job's result is the undisturbed one and none is counted twice.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 
+from step5.devices import DeviceSlot
 from step5.errors import JobError
 from step5.execution import process
 from step5.execution.pool import WorkerPool
@@ -186,9 +188,6 @@ def test_a_wedged_gpu_holds_back_neither_the_first_job_nor_the_others(data_file)
     """One slot's device never finishes initialising, in its workers and in its one-shot
     trainers alike: the pool takes jobs as soon as the healthy slot is ready, the healthy slot
     trains every job meanwhile, and the wedged slot is retired after its ready timeouts."""
-    import time
-
-    from step5.devices import DeviceSlot
 
     wedged = DeviceSlot("CPU-1", "cpu", "", 1, device_env=(("STEP5_FAKE_BOOT", "hang"),
                                                            ("STEP5_FAKE_ONESHOT", "hang_at_setup")))
@@ -234,6 +233,10 @@ def test_slots_whose_workers_the_hosts_memory_cannot_hold_stay_idle(data_file, c
     with make_pool(slots=4, memory=tight) as pool:
         results = run_each(pool, requests)
         assert pool.capacity == 2
+        deadline = time.monotonic() + 10  # the admitted slot boots after the pilot, on its own time
+        while len(pool.worker_pids()) < 2:
+            assert time.monotonic() < deadline, "the admitted slot's worker never got ready"
+            time.sleep(0.02)
         summary = summary_of(pool)
         pids = pool.worker_pids()
     assert metrics(results) == expected(requests)
