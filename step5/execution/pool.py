@@ -249,7 +249,8 @@ class WorkerPool:
                     self._booted = True
                     if not self._closed:
                         logger.info("worker pool ready in %.2fs: %s", self._stats.timings.spawn_s, ", ".join(
-                            f"{o.label}={'fallback' if o.machine.fallback else o.device}" for o in self._slots))
+                            f"{o.label}={'idle' if o.machine.retired else 'fallback' if o.machine.fallback else o.device}"
+                            for o in self._slots))
 
     def _admit_beside(self, pilot: _Slot) -> None:
         """Leave idle (retired) the slots whose workers the host's memory would not hold beside
@@ -267,7 +268,7 @@ class WorkerPool:
             return
         idle = others[fit:]
         why = (f"worker {pilot.label} holds {footprint / mb:.0f} MB of host memory and {available / mb:.0f} MB are "
-               f"available, of which {self._headroom:.0%} stay free (training.host_memory_headroom): room for "
+               f"available, of which {self._headroom * 100:g}% stay free (training.host_memory_headroom): room for "
                f"{fit} more worker(s)")
         with self._lock:
             for st in idle:

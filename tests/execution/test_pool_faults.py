@@ -234,7 +234,7 @@ def test_slots_whose_workers_the_hosts_memory_cannot_hold_stay_idle(data_file, c
         results = run_each(pool, requests)
         assert pool.capacity == 2
         deadline = time.monotonic() + 10  # the admitted slot boots after the pilot, on its own time
-        while len(pool.worker_pids()) < 2:
+        while not any(m.startswith("worker pool ready") for m in caplog.messages):
             assert time.monotonic() < deadline, "the admitted slot's worker never got ready"
             time.sleep(0.02)
         summary = summary_of(pool)
@@ -250,6 +250,8 @@ def test_slots_whose_workers_the_hosts_memory_cannot_hold_stay_idle(data_file, c
     assert sum(w["jobs"] for w in summary["workers"]) == 6
     assert "4 workers may not fit in this host's available memory: worker CPU-0 boots first and is measured" \
         in caplog.messages
+    assert any(m.startswith("worker pool ready") and m.endswith(": CPU-0=cpu, CPU-1=cpu, CPU-2=idle, CPU-3=idle")
+               for m in caplog.messages)
 
     roomy = HostMemory(available=lambda: 1 << 40, footprint=footprint)
     with make_pool(slots=4, memory=roomy) as pool:
@@ -264,6 +266,7 @@ def test_the_memory_check_measures_real_workers(data_file):
         summary = summary_of(pool)
     (idle,) = summary["faults"]
     assert (idle["slot"], idle["kind"]) == ("CPU-1", "memory") and "room for 0 more worker(s)" in idle["error"]
+    assert "of which 99.99% stay free" in idle["error"]
 
 
 def test_killing_a_worker_from_outside_mid_batch_loses_no_job(data_file):
