@@ -239,7 +239,8 @@ class WorkerPool:
                 if st is self._pilot:
                     self._admit_beside(st)
         finally:
-            self._admitted.set()  # the pilot's boot is over, however it ended
+            if st is self._pilot:
+                self._admitted.set()  # its boot is over, however it ended: the others may go on
             if not st.machine.retired:
                 self._free.put(st)
             with self._lock:

@@ -356,11 +356,12 @@ def run_oneshot_job(
         trainer.send(request, doing)
         trainer.close_stdin()
         # First `ready` (or, when the request was refused before torch was set up, the reply).
-        setup_s = min(ready_timeout_s, deadline - time.monotonic())
+        remaining_s = deadline - time.monotonic()
+        setup_bounded = ready_timeout_s < remaining_s  # else the job's own timeout ends the wait first
         try:
-            reply = trainer.receive(setup_s, f"{doing}: setting up torch", hang_kind="boot")
+            reply = trainer.receive(min(ready_timeout_s, remaining_s), f"{doing}: setting up torch", hang_kind="boot")
         except WorkerFault as fault:
-            if fault.kind != "boot" or setup_s != ready_timeout_s:
+            if fault.kind != "boot" or not setup_bounded:
                 raise
             raise JobError(f"its one-shot trainer did not set up torch and {slot.describe()} within "
                            f"{ready_timeout_s:g}s (training.worker_ready_timeout_s)", "startup_error",
