@@ -19,7 +19,7 @@ from typing import IO
 
 import psutil
 
-from step5.errors import Step5Error
+from step5.errors import Step5Error, Terminated
 from step5.execution.process import REAP_TIMEOUT_S, describe_exit, reap_killed
 
 logger = logging.getLogger(__name__)
@@ -131,8 +131,8 @@ def stop_group(
     try:
         while time.monotonic() < deadline and _remaining(popen, pgid, known):
             time.sleep(0.05)
-    except KeyboardInterrupt:
-        interrupted = _pending_signal_name()
+    except KeyboardInterrupt as exc:
+        interrupted = exc.signal_name if isinstance(exc, Terminated) else "SIGINT"
         logger.warning("interrupted (%s) while the step group stopped: killing step group %d now",
                        interrupted, pgid)
     left = _remaining(popen, pgid, known)
@@ -179,8 +179,8 @@ def run_in_group(
                 break
             except subprocess.TimeoutExpired:
                 _remember_descendants(popen.pid, known)
-    except KeyboardInterrupt:
-        run.interrupted = _pending_signal_name()
+    except KeyboardInterrupt as exc:
+        run.interrupted = exc.signal_name if isinstance(exc, Terminated) else "SIGINT"
         logger.error("interrupted (%s): stopping step group %d", run.interrupted, popen.pid)
     finally:
         stopped, interrupted_while_stopping = stop_group(popen, known, grace_s)
@@ -195,23 +195,14 @@ def run_in_group(
     return run
 
 
-# The CLI turns SIGTERM and SIGHUP into KeyboardInterrupt so one code path stops the step
-# group; the handler records which signal arrived so the decision log can say so.
-_last_signal: list[str] = []
-
-
-def _pending_signal_name() -> str:
-    return _last_signal.pop() if _last_signal else "SIGINT"
-
-
 def install_termination_as_interrupt() -> None:
-    """Make SIGTERM and SIGHUP to the WATCHER behave like Ctrl-C (main thread only). The step
-    runs in its own session, so a closed terminal (SIGHUP) reaches only the WATCHER: left to
-    its default action it would end the WATCHER and leave the step running unwatched."""
+    """Make SIGTERM and SIGHUP to the WATCHER behave like Ctrl-C (main thread only): one code path
+    stops the step group, and the :class:`Terminated` raised names the signal for the decision log.
+    The step runs in its own session, so a closed terminal (SIGHUP) reaches only the WATCHER: left
+    to its default action it would end the WATCHER and leave the step running unwatched."""
 
     def _handler(signum: int, _frame: object) -> None:
-        _last_signal.append(signal.Signals(signum).name)
-        raise KeyboardInterrupt
+        raise Terminated(signum)
 
     signal.signal(signal.SIGTERM, _handler)
     signal.signal(signal.SIGHUP, _handler)

@@ -116,8 +116,7 @@ def test_an_interrupt_during_the_grace_period_is_reported_not_lost(tmp_path, mon
     def remaining_then_interrupt(*args):
         calls["n"] += 1
         if calls["n"] == 2:  # the first check inside the grace loop
-            process_module._last_signal.append("SIGINT")
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt  # Ctrl-C: SIGINT
         return real(*args)
 
     monkeypatch.setattr(process_module, "_remaining", remaining_then_interrupt)
