@@ -14,19 +14,17 @@ from typing import Iterator
 
 #: Modes new files and folders are created with before the umask applies (what ``open()`` and ``mkdir`` use).
 FILE_MODE, DIR_MODE = 0o666, 0o777
+_REASONS = {
+    errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+    errno.EROFS: "the filesystem is read-only",
+    errno.ENOSPC: "no space left on the device", errno.EDQUOT: "no space left on the device",
+    errno.EFBIG: "file too large (a file size limit)",
+}
 
 
 def os_error_reason(exc: OSError) -> str:
     """Why a filesystem call failed, in words a user acts on."""
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied"
-    if exc.errno == errno.EROFS:
-        return "the filesystem is read-only"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "no space left on the device"
-    if exc.errno == errno.EFBIG:
-        return "file too large (a file size limit)"
-    return exc.strerror or str(exc)
+    return _REASONS.get(exc.errno) or exc.strerror or str(exc)
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -52,16 +50,12 @@ def create_temp_file(folder: Path, prefix: str, suffix: str) -> Path:
 
 def fsync_dir(folder: str | os.PathLike[str]) -> None:
     """Make a rename / link / unlink inside ``folder`` durable (best effort where unsupported)."""
-    try:
+    with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory; the rename is still atomic
         fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager
