@@ -67,11 +67,6 @@ class StepSpec:
 
         return build_parser()
 
-    def check(self, args: argparse.Namespace, argv: list[str]) -> None:
-        from step5.optimizer.cli import config_from_args  # raises the UsageError step 5 would exit 64 with
-
-        config_from_args(args, argv)
-
     @functools.cached_property
     def params(self) -> tuple[ParamSpec, ...]:
         return params_from_parser(self.parser, reserved=self.reserved, required_defaults=self.required_defaults)
@@ -197,8 +192,10 @@ def _check_with_step(step: StepSpec, argv: list[str]) -> None:
         lines = errors.getvalue().strip().splitlines()
         raise UsageError(f"--params give step {step.number} a command it refuses: "
                          f"{lines[-1] if lines else 'usage error'}") from None
+    from step5.optimizer.cli import config_from_args  # raises the UsageError step 5 would exit 64 with
+
     try:
-        step.check(args, argv)
+        config_from_args(args, argv)
     except UsageError as exc:
         raise UsageError(f"--params give step {step.number} a command it refuses: {exc}") from None
 
