@@ -104,12 +104,6 @@ class MetricBound:
 
         return "critical" if reached(self.critical) else "warning" if reached(self.warning) else "ok"
 
-    def describe(self, value: float) -> str:
-        level = self.severity(value)
-        op = ">=" if self.worse == WORSE_ABOVE else "<="
-        bound = self.critical if level == "critical" else self.warning
-        return f"{self.metric} {value:.4g} {op} {level} bound {bound:g}"
-
 
 def metric_key(metric: str) -> str:
     """The sidecar's ``training_metrics`` key of a policy metric name (``cv_r2`` is the CV mean)."""
@@ -119,16 +113,16 @@ def metric_key(metric: str) -> str:
 def bound_breaches(metrics: Mapping[str, Any], diagnostics: "DiagnosticsPolicy") -> list[tuple[str, str]]:
     """``(severity, description)`` of every bound a model's ``training_metrics`` reach (warning or
     critical); bounds on metrics it does not carry are not judged, nor any when ``enabled`` is false."""
-    if not diagnostics.enabled:
+    if not diagnostics.enabled or not isinstance(metrics, Mapping):
         return []
     out = []
     for bound in diagnostics.metric_bounds.values():
-        value = metrics.get(metric_key(bound.metric)) if isinstance(metrics, Mapping) else None
-        if not is_number(value):
-            continue
-        level = bound.severity(float(value))
+        value = metrics.get(metric_key(bound.metric))
+        level = bound.severity(float(value)) if is_number(value) else "ok"
         if level != "ok":
-            out.append((level, bound.describe(float(value))))
+            op = ">=" if bound.worse == WORSE_ABOVE else "<="
+            limit = bound.critical if level == "critical" else bound.warning
+            out.append((level, f"{bound.metric} {float(value):.4g} {op} {level} bound {limit:g}"))
     return out
 
 
@@ -266,12 +260,6 @@ def _diagnostics(raw: dict[str, Any], source: str) -> DiagnosticsPolicy:
     return DiagnosticsPolicy(**values)
 
 
-def _acceptance_rules(raw: dict[str, Any], source: str) -> dict[str, float]:
-    """``acceptance_rules.step5``; the section's other keys are other parts of the pipeline's."""
-    rules = _check_section(raw, "acceptance_rules", source).get(ACCEPTANCE_KEY, {})
-    return convert_map(rules, Number, source=source, at=f"acceptance_rules.{ACCEPTANCE_KEY}", quote=False)
-
-
 def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
     """Validate an already-parsed policy object."""
     if not isinstance(raw, dict):
@@ -291,7 +279,9 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
         if training.max_consecutive_failed_trials < 1:
             raise PolicyError(f"{source}: training.max_consecutive_failed_trials must be >= 1, "
                               f"got {training.max_consecutive_failed_trials}")
-        return Policy(training, watcher, _diagnostics(raw, source), _acceptance_rules(raw, source), source, raw)
+        rules = _check_section(raw, "acceptance_rules", source).get(ACCEPTANCE_KEY, {})
+        acceptance = convert_map(rules, Number, source=source, at=f"acceptance_rules.{ACCEPTANCE_KEY}", quote=False)
+        return Policy(training, watcher, _diagnostics(raw, source), acceptance, source, raw)
     except SchemaError as exc:
         raise PolicyError(str(exc)) from None
 
