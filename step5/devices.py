@@ -31,8 +31,6 @@ ROCR_VISIBLE_DEVICES = "ROCR_VISIBLE_DEVICES"
 #: What a process that must see no AMD GPU is given in HIP_VISIBLE_DEVICES (HIP reads an
 #: invalid first entry as "no device", as CUDA reads "-1").
 HIDE_AMD_GPUS = "-1"
-#: Under the sysfs root: one folder per agent (CPU or GPU) of the kernel's KFD driver.
-KFD_NODES = Path("class/kfd/kfd/topology/nodes")
 
 #: (tool, arguments) asked in this order when no variable says which GPUs to use.
 SMI_TOOLS: tuple[tuple[str, tuple[str, ...]], ...] = (("amd-smi", ("list", "--json")), ("rocm-smi", ("--showid", "--json")))
@@ -191,7 +189,7 @@ class AmdGpus:
         if not self.ids:
             return f"no AMD GPU ({self.source})"
         ids = ",".join(self.ids)
-        if len(self.ids) > 2 and self.ids == tuple(str(i) for i in range(len(self.ids))):
+        if len(self.ids) > 2 and self.ids == _ordinals(len(self.ids)):
             ids = f"0-{len(self.ids) - 1}"
         targets = sorted(set(self.targets))
         extra = f", {'/'.join(targets)}" if targets else ""
@@ -239,7 +237,7 @@ def _gfx_target(version: int) -> str:
 def read_kfd_gpus(sysfs_root: Path) -> list[str] | None:
     """The gfx target of each GPU node of the KFD topology, in node order (HIP's order);
     None when there is no topology to read."""
-    nodes = Path(sysfs_root) / KFD_NODES
+    nodes = Path(sysfs_root) / "class/kfd/kfd/topology/nodes"  # a folder per agent (CPU or GPU) of the KFD driver
     if not nodes.is_dir():
         return None
     targets: list[tuple[int, str]] = []
