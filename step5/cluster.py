@@ -226,10 +226,7 @@ def ssh_command(
     """The local argv: ssh with options that never wait for a human or a dead host."""
     options = ["BatchMode=yes", f"ConnectTimeout={int(connect_timeout_s)}", "ServerAliveInterval=15",
                "ServerAliveCountMax=3", "StrictHostKeyChecking=accept-new", "LogLevel=ERROR"]
-    argv = [str(ssh), "-T"]
-    for option in options:
-        argv += ["-o", option]
-    return [*argv, "--", node.destination, command]
+    return [str(ssh), "-T", *(word for option in options for word in ("-o", option)), "--", node.destination, command]
 
 
 class HelperAction(str, Enum):
