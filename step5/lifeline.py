@@ -82,9 +82,7 @@ def install_lifeline(parent_pid: int | None = None, *, poll_s: float = 0.5, on_o
     ``os._exit(EXIT_ORPHANED)``) runs in the watch thread; ``death_signal`` is what the kernel sends.
     """
     original_ppid = os.getppid()
-    watched = parent_pid if parent_pid is not None else expected_parent_pid()
-    if watched is None:
-        watched = original_ppid
+    watched = parent_pid or expected_parent_pid() or original_ppid
     if use_prctl:
         set_parent_death_signal(death_signal)
 
