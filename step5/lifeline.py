@@ -111,8 +111,7 @@ class StdinLifeline:
     """The watch of :func:`install_stdin_lifeline`; :meth:`disarm` makes EOF a no-op."""
 
     def __init__(self, fd: int, act: Callable[[], None]) -> None:
-        self._armed = threading.Event()
-        self._armed.set()
+        self._armed = True
 
         def wait() -> str | None:
             try:
@@ -120,7 +119,7 @@ class StdinLifeline:
                     pass
             except OSError as exc:
                 logger.warning("stdin lifeline: reading stdin failed (%s)", exc)
-            if not self._armed.is_set():
+            if not self._armed:
                 return None
             return "stdin closed: the process that started this helper stopped it or is gone; stopping"
 
@@ -128,7 +127,7 @@ class StdinLifeline:
 
     def disarm(self) -> None:
         """The run is over: its end must not be cut short by a stop that comes too late."""
-        self._armed.clear()
+        self._armed = False
 
 
 def install_stdin_lifeline(environ: dict[str, str] | None = None, *, fd: int = 0,
