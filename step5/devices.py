@@ -307,13 +307,10 @@ def installed_torch_build() -> TorchBuild | None:
     """The torch build the workers of this interpreter will import; None when unknown."""
     try:
         spec = importlib.util.find_spec("torch")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    try:
+        if spec is None or not spec.submodule_search_locations:
+            return None
         text = (Path(list(spec.submodule_search_locations)[0]) / "version.py").read_text()
-    except OSError:
+    except (ImportError, ValueError, OSError):
         return None
 
     def field(name: str) -> str | None:
