@@ -182,13 +182,10 @@ def append_decision(path: str | os.PathLike[str], record: dict[str, Any]) -> Non
 def read_decisions(path: str | os.PathLike[str], last: int | None = None) -> tuple[list[dict[str, Any]], int]:
     """The last ``last`` records (all when None) and how many lines could not be parsed: a
     damaged line (a disk filled mid-write, a hand edit) is counted, so ``--status`` still shows the rest."""
-    p = Path(path)
-    if not p.exists():
-        return [], 0
     records: deque[dict[str, Any]] = deque(maxlen=last)
     bad = 0
     try:
-        with p.open("rb") as fh:
+        with open(path, "rb") as fh:
             for raw in filter(bytes.strip, fh):
                 try:
                     obj = loads(raw)
@@ -198,6 +195,8 @@ def read_decisions(path: str | os.PathLike[str], last: int | None = None) -> tup
                     records.append(obj)
                 else:
                     bad += 1
+    except FileNotFoundError:
+        return [], 0
     except OSError as exc:
-        raise DataError(f"cannot read the decision log {p}: {os_error_reason(exc)}") from None
+        raise DataError(f"cannot read the decision log {Path(path)}: {os_error_reason(exc)}") from None
     return list(records), bad
