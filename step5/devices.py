@@ -272,13 +272,12 @@ def detect_amd_gpus(env: Mapping[str, str] | None = None, *, which: Callable[[st
 
 def _detect(env: Mapping[str, str], which: Callable[[str], str | None], sysfs_root: Path,
             timeout_s: float) -> AmdGpus:
-    hip = env.get(HIP_VISIBLE_DEVICES)
-    if hip is not None and hip.strip():
+    hip = env.get(HIP_VISIBLE_DEVICES, "")
+    if hip.strip():
         return AmdGpus(tuple(read_hip_visible(hip)), f"{HIP_VISIBLE_DEVICES}={hip.strip()}")
     rocr = env.get(ROCR_VISIBLE_DEVICES)
-    if rocr is not None:
-        listed = read_hip_visible(rocr)
-        return AmdGpus(_ordinals(len(listed)), f"{ROCR_VISIBLE_DEVICES}={rocr.strip()}")
+    if rocr is not None:  # HIP numbers the GPUs ROCR leaves visible from 0
+        return AmdGpus(_ordinals(len(read_hip_visible(rocr))), f"{ROCR_VISIBLE_DEVICES}={rocr.strip()}")
     for tool, args in SMI_TOOLS:
         path = which(tool)
         if path is None:
