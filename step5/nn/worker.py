@@ -5,6 +5,7 @@ Framing (:mod:`step5.framing`), the torch-free :class:`Dispatcher`, the :class:`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import queue
@@ -23,7 +24,7 @@ from step5.fsutil import os_error_reason
 from step5.jsonio import loads
 from step5.lifeline import expected_parent_pid, install_lifeline
 from step5.protocol import (
-    MAX_REQUEST_BYTES, PROTOCOL_VERSION, AliveMessage, Heartbeat, Job, MergeRequest, Ping, PongMessage, ReadyMessage,
+    PROTOCOL_VERSION, AliveMessage, Heartbeat, Job, MergeRequest, Ping, PongMessage, ReadyMessage,
     Request, Shutdown, ShutdownMessage, TrainFolds, TrainRequest, decode_request, echo, error_reply,
 )
 from step5.stdout_guard import claim_stdout
@@ -254,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_lifeline()
 
     writer = LineWriter(wire)
-    reader = LineReader(sys.stdin.buffer, MAX_REQUEST_BYTES)
+    reader = LineReader(sys.stdin.buffer)
     backend = TorchBackend()
     ready = ready_message(backend)
     try:
@@ -274,10 +275,8 @@ def exit_now(rc: int, wire: BinaryIO) -> NoReturn:
     after every reply, and the OS reclaims everything (the CUDA context included)."""
     logging.shutdown()
     for stream in (wire, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing left to flush to
             stream.flush()
-        except (OSError, ValueError):
-            pass
     os._exit(rc)
 
 
