@@ -231,13 +231,11 @@ class TrainFolds(_Request):
         for i, job in enumerate(jobs):
             try:
                 if isinstance(job, dict) and job.get("command", "train") != "train":
-                    raise tagged(BadRequest(f"`jobs[{i}]` has `command` {job.get('command')!r}; only train jobs "
-                                            "can be fused"), job)
+                    raise BadRequest(f"`command` is {job.get('command')!r}; only train jobs can be fused")
                 decoded.append(TrainRequest.from_dict(job))
             except BadRequest as exc:
-                if not exc.message.startswith(f"`jobs[{i}]`"):
-                    exc.message = f"`jobs[{i}]`: {exc.message}"
-                decoded.append(exc)
+                exc.message = f"`jobs[{i}]`: {exc.message}"
+                decoded.append(tagged(exc, job))
         return cls(tuple(decoded))
 
 
