@@ -131,12 +131,10 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
 
 
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
-    """(R^2, MSE) as scikit-learn's ``r2_score`` and ``mean_squared_error`` compute them, bit
-    for bit, in float64 (a constant target: R^2 1.0 when predicted exactly, else 0.0; under
-    two rows: NaN); callers reject non-finite metrics. Written out here because importing
-    ``sklearn.metrics`` (it pulls in scipy) was about 1 s of a worker's or one-shot trainer's
-    2.3 s boot, the very cost this project exists to remove; tests/nn/test_nn_trainer.py holds
-    it equal to scikit-learn's on every kind of input the trainer gives it."""
+    """(R^2, MSE) bit for bit as scikit-learn's ``r2_score`` and ``mean_squared_error``, in float64
+    (a constant target: R^2 1.0 when predicted exactly, else 0.0; under two rows: NaN); callers
+    reject non-finite metrics. Written out because importing ``sklearn.metrics`` (and scipy) was
+    ~1 s of a worker's 2.3 s boot; tests/nn/test_nn_trainer.py holds it equal to scikit-learn's."""
     # sklearn's shapes and order of operations: one output column, summed along the rows.
     y_true = np.asarray(y_true, dtype=np.float64).reshape(-1, 1)
     y_pred = np.asarray(y_pred, dtype=np.float64).reshape(-1, 1)
