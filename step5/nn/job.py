@@ -286,12 +286,10 @@ def run_fold_group(requests: Sequence[TrainRequest], *, device: torch.device,
                    cache: DataCache | None = None) -> list[dict[str, Any]]:
     """Train requests in as few M-model passes as their shapes allow; one reply per request, in
     order: its ``complete`` message, or its ``error`` (a failed request does not fail the others).
-
     One pass per (features, batch plan, early stopping or not, padded fit / early-stopping /
-    validation lengths): models whose tensors have the same shapes round as they would alone,
-    so each result equals :func:`run_train_job`'s for that request (``train_s`` is the pass
-    time divided by M). Requests must agree on :data:`FUSE_KEYS` (else ``ValueError``).
-    """
+    validation lengths): models whose tensors have the same shapes round as they would alone, so
+    each result equals :func:`run_train_job`'s (``train_s`` is the pass time divided by M).
+    Requests must agree on :data:`FUSE_KEYS` (else ``ValueError``)."""
     if not requests:
         return []
     first = fusion_key(requests[0])[: len(FUSE_KEYS)]

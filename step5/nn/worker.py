@@ -113,12 +113,9 @@ class Dispatcher:
 
 
 def serve(reader: LineReader, writer: LineWriter, dispatcher: Dispatcher) -> int:
-    """Answer requests until ``shutdown`` or end of input; returns the exit status (0).
-
-    A reader thread takes every line off stdin as it arrives: it answers ``heartbeat`` at
-    once (so the parent can tell a long job from a hung worker) and queues everything
-    else, which this thread answers in order.
-    """
+    """Answer requests until ``shutdown`` or end of input; returns the exit status (0). A reader
+    thread takes every line off stdin as it arrives, answers ``heartbeat`` at once (so the parent
+    can tell a long job from a hung worker) and queues the rest, which this thread answers in order."""
     lines: queue.Queue[bytes | FrameTooLarge | None] = queue.Queue()  # None: end of input
 
     def read() -> None:
