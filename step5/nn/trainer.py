@@ -16,7 +16,7 @@ from torch import Tensor
 from step5.devices import TORCH_THREADS_ENV as THREADS_ENV
 from step5.nn.device_loop import EpochLoop, resolve_train_loop
 from step5.nn.model import FusedMLP
-from step5.protocol import resolve_batch_mode
+from step5.protocol import OPTIMIZERS, resolve_batch_mode
 
 logger = logging.getLogger(__name__)
 
@@ -405,8 +405,8 @@ def train_models(
     M = len(specs)
     if M == 0 or len(folds) != M:
         raise ValueError(f"need one fold per model spec, got {len(specs)} specs and {len(folds)} folds")
-    if config.optimizer not in ("adam", "adamw", "sgd"):
-        raise ValueError(f"`optimizer` must be one of ['adam', 'adamw', 'sgd'], got {config.optimizer!r}")
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"`optimizer` must be one of {list(OPTIMIZERS)}, got {config.optimizer!r}")
     n_features = folds[0].X_train.shape[1]
     for m, f in enumerate(folds):
         if f.X_train.shape[1] != n_features or f.X_val.shape[1] != n_features:
