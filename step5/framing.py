@@ -24,13 +24,10 @@ class LineReader:
         self.max_bytes = max_bytes
 
     def read_line(self) -> bytes | None:
-        """The next frame without its line ending; ``None`` at end of stream; a last line
-        without a newline is still a frame (a writer may close right after it).
-
-        A longer line is discarded up to its newline and raised as :class:`FrameTooLarge`:
-        a runaway writer cannot make the reader allocate without limit, and the next call
-        starts cleanly at the next line.
-        """
+        """The next frame without its line ending; ``None`` at end of stream; a last line without
+        a newline is still a frame (a writer may close right after it). A longer line is discarded
+        up to its newline and raised as :class:`FrameTooLarge`: a runaway writer cannot make the
+        reader allocate without limit, and the next call starts cleanly at the next line."""
         chunk = self._stream.readline(self.max_bytes + 1)  # an allowed line is content + "\n"
         if not chunk:
             return None

@@ -33,16 +33,18 @@ AUTO_FULL_BATCH_MAX_ROWS = 10_000
 FUSE_KEYS = ("hidden_layers", "optimizer", "epochs", "normalize_features", "use_leaky_relu")
 
 
+#: The identity fields, what makes each readable, and what a refusal says it expects.
+_IDENTITY_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "trial_number": (is_int, "an int"), "fold_idx": (is_int, "an int"),
+    "job_id": (lambda v: isinstance(v, str) or is_int(v), "a string or int"),
+}
+
+
 def identity(raw: Any) -> dict[str, Any]:
     """``trial_number``, ``fold_idx`` and ``job_id`` of a raw request, each None unless
     readable (a malformed request's garbage is not echoed back). The one echo rule."""
     raw = raw if isinstance(raw, dict) else {}
-    job_id = raw.get("job_id")
-    return {
-        "trial_number": raw["trial_number"] if is_int(raw.get("trial_number")) else None,
-        "fold_idx": raw["fold_idx"] if is_int(raw.get("fold_idx")) else None,
-        "job_id": job_id if isinstance(job_id, str) or is_int(job_id) else None,
-    }
+    return {name: raw.get(name) if ok(raw.get(name)) else None for name, (ok, _) in _IDENTITY_FIELDS.items()}
 
 
 def echo(request: Any) -> dict[str, Any]:
@@ -94,12 +96,8 @@ def _one_of(choices: tuple[str, ...]) -> Rule:
 
 _PATH = _rule(lambda v: isinstance(v, str) and bool(v), "a non-empty string")
 _FLAG = _rule(lambda v: isinstance(v, bool), "true or false")
-#: The identity fields, checked first (a refusal echoes what of them it could read).
-_IDENTITY: dict[str, Rule] = {
-    "trial_number": _rule(is_int, "an int"),
-    "fold_idx": _rule(is_int, "an int"),
-    "job_id": _rule(lambda v: isinstance(v, str) or is_int(v), "a string or int"),
-}
+#: The identity fields' checks, first in a request (a refusal echoes what of them it could read).
+_IDENTITY: dict[str, Rule] = {name: _rule(ok, expected) for name, (ok, expected) in _IDENTITY_FIELDS.items()}
 #: Wire names that differ from the field's (``X_train_path`` is kept from the proposal).
 _WIRE_NAMES = {"data_path": "X_train_path"}
 _FIELD_NAMES = {wire: name for name, wire in _WIRE_NAMES.items()}
@@ -231,13 +229,11 @@ class TrainFolds(_Request):
         for i, job in enumerate(jobs):
             try:
                 if isinstance(job, dict) and job.get("command", "train") != "train":
-                    raise tagged(BadRequest(f"`jobs[{i}]` has `command` {job.get('command')!r}; only train jobs "
-                                            "can be fused"), job)
+                    raise BadRequest(f"`command` is {job.get('command')!r}; only train jobs can be fused")
                 decoded.append(TrainRequest.from_dict(job))
             except BadRequest as exc:
-                if not exc.message.startswith(f"`jobs[{i}]`"):
-                    exc.message = f"`jobs[{i}]`: {exc.message}"
-                decoded.append(exc)
+                exc.message = f"`jobs[{i}]`: {exc.message}"
+                decoded.append(tagged(exc, job))
         return cls(tuple(decoded))
 
 

@@ -86,8 +86,9 @@ def _data_error(message: str) -> JobError:
     return JobError(message, "data_error")
 
 
-def _check_array(path: str, name: str, a: np.ndarray, ndim: int) -> np.ndarray:
-    """Validate dtype/shape/finiteness of one array and return it as read-only float32."""
+def _check_array(path: str, name: str, a: np.ndarray) -> np.ndarray:
+    """Validate dtype/shape/finiteness of one array (``X_*`` 2-D, ``y_*`` 1-D) and return it as read-only float32."""
+    ndim = 2 if name.startswith("X") else 1
     if a.dtype.kind not in "iuf":
         raise _data_error(f"array `{name}` in {path} has dtype {a.dtype}; expected a numeric (int or float) array")
     if name.startswith("y") and a.ndim == 2 and a.shape[1] == 1:
@@ -121,9 +122,7 @@ def read_fold_npz(path: str) -> Fold:
             raise _data_error(f"fold file {path} lacks array(s) {missing}; it has {sorted(npz.files)}, expected "
                               f"{list(REQUIRED_ARRAYS)} (and optionally {list(OPTIONAL_ARRAYS)}, feature_names)")
         raw: dict[str, np.ndarray] = {}
-        for key in (*REQUIRED_ARRAYS, *OPTIONAL_ARRAYS, "feature_names"):
-            if key not in npz.files:
-                continue
+        for key in [k for k in (*REQUIRED_ARRAYS, *OPTIONAL_ARRAYS, "feature_names") if k in npz.files]:
             try:
                 raw[key] = npz[key]
             except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
@@ -133,8 +132,7 @@ def read_fold_npz(path: str) -> Fold:
                 raise _data_error(f"cannot read array `{key}` in {path}: {exc}") from None
     if ("X_test" in raw) != ("y_test" in raw):
         raise _data_error(f"fold file {path} has only one of X_test / y_test; both or neither are expected")
-    arrays = {key: _check_array(path, key, raw[key], 2 if key.startswith("X") else 1)
-              for key in (*REQUIRED_ARRAYS, *OPTIONAL_ARRAYS) if key in raw}
+    arrays = {key: _check_array(path, key, raw[key]) for key in (*REQUIRED_ARRAYS, *OPTIONAL_ARRAYS) if key in raw}
     d = arrays["X_train"].shape[1]
     if d < 1:
         raise _data_error(f"array `X_train` in {path} has no feature columns")
@@ -286,12 +284,10 @@ def run_fold_group(requests: Sequence[TrainRequest], *, device: torch.device,
                    cache: DataCache | None = None) -> list[dict[str, Any]]:
     """Train requests in as few M-model passes as their shapes allow; one reply per request, in
     order: its ``complete`` message, or its ``error`` (a failed request does not fail the others).
-
     One pass per (features, batch plan, early stopping or not, padded fit / early-stopping /
-    validation lengths): models whose tensors have the same shapes round as they would alone,
-    so each result equals :func:`run_train_job`'s for that request (``train_s`` is the pass
-    time divided by M). Requests must agree on :data:`FUSE_KEYS` (else ``ValueError``).
-    """
+    validation lengths): models whose tensors have the same shapes round as they would alone, so
+    each result equals :func:`run_train_job`'s (``train_s`` is the pass time divided by M).
+    Requests must agree on :data:`FUSE_KEYS` (else ``ValueError``)."""
     if not requests:
         return []
     first = fusion_key(requests[0])[: len(FUSE_KEYS)]

@@ -49,14 +49,14 @@ class FusedMLP(nn.Module):
         self.bn_weights = nn.ParameterList()
         self.bn_biases = nn.ParameterList()
         for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
-            self.weights.append(nn.Parameter(_init_linear(d_in, d_out, generators, device)[0]))
+            self.weights.append(nn.Parameter(_uniform((d_in, d_out), d_in, generators, device)))
             self.bn_weights.append(nn.Parameter(torch.ones(M, 1, d_out, device=device)))
             self.bn_biases.append(nn.Parameter(torch.zeros(M, 1, d_out, device=device)))
             self.register_buffer(f"running_mean_{i}", torch.zeros(M, 1, d_out, device=device))
             self.register_buffer(f"running_var_{i}", torch.ones(M, 1, d_out, device=device))
-        hw, hb = _init_linear(widths[-1], 1, generators, device, bias=True)
-        self.head_weight = nn.Parameter(hw)
-        self.head_bias = nn.Parameter(hb)
+        # Each generator draws the head's weights, then its bias (the order a lone model draws them in).
+        self.head_weight = nn.Parameter(_uniform((widths[-1], 1), widths[-1], generators, device))
+        self.head_bias = nn.Parameter(_uniform((1, 1), widths[-1], generators, device))
 
     @property
     def input_weights(self) -> Tensor:
@@ -127,14 +127,8 @@ class FusedMLP(nn.Module):
         return {name: t.contiguous().to("cpu", copy=True) for name, t in sd.items()}
 
 
-def _init_linear(d_in: int, d_out: int, generators: Sequence[torch.Generator], device: torch.device, *,
-                 bias: bool = False) -> tuple[Tensor, Tensor]:
-    """nn.Linear's default init, U(-1/sqrt(d_in), 1/sqrt(d_in)), each model from its own
-    generator: (M, D_in, W) weights and (M, 1, W) biases (empty unless ``bias``)."""
+def _uniform(shape: tuple[int, ...], d_in: int, generators: Sequence[torch.Generator], device: torch.device) -> Tensor:
+    """nn.Linear's default init, U(-1/sqrt(d_in), 1/sqrt(d_in)), of ``shape`` for each model from
+    its own generator: (M, *shape)."""
     bound = 1.0 / math.sqrt(d_in)
-    ws, bs = [], []
-    for g in generators:
-        ws.append(torch.rand(d_in, d_out, generator=g, device=device) * (2 * bound) - bound)
-        if bias:
-            bs.append(torch.rand(1, d_out, generator=g, device=device) * (2 * bound) - bound)
-    return torch.stack(ws), (torch.stack(bs) if bias else torch.empty(0))
+    return torch.stack([torch.rand(*shape, generator=g, device=device) * (2 * bound) - bound for g in generators])

@@ -15,7 +15,7 @@ from step5.cliutil import UsageErrorParser
 from step5.errors import BadRequest, JobError, UsageError
 from step5.jsonio import dumps_line, loads, write_json_atomic
 from step5.lifeline import expected_parent_pid, install_lifeline
-from step5.protocol import MergeRequest, TrainRequest, decode_request, echo
+from step5.protocol import MergeRequest, TrainRequest, decode_request, echo, identity
 from step5.stdout_guard import claim_stdout
 
 logger = logging.getLogger("step5.oneshot")
@@ -146,25 +146,20 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except SystemExit as exc:  # --help: argparse printed to (claimed) stdout -> stderr
         exit_now(int(exc.code or 0), wire)
     except UsageError as exc:
-        reply = BadRequest(str(exc), trial_number=getattr(args, "trial_number", None),
-                           fold_idx=getattr(args, "fold_idx", None)).to_dict()
+        reply = BadRequest(str(exc), **identity(vars(args) if args else None)).to_dict()
     except JobError as exc:  # a bad request, or torch that cannot be set up
         reply = exc.to_dict()
     except Exception as exc:  # noqa: BLE001 - the parent must still get one JSON line
         logger.exception("one-shot trainer failed unexpectedly")
-        reply = JobError(
-            f"{type(exc).__name__}: {exc}", "train_error", trial_number=getattr(args, "trial_number", None),
-            fold_idx=getattr(args, "fold_idx", None), traceback=traceback.format_exc(),
-        ).to_dict()
+        reply = JobError(f"{type(exc).__name__}: {exc}", "train_error", traceback=traceback.format_exc(),
+                         **identity(vars(args) if args else None)).to_dict()
     if args is not None and args.output_path:
         try:
             write_json_atomic(args.output_path, reply)
         except OSError as exc:
             logger.error("cannot write --output-path %s: %s", args.output_path, exc)
-            reply = JobError(
-                f"cannot write --output-path {args.output_path}: {exc}", "train_error",
-                trial_number=reply.get("trial_number"), fold_idx=reply.get("fold_idx"), job_id=reply.get("job_id"),
-            ).to_dict()
+            reply = JobError(f"cannot write --output-path {args.output_path}: {exc}", "train_error",
+                             **identity(reply)).to_dict()
     wire.write(dumps_line(reply))
     wire.flush()
     exit_now(0 if reply["status"] == "complete" else JobError.exit_code, wire)

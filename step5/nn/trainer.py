@@ -16,7 +16,7 @@ from torch import Tensor
 from step5.devices import TORCH_THREADS_ENV as THREADS_ENV
 from step5.nn.device_loop import EpochLoop, resolve_train_loop
 from step5.nn.model import FusedMLP
-from step5.protocol import resolve_batch_mode
+from step5.protocol import OPTIMIZERS, resolve_batch_mode
 
 logger = logging.getLogger(__name__)
 
@@ -131,12 +131,10 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
 
 
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
-    """(R^2, MSE) as scikit-learn's ``r2_score`` and ``mean_squared_error`` compute them, bit
-    for bit, in float64 (a constant target: R^2 1.0 when predicted exactly, else 0.0; under
-    two rows: NaN); callers reject non-finite metrics. Written out here because importing
-    ``sklearn.metrics`` (it pulls in scipy) was about 1 s of a worker's or one-shot trainer's
-    2.3 s boot, the very cost this project exists to remove; tests/nn/test_nn_trainer.py holds
-    it equal to scikit-learn's on every kind of input the trainer gives it."""
+    """(R^2, MSE) bit for bit as scikit-learn's ``r2_score`` and ``mean_squared_error``, in float64
+    (a constant target: R^2 1.0 when predicted exactly, else 0.0; under two rows: NaN); callers
+    reject non-finite metrics. Written out because importing ``sklearn.metrics`` (and scipy) was
+    ~1 s of a worker's 2.3 s boot; tests/nn/test_nn_trainer.py holds it equal to scikit-learn's."""
     # sklearn's shapes and order of operations: one output column, summed along the rows.
     y_true = np.asarray(y_true, dtype=np.float64).reshape(-1, 1)
     y_pred = np.asarray(y_pred, dtype=np.float64).reshape(-1, 1)
@@ -320,12 +318,10 @@ class TrainingPass:
         self.opt = FunctionalOptimizer(config.optimizer, self.params, self.per_model([s.learning_rate for s in specs]),
                                        self.per_model([s.weight_decay for s in specs]))
         self.max_norm = self.per_model([s.gradient_clip for s in specs])
-        self.dropouts = [s.dropout for s in specs]
-        self.input_dropouts = [s.input_dropout for s in specs]
-        # Per-model dropout rates and keep scales 1/(1-p), on the device once per pass.
-        self.dropout_t = (self.per_model(self.dropouts), self.per_model([1.0 / (1.0 - q) for q in self.dropouts]))
-        self.input_dropout_t = (
-            self.per_model(self.input_dropouts), self.per_model([1.0 / (1.0 - q) for q in self.input_dropouts]))
+        # Hidden and input dropout: each model's rate, and the rates and keep scales 1/(1-p) on the device.
+        self.dropout, self.input_dropout = (
+            (rates, self.per_model(rates), self.per_model([1.0 / (1.0 - q) for q in rates]))
+            for rates in ([s.dropout for s in specs], [s.input_dropout for s in specs]))
         # Group lasso on the input weights (FunctionalOptimizer.shrink_input_groups); None
         # (exactly the plain training) unless a model asks for it.
         sparsity = [s.input_sparsity for s in specs]
@@ -353,9 +349,8 @@ class TrainingPass:
         if active is not None:
             has_rows, stats_update = has_rows & active, stats_update & active
         # Input mask first, then the hidden layers', in the same order for a lone run.
-        imask = self.dropout_mask(self.input_dropouts, self.input_dropout_t, rows, x.shape[1], self.n_features)
-        dmasks = [self.dropout_mask(self.dropouts, self.dropout_t, rows, x.shape[1], w)
-                  for w in self.config.hidden_layers]
+        imask = self.dropout_mask(self.input_dropout, rows, x.shape[1], self.n_features)
+        dmasks = [self.dropout_mask(self.dropout, rows, x.shape[1], w) for w in self.config.hidden_layers]
         pred = self.model(
             x, row_mask=mask[..., None], row_count=count.view(M, 1, 1), dropout_masks=dmasks, input_mask=imask,
             stats_update=stats_update.view(M, 1, 1),
@@ -369,18 +364,18 @@ class TrainingPass:
                                          feeds_batchnorm=bool(self.config.hidden_layers))
         return loss.detach()
 
-    def dropout_mask(self, rates: Sequence[float], rates_t: tuple[Tensor, Tensor], rows: Sequence[int],
-                     n_rows: int, width: int) -> Tensor | None:
+    def dropout_mask(self, dropout: tuple[Sequence[float], Tensor, Tensor], rows: Sequence[int], n_rows: int,
+                     width: int) -> Tensor | None:
         """Scaled keep-masks (M, n_rows, W) for one layer, or None when no model drops out. Model
         m draws exactly (rows[m], W) uniforms from its own generator, as a lone run does; rows
         it does not draw (padding, or no dropout) stay 1.0."""
+        rates, rate, scale = dropout
         if not any(p > 0.0 and r > 0 for p, r in zip(rates, rows)):
             return None
         uniform = torch.ones(self.n_models, n_rows, width, device=self.device)
         for m, (g, p, r) in enumerate(zip(self.generators, rates, rows)):
             if p > 0.0 and r > 0:
                 torch.rand(r, width, generator=g, out=uniform[m, :r])
-        rate, scale = rates_t
         return torch.where(uniform >= rate, scale, 0.0)
 
     def batch(self, index: Tensor, step: int) -> tuple[Tensor, Tensor]:
@@ -410,8 +405,8 @@ def train_models(
     M = len(specs)
     if M == 0 or len(folds) != M:
         raise ValueError(f"need one fold per model spec, got {len(specs)} specs and {len(folds)} folds")
-    if config.optimizer not in ("adam", "adamw", "sgd"):
-        raise ValueError(f"`optimizer` must be one of ['adam', 'adamw', 'sgd'], got {config.optimizer!r}")
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"`optimizer` must be one of {list(OPTIMIZERS)}, got {config.optimizer!r}")
     n_features = folds[0].X_train.shape[1]
     for m, f in enumerate(folds):
         if f.X_train.shape[1] != n_features or f.X_val.shape[1] != n_features:

@@ -5,6 +5,7 @@ Framing (:mod:`step5.framing`), the torch-free :class:`Dispatcher`, the :class:`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import queue
@@ -23,7 +24,7 @@ from step5.fsutil import os_error_reason
 from step5.jsonio import loads
 from step5.lifeline import expected_parent_pid, install_lifeline
 from step5.protocol import (
-    MAX_REQUEST_BYTES, PROTOCOL_VERSION, AliveMessage, Heartbeat, Job, MergeRequest, Ping, PongMessage, ReadyMessage,
+    PROTOCOL_VERSION, AliveMessage, Heartbeat, Job, MergeRequest, Ping, PongMessage, ReadyMessage,
     Request, Shutdown, ShutdownMessage, TrainFolds, TrainRequest, decode_request, echo, error_reply,
 )
 from step5.stdout_guard import claim_stdout
@@ -112,12 +113,9 @@ class Dispatcher:
 
 
 def serve(reader: LineReader, writer: LineWriter, dispatcher: Dispatcher) -> int:
-    """Answer requests until ``shutdown`` or end of input; returns the exit status (0).
-
-    A reader thread takes every line off stdin as it arrives: it answers ``heartbeat`` at
-    once (so the parent can tell a long job from a hung worker) and queues everything
-    else, which this thread answers in order.
-    """
+    """Answer requests until ``shutdown`` or end of input; returns the exit status (0). A reader
+    thread takes every line off stdin as it arrives, answers ``heartbeat`` at once (so the parent
+    can tell a long job from a hung worker) and queues the rest, which this thread answers in order."""
     lines: queue.Queue[bytes | FrameTooLarge | None] = queue.Queue()  # None: end of input
 
     def read() -> None:
@@ -254,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_lifeline()
 
     writer = LineWriter(wire)
-    reader = LineReader(sys.stdin.buffer, MAX_REQUEST_BYTES)
+    reader = LineReader(sys.stdin.buffer)
     backend = TorchBackend()
     ready = ready_message(backend)
     try:
@@ -274,10 +272,8 @@ def exit_now(rc: int, wire: BinaryIO) -> NoReturn:
     after every reply, and the OS reclaims everything (the CUDA context included)."""
     logging.shutdown()
     for stream in (wire, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing left to flush to
             stream.flush()
-        except (OSError, ValueError):
-            pass
     os._exit(rc)
 
 

@@ -24,7 +24,7 @@ from step5.devices import TORCH_THREADS_ENV  # noqa: E402
 from step5.errors import BadRequest, JobError  # noqa: E402
 from step5.framing import LineReader, LineWriter  # noqa: E402
 from step5.jsonio import dumps, loads  # noqa: E402
-from step5.nn.worker import Dispatcher, serve  # noqa: E402 - torch-free until a TorchBackend is made
+from step5.nn.worker import Dispatcher, exit_now, serve  # noqa: E402 - torch-free until a TorchBackend is made
 from step5.protocol import (  # noqa: E402
     MAX_REQUEST_BYTES, PROTOCOL_VERSION, Heartbeat, Job, MergeRequest, ReadyMessage, TrainRequest, decode_request,
     echo, error_reply,
@@ -163,10 +163,6 @@ class FakeBackend:
             while True:  # alive but mute: the parent sees EOF on a live process
                 time.sleep(3600)
 
-    def train(self, request: TrainRequest) -> dict[str, Any]:
-        self._before(request)
-        return train(request, self.device, self.args.job_s)
-
     def merge(self, request: MergeRequest) -> dict[str, Any]:
         self._before(request)
         return merge(request)
@@ -177,7 +173,8 @@ class FakeBackend:
         replies = []
         for request in requests:
             try:
-                replies.append(self.train(request))
+                self._before(request)
+                replies.append(train(request, self.device, self.args.job_s))
             except JobError as exc:
                 replies.append(error_reply(exc, request))
         return replies
@@ -286,17 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     faulty = args.faulty_starts is None or _launch_number(args.state_dir) <= args.faulty_starts
     dispatcher = FakeDispatcher(FakeBackend(args, writer, wire, faulty))
     try:
-        rc = serve(LineReader(sys.stdin.buffer, MAX_REQUEST_BYTES), writer, dispatcher) if boot(args, writer, faulty) else 1
+        rc = serve(LineReader(sys.stdin.buffer), writer, dispatcher) if boot(args, writer, faulty) else 1
     except BrokenPipeError:
         rc = 0
-    # Like the real worker: end without interpreter teardown, which aborts (SIGABRT) when the
-    # daemon stdin reader thread still holds stdin's buffer lock.
-    try:
-        wire.flush()
-    except (BrokenPipeError, ValueError):
-        pass
-    sys.stderr.flush()
-    os._exit(rc)
+    # Like the real worker: no interpreter teardown, which aborts (SIGABRT) when the daemon
+    # stdin reader thread still holds stdin's buffer lock.
+    exit_now(rc, wire)
 
 
 if __name__ == "__main__":
