@@ -410,6 +410,8 @@ class _TableBuilder(_Collector):
     """Collects a survivors file for training: features (every key seen), target and metadata."""
 
     def __init__(self, target: str, source: str) -> None:
+        if not isinstance(target, str) or not target:
+            raise ValueError(f"`target` must be a non-empty string, got {target!r}")
         super().__init__(source)
         self.target = target
         self.keys: dict[str, None] = {}  # every key seen in `features`, in first-seen order
@@ -436,15 +438,9 @@ class _TableBuilder(_Collector):
         return self._decoder
 
     def _count_metadata(self, prng_types: Sequence[Any], mods: Sequence[Any]) -> None:
-        """Count string prng_types and int mods (anything else is ignored, never an error)."""
-        try:  # counted in C, keyed by (type, value): 1000, 1000.0 and True stay apart
-            prng = Counter(zip(map(type, prng_types), prng_types))
-            mod = Counter(zip(map(type, mods), mods))
-        except TypeError:  # an unhashable value (a list, an object): filter first
-            prng = Counter((str, p) for p in prng_types if isinstance(p, str))
-            mod = Counter((int, m) for m in mods if type(m) is int)
-        self.prng_counts.update({v: c for (t, v), c in prng.items() if t is str})
-        self.mod_counts.update({v: c for (t, v), c in mod.items() if t is int})
+        """Count string prng_types and int mods (not 1000.0 or true); anything else is ignored, never an error."""
+        self.prng_counts.update(p for p in prng_types if type(p) is str)
+        self.mod_counts.update(m for m in mods if type(m) is int)
 
     def _no_target(self, i: int, seed: Any) -> DataError:
         return DataError(f"survivors file {self.source}: record {i} has no target {self.target!r} "
@@ -455,8 +451,6 @@ class _TableBuilder(_Collector):
         feature_dicts: list[dict[str, Any]] = []
         targets: list[Any] = []
         seeds: list[Any] = []
-        prng_types: list[Any] = []
-        mods: list[Any] = []
         target = self.target
         for i, rec in enumerate(records, start=base):
             feats = features_of(rec, i, self.source)
@@ -471,10 +465,6 @@ class _TableBuilder(_Collector):
             if t is MISSING:
                 raise self._no_target(i, seed)
             targets.append(t)
-            meta = rec.get("metadata")
-            if isinstance(meta, dict):
-                prng_types.append(meta.get("prng_type"))
-                mods.append(meta.get("mod"))
         if not all(map(is_number, targets)):
             for k, t in enumerate(targets):
                 if not is_number(t):
@@ -484,7 +474,8 @@ class _TableBuilder(_Collector):
                     )
         self._add_dicts(feature_dicts, tuple(k for k in self.keys if self._is_feature(k)), base, seeds)
         self.ys.append(np.asarray(targets, dtype=np.float64))
-        self._count_metadata(prng_types, mods)
+        metas = [meta for meta in (rec.get("metadata") for rec in records) if isinstance(meta, dict)]
+        self._count_metadata([meta.get("prng_type") for meta in metas], [meta.get("mod") for meta in metas])
 
     def add_decoded(self, piece: DecodedPiece, base: int) -> None:
         assert piece.top_target is not None
@@ -521,27 +512,26 @@ class _FeaturesBuilder(_Collector):
     """Collects a survivors file for prediction: the given columns (others ignored) and seeds."""
 
     def __init__(self, names: Sequence[str], source: str) -> None:
-        super().__init__(source)
         self.names = tuple(names)
+        if not self.names or not all(isinstance(k, str) for k in self.names):
+            raise ValueError(f"`feature_names` must be a non-empty list of strings, got {names!r}")
+        if len(set(self.names)) != len(self.names):
+            dupes = sorted(k for k, c in Counter(self.names).items() if c > 1)
+            raise ValueError(f"`feature_names` has duplicates: {dupes}")
+        super().__init__(source)
         self.seeds: list[Any] = []
-
-    def _make_decoder(self, first: dict[str, Any]) -> None:
-        # Every key of the first record in file order, then the names it lacks: the decoder
-        # finds each key where it expects it instead of searching for it (skipping two unknown
-        # keys per record cost 30 % more CPU time). Keys other records add are skipped.
-        order = list(first)
-        present = set(order)
-        order += [k for k in self.names if k not in present]
-        column = {k: j for j, k in enumerate(order)}
-        unread = frozenset(order) - set(self.names)
-        self._decoder = RecordDecoder(tuple(order), closed=False, unread=unread)
-        self._take = [column[k] for k in self.names]
 
     def add_records(self, records: Sequence[Any], base: int) -> None:
         feature_dicts = [features_of(rec, i, self.source) for i, rec in enumerate(records, start=base)]
         seeds = [rec.get("seed") for rec in records]
         if self._decoder is None and feature_dicts:
-            self._make_decoder(feature_dicts[0])
+            # The decoder's columns: every key of the first record in file order, then the names it
+            # lacks. It finds each key where it expects it instead of searching for it (skipping two
+            # unknown keys per record cost 30 % more CPU time). Keys other records add are skipped.
+            order = list(feature_dicts[0])
+            order += [k for k in self.names if k not in feature_dicts[0]]
+            self._decoder = RecordDecoder(tuple(order), closed=False, unread=frozenset(order) - set(self.names))
+            self._take = [order.index(k) for k in self.names]
         self._add_dicts(feature_dicts, self.names, base, seeds)
         self.seeds.extend(seeds)
 
@@ -602,25 +592,9 @@ def _decode(decoder: RecordDecoder | None, piece: Any) -> DecodedPiece | None:
         return None
 
 
-def _check_target(target: Any) -> None:
-    if not isinstance(target, str) or not target:
-        raise ValueError(f"`target` must be a non-empty string, got {target!r}")
-
-
-def _check_feature_names(feature_names: Sequence[str]) -> list[str]:
-    names = list(feature_names)
-    if not names or not all(isinstance(k, str) for k in names):
-        raise ValueError(f"`feature_names` must be a non-empty list of strings, got {feature_names!r}")
-    if len(set(names)) != len(names):
-        dupes = sorted(k for k, c in Counter(names).items() if c > 1)
-        raise ValueError(f"`feature_names` has duplicates: {dupes}")
-    return names
-
-
 def load_survivors(path: str | os.PathLike[str], target: str = DEFAULT_TARGET) -> SurvivorTable:
     """Read a survivors file into inputs ``X`` and target ``y``; a :class:`DataError` naming
     the file, record index, seed and key for malformed input."""
-    _check_target(target)
     return _read_file(path, _TableBuilder(target, os.fspath(path)))
 
 
@@ -629,7 +603,7 @@ def features_from_records(
     records: Any, feature_names: Sequence[str], *, source: str = "<records>"
 ) -> SurvivorFeatures:
     """Already-parsed records read for prediction (Step 6), as :func:`load_features` reads a file."""
-    builder = _FeaturesBuilder(_check_feature_names(feature_names), source)
+    builder = _FeaturesBuilder(feature_names, source)
     builder.add_records(records_list(records, source), 0)
     return builder.finish()
 
@@ -638,4 +612,4 @@ def load_features(path: str | os.PathLike[str], feature_names: Sequence[str]) ->
     """Read a survivors file for prediction: the given columns in that order, and each record's
     seed. Same reading, fills and errors as :func:`load_survivors`; no target is needed and
     keys not in ``feature_names`` are ignored."""
-    return _read_file(path, _FeaturesBuilder(_check_feature_names(feature_names), os.fspath(path)))
+    return _read_file(path, _FeaturesBuilder(feature_names, os.fspath(path)))
