@@ -134,7 +134,8 @@ class RecordDecoder:
         self._msgpack = msgspec.msgpack.Encoder()
         self._read_columns = [j for j, key in enumerate(columns) if key not in unread]
         fields = [f"c{j}" for j in self._read_columns]
-        self._read_getter = (lambda s: (getattr(s, fields[0]),)) if len(fields) == 1 else attrgetter(*fields)
+        # attrgetter of one field returns a bare value, of none it fails: such rows are built one by one
+        self._read_getter = attrgetter(*fields) if len(fields) > 1 else lambda s: tuple(getattr(s, f) for f in fields)
 
     def decode(self, piece: Any) -> DecodedPiece:
         """Decode a piece (bytes-like); a msgspec error if it does not fit."""

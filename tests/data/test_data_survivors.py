@@ -266,6 +266,12 @@ def small_pieces(monkeypatch):
     monkeypatch.setattr(arrayreader, "DEFAULT_BLOCK_SIZE", 2048)
 
 
+def test_a_first_record_of_leakage_keys_only_is_a_data_error_read_in_pieces(tmp_path, small_pieces):
+    recs = [rec({"score": 0.1 * i}, holdout_quality=0.1) for i in range(100)]  # the decoder reads no column
+    with pytest.raises(DataError, match="no feature columns"):
+        load_survivors(write(tmp_path, recs))
+
+
 def write_json(tmp_path: Path, records, *, indent=2, name: str = "survivors.json") -> Path:
     """Written as the upstream pipeline does: Python's json.dump (NaN/Infinity tokens allowed)."""
     import json
