@@ -369,16 +369,13 @@ class _Collector:
         fills: Counter[str] = Counter()
         filled_records = 0
         row = 0
-        layouts: dict[tuple[str, ...], tuple[list[int], list[str]]] = {}  # part names -> (columns, lacking)
         self._parts.reverse()
         while self._parts:  # pop as we go: the parts and X are not both held in full
             part, part_names, part_fills, part_filled = self._parts.pop()
-            if part_names not in layouts:
-                present = set(part_names)
-                layouts[part_names] = ([column[k] for k in part_names], [k for k in names if k not in present])
-            columns, lacking = layouts[part_names]
+            present = set(part_names)
+            lacking = [k for k in names if k not in present]
             m = len(part)
-            X[row : row + m, columns] = part
+            X[row : row + m, [column[k] for k in part_names]] = part
             fills.update(part_fills)
             for k in lacking:
                 fills[k] += m
