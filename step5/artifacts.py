@@ -83,9 +83,8 @@ def feature_schema_hash(feature_names: Sequence[str]) -> str:
     return hashlib.sha256(",".join(feature_names).encode("utf-8")).hexdigest()[:16]
 
 
-def build_feature_schema(
-    feature_names: Sequence[str], excluded_features: Sequence[str], source_file: str
-) -> dict[str, Any]:
+def build_feature_schema(feature_names: Sequence[str], excluded_features: Sequence[str],
+                         source_file: str) -> dict[str, Any]:
     """The sidecar's ``feature_schema`` block."""
     names = list(feature_names)
     return {
@@ -98,15 +97,8 @@ def build_feature_schema(
     }
 
 
-def data_fingerprint(
-    X: np.ndarray,
-    y: np.ndarray,
-    feature_names: Sequence[str],
-    draws: Sequence[int],
-    *,
-    target: str,
-    extra: Mapping[str, Any] | None = None,
-) -> str:
+def data_fingerprint(X: np.ndarray, y: np.ndarray, feature_names: Sequence[str], draws: Sequence[int], *,
+                     target: str, extra: Mapping[str, Any] | None = None) -> str:
     """A 16-hex fingerprint of exactly the data a model was trained on.
 
     Hashes the feature and target bytes (any changed value changes it), the feature schema,

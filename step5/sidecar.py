@@ -41,16 +41,6 @@ def build_provenance(*, run_id: str, parent_run_id: str | None, command_line: Se
     }
 
 
-def build_agent_metadata(provenance: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``agent_metadata`` block the existing pipeline reads: this step and the provenance ids."""
-    return {
-        "pipeline_step": PIPELINE_STEP,
-        "pipeline_step_name": PIPELINE_STEP_NAME,
-        "run_id": provenance["run_id"],
-        "parent_run_id": provenance.get("parent_run_id"),
-    }
-
-
 #: Names the data fingerprint's recipe (artifacts.data_fingerprint: the feature matrix,
 #: target, history and recorded context themselves). The existing Step 5's "v2_data_only"
 #: hashed the window bounds, survivor count and file name; the two never compare equal.
@@ -91,7 +81,8 @@ def build_sidecar(*, model_type: str, feature_schema: Mapping[str, Any], signal_
     """A sidecar in SPEC order. With a ``checkpoint_path`` (in its committed set,
     :attr:`step5.model_set.StagedSet.final_dir`) the run saved a model: SUCCESS. Without one it
     found no usable signal: DEGENERATE_SIGNAL, every metric null, no hyperparameters.
-    ``checkpoint_format`` follows from the model type, ``agent_metadata`` from the provenance."""
+    ``checkpoint_format`` follows from the model type, ``agent_metadata`` (which the
+    existing pipeline reads) from the provenance."""
     saved = checkpoint_path is not None
     return {
         "schema_version": SCHEMA_VERSION,
@@ -109,7 +100,8 @@ def build_sidecar(*, model_type: str, feature_schema: Mapping[str, Any], signal_
         "execution": dict(execution),
         "outcome": "SUCCESS" if saved else "DEGENERATE_SIGNAL",
         "provenance": dict(provenance),
-        "agent_metadata": build_agent_metadata(provenance),
+        "agent_metadata": {"pipeline_step": PIPELINE_STEP, "pipeline_step_name": PIPELINE_STEP_NAME,
+                           "run_id": provenance["run_id"], "parent_run_id": provenance.get("parent_run_id")},
         **extra,
     }
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
 from operator import attrgetter, itemgetter
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import msgspec
 import numpy as np
@@ -85,8 +85,6 @@ class SurvivorFeatures:
 #: Top-level keys the decoder reads itself; a target with one of these names cannot be decoded.
 RESERVED_KEYS = frozenset(("seed", "features", "metadata"))
 
-_MSGPACK_FLOAT64 = 0xCB
-
 
 @dataclass
 class DecodedPiece:
@@ -134,7 +132,8 @@ class RecordDecoder:
         self._msgpack = msgspec.msgpack.Encoder()
         self._read_columns = [j for j, key in enumerate(columns) if key not in unread]
         fields = [f"c{j}" for j in self._read_columns]
-        self._read_getter = (lambda s: (getattr(s, fields[0]),)) if len(fields) == 1 else attrgetter(*fields)
+        # attrgetter of one field returns a bare value, of none it fails: such rows are built one by one
+        self._read_getter = attrgetter(*fields) if len(fields) > 1 else lambda s: tuple(getattr(s, f) for f in fields)
 
     def decode(self, piece: Any) -> DecodedPiece:
         """Decode a piece (bytes-like); a msgspec error if it does not fit."""
@@ -169,15 +168,13 @@ class RecordDecoder:
         return values
 
     def _strided(self, rows: list[tuple[Any, ...]], d: int) -> np.ndarray | None:
-        """``rows`` (n tuples of d floats) as an (n, d) float64 matrix; None if one is a None."""
+        """``rows`` (n tuples of d floats) as an (n, d) float64 matrix; None if one is a None. msgspec
+        writes every float as a float64 (9 bytes) and None as 1 byte, so the length tells."""
         n = len(rows)
         blob = self._msgpack.encode(rows)
         outer, inner = _array_header_size(n), _array_header_size(d)
         stride = inner + 9 * d
         if len(blob) != outer + n * stride:
-            return None
-        kinds = np.ndarray((n, d), dtype=np.uint8, buffer=blob, offset=outer + inner, strides=(stride, 9))
-        if not (kinds == _MSGPACK_FLOAT64).all():  # pragma: no cover - a None changes the length
             return None
         big_endian = np.ndarray((n, d), dtype=">f8", buffer=blob, offset=outer + inner + 1, strides=(stride, 9))
         return big_endian.astype(np.float64)
@@ -282,13 +279,8 @@ def gather_rows(
 ) -> tuple[list[tuple[Any, ...]], Counter[str], int]:
     """Each record's values in ``names`` order, absent ones 0.0; returns (rows, fills per key,
     records filled). ``itemgetter`` looks up in C; a ``KeyError`` sends that record to the slow path."""
-    if len(names) == 1:  # itemgetter with one key returns a bare value, not a tuple
-        key = names[0]
-        getter: Callable[[dict[str, Any]], tuple[Any, ...]] = lambda d: (d[key],)  # noqa: E731
-    elif not names:
-        getter = lambda d: ()  # noqa: E731
-    else:
-        getter = itemgetter(*names)
+    # itemgetter of one key returns a bare value, of none it fails: such rows are built one by one
+    getter = itemgetter(*names) if len(names) > 1 else lambda d: tuple(d[k] for k in names)
     rows: list[tuple[Any, ...]] = []
     append = rows.append
     fills: Counter[str] = Counter()
@@ -377,16 +369,13 @@ class _Collector:
         fills: Counter[str] = Counter()
         filled_records = 0
         row = 0
-        layouts: dict[tuple[str, ...], tuple[list[int], list[str]]] = {}  # part names -> (columns, lacking)
         self._parts.reverse()
         while self._parts:  # pop as we go: the parts and X are not both held in full
             part, part_names, part_fills, part_filled = self._parts.pop()
-            if part_names not in layouts:
-                present = set(part_names)
-                layouts[part_names] = ([column[k] for k in part_names], [k for k in names if k not in present])
-            columns, lacking = layouts[part_names]
+            present = set(part_names)
+            lacking = [k for k in names if k not in present]
             m = len(part)
-            X[row : row + m, columns] = part
+            X[row : row + m, [column[k] for k in part_names]] = part
             fills.update(part_fills)
             for k in lacking:
                 fills[k] += m
@@ -410,6 +399,8 @@ class _TableBuilder(_Collector):
     """Collects a survivors file for training: features (every key seen), target and metadata."""
 
     def __init__(self, target: str, source: str) -> None:
+        if not isinstance(target, str) or not target:
+            raise ValueError(f"`target` must be a non-empty string, got {target!r}")
         super().__init__(source)
         self.target = target
         self.keys: dict[str, None] = {}  # every key seen in `features`, in first-seen order
@@ -436,15 +427,9 @@ class _TableBuilder(_Collector):
         return self._decoder
 
     def _count_metadata(self, prng_types: Sequence[Any], mods: Sequence[Any]) -> None:
-        """Count string prng_types and int mods (anything else is ignored, never an error)."""
-        try:  # counted in C, keyed by (type, value): 1000, 1000.0 and True stay apart
-            prng = Counter(zip(map(type, prng_types), prng_types))
-            mod = Counter(zip(map(type, mods), mods))
-        except TypeError:  # an unhashable value (a list, an object): filter first
-            prng = Counter((str, p) for p in prng_types if isinstance(p, str))
-            mod = Counter((int, m) for m in mods if type(m) is int)
-        self.prng_counts.update({v: c for (t, v), c in prng.items() if t is str})
-        self.mod_counts.update({v: c for (t, v), c in mod.items() if t is int})
+        """Count string prng_types and int mods (not 1000.0 or true); anything else is ignored, never an error."""
+        self.prng_counts.update(p for p in prng_types if type(p) is str)
+        self.mod_counts.update(m for m in mods if type(m) is int)
 
     def _no_target(self, i: int, seed: Any) -> DataError:
         return DataError(f"survivors file {self.source}: record {i} has no target {self.target!r} "
@@ -455,8 +440,6 @@ class _TableBuilder(_Collector):
         feature_dicts: list[dict[str, Any]] = []
         targets: list[Any] = []
         seeds: list[Any] = []
-        prng_types: list[Any] = []
-        mods: list[Any] = []
         target = self.target
         for i, rec in enumerate(records, start=base):
             feats = features_of(rec, i, self.source)
@@ -471,10 +454,6 @@ class _TableBuilder(_Collector):
             if t is MISSING:
                 raise self._no_target(i, seed)
             targets.append(t)
-            meta = rec.get("metadata")
-            if isinstance(meta, dict):
-                prng_types.append(meta.get("prng_type"))
-                mods.append(meta.get("mod"))
         if not all(map(is_number, targets)):
             for k, t in enumerate(targets):
                 if not is_number(t):
@@ -484,7 +463,8 @@ class _TableBuilder(_Collector):
                     )
         self._add_dicts(feature_dicts, tuple(k for k in self.keys if self._is_feature(k)), base, seeds)
         self.ys.append(np.asarray(targets, dtype=np.float64))
-        self._count_metadata(prng_types, mods)
+        metas = [meta for meta in (rec.get("metadata") for rec in records) if isinstance(meta, dict)]
+        self._count_metadata([meta.get("prng_type") for meta in metas], [meta.get("mod") for meta in metas])
 
     def add_decoded(self, piece: DecodedPiece, base: int) -> None:
         assert piece.top_target is not None
@@ -521,27 +501,26 @@ class _FeaturesBuilder(_Collector):
     """Collects a survivors file for prediction: the given columns (others ignored) and seeds."""
 
     def __init__(self, names: Sequence[str], source: str) -> None:
-        super().__init__(source)
         self.names = tuple(names)
+        if not self.names or not all(isinstance(k, str) for k in self.names):
+            raise ValueError(f"`feature_names` must be a non-empty list of strings, got {names!r}")
+        if len(set(self.names)) != len(self.names):
+            dupes = sorted(k for k, c in Counter(self.names).items() if c > 1)
+            raise ValueError(f"`feature_names` has duplicates: {dupes}")
+        super().__init__(source)
         self.seeds: list[Any] = []
-
-    def _make_decoder(self, first: dict[str, Any]) -> None:
-        # Every key of the first record in file order, then the names it lacks: the decoder
-        # finds each key where it expects it instead of searching for it (skipping two unknown
-        # keys per record cost 30 % more CPU time). Keys other records add are skipped.
-        order = list(first)
-        present = set(order)
-        order += [k for k in self.names if k not in present]
-        column = {k: j for j, k in enumerate(order)}
-        unread = frozenset(order) - set(self.names)
-        self._decoder = RecordDecoder(tuple(order), closed=False, unread=unread)
-        self._take = [column[k] for k in self.names]
 
     def add_records(self, records: Sequence[Any], base: int) -> None:
         feature_dicts = [features_of(rec, i, self.source) for i, rec in enumerate(records, start=base)]
         seeds = [rec.get("seed") for rec in records]
         if self._decoder is None and feature_dicts:
-            self._make_decoder(feature_dicts[0])
+            # The decoder's columns: every key of the first record in file order, then the names it
+            # lacks. It finds each key where it expects it instead of searching for it (skipping two
+            # unknown keys per record cost 30 % more CPU time). Keys other records add are skipped.
+            order = list(feature_dicts[0])
+            order += [k for k in self.names if k not in feature_dicts[0]]
+            self._decoder = RecordDecoder(tuple(order), closed=False, unread=frozenset(order) - set(self.names))
+            self._take = [order.index(k) for k in self.names]
         self._add_dicts(feature_dicts, self.names, base, seeds)
         self.seeds.extend(seeds)
 
@@ -602,25 +581,9 @@ def _decode(decoder: RecordDecoder | None, piece: Any) -> DecodedPiece | None:
         return None
 
 
-def _check_target(target: Any) -> None:
-    if not isinstance(target, str) or not target:
-        raise ValueError(f"`target` must be a non-empty string, got {target!r}")
-
-
-def _check_feature_names(feature_names: Sequence[str]) -> list[str]:
-    names = list(feature_names)
-    if not names or not all(isinstance(k, str) for k in names):
-        raise ValueError(f"`feature_names` must be a non-empty list of strings, got {feature_names!r}")
-    if len(set(names)) != len(names):
-        dupes = sorted(k for k, c in Counter(names).items() if c > 1)
-        raise ValueError(f"`feature_names` has duplicates: {dupes}")
-    return names
-
-
 def load_survivors(path: str | os.PathLike[str], target: str = DEFAULT_TARGET) -> SurvivorTable:
     """Read a survivors file into inputs ``X`` and target ``y``; a :class:`DataError` naming
     the file, record index, seed and key for malformed input."""
-    _check_target(target)
     return _read_file(path, _TableBuilder(target, os.fspath(path)))
 
 
@@ -629,7 +592,7 @@ def features_from_records(
     records: Any, feature_names: Sequence[str], *, source: str = "<records>"
 ) -> SurvivorFeatures:
     """Already-parsed records read for prediction (Step 6), as :func:`load_features` reads a file."""
-    builder = _FeaturesBuilder(_check_feature_names(feature_names), source)
+    builder = _FeaturesBuilder(feature_names, source)
     builder.add_records(records_list(records, source), 0)
     return builder.finish()
 
@@ -638,4 +601,4 @@ def load_features(path: str | os.PathLike[str], feature_names: Sequence[str]) ->
     """Read a survivors file for prediction: the given columns in that order, and each record's
     seed. Same reading, fills and errors as :func:`load_survivors`; no target is needed and
     keys not in ``feature_names`` are ignored."""
-    return _read_file(path, _FeaturesBuilder(_check_feature_names(feature_names), os.fspath(path)))
+    return _read_file(path, _FeaturesBuilder(feature_names, os.fspath(path)))

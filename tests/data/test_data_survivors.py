@@ -16,7 +16,6 @@ from step5.errors import DataError
 def table_from_records(records, target: str = survivors.DEFAULT_TARGET, *, source: str = "<records>"):
     """The exact path on records already parsed: what load_survivors does with a piece that
     does not decode (the oracle the piece-by-piece reading is compared with)."""
-    survivors._check_target(target)
     builder = survivors._TableBuilder(target, source)
     builder.add_records(survivors.records_list(records, source), 0)
     return builder.finish()
@@ -265,6 +264,12 @@ def small_pieces(monkeypatch):
     from step5.data import arrayreader
 
     monkeypatch.setattr(arrayreader, "DEFAULT_BLOCK_SIZE", 2048)
+
+
+def test_a_first_record_of_leakage_keys_only_is_a_data_error_read_in_pieces(tmp_path, small_pieces):
+    recs = [rec({"score": 0.1 * i}, holdout_quality=0.1) for i in range(100)]  # the decoder reads no column
+    with pytest.raises(DataError, match="no feature columns"):
+        load_survivors(write(tmp_path, recs))
 
 
 def write_json(tmp_path: Path, records, *, indent=2, name: str = "survivors.json") -> Path:
