@@ -186,12 +186,8 @@ class NNBackend:
         self._write_partition(0)
         # What the final model is scored on: every dev row, and the test rows (the file's
         # required validation slot holds them too). Nothing trains on this file.
-        self.final_path = str(
-            files.write(
-                "final", cv.X_dev, cv.y_dev, cv.X_test, cv.y_test,
-                X_test=cv.X_test, y_test=cv.y_test, feature_names=cv.feature_names,
-            )
-        )
+        self.final_path = str(files.write("final", cv.X_dev, cv.y_dev, cv.X_test, cv.y_test, X_test=cv.X_test,
+                                          y_test=cv.y_test, feature_names=cv.feature_names))
         self.write_s = time.perf_counter() - start
         logger.info("wrote %d fold NPZ files + the final split to %s in %.2fs", cv.k, files.path, self.write_s)
 
@@ -200,10 +196,8 @@ class NNBackend:
             cv, paths = self.cv, []
             prefix = "" if number == 0 else f"partition_{number}_"
             for f, (tr, va) in enumerate(cv.partition(number)):
-                path = str(self.files.write(
-                    f"{prefix}fold_{f}", cv.X_dev[tr], cv.y_dev[tr], cv.X_dev[va], cv.y_dev[va],
-                    feature_names=cv.feature_names,
-                ))
+                path = str(self.files.write(f"{prefix}fold_{f}", cv.X_dev[tr], cv.y_dev[tr], cv.X_dev[va], cv.y_dev[va],
+                                            feature_names=cv.feature_names))
                 paths.append(path)
                 self.fold_rows[path] = len(tr)
             self._partition_paths[number] = paths
