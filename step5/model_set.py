@@ -125,16 +125,6 @@ class StagedSet:
                 _collect_garbage(self.sets_dir, keep={self.version.name, previous or ""})
             return self.version
 
-    def discard(self) -> None:
-        """Remove an uncommitted set (never the one the pointer shows)."""
-        for folder in (self.path, self.version):
-            if folder is None or not folder.exists():
-                continue
-            if _pointer_target(self.sets_dir) == folder.name:
-                self.committed = True  # interrupted right after the swap: it *is* committed
-                continue
-            shutil.rmtree(folder, ignore_errors=True)
-
 
 @contextlib.contextmanager
 def stage(output_dir: str | os.PathLike[str]) -> Iterator[StagedSet]:
@@ -150,7 +140,10 @@ def stage(output_dir: str | os.PathLike[str]) -> Iterator[StagedSet]:
         yield staged
     finally:
         if not staged.committed:
-            staged.discard()
+            # Never the folder the pointer shows: interrupted right after the swap, the set *is* committed.
+            for folder in (path, staged.version):
+                if folder is not None and folder.exists() and _pointer_target(sets_dir) != folder.name:
+                    shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -258,25 +258,20 @@ def train_fold(
         logger.debug("%s trains on the CPU: %s", model_type, cpu_only)
         where = "cpu"  # not a fallback: these params never train on a GPU
     fallback: str | None = None
-
-    def fit(on: str) -> tuple[Any, int]:
-        return adapter.fit(lib, X_tr, y_tr, X_va, y_va, max_rounds=n_estimators, early_stopping_rounds=early_rounds,
-                           seed=seed, n_threads=n_threads, device=on, feature_names=names)
-
-    try:
-        booster, kept = fit(where)
-    except Exception as exc:
-        if where == "cpu":
-            raise _as_job_error(model_type, exc) from exc
-        # A broken driver or a build without GPU support must not cost the run; the same
-        # params are tried on CPU, and later folds skip the GPU straight away.
-        fallback = devices.gpu_failures[model_type] = f"{type(exc).__name__}: {exc}"
-        logger.warning("%s GPU fit failed (%s); falling back to CPU for this and later folds", model_type, fallback)
-        where = "cpu"
+    while True:
         try:
-            booster, kept = fit("cpu")
-        except Exception as exc2:
-            raise _as_job_error(model_type, exc2) from exc2
+            booster, kept = adapter.fit(lib, X_tr, y_tr, X_va, y_va, max_rounds=n_estimators,
+                                        early_stopping_rounds=early_rounds, seed=seed, n_threads=n_threads,
+                                        device=where, feature_names=names)
+            break
+        except Exception as exc:
+            if where == "cpu":
+                raise _as_job_error(model_type, exc) from exc
+            # A broken driver or a build without GPU support must not cost the run; the same
+            # params are tried on CPU, and later folds skip the GPU straight away.
+            fallback = devices.gpu_failures[model_type] = f"{type(exc).__name__}: {exc}"
+            logger.warning("%s GPU fit failed (%s); falling back to CPU for this and later folds", model_type, fallback)
+            where = "cpu"
 
     model = TreeModel(model_type, booster, n_features=X_tr.shape[1], n_iterations=kept, feature_names=names)
     train_r2, train_mse = r2_mse(y_tr, model.predict(X_tr))
@@ -387,7 +382,7 @@ class TreeAdapter:
         return None
 
 
-#: Booster attribute holding the feature names of a saved xgboost model (see _unnamed).
+#: Booster attribute holding the feature names of a saved xgboost model (see XGBoostAdapter.save).
 NAMES_ATTR = "step5_feature_names"
 #: xgboost's ``booster`` values the search chooses from; params without the key mean "gbtree".
 BOOSTERS = ("gbtree", "gblinear")
@@ -399,7 +394,7 @@ LINEAR_MAX_ROUNDS = 1000
 
 
 class XGBoostAdapter(TreeAdapter):
-    """``gbtree`` (``tree_method="hist"``) or ``gblinear`` (:func:`_fit_linear`); JSON checkpoints (:func:`_unnamed`)."""
+    """``gbtree`` (``tree_method="hist"``) or ``gblinear`` (:func:`_fit_linear`); JSON checkpoints (:meth:`save`)."""
 
     model_type = "xgboost"
     error_class = "xgboost.core:XGBoostError"
@@ -497,7 +492,14 @@ class XGBoostAdapter(TreeAdapter):
         return booster.predict(xgb.DMatrix(X, feature_names=booster.feature_names))
 
     def save(self, booster: Any, path: Path) -> None:
-        _unnamed(booster).save_model(str(path))  # the format follows the file's suffix (.json)
+        # Without feature names, which would make the existing Step 6's predict(xgb.DMatrix(X)) on a
+        # plain array fail; they go in an attribute prediction ignores.
+        names = booster.feature_names
+        unnamed = booster.copy()
+        unnamed.feature_names = None
+        unnamed.feature_types = None
+        unnamed.set_attr(**{NAMES_ATTR: json.dumps(list(names)) if names else None})
+        unnamed.save_model(str(path))  # the format follows the file's suffix (.json)
 
     def load(self, path: Path) -> TreeModel:
         import xgboost as xgb
@@ -541,19 +543,9 @@ def _fit_linear(
     dtrain = xgb.DMatrix(Z, label=(y_tr - y_mean) / y_scale, feature_names=feature_names)
     booster = xgb.train(settings, dtrain, num_boost_round=max_rounds, evals=[(dtrain, "train")],
                         early_stopping_rounds=converged_after, verbose_eval=False)
-    booster = _fold_scaling(booster, x_mean, x_scale, y_mean, y_scale)
-    return booster, booster.num_boosted_rounds()
-
-
-def _fold_scaling(booster: Any, x_mean: np.ndarray, x_scale: np.ndarray, y_mean: float, y_scale: float) -> Any:
-    """A copy of a gblinear ``booster`` fitted on standardised rows that predicts on raw ones.
-
-    With z = (x - m) / s and a prediction y = mu + sd * (b + w.z), the same function of x
-    has weights sd * w / s and bias mu + sd * (b - sum(w * m / s)). The booster's JSON holds
-    the weights feature by feature, then the bias (one output); base_score is 0.
-    """
-    import xgboost as xgb
-
+    # The scaling folded into a copy that predicts on raw rows: with z = (x - m) / s and a prediction
+    # y = mu + sd * (b + w.z), the same function of x has weights sd * w / s and bias
+    # mu + sd * (b - sum(w * m / s)). The JSON holds the weights feature by feature, then the bias.
     model = json.loads(bytes(booster.save_raw("json")))
     linear = model["learner"]["gradient_booster"]["model"]
     weights = np.asarray(linear["weights"], dtype=np.float64)
@@ -566,18 +558,7 @@ def _fold_scaling(booster: Any, x_mean: np.ndarray, x_scale: np.ndarray, y_mean:
     folded = xgb.Booster()
     folded.load_model(bytearray(json.dumps(model).encode()))
     folded.set_param({"device": "cpu"})
-    return folded
-
-
-def _unnamed(booster: Any) -> Any:
-    """A copy of ``booster`` to save: without feature names, which would make the existing Step 6's
-    ``predict(xgb.DMatrix(X))`` on a plain array fail; they go in an attribute prediction ignores."""
-    names = booster.feature_names
-    unnamed = booster.copy()
-    unnamed.feature_names = None
-    unnamed.feature_types = None
-    unnamed.set_attr(**{NAMES_ATTR: json.dumps(list(names)) if names else None})
-    return unnamed
+    return folded, folded.num_boosted_rounds()
 
 
 class LightGBMAdapter(TreeAdapter):
@@ -651,7 +632,7 @@ class LightGBMAdapter(TreeAdapter):
 
 
 class CatBoostAdapter(TreeAdapter):
-    """Symmetric trees, ``task_type="GPU"`` on a GPU; binary ``cbm`` checkpoints."""
+    """Symmetric trees, ``task_type="GPU"`` on a GPU; binary ``cbm`` checkpoints (catboost's default format)."""
 
     model_type = "catboost"
     error_class = "catboost:CatBoostError"
@@ -686,9 +667,6 @@ class CatBoostAdapter(TreeAdapter):
         model.fit(Pool(X_tr, y_tr, feature_names=feature_names), eval_set=Pool(X_va, y_va, feature_names=feature_names),
                   early_stopping_rounds=early_stopping_rounds, use_best_model=True)  # cut to its best round
         return model, int(model.tree_count_)
-
-    def save(self, booster: Any, path: Path) -> None:
-        booster.save_model(str(path), format="cbm")
 
     def load(self, path: Path) -> TreeModel:
         from catboost import CatBoostRegressor

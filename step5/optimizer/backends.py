@@ -144,7 +144,7 @@ def fusion_groups(trial_requests: Mapping[int, Sequence[TrainRequest]], max_grou
         if len(groups[largest]) < 2:
             break
         g = groups[largest]
-        groups[largest:largest + 1] = [g[: len(g) // 2 + len(g) % 2], g[len(g) // 2 + len(g) % 2:]]
+        groups[largest:largest + 1] = [g[:(len(g) + 1) // 2], g[(len(g) + 1) // 2:]]
     return groups
 
 
@@ -186,12 +186,8 @@ class NNBackend:
         self._write_partition(0)
         # What the final model is scored on: every dev row, and the test rows (the file's
         # required validation slot holds them too). Nothing trains on this file.
-        self.final_path = str(
-            files.write(
-                "final", cv.X_dev, cv.y_dev, cv.X_test, cv.y_test,
-                X_test=cv.X_test, y_test=cv.y_test, feature_names=cv.feature_names,
-            )
-        )
+        self.final_path = str(files.write("final", cv.X_dev, cv.y_dev, cv.X_test, cv.y_test, X_test=cv.X_test,
+                                          y_test=cv.y_test, feature_names=cv.feature_names))
         self.write_s = time.perf_counter() - start
         logger.info("wrote %d fold NPZ files + the final split to %s in %.2fs", cv.k, files.path, self.write_s)
 
@@ -200,10 +196,8 @@ class NNBackend:
             cv, paths = self.cv, []
             prefix = "" if number == 0 else f"partition_{number}_"
             for f, (tr, va) in enumerate(cv.partition(number)):
-                path = str(self.files.write(
-                    f"{prefix}fold_{f}", cv.X_dev[tr], cv.y_dev[tr], cv.X_dev[va], cv.y_dev[va],
-                    feature_names=cv.feature_names,
-                ))
+                path = str(self.files.write(f"{prefix}fold_{f}", cv.X_dev[tr], cv.y_dev[tr], cv.X_dev[va], cv.y_dev[va],
+                                            feature_names=cv.feature_names))
                 paths.append(path)
                 self.fold_rows[path] = len(tr)
             self._partition_paths[number] = paths
@@ -262,44 +256,31 @@ class NNBackend:
 
     def run_trials(self, trials: Sequence[tuple[int, dict[str, Any]]],
                    gate: FoldGate | None = None) -> list[TrialOutcome]:
-        """Every fold of every trial in one ``runner.run`` call (with a ``gate``: in waves); a failing trial
-        fails only itself."""
-        if gate is not None:
-            results = self._run_waves(trials, gate)
-        else:
-            requests = {number: self.search_requests(number, params) for number, params in trials}
-            by_job = self._run_requests(requests)
-            results = []
-            for number, _ in trials:
-                try:
-                    results.append(raise_first_job_error([by_job[(number, r.fold_idx)] for r in requests[number]]))
-                except JobError as exc:
-                    results.append(exc)
-        for (number, _), outcome in zip(trials, results):
-            self._keep_states_of_best(number, outcome)
-        return results
-
-    def _run_waves(self, trials: Sequence[tuple[int, dict[str, Any]]], gate: FoldGate) -> list[TrialOutcome]:
-        """Fold k of every live trial in one ``runner.run`` call, then the gate for each in trial order; a
-        stopped or failed trial sends no more folds (a wave holds one fold per trial: nothing to fuse-fold)."""
+        """Every fold of every trial in one ``runner.run`` call; with a ``gate``, in waves: fold k of every live
+        trial, then the gate for each in trial order (a wave holds one fold per trial: nothing to fuse-fold).
+        A failing trial fails only itself; a stopped or failed one sends no more folds."""
         requests = {number: self.search_requests(number, params) for number, params in trials}
         n_folds = len(self.cv.search_folds())
+        waves = [slice(0, n_folds)] if gate is None else [slice(k, k + 1) for k in range(n_folds)]
         done: dict[int, list[dict[str, Any]]] = {number: [] for number, _ in trials}
         ended: dict[int, TrialOutcome] = {}
-        for fold in range(n_folds):
+        for wave in waves:
             live = [number for number, _ in trials if number not in ended]
             if not live:
                 break
-            by_job = self._run_requests({number: [requests[number][fold]] for number in live})
+            by_job = self._run_requests({number: requests[number][wave] for number in live})
             for number in live:
-                outcome = by_job[(number, requests[number][fold].fold_idx)]
-                if isinstance(outcome, JobError):
-                    ended[number] = outcome
+                try:
+                    done[number] += raise_first_job_error([by_job[(number, r.fold_idx)] for r in requests[number][wave]])
+                except JobError as exc:
+                    ended[number] = exc
                     continue
-                done[number].append(outcome)
-                if fold < n_folds - 1 and not gate(number, done[number]):
+                if gate is not None and wave.stop < n_folds and not gate(number, done[number]):
                     ended[number] = Pruned(done[number])
-        return [ended.get(number, done[number]) for number, _ in trials]
+        results = [ended.get(number, done[number]) for number, _ in trials]
+        for (number, _), outcome in zip(trials, results):
+            self._keep_states_of_best(number, outcome)
+        return results
 
     def rescore(self, trial_number: int, params: dict[str, Any], partition: int) -> list[dict[str, Any]]:
         requests = self.fold_requests(trial_number, params, partition=partition)
@@ -328,10 +309,14 @@ class NNBackend:
         if not merged.is_file():
             raise Step5Error(f"{what} reported success but wrote no checkpoint at {merged}")
         shutil.copyfile(merged, checkpoint_path)  # the output dir's first write: its OSError names it
-        result = {**outcome, "model_path": str(checkpoint_path)}
-        result.update(**cv_val_scores(folds), n_fit=int(len(self.cv.y_dev)), n_early_stop=0, epochs_run=None,
-                      best_epoch=None, fold_best_epochs=[f.get("best_epoch") for f in folds], **_members_curve(folds))
-        return result
+        # The merged net's training curve: its members' mean best epoch and epochs run (None if unreported).
+        best = [f.get("best_epoch") for f in folds]
+        run = [f.get("epochs_run") for f in folds]
+        known = all(v is not None for v in best + run)
+        return {**outcome, "model_path": str(checkpoint_path), **cv_val_scores(folds), "n_fit": int(len(self.cv.y_dev)),
+                "n_early_stop": 0, "epochs_run": None, "best_epoch": None, "fold_best_epochs": best,
+                "best_round": float(np.mean(best)) if known else None,
+                "rounds_trained": float(np.mean(run)) if known else None}
 
     def training_options(self) -> dict[str, Any]:
         cfg = self.config
@@ -343,15 +328,6 @@ class NNBackend:
 
     def close(self) -> None:
         self.runner.close()
-
-
-def _members_curve(folds: Sequence[dict[str, Any]]) -> dict[str, float | None]:
-    """The merged net's training curve: its members' mean best epoch and epochs run (None if unreported)."""
-    best = [f.get("best_epoch") for f in folds]
-    run = [f.get("epochs_run") for f in folds]
-    if any(v is None for v in best + run):
-        return {"best_round": None, "rounds_trained": None}
-    return {"best_round": float(np.mean(best)), "rounds_trained": float(np.mean(run))}
 
 
 class TreeBackend:
@@ -387,15 +363,11 @@ class TreeBackend:
             exc.trial_number = trial_number if exc.trial_number is None else exc.trial_number
             exc.fold_idx = fold_idx if exc.fold_idx is None else exc.fold_idx
             raise
-        elapsed = time.perf_counter() - start
         self._jobs += 1
-        self._wall_s += elapsed
-        metrics = dict(metrics)
-        metrics.setdefault("duration", elapsed)
-        self._compute_s += float(metrics["duration"])
-        metrics.update(model_type=self.model_type, trial_number=trial_number, fold_idx=fold_idx)
-        metrics.setdefault("device", "cpu")
-        self._devices.add(str(metrics["device"]))
+        self._wall_s += time.perf_counter() - start
+        self._compute_s += metrics["duration"]
+        self._devices.add(metrics["device"])
+        metrics.update(trial_number=trial_number, fold_idx=fold_idx)
         return metrics, model
 
     def run_trials(self, trials: Sequence[tuple[int, dict[str, Any]]],

@@ -395,9 +395,7 @@ def _archive(c: Candidate, out_dir: Path, block: dict[str, Any]) -> None:
             _commit_set(target, files, _read_sidecar(c), "archived", block)
     _move_rest(c, target, committed=set(files))
     c.sidecar_path = target / artifacts.SIDECAR_NAME if (target / artifacts.SIDECAR_NAME).is_file() else None
-    c.checkpoint_path = target / c.checkpoint_path.name if c.checkpoint_path is not None else None
-    if c.status != "SUCCESS":
-        c.checkpoint_path = None
+    c.checkpoint_path = target / c.checkpoint_path.name if c.checkpoint_path and c.status == "SUCCESS" else None
 
 
 def _move_rest(c: Candidate, target: Path, committed: set[str]) -> None:
