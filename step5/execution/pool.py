@@ -298,8 +298,7 @@ class WorkerPool:
         """Start a process, registered until it is reaped; none once the pool is closed, so
         none slips past close()."""
         with self._lock:
-            if self._closed:
-                raise RunnerClosed("the worker pool is closed")
+            self._check_open()
             self._procs = {p: w for p, w in self._procs.items() if w is not None or p.returncode is None}
             proc = popen_worker(command, env)
             self._procs[proc] = None

@@ -14,8 +14,7 @@ from msgspec import Meta
 
 from step5.schema import one_of, record_schema
 
-EXECUTION_MODES = ("persistent_workers", "subprocess", "inline")
-ExecutionMode = one_of(EXECUTION_MODES)
+ExecutionMode = one_of(("persistent_workers", "subprocess", "inline"))
 
 
 @dataclass(kw_only=True)
