@@ -591,10 +591,8 @@ class WorkerPool:
         finally:
             with self._lock:
                 self._stats.timings.wall_s += time.perf_counter() - start
-        outcomes = iter([f.result() for f in futures])
-        if self.persistent:
-            return [list(next(outcomes)) for _ in groups]
-        return [[next(outcomes)[0] for _ in g] for g in groups]
+        outcomes = iter([outcome for f in futures for outcome in f.result()])  # job by job, as dispatched
+        return [[next(outcomes) for _ in g] for g in groups]
 
     def summary(self) -> RunnerStats:
         with self._lock:
