@@ -268,8 +268,7 @@ class WorkerProcess:
         )
 
     def kill(self) -> None:
-        """SIGKILL it and what it started (a descendant holding its pipes would keep them
-        open), and reap it (bounded: a process stuck in a GPU driver may not die at once); idempotent."""
+        """SIGKILL it and what it started (:func:`kill_tree`), reap it (bounded) and close the pipes; idempotent."""
         kill_tree(self.proc)
         reap_killed(self.proc, f"worker {self.label}")
         self._close_pipes()
@@ -309,9 +308,7 @@ class WorkerProcess:
         self._close_pipes()
 
     def _close_pipes(self) -> None:
-        """Close our pipe ends once the process is gone (reaped). The pipe threads hit EOF
-        as soon as it is gone; closing a stream another thread still reads can block, so
-        only the ones they released are closed."""
+        """Once the process is gone (reaped): give its pipe threads time to hit EOF, close what they let go of."""
         self._reader.join(timeout=_PIPES_SETTLE_S)
         self._drain.join(timeout=_PIPES_SETTLE_S)
         close_pipes(self.proc, stdout_free=not self._reader.is_alive(), stderr_free=not self._drain.is_alive())
