@@ -105,25 +105,12 @@ class _Slot:
     """One device slot across the life of the pool; owned by the thread holding it."""
     slot: DeviceSlot
     machine: SlotMachine
+    record: WorkerRecord  # its summary line, but for the counts ``machine`` keeps
     worker: WorkerProcess | None = None
-    device: str | None = None  # as the worker reported it in `ready`
-    backend: str | None = None  # "cuda" | "rocm" | "cpu", as the worker's torch build reported it
-    pid: int | None = None  # current (or last) worker pid
-    jobs: int = 0  # jobs answered by workers on this slot (results and job errors)
-    oneshot_jobs: int = 0  # jobs run through the fallback
-    boot_s: float | None = None
 
     @property
     def label(self) -> str:
         return self.slot.label
-
-    def record(self) -> WorkerRecord:
-        return WorkerRecord(
-            label=self.label, device=self.device, pid=self.pid, jobs=self.jobs, oneshot_jobs=self.oneshot_jobs,
-            restarts=self.machine.restarts, fallback=self.machine.fallback,
-            repromotions=self.machine.repromotions, boot_s=self.boot_s, backend=self.backend,
-            cuda_visible_devices=self.slot.cuda_visible_devices, hip_visible_devices=self.slot.hip_visible_devices,
-        )
 
 
 _LIVE_POOLS: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
@@ -186,15 +173,17 @@ class WorkerPool:
         machines = [SlotMachine(policy.max_worker_restarts, cooldown_s=policy.worker_repromote_after_s,
                                 fallback=not persistent, max_repromotions=policy.max_worker_repromotions if persistent else 0)
                     for _ in slots]
-        self._slots = [_Slot(slot, machine) for slot, machine in zip(slots, machines)]
+        self._slots = [_Slot(slot, machine, WorkerRecord(label=slot.label, cuda_visible_devices=slot.cuda_visible_devices,
+                                                         hip_visible_devices=slot.hip_visible_devices))
+                       for slot, machine in zip(slots, machines)]
         self.max_job_reruns = int(policy.max_job_reruns)
         self._budget = FaultBudget(policy.max_fault_reruns)
         self._free: queue.Queue[_Slot] = queue.Queue()
         self._no_slot_left: str | None = None  # why, once every slot is retired (TrainerCannotStart)
         self._closed = False
-        self._lock = threading.Lock()  # guards the statistics and _workers/_procs below
-        self._workers: set[WorkerProcess] = set()  # live workers that said `ready`
-        self._procs: set[subprocess.Popen[bytes]] = set()  # every process started, until reaped
+        self._lock = threading.Lock()  # guards the statistics and _procs below
+        # Every process started, until reaped: its worker from its `ready` until the holder drops it.
+        self._procs: dict[subprocess.Popen[bytes], WorkerProcess | None] = {}
         self._job_ids = itertools.count()
         # What summary() reports, but workers and recovery, which it reads off the slots and the budget.
         self._stats = RunnerStats(mode=self.mode, devices=[st.label for st in self._slots])
@@ -250,7 +239,7 @@ class WorkerPool:
                     self._booted = True
                     if not self._closed:
                         logger.info("worker pool ready in %.2fs: %s", self._stats.timings.spawn_s, ", ".join(
-                            f"{o.label}={'idle' if o.machine.retired else 'fallback' if o.machine.fallback else o.device}"
+                            f"{o.label}={'idle' if o.machine.retired else 'fallback' if o.machine.fallback else o.record.device}"
                             for o in self._slots))
 
     def _admit_beside(self, pilot: _Slot) -> None:
@@ -309,11 +298,10 @@ class WorkerPool:
         """Start a process, registered until it is reaped; none once the pool is closed, so
         none slips past close()."""
         with self._lock:
-            if self._closed:
-                raise RunnerClosed("the worker pool is closed")
-            self._procs = {p for p in self._procs if p.returncode is None}
+            self._check_open()
+            self._procs = {p: w for p, w in self._procs.items() if w is not None or p.returncode is None}
             proc = popen_worker(command, env)
-            self._procs.add(proc)
+            self._procs[proc] = None
             return proc
 
     def _spawn(self, st: _Slot) -> WorkerProcess:
@@ -334,20 +322,20 @@ class WorkerPool:
             raise worker.violation(message, doing)
         elapsed = time.perf_counter() - start
         with self._lock:  # close() says goodbye to these; it kills the others (booting, one-shot)
-            self._workers.add(worker)
+            self._procs[proc] = worker
             if self._booted:  # restarts; the first boots are timed as a whole
                 self._stats.timings.spawn_s += elapsed
-        st.worker, st.pid, st.device = worker, worker.pid, str(message.get("device", "?"))
-        st.boot_s = message.get("boot_s")
+        st.worker, rec = worker, st.record
+        rec.pid, rec.device, rec.boot_s = worker.pid, str(message.get("device", "?")), message.get("boot_s")
         # Torch calls a ROCm GPU "cuda" too: only `backend` tells them apart (read from the device if absent).
         backend = message.get("backend")
-        st.backend = str(backend) if backend in ("cuda", "rocm", "cpu") else (
-            "cuda" if st.device.startswith("cuda") else "cpu")
-        logger.info("worker %s (pid %d) ready on %s (%s) in %.2fs", st.label, worker.pid, st.device, st.backend,
+        rec.backend = str(backend) if backend in ("cuda", "rocm", "cpu") else (
+            "cuda" if rec.device.startswith("cuda") else "cpu")
+        logger.info("worker %s (pid %d) ready on %s (%s) in %.2fs", st.label, worker.pid, rec.device, rec.backend,
                     elapsed)
-        if st.slot.kind != "cpu" and st.backend != st.slot.kind:
+        if st.slot.kind != "cpu" and rec.backend != st.slot.kind:
             logger.warning("worker %s was given %s but trains on %s (backend %s: its torch cannot drive that GPU)",
-                           st.label, st.slot.describe(), st.device, st.backend)
+                           st.label, st.slot.describe(), rec.device, rec.backend)
         return worker
 
     def _ensure_worker(self, st: _Slot) -> WorkerProcess | None:
@@ -371,16 +359,16 @@ class WorkerPool:
         if self._closed:
             raise RunnerClosed("the worker pool is closed")
 
-    def _record_fault(self, record: FaultRecord) -> None:
+    def _record_fault(self, st: _Slot, kind: str, exc: WorkerCrashed | JobTimedOut) -> None:
         with self._lock:
-            self._stats.faults.append(record)
+            self._stats.faults.append(FaultRecord(st.label, kind, exc.exit_status, str(exc)))
 
     def _drop_worker(self, st: _Slot) -> None:
         """The holder lets go of a dead worker (killed by the fault or timeout that ended it)."""
         if st.worker is not None:
             st.worker.kill()  # already dead: reaps, closes pipes
             with self._lock:
-                self._workers.discard(st.worker)
+                self._procs.pop(st.worker.proc, None)
             st.worker = None
 
     def _on_fault(self, st: _Slot, fault: WorkerFault, group: Sequence[Job] | None) -> None:
@@ -388,7 +376,7 @@ class WorkerPool:
         self._drop_worker(st)
         self._check_open()  # a fault caused by close() itself is not the worker's
         where = "" if not group else f" [job {group[0].job_id!r}" + (f" +{len(group) - 1}]" if len(group) > 1 else "]")
-        self._record_fault(FaultRecord(st.label, fault.kind, fault.exit_status, str(fault)))
+        self._record_fault(st, fault.kind, fault)
         action = st.machine.on_fault(fault.kind, time.monotonic())
         logger.warning("%s%s; last stderr lines:\n%s", fault, where, fault.stderr_tail or "(no stderr output)")
         if action is SlotAction.RESTART:
@@ -398,20 +386,9 @@ class WorkerPool:
         with self._lock:
             self._stats.fallbacks.append(FallbackRecord(
                 label=st.label, reason=str(fault), kind=fault.kind, exit_status=fault.exit_status,
-                stderr_tail=fault.stderr_tail, after_jobs=st.jobs, restarts=st.machine.restarts,
+                stderr_tail=fault.stderr_tail, after_jobs=st.record.jobs, restarts=st.machine.restarts,
             ))
         logger.warning(FALLBACK_LOG, st.label)
-
-    def _on_timeout(self, st: _Slot, exc: JobTimedOut, attempts: JobAttempts) -> JobVerdict:
-        """A job outlived its timeout: replace the worker (no restart used), retry once."""
-        self._drop_worker(st)
-        self._check_open()
-        self._record_fault(FaultRecord(st.label, "timeout", exc.exit_status, str(exc)))
-        st.machine.on_job_timeout()
-        verdict = attempts.on_timeout()
-        logger.warning("%s; %s", exc, "retrying it once on a new worker" if verdict is JobVerdict.RETRY
-                       else "it fails (a job timeout is the job's, not the worker's)")
-        return verdict
 
     def _train_on(self, st: _Slot, worker: WorkerProcess, group: Sequence[Job]) -> list[JobOutcome]:
         """One job (a group of one: ``train`` or ``merge``) or one ``train_folds``; each job's outcome.
@@ -437,7 +414,7 @@ class WorkerPool:
                 raise worker.violation(answer, doing)
             answer["job_id"] = request.job_id
             outcomes.append(answer if status == "complete" else JobError.from_dict(answer))
-        st.jobs += len(group)
+        st.record.jobs += len(group)
         done = [a for a in answers if a.get("status") == "complete"]
         with self._lock:
             self._job_wall_s += time.perf_counter() - start
@@ -467,27 +444,24 @@ class WorkerPool:
                             f"no training process can start on {st.label} ({st.slot.describe()}): {exc.message}. "
                             "Check that this Python's torch imports and sees that device") from None
                     return exc
-                except JobTimedOut as exc:
+                except (JobTimedOut, WorkerCrashed) as exc:
                     self._check_open()
-                    verdict = attempts.on_timeout()
-                    self._record_fault(FaultRecord(st.label, "timeout", exc.exit_status, str(exc)))
-                    logger.warning("%s (timeout %d of at most 2); stderr tail:\n%s", exc, attempts.timeouts,
-                                   exc.stderr_tail or "(none)")
+                    timed_out = isinstance(exc, JobTimedOut)
+                    self._record_fault(st, "timeout" if timed_out else "oneshot", exc)
+                    if timed_out:
+                        verdict = attempts.on_timeout()
+                        note = f"timeout {attempts.timeouts} of at most 2"
+                    else:
+                        verdict = attempts.on_fault()
+                        note = f"fault {attempts.faults} of this job; " + (
+                            "re-running it with the same request and seed" if verdict is JobVerdict.RETRY else "not re-run")
+                    logger.warning("%s (%s); stderr tail:\n%s", exc, note, exc.stderr_tail or "(none)")
                     if verdict is JobVerdict.GIVE_UP:
-                        return _job_failed(request, "timeout", _timed_out(self.job_timeout_s, attempts))
-                except WorkerCrashed as exc:
-                    self._check_open()
-                    verdict = attempts.on_fault()
-                    self._record_fault(FaultRecord(st.label, "oneshot", exc.exit_status, str(exc)))
-                    logger.warning("%s (fault %d of this job; %s); stderr tail:\n%s", exc, attempts.faults,
-                                   "re-running it with the same request and seed" if verdict is JobVerdict.RETRY
-                                   else "not re-run", exc.stderr_tail or "(none)")
-                    if verdict is JobVerdict.GIVE_UP:
-                        return _job_failed(request, "train_error", _faulted(exc, attempts))
+                        return _gave_up(request, exc, attempts)
         finally:
             with self._lock:
                 self._job_wall_s += time.perf_counter() - start
-        st.oneshot_jobs += 1
+        st.record.oneshot_jobs += 1
         with self._lock:
             self._stats.timings.compute_s += _duration(result)
             self._stats.timings.jobs += 1
@@ -510,17 +484,27 @@ class WorkerPool:
                 self._on_fault(st, fault, group)
                 if attempts.on_fault() is JobVerdict.GIVE_UP:
                     logger.warning("not re-running %d job(s) hit by %s: %s", len(group), fault, attempts.refused)
-                    return [_job_failed(r, "train_error", _faulted(fault, attempts)) for r in group]
+                    return [_gave_up(r, fault, attempts) for r in group]
                 # else re-run the same group (same requests and seeds) on the new worker or the fallback
-            except JobTimedOut as exc:
-                if self._on_timeout(st, exc, attempts) is JobVerdict.GIVE_UP:
-                    return [_job_failed(r, "timeout", _timed_out(self.job_timeout_s * len(group), attempts)) for r in group]
+            except JobTimedOut as exc:  # the job's, not the worker's: a new worker, no restart used, one retry
+                self._drop_worker(st)
+                self._check_open()
+                self._record_fault(st, "timeout", exc)
+                st.machine.on_job_timeout()
+                verdict = attempts.on_timeout()
+                logger.warning("%s; %s", exc, "retrying it once on a new worker" if verdict is JobVerdict.RETRY
+                               else "it fails (a job timeout is the job's, not the worker's)")
+                if verdict is JobVerdict.GIVE_UP:
+                    return [_gave_up(r, exc, attempts) for r in group]
 
     def _run_group(self, group: Sequence[Job]) -> list[JobOutcome]:
         """Take a free slot and train ``group`` on it; where no trainer can start, retire the
         slot and take another (:class:`TrainerCannotStart` once none is left)."""
         while True:
-            st = self._take_slot()
+            st = self._free.get()
+            if self._no_slot_left is not None:
+                self._free.put(st)  # the next holder waiting finds out too
+                raise TrainerCannotStart(self._no_slot_left)
             try:
                 return self._train_group_on(st, group)
             except TrainerCannotStart as exc:
@@ -528,13 +512,6 @@ class WorkerPool:
             finally:
                 if not st.machine.retired:
                     self._free.put(st)
-
-    def _take_slot(self) -> _Slot:
-        st = self._free.get()
-        if self._no_slot_left is not None:
-            self._free.put(st)  # the next holder waiting finds out too
-            raise TrainerCannotStart(self._no_slot_left)
-        return st
 
     def _retire(self, st: _Slot, exc: TrainerCannotStart) -> None:
         """Take ``st`` out of the run for good, its group going to another slot; raise
@@ -614,10 +591,8 @@ class WorkerPool:
         finally:
             with self._lock:
                 self._stats.timings.wall_s += time.perf_counter() - start
-        outcomes = iter([f.result() for f in futures])
-        if self.persistent:
-            return [list(next(outcomes)) for _ in groups]
-        return [[next(outcomes)[0] for _ in g] for g in groups]
+        outcomes = iter([outcome for f in futures for outcome in f.result()])  # job by job, as dispatched
+        return [[next(outcomes) for _ in g] for g in groups]
 
     def summary(self) -> RunnerStats:
         with self._lock:
@@ -625,7 +600,9 @@ class WorkerPool:
             stats.timings.overhead_s = max(0.0, self._job_wall_s - stats.timings.compute_s)
             if not self._booted:  # a slot still booting (a slow or wedged GPU): the boot so far
                 stats.timings.spawn_s += time.perf_counter() - self._boot_began
-        stats.workers = [st.record() for st in self._slots] if self.persistent else []
+        stats.workers = [dataclasses.replace(st.record, restarts=st.machine.restarts, fallback=st.machine.fallback,
+                                             repromotions=st.machine.repromotions)
+                         for st in self._slots] if self.persistent else []
         stats.recovery = RecoveryRecord(
             faults=sum(1 for f in stats.faults if f.kind not in ("timeout", "memory")), reruns=self._budget.reruns,
             max_fault_reruns=self._budget.max_reruns, refused_reruns=self._budget.refused,
@@ -640,7 +617,7 @@ class WorkerPool:
     def worker_pids(self) -> list[int]:
         """Pids of the workers running now (for tests and diagnostics)."""
         with self._lock:
-            return sorted(w.pid for w in self._workers if w.proc.poll() is None)
+            return sorted(w.pid for w in self._procs.values() if w is not None and w.proc.poll() is None)
 
     def close(self) -> None:
         """Shut every worker down (``shutdown``, grace, terminate, kill) and reap it; idempotent."""
@@ -651,8 +628,8 @@ class WorkerPool:
             if self._closed:
                 return
             self._closed = True
-            workers = list(self._workers)
-            strays = [p for p in self._procs if all(p is not w.proc for w in workers)]
+            workers = [w for w in self._procs.values() if w is not None]
+            strays = [p for p, w in self._procs.items() if w is None]
         _LIVE_POOLS.discard(self)
         try:
             # One-shot trainers and half-booted workers have nothing to say goodbye with.
@@ -677,7 +654,6 @@ class WorkerPool:
                 sigkill(proc)
             raise
         with self._lock:
-            self._workers.clear()
             self._procs.clear()
         self._spawner.shutdown()
         # Holders still busy see dead pipes or RunnerClosed and end on their own; an abort
@@ -692,20 +668,14 @@ def _duration(result: dict[str, Any]) -> float:
     return float(value) if is_number(value) else 0.0
 
 
-def _job_failed(request: Job, error_type: str, why: str) -> JobError:
-    """A job's verdict when its attempts ran out (``timeout`` or ``train_error``)."""
+def _gave_up(request: Job, last: WorkerCrashed | JobTimedOut, attempts: JobAttempts) -> JobError:
+    """A job's verdict when its attempts ran out: ``timeout`` after ``last`` timed it out, else ``train_error``."""
     where = f"job {request.job_id!r} (trial {request.trial_number}, fold {request.fold_idx})"
-    return JobError(f"{where} {why}", error_type, **echo(request))
-
-
-def _timed_out(timeout_s: float, attempts: JobAttempts) -> str:
-    return (f"ran past its {timeout_s:g}s timeout {attempts.timeouts} time(s); raise training.worker_job_timeout_s "
-            "or lower the epochs")
-
-
-def _faulted(fault: BaseException, attempts: JobAttempts) -> str:
-    return (f"was hit by {attempts.faults} infrastructure fault(s), the last: {fault}; not re-run again: "
-            f"{attempts.refused}")
+    if isinstance(last, JobTimedOut):
+        return JobError(f"{where} ran past its {last.timeout_s:g}s timeout {attempts.timeouts} time(s); raise "
+                        "training.worker_job_timeout_s or lower the epochs", "timeout", **echo(request))
+    return JobError(f"{where} was hit by {attempts.faults} infrastructure fault(s), the last: {last}; not re-run "
+                    f"again: {attempts.refused}", "train_error", **echo(request))
 
 
 def _first_failure(futures: Sequence[Future[Any]]) -> BaseException | None:

@@ -220,12 +220,13 @@ class WorkerProcess:
         if kind != "eof":
             shown = payload[:120].decode("utf-8", errors="replace") if kind == "line" else f"{payload} bytes"
             raise self._fault("protocol", f"broke the protocol: wrote {shown!r} after its one reply while {doing}")
-        self._lines.put(("eof", None))
-        self._wait_after_eof(doing)
+        self._after_eof(doing)
         self._close_pipes()
         return self.proc.returncode
 
-    def _wait_after_eof(self, doing: str) -> None:
+    def _after_eof(self, doing: str) -> None:
+        """Keep the EOF for any later reader and wait for the process to exit (a crash when it does not)."""
+        self._lines.put(("eof", None))
         try:
             self.proc.wait(timeout=_EXIT_AFTER_EOF_S)
         except subprocess.TimeoutExpired:
@@ -233,8 +234,7 @@ class WorkerProcess:
 
     def _decode(self, kind: str, payload: Any, doing: str) -> dict[str, Any]:
         if kind == "eof":
-            self._lines.put(("eof", None))  # keep EOF sticky for any later reader
-            self._wait_after_eof(doing)
+            self._after_eof(doing)
             raise self._fault("crash", f"died with {describe_exit(self.proc.returncode)} while {doing}")
         if kind == "oversize":
             raise self._fault("protocol", f"broke the protocol: sent a {payload}-byte line while {doing}")
@@ -268,8 +268,7 @@ class WorkerProcess:
         )
 
     def kill(self) -> None:
-        """SIGKILL it and what it started (a descendant holding its pipes would keep them
-        open), and reap it (bounded: a process stuck in a GPU driver may not die at once); idempotent."""
+        """SIGKILL it and what it started (:func:`kill_tree`), reap it (bounded) and close the pipes; idempotent."""
         kill_tree(self.proc)
         reap_killed(self.proc, f"worker {self.label}")
         self._close_pipes()
@@ -290,18 +289,9 @@ class WorkerProcess:
             try:
                 self.proc.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
-                kill_tree(self.proc)
-                reap_killed(self.proc, f"worker {self.label}")
-        goodbye = self._saw_goodbye()
-        if self.proc.returncode != 0 or not goodbye:
-            logger.warning("worker %s (pid %d) ended with %s%s", self.label, self.pid,
-                           describe_exit(self.proc.returncode), "" if goodbye else " without a shutdown reply")
-        self._close_pipes()
-
-    def _saw_goodbye(self) -> bool:
-        """Whether the worker's last words included the ``shutdown`` reply (drains the
-        queue). EOF goes back in the queue: the slot's holder may be waiting on this worker
-        and must see the EOF rather than wait out its whole job timeout."""
+                self.kill()
+        # Did its last words include the `shutdown` reply? EOF goes back in the queue: the slot's
+        # holder may be waiting on this worker and must see it rather than wait out its job timeout.
         self._reader.join(timeout=_PIPES_SETTLE_S)
         goodbye = False
         while (got := self._next(0.0)) is not None:
@@ -312,12 +302,13 @@ class WorkerProcess:
             if kind == "line":
                 with contextlib.suppress(ValueError, AttributeError):
                     goodbye = goodbye or loads(payload).get("status") == "shutdown"
-        return goodbye
+        if self.proc.returncode != 0 or not goodbye:
+            logger.warning("worker %s (pid %d) ended with %s%s", self.label, self.pid,
+                           describe_exit(self.proc.returncode), "" if goodbye else " without a shutdown reply")
+        self._close_pipes()
 
     def _close_pipes(self) -> None:
-        """Close our pipe ends once the process is gone (reaped). The pipe threads hit EOF
-        as soon as it is gone; closing a stream another thread still reads can block, so
-        only the ones they released are closed."""
+        """Once the process is gone (reaped): give its pipe threads time to hit EOF, close what they let go of."""
         self._reader.join(timeout=_PIPES_SETTLE_S)
         self._drain.join(timeout=_PIPES_SETTLE_S)
         close_pipes(self.proc, stdout_free=not self._reader.is_alive(), stderr_free=not self._drain.is_alive())

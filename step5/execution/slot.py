@@ -25,7 +25,7 @@ Only the thread that holds the slot calls these objects (:mod:`step5.execution.p
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 #: Kinds of worker fault (each one counts against the slot's restart budget).
@@ -134,8 +134,7 @@ class JobAttempts:
     budget: FaultBudget
     timeouts: int = 0
     faults: int = 0
-    #: Why the last re-run was refused ("" while none was): for the job's failure message.
-    refused: str = field(default="")
+    refused: str = ""  # why the last re-run was refused ("" while none was): for the job's failure message
 
     def on_timeout(self) -> JobVerdict:
         self.timeouts += 1

@@ -14,23 +14,22 @@ from msgspec import Meta
 
 from step5.schema import one_of, record_schema
 
-EXECUTION_MODES = ("persistent_workers", "subprocess", "inline")
-ExecutionMode = one_of(EXECUTION_MODES)
+ExecutionMode = one_of(("persistent_workers", "subprocess", "inline"))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class WorkerRecord:
     """One persistent-worker slot across the life of the pool."""
     label: str  # "GPU-0" / "CPU-1"
-    device: str | None  # as the worker reported it in `ready`
-    pid: int | None  # current (or last) worker pid
-    jobs: int  # jobs answered by workers on this slot (results and job errors)
-    oneshot_jobs: int  # jobs run through the one-shot fallback
-    restarts: int  # restarts after worker faults (not after job timeouts)
-    fallback: bool  # in the fallback (one-shot subprocesses) when the run ended
-    repromotions: int  # times the slot left the fallback for a fresh worker
-    boot_s: float | None  # interpreter start -> ready, as the last worker measured it
-    backend: str | None  # "cuda" | "rocm" | "cpu": what the last worker's torch trained on (None: none got ready)
+    device: str | None = None  # as the worker reported it in `ready`
+    pid: int | None = None  # current (or last) worker pid
+    jobs: int = 0  # jobs answered by workers on this slot (results and job errors)
+    oneshot_jobs: int = 0  # jobs run through the one-shot fallback
+    restarts: int = 0  # restarts after worker faults (not after job timeouts)
+    fallback: bool = False  # in the fallback (one-shot subprocesses) when the run ended
+    repromotions: int = 0  # times the slot left the fallback for a fresh worker
+    boot_s: float | None = None  # interpreter start -> ready, as the last worker measured it
+    backend: str | None = None  # "cuda" | "rocm" | "cpu": what the last worker's torch trained on (None: none got ready)
     cuda_visible_devices: str  # what the slot's processes were given
     hip_visible_devices: str  # likewise for AMD GPUs ("-1": none)
 
