@@ -212,7 +212,8 @@ class AntiOverfitMetaOptimizer:
                 staged = outputs.enter_context(model_set.stage(self.output_dir))
                 with model_set.writing(self.output_dir):  # a full or read-only disk: one line, exit 1
                     final = self._train_final(best, backend, staged.path)
-                execution = self._execution(backend)
+                execution = build_execution_summary(backend.summary(), search=self._search_record,
+                                                    phases=self.timings)
             # Fold files and workers are gone here; only the outputs remain.
             return self._write_success(opened, best, final, rescore, cv, execution, backend, staged)
 
@@ -441,30 +442,25 @@ class AntiOverfitMetaOptimizer:
                     result.get("test_r2", float("nan")), self.timings["final_s"])
         return result
 
-    def _execution(self, backend: ModelBackend | None) -> ExecutionSummary:
-        stats = backend.summary() if backend is not None else None
-        search = self._search_record if backend is not None else SearchRecord()
-        return build_execution_summary(stats, search=search, phases=self.timings)
-
     def _optuna_block(self, study_name: str, storage_url: str, opened: OpenedStudy | None = None,
                       best: FrozenTrial | None = None) -> dict[str, Any]:
-        study = opened.study if opened is not None else None
-        counts = count_states(study) if study is not None else {"complete": 0, "fail": 0}
+        """The sidecar's ``optuna`` block; without ``opened`` (a degenerate target) no study was opened."""
+        counts = count_states(opened.study) if opened is not None else {}
         return {
             "study_name": study_name,
             "storage": redact_storage(storage_url),
-            "trials_run": counts["complete"],
-            "trials_failed": counts["fail"],
+            "trials_run": counts.get("complete", 0),
+            "trials_failed": counts.get("fail", 0),
             "trials_new": self._search_record.trials,  # told by this process, any end state
             "trials_requested": self.config.trials,
             "round_target": opened.target_complete if opened is not None else None,
-            "resumed": bool(opened.resumed) if opened is not None else False,
+            "resumed": opened is not None and opened.resumed,
             "best_trial_number": best.number if best is not None else None,
             "best_value": float(best.value) if best is not None and best.value is not None else None,
             "direction": "maximize",
             "sampler": "TPESampler",
             "pruner": self.plan.pruner,
-            "trials_pruned": len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))) if study is not None else 0,
+            "trials_pruned": counts.get("pruned", 0),
             "sampler_seed": opened.sampler_seed if opened is not None else None,
             "objective_formula": OBJECTIVE_FORMULA,
         }
@@ -490,7 +486,8 @@ class AntiOverfitMetaOptimizer:
         sidecar = build_sidecar(model_type=cfg.model_type, feature_schema=self.feature_schema,
                                 signal_quality=self.signal, data_context=self.data_context,
                                 optuna=self._optuna_block(study_name, storage_url),
-                                execution=self._execution(None).to_dict(), provenance=self._provenance())
+                                execution=build_execution_summary(None, phases=self.timings).to_dict(),
+                                provenance=self._provenance())
         with model_set.stage(self.output_dir) as staged, model_set.writing(self.output_dir):
             artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, sidecar)
             staged.commit()
