@@ -193,7 +193,7 @@ class AntiOverfitMetaOptimizer:
             with contextlib.ExitStack() as stack:
                 # Helpers on the other hosts join the study while this process boots its workers;
                 # they stop once the search is over, however it ends.
-                helpers = stack.enter_context(self._helper_fleet(helper_nodes, study_name, storage_url))
+                helpers = stack.enter_context(self._helper_fleet(helper_nodes, study_name))
                 files = stack.enter_context(FoldFiles())
                 backend = self._make_backend(cv, files, runner)
                 stack.callback(backend.close)  # workers shut down however the run ends
@@ -229,19 +229,19 @@ class AntiOverfitMetaOptimizer:
         if remote:
             logger.info("cluster: a --search-only helper will start on %s",
                         ", ".join(f"{n.hostname} ({n.gpu_count} x {n.gpu_type or '?'})" for n in remote))
+            for warning in storage_warnings(cfg.storage):  # given, and a database server (validate_config)
+                logger.warning("cluster: %s", warning)
         else:
             logger.warning("cluster: %s lists no host other than this one; searching alone", cfg.cluster_config)
         return remote
 
-    def _helper_fleet(self, nodes: list[ClusterNode], study_name: str, storage_url: str) -> HelperFleet:
+    def _helper_fleet(self, nodes: list[ClusterNode], study_name: str) -> HelperFleet:
         if not nodes:
             return HelperFleet([], [])
         cfg = self.config
-        for warning in storage_warnings(storage_url):
-            logger.warning("cluster: %s", warning)
         policy_given = any(a == "--policy" or a.startswith("--policy=") for a in cfg.command_line or [])
-        arguments = helper_arguments(cfg, study_name=study_name, storage=storage_url, policy_given=policy_given)
-        return HelperFleet(nodes, arguments)
+        return HelperFleet(nodes, helper_arguments(cfg, study_name=study_name, storage=cfg.storage,
+                                                   policy_given=policy_given))
 
     def _data_context(self, table: SurvivorTable, draws: list[int], repeated: int) -> dict[str, Any]:
         cfg = self.config

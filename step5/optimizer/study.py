@@ -375,7 +375,13 @@ def reclaim_dead_trials(study: optuna.Study, *, nothing_in_flight: bool = False)
         else:
             continue
         reclaimed += _fail_and_rerun(study, trial, reason, rerun=bool(trial.params))
-    reclaimed += _fail_twins(study, trials)
+    first: dict[str, FrozenTrial] = {}
+    for trial in trials:  # in number order: the first of a token is kept, its unfinished twins failed
+        token = trial.system_attrs.get(TOKEN_ATTR)
+        kept = first.setdefault(token, trial) if token is not None else trial
+        if kept is not trial and not trial.state.is_finished():
+            reclaimed += _fail_and_rerun(study, trial, f"a copy of trial {kept.number} made by a retried database "
+                                         "write", rerun=False)
     return reclaimed
 
 
@@ -391,18 +397,6 @@ def _fail_and_rerun(study: optuna.Study, trial: FrozenTrial, reason: str, *, rer
     if rerun:
         retry_failed_trial(study, storage.get_trial(trial._trial_id))
     return 1
-
-
-def _fail_twins(study: optuna.Study, trials: Sequence[FrozenTrial]) -> int:
-    first: dict[str, FrozenTrial] = {}
-    failed = 0
-    for trial in trials:  # in number order: the first of a token is kept
-        token = trial.system_attrs.get(TOKEN_ATTR)
-        kept = first.setdefault(token, trial) if token is not None else trial
-        if kept is not trial and not trial.state.is_finished():
-            failed += _fail_and_rerun(study, trial, f"a copy of trial {kept.number} made by a retried database write",
-                                      rerun=False)
-    return failed
 
 
 def claim_trial(opened: OpenedStudy, trial: optuna.Trial) -> None:
