@@ -465,15 +465,16 @@ class AntiOverfitMetaOptimizer:
             "objective_formula": OBJECTIVE_FORMULA,
         }
 
-    def _provenance(self) -> dict[str, Any]:
+    def _sidecar(self, **fields: Any) -> dict[str, Any]:
+        """This run's sidecar: what every outcome records about the data and the run, and ``fields``."""
         cfg = self.config
-        return build_provenance(
-            run_id=self.run_id,
-            parent_run_id=cfg.parent_run_id,
+        provenance = build_provenance(
+            run_id=self.run_id, parent_run_id=cfg.parent_run_id, created_at=utc_timestamp(),
             command_line=cfg.command_line if cfg.command_line is not None else [sys.executable, *sys.argv],
-            created_at=utc_timestamp(),
             extra={"cwd": os.getcwd(), "policy_file": self.policy.source if self.policy is not None else None},
         )
+        return build_sidecar(model_type=cfg.model_type, feature_schema=self.feature_schema, signal_quality=self.signal,
+                             data_context=self.data_context, provenance=provenance, **fields)
 
     def _write_degenerate(self, study_name: str, storage_url: str) -> RunOutcome:
         cfg = self.config
@@ -483,11 +484,8 @@ class AntiOverfitMetaOptimizer:
             # commit removes the earlier run's checkpoint from what the output dir shows.
             logger.warning("replacing the model from an earlier run (%s): this run's data has no usable signal", stale)
         self.timings["total_s"] = time.perf_counter() - self._t0
-        sidecar = build_sidecar(model_type=cfg.model_type, feature_schema=self.feature_schema,
-                                signal_quality=self.signal, data_context=self.data_context,
-                                optuna=self._optuna_block(study_name, storage_url),
-                                execution=build_execution_summary(None, phases=self.timings).to_dict(),
-                                provenance=self._provenance())
+        sidecar = self._sidecar(optuna=self._optuna_block(study_name, storage_url),
+                                execution=build_execution_summary(None, phases=self.timings).to_dict())
         with model_set.stage(self.output_dir) as staged, model_set.writing(self.output_dir):
             artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, sidecar)
             staged.commit()
@@ -509,13 +507,10 @@ class AntiOverfitMetaOptimizer:
         self.timings["total_s"] = time.perf_counter() - self._t0
         execution_summary.timings.total_s = self.timings["total_s"]
         execution = execution_summary.to_dict()
-        sidecar = build_sidecar(
-            model_type=cfg.model_type, checkpoint_path=str(staged.final_dir / name),
-            checkpoint_sha256=artifacts.file_sha256(staged.path / name), training_metrics=metrics,
-            hyperparameters=final["params"], training_options=dict(backend.training_options()),
-            feature_schema=self.feature_schema, signal_quality=self.signal, data_context=self.data_context,
+        sidecar = self._sidecar(
+            checkpoint_path=str(staged.final_dir / name), checkpoint_sha256=artifacts.file_sha256(staged.path / name),
+            training_metrics=metrics, hyperparameters=final["params"], training_options=dict(backend.training_options()),
             optuna=self._optuna_block(opened.study_name, opened.storage_url, opened, best), execution=execution,
-            provenance=self._provenance(),
         )
         trials = opened.study.get_trials(deepcopy=False)
         with model_set.writing(self.output_dir):  # a full or read-only disk: one line, exit 1
