@@ -193,10 +193,10 @@ def build_parser(prog: str = "meta_prediction_optimizer_anti_overfit.py") -> arg
 @functools.cache
 def flag_spellings() -> dict[str, frozenset[str]]:
     """Every spelling of the flags that set each config field (``fuse_folds``: ``--no-fuse-folds``, ...)."""
-    spellings: dict[str, set[str]] = collections.defaultdict(set)
+    spellings: dict[str, frozenset[str]] = collections.defaultdict(frozenset)
     for action in build_parser()._actions:  # argparse offers no public walk over its actions
-        spellings[action.dest].update(action.option_strings)
-    return collections.defaultdict(frozenset, {dest: frozenset(flags) for dest, flags in spellings.items()})
+        spellings[action.dest] |= frozenset(action.option_strings)
+    return spellings
 
 
 def config_from_args(args: argparse.Namespace, command_line: Sequence[str]) -> OptimizerConfig:
@@ -308,7 +308,7 @@ def _file_in_the_way(folder: Path) -> Path | None:
     return next((p for p in [*reversed(folder.parents), folder] if p.exists() and not p.is_dir()), None)
 
 
-def check_writable_dir(folder: Path, what: str) -> Path:
+def check_writable_dir(folder: Path, what: str) -> None:
     """Create ``folder`` if needed and prove a file can be written in it; ``what`` names it in the error."""
     path = Path(folder)
     blocker = _file_in_the_way(path)
@@ -323,7 +323,6 @@ def check_writable_dir(folder: Path, what: str) -> Path:
         create_temp_file(path, ".step5-preflight-", "").unlink()
     except OSError as exc:
         raise Step5Error(f"{what}: cannot write files in {path}: {os_error_reason(exc)}") from None
-    return path
 
 
 def check_sqlite_storage(storage_url: str, what: str) -> None:

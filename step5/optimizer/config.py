@@ -127,27 +127,19 @@ def validate_config(config: OptimizerConfig) -> None:
     if config.dropout is not None and not 0.0 <= config.dropout < 1.0:
         raise UsageError(f"--dropout must be a dropout probability in [0, 1), got {config.dropout}")
     if config.fuse_trials > 1 and config.fuse_folds is False:
-        raise UsageError(
-            f"--fuse-trials {config.fuse_trials} trains the folds of several trials in one fused pass, which "
-            "--no-fuse-folds forbids; drop one of them"
-        )
+        raise UsageError(f"--fuse-trials {config.fuse_trials} trains the folds of several trials in one fused "
+                         "pass, which --no-fuse-folds forbids; drop one of them")
     if config.pruner is not None and config.pruner not in PRUNER_NAMES:
         raise UsageError(f"--pruner must be one of {', '.join(PRUNER_NAMES)}, got {config.pruner!r}")
     if config.fuse_trials > 1 and config.trials_in_flight not in (None, config.fuse_trials):
-        raise UsageError(
-            f"--fuse-trials {config.fuse_trials} runs {config.fuse_trials} trials in flight, but "
-            f"--trials-in-flight is {config.trials_in_flight}; drop one of them"
-        )
+        raise UsageError(f"--fuse-trials {config.fuse_trials} runs {config.fuse_trials} trials in flight, but "
+                         f"--trials-in-flight is {config.trials_in_flight}; drop one of them")
     if config.search_only and config.rescore_partitions:
-        raise UsageError(
-            "--rescore-partitions rescores the best trial of the run that builds the model; a --search-only "
-            "helper builds none. Give it to the process without --search-only"
-        )
+        raise UsageError("--rescore-partitions rescores the best trial of the run that builds the model; a "
+                         "--search-only helper builds none. Give it to the process without --search-only")
     if config.search_only and config.compare_models:
-        raise UsageError(
-            "--search-only helps one study; --compare-models runs four. Start a helper per model type with "
-            "--model-type and the main run's --storage and --study-name"
-        )
+        raise UsageError("--search-only helps one study; --compare-models runs four. Start a helper per model "
+                         "type with --model-type and the main run's --storage and --study-name")
     if config.cluster_config is not None:
         if config.search_only:
             raise UsageError("--cluster-config starts helpers from the main process; a --search-only helper "
@@ -156,26 +148,21 @@ def validate_config(config: OptimizerConfig) -> None:
             raise UsageError("--cluster-config helps one study; --compare-models runs four. Run one model type "
                              "with --model-type")
         if config.storage is None or config.storage.lower().startswith("sqlite"):
-            raise UsageError(
-                "--cluster-config shares the study with other hosts, so --storage must be a database server "
-                "every host reaches, such as postgresql+psycopg://step5@dbhost/step5 (a SQLite file is local), "
-                f"got {config.storage!r}"
-            )
+            raise UsageError("--cluster-config shares the study with other hosts, so --storage must be a database "
+                             "server every host reaches, such as postgresql+psycopg://step5@dbhost/step5 (a SQLite "
+                             f"file is local), got {config.storage!r}")
     for flag in ("study_name", "target", "prng_type", "parent_run_id"):  # recorded or looked up by name
         value = getattr(config, flag)
         if value is not None and not value.strip():
             raise UsageError(f"--{flag.replace('_', '-')} must not be empty")
     if config.storage is not None and "://" not in config.storage:
-        raise UsageError(
-            f"--storage must be an Optuna storage URL such as sqlite:///path/optuna.db, got {config.storage!r}"
-        )
+        raise UsageError(f"--storage must be an Optuna storage URL such as sqlite:///path/optuna.db, got "
+                         f"{config.storage!r}")
     database = None if config.storage is None else sqlite_database(config.storage)
     if database is not None and (database in ("", ":memory:") or "mode=memory" in config.storage):
-        raise UsageError(
-            f"--storage {config.storage} keeps the study in memory, where the run's own threads cannot share it "
-            "(each gets an empty database) and no later run can resume it: give a file, such as "
-            "sqlite:///path/optuna.db"
-        )
+        raise UsageError(f"--storage {config.storage} keeps the study in memory, where the run's own threads "
+                         "cannot share it (each gets an empty database) and no later run can resume it: give a "
+                         "file, such as sqlite:///path/optuna.db")
     # Before any data is loaded: a missing optional library is not found an hour into a run.
     require_libraries(MODEL_TYPES if config.compare_models else (config.model_type,))
 

@@ -193,7 +193,7 @@ class AntiOverfitMetaOptimizer:
             with contextlib.ExitStack() as stack:
                 # Helpers on the other hosts join the study while this process boots its workers;
                 # they stop once the search is over, however it ends.
-                helpers = stack.enter_context(self._helper_fleet(helper_nodes, study_name, storage_url))
+                helpers = stack.enter_context(self._helper_fleet(helper_nodes, study_name))
                 files = stack.enter_context(FoldFiles())
                 backend = self._make_backend(cv, files, runner)
                 stack.callback(backend.close)  # workers shut down however the run ends
@@ -212,7 +212,8 @@ class AntiOverfitMetaOptimizer:
                 staged = outputs.enter_context(model_set.stage(self.output_dir))
                 with model_set.writing(self.output_dir):  # a full or read-only disk: one line, exit 1
                     final = self._train_final(best, backend, staged.path)
-                execution = self._execution(backend)
+                execution = build_execution_summary(backend.summary(), search=self._search_record,
+                                                    phases=self.timings)
             # Fold files and workers are gone here; only the outputs remain.
             return self._write_success(opened, best, final, rescore, cv, execution, backend, staged)
 
@@ -228,19 +229,19 @@ class AntiOverfitMetaOptimizer:
         if remote:
             logger.info("cluster: a --search-only helper will start on %s",
                         ", ".join(f"{n.hostname} ({n.gpu_count} x {n.gpu_type or '?'})" for n in remote))
+            for warning in storage_warnings(cfg.storage):  # given, and a database server (validate_config)
+                logger.warning("cluster: %s", warning)
         else:
             logger.warning("cluster: %s lists no host other than this one; searching alone", cfg.cluster_config)
         return remote
 
-    def _helper_fleet(self, nodes: list[ClusterNode], study_name: str, storage_url: str) -> HelperFleet:
+    def _helper_fleet(self, nodes: list[ClusterNode], study_name: str) -> HelperFleet:
         if not nodes:
             return HelperFleet([], [])
         cfg = self.config
-        for warning in storage_warnings(storage_url):
-            logger.warning("cluster: %s", warning)
         policy_given = any(a == "--policy" or a.startswith("--policy=") for a in cfg.command_line or [])
-        arguments = helper_arguments(cfg, study_name=study_name, storage=storage_url, policy_given=policy_given)
-        return HelperFleet(nodes, arguments)
+        return HelperFleet(nodes, helper_arguments(cfg, study_name=study_name, storage=cfg.storage,
+                                                   policy_given=policy_given))
 
     def _data_context(self, table: SurvivorTable, draws: list[int], repeated: int) -> dict[str, Any]:
         cfg = self.config
@@ -441,43 +442,39 @@ class AntiOverfitMetaOptimizer:
                     result.get("test_r2", float("nan")), self.timings["final_s"])
         return result
 
-    def _execution(self, backend: ModelBackend | None) -> ExecutionSummary:
-        stats = backend.summary() if backend is not None else None
-        search = self._search_record if backend is not None else SearchRecord()
-        return build_execution_summary(stats, search=search, phases=self.timings)
-
     def _optuna_block(self, study_name: str, storage_url: str, opened: OpenedStudy | None = None,
                       best: FrozenTrial | None = None) -> dict[str, Any]:
-        study = opened.study if opened is not None else None
-        counts = count_states(study) if study is not None else {"complete": 0, "fail": 0}
+        """The sidecar's ``optuna`` block; without ``opened`` (a degenerate target) no study was opened."""
+        counts = count_states(opened.study) if opened is not None else {}
         return {
             "study_name": study_name,
             "storage": redact_storage(storage_url),
-            "trials_run": counts["complete"],
-            "trials_failed": counts["fail"],
+            "trials_run": counts.get("complete", 0),
+            "trials_failed": counts.get("fail", 0),
             "trials_new": self._search_record.trials,  # told by this process, any end state
             "trials_requested": self.config.trials,
             "round_target": opened.target_complete if opened is not None else None,
-            "resumed": bool(opened.resumed) if opened is not None else False,
+            "resumed": opened is not None and opened.resumed,
             "best_trial_number": best.number if best is not None else None,
             "best_value": float(best.value) if best is not None and best.value is not None else None,
             "direction": "maximize",
             "sampler": "TPESampler",
             "pruner": self.plan.pruner,
-            "trials_pruned": len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))) if study is not None else 0,
+            "trials_pruned": counts.get("pruned", 0),
             "sampler_seed": opened.sampler_seed if opened is not None else None,
             "objective_formula": OBJECTIVE_FORMULA,
         }
 
-    def _provenance(self) -> dict[str, Any]:
+    def _sidecar(self, **fields: Any) -> dict[str, Any]:
+        """This run's sidecar: what every outcome records about the data and the run, and ``fields``."""
         cfg = self.config
-        return build_provenance(
-            run_id=self.run_id,
-            parent_run_id=cfg.parent_run_id,
+        provenance = build_provenance(
+            run_id=self.run_id, parent_run_id=cfg.parent_run_id, created_at=utc_timestamp(),
             command_line=cfg.command_line if cfg.command_line is not None else [sys.executable, *sys.argv],
-            created_at=utc_timestamp(),
             extra={"cwd": os.getcwd(), "policy_file": self.policy.source if self.policy is not None else None},
         )
+        return build_sidecar(model_type=cfg.model_type, feature_schema=self.feature_schema, signal_quality=self.signal,
+                             data_context=self.data_context, provenance=provenance, **fields)
 
     def _write_degenerate(self, study_name: str, storage_url: str) -> RunOutcome:
         cfg = self.config
@@ -487,10 +484,8 @@ class AntiOverfitMetaOptimizer:
             # commit removes the earlier run's checkpoint from what the output dir shows.
             logger.warning("replacing the model from an earlier run (%s): this run's data has no usable signal", stale)
         self.timings["total_s"] = time.perf_counter() - self._t0
-        sidecar = build_sidecar(model_type=cfg.model_type, feature_schema=self.feature_schema,
-                                signal_quality=self.signal, data_context=self.data_context,
-                                optuna=self._optuna_block(study_name, storage_url),
-                                execution=self._execution(None).to_dict(), provenance=self._provenance())
+        sidecar = self._sidecar(optuna=self._optuna_block(study_name, storage_url),
+                                execution=build_execution_summary(None, phases=self.timings).to_dict())
         with model_set.stage(self.output_dir) as staged, model_set.writing(self.output_dir):
             artifacts.write_sidecar(staged.path / artifacts.SIDECAR_NAME, sidecar)
             staged.commit()
@@ -512,13 +507,10 @@ class AntiOverfitMetaOptimizer:
         self.timings["total_s"] = time.perf_counter() - self._t0
         execution_summary.timings.total_s = self.timings["total_s"]
         execution = execution_summary.to_dict()
-        sidecar = build_sidecar(
-            model_type=cfg.model_type, checkpoint_path=str(staged.final_dir / name),
-            checkpoint_sha256=artifacts.file_sha256(staged.path / name), training_metrics=metrics,
-            hyperparameters=final["params"], training_options=dict(backend.training_options()),
-            feature_schema=self.feature_schema, signal_quality=self.signal, data_context=self.data_context,
+        sidecar = self._sidecar(
+            checkpoint_path=str(staged.final_dir / name), checkpoint_sha256=artifacts.file_sha256(staged.path / name),
+            training_metrics=metrics, hyperparameters=final["params"], training_options=dict(backend.training_options()),
             optuna=self._optuna_block(opened.study_name, opened.storage_url, opened, best), execution=execution,
-            provenance=self._provenance(),
         )
         trials = opened.study.get_trials(deepcopy=False)
         with model_set.writing(self.output_dir):  # a full or read-only disk: one line, exit 1

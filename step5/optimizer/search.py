@@ -39,10 +39,6 @@ class SearchPlan:
     pruner: str = "none"  # step5.policy.PRUNER_NAMES: "none" runs every fold of every trial
     max_consecutive_failures: int = 10  # failed trials in a row that stop the run (policy)
 
-    def record(self) -> SearchRecord:
-        return SearchRecord(trials_in_flight=self.trials_in_flight, fuse_folds=self.fuse_folds,
-                            fuse_trials=self.fuse_trials)
-
 
 def log_failed_trial(trial: optuna.Trial, reason: str) -> None:
     # Optuna's own failure line, as study.optimize would log it.
@@ -191,10 +187,11 @@ def run_search(opened: OpenedStudy, backend: ModelBackend, plan: SearchPlan, goa
     tells stay in the loop, between batches: its verdicts must not depend on when trials were told."""
     study = opened.study
     study.pruner = PRUNERS[plan.pruner]()
-    record = plan.record()
+    record = SearchRecord(trials_in_flight=plan.trials_in_flight, fuse_folds=plan.fuse_folds,
+                          fuse_trials=plan.fuse_trials)
     streak: list[str] = []  # the fail reasons of the trials failed in a row, in ask order (PRUNED: not a failure)
     tell_behind = plan.pruner == "none"
-    waited_since: float | None = None
+    waiting = False  # nothing to ask, and others' trials in flight: polling the study
     # Optuna warns at each ask that heartbeats are meant for study.optimize; this loop records them itself.
     # Filtered here, for the whole search: warning filters are global, and a catch_warnings block per ask
     # in the helper thread could restore them under the loop's feet.
@@ -245,11 +242,10 @@ def run_search(opened: OpenedStudy, backend: ModelBackend, plan: SearchPlan, goa
                 raise_if_interrupted()  # one the interpreter dropped (step5.interrupts) stops the run here
                 if batch is None:
                     if pending is not None:  # nothing was prefetched: tell it before counting again
-                        handed, pending = pending, None
-                        tell_batch(handed)
-                        handed = None
+                        tell_batch(pending)
+                        pending = None
                     batch = Batch(index=record.batches)
-                    asker.ask(batch, in_flight=False, waiting=waited_since is not None)
+                    asker.ask(batch, in_flight=False, waiting=waiting)
                     if batch.goal_reached:
                         break
                     if batch.given_back:
@@ -262,13 +258,13 @@ def run_search(opened: OpenedStudy, backend: ModelBackend, plan: SearchPlan, goa
                                 "and no other trial is in flight", opened.study_name, counts["complete"],
                                 goal.complete, goal.new_trials)
                             break
-                        if waited_since is None:
-                            waited_since = time.perf_counter()
+                        if not waiting:
+                            waiting = True
                             logger.info("waiting for %d trial(s) in flight in other processes (%d of %d complete)",
                                         counts["running"], counts["complete"], goal.complete)
                         time.sleep(goal.poll_s)
                         continue
-                waited_since = None
+                waiting = False
                 numbers = batch.numbers
                 if len(numbers) > 1:
                     logger.info("batch %d: trials %s in flight", record.batches, numbers)
@@ -340,15 +336,12 @@ def tell(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, *, wal
             summary = record_trial(trial, outcome, wall_s=wall_s)
             value = summary["value"] if math.isfinite(summary["value"]) else None
             reason = trial.user_attrs.get("fail_reason", "the objective is not finite")
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return _finished_elsewhere(study, trial)
-    try:
         if value is not None:
             frozen = study.tell(trial, value, skip_if_finished=True)
         else:
             log_failed_trial(trial, reason)
             frozen = study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-    except optuna.exceptions.UpdateFinishedTrialError:  # failed elsewhere between tell's read and its write
+    except optuna.exceptions.UpdateFinishedTrialError:  # failed elsewhere, before this tell or during it
         return _finished_elsewhere(study, trial)
     if frozen.state == TrialState.FAIL and value is not None:
         return _finished_elsewhere(study, trial)

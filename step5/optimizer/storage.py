@@ -109,13 +109,6 @@ _SQLITE_FILE_ADVICE = {
 }
 
 
-def _what_to_check(exc: BaseException) -> str:
-    """The advice of a database error waiting cannot fix."""
-    code = _sqlite_code(getattr(database_error(exc), "orig", None))
-    return _SQLITE_FILE_ADVICE.get(code, "check the --storage URL (user, password, database) and that the study's "
-                                         "tables exist")
-
-
 def describe(exc: BaseException) -> str:
     """One line: the driver's error and the first line of its message (no SQL, no parameters)."""
     error = database_error(exc)
@@ -128,12 +121,12 @@ class DatabaseRetry:
     """Run database calls, waiting out transient errors for up to ``outage_s`` seconds: one outage is one clock,
     whichever calls meet it; once given up, every later call gets one try, so the cleanup does not wait again."""
 
-    def __init__(self, where: str, outage_s: float, *, first_wait_s: float = FIRST_WAIT_S,
-                 max_wait_s: float = MAX_WAIT_S, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, where: str, outage_s: float, *, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.where = where  # the database, password redacted
         self.outage_s = float(outage_s)
-        self.first_wait_s, self.max_wait_s, self._clock, self._sleep = first_wait_s, max_wait_s, clock, sleep
+        self.first_wait_s = FIRST_WAIT_S  # tests shorten it
+        self._clock, self._sleep = clock, sleep
         self._lock = threading.Lock()
         self._down_since: float | None = None
         self.outages = 0  # outages met so far (tests and the log)
@@ -152,10 +145,11 @@ class DatabaseRetry:
                 if database_error(exc) is None:
                     raise
                 if not is_transient(exc):
-                    raise StorageError(
-                        f"the study database {self.where} failed while {what}: {describe(exc)}. Waiting cannot "
-                        f"fix this: {_what_to_check(exc)}"
-                    ) from None
+                    advice = _SQLITE_FILE_ADVICE.get(_sqlite_code(getattr(database_error(exc), "orig", None)),
+                                                     "check the --storage URL (user, password, database) and that "
+                                                     "the study's tables exist")
+                    raise StorageError(f"the study database {self.where} failed while {what}: {describe(exc)}. "
+                                       f"Waiting cannot fix this: {advice}") from None
                 remaining = self._note_down(exc, what)
                 if self.gave_up or remaining <= 0:
                     self.gave_up = True
@@ -167,7 +161,7 @@ class DatabaseRetry:
                     ) from None
                 raise_if_interrupted()
                 self._sleep(min(remaining, wait * random.uniform(0.75, 1.25)))  # jitter: hosts do not return in step
-                wait = min(2 * wait, self.max_wait_s)
+                wait = min(2 * wait, MAX_WAIT_S)
                 attempt = again or first
                 continue
             self._note_up()
@@ -252,17 +246,13 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
             template.system_attrs = {**template_trial.system_attrs, TOKEN_ATTR: token}
 
         def again() -> int:
-            made = self._find_token(study_id, token)
-            return made if made is not None else self._inner.create_new_trial(study_id, template)
+            for trial in reversed(self._inner.get_all_trials(study_id, deepcopy=False)):
+                if trial.system_attrs.get(TOKEN_ATTR) == token:  # the attempt that failed made it
+                    return trial._trial_id
+            return self._inner.create_new_trial(study_id, template)
 
         return self.retry.call(lambda: self._inner.create_new_trial(study_id, template),
                                "creating a trial", again=again)
-
-    def _find_token(self, study_id: int, token: str) -> int | None:
-        for trial in reversed(self._inner.get_all_trials(study_id, deepcopy=False)):
-            if trial.system_attrs.get(TOKEN_ATTR) == token:
-                return trial._trial_id
-        return None
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
         if state == TrialState.RUNNING:

@@ -138,7 +138,7 @@ def open_storage(storage_url: str, training: TrainingPolicy) -> RetryingStorage:
     retry = DatabaseRetry(redact_storage(storage_url), training.storage_outage_s)
 
     def create() -> optuna.storages.RDBStorage:
-        for attempt in range(SCHEMA_RACE_ATTEMPTS):
+        for attempt in range(1, SCHEMA_RACE_ATTEMPTS + 1):
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat is "experimental"
@@ -151,10 +151,9 @@ def open_storage(storage_url: str, training: TrainingPolicy) -> RetryingStorage:
             except Exception as exc:  # noqa: BLE001 - sorted below
                 # Processes that start together on an empty database race to create Optuna's tables;
                 # the losers find them made on the next try.
-                if attempt + 1 < SCHEMA_RACE_ATTEMPTS and any(m in str(exc).lower() for m in _SCHEMA_RACE_MARKERS):
-                    time.sleep(0.2 * (attempt + 1))
-                    continue
-                raise
+                if attempt >= SCHEMA_RACE_ATTEMPTS or not any(m in str(exc).lower() for m in _SCHEMA_RACE_MARKERS):
+                    raise
+                time.sleep(0.2 * attempt)
         raise AssertionError("unreachable")
 
     try:
@@ -284,59 +283,50 @@ def study_lock(storage: optuna.storages.BaseStorage | None, study_name: str) -> 
     databases get none (logged once), and processes racing for the last trials may overshoot by a batch."""
     held = StudyLock()
     engine = _engine_of(storage)
-    if engine is None:
+    kind = getattr(engine, "name", None)  # None: an in-memory storage, one process
+    if kind == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        with open(f"{engine.url.database}.lock", "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # closing the file releases it
+            yield held
+        return
+    if kind != "postgresql":
+        if kind not in (None, "sqlite", *_warned_no_lock):
+            _warned_no_lock.add(kind)
+            logger.warning("no cross-process study lock for %s storages; only SQLite and PostgreSQL have one", kind)
         yield held
         return
-    if engine.name == "sqlite":
-        database = engine.url.database
-        if not database or database == ":memory:":
-            yield held
-            return
-        with open(f"{database}.lock", "a+b") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield held
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-        return
-    if engine.name == "postgresql":
-        from sqlalchemy import text
+    from sqlalchemy import text
 
-        def take() -> Any:
-            # A transaction-level lock: released when this transaction ends (below), or by the
-            # server when the connection drops (this process died, the server restarted).
-            connection = engine.connect()
-            key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
-            try:
-                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
-            except BaseException:
-                connection.close()
-                raise
-            return connection
-
-        connection = _retrying(storage, take, "taking the study lock")
+    def take() -> Any:
+        # A transaction-level lock: released when this transaction ends (below), or by the
+        # server when the connection drops (this process died, the server restarted).
+        connection = engine.connect()
+        key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
         try:
-            yield held
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
         except BaseException:
-            with contextlib.suppress(Exception):
-                connection.rollback()
+            connection.close()
             raise
-        else:
-            try:
-                connection.commit()  # succeeds only if the connection, hence the lock, lived through the block
-            except Exception as exc:  # noqa: BLE001 - a dead connection; anything else is a bug
-                if database_error(exc) is None:
-                    raise
-                held.lost = True
-                logger.warning("the study lock's database connection was lost while it was held (%s)", describe(exc))
-        finally:
-            with contextlib.suppress(Exception):
-                connection.close()
-        return
-    if engine.name not in _warned_no_lock:
-        _warned_no_lock.add(engine.name)
-        logger.warning("no cross-process study lock for %s storages; only SQLite and PostgreSQL have one", engine.name)
-    yield held
+        return connection
+
+    connection = _retrying(storage, take, "taking the study lock")
+    try:
+        yield held
+    except BaseException:
+        with contextlib.suppress(Exception):
+            connection.rollback()
+        raise
+    else:
+        try:
+            connection.commit()  # succeeds only if the connection, hence the lock, lived through the block
+        except Exception as exc:  # noqa: BLE001 - a dead connection; anything else is a bug
+            if database_error(exc) is None:
+                raise
+            held.lost = True
+            logger.warning("the study lock's database connection was lost while it was held (%s)", describe(exc))
+    finally:
+        with contextlib.suppress(Exception):
+            connection.close()
 
 
 def retry_failed_trial(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -385,7 +375,13 @@ def reclaim_dead_trials(study: optuna.Study, *, nothing_in_flight: bool = False)
         else:
             continue
         reclaimed += _fail_and_rerun(study, trial, reason, rerun=bool(trial.params))
-    reclaimed += _fail_twins(study, trials)
+    first: dict[str, FrozenTrial] = {}
+    for trial in trials:  # in number order: the first of a token is kept, its unfinished twins failed
+        token = trial.system_attrs.get(TOKEN_ATTR)
+        kept = first.setdefault(token, trial) if token is not None else trial
+        if kept is not trial and not trial.state.is_finished():
+            reclaimed += _fail_and_rerun(study, trial, f"a copy of trial {kept.number} made by a retried database "
+                                         "write", rerun=False)
     return reclaimed
 
 
@@ -401,18 +397,6 @@ def _fail_and_rerun(study: optuna.Study, trial: FrozenTrial, reason: str, *, rer
     if rerun:
         retry_failed_trial(study, storage.get_trial(trial._trial_id))
     return 1
-
-
-def _fail_twins(study: optuna.Study, trials: Sequence[FrozenTrial]) -> int:
-    first: dict[str, FrozenTrial] = {}
-    failed = 0
-    for trial in trials:  # in number order: the first of a token is kept
-        token = trial.system_attrs.get(TOKEN_ATTR)
-        kept = first.setdefault(token, trial) if token is not None else trial
-        if kept is not trial and not trial.state.is_finished():
-            failed += _fail_and_rerun(study, trial, f"a copy of trial {kept.number} made by a retried database write",
-                                      rerun=False)
-    return failed
 
 
 def claim_trial(opened: OpenedStudy, trial: optuna.Trial) -> None:

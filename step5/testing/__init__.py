@@ -2,6 +2,7 @@
 fakes"): fake pools, CPU slots, a wire request, running requests one by one, a study's trials."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,8 +29,6 @@ def fake_pool(slots: int | Sequence[Any], *options: str, state_dir: Path | None 
     restart per slot; ``kwargs`` override any of them (``training`` policy keys go into the
     pool's policy, the rest are the pool's own arguments). ``state_dir`` is the fake's
     ``--state-dir`` (what ``--faulty-starts`` counts in)."""
-    import dataclasses
-
     from step5.execution.pool import WorkerPool
     from step5.policy import TrainingPolicy
 
@@ -67,8 +66,6 @@ def run_each(runner: Any, requests: Sequence[Any]) -> list[dict[str, Any]]:
 
 def summary_of(runner: Any) -> dict[str, Any]:
     """A runner's :class:`~step5.execution.summary.RunnerStats` as plain dicts."""
-    import dataclasses
-
     return dataclasses.asdict(runner.summary())
 
 

@@ -12,7 +12,9 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from step5.owner import claim_folder, orphaned_folders
@@ -129,8 +131,6 @@ class TemporaryPostgres:
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
         """Return once the server takes connections (a background restart may still be under way)."""
-        import time
-
         import psycopg
 
         deadline = time.monotonic() + timeout_s
@@ -146,8 +146,6 @@ class TemporaryPostgres:
     def sql_command(self, database: str, sql: str) -> list[str]:
         """The command line that runs ``sql`` on ``database`` as the superuser (no ``psql``:
         this Python and psycopg)."""
-        import sys
-
         code = "import sys, psycopg; psycopg.connect(sys.argv[1], autocommit=True).execute(sys.argv[2])"
         return [sys.executable, "-c", code, self._dsn(database), sql]
 
