@@ -286,8 +286,11 @@ def study_lock(storage: optuna.storages.BaseStorage | None, study_name: str) -> 
     kind = getattr(engine, "name", None)  # None: an in-memory storage, one process
     if kind == "sqlite" and engine.url.database not in (None, "", ":memory:"):
         with open(f"{engine.url.database}.lock", "a+b") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # closing the file releases it
-            yield held
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield held
+            finally:  # now: a child forked meanwhile shares the open file until its exec closes it
+                fcntl.flock(handle, fcntl.LOCK_UN)
         return
     if kind != "postgresql":
         if kind not in (None, "sqlite", *_warned_no_lock):
