@@ -4,6 +4,7 @@ timestamps Step 5 writes into its files."""
 from __future__ import annotations
 
 import math
+import sys
 from datetime import datetime, timezone
 from typing import Any
 
@@ -14,8 +15,11 @@ def is_int(v: Any) -> bool:
 
 
 def is_number(v: Any) -> bool:
-    """Whether ``v`` is a finite JSON number (``int`` or ``float``, not a ``bool``, not NaN/inf)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """Whether ``v`` is a finite JSON number that fits a float64 (``int`` or ``float``, not a ``bool``,
+    not NaN/inf; an int beyond float64, which JSON allows, is no number anything here can use)."""
+    if isinstance(v, float):
+        return math.isfinite(v)
+    return is_int(v) and abs(v) <= sys.float_info.max
 
 
 def finite_or_none(v: Any) -> float | None:

@@ -127,6 +127,8 @@ BAD_PARAMS = [
     ({"learning_rate": math.nan}, "`learning_rate` must be a finite number > 0.0, got nan"),
     ({"learning_rate": "0.001"}, "`learning_rate` must be a finite number > 0.0, got '0.001'"),
     ({"learning_rate": True}, "`learning_rate` must be a finite number > 0.0, got True"),
+    ({"learning_rate": 10**400}, "`learning_rate` must be a finite number > 0.0, got 1000"),  # beyond float64
+    ({"weight_decay": -(10**400)}, "`weight_decay` must be a finite number >= 0.0, got -1000"),
     ({"dropout": 1.0}, "`dropout` must be a finite number >= 0.0 and < 1.0, got 1.0"),
     ({"dropout": -0.1}, "`dropout` must be a finite number >= 0.0 and < 1.0"),
     ({"weight_decay": -1e-5}, "`weight_decay` must be a finite number >= 0.0"),

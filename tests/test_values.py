@@ -21,6 +21,8 @@ from step5.values import finite_or_none, is_int, is_number, utc_timestamp
         (math.inf, False, False),
         ("3", False, False),
         (None, False, False),
+        pytest.param(10**400, True, False, id="beyond-float64"),  # a number nothing downstream can use
+        pytest.param(-(10**400), True, False, id="below-float64"),
     ],
 )
 def test_is_int_and_is_number_refuse_bools_and_non_finite(value, int_, number):
