@@ -221,7 +221,8 @@ class ArrayReader:
         """The element at ``_pos`` and the buffer index just past it.
 
         The buffer is read as Latin-1 (once per fill) so that string indices are byte
-        indices; an element with non-ASCII bytes is parsed again as UTF-8. An element that
+        indices; an element with non-ASCII bytes is parsed again as UTF-8 (bytes that are not
+        UTF-8 are a syntax error at the first of them). An element that
         may run past the buffer (an unterminated string, an error within a token's length of
         its end, a bare number ending there) is parsed again after reading on.
         """
@@ -241,5 +242,9 @@ class ArrayReader:
             end = start + n - self._base  # raw_decode returns an index into the text
             raw = self._buf[self._pos : end]
             if not raw.isascii():
-                obj = json.loads(bytes(raw))
+                try:
+                    utf8 = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:  # JSON text is UTF-8; json.loads would raise this bare
+                    raise self._error(f"invalid UTF-8 byte 0x{raw[exc.start]:02x}", self._pos + exc.start) from None
+                obj = json.loads(utf8)
             return obj, end

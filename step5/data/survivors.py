@@ -573,12 +573,17 @@ def _decode(decoder: RecordDecoder | None, piece: Any) -> DecodedPiece | None:
         return None
     try:
         return decoder.decode(piece)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except _UNDECODABLE:
         nulled = null_non_finite_tokens(piece)
     try:
         return None if nulled is None else decoder.decode(nulled)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except _UNDECODABLE:
         return None
+
+
+#: What a piece that does not fit the decoder raises; msgspec raises a bare UnicodeDecodeError
+#: for bytes that are not UTF-8 inside a string (the exact path names where they are).
+_UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError)
 
 
 def load_survivors(path: str | os.PathLike[str], target: str = DEFAULT_TARGET) -> SurvivorTable:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -402,6 +403,23 @@ def test_syntax_error_deep_in_the_file_names_its_line(tmp_path, small_pieces):
     path.write_text("\n".join(lines))
     with pytest.raises(DataError, match=r"broken.json is not valid JSON: Expecting ':' delimiter: line 1501 column"):
         load_survivors(path)
+
+
+@pytest.mark.parametrize("where", [0, 150])  # the first record (always exact) and a decoded piece
+def test_bytes_that_are_not_utf8_are_a_syntax_error_at_their_byte(tmp_path, small_pieces, where):
+    """Was a bare UnicodeDecodeError traceback (from msgspec, then from json.loads)."""
+    recs = [rec({"a_feat": float(i)}, seed=i, holdout_quality=0.1) for i in range(200)]
+    recs[where]["seed"] = "seed-MARK"  # a string both readers read (one nobody reads may be skipped unchecked)
+    raw = orjson.dumps(recs, option=orjson.OPT_INDENT_2)
+    at = raw.index(b"MARK")
+    path = write(tmp_path, raw.replace(b"MARK", b"\xe9\xff\xff\xff"))  # a Latin-1 é, then junk
+    line = raw.count(b"\n", 0, at) + 1
+    column = at - raw.rfind(b"\n", 0, at)
+    expected = f"is not valid JSON: invalid UTF-8 byte 0xe9: line {line} column {column} (byte {at})"
+    with pytest.raises(DataError, match=re.escape(expected)):
+        load_survivors(path)
+    with pytest.raises(DataError, match=re.escape(expected)):
+        load_features(path, ["a_feat"])
 
 
 def test_a_target_named_like_a_record_field_is_still_read(tmp_path, small_pieces):
