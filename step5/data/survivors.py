@@ -14,6 +14,7 @@ import gc
 import logging
 import math
 import os
+import re
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -84,6 +85,15 @@ class SurvivorFeatures:
 
 #: Top-level keys the decoder reads itself; a target with one of these names cannot be decoded.
 RESERVED_KEYS = frozenset(("seed", "features", "metadata"))
+
+#: What msgspec refuses in a renamed field's name, so a key holding it cannot be a decoded column.
+_NOT_A_FIELD_NAME = re.compile(r'["\\\x00-\x1f]')
+
+
+def decodable_key(key: str) -> bool:
+    """Whether ``key`` can be a :class:`RecordDecoder` column (msgspec refuses to rename a field to a
+    name with ``"``, ``\\`` or a control character; a file with such a key takes the exact path)."""
+    return _NOT_A_FIELD_NAME.search(key) is None
 
 
 @dataclass
@@ -415,10 +425,12 @@ class _TableBuilder(_Collector):
 
     def decoder(self) -> RecordDecoder | None:
         """Rebuilt when a key was added; None for a target the decoder cannot read."""
-        if self.target in RESERVED_KEYS:
+        if self.target in RESERVED_KEYS or not decodable_key(self.target):
             return None
         if self._decoder is None or len(self._decoder.columns) != len(self.keys):
             columns = tuple(self.keys)
+            if not all(map(decodable_key, columns)):
+                return None  # every column must be a field: such a key keeps the file on the exact path
             unread = frozenset(k for k in columns if not self._is_feature(k) and k != self.target)
             self._decoder = RecordDecoder(columns, closed=True, unread=unread, target=self.target, metadata=True)
             self._take = [j for j, k in enumerate(columns) if self._is_feature(k)]
@@ -513,11 +525,12 @@ class _FeaturesBuilder(_Collector):
     def add_records(self, records: Sequence[Any], base: int) -> None:
         feature_dicts = [features_of(rec, i, self.source) for i, rec in enumerate(records, start=base)]
         seeds = [rec.get("seed") for rec in records]
-        if self._decoder is None and feature_dicts:
+        if self._decoder is None and feature_dicts and all(map(decodable_key, self.names)):
             # The decoder's columns: every key of the first record in file order, then the names it
             # lacks. It finds each key where it expects it instead of searching for it (skipping two
-            # unknown keys per record cost 30 % more CPU time). Keys other records add are skipped.
-            order = list(feature_dicts[0])
+            # unknown keys per record cost 30 % more CPU time). Keys other records add are skipped,
+            # and so are the first record's keys that cannot be a column (none is a name).
+            order = [k for k in feature_dicts[0] if decodable_key(k)]
             order += [k for k in self.names if k not in feature_dicts[0]]
             self._decoder = RecordDecoder(tuple(order), closed=False, unread=frozenset(order) - set(self.names))
             self._take = [order.index(k) for k in self.names]

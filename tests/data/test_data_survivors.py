@@ -429,6 +429,22 @@ def test_a_target_named_like_a_record_field_is_still_read(tmp_path, small_pieces
     np.testing.assert_array_equal(t.y, np.arange(100, dtype=np.float64))
 
 
+@pytest.mark.parametrize("key", ['ratio "a/b"', "back\\slash", "tab\there"])
+def test_a_key_msgspec_cannot_name_is_read_the_exact_way(tmp_path, small_pieces, key):
+    """msgspec refuses such a name for a decoder field: it was a ValueError traceback from
+    building the decoder, for training and for prediction (even as a key the model ignores)."""
+    recs = varied_records(300)
+    for i, r in enumerate(recs):
+        r["features"][key] = 0.5 * i
+    path = write_json(tmp_path, recs)
+    assert_same_table(load_survivors(path), table_from_records(recs, source=str(path)))
+    for names in (["a_feat", "b_feat"], ["a_feat", key]):  # the key ignored, then read
+        np.testing.assert_array_equal(load_features(path, names).X, features_from_records(recs, names).X)
+    t = load_survivors(path, target=key)
+    np.testing.assert_array_equal(t.y, 0.5 * np.arange(300))
+    assert key not in t.feature_names
+
+
 def test_nan_tokens_where_nothing_is_read_keep_the_fast_path(tmp_path, small_pieces, monkeypatch):
     """json.dump writes NaN for a missing float; in a leakage key, metadata or an unknown
     key it is ignored, and the pieces still decode (only the first record goes exact)."""
