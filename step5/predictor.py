@@ -5,6 +5,7 @@ the predictor"). Step 6 code, not the parent: it imports torch lazily, for a neu
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+import orjson
 
 from step5.artifacts import SIDECAR_NAME, feature_schema_hash, file_sha256, get_model_type, read_sidecar, \
     resolve_checkpoint
@@ -166,6 +168,27 @@ def load_predictor(model_dir_or_sidecar_path: str | os.PathLike[str]) -> Predict
     return Predictor(sidecar=sidecar, sidecar_path=sidecar_path, checkpoint_path=checkpoint, model=model)
 
 
+_ORJSON_INTS = range(-(1 << 63), 1 << 64)  # the ints orjson writes
+
+
+def writable_seed(seed: Any, i: int, source: Any) -> Any:
+    """``seed`` as the predictions file can hold it: orjson writes no int beyond 64 bits and no
+    string with a lone surrogate (``"\\ud800"`` in the survivors file), which the readers accept
+    in a seed; such a seed is written as the standard library writes it, i.e. as the file had it."""
+    if seed is None or type(seed) is float or (type(seed) is int and seed in _ORJSON_INTS) or (
+            type(seed) is str and seed.isascii()):
+        return seed
+    try:
+        orjson.dumps(seed)
+        return seed
+    except TypeError:
+        pass
+    try:
+        return orjson.Fragment(json.dumps(seed, allow_nan=False))
+    except ValueError:  # NaN inside a seed that also holds such a value
+        raise DataError(f"survivors file {source}: record {i}: seed {seed!r:.60} cannot be written as JSON") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = UsageErrorParser(
         prog="python -m step5.predictor",
@@ -191,7 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         predictor = load_predictor(args.model_dir)
         survivors = load_features(args.survivors, predictor.feature_names)
         preds = predictor.predict_survivors(survivors, max_missing_fraction=args.max_missing_fraction)
-        rows = [{"seed": seed, "prediction": float(v)} for seed, v in zip(survivors.seeds, preds)]
+        rows = [{"seed": writable_seed(seed, i, args.survivors), "prediction": float(v)}
+                for i, (seed, v) in enumerate(zip(survivors.seeds, preds))]
         if args.output is not None and str(args.output) != "-":
             try:
                 write_json_atomic(args.output, rows)

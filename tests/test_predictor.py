@@ -271,3 +271,28 @@ def test_cli_ctrl_c_is_one_line_and_exit_130(lightgbm_run, sample_inputs, tmp_pa
     rc = predictor.main(["--model-dir", str(out), "--survivors", str(survivors), "--output", str(tmp_path / "p.json")])
     assert rc == 130 and not (tmp_path / "p.json").exists()
     assert capsys.readouterr().err.splitlines()[-1] == "interrupted (Ctrl-C); no predictions written"
+
+
+def test_cli_writes_seeds_orjson_cannot_as_the_survivors_file_had_them(lightgbm_run, sample_inputs, tmp_path,
+                                                                         capsys, monkeypatch):
+    """An int seed beyond 64 bits or a string seed with a lone surrogate escape is read fine, but
+    orjson cannot write it: that was a TypeError traceback and no predictions."""
+    import logging
+
+    from step5.predictor import main
+
+    _, out = lightgbm_run
+    survivors, _ = sample_inputs
+    records = json.loads(survivors.read_text())[:30]
+    records[3]["seed"] = 2**64  # one past what orjson writes
+    records[17]["seed"] = "lcg-\ud800"  # json.dumps writes it as an escape
+    records[20]["seed"] = [2**70, "x"]
+    path = tmp_path / "survivors.json"
+    path.write_text(json.dumps(records))
+    monkeypatch.setattr(logging.root, "handlers", [])  # main()'s logging on this test's stderr
+    args = ["--model-dir", str(out), "--survivors", str(path), "--log-level", "WARNING"]
+    assert main([*args, "--output", str(tmp_path / "p.json")]) == 0
+    assert main([*args, "--output", "-"]) == 0
+    for text in ((tmp_path / "p.json").read_text(), capsys.readouterr().out):
+        rows = json.loads(text)
+        assert [r["seed"] for r in rows] == [r["seed"] for r in records]
