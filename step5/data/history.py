@@ -11,6 +11,9 @@ from step5.errors import DataError
 from step5.jsonio import read_json_file
 
 
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
 def draws_from_data(data: Any, *, source: str = "<history>") -> list[int]:
     """Validate already-parsed history data and return its draws in file order."""
     if not isinstance(data, list):
@@ -33,6 +36,9 @@ def draws_from_data(data: Any, *, source: str = "<history>") -> list[int]:
         if type(value) is not int:
             expected = "an integer" if objects else "an integer (or, in every element, an object with a `draw` key)"
             raise DataError(f"history file {source}: {where} must be {expected}, got {describe_value(value)}")
+        if not _INT64_MIN <= value <= _INT64_MAX:  # the data fingerprint hashes the draws as int64
+            raise DataError(f"history file {source}: {where} must be an integer that fits in 64 bits (signed), "
+                            f"got {describe_value(value)}")
         draws.append(value)
     return draws
 

@@ -38,6 +38,9 @@ BAD = [
     ("float_draw", [{"draw": 1}, {"draw": 2.5}], ["element 1", "`draw`", "float"]),
     ("bool_draw", [{"draw": False}], ["element 0", "`draw`", "bool"]),
     ("mixed_object_then_int", [{"draw": 1}, 5], ["element 1", "object with a `draw` key"]),
+    # orjson reads ints up to 2**64 - 1; the fingerprint's int64 could not hold them (was an OverflowError traceback)
+    ("beyond_int64", b"[1, 18446744073709551615]", ["element 1", "fits in 64 bits", "18446744073709551615"]),
+    ("beyond_int64_draw", b'[{"draw": 9223372036854775808}]', ["element 0: `draw`", "fits in 64 bits"]),
     ("mixed_int_then_object", [5, {"draw": 1}], ["element 1", "dict"]),
 ]
 
@@ -61,6 +64,15 @@ def test_missing_file(tmp_path):
 def test_parsed_data_uses_source_name():
     with pytest.raises(DataError, match=r"history file <h>: element 0"):
         draws_from_data([1.5], source="<h>")
+
+
+def test_int64_bounds_are_accepted_and_fingerprinted(tmp_path):
+    from step5.artifacts import data_fingerprint
+    import numpy as np
+
+    draws = load_history(write(tmp_path, b"[-9223372036854775808, 9223372036854775807, 0]"))
+    assert draws == [-(2**63), 2**63 - 1, 0]
+    data_fingerprint(np.zeros((1, 1)), np.zeros(1), ["f"], draws, target="t")
 
 
 def test_generated_history_loads(sample_inputs):
