@@ -322,6 +322,26 @@ class _Collector:
         """The typed decoder for the next piece; None sends it down the exact path."""
         return self._decoder
 
+    def add_records(self, records: Sequence[Any], base: int) -> None:
+        """Check and add parsed records (dicts); ``base`` is the first one's index in the file.
+        A batch is checked one kind of problem after another (record shapes, targets, values; keys
+        in the order first seen), so when it fails its records are checked one at a time, each on
+        its own: the error names the first bad record and, in it, the first bad key in file order
+        (as whichever pieces the file was cut into)."""
+        try:
+            self._add_records(records, base)
+        except DataError:
+            for k, rec in enumerate(records):
+                self._blank()._add_records([rec], base + k)
+            raise
+
+    def _add_records(self, records: Sequence[Any], base: int) -> None:
+        raise NotImplementedError
+
+    def _blank(self) -> _Collector:
+        """A new collector like this one, with nothing collected (to check a record on its own)."""
+        raise NotImplementedError
+
     def _add_dicts(self, feature_dicts: list[dict[str, Any]], names: tuple[str, ...], base: int,
                    seeds: Sequence[Any]) -> None:
         """Check parsed records' values and add them as a batch with columns ``names``; the
@@ -447,8 +467,10 @@ class _TableBuilder(_Collector):
         return DataError(f"survivors file {self.source}: record {i} has no target {self.target!r} "
                          f"(looked in `features` and at the top level){seed_note(seed)}")
 
-    def add_records(self, records: Sequence[Any], base: int) -> None:
-        """Check and add parsed records (dicts); ``base`` is the first one's index in the file."""
+    def _blank(self) -> _TableBuilder:
+        return _TableBuilder(self.target, self.source)
+
+    def _add_records(self, records: Sequence[Any], base: int) -> None:
         feature_dicts: list[dict[str, Any]] = []
         targets: list[Any] = []
         seeds: list[Any] = []
@@ -522,7 +544,10 @@ class _FeaturesBuilder(_Collector):
         super().__init__(source)
         self.seeds: list[Any] = []
 
-    def add_records(self, records: Sequence[Any], base: int) -> None:
+    def _blank(self) -> _FeaturesBuilder:
+        return _FeaturesBuilder(self.names, self.source)
+
+    def _add_records(self, records: Sequence[Any], base: int) -> None:
         feature_dicts = [features_of(rec, i, self.source) for i, rec in enumerate(records, start=base)]
         seeds = [rec.get("seed") for rec in records]
         if self._decoder is None and feature_dicts and all(map(decodable_key, self.names)):

@@ -175,6 +175,36 @@ def test_first_bad_value_in_file_order_is_reported(tmp_path):
         load_survivors(write(tmp_path, recs))
 
 
+@pytest.mark.parametrize("block_size", [64, 1 << 20])  # a record a piece; the whole file one batch
+def test_first_bad_record_in_file_order_whatever_the_kind_of_problem(tmp_path, monkeypatch, block_size):
+    """A batch checked shapes and targets before values: a later record's missing target was
+    reported before an earlier record's bad feature, and which one depended on the piece size."""
+    from step5.data import arrayreader
+
+    monkeypatch.setattr(arrayreader, "DEFAULT_BLOCK_SIZE", block_size)
+    recs = [good(i) for i in range(50)]
+    recs[5]["features"]["b_feat"] = "x"
+    del recs[10]["holdout_quality"]
+    recs[12]["holdout_quality"] = None
+    recs[20]["features"] = None
+    path = write(tmp_path, recs)
+    with pytest.raises(DataError, match=r"record 5: feature 'b_feat'"):
+        load_survivors(path)
+    with pytest.raises(DataError, match=r"record 5: feature 'b_feat'"):
+        load_features(path, ["a_feat", "b_feat"])
+    recs[5]["features"]["b_feat"] = 1.0
+    recs[7]["features"] = {"a_feat": "y", "b_feat": None, "score": 0.5}  # first seen: b_feat, then a_feat
+    path = write(tmp_path, recs)
+    with pytest.raises(DataError, match=r"record 7: feature 'a_feat'"):
+        load_survivors(path)
+    recs[7] = good(7)
+    path = write(tmp_path, recs)
+    with pytest.raises(DataError, match=r"record 10 has no target"):
+        load_survivors(path)
+    with pytest.raises(DataError, match=r"record 20: `features` must be a JSON object"):
+        load_features(path, ["a_feat", "b_feat"])
+
+
 def test_bad_value_in_a_filled_record_is_still_found(tmp_path):
     recs = [good(0), rec({"a_feat": "bad"}, holdout_quality=0.1)]  # lacks b_feat and is bad
     with pytest.raises(DataError, match=r"record 1: feature 'a_feat'"):
