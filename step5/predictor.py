@@ -168,16 +168,10 @@ def load_predictor(model_dir_or_sidecar_path: str | os.PathLike[str]) -> Predict
     return Predictor(sidecar=sidecar, sidecar_path=sidecar_path, checkpoint_path=checkpoint, model=model)
 
 
-_ORJSON_INTS = range(-(1 << 63), 1 << 64)  # the ints orjson writes
-
-
 def writable_seed(seed: Any, i: int, source: Any) -> Any:
     """``seed`` as the predictions file can hold it: orjson writes no int beyond 64 bits and no
     string with a lone surrogate (``"\\ud800"`` in the survivors file), which the readers accept
     in a seed; such a seed is written as the standard library writes it, i.e. as the file had it."""
-    if seed is None or type(seed) is float or (type(seed) is int and seed in _ORJSON_INTS) or (
-            type(seed) is str and seed.isascii()):
-        return seed
     try:
         orjson.dumps(seed)
         return seed
