@@ -586,8 +586,8 @@ def _read_file(path: str | os.PathLike[str], builder: _TableBuilder | _FeaturesB
     with fh:
         reader = ArrayReader(fh, source, "survivors")
         if not reader.open_array():
-            # Not an array (or not JSON): parse it whole for the message. A file that still
-            # turns out to hold an array (e.g. after a byte-order mark) is read as one batch.
+            # Not an array (or not JSON): parse it whole for the message (a byte-order mark is
+            # refused there, as json.load refuses it); one that still holds an array is read whole.
             builder.add_records(records_list(read_json_file(path, "survivors"), source), 0)
             return builder.finish()
         # The first record fixes the decoder's columns; the empty-array error comes from here too.
