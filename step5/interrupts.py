@@ -41,6 +41,15 @@ def raise_if_interrupted() -> None:
         raise _latched
 
 
+def delivered(exc: BaseException) -> BaseException:
+    """The interrupt that really arrived, for ``exc`` caught on its way out. A library may replace whatever
+    a signal handler raised inside it with a plain KeyboardInterrupt of its own (catboost's fit does), which
+    would report a SIGTERM as Ctrl-C (exit 130, trials "interrupted by Ctrl-C"); the latch still knows."""
+    if type(exc) is KeyboardInterrupt and isinstance(_latched, Terminated):
+        return _latched
+    return exc
+
+
 @contextmanager
 def latched_interrupts() -> Iterator[bool]:
     """Handle SIGINT, SIGTERM and SIGHUP (a closed terminal: stop as on SIGTERM, cleaning up, rather than

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any, Mapping
 
@@ -180,6 +180,20 @@ def _typed(raw: dict[str, Any], name: str, cls: type, source: str) -> Any:
     return cls(**values)
 
 
+#: The longest duration a ``training`` key may give, in seconds (about 31 years). Step 5 waits on
+#: these with threading and queue calls, which raise OverflowError past ``threading.TIMEOUT_MAX``
+#: (about 292 years): a policy that says "never time out" with 1e10 would end the run in a traceback.
+MAX_DURATION_S = 1e9
+
+
+def _check_durations(training: TrainingPolicy, source: str) -> None:
+    for f in fields(training):
+        value = getattr(training, f.name)
+        if f.name.endswith("_s") and value > MAX_DURATION_S:
+            raise PolicyError(f"{source}: training.{f.name} must be at most {MAX_DURATION_S:g} seconds (about 31 "
+                              f"years), got {value:g}")
+
+
 #: The top-level sections Step 5 reads; the pipeline's file holds many others.
 POLICY_SECTIONS = ("training", "watcher", "training_diagnostics", "acceptance_rules")
 #: The part of ``acceptance_rules`` that is Step 5's.
@@ -276,6 +290,7 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
                 f"{source}: training.heartbeat_grace_s ({training.heartbeat_grace_s}) must exceed "
                 f"training.heartbeat_interval_s ({training.heartbeat_interval_s}), or a live trial would look dead"
             )
+        _check_durations(training, source)
         if training.max_consecutive_failed_trials < 1:
             raise PolicyError(f"{source}: training.max_consecutive_failed_trials must be >= 1, "
                               f"got {training.max_consecutive_failed_trials}")

@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from step5.errors import Terminated, interrupt_reason
-from step5.interrupts import latched_interrupts, raise_if_interrupted
+from step5.interrupts import delivered, latched_interrupts, raise_if_interrupted
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
@@ -46,3 +46,17 @@ def test_terminated_keeps_its_signal_through_a_copy_or_a_pickle():
                 pickle.loads(pickle.dumps(Terminated(signal.SIGHUP)))):
         assert (exc.signal_name, exc.exit_code, str(exc)) == ("SIGHUP", 129, "SIGHUP")
     assert Terminated().exit_code == 143
+
+
+def test_a_plain_keyboard_interrupt_a_library_raised_for_a_sigterm_is_delivered_as_the_sigterm():
+    plain = KeyboardInterrupt()  # catboost's fit raises one of its own for whatever a handler raised
+    with latched_interrupts():
+        assert delivered(plain) is plain  # nothing arrived: a real Ctrl-C of the library's own
+        with pytest.raises(Terminated) as info:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert isinstance(delivered(plain), Terminated) and delivered(plain).exit_code == 128 + signal.SIGTERM
+        assert delivered(info.value) is info.value
+    with latched_interrupts():
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert delivered(plain) is plain  # a Ctrl-C stays a Ctrl-C

@@ -290,6 +290,14 @@ BAD = [
     ({"training": {"heartbeat_interval_s": 30, "heartbeat_grace_s": 10}},
      "training.heartbeat_grace_s (10.0) must exceed training.heartbeat_interval_s (30.0), or a live trial would look dead"),
     ({"training": {"max_consecutive_failed_trials": 0}}, "training.max_consecutive_failed_trials must be >= 1, got 0"),
+    # durations Step 5 waits on: past threading.TIMEOUT_MAX they raised OverflowError in the run (a traceback)
+    ({"training": {"worker_job_timeout_s": 1e10}},
+     "training.worker_job_timeout_s must be at most 1e+09 seconds (about 31 years), got 1e+10"),
+    ({"training": {"worker_ready_timeout_s": 1e300}}, "training.worker_ready_timeout_s must be at most 1e+09 seconds"),
+    ({"training": {"heartbeat_interval_s": 1e10, "heartbeat_grace_s": 1e11}},
+     "training.heartbeat_interval_s must be at most 1e+09 seconds"),
+    ({"training": {"storage_outage_s": 1e12}}, "training.storage_outage_s must be at most 1e+09 seconds"),
+    ({"training": {"worker_spawn_stagger_s": 1e12}}, "training.worker_spawn_stagger_s must be at most 1e+09 seconds"),
 ]
 
 
@@ -323,12 +331,14 @@ def test_every_pruner_name_is_accepted(name):
 def test_boundary_values_are_accepted():
     policy = parse_policy({
         "training": {"max_worker_restarts": 0, "trials_in_flight": 0, "max_consecutive_failed_trials": 1,
-                     "heartbeat_interval_s": 0.5, "heartbeat_grace_s": 0.6, "worker_job_timeout_s": 1e-3},
+                     "heartbeat_interval_s": 0.5, "heartbeat_grace_s": 0.6, "worker_job_timeout_s": 1e-3,
+                     "worker_ready_timeout_s": 1e9, "storage_outage_s": 1e9},
         "watcher": {"retry_trials_multiplier": 1, "max_retries": 0},
         "training_diagnostics": {"metric_bounds": {"test_r2": {"warning": -1}},
                                  "severity_thresholds": {"critical": {"max_retries": 0}}},
     }, SOURCE)
     assert policy.training.max_worker_restarts == 0 and policy.training.heartbeat_grace_s == 0.6
+    assert policy.training.worker_ready_timeout_s == policy.training.storage_outage_s == 1e9
     assert policy.watcher.retry_trials_multiplier == 1.0 and policy.watcher.max_retries == 0
     assert policy.training_diagnostics.metric_bounds == {"test_r2": MetricBound("test_r2", -1.0, None, WORSE_BELOW)}
     assert policy.training_diagnostics.max_critical_retries == 0

@@ -18,7 +18,7 @@ from step5.cliutil import (
 )
 from step5.fsutil import DIR_MODE, create_temp_file, os_error_reason
 from step5.errors import EXIT_INTERRUPTED, EXIT_OK, DegenerateSignalError, Step5Error, Terminated, UsageError
-from step5.interrupts import latched_interrupts
+from step5.interrupts import delivered, latched_interrupts
 from step5.lifeline import install_stdin_lifeline, install_supervisor_lifeline
 from step5.optimizer.config import DEFAULT_MOD, DEFAULT_PRNG_TYPE, OptimizerConfig, sqlite_database, validate_config
 from step5.policy import PRUNER_NAMES, find_policy
@@ -295,10 +295,11 @@ def _run_main(parser: UsageErrorParser, args: argparse.Namespace, argv: list[str
     except Step5Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except Terminated as exc:
-        logger.error("terminated by %s; workers and temporary files were cleaned up", exc.signal_name)
-        return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as caught:
+        exc = delivered(caught)  # a SIGTERM that a library (catboost) re-raised as a plain KeyboardInterrupt
+        if isinstance(exc, Terminated):
+            logger.error("terminated by %s; workers and temporary files were cleaned up", exc.signal_name)
+            return exc.exit_code
         logger.error("interrupted (Ctrl-C); workers and temporary files were cleaned up")
         return EXIT_INTERRUPTED
 

@@ -107,6 +107,11 @@ def cv_repeats(config: OptimizerConfig, n_dev: int) -> int:
     return max(1, min(TREE_CV_REPEATS_MAX, math.ceil(CV_VALIDATION_ROWS / max(n_dev, 1))))
 
 
+#: The largest seed: numpy's and scikit-learn's seeds are 32-bit, and the run adds to it (docs/optimizer.md).
+MAX_SEED = 2**31 - 1
+#: The largest value of every other integer setting: the study, the sidecar and the workers' requests carry
+#: it as a JSON integer, which Step 5's writer (orjson) keeps to 64 bits.
+MAX_INT = 2**63 - 1
 #: The least value of each numeric setting (None: not given, the default decides), checked in this order.
 _MINIMUMS = {"trials": 1, "k_folds": 2, "seed": 0, "cpu_workers": 1, "mod": 1, "holdout_draws": 0, "fuse_trials": 1,
              "trials_in_flight": 1, "rescore_partitions": 0, "cv_repeats": 1, "nn_max_epochs": 1}
@@ -122,6 +127,10 @@ def validate_config(config: OptimizerConfig) -> None:
         value = getattr(config, name)
         if value is not None and value < least:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+        most, why = (MAX_SEED, " (numpy and scikit-learn take 32-bit seeds, and the run derives seed + 1, "
+                     "seed + 2 and its sampler's seed + trials from it)") if name == "seed" else (MAX_INT, "")
+        if value is not None and value > most:
+            raise UsageError(f"--{name.replace('_', '-')} must be <= {most}{why}, got {value}")
     if not 0.0 < config.test_holdout < 1.0:
         raise UsageError(f"--test-holdout must be a fraction strictly between 0 and 1, got {config.test_holdout}")
     if config.dropout is not None and not 0.0 <= config.dropout < 1.0:

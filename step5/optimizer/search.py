@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from step5.errors import JobError, Step5Error, StorageError, TooManyFailedTrials, interrupt_reason
 from step5.execution.summary import SearchRecord
-from step5.interrupts import raise_if_interrupted
+from step5.interrupts import delivered, raise_if_interrupted
 from step5.optimizer.backends import FoldGate, ModelBackend, Pruned, TrialOutcome
 from step5.optimizer.objective import anti_overfit_score, record_trial
 from step5.optimizer.study import (
@@ -287,7 +287,8 @@ def run_search(opened: OpenedStudy, backend: ModelBackend, plan: SearchPlan, goa
                 tell_batch(trained)
                 if prefetch_error is not None:
                     raise prefetch_error  # this batch is told; the prefetched trials are failed below
-            except BaseException as exc:
+            except BaseException as caught:
+                exc = delivered(caught)  # the trials' reason names the signal that came, whatever a library raised
                 unrun = prefetch.stop() if prefetch is not None else []
                 for done in (handed, pending, trained):
                     if done is not None:

@@ -205,9 +205,11 @@ def print_status(*, decision_log: str, policy_path: str, last: int, out: IO[str]
     print(f"decision log {decision_log}: last {len(records)} decision(s)"
           + (f", {bad} unreadable line(s) skipped" if bad else ""), file=out)
     for r in records:
-        reasons = "; ".join(str(x) for x in r.get("reasons") or [])
+        # A line of another writer (or a hand edit) may lack a key or give it another type: shown as it is.
+        reasons = r.get("reasons")
+        reasons = "; ".join(str(x) for x in reasons) if isinstance(reasons, list) else str(reasons or "")
         print(f"  {r.get('timestamp')}  run {r.get('run_id')}  step {r.get('step')}  "
-              f"attempt {r.get('attempt')}/{r.get('max_attempts')}  {r.get('decision'):<10}  "
+              f"attempt {r.get('attempt')}/{r.get('max_attempts')}  {str(r.get('decision')):<10}  "
               f"{r.get('exit_status')}  {r.get('model_type') or '-'}  {reasons}", file=out)
     rules = policy.training_diagnostics
     registry = load_skip_registry(DEFAULT_REGISTRY_PATH)

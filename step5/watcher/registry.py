@@ -101,13 +101,17 @@ def load_skip_registry(path: str | os.PathLike[str] = DEFAULT_REGISTRY_PATH) -> 
 
 def skip_until(entry: dict[str, Any], rules: DiagnosticsPolicy) -> datetime | None:
     """When a model type's skip ends, or None when it is not skipped at all. An entry over
-    the limit without a ``last_critical`` time is skipped with no end (datetime.max)."""
+    the limit without a ``last_critical`` time is skipped with no end (datetime.max), as is one
+    whose end would fall past the year 9999 (a skip_duration_hours meant as "for ever")."""
     if int(entry.get("consecutive_critical", 0)) < rules.max_consecutive_critical:
         return None
     last = _parse_time(entry.get("last_critical"))
     if last is None:
         return datetime.max.replace(tzinfo=timezone.utc)
-    return last + timedelta(hours=rules.skip_duration_hours)
+    try:
+        return last + timedelta(hours=rules.skip_duration_hours)
+    except OverflowError:  # past what a datetime holds: it would never end anyway
+        return datetime.max.replace(tzinfo=timezone.utc)
 
 
 def skipped_model_types(
@@ -119,8 +123,8 @@ def skipped_model_types(
     for model_type, entry in registry.items():
         until = skip_until(entry, rules) if isinstance(entry, dict) else None
         if until is not None and now < until:
-            ends = "with no end (no last_critical time)" if until.year == datetime.max.year else \
-                f"until {until.isoformat(timespec='seconds')}"
+            ends = f"until {until.isoformat(timespec='seconds')}" if until.year < datetime.max.year else \
+                "with no end" + (" (no last_critical time)" if _parse_time(entry.get("last_critical")) is None else "")
             out[model_type] = (
                 f"{entry.get('consecutive_critical')} consecutive critical results (max_consecutive_critical "
                 f"{rules.max_consecutive_critical}); skipped {ends}; last: {entry.get('last_reason', 'n/a')}"

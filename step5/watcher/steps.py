@@ -171,6 +171,8 @@ def _check_value(step: StepSpec, spec: ParamSpec, value: Any) -> tuple[Any, Any]
     converted = text = _as_text(value)
     if not text.strip():
         raise UsageError(f"{where} must not be empty")
+    if "\0" in text:  # JSON can carry one, a command line cannot: starting the step would raise ValueError
+        raise UsageError(f"{where} must not contain a NUL character, got {value!r}")
     if action.type is not None:
         try:
             converted = action.type(text)  # type: ignore[operator]

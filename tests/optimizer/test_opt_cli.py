@@ -69,6 +69,15 @@ def test_help_exits_0_and_lists_every_spec_flag(repo_root, python):
         (["--prng-type", " "], "--prng-type must not be empty"),  # was recorded as the run's PRNG
         (["--parent-run-id", ""], "--parent-run-id must not be empty"),
         (["--study-name", " "], "--study-name must not be empty"),
+        # Past numpy's and scikit-learn's 32-bit seeds: a ValueError traceback from the split or the sampler.
+        (["--seed", "2147483648"], "--seed must be <= 2147483647 (numpy and scikit-learn take 32-bit seeds"),
+        (["--seed", str(2**32)], "--seed must be <= 2147483647"),
+        # Past 64 bits: "TypeError: Integer exceeds 64-bit range" from the JSON writer (study name, sidecar).
+        (["--k-folds", str(10**20)], f"--k-folds must be <= {2**63 - 1}, got {10**20}"),
+        (["--nn-max-epochs", str(10**20)], "--nn-max-epochs must be <="),
+        (["--mod", str(10**20)], "--mod must be <="),
+        (["--holdout-draws", str(10**20)], "--holdout-draws must be <="),
+        (["--fuse-trials", str(10**20)], "--fuse-trials must be <="),
     ],
 )
 def test_usage_errors_exit_64(repo_root, sample_inputs, tmp_path, capsys, extra, message):

@@ -112,3 +112,38 @@ def test_a_ctrl_c_the_interpreter_drops_still_stops_the_search_before_the_next_b
                                                      (2, TrialState.FAIL)]
     assert trials[2].user_attrs["fail_reason"] == "interrupted by Ctrl-C (SIGINT)"
     assert signal.getsignal(signal.SIGINT) is before  # the handlers were put back
+
+
+def test_a_sigterm_a_library_reraises_as_a_plain_keyboard_interrupt_is_still_sigterm(
+        sample_inputs, tmp_path, monkeypatch, capfd):
+    # catboost's fit replaces whatever a signal handler raised inside it with a KeyboardInterrupt of
+    # its own: a SIGTERM there (the WATCHER's timeout, a scheduler) was reported as Ctrl-C, exit 130,
+    # and its trials failed as "interrupted by Ctrl-C (SIGINT)".
+    from step5.optimizer import backends
+    from step5.optimizer.cli import main
+
+    survivors, history = sample_inputs
+    run_trials = backends.TreeBackend.run_trials
+
+    def sigterm_inside_a_library(self, trials, gate=None):
+        if [number for number, _ in trials] == [1]:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler raises Terminated right here
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt() from None  # as catboost's fit does
+        return run_trials(self, trials, gate)
+
+    monkeypatch.setattr(backends.TreeBackend, "run_trials", sigterm_inside_a_library)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    rc = main(["--survivors", str(survivors), "--lottery-data", str(history), "--model-type", "xgboost",
+               "--trials", "4", "--k-folds", "2", "--cpu-workers", "1", "--output-dir", str(out)])
+    err = capfd.readouterr().err
+    assert rc == 143, err[-2000:]
+    assert "terminated by SIGTERM" in err and "Ctrl-C" not in err
+    storage = f"sqlite:///{(out / 'optuna_step5.db').resolve()}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    assert [t.state for t in trials][:2] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert {t.user_attrs["fail_reason"] for t in trials[1:]} == {"interrupted by SIGTERM"}
+    assert TrialState.RUNNING not in {t.state for t in trials}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from step5.owner import pid_alive as is_running
-from step5.policy import load_policy
+from step5.policy import PROJECT_POLICY_PATH, load_policy
 from step5.testing.processes import result_line, watcher_decisions
 from step5.watcher.process import group_members
 from step5.watcher.registry import load_skip_registry, record_result
@@ -258,6 +258,25 @@ def test_status_shows_decisions_and_registry(work, watcher):
     assert "RETRY" in proc.stdout and "SKIP_MODEL" in proc.stdout
     assert "neural_net" in proc.stdout and "consecutive_critical=1" in proc.stdout
     assert "skipped: none" in proc.stdout
+
+
+def test_status_shows_a_decision_log_line_of_another_shape_as_it_is(tmp_path, monkeypatch):
+    # A line another writer (or a hand edit) left, without `decision` or with other types, raised a
+    # TypeError from the format spec: `--status` ended in a traceback instead of listing the decisions.
+    import io
+
+    from step5.watcher.cli import print_status
+
+    monkeypatch.chdir(tmp_path)
+    log = tmp_path / "decisions.jsonl"
+    log.write_text('{"step": 5}\n{"decision": ["PROCEED"], "reasons": "one reason"}\n[1, 2]\n'
+                   '{"decision": "ESCALATE", "reasons": ["a", "b"]}\n')
+    out = io.StringIO()
+    print_status(decision_log=str(log), policy_path=str(PROJECT_POLICY_PATH), last=10, out=out)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == f"decision log {log}: last 3 decision(s), 1 unreadable line(s) skipped"
+    assert "None" in lines[1] and "['PROCEED']" in lines[2] and lines[2].endswith("one reason")
+    assert "ESCALATE" in lines[3] and lines[3].endswith("a; b")
 
 
 @pytest.mark.parametrize("args, code, words", [

@@ -79,6 +79,17 @@ def test_an_entry_over_the_limit_without_a_time_stays_skipped():
     assert "with no end" in skipped_model_types(registry, RULES, NOW)["lightgbm"]
 
 
+@pytest.mark.parametrize("hours, last", [(1e300, "2026-02-18T10:00:00+00:00"), (24, "9999-12-31T10:00:00+00:00")])
+def test_a_skip_that_would_end_past_the_year_9999_never_ends(hours, last):
+    # A skip_duration_hours meant as "for ever", or a last_critical written far ahead, used to raise
+    # OverflowError out of timedelta or the addition: a traceback from `--status` and from compare runs.
+    registry = {"catboost": {"consecutive_critical": 3, "last_critical": last}}
+    rules = DiagnosticsPolicy(skip_duration_hours=hours)
+    assert skip_until(registry["catboost"], rules) == datetime.max.replace(tzinfo=timezone.utc)
+    reason = skipped_model_types(registry, rules, NOW)["catboost"]
+    assert "skipped with no end;" in reason and "no last_critical time" not in reason
+
+
 @pytest.mark.parametrize(
     "content, words",
     [

@@ -102,6 +102,9 @@ def test_store_true_false_adds_nothing():
         ({"gpus": []}, "takes a string or a number"),
         ({"gpus": {"0": 1}}, "takes a string or a number"),
         ({"survivors": ""}, "must not be empty"),
+        # JSON carries a NUL, a command line cannot: starting the step raised ValueError (a traceback)
+        ({"output_dir": "models\u0000x"}, "`output_dir` (step 5 flag --output-dir) must not contain a NUL character"),
+        ({"gpus": ["0", "1\u0000"]}, "must not contain a NUL character"),
         ({"log_level": "LOUD"}, "must be one of"),
         ({"device": "tpu"}, "'cpu', 'cuda' or 'cuda:N'"),
         # Checks that need the whole command are the optimizer's own (config_from_args).
