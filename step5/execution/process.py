@@ -366,7 +366,10 @@ def run_oneshot_job(
                            **echo(request)) from None
         if reply.get("status") == "ready":
             reply = trainer.receive(deadline - time.monotonic(), doing)
-        code = trainer.expect_exit(deadline - time.monotonic(), doing)
+        # The reply came in time; what is left is the exit, and the pipes close only once the kernel
+        # has torn the process down (seconds, for a torch process on a loaded machine). A reply just
+        # before the deadline must not become a timeout for that: the same allowance as after EOF.
+        code = trainer.expect_exit(max(deadline - time.monotonic(), _EXIT_AFTER_EOF_S), doing)
     except WorkerFault as fault:
         if fault.kind not in ("hang", "boot"):
             raise
