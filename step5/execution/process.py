@@ -345,10 +345,14 @@ def run_oneshot_job(
     :class:`JobError` for a job failure (``startup_error`` also when the trainer's ``ready``
     does not come within ``ready_timeout_s``: torch or the device hangs setting up),
     :class:`JobTimedOut` past ``timeout_s`` (the trainer and its children killed),
-    :class:`WorkerCrashed` when it dies, writes more than its reply, or exits with a code
-    that does not match it."""
+    :class:`WorkerCrashed` when it cannot be started, dies, writes more than its reply, or
+    exits with a code that does not match it."""
     deadline = time.monotonic() + timeout_s
-    trainer = WorkerProcess(f"{slot.label} one-shot", start(list(command or oneshot_command()), slot.environment()))
+    try:
+        proc = start(list(command or oneshot_command()), slot.environment())
+    except OSError as exc:  # fork or exec failed (no memory, the process limit): this attempt's, like a crash
+        raise WorkerCrashed(f"one-shot trainer on {slot.label} could not be started: {exc}") from None
+    trainer = WorkerProcess(f"{slot.label} one-shot", proc)
     doing = f"running job {request.job_id!r} (trial {request.trial_number}, fold {request.fold_idx})"
     try:
         trainer.send(request, doing)
