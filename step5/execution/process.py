@@ -94,6 +94,13 @@ _EXIT_AFTER_EOF_S = 10.0
 _probe_ids = itertools.count()
 
 
+def wait_s(seconds: float) -> float:
+    """``seconds`` as a wait a lock can take: the policy's timeouts may be any finite number, but
+    ``queue.get`` and ``Event.wait`` raise OverflowError past ``threading.TIMEOUT_MAX`` (about 292
+    years); a wait that long is forever either way."""
+    return min(max(0.0, seconds), threading.TIMEOUT_MAX)
+
+
 def close_pipes(proc: subprocess.Popen[bytes], *, stdout_free: bool, stderr_free: bool) -> None:
     """Close our ends of a finished process's pipes: stdin always, stdout and stderr only when
     the thread reading each has let go of it (closing a stream another thread still reads can
@@ -165,7 +172,7 @@ class WorkerProcess:
 
     def _next(self, timeout_s: float) -> tuple[str, Any] | None:
         try:
-            return self._lines.get(timeout=max(0.0, timeout_s))
+            return self._lines.get(timeout=wait_s(timeout_s))
         except queue.Empty:
             return None
 
@@ -338,10 +345,14 @@ def run_oneshot_job(
     :class:`JobError` for a job failure (``startup_error`` also when the trainer's ``ready``
     does not come within ``ready_timeout_s``: torch or the device hangs setting up),
     :class:`JobTimedOut` past ``timeout_s`` (the trainer and its children killed),
-    :class:`WorkerCrashed` when it dies, writes more than its reply, or exits with a code
-    that does not match it."""
+    :class:`WorkerCrashed` when it cannot be started, dies, writes more than its reply, or
+    exits with a code that does not match it."""
     deadline = time.monotonic() + timeout_s
-    trainer = WorkerProcess(f"{slot.label} one-shot", start(list(command or oneshot_command()), slot.environment()))
+    try:
+        proc = start(list(command or oneshot_command()), slot.environment())
+    except OSError as exc:  # fork or exec failed (no memory, the process limit): this attempt's, like a crash
+        raise WorkerCrashed(f"one-shot trainer on {slot.label} could not be started: {exc}") from None
+    trainer = WorkerProcess(f"{slot.label} one-shot", proc)
     doing = f"running job {request.job_id!r} (trial {request.trial_number}, fold {request.fold_idx})"
     try:
         trainer.send(request, doing)
@@ -359,7 +370,10 @@ def run_oneshot_job(
                            **echo(request)) from None
         if reply.get("status") == "ready":
             reply = trainer.receive(deadline - time.monotonic(), doing)
-        code = trainer.expect_exit(deadline - time.monotonic(), doing)
+        # The reply came in time; what is left is the exit, and the pipes close only once the kernel
+        # has torn the process down (seconds, for a torch process on a loaded machine). A reply just
+        # before the deadline must not become a timeout for that: the same allowance as after EOF.
+        code = trainer.expect_exit(max(deadline - time.monotonic(), _EXIT_AFTER_EOF_S), doing)
     except WorkerFault as fault:
         if fault.kind not in ("hang", "boot"):
             raise
@@ -411,7 +425,7 @@ class Spawner:
                 wait = self._last_start + self.stagger_s - time.monotonic()
                 if wait > 0:
                     logger.debug("next worker start in %.2fs (worker_spawn_stagger_s %g)", wait, self.stagger_s)
-                    self._stopping.wait(wait)  # shutdown() cuts it short
+                    self._stopping.wait(wait_s(wait))  # shutdown() cuts it short
             self._last_start = time.monotonic()
             try:
                 future.set_result(fn())

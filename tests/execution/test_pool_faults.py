@@ -7,6 +7,7 @@ retried, so every job's result is the undisturbed one and none is counted twice.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 
 from step5.devices import DeviceSlot
 from step5.errors import JobError
+from step5.execution import pool as pool_module
 from step5.execution import process
 from step5.execution.pool import WorkerPool
 from step5.protocol import NNParams, TrainRequest
@@ -160,6 +162,29 @@ def test_fallback_trainer_crashing_too_fails_the_job_after_bounded_retries(data_
         summary = summary_of(pool)
     assert summary["workers"][0]["fallback"] is True
     assert [c["kind"] for c in summary["faults"]] == ["crash", "crash", "oneshot", "oneshot"]
+
+
+def test_a_one_shot_trainer_that_cannot_be_started_is_a_fault_and_its_job_is_re_run(data_file, monkeypatch):
+    # fork() failing (no memory, the process limit) for one trainer, on a slot whose workers keep
+    # crashing (what an OOM killer makes of a rig): the OSError escaped run(), so the user saw a
+    # traceback and the run ended, instead of the job being re-run like one whose trainer died.
+    real, starts = pool_module.popen_worker, []
+
+    def no_memory_once(command, env):
+        if "--request" in command:
+            starts.append(command)
+            if len(starts) == 1:
+                raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return real(command, env)
+
+    monkeypatch.setattr(pool_module, "popen_worker", no_memory_once)
+    requests = make_requests(data_file, n=2)
+    with make_pool("--fault", "sigkill", max_worker_restarts=0) as pool:
+        assert metrics(run_each(pool, requests)) == expected(requests)
+        summary = summary_of(pool)
+    oneshot = [f for f in summary["faults"] if f["kind"] == "oneshot"]
+    assert len(oneshot) == 1 and "could not be started: [Errno 12] Cannot allocate memory" in oneshot[0]["error"]
+    assert summary["recovery"]["reruns"] == 2  # the job the worker's crash hit, then its unstarted trainer
 
 
 def test_zero_restarts_falls_back_on_first_fault(data_file, caplog):

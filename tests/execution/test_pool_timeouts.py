@@ -18,7 +18,7 @@ from step5.errors import JobError, TrainerCannotStart
 from step5.execution.pool import WorkerPool
 from step5.policy import TrainingPolicy
 from step5.protocol import NNParams, TrainRequest
-from step5.testing import FAKE_WORKER, fake_worker_command, run_each, summary_of
+from step5.testing import FAKE_WORKER, cpu_slots, fake_worker_command, run_each, summary_of
 
 TIMEOUT_S = 1.5
 
@@ -138,3 +138,52 @@ def test_a_one_shot_trainer_that_never_sets_torch_up_retires_its_slot_not_every_
         with pytest.raises(TrainerCannotStart, match=r"^no training process can start on CPU-1 \(the CPU\): its "
                                                      r"one-shot trainer did not set up torch"):
             pool.run([[request(data_file)]])
+
+
+@pytest.mark.parametrize("persistent", [True, False], ids=["workers", "one-shot"])
+def test_timeouts_past_what_a_lock_can_wait_mean_forever(data_file, persistent):
+    # The policy takes any finite number of seconds; a lock's wait stops at
+    # threading.TIMEOUT_MAX (~9.2e9 s). A longer timeout raised OverflowError out of the boot
+    # or the job's wait (a traceback, not a run), and a longer spawn stagger killed the spawner
+    # thread, so the second slot's boot waited on it, and close() on that boot, forever.
+    huge = 1e12
+    policy = TrainingPolicy(worker_job_timeout_s=huge, worker_ready_timeout_s=huge, worker_spawn_stagger_s=huge)
+    pool = WorkerPool(cpu_slots(2), policy, persistent=persistent, worker_command=fake_worker_command(),
+                      oneshot_script=FAKE_WORKER, shutdown_timeout_s=2.0, wait=False)
+    try:
+        (outcome,), (other,) = pool.run([[request(data_file, 0)], [request(data_file, 1)]])
+        assert (outcome["status"], outcome["fold_idx"], other["status"], other["fold_idx"]) == (
+            "complete", 0, "complete", 1)
+    finally:
+        start = time.monotonic()
+        pool.close()
+        assert time.monotonic() - start < 10
+
+
+# A one-shot trainer that replies `complete` REPLY_AT seconds after it started, then takes
+# EXIT_AFTER seconds to go away (its pipes close only once the kernel tore it down).
+LATE_EXIT = """\
+import json, sys, time
+start = time.monotonic()
+request = json.loads(sys.stdin.buffer.read())
+print(json.dumps({{"status": "ready", "device": "cpu", "pid": 0, "protocol": 1}}), flush=True)
+time.sleep(max(0.0, start + {reply_at} - time.monotonic()))
+print(json.dumps({{"status": "complete", "r2": 0.5, "val_mse": 1.0, "train_mse": 1.0, "train_r2": 0.6,
+                  "trial_number": request["trial_number"], "fold_idx": request["fold_idx"]}}), flush=True)
+time.sleep({exit_after})
+"""
+
+
+def test_a_one_shot_reply_just_before_the_deadline_counts_though_the_exit_comes_after_it(data_file, tmp_path):
+    # The reply comes 0.5 s before the 3 s deadline, the exit 1 s later: the exit used to be
+    # held to what was left of the job's timeout, so a result that came in time was thrown
+    # away as a timeout, twice, and the job failed with "ran past its 3s timeout".
+    script = tmp_path / "late_exit.py"
+    script.write_text(LATE_EXIT.format(reply_at=2.5, exit_after=1.0))
+    with WorkerPool([DeviceSlot("CPU-0", "cpu", "", 1)], TrainingPolicy(worker_job_timeout_s=3.0),
+                    persistent=False, oneshot_script=script) as runner:
+        ((outcome,),) = runner.run([[request(data_file)]])
+        summary = summary_of(runner)
+    assert not isinstance(outcome, JobError), outcome
+    assert (outcome["status"], outcome["r2"], outcome["job_id"]) == ("complete", 0.5, "t0-f0")
+    assert summary["faults"] == []
