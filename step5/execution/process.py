@@ -94,13 +94,6 @@ _EXIT_AFTER_EOF_S = 10.0
 _probe_ids = itertools.count()
 
 
-def wait_s(seconds: float) -> float:
-    """``seconds`` as a wait a lock can take: the policy's timeouts may be any finite number, but
-    ``queue.get`` and ``Event.wait`` raise OverflowError past ``threading.TIMEOUT_MAX`` (about 292
-    years); a wait that long is forever either way."""
-    return min(max(0.0, seconds), threading.TIMEOUT_MAX)
-
-
 def close_pipes(proc: subprocess.Popen[bytes], *, stdout_free: bool, stderr_free: bool) -> None:
     """Close our ends of a finished process's pipes: stdin always, stdout and stderr only when
     the thread reading each has let go of it (closing a stream another thread still reads can
@@ -172,7 +165,7 @@ class WorkerProcess:
 
     def _next(self, timeout_s: float) -> tuple[str, Any] | None:
         try:
-            return self._lines.get(timeout=wait_s(timeout_s))
+            return self._lines.get(timeout=max(0.0, timeout_s))
         except queue.Empty:
             return None
 
@@ -425,7 +418,7 @@ class Spawner:
                 wait = self._last_start + self.stagger_s - time.monotonic()
                 if wait > 0:
                     logger.debug("next worker start in %.2fs (worker_spawn_stagger_s %g)", wait, self.stagger_s)
-                    self._stopping.wait(wait_s(wait))  # shutdown() cuts it short
+                    self._stopping.wait(wait)  # shutdown() cuts it short
             self._last_start = time.monotonic()
             try:
                 future.set_result(fn())

@@ -18,7 +18,7 @@ from step5.errors import JobError, TrainerCannotStart
 from step5.execution.pool import WorkerPool
 from step5.policy import TrainingPolicy
 from step5.protocol import NNParams, TrainRequest
-from step5.testing import FAKE_WORKER, cpu_slots, fake_worker_command, run_each, summary_of
+from step5.testing import FAKE_WORKER, fake_worker_command, run_each, summary_of
 
 TIMEOUT_S = 1.5
 
@@ -138,26 +138,6 @@ def test_a_one_shot_trainer_that_never_sets_torch_up_retires_its_slot_not_every_
         with pytest.raises(TrainerCannotStart, match=r"^no training process can start on CPU-1 \(the CPU\): its "
                                                      r"one-shot trainer did not set up torch"):
             pool.run([[request(data_file)]])
-
-
-@pytest.mark.parametrize("persistent", [True, False], ids=["workers", "one-shot"])
-def test_timeouts_past_what_a_lock_can_wait_mean_forever(data_file, persistent):
-    # The policy takes any finite number of seconds; a lock's wait stops at
-    # threading.TIMEOUT_MAX (~9.2e9 s). A longer timeout raised OverflowError out of the boot
-    # or the job's wait (a traceback, not a run), and a longer spawn stagger killed the spawner
-    # thread, so the second slot's boot waited on it, and close() on that boot, forever.
-    huge = 1e12
-    policy = TrainingPolicy(worker_job_timeout_s=huge, worker_ready_timeout_s=huge, worker_spawn_stagger_s=huge)
-    pool = WorkerPool(cpu_slots(2), policy, persistent=persistent, worker_command=fake_worker_command(),
-                      oneshot_script=FAKE_WORKER, shutdown_timeout_s=2.0, wait=False)
-    try:
-        (outcome,), (other,) = pool.run([[request(data_file, 0)], [request(data_file, 1)]])
-        assert (outcome["status"], outcome["fold_idx"], other["status"], other["fold_idx"]) == (
-            "complete", 0, "complete", 1)
-    finally:
-        start = time.monotonic()
-        pool.close()
-        assert time.monotonic() - start < 10
 
 
 # A one-shot trainer that replies `complete` REPLY_AT seconds after it started, then takes
