@@ -344,3 +344,46 @@ def test_pool_left_open_is_shut_down_gracefully_at_interpreter_exit():
     # The atexit close said goodbye: the workers were not SIGKILLed first (as they were when
     # the thread that forked them was joined before atexit handlers ran).
     assert "without a shutdown reply" not in stderr and "SIGKILL" not in stderr, stderr
+
+
+def test_answers_already_in_when_the_deadline_passes_are_taken_not_timed_out():
+    """A fused pass's answers can arrive together just before its deadline while the parent is
+    still busy with the first: the ones already read off the pipe came in time, and timing the
+    group out for them (killing the worker, re-running every job) would throw them away."""
+    from step5.execution.process import WorkerProcess
+
+    answers = "".join('{"status": "complete", "job_id": "j%d"}\n' % i for i in range(3))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"import sys, time; sys.stdout.write({answers!r}); sys.stdout.flush(); time.sleep(60)"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    worker = WorkerProcess("CPU-0", proc)
+    try:
+        deadline = time.monotonic() + 30
+        while worker._lines.qsize() < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # timeout 0: the deadline has passed by the time the parent reads what is already there
+        got = worker.await_answers(3, timeout_s=0.0, probe_interval_s=1.0, probe_grace_s=1.0, doing="a fused pass")
+        assert [a["job_id"] for a in got] == ["j0", "j1", "j2"]
+    finally:
+        worker.kill()
+
+
+def test_a_worker_that_only_says_alive_still_times_out():
+    """The deadline is judged on an empty queue; a worker that floods ``alive`` lines never
+    empties it, and must still be timed out."""
+    from step5.errors import JobTimedOut
+    from step5.execution.process import WorkerProcess
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nwhile True:\n    sys.stdout.write('{\"status\": \"alive\"}\\n')"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    worker = WorkerProcess("CPU-0", proc)
+    start = time.monotonic()
+    try:
+        with pytest.raises(JobTimedOut):
+            worker.await_answers(1, timeout_s=0.5, probe_interval_s=1.0, probe_grace_s=1.0, doing="a job")
+        assert time.monotonic() - start < 10
+    finally:
+        worker.kill()
