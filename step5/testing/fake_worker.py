@@ -33,6 +33,7 @@ from step5.protocol import (  # noqa: E402
 FAULTS = ("none", "hang", "garbage", "exit", "sigkill", "oversize", "wrong_job_id", "close_stdout", "pass_error")
 BOOT_FAULTS = ("none", "hang", "exit", "garbage")
 ONESHOT_ENV = "STEP5_FAKE_ONESHOT"
+ONESHOT_FAULTS = ("crash", "hang_at_setup", "hang")
 POISON_ENV = "STEP5_FAKE_POISON_TRIAL"
 BOOT_ENV = "STEP5_FAKE_BOOT"  # one of BOOT_FAULTS: as --boot, for every launch
 #: Comma-separated variable names whose values each result echoes (``environment``), so
@@ -193,10 +194,19 @@ class FakeDispatcher(Dispatcher):
         return super().alive(request)
 
 
+def fault_switch(name: str, choices: Sequence[str]) -> str | None:
+    """A ``STEP5_FAKE_*`` fault's value; a misspelt one stops the fake, so that a test cannot pass
+    by injecting nothing."""
+    value = os.environ.get(name) or None
+    if value is not None and value not in choices:
+        sys.exit(f"fake worker: {name}={value!r} is not one of {list(choices)}")
+    return value
+
+
 def boot(args: argparse.Namespace, writer: LineWriter, faulty: bool) -> bool:
     """Pretend to boot, then say ``ready``; False when the boot fault is an exit."""
     # A slot's own environment (its device_env) may make just its workers misbehave.
-    boot_fault = os.environ.get(BOOT_ENV) or (args.boot if faulty else "none")
+    boot_fault = fault_switch(BOOT_ENV, BOOT_FAULTS) or (args.boot if faulty else "none")
     time.sleep(args.boot_s)
     if boot_fault == "hang":
         while True:
@@ -226,10 +236,11 @@ def _hang(why: str) -> None:
 
 def oneshot_main() -> int:
     """Behave like ``train_single_trial.py --request -``: one request in, one reply out, exit 0 / 1."""
-    if os.environ.get(ONESHOT_ENV) == "crash":
+    fault = fault_switch(ONESHOT_ENV, ONESHOT_FAULTS)
+    if fault == "crash":
         sys.stderr.write("fake one-shot trainer crashing on purpose\n")
         return 7
-    if os.environ.get(ONESHOT_ENV) == "hang_at_setup":  # before `ready`, as a wedged GPU's CUDA init
+    if fault == "hang_at_setup":  # before `ready`, as a wedged GPU's CUDA init
         _hang("hanging on purpose before `ready`")
     try:
         request = decode_request(loads(sys.stdin.buffer.read()))
@@ -239,7 +250,7 @@ def oneshot_main() -> int:
             ready = ReadyMessage(status="ready", device="fake-oneshot", pid=os.getpid(), protocol=PROTOCOL_VERSION)
             sys.stdout.write(dumps(ready).decode() + "\n")
             sys.stdout.flush()
-        if os.environ.get(ONESHOT_ENV) == "hang":  # in the job, once set up
+        if fault == "hang":  # in the job, once set up
             _hang("hanging on purpose")
         kill_self_if_poisoned(request.trial_number)
         reply = train(request, "fake-oneshot", 0.0)

@@ -195,3 +195,14 @@ def test_a_timed_out_trainer_is_killed_with_the_processes_it_started(tmp_path, d
             return True
 
     _wait_for(helper_gone, timeout_s=5.0)
+
+
+@pytest.mark.parametrize("variable, args", [("STEP5_FAKE_BOOT", []), ("STEP5_FAKE_ONESHOT", ["--request", "-"])])
+def test_a_misspelt_fake_fault_stops_the_fake_instead_of_injecting_nothing(variable, args):
+    import os
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(FAKE_WORKER), *args], input=b"", capture_output=True, timeout=60,
+                          env={**os.environ, variable: "hnag"})
+    assert done.returncode == 1
+    assert f"{variable}='hnag' is not one of" in done.stderr.decode()
