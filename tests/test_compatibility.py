@@ -320,6 +320,48 @@ def test_a_report_without_rounds_is_not_read_as_a_model_that_peaked_at_round_zer
     assert (severity, issues) == ("ok", [])
 
 
+def existing_health_check_model_type(diagnostics_path: Path) -> str:
+    """training_health_check.py::_check_training_health_impl: the model type it judges, and whose
+    skip-registry entry it counts up (RETRY, SKIP_MODEL) or the WATCHER resets: the report's
+    ``model_type``, overridden by the winner (``winner_model_type``, else ``winner``) of a
+    compare_models_summary.json beside it; a compare report's own ``comparison.winner``."""
+    diag = json.loads(diagnostics_path.read_text())
+    summary_path = diagnostics_path.parent / "compare_models_summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        winner = summary.get("winner_model_type", summary.get("winner"))
+        if winner and isinstance(winner, str):
+            diag["model_type"] = winner
+    if "models" in diag:
+        return diag.get("comparison", {}).get("winner", "unknown")
+    return diag.get("model_type", "unknown")
+
+
+def test_after_a_compare_run_the_health_check_judges_the_single_model_that_ran_last(tmp_path):
+    """A compare run leaves compare_models_summary.json; a later single-model run's report must not be
+    judged as that run's winner's: it was, so a neural_net's critical result counted against catboost
+    (three of them: catboost skipped) and a healthy one reset catboost's count. The old summary is kept."""
+    from step5.optimizer.diagnostics import (
+        compare_health_report, model_health_report, write_health_report)
+    from step5.policy import DiagnosticsPolicy
+
+    diag = tmp_path / "diagnostics_outputs"
+    rules = DiagnosticsPolicy()
+    metrics = {"cv_train_mse_mean": 1.0, "cv_val_mse_mean": 2.0, "overfit_ratio": 2.0}
+    diag.mkdir()
+    old_summary = json.dumps({"winner": "catboost", "models": {}})
+    (diag / "compare_models_summary.json").write_text(old_summary)  # as the compare run left it
+    write_health_report(diag, compare_health_report(
+        {"catboost": model_health_report("catboost", metrics, rules)}, winner="catboost", criterion="cv_rescored",
+        winner_value=0.5, ranking=["catboost"]), model_type=None)
+    assert existing_health_check_model_type(diag / "training_diagnostics.json") == "catboost"
+
+    write_health_report(diag, model_health_report("neural_net", metrics, rules), model_type="neural_net")
+    assert existing_health_check_model_type(diag / "training_diagnostics.json") == "neural_net"
+    kept = list(diag.glob("compare_models_summary_*.json"))
+    assert [p.read_text() for p in kept] == [old_summary]
+
+
 def existing_watcher_argv(params: dict) -> list[str]:
     """agents/watcher_agent.py::run_step: True -> --flag, False -> nothing, else --key value."""
     argv: list[str] = []

@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from optuna.trial import FrozenTrial, TrialState
 
+from step5.artifacts import COMPARE_SUMMARY_NAME
 from step5.fsutil import atomic_output
 from step5.jsonio import write_json_atomic
 from step5.policy import DiagnosticsPolicy, bound_breaches
@@ -97,11 +100,37 @@ def model_health_report(model_type: str, metrics: Mapping[str, Any], diagnostics
     }
 
 
+def retire_compare_summary(folder: Path) -> Path | None:
+    """Rename an earlier compare run's ``compare_models_summary.json`` in ``folder`` to
+    ``compare_models_summary_<its UTC mtime>.json`` (the existing optimizer's per-run name) and return
+    the new path; None when there is none. The pipeline's health check takes that file's winner as the
+    model type of whatever ``training_diagnostics.json`` beside it holds, so once a single model's
+    report replaces the compare run's, the winner would name the wrong model (docs/compatibility.md)."""
+    src = folder / COMPARE_SUMMARY_NAME
+    try:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(src.stat().st_mtime))
+    except FileNotFoundError:
+        return None
+    dst, n = folder / f"compare_models_summary_{stamp}.json", 1
+    while dst.exists():  # two compare runs in the same second: keep both
+        dst, n = folder / f"compare_models_summary_{stamp}_{n}.json", n + 1
+    try:
+        os.rename(src, dst)
+    except FileNotFoundError:  # another run retired it first
+        return None
+    logger.info("%s described an earlier compare run: kept as %s", src, dst.name)
+    return dst
+
+
 def write_health_report(diagnostics_dir: Path, report: Mapping[str, Any], *, model_type: str | None) -> Path | None:
+    """Write the health check's ``training_diagnostics.json`` (and, for one model's report, also
+    ``<model_type>_diagnostics.json``); a write error is only logged."""
     folder = Path(diagnostics_dir)
     try:
         if model_type is not None:
             write_json_atomic(folder / f"{model_type}_diagnostics.json", report)
+            # Before the report that replaces a compare run's: never the new report beside the old winner.
+            retire_compare_summary(folder)
         path = write_json_atomic(folder / HEALTH_FILE, report)
     except OSError as exc:
         logger.warning("could not write the health diagnostics under %s: %s", folder, exc)

@@ -159,6 +159,34 @@ def test_the_best_rescored_objective_wins_never_the_test_r2_and_is_left_as_best_
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_with_diagnostics_a_compare_run_leaves_its_own_summary_beside_its_own_report(fake, config, monkeypatch):
+    """Each model type's run writes its single report, as the real optimizer does (retiring an earlier compare
+    run's summary); at the end the summary and training_diagnostics.json both describe this compare run."""
+    from step5.optimizer.diagnostics import HEALTH_FILE, model_health_report, write_health_report
+
+    run = FakeOptimizer.run
+
+    def run_and_report(self):
+        outcome = run(self)
+        write_health_report(self.config.diagnostics_folder, model_health_report(
+            self.config.model_type, outcome.sidecar["training_metrics"], DiagnosticsPolicy()),
+            model_type=self.config.model_type)
+        return outcome
+
+    monkeypatch.setattr(fake, "run", run_and_report)
+    config = dataclasses.replace(config, enable_diagnostics=True)
+    config.diagnostics_dir.mkdir()
+    earlier = json.dumps({"winner": "neural_net"})
+    (config.diagnostics_dir / compare.SUMMARY_NAME).write_text(earlier)
+    fake.script = {"neural_net": ("ok", 0.1, 0.1), "xgboost": ("ok", 0.1, 0.2),
+                   "lightgbm": ("ok", 0.1, 0.3), "catboost": ("ok", 0.1, 0.9)}
+    assert compare.run_compare(config, optimizer_factory=fake) == 0
+    assert summary_of(config)["winner"] == "catboost"
+    report = json.loads((config.diagnostics_dir / HEALTH_FILE).read_text())
+    assert report["mode"] == "compare_models" and report["comparison"]["winner"] == "catboost"
+    assert [p.read_text() for p in config.diagnostics_dir.glob("compare_models_summary_*.json")] == [earlier]
+
+
 def test_every_flag_reaches_every_sub_run(fake, config):
     fake.script = {mt: ("ok", 0.1, 0.1) for mt in MODEL_TYPES}
     compare.run_compare(config, optimizer_factory=fake)
