@@ -31,7 +31,8 @@ from step5.watcher.registry import (
     record_result, skipped_model_types,
 )
 from step5.watcher.steps import (
-    StepSpec, build_command, effective, manifest_defaults, retry_params, steps_in_range, validate_params,
+    StepSpec, build_command, effective, manifest_defaults, merge_manifest_defaults, retry_params, steps_in_range,
+    validate_params,
 )
 
 logger = logging.getLogger("step5.watcher")
@@ -124,10 +125,10 @@ def _with_manifest_defaults(step: StepSpec, params: dict[str, Any]) -> dict[str,
     defaults, path = manifest_defaults(step)
     if path is None:
         return params
-    overridden = sorted(k for k in defaults if k in params)
+    merged, overridden = merge_manifest_defaults(step, defaults, params, f"manifest {path} default_params")
     logger.info("step %d: default params from %s: %s%s", step.number, path, dumps(defaults).decode(),
                 f" (--params override {', '.join(overridden)})" if overridden else "")
-    return {**defaults, **params}
+    return merged
 
 
 def run_pipeline(start: int, end: int, raw_params: Any, *, policy_path: str, decision_log: str | os.PathLike[str],

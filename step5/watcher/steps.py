@@ -127,6 +127,28 @@ def manifest_defaults(step: StepSpec, root: str | os.PathLike[str] = ".") -> tup
     return {k: v for k, v in defaults.items() if v is not None and v is not False}, path
 
 
+def merge_manifest_defaults(step: StepSpec, defaults: dict[str, Any], params: dict[str, Any],
+                            source: str) -> tuple[dict[str, Any], list[str]]:
+    """``params`` over the manifest's ``defaults``, and the manifest keys they override. A params key
+    overrides the manifest's key for the same step setting under another name too (``fuse_folds``
+    over the manifest's ``enable_vmap``), as it does the same key: two names of one flag are not two
+    requests to reconcile. A manifest value the step would refuse is an error naming ``source``."""
+    given = {spec.dest for key in params if (spec := step.spec(key)) is not None}
+    overridden, kept = [], {}
+    for key, value in defaults.items():
+        spec = step.spec(key)
+        if key in params or (spec is not None and spec.dest in given):
+            overridden.append(key)
+            continue
+        if spec is None:
+            close = difflib.get_close_matches(str(key).replace("-", "_"), [p.name for p in step.params], n=1)
+            raise UsageError(f"{source}: key `{key}` is not a step {step.number} flag"
+                             f"{f'; did you mean `{close[0]}`?' if close else ''}")
+        _check_value(step, spec, value, source=source)
+        kept[key] = value
+    return {**kept, **params}, sorted(overridden)
+
+
 def get_step(number: int) -> StepSpec:
     try:
         return STEPS[number]
@@ -152,11 +174,11 @@ def _as_text(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def _check_value(step: StepSpec, spec: ParamSpec, value: Any) -> tuple[Any, Any]:
+def _check_value(step: StepSpec, spec: ParamSpec, value: Any, source: str = "--params") -> tuple[Any, Any]:
     """Check one value with the step's own argparse type and choices. Returns the value (a
     list turned into its comma-joined text) and what it sets the step's ``dest`` to (None
-    when a false switch sets nothing)."""
-    where = f"--params key `{spec.name}` (step {step.number} flag {spec.flag})"
+    when a false switch sets nothing). ``source``: where the value came from, for the message."""
+    where = f"{source} key `{spec.name}` (step {step.number} flag {spec.flag})"
     action = spec.action
     if spec.kind in (SWITCH, ON_OFF):
         if not isinstance(value, bool):

@@ -346,6 +346,32 @@ def test_the_pipelines_manifest_gives_the_step_its_default_params(work, watcher)
     assert "default params from agent_manifests/reinforcement.json" in proc.stderr
 
 
+def test_a_params_key_overrides_the_manifests_key_for_the_same_setting_under_another_name(work, watcher):
+    """The manifest's enable_vmap and a user's fuse_folds are one step flag: the user's wins, as a
+    same-named key does. It was refused as "--params keys `enable_vmap` and `fuse_folds` set the same
+    step 5 setting to different values", though the user gave only one of them."""
+    (work / "agent_manifests").mkdir()
+    manifest = work / "agent_manifests" / "reinforcement.json"
+    manifest.write_text(json.dumps({"default_params": {"trials": 2, "enable_vmap": True, "k_folds": 3}}))
+    proc = watcher.run(work, "ok", params={"fuse_folds": False})
+    assert proc.returncode == 0, proc.stderr
+    [argv] = calls(work)
+    assert "--no-fuse-folds" in argv and "--enable-vmap" not in argv and flag(argv, "--k-folds") == "3"
+    assert "(--params override enable_vmap)" in proc.stderr
+
+
+@pytest.mark.parametrize(("defaults", "words"), [
+    ({"trials": 2, "resume_study": True}, "default_params: key `resume_study` is not a step 5 flag"),
+    ({"trials": 0}, "default_params key `trials` (step 5 flag --trials)"),
+])
+def test_a_bad_manifest_default_is_refused_naming_the_manifest_not_params(work, watcher, defaults, words):
+    (work / "agent_manifests").mkdir()
+    (work / "agent_manifests" / "reinforcement.json").write_text(json.dumps({"default_params": defaults}))
+    proc = watcher.run(work, "ok", params={"k_folds": 3})
+    assert proc.returncode == 64 and f"manifest agent_manifests/reinforcement.json {words}" in proc.stderr
+    assert "--params key" not in proc.stderr and calls(work) == []
+
+
 def test_a_decision_log_that_cannot_be_written_stops_the_watcher_before_the_step(work, watcher):
     # It used to be found only when the first decision was appended, after the step had trained:
     # a traceback, and the decision lost.
