@@ -14,8 +14,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step5.optimizer import AntiOverfitMetaOptimizer, OptimizerConfig, RunOutcome  # noqa: E402
-from step5.optimizer.cli import main  # noqa: E402
+from step5.launch import missing_dependency  # noqa: E402 (standard library only)
+
+try:
+    from step5.optimizer import AntiOverfitMetaOptimizer, OptimizerConfig, RunOutcome
+    from step5.optimizer.cli import main
+except ModuleNotFoundError as exc:
+    sys.exit(missing_dependency(exc))
 
 __all__ = ["AntiOverfitMetaOptimizer", "OptimizerConfig", "RunOutcome", "main"]
 

@@ -11,6 +11,10 @@ if __name__ == "__main__":
     from step5.stdout_guard import claim_stdout
 
     claim_stdout()
-    from step5.nn.oneshot import main
+    try:
+        from step5.nn.oneshot import main
+    except ModuleNotFoundError as exc:
+        from step5.launch import missing_dependency
 
+        raise SystemExit(missing_dependency(exc)) from None
     main()

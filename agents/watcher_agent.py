@@ -13,7 +13,12 @@ _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from step5.watcher.cli import main  # noqa: E402
+from step5.launch import missing_dependency  # noqa: E402 (standard library only)
+
+try:
+    from step5.watcher.cli import main
+except ModuleNotFoundError as exc:
+    sys.exit(missing_dependency(exc))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -41,3 +41,11 @@ def child_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
     parts = [str(PACKAGE_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
     return env
+
+
+def missing_dependency(exc: ModuleNotFoundError) -> str:
+    """One line for a door whose Python lacks a package Step 5 needs. The pipeline's WATCHER runs
+    the step with whatever ``python3`` is on its PATH and keeps only the first 500 characters of
+    its stderr: a traceback's top, never its last line, the one that names the package."""
+    return (f"error: {sys.executable} cannot import {exc.name!r}, which Step 5 needs: install Step 5 into this "
+            f"Python ({sys.executable} -m pip install -e {PACKAGE_ROOT}) or run it with the Python it is installed in")

@@ -133,3 +133,19 @@ def test_an_empty_path_is_a_usage_error_not_the_working_directory(module, argv, 
     assert stopped.value.code == 64
     assert f"argument {flag}: expected a path, got an empty value" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("door", ["meta_prediction_optimizer_anti_overfit.py", "agents/watcher_agent.py",
+                                  "train_single_trial.py"])
+def test_a_python_without_a_dependency_gets_one_line_naming_it(door):
+    # The pipeline's WATCHER runs the step with whatever `python3` is on its PATH and keeps
+    # the first 500 characters of stderr: a traceback's top, not the line naming the package.
+    hide = "import runpy, sys; sys.modules['msgspec'] = sys.modules['orjson'] = None; "
+    done = subprocess.run(
+        [sys.executable, "-c", hide + f"sys.argv = [{door!r}, '--help']; runpy.run_path({door!r}, run_name='__main__')"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"error: {sys.executable} cannot import "), done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr) < 500
+    assert f"-m pip install -e {REPO_ROOT}" in done.stderr
