@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import socket
@@ -14,12 +15,14 @@ from typing import Iterator, Mapping
 
 from step5.artifacts import MODEL_SET_NAMES
 from step5.errors import Step5Error
-from step5.fsutil import DIR_MODE, fsync_dir, os_error_reason
+from step5.fsutil import DIR_MODE, FILE_MODE, fsync_dir, os_error_reason
 from step5.owner import pid_alive
 
 SETS_DIRNAME = ".model_sets"
 POINTER_NAME = "current"
 PARTIAL_PREFIX = ".partial-"
+#: Held (``flock``) by the run committing a set into the output dir, from its rename to its garbage collection.
+LOCK_NAME = ".commit.lock"
 #: What a top-level name links to: the file of the same name in the current set.
 LINK_PREFIX = f"{SETS_DIRNAME}/{POINTER_NAME}/"
 
@@ -53,6 +56,21 @@ def _replace_with_link(path: Path, target: str) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def _commit_lock(sets_dir: Path) -> Iterator[None]:
+    """Hold the output dir's commit lock. Two runs committing into one output dir at once each took
+    the other's just-committed set for garbage: ``current`` was left pointing at a removed folder
+    (no model at all, both runs reporting success). Commits take milliseconds; the kernel lets go
+    of the lock when its holder dies, however it dies."""
+    fd = os.open(sets_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
+    try:
+        with contextlib.suppress(OSError):  # a filesystem without locks (some NFS mounts): a guard lost, not a stop
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -91,7 +109,7 @@ class StagedSet:
 
     def commit(self) -> Path:
         """Make this set the one the output dir shows; returns the committed set's folder."""
-        with writing(self.output_dir):
+        with writing(self.output_dir), _commit_lock(self.sets_dir):
             names = sorted(p.name for p in self.path.iterdir())
             if not names:
                 raise ValueError(f"refusing to commit an empty model set from {self.path}")

@@ -31,7 +31,7 @@ def test_a_commit_shows_the_new_set_under_the_fixed_names(tmp_path):
     # the set before is kept for a reader half-way through it; older ones are removed
     third = _commit(out, {"best_model.pth": "w3", "best_model.meta.json": "s3"})
     assert sorted(p.name for p in (out / model_set.SETS_DIRNAME).iterdir()) == sorted(
-        [model_set.POINTER_NAME, second.name, third.name])
+        [model_set.POINTER_NAME, model_set.LOCK_NAME, second.name, third.name])
 
 
 def test_names_only_the_old_set_had_disappear(tmp_path):
@@ -124,3 +124,47 @@ def test_a_migration_interrupted_half_way_is_finished_by_the_next_commit(tmp_pat
     assert _shown(out) == {"best_model.meta.json": "old sidecar", "best_model.pth": "old nn"}  # still the old set
     _commit(out, {"best_model.json": "xgb", "best_model.meta.json": "new sidecar"})
     assert _shown(out) == {"best_model.json": "xgb", "best_model.meta.json": "new sidecar"}
+
+
+_OTHER_RUN = """
+import fcntl, sys
+from pathlib import Path
+from step5 import model_set
+real_flock = fcntl.flock
+def flock(fd, op):  # tell the test this run now waits for (or takes) the commit lock
+    print("locking", flush=True)
+    return real_flock(fd, op)
+fcntl.flock = flock
+with model_set.stage(sys.argv[1]) as staged:
+    (staged.path / "best_model.pth").write_text("nn")
+    (staged.path / "best_model.meta.json").write_text("nn sidecar")
+    staged.commit()
+print("done", flush=True)
+"""
+
+
+def test_two_runs_committing_at_once_leave_the_last_set_shown(tmp_path, monkeypatch):
+    # Another run commits while this one is between its pointer swap and its clean-up: this one's
+    # garbage collection removed the other's set, which `current` showed, so no model was left.
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    _commit(out, {"best_model.json": "x0", "best_model.meta.json": "s0"})
+    real_gc = model_set._collect_garbage
+    other = []
+
+    def another_run_commits(*args, **kwargs):
+        proc = subprocess.Popen([sys.executable, "-c", _OTHER_RUN, str(out)], stdout=subprocess.PIPE, text=True)
+        other.append(proc)
+        first = proc.stdout.readline().strip()  # "locking": it waits for this commit; "done": it did not
+        assert first in ("locking", "done"), first
+        real_gc(*args, **kwargs)
+
+    monkeypatch.setattr(model_set, "_collect_garbage", another_run_commits)
+    _commit(out, {"best_model.json": "xa", "best_model.meta.json": "sa"})
+    monkeypatch.setattr(model_set, "_collect_garbage", real_gc)
+    out_text, _ = other[0].communicate(timeout=60)
+    assert other[0].returncode == 0
+    assert model_set.current_dir(out).is_dir()
+    assert _shown(out) == {"best_model.meta.json": "nn sidecar", "best_model.pth": "nn"}
