@@ -16,7 +16,7 @@ from typing import Iterator, Mapping
 from step5.artifacts import MODEL_SET_NAMES
 from step5.errors import Step5Error
 from step5.fsutil import DIR_MODE, FILE_MODE, fsync_dir, os_error_reason
-from step5.owner import pid_alive
+from step5.owner import pid_alive_since
 
 SETS_DIRNAME = ".model_sets"
 POINTER_NAME = "current"
@@ -232,19 +232,22 @@ def _collect_garbage(sets_dir: Path, keep: set[str]) -> None:
         if p.name in keep or p.name == POINTER_NAME or p.is_symlink() or not p.is_dir():
             continue
         if p.name.startswith(PARTIAL_PREFIX):
-            if not _partial_is_orphan(p.name, host):
+            if not _partial_is_orphan(p, host):
                 continue  # another run on this output dir is writing it
         elif p.name.startswith("."):
             continue
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _partial_is_orphan(name: str, host: str) -> bool:
+def _partial_is_orphan(path: Path, host: str) -> bool:
     """A partial set whose writer (this host, that pid) is gone; other hosts' are kept."""
     try:
-        writer_host, pid_text, _token = name[len(PARTIAL_PREFIX):].rsplit("-", 2)
+        writer_host, pid_text, _token = path.name[len(PARTIAL_PREFIX):].rsplit("-", 2)
         pid = int(pid_text)
-    except ValueError:
+        changed = path.stat().st_mtime  # its writer was alive then
+    except (ValueError, OSError):
         return False
     # This process commits one set at a time: any other partial set of its own is left over.
-    return writer_host == host and (pid == os.getpid() or not pid_alive(pid))
+    # A process that started after the set last changed only reuses the dead writer's PID: a
+    # partial set of a run killed long ago was otherwise kept for as long as that PID was taken.
+    return writer_host == host and (pid == os.getpid() or not pid_alive_since(pid, changed))

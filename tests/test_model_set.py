@@ -168,3 +168,27 @@ def test_two_runs_committing_at_once_leave_the_last_set_shown(tmp_path, monkeypa
     assert other[0].returncode == 0
     assert model_set.current_dir(out).is_dir()
     assert _shown(out) == {"best_model.meta.json": "nn sidecar", "best_model.pth": "nn"}
+
+
+def test_a_partial_set_whose_pid_another_process_took_over_is_removed(tmp_path):
+    # A run killed long ago left its partial set; its PID now belongs to a process that started
+    # later. pid_alive alone took that process for the writer and kept the set forever.
+    import subprocess
+    import time
+
+    out = tmp_path / "out"
+    _commit(out, {"best_model.pth": "a", "best_model.meta.json": "a"})
+    newcomer = subprocess.Popen(["sleep", "60"])
+    try:
+        dead = out / model_set.SETS_DIRNAME / f"{model_set.PARTIAL_PREFIX}{os.uname().nodename}-{newcomer.pid}-dead"
+        dead.mkdir()
+        (dead / "best_model.pth").write_text("orphan")
+        an_hour_ago = time.time() - 3600
+        os.utime(dead, (an_hour_ago, an_hour_ago))  # last written an hour before the newcomer started
+        alive = out / model_set.SETS_DIRNAME / f"{model_set.PARTIAL_PREFIX}{os.uname().nodename}-{newcomer.pid}-live"
+        alive.mkdir()  # written since the newcomer started: it may be the newcomer's, so it stays
+        _commit(out, {"best_model.pth": "b", "best_model.meta.json": "b"})
+        assert not dead.exists() and alive.is_dir()
+    finally:
+        newcomer.kill()
+        newcomer.wait()
