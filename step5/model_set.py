@@ -117,6 +117,12 @@ class StagedSet:
             self.version = self.sets_dir / self.version_name
             os.rename(self.path, self.version)
             fsync_dir(self.sets_dir)
+            pointer = self.sets_dir / POINTER_NAME
+            if pointer.is_dir() and not pointer.is_symlink():
+                # A copy that followed the links (cp -rL, scp -r, rsync -L): the pointer became a folder,
+                # the names beside it plain files. The pointer's swap cannot replace a folder (the run
+                # failed after all its training): set it aside as an old set, and migrate the plain files.
+                os.rename(pointer, self.sets_dir / _version_name())
             previous = _pointer_target(self.sets_dir)
             if previous is None:
                 previous = _migrate_plain_files(self.output_dir)

@@ -192,3 +192,21 @@ def test_a_partial_set_whose_pid_another_process_took_over_is_removed(tmp_path):
     finally:
         newcomer.kill()
         newcomer.wait()
+
+
+def test_a_copy_that_followed_the_links_can_be_committed_into(tmp_path):
+    # `cp -rL` / `scp -r` turn the pointer `current` into a folder and every name into a plain file:
+    # the pointer's swap could not replace a folder, so a run into the copy failed after all its training.
+    import shutil
+
+    out = tmp_path / "out"
+    _commit(out, {"best_model.pth": "nn", "best_model.meta.json": "s1"})
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, symlinks=False)
+    assert (copy / model_set.SETS_DIRNAME / model_set.POINTER_NAME).is_dir()
+    assert _shown(copy) == {"best_model.meta.json": "s1", "best_model.pth": "nn"}
+    folder = _commit(copy, {"best_model.json": "xgb", "best_model.meta.json": "s2"})
+    assert _shown(copy) == {"best_model.json": "xgb", "best_model.meta.json": "s2"}
+    assert model_set.current_dir(copy) == folder and (copy / model_set.SETS_DIRNAME / model_set.POINTER_NAME).is_symlink()
+    _commit(copy, {"best_model.json": "xgb3", "best_model.meta.json": "s3"})  # and the next: back to the usual
+    assert _shown(copy) == {"best_model.json": "xgb3", "best_model.meta.json": "s3"}
