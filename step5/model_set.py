@@ -25,6 +25,8 @@ PARTIAL_PREFIX = ".partial-"
 LOCK_NAME = ".commit.lock"
 #: What a top-level name links to: the file of the same name in the current set.
 LINK_PREFIX = f"{SETS_DIRNAME}/{POINTER_NAME}/"
+#: In the name of the temporary link a swap renames over a name (``.<name>.link-<token>``).
+LINK_TEMP_INFIX = ".link-"
 
 
 def _version_name() -> str:
@@ -48,7 +50,7 @@ def _pointer_target(sets_dir: Path) -> str | None:
 
 def _replace_with_link(path: Path, target: str) -> None:
     """Make ``path`` a symlink to ``target`` in one rename (whatever was there before)."""
-    tmp = path.with_name(f".{path.name}.link-{secrets.token_hex(4)}")
+    tmp = path.with_name(f".{path.name}{LINK_TEMP_INFIX}{secrets.token_hex(4)}")
     os.symlink(target, tmp)
     try:
         os.replace(tmp, path)
@@ -145,6 +147,8 @@ class StagedSet:
                 for p in self.output_dir.iterdir():  # names only the old set had now dangle: remove them
                     if p.name not in names and _is_our_link(p):
                         p.unlink()
+                for folder in (self.output_dir, self.sets_dir):
+                    _remove_link_temps(folder)
                 fsync_dir(self.output_dir)
                 _collect_garbage(self.sets_dir, keep={self.version.name, previous or ""})
             return self.version
@@ -229,6 +233,14 @@ def _migrate_plain_files(out: Path) -> str | None:
         _replace_with_link(out / name, LINK_PREFIX + name)
     fsync_dir(out)
     return version.name
+
+
+def _remove_link_temps(folder: Path) -> None:
+    """Remove the temporary links of swaps killed between making the link and renaming it over its name
+    (SIGKILL): each stayed behind for good. Called under the commit lock, when no swap is under way."""
+    for p in folder.iterdir():
+        if p.name.startswith(".") and LINK_TEMP_INFIX in p.name and p.is_symlink():
+            p.unlink()
 
 
 def _collect_garbage(sets_dir: Path, keep: set[str]) -> None:

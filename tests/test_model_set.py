@@ -210,3 +210,16 @@ def test_a_copy_that_followed_the_links_can_be_committed_into(tmp_path):
     assert model_set.current_dir(copy) == folder and (copy / model_set.SETS_DIRNAME / model_set.POINTER_NAME).is_symlink()
     _commit(copy, {"best_model.json": "xgb3", "best_model.meta.json": "s3"})  # and the next: back to the usual
     assert _shown(copy) == {"best_model.json": "xgb3", "best_model.meta.json": "s3"}
+
+
+def test_the_temporary_link_of_a_swap_killed_half_way_is_removed_by_the_next_commit(tmp_path):
+    # SIGKILL between making a swap's temporary link and renaming it over its name left the link for good.
+    out = tmp_path / "out"
+    _commit(out, {"best_model.pth": "a", "best_model.meta.json": "a"})
+    strays = [out / ".best_model.pth.link-0badf00d", out / model_set.SETS_DIRNAME / ".current.link-0badf00d"]
+    for stray in strays:
+        os.symlink("anything", stray)
+    (out / ".notes.link-keep").write_text("the user's")  # a file, not a link: never ours
+    _commit(out, {"best_model.pth": "b", "best_model.meta.json": "b"})
+    assert not [s for s in strays if os.path.lexists(s)]
+    assert (out / ".notes.link-keep").read_text() == "the user's"
