@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import socket
@@ -14,14 +15,18 @@ from typing import Iterator, Mapping
 
 from step5.artifacts import MODEL_SET_NAMES
 from step5.errors import Step5Error
-from step5.fsutil import DIR_MODE, fsync_dir, os_error_reason
-from step5.owner import pid_alive
+from step5.fsutil import DIR_MODE, FILE_MODE, fsync_dir, os_error_reason
+from step5.owner import pid_alive_since
 
 SETS_DIRNAME = ".model_sets"
 POINTER_NAME = "current"
 PARTIAL_PREFIX = ".partial-"
+#: Held (``flock``) by the run committing a set into the output dir, from its rename to its garbage collection.
+LOCK_NAME = ".commit.lock"
 #: What a top-level name links to: the file of the same name in the current set.
 LINK_PREFIX = f"{SETS_DIRNAME}/{POINTER_NAME}/"
+#: In the name of the temporary link a swap renames over a name (``.<name>.link-<token>``).
+LINK_TEMP_INFIX = ".link-"
 
 
 def _version_name() -> str:
@@ -45,7 +50,7 @@ def _pointer_target(sets_dir: Path) -> str | None:
 
 def _replace_with_link(path: Path, target: str) -> None:
     """Make ``path`` a symlink to ``target`` in one rename (whatever was there before)."""
-    tmp = path.with_name(f".{path.name}.link-{secrets.token_hex(4)}")
+    tmp = path.with_name(f".{path.name}{LINK_TEMP_INFIX}{secrets.token_hex(4)}")
     os.symlink(target, tmp)
     try:
         os.replace(tmp, path)
@@ -53,6 +58,21 @@ def _replace_with_link(path: Path, target: str) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def _commit_lock(sets_dir: Path) -> Iterator[None]:
+    """Hold the output dir's commit lock. Two runs committing into one output dir at once each took
+    the other's just-committed set for garbage: ``current`` was left pointing at a removed folder
+    (no model at all, both runs reporting success). Commits take milliseconds; the kernel lets go
+    of the lock when its holder dies, however it dies."""
+    fd = os.open(sets_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
+    try:
+        with contextlib.suppress(OSError):  # a filesystem without locks (some NFS mounts): a guard lost, not a stop
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -91,7 +111,7 @@ class StagedSet:
 
     def commit(self) -> Path:
         """Make this set the one the output dir shows; returns the committed set's folder."""
-        with writing(self.output_dir):
+        with writing(self.output_dir), _commit_lock(self.sets_dir):
             names = sorted(p.name for p in self.path.iterdir())
             if not names:
                 raise ValueError(f"refusing to commit an empty model set from {self.path}")
@@ -99,6 +119,12 @@ class StagedSet:
             self.version = self.sets_dir / self.version_name
             os.rename(self.path, self.version)
             fsync_dir(self.sets_dir)
+            pointer = self.sets_dir / POINTER_NAME
+            if pointer.is_dir() and not pointer.is_symlink():
+                # A copy that followed the links (cp -rL, scp -r, rsync -L): the pointer became a folder,
+                # the names beside it plain files. The pointer's swap cannot replace a folder (the run
+                # failed after all its training): set it aside as an old set, and migrate the plain files.
+                os.rename(pointer, self.sets_dir / _version_name())
             previous = _pointer_target(self.sets_dir)
             if previous is None:
                 previous = _migrate_plain_files(self.output_dir)
@@ -121,6 +147,8 @@ class StagedSet:
                 for p in self.output_dir.iterdir():  # names only the old set had now dangle: remove them
                     if p.name not in names and _is_our_link(p):
                         p.unlink()
+                for folder in (self.output_dir, self.sets_dir):
+                    _remove_link_temps(folder)
                 fsync_dir(self.output_dir)
                 _collect_garbage(self.sets_dir, keep={self.version.name, previous or ""})
             return self.version
@@ -207,6 +235,14 @@ def _migrate_plain_files(out: Path) -> str | None:
     return version.name
 
 
+def _remove_link_temps(folder: Path) -> None:
+    """Remove the temporary links of swaps killed between making the link and renaming it over its name
+    (SIGKILL): each stayed behind for good. Called under the commit lock, when no swap is under way."""
+    for p in folder.iterdir():
+        if p.name.startswith(".") and LINK_TEMP_INFIX in p.name and p.is_symlink():
+            p.unlink()
+
+
 def _collect_garbage(sets_dir: Path, keep: set[str]) -> None:
     """Remove committed sets other than ``keep`` and partial sets of dead processes."""
     host = socket.gethostname()
@@ -214,19 +250,22 @@ def _collect_garbage(sets_dir: Path, keep: set[str]) -> None:
         if p.name in keep or p.name == POINTER_NAME or p.is_symlink() or not p.is_dir():
             continue
         if p.name.startswith(PARTIAL_PREFIX):
-            if not _partial_is_orphan(p.name, host):
+            if not _partial_is_orphan(p, host):
                 continue  # another run on this output dir is writing it
         elif p.name.startswith("."):
             continue
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _partial_is_orphan(name: str, host: str) -> bool:
+def _partial_is_orphan(path: Path, host: str) -> bool:
     """A partial set whose writer (this host, that pid) is gone; other hosts' are kept."""
     try:
-        writer_host, pid_text, _token = name[len(PARTIAL_PREFIX):].rsplit("-", 2)
+        writer_host, pid_text, _token = path.name[len(PARTIAL_PREFIX):].rsplit("-", 2)
         pid = int(pid_text)
-    except ValueError:
+        changed = path.stat().st_mtime  # its writer was alive then
+    except (ValueError, OSError):
         return False
     # This process commits one set at a time: any other partial set of its own is left over.
-    return writer_host == host and (pid == os.getpid() or not pid_alive(pid))
+    # A process that started after the set last changed only reuses the dead writer's PID: a
+    # partial set of a run killed long ago was otherwise kept for as long as that PID was taken.
+    return writer_host == host and (pid == os.getpid() or not pid_alive_since(pid, changed))

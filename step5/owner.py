@@ -78,6 +78,13 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def pid_alive_since(pid: int, since: float) -> bool:
+    """Whether process ``pid`` runs on this host and already ran at ``since`` (seconds since the
+    epoch): a process that took the PID over later is not the one that had it then."""
+    started = _start_time(pid)
+    return pid_alive(pid) and (started is None or started <= since + 1)  # start times are whole seconds
+
+
 def is_alive(owner: ProcessIdentity) -> bool:
     """Whether a *local* owner still runs (a reused PID with another start time does not count)."""
     started = _start_time(owner.pid)

@@ -31,7 +31,7 @@ def test_a_commit_shows_the_new_set_under_the_fixed_names(tmp_path):
     # the set before is kept for a reader half-way through it; older ones are removed
     third = _commit(out, {"best_model.pth": "w3", "best_model.meta.json": "s3"})
     assert sorted(p.name for p in (out / model_set.SETS_DIRNAME).iterdir()) == sorted(
-        [model_set.POINTER_NAME, second.name, third.name])
+        [model_set.POINTER_NAME, model_set.LOCK_NAME, second.name, third.name])
 
 
 def test_names_only_the_old_set_had_disappear(tmp_path):
@@ -124,3 +124,102 @@ def test_a_migration_interrupted_half_way_is_finished_by_the_next_commit(tmp_pat
     assert _shown(out) == {"best_model.meta.json": "old sidecar", "best_model.pth": "old nn"}  # still the old set
     _commit(out, {"best_model.json": "xgb", "best_model.meta.json": "new sidecar"})
     assert _shown(out) == {"best_model.json": "xgb", "best_model.meta.json": "new sidecar"}
+
+
+_OTHER_RUN = """
+import fcntl, sys
+from pathlib import Path
+from step5 import model_set
+real_flock = fcntl.flock
+def flock(fd, op):  # tell the test this run now waits for (or takes) the commit lock
+    print("locking", flush=True)
+    return real_flock(fd, op)
+fcntl.flock = flock
+with model_set.stage(sys.argv[1]) as staged:
+    (staged.path / "best_model.pth").write_text("nn")
+    (staged.path / "best_model.meta.json").write_text("nn sidecar")
+    staged.commit()
+print("done", flush=True)
+"""
+
+
+def test_two_runs_committing_at_once_leave_the_last_set_shown(tmp_path, monkeypatch):
+    # Another run commits while this one is between its pointer swap and its clean-up: this one's
+    # garbage collection removed the other's set, which `current` showed, so no model was left.
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    _commit(out, {"best_model.json": "x0", "best_model.meta.json": "s0"})
+    real_gc = model_set._collect_garbage
+    other = []
+
+    def another_run_commits(*args, **kwargs):
+        proc = subprocess.Popen([sys.executable, "-c", _OTHER_RUN, str(out)], stdout=subprocess.PIPE, text=True)
+        other.append(proc)
+        first = proc.stdout.readline().strip()  # "locking": it waits for this commit; "done": it did not
+        assert first in ("locking", "done"), first
+        real_gc(*args, **kwargs)
+
+    monkeypatch.setattr(model_set, "_collect_garbage", another_run_commits)
+    _commit(out, {"best_model.json": "xa", "best_model.meta.json": "sa"})
+    monkeypatch.setattr(model_set, "_collect_garbage", real_gc)
+    out_text, _ = other[0].communicate(timeout=60)
+    assert other[0].returncode == 0
+    assert model_set.current_dir(out).is_dir()
+    assert _shown(out) == {"best_model.meta.json": "nn sidecar", "best_model.pth": "nn"}
+
+
+def test_a_partial_set_whose_pid_another_process_took_over_is_removed(tmp_path):
+    # A run killed long ago left its partial set; its PID now belongs to a process that started
+    # later. pid_alive alone took that process for the writer and kept the set forever.
+    import subprocess
+    import time
+
+    out = tmp_path / "out"
+    _commit(out, {"best_model.pth": "a", "best_model.meta.json": "a"})
+    newcomer = subprocess.Popen(["sleep", "60"])
+    try:
+        dead = out / model_set.SETS_DIRNAME / f"{model_set.PARTIAL_PREFIX}{os.uname().nodename}-{newcomer.pid}-dead"
+        dead.mkdir()
+        (dead / "best_model.pth").write_text("orphan")
+        an_hour_ago = time.time() - 3600
+        os.utime(dead, (an_hour_ago, an_hour_ago))  # last written an hour before the newcomer started
+        alive = out / model_set.SETS_DIRNAME / f"{model_set.PARTIAL_PREFIX}{os.uname().nodename}-{newcomer.pid}-live"
+        alive.mkdir()  # written since the newcomer started: it may be the newcomer's, so it stays
+        _commit(out, {"best_model.pth": "b", "best_model.meta.json": "b"})
+        assert not dead.exists() and alive.is_dir()
+    finally:
+        newcomer.kill()
+        newcomer.wait()
+
+
+def test_a_copy_that_followed_the_links_can_be_committed_into(tmp_path):
+    # `cp -rL` / `scp -r` turn the pointer `current` into a folder and every name into a plain file:
+    # the pointer's swap could not replace a folder, so a run into the copy failed after all its training.
+    import shutil
+
+    out = tmp_path / "out"
+    _commit(out, {"best_model.pth": "nn", "best_model.meta.json": "s1"})
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, symlinks=False)
+    assert (copy / model_set.SETS_DIRNAME / model_set.POINTER_NAME).is_dir()
+    assert _shown(copy) == {"best_model.meta.json": "s1", "best_model.pth": "nn"}
+    folder = _commit(copy, {"best_model.json": "xgb", "best_model.meta.json": "s2"})
+    assert _shown(copy) == {"best_model.json": "xgb", "best_model.meta.json": "s2"}
+    assert model_set.current_dir(copy) == folder and (copy / model_set.SETS_DIRNAME / model_set.POINTER_NAME).is_symlink()
+    _commit(copy, {"best_model.json": "xgb3", "best_model.meta.json": "s3"})  # and the next: back to the usual
+    assert _shown(copy) == {"best_model.json": "xgb3", "best_model.meta.json": "s3"}
+
+
+def test_the_temporary_link_of_a_swap_killed_half_way_is_removed_by_the_next_commit(tmp_path):
+    # SIGKILL between making a swap's temporary link and renaming it over its name left the link for good.
+    out = tmp_path / "out"
+    _commit(out, {"best_model.pth": "a", "best_model.meta.json": "a"})
+    strays = [out / ".best_model.pth.link-0badf00d", out / model_set.SETS_DIRNAME / ".current.link-0badf00d"]
+    for stray in strays:
+        os.symlink("anything", stray)
+    (out / ".notes.link-keep").write_text("the user's")  # a file, not a link: never ours
+    _commit(out, {"best_model.pth": "b", "best_model.meta.json": "b"})
+    assert not [s for s in strays if os.path.lexists(s)]
+    assert (out / ".notes.link-keep").read_text() == "the user's"

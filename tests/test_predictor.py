@@ -296,3 +296,34 @@ def test_cli_writes_seeds_orjson_cannot_as_the_survivors_file_had_them(lightgbm_
     for text in ((tmp_path / "p.json").read_text(), capsys.readouterr().out):
         rows = json.loads(text)
         assert [r["seed"] for r in rows] == [r["seed"] for r in records]
+
+
+def test_cli_writes_into_a_pipe_given_as_output_and_leaves_it_a_pipe(lightgbm_run, sample_inputs, tmp_path):
+    # `--output /dev/null` (or /dev/stdout, a FIFO): the atomic rename replaced the device with a
+    # regular file, which as root broke /dev/null for the whole machine. A FIFO stands in for it.
+    import threading
+
+    from step5.predictor import main
+
+    _, out = lightgbm_run
+    survivors, _ = sample_inputs
+    fifo = tmp_path / "predictions.fifo"
+    os.mkfifo(fifo)
+    keep = os.open(fifo, os.O_RDWR)  # a writer, so the reader's open never blocks; closed: the reader's EOF
+    got: list[bytes] = []
+
+    def read() -> None:
+        with open(fifo, "rb") as fh:
+            got.append(fh.read())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        code = main(["--model-dir", str(out), "--survivors", str(survivors), "--output", str(fifo)])
+    finally:
+        os.close(keep)
+    reader.join(timeout=60)
+    assert code == 0
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # still the pipe, not a file put in its place
+    rows = json.loads(got[0])
+    assert len(rows) == len(json.loads(survivors.read_text())) and set(rows[0]) == {"seed", "prediction"}

@@ -75,7 +75,8 @@ def test_run_builds_final_model_from_best_trial_and_never_shows_test_rows(
     assert (cfg.output_dir / "best_model.pth").read_bytes() == b"fake checkpoint"
     assert sidecar["checkpoint_sha256"] == hashlib.sha256(b"fake checkpoint").hexdigest()
     sets = cfg.output_dir / model_set.SETS_DIRNAME  # one committed set, nothing half-written
-    assert sorted(p.name for p in sets.iterdir()) == sorted([model_set.POINTER_NAME, model_set.current_dir(cfg.output_dir).name])
+    assert sorted(p.name for p in sets.iterdir()) == sorted(
+        [model_set.POINTER_NAME, model_set.LOCK_NAME, model_set.current_dir(cfg.output_dir).name])
     assert (cfg.output_dir / "best_model.history.png").stat().st_size > 0
 
     # The merged model is scored on every dev row and on the test rows, which are in no fold file.
