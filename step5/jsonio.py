@@ -3,6 +3,7 @@ atomic writes so a reader never sees half a file."""
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,18 @@ def read_json_file(path: str | os.PathLike[str], what: str) -> Any:
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: bool = True) -> Path:
-    """Write JSON to ``path`` via a temp file in the same folder and ``os.replace``."""
+    """Write JSON to ``path`` via a temp file in the same folder and ``os.replace``; a device or pipe
+    (``/dev/null``, ``/dev/stdout``, a FIFO) is written into instead: renaming a file over it made
+    ``--output /dev/null``, run as root, a regular file for the whole machine."""
     p = Path(path)
+    try:
+        mode = os.stat(p).st_mode
+    except OSError:  # not there yet (or unreadable: the atomic write says why)
+        mode = stat.S_IFREG
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        with open(p, "wb") as fh:
+            fh.write(dumps(obj, indent=indent) + b"\n")
+        return p
     with atomic_output(p) as tmp, open(tmp, "wb") as fh:
         fh.write(dumps(obj, indent=indent) + b"\n")
         fh.flush()

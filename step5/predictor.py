@@ -8,7 +8,6 @@ import argparse
 import json
 import logging
 import os
-import stat
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -184,21 +183,6 @@ def writable_seed(seed: Any, i: int, source: Any) -> Any:
         raise DataError(f"survivors file {source}: record {i}: seed {seed!r:.60} cannot be written as JSON") from None
 
 
-def _write_predictions(path: str | os.PathLike[str], rows: list[dict[str, Any]]) -> None:
-    """Write the predictions file atomically; a device or pipe (``/dev/null``, ``/dev/stdout``, a
-    FIFO) is written into instead: the atomic rename replaced it with a regular file, which for
-    ``--output /dev/null`` run as root broke /dev/null for the whole machine."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:  # not there yet (or unreadable: the atomic write says why)
-        mode = None
-    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
-        with open(path, "wb") as fh:
-            fh.write(dumps(rows, indent=True) + b"\n")
-        return
-    write_json_atomic(path, rows)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = UsageErrorParser(
         prog="python -m step5.predictor",
@@ -228,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for i, (seed, v) in enumerate(zip(survivors.seeds, preds))]
         if args.output is not None and str(args.output) != "-":
             try:
-                _write_predictions(args.output, rows)
+                write_json_atomic(args.output, rows)
             except OSError as exc:
                 raise Step5Error(f"cannot write the predictions to {args.output}: {os_error_reason(exc)}") from None
             logger.info("wrote %d predictions to %s", len(rows), args.output)

@@ -42,3 +42,23 @@ def test_outputs_get_the_mode_the_umask_gives_not_the_temp_file_0600(tmp_path, u
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "sidecar.json").stat().st_mode) == expected
     assert stat.S_IMODE((tmp_path / "model.bin").stat().st_mode) == expected
+
+
+def test_a_json_write_to_a_pipe_writes_into_it_and_leaves_it_a_pipe(tmp_path):
+    # A rename over the target made `--output /dev/null` a regular file for the whole machine (as root).
+    import os
+    import stat
+    import threading
+
+    from step5.jsonio import write_json_atomic
+
+    fifo = tmp_path / "out"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    write_json_atomic(fifo, {"a": 1})
+    reader.join(timeout=10)
+    assert got and b'"a": 1' in got[0]
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
