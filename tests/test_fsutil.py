@@ -55,7 +55,7 @@ def test_a_json_write_to_a_pipe_writes_into_it_and_leaves_it_a_pipe(tmp_path):
     fifo = tmp_path / "out"
     os.mkfifo(fifo)
     got: list[bytes] = []
-    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
     reader.start()
     write_json_atomic(fifo, {"a": 1})
     reader.join(timeout=10)
