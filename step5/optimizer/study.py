@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -277,6 +278,25 @@ class StudyLock:
     lost: bool = False
 
 
+#: The file of each SQLite engine's database, as SQLite resolved it (found once per engine).
+_sqlite_files: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+
+
+def _sqlite_file(storage: Any, engine: Any) -> str:
+    """The absolute path of the file a SQLite engine's database lives in ("" in memory), as SQLite itself
+    resolved it: the URL's database is no path for a ``file:`` URI (``sqlite:///file:/d/s.db?uri=true``), and
+    two names of one file (a symlink) must take one lock file, or their processes would not exclude each other."""
+    path = _sqlite_files.get(engine)
+    if path is None:
+        def ask() -> str:
+            with engine.connect() as connection:
+                rows = connection.exec_driver_sql("PRAGMA database_list").all()
+            return next((str(row[2] or "") for row in rows if row[1] == "main"), "")
+
+        path = _sqlite_files[engine] = _retrying(storage, ask, "finding the study database's file")
+    return path
+
+
 @contextlib.contextmanager
 def study_lock(storage: optuna.storages.BaseStorage | None, study_name: str) -> Iterator[StudyLock]:
     """The study's cross-process lock: a lock file beside a SQLite file, a PostgreSQL advisory lock; other
@@ -284,8 +304,9 @@ def study_lock(storage: optuna.storages.BaseStorage | None, study_name: str) -> 
     held = StudyLock()
     engine = _engine_of(storage)
     kind = getattr(engine, "name", None)  # None: an in-memory storage, one process
-    if kind == "sqlite" and engine.url.database not in (None, "", ":memory:"):
-        with open(f"{engine.url.database}.lock", "a+b") as handle:
+    database = _sqlite_file(storage, engine) if kind == "sqlite" else ""
+    if database:
+        with open(f"{database}.lock", "a+b") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield held

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,8 +27,10 @@ from step5.jsonio import write_json_atomic
 from step5.optimizer.study import (
     DATA_ATTR,
     OWNER_ATTR,
+    open_storage,
     open_study,
     reclaim_dead_trials,
+    study_lock,
 )
 from step5.owner import ProcessIdentity, this_process
 from step5.policy import TrainingPolicy
@@ -120,6 +123,38 @@ def test_first_trials_are_enqueued_once_in_a_fresh_study_and_asked_before_any_sa
     # A resumed study (or another host joining it) does not queue them again.
     again = open_study(study_name="s", storage_url=url, setup=SETUP, data=DATA, seed=1, first_trials=firsts)
     assert _states(again.study.trials) == {"COMPLETE": 3}
+
+
+def test_a_sqlite_file_uri_study_takes_its_lock_beside_the_file(tmp_path, monkeypatch):
+    # The URL's database is "file:/.../s.db" here, no path: the lock once opened "file:/.../s.db.lock"
+    # relative to the working dir and every run ended in a FileNotFoundError traceback.
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    url = f"sqlite:///file:{tmp_path / 's.db'}?mode=rwc&uri=true"
+    opened = open_study(study_name="s", storage_url=url, setup=SETUP, data=DATA, seed=1)
+    assert opened.process_index == 0 and (tmp_path / "s.db.lock").is_file()
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+
+def test_two_names_of_one_sqlite_file_take_one_study_lock(tmp_path):
+    # A symlink to the study file: both processes must wait for each other, or both count the same room.
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    open_study(study_name="s", storage_url=url, setup=SETUP, data=DATA, seed=1)
+    (tmp_path / "link.db").symlink_to(tmp_path / "s.db")
+    policy = TrainingPolicy()
+    first, second = open_storage(url, policy), open_storage(f"sqlite:///{tmp_path / 'link.db'}", policy)
+    entered = threading.Event()
+
+    def take_second() -> None:
+        with study_lock(second, "s"):
+            entered.set()
+
+    with study_lock(first, "s"):
+        thread = threading.Thread(target=take_second, daemon=True)
+        thread.start()
+        assert not entered.wait(0.5), "the second name of the file took the lock the first one held"
+    assert entered.wait(10)
+    thread.join()
 
 
 def test_fold_folders_of_dead_runs_are_removed_by_the_next_run(tmp_path):
