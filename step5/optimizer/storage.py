@@ -212,6 +212,9 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         self._inner = optuna.storages._CachedStorage(rdb)  # what optuna.create_study would wrap it in
         self.retry = retry
         self.owner = dict(owner)
+        # Other processes' RUNNING trials seen without a heartbeat: since when, by this process's clock
+        # (step5.optimizer.study.reclaim_dead_trials fails those past the grace period).
+        self.beatless_since: dict[int, float] = {}
 
     @property
     def engine(self) -> Any:

@@ -386,6 +386,7 @@ def reclaim_dead_trials(study: optuna.Study, *, nothing_in_flight: bool = False)
     running = [t for t in trials if t.state == TrialState.RUNNING]
     reclaimed = max(0, running_before - len(running))
     me = this_process()
+    others: list[tuple[FrozenTrial, ProcessIdentity]] = []  # live, or not ours to judge by their pid
     for trial in running:
         owner = ProcessIdentity.from_dict(trial.user_attrs.get(OWNER_ATTR) or {})
         if owner is None:
@@ -397,8 +398,10 @@ def reclaim_dead_trials(study: optuna.Study, *, nothing_in_flight: bool = False)
         elif is_local(owner) and not is_alive(owner):
             reason = f"its process (pid {owner.pid} on {owner.host}) died"
         else:
+            others.append((trial, owner))
             continue
         reclaimed += _fail_and_rerun(study, trial, reason, rerun=bool(trial.params))
+    reclaimed += _fail_beatless(study, others)
     first: dict[str, FrozenTrial] = {}
     for trial in trials:  # in number order: the first of a token is kept, its unfinished twins failed
         token = trial.system_attrs.get(TOKEN_ATTR)
@@ -407,6 +410,44 @@ def reclaim_dead_trials(study: optuna.Study, *, nothing_in_flight: bool = False)
             reclaimed += _fail_and_rerun(study, trial, f"a copy of trial {kept.number} made by a retried database "
                                          "write", rerun=False)
     return reclaimed
+
+
+def _fail_beatless(study: optuna.Study, trials: list[tuple[FrozenTrial, ProcessIdentity]]) -> int:
+    """Fail the trials among ``trials`` (RUNNING, other processes') that this process has seen without any
+    heartbeat for longer than the grace period: Optuna judges only a trial that has one, and a process that died
+    (or gave up on the database) between asking a trial and claiming it left none, so on another host that trial
+    stayed RUNNING for good and held the study short of --trials, every process waiting for it."""
+    storage = study._storage
+    since = getattr(storage, "beatless_since", None)  # a RetryingStorage's memory of such trials
+    engine = _engine_of(storage)
+    if since is None or engine is None or not storage.get_heartbeat_interval():
+        return 0
+    ids = {trial._trial_id: (trial, owner) for trial, owner in trials}
+    beating: set[int] = set()
+    if ids:
+        from sqlalchemy import bindparam, text
+
+        query = text("SELECT trial_id FROM trial_heartbeats WHERE trial_id IN :ids").bindparams(
+            bindparam("ids", expanding=True))
+
+        def read() -> set[int]:
+            with engine.connect() as connection:
+                return {int(row[0]) for row in connection.execute(query, {"ids": sorted(ids)})}
+
+        beating = _retrying(storage, read, "reading the running trials' heartbeats")
+    now = time.monotonic()
+    for trial_id in [t for t in since if t not in ids or t in beating]:  # finished, or beating now
+        del since[trial_id]
+    grace = float(storage.rdb.grace_period or 2 * storage.get_heartbeat_interval())
+    failed = 0
+    for trial_id, (trial, owner) in ids.items():
+        if trial_id in beating or now - since.setdefault(trial_id, now) <= grace:
+            continue
+        del since[trial_id]
+        reason = (f"it stayed RUNNING for over {grace:g}s (training.heartbeat_grace_s) without a heartbeat: its "
+                  f"process (pid {owner.pid} on {owner.host}) ended, or lost the database, between asking and claiming it")
+        failed += _fail_and_rerun(study, trial, reason, rerun=bool(trial.params))
+    return failed
 
 
 def _fail_and_rerun(study: optuna.Study, trial: FrozenTrial, reason: str, *, rerun: bool) -> int:

@@ -97,6 +97,32 @@ def test_a_stale_heartbeat_fails_a_trial_of_another_host_and_queues_its_rerun(tm
     assert _states(opened.study.trials) == {"FAIL": 1, "WAITING": 1}
 
 
+def test_a_trial_of_another_host_left_without_any_heartbeat_is_failed_after_the_grace_period(tmp_path):
+    # Its process died between asking it and its first heartbeat (a SIGKILL, a crash, giving up on the
+    # database): Optuna's stale rule never judges a trial without a heartbeat, so it stayed RUNNING for
+    # good and every process waited for it, the study one trial short of --trials.
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    policy = TrainingPolicy(heartbeat_interval_s=1.0, heartbeat_grace_s=2.0)
+    opened = open_study(study_name="s", storage_url=url, setup=SETUP, data=DATA, seed=1, training=policy)
+    other_host = {**_dead_identity().to_dict(), "host": "elsewhere"}
+    dead, slow = opened.study.ask(), opened.study.ask()
+    n = dead.suggest_int("n", 1, 100)
+    for trial in (dead, slow):
+        trial.set_user_attr(OWNER_ATTR, other_host)
+    assert reclaim_dead_trials(opened.study) == 0  # seen without a heartbeat: the grace period starts
+    time.sleep(1.2)
+    opened.storage.record_heartbeat(slow._trial_id)  # its process claims it, late but within the grace period
+    time.sleep(1.2)
+    opened.storage.record_heartbeat(slow._trial_id)
+    assert reclaim_dead_trials(opened.study) == 1
+    states = {t.number: t for t in opened.study.trials}
+    assert states[slow.number].state == TrialState.RUNNING
+    assert states[dead.number].state == TrialState.FAIL
+    assert "without a heartbeat" in states[dead.number].user_attrs["fail_reason"]
+    (rerun,) = [t for t in opened.study.trials if t.state == TrialState.WAITING]
+    assert rerun.params == {"n": n}
+
+
 def test_other_data_or_setup_is_refused_naming_the_difference(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     first = open_study(study_name="s", storage_url=url, setup=SETUP, data=DATA, seed=1)
