@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 from step5.errors import Step5Error, StorageError, StudyMismatchError, UsageError
 from step5.jsonio import dumps, loads
 from step5.optimizer.storage import (
-    OWNER_ATTR, TOKEN_ATTR, DatabaseRetry, RetryingStorage, database_error, describe, redact_storage
+    ASK_TOKEN_PREFIX, OWNER_ATTR, TOKEN_ATTR, DatabaseRetry, RetryingStorage, database_error, describe, redact_storage
 )
 from step5.owner import ProcessIdentity, is_alive, is_local, this_process
 from step5.policy import TrainingPolicy
@@ -402,13 +402,18 @@ def reclaim_dead_trials(study: optuna.Study, *, nothing_in_flight: bool = False)
             continue
         reclaimed += _fail_and_rerun(study, trial, reason, rerun=bool(trial.params))
     reclaimed += _fail_beatless(study, others)
-    first: dict[str, FrozenTrial] = {}
-    for trial in trials:  # in number order: the first of a token is kept, its unfinished twins failed
+    kept: dict[str, FrozenTrial] = {}
+    for trial in trials:  # in number order; the kept trial of a token stays, its unfinished twins are failed
         token = trial.system_attrs.get(TOKEN_ATTR)
-        kept = first.setdefault(token, trial) if token is not None else trial
-        if kept is not trial and not trial.state.is_finished():
-            reclaimed += _fail_and_rerun(study, trial, f"a copy of trial {kept.number} made by a retried database "
-                                         "write", rerun=False)
+        # A fresh ask's copies are all RUNNING, and its caller runs the last (Optuna's own retry and
+        # RetryingStorage's both return the last made); queued copies are asked first to last.
+        if token is not None and (token not in kept or str(token).startswith(ASK_TOKEN_PREFIX)):
+            kept[token] = trial
+    for trial in trials:
+        token = trial.system_attrs.get(TOKEN_ATTR)
+        if token is not None and kept[token] is not trial and not trial.state.is_finished():
+            reclaimed += _fail_and_rerun(study, trial, f"a copy of trial {kept[token].number} made by a retried "
+                                         "database write", rerun=False)
     return reclaimed
 
 
