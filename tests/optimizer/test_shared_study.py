@@ -32,7 +32,7 @@ from step5.optimizer.study import (
     reclaim_dead_trials,
     study_lock,
 )
-from step5.owner import ProcessIdentity, this_process
+from step5.owner import ProcessIdentity, is_local, this_process
 from step5.policy import TrainingPolicy
 from step5.testing import stored_trials
 
@@ -80,6 +80,30 @@ def test_a_dead_local_owners_trial_is_failed_at_once_and_rerun_with_the_same_par
     # A live owner's trial is left alone.
     retry.set_user_attr(OWNER_ATTR, this_process().to_dict())
     assert reclaim_dead_trials(opened.study) == 0
+
+
+def test_a_trial_of_another_machine_with_this_hosts_name_is_judged_by_heartbeats_not_by_pid(tmp_path):
+    # Rigs cloned from one image share a host name, and every host's first PID namespace is named
+    # alike: another rig's live trial looked like a dead local process's (its pid does not run here)
+    # and was failed at once, again and again, its result dropped.
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    opened = open_study(study_name="s", storage_url=url, setup=SETUP, data=DATA, seed=1)
+    me = this_process()
+    this_boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    trial = opened.study.ask()
+    assert trial.user_attrs[OWNER_ATTR].get("boot") == this_boot  # an ask records this machine's boot
+    trial.suggest_int("n", 1, 100)
+    twin_rig = {**_dead_identity().to_dict(), "host": me.host, "pid_namespace": me.pid_namespace,
+                "boot": "another-machine"}
+    trial.set_user_attr(OWNER_ATTR, twin_rig)
+    opened.storage.record_heartbeat(trial._trial_id)
+    assert reclaim_dead_trials(opened.study) == 0
+    assert _states(opened.study.trials) == {"RUNNING": 1}
+    # The same dead pid on this machine is failed at once, as before; so is a record from before boot ids.
+    trial.set_user_attr(OWNER_ATTR, {**twin_rig, "boot": this_boot})
+    assert reclaim_dead_trials(opened.study) == 1
+    old_record = {k: v for k, v in twin_rig.items() if k != "boot"}
+    assert is_local(ProcessIdentity.from_dict(old_record))  # type: ignore[arg-type]
 
 
 def test_a_stale_heartbeat_fails_a_trial_of_another_host_and_queues_its_rerun(tmp_path):
