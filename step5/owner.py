@@ -1,8 +1,10 @@
 """Who owns a thing (a trial, a temp folder), and whether that owner is still alive.
 
-A process is its host, PID namespace, PID and start time, so a reused PID is not mistaken for
-the owner. Whether an owner is alive can only be known on its host and in its PID namespace
-(:func:`is_local`); elsewhere a dead owner shows only through its stale Optuna heartbeats.
+A process is its host, PID namespace, PID, start time and the boot of the kernel it runs on, so a
+reused PID is not mistaken for the owner. Whether an owner is alive can only be known on its host and
+in its PID namespace (:func:`is_local`); elsewhere a dead owner shows only through its stale Optuna
+heartbeats. The boot tells hosts apart that share a name (rigs cloned from one image): every host's
+initial PID namespace is named alike (``pid:[4026531836]``, a kernel constant).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class ProcessIdentity:
     pid_namespace: str  # /proc/self/ns/pid: two containers on one host do not share one
     pid: int
     started: int  # the process's start time, whole seconds since the epoch
+    boot: str = ""  # /proc/sys/kernel/random/boot_id: which host (and boot) it runs on; "" unknown (older records)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -32,7 +35,8 @@ class ProcessIdentity:
     def from_dict(cls, data: Mapping[str, Any]) -> "ProcessIdentity | None":
         """The identity recorded in ``data``, or None when it is not one."""
         try:
-            return cls(str(data["host"]), str(data["pid_namespace"]), int(data["pid"]), int(data["started"]))
+            return cls(str(data["host"]), str(data["pid_namespace"]), int(data["pid"]), int(data["started"]),
+                       str(data.get("boot") or ""))
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -51,9 +55,16 @@ def _start_time(pid: int) -> int | None:
         return None
 
 
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 @functools.cache
 def _this_process(pid: int) -> ProcessIdentity:
-    return ProcessIdentity(socket.gethostname(), _pid_namespace(), pid, _start_time(pid) or 0)
+    return ProcessIdentity(socket.gethostname(), _pid_namespace(), pid, _start_time(pid) or 0, _boot_id())
 
 
 def this_process() -> ProcessIdentity:
@@ -64,7 +75,8 @@ def this_process() -> ProcessIdentity:
 def is_local(owner: ProcessIdentity) -> bool:
     """Whether ``owner`` lives where this process can see whether it is alive."""
     me = this_process()
-    return owner.host == me.host and owner.pid_namespace == me.pid_namespace
+    same_boot = not owner.boot or not me.boot or owner.boot == me.boot  # a record without one: name and namespace
+    return owner.host == me.host and owner.pid_namespace == me.pid_namespace and same_boot
 
 
 def pid_alive(pid: int) -> bool:

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TOKEN_ATTR = "step5_token"  # system attr: which create_new_trial call made the trial
+ASK_TOKEN_PREFIX = "ask-"  # ... a fresh trial of study.ask's, whose caller holds the last copy the call made
 OWNER_ATTR = "owner"  # user attr: the process that runs the trial (step5.owner)
 FIRST_WAIT_S = 0.2  # the first retry comes this soon: most connection drops are over by then
 MAX_WAIT_S = 5.0  # the backoff doubles up to this
@@ -212,6 +213,9 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         self._inner = optuna.storages._CachedStorage(rdb)  # what optuna.create_study would wrap it in
         self.retry = retry
         self.owner = dict(owner)
+        # Other processes' RUNNING trials seen without a heartbeat: since when, by this process's clock
+        # (step5.optimizer.study.reclaim_dead_trials fails those past the grace period).
+        self.beatless_since: dict[int, float] = {}
 
     @property
     def engine(self) -> Any:
@@ -237,6 +241,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         token = uuid.uuid4().hex
         if template_trial is None:  # study.ask: a fresh RUNNING trial, born with its owner
+            token = ASK_TOKEN_PREFIX + token
             template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
                                    datetime_complete=None, params={}, distributions={},
                                    user_attrs={OWNER_ATTR: self.owner}, system_attrs={TOKEN_ATTR: token},

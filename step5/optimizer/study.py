@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -20,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 from step5.errors import Step5Error, StorageError, StudyMismatchError, UsageError
 from step5.jsonio import dumps, loads
 from step5.optimizer.storage import (
-    OWNER_ATTR, TOKEN_ATTR, DatabaseRetry, RetryingStorage, database_error, describe, redact_storage
+    ASK_TOKEN_PREFIX, OWNER_ATTR, TOKEN_ATTR, DatabaseRetry, RetryingStorage, database_error, describe, redact_storage
 )
 from step5.owner import ProcessIdentity, is_alive, is_local, this_process
 from step5.policy import TrainingPolicy
@@ -277,6 +278,25 @@ class StudyLock:
     lost: bool = False
 
 
+#: The file of each SQLite engine's database, as SQLite resolved it (found once per engine).
+_sqlite_files: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+
+
+def _sqlite_file(storage: Any, engine: Any) -> str:
+    """The absolute path of the file a SQLite engine's database lives in ("" in memory), as SQLite itself
+    resolved it: the URL's database is no path for a ``file:`` URI (``sqlite:///file:/d/s.db?uri=true``), and
+    two names of one file (a symlink) must take one lock file, or their processes would not exclude each other."""
+    path = _sqlite_files.get(engine)
+    if path is None:
+        def ask() -> str:
+            with engine.connect() as connection:
+                rows = connection.exec_driver_sql("PRAGMA database_list").all()
+            return next((str(row[2] or "") for row in rows if row[1] == "main"), "")
+
+        path = _sqlite_files[engine] = _retrying(storage, ask, "finding the study database's file")
+    return path
+
+
 @contextlib.contextmanager
 def study_lock(storage: optuna.storages.BaseStorage | None, study_name: str) -> Iterator[StudyLock]:
     """The study's cross-process lock: a lock file beside a SQLite file, a PostgreSQL advisory lock; other
@@ -284,8 +304,9 @@ def study_lock(storage: optuna.storages.BaseStorage | None, study_name: str) -> 
     held = StudyLock()
     engine = _engine_of(storage)
     kind = getattr(engine, "name", None)  # None: an in-memory storage, one process
-    if kind == "sqlite" and engine.url.database not in (None, "", ":memory:"):
-        with open(f"{engine.url.database}.lock", "a+b") as handle:
+    database = _sqlite_file(storage, engine) if kind == "sqlite" else ""
+    if database:
+        with open(f"{database}.lock", "a+b") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield held
@@ -365,6 +386,7 @@ def reclaim_dead_trials(study: optuna.Study, *, nothing_in_flight: bool = False)
     running = [t for t in trials if t.state == TrialState.RUNNING]
     reclaimed = max(0, running_before - len(running))
     me = this_process()
+    others: list[tuple[FrozenTrial, ProcessIdentity]] = []  # live, or not ours to judge by their pid
     for trial in running:
         owner = ProcessIdentity.from_dict(trial.user_attrs.get(OWNER_ATTR) or {})
         if owner is None:
@@ -376,16 +398,61 @@ def reclaim_dead_trials(study: optuna.Study, *, nothing_in_flight: bool = False)
         elif is_local(owner) and not is_alive(owner):
             reason = f"its process (pid {owner.pid} on {owner.host}) died"
         else:
+            others.append((trial, owner))
             continue
         reclaimed += _fail_and_rerun(study, trial, reason, rerun=bool(trial.params))
-    first: dict[str, FrozenTrial] = {}
-    for trial in trials:  # in number order: the first of a token is kept, its unfinished twins failed
+    reclaimed += _fail_beatless(study, others)
+    kept: dict[str, FrozenTrial] = {}
+    for trial in trials:  # in number order; the kept trial of a token stays, its unfinished twins are failed
         token = trial.system_attrs.get(TOKEN_ATTR)
-        kept = first.setdefault(token, trial) if token is not None else trial
-        if kept is not trial and not trial.state.is_finished():
-            reclaimed += _fail_and_rerun(study, trial, f"a copy of trial {kept.number} made by a retried database "
-                                         "write", rerun=False)
+        # A fresh ask's copies are all RUNNING, and its caller runs the last (Optuna's own retry and
+        # RetryingStorage's both return the last made); queued copies are asked first to last.
+        if token is not None and (token not in kept or str(token).startswith(ASK_TOKEN_PREFIX)):
+            kept[token] = trial
+    for trial in trials:
+        token = trial.system_attrs.get(TOKEN_ATTR)
+        if token is not None and kept[token] is not trial and not trial.state.is_finished():
+            reclaimed += _fail_and_rerun(study, trial, f"a copy of trial {kept[token].number} made by a retried "
+                                         "database write", rerun=False)
     return reclaimed
+
+
+def _fail_beatless(study: optuna.Study, trials: list[tuple[FrozenTrial, ProcessIdentity]]) -> int:
+    """Fail the trials among ``trials`` (RUNNING, other processes') that this process has seen without any
+    heartbeat for longer than the grace period: Optuna judges only a trial that has one, and a process that died
+    (or gave up on the database) between asking a trial and claiming it left none, so on another host that trial
+    stayed RUNNING for good and held the study short of --trials, every process waiting for it."""
+    storage = study._storage
+    since = getattr(storage, "beatless_since", None)  # a RetryingStorage's memory of such trials
+    engine = _engine_of(storage)
+    if since is None or engine is None or not storage.get_heartbeat_interval():
+        return 0
+    ids = {trial._trial_id: (trial, owner) for trial, owner in trials}
+    beating: set[int] = set()
+    if ids:
+        from sqlalchemy import bindparam, text
+
+        query = text("SELECT trial_id FROM trial_heartbeats WHERE trial_id IN :ids").bindparams(
+            bindparam("ids", expanding=True))
+
+        def read() -> set[int]:
+            with engine.connect() as connection:
+                return {int(row[0]) for row in connection.execute(query, {"ids": sorted(ids)})}
+
+        beating = _retrying(storage, read, "reading the running trials' heartbeats")
+    now = time.monotonic()
+    for trial_id in [t for t in since if t not in ids or t in beating]:  # finished, or beating now
+        del since[trial_id]
+    grace = float(storage.rdb.grace_period or 2 * storage.get_heartbeat_interval())
+    failed = 0
+    for trial_id, (trial, owner) in ids.items():
+        if trial_id in beating or now - since.setdefault(trial_id, now) <= grace:
+            continue
+        del since[trial_id]
+        reason = (f"it stayed RUNNING for over {grace:g}s (training.heartbeat_grace_s) without a heartbeat: its "
+                  f"process (pid {owner.pid} on {owner.host}) ended, or lost the database, between asking and claiming it")
+        failed += _fail_and_rerun(study, trial, reason, rerun=bool(trial.params))
+    return failed
 
 
 def _fail_and_rerun(study: optuna.Study, trial: FrozenTrial, reason: str, *, rerun: bool) -> int:

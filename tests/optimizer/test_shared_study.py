@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,10 +27,12 @@ from step5.jsonio import write_json_atomic
 from step5.optimizer.study import (
     DATA_ATTR,
     OWNER_ATTR,
+    open_storage,
     open_study,
     reclaim_dead_trials,
+    study_lock,
 )
-from step5.owner import ProcessIdentity, this_process
+from step5.owner import ProcessIdentity, is_local, this_process
 from step5.policy import TrainingPolicy
 from step5.testing import stored_trials
 
@@ -79,6 +82,30 @@ def test_a_dead_local_owners_trial_is_failed_at_once_and_rerun_with_the_same_par
     assert reclaim_dead_trials(opened.study) == 0
 
 
+def test_a_trial_of_another_machine_with_this_hosts_name_is_judged_by_heartbeats_not_by_pid(tmp_path):
+    # Rigs cloned from one image share a host name, and every host's first PID namespace is named
+    # alike: another rig's live trial looked like a dead local process's (its pid does not run here)
+    # and was failed at once, again and again, its result dropped.
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    opened = open_study(study_name="s", storage_url=url, setup=SETUP, data=DATA, seed=1)
+    me = this_process()
+    this_boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    trial = opened.study.ask()
+    assert trial.user_attrs[OWNER_ATTR].get("boot") == this_boot  # an ask records this machine's boot
+    trial.suggest_int("n", 1, 100)
+    twin_rig = {**_dead_identity().to_dict(), "host": me.host, "pid_namespace": me.pid_namespace,
+                "boot": "another-machine"}
+    trial.set_user_attr(OWNER_ATTR, twin_rig)
+    opened.storage.record_heartbeat(trial._trial_id)
+    assert reclaim_dead_trials(opened.study) == 0
+    assert _states(opened.study.trials) == {"RUNNING": 1}
+    # The same dead pid on this machine is failed at once, as before; so is a record from before boot ids.
+    trial.set_user_attr(OWNER_ATTR, {**twin_rig, "boot": this_boot})
+    assert reclaim_dead_trials(opened.study) == 1
+    old_record = {k: v for k, v in twin_rig.items() if k != "boot"}
+    assert is_local(ProcessIdentity.from_dict(old_record))  # type: ignore[arg-type]
+
+
 def test_a_stale_heartbeat_fails_a_trial_of_another_host_and_queues_its_rerun(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     policy = TrainingPolicy(heartbeat_interval_s=1.0, heartbeat_grace_s=2.0)
@@ -92,6 +119,32 @@ def test_a_stale_heartbeat_fails_a_trial_of_another_host_and_queues_its_rerun(tm
     time.sleep(3.2)
     assert reclaim_dead_trials(opened.study) == 1
     assert _states(opened.study.trials) == {"FAIL": 1, "WAITING": 1}
+
+
+def test_a_trial_of_another_host_left_without_any_heartbeat_is_failed_after_the_grace_period(tmp_path):
+    # Its process died between asking it and its first heartbeat (a SIGKILL, a crash, giving up on the
+    # database): Optuna's stale rule never judges a trial without a heartbeat, so it stayed RUNNING for
+    # good and every process waited for it, the study one trial short of --trials.
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    policy = TrainingPolicy(heartbeat_interval_s=1.0, heartbeat_grace_s=2.0)
+    opened = open_study(study_name="s", storage_url=url, setup=SETUP, data=DATA, seed=1, training=policy)
+    other_host = {**_dead_identity().to_dict(), "host": "elsewhere"}
+    dead, slow = opened.study.ask(), opened.study.ask()
+    n = dead.suggest_int("n", 1, 100)
+    for trial in (dead, slow):
+        trial.set_user_attr(OWNER_ATTR, other_host)
+    assert reclaim_dead_trials(opened.study) == 0  # seen without a heartbeat: the grace period starts
+    time.sleep(1.2)
+    opened.storage.record_heartbeat(slow._trial_id)  # its process claims it, late but within the grace period
+    time.sleep(1.2)
+    opened.storage.record_heartbeat(slow._trial_id)
+    assert reclaim_dead_trials(opened.study) == 1
+    states = {t.number: t for t in opened.study.trials}
+    assert states[slow.number].state == TrialState.RUNNING
+    assert states[dead.number].state == TrialState.FAIL
+    assert "without a heartbeat" in states[dead.number].user_attrs["fail_reason"]
+    (rerun,) = [t for t in opened.study.trials if t.state == TrialState.WAITING]
+    assert rerun.params == {"n": n}
 
 
 def test_other_data_or_setup_is_refused_naming_the_difference(tmp_path):
@@ -120,6 +173,38 @@ def test_first_trials_are_enqueued_once_in_a_fresh_study_and_asked_before_any_sa
     # A resumed study (or another host joining it) does not queue them again.
     again = open_study(study_name="s", storage_url=url, setup=SETUP, data=DATA, seed=1, first_trials=firsts)
     assert _states(again.study.trials) == {"COMPLETE": 3}
+
+
+def test_a_sqlite_file_uri_study_takes_its_lock_beside_the_file(tmp_path, monkeypatch):
+    # The URL's database is "file:/.../s.db" here, no path: the lock once opened "file:/.../s.db.lock"
+    # relative to the working dir and every run ended in a FileNotFoundError traceback.
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    url = f"sqlite:///file:{tmp_path / 's.db'}?mode=rwc&uri=true"
+    opened = open_study(study_name="s", storage_url=url, setup=SETUP, data=DATA, seed=1)
+    assert opened.process_index == 0 and (tmp_path / "s.db.lock").is_file()
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+
+def test_two_names_of_one_sqlite_file_take_one_study_lock(tmp_path):
+    # A symlink to the study file: both processes must wait for each other, or both count the same room.
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    open_study(study_name="s", storage_url=url, setup=SETUP, data=DATA, seed=1)
+    (tmp_path / "link.db").symlink_to(tmp_path / "s.db")
+    policy = TrainingPolicy()
+    first, second = open_storage(url, policy), open_storage(f"sqlite:///{tmp_path / 'link.db'}", policy)
+    entered = threading.Event()
+
+    def take_second() -> None:
+        with study_lock(second, "s"):
+            entered.set()
+
+    with study_lock(first, "s"):
+        thread = threading.Thread(target=take_second, daemon=True)
+        thread.start()
+        assert not entered.wait(0.5), "the second name of the file took the lock the first one held"
+    assert entered.wait(10)
+    thread.join()
 
 
 def test_fold_folders_of_dead_runs_are_removed_by_the_next_run(tmp_path):

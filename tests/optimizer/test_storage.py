@@ -365,6 +365,50 @@ def test_twins_made_by_one_creation_are_failed_but_the_first(tmp_path):
     assert [t.state for t in opened.study.trials] == [TrialState.WAITING, TrialState.FAIL]
 
 
+def test_twins_of_an_ask_keep_the_one_the_ask_returned(tmp_path):
+    # The commit of an ask's trial lands but its answer is lost: Optuna's own retry makes a second copy and
+    # returns it, so the caller runs the last copy. Keeping the first failed the trial being trained (its
+    # result dropped as "failed by another process") and left the copy nobody runs RUNNING.
+    storage, study = _storage(tmp_path)
+    rdb = storage.rdb
+    real_session, real_prepare = rdb.scoped_session, rdb._get_prepared_new_trial
+    lost = []
+
+    class LosesTheFirstAnswer:
+        def __init__(self, session: Any) -> None:
+            self._session = session
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._session, name)
+
+        def commit(self) -> None:
+            self._session.commit()
+            if creating and not lost:
+                lost.append(True)
+                raise sa_exc.OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    creating = False
+
+    def prepare(*args: Any, **kwargs: Any) -> Any:
+        nonlocal creating
+        creating = True
+        return real_prepare(*args, **kwargs)
+
+    rdb.scoped_session, rdb._get_prepared_new_trial = (lambda: LosesTheFirstAnswer(real_session())), prepare
+    try:
+        held = study.ask()
+    finally:
+        rdb.scoped_session, rdb._get_prepared_new_trial = real_session, real_prepare
+    copy, mine = study.trials
+    assert lost and mine.number == held.number and copy.system_attrs[TOKEN_ATTR] == mine.system_attrs[TOKEN_ATTR]
+    assert reclaim_dead_trials(study) == 1  # any process's look, this one's trials in flight or not
+    copy, mine = study.trials
+    assert copy.state == TrialState.FAIL and "a copy of trial 1" in copy.user_attrs["fail_reason"]
+    assert mine.state == TrialState.RUNNING
+    held.suggest_float("x", 0.0, 1.0)  # the caller goes on with its trial
+    study.tell(held, 0.5)
+
+
 def test_a_failed_trial_is_queued_for_a_rerun_once(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     opened = open_study(study_name="s", storage_url=url, setup=SETUP, data=DATA, seed=1)
