@@ -127,6 +127,12 @@ def manifest_defaults(step: StepSpec, root: str | os.PathLike[str] = ".") -> tup
     return {k: v for k, v in defaults.items() if v is not None and v is not False}, path
 
 
+def _did_you_mean(step: StepSpec, key: Any) -> str:
+    """The "; did you mean" hint for a key that is not one of the step's flags ("" when none is close)."""
+    close = difflib.get_close_matches(str(key).replace("-", "_"), [p.name for p in step.params], n=1)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
 def merge_manifest_defaults(step: StepSpec, defaults: dict[str, Any], params: dict[str, Any],
                             source: str) -> tuple[dict[str, Any], list[str]]:
     """``params`` over the manifest's ``defaults``, and the manifest keys they override. A params key
@@ -141,9 +147,7 @@ def merge_manifest_defaults(step: StepSpec, defaults: dict[str, Any], params: di
             overridden.append(key)
             continue
         if spec is None:
-            close = difflib.get_close_matches(str(key).replace("-", "_"), [p.name for p in step.params], n=1)
-            raise UsageError(f"{source}: key `{key}` is not a step {step.number} flag"
-                             f"{f'; did you mean `{close[0]}`?' if close else ''}")
+            raise UsageError(f"{source}: key `{key}` is not a step {step.number} flag{_did_you_mean(step, key)}")
         _check_value(step, spec, value, source=source)
         kept[key] = value
     return {**kept, **params}, sorted(overridden)
@@ -232,7 +236,6 @@ def validate_params(step: StepSpec, params: Any, *,
     if not isinstance(params, dict):
         raise UsageError(f"--params must be a JSON object, got {type(params).__name__}")
     out: dict[str, Any] = {}
-    known = [p.name for p in step.params]
     set_by: dict[str, tuple[str, Any]] = {}  # dest -> (key, value it sets): aliases must agree
     for key, value in params.items():
         if value is None and (key in step.reserved or step.spec(key) is not None):
@@ -241,10 +244,8 @@ def validate_params(step: StepSpec, params: Any, *,
             raise UsageError(f"--params key `{key}` is not accepted: {step.reserved[key]}")
         spec = step.spec(key)
         if spec is None:
-            close = difflib.get_close_matches(str(key).replace("-", "_"), known, n=1)
-            hint = f"; did you mean `{close[0]}`?" if close else ""
-            raise UsageError(f"unknown --params key `{key}` for step {step.number} ({step.name}){hint} "
-                             f"known keys: {', '.join(sorted(known))}")
+            raise UsageError(f"unknown --params key `{key}` for step {step.number} ({step.name})"
+                             f"{_did_you_mean(step, key)} known keys: {', '.join(sorted(p.name for p in step.params))}")
         out[key], effect = _check_value(step, spec, value)
         if effect is not None:
             other = set_by.setdefault(spec.dest, (key, effect))
