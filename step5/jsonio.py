@@ -56,16 +56,17 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: bool = 
     (``/dev/null``, ``/dev/stdout``, a FIFO) is written into instead: renaming a file over it made
     ``--output /dev/null``, run as root, a regular file for the whole machine."""
     p = Path(path)
+    data = dumps(obj, indent=indent) + b"\n"
     try:
         mode = os.stat(p).st_mode
     except OSError:  # not there yet (or unreadable: the atomic write says why)
         mode = stat.S_IFREG
     if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
         with open(p, "wb") as fh:
-            fh.write(dumps(obj, indent=indent) + b"\n")
+            fh.write(data)
         return p
     with atomic_output(p) as tmp, open(tmp, "wb") as fh:
-        fh.write(dumps(obj, indent=indent) + b"\n")
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     return p
