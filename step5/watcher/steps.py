@@ -291,7 +291,15 @@ def retry_params(step: StepSpec, params: dict[str, Any], retry: int, watcher: Wa
     trials = effective(step, params, "trials")
     seed = effective(step, params, "seed")
     if trials is not None:  # an int, or its text: the step's own type accepts both
-        out["trials"] = max(int(trials), math.ceil(int(trials) * watcher.retry_trials_multiplier ** retry))
+        from step5.optimizer.config import MAX_INT
+
+        try:  # the float grows past 1.8e308 within a few retries of a big multiplier (OverflowError)
+            grown = math.ceil(int(trials) * watcher.retry_trials_multiplier ** retry)
+        except OverflowError:
+            grown = MAX_INT
+        # ... and no more than the step takes (a float near 2**63 rounds past it): a step refusing
+        # its retry's --trials exits 64, and a bigger int crashed the decision log's JSON writer
+        out["trials"] = min(MAX_INT, max(int(trials), grown))
     if seed is not None:
         out["seed"] = int(seed) + watcher.retry_seed_increment * retry
     return out

@@ -191,6 +191,16 @@ def test_retry_starts_from_the_step_defaults_when_absent():
     assert retried == {"trials": 50, "seed": 45}
 
 
+def test_retry_trials_stop_at_the_most_step_5_takes_whatever_the_retry():
+    """A float past 1.8e308 raised OverflowError (a traceback at the second retry of a 1e300 multiplier), and
+    a retry past 2**63 - 1 trials was refused by the step (exit 64) or crashed the decision log's JSON."""
+    most = 2**63 - 1
+    assert retry_params(STEP5, {"trials": 2}, 2, WatcherPolicy(retry_trials_multiplier=1e18))["trials"] == most
+    assert retry_params(STEP5, {"trials": 2}, 10**18, WatcherPolicy(retry_trials_multiplier=1.5))["trials"] == most
+    # a float near 2**63 rounds past it: the step's own largest count, retried unchanged, stays what it takes
+    assert retry_params(STEP5, {"trials": most}, 1, WatcherPolicy())["trials"] == most
+
+
 def test_only_step_5_is_shipped():
     assert [s.number for s in steps_in_range(5, 5)] == [5]
     with pytest.raises(UsageError, match=r"step 4 is not shipped.*\[5\]"):
