@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from step5.artifacts import HISTORY_FILENAME, PIPELINE_STEP, PIPELINE_STEP_NAME, SURVIVORS_FILENAME
-from step5.errors import DataError, UsageError
+from step5.errors import DataError, PolicyError, UsageError
 from step5.jsonio import read_json_file
 from step5.launch import OPTIMIZER_MODULE, module_command
-from step5.policy import WatcherPolicy
+from step5.policy import Policy, WatcherPolicy
 
 SWITCH = "switch"  # store_true / store_const: true -> --flag, false -> nothing
 ON_OFF = "on_off"  # BooleanOptionalAction: true -> --flag, false -> --no-flag
@@ -303,3 +303,25 @@ def retry_params(step: StepSpec, params: dict[str, Any], retry: int, watcher: Wa
     if seed is not None:
         out["seed"] = int(seed) + watcher.retry_seed_increment * retry
     return out
+
+
+def check_retries(step: StepSpec, params: dict[str, Any], policy: Policy) -> None:
+    """Refuse, before anything runs, retries no run could make: more attempts than the decision
+    log's 64-bit integers count, or a retry's seed past the step's largest (each retry adds
+    ``watcher.retry_seed_increment``). Found when that retry came, the first was a traceback and
+    the second the step's exit 64 naming ``--seed``, not the policy key, after the first attempt's hours."""
+    from step5.optimizer.config import MAX_INT, MAX_SEED
+
+    watcher, critical = policy.watcher, policy.training_diagnostics.max_critical_retries
+    retries = watcher.max_retries + critical
+    allowed = (f"the policy allows {retries} retries (watcher.max_retries {watcher.max_retries} + "
+               f"training_diagnostics.severity_thresholds.critical.max_retries {critical})")
+    if retries >= MAX_INT:
+        raise PolicyError(f"{policy.source}: {allowed}, more attempts than the decision log can count ({MAX_INT})")
+    seed, step_by = effective(step, params, "seed"), watcher.retry_seed_increment
+    if seed is None or not retries or int(seed) + step_by * retries <= MAX_SEED:
+        return
+    first = (MAX_SEED - int(seed)) // step_by + 1  # step_by > 0 here: seed itself is at most MAX_SEED
+    raise PolicyError(f"{policy.source}: watcher.retry_seed_increment {step_by} would give retry {first} the seed "
+                      f"{int(seed) + step_by * first}, above step {step.number}'s largest --seed {MAX_SEED}, and "
+                      f"{allowed}; lower the increment, the seed or the retries")

@@ -7,13 +7,14 @@ import json
 
 import pytest
 
-from step5.errors import UsageError
+from step5.errors import PolicyError, UsageError
 from step5.launch import module_command
 from step5.optimizer.cli import build_parser, config_from_args
-from step5.policy import WatcherPolicy
+from step5.policy import Policy, WatcherPolicy, parse_policy
 from step5.watcher.steps import (
     MANIFESTS_DIR,
     build_command,
+    check_retries,
     get_step,
     manifest_defaults,
     retry_params,
@@ -199,6 +200,33 @@ def test_retry_trials_stop_at_the_most_step_5_takes_whatever_the_retry():
     assert retry_params(STEP5, {"trials": 2}, 10**18, WatcherPolicy(retry_trials_multiplier=1.5))["trials"] == most
     # a float near 2**63 rounds past it: the step's own largest count, retried unchanged, stays what it takes
     assert retry_params(STEP5, {"trials": most}, 1, WatcherPolicy())["trials"] == most
+
+
+def _retry_policy(max_retries: int, increment: int, critical: int = 0) -> Policy:
+    return parse_policy({"watcher": {"max_retries": max_retries, "retry_seed_increment": increment},
+                         "training_diagnostics": {"severity_thresholds": {"critical": {"max_retries": critical}}}},
+                        "pol.json")
+
+
+def test_retries_whose_seed_step_5_would_refuse_are_refused_before_anything_runs():
+    """The step refuses --seed above 2**31 - 1: the retry that reached it ended the run with the step's exit 64
+    naming --seed, after the first attempt's hours; a seed past 64 bits crashed the decision log's JSON."""
+    with pytest.raises(PolicyError, match=r"^pol\.json: watcher\.retry_seed_increment 4294967296 would give retry 1 "
+                                          r"the seed 4294967338, above step 5's largest --seed 2147483647, and the "
+                                          r"policy allows 3 retries \(watcher\.max_retries 1 \+ training_diagnostics"):
+        check_retries(STEP5, {}, _retry_policy(1, 2**32, critical=2))
+    with pytest.raises(PolicyError, match="would give retry 6 the seed 2147483648"):
+        check_retries(STEP5, {"seed": 2**31 - 6}, _retry_policy(10, 1))
+    check_retries(STEP5, {"seed": 2**31 - 11}, _retry_policy(10, 1))  # the last retry's seed is the largest
+    check_retries(STEP5, {"seed": 2**31 - 1}, _retry_policy(0, 1))  # no retry, no seed to grow
+    check_retries(STEP5, {"seed": 2**31 - 1}, _retry_policy(5, 0))  # retries that keep the seed
+
+
+def test_more_retries_than_the_decision_log_counts_are_refused():
+    """The attempt count past 64 bits crashed the decision log's JSON writer after the first attempt (a traceback)."""
+    with pytest.raises(PolicyError, match=r"allows 18446744073709551616 retries .*more attempts than the decision log"):
+        check_retries(STEP5, {}, _retry_policy(2**64 - 1, 0, critical=1))
+    check_retries(STEP5, {}, _retry_policy(2**63 - 2, 0))
 
 
 def test_only_step_5_is_shipped():
