@@ -142,9 +142,9 @@ def run_pipeline(start: int, end: int, raw_params: Any, *, policy_path: str, dec
     params_by_step = {s.number: validate_params(s, _with_manifest_defaults(s, raw_params), policy_path=policy_path)
                       for s in steps}
     policy = load_policy(policy_path)
-    for s in steps:  # a typo in a rule, or a retry the step would refuse, fails now, not after an hour of training
+    check_retries(policy)  # a count the decision log cannot hold, or a typo in a rule, fails now, not after an hour
+    for s in steps:
         thresholds_for(policy, s)
-        check_retries(s, params_by_step[s.number], policy)
     if script is not None and not Path(script).is_file():
         if not dry_run:
             raise Step5Error(f"step script not found: {script}")

@@ -285,14 +285,14 @@ def retry_params(step: StepSpec, params: dict[str, Any], retry: int, watcher: Wa
     """Params for retry number ``retry`` (1 = first re-run): more trials and a new seed (by the
     policy's ``watcher`` section), so a retry explores afresh. A study name the user chose gets a ``_retryN`` suffix, since
     step 5 refuses to resume a study under another seed (its default name follows the seed)."""
+    from step5.optimizer.config import MAX_INT, MAX_SEED
+
     out = dict(params)
     if "study_name" in params:
         out["study_name"] = f"{params['study_name']}_retry{retry}"
     trials = effective(step, params, "trials")
     seed = effective(step, params, "seed")
     if trials is not None:  # an int, or its text: the step's own type accepts both
-        from step5.optimizer.config import MAX_INT
-
         try:  # the float grows past 1.8e308 within a few retries of a big multiplier (OverflowError)
             grown = math.ceil(int(trials) * watcher.retry_trials_multiplier ** retry)
         except OverflowError:
@@ -300,28 +300,19 @@ def retry_params(step: StepSpec, params: dict[str, Any], retry: int, watcher: Wa
         # ... and no more than the step takes (a float near 2**63 rounds past it): a step refusing
         # its retry's --trials exits 64, and a bigger int crashed the decision log's JSON writer
         out["trials"] = min(MAX_INT, max(int(trials), grown))
-    if seed is not None:
-        out["seed"] = int(seed) + watcher.retry_seed_increment * retry
+    if seed is not None:  # past the step's largest seed it wraps: any other seed explores afresh
+        out["seed"] = (int(seed) + watcher.retry_seed_increment * retry) % (MAX_SEED + 1)
     return out
 
 
-def check_retries(step: StepSpec, params: dict[str, Any], policy: Policy) -> None:
-    """Refuse, before anything runs, retries no run could make: more attempts than the decision
-    log's 64-bit integers count, or a retry's seed past the step's largest (each retry adds
-    ``watcher.retry_seed_increment``). Found when that retry came, the first was a traceback and
-    the second the step's exit 64 naming ``--seed``, not the policy key, after the first attempt's hours."""
-    from step5.optimizer.config import MAX_INT, MAX_SEED
+def check_retries(policy: Policy) -> None:
+    """Refuse, before anything runs, more attempts than the decision log's 64-bit integers count
+    (found when the first record was written: a traceback)."""
+    from step5.optimizer.config import MAX_INT
 
     watcher, critical = policy.watcher, policy.training_diagnostics.max_critical_retries
     retries = watcher.max_retries + critical
-    allowed = (f"the policy allows {retries} retries (watcher.max_retries {watcher.max_retries} + "
-               f"training_diagnostics.severity_thresholds.critical.max_retries {critical})")
     if retries >= MAX_INT:
-        raise PolicyError(f"{policy.source}: {allowed}, more attempts than the decision log can count ({MAX_INT})")
-    seed, step_by = effective(step, params, "seed"), watcher.retry_seed_increment
-    if seed is None or not retries or int(seed) + step_by * retries <= MAX_SEED:
-        return
-    first = (MAX_SEED - int(seed)) // step_by + 1  # step_by > 0 here: seed itself is at most MAX_SEED
-    raise PolicyError(f"{policy.source}: watcher.retry_seed_increment {step_by} would give retry {first} the seed "
-                      f"{int(seed) + step_by * first}, above step {step.number}'s largest --seed {MAX_SEED}, and "
-                      f"{allowed}; lower the increment, the seed or the retries")
+        raise PolicyError(f"{policy.source}: the policy allows {retries} retries (watcher.max_retries "
+                          f"{watcher.max_retries} + training_diagnostics.severity_thresholds.critical.max_retries "
+                          f"{critical}), more attempts than the decision log can count ({MAX_INT})")

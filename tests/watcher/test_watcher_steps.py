@@ -208,25 +208,20 @@ def _retry_policy(max_retries: int, increment: int, critical: int = 0) -> Policy
                         "pol.json")
 
 
-def test_retries_whose_seed_step_5_would_refuse_are_refused_before_anything_runs():
+def test_a_retry_seed_past_the_steps_largest_wraps_around():
     """The step refuses --seed above 2**31 - 1: the retry that reached it ended the run with the step's exit 64
     naming --seed, after the first attempt's hours; a seed past 64 bits crashed the decision log's JSON."""
-    with pytest.raises(PolicyError, match=r"^pol\.json: watcher\.retry_seed_increment 4294967296 would give retry 1 "
-                                          r"the seed 4294967338, above step 5's largest --seed 2147483647, and the "
-                                          r"policy allows 3 retries \(watcher\.max_retries 1 \+ training_diagnostics"):
-        check_retries(STEP5, {}, _retry_policy(1, 2**32, critical=2))
-    with pytest.raises(PolicyError, match="would give retry 6 the seed 2147483648"):
-        check_retries(STEP5, {"seed": 2**31 - 6}, _retry_policy(10, 1))
-    check_retries(STEP5, {"seed": 2**31 - 11}, _retry_policy(10, 1))  # the last retry's seed is the largest
-    check_retries(STEP5, {"seed": 2**31 - 1}, _retry_policy(0, 1))  # no retry, no seed to grow
-    check_retries(STEP5, {"seed": 2**31 - 1}, _retry_policy(5, 0))  # retries that keep the seed
+    assert retry_params(STEP5, {"seed": 2**31 - 1}, 1, WatcherPolicy())["seed"] == 0
+    assert retry_params(STEP5, {"seed": 2**31 - 6}, 2, WatcherPolicy(retry_seed_increment=5))["seed"] == 4
+    assert retry_params(STEP5, {}, 3, WatcherPolicy(retry_seed_increment=2**64))["seed"] == 42  # 2**64 is 0 mod 2**31
+    assert retry_params(STEP5, {"seed": 7}, 1, WatcherPolicy())["seed"] == 8  # below the largest: seed + increment
 
 
 def test_more_retries_than_the_decision_log_counts_are_refused():
     """The attempt count past 64 bits crashed the decision log's JSON writer after the first attempt (a traceback)."""
     with pytest.raises(PolicyError, match=r"allows 18446744073709551616 retries .*more attempts than the decision log"):
-        check_retries(STEP5, {}, _retry_policy(2**64 - 1, 0, critical=1))
-    check_retries(STEP5, {}, _retry_policy(2**63 - 2, 0))
+        check_retries(_retry_policy(2**64 - 1, 0, critical=1))
+    check_retries(_retry_policy(2**63 - 2, 0))
 
 
 def test_only_step_5_is_shipped():
