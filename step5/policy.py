@@ -194,6 +194,12 @@ def _check_durations(training: TrainingPolicy, source: str) -> None:
                               f"years), got {value:g}")
 
 
+#: The largest ``watcher.retry_trials_multiplier``: step 5 takes at most 2**63 - 1 trials
+#: (step5.optimizer.config.MAX_INT), which a retry never passes; a bigger multiplier could only
+#: ever run that many, until ``watcher.step_timeout_s`` stops it.
+MAX_RETRY_TRIALS_MULTIPLIER = float(2**63 - 1)
+
+
 #: The top-level sections Step 5 reads; the pipeline's file holds many others.
 POLICY_SECTIONS = ("training", "watcher", "training_diagnostics", "acceptance_rules")
 #: The part of ``acceptance_rules`` that is Step 5's.
@@ -285,6 +291,10 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
         if watcher.retry_trials_multiplier < 1:
             raise PolicyError(f"{source}: watcher.retry_trials_multiplier must be >= 1, "
                               f"got {watcher.retry_trials_multiplier}")
+        if watcher.retry_trials_multiplier > MAX_RETRY_TRIALS_MULTIPLIER:
+            raise PolicyError(f"{source}: watcher.retry_trials_multiplier must be at most "
+                              f"{MAX_RETRY_TRIALS_MULTIPLIER:g} (step 5's largest --trials: a bigger one gives even "
+                              f"a 1-trial run's first retry more), got {watcher.retry_trials_multiplier:g}")
         if training.heartbeat_grace_s <= training.heartbeat_interval_s:
             raise PolicyError(
                 f"{source}: training.heartbeat_grace_s ({training.heartbeat_grace_s}) must exceed "

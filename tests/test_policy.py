@@ -284,6 +284,10 @@ BAD = [
     ({"acceptance_rules": {"step5": {"min_cv_r2": None}}}, "acceptance_rules.step5.min_cv_r2 must be a finite number, got None"),
     # ranges that involve more than one key
     ({"watcher": {"retry_trials_multiplier": 0.5}}, "watcher.retry_trials_multiplier must be >= 1, got 0.5"),
+    # a bigger multiplier overflowed the WATCHER's float arithmetic at a retry (a traceback), or gave even a
+    # 1-trial run's first retry more trials than step 5 takes
+    ({"watcher": {"retry_trials_multiplier": 1e300}},
+     "watcher.retry_trials_multiplier must be at most 9.22337e+18 (step 5's largest --trials"),
     ({"training": {"heartbeat_interval_s": 60, "heartbeat_grace_s": 60}},
      "training.heartbeat_grace_s (60.0) must exceed training.heartbeat_interval_s (60.0)"),
     ({"training": {"heartbeat_interval_s": 200}}, "training.heartbeat_grace_s (120.0) must exceed"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import sys
 from collections import deque
 from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta, timezone
@@ -186,7 +187,8 @@ def append_decision(path: str | os.PathLike[str], record: dict[str, Any]) -> Non
 def read_decisions(path: str | os.PathLike[str], last: int | None = None) -> tuple[list[dict[str, Any]], int]:
     """The last ``last`` records (all when None) and how many lines could not be parsed: a
     damaged line (a disk filled mid-write, a hand edit) is counted, so ``--status`` still shows the rest."""
-    records: deque[dict[str, Any]] = deque(maxlen=last)
+    # a deque holds at most sys.maxsize: a larger --last (OverflowError, a traceback) means them all too
+    records: deque[dict[str, Any]] = deque(maxlen=None if last is None or last > sys.maxsize else last)
     bad = 0
     try:
         with open(path, "rb") as fh:

@@ -295,6 +295,8 @@ def test_usage_errors(work, args, code, words, watcher):
     ("{broken", "not valid JSON"),
     ('{"watcher": {"step_timeout": 5}}', "unknown key `step_timeout`"),
     ('{"watcher": {"max_retries": -1}}', "max_retries"),
+    # more attempts than the decision log's 64-bit integers count: found at its first record (a traceback)
+    ('{"watcher": {"max_retries": 18446744073709551615}}', "more attempts than the decision log can count"),
     ('{"acceptance_rules": {"step5": {"min_cv_r3": 0}}}', "unknown metric `cv_r3`"),
 ])
 def test_invalid_policy_is_a_clear_error_before_anything_runs(work, policy, words, watcher):

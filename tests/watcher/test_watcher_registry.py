@@ -187,6 +187,8 @@ def test_read_decisions_tail_and_damaged_lines(tmp_path):
     records, bad = read_decisions(path, last=3)
     assert [r["n"] for r in records] == [3, 4, 5] and bad == 2
     assert read_decisions(tmp_path / "missing.jsonl") == ([], 0)
+    # `--status --last 99999999999999999999`: past what a deque holds (was an OverflowError traceback)
+    assert read_decisions(path, last=10**20) == ([{"n": n} for n in range(6)], 2)
 
 
 def test_files_that_cannot_be_written_or_read_are_data_errors_naming_them(tmp_path):
