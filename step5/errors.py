@@ -125,12 +125,12 @@ class JobError(Step5Error):
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any]) -> "JobError":
-        """Rebuild the error from a worker's ``{"status": "error", ...}`` response."""
-        error_type = payload.get("error_type")
-        if error_type not in JOB_ERROR_TYPES:
-            error_type = "train_error"
-        return cls(str(payload.get("error", "unknown error")), error_type, trial_number=payload.get("trial_number"),
-                   fold_idx=payload.get("fold_idx"), job_id=payload.get("job_id"), traceback=payload.get("traceback"))
+        """Rebuild the error from a worker's ``{"status": "error", ...}`` response. An ``error_type`` outside
+        :data:`JOB_ERROR_TYPES` is a ValueError, not a ``train_error``: such a reply is a protocol fault, never a
+        trial's verdict (the parent checks replies first: ``step5.execution.process.reply_problem``)."""
+        return cls(str(payload.get("error", "unknown error")), payload.get("error_type"),
+                   trial_number=payload.get("trial_number"), fold_idx=payload.get("fold_idx"),
+                   job_id=payload.get("job_id"), traceback=payload.get("traceback"))
 
 
 class BadRequest(JobError):

@@ -66,3 +66,13 @@ def test_every_exception_in_errors_py_is_documented_in_its_table():
     assert classes and all(f"| `{name}` |" in table for name in classes)
     assert all(getattr(errors, name).__doc__ for name in classes)
     assert all(issubclass(getattr(errors, name), (errors.Step5Error, KeyboardInterrupt)) for name in classes)
+
+
+def test_an_error_reply_of_an_unknown_type_is_not_rebuilt_as_a_train_error():
+    # It was, so a trainer answering in words the parent does not know failed the trial as if the
+    # model could not train; such a reply is a protocol fault (step5.execution.process.reply_problem).
+    from step5.errors import JobError
+
+    with pytest.raises(ValueError, match="gpu_melted"):
+        JobError.from_dict({"status": "error", "error": "the GPU melted", "error_type": "gpu_melted"})
+    assert JobError.from_dict({"status": "error", "error": "x", "error_type": "data_error"}).error_type == "data_error"

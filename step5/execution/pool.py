@@ -25,9 +25,7 @@ from typing import Any, Callable, Protocol, Sequence
 import psutil
 
 from step5.devices import DeviceSlot
-from step5.errors import (
-    JOB_ERROR_TYPES, JobError, JobTimedOut, RunnerClosed, TrainerCannotStart, WorkerCrashed, WorkerFault,
-)
+from step5.errors import JobError, JobTimedOut, RunnerClosed, TrainerCannotStart, WorkerCrashed, WorkerFault
 from step5.execution.process import Spawner, WorkerProcess, kill_tree, oneshot_command, popen_worker, reap_killed, \
     run_oneshot_job, sigkill
 from step5.execution.slot import FaultBudget, JobAttempts, JobVerdict, SlotAction, SlotMachine
@@ -407,13 +405,9 @@ class WorkerPool:
         )
         outcomes: list[JobOutcome] = []
         for answer, wire_id, request in zip(answers, wire_ids, group):
-            status = answer.get("status")
-            if answer.get("job_id") != wire_id or status not in ("complete", "error") or (
-                status == "error" and answer.get("error_type") not in JOB_ERROR_TYPES
-            ):
-                raise worker.violation(answer, doing)
+            worker.check_reply(answer, wire_id, request, doing)
             answer["job_id"] = request.job_id
-            outcomes.append(answer if status == "complete" else JobError.from_dict(answer))
+            outcomes.append(answer if answer["status"] == "complete" else JobError.from_dict(answer))
         st.record.jobs += len(group)
         done = [a for a in answers if a.get("status") == "complete"]
         with self._lock:

@@ -22,11 +22,12 @@ from typing import Any, Callable, Sequence
 import psutil
 
 from step5.devices import DeviceSlot
-from step5.errors import FrameTooLarge, JobError, JobTimedOut, WorkerCrashed, WorkerFault
+from step5.errors import JOB_ERROR_TYPES, FrameTooLarge, JobError, JobTimedOut, WorkerCrashed, WorkerFault
 from step5.framing import LineReader, LineWriter
 from step5.jsonio import loads
 from step5.launch import ONESHOT_MODULE, module_command
-from step5.protocol import Heartbeat, Job, Request, Shutdown, echo
+from step5.protocol import Heartbeat, Job, Request, Shutdown, TrainRequest, echo
+from step5.values import is_number
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,28 @@ _PIPES_SETTLE_S = 1.0
 _EXIT_AFTER_EOF_S = 10.0
 
 _probe_ids = itertools.count()
+
+#: The scores the parent reads from a ``complete`` reply to a ``train`` (the objective, the trial's fold
+#: records): each a finite number, as every trainer sends them (it fails a job whose scores are not).
+TRAIN_SCORES = ("r2", "train_r2", "val_mse", "train_mse")
+
+
+def reply_problem(reply: dict[str, Any], job_id: Any, request: Job) -> str | None:
+    """Why ``reply`` is no answer to ``request`` sent as ``job_id`` (None: it is one). The one check of a
+    worker's and a one-shot trainer's replies, so that a reply means the same from either: one it fails
+    is a protocol fault, re-run, never the trial's verdict (docs/workers.md, "Fault handling")."""
+    status = reply.get("status")
+    if reply.get("job_id") != job_id:
+        return f"it answers job_id {reply.get('job_id')!r:.80}, not {job_id!r}"
+    if status == "error":
+        error_type = reply.get("error_type")
+        return None if error_type in JOB_ERROR_TYPES else \
+            f"`error_type` {error_type!r:.80} is not one of {list(JOB_ERROR_TYPES)}"
+    if status != "complete":
+        return f"`status` {status!r:.80} is neither 'complete' nor 'error'"
+    scores = TRAIN_SCORES if isinstance(request, TrainRequest) else ()  # a merge's may be null (under two rows)
+    bad = [f"`{k}` {reply.get(k)!r:.40}" for k in scores if not is_number(reply.get(k))]
+    return f"{', '.join(bad)}: not a finite number" if bad else None
 
 
 def close_pipes(proc: subprocess.Popen[bytes], *, stdout_free: bool, stderr_free: bool) -> None:
@@ -248,10 +271,18 @@ class WorkerProcess:
             raise self._fault("protocol", f"broke the protocol: sent {preview!r} while {doing}")
         return message
 
-    def violation(self, message: dict[str, Any], doing: str) -> WorkerFault:
-        """A protocol fault for a well-formed but unexpected ``message``; kills the worker."""
+    def violation(self, message: dict[str, Any], doing: str, why: str | None = None) -> WorkerFault:
+        """A protocol fault for a well-formed but unexpected ``message`` (``why``: what is wrong with it);
+        kills the worker."""
         shown = {k: message.get(k) for k in ("status", "job_id", "error") if k in message}
-        return self._fault("protocol", f"broke the protocol: unexpected answer {shown!r} while {doing}")
+        because = f" ({why})" if why else ""
+        return self._fault("protocol", f"broke the protocol: unexpected answer {shown!r:.300}{because} while {doing}")
+
+    def check_reply(self, reply: dict[str, Any], job_id: Any, request: Job, doing: str) -> None:
+        """A protocol fault (:meth:`violation`) unless ``reply`` answers ``request`` (:func:`reply_problem`)."""
+        why = reply_problem(reply, job_id, request)
+        if why is not None:
+            raise self.violation(reply, doing, why)
 
     def _fault(self, kind: str, what: str) -> WorkerFault:
         """Kill the worker (if still running), reap it, and describe what happened."""
@@ -339,8 +370,9 @@ def run_oneshot_job(
     :class:`JobError` for a job failure (``startup_error`` also when the trainer's ``ready``
     does not come within ``ready_timeout_s``: torch or the device hangs setting up),
     :class:`JobTimedOut` past ``timeout_s`` (the trainer and its children killed),
-    :class:`WorkerCrashed` when it cannot be started, dies, writes more than its reply, or
-    exits with a code that does not match it."""
+    :class:`WorkerCrashed` when it cannot be started, dies, breaks the protocol (a reply that is
+    no answer to ``request``, :func:`reply_problem`, or more than its reply), or exits with a code that
+    does not match it."""
     deadline = time.monotonic() + timeout_s
     try:
         proc = start(list(command or oneshot_command()), slot.environment())
@@ -364,6 +396,7 @@ def run_oneshot_job(
                            **echo(request)) from None
         if reply.get("status") == "ready":
             reply = trainer.receive(deadline - time.monotonic(), doing)
+        trainer.check_reply(reply, request.job_id, request, doing)
         # The reply came in time; what is left is the exit, and the pipes close only once the kernel
         # has torn the process down (seconds, for a torch process on a loaded machine). A reply just
         # before the deadline must not become a timeout for that: the same allowance as after EOF.

@@ -36,6 +36,9 @@ ONESHOT_ENV = "STEP5_FAKE_ONESHOT"
 ONESHOT_FAULTS = ("crash", "hang_at_setup", "hang")
 POISON_ENV = "STEP5_FAKE_POISON_TRIAL"
 BOOT_ENV = "STEP5_FAKE_BOOT"  # one of BOOT_FAULTS: as --boot, for every launch
+#: A JSON object whose keys replace those of every ``train`` job's reply, worker or one-shot trainer alike (a
+#: null removes one): a malformed but well-formed reply, e.g. ``{"status": "error", "error_type": "gpu_melted"}``.
+REPLY_ENV = "STEP5_FAKE_REPLY"
 #: Comma-separated variable names whose values each result echoes (``environment``), so
 #: tests can see what a slot's process was started with.
 ECHO_ENV = "STEP5_FAKE_ECHO_ENV"
@@ -67,6 +70,20 @@ def fake_metrics(request: TrainRequest) -> dict[str, Any]:
             "trial_number": request.trial_number, "fold_idx": request.fold_idx, "job_id": request.job_id}
 
 
+def tampered(reply: dict[str, Any]) -> dict[str, Any]:
+    """``reply`` as :data:`REPLY_ENV` changes it; a value that is no JSON object stops the fake."""
+    raw = os.environ.get(REPLY_ENV)
+    if not raw:
+        return reply
+    try:
+        changes = loads(raw)
+    except ValueError:
+        changes = None
+    if not isinstance(changes, dict):
+        sys.exit(f"fake worker: {REPLY_ENV}={raw!r} is not a JSON object")
+    return {k: v for k, v in {**reply, **changes}.items() if not (k in changes and v is None)}
+
+
 def train(request: Job, device: str, job_s: float) -> dict[str, Any]:
     """Pretend to train: sleep ``job_s``, write a fake checkpoint where the job saves its
     model, return fake metrics and where it ran (so tests see each slot's environment)."""
@@ -87,7 +104,7 @@ def train(request: Job, device: str, job_s: float) -> dict[str, Any]:
         torch_threads=os.environ.get(TORCH_THREADS_ENV),
         environment={name: os.environ.get(name) for name in os.environ.get(ECHO_ENV, "").split(",") if name},
     )
-    return result
+    return tampered(result)
 
 
 def merge(request: MergeRequest) -> dict[str, Any]:

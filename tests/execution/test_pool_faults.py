@@ -164,6 +164,46 @@ def test_fallback_trainer_crashing_too_fails_the_job_after_bounded_retries(data_
     assert [c["kind"] for c in summary["faults"]] == ["crash", "crash", "oneshot", "oneshot"]
 
 
+@pytest.mark.parametrize("reply", [
+    pytest.param('{"status": "error", "error": "the GPU melted", "error_type": "gpu_melted"}', id="unknown-error-type"),
+    pytest.param('{"r2": "0.5"}', id="string-metric"),
+    pytest.param('{"train_r2": null}', id="missing-metric"),
+])
+def test_a_reply_that_is_no_answer_is_a_fault_from_a_worker_and_a_one_shot_trainer_alike(reply, data_file, monkeypatch):
+    # A one-shot trainer's `error` reply with an unknown `error_type` became a `train_error`, failing
+    # the trial as if the model could not train, where a worker's was a protocol fault, re-run; a
+    # `complete` reply without finite scores was taken from either, to fail later in the objective.
+    monkeypatch.setenv("STEP5_FAKE_REPLY", reply)
+    with make_pool(max_job_reruns=3) as pool:
+        with pytest.raises(JobError, match=r"hit by 4 infrastructure fault.*broke the protocol.*max_job_reruns"):
+            run_each(pool, make_requests(data_file, n=1))
+        summary = summary_of(pool)
+    assert summary["workers"][0]["fallback"] is True
+    assert [c["kind"] for c in summary["faults"]] == ["protocol", "protocol", "oneshot", "oneshot"]
+    assert all("broke the protocol" in c["error"] for c in summary["faults"])
+
+
+def test_a_one_shot_trainers_reply_for_another_job_is_a_fault_as_a_workers_is(data_file, monkeypatch):
+    # The one-shot path put the request's job_id over whatever the trainer answered (the worker
+    # path's `wrong_job_id` row above is a protocol fault).
+    monkeypatch.setenv("STEP5_FAKE_REPLY", '{"job_id": "not-yours"}')
+    with make_pool(persistent=False, max_job_reruns=1) as pool:
+        with pytest.raises(JobError, match=r"hit by 2 infrastructure fault.*answers job_id 'not-yours', not 't0-f0'"):
+            run_each(pool, make_requests(data_file, n=1))
+        assert [c["kind"] for c in summary_of(pool)["faults"]] == ["oneshot", "oneshot"]
+
+
+def test_an_extra_field_in_a_reply_is_accepted_from_a_worker_and_a_one_shot_trainer_alike(data_file, monkeypatch):
+    # A reply may carry more than the parent reads (docs/workers.md, "Protocol": `...`).
+    monkeypatch.setenv("STEP5_FAKE_REPLY", '{"gpu_temperature": 71}')
+    requests = make_requests(data_file, n=2)
+    for persistent in (True, False):
+        with make_pool(persistent=persistent) as pool:
+            results = run_each(pool, requests)
+            assert summary_of(pool)["faults"] == []
+        assert metrics(results) == expected(requests) and all(r["gpu_temperature"] == 71 for r in results)
+
+
 def test_a_one_shot_trainer_that_cannot_be_started_is_a_fault_and_its_job_is_re_run(data_file, monkeypatch):
     # fork() failing (no memory, the process limit) for one trainer, on a slot whose workers keep
     # crashing (what an OOM killer makes of a rig): the OSError escaped run(), so the user saw a

@@ -149,7 +149,8 @@ request = json.loads(sys.stdin.buffer.read())
 print(json.dumps({{"status": "ready", "device": "cpu", "pid": 0, "protocol": 1}}), flush=True)
 time.sleep(max(0.0, start + {reply_at} - time.monotonic()))
 print(json.dumps({{"status": "complete", "r2": 0.5, "val_mse": 1.0, "train_mse": 1.0, "train_r2": 0.6,
-                  "trial_number": request["trial_number"], "fold_idx": request["fold_idx"]}}), flush=True)
+                  "trial_number": request["trial_number"], "fold_idx": request["fold_idx"],
+                  "job_id": request["job_id"]}}), flush=True)
 time.sleep({exit_after})
 """
 

@@ -125,6 +125,34 @@ def test_job_error_waits_for_the_batch_and_keeps_the_runner(data_file, tmp_path)
     assert [r["r2"] for r in results] == [fake_metrics(r)["r2"] for r in good]
 
 
+# A trainer that reads its request and ends as {ending} says, its `reply` echoing the request's job_id.
+SCRIPTED_TRAINER = """\
+import json, sys
+request = json.loads(sys.stdin.read())
+reply = {{"status": "complete", "r2": 0.5, "val_mse": 1.0, "train_mse": 1.0, "train_r2": 0.6, "job_id": request["job_id"]}}
+{ending}
+"""
+
+
+@pytest.mark.parametrize("ending, fault", [
+    ("print(json.dumps(reply)); print(json.dumps(reply))", r"wrote '\{.*' after its one reply"),
+    ("print(json.dumps(reply)); sys.exit(1)", r"ended with EXIT\(1\) after a 'complete' reply"),
+    ("print(json.dumps({**reply, 'status': 'error', 'error': 'x', 'error_type': 'data_error'}))",
+     r"ended with EXIT\(0\) after a 'error' reply"),
+    ("print(json.dumps({**reply, 'r2': float('nan')}))", r"broke the protocol: sent '\{.*NaN"),
+    ("print('{' + ' ' * (17 << 20) + '}')", r"broke the protocol: sent a \d+-byte line"),
+], ids=["two-replies", "complete-then-exit-1", "error-then-exit-0", "nan-metric", "huge-line"])
+def test_a_one_shot_trainer_that_breaks_the_protocol_is_a_fault_not_the_trials_verdict(ending, fault, data_file,
+                                                                                        tmp_path):
+    script = tmp_path / "scripted.py"
+    script.write_text(SCRIPTED_TRAINER.format(ending=ending))
+    with WorkerPool(cpu_slots(1), TrainingPolicy(worker_job_timeout_s=60, max_job_reruns=0), persistent=False,
+                    oneshot_script=script) as runner:
+        with pytest.raises(JobError, match=f"hit by 1 infrastructure fault.*{fault}"):
+            run_each(runner, [_request(data_file, 0, 0)])
+        assert [f["kind"] for f in summary_of(runner)["faults"]] == ["oneshot"]
+
+
 def test_a_group_is_the_null_object_of_fusion_same_results_fold_by_fold_and_one_warning(data_file, caplog):
     groups = [[_request(data_file, 3, f) for f in range(3)], [_request(data_file, 4, f) for f in range(2)]]
     with WorkerPool(cpu_slots(2), TrainingPolicy(worker_job_timeout_s=60), persistent=False,
