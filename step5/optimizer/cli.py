@@ -351,12 +351,14 @@ def check_sqlite_storage(storage_url: str, what: str) -> None:
         raise Step5Error(f"{what}: cannot write the study database {db}: {os_error_reason(exc)}") from None
 
 
-def check_model_names(output_dir: Path, model_types: Sequence[str], what: str) -> None:
+def check_model_names(output_dir: Path, model_types: Sequence[str], what: str, folders: Sequence[str] = ()) -> None:
     """Can the commit put the model set of one of ``model_types`` into ``output_dir``? It replaces a file
-    (or link) under a name it shows, not a folder: a folder there failed the run after its whole search."""
-    sets_dir = output_dir / SETS_DIRNAME
-    if os.path.lexists(sets_dir):  # created by the commit if missing
-        check_writable_dir(sets_dir, f"{what}: the model sets' folder {sets_dir}")
+    (or link) under a name it shows, not a folder: a folder there failed the run after its whole search.
+    ``folders``: more folders (in ``output_dir``) the run makes or writes after its search."""
+    for folder in (SETS_DIRNAME, *folders):
+        path = output_dir / folder
+        if os.path.lexists(path):  # made when needed if missing
+            check_writable_dir(path, f"{what}: {path}")
     for name in sorted({*map(checkpoint_filename, model_types), SIDECAR_NAME, HISTORY_PNG_NAME}):
         path = output_dir / name
         if path.is_dir() and not path.is_symlink():
@@ -373,7 +375,12 @@ def preflight(output_dir: Path, storage: str | None, *, output_dir_given: bool, 
     )
     check_writable_dir(output_dir, what)
     if model_types:
-        check_model_names(output_dir, model_types, what)
+        folders: tuple[str, ...] = ()
+        if summary_dir is not None:  # a compare run: its sub-runs commit into its staging folder, the losers are archived
+            from step5.optimizer.compare import ARCHIVE_DIRNAME, STAGING_DIRNAME
+
+            folders = (STAGING_DIRNAME, ARCHIVE_DIRNAME)
+        check_model_names(output_dir, model_types, what, folders)
     if summary_dir is not None:
         check_writable_dir(summary_dir, f"the compare summary's folder {summary_dir} (in the working directory)")
     if storage is not None:

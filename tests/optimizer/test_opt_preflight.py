@@ -144,11 +144,17 @@ def test_a_folder_where_the_commit_puts_a_model_file_fails_before_the_search(tmp
     assert code == 1 and f"{out / 'best_model.meta.json'} is a folder" in err
 
 
-def test_a_model_sets_folder_that_cannot_be_written_fails_before_the_search(tmp_path, capsys):
+def test_a_file_where_the_commit_needs_a_folder_fails_before_the_search(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     (out / ".model_sets").write_text("not a folder")
     code, err = _run(capsys, "--output-dir", str(out))
     assert code == 1
-    assert _error_lines(err) == [f"error: --output-dir {out}: the model sets' folder {out / '.model_sets'}: "
-                                 "it is a file, not a folder"]
+    assert _error_lines(err) == [f"error: --output-dir {out}: {out / '.model_sets'}: it is a file, not a folder"]
+    (out / ".model_sets").unlink()
+    # A compare run's sub-runs each searched, then failed to commit into it: all four model types' work lost.
+    (out / "compare_runs").write_text("not a folder")
+    code, err = _run(capsys, "--output-dir", str(out), "--compare-models")
+    assert code == 1
+    assert _error_lines(err) == [f"error: --output-dir {out}: {out / 'compare_runs'}: it is a file, not a folder"]
