@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 import socket
 import secrets
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,14 +17,22 @@ from typing import Iterator, Mapping
 
 from step5.artifacts import MODEL_SET_NAMES
 from step5.errors import Step5Error
-from step5.fsutil import DIR_MODE, FILE_MODE, fsync_dir, os_error_reason
+from step5.fsutil import DIR_MODE, FILE_MODE, fsync_dir, os_error_reason, write_all
 from step5.owner import pid_alive_since
+from step5.values import utc_timestamp
+
+logger = logging.getLogger(__name__)
 
 SETS_DIRNAME = ".model_sets"
 POINTER_NAME = "current"
 PARTIAL_PREFIX = ".partial-"
 #: Held (``flock``) by the run committing a set into the output dir, from its rename to its garbage collection.
 LOCK_NAME = ".commit.lock"
+#: A commit waiting for another's says so after LOCK_NOTICE_S (and every minute), and gives up after
+#: LOCK_TIMEOUT_S: commits take seconds (minutes to copy a big model where hard links fail), so a lock
+#: held for half an hour belongs to a run that is stopped (Ctrl-Z, SIGSTOP) or hung (a dead NFS server).
+LOCK_NOTICE_S = 5.0
+LOCK_TIMEOUT_S = 1800.0
 #: What a top-level name links to: the file of the same name in the current set.
 LINK_PREFIX = f"{SETS_DIRNAME}/{POINTER_NAME}/"
 #: In the name of the temporary link a swap renames over a name (``.<name>.link-<token>``).
@@ -65,14 +75,46 @@ def _commit_lock(sets_dir: Path) -> Iterator[None]:
     """Hold the output dir's commit lock. Two runs committing into one output dir at once each took
     the other's just-committed set for garbage: ``current`` was left pointing at a removed folder
     (no model at all, both runs reporting success). Commits take milliseconds; the kernel lets go
-    of the lock when its holder dies, however it dies."""
-    fd = os.open(sets_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
+    of the lock when its holder dies, however it dies, but not while it is stopped or hung: see LOCK_TIMEOUT_S."""
+    path = sets_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
     try:
-        with contextlib.suppress(OSError):  # a filesystem without locks (some NFS mounts): a guard lost, not a stop
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        _wait_for_lock(fd, path)
+        with contextlib.suppress(OSError):  # who holds it, for a waiting run's message; a full disk costs only that
+            os.ftruncate(fd, 0)
+            write_all(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {utc_timestamp()}".encode())
         yield
     finally:
         os.close(fd)
+
+
+def _wait_for_lock(fd: int, path: Path) -> None:
+    """Take the commit lock; a run waiting for it used to wait forever without a word."""
+    start = time.monotonic()
+    notice = start + LOCK_NOTICE_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        except OSError:  # a filesystem without locks (some NFS mounts): a guard lost, not a stop
+            return
+        waited = time.monotonic() - start
+        if waited >= LOCK_TIMEOUT_S or time.monotonic() >= notice:
+            holder = ""
+            with contextlib.suppress(OSError):
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            holder = f"another run ({holder or 'it did not say which'})"
+            if waited >= LOCK_TIMEOUT_S:
+                raise Step5Error(
+                    f"waited {waited / 60:.0f} minutes for {holder} to finish its commit (lock {path}): it is stopped "
+                    "(Ctrl-Z, SIGSTOP) or hung; this run's model is not saved. End or resume that run, then run again")
+            logger.warning("waiting %.0fs so far for %s to finish its commit (lock %s); if it is stopped (Ctrl-Z, "
+                           "SIGSTOP), resume or end it; this run gives up after %.0f minutes",
+                           waited, holder, path, LOCK_TIMEOUT_S / 60)
+            notice += 60.0
+        time.sleep(0.05)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

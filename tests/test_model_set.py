@@ -223,3 +223,48 @@ def test_the_temporary_link_of_a_swap_killed_half_way_is_removed_by_the_next_com
     _commit(out, {"best_model.pth": "b", "best_model.meta.json": "b"})
     assert not [s for s in strays if os.path.lexists(s)]
     assert (out / ".notes.link-keep").read_text() == "the user's"
+
+
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from step5 import model_set
+with model_set._commit_lock(Path(sys.argv[1])):  # a run half-way through its commit
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_commit_waiting_for_a_stopped_run_says_so_and_gives_up(tmp_path, monkeypatch, caplog):
+    # A committer stopped with SIGSTOP (Ctrl-Z) or hung on a dead NFS server holds the lock for good:
+    # every later commit into the output dir waited forever, without a word.
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    out = tmp_path / "out"
+    _commit(out, {"best_model.pth": "old", "best_model.meta.json": "old"})
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out / model_set.SETS_DIRNAME)],
+                              stdout=subprocess.PIPE, text=True)
+    rescue = threading.Timer(60, holder.kill)  # a wait without a bound: fail, not hang the suite
+    rescue.start()
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder.send_signal(signal.SIGSTOP)
+        monkeypatch.setattr(model_set, "LOCK_NOTICE_S", 0.2, raising=False)  # raising=False: the old code fails on its wait
+        monkeypatch.setattr(model_set, "LOCK_TIMEOUT_S", 1.5, raising=False)
+        with pytest.raises(Step5Error, match=rf"\(pid {holder.pid} on .*\) to finish its commit .*stopped"):
+            _commit(out, {"best_model.pth": "new", "best_model.meta.json": "new"})
+        (warning,) = [r.getMessage() for r in caplog.records if "waiting" in r.getMessage()]
+        assert f"another run (pid {holder.pid} on " in warning and model_set.LOCK_NAME in warning
+        assert _shown(out) == {"best_model.meta.json": "old", "best_model.pth": "old"}
+        holder.send_signal(signal.SIGCONT)
+        holder.kill()  # the kernel lets go of its lock
+        holder.wait(timeout=30)
+        _commit(out, {"best_model.pth": "new", "best_model.meta.json": "new"})
+        assert _shown(out) == {"best_model.meta.json": "new", "best_model.pth": "new"}
+    finally:
+        rescue.cancel()
+        holder.kill()
+        holder.wait(timeout=30)

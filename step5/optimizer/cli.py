@@ -7,11 +7,12 @@ import collections
 import dataclasses
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from step5.artifacts import MODEL_TYPES
+from step5.artifacts import HISTORY_PNG_NAME, MODEL_TYPES, SIDECAR_NAME, checkpoint_filename
 from step5.devices import parse_gpu_list
 from step5.cliutil import (
     UsageErrorParser, add_log_level, fraction, non_empty_path, non_negative_int, number, positive_int,
@@ -20,6 +21,7 @@ from step5.fsutil import DIR_MODE, create_temp_file, os_error_reason
 from step5.errors import EXIT_INTERRUPTED, EXIT_OK, DegenerateSignalError, Step5Error, Terminated, UsageError
 from step5.interrupts import delivered, latched_interrupts
 from step5.lifeline import install_stdin_lifeline, install_supervisor_lifeline
+from step5.model_set import SETS_DIRNAME
 from step5.optimizer.config import DEFAULT_MOD, DEFAULT_PRNG_TYPE, OptimizerConfig, sqlite_database, validate_config
 from step5.policy import PRUNER_NAMES, find_policy
 
@@ -278,7 +280,8 @@ def _run_main(parser: UsageErrorParser, args: argparse.Namespace, argv: list[str
         # argparse stores the default object itself when a flag is not given.
         preflight(config.output_dir, config.storage,
                   output_dir_given=args.output_dir is not parser.get_default("output_dir"),
-                  summary_dir=config.diagnostics_folder if config.compare_models else None)
+                  summary_dir=config.diagnostics_folder if config.compare_models else None,
+                  model_types=() if config.search_only else MODEL_TYPES if config.compare_models else (config.model_type,))
         if config.compare_models:
             from step5.optimizer.compare import run_compare
 
@@ -348,13 +351,36 @@ def check_sqlite_storage(storage_url: str, what: str) -> None:
         raise Step5Error(f"{what}: cannot write the study database {db}: {os_error_reason(exc)}") from None
 
 
-def preflight(output_dir: Path, storage: str | None, *, output_dir_given: bool, summary_dir: Path | None = None) -> None:
+def check_model_names(output_dir: Path, model_types: Sequence[str], what: str, folders: Sequence[str] = ()) -> None:
+    """Can the commit put the model set of one of ``model_types`` into ``output_dir``? It replaces a file
+    (or link) under a name it shows, not a folder: a folder there failed the run after its whole search.
+    ``folders``: more folders (in ``output_dir``) the run makes or writes after its search."""
+    for folder in (SETS_DIRNAME, *folders):
+        path = output_dir / folder
+        if os.path.lexists(path):  # made when needed if missing
+            check_writable_dir(path, f"{what}: {path}")
+    for name in sorted({*map(checkpoint_filename, model_types), SIDECAR_NAME, HISTORY_PNG_NAME}):
+        path = output_dir / name
+        if path.is_dir() and not path.is_symlink():
+            raise Step5Error(f"{what}: {path} is a folder, where this run saves its {name}; move or remove it")
+
+
+def preflight(output_dir: Path, storage: str | None, *, output_dir_given: bool, summary_dir: Path | None = None,
+              model_types: Sequence[str] = ()) -> None:
     """Before any data is loaded: can this run write its outputs? (docs/optimizer-internals.md#preflight)
-    ``summary_dir``: where a compare run writes the summary the WATCHER judges it by."""
+    ``summary_dir``: where a compare run writes the summary the WATCHER judges it by. ``model_types``: those
+    whose model set the run may commit into ``output_dir`` (none for a --search-only run)."""
     what = f"--output-dir {output_dir}" if output_dir_given else (
         f"the default output dir {output_dir} (choose another with --output-dir)"
     )
     check_writable_dir(output_dir, what)
+    if model_types:
+        folders: tuple[str, ...] = ()
+        if summary_dir is not None:  # a compare run: its sub-runs commit into its staging folder, the losers are archived
+            from step5.optimizer.compare import ARCHIVE_DIRNAME, STAGING_DIRNAME
+
+            folders = (STAGING_DIRNAME, ARCHIVE_DIRNAME)
+        check_model_names(output_dir, model_types, what, folders)
     if summary_dir is not None:
         check_writable_dir(summary_dir, f"the compare summary's folder {summary_dir} (in the working directory)")
     if storage is not None:

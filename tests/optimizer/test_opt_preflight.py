@@ -122,3 +122,39 @@ def test_a_compare_run_whose_summary_folder_cannot_be_written_fails_before_the_s
                                  "it is a file, not a folder"]
     code, err = _run(capsys, "--output-dir", str(tmp_path / "out"), "--model-type", "xgboost")
     assert _error_lines(err) == ["error: survivors file not found: missing.json"]  # a single run writes none
+
+
+def test_a_folder_where_the_commit_puts_a_model_file_fails_before_the_search(tmp_path, capsys):
+    # The commit replaces a file under each name it shows, not a folder: the run failed after its whole
+    # search, naming a temporary link ("Is a directory (out/.best_model.json.link-cbf0f996)").
+    out = tmp_path / "out"
+    (out / "best_model.json").mkdir(parents=True)
+    code, err = _run(capsys, "--output-dir", str(out), "--model-type", "xgboost")
+    assert code == 1
+    assert _error_lines(err) == [f"error: --output-dir {out}: {out / 'best_model.json'} is a folder, where this run "
+                                 "saves its best_model.json; move or remove it"]
+    code, err = _run(capsys, "--output-dir", str(out), "--compare-models")  # any model type may win
+    assert code == 1 and f"{out / 'best_model.json'} is a folder" in err
+    for ok in (["--model-type", "lightgbm"], ["--search-only", "--model-type", "xgboost"]):  # it writes no .json
+        code, err = _run(capsys, "--output-dir", str(out), *ok)
+        assert _error_lines(err) == ["error: survivors file not found: missing.json"], ok
+    (out / "best_model.json").rmdir()
+    (out / "best_model.meta.json").mkdir()
+    code, err = _run(capsys, "--output-dir", str(out), "--model-type", "lightgbm")
+    assert code == 1 and f"{out / 'best_model.meta.json'} is a folder" in err
+
+
+def test_a_file_where_the_commit_needs_a_folder_fails_before_the_search(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".model_sets").write_text("not a folder")
+    code, err = _run(capsys, "--output-dir", str(out))
+    assert code == 1
+    assert _error_lines(err) == [f"error: --output-dir {out}: {out / '.model_sets'}: it is a file, not a folder"]
+    (out / ".model_sets").unlink()
+    # A compare run's sub-runs each searched, then failed to commit into it: all four model types' work lost.
+    (out / "compare_runs").write_text("not a folder")
+    code, err = _run(capsys, "--output-dir", str(out), "--compare-models")
+    assert code == 1
+    assert _error_lines(err) == [f"error: --output-dir {out}: {out / 'compare_runs'}: it is a file, not a folder"]
