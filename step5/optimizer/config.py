@@ -190,6 +190,13 @@ def validate_config(config: OptimizerConfig) -> None:
         raise UsageError(f"--storage {config.storage} keeps the study in memory, where the run's own threads "
                          "cannot share it (each gets an empty database) and no later run can resume it: give a "
                          "file, such as sqlite:///path/optuna.db")
+    # SQLAlchemy reads what follows a SQLite URL's first '?' as name=value options and drops a part without
+    # '=': 'sqlite:////d/what?.db' silently opened the file /d/what.
+    dropped = [] if database is None else [p for p in config.storage.partition("?")[2].split("&") if p and "=" not in p]
+    if dropped:
+        raise UsageError(f"--storage {config.storage} opens the database file {database}: SQLAlchemy reads what "
+                         f"follows '?' as name=value options and drops {', '.join(map(repr, dropped))}. Write a '?' "
+                         "in the file's name as %3F; options look like ?timeout=30")
     # Before any data is loaded: a missing optional library is not found an hour into a run.
     require_libraries(MODEL_TYPES if config.compare_models else (config.model_type,))
 
