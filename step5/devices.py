@@ -319,6 +319,11 @@ def installed_torch_build() -> TorchBuild | None:
     return TorchBuild(field("__version__") or "?", field("cuda"), field("hip"))
 
 
+#: The most CPU workers (--cpu-workers): past the cores of the largest hosts (a few hundred), so only a count
+#: no host could start (10**18 hung building its slots) is refused; more than this host's cores is a warning.
+MAX_CPU_WORKERS = 1024
+
+
 def default_cpu_workers(cpu_count: int | None = None) -> int:
     """CPU workers when none are asked for: one per core, at most 8 (tiny MLPs do not
     scale with intra-op threads, so processes beat threads)."""
@@ -365,6 +370,8 @@ def plan_slots(gpus: list[str] | None, cpu_workers: int | None, *, cpu_count: in
     cores = cpu_count or os.cpu_count() or 1
     if cpu_workers is not None and cpu_workers < 1:
         raise UsageError(f"--cpu-workers must be >= 1, got {cpu_workers}")
+    if cpu_workers is not None and cpu_workers > MAX_CPU_WORKERS:
+        raise UsageError(f"--cpu-workers must be <= {MAX_CPU_WORKERS}, got {cpu_workers}")
     env = tuple(sorted((device_env or {}).items()))
     nvidia, amd = _resolve_gpus(gpus, detect_nvidia or detect_gpus, detect_amd or detect_amd_gpus)
     if nvidia or amd:

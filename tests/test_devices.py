@@ -171,6 +171,14 @@ def test_fewer_than_one_cpu_worker_is_a_usage_error(cpu_workers):
         plan_slots([], cpu_workers, cpu_count=4)
 
 
+def test_more_cpu_workers_than_any_host_starts_is_a_usage_error(caplog):
+    # 10**18 hung building its slots; more workers than cores is only a warning.
+    with pytest.raises(UsageError, match="--cpu-workers must be <= 1024, got 1025"):
+        plan_slots([], 1025, cpu_count=4)
+    assert len(plan_slots([], 1024, cpu_count=4)) == 1024
+    assert "--cpu-workers 1024 on 4 core(s)" in caplog.text
+
+
 # --- a slot's environment --------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from step5.artifacts import DIAGNOSTICS_DIRNAME, MODEL_TYPES, REGISTRY_NAME, get_model_type
 from step5.data.survivors import DEFAULT_TARGET
+from step5.devices import MAX_CPU_WORKERS
 from step5.errors import UsageError
 from step5.policy import PRUNER_NAMES, find_policy
 from step5.models.trees import require_libraries
@@ -112,9 +113,27 @@ MAX_SEED = 2**31 - 1
 #: The largest value of every other integer setting: the study, the sidecar and the workers' requests carry
 #: it as a JSON integer, which Step 5's writer (orjson) keeps to 64 bits.
 MAX_INT = 2**63 - 1
+#: The most trials one batch asks (--trials-in-flight, --fuse-trials) and the most K-fold partitions
+#: (--cv-repeats, --rescore-partitions): the run builds that many before any trial trains, so a count far
+#: past any use hung it (docs/optimizer.md).
+MAX_BATCH_TRIALS = 1024
+MAX_PARTITIONS = 100
 #: The least value of each numeric setting (None: not given, the default decides), checked in this order.
 _MINIMUMS = {"trials": 1, "k_folds": 2, "seed": 0, "cpu_workers": 1, "mod": 1, "holdout_draws": 0, "fuse_trials": 1,
              "trials_in_flight": 1, "rescore_partitions": 0, "cv_repeats": 1, "nn_max_epochs": 1}
+#: The largest value of the settings bounded below MAX_INT, and why.
+_MAXIMUMS = {
+    "seed": (MAX_SEED, "numpy and scikit-learn take 32-bit seeds, and the run derives seed + 1, seed + 2 and its "
+                       "sampler's seed + trials from it"),
+    "cpu_workers": (MAX_CPU_WORKERS, "a neural net's CPU workers are processes that each import torch, all started "
+                                     "before the first trial; a tree model's, its library's threads"),
+    "trials_in_flight": (MAX_BATCH_TRIALS, "a batch's trials are all asked from the study before any of them trains"),
+    "fuse_trials": (MAX_BATCH_TRIALS, "a batch's trials are all asked from the study before any of them trains"),
+    "cv_repeats": (MAX_PARTITIONS, "every partition's folds are built before the search, and each adds K fits "
+                                   "to every trial"),
+    "rescore_partitions": (MAX_PARTITIONS, "every partition's folds are built before the search, and each adds K "
+                                           "fits to the rescore"),
+}
 
 
 def validate_config(config: OptimizerConfig) -> None:
@@ -127,10 +146,9 @@ def validate_config(config: OptimizerConfig) -> None:
         value = getattr(config, name)
         if value is not None and value < least:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
-        most, why = (MAX_SEED, " (numpy and scikit-learn take 32-bit seeds, and the run derives seed + 1, "
-                     "seed + 2 and its sampler's seed + trials from it)") if name == "seed" else (MAX_INT, "")
+        most, why = _MAXIMUMS.get(name, (MAX_INT, ""))
         if value is not None and value > most:
-            raise UsageError(f"--{name.replace('_', '-')} must be <= {most}{why}, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be <= {most}{f' ({why})' if why else ''}, got {value}")
     if not 0.0 < config.test_holdout < 1.0:
         raise UsageError(f"--test-holdout must be a fraction strictly between 0 and 1, got {config.test_holdout}")
     if config.dropout is not None and not 0.0 <= config.dropout < 1.0:
@@ -172,6 +190,13 @@ def validate_config(config: OptimizerConfig) -> None:
         raise UsageError(f"--storage {config.storage} keeps the study in memory, where the run's own threads "
                          "cannot share it (each gets an empty database) and no later run can resume it: give a "
                          "file, such as sqlite:///path/optuna.db")
+    # SQLAlchemy reads what follows a SQLite URL's first '?' as name=value options and drops a part without
+    # '=': 'sqlite:////d/what?.db' silently opened the file /d/what.
+    dropped = [] if database is None else [p for p in config.storage.partition("?")[2].split("&") if p and "=" not in p]
+    if dropped:
+        raise UsageError(f"--storage {config.storage} opens the database file {database}: SQLAlchemy reads what "
+                         f"follows '?' as name=value options and drops {', '.join(map(repr, dropped))}. Write a '?' "
+                         "in the file's name as %3F; options look like ?timeout=30")
     # Before any data is loaded: a missing optional library is not found an hour into a run.
     require_libraries(MODEL_TYPES if config.compare_models else (config.model_type,))
 

@@ -78,6 +78,18 @@ def test_help_exits_0_and_lists_every_spec_flag(repo_root, python):
         (["--mod", str(10**20)], "--mod must be <="),
         (["--holdout-draws", str(10**20)], "--holdout-draws must be <="),
         (["--fuse-trials", str(10**20)], "--fuse-trials must be <="),
+        # Counts the run builds before any trial trains: 10**18 CPU slots, trials asked, partitions (a hang).
+        (["--cpu-workers", str(10**18)], "--cpu-workers must be <= 1024 (a neural net's CPU workers are processes"),
+        (["--cpu-workers", "1025"], "--cpu-workers must be <= 1024"),
+        (["--trials-in-flight", str(10**18)], "--trials-in-flight must be <= 1024 (a batch's trials are all asked"),
+        (["--fuse-trials", "1025"], "--fuse-trials must be <= 1024"),
+        (["--cv-repeats", str(10**18)], "--cv-repeats must be <= 100 (every partition's folds are built"),
+        (["--rescore-partitions", "101"], "--rescore-partitions must be <= 100"),
+        # SQLAlchemy read '.db' as a query option and dropped it: the study went to the file 'what'.
+        # (A folder that does not exist: a run that got past the check makes no file here.)
+        (["--storage", "sqlite:////no-such-dir/what?.db"], "--storage sqlite:////no-such-dir/what?.db opens the "
+         "database file /no-such-dir/what: SQLAlchemy reads what follows '?' as name=value options and drops '.db'"),
+        (["--storage", "sqlite:////no-such-dir/s.db?timeout=30&x"], "drops 'x'"),
     ],
 )
 def test_usage_errors_exit_64(repo_root, sample_inputs, tmp_path, capsys, extra, message):
@@ -91,6 +103,17 @@ def test_usage_errors_exit_64(repo_root, sample_inputs, tmp_path, capsys, extra,
     assert code == 64, err
     assert message in err
     assert not (tmp_path / "out" / artifacts.SIDECAR_NAME).exists()
+
+
+def test_the_largest_counts_and_sqlite_url_options_pass_validation(make_config, tmp_path):
+    from step5.optimizer.config import validate_config
+
+    # More CPU workers than cores is a warning (plan_slots), not an error.
+    validate_config(make_config(cpu_workers=1024, trials_in_flight=1024, cv_repeats=100, rescore_partitions=100))
+    validate_config(make_config(fuse_trials=1024))
+    for storage in (f"sqlite:///{tmp_path}/s.db?timeout=30", f"sqlite:///file:{tmp_path}/s.db?mode=rwc&uri=true",
+                    f"sqlite:///{tmp_path}/what%3F.db"):
+        validate_config(make_config(storage=storage))
 
 
 def test_missing_required_flag_exits_64(repo_root, python):
