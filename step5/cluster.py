@@ -41,6 +41,8 @@ ENTRY_SCRIPT = "meta_prediction_optimizer_anti_overfit.py"
 #: First line a helper's remote shell prints on stdout: an ssh failure before it is "unreachable".
 CONNECTED_MARKER = "step5-helper-connected"
 SSH_CONNECT_TIMEOUT_S = 10
+#: A line of a helper's own log (step5.optimizer.cli's format: "2026-12-07 15:18:23,101 WARNING name: ...").
+_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL)\b")
 #: ssh's own exit status for its errors (connection, authentication, host key); also what it
 #: returns when the remote command was killed by a signal.
 SSH_ERROR = 255
@@ -392,14 +394,21 @@ class HelperFleet:
 
     @staticmethod
     def _read(h: _Helper, stream: IO[bytes] | None, stdout: bool) -> None:
-        """Log every line as ``[host] ...``; on stdout, the first :data:`CONNECTED_MARKER` is taken."""
+        """Log every line as ``[host] ...``; on stdout, the first :data:`CONNECTED_MARKER` is taken.
+        A line of the helper's log keeps its level; any other stderr line (ssh's or the shell's error,
+        the helper's one-line ``error: ...``, a traceback) is a warning: a main process run with
+        ``--log-level WARNING`` must still say why a helper failed."""
         assert stream is not None
         for raw in iter(stream.readline, b""):
             line = raw.decode("utf-8", errors="replace").rstrip()
             if stdout and not h.connected and line == CONNECTED_MARKER:
                 h.connected = True
             elif line:
-                logger.info("[%s] %s", h.node.hostname, line)
+                record = _LOG_LINE.match(line)
+                level = logging.INFO if stdout else logging.WARNING
+                if record:
+                    level = logging.getLevelName(record.group(1))
+                logger.log(level, "[%s] %s", h.node.hostname, line)
 
     def stop(self, why: str = "the main process is done") -> None:
         """Stop every helper still running and wait for the supervisors; idempotent. Each

@@ -38,6 +38,11 @@ if mode == "fail":
     sys.exit(1)
 if mode == "usage":
     sys.exit(64)
+if mode == "logs":  # as the optimizer's log and its last line look on stderr
+    print("2026-12-07 15:18:23,101 INFO    step5.optimizer.optimizer: loaded 200 survivors", file=sys.stderr)
+    print("2026-12-07 15:18:23,102 WARNING step5.data.survivors: filled 1 value(s) with 0.0", file=sys.stderr)
+    print("error: survivors file s.json: not found", file=sys.stderr, flush=True)
+    sys.exit(1)
 if mode == "fail-once" and runs == 1:
     sys.exit(1)
 if mode == "fail-once":
@@ -119,6 +124,23 @@ def test_a_host_whose_helper_keeps_failing_is_quarantined_and_the_others_go_on(c
     assert by_host["rig-3"].starts == 1  # a usage error is not retried
     assert "[rig-1] quarantined: its helper failed 3 time(s) (last: EXIT(1))" in caplog.text
     assert "[rig-1] helper ended with EXIT(1) (failure 1 of 3); restarting it" in caplog.text
+
+
+def test_a_helpers_lines_keep_their_level_and_its_errors_show_at_warning(cluster, monkeypatch, caplog):
+    """A main process run with --log-level WARNING still says why a helper failed: its one-line
+    error and the shell's (a python_env that is not there), not only "ended with EXIT(127)"."""
+    nodes, state, _ = cluster
+    modes(monkeypatch, **{"rig-1": "logs"})
+    caplog.set_level(logging.INFO, logger="step5.cluster")
+    missing_python = ClusterNode("rig-2", None, 8, "RX 6600", nodes("rig-2")[0].script_path, "/nonexistent/python")
+    run_fleet([*nodes("rig-1"), missing_python], max_failures=1)
+    levels = {r.getMessage(): r.levelname for r in caplog.records if r.getMessage().startswith("[rig-")}
+    assert levels["[rig-1] 2026-12-07 15:18:23,101 INFO    step5.optimizer.optimizer: loaded 200 survivors"] == "INFO"
+    assert levels["[rig-1] 2026-12-07 15:18:23,102 WARNING step5.data.survivors: filled 1 value(s) with 0.0"] == \
+        "WARNING"
+    assert levels["[rig-1] error: survivors file s.json: not found"] == "WARNING"
+    (env_line,) = [m for m in levels if m.startswith("[rig-2] ") and "/nonexistent/python" in m]
+    assert levels[env_line] == "WARNING" and "No such file or directory" in env_line
 
 
 def test_a_killed_helper_is_restarted(cluster, monkeypatch):
