@@ -195,6 +195,13 @@ def helper_arguments(config: Any, *, study_name: str, storage: str, policy_given
     """
     unknown = {f.name for f in fields(config)} - HOST_FIELDS - set(FORWARDED_FIELDS)
     assert not unknown, f"classify OptimizerConfig fields {sorted(unknown)} in step5.cluster"
+
+    def option(flag: str, value: Any) -> list[str]:
+        # A value that starts with "-" (--survivors=-s.json, --study-name=-run7) as one word: on its
+        # own argparse would take it for a flag, and every helper would refuse its command line.
+        text = str(value)
+        return [f"{flag}={text}"] if text.startswith("-") else [flag, text]
+
     argv: list[str] = []
     for name in FORWARDED_FIELDS:
         value = getattr(config, name)
@@ -202,10 +209,10 @@ def helper_arguments(config: Any, *, study_name: str, storage: str, policy_given
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + flag[2:])
         elif value is not None and (name != "fuse_trials" or value > 1):
-            argv += [flag, str(value)]
+            argv += option(flag, value)
     if policy_given and config.policy_path is not None:
-        argv += ["--policy", str(config.policy_path)]
-    return [*argv, "--storage", storage, "--study-name", study_name, "--search-only"]
+        argv += option("--policy", config.policy_path)
+    return [*argv, *option("--storage", storage), *option("--study-name", study_name), "--search-only"]
 
 
 def remote_command(node: ClusterNode, arguments: Sequence[str], env: Mapping[str, str] | None = None) -> str:
