@@ -9,6 +9,7 @@ process searches on with whoever is left.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import re
 import shlex
@@ -100,6 +101,10 @@ def _node(raw: Any, index: int, source: str) -> ClusterNode:
     if not _HOST.fullmatch(hostname):
         raise DataError(f"{where}.hostname {hostname!r} is not a host name or address ssh can take "
                         "(letters, digits, '.', ':', '-', not starting with '-')")
+    if hostname.startswith("[") and hostname.endswith("]") and _address(hostname[1:-1]) is not None:
+        # An IPv6 address in brackets, as URLs write it: ssh takes it bare ("Could not resolve
+        # hostname [::1]" otherwise), and bare it is compared with this host's addresses.
+        hostname = hostname[1:-1]
     username = text("username", required=False)
     if username is not None and not _USER.fullmatch(username):
         raise DataError(f"{where}.username {username!r} is not a user name ssh can take "
@@ -117,6 +122,21 @@ def _node(raw: Any, index: int, source: str) -> ClusterNode:
     return ClusterNode(hostname, username, int(gpu_count), gpu_type, script_path, text("python_env"))
 
 
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``text`` as an IP address, or None for a host name."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def host_key(hostname: str) -> str:
+    """What tells two hosts apart: an address in its one canonical form (``2001:DB8:0::5`` and
+    ``2001:db8::5`` are one host), a name in lower case."""
+    address = _address(hostname)
+    return hostname.lower() if address is None else address.compressed
+
+
 def parse_cluster_config(raw: Any, source: str = "<distributed_config>") -> list[ClusterNode]:
     """The nodes of an already-parsed ``distributed_config.json`` (other sections belong to other steps)."""
     if not isinstance(raw, dict):
@@ -127,7 +147,7 @@ def parse_cluster_config(raw: Any, source: str = "<distributed_config>") -> list
     out = [_node(item, i, source) for i, item in enumerate(nodes)]
     seen: dict[str, int] = {}
     for i, node in enumerate(out):
-        key = node.hostname.lower()
+        key = host_key(node.hostname)
         if key in seen:
             raise DataError(f"{source}: nodes[{i}].hostname {node.hostname!r} is listed twice "
                             f"(also nodes[{seen[key]}]); one helper per host uses all of its GPUs")
@@ -157,10 +177,18 @@ def local_names() -> frozenset[str]:
 
 def split_local(nodes: Iterable[ClusterNode],
                 names: Iterable[str] | None = None) -> tuple[list[ClusterNode], list[ClusterNode]]:
-    """(nodes that are this host, the others): the main process runs here, helpers there."""
-    here = {n.lower() for n in (local_names() if names is None else names)}
-    local = [n for n in nodes if n.hostname.lower() in here]
-    remote = [n for n in nodes if n.hostname.lower() not in here]
+    """(nodes that are this host, the others): the main process runs here, helpers there. Any
+    loopback address (``127.0.1.1``, which Debian gives a host's own name) is this host too."""
+    here = {host_key(n) for n in (local_names() if names is None else names)}
+
+    def is_here(node: ClusterNode) -> bool:
+        address = _address(node.hostname)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # ::ffff:127.0.0.1
+        return host_key(node.hostname) in here or (address is not None and address.is_loopback)
+
+    local = [n for n in nodes if is_here(n)]
+    remote = [n for n in nodes if not is_here(n)]
     return local, remote
 
 
