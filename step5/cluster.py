@@ -427,12 +427,12 @@ class HelperFleet:
                 record.state, record.reason = "stopped", "stopped while waiting to restart"
                 return
 
-    @staticmethod
-    def _read(h: _Helper, stream: IO[bytes] | None, stdout: bool) -> None:
+    def _read(self, h: _Helper, stream: IO[bytes] | None, stdout: bool) -> None:
         """Log every line as ``[host] ...``; on stdout, the first :data:`CONNECTED_MARKER` is taken.
         A line of the helper's log keeps its level; any other stderr line (ssh's or the shell's error,
         the helper's one-line ``error: ...``, a traceback) is a warning: a main process run with
-        ``--log-level WARNING`` must still say why a helper failed."""
+        ``--log-level WARNING`` must still say why a helper failed. Once the main process stops the
+        helpers, their lines are INFO: "terminated by SIGTERM" is then the end it asked for."""
         assert stream is not None
         for raw in iter(stream.readline, b""):
             line = raw.decode("utf-8", errors="replace").rstrip()
@@ -443,6 +443,8 @@ class HelperFleet:
                 level = logging.INFO if stdout else logging.WARNING
                 if record:
                     level = logging.getLevelName(record.group(1))
+                if self._stopping.is_set():
+                    level = min(level, logging.INFO)
                 logger.log(level, "[%s] %s", h.node.hostname, line)
 
     def stop(self, why: str = "the main process is done") -> None:

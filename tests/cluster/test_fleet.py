@@ -30,6 +30,7 @@ runs = len(open(state).read().splitlines())
 print(f"helper on {host} run {runs} in {os.getcwd()}", file=sys.stderr, flush=True)
 def stopped(signum, frame):
     open(state + ".stopped", "w").write("SIGTERM")
+    print("2026-12-07 15:18:24,000 ERROR   step5.optimizer: terminated by SIGTERM", file=sys.stderr, flush=True)
     sys.exit(143)
 signal.signal(signal.SIGTERM, stopped)
 if mode == "exit0":
@@ -173,8 +174,9 @@ def test_a_killed_helper_is_restarted(cluster, monkeypatch):
     assert len(started) == 2 and all(p.stdin.closed and p.stdout.closed and p.stderr.closed for p in started)
 
 
-def test_stopping_closes_each_helpers_stdin_so_it_stops_as_on_sigterm(cluster, monkeypatch):
+def test_stopping_closes_each_helpers_stdin_so_it_stops_as_on_sigterm(cluster, monkeypatch, caplog):
     nodes, state, _ = cluster
+    caplog.set_level(logging.INFO, logger="step5.cluster")
     modes(monkeypatch, **{"rig-1": "serve", "rig-2": "serve"})
     fleet = HelperFleet(nodes("rig-1", "rig-2"), [], stop_grace_s=20.0)
     fleet.start()
@@ -188,6 +190,9 @@ def test_stopping_closes_each_helpers_stdin_so_it_stops_as_on_sigterm(cluster, m
     assert [(state / f"{h}.stopped").read_text() for h in ("rig-1", "rig-2")] == ["SIGTERM", "SIGTERM"]
     assert states(fleet) == {"rig-1": "stopped", "rig-2": "stopped"}
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+    # the end the main process asked for is no error in its log
+    ends = [r for r in caplog.records if r.getMessage().endswith("ERROR   step5.optimizer: terminated by SIGTERM")]
+    assert len(ends) == 2 and {r.levelname for r in ends} == {"INFO"}
 
 
 def test_a_helper_that_ignores_its_stdin_is_ended_after_the_grace(cluster, monkeypatch, caplog):
