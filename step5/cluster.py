@@ -9,6 +9,7 @@ process searches on with whoever is left.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import re
 import shlex
@@ -41,6 +42,8 @@ ENTRY_SCRIPT = "meta_prediction_optimizer_anti_overfit.py"
 #: First line a helper's remote shell prints on stdout: an ssh failure before it is "unreachable".
 CONNECTED_MARKER = "step5-helper-connected"
 SSH_CONNECT_TIMEOUT_S = 10
+#: A line of a helper's own log (step5.optimizer.cli's format: "2026-12-07 15:18:23,101 WARNING name: ...").
+_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL)\b")
 #: ssh's own exit status for its errors (connection, authentication, host key); also what it
 #: returns when the remote command was killed by a signal.
 SSH_ERROR = 255
@@ -98,6 +101,10 @@ def _node(raw: Any, index: int, source: str) -> ClusterNode:
     if not _HOST.fullmatch(hostname):
         raise DataError(f"{where}.hostname {hostname!r} is not a host name or address ssh can take "
                         "(letters, digits, '.', ':', '-', not starting with '-')")
+    if hostname.startswith("[") and hostname.endswith("]") and _address(hostname[1:-1]) is not None:
+        # An IPv6 address in brackets, as URLs write it: ssh takes it bare ("Could not resolve
+        # hostname [::1]" otherwise), and bare it is compared with this host's addresses.
+        hostname = hostname[1:-1]
     username = text("username", required=False)
     if username is not None and not _USER.fullmatch(username):
         raise DataError(f"{where}.username {username!r} is not a user name ssh can take "
@@ -115,6 +122,21 @@ def _node(raw: Any, index: int, source: str) -> ClusterNode:
     return ClusterNode(hostname, username, int(gpu_count), gpu_type, script_path, text("python_env"))
 
 
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``text`` as an IP address, or None for a host name."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def host_key(hostname: str) -> str:
+    """What tells two hosts apart: an address in its one canonical form (``2001:DB8:0::5`` and
+    ``2001:db8::5`` are one host), a name in lower case."""
+    address = _address(hostname)
+    return hostname.lower() if address is None else address.compressed
+
+
 def parse_cluster_config(raw: Any, source: str = "<distributed_config>") -> list[ClusterNode]:
     """The nodes of an already-parsed ``distributed_config.json`` (other sections belong to other steps)."""
     if not isinstance(raw, dict):
@@ -125,7 +147,7 @@ def parse_cluster_config(raw: Any, source: str = "<distributed_config>") -> list
     out = [_node(item, i, source) for i, item in enumerate(nodes)]
     seen: dict[str, int] = {}
     for i, node in enumerate(out):
-        key = node.hostname.lower()
+        key = host_key(node.hostname)
         if key in seen:
             raise DataError(f"{source}: nodes[{i}].hostname {node.hostname!r} is listed twice "
                             f"(also nodes[{seen[key]}]); one helper per host uses all of its GPUs")
@@ -155,10 +177,18 @@ def local_names() -> frozenset[str]:
 
 def split_local(nodes: Iterable[ClusterNode],
                 names: Iterable[str] | None = None) -> tuple[list[ClusterNode], list[ClusterNode]]:
-    """(nodes that are this host, the others): the main process runs here, helpers there."""
-    here = {n.lower() for n in (local_names() if names is None else names)}
-    local = [n for n in nodes if n.hostname.lower() in here]
-    remote = [n for n in nodes if n.hostname.lower() not in here]
+    """(nodes that are this host, the others): the main process runs here, helpers there. Any
+    loopback address (``127.0.1.1``, which Debian gives a host's own name) is this host too."""
+    here = {host_key(n) for n in (local_names() if names is None else names)}
+
+    def is_here(node: ClusterNode) -> bool:
+        address = _address(node.hostname)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # ::ffff:127.0.0.1
+        return host_key(node.hostname) in here or (address is not None and address.is_loopback)
+
+    local = [n for n in nodes if is_here(n)]
+    remote = [n for n in nodes if not is_here(n)]
     return local, remote
 
 
@@ -193,6 +223,13 @@ def helper_arguments(config: Any, *, study_name: str, storage: str, policy_given
     """
     unknown = {f.name for f in fields(config)} - HOST_FIELDS - set(FORWARDED_FIELDS)
     assert not unknown, f"classify OptimizerConfig fields {sorted(unknown)} in step5.cluster"
+
+    def option(flag: str, value: Any) -> list[str]:
+        # A value that starts with "-" (--survivors=-s.json, --study-name=-run7) as one word: on its
+        # own argparse would take it for a flag, and every helper would refuse its command line.
+        text = str(value)
+        return [f"{flag}={text}"] if text.startswith("-") else [flag, text]
+
     argv: list[str] = []
     for name in FORWARDED_FIELDS:
         value = getattr(config, name)
@@ -200,10 +237,10 @@ def helper_arguments(config: Any, *, study_name: str, storage: str, policy_given
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + flag[2:])
         elif value is not None and (name != "fuse_trials" or value > 1):
-            argv += [flag, str(value)]
+            argv += option(flag, value)
     if policy_given and config.policy_path is not None:
-        argv += ["--policy", str(config.policy_path)]
-    return [*argv, "--storage", storage, "--study-name", study_name, "--search-only"]
+        argv += option("--policy", config.policy_path)
+    return [*argv, *option("--storage", storage), *option("--study-name", study_name), "--search-only"]
 
 
 def remote_command(node: ClusterNode, arguments: Sequence[str], env: Mapping[str, str] | None = None) -> str:
@@ -390,16 +427,25 @@ class HelperFleet:
                 record.state, record.reason = "stopped", "stopped while waiting to restart"
                 return
 
-    @staticmethod
-    def _read(h: _Helper, stream: IO[bytes] | None, stdout: bool) -> None:
-        """Log every line as ``[host] ...``; on stdout, the first :data:`CONNECTED_MARKER` is taken."""
+    def _read(self, h: _Helper, stream: IO[bytes] | None, stdout: bool) -> None:
+        """Log every line as ``[host] ...``; on stdout, the first :data:`CONNECTED_MARKER` is taken.
+        A line of the helper's log keeps its level; any other stderr line (ssh's or the shell's error,
+        the helper's one-line ``error: ...``, a traceback) is a warning: a main process run with
+        ``--log-level WARNING`` must still say why a helper failed. Once the main process stops the
+        helpers, their lines are INFO: "terminated by SIGTERM" is then the end it asked for."""
         assert stream is not None
         for raw in iter(stream.readline, b""):
             line = raw.decode("utf-8", errors="replace").rstrip()
             if stdout and not h.connected and line == CONNECTED_MARKER:
                 h.connected = True
             elif line:
-                logger.info("[%s] %s", h.node.hostname, line)
+                record = _LOG_LINE.match(line)
+                level = logging.INFO if stdout else logging.WARNING
+                if record:
+                    level = logging.getLevelName(record.group(1))
+                if self._stopping.is_set():
+                    level = min(level, logging.INFO)
+                logger.log(level, "[%s] %s", h.node.hostname, line)
 
     def stop(self, why: str = "the main process is done") -> None:
         """Stop every helper still running and wait for the supervisors; idempotent. Each

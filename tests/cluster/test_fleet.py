@@ -30,6 +30,7 @@ runs = len(open(state).read().splitlines())
 print(f"helper on {host} run {runs} in {os.getcwd()}", file=sys.stderr, flush=True)
 def stopped(signum, frame):
     open(state + ".stopped", "w").write("SIGTERM")
+    print("2026-12-07 15:18:24,000 ERROR   step5.optimizer: terminated by SIGTERM", file=sys.stderr, flush=True)
     sys.exit(143)
 signal.signal(signal.SIGTERM, stopped)
 if mode == "exit0":
@@ -38,6 +39,11 @@ if mode == "fail":
     sys.exit(1)
 if mode == "usage":
     sys.exit(64)
+if mode == "logs":  # as the optimizer's log and its last line look on stderr
+    print("2026-12-07 15:18:23,101 INFO    step5.optimizer.optimizer: loaded 200 survivors", file=sys.stderr)
+    print("2026-12-07 15:18:23,102 WARNING step5.data.survivors: filled 1 value(s) with 0.0", file=sys.stderr)
+    print("error: survivors file s.json: not found", file=sys.stderr, flush=True)
+    sys.exit(1)
 if mode == "fail-once" and runs == 1:
     sys.exit(1)
 if mode == "fail-once":
@@ -121,6 +127,23 @@ def test_a_host_whose_helper_keeps_failing_is_quarantined_and_the_others_go_on(c
     assert "[rig-1] helper ended with EXIT(1) (failure 1 of 3); restarting it" in caplog.text
 
 
+def test_a_helpers_lines_keep_their_level_and_its_errors_show_at_warning(cluster, monkeypatch, caplog):
+    """A main process run with --log-level WARNING still says why a helper failed: its one-line
+    error and the shell's (a python_env that is not there), not only "ended with EXIT(127)"."""
+    nodes, state, _ = cluster
+    modes(monkeypatch, **{"rig-1": "logs"})
+    caplog.set_level(logging.INFO, logger="step5.cluster")
+    missing_python = ClusterNode("rig-2", None, 8, "RX 6600", nodes("rig-2")[0].script_path, "/nonexistent/python")
+    run_fleet([*nodes("rig-1"), missing_python], max_failures=1)
+    levels = {r.getMessage(): r.levelname for r in caplog.records if r.getMessage().startswith("[rig-")}
+    assert levels["[rig-1] 2026-12-07 15:18:23,101 INFO    step5.optimizer.optimizer: loaded 200 survivors"] == "INFO"
+    assert levels["[rig-1] 2026-12-07 15:18:23,102 WARNING step5.data.survivors: filled 1 value(s) with 0.0"] == \
+        "WARNING"
+    assert levels["[rig-1] error: survivors file s.json: not found"] == "WARNING"
+    (env_line,) = [m for m in levels if m.startswith("[rig-2] ") and "/nonexistent/python" in m]
+    assert levels[env_line] == "WARNING" and "No such file or directory" in env_line
+
+
 def test_a_killed_helper_is_restarted(cluster, monkeypatch):
     nodes, state, _ = cluster
     modes(monkeypatch, **{"rig-1": "deaf"})
@@ -151,8 +174,9 @@ def test_a_killed_helper_is_restarted(cluster, monkeypatch):
     assert len(started) == 2 and all(p.stdin.closed and p.stdout.closed and p.stderr.closed for p in started)
 
 
-def test_stopping_closes_each_helpers_stdin_so_it_stops_as_on_sigterm(cluster, monkeypatch):
+def test_stopping_closes_each_helpers_stdin_so_it_stops_as_on_sigterm(cluster, monkeypatch, caplog):
     nodes, state, _ = cluster
+    caplog.set_level(logging.INFO, logger="step5.cluster")
     modes(monkeypatch, **{"rig-1": "serve", "rig-2": "serve"})
     fleet = HelperFleet(nodes("rig-1", "rig-2"), [], stop_grace_s=20.0)
     fleet.start()
@@ -166,6 +190,9 @@ def test_stopping_closes_each_helpers_stdin_so_it_stops_as_on_sigterm(cluster, m
     assert [(state / f"{h}.stopped").read_text() for h in ("rig-1", "rig-2")] == ["SIGTERM", "SIGTERM"]
     assert states(fleet) == {"rig-1": "stopped", "rig-2": "stopped"}
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+    # the end the main process asked for is no error in its log
+    ends = [r for r in caplog.records if r.getMessage().endswith("ERROR   step5.optimizer: terminated by SIGTERM")]
+    assert len(ends) == 2 and {r.levelname for r in ends} == {"INFO"}
 
 
 def test_a_helper_that_ignores_its_stdin_is_ended_after_the_grace(cluster, monkeypatch, caplog):

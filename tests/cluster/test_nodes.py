@@ -110,3 +110,25 @@ def test_a_node_listed_by_one_of_this_hosts_addresses_is_this_host():
     nodes = parse_cluster_config({"nodes": [node(address), node("rig-1")]}, SOURCE)
     local, remote = split_local(nodes)
     assert [n.hostname for n in local] == [address] and [n.hostname for n in remote] == ["rig-1"]
+
+
+def test_an_ipv6_address_in_brackets_is_given_to_ssh_bare():
+    """ssh cannot resolve "[2001:db8::5]" (the host would be named unreachable); bare it can."""
+    from step5.cluster import ssh_command
+
+    (n,) = parse_cluster_config({"nodes": [node("[2001:db8::5]")]}, SOURCE)
+    assert n.hostname == "2001:db8::5" and n.destination == "michael@2001:db8::5"
+    assert ssh_command(n, "true")[-2] == "michael@2001:db8::5"
+
+
+def test_one_address_written_two_ways_is_listed_twice():
+    with pytest.raises(DataError, match=r"nodes\[1\].hostname '2001:DB8:0::5' is listed twice \(also nodes\[0\]\)"):
+        parse_cluster_config({"nodes": [node("[2001:db8::5]"), node("2001:DB8:0::5")]}, SOURCE)
+
+
+@pytest.mark.parametrize("hostname", ["[::1]", "127.0.1.1", "127.0.0.2", "::ffff:127.0.0.1", "0:0:0:0:0:0:0:1"])
+def test_every_loopback_address_is_this_host(hostname):
+    """A helper started over ssh on this very host would compete with the main process for its GPUs."""
+    nodes = parse_cluster_config({"nodes": [node(hostname), node("rig-1")]}, SOURCE)
+    local, remote = split_local(nodes, names={"zeus", "localhost"})
+    assert len(local) == 1 and [n.hostname for n in remote] == ["rig-1"]

@@ -18,6 +18,7 @@ from step5.cluster import (
     remote_command,
     ssh_command,
 )
+from step5.optimizer.cli import config_from_args
 from step5.optimizer.config import OptimizerConfig
 
 URL = "postgresql+psycopg://step5@db.lan/s5"
@@ -50,6 +51,21 @@ def test_a_helper_gets_the_setup_the_resolved_study_and_its_role_and_keeps_its_o
                 "--rescore-partitions", "--enable-diagnostics"):
         assert own not in argv
     assert "--normalize-features" in argv and "--use-leaky-relu" in argv
+
+
+def test_values_that_start_with_a_dash_reach_the_helper_as_values():
+    """The main process takes --survivors=-s.json; its helpers must get the same, not a
+    command line their parser refuses (exit 64: every helper quarantined at once)."""
+    from step5.optimizer.cli import build_parser
+
+    main_argv = ["--survivors=-s.json", "--lottery-data=-h.json", "--storage", URL, "--study-name=-run7",
+                 "--policy=-policy.json", "--parent-run-id=-abc", "--cluster-config", "distributed_config.json"]
+    main = config_from_args(build_parser().parse_args(main_argv), main_argv)
+    argv = helper_arguments(main, study_name=main.study_name, storage=main.storage, policy_given=True)
+    helper = build_parser().parse_args(argv)
+    assert (str(helper.survivors), str(helper.lottery_data), helper.study_name, str(helper.policy),
+            helper.parent_run_id) == ("-s.json", "-h.json", "-run7", "-policy.json", "-abc")
+    assert helper.search_only and helper.storage == URL
 
 
 def test_switched_off_flags_and_an_explicit_policy_are_passed_on():
