@@ -194,6 +194,11 @@ def _check_durations(training: TrainingPolicy, source: str) -> None:
                               f"years), got {value:g}")
 
 
+#: The most trials one batch asks (``training.trials_in_flight``, ``--trials-in-flight``, ``--fuse-trials``):
+#: they are all asked from the study before any of them trains, so a count far past any use hung the run.
+MAX_BATCH_TRIALS = 1024
+
+
 #: The largest ``watcher.retry_trials_multiplier``: step 5 takes at most 2**63 - 1 trials
 #: (step5.optimizer.config.MAX_INT), which a retry never passes; a bigger multiplier could only
 #: ever run that many, until ``watcher.step_timeout_s`` stops it.
@@ -301,6 +306,10 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
                 f"training.heartbeat_interval_s ({training.heartbeat_interval_s}), or a live trial would look dead"
             )
         _check_durations(training, source)
+        if training.trials_in_flight > MAX_BATCH_TRIALS:
+            raise PolicyError(f"{source}: training.trials_in_flight must be at most {MAX_BATCH_TRIALS} (a batch's "
+                              f"trials are all asked from the study before any of them trains), got "
+                              f"{training.trials_in_flight}")
         if training.max_consecutive_failed_trials < 1:
             raise PolicyError(f"{source}: training.max_consecutive_failed_trials must be >= 1, "
                               f"got {training.max_consecutive_failed_trials}")

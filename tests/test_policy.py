@@ -268,6 +268,8 @@ BAD = [
     ({"training": {"max_worker_restarts": 1.5}}, "training.max_worker_restarts must be a non-negative int, got 1.5"),
     ({"training": {"max_worker_restarts": True}}, "training.max_worker_restarts must be a non-negative int, got True"),
     ({"training": {"trials_in_flight": "4"}}, "training.trials_in_flight must be a non-negative int, got '4'"),
+    # a batch's trials are all asked before any trains: 10**18 asked without end and trained none
+    ({"training": {"trials_in_flight": 10**18}}, "training.trials_in_flight must be at most 1024 (a batch's trials"),
     ({"watcher": {"max_retries": None}}, "watcher.max_retries must be a non-negative int, got None"),
     # positive numbers
     ({"training": {"worker_job_timeout_s": 0}}, "training.worker_job_timeout_s must be a positive number, got 0"),
