@@ -5,6 +5,8 @@ the predictor"). Step 6 code, not the parent: it imports torch lazily, for a neu
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -17,12 +19,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import orjson
 
-from step5.artifacts import SIDECAR_NAME, feature_schema_hash, file_sha256, get_model_type, read_sidecar, \
-    resolve_checkpoint
+from step5.artifacts import MODEL_SET_NAMES, SIDECAR_NAME, feature_schema_hash, file_sha256, get_model_type, \
+    read_sidecar, resolve_checkpoint
 from step5.cliutil import UsageErrorParser, add_log_level, closed_fraction, non_empty_path
 from step5.errors import EXIT_INTERRUPTED, EXIT_OK, DataError, PredictionNotAllowed, Step5Error
 from step5.fsutil import os_error_reason
 from step5.jsonio import dumps, write_json_atomic
+from step5.model_set import SETS_DIRNAME
 
 if TYPE_CHECKING:
     from step5.data.survivors import SurvivorFeatures
@@ -183,6 +186,32 @@ def writable_seed(seed: Any, i: int, source: Any) -> Any:
         raise DataError(f"survivors file {source}: record {i}: seed {seed!r:.60} cannot be written as JSON") from None
 
 
+def check_output(output: Path, predictor: Predictor) -> None:
+    """Refuse an ``--output`` that is a file of the model just loaded or lies in its committed model set:
+    the predictions replaced the sidecar's link (the folder then held no model) or, given by its path in
+    ``.model_sets``, the checkpoint itself (SHA-256 no longer the sidecar's), and exit 0; a file put in a
+    committed set is deleted with it by a later commit."""
+    real = Path(os.path.realpath(output))
+    model_folder = predictor.sidecar_path.parent  # a real path: the model set's folder, or a plain model dir
+    if real.parent != model_folder:
+        return
+    if real.name in MODEL_SET_NAMES:
+        raise Step5Error(f"--output {output} is the model's own {real.name} ({real}): the predictions would "
+                         "replace it; choose another path")
+    if model_folder.parent.name == SETS_DIRNAME:
+        raise Step5Error(f"--output {output} is in the committed model set {model_folder}, which a later commit "
+                         "deletes with everything in it; choose another path")
+
+
+def write_reason(output: Path, exc: OSError) -> str:
+    """Why ``output`` could not be written: a file where a folder of its path must be is named (making
+    the folders says only "File exists")."""
+    blocker = next((p for p in [*reversed(output.parents), output.parent] if p.exists() and not p.is_dir()), None)
+    if blocker is not None and exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        return f"{blocker} is a file, not a folder"
+    return os_error_reason(exc)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = UsageErrorParser(
         prog="python -m step5.predictor",
@@ -206,19 +235,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         predictor = load_predictor(args.model_dir)
+        to_file = args.output is not None and str(args.output) != "-"
+        if to_file:  # before the survivors are read: a large file takes a while
+            check_output(args.output, predictor)
         survivors = load_features(args.survivors, predictor.feature_names)
         preds = predictor.predict_survivors(survivors, max_missing_fraction=args.max_missing_fraction)
         rows = [{"seed": writable_seed(seed, i, args.survivors), "prediction": float(v)}
                 for i, (seed, v) in enumerate(zip(survivors.seeds, preds))]
-        if args.output is not None and str(args.output) != "-":
+        if to_file:
             try:
                 write_json_atomic(args.output, rows)
             except OSError as exc:
-                raise Step5Error(f"cannot write the predictions to {args.output}: {os_error_reason(exc)}") from None
+                raise Step5Error(f"cannot write the predictions to {args.output}: "
+                                 f"{write_reason(args.output, exc)}") from None
             logger.info("wrote %d predictions to %s", len(rows), args.output)
         else:
-            sys.stdout.buffer.write(dumps(rows) + b"\n")
-            sys.stdout.flush()
+            try:
+                sys.stdout.buffer.write(dumps(rows) + b"\n")
+                sys.stdout.flush()
+            except OSError as exc:  # a reader that closed the pipe early (| head), a full disk
+                # Python's own flush at exit would fail again, with a traceback: point stdout at nothing.
+                with contextlib.suppress(OSError):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                raise Step5Error(f"cannot write the predictions to stdout: {os_error_reason(exc)}") from None
     except Step5Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

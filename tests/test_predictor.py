@@ -327,3 +327,85 @@ def test_cli_writes_into_a_pipe_given_as_output_and_leaves_it_a_pipe(lightgbm_ru
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # still the pipe, not a file put in its place
     rows = json.loads(got[0])
     assert len(rows) == len(json.loads(survivors.read_text())) and set(rows[0]) == {"seed", "prediction"}
+
+
+@pytest.mark.parametrize("given", ["sidecar link", "checkpoint in the set", "picture link", "new file in the set"])
+def test_cli_refuses_an_output_that_is_the_models_own_file_or_in_its_committed_set(lightgbm_run, sample_inputs,
+                                                                                   tmp_path, capsys, monkeypatch,
+                                                                                   given):
+    # `--output <model dir>/best_model.meta.json` replaced the sidecar's link with the predictions (the folder
+    # held no model any more), and the checkpoint's path in .model_sets was overwritten in place (its SHA-256
+    # no longer the sidecar's); both exit 0
+    import logging
+    import shutil
+
+    from step5.predictor import main
+
+    _, out = lightgbm_run
+    survivors, _ = sample_inputs
+    model = tmp_path / "model"
+    shutil.copytree(out, model, symlinks=True)
+    target = {"sidecar link": model / artifacts.SIDECAR_NAME,
+              "checkpoint in the set": model / ".model_sets" / "current" / "best_model.txt",
+              "picture link": model / artifacts.HISTORY_PNG_NAME,
+              "new file in the set": model / ".model_sets" / "current" / "preds.json"}[given]
+    before = {p.relative_to(model): (p.is_symlink(), p.read_bytes() if p.is_file() else None)
+              for p in sorted(model.rglob("*"))}
+    monkeypatch.setattr(logging.root, "handlers", [])  # main()'s logging on this test's stderr
+    assert main(["--model-dir", str(model), "--survivors", str(survivors), "--output", str(target)]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"error: --output {target} is ") and err.endswith("choose another path")
+    assert {p.relative_to(model): (p.is_symlink(), p.read_bytes() if p.is_file() else None)
+            for p in sorted(model.rglob("*"))} == before
+    load_predictor(model)  # still whole
+    # beside the links, in the model dir itself, is fine
+    assert main(["--model-dir", str(model), "--survivors", str(survivors), "--output", str(model / "p.json")]) == 0
+
+
+def test_cli_names_a_file_where_the_outputs_folder_must_be(lightgbm_run, sample_inputs, tmp_path, capsys,
+                                                           monkeypatch):
+    import logging
+
+    from step5.predictor import main
+
+    _, out = lightgbm_run
+    survivors, _ = sample_inputs
+    (tmp_path / "notes").write_text("a file")
+    monkeypatch.setattr(logging.root, "handlers", [])  # main()'s logging on this test's stderr
+    output = tmp_path / "notes" / "sub" / "p.json"
+    assert main(["--model-dir", str(out), "--survivors", str(survivors), "--output", str(output)]) == 1
+    # was "... : File exists", from making the folders
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: cannot write the predictions to {output}: {tmp_path / 'notes'} is a file, not a folder")
+
+
+def test_cli_a_stdout_that_cannot_be_written_is_one_line(lightgbm_run, sample_inputs, capsys, monkeypatch):
+    # `| head` closing the pipe early, `>/dev/full`: a BrokenPipeError / OSError traceback
+    import errno
+    import logging
+
+    from step5.predictor import main
+
+    _, out = lightgbm_run
+    survivors, _ = sample_inputs
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone: writing raises BrokenPipeError (SIGPIPE is ignored by Python)
+
+    class ClosedPipe:
+        buffer = os.fdopen(write_end, "wb", buffering=0)
+
+        def fileno(self) -> int:
+            return write_end
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(logging.root, "handlers", [])  # main()'s logging on this test's stderr
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    try:
+        assert main(["--model-dir", str(out), "--survivors", str(survivors)]) == 1
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"error: cannot write the predictions to stdout: {os.strerror(errno.EPIPE)}")
+        ClosedPipe.buffer.write(b"x")  # now pointed at /dev/null: Python's flush at exit cannot fail again
+    finally:
+        ClosedPipe.buffer.close()
