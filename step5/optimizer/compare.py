@@ -297,10 +297,10 @@ def _compare(config: OptimizerConfig, optimizer_factory: OptimizerFactory | None
     # archive everything else; stale files from earlier runs are removed first.
     keep = winner or (degenerate[0] if degenerate else None)
     archive_root = out_dir / ARCHIVE_DIRNAME
-    if any(c.staging_dir is not None for c in candidates.values()) and archive_root.is_dir():
-        shutil.rmtree(archive_root)  # the archive records this compare run, not an older one
     promoted = None
     try:
+        if any(c.staging_dir is not None for c in candidates.values()) and archive_root.is_dir():
+            _clear(archive_root)  # the archive records this compare run, not an older one
         if keep is not None:
             _promote(keep, out_dir, block)
             promoted = keep.model_type
@@ -405,6 +405,19 @@ def _archive(c: Candidate, out_dir: Path, block: dict[str, Any]) -> None:
     _move_rest(c, target, committed=set(files))
     c.sidecar_path = target / artifacts.SIDECAR_NAME if (target / artifacts.SIDECAR_NAME).is_file() else None
     c.checkpoint_path = target / c.checkpoint_path.name if c.checkpoint_path and c.status == "SUCCESS" else None
+
+
+def _clear(folder: Path) -> None:
+    """Empty ``folder`` of everything; a link to a folder (an archive kept on a bigger disk) stays a link,
+    and only what is in the folder it points to goes (``shutil.rmtree`` refuses a link outright)."""
+    if not folder.is_symlink():
+        shutil.rmtree(folder)
+        return
+    for p in folder.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _move_rest(c: Candidate, target: Path, committed: set[str]) -> None:

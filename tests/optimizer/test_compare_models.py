@@ -375,6 +375,24 @@ def test_a_rerun_replaces_the_archive(fake, config):
     assert artifacts.read_sidecar(config.output_dir / artifacts.SIDECAR_NAME)["model_type"] == "neural_net"
 
 
+def test_an_archive_that_is_a_link_to_a_folder_is_refilled_and_stays_a_link(fake, config, tmp_path):
+    # compare_archive linked to a bigger disk passes the preflight; clearing it with rmtree raised
+    # "Cannot call rmtree on a symbolic link" as a traceback after every model type had trained
+    elsewhere = tmp_path / "bigger_disk" / "archive"
+    elsewhere.mkdir(parents=True)
+    config.output_dir.mkdir(parents=True)
+    (config.output_dir / compare.ARCHIVE_DIRNAME).symlink_to(elsewhere)
+    for winner in ("catboost", "neural_net"):  # the second run clears the first one's archive
+        fake.script = {mt: ("ok", 0.1, 0.5 if mt == winner else 0.1) for mt in MODEL_TYPES}
+        assert compare.run_compare(config, optimizer_factory=fake) == 0
+    archive = config.output_dir / compare.ARCHIVE_DIRNAME
+    assert archive.is_symlink() and archive.resolve() == elsewhere.resolve()
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["catboost", "lightgbm", "xgboost"]
+    assert artifacts.read_sidecar(archive / "catboost" / artifacts.SIDECAR_NAME)["compare_models"]["winner"] == \
+        "neural_net"
+    assert artifacts.read_sidecar(config.output_dir / artifacts.SIDECAR_NAME)["model_type"] == "neural_net"
+
+
 def test_select_winner_ignores_non_success_and_non_finite_scores():
     C = compare.Candidate
     cands = [C("neural_net", "FAILED", test_r2=0.99, cv_score=0.9),
