@@ -67,6 +67,15 @@ class Predictor:
                 raise ValueError(f"the DataFrame lacks {len(missing)} of the model's {len(names)} feature columns: "
                                  f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
             X = X.loc[:, names].to_numpy(dtype=np.float32)
+        y = self._predict(X)
+        bad = np.flatnonzero(~np.isfinite(y))
+        if bad.size:
+            raise DataError(f"the model predicted {y[bad[0]]} for row {bad[0]} ({bad.size} of {y.size} rows non-finite): "
+                            "its features are far outside what it was trained on")
+        return y
+
+    def _predict(self, X: Any) -> np.ndarray:
+        names = self.feature_names
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != len(names):
             raise ValueError(f"X must have shape (n, {len(names)}): one column per feature of the model's schema, "
@@ -106,7 +115,16 @@ class Predictor:
                 f"0.0 for them. Most missing: {worst}. Do these survivors come from the pipeline version the "
                 "model was trained on?"
             )
-        return self.predict(survivors.X)
+        # A finite input can still overflow a net's float32 activations: NaN was written as "prediction": null.
+        y = self._predict(survivors.X)
+        bad = np.flatnonzero(~np.isfinite(y))
+        if bad.size:
+            i = int(bad[0])
+            raise DataError(
+                f"survivors {survivors.source_file}: record {i} [seed {survivors.seeds[i]!r:.60}]: the model predicted "
+                f"{y[i]} ({bad.size} of {y.size} records non-finite): its features are far outside what the model "
+                "was trained on")
+        return y
 
 
 def load_predictor(model_dir_or_sidecar_path: str | os.PathLike[str]) -> Predictor:

@@ -409,3 +409,32 @@ def test_cli_a_stdout_that_cannot_be_written_is_one_line(lightgbm_run, sample_in
         ClosedPipe.buffer.write(b"x")  # now pointed at /dev/null: Python's flush at exit cannot fail again
     finally:
         ClosedPipe.buffer.close()
+
+
+def test_a_prediction_that_overflows_is_an_error_naming_the_record_not_a_null(tmp_path):
+    # Finite float32 features (3e38) overflow a net's activations: the CLI wrote "prediction": null, exit 0
+    import torch
+
+    from step5.nn.checkpoint import Checkpoint, load_checkpoint
+    from step5.nn.model import ReferenceMLP
+    from step5.predictor import Predictor
+
+    names = ["a", "b", "c"]
+    module = ReferenceMLP(3, [4], use_leaky_relu=True, dropout=0.0).eval()
+    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():  # large inputs overflow the first layer to inf; inf - inf in the last is nan
+        linears[0].weight.fill_(1.0)
+        linears[-1].weight.copy_(torch.tensor([[1.0, -1.0, 1.0, -1.0]]))
+    path = Checkpoint(module.state_dict(), 3, (4,), True, 0.0, np.zeros(3), np.ones(3), 0.0, 1.0,
+                      feature_names=names).save(tmp_path / "best_model.pth")
+    predictor = Predictor(sidecar={"model_type": "neural_net", "feature_schema": {"feature_names": names}},
+                          sidecar_path=tmp_path / artifacts.SIDECAR_NAME, checkpoint_path=path,
+                          model=load_checkpoint(path))
+    ordinary = {"a": 0.5, "b": 0.1, "c": 0.2}
+    assert np.isfinite(predictor.predict_records([{"seed": 1, "features": ordinary}])).all()
+    records = [{"seed": 1, "features": ordinary}, {"seed": 77, "features": dict.fromkeys(names, 3e38)}]
+    with pytest.raises(DataError, match=r"survivors <records>: record 1 \[seed 77\]: the model predicted nan "
+                                        r"\(1 of 2 records non-finite\)"):
+        predictor.predict_records(records)
+    with pytest.raises(DataError, match=r"the model predicted nan for row 1 \(1 of 2 rows non-finite\)"):
+        predictor.predict(np.array([[0.5, 0.1, 0.2], [3e38, 3e38, 3e38]], dtype=np.float32))
