@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_MISSING_FRACTION = 0.01
 #: How many of the most-missing keys an error or warning names.
 MISSING_KEYS_SHOWN = 5
+#: Loads of an output dir's model set, when commits replace it under the load (each keeps one set before it).
+LOAD_TRIES = 3
 
 
 @dataclass
@@ -136,9 +138,23 @@ def load_predictor(model_dir_or_sidecar_path: str | os.PathLike[str]) -> Predict
         sidecar_path = sidecar_path / SIDECAR_NAME
     if not sidecar_path.is_file():
         raise DataError(f"no Step 5 sidecar at {sidecar_path} (expected {SIDECAR_NAME} in the model directory)")
-    # In an output dir the sidecar is a link into the current model set: resolve it once, so
-    # the sidecar and the checkpoint come from the same set even if a commit lands meanwhile.
-    sidecar_path = Path(os.path.realpath(sidecar_path))
+    for attempt in range(1, LOAD_TRIES + 1):
+        # In an output dir the sidecar is a link into the current model set: resolve it once, so
+        # the sidecar and the checkpoint come from the same set even if a commit lands meanwhile.
+        real = Path(os.path.realpath(sidecar_path))
+        try:
+            return _load(real)
+        except DataError:
+            # A commit keeps the set before it; a second one removes the set this load had resolved, mid-load
+            # ("names checkpoint ..., which does not exist"): the link now shows a newer set, load that one.
+            if attempt == LOAD_TRIES or os.path.realpath(sidecar_path) == str(real):
+                raise
+            logger.info("the model set %s was replaced while loading it; loading the current one", real.parent)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _load(sidecar_path: Path) -> Predictor:
+    """:func:`load_predictor` on a sidecar's real path."""
     sidecar = read_sidecar(sidecar_path)
     signal = sidecar["signal_quality"]
     if not signal["prediction_allowed"] or sidecar["outcome"] != "SUCCESS":
@@ -148,7 +164,11 @@ def load_predictor(model_dir_or_sidecar_path: str | os.PathLike[str]) -> Predict
     checkpoint = resolve_checkpoint(sidecar_path, sidecar)
     if not checkpoint.is_file():
         raise DataError(f"{sidecar_path} names checkpoint {checkpoint}, which does not exist")
-    actual, expected = file_sha256(checkpoint), sidecar.get("checkpoint_sha256")
+    try:
+        actual = file_sha256(checkpoint)
+    except OSError as exc:  # unreadable to this user (a model dir shared with Step 6's group), or gone meanwhile
+        raise DataError(f"cannot read checkpoint {checkpoint}: {os_error_reason(exc)}") from None
+    expected = sidecar.get("checkpoint_sha256")
     if actual != expected:
         raise DataError(
             f"checkpoint {checkpoint} does not match its sidecar {sidecar_path}: SHA-256 {actual[:16]}... "

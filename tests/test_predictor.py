@@ -438,3 +438,51 @@ def test_a_prediction_that_overflows_is_an_error_naming_the_record_not_a_null(tm
         predictor.predict_records(records)
     with pytest.raises(DataError, match=r"the model predicted nan for row 1 \(1 of 2 rows non-finite\)"):
         predictor.predict(np.array([[0.5, 0.1, 0.2], [3e38, 3e38, 3e38]], dtype=np.float32))
+
+
+def test_a_model_set_replaced_twice_while_loading_is_loaded_again_from_the_link(lightgbm_run, sample_inputs,
+                                                                                tmp_path, monkeypatch):
+    # Each commit keeps only the set before it: two commits during a load removed the set the load had
+    # resolved, and it failed with "... names checkpoint ..., which does not exist" (or a raw
+    # FileNotFoundError from the checksum) though the folder held a whole model all along
+    import shutil
+
+    from step5 import model_set, predictor
+
+    _, out = lightgbm_run
+    survivors, _ = sample_inputs
+    model = tmp_path / "model"
+    shutil.copytree(out, model, symlinks=True)
+    files = {n: tmp_path / "files" / n for n in model_set.current_files(model)}
+    shutil.copytree(model_set.current_dir(model), tmp_path / "files")
+    real_read = predictor.read_sidecar
+    commits = []
+
+    def read_then_two_commits(path):
+        sidecar = real_read(path)
+        if not commits:
+            for _ in range(2):
+                with model_set.stage(model) as staged:
+                    model_set.copy_files(staged, files)
+                    commits.append(staged.commit())
+        return sidecar
+
+    monkeypatch.setattr(predictor, "read_sidecar", read_then_two_commits)
+    loaded = load_predictor(model)
+    assert loaded.sidecar_path.parent == commits[-1]
+    np.testing.assert_array_equal(loaded.predict_file(survivors), load_predictor(out).predict_file(survivors))
+
+
+def test_a_checkpoint_the_user_cannot_read_is_a_data_error_naming_it(lightgbm_run, monkeypatch):
+    # a model dir shared with Step 6's group without read permission on the checkpoint: the checksum's
+    # PermissionError was a traceback
+    from step5 import predictor
+
+    _, out = lightgbm_run
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(predictor, "file_sha256", refused)
+    with pytest.raises(DataError, match=r"cannot read checkpoint .*best_model\.txt: permission denied"):
+        load_predictor(out)
