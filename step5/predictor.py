@@ -189,12 +189,19 @@ def _load(sidecar_path: Path) -> Predictor:
     if ckpt_names is not None:
         ckpt_hash = feature_schema_hash(list(ckpt_names))
         if ckpt_hash != schema["feature_schema_hash"]:
-            missing = sorted(set(schema["feature_names"]) - set(ckpt_names))[:5]
-            extra = sorted(set(ckpt_names) - set(schema["feature_names"]))[:5]
+            names = list(schema["feature_names"])
+            missing = sorted(set(names) - set(ckpt_names))[:5]
+            extra = sorted(set(ckpt_names) - set(names))[:5]
+            if missing or extra:
+                how = f"in sidecar only: {missing}, in checkpoint only: {extra}"
+            else:  # the columns the model would be given in another order: every prediction wrong
+                i = next((i for i, (a, b) in enumerate(zip(names, ckpt_names)) if a != b), min(len(names), len(ckpt_names)))
+                how = (f"the same names in another order: position {i} is {names[i] if i < len(names) else None!r} in "
+                       f"the sidecar, {ckpt_names[i] if i < len(ckpt_names) else None!r} in the checkpoint")
             raise DataError(f"checkpoint {checkpoint} was trained on a different feature schema than its sidecar "
                             f"{sidecar_path} describes: hash {ckpt_hash} != {schema['feature_schema_hash']} "
-                            f"({len(ckpt_names)} vs {schema['feature_count']} features; in sidecar only: {missing}, "
-                            f"in checkpoint only: {extra}). The model and sidecar come from different runs.")
+                            f"({len(ckpt_names)} vs {schema['feature_count']} features; {how}). The model and sidecar "
+                            "come from different runs.")
     n_features = getattr(model, "n_features", None)
     if n_features is not None and int(n_features) != schema["feature_count"]:
         raise DataError(
