@@ -5,6 +5,8 @@ the predictor"). Step 6 code, not the parent: it imports torch lazily, for a neu
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -17,12 +19,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import orjson
 
-from step5.artifacts import SIDECAR_NAME, feature_schema_hash, file_sha256, get_model_type, read_sidecar, \
-    resolve_checkpoint
+from step5.artifacts import MODEL_SET_NAMES, SIDECAR_NAME, feature_schema_hash, file_sha256, get_model_type, \
+    read_sidecar, resolve_checkpoint
 from step5.cliutil import UsageErrorParser, add_log_level, closed_fraction, non_empty_path
 from step5.errors import EXIT_INTERRUPTED, EXIT_OK, DataError, PredictionNotAllowed, Step5Error
 from step5.fsutil import os_error_reason
 from step5.jsonio import dumps, write_json_atomic
+from step5.model_set import SETS_DIRNAME
 
 if TYPE_CHECKING:
     from step5.data.survivors import SurvivorFeatures
@@ -35,6 +38,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_MISSING_FRACTION = 0.01
 #: How many of the most-missing keys an error or warning names.
 MISSING_KEYS_SHOWN = 5
+#: Loads of an output dir's model set, when commits replace it under the load (each keeps one set before it).
+LOAD_TRIES = 3
 
 
 @dataclass
@@ -64,6 +69,15 @@ class Predictor:
                 raise ValueError(f"the DataFrame lacks {len(missing)} of the model's {len(names)} feature columns: "
                                  f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
             X = X.loc[:, names].to_numpy(dtype=np.float32)
+        y = self._predict(X)
+        bad = np.flatnonzero(~np.isfinite(y))
+        if bad.size:
+            raise DataError(f"the model predicted {y[bad[0]]} for row {bad[0]} ({bad.size} of {y.size} rows non-finite): "
+                            "its features are far outside what it was trained on")
+        return y
+
+    def _predict(self, X: Any) -> np.ndarray:
+        names = self.feature_names
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != len(names):
             raise ValueError(f"X must have shape (n, {len(names)}): one column per feature of the model's schema, "
@@ -103,7 +117,16 @@ class Predictor:
                 f"0.0 for them. Most missing: {worst}. Do these survivors come from the pipeline version the "
                 "model was trained on?"
             )
-        return self.predict(survivors.X)
+        # A finite input can still overflow a net's float32 activations: NaN was written as "prediction": null.
+        y = self._predict(survivors.X)
+        bad = np.flatnonzero(~np.isfinite(y))
+        if bad.size:
+            i = int(bad[0])
+            raise DataError(
+                f"survivors {survivors.source_file}: record {i} [seed {survivors.seeds[i]!r:.60}]: the model predicted "
+                f"{y[i]} ({bad.size} of {y.size} records non-finite): its features are far outside what the model "
+                "was trained on")
+        return y
 
 
 def load_predictor(model_dir_or_sidecar_path: str | os.PathLike[str]) -> Predictor:
@@ -115,9 +138,23 @@ def load_predictor(model_dir_or_sidecar_path: str | os.PathLike[str]) -> Predict
         sidecar_path = sidecar_path / SIDECAR_NAME
     if not sidecar_path.is_file():
         raise DataError(f"no Step 5 sidecar at {sidecar_path} (expected {SIDECAR_NAME} in the model directory)")
-    # In an output dir the sidecar is a link into the current model set: resolve it once, so
-    # the sidecar and the checkpoint come from the same set even if a commit lands meanwhile.
-    sidecar_path = Path(os.path.realpath(sidecar_path))
+    for attempt in range(1, LOAD_TRIES + 1):
+        # In an output dir the sidecar is a link into the current model set: resolve it once, so
+        # the sidecar and the checkpoint come from the same set even if a commit lands meanwhile.
+        real = Path(os.path.realpath(sidecar_path))
+        try:
+            return _load(real)
+        except DataError:
+            # A commit keeps the set before it; a second one removes the set this load had resolved, mid-load
+            # ("names checkpoint ..., which does not exist"): the link now shows a newer set, load that one.
+            if attempt == LOAD_TRIES or os.path.realpath(sidecar_path) == str(real):
+                raise
+            logger.info("the model set %s was replaced while loading it; loading the current one", real.parent)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _load(sidecar_path: Path) -> Predictor:
+    """:func:`load_predictor` on a sidecar's real path."""
     sidecar = read_sidecar(sidecar_path)
     signal = sidecar["signal_quality"]
     if not signal["prediction_allowed"] or sidecar["outcome"] != "SUCCESS":
@@ -127,7 +164,11 @@ def load_predictor(model_dir_or_sidecar_path: str | os.PathLike[str]) -> Predict
     checkpoint = resolve_checkpoint(sidecar_path, sidecar)
     if not checkpoint.is_file():
         raise DataError(f"{sidecar_path} names checkpoint {checkpoint}, which does not exist")
-    actual, expected = file_sha256(checkpoint), sidecar.get("checkpoint_sha256")
+    try:
+        actual = file_sha256(checkpoint)
+    except OSError as exc:  # unreadable to this user (a model dir shared with Step 6's group), or gone meanwhile
+        raise DataError(f"cannot read checkpoint {checkpoint}: {os_error_reason(exc)}") from None
+    expected = sidecar.get("checkpoint_sha256")
     if actual != expected:
         raise DataError(
             f"checkpoint {checkpoint} does not match its sidecar {sidecar_path}: SHA-256 {actual[:16]}... "
@@ -148,12 +189,19 @@ def load_predictor(model_dir_or_sidecar_path: str | os.PathLike[str]) -> Predict
     if ckpt_names is not None:
         ckpt_hash = feature_schema_hash(list(ckpt_names))
         if ckpt_hash != schema["feature_schema_hash"]:
-            missing = sorted(set(schema["feature_names"]) - set(ckpt_names))[:5]
-            extra = sorted(set(ckpt_names) - set(schema["feature_names"]))[:5]
+            names = list(schema["feature_names"])
+            missing = sorted(set(names) - set(ckpt_names))[:5]
+            extra = sorted(set(ckpt_names) - set(names))[:5]
+            if missing or extra:
+                how = f"in sidecar only: {missing}, in checkpoint only: {extra}"
+            else:  # the columns the model would be given in another order: every prediction wrong
+                i = next((i for i, (a, b) in enumerate(zip(names, ckpt_names)) if a != b), min(len(names), len(ckpt_names)))
+                how = (f"the same names in another order: position {i} is {names[i] if i < len(names) else None!r} in "
+                       f"the sidecar, {ckpt_names[i] if i < len(ckpt_names) else None!r} in the checkpoint")
             raise DataError(f"checkpoint {checkpoint} was trained on a different feature schema than its sidecar "
                             f"{sidecar_path} describes: hash {ckpt_hash} != {schema['feature_schema_hash']} "
-                            f"({len(ckpt_names)} vs {schema['feature_count']} features; in sidecar only: {missing}, "
-                            f"in checkpoint only: {extra}). The model and sidecar come from different runs.")
+                            f"({len(ckpt_names)} vs {schema['feature_count']} features; {how}). The model and sidecar "
+                            "come from different runs.")
     n_features = getattr(model, "n_features", None)
     if n_features is not None and int(n_features) != schema["feature_count"]:
         raise DataError(
@@ -183,6 +231,32 @@ def writable_seed(seed: Any, i: int, source: Any) -> Any:
         raise DataError(f"survivors file {source}: record {i}: seed {seed!r:.60} cannot be written as JSON") from None
 
 
+def check_output(output: Path, predictor: Predictor) -> None:
+    """Refuse an ``--output`` that is a file of the model just loaded or lies in its committed model set:
+    the predictions replaced the sidecar's link (the folder then held no model) or, given by its path in
+    ``.model_sets``, the checkpoint itself (SHA-256 no longer the sidecar's), and exit 0; a file put in a
+    committed set is deleted with it by a later commit."""
+    real = Path(os.path.realpath(output))
+    model_folder = predictor.sidecar_path.parent  # a real path: the model set's folder, or a plain model dir
+    if real.parent != model_folder:
+        return
+    if real.name in MODEL_SET_NAMES:
+        raise Step5Error(f"--output {output} is the model's own {real.name} ({real}): the predictions would "
+                         "replace it; choose another path")
+    if model_folder.parent.name == SETS_DIRNAME:
+        raise Step5Error(f"--output {output} is in the committed model set {model_folder}, which a later commit "
+                         "deletes with everything in it; choose another path")
+
+
+def write_reason(output: Path, exc: OSError) -> str:
+    """Why ``output`` could not be written: a file where a folder of its path must be is named (making
+    the folders says only "File exists")."""
+    blocker = next((p for p in [*reversed(output.parents), output.parent] if p.exists() and not p.is_dir()), None)
+    if blocker is not None and exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        return f"{blocker} is a file, not a folder"
+    return os_error_reason(exc)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = UsageErrorParser(
         prog="python -m step5.predictor",
@@ -206,19 +280,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         predictor = load_predictor(args.model_dir)
+        to_file = args.output is not None and str(args.output) != "-"
+        if to_file:  # before the survivors are read: a large file takes a while
+            check_output(args.output, predictor)
         survivors = load_features(args.survivors, predictor.feature_names)
         preds = predictor.predict_survivors(survivors, max_missing_fraction=args.max_missing_fraction)
         rows = [{"seed": writable_seed(seed, i, args.survivors), "prediction": float(v)}
                 for i, (seed, v) in enumerate(zip(survivors.seeds, preds))]
-        if args.output is not None and str(args.output) != "-":
+        if to_file:
             try:
                 write_json_atomic(args.output, rows)
             except OSError as exc:
-                raise Step5Error(f"cannot write the predictions to {args.output}: {os_error_reason(exc)}") from None
+                raise Step5Error(f"cannot write the predictions to {args.output}: "
+                                 f"{write_reason(args.output, exc)}") from None
             logger.info("wrote %d predictions to %s", len(rows), args.output)
         else:
-            sys.stdout.buffer.write(dumps(rows) + b"\n")
-            sys.stdout.flush()
+            try:
+                sys.stdout.buffer.write(dumps(rows) + b"\n")
+                sys.stdout.flush()
+            except OSError as exc:  # a reader that closed the pipe early (| head), a full disk
+                # Python's own flush at exit would fail again, with a traceback: point stdout at nothing.
+                with contextlib.suppress(OSError):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                raise Step5Error(f"cannot write the predictions to stdout: {os_error_reason(exc)}") from None
     except Step5Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -327,3 +327,162 @@ def test_cli_writes_into_a_pipe_given_as_output_and_leaves_it_a_pipe(lightgbm_ru
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # still the pipe, not a file put in its place
     rows = json.loads(got[0])
     assert len(rows) == len(json.loads(survivors.read_text())) and set(rows[0]) == {"seed", "prediction"}
+
+
+@pytest.mark.parametrize("given", ["sidecar link", "checkpoint in the set", "picture link", "new file in the set"])
+def test_cli_refuses_an_output_that_is_the_models_own_file_or_in_its_committed_set(lightgbm_run, sample_inputs,
+                                                                                   tmp_path, capsys, monkeypatch,
+                                                                                   given):
+    # `--output <model dir>/best_model.meta.json` replaced the sidecar's link with the predictions (the folder
+    # held no model any more), and the checkpoint's path in .model_sets was overwritten in place (its SHA-256
+    # no longer the sidecar's); both exit 0
+    import logging
+    import shutil
+
+    from step5.predictor import main
+
+    _, out = lightgbm_run
+    survivors, _ = sample_inputs
+    model = tmp_path / "model"
+    shutil.copytree(out, model, symlinks=True)
+    target = {"sidecar link": model / artifacts.SIDECAR_NAME,
+              "checkpoint in the set": model / ".model_sets" / "current" / "best_model.txt",
+              "picture link": model / artifacts.HISTORY_PNG_NAME,
+              "new file in the set": model / ".model_sets" / "current" / "preds.json"}[given]
+    before = {p.relative_to(model): (p.is_symlink(), p.read_bytes() if p.is_file() else None)
+              for p in sorted(model.rglob("*"))}
+    monkeypatch.setattr(logging.root, "handlers", [])  # main()'s logging on this test's stderr
+    assert main(["--model-dir", str(model), "--survivors", str(survivors), "--output", str(target)]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"error: --output {target} is ") and err.endswith("choose another path")
+    assert {p.relative_to(model): (p.is_symlink(), p.read_bytes() if p.is_file() else None)
+            for p in sorted(model.rglob("*"))} == before
+    load_predictor(model)  # still whole
+    # beside the links, in the model dir itself, is fine
+    assert main(["--model-dir", str(model), "--survivors", str(survivors), "--output", str(model / "p.json")]) == 0
+
+
+def test_cli_names_a_file_where_the_outputs_folder_must_be(lightgbm_run, sample_inputs, tmp_path, capsys,
+                                                           monkeypatch):
+    import logging
+
+    from step5.predictor import main
+
+    _, out = lightgbm_run
+    survivors, _ = sample_inputs
+    (tmp_path / "notes").write_text("a file")
+    monkeypatch.setattr(logging.root, "handlers", [])  # main()'s logging on this test's stderr
+    output = tmp_path / "notes" / "sub" / "p.json"
+    assert main(["--model-dir", str(out), "--survivors", str(survivors), "--output", str(output)]) == 1
+    # was "... : File exists", from making the folders
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: cannot write the predictions to {output}: {tmp_path / 'notes'} is a file, not a folder")
+
+
+def test_cli_a_stdout_that_cannot_be_written_is_one_line(lightgbm_run, sample_inputs, capsys, monkeypatch):
+    # `| head` closing the pipe early, `>/dev/full`: a BrokenPipeError / OSError traceback
+    import errno
+    import logging
+
+    from step5.predictor import main
+
+    _, out = lightgbm_run
+    survivors, _ = sample_inputs
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone: writing raises BrokenPipeError (SIGPIPE is ignored by Python)
+
+    class ClosedPipe:
+        buffer = os.fdopen(write_end, "wb", buffering=0)
+
+        def fileno(self) -> int:
+            return write_end
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(logging.root, "handlers", [])  # main()'s logging on this test's stderr
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    try:
+        assert main(["--model-dir", str(out), "--survivors", str(survivors)]) == 1
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"error: cannot write the predictions to stdout: {os.strerror(errno.EPIPE)}")
+        ClosedPipe.buffer.write(b"x")  # now pointed at /dev/null: Python's flush at exit cannot fail again
+    finally:
+        ClosedPipe.buffer.close()
+
+
+def test_a_prediction_that_overflows_is_an_error_naming_the_record_not_a_null(tmp_path):
+    # Finite float32 features (3e38) overflow a net's activations: the CLI wrote "prediction": null, exit 0
+    import torch
+
+    from step5.nn.checkpoint import Checkpoint, load_checkpoint
+    from step5.nn.model import ReferenceMLP
+    from step5.predictor import Predictor
+
+    names = ["a", "b", "c"]
+    module = ReferenceMLP(3, [4], use_leaky_relu=True, dropout=0.0).eval()
+    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():  # large inputs overflow the first layer to inf; inf - inf in the last is nan
+        linears[0].weight.fill_(1.0)
+        linears[-1].weight.copy_(torch.tensor([[1.0, -1.0, 1.0, -1.0]]))
+    path = Checkpoint(module.state_dict(), 3, (4,), True, 0.0, np.zeros(3), np.ones(3), 0.0, 1.0,
+                      feature_names=names).save(tmp_path / "best_model.pth")
+    predictor = Predictor(sidecar={"model_type": "neural_net", "feature_schema": {"feature_names": names}},
+                          sidecar_path=tmp_path / artifacts.SIDECAR_NAME, checkpoint_path=path,
+                          model=load_checkpoint(path))
+    ordinary = {"a": 0.5, "b": 0.1, "c": 0.2}
+    assert np.isfinite(predictor.predict_records([{"seed": 1, "features": ordinary}])).all()
+    records = [{"seed": 1, "features": ordinary}, {"seed": 77, "features": dict.fromkeys(names, 3e38)}]
+    with pytest.raises(DataError, match=r"survivors <records>: record 1 \[seed 77\]: the model predicted nan "
+                                        r"\(1 of 2 records non-finite\)"):
+        predictor.predict_records(records)
+    with pytest.raises(DataError, match=r"the model predicted nan for row 1 \(1 of 2 rows non-finite\)"):
+        predictor.predict(np.array([[0.5, 0.1, 0.2], [3e38, 3e38, 3e38]], dtype=np.float32))
+
+
+def test_a_model_set_replaced_twice_while_loading_is_loaded_again_from_the_link(lightgbm_run, sample_inputs,
+                                                                                tmp_path, monkeypatch):
+    # Each commit keeps only the set before it: two commits during a load removed the set the load had
+    # resolved, and it failed with "... names checkpoint ..., which does not exist" (or a raw
+    # FileNotFoundError from the checksum) though the folder held a whole model all along
+    import shutil
+
+    from step5 import model_set, predictor
+
+    _, out = lightgbm_run
+    survivors, _ = sample_inputs
+    model = tmp_path / "model"
+    shutil.copytree(out, model, symlinks=True)
+    files = {n: tmp_path / "files" / n for n in model_set.current_files(model)}
+    shutil.copytree(model_set.current_dir(model), tmp_path / "files")
+    real_read = predictor.read_sidecar
+    commits = []
+
+    def read_then_two_commits(path):
+        sidecar = real_read(path)
+        if not commits:
+            for _ in range(2):
+                with model_set.stage(model) as staged:
+                    model_set.copy_files(staged, files)
+                    commits.append(staged.commit())
+        return sidecar
+
+    monkeypatch.setattr(predictor, "read_sidecar", read_then_two_commits)
+    loaded = load_predictor(model)
+    assert loaded.sidecar_path.parent == commits[-1]
+    np.testing.assert_array_equal(loaded.predict_file(survivors), load_predictor(out).predict_file(survivors))
+
+
+def test_a_checkpoint_the_user_cannot_read_is_a_data_error_naming_it(lightgbm_run, monkeypatch):
+    # a model dir shared with Step 6's group without read permission on the checkpoint: the checksum's
+    # PermissionError was a traceback
+    from step5 import predictor
+
+    _, out = lightgbm_run
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(predictor, "file_sha256", refused)
+    with pytest.raises(DataError, match=r"cannot read checkpoint .*best_model\.txt: permission denied"):
+        load_predictor(out)

@@ -323,7 +323,9 @@ def load_model(path: str | os.PathLike[str], model_type: str) -> TreeModel:
     try:
         model = adapter.load(p)
     except Exception as exc:
-        raise DataError(f"cannot load {model_type} checkpoint {p}: {type(exc).__name__}: {exc}") from exc
+        # xgboost appends its C++ stack trace ("Stack trace:\n  [bt] (0) ..."): noise to a user, cut off.
+        reason = str(exc).split("\nStack trace:", 1)[0].rstrip()
+        raise DataError(f"cannot load {model_type} checkpoint {p}: {type(exc).__name__}: {reason}") from exc
     n = model.n_features = int(model.n_features)
     model.n_iterations = int(model.n_iterations)
     names = [str(k) for k in model.feature_names or ()]

@@ -107,7 +107,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
     try:
         payload = torch.load(p, map_location=dev, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise DataError(f"cannot read checkpoint {p}: {exc}") from None
+        # An empty or cut-short file is a bare EOFError(): its type is all the reason there is.
+        reason = str(exc).strip() or f"{type(exc).__name__} (the file is {p.stat().st_size} bytes, cut short?)"
+        raise DataError(f"cannot read checkpoint {p}: {reason}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise DataError(f"{p} is not a {CHECKPOINT_FORMAT} checkpoint")
     if payload.get("format_version") != CHECKPOINT_FORMAT_VERSION:

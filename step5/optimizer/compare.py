@@ -168,9 +168,13 @@ def _commit_set(folder: Path, files: dict[str, Path], sidecar: dict[str, Any] | 
 def _run_one(factory: OptimizerFactory, config: OptimizerConfig) -> Candidate:
     mt = config.model_type
     staging = Path(config.output_dir)
-    if staging.exists():
-        shutil.rmtree(staging)  # a fresh folder: nothing stale can pass for this run's output
     start = time.perf_counter()
+    try:
+        if staging.exists():
+            shutil.rmtree(staging)  # a fresh folder: nothing stale can pass for this run's output
+    except OSError as exc:  # the types before this one are trained: this one fails alone, the run files them
+        logger.error("compare: %s failed: cannot clear its staging folder %s: %s", mt, staging, os_error_reason(exc))
+        return Candidate(mt, "FAILED", error=f"cannot clear its staging folder {staging}: {os_error_reason(exc)}")
     outcome: RunOutcome | None = None
     try:
         outcome = factory(config).run()
@@ -256,6 +260,11 @@ def _compare(config: OptimizerConfig, optimizer_factory: OptimizerFactory | None
         validate_config(sub)  # a usage error shows before any model trains (exit 64)
 
     to_run = [mt for mt in MODEL_TYPES if mt not in skipped]
+    for mt in to_run:  # before any model trains: a model type's folder is cleared only when its turn comes
+        staging = Path(configs[mt].output_dir)
+        if os.path.lexists(staging) and (staging.is_symlink() or not staging.is_dir()):
+            raise Step5Error(f"{staging} is in the way of the {mt} run: it must be a folder (the compare run "
+                             "clears and fills it), not a file or a link; move or remove it")
     logger.info("compare: running %s%s; winner by %s", ", ".join(to_run) or "nothing",
                 f" (skipped by the registry: {', '.join(sorted(skipped))})" if skipped else "", CRITERION["primary"])
     factory = optimizer_factory
@@ -288,10 +297,10 @@ def _compare(config: OptimizerConfig, optimizer_factory: OptimizerFactory | None
     # archive everything else; stale files from earlier runs are removed first.
     keep = winner or (degenerate[0] if degenerate else None)
     archive_root = out_dir / ARCHIVE_DIRNAME
-    if any(c.staging_dir is not None for c in candidates.values()) and archive_root.is_dir():
-        shutil.rmtree(archive_root)  # the archive records this compare run, not an older one
     promoted = None
     try:
+        if any(c.staging_dir is not None for c in candidates.values()) and archive_root.is_dir():
+            _clear(archive_root)  # the archive records this compare run, not an older one
         if keep is not None:
             _promote(keep, out_dir, block)
             promoted = keep.model_type
@@ -396,6 +405,19 @@ def _archive(c: Candidate, out_dir: Path, block: dict[str, Any]) -> None:
     _move_rest(c, target, committed=set(files))
     c.sidecar_path = target / artifacts.SIDECAR_NAME if (target / artifacts.SIDECAR_NAME).is_file() else None
     c.checkpoint_path = target / c.checkpoint_path.name if c.checkpoint_path and c.status == "SUCCESS" else None
+
+
+def _clear(folder: Path) -> None:
+    """Empty ``folder`` of everything; a link to a folder (an archive kept on a bigger disk) stays a link,
+    and only what is in the folder it points to goes (``shutil.rmtree`` refuses a link outright)."""
+    if not folder.is_symlink():
+        shutil.rmtree(folder)
+        return
+    for p in folder.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _move_rest(c: Candidate, target: Path, committed: set[str]) -> None:

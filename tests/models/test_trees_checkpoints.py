@@ -71,6 +71,10 @@ def test_missing_or_corrupt_checkpoint_is_a_data_error_naming_the_file(model_typ
     path.write_bytes(b"\x00garbage, not a model")
     with pytest.raises(DataError, match=f"cannot load {model_type} checkpoint .*{path.name}"):
         trees.load_model(path, model_type)
+    path.write_text('{"learner": {"attributes": {}, "feature_na')  # cut short
+    with pytest.raises(DataError, match=f"cannot load {model_type} checkpoint .*{path.name}") as caught:
+        trees.load_model(path, model_type)
+    assert "Stack trace" not in str(caught.value) and "[bt]" not in str(caught.value)  # xgboost's C++ trace
 
 
 def test_load_refuses_a_neural_net_checkpoint(tmp_path):

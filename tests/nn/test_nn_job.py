@@ -207,6 +207,9 @@ def test_bad_checkpoints_are_data_errors(tmp_path):
     torch.save({"format": "step5-mlp", "format_version": 1, "architecture": {}}, tmp_path / "v1.pth")
     with pytest.raises(DataError, match="format_version 1.*re-run Step 5"):
         load_checkpoint(tmp_path / "v1.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")  # torch's EOFError() has no message: the error ended in ": "
+    with pytest.raises(DataError, match=r"cannot read checkpoint .*empty\.pth: EOFError \(the file is 0 bytes"):
+        load_checkpoint(tmp_path / "empty.pth")
     with pytest.raises(ValueError, match="feature scaler"):
         Checkpoint(state_dict={}, n_features=3, hidden_layers=[2], use_leaky_relu=True, dropout=0.0,
                    feature_mean=np.zeros(2), feature_scale=np.ones(3), target_mean=0.0,

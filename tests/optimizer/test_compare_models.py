@@ -6,6 +6,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -320,6 +321,42 @@ def test_a_usage_error_stops_before_any_model_trains(fake, config):
     assert fake.configs == []
 
 
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_a_file_where_a_model_type_is_staged_stops_before_any_model_trains(fake, config, kind):
+    # preflight checks compare_runs itself; a file (or a link) in it under a model type's name made that
+    # type's clearing fail with a traceback after the types before it had trained
+    staging = config.output_dir / compare.STAGING_DIRNAME / "lightgbm"
+    staging.parent.mkdir(parents=True)
+    if kind == "file":
+        staging.write_text("not a folder")
+    else:
+        (config.output_dir / "elsewhere").mkdir()
+        staging.symlink_to(config.output_dir / "elsewhere")
+    fake.script = {mt: ("ok", 0.1, 0.2) for mt in MODEL_TYPES}
+    with pytest.raises(Step5Error, match=re.escape(f"{staging} is in the way of the lightgbm run")):
+        compare.run_compare(config, optimizer_factory=fake)
+    assert fake.configs == []
+    assert os.path.lexists(staging)  # the user's, left as it was
+
+
+def test_a_staging_folder_that_cannot_be_cleared_fails_that_model_type_alone(fake, config):
+    class InTheWay(FakeOptimizer):  # neural_net's run leaves a file where lightgbm is staged next
+        def run(self) -> RunOutcome:
+            outcome = super().run()
+            if self.config.model_type == "neural_net":
+                (Path(self.config.output_dir).parent / "lightgbm").write_text("in the way")
+            return outcome
+
+    fake.script = {mt: ("ok", 0.1, 0.5 if mt == "catboost" else 0.2) for mt in MODEL_TYPES}
+    assert compare.run_compare(config, optimizer_factory=InTheWay) == 0
+    summary = summary_of(config)
+    lgb = summary["models"]["lightgbm"]
+    assert lgb["status"] == "FAILED" and "cannot clear its staging folder" in lgb["error"]
+    assert "compare_runs/lightgbm" in lgb["error"]
+    assert summary["winner"] == "catboost"
+    assert {m["status"] for t, m in summary["models"].items() if t != "lightgbm"} == {"SUCCESS"}
+
+
 def test_ctrl_c_is_not_swallowed(fake, config):
     fake.script = {mt: ("raise", KeyboardInterrupt()) for mt in MODEL_TYPES}
     with pytest.raises(KeyboardInterrupt):
@@ -335,6 +372,24 @@ def test_a_rerun_replaces_the_archive(fake, config):
     archive = config.output_dir / compare.ARCHIVE_DIRNAME
     assert sorted(p.name for p in archive.iterdir()) == ["catboost", "lightgbm", "xgboost"]
     assert (archive / "catboost" / "best_model.cbm").is_file()
+    assert artifacts.read_sidecar(config.output_dir / artifacts.SIDECAR_NAME)["model_type"] == "neural_net"
+
+
+def test_an_archive_that_is_a_link_to_a_folder_is_refilled_and_stays_a_link(fake, config, tmp_path):
+    # compare_archive linked to a bigger disk passes the preflight; clearing it with rmtree raised
+    # "Cannot call rmtree on a symbolic link" as a traceback after every model type had trained
+    elsewhere = tmp_path / "bigger_disk" / "archive"
+    elsewhere.mkdir(parents=True)
+    config.output_dir.mkdir(parents=True)
+    (config.output_dir / compare.ARCHIVE_DIRNAME).symlink_to(elsewhere)
+    for winner in ("catboost", "neural_net"):  # the second run clears the first one's archive
+        fake.script = {mt: ("ok", 0.1, 0.5 if mt == winner else 0.1) for mt in MODEL_TYPES}
+        assert compare.run_compare(config, optimizer_factory=fake) == 0
+    archive = config.output_dir / compare.ARCHIVE_DIRNAME
+    assert archive.is_symlink() and archive.resolve() == elsewhere.resolve()
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["catboost", "lightgbm", "xgboost"]
+    assert artifacts.read_sidecar(archive / "catboost" / artifacts.SIDECAR_NAME)["compare_models"]["winner"] == \
+        "neural_net"
     assert artifacts.read_sidecar(config.output_dir / artifacts.SIDECAR_NAME)["model_type"] == "neural_net"
 
 
