@@ -22,7 +22,7 @@ from step5.jsonio import read_json_file, write_json_atomic
 from step5.optimizer.optimizer import AntiOverfitMetaOptimizer, load_inputs
 from step5.optimizer.config import OptimizerConfig, RunOutcome, rescore_partitions, validate_config
 from step5.optimizer.diagnostics import (
-    compare_health_report, drawing, model_health_report, save_figure, write_health_report
+    HEALTH_FILE, compare_health_report, drawing, model_health_report, retire, save_figure, write_health_report
 )
 from step5.values import finite_or_none, utc_timestamp
 
@@ -338,6 +338,8 @@ def _compare(config: OptimizerConfig, optimizer_factory: OptimizerFactory | None
     plot = plot_comparison(list(candidates.values()), diag / PLOT_NAME, winner=summary["winner"])
     summary["plot"] = str(plot) if plot else None
     try:
+        if not config.enable_diagnostics:  # an earlier single run's report must not pass for this winner's
+            retire(diag, HEALTH_FILE)
         write_json_atomic(diag / SUMMARY_NAME, summary)
     except OSError as exc:  # preflight tried the folder; a disk can still fill up since
         kept = f"the output dir holds the winner, {winner.model_type}" if winner else "no model was promoted"

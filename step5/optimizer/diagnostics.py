@@ -100,25 +100,25 @@ def model_health_report(model_type: str, metrics: Mapping[str, Any], diagnostics
     }
 
 
-def retire_compare_summary(folder: Path) -> Path | None:
-    """Rename an earlier compare run's ``compare_models_summary.json`` in ``folder`` to
-    ``compare_models_summary_<its UTC mtime>.json`` (the existing optimizer's per-run name) and return
-    the new path; None when there is none. The pipeline's health check takes that file's winner as the
-    model type of whatever ``training_diagnostics.json`` beside it holds, so once a single model's
-    report replaces the compare run's, the winner would name the wrong model (docs/compatibility.md)."""
-    src = folder / COMPARE_SUMMARY_NAME
+def retire(folder: Path, name: str) -> Path | None:
+    """Rename ``folder/name`` (an earlier run's file) to ``<stem>_<its UTC mtime><suffix>`` (the existing
+    optimizer's per-run name) and return the new path; None when there is none. The pipeline's health
+    check reads the compare summary's winner as the model type of whatever ``training_diagnostics.json``
+    beside it holds: a report and a summary from two different runs make it judge the wrong model
+    (docs/compatibility.md), so a run that writes one retires the other's stale copy."""
+    src, stem, suffix = folder / name, Path(name).stem, Path(name).suffix
     try:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(src.stat().st_mtime))
     except FileNotFoundError:
         return None
-    dst, n = folder / f"compare_models_summary_{stamp}.json", 1
-    while dst.exists():  # two compare runs in the same second: keep both
-        dst, n = folder / f"compare_models_summary_{stamp}_{n}.json", n + 1
+    dst, n = folder / f"{stem}_{stamp}{suffix}", 1
+    while dst.exists():  # two runs in the same second: keep both
+        dst, n = folder / f"{stem}_{stamp}_{n}{suffix}", n + 1
     try:
         os.rename(src, dst)
     except FileNotFoundError:  # another run retired it first
         return None
-    logger.info("%s described an earlier compare run: kept as %s", src, dst.name)
+    logger.info("%s described an earlier run: kept as %s", src, dst.name)
     return dst
 
 
@@ -130,7 +130,7 @@ def write_health_report(diagnostics_dir: Path, report: Mapping[str, Any], *, mod
         if model_type is not None:
             write_json_atomic(folder / f"{model_type}_diagnostics.json", report)
             # Before the report that replaces a compare run's: never the new report beside the old winner.
-            retire_compare_summary(folder)
+            retire(folder, COMPARE_SUMMARY_NAME)
         path = write_json_atomic(folder / HEALTH_FILE, report)
     except OSError as exc:
         logger.warning("could not write the health diagnostics under %s: %s", folder, exc)

@@ -18,6 +18,7 @@ from step5.data.survivors import load_survivors
 from step5.errors import DataError, DegenerateSignalError, Step5Error, StorageError, UsageError
 from step5.execution.summary import RunnerStats, build_execution_summary
 from step5.optimizer import compare
+from step5.optimizer.diagnostics import HEALTH_FILE
 from step5.policy import DiagnosticsPolicy
 from step5.optimizer.config import OptimizerConfig, RunOutcome
 from step5.sidecar import build_data_context, build_sidecar
@@ -163,7 +164,7 @@ def test_the_best_rescored_objective_wins_never_the_test_r2_and_is_left_as_best_
 def test_with_diagnostics_a_compare_run_leaves_its_own_summary_beside_its_own_report(fake, config, monkeypatch):
     """Each model type's run writes its single report, as the real optimizer does (retiring an earlier compare
     run's summary); at the end the summary and training_diagnostics.json both describe this compare run."""
-    from step5.optimizer.diagnostics import HEALTH_FILE, model_health_report, write_health_report
+    from step5.optimizer.diagnostics import model_health_report, write_health_report
 
     run = FakeOptimizer.run
 
@@ -186,6 +187,18 @@ def test_with_diagnostics_a_compare_run_leaves_its_own_summary_beside_its_own_re
     report = json.loads((config.diagnostics_dir / HEALTH_FILE).read_text())
     assert report["mode"] == "compare_models" and report["comparison"]["winner"] == "catboost"
     assert [p.read_text() for p in config.diagnostics_dir.glob("compare_models_summary_*.json")] == [earlier]
+
+
+def test_a_compare_run_without_diagnostics_retires_an_earlier_runs_health_report(fake, config):
+    """The pipeline's health check reads the summary's winner as the model of the report beside it: an
+    earlier single run's report left there was judged as this run's winner."""
+    config.diagnostics_dir.mkdir()
+    earlier = json.dumps({"mode": "single", "model_type": "neural_net"})
+    (config.diagnostics_dir / HEALTH_FILE).write_text(earlier)
+    fake.script = {mt: ("ok", 0.1, 0.1) for mt in MODEL_TYPES}
+    assert compare.run_compare(config, optimizer_factory=fake) == 0
+    assert not (config.diagnostics_dir / HEALTH_FILE).exists()
+    assert [p.read_text() for p in config.diagnostics_dir.glob("training_diagnostics_*.json")] == [earlier]
 
 
 def test_every_flag_reaches_every_sub_run(fake, config):
