@@ -14,7 +14,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import orjson
@@ -69,20 +69,24 @@ class Predictor:
                 raise ValueError(f"the DataFrame lacks {len(missing)} of the model's {len(names)} feature columns: "
                                  f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
             X = X.loc[:, names].to_numpy(dtype=np.float32)
-        y = self._predict(X)
-        bad = np.flatnonzero(~np.isfinite(y))
-        if bad.size:
-            raise DataError(f"the model predicted {y[bad[0]]} for row {bad[0]} ({bad.size} of {y.size} rows non-finite): "
-                            "its features are far outside what it was trained on")
-        return y
+        return self._predict(X, lambda i: f"row {i}")
 
-    def _predict(self, X: Any) -> np.ndarray:
+    def _predict(self, X: Any, which: Callable[[int], str]) -> np.ndarray:
+        """The model's predictions for matrix ``X``; a non-finite one is a DataError naming its row by
+        ``which``: a finite input can still overflow a net's float32 activations (NaN was written as
+        ``"prediction": null``)."""
         names = self.feature_names
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != len(names):
             raise ValueError(f"X must have shape (n, {len(names)}): one column per feature of the model's schema, "
                              f"in its order; got shape {X.shape}")
-        return np.asarray(self.model.predict(X), dtype=np.float64).reshape(-1)
+        y = np.asarray(self.model.predict(X), dtype=np.float64).reshape(-1)
+        bad = np.flatnonzero(~np.isfinite(y))
+        if bad.size:
+            i = int(bad[0])
+            raise DataError(f"{which(i)}: the model predicted {y[i]} ({bad.size} of {y.size} non-finite): its "
+                            "features are far outside what it was trained on")
+        return y
 
     def predict_records(self, records: Any, *, source: str = "<records>",
                         max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION) -> np.ndarray:
@@ -117,16 +121,8 @@ class Predictor:
                 f"0.0 for them. Most missing: {worst}. Do these survivors come from the pipeline version the "
                 "model was trained on?"
             )
-        # A finite input can still overflow a net's float32 activations: NaN was written as "prediction": null.
-        y = self._predict(survivors.X)
-        bad = np.flatnonzero(~np.isfinite(y))
-        if bad.size:
-            i = int(bad[0])
-            raise DataError(
-                f"survivors {survivors.source_file}: record {i} [seed {survivors.seeds[i]!r:.60}]: the model predicted "
-                f"{y[i]} ({bad.size} of {y.size} records non-finite): its features are far outside what the model "
-                "was trained on")
-        return y
+        return self._predict(survivors.X, lambda i: f"survivors {survivors.source_file}: record {i} "
+                                                    f"[seed {survivors.seeds[i]!r:.60}]")
 
 
 def load_predictor(model_dir_or_sidecar_path: str | os.PathLike[str]) -> Predictor:

@@ -434,9 +434,9 @@ def test_a_prediction_that_overflows_is_an_error_naming_the_record_not_a_null(tm
     assert np.isfinite(predictor.predict_records([{"seed": 1, "features": ordinary}])).all()
     records = [{"seed": 1, "features": ordinary}, {"seed": 77, "features": dict.fromkeys(names, 3e38)}]
     with pytest.raises(DataError, match=r"survivors <records>: record 1 \[seed 77\]: the model predicted nan "
-                                        r"\(1 of 2 records non-finite\)"):
+                                        r"\(1 of 2 non-finite\)"):
         predictor.predict_records(records)
-    with pytest.raises(DataError, match=r"the model predicted nan for row 1 \(1 of 2 rows non-finite\)"):
+    with pytest.raises(DataError, match=r"^row 1: the model predicted nan \(1 of 2 non-finite\)"):
         predictor.predict(np.array([[0.5, 0.1, 0.2], [3e38, 3e38, 3e38]], dtype=np.float32))
 
 
