@@ -60,7 +60,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Fold:
-    """One model's data: float32 features (n, D) and targets (n,), original scale."""
+    """One model's data: float32 features (n, D) and float64 targets (n,), original scale."""
 
     X_train: np.ndarray
     y_train: np.ndarray

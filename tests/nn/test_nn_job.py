@@ -170,6 +170,33 @@ def test_checkpoint_loads_weights_only_and_predicts_like_training(tmp_path):
         model.predict(a["X_val"][:, :4])
 
 
+def test_a_target_is_scored_at_the_precision_of_its_fold_file(tmp_path):
+    # Fold files hold y as float64. Read as float32 (spacing 8 at 1e8), this target was a
+    # constant to the worker: it reported r2 0.0 and a val_mse of 1e-5 where the model's
+    # real error on these rows is some 4000 times that.
+    a = arrays(d=4)
+    rng = np.random.default_rng(3)
+    y = {k: 1e8 + a[f"X_{k}"][:, 0].astype(np.float64) + 0.3 * rng.normal(size=len(a[f"X_{k}"])) for k in ("train", "val")}
+    path = npz(tmp_path / "f.npz", X_train=a["X_train"], y_train=y["train"], X_val=a["X_val"], y_val=y["val"])
+    fold, _ = load_fold(path)
+    assert fold.y_val.dtype == np.float64 and np.array_equal(fold.y_val, y["val"])
+    ckpt = tmp_path / "m.pth"
+    res = run_train_job(request(path, save_model_path=str(ckpt)), device=CPU)
+    pred = load_checkpoint(ckpt).predict(a["X_val"])
+    assert res["val_mse"] == pytest.approx(np.mean((y["val"] - pred) ** 2), rel=1e-4)
+    assert res["r2"] == pytest.approx(1 - np.sum((y["val"] - pred) ** 2) / np.sum((y["val"] - y["val"].mean()) ** 2),
+                                      rel=1e-4)
+
+
+def test_a_target_beyond_float32_is_a_data_error(tmp_path):
+    a = arrays()
+    big = dict(a, y_train=a["y_train"].astype(np.float64) * 1e300)
+    path = npz(tmp_path / "f.npz", **big)
+    with pytest.raises(JobError, match=r"y_train.*too large for float32") as info:
+        run_train_job(request(path), device=CPU)
+    assert info.value.error_type == "data_error"
+
+
 def test_input_dropout_is_in_the_config_not_in_the_weights(tmp_path):
     path = npz(tmp_path / "f.npz", **arrays(d=5))
     ckpts = [tmp_path / f"m{i}.pth" for i in range(2)]
