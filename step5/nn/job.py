@@ -260,7 +260,8 @@ def _result(request: TrainRequest, data: Fold, trained: TrainedModel | JobError,
     if isinstance(trained, JobError):
         raise trained
     if trained.error is not None:
-        raise JobError(trained.error, "train_error")
+        where = f"fold file {request.data_path}: " if trained.error_type == "data_error" else ""
+        raise JobError(where + trained.error, trained.error_type)
     t0 = time.perf_counter()
     result: dict[str, Any] = {"status": "complete", "model_type": "neural_net", **trained.metrics}
     if request.save_model_path is not None:
