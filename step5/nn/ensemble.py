@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from step5.errors import DataError
 from step5.nn.checkpoint import Checkpoint, load_checkpoint
 from step5.nn.job import load_fold
 from step5.nn.trainer import regression_metrics
@@ -108,13 +109,17 @@ def build_ensemble(
 
     ``score_path`` is the final split's NPZ (``X_train``/``y_train``: every development row;
     ``X_test``/``y_test``: the holdout rows, scored only). The merged net must predict the
-    fold models' mean on all those rows (else ``ValueError``): a wrong merge never ships.
+    fold models' mean on all those rows (else ``ValueError``): a wrong merge never ships. A score
+    file without test rows, or with other feature columns than the models read, is a :class:`DataError`.
     """
     models = [load_checkpoint(p) for p in fold_paths]
     data, _ = load_fold(str(score_path))
     if data.X_test is None or data.y_test is None:
-        raise ValueError(f"{score_path} has no X_test / y_test to score the final model on")
+        raise DataError(f"{score_path} has no X_test / y_test to score the final model on")
     merged = merge_models(models)
+    if data.X_train.shape[1] != merged.n_features:  # else predict's bare "X must have shape (n, 6)"
+        raise DataError(f"{score_path} has {data.X_train.shape[1]} feature columns but the fold models "
+                        f"{fold_paths[0]}, ... read {merged.n_features}")
     merged.training = {
         "final_model": "fold_ensemble",
         "models": len(models),

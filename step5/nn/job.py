@@ -86,8 +86,15 @@ def _data_error(message: str) -> JobError:
     return JobError(message, "data_error")
 
 
+#: The largest magnitude a target may have: float32's, as for the features (the trainer fits a
+#: float32 network; its float64 squared errors stay finite far beyond it).
+_MAX_TARGET = float(np.finfo(np.float32).max)
+
+
 def _check_array(path: str, name: str, a: np.ndarray) -> np.ndarray:
-    """Validate dtype/shape/finiteness of one array (``X_*`` 2-D, ``y_*`` 1-D) and return it as read-only float32."""
+    """Validate dtype/shape/finiteness of one array (``X_*`` 2-D, ``y_*`` 1-D) and return it read-only:
+    features as float32, targets as float64 (the precision the fold file holds them in: as float32 a
+    target of 1e8 + noise would round to a constant, and its R^2 be scored against the rounding)."""
     ndim = 2 if name.startswith("X") else 1
     if a.dtype.kind not in "iuf":
         raise _data_error(f"array `{name}` in {path} has dtype {a.dtype}; expected a numeric (int or float) array")
@@ -96,8 +103,8 @@ def _check_array(path: str, name: str, a: np.ndarray) -> np.ndarray:
     if a.ndim != ndim:
         expected = "(n_rows, n_features)" if ndim == 2 else "(n_rows,)"
         raise _data_error(f"array `{name}` in {path} has shape {a.shape}; expected {expected}")
-    out = np.ascontiguousarray(a, dtype=np.float32)
-    finite = np.isfinite(out)
+    out = np.ascontiguousarray(a, dtype=np.float32 if ndim == 2 else np.float64)
+    finite = np.isfinite(out) if ndim == 2 else np.isfinite(out) & (np.abs(out) <= _MAX_TARGET)
     if not finite.all():
         bad = np.argwhere(~finite)
         where = f"row {bad[0][0]}" + (f", column {bad[0][1]}" if ndim == 2 else "")
@@ -253,7 +260,8 @@ def _result(request: TrainRequest, data: Fold, trained: TrainedModel | JobError,
     if isinstance(trained, JobError):
         raise trained
     if trained.error is not None:
-        raise JobError(trained.error, "train_error")
+        where = f"fold file {request.data_path}: " if trained.error_type == "data_error" else ""
+        raise JobError(where + trained.error, trained.error_type)
     t0 = time.perf_counter()
     result: dict[str, Any] = {"status": "complete", "model_type": "neural_net", **trained.metrics}
     if request.save_model_path is not None:

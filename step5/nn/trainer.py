@@ -60,7 +60,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Fold:
-    """One model's data: float32 features (n, D) and targets (n,), original scale."""
+    """One model's data: float32 features (n, D) and float64 targets (n,), original scale."""
 
     X_train: np.ndarray
     y_train: np.ndarray
@@ -93,7 +93,8 @@ class TrainedModel:
     epochs_run: int  # epochs this model trained before stopping (or diverging)
     best_epoch: int  # 1-based epoch whose weights were restored (0 if it diverged)
     metrics: dict[str, float] = field(default_factory=dict)  # r2, val_mse, train_mse, train_r2 [+ test_*]
-    error: str | None = None  # set when the model diverged; metrics are empty then
+    error: str | None = None  # set when the model diverged (or its data overflowed); metrics are empty then
+    error_type: str = "train_error"  # the JobError type of ``error``: data_error for data float32 cannot standardise
     state_dict: dict[str, Tensor] | None = None  # CPU, ReferenceMLP layout
     feature_mean: np.ndarray | None = None  # (D,) standardiser fitted on the train fold
     feature_scale: np.ndarray | None = None  # (D,)
@@ -309,6 +310,13 @@ class TrainingPass:
             Xst, self.mask_st = _pad_rows([f.stop_rows[0] for f in folds], device)
             self.Xst = self.standardize_x(Xst)
         self.yst = targets(f.stop_rows[1] for f in folds)
+        # Features near float32's limit can overflow once standardised (3e38 - (-1e38) is inf): such a
+        # model cannot train, and would "diverge" at once, blamed on its learning rate. Named per model.
+        self.overflow: list[str | None] = [None] * M
+        for part, X, arrays in (("training", self.Xtr, [f.X_train for f in folds]),
+                                ("early-stopping", self.Xst, [f.stop_rows[0] for f in folds]),
+                                ("validation", self.Xva, [f.X_val for f in folds])):
+            self.check_overflow(part, X, arrays)
         self.count_st = torch.tensor([f.stop_rows[0].shape[0] for f in folds], dtype=torch.float32, device=device)
 
         self.generators = [make_generator(s.seed, device) for s in specs]
@@ -336,6 +344,20 @@ class TrainingPass:
 
     def standardize_x(self, X: Tensor) -> Tensor:
         return (X - self.x_mean) / self.x_scale
+
+    def check_overflow(self, part: str, X: Tensor, arrays: Sequence[np.ndarray | None]) -> None:
+        """Record, for each model whose standardised ``part`` rows X (M, N, D) hold a non-finite
+        value (its ``arrays`` are finite: the reader checked), which feature overflowed."""
+        bad = ~torch.isfinite(X)
+        for m in torch.nonzero(bad.flatten(1).any(dim=1)).flatten().tolist():
+            if self.overflow[m] is not None or arrays[m] is None:
+                continue
+            row, col = torch.nonzero(bad[m])[0].tolist()
+            mean, scale = self.feat[m][0][col], self.feat[m][1][col]
+            self.overflow[m] = (
+                f"feature column {col} overflows float32 once standardised: a value of {arrays[m][row, col]:.6g} in "
+                f"the {part} rows, with the training rows' mean {mean:.6g} and scale {scale:.6g}; features this "
+                "large cannot be trained on (rescale them)")
 
     def train_step(self, x: Tensor, y: Tensor, mask: Tensor, rows: Sequence[int], rows_t: Tensor,
                    active: Tensor | None = None) -> Tensor:
@@ -427,7 +449,9 @@ def train_models(
     pred_te: np.ndarray | None = None
     if any(f.X_test is not None for f in folds):
         Xte, _ = _pad_rows([f.X_test if f.X_test is not None else f.X_val[:1] for f in folds], device)
-        pred_te = predict_standardized(p.model, p.standardize_x(Xte)).cpu().numpy()
+        Xte = p.standardize_x(Xte)
+        p.check_overflow("test", Xte, [f.X_test for f in folds])
+        pred_te = predict_standardized(p.model, Xte).cpu().numpy()
 
     results: list[TrainedModel] = []
     for m, f in enumerate(folds):
@@ -438,6 +462,10 @@ def train_models(
             best_epoch=int(best_epoch[m]) if not diverged else 0,
             feature_mean=p.feat[m][0], feature_scale=p.feat[m][1], target_mean=mu, target_std=sd,
         )
+        if p.overflow[m] is not None:
+            res.error, res.error_type = p.overflow[m], "data_error"
+            results.append(res)
+            continue
         if diverged:
             res.error = (f"training diverged: the loss became non-finite at epoch {diverged} "
                          f"(learning_rate={specs[m].learning_rate:g}, optimizer={config.optimizer}); "

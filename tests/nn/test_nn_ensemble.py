@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from step5.data.splits import kfold_splits, write_fold_npz
+from step5.errors import DataError
 from step5.jsonio import dumps
 from step5.launch import ONESHOT_MODULE, child_environment, module_command
 from step5.nn.checkpoint import Checkpoint, load_checkpoint
@@ -121,6 +122,21 @@ def test_models_of_different_inputs_are_refused():
         merge_models([loaded(a, 3), loaded(b, 4)])
     with pytest.raises(ValueError, match="at least one model"):
         merge_models([])
+
+
+def test_a_score_file_that_does_not_fit_the_models_is_a_data_error_naming_it(tmp_path):
+    # A score file of other feature columns failed in predict, as a train_error
+    # "ValueError: X must have shape (n, 5), got (120, 3)" naming no file.
+    folds, final = _fold_models(tmp_path, k=2)
+    X, y, X_test, y_test = _data()
+    narrow = write_fold_npz(tmp_path / "narrow.npz", X[:, :3], y, X_test[:, :3], y_test, X_test=X_test[:, :3],
+                            y_test=y_test)
+    with pytest.raises(DataError, match=f"{narrow} has 3 feature columns but the fold models .* read 5"):
+        build_ensemble(folds, tmp_path / "out.pth", score_path=narrow)
+    no_test = write_fold_npz(tmp_path / "no_test.npz", X, y, X_test, y_test)
+    with pytest.raises(DataError, match="no X_test / y_test"):
+        build_ensemble(folds, tmp_path / "out.pth", score_path=no_test)
+    assert not (tmp_path / "out.pth").exists()
 
 
 def test_the_one_shot_trainer_answers_a_merge_with_one_json_line_and_names_a_missing_checkpoint(tmp_path,

@@ -170,6 +170,66 @@ def test_checkpoint_loads_weights_only_and_predicts_like_training(tmp_path):
         model.predict(a["X_val"][:, :4])
 
 
+def test_a_target_is_scored_at_the_precision_of_its_fold_file(tmp_path):
+    # Fold files hold y as float64. Read as float32 (spacing 8 at 1e8), this target was a
+    # constant to the worker: it reported r2 0.0 and a val_mse of 1e-5 where the model's
+    # real error on these rows is some 4000 times that.
+    a = arrays(d=4)
+    rng = np.random.default_rng(3)
+    y = {k: 1e8 + a[f"X_{k}"][:, 0].astype(np.float64) + 0.3 * rng.normal(size=len(a[f"X_{k}"])) for k in ("train", "val")}
+    path = npz(tmp_path / "f.npz", X_train=a["X_train"], y_train=y["train"], X_val=a["X_val"], y_val=y["val"])
+    fold, _ = load_fold(path)
+    assert fold.y_val.dtype == np.float64 and np.array_equal(fold.y_val, y["val"])
+    ckpt = tmp_path / "m.pth"
+    res = run_train_job(request(path, save_model_path=str(ckpt)), device=CPU)
+    pred = load_checkpoint(ckpt).predict(a["X_val"])
+    assert res["val_mse"] == pytest.approx(np.mean((y["val"] - pred) ** 2), rel=1e-4)
+    assert res["r2"] == pytest.approx(1 - np.sum((y["val"] - pred) ** 2) / np.sum((y["val"] - y["val"].mean()) ** 2),
+                                      rel=1e-4)
+
+
+def test_a_target_beyond_float32_is_a_data_error(tmp_path):
+    a = arrays()
+    big = dict(a, y_train=a["y_train"].astype(np.float64) * 1e300)
+    path = npz(tmp_path / "f.npz", **big)
+    with pytest.raises(JobError, match=r"y_train.*too large for float32") as info:
+        run_train_job(request(path), device=CPU)
+    assert info.value.error_type == "data_error"
+
+
+def _overflowing(a: dict[str, np.ndarray], part: str) -> dict[str, np.ndarray]:
+    """``a`` with a training column of 1e38s and 2e38s (mean 1.5e38), where -3e38, legal in
+    float32, overflows once standardised; placed in the ``part`` rows."""
+    out = {k: v.copy() for k, v in a.items()}
+    out["X_train"][:, 2] = np.where(np.arange(len(out["X_train"])) % 2, 1e38, 2e38)
+    out[f"X_{part}"][3, 2] = -3e38
+    return out
+
+
+@pytest.mark.parametrize("part", ["train", "val", "test"])
+def test_features_that_overflow_when_standardised_are_a_data_error_naming_the_column(tmp_path, part):
+    # The model met inf inputs and "diverged" at epoch 1, a train_error blaming the learning
+    # rate (or, in the test rows, "non-finite predictions; the model diverged").
+    a = arrays()
+    a["X_test"], a["y_test"] = a["X_val"][:10], a["y_val"][:10]
+    path = npz(tmp_path / "f.npz", **_overflowing(a, part))
+    with pytest.raises(JobError) as info:
+        run_train_job(request(path), device=CPU)
+    err = info.value
+    assert err.error_type == "data_error", err.message
+    assert path in err.message and "feature column 2 overflows float32" in err.message and "-3e+38" in err.message
+    assert {"train": "training", "val": "validation", "test": "test"}[part] + " rows" in err.message
+
+
+def test_a_fold_that_overflows_costs_its_group_mates_nothing(tmp_path):
+    bad = npz(tmp_path / "bad.npz", **_overflowing(arrays(), "val"))
+    good = npz(tmp_path / "good.npz", **arrays(seed=1))
+    alone = run_train_job(request(good, seed=2), device=CPU)
+    out = run_fold_group([request(bad, seed=1), request(good, seed=2)], device=CPU)
+    assert out[0]["status"] == "error" and out[0]["error_type"] == "data_error"
+    assert (out[1]["r2"], out[1]["val_mse"]) == (alone["r2"], alone["val_mse"])
+
+
 def test_input_dropout_is_in_the_config_not_in_the_weights(tmp_path):
     path = npz(tmp_path / "f.npz", **arrays(d=5))
     ckpts = [tmp_path / f"m{i}.pth" for i in range(2)]
