@@ -336,7 +336,15 @@ class AntiOverfitMetaOptimizer:
                 # Accepted for every model type (compare runs share one command line), never silently ignored.
                 logger.info("neural-net settings do not apply to %s and are ignored: %s", cfg.model_type,
                             ", ".join(not_applicable))
-            if cfg.cpu_workers is not None:
+            cores = os.cpu_count() or 1
+            if cfg.cpu_workers is not None and cfg.cpu_workers > cores:
+                # plan_slots warns for a net's workers; a tree library's threads are the same oversubscription
+                # (lightgbm's spin while they wait: 1024 threads on 2 cores finished no trial in minutes).
+                logger.warning("--cpu-workers %d on %d core(s): %s trains with %d threads that take turns on the "
+                               "cores, which can slow each trial many times over; without --cpu-workers the "
+                               "library uses this host's %d", cfg.cpu_workers, cores, cfg.model_type,
+                               cfg.cpu_workers, cores)
+            elif cfg.cpu_workers is not None:
                 logger.info("%s trains with %d thread(s) (--cpu-workers)", cfg.model_type, cfg.cpu_workers)
             self.plan = resolve_search_plan(cfg, self.policy, 1, neural_net=False)
             # The tree libraries drive NVIDIA GPUs only: --gpus rocm:N leaves them on the CPU.
