@@ -188,8 +188,16 @@ class AntiOverfitMetaOptimizer:
                                 trials=cfg.trials, training=self.policy.training, first_trials=first_trials,
                                 data={"fingerprint_hash": data_context["fingerprint_hash"],
                                       "survivor_count": data_context["survivor_source"]["survivor_count"],
-                                      "training_window_draws": data_context["training_window"]["draw_count"]})
+                                      "training_window_draws": data_context["training_window"]["draw_count"]},
+                                helper=cfg.search_only)
             outputs.callback(release_storage, opened.storage)  # last, after the sidecar has read the study
+            if opened.round_over:
+                logger.warning(
+                    "search-only: the last round of study %r is complete (%d complete trials, round target %d), so this "
+                    "helper has nothing to do: a --search-only helper starts no round, the process without "
+                    "--search-only does (start the helpers of a resumed study after it)", opened.study_name,
+                    opened.complete_before, opened.target_complete)
+                return self._search_only_outcome(opened)
             with contextlib.ExitStack() as stack:
                 # Helpers on the other hosts join the study while this process boots its workers;
                 # they stop once the search is over, however it ends.
