@@ -162,6 +162,10 @@ class AntiOverfitMetaOptimizer:
         storage_url = cfg.storage or default_storage_url(self.output_dir)
 
         if not signal["prediction_allowed"]:
+            if cfg.search_only:  # a helper writes nothing: its output dir may hold another run's model
+                raise DegenerateSignalError(
+                    f"target {cfg.target!r} has no usable signal ({signal['reason']}); a --search-only helper has "
+                    "nothing to search and writes no sidecar (the process without --search-only writes it)")
             outcome = self._write_degenerate(study_name, storage_url)
             exc = DegenerateSignalError(
                 f"target {cfg.target!r} has no usable signal ({signal['reason']}); "

@@ -319,6 +319,20 @@ def test_degenerate_target_writes_degenerate_sidecar_and_removes_a_stale_model(
     assert made == []  # nothing was trained, no process started
 
 
+def test_a_search_only_helper_on_a_degenerate_target_writes_nothing(degenerate_inputs, fake_runner, make_config):
+    # A helper writes no model or sidecar (docs/cluster.md), yet on a degenerate target it committed a degenerate
+    # sidecar into its output dir and removed the model there, without looking at the study.
+    made, _ = fake_runner
+    cfg = make_config(inputs=degenerate_inputs, search_only=True, study_name="shared")
+    cfg.output_dir.mkdir(parents=True)
+    (cfg.output_dir / "best_model.pth").write_bytes(b"from an earlier run")
+    with pytest.raises(DegenerateSignalError, match="a --search-only helper has nothing to search") as info:
+        AntiOverfitMetaOptimizer(cfg).run()
+    assert info.value.exit_code == 2
+    assert sorted(p.name for p in cfg.output_dir.iterdir()) == ["best_model.pth"]
+    assert made == []
+
+
 def test_search_plan_flags_win_over_the_policy_and_fuse_trials_sets_the_batch(tmp_path):
     from step5.optimizer.optimizer import resolve_search_plan
     from step5.policy import load_policy
