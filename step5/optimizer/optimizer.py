@@ -162,6 +162,10 @@ class AntiOverfitMetaOptimizer:
         storage_url = cfg.storage or default_storage_url(self.output_dir)
 
         if not signal["prediction_allowed"]:
+            if cfg.search_only:  # a helper writes nothing: its output dir may hold another run's model
+                raise DegenerateSignalError(
+                    f"target {cfg.target!r} has no usable signal ({signal['reason']}); a --search-only helper has "
+                    "nothing to search and writes no sidecar (the process without --search-only writes it)")
             outcome = self._write_degenerate(study_name, storage_url)
             exc = DegenerateSignalError(
                 f"target {cfg.target!r} has no usable signal ({signal['reason']}); "
@@ -188,8 +192,16 @@ class AntiOverfitMetaOptimizer:
                                 trials=cfg.trials, training=self.policy.training, first_trials=first_trials,
                                 data={"fingerprint_hash": data_context["fingerprint_hash"],
                                       "survivor_count": data_context["survivor_source"]["survivor_count"],
-                                      "training_window_draws": data_context["training_window"]["draw_count"]})
+                                      "training_window_draws": data_context["training_window"]["draw_count"]},
+                                helper=cfg.search_only)
             outputs.callback(release_storage, opened.storage)  # last, after the sidecar has read the study
+            if opened.round_over:
+                logger.warning(
+                    "search-only: the last round of study %r is complete (%d complete trials, round target %d), so this "
+                    "helper has nothing to do: a --search-only helper starts no round, the process without "
+                    "--search-only does (start the helpers of a resumed study after it)", opened.study_name,
+                    opened.complete_before, opened.target_complete)
+                return self._search_only_outcome(opened)
             with contextlib.ExitStack() as stack:
                 # Helpers on the other hosts join the study while this process boots its workers;
                 # they stop once the search is over, however it ends.
@@ -336,7 +348,15 @@ class AntiOverfitMetaOptimizer:
                 # Accepted for every model type (compare runs share one command line), never silently ignored.
                 logger.info("neural-net settings do not apply to %s and are ignored: %s", cfg.model_type,
                             ", ".join(not_applicable))
-            if cfg.cpu_workers is not None:
+            cores = os.cpu_count() or 1
+            if cfg.cpu_workers is not None and cfg.cpu_workers > cores:
+                # plan_slots warns for a net's workers; a tree library's threads are the same oversubscription
+                # (lightgbm's spin while they wait: 1024 threads on 2 cores finished no trial in minutes).
+                logger.warning("--cpu-workers %d on %d core(s): %s trains with %d threads that take turns on the "
+                               "cores, which can slow each trial many times over; without --cpu-workers the "
+                               "library uses this host's %d", cfg.cpu_workers, cores, cfg.model_type,
+                               cfg.cpu_workers, cores)
+            elif cfg.cpu_workers is not None:
                 logger.info("%s trains with %d thread(s) (--cpu-workers)", cfg.model_type, cfg.cpu_workers)
             self.plan = resolve_search_plan(cfg, self.policy, 1, neural_net=False)
             # The tree libraries drive NVIDIA GPUs only: --gpus rocm:N leaves them on the CPU.

@@ -68,6 +68,7 @@ class OpenedStudy:
     process_index: int = 0  # 0 for the first process that ran this study, then 1, 2, ...
     target_complete: int = 0  # COMPLETE trials the study holds when this round ends
     joined_round: bool = False  # this process joined an unfinished round (its own --trials did not set the target)
+    round_over: bool = False  # a helper found the study's last round complete, and started none
 
 
 def make_sampler(seed: int) -> optuna.samplers.TPESampler:
@@ -170,13 +171,15 @@ def open_storage(storage_url: str, training: TrainingPolicy) -> RetryingStorage:
 
 def open_study(*, study_name: str, storage_url: str, setup: Mapping[str, Any], data: Mapping[str, Any], seed: int,
                trials: int = 1, training: TrainingPolicy | None = None,
-               first_trials: Sequence[Mapping[str, Any]] = ()) -> OpenedStudy:
+               first_trials: Sequence[Mapping[str, Any]] = (), helper: bool = False) -> OpenedStudy:
     """Create or join the study (its stored setup and data must match), and join its unfinished round or
-    start one of ``trials``; ``first_trials`` are enqueued, under the lock, only into a study with no trial."""
+    start one of ``trials``; ``first_trials`` are enqueued, under the lock, only into a study with no trial.
+    ``helper`` (``--search-only``) starts only a study's first round: finding the last one complete, it starts
+    none (``round_over``), since the process that builds the model had stopped counting on it."""
     storage = open_storage(storage_url, training or TrainingPolicy())
     try:
         return _join_study(storage, study_name=study_name, storage_url=storage_url, setup=setup, data=data, seed=seed,
-                           trials=trials, first_trials=first_trials)
+                           trials=trials, first_trials=first_trials, helper=helper)
     except BaseException:
         release_storage(storage)
         raise
@@ -192,7 +195,8 @@ def release_storage(storage: Any) -> None:
 
 
 def _join_study(storage: Any, *, study_name: str, storage_url: str, setup: Mapping[str, Any],
-                data: Mapping[str, Any], seed: int, trials: int, first_trials: Sequence[Mapping[str, Any]]) -> OpenedStudy:
+                data: Mapping[str, Any], seed: int, trials: int, first_trials: Sequence[Mapping[str, Any]],
+                helper: bool = False) -> OpenedStudy:
     resumed = study_name in optuna.get_all_study_names(storage)
     try:
         study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
@@ -216,7 +220,11 @@ def _join_study(storage: Any, *, study_name: str, storage_url: str, setup: Mappi
                 study.enqueue_trial(dict(params))
         target = study.user_attrs.get(TARGET_ATTR)
         joined_round = isinstance(target, int) and counts["complete"] < target
-        if not joined_round:
+        # A helper that finds the last round complete came late (the main process's search is over, or about
+        # to be): a round it started would run on without the model's process, or be cut short by it, and a
+        # re-run of the main command would then only finish that round instead of adding its --trials.
+        round_over = helper and isinstance(target, int) and not joined_round
+        if not joined_round and not round_over:
             target = counts["complete"] + int(trials)
             study.set_user_attr(TARGET_ATTR, target)
 
@@ -237,7 +245,7 @@ def _join_study(storage: Any, *, study_name: str, storage_url: str, setup: Mappi
     return OpenedStudy(study=study, study_name=study_name, storage_url=storage_url, resumed=resumed,
                        complete_before=counts["complete"], trials_before=trials_before, sampler_seed=sampler_seed,
                        storage=storage, process_index=process_index, target_complete=int(target),
-                       joined_round=joined_round)
+                       joined_round=joined_round, round_over=round_over)
 
 
 def _check_or_record(study: optuna.Study, study_name: str, setup: dict[str, Any], data: dict[str, Any]) -> None:

@@ -474,3 +474,20 @@ def test_a_trial_whose_jobs_kill_their_process_every_time_fails_alone_and_is_rep
     execution = outcome.sidecar["execution"]
     assert execution["search"]["failed_trials"] == 1 and execution["search"]["replaced_trials"] == 1
     assert execution["recovery"]["refused_reruns"] >= 1 and execution["recovery"]["faults"] >= 4
+
+
+def test_a_tree_model_given_more_threads_than_cores_warns(caplog, monkeypatch, make_config):
+    # plan_slots warns a net's workers; a tree model's --cpu-workers (its library's threads) never did:
+    # lightgbm with 1024 threads on 2 cores finished no trial in 120 s without a word.
+    monkeypatch.setattr(optimizer_module.os, "cpu_count", lambda: 1)
+    cfg = make_config(model_type="xgboost", trials=1, k_folds=2, cpu_workers=3)
+    with caplog.at_level(logging.INFO, logger="step5.optimizer.optimizer"):
+        AntiOverfitMetaOptimizer(cfg).run()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "--cpu-workers" in r.getMessage()]
+    assert len(warned) == 1 and "--cpu-workers 3 on 1 core(s): xgboost trains with 3 threads" in warned[0]
+    caplog.clear()
+    monkeypatch.setattr(optimizer_module.os, "cpu_count", lambda: 4)
+    with caplog.at_level(logging.INFO, logger="step5.optimizer.optimizer"):
+        AntiOverfitMetaOptimizer(dataclasses.replace(cfg, output_dir=cfg.output_dir.parent / "b")).run()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "--cpu-workers" in r.getMessage()]
+    assert any("xgboost trains with 3 thread(s)" in r.getMessage() for r in caplog.records)

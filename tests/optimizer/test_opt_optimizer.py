@@ -247,6 +247,27 @@ def test_an_interrupted_round_is_completed_and_a_finished_one_is_followed_by_a_n
     assert len(set(configs)) == len(configs) == 5
 
 
+def test_a_helper_that_comes_after_the_round_is_complete_starts_no_round(fake_runner, make_config, caplog):
+    """A --search-only helper joining once the main process's round is complete (a late ssh start, one by
+    hand) once set a new round of its own --trials and ran it: alone, or cut short by the main process,
+    and the next run of the main command then only finished that round instead of adding its --trials."""
+    cfg = make_config(trials=2, study_name="shared")
+    storage = f"sqlite:///{(cfg.output_dir.parent / 'shared.db').resolve()}"
+    AntiOverfitMetaOptimizer(dataclasses.replace(cfg, storage=storage)).run()
+    helper_cfg = dataclasses.replace(cfg, storage=storage, search_only=True, output_dir=cfg.output_dir.parent / "h")
+    with caplog.at_level(logging.WARNING, logger="step5.optimizer.optimizer"):
+        late = AntiOverfitMetaOptimizer(helper_cfg).run()
+    assert late.status == "SEARCH_ONLY" and late.trials_run == 2
+    assert any("a --search-only helper starts no round" in r.getMessage() for r in caplog.records)
+    study = optuna.load_study(study_name="shared", storage=storage)
+    assert study.user_attrs[TARGET_ATTR] == 2 and len(study.trials) == 2
+    again = AntiOverfitMetaOptimizer(dataclasses.replace(cfg, storage=storage)).run()
+    assert again.sidecar["optuna"]["trials_new"] == 2 and again.sidecar["optuna"]["round_target"] == 4
+    # The first process of a fresh study starts its round, a helper too (helpers may start first).
+    first = AntiOverfitMetaOptimizer(dataclasses.replace(helper_cfg, study_name="fresh")).run()
+    assert first.status == "SEARCH_ONLY" and first.trials_run == 2
+
+
 def test_changed_setup_gets_a_new_default_study_and_an_explicit_name_refuses(fake_runner, make_config):
     cfg = make_config(trials=1)
     a = AntiOverfitMetaOptimizer(cfg).run()
@@ -296,6 +317,20 @@ def test_degenerate_target_writes_degenerate_sidecar_and_removes_a_stale_model(
     assert sidecar["signal_quality"]["prediction_allowed"] is False
     assert not (cfg.output_dir / "best_model.pth").exists()
     assert made == []  # nothing was trained, no process started
+
+
+def test_a_search_only_helper_on_a_degenerate_target_writes_nothing(degenerate_inputs, fake_runner, make_config):
+    # A helper writes no model or sidecar (docs/cluster.md), yet on a degenerate target it committed a degenerate
+    # sidecar into its output dir and removed the model there, without looking at the study.
+    made, _ = fake_runner
+    cfg = make_config(inputs=degenerate_inputs, search_only=True, study_name="shared")
+    cfg.output_dir.mkdir(parents=True)
+    (cfg.output_dir / "best_model.pth").write_bytes(b"from an earlier run")
+    with pytest.raises(DegenerateSignalError, match="a --search-only helper has nothing to search") as info:
+        AntiOverfitMetaOptimizer(cfg).run()
+    assert info.value.exit_code == 2
+    assert sorted(p.name for p in cfg.output_dir.iterdir()) == ["best_model.pth"]
+    assert made == []
 
 
 def test_search_plan_flags_win_over_the_policy_and_fuse_trials_sets_the_batch(tmp_path):
