@@ -282,6 +282,9 @@ class HelperRecord:
     host: str
     max_failures: int = 3
     restart_delay_s: float = 5.0
+    #: A helper that ran this long before it ended was healthy: the failures before it are forgiven, so a
+    #: few lost connections spread over a long study do not add up to a quarantine.
+    healthy_s: float = 600.0
     starts: int = 0
     failures: int = 0
     state: str = "pending"  # pending | running | waiting | done | stopped | unreachable | quarantined
@@ -299,9 +302,10 @@ class HelperRecord:
         self.starts += 1
         self.state = "running"
 
-    def on_exit(self, returncode: int | None, *, connected: bool, stopping: bool) -> tuple[HelperAction, float]:
-        """The helper's ssh ended; ``connected``: the remote shell ran; ``stopping``: the main
-        process asked it to stop. Returns the action and, for a restart, the pause (doubling)."""
+    def on_exit(self, returncode: int | None, *, connected: bool, stopping: bool,
+                ran_s: float = 0.0) -> tuple[HelperAction, float]:
+        """The helper's ssh ended after ``ran_s`` seconds; ``connected``: the remote shell ran; ``stopping``:
+        the main process asked it to stop. Returns the action and, for a restart, the pause (doubling)."""
         self.last_exit = describe_exit(returncode)
         self.history.append(self.last_exit)
         if stopping:
@@ -312,6 +316,8 @@ class HelperRecord:
             return self._end(HelperAction.UNREACHABLE, "ssh could not reach it")
         if returncode == UsageError.exit_code:  # the same command would fail the same way
             return self._end(HelperAction.QUARANTINED, "its helper refused the command line (usage error)")
+        if ran_s >= self.healthy_s:
+            self.failures = 0
         self.failures += 1
         if self.failures >= self.max_failures:
             return self._end(HelperAction.QUARANTINED, f"its helper failed {self.failures} time(s)")
@@ -403,13 +409,16 @@ class HelperFleet:
                        threading.Thread(target=self._read, args=(h, proc.stderr, False), daemon=True)]
             for r in readers:
                 r.start()
+            started = time.monotonic()
             returncode = proc.wait()
+            ran_s = time.monotonic() - started
             for reader in readers:
                 reader.join(timeout=5.0)
             # All three pipes of the ended ssh (stop() may be closing its stdin at the same time),
             # or each restart would leave them to the garbage collector.
             close_pipes(proc, stdout_free=not readers[0].is_alive(), stderr_free=not readers[1].is_alive())
-            action, delay = record.on_exit(returncode, connected=h.connected, stopping=self._stopping.is_set())
+            action, delay = record.on_exit(returncode, connected=h.connected, stopping=self._stopping.is_set(),
+                                           ran_s=ran_s)
             if action is HelperAction.RESTART:
                 logger.warning("[%s] helper ended with %s (%s); restarting it in %.0fs", host, record.last_exit,
                                record.reason, delay)

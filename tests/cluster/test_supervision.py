@@ -36,6 +36,19 @@ def test_helper_ends(ends, actions, pauses, state):
     assert record.starts == len(ends) and len(record.history) == len(ends)
 
 
+def test_a_helper_that_ran_long_before_it_ended_starts_its_failure_count_afresh():
+    """Three lost connections spread over a long healthy study quarantined the host."""
+    record = HelperRecord("rig-1", max_failures=3, restart_delay_s=5.0, healthy_s=600.0)
+    for _ in range(5):  # each after an hour of work: the first failure again, every time
+        record.on_start()
+        assert record.on_exit(255, connected=True, stopping=False, ran_s=3600.0) == (HelperAction.RESTART, 5.0)
+    record.on_start()
+    assert record.on_exit(1, connected=True, stopping=False, ran_s=599.0) == (HelperAction.RESTART, 10.0)
+    record.on_start()
+    assert record.on_exit(1, connected=True, stopping=False, ran_s=1.0)[0] is HelperAction.QUARANTINED
+    assert record.reason == "its helper failed 3 time(s)"
+
+
 @pytest.mark.parametrize("kwargs, message", [({"max_failures": 0}, "max_failures"), ({"restart_delay_s": -1}, "restart")])
 def test_bad_limits_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
