@@ -13,6 +13,9 @@ import orjson
 from step5.errors import DataError
 from step5.fsutil import atomic_output
 
+#: The largest integer Step 5 writes as JSON (orjson keeps integers to 64 bits): the bound of every integer
+#: setting that the study, the sidecar, the decision log or a worker's request carries.
+MAX_INT = 2**63 - 1
 #: Parse JSON text; raises ``orjson.JSONDecodeError`` (a ``ValueError``) when malformed.
 loads = orjson.loads
 

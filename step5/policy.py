@@ -14,7 +14,7 @@ from msgspec import UNSET, Meta, UnsetType
 
 from step5.devices import device_env_problem
 from step5.errors import DataError, PolicyError, SchemaError
-from step5.jsonio import read_json_file
+from step5.jsonio import MAX_INT, read_json_file
 from step5.schema import NonNegativeInt, NonNegativeNumber, Number, PositiveNumber, convert, \
     convert_map, one_of, present, record_schema, without_comments
 from step5.values import is_number
@@ -199,10 +199,9 @@ def _check_durations(training: TrainingPolicy, source: str) -> None:
 MAX_BATCH_TRIALS = 1024
 
 
-#: The largest ``watcher.retry_trials_multiplier``: step 5 takes at most 2**63 - 1 trials
-#: (step5.optimizer.config.MAX_INT), which a retry never passes; a bigger multiplier could only
-#: ever run that many, until ``watcher.step_timeout_s`` stops it.
-MAX_RETRY_TRIALS_MULTIPLIER = float(2**63 - 1)
+#: The largest ``watcher.retry_trials_multiplier``: step 5 takes at most MAX_INT trials, which a retry
+#: never passes; a bigger multiplier could only ever run that many, until ``watcher.step_timeout_s`` stops it.
+MAX_RETRY_TRIALS_MULTIPLIER = float(MAX_INT)
 
 
 #: The top-level sections Step 5 reads; the pipeline's file holds many others.
@@ -315,7 +314,14 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
                               f"got {training.max_consecutive_failed_trials}")
         rules = _check_section(raw, "acceptance_rules", source).get(ACCEPTANCE_KEY, {})
         acceptance = convert_map(rules, Number, source=source, at=f"acceptance_rules.{ACCEPTANCE_KEY}", quote=False)
-        return Policy(training, watcher, _diagnostics(raw, source), acceptance, source, raw)
+        diagnostics = _diagnostics(raw, source)
+        retries = watcher.max_retries + diagnostics.max_critical_retries
+        if retries >= MAX_INT:  # the decision log records each attempt's number (a traceback at its first record)
+            raise PolicyError(f"{source}: the policy allows {retries} retries (watcher.max_retries "
+                              f"{watcher.max_retries} + training_diagnostics.severity_thresholds.critical.max_retries "
+                              f"{diagnostics.max_critical_retries}), more attempts than the decision log can count "
+                              f"({MAX_INT})")
+        return Policy(training, watcher, diagnostics, acceptance, source, raw)
     except SchemaError as exc:
         raise PolicyError(str(exc)) from None
 

@@ -9,6 +9,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable, ClassVar, Literal, TypedDict, Union
 
 from step5.errors import BadRequest, JobError
+from step5.jsonio import MAX_INT
 from step5.values import is_int, is_number
 
 PROTOCOL_VERSION = 1
@@ -206,7 +207,7 @@ class TrainRequest(_Request):
     _RULES: ClassVar[dict[str, Rule]] = {
         **_IDENTITY, "X_train_path": _PATH, "params": lambda _, v: NNParams.from_dict(v),
         "normalize_features": _FLAG, "use_leaky_relu": _FLAG, "batch_mode": _one_of(BATCH_MODES),
-        "seed": _rule(lambda v: is_int(v) and 0 <= v < 2**63, "a non-negative int"), "save_model_path": _PATH,
+        "seed": _rule(lambda v: is_int(v) and 0 <= v <= MAX_INT, "a non-negative int"), "save_model_path": _PATH,
     }
 
 

@@ -290,6 +290,10 @@ BAD = [
     # 1-trial run's first retry more trials than step 5 takes
     ({"watcher": {"retry_trials_multiplier": 1e300}},
      "watcher.retry_trials_multiplier must be at most 9.22337e+18 (step 5's largest --trials"),
+    # the attempt count past 64 bits crashed the decision log's JSON writer after the first attempt (a traceback)
+    ({"watcher": {"max_retries": 2**64 - 1}, "training_diagnostics": {"severity_thresholds": {"critical": {"max_retries": 1}}}},
+     "the policy allows 18446744073709551616 retries (watcher.max_retries 18446744073709551615 + "
+     "training_diagnostics.severity_thresholds.critical.max_retries 1), more attempts than the decision log can count"),
     ({"training": {"heartbeat_interval_s": 60, "heartbeat_grace_s": 60}},
      "training.heartbeat_grace_s (60.0) must exceed training.heartbeat_interval_s (60.0)"),
     ({"training": {"heartbeat_interval_s": 200}}, "training.heartbeat_grace_s (120.0) must exceed"),
@@ -343,6 +347,9 @@ def test_boundary_values_are_accepted():
         "training_diagnostics": {"metric_bounds": {"test_r2": {"warning": -1}},
                                  "severity_thresholds": {"critical": {"max_retries": 0}}},
     }, SOURCE)
+    # the most retries the decision log counts
+    assert parse_policy({"watcher": {"max_retries": 2**63 - 2}, "training_diagnostics": {
+        "severity_thresholds": {"critical": {"max_retries": 0}}}}, SOURCE).watcher.max_retries == 2**63 - 2
     assert policy.training.max_worker_restarts == 0 and policy.training.heartbeat_grace_s == 0.6
     assert policy.training.worker_ready_timeout_s == policy.training.storage_outage_s == 1e9
     assert policy.watcher.retry_trials_multiplier == 1.0 and policy.watcher.max_retries == 0

@@ -11,6 +11,7 @@ from step5.artifacts import DIAGNOSTICS_DIRNAME, MODEL_TYPES, REGISTRY_NAME, get
 from step5.data.survivors import DEFAULT_TARGET
 from step5.devices import MAX_CPU_WORKERS
 from step5.errors import UsageError
+from step5.jsonio import MAX_INT
 from step5.policy import MAX_BATCH_TRIALS, PRUNER_NAMES, find_policy
 from step5.models.trees import require_libraries
 
@@ -110,9 +111,6 @@ def cv_repeats(config: OptimizerConfig, n_dev: int) -> int:
 
 #: The largest seed: numpy's and scikit-learn's seeds are 32-bit, and the run adds to it (docs/optimizer.md).
 MAX_SEED = 2**31 - 1
-#: The largest value of every other integer setting: the study, the sidecar and the workers' requests carry
-#: it as a JSON integer, which Step 5's writer (orjson) keeps to 64 bits.
-MAX_INT = 2**63 - 1
 #: The most K-fold partitions (--cv-repeats, --rescore-partitions): the run builds them all before any trial
 #: trains, so a count far past any use hung it (docs/optimizer.md); MAX_BATCH_TRIALS bounds a batch so.
 MAX_PARTITIONS = 100

@@ -31,8 +31,8 @@ from step5.watcher.registry import (
     record_result, skipped_model_types,
 )
 from step5.watcher.steps import (
-    StepSpec, build_command, check_retries, effective, manifest_defaults, merge_manifest_defaults, retry_params,
-    steps_in_range, validate_params,
+    StepSpec, build_command, effective, manifest_defaults, merge_manifest_defaults, retry_params, steps_in_range,
+    validate_params,
 )
 
 logger = logging.getLogger("step5.watcher")
@@ -142,8 +142,7 @@ def run_pipeline(start: int, end: int, raw_params: Any, *, policy_path: str, dec
     params_by_step = {s.number: validate_params(s, _with_manifest_defaults(s, raw_params), policy_path=policy_path)
                       for s in steps}
     policy = load_policy(policy_path)
-    check_retries(policy)  # a count the decision log cannot hold, or a typo in a rule, fails now, not after an hour
-    for s in steps:
+    for s in steps:  # a typo in a rule fails now, not after an hour of training
         thresholds_for(policy, s)
     if script is not None and not Path(script).is_file():
         if not dry_run:

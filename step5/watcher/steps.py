@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from step5.artifacts import HISTORY_FILENAME, PIPELINE_STEP, PIPELINE_STEP_NAME, SURVIVORS_FILENAME
-from step5.errors import DataError, PolicyError, UsageError
-from step5.jsonio import read_json_file
+from step5.errors import DataError, UsageError
+from step5.jsonio import MAX_INT, read_json_file
 from step5.launch import OPTIMIZER_MODULE, module_command
-from step5.policy import Policy, WatcherPolicy
+from step5.policy import WatcherPolicy
 
 SWITCH = "switch"  # store_true / store_const: true -> --flag, false -> nothing
 ON_OFF = "on_off"  # BooleanOptionalAction: true -> --flag, false -> --no-flag
@@ -285,7 +285,7 @@ def retry_params(step: StepSpec, params: dict[str, Any], retry: int, watcher: Wa
     """Params for retry number ``retry`` (1 = first re-run): more trials and a new seed (by the
     policy's ``watcher`` section), so a retry explores afresh. A study name the user chose gets a ``_retryN`` suffix, since
     step 5 refuses to resume a study under another seed (its default name follows the seed)."""
-    from step5.optimizer.config import MAX_INT, MAX_SEED
+    from step5.optimizer.config import MAX_SEED
 
     out = dict(params)
     if "study_name" in params:
@@ -304,15 +304,3 @@ def retry_params(step: StepSpec, params: dict[str, Any], retry: int, watcher: Wa
         out["seed"] = (int(seed) + watcher.retry_seed_increment * retry) % (MAX_SEED + 1)
     return out
 
-
-def check_retries(policy: Policy) -> None:
-    """Refuse, before anything runs, more attempts than the decision log's 64-bit integers count
-    (found when the first record was written: a traceback)."""
-    from step5.optimizer.config import MAX_INT
-
-    watcher, critical = policy.watcher, policy.training_diagnostics.max_critical_retries
-    retries = watcher.max_retries + critical
-    if retries >= MAX_INT:
-        raise PolicyError(f"{policy.source}: the policy allows {retries} retries (watcher.max_retries "
-                          f"{watcher.max_retries} + training_diagnostics.severity_thresholds.critical.max_retries "
-                          f"{critical}), more attempts than the decision log can count ({MAX_INT})")
