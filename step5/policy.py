@@ -197,6 +197,7 @@ def _check_durations(training: TrainingPolicy, source: str) -> None:
 #: The most trials one batch asks (``training.trials_in_flight``, ``--trials-in-flight``, ``--fuse-trials``):
 #: they are all asked from the study before any of them trains, so a count far past any use hung the run.
 MAX_BATCH_TRIALS = 1024
+BATCH_TRIALS_REASON = "a batch's trials are all asked from the study before any of them trains"
 
 
 #: The largest ``watcher.retry_trials_multiplier``: step 5 takes at most MAX_INT trials, which a retry
@@ -306,9 +307,8 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
             )
         _check_durations(training, source)
         if training.trials_in_flight > MAX_BATCH_TRIALS:
-            raise PolicyError(f"{source}: training.trials_in_flight must be at most {MAX_BATCH_TRIALS} (a batch's "
-                              f"trials are all asked from the study before any of them trains), got "
-                              f"{training.trials_in_flight}")
+            raise PolicyError(f"{source}: training.trials_in_flight must be at most {MAX_BATCH_TRIALS} "
+                              f"({BATCH_TRIALS_REASON}), got {training.trials_in_flight}")
         if training.max_consecutive_failed_trials < 1:
             raise PolicyError(f"{source}: training.max_consecutive_failed_trials must be >= 1, "
                               f"got {training.max_consecutive_failed_trials}")

@@ -12,7 +12,7 @@ from step5.data.survivors import DEFAULT_TARGET
 from step5.devices import MAX_CPU_WORKERS
 from step5.errors import UsageError
 from step5.jsonio import MAX_INT
-from step5.policy import MAX_BATCH_TRIALS, PRUNER_NAMES, find_policy
+from step5.policy import BATCH_TRIALS_REASON, MAX_BATCH_TRIALS, PRUNER_NAMES, find_policy
 from step5.models.trees import require_libraries
 
 
@@ -123,8 +123,8 @@ _MAXIMUMS = {
                        "sampler's seed + trials from it"),
     "cpu_workers": (MAX_CPU_WORKERS, "a neural net's CPU workers are processes that each import torch, all started "
                                      "before the first trial; a tree model's, its library's threads"),
-    "trials_in_flight": (MAX_BATCH_TRIALS, "a batch's trials are all asked from the study before any of them trains"),
-    "fuse_trials": (MAX_BATCH_TRIALS, "a batch's trials are all asked from the study before any of them trains"),
+    "trials_in_flight": (MAX_BATCH_TRIALS, BATCH_TRIALS_REASON),
+    "fuse_trials": (MAX_BATCH_TRIALS, BATCH_TRIALS_REASON),
     "cv_repeats": (MAX_PARTITIONS, "every partition's folds are built before the search, and each adds K fits "
                                    "to every trial"),
     "rescore_partitions": (MAX_PARTITIONS, "every partition's folds are built before the search, and each adds K "
