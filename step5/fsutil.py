@@ -27,6 +27,12 @@ def os_error_reason(exc: OSError) -> str:
     return _REASONS.get(exc.errno) or exc.strerror or str(exc)
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """``folder`` or the first of its ancestors that exists but is not a folder (making the folders
+    would say only "File exists" or "Not a directory")."""
+    return next((p for p in [*reversed(folder.parents), folder] if p.exists() and not p.is_dir()), None)
+
+
 def write_all(fd: int, data: bytes) -> None:
     """Write every byte of ``data`` to ``fd``: a write a filling disk cuts short is followed by one that raises
     the OSError saying why, not taken for the whole."""

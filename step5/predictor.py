@@ -23,7 +23,7 @@ from step5.artifacts import MODEL_SET_NAMES, SIDECAR_NAME, feature_schema_hash, 
     read_sidecar, resolve_checkpoint
 from step5.cliutil import UsageErrorParser, add_log_level, closed_fraction, non_empty_path
 from step5.errors import EXIT_INTERRUPTED, EXIT_OK, DataError, PredictionNotAllowed, Step5Error
-from step5.fsutil import os_error_reason
+from step5.fsutil import file_in_the_way, os_error_reason
 from step5.jsonio import dumps, write_json_atomic
 from step5.model_set import SETS_DIRNAME
 
@@ -247,7 +247,7 @@ def check_output(output: Path, predictor: Predictor) -> None:
 def write_reason(output: Path, exc: OSError) -> str:
     """Why ``output`` could not be written: a file where a folder of its path must be is named (making
     the folders says only "File exists")."""
-    blocker = next((p for p in [*reversed(output.parents), output.parent] if p.exists() and not p.is_dir()), None)
+    blocker = file_in_the_way(output.parent)
     if blocker is not None and exc.errno in (errno.EEXIST, errno.ENOTDIR):
         return f"{blocker} is a file, not a folder"
     return os_error_reason(exc)

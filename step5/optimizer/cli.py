@@ -17,7 +17,7 @@ from step5.devices import parse_gpu_list
 from step5.cliutil import (
     UsageErrorParser, add_log_level, fraction, non_empty_path, non_negative_int, number, positive_int,
 )
-from step5.fsutil import DIR_MODE, create_temp_file, os_error_reason
+from step5.fsutil import DIR_MODE, create_temp_file, file_in_the_way, os_error_reason
 from step5.errors import EXIT_INTERRUPTED, EXIT_OK, DegenerateSignalError, Step5Error, Terminated, UsageError
 from step5.interrupts import delivered, latched_interrupts
 from step5.lifeline import install_stdin_lifeline, install_supervisor_lifeline
@@ -307,15 +307,10 @@ def _run_main(parser: UsageErrorParser, args: argparse.Namespace, argv: list[str
         return EXIT_INTERRUPTED
 
 
-def _file_in_the_way(folder: Path) -> Path | None:
-    """``folder`` or the first of its ancestors that exists but is not a folder."""
-    return next((p for p in [*reversed(folder.parents), folder] if p.exists() and not p.is_dir()), None)
-
-
 def check_writable_dir(folder: Path, what: str) -> None:
     """Create ``folder`` if needed and prove a file can be written in it; ``what`` names it in the error."""
     path = Path(folder)
-    blocker = _file_in_the_way(path)
+    blocker = file_in_the_way(path)
     if blocker is not None:
         where = "it is a file, not a folder" if blocker == path else f"{blocker} is a file, not a folder"
         raise Step5Error(f"{what}: {where}")
@@ -335,7 +330,7 @@ def check_sqlite_storage(storage_url: str, what: str) -> None:
         return
     db = Path(database)
     folder = db.parent
-    blocker = _file_in_the_way(folder)
+    blocker = file_in_the_way(folder)
     if blocker is not None:
         raise Step5Error(f"{what}: {blocker} is a file, not a folder")
     if not folder.is_dir():
