@@ -100,8 +100,9 @@ def _wait_for_lock(fd: int, path: Path) -> None:
             pass
         except OSError:  # a filesystem without locks (some NFS mounts): a guard lost, not a stop
             return
-        waited = time.monotonic() - start
-        if waited >= LOCK_TIMEOUT_S or time.monotonic() >= notice:
+        now = time.monotonic()
+        waited = now - start
+        if waited >= LOCK_TIMEOUT_S or now >= notice:
             holder = ""
             with contextlib.suppress(OSError):
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
