@@ -80,11 +80,6 @@ def pytest_collection_modifyitems(config, items):
             _marked_in_source.add(item.nodeid)
         elif item.nodeid in listed:
             item.add_marker(pytest.mark.slow)
-    # Files with slow tests run first, each file's tests still together (its module fixtures are
-    # set up once): xdist hands tests out in this order, so the long ones start while the short
-    # ones are left to fill the gaps, instead of a long one starting last and running alone.
-    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
-    items.sort(key=lambda item: item.path not in slow_files)
 
 
 @pytest.hookimpl(hookwrapper=True)
