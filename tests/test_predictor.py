@@ -362,6 +362,35 @@ def test_cli_refuses_an_output_that_is_the_models_own_file_or_in_its_committed_s
     assert main(["--model-dir", str(model), "--survivors", str(survivors), "--output", str(model / "p.json")]) == 0
 
 
+@pytest.mark.parametrize("given", ["same path", "another path", "symlink to it", "hard link to it"])
+def test_cli_refuses_an_output_that_is_the_survivors_file(lightgbm_run, sample_inputs, tmp_path, capsys,
+                                                          monkeypatch, given):
+    # `--output` equal to `--survivors` (or the same file by another path) replaced the input data with the
+    # predictions, atomically, and exit 0
+    import logging
+    import shutil
+
+    from step5.predictor import main
+
+    _, out = lightgbm_run
+    survivors = tmp_path / "s.json"
+    shutil.copyfile(sample_inputs[0], survivors)
+    (tmp_path / "sub").mkdir()
+    output = {"same path": survivors, "another path": tmp_path / "sub" / ".." / "s.json",
+              "symlink to it": tmp_path / "link.json", "hard link to it": tmp_path / "hard.json"}[given]
+    if given == "symlink to it":
+        output.symlink_to(survivors)
+    elif given == "hard link to it":
+        os.link(survivors, output)
+    before = survivors.read_bytes()
+    monkeypatch.setattr(logging.root, "handlers", [])  # main()'s logging on this test's stderr
+    assert main(["--model-dir", str(out), "--survivors", str(survivors), "--output", str(output)]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: --output {output} is the --survivors file {survivors}: the predictions would replace the "
+        "survivors; choose another path")
+    assert survivors.read_bytes() == before and output.read_bytes() == before
+
+
 def test_cli_names_a_file_where_the_outputs_folder_must_be(lightgbm_run, sample_inputs, tmp_path, capsys,
                                                            monkeypatch):
     import logging
