@@ -98,6 +98,8 @@ def _node(raw: Any, index: int, source: str) -> ClusterNode:
             raise DataError(f"{where}.{key} must be a non-empty string, got {value!r}")
         if any(ord(c) < 32 or c == "\x7f" for c in value):
             raise DataError(f"{where}.{key} holds a control character: {value!r}")
+        if value != value.strip():  # " /home/m/env/bin/python": the node looked for a file named so, and failed
+            raise DataError(f"{where}.{key} {value!r} has whitespace at its start or end; remove it")
         return value
 
     hostname = text("hostname")
