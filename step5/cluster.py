@@ -47,6 +47,9 @@ _LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNIN
 #: ssh's own exit status for its errors (connection, authentication, host key); also what it
 #: returns when the remote command was killed by a signal.
 SSH_ERROR = 255
+#: What the remote shell (or ``env``) exits with when it cannot run the helper's command: a wrong
+#: ``python_env`` on that node, which the same command would hit again on every restart.
+COMMAND_NOT_RUN = {126: "is not executable", 127: "was not found"}
 #: How long a stopped helper gets to fail its running trials and close its workers.
 STOP_GRACE_S = 30.0
 
@@ -95,6 +98,8 @@ def _node(raw: Any, index: int, source: str) -> ClusterNode:
             raise DataError(f"{where}.{key} must be a non-empty string, got {value!r}")
         if any(ord(c) < 32 or c == "\x7f" for c in value):
             raise DataError(f"{where}.{key} holds a control character: {value!r}")
+        if value != value.strip():  # " /home/m/env/bin/python": the node looked for a file named so, and failed
+            raise DataError(f"{where}.{key} {value!r} has whitespace at its start or end; remove it")
         return value
 
     hostname = text("hostname")
@@ -316,6 +321,9 @@ class HelperRecord:
             return self._end(HelperAction.UNREACHABLE, "ssh could not reach it")
         if returncode == UsageError.exit_code:  # the same command would fail the same way
             return self._end(HelperAction.QUARANTINED, "its helper refused the command line (usage error)")
+        if returncode in COMMAND_NOT_RUN:
+            return self._end(HelperAction.QUARANTINED, f"its command {COMMAND_NOT_RUN[returncode]} on the host "
+                                                       "(check the node's python_env and script_path)")
         if ran_s >= self.healthy_s:
             self.failures = 0
         self.failures += 1

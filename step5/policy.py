@@ -180,17 +180,18 @@ def _typed(raw: dict[str, Any], name: str, cls: type, source: str) -> Any:
     return cls(**values)
 
 
-#: The longest duration a ``training`` key may give, in seconds (about 31 years). Step 5 waits on
-#: these with threading and queue calls, which raise OverflowError past ``threading.TIMEOUT_MAX``
-#: (about 292 years): a policy that says "never time out" with 1e10 would end the run in a traceback.
+#: The longest duration a ``training`` or ``watcher`` key may give, in seconds (about 31 years). Step 5
+#: waits on these with threading and queue calls, which raise OverflowError past ``threading.TIMEOUT_MAX``
+#: (about 292 years): a policy that says "never time out" with 1e10 would end the run in a traceback
+#: (and the WATCHER logged a ``kill_grace_s`` of 1e300 as a 300-digit number).
 MAX_DURATION_S = 1e9
 
 
-def _check_durations(training: TrainingPolicy, source: str) -> None:
-    for f in fields(training):
-        value = getattr(training, f.name)
+def _check_durations(section: TrainingPolicy | WatcherPolicy, name: str, source: str) -> None:
+    for f in fields(section):
+        value = getattr(section, f.name)
         if f.name.endswith("_s") and value > MAX_DURATION_S:
-            raise PolicyError(f"{source}: training.{f.name} must be at most {MAX_DURATION_S:g} seconds (about 31 "
+            raise PolicyError(f"{source}: {name}.{f.name} must be at most {MAX_DURATION_S:g} seconds (about 31 "
                               f"years), got {value:g}")
 
 
@@ -305,7 +306,8 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
                 f"{source}: training.heartbeat_grace_s ({training.heartbeat_grace_s}) must exceed "
                 f"training.heartbeat_interval_s ({training.heartbeat_interval_s}), or a live trial would look dead"
             )
-        _check_durations(training, source)
+        _check_durations(training, "training", source)
+        _check_durations(watcher, "watcher", source)
         if training.trials_in_flight > MAX_BATCH_TRIALS:
             raise PolicyError(f"{source}: training.trials_in_flight must be at most {MAX_BATCH_TRIALS} "
                               f"({BATCH_TRIALS_REASON}), got {training.trials_in_flight}")

@@ -227,11 +227,22 @@ def writable_seed(seed: Any, i: int, source: Any) -> Any:
         raise DataError(f"survivors file {source}: record {i}: seed {seed!r:.60} cannot be written as JSON") from None
 
 
-def check_output(output: Path, predictor: Predictor) -> None:
-    """Refuse an ``--output`` that is a file of the model just loaded or lies in its committed model set:
-    the predictions replaced the sidecar's link (the folder then held no model) or, given by its path in
+def check_output(output: Path, predictor: Predictor, survivors: Path) -> None:
+    """Refuse an ``--output`` that is the ``--survivors`` file (by any path or link: the predictions replaced
+    the input data, exit 0) or an SQLite database (the run's study), is a file of the model just loaded or
+    lies in its committed model set: the predictions replaced the sidecar's link (the folder then held no model) or, given by its path in
     ``.model_sets``, the checkpoint itself (SHA-256 no longer the sidecar's), and exit 0; a file put in a
     committed set is deleted with it by a later commit."""
+    with contextlib.suppress(OSError):  # either not there (yet): not the same file
+        if os.path.samefile(output, survivors):
+            raise Step5Error(f"--output {output} is the --survivors file {survivors}: the predictions would "
+                             "replace the survivors; choose another path")
+    if os.path.isfile(output):  # a regular file: a pipe's reader would block
+        with contextlib.suppress(OSError), open(output, "rb") as fh:
+            # the run's study (<model dir>/optuna_step5.db, its every trial) was replaced, exit 0
+            if fh.read(16) == b"SQLite format 3\x00":
+                raise Step5Error(f"--output {output} is an SQLite database (an Optuna study?): the predictions "
+                                 "would replace it; choose another path")
     real = Path(os.path.realpath(output))
     model_folder = predictor.sidecar_path.parent  # a real path: the model set's folder, or a plain model dir
     if real.parent != model_folder:
@@ -278,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         predictor = load_predictor(args.model_dir)
         to_file = args.output is not None and str(args.output) != "-"
         if to_file:  # before the survivors are read: a large file takes a while
-            check_output(args.output, predictor)
+            check_output(args.output, predictor, args.survivors)
         survivors = load_features(args.survivors, predictor.feature_names)
         preds = predictor.predict_survivors(survivors, max_missing_fraction=args.max_missing_fraction)
         rows = [{"seed": writable_seed(seed, i, args.survivors), "prediction": float(v)}

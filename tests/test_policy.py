@@ -308,6 +308,10 @@ BAD = [
      "training.heartbeat_interval_s must be at most 1e+09 seconds"),
     ({"training": {"storage_outage_s": 1e12}}, "training.storage_outage_s must be at most 1e+09 seconds"),
     ({"training": {"worker_spawn_stagger_s": 1e12}}, "training.worker_spawn_stagger_s must be at most 1e+09 seconds"),
+    # ... and the WATCHER's: a kill_grace_s of 1e300 was logged as a 300-digit number
+    ({"watcher": {"kill_grace_s": 1e300}}, "watcher.kill_grace_s must be at most 1e+09 seconds (about 31 years), "
+                                           "got 1e+300"),
+    ({"watcher": {"step_timeout_s": 1e10}}, "watcher.step_timeout_s must be at most 1e+09 seconds"),
 ]
 
 

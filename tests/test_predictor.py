@@ -329,7 +329,8 @@ def test_cli_writes_into_a_pipe_given_as_output_and_leaves_it_a_pipe(lightgbm_ru
     assert len(rows) == len(json.loads(survivors.read_text())) and set(rows[0]) == {"seed", "prediction"}
 
 
-@pytest.mark.parametrize("given", ["sidecar link", "checkpoint in the set", "picture link", "new file in the set"])
+@pytest.mark.parametrize("given", ["sidecar link", "checkpoint in the set", "picture link", "new file in the set",
+                                   "study database"])
 def test_cli_refuses_an_output_that_is_the_models_own_file_or_in_its_committed_set(lightgbm_run, sample_inputs,
                                                                                    tmp_path, capsys, monkeypatch,
                                                                                    given):
@@ -348,7 +349,9 @@ def test_cli_refuses_an_output_that_is_the_models_own_file_or_in_its_committed_s
     target = {"sidecar link": model / artifacts.SIDECAR_NAME,
               "checkpoint in the set": model / ".model_sets" / "current" / "best_model.txt",
               "picture link": model / artifacts.HISTORY_PNG_NAME,
-              "new file in the set": model / ".model_sets" / "current" / "preds.json"}[given]
+              "new file in the set": model / ".model_sets" / "current" / "preds.json",
+              # the run's every trial, replaced by the predictions (exit 0)
+              "study database": model / "optuna_step5.db"}[given]
     before = {p.relative_to(model): (p.is_symlink(), p.read_bytes() if p.is_file() else None)
               for p in sorted(model.rglob("*"))}
     monkeypatch.setattr(logging.root, "handlers", [])  # main()'s logging on this test's stderr
@@ -360,6 +363,35 @@ def test_cli_refuses_an_output_that_is_the_models_own_file_or_in_its_committed_s
     load_predictor(model)  # still whole
     # beside the links, in the model dir itself, is fine
     assert main(["--model-dir", str(model), "--survivors", str(survivors), "--output", str(model / "p.json")]) == 0
+
+
+@pytest.mark.parametrize("given", ["same path", "another path", "symlink to it", "hard link to it"])
+def test_cli_refuses_an_output_that_is_the_survivors_file(lightgbm_run, sample_inputs, tmp_path, capsys,
+                                                          monkeypatch, given):
+    # `--output` equal to `--survivors` (or the same file by another path) replaced the input data with the
+    # predictions, atomically, and exit 0
+    import logging
+    import shutil
+
+    from step5.predictor import main
+
+    _, out = lightgbm_run
+    survivors = tmp_path / "s.json"
+    shutil.copyfile(sample_inputs[0], survivors)
+    (tmp_path / "sub").mkdir()
+    output = {"same path": survivors, "another path": tmp_path / "sub" / ".." / "s.json",
+              "symlink to it": tmp_path / "link.json", "hard link to it": tmp_path / "hard.json"}[given]
+    if given == "symlink to it":
+        output.symlink_to(survivors)
+    elif given == "hard link to it":
+        os.link(survivors, output)
+    before = survivors.read_bytes()
+    monkeypatch.setattr(logging.root, "handlers", [])  # main()'s logging on this test's stderr
+    assert main(["--model-dir", str(out), "--survivors", str(survivors), "--output", str(output)]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: --output {output} is the --survivors file {survivors}: the predictions would replace the "
+        "survivors; choose another path")
+    assert survivors.read_bytes() == before and output.read_bytes() == before
 
 
 def test_cli_names_a_file_where_the_outputs_folder_must_be(lightgbm_run, sample_inputs, tmp_path, capsys,

@@ -144,6 +144,20 @@ def test_a_helpers_lines_keep_their_level_and_its_errors_show_at_warning(cluster
     assert levels[env_line] == "WARNING" and "No such file or directory" in env_line
 
 
+def test_a_python_env_that_is_not_there_or_not_executable_is_quarantined_at_once(cluster, tmp_path, caplog):
+    """exit 127/126 from the remote shell: it was retried max_failures times, failing the same way each time."""
+    nodes, _, _ = cluster
+    caplog.set_level(logging.WARNING, logger="step5.cluster")
+    folder = nodes("rig-1")[0].script_path
+    fleet = run_fleet([ClusterNode("rig-1", None, 8, "RX 6600", folder, "/nonexistent/python"),
+                       ClusterNode("rig-2", None, 8, "RX 6600", folder, str(tmp_path))], max_failures=3)
+    assert states(fleet) == {"rig-1": "quarantined", "rig-2": "quarantined"}
+    assert [r.history for r in fleet.records] == [["EXIT(127)"], ["EXIT(126)"]]
+    for host, what in [("rig-1", "was not found"), ("rig-2", "is not executable")]:
+        assert (f"[{host}] quarantined: its command {what} on the host (check the node's python_env and script_path)"
+                in caplog.text)
+
+
 def test_a_killed_helper_is_restarted(cluster, monkeypatch):
     nodes, state, _ = cluster
     modes(monkeypatch, **{"rig-1": "deaf"})

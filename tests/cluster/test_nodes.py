@@ -71,6 +71,10 @@ def test_a_node_without_a_user_uses_sshs_default():
     ({"nodes": [node("rig-1", script_path="relative/dir")]}, "nodes[0].script_path must be an absolute path"),
     ({"nodes": [node("rig-1", python_env=None)]}, "nodes[0].python_env must be a non-empty string"),
     ({"nodes": [node("rig-1", python_env="/bin/py\nrm -rf /")]}, "nodes[0].python_env holds a control character"),
+    ({"nodes": [node("rig-1", python_env=" /home/m/env/bin/python")]},
+     "nodes[0].python_env ' /home/m/env/bin/python' has whitespace at its start or end"),
+    ({"nodes": [node("rig-1", script_path="/home/m/step5 ")]},
+     "nodes[0].script_path '/home/m/step5 ' has whitespace at its start or end"),
     ({"nodes": [node("a"), node("b"), node("A")]}, "nodes[2].hostname 'A' is listed twice (also nodes[0])"),
 ])
 def test_a_malformed_config_is_a_data_error_naming_the_file_node_and_key(raw, message):

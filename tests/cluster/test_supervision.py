@@ -17,6 +17,8 @@ TABLE = [
     ([(-9, True, False), (255, False, False), (1, True, False)], [R, R, Q], [5.0, 10.0], "quarantined"),
     ([(255, True, False)] * 3, [R, R, Q], [5.0, 10.0], "quarantined"),  # killed remote command / lost connection
     ([(64, True, False)], [Q], [], "quarantined"),  # a usage error repeats: no retry
+    ([(127, True, False)], [Q], [], "quarantined"),  # python_env not found on the host: would repeat
+    ([(126, True, False)], [Q], [], "quarantined"),  # ... or not executable
     ([(1, True, False), (143, True, True)], [R, S], [5.0], "stopped"),
     ([(0, True, True)], [S], [], "stopped"),
 ]
