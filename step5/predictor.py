@@ -228,11 +228,11 @@ def writable_seed(seed: Any, i: int, source: Any) -> Any:
 
 
 def check_output(output: Path, predictor: Predictor, survivors: Path) -> None:
-    """Refuse an ``--output`` that is the ``--survivors`` file (by any path or link: the predictions replaced
-    the input data, exit 0) or an SQLite database (the run's study), is a file of the model just loaded or
-    lies in its committed model set: the predictions replaced the sidecar's link (the folder then held no model) or, given by its path in
-    ``.model_sets``, the checkpoint itself (SHA-256 no longer the sidecar's), and exit 0; a file put in a
-    committed set is deleted with it by a later commit."""
+    """Refuse an ``--output`` that would replace what the user keeps, each of which it once replaced
+    with exit 0: the ``--survivors`` file (by any path or link), an SQLite database (the run's study), a
+    file of the model just loaded (the sidecar's link: the folder then held no model) or one in its
+    committed model set (the checkpoint: SHA-256 no longer the sidecar's; a file put there is deleted
+    with the set by a later commit)."""
     with contextlib.suppress(OSError):  # either not there (yet): not the same file
         if os.path.samefile(output, survivors):
             raise Step5Error(f"--output {output} is the --survivors file {survivors}: the predictions would "
