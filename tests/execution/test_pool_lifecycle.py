@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from step5.devices import DeviceSlot, plan_slots
-from step5.errors import RunnerClosed, WorkerFault
+from step5.errors import JobError, RunnerClosed, WorkerFault
 from step5.execution.pool import WorkerPool
 from step5.policy import TrainingPolicy
 from step5.protocol import NNParams, TrainRequest
@@ -387,3 +387,17 @@ def test_a_worker_that_only_says_alive_still_times_out():
         assert time.monotonic() - start < 10
     finally:
         worker.kill()
+
+
+@pytest.mark.parametrize("error_type", ["timeout", "startup_error"])
+def test_a_worker_answering_with_a_verdict_only_the_parent_gives_broke_the_protocol(error_type, data_file,
+                                                                                   monkeypatch):
+    # A worker's `timeout` (the parent's verdict on a deadline it alone measures) or `startup_error` (after its
+    # `ready`) was taken as the job's verdict: the trial failed instead of the job being re-run elsewhere.
+    monkeypatch.setenv("STEP5_FAKE_REPLY", f'{{"status": "error", "error": "x", "error_type": "{error_type}"}}')
+    with fake_pool(1, max_job_reruns=0) as pool:
+        with pytest.raises(JobError, match=f"hit by 1 infrastructure fault.*broke the protocol.*{error_type!r} is "
+                                           "not a trainer's to give after `ready`") as info:
+            run_each(pool, requests_for(data_file, 1))
+        assert info.value.error_type == "train_error"
+        assert [f["kind"] for f in summary_of(pool)["faults"]] == ["protocol"]
