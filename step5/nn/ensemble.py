@@ -26,11 +26,13 @@ from step5.nn.trainer import regression_metrics
 MERGE_TOLERANCE = 1e-4
 
 
-def merge_models(models: Sequence[Checkpoint]) -> Checkpoint:
-    """One MLP predicting the mean of ``models`` (their first one's hyperparameters)."""
+def merge_models(models: Sequence[Checkpoint], names: Sequence[str] | None = None) -> Checkpoint:
+    """One MLP predicting the mean of ``models`` (their first one's hyperparameters); ``names``
+    (default ``model 0``, ...) name them in the ValueError for models of different layouts."""
     if not models:
         raise ValueError("an ensemble needs at least one model")
     first = models[0]
+    names = list(names) if names is not None else [f"model {i}" for i in range(len(models))]
 
     def layout(m: Checkpoint) -> tuple[int, int, bool]:  # what every model must share, besides feature names
         return m.n_features, len(m.hidden_layers), m.use_leaky_relu
@@ -38,7 +40,7 @@ def merge_models(models: Sequence[Checkpoint]) -> Checkpoint:
     for i, m in enumerate(models[1:], start=1):
         if layout(m) != layout(first) or m.feature_names != first.feature_names:
             raise ValueError(
-                f"model {i} cannot be merged with model 0: (features, depth, leaky relu) "
+                f"{names[i]} cannot be merged with {names[0]}: (features, depth, leaky relu) "
                 f"{layout(m)} != {layout(first)}"
                 + (" and the feature names differ" if m.feature_names != first.feature_names else "")
             )
@@ -109,14 +111,18 @@ def build_ensemble(
 
     ``score_path`` is the final split's NPZ (``X_train``/``y_train``: every development row;
     ``X_test``/``y_test``: the holdout rows, scored only). The merged net must predict the
-    fold models' mean on all those rows (else ``ValueError``): a wrong merge never ships. A score
-    file without test rows, or with other feature columns than the models read, is a :class:`DataError`.
+    fold models' mean on all those rows (else ``ValueError``): a wrong merge never ships. Fold models of
+    different layouts (features, depth, activation), or a score file without test rows or with other
+    feature columns than the models read, are a :class:`DataError` naming the files.
     """
     models = [load_checkpoint(p) for p in fold_paths]
     data, _ = load_fold(str(score_path))
     if data.X_test is None or data.y_test is None:
         raise DataError(f"{score_path} has no X_test / y_test to score the final model on")
-    merged = merge_models(models)
+    try:
+        merged = merge_models(models, [str(p) for p in fold_paths])
+    except ValueError as exc:  # fold models of different layouts: bad input, as a score file that does not fit
+        raise DataError(str(exc)) from None
     if data.X_train.shape[1] != merged.n_features:  # else predict's bare "X must have shape (n, 6)"
         raise DataError(f"{score_path} has {data.X_train.shape[1]} feature columns but the fold models "
                         f"{fold_paths[0]}, ... read {merged.n_features}")

@@ -139,6 +139,17 @@ def test_a_score_file_that_does_not_fit_the_models_is_a_data_error_naming_it(tmp
     assert not (tmp_path / "out.pth").exists()
 
 
+def test_fold_models_of_different_depths_are_a_data_error_naming_the_files(tmp_path):
+    # merge_models' ValueError reached the worker as a train_error ("ValueError: model 1 cannot be merged
+    # with model 0 ...") naming no file, where a score file that does not fit was already a data_error.
+    (tmp_path / "deep").mkdir(), (tmp_path / "shallow").mkdir()
+    deep, final = _fold_models(tmp_path / "deep", k=2)
+    shallow, _ = _fold_models(tmp_path / "shallow", k=2, hidden_layers=[6])
+    with pytest.raises(DataError, match=f"{shallow[1]} cannot be merged with {deep[0]}: .*depth"):
+        build_ensemble([deep[0], shallow[1]], tmp_path / "out.pth", score_path=final)
+    assert not (tmp_path / "out.pth").exists()
+
+
 def test_the_one_shot_trainer_answers_a_merge_with_one_json_line_and_names_a_missing_checkpoint(tmp_path,
                                                                                              file_size_limit):
     """A ``merge`` request runs where torch already is: here the one-shot trainer (a worker
