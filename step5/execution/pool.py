@@ -324,7 +324,10 @@ class WorkerPool:
             if self._booted:  # restarts; the first boots are timed as a whole
                 self._stats.timings.spawn_s += elapsed
         st.worker, rec = worker, st.record
-        rec.pid, rec.device, rec.boot_s = worker.pid, str(message.get("device", "?")), message.get("boot_s")
+        # `boot_s` is the worker's own word, kept only as the sidecar can hold it (a string there failed the run at its end).
+        boot_s = message.get("boot_s")
+        rec.pid, rec.device = worker.pid, str(message.get("device", "?"))
+        rec.boot_s = float(boot_s) if is_number(boot_s) and boot_s >= 0 else None
         # Torch calls a ROCm GPU "cuda" too: only `backend` tells them apart (read from the device if absent).
         backend = message.get("backend")
         rec.backend = str(backend) if backend in ("cuda", "rocm", "cpu") else (

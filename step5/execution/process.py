@@ -99,15 +99,21 @@ _probe_ids = itertools.count()
 TRAIN_SCORES = ("r2", "train_r2", "val_mse", "train_mse")
 
 
-def reply_problem(reply: dict[str, Any], job_id: Any, request: Job) -> str | None:
+def reply_problem(reply: dict[str, Any], job_id: Any, request: Job, *, ready: bool = True) -> str | None:
     """Why ``reply`` is no answer to ``request`` sent as ``job_id`` (None: it is one). The one check of a
     worker's and a one-shot trainer's replies, so that a reply means the same from either: one it fails
-    is a protocol fault, re-run, never the trial's verdict (docs/workers.md, "Fault handling")."""
+    is a protocol fault, re-run, never the trial's verdict (docs/workers.md, "Fault handling").
+    ``ready``: the process said ``ready`` before this reply (a one-shot trainer that cannot set up torch
+    answers ``startup_error`` in its place; after it, torch is set up and no process may say otherwise)."""
     status = reply.get("status")
     if reply.get("job_id") != job_id:
         return f"it answers job_id {reply.get('job_id')!r:.80}, not {job_id!r}"
     if status == "error":
         error_type = reply.get("error_type")
+        if error_type == "timeout" or (error_type == "startup_error" and ready):
+            # The parent's own verdicts (it alone measures a deadline; a `ready` said torch is set up): a
+            # child's claim to them would get their handling (a timeout's retry, a slot retired).
+            return f"`error_type` {error_type!r} is not a trainer's to give" + (" after `ready`" if ready else "")
         return None if error_type in JOB_ERROR_TYPES else \
             f"`error_type` {error_type!r:.80} is not one of {list(JOB_ERROR_TYPES)}"
     if status != "complete":
@@ -278,9 +284,9 @@ class WorkerProcess:
         because = f" ({why})" if why else ""
         return self._fault("protocol", f"broke the protocol: unexpected answer {shown!r:.300}{because} while {doing}")
 
-    def check_reply(self, reply: dict[str, Any], job_id: Any, request: Job, doing: str) -> None:
+    def check_reply(self, reply: dict[str, Any], job_id: Any, request: Job, doing: str, *, ready: bool = True) -> None:
         """A protocol fault (:meth:`violation`) unless ``reply`` answers ``request`` (:func:`reply_problem`)."""
-        why = reply_problem(reply, job_id, request)
+        why = reply_problem(reply, job_id, request, ready=ready)
         if why is not None:
             raise self.violation(reply, doing, why)
 
@@ -394,9 +400,10 @@ def run_oneshot_job(
             raise JobError(f"its one-shot trainer did not set up torch and {slot.describe()} within "
                            f"{ready_timeout_s:g}s (training.worker_ready_timeout_s)", "startup_error",
                            **echo(request)) from None
-        if reply.get("status") == "ready":
+        ready = reply.get("status") == "ready"
+        if ready:
             reply = trainer.receive(deadline - time.monotonic(), doing)
-        trainer.check_reply(reply, request.job_id, request, doing)
+        trainer.check_reply(reply, request.job_id, request, doing, ready=ready)
         # The reply came in time; what is left is the exit, and the pipes close only once the kernel
         # has torn the process down (seconds, for a torch process on a loaded machine). A reply just
         # before the deadline must not become a timeout for that: the same allowance as after EOF.

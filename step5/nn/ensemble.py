@@ -22,15 +22,19 @@ from step5.nn.job import load_fold
 from step5.nn.trainer import regression_metrics
 
 #: The merged net must reproduce the mean of the fold models' predictions to this
-#: fraction of the target's standard deviation (float32 rounding is ~1e-6 of it).
+#: fraction of the target's standard deviation (float32 rounding is ~1e-6 of it), or of the
+#: prediction's distance from the target's mean where that is larger: float32 rounds relative to
+#: the magnitudes it holds, and a row far outside the training range has large ones.
 MERGE_TOLERANCE = 1e-4
 
 
-def merge_models(models: Sequence[Checkpoint]) -> Checkpoint:
-    """One MLP predicting the mean of ``models`` (their first one's hyperparameters)."""
+def merge_models(models: Sequence[Checkpoint], names: Sequence[str] | None = None) -> Checkpoint:
+    """One MLP predicting the mean of ``models`` (their first one's hyperparameters); ``names``
+    (default ``model 0``, ...) name them in the ValueError for models of different layouts."""
     if not models:
         raise ValueError("an ensemble needs at least one model")
     first = models[0]
+    names = list(names) if names is not None else [f"model {i}" for i in range(len(models))]
 
     def layout(m: Checkpoint) -> tuple[int, int, bool]:  # what every model must share, besides feature names
         return m.n_features, len(m.hidden_layers), m.use_leaky_relu
@@ -38,7 +42,7 @@ def merge_models(models: Sequence[Checkpoint]) -> Checkpoint:
     for i, m in enumerate(models[1:], start=1):
         if layout(m) != layout(first) or m.feature_names != first.feature_names:
             raise ValueError(
-                f"model {i} cannot be merged with model 0: (features, depth, leaky relu) "
+                f"{names[i]} cannot be merged with {names[0]}: (features, depth, leaky relu) "
                 f"{layout(m)} != {layout(first)}"
                 + (" and the feature names differ" if m.feature_names != first.feature_names else "")
             )
@@ -109,14 +113,18 @@ def build_ensemble(
 
     ``score_path`` is the final split's NPZ (``X_train``/``y_train``: every development row;
     ``X_test``/``y_test``: the holdout rows, scored only). The merged net must predict the
-    fold models' mean on all those rows (else ``ValueError``): a wrong merge never ships. A score
-    file without test rows, or with other feature columns than the models read, is a :class:`DataError`.
+    fold models' mean on all those rows (else ``ValueError``): a wrong merge never ships. Fold models of
+    different layouts (features, depth, activation), or a score file without test rows or with other
+    feature columns than the models read, are a :class:`DataError` naming the files.
     """
     models = [load_checkpoint(p) for p in fold_paths]
     data, _ = load_fold(str(score_path))
     if data.X_test is None or data.y_test is None:
         raise DataError(f"{score_path} has no X_test / y_test to score the final model on")
-    merged = merge_models(models)
+    try:
+        merged = merge_models(models, [str(p) for p in fold_paths])
+    except ValueError as exc:  # fold models of different layouts: bad input, as a score file that does not fit
+        raise DataError(str(exc)) from None
     if data.X_train.shape[1] != merged.n_features:  # else predict's bare "X must have shape (n, 6)"
         raise DataError(f"{score_path} has {data.X_train.shape[1]} feature columns but the fold models "
                         f"{fold_paths[0]}, ... read {merged.n_features}")
@@ -131,15 +139,17 @@ def build_ensemble(
     merged.save(out_path)
     ensemble = load_checkpoint(out_path)
     y_scale = float(np.std(data.y_train)) or 1.0
+    y_mean = float(np.mean(data.y_train))
     metrics: dict[str, Any] = {}
     for part, X, y in (("train", data.X_train, data.y_train), ("test", data.X_test, data.y_test)):
         expected = np.mean([m.predict(X) for m in models], axis=0)
         got = ensemble.predict(X)
-        worst = float(np.max(np.abs(got - expected), initial=0.0)) / y_scale
+        worst = float(np.max(np.abs(got - expected) / np.maximum(y_scale, np.abs(expected - y_mean)), initial=0.0))
         if not math.isfinite(worst) or worst > MERGE_TOLERANCE:
             raise ValueError(
                 f"the merged net does not reproduce the mean of its {len(models)} fold models on the "
-                f"{part} rows of {score_path} (worst difference {worst:.2e} target std > {MERGE_TOLERANCE:g})"
+                f"{part} rows of {score_path} (worst difference {worst:.2e} of the target std, or of the "
+                f"prediction's distance from the target mean, > {MERGE_TOLERANCE:g})"
             )
         metrics[f"{part}_r2"], metrics[f"{part}_mse"] = regression_metrics(y, got)
     return {

@@ -337,6 +337,19 @@ class TrainingPass:
         self.input_index = next(i for i, p in enumerate(self.params) if p is self.model.input_weights)
         self.state = self.params + self.model.running_stats()
         self.best_state = [t.detach().clone() for t in self.state]
+        if not config.normalize_features:
+            # Unstandardised, finite training features can be so large that the net's float32 activations
+            # overflow at its initial weights (then training's, BatchNorm squaring them, do too): no learning
+            # rate is to blame. One eval-mode pass (nothing drawn, no statistics updated) finds such a model.
+            pred = predict_standardized(self.model, self.Xtr)
+            for m in torch.nonzero(~torch.isfinite(pred * pred).all(dim=1)).flatten().tolist():
+                if self.overflow[m] is None:
+                    X = folds[m].X_train
+                    row, col = np.unravel_index(np.abs(X).argmax(), X.shape)
+                    self.overflow[m] = (
+                        f"the training rows overflow the network's float32 activations (normalize_features is off): "
+                        f"feature column {col} holds {X[row, col]:.6g}; features this large cannot be trained on "
+                        "unstandardised (rescale them, or turn normalize_features on)")
 
     def per_model(self, values: Sequence[float]) -> Tensor:
         """Per-model scalars as an (M, 1, 1) tensor."""

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from step5.devices import DeviceSlot, plan_slots
-from step5.errors import RunnerClosed, WorkerFault
+from step5.errors import JobError, RunnerClosed, WorkerFault
 from step5.execution.pool import WorkerPool
 from step5.policy import TrainingPolicy
 from step5.protocol import NNParams, TrainRequest
@@ -387,3 +387,39 @@ def test_a_worker_that_only_says_alive_still_times_out():
         assert time.monotonic() - start < 10
     finally:
         worker.kill()
+
+
+@pytest.mark.parametrize("error_type", ["timeout", "startup_error"])
+def test_a_worker_answering_with_a_verdict_only_the_parent_gives_broke_the_protocol(error_type, data_file,
+                                                                                   monkeypatch):
+    # A worker's `timeout` (the parent's verdict on a deadline it alone measures) or `startup_error` (after its
+    # `ready`) was taken as the job's verdict: the trial failed instead of the job being re-run elsewhere.
+    monkeypatch.setenv("STEP5_FAKE_REPLY", f'{{"status": "error", "error": "x", "error_type": "{error_type}"}}')
+    with fake_pool(1, max_job_reruns=0) as pool:
+        with pytest.raises(JobError, match=f"hit by 1 infrastructure fault.*broke the protocol.*{error_type!r} is "
+                                           "not a trainer's to give after `ready`") as info:
+            run_each(pool, requests_for(data_file, 1))
+        assert info.value.error_type == "train_error"
+        assert [f["kind"] for f in summary_of(pool)["faults"]] == ["protocol"]
+
+
+@pytest.mark.parametrize("boot_s", ["slow", -1, None])
+def test_a_boot_time_the_sidecar_cannot_hold_is_not_kept(boot_s, data_file, monkeypatch):
+    # A worker's `boot_s` went into the execution block as sent: a string (or a negative number) made the
+    # sidecar fail its schema at the end of the run, after the whole search.
+    from step5.execution.process import WorkerProcess
+    from step5.execution.summary import EXECUTION_SCHEMA, build_execution_summary
+    from step5.schema import convert
+
+    receive = WorkerProcess.receive
+
+    def ready_saying(self, *args, **kwargs):
+        message = receive(self, *args, **kwargs)
+        return {**message, "boot_s": boot_s} if message.get("status") == "ready" else message
+
+    monkeypatch.setattr(WorkerProcess, "receive", ready_saying)
+    with fake_pool(1) as pool:
+        run_each(pool, requests_for(data_file, 1))
+        stats = pool.summary()
+    assert stats.workers[0].boot_s is None and stats.faults == []
+    convert(build_execution_summary(stats).to_dict(), EXECUTION_SCHEMA)

@@ -141,7 +141,15 @@ reply = {{"status": "complete", "r2": 0.5, "val_mse": 1.0, "train_mse": 1.0, "tr
      r"ended with EXIT\(0\) after a 'error' reply"),
     ("print(json.dumps({**reply, 'r2': float('nan')}))", r"broke the protocol: sent '\{.*NaN"),
     ("print('{' + ' ' * (17 << 20) + '}')", r"broke the protocol: sent a \d+-byte line"),
-], ids=["two-replies", "complete-then-exit-1", "error-then-exit-0", "nan-metric", "huge-line"])
+    # `timeout` is the parent's verdict, `startup_error` a trainer's answer in place of `ready`: a trainer
+    # claiming either got its handling (a timeout's verdict; the slot retired, here the run stopped).
+    ("print(json.dumps({**reply, 'status': 'error', 'error': 'x', 'error_type': 'timeout'})); sys.exit(1)",
+     r"broke the protocol.*'timeout' is not a trainer's to give"),
+    ("print(json.dumps({'status': 'ready'})); "
+     "print(json.dumps({**reply, 'status': 'error', 'error': 'x', 'error_type': 'startup_error'})); sys.exit(1)",
+     r"broke the protocol.*'startup_error' is not a trainer's to give after `ready`"),
+], ids=["two-replies", "complete-then-exit-1", "error-then-exit-0", "nan-metric", "huge-line", "says-timeout",
+        "startup-error-after-ready"])
 def test_a_one_shot_trainer_that_breaks_the_protocol_is_a_fault_not_the_trials_verdict(ending, fault, data_file,
                                                                                         tmp_path):
     script = tmp_path / "scripted.py"

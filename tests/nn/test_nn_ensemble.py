@@ -139,6 +139,42 @@ def test_a_score_file_that_does_not_fit_the_models_is_a_data_error_naming_it(tmp
     assert not (tmp_path / "out.pth").exists()
 
 
+def test_fold_models_of_different_depths_are_a_data_error_naming_the_files(tmp_path):
+    # merge_models' ValueError reached the worker as a train_error ("ValueError: model 1 cannot be merged
+    # with model 0 ...") naming no file, where a score file that does not fit was already a data_error.
+    (tmp_path / "deep").mkdir(), (tmp_path / "shallow").mkdir()
+    deep, final = _fold_models(tmp_path / "deep", k=2)
+    shallow, _ = _fold_models(tmp_path / "shallow", k=2, hidden_layers=[6])
+    with pytest.raises(DataError, match=f"{shallow[1]} cannot be merged with {deep[0]}: .*depth"):
+        build_ensemble([deep[0], shallow[1]], tmp_path / "out.pth", score_path=final)
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_a_holdout_row_far_outside_the_training_range_does_not_fail_a_correct_merge(tmp_path, monkeypatch):
+    # One test row with a feature 1e6 (the column's scale is 10) made the fold models predict far from the
+    # target; float32 rounds relative to that, and the check, relative to the target's std only, refused the
+    # correct merge at the end of the run: "the merged net does not reproduce the mean ... (worst difference
+    # 2.86e-03 target std > 0.0001)".
+    folds, _ = _fold_models(tmp_path, k=2)
+    X, y, X_test, y_test = _data()
+    X_test[3, 1] = 1e6
+    score = write_fold_npz(tmp_path / "outlier.npz", X, y, X_test, y_test, X_test=X_test, y_test=y_test)
+    assert build_ensemble(folds, tmp_path / "out.pth", score_path=score)["status"] == "complete"
+    # A wrong merge is still refused: its error is of the target's scale on ordinary rows.
+    from step5.nn import ensemble
+
+    merge = ensemble.merge_models
+
+    def off_by_a_tenth(*args, **kwargs):
+        merged = merge(*args, **kwargs)
+        merged.target_mean += 0.1 * merged.target_std
+        return merged
+
+    monkeypatch.setattr(ensemble, "merge_models", off_by_a_tenth)
+    with pytest.raises(ValueError, match="does not reproduce the mean"):
+        build_ensemble(folds, tmp_path / "wrong.pth", score_path=score)
+
+
 def test_the_one_shot_trainer_answers_a_merge_with_one_json_line_and_names_a_missing_checkpoint(tmp_path,
                                                                                              file_size_limit):
     """A ``merge`` request runs where torch already is: here the one-shot trainer (a worker

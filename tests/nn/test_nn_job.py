@@ -221,6 +221,21 @@ def test_features_that_overflow_when_standardised_are_a_data_error_naming_the_co
     assert {"train": "training", "val": "validation", "test": "test"}[part] + " rows" in err.message
 
 
+@pytest.mark.parametrize("hidden_layers", [[16, 8], []])
+def test_unstandardised_features_that_overflow_the_net_are_a_data_error_naming_the_column(tmp_path, hidden_layers):
+    # With normalize_features off, a finite 1e30 feature overflowed the net's float32 activations at once
+    # and was reported as "training diverged ... a smaller learning rate or gradient clipping should help".
+    a = arrays()
+    a["X_train"][:, 2] = np.where(np.arange(len(a["X_train"])) % 2, 1e30, -2e30)
+    path = npz(tmp_path / "f.npz", **a)
+    with pytest.raises(JobError) as info:
+        run_train_job(request(path, normalize_features=False, params={"hidden_layers": hidden_layers}), device=CPU)
+    err = info.value
+    assert err.error_type == "data_error", err.message
+    assert path in err.message and "feature column 2 holds -2e+30" in err.message
+    assert "normalize_features" in err.message
+
+
 def test_a_fold_that_overflows_costs_its_group_mates_nothing(tmp_path):
     bad = npz(tmp_path / "bad.npz", **_overflowing(arrays(), "val"))
     good = npz(tmp_path / "good.npz", **arrays(seed=1))
