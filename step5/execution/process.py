@@ -113,7 +113,8 @@ def reply_problem(reply: dict[str, Any], job_id: Any, request: Job, *, ready: bo
         if error_type == "timeout" or (error_type == "startup_error" and ready):
             # The parent's own verdicts (it alone measures a deadline; a `ready` said torch is set up): a
             # child's claim to them would get their handling (a timeout's retry, a slot retired).
-            return f"`error_type` {error_type!r} is not a trainer's to give" + (" after `ready`" if ready else "")
+            return f"`error_type` {error_type!r} is not a trainer's to give" + (
+                " after `ready`" if error_type == "startup_error" else "")
         return None if error_type in JOB_ERROR_TYPES else \
             f"`error_type` {error_type!r:.80} is not one of {list(JOB_ERROR_TYPES)}"
     if status != "complete":
