@@ -169,7 +169,7 @@ def test_a_killed_helper_is_restarted(cluster, monkeypatch):
         return launched[-1]
 
     monkeypatch.setattr(HelperFleet, "_launch", launch_and_record)
-    fleet = HelperFleet(nodes("rig-1"), [], restart_delay_s=0.05, stop_grace_s=1.0)
+    fleet = HelperFleet(nodes("rig-1"), [], restart_delay_s=0.05, stop_grace_s=0.5)  # deaf: stops at the grace's end
     fleet.start()
     deadline = time.monotonic() + 20
     while not (state / "rig-1").exists() and time.monotonic() < deadline:

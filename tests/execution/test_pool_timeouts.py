@@ -134,7 +134,9 @@ def test_a_one_shot_trainer_that_never_sets_torch_up_retires_its_slot_not_every_
     assert (fault["slot"], fault["kind"]) == ("CPU-1", "startup")
     assert "did not set up torch and the CPU within 3s (training.worker_ready_timeout_s)" in fault["error"]
 
-    with WorkerPool([wedged], policy, persistent=False, oneshot_script=FAKE_WORKER) as pool:
+    # Alone, no healthy trainer shares the ready timeout: 1 s ends the wedged one's wait as well as 3 s.
+    alone = TrainingPolicy(worker_job_timeout_s=60.0, worker_ready_timeout_s=1.0)
+    with WorkerPool([wedged], alone, persistent=False, oneshot_script=FAKE_WORKER) as pool:
         with pytest.raises(TrainerCannotStart, match=r"^no training process can start on CPU-1 \(the CPU\): its "
                                                      r"one-shot trainer did not set up torch"):
             pool.run([[request(data_file)]])

@@ -420,10 +420,15 @@ def test_batched_trials_get_heartbeats_so_a_killed_batch_is_failed_later(tmp_pat
     heartbeats.add(beaten)  # before the thread starts: its first beat is at once
     with heartbeats:
         time.sleep(0.2)
-    time.sleep(2.5)  # past the grace period: the beaten trial's heartbeat is stale now
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        optuna.storages.fail_stale_trials(study)
+    # Until the beaten trial's heartbeat is past the grace period (stale), which takes up to 2 s
+    # (SQLite stores it to the second): each look fails the stale trials, as a later run would.
+    deadline = time.monotonic() + 20
+    while study.get_trials()[beaten.number].state == TrialState.RUNNING:
+        assert time.monotonic() < deadline, "the beaten trial's heartbeat never went stale"
+        time.sleep(0.05)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            optuna.storages.fail_stale_trials(study)
     states = {t.number: t.state for t in study.get_trials()}
     assert states == {beaten.number: TrialState.FAIL, silent.number: TrialState.RUNNING}
 

@@ -110,7 +110,11 @@ def test_prefetched_trials_beat_while_they_wait_so_no_process_takes_them_for_dea
     seen: list[tuple[list[int], list[int]]] = []  # per batch: prefetched trials RUNNING, stale trial ids
 
     def check(index: int, numbers: list[int]) -> None:
-        time.sleep(3.0)  # past the grace period: the trials asked for the next batch have waited that long
+        # Past the grace period: the trials asked for the next batch have waited that long. Two
+        # batches show it (in the second, the trials prefetched in the first train while the next
+        # ones wait); the other two batches are checked without the wait.
+        if index < 2:
+            time.sleep(3.0)
         running = [t.number for t in opened.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
         seen.append(([n for n in running if n not in numbers], opened.storage._get_stale_trial_ids(study_id)))
 
@@ -118,7 +122,7 @@ def test_prefetched_trials_beat_while_they_wait_so_no_process_takes_them_for_dea
     # reclaim_every_s=0: every ask (the prefetch's too) first fails trials whose heartbeat is stale,
     # as any other process of the study would.
     _search(opened, backend, trials=8, in_flight=2, reclaim_every_s=0.0)
-    assert any(prefetched for prefetched, _ in seen)  # trials did wait, prefetched, past the grace period
+    assert any(prefetched for prefetched, _ in seen[:2])  # trials did wait, prefetched, past the grace period
     assert all(not stale for _, stale in seen)
     states = _by_state(opened.study)
     assert len(states[TrialState.COMPLETE]) == 8 and set(states) == {TrialState.COMPLETE}

@@ -383,7 +383,9 @@ def test_a_rerun_after_sigkill_reruns_the_killed_trial_and_removes_its_fold_fold
             first.kill()
             first.wait()
     assert [p.name for p in (tmp_path / "tmpdir").iterdir()]  # the dead run's fold folder is left behind
-    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    # The re-run's folds may be quick: the 1 s folds were for finding the first run training.
+    rerun_cmd = _fake_search(python, out, sample_inputs, "--trials", "3", "--trials-in-flight", "1", sleep=0.2)
+    second = subprocess.run(rerun_cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert second.returncode == 0, second.stderr[-3000:]
     trials = stored_trials(storage)
     states = _states(trials)
