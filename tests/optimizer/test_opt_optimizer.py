@@ -247,6 +247,31 @@ def test_an_interrupted_round_is_completed_and_a_finished_one_is_followed_by_a_n
     assert len(set(configs)) == len(configs) == 5
 
 
+@pytest.mark.parametrize("stop_in", ["_train_final", "commit"])
+def test_a_run_stopped_after_its_search_leaves_the_round_for_the_same_command_to_build(
+        fake_runner, make_config, monkeypatch, caplog, stop_in):
+    """Ctrl-C or SIGTERM during the final fit or the commit once left the round complete: the same command
+    again ran --trials more trials instead of only building the model its finished search had chosen."""
+    cfg = make_config(trials=2)
+    owner = AntiOverfitMetaOptimizer if stop_in == "_train_final" else model_set.StagedSet
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt("stopped at the end")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(owner, stop_in, stopped)
+        with pytest.raises(KeyboardInterrupt, match="stopped at the end"):
+            AntiOverfitMetaOptimizer(cfg).run()
+    assert not (cfg.output_dir / "best_model.pth").exists()
+    with caplog.at_level(logging.INFO, logger="step5.optimizer.optimizer"):
+        again = AntiOverfitMetaOptimizer(cfg).run()
+    assert again.sidecar["optuna"]["trials_new"] == 0 and again.sidecar["optuna"]["round_target"] == 2
+    assert again.sidecar["optuna"]["trials_run"] == 2 and (cfg.output_dir / "best_model.pth").exists()
+    assert any("its model was never saved" in r.getMessage() for r in caplog.records)
+    more = AntiOverfitMetaOptimizer(cfg).run()  # built: the next run starts a new round
+    assert more.sidecar["optuna"]["trials_new"] == 2 and more.sidecar["optuna"]["round_target"] == 4
+
+
 def test_a_helper_that_comes_after_the_round_is_complete_starts_no_round(fake_runner, make_config, caplog):
     """A --search-only helper joining once the main process's round is complete (a late ssh start, one by
     hand) once set a new round of its own --trials and ran it: alone, or cut short by the main process,
