@@ -26,6 +26,7 @@ from step5.cluster import (
 from step5.devices import cuda_ids, plan_slots
 from step5.errors import DataError, DegenerateSignalError, JobError, Step5Error, StorageError
 from step5.execution.pool import WorkerPool
+from step5.interrupts import raise_if_interrupted
 from step5.execution.summary import ExecutionSummary, SearchRecord, build_execution_summary
 from step5.policy import Policy, load_policy
 from step5.sidecar import build_data_context, build_provenance, build_sidecar, build_training_metrics
@@ -384,7 +385,7 @@ class AntiOverfitMetaOptimizer:
         n_new = max(0, target - opened.complete_before)
         if opened.joined_round and not n_new:
             logger.info("the last round of study %r is searched (%d complete trials) but its model was never saved "
-                        "(a run stopped during the final fit): building it from the study, with no new trial (this "
+                        "(a run stopped or failed after its search): building it from the study, with no new trial (this "
                         "run's --trials %d does not start another round)", opened.study_name, opened.complete_before,
                         cfg.trials)
         elif opened.joined_round:
@@ -545,6 +546,9 @@ class AntiOverfitMetaOptimizer:
                 raise Step5Error(f"the final model's results cannot make a valid sidecar: {exc}") from None
             plot_optimization_history(trials, staged.path / artifacts.HISTORY_PNG_NAME,
                                       title=f"Step 5 {cfg.model_type}: {opened.study_name}")
+            # A Ctrl-C or SIGTERM the interpreter dropped (step5.interrupts) after the search's last check
+            # stops the run here, uncommitted, rather than letting it end 0 as if none had come.
+            raise_if_interrupted()
             staged.commit()
         # After the commit: a run stopped before it leaves the round unbuilt, and the same command again only
         # builds its model (docs/optimizer.md, "Resume semantics").

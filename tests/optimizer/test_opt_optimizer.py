@@ -272,6 +272,29 @@ def test_a_run_stopped_after_its_search_leaves_the_round_for_the_same_command_to
     assert more.sidecar["optuna"]["trials_new"] == 2 and more.sidecar["optuna"]["round_target"] == 4
 
 
+def test_an_interrupt_the_interpreter_dropped_after_the_last_batch_stops_the_run_before_its_commit(
+        fake_runner, make_config, monkeypatch):
+    """The search loop checks the latch before each batch only: a Ctrl-C or SIGTERM dropped in the last batch or
+    the final fit went unnoticed, and the run committed its model and ended 0 as if none had come."""
+    from step5 import interrupts
+
+    cfg = make_config(trials=2)
+    real = AntiOverfitMetaOptimizer._train_final
+
+    def dropped_during(self, *args, **kwargs):
+        monkeypatch.setattr(interrupts, "_latched", KeyboardInterrupt("dropped"))  # what the handler latches
+        return real(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AntiOverfitMetaOptimizer, "_train_final", dropped_during)
+        with pytest.raises(KeyboardInterrupt, match="dropped"):
+            AntiOverfitMetaOptimizer(cfg).run()
+    assert not (cfg.output_dir / "best_model.pth").exists()
+    monkeypatch.setattr(interrupts, "_latched", None)
+    again = AntiOverfitMetaOptimizer(cfg).run()  # the round is left to build
+    assert again.sidecar["optuna"]["trials_new"] == 0 and (cfg.output_dir / "best_model.pth").exists()
+
+
 def test_a_helper_that_comes_after_the_round_is_complete_starts_no_round(fake_runner, make_config, caplog):
     """A --search-only helper joining once the main process's round is complete (a late ssh start, one by
     hand) once set a new round of its own --trials and ran it: alone, or cut short by the main process,
