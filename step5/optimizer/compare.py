@@ -342,6 +342,8 @@ def _compare(config: OptimizerConfig, optimizer_factory: OptimizerFactory | None
     }
     plot = plot_comparison(list(candidates.values()), diag / PLOT_NAME, winner=summary["winner"])
     summary["plot"] = str(plot) if plot else None
+    if config.enable_diagnostics:  # before the summary: its winner is read as the model of the report beside it
+        _write_compare_health(config, candidates, winner)
     try:
         if not config.enable_diagnostics:  # an earlier single run's report must not pass for this winner's
             retire(diag, HEALTH_FILE)
@@ -350,8 +352,6 @@ def _compare(config: OptimizerConfig, optimizer_factory: OptimizerFactory | None
         kept = f"the output dir holds the winner, {winner.model_type}" if winner else "no model was promoted"
         raise Step5Error(f"cannot write the compare summary {diag / SUMMARY_NAME}: {os_error_reason(exc)} ({kept})"
                          ) from None
-    if config.enable_diagnostics:
-        _write_compare_health(config, candidates, winner)
     table = [f"{'model':<11} {'status':<17} {'CV score':>9} {'rescored':>9} {'test R^2':>9} {'wall s':>8} {'trials':>6}"]
     for c in candidates.values():
         table.append(f"{c.model_type:<11} {c.status:<17} {_fmt(c.cv_score):>9} {_fmt(c.cv_rescored):>9} "

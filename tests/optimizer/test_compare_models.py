@@ -633,3 +633,30 @@ def test_the_summary_records_absolute_paths_for_readers_in_other_directories(fak
         assert Path(m["checkpoint_path"]).is_file()
     block = artifacts.read_sidecar(tmp_path / "out" / artifacts.SIDECAR_NAME)["compare_models"]
     assert block["summary_path"] == str(tmp_path / "diag" / compare.SUMMARY_NAME)
+
+
+def test_a_run_stopped_after_its_summary_leaves_no_other_models_report_beside_it(fake, config, monkeypatch):
+    """The compare run's health report came after its summary: a Ctrl-C between them left the summary's winner
+    beside the last sub-run's single report, which the health check then judged as the winner's."""
+    from step5.optimizer.diagnostics import model_health_report, write_health_report
+
+    run = FakeOptimizer.run
+
+    def run_and_report(self):
+        outcome = run(self)
+        write_health_report(self.config.diagnostics_folder, model_health_report(
+            self.config.model_type, outcome.sidecar["training_metrics"], DiagnosticsPolicy()),
+            model_type=self.config.model_type)
+        return outcome
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fake, "run", run_and_report)
+    monkeypatch.setattr(compare, "write_json_atomic", stopped)  # the summary's write
+    config = dataclasses.replace(config, enable_diagnostics=True)
+    fake.script = {mt: ("ok", 0.1, 0.5 if mt == "xgboost" else 0.1) for mt in MODEL_TYPES}
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_compare(config, optimizer_factory=fake)
+    report = json.loads((config.diagnostics_dir / HEALTH_FILE).read_text())
+    assert report["mode"] == "compare_models" and report["comparison"]["winner"] == "xgboost"
