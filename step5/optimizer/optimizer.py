@@ -206,7 +206,9 @@ class AntiOverfitMetaOptimizer:
             with contextlib.ExitStack() as stack:
                 # Helpers on the other hosts join the study while this process boots its workers;
                 # they stop once the search is over, however it ends.
-                helpers = stack.enter_context(self._helper_fleet(helper_nodes, study_name))
+                # A round left unbuilt has nothing to search: its helpers would only find it complete and warn.
+                searching = opened.complete_before < opened.target_complete
+                helpers = stack.enter_context(self._helper_fleet(helper_nodes if searching else [], study_name))
                 files = stack.enter_context(FoldFiles())
                 backend = self._make_backend(cv, files, runner)
                 stack.callback(backend.close)  # workers shut down however the run ends

@@ -272,6 +272,28 @@ def test_a_run_stopped_after_its_search_leaves_the_round_for_the_same_command_to
     assert more.sidecar["optuna"]["trials_new"] == 2 and more.sidecar["optuna"]["round_target"] == 4
 
 
+def test_a_round_left_unbuilt_starts_no_helpers_on_the_other_hosts(fake_runner, make_config, monkeypatch):
+    """With nothing to search, the helpers of --cluster-config would only find the round complete and warn."""
+    from step5.cluster import HelperFleet
+
+    cfg = make_config(trials=2)
+    started: list[list[str]] = []
+
+    def fleet(self, nodes, study_name):
+        started.append(list(nodes))
+        return HelperFleet([], [])
+
+    monkeypatch.setattr(AntiOverfitMetaOptimizer, "_helper_nodes", lambda self: ["other-host"])
+    monkeypatch.setattr(AntiOverfitMetaOptimizer, "_helper_fleet", fleet)
+    with monkeypatch.context() as patch:
+        patch.setattr(model_set.StagedSet, "commit", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            AntiOverfitMetaOptimizer(cfg).run()
+    assert AntiOverfitMetaOptimizer(cfg).run().sidecar["optuna"]["trials_new"] == 0
+    AntiOverfitMetaOptimizer(cfg).run()
+    assert started == [["other-host"], [], ["other-host"]]
+
+
 def test_an_interrupt_the_interpreter_dropped_after_the_last_batch_stops_the_run_before_its_commit(
         fake_runner, make_config, monkeypatch):
     """The search loop checks the latch before each batch only: a Ctrl-C or SIGTERM dropped in the last batch or
