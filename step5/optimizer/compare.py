@@ -250,7 +250,9 @@ def run_compare(config: OptimizerConfig, *, optimizer_factory: OptimizerFactory 
 
 
 def _compare(config: OptimizerConfig, optimizer_factory: OptimizerFactory | None) -> int:
-    out_dir = Path(config.output_dir)
+    # Absolute: the summary and the sidecars record these paths for readers in other working directories
+    # (the WATCHER reads a loser's metrics through its sidecar_path; Step 6 runs from its own directory).
+    out_dir, diag = Path(config.output_dir).absolute(), config.diagnostics_folder.absolute()
     started = time.perf_counter()
     created_at = utc_timestamp()
 
@@ -290,7 +292,7 @@ def _compare(config: OptimizerConfig, optimizer_factory: OptimizerFactory | None
         "criterion": CRITERION,
         "winner": winner.model_type if winner else None,
         "candidates": {mt: c.to_dict(brief=True) for mt, c in candidates.items()},
-        "summary_path": str(config.diagnostics_folder / SUMMARY_NAME),
+        "summary_path": str(diag / SUMMARY_NAME),
     }
 
     # Promote the winner (or, with no winner, the degenerate sidecar that says why), then
@@ -299,6 +301,10 @@ def _compare(config: OptimizerConfig, optimizer_factory: OptimizerFactory | None
     archive_root = out_dir / ARCHIVE_DIRNAME
     promoted = None
     try:
+        # An earlier run's summary and picture go before the winner is promoted: a run stopped between the
+        # promotion and its own summary must not leave them naming an earlier winner beside the new model.
+        for name in (SUMMARY_NAME, PLOT_NAME):
+            retire(diag, name)
         if any(c.staging_dir is not None for c in candidates.values()) and archive_root.is_dir():
             _clear(archive_root)  # the archive records this compare run, not an older one
         if keep is not None:
@@ -329,14 +335,15 @@ def _compare(config: OptimizerConfig, optimizer_factory: OptimizerFactory | None
             "trials": config.trials, "k_folds": config.k_folds, "test_holdout": config.test_holdout,
             "seed": config.seed, "target": config.target, "study_name": config.study_name,
             "rescore_partitions": rescore_partitions(config),
-            "survivors": str(config.survivors), "lottery_data": str(config.lottery_data),
+            "survivors": str(Path(config.survivors).absolute()), "lottery_data": str(Path(config.lottery_data).absolute()),
         },
         "models": {mt: candidates[mt].to_dict() for mt in MODEL_TYPES},
         "plot": None,
     }
-    diag = config.diagnostics_folder
     plot = plot_comparison(list(candidates.values()), diag / PLOT_NAME, winner=summary["winner"])
     summary["plot"] = str(plot) if plot else None
+    if config.enable_diagnostics:  # before the summary: its winner is read as the model of the report beside it
+        _write_compare_health(config, candidates, winner)
     try:
         if not config.enable_diagnostics:  # an earlier single run's report must not pass for this winner's
             retire(diag, HEALTH_FILE)
@@ -345,8 +352,6 @@ def _compare(config: OptimizerConfig, optimizer_factory: OptimizerFactory | None
         kept = f"the output dir holds the winner, {winner.model_type}" if winner else "no model was promoted"
         raise Step5Error(f"cannot write the compare summary {diag / SUMMARY_NAME}: {os_error_reason(exc)} ({kept})"
                          ) from None
-    if config.enable_diagnostics:
-        _write_compare_health(config, candidates, winner)
     table = [f"{'model':<11} {'status':<17} {'CV score':>9} {'rescored':>9} {'test R^2':>9} {'wall s':>8} {'trials':>6}"]
     for c in candidates.values():
         table.append(f"{c.model_type:<11} {c.status:<17} {_fmt(c.cv_score):>9} {_fmt(c.cv_rescored):>9} "

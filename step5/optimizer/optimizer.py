@@ -24,8 +24,9 @@ from step5.cluster import (
     ClusterNode, HelperFleet, helper_arguments, load_cluster_config, split_local, storage_warnings,
 )
 from step5.devices import cuda_ids, plan_slots
-from step5.errors import DataError, DegenerateSignalError, JobError, Step5Error
+from step5.errors import DataError, DegenerateSignalError, JobError, Step5Error, StorageError
 from step5.execution.pool import WorkerPool
+from step5.interrupts import raise_if_interrupted
 from step5.execution.summary import ExecutionSummary, SearchRecord, build_execution_summary
 from step5.policy import Policy, load_policy
 from step5.sidecar import build_data_context, build_provenance, build_sidecar, build_training_metrics
@@ -43,8 +44,8 @@ from step5.optimizer.objective import OBJECTIVE_FORMULA, OVERFIT_PENALTY, summar
 from step5.optimizer.search import SearchGoal, SearchPlan, TrialProgress, run_search
 from step5.optimizer.search_space import DataShape, first_nn_trials
 from step5.optimizer.study import (
-    OpenedStudy, best_complete_trial, count_states, default_storage_url, default_study_name, open_study, redact_storage,
-    release_storage,
+    OpenedStudy, best_complete_trial, count_states, default_storage_url, default_study_name, open_study,
+    record_model_built, redact_storage, release_storage,
 )
 
 logger = logging.getLogger(__name__)
@@ -205,7 +206,9 @@ class AntiOverfitMetaOptimizer:
             with contextlib.ExitStack() as stack:
                 # Helpers on the other hosts join the study while this process boots its workers;
                 # they stop once the search is over, however it ends.
-                helpers = stack.enter_context(self._helper_fleet(helper_nodes, study_name))
+                # A round left unbuilt has nothing to search: its helpers would only find it complete and warn.
+                searching = opened.complete_before < opened.target_complete
+                helpers = stack.enter_context(self._helper_fleet(helper_nodes if searching else [], study_name))
                 files = stack.enter_context(FoldFiles())
                 backend = self._make_backend(cv, files, runner)
                 stack.callback(backend.close)  # workers shut down however the run ends
@@ -382,7 +385,12 @@ class AntiOverfitMetaOptimizer:
         cfg = self.config
         target = opened.target_complete
         n_new = max(0, target - opened.complete_before)
-        if opened.joined_round:
+        if opened.joined_round and not n_new:
+            logger.info("the last round of study %r is searched (%d complete trials) but its model was never saved "
+                        "(a run stopped or failed after its search): building it from the study, with no new trial (this "
+                        "run's --trials %d does not start another round)", opened.study_name, opened.complete_before,
+                        cfg.trials)
+        elif opened.joined_round:
             logger.info("study %r has an unfinished round: joining it until the study holds %d complete trials "
                         "(it has %d; this run's --trials %d does not start another)",
                         opened.study_name, target, opened.complete_before, cfg.trials)
@@ -540,7 +548,17 @@ class AntiOverfitMetaOptimizer:
                 raise Step5Error(f"the final model's results cannot make a valid sidecar: {exc}") from None
             plot_optimization_history(trials, staged.path / artifacts.HISTORY_PNG_NAME,
                                       title=f"Step 5 {cfg.model_type}: {opened.study_name}")
+            # A Ctrl-C or SIGTERM the interpreter dropped (step5.interrupts) after the search's last check
+            # stops the run here, uncommitted, rather than letting it end 0 as if none had come.
+            raise_if_interrupted()
             staged.commit()
+        # After the commit: a run stopped before it leaves the round unbuilt, and the same command again only
+        # builds its model (docs/optimizer.md, "Resume semantics").
+        try:
+            record_model_built(opened)
+        except StorageError as exc:  # the model is saved: the cost is one more final fit on the next run
+            logger.warning("saved the model, but study %r could not record it (%s): the next run of this command "
+                           "builds this round's model again before starting a new round", opened.study_name, exc)
         sidecar_path = self.output_dir / artifacts.SIDECAR_NAME
         if metrics["beats_mean"] is False:
             logger.warning(

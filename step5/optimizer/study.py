@@ -33,6 +33,7 @@ SETUP_ATTR = "step5_setup"
 DATA_ATTR = "step5_data"
 PROCESSES_ATTR = "step5_processes"
 TARGET_ATTR = "step5_target_complete"
+BUILT_ATTR = "step5_model_built_at"  # the round target whose final model was committed last (0: none yet)
 MAX_RETRIES = 2  # re-runs of a trial whose process died; a trial that kills its process every time stops there
 SQLITE_BUSY_TIMEOUT_S = 120
 SCHEMA_RACE_ATTEMPTS = 5  # how long a SQLite writer waits for another process's write to end
@@ -218,15 +219,24 @@ def _join_study(storage: Any, *, study_name: str, storage_url: str, setup: Mappi
         if not sum(counts.values()):
             for params in first_trials:
                 study.enqueue_trial(dict(params))
-        target = study.user_attrs.get(TARGET_ATTR)
-        joined_round = isinstance(target, int) and counts["complete"] < target
+        attrs = study.user_attrs
+        target = attrs.get(TARGET_ATTR)
+        searching = isinstance(target, int) and counts["complete"] < target
+        # The last round's search is over but its model was never committed (Ctrl-C or SIGTERM during the
+        # final fit or the commit, a failed final fit): the same command again builds it, with no new trial.
+        # A study from before the attribute has none, and starts a new round as it did.
+        unbuilt = (not searching and not helper and isinstance(target, int)
+                   and attrs.get(BUILT_ATTR, target) != target)
+        joined_round = searching or unbuilt
         # A helper that finds the last round complete came late (the main process's search is over, or about
         # to be): a round it started would run on without the model's process, or be cut short by it, and a
         # re-run of the main command would then only finish that round instead of adding its --trials.
-        round_over = helper and isinstance(target, int) and not joined_round
+        round_over = helper and isinstance(target, int) and not searching
         if not joined_round and not round_over:
             target = counts["complete"] + int(trials)
             study.set_user_attr(TARGET_ATTR, target)
+            if BUILT_ATTR not in attrs:
+                study.set_user_attr(BUILT_ATTR, 0)
 
     trials_before = sum(counts.values())
     if process_index == 0:
@@ -246,6 +256,12 @@ def _join_study(storage: Any, *, study_name: str, storage_url: str, setup: Mappi
                        complete_before=counts["complete"], trials_before=trials_before, sampler_seed=sampler_seed,
                        storage=storage, process_index=process_index, target_complete=int(target),
                        joined_round=joined_round, round_over=round_over)
+
+
+def record_model_built(opened: OpenedStudy) -> None:
+    """Mark the round ``opened`` joined or started as built: its model is committed, so the next run of the
+    command starts a new round instead of building this one again."""
+    opened.study.set_user_attr(BUILT_ATTR, opened.target_complete)
 
 
 def _check_or_record(study: optuna.Study, study_name: str, setup: dict[str, Any], data: dict[str, Any]) -> None:

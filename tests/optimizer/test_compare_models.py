@@ -592,3 +592,71 @@ def test_a_disk_that_refuses_the_filing_is_one_error_saying_what_the_folder_show
     expected = "lightgbm" if refused == "the winner" else "xgboost"
     assert artifacts.read_sidecar(out / artifacts.SIDECAR_NAME)["model_type"] == expected
     assert not [p for p in out.rglob(f"{model_set.PARTIAL_PREFIX}*")]  # no half-filed set left behind
+
+
+def test_a_run_stopped_after_promoting_its_winner_leaves_no_summary_naming_an_earlier_one(fake, config, monkeypatch):
+    """Ctrl-C between the promotion and the summary once left the earlier run's summary (and picture), naming
+    its winner, beside the newly promoted model: the health check would have judged the wrong model type."""
+    fake.script = {mt: ("ok", 0.1, 0.5 if mt == "catboost" else 0.1) for mt in MODEL_TYPES}
+    compare.run_compare(config, optimizer_factory=fake)
+    assert summary_of(config)["winner"] == "catboost"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "_archive", stopped)
+    fake.script = {mt: ("ok", 0.1, 0.5 if mt == "neural_net" else 0.1) for mt in MODEL_TYPES}
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_compare(config, optimizer_factory=fake)
+    assert artifacts.read_sidecar(config.output_dir / artifacts.SIDECAR_NAME)["model_type"] == "neural_net"
+    for name in (compare.SUMMARY_NAME, compare.PLOT_NAME):
+        assert not (config.diagnostics_dir / name).exists()
+    (kept,) = config.diagnostics_dir.glob("compare_models_summary_*.json")  # the earlier one, renamed
+    assert json.loads(kept.read_text())["winner"] == "catboost"
+
+
+def test_the_summary_records_absolute_paths_for_readers_in_other_directories(fake, config, tmp_path, monkeypatch):
+    """A relative --output-dir once gave the summary relative paths: wrong read from any other directory."""
+    monkeypatch.chdir(tmp_path)
+    config = dataclasses.replace(config, output_dir=Path("out"), diagnostics_dir=Path("diag"),
+                                 survivors=Path("survivors.json"))
+    fake.script = {mt: ("ok", 0.1, 0.5 if mt == "xgboost" else 0.1) for mt in MODEL_TYPES}
+    assert compare.run_compare(config, optimizer_factory=fake) == 0
+    summary = summary_of(config)
+    monkeypatch.chdir("/")
+    paths = [summary["output_dir"], summary["plot"], summary["settings"]["survivors"]] + [
+        m[key] for m in summary["models"].values() for key in ("checkpoint_path", "sidecar_path")]
+    assert all(Path(p).is_absolute() for p in paths), paths
+    assert Path(summary["output_dir"]) == tmp_path / "out"
+    for m in summary["models"].values():
+        assert artifacts.read_sidecar(m["sidecar_path"])["model_type"] in MODEL_TYPES
+        assert Path(m["checkpoint_path"]).is_file()
+    block = artifacts.read_sidecar(tmp_path / "out" / artifacts.SIDECAR_NAME)["compare_models"]
+    assert block["summary_path"] == str(tmp_path / "diag" / compare.SUMMARY_NAME)
+
+
+def test_a_run_stopped_after_its_summary_leaves_no_other_models_report_beside_it(fake, config, monkeypatch):
+    """The compare run's health report came after its summary: a Ctrl-C between them left the summary's winner
+    beside the last sub-run's single report, which the health check then judged as the winner's."""
+    from step5.optimizer.diagnostics import model_health_report, write_health_report
+
+    run = FakeOptimizer.run
+
+    def run_and_report(self):
+        outcome = run(self)
+        write_health_report(self.config.diagnostics_folder, model_health_report(
+            self.config.model_type, outcome.sidecar["training_metrics"], DiagnosticsPolicy()),
+            model_type=self.config.model_type)
+        return outcome
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fake, "run", run_and_report)
+    monkeypatch.setattr(compare, "write_json_atomic", stopped)  # the summary's write
+    config = dataclasses.replace(config, enable_diagnostics=True)
+    fake.script = {mt: ("ok", 0.1, 0.5 if mt == "xgboost" else 0.1) for mt in MODEL_TYPES}
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_compare(config, optimizer_factory=fake)
+    report = json.loads((config.diagnostics_dir / HEALTH_FILE).read_text())
+    assert report["mode"] == "compare_models" and report["comparison"]["winner"] == "xgboost"

@@ -247,6 +247,76 @@ def test_an_interrupted_round_is_completed_and_a_finished_one_is_followed_by_a_n
     assert len(set(configs)) == len(configs) == 5
 
 
+@pytest.mark.parametrize("stop_in", ["_train_final", "commit"])
+def test_a_run_stopped_after_its_search_leaves_the_round_for_the_same_command_to_build(
+        fake_runner, make_config, monkeypatch, caplog, stop_in):
+    """Ctrl-C or SIGTERM during the final fit or the commit once left the round complete: the same command
+    again ran --trials more trials instead of only building the model its finished search had chosen."""
+    cfg = make_config(trials=2)
+    owner = AntiOverfitMetaOptimizer if stop_in == "_train_final" else model_set.StagedSet
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt("stopped at the end")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(owner, stop_in, stopped)
+        with pytest.raises(KeyboardInterrupt, match="stopped at the end"):
+            AntiOverfitMetaOptimizer(cfg).run()
+    assert not (cfg.output_dir / "best_model.pth").exists()
+    with caplog.at_level(logging.INFO, logger="step5.optimizer.optimizer"):
+        again = AntiOverfitMetaOptimizer(cfg).run()
+    assert again.sidecar["optuna"]["trials_new"] == 0 and again.sidecar["optuna"]["round_target"] == 2
+    assert again.sidecar["optuna"]["trials_run"] == 2 and (cfg.output_dir / "best_model.pth").exists()
+    assert any("its model was never saved" in r.getMessage() for r in caplog.records)
+    more = AntiOverfitMetaOptimizer(cfg).run()  # built: the next run starts a new round
+    assert more.sidecar["optuna"]["trials_new"] == 2 and more.sidecar["optuna"]["round_target"] == 4
+
+
+def test_a_round_left_unbuilt_starts_no_helpers_on_the_other_hosts(fake_runner, make_config, monkeypatch):
+    """With nothing to search, the helpers of --cluster-config would only find the round complete and warn."""
+    from step5.cluster import HelperFleet
+
+    cfg = make_config(trials=2)
+    started: list[list[str]] = []
+
+    def fleet(self, nodes, study_name):
+        started.append(list(nodes))
+        return HelperFleet([], [])
+
+    monkeypatch.setattr(AntiOverfitMetaOptimizer, "_helper_nodes", lambda self: ["other-host"])
+    monkeypatch.setattr(AntiOverfitMetaOptimizer, "_helper_fleet", fleet)
+    with monkeypatch.context() as patch:
+        patch.setattr(model_set.StagedSet, "commit", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            AntiOverfitMetaOptimizer(cfg).run()
+    assert AntiOverfitMetaOptimizer(cfg).run().sidecar["optuna"]["trials_new"] == 0
+    AntiOverfitMetaOptimizer(cfg).run()
+    assert started == [["other-host"], [], ["other-host"]]
+
+
+def test_an_interrupt_the_interpreter_dropped_after_the_last_batch_stops_the_run_before_its_commit(
+        fake_runner, make_config, monkeypatch):
+    """The search loop checks the latch before each batch only: a Ctrl-C or SIGTERM dropped in the last batch or
+    the final fit went unnoticed, and the run committed its model and ended 0 as if none had come."""
+    from step5 import interrupts
+
+    cfg = make_config(trials=2)
+    real = AntiOverfitMetaOptimizer._train_final
+
+    def dropped_during(self, *args, **kwargs):
+        monkeypatch.setattr(interrupts, "_latched", KeyboardInterrupt("dropped"))  # what the handler latches
+        return real(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AntiOverfitMetaOptimizer, "_train_final", dropped_during)
+        with pytest.raises(KeyboardInterrupt, match="dropped"):
+            AntiOverfitMetaOptimizer(cfg).run()
+    assert not (cfg.output_dir / "best_model.pth").exists()
+    monkeypatch.setattr(interrupts, "_latched", None)
+    again = AntiOverfitMetaOptimizer(cfg).run()  # the round is left to build
+    assert again.sidecar["optuna"]["trials_new"] == 0 and (cfg.output_dir / "best_model.pth").exists()
+
+
 def test_a_helper_that_comes_after_the_round_is_complete_starts_no_round(fake_runner, make_config, caplog):
     """A --search-only helper joining once the main process's round is complete (a late ssh start, one by
     hand) once set a new round of its own --trials and ran it: alone, or cut short by the main process,
