@@ -26,8 +26,8 @@ from step5.cluster import (
 from step5.devices import cuda_ids, plan_slots
 from step5.errors import DataError, DegenerateSignalError, JobError, Step5Error, StorageError
 from step5.execution.pool import WorkerPool
-from step5.interrupts import raise_if_interrupted
 from step5.execution.summary import ExecutionSummary, SearchRecord, build_execution_summary
+from step5.interrupts import raise_if_interrupted
 from step5.policy import Policy, load_policy
 from step5.sidecar import build_data_context, build_provenance, build_sidecar, build_training_metrics
 from step5.signal_quality import assess_signal
