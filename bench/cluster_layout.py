@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from step5.cluster import ENTRY_SCRIPT
 from step5.jsonio import read_json_file, write_json_atomic
 from step5.testing.standins import write_fake_ssh, write_host_python, write_rocm_smi
 
@@ -106,6 +107,7 @@ def _write_cluster(folder: Path, layout: Layout) -> tuple[Path, Path, dict[str, 
     for i in range(1, layout.rigs + 1):
         checkout = folder / "nodes" / f"rig-{i}"
         checkout.mkdir(parents=True)
+        (checkout / ENTRY_SCRIPT).touch()  # a rig's checkout holds the entry script (its stand-in python ignores it)
         nodes.append({"hostname": f"rig-{i}", "username": "michael", "gpu_count": layout.rig_gpus,
                       "gpu_type": "RX 6600", "script_path": str(checkout), "python_env": str(rig_python),
                       "max_concurrent_script_jobs": layout.rig_gpus})

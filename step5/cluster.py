@@ -48,7 +48,7 @@ _LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNIN
 #: returns when the remote command was killed by a signal.
 SSH_ERROR = 255
 #: What the remote shell (or ``env``) exits with when it cannot run the helper's command: a wrong
-#: ``python_env`` on that node, which the same command would hit again on every restart.
+#: ``python_env`` or ``script_path`` on that node, which the same command would hit again on every restart.
 COMMAND_NOT_RUN = {126: "is not executable", 127: "was not found"}
 #: How long a stopped helper gets to fail its running trials and close its workers.
 STOP_GRACE_S = 30.0
@@ -251,11 +251,13 @@ def helper_arguments(config: Any, *, study_name: str, storage: str, policy_given
 def remote_command(node: ClusterNode, arguments: Sequence[str], env: Mapping[str, str] | None = None) -> str:
     """``sh -c '<script>'`` for the helper host's login shell, every word quoted, so neither
     that shell (bash, zsh, fish, csh alike) nor ``sh`` sees a value unquoted. The lifeline
-    variable makes the helper stop when its stdin (the ssh connection) closes."""
+    variable makes the helper stop when its stdin (the ssh connection) closes. A ``script_path`` that
+    is not there or holds no entry script exits 127, as a missing ``python_env`` does, so that the same
+    mistake is not retried (sh reads ``a && b || c && d`` left to right: ``exit`` only when a step failed)."""
     assignments = [f"{name}={value}" for name, value in {STDIN_LIFELINE_ENV: "1", **(env or {})}.items()]
     script = " ".join([
         "echo", CONNECTED_MARKER, "&&",
-        "cd", shlex.quote(node.script_path), "&&",
+        "cd", shlex.quote(node.script_path), "&&", "test", "-f", shlex.quote(ENTRY_SCRIPT), "||", "exit", "127", "&&",
         "exec", "env", *map(shlex.quote, assignments),
         shlex.quote(node.python_env), shlex.quote(ENTRY_SCRIPT), *map(shlex.quote, arguments),
     ])

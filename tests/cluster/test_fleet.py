@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from step5.cluster import ClusterNode, HelperFleet
+from step5.cluster import ENTRY_SCRIPT, ClusterNode, HelperFleet
 from step5.errors import Step5Error
 from step5.testing.standins import write_fake_ssh, write_host_python
 
@@ -72,6 +72,7 @@ def cluster(tmp_path, monkeypatch):
     def nodes(*hosts: str, script_path: Path | None = None) -> list[ClusterNode]:
         folder = script_path or tmp_path / "checkout"
         folder.mkdir(parents=True, exist_ok=True)
+        (folder / ENTRY_SCRIPT).touch()  # what a node's checkout holds (the stand-in helper does not read it)
         return [ClusterNode(h, "michael", 8, "RX 6600", str(folder), str(python)) for h in hosts]
 
     return nodes, state, log
@@ -156,6 +157,22 @@ def test_a_python_env_that_is_not_there_or_not_executable_is_quarantined_at_once
     for host, what in [("rig-1", "was not found"), ("rig-2", "is not executable")]:
         assert (f"[{host}] quarantined: its command {what} on the host (check the node's python_env and script_path)"
                 in caplog.text)
+
+
+def test_a_script_path_that_is_not_there_or_holds_no_entry_script_is_quarantined_at_once(cluster, tmp_path, caplog):
+    """`cd` failed with exit 2 (or python with 2 on a missing script, DataError's code): the helper was
+    retried max_failures times, failing the same way each time."""
+    nodes, _, _ = cluster
+    caplog.set_level(logging.WARNING, logger="step5.cluster")
+    python = nodes("rig-1")[0].python_env
+    (tmp_path / "empty").mkdir()
+    fleet = run_fleet([ClusterNode("rig-1", None, 8, "RX 6600", str(tmp_path / "nowhere"), python),
+                       ClusterNode("rig-2", None, 8, "RX 6600", str(tmp_path / "empty"), python)], max_failures=3)
+    assert states(fleet) == {"rig-1": "quarantined", "rig-2": "quarantined"}
+    assert [r.history for r in fleet.records] == [["EXIT(127)"], ["EXIT(127)"]]
+    for host in ("rig-1", "rig-2"):
+        assert (f"[{host}] quarantined: its command was not found on the host (check the node's python_env and "
+                "script_path)" in caplog.text)
 
 
 def test_a_killed_helper_is_restarted(cluster, monkeypatch):

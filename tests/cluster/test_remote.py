@@ -98,9 +98,10 @@ def test_the_remote_command_survives_two_shells_word_for_word():
     outer = shlex.split(command)  # the login shell's words
     assert outer[:2] == ["sh", "-c"] and len(outer) == 3
     words = shlex.split(outer[2])  # sh's words
-    assert words[:8] == ["echo", CONNECTED_MARKER, "&&", "cd", NASTY.script_path, "&&", "exec", "env"]
-    assert words[8:10] == ["STEP5_STDIN_LIFELINE=1", "HSA_OVERRIDE_GFX_VERSION=10.3.0"]
-    assert words[10:12] == [NASTY.python_env, ENTRY_SCRIPT] and words[12:] == args
+    assert words[:14] == ["echo", CONNECTED_MARKER, "&&", "cd", NASTY.script_path, "&&", "test", "-f", ENTRY_SCRIPT,
+                          "||", "exit", "127", "&&", "exec"]
+    assert words[14:17] == ["env", "STEP5_STDIN_LIFELINE=1", "HSA_OVERRIDE_GFX_VERSION=10.3.0"]
+    assert words[17:19] == [NASTY.python_env, ENTRY_SCRIPT] and words[19:] == args
 
 
 def test_ssh_never_waits_for_a_human_or_a_dead_host_and_no_name_passes_for_an_option():
