@@ -257,3 +257,31 @@ def test_shipped_policy_rules_are_valid(repo_root):
     shipped = load_policy(repo_root / "watcher_policies.json")
     assert {t.key for t in thresholds_for(shipped, STEP5)} == {"min_cv_r2"}
     assert {"overfit_ratio", "early_stop_ratio"} <= set(shipped.training_diagnostics.metric_bounds)
+
+
+def test_compare_results_of_another_model_or_run_are_not_recorded(tmp_path):
+    # A loser's entry pointing at another model type's sidecar, or at one another run wrote, gave
+    # that model type a critical verdict in the skip registry it never earned.
+    catboost = write_sidecar(tmp_path / "a" / "catboost", make_sidecar("catboost", metrics=BAD_METRICS,
+                                                                         parent_run_id="r1"))
+    other_run = write_sidecar(tmp_path / "a" / "xgboost",
+                              make_sidecar("xgboost", metrics=BAD_METRICS, parent_run_id="another"))
+    summary = {"winner": "neural_net", "models": {
+        "lightgbm": {"status": "SUCCESS", "sidecar_path": str(catboost)},
+        "xgboost": {"status": "SUCCESS", "sidecar_path": str(other_run)},
+        "catboost": {"status": "SUCCESS", "sidecar_path": str(catboost)},
+    }}
+    j = run_judge(tmp_path, step_run(0), make_sidecar(parent_run_id="r1"), summary=summary, run_id="r1")
+    assert j.decision is Decision.PROCEED
+    assert {m: v.critical for m, v in j.verdicts.items()} == {"neural_net": False, "catboost": True}
+    assert any("lightgbm: its sidecar" in w and "model type 'catboost'" in w for w in j.warnings)
+    assert any("xgboost: its sidecar" in w and "belongs to run 'another'" in w for w in j.warnings)
+
+
+def test_compare_summary_naming_another_winner_records_nothing(tmp_path):
+    # Another compare run in the same working directory rewrote the summary: its verdicts are not this run's.
+    summary = {"winner": "catboost", "models": {"catboost": {"status": "SUCCESS", "training_metrics": GOOD_METRICS},
+                                                "xgboost": {"status": "FAILED", "error": "boom"}}}
+    j = run_judge(tmp_path, step_run(0), make_sidecar(), summary=summary)
+    assert j.decision is Decision.PROCEED and set(j.verdicts) == {"neural_net"}
+    assert any("names winner 'catboost'" in w and "'neural_net'" in w for w in j.warnings)
