@@ -17,7 +17,7 @@ from step5.artifacts import TRAINING_METRIC_KEYS, get_model_type, resolve_checkp
 from step5.errors import EXIT_ESCALATE, EXIT_OK, EXIT_SKIP_MODEL, DataError, DegenerateSignalError, PolicyError, \
     UsageError
 from step5.jsonio import loads
-from step5.policy import DiagnosticsPolicy, Policy, bound_breaches, metric_key
+from step5.policy import DiagnosticsPolicy, Policy, bound_breaches, impossible_limit, metric_key
 from step5.values import finite_or_none
 from step5.watcher.process import StepRun
 from step5.watcher.steps import StepSpec
@@ -76,6 +76,9 @@ def thresholds_for(policy: Policy, step: StepSpec) -> list[Threshold]:
         bound, metric = m.groups()
         if metric not in METRIC_KEYS:
             raise PolicyError(f"{where}.{key}: unknown metric `{metric}`; known: {sorted(METRIC_KEYS)}")
+        impossible = impossible_limit(metric, float(value), rejects_below=bound == "min", at_the_limit=False)
+        if impossible is not None:  # every run would be retried in vain, then skipped
+            raise PolicyError(f"{where}.{key} {float(value):g}: {impossible}")
         out.append(Threshold(key, metric, bound, float(value)))
     return out
 

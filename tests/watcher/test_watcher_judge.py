@@ -243,6 +243,17 @@ def test_stale_compare_summary_is_ignored(tmp_path):
         ("acceptance_rules", {"step5": {"min_cv_r2_warning": 0.0}}, "unknown metric `cv_r2_warning`"),
         ("training_diagnostics", {"max_overfit_ratio": 2.0}, "flat threshold keys are no longer read"),
         ("training_diagnostics", {"max_overfit_ratio_severe": 2.0}, "flat threshold keys are no longer read"),
+        # Rules and critical bounds no model can pass: every run was retried in vain, then counted
+        # against its model type in the skip registry.
+        ("acceptance_rules", {"step5": {"min_cv_r2": 2}}, "min_cv_r2 2: cv_r2 is at most 1, so no model can pass"),
+        ("acceptance_rules", {"step5": {"max_val_mse": -0.5}}, "val_mse is at least 0, so no model can pass"),
+        ("acceptance_rules", {"step5": {"min_early_stop_ratio": 1.5}}, "early_stop_ratio is at most 1"),
+        ("training_diagnostics", {"metric_bounds": {"overfit_ratio": {"critical": 0}}},
+         "metric_bounds.overfit_ratio.critical 0 is reached by every value"),
+        ("training_diagnostics", {"metric_bounds": {"cv_r2": {"warning": 1, "critical": 1}}},
+         "metric_bounds.cv_r2.critical 1 is reached by every value: cv_r2 is at most 1"),
+        ("training_diagnostics", {"metric_bounds": {"early_stop_ratio": {"critical": 1}}},
+         "early_stop_ratio is at most 1"),
     ],
 )
 def test_policy_rules_are_validated(section, rules, words):
@@ -257,6 +268,19 @@ def test_shipped_policy_rules_are_valid(repo_root):
     shipped = load_policy(repo_root / "watcher_policies.json")
     assert {t.key for t in thresholds_for(shipped, STEP5)} == {"min_cv_r2"}
     assert {"overfit_ratio", "early_stop_ratio"} <= set(shipped.training_diagnostics.metric_bounds)
+
+
+def test_rules_at_the_edge_of_what_a_metric_can_be_are_kept(tmp_path):
+    # A rule some model can still pass is the user's to set, however strict: the limit itself passes a
+    # rule, and only a critical bound is reached at its value.
+    pol = policy(acceptance_rules={"step5": {"min_cv_r2": 1, "max_val_mse": 0, "max_overfit_ratio": 0}},
+                 training_diagnostics={"metric_bounds": {"cv_r2": {"warning": 1, "critical": 0.99},
+                                                         "overfit_ratio": {"warning": 0, "critical": 1e-9},
+                                                         "nn_dead_neuron_pct": {"critical": 0}}})
+    assert len(thresholds_for(pol, STEP5)) == 3
+    j = run_judge(tmp_path, step_run(0), make_sidecar(metrics=metrics(cv_r2_mean=1.0, val_mse=0.0, overfit_ratio=0.0)),
+                  pol=pol)
+    assert j.decision is Decision.PROCEED
 
 
 def test_compare_results_of_another_model_or_run_are_not_recorded(tmp_path):
