@@ -17,7 +17,8 @@ from step5.artifacts import TRAINING_METRIC_KEYS, get_model_type, resolve_checkp
 from step5.errors import EXIT_ESCALATE, EXIT_OK, EXIT_SKIP_MODEL, DataError, DegenerateSignalError, PolicyError, \
     UsageError
 from step5.jsonio import loads
-from step5.policy import DiagnosticsPolicy, Policy, bound_breaches, impossible_limit, metric_key
+from step5.policy import METRIC_RANGES, DiagnosticsPolicy, Policy, bound_breaches, impossible_limit, \
+    metric_key
 from step5.values import finite_or_none
 from step5.watcher.process import StepRun
 from step5.watcher.steps import StepSpec
@@ -231,6 +232,22 @@ def compare_verdicts(
     return verdicts, skipped, notes
 
 
+#: Slack for float rounding when a metric is checked against the range it can take.
+_RANGE_SLACK = 1e-9
+
+
+def _impossible_metrics(metrics: dict[str, Any]) -> list[str]:
+    """The metrics a model cannot have (an R² above 1, a negative MSE or ratio, an early-stop ratio past 1):
+    the sidecar's shape check takes any finite number, and such a value passed every rule (PROCEED)."""
+    out = []
+    for key, (low, high) in METRIC_RANGES.items():
+        x = finite_or_none(metrics.get(key))
+        if x is not None and not low - _RANGE_SLACK <= x <= high + _RANGE_SLACK:
+            out.append(f"`training_metrics.{key}` is {x:g}, which no model can have ({key} is "
+                       + (f"at most {high:g})" if x > high else f"at least {low:g})"))
+    return out
+
+
 def judge(run: StepRun, *, step: StepSpec, policy: Policy, sidecar_path: Path, summary_path: Path | None,
           can_retry: bool, can_retry_critical: bool | None = None, sidecar_before: FileSignature | None = None,
           summary_before: FileSignature | None = None, run_id: str | None = None,
@@ -279,6 +296,9 @@ def judge(run: StepRun, *, step: StepSpec, policy: Policy, sidecar_path: Path, s
         ], sidecar=sidecar)
     if outcome != "SUCCESS":
         return escalate(f"step {step.number} exited 0 but the sidecar's outcome is {outcome!r}")
+    impossible = _impossible_metrics(sidecar["training_metrics"])
+    if impossible:  # a damaged sidecar (or a broken step): its metrics say nothing about the model
+        return escalate(*(f"invalid sidecar {sidecar_path}: {p}" for p in impossible))
     try:
         checkpoint_exists = resolve_checkpoint(sidecar_path, sidecar).is_file()
     except DataError:

@@ -309,3 +309,17 @@ def test_compare_summary_naming_another_winner_records_nothing(tmp_path):
     j = run_judge(tmp_path, step_run(0), make_sidecar(), summary=summary)
     assert j.decision is Decision.PROCEED and set(j.verdicts) == {"neural_net"}
     assert any("names winner 'catboost'" in w and "'neural_net'" in w for w in j.warnings)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"cv_r2_mean": 5.0}, "`training_metrics.cv_r2_mean` is 5, which no model can have (cv_r2_mean is at most 1)"),
+    ({"test_r2": 1.5}, "`training_metrics.test_r2` is 1.5"),
+    ({"val_mse": -1.0}, "`training_metrics.val_mse` is -1, which no model can have (val_mse is at least 0)"),
+    ({"overfit_ratio": -0.5}, "`training_metrics.overfit_ratio` is -0.5"),
+    ({"early_stop_ratio": 1.5}, "`training_metrics.early_stop_ratio` is 1.5"),
+])
+def test_metrics_no_model_can_have_escalate(tmp_path, changes, words):
+    # A damaged sidecar's R² of 5 or negative MSE passed every rule: PROCEED on a model nothing was known about.
+    sidecar = make_sidecar(metrics=metrics(**changes))
+    j = run_judge(tmp_path, step_run(0), sidecar)
+    assert j.decision is Decision.ESCALATE and any(words in r for r in j.reasons), j.reasons
