@@ -13,7 +13,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from step5.artifacts import TRAINING_METRIC_KEYS, get_model_type, resolve_checkpoint, validate_sidecar
+from step5.artifacts import MODEL_TYPES, TRAINING_METRIC_KEYS, get_model_type, resolve_checkpoint, validate_sidecar
 from step5.errors import EXIT_ESCALATE, EXIT_OK, EXIT_SKIP_MODEL, DataError, DegenerateSignalError, PolicyError, \
     UsageError
 from step5.jsonio import loads
@@ -214,6 +214,9 @@ def compare_verdicts(
     skipped: list[str] = []
     notes: list[str] = []
     for model_type, entry in sorted(entries.items()):
+        if model_type not in MODEL_TYPES:  # a registry entry for it would be junk ("" raised in record_result)
+            notes.append(f"compare summary {summary_path}: {model_type!r} is not a model type; its entry is ignored")
+            continue
         status = str(entry.get("status", "SUCCESS")).upper()
         if status == "SKIPPED":
             skipped.append(model_type)

@@ -323,3 +323,14 @@ def test_metrics_no_model_can_have_escalate(tmp_path, changes, words):
     sidecar = make_sidecar(metrics=metrics(**changes))
     j = run_judge(tmp_path, step_run(0), sidecar)
     assert j.decision is Decision.ESCALATE and any(words in r for r in j.reasons), j.reasons
+
+
+def test_compare_entries_that_are_no_model_type_are_ignored(tmp_path):
+    # An entry keyed "" reached record_result, whose ValueError ended the WATCHER in a traceback with the
+    # run's decision never logged; "svm" would have been a junk registry entry.
+    summary = {"winner": "neural_net", "models": {"": {"status": "FAILED"}, "svm": {"status": "FAILED"},
+                                                  "xgboost": {"status": "FAILED", "error": "boom"}}}
+    j = run_judge(tmp_path, step_run(0), make_sidecar(), summary=summary)
+    assert j.decision is Decision.PROCEED and set(j.verdicts) == {"neural_net", "xgboost"}
+    assert any("'' is not a model type" in w for w in j.warnings)
+    assert any("'svm' is not a model type" in w for w in j.warnings)
