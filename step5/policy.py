@@ -4,6 +4,7 @@ alone: docs/compatibility.md and docs/watcher.md."""
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -86,6 +87,30 @@ METRIC_DIRECTIONS: dict[str, str] = {
     **{f"{part}_r2": WORSE_BELOW for part in ("cv", "train", "val", "test")},
     **{f"{part}_mse": WORSE_ABOVE for part in ("train", "val", "test")},
 }
+
+
+#: The values each metric the sidecar measures can take at all (by its ``training_metrics`` key): R² is at
+#: most 1; errors, their spread and the MSE ratio at least 0; ``early_stop_ratio`` is a share of the rounds.
+#: A rule every possible value breaks, or a critical bound every value reaches (``min_cv_r2`` 2 for 0.2,
+#: an ``overfit_ratio`` critical of 0 meant as "off"), rejects every model: each run would be retried in
+#: vain and then count against its model type in the skip registry. It is a policy error instead.
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    **{key: (-math.inf, 1.0) for key in ("cv_r2_mean", "train_r2", "val_r2", "test_r2")},
+    **{key: (0.0, math.inf) for key in ("cv_r2_std", "train_mse", "val_mse", "test_mse", "overfit_ratio")},
+    "early_stop_ratio": (0.0, 1.0),
+}
+
+
+def impossible_limit(metric: str, limit: float, *, rejects_below: bool, at_the_limit: bool) -> str | None:
+    """Why no value of ``metric`` could pass a limit (None when some can): one that rejects values below it
+    (``rejects_below``) or above it, the limit itself included when ``at_the_limit``."""
+    low, high = METRIC_RANGES.get(metric_key(metric), (-math.inf, math.inf))
+    if rejects_below:
+        if limit > high or (at_the_limit and limit == high):
+            return f"{metric} is at most {high:g}, so no model can pass it"
+    elif limit < low or (at_the_limit and limit == low):
+        return f"{metric} is at least {low:g}, so no model can pass it"
+    return None
 
 
 @dataclass(frozen=True)
@@ -260,6 +285,11 @@ def _metric_bounds(section: dict[str, Any], source: str) -> dict[str, MetricBoun
                 f"{source}: {at}.{metric}: `critical` {critical:g} is less severe than `warning` {warning:g} "
                 f"({metric} is worse {'higher' if worse == WORSE_ABOVE else 'lower'})"
             )
+        if critical is not None:
+            impossible = impossible_limit(metric, critical, rejects_below=worse == WORSE_BELOW, at_the_limit=True)
+            if impossible is not None:
+                raise PolicyError(f"{source}: {at}.{metric}.critical {critical:g} is reached by every value: "
+                                  f"{impossible}")
         bounds[metric] = MetricBound(metric, warning, critical, worse)
     return bounds
 

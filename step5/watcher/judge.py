@@ -13,11 +13,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from step5.artifacts import TRAINING_METRIC_KEYS, get_model_type, resolve_checkpoint, validate_sidecar
+from step5.artifacts import MODEL_TYPES, TRAINING_METRIC_KEYS, get_model_type, resolve_checkpoint, validate_sidecar
 from step5.errors import EXIT_ESCALATE, EXIT_OK, EXIT_SKIP_MODEL, DataError, DegenerateSignalError, PolicyError, \
     UsageError
 from step5.jsonio import loads
-from step5.policy import DiagnosticsPolicy, Policy, bound_breaches, metric_key
+from step5.policy import METRIC_RANGES, DiagnosticsPolicy, Policy, bound_breaches, impossible_limit, \
+    metric_key
 from step5.values import finite_or_none
 from step5.watcher.process import StepRun
 from step5.watcher.steps import StepSpec
@@ -76,6 +77,9 @@ def thresholds_for(policy: Policy, step: StepSpec) -> list[Threshold]:
         bound, metric = m.groups()
         if metric not in METRIC_KEYS:
             raise PolicyError(f"{where}.{key}: unknown metric `{metric}`; known: {sorted(METRIC_KEYS)}")
+        impossible = impossible_limit(metric, float(value), rejects_below=bound == "min", at_the_limit=False)
+        if impossible is not None:  # every run would be retried in vain, then skipped
+            raise PolicyError(f"{where}.{key} {float(value):g}: {impossible}")
         out.append(Threshold(key, metric, bound, float(value)))
     return out
 
@@ -163,26 +167,45 @@ def _read_fresh(path: Path, before: FileSignature | None, what: str) -> tuple[di
     return obj, None
 
 
-def _entry_metrics(entry: dict[str, Any]) -> Any:
+def _entry_metrics(model_type: str, entry: dict[str, Any], run_id: str | None) -> tuple[Any, str | None]:
     """A compare entry's ``training_metrics``: inline, or from the sidecar it points to (the
-    winner's, or the archived one of a model that lost)."""
+    winner's, or the archived one of a model that lost), and why a sidecar's are not this model's
+    from this run (None when they are). A sidecar of another model type, or one written for
+    another ``--parent-run-id``, would give this model type a verdict it never earned."""
     if isinstance(entry.get("training_metrics"), dict):
-        return entry["training_metrics"]
+        return entry["training_metrics"], None
     path = entry.get("sidecar_path")
     sidecar, _ = _read_fresh(Path(path), None, "sidecar") if isinstance(path, str) and path else (None, None)
-    return sidecar.get("training_metrics") if sidecar is not None else None
+    if sidecar is None:
+        return None, None
+    if sidecar.get("model_type") != model_type:
+        return None, f"its sidecar {path} is of model type {sidecar.get('model_type')!r}"
+    provenance = sidecar.get("provenance")
+    written_for = provenance.get("parent_run_id") if isinstance(provenance, dict) else None
+    if run_id is not None and written_for is not None and written_for != run_id:
+        return None, f"its sidecar {path} belongs to run {written_for!r}, not this run {run_id!r}"
+    return sidecar.get("training_metrics"), None
 
 
 def compare_verdicts(
     summary_path: Path, before: FileSignature | None, thresholds: list[Threshold], diagnostics: DiagnosticsPolicy,
+    promoted: str | None = None, run_id: str | None = None,
 ) -> tuple[dict[str, ModelVerdict], list[str], list[str]]:
     """(verdicts, skipped model types, notes) for every model a compare run trained, from its
     fresh summary file: ``{"models": {type: {...}}}`` (what :mod:`step5.optimizer.compare`
     writes) or ``{"models": [{"model_type": type, ...}]}``. A model the run skipped has no
-    new result, and a degenerate one is the data's fault: neither is recorded. A failed one is critical."""
+    new result, and a degenerate one is the data's fault: neither is recorded. A failed one is critical.
+    ``promoted``: the model type of the run's sidecar; a summary naming another ``winner`` is not this
+    run's comparison (another run's, sharing the working directory's summary) and records nothing.
+    ``run_id``: the run's ``--parent-run-id``, which an archived sidecar must carry."""
     summary, why = _read_fresh(summary_path, before, "compare summary")
     if summary is None:
         return {}, [], [f"{why}; only the best model's result is recorded"]
+    winner = summary.get("winner")
+    if promoted is not None and isinstance(winner, str) and winner != promoted:
+        return {}, [], [f"compare summary {summary_path} names winner {winner!r} but the run's sidecar is of "
+                         f"model type {promoted!r}: it is not this run's comparison; only the best model's "
+                         "result is recorded"]
     models = summary.get("models")
     if isinstance(models, list):
         models = {e["model_type"]: e for e in models if isinstance(e, dict) and isinstance(e.get("model_type"), str)}
@@ -191,6 +214,9 @@ def compare_verdicts(
     skipped: list[str] = []
     notes: list[str] = []
     for model_type, entry in sorted(entries.items()):
+        if model_type not in MODEL_TYPES:  # a registry entry for it would be junk ("" raised in record_result)
+            notes.append(f"compare summary {summary_path}: {model_type!r} is not a model type; its entry is ignored")
+            continue
         status = str(entry.get("status", "SUCCESS")).upper()
         if status == "SKIPPED":
             skipped.append(model_type)
@@ -198,12 +224,31 @@ def compare_verdicts(
             why = entry.get("error") or status
             verdicts[model_type] = ModelVerdict(model_type, True, [f"{model_type} failed in the compare run: {why}"])
         elif status == "SUCCESS":
-            verdict = assess_metrics(model_type, _entry_metrics(entry), thresholds, diagnostics)
-            if verdict.missing:
+            metrics, foreign = _entry_metrics(model_type, entry, run_id)
+            verdict = assess_metrics(model_type, metrics, thresholds, diagnostics)
+            if foreign is not None:
+                notes.append(f"{model_type}: {foreign}; its result is not recorded")
+            elif verdict.missing:
                 notes.append(f"{model_type}: no metrics in {summary_path}; its result is not recorded")
             else:
                 verdicts[model_type] = verdict
     return verdicts, skipped, notes
+
+
+#: Slack for float rounding when a metric is checked against the range it can take.
+_RANGE_SLACK = 1e-9
+
+
+def _impossible_metrics(metrics: dict[str, Any]) -> list[str]:
+    """The metrics a model cannot have (an R² above 1, a negative MSE or ratio, an early-stop ratio past 1):
+    the sidecar's shape check takes any finite number, and such a value passed every rule (PROCEED)."""
+    out = []
+    for key, (low, high) in METRIC_RANGES.items():
+        x = finite_or_none(metrics.get(key))
+        if x is not None and not low - _RANGE_SLACK <= x <= high + _RANGE_SLACK:
+            out.append(f"`training_metrics.{key}` is {x:g}, which no model can have ({key} is "
+                       + (f"at most {high:g})" if x > high else f"at least {low:g})"))
+    return out
 
 
 def judge(run: StepRun, *, step: StepSpec, policy: Policy, sidecar_path: Path, summary_path: Path | None,
@@ -254,6 +299,9 @@ def judge(run: StepRun, *, step: StepSpec, policy: Policy, sidecar_path: Path, s
         ], sidecar=sidecar)
     if outcome != "SUCCESS":
         return escalate(f"step {step.number} exited 0 but the sidecar's outcome is {outcome!r}")
+    impossible = _impossible_metrics(sidecar["training_metrics"])
+    if impossible:  # a damaged sidecar (or a broken step): its metrics say nothing about the model
+        return escalate(*(f"invalid sidecar {sidecar_path}: {p}" for p in impossible))
     try:
         checkpoint_exists = resolve_checkpoint(sidecar_path, sidecar).is_file()
     except DataError:
@@ -285,7 +333,7 @@ def judge(run: StepRun, *, step: StepSpec, policy: Policy, sidecar_path: Path, s
     skipped: list[str] = []
     if summary_path is not None:
         others, skipped, notes = compare_verdicts(summary_path, summary_before, thresholds,
-                                                 policy.training_diagnostics)
+                                                 policy.training_diagnostics, model_type, run_id)
         warnings += notes
         for other_type, other in others.items():
             if other_type != model_type:

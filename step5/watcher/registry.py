@@ -58,7 +58,7 @@ def flocked(path: Path, flags: int, what: str, file: Path | None = None) -> Iter
 def check_writable(decision_log: str | os.PathLike[str], registry: str | os.PathLike[str]) -> None:
     """Open the decision log for appending and take the registry's lock, as the first judged run will: a path
     that cannot be written is an error before a step runs, not after it (its decision would be lost)."""
-    with flocked(Path(decision_log), os.O_WRONLY | os.O_APPEND, "decision log"):
+    with flocked(Path(decision_log), os.O_RDWR | os.O_APPEND, "decision log"):  # as append_decision opens it
         pass
     with flocked(_lock_of(Path(registry)), os.O_RDWR, "skip registry", Path(registry)):
         pass
@@ -173,10 +173,15 @@ def record_result(
 def append_decision(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
     """Append ``record`` as one line: one ``write`` on an ``O_APPEND`` descriptor under the
     lock, so concurrent WATCHERs never interleave lines."""
-    with flocked(Path(path), os.O_WRONLY | os.O_APPEND, "decision log") as fd:
+    with flocked(Path(path), os.O_RDWR | os.O_APPEND, "decision log") as fd:
         end = os.fstat(fd).st_size
+        line = dumps_line(record)
+        if end and os.pread(fd, 1, end - 1) != b"\n":
+            # The log ends mid-line (an older writer cut off, a hand edit): the record would be glued to that
+            # fragment and both lost to --status. It starts on a line of its own; the fragment stays one bad line.
+            line = b"\n" + line
         try:
-            write_all(fd, dumps_line(record))  # a regular file takes it in one write, but for a disk filling mid-line
+            write_all(fd, line)  # a regular file takes it in one write, but for a disk filling mid-line
         except OSError:
             # Half a line would swallow the next record appended after it, once the disk has room again.
             with suppress(OSError):

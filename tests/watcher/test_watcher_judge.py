@@ -243,6 +243,17 @@ def test_stale_compare_summary_is_ignored(tmp_path):
         ("acceptance_rules", {"step5": {"min_cv_r2_warning": 0.0}}, "unknown metric `cv_r2_warning`"),
         ("training_diagnostics", {"max_overfit_ratio": 2.0}, "flat threshold keys are no longer read"),
         ("training_diagnostics", {"max_overfit_ratio_severe": 2.0}, "flat threshold keys are no longer read"),
+        # Rules and critical bounds no model can pass: every run was retried in vain, then counted
+        # against its model type in the skip registry.
+        ("acceptance_rules", {"step5": {"min_cv_r2": 2}}, "min_cv_r2 2: cv_r2 is at most 1, so no model can pass"),
+        ("acceptance_rules", {"step5": {"max_val_mse": -0.5}}, "val_mse is at least 0, so no model can pass"),
+        ("acceptance_rules", {"step5": {"min_early_stop_ratio": 1.5}}, "early_stop_ratio is at most 1"),
+        ("training_diagnostics", {"metric_bounds": {"overfit_ratio": {"critical": 0}}},
+         "metric_bounds.overfit_ratio.critical 0 is reached by every value"),
+        ("training_diagnostics", {"metric_bounds": {"cv_r2": {"warning": 1, "critical": 1}}},
+         "metric_bounds.cv_r2.critical 1 is reached by every value: cv_r2 is at most 1"),
+        ("training_diagnostics", {"metric_bounds": {"early_stop_ratio": {"critical": 1}}},
+         "early_stop_ratio is at most 1"),
     ],
 )
 def test_policy_rules_are_validated(section, rules, words):
@@ -257,3 +268,69 @@ def test_shipped_policy_rules_are_valid(repo_root):
     shipped = load_policy(repo_root / "watcher_policies.json")
     assert {t.key for t in thresholds_for(shipped, STEP5)} == {"min_cv_r2"}
     assert {"overfit_ratio", "early_stop_ratio"} <= set(shipped.training_diagnostics.metric_bounds)
+
+
+def test_rules_at_the_edge_of_what_a_metric_can_be_are_kept(tmp_path):
+    # A rule some model can still pass is the user's to set, however strict: the limit itself passes a
+    # rule, and only a critical bound is reached at its value.
+    pol = policy(acceptance_rules={"step5": {"min_cv_r2": 1, "max_val_mse": 0, "max_overfit_ratio": 0}},
+                 training_diagnostics={"metric_bounds": {"cv_r2": {"warning": 1, "critical": 0.99},
+                                                         "overfit_ratio": {"warning": 0, "critical": 1e-9},
+                                                         "nn_dead_neuron_pct": {"critical": 0}}})
+    assert len(thresholds_for(pol, STEP5)) == 3
+    j = run_judge(tmp_path, step_run(0), make_sidecar(metrics=metrics(cv_r2_mean=1.0, val_mse=0.0, overfit_ratio=0.0)),
+                  pol=pol)
+    assert j.decision is Decision.PROCEED
+
+
+def test_compare_results_of_another_model_or_run_are_not_recorded(tmp_path):
+    # A loser's entry pointing at another model type's sidecar, or at one another run wrote, gave
+    # that model type a critical verdict in the skip registry it never earned.
+    catboost = write_sidecar(tmp_path / "a" / "catboost", make_sidecar("catboost", metrics=BAD_METRICS,
+                                                                         parent_run_id="r1"))
+    other_run = write_sidecar(tmp_path / "a" / "xgboost",
+                              make_sidecar("xgboost", metrics=BAD_METRICS, parent_run_id="another"))
+    summary = {"winner": "neural_net", "models": {
+        "lightgbm": {"status": "SUCCESS", "sidecar_path": str(catboost)},
+        "xgboost": {"status": "SUCCESS", "sidecar_path": str(other_run)},
+        "catboost": {"status": "SUCCESS", "sidecar_path": str(catboost)},
+    }}
+    j = run_judge(tmp_path, step_run(0), make_sidecar(parent_run_id="r1"), summary=summary, run_id="r1")
+    assert j.decision is Decision.PROCEED
+    assert {m: v.critical for m, v in j.verdicts.items()} == {"neural_net": False, "catboost": True}
+    assert any("lightgbm: its sidecar" in w and "model type 'catboost'" in w for w in j.warnings)
+    assert any("xgboost: its sidecar" in w and "belongs to run 'another'" in w for w in j.warnings)
+
+
+def test_compare_summary_naming_another_winner_records_nothing(tmp_path):
+    # Another compare run in the same working directory rewrote the summary: its verdicts are not this run's.
+    summary = {"winner": "catboost", "models": {"catboost": {"status": "SUCCESS", "training_metrics": GOOD_METRICS},
+                                                "xgboost": {"status": "FAILED", "error": "boom"}}}
+    j = run_judge(tmp_path, step_run(0), make_sidecar(), summary=summary)
+    assert j.decision is Decision.PROCEED and set(j.verdicts) == {"neural_net"}
+    assert any("names winner 'catboost'" in w and "'neural_net'" in w for w in j.warnings)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"cv_r2_mean": 5.0}, "`training_metrics.cv_r2_mean` is 5, which no model can have (cv_r2_mean is at most 1)"),
+    ({"test_r2": 1.5}, "`training_metrics.test_r2` is 1.5"),
+    ({"val_mse": -1.0}, "`training_metrics.val_mse` is -1, which no model can have (val_mse is at least 0)"),
+    ({"overfit_ratio": -0.5}, "`training_metrics.overfit_ratio` is -0.5"),
+    ({"early_stop_ratio": 1.5}, "`training_metrics.early_stop_ratio` is 1.5"),
+])
+def test_metrics_no_model_can_have_escalate(tmp_path, changes, words):
+    # A damaged sidecar's R² of 5 or negative MSE passed every rule: PROCEED on a model nothing was known about.
+    sidecar = make_sidecar(metrics=metrics(**changes))
+    j = run_judge(tmp_path, step_run(0), sidecar)
+    assert j.decision is Decision.ESCALATE and any(words in r for r in j.reasons), j.reasons
+
+
+def test_compare_entries_that_are_no_model_type_are_ignored(tmp_path):
+    # An entry keyed "" reached record_result, whose ValueError ended the WATCHER in a traceback with the
+    # run's decision never logged; "svm" would have been a junk registry entry.
+    summary = {"winner": "neural_net", "models": {"": {"status": "FAILED"}, "svm": {"status": "FAILED"},
+                                                  "xgboost": {"status": "FAILED", "error": "boom"}}}
+    j = run_judge(tmp_path, step_run(0), make_sidecar(), summary=summary)
+    assert j.decision is Decision.PROCEED and set(j.verdicts) == {"neural_net", "xgboost"}
+    assert any("'' is not a model type" in w for w in j.warnings)
+    assert any("'svm' is not a model type" in w for w in j.warnings)

@@ -177,6 +177,18 @@ def test_a_decision_the_disk_refuses_midline_leaves_no_half_line_to_swallow_the_
     assert read_decisions(path) == ([{"n": 1}, {"n": 3}], 0)
 
 
+def test_a_log_ending_midline_does_not_swallow_the_next_decision(tmp_path):
+    # A log cut off mid-line (an older writer killed, a copy cut short, a hand edit): the next record
+    # was glued to the fragment, and --status showed "0 decision(s), 1 unreadable line(s)".
+    path = tmp_path / "d.jsonl"
+    append_decision(path, {"n": 1})
+    with path.open("ab") as fh:
+        fh.write(b'{"timestamp": "x", "decision": "PROC')
+    append_decision(path, {"n": 2})
+    append_decision(path, {"n": 3})
+    assert read_decisions(path) == ([{"n": 1}, {"n": 2}, {"n": 3}], 1)
+
+
 def test_read_decisions_tail_and_damaged_lines(tmp_path):
     path = tmp_path / "d.jsonl"
     for n in range(5):
