@@ -196,13 +196,22 @@ class AmdGpus:
         return f"{len(self.ids)} AMD GPU(s) (ids {ids}{extra}) from {self.source}"
 
 
+#: An entry of a ``*_VISIBLE_DEVICES`` list that names a GPU: an index, or a UUID (``GPU-...``; a MIG
+#: instance ``MIG-...``).
+_VISIBLE_ENTRY = re.compile(r"[0-9]+|(?:GPU|MIG)-[0-9A-Za-z/._-]+")
+
+
 def read_hip_visible(value: str) -> list[str]:
     """The ordinals a ``*_VISIBLE_DEVICES`` value lists, as HIP and CUDA read them: up to the first
-    entry that is not a non-negative index (``-1`` hides every GPU). UUID entries are kept."""
+    entry that is not a non-negative index (``-1`` hides every GPU, and so does Slurm's ``NoDevFiles``)
+    or a UUID, which is kept; ``01`` is ``1``. A GPU listed again ends the list too: one GPU is one slot."""
     usable: list[str] = []
     for entry in filter(None, (part.strip() for part in value.split(","))):
-        if entry.startswith("-"):
+        if not _VISIBLE_ENTRY.fullmatch(entry):
             break
+        entry = str(int(entry)) if entry.isdigit() else entry
+        if entry in usable:
+            break  # "0,0" is GPU 0 once: two slots would train on one GPU
         usable.append(entry)
     return usable
 

@@ -75,6 +75,11 @@ def test_a_gpu_listed_twice_is_a_usage_error():
     ("-1", []),  # CUDA's way of saying none
     ("2,-1,3", ["2"]),  # CUDA stops at the first invalid entry
     ("0,,1", ["0", "1"]),
+    ("NoDevFiles", []),  # Slurm's value for a job given no GPU: not a GPU named "NoDevFiles"
+    ("1,abc,2", ["1"]),  # any entry that is not an index or a UUID ends the list, not only "-1"
+    ("0,0", ["0"]),  # one GPU listed twice is one GPU: one slot, not two on the same GPU
+    ("01,1", ["1"]),
+    ("GPU-8f3a1b2c,MIG-5d6e/1/0", ["GPU-8f3a1b2c", "MIG-5d6e/1/0"]),
 ])
 def test_cuda_visible_devices_wins_and_is_read_as_cuda_reads_it(visible, ids, fake_smi):
     fake_smi("echo 0; echo 1; echo 2; echo 3")  # must not be asked

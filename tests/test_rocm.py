@@ -35,6 +35,7 @@ def bare(tmp_path):
 
 @pytest.mark.parametrize("value, ids", [
     ("0", ("0",)), ("3,1", ("3", "1")), (" 2 , 5 ", ("2", "5")), ("-1", ()), ("1,-1,2", ("1",)), ("0,,1", ("0", "1")),
+    ("NoDevFiles", ()), ("2,2", ("2",)), ("1,gpu3", ("1",)),
 ])
 def test_hip_visible_devices_wins_and_is_read_as_hip_reads_it(value, ids, tmp_path, bare):
     write_rocm_smi(tmp_path / "bin", 8)  # must not be asked
@@ -50,7 +51,8 @@ def test_an_empty_hip_visible_devices_is_unset_as_hip_reads_it(tmp_path, bare):
     assert found == AmdGpus(("0", "1"), "rocm-smi")
 
 
-@pytest.mark.parametrize("value, ids", [("2,5", ("0", "1")), ("7", ("0",)), ("", ()), ("-1", ())])
+@pytest.mark.parametrize("value, ids", [("2,5", ("0", "1")), ("7", ("0",)), ("", ()), ("-1", ()),
+                                          ("NoDevFiles", ()), ("4,4", ("0",))])
 def test_rocr_visible_devices_gives_hip_ordinals_from_zero(value, ids, bare):
     # ROCr shows only the GPUs it lists and HIP numbers them from 0: a child pinned with
     # HIP_VISIBLE_DEVICES=1 (and the inherited ROCR list) sees physical GPU 5.
