@@ -224,15 +224,21 @@ def count_smi_gpus(tool: str, text: str) -> int:
     """How many GPUs ``amd-smi list --json`` / ``rocm-smi --showid --json`` listed: JSON first
     (amd-smi: a list of ``{"gpu": N, ...}``; rocm-smi: ``{"card0": {...}, ...}``), else the text
     forms (``GPU: 0`` lines of amd-smi, ``GPU[0]`` lines of rocm-smi)."""
-    starts = [i for i in (text.find("["), text.find("{")) if i >= 0]  # warnings may come before the JSON
-    try:
-        payload = json.loads(text[min(starts):]) if starts else None
-    except ValueError:
-        payload = None
-    if isinstance(payload, list):
-        return sum(1 for item in payload if isinstance(item, dict) and "gpu" in item)
-    if isinstance(payload, dict):
-        return sum(1 for key in payload if re.fullmatch(r"(card|gpu_?)\d+", str(key), flags=re.IGNORECASE))
+    # Warnings may come before the JSON or after it, and may hold brackets themselves ("[WARN] ..."):
+    # the first JSON value at a bracket that lists GPUs is the answer.
+    decoder = json.JSONDecoder()
+    for start in re.finditer(r"[\[{]", text):
+        try:
+            payload, _ = decoder.raw_decode(text, start.start())
+        except ValueError:
+            continue
+        count = 0
+        if isinstance(payload, list):
+            count = sum(1 for item in payload if isinstance(item, dict) and "gpu" in item)
+        elif isinstance(payload, dict):
+            count = sum(1 for key in payload if re.fullmatch(r"(card|gpu_?)\d+", str(key), flags=re.IGNORECASE))
+        if count:
+            return count
     pattern = r"^\s*GPU:\s*(\d+)\s*$" if tool == "amd-smi" else r"^\s*GPU\[(\d+)\]"
     return len({m.group(1) for line in text.splitlines() if (m := re.match(pattern, line))})
 
@@ -287,18 +293,25 @@ def _detect(env: Mapping[str, str], which: Callable[[str], str | None], sysfs_ro
     rocr = env.get(ROCR_VISIBLE_DEVICES)
     if rocr is not None:  # HIP numbers the GPUs ROCR leaves visible from 0
         return AmdGpus(_ordinals(len(read_hip_visible(rocr))), f"{ROCR_VISIBLE_DEVICES}={rocr.strip()}")
+    listed_none: list[str] = []
     for tool, args in SMI_TOOLS:
         path = which(tool)
         if path is None:
             continue
         out = _run_tool(tool, [path, *args], timeout_s, "trying the next source of AMD GPUs")
         if out is not None:
-            return AmdGpus(_ordinals(count_smi_gpus(tool, out)), tool)
+            count = count_smi_gpus(tool, out)
+            if count:
+                return AmdGpus(_ordinals(count), tool)
+            # Nothing printed, or a form not read here: the next tool or the topology can still
+            # tell (a rig's 8 GPUs must not become CPU workers because one tool said nothing).
+            logger.info("%s listed no AMD GPU%s; trying the next source", tool, "" if out.strip() else " (no output)")
+            listed_none.append(tool)
     kfd = read_kfd_gpus(sysfs_root)
     if kfd is not None:
         return AmdGpus(_ordinals(len(kfd)), str(sysfs_root / "class/kfd"), tuple(kfd))
-    return AmdGpus((), "none: HIP_VISIBLE_DEVICES and ROCR_VISIBLE_DEVICES unset, no amd-smi or rocm-smi, "
-                       "no /sys/class/kfd")
+    tools = f"{' and '.join(listed_none)} listed none" if listed_none else "no amd-smi or rocm-smi"
+    return AmdGpus((), f"none: HIP_VISIBLE_DEVICES and ROCR_VISIBLE_DEVICES unset, {tools}, no /sys/class/kfd")
 
 
 @dataclass(frozen=True)
