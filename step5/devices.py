@@ -376,8 +376,25 @@ def _resolve_gpus(gpus: list[str] | None, detect_nvidia: Callable[[], list[str]]
         if not (nvidia or amd):
             logger.warning("--gpus all: no GPU found here; training on CPU workers")
         return nvidia, amd
-    return ([g for g in gpus if not g.startswith(ROCM_PREFIX)],
-            [g[len(ROCM_PREFIX):] for g in gpus if g.startswith(ROCM_PREFIX)])
+    nvidia = [g for g in gpus if not g.startswith(ROCM_PREFIX)]
+    amd = [g[len(ROCM_PREFIX):] for g in gpus if g.startswith(ROCM_PREFIX)]
+    # A GPU the environment hides (a scheduler's CUDA_VISIBLE_DEVICES=0,1) is not this run's: pinning a
+    # worker to it would train on another job's GPU (the tree models' device_for_gpus refuses it too).
+    if nvidia and "CUDA_VISIBLE_DEVICES" in os.environ:
+        _refuse_hidden(nvidia, detect_nvidia(), "NVIDIA", f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r}")
+    hiding = HIP_VISIBLE_DEVICES if os.environ.get(HIP_VISIBLE_DEVICES, "").strip() else ROCR_VISIBLE_DEVICES
+    if amd and hiding in os.environ:
+        _refuse_hidden(amd, list(detect_amd().ids), "AMD", f"{hiding}={os.environ[hiding]!r}", prefix=ROCM_PREFIX)
+    return nvidia, amd
+
+
+def _refuse_hidden(asked: list[str], visible: list[str], kind: str, where: str, prefix: str = "") -> None:
+    hidden = [g for g in asked if g not in visible]
+    if hidden:
+        raise UsageError(
+            f"--gpus names {kind} GPU(s) {', '.join(prefix + g for g in hidden)}, but {where} hides them "
+            f"(visible: {', '.join(prefix + g for g in visible) or 'none'}); name a visible GPU, or use --gpus none"
+        )
 
 
 def plan_slots(gpus: list[str] | None, cpu_workers: int | None, *, cpu_count: int | None = None,

@@ -289,6 +289,26 @@ def test_explicit_gpus_and_none_keep_their_meaning():
     assert {s.kind for s in _plan([], nvidia=["0"], amd=["0"])} == {"cpu"}
 
 
+def test_a_listed_gpu_the_environment_hides_is_a_usage_error(monkeypatch):
+    # A scheduler's CUDA_VISIBLE_DEVICES=0,1: GPU 3 is another job's, and a worker pinned to it
+    # (CUDA_VISIBLE_DEVICES=3) would train there; the tree models refuse it too (device_for_gpus).
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(UsageError, match=r"--gpus names NVIDIA GPU\(s\) 3, but CUDA_VISIBLE_DEVICES='0,1' hides them"):
+        _plan(["0", "3"], nvidia=["0", "1"])
+    assert [s.label for s in _plan(["1"], nvidia=["0", "1"])] == ["GPU-1"]
+    monkeypatch.setenv("HIP_VISIBLE_DEVICES", "2,3")
+    with pytest.raises(UsageError, match=r"AMD GPU\(s\) rocm:0, but HIP_VISIBLE_DEVICES='2,3' hides them"):
+        _plan(["rocm:0"], amd=["2", "3"])
+    assert [s.label for s in _plan(["1", "rocm:3"], nvidia=["0", "1"], amd=["2", "3"])] == ["GPU-1", "ROCm-3"]
+    monkeypatch.delenv("HIP_VISIBLE_DEVICES")
+    monkeypatch.setenv("ROCR_VISIBLE_DEVICES", "4,5")  # HIP numbers them 0 and 1
+    with pytest.raises(UsageError, match="rocm:2, but ROCR_VISIBLE_DEVICES='4,5' hides them"):
+        _plan(["rocm:2"], amd=["0", "1"])
+    monkeypatch.delenv("ROCR_VISIBLE_DEVICES")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # nothing hides a GPU: the list is taken as given
+    assert [s.label for s in _plan(["3", "rocm:7"])] == ["GPU-3", "ROCm-7"]
+
+
 def test_amd_slots_under_a_torch_that_is_not_a_rocm_build_are_warned_about(caplog):
     with caplog.at_level(logging.WARNING, logger="step5.devices"):
         slots = _plan(None, amd=["0", "1"], build=CPU_BUILD)
