@@ -423,6 +423,10 @@ def plan_slots(gpus: list[str] | None, cpu_workers: int | None, *, cpu_count: in
             )
         threads = max(1, cores // (len(nvidia) + len(amd)))
         slots = [DeviceSlot.cuda(g, threads) for g in nvidia] + [DeviceSlot.rocm(g, threads) for g in amd]
+        if cpu_workers is not None:  # a flag is never silently ignored
+            logger.warning("--cpu-workers %d does not apply: %d GPU slot(s) are planned (%s), one worker each; "
+                           "--gpus none trains on %d CPU worker(s)", cpu_workers, len(slots),
+                           ", ".join(s.label for s in slots), cpu_workers)
     else:
         n = cpu_workers if cpu_workers is not None else default_cpu_workers(cores)
         if n > cores:

@@ -26,6 +26,14 @@ from step5.errors import UsageError
 from step5.lifeline import PARENT_PID_ENV
 
 
+@pytest.fixture(autouse=True)
+def no_host_gpu_variables(monkeypatch):
+    """The variables of the host running the suite (a scheduler's CUDA_VISIBLE_DEVICES) do not
+    reach these tests: a listed GPU they hide is refused (plan_slots)."""
+    for name in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def fake_smi(tmp_path, monkeypatch):
     """Put an ``nvidia-smi`` running ``body`` (a shell script) first on ``PATH``, with
@@ -136,9 +144,12 @@ def test_one_slot_per_gpu_pinned_to_it_with_the_cores_shared():
     assert slots == [DeviceSlot("GPU-0", "cuda", "0", 8), DeviceSlot("GPU-3", "cuda", "3", 8)]
 
 
-def test_gpu_slots_get_at_least_one_thread_and_ignore_cpu_workers():
-    slots = plan_slots(["0", "1", "2"], 5, cpu_count=2)
+def test_gpu_slots_get_at_least_one_thread_and_ignore_cpu_workers(caplog):
+    with caplog.at_level(logging.WARNING, logger="step5.devices"):
+        slots = plan_slots(["0", "1", "2"], 5, cpu_count=2)
     assert [(s.label, s.torch_threads) for s in slots] == [("GPU-0", 1), ("GPU-1", 1), ("GPU-2", 1)]
+    # ... but not silently: the user asked for 5 workers and gets 3.
+    assert "--cpu-workers 5 does not apply: 3 GPU slot(s) are planned (GPU-0, GPU-1, GPU-2)" in caplog.text
 
 
 @pytest.mark.parametrize("cpu_workers, cores, threads", [(1, 8, 8), (3, 8, 2), (4, 2, 1), (2, 7, 3)])
