@@ -131,11 +131,12 @@ def parse_gpu_list(text: str) -> list[str]:
     items: list[str] = []
     for part in text.split(","):
         kind, _, index = part.strip().lower().rpartition(":")
-        if not index.isdigit() or kind not in ("", "cuda", "rocm"):
+        if not (index.isascii() and index.isdigit()) or kind not in ("", "cuda", "rocm"):
             raise UsageError(
                 "--gpus must be a comma-separated list of GPU indices like '0,1' (NVIDIA; also 'cuda:0') or "
                 f"'rocm:0,rocm:1' (AMD), or one of {', '.join(GPU_SELECTORS)}, none; got {text!r}"
             )
+        index = str(int(index))  # "01" is GPU 1: "1,01" lists it twice
         items.append(ROCM_PREFIX + index if kind == "rocm" else index)
     if len(set(items)) != len(items):
         raise UsageError(f"--gpus lists a GPU twice: {text!r}")

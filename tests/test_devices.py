@@ -60,7 +60,8 @@ def test_gpu_list_parses_indices_in_the_order_given(text, ids):
     assert parse_gpu_list(text) == ids
 
 
-@pytest.mark.parametrize("text", ["", " ", "0,", ",1", "0,,1", "a", "gpu0", "-1", "0;1", "1.5", "0 1"])
+@pytest.mark.parametrize("text", ["", " ", "0,", ",1", "0,,1", "a", "gpu0", "-1", "0;1", "1.5", "0 1",
+                                  "\uff10", "\u00b2"])  # non-ASCII digits: not an index CUDA or HIP reads
 def test_a_malformed_gpu_list_is_a_usage_error_naming_the_flag_and_value(text):
     with pytest.raises(UsageError, match=r"--gpus must be a comma-separated list of GPU indices") as info:
         parse_gpu_list(text)
@@ -70,6 +71,11 @@ def test_a_malformed_gpu_list_is_a_usage_error_naming_the_flag_and_value(text):
 def test_a_gpu_listed_twice_is_a_usage_error():
     with pytest.raises(UsageError, match=r"--gpus lists a GPU twice: '0,1,0'"):
         parse_gpu_list("0,1,0")
+    # The same GPU in another spelling: two slots on GPU 1 (CUDA_VISIBLE_DEVICES=01 is GPU 1).
+    for text in ("1,01", "rocm:1,rocm:001", "cuda:01,1"):
+        with pytest.raises(UsageError, match="--gpus lists a GPU twice"):
+            parse_gpu_list(text)
+    assert parse_gpu_list("02,rocm:03") == ["2", "rocm:3"]
 
 
 # --- detection -------------------------------------------------------------------------------
