@@ -148,7 +148,8 @@ def cuda_ids(gpus: list[str] | None) -> list[str] | None:
     GPUs (the tree libraries): ``rocm:N`` entries are dropped, ``all``/``cuda`` mean detect."""
     if gpus is None or any(g in ("all", "cuda") for g in gpus):
         return None
-    return [g for g in gpus if g.isdigit()]
+    # Not only indices: --device cuda:N under CUDA_VISIBLE_DEVICES=GPU-<uuid>,... names the GPU by its UUID.
+    return [g for g in gpus if not g.startswith(ROCM_PREFIX) and g not in GPU_SELECTORS]
 
 
 def detect_gpus(env: Mapping[str, str] | None = None, *, nvidia_smi_timeout_s: float = 10.0) -> list[str]:

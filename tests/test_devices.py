@@ -4,6 +4,7 @@
 environment each slot's process is started with."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -396,6 +397,18 @@ def test_a_process_started_with_a_rocm_slots_environment_sees_only_its_amd_gpu(t
 @pytest.mark.parametrize("gpus, ids", [
     (None, None), ([], []), (["0", "rocm:1"], ["0"]), (["rocm:0"], []), (["all"], None), (["cuda"], None),
     (["rocm"], []),
+    (["GPU-8f3a1b2c"], ["GPU-8f3a1b2c"]),  # --device cuda:1 under CUDA_VISIBLE_DEVICES=GPU-...,GPU-8f3a1b2c
 ])
 def test_the_tree_libraries_get_the_nvidia_part_of_gpus(gpus, ids):
     assert cuda_ids(gpus) == ids
+
+
+def test_device_cuda_n_under_uuid_visible_devices_reaches_the_tree_models(monkeypatch):
+    # --device cuda:1 becomes the visible list's second entry; the trees must train there, not on the CPU.
+    from step5.models.trees import device_for_gpus
+    from step5.optimizer.cli import apply_compatibility_flags
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaaa,GPU-bbbb")
+    args = argparse.Namespace(allow_inline_nn_fallback=False, device=["1"])
+    apply_compatibility_flags(args)
+    assert device_for_gpus(cuda_ids(args.device)) == "cuda:1"
