@@ -131,11 +131,12 @@ def parse_gpu_list(text: str) -> list[str]:
     items: list[str] = []
     for part in text.split(","):
         kind, _, index = part.strip().lower().rpartition(":")
-        if not index.isdigit() or kind not in ("", "cuda", "rocm"):
+        if not (index.isascii() and index.isdigit()) or kind not in ("", "cuda", "rocm"):
             raise UsageError(
                 "--gpus must be a comma-separated list of GPU indices like '0,1' (NVIDIA; also 'cuda:0') or "
                 f"'rocm:0,rocm:1' (AMD), or one of {', '.join(GPU_SELECTORS)}, none; got {text!r}"
             )
+        index = str(int(index))  # "01" is GPU 1: "1,01" lists it twice
         items.append(ROCM_PREFIX + index if kind == "rocm" else index)
     if len(set(items)) != len(items):
         raise UsageError(f"--gpus lists a GPU twice: {text!r}")
@@ -147,7 +148,8 @@ def cuda_ids(gpus: list[str] | None) -> list[str] | None:
     GPUs (the tree libraries): ``rocm:N`` entries are dropped, ``all``/``cuda`` mean detect."""
     if gpus is None or any(g in ("all", "cuda") for g in gpus):
         return None
-    return [g for g in gpus if g.isdigit()]
+    # Not only indices: --device cuda:N under CUDA_VISIBLE_DEVICES=GPU-<uuid>,... names the GPU by its UUID.
+    return [g for g in gpus if not g.startswith(ROCM_PREFIX) and g not in GPU_SELECTORS]
 
 
 def detect_gpus(env: Mapping[str, str] | None = None, *, nvidia_smi_timeout_s: float = 10.0) -> list[str]:
@@ -196,13 +198,22 @@ class AmdGpus:
         return f"{len(self.ids)} AMD GPU(s) (ids {ids}{extra}) from {self.source}"
 
 
+#: An entry of a ``*_VISIBLE_DEVICES`` list that names a GPU: an index, or a UUID (``GPU-...``; a MIG
+#: instance ``MIG-...``).
+_VISIBLE_ENTRY = re.compile(r"[0-9]+|(?:GPU|MIG)-[0-9A-Za-z/._-]+")
+
+
 def read_hip_visible(value: str) -> list[str]:
     """The ordinals a ``*_VISIBLE_DEVICES`` value lists, as HIP and CUDA read them: up to the first
-    entry that is not a non-negative index (``-1`` hides every GPU). UUID entries are kept."""
+    entry that is not a non-negative index (``-1`` hides every GPU, and so does Slurm's ``NoDevFiles``)
+    or a UUID, which is kept; ``01`` is ``1``. A GPU listed again ends the list too: one GPU is one slot."""
     usable: list[str] = []
     for entry in filter(None, (part.strip() for part in value.split(","))):
-        if entry.startswith("-"):
+        if not _VISIBLE_ENTRY.fullmatch(entry):
             break
+        entry = str(int(entry)) if entry.isdigit() else entry
+        if entry in usable:
+            break  # "0,0" is GPU 0 once: two slots would train on one GPU
         usable.append(entry)
     return usable
 
@@ -215,15 +226,21 @@ def count_smi_gpus(tool: str, text: str) -> int:
     """How many GPUs ``amd-smi list --json`` / ``rocm-smi --showid --json`` listed: JSON first
     (amd-smi: a list of ``{"gpu": N, ...}``; rocm-smi: ``{"card0": {...}, ...}``), else the text
     forms (``GPU: 0`` lines of amd-smi, ``GPU[0]`` lines of rocm-smi)."""
-    starts = [i for i in (text.find("["), text.find("{")) if i >= 0]  # warnings may come before the JSON
-    try:
-        payload = json.loads(text[min(starts):]) if starts else None
-    except ValueError:
-        payload = None
-    if isinstance(payload, list):
-        return sum(1 for item in payload if isinstance(item, dict) and "gpu" in item)
-    if isinstance(payload, dict):
-        return sum(1 for key in payload if re.fullmatch(r"(card|gpu_?)\d+", str(key), flags=re.IGNORECASE))
+    # Warnings may come before the JSON or after it, and may hold brackets themselves ("[WARN] ..."):
+    # the first JSON value at a bracket that lists GPUs is the answer.
+    decoder = json.JSONDecoder()
+    for start in re.finditer(r"[\[{]", text):
+        try:
+            payload, _ = decoder.raw_decode(text, start.start())
+        except ValueError:
+            continue
+        count = 0
+        if isinstance(payload, list):
+            count = sum(1 for item in payload if isinstance(item, dict) and "gpu" in item)
+        elif isinstance(payload, dict):
+            count = sum(1 for key in payload if re.fullmatch(r"(card|gpu_?)\d+", str(key), flags=re.IGNORECASE))
+        if count:
+            return count
     pattern = r"^\s*GPU:\s*(\d+)\s*$" if tool == "amd-smi" else r"^\s*GPU\[(\d+)\]"
     return len({m.group(1) for line in text.splitlines() if (m := re.match(pattern, line))})
 
@@ -278,18 +295,25 @@ def _detect(env: Mapping[str, str], which: Callable[[str], str | None], sysfs_ro
     rocr = env.get(ROCR_VISIBLE_DEVICES)
     if rocr is not None:  # HIP numbers the GPUs ROCR leaves visible from 0
         return AmdGpus(_ordinals(len(read_hip_visible(rocr))), f"{ROCR_VISIBLE_DEVICES}={rocr.strip()}")
+    listed_none: list[str] = []
     for tool, args in SMI_TOOLS:
         path = which(tool)
         if path is None:
             continue
         out = _run_tool(tool, [path, *args], timeout_s, "trying the next source of AMD GPUs")
         if out is not None:
-            return AmdGpus(_ordinals(count_smi_gpus(tool, out)), tool)
+            count = count_smi_gpus(tool, out)
+            if count:
+                return AmdGpus(_ordinals(count), tool)
+            # Nothing printed, or a form not read here: the next tool or the topology can still
+            # tell (a rig's 8 GPUs must not become CPU workers because one tool said nothing).
+            logger.info("%s listed no AMD GPU%s; trying the next source", tool, "" if out.strip() else " (no output)")
+            listed_none.append(tool)
     kfd = read_kfd_gpus(sysfs_root)
     if kfd is not None:
         return AmdGpus(_ordinals(len(kfd)), str(sysfs_root / "class/kfd"), tuple(kfd))
-    return AmdGpus((), "none: HIP_VISIBLE_DEVICES and ROCR_VISIBLE_DEVICES unset, no amd-smi or rocm-smi, "
-                       "no /sys/class/kfd")
+    tools = f"{' and '.join(listed_none)} listed none" if listed_none else "no amd-smi or rocm-smi"
+    return AmdGpus((), f"none: HIP_VISIBLE_DEVICES and ROCR_VISIBLE_DEVICES unset, {tools}, no /sys/class/kfd")
 
 
 @dataclass(frozen=True)
@@ -354,8 +378,25 @@ def _resolve_gpus(gpus: list[str] | None, detect_nvidia: Callable[[], list[str]]
         if not (nvidia or amd):
             logger.warning("--gpus all: no GPU found here; training on CPU workers")
         return nvidia, amd
-    return ([g for g in gpus if not g.startswith(ROCM_PREFIX)],
-            [g[len(ROCM_PREFIX):] for g in gpus if g.startswith(ROCM_PREFIX)])
+    nvidia = [g for g in gpus if not g.startswith(ROCM_PREFIX)]
+    amd = [g[len(ROCM_PREFIX):] for g in gpus if g.startswith(ROCM_PREFIX)]
+    # A GPU the environment hides (a scheduler's CUDA_VISIBLE_DEVICES=0,1) is not this run's: pinning a
+    # worker to it would train on another job's GPU (the tree models' device_for_gpus refuses it too).
+    if nvidia and "CUDA_VISIBLE_DEVICES" in os.environ:
+        _refuse_hidden(nvidia, detect_nvidia(), "NVIDIA", f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r}")
+    hiding = HIP_VISIBLE_DEVICES if os.environ.get(HIP_VISIBLE_DEVICES, "").strip() else ROCR_VISIBLE_DEVICES
+    if amd and hiding in os.environ:
+        _refuse_hidden(amd, list(detect_amd().ids), "AMD", f"{hiding}={os.environ[hiding]!r}", prefix=ROCM_PREFIX)
+    return nvidia, amd
+
+
+def _refuse_hidden(asked: list[str], visible: list[str], kind: str, where: str, prefix: str = "") -> None:
+    hidden = [g for g in asked if g not in visible]
+    if hidden:
+        raise UsageError(
+            f"--gpus names {kind} GPU(s) {', '.join(prefix + g for g in hidden)}, but {where} hides them "
+            f"(visible: {', '.join(prefix + g for g in visible) or 'none'}); name a visible GPU, or use --gpus none"
+        )
 
 
 def plan_slots(gpus: list[str] | None, cpu_workers: int | None, *, cpu_count: int | None = None,
@@ -384,6 +425,10 @@ def plan_slots(gpus: list[str] | None, cpu_workers: int | None, *, cpu_count: in
             )
         threads = max(1, cores // (len(nvidia) + len(amd)))
         slots = [DeviceSlot.cuda(g, threads) for g in nvidia] + [DeviceSlot.rocm(g, threads) for g in amd]
+        if cpu_workers is not None:  # a flag is never silently ignored
+            logger.warning("--cpu-workers %d does not apply: %d GPU slot(s) are planned (%s), one worker each; "
+                           "--gpus none trains on %d CPU worker(s)", cpu_workers, len(slots),
+                           ", ".join(s.label for s in slots), cpu_workers)
     else:
         n = cpu_workers if cpu_workers is not None else default_cpu_workers(cores)
         if n > cores:

@@ -4,6 +4,7 @@
 environment each slot's process is started with."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -24,6 +25,14 @@ from step5.devices import (
 )
 from step5.errors import UsageError
 from step5.lifeline import PARENT_PID_ENV
+
+
+@pytest.fixture(autouse=True)
+def no_host_gpu_variables(monkeypatch):
+    """The variables of the host running the suite (a scheduler's CUDA_VISIBLE_DEVICES) do not
+    reach these tests: a listed GPU they hide is refused (plan_slots)."""
+    for name in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
@@ -52,7 +61,8 @@ def test_gpu_list_parses_indices_in_the_order_given(text, ids):
     assert parse_gpu_list(text) == ids
 
 
-@pytest.mark.parametrize("text", ["", " ", "0,", ",1", "0,,1", "a", "gpu0", "-1", "0;1", "1.5", "0 1"])
+@pytest.mark.parametrize("text", ["", " ", "0,", ",1", "0,,1", "a", "gpu0", "-1", "0;1", "1.5", "0 1",
+                                  "\uff10", "\u00b2"])  # non-ASCII digits: not an index CUDA or HIP reads
 def test_a_malformed_gpu_list_is_a_usage_error_naming_the_flag_and_value(text):
     with pytest.raises(UsageError, match=r"--gpus must be a comma-separated list of GPU indices") as info:
         parse_gpu_list(text)
@@ -62,6 +72,11 @@ def test_a_malformed_gpu_list_is_a_usage_error_naming_the_flag_and_value(text):
 def test_a_gpu_listed_twice_is_a_usage_error():
     with pytest.raises(UsageError, match=r"--gpus lists a GPU twice: '0,1,0'"):
         parse_gpu_list("0,1,0")
+    # The same GPU in another spelling: two slots on GPU 1 (CUDA_VISIBLE_DEVICES=01 is GPU 1).
+    for text in ("1,01", "rocm:1,rocm:001", "cuda:01,1"):
+        with pytest.raises(UsageError, match="--gpus lists a GPU twice"):
+            parse_gpu_list(text)
+    assert parse_gpu_list("02,rocm:03") == ["2", "rocm:3"]
 
 
 # --- detection -------------------------------------------------------------------------------
@@ -75,6 +90,11 @@ def test_a_gpu_listed_twice_is_a_usage_error():
     ("-1", []),  # CUDA's way of saying none
     ("2,-1,3", ["2"]),  # CUDA stops at the first invalid entry
     ("0,,1", ["0", "1"]),
+    ("NoDevFiles", []),  # Slurm's value for a job given no GPU: not a GPU named "NoDevFiles"
+    ("1,abc,2", ["1"]),  # any entry that is not an index or a UUID ends the list, not only "-1"
+    ("0,0", ["0"]),  # one GPU listed twice is one GPU: one slot, not two on the same GPU
+    ("01,1", ["1"]),
+    ("GPU-8f3a1b2c,MIG-5d6e/1/0", ["GPU-8f3a1b2c", "MIG-5d6e/1/0"]),
 ])
 def test_cuda_visible_devices_wins_and_is_read_as_cuda_reads_it(visible, ids, fake_smi):
     fake_smi("echo 0; echo 1; echo 2; echo 3")  # must not be asked
@@ -131,9 +151,12 @@ def test_one_slot_per_gpu_pinned_to_it_with_the_cores_shared():
     assert slots == [DeviceSlot("GPU-0", "cuda", "0", 8), DeviceSlot("GPU-3", "cuda", "3", 8)]
 
 
-def test_gpu_slots_get_at_least_one_thread_and_ignore_cpu_workers():
-    slots = plan_slots(["0", "1", "2"], 5, cpu_count=2)
+def test_gpu_slots_get_at_least_one_thread_and_ignore_cpu_workers(caplog):
+    with caplog.at_level(logging.WARNING, logger="step5.devices"):
+        slots = plan_slots(["0", "1", "2"], 5, cpu_count=2)
     assert [(s.label, s.torch_threads) for s in slots] == [("GPU-0", 1), ("GPU-1", 1), ("GPU-2", 1)]
+    # ... but not silently: the user asked for 5 workers and gets 3.
+    assert "--cpu-workers 5 does not apply: 3 GPU slot(s) are planned (GPU-0, GPU-1, GPU-2)" in caplog.text
 
 
 @pytest.mark.parametrize("cpu_workers, cores, threads", [(1, 8, 8), (3, 8, 2), (4, 2, 1), (2, 7, 3)])
@@ -284,6 +307,26 @@ def test_explicit_gpus_and_none_keep_their_meaning():
     assert {s.kind for s in _plan([], nvidia=["0"], amd=["0"])} == {"cpu"}
 
 
+def test_a_listed_gpu_the_environment_hides_is_a_usage_error(monkeypatch):
+    # A scheduler's CUDA_VISIBLE_DEVICES=0,1: GPU 3 is another job's, and a worker pinned to it
+    # (CUDA_VISIBLE_DEVICES=3) would train there; the tree models refuse it too (device_for_gpus).
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(UsageError, match=r"--gpus names NVIDIA GPU\(s\) 3, but CUDA_VISIBLE_DEVICES='0,1' hides them"):
+        _plan(["0", "3"], nvidia=["0", "1"])
+    assert [s.label for s in _plan(["1"], nvidia=["0", "1"])] == ["GPU-1"]
+    monkeypatch.setenv("HIP_VISIBLE_DEVICES", "2,3")
+    with pytest.raises(UsageError, match=r"AMD GPU\(s\) rocm:0, but HIP_VISIBLE_DEVICES='2,3' hides them"):
+        _plan(["rocm:0"], amd=["2", "3"])
+    assert [s.label for s in _plan(["1", "rocm:3"], nvidia=["0", "1"], amd=["2", "3"])] == ["GPU-1", "ROCm-3"]
+    monkeypatch.delenv("HIP_VISIBLE_DEVICES")
+    monkeypatch.setenv("ROCR_VISIBLE_DEVICES", "4,5")  # HIP numbers them 0 and 1
+    with pytest.raises(UsageError, match="rocm:2, but ROCR_VISIBLE_DEVICES='4,5' hides them"):
+        _plan(["rocm:2"], amd=["0", "1"])
+    monkeypatch.delenv("ROCR_VISIBLE_DEVICES")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # nothing hides a GPU: the list is taken as given
+    assert [s.label for s in _plan(["3", "rocm:7"])] == ["GPU-3", "ROCm-7"]
+
+
 def test_amd_slots_under_a_torch_that_is_not_a_rocm_build_are_warned_about(caplog):
     with caplog.at_level(logging.WARNING, logger="step5.devices"):
         slots = _plan(None, amd=["0", "1"], build=CPU_BUILD)
@@ -354,6 +397,18 @@ def test_a_process_started_with_a_rocm_slots_environment_sees_only_its_amd_gpu(t
 @pytest.mark.parametrize("gpus, ids", [
     (None, None), ([], []), (["0", "rocm:1"], ["0"]), (["rocm:0"], []), (["all"], None), (["cuda"], None),
     (["rocm"], []),
+    (["GPU-8f3a1b2c"], ["GPU-8f3a1b2c"]),  # --device cuda:1 under CUDA_VISIBLE_DEVICES=GPU-...,GPU-8f3a1b2c
 ])
 def test_the_tree_libraries_get_the_nvidia_part_of_gpus(gpus, ids):
     assert cuda_ids(gpus) == ids
+
+
+def test_device_cuda_n_under_uuid_visible_devices_reaches_the_tree_models(monkeypatch):
+    # --device cuda:1 becomes the visible list's second entry; the trees must train there, not on the CPU.
+    from step5.models.trees import device_for_gpus
+    from step5.optimizer.cli import apply_compatibility_flags
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaaa,GPU-bbbb")
+    args = argparse.Namespace(allow_inline_nn_fallback=False, device=["1"])
+    apply_compatibility_flags(args)
+    assert device_for_gpus(cuda_ids(args.device)) == "cuda:1"

@@ -35,6 +35,7 @@ def bare(tmp_path):
 
 @pytest.mark.parametrize("value, ids", [
     ("0", ("0",)), ("3,1", ("3", "1")), (" 2 , 5 ", ("2", "5")), ("-1", ()), ("1,-1,2", ("1",)), ("0,,1", ("0", "1")),
+    ("NoDevFiles", ()), ("2,2", ("2",)), ("1,gpu3", ("1",)),
 ])
 def test_hip_visible_devices_wins_and_is_read_as_hip_reads_it(value, ids, tmp_path, bare):
     write_rocm_smi(tmp_path / "bin", 8)  # must not be asked
@@ -50,7 +51,8 @@ def test_an_empty_hip_visible_devices_is_unset_as_hip_reads_it(tmp_path, bare):
     assert found == AmdGpus(("0", "1"), "rocm-smi")
 
 
-@pytest.mark.parametrize("value, ids", [("2,5", ("0", "1")), ("7", ("0",)), ("", ()), ("-1", ())])
+@pytest.mark.parametrize("value, ids", [("2,5", ("0", "1")), ("7", ("0",)), ("", ()), ("-1", ()),
+                                          ("NoDevFiles", ()), ("4,4", ("0",))])
 def test_rocr_visible_devices_gives_hip_ordinals_from_zero(value, ids, bare):
     # ROCr shows only the GPUs it lists and HIP numbers them from 0: a child pinned with
     # HIP_VISIBLE_DEVICES=1 (and the inherited ROCR list) sees physical GPU 5.
@@ -99,6 +101,20 @@ def test_a_hanging_tool_is_given_up_on(tmp_path, bare, caplog):
     assert "rocm-smi failed" in caplog.text and found.source.endswith("class/kfd") and found.ids == ("0",)
 
 
+def test_a_tool_that_lists_no_gpu_hands_over_to_the_next_source(tmp_path, bare):
+    # amd-smi printing nothing (or a form not read here) must not hide rocm-smi's or the kernel's GPUs.
+    silent = tmp_path / "bin" / "amd-smi"
+    silent.write_text("#!/bin/sh\nexit 0\n")
+    silent.chmod(0o755)
+    write_rocm_smi(tmp_path / "bin", 2)
+    assert detect_amd_gpus(**bare) == AmdGpus(("0", "1"), "rocm-smi")
+    (tmp_path / "bin" / "rocm-smi").write_text('#!/bin/sh\necho "{}"\n')
+    write_kfd_tree(bare["sysfs_root"], [RX6600] * 8)
+    found = detect_amd_gpus(**bare)
+    assert found.ids == tuple(str(i) for i in range(8)) and found.source.endswith("class/kfd")
+    assert "amd-smi and rocm-smi listed none" in detect_amd_gpus(which=bare["which"], sysfs_root=tmp_path / "x").source
+
+
 @pytest.mark.parametrize("tool, text, count", [
     ("amd-smi", '[{"gpu": 0, "bdf": "0000:03:00.0"}, {"gpu": 1, "bdf": "0000:04:00.0"}]', 2),
     ("amd-smi", "GPU: 0\n    BDF: 0000:03:00.0\nGPU: 1\n    BDF: 0000:04:00.0\nGPU: 2\n", 3),
@@ -106,6 +122,10 @@ def test_a_hanging_tool_is_given_up_on(tmp_path, bare, caplog):
     ("rocm-smi", "======= ROCm System Management Interface =======\nGPU[0]\t\t: Device ID: 0x73ff\n"
                  "GPU[0]\t\t: Device Rev: 0xc7\nGPU[1]\t\t: Device ID: 0x73ff\n", 2),
     ("rocm-smi", "", 0),
+    # Warnings with brackets before the JSON, or any text after it, leave the GPUs counted.
+    ("rocm-smi", '[WARN] fan speed unavailable\n{"card0": {"Device ID": "0x73ff"}, "card1": {}}', 2),
+    ("rocm-smi", '{"card0": {}, "card1": {}, "card2": {}}\nWARNING: One or more commands failed.\n', 3),
+    ("amd-smi", '[{"gpu": 0}, {"gpu": 1}]\n[AMDSMI] WARNING: could not read the fan\n', 2),
 ])
 def test_tool_outputs_in_json_and_text_forms_are_counted(tool, text, count):
     assert count_smi_gpus(tool, text) == count

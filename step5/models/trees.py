@@ -132,7 +132,9 @@ def device_for_gpus(gpus: Sequence[str] | None, env: Mapping[str, str] | None = 
     first = str(gpus[0]).strip()
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        ids = [part.strip() for part in visible.split(",") if part.strip()]
+        from step5.devices import read_hip_visible  # as CUDA reads it: "NoDevFiles" or "0,-1,2" hide GPU 2
+
+        ids = read_hip_visible(visible)
         if first not in ids:
             raise ValueError(f"--gpus asks for GPU {first}, but CUDA_VISIBLE_DEVICES={visible!r} hides it")
         return f"cuda:{ids.index(first)}"

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from step5.devices import DeviceSlot, plan_slots
+from step5.devices import AmdGpus, DeviceSlot, plan_slots
 from step5.execution import pool as pool_module
 from step5.execution.pool import WorkerPool
 from step5.execution.process import Spawner
@@ -29,7 +29,7 @@ def requests_for(data_file, n: int) -> list[TrainRequest]:
 def rig_slots(n: int) -> list[DeviceSlot]:
     """What a ROCm rig with ``n`` AMD GPUs plans under the rig's policy (torch build unknown)."""
     return plan_slots([f"rocm:{i}" for i in range(n)], None, cpu_count=2 * n, device_env=RIG_ENV,
-                      torch_build=lambda: None)
+                      torch_build=lambda: None, detect_amd=lambda: AmdGpus(tuple(map(str, range(n))), "rocm-smi"))
 
 
 @pytest.fixture

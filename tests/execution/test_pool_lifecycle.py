@@ -49,7 +49,7 @@ def run_in_background(pool: WorkerPool, requests: list[TrainRequest]) -> tuple[t
 
 
 def test_two_gpu_slots_pin_different_cuda_visible_devices_and_split_threads(data_file):
-    slots = plan_slots(["0", "1"], None, cpu_count=4)  # what --gpus 0,1 plans, no GPU needed
+    slots = plan_slots(["0", "1"], None, cpu_count=4, detect_nvidia=lambda: ["0", "1"])  # --gpus 0,1, no GPU needed
     with fake_pool(slots, "--job-s", "0.3") as pool:
         results = run_each(pool, requests_for(data_file, 4))
         summary = summary_of(pool)

@@ -129,3 +129,7 @@ def test_device_for_gpus_maps_the_flag_to_an_ordinal():
     assert trees.device_for_gpus(["5"], env={"CUDA_VISIBLE_DEVICES": "3,5"}) == "cuda:1"
     with pytest.raises(ValueError, match="hides it"):
         trees.device_for_gpus(["0"], env={"CUDA_VISIBLE_DEVICES": "3,5"})
+    # CUDA sees nothing past an entry that is not a GPU: GPU 2 is hidden, not ordinal 2.
+    for visible in ("0,-1,2", "NoDevFiles,2"):
+        with pytest.raises(ValueError, match="hides it"):
+            trees.device_for_gpus(["2"], env={"CUDA_VISIBLE_DEVICES": visible})
