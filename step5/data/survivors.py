@@ -86,14 +86,23 @@ class SurvivorFeatures:
 #: Top-level keys the decoder reads itself; a target with one of these names cannot be decoded.
 RESERVED_KEYS = frozenset(("seed", "features", "metadata"))
 
-#: What msgspec refuses in a renamed field's name, so a key holding it cannot be a decoded column.
-_NOT_A_FIELD_NAME = re.compile(r'["\\\x00-\x1f]')
+#: What msgspec refuses in a renamed field's name, so a key holding it cannot be a decoded column: a
+#: lone surrogate (``"\\ud800"`` in the file, which json reads) cannot even be encoded as UTF-8.
+_NOT_A_FIELD_NAME = re.compile(r'["\\\x00-\x1f\ud800-\udfff]')
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def decodable_key(key: str) -> bool:
     """Whether ``key`` can be a :class:`RecordDecoder` column (msgspec refuses to rename a field to a
-    name with ``"``, ``\\`` or a control character; a file with such a key takes the exact path)."""
+    name with ``"``, ``\\``, a control character or a lone surrogate; a file with such a key takes the
+    exact path)."""
     return _NOT_A_FIELD_NAME.search(key) is None
+
+
+def is_unicode(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (no lone surrogate, which a ``\\udXXX`` escape in a
+    JSON file makes): the sidecar, the fingerprint and every log line need that."""
+    return text.isascii() or _LONE_SURROGATE.search(text) is None
 
 
 @dataclass
@@ -459,8 +468,9 @@ class _TableBuilder(_Collector):
         return self._decoder
 
     def _count_metadata(self, prng_types: Sequence[Any], mods: Sequence[Any]) -> None:
-        """Count string prng_types and int mods (not 1000.0 or true); anything else is ignored, never an error."""
-        self.prng_counts.update(p for p in prng_types if type(p) is str)
+        """Count string prng_types (valid Unicode) and int mods (not 1000.0 or true); anything else is
+        ignored, never an error."""
+        self.prng_counts.update(p for p in prng_types if type(p) is str and is_unicode(p))  # the sidecar writes it
         self.mod_counts.update(m for m in mods if type(m) is int)
 
     def _no_target(self, i: int, seed: Any) -> DataError:
@@ -481,6 +491,13 @@ class _TableBuilder(_Collector):
             feature_dicts.append(feats)
             seeds.append(seed)
             if not feats.keys() <= self.keys.keys():
+                for key in feats.keys() - self.keys.keys():
+                    if not is_unicode(key) and self._is_feature(key):
+                        # it would be a column name, which the fingerprint and the sidecar cannot write
+                        raise DataError(
+                            f"survivors file {self.source}: record {i}: feature key {key!r} is not valid Unicode "
+                            f"(it holds a lone surrogate escape), so it cannot name a column{seed_note(seed)}"
+                        )
                 self.keys.update(dict.fromkeys(feats))
             t = feats.get(target, MISSING)
             if t is MISSING:

@@ -475,6 +475,35 @@ def test_a_key_msgspec_cannot_name_is_read_the_exact_way(tmp_path, small_pieces,
     assert key not in t.feature_names
 
 
+@pytest.mark.parametrize("first", [0, 150])  # in the first record (read exactly), in a later piece
+def test_a_key_with_a_lone_surrogate_is_named_not_a_traceback(tmp_path, small_pieces, first):
+    """json.dump writes such a key as `"\\ud800x"` and json reads it back, but no UTF-8 text holds it:
+    building the decoder raised a bare UnicodeEncodeError (training, and prediction when the first
+    record had it); read the exact way, it failed later hashing the feature names. Training names it;
+    prediction, which never reads it, skips it."""
+    recs = varied_records(300)
+    for r in recs[first:]:
+        r["features"]["\ud800x"] = 1.0
+    path = write_json(tmp_path, recs)
+    seed = recs[first]["seed"]
+    with pytest.raises(DataError, match=re.escape(
+            f"record {first}: feature key '\\ud800x' is not valid Unicode (it holds a lone surrogate escape), "
+            f"so it cannot name a column [seed {seed}]")):
+        load_survivors(path)
+    names = ["a_feat", "b_feat"]
+    np.testing.assert_array_equal(load_features(path, names).X, features_from_records(recs, names).X)
+
+
+def test_a_prng_type_with_a_lone_surrogate_is_ignored(tmp_path, small_pieces):
+    """Odd metadata is ignored, never an error: such a prng_type was counted and the fingerprint
+    (and sidecar) could not write it, a TypeError traceback after loading."""
+    recs = varied_records(300)
+    for r in recs:
+        r["metadata"] = {"prng_type": "\udcffjava", "mod": 1000}
+    t = load_survivors(write_json(tmp_path, recs))
+    assert t.prng_type_counts == {} and t.prng_type is None and t.mod == 1000
+
+
 def test_nan_tokens_where_nothing_is_read_keep_the_fast_path(tmp_path, small_pieces, monkeypatch):
     """json.dump writes NaN for a missing float; in a leakage key, metadata or an unknown
     key it is ignored, and the pieces still decode (only the first record goes exact)."""
