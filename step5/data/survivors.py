@@ -138,7 +138,8 @@ class RecordDecoder:
             forbid_unknown_fields=closed,
             gc=False,
         )
-        fields: list[Any] = [("seed", Any, None), ("features", features)]
+        # an absent seed is UNSET (None once decoded), so a `null` seed, which a NaN token nulled may be, is told apart
+        fields: list[Any] = [("seed", Any, msgspec.UNSET), ("features", features)]
         if metadata:
             meta = msgspec.defstruct("Metadata", [("prng_type", Any, None), ("mod", Any, None)], gc=False)
             fields.append(("metadata", meta | None, None))
@@ -154,9 +155,16 @@ class RecordDecoder:
         # attrgetter of one field returns a bare value, of none it fails: such rows are built one by one
         self._read_getter = attrgetter(*fields) if len(fields) > 1 else lambda s: tuple(getattr(s, f) for f in fields)
 
-    def decode(self, piece: Any) -> DecodedPiece:
-        """Decode a piece (bytes-like); a msgspec error if it does not fit."""
+    def decode(self, piece: Any, *, nulled: bool = False) -> DecodedPiece | None:
+        """Decode a piece (bytes-like); a msgspec error if it does not fit. With ``nulled`` (its
+        ``NaN`` / ``Infinity`` tokens made ``null``), None when a record's seed is ``null``: it may
+        have been such a token, which the exact way reads as the float it is."""
         records = self._decoder.decode(piece)
+        seeds = list(map(attrgetter("seed"), records))
+        if nulled and None in seeds:
+            return None
+        if msgspec.UNSET in seeds:
+            seeds = [None if s is msgspec.UNSET else s for s in seeds]
         values = self._float_rows(list(map(attrgetter("features"), records)))
         top_target = None
         if self.target is not None:
@@ -167,7 +175,7 @@ class RecordDecoder:
             metas = [m for m in map(attrgetter("metadata"), records) if m is not None]
             prng_types = list(map(attrgetter("prng_type"), metas))
             mods = list(map(attrgetter("mod"), metas))
-        return DecodedPiece(values, top_target, list(map(attrgetter("seed"), records)), prng_types, mods)
+        return DecodedPiece(values, top_target, seeds, prng_types, mods)
 
     def _float_rows(self, structs: Sequence[Any]) -> np.ndarray:
         """The structs' fields as an (n, d) float64 matrix. A null in an unread column (a
@@ -631,7 +639,7 @@ def _decode(decoder: RecordDecoder | None, piece: Any) -> DecodedPiece | None:
     except _UNDECODABLE:
         nulled = null_non_finite_tokens(piece)
     try:
-        return None if nulled is None else decoder.decode(nulled)
+        return None if nulled is None else decoder.decode(nulled, nulled=True)
     except _UNDECODABLE:
         return None
 

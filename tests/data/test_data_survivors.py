@@ -528,6 +528,27 @@ def test_nan_tokens_where_nothing_is_read_keep_the_fast_path(tmp_path, small_pie
     np.testing.assert_array_equal(got.X, features_from_records(recs, ["c_feat", "a_feat"]).X)
 
 
+def test_a_non_finite_seed_reads_as_the_exact_way_reads_it(tmp_path, small_pieces):
+    """Nulling a piece's NaN tokens (for the NaN in `score`) nulled a NaN / -Infinity seed too:
+    the predictor's reader gave None for it where the exact way gives the float (so its messages
+    read `[seed None]` or `[seed nan]` depending on where the pieces fell). Absent seeds stay None."""
+    recs = [good(i) for i in range(300)]
+    for i, r in enumerate(recs):
+        r["features"]["score"] = float("nan")
+        if i % 50 == 7:
+            r["seed"] = float("nan") if i % 100 == 7 else -float("inf")
+        elif i % 50 == 9:
+            del r["seed"]
+        elif i % 50 == 11:
+            r["seed"] = None
+    path = write_json(tmp_path, recs)
+    got = load_features(path, ["a_feat", "b_feat"])
+    want = features_from_records(recs, ["a_feat", "b_feat"])
+    assert list(map(repr, got.seeds)) == list(map(repr, want.seeds))
+    assert repr(got.seeds[7]) == "nan" and got.seeds[57] == -float("inf") and got.seeds[9] is None
+    np.testing.assert_array_equal(got.X, want.X)
+
+
 def test_null_non_finite_tokens_touches_only_tokens_outside_strings():
     from step5.data.survivors import null_non_finite_tokens
 
