@@ -549,6 +549,27 @@ def test_a_non_finite_seed_reads_as_the_exact_way_reads_it(tmp_path, small_piece
     np.testing.assert_array_equal(got.X, want.X)
 
 
+@pytest.mark.parametrize("where", [0, 150])  # the first record, a later piece (the number crosses blocks)
+@pytest.mark.parametrize("key", ["a_feat", "unknown"])
+def test_an_int_of_more_digits_than_python_reads_is_named_not_a_traceback(tmp_path, small_pieces, where, key):
+    """json refuses an int of more than 4300 digits with a bare ValueError: it was a traceback from
+    the exact path (training and prediction, also in a key nobody reads)."""
+    recs = [good(i) for i in range(300)]
+    text = orjson.dumps(recs[:where]).decode()[:-1] if where else "["
+    big = orjson.dumps(recs[where]).decode().replace('"b_feat":', f'"{key}":1{"0" * 5000},"b_feat":')
+    rest = orjson.dumps(recs[where + 1:]).decode()[1:]
+    path = write(tmp_path, (text + ("," if where else "") + big + "," + rest).encode())
+    line = f"line 1 column {len(text) + (2 if where else 1)}"
+    reads = [lambda: load_survivors(path), lambda: load_features(path, ["a_feat", "b_feat"])]
+    if key == "unknown" and where:  # a value the predictor's decoder skips, like a string nobody reads
+        reads.pop()
+    for read in reads:
+        with pytest.raises(DataError, match=re.escape(
+                f"is not valid JSON: element {where} holds an integer of more than 4300 digits, which Python's "
+                f"json does not read: {line}")):
+            read()
+
+
 def test_null_non_finite_tokens_touches_only_tokens_outside_strings():
     from step5.data.survivors import null_non_finite_tokens
 
