@@ -109,6 +109,11 @@ class ArrayReader:
             self._finish(self._pos)
         return True
 
+    def rest(self) -> bytes:
+        """The whole file after :meth:`open_array` found no array: what was read, then the rest (the
+        file is not read again, so a pipe or FIFO gives its bytes, and a reopen cannot block)."""
+        return bytes(self._buf[self._sep :]) + self._fh.read()
+
     def _finish(self, close: int) -> None:
         after = self._skip_ws(close + 1)
         if after < len(self._buf):

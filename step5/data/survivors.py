@@ -27,7 +27,7 @@ import numpy as np
 
 from step5.data.arrayreader import ArrayReader
 from step5.errors import DataError
-from step5.jsonio import read_json_file
+from step5.jsonio import parse_json_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -613,7 +613,8 @@ def _read_file(path: str | os.PathLike[str], builder: _TableBuilder | _FeaturesB
         if not reader.open_array():
             # Not an array (or not JSON): parse it whole for the message (a byte-order mark is
             # refused there, as json.load refuses it); one that still holds an array is read whole.
-            builder.add_records(records_list(read_json_file(path, "survivors"), source), 0)
+            # From the bytes already read: reopening a pipe gave an empty document, or hung on a FIFO.
+            builder.add_records(records_list(parse_json_bytes(reader.rest(), source, "survivors"), source), 0)
             return builder.finish()
         # The first record fixes the decoder's columns; the empty-array error comes from here too.
         builder.add_records(records_list(reader.parse_elements(), source), 0)

@@ -162,6 +162,39 @@ def test_bad_input_names_file_record_and_key(tmp_path, payload, expected):
         assert part in msg, f"{part!r} not in {msg!r}"
 
 
+def test_a_pipe_that_holds_no_array_is_read_once(tmp_path):
+    """A top-level value that is not an array was parsed for its message by opening the path again:
+    from a pipe (`--survivors <(...)`, /dev/stdin) that gave "not valid JSON: Input is a zero-length,
+    empty document", and from a FIFO whose writer had gone it blocked forever."""
+    import os
+    import threading
+
+    fifo = tmp_path / "survivors.json"
+    os.mkfifo(fifo)
+
+    def write():
+        with open(fifo, "wb") as fh:
+            fh.write(b'  {"x": 1}')
+
+    errors = []
+
+    def read():
+        try:
+            load_survivors(fifo)
+        except DataError as exc:
+            errors.append(str(exc))
+
+    threading.Thread(target=write, daemon=True).start()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():  # it opened the FIFO again and waits for a writer: give it one, so it ends
+        with open(fifo, "wb"):
+            pass
+        reader.join(5)
+    assert errors == [f"survivors file {fifo}: expected a JSON array of records, got dict"]
+
+
 def test_missing_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_survivors(tmp_path / "nope.json")
