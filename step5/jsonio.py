@@ -48,10 +48,15 @@ def read_json_file(path: str | os.PathLike[str], what: str) -> Any:
         raise DataError(f"{what} file not found: {p}") from None
     except OSError as exc:
         raise DataError(f"cannot read {what} file {p}: {exc}") from None
+    return parse_json_bytes(raw, p, what)
+
+
+def parse_json_bytes(raw: bytes, path: str | os.PathLike[str], what: str) -> Any:
+    """Parse a file's bytes already read; a :class:`DataError` naming ``what`` and ``path`` when malformed."""
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise DataError(f"{what} file {p} is not valid JSON: {exc}") from None
+        raise DataError(f"{what} file {Path(path)} is not valid JSON: {exc}") from None
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: bool = True) -> Path:

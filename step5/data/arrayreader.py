@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from typing import Any, BinaryIO
 
 from step5.errors import DataError
@@ -107,6 +108,11 @@ class ArrayReader:
         if self._pos < len(self._buf) and self._buf[self._pos] == _CLOSE:
             self._finish(self._pos)
         return True
+
+    def rest(self) -> bytes:
+        """The whole file after :meth:`open_array` found no array: what was read, then the rest (the
+        file is not read again, so a pipe or FIFO gives its bytes, and a reopen cannot block)."""
+        return bytes(self._buf[self._sep :]) + self._fh.read()
 
     def _finish(self, close: int) -> None:
         after = self._skip_ws(close + 1)
@@ -237,6 +243,11 @@ class ArrayReader:
                 if cut_short and self._read_more(self._block):
                     continue
                 raise self._error(exc.msg, start + exc.pos - self._base) from None
+            except ValueError:  # an int of more digits than Python converts: json.load raises this bare
+                if text[-1:].isdigit() and self._read_more(self._block):
+                    continue  # the buffer may end inside the number: its digits are counted whole
+                raise self._error(f"element {self.index} holds an integer of more than {sys.get_int_max_str_digits()} "
+                                  "digits, which Python's json does not read", self._pos) from None
             if n == len(text) and self._read_more(self._block):
                 continue
             end = start + n - self._base  # raw_decode returns an index into the text

@@ -3,12 +3,14 @@
 :class:`DataError` naming the element (docs/data.md)."""
 from __future__ import annotations
 
+import json
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
 from step5.data.survivors import describe_value
 from step5.errors import DataError
-from step5.jsonio import read_json_file
 
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -43,6 +45,34 @@ def draws_from_data(data: Any, *, source: str = "<history>") -> list[int]:
     return draws
 
 
+def _read_json(path: str | os.PathLike[str]) -> Any:
+    """The history file parsed by the standard library, not orjson: orjson reads an integer beyond
+    64 bits as a float (`2**64` was "must be an integer, got 1.8446744073709552e+19 (float)") and
+    refuses the `NaN` tokens that Python's json.dump writes in keys this reader ignores. The file
+    is small (a few thousand draws), so speed does not matter here."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"history file not found: {p}") from None
+    except OSError as exc:
+        raise DataError(f"cannot read history file {p}: {exc}") from None
+    try:
+        text = raw.decode("utf-8")  # a byte-order mark stays, and json refuses it, as for survivors
+    except UnicodeDecodeError as exc:
+        raise DataError(f"history file {p} is not valid JSON: invalid UTF-8 byte 0x{raw[exc.start]:02x} "
+                        f"(byte {exc.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"history file {p} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise DataError(f"history file {p} is not valid JSON: nested too deeply") from None
+    except ValueError:  # an int of more digits than Python converts
+        raise DataError(f"history file {p} is not valid JSON: it holds an integer of more than "
+                        f"{sys.get_int_max_str_digits()} digits, which Python's json does not read") from None
+
+
 def load_history(path: str | os.PathLike[str]) -> list[int]:
     """Read the draw history; raises :class:`DataError` naming the file and element index."""
-    return draws_from_data(read_json_file(path, "history"), source=os.fspath(path))
+    return draws_from_data(_read_json(path), source=os.fspath(path))

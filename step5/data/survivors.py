@@ -27,7 +27,7 @@ import numpy as np
 
 from step5.data.arrayreader import ArrayReader
 from step5.errors import DataError
-from step5.jsonio import read_json_file
+from step5.jsonio import parse_json_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -86,14 +86,23 @@ class SurvivorFeatures:
 #: Top-level keys the decoder reads itself; a target with one of these names cannot be decoded.
 RESERVED_KEYS = frozenset(("seed", "features", "metadata"))
 
-#: What msgspec refuses in a renamed field's name, so a key holding it cannot be a decoded column.
-_NOT_A_FIELD_NAME = re.compile(r'["\\\x00-\x1f]')
+#: What msgspec refuses in a renamed field's name, so a key holding it cannot be a decoded column: a
+#: lone surrogate (``"\\ud800"`` in the file, which json reads) cannot even be encoded as UTF-8.
+_NOT_A_FIELD_NAME = re.compile(r'["\\\x00-\x1f\ud800-\udfff]')
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def decodable_key(key: str) -> bool:
     """Whether ``key`` can be a :class:`RecordDecoder` column (msgspec refuses to rename a field to a
-    name with ``"``, ``\\`` or a control character; a file with such a key takes the exact path)."""
+    name with ``"``, ``\\``, a control character or a lone surrogate; a file with such a key takes the
+    exact path)."""
     return _NOT_A_FIELD_NAME.search(key) is None
+
+
+def is_unicode(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (no lone surrogate, which a ``\\udXXX`` escape in a
+    JSON file makes): the sidecar, the fingerprint and every log line need that."""
+    return text.isascii() or _LONE_SURROGATE.search(text) is None
 
 
 @dataclass
@@ -129,7 +138,8 @@ class RecordDecoder:
             forbid_unknown_fields=closed,
             gc=False,
         )
-        fields: list[Any] = [("seed", Any, None), ("features", features)]
+        # an absent seed is UNSET (None once decoded), so a `null` seed, which a NaN token nulled may be, is told apart
+        fields: list[Any] = [("seed", Any, msgspec.UNSET), ("features", features)]
         if metadata:
             meta = msgspec.defstruct("Metadata", [("prng_type", Any, None), ("mod", Any, None)], gc=False)
             fields.append(("metadata", meta | None, None))
@@ -145,9 +155,16 @@ class RecordDecoder:
         # attrgetter of one field returns a bare value, of none it fails: such rows are built one by one
         self._read_getter = attrgetter(*fields) if len(fields) > 1 else lambda s: tuple(getattr(s, f) for f in fields)
 
-    def decode(self, piece: Any) -> DecodedPiece:
-        """Decode a piece (bytes-like); a msgspec error if it does not fit."""
+    def decode(self, piece: Any, *, nulled: bool = False) -> DecodedPiece | None:
+        """Decode a piece (bytes-like); a msgspec error if it does not fit. With ``nulled`` (its
+        ``NaN`` / ``Infinity`` tokens made ``null``), None when a record's seed is ``null``: it may
+        have been such a token, which the exact way reads as the float it is."""
         records = self._decoder.decode(piece)
+        seeds = list(map(attrgetter("seed"), records))
+        if nulled and None in seeds:
+            return None
+        if msgspec.UNSET in seeds:
+            seeds = [None if s is msgspec.UNSET else s for s in seeds]
         values = self._float_rows(list(map(attrgetter("features"), records)))
         top_target = None
         if self.target is not None:
@@ -158,7 +175,7 @@ class RecordDecoder:
             metas = [m for m in map(attrgetter("metadata"), records) if m is not None]
             prng_types = list(map(attrgetter("prng_type"), metas))
             mods = list(map(attrgetter("mod"), metas))
-        return DecodedPiece(values, top_target, list(map(attrgetter("seed"), records)), prng_types, mods)
+        return DecodedPiece(values, top_target, seeds, prng_types, mods)
 
     def _float_rows(self, structs: Sequence[Any]) -> np.ndarray:
         """The structs' fields as an (n, d) float64 matrix. A null in an unread column (a
@@ -459,8 +476,9 @@ class _TableBuilder(_Collector):
         return self._decoder
 
     def _count_metadata(self, prng_types: Sequence[Any], mods: Sequence[Any]) -> None:
-        """Count string prng_types and int mods (not 1000.0 or true); anything else is ignored, never an error."""
-        self.prng_counts.update(p for p in prng_types if type(p) is str)
+        """Count string prng_types (valid Unicode) and int mods (not 1000.0 or true); anything else is
+        ignored, never an error."""
+        self.prng_counts.update(p for p in prng_types if type(p) is str and is_unicode(p))  # the sidecar writes it
         self.mod_counts.update(m for m in mods if type(m) is int)
 
     def _no_target(self, i: int, seed: Any) -> DataError:
@@ -481,6 +499,13 @@ class _TableBuilder(_Collector):
             feature_dicts.append(feats)
             seeds.append(seed)
             if not feats.keys() <= self.keys.keys():
+                for key in feats.keys() - self.keys.keys():
+                    if not is_unicode(key) and self._is_feature(key):
+                        # it would be a column name, which the fingerprint and the sidecar cannot write
+                        raise DataError(
+                            f"survivors file {self.source}: record {i}: feature key {key!r} is not valid Unicode "
+                            f"(it holds a lone surrogate escape), so it cannot name a column{seed_note(seed)}"
+                        )
                 self.keys.update(dict.fromkeys(feats))
             t = feats.get(target, MISSING)
             if t is MISSING:
@@ -588,7 +613,8 @@ def _read_file(path: str | os.PathLike[str], builder: _TableBuilder | _FeaturesB
         if not reader.open_array():
             # Not an array (or not JSON): parse it whole for the message (a byte-order mark is
             # refused there, as json.load refuses it); one that still holds an array is read whole.
-            builder.add_records(records_list(read_json_file(path, "survivors"), source), 0)
+            # From the bytes already read: reopening a pipe gave an empty document, or hung on a FIFO.
+            builder.add_records(records_list(parse_json_bytes(reader.rest(), source, "survivors"), source), 0)
             return builder.finish()
         # The first record fixes the decoder's columns; the empty-array error comes from here too.
         builder.add_records(records_list(reader.parse_elements(), source), 0)
@@ -614,7 +640,7 @@ def _decode(decoder: RecordDecoder | None, piece: Any) -> DecodedPiece | None:
     except _UNDECODABLE:
         nulled = null_non_finite_tokens(piece)
     try:
-        return None if nulled is None else decoder.decode(nulled)
+        return None if nulled is None else decoder.decode(nulled, nulled=True)
     except _UNDECODABLE:
         return None
 

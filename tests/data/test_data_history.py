@@ -42,6 +42,15 @@ BAD = [
     ("beyond_int64", b"[1, 18446744073709551615]", ["element 1", "fits in 64 bits", "18446744073709551615"]),
     ("beyond_int64_draw", b'[{"draw": 9223372036854775808}]', ["element 0: `draw`", "fits in 64 bits"]),
     ("mixed_int_then_object", [5, {"draw": 1}], ["element 1", "dict"]),
+    # orjson read ints beyond 2**64 as floats: "must be an integer, got 1.8446744073709552e+19 (float)"
+    ("beyond_uint64", b"[1, 18446744073709551616]", ["element 1", "fits in 64 bits", "18446744073709551616 (int)"]),
+    ("below_int64", b"[1, -9223372036854775809]", ["element 1", "fits in 64 bits", "-9223372036854775809 (int)"]),
+    ("nan_draw", b'[{"draw": 1}, {"draw": NaN}]', ["element 1: `draw`", "nan (float)"]),
+    # Python's json refuses such an int with a bare ValueError
+    ("int_of_5000_digits", b"[1, 1" + b"0" * 5000 + b"]", ["not valid JSON", "more than 4300 digits"]),
+    ("bom", b"\xef\xbb\xbf[1, 2]", ["not valid JSON", "BOM"]),
+    ("not_utf8", b'[{"draw": 1, "note": "\xe9"}]', ["not valid JSON", "invalid UTF-8 byte 0xe9"]),
+    ("too_deep", b"[1, " + b"[" * 100000 + b"]" * 100000 + b"]", ["not valid JSON", "nested too deeply"]),
 ]
 
 
@@ -54,6 +63,13 @@ def test_bad_history_names_file_and_index(tmp_path, payload, expected):
     assert str(path) in msg
     for part in expected:
         assert part in msg, f"{part!r} not in {msg!r}"
+
+
+def test_tokens_python_json_writes_are_read_in_keys_that_are_ignored(tmp_path):
+    """The pipeline writes its files with Python's json.dump, which writes NaN for a missing float and
+    `\\ud800` for a lone surrogate; orjson refused the whole file as "not valid JSON" for them."""
+    payload = b'[{"draw": 978, "jackpot": NaN, "note": "\\ud800"}, {"draw": 12, "jackpot": -Infinity}]'
+    assert load_history(write(tmp_path, payload)) == [978, 12]
 
 
 def test_missing_file(tmp_path):

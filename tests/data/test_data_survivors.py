@@ -162,6 +162,39 @@ def test_bad_input_names_file_record_and_key(tmp_path, payload, expected):
         assert part in msg, f"{part!r} not in {msg!r}"
 
 
+def test_a_pipe_that_holds_no_array_is_read_once(tmp_path):
+    """A top-level value that is not an array was parsed for its message by opening the path again:
+    from a pipe (`--survivors <(...)`, /dev/stdin) that gave "not valid JSON: Input is a zero-length,
+    empty document", and from a FIFO whose writer had gone it blocked forever."""
+    import os
+    import threading
+
+    fifo = tmp_path / "survivors.json"
+    os.mkfifo(fifo)
+
+    def write():
+        with open(fifo, "wb") as fh:
+            fh.write(b'  {"x": 1}')
+
+    errors = []
+
+    def read():
+        try:
+            load_survivors(fifo)
+        except DataError as exc:
+            errors.append(str(exc))
+
+    threading.Thread(target=write, daemon=True).start()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():  # it opened the FIFO again and waits for a writer: give it one, so it ends
+        with open(fifo, "wb"):
+            pass
+        reader.join(5)
+    assert errors == [f"survivors file {fifo}: expected a JSON array of records, got dict"]
+
+
 def test_missing_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_survivors(tmp_path / "nope.json")
@@ -475,6 +508,35 @@ def test_a_key_msgspec_cannot_name_is_read_the_exact_way(tmp_path, small_pieces,
     assert key not in t.feature_names
 
 
+@pytest.mark.parametrize("first", [0, 150])  # in the first record (read exactly), in a later piece
+def test_a_key_with_a_lone_surrogate_is_named_not_a_traceback(tmp_path, small_pieces, first):
+    """json.dump writes such a key as `"\\ud800x"` and json reads it back, but no UTF-8 text holds it:
+    building the decoder raised a bare UnicodeEncodeError (training, and prediction when the first
+    record had it); read the exact way, it failed later hashing the feature names. Training names it;
+    prediction, which never reads it, skips it."""
+    recs = varied_records(300)
+    for r in recs[first:]:
+        r["features"]["\ud800x"] = 1.0
+    path = write_json(tmp_path, recs)
+    seed = recs[first]["seed"]
+    with pytest.raises(DataError, match=re.escape(
+            f"record {first}: feature key '\\ud800x' is not valid Unicode (it holds a lone surrogate escape), "
+            f"so it cannot name a column [seed {seed}]")):
+        load_survivors(path)
+    names = ["a_feat", "b_feat"]
+    np.testing.assert_array_equal(load_features(path, names).X, features_from_records(recs, names).X)
+
+
+def test_a_prng_type_with_a_lone_surrogate_is_ignored(tmp_path, small_pieces):
+    """Odd metadata is ignored, never an error: such a prng_type was counted and the fingerprint
+    (and sidecar) could not write it, a TypeError traceback after loading."""
+    recs = varied_records(300)
+    for r in recs:
+        r["metadata"] = {"prng_type": "\udcffjava", "mod": 1000}
+    t = load_survivors(write_json(tmp_path, recs))
+    assert t.prng_type_counts == {} and t.prng_type is None and t.mod == 1000
+
+
 def test_nan_tokens_where_nothing_is_read_keep_the_fast_path(tmp_path, small_pieces, monkeypatch):
     """json.dump writes NaN for a missing float; in a leakage key, metadata or an unknown
     key it is ignored, and the pieces still decode (only the first record goes exact)."""
@@ -497,6 +559,48 @@ def test_nan_tokens_where_nothing_is_read_keep_the_fast_path(tmp_path, small_pie
     got = load_features(path, ["c_feat", "a_feat"])
     assert calls == [0]
     np.testing.assert_array_equal(got.X, features_from_records(recs, ["c_feat", "a_feat"]).X)
+
+
+def test_a_non_finite_seed_reads_as_the_exact_way_reads_it(tmp_path, small_pieces):
+    """Nulling a piece's NaN tokens (for the NaN in `score`) nulled a NaN / -Infinity seed too:
+    the predictor's reader gave None for it where the exact way gives the float (so its messages
+    read `[seed None]` or `[seed nan]` depending on where the pieces fell). Absent seeds stay None."""
+    recs = [good(i) for i in range(300)]
+    for i, r in enumerate(recs):
+        r["features"]["score"] = float("nan")
+        if i % 50 == 7:
+            r["seed"] = float("nan") if i % 100 == 7 else -float("inf")
+        elif i % 50 == 9:
+            del r["seed"]
+        elif i % 50 == 11:
+            r["seed"] = None
+    path = write_json(tmp_path, recs)
+    got = load_features(path, ["a_feat", "b_feat"])
+    want = features_from_records(recs, ["a_feat", "b_feat"])
+    assert list(map(repr, got.seeds)) == list(map(repr, want.seeds))
+    assert repr(got.seeds[7]) == "nan" and got.seeds[57] == -float("inf") and got.seeds[9] is None
+    np.testing.assert_array_equal(got.X, want.X)
+
+
+@pytest.mark.parametrize("where", [0, 150])  # the first record, a later piece (the number crosses blocks)
+@pytest.mark.parametrize("key", ["a_feat", "unknown"])
+def test_an_int_of_more_digits_than_python_reads_is_named_not_a_traceback(tmp_path, small_pieces, where, key):
+    """json refuses an int of more than 4300 digits with a bare ValueError: it was a traceback from
+    the exact path (training and prediction, also in a key nobody reads)."""
+    recs = [good(i) for i in range(300)]
+    text = orjson.dumps(recs[:where]).decode()[:-1] if where else "["
+    big = orjson.dumps(recs[where]).decode().replace('"b_feat":', f'"{key}":1{"0" * 5000},"b_feat":')
+    rest = orjson.dumps(recs[where + 1:]).decode()[1:]
+    path = write(tmp_path, (text + ("," if where else "") + big + "," + rest).encode())
+    line = f"line 1 column {len(text) + (2 if where else 1)}"
+    reads = [lambda: load_survivors(path), lambda: load_features(path, ["a_feat", "b_feat"])]
+    if key == "unknown" and where:  # a value the predictor's decoder skips, like a string nobody reads
+        reads.pop()
+    for read in reads:
+        with pytest.raises(DataError, match=re.escape(
+                f"is not valid JSON: element {where} holds an integer of more than 4300 digits, which Python's "
+                f"json does not read: {line}")):
+            read()
 
 
 def test_null_non_finite_tokens_touches_only_tokens_outside_strings():
