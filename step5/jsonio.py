@@ -41,14 +41,18 @@ def dumps_line(obj: Any) -> bytes:
 
 def read_json_file(path: str | os.PathLike[str], what: str) -> Any:
     """Read a JSON file, turning every failure into a :class:`DataError` naming ``what``."""
+    return parse_json_bytes(read_file_bytes(path, what), path, what)
+
+
+def read_file_bytes(path: str | os.PathLike[str], what: str) -> bytes:
+    """A file's bytes; a :class:`DataError` naming ``what`` when it is missing or unreadable."""
     p = Path(path)
     try:
-        raw = p.read_bytes()
+        return p.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{what} file not found: {p}") from None
     except OSError as exc:
         raise DataError(f"cannot read {what} file {p}: {exc}") from None
-    return parse_json_bytes(raw, p, what)
 
 
 def parse_json_bytes(raw: bytes, path: str | os.PathLike[str], what: str) -> Any:

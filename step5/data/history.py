@@ -11,6 +11,7 @@ from typing import Any
 
 from step5.data.survivors import describe_value
 from step5.errors import DataError
+from step5.jsonio import read_file_bytes
 
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -51,12 +52,7 @@ def _read_json(path: str | os.PathLike[str]) -> Any:
     refuses the `NaN` tokens that Python's json.dump writes in keys this reader ignores. The file
     is small (a few thousand draws), so speed does not matter here."""
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"history file not found: {p}") from None
-    except OSError as exc:
-        raise DataError(f"cannot read history file {p}: {exc}") from None
+    raw = read_file_bytes(p, "history")
     try:
         text = raw.decode("utf-8")  # a byte-order mark stays, and json refuses it, as for survivors
     except UnicodeDecodeError as exc:
