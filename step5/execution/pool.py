@@ -316,7 +316,8 @@ class WorkerPool:
         worker = WorkerProcess(st.label, proc)
         doing = f"booting (waiting for `ready`, {self.ready_timeout_s:g}s allowed)"
         message = worker.receive(self.ready_timeout_s, doing, hang_kind="boot")
-        if message.get("status") != "ready" or message.get("protocol") != PROTOCOL_VERSION:
+        version = message.get("protocol")  # the integer itself: true and 1.0 equal 1 in Python
+        if message.get("status") != "ready" or type(version) is not int or version != PROTOCOL_VERSION:
             raise worker.violation(message, doing)
         elapsed = time.perf_counter() - start
         with self._lock:  # close() says goodbye to these; it kills the others (booting, one-shot)

@@ -424,3 +424,23 @@ def test_a_boot_time_the_sidecar_cannot_hold_is_not_kept(boot_s, data_file, monk
         stats = pool.summary()
     assert stats.workers[0].boot_s is None and stats.faults == []
     convert(build_execution_summary(stats).to_dict(), EXECUTION_SCHEMA)
+
+
+@pytest.mark.parametrize("version", [True, 1.0])
+def test_a_ready_line_whose_protocol_is_not_the_integer_version_is_a_protocol_fault(version, data_file, monkeypatch):
+    # `"protocol": true` passed the version check (True == 1 in Python): a worker that does not speak
+    # protocol 1 was trusted with jobs.
+    from step5.execution.process import WorkerProcess
+
+    receive = WorkerProcess.receive
+
+    def ready_saying(self, *args, **kwargs):
+        message = receive(self, *args, **kwargs)
+        return {**message, "protocol": version} if message.get("status") == "ready" else message
+
+    monkeypatch.setattr(WorkerProcess, "receive", ready_saying)
+    with fake_pool(1, max_worker_restarts=0) as pool:
+        results = run_each(pool, requests_for(data_file, 1))  # the one-shot fallback trains it
+        faults = summary_of(pool)["faults"]
+    assert [(f["kind"], "broke the protocol" in f["error"]) for f in faults] == [("protocol", True)]
+    assert [r["status"] for r in results] == ["complete"]
