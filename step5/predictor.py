@@ -232,7 +232,7 @@ def check_output(output: Path, predictor: Predictor, survivors: Path) -> None:
     with exit 0: the ``--survivors`` file (by any path or link), an SQLite database (the run's study), a
     file of the model just loaded (the sidecar's link: the folder then held no model) or one in its
     committed model set (the checkpoint: SHA-256 no longer the sidecar's; a file put there is deleted
-    with the set by a later commit)."""
+    with the set by a later commit), or the sets' own folder (the commit lock)."""
     with contextlib.suppress(OSError):  # either not there (yet): not the same file
         if os.path.samefile(output, survivors):
             raise Step5Error(f"--output {output} is the --survivors file {survivors}: the predictions would "
@@ -245,6 +245,9 @@ def check_output(output: Path, predictor: Predictor, survivors: Path) -> None:
                                  "would replace it; choose another path")
     real = Path(os.path.realpath(output))
     model_folder = predictor.sidecar_path.parent  # a real path: the model set's folder, or a plain model dir
+    if model_folder.parent.name == SETS_DIRNAME and real.parent == model_folder.parent:
+        raise Step5Error(f"--output {output} is in {model_folder.parent}, which the model's commits manage (their "
+                         "lock, their sets); choose another path")
     if real.parent != model_folder:
         return
     if real.name in MODEL_SET_NAMES:

@@ -330,7 +330,7 @@ def test_cli_writes_into_a_pipe_given_as_output_and_leaves_it_a_pipe(lightgbm_ru
 
 
 @pytest.mark.parametrize("given", ["sidecar link", "checkpoint in the set", "picture link", "new file in the set",
-                                   "study database"])
+                                   "study database", "commit lock"])
 def test_cli_refuses_an_output_that_is_the_models_own_file_or_in_its_committed_set(lightgbm_run, sample_inputs,
                                                                                    tmp_path, capsys, monkeypatch,
                                                                                    given):
@@ -351,7 +351,8 @@ def test_cli_refuses_an_output_that_is_the_models_own_file_or_in_its_committed_s
               "picture link": model / artifacts.HISTORY_PNG_NAME,
               "new file in the set": model / ".model_sets" / "current" / "preds.json",
               # the run's every trial, replaced by the predictions (exit 0)
-              "study database": model / "optuna_step5.db"}[given]
+              "study database": model / "optuna_step5.db",
+              "commit lock": model / ".model_sets" / ".commit.lock"}[given]  # replaced, exit 0
     before = {p.relative_to(model): (p.is_symlink(), p.read_bytes() if p.is_file() else None)
               for p in sorted(model.rglob("*"))}
     monkeypatch.setattr(logging.root, "handlers", [])  # main()'s logging on this test's stderr
