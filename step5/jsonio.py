@@ -11,7 +11,7 @@ import numpy as np
 import orjson
 
 from step5.errors import DataError
-from step5.fsutil import atomic_output
+from step5.fsutil import atomic_output, os_error_reason
 
 #: The largest integer Step 5 writes as JSON (orjson keeps integers to 64 bits): the bound of every integer
 #: setting that the study, the sidecar, the decision log or a worker's request carries.
@@ -52,7 +52,7 @@ def read_file_bytes(path: str | os.PathLike[str], what: str) -> bytes:
     except FileNotFoundError:
         raise DataError(f"{what} file not found: {p}") from None
     except OSError as exc:
-        raise DataError(f"cannot read {what} file {p}: {exc}") from None
+        raise DataError(f"cannot read {what} file {p}: {os_error_reason(exc)}") from None
 
 
 def parse_json_bytes(raw: bytes, path: str | os.PathLike[str], what: str) -> Any:

@@ -27,6 +27,7 @@ import numpy as np
 
 from step5.data.arrayreader import ArrayReader
 from step5.errors import DataError
+from step5.fsutil import os_error_reason
 from step5.jsonio import parse_json_bytes
 
 logger = logging.getLogger(__name__)
@@ -607,7 +608,7 @@ def _read_file(path: str | os.PathLike[str], builder: _TableBuilder | _FeaturesB
     except FileNotFoundError:
         raise DataError(f"survivors file not found: {source}") from None
     except OSError as exc:
-        raise DataError(f"cannot read survivors file {source}: {exc}") from None
+        raise DataError(f"cannot read survivors file {source}: {os_error_reason(exc)}") from None
     with fh:
         reader = ArrayReader(fh, source, "survivors")
         if not reader.open_array():

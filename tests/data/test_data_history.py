@@ -77,6 +77,12 @@ def test_missing_file(tmp_path):
         load_history(tmp_path / "absent.json")
 
 
+def test_a_folder_given_as_the_file_is_named_in_words(tmp_path):
+    with pytest.raises(DataError) as info:
+        load_history(tmp_path)
+    assert str(info.value) == f"cannot read history file {tmp_path}: Is a directory"
+
+
 def test_parsed_data_uses_source_name():
     with pytest.raises(DataError, match=r"history file <h>: element 0"):
         draws_from_data([1.5], source="<h>")

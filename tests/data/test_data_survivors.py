@@ -200,6 +200,13 @@ def test_missing_file_is_a_data_error(tmp_path):
         load_survivors(tmp_path / "nope.json")
 
 
+def test_a_folder_given_as_the_file_is_named_in_words(tmp_path):
+    # was "cannot read survivors file X: [Errno 21] Is a directory: 'X'"
+    with pytest.raises(DataError) as info:
+        load_survivors(tmp_path)
+    assert str(info.value) == f"cannot read survivors file {tmp_path}: Is a directory"
+
+
 def test_first_bad_value_in_file_order_is_reported(tmp_path):
     recs = [good(i) for i in range(50)]
     recs[17]["features"]["b_feat"] = "x"
