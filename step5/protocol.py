@@ -311,6 +311,18 @@ def decode_request(raw: Any) -> Request:
         raise tagged(exc, raw) from None
 
 
+def ready_problem(message: dict[str, Any]) -> str | None:
+    """Why ``message`` is not a ``ready`` line of this protocol (None: it is one); the one rule for a
+    worker's and a one-shot trainer's ``ready``. The version must be the integer itself: true and 1.0
+    equal 1 in Python."""
+    if message.get("status") != "ready":
+        return "not a `ready` line"
+    version = message.get("protocol")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        return f"`protocol` {version!r:.40} is not version {PROTOCOL_VERSION}"
+    return None
+
+
 class ReadyMessage(TypedDict):
     """Sent once by a worker, before it reads a request, and by a one-shot trainer started with
     ``--ready-line`` once torch is set up, before its reply (the other replies: docs/workers.md)."""

@@ -32,7 +32,7 @@ from step5.execution.slot import FaultBudget, JobAttempts, JobVerdict, SlotActio
 from step5.execution.summary import FallbackRecord, FaultRecord, RecoveryRecord, RunnerStats, WorkerRecord
 from step5.launch import WORKER_MODULE, module_command
 from step5.policy import TrainingPolicy
-from step5.protocol import PROTOCOL_VERSION, Job, TrainFolds, echo
+from step5.protocol import Job, TrainFolds, echo, ready_problem
 from step5.values import is_number
 
 logger = logging.getLogger(__name__)
@@ -316,9 +316,9 @@ class WorkerPool:
         worker = WorkerProcess(st.label, proc)
         doing = f"booting (waiting for `ready`, {self.ready_timeout_s:g}s allowed)"
         message = worker.receive(self.ready_timeout_s, doing, hang_kind="boot")
-        version = message.get("protocol")  # the integer itself: true and 1.0 equal 1 in Python
-        if message.get("status") != "ready" or type(version) is not int or version != PROTOCOL_VERSION:
-            raise worker.violation(message, doing)
+        why = ready_problem(message)
+        if why is not None:
+            raise worker.violation(message, doing, why)
         elapsed = time.perf_counter() - start
         with self._lock:  # close() says goodbye to these; it kills the others (booting, one-shot)
             self._procs[proc] = worker

@@ -26,7 +26,7 @@ from step5.errors import JOB_ERROR_TYPES, FrameTooLarge, JobError, JobTimedOut, 
 from step5.framing import LineReader, LineWriter
 from step5.jsonio import loads
 from step5.launch import ONESHOT_MODULE, module_command
-from step5.protocol import Heartbeat, Job, Request, Shutdown, TrainRequest, echo
+from step5.protocol import Heartbeat, Job, Request, Shutdown, TrainRequest, echo, ready_problem
 from step5.values import is_number
 
 logger = logging.getLogger(__name__)
@@ -403,6 +403,9 @@ def run_oneshot_job(
                            **echo(request)) from None
         ready = reply.get("status") == "ready"
         if ready:
+            why = ready_problem(reply)
+            if why is not None:
+                raise trainer.violation(reply, f"{doing}: setting up torch", why)
             reply = trainer.receive(deadline - time.monotonic(), doing)
         trainer.check_reply(reply, request.job_id, request, doing, ready=ready)
         # The reply came in time; what is left is the exit, and the pipes close only once the kernel

@@ -145,11 +145,14 @@ reply = {{"status": "complete", "r2": 0.5, "val_mse": 1.0, "train_mse": 1.0, "tr
     # claiming either got its handling (a timeout's verdict; the slot retired, here the run stopped).
     ("print(json.dumps({**reply, 'status': 'error', 'error': 'x', 'error_type': 'timeout'})); sys.exit(1)",
      r"broke the protocol.*'timeout' is not a trainer's to give"),
-    ("print(json.dumps({'status': 'ready'})); "
+    ("print(json.dumps({'status': 'ready', 'protocol': 1})); "
      "print(json.dumps({**reply, 'status': 'error', 'error': 'x', 'error_type': 'startup_error'})); sys.exit(1)",
      r"broke the protocol.*'startup_error' is not a trainer's to give after `ready`"),
+    # `"protocol": true` passed as version 1 (True == 1): the worker's and the one-shot `ready` share one rule
+    ("print(json.dumps({'status': 'ready', 'protocol': True})); print(json.dumps(reply))",
+     r"broke the protocol.*\(`protocol` True is not version 1\)"),
 ], ids=["two-replies", "complete-then-exit-1", "error-then-exit-0", "nan-metric", "huge-line", "says-timeout",
-        "startup-error-after-ready"])
+        "startup-error-after-ready", "ready-of-another-protocol"])
 def test_a_one_shot_trainer_that_breaks_the_protocol_is_a_fault_not_the_trials_verdict(ending, fault, data_file,
                                                                                         tmp_path):
     script = tmp_path / "scripted.py"
