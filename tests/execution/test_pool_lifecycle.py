@@ -404,21 +404,28 @@ def test_a_worker_answering_with_a_verdict_only_the_parent_gives_broke_the_proto
         assert [f["kind"] for f in summary_of(pool)["faults"]] == ["protocol"]
 
 
-@pytest.mark.parametrize("boot_s", ["slow", -1, None])
-def test_a_boot_time_the_sidecar_cannot_hold_is_not_kept(boot_s, data_file, monkeypatch):
-    # A worker's `boot_s` went into the execution block as sent: a string (or a negative number) made the
-    # sidecar fail its schema at the end of the run, after the whole search.
+def worker_ready_says(monkeypatch, **changes) -> None:
+    """Every persistent worker's `ready` line, as the pool reads it, says ``changes`` instead."""
     from step5.execution.process import WorkerProcess
-    from step5.execution.summary import EXECUTION_SCHEMA, build_execution_summary
-    from step5.schema import convert
 
     receive = WorkerProcess.receive
 
     def ready_saying(self, *args, **kwargs):
         message = receive(self, *args, **kwargs)
-        return {**message, "boot_s": boot_s} if message.get("status") == "ready" else message
+        persistent = not self.label.endswith("one-shot")
+        return {**message, **changes} if persistent and message.get("status") == "ready" else message
 
     monkeypatch.setattr(WorkerProcess, "receive", ready_saying)
+
+
+@pytest.mark.parametrize("boot_s", ["slow", -1, None])
+def test_a_boot_time_the_sidecar_cannot_hold_is_not_kept(boot_s, data_file, monkeypatch):
+    # A worker's `boot_s` went into the execution block as sent: a string (or a negative number) made the
+    # sidecar fail its schema at the end of the run, after the whole search.
+    from step5.execution.summary import EXECUTION_SCHEMA, build_execution_summary
+    from step5.schema import convert
+
+    worker_ready_says(monkeypatch, boot_s=boot_s)
     with fake_pool(1) as pool:
         run_each(pool, requests_for(data_file, 1))
         stats = pool.summary()
@@ -430,16 +437,7 @@ def test_a_boot_time_the_sidecar_cannot_hold_is_not_kept(boot_s, data_file, monk
 def test_a_ready_line_whose_protocol_is_not_the_integer_version_is_a_protocol_fault(version, data_file, monkeypatch):
     # `"protocol": true` passed the version check (True == 1 in Python): a worker that does not speak
     # protocol 1 was trusted with jobs.
-    from step5.execution.process import WorkerProcess
-
-    receive = WorkerProcess.receive
-
-    def ready_saying(self, *args, **kwargs):  # the persistent worker's (the one-shot `ready`: test_runner.py)
-        message = receive(self, *args, **kwargs)
-        persistent = not self.label.endswith("one-shot")
-        return {**message, "protocol": version} if persistent and message.get("status") == "ready" else message
-
-    monkeypatch.setattr(WorkerProcess, "receive", ready_saying)
+    worker_ready_says(monkeypatch, protocol=version)  # the one-shot `ready`: test_runner.py
     with fake_pool(1, max_worker_restarts=0) as pool:
         results = run_each(pool, requests_for(data_file, 1))  # the one-shot fallback trains it
         faults = summary_of(pool)["faults"]

@@ -161,9 +161,8 @@ def test_the_best_rescored_objective_wins_never_the_test_r2_and_is_left_as_best_
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_with_diagnostics_a_compare_run_leaves_its_own_summary_beside_its_own_report(fake, config, monkeypatch):
-    """Each model type's run writes its single report, as the real optimizer does (retiring an earlier compare
-    run's summary); at the end the summary and training_diagnostics.json both describe this compare run."""
+def each_run_writes_its_report(fake, monkeypatch) -> None:
+    """Each model type's fake run writes its single health report, as the real optimizer does with diagnostics."""
     from step5.optimizer.diagnostics import model_health_report, write_health_report
 
     run = FakeOptimizer.run
@@ -176,6 +175,12 @@ def test_with_diagnostics_a_compare_run_leaves_its_own_summary_beside_its_own_re
         return outcome
 
     monkeypatch.setattr(fake, "run", run_and_report)
+
+
+def test_with_diagnostics_a_compare_run_leaves_its_own_summary_beside_its_own_report(fake, config, monkeypatch):
+    """Each model type's run writes its single report, as the real optimizer does (retiring an earlier compare
+    run's summary); at the end the summary and training_diagnostics.json both describe this compare run."""
+    each_run_writes_its_report(fake, monkeypatch)
     config = dataclasses.replace(config, enable_diagnostics=True)
     config.diagnostics_dir.mkdir()
     earlier = json.dumps({"winner": "neural_net"})
@@ -638,21 +643,10 @@ def test_the_summary_records_absolute_paths_for_readers_in_other_directories(fak
 def test_a_run_stopped_after_its_summary_leaves_no_other_models_report_beside_it(fake, config, monkeypatch):
     """The compare run's health report came after its summary: a Ctrl-C between them left the summary's winner
     beside the last sub-run's single report, which the health check then judged as the winner's."""
-    from step5.optimizer.diagnostics import model_health_report, write_health_report
-
-    run = FakeOptimizer.run
-
-    def run_and_report(self):
-        outcome = run(self)
-        write_health_report(self.config.diagnostics_folder, model_health_report(
-            self.config.model_type, outcome.sidecar["training_metrics"], DiagnosticsPolicy()),
-            model_type=self.config.model_type)
-        return outcome
-
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fake, "run", run_and_report)
+    each_run_writes_its_report(fake, monkeypatch)
     monkeypatch.setattr(compare, "write_json_atomic", stopped)  # the summary's write
     config = dataclasses.replace(config, enable_diagnostics=True)
     fake.script = {mt: ("ok", 0.1, 0.5 if mt == "xgboost" else 0.1) for mt in MODEL_TYPES}
