@@ -207,8 +207,7 @@ class AntiOverfitMetaOptimizer:
                 # Helpers on the other hosts join the study while this process boots its workers;
                 # they stop once the search is over, however it ends.
                 # A round left unbuilt has nothing to search: its helpers would only find it complete and warn.
-                searching = opened.complete_before < opened.target_complete
-                helpers = stack.enter_context(self._helper_fleet(helper_nodes if searching else [], study_name))
+                helpers = stack.enter_context(self._helper_fleet(helper_nodes if opened.trials_left else [], study_name))
                 files = stack.enter_context(FoldFiles())
                 backend = self._make_backend(cv, files, runner)
                 stack.callback(backend.close)  # workers shut down however the run ends
@@ -383,8 +382,7 @@ class AntiOverfitMetaOptimizer:
 
     def _search(self, opened: OpenedStudy, backend: ModelBackend) -> None:
         cfg = self.config
-        target = opened.target_complete
-        n_new = max(0, target - opened.complete_before)
+        target, n_new = opened.target_complete, opened.trials_left
         if opened.joined_round and not n_new:
             logger.info("the last round of study %r is searched (%d complete trials) but its model was never saved "
                         "(a run stopped or failed after its search): building it from the study, with no new trial (this "

@@ -71,6 +71,11 @@ class OpenedStudy:
     joined_round: bool = False  # this process joined an unfinished round (its own --trials did not set the target)
     round_over: bool = False  # a helper found the study's last round complete, and started none
 
+    @property
+    def trials_left(self) -> int:
+        """COMPLETE trials this round still needs (0: its search is over, its model may still need building)."""
+        return max(0, self.target_complete - self.complete_before)
+
 
 def make_sampler(seed: int) -> optuna.samplers.TPESampler:
     # Constant liar: a batch is asked before any of it is told, and must not all land on one configuration.
